@@ -1,0 +1,42 @@
+"""The Kafka topics of DESIGN.md (v1) and the S3 buckets. Bootstrap creates exactly these (with
+these partition counts); nothing relies on broker auto-create. Records with the same key land on
+the same partition, so per-key order (one job, one parameter shard) holds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Topic:
+    name: str
+    partitions: int
+    key: str  # what the record key holds, for docs and `maas stack status`
+    payload: str = ""
+
+    def __str__(self) -> str:
+        return self.name
+
+
+JOBS = Topic("maas.jobs.v1", 3, "job_id", "job event (maas.job/1)")
+JOB_STATUS = Topic("maas.job-status.v1", 3, "job_id", "job status/progress (maas.job-status/1)")
+# >= the number of aggregator shards a job may use; a job's shard s goes to partition s % 4.
+GRADIENTS = Topic("maas.gradients.v1", 4, "job_id/shard", "gradient shard messages")
+PARAMS = Topic("maas.params.v1", 4, "job_id/shard", "parameter shard updates")
+MODELS = Topic("maas.models.v1", 3, "model name", "registry events")
+DLQ = Topic("maas.dlq.v1", 1, "original key", "rejected records: reason + original bytes")
+
+ALL_TOPICS: tuple[Topic, ...] = (JOBS, JOB_STATUS, GRADIENTS, PARAMS, MODELS, DLQ)
+
+MODELS_BUCKET = "maas-models"
+DATASETS_BUCKET = "maas-datasets"
+CHECKPOINTS_BUCKET = "maas-checkpoints"
+ALL_BUCKETS: tuple[str, ...] = (MODELS_BUCKET, DATASETS_BUCKET, CHECKPOINTS_BUCKET)
+
+
+def by_name(name: str) -> Topic:
+    for topic in ALL_TOPICS:
+        if topic.name == name:
+            return topic
+    known = ", ".join(t.name for t in ALL_TOPICS)
+    raise KeyError(f"unknown topic {name!r}; known topics: {known}")

@@ -1,0 +1,428 @@
+"""The Kafka bus: an idempotent producer and a consumer loop that never loses or loops.
+
+Producer: ``enable_idempotence`` + ``acks=all``, so a retried send is written once. Events are
+validated before they leave, so a bug in a producer never reaches other services.
+
+Consumer: offsets are committed only after the handler returned (its effect is durable), so a
+crash redelivers instead of dropping. What a handler cannot ever process (undecodable bytes, a
+schema violation, a non-retriable ``MaasError``) goes to ``maas.dlq.v1`` with the reason and the
+original bytes and is then committed: one poison record never blocks a partition. Other
+failures are retried with backoff by seeking back, and dead-lettered after ``max_attempts``.
+
+The per-record decisions (decode, classify a failure) are plain functions; only ``run`` does I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+import uuid
+import warnings
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaConnectionError, KafkaError
+
+from maas import events
+from maas.config import Settings
+from maas.errors import MaasError, SchemaViolation, Unavailable
+from maas.topics import DLQ, Topic
+
+log = logging.getLogger(__name__)
+
+Headers = list[tuple[str, bytes]]
+
+
+@dataclass(frozen=True)
+class Record:
+    """A decoded, validated event with where it came from."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    event: dict[str, Any]
+    headers: Headers = field(default_factory=list)
+    timestamp_ms: int = 0
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """Why a record was dead-lettered; ``event`` is set when it did decode."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: str | None
+    value: bytes | None
+    headers: Headers
+    code: str
+    message: str
+    event: dict[str, Any] | None = None
+
+    def to_event(self, consumer_group: str) -> dict[str, Any]:
+        return events.new_event(
+            events.DLQ,
+            source_topic=self.topic,
+            partition=self.partition,
+            offset=self.offset,
+            consumer_group=consumer_group,
+            reason={"code": self.code, "message": self.message},
+            original=self.value if self.value is not None else b"",
+            original_headers={k: v.decode("latin-1") for k, v in self.headers},
+        )
+
+
+def _topic_name(topic: str | Topic) -> str:
+    return topic.name if isinstance(topic, Topic) else topic
+
+
+def _key_text(key: bytes | None) -> str | None:
+    return None if key is None else key.decode("utf-8", errors="replace")
+
+
+# --- pure steps ---------------------------------------------------------------------------------
+
+
+def decode_record(
+    raw: ConsumerRecord[bytes, bytes], expected_schemas: Iterable[str] | None
+) -> Record:
+    """Raw Kafka record -> validated ``Record``; raises SchemaViolation with the reason."""
+    headers: Headers = [(k, bytes(v)) for k, v in (raw.headers or ())]
+    event = events.decode(raw.value, headers)
+    events.validate(event, expected_schemas)
+    return Record(
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        key=_key_text(raw.key),
+        event=event,
+        headers=headers,
+        timestamp_ms=raw.timestamp,
+    )
+
+
+def dead_letter_for(
+    raw: ConsumerRecord[bytes, bytes], error: BaseException, event: dict[str, Any] | None
+) -> DeadLetter:
+    code = error.reason_code if isinstance(error, MaasError) else "handler_failed"
+    message = error.message if isinstance(error, MaasError) else f"{type(error).__name__}: {error}"
+    return DeadLetter(
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        key=_key_text(raw.key),
+        value=raw.value,
+        headers=[(k, bytes(v)) for k, v in (raw.headers or ())],
+        code=code,
+        message=message,
+        event=event,
+    )
+
+
+def is_poison(error: BaseException) -> bool:
+    """True when retrying the same record can never succeed."""
+    return isinstance(error, MaasError) and not error.retriable
+
+
+# --- producer -----------------------------------------------------------------------------------
+
+
+class EventProducer:
+    """Idempotent, acks=all producer of validated events (msgpack on the wire)."""
+
+    def __init__(self, settings: Settings, *, client_id: str = "maas") -> None:
+        self._settings = settings
+        self._client_id = client_id
+        self._producer: AIOKafkaProducer | None = None
+        self._started = False
+
+    async def start(self) -> None:
+        if self._producer is not None:
+            return
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            client_id=self._client_id,
+            enable_idempotence=True,
+            acks="all",
+            max_request_size=self._settings.kafka_max_message_bytes,
+            linger_ms=2,
+            request_timeout_ms=30_000,
+        )
+        try:
+            await producer.start()
+        except KafkaError as exc:
+            await producer.stop()
+            raise Unavailable(
+                f"cannot reach Kafka at {self._settings.kafka_bootstrap}: {exc}; is the broker "
+                "up (`maas stack status`)?"
+            ) from exc
+        self._producer = producer
+        self._started = True
+
+    async def stop(self) -> None:
+        if self._producer is not None:
+            producer, self._producer = self._producer, None
+            await producer.stop()
+
+    async def __aenter__(self) -> EventProducer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def __del__(self) -> None:
+        if self._producer is not None:
+            warnings.warn(
+                "EventProducer was never stopped; use `async with` or call stop()",
+                ResourceWarning,
+                stacklevel=1,
+            )
+
+    def _require(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            raise RuntimeError("EventProducer used before start() or after stop()")
+        return self._producer
+
+    async def send(
+        self,
+        topic: str | Topic,
+        event: dict[str, Any],
+        *,
+        key: str | None = None,
+        headers: Headers | None = None,
+    ) -> Any:
+        """Validate, encode and send one event; returns once the broker acknowledged it."""
+        events.validate(event)
+        return await self.send_raw(topic, events.encode(event), key=key, headers=headers)
+
+    async def send_raw(
+        self,
+        topic: str | Topic,
+        value: bytes,
+        *,
+        key: str | None = None,
+        headers: Headers | None = None,
+    ) -> Any:
+        producer = self._require()
+        try:
+            return await producer.send_and_wait(
+                _topic_name(topic),
+                value,
+                key=None if key is None else key.encode(),
+                headers=headers or None,
+            )
+        except KafkaError as exc:
+            raise Unavailable(f"sending to {_topic_name(topic)} failed: {exc}") from exc
+
+    async def send_many(
+        self, topic: str | Topic, items: Sequence[tuple[str | None, dict[str, Any]]]
+    ) -> None:
+        """Send several events concurrently (batched by the client), waiting for every ack."""
+        producer = self._require()
+        futures = []
+        for key, event in items:
+            events.validate(event)
+            futures.append(
+                await producer.send(
+                    _topic_name(topic),
+                    events.encode(event),
+                    key=None if key is None else key.encode(),
+                )
+            )
+        try:
+            await asyncio.gather(*futures)
+        except KafkaError as exc:
+            raise Unavailable(f"sending to {_topic_name(topic)} failed: {exc}") from exc
+
+
+# --- consumer -----------------------------------------------------------------------------------
+
+Handler = Callable[[Record], Awaitable[None]]
+DeadLetterHook = Callable[[DeadLetter], Awaitable[None]]
+
+
+class EventConsumer:
+    """Consume, validate, handle, then commit; poison goes to the DLQ, never a crash loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        topics: Sequence[str | Topic],
+        group_id: str,
+        handler: Handler,
+        producer: EventProducer,
+        expected_schemas: Iterable[str] | None = None,
+        on_dead_letter: DeadLetterHook | None = None,
+        max_attempts: int = 5,
+        retry_backoff_ms: int = 200,
+        auto_offset_reset: str = "earliest",
+        max_poll_records: int = 100,
+    ) -> None:
+        self._settings = settings
+        self._topics = [_topic_name(t) for t in topics]
+        self.group_id = group_id
+        self._handler = handler
+        self._producer = producer
+        self._expected = list(expected_schemas) if expected_schemas is not None else None
+        self._on_dead_letter = on_dead_letter
+        self._max_attempts = max_attempts
+        self._retry_backoff_ms = retry_backoff_ms
+        self._auto_offset_reset = auto_offset_reset
+        self._max_poll_records = max_poll_records
+        self._consumer: AIOKafkaConsumer | None = None
+        self._attempts: dict[tuple[str, int, int], int] = {}
+        self._stopping = asyncio.Event()
+        self.handled = 0
+        self.dead_lettered = 0
+
+    async def start(self) -> None:
+        if self._consumer is not None:
+            return
+        consumer = AIOKafkaConsumer(
+            *self._topics,
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            group_id=self.group_id,
+            client_id=f"{self.group_id}-{uuid.uuid4().hex[:6]}",
+            enable_auto_commit=False,
+            auto_offset_reset=self._auto_offset_reset,
+            max_partition_fetch_bytes=self._settings.kafka_max_message_bytes,
+            fetch_max_bytes=max(52_428_800, self._settings.kafka_max_message_bytes),
+            max_poll_records=self._max_poll_records,
+        )
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise Unavailable(
+                f"cannot reach Kafka at {self._settings.kafka_bootstrap}: {exc}"
+            ) from exc
+        self._consumer = consumer
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+
+    async def __aenter__(self) -> EventConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_assigned(self, timeout_s: float = 30.0) -> None:
+        """Wait until the group has given this consumer partitions (it is live)."""
+        consumer = self._require()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not consumer.assignment():
+            if loop.time() > deadline:
+                raise Unavailable(f"consumer group {self.group_id} got no partitions in time")
+            await asyncio.sleep(0.05)
+
+    def _require(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("EventConsumer used before start() or after stop()")
+        return self._consumer
+
+    async def run(self) -> None:
+        """Process records until ``stop()``; transient broker errors are waited out."""
+        consumer = self._require()
+        while not self._stopping.is_set():
+            try:
+                batches = await consumer.getmany(timeout_ms=200)
+            except KafkaConnectionError as exc:
+                log.warning("consumer %s lost the broker (%s); retrying", self.group_id, exc)
+                await asyncio.sleep(1.0)
+                continue
+            for tp, raws in batches.items():
+                await self._process_partition(consumer, tp, raws)
+
+    async def _process_partition(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        raws: list[ConsumerRecord[bytes, bytes]],
+    ) -> None:
+        next_offset: int | None = None
+        for raw in raws:
+            if self._stopping.is_set():
+                break
+            if not await self._process_one(raw):
+                # Redeliver from this record; later records of the partition wait their turn.
+                consumer.seek(tp, raw.offset)
+                break
+            next_offset = raw.offset + 1
+        if next_offset is not None:
+            # One commit per partition batch: every record before next_offset is done.
+            await self._commit(consumer, tp, next_offset)
+
+    async def _process_one(self, raw: ConsumerRecord[bytes, bytes]) -> bool:
+        """Handle one record; True when it may be committed (handled or dead-lettered)."""
+        event: dict[str, Any] | None = None
+        try:
+            record = decode_record(raw, self._expected)
+            event = record.event
+            await self._handler(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure is classified, none escapes the loop
+            where = (raw.topic, raw.partition, raw.offset)
+            attempts = self._attempts.get(where, 0) + 1
+            if is_poison(exc) or isinstance(exc, SchemaViolation) or attempts >= self._max_attempts:
+                try:
+                    await self._dead_letter(dead_letter_for(raw, exc, event))
+                except Unavailable as dlq_exc:
+                    log.warning("DLQ unreachable (%s); keeping %s@%d", dlq_exc, raw.topic, raw.offset)
+                    await asyncio.sleep(1.0)
+                    return False
+                self._attempts.pop(where, None)
+                return True
+            self._attempts[where] = attempts
+            log.warning(
+                "handler failed on %s[%d]@%d (attempt %d/%d), will redeliver: %s",
+                raw.topic,
+                raw.partition,
+                raw.offset,
+                attempts,
+                self._max_attempts,
+                "".join(traceback.format_exception_only(exc)).strip(),
+            )
+            await asyncio.sleep(self._retry_backoff_ms / 1000 * 2 ** (attempts - 1))
+            return False
+        self._attempts.pop((raw.topic, raw.partition, raw.offset), None)
+        self.handled += 1
+        return True
+
+    async def _dead_letter(self, letter: DeadLetter) -> None:
+        log.error(
+            "dead-lettering %s[%d]@%d: %s: %s",
+            letter.topic,
+            letter.partition,
+            letter.offset,
+            letter.code,
+            letter.message,
+        )
+        # The DLQ write must succeed before the commit, or the record would be lost: this
+        # raises Unavailable (the loop keeps the record uncommitted) when Kafka is down.
+        await self._producer.send(DLQ, letter.to_event(self.group_id), key=letter.key)
+        self.dead_lettered += 1
+        if self._on_dead_letter is not None:
+            try:
+                await self._on_dead_letter(letter)
+            except Exception:
+                log.exception("on_dead_letter hook failed for %s@%d", letter.topic, letter.offset)
+
+    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        try:
+            await consumer.commit({tp: offset})
+        except KafkaError as exc:
+            # A lost commit only means a redelivery, which handlers are idempotent against.
+            log.warning("commit of %s@%d failed (%s); record may be redelivered", tp, offset, exc)

@@ -1,0 +1,188 @@
+"""Every setting of the platform, read once from the environment.
+
+The env names here are the contract with docker-compose.yml and docs/OPERATIONS.md: a test checks
+that every variable compose sets is one this module knows. Units live in the names
+(``_bytes``, ``_ms``, ``_us``) and are converted nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from maas.errors import InvalidArgument
+
+MiB = 1024 * 1024
+
+
+def _env(name: str, *, secret: bool = False, doc: str = "") -> dict[str, Any]:
+    return {"env": name, "secret": secret, "doc": doc}
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "maas")
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "maas")
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- Kafka -------------------------------------------------------------------------------
+    kafka_bootstrap: str = field(
+        default="127.0.0.1:9092",
+        metadata=_env("MAAS_KAFKA_BOOTSTRAP", doc="Kafka bootstrap servers, comma separated"),
+    )
+    kafka_max_message_bytes: int = field(
+        default=16 * MiB,
+        metadata=_env(
+            "MAAS_KAFKA_MAX_MESSAGE_BYTES",
+            doc="largest record the broker, producers and consumers accept",
+        ),
+    )
+    # --- S3 ----------------------------------------------------------------------------------
+    s3_endpoint: str = field(
+        default="127.0.0.1:9000", metadata=_env("MAAS_S3_ENDPOINT", doc="S3 host:port")
+    )
+    s3_access_key: str = field(
+        default="maas", metadata=_env("MAAS_S3_ACCESS_KEY", secret=True, doc="S3 access key")
+    )
+    s3_secret_key: str = field(
+        default="maas-secret-key",
+        metadata=_env("MAAS_S3_SECRET_KEY", secret=True, doc="S3 secret key"),
+    )
+    s3_secure: bool = field(
+        default=False, metadata=_env("MAAS_S3_SECURE", doc="use TLS to reach S3")
+    )
+    s3_region: str = field(default="us-east-1", metadata=_env("MAAS_S3_REGION", doc="S3 region"))
+    s3_part_size_bytes: int = field(
+        default=16 * MiB,
+        metadata=_env("MAAS_S3_PART_SIZE_BYTES", doc="multipart upload part size"),
+    )
+    # --- codec -------------------------------------------------------------------------------
+    codec_chunk_bytes: int = field(
+        default=4 * MiB,
+        metadata=_env(
+            "MAAS_CODEC_CHUNK_BYTES", doc="tensors larger than this are split into chunks"
+        ),
+    )
+    # --- local state -------------------------------------------------------------------------
+    state_dir: str = field(
+        default_factory=_default_state_dir,
+        metadata=_env("MAAS_STATE_DIR", doc="logs, pids, broker and S3 data, SQLite files"),
+    )
+    cache_dir: str = field(
+        default_factory=_default_cache_dir,
+        metadata=_env("MAAS_CACHE_DIR", doc="venv, Kafka jars, S3 server binary"),
+    )
+    log_level: str = field(default="INFO", metadata=_env("MAAS_LOG_LEVEL", doc="logging level"))
+    # --- gRPC endpoints ----------------------------------------------------------------------
+    grpc_max_message_bytes: int = field(
+        default=256 * MiB,
+        metadata=_env(
+            "MAAS_GRPC_MAX_MESSAGE_BYTES", doc="gRPC send/receive limit (default 4 MiB is a trap)"
+        ),
+    )
+    registry_listen: str = field(
+        default="127.0.0.1:50051",
+        metadata=_env("MAAS_REGISTRY_LISTEN", doc="address the registry server binds"),
+    )
+    registry_addr: str = field(
+        default="127.0.0.1:50051",
+        metadata=_env("MAAS_REGISTRY_ADDR", doc="address clients use to reach the registry"),
+    )
+    inference_listen: str = field(
+        default="127.0.0.1:8001",
+        metadata=_env("MAAS_INFERENCE_LISTEN", doc="address the inference server binds"),
+    )
+    inference_addr: str = field(
+        default="127.0.0.1:8001",
+        metadata=_env("MAAS_INFERENCE_ADDR", doc="address clients use to reach inference"),
+    )
+    inference_token: str = field(
+        default="",
+        metadata=_env(
+            "MAAS_INFERENCE_TOKEN", secret=True, doc="bearer token required by inference if set"
+        ),
+    )
+    metrics_port: int = field(
+        default=0,
+        metadata=_env("MAAS_METRICS_PORT", doc="Prometheus /metrics HTTP port (0 = off)"),
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = environ.get(f.metadata["env"])
+            if raw is None or raw == "":
+                continue
+            values[f.name] = _parse(f, raw)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+    def describe(self) -> dict[str, str]:
+        """Every setting by env name, secrets masked: safe to log or print."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.metadata["env"]] = "***" if f.metadata["secret"] and value else str(value)
+        return out
+
+    @property
+    def state_path(self) -> Path:
+        return Path(self.state_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache_dir)
+
+
+def _parse(f: dataclasses.Field[Any], raw: str) -> Any:
+    name = f.metadata["env"]
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        lowered = raw.strip().lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return True
+        if lowered in {"0", "false", "no", "off"}:
+            return False
+        raise InvalidArgument(f"{name}={raw!r} is not a boolean; use true or false")
+    if kind == "int":
+        try:
+            return int(raw)
+        except ValueError:
+            raise InvalidArgument(f"{name}={raw!r} is not an integer") from None
+    return raw
+
+
+def known_env_names() -> set[str]:
+    """Every environment variable the platform reads (used by the compose test)."""
+    return {f.metadata["env"] for f in fields(Settings)} | set(EXTRA_ENV_NAMES)
+
+
+# Variables read by a single service rather than through Settings (worker id, shard index, ...).
+# Each service documents its own in docs/OPERATIONS.md; they are listed here so the compose test
+# can tell a typo from a real setting.
+EXTRA_ENV_NAMES: tuple[str, ...] = ()
+
+
+def env_doc() -> list[tuple[str, str, str]]:
+    """(env name, default, meaning) rows for docs and `maas config`."""
+    defaults = Settings()
+    rows = []
+    for f in fields(Settings):
+        value = getattr(defaults, f.name)
+        shown = "***" if f.metadata["secret"] and value else str(value)
+        rows.append((f.metadata["env"], shown, f.metadata["doc"]))
+    return rows

@@ -1,0 +1,135 @@
+"""Datasets a job can name: ``builtin:<name>`` (generated or shipped, never downloaded) or
+``s3://bucket/key.npz`` holding arrays ``X`` (float) and ``y`` (int labels or float targets).
+
+Splits are fixed (seeded), so every worker, the evaluator and the tests see the same rows.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from maas.errors import InvalidArgument
+
+TEST_FRACTION = 0.2
+SPLIT_SEED = 1234
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Train and held-out test arrays for one task."""
+
+    name: str
+    task: str  # "classification" | "regression"
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    @property
+    def num_features(self) -> int:
+        return int(self.x_train.shape[1])
+
+    @property
+    def num_classes(self) -> int:
+        if self.task != "classification":
+            return 1
+        return int(max(self.y_train.max(initial=0), self.y_test.max(initial=0)) + 1)
+
+    def shard(self, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Worker ``index`` of ``count`` gets every ``count``-th training row (disjoint, balanced)."""
+        if not 0 <= index < count:
+            raise InvalidArgument(f"shard index {index} outside 0..{count - 1}")
+        return self.x_train[index::count], self.y_train[index::count]
+
+    def subset(self, fraction: float, seed: int = 0) -> Dataset:
+        """A seeded fraction of the training rows (the test split is kept whole)."""
+        if not 0 < fraction <= 1:
+            raise InvalidArgument(f"dataset fraction {fraction} must be in (0, 1]")
+        n = max(1, int(round(len(self.x_train) * fraction)))
+        rows = np.random.default_rng(seed).permutation(len(self.x_train))[:n]
+        rows.sort()
+        return Dataset(
+            f"{self.name}@{fraction}",
+            self.task,
+            self.x_train[rows],
+            self.y_train[rows],
+            self.x_test,
+            self.y_test,
+        )
+
+
+def _split(name: str, task: str, x: np.ndarray, y: np.ndarray) -> Dataset:
+    order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
+    n_test = int(round(len(x) * TEST_FRACTION))
+    test, train = order[:n_test], order[n_test:]
+    return Dataset(name, task, x[train], y[train], x[test], y[test])
+
+
+def _digits(classes: range | None = None) -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits  # ships with scikit-learn, no download
+
+    bunch = load_digits()
+    x = (bunch.data / 16.0).astype(np.float32)  # pixel values 0..16 -> 0..1
+    y = bunch.target.astype(np.int64)
+    if classes is not None:
+        keep = np.isin(y, list(classes))
+        x, y = x[keep], y[keep] - classes.start  # relabel to 0..k-1 for a k-class head
+    return x, y
+
+
+def _regression() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(2000, 16)).astype(np.float32)
+    w = rng.normal(size=(16,)).astype(np.float32)
+    y = (x @ w + 0.1 * rng.normal(size=2000)).astype(np.float32)
+    return x, y.reshape(-1, 1)
+
+
+BUILTINS: dict[str, tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]] = {
+    "digits": ("classification", _digits),
+    "digits-0-4": ("classification", lambda: _digits(range(0, 5))),
+    "digits-5-9": ("classification", lambda: _digits(range(5, 10))),
+    "regression": ("regression", _regression),
+}
+
+
+def load_builtin(name: str) -> Dataset:
+    try:
+        task, make = BUILTINS[name]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown builtin dataset {name!r}; builtins are "
+            + ", ".join(f"builtin:{n}" for n in sorted(BUILTINS))
+        ) from None
+    x, y = make()
+    return _split(f"builtin:{name}", task, x, y)
+
+
+def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
+    """Parse a user dataset: an .npz with ``X`` (n, features) and ``y`` (n,) or (n, k)."""
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+            arrays: dict[str, Any] = {k: npz[k] for k in npz.files}
+    except ValueError as exc:
+        raise InvalidArgument(f"{name} is not a readable .npz without pickles: {exc}") from None
+    if "X" not in arrays or "y" not in arrays:
+        raise InvalidArgument(f"{name} must hold arrays 'X' and 'y'; it has {sorted(arrays)}")
+    x, y = np.asarray(arrays["X"]), np.asarray(arrays["y"])
+    if x.ndim != 2 or len(x) != len(y) or len(x) < 2:
+        raise InvalidArgument(
+            f"{name}: X must be 2-D with one row per label; got X{x.shape} and y{y.shape}"
+        )
+    if task is None:
+        task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+    if task == "classification":
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
+            raise InvalidArgument(f"{name}: classification labels y must be integers >= 0")
+        y = y.astype(np.int64)
+    else:
+        y = y.astype(np.float32).reshape(len(y), -1)
+    return _split(name, task, x.astype(np.float32), y)

@@ -1,0 +1,416 @@
+"""The object store: S3 (SeaweedFS locally, MinIO in deployment) through the ``minio`` client.
+
+Every object's sha256 is recorded in its metadata at put time and checked on every read, so a
+tampered or truncated object is refused instead of deserialized. Callers holding an independent
+record (a manifest) pass ``expected_sha256`` as well. Transient failures (connection refused,
+5xx) are retried with exponential backoff, then surface as ``Unavailable``.
+
+``ObjectStore`` is synchronous and thread-safe; ``AsyncObjectStore`` runs the same calls on its
+own small thread pool so event loops never block on S3.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar
+
+import urllib3
+from minio import Minio
+from minio.deleteobjects import DeleteObject
+from minio.error import S3Error
+
+from maas.config import Settings
+from maas.errors import IntegrityError, InvalidArgument, MaasError, NotFound, Unavailable
+
+log = logging.getLogger(__name__)
+
+MODELS_BUCKET = "maas-models"
+DATASETS_BUCKET = "maas-datasets"
+CHECKPOINTS_BUCKET = "maas-checkpoints"
+ALL_BUCKETS: tuple[str, ...] = (MODELS_BUCKET, DATASETS_BUCKET, CHECKPOINTS_BUCKET)
+
+SHA256_META = "sha256"  # stored as the x-amz-meta-sha256 header
+_READ_BLOCK_BYTES = 1024 * 1024
+_NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    bucket: str
+    key: str
+    size: int
+    sha256: str | None
+    etag: str | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+
+def parse_uri(uri: str) -> tuple[str, str]:
+    """``s3://bucket/key`` -> (bucket, key)."""
+    if not uri.startswith("s3://") or "/" not in uri[5:]:
+        raise InvalidArgument(f"{uri!r} is not an s3://bucket/key URI")
+    bucket, key = uri[5:].split("/", 1)
+    if not bucket or not key:
+        raise InvalidArgument(f"{uri!r} is not an s3://bucket/key URI")
+    return bucket, key
+
+
+class _HashingReader(io.RawIOBase):
+    """Wraps a file so what minio uploads is hashed on the way (one pass over the bytes)."""
+
+    def __init__(self, raw: BinaryIO) -> None:
+        self._raw = raw
+        self.hasher = hashlib.sha256()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._raw.read(size)
+        self.hasher.update(data)
+        return data
+
+
+class ObjectStore:
+    """Bytes and files in S3, each verified by sha256 on the way back."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        max_attempts: int = 5,
+        retry_backoff_ms: int = 200,
+    ) -> None:
+        self._settings = settings
+        self._max_attempts = max_attempts
+        self._retry_backoff_ms = retry_backoff_ms
+        # A short connect timeout and no urllib3-level retries: retrying is ours (on our error
+        # types), so "S3 down" becomes Unavailable in seconds, not minutes.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3.0, read=120.0),
+            maxsize=16,
+            retries=False,
+        )
+        self._client = Minio(
+            settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+            http_client=http,
+        )
+
+    @property
+    def client(self) -> Minio:
+        """The raw minio client, for tests and tools that must bypass verification."""
+        return self._client
+
+    # --- retry policy --------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        delay = self._retry_backoff_ms / 1000
+        for attempt in range(1, self._max_attempts + 1):
+            try:
+                return fn()
+            except S3Error as exc:
+                if exc.code in _NOT_FOUND_CODES:
+                    raise NotFound(f"{what}: {exc.code} ({exc.message})") from None
+                if exc.code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
+                    raise MaasError(
+                        f"{what}: S3 refused the credentials ({exc.code}); check "
+                        "MAAS_S3_ACCESS_KEY / MAAS_S3_SECRET_KEY"
+                    ) from None
+                error: Exception = exc
+            except MaasError:
+                raise
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                error = exc
+            if attempt == self._max_attempts:
+                raise Unavailable(
+                    f"{what}: S3 at {self._settings.s3_endpoint} failed after {attempt} "
+                    f"attempts: {error}"
+                ) from error
+            log.warning("%s failed (attempt %d/%d): %s", what, attempt, self._max_attempts, error)
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    # --- buckets -------------------------------------------------------------------------------
+
+    def ensure_bucket(self, bucket: str) -> None:
+        def make() -> None:
+            if not self._client.bucket_exists(bucket):
+                try:
+                    self._client.make_bucket(bucket)
+                except S3Error as exc:
+                    if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                        raise
+
+        self._call(f"ensure bucket {bucket}", make)
+
+    def bucket_exists(self, bucket: str) -> bool:
+        return self._call(f"check bucket {bucket}", lambda: self._client.bucket_exists(bucket))
+
+    # --- writes --------------------------------------------------------------------------------
+
+    def put_bytes(
+        self,
+        bucket: str,
+        key: str,
+        data: bytes | bytearray | memoryview,
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        digest = hashlib.sha256(data).hexdigest()
+        meta = {**(metadata or {}), SHA256_META: digest}
+        size = len(data)
+
+        def put() -> Any:
+            return self._client.put_object(
+                bucket,
+                key,
+                io.BytesIO(data),
+                size,
+                content_type=content_type,
+                metadata=meta,  # type: ignore[arg-type]
+                part_size=self._settings.s3_part_size_bytes,
+            )
+
+        result = self._call(f"put s3://{bucket}/{key}", put)
+        return ObjectInfo(bucket, key, size, digest, result.etag)
+
+    def put_file(
+        self,
+        bucket: str,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        content_type: str = "application/octet-stream",
+        metadata: dict[str, str] | None = None,
+        sha256: str | None = None,
+    ) -> ObjectInfo:
+        """Upload a file (multipart above the part size); pass ``sha256`` if already known."""
+        path = Path(path)
+        size = path.stat().st_size
+        digest = sha256 or file_sha256(path)
+        meta = {**(metadata or {}), SHA256_META: digest}
+
+        def put() -> Any:
+            with path.open("rb") as fh:
+                reader = _HashingReader(fh)
+                result = self._client.put_object(
+                    bucket,
+                    key,
+                    reader,  # type: ignore[arg-type]
+                    size,
+                    content_type=content_type,
+                    metadata=meta,  # type: ignore[arg-type]
+                    part_size=self._settings.s3_part_size_bytes,
+                )
+            if reader.hasher.hexdigest() != digest:
+                raise IntegrityError(f"{path} changed while it was being uploaded to {key}")
+            return result
+
+        result = self._call(f"put s3://{bucket}/{key}", put)
+        return ObjectInfo(bucket, key, size, digest, result.etag)
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def stat(self, bucket: str, key: str) -> ObjectInfo:
+        st = self._call(f"stat s3://{bucket}/{key}", lambda: self._client.stat_object(bucket, key))
+        return ObjectInfo(bucket, key, int(st.size or 0), _recorded_sha256(st.metadata), st.etag)
+
+    def exists(self, bucket: str, key: str) -> bool:
+        try:
+            self.stat(bucket, key)
+        except NotFound:
+            return False
+        return True
+
+    def get_bytes(self, bucket: str, key: str, *, expected_sha256: str | None = None) -> bytes:
+        def get() -> tuple[bytes, str | None]:
+            response = self._client.get_object(bucket, key)
+            try:
+                return response.read(), _recorded_sha256(response.headers)
+            finally:
+                response.close()
+                response.release_conn()
+
+        data, recorded = self._call(f"get s3://{bucket}/{key}", get)
+        _check(f"s3://{bucket}/{key}", hashlib.sha256(data).hexdigest(), recorded, expected_sha256)
+        return data
+
+    def iter_chunks(self, bucket: str, key: str) -> Iterator[bytes]:
+        """Stream an object without verifying (callers hash as they go; see ``get_file``)."""
+        response = self._call(
+            f"get s3://{bucket}/{key}", lambda: self._client.get_object(bucket, key)
+        )
+        try:
+            yield from response.stream(_READ_BLOCK_BYTES)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def get_file(
+        self,
+        bucket: str,
+        key: str,
+        path: str | os.PathLike[str],
+        *,
+        expected_sha256: str | None = None,
+    ) -> ObjectInfo:
+        """Stream an object to ``path``; the file appears (atomically) only once verified."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        info = self.stat(bucket, key)
+        hasher = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                for block in self.iter_chunks(bucket, key):
+                    hasher.update(block)
+                    out.write(block)
+            _check(f"s3://{bucket}/{key}", hasher.hexdigest(), info.sha256, expected_sha256)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return info
+
+    def list(self, bucket: str, prefix: str = "") -> list[ObjectInfo]:
+        def ls() -> list[ObjectInfo]:
+            return [
+                ObjectInfo(bucket, o.object_name or "", int(o.size or 0), None, o.etag)
+                for o in self._client.list_objects(bucket, prefix=prefix, recursive=True)
+            ]
+
+        return self._call(f"list s3://{bucket}/{prefix}", ls)
+
+    # --- deletes -------------------------------------------------------------------------------
+
+    def delete(self, bucket: str, key: str) -> None:
+        self._call(f"delete s3://{bucket}/{key}", lambda: self._client.remove_object(bucket, key))
+
+    def delete_prefix(self, bucket: str, prefix: str) -> int:
+        keys = [o.key for o in self.list(bucket, prefix)]
+
+        def rm() -> None:
+            errors = list(self._client.remove_objects(bucket, [DeleteObject(k) for k in keys]))
+            if errors:
+                raise Unavailable(f"could not delete {len(errors)} objects under {prefix}")
+
+        if keys:
+            self._call(f"delete s3://{bucket}/{prefix}*", rm)
+        return len(keys)
+
+
+def _recorded_sha256(headers: Any) -> str | None:
+    if headers is None:
+        return None
+    for name in (f"x-amz-meta-{SHA256_META}", f"X-Amz-Meta-{SHA256_META.capitalize()}"):
+        value = headers.get(name)
+        if value:
+            return str(value)
+    return None
+
+
+def _check(what: str, actual: str, recorded: str | None, expected: str | None) -> None:
+    if expected is not None and actual != expected:
+        raise IntegrityError(
+            f"{what} has sha256 {actual[:16]}… but {expected[:16]}… was expected: "
+            "the object was tampered with or truncated; re-upload it"
+        )
+    if recorded is not None and actual != recorded:
+        raise IntegrityError(
+            f"{what} has sha256 {actual[:16]}… but {recorded[:16]}… was recorded when it was "
+            "written: the object was tampered with or truncated; re-upload it"
+        )
+    if recorded is None and expected is None:
+        raise IntegrityError(
+            f"{what} carries no recorded sha256 (not written through maas.store), so it cannot "
+            "be verified; upload it with `maas datasets upload` or ObjectStore.put_*"
+        )
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    hasher = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_READ_BLOCK_BYTES):
+            hasher.update(block)
+    return hasher.hexdigest()
+
+
+class AsyncObjectStore:
+    """``ObjectStore`` for event loops: each call runs on this store's own thread pool."""
+
+    def __init__(self, settings: Settings, *, threads: int = 4) -> None:
+        self.sync = ObjectStore(settings)
+        self._threads = threads
+        self._executor: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self._threads, thread_name_prefix="maas-s3")
+
+    async def stop(self) -> None:
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.get_running_loop().run_in_executor(None, executor.shutdown)
+
+    async def __aenter__(self) -> AsyncObjectStore:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def _run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        if self._executor is None:
+            raise RuntimeError("AsyncObjectStore used before start() or after stop()")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def ensure_bucket(self, bucket: str) -> None:
+        await self._run(self.sync.ensure_bucket, bucket)
+
+    async def put_bytes(self, bucket: str, key: str, data: bytes, **kw: Any) -> ObjectInfo:
+        return await self._run(self.sync.put_bytes, bucket, key, data, **kw)
+
+    async def put_file(self, bucket: str, key: str, path: str | Path, **kw: Any) -> ObjectInfo:
+        return await self._run(self.sync.put_file, bucket, key, path, **kw)
+
+    async def get_bytes(self, bucket: str, key: str, **kw: Any) -> bytes:
+        return await self._run(self.sync.get_bytes, bucket, key, **kw)
+
+    async def get_file(self, bucket: str, key: str, path: str | Path, **kw: Any) -> ObjectInfo:
+        return await self._run(self.sync.get_file, bucket, key, path, **kw)
+
+    async def stat(self, bucket: str, key: str) -> ObjectInfo:
+        return await self._run(self.sync.stat, bucket, key)
+
+    async def exists(self, bucket: str, key: str) -> bool:
+        return await self._run(self.sync.exists, bucket, key)
+
+    async def list(self, bucket: str, prefix: str = "") -> list[ObjectInfo]:
+        return await self._run(self.sync.list, bucket, prefix)
+
+    async def delete(self, bucket: str, key: str) -> None:
+        await self._run(self.sync.delete, bucket, key)
+
+    async def delete_prefix(self, bucket: str, prefix: str) -> int:
+        return await self._run(self.sync.delete_prefix, bucket, prefix)

@@ -93,8 +93,10 @@ def pack(
         arch=arch,
         config=dict(config),
         format=format,
-        tensors={k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-                 for k, v in state.items()},
+        tensors={
+            k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+            for k, v in state.items()
+        },
         files={name: sha256_hex(data) for name, data in files.items()},
         **lineage,
     )

@@ -380,7 +380,9 @@ class EventConsumer:
                 try:
                     await self._dead_letter(dead_letter_for(raw, exc, event))
                 except Unavailable as dlq_exc:
-                    log.warning("DLQ unreachable (%s); keeping %s@%d", dlq_exc, raw.topic, raw.offset)
+                    log.warning(
+                        "DLQ unreachable (%s); keeping %s@%d", dlq_exc, raw.topic, raw.offset
+                    )
                     await asyncio.sleep(1.0)
                     return False
                 self._attempts.pop(where, None)

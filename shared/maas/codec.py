@@ -49,13 +49,19 @@ def _wire_dtype(array: np.ndarray) -> np.dtype[Any]:
 def _as_le_contiguous(array: np.ndarray) -> np.ndarray:
     le = _wire_dtype(array)
     # Only copies when the input is big-endian or strided; the common case is a view.
-    return np.ascontiguousarray(array, dtype=le)
+    # (np.asarray keeps 0-d arrays 0-d; np.ascontiguousarray would make them 1-d.)
+    return np.asarray(array, dtype=le, order="C")
+
+
+def _raw_bytes(arr: np.ndarray) -> memoryview:
+    # A flat uint8 view works for every shape, including empty and 0-d arrays.
+    return arr.reshape(-1).view(np.uint8).data
 
 
 def tensor_to_map(array: np.ndarray) -> dict[str, Any]:
     """The msgpack-ready map for one tensor; ``data`` is a memoryview (no copy)."""
     arr = _as_le_contiguous(np.asarray(array))
-    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": memoryview(arr).cast("B")}
+    return {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": _raw_bytes(arr)}
 
 
 def map_to_tensor(obj: Any) -> np.ndarray:
@@ -65,11 +71,10 @@ def map_to_tensor(obj: Any) -> np.ndarray:
     dtype_name, shape, data = obj["dtype"], obj["shape"], obj["data"]
     if dtype_name not in SUPPORTED_DTYPES:
         raise InvalidArgument(
-            f"tensor dtype {dtype_name!r} is not supported; use one of {', '.join(SUPPORTED_DTYPES)}"
+            f"tensor dtype {dtype_name!r} is not supported; "
+            f"use one of {', '.join(SUPPORTED_DTYPES)}"
         )
-    if not isinstance(shape, list | tuple) or not all(
-        isinstance(d, int) and d >= 0 for d in shape
-    ):
+    if not isinstance(shape, list | tuple) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise InvalidArgument(f"tensor shape {shape!r} must be a list of non-negative integers")
     if not isinstance(data, bytes | bytearray | memoryview):
         raise InvalidArgument("tensor data must be raw bytes")
@@ -102,7 +107,7 @@ def to_torch(array: np.ndarray) -> Any:
     return torch.from_numpy(np.array(array, copy=True))
 
 
-def sha256_hex(data: bytes | memoryview) -> str:
+def sha256_hex(data: bytes | bytearray | memoryview) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
@@ -171,7 +176,7 @@ def split_tensor(
     if chunk_bytes <= 0:
         raise InvalidArgument(f"chunk_bytes must be positive, got {chunk_bytes}")
     arr = _as_le_contiguous(np.asarray(array))
-    raw = memoryview(arr).cast("B")
+    raw = _raw_bytes(arr)
     total = len(raw)
     count = max(1, -(-total // chunk_bytes))
     digest = sha256_hex(raw)
@@ -222,7 +227,8 @@ class ChunkAssembler:
         held = self._parts.get(chunk.index)
         if held is not None and bytes(held) != bytes(chunk.data):
             raise IntegrityError(
-                f"chunk {chunk.index} of tensor {chunk.tensor_id} arrived twice with different bytes"
+                f"chunk {chunk.index} of tensor {chunk.tensor_id} arrived twice "
+                "with different bytes"
             )
         self._parts[chunk.index] = chunk.data
         return len(self._parts) == chunk.count

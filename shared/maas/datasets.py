@@ -41,7 +41,7 @@ class Dataset:
         return int(max(self.y_train.max(initial=0), self.y_test.max(initial=0)) + 1)
 
     def shard(self, index: int, count: int) -> tuple[np.ndarray, np.ndarray]:
-        """Worker ``index`` of ``count`` gets every ``count``-th training row (disjoint, balanced)."""
+        """Worker ``index`` of ``count`` gets every ``count``-th training row (disjoint)."""
         if not 0 <= index < count:
             raise InvalidArgument(f"shard index {index} outside 0..{count - 1}")
         return self.x_train[index::count], self.y_train[index::count]
@@ -50,7 +50,7 @@ class Dataset:
         """A seeded fraction of the training rows (the test split is kept whole)."""
         if not 0 < fraction <= 1:
             raise InvalidArgument(f"dataset fraction {fraction} must be in (0, 1]")
-        n = max(1, int(round(len(self.x_train) * fraction)))
+        n = max(1, round(len(self.x_train) * fraction))
         rows = np.random.default_rng(seed).permutation(len(self.x_train))[:n]
         rows.sort()
         return Dataset(
@@ -65,7 +65,7 @@ class Dataset:
 
 def _split(name: str, task: str, x: np.ndarray, y: np.ndarray) -> Dataset:
     order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
-    n_test = int(round(len(x) * TEST_FRACTION))
+    n_test = round(len(x) * TEST_FRACTION)
     test, train = order[:n_test], order[n_test:]
     return Dataset(name, task, x[train], y[train], x[test], y[test])
 

@@ -80,9 +80,7 @@ class Arch:
     config_type: type[Any]
     build: Callable[[Any], nn.Module]
     input_shape: Callable[[Any], tuple[int, ...]]
-    output_shape: Callable[[Any], tuple[int, ...]] = field(
-        default=lambda c: (c.num_classes,)
-    )
+    output_shape: Callable[[Any], tuple[int, ...]] = field(default=lambda c: (c.num_classes,))
 
 
 ARCHS: dict[str, Arch] = {

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# The one entry script for developers and CI.
+#
+#   bash infra/dev.sh setup   # venv + Kafka jars + S3 server binary, all cached in ~/.cache/maas
+#   bash infra/dev.sh test    # setup, then ruff and the whole pytest suite (starts its own stack)
+#   bash infra/dev.sh demo    # setup, `maas stack up`, then the smoke round trip
+#   bash infra/dev.sh shell   # setup, then a shell with the venv active
+#
+# Extra arguments after `test` go to pytest (e.g. `bash infra/dev.sh test -k stack -x`).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${MAAS_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/maas}"
+PYTHON="${MAAS_PYTHON:-python3.11}"
+export MAAS_CACHE_DIR="$CACHE"
+
+log() { printf '[dev.sh] %s\n' "$*" >&2; }
+
+venv_path() {
+  local hash
+  hash="$(cat "$ROOT/requirements.lock" "$ROOT/pyproject.toml" | sha256sum | cut -c1-12)"
+  printf '%s/venv-%s' "$CACHE" "$hash"
+}
+
+ensure_venv() {
+  VENV="$(venv_path)"
+  mkdir -p "$CACHE"
+  if [[ ! -f "$VENV/.complete" ]]; then
+    # flock: two sessions racing on a cold cache build the venv once.
+    exec 9>"$VENV.lock"
+    flock 9
+    if [[ ! -f "$VENV/.complete" ]]; then
+      log "creating $VENV (first run for this requirements.lock + pyproject.toml; takes minutes)"
+      rm -rf "$VENV"
+      "$PYTHON" -m venv "$VENV"
+      "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.lock"
+      touch "$VENV/.complete"
+    fi
+    flock -u 9
+    exec 9>&-
+  fi
+  # Every run: CI clones into a fresh folder, and the editable install must point at this one.
+  "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
+  export PATH="$VENV/bin:$PATH"
+  export VIRTUAL_ENV="$VENV"
+}
+
+ensure_native() {
+  python -m infra.kafka ensure >&2
+  python -m infra.s3 ensure >&2
+}
+
+setup() {
+  ensure_venv
+  ensure_native
+}
+
+cmd="${1:-help}"
+[[ $# -gt 0 ]] && shift
+cd "$ROOT"
+case "$cmd" in
+  setup)
+    setup
+    log "ready: venv $VENV"
+    ;;
+  test)
+    setup
+    log "ruff check"
+    ruff check .
+    log "pytest"
+    python -m pytest -q -p no:cacheprovider "$@"
+    ;;
+  demo)
+    setup
+    maas stack up
+    maas stack status
+    python -m infra.smoke
+    log "stack is still up; stop it with: bash infra/dev.sh shell -c 'maas stack down'"
+    ;;
+  shell)
+    setup
+    if [[ $# -gt 0 ]]; then
+      exec bash "$@"
+    fi
+    log "venv $VENV active; try: maas --help"
+    exec bash -i
+    ;;
+  help|-h|--help)
+    sed -n '2,10p' "$0"
+    ;;
+  *)
+    log "unknown command: $cmd (use setup | test | demo | shell)"
+    exit 2
+    ;;
+esac

@@ -1,0 +1,173 @@
+"""Start, find and stop one native background process by its PID file.
+
+A process is ours only if its PID file exists *and* its command line still contains a marker we
+chose (a path inside its state dir): a recycled PID belonging to someone else is never signalled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from maas.errors import DeadlineExceeded, FailedPrecondition
+
+
+@dataclass(frozen=True)
+class ManagedProcess:
+    name: str
+    pid_file: Path
+    log_file: Path
+    marker: str  # substring of the command line that proves the PID is still ours
+    # Test stacks die with the process that started them (even on SIGKILL of pytest);
+    # `maas stack up` must outlive its terminal, so it leaves this off.
+    die_with_parent: bool = False
+
+    def pid(self) -> int | None:
+        """The PID if the process is running and still ours, else None."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+        return pid if _is_ours(pid, self.marker) else None
+
+    def alive(self) -> bool:
+        return self.pid() is not None
+
+    def start(self, argv: Sequence[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> int:
+        if not any(self.marker in arg for arg in argv):
+            raise FailedPrecondition(f"{self.name}: marker {self.marker!r} is not in its argv")
+        running = self.pid()
+        if running is not None:
+            return running
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_file, "ab") as log:
+            log.write(f"\n--- {time.strftime('%F %T')} starting {self.name}\n".encode())
+            log.flush()
+            # A new session: Ctrl-C in the terminal that ran `maas stack up` does not kill it.
+            proc = subprocess.Popen(
+                list(argv),
+                cwd=cwd,
+                env=dict(env) if env is not None else None,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent if self.die_with_parent else None,
+            )
+        self.pid_file.write_text(f"{proc.pid}\n")
+        return proc.pid
+
+    def stop(self, *, timeout_s: float = 20.0) -> bool:
+        """SIGTERM, then SIGKILL after `timeout_s`. True if something was stopped."""
+        pid = self.pid()
+        if pid is None:
+            self.pid_file.unlink(missing_ok=True)
+            return False
+        _signal(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            _reap(pid)
+            if not _is_ours(pid, self.marker):
+                break
+            time.sleep(0.1)
+        else:
+            _signal(pid, signal.SIGKILL)
+            for _ in range(50):
+                _reap(pid)
+                if not _is_ours(pid, self.marker):
+                    break
+                time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+        return True
+
+    def log_tail(self, lines: int = 30) -> str:
+        try:
+            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
+        except FileNotFoundError:
+            return "(no log)"
+
+
+def _die_with_parent() -> None:
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _signal(pid: int, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _reap(pid: int) -> None:
+    # Only succeeds when we are the parent (the pytest fixture); otherwise init reaps it.
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)
+
+
+def _is_ours(pid: int, marker: str) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return False
+    if "\nState:\tZ" in status:
+        return False
+    return marker in cmdline
+
+
+def port_open(host: str, port: int, *, timeout_s: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(
+    check: Callable[[], bool],
+    *,
+    what: str,
+    timeout_s: float,
+    proc: ManagedProcess | None = None,
+    interval_s: float = 0.2,
+) -> None:
+    """Poll `check` until true; fail fast (with the log tail) if `proc` died meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if check():
+            return
+        if proc is not None and not proc.alive():
+            raise FailedPrecondition(
+                f"{proc.name} exited while waiting for {what}; log {proc.log_file}:\n"
+                f"{proc.log_tail()}"
+            )
+        if time.monotonic() > deadline:
+            tail = f"; log {proc.log_file}:\n{proc.log_tail()}" if proc else ""
+            raise DeadlineExceeded(f"{what} not ready after {timeout_s:.0f}s{tail}")
+        time.sleep(interval_s)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def split_host_port(address: str, *, default_port: int) -> tuple[str, int]:
+    first = address.split(",")[0].strip()
+    if "://" in first:
+        first = first.split("://", 1)[1]
+    host, sep, port = first.rpartition(":")
+    if not sep:
+        return first, default_port
+    return host.strip("[]"), int(port)

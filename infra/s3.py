@@ -1,0 +1,270 @@
+"""A real S3 server run natively: SeaweedFS `weed server` with its S3 gateway.
+
+Data lives on disk in `<state_dir>/s3/data`; SigV4 keys come from MAAS_S3_ACCESS_KEY/SECRET_KEY via
+an identities file written on every start. `weed server` runs master, volume, filer and S3 in one
+process; each of them (and its gRPC twin) needs a port, all of which are configurable so several
+stacks can run side by side (the test fixture picks free ones).
+
+The binary is built once from the Go module proxy into `<cache_dir>/bin/weed`:
+
+    python -m infra.s3 ensure
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from infra.kafka import file_lock
+from infra.proc import ManagedProcess, port_open, split_host_port, wait_until
+from maas.config import Settings
+from maas.errors import FailedPrecondition
+
+WEED_MODULE = "github.com/seaweedfs/seaweedfs"
+WEED_VERSION = "v0.0.0-20261109003541-7506e5f91cd6"
+
+
+def weed_binary(cache_dir: Path) -> Path:
+    return cache_dir / "bin" / "weed"
+
+
+def ensure_weed(cache_dir: Path) -> Path:
+    """The weed binary, built from the Go module proxy on first use (several minutes).
+
+    `go install pkg@version` refuses modules whose go.mod has replace directives (seaweedfs has),
+    so: download the module, copy it to a writable tree, and `go build` there.
+    """
+    binary = weed_binary(cache_dir)
+    if binary.exists():
+        return binary
+    with file_lock(cache_dir / "bin" / "weed.lock"):
+        if binary.exists():
+            return binary
+        go = shutil.which("go") or (
+            "/usr/local/go/bin/go" if Path("/usr/local/go/bin/go").exists() else None
+        )
+        if go is None:
+            raise FailedPrecondition("Go is not installed; it is needed once to build SeaweedFS")
+        logs = cache_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        info = subprocess.run(
+            [go, "mod", "download", "-json", f"{WEED_MODULE}@{WEED_VERSION}"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if info.returncode != 0:
+            raise FailedPrecondition(
+                f"go mod download {WEED_MODULE} failed:\n{info.stdout}{info.stderr}"
+            )
+        module_dir = Path(json.loads(info.stdout)["Dir"])
+        src = cache_dir / "src" / "seaweedfs"
+        if not (src / "weed").is_dir():
+            shutil.rmtree(src, ignore_errors=True)
+            shutil.copytree(module_dir, src)
+            for root, dirs, files in os.walk(src):  # the module cache is read-only
+                for name in dirs + files:
+                    path = Path(root) / name
+                    path.chmod(path.stat().st_mode | 0o200)
+        tmp = binary.with_suffix(".tmp")
+        with open(logs / "weed-build.log", "ab") as log:
+            build = subprocess.run(
+                [go, "build", "-o", str(tmp), "./weed"],
+                cwd=src,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                check=False,
+            )
+        if build.returncode != 0:
+            raise FailedPrecondition(f"building weed failed; see {logs / 'weed-build.log'}")
+        tmp.rename(binary)
+    return binary
+
+
+@dataclass(frozen=True)
+class WeedPorts:
+    """Every port one `weed server` listens on (HTTP and gRPC for each role)."""
+
+    s3: int
+    master: int
+    volume: int
+    filer: int
+    s3_grpc: int
+    master_grpc: int
+    volume_grpc: int
+    filer_grpc: int
+
+    @classmethod
+    def after(cls, s3_port: int) -> WeedPorts:
+        """The default layout: the S3 port, then the seven ports right after it."""
+        return cls(s3_port, *(s3_port + i for i in range(1, 8)))
+
+    def all(self) -> list[int]:
+        return [
+            self.s3,
+            self.master,
+            self.volume,
+            self.filer,
+            self.s3_grpc,
+            self.master_grpc,
+            self.volume_grpc,
+            self.filer_grpc,
+        ]
+
+
+@dataclass(frozen=True)
+class WeedS3:
+    home: Path  # <state_dir>/s3
+    stack_dir: Path  # <state_dir>/stack
+    cache_dir: Path
+    host: str
+    ports: WeedPorts
+    access_key: str
+    secret_key: str
+    attached: bool = False  # die with the starting process (test fixtures)
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, ports: WeedPorts | None = None, attached: bool = False
+    ) -> WeedS3:
+        host, port = split_host_port(settings.s3_endpoint, default_port=9000)
+        return cls(
+            home=settings.state_path / "s3",
+            stack_dir=settings.state_path / "stack",
+            cache_dir=settings.cache_path,
+            host=host,
+            ports=ports or WeedPorts.after(port),
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            attached=attached,
+        )
+
+    @property
+    def name(self) -> str:
+        return "s3"
+
+    @property
+    def port(self) -> int:
+        return self.ports.s3
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def process(self) -> ManagedProcess:
+        return ManagedProcess(
+            name=self.name,
+            pid_file=self.stack_dir / "s3.pid",
+            log_file=self.stack_dir / "s3.log",
+            marker=f"-dir={self.data_dir}",
+            die_with_parent=self.attached,
+        )
+
+    def identities(self) -> dict[str, object]:
+        return {
+            "identities": [
+                {
+                    "name": "maas",
+                    "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+                    "actions": ["Admin", "Read", "List", "Tagging", "Write"],
+                }
+            ]
+        }
+
+    def argv(self, binary: Path) -> list[str]:
+        p = self.ports
+        return [
+            str(binary),
+            "server",
+            f"-dir={self.data_dir}",
+            f"-ip={self.host}",
+            f"-ip.bind={self.host}",
+            f"-master.port={p.master}",
+            f"-master.port.grpc={p.master_grpc}",
+            "-master.telemetry=false",
+            "-master.volumeSizeLimitMB=1024",
+            f"-volume.port={p.volume}",
+            f"-volume.port.grpc={p.volume_grpc}",
+            "-volume.max=100",
+            "-volume.preStopSeconds=0",
+            "-filer",
+            f"-filer.port={p.filer}",
+            f"-filer.port.grpc={p.filer_grpc}",
+            "-s3",
+            f"-s3.port={p.s3}",
+            f"-s3.port.grpc={p.s3_grpc}",
+            # Extra listeners this version starts by default; off, so stacks never collide.
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-s3.config={self.home / 's3-identities.json'}",
+        ]
+
+    def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int:
+        """Start weed (no-op if running) and wait until its S3 port answers."""
+        proc = self.process
+        pid = proc.pid()
+        if pid is None:
+            busy = [port for port in self.ports.all() if port_open(self.host, port)]
+            if busy:
+                raise FailedPrecondition(
+                    f"ports {busy} on {self.host} are taken; the S3 server needs "
+                    f"{self.ports.all()} (set MAAS_S3_ENDPOINT to move them)"
+                )
+            binary = ensure_weed(self.cache_dir)
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            config = self.home / "s3-identities.json"
+            config.write_text(json.dumps(self.identities(), indent=2))
+            config.chmod(0o600)
+            pid = proc.start(self.argv(binary), cwd=self.home)
+        if wait:
+            self.wait_ready(timeout_s=timeout_s)
+        return pid
+
+    def wait_ready(self, *, timeout_s: float = 90.0) -> None:
+        wait_until(
+            self.ready,
+            what=f"S3 on {self.host}:{self.port}",
+            timeout_s=timeout_s,
+            proc=self.process,
+        )
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout_s=20.0)
+
+    def ready(self) -> bool:
+        """The S3 gateway answers an authenticated ListBuckets."""
+        if not port_open(self.host, self.port):
+            return False
+        from minio import Minio
+
+        client = Minio(
+            f"{self.host}:{self.port}",
+            access_key=self.access_key,
+            secret_key=self.secret_key,
+            secure=False,
+        )
+        try:
+            client.list_buckets()
+        except Exception:  # still starting: the filer is not up behind the gateway yet
+            return False
+        return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["ensure"]:
+        print("usage: python -m infra.s3 ensure   # build the SeaweedFS weed binary into the cache")
+        return 2
+    binary = ensure_weed(Settings.from_env().cache_path)
+    print(f"weed {WEED_VERSION}: {binary}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,193 @@
+"""The local stack: the real Kafka broker and S3 server (later the five services) as native
+processes, with PIDs and logs under `<state_dir>/stack/`.
+
+    stack = LocalStack.from_settings(Settings.from_env())
+    stack.up()        # no-op for what already runs; bootstraps topics and buckets
+    stack.status()
+    stack.down()      # data stays: the next up() finds every topic, record and object
+
+Adding a service later: give it a class with the `Component` shape (see `PythonService`) and
+append it in `LocalStack.from_settings`; `up` starts components in order, `down` in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+from infra.kafka import KafkaBroker, file_lock
+from infra.proc import ManagedProcess, port_open, wait_until
+from infra.s3 import WeedPorts, WeedS3
+from maas.config import Settings
+
+
+class Component(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def process(self) -> ManagedProcess: ...
+    def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int: ...
+    def wait_ready(self, *, timeout_s: float = 90.0) -> None: ...
+    def stop(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class ComponentStatus:
+    name: str
+    pid: int | None
+    alive: bool
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class PythonService:
+    """A `python -m <module>` service of this repo, ready when it accepts TCP on `port`."""
+
+    service_name: str
+    module: str
+    host: str
+    listen_port: int
+    stack_dir: Path
+    env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.service_name
+
+    @property
+    def port(self) -> int:
+        return self.listen_port
+
+    @property
+    def process(self) -> ManagedProcess:
+        return ManagedProcess(
+            name=self.name,
+            pid_file=self.stack_dir / f"{self.name}.pid",
+            log_file=self.stack_dir / f"{self.name}.log",
+            # `-X pycache_prefix=<stack_dir>/...` is a harmless interpreter option that makes the
+            # command line recognisably ours (see ManagedProcess.marker).
+            marker=f"pycache_prefix={self.stack_dir}",
+        )
+
+    def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int:
+        proc = self.process
+        pid = proc.pid()
+        if pid is None:
+            argv = [
+                sys.executable,
+                "-X",
+                f"pycache_prefix={self.stack_dir}/pycache",
+                "-m",
+                self.module,
+            ]
+            pid = proc.start(argv, cwd=Path.cwd(), env={**os.environ, **self.env})
+        if wait:
+            self.wait_ready(timeout_s=timeout_s)
+        return pid
+
+    def wait_ready(self, *, timeout_s: float = 90.0) -> None:
+        wait_until(
+            lambda: port_open(self.host, self.port),
+            what=f"{self.name} on {self.port}",
+            timeout_s=timeout_s,
+            proc=self.process,
+        )
+
+    def stop(self) -> bool:
+        return self.process.stop(timeout_s=20.0)
+
+
+@dataclass
+class LocalStack:
+    settings: Settings
+    kafka: KafkaBroker
+    s3: WeedS3
+    services: list[Component] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        kafka_controller_port: int | None = None,
+        s3_ports: WeedPorts | None = None,
+        attached: bool = False,
+    ) -> LocalStack:
+        """`attached=True` ties the processes' lives to this one (test fixtures)."""
+        return cls(
+            settings=settings,
+            kafka=KafkaBroker.from_settings(
+                settings, controller_port=kafka_controller_port, attached=attached
+            ),
+            s3=WeedS3.from_settings(settings, ports=s3_ports, attached=attached),
+        )
+
+    @property
+    def stack_dir(self) -> Path:
+        return self.settings.state_path / "stack"
+
+    def components(self) -> list[Component]:
+        return [self.kafka, self.s3, *self.services]
+
+    def up(self, *, bootstrap: bool = True, timeout_s: float = 120.0) -> list[ComponentStatus]:
+        """Start whatever is not running, wait for all, then create topics and buckets."""
+        self.stack_dir.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.stack_dir / "stack.lock"):
+            infra = [self.kafka, self.s3]
+            # Kafka and S3 boot in parallel; services need both, so they come after.
+            for component in infra:
+                component.start(wait=False)
+            for component in infra:
+                component.wait_ready(timeout_s=timeout_s)
+            if bootstrap:
+                from infra.bootstrap import bootstrap as run_bootstrap
+
+                asyncio.run(run_bootstrap(self.settings, timeout_s=timeout_s))
+            for component in self.services:
+                component.start(timeout_s=timeout_s)
+            self._record()
+        return self.status()
+
+    def down(self) -> list[str]:
+        """Stop every component this state dir started, services first. Returns what stopped."""
+        stopped = []
+        with file_lock(self.stack_dir / "stack.lock"):
+            for component in reversed(self.components()):
+                if component.stop():
+                    stopped.append(component.name)
+        return stopped
+
+    def status(self) -> list[ComponentStatus]:
+        recorded = self._recorded()
+        rows = []
+        for component in self.components():
+            pid = component.process.pid()
+            host, port = recorded.get(component.name, (self._host(component), component.port))
+            rows.append(ComponentStatus(component.name, pid, pid is not None, host, port))
+        return rows
+
+    def is_up(self) -> bool:
+        return all(row.alive for row in self.status())
+
+    def _host(self, component: Component) -> str:
+        return str(getattr(component, "host", "127.0.0.1"))
+
+    def _record(self) -> None:
+        # What `up` used, so `status` run with another environment still reports the real ports.
+        data = {c.name: {"host": self._host(c), "port": c.port} for c in self.components()}
+        (self.stack_dir / "stack.json").write_text(json.dumps(data, indent=2) + "\n")
+
+    def _recorded(self) -> dict[str, tuple[str, int]]:
+        try:
+            data = json.loads((self.stack_dir / "stack.json").read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {name: (v["host"], int(v["port"])) for name, v in data.items()}

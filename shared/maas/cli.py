@@ -1,0 +1,213 @@
+"""The `maas` command line.
+
+Command groups register themselves: every module `maas.cli_<group>` (shared/maas/cli_*.py) that
+defines `register(subparsers)` is picked up, so adding `maas models ...` means adding
+shared/maas/cli_models.py, with no edit here:
+
+    def register(subparsers: argparse._SubParsersAction) -> None:
+        p = subparsers.add_parser("models", help="...", description="...", epilog="example: ...")
+        p.set_defaults(func=run)          # run(args, settings) -> int exit code
+
+Built in here: `maas stack up|down|status`, `maas config`, `maas smoke`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Callable, Sequence
+
+import maas
+from maas.config import Settings, env_doc
+from maas.errors import MaasError
+
+Handler = Callable[[argparse.Namespace, Settings], int]
+
+
+def _parser(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    *,
+    help: str,
+    example: str,
+    description: str | None = None,
+) -> argparse.ArgumentParser:
+    return subparsers.add_parser(
+        name,
+        help=help,
+        description=description or help,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+# --- stack ------------------------------------------------------------------------------------
+
+
+def _stack(settings: Settings):  # type: ignore[no-untyped-def]
+    from infra.stack import LocalStack
+
+    return LocalStack.from_settings(settings)
+
+
+def _print_status(rows: Sequence[object]) -> None:
+    table = [("COMPONENT", "PID", "ALIVE", "ADDRESS")]
+    for row in rows:
+        table.append(
+            (
+                row.name,
+                str(row.pid or "-"),
+                "yes" if row.alive else "no",  # type: ignore[attr-defined]
+                f"{row.host}:{row.port}",
+            )
+        )  # type: ignore[attr-defined]
+    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _stack_up(args: argparse.Namespace, settings: Settings) -> int:
+    stack = _stack(settings)
+    rows = stack.up(bootstrap=not args.no_bootstrap, timeout_s=args.timeout_s)
+    _print_status(rows)
+    print(f"state: {settings.state_dir}   logs: {stack.stack_dir}")
+    return 0
+
+
+def _stack_down(args: argparse.Namespace, settings: Settings) -> int:
+    stopped = _stack(settings).down()
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def _stack_status(args: argparse.Namespace, settings: Settings) -> int:
+    rows = _stack(settings).status()
+    _print_status(rows)
+    return 0 if all(r.alive for r in rows) else 3
+
+
+def _register_stack(subparsers: argparse._SubParsersAction) -> None:
+    stack = _parser(
+        subparsers,
+        "stack",
+        help="run the local Kafka broker and S3 server natively",
+        example="maas stack up && maas stack status && maas stack down",
+        description="Start, stop and inspect the local stack. State (data, PIDs, "
+        "logs) lives in MAAS_STATE_DIR; ports come from MAAS_KAFKA_BOOTSTRAP and "
+        "MAAS_S3_ENDPOINT.",
+    )
+    actions = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
+    up = _parser(
+        actions,
+        "up",
+        help="start what is not running, then create topics and buckets",
+        example="MAAS_STATE_DIR=/tmp/maas-demo maas stack up",
+    )
+    up.add_argument("--no-bootstrap", action="store_true", help="skip creating topics and buckets")
+    up.add_argument(
+        "--timeout-s",
+        type=float,
+        default=120.0,
+        help="how long to wait for each component (default 120)",
+    )
+    up.set_defaults(func=_stack_up)
+    down = _parser(
+        actions, "down", help="stop every component (data is kept)", example="maas stack down"
+    )
+    down.set_defaults(func=_stack_down)
+    status = _parser(
+        actions,
+        "status",
+        help="show component, pid, alive, address (exit 3 if something is down)",
+        example="maas stack status",
+    )
+    status.set_defaults(func=_stack_status)
+
+
+# --- config, smoke ----------------------------------------------------------------------------
+
+
+def _config(args: argparse.Namespace, settings: Settings) -> int:
+    current = settings.describe()
+    width = max(len(name) for name in current)
+    if args.doc:
+        for name, default, doc in env_doc():
+            print(f"{name.ljust(width)}  {current[name]!s:<28}  {doc} (default {default})")
+    else:
+        for name, value in current.items():
+            print(f"{name.ljust(width)}  {value}")
+    return 0
+
+
+def _smoke(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.smoke import run
+
+    for line in run(settings):
+        print(line)
+    return 0
+
+
+def _register_builtin(subparsers: argparse._SubParsersAction) -> None:
+    _register_stack(subparsers)
+    config = _parser(
+        subparsers,
+        "config",
+        help="print the effective settings (secrets masked)",
+        example="MAAS_KAFKA_BOOTSTRAP=kafka:9092 maas config --doc",
+    )
+    config.add_argument("--doc", action="store_true", help="add each setting's meaning")
+    config.set_defaults(func=_config)
+    smoke = _parser(
+        subparsers,
+        "smoke",
+        help="round trip one Kafka record and one S3 object (multipart)",
+        example="maas stack up && maas smoke",
+    )
+    smoke.set_defaults(func=_smoke)
+
+
+# --- assembly ---------------------------------------------------------------------------------
+
+
+def _plugin_modules() -> list[str]:
+    return sorted(
+        f"maas.{m.name}" for m in pkgutil.iter_modules(maas.__path__) if m.name.startswith("cli_")
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="maas",
+        description="Model-as-a-Service: train, version, compress and serve models. "
+        "Settings come from MAAS_* environment variables (see `maas config --doc`).",
+        epilog="example:\n  maas stack up && maas smoke && maas stack down",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _register_builtin(subparsers)
+    for name in _plugin_modules():
+        try:
+            module = importlib.import_module(name)
+            module.register(subparsers)
+        except Exception as exc:  # one broken group must not take `maas stack` down with it
+            print(f"maas: skipping command module {name}: {exc}", file=sys.stderr)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+        handler: Handler = args.func
+        return handler(args, settings)
+    except MaasError as exc:
+        print(f"maas: {type(exc).__name__}: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

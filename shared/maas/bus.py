@@ -87,12 +87,21 @@ def _key_text(key: bytes | None) -> str | None:
 # --- pure steps ---------------------------------------------------------------------------------
 
 
-def decode_record(
-    raw: ConsumerRecord[bytes, bytes], expected_schemas: Iterable[str] | None
+def _headers(raw: ConsumerRecord[bytes, bytes]) -> Headers:
+    return [(k, bytes(v)) for k, v in (raw.headers or ())]
+
+
+def decode_value(raw: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
+    """Raw Kafka record -> event map; raises SchemaViolation when it cannot be decoded."""
+    return events.decode(raw.value, _headers(raw))
+
+
+def to_record(
+    raw: ConsumerRecord[bytes, bytes],
+    event: dict[str, Any],
+    expected_schemas: Iterable[str] | None,
 ) -> Record:
-    """Raw Kafka record -> validated ``Record``; raises SchemaViolation with the reason."""
-    headers: Headers = [(k, bytes(v)) for k, v in (raw.headers or ())]
-    event = events.decode(raw.value, headers)
+    """A decoded event -> validated ``Record``; raises SchemaViolation with the reason."""
     events.validate(event, expected_schemas)
     return Record(
         topic=raw.topic,
@@ -100,7 +109,7 @@ def decode_record(
         offset=raw.offset,
         key=_key_text(raw.key),
         event=event,
-        headers=headers,
+        headers=_headers(raw),
         timestamp_ms=raw.timestamp,
     )
 
@@ -116,7 +125,7 @@ def dead_letter_for(
         offset=raw.offset,
         key=_key_text(raw.key),
         value=raw.value,
-        headers=[(k, bytes(v)) for k, v in (raw.headers or ())],
+        headers=_headers(raw),
         code=code,
         message=message,
         event=event,
@@ -368,9 +377,8 @@ class EventConsumer:
         """Handle one record; True when it may be committed (handled or dead-lettered)."""
         event: dict[str, Any] | None = None
         try:
-            record = decode_record(raw, self._expected)
-            event = record.event
-            await self._handler(record)
+            event = decode_value(raw)
+            await self._handler(to_record(raw, event, self._expected))
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure is classified, none escapes the loop

@@ -1,0 +1,148 @@
+"""Gradient-sized tensors through the real Kafka broker, beside the limits of this machine.
+
+Prints one JSON document: for 1 MB and 8 MB float32 tensors, the MB/s of
+  - memcpy:          an in-memory copy of the tensor's bytes (the machine's ceiling),
+  - msgpack_encode:  maas.codec.encode_tensor alone,
+  - end_to_end:      encode -> idempotent acks=all produce -> broker -> consume -> zero-copy decode,
+and end_to_end as a fraction of msgpack_encode (the issue's target is >= 0.5).
+
+    python -m bench.bus_throughput [--total-mb 256]
+
+Uses the stack MAAS_* points at when MAAS_BENCH_USE_RUNNING_STACK=1, else starts a private one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from maas import codec, topics
+from maas.config import Settings
+
+MB = 1024 * 1024
+
+
+def rate(nbytes: int, seconds: float) -> float:
+    return round(nbytes / MB / seconds, 1)
+
+
+def memcpy_rate(array: np.ndarray, repeats: int) -> float:
+    out = np.empty_like(array)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        np.copyto(out, array)
+    return rate(array.nbytes * repeats, time.perf_counter() - start)
+
+
+def encode_rate(array: np.ndarray, repeats: int) -> float:
+    start = time.perf_counter()
+    for _ in range(repeats):
+        codec.encode_tensor(array)
+    return rate(array.nbytes * repeats, time.perf_counter() - start)
+
+
+async def end_to_end_rate(settings: Settings, array: np.ndarray, count: int) -> float:
+    topic = topics.GRADIENTS.name
+    key = f"bench-{uuid.uuid4().hex}".encode()
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        auto_offset_reset="latest",
+        max_partition_fetch_bytes=settings.kafka_max_message_bytes,
+        fetch_max_bytes=max(64 * MB, settings.kafka_max_message_bytes),
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_idempotence=True,
+        acks="all",
+        max_request_size=settings.kafka_max_message_bytes,
+        linger_ms=2,
+    )
+    await consumer.start()
+    await producer.start()
+    try:
+        await consumer.seek_to_end()
+        for tp in consumer.assignment():  # resolve positions before producing
+            await consumer.position(tp)
+        start = time.perf_counter()
+
+        async def produce() -> None:
+            pending = []
+            for _ in range(count):
+                pending.append(await producer.send(topic, codec.encode_tensor(array), key=key))
+            await asyncio.gather(*pending)
+
+        async def consume() -> None:
+            received = 0
+            while received < count:
+                batches = await consumer.getmany(timeout_ms=1000)
+                for records in batches.values():
+                    for record in records:
+                        if record.key == key:
+                            decoded = codec.decode_tensor(record.value)
+                            assert decoded.nbytes == array.nbytes
+                            received += 1
+
+        await asyncio.wait_for(asyncio.gather(produce(), consume()), timeout=600)
+        return rate(array.nbytes * count, time.perf_counter() - start)
+    finally:
+        await producer.stop()
+        await consumer.stop()
+
+
+@contextlib.contextmanager
+def stack_settings() -> Iterator[Settings]:
+    if os.environ.get("MAAS_BENCH_USE_RUNNING_STACK") == "1":
+        yield Settings.from_env()
+        return
+    from infra.ephemeral import ephemeral_stack
+
+    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
+        with ephemeral_stack(Path(tmp)) as local:
+            yield local.settings
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--total-mb", type=int, default=256, help="bytes sent per tensor size")
+    args = parser.parse_args(argv)
+    results = []
+    with stack_settings() as settings:
+        for size_mb in (1, 8):
+            array = np.random.default_rng(0).standard_normal(size_mb * MB // 4, dtype=np.float32)
+            count = max(4, args.total_mb // size_mb)
+            encode = encode_rate(array, count)
+            e2e = asyncio.run(end_to_end_rate(settings, array, count))
+            results.append(
+                {
+                    "tensor_mb": size_mb,
+                    "messages": count,
+                    "memcpy_mb_s": memcpy_rate(array, count),
+                    "msgpack_encode_mb_s": encode,
+                    "end_to_end_mb_s": e2e,
+                    "end_to_end_vs_encode": round(e2e / encode, 3),
+                }
+            )
+    print(
+        json.dumps(
+            {"bench": "bus_throughput", "target_vs_encode": 0.5, "results": results}, indent=2
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

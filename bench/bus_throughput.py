@@ -109,9 +109,11 @@ def stack_settings() -> Iterator[Settings]:
         return
     from infra.ephemeral import ephemeral_stack
 
-    with tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp:
-        with ephemeral_stack(Path(tmp)) as local:
-            yield local.settings
+    with (
+        tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp,
+        ephemeral_stack(Path(tmp)) as local,
+    ):
+        yield local.settings
 
 
 def main(argv: list[str] | None = None) -> None:

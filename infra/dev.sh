@@ -43,6 +43,9 @@ ensure_venv() {
   "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e "$ROOT"
   export PATH="$VENV/bin:$PATH"
   export VIRTUAL_ENV="$VENV"
+  # Several checkouts share one venv and each re-points the editable install; PYTHONPATH makes
+  # this checkout's code win regardless of which one ran last.
+  export PYTHONPATH="$ROOT/shared:$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 }
 
 ensure_native() {
@@ -55,41 +58,48 @@ setup() {
   ensure_native
 }
 
-cmd="${1:-help}"
-[[ $# -gt 0 ]] && shift
-cd "$ROOT"
-case "$cmd" in
-  setup)
-    setup
-    log "ready: venv $VENV"
-    ;;
-  test)
-    setup
-    log "ruff check"
-    ruff check .
-    log "pytest"
-    python -m pytest -q -p no:cacheprovider "$@"
-    ;;
-  demo)
-    setup
-    maas stack up
-    maas stack status
-    python -m infra.smoke
-    log "stack is still up; stop it with: bash infra/dev.sh shell -c 'maas stack down'"
-    ;;
-  shell)
-    setup
-    if [[ $# -gt 0 ]]; then
-      exec bash "$@"
-    fi
-    log "venv $VENV active; try: maas --help"
-    exec bash -i
-    ;;
-  help|-h|--help)
-    sed -n '2,10p' "$0"
-    ;;
-  *)
-    log "unknown command: $cmd (use setup | test | demo | shell)"
-    exit 2
-    ;;
-esac
+# Everything runs from inside main(): bash has parsed all of it before the first command,
+# so editing this file while it runs (git pull) cannot derail it.
+main() {
+  local cmd="${1:-help}"
+  [[ $# -gt 0 ]] && shift
+  cd "$ROOT"
+  case "$cmd" in
+    setup)
+      setup
+      log "ready: venv $VENV"
+      ;;
+    test)
+      setup
+      log "ruff check"
+      ruff check .
+      log "pytest"
+      python -m pytest -q -p no:cacheprovider "$@"
+      ;;
+    demo)
+      setup
+      maas stack up
+      maas stack status
+      python -m infra.smoke
+      log "stack is still up; stop it with: bash infra/dev.sh shell -c 'maas stack down'"
+      ;;
+    shell)
+      setup
+      if [[ $# -gt 0 ]]; then
+        exec bash "$@"
+      fi
+      log "venv $VENV active; try: maas --help"
+      exec bash -i
+      ;;
+    help|-h|--help)
+      sed -n '2,10p' "$0"
+      ;;
+    *)
+      log "unknown command: $cmd (use setup | test | demo | shell)"
+      exit 2
+      ;;
+  esac
+}
+
+main "$@"
+exit $?

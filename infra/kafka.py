@@ -90,6 +90,9 @@ def ensure_jars(cache_dir: Path) -> Path:
         mvn = shutil.which("mvn")
         if mvn is None:
             raise FailedPrecondition("Maven (mvn) is not on PATH; install it to fetch Kafka jars")
+        print(
+            f"resolving Kafka {KAFKA_VERSION} jars from Maven Central into {libs}", file=sys.stderr
+        )
         home.mkdir(parents=True, exist_ok=True)
         (home / "pom.xml").write_text(_pom())
         shutil.rmtree(libs, ignore_errors=True)

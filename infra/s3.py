@@ -52,6 +52,10 @@ def ensure_weed(cache_dir: Path) -> Path:
             raise FailedPrecondition("Go is not installed; it is needed once to build SeaweedFS")
         logs = cache_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        print(
+            f"building SeaweedFS {WEED_VERSION} once (minutes); log {logs}/weed-build.log",
+            file=sys.stderr,
+        )
         info = subprocess.run(
             [go, "mod", "download", "-json", f"{WEED_MODULE}@{WEED_VERSION}"],
             capture_output=True,

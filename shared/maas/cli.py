@@ -132,7 +132,11 @@ def _register_stack(subparsers: argparse._SubParsersAction) -> None:
 def _config(args: argparse.Namespace, settings: Settings) -> int:
     current = settings.describe()
     width = max(len(name) for name in current)
-    if args.doc:
+    if args.markdown:
+        print("| variable | default | meaning |\n|---|---|---|")
+        for name, default, doc in env_doc():
+            print(f"| `{name}` | `{default}` | {doc} |")
+    elif args.doc:
         for name, default, doc in env_doc():
             print(f"{name.ljust(width)}  {current[name]!s:<28}  {doc} (default {default})")
     else:
@@ -158,6 +162,9 @@ def _register_builtin(subparsers: argparse._SubParsersAction) -> None:
         example="MAAS_KAFKA_BOOTSTRAP=kafka:9092 maas config --doc",
     )
     config.add_argument("--doc", action="store_true", help="add each setting's meaning")
+    config.add_argument(
+        "--markdown", action="store_true", help="print the env table of docs/OPERATIONS.md"
+    )
     config.set_defaults(func=_config)
     smoke = _parser(
         subparsers,

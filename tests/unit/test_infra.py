@@ -120,3 +120,11 @@ def test_every_command_has_help_with_an_example(argv: list[str]) -> None:
         check=True,
     ).stdout
     assert "example" in out
+
+
+def test_operations_doc_lists_every_setting() -> None:
+    from maas.config import env_doc
+
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "OPERATIONS.md").read_text()
+    missing = [name for name, _, _ in env_doc() if f"`{name}`" not in doc]
+    assert not missing, f"add to docs/OPERATIONS.md (see `maas config --markdown`): {missing}"

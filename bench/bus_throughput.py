@@ -3,7 +3,8 @@
 Prints one JSON document: for 1 MB and 8 MB float32 tensors, the MB/s of
   - memcpy:          an in-memory copy of the tensor's bytes (the machine's ceiling),
   - msgpack_encode:  maas.codec.encode_tensor alone,
-  - end_to_end:      encode -> idempotent acks=all produce -> broker -> consume -> zero-copy decode,
+  - end_to_end:      encode -> idempotent acks=all produce (one process) -> broker -> consume and
+                     zero-copy decode (another process), like a worker feeding an aggregator,
 and end_to_end as a fraction of msgpack_encode (the issue's target is >= 0.5).
 
     python -m bench.bus_throughput [--total-mb 256]
@@ -17,12 +18,14 @@ import argparse
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import os
 import tempfile
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -52,17 +55,8 @@ def encode_rate(array: np.ndarray, repeats: int) -> float:
     return rate(array.nbytes * repeats, time.perf_counter() - start)
 
 
-async def end_to_end_rate(settings: Settings, array: np.ndarray, count: int) -> float:
-    topic = topics.GRADIENTS.name
-    key = f"bench-{uuid.uuid4().hex}".encode()
-    consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=None,
-        auto_offset_reset="latest",
-        max_partition_fetch_bytes=settings.kafka_max_message_bytes,
-        fetch_max_bytes=max(64 * MB, settings.kafka_max_message_bytes),
-    )
+async def _produce(settings: Settings, size_bytes: int, count: int, key: bytes, go: Any) -> None:
+    array = np.random.default_rng(0).standard_normal(size_bytes // 4, dtype=np.float32)
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         enable_idempotence=True,
@@ -70,35 +64,62 @@ async def end_to_end_rate(settings: Settings, array: np.ndarray, count: int) -> 
         max_request_size=settings.kafka_max_message_bytes,
         linger_ms=2,
     )
-    await consumer.start()
     await producer.start()
+    go.wait()  # start the clock only once both sides are connected
     try:
-        await consumer.seek_to_end()
-        for tp in consumer.assignment():  # resolve positions before producing
-            await consumer.position(tp)
-        start = time.perf_counter()
-
-        async def produce() -> None:
-            pending = []
-            for _ in range(count):
-                pending.append(await producer.send(topic, codec.encode_tensor(array), key=key))
-            await asyncio.gather(*pending)
-
-        async def consume() -> None:
-            received = 0
-            while received < count:
-                batches = await consumer.getmany(timeout_ms=1000)
-                for records in batches.values():
-                    for record in records:
-                        if record.key == key:
-                            decoded = codec.decode_tensor(record.value)
-                            assert decoded.nbytes == array.nbytes
-                            received += 1
-
-        await asyncio.wait_for(asyncio.gather(produce(), consume()), timeout=600)
-        return rate(array.nbytes * count, time.perf_counter() - start)
+        pending = []
+        for _ in range(count):
+            payload = codec.encode_tensor(array)
+            pending.append(await producer.send(topics.GRADIENTS.name, payload, key=key))
+        await asyncio.gather(*pending)
     finally:
         await producer.stop()
+
+
+def _producer_process(settings: Settings, size_bytes: int, count: int, key: bytes, go: Any) -> None:
+    asyncio.run(_produce(settings, size_bytes, count, key, go))
+
+
+async def end_to_end_rate(settings: Settings, size_bytes: int, count: int) -> float:
+    """A producer process (like a gradient worker) and this process consuming (an aggregator)."""
+    key = f"bench-{uuid.uuid4().hex}".encode()
+    consumer = AIOKafkaConsumer(
+        topics.GRADIENTS.name,
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        auto_offset_reset="latest",
+        max_partition_fetch_bytes=settings.kafka_max_message_bytes,
+        fetch_max_bytes=max(64 * MB, settings.kafka_max_message_bytes),
+    )
+    await consumer.start()
+    try:
+        await consumer.seek_to_end()
+        for tp in consumer.assignment():  # resolve positions before anything is produced
+            await consumer.position(tp)
+        ctx = multiprocessing.get_context("spawn")
+        go = ctx.Event()
+        producer = ctx.Process(
+            target=_producer_process, args=(settings, size_bytes, count, key, go)
+        )
+        producer.start()
+        await asyncio.sleep(5)  # let the producer process import and connect
+        start = time.perf_counter()
+        go.set()
+        received = 0
+        while received < count:
+            batches = await consumer.getmany(timeout_ms=1000)
+            for records in batches.values():
+                for record in records:
+                    if record.key == key:
+                        if codec.decode_tensor(record.value).nbytes != size_bytes:
+                            raise RuntimeError("a tensor came back with the wrong size")
+                        received += 1
+            if time.perf_counter() - start > 600:
+                raise TimeoutError(f"only {received}/{count} tensors arrived in 600 s")
+        elapsed = time.perf_counter() - start
+        producer.join(timeout=60)
+        return rate(size_bytes * count, elapsed)
+    finally:
         await consumer.stop()
 
 
@@ -128,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
             array = np.random.default_rng(0).standard_normal(size_mb * MB // 4, dtype=np.float32)
             count = max(4, args.total_mb // size_mb)
             encode = encode_rate(array, count)
-            e2e = asyncio.run(end_to_end_rate(settings, array, count))
+            e2e = asyncio.run(end_to_end_rate(settings, array.nbytes, count))
             results.append(
                 {
                     "tensor_mb": size_mb,

@@ -1,0 +1,78 @@
+"""The model registry server: ``python -m services.model_registry``.
+
+Config from MAAS_* (registry_listen, S3, Kafka, state_dir); metadata in
+``$MAAS_STATE_DIR/registry/registry.db``. SIGTERM/SIGINT: stop accepting, let running calls
+finish (grace period), stop the outbox relay, then close S3, Kafka and SQLite.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from maas.bus import EventProducer
+from maas.config import Settings
+from maas.store import MODELS_BUCKET, AsyncObjectStore
+from services.model_registry.core import RegistryCore
+from services.model_registry.outbox import OutboxRelay
+from services.model_registry.service import RegistryService
+from services.model_registry.servicer import build_server, set_serving
+
+log = logging.getLogger("services.model_registry")
+SHUTDOWN_GRACE_S = 10.0
+
+
+def db_path(settings: Settings) -> Path:
+    return settings.state_path / "registry" / "registry.db"
+
+
+async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    store = AsyncObjectStore(settings, threads=8)
+    producer = EventProducer(settings, client_id="model-registry")
+    core = RegistryCore(db_path(settings))
+    relay = OutboxRelay(core, producer)
+    service = RegistryService(core, store, bucket=MODELS_BUCKET,
+                              part_size_bytes=settings.s3_part_size_bytes, on_commit=relay.wake)
+    server, health = build_server(service, settings)
+    port = server.add_insecure_port(settings.registry_listen)
+    relay_task: asyncio.Task[None] | None = None
+    try:
+        await store.start()
+        await server.start()
+        await set_serving(health, True)
+        relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+        log.info("model registry listening on %s (port %d), db %s, schema v%d",
+                 settings.registry_listen, port, core.path, core.schema_version())
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await set_serving(health, False)
+        await server.stop(SHUTDOWN_GRACE_S)
+        await relay.stop()
+        if relay_task is not None:
+            await relay_task
+        await producer.stop()
+        await store.stop()
+        service.close()
+        log.info("stopped")
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(settings, stop)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""The registry's flows that span SQLite and S3, transport-neutral (the servicer adapts gRPC).
+
+Registration of one model is serialized: the next number is reserved, the files stream to
+``<name>/<version>/``, ``manifest.json`` is written last, then the version row (with its outbox
+event) commits. Until that commit nothing is visible; on any failure the prefix is removed and
+the number is free again, so versions never skip. Other models register concurrently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from maas.errors import MaasError
+from maas.registry.types import (
+    MANIFEST_FILE,
+    ModelVersion,
+    artifact_prefix,
+    check_alias,
+    check_name,
+)
+from maas.store import AsyncObjectStore
+from services.model_registry.core import NewVersion, RegistryCore, parse_manifest
+from services.model_registry.uploads import ArtifactSink
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Registration:
+    name: str
+    manifest_json: bytes
+    alias: str | None
+    actor: str
+
+
+class RegistryService:
+    def __init__(
+        self,
+        core: RegistryCore,
+        store: AsyncObjectStore,
+        *,
+        bucket: str,
+        part_size_bytes: int,
+        on_commit: Callable[[], None] = lambda: None,
+        upload_threads: int = 8,
+    ) -> None:
+        self.core = core
+        self._store = store
+        self._bucket = bucket
+        self._on_commit = on_commit
+        # One thread owns SQLite: calls queue instead of contending for its lock on the loop.
+        self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="registry-db")
+        self._upload_threads = ThreadPoolExecutor(upload_threads,
+                                                  thread_name_prefix="registry-upload")
+        self._sink = ArtifactSink(store.sync.client, bucket, part_size_bytes=part_size_bytes,
+                                  executor=self._upload_threads)
+        self._model_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
+            weakref.WeakValueDictionary()
+        )
+
+    def close(self) -> None:
+        self._upload_threads.shutdown(wait=True, cancel_futures=True)
+        self._db_thread.shutdown(wait=True)
+        self.core.close()
+
+    async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one core call on the database thread."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._db_thread, lambda: fn(*args, **kwargs))
+
+    async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one core call that may add outbox events, then wake the relay."""
+        result = await self.db(fn, *args, **kwargs)
+        self._on_commit()
+        return result
+
+    def _lock_for(self, name: str) -> asyncio.Lock:
+        lock = self._model_locks.get(name)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._model_locks[name] = lock
+        return lock
+
+    async def register(
+        self, request: Registration, chunks: AsyncIterator[tuple[str, bytes]]
+    ) -> ModelVersion:
+        check_name(request.name)
+        if request.alias is not None:
+            check_alias(request.alias)
+        manifest = parse_manifest(request.manifest_json)
+        await self.db(self.core.check_parent, manifest.parent)
+        async with self._lock_for(request.name):
+            version = await self.db(self.core.next_version, request.name)
+            prefix = artifact_prefix(request.name, version)
+            try:
+                sizes = await self._sink.receive(prefix, manifest.files, chunks)
+                # Written last: a manifest in S3 means every file it lists is complete.
+                await self._store.put_bytes(self._bucket, prefix + MANIFEST_FILE,
+                                            request.manifest_json,
+                                            content_type="application/json")
+                record = await self.db(self.core.add_version, NewVersion(
+                    name=request.name,
+                    manifest_json=request.manifest_json,
+                    manifest=manifest,
+                    bucket=self._bucket,
+                    file_sizes=sizes,
+                    actor=request.actor,
+                    alias=request.alias,
+                ), version=version)
+            except BaseException:
+                await self._discard(prefix)
+                raise
+        self._on_commit()
+        log.info("registered %s@%d (%d bytes) by %s", record.name, record.version,
+                 record.size_bytes, record.created_by)
+        return record
+
+    async def delete_version(self, name: str, version: int, actor: str) -> ModelVersion:
+        record = await self.write(self.core.delete_version, name, version, actor)
+        # The version is gone from the metadata already; its bytes are garbage now, so a failed
+        # removal only leaves unreachable objects behind (logged), never a broken version.
+        await self._discard(record.prefix)
+        return record
+
+    async def _discard(self, prefix: str) -> None:
+        try:
+            await asyncio.shield(self._store.delete_prefix(self._bucket, prefix))
+        except MaasError as exc:
+            log.warning("could not remove s3://%s/%s: %s", self._bucket, prefix, exc)

@@ -1,0 +1,300 @@
+"""The registry client every service uses: register a model, load one back, manage aliases.
+
+    async with RegistryClient(settings) as registry:
+        v = await registry.register(model, "digits-mlp", "mlp", config, method="train",
+                                    metrics={"accuracy": 0.97}, alias="staging")
+        model = await registry.load("digits-mlp@staging")
+
+Registration streams the packed files through the registry (which hashes them into S3); loading
+resolves the version through the registry, then reads the files straight from S3, checking each
+against the sha256 the registry recorded, and rebuilds the module from safetensors (no pickle).
+gRPC failures come back as the matching ``MaasError`` (NotFound, InvalidArgument, ...).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import getpass
+import logging
+import socket
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from typing import Any, TypeVar
+
+import grpc
+import torch
+from torch import nn
+
+from maas import errors
+from maas.artifacts import Manifest, materialize, pack
+from maas.config import Settings
+from maas.errors import MaasError, Unavailable
+from maas.registry import wire
+from maas.registry.types import (
+    AliasChange,
+    Lineage,
+    ModelRef,
+    ModelSummary,
+    ModelVersion,
+    check_version,
+)
+from maas.registry.v1 import registry_pb2 as pb
+from maas.registry.v1 import registry_pb2_grpc as pb_grpc
+from maas.store import AsyncObjectStore
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CHUNK_BYTES = 2 * 1024 * 1024
+REGISTER_ATTEMPTS = 3
+RETRY_BACKOFF_MS = 500
+
+_ERRORS_BY_CODE: dict[str, type[MaasError]] = {
+    cls.grpc_code: cls
+    for cls in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
+                errors.FailedPrecondition, errors.ResourceExhausted, errors.Unauthenticated,
+                errors.Unavailable, errors.DeadlineExceeded)
+}
+
+RefLike = ModelRef | str
+ParentLike = ModelRef | ModelVersion | str
+
+
+def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> MaasError:
+    """The MaasError a failed call stands for (its class from the status code)."""
+    cls = _ERRORS_BY_CODE.get(exc.code().name, MaasError)
+    return cls(f"{what}: {exc.details() or exc.code().name}")
+
+
+def default_actor() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _as_ref(ref: RefLike) -> ModelRef:
+    return ref if isinstance(ref, ModelRef) else ModelRef.parse(ref)
+
+
+def _register_requests(
+    header: pb.RegisterHeader, files: Mapping[str, bytes], chunk_bytes: int
+) -> Iterator[pb.RegisterVersionRequest]:
+    yield pb.RegisterVersionRequest(header=header)
+    for name, data in files.items():
+        view = memoryview(data)
+        for start in range(0, len(view), chunk_bytes):
+            chunk = pb.FileChunk(file=name, data=bytes(view[start:start + chunk_bytes]))
+            yield pb.RegisterVersionRequest(chunk=chunk)
+
+
+class RegistryClient:
+    """A gRPC channel to the registry plus the S3 access ``load`` needs. Start before use."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        addr: str | None = None,
+        actor: str | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self._settings = settings
+        self.addr = addr or settings.registry_addr
+        self.actor = actor or default_actor()
+        self._chunk_bytes = chunk_bytes
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.ModelRegistryStub | None = None
+        self._store = AsyncObjectStore(settings)
+
+    async def start(self) -> None:
+        if self._channel is not None:
+            return
+        limit = self._settings.grpc_max_message_bytes
+        self._channel = grpc.aio.insecure_channel(self.addr, options=[
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.max_send_message_length", limit),
+        ])
+        self._stub = pb_grpc.ModelRegistryStub(self._channel)
+        await self._store.start()
+
+    async def stop(self) -> None:
+        if self._channel is not None:
+            channel, self._channel, self._stub = self._channel, None, None
+            await channel.close()
+            await self._store.stop()
+
+    async def __aenter__(self) -> RegistryClient:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    def __del__(self) -> None:
+        if self._channel is not None:
+            warnings.warn("RegistryClient was never stopped; use `async with` or call stop()",
+                          ResourceWarning, stacklevel=1)
+
+    @property
+    def stub(self) -> pb_grpc.ModelRegistryStub:
+        if self._stub is None:
+            raise RuntimeError("RegistryClient used before start() or after stop()")
+        return self._stub
+
+    async def _call(self, what: str, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"{what} (registry at {self.addr})") from None
+
+    # --- registration ------------------------------------------------------------------------
+
+    async def register(
+        self,
+        module_or_state: nn.Module | Mapping[str, torch.Tensor],
+        name: str,
+        arch: str,
+        config: Mapping[str, Any],
+        *,
+        parent: ParentLike | None = None,
+        method: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+        job_id: str | None = None,
+        metrics: Mapping[str, float] | None = None,
+        format: str = "dense",
+        extra_files: Mapping[str, bytes] | None = None,
+        alias: str | None = None,
+    ) -> ModelVersion:
+        """Pack weights (safetensors + manifest) and register them as the next version.
+
+        ``settings`` are the method's settings recorded for lineage (e.g. the optimizer), not
+        platform settings. ``parent`` may be a version, ``name@alias`` or a ModelVersion; it is
+        recorded as a concrete version number.
+        """
+        parent_ref = await self._resolve_parent(parent)
+        files, manifest = await asyncio.to_thread(
+            pack, module_or_state, arch, config, format=format, extra_files=extra_files,
+            parent={"name": parent_ref.name, "version": parent_ref.version} if parent_ref else None,
+            method=method, settings=dict(settings or {}), job_id=job_id,
+            metrics={k: float(v) for k, v in (metrics or {}).items()},
+        )
+        return await self.register_files(name, files, manifest.to_json(), alias=alias)
+
+    async def register_files(
+        self, name: str, files: Mapping[str, bytes], manifest_json: bytes, *,
+        alias: str | None = None,
+    ) -> ModelVersion:
+        """Register already-packed files; retried while the registry or S3 is unavailable."""
+        header = pb.RegisterHeader(name=name, manifest_json=manifest_json, alias=alias or "",
+                                   actor=self.actor)
+        delay_s = RETRY_BACKOFF_MS / 1000
+        for attempt in range(1, REGISTER_ATTEMPTS + 1):
+            try:
+                reply = await self._call(
+                    f"register {name}",
+                    self.stub.RegisterVersion(
+                        _register_requests(header, files, self._chunk_bytes)
+                    ),
+                )
+                return wire.version_from_proto(reply)
+            except Unavailable as exc:
+                if attempt == REGISTER_ATTEMPTS:
+                    raise
+                log.warning("register %s: %s; retrying in %.1fs", name, exc.message, delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s *= 2
+        raise AssertionError("unreachable")
+
+    async def _resolve_parent(self, parent: ParentLike | None) -> ModelRef | None:
+        if parent is None:
+            return None
+        if isinstance(parent, ModelVersion):
+            return parent.ref
+        ref = _as_ref(parent)
+        return ref if ref.version is not None else (await self.get(ref)).ref
+
+    # --- reads -------------------------------------------------------------------------------
+
+    async def get(self, ref: RefLike, *, as_of_ms: int | None = None) -> ModelVersion:
+        """A version by number, by alias (where it pointed at ``as_of_ms`` if given), or latest."""
+        ref = _as_ref(ref)
+        request = pb.GetVersionRequest(ref=wire.ref_to_proto(ref), as_of_ms=as_of_ms or 0)
+        reply = await self._call(f"get {ref}", self.stub.GetVersion(request))
+        return wire.version_from_proto(reply)
+
+    async def list_models(self) -> list[ModelSummary]:
+        models: list[ModelSummary] = []
+        token = ""
+        while True:
+            reply = await self._call("list models",
+                                     self.stub.ListModels(pb.ListModelsRequest(page_token=token)))
+            models += [wire.summary_from_proto(m) for m in reply.models]
+            token = reply.next_page_token
+            if not token:
+                return models
+
+    async def list_versions(
+        self, name: str, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ModelVersion], str]:
+        """One page of live versions, newest first, and the token of the next page ("" = end)."""
+        request = pb.ListVersionsRequest(name=name, page_size=page_size, page_token=page_token)
+        reply = await self._call(f"list versions of {name}", self.stub.ListVersions(request))
+        return [wire.version_from_proto(v) for v in reply.versions], reply.next_page_token
+
+    async def iter_versions(self, name: str) -> AsyncIterator[ModelVersion]:
+        token = ""
+        while True:
+            page, token = await self.list_versions(name, page_token=token)
+            for version in page:
+                yield version
+            if not token:
+                return
+
+    async def lineage(self, ref: RefLike) -> Lineage:
+        version = await self.get(ref)
+        request = pb.GetLineageRequest(name=version.name, version=version.version)
+        reply = await self._call(f"lineage of {version.ref}", self.stub.GetLineage(request))
+        return wire.lineage_from_proto(reply)
+
+    async def alias_history(self, name: str, alias: str | None = None) -> list[AliasChange]:
+        request = pb.GetAliasHistoryRequest(name=name, alias=alias or "")
+        reply = await self._call(f"alias history of {name}", self.stub.GetAliasHistory(request))
+        return [wire.change_from_proto(c) for c in reply.changes]
+
+    # --- changes -----------------------------------------------------------------------------
+
+    async def set_alias(self, name: str, alias: str, version: int) -> AliasChange:
+        request = pb.SetAliasRequest(name=name, alias=alias, version=check_version(version),
+                                     actor=self.actor)
+        reply = await self._call(f"set {name}@{alias} -> {version}", self.stub.SetAlias(request))
+        return wire.change_from_proto(reply)
+
+    async def delete_alias(self, name: str, alias: str) -> AliasChange:
+        request = pb.DeleteAliasRequest(name=name, alias=alias, actor=self.actor)
+        reply = await self._call(f"delete {name}@{alias}", self.stub.DeleteAlias(request))
+        return wire.change_from_proto(reply)
+
+    async def delete_version(self, name: str, version: int) -> ModelVersion:
+        request = pb.DeleteVersionRequest(name=name, version=check_version(version),
+                                          actor=self.actor)
+        reply = await self._call(f"delete {name}@{version}", self.stub.DeleteVersion(request))
+        return wire.version_from_proto(reply)
+
+    # --- loading -----------------------------------------------------------------------------
+
+    async def fetch(self, ref: RefLike) -> tuple[ModelVersion, Manifest, dict[str, bytes]]:
+        """Resolve ``ref`` and read its files from S3, each verified against its sha256."""
+        version = await self.get(ref)
+        contents = await asyncio.gather(*(
+            self._store.get_bytes(version.bucket, version.key(f.name), expected_sha256=f.sha256)
+            for f in version.files
+        ))
+        files = {f.name: data for f, data in zip(version.files, contents, strict=True)}
+        return version, Manifest.from_json(version.manifest_json), files
+
+    async def load(self, ref: RefLike) -> nn.Module:
+        """The module of ``name``, ``name@version`` or ``name@alias``, in eval mode."""
+        _, manifest, files = await self.fetch(ref)
+        return await asyncio.to_thread(materialize, manifest, files)

@@ -112,6 +112,29 @@ class Settings:
             "MAAS_INFERENCE_TOKEN", secret=True, doc="bearer token required by inference if set"
         ),
     )
+    inference_max_batch_size: int = field(
+        default=64,
+        metadata=_env("MAAS_INFERENCE_MAX_BATCH_SIZE",
+                      doc="rows per batched forward pass (1 = no dynamic batching)"),
+    )
+    inference_max_queue_delay_us: int = field(
+        default=0,
+        metadata=_env("MAAS_INFERENCE_MAX_QUEUE_DELAY_US",
+                      doc="longest a request waits for more rows (0 = batch only the backlog)"),
+    )
+    inference_workers: int = field(
+        default=2,
+        metadata=_env("MAAS_INFERENCE_WORKERS", doc="threads running forward passes"),
+    )
+    inference_cache_bytes: int = field(
+        default=1024 * MiB,
+        metadata=_env("MAAS_INFERENCE_CACHE_BYTES", doc="weights kept loaded (LRU)"),
+    )
+    inference_metrics_port: int = field(
+        default=8002,
+        metadata=_env("MAAS_INFERENCE_METRICS_PORT",
+                      doc="inference Prometheus /metrics HTTP port (0 = off)"),
+    )
     metrics_port: int = field(
         default=0,
         metadata=_env("MAAS_METRICS_PORT", doc="Prometheus /metrics HTTP port (0 = off)"),

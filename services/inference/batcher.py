@@ -1,0 +1,228 @@
+"""Run a model's forward pass for many requests: dynamically batched, or one request at a time.
+
+``DynamicBatcher`` queues requests per model and runs them as one forward pass over their rows
+concatenated along the batch dimension, then hands each request its own rows back. A batch
+closes when it holds ``max_batch_size`` rows or when its oldest request has waited
+``max_queue_delay_us``; while a batch is running, new requests keep queueing, so under load the
+next batch fills up without any added delay (a delay of 0 batches only that backlog, which costs
+nothing at concurrency 1). ``DirectRunner`` is the unbatched baseline: every request is its own
+forward pass, run concurrently on the worker pool.
+
+The forward pass runs on a fixed-size thread pool, never on the event loop. Whatever happens to
+the batching task, no caller is left waiting: a failed batch fails its requests, and a cancelled
+task fails everything still queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from maas.errors import Unavailable
+
+Forward = Callable[[np.ndarray], np.ndarray]  # rows in, rows out; called on a worker thread
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int = 64  # rows per forward pass; 1 (or less) turns batching off
+    max_queue_delay_us: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_batch_size > 1
+
+
+@dataclass(frozen=True)
+class BatchReport:
+    requests: int
+    rows: int
+    queue_ns: int  # summed over the batch's requests: time from submit to the forward pass
+    compute_ns: int
+
+
+class RunObserver(Protocol):
+    def queue_depth(self, rows: int) -> None: ...
+
+    def batch_done(self, report: BatchReport) -> None: ...
+
+
+def run_batch(forward: Forward, inputs: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """One forward pass over the inputs' rows, split back per input (views, no copies)."""
+    # concatenate always copies, which also gives torch a writable buffer for read-only views.
+    batch = np.concatenate(inputs, axis=0)
+    output = forward(batch)
+    if output.shape[0] != batch.shape[0]:
+        raise RuntimeError(
+            f"the model returned {output.shape[0]} rows for a batch of {batch.shape[0]}"
+        )
+    bounds = np.cumsum([len(x) for x in inputs])[:-1]
+    return np.split(output, bounds, axis=0)
+
+
+class DirectRunner:
+    """No batching: each request is one forward pass on the worker pool."""
+
+    def __init__(self, forward: Forward, executor: Executor, observer: RunObserver) -> None:
+        self._forward = forward
+        self._executor = executor
+        self._observer = observer
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter_ns()
+        (output,) = await loop.run_in_executor(self._executor, run_batch, self._forward, [x])
+        self._observer.batch_done(
+            BatchReport(1, len(x), 0, time.perf_counter_ns() - started)
+        )
+        return output
+
+
+@dataclass
+class _Pending:
+    rows: np.ndarray
+    future: asyncio.Future[np.ndarray]
+    enqueued_ns: int = field(default_factory=time.perf_counter_ns)
+
+
+class DynamicBatcher:
+    """Per-model request queue whose batches run one at a time on the worker pool."""
+
+    def __init__(
+        self,
+        forward: Forward,
+        executor: Executor,
+        config: BatchingConfig,
+        observer: RunObserver,
+    ) -> None:
+        self._forward = forward
+        self._executor = executor
+        self._max_rows = max(1, config.max_batch_size)
+        self._max_delay_ns = config.max_queue_delay_us * 1000
+        self._observer = observer
+        self._pending: deque[_Pending] = deque()
+        self._queued_rows = 0
+        self._full = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def queued_rows(self) -> int:
+        return self._queued_rows
+
+    async def submit(self, x: np.ndarray) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        item = _Pending(x, loop.create_future())
+        self._pending.append(item)
+        self._set_queued(self._queued_rows + len(x))
+        if self._task is None:
+            # The draining task lives only while there is work, so an idle or evicted model
+            # holds no task and needs no shutdown.
+            self._task = loop.create_task(self._drain())
+        elif self._queued_rows >= self._max_rows:
+            self._full.set()
+        return await item.future
+
+    def _set_queued(self, rows: int) -> None:
+        self._queued_rows = rows
+        self._observer.queue_depth(rows)
+
+    async def _drain(self) -> None:
+        try:
+            while self._pending:
+                await self._wait_for_batch()
+                batch = self._take_batch()
+                if batch:
+                    await self._run(batch)
+        except BaseException:
+            self._fail_pending()
+            raise
+        finally:
+            self._task = None
+
+    async def _wait_for_batch(self) -> None:
+        if self._max_delay_ns <= 0 or self._queued_rows >= self._max_rows:
+            return
+        waited_ns = time.perf_counter_ns() - self._pending[0].enqueued_ns
+        remaining_s = (self._max_delay_ns - waited_ns) / 1e9
+        if remaining_s <= 0:
+            return
+        self._full.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._full.wait(), remaining_s)
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        rows = 0
+        while self._pending:
+            item = self._pending[0]
+            if item.future.done():  # the caller gave up (cancelled or deadline): skip it
+                self._pending.popleft()
+                self._set_queued(self._queued_rows - len(item.rows))
+                continue
+            if batch and rows + len(item.rows) > self._max_rows:
+                break
+            self._pending.popleft()
+            self._set_queued(self._queued_rows - len(item.rows))
+            batch.append(item)
+            rows += len(item.rows)
+        return batch
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter_ns()
+        try:
+            outputs = await loop.run_in_executor(
+                self._executor, run_batch, self._forward, [item.rows for item in batch]
+            )
+        except asyncio.CancelledError:
+            _fail(batch, _stopped())
+            raise
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        finished = time.perf_counter_ns()
+        for item, output in zip(batch, outputs, strict=True):
+            if not item.future.done():
+                item.future.set_result(output)
+        self._observer.batch_done(
+            BatchReport(
+                requests=len(batch),
+                rows=sum(len(item.rows) for item in batch),
+                queue_ns=sum(started - item.enqueued_ns for item in batch),
+                compute_ns=finished - started,
+            )
+        )
+
+    def _fail_pending(self) -> None:
+        _fail(self._pending, _stopped())
+        self._pending.clear()
+        self._set_queued(0)
+
+
+def _stopped() -> Unavailable:
+    return Unavailable("the server stopped this model's batching task; retry the request")
+
+
+def _fail(items: Iterable[_Pending], exc: BaseException) -> None:
+    for item in items:
+        if not item.future.done():
+            item.future.set_exception(exc)
+
+
+Runner = DirectRunner | DynamicBatcher
+
+
+def make_runner(
+    forward: Forward, executor: Executor, config: BatchingConfig, observer: RunObserver
+) -> Runner:
+    if config.enabled:
+        return DynamicBatcher(forward, executor, config, observer)
+    return DirectRunner(forward, executor, observer)

@@ -1,0 +1,142 @@
+"""Assembly of the inference server: gRPC (OIP + health), metrics over HTTP, registry events.
+
+``InferenceServer.start()`` binds, starts consuming ``maas.models.v1`` from the latest offset in
+a consumer group of its own (every replica must see every alias move), and only then reports
+ready, so an alias moved after readiness is never missed. ``stop()`` stops accepting, lets
+in-flight calls finish within the grace period, then releases the workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from maas import events, topics
+from maas.bus import EventConsumer, EventProducer, Record
+from maas.config import Settings
+from maas.errors import InvalidArgument
+from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from services.inference.batcher import BatchingConfig
+from services.inference.dataplane import DataPlane, ModelSource
+from services.inference.interceptors import ErrorMappingInterceptor, TokenAuthInterceptor
+from services.inference.metrics import Metrics
+from services.inference.servicer import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+OIP_SERVICE = "inference.GRPCInferenceService"
+
+
+def grpc_options(settings: Settings) -> list[tuple[str, int]]:
+    limit = settings.grpc_max_message_bytes
+    return [
+        # grpc's default receive limit is 4 MiB: set both directions explicitly.
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        # A second server on a taken port must fail, not silently share it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def batching_of(settings: Settings) -> BatchingConfig:
+    if settings.inference_max_batch_size < 1 or settings.inference_max_queue_delay_us < 0:
+        raise InvalidArgument(
+            "MAAS_INFERENCE_MAX_BATCH_SIZE must be >= 1 and MAAS_INFERENCE_MAX_QUEUE_DELAY_US "
+            f">= 0; got {settings.inference_max_batch_size} and "
+            f"{settings.inference_max_queue_delay_us}"
+        )
+    return BatchingConfig(
+        max_batch_size=settings.inference_max_batch_size,
+        max_queue_delay_us=settings.inference_max_queue_delay_us,
+    )
+
+
+def build_grpc_server(
+    settings: Settings,
+    plane: DataPlane,
+    metrics: Metrics,
+    health_servicer: health_pb2_grpc.HealthServicer,
+) -> grpc.aio.Server:
+    """The OIP + health server with the error-mapping (and, if a token is set, auth) edge."""
+    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(metrics)]
+    if settings.inference_token:
+        interceptors.append(TokenAuthInterceptor(settings.inference_token))
+    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server
+
+
+class InferenceServer:
+    def __init__(self, settings: Settings, source: ModelSource) -> None:
+        if settings.inference_workers < 1:
+            raise InvalidArgument(
+                f"MAAS_INFERENCE_WORKERS={settings.inference_workers}; it must be at least 1"
+            )
+        self._settings = settings
+        self.metrics = Metrics()
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.inference_workers, thread_name_prefix="maas-infer"
+        )
+        self.plane = DataPlane(
+            source,
+            self._executor,
+            batching=batching_of(settings),
+            cache_bytes=settings.inference_cache_bytes,
+            metrics=self.metrics,
+        )
+        self._health = health.aio.HealthServicer()
+        self._server = build_grpc_server(settings, self.plane, self.metrics, self._health)
+        self._producer = EventProducer(settings, client_id="maas-inference")
+        self._consumer = EventConsumer(
+            settings,
+            topics=[topics.MODELS],
+            group_id=f"maas-inference-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}",
+            handler=self._on_record,
+            producer=self._producer,
+            expected_schemas=[events.MODEL],
+            auto_offset_reset="latest",
+        )
+        self._consume_task: asyncio.Task[None] | None = None
+        self.port = 0
+
+    async def _on_record(self, record: Record) -> None:
+        await self.plane.on_model_event(record.event)
+
+    async def start(self) -> None:
+        self.port = self._server.add_insecure_port(self._settings.inference_listen)
+        if self.port == 0:
+            raise InvalidArgument(
+                f"cannot bind MAAS_INFERENCE_LISTEN={self._settings.inference_listen}"
+            )
+        await self._server.start()
+        if self._settings.inference_metrics_port:
+            host = self._settings.inference_listen.rsplit(":", 1)[0] or "0.0.0.0"
+            self.metrics.serve(self._settings.inference_metrics_port, addr=host.strip("[]"))
+        await self._producer.start()
+        await self._consumer.start()
+        await self._consumer.wait_assigned()
+        self._consume_task = asyncio.get_running_loop().create_task(self._consumer.run())
+        self.plane.ready = True
+        for service in ("", OIP_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("inference serving on %s (port %d)", self._settings.inference_listen, self.port)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self.plane.ready = False
+        await self._health.enter_graceful_shutdown()
+        await self._server.stop(grace_s)
+        await self._consumer.stop()
+        if self._consume_task is not None:
+            self._consume_task.cancel()
+            await asyncio.gather(self._consume_task, return_exceptions=True)
+        await self._producer.stop()
+        await self.plane.close()
+        self._executor.shutdown(wait=True, cancel_futures=True)

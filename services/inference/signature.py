@@ -1,0 +1,105 @@
+"""What a served model accepts and returns, and the check every request passes before queueing.
+
+Zoo models take one FP32 tensor ``input`` of shape ``[batch, *input_shape]`` and return one FP32
+tensor ``output`` of shape ``[batch, *output_shape]``; the batch dimension is advertised as -1.
+Rejections name what was sent and what the model expects, so the caller can fix the request.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from maas import zoo
+from maas.errors import InvalidArgument
+
+# The protocol's datatype names and the numpy dtype each one travels as on the wire.
+DATATYPE_TO_DTYPE: dict[str, np.dtype[Any]] = {
+    name: np.dtype(dt).newbyteorder("<")
+    for name, dt in {
+        "BOOL": "bool",
+        "UINT8": "uint8",
+        "UINT16": "uint16",
+        "UINT32": "uint32",
+        "UINT64": "uint64",
+        "INT8": "int8",
+        "INT16": "int16",
+        "INT32": "int32",
+        "INT64": "int64",
+        "FP16": "float16",
+        "FP32": "float32",
+        "FP64": "float64",
+    }.items()
+}
+DTYPE_TO_DATATYPE: dict[str, str] = {dt.name: name for name, dt in DATATYPE_TO_DTYPE.items()}
+
+INPUT_NAME = "input"
+OUTPUT_NAME = "output"
+BATCH_DIM = -1
+
+
+def datatype_of(array: np.ndarray) -> str:
+    try:
+        return DTYPE_TO_DATATYPE[array.dtype.name]
+    except KeyError:
+        raise InvalidArgument(
+            f"dtype {array.dtype.name} has no Open Inference Protocol datatype"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # BATCH_DIM first
+
+    def describe(self) -> str:
+        return f"{self.name!r} ({self.datatype}, shape {list(self.shape)})"
+
+
+@dataclass(frozen=True)
+class Signature:
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @classmethod
+    def for_zoo(cls, arch: str, config: dict[str, Any]) -> Signature:
+        rows_in = zoo.input_shape(arch, config)
+        rows_out = zoo.output_shape(arch, config)
+        return cls(
+            inputs=(TensorSpec(INPUT_NAME, "FP32", (BATCH_DIM, *rows_in)),),
+            outputs=(TensorSpec(OUTPUT_NAME, "FP32", (BATCH_DIM, *rows_out)),),
+        )
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray], *, model: str) -> np.ndarray:
+        """The model's single input, after checking name, datatype and shape."""
+        (spec,) = self.inputs
+        if set(inputs) != {spec.name}:
+            raise InvalidArgument(
+                f"{model} expects exactly one input {spec.describe()}; the request has "
+                f"{sorted(inputs) or 'no inputs'}"
+            )
+        array = inputs[spec.name]
+        datatype = DTYPE_TO_DATATYPE.get(array.dtype.name, array.dtype.name)
+        rows = spec.shape[1:]
+        if datatype != spec.datatype or array.ndim != len(spec.shape) or array.shape[1:] != rows:
+            raise InvalidArgument(
+                f"input {spec.name!r} has datatype {datatype} and shape {list(array.shape)}; "
+                f"{model} expects {spec.datatype} with shape {list(spec.shape)} "
+                f"(-1 = any batch size)"
+            )
+        if array.shape[0] == 0:
+            raise InvalidArgument(f"input {spec.name!r} has no rows; send at least one")
+        return array
+
+    def check_outputs(self, requested: Sequence[str], *, model: str) -> None:
+        known = {spec.name for spec in self.outputs}
+        unknown = sorted(set(requested) - known)
+        if unknown:
+            raise InvalidArgument(
+                f"{model} has no output {', '.join(map(repr, unknown))}; its outputs are "
+                f"{', '.join(spec.describe() for spec in self.outputs)}"
+            )

@@ -1,0 +1,60 @@
+"""Where served versions come from (``ModelSource`` implementations).
+
+``MemorySource`` holds packed artifacts in memory: an embedded server without a registry, and the
+stand-in for the registry in unit tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from maas import artifacts
+from maas.errors import NotFound
+
+
+class MemorySource:
+    """Versions numbered 1, 2, ... per model, with aliases; artifacts packed as in S3."""
+
+    def __init__(self) -> None:
+        self._versions: dict[tuple[str, int], tuple[artifacts.Manifest, dict[str, bytes]]] = {}
+        self._aliases: dict[tuple[str, str], int] = {}
+
+    def add(
+        self,
+        name: str,
+        module: nn.Module | Mapping[str, torch.Tensor],
+        arch: str,
+        config: Mapping[str, Any],
+        *,
+        aliases: Iterable[str] = (),
+    ) -> int:
+        version = 1 + max((v for (n, v) in self._versions if n == name), default=0)
+        files, manifest = artifacts.pack(module, arch, config)
+        self._versions[(name, version)] = (manifest, files)
+        for alias in aliases:
+            self.set_alias(name, alias, version)
+        return version
+
+    def set_alias(self, name: str, alias: str, version: int) -> None:
+        self._aliases[(name, alias)] = version
+
+    def files(self, name: str, version: int) -> dict[str, bytes]:
+        """The stored files themselves (tests tamper with them)."""
+        return self._versions[(name, version)][1]
+
+    async def resolve(self, name: str, alias: str) -> int:
+        try:
+            return self._aliases[(name, alias)]
+        except KeyError:
+            raise NotFound(f"model {name!r} has no alias {alias!r}") from None
+
+    async def fetch(self, name: str, version: int) -> tuple[artifacts.Manifest, dict[str, bytes]]:
+        try:
+            manifest, files = self._versions[(name, version)]
+        except KeyError:
+            raise NotFound(f"model {name!r} has no version {version}") from None
+        return manifest, dict(files)

@@ -1,0 +1,131 @@
+"""Open Inference Protocol tensors <-> numpy arrays.
+
+Inputs arrive either as ``raw_input_contents`` (little-endian row-major bytes, one entry per
+input) or as typed ``contents`` (one repeated field chosen by the datatype); outputs always go
+back raw, because tritonclient's ``as_numpy`` reads only raw outputs. Decoding raw bytes is a
+zero-copy, read-only view.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from maas.errors import InvalidArgument
+from maas.oip import grpc_predict_v2_pb2 as pb
+from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
+
+# Which InferTensorContents field carries each datatype when sent typed (FP16 has none).
+_TYPED_FIELD: dict[str, str] = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+}
+
+
+def dtype_of(datatype: str, *, tensor: str) -> np.dtype[Any]:
+    try:
+        return DATATYPE_TO_DTYPE[datatype]
+    except KeyError:
+        raise InvalidArgument(
+            f"input {tensor!r} has datatype {datatype!r}, which this server does not accept; "
+            f"use one of {', '.join(DATATYPE_TO_DTYPE)}"
+        ) from None
+
+
+def _shape_of(shape: Sequence[int], *, tensor: str) -> tuple[int, ...]:
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"input {tensor!r} has shape {list(shape)}; every dimension of a request tensor "
+            "must be a concrete size >= 0"
+        )
+    return tuple(int(d) for d in shape)
+
+
+def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.ndarray:
+    """A read-only array viewing ``raw`` as the tensor's datatype and shape."""
+    dtype = dtype_of(tensor.datatype, tensor=tensor.name)
+    shape = _shape_of(tensor.shape, tensor=tensor.name)
+    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if len(raw) != expected:
+        raise InvalidArgument(
+            f"input {tensor.name!r} has {len(raw)} raw bytes, but datatype {tensor.datatype} "
+            f"with shape {list(shape)} needs {expected}"
+        )
+    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+
+
+def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
+    """An array from the typed ``contents`` field that matches the tensor's datatype."""
+    dtype = dtype_of(tensor.datatype, tensor=tensor.name)
+    shape = _shape_of(tensor.shape, tensor=tensor.name)
+    field = _TYPED_FIELD.get(tensor.datatype)
+    if field is None:
+        raise InvalidArgument(
+            f"input {tensor.name!r} has datatype {tensor.datatype}, which has no typed contents "
+            "field in the protocol; send it as raw_input_contents"
+        )
+    values = getattr(tensor.contents, field)
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(values) != count:
+        raise InvalidArgument(
+            f"input {tensor.name!r} has {len(values)} values in contents.{field}, but shape "
+            f"{list(shape)} needs {count}"
+        )
+    wide = np.asarray(values)
+    if dtype.kind in "iu" and wide.size:
+        # Repeated int32/uint32 fields carry the narrow types: a value outside the datatype's
+        # range would otherwise wrap silently.
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise InvalidArgument(
+                f"input {tensor.name!r} has contents.{field} values outside the range of "
+                f"{tensor.datatype} [{info.min}, {info.max}]"
+            )
+    return wide.astype(dtype).reshape(shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """Every input of a request by name, whichever way it was sent."""
+    raws = request.raw_input_contents
+    if raws and len(raws) != len(request.inputs):
+        raise InvalidArgument(
+            f"the request has {len(request.inputs)} inputs but {len(raws)} "
+            "raw_input_contents entries; send one raw entry per input, in order, or none"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name in arrays:
+            raise InvalidArgument(f"input {tensor.name!r} appears twice in the request")
+        if raws:
+            if tensor.HasField("contents"):
+                raise InvalidArgument(
+                    f"input {tensor.name!r} has typed contents while the request also uses "
+                    "raw_input_contents; use one form for every input"
+                )
+            arrays[tensor.name] = decode_raw(tensor, raws[i])
+        else:
+            arrays[tensor.name] = decode_typed(tensor)
+    return arrays
+
+
+def encode_output(
+    response: pb.ModelInferResponse, name: str, array: np.ndarray
+) -> None:
+    """Append ``array`` to ``response`` as a raw output (little-endian, row-major)."""
+    out = response.outputs.add()
+    out.name = name
+    out.datatype = datatype_of(array)
+    out.shape.extend(array.shape)
+    le = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    response.raw_output_contents.append(le.tobytes())

@@ -1,0 +1,132 @@
+"""OIP tensors: raw and typed inputs decode to the same arrays; outputs go back raw."""
+
+import numpy as np
+import pytest
+
+from maas.errors import InvalidArgument
+from maas.oip import grpc_predict_v2_pb2 as pb
+from services.inference.tensors import decode_inputs, decode_raw, decode_typed, encode_output
+
+Input = pb.ModelInferRequest.InferInputTensor
+
+
+def raw_request(**arrays: np.ndarray) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name="m")
+    for name, array in arrays.items():
+        datatype = {"float32": "FP32", "int64": "INT64", "float16": "FP16"}[array.dtype.name]
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(array.astype(array.dtype.newbyteorder("<")).tobytes())
+    return request
+
+
+def test_raw_contents_decode_to_the_sent_array():
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    (decoded,) = decode_inputs(raw_request(input=x)).values()
+    np.testing.assert_array_equal(decoded, x)
+    assert decoded.dtype == np.float32 and decoded.shape == (3, 4)
+
+
+def test_raw_decoding_is_a_view_not_a_copy():
+    raw = np.ones((2, 2), dtype=np.float32).tobytes()
+    decoded = decode_raw(Input(name="x", datatype="FP32", shape=[2, 2]), raw)
+    assert not decoded.flags.owndata and not decoded.flags.writeable
+
+
+@pytest.mark.parametrize(
+    ("datatype", "field", "values", "dtype"),
+    [
+        ("FP32", "fp32_contents", [0.5, -1.25, 3.0, 4.0], np.float32),
+        ("FP64", "fp64_contents", [0.1, 0.2, 0.3, 0.4], np.float64),
+        ("INT32", "int_contents", [-3, 0, 7, 2**31 - 1], np.int32),
+        ("INT8", "int_contents", [-128, 0, 5, 127], np.int8),
+        ("INT64", "int64_contents", [-(2**40), 0, 1, 2**40], np.int64),
+        ("UINT8", "uint_contents", [0, 1, 128, 255], np.uint8),
+        ("UINT64", "uint64_contents", [0, 1, 2**63, 5], np.uint64),
+        ("BOOL", "bool_contents", [True, False, False, True], np.bool_),
+    ],
+)
+def test_typed_contents_decode_from_the_field_of_their_datatype(datatype, field, values, dtype):
+    tensor = Input(name="x", datatype=datatype, shape=[2, 2])
+    getattr(tensor.contents, field).extend(values)
+    decoded = decode_typed(tensor)
+    np.testing.assert_array_equal(decoded, np.array(values, dtype=dtype).reshape(2, 2))
+    assert decoded.dtype == dtype
+
+
+def test_typed_and_raw_forms_of_one_tensor_decode_identically():
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    typed = pb.ModelInferRequest(model_name="m")
+    typed.inputs.add(name="input", datatype="FP32", shape=[5, 3]).contents.fp32_contents.extend(
+        x.ravel().tolist()
+    )
+    assert decode_inputs(typed)["input"].tobytes() == decode_inputs(raw_request(input=x))[
+        "input"
+    ].tobytes()
+
+
+def test_raw_byte_count_must_match_datatype_and_shape():
+    complaint = r"has 12 raw bytes.*FP32 with shape \[2, 2\] needs 16"
+    with pytest.raises(InvalidArgument, match=complaint):
+        decode_raw(Input(name="x", datatype="FP32", shape=[2, 2]), b"\0" * 12)
+
+
+def test_typed_value_count_must_match_shape():
+    tensor = Input(name="x", datatype="FP32", shape=[2, 3])
+    tensor.contents.fp32_contents.extend([1.0] * 5)
+    with pytest.raises(InvalidArgument, match=r"5 values in contents.fp32_contents.*needs 6"):
+        decode_typed(tensor)
+
+
+def test_typed_values_out_of_range_for_the_datatype_are_refused():
+    tensor = Input(name="x", datatype="UINT8", shape=[1])
+    tensor.contents.uint_contents.append(300)
+    with pytest.raises(InvalidArgument, match="outside the range of UINT8"):
+        decode_typed(tensor)
+
+
+def test_fp16_has_no_typed_field_and_must_travel_raw():
+    with pytest.raises(InvalidArgument, match="send it as raw_input_contents"):
+        decode_typed(Input(name="x", datatype="FP16", shape=[1]))
+
+
+def test_unknown_datatype_is_refused_naming_the_accepted_ones():
+    with pytest.raises(InvalidArgument, match=r"'BF17'.*use one of BOOL, UINT8"):
+        decode_raw(Input(name="x", datatype="BF17", shape=[1]), b"\0\0")
+
+
+def test_negative_dimensions_are_refused_in_requests():
+    with pytest.raises(InvalidArgument, match="concrete size"):
+        decode_raw(Input(name="x", datatype="FP32", shape=[-1, 4]), b"")
+
+
+def test_mixing_raw_and_typed_contents_is_refused():
+    request = raw_request(input=np.zeros((1, 2), np.float32))
+    request.inputs[0].contents.fp32_contents.extend([0.0, 0.0])
+    with pytest.raises(InvalidArgument, match="use one form for every input"):
+        decode_inputs(request)
+
+
+def test_raw_entries_must_match_the_number_of_inputs():
+    request = raw_request(a=np.zeros(1, np.float32), b=np.zeros(1, np.float32))
+    del request.raw_input_contents[1]
+    with pytest.raises(InvalidArgument, match="2 inputs but 1 raw_input_contents"):
+        decode_inputs(request)
+
+
+def test_duplicate_input_names_are_refused():
+    request = raw_request(input=np.zeros(1, np.float32))
+    request.inputs.add(name="input", datatype="FP32", shape=[1])
+    request.raw_input_contents.append(np.zeros(1, np.float32).tobytes())
+    with pytest.raises(InvalidArgument, match="appears twice"):
+        decode_inputs(request)
+
+
+def test_outputs_are_encoded_as_little_endian_raw_contents():
+    response = pb.ModelInferResponse()
+    y = np.arange(6, dtype=">f4").reshape(2, 3)  # big-endian on purpose
+    encode_output(response, "output", y)
+    (out,) = response.outputs
+    assert (out.name, out.datatype, list(out.shape)) == ("output", "FP32", [2, 3])
+    assert not out.HasField("contents")
+    restored = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(2, 3)
+    np.testing.assert_array_equal(restored, y)

@@ -9,11 +9,14 @@ from __future__ import annotations
 import io
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from maas.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from maas.store import ObjectStore
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 1234
@@ -133,3 +136,17 @@ def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
     else:
         y = y.astype(np.float32).reshape(len(y), -1)
     return _split(name, task, x.astype(np.float32), y)
+
+
+def load(uri: str, store: ObjectStore | None = None, task: str | None = None) -> Dataset:
+    """``builtin:<name>`` or ``s3://bucket/key.npz`` (read through the verifying store)."""
+    if uri.startswith("builtin:"):
+        return load_builtin(uri.removeprefix("builtin:"))
+    if uri.startswith("s3://") and uri.endswith(".npz"):
+        if store is None:
+            raise InvalidArgument(f"dataset {uri} lives in S3 but no object store was given")
+        from maas.store import parse_uri
+
+        bucket, key = parse_uri(uri)
+        return from_npz(uri, store.get_bytes(bucket, key), task)
+    raise InvalidArgument(f"dataset uri {uri!r} must be builtin:<name> or s3://bucket/key.npz")

@@ -1,0 +1,69 @@
+"""`maas datasets upload | list`: user datasets (.npz with X and y) in the datasets bucket."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from maas import datasets
+from maas.config import Settings
+from maas.errors import InvalidArgument
+from maas.store import DATASETS_BUCKET, ObjectStore
+
+console = Console()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser(
+        "datasets",
+        help="upload and list user datasets (.npz with arrays X and y)",
+        description="Datasets are .npz files in the maas-datasets bucket; a job names one as "
+        "dataset.uri: s3://maas-datasets/NAME.npz (builtins need no upload: builtin:digits, "
+        "builtin:digits-0-4, builtin:digits-5-9, builtin:regression).",
+        epilog="example:\n  maas datasets upload my-data.npz my-data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = group.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    upload = actions.add_parser(
+        "upload",
+        help="check an .npz and upload it; prints the dataset uri for job files",
+        epilog="example:\n  maas datasets upload my-data.npz my-data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    upload.add_argument("file", help="an .npz holding X (rows x features) and y (labels/targets)")
+    upload.add_argument("name", help="dataset name: letters, digits, '-', '_' and '.'")
+    upload.add_argument("--task", choices=["classification", "regression"], default=None)
+    upload.set_defaults(func=_upload)
+    listing = actions.add_parser(
+        "list", help="datasets in the bucket", epilog="example:\n  maas datasets list"
+    )
+    listing.set_defaults(func=_list)
+
+
+def _upload(args: argparse.Namespace, settings: Settings) -> int:
+    path = Path(args.file)
+    if not path.is_file():
+        raise InvalidArgument(f"{path} does not exist or is not a file")
+    if not args.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise InvalidArgument(f"dataset name {args.name!r} may hold only letters, digits, - _ .")
+    data = datasets.from_npz(str(path), path.read_bytes(), args.task)  # refuse bad files early
+    key = f"{args.name}.npz"
+    info = ObjectStore(settings).put_file(DATASETS_BUCKET, key, path)
+    console.print(
+        f"uploaded {data.task} dataset: {len(data.x_train)} train / {len(data.x_test)} test rows, "
+        f"{data.num_features} features, sha256 {info.sha256[:12]}…"  # type: ignore[index]
+    )
+    print(info.uri)
+    return 0
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    table = Table("URI", "BYTES")
+    for obj in ObjectStore(settings).list(DATASETS_BUCKET):
+        if obj.key.endswith(".npz"):
+            table.add_row(f"s3://{DATASETS_BUCKET}/{obj.key}", str(obj.size))
+    console.print(table)
+    return 0

@@ -1,0 +1,137 @@
+"""`maas jobs submit | watch | list`: publish job events and follow their progress."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+
+from maas import jobs
+from maas.config import Settings
+
+console = Console()
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    group = subparsers.add_parser(
+        "jobs",
+        help="submit training/finetune/compress jobs and follow them",
+        description="Jobs are events on maas.jobs.v1; their progress is on maas.job-status.v1.",
+        epilog="example:\n  maas jobs submit examples/jobs/train-digits-mlp.yaml --watch",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    actions = group.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
+
+    submit = actions.add_parser(
+        "submit",
+        help="check a job file and publish it; prints the job id",
+        description="Checks FILE (YAML or JSON) against the job schema and the model zoo "
+        "before publishing, so a mistake is reported here with the field that is wrong.",
+        epilog="example:\n  maas jobs submit examples/jobs/train-digits-mlp.yaml --watch",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    submit.add_argument("file", help="job file (.yaml, .yml or .json)")
+    submit.add_argument("--job-id", help="idempotency key (default: the file's, or a new one)")
+    submit.add_argument("--dry-run", action="store_true", help="check only, publish nothing")
+    submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    submit.set_defaults(func=_submit)
+
+    watch = actions.add_parser(
+        "watch",
+        help="follow a job: progress bar with loss, accuracy and samples/s",
+        description="Shows step/total, loss, accuracy and samples/s live, and ends with the "
+        "registered model or the error. Exit code 0 only if the job succeeded.",
+        epilog="example:\n  maas jobs watch train-3f2a9c01de",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    watch.add_argument("job_id")
+    watch.add_argument("--timeout-s", type=float, default=None, help="give up after this long")
+    watch.set_defaults(func=_watch)
+
+    listing = actions.add_parser(
+        "list",
+        help="every job the status topic knows, with its latest state",
+        description="Reads maas.job-status.v1 from the beginning (no consumer group).",
+        epilog="example:\n  maas jobs list",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    listing.set_defaults(func=_list)
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    job = jobs.check_job(jobs.prepare_job(jobs.load_job_file(args.file), args.job_id))
+    if args.dry_run:
+        console.print(f"[green]ok[/green] {args.file}: a valid {job['type']} job")
+        return 0
+    asyncio.run(jobs.publish_job(settings, job))
+    print(job["job_id"])
+    if args.watch:
+        return asyncio.run(follow(settings, job["job_id"], None))
+    return 0
+
+
+def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    return asyncio.run(follow(settings, args.job_id, args.timeout_s))
+
+
+def _describe(summary: jobs.JobSummary) -> str:
+    parts = [summary.state]
+    for name, fmt in (("loss", "{:.4f}"), ("accuracy", "{:.3f}"), ("samples_per_s", "{:.0f}")):
+        if name in summary.metrics:
+            parts.append(f"{name}={fmt.format(summary.metrics[name])}")
+    return " ".join(parts)
+
+
+async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> int:
+    final = jobs.JobSummary(job_id)
+    with Progress(
+        TextColumn("[bold]{task.fields[job]}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[detail]}"),
+        console=console,
+    ) as progress:
+        task = progress.add_task("job", total=None, job=job_id, detail="waiting for the job…")
+        async for summary in jobs.watch(settings, job_id, timeout_s=timeout_s):
+            progress.update(
+                task,
+                completed=summary.step,
+                total=summary.total_steps or None,
+                detail=_describe(summary),
+            )
+            final = summary
+    if final.state == "succeeded":
+        model = final.model or {}
+        where = f" -> model {model['name']}@{model['version']}" if model else ""
+        console.print(f"[green]succeeded[/green]{where} {_describe(final)}")
+        return 0
+    error = final.error or {"code": final.state, "message": "no details"}
+    console.print(f"[red]{final.state}[/red]: {error['code']}: {error['message']}")
+    return 1
+
+
+def _list(args: argparse.Namespace, settings: Settings) -> int:
+    summaries = asyncio.run(jobs.summaries(settings))
+    table = Table("JOB", "STATE", "STEP", "LOSS", "ACCURACY", "MODEL", "UPDATED")
+    for summary in sorted(summaries.values(), key=lambda s: s.updated_ms):
+        model = summary.model or {}
+        table.add_row(
+            summary.job_id,
+            summary.state,
+            f"{summary.step}/{summary.total_steps}" if summary.total_steps else str(summary.step),
+            _fmt(summary.metrics.get("loss")),
+            _fmt(summary.metrics.get("accuracy")),
+            f"{model['name']}@{model['version']}" if model else "",
+            dt.datetime.fromtimestamp(summary.updated_ms / 1000).strftime("%H:%M:%S"),
+        )
+    console.print(table)
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"

@@ -1,0 +1,214 @@
+"""Jobs as users write them: load a job file, complete its envelope, check it, publish it, and
+follow its status events.
+
+``check_job`` is the one place a job is judged before it runs: the JSON Schema first, then the
+checks a schema cannot express (an arch the zoo has, a config it accepts, a dataset that exists,
+the sections each job type needs). ``maas jobs submit`` calls it before publishing, and the
+services call it on every job they consume, so a mistake is reported the same way both times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from maas import datasets, events, topics, zoo
+from maas.bus import EventProducer
+from maas.config import Settings
+from maas.errors import InvalidArgument, SchemaViolation
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+_REQUIRED_SECTIONS = {
+    "train": ("model", "dataset"),
+    "finetune": ("base", "dataset"),
+    "compress": ("base", "compress"),
+}
+
+
+def load_job_file(path: str | Path) -> dict[str, Any]:
+    """Read a job from YAML or JSON; the error names the file and what is wrong."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read job file {path}: {exc.strerror}") from None
+    try:
+        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (ValueError, yaml.YAMLError) as exc:
+        kind = path.suffix.lstrip(".") or "YAML"
+        raise InvalidArgument(f"{path} is not valid {kind}: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"{path} must hold a mapping (a job), not {type(doc).__name__}")
+    return doc
+
+
+def prepare_job(doc: Mapping[str, Any], job_id: str | None = None) -> dict[str, Any]:
+    """A complete ``maas.job/1`` event from a user's job document (envelope filled in)."""
+    job = dict(doc)
+    job.setdefault("schema", events.JOB)
+    job.setdefault("id", uuid.uuid4().hex)
+    job.setdefault("ts", events.now_ms())
+    if job_id:
+        job["job_id"] = job_id
+    if not job.get("job_id"):
+        kind = re.sub(r"[^A-Za-z0-9-]", "", str(job.get("type", "job"))) or "job"
+        job["job_id"] = f"{kind}-{uuid.uuid4().hex[:10]}"
+    return job
+
+
+def check_job(job: dict[str, Any]) -> dict[str, Any]:
+    """Schema + semantic checks; raises InvalidArgument naming the field and what is accepted."""
+    events.validate(job, events.JOB)
+    kind = job["type"]
+    missing = [s for s in _REQUIRED_SECTIONS[kind] if s not in job]
+    if missing:
+        raise SchemaViolation(f"a {kind} job needs {', '.join(missing)}; add the section(s)")
+    if "model" in job:
+        try:
+            zoo.parse_config(job["model"]["arch"], job["model"].get("config"))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"model: {exc.message}") from None
+    if "dataset" in job:
+        _check_dataset(job["dataset"])
+    if kind == "train" and "name" not in job["model"] and "name" not in job.get("register_as", {}):
+        raise InvalidArgument("model.name (or register_as.name) is required to register the result")
+    return job
+
+
+def _check_dataset(dataset: Mapping[str, Any]) -> None:
+    uri = dataset["uri"]
+    if uri.startswith("builtin:") and uri.removeprefix("builtin:") not in datasets.BUILTINS:
+        known = ", ".join(f"builtin:{n}" for n in sorted(datasets.BUILTINS))
+        raise InvalidArgument(f"dataset.uri {uri!r} is not a builtin; builtins are {known}")
+
+
+async def publish_job(settings: Settings, job: dict[str, Any]) -> None:
+    async with EventProducer(settings, client_id="maas-cli") as producer:
+        await producer.send(topics.JOBS, job, key=job["job_id"])
+
+
+# --- following status -----------------------------------------------------------------------
+
+
+@dataclass
+class JobSummary:
+    """The latest known state of one job, folded from its status events."""
+
+    job_id: str
+    state: str = "unknown"
+    step: int = 0
+    total_steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    model: dict[str, Any] | None = None
+    error: dict[str, str] | None = None
+    updated_ms: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def apply(self, event: Mapping[str, Any]) -> None:
+        self.history.append(dict(event))
+        self.updated_ms = max(self.updated_ms, int(event.get("ts", 0)))
+        # A terminal state is final; a late "running" from another replica must not undo it.
+        if self.state in TERMINAL_STATES and event["state"] not in TERMINAL_STATES:
+            return
+        self.state = event["state"]
+        self.step = int(event.get("step", self.step))
+        self.total_steps = int(event.get("total_steps", self.total_steps))
+        self.metrics.update(event.get("metrics") or {})
+        self.model = event.get("model") or self.model
+        self.error = event.get("error") or self.error
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+async def _status_consumer(settings: Settings) -> AIOKafkaConsumer:
+    # No consumer group: a reader of history, it must not steal partitions from anyone.
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+    )
+    await consumer.start()
+    partitions = [
+        TopicPartition(topics.JOB_STATUS.name, p) for p in range(topics.JOB_STATUS.partitions)
+    ]
+    consumer.assign(partitions)
+    await consumer.seek_to_beginning(*partitions)
+    return consumer
+
+
+async def status_events(
+    settings: Settings, *, follow: bool, idle_timeout_s: float = 2.0
+) -> AsyncIterator[dict[str, Any]]:
+    """Every valid status event from the beginning; with ``follow``, keep waiting for more."""
+    consumer = await _status_consumer(settings)
+    try:
+        end = await consumer.end_offsets(list(consumer.assignment()))
+        while True:
+            batches = await consumer.getmany(timeout_ms=int(idle_timeout_s * 1000))
+            for records in batches.values():
+                for record in records:
+                    try:
+                        event = events.validate(events.decode(record.value), events.JOB_STATUS)
+                    except SchemaViolation:
+                        continue  # not ours to judge here; the services dead-letter it
+                    yield event
+            if not follow and await _caught_up(consumer, end):
+                return
+    finally:
+        await consumer.stop()
+
+
+async def _caught_up(consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:
+    for tp, offset in end.items():
+        if await consumer.position(tp) < offset:
+            return False
+    return True
+
+
+async def summaries(settings: Settings) -> dict[str, JobSummary]:
+    jobs: dict[str, JobSummary] = {}
+    async for event in status_events(settings, follow=False):
+        jobs.setdefault(event["job_id"], JobSummary(event["job_id"])).apply(event)
+    return jobs
+
+
+async def watch(
+    settings: Settings, job_id: str, *, timeout_s: float | None = None
+) -> AsyncIterator[JobSummary]:
+    """Yield the job's summary after each of its status events, until it is terminal."""
+    summary = JobSummary(job_id)
+
+    async def follow() -> AsyncGenerator[JobSummary, None]:
+        async for event in status_events(settings, follow=True, idle_timeout_s=0.5):
+            if event["job_id"] == job_id:
+                summary.apply(event)
+                yield summary
+                if summary.done:
+                    return
+
+    stream = follow()
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    while True:
+        remaining = None if deadline is None else deadline - loop.time()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError(f"job {job_id} did not finish within {timeout_s:.0f} s")
+        try:
+            yield await asyncio.wait_for(anext(stream), remaining)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            await stream.aclose()
+            raise TimeoutError(f"job {job_id} did not finish within {timeout_s:.0f} s") from None

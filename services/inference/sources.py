@@ -1,7 +1,9 @@
 """Where served versions come from (``ModelSource`` implementations).
 
-``MemorySource`` holds packed artifacts in memory: an embedded server without a registry, and the
-stand-in for the registry in unit tests.
+``RegistrySource`` is production: aliases resolve through the registry, files come straight from
+S3, each checked against the sha256 the registry recorded. ``MemorySource`` holds packed
+artifacts in memory: an embedded server without a registry, and the registry's stand-in in unit
+tests.
 """
 
 from __future__ import annotations
@@ -14,6 +16,19 @@ from torch import nn
 
 from maas import artifacts
 from maas.errors import NotFound
+from maas.registry import ModelRef, RegistryClient
+
+
+class RegistrySource:
+    def __init__(self, client: RegistryClient) -> None:
+        self._client = client
+
+    async def resolve(self, name: str, alias: str) -> int:
+        return (await self._client.get(ModelRef(name, alias=alias))).version
+
+    async def fetch(self, name: str, version: int) -> tuple[artifacts.Manifest, dict[str, bytes]]:
+        _, manifest, files = await self._client.fetch(ModelRef(name, version=version))
+        return manifest, files
 
 
 class MemorySource:

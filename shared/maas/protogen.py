@@ -31,18 +31,26 @@ class Target:
     proto: str  # relative to schemas/proto
     out_dir: str  # relative to the repository root
     rewrite_imports: tuple[tuple[str, str], ...] = ()  # (protoc's module, our package)
+    # Register the messages in a descriptor pool of their own instead of protobuf's default one:
+    # tritonclient registers the same `inference.*` names, and two files defining one name in
+    # the default pool make the second import fail.
+    private_pool: bool = False
 
 
 TARGETS: tuple[Target, ...] = (
     Target("maas/registry/v1/registry.proto", "shared/maas/registry/v1"),
-    Target("inference/grpc_predict_v2.proto", "shared/maas/oip", (("inference", "maas.oip"),)),
+    Target("inference/grpc_predict_v2.proto", "shared/maas/oip", (("inference", "maas.oip"),),
+           private_pool=True),
 )
 
 
-def _rewrite(text: str, rewrites: tuple[tuple[str, str], ...]) -> str:
-    for old, new in rewrites:
+def _rewrite(text: str, target: Target) -> str:
+    for old, new in target.rewrite_imports:
         text = re.sub(rf"^(\s*)from {re.escape(old)} import ", rf"\1from {new} import ", text,
                       flags=re.MULTILINE)
+    if target.private_pool:
+        text = text.replace("_descriptor_pool.Default().AddSerializedFile(",
+                            "_descriptor_pool.DescriptorPool().AddSerializedFile(")
     return text
 
 
@@ -64,7 +72,7 @@ def generate(target: Target) -> dict[Path, bytes]:
         produced = Path(tmp) / Path(target.proto).parent
         out = ROOT / target.out_dir
         return {
-            out / path.name: _rewrite(path.read_text(), target.rewrite_imports).encode()
+            out / path.name: _rewrite(path.read_text(), target).encode()
             for path in sorted(produced.iterdir())
             if path.is_file()
         }

@@ -1,7 +1,7 @@
 """The gRPC edge, in process: OIP messages, status codes with messages, auth, metrics.
 
-Driven with this repository's own OIP stubs (tritonclient, which registers the same protobuf
-symbols, is used only by the integration tests, in their own process).
+Driven with this repository's own OIP stubs; tritonclient drives the real server process in the
+integration tests.
 """
 
 from concurrent.futures import ThreadPoolExecutor

@@ -1,0 +1,96 @@
+"""Knowledge distillation: a zoo student learns the teacher's softened outputs.
+
+Loss (Hinton et al., 2015), teacher logits t, student logits s, labels y:
+``alpha * T² * KL(softmax(t/T) ‖ softmax(s/T)) + (1 - alpha) * CE(s, y)``.
+The T² factor keeps the soft term's gradient scale independent of T, so ``alpha`` means the same
+at any temperature. ``alpha = 0`` is plain hard-label training of the same student.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maas import zoo
+from maas.compression.prune import WIDTH_FIELDS
+from maas.compression.train import FitConfig, LossFn, Tensors, fit
+from maas.errors import InvalidArgument
+
+# A student narrower by this factor in every hidden width has about 1/4 of the parameters or
+# fewer (hidden-to-hidden weights shrink by its square).
+DEFAULT_NARROWING = 4
+
+
+@dataclass(frozen=True)
+class Student:
+    arch: str
+    config: dict[str, Any]
+
+
+def default_student(arch: str, config: dict[str, Any]) -> Student:
+    """The teacher's arch with every hidden width divided by ``DEFAULT_NARROWING``."""
+    field = WIDTH_FIELDS.get(arch)
+    if field is None:
+        raise InvalidArgument(f"distill.student is required for arch {arch!r}")
+    parsed = zoo.config_to_dict(zoo.parse_config(arch, config))
+    narrow = [max(1, int(w) // DEFAULT_NARROWING) for w in parsed[field]]
+    return Student(arch, {**parsed, field: narrow})
+
+
+def parse_student(spec: dict[str, Any] | None, arch: str, config: dict[str, Any]) -> Student:
+    if not spec:
+        return default_student(arch, config)
+    student_arch = spec.get("arch", arch)
+    student_config = dict(spec.get("config") or {})
+    unknown = sorted(set(spec) - {"arch", "config"})
+    if unknown:
+        raise InvalidArgument(f"distill.student has unknown keys {unknown}; use arch and config")
+    parsed = zoo.parse_config(student_arch, student_config)  # names a bad key or arch
+    return Student(student_arch, zoo.config_to_dict(parsed))
+
+
+def kd_loss(
+    teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float, alpha: float
+) -> LossFn:
+    """The distillation loss over training rows, with the teacher's logits computed once."""
+    if temperature <= 0 or not 0 <= alpha <= 1:
+        raise InvalidArgument(
+            f"distill needs temperature > 0 and 0 <= alpha <= 1; got {temperature}, {alpha}"
+        )
+    soft_targets = F.log_softmax(teacher_logits / temperature, dim=1)
+
+    def loss(outputs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        hard = F.cross_entropy(outputs, labels[rows])
+        if alpha == 0:
+            return hard
+        soft = F.kl_div(
+            F.log_softmax(outputs / temperature, dim=1),
+            soft_targets[rows],
+            reduction="batchmean",
+            log_target=True,
+        )
+        return alpha * temperature**2 * soft + (1 - alpha) * hard
+
+    return loss
+
+
+def distill(
+    teacher: nn.Module,
+    student: Student,
+    data: Tensors,
+    config: FitConfig,
+    temperature: float,
+    alpha: float,
+) -> nn.Module:
+    """Train a fresh ``student`` (seeded from ``config.seed``) on the teacher's soft targets."""
+    if data.task != "classification":
+        raise InvalidArgument("distillation needs a classification dataset (soft class targets)")
+    with torch.no_grad():  # not inference_mode: the loss keeps these as autograd targets
+        teacher_logits = teacher.eval()(data.x_train)
+    model = zoo.build(student.arch, student.config, seed=config.seed)
+    loss = kd_loss(teacher_logits, data.y_train, temperature, alpha)
+    return fit(model, data, config, loss)

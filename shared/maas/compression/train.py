@@ -1,0 +1,106 @@
+"""The small seeded training loop compression needs: recovery fine-tuning and distillation.
+
+It is deliberately local and single-process: a compress job fine-tunes a model that already
+fits one machine for a few hundred steps, where the distributed trainer's Kafka round trips
+would cost more than the work. The same seed gives the same batches and the same result.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maas.datasets import Dataset
+from maas.errors import InvalidArgument
+
+# (model outputs for a batch, the batch's row indices into the training set) -> scalar loss
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+AfterStep = Callable[[nn.Module], None]
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    steps: int
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
+            raise InvalidArgument(
+                f"training needs steps >= 0, batch_size >= 1 and lr > 0; got {self}"
+            )
+
+
+@dataclass(frozen=True)
+class Tensors:
+    """A dataset as torch tensors, converted once."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    task: str
+
+    @classmethod
+    def of(cls, data: Dataset) -> Tensors:
+        return cls(
+            torch.from_numpy(np.ascontiguousarray(data.x_train, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(data.y_train)),
+            torch.from_numpy(np.ascontiguousarray(data.x_test, dtype=np.float32)),
+            torch.from_numpy(np.ascontiguousarray(data.y_test)),
+            data.task,
+        )
+
+
+def task_loss(data: Tensors, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    if data.task == "classification":
+        return F.cross_entropy(outputs, targets)
+    return F.mse_loss(outputs, targets.reshape(outputs.shape).float())
+
+
+def hard_label_loss(data: Tensors) -> LossFn:
+    return lambda outputs, rows: task_loss(data, outputs, data.y_train[rows])
+
+
+def fit(
+    model: nn.Module,
+    data: Tensors,
+    config: FitConfig,
+    loss: LossFn | None = None,
+    after_step: AfterStep | None = None,
+) -> nn.Module:
+    """Train ``model`` in place with Adam for ``config.steps`` seeded mini-batches.
+
+    ``after_step`` runs after every optimizer step (pruning re-applies its masks there, so
+    pruned weights stay exactly zero).
+    """
+    loss = loss or hard_label_loss(data)
+    generator = torch.Generator().manual_seed(config.seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    n = len(data.x_train)
+    model.train()
+    for _ in range(config.steps):
+        rows = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss(model(data.x_train[rows]), rows).backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(model)
+    return model.eval()
+
+
+@torch.inference_mode()
+def evaluate(model: nn.Module, data: Tensors) -> dict[str, float]:
+    """Loss (and accuracy for classification) on the held-out split."""
+    model.eval()
+    outputs = model(data.x_test)
+    metrics = {"loss": float(task_loss(data, outputs, data.y_test))}
+    if data.task == "classification":
+        metrics["accuracy"] = float((outputs.argmax(dim=1) == data.y_test).float().mean())
+    return metrics

@@ -1,0 +1,82 @@
+"""Knowledge distillation: a 4x narrower student learns from the teacher's soft targets."""
+
+import pytest
+import torch
+
+from maas import artifacts, zoo
+from maas.compression import FitConfig, Tensors, artifact_metrics, parse_method, run
+from maas.compression.distill import default_student, kd_loss, parse_student
+from maas.compression.pipeline import parent_variant
+from maas.compression.train import evaluate, fit
+from maas.datasets import load_builtin
+from maas.errors import InvalidArgument
+
+
+@pytest.fixture(scope="module")
+def digits() -> Tensors:
+    return Tensors.of(load_builtin("digits"))
+
+
+@pytest.fixture(scope="module")
+def teacher(digits):
+    return fit(zoo.build("mlp", {}, seed=0), digits, FitConfig(steps=1000, seed=0))
+
+
+def distilled(teacher, digits, **settings):
+    return run(
+        parse_method({"distill": settings}),
+        parent_variant(teacher, "mlp", {}),
+        digits,
+        FitConfig(0),
+    )
+
+
+def test_the_default_student_is_the_teacher_four_times_narrower():
+    student = default_student("mlp", {"hidden": [128, 64]})
+    assert student.config["hidden"] == [32, 16]
+    assert zoo.count_parameters(zoo.build("mlp", student.config)) <= 0.25 * zoo.count_parameters(
+        zoo.build("mlp", {})
+    )
+
+
+def test_a_named_student_with_a_bad_config_key_is_refused():
+    with pytest.raises(InvalidArgument, match="widths"):
+        parse_student({"arch": "mlp", "config": {"widths": [8]}}, "mlp", {})
+
+
+def test_alpha_zero_is_plain_cross_entropy_on_hard_labels():
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    student = torch.randn(8, 10)
+    loss = kd_loss(logits, labels, temperature=4.0, alpha=0.0)(student, torch.arange(8))
+    assert torch.allclose(loss, torch.nn.functional.cross_entropy(student, labels))
+
+
+def test_the_soft_term_vanishes_when_the_student_matches_the_teacher():
+    logits, labels = torch.randn(8, 10), torch.randint(0, 10, (8,))
+    loss = kd_loss(logits, labels, temperature=4.0, alpha=1.0)(logits.clone(), torch.arange(8))
+    assert loss.abs() < 1e-6
+
+
+def test_student_with_a_quarter_of_the_params_keeps_97_percent_and_beats_hard_labels(
+    teacher, digits
+):
+    teacher_accuracy = evaluate(teacher, digits)["accuracy"]
+    student = distilled(teacher, digits)
+    hard_only = distilled(teacher, digits, alpha=0.0)
+    files, manifest = artifacts.pack(student.model, student.arch, student.config)
+    student_accuracy = artifact_metrics(manifest, files, digits, latency_repeats=0)["accuracy"]
+    assert zoo.count_parameters(student.model) <= 0.25 * zoo.count_parameters(teacher)
+    assert student_accuracy >= 0.97 * teacher_accuracy
+    assert student_accuracy > evaluate(hard_only.model, digits)["accuracy"]
+
+
+def test_distilling_for_regression_is_refused():
+    regression = Tensors.of(load_builtin("regression"))
+    model = zoo.build("mlp", {"in_features": 16, "num_classes": 1})
+    with pytest.raises(InvalidArgument, match="classification"):
+        run(
+            parse_method({"distill": {"steps": 1}}),
+            parent_variant(model, "mlp", {"in_features": 16, "num_classes": 1}),
+            regression,
+            FitConfig(0),
+        )

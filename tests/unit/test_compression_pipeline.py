@@ -1,0 +1,63 @@
+"""Compress job methods: parsed and checked before any work, named for lineage."""
+
+import pytest
+import torch
+
+from maas import zoo
+from maas.compression import FitConfig, Tensors, parse_method, parse_methods, run
+from maas.compression.pipeline import Distill, Prune, Quantize, parent_variant
+from maas.datasets import load_builtin
+from maas.errors import InvalidArgument
+
+
+def test_a_single_method_is_named_by_itself_with_its_settings():
+    plan = parse_method({"prune": {"sparsity": 0.8, "recovery_steps": 100}})
+    assert plan.steps == (Prune(sparsity=0.8, structured=False, recovery_steps=100),)
+    assert plan.method == "prune"
+    assert plan.settings() == {"sparsity": 0.8, "structured": False, "recovery_steps": 100}
+
+
+def test_a_chain_is_named_by_its_methods_in_order():
+    plan = parse_method({"chain": [{"prune": {"sparsity": 0.8}}, {"quantize": {"dtype": "int8"}}]})
+    assert plan.method == "prune+quantize"
+    assert [step["method"] for step in plan.settings()["chain"]] == ["prune", "quantize"]
+
+
+def test_defaults_fill_what_the_job_leaves_out():
+    assert parse_method({"quantize": {}}).steps == (Quantize("int8"),)
+    assert parse_method({"distill": {}}).steps == (Distill(),)
+
+
+@pytest.mark.parametrize(
+    ("item", "message"),
+    [
+        ({"quantize": {}, "prune": {}}, "exactly one"),
+        ({"sharpen": {}}, "unknown"),
+        ({"prune": {"sparsity": 0.5, "amount": 3}}, "amount"),
+        ({"chain": []}, "non-empty"),
+        ({"chain": [{"quantize": {}}, {"prune": {}}]}, "last"),
+        ({"distill": {"steps": 0}}, "steps"),
+        ({"prune": {"recovery_steps": -1}}, "recovery_steps"),
+    ],
+)
+def test_a_bad_method_is_refused_with_a_message_naming_the_problem(item, message):
+    with pytest.raises(InvalidArgument, match=message):
+        parse_method(item)
+
+
+def test_a_job_without_methods_is_refused():
+    with pytest.raises(InvalidArgument, match="at least one"):
+        parse_methods([])
+
+
+def test_running_a_plan_leaves_the_parent_untouched():
+    data = Tensors.of(load_builtin("digits"))
+    model = zoo.build("mlp", {})
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    run(
+        parse_method({"prune": {"sparsity": 0.9, "recovery_steps": 5}}),
+        parent_variant(model, "mlp", {}),
+        data,
+        FitConfig(0),
+    )
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

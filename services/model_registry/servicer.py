@@ -6,6 +6,8 @@ and anything else into INTERNAL (logged with the traceback, the client sees no i
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -25,6 +27,7 @@ from services.model_registry.service import Registration, RegistryService
 
 log = logging.getLogger(__name__)
 
+DRAIN_LIMIT_S = 10.0  # how long a refused registration's remaining upload is read and dropped
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
 
 
@@ -77,6 +80,18 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self._core = service.core
 
     async def RegisterVersion(
+        self, request_iterator: AsyncIterator[pb.RegisterVersionRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ModelVersion:
+        try:
+            return await self._register(request_iterator, context)
+        except MaasError:
+            # Read what the client is still sending before answering: if the call ends while
+            # the client writes, grpc reports INTERNAL to it and our status is lost.
+            await _drain(request_iterator)
+            raise
+
+    async def _register(
         self, request_iterator: AsyncIterator[pb.RegisterVersionRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.ModelVersion:
@@ -172,6 +187,13 @@ async def _chunks(
         if message.WhichOneof("part") != "chunk":
             raise InvalidArgument("RegisterVersion takes one header, then only file chunks")
         yield message.chunk.file, message.chunk.data
+
+
+async def _drain(requests: AsyncIterator[Any], limit_s: float = DRAIN_LIMIT_S) -> None:
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, StopAsyncIteration):
+        async with asyncio.timeout(limit_s):
+            async for _ in requests:
+                pass
 
 
 def _actor(given: str, context: grpc.aio.ServicerContext) -> str:

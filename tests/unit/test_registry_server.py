@@ -1,0 +1,275 @@
+"""The registry's gRPC server in-process over a real channel, with S3 replaced by a dict.
+
+Covers the edge (status codes, the error interceptor, health, reflection) and the registration
+flow (streaming, sha256 checks, numbering). The real S3 + Kafka path is in
+tests/integration/test_registry.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import urllib3
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from maas.config import Settings
+from maas.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    SchemaViolation,
+    Unavailable,
+)
+from maas.registry.client import RegistryClient
+from maas.registry.v1 import registry_pb2 as pb
+from maas.store import SHA256_META
+from services.model_registry.core import RegistryCore
+from services.model_registry.service import RegistryService
+from services.model_registry.servicer import SERVICE_NAME, build_server, set_serving, status_for
+
+WEIGHTS = bytes(range(256)) * 40_000  # ~10 MB: several chunks and several parts
+
+
+class FakeMinio:
+    """put_object as minio does it for unknown lengths: read part by part until EOF."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[bytes, dict[str, str]]] = {}
+        self.down = False
+
+    def put_object(self, bucket: str, key: str, data: Any, length: int, *, part_size: int,
+                   metadata: dict[str, str]) -> None:
+        assert length == -1
+        body = b""
+        while block := data.read(part_size + 1):
+            if self.down:
+                raise urllib3.exceptions.NewConnectionError(None, "connection refused")  # type: ignore[arg-type]
+            body += block
+        self.objects[f"{bucket}/{key}"] = (body, metadata)
+
+
+class FakeStore:
+    """The parts of AsyncObjectStore the registry service uses."""
+
+    def __init__(self) -> None:
+        self.client = FakeMinio()
+        self.sync = self
+
+    async def put_bytes(self, bucket: str, key: str, data: bytes, **_: Any) -> None:
+        if self.client.down:
+            raise Unavailable("S3 is down")
+        self.client.objects[f"{bucket}/{key}"] = (data, {})
+
+    async def delete_prefix(self, bucket: str, prefix: str) -> int:
+        doomed = [k for k in self.client.objects if k.startswith(f"{bucket}/{prefix}")]
+        for key in doomed:
+            del self.client.objects[key]
+        return len(doomed)
+
+
+def manifest_for(files: dict[str, bytes], **extra: Any) -> bytes:
+    return json.dumps({
+        "arch": "mlp", "config": {}, "format": "dense",
+        "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()},
+        "parent": None, "method": "train", "job_id": None, "metrics": {}, **extra,
+    }).encode()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[tuple[RegistryService, FakeStore, str]]:
+    store = FakeStore()
+    service = RegistryService(RegistryCore(tmp_path / "r.db"), store,  # type: ignore[arg-type]
+                              bucket="maas-models", part_size_bytes=4 * 1024 * 1024)
+    grpc_server, health = build_server(service, Settings())
+    port = grpc_server.add_insecure_port("127.0.0.1:0")
+    await grpc_server.start()
+    await set_serving(health, True)
+    yield service, store, f"127.0.0.1:{port}"
+    await grpc_server.stop(None)
+    service.close()
+
+
+@pytest.fixture
+async def client(server: tuple[RegistryService, FakeStore, str]) -> AsyncIterator[RegistryClient]:
+    async with RegistryClient(Settings(), addr=server[2], actor="tester",
+                              chunk_bytes=1024 * 1024) as c:
+        yield c
+
+
+# --- the interceptor's mapping -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (NotFound("x"), grpc.StatusCode.NOT_FOUND),
+        (SchemaViolation("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (FailedPrecondition("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (Unavailable("x"), grpc.StatusCode.UNAVAILABLE),
+        (MaasError("x"), grpc.StatusCode.INTERNAL),
+        (RuntimeError("secret detail"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_each_error_maps_to_one_status(error: Exception, code: grpc.StatusCode) -> None:
+    assert status_for(error)[0] is code
+
+
+def test_unknown_failures_do_not_leak_their_message() -> None:
+    code, message = status_for(RuntimeError("password=hunter2"))
+    assert code is grpc.StatusCode.INTERNAL and "hunter2" not in message
+
+
+def test_an_error_without_a_usable_grpc_code_is_internal() -> None:
+    class Odd(MaasError):
+        grpc_code = "NOT_A_STATUS"
+
+    class Lookalike(Exception):
+        grpc_code = "NOT_FOUND"  # not a MaasError: its message is not meant for clients
+
+    assert status_for(Odd("x"))[0] is grpc.StatusCode.INTERNAL
+    assert status_for(Lookalike("x"))[0] is grpc.StatusCode.INTERNAL
+
+
+async def test_an_unexpected_exception_becomes_internal_over_the_wire(
+    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise ZeroDivisionError("boom")
+
+    monkeypatch.setattr(server[0].core, "get_version", broken)
+    with pytest.raises(MaasError, match=r"internal error \(ZeroDivisionError\)"):
+        await client.get("digits@1")
+
+
+# --- status codes for bad requests ---------------------------------------------------------------
+
+
+async def test_unknown_model_version_and_alias_are_not_found_by_name(
+    client: RegistryClient,
+) -> None:
+    await client.register_files("digits", {"w": WEIGHTS}, manifest_for({"w": WEIGHTS}))
+    with pytest.raises(NotFound, match="'nope' is not registered"):
+        await client.get("nope")
+    with pytest.raises(NotFound, match="has no version 7"):
+        await client.get("digits@7")
+    with pytest.raises(NotFound, match="has no alias 'production'"):
+        await client.get("digits@production")
+
+
+async def test_malformed_names_are_invalid_arguments(client: RegistryClient) -> None:
+    with pytest.raises(InvalidArgument, match="model name 'bad/name'"):
+        await client.register_files("bad/name", {"w": WEIGHTS}, manifest_for({"w": WEIGHTS}))
+    # The raw stub, since the client refuses such names before sending them.
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.stub.GetVersion(pb.GetVersionRequest(ref=pb.VersionRef(name="a b")))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "model name 'a b' is malformed" in (caught.value.details() or "")
+
+
+async def test_a_malformed_manifest_is_an_invalid_argument(client: RegistryClient) -> None:
+    with pytest.raises(InvalidArgument, match="manifest.arch"):
+        await client.register_files("digits", {"w": WEIGHTS}, b'{"files": {}}')
+
+
+# --- registration --------------------------------------------------------------------------------
+
+
+async def test_registered_files_are_stored_under_name_and_version_with_their_sha256(
+    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+) -> None:
+    files = {"weights.safetensors": WEIGHTS, "extra.json": b"{}"}
+    manifest = manifest_for(files)
+    version = await client.register_files("digits", files, manifest, alias="staging")
+    assert (version.version, version.aliases, version.created_by) == (1, ("staging",), "tester")
+    stored = server[1].client.objects
+    body, meta = stored["maas-models/digits/1/weights.safetensors"]
+    assert body == WEIGHTS
+    assert meta[SHA256_META] == hashlib.sha256(WEIGHTS).hexdigest()
+    assert stored["maas-models/digits/1/manifest.json"][0] == manifest
+    assert {f.name: f.size_bytes for f in version.files} == {"weights.safetensors": len(WEIGHTS),
+                                                             "extra.json": 2}
+
+
+async def test_a_file_that_does_not_match_its_sha256_registers_nothing(
+    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+) -> None:
+    manifest = manifest_for({"w": WEIGHTS})
+    tampered = WEIGHTS[:-1] + b"\x00"
+    with pytest.raises(FailedPrecondition, match="tampered"):
+        await client.register_files("digits", {"w": tampered}, manifest)
+    with pytest.raises(NotFound):
+        await client.get("digits")
+    assert server[1].client.objects == {}
+
+
+async def test_a_file_the_manifest_lists_but_never_came_registers_nothing(
+    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+) -> None:
+    manifest = manifest_for({"w": WEIGHTS, "extra": b"x"})
+    with pytest.raises(FailedPrecondition, match=r"\['extra'\].*not sent"):
+        await client.register_files("digits", {"w": WEIGHTS}, manifest)
+    assert server[1].client.objects == {}
+    assert (await client.register_files("digits", {"w": WEIGHTS, "extra": b"x"},
+                                        manifest)).version == 1
+
+
+async def test_a_file_the_manifest_does_not_list_is_invalid(client: RegistryClient) -> None:
+    with pytest.raises(InvalidArgument, match="'other' is not in the manifest"):
+        await client.register_files("digits", {"w": WEIGHTS, "other": b"x"},
+                                    manifest_for({"w": WEIGHTS}))
+
+
+async def test_s3_down_is_unavailable_and_leaves_no_version(
+    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+) -> None:
+    server[1].client.down = True
+    with pytest.raises(Unavailable):
+        await client.register_files("digits", {"w": WEIGHTS}, manifest_for({"w": WEIGHTS}))
+    server[1].client.down = False
+    assert server[0].core.next_version("digits") == 1
+    assert server[0].core.pending_events() == []
+
+
+async def test_concurrent_registrations_get_consecutive_versions(
+    client: RegistryClient,
+) -> None:
+    small = {"w": b"weights"}
+    results = await asyncio.gather(*(
+        client.register_files("digits", small, manifest_for(small)) for _ in range(20)))
+    assert sorted(v.version for v in results) == list(range(1, 21))
+
+
+async def test_deleting_a_version_removes_its_files(
+    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+) -> None:
+    await client.register_files("digits", {"w": WEIGHTS}, manifest_for({"w": WEIGHTS}))
+    deleted = await client.delete_version("digits", 1)
+    assert deleted.deleted_ms is not None
+    assert server[1].client.objects == {}
+
+
+# --- health and reflection -----------------------------------------------------------------------
+
+
+async def test_the_server_reports_serving_and_describes_itself(
+    server: tuple[RegistryService, FakeStore, str],
+) -> None:
+    async with grpc.aio.insecure_channel(server[2]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        async for answer in reflect.ServerReflectionInfo(iter([request])):
+            names = {s.name for s in answer.list_services_response.service}
+            assert SERVICE_NAME in names

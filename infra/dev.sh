@@ -71,10 +71,14 @@ main() {
       ;;
     test)
       setup
+      # Both always run, so a lint error never hides a test result; either failing fails CI.
+      local lint_rc=0 test_rc=0
       log "ruff check"
-      ruff check .
+      ruff check . || lint_rc=$?
       log "pytest"
-      python -m pytest -q -p no:cacheprovider "$@"
+      python -m pytest -q -p no:cacheprovider "$@" || test_rc=$?
+      log "ruff rc=$lint_rc pytest rc=$test_rc"
+      [[ $lint_rc -eq 0 && $test_rc -eq 0 ]]
       ;;
     demo)
       setup

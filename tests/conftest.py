@@ -1,10 +1,10 @@
 """Session fixtures for a real Kafka broker + S3 server (and nothing else: keep other fixtures in
 the test directories that need them).
 
-`stack` starts a private broker and S3 server on free 127.0.0.1 ports with a temporary state dir,
-so parallel test sessions and a developer's `maas stack up` never collide; it bootstraps topics
-and buckets, exports MAAS_* for subprocesses, and stops exactly the processes it started.
-With MAAS_TEST_USE_RUNNING_STACK=1 it uses the stack the MAAS_* environment points at instead.
+`stack` starts a private broker and S3 server on free 127.0.0.1 ports with a temporary state dir
+(`infra.ephemeral`), so parallel test sessions and a developer's `maas stack up` never collide; it
+bootstraps topics and buckets, exports MAAS_* for subprocesses, and stops exactly the processes it
+started. With MAAS_TEST_USE_RUNNING_STACK=1 it uses the stack the MAAS_* environment points at.
 """
 
 from __future__ import annotations
@@ -12,25 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
 
 from infra.bootstrap import bootstrap
-from infra.s3 import WeedPorts
+from infra.ephemeral import ephemeral_stack
 from infra.stack import LocalStack
 from maas.config import Settings
-
-_EXPORTED = (
-    ("MAAS_KAFKA_BOOTSTRAP", "kafka_bootstrap"),
-    ("MAAS_S3_ENDPOINT", "s3_endpoint"),
-    ("MAAS_S3_ACCESS_KEY", "s3_access_key"),
-    ("MAAS_S3_SECRET_KEY", "s3_secret_key"),
-    ("MAAS_STATE_DIR", "state_dir"),
-    ("MAAS_CACHE_DIR", "cache_dir"),
-)
 
 
 @dataclass
@@ -57,20 +47,6 @@ class StackHandle:
             self.start_broker()
 
 
-def _free_ports(n: int) -> list[int]:
-    # Hold every socket until all are chosen so the OS hands out n distinct ports.
-    socks = []
-    try:
-        for _ in range(n):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
-
-
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
     if os.environ.get("MAAS_TEST_USE_RUNNING_STACK") == "1":
@@ -78,29 +54,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
         asyncio.run(bootstrap(settings))
         yield StackHandle(settings, LocalStack.from_settings(settings), owned=False)
         return
-
-    kafka_port, controller_port, *weed = _free_ports(10)
-    settings = Settings.from_env().replace(
-        kafka_bootstrap=f"127.0.0.1:{kafka_port}",
-        s3_endpoint=f"127.0.0.1:{weed[0]}",
-        state_dir=str(tmp_path_factory.mktemp("maas-state")),
-    )
-    local = LocalStack.from_settings(
-        settings,
-        kafka_controller_port=controller_port,
-        s3_ports=WeedPorts(*weed),
-        attached=True,
-    )
-    saved = {name: os.environ.get(name) for name, _ in _EXPORTED}
-    try:
-        local.up()
-        for name, attr in _EXPORTED:
-            os.environ[name] = str(getattr(settings, attr))
-        yield StackHandle(settings, local, owned=True)
-    finally:
-        local.down()
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    with ephemeral_stack(tmp_path_factory.mktemp("maas-state")) as local:
+        yield StackHandle(local.settings, local, owned=True)

@@ -1,0 +1,1 @@
+"""The compressor service: ``compress`` jobs in, smaller registered variants out."""

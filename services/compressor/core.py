@@ -1,0 +1,323 @@
+"""The compressor's job flow, transport-neutral: parse a ``compress`` job, fetch the parent from
+the registry, run each method, measure every variant as it will be served, register it.
+
+Kafka stays in ``service.py``; the registry and the dataset fetch are passed in, so this runs in
+unit tests against fakes. Torch work runs on a worker thread, never on the event loop.
+
+Idempotency: a job id seen here is not run twice, and after a crash a redelivered job skips
+every variant already registered for it (found by ``job_id`` + method index in the registry),
+so it finishes where it stopped instead of registering duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from maas import artifacts, events
+from maas.artifacts import Manifest
+from maas.compression import (
+    FitConfig,
+    Plan,
+    Tensors,
+    artifact_metrics,
+    parent_variant,
+    parse_methods,
+    relative_metrics,
+    run,
+)
+from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.registry.types import ModelRef, ModelVersion
+from maas.training.prepare import FetchDataset, load_dataset
+
+log = logging.getLogger(__name__)
+
+SERVICE = "compressor"
+JOB_TYPE = "compress"
+MAX_LINEAGE_DEPTH = 32
+DEFAULT_BATCH_SIZE = 64
+DEFAULT_LR = 1e-3
+
+
+class Registry(Protocol):
+    """What the compressor needs of ``maas.registry.RegistryClient``."""
+
+    async def get(self, ref: ModelRef | str) -> ModelVersion: ...
+
+    async def fetch(
+        self, ref: ModelRef | str
+    ) -> tuple[ModelVersion, Manifest, dict[str, bytes]]: ...
+
+    def iter_versions(self, name: str) -> AsyncIterator[ModelVersion]: ...
+
+    async def register(
+        self, module_or_state: Any, name: str, arch: str, config: Mapping[str, Any], **options: Any
+    ) -> ModelVersion: ...
+
+
+Publish = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class CompressJob:
+    job_id: str
+    base: ModelRef
+    plans: tuple[Plan, ...]
+    dataset: dict[str, Any] | None  # None: use the dataset of the parent's lineage
+    fit: FitConfig  # batch size, lr and seed for recovery fine-tuning and distillation
+    register_name: str | None  # None: register under the parent's name
+    alias: str | None
+
+
+def _base_ref(base: Mapping[str, Any] | None) -> ModelRef:
+    if not base or "name" not in base:
+        raise InvalidArgument("base is required for a compress job: {name, version | alias}")
+    if "version" in base and "alias" in base:
+        raise InvalidArgument("base: give version or alias, not both")
+    selector = base.get("version", base.get("alias"))
+    return ModelRef.parse(f"{base['name']}@{selector}" if selector is not None else base["name"])
+
+
+def parse_job(event: Mapping[str, Any]) -> CompressJob:
+    """A validated ``maas.job/1`` event of type compress -> a checked job, or InvalidArgument."""
+    compress = event.get("compress")
+    if not compress:
+        raise InvalidArgument("compress is required: {methods: [{quantize: {dtype: int8}}, ...]}")
+    plans = tuple(parse_methods(compress.get("methods") or []))
+    training = event.get("training") or {}
+    fit = FitConfig(
+        steps=0,  # each method says how long it trains
+        batch_size=int(training.get("batch_size", DEFAULT_BATCH_SIZE)),
+        lr=float((training.get("optimizer") or {}).get("lr", DEFAULT_LR)),
+        seed=int(training.get("seed", 0)),
+    )
+    register_as = event.get("register_as") or {}
+    alias = register_as.get("alias")
+    if alias is not None and len(plans) != 1:
+        raise InvalidArgument(
+            f"register_as.alias needs exactly one method (it names one version); got {len(plans)}"
+        )
+    return CompressJob(
+        job_id=str(event["job_id"]),
+        base=_base_ref(event.get("base")),
+        plans=plans,
+        dataset=dict(event["dataset"]) if event.get("dataset") else None,
+        fit=fit,
+        register_name=register_as.get("name"),
+        alias=alias,
+    )
+
+
+def status(job_id: str, state: str, **fields: Any) -> dict[str, Any]:
+    return events.new_event(
+        events.JOB_STATUS, job_id=job_id, state=state, service=SERVICE, **fields
+    )
+
+
+def dataset_of(manifest: Manifest) -> dict[str, Any] | None:
+    """The dataset a version was trained/compressed on, as recorded in its lineage settings."""
+    recorded = manifest.settings.get("dataset")
+    if isinstance(recorded, str):
+        return {"uri": recorded}
+    if isinstance(recorded, Mapping) and "uri" in recorded:
+        return dict(recorded)
+    return None
+
+
+@dataclass(frozen=True)
+class Built:
+    """One measured variant, ready to register."""
+
+    plan: Plan
+    arch: str
+    config: dict[str, Any]
+    format: str
+    tensors: dict[str, Any]
+    metrics: dict[str, float]
+
+
+class Compressor:
+    def __init__(
+        self,
+        registry: Registry,
+        publish: Publish,
+        fetch_dataset: FetchDataset | None = None,
+        *,
+        latency_repeats: int = 50,
+    ) -> None:
+        self._registry = registry
+        self._publish = publish
+        self._fetch_dataset = fetch_dataset
+        self._latency_repeats = latency_repeats
+        self._finished: set[str] = set()
+
+    async def handle(self, event: Mapping[str, Any]) -> list[ModelVersion]:
+        """Run one job event; other job types are not ours and are ignored."""
+        if event.get("type") != JOB_TYPE:
+            return []
+        job = parse_job(event)
+        if job.job_id in self._finished:
+            log.info("job %s already done here; ignoring the redelivery", job.job_id)
+            return []
+        versions = await self._run(job)
+        self._finished.add(job.job_id)
+        return versions
+
+    async def _run(self, job: CompressJob) -> list[ModelVersion]:
+        total = len(job.plans)
+        await self._publish(status(job.job_id, "accepted", step=0, total_steps=total))
+        parent, manifest, files = await self._registry.fetch(job.base)
+        if manifest.format != "dense":
+            raise FailedPrecondition(
+                f"{parent.ref} is a {manifest.format!r} artifact; compress its dense ancestor "
+                "(compressing a compressed model compounds its rounding and sparsity)"
+            )
+        dataset = job.dataset or await self._lineage_dataset(parent, manifest)
+        data, model, parent_metrics = await asyncio.to_thread(
+            self._prepare, dataset, job, manifest, files
+        )
+        name = job.register_name or parent.name
+        done = await self._registered(name, job.job_id)
+        versions: list[ModelVersion] = []
+        for index, plan in enumerate(job.plans):
+            version = done.get(index) or await self._compress_one(
+                job, index, plan, parent, model, data, parent_metrics, dataset, name
+            )
+            versions.append(version)
+            await self._publish(
+                status(
+                    job.job_id,
+                    "running",
+                    step=index + 1,
+                    total_steps=total,
+                    model={"name": version.name, "version": version.version},
+                    metrics=_status_metrics(version.metrics),
+                )
+            )
+        last = versions[-1]
+        await self._publish(
+            status(
+                job.job_id,
+                "succeeded",
+                step=total,
+                total_steps=total,
+                model={"name": last.name, "version": last.version},
+                metrics=_status_metrics(last.metrics),
+            )
+        )
+        return versions
+
+    async def _lineage_dataset(self, version: ModelVersion, manifest: Manifest) -> dict[str, Any]:
+        """Walk up the lineage to the first version that records its dataset."""
+        for _ in range(MAX_LINEAGE_DEPTH):
+            found = dataset_of(manifest)
+            if found is not None:
+                return found
+            if not manifest.parent:
+                break
+            version = await self._registry.get(
+                ModelRef(manifest.parent["name"], version=int(manifest.parent["version"]))
+            )
+            manifest = Manifest.from_json(version.manifest_json)
+        raise InvalidArgument(
+            f"no dataset recorded in the lineage of {version.ref}; name one in the job: "
+            "dataset: {uri: builtin:<name> | s3://bucket/key.npz}"
+        )
+
+    def _prepare(
+        self,
+        dataset: Mapping[str, Any],
+        job: CompressJob,
+        manifest: Manifest,
+        files: Mapping[str, bytes],
+    ) -> tuple[Tensors, nn.Module, dict[str, float]]:
+        data = Tensors.of(load_dataset(dataset, seed=job.fit.seed, fetch=self._fetch_dataset))
+        model = artifacts.materialize(manifest, files)
+        metrics = artifact_metrics(manifest, files, data, latency_repeats=self._latency_repeats)
+        return data, model, metrics
+
+    async def _registered(self, name: str, job_id: str) -> dict[int, ModelVersion]:
+        """Variants this job already registered (a redelivery after a crash), by method index."""
+        found: dict[int, ModelVersion] = {}
+        try:
+            async for version in self._registry.iter_versions(name):
+                if version.job_id == job_id:
+                    index = Manifest.from_json(version.manifest_json).settings.get("job_item")
+                    if isinstance(index, int):
+                        found[index] = version
+        except NotFound:
+            pass  # a new name: nothing registered yet
+        return found
+
+    async def _compress_one(
+        self,
+        job: CompressJob,
+        index: int,
+        plan: Plan,
+        parent: ModelVersion,
+        model: nn.Module,
+        data: Tensors,
+        parent_metrics: dict[str, float],
+        dataset: Mapping[str, Any],
+        name: str,
+    ) -> ModelVersion:
+        built = await asyncio.to_thread(
+            self._build, plan, parent, model, data, job.fit, parent_metrics
+        )
+        version = await self._registry.register(
+            built.tensors,
+            name,
+            built.arch,
+            built.config,
+            parent=parent,
+            method=plan.method,
+            settings={
+                **plan.settings(),
+                "dataset": dict(dataset),
+                "seed": job.fit.seed,
+                "job_item": index,
+            },
+            job_id=job.job_id,
+            metrics=built.metrics,
+            format=built.format,
+            alias=job.alias,
+        )
+        log.info(
+            "job %s: %s -> %s (%s, %.1fx smaller)",
+            job.job_id,
+            plan.method,
+            version.ref,
+            built.format,
+            built.metrics["compression_ratio"],
+        )
+        return version
+
+    def _build(
+        self,
+        plan: Plan,
+        parent: ModelVersion,
+        model: nn.Module,
+        data: Tensors,
+        fit: FitConfig,
+        parent_metrics: dict[str, float],
+    ) -> Built:
+        manifest = Manifest.from_json(parent.manifest_json)
+        variant = run(plan, parent_variant(model, manifest.arch, manifest.config), data, fit)
+        fmt, tensors = variant.encode()
+        files, packed = artifacts.pack(tensors, variant.arch, variant.config, format=fmt)
+        metrics = artifact_metrics(packed, files, data, latency_repeats=self._latency_repeats)
+        metrics |= relative_metrics(metrics, parent_metrics)
+        return Built(plan, variant.arch, variant.config, fmt, tensors, metrics)
+
+
+def _status_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(metrics[k]) for k in ("loss", "accuracy") if k in metrics}
+
+
+def failed_status(job_id: str, code: str, message: str) -> dict[str, Any]:
+    return status(job_id, "failed", error={"code": code, "message": message})

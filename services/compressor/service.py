@@ -1,0 +1,68 @@
+"""Kafka edge of the compressor: jobs from ``maas.jobs.v1`` into the core, statuses out.
+
+The compressor has its own consumer group, so it sees every job alongside the trainer and
+ignores the types that are not ``compress``. A job the core refuses (bad methods, missing or
+tampered parent) goes to the DLQ via the bus, and ``on_dead_letter`` tells the client with a
+``failed`` status naming the reason.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from maas import events
+from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
+from maas.config import Settings
+from maas.registry.client import RegistryClient
+from maas.store import ObjectStore, parse_uri
+from maas.topics import JOB_STATUS, JOBS
+from services.compressor.core import Compressor, failed_status
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "maas-compressor"
+
+
+class CompressorService:
+    def __init__(self, settings: Settings) -> None:
+        self._producer = EventProducer(settings, client_id="compressor")
+        self._registry = RegistryClient(settings, actor="compressor")
+        store = ObjectStore(settings)
+        # The core reads datasets on its worker thread, where the blocking store is right.
+        self.core = Compressor(
+            self._registry, self._publish, lambda uri: store.get_bytes(*parse_uri(uri))
+        )
+        self._consumer = EventConsumer(
+            settings,
+            topics=[JOBS],
+            group_id=GROUP_ID,
+            handler=self._handle,
+            producer=self._producer,
+            expected_schemas=[events.JOB],
+            on_dead_letter=self._failed,
+        )
+
+    async def start(self) -> None:
+        await self._producer.start()
+        await self._registry.start()
+        await self._consumer.start()
+
+    async def run(self) -> None:
+        await self._consumer.run()
+
+    async def stop(self) -> None:
+        await self._consumer.stop()
+        await self._registry.stop()
+        await self._producer.stop()
+
+    async def _publish(self, event: dict[str, object]) -> None:
+        await self._producer.send(JOB_STATUS, event, key=str(event["job_id"]))
+
+    async def _handle(self, record: Record) -> None:
+        await self.core.handle(record.event)
+
+    async def _failed(self, letter: DeadLetter) -> None:
+        job_id = (letter.event or {}).get("job_id") or letter.key
+        if not job_id:
+            return  # undecodable and unkeyed: nobody to tell, the DLQ holds it
+        await self._publish(failed_status(str(job_id), letter.code, letter.message))

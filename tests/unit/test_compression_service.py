@@ -1,0 +1,238 @@
+"""The compressor core against an in-memory registry: jobs in, measured variants registered."""
+
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import pytest
+
+from maas import artifacts, events, zoo
+from maas.artifacts import Manifest
+from maas.compression import FitConfig, Tensors
+from maas.compression.train import fit
+from maas.datasets import load_builtin
+from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.registry.types import ModelRef, ModelVersion
+from services.compressor.core import Compressor, parse_job
+
+DIGITS = {"uri": "builtin:digits"}
+
+
+class MemoryRegistry:
+    """The registry client's surface, kept in a dict: (version, files) per model name."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, list[tuple[ModelVersion, dict[str, bytes]]]] = {}
+
+    async def register(
+        self,
+        module_or_state: Any,
+        name: str,
+        arch: str,
+        config: Mapping[str, Any],
+        *,
+        parent: Any = None,
+        alias: str | None = None,
+        **lineage: Any,
+    ) -> ModelVersion:
+        parent_ref = {"name": parent.name, "version": parent.version} if parent else None
+        files, manifest = artifacts.pack(
+            module_or_state, arch, config, parent=parent_ref, **lineage
+        )
+        versions = self.models.setdefault(name, [])
+        version = ModelVersion(
+            name=name,
+            version=len(versions) + 1,
+            arch=arch,
+            format=manifest.format,
+            manifest_json=manifest.to_json(),
+            manifest_sha256="",
+            files=(),
+            bucket="maas-models",
+            prefix=f"{name}/{len(versions) + 1}/",
+            parent=ModelRef(parent.name, version=parent.version) if parent else None,
+            method=manifest.method,
+            job_id=manifest.job_id,
+            metrics=manifest.metrics,
+            aliases=(alias,) if alias else (),
+        )
+        versions.append((version, files))
+        return version
+
+    def _find(self, ref: ModelRef | str) -> tuple[ModelVersion, dict[str, bytes]]:
+        ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        versions = self.models.get(ref.name, [])
+        matches = [v for v in versions if ref.version in (None, v[0].version)]
+        if not matches:
+            raise NotFound(f"model {ref} is not registered")
+        return matches[-1]
+
+    async def get(self, ref: ModelRef | str) -> ModelVersion:
+        return self._find(ref)[0]
+
+    async def fetch(self, ref: ModelRef | str) -> tuple[ModelVersion, Manifest, dict[str, bytes]]:
+        version, files = self._find(ref)
+        return version, Manifest.from_json(version.manifest_json), files
+
+    async def iter_versions(self, name: str) -> AsyncIterator[ModelVersion]:
+        if name not in self.models:
+            raise NotFound(f"model {name} is not registered")
+        for version, _ in reversed(self.models[name]):
+            yield version
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return fit(
+        zoo.build("mlp", {}, seed=0), Tensors.of(load_builtin("digits")), FitConfig(steps=300)
+    )
+
+
+@pytest.fixture
+async def registry(trained):
+    registry = MemoryRegistry()
+    await registry.register(
+        trained, "digits", "mlp", {}, method="train", settings={"dataset": DIGITS}
+    )
+    return registry
+
+
+@pytest.fixture
+def statuses():
+    return []
+
+
+@pytest.fixture
+def core(registry, statuses):
+    async def publish(event):
+        events.validate(event)
+        statuses.append(event)
+
+    return Compressor(registry, publish, latency_repeats=1)
+
+
+def job(**fields):
+    event = {
+        "job_id": "job-1",
+        "type": "compress",
+        "base": {"name": "digits", "version": 1},
+        "compress": {"methods": [{"quantize": {"dtype": "int8"}}, {"prune": {"sparsity": 0.5}}]},
+        **fields,
+    }
+    present = {k: v for k, v in event.items() if v is not None}
+    return events.validate(events.new_event(events.JOB, **present))
+
+
+async def test_each_method_registers_one_variant_with_lineage_and_metrics(core, registry):
+    int8, pruned = await core.handle(job())
+    assert (int8.name, int8.version, int8.method, pruned.method) == (
+        "digits",
+        2,
+        "quantize",
+        "prune",
+    )
+    manifest = Manifest.from_json(int8.manifest_json)
+    assert manifest.parent == {"name": "digits", "version": 1}
+    assert manifest.job_id == "job-1"
+    assert manifest.settings == {"dtype": "int8", "dataset": DIGITS, "seed": 0, "job_item": 0}
+    assert manifest.format == "int8"
+    expected = {
+        "accuracy",
+        "loss",
+        "artifact_bytes",
+        "compression_ratio",
+        "accuracy_drop",
+        "parameters",
+        "nonzero_parameters",
+        "latency_b1_ms",
+        "latency_b32_ms",
+    }
+    assert expected <= set(int8.metrics)
+    assert pruned.metrics["nonzero_parameters"] < pruned.metrics["parameters"]
+
+
+async def test_progress_runs_from_accepted_through_each_variant_to_succeeded(core, statuses):
+    await core.handle(job())
+    assert [(s["state"], s["step"], s["total_steps"]) for s in statuses] == [
+        ("accepted", 0, 2),
+        ("running", 1, 2),
+        ("running", 2, 2),
+        ("succeeded", 2, 2),
+    ]
+    assert statuses[-1]["model"] == {"name": "digits", "version": 3}
+
+
+async def test_other_job_types_are_ignored(core, registry, statuses):
+    assert await core.handle(job(type="train", compress=None)) == []
+    assert statuses == [] and len(registry.models["digits"]) == 1
+
+
+async def test_a_redelivered_job_registers_nothing_new(core, registry):
+    await core.handle(job())
+    assert await core.handle(job()) == []
+    assert len(registry.models["digits"]) == 3
+
+
+async def test_a_restarted_compressor_resumes_a_job_without_duplicates(core, registry, statuses):
+    first = await core.handle(job())
+    fresh = Compressor(registry, core._publish, latency_repeats=1)
+    again = await fresh.handle(job())
+    assert [v.version for v in again] == [v.version for v in first]
+    assert len(registry.models["digits"]) == 3
+
+
+async def test_variants_can_go_under_another_name_with_an_alias(core, registry):
+    (variant,) = await core.handle(
+        job(
+            compress={"methods": [{"quantize": {}}]},
+            register_as={"name": "digits-small", "alias": "edge"},
+        )
+    )
+    assert (variant.name, variant.version, variant.aliases) == ("digits-small", 1, ("edge",))
+
+
+async def test_a_missing_parent_model_is_not_found(core):
+    with pytest.raises(NotFound, match="nope"):
+        await core.handle(job(base={"name": "nope"}))
+
+
+async def test_a_compressed_parent_is_refused(core, registry):
+    await core.handle(job(compress={"methods": [{"quantize": {}}]}))
+    with pytest.raises(FailedPrecondition, match="int8"):
+        await core.handle(job(job_id="job-2", base={"name": "digits", "version": 2}))
+
+
+async def test_the_dataset_comes_from_the_lineage_when_the_job_names_none(core, registry, trained):
+    await registry.register(
+        trained, "digits", "mlp", {}, method="finetune", parent=await registry.get("digits@1")
+    )
+    (variant,) = await core.handle(
+        job(base={"name": "digits", "version": 2}, compress={"methods": [{"quantize": {}}]})
+    )
+    assert Manifest.from_json(variant.manifest_json).settings["dataset"] == DIGITS
+
+
+async def test_without_any_dataset_the_job_is_refused_saying_how_to_fix_it(core, registry, trained):
+    await registry.register(trained, "orphan", "mlp", {}, method="train")
+    with pytest.raises(InvalidArgument, match="name one in the job"):
+        await core.handle(job(base={"name": "orphan"}))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"base": None}, "base is required"),
+        ({"compress": None}, "compress is required"),
+        ({"register_as": {"alias": "edge"}}, "exactly one method"),
+        ({"compress": {"methods": [{"prune": {"sparsity": 0.5, "speed": 1}}]}}, "speed"),
+    ],
+)
+def test_a_bad_compress_job_is_refused_naming_the_field(fields, message):
+    event = {
+        "job_id": "j",
+        "type": "compress",
+        "base": {"name": "digits"},
+        "compress": {"methods": [{"quantize": {}}, {"prune": {}}]},
+    }
+    event |= fields
+    with pytest.raises(InvalidArgument, match=message):
+        parse_job({k: v for k, v in event.items() if v is not None})

@@ -139,6 +139,36 @@ class Settings:
         default=0,
         metadata=_env("MAAS_METRICS_PORT", doc="Prometheus /metrics HTTP port (0 = off)"),
     )
+    # --- training (gradient workers, aggregator shards) ----------------------------------
+    gradient_workers: int = field(
+        default=1,
+        metadata=_env("MAAS_GRADIENT_WORKERS",
+                      doc="gradient-worker replicas deployed (ids 0..N-1); caps training.workers"),
+    )
+    aggregator_shards: int = field(
+        default=1,
+        metadata=_env("MAAS_AGGREGATOR_SHARDS",
+                      doc="aggregator shard replicas deployed (0..N-1); caps training.shards"),
+    )
+    step_deadline_ms: int = field(
+        default=10_000,
+        metadata=_env("MAAS_STEP_DEADLINE_MS",
+                      doc="sync step closes after this with whoever reported (job may override)"),
+    )
+    progress_interval_ms: int = field(
+        default=2_000,
+        metadata=_env("MAAS_PROGRESS_INTERVAL_MS", doc="job progress status event period"),
+    )
+    params_republish_ms: int = field(
+        default=2_000,
+        metadata=_env("MAAS_PARAMS_REPUBLISH_MS",
+                      doc="a shard waiting this long for any gradient republishes its params"),
+    )
+    job_stall_timeout_ms: int = field(
+        default=600_000,
+        metadata=_env("MAAS_JOB_STALL_TIMEOUT_MS",
+                      doc="a training job whose shards make no progress this long fails"),
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -197,7 +227,11 @@ def known_env_names() -> set[str]:
 # Variables read by a single service rather than through Settings (worker id, shard index, ...).
 # Each service documents its own in docs/OPERATIONS.md; they are listed here so the compose test
 # can tell a typo from a real setting.
-EXTRA_ENV_NAMES: tuple[str, ...] = ()
+EXTRA_ENV_NAMES: tuple[str, ...] = (
+    "MAAS_WORKER_ID",  # gradient worker: this replica's id, 0..MAAS_GRADIENT_WORKERS-1
+    "MAAS_AGGREGATOR_SHARD",  # aggregator: this replica's shard index
+    "MAAS_AGGREGATOR_ROLE",  # aggregator: "shard" (default) or "coordinator"
+)
 
 
 def env_doc() -> list[tuple[str, str, str]]:

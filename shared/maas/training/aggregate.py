@@ -1,0 +1,311 @@
+"""One aggregator shard's job state: admit gradients, reduce them, apply the optimizer.
+
+``ShardCore`` is plain Python with time passed in, so every rule is unit-testable:
+
+- **sync**: a step closes when ``ceil(quorum * workers)`` workers reported, or when the step
+  deadline passed and at least one did (a dead or slow worker never blocks the job). A gradient
+  for an older version is stale and dropped; a second one from the same worker is a duplicate.
+- **async**: a gradient is applied on arrival unless it was computed on a version more than
+  ``staleness`` behind; a worker's gradients must come in increasing version order, so a replayed
+  one is a duplicate.
+- A gradient for a *newer* version than the shard holds only happens while a restarted shard
+  replays the log: it proves the current step was closed, so the shard closes it (if it has
+  contributions) or holds the gradient until its version comes up.
+
+Contributions carry their Kafka offset so the shard can name the earliest record it still needs
+(``resume_offset``): a checkpoint stores that, and a restart replays from there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+
+from maas.errors import InvalidArgument
+from maas.training.codecs import Decoded, DenseGradient, axpy
+from maas.training.optim import Optimizer, make_optimizer
+from maas.training.plan import JobPlan
+
+
+class Verdict(StrEnum):
+    ACCEPTED = "accepted"
+    DUPLICATE = "duplicate"
+    STALE = "stale"
+    EARLY = "early"  # held until the shard reaches its version (replay after a restart)
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """One worker's gradient for one shard; ``decode`` runs only if it is used."""
+
+    worker: int
+    version: int
+    samples: int
+    decode: Callable[[], Decoded]
+    offset: int = -1
+    loss: float | None = None
+    accuracy: float | None = None
+
+
+class GradientSum:
+    """The running sum of a step's gradients, in as few passes over memory as possible.
+
+    The first gradient is only held (a view into its message); the second is added to it in one
+    three-operand pass; later ones are added in place. With a single contribution nothing is
+    copied at all: the optimizer reads the message's bytes directly.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.count = 0
+        self._first: Decoded | None = None
+        self._acc: np.ndarray | None = None
+
+    def _buffer(self) -> np.ndarray:
+        if self._acc is None:
+            self._acc = np.empty(self.size, dtype=np.float32)
+        return self._acc
+
+    def add(self, grad: Decoded) -> None:
+        if grad.size != self.size:
+            raise InvalidArgument(f"gradient has {grad.size} values, the partition {self.size}")
+        if self.count == 0:
+            self._first = grad
+        elif self._first is not None:
+            first, self._first = self._first, None
+            acc = self._buffer()
+            if _plain(first) and _plain(grad):
+                np.add(first.values, grad.values, out=acc)  # type: ignore[union-attr]
+            else:
+                first.write_to(acc)
+                grad.add_to(acc)
+        else:
+            grad.add_to(self._buffer())
+        self.count += 1
+
+    def add_to(self, target: np.ndarray, alpha: float) -> None:
+        """``target += alpha * sum`` in one pass."""
+        if self._first is not None:
+            self._first.add_to(target, alpha)
+        elif self.count:
+            axpy(target, self._buffer(), alpha)
+
+    def materialize(self, alpha: float) -> np.ndarray:
+        """``alpha * sum`` in a buffer the caller may overwrite until ``reset``."""
+        acc = self._buffer()
+        if self._first is not None:
+            self._first.write_to(acc, alpha)
+            self._first = None
+        elif self.count == 0:
+            acc.fill(0.0)
+        elif alpha != 1.0:
+            acc *= np.float32(alpha)
+        return acc
+
+    def reset(self) -> None:
+        self.count = 0
+        self._first = None
+
+
+def _plain(grad: Decoded) -> bool:
+    return isinstance(grad, DenseGradient) and grad.scale == 1.0 and grad.values.dtype == np.float32
+
+
+@dataclass(frozen=True)
+class SyncRule:
+    workers: int
+    quorum: float
+    deadline_ms: int
+
+    @property
+    def need(self) -> int:
+        # The epsilon keeps 0.5 * 2 == 1 from becoming 2 through float rounding.
+        return max(1, min(self.workers, math.ceil(self.quorum * self.workers - 1e-9)))
+
+    def ready(self, count: int, opened_ms: int, now_ms: int) -> bool:
+        return count >= self.need or (count > 0 and now_ms - opened_ms >= self.deadline_ms)
+
+
+def accepts_staleness(grad_version: int, current: int, staleness: int) -> bool:
+    """Async rule: apply a gradient computed at most ``staleness`` versions ago."""
+    return current - grad_version <= staleness
+
+
+@dataclass
+class ShardStats:
+    """What progress reports need: samples applied, and the loss/accuracy workers saw."""
+
+    samples: int = 0
+    applied: int = 0
+    window_samples: int = 0
+    window_loss: list[float] = field(default_factory=list)
+    window_accuracy: list[float] = field(default_factory=list)
+
+    def record(self, c: Contribution) -> None:
+        self.samples += c.samples
+        self.applied += 1
+        self.window_samples += c.samples
+        if c.loss is not None:
+            self.window_loss.append(c.loss)
+        if c.accuracy is not None:
+            self.window_accuracy.append(c.accuracy)
+
+    def take_window(self) -> dict[str, float]:
+        """Mean loss/accuracy and samples since the last call."""
+        out: dict[str, float] = {"samples": float(self.window_samples)}
+        if self.window_loss:
+            out["loss"] = float(np.mean(self.window_loss))
+        if self.window_accuracy:
+            out["accuracy"] = float(np.mean(self.window_accuracy))
+        self.window_samples = 0
+        self.window_loss.clear()
+        self.window_accuracy.clear()
+        return out
+
+
+@dataclass(frozen=True)
+class ShardSnapshot:
+    """A shard's durable state: enough to resume exactly at ``version``."""
+
+    version: int
+    theta: np.ndarray
+    optimizer_scalars: dict[str, Any]
+    optimizer_arrays: dict[str, np.ndarray]
+    last_version: dict[int, int]  # async: newest gradient version seen per worker
+    samples: int
+
+
+class ShardCore:
+    def __init__(
+        self, plan: JobPlan, shard: int, theta: np.ndarray, *, now_ms: int, version: int = 0
+    ) -> None:
+        self.plan = plan
+        self.shard = shard
+        self.partition = plan.partitions[shard]
+        if theta.shape != (self.partition.size,):
+            raise InvalidArgument(
+                f"shard {shard} parameters have shape {theta.shape}, the plan says "
+                f"({self.partition.size},)"
+            )
+        self.theta = np.array(theta, dtype=np.float32, copy=True)
+        self.version = version
+        self.optimizer: Optimizer = make_optimizer(plan.training.optimizer, self.partition.size)
+        self.stats = ShardStats()
+        self.opened_ms = now_ms
+        t = plan.training
+        self._sync = SyncRule(plan.workers, t.quorum, t.step_deadline_ms)
+        self._scale_mean = t.reduce == "mean"
+        self._sum = GradientSum(self.partition.size)
+        self._round: dict[int, Contribution] = {}
+        self._held: dict[int, list[Contribution]] = {}
+        self._last_version: dict[int, int] = {}
+
+    # --- state ----------------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.version >= self.plan.target_version
+
+    @property
+    def round_size(self) -> int:
+        return len(self._round)
+
+    def resume_offset(self, next_offset: int) -> int:
+        """The first log offset a restart must re-read: nothing open or held is lost."""
+        pending = [c.offset for c in self._round.values()]
+        pending += [c.offset for held in self._held.values() for c in held]
+        pending = [o for o in pending if o >= 0]
+        return min(pending, default=next_offset)
+
+    def snapshot(self) -> ShardSnapshot:
+        """The durable state as *views*: encode it before the core changes (no await between).
+
+        Not copying keeps a checkpoint of a large partition from doubling the shard's memory.
+        """
+        scalars, arrays = self.optimizer.state()
+        return ShardSnapshot(
+            version=self.version,
+            theta=self.theta,
+            optimizer_scalars=dict(scalars),
+            optimizer_arrays=dict(arrays),
+            last_version=dict(self._last_version),
+            samples=self.stats.samples,
+        )
+
+    @classmethod
+    def restore(cls, plan: JobPlan, shard: int, snap: ShardSnapshot, *, now_ms: int) -> ShardCore:
+        core = cls(plan, shard, snap.theta, now_ms=now_ms, version=snap.version)
+        core.optimizer.load_state(snap.optimizer_scalars, snap.optimizer_arrays)
+        core._last_version = dict(snap.last_version)
+        core.stats.samples = snap.samples
+        return core
+
+    # --- gradients ------------------------------------------------------------------------------
+
+    def offer(self, c: Contribution, now_ms: int) -> Verdict:
+        if self.done:
+            return Verdict.STALE
+        if self.plan.training.mode == "async":
+            return self._offer_async(c, now_ms)
+        return self._offer_sync(c, now_ms)
+
+    def tick(self, now_ms: int) -> bool:
+        """Close a sync step whose deadline passed; True if the version advanced."""
+        if (
+            self.plan.training.mode == "sync"
+            and self._round
+            and not self.done
+            and self._sync.ready(len(self._round), self.opened_ms, now_ms)
+        ):
+            self._close(now_ms)
+            return True
+        return False
+
+    def _offer_sync(self, c: Contribution, now_ms: int) -> Verdict:
+        if c.version < self.version:
+            return Verdict.STALE
+        if c.version > self.version:
+            if not self._round:
+                self._held.setdefault(c.version, []).append(c)
+                return Verdict.EARLY
+            self._close(now_ms)
+            return self.offer(c, now_ms)
+        if c.worker in self._round:
+            return Verdict.DUPLICATE
+        self._sum.add(c.decode())
+        self._round[c.worker] = c
+        if self._sync.ready(len(self._round), self.opened_ms, now_ms):
+            self._close(now_ms)
+        return Verdict.ACCEPTED
+
+    def _offer_async(self, c: Contribution, now_ms: int) -> Verdict:
+        if c.version <= self._last_version.get(c.worker, -1):
+            return Verdict.DUPLICATE
+        if c.version > self.version:
+            self._held.setdefault(c.version, []).append(c)
+            return Verdict.EARLY
+        self._last_version[c.worker] = c.version
+        if not accepts_staleness(c.version, self.version, self.plan.training.staleness):
+            return Verdict.STALE
+        self._sum.add(c.decode())
+        self._round[c.worker] = c
+        self._close(now_ms)
+        return Verdict.ACCEPTED
+
+    def _close(self, now_ms: int) -> None:
+        count = self._sum.count
+        scale = 1.0 / count if self._scale_mean else 1.0
+        self.optimizer.step(self.theta, self._sum, scale)
+        for c in self._round.values():
+            self.stats.record(c)
+        self._sum.reset()
+        self._round.clear()
+        self.version += 1
+        self.opened_ms = now_ms
+        for c in self._held.pop(self.version, []):
+            self.offer(c, now_ms)

@@ -1,0 +1,298 @@
+"""A training job, validated and planned: what every worker and shard needs to know, as JSON.
+
+``TrainingSpec.from_job`` checks the ``training`` section of a ``maas.job/1`` event beyond what
+the JSON Schema can (cross-field rules, deployment limits) and fills defaults; every error names
+the field, the value and what is accepted. ``JobPlan`` adds what needs the model and the data
+(trainable layout, partitions, total steps); the coordinator writes it to S3 once and every
+worker and shard reads it from there, so all of them act on the same plan.
+
+No torch here: aggregator shards load plans without it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from maas.errors import InvalidArgument
+from maas.training.codecs import parse_codec
+from maas.training.layout import SPLITS, FlatLayout, ParamPartition, partition
+from maas.training.optim import OptimizerSpec
+
+MODES: tuple[str, ...] = ("sync", "async")
+REDUCES: tuple[str, ...] = ("mean", "sum")
+LOSSES: dict[str, str] = {"classification": "cross_entropy", "regression": "mse"}
+DEFAULT_STEPS = 100
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_CHECKPOINT_EVERY = 50
+DEFAULT_STALENESS = 2
+
+
+def _choice(training: Mapping[str, Any], key: str, allowed: Sequence[str], default: str) -> str:
+    value = training.get(key, default)
+    if value not in allowed:
+        raise InvalidArgument(f"training.{key}={value!r} is unknown; use one of {list(allowed)}")
+    return str(value)
+
+
+def _positive_int(training: Mapping[str, Any], key: str, default: int) -> int:
+    value = training.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"training.{key}={value!r} must be an integer >= 1")
+    return value
+
+
+@dataclass(frozen=True)
+class TrainingSpec:
+    """The ``training`` section with defaults filled in; steps may still be given as epochs."""
+
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
+    loss: str | None = None
+    workers: int = 1
+    mode: str = "sync"
+    staleness: int = DEFAULT_STALENESS
+    quorum: float = 1.0
+    shards: int = 1
+    split: str = "horizontal"
+    reduce: str = "mean"
+    gradient_codec: str = "none"
+    checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
+    freeze: tuple[str, ...] = ()
+    seed: int = 0
+    step_deadline_ms: int = 10_000
+
+    @classmethod
+    def from_job(
+        cls,
+        training: Mapping[str, Any] | None,
+        *,
+        max_workers: int,
+        max_shards: int,
+        default_deadline_ms: int,
+    ) -> TrainingSpec:
+        t = dict(training or {})
+        steps, epochs = t.get("steps"), t.get("epochs")
+        if steps is not None and epochs is not None:
+            raise InvalidArgument("training.steps and training.epochs are exclusive; give one")
+        if steps is not None:
+            steps = _positive_int(t, "steps", DEFAULT_STEPS)
+        if epochs is not None and not (isinstance(epochs, int | float) and epochs > 0):
+            raise InvalidArgument(f"training.epochs={epochs!r} must be a positive number")
+        workers = _positive_int(t, "workers", 1)
+        if workers > max_workers:
+            raise InvalidArgument(
+                f"training.workers={workers} but only {max_workers} gradient-worker replicas "
+                "are deployed (MAAS_GRADIENT_WORKERS); ask for fewer or scale the workers"
+            )
+        shards = _positive_int(t, "shards", 1)
+        if shards > max_shards:
+            raise InvalidArgument(
+                f"training.shards={shards} but only {max_shards} aggregator shards are "
+                "deployed (MAAS_AGGREGATOR_SHARDS); ask for fewer or scale the aggregator"
+            )
+        quorum = t.get("quorum", 1.0)
+        if not (isinstance(quorum, int | float) and 0 < quorum <= 1):
+            raise InvalidArgument(f"training.quorum={quorum!r} must be in (0, 1]")
+        staleness = t.get("staleness", DEFAULT_STALENESS)
+        if isinstance(staleness, bool) or not isinstance(staleness, int) or staleness < 0:
+            raise InvalidArgument(f"training.staleness={staleness!r} must be an integer >= 0")
+        codec = str(t.get("gradient_codec", "none"))
+        parse_codec(codec)
+        freeze = t.get("freeze", [])
+        if not isinstance(freeze, list) or not all(isinstance(p, str) and p for p in freeze):
+            raise InvalidArgument("training.freeze must be a list of parameter-name prefixes")
+        seed = t.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InvalidArgument(f"training.seed={seed!r} must be an integer")
+        return cls(
+            steps=steps,
+            epochs=float(epochs) if epochs is not None else None,
+            batch_size=_positive_int(t, "batch_size", DEFAULT_BATCH_SIZE),
+            optimizer=_optimizer(t.get("optimizer")),
+            loss=_loss(t.get("loss")),
+            workers=workers,
+            mode=_choice(t, "mode", MODES, "sync"),
+            staleness=staleness,
+            quorum=float(quorum),
+            shards=shards,
+            split=_choice(t, "split", SPLITS, "horizontal"),
+            reduce=_choice(t, "reduce", REDUCES, "mean"),
+            gradient_codec=codec,
+            checkpoint_every=_positive_int(t, "checkpoint_every", DEFAULT_CHECKPOINT_EVERY),
+            freeze=tuple(freeze),
+            seed=seed,
+            step_deadline_ms=_positive_int(t, "step_deadline_ms", default_deadline_ms),
+        )
+
+    def total_steps(self, train_rows: int) -> int:
+        """Steps per worker: given, or enough for ``epochs`` passes over each worker's shard."""
+        if self.steps is not None:
+            return self.steps
+        if self.epochs is None:
+            return DEFAULT_STEPS
+        rows_per_worker = max(1, train_rows // self.workers)
+        return max(1, math.ceil(self.epochs * rows_per_worker / self.batch_size))
+
+    def loss_for(self, task: str) -> str:
+        expected = LOSSES[task]
+        if self.loss is not None and self.loss != expected:
+            raise InvalidArgument(
+                f"training.loss={self.loss!r} does not fit a {task} dataset; use {expected!r}"
+            )
+        return expected
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["optimizer"] = self.optimizer.to_json()
+        out["freeze"] = list(self.freeze)
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> TrainingSpec:
+        values = dict(obj)
+        values["optimizer"] = OptimizerSpec.from_json(values["optimizer"])
+        values["freeze"] = tuple(values.get("freeze", ()))
+        return cls(**values)
+
+
+def _loss(value: Any) -> str | None:
+    if value is not None and value not in LOSSES.values():
+        raise InvalidArgument(
+            f"training.loss={value!r} is unknown; use one of {sorted(LOSSES.values())}"
+        )
+    return value
+
+
+def _optimizer(raw: Any) -> OptimizerSpec:
+    if raw is None:
+        return OptimizerSpec()
+    if not isinstance(raw, Mapping):
+        raise InvalidArgument("training.optimizer must be a map {name, lr, momentum, weight_decay}")
+    known = {"name", "lr", "momentum", "weight_decay", "beta1", "beta2", "eps"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InvalidArgument(
+            f"training.optimizer has unknown keys {unknown}; known {sorted(known)}"
+        )
+    for key, value in raw.items():
+        if key != "name" and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise InvalidArgument(f"training.optimizer.{key}={value!r} must be a number")
+    numbers = {k: float(v) for k, v in raw.items() if k != "name"}
+    return OptimizerSpec(name=str(raw.get("name", "sgd")), **numbers)
+
+
+def frozen_names(names: Sequence[str], prefixes: Sequence[str]) -> set[str]:
+    """Parameter names matched by ``training.freeze``; every prefix must match something."""
+    frozen: set[str] = set()
+    for prefix in prefixes:
+        hits = {n for n in names if n.startswith(prefix)}
+        if not hits:
+            raise InvalidArgument(
+                f"training.freeze prefix {prefix!r} matches no parameter; parameters are "
+                f"{list(names)}"
+            )
+        frozen |= hits
+    if frozen == set(names):
+        raise InvalidArgument("training.freeze freezes every parameter; nothing would train")
+    return frozen
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """Everything a worker or shard needs, fixed when the job is accepted."""
+
+    job_id: str
+    kind: str  # train | finetune
+    arch: str
+    config: dict[str, Any]
+    dataset_uri: str
+    dataset_task: str
+    dataset_fraction: float
+    training: TrainingSpec
+    loss: str
+    total_steps: int
+    layout: FlatLayout  # trainable parameters only, in named_parameters order
+    partitions: tuple[ParamPartition, ...]
+    register_name: str
+    register_alias: str | None = None
+    parent: dict[str, Any] | None = None  # {name, version} of the finetune base
+
+    @property
+    def workers(self) -> int:
+        return self.training.workers
+
+    @property
+    def shards(self) -> int:
+        return len(self.partitions)
+
+    @property
+    def target_version(self) -> int:
+        """Parameter versions a shard applies before it is done.
+
+        Sync: one per step. Async: one per accepted gradient, and each worker computes
+        ``total_steps`` of them, so the job sees as many samples in both modes.
+        """
+        if self.training.mode == "async":
+            return self.total_steps * self.workers
+        return self.total_steps
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["training"] = self.training.to_json()
+        out["layout"] = self.layout.to_json()
+        out["partitions"] = [p.to_json() for p in self.partitions]
+        return out
+
+    @classmethod
+    def from_json(cls, obj: Mapping[str, Any]) -> JobPlan:
+        values = dict(obj)
+        values["training"] = TrainingSpec.from_json(values["training"])
+        values["layout"] = FlatLayout.from_json(values["layout"])
+        values["partitions"] = tuple(ParamPartition.from_json(p) for p in values["partitions"])
+        return cls(**values)
+
+
+def make_plan(
+    *,
+    job_id: str,
+    kind: str,
+    arch: str,
+    config: Mapping[str, Any],
+    dataset: Mapping[str, Any],
+    dataset_task: str,
+    train_rows: int,
+    training: TrainingSpec,
+    trainable: Sequence[tuple[str, Sequence[int]]],
+    register_name: str,
+    register_alias: str | None = None,
+    parent: Mapping[str, Any] | None = None,
+) -> JobPlan:
+    """Fix the layout of the trainable parameters and split it over the job's shards."""
+    layout = FlatLayout.from_shapes(trainable)
+    if train_rows < training.workers:
+        raise InvalidArgument(
+            f"dataset {dataset['uri']} has {train_rows} training rows, fewer than "
+            f"training.workers={training.workers}"
+        )
+    return JobPlan(
+        job_id=job_id,
+        kind=kind,
+        arch=arch,
+        config=dict(config),
+        dataset_uri=str(dataset["uri"]),
+        dataset_task=dataset_task,
+        dataset_fraction=float(dataset.get("fraction", 1.0)),
+        training=training,
+        loss=training.loss_for(dataset_task),
+        total_steps=training.total_steps(train_rows),
+        layout=layout,
+        partitions=tuple(partition(layout, training.shards, training.split)),
+        register_name=register_name,
+        register_alias=register_alias,
+        parent=dict(parent) if parent else None,
+    )

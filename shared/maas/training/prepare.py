@@ -1,0 +1,169 @@
+"""Turn a validated ``train``/``finetune`` job event into a plan and initial weights (torch).
+
+What the JSON Schema cannot check is checked here, each error naming the field: the arch exists,
+the model fits the data (input features, classes), a finetune names a base that loads, freeze
+prefixes match. For ``finetune`` the base's weights are the starting point; when the new data has
+a different class count the ``head`` is rebuilt (seeded) and everything else is kept.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from maas import datasets, zoo
+from maas.errors import InvalidArgument
+from maas.training.plan import JobPlan, TrainingSpec, frozen_names, make_plan
+from maas.training.replica import trainable_shapes
+
+HEAD_PREFIX = "head."
+TRAINING_TYPES: tuple[str, ...] = ("train", "finetune")
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """A registry version to start from."""
+
+    module: nn.Module
+    arch: str
+    config: dict[str, Any]
+    name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_workers: int
+    max_shards: int
+    default_deadline_ms: int
+
+
+@dataclass(frozen=True)
+class PreparedJob:
+    plan: JobPlan
+    state: dict[str, torch.Tensor]  # every tensor of the starting model, frozen ones included
+    dataset: datasets.Dataset
+
+
+FetchDataset = Callable[[str], bytes]  # s3://bucket/key.npz -> bytes
+LoadBase = Callable[[Mapping[str, Any]], BaseModel]  # the job's `base` map -> model
+
+
+def load_dataset(
+    spec: Mapping[str, Any], *, seed: int, fetch: FetchDataset | None
+) -> datasets.Dataset:
+    uri = str(spec.get("uri", ""))
+    if uri.startswith("builtin:"):
+        data = datasets.load_builtin(uri.removeprefix("builtin:"))
+    elif uri.startswith("s3://") and fetch is not None:
+        data = datasets.from_npz(uri, fetch(uri), task=spec.get("task"))
+    else:
+        raise InvalidArgument(
+            f"dataset.uri={uri!r} is not readable; use builtin:<name> or s3://bucket/key.npz"
+        )
+    task = spec.get("task")
+    if task is not None and task != data.task:
+        raise InvalidArgument(f"dataset.task={task!r} but {uri} is a {data.task} dataset")
+    fraction = spec.get("fraction")
+    return data.subset(float(fraction), seed=seed) if fraction is not None else data
+
+
+def _check_fit(arch: str, config: Mapping[str, Any], data: datasets.Dataset, field: str) -> None:
+    features = math.prod(zoo.input_shape(arch, dict(config)))
+    if features != data.num_features:
+        raise InvalidArgument(
+            f"{field}: arch {arch!r} takes {features} input features but {data.name} rows have "
+            f"{data.num_features}"
+        )
+    outputs = math.prod(zoo.output_shape(arch, dict(config)))
+    needed = data.num_classes if data.task == "classification" else int(data.y_train.shape[1])
+    if (data.task == "classification" and outputs < needed) or (
+        data.task == "regression" and outputs != needed
+    ):
+        raise InvalidArgument(
+            f"{field}: the model has {outputs} outputs but {data.name} needs {needed}; set "
+            "model.config.num_classes accordingly"
+        )
+
+
+def _from_base(
+    base: BaseModel, data: datasets.Dataset, seed: int
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    config = dict(base.config)
+    state = {k: v.detach().clone() for k, v in base.module.state_dict().items()}
+    if data.task == "classification" and config.get("num_classes") != data.num_classes:
+        # New task, new label space: keep the features, start a fresh head for it.
+        config["num_classes"] = data.num_classes
+        fresh = zoo.build(base.arch, config, seed=seed).state_dict()
+        state = {k: (fresh[k] if k.startswith(HEAD_PREFIX) else v) for k, v in state.items()}
+    return config, state
+
+
+def prepare_job(
+    event: Mapping[str, Any],
+    *,
+    limits: Limits,
+    fetch_dataset: FetchDataset | None = None,
+    load_base: LoadBase | None = None,
+) -> PreparedJob:
+    kind = event.get("type")
+    if kind not in TRAINING_TYPES:
+        raise InvalidArgument(f"type={kind!r} is not a training job; use one of {TRAINING_TYPES}")
+    training = TrainingSpec.from_job(
+        event.get("training"),
+        max_workers=limits.max_workers,
+        max_shards=limits.max_shards,
+        default_deadline_ms=limits.default_deadline_ms,
+    )
+    if "dataset" not in event:
+        raise InvalidArgument("dataset is required: {uri: builtin:<name> | s3://bucket/key.npz}")
+    data = load_dataset(event["dataset"], seed=training.seed, fetch=fetch_dataset)
+    model_spec = event.get("model") or {}
+    parent: dict[str, Any] | None = None
+    if kind == "finetune":
+        if "base" not in event or load_base is None:
+            raise InvalidArgument("base is required for a finetune job: {name, version | alias}")
+        base = load_base(event["base"])
+        arch = base.arch
+        config, state = _from_base(base, data, training.seed)
+        parent = {"name": base.name, "version": base.version}
+        field = "base"
+    else:
+        if "arch" not in model_spec:
+            raise InvalidArgument("model.arch is required for a train job, e.g. {arch: mlp}")
+        arch = str(model_spec["arch"])
+        try:
+            config = zoo.config_to_dict(zoo.parse_config(arch, model_spec.get("config")))
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"model: {exc.message}") from None
+        state = dict(zoo.build(arch, config, seed=training.seed).state_dict())
+        field = "model.config"
+    _check_fit(arch, config, data, field)
+    model = zoo.build(arch, config)
+    frozen = frozen_names([n for n, _ in model.named_parameters()], training.freeze)
+    register = event.get("register_as") or {}
+    name = (
+        register.get("name")
+        or model_spec.get("name")
+        or (parent["name"] if parent else event["job_id"])
+    )
+    plan = make_plan(
+        job_id=str(event["job_id"]),
+        kind=str(kind),
+        arch=arch,
+        config=config,
+        dataset=event["dataset"],
+        dataset_task=data.task,
+        train_rows=len(data.x_train),
+        training=training,
+        trainable=trainable_shapes(model, frozen),
+        register_name=str(name),
+        register_alias=register.get("alias"),
+        parent=parent,
+    )
+    return PreparedJob(plan, state, data)

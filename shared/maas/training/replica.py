@@ -1,0 +1,120 @@
+"""A worker's model replica (torch): trainable parameters and their gradients live in two flat
+fp32 vectors, so installing a shard's new values is one slice copy and a partition's gradient
+is a view, never a per-tensor gather.
+
+Also the loss functions and the held-out evaluation every part of the platform uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maas import zoo
+from maas.errors import InvalidArgument
+from maas.training.layout import FlatLayout
+
+
+def compute_loss(name: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if name == "cross_entropy":
+        return F.cross_entropy(output, target)
+    if name == "mse":
+        return F.mse_loss(output, target.reshape(output.shape))
+    raise InvalidArgument(f"loss {name!r} is unknown; use cross_entropy or mse")
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    loss: float
+    accuracy: float | None
+    samples: int
+
+
+def _accuracy(output: torch.Tensor, target: torch.Tensor, loss: str) -> float | None:
+    if loss != "cross_entropy":
+        return None
+    return float((output.argmax(dim=1) == target).float().mean())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: str) -> dict[str, float]:
+    """Loss (and accuracy for classification) of ``model`` on held-out rows."""
+    was_training = model.training
+    model.eval()
+    try:
+        output = model(torch.from_numpy(np.ascontiguousarray(x)))
+        target = torch.from_numpy(np.ascontiguousarray(y))
+        metrics = {"loss": float(compute_loss(loss, output, target))}
+        accuracy = _accuracy(output, target, loss)
+        if accuracy is not None:
+            metrics["accuracy"] = accuracy
+        return metrics
+    finally:
+        model.train(was_training)
+
+
+def trainable_shapes(model: nn.Module, frozen: set[str]) -> list[tuple[str, list[int]]]:
+    return [(n, list(p.shape)) for n, p in model.named_parameters() if n not in frozen]
+
+
+class Replica:
+    """A model whose trainable parameters are views into ``flat`` and gradients into ``grad``."""
+
+    def __init__(
+        self,
+        arch: str,
+        config: Mapping[str, Any],
+        state: Mapping[str, torch.Tensor],
+        layout: FlatLayout,
+        loss: str,
+    ) -> None:
+        self.model = zoo.build(arch, dict(config))
+        self.model.load_state_dict(dict(state), strict=True)
+        self.model.train()
+        self.layout = layout
+        self.loss = loss
+        self.flat = torch.zeros(layout.size, dtype=torch.float32)
+        self.grad = torch.zeros(layout.size, dtype=torch.float32)
+        params = dict(self.model.named_parameters())
+        missing = sorted(set(layout.names) - set(params))
+        if missing:
+            raise InvalidArgument(f"the plan's parameters {missing} are not in the {arch} model")
+        trainable = set(layout.names)
+        for name, param in params.items():
+            param.requires_grad_(name in trainable)
+        for spec in layout.specs:
+            param = params[spec.name]
+            view = self.flat[spec.offset : spec.stop].view(spec.shape)
+            view.copy_(param.detach())
+            # The parameter now *is* a slice of `flat`, and backward accumulates into `grad`.
+            param.data = view
+            param.grad = self.grad[spec.offset : spec.stop].view(spec.shape)
+
+    @property
+    def flat_numpy(self) -> np.ndarray:
+        return self.flat.numpy()
+
+    @property
+    def grad_numpy(self) -> np.ndarray:
+        return self.grad.numpy()
+
+    def compute(self, x: np.ndarray, y: np.ndarray) -> BatchResult:
+        """Forward and backward on one batch; the mean-loss gradient lands in ``grad``."""
+        self.grad.zero_()
+        inputs = torch.from_numpy(np.ascontiguousarray(x))
+        target = torch.from_numpy(np.ascontiguousarray(y))
+        output = self.model(inputs)
+        loss = compute_loss(self.loss, output, target)
+        loss.backward()
+        return BatchResult(
+            float(loss.detach()), _accuracy(output.detach(), target, self.loss), len(x)
+        )
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -1,0 +1,168 @@
+"""Gradient codecs: what survives the wire, and error feedback."""
+
+from __future__ import annotations
+
+import msgpack
+import numpy as np
+import pytest
+
+from maas.codec import tensor_to_map
+from maas.errors import InvalidArgument
+from maas.training.codecs import (
+    ErrorFeedback,
+    Int8Codec,
+    NoneCodec,
+    SparseGradient,
+    TopKCodec,
+    axpy,
+    parse_codec,
+)
+
+
+def _grad(n: int = 10_000, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).normal(size=n).astype(np.float32)
+
+
+def _wire(payload: dict) -> dict:
+    return msgpack.unpackb(msgpack.packb(payload, use_bin_type=True), raw=False)
+
+
+def _dense(codec_spec: str, grad: np.ndarray) -> np.ndarray:
+    codec = parse_codec(codec_spec)
+    out = np.zeros_like(grad)
+    codec.decode(_wire(codec.encode(grad)), len(grad)).add_to(out)
+    return out
+
+
+def test_none_is_exact() -> None:
+    grad = _grad()
+    np.testing.assert_array_equal(_dense("none", grad), grad)
+
+
+def test_fp16_is_within_half_precision() -> None:
+    grad = _grad()
+    np.testing.assert_allclose(_dense("fp16", grad), grad, rtol=1e-3, atol=1e-4)
+
+
+def test_fp16_clips_instead_of_overflowing_to_inf() -> None:
+    out = _dense("fp16", np.array([1e6, -1e6, 1.0], dtype=np.float32))
+    assert np.isfinite(out).all() and out[0] == 65504.0
+
+
+def test_int8_error_is_at_most_half_a_step() -> None:
+    grad = _grad()
+    step = np.abs(grad).max() / 127
+    assert np.abs(_dense("int8", grad) - grad).max() <= step / 2 + 1e-6
+
+
+def test_int8_of_a_zero_gradient_is_zero() -> None:
+    grad = np.zeros(100, dtype=np.float32)
+    np.testing.assert_array_equal(_dense("int8", grad), grad)
+
+
+def test_topk_sends_exactly_the_largest_magnitudes() -> None:
+    grad = _grad(1000)
+    payload = TopKCodec(0.01).encode(grad)
+    decoded = TopKCodec(0.01).decode(_wire(payload), 1000)
+    assert isinstance(decoded, SparseGradient)
+    expected = np.sort(np.argsort(-np.abs(grad))[:10])
+    np.testing.assert_array_equal(decoded.indices, expected)
+    np.testing.assert_array_equal(decoded.values, grad[expected])
+
+
+def test_topk_bytes_shrink_with_the_ratio() -> None:
+    grad = _grad(100_000)
+    dense = len(msgpack.packb(NoneCodec().encode(grad), use_bin_type=True))
+    sparse = len(msgpack.packb(TopKCodec(0.004).encode(grad), use_bin_type=True))
+    assert dense / sparse > 100
+
+
+def test_write_to_overwrites_what_was_there() -> None:
+    grad = _grad(50)
+    codec = TopKCodec(0.1)
+    out = np.full(50, 7.0, dtype=np.float32)
+    codec.decode(codec.encode(grad), 50).write_to(out, 2.0)
+    assert np.count_nonzero(out) == 5
+
+
+@pytest.mark.parametrize("spec", ["int8", "topk(0.01)"])
+def test_error_feedback_delivers_everything_eventually(spec: str) -> None:
+    codec = parse_codec(spec)
+    feedback = ErrorFeedback(codec)
+    sent = np.zeros(2000, dtype=np.float32)
+    total = np.zeros(2000, dtype=np.float32)
+    for step in range(30):
+        grad = _grad(2000, seed=step)
+        total += grad
+        codec.decode(_wire(feedback.encode(grad)), 2000).add_to(sent)
+    # Invariant: what was sent plus what is still held back is exactly what was computed.
+    assert feedback.residual is not None
+    np.testing.assert_allclose(sent + feedback.residual, total, atol=1e-4)
+
+
+def test_lossless_codecs_keep_no_residual() -> None:
+    feedback = ErrorFeedback(parse_codec("fp16"))
+    feedback.encode(_grad())
+    assert feedback.residual is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("none", "none"),
+        ("fp16", "fp16"),
+        ("int8", "int8"),
+        ("topk", "topk(0.01)"),
+        ("topk(0.001)", "topk(0.001)"),
+    ],
+)
+def test_parse_codec_accepts_the_documented_names(spec: str, expected: str) -> None:
+    assert parse_codec(spec).name == expected
+
+
+@pytest.mark.parametrize("spec", ["gzip", "topk(0)", "topk(2)", "topk()", "int4"])
+def test_parse_codec_names_the_field_and_the_choices(spec: str) -> None:
+    with pytest.raises(InvalidArgument, match="training.gradient_codec"):
+        parse_codec(spec)
+
+
+def test_decode_refuses_a_payload_of_the_wrong_size() -> None:
+    with pytest.raises(InvalidArgument, match="partition has 5"):
+        NoneCodec().decode(NoneCodec().encode(_grad(4)), 5)
+
+
+def test_decode_refuses_a_payload_of_the_wrong_dtype() -> None:
+    with pytest.raises(InvalidArgument, match="int8"):
+        Int8Codec().decode({"values": tensor_to_map(_grad(4)), "scale": 1.0}, 4)
+
+
+def test_decode_refuses_int8_without_a_scale() -> None:
+    payload = Int8Codec().encode(_grad(4))
+    payload.pop("scale")
+    with pytest.raises(InvalidArgument, match="scale"):
+        Int8Codec().decode(payload, 4)
+
+
+def test_topk_decode_refuses_an_index_outside_the_partition() -> None:
+    payload = {
+        "indices": tensor_to_map(np.array([3, 9], dtype=np.uint32)),
+        "values": tensor_to_map(np.ones(2, dtype=np.float32)),
+    }
+    with pytest.raises(InvalidArgument, match="outside the partition"):
+        TopKCodec().decode(payload, 5)
+
+
+def test_topk_decode_refuses_repeated_indices() -> None:
+    payload = {
+        "indices": tensor_to_map(np.array([1, 1], dtype=np.uint32)),
+        "values": tensor_to_map(np.ones(2, dtype=np.float32)),
+    }
+    with pytest.raises(InvalidArgument, match="unique"):
+        TopKCodec().decode(payload, 5)
+
+
+def test_axpy_accepts_read_only_and_low_precision_inputs() -> None:
+    target = np.ones(200_000, dtype=np.float32)
+    x = np.frombuffer(np.full(200_000, 2, dtype=np.int8).tobytes(), dtype=np.int8)
+    axpy(target, x, 0.5)
+    np.testing.assert_array_equal(target, np.full(200_000, 2.0, dtype=np.float32))

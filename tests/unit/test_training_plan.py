@@ -1,0 +1,124 @@
+"""Job validation and planning: every error names the field and what is accepted."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from maas import zoo
+from maas.errors import InvalidArgument, NotFound
+from maas.training.plan import JobPlan
+from maas.training.prepare import BaseModel, Limits, prepare_job
+
+LIMITS = Limits(max_workers=4, max_shards=2, default_deadline_ms=5000)
+
+
+def _job(**changes: Any) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        "job_id": "job-1",
+        "type": "train",
+        "model": {"name": "digits-mlp", "arch": "mlp", "config": {"hidden": [16]}},
+        "dataset": {"uri": "builtin:digits"},
+        "training": {"steps": 5, "workers": 2, "shards": 2},
+    }
+    job.update(changes)
+    return job
+
+
+def _training(**changes: Any) -> dict[str, Any]:
+    return _job(training={"steps": 5, **changes})
+
+
+def test_a_valid_job_gets_a_complete_plan_with_defaults() -> None:
+    plan = prepare_job(_job(), limits=LIMITS).plan
+    assert plan.total_steps == 5 and plan.workers == 2 and plan.shards == 2
+    assert plan.loss == "cross_entropy" and plan.training.mode == "sync"
+    assert plan.training.step_deadline_ms == 5000
+    assert plan.register_name == "digits-mlp"
+    assert sum(p.size for p in plan.partitions) == plan.layout.size
+
+
+def test_the_plan_survives_json() -> None:
+    plan = prepare_job(_job(), limits=LIMITS).plan
+    assert JobPlan.from_json(plan.to_json()) == plan
+
+
+def test_epochs_become_steps_per_worker() -> None:
+    plan = prepare_job(_training(steps=None, epochs=2, batch_size=32, workers=2), limits=LIMITS)
+    # digits has 1438 training rows: 719 per worker, 2 epochs of 32-row batches.
+    assert plan.plan.total_steps == 45
+
+
+@pytest.mark.parametrize(
+    ("job", "message"),
+    [
+        (_job(model={"arch": "transformer"}), r"model: unknown arch 'transformer'"),
+        (_job(model={"config": {}}), r"model\.arch is required"),
+        (_training(optimizer={"lr": -0.1}), r"training\.optimizer\.lr=-0\.1"),
+        (_training(optimizer={"lr": "fast"}), r"training\.optimizer\.lr='fast'"),
+        (_training(workers=9), r"training\.workers=9 .*MAAS_GRADIENT_WORKERS"),
+        (_training(shards=3), r"training\.shards=3 .*MAAS_AGGREGATOR_SHARDS"),
+        (_training(mode="eventual"), r"training\.mode='eventual'"),
+        (_training(loss="mse"), r"training\.loss='mse' does not fit a classification"),
+        (_training(steps=10, epochs=1), r"training\.steps and training\.epochs"),
+        (_training(gradient_codec="zip"), r"training\.gradient_codec='zip'"),
+        (_training(freeze=["nope."]), r"training\.freeze prefix 'nope\.'"),
+        (_training(freeze=["body.", "head."]), r"freezes every parameter"),
+        (_training(quorum=0), r"training\.quorum=0"),
+        (_job(dataset={"uri": "builtin:imagenet"}), r"unknown builtin dataset 'imagenet'"),
+        (_job(model={"arch": "mlp", "config": {"in_features": 10}}), r"takes 10 input features"),
+        (_job(model={"arch": "mlp", "config": {"num_classes": 3}}), r"has 3 outputs"),
+        (_job(type="finetune"), r"base is required"),
+        (_job(type="compress"), r"type='compress' is not a training job"),
+    ],
+)
+def test_invalid_jobs_are_refused_naming_the_field(job: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        prepare_job(job, limits=LIMITS)
+
+
+def test_a_job_without_a_dataset_says_what_to_give() -> None:
+    job = _job()
+    del job["dataset"]
+    with pytest.raises(InvalidArgument, match=r"dataset is required"):
+        prepare_job(job, limits=LIMITS)
+
+
+def _base(num_classes: int) -> BaseModel:
+    config = {"hidden": [16], "num_classes": num_classes}
+    return BaseModel(zoo.build("mlp", config, seed=3), "mlp", config, "digits-base", 4)
+
+
+def test_finetune_keeps_the_body_and_replaces_a_head_of_another_size() -> None:
+    base = _base(10)
+    job = _job(
+        type="finetune",
+        base={"name": "digits-base", "alias": "production"},
+        dataset={"uri": "builtin:digits-5-9"},
+        training={"steps": 3, "freeze": ["body."]},
+    )
+    prepared = prepare_job(job, limits=LIMITS, load_base=lambda _: base)
+    assert prepared.plan.config["num_classes"] == 5
+    assert prepared.state["head.weight"].shape == (5, 16)
+    assert torch.equal(prepared.state["body.0.weight"], base.module.state_dict()["body.0.weight"])
+    assert prepared.plan.layout.names == ["head.weight", "head.bias"]
+    assert prepared.plan.parent == {"name": "digits-base", "version": 4}
+    assert prepared.plan.register_name == "digits-mlp"
+
+
+def test_finetune_keeps_a_head_that_already_fits() -> None:
+    base = _base(5)
+    job = _job(type="finetune", base={"name": "digits-base"}, dataset={"uri": "builtin:digits-0-4"})
+    prepared = prepare_job(job, limits=LIMITS, load_base=lambda _: base)
+    assert torch.equal(prepared.state["head.weight"], base.module.state_dict()["head.weight"])
+
+
+def test_finetune_of_a_missing_base_reports_what_the_registry_said() -> None:
+    def missing(_: Any) -> BaseModel:
+        raise NotFound("model 'ghost' has no alias 'production'")
+
+    job = _job(type="finetune", base={"name": "ghost", "alias": "production"})
+    with pytest.raises(NotFound, match="ghost"):
+        prepare_job(job, limits=LIMITS, load_base=missing)

@@ -2,8 +2,9 @@
 
 Registration of one model is serialized: the next number is reserved, the files stream to
 ``<name>/<version>/``, ``manifest.json`` is written last, then the version row (with its outbox
-event) commits. Until that commit nothing is visible; on any failure the prefix is removed and
-the number is free again, so versions never skip. Other models register concurrently.
+event) commits. Until that commit nothing is visible; on any failure the number is free again
+(versions never skip) and the prefix is cleared, at the latest by the next attempt at that
+number. Other models register concurrently.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from maas.errors import MaasError
+from maas.errors import MaasError, Unavailable
 from maas.registry.types import (
     MANIFEST_FILE,
     ModelVersion,
@@ -99,6 +100,9 @@ class RegistryService:
         async with self._lock_for(request.name):
             version = await self.db(self.core.next_version, request.name)
             prefix = artifact_prefix(request.name, version)
+            # Whatever a crashed or failed attempt at this number left behind goes first, so the
+            # prefix ends up holding exactly this artifact.
+            await self._store.delete_prefix(self._bucket, prefix)
             try:
                 sizes = await self._sink.receive(prefix, manifest.files, chunks)
                 # Written last: a manifest in S3 means every file it lists is complete.
@@ -114,6 +118,8 @@ class RegistryService:
                     actor=request.actor,
                     alias=request.alias,
                 ), version=version)
+            except Unavailable:
+                raise  # S3 is away: the next registration of this number clears the prefix
             except BaseException:
                 await self._discard(prefix)
                 raise

@@ -70,6 +70,8 @@ class FakeStore:
         self.client.objects[f"{bucket}/{key}"] = (data, {})
 
     async def delete_prefix(self, bucket: str, prefix: str) -> int:
+        if self.client.down:
+            raise Unavailable("S3 is down")
         doomed = [k for k in self.client.objects if k.startswith(f"{bucket}/{prefix}")]
         for key in doomed:
             del self.client.objects[key]
@@ -238,6 +240,15 @@ async def test_s3_down_is_unavailable_and_leaves_no_version(
     server[1].client.down = False
     assert server[0].core.next_version("digits") == 1
     assert server[0].core.pending_events() == []
+
+
+async def test_leftovers_of_an_earlier_attempt_at_a_number_are_cleared(
+    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+) -> None:
+    stored = server[1].client.objects
+    stored["maas-models/digits/1/stale.bin"] = (b"from a crashed attempt", {})
+    await client.register_files("digits", {"w": WEIGHTS}, manifest_for({"w": WEIGHTS}))
+    assert sorted(stored) == ["maas-models/digits/1/manifest.json", "maas-models/digits/1/w"]
 
 
 async def test_concurrent_registrations_get_consecutive_versions(

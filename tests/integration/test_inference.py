@@ -7,6 +7,10 @@ Two servers run: one with dynamic batching, one without batching and with a bear
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -318,3 +322,30 @@ async def wait_for(condition, timeout_s: float = 60.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not reached in time"
         await asyncio.sleep(0.05)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+
+def test_maas_predict_prints_the_served_versions_answer(servers, digits, tmp_path):
+    x = rows(2, seed=5)
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "MAAS_INFERENCE_ADDR": servers.unbatched, "MAAS_INFERENCE_TOKEN": TOKEN}
+    done = subprocess.run(
+        [sys.executable, "-m", "maas.cli", "predict", f"{digits.name}@2",
+         "--input", str(tmp_path / "x.npy")],
+        env=env, capture_output=True, text=True, timeout=120, check=True,
+    )
+    answer = json.loads(done.stdout)
+    assert (answer["model"], answer["version"]) == (digits.name, 2)
+    assert_same(np.array(answer["outputs"]["output"]["data"], np.float32), digits.forward(2, x))
+    assert answer["argmax"] == digits.forward(2, x).argmax(axis=1).tolist()
+
+
+def test_maas_predict_reports_a_server_error_and_exits_nonzero(servers):
+    env = {**os.environ, "MAAS_INFERENCE_ADDR": servers.batched}
+    done = subprocess.run(
+        [sys.executable, "-m", "maas.cli", "predict", "no-such-model", "--input", "[1, 2]"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 1
+    assert "NotFound" in done.stderr and "no-such-model" in done.stderr

@@ -1,0 +1,124 @@
+"""`maas predict NAME[@VERSION|@ALIAS] --input FILE.npy|FILE.json|JSON`: one inference call.
+
+Talks the Open Inference Protocol to the inference server at MAAS_INFERENCE_ADDR (with
+MAAS_INFERENCE_TOKEN as the bearer token when set) and prints the outputs as JSON, or saves them
+with ``--output FILE.npy``. A ``.npy`` input is sent with its own dtype; JSON (a file or inline)
+becomes FP32. A single row may be given without the batch dimension.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from maas.config import Settings
+from maas.errors import InvalidArgument
+from maas.registry.types import ModelRef
+
+INPUT_NAME = "input"
+
+
+def _ref(text: str) -> ModelRef:
+    try:
+        return ModelRef.parse(text)
+    except InvalidArgument as exc:
+        raise argparse.ArgumentTypeError(exc.message) from None
+
+
+def read_input(spec: str) -> np.ndarray:
+    """The tensor named by ``--input``: a .npy file, a .json file, or inline JSON."""
+    path = Path(spec)
+    if spec.endswith(".npy"):
+        try:
+            array: np.ndarray = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"--input {spec}: not a readable .npy array: {exc}") from None
+    else:
+        try:
+            text = path.read_text() if spec.endswith(".json") else spec
+            array = np.asarray(json.loads(text), dtype=np.float32)
+        except (OSError, ValueError, TypeError) as exc:
+            raise InvalidArgument(
+                f"--input {spec[:60]!r}: not a .npy file, a .json file or a JSON array of "
+                f"numbers ({exc})"
+            ) from None
+    if array.ndim == 0:
+        raise InvalidArgument("--input is a single number; give at least one row of features")
+    return array.reshape(1, -1) if array.ndim == 1 else array
+
+
+def datatype_of(dtype: np.dtype[Any]) -> str:
+    """numpy dtype -> OIP datatype: float32 -> FP32, int64 -> INT64, bool -> BOOL."""
+    if dtype.kind not in "biuf" or dtype.itemsize > 8:
+        raise InvalidArgument(f"dtype {dtype.name} has no Open Inference Protocol datatype")
+    return dtype.name.replace("float", "fp").upper()
+
+
+def dtype_of(datatype: str) -> np.dtype[Any]:
+    """The inverse of ``datatype_of`` (little-endian, as on the wire)."""
+    return np.dtype(datatype.lower().replace("fp", "float")).newbyteorder("<")
+
+
+async def predict(settings: Settings, ref: ModelRef, x: np.ndarray) -> dict[str, Any]:
+    from maas.oip import grpc_predict_v2_pb2 as pb
+    from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+    from maas.registry.client import error_from_rpc
+
+    version = str(ref.version) if ref.version is not None else ref.alias or ""
+    request = pb.ModelInferRequest(model_name=ref.name, model_version=version)
+    request.inputs.add(name=INPUT_NAME, datatype=datatype_of(x.dtype), shape=list(x.shape))
+    request.raw_input_contents.append(np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes())
+    metadata = [("authorization", f"Bearer {settings.inference_token}")] \
+        if settings.inference_token else None
+    limit = settings.grpc_max_message_bytes
+    async with grpc.aio.insecure_channel(settings.inference_addr, options=[
+        ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
+    ]) as channel:
+        try:
+            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+                request, metadata=metadata, timeout=60)
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, f"predict {ref} (inference at {settings.inference_addr})") \
+                from None
+    outputs = {}
+    for out, raw in zip(reply.outputs, reply.raw_output_contents, strict=True):
+        outputs[out.name] = np.frombuffer(raw, dtype_of(out.datatype)).reshape(tuple(out.shape))
+    return {"model": reply.model_name, "version": int(reply.model_version), "outputs": outputs}
+
+
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    answer = asyncio.run(predict(settings, args.ref, read_input(args.input)))
+    outputs: dict[str, np.ndarray] = answer["outputs"]
+    if args.output:
+        np.save(args.output, outputs["output"], allow_pickle=False)
+    print(json.dumps({
+        "model": answer["model"],
+        "version": answer["version"],
+        "outputs": {name: {"shape": list(a.shape), "dtype": a.dtype.name,
+                           **({} if args.output else {"data": a.tolist()})}
+                    for name, a in outputs.items()},
+        "argmax": outputs["output"].argmax(axis=-1).tolist() if "output" in outputs else None,
+    }, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "predict", help="run one inference on a served model",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  maas predict digits-mlp --input row.npy\n"
+               "  maas predict digits-mlp@3 --input '[[0.1, 0.2, ...]]'\n"
+               "  maas predict digits-mlp@staging --input batch.json --output out.npy",
+    )
+    p.add_argument("ref", type=_ref, metavar="NAME[@VERSION|@ALIAS]",
+                   help="model (alias production when no version is given)")
+    p.add_argument("--input", required=True, metavar="FILE.npy|FILE.json|JSON",
+                   help="the input tensor: rows of features")
+    p.add_argument("--output", metavar="FILE.npy", help="save the output here instead of printing")
+    p.set_defaults(func=_run)

@@ -9,22 +9,44 @@ tampered parent) goes to the DLQ via the bus, and ``on_dead_letter`` tells the c
 from __future__ import annotations
 
 import logging
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, start_http_server
 
 from maas import events
 from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
 from maas.config import Settings
+from maas.errors import SchemaViolation
 from maas.registry.client import RegistryClient
 from maas.store import ObjectStore, parse_uri
 from maas.topics import JOB_STATUS, JOBS
-from services.compressor.core import Compressor, failed_status
+from services.compressor.core import JOB_TYPE, Compressor, failed_status
 
 log = logging.getLogger(__name__)
 
 GROUP_ID = "maas-compressor"
 
 
+class Metrics:
+    """Prometheus counters; a registry of its own so tests can build several services."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.jobs = Counter(
+            "maas_compress_jobs", "compress jobs by outcome", ["outcome"], registry=self.registry
+        )
+        self.variants = Counter(
+            "maas_compress_variants",
+            "variants registered by method",
+            ["method", "format"],
+            registry=self.registry,
+        )
+
+
 class CompressorService:
     def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.metrics = Metrics()
         self._producer = EventProducer(settings, client_id="compressor")
         self._registry = RegistryClient(settings, actor="compressor")
         store = ObjectStore(settings)
@@ -46,6 +68,9 @@ class CompressorService:
         await self._producer.start()
         await self._registry.start()
         await self._consumer.start()
+        if self._settings.metrics_port:
+            # Opened once consuming: the port answering means the service is up (stack waits).
+            start_http_server(self._settings.metrics_port, registry=self.metrics.registry)
 
     async def run(self) -> None:
         await self._consumer.run()
@@ -59,10 +84,28 @@ class CompressorService:
         await self._producer.send(JOB_STATUS, event, key=str(event["job_id"]))
 
     async def _handle(self, record: Record) -> None:
-        await self.core.handle(record.event)
+        versions = await self.core.handle(record.event)
+        for version in versions:
+            self.metrics.variants.labels(version.method or "", version.format).inc()
+        if versions:
+            self.metrics.jobs.labels("succeeded").inc()
 
     async def _failed(self, letter: DeadLetter) -> None:
-        job_id = (letter.event or {}).get("job_id") or letter.key
-        if not job_id:
-            return  # undecodable and unkeyed: nobody to tell, the DLQ holds it
-        await self._publish(failed_status(str(job_id), letter.code, letter.message))
+        job = _job_of(letter)
+        # Every job consumer sees every job; only the one whose type it is reports on it.
+        if job.get("type") != JOB_TYPE:
+            return
+        self.metrics.jobs.labels("failed").inc()
+        job_id = job.get("job_id") or letter.key
+        if job_id:
+            await self._publish(failed_status(str(job_id), letter.code, letter.message))
+
+
+def _job_of(letter: DeadLetter) -> dict[str, Any]:
+    """The dead-lettered job as far as it decodes (schema violations arrive undecoded)."""
+    if letter.event is not None:
+        return letter.event
+    try:
+        return events.decode(letter.value, letter.headers)
+    except SchemaViolation:
+        return {}

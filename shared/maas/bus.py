@@ -204,10 +204,16 @@ class EventProducer:
         *,
         key: str | None = None,
         headers: Headers | None = None,
+        partition: int | None = None,
     ) -> Any:
-        """Validate, encode and send one event; returns once the broker acknowledged it."""
+        """Validate, encode and send one event; returns once the broker acknowledged it.
+
+        ``partition`` overrides the key's hash (training routes shard ``s`` to ``s % n``).
+        """
         events.validate(event)
-        return await self.send_raw(topic, events.encode(event), key=key, headers=headers)
+        return await self.send_raw(
+            topic, events.encode(event), key=key, headers=headers, partition=partition
+        )
 
     async def send_raw(
         self,
@@ -216,6 +222,7 @@ class EventProducer:
         *,
         key: str | None = None,
         headers: Headers | None = None,
+        partition: int | None = None,
     ) -> Any:
         producer = self._require()
         try:
@@ -224,6 +231,7 @@ class EventProducer:
                 value,
                 key=None if key is None else key.encode(),
                 headers=headers or None,
+                partition=partition,
             )
         except KafkaError as exc:
             raise Unavailable(f"sending to {_topic_name(topic)} failed: {exc}") from exc

@@ -63,6 +63,18 @@ class ManagedProcess:
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
         self.pid_file.write_text(f"{proc.pid}\n")
+        # Until exec happens the child still shows our command line; waiting here keeps
+        # `alive()` from calling a process that is merely starting dead.
+        deadline = time.monotonic() + 10.0
+        while not _is_ours(proc.pid, self.marker):
+            if proc.poll() is not None:
+                raise FailedPrecondition(
+                    f"{self.name} exited at once (rc {proc.returncode}); log {self.log_file}:\n"
+                    f"{self.log_tail()}"
+                )
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         return proc.pid
 
     def stop(self, *, timeout_s: float = 20.0) -> bool:

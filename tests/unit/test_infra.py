@@ -131,3 +131,42 @@ def test_operations_doc_lists_every_infra_setting() -> None:
     infra += ["MAAS_STATE_DIR", "MAAS_CACHE_DIR"]
     missing = [name for name in infra if f"`{name}`" not in doc]
     assert not missing, f"add to docs/OPERATIONS.md (see `maas config --markdown`): {missing}"
+
+
+def test_managed_process_is_alive_right_after_start_and_stops(tmp_path: Path) -> None:
+    marker = str(tmp_path / "marker")
+    proc = ManagedProcess(
+        "sleeper", tmp_path / "s.pid", tmp_path / "s.log", marker=marker, die_with_parent=True
+    )
+    argv = [sys.executable, "-c", "import time; time.sleep(60)", marker]
+    pid = proc.start(argv, cwd=tmp_path)
+    try:
+        assert proc.alive() and proc.pid() == pid
+        assert proc.start(argv, cwd=tmp_path) == pid  # already running: no second copy
+    finally:
+        assert proc.stop(timeout_s=5) is True
+    assert not proc.alive() and not (tmp_path / "s.pid").exists()
+
+
+def test_a_process_that_dies_at_once_is_reported_with_its_log(tmp_path: Path) -> None:
+    from maas.errors import FailedPrecondition
+
+    marker = str(tmp_path / "marker")
+    proc = ManagedProcess("crasher", tmp_path / "c.pid", tmp_path / "c.log", marker=marker)
+    argv = ["/bin/sh", "-c", "echo boom-from-child; exit 3", marker]
+    try:
+        proc.start(argv, cwd=tmp_path)
+    except FailedPrecondition as exc:
+        assert "boom-from-child" in exc.message
+    else:  # it exec'd before we looked: then it must at least not count as alive
+        assert wait_dead(proc)
+
+
+def wait_dead(proc: ManagedProcess) -> bool:
+    import time
+
+    for _ in range(100):
+        if not proc.alive():
+            return True
+        time.sleep(0.05)
+    return False

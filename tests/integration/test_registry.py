@@ -9,10 +9,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import os
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +19,8 @@ import pytest
 import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from infra.proc import free_port, port_open
+from infra.proc import free_port
+from infra.stack import PythonService
 from maas import events, zoo
 from maas.artifacts import WEIGHTS_FILE, pack
 from maas.config import Settings
@@ -40,38 +37,29 @@ MLP = {"in_features": 64, "hidden": [32], "num_classes": 10}
 
 
 class RegistryProcess:
-    """`python -m services.model_registry` with its own state dir, stopped by its PID."""
+    """`python -m services.model_registry` on a free port with its own state dir (its SQLite
+    file), stopped by its PID; ``env`` overrides MAAS_* of the stack."""
 
-    def __init__(self, settings: Settings, state_dir: Path) -> None:
-        self.port = free_port()
-        self.settings = settings.replace(registry_addr=f"127.0.0.1:{self.port}",
-                                         registry_listen=f"127.0.0.1:{self.port}",
-                                         state_dir=str(state_dir))
-        self.log = state_dir / "registry.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def env(self) -> dict[str, str]:
-        return {**os.environ, **{k: v for k, v in self.settings.describe().items() if v != "***"},
-                "MAAS_S3_ACCESS_KEY": self.settings.s3_access_key,
-                "MAAS_S3_SECRET_KEY": self.settings.s3_secret_key}
+    def __init__(self, settings: Settings, workdir: Path, **env: str) -> None:
+        port = free_port()
+        state_dir = workdir / "state"
+        self.settings = settings.replace(registry_addr=f"127.0.0.1:{port}")
+        self.service = PythonService(
+            "model-registry", "services.model_registry", "127.0.0.1", port, workdir,
+            {"MAAS_REGISTRY_LISTEN": f"127.0.0.1:{port}", "MAAS_STATE_DIR": str(state_dir),
+             **env},
+        )
 
     def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services.model_registry"],
-                                         env=self.env(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not port_open("127.0.0.1", self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"registry did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.1)
+        self.service.start(wait=False)
+        # Until the child has exec'd, its /proc cmdline lacks the marker and it reads as dead.
+        deadline = time.monotonic() + 10
+        while not self.service.process.alive() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.service.wait_ready(timeout_s=60)
 
-    def stop(self) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGTERM)
-        code = self.proc.wait(timeout=30)
-        self.proc = None
-        return code
+    def stop(self) -> bool:
+        return self.service.stop()
 
 
 @pytest.fixture(scope="module")
@@ -81,8 +69,7 @@ def registry_process(stack, tmp_path_factory) -> Iterator[RegistryProcess]:
     try:
         yield process
     finally:
-        if process.proc is not None:
-            process.stop()
+        process.stop()
 
 
 @pytest.fixture
@@ -223,8 +210,8 @@ async def test_bytes_changed_in_s3_after_registration_are_refused_on_load(
 
 
 async def test_s3_down_is_unavailable_and_registers_nothing(stack, tmp_path) -> None:
-    dead_s3 = stack.settings.replace(s3_endpoint=f"127.0.0.1:{free_port()}")
-    process = RegistryProcess(dead_s3, tmp_path / "no-s3")
+    process = RegistryProcess(stack.settings, tmp_path,
+                              MAAS_S3_ENDPOINT=f"127.0.0.1:{free_port()}")
     process.start()
     try:
         async with RegistryClient(process.settings) as client:
@@ -245,7 +232,7 @@ async def test_a_restart_keeps_versions_aliases_and_history(
         await client.register(model, name, "mlp", MLP, alias="staging")
         await client.register(model, name, "mlp", MLP)
         await client.set_alias(name, "staging", 2)
-    assert registry_process.stop() == 0
+    assert registry_process.stop()
     registry_process.start()
     async with RegistryClient(registry_process.settings) as client:
         assert (await client.get(f"{name}@staging")).version == 2

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from maas import artifacts, events
@@ -56,7 +57,19 @@ class Registry(Protocol):
     def iter_versions(self, name: str) -> AsyncIterator[ModelVersion]: ...
 
     async def register(
-        self, module_or_state: Any, name: str, arch: str, config: Mapping[str, Any], **options: Any
+        self,
+        module_or_state: Mapping[str, torch.Tensor],
+        name: str,
+        arch: str,
+        config: Mapping[str, Any],
+        *,
+        parent: ModelVersion | None = None,
+        method: str | None = None,
+        settings: Mapping[str, Any] | None = None,
+        job_id: str | None = None,
+        metrics: Mapping[str, float] | None = None,
+        format: str = "dense",
+        alias: str | None = None,
     ) -> ModelVersion: ...
 
 
@@ -130,14 +143,25 @@ def dataset_of(manifest: Manifest) -> dict[str, Any] | None:
 
 
 @dataclass(frozen=True)
+class Parent:
+    """The version being compressed, loaded and measured once per job."""
+
+    version: ModelVersion
+    manifest: Manifest
+    model: nn.Module
+    data: Tensors
+    dataset: dict[str, Any]
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
 class Built:
     """One measured variant, ready to register."""
 
-    plan: Plan
     arch: str
     config: dict[str, Any]
     format: str
-    tensors: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
     metrics: dict[str, float]
 
 
@@ -171,46 +195,35 @@ class Compressor:
     async def _run(self, job: CompressJob) -> list[ModelVersion]:
         total = len(job.plans)
         await self._publish(status(job.job_id, "accepted", step=0, total_steps=total))
-        parent, manifest, files = await self._registry.fetch(job.base)
-        if manifest.format != "dense":
-            raise FailedPrecondition(
-                f"{parent.ref} is a {manifest.format!r} artifact; compress its dense ancestor "
-                "(compressing a compressed model compounds its rounding and sparsity)"
-            )
-        dataset = job.dataset or await self._lineage_dataset(parent, manifest)
-        data, model, parent_metrics = await asyncio.to_thread(
-            self._prepare, dataset, job, manifest, files
-        )
-        name = job.register_name or parent.name
+        parent = await self._load_parent(job)
+        name = job.register_name or parent.version.name
         done = await self._registered(name, job.job_id)
         versions: list[ModelVersion] = []
         for index, plan in enumerate(job.plans):
-            version = done.get(index) or await self._compress_one(
-                job, index, plan, parent, model, data, parent_metrics, dataset, name
-            )
+            version = done.get(index) or await self._compress_one(job, index, plan, parent, name)
             versions.append(version)
-            await self._publish(
-                status(
-                    job.job_id,
-                    "running",
-                    step=index + 1,
-                    total_steps=total,
-                    model={"name": version.name, "version": version.version},
-                    metrics=_status_metrics(version.metrics),
-                )
-            )
-        last = versions[-1]
-        await self._publish(
-            status(
-                job.job_id,
-                "succeeded",
-                step=total,
-                total_steps=total,
-                model={"name": last.name, "version": last.version},
-                metrics=_status_metrics(last.metrics),
-            )
-        )
+            await self._publish(_progress(job.job_id, "running", index + 1, total, version))
+        await self._publish(_progress(job.job_id, "succeeded", total, total, versions[-1]))
         return versions
+
+    async def _load_parent(self, job: CompressJob) -> Parent:
+        # fetch verifies every file against the sha256 the registry recorded: a tampered
+        # parent raises IntegrityError here, before anything is deserialized.
+        version, manifest, files = await self._registry.fetch(job.base)
+        if manifest.format != "dense":
+            raise FailedPrecondition(
+                f"{version.ref} is a {manifest.format!r} artifact; compress its dense ancestor "
+                "(compressing a compressed model compounds its rounding and sparsity)"
+            )
+        dataset = job.dataset or await self._lineage_dataset(version, manifest)
+
+        def load() -> Parent:
+            data = Tensors.of(load_dataset(dataset, seed=job.fit.seed, fetch=self._fetch_dataset))
+            model = artifacts.materialize(manifest, files)
+            metrics = artifact_metrics(manifest, files, data, latency_repeats=self._latency_repeats)
+            return Parent(version, manifest, model, data, dict(dataset), metrics)
+
+        return await asyncio.to_thread(load)
 
     async def _lineage_dataset(self, version: ModelVersion, manifest: Manifest) -> dict[str, Any]:
         """Walk up the lineage to the first version that records its dataset."""
@@ -229,18 +242,6 @@ class Compressor:
             "dataset: {uri: builtin:<name> | s3://bucket/key.npz}"
         )
 
-    def _prepare(
-        self,
-        dataset: Mapping[str, Any],
-        job: CompressJob,
-        manifest: Manifest,
-        files: Mapping[str, bytes],
-    ) -> tuple[Tensors, nn.Module, dict[str, float]]:
-        data = Tensors.of(load_dataset(dataset, seed=job.fit.seed, fetch=self._fetch_dataset))
-        model = artifacts.materialize(manifest, files)
-        metrics = artifact_metrics(manifest, files, data, latency_repeats=self._latency_repeats)
-        return data, model, metrics
-
     async def _registered(self, name: str, job_id: str) -> dict[int, ModelVersion]:
         """Variants this job already registered (a redelivery after a crash), by method index."""
         found: dict[int, ModelVersion] = {}
@@ -255,30 +256,20 @@ class Compressor:
         return found
 
     async def _compress_one(
-        self,
-        job: CompressJob,
-        index: int,
-        plan: Plan,
-        parent: ModelVersion,
-        model: nn.Module,
-        data: Tensors,
-        parent_metrics: dict[str, float],
-        dataset: Mapping[str, Any],
-        name: str,
+        self, job: CompressJob, index: int, plan: Plan, parent: Parent, name: str
     ) -> ModelVersion:
-        built = await asyncio.to_thread(
-            self._build, plan, parent, model, data, job.fit, parent_metrics
-        )
+        built = await asyncio.to_thread(self._build, plan, parent, job.fit)
         version = await self._registry.register(
             built.tensors,
             name,
             built.arch,
             built.config,
-            parent=parent,
+            parent=parent.version,
             method=plan.method,
+            # The dataset goes into lineage so a later job on this variant finds its data.
             settings={
                 **plan.settings(),
-                "dataset": dict(dataset),
+                "dataset": parent.dataset,
                 "seed": job.fit.seed,
                 "job_item": index,
             },
@@ -297,22 +288,29 @@ class Compressor:
         )
         return version
 
-    def _build(
-        self,
-        plan: Plan,
-        parent: ModelVersion,
-        model: nn.Module,
-        data: Tensors,
-        fit: FitConfig,
-        parent_metrics: dict[str, float],
-    ) -> Built:
-        manifest = Manifest.from_json(parent.manifest_json)
-        variant = run(plan, parent_variant(model, manifest.arch, manifest.config), data, fit)
+    def _build(self, plan: Plan, parent: Parent, fit: FitConfig) -> Built:
+        start = parent_variant(parent.model, parent.manifest.arch, parent.manifest.config)
+        variant = run(plan, start, parent.data, fit)
         fmt, tensors = variant.encode()
-        files, packed = artifacts.pack(tensors, variant.arch, variant.config, format=fmt)
-        metrics = artifact_metrics(packed, files, data, latency_repeats=self._latency_repeats)
-        metrics |= relative_metrics(metrics, parent_metrics)
-        return Built(plan, variant.arch, variant.config, fmt, tensors, metrics)
+        files, manifest = artifacts.pack(tensors, variant.arch, variant.config, format=fmt)
+        metrics = artifact_metrics(
+            manifest, files, parent.data, latency_repeats=self._latency_repeats
+        )
+        metrics |= relative_metrics(metrics, parent.metrics)
+        return Built(variant.arch, variant.config, fmt, tensors, metrics)
+
+
+def _progress(
+    job_id: str, state: str, step: int, total: int, version: ModelVersion
+) -> dict[str, Any]:
+    return status(
+        job_id,
+        state,
+        step=step,
+        total_steps=total,
+        model={"name": version.name, "version": version.version},
+        metrics=_status_metrics(version.metrics),
+    )
 
 
 def _status_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

@@ -102,11 +102,16 @@ def statuses():
 
 
 @pytest.fixture
-def core(registry, statuses):
+def publish(statuses):
     async def publish(event):
         events.validate(event)
         statuses.append(event)
 
+    return publish
+
+
+@pytest.fixture
+def core(registry, publish):
     return Compressor(registry, publish, latency_repeats=1)
 
 
@@ -172,9 +177,9 @@ async def test_a_redelivered_job_registers_nothing_new(core, registry):
     assert len(registry.models["digits"]) == 3
 
 
-async def test_a_restarted_compressor_resumes_a_job_without_duplicates(core, registry, statuses):
+async def test_a_restarted_compressor_resumes_a_job_without_duplicates(core, registry, publish):
     first = await core.handle(job())
-    fresh = Compressor(registry, core._publish, latency_repeats=1)
+    fresh = Compressor(registry, publish, latency_repeats=1)
     again = await fresh.handle(job())
     assert [v.version for v in again] == [v.version for v in first]
     assert len(registry.models["digits"]) == 3

@@ -104,6 +104,6 @@ def structured(
         if i < len(keeps):
             weight, bias = weight[keeps[i]], None if bias is None else bias[keeps[i]]
         new.weight.copy_(weight)
-        if bias is not None:
+        if bias is not None and new.bias is not None:
             new.bias.copy_(bias)
     return small.eval(), small_config

@@ -1,0 +1,196 @@
+"""Registering and loading a large model through the registry, beside raw S3 on the same bytes.
+
+Prints one JSON document with, for a model of ``--size-mb`` float32 weights (median of
+``--repeats`` rounds, raw and registry interleaved so they share the machine's state):
+  - raw_put / raw_get:   ObjectStore.put_bytes / get_bytes of the safetensors bytes (the peer),
+  - register:            RegistryClient.register_files: stream through the registry, which hashes
+                         into S3, writes the manifest and commits the version,
+  - load:                RegistryClient.fetch: resolve the version, read every file from S3 and
+                         verify it against the registered sha256,
+  - register_from_module / load_to_module: the same including packing the nn.Module into
+                         safetensors / rebuilding the module from them (torch work, for context),
+the ratios to raw (the issue's target is >= 0.8), and the registry server's peak RSS against the
+budget of 2 x model size + 300 MB.
+
+    python -m bench.registry [--size-mb 100] [--repeats 3]
+
+Uses the stack MAAS_* points at when MAAS_BENCH_USE_RUNNING_STACK=1, else starts a private one;
+the registry server is always a fresh process of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from infra.proc import free_port
+from infra.stack import PythonService
+from maas import zoo
+from maas.artifacts import WEIGHTS_FILE, pack
+from maas.config import Settings
+from maas.registry import RegistryClient
+from maas.store import MODELS_BUCKET, ObjectStore
+
+MB = 1024 * 1024
+TARGET_VS_RAW = 0.8
+
+
+def model_config(size_mb: float) -> dict[str, Any]:
+    """An mlp whose float32 weights take about ``size_mb`` (one wide hidden layer)."""
+    in_features, classes = 1024, 10
+    hidden = int(size_mb * MB / 4 / (in_features + 1 + classes))
+    return {"in_features": in_features, "hidden": [hidden], "num_classes": classes}
+
+
+class PeakRss:
+    """The highest RSS of a process: the kernel's high-water mark, or sampling where absent."""
+
+    def __init__(self, pid: int, interval_s: float = 0.005) -> None:
+        self._process = psutil.Process(pid)
+        self._interval_s = interval_s
+        self.sampled = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(psutil.Error):
+                self.sampled = max(self.sampled, self._process.memory_info().rss)
+            time.sleep(self._interval_s)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def peak_bytes(self) -> int:
+        status = Path(f"/proc/{self._process.pid}/status")
+        with contextlib.suppress(OSError):
+            for line in status.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return max(self.sampled, int(line.split()[1]) * 1024)
+        return self.sampled
+
+
+@contextlib.contextmanager
+def stack_settings(workdir: Path) -> Iterator[Settings]:
+    if os.environ.get("MAAS_BENCH_USE_RUNNING_STACK") == "1":
+        yield Settings.from_env()
+        return
+    from infra.ephemeral import ephemeral_stack
+
+    with ephemeral_stack(workdir / "stack") as local:
+        yield local.settings
+
+
+@contextlib.contextmanager
+def registry_server(settings: Settings, workdir: Path) -> Iterator[tuple[Settings, int]]:
+    """A registry process of its own; yields client settings and its PID."""
+    port = free_port()
+    service = PythonService(
+        "model-registry", "services.model_registry", "127.0.0.1", port, workdir,
+        {"MAAS_REGISTRY_LISTEN": f"127.0.0.1:{port}", "MAAS_STATE_DIR": str(workdir / "state"),
+         "MAAS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+         "MAAS_S3_ENDPOINT": settings.s3_endpoint},
+    )
+    pid = service.start(wait=False)
+    deadline = time.monotonic() + 10
+    while not service.process.alive() and time.monotonic() < deadline:
+        time.sleep(0.02)  # until exec, the child's cmdline lacks the marker alive() looks for
+    try:
+        service.wait_ready(timeout_s=120)
+        yield settings.replace(registry_addr=f"127.0.0.1:{port}"), pid
+    finally:
+        service.stop()
+
+
+async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
+    start = time.perf_counter()
+    await fn()
+    return time.perf_counter() - start
+
+
+async def measure(settings: Settings, size_mb: float, repeats: int, pid: int) -> dict[str, Any]:
+    config = model_config(size_mb)
+    module = zoo.build("mlp", config)
+    files, manifest = pack(module, "mlp", config)
+    weights = files[WEIGHTS_FILE]
+    nbytes = len(weights)
+    store = ObjectStore(settings)
+    name = f"bench-{uuid.uuid4().hex[:8]}"
+    raw_key = f"bench-raw/{name}/{WEIGHTS_FILE}"
+    seconds: dict[str, list[float]] = {k: [] for k in (
+        "raw_put", "register", "raw_get", "load", "register_from_module", "load_to_module")}
+
+    def in_thread(fn: Callable[..., Any], *args: Any) -> Callable[[], Awaitable[Any]]:
+        return lambda: asyncio.to_thread(fn, *args)
+
+    with PeakRss(pid) as rss:
+        async with RegistryClient(settings, actor="bench") as client:
+            for _ in range(repeats):
+                seconds["raw_put"].append(
+                    await timed(in_thread(store.put_bytes, MODELS_BUCKET, raw_key, weights)))
+                t0 = time.perf_counter()
+                version = await client.register_files(name, files, manifest.to_json())
+                seconds["register"].append(time.perf_counter() - t0)
+                seconds["raw_get"].append(
+                    await timed(in_thread(store.get_bytes, MODELS_BUCKET, raw_key)))
+                seconds["load"].append(await timed(lambda v=version: client.fetch(v.ref)))
+                t0 = time.perf_counter()
+                from_module = await client.register(module, name, "mlp", config)
+                seconds["register_from_module"].append(time.perf_counter() - t0)
+                seconds["load_to_module"].append(
+                    await timed(lambda v=version: client.load(v.ref)))
+                for done in (version, from_module):
+                    await client.delete_version(name, done.version)
+    store.delete_prefix(MODELS_BUCKET, f"bench-raw/{name}/")
+    rates = {k: round(nbytes / MB / statistics.median(v), 1) for k, v in seconds.items()}
+    peak_mb = rss.peak_bytes() / MB
+    budget_mb = 2 * nbytes / MB + 300
+    return {
+        "bench": "registry",
+        "model_mb": round(nbytes / MB, 1),
+        "repeats": repeats,
+        **{f"{k}_mb_s": v for k, v in rates.items()},
+        "register_vs_raw_put": round(rates["register"] / rates["raw_put"], 3),
+        "load_vs_raw_get": round(rates["load"] / rates["raw_get"], 3),
+        "target_vs_raw": TARGET_VS_RAW,
+        "registry_peak_rss_mb": round(peak_mb, 1),
+        "registry_rss_budget_mb": round(budget_mb, 1),
+        "rss_within_budget": peak_mb < budget_mb,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--size-mb", type=float, default=100.0, help="model weights, MiB")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds; rates are medians")
+    args = parser.parse_args(argv)
+    with (
+        tempfile.TemporaryDirectory(prefix="maas-bench-registry-") as tmp,
+        stack_settings(Path(tmp)) as settings,
+        registry_server(settings, Path(tmp) / "registry") as (client_settings, pid),
+    ):
+        result = asyncio.run(measure(client_settings, args.size_mb, args.repeats, pid))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

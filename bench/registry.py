@@ -31,6 +31,7 @@ import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,7 @@ async def measure(settings: Settings, size_mb: float, repeats: int, pid: int) ->
         "raw_put", "register", "raw_get", "load", "register_from_module", "load_to_module")}
 
     def in_thread(fn: Callable[..., Any], *args: Any) -> Callable[[], Awaitable[Any]]:
-        return lambda: asyncio.to_thread(fn, *args)
+        return partial(asyncio.to_thread, fn, *args)
 
     with PeakRss(pid) as rss:
         async with RegistryClient(settings, actor="bench") as client:
@@ -151,12 +152,11 @@ async def measure(settings: Settings, size_mb: float, repeats: int, pid: int) ->
                 seconds["register"].append(time.perf_counter() - t0)
                 seconds["raw_get"].append(
                     await timed(in_thread(store.get_bytes, MODELS_BUCKET, raw_key)))
-                seconds["load"].append(await timed(lambda v=version: client.fetch(v.ref)))
+                seconds["load"].append(await timed(partial(client.fetch, version.ref)))
                 t0 = time.perf_counter()
                 from_module = await client.register(module, name, "mlp", config)
                 seconds["register_from_module"].append(time.perf_counter() - t0)
-                seconds["load_to_module"].append(
-                    await timed(lambda v=version: client.load(v.ref)))
+                seconds["load_to_module"].append(await timed(partial(client.load, version.ref)))
                 for done in (version, from_module):
                     await client.delete_version(name, done.version)
     store.delete_prefix(MODELS_BUCKET, f"bench-raw/{name}/")

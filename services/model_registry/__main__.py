@@ -8,6 +8,7 @@ finish (grace period), stop the outbox relay, then close S3, Kafka and SQLite.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -22,6 +23,7 @@ from services.model_registry.servicer import build_server, set_serving
 
 log = logging.getLogger("services.model_registry")
 SHUTDOWN_GRACE_S = 10.0
+RELAY_STOP_S = 5.0
 
 
 def db_path(settings: Settings) -> Path:
@@ -52,8 +54,11 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await server.stop(SHUTDOWN_GRACE_S)
         await relay.stop()
         if relay_task is not None:
-            await relay_task
-        await producer.stop()
+            # A send stuck on an absent broker is abandoned: unmarked events go out next start.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(relay_task, RELAY_STOP_S)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(producer.stop(), RELAY_STOP_S)
         await store.stop()
         service.close()
         log.info("stopped")

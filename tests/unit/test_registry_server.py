@@ -251,6 +251,23 @@ async def test_leftovers_of_an_earlier_attempt_at_a_number_are_cleared(
     assert sorted(stored) == ["maas-models/digits/1/manifest.json", "maas-models/digits/1/w"]
 
 
+async def test_a_client_that_goes_away_mid_upload_leaves_no_version_and_no_files(
+    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+) -> None:
+    manifest = manifest_for({"w": WEIGHTS})
+    call = client.stub.RegisterVersion()
+    await call.write(pb.RegisterVersionRequest(
+        header=pb.RegisterHeader(name="digits", manifest_json=manifest)))
+    await call.write(pb.RegisterVersionRequest(chunk=pb.FileChunk(file="w", data=WEIGHTS[:1000])))
+    call.cancel()
+    # The number is free again (the model's lock was released) and nothing was kept.
+    version = await asyncio.wait_for(
+        client.register_files("digits", {"w": WEIGHTS}, manifest), timeout=30)
+    assert version.version == 1
+    assert sorted(server[1].client.objects) == ["maas-models/digits/1/manifest.json",
+                                                "maas-models/digits/1/w"]
+
+
 async def test_concurrent_registrations_get_consecutive_versions(
     client: RegistryClient,
 ) -> None:

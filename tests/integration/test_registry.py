@@ -19,6 +19,7 @@ import pytest
 import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+import maas.registry
 from infra.proc import free_port
 from infra.stack import PythonService
 from maas import events, zoo
@@ -239,6 +240,16 @@ async def test_a_restart_keeps_versions_aliases_and_history(
         assert [c.to_version for c in await client.alias_history(name)] == [1, 2]
         assert same_weights(model, await client.load(f"{name}@1"))
         assert (await client.register(model, name, "mlp", MLP)).version == 3
+
+
+def test_the_blocking_shortcuts_register_and_load(registry_process: RegistryProcess) -> None:
+    name = a_name("sync")
+    model = zoo.build("mlp", MLP, seed=4)
+    version = maas.registry.register(model, name, "mlp", MLP, alias="production",
+                                     platform_settings=registry_process.settings)
+    loaded = maas.registry.load(f"{name}@production",
+                                platform_settings=registry_process.settings)
+    assert version.version == 1 and same_weights(model, loaded)
 
 
 async def test_an_event_produced_while_the_broker_is_down_is_delivered_once_it_is_back(

@@ -91,7 +91,6 @@ class _Pipe(io.RawIOBase):
 @dataclass
 class _FileUpload:
     name: str
-    key: str
     expected_sha256: str
     pipe: _Pipe
     done: asyncio.Future[Any]
@@ -180,10 +179,10 @@ class ArtifactSink:
             raise InvalidArgument(f"file {name!r} was sent in two pieces; send each file once")
         loop = asyncio.get_running_loop()
         pipe = _Pipe(loop)
-        key = prefix + name
-        future = loop.run_in_executor(self._executor, self._upload, key, pipe, expected[name])
+        future = loop.run_in_executor(self._executor, self._upload, prefix + name, pipe,
+                                      expected[name])
         future.add_done_callback(lambda _: pipe.release_writers())
-        return _FileUpload(name, key, expected[name], pipe, future)
+        return _FileUpload(name, expected[name], pipe, future)
 
     async def _finish(self, upload: _FileUpload) -> int:
         await upload.pipe.put(_END)

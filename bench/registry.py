@@ -121,12 +121,6 @@ def registry_server(settings: Settings, workdir: Path) -> Iterator[tuple[Setting
         service.stop()
 
 
-async def timed(fn: Callable[[], Awaitable[Any]]) -> float:
-    start = time.perf_counter()
-    await fn()
-    return time.perf_counter() - start
-
-
 async def measure(settings: Settings, size_mb: float, repeats: int, pid: int) -> dict[str, Any]:
     config = model_config(size_mb)
     module = zoo.build("mlp", config)
@@ -139,24 +133,40 @@ async def measure(settings: Settings, size_mb: float, repeats: int, pid: int) ->
     seconds: dict[str, list[float]] = {k: [] for k in (
         "raw_put", "register", "raw_get", "load", "register_from_module", "load_to_module")}
 
-    def in_thread(fn: Callable[..., Any], *args: Any) -> Callable[[], Awaitable[Any]]:
-        return partial(asyncio.to_thread, fn, *args)
+    async def clocked(key: str, fn: Callable[[], Awaitable[Any]]) -> Any:
+        start = time.perf_counter()
+        result = await fn()
+        seconds[key].append(time.perf_counter() - start)
+        return result
+
+    def pairs(round_: int, *steps: tuple[str, Callable[[], Awaitable[Any]]]) -> list[Any]:
+        # Raw first in even rounds, registry first in odd ones: neither always runs right
+        # after the other's writes (the S3 server flushes in the background).
+        return list(steps if round_ % 2 == 0 else reversed(steps))
 
     with PeakRss(pid) as rss:
         async with RegistryClient(settings, actor="bench") as client:
-            for _ in range(repeats):
-                seconds["raw_put"].append(
-                    await timed(in_thread(store.put_bytes, MODELS_BUCKET, raw_key, weights)))
-                t0 = time.perf_counter()
-                version = await client.register_files(name, files, manifest.to_json())
-                seconds["register"].append(time.perf_counter() - t0)
-                seconds["raw_get"].append(
-                    await timed(in_thread(store.get_bytes, MODELS_BUCKET, raw_key)))
-                seconds["load"].append(await timed(partial(client.fetch, version.ref)))
-                t0 = time.perf_counter()
-                from_module = await client.register(module, name, "mlp", config)
-                seconds["register_from_module"].append(time.perf_counter() - t0)
-                seconds["load_to_module"].append(await timed(partial(client.load, version.ref)))
+            for round_ in range(repeats):
+                registered = {}
+                for key, fn in pairs(
+                    round_,
+                    ("raw_put", partial(asyncio.to_thread, store.put_bytes, MODELS_BUCKET,
+                                        raw_key, weights)),
+                    ("register", partial(client.register_files, name, files,
+                                         manifest.to_json())),
+                ):
+                    registered[key] = await clocked(key, fn)
+                version = registered["register"]
+                for key, fn in pairs(
+                    round_,
+                    ("raw_get", partial(asyncio.to_thread, store.get_bytes, MODELS_BUCKET,
+                                        raw_key)),
+                    ("load", partial(client.fetch, version.ref)),
+                ):
+                    await clocked(key, fn)
+                from_module = await clocked("register_from_module", partial(
+                    client.register, module, name, "mlp", config))
+                await clocked("load_to_module", partial(client.load, version.ref))
                 for done in (version, from_module):
                     await client.delete_version(name, done.version)
     store.delete_prefix(MODELS_BUCKET, f"bench-raw/{name}/")

@@ -146,10 +146,12 @@ class DataPlane:
         batching: BatchingConfig,
         cache_bytes: int,
         metrics: Metrics | None = None,
+        inline_forward_us: int = 0,
     ) -> None:
         self._source = source
         self._executor = executor
         self._batching = batching
+        self._inline_forward_us = inline_forward_us
         self._metrics = metrics or Metrics()
         self._cache = ModelCache(cache_bytes)
         self._aliases: dict[tuple[str, str], int] = {}
@@ -217,7 +219,8 @@ class DataPlane:
             version=version,
             signature=Signature.for_zoo(manifest.arch, manifest.config),
             nbytes=weights_nbytes(module),
-            runner=make_runner(torch_forward(module), self._executor, self._batching, stats),
+            runner=make_runner(torch_forward(module), self._executor, self._batching, stats,
+                               inline_max_us=self._inline_forward_us),
             stats=stats,
         )
         self._forget(self._cache.put(model))

@@ -36,10 +36,6 @@ class Metrics:
             "maas_inference_batch_rows", "rows per forward pass",
             ["model", "version"], buckets=_BATCH_BUCKETS, registry=r,
         )
-        self.batch_requests = Histogram(
-            "maas_inference_batch_requests", "requests per forward pass",
-            ["model", "version"], buckets=_BATCH_BUCKETS, registry=r,
-        )
         self.queue_rows = Gauge(
             "maas_inference_queue_rows", "rows waiting for a forward pass",
             ["model", "version"], registry=r,
@@ -90,7 +86,6 @@ class ModelStats:
         labels = (self.name, str(self.version))
         self._queue_gauge = self.metrics.queue_rows.labels(*labels)
         self._batch_rows = self.metrics.batch_rows.labels(*labels)
-        self._batch_requests = self.metrics.batch_requests.labels(*labels)
 
     def queue_depth(self, rows: int) -> None:
         self._queue_gauge.set(rows)
@@ -101,7 +96,6 @@ class ModelStats:
         self.compute.add(report.compute_ns, report.requests)
         self.batches[report.rows].add(report.compute_ns)
         self._batch_rows.observe(report.rows)
-        self._batch_requests.observe(report.requests)
 
     def request_done(self, *, ok: bool, rows: int, ns: int) -> None:
         if ok:
@@ -114,6 +108,5 @@ class ModelStats:
     def forget(self) -> None:
         """Drop this version's labelled series once it leaves the cache."""
         labels = (self.name, str(self.version))
-        for metric in (self.metrics.queue_rows, self.metrics.batch_rows,
-                       self.metrics.batch_requests):
+        for metric in (self.metrics.queue_rows, self.metrics.batch_rows):
             metric.remove(*labels)

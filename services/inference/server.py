@@ -16,6 +16,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from maas import events, topics
@@ -76,14 +77,22 @@ def build_grpc_server(
 
 class InferenceServer:
     def __init__(self, settings: Settings, source: ModelSource) -> None:
-        if settings.inference_workers < 1:
+        if settings.inference_workers < 1 or settings.inference_torch_threads < 1:
             raise InvalidArgument(
-                f"MAAS_INFERENCE_WORKERS={settings.inference_workers}; it must be at least 1"
+                f"MAAS_INFERENCE_WORKERS={settings.inference_workers} and "
+                f"MAAS_INFERENCE_TORCH_THREADS={settings.inference_torch_threads}; both must be "
+                "at least 1"
             )
         self._settings = settings
         self.metrics = Metrics()
+        # Parallelism comes from the worker count; torch's own intra-op threads on top of that
+        # would oversubscribe the cores (and slow batch-1 forwards down).
+        torch.set_num_threads(settings.inference_torch_threads)
         self._executor = ThreadPoolExecutor(
-            max_workers=settings.inference_workers, thread_name_prefix="maas-infer"
+            max_workers=settings.inference_workers,
+            thread_name_prefix="maas-infer",
+            initializer=torch.set_num_threads,
+            initargs=(settings.inference_torch_threads,),
         )
         self.plane = DataPlane(
             source,
@@ -91,6 +100,7 @@ class InferenceServer:
             batching=batching_of(settings),
             cache_bytes=settings.inference_cache_bytes,
             metrics=self.metrics,
+            inline_forward_us=settings.inference_inline_forward_us,
         )
         self._health = health.aio.HealthServicer()
         self._server = build_grpc_server(settings, self.plane, self.metrics, self._health)

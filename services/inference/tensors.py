@@ -8,6 +8,7 @@ zero-copy, read-only view.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,7 +57,7 @@ def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.
     """A read-only array viewing ``raw`` as the tensor's datatype and shape."""
     dtype = dtype_of(tensor.datatype, tensor=tensor.name)
     shape = _shape_of(tensor.shape, tensor=tensor.name)
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(
             f"input {tensor.name!r} has {len(raw)} raw bytes, but datatype {tensor.datatype} "
@@ -76,7 +77,7 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
             "field in the protocol; send it as raw_input_contents"
         )
     values = getattr(tensor.contents, field)
-    count = int(np.prod(shape, dtype=np.int64))
+    count = math.prod(shape)
     if len(values) != count:
         raise InvalidArgument(
             f"input {tensor.name!r} has {len(values)} values in contents.{field}, but shape "
@@ -127,5 +128,7 @@ def encode_output(
     out.name = name
     out.datatype = datatype_of(array)
     out.shape.extend(array.shape)
-    le = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    response.raw_output_contents.append(le.tobytes())
+    # Native order is little-endian on every platform this runs on; only convert what is not.
+    if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
+        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+    response.raw_output_contents.append(array.tobytes())

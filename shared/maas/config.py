@@ -126,6 +126,17 @@ class Settings:
         default=2,
         metadata=_env("MAAS_INFERENCE_WORKERS", doc="threads running forward passes"),
     )
+    inference_torch_threads: int = field(
+        default=1,
+        metadata=_env("MAAS_INFERENCE_TORCH_THREADS",
+                      doc="torch intra-op threads per forward pass (workers x this ~ cores)"),
+    )
+    inference_inline_forward_us: int = field(
+        default=100,
+        metadata=_env("MAAS_INFERENCE_INLINE_FORWARD_US",
+                      doc="forwards predicted shorter than this skip the worker hand-off "
+                          "(0 = always the worker pool)"),
+    )
     inference_cache_bytes: int = field(
         default=1024 * MiB,
         metadata=_env("MAAS_INFERENCE_CACHE_BYTES", doc="weights kept loaded (LRU)"),

@@ -13,6 +13,7 @@ from maas.errors import Unavailable
 from services.inference.batcher import (
     BatchingConfig,
     BatchReport,
+    Compute,
     DirectRunner,
     DynamicBatcher,
     make_runner,
@@ -39,6 +40,11 @@ def pool():
         yield executor
 
 
+def pooled(forward, pool) -> Compute:
+    """Every forward on the worker pool (inline execution off)."""
+    return Compute(forward, pool, inline_max_ns=0)
+
+
 def rowwise(x: np.ndarray) -> np.ndarray:
     # Each output row depends only on its input row, bit for bit, whatever the batch.
     return np.stack([x.sum(axis=1), x.max(axis=1)], axis=1) * np.float32(3)
@@ -57,8 +63,8 @@ async def submit_all(runner, inputs):
 async def test_batched_answers_are_bit_identical_to_unbatched_ones(pool):
     inputs = requests(40)
     batched = await submit_all(
-        DynamicBatcher(rowwise, pool, BatchingConfig(16, 2000), Recorder()), inputs)
-    unbatched = await submit_all(DirectRunner(rowwise, pool, Recorder()), inputs)
+        DynamicBatcher(pooled(rowwise, pool), BatchingConfig(16, 2000), Recorder()), inputs)
+    unbatched = await submit_all(DirectRunner(pooled(rowwise, pool), Recorder()), inputs)
     for x, b, u in zip(inputs, batched, unbatched, strict=True):
         assert b.tobytes() == u.tobytes() == rowwise(x).tobytes()
 
@@ -66,7 +72,8 @@ async def test_batched_answers_are_bit_identical_to_unbatched_ones(pool):
 async def test_concurrent_requests_share_forward_passes_up_to_max_batch_size(pool):
     recorder = Recorder()
     inputs = [np.ones((1, 8), np.float32)] * 64
-    await submit_all(DynamicBatcher(rowwise, pool, BatchingConfig(16, 5000), recorder), inputs)
+    batcher = DynamicBatcher(pooled(rowwise, pool), BatchingConfig(16, 5000), recorder)
+    await submit_all(batcher, inputs)
     assert sum(b.rows for b in recorder.batches) == 64
     assert max(b.rows for b in recorder.batches) == 16
     assert len(recorder.batches) < 64
@@ -75,7 +82,8 @@ async def test_concurrent_requests_share_forward_passes_up_to_max_batch_size(poo
 async def test_a_request_larger_than_max_batch_size_runs_alone(pool):
     recorder = Recorder()
     big = np.ones((50, 8), np.float32)
-    (out,) = await submit_all(DynamicBatcher(rowwise, pool, BatchingConfig(8, 0), recorder), [big])
+    batcher = DynamicBatcher(pooled(rowwise, pool), BatchingConfig(8, 0), recorder)
+    (out,) = await submit_all(batcher, [big])
     assert out.shape == (50, 2)
     assert [b.rows for b in recorder.batches] == [50]
 
@@ -83,14 +91,14 @@ async def test_a_request_larger_than_max_batch_size_runs_alone(pool):
 async def test_a_full_batch_closes_without_waiting_out_the_delay(pool):
     recorder = Recorder()
     an_hour_us = 3600 * 10**6
-    batcher = DynamicBatcher(rowwise, pool, BatchingConfig(4, an_hour_us), recorder)
+    batcher = DynamicBatcher(pooled(rowwise, pool), BatchingConfig(4, an_hour_us), recorder)
     await asyncio.wait_for(submit_all(batcher, [np.ones((1, 8), np.float32)] * 4), timeout=60)
     assert [b.rows for b in recorder.batches] == [4]
 
 
 async def test_a_partial_batch_closes_once_the_delay_has_passed(pool):
     recorder = Recorder()
-    batcher = DynamicBatcher(rowwise, pool, BatchingConfig(64, 20_000), recorder)
+    batcher = DynamicBatcher(pooled(rowwise, pool), BatchingConfig(64, 20_000), recorder)
     await asyncio.wait_for(submit_all(batcher, [np.ones((1, 8), np.float32)] * 3), timeout=60)
     assert [b.requests for b in recorder.batches] == [3]
 
@@ -103,7 +111,7 @@ async def test_requests_arriving_while_a_batch_runs_form_the_next_batch(pool):
         return rowwise(x)
 
     recorder = Recorder()
-    batcher = DynamicBatcher(gated, pool, BatchingConfig(64, 0), recorder)
+    batcher = DynamicBatcher(pooled(gated, pool), BatchingConfig(64, 0), recorder)
     first = asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32)))
     await asyncio.sleep(0.05)  # the first batch (one row) is now running, blocked on the gate
     rest = [asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32)))
@@ -124,7 +132,7 @@ async def test_a_cancelled_request_is_skipped_and_the_others_answered(pool):
         return rowwise(x)
 
     recorder = Recorder()
-    batcher = DynamicBatcher(gated, pool, BatchingConfig(64, 0), recorder)
+    batcher = DynamicBatcher(pooled(gated, pool), BatchingConfig(64, 0), recorder)
     first = asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32)))
     await asyncio.sleep(0.05)
     doomed = asyncio.ensure_future(batcher.submit(np.ones((3, 8), np.float32)))
@@ -143,7 +151,7 @@ async def test_a_failing_forward_fails_only_its_batch(pool):
             raise ValueError("negative input")
         return rowwise(x)
 
-    batcher = DynamicBatcher(fragile, pool, BatchingConfig(1, 0), Recorder())
+    batcher = DynamicBatcher(pooled(fragile, pool), BatchingConfig(1, 0), Recorder())
     bad, good = await asyncio.gather(
         batcher.submit(-np.ones((1, 8), np.float32)),
         batcher.submit(np.ones((1, 8), np.float32)),
@@ -160,7 +168,7 @@ async def test_stopping_the_batching_task_fails_every_waiting_request(pool):
         gate.wait(5)
         return rowwise(x)
 
-    batcher = DynamicBatcher(gated, pool, BatchingConfig(64, 0), Recorder())
+    batcher = DynamicBatcher(pooled(gated, pool), BatchingConfig(64, 0), Recorder())
     waiting = [asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32)))
                for _ in range(3)]
     await asyncio.sleep(0.05)
@@ -172,13 +180,48 @@ async def test_stopping_the_batching_task_fails_every_waiting_request(pool):
 
 
 async def test_the_batcher_idles_without_a_task_and_restarts_on_demand(pool):
-    batcher = DynamicBatcher(rowwise, pool, BatchingConfig(8, 0), Recorder())
+    batcher = DynamicBatcher(pooled(rowwise, pool), BatchingConfig(8, 0), Recorder())
     await batcher.submit(np.ones((1, 8), np.float32))
     await asyncio.sleep(0)
     assert batcher._task is None
     np.testing.assert_array_equal(
         await batcher.submit(np.zeros((1, 8), np.float32)), rowwise(np.zeros((1, 8), np.float32))
     )
+
+
+async def test_cheap_forwards_run_inline_once_their_cost_is_known(pool):
+    threads = []
+
+    def where(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return rowwise(x)
+
+    compute = Compute(where, pool, inline_max_ns=10**9)
+    for _ in range(3):
+        await compute.run([np.ones((1, 8), np.float32)])
+    assert threads[0] is not threading.current_thread()  # cost unknown: the pool measures it
+    assert threads[1:] == [threading.current_thread()] * 2
+
+
+async def test_a_request_predicted_to_be_slow_goes_to_the_pool(pool):
+    threads = []
+
+    def where(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return rowwise(x)
+
+    compute = Compute(where, pool, inline_max_ns=10**7)
+    await compute.run([np.ones((1, 8), np.float32)])
+    await compute.run([np.ones((10**6, 8), np.float32)])  # a million rows: far over the budget
+    assert threading.current_thread() not in threads
+
+
+async def test_inline_and_pooled_forwards_give_identical_answers(pool):
+    x = requests(1)[0]
+    inline = Compute(rowwise, pool, inline_max_ns=10**9)
+    first, _ = await inline.run([x])
+    second, _ = await inline.run([x])
+    assert first[0].tobytes() == second[0].tobytes() == rowwise(x).tobytes()
 
 
 def test_batch_size_one_means_no_batching(pool):
@@ -207,8 +250,8 @@ async def test_a_real_mlp_batched_matches_unbatched_to_float_rounding(pool):
     inputs = requests(32, seed=1)
     inputs = [np.random.default_rng(i).standard_normal((len(x), 64)).astype(np.float32)
               for i, x in enumerate(inputs)]
-    batched = await submit_all(DynamicBatcher(forward, pool, BatchingConfig(64, 2000),
-                                              Recorder()), inputs)
+    batcher = DynamicBatcher(pooled(forward, pool), BatchingConfig(64, 2000), Recorder())
+    batched = await submit_all(batcher, inputs)
     for x, b in zip(inputs, batched, strict=True):
         with torch.inference_mode():
             alone = model(torch.from_numpy(x)).numpy()

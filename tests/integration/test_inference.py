@@ -17,6 +17,7 @@ import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -349,3 +350,42 @@ def test_maas_predict_reports_a_server_error_and_exits_nonzero(servers):
     )
     assert done.returncode == 1
     assert "NotFound" in done.stderr and "no-such-model" in done.stderr
+
+
+# --- KServe's client ------------------------------------------------------------------------
+
+KSERVE_PYTHON = Path.home() / ".cache" / "maas" / "venv-kserve" / "bin" / "python"
+# Runs in KServe's own venv: its generated protos and tritonclient's cannot share a process.
+KSERVE_CLIENT = """
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+async def main(addr, name, rows):
+    x = np.array(json.loads(rows), dtype=np.float32)
+    async with InferenceGRPCClient(url=addr) as client:
+        ready = await client.is_server_ready() and await client.is_model_ready(name)
+        tensor = InferInput(name="input", shape=list(x.shape), datatype="FP32")
+        tensor.set_data_from_numpy(x)
+        answer = await client.infer(InferRequest(model_name=name, infer_inputs=[tensor],
+                                                 request_id="kserve-1"))
+    print(json.dumps({"ready": ready, "id": answer.id, "version": answer.model_version,
+                      "output": answer.outputs[0].as_numpy().tolist()}))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.mark.skipif(not KSERVE_PYTHON.exists(),
+                    reason=f"KServe's client is not installed ({KSERVE_PYTHON.parent.parent})")
+def test_kserves_own_grpc_client_gets_correct_answers(servers, digits):
+    x = rows(3, seed=6)
+    done = subprocess.run(
+        [str(KSERVE_PYTHON), "-c", KSERVE_CLIENT, servers.batched, digits.name,
+         json.dumps(x.tolist())],
+        capture_output=True, text=True, timeout=120, check=True,
+    )
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["ready"] is True
+    assert (answer["id"], answer["version"]) == ("kserve-1", "1")
+    assert_same(np.array(answer["output"], np.float32), digits.forward(1, x))

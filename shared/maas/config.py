@@ -150,6 +150,13 @@ class Settings:
         default=0,
         metadata=_env("MAAS_METRICS_PORT", doc="Prometheus /metrics HTTP port (0 = off)"),
     )
+    # --- compressor ----------------------------------------------------------------------------
+    compressor_torch_threads: int = field(
+        default=1,
+        metadata=_env("MAAS_COMPRESSOR_TORCH_THREADS",
+                      doc="torch intra-op threads for pruning/distilling/measuring (small models "
+                          "gain nothing from more, and stall on a loaded host)"),
+    )
     # --- training (gradient workers, aggregator shards) ----------------------------------
     gradient_workers: int = field(
         default=1,

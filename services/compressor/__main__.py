@@ -11,6 +11,8 @@ import asyncio
 import logging
 import signal
 
+import torch
+
 from maas.config import Settings
 from services.compressor.service import CompressorService
 
@@ -18,6 +20,7 @@ log = logging.getLogger("services.compressor")
 
 
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
+    torch.set_num_threads(settings.compressor_torch_threads)
     service = CompressorService(settings)
     consuming: asyncio.Task[None] | None = None
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from maas import artifacts, events
+from maas import artifacts, events, zoo
 from maas.artifacts import Manifest
 from maas.compression import (
     FitConfig,
@@ -218,7 +219,14 @@ class Compressor:
         dataset = job.dataset or await self._lineage_dataset(version, manifest)
 
         def load() -> Parent:
-            data = Tensors.of(load_dataset(dataset, seed=job.fit.seed, fetch=self._fetch_dataset))
+            raw = load_dataset(dataset, seed=job.fit.seed, fetch=self._fetch_dataset)
+            features = math.prod(zoo.input_shape(manifest.arch, manifest.config))
+            if raw.num_features != features:
+                raise InvalidArgument(
+                    f"dataset {dataset['uri']} has {raw.num_features} features per row but "
+                    f"{version.ref} takes {features}; name the dataset it was trained on"
+                )
+            data = Tensors.of(raw)
             model = artifacts.materialize(manifest, files)
             metrics = artifact_metrics(manifest, files, data, latency_repeats=self._latency_repeats)
             return Parent(version, manifest, model, data, dict(dataset), metrics)

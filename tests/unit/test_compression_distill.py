@@ -12,6 +12,15 @@ from maas.datasets import load_builtin
 from maas.errors import InvalidArgument
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits() -> Tensors:
     return Tensors.of(load_builtin("digits"))
@@ -80,3 +89,13 @@ def test_distilling_for_regression_is_refused():
             regression,
             FitConfig(0),
         )
+
+
+def test_a_student_that_does_not_fit_the_teachers_data_is_refused():
+    with pytest.raises(InvalidArgument, match="in_features"):
+        parse_student({"arch": "mlp", "config": {"in_features": 32}}, "mlp", {})
+
+
+def test_a_student_of_another_arch_is_accepted_when_it_fits():
+    student = parse_student({"arch": "cnn", "config": {"channels": [8, 8]}}, "mlp", {})
+    assert (student.arch, student.config["channels"]) == ("cnn", [8, 8])

@@ -13,6 +13,16 @@ from maas.compression.train import evaluate, fit
 from maas.datasets import load_builtin
 from maas.errors import IntegrityError
 
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 METHODS = {
     "int8": {"quantize": {"dtype": "int8"}},
     "fp16": {"quantize": {"dtype": "fp16"}},

@@ -12,6 +12,15 @@ from maas.datasets import load_builtin
 from maas.errors import InvalidArgument
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def digits() -> Tensors:
     return Tensors.of(load_builtin("digits"))

@@ -4,6 +4,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import pytest
+import torch
 
 from maas import artifacts, events, zoo
 from maas.artifacts import Manifest
@@ -13,6 +14,16 @@ from maas.datasets import load_builtin
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.registry.types import ModelRef, ModelVersion
 from services.compressor.core import Compressor, parse_job
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 DIGITS = {"uri": "builtin:digits"}
 
@@ -242,3 +253,8 @@ def test_a_bad_compress_job_is_refused_naming_the_field(fields, message):
     event |= fields
     with pytest.raises(InvalidArgument, match=message):
         parse_job({k: v for k, v in event.items() if v is not None})
+
+
+async def test_a_dataset_that_does_not_fit_the_parent_is_refused(core):
+    with pytest.raises(InvalidArgument, match="16 features"):
+        await core.handle(job(dataset={"uri": "builtin:regression"}))

@@ -8,6 +8,7 @@ at any temperature. ``alpha = 0`` is plain hard-label training of the same stude
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,15 +43,22 @@ def default_student(arch: str, config: dict[str, Any]) -> Student:
 
 
 def parse_student(spec: dict[str, Any] | None, arch: str, config: dict[str, Any]) -> Student:
+    """The job's ``distill.student`` (or the default), checked to fit the teacher's data."""
     if not spec:
         return default_student(arch, config)
-    student_arch = spec.get("arch", arch)
-    student_config = dict(spec.get("config") or {})
     unknown = sorted(set(spec) - {"arch", "config"})
     if unknown:
         raise InvalidArgument(f"distill.student has unknown keys {unknown}; use arch and config")
-    parsed = zoo.parse_config(student_arch, student_config)  # names a bad key or arch
-    return Student(student_arch, zoo.config_to_dict(parsed))
+    student_arch = spec.get("arch", arch)
+    parsed = zoo.config_to_dict(zoo.parse_config(student_arch, dict(spec.get("config") or {})))
+    for what, shape in (("inputs", zoo.input_shape), ("outputs", zoo.output_shape)):
+        theirs, ours = math.prod(shape(student_arch, parsed)), math.prod(shape(arch, config))
+        if theirs != ours:
+            raise InvalidArgument(
+                f"distill.student takes {theirs} {what} but the teacher has {ours}; "
+                "set its config (in_features / num_classes) to match"
+            )
+    return Student(student_arch, parsed)
 
 
 def kd_loss(

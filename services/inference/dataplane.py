@@ -181,8 +181,10 @@ class DataPlane:
     async def _resolve(self, name: str, alias: str) -> int:
         key = (name, alias)
         gen = self._alias_gen.get(key, 0)
+        # The generation is part of the key: a caller arriving after an alias event must not
+        # join (and then cache) a lookup that started before it.
         number = await self._single_flight(
-            ("resolve", name, alias), lambda: self._source.resolve(name, alias)
+            ("resolve", name, alias, gen), lambda: self._source.resolve(name, alias)
         )
         if self._alias_gen.get(key, 0) == gen:
             self._aliases[key] = number

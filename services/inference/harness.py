@@ -45,10 +45,6 @@ class ServiceProcesses(contextlib.AbstractContextManager["ServiceProcesses"]):
         self.started[name] = service
         service.start(wait=False)
         deadline = time.monotonic() + timeout_s
-        # Right after the spawn /proc/<pid>/cmdline can still be empty (exec not visible yet),
-        # so the PID is not recognisably ours for a moment: wait for that before judging it.
-        while not service.process.alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
         addr = f"127.0.0.1:{port}"
         while not serving(addr, ready_service):
             if time.monotonic() > deadline or not service.process.alive():

@@ -302,3 +302,18 @@ async def test_a_deleted_alias_is_resolved_afresh(source, pool):
     source._aliases.pop(("digits", "staging"))
     with pytest.raises(NotFound):
         await answer(plane, "staging")
+
+
+async def test_a_request_after_an_alias_move_does_not_join_a_lookup_from_before_it(source, pool):
+    plane = make_plane(source, pool)
+    source.answer_sent.clear()
+    early = asyncio.ensure_future(answer(plane))  # its lookup reads production -> 1 ...
+    await asyncio.sleep(0.05)
+    source.set_alias("digits", "production", 2)
+    await plane.on_model_event(alias_set(2))  # ... the alias moves ...
+    late = asyncio.ensure_future(answer(plane))  # ... and a new request arrives
+    await asyncio.sleep(0.05)
+    source.answer_sent.set()
+    assert (await early)[0] == 1
+    assert (await late)[0] == 2
+    assert (await answer(plane))[0] == 2

@@ -16,7 +16,9 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -35,6 +37,7 @@ class Component(Protocol):
     def process(self) -> ManagedProcess: ...
     def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int: ...
     def wait_ready(self, *, timeout_s: float = 90.0) -> None: ...
+    def ready(self) -> bool: ...
     def stop(self) -> bool: ...
 
 
@@ -45,6 +48,7 @@ class ComponentStatus:
     alive: bool
     host: str
     port: int
+    healthy: bool = False  # answering its health check, not just a live PID
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,8 @@ class PythonService:
     listen_port: int
     stack_dir: Path
     env: dict[str, str] = field(default_factory=dict)
+    # Readiness beyond an open port (gRPC health SERVING, /metrics answering); default: TCP.
+    health: Callable[[], bool] | None = None
 
     @property
     def name(self) -> str:
@@ -93,9 +99,12 @@ class PythonService:
             self.wait_ready(timeout_s=timeout_s)
         return pid
 
+    def ready(self) -> bool:
+        return self.health() if self.health else port_open(self.host, self.port)
+
     def wait_ready(self, *, timeout_s: float = 90.0) -> None:
         wait_until(
-            lambda: port_open(self.host, self.port),
+            self.ready,
             what=f"{self.name} on {self.port}",
             timeout_s=timeout_s,
             proc=self.process,
@@ -120,15 +129,23 @@ class LocalStack:
         kafka_controller_port: int | None = None,
         s3_ports: WeedPorts | None = None,
         attached: bool = False,
+        with_services: bool = False,
     ) -> LocalStack:
-        """`attached=True` ties the processes' lives to this one (test fixtures)."""
-        return cls(
+        """`attached=True` ties the processes' lives to this one (test fixtures).
+
+        `with_services=True` adds every `python -m services.*` service of docker-compose.yml,
+        with its replicas, in dependency order (what `maas stack up` runs).
+        """
+        stack = cls(
             settings=settings,
             kafka=KafkaBroker.from_settings(
                 settings, controller_port=kafka_controller_port, attached=attached
             ),
             s3=WeedS3.from_settings(settings, ports=s3_ports, attached=attached),
         )
+        if with_services:
+            stack.services = list(compose_services(settings, stack.stack_dir))
+        return stack
 
     @property
     def stack_dir(self) -> Path:
@@ -141,7 +158,7 @@ class LocalStack:
         """Start whatever is not running, wait for all, then create topics and buckets."""
         self.stack_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(self.stack_dir / "stack.lock"):
-            infra = [self.kafka, self.s3]
+            infra: list[Component] = [self.kafka, self.s3]
             # Kafka and S3 boot in parallel; services need both, so they come after.
             for component in infra:
                 component.start(wait=False)
@@ -171,7 +188,9 @@ class LocalStack:
         for component in self.components():
             pid = component.process.pid()
             host, port = recorded.get(component.name, (self._host(component), component.port))
-            rows.append(ComponentStatus(component.name, pid, pid is not None, host, port))
+            alive = pid is not None
+            healthy = alive and component.ready()
+            rows.append(ComponentStatus(component.name, pid, alive, host, port, healthy))
         return rows
 
     def is_up(self) -> bool:
@@ -191,3 +210,19 @@ class LocalStack:
         except (FileNotFoundError, ValueError):
             return {}
         return {name: (v["host"], int(v["port"])) for name, v in data.items()}
+
+
+def compose_services(settings: Settings, stack_dir: Path) -> Iterator[PythonService]:
+    """docker-compose.yml's Python services as local processes (see infra/compose.py)."""
+    from infra.compose import is_ready, local_services
+
+    for spec in local_services(settings):
+        yield PythonService(
+            service_name=spec.name,
+            module=spec.module,
+            host=spec.host,
+            listen_port=spec.port,
+            stack_dir=stack_dir,
+            env=spec.env,
+            health=partial(is_ready, spec),
+        )

@@ -18,10 +18,14 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import maas
 from maas.config import Settings, env_doc
 from maas.errors import MaasError
+
+if TYPE_CHECKING:
+    from infra.stack import ComponentStatus
 
 Handler = Callable[[argparse.Namespace, Settings], int]
 
@@ -49,20 +53,21 @@ def _parser(
 def _stack(settings: Settings):  # type: ignore[no-untyped-def]
     from infra.stack import LocalStack
 
-    return LocalStack.from_settings(settings)
+    return LocalStack.from_settings(settings, with_services=True)
 
 
-def _print_status(rows: Sequence[object]) -> None:
-    table = [("COMPONENT", "PID", "ALIVE", "ADDRESS")]
+def _print_status(rows: Sequence[ComponentStatus]) -> None:
+    table = [("COMPONENT", "PID", "HEALTH", "ADDRESS")]
     for row in rows:
+        health = "healthy" if row.healthy else ("starting" if row.alive else "down")
         table.append(
             (
                 row.name,
                 str(row.pid or "-"),
-                "yes" if row.alive else "no",  # type: ignore[attr-defined]
+                health,
                 f"{row.host}:{row.port}",
             )
-        )  # type: ignore[attr-defined]
+        )
     widths = [max(len(r[i]) for r in table) for i in range(4)]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

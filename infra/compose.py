@@ -1,0 +1,197 @@
+"""docker-compose.yml is the one description of the deployment; the native local stack reads it.
+
+Every compose service whose command is ``python -m services.<name>`` becomes a local process with
+the same module, environment and replica count, so a service added to compose appears in
+`maas stack up` too. What differs on a laptop is only *where* things are: the broker, the S3
+server, the state dir and the listen/connect addresses come from the local ``Settings`` (and so
+from the user's MAAS_* environment) instead of compose's container hostnames.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from maas.config import Settings
+from maas.errors import InvalidArgument
+
+COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
+
+# Where-things-are variables: locally they follow Settings, never compose's container names.
+_PLACEMENT = {
+    "MAAS_KAFKA_BOOTSTRAP": "kafka_bootstrap",
+    "MAAS_S3_ENDPOINT": "s3_endpoint",
+    "MAAS_S3_ACCESS_KEY": "s3_access_key",
+    "MAAS_S3_SECRET_KEY": "s3_secret_key",
+    "MAAS_STATE_DIR": "state_dir",
+    "MAAS_CACHE_DIR": "cache_dir",
+    "MAAS_REGISTRY_LISTEN": "registry_listen",
+    "MAAS_REGISTRY_ADDR": "registry_addr",
+    "MAAS_INFERENCE_LISTEN": "inference_listen",
+    "MAAS_INFERENCE_ADDR": "inference_addr",
+}
+_SUBST = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """One local process to run for a compose service replica."""
+
+    name: str  # compose name, plus "-<i>" for replicas after the first
+    compose_name: str
+    module: str
+    replica: int
+    env: dict[str, str]
+    depends_on: tuple[str, ...]
+    health: str  # "grpc" (grpc.health.v1 on the listen address) or "http" (GET /metrics)
+    host: str
+    port: int
+
+
+def load_compose(path: Path = COMPOSE_FILE) -> dict[str, Any]:
+    doc = yaml.safe_load(path.read_text())
+    if not isinstance(doc, dict) or not isinstance(doc.get("services"), dict):
+        raise InvalidArgument(f"{path} has no services mapping")
+    return doc
+
+
+def _substitute(value: Any, environ: Mapping[str, str]) -> str:
+    """Compose's ``${VAR:-default}`` interpolation, against the local environment."""
+    return _SUBST.sub(lambda m: environ.get(m.group(1)) or (m.group(2) or ""), str(value))
+
+
+def python_module(service: Mapping[str, Any]) -> str | None:
+    command = service.get("command")
+    if isinstance(command, list) and command[:2] == ["python", "-m"] and len(command) == 3:
+        module = str(command[2])
+        return module if module.startswith("services.") else None
+    return None
+
+
+def _replicas(service: Mapping[str, Any]) -> int:
+    deploy = service.get("deploy") or {}
+    return int(deploy.get("replicas", 1))
+
+
+def _readiness(env: Mapping[str, str]) -> tuple[str, str, int]:
+    for name, value in env.items():
+        if name.endswith("_LISTEN"):
+            host, _, port = value.rpartition(":")
+            return "grpc", host or "127.0.0.1", int(port)
+    for name, value in env.items():
+        if name.endswith("METRICS_PORT") and int(value or 0) > 0:
+            return "http", "127.0.0.1", int(value)
+    raise InvalidArgument(
+        "a service needs a *_LISTEN address or a *METRICS_PORT for the stack to know it is ready"
+    )
+
+
+def local_services(
+    settings: Settings,
+    *,
+    compose: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[ServiceSpec]:
+    """The compose services as local processes, in dependency order."""
+    compose = compose or load_compose()
+    environ = os.environ if environ is None else environ
+    python_services = {
+        name: svc
+        for name, svc in compose["services"].items()
+        if isinstance(svc, dict) and python_module(svc)
+    }
+    specs: list[ServiceSpec] = []
+    for name in _dependency_order(python_services):
+        svc = python_services[name]
+        base = {k: _substitute(v, environ) for k, v in (svc.get("environment") or {}).items()}
+        for var, attr in _PLACEMENT.items():
+            # A listen address belongs only to the service that declares one.
+            if var in base or not var.endswith("_LISTEN"):
+                base[var] = str(getattr(settings, attr))
+        # Anything the user exported explicitly wins over compose's defaults.
+        base.update({k: v for k, v in environ.items() if k in base and k not in _PLACEMENT})
+        deps = tuple(d for d in (svc.get("depends_on") or {}) if d in python_services)
+        count = _replicas(svc)
+        for replica in range(count):
+            env = {**base, "MAAS_REPLICA_INDEX": str(replica), "MAAS_REPLICAS": str(count)}
+            for var, value in base.items():
+                if var.endswith("METRICS_PORT") and int(value or 0) > 0:
+                    env[var] = str(int(value) + replica)  # replicas share a host here
+            health, host, port = _readiness(env)
+            specs.append(
+                ServiceSpec(
+                    name=name if replica == 0 else f"{name}-{replica}",
+                    compose_name=name,
+                    module=str(python_module(svc)),
+                    replica=replica,
+                    env=env,
+                    depends_on=deps,
+                    health=health,
+                    host=host,
+                    port=port,
+                )
+            )
+    return specs
+
+
+def _dependency_order(services: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise InvalidArgument(f"docker-compose.yml has a depends_on cycle through {name}")
+        visiting.add(name)
+        for dep in services[name].get("depends_on") or {}:
+            if dep in services:
+                visit(dep)
+        visiting.discard(name)
+        order.append(name)
+
+    for name in services:
+        visit(name)
+    return order
+
+
+# --- readiness --------------------------------------------------------------------------------
+
+
+def grpc_serving(host: str, port: int, *, timeout_s: float = 2.0) -> bool:
+    """grpc.health.v1 says SERVING for the whole server."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    target = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def http_ok(host: str, port: int, *, path: str = "/metrics", timeout_s: float = 2.0) -> bool:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout_s) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def is_ready(spec: ServiceSpec) -> bool:
+    if spec.health == "grpc":
+        return grpc_serving(spec.host, spec.port)
+    return http_ok(spec.host, spec.port)

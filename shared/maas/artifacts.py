@@ -129,8 +129,8 @@ def register_format(name: str, materializer: Materializer) -> None:
 def _materialize_dense(
     manifest: Manifest, state: dict[str, torch.Tensor], files: Mapping[str, bytes]
 ) -> nn.Module:
-    model = zoo.build(manifest.arch, manifest.config)
-    model.load_state_dict(state, strict=True)
+    model = zoo.build_skeleton(manifest.arch, manifest.config)
+    model.load_state_dict(state, strict=True, assign=True)
     return model
 
 
@@ -147,9 +147,16 @@ def _ensure_formats_loaded() -> None:
             raise
 
 
-def materialize(manifest: Manifest, files: Mapping[str, bytes]) -> nn.Module:
-    """Verified files -> a runnable module in eval mode (no unpickling anywhere)."""
-    verify(manifest, files)
+def materialize(
+    manifest: Manifest, files: Mapping[str, bytes], *, verified: bool = False
+) -> nn.Module:
+    """Files -> a runnable module in eval mode (no unpickling anywhere).
+
+    Every file is checked against the manifest's sha256 unless the caller already checked each
+    one against the same digests (``verified=True``, as the registry client does while reading).
+    """
+    if not verified:
+        verify(manifest, files)
     _ensure_formats_loaded()
     materializer = _FORMATS.get(manifest.format)
     if materializer is None:

@@ -138,6 +138,16 @@ def build(arch: str, config: dict[str, Any] | None = None, seed: int = 0) -> nn.
     return model
 
 
+def build_skeleton(arch: str, config: dict[str, Any] | None = None) -> nn.Module:
+    """``arch`` with parameters on the meta device: no memory, no init; load weights with
+    ``load_state_dict(state, assign=True)``. Loading a stored model this way skips a random
+    initialisation that would be overwritten anyway."""
+    spec = get_arch(arch)
+    parsed = parse_config(arch, config)
+    with torch.device("meta"):
+        return spec.build(parsed)
+
+
 def input_shape(arch: str, config: dict[str, Any] | None = None) -> tuple[int, ...]:
     """Shape of one input row, without the batch dimension (what inference advertises)."""
     return tuple(get_arch(arch).input_shape(parse_config(arch, config)))

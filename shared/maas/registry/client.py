@@ -297,4 +297,5 @@ class RegistryClient:
     async def load(self, ref: RefLike) -> nn.Module:
         """The module of ``name``, ``name@version`` or ``name@alias``, in eval mode."""
         _, manifest, files = await self.fetch(ref)
-        return await asyncio.to_thread(materialize, manifest, files)
+        # fetch() checked every file against its registered sha256 as it read it.
+        return await asyncio.to_thread(materialize, manifest, files, verified=True)

@@ -44,6 +44,7 @@ def test_defaults_fill_what_the_job_leaves_out():
         ({"sharpen": {}}, "unknown"),
         ({"prune": {"sparsity": 0.5, "amount": 3}}, "amount"),
         ({"chain": []}, "non-empty"),
+        ({"chain": [{"chain": [{"quantize": {}}]}]}, "do not nest"),
         ({"chain": [{"quantize": {}}, {"prune": {}}]}, "last"),
         ({"distill": {"steps": 0}}, "steps"),
         ({"prune": {"recovery_steps": -1}}, "recovery_steps"),

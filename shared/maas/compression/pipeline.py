@@ -114,7 +114,10 @@ def parse_method(item: Mapping[str, Any]) -> Plan:
     if kind == "chain":
         if not isinstance(raw, Sequence) or not raw:
             raise InvalidArgument("chain must be a non-empty list of methods")
-        steps = tuple(_parse_step(*_single_key(sub)) for sub in raw)
+        subs = [_single_key(sub) for sub in raw]
+        if any(kind == "chain" for kind, _ in subs):
+            raise InvalidArgument("chains do not nest; list every method in one chain")
+        steps = tuple(_parse_step(kind, options) for kind, options in subs)
     else:
         steps = (_parse_step(kind, raw),)
     _check_order(steps)

@@ -212,7 +212,7 @@ class JobPlan:
     config: dict[str, Any]
     dataset_uri: str
     dataset_task: str
-    dataset_fraction: float
+    dataset_fraction: float | None
     training: TrainingSpec
     loss: str
     total_steps: int
@@ -229,6 +229,14 @@ class JobPlan:
     @property
     def shards(self) -> int:
         return len(self.partitions)
+
+    @property
+    def dataset(self) -> dict[str, Any]:
+        """The job's ``dataset`` section, for loading exactly the rows the plan was made on."""
+        spec: dict[str, Any] = {"uri": self.dataset_uri, "task": self.dataset_task}
+        if self.dataset_fraction is not None:
+            spec["fraction"] = self.dataset_fraction
+        return spec
 
     @property
     def target_version(self) -> int:
@@ -286,7 +294,7 @@ def make_plan(
         config=dict(config),
         dataset_uri=str(dataset["uri"]),
         dataset_task=dataset_task,
-        dataset_fraction=float(dataset.get("fraction", 1.0)),
+        dataset_fraction=dataset.get("fraction"),
         training=training,
         loss=training.loss_for(dataset_task),
         total_steps=training.total_steps(train_rows),

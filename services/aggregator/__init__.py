@@ -1,0 +1,1 @@
+"""Aggregator: parameter-server shards, and the coordinator that accepts and finishes jobs."""

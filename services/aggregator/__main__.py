@@ -1,0 +1,107 @@
+"""The aggregator: ``python -m services.aggregator``.
+
+``MAAS_AGGREGATOR_ROLE`` picks what this replica is:
+
+- ``shard`` (default): parameter-server shard ``MAAS_AGGREGATOR_SHARD`` of
+  ``MAAS_AGGREGATOR_SHARDS``. Numpy only: no torch in its memory.
+- ``coordinator``: the single replica that accepts training jobs, plans them, and evaluates
+  and registers the result.
+
+SIGTERM/SIGINT: stop consuming, let an in-flight checkpoint finish, close clients. A shard
+killed outright loses nothing durable: it resumes from its last checkpoint and replays the
+gradients after it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+from typing import Protocol
+
+from prometheus_client import CollectorRegistry, start_http_server
+
+from maas.config import Settings
+from maas.errors import InvalidArgument
+
+log = logging.getLogger("services.aggregator")
+
+ROLES = ("shard", "coordinator")
+
+
+class Service(Protocol):
+    @property
+    def metrics_registry(self) -> CollectorRegistry: ...
+
+    async def start(self) -> None: ...
+    async def run(self) -> None: ...
+    async def stop(self) -> None: ...
+
+
+def build(settings: Settings, environ: dict[str, str]) -> Service:
+    role = environ.get("MAAS_AGGREGATOR_ROLE", "shard")
+    if role == "coordinator":
+        from services.aggregator.coordinator import Coordinator
+
+        return Coordinator(settings)
+    if role != "shard":
+        raise InvalidArgument(f"MAAS_AGGREGATOR_ROLE={role!r} is unknown; use one of {ROLES}")
+    raw = environ.get("MAAS_AGGREGATOR_SHARD", "0")
+    try:
+        shard = int(raw)
+    except ValueError:
+        raise InvalidArgument(f"MAAS_AGGREGATOR_SHARD={raw!r} is not an integer") from None
+    if not 0 <= shard < settings.aggregator_shards:
+        raise InvalidArgument(
+            f"MAAS_AGGREGATOR_SHARD={shard} must be in 0..{settings.aggregator_shards - 1} "
+            f"(MAAS_AGGREGATOR_SHARDS={settings.aggregator_shards})"
+        )
+    # Imported here so a shard process never loads the coordinator's torch.
+    from services.aggregator.shard import ShardService
+
+    return ShardService(settings, shard)
+
+
+async def serve(service: Service, stop: asyncio.Event, metrics_port: int = 0) -> None:
+    running: asyncio.Task[None] | None = None
+    try:
+        await service.start()
+        if metrics_port:
+            # Opened once started: the port answering means the replica is consuming.
+            start_http_server(metrics_port, registry=service.metrics_registry)
+        running = asyncio.create_task(service.run())
+        log.info("%s running", type(service).__name__)
+        stopping = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if running in done:
+            running.result()  # it only ends on its own by crashing: exit with its error
+        log.info("shutting down")
+    finally:
+        if running is not None:
+            running.cancel()
+            await asyncio.gather(running, return_exceptions=True)
+        await service.stop()
+        log.info("stopped")
+
+
+def main() -> None:
+    settings = Settings.from_env()
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    service = build(settings, dict(os.environ))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(service, stop, settings.metrics_port)
+
+    asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,334 @@
+"""The training coordinator (``MAAS_AGGREGATOR_ROLE=coordinator``, one replica).
+
+It is the only consumer of training jobs (group ``maas-training``) and the only writer of their
+``accepted``/``succeeded``/``failed`` states. Per job:
+
+1. **Intake** (the job consumer's handler): skip types that are not ``train``/``finetune``; check
+   the job (``maas.jobs.check_job``, then ``prepare_job``: arch, data fit, deployment limits,
+   finetune base from the registry). A bad job raises, so the bus dead-letters it and
+   ``on_dead_letter`` publishes ``failed`` with the reason. A good one is written to S3 —
+   starting weights, every shard's version-0 checkpoint, the plan, then the ``active`` marker —
+   and announced with ``running`` (``service: training-coordinator``), which starts the shards.
+   Idempotent by ``job_id``: a job whose plan or result is already in S3 is not run again.
+2. **Monitor**: poll the shards' checkpoint pointers; when every one is final, finish. A job
+   whose shards show no progress for ``MAAS_JOB_STALL_TIMEOUT_MS`` fails (no workers?).
+3. **Finish**: assemble the final parameters from the shards' final checkpoints, evaluate on the
+   held-out split, register (lineage: job id, and the base for a finetune; metrics accuracy,
+   loss, samples/s; alias if asked), write ``result.json``, publish ``succeeded``, clear the
+   marker. A registration that already happened (crash before the result was written) is found
+   by job id and not repeated.
+
+On start it resumes monitoring every job still marked active. It runs torch (planning and
+evaluation) on worker threads; shards never do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from prometheus_client import CollectorRegistry, Counter
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from maas import events, jobs, topics, zoo
+from maas.artifacts import materialize
+from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
+from maas.config import Settings
+from maas.errors import DeadlineExceeded, InvalidArgument, MaasError, NotFound, SchemaViolation
+from maas.registry.client import RegistryClient
+from maas.registry.types import ModelVersion
+from maas.store import AsyncObjectStore, parse_uri
+from maas.training import checkpoint as ck
+from maas.training.plan import JobPlan
+from maas.training.prepare import (
+    TRAINING_TYPES,
+    BaseModel,
+    Limits,
+    PreparedJob,
+    load_dataset,
+    prepare_job,
+)
+from maas.training.replica import evaluate
+from maas.training.storage import TrainingStore
+from maas.training.transport import PartitionReader, decode, status_event
+from services.aggregator.shard import COORDINATOR_SERVICE, now_ms
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "maas-training"
+POLL_S = 0.5
+RETRY_S = 2.0
+
+
+class Coordinator:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics_registry = CollectorRegistry()
+        self._outcomes = Counter("maas_training_jobs", "training jobs by outcome", ["outcome"],
+                                 registry=self.metrics_registry)
+        self._producer = EventProducer(settings, client_id=COORDINATOR_SERVICE)
+        self._objects = AsyncObjectStore(settings)
+        self._store = TrainingStore(self._objects)
+        self._registry = RegistryClient(settings, actor=COORDINATOR_SERVICE)
+        self._jobs = EventConsumer(
+            settings,
+            topics=[topics.JOBS],
+            group_id=GROUP_ID,
+            handler=self._handle,
+            producer=self._producer,
+            expected_schemas=[events.JOB],
+            on_dead_letter=self._dead_letter,
+        )
+        self._statuses = PartitionReader(
+            settings, topics.JOB_STATUS, range(topics.JOB_STATUS.partitions),
+            client_id=COORDINATOR_SERVICE,
+        )
+        self._monitors: dict[str, asyncio.Task[None]] = {}
+        self._progress_ms: dict[str, int] = {}
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._producer.start()
+        await self._objects.start()
+        await self._registry.start()
+        await self._statuses.start()
+        await self._statuses.from_now()
+        for job_id in await self._store.active_jobs():
+            log.info("resuming job %s", job_id)
+            self._monitor(job_id)
+        await self._jobs.start()
+
+    async def stop(self) -> None:
+        await self._jobs.stop()
+        for task in self._monitors.values():
+            task.cancel()
+        await asyncio.gather(*self._monitors.values(), return_exceptions=True)
+        await self._statuses.stop()
+        await self._registry.stop()
+        await self._objects.stop()
+        await self._producer.stop()
+
+    async def run(self) -> None:
+        await asyncio.gather(self._jobs.run(), self._watch_progress())
+
+    async def _send_status(self, job_id: str, state: str, **fields: Any) -> None:
+        event = status_event(job_id, state, service=COORDINATOR_SERVICE, **fields)
+        await self._producer.send(topics.JOB_STATUS, event, key=job_id)
+
+    # --- intake -----------------------------------------------------------------------------
+
+    async def _handle(self, record: Record) -> None:
+        job = record.event
+        if job["type"] not in TRAINING_TYPES:
+            return  # compress jobs are the compressor's
+        job_id = job["job_id"]
+        if await self._store.read_result(job_id) is not None:
+            log.info("job %s already ran; ignoring the redelivery", job_id)
+            return
+        if await self._store.has_plan(job_id):
+            self._monitor(job_id)  # accepted before a restart: make sure it is followed
+            return
+        jobs.check_job(job)
+        prepared = await self._prepare(job)
+        plan = prepared.plan
+        await self._send_status(job_id, "accepted", step=0, total_steps=plan.target_version)
+        await self._write_job(prepared)
+        await self._send_status(job_id, "running", step=0, total_steps=plan.target_version)
+        log.info("job %s: %s %s, %d steps, %d workers x %d shards (%s, %s)", job_id, plan.kind,
+                 plan.arch, plan.total_steps, plan.workers, plan.shards, plan.training.mode,
+                 plan.training.gradient_codec)
+        self._monitor(job_id)
+
+    async def _prepare(self, job: Mapping[str, Any]) -> PreparedJob:
+        base = await self._load_base(job["base"]) if job["type"] == "finetune" else None
+        limits = Limits(
+            max_workers=self.settings.gradient_workers,
+            max_shards=self.settings.aggregator_shards,
+            default_deadline_ms=self.settings.step_deadline_ms,
+        )
+        fetch = self._objects.sync.get_bytes
+        return await asyncio.to_thread(
+            prepare_job, job, limits=limits,
+            fetch_dataset=lambda uri: fetch(*parse_uri(uri)),
+            load_base=(lambda _: base) if base is not None else None,
+        )
+
+    async def _load_base(self, base: Mapping[str, Any]) -> BaseModel:
+        selector = base.get("version", base.get("alias"))
+        ref = f"{base['name']}@{selector}" if selector is not None else str(base["name"])
+        version, manifest, files = await self._registry.fetch(ref)
+        if manifest.format != "dense":
+            raise InvalidArgument(
+                f"base {ref} is stored as {manifest.format!r}; finetune needs a dense version "
+                "(the one a train job registered, not a compressed variant)"
+            )
+        module = await asyncio.to_thread(materialize, manifest, files)
+        return BaseModel(module, manifest.arch, dict(manifest.config), version.name,
+                         version.version)
+
+    async def _write_job(self, prepared: PreparedJob) -> None:
+        plan = prepared.plan
+        job_id = plan.job_id
+        await self._store.write_init(job_id, save_safetensors(prepared.state))
+        flat = plan.layout.flatten({n: prepared.state[n].numpy() for n in plan.layout.names})
+        written = now_ms()
+        for part in plan.partitions:
+            data = ck.encode_snapshot(ck.initial_snapshot(part.gather(flat)))
+            pointer = ck.Pointer(version=0, key="", sha256="", resume_offset=None,
+                                 written_ms=written)
+            await self._store.write_checkpoint(job_id, part.shard, 0, data, pointer)
+        # The plan makes a redelivery a no-op and the marker makes a restart resume: both last.
+        await self._store.write_plan(plan)
+        await self._store.mark_active(job_id)
+
+    async def _dead_letter(self, letter: DeadLetter) -> None:
+        job = letter.event
+        if job is None:
+            try:
+                job = events.decode(letter.value, letter.headers)
+            except SchemaViolation:
+                return  # not even a map: there is no job id to report on
+        # Every job consumer sees every job: report on ours, and on ones of no valid type.
+        if job.get("type") == "compress" or not isinstance(job.get("job_id"), str):
+            return
+        await self._send_status(job["job_id"], "failed",
+                                error={"code": letter.code, "message": letter.message})
+        self._outcomes.labels("failed").inc()
+
+    # --- monitor ----------------------------------------------------------------------------
+
+    async def _watch_progress(self) -> None:
+        while True:
+            for raw in await self._statuses.next_batch(timeout_ms=500):
+                try:
+                    event = decode(raw, events.JOB_STATUS).event
+                except MaasError:
+                    continue
+                if event.get("service", "").startswith("aggregator-"):
+                    self._progress_ms[event["job_id"]] = now_ms()
+
+    def _monitor(self, job_id: str) -> None:
+        if job_id not in self._monitors or self._monitors[job_id].done():
+            self._monitors[job_id] = asyncio.create_task(self._follow(job_id), name=job_id)
+
+    async def _follow(self, job_id: str) -> None:
+        while True:
+            try:
+                await self._follow_until_done(job_id)
+                return
+            except asyncio.CancelledError:
+                raise
+            except MaasError as exc:
+                if not exc.retriable:
+                    await self._fail(job_id, exc)
+                    return
+                log.warning("job %s: %s; retrying", job_id, exc.message)
+                await asyncio.sleep(RETRY_S)
+            except Exception as exc:
+                log.exception("job %s: finishing failed", job_id)
+                await self._fail(job_id, MaasError(f"{type(exc).__name__}: {exc}"))
+                return
+
+    async def _follow_until_done(self, job_id: str) -> None:
+        result = await self._store.read_result(job_id)
+        if result is not None:  # finished before a restart; only the last steps are left
+            await self._announce(job_id, result)
+            return
+        plan = await self._store.read_plan(job_id)
+        seen: tuple[int, ...] = ()
+        changed_ms = now_ms()
+        while True:
+            pointers = [await self._store.pointer(job_id, s) for s in range(plan.shards)]
+            if all(p is not None and p.final for p in pointers):
+                await self._finish(plan, [p for p in pointers if p is not None])
+                return
+            versions = tuple(p.version if p else -1 for p in pointers)
+            now = now_ms()
+            if versions != seen or self._progress_ms.get(job_id, 0) > changed_ms:
+                seen, changed_ms = versions, now
+            if now - changed_ms > self.settings.job_stall_timeout_ms:
+                raise DeadlineExceeded(
+                    f"no progress for {self.settings.job_stall_timeout_ms} ms (shard versions "
+                    f"{list(versions)}); are {plan.workers} gradient workers and {plan.shards} "
+                    "aggregator shards running?"
+                )
+            await asyncio.sleep(POLL_S)
+
+    # --- finish -----------------------------------------------------------------------------
+
+    async def _finish(self, plan: JobPlan, pointers: list[ck.Pointer]) -> None:
+        state = load_safetensors(await self._store.read_init(plan.job_id))
+        flat = np.empty(plan.layout.size, dtype=np.float32)
+        for part, pointer in zip(plan.partitions, pointers, strict=True):
+            snap = await self._store.read_checkpoint(pointer)
+            part.scatter(snap.theta, flat)
+        for name, value in plan.layout.unflatten(flat).items():
+            state[name] = torch.from_numpy(value.copy())
+        metrics = await asyncio.to_thread(self._evaluate, plan, state)
+        lead = pointers[0]
+        seconds = max(1e-3, (lead.written_ms - lead.started_ms) / 1000)
+        metrics["samples_per_s"] = lead.samples / seconds
+        version = await self._register(plan, state, metrics)
+        result = {
+            "state": "succeeded",
+            "step": plan.target_version,
+            "total_steps": plan.target_version,
+            "metrics": metrics,
+            "model": {"name": version.name, "version": version.version},
+        }
+        await self._store.write_result(plan.job_id, result)
+        await self._announce(plan.job_id, result)
+
+    def _evaluate(self, plan: JobPlan, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        model = zoo.build(plan.arch, plan.config)
+        model.load_state_dict(state)
+        fetch = self._objects.sync.get_bytes
+        data = load_dataset(plan.dataset, seed=plan.training.seed,
+                            fetch=lambda uri: fetch(*parse_uri(uri)))
+        return evaluate(model, data.x_test, data.y_test, plan.loss)
+
+    async def _register(
+        self, plan: JobPlan, state: dict[str, torch.Tensor], metrics: dict[str, float]
+    ) -> ModelVersion:
+        existing = await self._registered_by(plan.register_name, plan.job_id)
+        if existing is not None:
+            return existing
+        parent = f"{plan.parent['name']}@{plan.parent['version']}" if plan.parent else None
+        return await self._registry.register(
+            state, plan.register_name, plan.arch, plan.config,
+            parent=parent, method=plan.kind, job_id=plan.job_id, metrics=metrics,
+            settings=plan.training.to_json(), alias=plan.register_alias,
+        )
+
+    async def _registered_by(self, name: str, job_id: str) -> ModelVersion | None:
+        try:
+            async for version in self._registry.iter_versions(name):
+                if version.job_id == job_id:
+                    return version
+        except NotFound:
+            return None
+        return None
+
+    async def _announce(self, job_id: str, result: Mapping[str, Any]) -> None:
+        fields = {k: v for k, v in result.items() if k != "state"}
+        await self._send_status(job_id, str(result["state"]), **fields)
+        await self._store.clear_active(job_id)
+        self._progress_ms.pop(job_id, None)
+        self._outcomes.labels(str(result["state"])).inc()
+        log.info("job %s %s: %s", job_id, result["state"], result.get("metrics") or
+                 result.get("error"))
+
+    async def _fail(self, job_id: str, error: MaasError) -> None:
+        result = {"state": "failed", "error": {"code": error.reason_code, "message": error.message}}
+        try:
+            await self._store.write_result(job_id, result)
+            await self._announce(job_id, result)
+        except MaasError as exc:
+            log.error("job %s failed (%s) and even that could not be recorded: %s", job_id,
+                      error.message, exc.message)

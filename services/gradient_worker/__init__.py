@@ -1,0 +1,1 @@
+"""Gradient worker: a data-parallel replica that turns parameter versions into gradients."""

@@ -72,7 +72,7 @@ def check_job(job: dict[str, Any]) -> dict[str, Any]:
     missing = [s for s in _REQUIRED_SECTIONS[kind] if s not in job]
     if missing:
         raise SchemaViolation(f"a {kind} job needs {', '.join(missing)}; add the section(s)")
-    if "model" in job:
+    if "arch" in job.get("model", {}):
         try:
             zoo.parse_config(job["model"]["arch"], job["model"].get("config"))
         except InvalidArgument as exc:

@@ -70,12 +70,16 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     asyncio.run(jobs.publish_job(settings, job))
     print(job["job_id"])
     if args.watch:
-        return asyncio.run(follow(settings, job["job_id"], None))
+        return _exit_code(asyncio.run(follow(settings, job["job_id"], None)))
     return 0
 
 
 def _watch(args: argparse.Namespace, settings: Settings) -> int:
-    return asyncio.run(follow(settings, args.job_id, args.timeout_s))
+    return _exit_code(asyncio.run(follow(settings, args.job_id, args.timeout_s)))
+
+
+def _exit_code(summary: jobs.JobSummary) -> int:
+    return 0 if summary.state == "succeeded" else 1
 
 
 def _describe(summary: jobs.JobSummary) -> str:
@@ -86,7 +90,8 @@ def _describe(summary: jobs.JobSummary) -> str:
     return " ".join(parts)
 
 
-async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> int:
+async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jobs.JobSummary:
+    """A live progress bar for one job; returns its final summary (printed too)."""
     final = jobs.JobSummary(job_id)
     with Progress(
         TextColumn("[bold]{task.fields[job]}"),
@@ -109,10 +114,10 @@ async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> in
         model = final.model or {}
         where = f" -> model {model['name']}@{model['version']}" if model else ""
         console.print(f"[green]succeeded[/green]{where} {_describe(final)}")
-        return 0
+        return final
     error = final.error or {"code": final.state, "message": "no details"}
     console.print(f"[red]{final.state}[/red]: {error['code']}: {error['message']}")
-    return 1
+    return final
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:

@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Mapping
 from typing import Protocol
 
 from prometheus_client import CollectorRegistry, start_http_server
@@ -39,7 +40,7 @@ class Service(Protocol):
     async def stop(self) -> None: ...
 
 
-def build(settings: Settings, environ: dict[str, str]) -> Service:
+def build(settings: Settings, environ: Mapping[str, str]) -> Service:
     role = environ.get("MAAS_AGGREGATOR_ROLE", "shard")
     if role == "coordinator":
         from services.aggregator.coordinator import Coordinator
@@ -91,7 +92,7 @@ def main() -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    service = build(settings, dict(os.environ))
+    service = build(settings, os.environ)
 
     async def run() -> None:
         stop = asyncio.Event()

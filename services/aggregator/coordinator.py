@@ -69,8 +69,12 @@ class Coordinator:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.metrics_registry = CollectorRegistry()
-        self._outcomes = Counter("maas_training_jobs", "training jobs by outcome", ["outcome"],
-                                 registry=self.metrics_registry)
+        self._outcomes = Counter(
+            "maas_training_jobs",
+            "training jobs by outcome",
+            ["outcome"],
+            registry=self.metrics_registry,
+        )
         self._producer = EventProducer(settings, client_id=COORDINATOR_SERVICE)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
@@ -85,7 +89,9 @@ class Coordinator:
             on_dead_letter=self._dead_letter,
         )
         self._statuses = PartitionReader(
-            settings, topics.JOB_STATUS, range(topics.JOB_STATUS.partitions),
+            settings,
+            topics.JOB_STATUS,
+            range(topics.JOB_STATUS.partitions),
             client_id=COORDINATOR_SERVICE,
         )
         self._monitors: dict[str, asyncio.Task[None]] = {}
@@ -140,9 +146,17 @@ class Coordinator:
         await self._send_status(job_id, "accepted", step=0, total_steps=plan.target_version)
         await self._write_job(prepared)
         await self._send_status(job_id, "running", step=0, total_steps=plan.target_version)
-        log.info("job %s: %s %s, %d steps, %d workers x %d shards (%s, %s)", job_id, plan.kind,
-                 plan.arch, plan.total_steps, plan.workers, plan.shards, plan.training.mode,
-                 plan.training.gradient_codec)
+        log.info(
+            "job %s: %s %s, %d steps, %d workers x %d shards (%s, %s)",
+            job_id,
+            plan.kind,
+            plan.arch,
+            plan.total_steps,
+            plan.workers,
+            plan.shards,
+            plan.training.mode,
+            plan.training.gradient_codec,
+        )
         self._monitor(job_id)
 
     async def _prepare(self, job: Mapping[str, Any]) -> PreparedJob:
@@ -154,7 +168,9 @@ class Coordinator:
         )
         fetch = self._objects.sync.get_bytes
         return await asyncio.to_thread(
-            prepare_job, job, limits=limits,
+            prepare_job,
+            job,
+            limits=limits,
             fetch_dataset=lambda uri: fetch(*parse_uri(uri)),
             load_base=(lambda _: base) if base is not None else None,
         )
@@ -169,8 +185,9 @@ class Coordinator:
                 "(the one a train job registered, not a compressed variant)"
             )
         module = await asyncio.to_thread(materialize, manifest, files)
-        return BaseModel(module, manifest.arch, dict(manifest.config), version.name,
-                         version.version)
+        return BaseModel(
+            module, manifest.arch, dict(manifest.config), version.name, version.version
+        )
 
     async def _write_job(self, prepared: PreparedJob) -> None:
         plan = prepared.plan
@@ -180,8 +197,9 @@ class Coordinator:
         written = now_ms()
         for part in plan.partitions:
             data = ck.encode_snapshot(ck.initial_snapshot(part.gather(flat)))
-            pointer = ck.Pointer(version=0, key="", sha256="", resume_offset=None,
-                                 written_ms=written)
+            pointer = ck.Pointer(
+                version=0, key="", sha256="", resume_offset=None, written_ms=written
+            )
             await self._store.write_checkpoint(job_id, part.shard, 0, data, pointer)
         # The plan makes a redelivery a no-op and the marker makes a restart resume: both last.
         await self._store.write_plan(plan)
@@ -197,8 +215,9 @@ class Coordinator:
         # Every job consumer sees every job: report on ours, and on ones of no valid type.
         if job.get("type") == "compress" or not isinstance(job.get("job_id"), str):
             return
-        await self._send_status(job["job_id"], "failed",
-                                error={"code": letter.code, "message": letter.message})
+        await self._send_status(
+            job["job_id"], "failed", error={"code": letter.code, "message": letter.message}
+        )
         self._outcomes.labels("failed").inc()
 
     # --- monitor ----------------------------------------------------------------------------
@@ -289,8 +308,9 @@ class Coordinator:
         model = zoo.build(plan.arch, plan.config)
         model.load_state_dict(state)
         fetch = self._objects.sync.get_bytes
-        data = load_dataset(plan.dataset, seed=plan.training.seed,
-                            fetch=lambda uri: fetch(*parse_uri(uri)))
+        data = load_dataset(
+            plan.dataset, seed=plan.training.seed, fetch=lambda uri: fetch(*parse_uri(uri))
+        )
         return evaluate(model, data.x_test, data.y_test, plan.loss)
 
     async def _register(
@@ -301,9 +321,16 @@ class Coordinator:
             return existing
         parent = f"{plan.parent['name']}@{plan.parent['version']}" if plan.parent else None
         return await self._registry.register(
-            state, plan.register_name, plan.arch, plan.config,
-            parent=parent, method=plan.kind, job_id=plan.job_id, metrics=metrics,
-            settings=plan.training.to_json(), alias=plan.register_alias,
+            state,
+            plan.register_name,
+            plan.arch,
+            plan.config,
+            parent=parent,
+            method=plan.kind,
+            job_id=plan.job_id,
+            metrics=metrics,
+            settings=plan.training.to_json(),
+            alias=plan.register_alias,
         )
 
     async def _registered_by(self, name: str, job_id: str) -> ModelVersion | None:
@@ -321,8 +348,9 @@ class Coordinator:
         await self._store.clear_active(job_id)
         self._progress_ms.pop(job_id, None)
         self._outcomes.labels(str(result["state"])).inc()
-        log.info("job %s %s: %s", job_id, result["state"], result.get("metrics") or
-                 result.get("error"))
+        log.info(
+            "job %s %s: %s", job_id, result["state"], result.get("metrics") or result.get("error")
+        )
 
     async def _fail(self, job_id: str, error: MaasError) -> None:
         result = {"state": "failed", "error": {"code": error.reason_code, "message": error.message}}
@@ -330,5 +358,9 @@ class Coordinator:
             await self._store.write_result(job_id, result)
             await self._announce(job_id, result)
         except MaasError as exc:
-            log.error("job %s failed (%s) and even that could not be recorded: %s", job_id,
-                      error.message, exc.message)
+            log.error(
+                "job %s failed (%s) and even that could not be recorded: %s",
+                job_id,
+                error.message,
+                exc.message,
+            )

@@ -127,8 +127,12 @@ class ShardService:
                 offsets.append(offset)
         if offsets:
             self._gradients.seek(self.partition, min(offsets))
-            log.info("%s resumed %d job(s); replaying gradients from offset %d",
-                     self.name, len(self.jobs), min(offsets))
+            log.info(
+                "%s resumed %d job(s); replaying gradients from offset %d",
+                self.name,
+                len(self.jobs),
+                min(offsets),
+            )
         else:
             await self._gradients.from_now()
 
@@ -178,11 +182,18 @@ class ShardService:
         snap = await self._store.read_checkpoint(pointer)
         now = now_ms()
         core = ShardCore.restore(plan, self.shard, snap, now_ms=now)
-        job = ShardJob(plan, core, started_ms=pointer.started_ms or now,
-                       checkpointed_version=pointer.version)
+        job = ShardJob(
+            plan, core, started_ms=pointer.started_ms or now, checkpointed_version=pointer.version
+        )
         self.jobs[job_id] = job
-        log.info("%s: job %s at version %d of %d (%d parameters)", self.name, job_id,
-                 core.version, plan.target_version, core.partition.size)
+        log.info(
+            "%s: job %s at version %d of %d (%d parameters)",
+            self.name,
+            job_id,
+            core.version,
+            plan.target_version,
+            core.partition.size,
+        )
         await self._publish(job)
         if core.done:
             await self._finish(job_id, job, already_final=pointer.final)
@@ -244,8 +255,12 @@ class ShardService:
         items = [
             (protocol.record_key(job.plan.job_id, self.shard), self.partition, event)
             for event in protocol.params_events(
-                job_id=job.plan.job_id, shard=self.shard, version=core.version,
-                values=core.theta, final=core.done, chunk_bytes=self.settings.codec_chunk_bytes,
+                job_id=job.plan.job_id,
+                shard=self.shard,
+                version=core.version,
+                values=core.theta,
+                final=core.done,
+                chunk_bytes=self.settings.codec_chunk_bytes,
             )
         ]
         job.published_ms = now_ms()
@@ -278,8 +293,12 @@ class ShardService:
         try:
             await self._store.write_checkpoint(job_id, self.shard, pointer.version, data, pointer)
         except MaasError as exc:
-            log.warning("checkpoint of %s at %d failed (%s); the next one will retry",
-                        job_id, pointer.version, exc.message)
+            log.warning(
+                "checkpoint of %s at %d failed (%s); the next one will retry",
+                job_id,
+                pointer.version,
+                exc.message,
+            )
             return
         self.metrics.checkpoints.inc()
         if self.shard == 0 and not pointer.final:
@@ -311,8 +330,10 @@ class ShardService:
             for job_id, job in list(self.jobs.items()):
                 if job.core.tick(now):
                     await self._advanced(job_id, job)
-                elif (job.core.round_size < job.plan.workers
-                      and now - job.published_ms >= self.settings.params_republish_ms):
+                elif (
+                    job.core.round_size < job.plan.workers
+                    and now - job.published_ms >= self.settings.params_republish_ms
+                ):
                     await self._publish(job)  # for workers that joined late or missed it
                 if self.shard == 0 and now - job.reported_ms >= self.settings.progress_interval_ms:
                     await self._progress(job_id, job, now)
@@ -323,13 +344,19 @@ class ShardService:
         job.reported_ms = now
         metrics = {k: v for k, v in window.items() if k in ("loss", "accuracy")}
         metrics["samples_per_s"] = window["samples"] / elapsed_s
-        await self._status(job_id, "running", step=job.core.version,
-                           total_steps=job.plan.target_version, metrics=metrics)
+        await self._status(
+            job_id,
+            "running",
+            step=job.core.version,
+            total_steps=job.plan.target_version,
+            metrics=metrics,
+        )
 
     async def _status(self, job_id: str, state: str, **fields: object) -> None:
         try:
             await self._producer.send(
-                topics.JOB_STATUS, status_event(job_id, state, service=self.name, **fields),
+                topics.JOB_STATUS,
+                status_event(job_id, state, service=self.name, **fields),
                 key=job_id,
             )
         except MaasError as exc:

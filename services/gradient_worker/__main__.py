@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 import signal
+from collections.abc import Mapping
 
 from prometheus_client import start_http_server
 
@@ -22,8 +23,8 @@ from services.gradient_worker.service import WorkerService
 log = logging.getLogger("services.gradient_worker")
 
 
-def worker_id_from_env(settings: Settings) -> int:
-    raw = os.environ.get("MAAS_WORKER_ID", "0")
+def worker_id_from_env(settings: Settings, environ: Mapping[str, str]) -> int:
+    raw = environ.get("MAAS_WORKER_ID", "0")
     try:
         worker_id = int(raw)
     except ValueError:
@@ -64,7 +65,7 @@ def main() -> None:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    worker_id = worker_id_from_env(settings)
+    worker_id = worker_id_from_env(settings, os.environ)
 
     async def run() -> None:
         stop = asyncio.Event()

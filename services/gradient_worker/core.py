@@ -79,9 +79,7 @@ class WorkerJob:
     def ready(self) -> bool:
         if len(self._latest) < self.plan.shards or self.finished:
             return False
-        return all(
-            p.final or p.version > self._used.get(s, -1) for s, p in self._latest.items()
-        )
+        return all(p.final or p.version > self._used.get(s, -1) for s, p in self._latest.items())
 
     def take(self) -> dict[int, ShardParams]:
         """The parameters to compute on next; marks them used so they are taken once."""
@@ -98,8 +96,11 @@ class WorkerJob:
         sync = self.plan.training.mode == "sync"
         step = min(p.version for p in view.values()) if sync else self.steps
         rows = batch_indices(
-            len(self.x), self.plan.training.batch_size, step,
-            seed=self.plan.training.seed, worker=self.worker,
+            len(self.x),
+            self.plan.training.batch_size,
+            step,
+            seed=self.plan.training.seed,
+            worker=self.worker,
         )
         batch = self.replica.compute(self.x[rows], self.y[rows])
         grad = self.replica.grad_numpy

@@ -43,7 +43,8 @@ class Metrics:
             "maas_worker_gradient_bytes", "gradient payload bytes sent", registry=self.registry
         )
         self.step_seconds = Histogram(
-            "maas_worker_compute_seconds", "forward+backward+encode per step",
+            "maas_worker_compute_seconds",
+            "forward+backward+encode per step",
             registry=self.registry,
         )
 
@@ -100,8 +101,11 @@ class WorkerService:
         try:
             job = self.jobs.get(job_id) or await self._join(job_id)
         except MaasError as exc:
-            log.warning("cannot join job %s yet (%s); trying again on its next parameters",
-                        job_id, exc.message)
+            log.warning(
+                "cannot join job %s yet (%s); trying again on its next parameters",
+                job_id,
+                exc.message,
+            )
             return
         if job is None:
             return
@@ -133,13 +137,21 @@ class WorkerService:
         state = load_safetensors(await self._store.read_init(job_id))
         fetch = self._objects.sync.get_bytes
         dataset = await asyncio.to_thread(
-            load_dataset, plan.dataset, seed=plan.training.seed,
+            load_dataset,
+            plan.dataset,
+            seed=plan.training.seed,
             fetch=lambda uri: fetch(*parse_uri(uri)),
         )
         job = await asyncio.to_thread(WorkerJob, plan, self.worker_id, state, dataset)
         self.jobs[job_id] = job
-        log.info("joined job %s as worker %d of %d (%d steps, codec %s)", job_id,
-                 self.worker_id, plan.workers, plan.total_steps, plan.training.gradient_codec)
+        log.info(
+            "joined job %s as worker %d of %d (%d steps, codec %s)",
+            job_id,
+            self.worker_id,
+            plan.workers,
+            plan.total_steps,
+            plan.training.gradient_codec,
+        )
         return job
 
     # --- gradients out ----------------------------------------------------------------------

@@ -77,6 +77,20 @@ def test_adam_state_round_trips_through_a_checkpoint() -> None:
     np.testing.assert_array_equal(theta_a, theta_b)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_an_optimizer_starts_from_an_empty_state(name: str) -> None:
+    spec = OptimizerSpec(name, lr=0.1, momentum=0.9 if name == "sgd" else 0.0)
+    fresh, loaded = make_optimizer(spec, SIZE), make_optimizer(spec, SIZE)
+    loaded.load_state({}, {})
+    thetas = [np.zeros(SIZE, dtype=np.float32) for _ in range(2)]
+    total = GradientSum(SIZE)
+    for opt, theta in zip((fresh, loaded), thetas, strict=True):
+        total.add(DenseGradient(np.ones(SIZE, dtype=np.float32)))
+        opt.step(theta, total, 1.0)
+        total.reset()
+    np.testing.assert_array_equal(thetas[0], thetas[1])
+
+
 @pytest.mark.parametrize(
     ("changes", "field"),
     [

@@ -141,8 +141,9 @@ class Adam:
 
     def load_state(self, scalars: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> None:
         self._t = int(scalars.get("t", 0))
-        self._m = _owned(arrays["m"], self._size, "m")
-        self._v = _owned(arrays["v"], self._size, "v")
+        if self._t:  # a version-0 checkpoint has no moments yet: keep the zeros
+            self._m = _owned(arrays["m"], self._size, "m")
+            self._v = _owned(arrays["v"], self._size, "v")
 
 
 def _owned(array: np.ndarray, size: int, what: str) -> np.ndarray:

@@ -94,8 +94,7 @@ def params_events(
 ) -> list[dict[str, Any]]:
     """Events carrying a copy of ``values`` (taken now: the caller may keep updating it)."""
     payload = {"values": tensor_to_map(np.array(values, dtype=np.float32, copy=True))}
-    fields = {"job_id": job_id, "shard": shard, "version": version, "step": version,
-              "final": final}
+    fields = {"job_id": job_id, "shard": shard, "version": version, "step": version, "final": final}
     return _chunked(fields, events.PARAMS, payload, chunk_bytes)
 
 

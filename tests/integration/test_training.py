@@ -1,0 +1,437 @@
+"""Distributed training on the real stack: the coordinator, two aggregator shards and two
+gradient workers as real processes, jobs and statuses on the real broker, checkpoints in the
+real S3 server, results in a real registry.
+
+Tests run in file order and share the processes; the fault tests kill a process with SIGKILL
+and start it again before they end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from infra.proc import free_port
+from infra.stack import PythonService
+from maas import events, topics
+from maas.bus import EventConsumer, EventProducer, Record
+from maas.registry import RegistryClient
+from maas.store import ObjectStore
+from maas.training import checkpoint as ck
+from maas.training.storage import BUCKET
+from services.inference.harness import ServiceProcesses
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+TERMINAL = {"succeeded", "failed"}
+WORKERS = 2
+SHARDS = 2
+MLP_TRAINING = {
+    "steps": 100,
+    "batch_size": 32,
+    "workers": WORKERS,
+    "shards": SHARDS,
+    "optimizer": {"name": "adam", "lr": 0.01},
+    "checkpoint_every": 20,
+}
+
+
+@dataclass
+class Cluster:
+    registry_addr: str
+    coordinator: PythonService
+    shards: list[PythonService]
+    workers: list[PythonService]
+
+    def kill(self, service: PythonService) -> None:
+        pid = service.process.pid()
+        assert pid is not None, f"{service.name} is not running"
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while service.process.alive() and time.monotonic() < deadline:
+            time.sleep(0.05)  # a zombie already counts as dead
+
+    @staticmethod
+    def restart(service: PythonService) -> None:
+        start([service])
+
+
+def start(services: list[PythonService], timeout_s: float = 120.0) -> None:
+    """Start all, then wait for each: they import torch in parallel."""
+    for service in services:
+        service.start(wait=False)
+    deadline = time.monotonic() + 10
+    while not all(s.process.alive() for s in services) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for service in services:
+        service.wait_ready(timeout_s=timeout_s)
+
+
+def _service(name: str, module: str, workdir: Any, env: dict[str, str]) -> PythonService:
+    port = free_port()
+    return PythonService(
+        name, module, "127.0.0.1", port, workdir, {**env, "MAAS_METRICS_PORT": str(port)}
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster(stack, tmp_path_factory) -> Iterator[Cluster]:
+    workdir = tmp_path_factory.mktemp("training")
+    with ServiceProcesses(workdir) as processes:
+        registry = processes.start_registry()
+        common = {
+            "MAAS_REGISTRY_ADDR": registry,
+            "MAAS_GRADIENT_WORKERS": str(WORKERS),
+            "MAAS_AGGREGATOR_SHARDS": str(SHARDS),
+            "MAAS_PARAMS_REPUBLISH_MS": "1000",
+            "MAAS_PROGRESS_INTERVAL_MS": "1000",
+            "OMP_NUM_THREADS": "1",  # two workers on a two-core machine
+        }
+        coordinator = _service(
+            "training-coordinator",
+            "services.aggregator",
+            workdir,
+            {**common, "MAAS_AGGREGATOR_ROLE": "coordinator"},
+        )
+        shards = [
+            _service(
+                f"aggregator-{s}",
+                "services.aggregator",
+                workdir,
+                {**common, "MAAS_AGGREGATOR_SHARD": str(s)},
+            )
+            for s in range(SHARDS)
+        ]
+        workers = [
+            _service(
+                f"gradient-worker-{w}",
+                "services.gradient_worker",
+                workdir,
+                {**common, "MAAS_WORKER_ID": str(w)},
+            )
+            for w in range(WORKERS)
+        ]
+        everything = [coordinator, *shards, *workers]
+        try:
+            start(everything)
+            yield Cluster(registry, coordinator, shards, workers)
+        finally:
+            for service in reversed(everything):
+                service.stop()
+
+
+@dataclass
+class Watcher:
+    """Job statuses and dead letters as they arrive."""
+
+    statuses: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    dead: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    async def handle(self, record: Record) -> None:
+        if record.topic == topics.JOB_STATUS.name:
+            self.statuses[record.event["job_id"]].append(record.event)
+        elif record.key is not None:
+            self.dead[record.key].append(record.event)
+
+    async def final(self, job_id: str, timeout_s: float = 150.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = [s for s in self.statuses[job_id] if s["state"] in TERMINAL]
+            if done:
+                return done[-1]
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"job {job_id} did not finish; statuses: {self.statuses[job_id]}")
+
+
+@pytest.fixture(scope="module")
+async def producer(stack) -> AsyncIterator[EventProducer]:
+    async with EventProducer(stack.settings, client_id="test-training") as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+async def watcher(stack, producer) -> AsyncIterator[Watcher]:
+    watcher = Watcher()
+    consumer = EventConsumer(
+        stack.settings,
+        topics=[topics.JOB_STATUS, topics.DLQ],
+        group_id=f"test-training-{uuid.uuid4().hex[:8]}",
+        handler=watcher.handle,
+        producer=producer,
+    )
+    await consumer.start()
+    task = asyncio.create_task(consumer.run())
+    yield watcher
+    await consumer.stop()
+    await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture(scope="module")
+async def registry(stack, cluster) -> AsyncIterator[RegistryClient]:
+    settings = stack.settings.replace(registry_addr=cluster.registry_addr)
+    async with RegistryClient(settings, actor="test") as client:
+        yield client
+
+
+def train_job(
+    name: str, arch: str, dataset: dict[str, Any], training: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    return events.new_event(
+        events.JOB,
+        job_id=f"{name}-{uuid.uuid4().hex[:8]}",
+        type="train",
+        model={"name": name, "arch": arch, "config": fields.pop("config", {})},
+        dataset=dataset,
+        training=training,
+        **fields,
+    )
+
+
+async def run(producer: EventProducer, watcher: Watcher, job: dict[str, Any]) -> dict[str, Any]:
+    await producer.send(topics.JOBS, job, key=job["job_id"])
+    return await watcher.final(job["job_id"])
+
+
+async def weights(registry: RegistryClient, status: dict[str, Any]) -> dict[str, torch.Tensor]:
+    model = status["model"]
+    module = await registry.load(f"{model['name']}@{model['version']}")
+    return module.state_dict()
+
+
+@pytest.fixture(scope="module")
+async def mlp_baseline(cluster, producer, watcher) -> dict[str, Any]:
+    """An undisturbed 2 workers x 2 shards digits MLP run (shared by the fault tests)."""
+    job = train_job("digits-mlp", "mlp", {"uri": "builtin:digits"}, MLP_TRAINING)
+    return await run(producer, watcher, job)
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+async def test_an_invalid_job_fails_with_the_reason_and_is_dead_lettered(
+    cluster, producer, watcher
+):
+    job = train_job("bad", "mlp", {"uri": "builtin:digits"}, {"steps": 5, "workers": 7})
+    status = await run(producer, watcher, job)
+    assert status["state"] == "failed"
+    assert "training.workers=7" in status["error"]["message"]
+    assert status["error"]["code"] == "invalid_argument"
+    letters = [d for d in watcher.dead[job["job_id"]] if d["consumer_group"] == "maas-training"]
+    assert letters and "training.workers=7" in letters[0]["reason"]["message"]
+
+
+async def test_a_job_with_an_unknown_arch_fails_naming_the_field(cluster, producer, watcher):
+    job = train_job("bad-arch", "transformer", {"uri": "builtin:digits"}, {"steps": 5})
+    status = await run(producer, watcher, job)
+    assert status["state"] == "failed"
+    assert "model" in status["error"]["message"] and "transformer" in status["error"]["message"]
+
+
+# --- learning ---------------------------------------------------------------------------------
+
+
+async def test_digits_mlp_on_two_workers_and_two_shards_reaches_95_percent(
+    mlp_baseline, registry, watcher
+):
+    assert mlp_baseline["state"] == "succeeded", mlp_baseline
+    assert mlp_baseline["metrics"]["accuracy"] >= 0.95
+    assert mlp_baseline["metrics"]["samples_per_s"] > 0
+    version = await registry.get(
+        f"{mlp_baseline['model']['name']}@{mlp_baseline['model']['version']}"
+    )
+    assert version.method == "train"
+    assert version.metrics["accuracy"] == pytest.approx(mlp_baseline["metrics"]["accuracy"])
+    states = {s["state"] for s in watcher.statuses[version.job_id]}
+    assert {"accepted", "running", "checkpointed", "succeeded"} <= states
+
+
+CNN_TRAINING = {
+    "steps": 60,
+    "batch_size": 32,
+    "workers": WORKERS,
+    "shards": SHARDS,
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+}
+FEW_SHOT = {"uri": "builtin:digits-5-9", "fraction": 0.1}
+FEW_SHOT_TRAINING = {
+    "steps": 30,
+    "batch_size": 16,
+    "workers": WORKERS,
+    "shards": SHARDS,
+    "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+    "seed": 1,
+}
+
+
+@pytest.fixture(scope="module")
+async def cnn_base(cluster, producer, watcher) -> dict[str, Any]:
+    """A CNN trained on digits 0-4 (10-way head): the base of the transfer test."""
+    job = train_job(
+        "digits-cnn-0-4",
+        "cnn",
+        {"uri": "builtin:digits-0-4"},
+        CNN_TRAINING,
+        register_as={"name": "digits-cnn-0-4", "alias": "production"},
+    )
+    return await run(producer, watcher, job)
+
+
+async def test_the_cnn_trains_well_above_chance(cnn_base, registry):
+    assert cnn_base["state"] == "succeeded", cnn_base
+    assert cnn_base["metrics"]["accuracy"] > 0.8  # chance is 0.2 on five classes
+    assert (await registry.get("digits-cnn-0-4@production")).version == cnn_base["model"]["version"]
+
+
+async def test_finetune_on_ten_percent_beats_training_from_scratch(
+    cnn_base, producer, watcher, registry
+):
+    finetune = events.new_event(
+        events.JOB,
+        job_id=f"finetune-{uuid.uuid4().hex[:8]}",
+        type="finetune",
+        base={"name": "digits-cnn-0-4", "alias": "production"},
+        model={"name": "digits-cnn-5-9"},
+        dataset=FEW_SHOT,
+        training={**FEW_SHOT_TRAINING, "freeze": ["features."]},
+    )
+    scratch = train_job(
+        "digits-cnn-5-9-scratch", "cnn", FEW_SHOT, FEW_SHOT_TRAINING, config={"num_classes": 5}
+    )
+    tuned = await run(producer, watcher, finetune)
+    fresh = await run(producer, watcher, scratch)
+    assert tuned["state"] == fresh["state"] == "succeeded", (tuned, fresh)
+    assert tuned["metrics"]["accuracy"] > fresh["metrics"]["accuracy"]
+    lineage = await registry.get(f"digits-cnn-5-9@{tuned['model']['version']}")
+    assert lineage.parent is not None and lineage.parent.name == "digits-cnn-0-4"
+    assert lineage.parent.version == cnn_base["model"]["version"]
+    assert lineage.method == "finetune" and lineage.job_id == finetune["job_id"]
+    base_weights = await weights(registry, cnn_base)
+    tuned_weights = await weights(registry, tuned)
+    assert torch.equal(tuned_weights["features.0.weight"], base_weights["features.0.weight"])
+    assert tuned_weights["head.weight"].shape == (5, 64 * 4 * 4)
+
+
+# --- duplicates and faults --------------------------------------------------------------------
+
+
+async def _duplicate_gradients(settings, stop: asyncio.Event) -> int:
+    """Re-send every gradient record once more, byte for byte, to the same partition."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        max_partition_fetch_bytes=settings.kafka_max_message_bytes,
+    )
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        max_request_size=settings.kafka_max_message_bytes,
+    )
+    await consumer.start()
+    await producer.start()
+    partitions = [
+        TopicPartition(topics.GRADIENTS.name, p) for p in range(topics.GRADIENTS.partitions)
+    ]
+    consumer.assign(partitions)
+    await consumer.seek_to_end(*partitions)
+    for tp in partitions:
+        await consumer.position(tp)
+    copies = 0
+    try:
+        while not stop.is_set():
+            for tp, records in (await consumer.getmany(timeout_ms=100)).items():
+                for r in records:
+                    if r.headers and dict(r.headers).get("x-test-copy"):
+                        continue
+                    await producer.send(
+                        tp.topic,
+                        r.value,
+                        key=r.key,
+                        partition=tp.partition,
+                        headers=[*r.headers, ("x-test-copy", b"1")],
+                    )
+                    copies += 1
+    finally:
+        await producer.stop()
+        await consumer.stop()
+    return copies
+
+
+async def test_duplicated_gradient_messages_change_nothing(
+    stack, cluster, producer, watcher, registry
+):
+    training = {**MLP_TRAINING, "steps": 30, "checkpoint_every": 1000}
+    plain = await run(
+        producer, watcher, train_job("dup-a", "mlp", {"uri": "builtin:digits"}, training)
+    )
+    stop = asyncio.Event()
+    duplicating = asyncio.create_task(_duplicate_gradients(stack.settings, stop))
+    await asyncio.sleep(1.0)  # its positions are resolved before the job starts
+    doubled = await run(
+        producer, watcher, train_job("dup-b", "mlp", {"uri": "builtin:digits"}, training)
+    )
+    stop.set()
+    copies = await duplicating
+    assert copies >= training["steps"] * WORKERS * SHARDS
+    a, b = await weights(registry, plain), await weights(registry, doubled)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
+async def test_a_worker_killed_mid_job_does_not_stop_the_job(stack, cluster, producer, watcher):
+    job = train_job(
+        "quorum", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 400, "quorum": 0.5}
+    )
+    await producer.send(topics.JOBS, job, key=job["job_id"])
+    store = ObjectStore(stack.settings)
+    await _wait_for_checkpoint(store, job["job_id"], shard=0, version=40)
+    cluster.kill(cluster.workers[1])
+    try:
+        assert not (await _pointer(store, job["job_id"], shard=0)).final, "killed too late"
+        status = await watcher.final(job["job_id"])
+    finally:
+        cluster.restart(cluster.workers[1])
+    assert status["state"] == "succeeded", status
+    assert status["metrics"]["accuracy"] > 0.9
+
+
+async def test_an_aggregator_shard_killed_and_restarted_resumes_from_its_checkpoint(
+    stack, cluster, producer, watcher, mlp_baseline
+):
+    job = train_job("digits-mlp", "mlp", {"uri": "builtin:digits"}, MLP_TRAINING)
+    await producer.send(topics.JOBS, job, key=job["job_id"])
+    store = ObjectStore(stack.settings)
+    await _wait_for_checkpoint(store, job["job_id"], shard=1, version=40)
+    cluster.kill(cluster.shards[1])
+    assert not (await _pointer(store, job["job_id"], shard=1)).final, "killed too late"
+    await asyncio.sleep(1.0)
+    cluster.restart(cluster.shards[1])
+    status = await watcher.final(job["job_id"])
+    assert status["state"] == "succeeded", status
+    assert abs(status["metrics"]["accuracy"] - mlp_baseline["metrics"]["accuracy"]) <= 0.01
+
+
+async def _pointer(store: ObjectStore, job_id: str, shard: int) -> ck.Pointer:
+    data = await asyncio.to_thread(store.get_bytes, BUCKET, ck.pointer_key(job_id, shard))
+    return ck.Pointer.from_json(data)
+
+
+async def _wait_for_checkpoint(
+    store: ObjectStore, job_id: str, shard: int, version: int, timeout_s: float = 90
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        exists = await asyncio.to_thread(store.exists, BUCKET, ck.pointer_key(job_id, shard))
+        if exists and (await _pointer(store, job_id, shard)).version >= version:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"shard {shard} of {job_id} never checkpointed version {version}")

@@ -12,7 +12,7 @@ Forward passes run on a fixed-size thread pool (``Compute``), except those predi
 cheaper than the hand-off to a worker itself (two thread wake-ups, ~100 us on a busy 2-core
 machine): those run on the event loop, which they then hold for less time than the hand-off
 would have cost it. The prediction uses the model's measured cost per row, so a large request
-never runs there. Whatever happens to the batching task, no caller is left waiting: a failed
+never runs there. An idle batcher with no delay configured runs such a cheap request at once. Whatever happens to the batching task, no caller is left waiting: a failed
 batch fails its requests, and a cancelled task fails everything still queued.
 """
 
@@ -94,13 +94,13 @@ class Compute:
         self._inline_max_ns = inline_max_ns
         self._ns_per_row: float | None = None  # unknown until a first pass ran on the pool
 
-    def _predicted_cheap(self, rows: int) -> bool:
+    def predicted_cheap(self, rows: int) -> bool:
         return self._ns_per_row is not None and rows * self._ns_per_row <= self._inline_max_ns
 
     async def run(self, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
         """Outputs per input and the compute time in ns."""
         rows = sum(len(x) for x in inputs)
-        if self._predicted_cheap(rows):
+        if self.predicted_cheap(rows):
             outputs, compute_ns = _timed_run_batch(self._forward, inputs)
         else:
             loop = asyncio.get_running_loop()
@@ -108,8 +108,10 @@ class Compute:
                 self._executor, _timed_run_batch, self._forward, inputs
             )
         per_row = compute_ns / max(rows, 1)
-        self._ns_per_row = per_row if self._ns_per_row is None else (
-            self._SMOOTHING * per_row + (1 - self._SMOOTHING) * self._ns_per_row
+        self._ns_per_row = (
+            per_row
+            if self._ns_per_row is None
+            else (self._SMOOTHING * per_row + (1 - self._SMOOTHING) * self._ns_per_row)
         )
         return outputs, compute_ns
 
@@ -122,9 +124,13 @@ class DirectRunner:
         self._observer = observer
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
-        (output,), compute_ns = await self._compute.run([x])
-        self._observer.batch_done(BatchReport(1, len(x), 0, compute_ns))
-        return output
+        return await _run_alone(self._compute, self._observer, x)
+
+
+async def _run_alone(compute: Compute, observer: RunObserver, x: np.ndarray) -> np.ndarray:
+    (output,), compute_ns = await compute.run([x])
+    observer.batch_done(BatchReport(1, len(x), 0, compute_ns))
+    return output
 
 
 @dataclass
@@ -152,6 +158,13 @@ class DynamicBatcher:
         return self._queued_rows
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
+        if self._task is None and self._max_delay_ns <= 0 and self._compute.predicted_cheap(
+            len(x)
+        ):
+            # No backlog, no delay to wait out, and cheap enough to run inline: the forward
+            # finishes before another request could join it, so queueing would only add a task
+            # and a loop turn to its latency.
+            return await _run_alone(self._compute, self._observer, x)
         loop = asyncio.get_running_loop()
         item = _Pending(x, loop.create_future())
         self._pending.append(item)

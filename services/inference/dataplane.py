@@ -221,8 +221,13 @@ class DataPlane:
             version=version,
             signature=Signature.for_zoo(manifest.arch, manifest.config),
             nbytes=weights_nbytes(module),
-            runner=make_runner(torch_forward(module), self._executor, self._batching, stats,
-                               inline_max_us=self._inline_forward_us),
+            runner=make_runner(
+                torch_forward(module),
+                self._executor,
+                self._batching,
+                stats,
+                inline_max_us=self._inline_forward_us,
+            ),
             stats=stats,
         )
         self._forget(self._cache.put(model))
@@ -259,8 +264,7 @@ class DataPlane:
         try:
             output = await model.runner.submit(rows)
         except BaseException:
-            model.stats.request_done(ok=False, rows=len(rows),
-                                     ns=time.perf_counter_ns() - started)
+            model.stats.request_done(ok=False, rows=len(rows), ns=time.perf_counter_ns() - started)
             raise
         model.stats.request_done(ok=True, rows=len(rows), ns=time.perf_counter_ns() - started)
         (spec,) = model.signature.outputs
@@ -293,9 +297,11 @@ class DataPlane:
             for key, number in list(self._aliases.items()):
                 if key[0] == name and (version is None or number == version):
                     self._drop_alias(key)
-            self._forget(self._cache.remove(
-                lambda m: m.name != name or (version is not None and m.version != version)
-            ))
+            self._forget(
+                self._cache.remove(
+                    lambda m: m.name != name or (version is not None and m.version != version)
+                )
+            )
 
     def _bump(self, key: tuple[str, str]) -> int:
         self._alias_gen[key] = self._alias_gen.get(key, 0) + 1

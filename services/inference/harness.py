@@ -39,8 +39,15 @@ class ServiceProcesses(contextlib.AbstractContextManager["ServiceProcesses"]):
         self.workdir = workdir
         self.started: dict[str, PythonService] = {}
 
-    def _start(self, name: str, module: str, env: Mapping[str, str], port: int,
-               ready_service: str, timeout_s: float) -> str:
+    def _start(
+        self,
+        name: str,
+        module: str,
+        env: Mapping[str, str],
+        port: int,
+        ready_service: str,
+        timeout_s: float,
+    ) -> str:
         service = PythonService(name, module, "127.0.0.1", port, self.workdir, dict(env))
         self.started[name] = service
         service.start(wait=False)
@@ -64,8 +71,9 @@ class ServiceProcesses(contextlib.AbstractContextManager["ServiceProcesses"]):
         }
         return self._start("registry", "services.model_registry", env, port, "", timeout_s)
 
-    def start_inference(self, name: str, registry_addr: str, *, timeout_s: float = 120.0,
-                        **env: str) -> str:
+    def start_inference(
+        self, name: str, registry_addr: str, *, timeout_s: float = 120.0, **env: str
+    ) -> str:
         """An inference server; ``env`` adds MAAS_* overrides (batching, token, limits)."""
         port = free_port()
         full = {
@@ -88,4 +96,3 @@ class ServiceProcesses(contextlib.AbstractContextManager["ServiceProcesses"]):
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-

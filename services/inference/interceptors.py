@@ -25,10 +25,12 @@ Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandl
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
 # Probes must work without credentials: orchestrators do not carry the inference token.
-UNAUTHENTICATED_METHODS = frozenset({
-    "/grpc.health.v1.Health/Check",
-    "/grpc.health.v1.Health/Watch",
-})
+UNAUTHENTICATED_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+    }
+)
 
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:

@@ -15,7 +15,20 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from services.inference.batcher import BatchReport
 
 _LATENCY_BUCKETS_S = (
-    0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+    0.0002,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -25,20 +38,30 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "maas_inference_requests", "gRPC requests by method and status code",
-            ["method", "code"], registry=r,
+            "maas_inference_requests",
+            "gRPC requests by method and status code",
+            ["method", "code"],
+            registry=r,
         )
         self.latency = Histogram(
-            "maas_inference_request_seconds", "gRPC request latency by method",
-            ["method"], buckets=_LATENCY_BUCKETS_S, registry=r,
+            "maas_inference_request_seconds",
+            "gRPC request latency by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
         )
         self.batch_rows = Histogram(
-            "maas_inference_batch_rows", "rows per forward pass",
-            ["model", "version"], buckets=_BATCH_BUCKETS, registry=r,
+            "maas_inference_batch_rows",
+            "rows per forward pass",
+            ["model", "version"],
+            buckets=_BATCH_BUCKETS,
+            registry=r,
         )
         self.queue_rows = Gauge(
-            "maas_inference_queue_rows", "rows waiting for a forward pass",
-            ["model", "version"], registry=r,
+            "maas_inference_queue_rows",
+            "rows waiting for a forward pass",
+            ["model", "version"],
+            registry=r,
         )
         self.loaded_models = Gauge(
             "maas_inference_loaded_models", "model versions in the cache", registry=r
@@ -47,8 +70,10 @@ class Metrics:
             "maas_inference_loaded_bytes", "bytes of weights in the cache", registry=r
         )
         self.swaps = Counter(
-            "maas_inference_swaps", "alias moves applied (ok) or refused (failed)",
-            ["model", "outcome"], registry=r,
+            "maas_inference_swaps",
+            "alias moves applied (ok) or refused (failed)",
+            ["model", "outcome"],
+            registry=r,
         )
 
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:

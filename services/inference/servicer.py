@@ -129,12 +129,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
         # Only loaded versions are listed: the registry is the catalogue of everything else.
-        return pb.RepositoryIndexResponse(models=[
-            pb.RepositoryIndexResponse.ModelIndex(
-                name=m.name, version=str(m.version), state="READY"
-            )
-            for m in self._plane.loaded()
-        ])
+        return pb.RepositoryIndexResponse(
+            models=[
+                pb.RepositoryIndexResponse.ModelIndex(
+                    name=m.name, version=str(m.version), state="READY"
+                )
+                for m in self._plane.loaded()
+            ]
+        )
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
@@ -161,6 +163,4 @@ def _version_parameter(request: pb.RepositoryModelLoadRequest) -> str:
         return param.string_param
     if choice == "int64_param":
         return str(param.int64_param)
-    raise InvalidArgument(
-        "parameter 'version' must be a string (a number or an alias) or an int64"
-    )
+    raise InvalidArgument("parameter 'version' must be a string (a number or an alias) or an int64")

@@ -120,9 +120,7 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     return arrays
 
 
-def encode_output(
-    response: pb.ModelInferResponse, name: str, array: np.ndarray
-) -> None:
+def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
     """Append ``array`` to ``response`` as a raw output (little-endian, row-major)."""
     out = response.outputs.add()
     out.name = name

@@ -120,7 +120,8 @@ class Settings:
     inference_max_queue_delay_us: int = field(
         default=0,
         metadata=_env("MAAS_INFERENCE_MAX_QUEUE_DELAY_US",
-                      doc="longest a request waits for more rows (0 = batch only the backlog)"),
+                      doc="longest a request waits for more rows (0 = batch only the backlog; "
+                          "asyncio timers make anything under 1000 act like ~1000)"),
     )
     inference_workers: int = field(
         default=2,

@@ -216,6 +216,23 @@ async def test_a_request_predicted_to_be_slow_goes_to_the_pool(pool):
     assert threading.current_thread() not in threads
 
 
+async def test_an_idle_batcher_runs_a_cheap_request_at_once_on_the_loop(pool):
+    threads = []
+
+    def where(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return rowwise(x)
+
+    recorder = Recorder()
+    batcher = DynamicBatcher(Compute(where, pool, inline_max_ns=10**9), BatchingConfig(8, 0),
+                             recorder)
+    await batcher.submit(np.ones((1, 8), np.float32))  # cost unknown: queued, run on the pool
+    out = await batcher.submit(np.full((1, 8), 2, np.float32))
+    np.testing.assert_array_equal(out, rowwise(np.full((1, 8), 2, np.float32)))
+    assert threads[-1] is threading.current_thread()
+    assert [b.requests for b in recorder.batches] == [1, 1]
+
+
 async def test_inline_and_pooled_forwards_give_identical_answers(pool):
     x = requests(1)[0]
     inline = Compute(rowwise, pool, inline_max_ns=10**9)

@@ -158,9 +158,7 @@ class DynamicBatcher:
         return self._queued_rows
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
-        if self._task is None and self._max_delay_ns <= 0 and self._compute.predicted_cheap(
-            len(x)
-        ):
+        if self._task is None and self._max_delay_ns <= 0 and self._compute.predicted_cheap(len(x)):
             # No backlog, no delay to wait out, and cheap enough to run inline: the forward
             # finishes before another request could join it, so queueing would only add a task
             # and a loop turn to its latency.

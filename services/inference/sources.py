@@ -47,8 +47,19 @@ class MemorySource:
         *,
         aliases: Iterable[str] = (),
     ) -> int:
-        version = 1 + max((v for (n, v) in self._versions if n == name), default=0)
         files, manifest = artifacts.pack(module, arch, config)
+        return self.add_artifact(name, files, manifest, aliases=aliases)
+
+    def add_artifact(
+        self,
+        name: str,
+        files: dict[str, bytes],
+        manifest: artifacts.Manifest,
+        *,
+        aliases: Iterable[str] = (),
+    ) -> int:
+        """Add already-packed files (any stored format) as the next version."""
+        version = 1 + max((v for (n, v) in self._versions if n == name), default=0)
         self._versions[(name, version)] = (manifest, files)
         for alias in aliases:
             self.set_alias(name, alias, version)
@@ -56,6 +67,9 @@ class MemorySource:
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         self._aliases[(name, alias)] = version
+
+    def delete_alias(self, name: str, alias: str) -> None:
+        self._aliases.pop((name, alias), None)
 
     def files(self, name: str, version: int) -> dict[str, bytes]:
         """The stored files themselves (tests tamper with them)."""

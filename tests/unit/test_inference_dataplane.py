@@ -299,7 +299,7 @@ async def test_a_deleted_alias_is_resolved_afresh(source, pool):
     plane = make_plane(source, pool)
     await answer(plane, "staging")
     await plane.on_model_event({"event": "alias-deleted", "name": "digits", "alias": "staging"})
-    source._aliases.pop(("digits", "staging"))
+    source.delete_alias("digits", "staging")
     with pytest.raises(NotFound):
         await answer(plane, "staging")
 
@@ -317,3 +317,19 @@ async def test_a_request_after_an_alias_move_does_not_join_a_lookup_from_before_
     assert (await early)[0] == 1
     assert (await late)[0] == 2
     assert (await answer(plane))[0] == 2
+
+
+@pytest.mark.parametrize(("codec", "tolerance"), [("int8", 0.05), ("fp16", 1e-3)])
+async def test_compressed_variants_are_served_with_the_same_signature(pool, codec, tolerance):
+    from maas import artifacts
+    from maas.compression import formats
+
+    module = model(4)
+    fmt, stored = formats.encode(module, {}, codec)
+    files, manifest = artifacts.pack(stored, "mlp", MLP, format=fmt)
+    src = MemorySource()
+    src.add_artifact("small", files, manifest)
+    result = await make_plane(src, pool).infer("small", "1", {"input": X})
+    out = result.outputs["output"]
+    assert out.dtype == np.float32 and out.shape == (3, 10)
+    np.testing.assert_allclose(out, expected(module, X), atol=tolerance)

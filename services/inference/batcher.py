@@ -12,8 +12,10 @@ Forward passes run on a fixed-size thread pool (``Compute``), except those predi
 cheaper than the hand-off to a worker itself (two thread wake-ups, ~100 us on a busy 2-core
 machine): those run on the event loop, which they then hold for less time than the hand-off
 would have cost it. The prediction uses the model's measured cost per row, so a large request
-never runs there. An idle batcher with no delay configured runs such a cheap request at once. Whatever happens to the batching task, no caller is left waiting: a failed
-batch fails its requests, and a cancelled task fails everything still queued.
+never runs there. An idle batcher with no delay configured runs such a cheap request at once.
+
+Whatever happens to the batching task, no caller is left waiting: a failed batch fails its
+requests, and a cancelled task fails everything still queued.
 """
 
 from __future__ import annotations

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from maas.errors import FailedPrecondition
 from maas.registry import RegistryClient
 from maas.registry.types import ModelVersion
 
-console = Console()
+# Wide enough for the variant table when the output is a file or CI log rather than a terminal.
+console = Console(width=None if sys.stdout.isatty() else 140)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
 ACCURACY_TOLERANCE = 0.01  # the promotion policy: within 1 point of the parent
 LATENCY_REQUESTS = 50
@@ -71,7 +73,7 @@ class Demo:
         self.settings = settings
         self.timeout_s = timeout_s
         self.run_id = uuid.uuid4().hex[:6]
-        self.summaries: list[jobs.JobSummary] = []
+        self.training: list[jobs.JobSummary] = []  # train/finetune jobs, for the curves
 
     async def submit(self, file: str, **changes: Any) -> jobs.JobSummary:
         doc = jobs.load_job_file(EXAMPLES / file)
@@ -82,7 +84,8 @@ class Demo:
         summary = await follow(self.settings, job["job_id"], self.timeout_s)
         if summary.state != "succeeded":
             raise FailedPrecondition(f"demo job {job['job_id']} ended {summary.state}")
-        self.summaries.append(summary)
+        if job["type"] != "compress":
+            self.training.append(summary)
         return summary
 
     async def run(self) -> None:
@@ -103,12 +106,12 @@ class Demo:
                 f"policy: the smallest variant within {ACCURACY_TOLERANCE:.0%} accuracy of the "
                 f"parent -> [bold]{best.name}@{best.version}[/bold] ({best.method}) is production"
             )
-        rows = [Row(v) for v in [parent, *variants]]
+        rows = [Row(v) for v in sorted([parent, *variants], key=lambda v: v.version)]
         await asyncio.to_thread(self.query_and_time, rows)
         await self.submit("train-digits-0-4.yaml")
         await self.submit("finetune-digits-5-9.yaml")
         print_table(rows, best)
-        plot = plot_curves(self.summaries, self.settings.state_path / "demo")
+        plot = plot_curves(self.training, self.settings.state_path / "demo")
         console.print(f"training curves: {plot}")
 
     def query_and_time(self, rows: list[Row]) -> None:
@@ -172,7 +175,7 @@ def print_table(rows: list[Row], production: ModelVersion) -> None:
             f"{v.metrics.get('accuracy', float('nan')):.4f}",
             f"{v.size_bytes / 1024:.1f}",
             "" if r.p50_ms is None else f"{r.p50_ms:.2f}",
-            f"<- {v.parent} ({v.method})" if v.parent else f"job {v.job_id}",
+            f"<- {v.parent}" if v.parent else f"job {v.job_id}",
         )
     console.print(table)
 

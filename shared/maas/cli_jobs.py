@@ -97,16 +97,19 @@ async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jo
         TextColumn("[bold]{task.fields[job]}"),
         BarColumn(),
         TaskProgressColumn(),
-        TextColumn("step {task.completed:.0f}/{task.total:.0f}"),
+        TextColumn("{task.fields[steps]}"),
         TextColumn("{task.fields[detail]}"),
         console=console,
     ) as progress:
-        task = progress.add_task("job", total=None, job=job_id, detail="waiting for the job…")
+        task = progress.add_task(
+            "job", total=None, job=job_id, steps="", detail="waiting for the job…"
+        )
         async for summary in jobs.watch(settings, job_id, timeout_s=timeout_s):
             progress.update(
                 task,
                 completed=summary.step,
                 total=summary.total_steps or None,
+                steps=f"step {summary.step}/{summary.total_steps or '?'}",
                 detail=_describe(summary),
             )
             final = summary

@@ -3,7 +3,7 @@
 #
 #   bash infra/dev.sh setup   # venv + Kafka jars + S3 server binary, all cached in ~/.cache/maas
 #   bash infra/dev.sh test    # setup, then ruff and the whole pytest suite (starts its own stack)
-#   bash infra/dev.sh demo    # setup, `maas stack up`, then the smoke round trip
+#   bash infra/dev.sh demo    # setup, `maas stack up` (Kafka, S3, the services), smoke, `maas demo`
 #   bash infra/dev.sh shell   # setup, then a shell with the venv active
 #
 # Extra arguments after `test` go to pytest (e.g. `bash infra/dev.sh test -k stack -x`).
@@ -83,9 +83,9 @@ main() {
     demo)
       setup
       maas stack up
-      maas stack status
       python -m infra.smoke
-      log "stack is still up; stop it with: bash infra/dev.sh shell -c 'maas stack down'"
+      maas demo "$@"
+      log "the stack is still up (maas stack status); stop it with: bash infra/dev.sh shell -c 'maas stack down'"
       ;;
     shell)
       setup

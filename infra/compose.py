@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,8 +97,12 @@ def local_services(
     *,
     compose: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    fresh_port: Callable[[], int] | None = None,
 ) -> list[ServiceSpec]:
-    """The compose services as local processes, in dependency order."""
+    """The compose services as local processes, in dependency order.
+
+    ``fresh_port`` (tests, benchmarks) gives every metrics port a free one instead of compose's
+    fixed numbers, so a private stack runs beside a developer's."""
     compose = compose or load_compose()
     environ = os.environ if environ is None else environ
     python_services = {
@@ -122,7 +126,8 @@ def local_services(
             env = {**base, "MAAS_REPLICA_INDEX": str(replica), "MAAS_REPLICAS": str(count)}
             for var, value in base.items():
                 if var.endswith("METRICS_PORT") and int(value or 0) > 0:
-                    env[var] = str(int(value) + replica)  # replicas share a host here
+                    # Replicas share a host here, so each needs its own port.
+                    env[var] = str(fresh_port() if fresh_port else int(value) + replica)
             health, host, port = _readiness(env)
             specs.append(
                 ServiceSpec(

@@ -44,18 +44,31 @@ def free_ports(n: int) -> list[int]:
             sock.close()
 
 
-def private_stack(state_dir: Path, base: Settings | None = None) -> LocalStack:
-    kafka_port, controller_port, *weed = free_ports(10)
+def private_stack(
+    state_dir: Path, base: Settings | None = None, *, with_services: bool = False
+) -> LocalStack:
+    """Kafka + S3 (and with ``with_services`` the compose services) on free ports."""
+    kafka_port, controller_port, registry_port, inference_port, *weed = free_ports(12)
     settings = (base or Settings.from_env()).replace(
         kafka_bootstrap=f"127.0.0.1:{kafka_port}",
         s3_endpoint=f"127.0.0.1:{weed[0]}",
         state_dir=str(state_dir),
     )
+    if with_services:
+        registry, inference = f"127.0.0.1:{registry_port}", f"127.0.0.1:{inference_port}"
+        settings = settings.replace(
+            registry_listen=registry,
+            registry_addr=registry,
+            inference_listen=inference,
+            inference_addr=inference,
+        )
     return LocalStack.from_settings(
         settings,
         kafka_controller_port=controller_port,
         s3_ports=WeedPorts(*weed),
         attached=True,
+        with_services=with_services,
+        fresh_ports=with_services,
     )
 
 
@@ -76,9 +89,9 @@ def exported(settings: Settings) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def ephemeral_stack(state_dir: Path) -> Iterator[LocalStack]:
+def ephemeral_stack(state_dir: Path, *, with_services: bool = False) -> Iterator[LocalStack]:
     """Start a private stack, export its env, and stop exactly its processes afterwards."""
-    local = private_stack(state_dir)
+    local = private_stack(state_dir, with_services=with_services)
     try:
         local.up()
         with exported(local.settings):

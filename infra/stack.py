@@ -130,11 +130,13 @@ class LocalStack:
         s3_ports: WeedPorts | None = None,
         attached: bool = False,
         with_services: bool = False,
+        fresh_ports: bool = False,
     ) -> LocalStack:
         """`attached=True` ties the processes' lives to this one (test fixtures).
 
         `with_services=True` adds every `python -m services.*` service of docker-compose.yml,
-        with its replicas, in dependency order (what `maas stack up` runs).
+        with its replicas, in dependency order (what `maas stack up` runs); `fresh_ports=True`
+        moves their metrics ports to free ones (private stacks beside a developer's).
         """
         stack = cls(
             settings=settings,
@@ -144,7 +146,9 @@ class LocalStack:
             s3=WeedS3.from_settings(settings, ports=s3_ports, attached=attached),
         )
         if with_services:
-            stack.services = list(compose_services(settings, stack.stack_dir))
+            stack.services = list(
+                compose_services(settings, stack.stack_dir, fresh_ports=fresh_ports)
+            )
         return stack
 
     @property
@@ -212,11 +216,14 @@ class LocalStack:
         return {name: (v["host"], int(v["port"])) for name, v in data.items()}
 
 
-def compose_services(settings: Settings, stack_dir: Path) -> Iterator[PythonService]:
+def compose_services(
+    settings: Settings, stack_dir: Path, *, fresh_ports: bool = False
+) -> Iterator[PythonService]:
     """docker-compose.yml's Python services as local processes (see infra/compose.py)."""
     from infra.compose import is_ready, local_services
+    from infra.proc import free_port
 
-    for spec in local_services(settings):
+    for spec in local_services(settings, fresh_port=free_port if fresh_ports else None):
         yield PythonService(
             service_name=spec.name,
             module=spec.module,

@@ -1,0 +1,214 @@
+"""The whole platform as a newcomer meets it: the local stack of docker-compose.yml's services on
+a real broker and S3 server, driven only through public surfaces — a plain Kafka producer, the
+`maas` CLI, tritonclient over gRPC — and taken down again without leaving a process behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+import pytest
+import tritonclient.grpc as triton
+from aiokafka import AIOKafkaProducer
+
+from infra.ephemeral import private_stack
+from infra.stack import LocalStack
+from maas import events, jobs, topics
+from maas.config import Settings
+from maas.datasets import load_builtin
+from maas.registry import RegistryClient
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
+
+JOB_TIMEOUT_S = 400.0
+
+
+@pytest.fixture(scope="module")
+def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    local = private_stack(tmp_path_factory.mktemp("e2e-state"), with_services=True)
+    try:
+        local.up(timeout_s=300)
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture(scope="module")
+def settings(platform: LocalStack) -> Settings:
+    return platform.settings
+
+
+def cli_env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MAAS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "MAAS_S3_ENDPOINT": settings.s3_endpoint,
+        "MAAS_STATE_DIR": settings.state_dir,
+        "MAAS_REGISTRY_ADDR": settings.registry_addr,
+        "MAAS_INFERENCE_ADDR": settings.inference_addr,
+    }
+
+
+async def publish_plain_json(settings: Settings, job: dict[str, Any]) -> None:
+    """What any team's producer does: JSON bytes and a content-type header, no MaaS code."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(
+            topics.JOBS.name,
+            json.dumps(job).encode(),
+            key=job["job_id"].encode(),
+            headers=[("content-type", b"application/json")],
+        )
+    finally:
+        await producer.stop()
+
+
+async def final_status(settings: Settings, job_id: str) -> jobs.JobSummary:
+    final = jobs.JobSummary(job_id)
+    async for summary in jobs.watch(settings, job_id, timeout_s=JOB_TIMEOUT_S):
+        final = summary
+    return final
+
+
+def a_job(kind: str, **fields: Any) -> dict[str, Any]:
+    job_id = f"e2e-{kind}-{uuid.uuid4().hex[:8]}"
+    return {
+        "schema": events.JOB,
+        "id": uuid.uuid4().hex,
+        "ts": events.now_ms(),
+        "job_id": job_id,
+        "type": kind,
+        **fields,
+    }
+
+
+@pytest.fixture(scope="module")
+async def trained(settings: Settings) -> jobs.JobSummary:
+    job = a_job(
+        "train",
+        model={"name": "e2e-digits", "arch": "mlp", "config": {"hidden": [64]}},
+        dataset={"uri": "builtin:digits"},
+        training={
+            "steps": 120,
+            "batch_size": 32,
+            "workers": 2,
+            "shards": 2,
+            "mode": "sync",
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        },
+        register_as={"name": "e2e-digits", "alias": "production"},
+    )
+    await publish_plain_json(settings, job)
+    return await final_status(settings, job["job_id"])
+
+
+async def test_a_job_from_a_plain_kafka_producer_trains_and_registers(trained):
+    assert trained.state == "succeeded", trained.error
+    assert trained.model is not None and trained.model["name"] == "e2e-digits"
+    assert trained.metrics["accuracy"] >= 0.9
+
+
+async def test_the_model_answers_over_grpc_like_an_in_process_forward_pass(settings, trained):
+    rows = load_builtin("digits").x_test[:8].astype(np.float32)
+    client = triton.InferenceServerClient(settings.inference_addr)
+    try:
+        assert client.is_model_ready("e2e-digits")  # alias production, as a bare name means
+        metadata = client.get_model_metadata("e2e-digits")
+        inputs = [triton.InferInput(metadata.inputs[0].name, list(rows.shape), "FP32")]
+        inputs[0].set_data_from_numpy(rows)
+        served = client.infer("e2e-digits", inputs).as_numpy(metadata.outputs[0].name)
+    finally:
+        client.close()
+    async with RegistryClient(settings) as registry:
+        model = await registry.load(f"e2e-digits@{trained.model['version']}")
+    import torch
+
+    with torch.no_grad():
+        local = model(torch.from_numpy(rows)).numpy()
+    np.testing.assert_allclose(served, local, rtol=1e-4, atol=1e-5)
+
+
+async def test_a_compress_job_yields_registered_variants_with_lineage(settings, trained):
+    base = {"name": "e2e-digits", "version": trained.model["version"]}
+    job = a_job(
+        "compress",
+        base=base,
+        compress={
+            "methods": [
+                {"quantize": {"dtype": "int8"}},
+                {"prune": {"sparsity": 0.5, "recovery_steps": 20}},
+            ]
+        },
+    )
+    await publish_plain_json(settings, job)
+    summary = await final_status(settings, job["job_id"])
+    assert summary.state == "succeeded", summary.error
+    async with RegistryClient(settings) as registry:
+        variants = [
+            v async for v in registry.iter_versions("e2e-digits") if v.job_id == job["job_id"]
+        ]
+    assert sorted(v.method for v in variants) == ["prune", "quantize"]
+    assert all(str(v.parent) == f"e2e-digits@{base['version']}" for v in variants)
+
+
+def test_a_mistaken_job_file_is_refused_by_the_cli_before_publishing(settings, tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(
+        "type: train\nmodel: {name: x, arch: mlp}\ndataset: {uri: 'builtin:digits'}\n"
+        "training: {optimizer: {name: sgd, lr: -0.1}}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "maas.cli", "jobs", "submit", str(bad)],
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "training.optimizer.lr" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"model": {"name": "x", "arch": "transformer"}}, "transformer"),
+        ({"dataset": None}, "dataset"),
+    ],
+)
+async def test_a_mistaken_job_published_raw_fails_naming_the_field(settings, change, field):
+    job = a_job(
+        "train",
+        model={"name": "x", "arch": "mlp"},
+        dataset={"uri": "builtin:digits"},
+        training={"steps": 5},
+    )
+    job.update(change)
+    job = {k: v for k, v in job.items() if v is not None}
+    await publish_plain_json(settings, job)
+    summary = await final_status(settings, job["job_id"])
+    assert summary.state == "failed"
+    assert field in summary.error["message"]
+
+
+def test_stack_down_leaves_no_process_behind(platform: LocalStack):
+    pids = [row.pid for row in platform.status() if row.pid]
+    assert len(pids) == len(platform.components())
+    platform.down()
+    still = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"]
+    assert still == []
+    marker = str(platform.stack_dir)
+    leftovers = [
+        p.pid
+        for p in psutil.process_iter(["cmdline"])
+        if any(marker in part for part in (p.info["cmdline"] or []))
+    ]
+    assert leftovers == []

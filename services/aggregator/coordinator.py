@@ -138,7 +138,11 @@ class Coordinator:
             log.info("job %s already ran; ignoring the redelivery", job_id)
             return
         if await self._store.has_plan(job_id):
-            self._monitor(job_id)  # accepted before a restart: make sure it is followed
+            # Accepted before a crash: whatever step was cut short is redone (all idempotent).
+            plan = await self._store.read_plan(job_id)
+            await self._store.mark_active(job_id)
+            await self._send_status(job_id, "running", step=0, total_steps=plan.target_version)
+            self._monitor(job_id)
             return
         jobs.check_job(job)
         prepared = await self._prepare(job)

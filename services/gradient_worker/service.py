@@ -90,6 +90,8 @@ class WorkerService:
                 await self._on_params(raw)
 
     async def _on_params(self, raw: RawRecord) -> None:
+        if protocol.job_of_key(raw.key) in self._not_mine:
+            return  # skipped before decoding: other jobs' parameters cost only the fetch
         try:
             event = decode(raw, events.PARAMS).event
         except MaasError as exc:

@@ -9,8 +9,6 @@ and start it again before they end.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import time
 import uuid
 from collections import defaultdict
@@ -22,14 +20,13 @@ import pytest
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from infra.proc import free_port
-from infra.stack import PythonService
 from maas import events, topics
 from maas.bus import EventConsumer, EventProducer, Record
 from maas.registry import RegistryClient
 from maas.store import ObjectStore
 from maas.training import checkpoint as ck
 from maas.training.storage import BUCKET
+from services.aggregator.harness import TrainingProcesses, start_all
 from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -47,88 +44,21 @@ MLP_TRAINING = {
 }
 
 
-@dataclass
-class Cluster:
-    registry_addr: str
-    coordinator: PythonService
-    shards: list[PythonService]
-    workers: list[PythonService]
-
-    def kill(self, service: PythonService) -> None:
-        pid = service.process.pid()
-        assert pid is not None, f"{service.name} is not running"
-        os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
-        while service.process.alive() and time.monotonic() < deadline:
-            time.sleep(0.05)  # a zombie already counts as dead
-
-    @staticmethod
-    def restart(service: PythonService) -> None:
-        start([service])
-
-
-def start(services: list[PythonService], timeout_s: float = 120.0) -> None:
-    """Start all, then wait for each: they import torch in parallel."""
-    for service in services:
-        service.start(wait=False)
-    deadline = time.monotonic() + 10
-    while not all(s.process.alive() for s in services) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    for service in services:
-        service.wait_ready(timeout_s=timeout_s)
-
-
-def _service(name: str, module: str, workdir: Any, env: dict[str, str]) -> PythonService:
-    port = free_port()
-    return PythonService(
-        name, module, "127.0.0.1", port, workdir, {**env, "MAAS_METRICS_PORT": str(port)}
-    )
-
-
 @pytest.fixture(scope="module")
-def cluster(stack, tmp_path_factory) -> Iterator[Cluster]:
+def cluster(stack, tmp_path_factory) -> Iterator[TrainingProcesses]:
     workdir = tmp_path_factory.mktemp("training")
     with ServiceProcesses(workdir) as processes:
         registry = processes.start_registry()
-        common = {
-            "MAAS_REGISTRY_ADDR": registry,
-            "MAAS_GRADIENT_WORKERS": str(WORKERS),
-            "MAAS_AGGREGATOR_SHARDS": str(SHARDS),
-            "MAAS_PARAMS_REPUBLISH_MS": "1000",
-            "MAAS_PROGRESS_INTERVAL_MS": "1000",
-            "OMP_NUM_THREADS": "1",  # two workers on a two-core machine
-        }
-        coordinator = _service(
-            "training-coordinator",
-            "services.aggregator",
+        with TrainingProcesses(
             workdir,
-            {**common, "MAAS_AGGREGATOR_ROLE": "coordinator"},
-        )
-        shards = [
-            _service(
-                f"aggregator-{s}",
-                "services.aggregator",
-                workdir,
-                {**common, "MAAS_AGGREGATOR_SHARD": str(s)},
-            )
-            for s in range(SHARDS)
-        ]
-        workers = [
-            _service(
-                f"gradient-worker-{w}",
-                "services.gradient_worker",
-                workdir,
-                {**common, "MAAS_WORKER_ID": str(w)},
-            )
-            for w in range(WORKERS)
-        ]
-        everything = [coordinator, *shards, *workers]
-        try:
-            start(everything)
-            yield Cluster(registry, coordinator, shards, workers)
-        finally:
-            for service in reversed(everything):
-                service.stop()
+            registry,
+            workers=WORKERS,
+            shards=SHARDS,
+            MAAS_PARAMS_REPUBLISH_MS="1000",
+            MAAS_PROGRESS_INTERVAL_MS="1000",
+        ) as training:
+            training.start()
+            yield training
 
 
 @dataclass
@@ -179,7 +109,7 @@ async def watcher(stack, producer) -> AsyncIterator[Watcher]:
 
 @pytest.fixture(scope="module")
 async def registry(stack, cluster) -> AsyncIterator[RegistryClient]:
-    settings = stack.settings.replace(registry_addr=cluster.registry_addr)
+    settings = stack.settings.replace(registry_addr=cluster.env["MAAS_REGISTRY_ADDR"])
     async with RegistryClient(settings, actor="test") as client:
         yield client
 
@@ -399,7 +329,7 @@ async def test_a_worker_killed_mid_job_does_not_stop_the_job(stack, cluster, pro
         assert not (await _pointer(store, job["job_id"], shard=0)).final, "killed too late"
         status = await watcher.final(job["job_id"])
     finally:
-        cluster.restart(cluster.workers[1])
+        start_all([cluster.workers[1]])
     assert status["state"] == "succeeded", status
     assert status["metrics"]["accuracy"] > 0.9
 
@@ -414,7 +344,7 @@ async def test_an_aggregator_shard_killed_and_restarted_resumes_from_its_checkpo
     cluster.kill(cluster.shards[1])
     assert not (await _pointer(store, job["job_id"], shard=1)).final, "killed too late"
     await asyncio.sleep(1.0)
-    cluster.restart(cluster.shards[1])
+    start_all([cluster.shards[1]])
     status = await watcher.final(job["job_id"])
     assert status["state"] == "succeeded", status
     assert abs(status["metrics"]["accuracy"] - mlp_baseline["metrics"]["accuracy"]) <= 0.01

@@ -141,14 +141,12 @@ class ShardStats:
     """What progress reports need: samples applied, and the loss/accuracy workers saw."""
 
     samples: int = 0
-    applied: int = 0
     window_samples: int = 0
     window_loss: list[float] = field(default_factory=list)
     window_accuracy: list[float] = field(default_factory=list)
 
     def record(self, c: Contribution) -> None:
         self.samples += c.samples
-        self.applied += 1
         self.window_samples += c.samples
         if c.loss is not None:
             self.window_loss.append(c.loss)

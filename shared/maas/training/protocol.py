@@ -33,6 +33,12 @@ def record_key(job_id: str, shard: int) -> str:
     return f"{job_id}{KEY_SEPARATOR}{shard}"
 
 
+def job_of_key(key: bytes | None) -> str | None:
+    if key is None:
+        return None
+    return key.decode("utf-8", errors="replace").rpartition(KEY_SEPARATOR)[0]
+
+
 def partition_for(shard: int, partitions: int) -> int:
     return shard % partitions
 
@@ -92,8 +98,11 @@ def gradient_events(
 def params_events(
     *, job_id: str, shard: int, version: int, values: np.ndarray, final: bool, chunk_bytes: int
 ) -> list[dict[str, Any]]:
-    """Events carrying a copy of ``values`` (taken now: the caller may keep updating it)."""
-    payload = {"values": tensor_to_map(np.array(values, dtype=np.float32, copy=True))}
+    """Events viewing ``values``; large ones carry chunks of a copy taken now.
+
+    Send them with ``transport.send_all``, which encodes before yielding to the event loop.
+    """
+    payload = {"values": tensor_to_map(np.asarray(values, dtype=np.float32))}
     fields = {"job_id": job_id, "shard": shard, "version": version, "step": version, "final": final}
     return _chunked(fields, events.PARAMS, payload, chunk_bytes)
 

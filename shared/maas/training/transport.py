@@ -118,9 +118,17 @@ async def send_all(
     topic: Topic,
     items: Sequence[tuple[str, int, dict[str, Any]]],
 ) -> None:
-    """Send ``(key, partition, event)`` items concurrently and wait for every ack."""
+    """Send ``(key, partition, event)`` items concurrently and wait for every ack.
+
+    Every event is validated and encoded here, before the first await: the caller may change
+    the arrays an event views (a shard's parameters) as soon as this coroutine first yields.
+    """
+    encoded = []
+    for key, part, event in items:
+        events.validate(event)
+        encoded.append((key, part, events.encode(event)))
     await asyncio.gather(
-        *(producer.send(topic, event, key=key, partition=part) for key, part, event in items)
+        *(producer.send_raw(topic, value, key=key, partition=part) for key, part, value in encoded)
     )
 
 

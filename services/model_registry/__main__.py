@@ -35,8 +35,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
     producer = EventProducer(settings, client_id="model-registry")
     core = RegistryCore(db_path(settings))
     relay = OutboxRelay(core, producer)
-    service = RegistryService(core, store, bucket=MODELS_BUCKET,
-                              part_size_bytes=settings.s3_part_size_bytes, on_commit=relay.wake)
+    service = RegistryService(
+        core,
+        store,
+        bucket=MODELS_BUCKET,
+        part_size_bytes=settings.s3_part_size_bytes,
+        on_commit=relay.wake,
+    )
     server, health = build_server(service, settings)
     port = server.add_insecure_port(settings.registry_listen)
     relay_task: asyncio.Task[None] | None = None
@@ -45,8 +50,13 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         await server.start()
         await set_serving(health, True)
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
-        log.info("model registry listening on %s (port %d), db %s, schema v%d",
-                 settings.registry_listen, port, core.path, core.schema_version())
+        log.info(
+            "model registry listening on %s (port %d), db %s, schema v%d",
+            settings.registry_listen,
+            port,
+            core.path,
+            core.schema_version(),
+        )
         await stop.wait()
         log.info("shutting down")
     finally:
@@ -66,8 +76,9 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     async def run() -> None:
         stop = asyncio.Event()

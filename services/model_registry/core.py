@@ -46,12 +46,14 @@ MAX_PAGE_SIZE = 1000
 
 # Append-only: a released migration is never edited, a new one is added with the next number.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
-    (1, (
-        """CREATE TABLE models (
+    (
+        1,
+        (
+            """CREATE TABLE models (
             name TEXT PRIMARY KEY,
             created_ms INTEGER NOT NULL
         )""",
-        """CREATE TABLE versions (
+            """CREATE TABLE versions (
             name TEXT NOT NULL REFERENCES models(name),
             version INTEGER NOT NULL CHECK (version >= 1),
             arch TEXT NOT NULL,
@@ -73,15 +75,15 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             deleted_by TEXT,
             PRIMARY KEY (name, version)
         )""",
-        "CREATE INDEX versions_by_parent ON versions(parent_name, parent_version)",
-        """CREATE TABLE aliases (
+            "CREATE INDEX versions_by_parent ON versions(parent_name, parent_version)",
+            """CREATE TABLE aliases (
             name TEXT NOT NULL,
             alias TEXT NOT NULL,
             version INTEGER NOT NULL,
             PRIMARY KEY (name, alias),
             FOREIGN KEY (name, version) REFERENCES versions(name, version)
         )""",
-        """CREATE TABLE alias_history (
+            """CREATE TABLE alias_history (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             name TEXT NOT NULL,
             alias TEXT NOT NULL,
@@ -90,8 +92,8 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             actor TEXT NOT NULL,
             ts_ms INTEGER NOT NULL
         )""",
-        "CREATE INDEX alias_history_by_alias ON alias_history(name, alias, ts_ms)",
-        """CREATE TABLE outbox (
+            "CREATE INDEX alias_history_by_alias ON alias_history(name, alias, ts_ms)",
+            """CREATE TABLE outbox (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             topic TEXT NOT NULL,
             key TEXT NOT NULL,
@@ -99,8 +101,9 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             created_ms INTEGER NOT NULL,
             sent_ms INTEGER
         )""",
-        "CREATE INDEX outbox_pending ON outbox(id) WHERE sent_ms IS NULL",
-    )),
+            "CREATE INDEX outbox_pending ON outbox(id) WHERE sent_ms IS NULL",
+        ),
+    ),
 )
 
 
@@ -178,7 +181,7 @@ def _manifest_parent(parent: Any) -> ModelRef | None:
     if parent is None:
         return None
     if not isinstance(parent, dict) or set(parent) != {"name", "version"}:
-        raise InvalidArgument("manifest.parent must be null or {\"name\": ..., \"version\": N}")
+        raise InvalidArgument('manifest.parent must be null or {"name": ..., "version": N}')
     return ModelRef(parent["name"], version=check_version(parent["version"]))
 
 
@@ -264,8 +267,12 @@ class RegistryCore:
             return int(self._db.execute("SELECT MAX(version) FROM schema_migrations").fetchone()[0])
 
     def _emit(self, db: sqlite3.Connection, name: str, kind: str, **fields: Any) -> None:
-        event = events.new_event(events.MODEL, event=kind, name=name,
-                                 **{k: v for k, v in fields.items() if v is not None})
+        event = events.new_event(
+            events.MODEL,
+            event=kind,
+            name=name,
+            **{k: v for k, v in fields.items() if v is not None},
+        )
         events.validate(event)  # a bad event fails its transaction, never the relay later
         db.execute(
             "INSERT INTO outbox (topic, key, event_json, created_ms) VALUES (?, ?, ?, ?)",
@@ -321,16 +328,28 @@ class RegistryCore:
                 "method, job_id, metrics_json, size_bytes, created_ms, created_by) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
-                    name, version, new.manifest.arch, new.manifest.format, new.manifest_json,
-                    hashlib.sha256(new.manifest_json).hexdigest(), json.dumps(files),
-                    new.bucket, artifact_prefix(name, version),
-                    parent.name if parent else None, parent.version if parent else None,
-                    new.manifest.method, new.manifest.job_id, json.dumps(new.manifest.metrics),
-                    sum(new.file_sizes.values()) + len(new.manifest_json), now, new.actor,
+                    name,
+                    version,
+                    new.manifest.arch,
+                    new.manifest.format,
+                    new.manifest_json,
+                    hashlib.sha256(new.manifest_json).hexdigest(),
+                    json.dumps(files),
+                    new.bucket,
+                    artifact_prefix(name, version),
+                    parent.name if parent else None,
+                    parent.version if parent else None,
+                    new.manifest.method,
+                    new.manifest.job_id,
+                    json.dumps(new.manifest.metrics),
+                    sum(new.file_sizes.values()) + len(new.manifest_json),
+                    now,
+                    new.actor,
                 ),
             )
-            self._emit(db, name, "registered", version=version, job_id=new.manifest.job_id,
-                       actor=new.actor)
+            self._emit(
+                db, name, "registered", version=version, job_id=new.manifest.job_id, actor=new.actor
+            )
             if new.alias is not None:
                 self._move_alias(db, name, new.alias, version, new.actor, now)
             return self._version_from_row(db, self._live_row(db, name, version))
@@ -384,9 +403,9 @@ class RegistryCore:
 
     # --- models ------------------------------------------------------------------------------
 
-    def list_models(self, *, page_size: int = 0, page_token: str = "") -> tuple[
-        list[ModelSummary], str
-    ]:
+    def list_models(
+        self, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[ModelSummary], str]:
         """Models by name; the token is the last name returned."""
         size = page_size_of(page_size)
         with self._lock:
@@ -405,10 +424,13 @@ class RegistryCore:
                     name=r["name"],
                     latest_version=r["latest"],
                     version_count=int(r["live"]),
-                    aliases={a["alias"]: a["version"] for a in db.execute(
-                        "SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias",
-                        (r["name"],),
-                    )},
+                    aliases={
+                        a["alias"]: a["version"]
+                        for a in db.execute(
+                            "SELECT alias, version FROM aliases WHERE name = ? ORDER BY alias",
+                            (r["name"],),
+                        )
+                    },
                     created_ms=r["created_ms"],
                     updated_ms=max(r["updated"] or 0, self._last_alias_ms(db, r["name"])),
                 )
@@ -434,8 +456,9 @@ class RegistryCore:
             now = self._clock()
             db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
             change = self._record_move(db, name, alias, current, None, actor, now)
-            self._emit(db, name, "alias-deleted", alias=alias, previous_version=current,
-                       actor=actor)
+            self._emit(
+                db, name, "alias-deleted", alias=alias, previous_version=current, actor=actor
+            )
             return change
 
     def alias_history(self, name: str, alias: str | None = None) -> list[AliasChange]:
@@ -449,8 +472,9 @@ class RegistryCore:
                 (name, alias, alias),
             ).fetchall()
         return [
-            AliasChange(r["name"], r["alias"], r["from_version"], r["to_version"], r["actor"],
-                        r["ts_ms"])
+            AliasChange(
+                r["name"], r["alias"], r["from_version"], r["to_version"], r["actor"], r["ts_ms"]
+            )
             for r in rows
         ]
 
@@ -464,14 +488,26 @@ class RegistryCore:
             (name, alias, version),
         )
         change = self._record_move(db, name, alias, previous, version, actor, now)
-        self._emit(db, name, "alias-set", alias=alias, version=version,
-                   previous_version=previous, actor=actor)
+        self._emit(
+            db,
+            name,
+            "alias-set",
+            alias=alias,
+            version=version,
+            previous_version=previous,
+            actor=actor,
+        )
         return change
 
     @staticmethod
     def _record_move(
-        db: sqlite3.Connection, name: str, alias: str, from_version: int | None,
-        to_version: int | None, actor: str, now: int,
+        db: sqlite3.Connection,
+        name: str,
+        alias: str,
+        from_version: int | None,
+        to_version: int | None,
+        actor: str,
+        now: int,
     ) -> AliasChange:
         db.execute(
             "INSERT INTO alias_history (name, alias, from_version, to_version, actor, ts_ms) "
@@ -508,10 +544,13 @@ class RegistryCore:
 
     @staticmethod
     def _aliases_of(db: sqlite3.Connection, name: str, version: int) -> tuple[str, ...]:
-        return tuple(r[0] for r in db.execute(
-            "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias",
-            (name, version),
-        ))
+        return tuple(
+            r[0]
+            for r in db.execute(
+                "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias",
+                (name, version),
+            )
+        )
 
     @staticmethod
     def _last_alias_ms(db: sqlite3.Connection, name: str) -> int:
@@ -589,7 +628,8 @@ class RegistryCore:
     def _version_from_row(self, db: sqlite3.Connection, row: Any) -> ModelVersion:
         parent = (
             ModelRef(row["parent_name"], version=row["parent_version"])
-            if row["parent_name"] is not None else None
+            if row["parent_name"] is not None
+            else None
         )
         return ModelVersion(
             name=row["name"],
@@ -614,8 +654,14 @@ class RegistryCore:
 
 
 def _node(row: sqlite3.Row) -> LineageNode:
-    return LineageNode(row["name"], row["version"], row["method"], row["job_id"],
-                       row["created_ms"], row["deleted_ms"] is not None)
+    return LineageNode(
+        row["name"],
+        row["version"],
+        row["method"],
+        row["job_id"],
+        row["created_ms"],
+        row["deleted_ms"] is not None,
+    )
 
 
 def _int_token(token: str) -> int:

@@ -79,8 +79,9 @@ class OutboxRelay:
         for topic in dict.fromkeys(e.topic for e in entries):
             # Sent together, acknowledged together: per-key (model) order is kept by the
             # idempotent producer, and the batch is marked only once every ack is in.
-            await self._producer.send_many(topic, [(e.key, e.event) for e in entries
-                                                   if e.topic == topic])
+            await self._producer.send_many(
+                topic, [(e.key, e.event) for e in entries if e.topic == topic]
+            )
         await asyncio.to_thread(self._core.mark_sent, [e.id for e in entries])
         self.sent += len(entries)
         return len(entries)

@@ -58,10 +58,15 @@ class RegistryService:
         self._on_commit = on_commit
         # One thread owns SQLite: calls queue instead of contending for its lock on the loop.
         self._db_thread = ThreadPoolExecutor(1, thread_name_prefix="registry-db")
-        self._upload_threads = ThreadPoolExecutor(upload_threads,
-                                                  thread_name_prefix="registry-upload")
-        self._sink = ArtifactSink(store.sync.client, bucket, part_size_bytes=part_size_bytes,
-                                  executor=self._upload_threads)
+        self._upload_threads = ThreadPoolExecutor(
+            upload_threads, thread_name_prefix="registry-upload"
+        )
+        self._sink = ArtifactSink(
+            store.sync.client,
+            bucket,
+            part_size_bytes=part_size_bytes,
+            executor=self._upload_threads,
+        )
         self._model_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
@@ -106,26 +111,38 @@ class RegistryService:
             try:
                 sizes = await self._sink.receive(prefix, manifest.files, chunks)
                 # Written last: a manifest in S3 means every file it lists is complete.
-                await self._store.put_bytes(self._bucket, prefix + MANIFEST_FILE,
-                                            request.manifest_json,
-                                            content_type="application/json")
-                record = await self.db(self.core.add_version, NewVersion(
-                    name=request.name,
-                    manifest_json=request.manifest_json,
-                    manifest=manifest,
-                    bucket=self._bucket,
-                    file_sizes=sizes,
-                    actor=request.actor,
-                    alias=request.alias,
-                ), version=version)
+                await self._store.put_bytes(
+                    self._bucket,
+                    prefix + MANIFEST_FILE,
+                    request.manifest_json,
+                    content_type="application/json",
+                )
+                record = await self.db(
+                    self.core.add_version,
+                    NewVersion(
+                        name=request.name,
+                        manifest_json=request.manifest_json,
+                        manifest=manifest,
+                        bucket=self._bucket,
+                        file_sizes=sizes,
+                        actor=request.actor,
+                        alias=request.alias,
+                    ),
+                    version=version,
+                )
             except Unavailable:
                 raise  # S3 is away: the next registration of this number clears the prefix
             except BaseException:
                 await self._discard(prefix)
                 raise
         self._on_commit()
-        log.info("registered %s@%d (%d bytes) by %s", record.name, record.version,
-                 record.size_bytes, record.created_by)
+        log.info(
+            "registered %s@%d (%d bytes) by %s",
+            record.name,
+            record.version,
+            record.size_bytes,
+            record.created_by,
+        )
         return record
 
     async def delete_version(self, name: str, version: int, actor: str) -> ModelVersion:

@@ -80,7 +80,8 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self._core = service.core
 
     async def RegisterVersion(
-        self, request_iterator: AsyncIterator[pb.RegisterVersionRequest],
+        self,
+        request_iterator: AsyncIterator[pb.RegisterVersionRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.ModelVersion:
         try:
@@ -92,7 +93,8 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
             raise
 
     async def _register(
-        self, request_iterator: AsyncIterator[pb.RegisterVersionRequest],
+        self,
+        request_iterator: AsyncIterator[pb.RegisterVersionRequest],
         context: grpc.aio.ServicerContext,
     ) -> pb.ModelVersion:
         try:
@@ -117,8 +119,9 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.GetVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelVersion:
         ref = wire.ref_from_proto(request.ref)
-        version = await self._service.db(self._core.get_version, ref,
-                                         as_of_ms=request.as_of_ms or None)
+        version = await self._service.db(
+            self._core.get_version, ref, as_of_ms=request.as_of_ms or None
+        )
         return wire.version_to_proto(version)
 
     async def ListModels(
@@ -127,24 +130,31 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         models, token = await self._service.db(
             self._core.list_models, page_size=request.page_size, page_token=request.page_token
         )
-        return pb.ListModelsResponse(models=[wire.summary_to_proto(m) for m in models],
-                                     next_page_token=token)
+        return pb.ListModelsResponse(
+            models=[wire.summary_to_proto(m) for m in models], next_page_token=token
+        )
 
     async def ListVersions(
         self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListVersionsResponse:
         versions, token = await self._service.db(
-            self._core.list_versions, request.name, page_size=request.page_size,
+            self._core.list_versions,
+            request.name,
+            page_size=request.page_size,
             page_token=request.page_token,
         )
-        return pb.ListVersionsResponse(versions=[wire.version_to_proto(v) for v in versions],
-                                       next_page_token=token)
+        return pb.ListVersionsResponse(
+            versions=[wire.version_to_proto(v) for v in versions], next_page_token=token
+        )
 
     async def SetAlias(
         self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.AliasChange:
         change = await self._service.write(
-            self._core.set_alias, request.name, request.alias, check_version(request.version),
+            self._core.set_alias,
+            request.name,
+            request.alias,
+            check_version(request.version),
             _actor(request.actor, context),
         )
         return wire.change_to_proto(change)
@@ -168,15 +178,17 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
     async def GetLineage(
         self, request: pb.GetLineageRequest, context: grpc.aio.ServicerContext
     ) -> pb.Lineage:
-        lineage = await self._service.db(self._core.lineage, request.name,
-                                         check_version(request.version))
+        lineage = await self._service.db(
+            self._core.lineage, request.name, check_version(request.version)
+        )
         return wire.lineage_to_proto(lineage)
 
     async def GetAliasHistory(
         self, request: pb.GetAliasHistoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.AliasHistory:
-        changes = await self._service.db(self._core.alias_history, request.name,
-                                         request.alias or None)
+        changes = await self._service.db(
+            self._core.alias_history, request.name, request.alias or None
+        )
         return pb.AliasHistory(changes=[wire.change_to_proto(c) for c in changes])
 
 
@@ -222,7 +234,10 @@ def build_server(
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
-    status = (health_pb2.HealthCheckResponse.SERVING if serving
-              else health_pb2.HealthCheckResponse.NOT_SERVING)
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)

@@ -164,8 +164,7 @@ class ArtifactSink:
             return None
         except TimeoutError:
             raise FailedPrecondition(
-                f"the client sent nothing for {self._chunk_timeout_s:.0f}s; registration "
-                "abandoned"
+                f"the client sent nothing for {self._chunk_timeout_s:.0f}s; registration abandoned"
             ) from None
 
     def _open(
@@ -179,8 +178,9 @@ class ArtifactSink:
             raise InvalidArgument(f"file {name!r} was sent in two pieces; send each file once")
         loop = asyncio.get_running_loop()
         pipe = _Pipe(loop)
-        future = loop.run_in_executor(self._executor, self._upload, prefix + name, pipe,
-                                      expected[name])
+        future = loop.run_in_executor(
+            self._executor, self._upload, prefix + name, pipe, expected[name]
+        )
         future.add_done_callback(lambda _: pipe.release_writers())
         return _FileUpload(name, expected[name], pipe, future)
 

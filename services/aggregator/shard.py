@@ -105,6 +105,7 @@ class ShardService:
         )
         self.jobs: dict[str, ShardJob] = {}
         self._done: set[str] = set()
+        self._activating: set[str] = set()  # announced twice while the first load awaits S3
         self._next_offset = 0
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -165,8 +166,15 @@ class ShardService:
 
     async def _activate(self, job_id: str) -> int | None:
         """Load the job's checkpoint for this shard; the gradient offset to replay from."""
-        if job_id in self.jobs or job_id in self._done:
+        if job_id in self.jobs or job_id in self._done or job_id in self._activating:
             return None
+        self._activating.add(job_id)
+        try:
+            return await self._load(job_id)
+        finally:
+            self._activating.discard(job_id)
+
+    async def _load(self, job_id: str) -> int | None:
         try:
             plan = await self._store.read_plan(job_id)
         except NotFound:

@@ -9,6 +9,7 @@ and start it again before they end.
 from __future__ import annotations
 
 import asyncio
+import io
 import time
 import uuid
 from collections import defaultdict
@@ -16,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -23,7 +25,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from maas import events, topics
 from maas.bus import EventConsumer, EventProducer, Record
 from maas.registry import RegistryClient
-from maas.store import ObjectStore
+from maas.store import DATASETS_BUCKET, ObjectStore
 from maas.training import checkpoint as ck
 from maas.training.storage import BUCKET
 from services.aggregator.harness import TrainingProcesses, start_all
@@ -250,6 +252,39 @@ async def test_finetune_on_ten_percent_beats_training_from_scratch(
     tuned_weights = await weights(registry, tuned)
     assert torch.equal(tuned_weights["features.0.weight"], base_weights["features.0.weight"])
     assert tuned_weights["head.weight"].shape == (5, 64 * 4 * 4)
+
+
+async def test_an_async_job_trains(cluster, producer, watcher):
+    training = {**MLP_TRAINING, "steps": 60, "mode": "async", "staleness": 2}
+    status = await run(
+        producer, watcher, train_job("async", "mlp", {"uri": "builtin:digits"}, training)
+    )
+    assert status["state"] == "succeeded", status
+    assert status["total_steps"] == 60 * WORKERS  # one version per applied gradient
+    assert status["metrics"]["accuracy"] > 0.9
+
+
+async def test_a_regression_dataset_from_s3_trains_with_mse(stack, cluster, producer, watcher):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    y = (x @ rng.normal(size=8)).astype(np.float32)
+    buffer = io.BytesIO()
+    np.savez(buffer, X=x, y=y)
+    key = f"bench/{uuid.uuid4().hex[:8]}.npz"
+    await asyncio.to_thread(
+        ObjectStore(stack.settings).put_bytes, DATASETS_BUCKET, key, buffer.getvalue()
+    )
+    job = train_job(
+        "regression",
+        "mlp",
+        {"uri": f"s3://{DATASETS_BUCKET}/{key}"},
+        {**MLP_TRAINING, "steps": 40, "optimizer": {"name": "adam", "lr": 0.01}},
+        config={"in_features": 8, "hidden": [16], "num_classes": 1},
+    )
+    status = await run(producer, watcher, job)
+    assert status["state"] == "succeeded", status
+    assert "accuracy" not in status["metrics"]
+    assert status["metrics"]["loss"] < float(np.var(y))  # beats predicting the mean
 
 
 # --- duplicates and faults --------------------------------------------------------------------

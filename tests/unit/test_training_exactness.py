@@ -128,3 +128,25 @@ def test_compressed_gradients_learn_about_as_well_as_uncompressed() -> None:
         ]
     assert accuracy["none"] > 0.8, accuracy
     assert min(accuracy.values()) > accuracy["none"] - 0.03, accuracy
+
+
+def test_regression_with_mse_matches_local_training() -> None:
+    job = prepare_job(
+        {
+            "job_id": "reg",
+            "type": "train",
+            "model": {
+                "arch": "mlp",
+                "config": {"in_features": 16, "hidden": [8], "num_classes": 1},
+            },
+            "dataset": {"uri": "builtin:regression"},
+            "training": {"steps": 10, "workers": 2, "shards": 2, "optimizer": {"lr": 0.01}},
+        },
+        limits=LIMITS,
+    )
+    assert job.plan.loss == "mse"
+    _assert_same(
+        simulate(job.plan, job.state, job.dataset),
+        train_reference(job.plan, job.state, job.dataset),
+        atol=1e-6,
+    )

@@ -50,10 +50,10 @@ def _parser(
 # --- stack ------------------------------------------------------------------------------------
 
 
-def _stack(settings: Settings):  # type: ignore[no-untyped-def]
+def _stack(settings: Settings, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from infra.stack import LocalStack
 
-    return LocalStack.from_settings(settings, with_services=True)
+    return LocalStack.from_settings(settings, with_services=not args.infra_only)
 
 
 def _print_status(rows: Sequence[ComponentStatus]) -> None:
@@ -74,7 +74,7 @@ def _print_status(rows: Sequence[ComponentStatus]) -> None:
 
 
 def _stack_up(args: argparse.Namespace, settings: Settings) -> int:
-    stack = _stack(settings)
+    stack = _stack(settings, args)
     rows = stack.up(bootstrap=not args.no_bootstrap, timeout_s=args.timeout_s)
     _print_status(rows)
     print(f"state: {settings.state_dir}   logs: {stack.stack_dir}")
@@ -82,13 +82,13 @@ def _stack_up(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _stack_down(args: argparse.Namespace, settings: Settings) -> int:
-    stopped = _stack(settings).down()
+    stopped = _stack(settings, args).down()
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
 
 def _stack_status(args: argparse.Namespace, settings: Settings) -> int:
-    rows = _stack(settings).status()
+    rows = _stack(settings, args).status()
     _print_status(rows)
     return 0 if all(r.alive for r in rows) else 3
 
@@ -97,11 +97,17 @@ def _register_stack(subparsers: argparse._SubParsersAction) -> None:
     stack = _parser(
         subparsers,
         "stack",
-        help="run the local Kafka broker and S3 server natively",
+        help="run Kafka, the S3 server and the five services natively",
         example="maas stack up && maas stack status && maas stack down",
-        description="Start, stop and inspect the local stack. State (data, PIDs, "
-        "logs) lives in MAAS_STATE_DIR; ports come from MAAS_KAFKA_BOOTSTRAP and "
-        "MAAS_S3_ENDPOINT.",
+        description="Start, stop and inspect the local stack: the Kafka broker, the S3 server "
+        "and every `python -m services.*` service of docker-compose.yml (its environment and "
+        "replicas). State (data, PIDs, logs) lives in MAAS_STATE_DIR; ports come from "
+        "MAAS_KAFKA_BOOTSTRAP, MAAS_S3_ENDPOINT and the services' MAAS_*_LISTEN settings.",
+    )
+    stack.add_argument(
+        "--infra-only",
+        action="store_true",
+        help="only the Kafka broker and the S3 server (what the test fixtures run)",
     )
     actions = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
     up = _parser(
@@ -125,7 +131,7 @@ def _register_stack(subparsers: argparse._SubParsersAction) -> None:
     status = _parser(
         actions,
         "status",
-        help="show component, pid, alive, address (exit 3 if something is down)",
+        help="show component, pid, health, address (exit 3 if something is down)",
         example="maas stack status",
     )
     status.set_defaults(func=_stack_status)

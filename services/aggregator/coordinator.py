@@ -333,7 +333,8 @@ class Coordinator:
             method=plan.kind,
             job_id=plan.job_id,
             metrics=metrics,
-            settings=plan.training.to_json(),
+            # The dataset in lineage lets a later compress job find its evaluation data.
+            settings={**plan.training.to_json(), "dataset": plan.dataset},
             alias=plan.register_alias,
         )
 

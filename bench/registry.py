@@ -105,10 +105,17 @@ def registry_server(settings: Settings, workdir: Path) -> Iterator[tuple[Setting
     """A registry process of its own; yields client settings and its PID."""
     port = free_port()
     service = PythonService(
-        "model-registry", "services.model_registry", "127.0.0.1", port, workdir,
-        {"MAAS_REGISTRY_LISTEN": f"127.0.0.1:{port}", "MAAS_STATE_DIR": str(workdir / "state"),
-         "MAAS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-         "MAAS_S3_ENDPOINT": settings.s3_endpoint},
+        "model-registry",
+        "services.model_registry",
+        "127.0.0.1",
+        port,
+        workdir,
+        {
+            "MAAS_REGISTRY_LISTEN": f"127.0.0.1:{port}",
+            "MAAS_STATE_DIR": str(workdir / "state"),
+            "MAAS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "MAAS_S3_ENDPOINT": settings.s3_endpoint,
+        },
     )
     pid = service.start(wait=False)
     deadline = time.monotonic() + 10
@@ -130,8 +137,17 @@ async def measure(settings: Settings, size_mb: float, repeats: int, pid: int) ->
     store = ObjectStore(settings)
     name = f"bench-{uuid.uuid4().hex[:8]}"
     raw_key = f"bench-raw/{name}/{WEIGHTS_FILE}"
-    seconds: dict[str, list[float]] = {k: [] for k in (
-        "raw_put", "register", "raw_get", "load", "register_from_module", "load_to_module")}
+    seconds: dict[str, list[float]] = {
+        k: []
+        for k in (
+            "raw_put",
+            "register",
+            "raw_get",
+            "load",
+            "register_from_module",
+            "load_to_module",
+        )
+    }
 
     async def clocked(key: str, fn: Callable[[], Awaitable[Any]]) -> Any:
         start = time.perf_counter()
@@ -150,22 +166,28 @@ async def measure(settings: Settings, size_mb: float, repeats: int, pid: int) ->
                 registered = {}
                 for key, fn in pairs(
                     round_,
-                    ("raw_put", partial(asyncio.to_thread, store.put_bytes, MODELS_BUCKET,
-                                        raw_key, weights)),
-                    ("register", partial(client.register_files, name, files,
-                                         manifest.to_json())),
+                    (
+                        "raw_put",
+                        partial(
+                            asyncio.to_thread, store.put_bytes, MODELS_BUCKET, raw_key, weights
+                        ),
+                    ),
+                    ("register", partial(client.register_files, name, files, manifest.to_json())),
                 ):
                     registered[key] = await clocked(key, fn)
                 version = registered["register"]
                 for key, fn in pairs(
                     round_,
-                    ("raw_get", partial(asyncio.to_thread, store.get_bytes, MODELS_BUCKET,
-                                        raw_key)),
+                    (
+                        "raw_get",
+                        partial(asyncio.to_thread, store.get_bytes, MODELS_BUCKET, raw_key),
+                    ),
                     ("load", partial(client.fetch, version.ref)),
                 ):
                     await clocked(key, fn)
-                from_module = await clocked("register_from_module", partial(
-                    client.register, module, name, "mlp", config))
+                from_module = await clocked(
+                    "register_from_module", partial(client.register, module, name, "mlp", config)
+                )
                 await clocked("load_to_module", partial(client.load, version.ref))
                 for done in (version, from_module):
                     await client.delete_version(name, done.version)
@@ -188,8 +210,9 @@ async def measure(settings: Settings, size_mb: float, repeats: int, pid: int) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--size-mb", type=float, default=100.0, help="model weights, MiB")
     parser.add_argument("--repeats", type=int, default=3, help="rounds; rates are medians")
     args = parser.parse_args(argv)

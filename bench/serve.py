@@ -51,6 +51,7 @@ TARGET_EXTRA_US = 100.0
 
 # --- peer servers (run in their own processes) -----------------------------------------------
 
+
 def serve_floor(port: int) -> None:
     """A do-nothing OIP server: every ModelInfer gets the same prebuilt 1x10 FP32 answer."""
     import grpc
@@ -190,8 +191,9 @@ async def _throughput(target: Target, concurrency: int, seconds: float) -> float
     return done / elapsed
 
 
-def throughput_rps(targets: dict[str, Target], concurrency: int, rounds: int,
-                   seconds: float) -> dict[str, float]:
+def throughput_rps(
+    targets: dict[str, Target], concurrency: int, rounds: int, seconds: float
+) -> dict[str, float]:
     """Median over rounds of completed requests/s with ``concurrency`` requests in flight."""
     rates: dict[str, list[float]] = {name: [] for name in targets}
     for _ in range(rounds):
@@ -236,6 +238,7 @@ def server_forward_us(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 
 # --- orchestration ------------------------------------------------------------------------------
+
 
 @contextlib.contextmanager
 def stack() -> Iterator[Any]:
@@ -283,8 +286,10 @@ async def register(settings: Any, registry_addr: str) -> dict[str, Any]:
     from maas import zoo
     from maas.registry import RegistryClient
 
-    modules = {MODEL: zoo.build("mlp", SMALL, seed=1).eval(),
-               MODEL_10M: zoo.build("mlp", TEN_M, seed=1).eval()}
+    modules = {
+        MODEL: zoo.build("mlp", SMALL, seed=1).eval(),
+        MODEL_10M: zoo.build("mlp", TEN_M, seed=1).eval(),
+    }
     config = {MODEL: SMALL, MODEL_10M: TEN_M}
     async with RegistryClient(settings.replace(registry_addr=registry_addr)) as client:
         for name, module in modules.items():
@@ -314,35 +319,70 @@ def kserve_peer(module: Any, workdir: Path) -> Iterator[str | None]:
     weights = workdir / "bench-mlp.safetensors"
     save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
     port = _free_port()
-    argv = [str(python), "-m", "bench.serve", "--peer", "kserve", "--peer-port", str(port),
-            "--weights", str(weights), "--probe-site", site.getsitepackages()[0]]
+    argv = [
+        str(python),
+        "-m",
+        "bench.serve",
+        "--peer",
+        "kserve",
+        "--peer-port",
+        str(port),
+        "--weights",
+        str(weights),
+        "--probe-site",
+        site.getsitepackages()[0],
+    ]
     with peer(argv, port, workdir / "kserve.log") as addr:
         yield addr
 
 
 def check(name: str, value: float, limit: float, *, at_most: bool) -> dict[str, Any]:
     met = value <= limit if at_most else value >= limit
-    return {"check": name, "value": value, "limit": round(limit, 1), "met": met,
-            "miss": None if met else round(abs(value - limit), 1)}
+    return {
+        "check": name,
+        "value": value,
+        "limit": round(limit, 1),
+        "met": met,
+        "miss": None if met else round(abs(value - limit), 1),
+    }
 
 
 def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
     small, big = result["small_mlp"], result["mlp_10m"]
     ours, floor, kserve = small["maas_batching"], small["grpc_floor"], small["kserve"]
-    cold = check("p50 c1 <= floor + forward as measured inside the server + 100us (context)",
-                 ours["p50_us"], floor["p50_us"] + ours["server_forward_c1_us"] + TARGET_EXTRA_US,
-                 at_most=True)
-    out = [check("p50 c1 <= floor + forward + 100us (us)", ours["p50_us"],
-                 floor["p50_us"] + small["in_process_forward_p50_us"] + TARGET_EXTRA_US,
-                 at_most=True),
-           cold,
-           check("10M MLP c64: batching / unbatched >= 3x", big["batching_vs_unbatched"], 3.0,
-                 at_most=False)]
+    cold = check(
+        "p50 c1 <= floor + forward as measured inside the server + 100us (context)",
+        ours["p50_us"],
+        floor["p50_us"] + ours["server_forward_c1_us"] + TARGET_EXTRA_US,
+        at_most=True,
+    )
+    out = [
+        check(
+            "p50 c1 <= floor + forward + 100us (us)",
+            ours["p50_us"],
+            floor["p50_us"] + small["in_process_forward_p50_us"] + TARGET_EXTRA_US,
+            at_most=True,
+        ),
+        cold,
+        check(
+            "10M MLP c64: batching / unbatched >= 3x",
+            big["batching_vs_unbatched"],
+            3.0,
+            at_most=False,
+        ),
+    ]
     if "p50_us" in kserve:
-        out += [check("p50 c1 <= 0.8x KServe (us)", ours["p50_us"], 0.8 * kserve["p50_us"],
-                      at_most=True),
-                check("c16 throughput >= 1.5x KServe (req/s)", ours["c16_rps"],
-                      1.5 * kserve["c16_rps"], at_most=False)]
+        out += [
+            check(
+                "p50 c1 <= 0.8x KServe (us)", ours["p50_us"], 0.8 * kserve["p50_us"], at_most=True
+            ),
+            check(
+                "c16 throughput >= 1.5x KServe (req/s)",
+                ours["c16_rps"],
+                1.5 * kserve["c16_rps"],
+                at_most=False,
+            ),
+        ]
     return out
 
 
@@ -362,27 +402,37 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
         ServiceProcesses(Path(tmp)) as procs,
     ):
         registry = procs.start_registry()
-        batching = procs.start_inference("maas-batching", registry,
-                                         MAAS_INFERENCE_MAX_BATCH_SIZE="64")
-        unbatched = procs.start_inference("maas-unbatched", registry,
-                                          MAAS_INFERENCE_MAX_BATCH_SIZE="1")
+        batching = procs.start_inference(
+            "maas-batching", registry, MAAS_INFERENCE_MAX_BATCH_SIZE="64"
+        )
+        unbatched = procs.start_inference(
+            "maas-unbatched", registry, MAAS_INFERENCE_MAX_BATCH_SIZE="1"
+        )
         modules = asyncio.run(register(settings, registry))
         port = _free_port()
         with (
-            peer([sys.executable, "-m", "bench.serve", "--peer", "floor", "--peer-port",
-                  str(port)], port, Path(tmp) / "floor.log") as floor,
-            kserve_peer(modules[MODEL], Path(tmp)) if with_kserve
+            peer(
+                [sys.executable, "-m", "bench.serve", "--peer", "floor", "--peer-port", str(port)],
+                port,
+                Path(tmp) / "floor.log",
+            ) as floor,
+            kserve_peer(modules[MODEL], Path(tmp))
+            if with_kserve
             else contextlib.nullcontext() as kserve,
         ):
-            targets = {"grpc_floor": (floor, MODEL, x), "maas_batching": (batching, MODEL, x),
-                       "maas_unbatched": (unbatched, MODEL, x)}
+            targets = {
+                "grpc_floor": (floor, MODEL, x),
+                "maas_batching": (batching, MODEL, x),
+                "maas_unbatched": (unbatched, MODEL, x),
+            }
             if kserve:
                 targets["kserve"] = (kserve, MODEL, x)
             before = {name: compute_ns(targets[name][0], MODEL) for name in OURS}
             latency = latency_us(targets, rounds, per_round=500)
             for name in OURS:
                 latency[name]["server_forward_c1_us"] = server_forward_us(
-                    before[name], compute_ns(targets[name][0], MODEL))
+                    before[name], compute_ns(targets[name][0], MODEL)
+                )
             c16 = throughput_rps(targets, 16, rounds, seconds)
             c64 = throughput_rps(targets, 64, rounds, seconds)
         small: dict[str, Any] = {
@@ -392,11 +442,17 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
         for name in targets:
             small[name] = {**latency[name], "c16_rps": c16[name], "c64_rps": c64[name]}
         if "kserve" not in targets:
-            small["kserve"] = {"skipped": "--no-kserve" if not with_kserve else
-                               f"no kserve in {KSERVE_VENV} (make that venv; pip install kserve)"}
-        big_rps = throughput_rps({"batching": (batching, MODEL_10M, x10),
-                                  "unbatched": (unbatched, MODEL_10M, x10)},
-                                 64, rounds, 2 * seconds)
+            small["kserve"] = {
+                "skipped": "--no-kserve"
+                if not with_kserve
+                else f"no kserve in {KSERVE_VENV} (make that venv; pip install kserve)"
+            }
+        big_rps = throughput_rps(
+            {"batching": (batching, MODEL_10M, x10), "unbatched": (unbatched, MODEL_10M, x10)},
+            64,
+            rounds,
+            2 * seconds,
+        )
         big = {
             "params": zoo.count_parameters(modules[MODEL_10M]),
             "in_process_forward_p50_us": forward_us(modules[MODEL_10M], x10, runs=200),
@@ -409,9 +465,14 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "load_average_1m": round(os.getloadavg()[0], 2),
         "client": "tritonclient.grpc (sync: latency; aio: throughput) in this process, "
-                  f"targets interleaved over {rounds} rounds",
-        "server_settings": {"workers": 2, "torch_threads": 1, "max_batch_size": 64,
-                            "max_queue_delay_us": 0, "inline_forward_us": 100},
+        f"targets interleaved over {rounds} rounds",
+        "server_settings": {
+            "workers": 2,
+            "torch_threads": 1,
+            "max_batch_size": 64,
+            "max_queue_delay_us": 0,
+            "inline_forward_us": 100,
+        },
         "small_mlp": small,
         "mlp_10m": big,
     }
@@ -420,10 +481,15 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=1.5,
-                        help="per throughput measurement (each figure is a median of rounds)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=1.5,
+        help="per throughput measurement (each figure is a median of rounds)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per figure")
     parser.add_argument("--no-kserve", action="store_true", help="skip the KServe peer")
     parser.add_argument("--peer", choices=["floor", "kserve"], help=argparse.SUPPRESS)

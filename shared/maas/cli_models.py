@@ -1,12 +1,12 @@
 """`maas models ...`: look at and manage what the model registry holds.
 
-    maas models list [NAME]                  models, or the versions of one model
-    maas models show NAME[@VERSION|@ALIAS]   one version: files, sha256, lineage, metrics
-    maas models alias NAME VERSION ALIAS     point ALIAS at VERSION (kept in the history)
-    maas models unalias NAME ALIAS
-    maas models lineage NAME[@VERSION|@ALIAS]
-    maas models history NAME [--alias A] [--at TIME]
-    maas models delete NAME VERSION
+maas models list [NAME]                  models, or the versions of one model
+maas models show NAME[@VERSION|@ALIAS]   one version: files, sha256, lineage, metrics
+maas models alias NAME VERSION ALIAS     point ALIAS at VERSION (kept in the history)
+maas models unalias NAME ALIAS
+maas models lineage NAME[@VERSION|@ALIAS]
+maas models history NAME [--alias A] [--at TIME]
+maas models delete NAME VERSION
 """
 
 from __future__ import annotations
@@ -53,11 +53,20 @@ def _table(rows: Sequence[Sequence[object]]) -> None:
 
 def _describe(v: ModelVersion) -> dict[str, Any]:
     return {
-        "name": v.name, "version": v.version, "aliases": list(v.aliases), "arch": v.arch,
-        "format": v.format, "config": v.config,
-        "parent": str(v.parent) if v.parent else None, "method": v.method, "job_id": v.job_id,
-        "metrics": v.metrics, "created": _when(v.created_ms), "created_by": v.created_by,
-        "location": f"s3://{v.bucket}/{v.prefix}", "size_bytes": v.size_bytes,
+        "name": v.name,
+        "version": v.version,
+        "aliases": list(v.aliases),
+        "arch": v.arch,
+        "format": v.format,
+        "config": v.config,
+        "parent": str(v.parent) if v.parent else None,
+        "method": v.method,
+        "job_id": v.job_id,
+        "metrics": v.metrics,
+        "created": _when(v.created_ms),
+        "created_by": v.created_by,
+        "location": f"s3://{v.bucket}/{v.prefix}",
+        "size_bytes": v.size_bytes,
         "files": {f.name: {"sha256": f.sha256, "size_bytes": f.size_bytes} for f in v.files},
         "manifest_sha256": v.manifest_sha256,
     }
@@ -70,14 +79,31 @@ async def _list(client: Any, args: argparse.Namespace) -> int:
     if args.name is None:
         models = await client.list_models()
         rows: list[list[object]] = [["NAME", "LATEST", "VERSIONS", "ALIASES", "UPDATED"]]
-        rows += [[m.name, m.latest_version or "-", m.version_count,
-                  ", ".join(f"{a}={v}" for a, v in m.aliases.items()) or "-", _when(m.updated_ms)]
-                 for m in models]
+        rows += [
+            [
+                m.name,
+                m.latest_version or "-",
+                m.version_count,
+                ", ".join(f"{a}={v}" for a, v in m.aliases.items()) or "-",
+                _when(m.updated_ms),
+            ]
+            for m in models
+        ]
     else:
         rows = [["VERSION", "ALIASES", "ARCH", "FORMAT", "METHOD", "PARENT", "CREATED", "BY"]]
-        rows += [[v.version, ", ".join(v.aliases) or "-", v.arch, v.format, v.method or "-",
-                  v.parent or "-", _when(v.created_ms), v.created_by]
-                 async for v in client.iter_versions(args.name)]
+        rows += [
+            [
+                v.version,
+                ", ".join(v.aliases) or "-",
+                v.arch,
+                v.format,
+                v.method or "-",
+                v.parent or "-",
+                _when(v.created_ms),
+                v.created_by,
+            ]
+            async for v in client.iter_versions(args.name)
+        ]
     _table(rows)
     return 0
 
@@ -106,10 +132,19 @@ async def _lineage(client: Any, args: argparse.Namespace) -> int:
     for depth, node in enumerate(lineage.ancestors):
         label = "self" if depth == 0 else "parent" if depth == 1 else f"ancestor {depth}"
         gone = " (deleted)" if node.deleted else ""
-        rows.append([label, f"{node.name}@{node.version}{gone}", node.method or "-",
-                     node.job_id or "-", _when(node.created_ms)])
-    rows += [["child", f"{n.name}@{n.version}", n.method or "-", n.job_id or "-",
-              _when(n.created_ms)] for n in lineage.children]
+        rows.append(
+            [
+                label,
+                f"{node.name}@{node.version}{gone}",
+                node.method or "-",
+                node.job_id or "-",
+                _when(node.created_ms),
+            ]
+        )
+    rows += [
+        ["child", f"{n.name}@{n.version}", n.method or "-", n.job_id or "-", _when(n.created_ms)]
+        for n in lineage.children
+    ]
     _table(rows)
     return 0
 
@@ -127,8 +162,10 @@ async def _history(client: Any, args: argparse.Namespace) -> int:
         rows += [[a, v if v is not None else "(unset)"] for a, v in sorted(pointed.items())]
     else:
         rows = [["WHEN", "ALIAS", "FROM", "TO", "BY"]]
-        rows += [[_when(c.ts_ms), c.alias, c.from_version or "-", c.to_version or "(deleted)",
-                  c.actor] for c in changes]
+        rows += [
+            [_when(c.ts_ms), c.alias, c.from_version or "-", c.to_version or "(deleted)", c.actor]
+            for c in changes
+        ]
     _table(rows)
     return 0
 
@@ -157,7 +194,8 @@ def _runner(action: Action) -> Callable[[argparse.Namespace, Settings], int]:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     models = subparsers.add_parser(
-        "models", help="list, inspect and alias registered models",
+        "models",
+        help="list, inspect and alias registered models",
         description="Talk to the model registry at MAAS_REGISTRY_ADDR.",
         epilog="example:\n  maas models show digits-mlp@production",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -165,35 +203,53 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
 
     def action(name: str, fn: Action, help: str, example: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(name, help=help, description=help,
-                               epilog=f"example:\n  {example}",
-                               formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = actions.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"example:\n  {example}",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.set_defaults(func=_runner(fn))
         return p
 
     ref_help = "NAME (latest), NAME@VERSION or NAME@ALIAS"
-    p = action("list", _list, "list models, or the versions of one model",
-               "maas models list digits-mlp")
+    p = action(
+        "list", _list, "list models, or the versions of one model", "maas models list digits-mlp"
+    )
     p.add_argument("name", nargs="?", help="a model name: list its versions")
     p = action("show", _show, "show one version as JSON", "maas models show digits-mlp@production")
     p.add_argument("ref", type=_ref, help=ref_help)
-    p = action("alias", _alias, "point an alias at a version",
-               "maas models alias digits-mlp 3 production")
+    p = action(
+        "alias", _alias, "point an alias at a version", "maas models alias digits-mlp 3 production"
+    )
     p.add_argument("name")
     p.add_argument("version", type=int)
     p.add_argument("alias")
     p = action("unalias", _unalias, "delete an alias", "maas models unalias digits-mlp staging")
     p.add_argument("name")
     p.add_argument("alias")
-    p = action("lineage", _lineage, "parents up to the root, and children",
-               "maas models lineage digits-mlp-int8@1")
+    p = action(
+        "lineage",
+        _lineage,
+        "parents up to the root, and children",
+        "maas models lineage digits-mlp-int8@1",
+    )
     p.add_argument("ref", type=_ref, help=ref_help)
-    p = action("history", _history, "every alias move, or where aliases pointed at a time",
-               "maas models history digits-mlp --alias production --at 2026-11-24T15:00")
+    p = action(
+        "history",
+        _history,
+        "every alias move, or where aliases pointed at a time",
+        "maas models history digits-mlp --alias production --at 2026-11-24T15:00",
+    )
     p.add_argument("name")
     p.add_argument("--alias", help="only this alias")
     p.add_argument("--at", help="ISO time: show where each alias pointed then")
-    p = action("delete", _delete, "delete a version (refused while an alias points at it)",
-               "maas models delete digits-mlp 2")
+    p = action(
+        "delete",
+        _delete,
+        "delete a version (refused while an alias points at it)",
+        "maas models delete digits-mlp 2",
+    )
     p.add_argument("name")
     p.add_argument("version", type=int)

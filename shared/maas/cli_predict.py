@@ -74,18 +74,27 @@ async def predict(settings: Settings, ref: ModelRef, x: np.ndarray) -> dict[str,
     request = pb.ModelInferRequest(model_name=ref.name, model_version=version)
     request.inputs.add(name=INPUT_NAME, datatype=datatype_of(x.dtype), shape=list(x.shape))
     request.raw_input_contents.append(np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes())
-    metadata = [("authorization", f"Bearer {settings.inference_token}")] \
-        if settings.inference_token else None
+    metadata = (
+        [("authorization", f"Bearer {settings.inference_token}")]
+        if settings.inference_token
+        else None
+    )
     limit = settings.grpc_max_message_bytes
-    async with grpc.aio.insecure_channel(settings.inference_addr, options=[
-        ("grpc.max_send_message_length", limit), ("grpc.max_receive_message_length", limit),
-    ]) as channel:
+    async with grpc.aio.insecure_channel(
+        settings.inference_addr,
+        options=[
+            ("grpc.max_send_message_length", limit),
+            ("grpc.max_receive_message_length", limit),
+        ],
+    ) as channel:
         try:
             reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-                request, metadata=metadata, timeout=60)
+                request, metadata=metadata, timeout=60
+            )
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"predict {ref} (inference at {settings.inference_addr})") \
-                from None
+            raise error_from_rpc(
+                exc, f"predict {ref} (inference at {settings.inference_addr})"
+            ) from None
     outputs = {}
     for out, raw in zip(reply.outputs, reply.raw_output_contents, strict=True):
         outputs[out.name] = np.frombuffer(raw, dtype_of(out.datatype)).reshape(tuple(out.shape))
@@ -97,28 +106,50 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     outputs: dict[str, np.ndarray] = answer["outputs"]
     if args.output:
         np.save(args.output, outputs["output"], allow_pickle=False)
-    print(json.dumps({
-        "model": answer["model"],
-        "version": answer["version"],
-        "outputs": {name: {"shape": list(a.shape), "dtype": a.dtype.name,
-                           **({} if args.output else {"data": a.tolist()})}
-                    for name, a in outputs.items()},
-        "argmax": outputs["output"].argmax(axis=-1).tolist() if "output" in outputs else None,
-    }, indent=2))
+    print(
+        json.dumps(
+            {
+                "model": answer["model"],
+                "version": answer["version"],
+                "outputs": {
+                    name: {
+                        "shape": list(a.shape),
+                        "dtype": a.dtype.name,
+                        **({} if args.output else {"data": a.tolist()}),
+                    }
+                    for name, a in outputs.items()
+                },
+                "argmax": outputs["output"].argmax(axis=-1).tolist()
+                if "output" in outputs
+                else None,
+            },
+            indent=2,
+        )
+    )
     return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
-        "predict", help="run one inference on a served model",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        "predict",
+        help="run one inference on a served model",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  maas predict digits-mlp --input row.npy\n"
-               "  maas predict digits-mlp@3 --input '[[0.1, 0.2, ...]]'\n"
-               "  maas predict digits-mlp@staging --input batch.json --output out.npy",
+        "  maas predict digits-mlp@3 --input '[[0.1, 0.2, ...]]'\n"
+        "  maas predict digits-mlp@staging --input batch.json --output out.npy",
     )
-    p.add_argument("ref", type=_ref, metavar="NAME[@VERSION|@ALIAS]",
-                   help="model (alias production when no version is given)")
-    p.add_argument("--input", required=True, metavar="FILE.npy|FILE.json|JSON",
-                   help="the input tensor: rows of features")
+    p.add_argument(
+        "ref",
+        type=_ref,
+        metavar="NAME[@VERSION|@ALIAS]",
+        help="model (alias production when no version is given)",
+    )
+    p.add_argument(
+        "--input",
+        required=True,
+        metavar="FILE.npy|FILE.json|JSON",
+        help="the input tensor: rows of features",
+    )
     p.add_argument("--output", metavar="FILE.npy", help="save the output here instead of printing")
     p.set_defaults(func=_run)

@@ -114,14 +114,18 @@ class Settings:
     )
     inference_max_batch_size: int = field(
         default=64,
-        metadata=_env("MAAS_INFERENCE_MAX_BATCH_SIZE",
-                      doc="rows per batched forward pass (1 = no dynamic batching)"),
+        metadata=_env(
+            "MAAS_INFERENCE_MAX_BATCH_SIZE",
+            doc="rows per batched forward pass (1 = no dynamic batching)",
+        ),
     )
     inference_max_queue_delay_us: int = field(
         default=0,
-        metadata=_env("MAAS_INFERENCE_MAX_QUEUE_DELAY_US",
-                      doc="longest a request waits for more rows (0 = batch only the backlog; "
-                          "asyncio timers make anything under 1000 act like ~1000)"),
+        metadata=_env(
+            "MAAS_INFERENCE_MAX_QUEUE_DELAY_US",
+            doc="longest a request waits for more rows (0 = batch only the backlog; "
+            "asyncio timers make anything under 1000 act like ~1000)",
+        ),
     )
     inference_workers: int = field(
         default=2,
@@ -129,14 +133,18 @@ class Settings:
     )
     inference_torch_threads: int = field(
         default=1,
-        metadata=_env("MAAS_INFERENCE_TORCH_THREADS",
-                      doc="torch intra-op threads per forward pass (workers x this ~ cores)"),
+        metadata=_env(
+            "MAAS_INFERENCE_TORCH_THREADS",
+            doc="torch intra-op threads per forward pass (workers x this ~ cores)",
+        ),
     )
     inference_inline_forward_us: int = field(
         default=100,
-        metadata=_env("MAAS_INFERENCE_INLINE_FORWARD_US",
-                      doc="forwards predicted shorter than this skip the worker hand-off "
-                          "(0 = always the worker pool)"),
+        metadata=_env(
+            "MAAS_INFERENCE_INLINE_FORWARD_US",
+            doc="forwards predicted shorter than this skip the worker hand-off "
+            "(0 = always the worker pool)",
+        ),
     )
     inference_cache_bytes: int = field(
         default=1024 * MiB,
@@ -144,8 +152,9 @@ class Settings:
     )
     inference_metrics_port: int = field(
         default=8002,
-        metadata=_env("MAAS_INFERENCE_METRICS_PORT",
-                      doc="inference Prometheus /metrics HTTP port (0 = off)"),
+        metadata=_env(
+            "MAAS_INFERENCE_METRICS_PORT", doc="inference Prometheus /metrics HTTP port (0 = off)"
+        ),
     )
     metrics_port: int = field(
         default=0,
@@ -154,25 +163,33 @@ class Settings:
     # --- compressor ----------------------------------------------------------------------------
     compressor_torch_threads: int = field(
         default=1,
-        metadata=_env("MAAS_COMPRESSOR_TORCH_THREADS",
-                      doc="torch intra-op threads for pruning/distilling/measuring (small models "
-                          "gain nothing from more, and stall on a loaded host)"),
+        metadata=_env(
+            "MAAS_COMPRESSOR_TORCH_THREADS",
+            doc="torch intra-op threads for pruning/distilling/measuring (small models "
+            "gain nothing from more, and stall on a loaded host)",
+        ),
     )
     # --- training (gradient workers, aggregator shards) ----------------------------------
     gradient_workers: int = field(
         default=1,
-        metadata=_env("MAAS_GRADIENT_WORKERS",
-                      doc="gradient-worker replicas deployed (ids 0..N-1); caps training.workers"),
+        metadata=_env(
+            "MAAS_GRADIENT_WORKERS",
+            doc="gradient-worker replicas deployed (ids 0..N-1); caps training.workers",
+        ),
     )
     aggregator_shards: int = field(
         default=1,
-        metadata=_env("MAAS_AGGREGATOR_SHARDS",
-                      doc="aggregator shard replicas deployed (0..N-1); caps training.shards"),
+        metadata=_env(
+            "MAAS_AGGREGATOR_SHARDS",
+            doc="aggregator shard replicas deployed (0..N-1); caps training.shards",
+        ),
     )
     step_deadline_ms: int = field(
         default=10_000,
-        metadata=_env("MAAS_STEP_DEADLINE_MS",
-                      doc="sync step closes after this with whoever reported (job may override)"),
+        metadata=_env(
+            "MAAS_STEP_DEADLINE_MS",
+            doc="sync step closes after this with whoever reported (job may override)",
+        ),
     )
     progress_interval_ms: int = field(
         default=2_000,
@@ -180,13 +197,17 @@ class Settings:
     )
     params_republish_ms: int = field(
         default=2_000,
-        metadata=_env("MAAS_PARAMS_REPUBLISH_MS",
-                      doc="a shard waiting this long for any gradient republishes its params"),
+        metadata=_env(
+            "MAAS_PARAMS_REPUBLISH_MS",
+            doc="a shard waiting this long for any gradient republishes its params",
+        ),
     )
     job_stall_timeout_ms: int = field(
         default=600_000,
-        metadata=_env("MAAS_JOB_STALL_TIMEOUT_MS",
-                      doc="a training job whose shards make no progress this long fails"),
+        metadata=_env(
+            "MAAS_JOB_STALL_TIMEOUT_MS",
+            doc="a training job whose shards make no progress this long fails",
+        ),
     )
 
     @classmethod

@@ -39,18 +39,28 @@ class Target:
 
 TARGETS: tuple[Target, ...] = (
     Target("maas/registry/v1/registry.proto", "shared/maas/registry/v1"),
-    Target("inference/grpc_predict_v2.proto", "shared/maas/oip", (("inference", "maas.oip"),),
-           private_pool=True),
+    Target(
+        "inference/grpc_predict_v2.proto",
+        "shared/maas/oip",
+        (("inference", "maas.oip"),),
+        private_pool=True,
+    ),
 )
 
 
 def _rewrite(text: str, target: Target) -> str:
     for old, new in target.rewrite_imports:
-        text = re.sub(rf"^(\s*)from {re.escape(old)} import ", rf"\1from {new} import ", text,
-                      flags=re.MULTILINE)
+        text = re.sub(
+            rf"^(\s*)from {re.escape(old)} import ",
+            rf"\1from {new} import ",
+            text,
+            flags=re.MULTILINE,
+        )
     if target.private_pool:
-        text = text.replace("_descriptor_pool.Default().AddSerializedFile(",
-                            "_descriptor_pool.DescriptorPool().AddSerializedFile(")
+        text = text.replace(
+            "_descriptor_pool.Default().AddSerializedFile(",
+            "_descriptor_pool.DescriptorPool().AddSerializedFile(",
+        )
     return text
 
 
@@ -58,15 +68,17 @@ def generate(target: Target) -> dict[Path, bytes]:
     """{repository path: contents} protoc produces for ``target`` (nothing is written)."""
     include = resources.files("grpc_tools") / "_proto"
     with tempfile.TemporaryDirectory() as tmp:
-        code = protoc.main([
-            "grpc_tools.protoc",
-            f"-I{PROTO_ROOT}",
-            f"-I{include}",
-            f"--python_out={tmp}",
-            f"--pyi_out={tmp}",
-            f"--grpc_python_out={tmp}",
-            str(PROTO_ROOT / target.proto),
-        ])
+        code = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{PROTO_ROOT}",
+                f"-I{include}",
+                f"--python_out={tmp}",
+                f"--pyi_out={tmp}",
+                f"--grpc_python_out={tmp}",
+                str(PROTO_ROOT / target.proto),
+            ]
+        )
         if code != 0:
             raise SystemExit(f"protoc failed on {target.proto} (exit {code})")
         produced = Path(tmp) / Path(target.proto).parent
@@ -96,7 +108,8 @@ def _package_inits(out_dir: Path) -> list[Path]:
 def stale() -> list[Path]:
     """Generated files that are missing or differ from what protoc produces now."""
     problems = [
-        path for path, data in expected_files().items()
+        path
+        for path, data in expected_files().items()
         if not path.exists() or path.read_bytes() != data
     ]
     for target in TARGETS:
@@ -120,10 +133,14 @@ def write() -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m maas.protogen", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if any generated file is stale")
+    parser = argparse.ArgumentParser(
+        prog="python -m maas.protogen",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="write nothing; exit 1 if any generated file is stale"
+    )
     args = parser.parse_args(argv)
     if args.check:
         problems = stale()

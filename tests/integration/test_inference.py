@@ -52,13 +52,15 @@ def servers(stack, tmp_path_factory):
     with ServiceProcesses(tmp_path_factory.mktemp("inference")) as processes:
         registry = processes.start_registry()
         batched = processes.start_inference(
-            "inference-batched", registry,
+            "inference-batched",
+            registry,
             MAAS_INFERENCE_MAX_BATCH_SIZE="64",
             MAAS_INFERENCE_MAX_QUEUE_DELAY_US="5000",
             MAAS_GRPC_MAX_MESSAGE_BYTES=str(LIMIT_BYTES),
         )
         unbatched = processes.start_inference(
-            "inference-unbatched", registry,
+            "inference-unbatched",
+            registry,
             MAAS_INFERENCE_MAX_BATCH_SIZE="1",
             MAAS_INFERENCE_TOKEN=TOKEN,
             MAAS_GRPC_MAX_MESSAGE_BYTES=str(LIMIT_BYTES),
@@ -68,8 +70,9 @@ def servers(stack, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 async def registry(stack, servers):
-    async with RegistryClient(stack.settings.replace(registry_addr=servers.registry_addr),
-                              actor="test-inference") as client:
+    async with RegistryClient(
+        stack.settings.replace(registry_addr=servers.registry_addr), actor="test-inference"
+    ) as client:
         yield client
 
 
@@ -88,8 +91,9 @@ async def register_versions(registry, seeds, alias_first="production") -> Regist
     modules = {}
     for i, seed in enumerate(seeds):
         module = zoo.build("mlp", MLP, seed=seed).eval()
-        version = await registry.register(module, name, "mlp", MLP,
-                                          alias=alias_first if i == 0 else None)
+        version = await registry.register(
+            module, name, "mlp", MLP, alias=alias_first if i == 0 else None
+        )
         modules[version.version] = module
     return Registered(name, modules)
 
@@ -127,6 +131,7 @@ def failure(call) -> InferenceServerException:
 
 # --- health and metadata --------------------------------------------------------------------
 
+
 def test_the_server_is_live_and_ready(servers):
     c = client(servers.batched)
     assert c.is_server_live()
@@ -151,6 +156,7 @@ def test_model_metadata_lists_inputs_and_outputs_with_datatypes_and_shapes(serve
 
 
 # --- inference ------------------------------------------------------------------------------
+
 
 def test_raw_inputs_give_the_registered_versions_own_outputs(servers, digits):
     x = rows(5, seed=1)
@@ -205,6 +211,7 @@ def test_a_32_mb_tensor_goes_through(servers, digits):
 
 # --- errors ---------------------------------------------------------------------------------
 
+
 def test_an_unknown_model_is_not_found_with_its_name_in_the_message(servers):
     error = failure(lambda: infer(servers.batched, "no-such-model", rows(1)))
     assert error.status() == "StatusCode.NOT_FOUND"
@@ -219,8 +226,9 @@ def test_an_unknown_version_or_alias_is_not_found(servers, digits):
 
 
 def test_a_wrong_datatype_is_invalid_and_the_message_names_the_expected_one(servers, digits):
-    error = failure(lambda: infer(servers.batched, digits.name, rows(2).astype(np.float64),
-                                  datatype="FP64"))
+    error = failure(
+        lambda: infer(servers.batched, digits.name, rows(2).astype(np.float64), datatype="FP64")
+    )
     assert error.status() == "StatusCode.INVALID_ARGUMENT"
     assert "FP64" in error.message() and "expects FP32 with shape [-1, 64]" in error.message()
 
@@ -245,8 +253,9 @@ def test_without_the_token_calls_are_unauthenticated(servers, digits):
     wrong = {"authorization": "Bearer nope"}
     error = failure(lambda: infer(servers.unbatched, digits.name, rows(1), headers=wrong))
     assert error.status() == "StatusCode.UNAUTHENTICATED"
-    assert infer(servers.unbatched, digits.name, rows(1), headers=AUTH).as_numpy("output").shape \
-        == (1, 10)
+    assert infer(servers.unbatched, digits.name, rows(1), headers=AUTH).as_numpy(
+        "output"
+    ).shape == (1, 10)
 
 
 def test_metrics_count_requests_by_code_and_describe_batches_and_models(servers, digits):
@@ -264,6 +273,7 @@ def test_metrics_count_requests_by_code_and_describe_batches_and_models(servers,
 
 
 # --- hot swap -------------------------------------------------------------------------------
+
 
 @dataclass
 class Answer:
@@ -294,8 +304,9 @@ async def test_promoting_a_version_under_load_swaps_with_no_failed_request(serve
                 answers.append(Answer(i, started, time.monotonic(), None, False, str(exc)))
                 continue
             version = int(result.get_response().model_version)
-            correct = np.allclose(result.as_numpy("output"), expected[version],
-                                  rtol=1e-5, atol=1e-6)
+            correct = np.allclose(
+                result.as_numpy("output"), expected[version], rtol=1e-5, atol=1e-6
+            )
             answers.append(Answer(i, started, time.monotonic(), version, correct))
 
     clients = [threading.Thread(target=keep_asking, args=(i,)) for i in range(3)]
@@ -304,8 +315,11 @@ async def test_promoting_a_version_under_load_swaps_with_no_failed_request(serve
     try:
         await wait_for(lambda: sum(a.version == 1 for a in answers) >= 30)
         await registry.set_alias(model.name, "production", 2)
-        await wait_for(lambda: all(
-            sum(a.version == 2 and a.client == i for a in answers) >= 20 for i in range(3)))
+        await wait_for(
+            lambda: all(
+                sum(a.version == 2 and a.client == i for a in answers) >= 20 for i in range(3)
+            )
+        )
     finally:
         stop.set()
         for t in clients:
@@ -327,14 +341,26 @@ async def wait_for(condition, timeout_s: float = 60.0) -> None:
 
 # --- CLI ------------------------------------------------------------------------------------
 
+
 def test_maas_predict_prints_the_served_versions_answer(servers, digits, tmp_path):
     x = rows(2, seed=5)
     np.save(tmp_path / "x.npy", x)
     env = {**os.environ, "MAAS_INFERENCE_ADDR": servers.unbatched, "MAAS_INFERENCE_TOKEN": TOKEN}
     done = subprocess.run(
-        [sys.executable, "-m", "maas.cli", "predict", f"{digits.name}@2",
-         "--input", str(tmp_path / "x.npy")],
-        env=env, capture_output=True, text=True, timeout=120, check=True,
+        [
+            sys.executable,
+            "-m",
+            "maas.cli",
+            "predict",
+            f"{digits.name}@2",
+            "--input",
+            str(tmp_path / "x.npy"),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     answer = json.loads(done.stdout)
     assert (answer["model"], answer["version"]) == (digits.name, 2)
@@ -346,7 +372,10 @@ def test_maas_predict_reports_a_server_error_and_exits_nonzero(servers):
     env = {**os.environ, "MAAS_INFERENCE_ADDR": servers.batched}
     done = subprocess.run(
         [sys.executable, "-m", "maas.cli", "predict", "no-such-model", "--input", "[1, 2]"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 1
     assert "NotFound" in done.stderr and "no-such-model" in done.stderr
@@ -376,14 +405,25 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-@pytest.mark.skipif(not KSERVE_PYTHON.exists(),
-                    reason=f"KServe's client is not installed ({KSERVE_PYTHON.parent.parent})")
+@pytest.mark.skipif(
+    not KSERVE_PYTHON.exists(),
+    reason=f"KServe's client is not installed ({KSERVE_PYTHON.parent.parent})",
+)
 def test_kserves_own_grpc_client_gets_correct_answers(servers, digits):
     x = rows(3, seed=6)
     done = subprocess.run(
-        [str(KSERVE_PYTHON), "-c", KSERVE_CLIENT, servers.batched, digits.name,
-         json.dumps(x.tolist())],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            str(KSERVE_PYTHON),
+            "-c",
+            KSERVE_CLIENT,
+            servers.batched,
+            digits.name,
+            json.dumps(x.tolist()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     )
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["ready"] is True

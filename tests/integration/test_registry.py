@@ -46,9 +46,12 @@ class RegistryProcess:
         state_dir = workdir / "state"
         self.settings = settings.replace(registry_addr=f"127.0.0.1:{port}")
         self.service = PythonService(
-            "model-registry", "services.model_registry", "127.0.0.1", port, workdir,
-            {"MAAS_REGISTRY_LISTEN": f"127.0.0.1:{port}", "MAAS_STATE_DIR": str(state_dir),
-             **env},
+            "model-registry",
+            "services.model_registry",
+            "127.0.0.1",
+            port,
+            workdir,
+            {"MAAS_REGISTRY_LISTEN": f"127.0.0.1:{port}", "MAAS_STATE_DIR": str(state_dir), **env},
         )
 
     def start(self) -> None:
@@ -83,11 +86,13 @@ def a_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-async def model_events(settings: Settings, name: str, count: int,
-                       timeout_s: float = 90) -> list[dict[str, Any]]:
+async def model_events(
+    settings: Settings, name: str, count: int, timeout_s: float = 90
+) -> list[dict[str, Any]]:
     """The first ``count`` events about ``name`` on maas.models.v1, in log order."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap,
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
+    )
     await consumer.start()
     try:
         partitions = [TopicPartition(MODELS.name, p) for p in range(MODELS.partitions)]
@@ -110,17 +115,30 @@ async def model_events(settings: Settings, name: str, count: int,
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(
-        sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa)
+        sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]) for k in sa
+    )
 
 
 async def test_register_get_load_gives_bit_identical_weights(client: RegistryClient) -> None:
     name = a_name("cnn")
     model = zoo.build("cnn", CNN, seed=3)
-    registered = await client.register(model, name, "cnn", CNN, method="train", job_id="job-7",
-                                       metrics={"accuracy": 0.5}, alias="production")
+    registered = await client.register(
+        model,
+        name,
+        "cnn",
+        CNN,
+        method="train",
+        job_id="job-7",
+        metrics={"accuracy": 0.5},
+        alias="production",
+    )
     got = await client.get(f"{name}@production")
     assert (got.version, got.job_id, got.metrics, got.aliases) == (
-        1, "job-7", {"accuracy": 0.5}, ("production",))
+        1,
+        "job-7",
+        {"accuracy": 0.5},
+        ("production",),
+    )
     assert got == registered
     loaded = await client.load(f"{name}@1")
     assert same_weights(model, loaded)
@@ -143,8 +161,7 @@ async def test_twenty_concurrent_registrations_get_versions_one_to_twenty(
 ) -> None:
     name = a_name("race")
     model = zoo.build("mlp", MLP)
-    results = await asyncio.gather(*(client.register(model, name, "mlp", MLP)
-                                     for _ in range(20)))
+    results = await asyncio.gather(*(client.register(model, name, "mlp", MLP) for _ in range(20)))
     assert sorted(v.version for v in results) == list(range(1, 21))
     listed = [v.version async for v in client.iter_versions(name)]
     assert listed == list(range(20, 0, -1))
@@ -160,12 +177,14 @@ async def test_alias_moves_emit_alias_set_events_in_order(
     for version in (1, 3, 2):
         await client.set_alias(name, "production", version)
     found = await model_events(registry_process.settings, name, count=6)
-    moves = [(e["version"], e.get("previous_version")) for e in found
-             if e["event"] == "alias-set"]
+    moves = [(e["version"], e.get("previous_version")) for e in found if e["event"] == "alias-set"]
     assert moves == [(1, None), (3, 1), (2, 3)]
     history = await client.alias_history(name, "production")
     assert [(c.from_version, c.to_version, c.actor) for c in history] == [
-        (None, 1, "integration"), (1, 3, "integration"), (3, 2, "integration")]
+        (None, 1, "integration"),
+        (1, 3, "integration"),
+        (3, 2, "integration"),
+    ]
 
 
 async def test_lineage_follows_the_parent_recorded_at_registration(
@@ -173,12 +192,19 @@ async def test_lineage_follows_the_parent_recorded_at_registration(
 ) -> None:
     base, tuned = a_name("base"), a_name("tuned")
     parent = await client.register(zoo.build("mlp", MLP), base, "mlp", MLP, alias="production")
-    await client.register(zoo.build("mlp", MLP, seed=1), tuned, "mlp", MLP,
-                          parent=f"{base}@production", method="finetune")
+    await client.register(
+        zoo.build("mlp", MLP, seed=1),
+        tuned,
+        "mlp",
+        MLP,
+        parent=f"{base}@production",
+        method="finetune",
+    )
     lineage = await client.lineage(f"{tuned}@1")
     assert [(n.name, n.version) for n in lineage.ancestors] == [(tuned, 1), (base, 1)]
     assert [(n.name, n.method) for n in (await client.lineage(parent.ref)).children] == [
-        (tuned, "finetune")]
+        (tuned, "finetune")
+    ]
 
 
 async def test_an_artifact_not_matching_its_manifest_is_refused_and_not_registered(
@@ -203,7 +229,10 @@ async def test_bytes_changed_in_s3_after_registration_are_refused_on_load(
     forged = other[WEIGHTS_FILE]
     # Behind the registry's back, with a matching "recorded" checksum header.
     ObjectStore(stack.settings).client.put_object(
-        MODELS_BUCKET, version.key(WEIGHTS_FILE), io.BytesIO(forged), len(forged),
+        MODELS_BUCKET,
+        version.key(WEIGHTS_FILE),
+        io.BytesIO(forged),
+        len(forged),
         metadata={"sha256": hashlib.sha256(forged).hexdigest()},
     )
     with pytest.raises(IntegrityError, match="tampered"):
@@ -211,8 +240,7 @@ async def test_bytes_changed_in_s3_after_registration_are_refused_on_load(
 
 
 async def test_s3_down_is_unavailable_and_registers_nothing(stack, tmp_path) -> None:
-    process = RegistryProcess(stack.settings, tmp_path,
-                              MAAS_S3_ENDPOINT=f"127.0.0.1:{free_port()}")
+    process = RegistryProcess(stack.settings, tmp_path, MAAS_S3_ENDPOINT=f"127.0.0.1:{free_port()}")
     process.start()
     try:
         async with RegistryClient(process.settings) as client:
@@ -245,10 +273,10 @@ async def test_a_restart_keeps_versions_aliases_and_history(
 def test_the_blocking_shortcuts_register_and_load(registry_process: RegistryProcess) -> None:
     name = a_name("sync")
     model = zoo.build("mlp", MLP, seed=4)
-    version = maas.registry.register(model, name, "mlp", MLP, alias="production",
-                                     platform_settings=registry_process.settings)
-    loaded = maas.registry.load(f"{name}@production",
-                                platform_settings=registry_process.settings)
+    version = maas.registry.register(
+        model, name, "mlp", MLP, alias="production", platform_settings=registry_process.settings
+    )
+    loaded = maas.registry.load(f"{name}@production", platform_settings=registry_process.settings)
     assert version.version == 1 and same_weights(model, loaded)
 
 

@@ -52,8 +52,7 @@ def rowwise(x: np.ndarray) -> np.ndarray:
 
 def requests(n: int, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
-    return [rng.standard_normal((int(rng.integers(1, 5)), 8)).astype(np.float32)
-            for _ in range(n)]
+    return [rng.standard_normal((int(rng.integers(1, 5)), 8)).astype(np.float32) for _ in range(n)]
 
 
 async def submit_all(runner, inputs):
@@ -63,7 +62,8 @@ async def submit_all(runner, inputs):
 async def test_batched_answers_are_bit_identical_to_unbatched_ones(pool):
     inputs = requests(40)
     batched = await submit_all(
-        DynamicBatcher(pooled(rowwise, pool), BatchingConfig(16, 2000), Recorder()), inputs)
+        DynamicBatcher(pooled(rowwise, pool), BatchingConfig(16, 2000), Recorder()), inputs
+    )
     unbatched = await submit_all(DirectRunner(pooled(rowwise, pool), Recorder()), inputs)
     for x, b, u in zip(inputs, batched, unbatched, strict=True):
         assert b.tobytes() == u.tobytes() == rowwise(x).tobytes()
@@ -114,8 +114,7 @@ async def test_requests_arriving_while_a_batch_runs_form_the_next_batch(pool):
     batcher = DynamicBatcher(pooled(gated, pool), BatchingConfig(64, 0), recorder)
     first = asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32)))
     await asyncio.sleep(0.05)  # the first batch (one row) is now running, blocked on the gate
-    rest = [asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32)))
-            for _ in range(10)]
+    rest = [asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32))) for _ in range(10)]
     await asyncio.sleep(0.05)
     assert batcher.queued_rows == 10
     gate.set()
@@ -169,8 +168,7 @@ async def test_stopping_the_batching_task_fails_every_waiting_request(pool):
         return rowwise(x)
 
     batcher = DynamicBatcher(pooled(gated, pool), BatchingConfig(64, 0), Recorder())
-    waiting = [asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32)))
-               for _ in range(3)]
+    waiting = [asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32))) for _ in range(3)]
     await asyncio.sleep(0.05)
     batcher._task.cancel()
     results = await asyncio.gather(*waiting, return_exceptions=True)
@@ -224,8 +222,9 @@ async def test_an_idle_batcher_runs_a_cheap_request_at_once_on_the_loop(pool):
         return rowwise(x)
 
     recorder = Recorder()
-    batcher = DynamicBatcher(Compute(where, pool, inline_max_ns=10**9), BatchingConfig(8, 0),
-                             recorder)
+    batcher = DynamicBatcher(
+        Compute(where, pool, inline_max_ns=10**9), BatchingConfig(8, 0), recorder
+    )
     await batcher.submit(np.ones((1, 8), np.float32))  # cost unknown: queued, run on the pool
     out = await batcher.submit(np.full((1, 8), 2, np.float32))
     np.testing.assert_array_equal(out, rowwise(np.full((1, 8), 2, np.float32)))
@@ -265,8 +264,10 @@ async def test_a_real_mlp_batched_matches_unbatched_to_float_rounding(pool):
     model = zoo.build("mlp", {}).eval()
     forward = torch_forward(model)
     inputs = requests(32, seed=1)
-    inputs = [np.random.default_rng(i).standard_normal((len(x), 64)).astype(np.float32)
-              for i, x in enumerate(inputs)]
+    inputs = [
+        np.random.default_rng(i).standard_normal((len(x), 64)).astype(np.float32)
+        for i, x in enumerate(inputs)
+    ]
     batcher = DynamicBatcher(pooled(forward, pool), BatchingConfig(64, 2000), Recorder())
     batched = await submit_all(batcher, inputs)
     for x, b in zip(inputs, batched, strict=True):

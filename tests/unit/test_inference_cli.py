@@ -32,10 +32,17 @@ def test_unreadable_inputs_are_refused_with_what_is_accepted(spec):
         read_input(spec)
 
 
-@pytest.mark.parametrize(("dtype", "datatype"), [
-    ("float32", "FP32"), ("float16", "FP16"), ("float64", "FP64"), ("int8", "INT8"),
-    ("uint64", "UINT64"), ("bool", "BOOL"),
-])
+@pytest.mark.parametrize(
+    ("dtype", "datatype"),
+    [
+        ("float32", "FP32"),
+        ("float16", "FP16"),
+        ("float64", "FP64"),
+        ("int8", "INT8"),
+        ("uint64", "UINT64"),
+        ("bool", "BOOL"),
+    ],
+)
 def test_numpy_dtypes_map_to_protocol_datatypes_and_back(dtype, datatype):
     assert datatype_of(np.dtype(dtype)) == datatype
     assert dtype_of(datatype) == np.dtype(dtype)

@@ -71,8 +71,13 @@ def source():
 
 
 def make_plane(source, pool, *, cache_bytes=1 << 30, metrics=None, batching=None):
-    return DataPlane(source, pool, batching=batching or BatchingConfig(8, 0),
-                     cache_bytes=cache_bytes, metrics=metrics)
+    return DataPlane(
+        source,
+        pool,
+        batching=batching or BatchingConfig(8, 0),
+        cache_bytes=cache_bytes,
+        metrics=metrics,
+    )
 
 
 async def answer(plane, version="", x=X):
@@ -84,10 +89,15 @@ def assert_from(output, module):
     np.testing.assert_allclose(output, expected(module, X), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize(("ref", "parsed"), [
-    ("", (None, "production")), ("3", (3, "")), ("staging", (None, "staging")),
-    (" 12 ", (12, "")),
-])
+@pytest.mark.parametrize(
+    ("ref", "parsed"),
+    [
+        ("", (None, "production")),
+        ("3", (3, "")),
+        ("staging", (None, "staging")),
+        (" 12 ", (12, "")),
+    ],
+)
 def test_model_version_is_a_number_an_alias_or_empty_for_production(ref, parsed):
     assert parse_ref(ref) == parsed
 
@@ -121,14 +131,20 @@ async def test_an_empty_model_name_is_invalid(source, pool):
         await make_plane(source, pool).infer("", "", {"input": X})
 
 
-@pytest.mark.parametrize(("inputs", "complaint"), [
-    ({"input": X.astype(np.float64)}, r"datatype FP64 and shape \[3, 64\].*expects FP32 with "
-                                      r"shape \[-1, 64\]"),
-    ({"input": X[:, :10]}, r"shape \[3, 10\].*expects FP32 with shape \[-1, 64\]"),
-    ({"input": X.reshape(3, 8, 8)}, r"shape \[3, 8, 8\]"),
-    ({"pixels": X}, r"expects exactly one input 'input' \(FP32, shape \[-1, 64\]\).*'pixels'"),
-    ({"input": X[:0]}, "no rows"),
-])
+@pytest.mark.parametrize(
+    ("inputs", "complaint"),
+    [
+        (
+            {"input": X.astype(np.float64)},
+            r"datatype FP64 and shape \[3, 64\].*expects FP32 with "
+            r"shape \[-1, 64\]",
+        ),
+        ({"input": X[:, :10]}, r"shape \[3, 10\].*expects FP32 with shape \[-1, 64\]"),
+        ({"input": X.reshape(3, 8, 8)}, r"shape \[3, 8, 8\]"),
+        ({"pixels": X}, r"expects exactly one input 'input' \(FP32, shape \[-1, 64\]\).*'pixels'"),
+        ({"input": X[:0]}, "no rows"),
+    ],
+)
 async def test_wrong_inputs_are_invalid_and_the_message_names_what_is_expected(
     source, pool, inputs, complaint
 ):
@@ -195,6 +211,7 @@ async def test_unload_forgets_every_version_and_alias_of_a_model(source, pool):
 
 
 # --- hot swap -------------------------------------------------------------------------------
+
 
 def alias_set(version, alias="production"):
     return {"event": "alias-set", "name": "digits", "alias": alias, "version": version}

@@ -47,20 +47,28 @@ class Edge:
         source.add("digits", self.module, "mlp", MLP, aliases=["production"])
         self.metrics = Metrics()
         self.pool = ThreadPoolExecutor(max_workers=2)
-        self.plane = DataPlane(source, self.pool, batching=BatchingConfig(8, 0),
-                               cache_bytes=1 << 30, metrics=self.metrics)
+        self.plane = DataPlane(
+            source,
+            self.pool,
+            batching=BatchingConfig(8, 0),
+            cache_bytes=1 << 30,
+            metrics=self.metrics,
+        )
         self.plane.ready = True
         settings = Settings().replace(grpc_max_message_bytes=LIMIT, inference_token=token)
-        self.server = build_grpc_server(settings, self.plane, self.metrics,
-                                        health.aio.HealthServicer())
+        self.server = build_grpc_server(
+            settings, self.plane, self.metrics, health.aio.HealthServicer()
+        )
         self.port = self.server.add_insecure_port("127.0.0.1:0")
 
     async def __aenter__(self) -> "Edge":
         await self.server.start()
         self.channel = grpc.aio.insecure_channel(
             f"127.0.0.1:{self.port}",
-            options=[("grpc.max_send_message_length", 8 * LIMIT),
-                     ("grpc.max_receive_message_length", 8 * LIMIT)],
+            options=[
+                ("grpc.max_send_message_length", 8 * LIMIT),
+                ("grpc.max_receive_message_length", 8 * LIMIT),
+            ],
         )
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
         return self
@@ -100,14 +108,18 @@ async def code_and_message(call) -> tuple[grpc.StatusCode, str]:
 
 # --- error mapping --------------------------------------------------------------------------
 
-@pytest.mark.parametrize(("exc", "code"), [
-    (errors.NotFound("no model 'x'"), grpc.StatusCode.NOT_FOUND),
-    (errors.InvalidArgument("bad shape"), grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.IntegrityError("sha256 mismatch"), grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.ResourceExhausted("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED),
-    (errors.Unavailable("registry down"), grpc.StatusCode.UNAVAILABLE),
-])
+
+@pytest.mark.parametrize(
+    ("exc", "code"),
+    [
+        (errors.NotFound("no model 'x'"), grpc.StatusCode.NOT_FOUND),
+        (errors.InvalidArgument("bad shape"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.IntegrityError("sha256 mismatch"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.ResourceExhausted("too big"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.Unauthenticated("no token"), grpc.StatusCode.UNAUTHENTICATED),
+        (errors.Unavailable("registry down"), grpc.StatusCode.UNAVAILABLE),
+    ],
+)
 def test_platform_errors_map_to_their_status_code_and_message(exc, code):
     assert status_for(exc) == (code, exc.message)
 
@@ -138,6 +150,7 @@ def test_an_error_lacking_a_message_attribute_uses_its_text():
 
 # --- the protocol ---------------------------------------------------------------------------
 
+
 async def test_the_server_is_live_and_ready(edge):
     assert (await edge.stub.ServerLive(pb.ServerLiveRequest())).live
     assert (await edge.stub.ServerReady(pb.ServerReadyRequest())).ready
@@ -149,9 +162,11 @@ async def test_model_metadata_has_datatypes_and_shapes_with_a_variable_batch(edg
     meta = await edge.stub.ModelMetadata(pb.ModelMetadataRequest(name="digits"))
     assert (meta.name, list(meta.versions), meta.platform) == ("digits", ["1"], "pytorch")
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [
-        ("input", "FP32", [-1, 64])]
+        ("input", "FP32", [-1, 64])
+    ]
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.outputs] == [
-        ("output", "FP32", [-1, 10])]
+        ("output", "FP32", [-1, 10])
+    ]
 
 
 async def test_model_ready_is_true_for_a_servable_model_and_false_for_an_unknown_one(edge):
@@ -170,7 +185,8 @@ async def test_infer_with_raw_contents_answers_like_the_model_itself(edge):
 async def test_infer_with_typed_contents_answers_like_raw(edge):
     typed = pb.ModelInferRequest(model_name="digits")
     typed.inputs.add(name="input", datatype="FP32", shape=[4, 64]).contents.fp32_contents.extend(
-        X.ravel().tolist())
+        X.ravel().tolist()
+    )
     typed.outputs.add(name="output")
     raw = await edge.stub.ModelInfer(raw_request())
     answer = await edge.stub.ModelInfer(typed)
@@ -187,8 +203,7 @@ async def test_unknown_model_is_not_found_with_a_message(edge):
 
 async def test_wrong_datatype_is_invalid_argument_naming_the_expected_one(edge):
     x64 = X.astype(np.float64)
-    code, message = await code_and_message(
-        edge.stub.ModelInfer(raw_request(x64, datatype="FP64")))
+    code, message = await code_and_message(edge.stub.ModelInfer(raw_request(x64, datatype="FP64")))
     assert code is grpc.StatusCode.INVALID_ARGUMENT
     assert "FP64" in message and "expects FP32 with shape [-1, 64]" in message
 
@@ -219,8 +234,9 @@ async def test_requests_are_counted_by_method_and_code(edge):
 
 async def test_statistics_and_the_repository_describe_loaded_versions(edge):
     await edge.stub.ModelInfer(raw_request())
-    (stats,) = (await edge.stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"))
-                ).model_stats
+    (stats,) = (
+        await edge.stub.ModelStatistics(pb.ModelStatisticsRequest(name="digits"))
+    ).model_stats
     assert (stats.name, stats.version, stats.inference_count) == ("digits", "1", 4)
     assert stats.inference_stats.success.count == 1
     index = await edge.stub.RepositoryIndex(pb.RepositoryIndexRequest())
@@ -233,15 +249,20 @@ async def test_statistics_and_the_repository_describe_loaded_versions(edge):
 
 # --- auth -----------------------------------------------------------------------------------
 
+
 async def test_with_a_token_set_calls_without_it_are_unauthenticated():
     async with Edge(token=TOKEN) as edge:
         code, message = await code_and_message(edge.stub.ModelInfer(raw_request()))
         assert code is grpc.StatusCode.UNAUTHENTICATED and "authorization" in message
-        code, _ = await code_and_message(edge.stub.ServerLive(
-            pb.ServerLiveRequest(), metadata=[("authorization", "Bearer wrong")]))
+        code, _ = await code_and_message(
+            edge.stub.ServerLive(
+                pb.ServerLiveRequest(), metadata=[("authorization", "Bearer wrong")]
+            )
+        )
         assert code is grpc.StatusCode.UNAUTHENTICATED
-        ok = await edge.stub.ModelInfer(raw_request(),
-                                        metadata=[("authorization", f"Bearer {TOKEN}")])
+        ok = await edge.stub.ModelInfer(
+            raw_request(), metadata=[("authorization", f"Bearer {TOKEN}")]
+        )
         assert ok.model_version == "1"
         assert edge.metrics.requests.labels("ModelInfer", "UNAUTHENTICATED")._value.get() == 1
 

@@ -59,9 +59,10 @@ def test_typed_and_raw_forms_of_one_tensor_decode_identically():
     typed.inputs.add(name="input", datatype="FP32", shape=[5, 3]).contents.fp32_contents.extend(
         x.ravel().tolist()
     )
-    assert decode_inputs(typed)["input"].tobytes() == decode_inputs(raw_request(input=x))[
-        "input"
-    ].tobytes()
+    assert (
+        decode_inputs(typed)["input"].tobytes()
+        == decode_inputs(raw_request(input=x))["input"].tobytes()
+    )
 
 
 def test_raw_byte_count_must_match_datatype_and_shape():

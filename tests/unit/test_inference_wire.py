@@ -27,8 +27,16 @@ def messages(file: descriptor_pb2.FileDescriptorProto) -> dict[str, descriptor_p
 
 
 def wire(message: descriptor_pb2.DescriptorProto) -> dict[str, tuple]:
-    return {f.name: (f.number, f.type, f.label, f.type_name, f.oneof_index if
-                     f.HasField("oneof_index") else None) for f in message.field}
+    return {
+        f.name: (
+            f.number,
+            f.type,
+            f.label,
+            f.type_name,
+            f.oneof_index if f.HasField("oneof_index") else None,
+        )
+        for f in message.field
+    }
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,12 @@ from maas import protogen
 
 
 def test_committed_generated_code_matches_the_protos() -> None:
-    result = subprocess.run([sys.executable, "-m", "maas.protogen", "--check"],
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "maas.protogen", "--check"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -30,21 +30,35 @@ class Clock:
         return self.now
 
 
-def manifest_json(*, parent: dict | None = None, job_id: str | None = None,
-                  weights: bytes = b"weights") -> bytes:
-    return json.dumps({
-        "arch": "mlp", "config": {"hidden": [8]}, "format": "dense",
-        "files": {"weights.safetensors": hashlib.sha256(weights).hexdigest()},
-        "parent": parent, "method": "train" if parent is None else "finetune",
-        "job_id": job_id, "metrics": {"accuracy": 0.9}, "settings": {},
-    }).encode()
+def manifest_json(
+    *, parent: dict | None = None, job_id: str | None = None, weights: bytes = b"weights"
+) -> bytes:
+    return json.dumps(
+        {
+            "arch": "mlp",
+            "config": {"hidden": [8]},
+            "format": "dense",
+            "files": {"weights.safetensors": hashlib.sha256(weights).hexdigest()},
+            "parent": parent,
+            "method": "train" if parent is None else "finetune",
+            "job_id": job_id,
+            "metrics": {"accuracy": 0.9},
+            "settings": {},
+        }
+    ).encode()
 
 
 def new_version(name: str = "digits", *, alias: str | None = None, **manifest_args) -> NewVersion:
     data = manifest_json(**manifest_args)
-    return NewVersion(name=name, manifest_json=data, manifest=parse_manifest(data),
-                      bucket="maas-models", file_sizes={"weights.safetensors": 7},
-                      actor="alice", alias=alias)
+    return NewVersion(
+        name=name,
+        manifest_json=data,
+        manifest=parse_manifest(data),
+        bucket="maas-models",
+        file_sizes={"weights.safetensors": 7},
+        actor="alice",
+        alias=alias,
+    )
 
 
 def register(core: RegistryCore, name: str = "digits", **kwargs) -> int:
@@ -65,8 +79,10 @@ def core(tmp_path: Path, clock: Clock) -> RegistryCore:
 
 
 def event_kinds(core: RegistryCore) -> list[tuple[str, str, int | None]]:
-    return [(e.event["event"], e.event.get("alias", ""), e.event.get("version"))
-            for e in core.pending_events()]
+    return [
+        (e.event["event"], e.event.get("alias", ""), e.event.get("version"))
+        for e in core.pending_events()
+    ]
 
 
 # --- numbering -----------------------------------------------------------------------------------
@@ -118,7 +134,13 @@ def test_a_version_records_its_manifest_files_and_lineage(core: RegistryCore) ->
     register(core, job_id="job-1")
     v = core.get_version(ModelRef("digits", version=1))
     assert (v.name, v.version, v.arch, v.format, v.method, v.job_id) == (
-        "digits", 1, "mlp", "dense", "train", "job-1")
+        "digits",
+        1,
+        "mlp",
+        "dense",
+        "train",
+        "job-1",
+    )
     assert v.prefix == "digits/1/" and v.bucket == "maas-models"
     assert [f.name for f in v.files] == ["weights.safetensors"]
     assert v.manifest_sha256 == hashlib.sha256(v.manifest_json).hexdigest()
@@ -206,7 +228,10 @@ def test_every_alias_move_is_kept_with_who_when_from_and_to(
     core.delete_alias("digits", "production", "carol")
     history = core.alias_history("digits", "production")
     assert [(c.from_version, c.to_version, c.actor) for c in history] == [
-        (None, 2, "alice"), (2, 1, "bob"), (1, None, "carol")]
+        (None, 2, "alice"),
+        (2, 1, "bob"),
+        (1, None, "carol"),
+    ]
     assert [c.ts_ms for c in history] == sorted(c.ts_ms for c in history)
 
 
@@ -251,8 +276,10 @@ def test_lineage_walks_parents_to_the_root_and_lists_children(core: RegistryCore
     register(core, "other", parent={"name": "tuned", "version": 1})
     lineage = core.lineage("tuned", 1)
     assert [(n.name, n.version) for n in lineage.ancestors] == [("tuned", 1), ("base", 1)]
-    assert [(n.name, n.method) for n in lineage.children] == [("other", "finetune"),
-                                                             ("small", "finetune")]
+    assert [(n.name, n.method) for n in lineage.children] == [
+        ("other", "finetune"),
+        ("small", "finetune"),
+    ]
 
 
 def test_a_parent_must_be_registered(core: RegistryCore) -> None:
@@ -271,9 +298,13 @@ def test_each_change_writes_its_event_to_the_outbox_in_order(core: RegistryCore)
     core.delete_alias("digits", "production", "bob")
     core.delete_version("digits", 1, "bob")
     assert event_kinds(core) == [
-        ("registered", "", 1), ("alias-set", "production", 1), ("registered", "", 2),
-        ("alias-set", "production", 2), ("alias-deleted", "production", None),
-        ("deleted", "", 1)]
+        ("registered", "", 1),
+        ("alias-set", "production", 1),
+        ("registered", "", 2),
+        ("alias-set", "production", 2),
+        ("alias-deleted", "production", None),
+        ("deleted", "", 1),
+    ]
     for entry in core.pending_events():
         assert entry.key == "digits" and entry.topic == "maas.models.v1"
         events.validate(entry.event, events.MODEL)
@@ -348,10 +379,14 @@ def test_a_database_from_a_newer_registry_is_refused(tmp_path: Path) -> None:
         (b'{"arch": "mlp", "files": {}}', "manifest.files"),
         (b'{"arch": "mlp", "files": {"w": "abc"}}', "sha256"),
         (b'{"arch": "mlp", "files": {"../x": "' + b"0" * 64 + b'"}}', "file name"),
-        (b'{"arch": "mlp", "files": {"w": "' + b"0" * 64 + b'"}, "parent": {"name": "a"}}',
-         "manifest.parent"),
-        (b'{"arch": "mlp", "files": {"w": "' + b"0" * 64 + b'"}, "metrics": {"a": "x"}}',
-         "manifest.metrics"),
+        (
+            b'{"arch": "mlp", "files": {"w": "' + b"0" * 64 + b'"}, "parent": {"name": "a"}}',
+            "manifest.parent",
+        ),
+        (
+            b'{"arch": "mlp", "files": {"w": "' + b"0" * 64 + b'"}, "metrics": {"a": "x"}}',
+            "manifest.metrics",
+        ),
     ],
 )
 def test_malformed_manifests_are_invalid(manifest: bytes, message: str) -> None:

@@ -46,8 +46,16 @@ class FakeMinio:
         self.objects: dict[str, tuple[bytes, dict[str, str]]] = {}
         self.down = False
 
-    def put_object(self, bucket: str, key: str, data: Any, length: int, *, part_size: int,
-                   metadata: dict[str, str]) -> None:
+    def put_object(
+        self,
+        bucket: str,
+        key: str,
+        data: Any,
+        length: int,
+        *,
+        part_size: int,
+        metadata: dict[str, str],
+    ) -> None:
         assert length == -1
         body = b""
         while block := data.read(part_size + 1):
@@ -79,18 +87,30 @@ class FakeStore:
 
 
 def manifest_for(files: dict[str, bytes], **extra: Any) -> bytes:
-    return json.dumps({
-        "arch": "mlp", "config": {}, "format": "dense",
-        "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()},
-        "parent": None, "method": "train", "job_id": None, "metrics": {}, **extra,
-    }).encode()
+    return json.dumps(
+        {
+            "arch": "mlp",
+            "config": {},
+            "format": "dense",
+            "files": {n: hashlib.sha256(d).hexdigest() for n, d in files.items()},
+            "parent": None,
+            "method": "train",
+            "job_id": None,
+            "metrics": {},
+            **extra,
+        }
+    ).encode()
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[tuple[RegistryService, FakeStore, str]]:
     store = FakeStore()
-    service = RegistryService(RegistryCore(tmp_path / "r.db"), store,  # type: ignore[arg-type]
-                              bucket="maas-models", part_size_bytes=4 * 1024 * 1024)
+    service = RegistryService(
+        RegistryCore(tmp_path / "r.db"),
+        store,  # type: ignore[arg-type]
+        bucket="maas-models",
+        part_size_bytes=4 * 1024 * 1024,
+    )
     grpc_server, health = build_server(service, Settings())
     port = grpc_server.add_insecure_port("127.0.0.1:0")
     await grpc_server.start()
@@ -102,8 +122,9 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[RegistryService, FakeSto
 
 @pytest.fixture
 async def client(server: tuple[RegistryService, FakeStore, str]) -> AsyncIterator[RegistryClient]:
-    async with RegistryClient(Settings(), addr=server[2], actor="tester",
-                              chunk_bytes=1024 * 1024) as c:
+    async with RegistryClient(
+        Settings(), addr=server[2], actor="tester", chunk_bytes=1024 * 1024
+    ) as c:
         yield c
 
 
@@ -142,7 +163,8 @@ def test_an_error_without_a_usable_grpc_code_is_internal() -> None:
 
 
 async def test_an_unexpected_exception_becomes_internal_over_the_wire(
-    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     def broken(*args: Any, **kwargs: Any) -> None:
@@ -187,7 +209,8 @@ async def test_a_malformed_manifest_is_an_invalid_argument(client: RegistryClien
 
 
 async def test_registered_files_are_stored_under_name_and_version_with_their_sha256(
-    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
 ) -> None:
     files = {"weights.safetensors": WEIGHTS, "extra.json": b"{}"}
     manifest = manifest_for(files)
@@ -198,12 +221,15 @@ async def test_registered_files_are_stored_under_name_and_version_with_their_sha
     assert body == WEIGHTS
     assert meta[SHA256_META] == hashlib.sha256(WEIGHTS).hexdigest()
     assert stored["maas-models/digits/1/manifest.json"][0] == manifest
-    assert {f.name: f.size_bytes for f in version.files} == {"weights.safetensors": len(WEIGHTS),
-                                                             "extra.json": 2}
+    assert {f.name: f.size_bytes for f in version.files} == {
+        "weights.safetensors": len(WEIGHTS),
+        "extra.json": 2,
+    }
 
 
 async def test_a_file_that_does_not_match_its_sha256_registers_nothing(
-    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
 ) -> None:
     manifest = manifest_for({"w": WEIGHTS})
     tampered = WEIGHTS[:-1] + b"\x00"
@@ -215,24 +241,28 @@ async def test_a_file_that_does_not_match_its_sha256_registers_nothing(
 
 
 async def test_a_file_the_manifest_lists_but_never_came_registers_nothing(
-    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
 ) -> None:
     manifest = manifest_for({"w": WEIGHTS, "extra": b"x"})
     with pytest.raises(FailedPrecondition, match=r"\['extra'\].*not sent"):
         await client.register_files("digits", {"w": WEIGHTS}, manifest)
     assert server[1].client.objects == {}
-    assert (await client.register_files("digits", {"w": WEIGHTS, "extra": b"x"},
-                                        manifest)).version == 1
+    assert (
+        await client.register_files("digits", {"w": WEIGHTS, "extra": b"x"}, manifest)
+    ).version == 1
 
 
 async def test_a_file_the_manifest_does_not_list_is_invalid(client: RegistryClient) -> None:
     with pytest.raises(InvalidArgument, match="'other' is not in the manifest"):
-        await client.register_files("digits", {"w": WEIGHTS, "other": b"x"},
-                                    manifest_for({"w": WEIGHTS}))
+        await client.register_files(
+            "digits", {"w": WEIGHTS, "other": b"x"}, manifest_for({"w": WEIGHTS})
+        )
 
 
 async def test_s3_down_is_unavailable_and_leaves_no_version(
-    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
 ) -> None:
     server[1].client.down = True
     with pytest.raises(Unavailable):
@@ -243,7 +273,8 @@ async def test_s3_down_is_unavailable_and_leaves_no_version(
 
 
 async def test_leftovers_of_an_earlier_attempt_at_a_number_are_cleared(
-    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
 ) -> None:
     stored = server[1].client.objects
     stored["maas-models/digits/1/stale.bin"] = (b"from a crashed attempt", {})
@@ -252,33 +283,40 @@ async def test_leftovers_of_an_earlier_attempt_at_a_number_are_cleared(
 
 
 async def test_a_client_that_goes_away_mid_upload_leaves_no_version_and_no_files(
-    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
 ) -> None:
     manifest = manifest_for({"w": WEIGHTS})
     call = client.stub.RegisterVersion()
-    await call.write(pb.RegisterVersionRequest(
-        header=pb.RegisterHeader(name="digits", manifest_json=manifest)))
+    await call.write(
+        pb.RegisterVersionRequest(header=pb.RegisterHeader(name="digits", manifest_json=manifest))
+    )
     await call.write(pb.RegisterVersionRequest(chunk=pb.FileChunk(file="w", data=WEIGHTS[:1000])))
     call.cancel()
     # The number is free again (the model's lock was released) and nothing was kept.
     version = await asyncio.wait_for(
-        client.register_files("digits", {"w": WEIGHTS}, manifest), timeout=30)
+        client.register_files("digits", {"w": WEIGHTS}, manifest), timeout=30
+    )
     assert version.version == 1
-    assert sorted(server[1].client.objects) == ["maas-models/digits/1/manifest.json",
-                                                "maas-models/digits/1/w"]
+    assert sorted(server[1].client.objects) == [
+        "maas-models/digits/1/manifest.json",
+        "maas-models/digits/1/w",
+    ]
 
 
 async def test_concurrent_registrations_get_consecutive_versions(
     client: RegistryClient,
 ) -> None:
     small = {"w": b"weights"}
-    results = await asyncio.gather(*(
-        client.register_files("digits", small, manifest_for(small)) for _ in range(20)))
+    results = await asyncio.gather(
+        *(client.register_files("digits", small, manifest_for(small)) for _ in range(20))
+    )
     assert sorted(v.version for v in results) == list(range(1, 21))
 
 
 async def test_deleting_a_version_removes_its_files(
-    server: tuple[RegistryService, FakeStore, str], client: RegistryClient,
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
 ) -> None:
     await client.register_files("digits", {"w": WEIGHTS}, manifest_for({"w": WEIGHTS}))
     deleted = await client.delete_version("digits", 1)

@@ -51,9 +51,16 @@ RETRY_BACKOFF_MS = 500
 
 _ERRORS_BY_CODE: dict[str, type[MaasError]] = {
     cls.grpc_code: cls
-    for cls in (errors.InvalidArgument, errors.NotFound, errors.AlreadyExists,
-                errors.FailedPrecondition, errors.ResourceExhausted, errors.Unauthenticated,
-                errors.Unavailable, errors.DeadlineExceeded)
+    for cls in (
+        errors.InvalidArgument,
+        errors.NotFound,
+        errors.AlreadyExists,
+        errors.FailedPrecondition,
+        errors.ResourceExhausted,
+        errors.Unauthenticated,
+        errors.Unavailable,
+        errors.DeadlineExceeded,
+    )
 }
 
 RefLike = ModelRef | str
@@ -85,7 +92,7 @@ def _register_requests(
     for name, data in files.items():
         view = memoryview(data)
         for start in range(0, len(view), chunk_bytes):
-            chunk = pb.FileChunk(file=name, data=bytes(view[start:start + chunk_bytes]))
+            chunk = pb.FileChunk(file=name, data=bytes(view[start : start + chunk_bytes]))
             yield pb.RegisterVersionRequest(chunk=chunk)
 
 
@@ -112,10 +119,13 @@ class RegistryClient:
         if self._channel is not None:
             return
         limit = self._settings.grpc_max_message_bytes
-        self._channel = grpc.aio.insecure_channel(self.addr, options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ])
+        self._channel = grpc.aio.insecure_channel(
+            self.addr,
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+            ],
+        )
         self._stub = pb_grpc.ModelRegistryStub(self._channel)
         await self._store.start()
 
@@ -134,8 +144,11 @@ class RegistryClient:
 
     def __del__(self) -> None:
         if self._channel is not None:
-            warnings.warn("RegistryClient was never stopped; use `async with` or call stop()",
-                          ResourceWarning, stacklevel=1)
+            warnings.warn(
+                "RegistryClient was never stopped; use `async with` or call stop()",
+                ResourceWarning,
+                stacklevel=1,
+            )
 
     @property
     def stub(self) -> pb_grpc.ModelRegistryStub:
@@ -175,28 +188,38 @@ class RegistryClient:
         """
         parent_ref = await self._resolve_parent(parent)
         files, manifest = await asyncio.to_thread(
-            pack, module_or_state, arch, config, format=format, extra_files=extra_files,
+            pack,
+            module_or_state,
+            arch,
+            config,
+            format=format,
+            extra_files=extra_files,
             parent={"name": parent_ref.name, "version": parent_ref.version} if parent_ref else None,
-            method=method, settings=dict(settings or {}), job_id=job_id,
+            method=method,
+            settings=dict(settings or {}),
+            job_id=job_id,
             metrics={k: float(v) for k, v in (metrics or {}).items()},
         )
         return await self.register_files(name, files, manifest.to_json(), alias=alias)
 
     async def register_files(
-        self, name: str, files: Mapping[str, bytes], manifest_json: bytes, *,
+        self,
+        name: str,
+        files: Mapping[str, bytes],
+        manifest_json: bytes,
+        *,
         alias: str | None = None,
     ) -> ModelVersion:
         """Register already-packed files; retried while the registry or S3 is unavailable."""
-        header = pb.RegisterHeader(name=name, manifest_json=manifest_json, alias=alias or "",
-                                   actor=self.actor)
+        header = pb.RegisterHeader(
+            name=name, manifest_json=manifest_json, alias=alias or "", actor=self.actor
+        )
         delay_s = RETRY_BACKOFF_MS / 1000
         for attempt in range(1, REGISTER_ATTEMPTS + 1):
             try:
                 reply = await self._call(
                     f"register {name}",
-                    self.stub.RegisterVersion(
-                        _register_requests(header, files, self._chunk_bytes)
-                    ),
+                    self.stub.RegisterVersion(_register_requests(header, files, self._chunk_bytes)),
                 )
                 return wire.version_from_proto(reply)
             except Unavailable as exc:
@@ -228,8 +251,9 @@ class RegistryClient:
         models: list[ModelSummary] = []
         token = ""
         while True:
-            reply = await self._call("list models",
-                                     self.stub.ListModels(pb.ListModelsRequest(page_token=token)))
+            reply = await self._call(
+                "list models", self.stub.ListModels(pb.ListModelsRequest(page_token=token))
+            )
             models += [wire.summary_from_proto(m) for m in reply.models]
             token = reply.next_page_token
             if not token:
@@ -266,8 +290,9 @@ class RegistryClient:
     # --- changes -----------------------------------------------------------------------------
 
     async def set_alias(self, name: str, alias: str, version: int) -> AliasChange:
-        request = pb.SetAliasRequest(name=name, alias=alias, version=check_version(version),
-                                     actor=self.actor)
+        request = pb.SetAliasRequest(
+            name=name, alias=alias, version=check_version(version), actor=self.actor
+        )
         reply = await self._call(f"set {name}@{alias} -> {version}", self.stub.SetAlias(request))
         return wire.change_from_proto(reply)
 
@@ -277,8 +302,9 @@ class RegistryClient:
         return wire.change_from_proto(reply)
 
     async def delete_version(self, name: str, version: int) -> ModelVersion:
-        request = pb.DeleteVersionRequest(name=name, version=check_version(version),
-                                          actor=self.actor)
+        request = pb.DeleteVersionRequest(
+            name=name, version=check_version(version), actor=self.actor
+        )
         reply = await self._call(f"delete {name}@{version}", self.stub.DeleteVersion(request))
         return wire.version_from_proto(reply)
 
@@ -287,10 +313,12 @@ class RegistryClient:
     async def fetch(self, ref: RefLike) -> tuple[ModelVersion, Manifest, dict[str, bytes]]:
         """Resolve ``ref`` and read its files from S3, each verified against its sha256."""
         version = await self.get(ref)
-        contents = await asyncio.gather(*(
-            self._store.get_bytes(version.bucket, version.key(f.name), expected_sha256=f.sha256)
-            for f in version.files
-        ))
+        contents = await asyncio.gather(
+            *(
+                self._store.get_bytes(version.bucket, version.key(f.name), expected_sha256=f.sha256)
+                for f in version.files
+            )
+        )
         files = {f.name: data for f, data in zip(version.files, contents, strict=True)}
         return version, Manifest.from_json(version.manifest_json), files
 

@@ -44,8 +44,9 @@ def version_to_proto(v: ModelVersion) -> pb.ModelVersion:
         format=v.format,
         manifest_json=v.manifest_json,
         manifest_sha256=v.manifest_sha256,
-        files=[pb.ArtifactFile(name=f.name, sha256=f.sha256, size_bytes=f.size_bytes)
-               for f in v.files],
+        files=[
+            pb.ArtifactFile(name=f.name, sha256=f.sha256, size_bytes=f.size_bytes) for f in v.files
+        ],
         bucket=v.bucket,
         prefix=v.prefix,
         parent=ref_to_proto(v.parent) if v.parent else None,
@@ -84,41 +85,70 @@ def version_from_proto(msg: pb.ModelVersion) -> ModelVersion:
 
 
 def summary_to_proto(s: ModelSummary) -> pb.ModelSummary:
-    return pb.ModelSummary(name=s.name, latest_version=s.latest_version or 0,
-                           version_count=s.version_count, aliases=s.aliases,
-                           created_ms=s.created_ms, updated_ms=s.updated_ms)
+    return pb.ModelSummary(
+        name=s.name,
+        latest_version=s.latest_version or 0,
+        version_count=s.version_count,
+        aliases=s.aliases,
+        created_ms=s.created_ms,
+        updated_ms=s.updated_ms,
+    )
 
 
 def summary_from_proto(msg: pb.ModelSummary) -> ModelSummary:
-    return ModelSummary(msg.name, msg.latest_version or None, msg.version_count,
-                        dict(msg.aliases), msg.created_ms, msg.updated_ms)
+    return ModelSummary(
+        msg.name,
+        msg.latest_version or None,
+        msg.version_count,
+        dict(msg.aliases),
+        msg.created_ms,
+        msg.updated_ms,
+    )
 
 
 def change_to_proto(c: AliasChange) -> pb.AliasChange:
-    return pb.AliasChange(name=c.name, alias=c.alias, from_version=c.from_version or 0,
-                          to_version=c.to_version or 0, actor=c.actor, ts_ms=c.ts_ms)
+    return pb.AliasChange(
+        name=c.name,
+        alias=c.alias,
+        from_version=c.from_version or 0,
+        to_version=c.to_version or 0,
+        actor=c.actor,
+        ts_ms=c.ts_ms,
+    )
 
 
 def change_from_proto(msg: pb.AliasChange) -> AliasChange:
-    return AliasChange(msg.name, msg.alias, msg.from_version or None, msg.to_version or None,
-                       msg.actor, msg.ts_ms)
+    return AliasChange(
+        msg.name, msg.alias, msg.from_version or None, msg.to_version or None, msg.actor, msg.ts_ms
+    )
 
 
 def _node_to_proto(n: LineageNode) -> pb.LineageNode:
-    return pb.LineageNode(name=n.name, version=n.version, method=n.method or "",
-                          job_id=n.job_id or "", created_ms=n.created_ms, deleted=n.deleted)
+    return pb.LineageNode(
+        name=n.name,
+        version=n.version,
+        method=n.method or "",
+        job_id=n.job_id or "",
+        created_ms=n.created_ms,
+        deleted=n.deleted,
+    )
 
 
 def _node_from_proto(msg: pb.LineageNode) -> LineageNode:
-    return LineageNode(msg.name, msg.version, msg.method or None, msg.job_id or None,
-                       msg.created_ms, msg.deleted)
+    return LineageNode(
+        msg.name, msg.version, msg.method or None, msg.job_id or None, msg.created_ms, msg.deleted
+    )
 
 
 def lineage_to_proto(lineage: Lineage) -> pb.Lineage:
-    return pb.Lineage(ancestors=[_node_to_proto(n) for n in lineage.ancestors],
-                      children=[_node_to_proto(n) for n in lineage.children])
+    return pb.Lineage(
+        ancestors=[_node_to_proto(n) for n in lineage.ancestors],
+        children=[_node_to_proto(n) for n in lineage.children],
+    )
 
 
 def lineage_from_proto(msg: pb.Lineage) -> Lineage:
-    return Lineage(tuple(_node_from_proto(n) for n in msg.ancestors),
-                   tuple(_node_from_proto(n) for n in msg.children))
+    return Lineage(
+        tuple(_node_from_proto(n) for n in msg.ancestors),
+        tuple(_node_from_proto(n) for n in msg.children),
+    )

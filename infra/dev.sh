@@ -73,8 +73,10 @@ main() {
       setup
       # Both always run, so a lint error never hides a test result; either failing fails CI.
       local lint_rc=0 test_rc=0
-      log "ruff check"
+      log "ruff check, ruff format --check, mypy shared/"
       ruff check . || lint_rc=$?
+      ruff format --check . || lint_rc=$?
+      mypy shared/ || lint_rc=$?
       log "pytest"
       python -m pytest -q -p no:cacheprovider "$@" || test_rc=$?
       log "ruff rc=$lint_rc pytest rc=$test_rc"

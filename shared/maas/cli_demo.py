@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -25,19 +24,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from maas import jobs
-from maas.cli_jobs import follow
+from maas.cli_jobs import console, follow
 from maas.config import Settings
 from maas.datasets import load_builtin
 from maas.errors import FailedPrecondition
 from maas.registry import RegistryClient
 from maas.registry.types import ModelVersion
 
-# Wide enough for the variant table when the output is a file or CI log rather than a terminal.
-console = Console(width=None if sys.stdout.isatty() else 140)
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
 ACCURACY_TOLERANCE = 0.01  # the promotion policy: within 1 point of the parent
 LATENCY_REQUESTS = 50

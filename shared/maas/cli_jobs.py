@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
@@ -13,7 +14,8 @@ from rich.table import Table
 from maas import jobs
 from maas.config import Settings
 
-console = Console()
+# Wide enough for job tables when the output is a file or a CI log rather than a terminal.
+console = Console(width=None if sys.stdout.isatty() else 140)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -7,28 +7,16 @@ from maas import artifacts, zoo
 from maas.compression import FitConfig, Tensors, artifact_metrics, parse_method, run
 from maas.compression.distill import default_student, kd_loss, parse_student
 from maas.compression.pipeline import parent_variant
-from maas.compression.train import evaluate, fit
+from maas.compression.train import evaluate
 from maas.datasets import load_builtin
 from maas.errors import InvalidArgument
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def digits() -> Tensors:
-    return Tensors.of(load_builtin("digits"))
-
-
-@pytest.fixture(scope="module")
-def teacher(digits):
-    return fit(zoo.build("mlp", {}, seed=0), digits, FitConfig(steps=1000, seed=0))
+def teacher(trained_mlp):
+    return trained_mlp
 
 
 def distilled(teacher, digits, **settings):

@@ -5,32 +5,17 @@ import torch
 from torch import nn
 
 from maas import artifacts, zoo
-from maas.compression import FitConfig, Tensors, artifact_metrics, parse_method, quant, run
+from maas.compression import FitConfig, artifact_metrics, parse_method, quant, run
 from maas.compression.pipeline import parent_variant
-from maas.compression.train import fit
-from maas.datasets import load_builtin
 from maas.errors import InvalidArgument
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def digits() -> Tensors:
-    return Tensors.of(load_builtin("digits"))
-
-
-@pytest.fixture(scope="module")
-def parent(digits):
-    model = fit(zoo.build("mlp", {}, seed=0), digits, FitConfig(steps=1000, seed=0))
-    files, manifest = artifacts.pack(model, "mlp", {})
-    return model, artifact_metrics(manifest, files, digits, latency_repeats=0)
+def parent(trained_mlp, digits):
+    files, manifest = artifacts.pack(trained_mlp, "mlp", {})
+    return trained_mlp, artifact_metrics(manifest, files, digits, latency_repeats=0)
 
 
 def quantized_variant(parent_model, digits, dtype):

@@ -1,0 +1,35 @@
+"""Fixtures shared by the compression unit tests: the digits tensors and one trained MLP."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from maas import zoo
+from maas.compression import FitConfig, Tensors
+from maas.compression.train import fit
+from maas.datasets import load_builtin
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def digits() -> Tensors:
+    return Tensors.of(load_builtin("digits"))
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(digits: Tensors) -> nn.Module:
+    """The default digits MLP after 1000 seeded steps: the parent/teacher of the variants.
+    Shared across modules, so tests must not modify it (the compression pipeline copies)."""
+    return fit(zoo.build("mlp", {}, seed=0), digits, FitConfig(steps=1000, seed=0))

@@ -16,20 +16,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import multiprocessing
-import os
-import tempfile
 import time
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from infra.ephemeral import bench_settings
 from maas import codec, topics
 from maas.config import Settings
 
@@ -123,20 +119,6 @@ async def end_to_end_rate(settings: Settings, size_bytes: int, count: int) -> fl
         await consumer.stop()
 
 
-@contextlib.contextmanager
-def stack_settings() -> Iterator[Settings]:
-    if os.environ.get("MAAS_BENCH_USE_RUNNING_STACK") == "1":
-        yield Settings.from_env()
-        return
-    from infra.ephemeral import ephemeral_stack
-
-    with (
-        tempfile.TemporaryDirectory(prefix="maas-bench-") as tmp,
-        ephemeral_stack(Path(tmp)) as local,
-    ):
-        yield local.settings
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -144,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--total-mb", type=int, default=256, help="bytes sent per tensor size")
     args = parser.parse_args(argv)
     results = []
-    with stack_settings() as settings:
+    with bench_settings() as settings:
         for size_mb in (1, 8):
             array = np.random.default_rng(0).standard_normal(size_mb * MB // 4, dtype=np.float32)
             count = max(4, args.total_mb // size_mb)

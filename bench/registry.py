@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import statistics
 import tempfile
 import threading
@@ -37,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from infra.ephemeral import bench_settings
 from infra.proc import free_port
 from infra.stack import PythonService
 from maas import zoo
@@ -87,17 +87,6 @@ class PeakRss:
                 if line.startswith("VmHWM:"):
                     return max(self.sampled, int(line.split()[1]) * 1024)
         return self.sampled
-
-
-@contextlib.contextmanager
-def stack_settings(workdir: Path) -> Iterator[Settings]:
-    if os.environ.get("MAAS_BENCH_USE_RUNNING_STACK") == "1":
-        yield Settings.from_env()
-        return
-    from infra.ephemeral import ephemeral_stack
-
-    with ephemeral_stack(workdir / "stack") as local:
-        yield local.settings
 
 
 @contextlib.contextmanager
@@ -218,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with (
         tempfile.TemporaryDirectory(prefix="maas-bench-registry-") as tmp,
-        stack_settings(Path(tmp)) as settings,
+        bench_settings(Path(tmp)) as settings,
         registry_server(settings, Path(tmp) / "registry") as (client_settings, pid),
     ):
         result = asyncio.run(measure(client_settings, args.size_mb, args.repeats, pid))

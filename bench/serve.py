@@ -39,6 +39,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from infra.ephemeral import bench_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 KSERVE_VENV = Path.home() / ".cache" / "maas" / "venv-kserve"
 SMALL = {"in_features": 64, "hidden": [128, 64], "num_classes": 10}
@@ -241,22 +243,6 @@ def server_forward_us(before: tuple[int, int], after: tuple[int, int]) -> float:
 
 
 @contextlib.contextmanager
-def stack() -> Iterator[Any]:
-    from maas.config import Settings
-
-    if os.environ.get("MAAS_BENCH_USE_RUNNING_STACK") == "1":
-        yield Settings.from_env()
-        return
-    from infra.ephemeral import ephemeral_stack
-
-    with (
-        tempfile.TemporaryDirectory(prefix="maas-bench-serve-") as tmp,
-        ephemeral_stack(Path(tmp)) as local,
-    ):
-        yield local.settings
-
-
-@contextlib.contextmanager
 def peer(argv: list[str], port: int, log: Path) -> Iterator[str]:
     """A peer server process; stopped by its PID on exit."""
     import tritonclient.grpc as triton
@@ -397,7 +383,7 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
     x10 = np.random.default_rng(0).standard_normal((1, 1024)).astype(np.float32)
     with (
-        stack() as settings,
+        bench_settings() as settings,
         tempfile.TemporaryDirectory(prefix="maas-bench-serve-procs-") as tmp,
         ServiceProcesses(Path(tmp)) as procs,
     ):

@@ -36,12 +36,12 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from infra.ephemeral import bench_settings
 from infra.proc import free_port
 from maas import events, topics, zoo
 from maas.config import Settings
@@ -374,17 +374,6 @@ def aggregator_bandwidth(size: int, repeats: int = 20) -> dict[str, Any]:
 # --- the run ----------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def stack_settings(workdir: Path) -> Iterator[Settings]:
-    if os.environ.get("MAAS_BENCH_USE_RUNNING_STACK") == "1":
-        yield Settings.from_env()
-        return
-    from infra.ephemeral import ephemeral_stack
-
-    with ephemeral_stack(workdir / "stack") as local:
-        yield local.settings
-
-
 async def bench(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[str, Any]:
     codecs = ["none", "fp16", "int8", f"topk({args.topk})"]
     out: dict[str, Any] = {
@@ -483,7 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     with (
         tempfile.TemporaryDirectory(prefix="maas-bench-train-") as tmp,
-        stack_settings(Path(tmp)) as settings,
+        bench_settings(Path(tmp)) as settings,
     ):
         result = asyncio.run(bench(args, settings, Path(tmp)))
     print(json.dumps(result, indent=2))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -98,3 +99,17 @@ def ephemeral_stack(state_dir: Path, *, with_services: bool = False) -> Iterator
             yield local
     finally:
         local.down()
+
+
+@contextlib.contextmanager
+def bench_settings(workdir: Path | None = None) -> Iterator[Settings]:
+    """What a benchmark runs against: the stack MAAS_* points at when
+    MAAS_BENCH_USE_RUNNING_STACK=1, else a private one under ``workdir`` (or a temp dir)."""
+    if os.environ.get("MAAS_BENCH_USE_RUNNING_STACK") == "1":
+        yield Settings.from_env()
+        return
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="maas-bench-")))
+        local = stack.enter_context(ephemeral_stack(workdir / "stack"))
+        yield local.settings

@@ -18,13 +18,26 @@ def status_event(job_id: str, step: int = 0) -> dict:
     return events.new_event(events.JOB_STATUS, job_id=job_id, state="running", step=step)
 
 
-async def consume_until(consumer: EventConsumer, done: asyncio.Event, timeout_s: float = 60):
+async def consume(
+    stack, producer, topic, group_id, handler, done: asyncio.Event, **options
+) -> EventConsumer:
+    """Run a consumer of ``topic`` until ``done`` is set (at most a minute), then stop it."""
+    consumer = EventConsumer(
+        stack.settings,
+        topics=[topic],
+        group_id=group_id,
+        handler=handler,
+        producer=producer,
+        **options,
+    )
+    await consumer.start()
     task = asyncio.create_task(consumer.run())
     try:
-        await asyncio.wait_for(done.wait(), timeout_s)
+        await asyncio.wait_for(done.wait(), 60)
     finally:
         await consumer.stop()
         await asyncio.gather(task, return_exceptions=True)
+    return consumer
 
 
 @pytest.fixture
@@ -49,15 +62,14 @@ async def test_an_event_produced_is_consumed_intact(stack, producer):
             got.append(record)
             done.set()
 
-    consumer = EventConsumer(
-        stack.settings,
-        topics=[topics.JOB_STATUS],
-        group_id=f"g-{key}",
-        handler=handle,
-        producer=producer,
+    await consume(
+        stack,
+        producer,
+        topics.JOB_STATUS,
+        f"g-{key}",
+        handle,
+        done,
     )
-    await consumer.start()
-    await consume_until(consumer, done)
     assert [r.event for r in got] == [sent]
 
 
@@ -75,16 +87,15 @@ async def test_a_record_whose_handler_fails_is_redelivered_not_committed(stack, 
             raise RuntimeError("transient failure")
         done.set()
 
-    consumer = EventConsumer(
-        stack.settings,
-        topics=[topics.JOB_STATUS],
-        group_id=f"g-{key}",
-        handler=flaky,
-        producer=producer,
+    consumer = await consume(
+        stack,
+        producer,
+        topics.JOB_STATUS,
+        f"g-{key}",
+        flaky,
+        done,
         retry_backoff_ms=10,
     )
-    await consumer.start()
-    await consume_until(consumer, done)
     assert len(offsets) == 2 and offsets[0] == offsets[1]
     assert consumer.dead_lettered == 0
 
@@ -107,16 +118,15 @@ async def test_undecodable_record_goes_to_the_dlq_and_the_consumer_keeps_going(s
         if letter.key == key:
             letters.append(letter)
 
-    consumer = EventConsumer(
-        stack.settings,
-        topics=[topics.JOB_STATUS],
-        group_id=f"g-{key}",
-        handler=handle,
-        producer=producer,
+    await consume(
+        stack,
+        producer,
+        topics.JOB_STATUS,
+        f"g-{key}",
+        handle,
+        done,
         on_dead_letter=on_dead_letter,
     )
-    await consumer.start()
-    await consume_until(consumer, done)
     assert [r.event["step"] for r in handled] == [1]
     assert len(letters) == 1 and letters[0].code == "schema_violation"
 
@@ -128,15 +138,14 @@ async def test_undecodable_record_goes_to_the_dlq_and_the_consumer_keeps_going(s
             dlq_events.append(record.event)
             dlq_found.set()
 
-    dlq_reader = EventConsumer(
-        stack.settings,
-        topics=[topics.DLQ],
-        group_id=f"dlq-{key}",
-        handler=read_dlq,
-        producer=producer,
+    await consume(
+        stack,
+        producer,
+        topics.DLQ,
+        f"dlq-{key}",
+        read_dlq,
+        dlq_found,
     )
-    await dlq_reader.start()
-    await consume_until(dlq_reader, dlq_found)
     (letter,) = dlq_events
     assert letter["original"] == garbage
     assert letter["source_topic"] == topics.JOB_STATUS.name
@@ -159,16 +168,15 @@ async def test_an_invalid_event_is_dead_lettered_with_the_schema_reason(stack, p
     async def ignore(record: Record) -> None:
         return None
 
-    consumer = EventConsumer(
-        stack.settings,
-        topics=[topics.JOB_STATUS],
-        group_id=f"g-{key}",
-        handler=ignore,
-        producer=producer,
+    await consume(
+        stack,
+        producer,
+        topics.JOB_STATUS,
+        f"g-{key}",
+        ignore,
+        done,
         on_dead_letter=on_dead_letter,
     )
-    await consumer.start()
-    await consume_until(consumer, done)
     assert "state" in letters[0].message and letters[0].event["job_id"] == key
 
 
@@ -185,15 +193,14 @@ async def test_idempotent_producer_writes_each_event_exactly_once(stack, produce
             if len(seen) >= len(sent):
                 done.set()
 
-    consumer = EventConsumer(
-        stack.settings,
-        topics=[topics.JOB_STATUS],
-        group_id=f"g-{key}",
-        handler=handle,
-        producer=producer,
+    await consume(
+        stack,
+        producer,
+        topics.JOB_STATUS,
+        f"g-{key}",
+        handle,
+        done,
         max_poll_records=500,
     )
-    await consumer.start()
-    await consume_until(consumer, done)
     await asyncio.sleep(0.5)
     assert seen == list(range(300))  # one partition per key: in order, no duplicates

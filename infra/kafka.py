@@ -20,8 +20,9 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
-from infra.proc import ManagedProcess, port_open, split_host_port, wait_until
+from infra.proc import ManagedProcess, NativeServer, port_open, split_host_port
 from maas.config import Settings
 from maas.errors import FailedPrecondition
 
@@ -131,7 +132,8 @@ def size_limits(max_message_bytes: int) -> dict[str, int]:
 
 
 @dataclass(frozen=True)
-class KafkaBroker:
+class KafkaBroker(NativeServer):
+    stop_timeout_s: ClassVar[float] = 30.0
     home: Path  # <state_dir>/kafka
     stack_dir: Path  # <state_dir>/stack
     cache_dir: Path
@@ -286,17 +288,6 @@ class KafkaBroker:
         if wait:
             self.wait_ready(timeout_s=timeout_s)
         return pid
-
-    def wait_ready(self, *, timeout_s: float = 90.0) -> None:
-        wait_until(
-            self.ready,
-            what=f"Kafka on {self.host}:{self.port}",
-            timeout_s=timeout_s,
-            proc=self.process,
-        )
-
-    def stop(self) -> bool:
-        return self.process.stop(timeout_s=30.0)
 
     def ready(self) -> bool:
         return api_versions_ok(self.host, self.port)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar, Protocol
 
 from maas.errors import DeadlineExceeded, FailedPrecondition
 
@@ -183,3 +184,35 @@ def split_host_port(address: str, *, default_port: int) -> tuple[str, int]:
     if not sep:
         return first, default_port
     return host.strip("[]"), int(port)
+
+
+class _Server(Protocol):
+    stop_timeout_s: ClassVar[float]
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def process(self) -> ManagedProcess: ...
+    def ready(self) -> bool: ...
+
+
+class NativeServer:
+    """Readiness wait and stop shared by the native servers (the broker, the S3 server), which
+    provide ``name``, ``host``, ``port``, ``process`` and ``ready()``."""
+
+    stop_timeout_s: ClassVar[float] = 20.0
+
+    def wait_ready(self: _Server, *, timeout_s: float = 90.0) -> None:
+        wait_until(
+            self.ready,
+            what=f"{self.name} on {self.host}:{self.port}",
+            timeout_s=timeout_s,
+            proc=self.process,
+        )
+
+    def stop(self: _Server) -> bool:
+        return self.process.stop(timeout_s=self.stop_timeout_s)

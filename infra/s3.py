@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.kafka import file_lock
-from infra.proc import ManagedProcess, port_open, split_host_port, wait_until
+from infra.proc import ManagedProcess, NativeServer, port_open, split_host_port
 from maas.config import Settings
 from maas.errors import FailedPrecondition
 
@@ -122,7 +122,7 @@ class WeedPorts:
 
 
 @dataclass(frozen=True)
-class WeedS3:
+class WeedS3(NativeServer):
     home: Path  # <state_dir>/s3
     stack_dir: Path  # <state_dir>/stack
     cache_dir: Path
@@ -229,17 +229,6 @@ class WeedS3:
         if wait:
             self.wait_ready(timeout_s=timeout_s)
         return pid
-
-    def wait_ready(self, *, timeout_s: float = 90.0) -> None:
-        wait_until(
-            self.ready,
-            what=f"S3 on {self.host}:{self.port}",
-            timeout_s=timeout_s,
-            proc=self.process,
-        )
-
-    def stop(self) -> bool:
-        return self.process.stop(timeout_s=20.0)
 
     def ready(self) -> bool:
         """The S3 gateway answers an authenticated ListBuckets."""

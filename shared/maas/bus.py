@@ -147,7 +147,6 @@ class EventProducer:
         self._settings = settings
         self._client_id = client_id
         self._producer: AIOKafkaProducer | None = None
-        self._started = False
 
     async def start(self) -> None:
         if self._producer is not None:
@@ -170,7 +169,6 @@ class EventProducer:
                 "up (`maas stack status`)?"
             ) from exc
         self._producer = producer
-        self._started = True
 
     async def stop(self) -> None:
         if self._producer is not None:

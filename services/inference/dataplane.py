@@ -60,6 +60,7 @@ class ServedModel:
     runner: Runner
     stats: ModelStats
     platform: str = "pytorch"
+    module: nn.Module | None = None  # the loaded module itself (generation decodes with it)
 
     @property
     def label(self) -> str:
@@ -229,6 +230,7 @@ class DataPlane:
                 inline_max_us=self._inline_forward_us,
             ),
             stats=stats,
+            module=module,
         )
         self._forget(self._cache.put(model))
         log.info("loaded %s (%d bytes of weights)", model.label, model.nbytes)

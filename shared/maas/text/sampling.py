@@ -1,0 +1,190 @@
+"""Sampling parameters, choosing the next token, stop sequences, and the in-process generate loop.
+
+The loop (``generate``) is the reference the server is held to: it decodes one sequence with a
+KV cache, and the inference service's continuous-batching engine uses the same pieces
+(``Sampler``, ``TextStream``) per stream, so a request gets the same tokens either way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from maas.errors import InvalidArgument
+from maas.text import byte_tokenizer
+from maas.text.gpt import GPT, KVCache
+
+MAX_STOP_SEQUENCES = 4
+FINISH_STOP = "stop"  # end-of-text token or a stop sequence
+FINISH_LENGTH = "length"  # max_tokens reached or the context is full
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What one request asks for; ``temperature=0`` means greedy."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = no top-k cut
+    seed: int | None = None
+    stop: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
+            raise InvalidArgument(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
+        if self.max_tokens < 1:
+            raise InvalidArgument(f"max_tokens={self.max_tokens} must be at least 1")
+        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 2:
+            raise InvalidArgument(f"temperature={self.temperature!r} must be a number in [0, 2]")
+        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+            raise InvalidArgument(f"top_p={self.top_p!r} must be a number in (0, 1]")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise InvalidArgument(f"top_k={self.top_k!r} must be an integer >= 0 (0 = off)")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+        ):
+            raise InvalidArgument(f"seed={self.seed!r} must be an integer")
+        if len(self.stop) > MAX_STOP_SEQUENCES or not all(
+            isinstance(s, str) and s for s in self.stop
+        ):
+            raise InvalidArgument(
+                f"stop={list(self.stop)!r} must be at most {MAX_STOP_SEQUENCES} non-empty strings"
+            )
+
+    @classmethod
+    def from_request(cls, body: dict[str, Any], **defaults: Any) -> SamplingParams:
+        """Build from a request map (OpenAI field names); unknown keys are the caller's concern."""
+        values = {**defaults, **{k: body[k] for k in _FIELDS if body.get(k) is not None}}
+        stop = values.get("stop", ())
+        values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        return cls(**values)
+
+
+_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+
+
+class Sampler:
+    """Chooses one sequence's next tokens; seeded, it repeats itself whatever else runs."""
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self._generator = torch.Generator()
+        if params.seed is not None:
+            self._generator.manual_seed(params.seed)
+        else:
+            self._generator.seed()
+
+    def pick(self, logits: torch.Tensor) -> int:
+        """The next token for one row of logits (vocab,)."""
+        p = self.params
+        if p.temperature == 0:
+            return int(torch.argmax(logits))
+        logits = logits.float() / p.temperature
+        if 0 < p.top_k < logits.numel():
+            kth = torch.topk(logits, p.top_k).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if p.top_p < 1:
+            ordered, order = torch.sort(logits, descending=True)
+            probs = torch.softmax(ordered, dim=-1)
+            # Drop a token once the ones before it already reach top_p (the first always stays).
+            drop = torch.cumsum(probs, dim=-1) - probs >= p.top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -torch.inf)
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self._generator))
+
+
+class TextStream:
+    """Token ids -> text pieces, ending at end-of-text or a stop sequence (never emitted).
+
+    Text that could be the start of a stop sequence is held back until it is known not to be.
+    """
+
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self._decoder = byte_tokenizer.TextDecoder()
+        self._stop = tuple(stop)
+        self._held = ""
+        self.finished = False
+
+    def feed(self, token: int) -> str:
+        """The text this token releases ("" while held back); sets ``finished`` at a stop."""
+        if token == byte_tokenizer.EOT:
+            self.finished = True
+            return self.flush()
+        text = self._held + self._decoder.feed(token)
+        hits = [i for i in (text.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            self.finished = True
+            self._held = ""
+            return text[: min(hits)]
+        keep = _longest_stop_prefix(text, self._stop)
+        self._held = text[len(text) - keep :]
+        return text[: len(text) - keep]
+
+    def flush(self) -> str:
+        """What is still held back, once the sequence ends for any other reason."""
+        text, self._held = self._held + self._decoder.flush(), ""
+        return text
+
+
+def _longest_stop_prefix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that begins some stop sequence."""
+    best = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:n]):
+                best = n
+                break
+    return best
+
+
+@dataclass(frozen=True)
+class Token:
+    """One generated token and the text it released; ``finish`` is set on the last one."""
+
+    id: int
+    text: str
+    finish: str | None = None
+
+
+def prompt_ids(prompt: str, block_size: int) -> list[int]:
+    """The prompt's tokens, left-truncated so at least one new token fits the context."""
+    ids = byte_tokenizer.encode(prompt) or [byte_tokenizer.EOT]
+    return ids[-(block_size - 1) :]
+
+
+def finish_of(
+    stream: TextStream, generated: int, position: int, params: SamplingParams, block_size: int
+) -> str | None:
+    if stream.finished:
+        return FINISH_STOP
+    if generated >= params.max_tokens or position >= block_size:
+        return FINISH_LENGTH
+    return None
+
+
+@torch.inference_mode()
+def generate(model: GPT, prompt: str, params: SamplingParams) -> Iterator[Token]:
+    """Decode one sequence token by token (the in-process loop the server is measured against)."""
+    ids = prompt_ids(prompt, model.config.block_size)
+    cache = KVCache(model.config, slots=1)
+    slot = torch.zeros(1, dtype=torch.long)
+    sampler, stream = Sampler(params), TextStream(params.stop)
+    logits = model.step(torch.tensor([ids]), cache, slot, torch.zeros(1, dtype=torch.long))
+    position, generated = len(ids), 0
+    while True:
+        token = sampler.pick(logits[0])
+        generated += 1
+        text = stream.feed(token)
+        finish = finish_of(stream, generated, position + 1, params, model.config.block_size)
+        if finish is not None:
+            yield Token(token, text + ("" if stream.finished else stream.flush()), finish)
+            return
+        yield Token(token, text)
+        logits = model.step(
+            torch.tensor([[token]]), cache, slot, torch.tensor([position], dtype=torch.long)
+        )
+        position += 1

@@ -1,0 +1,142 @@
+"""The continuous-batching decode engine: batched equals alone, slots come back at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import pytest
+
+from maas.errors import Unavailable
+from maas.text.gpt import GPT
+from maas.text.gpt_config import GPTConfig
+from maas.text.sampling import FINISH_LENGTH, SamplingParams, Token, generate
+from services.inference.generation import DecodeBatch, GenerationEngine, Request
+
+CONFIG = GPTConfig(block_size=48, n_layer=2, n_head=2, n_embd=32)
+GREEDY = SamplingParams(max_tokens=12, temperature=0)
+PROMPTS = ("def main():", "x", "import os\nimport sys\n", "class Foo(Bar):\n    ")
+
+
+@pytest.fixture(scope="module")
+def model() -> GPT:
+    import torch
+
+    torch.manual_seed(5)
+    return GPT(CONFIG).eval()
+
+
+@pytest.fixture
+def engine(model: GPT) -> Iterator[GenerationEngine]:
+    running = GenerationEngine(model, slots=2)
+    yield running
+    running.close()
+
+
+def _solo(model: GPT, prompt: str, params: SamplingParams) -> list[Token]:
+    return list(generate(model, prompt, params))
+
+
+def _request(model: GPT, prompt: str, params: SamplingParams, out: list[Token]) -> Request:
+    from maas.text.sampling import prompt_ids
+
+    def emit(item: Token | BaseException) -> None:
+        assert isinstance(item, Token)
+        out.append(item)
+
+    return Request(prompt_ids(prompt, model.config.block_size), params, emit)
+
+
+def _drain(batch: DecodeBatch) -> None:
+    while batch.active:
+        batch.step()
+
+
+def test_batched_greedy_equals_each_sequence_alone(model: GPT) -> None:
+    batch = DecodeBatch(model, slots=4)
+    outputs: list[list[Token]] = [[] for _ in PROMPTS]
+    for prompt, out in zip(PROMPTS, outputs, strict=True):
+        batch.admit(_request(model, prompt, GREEDY, out))
+    _drain(batch)
+    for prompt, out in zip(PROMPTS, outputs, strict=True):
+        assert out == _solo(model, prompt, GREEDY)
+
+
+def test_requests_joining_between_steps_decode_as_if_alone(model: GPT) -> None:
+    batch = DecodeBatch(model, slots=3)
+    sampled = SamplingParams(max_tokens=10, temperature=0.8, top_k=40, seed=3)
+    first: list[Token] = []
+    late: list[Token] = []
+    batch.admit(_request(model, PROMPTS[0], sampled, first))
+    batch.step()
+    batch.step()
+    batch.admit(_request(model, PROMPTS[2], GREEDY, late))
+    _drain(batch)
+    assert first == _solo(model, PROMPTS[0], sampled)
+    assert late == _solo(model, PROMPTS[2], GREEDY)
+
+
+def test_a_finished_request_gives_its_slot_back(model: GPT) -> None:
+    batch = DecodeBatch(model, slots=2)
+    out: list[Token] = []
+    batch.admit(_request(model, "a", SamplingParams(max_tokens=3, temperature=0), out))
+    assert len(batch.free) == 1
+    _drain(batch)
+    assert len(out) == 3 and out[-1].finish == FINISH_LENGTH
+    assert sorted(batch.free) == [0, 1]
+
+
+async def _collect(engine: GenerationEngine, prompt: str, params: SamplingParams) -> list[Token]:
+    return [token async for token in engine.stream(prompt, params)]
+
+
+async def test_concurrent_streams_each_get_their_own_tokens(
+    model: GPT, engine: GenerationEngine
+) -> None:
+    results = await asyncio.wait_for(
+        asyncio.gather(*(_collect(engine, p, GREEDY) for p in PROMPTS)), timeout=60
+    )
+    assert results == [_solo(model, p, GREEDY) for p in PROMPTS]
+
+
+async def test_a_cancelled_stream_frees_its_slot_at_once(engine: GenerationEngine) -> None:
+    endless = SamplingParams(max_tokens=10_000, temperature=1.0, seed=1)
+    streams = [engine.stream("a", endless), engine.stream("b", endless)]
+    for stream in streams:  # both slots busy, each for far longer than this test waits
+        await asyncio.wait_for(anext(stream), timeout=30)
+    await streams[0].aclose()
+    tokens = await asyncio.wait_for(_collect(engine, "c", GREEDY), timeout=30)
+    assert tokens[-1].finish is not None
+    await streams[1].aclose()
+
+
+async def test_a_failing_model_fails_its_streams_not_the_engine(model: GPT) -> None:
+    engine = GenerationEngine(model, slots=1)
+    try:
+        real_step = engine.batch.model.step
+        engine.batch.model = _Broken(model)  # type: ignore[assignment]
+        with pytest.raises(Unavailable, match="generation failed"):
+            await asyncio.wait_for(_collect(engine, "a", GREEDY), timeout=30)
+        engine.batch.model = model
+        assert engine.batch.model.step == real_step
+        tokens = await asyncio.wait_for(_collect(engine, "a", GREEDY), timeout=30)
+        assert tokens == _solo(model, "a", GREEDY)
+    finally:
+        engine.close()
+
+
+async def test_a_closed_engine_refuses_new_streams(model: GPT) -> None:
+    engine = GenerationEngine(model, slots=1)
+    engine.close()
+    with pytest.raises(Unavailable, match="closed"):
+        async with contextlib.aclosing(engine.stream("a", GREEDY)) as stream:
+            await anext(stream)
+
+
+class _Broken:
+    def __init__(self, model: GPT) -> None:
+        self.config = model.config
+
+    def step(self, *args: object) -> None:
+        raise RuntimeError("boom")

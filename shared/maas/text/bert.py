@@ -1,0 +1,177 @@
+"""A BERT encoder as one plain torch module: token ids in, a sentence embedding (or logits) out.
+
+Submodule names follow the published BERT checkpoints (``embeddings.word_embeddings``,
+``encoder.layer.N.attention.self.query``, ...), so a pretrained state dict such as
+all-MiniLM-L6-v2's loads by name with ``load_state_dict``. The pooler of those checkpoints is not
+part of this module: sentence embeddings are the mean of the token states over the real tokens
+(what sentence-transformers computes), then L2-normalised.
+
+Input rows are token ids, right-padded with ``pad_token_id``; the attention mask is derived from
+them (the pad id never appears inside a real sequence), so the module keeps the zoo's one-tensor
+contract and the training and compression stacks drive it like any other model. The columns
+every row leaves padded are cut before the encoder runs: a batch costs its longest sequence, not
+``max_seq_length``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from maas.text.config import BertConfig
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.word_embeddings = nn.Embedding(c.vocab_size, c.hidden, padding_idx=c.pad_token_id)
+        self.position_embeddings = nn.Embedding(c.max_positions, c.hidden)
+        self.token_type_embeddings = nn.Embedding(c.type_vocab_size, c.hidden)
+        self.LayerNorm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        # Single-sentence inputs: every token has segment 0.
+        x = (
+            self.word_embeddings(ids)
+            + self.position_embeddings(positions)
+            + self.token_type_embeddings.weight[0]
+        )
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, c: BertConfig, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.head_dim = c.head_dim
+        width = heads * c.head_dim
+        self.query = nn.Linear(c.hidden, width)
+        self.key = nn.Linear(c.hidden, width)
+        self.value = nn.Linear(c.hidden, width)
+        self.dropout = c.dropout
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        return x.view(n, length, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        n, length, _ = x.shape
+        context = F.scaled_dot_product_attention(
+            self._split(self.query(x)),
+            self._split(self.key(x)),
+            self._split(self.value(x)),
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            scale=1.0 / math.sqrt(self.head_dim),
+        )
+        return context.transpose(1, 2).reshape(n, length, self.heads * self.head_dim)
+
+
+class DenseNorm(nn.Module):
+    """A projection back to the hidden width, added to the block's input, then LayerNorm."""
+
+    def __init__(self, c: BertConfig, width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, c.hidden)
+        self.LayerNorm = nn.LayerNorm(c.hidden, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(residual + self.dropout(self.dense(x)))  # type: ignore[no-any-return]
+
+
+class Attention(nn.Module):
+    def __init__(self, c: BertConfig, heads: int) -> None:
+        super().__init__()
+        self.self = SelfAttention(c, heads)  # the checkpoints' name: attention.self.query, ...
+        self.output = DenseNorm(c, heads * c.head_dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.self.heads:
+            return self.output(self.self(x, mask), x)  # type: ignore[no-any-return]
+        # Every head pruned: the block adds only its output bias.
+        return self.output.LayerNorm(x + self.output.dense.bias)  # type: ignore[no-any-return]
+
+
+class Intermediate(nn.Module):
+    def __init__(self, c: BertConfig, width: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.dense(x))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: BertConfig, heads: int, intermediate: int) -> None:
+        super().__init__()
+        self.attention = Attention(c, heads)
+        self.intermediate = Intermediate(c, intermediate)
+        self.output = DenseNorm(c, intermediate)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, mask)
+        return self.output(self.intermediate(x), x)  # type: ignore[no-any-return]
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.layer = nn.ModuleList(
+            EncoderLayer(c, c.heads_of(i), c.intermediate_of(i)) for i in range(c.layers)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        for layer in self.layer:
+            x = layer(x, mask)
+        return x
+
+
+def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the token states over the real tokens (``mask`` is [N, L], 1 = token)."""
+    weights = mask.unsqueeze(-1).to(states.dtype)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+
+
+class Bert(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.encoder = Encoder(config)
+        if config.num_classes:
+            self.head = nn.Linear(config.hidden, config.num_classes)
+        self.apply(self._init)
+
+    def _init(self, module: nn.Module) -> None:
+        # BERT's initialisation; a pretrained state dict overwrites it.
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+            with torch.no_grad():
+                module.weight[module.padding_idx].zero_()
+
+    def pooled(self, ids: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled token states [N, hidden] of token-id rows (before normalisation)."""
+        ids = ids.long()
+        real = ids != self.config.pad_token_id
+        # Columns no row uses are cut: padding costs nothing beyond the longest row. (.any() is
+        # a sync point, cheap beside the encoder.)
+        used = int(real.any(0).nonzero().max()) + 1 if bool(real.any()) else 1
+        ids, real = ids[:, :used], real[:, :used]
+        mask = real[:, None, None, :]  # [N, 1, 1, L]: True = attend to that key
+        states = self.encoder(self.embeddings(ids), mask)
+        return mean_pool(states, real)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        pooled = self.pooled(ids)
+        if self.config.num_classes:
+            return self.head(pooled)  # type: ignore[no-any-return]
+        return F.normalize(pooled, p=2, dim=1)

@@ -1,6 +1,8 @@
-"""Text models: a BERT encoder (``bert``), its tokenizer, pretrained import and a text corpus.
+"""Text models and everything they need besides torch: tokenizers, configs, corpora.
 
-``bert`` is torch only and registered in the model zoo as arch ``bert``; ``tokenizer`` wraps the
-HF ``tokenizers`` library; ``pretrained`` reads a sentence-transformers model directory or an
-installed package; ``model`` pairs a module with its tokenizer for in-process use.
+The BERT encoder (arch ``bert``): ``bert`` (the module), ``bert_config`` (its config, torch-free),
+``tokenizer`` (HF ``tokenizers``), ``pretrained`` (reading a sentence-transformers directory or
+package), ``model`` (module + tokenizer in process), ``corpus`` (the ``stdlib-docs`` dataset).
+The GPT decoder (arch ``gpt``): ``gpt``, ``gpt_config``, ``byte_tokenizer``, ``gpt_corpus``,
+``sampling``.
 """

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from maas.text.config import BertConfig
+from maas.text.bert_config import BertConfig
 
 
 class Embeddings(nn.Module):

@@ -15,7 +15,7 @@ from torch import nn
 
 from maas import artifacts, zoo
 from maas.errors import InvalidArgument
-from maas.text.config import BertConfig
+from maas.text.bert_config import BertConfig
 from maas.text.pretrained import Pretrained
 from maas.text.tokenizer import TextTokenizer
 

@@ -32,6 +32,7 @@ from maas.errors import InvalidArgument, NotFound
 from services.inference.batcher import BatchingConfig, Forward, Runner, make_runner
 from services.inference.metrics import Metrics, ModelStats
 from services.inference.signature import Signature
+from services.inference.text import is_text, text_parts
 
 log = logging.getLogger(__name__)
 
@@ -217,13 +218,19 @@ class DataPlane:
         # Verifying sha256 and building the module is CPU work: keep it off the event loop.
         module = await loop.run_in_executor(self._executor, artifacts.materialize, manifest, files)
         stats = ModelStats(name, version, self._metrics)
+        signature, forward = (
+            Signature.for_zoo(manifest.arch, manifest.config),
+            torch_forward(module),
+        )
+        if is_text(manifest):  # strings in, tokenized here (services.inference.text)
+            signature, forward = await text_parts(manifest, files, module, self._source)
         model = ServedModel(
             name=name,
             version=version,
-            signature=Signature.for_zoo(manifest.arch, manifest.config),
+            signature=signature,
             nbytes=weights_nbytes(module),
             runner=make_runner(
-                torch_forward(module),
+                forward,
                 self._executor,
                 self._batching,
                 stats,
@@ -269,8 +276,7 @@ class DataPlane:
             model.stats.request_done(ok=False, rows=len(rows), ns=time.perf_counter_ns() - started)
             raise
         model.stats.request_done(ok=True, rows=len(rows), ns=time.perf_counter_ns() - started)
-        (spec,) = model.signature.outputs
-        return InferResult(model, {spec.name: output})
+        return InferResult(model, model.signature.outputs_of(output))
 
     # --- repository -------------------------------------------------------------------------
 

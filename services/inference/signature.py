@@ -96,6 +96,10 @@ class Signature:
             raise InvalidArgument(f"input {spec.name!r} has no rows; send at least one")
         return array
 
+    def outputs_of(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """The reply's outputs by name, from the forward pass's output rows."""
+        return {self.outputs[0].name: rows}
+
     def check_outputs(self, requested: Sequence[str], *, model: str) -> None:
         known = {spec.name for spec in self.outputs}
         unknown = sorted(set(requested) - known)

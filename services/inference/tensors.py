@@ -16,6 +16,7 @@ import numpy as np
 
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
+from maas.text import wire as bytes_tensors
 from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
 
 # Which InferTensorContents field carries each datatype when sent typed (FP16 has none).
@@ -55,6 +56,8 @@ def _shape_of(shape: Sequence[int], *, tensor: str) -> tuple[int, ...]:
 
 def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.ndarray:
     """A read-only array viewing ``raw`` as the tensor's datatype and shape."""
+    if tensor.datatype == bytes_tensors.BYTES:  # length-prefixed strings (text models)
+        return bytes_tensors.decode_raw(tensor, raw)
     dtype = dtype_of(tensor.datatype, tensor=tensor.name)
     shape = _shape_of(tensor.shape, tensor=tensor.name)
     expected = math.prod(shape) * dtype.itemsize
@@ -68,6 +71,8 @@ def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.
 
 def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     """An array from the typed ``contents`` field that matches the tensor's datatype."""
+    if tensor.datatype == bytes_tensors.BYTES:
+        return bytes_tensors.decode_typed(tensor)
     dtype = dtype_of(tensor.datatype, tensor=tensor.name)
     shape = _shape_of(tensor.shape, tensor=tensor.name)
     field = _TYPED_FIELD.get(tensor.datatype)
@@ -124,6 +129,11 @@ def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray)
     """Append ``array`` to ``response`` as a raw output (little-endian, row-major)."""
     out = response.outputs.add()
     out.name = name
+    if bytes_tensors.is_bytes_array(array):  # label strings of text classifiers
+        out.datatype = bytes_tensors.BYTES
+        out.shape.extend(array.shape)
+        response.raw_output_contents.append(bytes_tensors.encode_raw(array))
+        return
     out.datatype = datatype_of(array)
     out.shape.extend(array.shape)
     # Native order is little-endian on every platform this runs on; only convert what is not.

@@ -208,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _plugin_modules():
         try:
             module = importlib.import_module(name)
-            module.register(subparsers)
+            if hasattr(module, "register"):  # cli_import adds to `models`, it is no group
+                module.register(subparsers)
         except Exception as exc:  # one broken group must not take `maas stack` down with it
             print(f"maas: skipping command module {name}: {exc}", file=sys.stderr)
     return parser

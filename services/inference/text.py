@@ -1,0 +1,218 @@
+"""Serving text models (arch ``bert``): strings in over the protocol, tokenized in the server.
+
+A text model takes one input ``text``: ``BYTES``, shape ``[N]`` or ``[N, 1]``, each element one
+UTF-8 text. The encoder returns ``embedding`` (FP32 ``[N, hidden]``, L2-normalised); a
+classifier returns ``probabilities`` (FP32 ``[N, classes]``) and ``label`` (BYTES ``[N]``, the
+most probable class name). Documented behaviour of edge cases:
+
+- invalid UTF-8 -> INVALID_ARGUMENT naming the element;
+- an empty string is a valid text (``[CLS] [SEP]``) and gets its embedding;
+- a text longer than the model's ``max_seq_length`` tokens is truncated to it (its tail is not
+  read, as in sentence-transformers); the reply is otherwise normal;
+- more than ``MAX_TEXTS`` texts, or one over ``MAX_TEXT_BYTES`` bytes -> INVALID_ARGUMENT.
+
+Each request is tokenized on arrival into rows of ``max_seq_length`` token ids (zero-padded), so
+the dynamic batcher joins requests as it joins any rows. The forward pass then sorts the batch's
+rows by length and runs each group of similar lengths on its own, and the module cuts the
+columns a group leaves padded: a batch pays for its longest sequence per group, not for 256.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+
+from maas import artifacts
+from maas.errors import InvalidArgument
+from maas.text import corpus
+from maas.text.bert_config import BertConfig
+from maas.text.model import ARCH, text_config
+from maas.text.tokenizer import TOKENIZER_FILE, TextTokenizer
+from maas.text.wire import BYTES
+from services.inference.batcher import Forward
+from services.inference.signature import BATCH_DIM, Signature, TensorSpec
+
+if TYPE_CHECKING:
+    from services.inference.dataplane import ModelSource
+
+
+TEXT_INPUT = "text"
+EMBEDDING = "embedding"
+PROBABILITIES = "probabilities"
+LABEL = "label"
+MAX_TEXTS = 256
+MAX_TEXT_BYTES = 64 * 1024
+# A group of rows closes when the next is more than GROUP_RATIO times longer than its shortest
+# (and longer than GROUP_MIN_TOKENS: below that, one more forward pass costs more than padding).
+GROUP_RATIO = 2
+GROUP_MIN_TOKENS = 32
+MAX_LINEAGE_DEPTH = 16
+
+
+@dataclass(frozen=True)
+class TextSignature(Signature):
+    tokenizer: TextTokenizer | None = None
+    labels: tuple[str, ...] = ()
+
+    @classmethod
+    def for_text(
+        cls, config: BertConfig, tokenizer: TextTokenizer, labels: Sequence[str]
+    ) -> TextSignature:
+        outputs: tuple[TensorSpec, ...]
+        if config.num_classes:
+            outputs = (
+                TensorSpec(PROBABILITIES, "FP32", (BATCH_DIM, config.num_classes)),
+                TensorSpec(LABEL, BYTES, (BATCH_DIM,)),
+            )
+        else:
+            outputs = (TensorSpec(EMBEDDING, "FP32", (BATCH_DIM, config.hidden)),)
+        return cls(
+            inputs=(TensorSpec(TEXT_INPUT, BYTES, (BATCH_DIM,)),),
+            outputs=outputs,
+            tokenizer=tokenizer,
+            labels=tuple(labels),
+        )
+
+    def check_inputs(self, inputs: Mapping[str, np.ndarray], *, model: str) -> np.ndarray:
+        """The request's texts as token-id rows [N, max_seq_length]."""
+        if set(inputs) != {TEXT_INPUT} or self.tokenizer is None:
+            raise InvalidArgument(
+                f"{model} expects exactly one input {self.inputs[0].describe()} of UTF-8 "
+                f"texts; the request has {sorted(inputs) or 'no inputs'}"
+            )
+        array = inputs[TEXT_INPUT]
+        if array.dtype != np.object_ or not (
+            array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)
+        ):
+            raise InvalidArgument(
+                f"input {TEXT_INPUT!r} has dtype {array.dtype.name} and shape "
+                f"{list(array.shape)}; {model} expects BYTES with shape [N] or [N, 1]"
+            )
+        texts = decode_texts(array.reshape(-1).tolist())
+        return self.tokenizer.encode(texts, width=self.tokenizer.max_length)
+
+    def outputs_of(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        if self.outputs[0].name == EMBEDDING:
+            return {EMBEDDING: rows}
+        shifted = np.exp(rows - rows.max(axis=1, keepdims=True))
+        probabilities = (shifted / shifted.sum(axis=1, keepdims=True)).astype(np.float32)
+        labels = np.empty(len(rows), dtype=object)
+        labels[:] = [self.labels[i].encode() for i in probabilities.argmax(axis=1)]
+        return {PROBABILITIES: probabilities, LABEL: labels}
+
+
+def decode_texts(items: Sequence[object]) -> list[str]:
+    if not 1 <= len(items) <= MAX_TEXTS:
+        raise InvalidArgument(
+            f"input {TEXT_INPUT!r} has {len(items)} texts; send 1 to {MAX_TEXTS} per request"
+        )
+    texts: list[str] = []
+    for i, item in enumerate(items):
+        data = item if isinstance(item, bytes) else str(item).encode()
+        if len(data) > MAX_TEXT_BYTES:
+            raise InvalidArgument(
+                f"input {TEXT_INPUT!r} element {i} has {len(data)} bytes; at most "
+                f"{MAX_TEXT_BYTES} per text (longer texts are truncated to the model's "
+                "max_seq_length tokens anyway)"
+            )
+        try:
+            texts.append(data.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise InvalidArgument(
+                f"input {TEXT_INPUT!r} element {i} is not valid UTF-8 ({exc.reason} at byte "
+                f"{exc.start}); send each text UTF-8 encoded"
+            ) from None
+    return texts
+
+
+def length_groups(lengths: Sequence[int]) -> list[slice]:
+    """Consecutive groups of ascending ``lengths`` whose longest is at most GROUP_RATIO times
+    the shortest (or at most GROUP_MIN_TOKENS)."""
+    groups: list[slice] = []
+    start = 0
+    for i, length in enumerate(lengths):
+        if length > max(GROUP_RATIO * lengths[start], GROUP_MIN_TOKENS):
+            groups.append(slice(start, i))
+            start = i
+    if len(lengths):
+        groups.append(slice(start, len(lengths)))
+    return groups
+
+
+def grouped_forward(module: nn.Module, pad_id: int) -> Forward:
+    """A batch forward that runs rows of similar length together (results in input order)."""
+
+    def forward(rows: np.ndarray) -> np.ndarray:
+        order = np.argsort((rows != pad_id).sum(axis=1), kind="stable")
+        lengths = (rows[order] != pad_id).sum(axis=1).tolist()
+        with torch.inference_mode():
+            parts = [
+                module(torch.from_numpy(rows[order[group]])).float().numpy()
+                for group in length_groups(lengths)
+            ]
+        joined = np.concatenate(parts)
+        out = np.empty_like(joined)
+        out[order] = joined
+        return out
+
+    return forward
+
+
+def labels_for(config: BertConfig, dataset_uri: str | None) -> tuple[str, ...]:
+    if dataset_uri == f"builtin:{corpus.NAME}" and config.num_classes == len(corpus.LABELS):
+        return corpus.LABELS
+    return tuple(str(i) for i in range(config.num_classes))
+
+
+def is_text(manifest: artifacts.Manifest) -> bool:
+    return manifest.arch == ARCH
+
+
+async def lineage_extras(
+    manifest: artifacts.Manifest, files: Mapping[str, bytes], source: ModelSource
+) -> tuple[dict[str, bytes], str | None]:
+    """The tokenizer files and the training dataset of a text version, looked up its lineage.
+
+    Fine-tuned and compressed versions do not copy the tokenizer of the encoder they descend
+    from; the nearest ancestor that has one (the imported version) provides it.
+    """
+    tokenizer: dict[str, bytes] = {}
+    dataset: str | None = None
+    for _ in range(MAX_LINEAGE_DEPTH):
+        if not tokenizer and TOKENIZER_FILE in files:
+            tokenizer = {TOKENIZER_FILE: files[TOKENIZER_FILE]}
+        found = manifest.settings.get("dataset")
+        if dataset is None and isinstance(found, Mapping):
+            dataset = str(found.get("uri", "")) or None
+        if (tokenizer and dataset) or manifest.parent is None:
+            break
+        parent = manifest.parent
+        manifest, files = await source.fetch(str(parent["name"]), int(parent["version"]))
+    if not tokenizer:
+        raise InvalidArgument(
+            f"no {TOKENIZER_FILE} in this text model or its ancestors; register it with "
+            "maas models import"
+        )
+    return tokenizer, dataset
+
+
+async def text_parts(
+    manifest: artifacts.Manifest,
+    files: Mapping[str, bytes],
+    module: nn.Module,
+    source: ModelSource,
+) -> tuple[TextSignature, Forward]:
+    """What the server needs to serve a text version: its signature (with the tokenizer and
+    the label names) and its batch forward."""
+    config = text_config(manifest)
+    tokenizer_files, dataset = await lineage_extras(manifest, files, source)
+    tokenizer = TextTokenizer.from_files(
+        tokenizer_files, max_length=config.max_seq_length, pad_id=config.pad_token_id
+    )
+    signature = TextSignature.for_text(config, tokenizer, labels_for(config, dataset))
+    return signature, grouped_forward(module, config.pad_token_id)

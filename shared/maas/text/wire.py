@@ -1,0 +1,78 @@
+"""The Open Inference Protocol's ``BYTES`` tensors <-> numpy object arrays of ``bytes`` (the
+server, its stream API and the CLI read and write strings with these).
+
+On the wire a raw ``BYTES`` tensor is its elements in row-major order, each a 4-byte
+little-endian length followed by that many bytes (what tritonclient's
+``serialize_byte_tensor`` writes and ``deserialize_bytes_tensor`` reads); typed, it is
+``contents.bytes_contents``, one entry per element.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from maas.errors import InvalidArgument
+from maas.oip import grpc_predict_v2_pb2 as pb
+
+BYTES = "BYTES"
+_LENGTH = struct.Struct("<I")
+
+
+def _object_array(items: Sequence[bytes], shape: Sequence[int], name: str) -> np.ndarray:
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"input {name!r} has shape {list(shape)}; every dimension of a request tensor "
+            "must be a concrete size >= 0"
+        )
+    if len(items) != math.prod(shape):
+        raise InvalidArgument(
+            f"input {name!r} has {len(items)} BYTES elements, but shape {list(shape)} needs "
+            f"{math.prod(shape)}"
+        )
+    array = np.empty(len(items), dtype=object)
+    array[:] = items
+    return array.reshape(tuple(shape))
+
+
+def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.ndarray:
+    """Length-prefixed elements -> an object array of ``bytes`` in the tensor's shape."""
+    items: list[bytes] = []
+    view = memoryview(raw)
+    offset = 0
+    while offset < len(view):
+        if offset + _LENGTH.size > len(view):
+            raise InvalidArgument(
+                f"input {tensor.name!r}: BYTES element {len(items)} is cut inside its 4-byte "
+                "length prefix; each element is a little-endian uint32 length, then the bytes"
+            )
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += _LENGTH.size
+        if offset + length > len(view):
+            raise InvalidArgument(
+                f"input {tensor.name!r}: BYTES element {len(items)} says {length} bytes but "
+                f"only {len(view) - offset} remain"
+            )
+        items.append(bytes(view[offset : offset + length]))
+        offset += length
+    return _object_array(items, tensor.shape, tensor.name)
+
+
+def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
+    return _object_array(list(tensor.contents.bytes_contents), tensor.shape, tensor.name)
+
+
+def encode_raw(array: np.ndarray) -> bytes:
+    """An array of ``bytes``/``str`` -> length-prefixed elements (str as UTF-8)."""
+    parts: list[bytes] = []
+    for item in array.reshape(-1):
+        data = item.encode() if isinstance(item, str) else bytes(item)
+        parts += [_LENGTH.pack(len(data)), data]
+    return b"".join(parts)
+
+
+def is_bytes_array(array: np.ndarray) -> bool:
+    return array.dtype == np.object_ or array.dtype.kind in "SU"

@@ -1,0 +1,149 @@
+"""Serving text in process: BYTES on the wire, tokenization in the server, length grouping."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
+
+from maas import artifacts, zoo
+from maas.errors import InvalidArgument
+from maas.oip import grpc_predict_v2_pb2 as pb
+from maas.text import corpus
+from maas.text import wire as bytes_tensors
+from maas.text.model import TextModel
+from maas.text.pretrained import MINILM_PACKAGE, read_package
+from services.inference.batcher import BatchingConfig
+from services.inference.dataplane import DataPlane
+from services.inference.sources import MemorySource
+from services.inference.tensors import decode_inputs, encode_output
+from services.inference.text import MAX_TEXTS, length_groups
+
+TEXTS = [
+    "Hello world",
+    "",
+    "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
+    "token " * 300,  # over max_seq_length: truncated to 256 tokens
+]
+SMALL = {"hidden": 64, "heads": 2, "layers": 1, "intermediate": 128, "max_seq_length": 256}
+
+
+@pytest.fixture(scope="module")
+def minilm() -> TextModel:
+    return TextModel.from_pretrained(read_package(MINILM_PACKAGE))
+
+
+@pytest.fixture(scope="module")
+def source(minilm: TextModel) -> MemorySource:
+    pretrained = read_package(MINILM_PACKAGE)
+    src = MemorySource()
+    config = zoo.config_to_dict(pretrained.config)
+    files, manifest = artifacts.pack(pretrained.state, "bert", config, extra_files=pretrained.files)
+    src.add_artifact("minilm", files, manifest, aliases=["production"])
+    # A classifier descending from it, without a tokenizer of its own (found up the lineage).
+    classifier = zoo.build("bert", {**SMALL, "num_classes": len(corpus.LABELS)}, seed=3)
+    files, manifest = artifacts.pack(
+        classifier,
+        "bert",
+        {**SMALL, "num_classes": len(corpus.LABELS)},
+        parent={"name": "minilm", "version": 1},
+        settings={"dataset": {"uri": f"builtin:{corpus.NAME}"}},
+    )
+    src.add_artifact("docs-classifier", files, manifest, aliases=["production"])
+    return src
+
+
+def texts_array(texts: list[str | bytes]) -> np.ndarray:
+    array = np.empty(len(texts), dtype=object)
+    array[:] = [t.encode() if isinstance(t, str) else t for t in texts]
+    return array
+
+
+async def embed(plane: DataPlane, texts: list[str | bytes]) -> np.ndarray:
+    result = await plane.infer("minilm", "", {"text": texts_array(texts)})
+    return result.outputs["embedding"]
+
+
+@pytest.fixture
+def plane(source: MemorySource):
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        yield DataPlane(source, pool, batching=BatchingConfig(64, 20_000), cache_bytes=1 << 30)
+
+
+def test_raw_bytes_tensors_read_what_tritonclient_writes_and_back() -> None:
+    items = np.array([b"a", b"", "ünï".encode(), b"\x00\xff"], dtype=object)
+    tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[4])
+    decoded = bytes_tensors.decode_raw(tensor, serialize_byte_tensor(items).item())
+    assert decoded.tolist() == items.tolist()
+    response = pb.ModelInferResponse()
+    encode_output(response, "label", np.array(["files", "text"], dtype=object))
+    assert response.outputs[0].datatype == "BYTES"
+    back = deserialize_bytes_tensor(response.raw_output_contents[0])
+    assert back.tolist() == [b"files", b"text"]
+
+
+def test_bytes_contents_are_read_too() -> None:
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="text", datatype="BYTES", shape=[2, 1])
+    tensor.contents.bytes_contents.extend([b"one", b"two"])
+    assert decode_inputs(request)["text"].tolist() == [[b"one"], [b"two"]]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [(b"\x05\x00\x00\x00abc", "says 5 bytes"), (b"\x01\x00", "length prefix")],
+)
+def test_a_cut_bytes_tensor_is_refused(raw: bytes, message: str) -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])
+    with pytest.raises(InvalidArgument, match=message):
+        bytes_tensors.decode_raw(tensor, raw)
+
+
+def test_length_groups_keep_similar_lengths_together() -> None:
+    assert length_groups([3, 5, 30, 40, 70, 200]) == [slice(0, 3), slice(3, 5), slice(5, 6)]
+    assert length_groups([7]) == [slice(0, 1)]
+
+
+async def test_served_embeddings_equal_the_in_process_model(
+    plane: DataPlane, minilm: TextModel
+) -> None:
+    np.testing.assert_allclose(await embed(plane, TEXTS), minilm(TEXTS), atol=1e-5, rtol=0)
+
+
+async def test_concurrent_requests_batched_together_equal_each_alone(
+    plane: DataPlane, minilm: TextModel
+) -> None:
+    together = await asyncio.gather(*(embed(plane, [t]) for t in TEXTS))
+    stats = (await plane.model("minilm")).stats
+    assert max(stats.batches) > 1  # the batcher did join requests of different lengths
+    for text, served in zip(TEXTS, together, strict=True):
+        np.testing.assert_allclose(served, minilm([text]), atol=1e-5, rtol=0)
+
+
+async def test_invalid_utf8_is_refused_naming_the_element(plane: DataPlane) -> None:
+    with pytest.raises(InvalidArgument, match=r"element 1 is not valid UTF-8"):
+        await embed(plane, ["fine", b"\xff\xfe broken"])
+
+
+async def test_too_many_texts_in_one_request_are_refused(plane: DataPlane) -> None:
+    with pytest.raises(InvalidArgument, match=f"1 to {MAX_TEXTS}"):
+        await embed(plane, ["x"] * (MAX_TEXTS + 1))
+
+
+async def test_numbers_sent_to_a_text_model_are_refused(plane: DataPlane) -> None:
+    with pytest.raises(InvalidArgument, match="BYTES"):
+        await plane.infer("minilm", "", {"text": np.zeros((1, 3), dtype=np.float32)})
+
+
+async def test_a_classifier_answers_probabilities_and_label_names(
+    plane: DataPlane, source: MemorySource
+) -> None:
+    result = await plane.infer("docs-classifier", "", {"text": texts_array(TEXTS[:2])})
+    probabilities, labels = result.outputs["probabilities"], result.outputs["label"]
+    assert probabilities.shape == (2, len(corpus.LABELS))
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    expected = [corpus.LABELS[i].encode() for i in probabilities.argmax(axis=1)]
+    assert labels.tolist() == expected

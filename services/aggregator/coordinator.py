@@ -35,14 +35,14 @@ from prometheus_client import CollectorRegistry, Counter
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from maas import events, jobs, topics, zoo
+from maas import datasets, events, jobs, topics, zoo
 from maas.artifacts import materialize
 from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
 from maas.config import Settings
 from maas.errors import DeadlineExceeded, InvalidArgument, MaasError, NotFound, SchemaViolation
 from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
-from maas.store import AsyncObjectStore, parse_uri
+from maas.store import AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training.plan import JobPlan
 from maas.training.prepare import (
@@ -144,7 +144,7 @@ class Coordinator:
             await self._send_status(job_id, "running", step=0, total_steps=plan.target_version)
             self._monitor(job_id)
             return
-        jobs.check_job(job)
+        jobs.check_job(job, self.settings)
         prepared = await self._prepare(job)
         plan = prepared.plan
         await self._send_status(job_id, "accepted", step=0, total_steps=plan.target_version)
@@ -170,12 +170,11 @@ class Coordinator:
             max_shards=self.settings.aggregator_shards,
             default_deadline_ms=self.settings.step_deadline_ms,
         )
-        fetch = self._objects.sync.get_bytes
         return await asyncio.to_thread(
             prepare_job,
             job,
             limits=limits,
-            fetch_dataset=lambda uri: fetch(*parse_uri(uri)),
+            fetch_dataset=datasets.fetcher(self._objects.sync, self.settings),
             load_base=(lambda _: base) if base is not None else None,
         )
 
@@ -311,10 +310,8 @@ class Coordinator:
     def _evaluate(self, plan: JobPlan, state: dict[str, torch.Tensor]) -> dict[str, float]:
         model = zoo.build(plan.arch, plan.config)
         model.load_state_dict(state)
-        fetch = self._objects.sync.get_bytes
-        data = load_dataset(
-            plan.dataset, seed=plan.training.seed, fetch=lambda uri: fetch(*parse_uri(uri))
-        )
+        fetch = datasets.fetcher(self._objects.sync, self.settings)
+        data = load_dataset(plan.dataset, seed=plan.training.seed, fetch=fetch)
         return evaluate(model, data.x_test, data.y_test, plan.loss)
 
     async def _register(

@@ -14,14 +14,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from maas import artifacts, events, zoo
+from maas import artifacts, events, jobs, zoo
 from maas.artifacts import Manifest
 from maas.compression import (
     FitConfig,
@@ -33,6 +33,7 @@ from maas.compression import (
     relative_metrics,
     run,
 )
+from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.registry.types import ModelRef, ModelVersion
 from maas.training.prepare import FetchDataset, load_dataset
@@ -173,8 +174,10 @@ class Compressor:
         publish: Publish,
         fetch_dataset: FetchDataset | None = None,
         *,
+        settings: Settings | None = None,
         latency_repeats: int = 50,
     ) -> None:
+        self._settings = settings or Settings()
         self._registry = registry
         self._publish = publish
         self._fetch_dataset = fetch_dataset
@@ -185,7 +188,7 @@ class Compressor:
         """Run one job event; other job types are not ours and are ignored."""
         if event.get("type") != JOB_TYPE:
             return []
-        job = parse_job(event)
+        job = parse_job(jobs.check_job(dict(event), self._settings))
         if job.job_id in self._finished:
             log.info("job %s already done here; ignoring the redelivery", job.job_id)
             return []
@@ -203,8 +206,8 @@ class Compressor:
         for index, plan in enumerate(job.plans):
             version = done.get(index) or await self._compress_one(job, index, plan, parent, name)
             versions.append(version)
-            await self._publish(_progress(job.job_id, "running", index + 1, total, version))
-        await self._publish(_progress(job.job_id, "succeeded", total, total, versions[-1]))
+            await self._publish(_progress(job.job_id, "running", index + 1, total, versions))
+        await self._publish(_progress(job.job_id, "succeeded", total, total, versions))
         return versions
 
     async def _load_parent(self, job: CompressJob) -> Parent:
@@ -309,15 +312,21 @@ class Compressor:
 
 
 def _progress(
-    job_id: str, state: str, step: int, total: int, version: ModelVersion
+    job_id: str, state: str, step: int, total: int, versions: Sequence[ModelVersion]
 ) -> dict[str, Any]:
+    """Progress naming the latest variant as ``model`` and every one so far as ``models``."""
+    latest = versions[-1]
     return status(
         job_id,
         state,
         step=step,
         total_steps=total,
-        model={"name": version.name, "version": version.version},
-        metrics=_status_metrics(version.metrics),
+        model={"name": latest.name, "version": latest.version},
+        models=[
+            {"name": v.name, "version": v.version, "method": v.method or "", "format": v.format}
+            for v in versions
+        ],
+        metrics=_status_metrics(latest.metrics),
     )
 
 

@@ -13,12 +13,12 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, start_http_server
 
-from maas import events
+from maas import datasets, events
 from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
 from maas.config import Settings
 from maas.errors import SchemaViolation
 from maas.registry.client import RegistryClient
-from maas.store import ObjectStore, parse_uri
+from maas.store import ObjectStore
 from maas.topics import JOB_STATUS, JOBS
 from services.compressor.core import JOB_TYPE, Compressor, failed_status
 
@@ -52,7 +52,7 @@ class CompressorService:
         store = ObjectStore(settings)
         # The core reads datasets on its worker thread, where the blocking store is right.
         self.core = Compressor(
-            self._registry, self._publish, lambda uri: store.get_bytes(*parse_uri(uri))
+            self._registry, self._publish, datasets.fetcher(store, settings), settings=settings
         )
         self._consumer = EventConsumer(
             settings,

@@ -25,7 +25,9 @@ from typing import Any
 from maas import events
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.registry.types import (
+    DEFAULT_ALIAS,
     MANIFEST_FILE,
+    PRIMARY_METHODS,
     AliasChange,
     ArtifactFile,
     Lineage,
@@ -362,7 +364,7 @@ class RegistryCore:
             elif ref.version is not None:
                 version = ref.version
             else:
-                version = self._latest(db, ref.name)
+                version = self._default_version(db, ref.name)
             return self._version_from_row(db, self._live_row(db, ref.name, version))
 
     def list_versions(
@@ -602,14 +604,31 @@ class RegistryCore:
         if db.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is None:
             raise NotFound(f"model {name!r} is not registered")
 
-    def _latest(self, db: sqlite3.Connection, name: str) -> int:
+    def _default_version(self, db: sqlite3.Connection, name: str) -> int:
+        """A bare name: the ``production`` alias, else the newest primary (unpromoted
+        compressed variants are never picked; see ``PRIMARY_METHODS``)."""
+        promoted = self._current_alias(db, name, DEFAULT_ALIAS)
+        if promoted is not None:
+            return promoted
         self._require_model(db, name)
+        marks = ",".join("?" * len(PRIMARY_METHODS))
         row = db.execute(
-            "SELECT MAX(version) FROM versions WHERE name = ? AND deleted_ms IS NULL", (name,)
+            "SELECT MAX(version) FROM versions WHERE name = ? AND deleted_ms IS NULL "
+            f"AND (method IS NULL OR method IN ({marks}))",
+            (name, *PRIMARY_METHODS),
         ).fetchone()
-        if row[0] is None:
+        if row[0] is not None:
+            return int(row[0])
+        variants = db.execute(
+            "SELECT COUNT(*) FROM versions WHERE name = ? AND deleted_ms IS NULL", (name,)
+        ).fetchone()[0]
+        if not variants:
             raise NotFound(f"model {name!r} has no versions left (all were deleted)")
-        return int(row[0])
+        raise NotFound(
+            f"model {name!r} has only compressed variants and no {DEFAULT_ALIAS!r} alias; name "
+            f"one ({name}@VERSION) or promote it: maas models alias {name} VERSION "
+            f"{DEFAULT_ALIAS}"
+        )
 
     def _live_row(
         self, db: sqlite3.Connection, name: str, version: int, *, what: str = "model"

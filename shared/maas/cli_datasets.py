@@ -1,19 +1,18 @@
-"""`maas datasets upload | list`: user datasets (.npz with X and y) in the datasets bucket."""
+"""`maas datasets upload | list`: user datasets (.npz with X and y) in the datasets bucket.
+
+Any S3 tool may upload too (``mc cp``, ``aws s3 cp``): such an object is hashed on its first
+use and verified against that sha256 ever after; ``maas datasets upload`` checks the file and
+records the sha256 as it uploads, so nothing needs hashing later.
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from rich.console import Console
-from rich.table import Table
-
-from maas import datasets
 from maas.config import Settings
 from maas.errors import InvalidArgument
-from maas.store import DATASETS_BUCKET, ObjectStore
-
-console = Console()
+from maas.topics import DATASETS_BUCKET
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,6 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _upload(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console
+
+    from maas import datasets
+    from maas.store import ObjectStore
+
     path = Path(args.file)
     if not path.is_file():
         raise InvalidArgument(f"{path} does not exist or is not a file")
@@ -52,7 +56,7 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
     data = datasets.from_npz(str(path), path.read_bytes(), args.task)  # refuse bad files early
     key = f"{args.name}.npz"
     info = ObjectStore(settings).put_file(DATASETS_BUCKET, key, path)
-    console.print(
+    Console().print(
         f"uploaded {data.task} dataset: {len(data.x_train)} train / {len(data.x_test)} test rows, "
         f"{data.num_features} features, sha256 {info.sha256[:12]}…"  # type: ignore[index]
     )
@@ -61,9 +65,14 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from maas.store import ObjectStore
+
     table = Table("URI", "BYTES")
     for obj in ObjectStore(settings).list(DATASETS_BUCKET):
         if obj.key.endswith(".npz"):
             table.add_row(f"s3://{DATASETS_BUCKET}/{obj.key}", str(obj.size))
-    console.print(table)
+    Console().print(table)
     return 0

@@ -6,16 +6,23 @@ import argparse
 import asyncio
 import datetime as dt
 import sys
+from functools import cache
+from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
-from rich.table import Table
-
-from maas import jobs
 from maas.config import Settings
 
-# Wide enough for job tables when the output is a file or a CI log rather than a terminal.
-console = Console(width=None if sys.stdout.isatty() else 140)
+if TYPE_CHECKING:  # imported when a command runs, so `maas --help` stays fast
+    from rich.console import Console
+
+    from maas import jobs
+
+
+@cache
+def console() -> Console:
+    """The console for job output: wide enough for tables in a file or CI log too."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 140)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -65,9 +72,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    job = jobs.check_job(jobs.prepare_job(jobs.load_job_file(args.file), args.job_id))
+    from maas import jobs
+
+    job = jobs.check_job(jobs.prepare_job(jobs.load_job_file(args.file), args.job_id), settings)
     if args.dry_run:
-        console.print(f"[green]ok[/green] {args.file}: a valid {job['type']} job")
+        console().print(f"[green]ok[/green] {args.file}: a valid {job['type']} job")
         return 0
     asyncio.run(jobs.publish_job(settings, job))
     print(job["job_id"])
@@ -94,6 +103,10 @@ def _describe(summary: jobs.JobSummary) -> str:
 
 async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jobs.JobSummary:
     """A live progress bar for one job; returns its final summary (printed too)."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    from maas import jobs
+
     final = jobs.JobSummary(job_id)
     with Progress(
         TextColumn("[bold]{task.fields[job]}"),
@@ -101,7 +114,7 @@ async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jo
         TaskProgressColumn(),
         TextColumn("{task.fields[steps]}"),
         TextColumn("{task.fields[detail]}"),
-        console=console,
+        console=console(),
     ) as progress:
         task = progress.add_task(
             "job", total=None, job=job_id, steps="", detail="waiting for the job…"
@@ -116,16 +129,32 @@ async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jo
             )
             final = summary
     if final.state == "succeeded":
-        model = final.model or {}
-        where = f" -> model {model['name']}@{model['version']}" if model else ""
-        console.print(f"[green]succeeded[/green]{where} {_describe(final)}")
+        console().print(f"[green]succeeded[/green]{_registered(final)} {_describe(final)}")
         return final
     error = final.error or {"code": final.state, "message": "no details"}
-    console.print(f"[red]{final.state}[/red]: {error['code']}: {error['message']}")
+    console().print(f"[red]{final.state}[/red]: {error['code']}: {error['message']}")
     return final
 
 
+def _registered(summary: jobs.JobSummary) -> str:
+    """`` -> model a@3`` or, for a job that registered several (compress), every one."""
+    if not summary.models:
+        return ""
+    if len(summary.models) == 1:
+        (model,) = summary.models
+        return f" -> model {model['name']}@{model['version']}"
+    listed = ", ".join(
+        f"{m['name']}@{m['version']}" + (f" ({m['method']})" if m.get("method") else "")
+        for m in summary.models
+    )
+    return f" -> models {listed}"
+
+
 def _list(args: argparse.Namespace, settings: Settings) -> int:
+    from rich.table import Table
+
+    from maas import jobs
+
     summaries = asyncio.run(jobs.summaries(settings))
     table = Table("JOB", "STATE", "STEP", "LOSS", "ACCURACY", "MODEL", "UPDATED")
     for summary in sorted(summaries.values(), key=lambda s: s.updated_ms):
@@ -139,7 +168,7 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
             f"{model['name']}@{model['version']}" if model else "",
             dt.datetime.fromtimestamp(summary.updated_ms / 1000).strftime("%H:%M:%S"),
         )
-    console.print(table)
+    console().print(table)
     return 0
 
 

@@ -1,6 +1,6 @@
 """`maas models ...`: look at and manage what the model registry holds.
 
-maas models list [NAME]                  models, or the versions of one model
+maas models list [NAME [--method M] [--parent NAME@V]]   models, or the versions of one model
 maas models show NAME[@VERSION|@ALIAS]   one version: files, sha256, lineage, metrics
 maas models alias NAME VERSION ALIAS     point ALIAS at VERSION (kept in the history)
 maas models unalias NAME ALIAS
@@ -76,6 +76,8 @@ def _describe(v: ModelVersion) -> dict[str, Any]:
 
 
 async def _list(client: Any, args: argparse.Namespace) -> int:
+    if args.name is None and (args.method or args.parent):
+        raise InvalidArgument("--method and --parent filter the versions of one model: give NAME")
     if args.name is None:
         models = await client.list_models()
         rows: list[list[object]] = [["NAME", "LATEST", "VERSIONS", "ALIASES", "UPDATED"]]
@@ -103,9 +105,17 @@ async def _list(client: Any, args: argparse.Namespace) -> int:
                 v.created_by,
             ]
             async for v in client.iter_versions(args.name)
+            if _selected(v, args)
         ]
     _table(rows)
     return 0
+
+
+def _selected(version: ModelVersion, args: argparse.Namespace) -> bool:
+    """``--method`` and ``--parent`` filters: find the variants made from one version."""
+    if args.method and version.method != args.method:
+        return False
+    return not args.parent or str(version.parent) == args.parent
 
 
 async def _show(client: Any, args: argparse.Namespace) -> int:
@@ -215,9 +225,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     ref_help = "NAME (latest), NAME@VERSION or NAME@ALIAS"
     p = action(
-        "list", _list, "list models, or the versions of one model", "maas models list digits-mlp"
+        "list",
+        _list,
+        "list models, or the versions of one model",
+        "maas models list digits-mlp --parent digits-mlp@1 --method quantize",
     )
     p.add_argument("name", nargs="?", help="a model name: list its versions")
+    p.add_argument("--method", help="only versions made by this method (train, quantize, ...)")
+    p.add_argument("--parent", metavar="NAME@VERSION", help="only versions made from this one")
     p = action("show", _show, "show one version as JSON", "maas models show digits-mlp@production")
     p.add_argument("ref", type=_ref, help=ref_help)
     p = action(

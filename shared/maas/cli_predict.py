@@ -12,14 +12,14 @@ import argparse
 import asyncio
 import json
 from pathlib import Path
-from typing import Any
-
-import grpc
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.registry.types import ModelRef
+
+if TYPE_CHECKING:  # numpy and grpc load when a prediction runs, so `maas --help` stays fast
+    import numpy as np
 
 INPUT_NAME = "input"
 
@@ -33,6 +33,8 @@ def _ref(text: str) -> ModelRef:
 
 def read_input(spec: str) -> np.ndarray:
     """The tensor named by ``--input``: a .npy file, a .json file, or inline JSON."""
+    import numpy as np
+
     path = Path(spec)
     if spec.endswith(".npy"):
         try:
@@ -62,10 +64,15 @@ def datatype_of(dtype: np.dtype[Any]) -> str:
 
 def dtype_of(datatype: str) -> np.dtype[Any]:
     """The inverse of ``datatype_of`` (little-endian, as on the wire)."""
+    import numpy as np
+
     return np.dtype(datatype.lower().replace("fp", "float")).newbyteorder("<")
 
 
 async def predict(settings: Settings, ref: ModelRef, x: np.ndarray) -> dict[str, Any]:
+    import grpc
+    import numpy as np
+
     from maas.oip import grpc_predict_v2_pb2 as pb
     from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
     from maas.registry.client import error_from_rpc
@@ -102,6 +109,8 @@ async def predict(settings: Settings, ref: ModelRef, x: np.ndarray) -> dict[str,
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
+    import numpy as np
+
     answer = asyncio.run(predict(settings, args.ref, read_input(args.input)))
     outputs: dict[str, np.ndarray] = answer["outputs"]
     if args.output:

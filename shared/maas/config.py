@@ -209,6 +209,21 @@ class Settings:
             doc="a training job whose shards make no progress this long fails",
         ),
     )
+    # --- jobs (checked by the CLI and every service alike) -----------------------------------
+    max_model_params: int = field(
+        default=100_000_000,
+        metadata=_env(
+            "MAAS_MAX_MODEL_PARAMS",
+            doc="largest model (parameters, counted from arch + config) a job may build",
+        ),
+    )
+    dataset_buckets: str = field(
+        default="maas-datasets",
+        metadata=_env(
+            "MAAS_DATASET_BUCKETS",
+            doc="buckets a job's s3:// dataset may come from, comma separated",
+        ),
+    )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

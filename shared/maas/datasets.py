@@ -2,21 +2,31 @@
 ``s3://bucket/key.npz`` holding arrays ``X`` (float) and ``y`` (int labels or float targets).
 
 Splits are fixed (seeded), so every worker, the evaluator and the tests see the same rows.
+
+S3 datasets come only from the buckets ``MAAS_DATASET_BUCKETS`` names (the datasets bucket by
+default), uploaded by any S3 tool. ``maas datasets upload`` records the object's sha256 in its
+metadata (the fast path); an object without it is hashed on first use and its sha256 kept in a
+sidecar object ``<key>.sha256``, against which every later read is verified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from maas.errors import InvalidArgument
+from maas.errors import IntegrityError, InvalidArgument, NotFound
 
 if TYPE_CHECKING:
+    from maas.config import Settings
     from maas.store import ObjectStore
+
+SIDECAR_SUFFIX = ".sha256"
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 1234
@@ -138,15 +148,61 @@ def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
     return _split(name, task, x.astype(np.float32), y)
 
 
-def load(uri: str, store: ObjectStore | None = None, task: str | None = None) -> Dataset:
-    """``builtin:<name>`` or ``s3://bucket/key.npz`` (read through the verifying store)."""
-    if uri.startswith("builtin:"):
-        return load_builtin(uri.removeprefix("builtin:"))
-    if uri.startswith("s3://") and uri.endswith(".npz"):
-        if store is None:
-            raise InvalidArgument(f"dataset {uri} lives in S3 but no object store was given")
-        from maas.store import parse_uri
+def allowed_buckets(settings: Settings) -> tuple[str, ...]:
+    return tuple(b.strip() for b in settings.dataset_buckets.split(",") if b.strip())
 
-        bucket, key = parse_uri(uri)
-        return from_npz(uri, store.get_bytes(bucket, key), task)
-    raise InvalidArgument(f"dataset uri {uri!r} must be builtin:<name> or s3://bucket/key.npz")
+
+def check_uri(uri: str, settings: Settings) -> None:
+    """A dataset uri a job may name: a builtin, or an .npz in an allowed bucket."""
+    if uri.startswith("builtin:"):
+        name = uri.removeprefix("builtin:")
+        if name not in BUILTINS:
+            known = ", ".join(f"builtin:{n}" for n in sorted(BUILTINS))
+            raise InvalidArgument(f"dataset.uri {uri!r} is not a builtin; builtins are {known}")
+        return
+    if not (uri.startswith("s3://") and uri.endswith(".npz")):
+        raise InvalidArgument(f"dataset.uri {uri!r} must be builtin:<name> or s3://bucket/key.npz")
+    bucket = uri[5:].split("/", 1)[0]
+    allowed = allowed_buckets(settings)
+    if bucket not in allowed:
+        raise InvalidArgument(
+            f"dataset.uri {uri!r}: bucket {bucket!r} is not a datasets bucket; use "
+            f"{' or '.join(allowed)} (MAAS_DATASET_BUCKETS names the allowed ones)"
+        )
+
+
+def fetch_bytes(store: ObjectStore, uri: str, settings: Settings) -> bytes:
+    """The bytes of an S3 dataset, verified by sha256: recorded at upload, or on first use."""
+    from maas.store import parse_uri
+
+    check_uri(uri, settings)
+    bucket, key = parse_uri(uri)
+    if store.stat(bucket, key).sha256 is not None:
+        return store.get_bytes(bucket, key)  # uploaded through maas.store: sha256 in metadata
+    sidecar = key + SIDECAR_SUFFIX
+    try:
+        recorded = json.loads(store.get_bytes(bucket, sidecar))["sha256"]
+    except NotFound:
+        return _first_use(store, bucket, key)
+    try:
+        return store.get_bytes(bucket, key, expected_sha256=recorded)
+    except IntegrityError:
+        raise IntegrityError(
+            f"{uri} changed since its sha256 was recorded on first use (s3://{bucket}/{sidecar}):"
+            " upload it with `maas datasets upload`, or delete the sidecar to accept the new bytes"
+        ) from None
+
+
+def _first_use(store: ObjectStore, bucket: str, key: str) -> bytes:
+    """Read an object no sha256 vouches for yet, and record its sha256 for every later read."""
+    data = b"".join(store.iter_chunks(bucket, key))
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}
+    store.put_bytes(
+        bucket, key + SIDECAR_SUFFIX, json.dumps(record).encode(), content_type="application/json"
+    )
+    return data
+
+
+def fetcher(store: ObjectStore, settings: Settings) -> Callable[[str], bytes]:
+    """``uri -> bytes`` for the services' dataset loading (see ``fetch_bytes``)."""
+    return lambda uri: fetch_bytes(store, uri, settings)

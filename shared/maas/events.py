@@ -21,6 +21,7 @@ from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
 from maas.errors import SchemaViolation
+from maas.suggest import unknown_key
 
 JOB = "maas.job/1"
 JOB_STATUS = "maas.job-status/1"
@@ -90,8 +91,15 @@ def validate(event: Any, expected: str | Iterable[str] | None = None) -> dict[st
 
 
 def _describe(error: Any) -> str:
-    where = ".".join(str(p) for p in error.absolute_path) or "(event)"
-    return f"{where}: {error.message}"
+    where = ".".join(str(p) for p in error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        known = error.schema.get("properties", {})
+        return "; ".join(
+            unknown_key(f"{where}.{key}" if where else str(key), known)
+            for key in error.instance
+            if key not in known
+        )
+    return f"{where or '(event)'}: {error.message}"
 
 
 def encode(event: Mapping[str, Any]) -> bytes:

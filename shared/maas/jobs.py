@@ -65,30 +65,46 @@ def prepare_job(doc: Mapping[str, Any], job_id: str | None = None) -> dict[str, 
     return job
 
 
-def check_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Schema + semantic checks; raises InvalidArgument naming the field and what is accepted."""
+def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Every check a job gets before it runs, the same in the CLI and in every service.
+
+    The schema rejects unknown keys at every level (naming the path and the nearest known key);
+    then the model zoo judges each {arch, config} and its size (counted, never allocated) against
+    MAAS_MAX_MODEL_PARAMS, and the dataset uri against the builtins and MAAS_DATASET_BUCKETS.
+    Raises InvalidArgument naming the field and what is accepted.
+    """
     events.validate(job, events.JOB)
     kind = job["type"]
     missing = [s for s in _REQUIRED_SECTIONS[kind] if s not in job]
     if missing:
         raise SchemaViolation(f"a {kind} job needs {', '.join(missing)}; add the section(s)")
-    if "arch" in job.get("model", {}):
-        try:
-            zoo.parse_config(job["model"]["arch"], job["model"].get("config"))
-        except InvalidArgument as exc:
-            raise InvalidArgument(f"model: {exc.message}") from None
+    model = job.get("model", {})
+    if "arch" in model:
+        zoo.check_size(model["arch"], model.get("config"), settings.max_model_params)
+    for where, student in _students(job.get("compress", {})):
+        if "arch" in student:
+            limit = settings.max_model_params
+            zoo.check_size(student["arch"], student.get("config"), limit, where)
     if "dataset" in job:
-        _check_dataset(job["dataset"])
-    if kind == "train" and "name" not in job["model"] and "name" not in job.get("register_as", {}):
+        datasets.check_uri(job["dataset"]["uri"], settings)
+    if kind == "train" and "name" not in model and "name" not in job.get("register_as", {}):
         raise InvalidArgument("model.name (or register_as.name) is required to register the result")
     return job
 
 
-def _check_dataset(dataset: Mapping[str, Any]) -> None:
-    uri = dataset["uri"]
-    if uri.startswith("builtin:") and uri.removeprefix("builtin:") not in datasets.BUILTINS:
-        known = ", ".join(f"builtin:{n}" for n in sorted(datasets.BUILTINS))
-        raise InvalidArgument(f"dataset.uri {uri!r} is not a builtin; builtins are {known}")
+def _students(compress: Mapping[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where its config is, student) for each distill method, chained ones included."""
+    found = []
+    for i, method in enumerate(compress.get("methods", [])):
+        steps = [(f"compress.methods[{i}]", method)]
+        steps += [
+            (f"compress.methods[{i}].chain[{j}]", step)
+            for j, step in enumerate(method.get("chain", []))
+        ]
+        for where, step in steps:
+            if "student" in step.get("distill", {}):
+                found.append((f"{where}.distill.student.config", step["distill"]["student"]))
+    return found
 
 
 async def publish_job(settings: Settings, job: dict[str, Any]) -> None:
@@ -109,6 +125,7 @@ class JobSummary:
     total_steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     model: dict[str, Any] | None = None
+    models: list[dict[str, Any]] = field(default_factory=list)  # every version registered
     error: dict[str, str] | None = None
     updated_ms: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
@@ -124,6 +141,7 @@ class JobSummary:
         self.total_steps = int(event.get("total_steps", self.total_steps))
         self.metrics.update(event.get("metrics") or {})
         self.model = event.get("model") or self.model
+        self.models = event.get("models") or self.models or ([self.model] if self.model else [])
         self.error = event.get("error") or self.error
 
     @property

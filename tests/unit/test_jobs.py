@@ -1,9 +1,19 @@
 """Job files: loading, completing the envelope, and mistakes named by field before publishing."""
 
+from pathlib import Path
+
 import pytest
 
 from maas import events, jobs
+from maas.config import Settings
 from maas.errors import InvalidArgument
+
+SETTINGS = Settings()
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
+
+
+def check(doc, settings=SETTINGS):
+    return jobs.check_job(jobs.prepare_job(doc), settings)
 
 
 def train_doc(**overrides):
@@ -20,7 +30,7 @@ def train_doc(**overrides):
 def test_a_yaml_job_file_becomes_a_complete_job_event(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("type: train\nmodel: {name: m, arch: mlp}\ndataset: {uri: 'builtin:digits'}\n")
-    job = jobs.check_job(jobs.prepare_job(jobs.load_job_file(path)))
+    job = check(jobs.load_job_file(path))
     assert job["schema"] == events.JOB
     assert job["job_id"].startswith("train-")
     assert job["id"] and job["ts"] > 0
@@ -42,21 +52,105 @@ def test_an_explicit_job_id_is_kept_as_the_idempotency_key():
 )
 def test_a_mistake_is_refused_naming_the_field(change, field):
     with pytest.raises(InvalidArgument, match=field):
-        jobs.check_job(jobs.prepare_job(train_doc(**change)))
+        check(train_doc(**change))
 
 
 def test_a_train_job_without_a_dataset_is_refused():
     doc = train_doc()
     del doc["dataset"]
     with pytest.raises(InvalidArgument, match="needs dataset"):
-        jobs.check_job(jobs.prepare_job(doc))
+        check(doc)
 
 
 def test_a_compress_job_needs_a_base_model():
     with pytest.raises(InvalidArgument, match="needs base"):
-        jobs.check_job(
-            jobs.prepare_job({"type": "compress", "compress": {"methods": [{"quantize": {}}]}})
-        )
+        check({"type": "compress", "compress": {"methods": [{"quantize": {}}]}})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"trainig": {"steps": 5}}, "trainig: unknown key; did you mean 'training'?"),
+        ({"training": {"step": 5}}, "training.step: unknown key; did you mean 'steps'?"),
+        (
+            {"training": {"optimizer": {"name": "sgd", "momentm": 0.9}}},
+            "training.optimizer.momentm: unknown key; did you mean 'momentum'?",
+        ),
+        ({"dataset": {"uri": "builtin:digits", "tsk": "x"}}, "dataset.tsk: unknown key"),
+        (
+            {"model": {"name": "m", "arch": "mlp", "config": {"hidn": [3]}}},
+            "model.config.hidn: unknown key; did you mean 'hidden'?",
+        ),
+        ({"register_as": {"nmae": "m"}}, "register_as.nmae: unknown key; did you mean 'name'?"),
+    ],
+)
+def test_an_unknown_key_at_any_level_is_refused_with_its_path_and_a_suggestion(change, message):
+    with pytest.raises(InvalidArgument) as refused:
+        check(train_doc(**change))
+    assert message in refused.value.message
+
+
+def test_a_key_like_no_known_one_lists_what_is_accepted():
+    with pytest.raises(
+        InvalidArgument, match=r"training\.zzz: unknown key; accepted: .*batch_size"
+    ):
+        check(train_doc(training={"zzz": 1}))
+
+
+def test_unknown_keys_in_compress_methods_and_chains_are_named():
+    job = {
+        "type": "compress",
+        "base": {"name": "m"},
+        "compress": {"methods": [{"chain": [{"prune": {"sparsty": 0.5}}]}]},
+    }
+    with pytest.raises(InvalidArgument, match="sparsty: unknown key; did you mean 'sparsity'"):
+        check(job)
+
+
+def test_the_dry_run_and_the_services_refuse_with_the_same_words():
+    # The services validate each consumed event against the same schema before check_job.
+    job = jobs.prepare_job(train_doc(training={"optimizer": {"momentm": 0.9}}))
+    with pytest.raises(InvalidArgument) as by_cli:
+        jobs.check_job(job, SETTINGS)
+    with pytest.raises(InvalidArgument) as by_consumer:
+        events.validate(job, events.JOB)
+    assert by_cli.value.message == by_consumer.value.message
+
+
+def test_a_model_over_the_parameter_limit_is_refused_naming_the_field_without_building_it():
+    doc = train_doc(model={"name": "m", "arch": "mlp", "config": {"hidden": [10**11]}})
+    with pytest.raises(InvalidArgument, match=r"model\.config\.hidden\[0\].*MAAS_MAX_MODEL_PARAMS"):
+        check(doc)
+
+
+def test_the_parameter_limit_is_a_setting():
+    doc = train_doc(model={"name": "m", "arch": "mlp", "config": {"hidden": [32]}})
+    check(doc, Settings(max_model_params=64 * 32 + 32 + 32 * 10 + 10))
+    with pytest.raises(InvalidArgument, match="MAAS_MAX_MODEL_PARAMS=2,409"):
+        check(doc, Settings(max_model_params=2409))
+
+
+def test_a_distill_student_over_the_limit_is_refused_naming_its_place():
+    student = {"arch": "mlp", "config": {"hidden": [10**9]}}
+    job = {
+        "type": "compress",
+        "base": {"name": "m"},
+        "compress": {"methods": [{"distill": {"student": student}}]},
+    }
+    with pytest.raises(InvalidArgument, match=r"compress\.methods\[0\]\.distill\.student"):
+        check(job)
+
+
+def test_s3_datasets_come_only_from_the_allowed_buckets():
+    doc = train_doc(dataset={"uri": "s3://elsewhere/data.npz"})
+    with pytest.raises(InvalidArgument, match="bucket 'elsewhere'.*MAAS_DATASET_BUCKETS"):
+        check(doc)
+    check(doc, Settings(dataset_buckets="maas-datasets, elsewhere"))
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_example_job_passes_the_check(path):
+    check(jobs.load_job_file(path))
 
 
 def test_an_unreadable_file_names_the_file(tmp_path):
@@ -76,6 +170,13 @@ def test_a_summary_follows_progress_to_the_registered_model():
     summary.apply(status("succeeded", step=10, model={"name": "m", "version": 3}))
     assert summary.done and summary.step == 10 and summary.metrics["loss"] == 0.5
     assert summary.model == {"name": "m", "version": 3}
+
+
+def test_a_summary_lists_every_model_a_compress_job_registered():
+    summary = jobs.JobSummary("j")
+    variants = [{"name": "m", "version": 2, "method": "quantize"}, {"name": "m", "version": 3}]
+    summary.apply(status("succeeded", model={"name": "m", "version": 3}, models=variants))
+    assert summary.models == variants
 
 
 def test_a_late_running_event_does_not_undo_a_terminal_state():

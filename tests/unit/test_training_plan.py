@@ -6,11 +6,13 @@ from typing import Any
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from maas import zoo
 from maas.errors import InvalidArgument, NotFound
 from maas.training.plan import JobPlan
 from maas.training.prepare import BaseModel, Limits, prepare_job
+from maas.training.replica import compute_loss
 
 LIMITS = Limits(max_workers=4, max_shards=2, default_deadline_ms=5000)
 
@@ -61,7 +63,14 @@ def test_epochs_become_steps_per_worker() -> None:
         (_training(workers=9), r"training\.workers=9 .*MAAS_GRADIENT_WORKERS"),
         (_training(shards=3), r"training\.shards=3 .*MAAS_AGGREGATOR_SHARDS"),
         (_training(mode="eventual"), r"training\.mode='eventual'"),
-        (_training(loss="mse"), r"training\.loss='mse' does not fit a classification"),
+        (
+            _job(
+                model={"arch": "mlp", "config": {"in_features": 16, "num_classes": 1}},
+                dataset={"uri": "builtin:regression"},
+                training={"loss": "cross_entropy"},
+            ),
+            r"training\.loss='cross_entropy' does not fit a regression",
+        ),
         (_training(steps=10, epochs=1), r"training\.steps and training\.epochs"),
         (_training(gradient_codec="zip"), r"training\.gradient_codec='zip'"),
         (_training(freeze=["nope."]), r"training\.freeze prefix 'nope\.'"),
@@ -77,6 +86,13 @@ def test_epochs_become_steps_per_worker() -> None:
 def test_invalid_jobs_are_refused_naming_the_field(job: dict[str, Any], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         prepare_job(job, limits=LIMITS)
+
+
+def test_mse_on_a_classification_dataset_regresses_one_hot_targets() -> None:
+    assert prepare_job(_training(loss="mse"), limits=LIMITS).plan.loss == "mse"
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    one_hot = torch.tensor([[0.0, 0.0, 1.0]])
+    assert compute_loss("mse", logits, torch.tensor([2])) == F.mse_loss(logits, one_hot)
 
 
 def test_a_job_without_a_dataset_says_what_to_give() -> None:

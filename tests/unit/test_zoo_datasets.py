@@ -1,4 +1,6 @@
-"""Model zoo determinism and the builtin datasets."""
+"""Model zoo determinism, the sequential arch, and the builtin datasets."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -34,8 +36,13 @@ def test_cnn_has_two_3x3_convs_1_32_64_and_a_head():
 
 
 def test_unknown_arch_lists_the_zoo():
-    with pytest.raises(InvalidArgument, match="cnn, mlp"):
+    with pytest.raises(InvalidArgument, match="accepted: .*cnn, .*mlp, sequential"):
         zoo.build("transformer", {})
+
+
+def test_a_mistyped_arch_gets_a_suggestion():
+    with pytest.raises(InvalidArgument, match="did you mean 'sequential'"):
+        zoo.build("seqential", {})
 
 
 def test_unknown_config_key_is_named():
@@ -69,3 +76,143 @@ def test_npz_without_labels_is_refused_with_what_it_has():
     np.savez(buf, X=np.zeros((4, 2)))
     with pytest.raises(InvalidArgument, match=r"'X' and 'y'.*\['X'\]"):
         datasets.from_npz("s3://b/k.npz", buf.getvalue())
+
+
+# --- the sequential arch --------------------------------------------------------------------
+
+SEED_NET = {
+    "input_shape": [1, 8, 8],
+    "layers": [
+        {"type": "conv2d", "out_channels": 32, "kernel_size": 3, "stride": 1},
+        "relu",
+        {"type": "conv2d", "out_channels": 64, "kernel_size": 3, "stride": 1},
+        "relu",
+        {"type": "maxpool2d", "kernel_size": 2},
+        {"type": "dropout", "p": 0.25},
+        "flatten",
+        {"type": "linear", "out_features": 128},
+        "relu",
+        {"type": "dropout", "p": 0.5},
+    ],
+    "num_classes": 10,
+}
+
+
+def test_sequential_builds_the_layers_it_is_given_with_inferred_sizes_and_a_head():
+    model = zoo.build("sequential", SEED_NET)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == [
+        (1, 32, (3, 3), (1, 1)),
+        (32, 64, (3, 3), (1, 1)),
+    ]
+    assert (model.head.in_features, model.head.out_features) == (128, 10)
+    assert model.body[7].in_features == 64 * 2 * 2  # 8 -> 6 -> 4 -> pooled 2
+    assert model(torch.zeros(3, 64)).shape == (3, 10)
+
+
+def test_the_seed_example_job_is_exactly_the_seed_net():
+    from maas import jobs
+
+    job = jobs.load_job_file(Path(__file__).parents[2] / "examples/jobs/seed-convnet-mse.yaml")
+    assert job["model"]["config"] == SEED_NET
+    assert job["training"]["loss"] == "mse"
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "stride": 2, "padding": 1},
+        {"type": "avgpool2d", "kernel_size": 2, "stride": 1},
+        {"type": "batchnorm"},
+        {"type": "layernorm"},
+        "gelu",
+        "tanh",
+        "sigmoid",
+    ],
+    ids=lambda layer: layer if isinstance(layer, str) else layer["type"],
+)
+def test_every_layer_type_builds_and_its_computed_shape_is_what_torch_gives(layer):
+    config = {"input_shape": [2, 6, 6], "layers": [layer, "flatten"], "num_classes": 3}
+    model = zoo.build("sequential", config)
+    flat = model.body(torch.zeros(2, 2, 6, 6)).shape[1]
+    assert model.head.in_features == flat
+    assert model(torch.zeros(2, 72)).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("arch", "config"),
+    [
+        ("mlp", {}),
+        ("mlp", {"hidden": [7, 5, 3], "in_features": 9, "num_classes": 4}),
+        ("cnn", {}),
+        ("cnn", {"channels": [3], "image_size": 6, "in_channels": 2}),
+        ("sequential", SEED_NET),
+        (
+            "sequential",
+            {
+                "input_shape": [3, 5, 5],
+                "layers": [{"type": "batchnorm"}, {"type": "layernorm"}, "flatten"],
+            },
+        ),
+    ],
+)
+def test_the_counted_parameters_are_what_the_built_model_has(arch, config):
+    assert zoo.parameter_count(arch, config) == zoo.count_parameters(zoo.build(arch, config))
+
+
+def test_a_config_survives_its_round_trip_through_a_manifest():
+    parsed = zoo.parse_config("sequential", SEED_NET)
+    assert zoo.parse_config("sequential", zoo.config_to_dict(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    ("layers", "message"),
+    [
+        (
+            [{"type": "conv2d", "out_channels": 8, "kernel_size": 9}],
+            r"layers\[0\] \(conv2d\) kernel_size=9 does not fit",
+        ),
+        (
+            [{"type": "conv2d", "out_channels": 8, "kernel_sise": 3}],
+            r"layers\[0\]\.kernel_sise: unknown key; did you mean 'kernel_size'",
+        ),
+        (["flatten", "rleu"], r"layers\[1\]\.type='rleu' is not a layer; did you mean 'relu'"),
+        (
+            ["flatten", {"type": "conv2d", "out_channels": 2, "kernel_size": 1}],
+            r"layers\[1\] \(conv2d\) needs an image input",
+        ),
+        (
+            [{"type": "linear", "out_features": 3}],
+            r"layers\[0\] \(linear\) needs a vector input .* flatten",
+        ),
+        (["relu"], "end them with flatten"),
+        ([{"type": "dropout", "p": 1.5}, "flatten"], r"layers\[0\]\.p=1\.5 must be < 1"),
+        ([{"type": "conv2d", "kernel_size": 3}], r"layers\[0\] \(conv2d\) needs out_channels"),
+        ([{"type": "maxpool2d", "kernel_size": 2, "padding": 2}, "flatten"], "at most half"),
+    ],
+)
+def test_a_bad_layer_is_refused_naming_its_index_and_field(layers, message):
+    with pytest.raises(InvalidArgument, match=message):
+        zoo.parse_config("sequential", {"input_shape": [1, 8, 8], "layers": layers})
+
+
+def test_a_sequential_config_needs_its_input_shape():
+    with pytest.raises(InvalidArgument, match="input_shape"):
+        zoo.parse_config("sequential", {"layers": ["flatten"]})
+
+
+def test_a_model_too_large_is_refused_by_counting_not_allocating():
+    with pytest.raises(InvalidArgument, match=r"model\.config\.hidden\[0\]: .*7,500,000,000,010"):
+        zoo.check_size("mlp", {"hidden": [10**11]}, limit=10**8)
+
+
+def test_judging_a_config_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = (
+        f"import sys; from maas import zoo; zoo.check_size('sequential', {SEED_NET!r}, 10**8); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -19,14 +19,11 @@ import logging
 import socket
 import warnings
 from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-import torch
-from torch import nn
 
 from maas import errors
-from maas.artifacts import Manifest, materialize, pack
 from maas.config import Settings
 from maas.errors import MaasError, Unavailable
 from maas.registry import wire
@@ -41,6 +38,12 @@ from maas.registry.types import (
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
 from maas.store import AsyncObjectStore
+
+if TYPE_CHECKING:  # torch is imported by the calls that need it: `maas models list` needs none
+    import torch
+    from torch import nn
+
+    from maas.artifacts import Manifest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -186,6 +189,8 @@ class RegistryClient:
         platform settings. ``parent`` may be a version, ``name@alias`` or a ModelVersion; it is
         recorded as a concrete version number.
         """
+        from maas.artifacts import pack
+
         parent_ref = await self._resolve_parent(parent)
         files, manifest = await asyncio.to_thread(
             pack,
@@ -312,6 +317,8 @@ class RegistryClient:
 
     async def fetch(self, ref: RefLike) -> tuple[ModelVersion, Manifest, dict[str, bytes]]:
         """Resolve ``ref`` and read its files from S3, each verified against its sha256."""
+        from maas.artifacts import Manifest
+
         version = await self.get(ref)
         contents = await asyncio.gather(
             *(
@@ -324,6 +331,8 @@ class RegistryClient:
 
     async def load(self, ref: RefLike) -> nn.Module:
         """The module of ``name``, ``name@version`` or ``name@alias``, in eval mode."""
+        from maas.artifacts import materialize
+
         _, manifest, files = await self.fetch(ref)
         # fetch() checked every file against its registered sha256 as it read it.
         return await asyncio.to_thread(materialize, manifest, files, verified=True)

@@ -48,9 +48,16 @@ def artifact_prefix(name: str, version: int) -> str:
     return f"{name}/{version}/"
 
 
+# What a bare ``name`` resolves to: the ``production`` alias if it is set, else the newest version
+# made by one of PRIMARY_METHODS (or registered without a method). A compressed variant (int8,
+# pruned, distilled) is never picked by default: someone has to promote it with an alias.
+DEFAULT_ALIAS = "production"
+PRIMARY_METHODS: tuple[str, ...] = ("train", "finetune", "import")
+
+
 @dataclass(frozen=True)
 class ModelRef:
-    """``name`` (latest), ``name@3`` (a version) or ``name@production`` (an alias)."""
+    """``name`` (see DEFAULT_ALIAS), ``name@3`` (a version) or ``name@production`` (an alias)."""
 
     name: str
     version: int | None = None

@@ -139,12 +139,15 @@ class TrainingSpec:
         return max(1, math.ceil(self.epochs * rows_per_worker / self.batch_size))
 
     def loss_for(self, task: str) -> str:
+        """The job's loss, or the task's default; mse on classes regresses one-hot targets."""
         expected = LOSSES[task]
-        if self.loss is not None and self.loss != expected:
-            raise InvalidArgument(
-                f"training.loss={self.loss!r} does not fit a {task} dataset; use {expected!r}"
-            )
-        return expected
+        if self.loss is None or self.loss == expected:
+            return expected
+        if task == "classification" and self.loss == "mse":
+            return "mse"
+        raise InvalidArgument(
+            f"training.loss={self.loss!r} does not fit a {task} dataset; use {expected!r}"
+        )
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

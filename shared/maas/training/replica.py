@@ -25,6 +25,8 @@ def compute_loss(name: str, output: torch.Tensor, target: torch.Tensor) -> torch
     if name == "cross_entropy":
         return F.cross_entropy(output, target)
     if name == "mse":
+        if not target.is_floating_point():  # class labels: regress their one-hot encoding
+            target = F.one_hot(target.long(), output.shape[-1]).to(output.dtype)
         return F.mse_loss(output, target.reshape(output.shape))
     raise InvalidArgument(f"loss {name!r} is unknown; use cross_entropy or mse")
 
@@ -37,7 +39,7 @@ class BatchResult:
 
 
 def _accuracy(output: torch.Tensor, target: torch.Tensor, loss: str) -> float | None:
-    if loss != "cross_entropy":
+    if target.is_floating_point():  # regression targets: no classes to be right about
         return None
     return float((output.argmax(dim=1) == target).float().mean())
 

@@ -1,0 +1,180 @@
+"""The end-to-end demo behind `maas demo` (see maas.cli_demo for what it does).
+
+Kept apart from the command so that building the CLI parser imports none of this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from maas import jobs
+from maas.cli_jobs import console, follow
+from maas.config import Settings
+from maas.datasets import load_builtin
+from maas.errors import FailedPrecondition
+from maas.registry import RegistryClient
+from maas.registry.types import ModelVersion
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
+ACCURACY_TOLERANCE = 0.01  # the promotion policy: within 1 point of the parent
+LATENCY_REQUESTS = 50
+
+
+@dataclass
+class Row:
+    version: ModelVersion
+    p50_ms: float | None = None
+
+
+class Demo:
+    def __init__(self, settings: Settings, timeout_s: float) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self.run_id = uuid.uuid4().hex[:6]
+        self.training: list[jobs.JobSummary] = []  # train/finetune jobs, for the curves
+
+    async def submit(self, file: str, **changes: Any) -> jobs.JobSummary:
+        doc = jobs.load_job_file(EXAMPLES / file)
+        doc.update(changes)
+        job = jobs.prepare_job(doc, f"demo-{self.run_id}-{Path(file).stem}")
+        jobs.check_job(job, self.settings)
+        await jobs.publish_job(self.settings, job)
+        console().rule(f"[bold]{job['type']}[/bold] {job['job_id']}")
+        summary = await follow(self.settings, job["job_id"], self.timeout_s)
+        if summary.state != "succeeded":
+            raise FailedPrecondition(f"demo job {job['job_id']} ended {summary.state}")
+        if job["type"] != "compress":
+            self.training.append(summary)
+        return summary
+
+    async def run(self) -> None:
+        trained = await self.submit("train-digits-mlp.yaml")
+        assert trained.model is not None
+        parent_ref = {"name": trained.model["name"], "version": trained.model["version"]}
+        compressed = await self.submit("compress-digits-mlp.yaml", base=parent_ref)
+        async with RegistryClient(self.settings) as registry:
+            parent = await registry.get(f"{parent_ref['name']}@{parent_ref['version']}")
+            # The compress job's final status names every variant it registered.
+            variants = [
+                await registry.get(f"{m['name']}@{m['version']}") for m in compressed.models
+            ]
+            best = promote(parent, variants)
+            await registry.set_alias(best.name, "production", best.version)
+            console().print(
+                f"policy: the smallest variant within {ACCURACY_TOLERANCE:.0%} accuracy of the "
+                f"parent -> [bold]{best.name}@{best.version}[/bold] ({best.method}) is production"
+            )
+        rows = [Row(v) for v in sorted([parent, *variants], key=lambda v: v.version)]
+        await asyncio.to_thread(self.query_and_time, rows)
+        await self.submit("train-digits-0-4.yaml")
+        await self.submit("finetune-digits-5-9.yaml")
+        print_table(rows, best)
+        plot = plot_curves(self.training, self.settings.state_path / "demo")
+        console().print(f"training curves: {plot}")
+
+    def query_and_time(self, rows: list[Row]) -> None:
+        """One prediction through alias production, then p50 latency of every variant."""
+        import tritonclient.grpc as triton
+
+        digits = load_builtin("digits")
+        row = digits.x_test[:1].astype(np.float32)
+        client = triton.InferenceServerClient(self.settings.inference_addr)
+        try:
+            name = rows[0].version.name
+            answer = _infer(triton, client, name, "", row)
+            console().print(
+                f"gRPC ModelInfer {name} (alias production): predicted {int(answer.argmax())}, "
+                f"label {int(digits.y_test[0])}"
+            )
+            for r in rows:
+                r.p50_ms = _p50_ms(triton, client, name, str(r.version.version), row)
+        finally:
+            client.close()
+
+
+def _infer(triton: Any, client: Any, name: str, version: str, row: np.ndarray) -> np.ndarray:
+    metadata = client.get_model_metadata(name, version)
+    inputs = [triton.InferInput(metadata.inputs[0].name, list(row.shape), "FP32")]
+    inputs[0].set_data_from_numpy(row)
+    result = client.infer(name, inputs, model_version=version)
+    return np.asarray(result.as_numpy(metadata.outputs[0].name))
+
+
+def _p50_ms(triton: Any, client: Any, name: str, version: str, row: np.ndarray) -> float:
+    _infer(triton, client, name, version, row)  # loads the version and warms it up
+    metadata = client.get_model_metadata(name, version)
+    inputs = [triton.InferInput(metadata.inputs[0].name, list(row.shape), "FP32")]
+    inputs[0].set_data_from_numpy(row)
+    times = []
+    for _ in range(LATENCY_REQUESTS):
+        start = time.perf_counter()
+        client.infer(name, inputs, model_version=version)
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def promote(parent: ModelVersion, variants: list[ModelVersion]) -> ModelVersion:
+    """Smallest artifact whose accuracy is within the tolerance of the parent's (or the parent)."""
+    floor = parent.metrics.get("accuracy", 0.0) - ACCURACY_TOLERANCE
+    eligible = [v for v in variants if v.metrics.get("accuracy", -1.0) >= floor]
+    return min([parent, *eligible], key=lambda v: v.size_bytes)
+
+
+def print_table(rows: list[Row], production: ModelVersion) -> None:
+    table = Table(title="digits-mlp and its variants")
+    for column in ("VERSION", "METHOD", "ACCURACY", "SIZE (KB)", "P50 gRPC (ms)", "LINEAGE"):
+        table.add_column(column)
+    for r in rows:
+        v = r.version
+        star = " *production" if v.version == production.version else ""
+        table.add_row(
+            f"{v.name}@{v.version}{star}",
+            v.method or "",
+            f"{v.metrics.get('accuracy', float('nan')):.4f}",
+            f"{v.size_bytes / 1024:.1f}",
+            "" if r.p50_ms is None else f"{r.p50_ms:.2f}",
+            f"<- {v.parent}" if v.parent else f"job {v.job_id}",
+        )
+    console().print(table)
+
+
+def plot_curves(summaries: list[jobs.JobSummary], out_dir: Path) -> Path:
+    """Loss and accuracy per step for every training job of the demo, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display here
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for summary in summaries:
+        points = [
+            (e["step"], e["metrics"])
+            for e in summary.history
+            if e.get("metrics") and "step" in e and e["state"] in ("running", "checkpointed")
+        ]
+        if not points:
+            continue
+        steps = [s for s, _ in points]
+        for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
+            values = [m.get(key) for _, m in points]
+            if any(v is not None for v in values):
+                ax.plot(steps, [np.nan if v is None else v for v in values], label=summary.job_id)
+    for ax, title in ((loss_ax, "training loss"), (acc_ax, "accuracy")):
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    path = out_dir / "training-curves.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

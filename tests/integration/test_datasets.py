@@ -1,0 +1,72 @@
+"""Datasets uploaded by any S3 tool: hashed on first use, verified on every use after."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import uuid
+
+import numpy as np
+import pytest
+
+from maas import datasets
+from maas.errors import IntegrityError, InvalidArgument
+from maas.store import DATASETS_BUCKET, ObjectStore
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+
+@pytest.fixture
+def store(stack) -> ObjectStore:
+    return ObjectStore(stack.settings)
+
+
+def npz_bytes(rows: int = 20) -> bytes:
+    buf = io.BytesIO()
+    rng = np.random.default_rng(rows)
+    np.savez(buf, X=rng.normal(size=(rows, 4)).astype(np.float32), y=np.arange(rows) % 2)
+    return buf.getvalue()
+
+
+def plain_upload(store: ObjectStore, key: str, data: bytes) -> None:
+    """What `mc cp` or `aws s3 cp` does: the bytes, and none of our metadata."""
+    store.client.put_object(DATASETS_BUCKET, key, io.BytesIO(data), len(data))
+
+
+def a_key() -> str:
+    return f"test-datasets/{uuid.uuid4().hex}.npz"
+
+
+def test_a_plain_s3_upload_is_hashed_on_first_use_and_recorded(store, stack):
+    key, data = a_key(), npz_bytes()
+    plain_upload(store, key, data)
+    uri = f"s3://{DATASETS_BUCKET}/{key}"
+    assert datasets.fetch_bytes(store, uri, stack.settings) == data
+    recorded = json.loads(store.get_bytes(DATASETS_BUCKET, key + datasets.SIDECAR_SUFFIX))
+    assert recorded["sha256"] == hashlib.sha256(data).hexdigest()
+    assert datasets.fetch_bytes(store, uri, stack.settings) == data  # verified this time
+    parsed = datasets.from_npz(uri, data)
+    assert parsed.task == "classification" and parsed.num_features == 4
+
+
+def test_bytes_changed_after_first_use_are_refused(store, stack):
+    key = a_key()
+    plain_upload(store, key, npz_bytes(20))
+    uri = f"s3://{DATASETS_BUCKET}/{key}"
+    datasets.fetch_bytes(store, uri, stack.settings)
+    plain_upload(store, key, npz_bytes(30))
+    with pytest.raises(IntegrityError, match="changed since its sha256 was recorded on first use"):
+        datasets.fetch_bytes(store, uri, stack.settings)
+
+
+def test_a_maas_upload_is_verified_by_its_metadata_and_needs_no_sidecar(store, stack):
+    key, data = a_key(), npz_bytes()
+    store.put_bytes(DATASETS_BUCKET, key, data)
+    assert datasets.fetch_bytes(store, f"s3://{DATASETS_BUCKET}/{key}", stack.settings) == data
+    assert not store.exists(DATASETS_BUCKET, key + datasets.SIDECAR_SUFFIX)
+
+
+def test_a_dataset_outside_the_allowed_buckets_is_refused_before_any_read(store, stack):
+    with pytest.raises(InvalidArgument, match="MAAS_DATASET_BUCKETS"):
+        datasets.fetch_bytes(store, "s3://maas-models/anything.npz", stack.settings)

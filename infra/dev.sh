@@ -16,10 +16,24 @@ export MAAS_CACHE_DIR="$CACHE"
 
 log() { printf '[dev.sh] %s\n' "$*" >&2; }
 
+# torch from PyPI depends on ~4 GB of CUDA wheels (nvidia-*, triton) that a CPU machine never
+# loads. requirements.lock is the CPU set, installed with --no-deps so pip cannot pull them in;
+# requirements-cuda.lock adds them where a GPU is found or MAAS_TORCH=cuda asks for them.
+torch_flavour() {
+  case "${MAAS_TORCH:-auto}" in
+    cpu|cuda) printf '%s' "$MAAS_TORCH" ;;
+    auto) if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+            printf cuda; else printf cpu; fi ;;
+    *) log "MAAS_TORCH=${MAAS_TORCH} is unknown; use cpu, cuda or auto (the default)"; exit 2 ;;
+  esac
+}
+
 venv_path() {
   local hash
-  hash="$(cat "$ROOT/requirements.lock" "$ROOT/pyproject.toml" | sha256sum | cut -c1-12)"
-  printf '%s/venv-%s' "$CACHE" "$hash"
+  # The locks are the exact install set (the editable install of this checkout adds no deps), so
+  # they alone name the venv: editing pyproject.toml's tool settings does not rebuild it.
+  hash="$(cat "$ROOT/requirements.lock" "$ROOT/requirements-cuda.lock" | sha256sum | cut -c1-12)"
+  printf '%s/venv-%s-%s' "$CACHE" "$(torch_flavour)" "$hash"
 }
 
 ensure_venv() {
@@ -30,10 +44,13 @@ ensure_venv() {
     exec 9>"$VENV.lock"
     flock 9
     if [[ ! -f "$VENV/.complete" ]]; then
-      log "creating $VENV (first run for this requirements.lock + pyproject.toml; takes minutes)"
+      log "creating $VENV ($(torch_flavour) torch; first run for these locks; takes minutes)"
       rm -rf "$VENV"
       "$PYTHON" -m venv "$VENV"
-      "$VENV/bin/python" -m pip install -q -r "$ROOT/requirements.lock"
+      "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements.lock"
+      if [[ "$(torch_flavour)" == cuda ]]; then
+        "$VENV/bin/python" -m pip install -q --no-deps -r "$ROOT/requirements-cuda.lock"
+      fi
       touch "$VENV/.complete"
     fi
     flock -u 9

@@ -4,10 +4,14 @@ Producer: ``enable_idempotence`` + ``acks=all``, so a retried send is written on
 validated before they leave, so a bug in a producer never reaches other services.
 
 Consumer: offsets are committed only after the handler returned (its effect is durable), so a
-crash redelivers instead of dropping. What a handler cannot ever process (undecodable bytes, a
-schema violation, a non-retriable ``MaasError``) goes to ``maas.dlq.v1`` with the reason and the
-original bytes and is then committed: one poison record never blocks a partition. Other
-failures are retried with backoff by seeking back, and dead-lettered after ``max_attempts``.
+crash redelivers instead of dropping. A record that cannot be read (headers, bytes, nesting,
+schema: any failure before the handler, whatever its type) or that the handler refuses for good
+(a non-retriable ``MaasError``) goes to ``maas.dlq.v1`` with the reason and the original bytes
+(cut to fit, size and sha256 kept; ``maas.deadletter``) and is then committed: one poison record
+never blocks a partition. Other failures are retried with backoff by seeking back, and
+dead-lettered after ``max_attempts``. A dead-letter write that keeps failing is retried with
+backoff ``dlq_max_attempts`` times, the record uncommitted; then the loop stops with
+``ConsumerDied`` saying why, and ``maas.liveness`` turns that into health and metrics.
 
 The per-record decisions (decode, classify a failure) are plain functions; only ``run`` does I/O.
 """
@@ -15,6 +19,7 @@ The per-record decisions (decode, classify a failure) are plain functions; only 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import traceback
 import uuid
@@ -24,16 +29,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaConnectionError, KafkaError
+from aiokafka.errors import KafkaError
 
 from maas import events
 from maas.config import Settings
+from maas.deadletter import DeadLetter, Headers
 from maas.errors import MaasError, SchemaViolation, Unavailable
 from maas.topics import DLQ, Topic
 
 log = logging.getLogger(__name__)
 
-Headers = list[tuple[str, bytes]]
+__all__ = ["DeadLetter", "Headers"]  # re-exported: consumers' hooks receive DeadLetter
+
+MAX_DLQ_BACKOFF_S = 5.0
+MAX_POLL_BACKOFF_S = 5.0
+
+
+class ConsumerDied(Unavailable):
+    """A consumer loop stopped for good; the message says why and what stays uncommitted."""
+
+    reason_code = "consumer_died"
 
 
 @dataclass(frozen=True)
@@ -49,51 +64,31 @@ class Record:
     timestamp_ms: int = 0
 
 
-@dataclass(frozen=True)
-class DeadLetter:
-    """Why a record was dead-lettered; ``event`` is set when it did decode."""
-
-    topic: str
-    partition: int
-    offset: int
-    key: str | None
-    value: bytes | None
-    headers: Headers
-    code: str
-    message: str
-    event: dict[str, Any] | None = None
-
-    def to_event(self, consumer_group: str) -> dict[str, Any]:
-        return events.new_event(
-            events.DLQ,
-            source_topic=self.topic,
-            partition=self.partition,
-            offset=self.offset,
-            consumer_group=consumer_group,
-            reason={"code": self.code, "message": self.message},
-            original=self.value if self.value is not None else b"",
-            original_headers={k: v.decode("latin-1") for k, v in self.headers},
-        )
-
-
 def _topic_name(topic: str | Topic) -> str:
     return topic.name if isinstance(topic, Topic) else topic
 
 
 def _key_text(key: bytes | None) -> str | None:
-    return None if key is None else key.decode("utf-8", errors="replace")
+    return None if key is None else bytes(key).decode("utf-8", errors="replace")
 
 
 # --- pure steps ---------------------------------------------------------------------------------
 
 
-def _headers(raw: ConsumerRecord[bytes, bytes]) -> Headers:
-    return [(k, bytes(v)) for k, v in (raw.headers or ())]
+def read_headers(raw: ConsumerRecord[bytes, bytes]) -> Headers:
+    """The record's headers as (text key, bytes or None); never fails, whatever the bytes."""
+    headers: Headers = []
+    for key, value in raw.headers or ():
+        text = key if isinstance(key, str) else bytes(key).decode("utf-8", errors="replace")
+        headers.append((text, None if value is None else bytes(value)))
+    return headers
 
 
-def decode_value(raw: ConsumerRecord[bytes, bytes]) -> dict[str, Any]:
+def decode_value(
+    raw: ConsumerRecord[bytes, bytes], *, max_depth: int = Settings.event_max_depth
+) -> dict[str, Any]:
     """Raw Kafka record -> event map; raises SchemaViolation when it cannot be decoded."""
-    return events.decode(raw.value, _headers(raw))
+    return events.decode(raw.value, read_headers(raw), max_depth=max_depth)
 
 
 def to_record(
@@ -109,25 +104,44 @@ def to_record(
         offset=raw.offset,
         key=_key_text(raw.key),
         event=event,
-        headers=_headers(raw),
+        headers=read_headers(raw),
         timestamp_ms=raw.timestamp,
     )
+
+
+def read_record(
+    raw: ConsumerRecord[bytes, bytes],
+    expected_schemas: Iterable[str] | None,
+    *,
+    max_depth: int = Settings.event_max_depth,
+) -> Record:
+    """Decode and validate; every failure, whatever its type, is a SchemaViolation (poison)."""
+    try:
+        return to_record(raw, decode_value(raw, max_depth=max_depth), expected_schemas)
+    except SchemaViolation:
+        raise
+    except Exception as exc:  # a reader bug on odd bytes is still this record's problem
+        raise SchemaViolation(
+            events.clip(f"record could not be read: {type(exc).__name__}: {exc}")
+        ) from exc
 
 
 def dead_letter_for(
     raw: ConsumerRecord[bytes, bytes], error: BaseException, event: dict[str, Any] | None
 ) -> DeadLetter:
-    code = error.reason_code if isinstance(error, MaasError) else "handler_failed"
-    message = error.message if isinstance(error, MaasError) else f"{type(error).__name__}: {error}"
+    if isinstance(error, MaasError):
+        code, message = error.reason_code, error.message
+    else:
+        code, message = "handler_failed", f"{type(error).__name__}: {error}"
     return DeadLetter(
         topic=raw.topic,
         partition=raw.partition,
         offset=raw.offset,
         key=_key_text(raw.key),
-        value=raw.value,
-        headers=_headers(raw),
+        value=None if raw.value is None else bytes(raw.value),
+        headers=read_headers(raw),
         code=code,
-        message=message,
+        message=events.clip(message),
         event=event,
     )
 
@@ -137,15 +151,23 @@ def is_poison(error: BaseException) -> bool:
     return isinstance(error, MaasError) and not error.retriable
 
 
+def dlq_backoff_s(failures: int, base_ms: int) -> float:
+    """How long to wait after the ``failures``-th failed dead-letter write in a row."""
+    return float(min(base_ms / 1000 * 2 ** (failures - 1), MAX_DLQ_BACKOFF_S))
+
+
 # --- producer -----------------------------------------------------------------------------------
 
 
 class EventProducer:
     """Idempotent, acks=all producer of validated events (msgpack on the wire)."""
 
-    def __init__(self, settings: Settings, *, client_id: str = "maas") -> None:
+    def __init__(
+        self, settings: Settings, *, client_id: str = "maas", request_timeout_ms: int = 30_000
+    ) -> None:
         self._settings = settings
         self._client_id = client_id
+        self._request_timeout_ms = request_timeout_ms
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self) -> None:
@@ -158,7 +180,7 @@ class EventProducer:
             acks="all",
             max_request_size=self._settings.kafka_max_message_bytes,
             linger_ms=2,
-            request_timeout_ms=30_000,
+            request_timeout_ms=self._request_timeout_ms,
         )
         try:
             await producer.start()
@@ -292,6 +314,7 @@ class EventConsumer:
         self._max_poll_records = max_poll_records
         self._consumer: AIOKafkaConsumer | None = None
         self._attempts: dict[tuple[str, int, int], int] = {}
+        self._dlq_failures = 0
         self._stopping = asyncio.Event()
         self.handled = 0
         self.dead_lettered = 0
@@ -348,17 +371,30 @@ class EventConsumer:
         return self._consumer
 
     async def run(self) -> None:
-        """Process records until ``stop()``; transient broker errors are waited out."""
+        """Process records until ``stop()``; transient broker errors are waited out.
+
+        Raises ConsumerDied when the DLQ stayed unwritable (the record is left uncommitted).
+        """
         consumer = self._require()
+        lost = 0
         while not self._stopping.is_set():
             try:
                 batches = await consumer.getmany(timeout_ms=200)
-            except KafkaConnectionError as exc:
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise ConsumerDied(f"consumer {self.group_id} cannot fetch: {exc!r}") from exc
+                lost += 1
                 log.warning("consumer %s lost the broker (%s); retrying", self.group_id, exc)
-                await asyncio.sleep(1.0)
+                await self._pause(min(0.5 * lost, MAX_POLL_BACKOFF_S))
                 continue
+            lost = 0
             for tp, raws in batches.items():
                 await self._process_partition(consumer, tp, raws)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on ``stop()``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
 
     async def _process_partition(
         self,
@@ -367,40 +403,38 @@ class EventConsumer:
         raws: list[ConsumerRecord[bytes, bytes]],
     ) -> None:
         next_offset: int | None = None
-        for raw in raws:
-            if self._stopping.is_set():
-                break
-            if not await self._process_one(raw):
-                # Redeliver from this record; later records of the partition wait their turn.
-                consumer.seek(tp, raw.offset)
-                break
-            next_offset = raw.offset + 1
+        try:
+            for raw in raws:
+                if self._stopping.is_set():
+                    break
+                if not await self._process_one(raw):
+                    # Redeliver from this record; later records of the partition wait their turn.
+                    consumer.seek(tp, raw.offset)
+                    break
+                next_offset = raw.offset + 1
+        except ConsumerDied:
+            if next_offset is not None:
+                await self._commit(consumer, tp, next_offset)  # what was done stays done
+            raise
         if next_offset is not None:
             # One commit per partition batch: every record before next_offset is done.
             await self._commit(consumer, tp, next_offset)
 
     async def _process_one(self, raw: ConsumerRecord[bytes, bytes]) -> bool:
         """Handle one record; True when it may be committed (handled or dead-lettered)."""
-        event: dict[str, Any] | None = None
         try:
-            event = decode_value(raw)
-            await self._handler(to_record(raw, event, self._expected))
+            record = read_record(raw, self._expected, max_depth=self._settings.event_max_depth)
+        except SchemaViolation as exc:
+            return await self._reject(raw, exc, None)
+        where = (raw.topic, raw.partition, raw.offset)
+        try:
+            await self._handler(record)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure is classified, none escapes the loop
-            where = (raw.topic, raw.partition, raw.offset)
             attempts = self._attempts.get(where, 0) + 1
-            if is_poison(exc) or isinstance(exc, SchemaViolation) or attempts >= self._max_attempts:
-                try:
-                    await self._dead_letter(dead_letter_for(raw, exc, event))
-                except Unavailable as dlq_exc:
-                    log.warning(
-                        "DLQ unreachable (%s); keeping %s@%d", dlq_exc, raw.topic, raw.offset
-                    )
-                    await asyncio.sleep(1.0)
-                    return False
-                self._attempts.pop(where, None)
-                return True
+            if is_poison(exc) or attempts >= self._max_attempts:
+                return await self._reject(raw, exc, record.event)
             self._attempts[where] = attempts
             log.warning(
                 "handler failed on %s[%d]@%d (attempt %d/%d), will redeliver: %s",
@@ -409,12 +443,42 @@ class EventConsumer:
                 raw.offset,
                 attempts,
                 self._max_attempts,
-                "".join(traceback.format_exception_only(exc)).strip(),
+                events.clip("".join(traceback.format_exception_only(exc)).strip()),
             )
-            await asyncio.sleep(self._retry_backoff_ms / 1000 * 2 ** (attempts - 1))
+            await self._pause(self._retry_backoff_ms / 1000 * 2 ** (attempts - 1))
             return False
-        self._attempts.pop((raw.topic, raw.partition, raw.offset), None)
+        self._attempts.pop(where, None)
         self.handled += 1
+        return True
+
+    async def _reject(
+        self, raw: ConsumerRecord[bytes, bytes], error: BaseException, event: dict[str, Any] | None
+    ) -> bool:
+        """Dead-letter ``raw``; True once written, False (after a backoff) to try again."""
+        try:
+            await self._dead_letter(dead_letter_for(raw, error, event))
+        except Exception as exc:  # a DLQ write failing for any reason keeps the record
+            self._dlq_failures += 1
+            where = f"{raw.topic}[{raw.partition}]@{raw.offset}"
+            if self._dlq_failures >= self._settings.dlq_max_attempts:
+                raise ConsumerDied(
+                    f"consumer {self.group_id} could not write to {DLQ.name} "
+                    f"{self._dlq_failures} times in a row ({events.clip(repr(exc), 300)}); "
+                    f"{where} stays uncommitted and is read again after a restart"
+                ) from exc
+            delay = dlq_backoff_s(self._dlq_failures, self._retry_backoff_ms)
+            log.warning(
+                "DLQ write failed (%s); keeping %s, retry %d/%d in %.1f s",
+                events.clip(repr(exc), 300),
+                where,
+                self._dlq_failures,
+                self._settings.dlq_max_attempts,
+                delay,
+            )
+            await self._pause(delay)
+            return False
+        self._dlq_failures = 0
+        self._attempts.pop((raw.topic, raw.partition, raw.offset), None)
         return True
 
     async def _dead_letter(self, letter: DeadLetter) -> None:
@@ -427,8 +491,9 @@ class EventConsumer:
             letter.message,
         )
         # The DLQ write must succeed before the commit, or the record would be lost: this
-        # raises Unavailable (the loop keeps the record uncommitted) when Kafka is down.
-        await self._producer.send(DLQ, letter.to_event(self.group_id), key=letter.key)
+        # raises (the loop keeps the record uncommitted) when Kafka is down.
+        dlq_event = letter.to_event(self.group_id, self._settings.kafka_max_message_bytes)
+        await self._producer.send(DLQ, dlq_event, key=letter.dlq_key)
         self.dead_lettered += 1
         if self._on_dead_letter is not None:
             try:

@@ -47,6 +47,21 @@ class Settings:
             doc="largest record the broker, producers and consumers accept",
         ),
     )
+    event_max_depth: int = field(
+        default=32,
+        metadata=_env(
+            "MAAS_EVENT_MAX_DEPTH",
+            doc="deepest nesting of maps/lists an event may have; deeper ones go to the DLQ",
+        ),
+    )
+    dlq_max_attempts: int = field(
+        default=8,
+        metadata=_env(
+            "MAAS_DLQ_MAX_ATTEMPTS",
+            doc="dead-letter writes tried (backoff doubling up to 5 s) before a consumer stops, "
+            "keeping the record uncommitted, and its service reports NOT_SERVING",
+        ),
+    )
     # --- S3 ----------------------------------------------------------------------------------
     s3_endpoint: str = field(
         default="127.0.0.1:9000", metadata=_env("MAAS_S3_ENDPOINT", doc="S3 host:port")
@@ -97,6 +112,29 @@ class Settings:
     registry_addr: str = field(
         default="127.0.0.1:50051",
         metadata=_env("MAAS_REGISTRY_ADDR", doc="address clients use to reach the registry"),
+    )
+    registry_max_manifest_bytes: int = field(
+        default=1 * MiB,
+        metadata=_env("MAAS_REGISTRY_MAX_MANIFEST_BYTES", doc="largest manifest.json registered"),
+    )
+    registry_max_metrics: int = field(
+        default=1000,
+        metadata=_env("MAAS_REGISTRY_MAX_METRICS", doc="most metrics one manifest may carry"),
+    )
+    registry_max_request_bytes: int = field(
+        default=8 * MiB,
+        metadata=_env(
+            "MAAS_REGISTRY_MAX_REQUEST_BYTES",
+            doc="largest gRPC message the registry accepts (upload chunks are 1-4 MiB)",
+        ),
+    )
+    registry_max_reply_bytes: int = field(
+        default=3 * MiB,
+        metadata=_env(
+            "MAAS_REGISTRY_MAX_REPLY_BYTES",
+            doc="largest registry reply; list pages stop short of it, so clients on gRPC's "
+            "default 4 MiB limit always fit",
+        ),
     )
     inference_listen: str = field(
         default="127.0.0.1:8001",

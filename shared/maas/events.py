@@ -7,6 +7,7 @@ On the wire it is msgpack; JSON is accepted when the record has header
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -20,6 +21,7 @@ import msgpack
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 
+from maas.config import Settings
 from maas.errors import SchemaViolation
 from maas.suggest import unknown_key
 
@@ -29,6 +31,9 @@ MODEL = "maas.model/1"
 DLQ = "maas.dlq/1"
 GRADIENT = "maas.gradient/1"
 PARAMS = "maas.params/1"
+
+# Reasons quote offending values; a quoted 16 MiB string would make every reason that big.
+MAX_REASON_CHARS = 500
 
 CONTENT_TYPE_HEADER = "content-type"
 JSON_CONTENT_TYPE = "application/json"
@@ -78,15 +83,24 @@ def validate(event: Any, expected: str | Iterable[str] | None = None) -> dict[st
     if not isinstance(event, dict):
         raise SchemaViolation(f"an event must be a map, got {type(event).__name__}")
     name = event.get("schema")
+    if not isinstance(name, str):
+        raise SchemaViolation(
+            f"schema must be a string like {JOB!r}, got {type(name).__name__}; "
+            f"known: {known_schemas()}"
+        )
     allowed = {expected} if isinstance(expected, str) else set(expected or ())
     if allowed and name not in allowed:
-        raise SchemaViolation(f"schema {name!r} is not accepted here; expected {sorted(allowed)}")
-    validator = _validators().get(name) if isinstance(name, str) else None
+        raise SchemaViolation(
+            f"schema {clip(repr(name))} is not accepted here; expected {sorted(allowed)}"
+        )
+    validator = _validators().get(name)
     if validator is None:
-        raise SchemaViolation(f"unknown event schema {name!r}; known: {known_schemas()}")
-    errors = sorted(validator.iter_errors(event), key=lambda e: list(e.absolute_path))
+        raise SchemaViolation(f"unknown event schema {clip(repr(name))}; known: {known_schemas()}")
+    # A few errors say what is wrong; all of them could be millions (one per list element).
+    first = itertools.islice(validator.iter_errors(event), 20)
+    errors = sorted(first, key=lambda e: [str(p) for p in e.absolute_path])
     if errors:
-        raise SchemaViolation("; ".join(_describe(e) for e in errors[:5]))
+        raise SchemaViolation(clip("; ".join(_describe(e) for e in errors[:5])))
     return event
 
 
@@ -99,26 +113,76 @@ def _describe(error: Any) -> str:
             for key in error.instance
             if key not in known
         )
-    return f"{where or '(event)'}: {error.message}"
+    return f"{where or '(event)'}: {clip(error.message, 200)}"
+
+
+def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, saying how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
 def encode(event: Mapping[str, Any]) -> bytes:
     return msgpack.packb(event, use_bin_type=True)
 
 
-def decode(value: bytes | None, headers: Iterable[tuple[str, bytes]] = ()) -> dict[str, Any]:
-    """Decode a record value (msgpack, or JSON when its header says so) into an event map."""
+def decode(
+    value: bytes | None,
+    headers: Iterable[tuple[str, bytes | None]] = (),
+    *,
+    max_depth: int = Settings.event_max_depth,
+) -> dict[str, Any]:
+    """Decode a record value (msgpack, or JSON when its header says so) into an event map.
+
+    Anything that is not a map of string keys nested at most ``max_depth`` deep is a
+    SchemaViolation: retrying cannot change the bytes.
+    """
     if value is None:
         raise SchemaViolation("record has no value")
-    content_type = dict(headers).get(CONTENT_TYPE_HEADER, b"").decode("latin-1").lower()
+    is_json = content_type(headers).startswith(JSON_CONTENT_TYPE)
     try:
-        if content_type.startswith(JSON_CONTENT_TYPE):
-            obj = json.loads(value)
-        else:
-            obj = msgpack.unpackb(value, raw=False)
-    except (ValueError, msgpack.UnpackException) as exc:
-        kind = "JSON" if content_type.startswith(JSON_CONTENT_TYPE) else "msgpack"
-        raise SchemaViolation(f"record value is not valid {kind}: {exc}") from None
+        obj = json.loads(value) if is_json else msgpack.unpackb(value, raw=False)
+    except (ValueError, RecursionError, msgpack.UnpackException) as exc:
+        kind = "JSON" if is_json else "msgpack"
+        raise SchemaViolation(clip(f"record value is not valid {kind}: {exc}")) from None
     if not isinstance(obj, dict):
         raise SchemaViolation(f"record value must decode to a map, got {type(obj).__name__}")
+    check_shape(obj, max_depth)
     return obj
+
+
+def content_type(headers: Iterable[tuple[str, bytes | None]]) -> str:
+    """The record's content-type header, lower case ('' when absent, null or not text)."""
+    for key, value in headers:
+        if key.lower() == CONTENT_TYPE_HEADER and value:
+            return value.decode("latin-1").strip().lower()
+    return ""
+
+
+def check_shape(obj: Any, max_depth: int) -> None:
+    """SchemaViolation unless every map has string keys and nothing nests over ``max_depth``.
+
+    Iterative, so a hostile record cannot exhaust the interpreter's recursion limit here or in
+    the schema validator that runs next.
+    """
+    stack: list[tuple[Any, tuple[Any, ...]]] = [(obj, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) >= max_depth:
+            raise SchemaViolation(
+                f"{_path_text(path)} nests deeper than {max_depth} levels (MAAS_EVENT_MAX_DEPTH)"
+            )
+        items = node.items() if isinstance(node, dict) else enumerate(node)
+        for key, child in items:
+            if isinstance(node, dict) and not isinstance(key, str):
+                raise SchemaViolation(
+                    f"{_path_text(path)} has a {type(key).__name__} key; event keys must be strings"
+                )
+            if isinstance(child, dict | list):
+                stack.append((child, (*path, key)))
+
+
+def _path_text(path: tuple[Any, ...]) -> str:
+    shown = ".".join(clip(str(p), 40) for p in path[:8])
+    return (shown + ("…" if len(path) > 8 else "")) or "(event)"

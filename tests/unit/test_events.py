@@ -94,3 +94,49 @@ def test_every_schema_file_is_loaded():
         events.GRADIENT,
         events.PARAMS,
     }
+
+
+def deep(depth: int) -> list:
+    node: list = []
+    for _ in range(depth):
+        node = [node]
+    return node
+
+
+@pytest.mark.parametrize("schema", [{"a": 1}, ["maas.job/1"], 7, None, b"maas.job/1"])
+def test_a_schema_field_that_is_not_text_is_a_violation_naming_it(schema):
+    with pytest.raises(SchemaViolation, match="schema must be a string"):
+        events.validate(a_job(schema=schema), events.JOB)
+
+
+def test_nesting_deeper_than_the_limit_is_refused_without_recursing():
+    value = events.encode(a_job(model={"config": {"x": deep(40)}}))
+    with pytest.raises(SchemaViolation, match="deeper than 32"):
+        events.decode(value, max_depth=32)
+    assert events.decode(value, max_depth=64)["job_id"] == "job-1"
+
+
+def test_json_nested_past_the_interpreters_recursion_limit_is_a_violation():
+    value = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(SchemaViolation, match="not valid JSON|deeper"):
+        events.decode(value, [("content-type", b"application/json")])
+
+
+def test_map_keys_must_be_text():
+    import msgpack
+
+    value = msgpack.packb({"schema": "maas.job/1", "model": {b"name": "x"}})
+    with pytest.raises(SchemaViolation, match="model has a bytes key"):
+        events.decode(value)
+
+
+def test_a_null_content_type_header_means_msgpack():
+    event = a_job()
+    assert events.decode(events.encode(event), [("content-type", None)]) == event
+
+
+def test_a_huge_offending_value_is_clipped_in_the_reason():
+    job = a_job(job_id="x" * 1_000_000)
+    with pytest.raises(SchemaViolation) as caught:
+        events.validate(job, events.JOB)
+    assert len(caught.value.message) <= events.MAX_REASON_CHARS + 40

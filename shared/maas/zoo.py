@@ -20,6 +20,9 @@ from typing import TYPE_CHECKING, Any
 from maas import zoo_layers
 from maas.errors import InvalidArgument
 from maas.suggest import did_you_mean, unknown_key
+from maas.text.bert_config import BertConfig, bert_output_shape, bert_parameters
+from maas.text.gpt_config import GPTConfig
+from maas.text.gpt_config import parameter_breakdown as gpt_parameters
 
 if TYPE_CHECKING:
     from torch import nn
@@ -192,6 +195,14 @@ ARCHS: dict[str, Arch] = {
         _sequential_to_dict,
     ),
 }
+ARCHS["bert"] = Arch(  # a BERT text encoder, with an optional classification head (maas.text)
+    "bert", BertConfig, "Bert", _dataclass_config(BertConfig), lambda c: (c.max_seq_length,),
+    bert_parameters, output_shape=bert_output_shape,
+)  # fmt: skip
+ARCHS["gpt"] = Arch(  # a decoder-only transformer over byte tokens (maas.text.gpt)
+    "gpt", GPTConfig, "GPT", _dataclass_config(GPTConfig), lambda c: (c.block_size,),
+    gpt_parameters, output_shape=lambda c: (c.block_size, c.vocab_size),
+)  # fmt: skip
 
 
 def get_arch(name: str) -> Arch:

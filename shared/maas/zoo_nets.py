@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from maas.text.bert import Bert  # noqa: F401  (arch "bert", built by name like the rest)
+from maas.text.gpt import GPT  # noqa: F401  (arch "gpt")
 from maas.zoo_layers import Layer, Shape, infer
 
 if TYPE_CHECKING:

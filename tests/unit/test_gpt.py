@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from maas import artifacts, zoo
 from maas.errors import InvalidArgument
 from maas.text import byte_tokenizer, gpt_corpus
 from maas.text.gpt import GPT, KVCache
@@ -161,3 +162,13 @@ def test_config_errors_name_the_field() -> None:
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(InvalidArgument, match="block_size=0"):
         GPTConfig(block_size=0)
+
+
+def test_the_zoo_builds_it_and_artifacts_round_trip(model: GPT) -> None:
+    assert zoo.parameter_count("gpt", CONFIG) == parameter_count(model.config)
+    files, manifest = artifacts.pack(model, "gpt", CONFIG)
+    loaded = artifacts.materialize(manifest, files)
+    ids = torch.arange(12)[None]
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids), model(ids))
+    assert isinstance(zoo.build("gpt", CONFIG), GPT)

@@ -38,7 +38,17 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
-def parameter_count(c: GPTConfig) -> int:
-    """Embeddings, then per block 2 LayerNorms, qkv + output projections and the 4x MLP."""
+def parameter_breakdown(c: GPTConfig) -> list[tuple[str, int]]:
+    """Parameters per config field that sizes them: embeddings, then per block two LayerNorms,
+    the qkv and output projections and the 4x MLP, then the final LayerNorm."""
     per_block = 12 * c.n_embd**2 + 13 * c.n_embd
-    return (c.vocab_size + c.block_size) * c.n_embd + c.n_layer * per_block + 2 * c.n_embd
+    return [
+        ("vocab_size", c.vocab_size * c.n_embd),
+        ("block_size", c.block_size * c.n_embd),
+        ("n_layer", c.n_layer * per_block),
+        ("n_embd", 2 * c.n_embd),
+    ]
+
+
+def parameter_count(c: GPTConfig) -> int:
+    return sum(n for _, n in parameter_breakdown(c))

@@ -1,0 +1,163 @@
+"""OIP ``ModelStreamInfer`` for generative models: one response per token, the last flagged final.
+
+A request names a GPT version and carries the prompt as a ``BYTES`` input ``text_input`` (shape
+[1]); sampling settings are request parameters (``max_tokens``, ``temperature``, ``top_p``,
+``top_k``, ``seed`` — numbers may be sent as text, since tritonclient's parameters carry only
+str, int and bool — and ``stop`` as a string or a JSON list of strings). Each token comes back as
+a ``ModelInferResponse`` with outputs ``text_output`` (BYTES [1], the text it released) and
+``token_id`` (INT64 [1]) and the parameter ``triton_final_response`` (true on the last one, which
+also carries ``finish_reason``), as Triton's decoupled models answer. With the request parameter
+``triton_enable_empty_final_response`` (tritonclient's ``enable_empty_final_response``) every
+token is non-final and an empty response closes the request.
+
+Several requests may share one stream; they decode concurrently. A request that fails answers
+``error_message`` and the stream goes on. When the client cancels the stream, every request on
+it stops and its slot is freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+
+from maas.errors import InvalidArgument, MaasError
+from maas.oip import grpc_predict_v2_pb2 as pb
+from maas.text import wire
+from maas.text.sampling import SamplingParams, Token
+from services.inference.generation import GenerationEngine, Generators
+
+TEXT_INPUT = "text_input"
+TEXT_OUTPUT = "text_output"
+TOKEN_ID = "token_id"
+FINAL = "triton_final_response"
+EMPTY_FINAL = "triton_enable_empty_final_response"
+Send = Callable[[pb.ModelStreamInferResponse], None]
+NUMBERS: dict[str, type[int] | type[float]] = {
+    "max_tokens": int,
+    "temperature": float,
+    "top_p": float,
+    "top_k": int,
+    "seed": int,
+}
+
+
+def _parameter(param: pb.InferParameter) -> object:
+    choice = param.WhichOneof("parameter_choice")
+    return None if choice is None else getattr(param, choice)
+
+
+def prompt_of(request: pb.ModelInferRequest) -> str:
+    """The single ``text_input`` BYTES element, decoded as UTF-8."""
+    for i, tensor in enumerate(request.inputs):
+        if tensor.name != TEXT_INPUT:
+            continue
+        if tensor.datatype != wire.BYTES:
+            break
+        if request.raw_input_contents:
+            array = wire.decode_raw(tensor, request.raw_input_contents[i])
+        else:
+            array = wire.decode_typed(tensor)
+        if array.size == 1:
+            return bytes(array.reshape(-1)[0]).decode("utf-8", errors="replace")
+    sent = [(t.name, t.datatype, list(t.shape)) for t in request.inputs]
+    raise InvalidArgument(
+        f"a generation request needs one input {TEXT_INPUT!r} of datatype BYTES and shape [1] "
+        f"holding the prompt; it has {sent}"
+    )
+
+
+def _number(key: str, value: object, kind: type[int] | type[float]) -> object:
+    """tritonclient sends parameters as str, int or bool only: numbers may come as text."""
+    if isinstance(value, str) or (kind is float and isinstance(value, int)):
+        try:
+            return kind(value)
+        except ValueError:
+            raise InvalidArgument(f"parameter {key}={value!r} must be a number") from None
+    return value
+
+
+def sampling_of(request: pb.ModelInferRequest) -> tuple[SamplingParams, bool]:
+    """Sampling settings from the request parameters, and whether an empty final is wanted."""
+    params = {k: _parameter(v) for k, v in request.parameters.items()}
+    empty_final = bool(params.pop(EMPTY_FINAL, False))
+    fields: dict[str, object] = {}
+    for key, kind in NUMBERS.items():
+        if params.get(key) is not None:
+            fields[key] = _number(key, params[key], kind)
+    stop = params.get("stop")
+    if isinstance(stop, str) and stop.startswith("["):
+        try:
+            stop = json.loads(stop)
+        except ValueError:
+            raise InvalidArgument(
+                f"parameter stop={stop!r} is not a JSON list of strings"
+            ) from None
+    if stop is not None:
+        fields["stop"] = stop
+    return SamplingParams.from_request(fields), empty_final
+
+
+def token_response(
+    request: pb.ModelInferRequest, engine: GenerationEngine, token: Token | None, final: bool
+) -> pb.ModelStreamInferResponse:
+    """One stream message; ``token=None`` is the empty final response."""
+    response = pb.ModelInferResponse(
+        model_name=engine.model_name, model_version=str(engine.model_version), id=request.id
+    )
+    response.parameters[FINAL].bool_param = final
+    if token is not None:
+        text = np.array([token.text.encode()], dtype=object)
+        response.outputs.add(name=TEXT_OUTPUT, datatype=wire.BYTES, shape=[1])
+        response.raw_output_contents.append(wire.encode_raw(text))
+        response.outputs.add(name=TOKEN_ID, datatype="INT64", shape=[1])
+        response.raw_output_contents.append(np.array([token.id], dtype="<i8").tobytes())
+        if token.finish is not None:
+            response.parameters["finish_reason"].string_param = token.finish
+    return pb.ModelStreamInferResponse(infer_response=response)
+
+
+async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send) -> None:
+    try:
+        prompt = prompt_of(request)
+        params, empty_final = sampling_of(request)
+        engine = await generators.engine(request.model_name, request.model_version)
+        async with contextlib.aclosing(engine.stream(prompt, params)) as tokens:
+            async for token in tokens:
+                last = token.finish is not None
+                send(token_response(request, engine, token, last and not empty_final))
+        if empty_final:
+            send(token_response(request, engine, None, True))
+    except MaasError as exc:
+        send(pb.ModelStreamInferResponse(error_message=exc.message))
+
+
+async def serve(
+    generators: Generators, requests: AsyncIterator[pb.ModelInferRequest]
+) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    """The responses for every request arriving on one stream, as they are produced."""
+    out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    running: set[asyncio.Task[None]] = set()
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                task = asyncio.create_task(_one(generators, request, out.put_nowait))
+                running.add(task)
+                task.add_done_callback(running.discard)
+            await asyncio.gather(*running)
+        finally:
+            out.put_nowait(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (item := await out.get()) is not None:
+            yield item
+        await reader  # the client's half-close ended it; surface a broken request stream
+    finally:
+        for task in (reader, *running):
+            task.cancel()
+        await asyncio.gather(reader, *running, return_exceptions=True)

@@ -1,0 +1,267 @@
+"""OpenAI-compatible HTTP routes for generative models: completions, chat completions, models.
+
+The routes are a thin adapter over the same ``Generators`` the OIP ``ModelStreamInfer`` uses, so
+both front doors share one engine (and its slots) per model version. ``stream: true`` answers as
+server-sent events, one ``data:`` line per token and ``data: [DONE]`` at the end; a client that
+disconnects mid-stream ends the stream, which frees its slot at once.
+
+``model`` is a registry name, optionally ``name@version`` or ``name@alias`` (default
+``production``). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
+with the HTTP status of the ``MaasError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from maas.errors import InvalidArgument, MaasError
+from maas.text.sampling import SamplingParams, Token, prompt_ids
+from services.inference.generation import Generators
+
+if TYPE_CHECKING:
+    from maas.edge import Authorizer
+
+log = logging.getLogger(__name__)
+
+Authorize = Callable[[web.Request], object]  # raises Unauthenticated / PermissionDenied
+# The gRPC method whose role the HTTP routes need: generating is what ModelStreamInfer does.
+GENERATE_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 400,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+}
+ROLES = ("system", "user", "assistant")
+COMPLETION_DEFAULTS = {"max_tokens": 16, "temperature": 1.0}
+CHAT_DEFAULTS = {"max_tokens": 64, "temperature": 1.0}
+# OpenAI fields we accept but that change nothing here (one choice, no logprobs, no penalties).
+IGNORED = frozenset(
+    {"user", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
+     "stream_options", "echo", "best_of", "logit_bias", "suffix", "response_format"}
+)  # fmt: skip
+SAMPLING = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+                      "seed", "stop"})  # fmt: skip
+
+
+def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def openai_errors(handler: Handler) -> Handler:
+    """MaasError -> OpenAI's error shape with the matching HTTP status."""
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except MaasError as exc:
+            status = HTTP_STATUS.get(exc.grpc_code, 500)
+            return web.json_response(error_body(exc.message, status), status=status)
+
+    return handle
+
+
+def bearer_auth(authorizer: Authorizer) -> Authorize:
+    """The gRPC edge's token check on the ``Authorization`` header (same tokens, same roles)."""
+
+    def authorize(request: web.Request) -> object:
+        header = request.headers.get("Authorization", "")
+        return authorizer.authorize(GENERATE_METHOD, [("authorization", header)])
+
+    return authorize
+
+
+def _split_model(model: Any) -> tuple[str, str]:
+    if not isinstance(model, str) or not model:
+        raise InvalidArgument("model must be a model name, e.g. 'gpt' or 'gpt@production'")
+    name, _, ref = model.partition("@")
+    return name, ref
+
+
+def _sampling(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> SamplingParams:
+    unknown = sorted(set(body) - SAMPLING - IGNORED - {"model", "prompt", "messages", "stream"})
+    if unknown:
+        raise InvalidArgument(f"unknown request fields {unknown}")
+    if body.get("n", 1) != 1:
+        raise InvalidArgument(f"n={body['n']!r}: only one choice per request is supported")
+    fields = dict(body)
+    if fields.get("max_completion_tokens") is not None:
+        fields["max_tokens"] = fields["max_completion_tokens"]
+    return SamplingParams.from_request(fields, **defaults)
+
+
+def completion_prompt(body: Mapping[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidArgument("prompt must be one string (lists of prompts are not supported)")
+    return prompt
+
+
+def chat_prompt(body: Mapping[str, Any]) -> str:
+    """Messages as one text the model continues: ``role: content`` lines, then ``assistant:``."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidArgument("messages must be a non-empty list of {role, content}")
+    lines = []
+    for i, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if role not in ROLES or not isinstance(content, str):
+            raise InvalidArgument(
+                f"messages[{i}] must have role in {list(ROLES)} and string content"
+            )
+        lines.append(f"{role}: {content}")
+    return "\n".join(lines) + "\nassistant:"
+
+
+def _sse(payload: Mapping[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+class OpenAIRoutes:
+    """The handlers; ``add_to(app)`` registers them on the server's aiohttp application."""
+
+    def __init__(self, generators: Generators, authorize: Authorize | None = None) -> None:
+        self._generators = generators
+        self._authorize = authorize
+
+    def add_to(self, app: web.Application) -> None:
+        app.router.add_get("/v1/models", openai_errors(self.models))
+        app.router.add_post("/v1/completions", openai_errors(self.completions))
+        app.router.add_post("/v1/chat/completions", openai_errors(self.chat_completions))
+
+    async def _check(self, request: web.Request) -> dict[str, Any]:
+        if self._authorize is not None:
+            self._authorize(request)
+        if request.method != "POST":
+            return {}
+        try:
+            body = await request.json()
+        except ValueError as exc:
+            raise InvalidArgument(f"the request body is not JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidArgument("the request body must be a JSON object")
+        return body
+
+    async def models(self, request: web.Request) -> web.Response:
+        await self._check(request)
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "maas"}
+            for name in self._generators.names()
+        ]
+        return web.json_response({"object": "list", "data": data})
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._check(request)
+        return await self._answer(
+            request, body, completion_prompt(body), _sampling(body, COMPLETION_DEFAULTS), chat=False
+        )
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        body = await self._check(request)
+        return await self._answer(
+            request, body, chat_prompt(body), _sampling(body, CHAT_DEFAULTS), chat=True
+        )
+
+    async def _answer(
+        self,
+        request: web.Request,
+        body: Mapping[str, Any],
+        prompt: str,
+        params: SamplingParams,
+        *,
+        chat: bool,
+    ) -> web.StreamResponse:
+        name, ref = _split_model(body.get("model"))
+        engine = await self._generators.engine(name, ref)
+        shape = _Shape(str(body["model"]), chat, len(prompt_ids(prompt, engine.block_size)))
+        tokens = engine.stream(prompt, params)
+        if body.get("stream"):
+            return await self._stream(request, shape, tokens)
+        async with contextlib.aclosing(tokens):
+            pieces = [token async for token in tokens]
+        return web.json_response(shape.whole(pieces))
+
+    async def _stream(
+        self, request: web.Request, shape: _Shape, tokens: AsyncGenerator[Token, None]
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        async with contextlib.aclosing(tokens):
+            first = await anext(tokens)  # errors before the first token still get a status
+            await response.prepare(request)
+            if shape.chat:
+                await response.write(_sse(shape.chunk({"role": "assistant", "content": ""})))
+            token: Token | None = first
+            while token is not None:
+                await response.write(_sse(shape.piece(token)))
+                token = await anext(tokens, None)
+        await response.write(_sse("[DONE]"))
+        await response.write_eof()
+        return response
+
+
+class _Shape:
+    """OpenAI's response objects for one request (ids, timestamps, usage)."""
+
+    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
+        self.model = model
+        self.chat = chat
+        self.prompt_tokens = prompt_tokens
+        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def _envelope(self, obj: str, choice: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, **choice}],
+        }
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+        return self._envelope("chat.completion.chunk", {"delta": delta, "finish_reason": finish})
+
+    def piece(self, token: Token) -> dict[str, Any]:
+        if self.chat:
+            return self.chunk({"content": token.text}, token.finish)
+        return self._envelope(
+            "text_completion", {"text": token.text, "logprobs": None, "finish_reason": token.finish}
+        )
+
+    def whole(self, tokens: list[Token]) -> dict[str, Any]:
+        text = "".join(t.text for t in tokens)
+        finish = tokens[-1].finish if tokens else None
+        if self.chat:
+            choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
+        else:
+            choice = {"text": text, "logprobs": None}
+        reply = self._envelope(self.object, {**choice, "finish_reason": finish})
+        reply["usage"] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": len(tokens),
+            "total_tokens": self.prompt_tokens + len(tokens),
+        }
+        return reply

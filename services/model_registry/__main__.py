@@ -15,10 +15,11 @@ from pathlib import Path
 from maas.bus import EventProducer
 from maas.config import Settings
 from maas.lifecycle import configure_logging, run_until_signalled
+from maas.liveness import Liveness
 from maas.store import MODELS_BUCKET, AsyncObjectStore
 from services.model_registry.core import RegistryCore
 from services.model_registry.outbox import OutboxRelay
-from services.model_registry.service import RegistryService
+from services.model_registry.service import RegistryLimits, RegistryService
 from services.model_registry.servicer import build_server, set_serving
 
 log = logging.getLogger("services.model_registry")
@@ -41,15 +42,21 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         bucket=MODELS_BUCKET,
         part_size_bytes=settings.s3_part_size_bytes,
         on_commit=relay.wake,
+        limits=RegistryLimits.of(settings),
     )
     server, health = build_server(service, settings)
     port = server.add_insecure_port(settings.registry_listen)
     relay_task: asyncio.Task[None] | None = None
     try:
         await store.start()
+        await service.sweep_incomplete_uploads()
         await server.start()
         await set_serving(health, True)
-        relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+        # A relay that died would leave events unpublished: the health says so and why.
+        liveness = Liveness(on_change=lambda _why: set_serving(health, False))
+        relay_task = asyncio.create_task(
+            liveness.supervise("outbox-relay", relay.run()), name="outbox-relay"
+        )
         log.info(
             "model registry listening on %s (port %d), db %s, schema v%d",
             settings.registry_listen,

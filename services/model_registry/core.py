@@ -18,12 +18,13 @@ import sqlite3
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from maas import events
-from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.config import Settings
+from maas.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from maas.registry.types import (
     DEFAULT_ALIAS,
     MANIFEST_FILE,
@@ -120,6 +121,7 @@ class ManifestInfo:
     method: str | None
     job_id: str | None
     metrics: dict[str, float]
+    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {dtype, shape}
 
 
 @dataclass(frozen=True)
@@ -141,12 +143,22 @@ class OutboxEntry:
     event: dict[str, Any]
 
 
-def parse_manifest(data: bytes) -> ManifestInfo:
+def parse_manifest(
+    data: bytes,
+    *,
+    max_bytes: int = Settings.registry_max_manifest_bytes,
+    max_metrics: int = Settings.registry_max_metrics,
+) -> ManifestInfo:
     """Validate the parts of a manifest the registry relies on; InvalidArgument names the field."""
+    if len(data) > max_bytes:
+        raise ResourceExhausted(
+            f"manifest_json is {len(data)} bytes; at most {max_bytes} are accepted "
+            "(MAAS_REGISTRY_MAX_MANIFEST_BYTES)"
+        )
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"manifest_json is not JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise InvalidArgument(f"manifest_json is not JSON: {events.clip(str(exc), 200)}") from None
     if not isinstance(obj, dict):
         raise InvalidArgument("manifest_json must be a JSON object (maas.artifacts.Manifest)")
     arch, fmt = obj.get("arch"), obj.get("format", "dense")
@@ -163,7 +175,8 @@ def parse_manifest(data: bytes) -> ManifestInfo:
         parent=_manifest_parent(obj.get("parent")),
         method=_optional_text(obj, "method"),
         job_id=_optional_text(obj, "job_id"),
-        metrics=_manifest_metrics(obj.get("metrics") or {}),
+        metrics=_manifest_metrics(obj.get("metrics") or {}, max_metrics),
+        tensors=_manifest_tensors(obj.get("tensors") or {}),
     )
 
 
@@ -194,12 +207,34 @@ def _optional_text(obj: dict[str, Any], key: str) -> str | None:
     return value or None
 
 
-def _manifest_metrics(metrics: Any) -> dict[str, float]:
+def _manifest_metrics(metrics: Any, limit: int) -> dict[str, float]:
     if not isinstance(metrics, dict) or not all(
         isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values()
     ):
         raise InvalidArgument("manifest.metrics must map names to numbers")
-    return {str(k): float(v) for k, v in metrics.items()}
+    if len(metrics) > limit:
+        raise ResourceExhausted(
+            f"manifest.metrics has {len(metrics)} entries; at most {limit} are accepted "
+            "(MAAS_REGISTRY_MAX_METRICS)"
+        )
+    try:
+        return {str(k): float(v) for k, v in metrics.items()}
+    except OverflowError:
+        raise InvalidArgument("manifest.metrics holds a number too large for a double") from None
+
+
+def _manifest_tensors(tensors: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(tensors, dict) or not all(
+        isinstance(t, dict)
+        and isinstance(t.get("dtype"), str)
+        and isinstance(t.get("shape"), list)
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in t["shape"])
+        for t in tensors.values()
+    ):
+        raise InvalidArgument(
+            'manifest.tensors must map tensor names to {"dtype": "float32", "shape": [3, 4]}'
+        )
+    return tensors
 
 
 def page_size_of(requested: int) -> int:
@@ -382,8 +417,7 @@ class RegistryCore:
                 (name, below, below, size + 1),
             ).fetchall()
             page = [self._version_from_row(db, r) for r in rows[:size]]
-        token = str(page[-1].version) if len(rows) > size else ""
-        return page, token
+        return page, (version_token(page[-1]) if len(rows) > size else "")
 
     def delete_version(self, name: str, version: int, actor: str) -> ModelVersion:
         """Hide a version for good (its number is not reused); refused while aliased."""
@@ -438,7 +472,7 @@ class RegistryCore:
                 )
                 for r in rows[:size]
             ]
-        return page, (page[-1].name if len(rows) > size else "")
+        return page, (model_token(page[-1]) if len(rows) > size else "")
 
     # --- aliases -----------------------------------------------------------------------------
 
@@ -683,7 +717,19 @@ def _node(row: sqlite3.Row) -> LineageNode:
     )
 
 
+def version_token(last: ModelVersion) -> str:
+    """The page token that continues a version listing after ``last``."""
+    return str(last.version)
+
+
+def model_token(last: ModelSummary) -> str:
+    """The page token that continues a model listing after ``last``."""
+    return last.name
+
+
 def _int_token(token: str) -> int:
-    if not token.isdigit():
-        raise InvalidArgument(f"page_token {token!r} is not one this server issued")
+    if not token.isascii() or not token.isdigit() or len(token) > 18:
+        raise InvalidArgument(
+            f"page_token {events.clip(repr(token), 40)} is not one this server issued"
+        )
     return int(token)

@@ -3,8 +3,9 @@
 Registration of one model is serialized: the next number is reserved, the files stream to
 ``<name>/<version>/``, ``manifest.json`` is written last, then the version row (with its outbox
 event) commits. Until that commit nothing is visible; on any failure the number is free again
-(versions never skip) and the prefix is cleared, at the latest by the next attempt at that
-number. Other models register concurrently.
+(versions never skip) and the prefix (files and incomplete multipart uploads) is cleared: at
+once, or in the background while S3 is away, at the latest by the next attempt at that number
+or the next start-up's sweep. Other models register concurrently.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from maas.errors import MaasError, Unavailable
+from maas.config import Settings
+from maas.errors import MaasError
 from maas.registry.types import (
     MANIFEST_FILE,
     ModelVersion,
@@ -27,10 +29,32 @@ from maas.registry.types import (
 )
 from maas.store import AsyncObjectStore
 from services.model_registry.core import NewVersion, RegistryCore, parse_manifest
+from services.model_registry.safetensors_check import WEIGHTS_FILE
 from services.model_registry.uploads import ArtifactSink
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+CLEANUP_FIRST_RETRY_S = 1.0
+CLEANUP_MAX_RETRY_S = 30.0
+CLEANUP_ATTEMPTS = 40  # about 18 minutes of S3 outage
+
+
+@dataclass(frozen=True)
+class RegistryLimits:
+    """Bounds on what one request may make the registry hold or send (see maas.config)."""
+
+    max_manifest_bytes: int = Settings.registry_max_manifest_bytes
+    max_metrics: int = Settings.registry_max_metrics
+    max_reply_bytes: int = Settings.registry_max_reply_bytes
+
+    @classmethod
+    def of(cls, settings: Settings) -> RegistryLimits:
+        return cls(
+            settings.registry_max_manifest_bytes,
+            settings.registry_max_metrics,
+            settings.registry_max_reply_bytes,
+        )
 
 
 @dataclass(frozen=True)
@@ -51,8 +75,10 @@ class RegistryService:
         part_size_bytes: int,
         on_commit: Callable[[], None] = lambda: None,
         upload_threads: int = 8,
+        limits: RegistryLimits = RegistryLimits(),
     ) -> None:
         self.core = core
+        self.limits = limits
         self._store = store
         self._bucket = bucket
         self._on_commit = on_commit
@@ -70,8 +96,18 @@ class RegistryService:
         self._model_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()
         )
+        self._cleanups: set[asyncio.Task[None]] = set()
+
+    async def sweep_incomplete_uploads(self) -> None:
+        """At start-up: abort multipart uploads a killed registry left (only it writes here)."""
+        try:
+            await self._store.abort_incomplete_uploads(self._bucket)
+        except MaasError as exc:
+            log.warning("could not sweep incomplete uploads in %s: %s", self._bucket, exc)
 
     def close(self) -> None:
+        for task in self._cleanups:
+            task.cancel()
         self._upload_threads.shutdown(wait=True, cancel_futures=True)
         self._db_thread.shutdown(wait=True)
         self.core.close()
@@ -100,16 +136,21 @@ class RegistryService:
         check_name(request.name)
         if request.alias is not None:
             check_alias(request.alias)
-        manifest = parse_manifest(request.manifest_json)
+        manifest = parse_manifest(
+            request.manifest_json,
+            max_bytes=self.limits.max_manifest_bytes,
+            max_metrics=self.limits.max_metrics,
+        )
         await self.db(self.core.check_parent, manifest.parent)
         async with self._lock_for(request.name):
             version = await self.db(self.core.next_version, request.name)
             prefix = artifact_prefix(request.name, version)
             # Whatever a crashed or failed attempt at this number left behind goes first, so the
             # prefix ends up holding exactly this artifact.
-            await self._store.delete_prefix(self._bucket, prefix)
+            await self._remove_attempt(request.name, version)
             try:
-                sizes = await self._sink.receive(prefix, manifest.files, chunks)
+                declared = {WEIGHTS_FILE: manifest.tensors} if manifest.tensors else {}
+                sizes = await self._sink.receive(prefix, manifest.files, chunks, declared)
                 # Written last: a manifest in S3 means every file it lists is complete.
                 await self._store.put_bytes(
                     self._bucket,
@@ -130,10 +171,8 @@ class RegistryService:
                     ),
                     version=version,
                 )
-            except Unavailable:
-                raise  # S3 is away: the next registration of this number clears the prefix
             except BaseException:
-                await self._discard(prefix)
+                await self._clean_up_attempt(request.name, version)
                 raise
         self._on_commit()
         log.info(
@@ -157,3 +196,42 @@ class RegistryService:
             await asyncio.shield(self._store.delete_prefix(self._bucket, prefix))
         except MaasError as exc:
             log.warning("could not remove s3://%s/%s: %s", self._bucket, prefix, exc)
+
+    async def _clean_up_attempt(self, name: str, version: int) -> None:
+        """Remove what a failed registration left (objects, incomplete multipart uploads); if S3
+        is away, keep retrying in the background so nothing stays behind once it is back."""
+        try:
+            await asyncio.shield(self._remove_attempt(name, version))
+        except MaasError as exc:
+            log.warning(
+                "cleaning up %s@%d failed (%s); retrying in the background", name, version, exc
+            )
+            task = asyncio.get_running_loop().create_task(self._retry_clean_up(name, version))
+            self._cleanups.add(task)
+            task.add_done_callback(self._cleanups.discard)
+
+    async def _remove_attempt(self, name: str, version: int) -> None:
+        prefix = artifact_prefix(name, version)
+        await self._store.abort_incomplete_uploads(self._bucket, prefix)
+        await self._store.delete_prefix(self._bucket, prefix)
+
+    async def _retry_clean_up(self, name: str, version: int) -> None:
+        delay = CLEANUP_FIRST_RETRY_S
+        for _ in range(CLEANUP_ATTEMPTS):
+            await asyncio.sleep(delay)
+            try:
+                async with self._lock_for(name):
+                    # A later attempt at this number may have committed meanwhile: then the
+                    # prefix is that version's and must stay.
+                    if await self.db(self.core.next_version, name) == version:
+                        await self._remove_attempt(name, version)
+                log.info("cleaned up the failed registration of %s@%d", name, version)
+                return
+            except MaasError as exc:
+                log.warning("cleaning up %s@%d failed again: %s", name, version, exc)
+                delay = min(delay * 2, CLEANUP_MAX_RETRY_S)
+        log.error(
+            "gave up cleaning up %s@%d; the registry's next start-up aborts its uploads",
+            name,
+            version,
+        )

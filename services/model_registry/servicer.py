@@ -11,9 +11,10 @@ import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message as ProtoMessage
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -23,6 +24,7 @@ from maas.registry import wire
 from maas.registry.types import check_version
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
+from services.model_registry.core import model_token, version_token
 from services.model_registry.service import Registration, RegistryService
 
 log = logging.getLogger(__name__)
@@ -130,9 +132,13 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         models, token = await self._service.db(
             self._core.list_models, page_size=request.page_size, page_token=request.page_token
         )
-        return pb.ListModelsResponse(
-            models=[wire.summary_to_proto(m) for m in models], next_page_token=token
+        protos, token = fit_page(
+            [wire.summary_to_proto(m) for m in models],
+            token,
+            lambda kept: model_token(models[kept - 1]),
+            self._service.limits.max_reply_bytes,
         )
+        return pb.ListModelsResponse(models=protos, next_page_token=token)
 
     async def ListVersions(
         self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext
@@ -143,9 +149,13 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
             page_size=request.page_size,
             page_token=request.page_token,
         )
-        return pb.ListVersionsResponse(
-            versions=[wire.version_to_proto(v) for v in versions], next_page_token=token
+        protos, token = fit_page(
+            [wire.version_to_proto(v) for v in versions],
+            token,
+            lambda kept: version_token(versions[kept - 1]),
+            self._service.limits.max_reply_bytes,
         )
+        return pb.ListVersionsResponse(versions=protos, next_page_token=token)
 
     async def SetAlias(
         self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext
@@ -190,6 +200,21 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
             self._core.alias_history, request.name, request.alias or None
         )
         return pb.AliasHistory(changes=[wire.change_to_proto(c) for c in changes])
+
+
+M = TypeVar("M", bound=ProtoMessage)
+
+
+def fit_page(
+    protos: list[M], token: str, token_after: Callable[[int], str], max_bytes: int
+) -> tuple[list[M], str]:
+    """The longest head of a page that fits ``max_bytes`` (at least one item), and its token."""
+    total = 0
+    for kept, proto in enumerate(protos):
+        total += proto.ByteSize() + 8  # the field's tag and length prefix
+        if total > max_bytes and kept > 0:
+            return protos[:kept], token_after(kept)
+    return protos, token
 
 
 async def _chunks(

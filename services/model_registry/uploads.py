@@ -22,7 +22,9 @@ from minio import Minio
 from minio.error import S3Error
 
 from maas.errors import FailedPrecondition, IntegrityError, InvalidArgument, Unavailable
+from maas.events import clip
 from maas.store import SHA256_META
+from services.model_registry.safetensors_check import SUFFIX, HeadCapture, check_safetensors
 
 _PIPE_CHUNKS = 16  # chunks buffered per file before the client is slowed down
 _END = object()  # end of one file
@@ -41,8 +43,9 @@ class _Pipe(io.RawIOBase):
     the loop so it never waits on a reader that is gone.
     """
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, head: HeadCapture | None = None) -> None:
         self._loop = loop
+        self.head = head
         self._chunks: queue.SimpleQueue[bytes | object] = queue.SimpleQueue()
         self._room = asyncio.Semaphore(_PIPE_CHUNKS)
         self._pending = memoryview(b"")
@@ -84,6 +87,8 @@ class _Pipe(io.RawIOBase):
             wanted -= len(piece)
         data = b"".join(parts)
         self.hasher.update(data)
+        if self.head is not None:
+            self.head.feed(data)
         self.size += len(data)
         return data
 
@@ -94,6 +99,7 @@ class _FileUpload:
     expected_sha256: str
     pipe: _Pipe
     done: asyncio.Future[Any]
+    declared: dict[str, dict[str, Any]] | None = None  # the tensors a safetensors file must hold
 
 
 class ArtifactSink:
@@ -119,12 +125,17 @@ class ArtifactSink:
         prefix: str,
         expected: dict[str, str],
         chunks: AsyncIterator[tuple[str, bytes]],
+        tensors: dict[str, dict[str, dict[str, Any]]] | None = None,
     ) -> dict[str, int]:
         """Stream every file of ``expected`` (name -> sha256) to S3; returns name -> size.
 
+        Every ``*.safetensors`` file must parse as safetensors; ``tensors`` (file name -> the
+        tensors it must hold, name -> {dtype, shape}) is checked against its header.
+
         Raises IntegrityError when a file's bytes do not match, FailedPrecondition when a listed
-        file never came, InvalidArgument for files out of order or not listed, Unavailable when
-        S3 cannot be written. Files already written stay; the caller removes the prefix.
+        file never came, InvalidArgument for files out of order, not listed or not the declared
+        safetensors, Unavailable when S3 cannot be written. Files already written stay; the
+        caller removes the prefix.
         """
         sizes: dict[str, int] = {}
         current: _FileUpload | None = None
@@ -138,6 +149,7 @@ class ArtifactSink:
                     if current is not None:
                         sizes[current.name] = await self._finish(current)
                     current = self._open(prefix, name, expected, sizes)
+                    current.declared = (tensors or {}).get(name)
                 if data:
                     await current.pipe.put(data)
                 if current.done.done():
@@ -171,13 +183,14 @@ class ArtifactSink:
         self, prefix: str, name: str, expected: dict[str, str], done: dict[str, int]
     ) -> _FileUpload:
         if name not in expected:
+            listed = clip(repr(sorted(expected)), 300)
             raise InvalidArgument(
-                f"file {name!r} is not in the manifest (it lists {sorted(expected)})"
+                f"file {clip(repr(name), 100)} is not in the manifest (it lists {listed})"
             )
         if name in done:
             raise InvalidArgument(f"file {name!r} was sent in two pieces; send each file once")
         loop = asyncio.get_running_loop()
-        pipe = _Pipe(loop)
+        pipe = _Pipe(loop, HeadCapture() if name.endswith(SUFFIX) else None)
         future = loop.run_in_executor(
             self._executor, self._upload, prefix + name, pipe, expected[name]
         )
@@ -193,6 +206,13 @@ class ArtifactSink:
                 f"file {upload.name!r} has sha256 {actual[:16]}… but the manifest says "
                 f"{upload.expected_sha256[:16]}…: refusing a tampered or truncated artifact; "
                 "nothing was registered"
+            )
+        if upload.pipe.head is not None:
+            check_safetensors(
+                upload.name,
+                bytes(upload.pipe.head.head),
+                upload.pipe.size,
+                upload.declared,
             )
         return upload.pipe.size
 

@@ -301,6 +301,37 @@ class ObjectStore:
 
         return self._call(f"list s3://{bucket}/{prefix}", ls)
 
+    # --- incomplete multipart uploads ----------------------------------------------------------
+
+    def abort_incomplete_uploads(self, bucket: str, prefix: str = "") -> int:
+        """Abort every multipart upload under ``prefix`` still in progress; returns how many.
+
+        An upload cut short (S3 away, the process killed) otherwise keeps its parts forever,
+        invisible to ``list``. Only call it where no upload under ``prefix`` is meant to be
+        running. minio 7 keeps these two S3 calls private (its public API dropped them).
+        """
+
+        def abort_all() -> int:
+            aborted, key_marker, id_marker = 0, None, None
+            while True:
+                page = self._client._list_multipart_uploads(
+                    bucket, prefix=prefix, key_marker=key_marker, upload_id_marker=id_marker
+                )
+                for upload in page.uploads:
+                    if upload.upload_id is not None:
+                        self._client._abort_multipart_upload(
+                            bucket, upload.object_name, upload.upload_id
+                        )
+                        aborted += 1
+                if not page.is_truncated:
+                    return aborted
+                key_marker, id_marker = page.next_key_marker, page.next_upload_id_marker
+
+        aborted = self._call(f"abort incomplete uploads under s3://{bucket}/{prefix}", abort_all)
+        if aborted:
+            log.info("aborted %d incomplete uploads under s3://%s/%s", aborted, bucket, prefix)
+        return aborted
+
     # --- deletes -------------------------------------------------------------------------------
 
     def delete(self, bucket: str, key: str) -> None:
@@ -414,3 +445,6 @@ class AsyncObjectStore:
 
     async def delete_prefix(self, bucket: str, prefix: str) -> int:
         return await self._run(self.sync.delete_prefix, bucket, prefix)
+
+    async def abort_incomplete_uploads(self, bucket: str, prefix: str = "") -> int:
+        return await self._run(self.sync.abort_incomplete_uploads, bucket, prefix)

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
+import safetensors.numpy as safetensors_numpy
 import urllib3
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -36,7 +38,8 @@ from services.model_registry.core import RegistryCore
 from services.model_registry.service import RegistryService
 from services.model_registry.servicer import SERVICE_NAME, build_server, set_serving, status_for
 
-WEIGHTS = bytes(range(256)) * 40_000  # ~10 MB: several chunks and several parts
+# ~10 MB of real safetensors: several chunks and several parts
+WEIGHTS = safetensors_numpy.save({"w": np.arange(2_560_000, dtype=np.float32)})
 
 
 class FakeMinio:
@@ -76,6 +79,11 @@ class FakeStore:
         if self.client.down:
             raise Unavailable("S3 is down")
         self.client.objects[f"{bucket}/{key}"] = (data, {})
+
+    async def abort_incomplete_uploads(self, bucket: str, prefix: str = "") -> int:
+        if self.client.down:
+            raise Unavailable("S3 is down")
+        return 0
 
     async def delete_prefix(self, bucket: str, prefix: str) -> int:
         if self.client.down:

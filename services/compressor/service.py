@@ -17,6 +17,7 @@ from maas import datasets, events
 from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
 from maas.config import Settings
 from maas.errors import SchemaViolation
+from maas.liveness import Liveness
 from maas.registry.client import RegistryClient
 from maas.store import ObjectStore
 from maas.topics import JOB_STATUS, JOBS
@@ -62,7 +63,10 @@ class CompressorService:
             producer=self._producer,
             expected_schemas=[events.JOB],
             on_dead_letter=self._failed,
+            # S3 or the registry away: ~15 s of retries, then the job fails with the reason.
+            retry_backoff_ms=1000,
         )
+        self.liveness = Liveness(self.metrics.registry)
 
     async def start(self) -> None:
         await self._producer.start()
@@ -73,7 +77,9 @@ class CompressorService:
             start_http_server(self._settings.metrics_port, registry=self.metrics.registry)
 
     async def run(self) -> None:
-        await self._consumer.run()
+        # A consumer that dies (the DLQ unwritable for long) leaves the process up with
+        # maas_loop_up{loop="jobs-consumer"} 0 and the reason logged, not in a restart loop.
+        await self.liveness.supervise("jobs-consumer", self._consumer.run())
 
     async def stop(self) -> None:
         await self._consumer.stop()

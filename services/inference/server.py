@@ -23,6 +23,7 @@ from maas import events, topics
 from maas.bus import EventConsumer, EventProducer, Record
 from maas.config import Settings
 from maas.errors import InvalidArgument
+from maas.liveness import Liveness
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane, ModelSource
@@ -115,7 +116,14 @@ class InferenceServer:
             auto_offset_reset="latest",
         )
         self._consume_task: asyncio.Task[None] | None = None
+        # Without the models consumer alias moves stop arriving: then say NOT_SERVING, and why.
+        self._liveness = Liveness(self.metrics.registry, on_change=self._not_serving)
         self.port = 0
+
+    async def _not_serving(self, why: str | None) -> None:
+        self.plane.ready = False
+        for service in ("", OIP_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
     async def _on_record(self, record: Record) -> None:
         await self.plane.on_model_event(record.event)
@@ -133,7 +141,9 @@ class InferenceServer:
         await self._producer.start()
         await self._consumer.start()
         await self._consumer.wait_assigned()
-        self._consume_task = asyncio.get_running_loop().create_task(self._consumer.run())
+        self._consume_task = asyncio.get_running_loop().create_task(
+            self._liveness.supervise("models-consumer", self._consumer.run())
+        )
         self.plane.ready = True
         for service in ("", OIP_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

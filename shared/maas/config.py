@@ -121,13 +121,6 @@ class Settings:
         default=1000,
         metadata=_env("MAAS_REGISTRY_MAX_METRICS", doc="most metrics one manifest may carry"),
     )
-    registry_max_request_bytes: int = field(
-        default=8 * MiB,
-        metadata=_env(
-            "MAAS_REGISTRY_MAX_REQUEST_BYTES",
-            doc="largest gRPC message the registry accepts (upload chunks are 1-4 MiB)",
-        ),
-    )
     registry_max_reply_bytes: int = field(
         default=3 * MiB,
         metadata=_env(

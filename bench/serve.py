@@ -388,11 +388,12 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
         ServiceProcesses(Path(tmp)) as procs,
     ):
         registry = procs.start_registry()
+        # The peers serve without auth: so do ours here, to compare like with like.
         batching = procs.start_inference(
-            "maas-batching", registry, MAAS_INFERENCE_MAX_BATCH_SIZE="64"
+            "maas-batching", registry, MAAS_AUTH="off", MAAS_INFERENCE_MAX_BATCH_SIZE="64"
         )
         unbatched = procs.start_inference(
-            "maas-unbatched", registry, MAAS_INFERENCE_MAX_BATCH_SIZE="1"
+            "maas-unbatched", registry, MAAS_AUTH="off", MAAS_INFERENCE_MAX_BATCH_SIZE="1"
         )
         modules = asyncio.run(register(settings, registry))
         port = _free_port()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from maas.config import Settings
 from maas.errors import DeadlineExceeded, FailedPrecondition
+from maas.kafka_security import kafka_client_kwargs
 from maas.topics import ALL_BUCKETS, ALL_TOPICS, GRADIENTS, PARAMS
 
 log = logging.getLogger("infra.bootstrap")
@@ -65,7 +66,9 @@ async def ensure_topics(
     from aiokafka.errors import InvalidPartitionsError
 
     admin = AIOKafkaAdminClient(
-        bootstrap_servers=settings.kafka_bootstrap, client_id="maas-bootstrap"
+        bootstrap_servers=settings.kafka_bootstrap,
+        client_id="maas-bootstrap",
+        **kafka_client_kwargs(settings),
     )
     await _retry(admin.start, what=f"Kafka at {settings.kafka_bootstrap}", timeout_s=timeout_s)
     try:

@@ -35,7 +35,10 @@ _PLACEMENT = {
     "MAAS_REGISTRY_ADDR": "registry_addr",
     "MAAS_INFERENCE_LISTEN": "inference_listen",
     "MAAS_INFERENCE_ADDR": "inference_addr",
+    "MAAS_METRICS_BIND": "metrics_bind",
 }
+# Who a service is: compose names its token file; `infra.stack` moves it to the stack's auth dir.
+_IDENTITY = frozenset({"MAAS_AUTH_TOKEN", "MAAS_AUTH_TOKEN_FILE", "MAAS_AUTH_TOKENS_FILE"})
 _SUBST = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::?-([^}]*))?\}")
 
 
@@ -118,8 +121,15 @@ def local_services(
             # A listen address belongs only to the service that declares one.
             if var in base or not var.endswith("_LISTEN"):
                 base[var] = str(getattr(settings, attr))
-        # Anything the user exported explicitly wins over compose's defaults.
-        base.update({k: v for k, v in environ.items() if k in base and k not in _PLACEMENT})
+        # Anything the user exported explicitly wins over compose's defaults, except placement
+        # and a service's identity (the user's token is the CLI's, not the services').
+        base.update(
+            {
+                k: v
+                for k, v in environ.items()
+                if k in base and k not in _PLACEMENT and k not in _IDENTITY
+            }
+        )
         deps = tuple(d for d in (svc.get("depends_on") or {}) if d in python_services)
         count = _replicas(svc)
         for replica in range(count):
@@ -169,13 +179,17 @@ def _dependency_order(services: Mapping[str, Mapping[str, Any]]) -> list[str]:
 # --- readiness --------------------------------------------------------------------------------
 
 
-def grpc_serving(host: str, port: int, *, timeout_s: float = 2.0) -> bool:
-    """grpc.health.v1 says SERVING for the whole server."""
+def grpc_serving(
+    host: str, port: int, *, timeout_s: float = 2.0, settings: Settings | None = None
+) -> bool:
+    """grpc.health.v1 says SERVING for the whole server (over TLS when ``settings`` say so)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from maas.edge import open_sync_channel
+
     target = f"{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-    with grpc.insecure_channel(target) as channel:
+    with open_sync_channel(settings or Settings(), target) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout_s
@@ -196,7 +210,7 @@ def http_ok(host: str, port: int, *, path: str = "/metrics", timeout_s: float = 
         return False
 
 
-def is_ready(spec: ServiceSpec) -> bool:
+def is_ready(spec: ServiceSpec, *, settings: Settings | None = None) -> bool:
     if spec.health == "grpc":
-        return grpc_serving(spec.host, spec.port)
+        return grpc_serving(spec.host, spec.port, settings=settings)
     return http_ok(spec.host, spec.port)

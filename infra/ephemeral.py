@@ -19,6 +19,7 @@ from pathlib import Path
 from infra.s3 import WeedPorts
 from infra.stack import LocalStack
 from maas.config import Settings
+from maas.edge.auth import token_file, tokens_file
 
 # What subprocesses (services under test) need to find the same stack.
 EXPORTED_ENV = (
@@ -28,6 +29,11 @@ EXPORTED_ENV = (
     ("MAAS_S3_SECRET_KEY", "s3_secret_key"),
     ("MAAS_STATE_DIR", "state_dir"),
     ("MAAS_CACHE_DIR", "cache_dir"),
+    # Auth is on: servers started by tests find the stack's token table even with a state dir
+    # of their own, and clients send the stack's write token (admin), read from its file.
+    ("MAAS_AUTH_TOKENS_FILE", "auth_tokens_file"),
+    ("MAAS_AUTH_TOKEN_FILE", "auth_token_file"),
+    ("MAAS_AUTH_TOKEN", "auth_token"),
 )
 
 
@@ -54,6 +60,13 @@ def private_stack(
         kafka_bootstrap=f"127.0.0.1:{kafka_port}",
         s3_endpoint=f"127.0.0.1:{weed[0]}",
         state_dir=str(state_dir),
+        auth_tokens_file="",
+        auth_token_file="",
+        auth_token="",
+    )
+    # The stack's own tokens (`up` creates them), never ones from the caller's environment.
+    settings = settings.replace(
+        auth_tokens_file=str(tokens_file(settings)), auth_token_file=str(token_file(settings))
     )
     if with_services:
         registry, inference = f"127.0.0.1:{registry_port}", f"127.0.0.1:{inference_port}"

@@ -19,6 +19,7 @@ import uuid
 
 from maas.config import Settings
 from maas.errors import FailedPrecondition
+from maas.kafka_security import kafka_client_kwargs
 from maas.topics import DATASETS_BUCKET
 
 SMOKE_TOPIC = "maas.smoke"
@@ -28,7 +29,9 @@ async def kafka_round_trip(settings: Settings) -> str:
     from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
     from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=settings.kafka_bootstrap, **kafka_client_kwargs(settings)
+    )
     await admin.start()
     try:
         if SMOKE_TOPIC not in await admin.list_topics():
@@ -38,7 +41,10 @@ async def kafka_round_trip(settings: Settings) -> str:
 
     value = f"smoke {uuid.uuid4()}".encode()
     producer = AIOKafkaProducer(
-        bootstrap_servers=settings.kafka_bootstrap, acks="all", enable_idempotence=True
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        enable_idempotence=True,
+        **kafka_client_kwargs(settings),
     )
     await producer.start()
     try:
@@ -47,7 +53,9 @@ async def kafka_round_trip(settings: Settings) -> str:
         await producer.stop()
 
     consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False
+        bootstrap_servers=settings.kafka_bootstrap,
+        enable_auto_commit=False,
+        **kafka_client_kwargs(settings),
     )
     await consumer.start()
     try:

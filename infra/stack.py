@@ -2,12 +2,17 @@
 processes, with PIDs and logs under `<state_dir>/stack/`.
 
     stack = LocalStack.from_settings(Settings.from_env())
-    stack.up()        # no-op for what already runs; bootstraps topics and buckets
+    stack.up()        # no-op for what already runs; bootstraps topics and buckets, tokens
     stack.status()
     stack.down()      # data stays: the next up() finds every topic, record and object
 
 Adding a service later: give it a class with the `Component` shape (see `PythonService`) and
 append it in `LocalStack.from_settings`; `up` starts components in order, `down` in reverse.
+
+Auth is on by default: `up` makes sure the token table (MAAS_AUTH_TOKENS_FILE, default
+`<state_dir>/auth/tokens.json`) holds the stack's identities (`maas.edge.STACK_IDENTITIES`),
+creating missing tokens next to it; the services get the table and their own token file, the
+CLI finds `admin.token` in the state dir.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -26,6 +31,8 @@ from infra.kafka import KafkaBroker, file_lock
 from infra.proc import ManagedProcess, port_open, wait_until
 from infra.s3 import WeedPorts, WeedS3
 from maas.config import Settings
+from maas.edge import STACK_IDENTITIES, ensure_tokens
+from maas.edge.auth import tokens_file
 
 
 class Component(Protocol):
@@ -168,6 +175,7 @@ class LocalStack:
                 component.start(wait=False)
             for component in infra:
                 component.wait_ready(timeout_s=timeout_s)
+            ensure_tokens(tokens_file(self.settings).parent, STACK_IDENTITIES)
             if bootstrap:
                 from infra.bootstrap import bootstrap as run_bootstrap
 
@@ -230,6 +238,19 @@ def compose_services(
             host=spec.host,
             listen_port=spec.port,
             stack_dir=stack_dir,
-            env=spec.env,
-            health=partial(is_ready, spec),
+            env={**spec.env, **auth_env(settings, spec.env)},
+            health=partial(is_ready, spec, settings=settings),
         )
+
+
+def auth_env(settings: Settings, compose_env: Mapping[str, str]) -> dict[str, str]:
+    """A service's token table and token file in this stack's auth directory: the file name
+    compose gives it (e.g. inference.token), else services.token. MAAS_AUTH_TOKEN is blanked
+    so a token exported in the user's shell never becomes a service's identity."""
+    table = tokens_file(settings)
+    token_name = Path(compose_env.get("MAAS_AUTH_TOKEN_FILE") or "services.token").name
+    return {
+        "MAAS_AUTH_TOKENS_FILE": str(table),
+        "MAAS_AUTH_TOKEN_FILE": str(table.parent / token_name),
+        "MAAS_AUTH_TOKEN": "",
+    }

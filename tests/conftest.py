@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import pytest
 
 from infra.bootstrap import bootstrap
-from infra.ephemeral import ephemeral_stack
+from infra.ephemeral import ephemeral_stack, exported
 from infra.stack import LocalStack
 from maas.config import Settings
+from maas.edge.auth import token_file, tokens_file
 
 
 @dataclass
@@ -51,8 +52,13 @@ class StackHandle:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackHandle]:
     if os.environ.get("MAAS_TEST_USE_RUNNING_STACK") == "1":
         settings = Settings.from_env()
+        # Servers the tests start keep state dirs of their own: name the stack's tokens outright.
+        settings = settings.replace(
+            auth_tokens_file=str(tokens_file(settings)), auth_token_file=str(token_file(settings))
+        )
         asyncio.run(bootstrap(settings))
-        yield StackHandle(settings, LocalStack.from_settings(settings), owned=False)
+        with exported(settings):
+            yield StackHandle(settings, LocalStack.from_settings(settings), owned=False)
         return
     with ephemeral_stack(tmp_path_factory.mktemp("maas-state")) as local:
         yield StackHandle(local.settings, local, owned=True)

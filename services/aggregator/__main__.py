@@ -64,12 +64,14 @@ def build(settings: Settings, environ: Mapping[str, str]) -> Service:
     return ShardService(settings, shard)
 
 
-async def serve(service: Service, stop: asyncio.Event, metrics_port: int = 0) -> None:
+async def serve(
+    service: Service, stop: asyncio.Event, metrics_port: int = 0, metrics_bind: str = "127.0.0.1"
+) -> None:
     try:
         await service.start()
         if metrics_port:
             # Opened once started: the port answering means the replica is consuming.
-            start_http_server(metrics_port, registry=service.metrics_registry)
+            start_http_server(metrics_port, addr=metrics_bind, registry=service.metrics_registry)
         log.info("%s running", type(service).__name__)
         await run_until_stopped(service.run(), stop)
         log.info("shutting down")
@@ -82,7 +84,9 @@ def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings)
     service = build(settings, os.environ)
-    run_until_signalled(lambda stop: serve(service, stop, settings.metrics_port))
+    run_until_signalled(
+        lambda stop: serve(service, stop, settings.metrics_port, settings.metrics_bind)
+    )
 
 
 if __name__ == "__main__":

@@ -74,7 +74,11 @@ class CompressorService:
         await self._consumer.start()
         if self._settings.metrics_port:
             # Opened once consuming: the port answering means the service is up (stack waits).
-            start_http_server(self._settings.metrics_port, registry=self.metrics.registry)
+            start_http_server(
+                self._settings.metrics_port,
+                addr=self._settings.metrics_bind,
+                registry=self.metrics.registry,
+            )
 
     async def run(self) -> None:
         # A consumer that dies (the DLQ unwritable for long) leaves the process up with

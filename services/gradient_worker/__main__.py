@@ -42,7 +42,9 @@ async def serve(settings: Settings, worker_id: int, stop: asyncio.Event) -> None
     try:
         await service.start()
         if settings.metrics_port:
-            start_http_server(settings.metrics_port, registry=service.metrics.registry)
+            start_http_server(
+                settings.metrics_port, addr=settings.metrics_bind, registry=service.metrics.registry
+            )
         log.info("%s waiting for jobs on maas.params.v1", service.name)
         await run_until_stopped(service.run(), stop)
         log.info("shutting down")

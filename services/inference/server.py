@@ -22,29 +22,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from maas import events, topics
 from maas.bus import EventConsumer, EventProducer, Record
 from maas.config import Settings
+from maas.edge import Authorizer, add_port, server_options
 from maas.errors import InvalidArgument
 from maas.liveness import Liveness
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane, ModelSource
-from services.inference.interceptors import ErrorMappingInterceptor, TokenAuthInterceptor
+from services.inference.interceptors import ErrorMappingInterceptor
 from services.inference.metrics import Metrics
 from services.inference.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
 
 OIP_SERVICE = "inference.GRPCInferenceService"
-
-
-def grpc_options(settings: Settings) -> list[tuple[str, int]]:
-    limit = settings.grpc_max_message_bytes
-    return [
-        # grpc's default receive limit is 4 MiB: set both directions explicitly.
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
-        # A second server on a taken port must fail, not silently share it.
-        ("grpc.so_reuseport", 0),
-    ]
 
 
 def batching_of(settings: Settings) -> BatchingConfig:
@@ -66,11 +56,9 @@ def build_grpc_server(
     metrics: Metrics,
     health_servicer: health_pb2_grpc.HealthServicer,
 ) -> grpc.aio.Server:
-    """The OIP + health server with the error-mapping (and, if a token is set, auth) edge."""
-    interceptors: list[grpc.aio.ServerInterceptor] = [ErrorMappingInterceptor(metrics)]
-    if settings.inference_token:
-        interceptors.append(TokenAuthInterceptor(settings.inference_token))
-    server = grpc.aio.server(interceptors=interceptors, options=grpc_options(settings))
+    """The OIP + health server behind the edge (auth unless MAAS_AUTH=off, status mapping)."""
+    edge = ErrorMappingInterceptor(metrics, Authorizer.from_settings(settings))
+    server = grpc.aio.server(interceptors=[edge], options=server_options(settings))
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server
@@ -129,15 +117,13 @@ class InferenceServer:
         await self.plane.on_model_event(record.event)
 
     async def start(self) -> None:
-        self.port = self._server.add_insecure_port(self._settings.inference_listen)
-        if self.port == 0:
-            raise InvalidArgument(
-                f"cannot bind MAAS_INFERENCE_LISTEN={self._settings.inference_listen}"
-            )
+        listen = self._settings.inference_listen
+        self.port = add_port(self._server, listen, self._settings, "MAAS_INFERENCE_LISTEN")
         await self._server.start()
         if self._settings.inference_metrics_port:
-            host = self._settings.inference_listen.rsplit(":", 1)[0] or "0.0.0.0"
-            self.metrics.serve(self._settings.inference_metrics_port, addr=host.strip("[]"))
+            self.metrics.serve(
+                self._settings.inference_metrics_port, addr=self._settings.metrics_bind
+            )
         await self._producer.start()
         await self._consumer.start()
         await self._consumer.wait_assigned()

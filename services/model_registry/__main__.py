@@ -1,6 +1,6 @@
 """The model registry server: ``python -m services.model_registry``.
 
-Config from MAAS_* (registry_listen, S3, Kafka, state_dir); metadata in
+Config from MAAS_* (registry_listen, S3, Kafka, state_dir, auth, TLS); metadata in
 ``$MAAS_STATE_DIR/registry/registry.db``. SIGTERM/SIGINT: stop accepting, let running calls
 finish (grace period), stop the outbox relay, then close S3, Kafka and SQLite.
 """
@@ -14,6 +14,7 @@ from pathlib import Path
 
 from maas.bus import EventProducer
 from maas.config import Settings
+from maas.edge import add_port
 from maas.lifecycle import configure_logging, run_until_signalled
 from maas.liveness import Liveness
 from maas.store import MODELS_BUCKET, AsyncObjectStore
@@ -45,7 +46,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
         limits=RegistryLimits.of(settings),
     )
     server, health = build_server(service, settings)
-    port = server.add_insecure_port(settings.registry_listen)
+    port = add_port(server, settings.registry_listen, settings, "MAAS_REGISTRY_LISTEN")
     relay_task: asyncio.Task[None] | None = None
     try:
         await store.start()

@@ -1,16 +1,17 @@
 """gRPC edge of the registry: decode the request, call the service/core, encode the answer.
 
-Errors are not handled here: ``ErrorInterceptor`` turns every ``MaasError`` into its status code
-and anything else into INTERNAL (logged with the traceback, the client sees no internals).
+Errors and auth are not handled here: ``maas.edge`` checks the caller's token and role, turns
+every ``MaasError`` into its status code and anything else into INTERNAL (logged with the
+traceback under a request id; the client sees only the id). The actor recorded for a change is
+the caller's token identity, never a name the request carries.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from maas.config import Settings
+from maas.edge import current_identity, edge_interceptor, server_options
 from maas.errors import InvalidArgument, MaasError
 from maas.registry import wire
 from maas.registry.types import check_version
@@ -31,49 +33,6 @@ log = logging.getLogger(__name__)
 
 DRAIN_LIMIT_S = 10.0  # how long a refused registration's remaining upload is read and dropped
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
-
-
-def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status a failure becomes; INTERNAL unless it is a MaasError with a known code."""
-    code = getattr(grpc.StatusCode, str(getattr(exc, "grpc_code", "")), None)
-    if isinstance(exc, MaasError) and isinstance(code, grpc.StatusCode):
-        return code, exc.message
-    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
-
-
-def _guard(behavior: Callable[..., Any], method: str) -> Callable[..., Awaitable[Any]]:
-    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            result = behavior(request, context)
-            return await result if inspect.isawaitable(result) else result
-        except grpc.aio.AbortError:
-            raise  # the method chose its status itself
-        except Exception as exc:
-            code, message = status_for(exc)
-            if code is grpc.StatusCode.INTERNAL:
-                log.exception("%s failed", method)
-            await context.abort(code, message)
-
-    return guarded
-
-
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions of unary-response methods to status codes (one place for every RPC)."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        method = handler_call_details.method
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=_guard(handler.unary_unary, method))  # type: ignore[attr-defined,no-any-return]
-        if handler.stream_unary is not None:
-            return handler._replace(stream_unary=_guard(handler.stream_unary, method))  # type: ignore[attr-defined,no-any-return]
-        return handler
 
 
 class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
@@ -112,7 +71,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
             name=header.name,
             manifest_json=header.manifest_json,
             alias=header.alias or None,
-            actor=_actor(header.actor, context),
+            actor=current_identity().name,
         )
         version = await self._service.register(registration, _chunks(request_iterator))
         return wire.version_to_proto(version)
@@ -165,7 +124,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
             request.name,
             request.alias,
             check_version(request.version),
-            _actor(request.actor, context),
+            current_identity().name,
         )
         return wire.change_to_proto(change)
 
@@ -173,7 +132,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.AliasChange:
         change = await self._service.write(
-            self._core.delete_alias, request.name, request.alias, _actor(request.actor, context)
+            self._core.delete_alias, request.name, request.alias, current_identity().name
         )
         return wire.change_to_proto(change)
 
@@ -181,7 +140,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.DeleteVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelVersion:
         version = await self._service.delete_version(
-            request.name, check_version(request.version), _actor(request.actor, context)
+            request.name, check_version(request.version), current_identity().name
         )
         return wire.version_to_proto(version)
 
@@ -233,21 +192,12 @@ async def _drain(requests: AsyncIterator[Any], limit_s: float = DRAIN_LIMIT_S) -
                 pass
 
 
-def _actor(given: str, context: grpc.aio.ServicerContext) -> str:
-    return given or f"anonymous ({context.peer()})"
-
-
 def build_server(
     service: RegistryService, settings: Settings
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """The server with the registry, health and reflection services (not started, no port)."""
-    limit = settings.grpc_max_message_bytes
     server = grpc.aio.server(
-        interceptors=[ErrorInterceptor()],
-        options=[
-            ("grpc.max_receive_message_length", limit),
-            ("grpc.max_send_message_length", limit),
-        ],
+        interceptors=[edge_interceptor(settings)], options=server_options(settings)
     )
     pb_grpc.add_ModelRegistryServicer_to_server(ModelRegistryServicer(service), server)
     health_servicer = health.aio.HealthServicer()

@@ -35,6 +35,7 @@ from maas import events
 from maas.config import Settings
 from maas.deadletter import DeadLetter, Headers
 from maas.errors import MaasError, SchemaViolation, Unavailable
+from maas.kafka_security import kafka_client_kwargs
 from maas.topics import DLQ, Topic
 
 log = logging.getLogger(__name__)
@@ -175,6 +176,7 @@ class EventProducer:
             return
         producer = AIOKafkaProducer(
             bootstrap_servers=self._settings.kafka_bootstrap,
+            **kafka_client_kwargs(self._settings),
             client_id=self._client_id,
             enable_idempotence=True,
             acks="all",
@@ -325,6 +327,7 @@ class EventConsumer:
         consumer = AIOKafkaConsumer(
             *self._topics,
             bootstrap_servers=self._settings.kafka_bootstrap,
+            **kafka_client_kwargs(self._settings),
             group_id=self.group_id,
             client_id=f"{self.group_id}-{uuid.uuid4().hex[:6]}",
             enable_auto_commit=False,

@@ -1,7 +1,8 @@
 """`maas predict NAME[@VERSION|@ALIAS] --input FILE.npy|FILE.json|JSON`: one inference call.
 
-Talks the Open Inference Protocol to the inference server at MAAS_INFERENCE_ADDR (with
-MAAS_INFERENCE_TOKEN as the bearer token when set) and prints the outputs as JSON, or saves them
+Talks the Open Inference Protocol to the inference server at MAAS_INFERENCE_ADDR (with the
+bearer token of MAAS_AUTH_TOKEN or MAAS_AUTH_TOKEN_FILE, which `maas stack up` writes into the
+state dir, and TLS when MAAS_GRPC_TLS is on) and prints the outputs as JSON, or saves them
 with ``--output FILE.npy``. A ``.npy`` input is sent with its own dtype; JSON (a file or inline)
 becomes FP32. A single row may be given without the batch dimension.
 """
@@ -73,6 +74,7 @@ async def predict(settings: Settings, ref: ModelRef, x: np.ndarray) -> dict[str,
     import grpc
     import numpy as np
 
+    from maas.edge import open_channel
     from maas.oip import grpc_predict_v2_pb2 as pb
     from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
     from maas.registry.client import error_from_rpc
@@ -81,23 +83,9 @@ async def predict(settings: Settings, ref: ModelRef, x: np.ndarray) -> dict[str,
     request = pb.ModelInferRequest(model_name=ref.name, model_version=version)
     request.inputs.add(name=INPUT_NAME, datatype=datatype_of(x.dtype), shape=list(x.shape))
     request.raw_input_contents.append(np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes())
-    metadata = (
-        [("authorization", f"Bearer {settings.inference_token}")]
-        if settings.inference_token
-        else None
-    )
-    limit = settings.grpc_max_message_bytes
-    async with grpc.aio.insecure_channel(
-        settings.inference_addr,
-        options=[
-            ("grpc.max_send_message_length", limit),
-            ("grpc.max_receive_message_length", limit),
-        ],
-    ) as channel:
+    async with open_channel(settings, settings.inference_addr) as channel:
         try:
-            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
-                request, metadata=metadata, timeout=60
-            )
+            reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc(
                 exc, f"predict {ref} (inference at {settings.inference_addr})"

@@ -40,6 +40,33 @@ class Settings:
         default="127.0.0.1:9092",
         metadata=_env("MAAS_KAFKA_BOOTSTRAP", doc="Kafka bootstrap servers, comma separated"),
     )
+    kafka_security_protocol: str = field(
+        default="PLAINTEXT",
+        metadata=_env(
+            "MAAS_KAFKA_SECURITY_PROTOCOL", doc="PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+        ),
+    )
+    kafka_sasl_mechanism: str = field(
+        default="SCRAM-SHA-512",
+        metadata=_env(
+            "MAAS_KAFKA_SASL_MECHANISM",
+            doc="with SASL_*: SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN",
+        ),
+    )
+    kafka_sasl_username: str = field(
+        default="", metadata=_env("MAAS_KAFKA_SASL_USERNAME", doc="with SASL_*: the user")
+    )
+    kafka_sasl_password: str = field(
+        default="",
+        metadata=_env("MAAS_KAFKA_SASL_PASSWORD", secret=True, doc="with SASL_*: the password"),
+    )
+    kafka_ssl_ca_file: str = field(
+        default="",
+        metadata=_env(
+            "MAAS_KAFKA_SSL_CA_FILE",
+            doc="with SSL/SASL_SSL: PEM CA bundle to trust (default: system roots)",
+        ),
+    )
     kafka_max_message_bytes: int = field(
         default=16 * MiB,
         metadata=_env(
@@ -137,11 +164,56 @@ class Settings:
         default="127.0.0.1:8001",
         metadata=_env("MAAS_INFERENCE_ADDR", doc="address clients use to reach inference"),
     )
-    inference_token: str = field(
+    # --- security of the gRPC APIs (maas.edge) ------------------------------------------------
+    auth: bool = field(
+        default=True,
+        metadata=_env(
+            "MAAS_AUTH",
+            doc="gRPC APIs require a bearer token with a role (read/write); off only if set "
+            "explicitly",
+        ),
+    )
+    auth_tokens_file: str = field(
         default="",
         metadata=_env(
-            "MAAS_INFERENCE_TOKEN", secret=True, doc="bearer token required by inference if set"
+            "MAAS_AUTH_TOKENS_FILE",
+            doc="servers: the token table (identity, role, sha256); default "
+            "$MAAS_STATE_DIR/auth/tokens.json",
         ),
+    )
+    auth_token: str = field(
+        default="",
+        metadata=_env("MAAS_AUTH_TOKEN", secret=True, doc="clients: the bearer token to send"),
+    )
+    auth_token_file: str = field(
+        default="",
+        metadata=_env(
+            "MAAS_AUTH_TOKEN_FILE",
+            doc="clients: file holding the token when MAAS_AUTH_TOKEN is unset; default "
+            "$MAAS_STATE_DIR/auth/admin.token",
+        ),
+    )
+    grpc_tls: bool = field(
+        default=False,
+        metadata=_env("MAAS_GRPC_TLS", doc="gRPC servers and clients use TLS"),
+    )
+    tls_cert_file: str = field(
+        default="",
+        metadata=_env("MAAS_TLS_CERT_FILE", doc="servers: PEM certificate chain (with TLS)"),
+    )
+    tls_key_file: str = field(
+        default="",
+        metadata=_env("MAAS_TLS_KEY_FILE", doc="servers: PEM private key (with TLS)"),
+    )
+    tls_ca_file: str = field(
+        default="",
+        metadata=_env(
+            "MAAS_TLS_CA_FILE", doc="clients: PEM CA bundle to trust (default: system roots)"
+        ),
+    )
+    metrics_bind: str = field(
+        default="127.0.0.1",
+        metadata=_env("MAAS_METRICS_BIND", doc="address the Prometheus /metrics HTTP servers bind"),
     )
     inference_max_batch_size: int = field(
         default=64,

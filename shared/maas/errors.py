@@ -64,6 +64,13 @@ class Unauthenticated(MaasError):
     reason_code = "unauthenticated"
 
 
+class PermissionDenied(MaasError):
+    """The caller is known, but its role does not allow the call."""
+
+    grpc_code = "PERMISSION_DENIED"
+    reason_code = "permission_denied"
+
+
 class Unavailable(MaasError):
     """A dependency (broker, S3, a peer service) cannot be reached right now."""
 

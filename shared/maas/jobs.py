@@ -25,6 +25,7 @@ from maas import datasets, events, topics, zoo
 from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import InvalidArgument, SchemaViolation
+from maas.kafka_security import kafka_client_kwargs
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _REQUIRED_SECTIONS = {
@@ -153,6 +154,7 @@ async def _status_consumer(settings: Settings) -> AIOKafkaConsumer:
     # No consumer group: a reader of history, it must not steal partitions from anyone.
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,
+        **kafka_client_kwargs(settings),
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",

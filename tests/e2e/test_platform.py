@@ -24,6 +24,7 @@ from infra.stack import LocalStack
 from maas import events, jobs, topics
 from maas.config import Settings
 from maas.datasets import load_builtin
+from maas.edge import call_metadata
 from maas.registry import RegistryClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -128,12 +129,15 @@ async def test_a_job_from_a_plain_kafka_producer_trains_and_registers(trained):
 async def test_the_model_answers_over_grpc_like_an_in_process_forward_pass(settings, trained):
     rows = load_builtin("digits").x_test[:8].astype(np.float32)
     client = triton.InferenceServerClient(settings.inference_addr)
+    headers = dict(call_metadata(settings))  # the stack's admin token (auth is on by default)
     try:
-        assert client.is_model_ready("e2e-digits")  # alias production, as a bare name means
-        metadata = client.get_model_metadata("e2e-digits")
+        # alias production, as a bare name means
+        assert client.is_model_ready("e2e-digits", headers=headers)
+        metadata = client.get_model_metadata("e2e-digits", headers=headers)
         inputs = [triton.InferInput(metadata.inputs[0].name, list(rows.shape), "FP32")]
         inputs[0].set_data_from_numpy(rows)
-        served = client.infer("e2e-digits", inputs).as_numpy(metadata.outputs[0].name)
+        served = client.infer("e2e-digits", inputs, headers=headers)
+        served = served.as_numpy(metadata.outputs[0].name)
     finally:
         client.close()
     async with RegistryClient(settings) as registry:
@@ -205,6 +209,19 @@ async def test_a_mistaken_job_published_raw_fails_naming_the_field(settings, cha
     summary = await final_status(settings, job["job_id"])
     assert summary.state == "failed"
     assert field in summary.error["message"]
+
+
+@pytest.mark.skipif(USE_RUNNING, reason="the logs of a running stack are not ours to read")
+def test_no_log_of_the_run_holds_a_secret(platform: LocalStack, settings: Settings):
+    """After training, compressing and serving: no token and no S3 secret in a service log."""
+    auth_dir = Path(settings.state_dir) / "auth"
+    secrets = [p.read_text().strip() for p in auth_dir.glob("*.token")]
+    assert len(secrets) >= 4
+    secrets.append(settings.s3_secret_key)
+    logs = [service.process.log_file for service in platform.services]
+    assert logs and all(p.stat().st_size for p in logs)
+    leaks = [(p.name, s[:8]) for p in logs for s in secrets if s in p.read_text(errors="replace")]
+    assert leaks == []
 
 
 @pytest.mark.skipif(USE_RUNNING, reason="the stack under test is not ours to stop")

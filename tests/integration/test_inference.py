@@ -1,12 +1,14 @@
 """The inference server as clients see it: the real process, driven by the unmodified
 tritonclient.grpc, serving versions from the real registry (real Kafka, real S3).
 
-Two servers run: one with dynamic batching, one without batching and with a bearer token.
+Two servers run: one with dynamic batching and auth switched off explicitly (MAAS_AUTH=off),
+one without batching whose token table holds this file's read token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import subprocess
@@ -49,11 +51,17 @@ class Servers:
 
 @pytest.fixture(scope="module")
 def servers(stack, tmp_path_factory):
-    with ServiceProcesses(tmp_path_factory.mktemp("inference")) as processes:
+    workdir = tmp_path_factory.mktemp("inference")
+    table = workdir / "tokens.json"
+    digest = hashlib.sha256(TOKEN.encode()).hexdigest()
+    entry = {"identity": "integration", "role": "read", "sha256": digest}
+    table.write_text(json.dumps({"format": "maas.tokens/1", "tokens": [entry]}))
+    with ServiceProcesses(workdir) as processes:
         registry = processes.start_registry()
         batched = processes.start_inference(
             "inference-batched",
             registry,
+            MAAS_AUTH="off",
             MAAS_INFERENCE_MAX_BATCH_SIZE="64",
             MAAS_INFERENCE_MAX_QUEUE_DELAY_US="5000",
             MAAS_GRPC_MAX_MESSAGE_BYTES=str(LIMIT_BYTES),
@@ -62,7 +70,7 @@ def servers(stack, tmp_path_factory):
             "inference-unbatched",
             registry,
             MAAS_INFERENCE_MAX_BATCH_SIZE="1",
-            MAAS_INFERENCE_TOKEN=TOKEN,
+            MAAS_AUTH_TOKENS_FILE=str(table),
             MAAS_GRPC_MAX_MESSAGE_BYTES=str(LIMIT_BYTES),
         )
         yield Servers(processes, registry, batched, unbatched)
@@ -345,7 +353,7 @@ async def wait_for(condition, timeout_s: float = 60.0) -> None:
 def test_maas_predict_prints_the_served_versions_answer(servers, digits, tmp_path):
     x = rows(2, seed=5)
     np.save(tmp_path / "x.npy", x)
-    env = {**os.environ, "MAAS_INFERENCE_ADDR": servers.unbatched, "MAAS_INFERENCE_TOKEN": TOKEN}
+    env = {**os.environ, "MAAS_INFERENCE_ADDR": servers.unbatched, "MAAS_AUTH_TOKEN": TOKEN}
     done = subprocess.run(
         [
             sys.executable,

@@ -180,10 +180,11 @@ async def test_alias_moves_emit_alias_set_events_in_order(
     moves = [(e["version"], e.get("previous_version")) for e in found if e["event"] == "alias-set"]
     assert moves == [(1, None), (3, 1), (2, 3)]
     history = await client.alias_history(name, "production")
+    # The actor is the identity of the stack's write token, not the client's claimed "integration".
     assert [(c.from_version, c.to_version, c.actor) for c in history] == [
-        (None, 1, "integration"),
-        (1, 3, "integration"),
-        (3, 2, "integration"),
+        (None, 1, "admin"),
+        (1, 3, "admin"),
+        (3, 2, "admin"),
     ]
 
 

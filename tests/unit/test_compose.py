@@ -15,6 +15,9 @@ from maas.config import known_env_names
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 _INTERPOLATED = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
+PORT_VAR = "MAAS_PORT_"
+# Loopback only, host port from a MAAS_PORT_* variable with a numeric default.
+_PUBLISHED = re.compile(r"^127\.0\.0\.1:\$\{(MAAS_PORT_[A-Z0-9_]+):-\d+\}:\S+$")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +64,8 @@ def test_every_maas_env_name_is_known() -> None:
             names |= {item.split("=", 1)[0] for item in env}
         else:
             names |= set(env)
-    maas_names = {n for n in names if n.startswith("MAAS_")}
+    # MAAS_PORT_* are compose's own host-port knobs (test below), not platform settings.
+    maas_names = {n for n in names if n.startswith("MAAS_") and not n.startswith(PORT_VAR)}
     assert maas_names, "compose sets no MAAS_* variables at all"
     unknown = sorted(maas_names - known_env_names())
     assert not unknown, f"compose uses env names maas.config does not know: {unknown}"
@@ -76,3 +80,50 @@ def test_kafka_limits_match_the_native_broker(compose: dict[str, Any]) -> None:
     for prop, value in limits.items():
         key = "KAFKA_" + prop.upper().replace(".", "_")
         assert int(env[key]) == value, key
+
+
+def test_every_published_port_comes_from_an_env_variable_with_a_default(
+    compose: dict[str, Any],
+) -> None:
+    published = [
+        (name, str(entry))
+        for name, svc in compose["services"].items()
+        for entry in svc.get("ports") or ()
+    ]
+    assert published, "compose publishes no ports at all"
+    fixed = [(name, entry) for name, entry in published if not _PUBLISHED.match(entry)]
+    assert not fixed, f"publish as 127.0.0.1:${{MAAS_PORT_*:-default}}:PORT, not {fixed}"
+    variables = [_PUBLISHED.match(entry).group(1) for _, entry in published]  # type: ignore[union-attr]
+    assert len(set(variables)) == len(variables), "two published ports share one variable"
+
+
+def test_every_metrics_port_a_service_opens_comes_from_an_env_variable(
+    compose: dict[str, Any],
+) -> None:
+    fixed = [
+        (name, value)
+        for name, svc in compose["services"].items()
+        for var, value in (svc.get("environment") or {}).items()
+        if var.endswith("METRICS_PORT") and not str(value).startswith("${" + PORT_VAR)
+    ]
+    assert not fixed, f"metrics ports must be ${{MAAS_PORT_*:-default}} (side by side): {fixed}"
+
+
+def test_every_service_is_authenticated_by_default_and_inference_only_reads(
+    compose: dict[str, Any],
+) -> None:
+    services = {
+        name: svc
+        for name, svc in compose["services"].items()
+        if any(m.startswith("services.") for m in _python_m_modules(svc.get("command")))
+    }
+    assert services
+    for name, svc in services.items():
+        env = svc["environment"]
+        assert env["MAAS_AUTH"] == "${MAAS_AUTH:-on}", name
+        assert env["MAAS_AUTH_TOKENS_FILE"] == "/var/lib/maas-auth/tokens.json", name
+        assert "maas-auth:/var/lib/maas-auth:ro" in svc["volumes"], name
+        assert "MAAS_AUTH_TOKEN" not in env, f"{name}: a token value in compose is a leak"
+    assert services["inference"]["environment"]["MAAS_AUTH_TOKEN_FILE"].endswith("inference.token")
+    init = compose["services"]["auth-init"]
+    assert _python_m_modules(init["command"]) == ["maas.edge"]

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from maas.config import Settings
+from maas.edge import STACK_IDENTITIES, ensure_tokens, status_for
 from maas.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -36,7 +37,7 @@ from maas.registry.v1 import registry_pb2 as pb
 from maas.store import SHA256_META
 from services.model_registry.core import RegistryCore
 from services.model_registry.service import RegistryService
-from services.model_registry.servicer import SERVICE_NAME, build_server, set_serving, status_for
+from services.model_registry.servicer import SERVICE_NAME, build_server, set_serving
 
 # ~10 MB of real safetensors: several chunks and several parts
 WEIGHTS = safetensors_numpy.save({"w": np.arange(2_560_000, dtype=np.float32)})
@@ -111,7 +112,16 @@ def manifest_for(files: dict[str, bytes], **extra: Any) -> bytes:
 
 
 @pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[tuple[RegistryService, FakeStore, str]]:
+def settings(tmp_path: Path) -> Settings:
+    """Auth on, as by default: the server reads the table, the client sends admin's token."""
+    ensure_tokens(tmp_path / "auth", STACK_IDENTITIES)
+    return Settings(state_dir=str(tmp_path), auth_token="")
+
+
+@pytest.fixture
+async def server(
+    tmp_path: Path, settings: Settings
+) -> AsyncIterator[tuple[RegistryService, FakeStore, str]]:
     store = FakeStore()
     service = RegistryService(
         RegistryCore(tmp_path / "r.db"),
@@ -119,7 +129,7 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[RegistryService, FakeSto
         bucket="maas-models",
         part_size_bytes=4 * 1024 * 1024,
     )
-    grpc_server, health = build_server(service, Settings())
+    grpc_server, health = build_server(service, settings)
     port = grpc_server.add_insecure_port("127.0.0.1:0")
     await grpc_server.start()
     await set_serving(health, True)
@@ -129,9 +139,11 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[RegistryService, FakeSto
 
 
 @pytest.fixture
-async def client(server: tuple[RegistryService, FakeStore, str]) -> AsyncIterator[RegistryClient]:
+async def client(
+    server: tuple[RegistryService, FakeStore, str], settings: Settings
+) -> AsyncIterator[RegistryClient]:
     async with RegistryClient(
-        Settings(), addr=server[2], actor="tester", chunk_bytes=1024 * 1024
+        settings, addr=server[2], actor="tester", chunk_bytes=1024 * 1024
     ) as c:
         yield c
 
@@ -179,7 +191,7 @@ async def test_an_unexpected_exception_becomes_internal_over_the_wire(
         raise ZeroDivisionError("boom")
 
     monkeypatch.setattr(server[0].core, "get_version", broken)
-    with pytest.raises(MaasError, match=r"internal error \(ZeroDivisionError\)"):
+    with pytest.raises(MaasError, match=r"internal error \(request id [0-9a-f]+; see the server"):
         await client.get("digits@1")
 
 
@@ -223,7 +235,7 @@ async def test_registered_files_are_stored_under_name_and_version_with_their_sha
     files = {"weights.safetensors": WEIGHTS, "extra.json": b"{}"}
     manifest = manifest_for(files)
     version = await client.register_files("digits", files, manifest, alias="staging")
-    assert (version.version, version.aliases, version.created_by) == (1, ("staging",), "tester")
+    assert (version.version, version.aliases, version.created_by) == (1, ("staging",), "admin")
     stored = server[1].client.objects
     body, meta = stored["maas-models/digits/1/weights.safetensors"]
     assert body == WEIGHTS
@@ -243,6 +255,30 @@ async def test_a_file_that_does_not_match_its_sha256_registers_nothing(
     tampered = WEIGHTS[:-1] + b"\x00"
     with pytest.raises(FailedPrecondition, match="tampered"):
         await client.register_files("digits", {"w": tampered}, manifest)
+    with pytest.raises(NotFound):
+        await client.get("digits")
+    assert server[1].client.objects == {}
+
+
+@pytest.mark.parametrize(
+    ("weights", "tensors", "reason"),
+    [
+        (b"PK\x03\x04 a pickled torch file", None, "not safetensors"),
+        (WEIGHTS, {"w": {"dtype": "float16", "shape": [2_560_000]}}, "w is float32"),
+    ],
+    ids=["not-safetensors", "manifest-mismatch"],
+)
+async def test_weights_that_are_not_the_declared_safetensors_register_nothing(
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
+    weights: bytes,
+    tensors: dict | None,
+    reason: str,
+) -> None:
+    files = {"weights.safetensors": weights}
+    manifest = manifest_for(files, **({"tensors": tensors} if tensors else {}))
+    with pytest.raises(InvalidArgument, match=reason):
+        await client.register_files("digits", files, manifest)
     with pytest.raises(NotFound):
         await client.get("digits")
     assert server[1].client.objects == {}

@@ -9,6 +9,8 @@ Registration streams the packed files through the registry (which hashes them in
 resolves the version through the registry, then reads the files straight from S3, checking each
 against the sha256 the registry recorded, and rebuilds the module from safetensors (no pickle).
 gRPC failures come back as the matching ``MaasError`` (NotFound, InvalidArgument, ...).
+The channel comes from ``maas.edge``: TLS as configured, this process's bearer token on every
+call (the registry records the token's identity as the actor of a change).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import grpc
 
 from maas import errors
 from maas.config import Settings
+from maas.edge import open_channel
 from maas.errors import MaasError, Unavailable
 from maas.registry import wire
 from maas.registry.types import (
@@ -61,6 +64,7 @@ _ERRORS_BY_CODE: dict[str, type[MaasError]] = {
         errors.FailedPrecondition,
         errors.ResourceExhausted,
         errors.Unauthenticated,
+        errors.PermissionDenied,
         errors.Unavailable,
         errors.DeadlineExceeded,
     )
@@ -121,14 +125,7 @@ class RegistryClient:
     async def start(self) -> None:
         if self._channel is not None:
             return
-        limit = self._settings.grpc_max_message_bytes
-        self._channel = grpc.aio.insecure_channel(
-            self.addr,
-            options=[
-                ("grpc.max_receive_message_length", limit),
-                ("grpc.max_send_message_length", limit),
-            ],
-        )
+        self._channel = open_channel(self._settings, self.addr)
         self._stub = pb_grpc.ModelRegistryStub(self._channel)
         await self._store.start()
 

@@ -22,6 +22,7 @@ from maas import events
 from maas.bus import EventProducer, Record, dead_letter_for, decode_value, to_record
 from maas.config import Settings
 from maas.errors import Unavailable
+from maas.kafka_security import kafka_client_kwargs
 from maas.topics import DLQ, Topic
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class PartitionReader:
         limit = self._settings.kafka_max_message_bytes
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._settings.kafka_bootstrap,
+            **kafka_client_kwargs(self._settings),
             group_id=None,
             client_id=f"{self._client_id}-{uuid.uuid4().hex[:6]}",
             enable_auto_commit=False,

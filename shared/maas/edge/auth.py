@@ -1,0 +1,253 @@
+"""Bearer tokens with roles: who may call which gRPC method.
+
+A token is an opaque random string; servers keep only its sha256 in a token table, a JSON file::
+
+    {"format": "maas.tokens/1",
+     "tokens": [{"identity": "admin", "role": "write", "sha256": "<hex>"}, ...]}
+
+Roles: ``read`` (infer, get, list, metadata) and ``write`` (register, alias, delete, policies;
+write implies read). Which role a method needs follows from its name (``required_role``); a
+method the rule does not know as a read needs write, so a new RPC is never open by accident.
+Health and reflection stay open: probes and tools carry no token.
+
+``ensure_tokens`` writes the table plus one ``<identity>.token`` file per identity (mode 0600)
+into a directory; ``maas stack up`` and the test stacks call it, compose's ``auth-init`` too.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import json
+import logging
+import os
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from maas.config import Settings
+from maas.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+TABLE_FORMAT = "maas.tokens/1"
+TABLE_FILE = "tokens.json"
+TOKEN_PREFIX = "maas_"  # makes a leaked token recognisable to secret scanners
+OPEN_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
+# Method-name prefixes that only read: OIP's Server*/Model* calls, RepositoryIndex, Get*, List*.
+READ_PREFIXES = ("Get", "List", "Server", "Model", "RepositoryIndex")
+
+
+class Role(enum.Enum):
+    READ = "read"
+    WRITE = "write"
+
+    def allows(self, needed: Role) -> bool:
+        return self is Role.WRITE or needed is Role.READ
+
+
+@dataclass(frozen=True)
+class Identity:
+    name: str
+    role: Role
+
+
+# Who a call runs as when MAAS_AUTH=off: nobody in particular, allowed everything.
+ANONYMOUS = Identity("anonymous", Role.WRITE)
+
+# What a stack generates: the operator (CLI), a read-only token to hand out, the services.
+STACK_IDENTITIES: Mapping[str, Role] = {
+    "admin": Role.WRITE,
+    "reader": Role.READ,
+    "services": Role.WRITE,
+    "inference": Role.READ,
+}
+
+
+def required_role(method: str) -> Role | None:
+    """The role ``/package.Service/Method`` needs; None for the open services."""
+    service, _, name = method.lstrip("/").partition("/")
+    if service in OPEN_SERVICES:
+        return None
+    return Role.READ if name.startswith(READ_PREFIXES) else Role.WRITE
+
+
+def digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
+    """The token of an ``authorization: Bearer <token>`` entry, if there is one."""
+    for key, value in metadata or ():
+        if key != "authorization":
+            continue
+        text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+    return None
+
+
+class TokenTable:
+    """sha256(token) -> identity, loaded from a token table file."""
+
+    def __init__(self, identities: Mapping[str, Identity]) -> None:
+        self._by_digest = dict(identities)
+
+    def __len__(self) -> int:
+        return len(self._by_digest)
+
+    @classmethod
+    def load(cls, path: Path) -> TokenTable:
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FailedPrecondition(
+                f"auth is on (MAAS_AUTH) but the token table {path} does not exist; "
+                "`maas stack up` creates one, or point MAAS_AUTH_TOKENS_FILE at yours "
+                "(MAAS_AUTH=off disables auth)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise InvalidArgument(f"token table {path} is not readable JSON: {exc}") from None
+        return cls.parse(doc, str(path))
+
+    @classmethod
+    def parse(cls, doc: Any, where: str) -> TokenTable:
+        if not isinstance(doc, dict) or doc.get("format") != TABLE_FORMAT:
+            raise InvalidArgument(f"{where}: expected a JSON object with format {TABLE_FORMAT!r}")
+        entries = doc.get("tokens")
+        if not isinstance(entries, list):
+            raise InvalidArgument(f"{where}: 'tokens' must be a list")
+        identities: dict[str, Identity] = {}
+        for i, entry in enumerate(entries):
+            identity = _entry(entry, f"{where}: tokens[{i}]")
+            identities[str(entry["sha256"]).lower()] = identity
+        return cls(identities)
+
+    def identify(self, metadata: Iterable[tuple[str, Any]] | None) -> Identity:
+        """The caller's identity; Unauthenticated without a known bearer token."""
+        token = bearer_token(metadata)
+        identity = self._by_digest.get(digest(token)) if token else None
+        if identity is None:
+            raise Unauthenticated(
+                "this API needs metadata 'authorization: Bearer <token>'; the call had "
+                + ("an unknown token" if token else "none")
+                + " (the CLI sends MAAS_AUTH_TOKEN or the file MAAS_AUTH_TOKEN_FILE)"
+            )
+        return identity
+
+
+def _entry(entry: Any, where: str) -> Identity:
+    if not isinstance(entry, dict):
+        raise InvalidArgument(f"{where} must be an object with identity, role and sha256")
+    name, role, sha = entry.get("identity"), entry.get("role"), entry.get("sha256")
+    if not isinstance(name, str) or not name:
+        raise InvalidArgument(f"{where}.identity must be a non-empty string")
+    if role not in {r.value for r in Role}:
+        raise InvalidArgument(f"{where}.role is {role!r}; use 'read' or 'write'")
+    if not isinstance(sha, str) or len(sha) != 64:
+        raise InvalidArgument(f"{where}.sha256 must be 64 hex digits")
+    return Identity(name, Role(role))
+
+
+@dataclass(frozen=True)
+class Authorizer:
+    """The server's policy: a token table, or ``None`` when MAAS_AUTH=off."""
+
+    table: TokenTable | None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Authorizer:
+        if not settings.auth:
+            log.warning("MAAS_AUTH=off: every gRPC method is open to anyone who reaches the port")
+            return cls(None)
+        return cls(TokenTable.load(tokens_file(settings)))
+
+    def authorize(self, method: str, metadata: Iterable[tuple[str, Any]] | None) -> Identity:
+        """The identity a call runs as; Unauthenticated or PermissionDenied if it may not."""
+        needed = required_role(method)
+        if needed is None or self.table is None:
+            return ANONYMOUS
+        identity = self.table.identify(metadata)
+        if not identity.role.allows(needed):
+            raise PermissionDenied(
+                f"{identity.name!r} has role {identity.role.value}; "
+                f"{method.rsplit('/', 1)[-1]} needs {needed.value}"
+            )
+        return identity
+
+
+# --- where tokens live ---------------------------------------------------------------------------
+
+
+def auth_dir(settings: Settings) -> Path:
+    return settings.state_path / "auth"
+
+
+def tokens_file(settings: Settings) -> Path:
+    return (
+        Path(settings.auth_tokens_file)
+        if settings.auth_tokens_file
+        else auth_dir(settings) / TABLE_FILE
+    )
+
+
+def token_file(settings: Settings) -> Path:
+    if settings.auth_token_file:
+        return Path(settings.auth_token_file)
+    return auth_dir(settings) / "admin.token"
+
+
+def client_token(settings: Settings) -> str | None:
+    """The token this process sends: MAAS_AUTH_TOKEN, else the token file if it exists."""
+    if settings.auth_token:
+        return settings.auth_token
+    path = token_file(settings)
+    try:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
+        if settings.auth_token_file:
+            raise FailedPrecondition(
+                f"MAAS_AUTH_TOKEN_FILE={path} does not exist; `maas stack up` writes tokens "
+                f"to {auth_dir(settings)}"
+            ) from None
+        return None
+
+
+def ensure_tokens(directory: Path, identities: Mapping[str, Role]) -> Path:
+    """The token table in ``directory`` with a token for each identity (kept if present).
+
+    New tokens go to ``<identity>.token`` (0600) and their sha256 into ``tokens.json``.
+    Returns the table's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    table = directory / TABLE_FILE
+    doc: dict[str, Any] = (
+        json.loads(table.read_text()) if table.exists() else {"format": TABLE_FORMAT, "tokens": []}
+    )
+    TokenTable.parse(doc, str(table))  # refuse to extend a broken table
+    known = {entry["identity"] for entry in doc["tokens"]}
+    for name, role in identities.items():
+        if name in known:
+            continue
+        token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        _write_private(directory / f"{name}.token", token + "\n")
+        doc["tokens"].append({"identity": name, "role": role.value, "sha256": digest(token)})
+    _write_private(table, json.dumps(doc, indent=2) + "\n")
+    return table
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(tmp, path)

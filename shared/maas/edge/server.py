@@ -1,0 +1,194 @@
+"""The server side of every gRPC edge: one interceptor, the listening port (TLS or not).
+
+``EdgeInterceptor`` does three things for each call, whatever the service:
+
+* **auth**: the call's bearer token must name an identity whose role allows the method
+  (``maas.edge.auth``); refusals are UNAUTHENTICATED / PERMISSION_DENIED and never parse the
+  request. The identity is bound for the handler: ``current_identity()``.
+* **status mapping**: a ``MaasError`` becomes its ``grpc_code`` with its message; anything else
+  (and a MaasError whose code is INTERNAL or not a status) becomes INTERNAL whose message holds
+  only a request id, the same id the log line with the traceback carries.
+* **observation**: an optional ``observe(method, code, seconds)`` per call (metrics).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from maas.config import Settings
+from maas.edge.auth import ANONYMOUS, Authorizer, Identity
+from maas.edge.tls import server_credentials
+from maas.errors import InvalidArgument, MaasError
+
+log = logging.getLogger(__name__)
+
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+Observer = Callable[[str, grpc.StatusCode, float], None]
+OK, INTERNAL = grpc.StatusCode.OK, grpc.StatusCode.INTERNAL
+KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+
+_identity: contextvars.ContextVar[Identity] = contextvars.ContextVar(
+    "maas_edge_identity", default=ANONYMOUS
+)
+
+
+def current_identity() -> Identity:
+    """Who the running call is (``anonymous`` with MAAS_AUTH=off or outside a call)."""
+    return _identity.get()
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
+
+
+def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status code and message a failed call returns; INTERNAL tells nothing but an id."""
+    code = grpc.StatusCode.__members__.get(str(getattr(exc, "grpc_code", "")))
+    if isinstance(exc, MaasError) and code not in (None, OK, INTERNAL):
+        return code, exc.message
+    where = f"request id {request_id}; " if request_id else ""
+    return INTERNAL, f"internal error ({where}see the server log)"
+
+
+def method_name(full: str) -> str:
+    return full.rsplit("/", 1)[-1]
+
+
+class EdgeInterceptor(grpc.aio.ServerInterceptor):
+    """Auth, status mapping and observation for every method of a server (see module doc)."""
+
+    def __init__(self, authorizer: Authorizer, observe: Observer | None = None) -> None:
+        self._authorizer = authorizer
+        self._observe = observe or (lambda method, code, seconds: None)
+        # Wrapping a handler allocates: one wrapper per (method, handler), built on first use.
+        self._wrapped: dict[tuple[str, grpc.RpcMethodHandler], grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method
+        try:
+            identity = self._authorizer.authorize(method, handler_call_details.invocation_metadata)
+        except MaasError as refusal:
+            return self._refusal(method, handler, refusal)
+        # Each call runs in its own task, which copies this context: the handler sees it.
+        _identity.set(identity)
+        key = (method, handler)
+        wrapped = self._wrapped.get(key)
+        if wrapped is None:
+            wrapped = self._wrapped[key] = self._wrap(method, handler)
+        return wrapped
+
+    def _fail(self, method: str, exc: Exception, started: float) -> tuple[grpc.StatusCode, str]:
+        request_id = new_request_id()
+        code, message = status_for(exc, request_id)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed (request id %s)", method, request_id, exc_info=exc)
+        self._observe(method_name(method), code, time.perf_counter() - started)
+        return code, message
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        short = method_name(method)
+        kind = next(k for k in KINDS if getattr(handler, k) is not None)
+        behavior = getattr(handler, kind)
+
+        def finished(context: grpc.aio.ServicerContext, started: float, ok: bool) -> None:
+            code = grpc.StatusCode.OK if ok else (context.code() or grpc.StatusCode.UNKNOWN)  # type: ignore[attr-defined]
+            self._observe(short, code, time.perf_counter() - started)
+
+        if kind.endswith("_stream") and inspect.isasyncgenfunction(behavior):
+
+            async def streamed(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                started = time.perf_counter()
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                except grpc.aio.AbortError:
+                    finished(context, started, ok=False)
+                    raise
+                except Exception as exc:
+                    await context.abort(*self._fail(method, exc, started))
+                else:
+                    finished(context, started, ok=True)
+
+            return _replace(handler, kind, streamed)
+
+        async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            try:
+                result = behavior(request, context)
+                if inspect.isawaitable(result):
+                    result = await result
+            except grpc.aio.AbortError:
+                finished(context, started, ok=False)
+                raise
+            except Exception as exc:
+                await context.abort(*self._fail(method, exc, started))
+            else:
+                finished(context, started, ok=True)
+                return result
+
+        return _replace(handler, kind, mapped)
+
+    def _refusal(
+        self, method: str, handler: grpc.RpcMethodHandler, refusal: MaasError
+    ) -> grpc.RpcMethodHandler:
+        """A handler of the same kind that answers the refusal without reading the request."""
+        code, message = status_for(refusal)
+        self._observe(method_name(method), code, 0.0)
+
+        async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(code, message)
+
+        kind = next(k for k in KINDS if getattr(handler, k) is not None)
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        # No deserializer: the request stays bytes, a refused call is never parsed.
+        return factory(refuse, response_serializer=handler.response_serializer)  # type: ignore[no-any-return]
+
+
+def _replace(handler: grpc.RpcMethodHandler, kind: str, behavior: Any) -> grpc.RpcMethodHandler:
+    return handler._replace(**{kind: behavior})  # type: ignore[attr-defined,no-any-return]
+
+
+def edge_interceptor(settings: Settings, observe: Observer | None = None) -> EdgeInterceptor:
+    """The interceptor for a server configured by ``settings`` (loads the token table)."""
+    return EdgeInterceptor(Authorizer.from_settings(settings), observe)
+
+
+def server_options(settings: Settings, limit_bytes: int | None = None) -> list[tuple[str, int]]:
+    limit = limit_bytes or settings.grpc_max_message_bytes
+    return [
+        # grpc's default receive limit is 4 MiB: set both directions explicitly.
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+        # A second server on a taken port must fail, not silently share it.
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def add_port(server: grpc.aio.Server, address: str, settings: Settings, setting: str) -> int:
+    """Bind ``address`` (TLS when MAAS_GRPC_TLS); the port, or InvalidArgument naming
+    ``setting`` when it cannot be bound."""
+    try:
+        if settings.grpc_tls:
+            port = server.add_secure_port(address, server_credentials(settings))
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError as exc:  # newer grpc raises instead of returning 0
+        raise InvalidArgument(f"cannot bind {setting}={address}: {exc}") from None
+    if port == 0:
+        raise InvalidArgument(f"cannot bind {setting}={address}")
+    return port

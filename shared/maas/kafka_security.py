@@ -1,0 +1,55 @@
+"""How every Kafka client of the platform connects: PLAINTEXT locally, SSL / SASL_SSL (SCRAM)
+against a secured cluster, all from config (MAAS_KAFKA_SECURITY_PROTOCOL, ..._SASL_*,
+..._SSL_CA_FILE).
+
+    AIOKafkaProducer(bootstrap_servers=..., **kafka_client_kwargs(settings), ...)
+
+The same keywords fit AIOKafkaProducer, AIOKafkaConsumer and AIOKafkaAdminClient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from maas.config import Settings
+from maas.errors import InvalidArgument
+
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+
+
+def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
+    """security_protocol, sasl_* and ssl_context keywords for an aiokafka client."""
+    protocol = settings.kafka_security_protocol.upper()
+    if protocol not in PROTOCOLS:
+        raise InvalidArgument(
+            f"MAAS_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol!r}; "
+            f"use one of {', '.join(PROTOCOLS)}"
+        )
+    kwargs: dict[str, Any] = {"security_protocol": protocol}
+    if protocol.startswith("SASL_"):
+        kwargs |= _sasl(settings)
+    if protocol.endswith("SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        kwargs["ssl_context"] = create_ssl_context(cafile=settings.kafka_ssl_ca_file or None)
+    return kwargs
+
+
+def _sasl(settings: Settings) -> dict[str, Any]:
+    mechanism = settings.kafka_sasl_mechanism.upper()
+    if mechanism not in MECHANISMS:
+        raise InvalidArgument(
+            f"MAAS_KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism!r}; "
+            f"use one of {', '.join(MECHANISMS)}"
+        )
+    if not settings.kafka_sasl_username or not settings.kafka_sasl_password:
+        raise InvalidArgument(
+            f"MAAS_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} needs "
+            "MAAS_KAFKA_SASL_USERNAME and MAAS_KAFKA_SASL_PASSWORD"
+        )
+    return {
+        "sasl_mechanism": mechanism,
+        "sasl_plain_username": settings.kafka_sasl_username,
+        "sasl_plain_password": settings.kafka_sasl_password,
+    }

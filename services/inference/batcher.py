@@ -9,10 +9,16 @@ nothing at concurrency 1). ``DirectRunner`` is the unbatched baseline: every req
 forward pass, run concurrently on the worker pool.
 
 Forward passes run on a fixed-size thread pool (``Compute``), except those predicted to be
-cheaper than the hand-off to a worker itself (two thread wake-ups, ~100 us on a busy 2-core
-machine): those run on the event loop, which they then hold for less time than the hand-off
-would have cost it. The prediction uses the model's measured cost per row, so a large request
-never runs there. An idle batcher with no delay configured runs such a cheap request at once.
+cheaper than running there: the hand-off to a worker costs two thread wake-ups and a loop turn
+(100-400 us of CPU on a busy 2-core machine), and a small model's forward mostly holds the GIL
+anyway. Those run on the event loop. The prediction uses the model's measured cost per row, so
+a large request never runs there.
+
+A request never starts its own forward pass at once: it queues, and the queue is served by a
+callback scheduled for the end of the current loop turn, so every request that arrived in the
+same turn joins one batch. When that batch is cheap it runs right there in the callback (no
+task, no thread); otherwise a draining task takes it to the pool and keeps serving the queue
+until it is empty.
 
 Whatever happens to the batching task, no caller is left waiting: a failed batch fails its
 requests, and a cancelled task fails everything still queued.
@@ -99,23 +105,31 @@ class Compute:
     def predicted_cheap(self, rows: int) -> bool:
         return self._ns_per_row is not None and rows * self._ns_per_row <= self._inline_max_ns
 
+    def run_here(self, inputs: Sequence[np.ndarray], rows: int) -> tuple[list[np.ndarray], int]:
+        """On the calling thread (the event loop, for a batch predicted cheap)."""
+        outputs, compute_ns = _timed_run_batch(self._forward, inputs)
+        self._learn(rows, compute_ns)
+        return outputs, compute_ns
+
     async def run(self, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
-        """Outputs per input and the compute time in ns."""
+        """Outputs per input and the compute time in ns: inline if cheap, else on the pool."""
         rows = sum(len(x) for x in inputs)
         if self.predicted_cheap(rows):
-            outputs, compute_ns = _timed_run_batch(self._forward, inputs)
-        else:
-            loop = asyncio.get_running_loop()
-            outputs, compute_ns = await loop.run_in_executor(
-                self._executor, _timed_run_batch, self._forward, inputs
-            )
+            return self.run_here(inputs, rows)
+        loop = asyncio.get_running_loop()
+        outputs, compute_ns = await loop.run_in_executor(
+            self._executor, _timed_run_batch, self._forward, inputs
+        )
+        self._learn(rows, compute_ns)
+        return outputs, compute_ns
+
+    def _learn(self, rows: int, compute_ns: int) -> None:
         per_row = compute_ns / max(rows, 1)
         self._ns_per_row = (
             per_row
             if self._ns_per_row is None
             else (self._SMOOTHING * per_row + (1 - self._SMOOTHING) * self._ns_per_row)
         )
-        return outputs, compute_ns
 
 
 class DirectRunner:
@@ -126,13 +140,9 @@ class DirectRunner:
         self._observer = observer
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
-        return await _run_alone(self._compute, self._observer, x)
-
-
-async def _run_alone(compute: Compute, observer: RunObserver, x: np.ndarray) -> np.ndarray:
-    (output,), compute_ns = await compute.run([x])
-    observer.batch_done(BatchReport(1, len(x), 0, compute_ns))
-    return output
+        (output,), compute_ns = await self._compute.run([x])
+        self._observer.batch_done(BatchReport(1, len(x), 0, compute_ns))
+        return output
 
 
 @dataclass
@@ -143,7 +153,7 @@ class _Pending:
 
 
 class DynamicBatcher:
-    """Per-model request queue whose batches run one at a time on the worker pool."""
+    """Per-model request queue whose batches run one at a time, inline or on the worker pool."""
 
     def __init__(self, compute: Compute, config: BatchingConfig, observer: RunObserver) -> None:
         self._compute = compute
@@ -153,6 +163,7 @@ class DynamicBatcher:
         self._pending: deque[_Pending] = deque()
         self._queued_rows = 0
         self._full = asyncio.Event()
+        self._kick_scheduled = False
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -160,35 +171,54 @@ class DynamicBatcher:
         return self._queued_rows
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
-        if self._task is None and self._max_delay_ns <= 0 and self._compute.predicted_cheap(len(x)):
-            # No backlog, no delay to wait out, and cheap enough to run inline: the forward
-            # finishes before another request could join it, so queueing would only add a task
-            # and a loop turn to its latency.
-            return await _run_alone(self._compute, self._observer, x)
         loop = asyncio.get_running_loop()
         item = _Pending(x, loop.create_future())
         self._pending.append(item)
         self._set_queued(self._queued_rows + len(x))
-        if self._task is None:
-            # The draining task lives only while there is work, so an idle or evicted model
-            # holds no task and needs no shutdown.
-            self._task = loop.create_task(self._drain())
-        elif self._queued_rows >= self._max_rows:
-            self._full.set()
+        if self._task is not None:
+            if self._queued_rows >= self._max_rows:
+                self._full.set()
+        elif not self._kick_scheduled:
+            # At the end of this loop turn, when every request that arrived with this one has
+            # queued too: they share one forward pass.
+            self._kick_scheduled = True
+            loop.call_soon(self._kick)
         return await item.future
+
+    def _kick(self) -> None:
+        self._kick_scheduled = False
+        if self._task is not None or not self._pending:
+            return
+        if self._max_delay_ns <= 0:
+            while batch := self._take_batch():
+                rows = sum(len(item.rows) for item in batch)
+                if not self._compute.predicted_cheap(rows):
+                    self._start_drain(batch)
+                    return
+                self._run_here(batch, rows)
+        if self._pending:
+            self._start_drain([])
+
+    def _start_drain(self, first: list[_Pending]) -> None:
+        # The draining task lives only while there is work, so an idle or evicted model
+        # holds no task and needs no shutdown.
+        self._task = asyncio.get_running_loop().create_task(self._drain(first))
 
     def _set_queued(self, rows: int) -> None:
         self._queued_rows = rows
         self._observer.queue_depth(rows)
 
-    async def _drain(self) -> None:
+    async def _drain(self, first: list[_Pending]) -> None:
+        batch = first
         try:
-            while self._pending:
-                await self._wait_for_batch()
-                batch = self._take_batch()
+            while batch or self._pending:
                 if batch:
                     await self._run(batch)
+                if self._pending:
+                    await self._wait_for_batch()
+                batch = self._take_batch()
         except BaseException:
+            _fail(batch, _stopped())
             self._fail_pending()
             raise
         finally:
@@ -222,6 +252,15 @@ class DynamicBatcher:
             rows += len(item.rows)
         return batch
 
+    def _run_here(self, batch: list[_Pending], rows: int) -> None:
+        started = time.perf_counter_ns()
+        try:
+            outputs, compute_ns = self._compute.run_here([item.rows for item in batch], rows)
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        self._answer(batch, outputs, started, compute_ns)
+
     async def _run(self, batch: list[_Pending]) -> None:
         started = time.perf_counter_ns()
         try:
@@ -232,6 +271,11 @@ class DynamicBatcher:
         except Exception as exc:
             _fail(batch, exc)
             return
+        self._answer(batch, outputs, started, compute_ns)
+
+    def _answer(
+        self, batch: list[_Pending], outputs: list[np.ndarray], started: int, compute_ns: int
+    ) -> None:
         for item, output in zip(batch, outputs, strict=True):
             if not item.future.done():
                 item.future.set_result(output)

@@ -1,11 +1,16 @@
-"""The inference core, independent of gRPC: which version serves a request, and running it.
+"""The inference core, independent of gRPC and HTTP: which version serves a request, and running it.
 
-A request names a model and optionally a version: nothing means the alias ``production``, digits
-mean a version number, anything else is an alias. Aliases resolve through the registry once and
-are then kept in an alias table that registry events update (hot swap): on ``alias-set`` the new
-version is loaded in the background and the table entry flips to it in one assignment, so a
-request either got the old version (and finishes on it) or the new one, and none waits for or
-fails because of the swap.
+A request names a model and optionally a version: digits mean a version number, anything else
+an alias, and nothing means the registry's unversioned resolution (the ``production`` alias if
+set, else the newest version a training, fine-tuning or import made). Each resolution is made
+through the registry once and kept in an alias table that registry events keep current (hot
+swap): when an event may move what an alias or the bare name points at, the new version is
+loaded in the background and the table entry flips to it in one assignment, so a request either
+got the old version (and finishes on it) or the new one, and none waits for or fails because of
+the swap.
+
+Per request the work is one lookup: the served version for each (name, version string) a request
+used is remembered until an event for that name, an eviction or an unload forgets it.
 
 Loaded versions live in an LRU cache bounded in bytes of weights. Artifacts are fetched by a
 ``ModelSource`` (registry + S3 in production, a fake in unit tests) and verified against their
@@ -17,120 +22,59 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import OrderedDict
-from collections.abc import Callable, Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
-import torch
-from torch import nn
 
 from maas import artifacts
 from maas.errors import InvalidArgument, NotFound
-from services.inference.batcher import BatchingConfig, Forward, Runner, make_runner
+from services.inference.batcher import BatchingConfig, make_runner
 from services.inference.metrics import Metrics, ModelStats
+from services.inference.served import ModelCache, ServedModel, torch_forward, weights_nbytes
 from services.inference.signature import Signature
 from services.inference.text import is_text, text_parts
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ALIAS = "production"
+DEFAULT = ""  # the alias-table key of a bare name: the registry's unversioned resolution
 T = TypeVar("T")
+AliasKey = tuple[str, str]  # (name, alias or DEFAULT)
 
 
 class ModelSource(Protocol):
-    """Where versions come from: alias resolution and verified-on-arrival artifact bytes."""
+    """Where versions come from: resolution and verified-on-arrival artifact bytes."""
 
     async def resolve(self, name: str, alias: str) -> int:
-        """The version ``alias`` points at; NotFound when the model or alias is unknown."""
+        """The version ``alias`` points at (DEFAULT: what the bare name resolves to);
+        NotFound when the model or alias is unknown."""
         ...
 
     async def fetch(self, name: str, version: int) -> tuple[artifacts.Manifest, dict[str, bytes]]:
         """The manifest and files of one version; NotFound when it does not exist."""
         ...
 
+    async def catalogue(self) -> list[tuple[str, int]]:
+        """Every model the source holds, with its latest version."""
+        ...
 
-@dataclass
-class ServedModel:
+
+@dataclass(frozen=True)
+class CatalogueEntry:
     name: str
     version: int
-    signature: Signature
-    nbytes: int
-    runner: Runner
-    stats: ModelStats
-    platform: str = "pytorch"
-    module: nn.Module | None = None  # the loaded module itself (generation decodes with it)
-
-    @property
-    def label(self) -> str:
-        return f"model {self.name!r} version {self.version}"
+    state: str  # READY (loaded here) or UNAVAILABLE (not loaded)
+    reason: str = ""
 
 
 def parse_ref(version: str) -> tuple[int | None, str]:
-    """``model_version`` -> (version number, None) or (None, alias)."""
+    """``model_version`` -> (version number, "") or (None, alias); ("", DEFAULT) when empty."""
     version = version.strip()
     if version.isdigit():
         return int(version), ""
-    return None, version or DEFAULT_ALIAS
-
-
-def weights_nbytes(module: nn.Module) -> int:
-    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
-
-
-def torch_forward(module: nn.Module) -> Forward:
-    def forward(rows: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out: np.ndarray = module(torch.from_numpy(rows)).float().numpy()
-        return out
-
-    return forward
-
-
-class ModelCache:
-    """LRU of served versions bounded by their weights' bytes.
-
-    The newest entry always stays, even alone over the budget: a model bigger than the cache is
-    still servable, just never kept beside another.
-    """
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self._models: OrderedDict[tuple[str, int], ServedModel] = OrderedDict()
-        self.total_bytes = 0
-
-    def get(self, name: str, version: int) -> ServedModel | None:
-        model = self._models.get((name, version))
-        if model is not None:
-            self._models.move_to_end((name, version))
-        return model
-
-    def put(self, model: ServedModel) -> list[ServedModel]:
-        """Insert ``model`` and return what was evicted to make room."""
-        key = (model.name, model.version)
-        evicted = [m for m in [self._models.pop(key, None)] if m is not None]
-        self._models[key] = model
-        self.total_bytes += model.nbytes - sum(m.nbytes for m in evicted)
-        while self.total_bytes > self.capacity_bytes and len(self._models) > 1:
-            _, oldest = self._models.popitem(last=False)
-            self.total_bytes -= oldest.nbytes
-            evicted.append(oldest)
-        return evicted
-
-    def remove(self, keep: Callable[[ServedModel], bool]) -> list[ServedModel]:
-        gone = [m for m in self._models.values() if not keep(m)]
-        for m in gone:
-            del self._models[(m.name, m.version)]
-            self.total_bytes -= m.nbytes
-        return gone
-
-    def __iter__(self) -> Iterator[ServedModel]:
-        return iter(list(self._models.values()))
-
-    def __len__(self) -> int:
-        return len(self._models)
+    return None, version
 
 
 @dataclass
@@ -149,17 +93,21 @@ class DataPlane:
         cache_bytes: int,
         metrics: Metrics | None = None,
         inline_forward_us: int = 0,
+        instances: int = 1,
     ) -> None:
         self._source = source
         self._executor = executor
-        self._batching = batching
+        self.batching = batching
+        self.instances = instances  # forward passes that can run at once (worker threads)
         self._inline_forward_us = inline_forward_us
         self._metrics = metrics or Metrics()
         self._cache = ModelCache(cache_bytes)
-        self._aliases: dict[tuple[str, str], int] = {}
+        self._aliases: dict[AliasKey, int] = {}
         # Bumped on every registry event for an alias; a resolution or background load that
         # started under an older generation must not overwrite what the event decided.
-        self._alias_gen: dict[tuple[str, str], int] = {}
+        self._alias_gen: dict[AliasKey, int] = {}
+        # name -> {model_version as requested -> the version serving it}
+        self._serving: dict[str, dict[str, ServedModel]] = {}
         self._inflight: dict[tuple[Any, ...], asyncio.Task[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self.ready = False
@@ -168,20 +116,33 @@ class DataPlane:
 
     async def model(self, name: str, version: str = "") -> ServedModel:
         """The served version for a request's ``model_name`` and ``model_version``."""
+        refs = self._serving.get(name)
+        if refs is not None:
+            served = refs.get(version)
+            if served is not None:
+                self._cache.touch(served)
+                return served
         if not name:
             raise InvalidArgument("model_name is empty; name the model to use")
         number, alias = parse_ref(version)
+        key = None
         if number is None:
-            number = self._aliases.get((name, alias))
-            if number is None:
-                number = await self._resolve(name, alias)
-        cached = self._cache.get(name, number)
-        if cached is not None:
-            return cached
-        return await self._single_flight(("load", name, number), lambda: self._load(name, number))
+            key = (name, alias)
+            number = self._aliases.get(key) or await self._resolve(key)
+        served = self._cache.get(name, number)
+        if served is None:
+            served = await self._single_flight(
+                ("load", name, number), lambda: self._load(name, number)
+            )
+        # Remembered only while still true: an event or an eviction may have come meanwhile.
+        if (key is None or self._aliases.get(key) == number) and self._cache.get(
+            name, number
+        ) is served:
+            self._serving.setdefault(name, {})[version] = served
+        return served
 
-    async def _resolve(self, name: str, alias: str) -> int:
-        key = (name, alias)
+    async def _resolve(self, key: AliasKey) -> int:
+        name, alias = key
         gen = self._alias_gen.get(key, 0)
         # The generation is part of the key: a caller arriving after an alias event must not
         # join (and then cache) a lookup that started before it.
@@ -189,8 +150,13 @@ class DataPlane:
             ("resolve", name, alias, gen), lambda: self._source.resolve(name, alias)
         )
         if self._alias_gen.get(key, 0) == gen:
-            self._aliases[key] = number
+            self._point(key, number)
         return number
+
+    def _point(self, key: AliasKey, number: int) -> None:
+        if self._aliases.get(key) != number:
+            self._aliases[key] = number
+            self._serving.pop(key[0], None)
 
     async def _single_flight(
         self, key: tuple[Any, ...], make: Callable[[], Coroutine[Any, Any, T]]
@@ -232,7 +198,7 @@ class DataPlane:
             runner=make_runner(
                 forward,
                 self._executor,
-                self._batching,
+                self.batching,
                 stats,
                 inline_max_us=self._inline_forward_us,
             ),
@@ -245,6 +211,7 @@ class DataPlane:
 
     def _forget(self, evicted: Sequence[ServedModel]) -> None:
         for gone in evicted:
+            self._serving.pop(gone.name, None)
             gone.stats.forget()
             log.info("evicted %s", gone.label)
         self._metrics.loaded_models.set(len(self._cache))
@@ -283,6 +250,18 @@ class DataPlane:
     def loaded(self) -> list[ServedModel]:
         return list(self._cache)
 
+    async def catalogue(self, *, ready_only: bool = False) -> list[CatalogueEntry]:
+        """Loaded versions (READY), then, unless ``ready_only``, the source's other models."""
+        entries = [CatalogueEntry(m.name, m.version, "READY") for m in self._cache]
+        if not ready_only:
+            loaded = {(e.name, e.version) for e in entries}
+            entries += [
+                CatalogueEntry(name, version, "UNAVAILABLE", "not loaded; a request loads it")
+                for name, version in await self._source.catalogue()
+                if (name, version) not in loaded
+            ]
+        return sorted(entries, key=lambda e: (e.name, e.version))
+
     def unload(self, name: str) -> int:
         """Drop every cached version and alias of ``name``; the next request loads afresh."""
         for key in [k for k in self._aliases if k[0] == name]:
@@ -297,7 +276,7 @@ class DataPlane:
         """Apply one ``maas.model/1`` event; slow work (loading) happens in the background."""
         kind, name = event["event"], event["name"]
         if kind == "alias-set":
-            self._alias_set(name, event["alias"], int(event["version"]))
+            self._alias_set((name, event["alias"]), int(event["version"]))
         elif kind == "alias-deleted":
             self._drop_alias((name, event["alias"]))
         elif kind == "deleted":
@@ -310,17 +289,20 @@ class DataPlane:
                     lambda m: m.name != name or (version is not None and m.version != version)
                 )
             )
+        # Any event may change what the bare name resolves to (the registry decides).
+        self._alias_set((name, DEFAULT), None)
 
-    def _bump(self, key: tuple[str, str]) -> int:
+    def _bump(self, key: AliasKey) -> int:
         self._alias_gen[key] = self._alias_gen.get(key, 0) + 1
         return self._alias_gen[key]
 
-    def _drop_alias(self, key: tuple[str, str]) -> None:
+    def _drop_alias(self, key: AliasKey) -> None:
         self._bump(key)
-        self._aliases.pop(key, None)
+        if self._aliases.pop(key, None) is not None:
+            self._serving.pop(key[0], None)
 
-    def _alias_set(self, name: str, alias: str, version: int) -> None:
-        key = (name, alias)
+    def _alias_set(self, key: AliasKey, version: int | None) -> None:
+        """``key`` now points at ``version`` (None: ask the source) — swap in the background."""
         gen = self._bump(key)
         current = self._aliases.get(key)
         if current is None or current == version:
@@ -329,20 +311,28 @@ class DataPlane:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _swap(self, key: tuple[str, str], version: int, gen: int) -> None:
+    async def _swap(self, key: AliasKey, version: int | None, gen: int) -> None:
         name, alias = key
+        shown = f"{name}@{alias}" if alias else name
         try:
+            if version is None:
+                version = await self._source.resolve(name, alias)
             await self.model(name, str(version))
+        except NotFound as exc:
+            log.warning("%s no longer resolves (%s); the next request resolves afresh", shown, exc)
+            if self._alias_gen.get(key) == gen:
+                self._drop_alias(key)
+            return
         except Exception as exc:
             # Keep answering with the version that works; the failed one is logged and counted.
-            log.error("not swapping %s@%s to version %d: %s", name, alias, version, exc)
+            log.error("not swapping %s to version %s: %s", shown, version, exc)
             self._metrics.swaps.labels(name, "failed").inc()
             return
-        if self._alias_gen.get(key) == gen:
+        if self._alias_gen.get(key) == gen and self._aliases.get(key) != version:
             previous = self._aliases.get(key)
-            self._aliases[key] = version
+            self._point(key, version)
             self._metrics.swaps.labels(name, "ok").inc()
-            log.info("swapped %s@%s: version %s -> %d", name, alias, previous, version)
+            log.info("swapped %s: version %s -> %d", shown, previous, version)
 
     async def wait_background(self) -> None:
         """Let in-progress swaps finish (tests and shutdown)."""

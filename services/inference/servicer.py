@@ -6,6 +6,7 @@ interceptor turns them into status codes.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
@@ -14,10 +15,16 @@ import maas
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.inference.dataplane import DataPlane, ServedModel
-from services.inference.metrics import Duration, ModelStats
-from services.inference.signature import TensorSpec
-from services.inference.tensors import decode_inputs, encode_output
+from services.inference import oip_stream
+from services.inference.dataplane import DataPlane
+from services.inference.describe import (
+    model_config,
+    model_metadata,
+    model_statistics,
+    repository_index,
+)
+from services.inference.generation import Generators
+from services.inference.tensors import decode_inputs, infer_response
 
 SERVER_NAME = "maas-inference"
 EXTENSIONS = ("model_repository", "statistics")
@@ -25,51 +32,10 @@ EXTENSIONS = ("model_repository", "statistics")
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
-def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:
-    return pb.ModelMetadataResponse.TensorMetadata(
-        name=spec.name, datatype=spec.datatype, shape=list(spec.shape)
-    )
-
-
-def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
-    return pb.ModelMetadataResponse(
-        name=model.name,
-        versions=[str(model.version)],
-        platform=model.platform,
-        inputs=[_tensor_metadata(s) for s in model.signature.inputs],
-        outputs=[_tensor_metadata(s) for s in model.signature.outputs],
-    )
-
-
-def _duration(d: Duration) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=d.count, ns=d.ns)
-
-
-def model_statistics(model: ServedModel) -> pb.ModelStatistics:
-    stats: ModelStats = model.stats
-    return pb.ModelStatistics(
-        name=model.name,
-        version=str(model.version),
-        last_inference=stats.last_inference_ms,
-        inference_count=stats.inference_count,
-        execution_count=stats.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=_duration(stats.success),
-            fail=_duration(stats.fail),
-            queue=_duration(stats.queue),
-            compute_infer=_duration(stats.compute),
-        ),
-        batch_stats=[
-            pb.InferBatchStatistics(batch_size=rows, compute_infer=_duration(d))
-            for rows, d in sorted(stats.batches.items())
-        ],
-        memory_usage=[pb.MemoryUsage(type="CPU", id=0, byte_size=model.nbytes)],
-    )
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, generators: Generators | None = None) -> None:
         self._plane = plane
+        self._generators = generators or Generators(plane)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: Context
@@ -103,18 +69,35 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: Context
     ) -> pb.ModelInferResponse:
-        requested = [o.name for o in request.outputs]
+        requested = [o.name for o in request.outputs] if request.outputs else ()
         result = await self._plane.infer(
             request.model_name, request.model_version, decode_inputs(request), requested
         )
-        response = pb.ModelInferResponse(
-            model_name=result.model.name,
-            model_version=str(result.model.version),
-            id=request.id,
+        outputs = result.outputs
+        model = result.model
+        return infer_response(
+            model.name,
+            model.version_text,
+            request.id,
+            [(name, outputs[name]) for name in requested or outputs],
         )
-        for name in requested or list(result.outputs):
-            encode_output(response, name, result.outputs[name])
-        return response
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Context
+    ) -> pb.ModelConfigResponse:
+        model = await self._plane.model(request.name, request.version)
+        return pb.ModelConfigResponse(
+            config=model_config(model, self._plane.batching, self._plane.instances)
+        )
+
+    # --- token streaming for generative models: services/inference/oip_stream.py ------------
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for response in oip_stream.serve(self._generators, request_iterator):
+            yield response
+
+    # --- end of token streaming -------------------------------------------------------------
 
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Context
@@ -128,15 +111,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Context
     ) -> pb.RepositoryIndexResponse:
-        # Only loaded versions are listed: the registry is the catalogue of everything else.
-        return pb.RepositoryIndexResponse(
-            models=[
-                pb.RepositoryIndexResponse.ModelIndex(
-                    name=m.name, version=str(m.version), state="READY"
-                )
-                for m in self._plane.loaded()
-            ]
-        )
+        return repository_index(await self._plane.catalogue(ready_only=request.ready))
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context

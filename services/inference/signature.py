@@ -78,6 +78,16 @@ class Signature:
     def check_inputs(self, inputs: Mapping[str, np.ndarray], *, model: str) -> np.ndarray:
         """The model's single input, after checking name, datatype and shape."""
         (spec,) = self.inputs
+        if len(inputs) == 1:  # the common, valid case in a few comparisons
+            array = inputs.get(spec.name)
+            if (
+                array is not None
+                and array.shape[1:] == spec.shape[1:]
+                and array.ndim == len(spec.shape)
+                and array.shape[0] > 0
+                and DTYPE_TO_DATATYPE.get(array.dtype) == spec.datatype
+            ):
+                return array
         if set(inputs) != {spec.name}:
             raise InvalidArgument(
                 f"{model} expects exactly one input {spec.describe()}; the request has "
@@ -101,6 +111,8 @@ class Signature:
         return {self.outputs[0].name: rows}
 
     def check_outputs(self, requested: Sequence[str], *, model: str) -> None:
+        if not requested:
+            return
         known = {spec.name for spec in self.outputs}
         unknown = sorted(set(requested) - known)
         if unknown:

@@ -17,6 +17,7 @@ from torch import nn
 from maas import artifacts
 from maas.errors import NotFound
 from maas.registry import ModelRef, RegistryClient
+from maas.registry.types import DEFAULT_ALIAS, PRIMARY_METHODS
 
 
 class RegistrySource:
@@ -24,11 +25,20 @@ class RegistrySource:
         self._client = client
 
     async def resolve(self, name: str, alias: str) -> int:
-        return (await self._client.get(ModelRef(name, alias=alias))).version
+        # No alias: the registry's own order for a bare name (production, else the newest
+        # trained, fine-tuned or imported version), never a rule of ours.
+        return (await self._client.get(ModelRef(name, alias=alias or None))).version
 
     async def fetch(self, name: str, version: int) -> tuple[artifacts.Manifest, dict[str, bytes]]:
         _, manifest, files = await self._client.fetch(ModelRef(name, version=version))
         return manifest, files
+
+    async def catalogue(self) -> list[tuple[str, int]]:
+        return [
+            (m.name, m.latest_version)
+            for m in await self._client.list_models()
+            if m.latest_version is not None
+        ]
 
 
 class MemorySource:
@@ -76,10 +86,32 @@ class MemorySource:
         return self._versions[(name, version)][1]
 
     async def resolve(self, name: str, alias: str) -> int:
+        if not alias:
+            return self._bare(name)
         try:
             return self._aliases[(name, alias)]
         except KeyError:
             raise NotFound(f"model {name!r} has no alias {alias!r}") from None
+
+    def _bare(self, name: str) -> int:
+        """The registry's rule: ``production``, else the newest version that training,
+        fine-tuning or an import made (a compressed variant only once promoted)."""
+        if (name, DEFAULT_ALIAS) in self._aliases:
+            return self._aliases[(name, DEFAULT_ALIAS)]
+        made = [
+            v
+            for (n, v), (manifest, _) in self._versions.items()
+            if n == name and (manifest.method is None or manifest.method in PRIMARY_METHODS)
+        ]
+        if not made:
+            raise NotFound(f"model {name!r} has no production alias and no trained version")
+        return max(made)
+
+    async def catalogue(self) -> list[tuple[str, int]]:
+        latest: dict[str, int] = {}
+        for name, version in self._versions:
+            latest[name] = max(version, latest.get(name, 0))
+        return sorted(latest.items())
 
     async def fetch(self, name: str, version: int) -> tuple[artifacts.Manifest, dict[str, bytes]]:
         try:

@@ -56,17 +56,24 @@ def _shape_of(shape: Sequence[int], *, tensor: str) -> tuple[int, ...]:
 
 def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.ndarray:
     """A read-only array viewing ``raw`` as the tensor's datatype and shape."""
-    if tensor.datatype == bytes_tensors.BYTES:  # length-prefixed strings (text models)
-        return bytes_tensors.decode_raw(tensor, raw)
-    dtype = dtype_of(tensor.datatype, tensor=tensor.name)
-    shape = _shape_of(tensor.shape, tensor=tensor.name)
+    datatype = tensor.datatype
+    dtype = DATATYPE_TO_DTYPE.get(datatype)
+    if dtype is None:
+        if datatype == bytes_tensors.BYTES:  # length-prefixed strings (text models)
+            return bytes_tensors.decode_raw(tensor, raw)
+        dtype = dtype_of(datatype, tensor=tensor.name)
+    shape = tensor.shape[:]  # a list: much cheaper than iterating the repeated field
     expected = math.prod(shape) * dtype.itemsize
-    if len(raw) != expected:
+    if len(raw) != expected or min(shape, default=0) < 0:
+        _shape_of(shape, tensor=tensor.name)
         raise InvalidArgument(
-            f"input {tensor.name!r} has {len(raw)} raw bytes, but datatype {tensor.datatype} "
-            f"with shape {list(shape)} needs {expected}"
+            f"input {tensor.name!r} has {len(raw)} raw bytes, but datatype {datatype} "
+            f"with shape {shape} needs {expected}"
         )
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    try:
+        return np.ndarray(shape, dtype, raw)
+    except ValueError as exc:  # e.g. dimensions whose product overflows, beside a zero
+        raise InvalidArgument(f"input {tensor.name!r} has shape {shape}: {exc}") from None
 
 
 def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
@@ -103,40 +110,63 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """Every input of a request by name, whichever way it was sent."""
-    raws = request.raw_input_contents
-    if raws and len(raws) != len(request.inputs):
+    inputs, raws = request.inputs, request.raw_input_contents
+    if raws and len(raws) != len(inputs):
         raise InvalidArgument(
-            f"the request has {len(request.inputs)} inputs but {len(raws)} "
+            f"the request has {len(inputs)} inputs but {len(raws)} "
             "raw_input_contents entries; send one raw entry per input, in order, or none"
         )
     arrays: dict[str, np.ndarray] = {}
-    for i, tensor in enumerate(request.inputs):
-        if tensor.name in arrays:
-            raise InvalidArgument(f"input {tensor.name!r} appears twice in the request")
+    for i, tensor in enumerate(inputs):
+        name = tensor.name
+        if name in arrays:
+            raise InvalidArgument(f"input {name!r} appears twice in the request")
         if raws:
             if tensor.HasField("contents"):
                 raise InvalidArgument(
-                    f"input {tensor.name!r} has typed contents while the request also uses "
+                    f"input {name!r} has typed contents while the request also uses "
                     "raw_input_contents; use one form for every input"
                 )
-            arrays[tensor.name] = decode_raw(tensor, raws[i])
+            arrays[name] = decode_raw(tensor, raws[i])
         else:
-            arrays[tensor.name] = decode_typed(tensor)
+            arrays[name] = decode_typed(tensor)
     return arrays
 
 
-def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
-    """Append ``array`` to ``response`` as a raw output (little-endian, row-major)."""
-    out = response.outputs.add()
-    out.name = name
+def raw_output(
+    name: str, array: np.ndarray
+) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
+    """``array`` as an output tensor's metadata and its raw bytes (little-endian, row-major)."""
     if bytes_tensors.is_bytes_array(array):  # label strings of text classifiers
-        out.datatype = bytes_tensors.BYTES
-        out.shape.extend(array.shape)
-        response.raw_output_contents.append(bytes_tensors.encode_raw(array))
-        return
-    out.datatype = datatype_of(array)
-    out.shape.extend(array.shape)
-    # Native order is little-endian on every platform this runs on; only convert what is not.
-    if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
-        array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    response.raw_output_contents.append(array.tobytes())
+        datatype, raw = bytes_tensors.BYTES, bytes_tensors.encode_raw(array)
+    else:
+        datatype = datatype_of(array)
+        # Native order is little-endian on every platform this runs on; convert what is not.
+        if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        raw = array.tobytes()
+    tensor = pb.ModelInferResponse.InferOutputTensor(
+        name=name, datatype=datatype, shape=array.shape
+    )
+    return tensor, raw
+
+
+def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
+    """Append ``array`` to ``response`` as a raw output."""
+    tensor, raw = raw_output(name, array)
+    response.outputs.append(tensor)
+    response.raw_output_contents.append(raw)
+
+
+def infer_response(
+    model_name: str, model_version: str, request_id: str, outputs: Sequence[tuple[str, np.ndarray]]
+) -> pb.ModelInferResponse:
+    """The whole response in one constructor call (cheaper than filling it field by field)."""
+    encoded = [raw_output(name, array) for name, array in outputs]
+    return pb.ModelInferResponse(
+        model_name=model_name,
+        model_version=model_version,
+        id=request_id,
+        outputs=[tensor for tensor, _ in encoded],
+        raw_output_contents=[raw for _, raw in encoded],
+    )

@@ -19,7 +19,7 @@ from services.inference.batcher import (
     make_runner,
     run_batch,
 )
-from services.inference.dataplane import torch_forward
+from services.inference.served import torch_forward
 
 
 class Recorder:
@@ -230,6 +230,25 @@ async def test_an_idle_batcher_runs_a_cheap_request_at_once_on_the_loop(pool):
     np.testing.assert_array_equal(out, rowwise(np.full((1, 8), 2, np.float32)))
     assert threads[-1] is threading.current_thread()
     assert [b.requests for b in recorder.batches] == [1, 1]
+
+
+async def test_requests_queued_in_one_loop_turn_share_one_forward_on_the_loop(pool):
+    threads = []
+
+    def where(x: np.ndarray) -> np.ndarray:
+        threads.append(threading.current_thread())
+        return rowwise(x)
+
+    compute = Compute(where, pool, inline_max_ns=10**9)
+    await compute.run([np.ones((1, 8), np.float32)])  # the cost is known now: cheap
+    recorder = Recorder()
+    batcher = DynamicBatcher(compute, BatchingConfig(64, 0), recorder)
+    inputs = [np.full((1, 8), i, np.float32) for i in range(5)]
+    outputs = await submit_all(batcher, inputs)
+    assert [b.requests for b in recorder.batches] == [5]
+    assert threads[-1] is threading.current_thread()
+    for x, out in zip(inputs, outputs, strict=True):
+        np.testing.assert_array_equal(out, rowwise(x))
 
 
 async def test_inline_and_pooled_forwards_give_identical_answers(pool):

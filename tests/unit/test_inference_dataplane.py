@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from maas import zoo
+from maas import artifacts, zoo
 from maas.errors import IntegrityError, InvalidArgument, NotFound
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane, parse_ref
@@ -92,13 +92,13 @@ def assert_from(output, module):
 @pytest.mark.parametrize(
     ("ref", "parsed"),
     [
-        ("", (None, "production")),
+        ("", (None, "")),
         ("3", (3, "")),
         ("staging", (None, "staging")),
         (" 12 ", (12, "")),
     ],
 )
-def test_model_version_is_a_number_an_alias_or_empty_for_production(ref, parsed):
+def test_model_version_is_a_number_an_alias_or_empty_for_the_bare_name(ref, parsed):
     assert parse_ref(ref) == parsed
 
 
@@ -106,6 +106,47 @@ async def test_a_name_alone_is_served_by_the_production_alias(source, pool):
     version, out = await answer(make_plane(source, pool))
     assert version == 1
     assert_from(out, model(1))
+
+
+async def test_a_name_alone_without_production_is_served_by_the_newest_trained_version(pool):
+    src = MemorySource()
+    src.add("m", model(1), "mlp", MLP)
+    src.add("m", model(2), "mlp", MLP, aliases=["staging"])
+    plane = make_plane(src, pool)
+    assert await plane.model_ready("m")
+    assert (await plane.model("m")).version == 2
+
+
+async def test_a_name_alone_never_lands_on_an_unpromoted_compressed_variant(pool):
+    src = MemorySource()
+    src.add("m", model(1), "mlp", MLP)
+    files, manifest = artifacts.pack(model(2), "mlp", MLP)
+    manifest.method = "quantize"
+    src.add_artifact("m", files, manifest)
+    assert (await make_plane(src, pool).model("m")).version == 1
+
+
+async def test_a_name_alone_follows_a_newly_trained_version_while_nothing_is_promoted(pool):
+    src = MemorySource()
+    src.add("m", model(1), "mlp", MLP)
+    plane = make_plane(src, pool)
+    assert (await plane.model("m")).version == 1
+    src.add("m", model(2), "mlp", MLP)
+    await plane.on_model_event({"event": "registered", "name": "m", "version": 2})
+    await plane.wait_background()
+    assert (await plane.model("m")).version == 2
+
+
+async def test_a_served_name_is_resolved_once_and_again_only_after_an_event_for_it(source, pool):
+    plane = make_plane(source, pool)
+    for _ in range(5):
+        await answer(plane)
+    assert source.resolves == 1
+    await plane.on_model_event({"event": "registered", "name": "digits", "version": 2})
+    await plane.wait_background()
+    for _ in range(5):
+        assert (await answer(plane))[0] == 1
+    assert source.resolves == 2
 
 
 async def test_a_version_may_be_a_number_or_an_alias(source, pool):
@@ -217,11 +258,16 @@ def alias_set(version, alias="production"):
     return {"event": "alias-set", "name": "digits", "alias": alias, "version": version}
 
 
+async def promote(source, plane, version):
+    """What the registry does: move production, then announce it."""
+    source.set_alias("digits", "production", version)
+    await plane.on_model_event(alias_set(version))
+
+
 async def test_an_alias_move_swaps_the_served_version_in_the_background(source, pool):
     plane = make_plane(source, pool)
     assert (await answer(plane))[0] == 1
-    source.set_alias("digits", "production", 2)
-    await plane.on_model_event(alias_set(2))
+    await promote(source, plane, 2)
     await plane.wait_background()
     version, out = await answer(plane)
     assert version == 2
@@ -232,7 +278,7 @@ async def test_requests_keep_the_old_version_while_the_new_one_loads(source, poo
     plane = make_plane(source, pool)
     await answer(plane)
     source.gates[2] = asyncio.Event()
-    await plane.on_model_event(alias_set(2))
+    await promote(source, plane, 2)
     during = await asyncio.gather(*(answer(plane) for _ in range(5)))
     assert {v for v, _ in during} == {1}
     source.gates[2].set()
@@ -248,7 +294,7 @@ async def test_a_request_in_flight_during_the_swap_finishes_on_the_old_version(s
         one_worker.submit(release.wait, 10)  # the only worker is busy: forwards queue behind it
         in_flight = asyncio.ensure_future(answer(plane))
         await asyncio.sleep(0.05)
-        await plane.on_model_event(alias_set(2))
+        await promote(source, plane, 2)
         release.set()
         version, out = await in_flight
         await plane.wait_background()
@@ -262,8 +308,8 @@ async def test_the_latest_alias_move_wins_even_if_an_older_load_finishes_last(so
     plane = make_plane(source, pool)
     await answer(plane)
     source.gates[2] = asyncio.Event()
-    await plane.on_model_event(alias_set(2))
-    await plane.on_model_event(alias_set(3))
+    await promote(source, plane, 2)
+    await promote(source, plane, 3)
     await asyncio.sleep(0.05)  # version 3 loads and is swapped in while 2 is still held
     source.gates[2].set()
     await plane.wait_background()
@@ -276,7 +322,7 @@ async def test_a_version_that_fails_to_load_is_not_swapped_in(source, pool):
     await answer(plane)
     files = source.files("digits", 2)
     files["weights.safetensors"] = b"tampered"
-    await plane.on_model_event(alias_set(2))
+    await promote(source, plane, 2)
     await plane.wait_background()
     assert (await answer(plane))[0] == 1
     assert metrics.swaps.labels("digits", "failed")._value.get() == 1
@@ -295,8 +341,7 @@ async def test_a_resolution_racing_an_alias_move_is_not_cached(source, pool):
     source.answer_sent.clear()
     pending = asyncio.ensure_future(answer(plane))  # the registry answers production -> 1 ...
     await asyncio.sleep(0.05)
-    source.set_alias("digits", "production", 2)
-    await plane.on_model_event(alias_set(2))  # ... and the alias moves before that arrives
+    await promote(source, plane, 2)  # ... and the alias moves before that arrives
     source.answer_sent.set()
     assert (await pending)[0] == 1
     assert (await answer(plane))[0] == 2
@@ -326,8 +371,7 @@ async def test_a_request_after_an_alias_move_does_not_join_a_lookup_from_before_
     source.answer_sent.clear()
     early = asyncio.ensure_future(answer(plane))  # its lookup reads production -> 1 ...
     await asyncio.sleep(0.05)
-    source.set_alias("digits", "production", 2)
-    await plane.on_model_event(alias_set(2))  # ... the alias moves ...
+    await promote(source, plane, 2)  # ... the alias moves ...
     late = asyncio.ensure_future(answer(plane))  # ... and a new request arrives
     await asyncio.sleep(0.05)
     source.answer_sent.set()

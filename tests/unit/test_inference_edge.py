@@ -194,6 +194,25 @@ async def test_requests_are_counted_by_method_and_code(edge):
     assert requests.labels("ModelInfer", "NOT_FOUND")._value.get() == 1
 
 
+async def test_model_config_gives_tritons_view_of_the_signature_and_the_batching(edge):
+    config = (await edge.stub.ModelConfig(pb.ModelConfigRequest(name="digits"))).config
+    assert (config.name, config.platform, config.max_batch_size) == ("digits", "pytorch", 8)
+    assert [(i.name, i.data_type, list(i.dims)) for i in config.input] == [
+        ("input", pb.TYPE_FP32, [64])
+    ]
+    assert [(o.name, o.data_type, list(o.dims)) for o in config.output] == [
+        ("output", pb.TYPE_FP32, [10])
+    ]
+    assert config.WhichOneof("scheduling_choice") == "dynamic_batching"
+    assert config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+
+
+async def test_model_config_of_an_unknown_model_is_not_found(edge):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await edge.stub.ModelConfig(pb.ModelConfigRequest(name="nope"))
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+
+
 async def test_statistics_and_the_repository_describe_loaded_versions(edge):
     await edge.stub.ModelInfer(raw_request())
     (stats,) = (
@@ -204,7 +223,10 @@ async def test_statistics_and_the_repository_describe_loaded_versions(edge):
     index = await edge.stub.RepositoryIndex(pb.RepositoryIndexRequest())
     assert [(m.name, m.version, m.state) for m in index.models] == [("digits", "1", "READY")]
     await edge.stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="digits"))
-    assert not (await edge.stub.RepositoryIndex(pb.RepositoryIndexRequest())).models
+    index = await edge.stub.RepositoryIndex(pb.RepositoryIndexRequest())
+    assert [(m.name, m.version, m.state) for m in index.models] == [("digits", "1", "UNAVAILABLE")]
+    assert "not loaded" in index.models[0].reason
+    assert not (await edge.stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True))).models
     await edge.stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="digits"))
     assert len((await edge.stub.RepositoryIndex(pb.RepositoryIndexRequest())).models) == 1
 

@@ -1,0 +1,220 @@
+"""Both front doors of generation on a real gRPC server and a real HTTP server in this process
+(models from memory instead of the registry): tritonclient's stream and the official openai
+client, unmodified, get the in-process model's tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import openai
+import pytest
+import tritonclient.grpc as triton
+from openai.types.chat import ChatCompletionMessageParam
+from tritonclient.utils import InferenceServerException
+
+from maas import zoo
+from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from maas.text.gpt import GPT
+from maas.text.sampling import SamplingParams, Token, generate
+from services.inference.batcher import BatchingConfig
+from services.inference.dataplane import DataPlane
+from services.inference.generation import Generators
+from services.inference.http_app import HttpServer
+from services.inference.openai_http import OpenAIRoutes
+from services.inference.servicer import InferenceServicer
+from services.inference.sources import MemorySource
+
+CONFIG = {"block_size": 1024, "n_layer": 2, "n_head": 2, "n_embd": 32}
+NAME = "tiny-gpt"
+
+
+@dataclass
+class Served:
+    grpc_addr: str
+    http_url: str
+    model: GPT
+    generators: Generators
+
+
+def _serve(ready: queue.Queue[Any], stop: threading.Event, model: GPT) -> None:
+    async def main() -> None:
+        source = MemorySource()
+        source.add(NAME, model, "gpt", CONFIG, aliases=["production"])
+        source.add("not-a-gpt", zoo.build("mlp"), "mlp", {}, aliases=["production"])
+        with ThreadPoolExecutor(2) as pool:
+            plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
+            plane.ready = True
+            generators = Generators(plane, slots=2)
+            server = grpc.aio.server()
+            pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+                InferenceServicer(plane, generators), server
+            )
+            port = server.add_insecure_port("127.0.0.1:0")
+            await server.start()
+            http = HttpServer("127.0.0.1:0")
+            http.add(OpenAIRoutes(generators))
+            await http.start()
+            ready.put(
+                Served(f"127.0.0.1:{port}", f"http://127.0.0.1:{http.port}/v1", model, generators)
+            )
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await server.stop(1)
+            await http.stop()
+            generators.close()
+
+    asyncio.run(main())
+
+
+@pytest.fixture(scope="module")
+def served() -> Iterator[Served]:
+    model = zoo.build("gpt", CONFIG, seed=4).eval()
+    assert isinstance(model, GPT)
+    ready: queue.Queue[Any] = queue.Queue()
+    stop = threading.Event()
+    thread = threading.Thread(target=_serve, args=(ready, stop, model), daemon=True)
+    thread.start()
+    yield ready.get(timeout=60)
+    stop.set()
+    thread.join(timeout=30)
+
+
+def _solo(model: GPT, prompt: str, **params: Any) -> list[Token]:
+    return list(generate(model, prompt, SamplingParams(**params)))
+
+
+def _triton_stream(addr: str, prompt: str, **parameters: Any) -> list[Any]:
+    """Every callback of one streamed request, until the final response (or an error)."""
+    results: queue.Queue[Any] = queue.Queue()
+    client = triton.InferenceServerClient(url=addr)
+    client.start_stream(callback=lambda result, error: results.put(error or result))
+    text = triton.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
+    client.async_stream_infer(NAME, [text], request_id="r1", parameters=parameters)
+    seen = []
+    while True:
+        item = results.get(timeout=60)
+        seen.append(item)
+        if isinstance(item, InferenceServerException):
+            break
+        final = item.get_response().parameters["triton_final_response"].bool_param
+        if final:
+            break
+    client.stop_stream()
+    client.close()
+    return seen
+
+
+def test_tritonclient_streams_one_response_per_token_the_last_final(served: Served) -> None:
+    results = _triton_stream(served.grpc_addr, "def add(a, b):", max_tokens=12, temperature="0")
+    expected = _solo(served.model, "def add(a, b):", max_tokens=12, temperature=0)
+    assert [int(r.as_numpy("token_id")[0]) for r in results] == [t.id for t in expected]
+    assert b"".join(r.as_numpy("text_output")[0] for r in results).decode() == "".join(
+        t.text for t in expected
+    )
+    flags = [r.get_response().parameters["triton_final_response"].bool_param for r in results]
+    assert flags == [False] * (len(results) - 1) + [True]
+    assert results[-1].get_response().parameters["finish_reason"].string_param == "length"
+
+
+def test_a_bad_request_on_the_stream_answers_an_error_naming_the_field(served: Served) -> None:
+    (error,) = _triton_stream(served.grpc_addr, "x", temperature="5")
+    assert isinstance(error, InferenceServerException)
+    assert "temperature" in str(error)
+
+
+def _openai(served: Served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.http_url, api_key="unused", max_retries=0)
+
+
+def test_openai_client_streams_a_completion_token_by_token(served: Served) -> None:
+    stream = _openai(served).completions.create(
+        model=NAME, prompt="import os\n", max_tokens=10, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    expected = _solo(served.model, "import os\n", max_tokens=10, temperature=0)
+    assert [c.choices[0].text for c in chunks] == [t.text for t in expected]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_openai_client_streams_a_chat_completion(served: Served) -> None:
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "write a loop"}]
+    stream = _openai(served).chat.completions.create(
+        model=f"{NAME}@production", messages=messages, max_tokens=8, temperature=0, stream=True
+    )
+    chunks = list(stream)
+    expected = _solo(served.model, "user: write a loop\nassistant:", max_tokens=8, temperature=0)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "".join(
+        t.text for t in expected
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_openai_client_gets_a_whole_completion_with_usage(served: Served) -> None:
+    reply = _openai(served).completions.create(
+        model=NAME, prompt="ab", max_tokens=5, temperature=0.7, seed=3
+    )
+    expected = _solo(served.model, "ab", max_tokens=5, temperature=0.7, seed=3)
+    assert reply.choices[0].text == "".join(t.text for t in expected)
+    assert reply.usage is not None
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (2, 5)
+
+
+def test_openai_models_lists_the_loaded_generative_models(served: Served) -> None:
+    _openai(served).completions.create(model=NAME, prompt="a", max_tokens=1)
+    assert NAME in [m.id for m in _openai(served).models.list()]
+
+
+def test_openai_errors_name_the_problem_with_the_right_status(served: Served) -> None:
+    client = _openai(served)
+    with pytest.raises(openai.NotFoundError, match="no-such-model"):
+        client.completions.create(model="no-such-model", prompt="a")
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model=NAME, prompt="a", top_p=0)
+    with pytest.raises(openai.BadRequestError, match="not a text-generation model"):
+        client.completions.create(model="not-a-gpt", prompt="a")
+
+
+def _ended(served: Served, reason: str) -> float:
+    return float(served.generators.metrics.streams.labels(NAME, reason)._value.get())
+
+
+def _wait_for(condition: Any, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+def test_a_client_leaving_an_http_stream_frees_its_slot(served: Served) -> None:
+    before = _ended(served, "cancelled")
+    stream = _openai(served).completions.create(
+        model=NAME, prompt="a", max_tokens=1000, temperature=1.0, stream=True
+    )
+    next(iter(stream))
+    stream.close()
+    _wait_for(lambda: _ended(served, "cancelled") == before + 1)
+
+
+def test_cancelling_a_triton_stream_frees_its_slot(served: Served) -> None:
+    before = _ended(served, "cancelled")
+    first: queue.Queue[Any] = queue.Queue()
+    client = triton.InferenceServerClient(url=served.grpc_addr)
+    client.start_stream(callback=lambda result, error: first.put(error or result))
+    text = triton.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"a"], dtype=object))
+    client.async_stream_infer(NAME, [text], parameters={"max_tokens": 1000})
+    assert not isinstance(first.get(timeout=60), InferenceServerException)
+    client.stop_stream(cancel_requests=True)
+    client.close()
+    _wait_for(lambda: _ended(served, "cancelled") == before + 1)

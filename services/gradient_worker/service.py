@@ -21,11 +21,11 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from safetensors.torch import load as load_safetensors
 
-from maas import events, topics
+from maas import datasets, events, topics
 from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import InvalidArgument, MaasError, NotFound
-from maas.store import AsyncObjectStore, parse_uri
+from maas.store import AsyncObjectStore
 from maas.training import protocol
 from maas.training.prepare import load_dataset
 from maas.training.storage import TrainingStore
@@ -137,12 +137,11 @@ class WorkerService:
             self._not_mine.add(job_id)
             return None
         state = load_safetensors(await self._store.read_init(job_id))
-        fetch = self._objects.sync.get_bytes
         dataset = await asyncio.to_thread(
             load_dataset,
             plan.dataset,
             seed=plan.training.seed,
-            fetch=lambda uri: fetch(*parse_uri(uri)),
+            fetch=datasets.fetcher(self._objects.sync, self.settings),
         )
         job = await asyncio.to_thread(WorkerJob, plan, self.worker_id, state, dataset)
         self.jobs[job_id] = job

@@ -177,6 +177,27 @@ async def test_progress_runs_from_accepted_through_each_variant_to_succeeded(cor
     assert statuses[-1]["model"] == {"name": "digits", "version": 3}
 
 
+async def test_the_final_status_lists_every_variant_the_job_registered(core, statuses):
+    await core.handle(job())
+    assert statuses[-1]["models"] == [
+        {"name": "digits", "version": 2, "method": "quantize", "format": "int8"},
+        {"name": "digits", "version": 3, "method": "prune", "format": "sparse"},
+    ]
+
+
+async def test_a_job_with_an_unknown_key_is_refused_before_any_work(core, statuses):
+    typo = events.new_event(
+        events.JOB,
+        job_id="job-typo",
+        type="compress",
+        base={"name": "digits", "version": 1},
+        compress={"methods": [{"quantize": {"dtyp": "int8"}}]},
+    )
+    with pytest.raises(InvalidArgument, match="quantize.dtyp: unknown key; did you mean 'dtype'"):
+        await core.handle(typo)
+    assert statuses == []
+
+
 async def test_other_job_types_are_ignored(core, registry, statuses):
     assert await core.handle(job(type="train", compress=None)) == []
     assert statuses == [] and len(registry.models["digits"]) == 1

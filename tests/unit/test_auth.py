@@ -289,6 +289,14 @@ async def test_a_read_token_reads_but_cannot_write(server, auth_dir):
     assert things.callers == ["reader", "reader"]
 
 
+async def test_a_refused_upload_still_gets_its_refusal_not_internal(server, auth_dir):
+    """The client is still streaming when the refusal is decided (40 MiB here)."""
+    reader = tokens_of(auth_dir)["reader"]
+    error = await refused(server[0], "RegisterThing", [b"x" * (1 << 20)] * 40, reader)
+    assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert server[1].callers == []
+
+
 async def test_a_write_token_does_everything_and_the_handler_sees_its_identity(server, auth_dir):
     addr, things = server
     admin = tokens_of(auth_dir)["admin"]

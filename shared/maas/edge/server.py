@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
@@ -33,6 +35,7 @@ log = logging.getLogger(__name__)
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 Observer = Callable[[str, grpc.StatusCode, float], None]
 OK, INTERNAL = grpc.StatusCode.OK, grpc.StatusCode.INTERNAL
+REFUSAL_DRAIN_S = 10.0  # how long a refused upload is read and dropped before the answer
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 _identity: contextvars.ContextVar[Identity] = contextvars.ContextVar(
@@ -146,17 +149,29 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
     def _refusal(
         self, method: str, handler: grpc.RpcMethodHandler, refusal: MaasError
     ) -> grpc.RpcMethodHandler:
-        """A handler of the same kind that answers the refusal without reading the request."""
+        """A handler of the same kind that answers the refusal without parsing the request."""
         code, message = status_for(refusal)
         self._observe(method_name(method), code, 0.0)
+        kind = next(k for k in KINDS if getattr(handler, k) is not None)
+        streamed_in = kind.startswith("stream_")
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if streamed_in:
+                await _drain(request)
             await context.abort(code, message)
 
-        kind = next(k for k in KINDS if getattr(handler, k) is not None)
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         # No deserializer: the request stays bytes, a refused call is never parsed.
         return factory(refuse, response_serializer=handler.response_serializer)  # type: ignore[no-any-return]
+
+
+async def _drain(requests: AsyncIterator[bytes], limit_s: float = REFUSAL_DRAIN_S) -> None:
+    """Read (and drop) what a refused client still streams: a call ended while the client
+    writes reaches it as INTERNAL, and the refusal's status would be lost."""
+    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
+        async with asyncio.timeout(limit_s):
+            async for _ in requests:
+                pass
 
 
 def _replace(handler: grpc.RpcMethodHandler, kind: str, behavior: Any) -> grpc.RpcMethodHandler:

@@ -91,19 +91,37 @@ def _timed_run_batch(
 
 
 class Compute:
-    """Where one model's forward passes run: the worker pool, or inline when predicted cheap."""
+    """Where one model's forward passes run: the worker pool, or inline when predicted cheap.
 
-    # Weight of the newest measurement in the per-row cost estimate.
+    The prediction is the measured cost of a pass of about that many rows (sizes rounded up to
+    a power of two); a size not seen yet is extrapolated linearly from the largest smaller size
+    seen, which over-estimates (a pass costs less than proportionally more for more rows), so an
+    unknown size goes to the pool once and is then known.
+    """
+
+    # Weight of the newest measurement in each size's cost estimate.
     _SMOOTHING = 0.2
 
     def __init__(self, forward: Forward, executor: Executor, inline_max_ns: int) -> None:
         self._forward = forward
         self._executor = executor
         self._inline_max_ns = inline_max_ns
-        self._ns_per_row: float | None = None  # unknown until a first pass ran on the pool
+        self._ns_by_size: dict[int, float] = {}  # rows rounded up to a power of two -> ns
+
+    def predicted_ns(self, rows: int) -> float | None:
+        size = _size_class(rows)
+        known = self._ns_by_size.get(size)
+        if known is not None:
+            return known
+        smaller = [s for s in self._ns_by_size if s < size]
+        if not smaller:
+            return None
+        nearest = max(smaller)
+        return self._ns_by_size[nearest] * size / nearest
 
     def predicted_cheap(self, rows: int) -> bool:
-        return self._ns_per_row is not None and rows * self._ns_per_row <= self._inline_max_ns
+        predicted = self.predicted_ns(rows)
+        return predicted is not None and predicted <= self._inline_max_ns
 
     def run_here(self, inputs: Sequence[np.ndarray], rows: int) -> tuple[list[np.ndarray], int]:
         """On the calling thread (the event loop, for a batch predicted cheap)."""
@@ -124,12 +142,17 @@ class Compute:
         return outputs, compute_ns
 
     def _learn(self, rows: int, compute_ns: int) -> None:
-        per_row = compute_ns / max(rows, 1)
-        self._ns_per_row = (
-            per_row
-            if self._ns_per_row is None
-            else (self._SMOOTHING * per_row + (1 - self._SMOOTHING) * self._ns_per_row)
+        size = _size_class(rows)
+        known = self._ns_by_size.get(size)
+        self._ns_by_size[size] = (
+            compute_ns
+            if known is None
+            else self._SMOOTHING * compute_ns + (1 - self._SMOOTHING) * known
         )
+
+
+def _size_class(rows: int) -> int:
+    return 1 << max(rows - 1, 0).bit_length()
 
 
 class DirectRunner:

@@ -12,6 +12,7 @@ from typing import Any
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+import maas
 from maas.oip import grpc_predict_v2_pb2 as pb
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import CatalogueEntry
@@ -35,6 +36,17 @@ CONFIG_TYPE = {
     "FP64": pb.TYPE_FP64,
     "BYTES": pb.TYPE_STRING,
 }
+
+
+SERVER_NAME = "maas-inference"
+# The protocol extensions served (Triton's names), over gRPC and HTTP alike.
+EXTENSIONS = ("model_repository", "model_configuration", "statistics", "binary_tensor_data")
+
+
+def server_metadata() -> pb.ServerMetadataResponse:
+    return pb.ServerMetadataResponse(
+        name=SERVER_NAME, version=maas.__version__, extensions=list(EXTENSIONS)
+    )
 
 
 def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadata:

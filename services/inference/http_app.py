@@ -22,12 +22,18 @@ class Routes(Protocol):
 
 
 class HttpServer:
-    def __init__(self, listen: str, *, setting: str = "MAAS_INFERENCE_HTTP_LISTEN") -> None:
+    def __init__(
+        self,
+        listen: str,
+        *,
+        setting: str = "MAAS_INFERENCE_HTTP_LISTEN",
+        max_body_bytes: int = 1024 * 1024,
+    ) -> None:
         host, sep, port = listen.rpartition(":")
         if not sep or not port.isdigit():
             raise InvalidArgument(f"{setting}={listen!r} must be host:port, e.g. 127.0.0.1:8000")
         self._host, self._port, self._setting = host.strip("[]") or "0.0.0.0", int(port), setting
-        self.app = web.Application()
+        self.app = web.Application(client_max_size=max_body_bytes)
         self._runner: web.AppRunner | None = None
         self.port = 0
 

@@ -28,8 +28,12 @@ from maas.liveness import Liveness
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane, ModelSource
+from services.inference.generation import Generators
+from services.inference.http_app import HttpServer
 from services.inference.interceptors import ErrorMappingInterceptor
 from services.inference.metrics import Metrics
+from services.inference.openai_http import OpenAIRoutes, bearer_auth
+from services.inference.rest import OipRestRoutes
 from services.inference.servicer import InferenceServicer
 
 log = logging.getLogger(__name__)
@@ -55,11 +59,12 @@ def build_grpc_server(
     plane: DataPlane,
     metrics: Metrics,
     health_servicer: health_pb2_grpc.HealthServicer,
+    generators: Generators | None = None,
 ) -> grpc.aio.Server:
     """The OIP + health server behind the edge (auth unless MAAS_AUTH=off, status mapping)."""
     edge = ErrorMappingInterceptor(metrics, Authorizer.from_settings(settings))
     server = grpc.aio.server(interceptors=[edge], options=server_options(settings))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, generators), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server
 
@@ -90,9 +95,19 @@ class InferenceServer:
             cache_bytes=settings.inference_cache_bytes,
             metrics=self.metrics,
             inline_forward_us=settings.inference_inline_forward_us,
+            instances=settings.inference_workers,
         )
         self._health = health.aio.HealthServicer()
-        self._server = build_grpc_server(settings, self.plane, self.metrics, self._health)
+        # Generative models: one decode engine per version, shared by gRPC and HTTP.
+        self.generators = Generators(
+            self.plane,
+            slots=settings.inference_generation_slots,
+            registry=self.metrics.registry,
+        )
+        self._server = build_grpc_server(
+            settings, self.plane, self.metrics, self._health, self.generators
+        )
+        self.http = self._http_server(settings)
         self._producer = EventProducer(settings, client_id="maas-inference")
         self._consumer = EventConsumer(
             settings,
@@ -108,6 +123,17 @@ class InferenceServer:
         self._liveness = Liveness(self.metrics.registry, on_change=self._not_serving)
         self.port = 0
 
+    def _http_server(self, settings: Settings) -> HttpServer | None:
+        if not settings.inference_http_listen:
+            return None
+        http = HttpServer(
+            settings.inference_http_listen, max_body_bytes=settings.grpc_max_message_bytes
+        )
+        authorizer = Authorizer.from_settings(settings)
+        http.add(OipRestRoutes(self.plane, authorizer, self.metrics))
+        http.add(OpenAIRoutes(self.generators, bearer_auth(authorizer)))
+        return http
+
     async def _not_serving(self, why: str | None) -> None:
         self.plane.ready = False
         for service in ("", OIP_SERVICE):
@@ -120,6 +146,8 @@ class InferenceServer:
         listen = self._settings.inference_listen
         self.port = add_port(self._server, listen, self._settings, "MAAS_INFERENCE_LISTEN")
         await self._server.start()
+        if self.http is not None:
+            await self.http.start()
         if self._settings.inference_metrics_port:
             self.metrics.serve(
                 self._settings.inference_metrics_port, addr=self._settings.metrics_bind
@@ -139,6 +167,9 @@ class InferenceServer:
         self.plane.ready = False
         await self._health.enter_graceful_shutdown()
         await self._server.stop(grace_s)
+        if self.http is not None:
+            await self.http.stop()
+        self.generators.close()
         await self._consumer.stop()
         if self._consume_task is not None:
             self._consume_task.cancel()

@@ -11,7 +11,6 @@ from typing import TypeAlias
 
 import grpc
 
-import maas
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -22,12 +21,10 @@ from services.inference.describe import (
     model_metadata,
     model_statistics,
     repository_index,
+    server_metadata,
 )
 from services.inference.generation import Generators
 from services.inference.tensors import decode_inputs, infer_response
-
-SERVER_NAME = "maas-inference"
-EXTENSIONS = ("model_repository", "statistics")
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -57,9 +54,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Context
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=maas.__version__, extensions=list(EXTENSIONS)
-        )
+        return server_metadata()
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Context

@@ -214,6 +214,16 @@ async def test_a_request_predicted_to_be_slow_goes_to_the_pool(pool):
     assert threading.current_thread() not in threads
 
 
+async def test_a_size_not_seen_yet_is_predicted_from_smaller_ones_then_learned(pool):
+    compute = Compute(rowwise, pool, inline_max_ns=10**9)
+    await compute.run([np.ones((1, 8), np.float32)])
+    one = compute.predicted_ns(1)
+    assert compute.predicted_ns(16) == 16 * one  # linear: an over-estimate
+    await compute.run([np.ones((16, 8), np.float32)])
+    assert compute.predicted_ns(16) != 16 * one  # measured now
+    assert compute.predicted_ns(9) == compute.predicted_ns(16)  # same size class
+
+
 async def test_an_idle_batcher_runs_a_cheap_request_at_once_on_the_loop(pool):
     threads = []
 

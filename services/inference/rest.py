@@ -1,0 +1,206 @@
+"""The Open Inference Protocol over HTTP/REST (KServe v2 / Triton), on the same dataplane as gRPC.
+
+Routes (a model path is ``/v2/models/{name}`` or ``/v2/models/{name}/versions/{version}``):
+
+    GET  /v2/health/live, /v2/health/ready        200 or 503; open, like gRPC health
+    GET  /v2                                      server metadata
+    GET  {model}, {model}/ready                   model metadata; readiness (200 or 400)
+    POST {model}/infer                            JSON tensors, or Triton's binary extension
+    GET  {model}/config, {model}/stats            Triton model config; statistics
+    GET  /v2/models/stats                         statistics of every loaded version
+    POST /v2/repository/index                     {"ready": bool} -> loaded and known models
+    POST /v2/repository/models/{name}/load|unload
+
+Every other route needs the same bearer token as gRPC (``Authorization: Bearer <token>``) with
+the role of the gRPC method it mirrors. Errors are ``{"error": message}`` with the HTTP status
+of the ``MaasError``; anything unexpected is 500 carrying only a request id, as over gRPC.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from maas.edge import Authorizer, status_for
+from maas.edge.server import new_request_id
+from maas.errors import InvalidArgument
+from maas.oip import grpc_predict_v2_pb2 as pb
+from services.inference import rest_codec
+from services.inference.dataplane import DataPlane
+from services.inference.describe import (
+    message_json,
+    model_config,
+    model_metadata,
+    model_statistics,
+    repository_index,
+    server_metadata,
+)
+from services.inference.interceptors import metrics_observer
+from services.inference.metrics import Metrics
+from services.inference.openai_http import HTTP_STATUS
+from services.inference.served import ServedModel
+
+log = logging.getLogger(__name__)
+
+SERVICE = "/inference.GRPCInferenceService/"
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        body=json.dumps(doc, separators=(",", ":")).encode(),
+        status=status,
+        content_type=rest_codec.JSON_TYPE,
+    )
+
+
+class OipRestRoutes:
+    """The handlers; ``add_to(app)`` registers them on the server's aiohttp application."""
+
+    def __init__(self, plane: DataPlane, authorizer: Authorizer, metrics: Metrics) -> None:
+        self._plane = plane
+        self._authorizer = authorizer
+        self._observe = metrics_observer(metrics)
+
+    def add_to(self, app: web.Application) -> None:
+        router = app.router
+        router.add_get("/v2/health/live", self.live)
+        router.add_get("/v2/health/ready", self.ready)
+        router.add_get("/v2", self._guard(self.server_metadata, "ServerMetadata"))
+        # Before /v2/models/{name}: "stats" is not a model name here.
+        router.add_get("/v2/models/stats", self._guard(self.stats, "ModelStatistics"))
+        router.add_post("/v2/repository/index", self._guard(self.index, "RepositoryIndex"))
+        for action, verb in (("load", "RepositoryModelLoad"), ("unload", "RepositoryModelUnload")):
+            router.add_post(
+                f"/v2/repository/models/{{name}}/{action}",
+                self._guard(getattr(self, action), verb),
+            )
+        for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+            router.add_get(model, self._guard(self.metadata, "ModelMetadata"))
+            router.add_get(f"{model}/ready", self._guard(self.model_ready, "ModelReady"))
+            router.add_post(f"{model}/infer", self._guard(self.infer, "ModelInfer"))
+            router.add_get(f"{model}/config", self._guard(self.config, "ModelConfig"))
+            router.add_get(f"{model}/stats", self._guard(self.stats, "ModelStatistics"))
+
+    # --- the edge: auth, errors, metrics ----------------------------------------------------
+
+    def _guard(self, handler: Handler, method: str) -> Handler:
+        full = SERVICE + method
+        label = f"http {method}"
+
+        async def guarded(request: web.Request) -> web.StreamResponse:
+            started = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                header = request.headers.get("Authorization", "")
+                self._authorizer.authorize(full, [("authorization", header)])
+                return await handler(request)
+            except web.HTTPRequestEntityTooLarge as exc:
+                code = grpc.StatusCode.RESOURCE_EXHAUSTED
+                return _json({"error": _too_large(exc)}, 413)
+            except Exception as exc:
+                request_id = new_request_id()
+                code, message = status_for(exc, request_id)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.error("%s failed (request id %s)", label, request_id, exc_info=exc)
+                return _json({"error": message}, HTTP_STATUS.get(code.name, 500))
+            finally:
+                self._observe(label, code, time.perf_counter() - started)
+
+        return guarded
+
+    # --- health and metadata ----------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        return _json({"live": True})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self._plane.ready
+        return _json({"ready": ready}, 200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        return _json(message_json(server_metadata()))
+
+    async def metadata(self, request: web.Request) -> web.Response:
+        return _json(message_json(model_metadata(await self._model(request))))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        name, version = _ref(request)
+        ready = await self._plane.model_ready(name, version)
+        return _json({"name": name, "ready": ready}, 200 if ready else 400)
+
+    async def config(self, request: web.Request) -> web.Response:
+        model = await self._model(request)
+        return _json(message_json(model_config(model, self._plane.batching, self._plane.instances)))
+
+    async def stats(self, request: web.Request) -> web.Response:
+        if "name" in request.match_info:
+            models = [await self._model(request)]
+        else:
+            models = self._plane.loaded()
+        reply = pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
+        return _json(message_json(reply))
+
+    async def _model(self, request: web.Request) -> ServedModel:
+        return await self._plane.model(*_ref(request))
+
+    # --- repository -------------------------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.Response:
+        body = await _optional_json(request)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidArgument("'ready' must be true or false")
+        entries = repository_index(await self._plane.catalogue(ready_only=ready))
+        return _json([message_json(m) for m in entries.models])
+
+    async def load(self, request: web.Request) -> web.Response:
+        await self._plane.model(request.match_info["name"])
+        return _json({})
+
+    async def unload(self, request: web.Request) -> web.Response:
+        self._plane.unload(request.match_info["name"])
+        return _json({})
+
+    # --- inference --------------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        name, version = _ref(request)
+        body = await request.read()
+        doc, binary = rest_codec.split_body(body, request.headers.get(rest_codec.HEADER_LENGTH))
+        parsed = rest_codec.decode_request(doc, binary)
+        result = await self._plane.infer(name, version, parsed.inputs, parsed.requested)
+        outputs = result.outputs
+        binary_names = set(outputs) if parsed.binary_all and not parsed.requested else parsed.binary
+        header = {"model_name": result.model.name, "model_version": result.model.version_text}
+        if parsed.id:
+            header["id"] = parsed.id
+        reply = rest_codec.encode_response(
+            header, [(n, outputs[n]) for n in parsed.requested or outputs], binary_names
+        )
+        return web.Response(body=reply.data, content_type=reply.content_type, headers=reply.headers)
+
+
+def _ref(request: web.Request) -> tuple[str, str]:
+    return request.match_info["name"], request.match_info.get("version", "")
+
+
+async def _optional_json(request: web.Request) -> dict[str, Any]:
+    body = await request.read()
+    if not body.strip():
+        return {}
+    doc, _ = rest_codec.split_body(body, None)
+    return doc
+
+
+def _too_large(exc: web.HTTPRequestEntityTooLarge) -> str:
+    return (
+        f"the request body is over the server's limit ({exc.text}); send smaller requests or "
+        "raise MAAS_GRPC_MAX_MESSAGE_BYTES"
+    )

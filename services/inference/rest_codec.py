@@ -1,0 +1,234 @@
+"""Open Inference Protocol tensors over HTTP/REST <-> numpy arrays.
+
+A request body is a JSON document, optionally followed by raw tensor bytes (Triton's binary
+tensor extension, which ``tritonclient.http`` uses): the header ``Inference-Header-Content-Length``
+gives the JSON part's length, and every input whose ``parameters.binary_data_size`` is set takes
+that many bytes of the rest, in input order, as little-endian row-major data. Other inputs carry
+``data``: a row-major list, flat or nested.
+
+A response carries an output as JSON ``data`` unless the request asked for binary (an output's
+``parameters.binary_data`` or the request's ``parameters.binary_data_output``): then the output's
+bytes follow the JSON part and its ``parameters.binary_data_size`` says how many.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from maas.errors import InvalidArgument
+from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
+
+
+@dataclass
+class InferRequest:
+    inputs: dict[str, np.ndarray]
+    requested: list[str]
+    binary: set[str]  # outputs to send as bytes after the JSON part
+    binary_all: bool
+    id: str = ""
+
+
+@dataclass
+class Body:
+    data: bytes
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def _json(part: bytes | memoryview) -> dict[str, Any]:
+    try:
+        doc = json.loads(bytes(part))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InvalidArgument("the request body must be a JSON object with an 'inputs' list")
+    return doc
+
+
+def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
+    """The JSON document and the binary bytes after it."""
+    view = memoryview(body)
+    if header_length is None:
+        return _json(view), view[:0]
+    if not header_length.strip().isdigit() or int(header_length) > len(body):
+        raise InvalidArgument(
+            f"header {HEADER_LENGTH} is {header_length!r}; it must be the JSON part's length in "
+            f"bytes, between 0 and the body's {len(body)}"
+        )
+    n = int(header_length)
+    return _json(view[:n]), view[n:]
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{where} must be a JSON object")
+    return value
+
+
+def _dtype(datatype: Any, where: str) -> np.dtype[Any]:
+    dtype = DATATYPE_TO_DTYPE.get(datatype) if isinstance(datatype, str) else None
+    if dtype is None:
+        raise InvalidArgument(
+            f"{where}.datatype is {datatype!r}; use one of {', '.join(DATATYPE_TO_DTYPE)}"
+        )
+    return dtype
+
+
+def _shape(shape: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
+    ):
+        raise InvalidArgument(f"{where}.shape is {shape!r}; it must be a list of sizes >= 0")
+    return tuple(shape)
+
+
+def _from_bytes(
+    binary: memoryview,
+    offset: int,
+    size: Any,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    where: str,
+) -> np.ndarray:
+    expected = math.prod(shape) * dtype.itemsize
+    if size != expected:
+        raise InvalidArgument(
+            f"{where}.parameters.binary_data_size is {size!r}, but shape {list(shape)} of "
+            f"{dtype.name} needs {expected} bytes"
+        )
+    if offset + size > len(binary):
+        raise InvalidArgument(
+            f"{where} needs {size} binary bytes at offset {offset}, but only {len(binary)} "
+            "follow the JSON part"
+        )
+    # A read-only view of the body: no copy until the forward pass batches it.
+    return np.frombuffer(binary, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+
+
+# Which numpy kinds (as parsed from JSON) each datatype kind accepts without losing meaning.
+_JSON_KINDS = {"b": "b", "i": "iu", "u": "iu", "f": "iuf"}
+_JSON_WORDS = {"b": "true/false", "i": "integers", "u": "integers", "f": "numbers"}
+
+
+def _from_json(data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], where: str) -> np.ndarray:
+    if not isinstance(data, list):
+        raise InvalidArgument(f"{where}.data must be a list of values (row-major, flat or nested)")
+    try:
+        parsed = np.array(data)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(f"{where}.data is a ragged nested list; rows must be equal") from None
+    count = math.prod(shape)
+    if parsed.size != count:
+        raise InvalidArgument(
+            f"{where}.data has {parsed.size} values, but shape {list(shape)} needs {count}"
+        )
+    if count and parsed.dtype.kind not in _JSON_KINDS[dtype.kind]:
+        raise InvalidArgument(
+            f"{where}.data must hold only {_JSON_WORDS[dtype.kind]} for datatype "
+            f"{datatype_of(np.empty(0, dtype))}"
+        )
+    if dtype.kind in "iu" and count:
+        info = np.iinfo(dtype)
+        if parsed.min() < info.min or parsed.max() > info.max:
+            raise InvalidArgument(f"{where}.data has values outside [{info.min}, {info.max}]")
+    return parsed.astype(dtype).reshape(shape)
+
+
+def decode_request(doc: Mapping[str, Any], binary: memoryview) -> InferRequest:
+    """Inputs, requested outputs and binary choices of an infer request document."""
+    inputs = doc.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidArgument("the request needs 'inputs': a non-empty list of tensors")
+    arrays: dict[str, np.ndarray] = {}
+    offset = 0
+    for i, tensor in enumerate(inputs):
+        where = f"inputs[{i}]"
+        tensor = _object(tensor, where)
+        name = tensor.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"{where}.name must be a non-empty string")
+        if name in arrays:
+            raise InvalidArgument(f"input {name!r} appears twice in the request")
+        dtype, shape = _dtype(tensor.get("datatype"), where), _shape(tensor.get("shape"), where)
+        size = _object(tensor.get("parameters"), f"{where}.parameters").get("binary_data_size")
+        if size is not None:
+            arrays[name] = _from_bytes(binary, offset, size, dtype, shape, where)
+            offset += size
+        else:
+            arrays[name] = _from_json(tensor.get("data"), dtype, shape, where)
+    if offset != len(binary):
+        raise InvalidArgument(
+            f"{len(binary)} bytes follow the JSON part, but the inputs' binary_data_size add up "
+            f"to {offset}"
+        )
+    return InferRequest(arrays, *_requested(doc), id=_id(doc))
+
+
+def _id(doc: Mapping[str, Any]) -> str:
+    value = doc.get("id", "")
+    if not isinstance(value, str):
+        raise InvalidArgument("'id' must be a string")
+    return value
+
+
+def _requested(doc: Mapping[str, Any]) -> tuple[list[str], set[str], bool]:
+    params = _object(doc.get("parameters"), "parameters")
+    binary_all = params.get("binary_data_output", False)
+    if not isinstance(binary_all, bool):
+        raise InvalidArgument("parameters.binary_data_output must be true or false")
+    outputs = doc.get("outputs", [])
+    if not isinstance(outputs, list):
+        raise InvalidArgument("'outputs' must be a list of {name, parameters}")
+    names: list[str] = []
+    binary: set[str] = set()
+    for i, output in enumerate(outputs):
+        output = _object(output, f"outputs[{i}]")
+        name = output.get("name")
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument(f"outputs[{i}].name must be a non-empty string")
+        wants = _object(output.get("parameters"), f"outputs[{i}].parameters").get("binary_data")
+        if wants is None:
+            wants = binary_all
+        if not isinstance(wants, bool):
+            raise InvalidArgument(f"outputs[{i}].parameters.binary_data must be true or false")
+        names.append(name)
+        if wants:
+            binary.add(name)
+    return names, binary, binary_all
+
+
+def encode_response(
+    header: Mapping[str, Any], outputs: Sequence[tuple[str, np.ndarray]], binary: set[str]
+) -> Body:
+    """The response body: JSON with every output, binary ones' bytes after it."""
+    described: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array in outputs:
+        entry: dict[str, Any] = {
+            "name": name,
+            "datatype": datatype_of(array),
+            "shape": list(array.shape),
+        }
+        if name in binary:
+            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = array.ravel().tolist()
+        described.append(entry)
+    text = json.dumps({**header, "outputs": described}, separators=(",", ":")).encode()
+    if not chunks:
+        return Body(text, JSON_TYPE)
+    return Body(b"".join([text, *chunks]), BINARY_TYPE, {HEADER_LENGTH: str(len(text))})

@@ -1,0 +1,244 @@
+"""The OIP HTTP/REST routes, in process: JSON and binary tensors, metadata, config, statistics,
+repository, status codes with messages, the token check. tritonclient.http drives the real
+server process in tests/integration/test_oip_http.py."""
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import aiohttp
+import numpy as np
+import pytest
+import torch
+
+from maas import zoo
+from maas.config import Settings
+from maas.edge import Authorizer
+from services.inference.batcher import BatchingConfig
+from services.inference.dataplane import DataPlane
+from services.inference.http_app import HttpServer
+from services.inference.metrics import Metrics
+from services.inference.rest import OipRestRoutes
+from services.inference.rest_codec import HEADER_LENGTH
+from services.inference.sources import MemorySource
+
+MLP = {"in_features": 4, "hidden": [8], "num_classes": 3}
+X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
+TOKEN = "rest-token"
+
+
+def expected(module, x):
+    with torch.inference_mode():
+        return module(torch.from_numpy(x)).numpy()
+
+
+class Rest:
+    def __init__(self, authorizer: Authorizer, max_body_bytes: int = 1 << 20) -> None:
+        self.module = zoo.build("mlp", MLP, seed=2).eval()
+        source = MemorySource()
+        source.add("digits", self.module, "mlp", MLP, aliases=["production"])
+        self.metrics = Metrics()
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.plane = DataPlane(
+            source,
+            self.pool,
+            batching=BatchingConfig(8, 0),
+            cache_bytes=1 << 30,
+            metrics=self.metrics,
+        )
+        self.plane.ready = True
+        self.http = HttpServer("127.0.0.1:0", max_body_bytes=max_body_bytes)
+        self.http.add(OipRestRoutes(self.plane, authorizer, self.metrics))
+
+    async def __aenter__(self) -> "Rest":
+        await self.http.start()
+        self.session = aiohttp.ClientSession(f"http://127.0.0.1:{self.http.port}")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.session.close()
+        await self.http.stop()
+        await self.plane.close()
+        self.pool.shutdown()
+
+    async def call(self, method: str, path: str, **kwargs) -> tuple[int, dict, bytes]:
+        async with self.session.request(method, path, **kwargs) as response:
+            body = await response.read()
+            doc = json.loads(body) if response.content_type == "application/json" else {}
+            return response.status, doc, body
+
+
+@pytest.fixture
+async def rest():
+    async with Rest(Authorizer(None)) as r:
+        yield r
+
+
+def infer_doc(x=X, **extra):
+    tensor = {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": list(x.shape),
+        "data": x.ravel().tolist(),
+    }
+    return {"inputs": [tensor], **extra}
+
+
+async def test_health_and_server_metadata(rest):
+    assert (await rest.call("GET", "/v2/health/live"))[0] == 200
+    assert (await rest.call("GET", "/v2/health/ready"))[0] == 200
+    rest.plane.ready = False
+    assert (await rest.call("GET", "/v2/health/ready"))[0] == 503
+    status, doc, _ = await rest.call("GET", "/v2")
+    assert status == 200 and doc["name"] == "maas-inference"
+    assert "binary_tensor_data" in doc["extensions"]
+
+
+async def test_infer_with_json_tensors_answers_like_the_model(rest):
+    status, doc, _ = await rest.call("POST", "/v2/models/digits/infer", json=infer_doc(id="r1"))
+    assert status == 200
+    assert (doc["model_name"], doc["model_version"], doc["id"]) == ("digits", "1", "r1")
+    (out,) = doc["outputs"]
+    assert (out["name"], out["datatype"], out["shape"]) == ("output", "FP32", [2, 3])
+    np.testing.assert_allclose(
+        np.array(out["data"], np.float32).reshape(2, 3), expected(rest.module, X), rtol=1e-6
+    )
+
+
+async def test_nested_json_data_is_read_row_major(rest):
+    doc = infer_doc()
+    doc["inputs"][0]["data"] = X.tolist()
+    status, reply, _ = await rest.call("POST", "/v2/models/digits/versions/1/infer", json=doc)
+    assert status == 200 and reply["model_version"] == "1"
+
+
+async def test_binary_inputs_and_outputs_follow_the_json_header(rest):
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [2, 4],
+                    "parameters": {"binary_data_size": X.nbytes},
+                }
+            ],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    async with rest.session.post(
+        "/v2/models/digits/infer",
+        data=header + X.tobytes(),
+        headers={HEADER_LENGTH: str(len(header))},
+    ) as response:
+        assert response.status == 200
+        length = int(response.headers[HEADER_LENGTH])
+        body = await response.read()
+    meta = json.loads(body[:length])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == 2 * 3 * 4
+    out = np.frombuffer(body[length:], np.float32).reshape(2, 3)
+    np.testing.assert_allclose(out, expected(rest.module, X), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("doc", "status", "complaint"),
+    [
+        ({"inputs": []}, 400, "non-empty list"),
+        (infer_doc() | {"outputs": [{"name": "probs"}]}, 400, "no output 'probs'"),
+        (
+            {"inputs": [{"name": "input", "datatype": "FP99", "shape": [1], "data": [1]}]},
+            400,
+            "FP99",
+        ),
+        (
+            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 4], "data": [1]}]},
+            400,
+            "needs 8",
+        ),
+        (
+            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4], "data": ["a"] * 4}]},
+            400,
+            "only numbers",
+        ),
+        (
+            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]},
+            400,
+            "expects FP32",
+        ),
+    ],
+)
+async def test_bad_requests_are_400_and_say_what_is_wrong(rest, doc, status, complaint):
+    code, reply, _ = await rest.call("POST", "/v2/models/digits/infer", json=doc)
+    assert code == status
+    assert complaint in reply["error"]
+
+
+async def test_a_body_that_is_not_json_is_400(rest):
+    code, reply, _ = await rest.call("POST", "/v2/models/digits/infer", data=b"\xff{")
+    assert code == 400 and "not valid JSON" in reply["error"]
+
+
+async def test_an_unknown_model_is_404_and_not_ready(rest):
+    code, reply, _ = await rest.call("POST", "/v2/models/nope/infer", json=infer_doc())
+    assert code == 404 and "nope" in reply["error"]
+    code, reply, _ = await rest.call("GET", "/v2/models/nope/ready")
+    assert code == 400 and reply["ready"] is False
+
+
+async def test_a_body_over_the_limit_is_413_naming_the_setting():
+    async with Rest(Authorizer(None), max_body_bytes=1024) as small:
+        code, reply, _ = await small.call("POST", "/v2/models/digits/infer", data=b"x" * 4096)
+    assert code == 413 and "MAAS_GRPC_MAX_MESSAGE_BYTES" in reply["error"]
+
+
+async def test_metadata_config_and_statistics_describe_the_model(rest):
+    code, meta, _ = await rest.call("GET", "/v2/models/digits")
+    assert code == 200 and meta["inputs"][0] == {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": [-1, 4],
+    }
+    code, config, _ = await rest.call("GET", "/v2/models/digits/config")
+    assert code == 200 and (config["max_batch_size"], config["input"][0]["dims"]) == (8, [4])
+    await rest.call("POST", "/v2/models/digits/infer", json=infer_doc())
+    code, stats, _ = await rest.call("GET", "/v2/models/digits/stats")
+    (entry,) = stats["model_stats"]
+    assert (entry["name"], entry["inference_count"]) == ("digits", 2)
+    code, every, _ = await rest.call("GET", "/v2/models/stats")
+    assert [s["name"] for s in every["model_stats"]] == ["digits"]
+
+
+async def test_the_repository_index_lists_loaded_and_known_models(rest):
+    code, index, _ = await rest.call("POST", "/v2/repository/index")
+    assert code == 200 and [(m["name"], m["state"]) for m in index] == [("digits", "UNAVAILABLE")]
+    assert (await rest.call("POST", "/v2/repository/models/digits/load"))[0] == 200
+    code, index, _ = await rest.call("POST", "/v2/repository/index", json={"ready": True})
+    assert [(m["name"], m["version"], m["state"]) for m in index] == [("digits", "1", "READY")]
+
+
+async def test_requests_are_counted_by_route_and_code(rest):
+    await rest.call("POST", "/v2/models/digits/infer", json=infer_doc())
+    await rest.call("POST", "/v2/models/nope/infer", json=infer_doc())
+    requests = rest.metrics.requests
+    assert requests.labels("http ModelInfer", "OK")._value.get() == 1
+    assert requests.labels("http ModelInfer", "NOT_FOUND")._value.get() == 1
+
+
+async def test_with_auth_on_the_token_is_checked_and_health_stays_open(tmp_path):
+    table = tmp_path / "tokens.json"
+    entry = {"identity": "t", "role": "read", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
+    table.write_text(json.dumps({"format": "maas.tokens/1", "tokens": [entry]}))
+    settings = Settings().replace(auth=True, auth_tokens_file=str(table))
+    async with Rest(Authorizer.from_settings(settings)) as secured:
+        assert (await secured.call("GET", "/v2/health/ready"))[0] == 200
+        code, reply, _ = await secured.call("POST", "/v2/models/digits/infer", json=infer_doc())
+        assert code == 401 and "authorization" in reply["error"]
+        auth = {"Authorization": f"Bearer {TOKEN}"}
+        code, _, _ = await secured.call(
+            "POST", "/v2/models/digits/infer", json=infer_doc(), headers=auth
+        )
+        assert code == 200
+        code, reply, _ = await secured.call(
+            "POST", "/v2/repository/models/digits/unload", headers=auth
+        )
+        assert code == 403 and "write" in reply["error"]

@@ -23,6 +23,7 @@ if TYPE_CHECKING:  # numpy and grpc load when a prediction runs, so `maas --help
     import numpy as np
 
 INPUT_NAME = "input"
+TEXT_INPUT_NAME = "text"
 
 
 def _ref(text: str) -> ModelRef:
@@ -78,11 +79,17 @@ async def predict(settings: Settings, ref: ModelRef, x: np.ndarray) -> dict[str,
     from maas.oip import grpc_predict_v2_pb2 as pb
     from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
     from maas.registry.client import error_from_rpc
+    from maas.text import wire
 
     version = str(ref.version) if ref.version is not None else ref.alias or ""
     request = pb.ModelInferRequest(model_name=ref.name, model_version=version)
-    request.inputs.add(name=INPUT_NAME, datatype=datatype_of(x.dtype), shape=list(x.shape))
-    request.raw_input_contents.append(np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes())
+    if x.dtype == np.object_:  # --text: UTF-8 strings for a text model
+        request.inputs.add(name=TEXT_INPUT_NAME, datatype=wire.BYTES, shape=list(x.shape))
+        request.raw_input_contents.append(wire.encode_raw(x))
+    else:
+        request.inputs.add(name=INPUT_NAME, datatype=datatype_of(x.dtype), shape=list(x.shape))
+        raw = np.ascontiguousarray(x, x.dtype.newbyteorder("<")).tobytes()
+        request.raw_input_contents.append(raw)
     async with open_channel(settings, settings.inference_addr) as channel:
         try:
             reply = await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
@@ -92,14 +99,27 @@ async def predict(settings: Settings, ref: ModelRef, x: np.ndarray) -> dict[str,
             ) from None
     outputs = {}
     for out, raw in zip(reply.outputs, reply.raw_output_contents, strict=True):
-        outputs[out.name] = np.frombuffer(raw, dtype_of(out.datatype)).reshape(tuple(out.shape))
+        if out.datatype == wire.BYTES:
+            outputs[out.name] = wire.decode_items(raw, out.shape, out.name)
+        else:
+            outputs[out.name] = np.frombuffer(raw, dtype_of(out.datatype)).reshape(tuple(out.shape))
     return {"model": reply.model_name, "version": int(reply.model_version), "outputs": outputs}
+
+
+def _plain(array: np.ndarray) -> Any:
+    """JSON-ready values; BYTES outputs (label names) as strings."""
+    if array.dtype == object:
+        return [v.decode(errors="replace") for v in array.reshape(-1)]
+    return array.tolist()
 
 
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     import numpy as np
 
-    answer = asyncio.run(predict(settings, args.ref, read_input(args.input)))
+    from maas.text import wire
+
+    x = wire.texts_array(args.text) if args.text else read_input(args.input)
+    answer = asyncio.run(predict(settings, args.ref, x))
     outputs: dict[str, np.ndarray] = answer["outputs"]
     if args.output:
         np.save(args.output, outputs["output"], allow_pickle=False)
@@ -112,7 +132,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
                     name: {
                         "shape": list(a.shape),
                         "dtype": a.dtype.name,
-                        **({} if args.output else {"data": a.tolist()}),
+                        **({} if args.output else {"data": _plain(a)}),
                     }
                     for name, a in outputs.items()
                 },
@@ -134,7 +154,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n  maas predict digits-mlp --input row.npy\n"
         "  maas predict digits-mlp@3 --input '[[0.1, 0.2, ...]]'\n"
-        "  maas predict digits-mlp@staging --input batch.json --output out.npy",
+        "  maas predict digits-mlp@staging --input batch.json --output out.npy\n"
+        '  maas predict minilm --text "a sentence to embed"',
     )
     p.add_argument(
         "ref",
@@ -142,11 +163,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="NAME[@VERSION|@ALIAS]",
         help="model (alias production when no version is given)",
     )
-    p.add_argument(
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument(
         "--input",
-        required=True,
         metavar="FILE.npy|FILE.json|JSON",
         help="the input tensor: rows of features",
+    )
+    given.add_argument(
+        "--text", action="append", help="a text for a text model (repeat for a batch)"
     )
     p.add_argument("--output", metavar="FILE.npy", help="save the output here instead of printing")
     p.set_defaults(func=_run)

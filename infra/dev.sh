@@ -16,9 +16,11 @@ export MAAS_CACHE_DIR="$CACHE"
 
 log() { printf '[dev.sh] %s\n' "$*" >&2; }
 
-# torch from PyPI depends on ~4 GB of CUDA wheels (nvidia-*, triton) that a CPU machine never
-# loads. requirements.lock is the CPU set, installed with --no-deps so pip cannot pull them in;
-# requirements-cuda.lock adds them where a GPU is found or MAAS_TORCH=cuda asks for them.
+# torch from PyPI depends on ~4.2 GB of CUDA wheels. Its shared objects link against most of the
+# CUDA runtime libraries, so those (~2.8 GB, in requirements.lock) are needed even to import it on a
+# CPU; triton and the lazily loaded libraries (~1.3 GB) are never loaded there and live in
+# requirements-cuda.lock, added only where a GPU is found or MAAS_TORCH=cuda asks for them.
+# --no-deps keeps pip from pulling them back in.
 torch_flavour() {
   case "${MAAS_TORCH:-auto}" in
     cpu|cuda) printf '%s' "$MAAS_TORCH" ;;

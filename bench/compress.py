@@ -93,7 +93,7 @@ def build_variants(
 
 def interleaved_latency(
     modules: Mapping[str, nn.Module],
-    row_shape: tuple[int, ...],
+    sample: torch.Tensor,
     batch: int,
     rounds: int,
     repeats: int,
@@ -101,7 +101,7 @@ def interleaved_latency(
     per_round: dict[str, list[float]] = {name: [] for name in modules}
     for _ in range(rounds):
         for name, module in modules.items():
-            per_round[name].append(latency_ms(module, row_shape, batch, repeats))
+            per_round[name].append(latency_ms(module, sample, batch, repeats))
     return {name: statistics.median(times) for name, times in per_round.items()}
 
 
@@ -109,9 +109,8 @@ def measure(
     arch: str, config: dict[str, Any], data: Tensors, train_steps: int, rounds: int, repeats: int
 ) -> dict[str, Any]:
     modules, rows = build_variants(arch, config, data, train_steps)
-    row_shape = zoo.input_shape(arch, config)
     for batch in LATENCY_BATCHES:
-        times = interleaved_latency(modules, row_shape, batch, rounds, repeats)
+        times = interleaved_latency(modules, data.x_test, batch, rounds, repeats)
         for name, ms in times.items():
             rows[name][f"latency_b{batch}_ms"] = round(ms, 4)
     fp32 = rows["fp32"]

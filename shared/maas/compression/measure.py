@@ -39,9 +39,10 @@ def parameter_counts(manifest: Manifest, files: Mapping[str, bytes]) -> tuple[in
 
 
 @torch.inference_mode()
-def latency_ms(model: nn.Module, row_shape: tuple[int, ...], batch: int, repeats: int) -> float:
-    """Median wall time of one forward pass at ``batch`` rows, after a short warm-up."""
-    x = torch.randn((batch, *row_shape), generator=torch.Generator().manual_seed(0))
+def latency_ms(model: nn.Module, sample: torch.Tensor, batch: int, repeats: int) -> float:
+    """Median wall time of one forward pass at ``batch`` rows of ``sample`` (real inputs: a
+    text model's cost depends on its token ids), after a short warm-up."""
+    x = sample[torch.arange(batch) % len(sample)]
     for _ in range(max(3, repeats // 10)):
         model(x)
     times = []
@@ -65,9 +66,8 @@ def artifact_metrics(
         "nonzero_parameters": float(nonzero),
     }
     if latency_repeats > 0:
-        row = zoo.input_shape(manifest.arch, manifest.config)
         for batch in LATENCY_BATCHES:
-            metrics[f"latency_b{batch}_ms"] = latency_ms(model, row, batch, latency_repeats)
+            metrics[f"latency_b{batch}_ms"] = latency_ms(model, data.x_test, batch, latency_repeats)
     return metrics
 
 

@@ -1,25 +1,26 @@
-"""Distributed training: our parameter server over Kafka beside torch.distributed DDP (gloo).
+"""Distributed training: our parameter server (gRPC data plane) beside torch DDP (gloo).
 
 One run prints one JSON document. Same model (an MLP of ~1M parameters on digits), per-process
-batch, optimizer, step count and worker-process count for both:
+batch, optimizer and step count for all; every round runs each of ours right before its peer:
 
-  - ``codecs``: ours with W=2 workers x 2 shards for each gradient codec — samples/s,
-    time-to-95% held-out accuracy, final accuracy, gradient bytes per step.
-  - ``ddp``: DDP gloo on 127.0.0.1 with 1, 2, 4 processes — the peer.
-  - ``scaling``: ours with 1, 2, 4 workers (codec ``none``).
-  - ``aggregator``: a shard's sum of two gradients + SGD apply beside numpy ``a += b``, as bytes
-    of gradient consumed per second on a 10M-job partition.
-  - ``large_job``: a 10M-parameter job; each shard's peak RSS against 4x its partition + 400 MB.
-  - ``rss``: every process's peak RSS (kernel high-water mark, VmHWM).
-  - ``targets``: the issue's ratios, met or not.
+  - ours codec ``none`` (2 workers x 2 shards) / DDP 2 processes;
+  - ours ``fp16`` / DDP with ``fp16_compress_hook``; ours top-k / DDP with PowerSGD;
+  - ours with 1 worker / DDP with 1 process (one process alone); ours with 4 workers / DDP 4.
 
-How ours is timed: from the broker timestamps of the parameter versions the shards published —
-samples/s over versions 1..final (startup excluded), time-to-95% from version 1 to the first
-version whose assembled parameters reach 95% (read back from ``maas.params.v1`` after the job,
-so measuring costs the run nothing). DDP is timed the same way: from the end of step 1, rank 0
-evaluating every few steps with its evaluation time subtracted.
+``summary`` gives the median and min-max over the rounds; every run records its per-process CPU
+seconds (training processes, Kafka broker, S3 server), the load average and the CPU count;
+``targets`` the issue's ratios. ``aggregator``: a shard's sum of two gradients + SGD apply beside
+numpy ``a += b``. ``rss``: every process's peak RSS.
 
-    python -m bench.train [--steps 300] [--batch 128] [--topk 0.004]
+How ours is timed: shard 0's progress statuses (every 200 ms) give (time, version) points;
+samples/s counts the workers' own step counters over the window from the first point to the
+final checkpoint. Time-to-95%: the first version (every 5, like DDP's evaluation) at which the
+job's in-process reference (``maas.training.local.simulate``, the same worker loop and shard
+cores, run before the rounds) reaches 95% held-out accuracy, timed on the points by linear
+interpolation. DDP: from the end of step 1, rank 0 evaluating every 5 steps with its evaluation
+time subtracted.
+
+    python -m bench.train [--steps 300] [--batch 128] [--topk 0.004] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -27,9 +28,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
-import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,20 +48,15 @@ from infra.proc import free_port
 from maas import events, topics, zoo
 from maas.config import Settings
 from maas.datasets import load_builtin
-from maas.jobs import watch
-from maas.training import protocol
 from maas.training.aggregate import GradientSum
 from maas.training.codecs import DenseGradient
 from maas.training.optim import OptimizerSpec, Sgd
-from maas.training.plan import JobPlan
 from maas.training.storage import TrainingStore
-from maas.training.transport import PartitionReader
 from services.aggregator.harness import TrainingProcesses
 from services.inference.harness import ServiceProcesses
 
 MB = 1024 * 1024
 MODEL = {"hidden": [1024, 896]}  # 993,930 parameters on 64 digit features
-LARGE_MODEL = {"hidden": [3072, 3072]}  # 9.67 M parameters
 TARGET_ACCURACY = 0.95
 EVAL_EVERY = 5
 SHARDS = 2
@@ -102,141 +99,193 @@ def scrape(port: int) -> dict[str, float]:
     return out
 
 
-async def submit_and_wait(settings: Settings, job: dict[str, Any]) -> dict[str, Any]:
-    from maas.bus import EventProducer
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds a process has used so far."""
+    with contextlib.suppress(OSError, IndexError, ValueError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
 
-    async with EventProducer(settings, client_id="bench-train") as producer:
-        await producer.send(topics.JOBS, job, key=job["job_id"])
-    async for summary in watch(settings, job["job_id"], timeout_s=1800):
-        if summary.done:
-            if summary.state != "succeeded":
-                raise RuntimeError(f"job {job['job_id']} {summary.state}: {summary.error}")
-            return {"metrics": summary.metrics, "model": summary.model}
+
+def stack_pids(workdir: Path, processes: TrainingProcesses) -> dict[str, int]:
+    """Every process of the run: the training services, and the broker and S3 server."""
+    pids = {s.name: int(s.process.pid() or 0) for s in processes.everything if s.process.alive()}
+    for pid_file in (workdir / "stack").rglob("*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pids[pid_file.stem] = int(pid_file.read_text().split()[0])
+    return pids
+
+
+def steps_to_target(plan_job: dict[str, Any]) -> int | None:
+    """The first evaluated version of the job's in-process reference that reaches 95%
+    (every 5 versions like DDP's evaluation; every round for local SGD)."""
+    from maas.training.local import simulate
+    from maas.training.prepare import Limits, prepare_job
+    from maas.training.replica import evaluate
+
+    prepared = prepare_job(plan_job, limits=Limits(4, SHARDS, 10_000))
+    plan, data = prepared.plan, prepared.dataset
+    model = zoo.build(plan.arch, plan.config)
+    reached: list[int] = []
+    every = 1 if plan.training.mode == "local_sgd" else EVAL_EVERY  # a version is H steps there
+
+    def check(version: int, flat: np.ndarray) -> None:
+        if reached or version % every:
+            return
+        import torch
+
+        state = {n: torch.from_numpy(t.copy()) for n, t in plan.layout.unflatten(flat).items()}
+        model.load_state_dict(state, strict=False)
+        if evaluate(model, data.x_test, data.y_test, plan.loss)["accuracy"] >= TARGET_ACCURACY:
+            reached.append(version)
+
+    simulate(plan, prepared.state, data, on_version=check)
+    return reached[0] if reached else None
+
+
+async def follow(settings: Settings, job: dict[str, Any]) -> tuple[list[tuple[int, int]], dict]:
+    """Submit ``job``; shard 0's (ts, step) progress points and the final status."""
+    from maas.bus import EventProducer
+    from maas.training.transport import PartitionReader, decode
+
+    reader = PartitionReader(
+        settings, topics.JOB_STATUS, range(topics.JOB_STATUS.partitions), client_id="bench"
+    )
+    await reader.start()
+    points: list[tuple[int, int]] = []
+    try:
+        await reader.from_now()
+        async with EventProducer(settings, client_id="bench-train") as producer:
+            await producer.send(topics.JOBS, job, key=job["job_id"])
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            for raw in await reader.next_batch(timeout_ms=500):
+                event = decode(raw, events.JOB_STATUS).event
+                if event["job_id"] != job["job_id"]:
+                    continue
+                if event.get("service") == "aggregator-0" and event.get("step"):
+                    points.append((int(event["ts"]), int(event["step"])))
+                if event["state"] in ("succeeded", "failed"):
+                    if event["state"] == "failed":
+                        raise RuntimeError(f"job {job['job_id']} failed: {event.get('error')}")
+                    return points, event
+    finally:
+        await reader.stop()
     raise RuntimeError(f"job {job['job_id']} never finished")
 
 
-async def version_timeline(
-    settings: Settings, plan: JobPlan, since_ms: int, evaluate_until: float | None
-) -> dict[str, Any]:
-    """Replay the job's parameter versions from the log: timestamps, and accuracy until it
-    first reaches ``evaluate_until``."""
-    import torch
-
-    from maas.training.replica import evaluate
-
-    data = load_builtin("digits")
-    model = zoo.build(plan.arch, plan.config)
-    flat = np.empty(plan.layout.size, dtype=np.float32)
-    reader = PartitionReader(settings, topics.PARAMS, range(plan.shards), client_id="bench")
-    await reader.start()
-    try:
-        for shard in range(plan.shards):
-            offset = await reader.offset_at(shard, since_ms)
-            if offset is not None:
-                reader.seek(shard, offset)
-        seen: dict[int, dict[int, int]] = {}  # version -> shard -> ts
-        parts: dict[int, dict[int, np.ndarray]] = {}
-        reached: int | None = None
-        finals = 0
-        while finals < plan.shards:
-            for raw in await reader.next_batch(timeout_ms=1000):
-                event = events.decode(raw.value)
-                if event.get("job_id") != plan.job_id:
-                    continue
-                version, shard = int(event["version"]), int(event["shard"])
-                if shard in seen.setdefault(version, {}):
-                    continue  # a republished version
-                seen[version][shard] = int(event["ts"])
-                finals += bool(event.get("final"))
-                if evaluate_until is None or reached is not None:
-                    continue
-                size = plan.partitions[shard].size
-                values = protocol.params_values(event["payload"], size)
-                parts.setdefault(version, {})[shard] = values
-                if len(parts[version]) == plan.shards:
-                    for s, v in parts.pop(version).items():
-                        plan.partitions[s].scatter(v, flat)
-                    state = {
-                        n: torch.from_numpy(t.copy())
-                        for n, t in plan.layout.unflatten(flat).items()
-                    }
-                    model.load_state_dict(state)
-                    if evaluate(model, data.x_test, data.y_test, plan.loss)["accuracy"] >= (
-                        evaluate_until
-                    ):
-                        reached = version
-    finally:
-        await reader.stop()
-    stamp = {v: max(ts.values()) for v, ts in seen.items() if len(ts) == plan.shards}
-    final = max(stamp)
-    return {
-        "first_ms": stamp[1],
-        "final_ms": stamp[final],
-        "final_version": final,
-        "reached_version": reached,
-        "reached_ms": stamp[reached] if reached is not None else None,
-    }
+def time_at(points: list[tuple[int, int]], step: int) -> float | None:
+    """Seconds from the first progress point to ``step`` (linear between points)."""
+    for (t0, s0), (t1, s1) in itertools.pairwise(points):
+        if s0 <= step <= s1 and s1 > s0:
+            return (t0 + (t1 - t0) * (step - s0) / (s1 - s0) - points[0][0]) / 1000
+    return None
 
 
 async def run_ours(
     settings: Settings,
     processes: TrainingProcesses,
+    workdir: Path,
+    training: dict[str, Any],
     *,
-    workers: int,
-    codec: str,
-    steps: int,
-    batch: int,
     config: dict[str, Any],
-    measure_accuracy: bool = True,
+    steps_to_95: int | None = None,
 ) -> dict[str, Any]:
-    job_id = f"bench-{codec.replace('(', '').replace(')', '')}-w{workers}-{uuid.uuid4().hex[:6]}"
-    training = {
-        "steps": steps,
-        "batch_size": batch,
-        "workers": workers,
-        "shards": SHARDS,
-        "optimizer": optimizer(),
-        "gradient_codec": codec,
-        "checkpoint_every": 100,
-    }
+    workers, codec = training["workers"], training["gradient_codec"]
+    steps, batch = training["steps"], training["batch_size"]
+    job_id = f"bench-w{workers}-{uuid.uuid4().hex[:8]}"
     ports = [w.port for w in processes.workers[:workers]]
+    pids = stack_pids(workdir, processes)
+    cpu_before = {n: cpu_seconds(p) for n, p in pids.items()}
     before = [scrape(p) for p in ports]
-    started_ms = int(time.time() * 1000)
-    result = await submit_and_wait(settings, train_event(job_id, config, training))
+    points, final = await follow(settings, train_event(job_id, config, training))
     after = [scrape(p) for p in ports]
-    sent = sum(
-        a["maas_worker_gradient_bytes_total"] - b["maas_worker_gradient_bytes_total"]
-        for a, b in zip(after, before, strict=True)
-    )
-    computed = sum(
-        a["maas_worker_steps_total"] - b["maas_worker_steps_total"]
-        for a, b in zip(after, before, strict=True)
-    )
+    cpu = {
+        n: round((cpu_seconds(p) or 0) - (cpu_before[n] or 0), 2)
+        for n, p in pids.items()
+        if cpu_before.get(n) is not None
+    }
+
+    def delta(metric: str) -> list[float]:
+        return [a[metric] - b[metric] for a, b in zip(after, before, strict=True)]
+
+    computed = delta("maas_worker_steps_total")
     from maas.store import AsyncObjectStore
 
     async with AsyncObjectStore(settings) as objects:
-        plan = await TrainingStore(objects).read_plan(job_id)
-    timeline = await version_timeline(
-        settings, plan, started_ms, TARGET_ACCURACY if measure_accuracy else None
-    )
-    seconds = (timeline["final_ms"] - timeline["first_ms"]) / 1000
-    samples = (timeline["final_version"] - 1) * workers * batch
-    reached = timeline["reached_ms"]
+        pointer = await TrainingStore(objects).pointer(job_id, 0)
+    assert pointer is not None
+    first_ms, first_step = points[0]
+    seconds = (pointer.written_ms - first_ms) / 1000
+    # Samples from the workers' own step counters, over the window the progress points span.
+    samples = sum(computed) * batch * (pointer.version - first_step) / max(1, pointer.version)
     return {
         "workers": workers,
         "codec": codec,
+        "mode": training.get("mode", "sync"),
         "samples_per_s": round(samples / seconds, 1),
-        "time_to_95_s": round((reached - timeline["first_ms"]) / 1000, 2) if reached else None,
-        "steps_to_95": timeline["reached_version"],
-        "final_accuracy": round(result["metrics"]["accuracy"], 4),
-        "gradient_bytes_per_step": round(sent / max(1, computed) * workers),
+        "worker_steps": computed,
+        "steps_closed_without_a_worker": int(max(0, steps * workers - sum(computed))),
+        "time_to_95_s": time_at(points, steps_to_95) if steps_to_95 else None,
+        "final_accuracy": round(final["metrics"]["accuracy"], 4),
+        "gradient_bytes_per_step": round(sum(delta("maas_worker_gradient_bytes_total")) / steps),
+        "cpu_s": cpu,
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
 
 # --- DDP --------------------------------------------------------------------------------------
 
 
-def ddp_rank(rank: int, world: int, port: int, steps: int, batch: int, out: Path) -> None:
+def _comm_hook(ddp: Any, hook: str) -> None:
+    """The peers: DDP's own fp16, PowerSGD and post-local-SGD communication hooks."""
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks import (
+        default_hooks,
+        post_localSGD_hook,
+        powerSGD_hook,
+    )
+
+    if hook == "fp16":
+        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    elif hook == "powersgd":
+        state = powerSGD_hook.PowerSGDState(
+            process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=10
+        )
+        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    elif hook == "post_local_sgd":
+        # On CPU the subgroup must be given (see /work/shared/PEERS.md).
+        subgroup, _ = dist.new_subgroups(group_size=1)
+        local = post_localSGD_hook.PostLocalSGDState(
+            process_group=None, subgroup=subgroup, start_localSGD_iter=LOCAL_SGD_WARMUP
+        )
+        ddp.register_comm_hook(local, post_localSGD_hook.post_localSGD_hook)
+
+
+def _optimizer(params: Any, hook: str, sync_every: int) -> Any:
+    import torch
+
+    spec = optimizer()
+    opt = torch.optim.SGD(params, lr=spec["lr"], momentum=spec["momentum"])
+    if hook != "post_local_sgd":
+        return opt
+    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
+    from torch.distributed.optim import PostLocalSGDOptimizer
+
+    averager = PeriodicModelAverager(period=sync_every, warmup_steps=LOCAL_SGD_WARMUP)
+    return PostLocalSGDOptimizer(optim=opt, averager=averager)
+
+
+def ddp_rank(
+    rank: int,
+    world: int,
+    port: int,
+    steps: int,
+    batch: int,
+    out: Path,
+    hook: str = "none",
+    sync_every: int = 1,
+) -> None:
     """One DDP process (run as ``python -m bench.train --ddp-rank ...``)."""
     import torch
     import torch.distributed as dist
@@ -252,8 +301,8 @@ def ddp_rank(rank: int, world: int, port: int, steps: int, batch: int, out: Path
     )
     model = zoo.build("mlp", MODEL, seed=0)
     ddp = DistributedDataParallel(model)
-    spec = optimizer()
-    opt = torch.optim.SGD(ddp.parameters(), lr=spec["lr"], momentum=spec["momentum"])
+    _comm_hook(ddp, hook)
+    opt = _optimizer(ddp.parameters(), hook, sync_every)
     data = load_builtin("digits")
     x, y = data.shard(rank, world)
     first = eval_s = 0.0
@@ -289,7 +338,9 @@ def ddp_rank(rank: int, world: int, port: int, steps: int, batch: int, out: Path
     dist.destroy_process_group()
 
 
-def run_ddp(world: int, steps: int, batch: int, workdir: Path) -> dict[str, Any]:
+def run_ddp(
+    world: int, steps: int, batch: int, workdir: Path, hook: str = "none", sync_every: int = 1
+) -> dict[str, Any]:
     port = free_port()
     outs = [workdir / f"ddp-{world}-{r}.json" for r in range(world)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -311,19 +362,31 @@ def run_ddp(world: int, steps: int, batch: int, workdir: Path) -> dict[str, Any]
                 str(batch),
                 "--ddp-out",
                 str(outs[r]),
+                "--ddp-hook",
+                hook,
+                "--sync-every",
+                str(sync_every),
             ],
             env=env,
         )
         for r in range(world)
     ]
-    for p in procs:
-        if p.wait(timeout=1800) != 0:
+    cpu: dict[str, float] = {}
+    for r, p in enumerate(procs):
+        # Read before reaping: a reaped child's /proc entry is gone.
+        while p.poll() is None:
+            cpu[f"rank-{r}"] = cpu_seconds(p.pid) or cpu.get(f"rank-{r}", 0.0)
+            time.sleep(0.05)
+        if p.returncode != 0:
             raise RuntimeError(f"DDP rank exited with {p.returncode}")
     ranks = [json.loads(o.read_text()) for o in outs]
     return {
         "workers": world,
+        "hook": hook,
         **{k: v for k, v in ranks[0].items() if k not in ("rank",)},
         "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
+        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
+        "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 
 
@@ -374,84 +437,147 @@ def aggregator_bandwidth(size: int, repeats: int = 20) -> dict[str, Any]:
 # --- the run ----------------------------------------------------------------------------------
 
 
+# Each of ours beside its matching peer, run back to back in every round.
+PAIRS: tuple[tuple[str, int, str, int], ...] = (
+    # (our codec, our workers, DDP hook, DDP processes)
+    ("none", 2, "none", 2),
+    ("fp16", 2, "fp16", 2),
+    ("topk", 2, "powersgd", 2),
+    ("none", 1, "none", 1),
+    ("none", 4, "none", 4),
+    ("local_sgd", 2, "post_local_sgd", 2),
+)
+LOCAL_SGD_WARMUP = 1  # torch's post-local-SGD needs at least one globally synced step
+
+
+def summary(values: list[float | None]) -> dict[str, float | None]:
+    present = [v for v in values if v is not None]
+    if not present:
+        return {"median": None, "min": None, "max": None}
+    return {
+        "median": round(statistics.median(present), 2),
+        "min": round(min(present), 2),
+        "max": round(max(present), 2),
+    }
+
+
 async def bench(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[str, Any]:
-    codecs = ["none", "fp16", "int8", f"topk({args.topk})"]
+    codec_of = {"none": "none", "fp16": "fp16", "topk": f"topk({args.topk})", "local_sgd": "none"}
     out: dict[str, Any] = {
         "model_params": zoo.count_parameters(zoo.build("mlp", MODEL)),
         "steps": args.steps,
         "batch_per_worker": args.batch,
         "optimizer": optimizer(),
         "shards": SHARDS,
+        "rounds": args.rounds,
+        "cpu_count": os.cpu_count(),
+        "note": "figures are only comparable within one run on an otherwise idle machine",
     }
+    reached = {
+        c: steps_to_target(train_event("ref", MODEL, training_of(args, c, codec_of[c], 2)))
+        for c in codec_of
+    }
+    out["steps_to_95"] = reached
+    runs: dict[str, list[dict[str, Any]]] = {}
     with ServiceProcesses(workdir) as services:
         registry = services.start_registry()
-        with TrainingProcesses(workdir, registry, workers=4, shards=SHARDS) as processes:
-            processes.start(workers=2)
-            common = {"steps": args.steps, "batch": args.batch, "config": MODEL}
-            out["codecs"] = [
-                await run_ours(settings, processes, workers=2, codec=c, **common) for c in codecs
-            ]
-            scaling = {2: out["codecs"][0]}
-            for workers in (1, 4):
-                processes.use_workers(workers)
-                scaling[workers] = await run_ours(
-                    settings, processes, workers=workers, codec="none", **common
-                )
-            out["scaling"] = [scaling[w] for w in (1, 2, 4)]
-            processes.use_workers(2)
-            await run_ours(
-                settings,
-                processes,
-                workers=2,
-                codec="none",
-                steps=args.large_steps,
-                batch=64,
-                config=LARGE_MODEL,
-                measure_accuracy=False,
-            )
-            large = zoo.count_parameters(zoo.build("mlp", LARGE_MODEL))
-            partition_mb = large / SHARDS * 4 / MB
-            budget_mb = 4 * partition_mb + 400
-            shard_rss = [peak_rss_mb(int(s.process.pid() or 0)) for s in processes.shards]
-            out["large_job"] = {
-                "params": large,
-                "partition_mb": round(partition_mb, 1),
-                "shard_budget_mb": round(budget_mb, 1),
-                "shard_peak_rss_mb": shard_rss,
-            }
+        with TrainingProcesses(
+            workdir, registry, workers=4, shards=SHARDS, MAAS_PROGRESS_INTERVAL_MS="200"
+        ) as processes:
+            processes.start(workers=4)
+            for _ in range(args.rounds):
+                for codec, workers, hook, world in PAIRS:
+                    ours = await run_ours(
+                        settings,
+                        processes,
+                        workdir,
+                        training_of(args, codec, codec_of[codec], workers),
+                        config=MODEL,
+                        steps_to_95=reached[codec],
+                    )
+                    runs.setdefault(f"ours-{codec}-w{workers}", []).append(ours)
+                    peer = run_ddp(world, args.steps, args.batch, workdir, hook, args.sync_every)
+                    runs.setdefault(f"ddp-{hook}-p{world}", []).append(peer)
             out["rss"] = {
                 s.name: peak_rss_mb(int(s.process.pid() or 0))
                 for s in processes.everything
                 if s.process.alive()
             }
-    out["ddp"] = [run_ddp(w, args.steps, args.batch, workdir) for w in (1, 2, 4)]
-    out["aggregator"] = aggregator_bandwidth(large // SHARDS)
-    out["targets"] = targets(out)
+    out["runs"] = runs
+    out["summary"] = {
+        name: {
+            "samples_per_s": summary([r["samples_per_s"] for r in rs]),
+            "time_to_95_s": summary([r["time_to_95_s"] for r in rs]),
+            "final_accuracy": summary([r["final_accuracy"] for r in rs]),
+        }
+        for name, rs in runs.items()
+    }
+    out["aggregator"] = aggregator_bandwidth(out["model_params"] // SHARDS)
+    out["targets"] = targets(out["summary"])
     return out
 
 
-def targets(out: dict[str, Any]) -> dict[str, Any]:
-    ddp2 = next(d for d in out["ddp"] if d["workers"] == 2)["samples_per_s"]
-    by_codec = {c["codec"]: c for c in out["codecs"]}
-    none = by_codec["none"]
-    topk = next(c for c in out["codecs"] if c["codec"].startswith("topk"))
-    best_compressed = max(c["samples_per_s"] for c in out["codecs"] if c["codec"] != "none")
-    large = out["large_job"]
+def training_of(args: argparse.Namespace, variant: str, codec: str, workers: int) -> dict[str, Any]:
+    training = {
+        "steps": args.steps,
+        "batch_size": args.batch,
+        "workers": workers,
+        "shards": SHARDS,
+        "optimizer": optimizer(),
+        "gradient_codec": codec,
+        "checkpoint_every": 100,
+    }
+    if variant == "local_sgd":
+        training.update(mode="local_sgd", sync_every=args.sync_every)
+    return training
+
+
+def targets(summ: dict[str, Any]) -> dict[str, Any]:
+    def rate(name: str) -> float:
+        return float(summ[name]["samples_per_s"]["median"] or 0.0)
+
+    def ratio(a: float, b: float) -> float | None:
+        return round(a / b, 3) if b else None
+
+    ddp2, ddp1 = rate("ddp-none-p2"), rate("ddp-none-p1")
+    ttt = summ["ours-none-w2"]["time_to_95_s"]["median"]
+    ddp_ttt = summ["ddp-none-p2"]["time_to_95_s"]["median"]
     return {
-        "compressed_vs_ddp": {"value": round(best_compressed / ddp2, 3), "target": 1.0},
-        "uncompressed_vs_ddp": {"value": round(none["samples_per_s"] / ddp2, 3), "target": 0.5},
-        "topk_bytes_reduction": {
-            "value": round(none["gradient_bytes_per_step"] / topk["gradient_bytes_per_step"], 1),
-            "target": 100,
+        "none_vs_ddp": {"value": ratio(rate("ours-none-w2"), ddp2), "target": ">= 1.0"},
+        "fp16_vs_ddp_fp16_hook": {
+            "value": ratio(rate("ours-fp16-w2"), rate("ddp-fp16-p2")),
+            "target": ">= 1.3",
         },
-        "topk_accuracy_gap_points": {
-            "value": round(100 * (none["final_accuracy"] - topk["final_accuracy"]), 2),
+        "topk_vs_ddp_powersgd": {
+            "value": ratio(rate("ours-topk-w2"), rate("ddp-powersgd-p2")),
+            "target": ">= 1.3",
+        },
+        "time_to_95_vs_ddp": {
+            "value": ratio(ttt, ddp_ttt) if ttt and ddp_ttt else None,
+            "target": "<= 1.0",
+        },
+        "two_vs_one_worker": {
+            "value": ratio(rate("ours-none-w2"), rate("ours-none-w1")),
+            "target": ">= 1.6",
+        },
+        "two_workers_vs_one_process": {
+            "value": ratio(rate("ours-none-w2"), ddp1),
+            "target": ">= 1.3",
+        },
+        "local_sgd_vs_post_local_sgd": {
+            "value": ratio(rate("ours-local_sgd-w2"), rate("ddp-post_local_sgd-p2")),
+            "target": ">= 0.9",
+        },
+        "local_sgd_accuracy_gap_points": {
+            "value": round(
+                100
+                * (
+                    (summ["ddp-post_local_sgd-p2"]["final_accuracy"]["median"] or 0)
+                    - (summ["ours-local_sgd-w2"]["final_accuracy"]["median"] or 0)
+                ),
+                2,
+            ),
             "target": "<= 0.5",
-        },
-        "aggregator_vs_numpy_add": {"value": out["aggregator"]["ratio"], "target": 0.5},
-        "large_job_shard_rss_mb": {
-            "value": max(r or math.inf for r in large["shard_peak_rss_mb"]),
-            "target": f"<= {large['shard_budget_mb']}",
         },
     }
 
@@ -461,14 +587,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=128, help="per worker process")
     parser.add_argument("--topk", type=float, default=0.004, help="top-k ratio")
-    parser.add_argument("--large-steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=5, help="ours/peer alternations")
+    parser.add_argument("--sync-every", type=int, default=8, help="local SGD period H")
+    parser.add_argument("--ddp-hook", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--ddp-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ddp-world", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ddp-port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ddp-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.ddp_rank is not None:
-        ddp_rank(args.ddp_rank, args.ddp_world, args.ddp_port, args.steps, args.batch, args.ddp_out)
+        ddp_rank(
+            args.ddp_rank,
+            args.ddp_world,
+            args.ddp_port,
+            args.steps,
+            args.batch,
+            args.ddp_out,
+            args.ddp_hook,
+            args.sync_every,
+        )
         return
     with (
         tempfile.TemporaryDirectory(prefix="maas-bench-train-") as tmp,

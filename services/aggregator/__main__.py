@@ -8,8 +8,8 @@
   and registers the result.
 
 SIGTERM/SIGINT: stop consuming, let an in-flight checkpoint finish, close clients. A shard
-killed outright loses nothing durable: it resumes from its last checkpoint and replays the
-gradients after it.
+killed outright loses nothing durable: it resumes from its last checkpoint, and the workers,
+which keep every gradient a checkpoint does not cover yet, push those again when they reconnect.
 """
 
 from __future__ import annotations

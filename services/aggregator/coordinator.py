@@ -200,9 +200,7 @@ class Coordinator:
         written = now_ms()
         for part in plan.partitions:
             data = ck.encode_snapshot(ck.initial_snapshot(part.gather(flat)))
-            pointer = ck.Pointer(
-                version=0, key="", sha256="", resume_offset=None, written_ms=written
-            )
+            pointer = ck.Pointer(version=0, key="", sha256="", written_ms=written)
             await self._store.write_checkpoint(job_id, part.shard, 0, data, pointer)
         # The plan makes a redelivery a no-op and the marker makes a restart resume: both last.
         await self._store.write_plan(plan)

@@ -1,24 +1,27 @@
 """An aggregator shard (``MAAS_AGGREGATOR_ROLE=shard``, index ``MAAS_AGGREGATOR_SHARD``).
 
-It owns partition ``shard`` of every job that has that many shards, and runs the pure
-``ShardCore`` between two Kafka edges: gradients in from partition ``shard % n`` of
-``maas.gradients.v1``, parameter versions out on the same partition of ``maas.params.v1``.
+It owns partition ``shard`` of every job that has that many shards and runs the pure
+``ShardCore`` behind the training data plane (``maas.training.v1``, gRPC): each worker of a job
+holds one stream to it, pushes gradient pieces in, and gets every version the shard closes back
+on the same stream. Kafka is only the control plane here: job activation and status.
 
 Lifecycle of a job here:
 
 1. **Activation**: the coordinator announces a job with a ``running`` status once its plan and
-   every shard's version-0 checkpoint are in S3. The shard loads its checkpoint and publishes
-   the parameters; workers start from there.
-2. **Steps**: each gradient is offered to the core (sync quorum/deadline or async staleness;
-   duplicates and stale ones are dropped there). Each new version is published at once.
-3. **Checkpoints** every ``checkpoint_every`` versions, written off the event loop: data, then
-   the ``LATEST.json`` pointer with the gradient offset a restart must replay from.
-4. **Done**: the final version is published with ``final: true`` and checkpointed with
-   ``final`` set in the pointer, which is what the coordinator waits for.
+   every shard's version-0 checkpoint are in S3. The shard loads its checkpoint; a worker that
+   joins gets the current parameters at once and computes from there.
+2. **Steps**: each complete gradient is offered to the core (sync quorum or async staleness;
+   duplicates and stale ones are dropped there). Each new version goes to every joined worker.
+3. **Membership**: a member whose stream has been gone ``MAAS_WORKER_HEARTBEAT_TIMEOUT_MS`` is
+   removed from the job (the status says so); one that (re)joins counts again from the open step.
+4. **Checkpoints** every ``checkpoint_every`` versions, written off the event loop: data, then the
+   ``LATEST.json`` pointer. Each version sent names the newest durable one; workers keep what they
+   pushed since, so a restarted shard gets those gradients again and replays exactly.
+5. **Done**: the final version goes out with ``final`` and is checkpointed with ``final`` set in
+   the pointer, which is what the coordinator waits for.
 
-On start the shard resumes every job marked active in S3 from its pointer and replays the
-gradient log from the earliest offset any of them needs; the core drops what it already applied.
-Shard 0 also reports progress on ``maas.job-status.v1`` for the whole job.
+On start the shard serves the data plane, writes its address to S3 for workers to find, and
+resumes every job marked active from its pointer. Shard 0 reports progress for the whole job.
 
 No torch in this process: its memory is the partition, the optimizer state and one gradient sum.
 """
@@ -27,40 +30,49 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
-from functools import partial
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
 from maas import events, topics
 from maas.bus import EventProducer
 from maas.config import Settings
-from maas.errors import MaasError, NotFound
+from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
 from maas.store import AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training import protocol
-from maas.training.aggregate import Contribution, ShardCore
-from maas.training.codecs import parse_codec
+from maas.training.aggregate import ShardCore
 from maas.training.plan import JobPlan
 from maas.training.storage import TrainingStore
-from maas.training.transport import (
-    PartitionReader,
-    RawRecord,
-    dead_letter,
-    decode,
-    send_all,
-    status_event,
-)
+from maas.training.transport import PartitionReader, decode, status_event
+from maas.training.v1 import training_pb2 as pb
+from services.aggregator.dataplane import serve_data_plane
 
 log = logging.getLogger(__name__)
 
 COORDINATOR_SERVICE = "training-coordinator"
 TICK_S = 0.05
+# A shard that resumed a job mid-way waits this many heartbeat timeouts for a worker to come
+# back before removing it. At a job's start nobody is removed for not having joined yet (loading
+# torch and the data can take long on a busy host): the coordinator's stall timeout covers that.
+RESUME_GRACE = 3
 
 
 def now_ms() -> int:
     return time.time_ns() // 1_000_000
+
+
+def advertised(listen: str, port: int, advertise: str) -> str:
+    """The address workers dial: as configured, else the listen host with the bound port."""
+    if advertise:
+        return advertise
+    host = listen.rpartition(":")[0] or "127.0.0.1"
+    if host in ("0.0.0.0", "[::]", "::"):
+        host = socket.gethostname()
+    return f"{host}:{port}"
 
 
 class Metrics:
@@ -75,14 +87,34 @@ class Metrics:
         )
 
 
+@dataclass(eq=False)
+class Peer:
+    """One worker's stream: what the shard sends it waits in ``outbox`` (None ends it)."""
+
+    job_id: str
+    worker: int
+    outbox: asyncio.Queue[pb.ShardMessage | None] = field(default_factory=asyncio.Queue)
+    error: MaasError | None = None  # why the shard ended the stream, if it was the worker's fault
+
+    def send(self, messages: list[pb.ShardMessage]) -> None:
+        for message in messages:
+            self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+
 @dataclass
 class ShardJob:
     plan: JobPlan
     core: ShardCore
+    assembler: protocol.GradientAssembler
     started_ms: int
     checkpointed_version: int
-    assembler: protocol.PayloadAssembler = field(default_factory=protocol.PayloadAssembler)
-    published_ms: int = 0
+    durable_version: int
+    current: list[pb.ShardMessage] = field(default_factory=list)
+    peers: dict[int, Peer] = field(default_factory=dict)
+    gone_ms: dict[int, int] = field(default_factory=dict)  # member -> since when streamless
     reported_ms: int = 0
     writing: asyncio.Task[None] | None = None
 
@@ -92,21 +124,20 @@ class ShardService:
         self.settings = settings
         self.shard = shard
         self.name = f"aggregator-{shard}"
-        self.partition = protocol.partition_for(shard, topics.GRADIENTS.partitions)
+        self.address = ""
         self.metrics = Metrics()
         self._producer = EventProducer(settings, client_id=self.name)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
-        self._gradients = PartitionReader(
-            settings, topics.GRADIENTS, [self.partition], client_id=self.name
-        )
         self._statuses = PartitionReader(
             settings, topics.JOB_STATUS, range(topics.JOB_STATUS.partitions), client_id=self.name
         )
+        self._server: Any = None
         self.jobs: dict[str, ShardJob] = {}
+        # Finishing outlives the stream whose push closed the last step (its worker leaves).
+        self._finishing: dict[str, asyncio.Task[None]] = {}
         self._done: set[str] = set()
         self._activating: set[str] = set()  # announced twice while the first load awaits S3
-        self._next_offset = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -117,37 +148,36 @@ class ShardService:
     async def start(self) -> None:
         await self._producer.start()
         await self._objects.start()
-        await self._gradients.start()
         await self._statuses.start()
         # Listen for new jobs before listing the active ones: none falls between the two.
         await self._statuses.from_now()
-        offsets = []
         for job_id in await self._store.active_jobs():
-            offset = await self._activate(job_id)
-            if offset is not None:
-                offsets.append(offset)
-        if offsets:
-            self._gradients.seek(self.partition, min(offsets))
-            log.info(
-                "%s resumed %d job(s); replaying gradients from offset %d",
-                self.name,
-                len(self.jobs),
-                min(offsets),
-            )
-        else:
-            await self._gradients.from_now()
+            await self._activate(job_id)
+        self._server, port = await serve_data_plane(self, self.settings)
+        self.address = advertised(
+            self.settings.aggregator_listen, port, self.settings.aggregator_advertise
+        )
+        await self._store.advertise_shard(self.shard, self.address)
+        log.info("%s serves the training data plane at %s", self.name, self.address)
 
     async def stop(self) -> None:
+        for job in self.jobs.values():
+            for peer in job.peers.values():
+                peer.close()
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        for task in list(self._finishing.values()):
+            task.cancel()  # a restart finishes it from the checkpoint
+        await asyncio.gather(*self._finishing.values(), return_exceptions=True)
         for job in self.jobs.values():
             if job.writing is not None:
                 await asyncio.gather(job.writing, return_exceptions=True)
         await self._statuses.stop()
-        await self._gradients.stop()
         await self._objects.stop()
         await self._producer.stop()
 
     async def run(self) -> None:
-        await asyncio.gather(self._read_gradients(), self._read_statuses(), self._tick())
+        await asyncio.gather(self._read_statuses(), self._tick())
 
     # --- activation -------------------------------------------------------------------------
 
@@ -164,34 +194,41 @@ class ShardService:
                     except Exception:  # one job that cannot start must not stop the others
                         log.exception("%s: cannot start job %s", self.name, event["job_id"])
 
-    async def _activate(self, job_id: str) -> int | None:
-        """Load the job's checkpoint for this shard; the gradient offset to replay from."""
+    async def _activate(self, job_id: str) -> None:
+        """Load the job's checkpoint for this shard (once, however often it is announced)."""
         if job_id in self.jobs or job_id in self._done or job_id in self._activating:
-            return None
+            return
         self._activating.add(job_id)
         try:
-            return await self._load(job_id)
+            await self._load(job_id)
         finally:
             self._activating.discard(job_id)
 
-    async def _load(self, job_id: str) -> int | None:
+    async def _load(self, job_id: str) -> None:
         try:
             plan = await self._store.read_plan(job_id)
         except NotFound:
             log.warning("job %s is marked active but has no plan; skipping it", job_id)
-            return None
+            return
         if self.shard >= plan.shards:
             self._done.add(job_id)
-            return None
+            return
         pointer = await self._store.pointer(job_id, self.shard)
         if pointer is None:
             log.error("job %s has no checkpoint for shard %d; skipping it", job_id, self.shard)
-            return None
+            return
         snap = await self._store.read_checkpoint(pointer)
         now = now_ms()
         core = ShardCore.restore(plan, self.shard, snap, now_ms=now)
+        grace = now + (RESUME_GRACE - 1) * self.settings.worker_heartbeat_timeout_ms
         job = ShardJob(
-            plan, core, started_ms=pointer.started_ms or now, checkpointed_version=pointer.version
+            plan,
+            core,
+            protocol.GradientAssembler(plan.training.gradient_codec, core.partition.size),
+            started_ms=pointer.started_ms or now,
+            checkpointed_version=pointer.version,
+            durable_version=pointer.version,
+            gone_ms={w: grace for w in core.members} if core.version > 0 else {},
         )
         self.jobs[job_id] = job
         log.info(
@@ -202,78 +239,77 @@ class ShardService:
             plan.target_version,
             core.partition.size,
         )
-        await self._publish(job)
+        self._publish(job)
         if core.done:
             await self._finish(job_id, job, already_final=pointer.final)
-        if pointer.resume_offset is not None:
-            return pointer.resume_offset
-        return await self._gradients.offset_at(self.partition, pointer.written_ms)
 
-    # --- gradients --------------------------------------------------------------------------
+    # --- the data plane (called by the servicer) ----------------------------------------------
 
-    async def _read_gradients(self) -> None:
-        while True:
-            for raw in await self._gradients.next_batch():
-                self._next_offset = raw.offset + 1
-                await self._on_gradient(raw)
-
-    async def _on_gradient(self, raw: RawRecord) -> None:
-        try:
-            event = decode(raw, events.GRADIENT).event
-        except MaasError as exc:
-            await dead_letter(self._producer, raw, exc, self.name)
-            return
-        job = self.jobs.get(event["job_id"])
-        if job is None or event["shard"] != self.shard:
-            return  # another shard's (shared partition) or a job that is over
-        core = job.core
-        try:
-            worker, version = int(event["worker"]), int(event["version"])
-            assembled = job.assembler.add((worker, version), event, raw.offset)
-            if assembled is None:
-                return
-            codec = parse_codec(event["codec"])
-            contribution = Contribution(
-                worker=worker,
-                version=version,
-                samples=int(event["num_samples"]),
-                decode=partial(codec.decode, assembled.payload, core.partition.size),
-                offset=assembled.first_offset,
-                loss=event.get("loss"),
-                accuracy=event.get("accuracy"),
+    async def attach(self, job_id: str, worker: int) -> Peer:
+        """A worker's stream joined: it gets the current parameters at once."""
+        if job_id in self._done:
+            raise FailedPrecondition(f"job {job_id} is over on {self.name}")
+        job = self.jobs.get(job_id)
+        if job is None:
+            raise Unavailable(f"{self.name} has not loaded job {job_id} yet; join again shortly")
+        if not 0 <= worker < job.plan.workers:
+            raise InvalidArgument(
+                f"worker {worker} is not one of job {job_id}'s 0..{job.plan.workers - 1}"
             )
-            before = core.version
-            verdict = core.offer(contribution, now_ms())
-        except MaasError as exc:
-            await dead_letter(self._producer, raw, exc, self.name)
+        previous = job.peers.pop(worker, None)
+        if previous is not None:
+            previous.close()  # a reconnect: the old stream is dead to the worker already
+        peer = Peer(job_id, worker)
+        job.peers[worker] = peer
+        job.gone_ms.pop(worker, None)
+        if job.core.add(worker):
+            log.info("%s: worker %d rejoined job %s", self.name, worker, job_id)
+            await self._report_members(job_id, job, f"worker {worker} joined")
+        peer.send(job.current)
+        return peer
+
+    def detach(self, peer: Peer) -> None:
+        job = self.jobs.get(peer.job_id)
+        if job is not None and job.peers.get(peer.worker) is peer:
+            del job.peers[peer.worker]
+            job.gone_ms[peer.worker] = now_ms()
+
+    async def on_push(self, peer: Peer, push: pb.Push) -> None:
+        job = self.jobs.get(peer.job_id)
+        if job is None:
+            return  # the job finished while this piece was on its way
+        contribution = job.assembler.add(peer.worker, push)  # InvalidArgument ends the stream
+        if contribution is None:
             return
+        core = job.core
+        before = core.version
+        verdict = core.offer(contribution, now_ms())
         self.metrics.gradients.labels(verdict.value).inc()
         if core.version != before:
-            await self._advanced(event["job_id"], job)
+            await self._advanced(peer.job_id, job)
 
     async def _advanced(self, job_id: str, job: ShardJob) -> None:
-        await self._publish(job)
+        job.assembler.drop_below(job.core.version - job.plan.training.staleness)
+        self._publish(job)
         if job.core.done:
-            await self._finish(job_id, job, already_final=False)
+            if job_id not in self._finishing:
+                finishing = self._finish(job_id, job, already_final=False)
+                self._finishing[job_id] = asyncio.create_task(finishing)
         elif job.core.version - job.checkpointed_version >= job.plan.training.checkpoint_every:
             self._checkpoint(job_id, job, final=False)
 
-    async def _publish(self, job: ShardJob) -> None:
+    def _publish(self, job: ShardJob) -> None:
         core = job.core
-        items = [
-            (protocol.record_key(job.plan.job_id, self.shard), self.partition, event)
-            for event in protocol.params_events(
-                job_id=job.plan.job_id,
-                shard=self.shard,
-                version=core.version,
-                values=core.theta,
-                final=core.done,
-                chunk_bytes=self.settings.codec_chunk_bytes,
-                dtype=job.plan.broadcast_dtype,
-            )
-        ]
-        job.published_ms = now_ms()
-        await send_all(self._producer, topics.PARAMS, items)
+        job.current = protocol.params_pieces(
+            core.theta,
+            version=core.version,
+            final=core.done,
+            durable_version=job.durable_version,
+            dtype=job.plan.broadcast_dtype,
+            chunk_bytes=self.settings.codec_chunk_bytes,
+        )
+        for peer in job.peers.values():
+            peer.send(job.current)
         self.metrics.versions.inc()
 
     # --- checkpoints ------------------------------------------------------------------------
@@ -288,17 +324,16 @@ class ShardService:
             version=core.version,
             key="",
             sha256="",
-            resume_offset=core.resume_offset(self._next_offset),
             samples=core.stats.samples,
             started_ms=job.started_ms,
             written_ms=now_ms(),
             final=final,
         )
         job.checkpointed_version = core.version
-        job.writing = asyncio.create_task(self._write(job_id, pointer, data))
+        job.writing = asyncio.create_task(self._write(job_id, job, pointer, data))
         return job.writing
 
-    async def _write(self, job_id: str, pointer: ck.Pointer, data: bytes) -> None:
+    async def _write(self, job_id: str, job: ShardJob, pointer: ck.Pointer, data: bytes) -> None:
         try:
             await self._store.write_checkpoint(job_id, self.shard, pointer.version, data, pointer)
         except MaasError as exc:
@@ -309,6 +344,7 @@ class ShardService:
                 exc.message,
             )
             return
+        job.durable_version = max(job.durable_version, pointer.version)
         self.metrics.checkpoints.inc()
         if self.shard == 0 and not pointer.final:
             await self._status(job_id, "checkpointed", step=pointer.version)
@@ -328,6 +364,9 @@ class ShardService:
                 await asyncio.sleep(1.0)  # S3 unavailable: the final checkpoint must land
         del self.jobs[job_id]
         self._done.add(job_id)
+        self._finishing.pop(job_id, None)
+        for peer in job.peers.values():
+            peer.close()
         log.info("%s: job %s done at version %d", self.name, job_id, job.core.version)
 
     # --- timers -----------------------------------------------------------------------------
@@ -337,15 +376,44 @@ class ShardService:
             await asyncio.sleep(TICK_S)
             now = now_ms()
             for job_id, job in list(self.jobs.items()):
-                if job.core.tick(now):
+                if job.core.done:
+                    continue  # finishing
+                before = job.core.version
+                await self._expire(job_id, job, now)
+                job.core.tick(now)
+                if job.core.version != before:
                     await self._advanced(job_id, job)
-                elif (
-                    job.core.round_size < job.plan.workers
-                    and now - job.published_ms >= self.settings.params_republish_ms
-                ):
-                    await self._publish(job)  # for workers that joined late or missed it
                 if self.shard == 0 and now - job.reported_ms >= self.settings.progress_interval_ms:
                     await self._progress(job_id, job, now)
+
+    async def _expire(self, job_id: str, job: ShardJob, now: int) -> None:
+        """Remove members whose stream has been gone longer than the heartbeat timeout."""
+        timeout = self.settings.worker_heartbeat_timeout_ms
+        for worker, since in list(job.gone_ms.items()):
+            if now - since < timeout or worker not in job.core.members:
+                continue
+            del job.gone_ms[worker]
+            job.core.remove(worker, now)
+            log.warning(
+                "%s: worker %d of job %s removed: no stream for %d ms",
+                self.name,
+                worker,
+                job_id,
+                now - since,
+            )
+            await self._report_members(
+                job_id, job, f"worker {worker} removed: no data-plane stream for {timeout} ms"
+            )
+
+    async def _report_members(self, job_id: str, job: ShardJob, change: str) -> None:
+        members = {"active": sorted(job.core.members), "change": change, "shard": self.shard}
+        await self._status(
+            job_id,
+            "running",
+            step=job.core.version,
+            total_steps=job.plan.target_version,
+            workers=members,
+        )
 
     async def _progress(self, job_id: str, job: ShardJob, now: int) -> None:
         window = job.core.stats.take_window()

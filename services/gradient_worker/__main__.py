@@ -1,9 +1,10 @@
 """The gradient worker: ``python -m services.gradient_worker``.
 
 Config from MAAS_* plus ``MAAS_WORKER_ID`` (this replica's id; a job with ``training.workers=W``
-is trained by ids 0..W-1). SIGTERM/SIGINT: stop receiving and computing, close the consumer and
-the producer. A worker that leaves mid-job costs the job nothing but its gradients: shards close
-steps by quorum or deadline without it, and a restarted worker rejoins at the next version.
+is trained by ids 0..W-1). SIGTERM/SIGINT: stop computing, close the data-plane streams and the
+status consumer. A worker that leaves mid-job is removed from it by the shards once its streams
+have been gone for MAAS_WORKER_HEARTBEAT_TIMEOUT_MS; one that restarts rejoins at the job's
+current version.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ async def serve(settings: Settings, worker_id: int, stop: asyncio.Event) -> None
             start_http_server(
                 settings.metrics_port, addr=settings.metrics_bind, registry=service.metrics.registry
             )
-        log.info("%s waiting for jobs on maas.params.v1", service.name)
+        log.info("%s waiting for training jobs", service.name)
         await run_until_stopped(service.run(), stop)
         log.info("shutting down")
     finally:

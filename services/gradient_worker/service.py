@@ -1,38 +1,43 @@
-"""Kafka and S3 edges of a gradient worker.
+"""The edges of a gradient worker: Kafka tells it which jobs run, S3 holds their plans, data and
+the shards' addresses, and the training data plane (gRPC) carries gradients and parameters.
 
-How a worker learns of a job: it reads every partition of ``maas.params.v1`` from the moment it
-starts. Parameters of a job it does not know make it read the job's plan from S3; if its id
-(``MAAS_WORKER_ID``) is below the job's ``training.workers`` it joins: loads the starting weights
-and its shard of the data, and trains. Shards republish their parameters while they wait for
-gradients, so a worker that starts (or restarts) mid-job joins at the next version.
+How a worker learns of a job: the coordinator's ``running`` status on ``maas.job-status.v1``
+(and, at start, the jobs S3 marks active). If its id (``MAAS_WORKER_ID``) is below the job's
+``training.workers`` it joins: loads the starting weights and its shard of the data, and opens
+one stream per shard (``ShardLink``); each shard answers with its current parameters, so a
+worker that starts (or restarts) mid-job computes from the job's current version.
 
-One job step at a time: compute (forward/backward + encoding) runs on a worker thread while the
-event loop keeps receiving parameters; the gradients are sent, every ack awaited, before the
-next step starts (so a gradient's bytes are never reused while in flight).
+One job step at a time: forward/backward runs on a worker thread while the event loop keeps
+streaming; every gradient piece is handed to the loop the moment backward produced it
+(``call_soon_threadsafe``) and leaves while backward continues.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from safetensors.torch import load as load_safetensors
 
 from maas import datasets, events, topics
-from maas.bus import EventProducer
 from maas.config import Settings
-from maas.errors import InvalidArgument, MaasError, NotFound
+from maas.errors import MaasError, NotFound
 from maas.store import AsyncObjectStore
-from maas.training import protocol
 from maas.training.prepare import load_dataset
+from maas.training.protocol import ShardParams
 from maas.training.storage import TrainingStore
-from maas.training.transport import PartitionReader, RawRecord, dead_letter, decode, send_all
-from services.gradient_worker.core import ShardParams, StepOutcome, WorkerJob
+from maas.training.transport import PartitionReader, decode
+from maas.training.v1 import training_pb2 as pb
+from maas.training.worker import WorkerJob
+from services.gradient_worker.link import ShardLink
 
 log = logging.getLogger(__name__)
+
+COORDINATOR_SERVICE = "training-coordinator"
 
 
 class Metrics:
@@ -49,93 +54,80 @@ class Metrics:
         )
 
 
+@dataclass
+class Running:
+    job: WorkerJob
+    links: list[ShardLink]
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def over(self) -> bool:
+        return self.job.finished or all(link.over for link in self.links)
+
+
 class WorkerService:
     def __init__(self, settings: Settings, worker_id: int) -> None:
         self.settings = settings
         self.worker_id = worker_id
         self.name = f"gradient-worker-{worker_id}"
         self.metrics = Metrics()
-        self._producer = EventProducer(settings, client_id=self.name)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
-        self._params = PartitionReader(
-            settings, topics.PARAMS, range(topics.PARAMS.partitions), client_id=self.name
+        self._statuses = PartitionReader(
+            settings, topics.JOB_STATUS, range(topics.JOB_STATUS.partitions), client_id=self.name
         )
-        self._assembler = protocol.PayloadAssembler()
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="maas-grad")
-        self.jobs: dict[str, WorkerJob] = {}
-        self._not_mine: set[str] = set()
+        self.jobs: dict[str, Running] = {}
+        self._seen: set[str] = set()
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
-        await self._producer.start()
         await self._objects.start()
-        await self._params.start()
-        await self._params.from_now()
+        await self._statuses.start()
+        await self._statuses.from_now()
+        for job_id in await self._store.active_jobs():
+            await self._consider(job_id)
 
     async def stop(self) -> None:
-        await self._params.stop()
+        for job_id in list(self.jobs):
+            await self._leave(job_id)
+        await self._statuses.stop()
         await self._objects.stop()
-        await self._producer.stop()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     async def run(self) -> None:
-        await asyncio.gather(self._receive(), self._train())
+        await asyncio.gather(self._read_statuses(), self._train())
 
-    # --- parameters in ----------------------------------------------------------------------
+    # --- joining ----------------------------------------------------------------------------
 
-    async def _receive(self) -> None:
+    async def _read_statuses(self) -> None:
         while True:
-            for raw in await self._params.next_batch():
-                await self._on_params(raw)
+            for raw in await self._statuses.next_batch(timeout_ms=200):
+                try:
+                    event = decode(raw, events.JOB_STATUS).event
+                except MaasError:
+                    continue  # status readers skip what is malformed; its producer is told
+                if event.get("service") == COORDINATOR_SERVICE and event["state"] == "running":
+                    await self._consider(event["job_id"])
 
-    async def _on_params(self, raw: RawRecord) -> None:
-        if protocol.job_of_key(raw.key) in self._not_mine:
-            return  # skipped before decoding: other jobs' parameters cost only the fetch
+    async def _consider(self, job_id: str) -> None:
+        if job_id in self._seen:
+            return
+        self._seen.add(job_id)
         try:
-            event = decode(raw, events.PARAMS).event
+            await self._join(job_id)
         except MaasError as exc:
-            await dead_letter(self._producer, raw, exc, self.name)
-            return
-        job_id = event["job_id"]
-        if job_id in self._not_mine:
-            return
-        try:
-            job = self.jobs.get(job_id) or await self._join(job_id)
-        except MaasError as exc:
-            log.warning(
-                "cannot join job %s yet (%s); trying again on its next parameters",
-                job_id,
-                exc.message,
-            )
-            return
-        if job is None:
-            return
-        shard, version = int(event["shard"]), int(event["version"])
-        try:
-            if shard >= job.plan.shards:
-                raise InvalidArgument(f"shard {shard} is not one of the job's {job.plan.shards}")
-            assembled = self._assembler.add((job_id, shard, version), event)
-            if assembled is None:
-                return
-            size = job.plan.partitions[shard].size
-            values = protocol.params_values(assembled.payload, size)
-        except MaasError as exc:
-            await dead_letter(self._producer, raw, exc, self.name)
-            return
-        if job.receive(shard, ShardParams(version, values, bool(event.get("final")))):
-            self._wake.set()
+            log.warning("cannot join job %s (%s)", job_id, exc.message)
+            self._seen.discard(job_id)  # the next announcement tries again
 
-    async def _join(self, job_id: str) -> WorkerJob | None:
+    async def _join(self, job_id: str) -> None:
         try:
             plan = await self._store.read_plan(job_id)
         except NotFound:
-            log.warning("parameters for job %s, which has no plan in S3; ignoring it", job_id)
-            self._not_mine.add(job_id)
-            return None
+            log.warning("job %s is announced but has no plan in S3; ignoring it", job_id)
+            return
         if self.worker_id >= plan.workers:
-            self._not_mine.add(job_id)
-            return None
+            return
         state = load_safetensors(await self._store.read_init(job_id))
         dataset = await asyncio.to_thread(
             load_dataset,
@@ -143,8 +135,31 @@ class WorkerService:
             seed=plan.training.seed,
             fetch=datasets.fetcher(self._objects.sync, self.settings),
         )
-        job = await asyncio.to_thread(WorkerJob, plan, self.worker_id, state, dataset)
-        self.jobs[job_id] = job
+        job = await asyncio.to_thread(
+            WorkerJob,
+            plan,
+            self.worker_id,
+            state,
+            dataset,
+            chunk_bytes=self.settings.codec_chunk_bytes,
+        )
+        links = [
+            ShardLink(
+                job_id=job_id,
+                worker=self.worker_id,
+                shard=part.shard,
+                partition_size=part.size,
+                settings=self.settings,
+                store=self._store,
+                on_params=self._receiver(job),
+            )
+            for part in plan.partitions
+        ]
+        running = Running(job, links)
+        running.tasks = [asyncio.create_task(link.run()) for link in links]
+        for task in running.tasks:  # a link that ends may end the job here: look
+            task.add_done_callback(lambda _: self._wake.set())
+        self.jobs[job_id] = running
         log.info(
             "joined job %s as worker %d of %d (%d steps, codec %s)",
             job_id,
@@ -153,54 +168,52 @@ class WorkerService:
             plan.total_steps,
             plan.training.gradient_codec,
         )
-        return job
 
-    # --- gradients out ----------------------------------------------------------------------
+    def _receiver(self, job: WorkerJob) -> Callable[[int, ShardParams], None]:
+        def receive(shard: int, params: ShardParams) -> None:
+            if job.receive(shard, params):
+                self._wake.set()
+
+        return receive
+
+    async def _leave(self, job_id: str) -> None:
+        running = self.jobs.pop(job_id)
+        for task in running.tasks:
+            task.cancel()
+        await asyncio.gather(*running.tasks, return_exceptions=True)
+        log.info("left job %s after %d steps here", job_id, running.job.steps)
+
+    # --- computing --------------------------------------------------------------------------
 
     async def _train(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            for job_id, job in list(self.jobs.items()):
-                if job.finished:
-                    log.info("job %s finished after %d steps here", job_id, job.steps)
-                    del self.jobs[job_id]
-                    self._not_mine.add(job_id)
-                elif job.ready():
-                    view = job.take()
-                    try:
-                        with self.metrics.step_seconds.time():
-                            outcome = await loop.run_in_executor(self._compute, job.compute, view)
-                    except Exception:
-                        # A step that cannot be computed will not compute next time either.
-                        log.exception("job %s: step failed; leaving the job", job_id)
-                        del self.jobs[job_id]
-                        self._not_mine.add(job_id)
-                        continue
-                    await self._send(job, outcome)
+            for job_id, running in list(self.jobs.items()):
+                if running.over:
+                    await self._leave(job_id)
+                elif running.job.ready():
+                    await self._step(loop, job_id, running)
                     self._wake.set()  # look again: parameters may have arrived meanwhile
 
-    async def _send(self, job: WorkerJob, outcome: StepOutcome) -> None:
-        items: list[tuple[str, int, dict[str, Any]]] = []
-        for grad in outcome.gradients:
-            for event in protocol.gradient_events(
-                job_id=job.plan.job_id,
-                shard=grad.shard,
-                worker=self.worker_id,
-                step=outcome.step,
-                version=grad.version,
-                codec=job.codec.name,
-                samples=outcome.batch.samples,
-                payload=grad.payload,
-                chunk_bytes=self.settings.codec_chunk_bytes,
-                loss=outcome.batch.loss,
-                accuracy=outcome.batch.accuracy,
-            ):
-                key = protocol.record_key(job.plan.job_id, grad.shard)
-                part = protocol.partition_for(grad.shard, topics.GRADIENTS.partitions)
-                items.append((key, part, event))
-        await send_all(self._producer, topics.GRADIENTS, items)
-        self.metrics.steps.inc()
-        sent = sum(protocol.payload_bytes(g.payload) for g in outcome.gradients)
-        self.metrics.bytes_sent.inc(sent)
+    async def _step(self, loop: asyncio.AbstractEventLoop, job_id: str, running: Running) -> None:
+        job, links = running.job, running.links
+
+        def send(shard: int, push: pb.Push) -> None:
+            links[shard].push(push)
+            self.metrics.bytes_sent.inc(len(push.values) + len(push.indices))
+
+        def emit(shard: int, push: pb.Push) -> None:  # on the compute thread
+            loop.call_soon_threadsafe(send, shard, push)
+
+        view, before = job.take(), job.steps
+        try:
+            with self.metrics.step_seconds.time():
+                await loop.run_in_executor(self._compute, job.compute, view, emit)
+        except Exception:
+            # A step that cannot be computed will not compute next time either.
+            log.exception("job %s: step failed; leaving the job", job_id)
+            await self._leave(job_id)
+            return
+        self.metrics.steps.inc(job.steps - before)  # a local-SGD round is several steps

@@ -316,11 +316,27 @@ class Settings:
         default=2_000,
         metadata=_env("MAAS_PROGRESS_INTERVAL_MS", doc="job progress status event period"),
     )
-    params_republish_ms: int = field(
-        default=2_000,
+    aggregator_listen: str = field(
+        default="127.0.0.1:0",
         metadata=_env(
-            "MAAS_PARAMS_REPUBLISH_MS",
-            doc="a shard waiting this long for any gradient republishes its params",
+            "MAAS_AGGREGATOR_LISTEN",
+            doc="address a shard serves the training data plane (gRPC) on; port 0 picks a free "
+            "one (the shard advertises whichever it got)",
+        ),
+    )
+    aggregator_advertise: str = field(
+        default="",
+        metadata=_env(
+            "MAAS_AGGREGATOR_ADVERTISE",
+            doc="host:port workers dial for this shard (default: the listen host, or this "
+            "host's name when listening on 0.0.0.0, with the bound port)",
+        ),
+    )
+    worker_heartbeat_timeout_ms: int = field(
+        default=10_000,
+        metadata=_env(
+            "MAAS_WORKER_HEARTBEAT_TIMEOUT_MS",
+            doc="a worker without a data-plane stream this long is removed from its job",
         ),
     )
     job_stall_timeout_ms: int = field(

@@ -39,6 +39,7 @@ class Target:
 
 TARGETS: tuple[Target, ...] = (
     Target("maas/registry/v1/registry.proto", "shared/maas/registry/v1"),
+    Target("maas/training/v1/training.proto", "shared/maas/training/v1"),
     Target(
         "inference/grpc_predict_v2.proto",
         "shared/maas/oip",

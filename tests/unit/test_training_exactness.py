@@ -1,7 +1,8 @@
-"""The distributed algorithm (workers, codecs, shards; no Kafka) against plain local training.
+"""The distributed algorithm (workers, codecs, shards; no network) against local training.
 
-``simulate`` runs exactly the worker and shard code the services run, with every gradient packed
-and unpacked through msgpack; ``train_reference`` is torch.optim on one model.
+``simulate`` runs exactly the worker loop and shard core the services run, every gradient and
+parameter piece serialized as the data plane's messages; ``train_reference`` is torch.optim on
+one model.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def test_two_workers_sum_equals_local_sgd_with_the_summed_gradient() -> None:
     )
 
 
+def test_cutting_the_messages_into_small_pieces_changes_no_bit() -> None:
+    job = _prepare(workers=2, shards=2, reduce="mean")
+    whole = simulate(job.plan, job.state, job.dataset)
+    pieces = simulate(job.plan, job.state, job.dataset, chunk_bytes=96)
+    _assert_same(whole, pieces, atol=0.0)
+
+
 def test_horizontal_and_vertical_splits_give_identical_parameters() -> None:
     horizontal = _prepare(workers=2, shards=2, split="horizontal")
     vertical = _prepare(workers=2, shards=2, split="vertical")
@@ -80,6 +88,47 @@ def test_async_with_staleness_zero_equals_sync() -> None:
         simulate(sync.plan, sync.state, sync.dataset),
         atol=1e-6,
     )
+
+
+def test_local_sgd_on_one_worker_equals_local_training() -> None:
+    job = _prepare(
+        workers=1,
+        shards=2,
+        mode="local_sgd",
+        sync_every=4,
+        optimizer={"lr": 0.05, "momentum": 0.9},
+    )
+    assert job.plan.target_version == 4  # 15 steps in rounds of 4: the last one has 3
+    _assert_same(
+        simulate(job.plan, job.state, job.dataset),
+        train_reference(job.plan, job.state, job.dataset),
+        atol=1e-6,
+    )
+
+
+def test_local_sgd_averaging_after_every_step_equals_synchronous_sgd() -> None:
+    job = _prepare(workers=2, shards=2, mode="local_sgd", sync_every=1)
+    _assert_same(
+        simulate(job.plan, job.state, job.dataset),
+        train_reference(job.plan, job.state, job.dataset),
+        atol=1e-6,
+    )
+
+
+def test_local_sgd_rounds_of_several_steps_still_learn() -> None:
+    job = _prepare(
+        workers=2,
+        shards=2,
+        mode="local_sgd",
+        sync_every=5,
+        steps=60,
+        batch_size=32,
+        optimizer={"lr": 0.3},
+    )
+    model = zoo.build(job.plan.arch, job.plan.config)
+    model.load_state_dict(simulate(job.plan, job.state, job.dataset))
+    metrics = evaluate(model, job.dataset.x_test, job.dataset.y_test, "cross_entropy")
+    assert metrics["accuracy"] > 0.8
 
 
 def test_momentum_and_weight_decay_match_torch_sgd() -> None:

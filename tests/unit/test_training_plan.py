@@ -42,6 +42,11 @@ def test_a_valid_job_gets_a_complete_plan_with_defaults() -> None:
     assert sum(p.size for p in plan.partitions) == plan.layout.size
 
 
+def test_a_local_sgd_plan_counts_one_version_per_round() -> None:
+    plan = prepare_job(_training(steps=10, mode="local_sgd", sync_every=4), limits=LIMITS).plan
+    assert plan.training.sync_every == 4 and plan.target_version == 3
+
+
 def test_the_plan_survives_json() -> None:
     plan = prepare_job(_job(), limits=LIMITS).plan
     assert JobPlan.from_json(plan.to_json()) == plan
@@ -63,6 +68,8 @@ def test_epochs_become_steps_per_worker() -> None:
         (_training(workers=9), r"training\.workers=9 .*MAAS_GRADIENT_WORKERS"),
         (_training(shards=3), r"training\.shards=3 .*MAAS_AGGREGATOR_SHARDS"),
         (_training(mode="eventual"), r"training\.mode='eventual'"),
+        (_training(sync_every=4), r"training\.sync_every applies to mode 'local_sgd' only"),
+        (_training(mode="local_sgd", sync_every=0), r"training\.sync_every=0 must be"),
         (
             _job(
                 model={"arch": "mlp", "config": {"in_features": 16, "num_classes": 1}},

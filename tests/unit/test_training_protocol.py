@@ -1,127 +1,143 @@
-"""Gradient and parameter events: valid against their schemas, chunked when large."""
+"""The data plane's messages: gradient and parameter pieces, cut and reassembled exactly."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from maas import events
-from maas.errors import IntegrityError, InvalidArgument
+from maas.errors import InvalidArgument
 from maas.training import protocol
-from maas.training.codecs import TopKCodec
+from maas.training.codecs import ErrorFeedback, Int8Codec, NoneCodec, TopKCodec, parse_codec
+from maas.training.layout import FlatLayout, horizontal, vertical
+from maas.training.v1 import training_pb2 as pb
+
+LAYOUT = FlatLayout.from_shapes([("a.weight", [30, 10]), ("a.bias", [30]), ("b.weight", [70])])
+INFO = protocol.StepInfo(version=3, samples=32, loss=0.5, accuracy=0.75)
 
 
-def _wire(event: dict) -> dict:
-    return events.decode(events.encode(event))
+def _wire(push: pb.Push) -> pb.Push:
+    return pb.Push.FromString(push.SerializeToString())
 
 
-def _gradient_events(payload: dict, chunk_bytes: int) -> list[dict]:
-    return protocol.gradient_events(
-        job_id="job",
-        shard=1,
-        worker=0,
-        step=3,
-        version=3,
-        codec="topk(0.5)",
-        samples=32,
-        payload=payload,
-        chunk_bytes=chunk_bytes,
-        loss=0.5,
-        accuracy=0.75,
+def _assemble(pushes: list[pb.Push], codec: str, size: int) -> np.ndarray:
+    assembler = protocol.GradientAssembler(codec, size)
+    done = [assembler.add(0, _wire(p)) for p in pushes]
+    assert all(d is None for d in done[:-1])
+    contribution = done[-1]
+    assert contribution is not None
+    assert (contribution.version, contribution.samples, contribution.loss) == (3, 32, 0.5)
+    out = np.zeros(size, dtype=np.float32)
+    contribution.decode().add_to(out)
+    return out
+
+
+@pytest.mark.parametrize("split", [horizontal, vertical])
+def test_per_tensor_pieces_rebuild_each_shards_gradient_exactly(split) -> None:
+    grad = np.random.default_rng(0).normal(size=LAYOUT.size).astype(np.float32)
+    codec = NoneCodec()
+    for part in split(LAYOUT, 2):
+        plan = protocol.PiecePlan.build(LAYOUT, part, codec, chunk_bytes=64, per_tensor=True)
+        pushes = [
+            p for n in LAYOUT.names for p in protocol.tensor_pushes(plan, n, grad, codec, INFO)
+        ]
+        assert len(pushes) == plan.pieces > len(LAYOUT.names)
+        assert max(len(p.values) for p in pushes) <= 64
+        np.testing.assert_array_equal(_assemble(pushes, "none", part.size), part.gather(grad))
+
+
+def test_pieces_may_arrive_in_any_order_and_a_repeated_one_counts_once() -> None:
+    grad = np.arange(LAYOUT.size, dtype=np.float32)
+    part = horizontal(LAYOUT, 1)[0]
+    plan = protocol.PiecePlan.build(LAYOUT, part, NoneCodec(), chunk_bytes=256, per_tensor=True)
+    pushes = [
+        p for n in LAYOUT.names for p in protocol.tensor_pushes(plan, n, grad, NoneCodec(), INFO)
+    ]
+    pushes = [pushes[-1], *reversed(pushes)]  # the last one twice, the first one last
+    np.testing.assert_array_equal(_assemble(pushes, "none", part.size), grad)
+
+
+@pytest.mark.parametrize("spec", ["int8", "topk(0.3)", "none"])
+def test_whole_partition_codecs_are_cut_into_pieces_that_decode_to_the_same(spec: str) -> None:
+    codec = parse_codec(spec)
+    grad = np.random.default_rng(1).normal(size=LAYOUT.size).astype(np.float32)
+    part = horizontal(LAYOUT, 2)[1]
+    plan = protocol.PiecePlan.build(LAYOUT, part, codec, chunk_bytes=80, per_tensor=False)
+    payload = ErrorFeedback(codec).encode(part.gather(grad))
+    pushes = protocol.whole_pushes(plan, payload, codec, INFO)
+    assert len(pushes) == plan.pieces > 1
+    expected = np.zeros(part.size, dtype=np.float32)
+    codec.decode(payload, part.size).add_to(expected)
+    np.testing.assert_allclose(_assemble(pushes, spec, part.size), expected, rtol=1e-6)
+
+
+def test_a_topk_plan_knows_its_piece_count_before_encoding() -> None:
+    codec = TopKCodec(0.3)
+    part = horizontal(LAYOUT, 1)[0]
+    for chunk in (8, 40, 88, 4096):
+        plan = protocol.PiecePlan.build(LAYOUT, part, codec, chunk_bytes=chunk, per_tensor=False)
+        payload = codec.encode(np.ones(part.size, dtype=np.float32))
+        assert len(protocol.whole_pushes(plan, payload, codec, INFO)) == plan.pieces
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"codec": "fp16"}, "push codec 'fp16'; the job's is 'none'"),
+        ({"offset": 95}, r"push covers \[95, 105\), outside the partition of 100"),
+        ({"values": b"\x00" * 7}, "push values has 7 bytes; 10 float32 values need 40"),
+        ({"piece": 2, "pieces": 2}, "push piece 2 of 2 is not a piece"),
+    ],
+)
+def test_a_malformed_push_is_refused_naming_the_problem(change: dict, message: str) -> None:
+    fields = dict(version=0, codec="none", offset=0, size=10, piece=0, pieces=1, samples=1)
+    fields["values"] = np.zeros(10, dtype=np.float32).tobytes()
+    fields.update(change)
+    with pytest.raises(InvalidArgument, match=message):
+        protocol.GradientAssembler("none", 100).add(0, pb.Push(**fields))
+
+
+def test_int8_pieces_need_a_positive_scale() -> None:
+    push = pb.Push(codec="int8", size=4, pieces=1, values=b"\x01" * 4, scale=0.0)
+    with pytest.raises(InvalidArgument, match="positive finite scale"):
+        protocol.GradientAssembler(Int8Codec().name, 4).add(0, push)
+
+
+def _params(values: np.ndarray, dtype: str, chunk_bytes: int) -> list[pb.Params]:
+    messages = protocol.params_pieces(
+        values, version=4, final=False, durable_version=2, dtype=dtype, chunk_bytes=chunk_bytes
     )
+    return [pb.ShardMessage.FromString(m.SerializeToString()).params for m in messages]
 
 
-def test_a_small_gradient_is_one_valid_event() -> None:
-    payload = TopKCodec(0.5).encode(np.arange(100, dtype=np.float32))
-    (event,) = _gradient_events(payload, chunk_bytes=1 << 20)
-    events.validate(_wire(event), events.GRADIENT)
-    assembled = protocol.PayloadAssembler().add(("job", 1, 0, 3), _wire(event), offset=7)
-    assert assembled is not None and assembled.first_offset == 7
-    decoded = TopKCodec(0.5).decode(assembled.payload, 100)
-    np.testing.assert_array_equal(decoded.values, np.arange(50, 100, dtype=np.float32))
+def test_params_pieces_rebuild_the_partition_and_are_a_snapshot() -> None:
+    theta = np.arange(1000, dtype=np.float32)
+    pieces = _params(theta, "float32", chunk_bytes=512)
+    theta += 1  # the shard moves on while the pieces are in flight
+    assert len(pieces) == 8 and {p.durable_version for p in pieces} == {2}
+    assembler = protocol.ParamsAssembler(1000)
+    got = [assembler.add(p) for p in reversed(pieces)]
+    assert all(g is None for g in got[:-1])
+    whole = got[-1]
+    assert whole is not None and whole.version == 4 and not whole.final
+    np.testing.assert_array_equal(whole.values, np.arange(1000, dtype=np.float32))
 
 
-def test_a_large_gradient_is_chunked_and_reassembled_in_any_order() -> None:
-    payload = TopKCodec(0.5).encode(np.arange(100_000, dtype=np.float32))
-    chunks = [_wire(e) for e in _gradient_events(payload, chunk_bytes=64 * 1024)]
-    assert len(chunks) > 4
-    for event in chunks:
-        events.validate(event, events.GRADIENT)
-    assembler = protocol.PayloadAssembler()
-    results = [assembler.add(("k",), e, offset=i) for i, e in reversed(list(enumerate(chunks)))]
-    assert all(r is None for r in results[:-1])
-    done = results[-1]
-    assert done is not None and done.first_offset == len(chunks) - 1
-    np.testing.assert_array_equal(
-        TopKCodec(0.5).decode(done.payload, 100_000).indices, np.arange(50_000, 100_000)
-    )
+def test_a_single_params_piece_is_viewed_not_copied() -> None:
+    (piece,) = _params(np.ones(10, dtype=np.float32), "float32", chunk_bytes=1 << 20)
+    whole = protocol.ParamsAssembler(10).add(piece)
+    assert whole is not None and not whole.values.flags.owndata
 
 
-def test_a_corrupted_chunk_is_refused() -> None:
-    payload = TopKCodec(0.5).encode(np.arange(100_000, dtype=np.float32))
-    chunks = [_wire(e) for e in _gradient_events(payload, chunk_bytes=64 * 1024)]
-    data = bytearray(chunks[0]["payload"]["data"])
-    data[10] ^= 0xFF
-    chunks[0]["payload"]["data"] = bytes(data)
-    assembler = protocol.PayloadAssembler()
-    with pytest.raises(IntegrityError):
-        for event in chunks:
-            assembler.add(("k",), event)
-
-
-def test_chunked_params_events_copy_the_values_when_built() -> None:
-    theta = np.ones(100_000, dtype=np.float32)
-    chunks = protocol.params_events(
-        job_id="job", shard=0, version=4, values=theta, final=False, chunk_bytes=64 * 1024
-    )
-    theta += 1  # the shard moves on while the chunks are in flight
-    assembler = protocol.PayloadAssembler()
-    done = [assembler.add(("job", 0, 4), _wire(e)) for e in chunks][-1]
-    assert done is not None
-    np.testing.assert_array_equal(protocol.params_values(done.payload, 100_000), 1.0)
-
-
-def test_params_events_validate_and_round_trip() -> None:
-    theta = np.ones(1000, dtype=np.float32)
-    (event,) = protocol.params_events(
-        job_id="job", shard=0, version=4, values=theta, final=False, chunk_bytes=1 << 20
-    )
-    received = _wire(event)
-    events.validate(received, events.PARAMS)
-    np.testing.assert_array_equal(protocol.params_values(received["payload"], 1000), 1.0)
-
-
-def test_half_precision_params_arrive_as_fp32() -> None:
-    theta = np.linspace(-1, 1, 1000, dtype=np.float32)
-    (event,) = protocol.params_events(
-        job_id="job",
-        shard=0,
-        version=1,
-        values=theta,
-        final=False,
-        chunk_bytes=1 << 20,
-        dtype="float16",
-    )
-    assert len(event["payload"]["values"]["data"]) == 2000
-    values = protocol.params_values(_wire(event)["payload"], 1000)
-    assert values.dtype == np.float32
-    np.testing.assert_allclose(values, theta, atol=1e-3)
+def test_fp16_broadcast_halves_the_bytes_and_clips_to_the_fp16_range() -> None:
+    theta = np.array([1.5, -2.25, 1e6], dtype=np.float32)
+    (piece,) = _params(theta, "float16", chunk_bytes=1 << 20)
+    assert len(piece.values) == 6
+    whole = protocol.ParamsAssembler(3).add(piece)
+    assert whole is not None
+    np.testing.assert_array_equal(whole.values.astype(np.float32), [1.5, -2.25, 65504.0])
 
 
 def test_params_of_the_wrong_size_are_refused() -> None:
-    (event,) = protocol.params_events(
-        job_id="job",
-        shard=0,
-        version=4,
-        values=np.ones(10, dtype=np.float32),
-        final=True,
-        chunk_bytes=1 << 20,
-    )
-    with pytest.raises(InvalidArgument, match=r"shape \(12,\)"):
-        protocol.params_values(_wire(event)["payload"], 12)
-
-
-def test_every_shard_has_a_fixed_partition() -> None:
-    assert [protocol.partition_for(s, 4) for s in range(6)] == [0, 1, 2, 3, 0, 1]
-    assert protocol.record_key("job-1", 2) == "job-1/2"
-    assert protocol.job_of_key(b"job/with/slash/3") == "job/with/slash"
+    (piece,) = _params(np.ones(10, dtype=np.float32), "float32", chunk_bytes=1 << 20)
+    with pytest.raises(InvalidArgument, match="params carry 10 values; the partition has 12"):
+        protocol.ParamsAssembler(12).add(piece)

@@ -1,10 +1,11 @@
-"""Service cores without Kafka: the worker's step bookkeeping, role and id parsing, and the
-shard process staying free of torch."""
+"""Service cores without a network: the worker's step bookkeeping and when its gradient pieces
+leave, role and id parsing, and the shard process staying free of torch."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -12,28 +13,40 @@ import pytest
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.training.prepare import Limits, PreparedJob, prepare_job
+from maas.training.protocol import ShardParams
+from maas.training.v1 import training_pb2 as pb
+from maas.training.worker import WorkerJob
 from services.aggregator.__main__ import build
 from services.gradient_worker.__main__ import worker_id_from_env
-from services.gradient_worker.core import ShardParams, WorkerJob
+from services.gradient_worker.link import ShardLink
 
 
-@pytest.fixture(scope="module")
-def prepared() -> PreparedJob:
+def _prepare(codec: str) -> PreparedJob:
     return prepare_job(
         {
             "job_id": "w",
             "type": "train",
             "model": {"arch": "mlp", "config": {"hidden": [8]}},
             "dataset": {"uri": "builtin:digits"},
-            "training": {"steps": 5, "workers": 2, "shards": 2, "gradient_codec": "int8"},
+            "training": {"steps": 5, "workers": 2, "shards": 2, "gradient_codec": codec},
         },
         limits=Limits(2, 2, 1000),
     )
 
 
+@pytest.fixture(scope="module")
+def prepared() -> PreparedJob:
+    return _prepare("int8")
+
+
 @pytest.fixture
 def job(prepared: PreparedJob) -> WorkerJob:
-    return WorkerJob(prepared.plan, 1, prepared.state, prepared.dataset)
+    return WorkerJob(prepared.plan, 1, prepared.state, prepared.dataset, chunk_bytes=1 << 20)
+
+
+def _collect() -> tuple[list[tuple[int, pb.Push]], Callable[[int, pb.Push], None]]:
+    sent: list[tuple[int, pb.Push]] = []
+    return sent, lambda shard, push: sent.append((shard, push))
 
 
 def _params(job: WorkerJob, shard: int, version: int, final: bool = False) -> ShardParams:
@@ -46,14 +59,39 @@ def test_a_worker_computes_once_per_new_version_of_every_shard(job: WorkerJob) -
     assert not job.ready()  # shard 1 not heard from yet
     job.receive(1, _params(job, 1, 0))
     assert job.ready()
-    outcome = job.compute(job.take())
+    sent, emit = _collect()
+    batch = job.compute(job.take(), emit)
     assert not job.ready()
-    assert [(g.shard, g.version) for g in outcome.gradients] == [(0, 0), (1, 0)]
-    assert outcome.batch.samples == 32 and outcome.step == 0
+    assert [(shard, push.version) for shard, push in sent] == [(0, 0), (1, 0)]
+    assert batch.samples == 32 and sent[0][1].samples == 32
     job.receive(0, _params(job, 0, 1))
     assert not job.ready()  # shard 1 still at the version already used
     job.receive(1, _params(job, 1, 1))
     assert job.ready() and job.take()[1].version == 1
+
+
+def test_lossless_codecs_send_each_tensor_from_inside_backward_last_layer_first() -> None:
+    prepared = _prepare("none")
+    job = WorkerJob(prepared.plan, 0, prepared.state, prepared.dataset, chunk_bytes=1 << 20)
+    for shard in range(2):
+        job.receive(shard, _params(job, shard, 0))
+    events: list[str] = []
+    job.replica.backward = _spy(job.replica.backward, events)  # type: ignore[method-assign]
+    job.compute(job.take(), lambda shard, push: events.append(f"push {shard}@{push.offset}"))
+    assert events[0] == "backward starts" and events[-1] == "backward ends"
+    pushes = events[1:-1]
+    assert len(pushes) == job.pieces[0].pieces + job.pieces[1].pieces
+    # The head (last layer, shard 1 under a horizontal split) is the first gradient out.
+    assert pushes[0].startswith("push 1@")
+
+
+def _spy(backward: Callable[..., None], events: list[str]) -> Callable[..., None]:
+    def spied(*args: object) -> None:
+        events.append("backward starts")
+        backward(*args)
+        events.append("backward ends")
+
+    return spied
 
 
 def test_older_or_repeated_parameters_are_ignored(job: WorkerJob) -> None:
@@ -99,3 +137,31 @@ def test_an_aggregator_shard_never_loads_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_link_keeps_its_pushes_until_a_checkpoint_covers_their_version() -> None:
+    got: list[tuple[int, ShardParams]] = []
+    link = ShardLink(
+        job_id="j",
+        worker=0,
+        shard=1,
+        partition_size=3,
+        settings=Settings(),
+        store=None,  # type: ignore[arg-type]  # never dialled here
+        on_params=lambda shard, params: got.append((shard, params)),
+    )
+    for version in (4, 5, 6):
+        link.push(pb.Push(version=version, codec="none", size=3, pieces=1))
+    assert link.retained == 3
+
+    def params(version: int, durable: int) -> pb.Params:
+        values = np.ones(3, dtype=np.float32).tobytes()
+        return pb.Params(
+            version=version, durable_version=durable, dtype="float32", pieces=1, values=values
+        )
+
+    link.receive(params(6, durable=5))
+    assert link.retained == 2  # version 4 can never be asked for again
+    assert [(shard, p.version) for shard, p in got] == [(1, 6)] and not link.over
+    link.receive(params(7, durable=7))
+    assert link.retained == 0

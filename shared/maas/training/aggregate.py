@@ -2,18 +2,20 @@
 
 ``ShardCore`` is plain Python with time passed in, so every rule is unit-testable:
 
-- **sync**: a step closes when ``ceil(quorum * workers)`` workers reported, or when the step
-  deadline passed and at least one did (a dead or slow worker never blocks the job). A gradient
-  for an older version is stale and dropped; a second one from the same worker is a duplicate.
+- **sync**: a step closes when ``ceil(quorum * members)`` of the job's current members reported.
+  With ``quorum`` 1.0 nothing else closes it: a slow worker is waited for, and a dead one leaves
+  only by being removed from the members explicitly (``remove``, on a heartbeat timeout), which
+  the service records in the job's status. Below 1.0 the step deadline also closes a step that
+  has at least one gradient. A gradient for an older version is stale and dropped; a second one
+  from the same worker is a duplicate.
+- **local_sgd**: steps close like sync ones, but a contribution is a worker's parameter delta
+  after ``sync_every`` local steps, and closing adds the mean delta to the parameters (the
+  workers' models averaged; no optimizer here, each worker keeps its own).
 - **async**: a gradient is applied on arrival unless it was computed on a version more than
   ``staleness`` behind; a worker's gradients must come in increasing version order, so a replayed
   one is a duplicate.
-- A gradient for a *newer* version than the shard holds only happens while a restarted shard
-  replays the log: it proves the current step was closed, so the shard closes it (if it has
-  contributions) or holds the gradient until its version comes up.
-
-Contributions carry their Kafka offset so the shard can name the earliest record it still needs
-(``resume_offset``): a checkpoint stores that, and a restart replays from there.
+- A gradient for a *newer* version than the shard holds arrives when a restarted shard is sent
+  again what workers kept since its checkpoint: it is held until its version comes up.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ class Contribution:
     version: int
     samples: int
     decode: Callable[[], Decoded]
-    offset: int = -1
     loss: float | None = None
     accuracy: float | None = None
 
@@ -118,17 +119,19 @@ def _plain(grad: Decoded) -> bool:
 
 @dataclass(frozen=True)
 class SyncRule:
-    workers: int
     quorum: float
     deadline_ms: int
 
-    @property
-    def need(self) -> int:
+    def need(self, members: int) -> int:
         # The epsilon keeps 0.5 * 2 == 1 from becoming 2 through float rounding.
-        return max(1, min(self.workers, math.ceil(self.quorum * self.workers - 1e-9)))
+        return max(1, min(members, math.ceil(self.quorum * members - 1e-9)))
 
-    def ready(self, count: int, opened_ms: int, now_ms: int) -> bool:
-        return count >= self.need or (count > 0 and now_ms - opened_ms >= self.deadline_ms)
+    def ready(self, count: int, members: int, opened_ms: int, now_ms: int) -> bool:
+        if count >= self.need(members):
+            return True
+        # Full quorum means every member: only removing one (explicitly) lets a step close.
+        late = self.quorum < 1.0 and now_ms - opened_ms >= self.deadline_ms
+        return count > 0 and late
 
 
 def accepts_staleness(grad_version: int, current: int, staleness: int) -> bool:
@@ -196,7 +199,8 @@ class ShardCore:
         self.stats = ShardStats()
         self.opened_ms = now_ms
         t = plan.training
-        self._sync = SyncRule(plan.workers, t.quorum, t.step_deadline_ms)
+        self._sync = SyncRule(t.quorum, t.step_deadline_ms)
+        self.members: set[int] = set(range(plan.workers))
         self._scale_mean = t.reduce == "mean"
         self._sum = GradientSum(self.partition.size)
         self._round: dict[int, Contribution] = {}
@@ -212,13 +216,6 @@ class ShardCore:
     @property
     def round_size(self) -> int:
         return len(self._round)
-
-    def resume_offset(self, next_offset: int) -> int:
-        """The first log offset a restart must re-read: nothing open or held is lost."""
-        pending = [c.offset for c in self._round.values()]
-        pending += [c.offset for held in self._held.values() for c in held]
-        pending = [o for o in pending if o >= 0]
-        return min(pending, default=next_offset)
 
     def snapshot(self) -> ShardSnapshot:
         """The durable state as *views*: encode it before the core changes (no await between).
@@ -253,31 +250,45 @@ class ShardCore:
         return self._offer_sync(c, now_ms)
 
     def tick(self, now_ms: int) -> bool:
-        """Close a sync step whose deadline passed; True if the version advanced."""
+        """Close a sync step that is ready (deadline, fewer members); True if it advanced."""
         if (
-            self.plan.training.mode == "sync"
+            self.plan.training.mode != "async"
             and self._round
             and not self.done
-            and self._sync.ready(len(self._round), self.opened_ms, now_ms)
+            and self._sync.ready(len(self._round), len(self.members), self.opened_ms, now_ms)
         ):
             self._close(now_ms)
             return True
         return False
 
+    def add(self, worker: int) -> bool:
+        """Make ``worker`` a member from the open step on; True if it was not one."""
+        if worker in self.members:
+            return False
+        self.members.add(worker)
+        return True
+
+    def remove(self, worker: int, now_ms: int) -> bool:
+        """Stop waiting for ``worker``; True if it was a member. A gradient it already sent for
+        the open step still counts; the step closes now if the others are all in."""
+        if worker not in self.members:
+            return False
+        self.members.discard(worker)
+        self.tick(now_ms)
+        return True
+
     def _offer_sync(self, c: Contribution, now_ms: int) -> Verdict:
         if c.version < self.version:
             return Verdict.STALE
         if c.version > self.version:
-            if not self._round:
-                self._held.setdefault(c.version, []).append(c)
-                return Verdict.EARLY
-            self._close(now_ms)
-            return self.offer(c, now_ms)
+            self._held.setdefault(c.version, []).append(c)
+            return Verdict.EARLY
         if c.worker in self._round:
             return Verdict.DUPLICATE
+        self.members.add(c.worker)  # a removed worker that is back counts again
         self._sum.add(c.decode())
         self._round[c.worker] = c
-        if self._sync.ready(len(self._round), self.opened_ms, now_ms):
+        if self._sync.ready(len(self._round), len(self.members), self.opened_ms, now_ms):
             self._close(now_ms)
         return Verdict.ACCEPTED
 
@@ -297,8 +308,10 @@ class ShardCore:
 
     def _close(self, now_ms: int) -> None:
         count = self._sum.count
-        scale = 1.0 / count if self._scale_mean else 1.0
-        self.optimizer.step(self.theta, self._sum, scale)
+        if self.plan.training.mode == "local_sgd":
+            self._sum.add_to(self.theta, 1.0 / count)
+        else:
+            self.optimizer.step(self.theta, self._sum, 1.0 / count if self._scale_mean else 1.0)
         for c in self._round.values():
             self.stats.record(c)
         self._sum.reset()

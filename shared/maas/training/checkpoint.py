@@ -5,10 +5,12 @@ Layout (all under ``jobs/<job_id>/``)::
     plan.json                      the JobPlan (written once when the job is accepted)
     init.safetensors               the full starting state (frozen tensors and buffers included)
     shards/<s>/v<version>.ckpt     msgpack: partition, optimizer state, version, dedup state
-    shards/<s>/LATEST.json         pointer {version, key, sha256, resume_offset, final, ...}
+    shards/<s>/LATEST.json         pointer {version, key, sha256, final, ...}
     result.json                    the outcome (state, model, metrics or error)
 
-and ``active/<job_id>`` marks a job that is not finished, for restarts to pick up.
+and ``active/<job_id>`` marks a job that is not finished, for restarts to pick up;
+``cluster/shards/<s>.json`` is where aggregator shard ``s`` serves the training data plane
+(``{"address": "host:port"}``, written by the shard when it starts), for workers to dial.
 
 A checkpoint is written data first, pointer last: S3 replaces an object atomically, so a crash
 while writing the data leaves ``LATEST.json`` naming the previous, complete checkpoint, whose
@@ -32,6 +34,10 @@ from maas.training.aggregate import ShardSnapshot
 
 FORMAT = "maas.shard-checkpoint/1"
 ACTIVE_PREFIX = "active/"
+
+
+def shard_address_key(shard: int) -> str:
+    return f"cluster/shards/{shard}.json"
 
 
 def job_prefix(job_id: str) -> str:
@@ -73,7 +79,6 @@ class Pointer:
     version: int
     key: str
     sha256: str
-    resume_offset: int | None  # first gradients-partition offset a restart re-reads
     samples: int = 0
     started_ms: int = 0
     written_ms: int = 0

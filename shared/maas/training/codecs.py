@@ -91,7 +91,29 @@ class SparseGradient:
         target[self.indices] = np.float32(alpha) * self.values
 
 
-Decoded = DenseGradient | SparseGradient
+@dataclass(frozen=True)
+class PiecewiseGradient:
+    """A partition's gradient as it arrived: pieces at partition offsets, each a view over its
+    message. Dense pieces are disjoint and cover the partition; sparse ones may share a range."""
+
+    parts: tuple[tuple[int, DenseGradient | SparseGradient], ...]
+    size: int
+
+    def add_to(self, target: np.ndarray, alpha: float = 1.0) -> None:
+        for offset, part in self.parts:
+            part.add_to(target[offset : offset + part.size], alpha)
+
+    def write_to(self, target: np.ndarray, alpha: float = 1.0) -> None:
+        dense = all(isinstance(p, DenseGradient) for _, p in self.parts)
+        if dense and sum(p.size for _, p in self.parts) == self.size:
+            for offset, part in self.parts:
+                part.write_to(target[offset : offset + part.size], alpha)
+            return
+        target.fill(0.0)
+        self.add_to(target, alpha)
+
+
+Decoded = DenseGradient | SparseGradient | PiecewiseGradient
 
 
 class GradientCodec(Protocol):

@@ -3,29 +3,34 @@
 - ``train_reference``: plain local training with ``torch.optim`` — the ground truth. Each step
   uses the loss over the workers' batches: the concatenated batch for ``reduce=mean`` and the sum
   of the per-worker mean losses for ``reduce=sum`` (the seed rule's summed gradient).
-- ``simulate``: the distributed algorithm without Kafka: ``W`` replicas, one ``ShardCore`` per
-  shard, every gradient encoded with the job's codec (error feedback on the worker), packed with
-  msgpack and decoded again, and parameters broadcast as the shards send them (fp16 for jobs
-  with a compressing codec), exactly as the services do it.
+- ``simulate``: the distributed job without a network: ``W`` real worker loops
+  (``maas.training.worker.WorkerJob``: batches, hooks, codecs, error feedback) and one
+  ``ShardCore`` per shard, every gradient piece and parameter piece serialized as the
+  ``maas.training.v1`` messages the streams carry and parsed again, parameters broadcast as the
+  shards send them (fp16 for jobs with a compressing codec): the reference of the live service.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
+from typing import TypeVar
 
-import msgpack
 import numpy as np
 import torch
+from google.protobuf.message import Message
 
 from maas import zoo
 from maas.datasets import Dataset
-from maas.training.aggregate import Contribution, ShardCore
-from maas.training.codecs import ErrorFeedback, parse_codec
+from maas.training.aggregate import ShardCore
 from maas.training.plan import JobPlan
-from maas.training.protocol import broadcast_values
-from maas.training.replica import Replica, compute_loss
+from maas.training.protocol import GradientAssembler, ParamsAssembler, params_pieces
+from maas.training.replica import compute_loss, torch_optimizer
 from maas.training.sampler import batch_indices
+from maas.training.v1 import training_pb2 as pb
+from maas.training.worker import WorkerJob
+
+_Message = TypeVar("_Message", bound=Message)
 
 
 def worker_batch(
@@ -36,21 +41,6 @@ def worker_batch(
         len(x), plan.training.batch_size, step, seed=plan.training.seed, worker=worker
     )
     return x[rows], y[rows]
-
-
-def _torch_optimizer(plan: JobPlan, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    spec = plan.training.optimizer
-    if spec.name == "adam":
-        return torch.optim.Adam(
-            params,
-            lr=spec.lr,
-            betas=(spec.beta1, spec.beta2),
-            eps=spec.eps,
-            weight_decay=spec.weight_decay,
-        )
-    return torch.optim.SGD(
-        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
-    )
 
 
 def train_reference(
@@ -64,7 +54,7 @@ def train_reference(
         param.requires_grad_(name in trainable)
         if name in trainable:
             params.append(param)
-    optimizer = _torch_optimizer(plan, params)
+    optimizer = torch_optimizer(plan.training.optimizer, params)
     for step in range(plan.total_steps):
         optimizer.zero_grad()
         batches = [worker_batch(plan, dataset, w, step) for w in range(plan.workers)]
@@ -85,55 +75,79 @@ def train_reference(
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _wire(payload: dict[str, object]) -> dict[str, object]:
-    """What the aggregator gets after the payload crossed Kafka: msgpack there and back."""
-    return msgpack.unpackb(msgpack.packb(payload, use_bin_type=True), raw=False)
+def _wire(message: _Message) -> _Message:
+    """What the other side reads after ``message`` crossed a gRPC stream."""
+    return type(message).FromString(message.SerializeToString())
 
 
 def simulate(
-    plan: JobPlan, state: Mapping[str, torch.Tensor], dataset: Dataset
+    plan: JobPlan,
+    state: Mapping[str, torch.Tensor],
+    dataset: Dataset,
+    *,
+    chunk_bytes: int = 4 << 20,
+    on_version: Callable[[int, np.ndarray], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Run the job's algorithm in-process; every worker reports every step (full quorum).
+    """Run the job in-process with the services' own worker and shard cores; every worker
+    reports every step (full quorum). Workers take turns; a piece reaches its shard as soon as
+    it is emitted and a closed version reaches every worker at once, as over the streams.
 
-    In async mode workers take turns, each computing on the newest parameters.
+    ``on_version(version, flat)`` sees the assembled parameters whenever every shard reached a
+    new common version (benches evaluate there).
     """
-    codec = parse_codec(plan.training.gradient_codec)
-    replicas = [
-        Replica(plan.arch, plan.config, state, plan.layout, plan.loss) for _ in range(plan.workers)
+    workers = [
+        WorkerJob(plan, w, state, dataset, chunk_bytes=chunk_bytes) for w in range(plan.workers)
     ]
-    init = replicas[0].flat_numpy
+    init = workers[0].replica.flat_numpy
     cores = [ShardCore(plan, p.shard, p.gather(init), now_ms=0) for p in plan.partitions]
-    feedback = [[ErrorFeedback(codec) for _ in cores] for _ in replicas]
-    steps = [0] * plan.workers
-    while not all(core.done for core in cores):
-        sent = []
-        for worker, replica in enumerate(replicas):
-            for core in cores:
-                seen = broadcast_values(core.theta, plan.broadcast_dtype)
-                core.partition.scatter(seen.astype(np.float32), replica.flat_numpy)
-            x, y = worker_batch(plan, dataset, worker, steps[worker])
-            result = replica.compute(x, y)
-            steps[worker] += 1
-            for core in cores:
-                payload = _wire(
-                    feedback[worker][core.shard].encode(core.partition.gather(replica.grad_numpy))
-                )
-                contribution = Contribution(
-                    worker,
-                    core.version,
-                    result.samples,
-                    decode=partial(codec.decode, payload, core.partition.size),
-                )
-                if plan.training.mode == "async":
-                    core.offer(contribution, now_ms=0)
-                else:
-                    sent.append((core, contribution))
-        for core, contribution in sent:
+    gradients = [GradientAssembler(plan.training.gradient_codec, c.partition.size) for c in cores]
+    receivers = [[ParamsAssembler(p.size) for p in plan.partitions] for _ in workers]
+
+    def broadcast(core: ShardCore) -> None:
+        pieces = params_pieces(
+            core.theta,
+            version=core.version,
+            final=core.done,
+            durable_version=core.version,
+            dtype=plan.broadcast_dtype,
+            chunk_bytes=chunk_bytes,
+        )
+        for worker, job in enumerate(workers):
+            for message in pieces:
+                params = receivers[worker][core.shard].add(_wire(message).params)
+                if params is not None:
+                    job.receive(core.shard, params)
+
+    def deliver(worker: int, shard: int, push: pb.Push) -> None:
+        contribution = gradients[shard].add(worker, _wire(push))
+        core = cores[shard]
+        if contribution is not None:
+            before = core.version
             core.offer(contribution, now_ms=0)
-    flat = np.empty(plan.layout.size, dtype=np.float32)
+            if core.version != before:
+                broadcast(core)
+
+    def assembled() -> np.ndarray:
+        flat = np.empty(plan.layout.size, dtype=np.float32)
+        for core in cores:
+            core.partition.scatter(core.theta, flat)
+        return flat
+
     for core in cores:
-        core.partition.scatter(core.theta, flat)
-    out = replicas[0].state_dict()
+        broadcast(core)
+    seen = 0
+    while not all(core.done for core in cores):
+        ready = [(w, job) for w, job in enumerate(workers) if job.ready()]
+        if not ready:
+            raise RuntimeError("no worker can compute and the job is not done")
+        for worker, job in ready:
+            job.compute(job.take(), partial(deliver, worker))
+        common = min(core.version for core in cores)
+        if on_version is not None and common > seen:
+            seen = common
+            on_version(common, assembled())
+    flat = assembled()
+    out = workers[0].replica.state_dict()
     for name, value in plan.layout.unflatten(flat).items():
         out[name] = torch.from_numpy(value.copy())
     return out

@@ -21,7 +21,7 @@ from maas.training.codecs import parse_codec
 from maas.training.layout import SPLITS, FlatLayout, ParamPartition, partition
 from maas.training.optim import OptimizerSpec
 
-MODES: tuple[str, ...] = ("sync", "async")
+MODES: tuple[str, ...] = ("sync", "async", "local_sgd")
 REDUCES: tuple[str, ...] = ("mean", "sum")
 LOSSES: dict[str, str] = {"classification": "cross_entropy", "regression": "mse"}
 DEFAULT_STEPS = 100
@@ -65,6 +65,7 @@ class TrainingSpec:
     freeze: tuple[str, ...] = ()
     seed: int = 0
     step_deadline_ms: int = 10_000
+    sync_every: int = 1  # local_sgd: local steps per averaging round (H)
 
     @classmethod
     def from_job(
@@ -106,6 +107,11 @@ class TrainingSpec:
         freeze = t.get("freeze", [])
         if not isinstance(freeze, list) or not all(isinstance(p, str) and p for p in freeze):
             raise InvalidArgument("training.freeze must be a list of parameter-name prefixes")
+        mode = _choice(t, "mode", MODES, "sync")
+        if "sync_every" in t and mode != "local_sgd":
+            raise InvalidArgument(
+                f"training.sync_every applies to mode 'local_sgd' only, not {mode!r}"
+            )
         seed = t.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise InvalidArgument(f"training.seed={seed!r} must be an integer")
@@ -116,7 +122,7 @@ class TrainingSpec:
             optimizer=_optimizer(t.get("optimizer")),
             loss=_loss(t.get("loss")),
             workers=workers,
-            mode=_choice(t, "mode", MODES, "sync"),
+            mode=mode,
             staleness=staleness,
             quorum=float(quorum),
             shards=shards,
@@ -127,6 +133,7 @@ class TrainingSpec:
             freeze=tuple(freeze),
             seed=seed,
             step_deadline_ms=_positive_int(t, "step_deadline_ms", default_deadline_ms),
+            sync_every=_positive_int(t, "sync_every", 1),
         )
 
     def total_steps(self, train_rows: int) -> int:
@@ -252,10 +259,13 @@ class JobPlan:
         """Parameter versions a shard applies before it is done.
 
         Sync: one per step. Async: one per accepted gradient, and each worker computes
-        ``total_steps`` of them, so the job sees as many samples in both modes.
+        ``total_steps`` of them, so the job sees as many samples in both modes. Local SGD: one
+        per averaging round of ``sync_every`` local steps.
         """
         if self.training.mode == "async":
             return self.total_steps * self.workers
+        if self.training.mode == "local_sgd":
+            return math.ceil(self.total_steps / self.training.sync_every)
         return self.total_steps
 
     def to_json(self) -> dict[str, Any]:

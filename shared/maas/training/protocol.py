@@ -1,104 +1,48 @@
-"""The training wire protocol: gradient and parameter events, chunked when large.
+"""The training data plane's messages (``maas.training.v1``) as pure functions: no I/O here.
 
-``maas.gradient/1`` (worker -> shard, topic ``maas.gradients.v1``) and ``maas.params/1``
-(shard -> workers, ``maas.params.v1``) are keyed ``job_id/shard`` and written to partition
-``shard % partitions``, so a shard reads one partition and a worker reads all of them.
+**Gradients.** A worker's gradient for one shard and one step is a fixed set of ``Push`` pieces,
+known before backward starts (``PiecePlan``): every piece covers elements ``[offset, offset +
+size)`` of the shard's partition and holds at most ``chunk_bytes`` of raw little-endian values.
+Elementwise lossless codecs (``none``, ``fp16``) cut the gradient per tensor, so a tensor's pieces
+leave as soon as backward produced it; lossy codecs (``int8``, ``topk``) encode the whole partition
+once backward is over (their error feedback and top-k selection are per partition).
+``GradientAssembler`` turns the pieces back into one ``Contribution`` whose decoded pieces are
+numpy views over the received bytes: nothing is copied before the shard adds them to its sum.
 
-Parameters travel as fp32, except for jobs with a compressing gradient codec: those get an fp16
-copy of the shard's fp32 master weights (``JobPlan.broadcast_dtype``), halving the broadcast that
-every step waits for; ``none`` keeps the whole exchange exact.
-
-A payload (a codec map, or a parameter partition as one tensor) whose tensors exceed the
-chunk size is msgpack-encoded and cut into ``maas.codec`` chunks, each sent as its own event
-with ``chunk = {index, count}`` and the chunk map as ``payload``; the receiver reassembles and
-verifies the whole payload's sha256 before using any of it.
+**Parameters.** A shard sends its partition at a version as ``Params`` pieces in the job's
+broadcast dtype (fp32, or an fp16 copy for jobs with a compressing codec);
+``ParamsAssembler`` rebuilds them (a single piece is viewed, not copied).
 """
 
 from __future__ import annotations
 
-import uuid
-from collections import OrderedDict
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 
-import msgpack
 import numpy as np
 
-from maas import events
-from maas.codec import ChunkAssembler, TensorChunk, map_to_tensor, split_tensor, tensor_to_map
+from maas.codec import map_to_tensor
 from maas.errors import InvalidArgument
-from maas.training.codecs import FP16_MAX
+from maas.training.aggregate import Contribution
+from maas.training.codecs import (
+    FP16_MAX,
+    Decoded,
+    DenseGradient,
+    GradientCodecType,
+    PiecewiseGradient,
+    SparseGradient,
+    TopKCodec,
+    parse_codec,
+)
+from maas.training.layout import FlatLayout, ParamPartition
+from maas.training.v1 import training_pb2 as pb
 
-KEY_SEPARATOR = "/"
 BROADCAST_DTYPES: tuple[str, ...] = ("float32", "float16")
-_ENVELOPE_BYTES = 1024
-
-
-def record_key(job_id: str, shard: int) -> str:
-    return f"{job_id}{KEY_SEPARATOR}{shard}"
-
-
-def job_of_key(key: bytes | None) -> str | None:
-    if key is None:
-        return None
-    return key.decode("utf-8", errors="replace").rpartition(KEY_SEPARATOR)[0]
-
-
-def partition_for(shard: int, partitions: int) -> int:
-    return shard % partitions
-
-
-def payload_bytes(payload: Mapping[str, Any]) -> int:
-    return sum(len(v["data"]) for v in payload.values() if isinstance(v, Mapping) and "data" in v)
-
-
-def _chunked(
-    fields: dict[str, Any], schema: str, payload: dict[str, Any], chunk_bytes: int
-) -> list[dict[str, Any]]:
-    if payload_bytes(payload) + _ENVELOPE_BYTES <= chunk_bytes:
-        return [events.new_event(schema, **fields, payload=payload)]
-    packed = np.frombuffer(msgpack.packb(payload, use_bin_type=True), dtype=np.uint8)
-    chunks = list(split_tensor(packed, chunk_bytes, tensor_id=uuid.uuid4().hex))
-    return [
-        events.new_event(
-            schema,
-            **fields,
-            payload=c.to_map(),
-            chunk={"index": c.index, "count": c.count},
-        )
-        for c in chunks
-    ]
-
-
-def gradient_events(
-    *,
-    job_id: str,
-    shard: int,
-    worker: int,
-    step: int,
-    version: int,
-    codec: str,
-    samples: int,
-    payload: dict[str, Any],
-    chunk_bytes: int,
-    loss: float | None = None,
-    accuracy: float | None = None,
-) -> list[dict[str, Any]]:
-    fields: dict[str, Any] = {
-        "job_id": job_id,
-        "step": step,
-        "worker": worker,
-        "shard": shard,
-        "version": version,
-        "codec": codec,
-        "num_samples": samples,
-    }
-    if loss is not None:
-        fields["loss"] = loss
-    if accuracy is not None:
-        fields["accuracy"] = accuracy
-    return _chunked(fields, events.GRADIENT, payload, chunk_bytes)
+Piece = DenseGradient | SparseGradient
+_VALUE_DTYPES = {"none": "float32", "fp16": "float16", "int8": "int8"}
+_ENTRY_BYTES = 8  # a top-k entry: uint32 index + fp32 value
+_DENSE_BYTES = 4  # pieces are cut by fp32 size whatever the codec: the plan is codec-neutral
 
 
 def broadcast_values(values: np.ndarray, dtype: str) -> np.ndarray:
@@ -110,74 +54,307 @@ def broadcast_values(values: np.ndarray, dtype: str) -> np.ndarray:
     return half
 
 
-def params_events(
-    *,
-    job_id: str,
-    shard: int,
-    version: int,
-    values: np.ndarray,
-    final: bool,
-    chunk_bytes: int,
-    dtype: str = "float32",
-) -> list[dict[str, Any]]:
-    """Events carrying ``values`` as ``dtype``; fp32 ones view ``values`` (no copy).
-
-    Send them with ``transport.send_all``, which encodes before yielding to the event loop.
-    """
-    payload = {"values": tensor_to_map(broadcast_values(values, dtype))}
-    fields = {"job_id": job_id, "shard": shard, "version": version, "step": version, "final": final}
-    return _chunked(fields, events.PARAMS, payload, chunk_bytes)
+def overlaps(codec: GradientCodecType, mode: str) -> bool:
+    """Whether gradient pieces can leave per tensor while backward continues: elementwise
+    lossless codecs in the modes that send a gradient (local SGD sends a parameter delta)."""
+    return not codec.lossy and mode != "local_sgd"
 
 
-def params_values(payload: Mapping[str, Any], size: int) -> np.ndarray:
-    """The fp32 parameters of a params payload (fp16 ones widened)."""
-    values = map_to_tensor(payload.get("values"))
-    if values.dtype.name not in BROADCAST_DTYPES or values.shape != (size,):
-        raise InvalidArgument(
-            f"params payload must be float32 or float16 of shape ({size},), got "
-            f"{values.dtype.name} {list(values.shape)}"
-        )
-    return values.astype(np.float32, copy=False)
+def _cut(start: int, stop: int, step: int) -> Iterator[tuple[int, int]]:
+    for a in range(start, stop, step):
+        yield a, min(stop, a + step)
 
 
 @dataclass(frozen=True)
-class Assembled:
-    payload: dict[str, Any]
-    first_offset: int  # of the message's first chunk: where a replay must start to see it all
+class Segment:
+    """Partition elements ``[offset, offset + size)``, at ``flat`` in the flat vector."""
+
+    offset: int
+    size: int
+    flat: int
 
 
-class PayloadAssembler:
-    """Collects chunked payloads by message identity; keeps at most ``limit`` incomplete ones."""
+@dataclass(frozen=True)
+class PiecePlan:
+    """The pieces of one shard's gradient: per tensor (overlapping codecs) or whole."""
 
-    def __init__(self, limit: int = 64) -> None:
+    partition: ParamPartition
+    pieces: int
+    step: int  # elements (dense) or entries (top-k) per piece
+    by_tensor: dict[str, tuple[tuple[int, Segment], ...]] = field(default_factory=dict)
+
+    @classmethod
+    def build(
+        cls,
+        layout: FlatLayout,
+        partition: ParamPartition,
+        codec: GradientCodecType,
+        chunk_bytes: int,
+        *,
+        per_tensor: bool,
+    ) -> PiecePlan:
+        """``per_tensor``: pieces follow the tensors (sent from inside backward); else the
+        partition is cut evenly (a codec payload made once backward is over)."""
+        if isinstance(codec, TopKCodec):
+            entries = max(1, chunk_bytes // _ENTRY_BYTES)
+            return cls(partition, math.ceil(codec.keep(partition.size) / entries), entries)
+        step = max(1, chunk_bytes // _DENSE_BYTES)
+        if not per_tensor:
+            return cls(partition, math.ceil(partition.size / step), step)
+        by_tensor: dict[str, tuple[tuple[int, Segment], ...]] = {}
+        index, local = 0, 0
+        for start, stop in partition.ranges:
+            for spec in layout.specs:
+                a, b = max(start, spec.offset), min(stop, spec.stop)
+                if a >= b:
+                    continue
+                cut = []
+                for x, y in _cut(a, b, step):
+                    cut.append((index, Segment(local + x - start, y - x, x)))
+                    index += 1
+                by_tensor[spec.name] = by_tensor.get(spec.name, ()) + tuple(cut)
+            local += stop - start
+        return cls(partition, index, step, by_tensor)
+
+
+@dataclass(frozen=True)
+class StepInfo:
+    version: int
+    samples: int
+    loss: float | None = None
+    accuracy: float | None = None
+
+
+def _push(info: StepInfo, codec: str, piece: int, pieces: int, **fields: object) -> pb.Push:
+    push = pb.Push(
+        version=info.version,
+        codec=codec,
+        piece=piece,
+        pieces=pieces,
+        samples=info.samples,
+        **fields,  # type: ignore[arg-type]
+    )
+    if info.loss is not None:
+        push.loss = info.loss
+    if info.accuracy is not None:
+        push.accuracy = info.accuracy
+    return push
+
+
+def tensor_pushes(
+    plan: PiecePlan, name: str, grad: np.ndarray, codec: GradientCodecType, info: StepInfo
+) -> list[pb.Push]:
+    """The pieces of tensor ``name`` for this shard (``grad`` is the whole flat gradient)."""
+    out = []
+    for piece, seg in plan.by_tensor.get(name, ()):
+        payload = codec.encode(grad[seg.flat : seg.flat + seg.size])
+        values = bytes(map_to_tensor(payload["values"]).data)
+        out.append(
+            _push(
+                info,
+                codec.name,
+                piece,
+                plan.pieces,
+                offset=seg.offset,
+                size=seg.size,
+                values=values,
+            )
+        )
+    return out
+
+
+def whole_pushes(
+    plan: PiecePlan, payload: dict[str, object], codec: GradientCodecType, info: StepInfo
+) -> list[pb.Push]:
+    """The pieces of a whole-partition codec payload (lossy codecs, after backward)."""
+    size = plan.partition.size
+    values = map_to_tensor(payload["values"])
+    if isinstance(codec, TopKCodec):
+        indices = map_to_tensor(payload["indices"])
+        return [
+            _push(
+                info,
+                codec.name,
+                i,
+                plan.pieces,
+                offset=0,
+                size=size,
+                indices=indices[a:b].tobytes(),
+                values=values[a:b].tobytes(),
+            )
+            for i, (a, b) in enumerate(_cut(0, len(indices), plan.step))
+        ]
+    scale = float(payload.get("scale", 1.0))  # type: ignore[arg-type]
+    return [
+        _push(
+            info,
+            codec.name,
+            i,
+            plan.pieces,
+            offset=a,
+            size=b - a,
+            scale=scale,
+            values=values[a:b].tobytes(),
+        )
+        for i, (a, b) in enumerate(_cut(0, size, plan.step))
+    ]
+
+
+def _array(data: bytes, dtype: str, count: int, what: str) -> np.ndarray:
+    itemsize = np.dtype(dtype).itemsize
+    if len(data) != count * itemsize:
+        raise InvalidArgument(
+            f"push {what} has {len(data)} bytes; {count} {dtype} values need {count * itemsize}"
+        )
+    return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def decode_piece(
+    push: pb.Push, codec: GradientCodecType, partition_size: int
+) -> DenseGradient | SparseGradient:
+    """One piece as a view over its bytes; names what is malformed."""
+    if push.codec != codec.name:
+        raise InvalidArgument(f"push codec {push.codec!r}; the job's is {codec.name!r}")
+    if push.offset < 0 or push.size < 1 or push.offset + push.size > partition_size:
+        raise InvalidArgument(
+            f"push covers [{push.offset}, {push.offset + push.size}), outside the partition "
+            f"of {partition_size}"
+        )
+    if isinstance(codec, TopKCodec):
+        indices = _array(push.indices, "uint32", len(push.indices) // 4, "indices")
+        values = _array(push.values, "float32", len(indices), "values")
+        if len(indices) and int(indices.max()) >= push.size:
+            raise InvalidArgument(f"top-k index {int(indices.max())} is outside [0, {push.size})")
+        return SparseGradient(indices, values, push.size)
+    values = _array(push.values, _VALUE_DTYPES[codec.name], push.size, "values")
+    if not (math.isfinite(push.scale) and (push.scale > 0 or codec.name != "int8")):
+        raise InvalidArgument(f"int8 push needs a positive finite scale, got {push.scale}")
+    return DenseGradient(values, push.scale if codec.name == "int8" else 1.0)
+
+
+@dataclass
+class _Pending:
+    pieces: dict[int, tuple[int, Piece]] = field(default_factory=dict)
+
+
+class GradientAssembler:
+    """Pieces from every worker of one job at one shard -> complete contributions."""
+
+    def __init__(self, codec: str, partition_size: int, limit: int = 256) -> None:
+        self.codec = parse_codec(codec)
+        self.size = partition_size
         self._limit = limit
-        self._pending: OrderedDict[tuple[Any, ...], tuple[ChunkAssembler, int]] = OrderedDict()
+        self._pending: dict[tuple[int, int], _Pending] = {}
 
-    def add(
-        self, identity: tuple[Any, ...], event: Mapping[str, Any], offset: int = -1
-    ) -> Assembled | None:
-        """The complete payload, or None while chunks are missing."""
-        if "chunk" not in event:
-            payload = event["payload"]
-            if not isinstance(payload, dict):
-                raise InvalidArgument("payload must be a map")
-            return Assembled(payload, offset)
-        chunk = TensorChunk.from_map(event["payload"])
-        # A re-sent message gets a new tensor id: its chunks must not mix with the first copy's.
-        identity = (*identity, chunk.tensor_id)
-        if identity not in self._pending:
-            self._pending[identity] = (ChunkAssembler(), offset)
-            while len(self._pending) > self._limit:
-                self._pending.popitem(last=False)  # an abandoned message (its sender died)
-        assembler, first = self._pending[identity]
-        if not assembler.add(chunk):
+    def add(self, worker: int, push: pb.Push) -> Contribution | None:
+        """The contribution once its last piece arrived; a repeated piece is ignored."""
+        if push.pieces < 1 or push.piece >= push.pieces:
+            raise InvalidArgument(f"push piece {push.piece} of {push.pieces} is not a piece")
+        decoded = decode_piece(push, self.codec, self.size)
+        key = (worker, int(push.version))
+        pending = self._pending.get(key)
+        if pending is None:
+            if len(self._pending) >= self._limit:  # an abandoned step (its worker died)
+                del self._pending[min(self._pending, key=lambda k: k[1])]
+            pending = self._pending[key] = _Pending()
+        pending.pieces[push.piece] = (int(push.offset), decoded)
+        if len(pending.pieces) < push.pieces:
             return None
-        del self._pending[identity]
-        packed = assembler.result()
-        try:
-            payload = msgpack.unpackb(packed.tobytes(), raw=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise InvalidArgument(f"reassembled payload is not msgpack: {exc}") from None
-        if not isinstance(payload, dict):
-            raise InvalidArgument("reassembled payload must be a map")
-        return Assembled(payload, first)
+        del self._pending[key]
+        parts = [pending.pieces[i] for i in sorted(pending.pieces)]
+        grad = _whole(parts, self.size)
+        return Contribution(
+            worker=worker,
+            version=int(push.version),
+            samples=int(push.samples),
+            decode=lambda: grad,
+            loss=push.loss if push.HasField("loss") else None,
+            accuracy=push.accuracy if push.HasField("accuracy") else None,
+        )
+
+    def drop_below(self, version: int) -> None:
+        """Forget incomplete gradients for versions no step can use any more."""
+        for key in [k for k in self._pending if k[1] < version]:
+            del self._pending[key]
+
+
+def _whole(parts: Sequence[tuple[int, Piece]], size: int) -> Decoded:
+    if len(parts) == 1 and parts[0][0] == 0 and parts[0][1].size == size:
+        return parts[0][1]  # the common small case: the piece itself, no wrapper
+    return PiecewiseGradient(tuple(parts), size)
+
+
+def params_pieces(
+    values: np.ndarray,
+    *,
+    version: int,
+    final: bool,
+    durable_version: int,
+    dtype: str,
+    chunk_bytes: int,
+) -> list[pb.ShardMessage]:
+    """A partition's values as ``dtype`` pieces; their bytes are a snapshot (the shard's
+    parameters move on while they are in flight)."""
+    sent = broadcast_values(values, dtype)
+    step = max(1, chunk_bytes // sent.itemsize)
+    cuts = list(_cut(0, len(sent), step)) or [(0, 0)]
+    return [
+        pb.ShardMessage(
+            params=pb.Params(
+                version=version,
+                final=final,
+                durable_version=durable_version,
+                dtype=dtype,
+                offset=a,
+                piece=i,
+                pieces=len(cuts),
+                values=sent[a:b].tobytes(),
+            )
+        )
+        for i, (a, b) in enumerate(cuts)
+    ]
+
+
+@dataclass(frozen=True)
+class ShardParams:
+    version: int
+    values: np.ndarray  # float32, or float16 as broadcast (widened when installed)
+    final: bool
+
+
+class ParamsAssembler:
+    """``Params`` pieces of one shard -> its partition at a version."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._version = -1
+        self._buffer: np.ndarray | None = None
+        self._seen: set[int] = set()
+
+    def add(self, params: pb.Params) -> ShardParams | None:
+        if params.dtype not in BROADCAST_DTYPES:
+            raise InvalidArgument(f"params dtype {params.dtype!r}; use one of {BROADCAST_DTYPES}")
+        itemsize = np.dtype(params.dtype).itemsize
+        count = len(params.values) // itemsize
+        if params.offset < 0 or params.offset + count > self.size or params.piece >= params.pieces:
+            raise InvalidArgument(
+                f"params piece {params.piece}/{params.pieces} at {params.offset}+{count} does not "
+                f"fit a partition of {self.size}"
+            )
+        values = np.frombuffer(params.values, dtype=np.dtype(params.dtype).newbyteorder("<"))
+        if params.pieces == 1:
+            if count != self.size:
+                raise InvalidArgument(f"params carry {count} values; the partition has {self.size}")
+            return ShardParams(int(params.version), values, params.final)
+        if params.version != self._version or self._buffer is None:
+            self._version, self._seen = int(params.version), set()
+            self._buffer = np.empty(self.size, dtype=params.dtype)
+        self._buffer[params.offset : params.offset + count] = values
+        self._seen.add(params.piece)
+        if len(self._seen) < params.pieces:
+            return None
+        done, self._buffer, self._version = self._buffer, None, -1
+        return ShardParams(int(params.version), done, params.final)
+
+
+Emit = Callable[[int, pb.Push], None]

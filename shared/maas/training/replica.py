@@ -2,12 +2,15 @@
 fp32 vectors, so installing a shard's new values is one slice copy and a partition's gradient
 is a view, never a per-tensor gather.
 
+``backward`` calls ``on_grad(name)`` as soon as a tensor's gradient is final (a post-accumulate
+hook), while backward goes on with the layers below: that is when a worker can send it.
+
 Also the loss functions and the held-out evaluation every part of the platform uses.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +22,13 @@ from torch import nn
 from maas import zoo
 from maas.errors import InvalidArgument
 from maas.training.layout import FlatLayout
+from maas.training.optim import OptimizerSpec
 
 
 def compute_loss(name: str, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if name == "cross_entropy":
-        return F.cross_entropy(output, target)
+        # Sequence models predict a class per position: (N, T, C) against (N, T) flattens.
+        return F.cross_entropy(output.flatten(0, -2), target.flatten())
     if name == "mse":
         if not target.is_floating_point():  # class labels: regress their one-hot encoding
             target = F.one_hot(target.long(), output.shape[-1]).to(output.dtype)
@@ -41,7 +46,7 @@ class BatchResult:
 def _accuracy(output: torch.Tensor, target: torch.Tensor, loss: str) -> float | None:
     if target.is_floating_point():  # regression targets: no classes to be right about
         return None
-    return float((output.argmax(dim=1) == target).float().mean())
+    return float((output.argmax(dim=-1) == target).float().mean())
 
 
 @torch.no_grad()
@@ -56,9 +61,28 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: str) -> dict[
         accuracy = _accuracy(output, target, loss)
         if accuracy is not None:
             metrics["accuracy"] = accuracy
+        if output.dim() == 3 and loss == "cross_entropy":  # a language model: per-token terms
+            metrics["perplexity"] = float(np.exp(metrics["loss"]))
         return metrics
     finally:
         model.train(was_training)
+
+
+def torch_optimizer(
+    spec: OptimizerSpec, params: Iterable[torch.nn.Parameter]
+) -> torch.optim.Optimizer:
+    """The torch optimizer a job's optimizer spec names (local training and local SGD)."""
+    if spec.name == "adam":
+        return torch.optim.Adam(
+            params,
+            lr=spec.lr,
+            betas=(spec.beta1, spec.beta2),
+            eps=spec.eps,
+            weight_decay=spec.weight_decay,
+        )
+    return torch.optim.SGD(
+        params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay
+    )
 
 
 def trainable_shapes(model: nn.Module, frozen: set[str]) -> list[tuple[str, list[int]]]:
@@ -83,6 +107,7 @@ class Replica:
         self.loss = loss
         self.flat = torch.zeros(layout.size, dtype=torch.float32)
         self.grad = torch.zeros(layout.size, dtype=torch.float32)
+        self._on_grad: Callable[[str], None] | None = None
         params = dict(self.model.named_parameters())
         missing = sorted(set(layout.names) - set(params))
         if missing:
@@ -97,6 +122,14 @@ class Replica:
             # The parameter now *is* a slice of `flat`, and backward accumulates into `grad`.
             param.data = view
             param.grad = self.grad[spec.offset : spec.stop].view(spec.shape)
+            param.register_post_accumulate_grad_hook(self._hook(spec.name))
+
+    def _hook(self, name: str) -> Callable[[torch.Tensor], None]:
+        def done(_: torch.Tensor) -> None:
+            if self._on_grad is not None:
+                self._on_grad(name)
+
+        return done
 
     @property
     def flat_numpy(self) -> np.ndarray:
@@ -106,17 +139,35 @@ class Replica:
     def grad_numpy(self) -> np.ndarray:
         return self.grad.numpy()
 
-    def compute(self, x: np.ndarray, y: np.ndarray) -> BatchResult:
-        """Forward and backward on one batch; the mean-loss gradient lands in ``grad``."""
-        self.grad.zero_()
+    def forward(self, x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, BatchResult]:
+        """The mean loss on one batch (to call ``backward`` on) and what it measured."""
         inputs = torch.from_numpy(np.ascontiguousarray(x))
         target = torch.from_numpy(np.ascontiguousarray(y))
         output = self.model(inputs)
         loss = compute_loss(self.loss, output, target)
-        loss.backward()
-        return BatchResult(
+        result = BatchResult(
             float(loss.detach()), _accuracy(output.detach(), target, self.loss), len(x)
         )
+        return loss, result
+
+    def backward(self, loss: torch.Tensor, on_grad: Callable[[str], None] | None = None) -> None:
+        """The gradient of ``loss`` into ``grad``; ``on_grad(name)`` as each tensor's is final."""
+        self.grad.zero_()
+        self._on_grad = on_grad
+        try:
+            loss.backward()
+        finally:
+            self._on_grad = None
+
+    def compute(self, x: np.ndarray, y: np.ndarray) -> BatchResult:
+        """Forward and backward on one batch; the mean-loss gradient lands in ``grad``."""
+        loss, result = self.forward(x, y)
+        self.backward(loss)
+        return result
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        params = dict(self.model.named_parameters())
+        return [params[name] for name in self.layout.names]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}

@@ -63,6 +63,17 @@ class TrainingStore:
         except NotFound:
             return None
 
+    # --- where shards serve ---------------------------------------------------------------------
+
+    async def advertise_shard(self, shard: int, address: str) -> None:
+        data = json.dumps({"address": address}).encode()
+        await self._store.put_bytes(BUCKET, ck.shard_address_key(shard), data)
+
+    async def shard_address(self, shard: int) -> str:
+        """Where shard ``shard`` serves the data plane; NotFound until it started once."""
+        data = json.loads(await self._store.get_bytes(BUCKET, ck.shard_address_key(shard)))
+        return str(data["address"])
+
     # --- shard checkpoints ----------------------------------------------------------------------
 
     async def write_checkpoint(

@@ -1,10 +1,9 @@
-"""Kafka edges shared by the gradient workers and aggregator shards.
+"""Kafka (control plane) edges shared by the coordinator, aggregator shards and workers.
 
-``PartitionReader`` reads chosen partitions without a consumer group: a shard reads exactly its
-gradient partition from the offset its checkpoint names, a worker reads every params partition
-from "now". Offsets live in checkpoints, not in Kafka, because that is where the state they
-belong to lives. Records are decoded and validated with the bus's own step; one that fails is
-dead-lettered with the reason (``dead_letter``), never retried forever.
+``PartitionReader`` reads chosen partitions without a consumer group, from "now": every shard
+and worker sees every job status (a consumer group would split them). Records are decoded and
+validated with the bus's own step. Gradients and parameters never come this way: they travel
+over the training data plane (``maas.training.dataplane``).
 """
 
 from __future__ import annotations
@@ -12,18 +11,18 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any, TypeAlias
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaConnectionError, KafkaError
 
 from maas import events
-from maas.bus import EventProducer, Record, dead_letter_for, decode_value, to_record
+from maas.bus import Record, decode_value, to_record
 from maas.config import Settings
 from maas.errors import Unavailable
 from maas.kafka_security import kafka_client_kwargs
-from maas.topics import DLQ, Topic
+from maas.topics import Topic
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +81,6 @@ class PartitionReader:
         for tp in self.partitions:
             await consumer.position(tp)
 
-    def seek(self, partition: int, offset: int) -> None:
-        self._require().seek(TopicPartition(self.topic.name, partition), offset)
-
-    async def offset_at(self, partition: int, ts_ms: int) -> int | None:
-        """The first offset at or after ``ts_ms``, or None if nothing was written since."""
-        tp = TopicPartition(self.topic.name, partition)
-        found = await self._require().offsets_for_times({tp: ts_ms})
-        hit = found.get(tp)
-        return None if hit is None else int(hit.offset)
-
     async def next_batch(self, timeout_ms: int = 100) -> list[RawRecord]:
         try:
             batches = await self._require().getmany(timeout_ms=timeout_ms)
@@ -105,33 +94,6 @@ class PartitionReader:
 def decode(raw: RawRecord, schema: str) -> Record:
     """Decode and validate with the bus's own steps; SchemaViolation names what is wrong."""
     return to_record(raw, decode_value(raw), [schema])
-
-
-async def dead_letter(
-    producer: EventProducer, raw: RawRecord, error: BaseException, reader: str
-) -> None:
-    letter = dead_letter_for(raw, error, None)
-    log.error("dead-lettering %s[%d]@%d: %s", raw.topic, raw.partition, raw.offset, letter.message)
-    await producer.send(DLQ, letter.to_event(reader), key=letter.key)
-
-
-async def send_all(
-    producer: EventProducer,
-    topic: Topic,
-    items: Sequence[tuple[str, int, dict[str, Any]]],
-) -> None:
-    """Send ``(key, partition, event)`` items concurrently and wait for every ack.
-
-    Every event is validated and encoded here, before the first await: the caller may change
-    the arrays an event views (a shard's parameters) as soon as this coroutine first yields.
-    """
-    encoded = []
-    for key, part, event in items:
-        events.validate(event)
-        encoded.append((key, part, events.encode(event)))
-    await asyncio.gather(
-        *(producer.send_raw(topic, value, key=key, partition=part) for key, part, value in encoded)
-    )
 
 
 def status_event(job_id: str, state: str, *, service: str, **fields: Any) -> dict[str, Any]:

@@ -1,0 +1,89 @@
+"""The shard's servicer for ``maas.training.v1``: a thin edge over ``ShardService``.
+
+``Exchange`` reads the stream's ``Join``, attaches the worker, then runs two things at once: a
+reader that hands every ``Push`` to the shard, and the replies the shard queues for this worker.
+A malformed message ends the stream with INVALID_ARGUMENT (naming what is wrong); an unknown job
+with UNAVAILABLE (the shard may still be loading it); a finished one with FAILED_PRECONDITION.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from maas.config import Settings
+from maas.errors import InvalidArgument, MaasError
+from maas.training.dataplane import build_server
+from maas.training.v1 import training_pb2 as pb
+from maas.training.v1 import training_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:  # the shard imports this module to serve itself
+    from services.aggregator.shard import Peer, ShardService
+
+log = logging.getLogger(__name__)
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: MaasError) -> None:
+    await context.abort(grpc.StatusCode[error.grpc_code], error.message)
+
+
+class DataPlaneServicer(pb_grpc.TrainingDataPlaneServicer):
+    def __init__(self, shard: ShardService) -> None:
+        self._shard = shard
+
+    async def Exchange(
+        self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ShardMessage]:
+        requests = aiter(request_iterator)
+        try:
+            first = await anext(requests)
+            peer = await self._attach(first)
+        except StopAsyncIteration:
+            return
+        except MaasError as exc:
+            await _abort(context, exc)
+            return
+        reader = asyncio.create_task(self._read(requests, peer))
+        try:
+            while (message := await peer.outbox.get()) is not None:
+                yield message
+            if peer.error is not None:
+                await _abort(context, peer.error)
+        finally:
+            reader.cancel()
+            self._shard.detach(peer)
+
+    async def _attach(self, first: pb.WorkerMessage) -> Peer:
+        if first.WhichOneof("kind") != "join":
+            raise InvalidArgument("an Exchange stream starts with a join message")
+        join = first.join
+        if join.shard != self._shard.shard:
+            raise InvalidArgument(
+                f"join names shard {join.shard}, but this is shard {self._shard.shard}; "
+                "read the shard's address again"
+            )
+        return await self._shard.attach(join.job_id, join.worker)
+
+    async def _read(self, requests: AsyncIterator[pb.WorkerMessage], peer: Peer) -> None:
+        try:
+            async for message in requests:
+                if message.WhichOneof("kind") != "push":
+                    raise InvalidArgument("after the join an Exchange stream carries only pushes")
+                await self._shard.on_push(peer, message.push)
+        except MaasError as exc:
+            peer.error = exc
+            peer.close()
+        except Exception:
+            log.exception("worker %d of job %s: push failed", peer.worker, peer.job_id)
+            peer.error = MaasError("the shard failed on a push; see its log")
+            peer.close()
+
+
+async def serve_data_plane(shard: ShardService, settings: Settings) -> tuple[grpc.aio.Server, int]:
+    server, port = build_server(DataPlaneServicer(shard), settings, settings.aggregator_listen)
+    await server.start()
+    return server, port

@@ -1,0 +1,132 @@
+"""One worker's stream to one aggregator shard for one job (``maas.training.v1.Exchange``).
+
+Pushes go out in the order they were made and are kept until the shard says a checkpoint
+covers their version (``durable_version`` on every parameter piece): if the shard restarts from
+that checkpoint, the reconnected stream sends them again and the shard replays the steps it lost,
+exactly (its core drops what it already has). Parameters come in piece by piece and reach the
+job whole. The link finds the shard through the address the shard advertised in S3 and dials it
+again, with backoff, whenever the stream breaks — either side may have restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from maas.config import Settings
+from maas.errors import MaasError
+from maas.training.dataplane import open_channel
+from maas.training.protocol import ParamsAssembler, ShardParams
+from maas.training.storage import TrainingStore
+from maas.training.v1 import training_pb2 as pb
+from maas.training.v1 import training_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+RETRY_S = 0.2
+MAX_RETRY_S = 2.0
+
+
+class ShardLink:
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        worker: int,
+        shard: int,
+        partition_size: int,
+        settings: Settings,
+        store: TrainingStore,
+        on_params: Callable[[int, ShardParams], None],
+    ) -> None:
+        self.job_id = job_id
+        self.worker = worker
+        self.shard = shard
+        self.over = False  # the shard says the job is over, or sent its final version
+        self._settings = settings
+        self._store = store
+        self._on_params = on_params
+        self._assembler = ParamsAssembler(partition_size)
+        self._retained: list[tuple[int, pb.WorkerMessage]] = []
+        self._durable = -1
+        self._outbox: asyncio.Queue[pb.WorkerMessage] | None = None
+
+    def push(self, push: pb.Push) -> None:
+        """Send ``push`` now if connected, and keep it until a checkpoint covers its version."""
+        message = pb.WorkerMessage(push=push)
+        self._retained.append((push.version, message))
+        if self._outbox is not None:
+            self._outbox.put_nowait(message)
+
+    @property
+    def retained(self) -> int:
+        return len(self._retained)
+
+    async def run(self) -> None:
+        delay = RETRY_S
+        while not self.over:
+            try:
+                if await self._exchange():
+                    delay = RETRY_S
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
+                    log.info("job %s is over on shard %d", self.job_id, self.shard)
+                    self.over = True
+                    return
+                log.info(
+                    "job %s, shard %d: stream ended (%s: %s); joining again",
+                    self.job_id,
+                    self.shard,
+                    exc.code().name,
+                    exc.details(),
+                )
+            except MaasError as exc:  # not advertised yet (NotFound), S3 down, bad reply
+                log.info("job %s, shard %d: %s; trying again", self.job_id, self.shard, exc)
+            await asyncio.sleep(delay)
+            delay = min(MAX_RETRY_S, delay * 2)
+
+    async def _exchange(self) -> bool:
+        """One stream, until it ends; True if it got any reply."""
+        address = await self._store.shard_address(self.shard)
+        outbox: asyncio.Queue[pb.WorkerMessage] = asyncio.Queue()
+        for _, message in self._retained:
+            outbox.put_nowait(message)
+        got = False
+        async with open_channel(address, self._settings) as channel:
+            call = pb_grpc.TrainingDataPlaneStub(channel).Exchange()
+            self._outbox = outbox
+            writer = asyncio.create_task(self._write(call, outbox))
+            try:
+                while (reply := await call.read()) is not grpc.aio.EOF:
+                    got = True
+                    self.receive(reply.params)
+            finally:
+                self._outbox = None
+                writer.cancel()
+                await asyncio.gather(writer, return_exceptions=True)
+                call.cancel()
+        return got
+
+    async def _write(
+        self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.WorkerMessage]
+    ) -> None:
+        join = pb.Join(job_id=self.job_id, worker=self.worker, shard=self.shard)
+        await call.write(pb.WorkerMessage(join=join))
+        while True:
+            await call.write(await outbox.get())
+
+    def receive(self, params: pb.Params) -> None:
+        """A parameter piece from the shard: trims what its checkpoint covers, and hands a
+        complete version to the job."""
+        if params.durable_version > self._durable:
+            self._durable = params.durable_version
+            self._retained = [(v, m) for v, m in self._retained if v >= self._durable]
+        whole = self._assembler.add(params)
+        if whole is None:
+            return
+        if whole.final:
+            self.over = True
+        self._on_params(self.shard, whole)

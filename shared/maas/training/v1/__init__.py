@@ -1,0 +1,1 @@
+# Generated package: `python -m maas.protogen` writes the modules here.

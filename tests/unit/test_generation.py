@@ -14,6 +14,8 @@ from maas.text.gpt_config import GPTConfig
 from maas.text.sampling import FINISH_LENGTH, SamplingParams, Token, generate
 from services.inference.generation import DecodeBatch, GenerationEngine, Request
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIG = GPTConfig(block_size=48, n_layer=2, n_head=2, n_embd=32)
 GREEDY = SamplingParams(max_tokens=12, temperature=0)
 PROMPTS = ("def main():", "x", "import os\nimport sys\n", "class Foo(Bar):\n    ")

@@ -35,6 +35,8 @@ from services.inference.openai_http import OpenAIRoutes
 from services.inference.servicer import InferenceServicer
 from services.inference.sources import MemorySource
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIG = {"block_size": 1024, "n_layer": 2, "n_head": 2, "n_embd": 32}
 NAME = "tiny-gpt"
 

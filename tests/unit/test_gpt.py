@@ -20,6 +20,8 @@ from maas.text.sampling import (
     generate,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIG = {"block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32}
 
 

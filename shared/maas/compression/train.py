@@ -60,7 +60,8 @@ class Tensors:
 
 def task_loss(data: Tensors, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     if data.task == "classification":
-        return F.cross_entropy(outputs, targets)
+        # Sequence models (gpt) predict a class per position: (N, T, C) against (N, T).
+        return F.cross_entropy(outputs.flatten(0, -2), targets.flatten())
     return F.mse_loss(outputs, targets.reshape(outputs.shape).float())
 
 
@@ -102,5 +103,5 @@ def evaluate(model: nn.Module, data: Tensors) -> dict[str, float]:
     outputs = model(data.x_test)
     metrics = {"loss": float(task_loss(data, outputs, data.y_test))}
     if data.task == "classification":
-        metrics["accuracy"] = float((outputs.argmax(dim=1) == data.y_test).float().mean())
+        metrics["accuracy"] = float((outputs.argmax(dim=-1) == data.y_test).float().mean())
     return metrics

@@ -1,0 +1,216 @@
+"""Token streaming: tokens/s for 1 and 8 concurrent streams and time to first token, served by
+the real inference process (OIP ModelStreamInfer over gRPC and OpenAI-compatible SSE over HTTP),
+beside the in-process generate loop on the same weights (the limit).
+
+Prints one JSON document and checks the targets of issue 13: 8 streams >= 4x the aggregate
+tokens/s of 1 stream; TTFT <= in-process + 2 ms; per-token overhead <= 15 % over the in-process
+loop at 1 stream.
+
+    python -m bench.generate [--tokens 128] [--rounds 3] [--size small|ci]
+
+The model is registered in a real registry on a private Kafka + S3 stack
+(MAAS_BENCH_USE_RUNNING_STACK=1 uses the stack MAAS_* points at). Greedy decoding with a
+randomly initialised GPT: what is measured is the serving path, not the text. Server and client
+share this machine's cores: on a busy machine the figures mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import grpc
+import numpy as np
+import torch
+
+from infra.ephemeral import bench_settings
+from infra.proc import free_port
+from maas import zoo
+from maas.oip import grpc_predict_v2_pb2 as pb
+from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from maas.registry import RegistryClient
+from maas.text import wire
+from maas.text.gpt import GPT
+from maas.text.sampling import SamplingParams, generate
+from services.inference.harness import ServiceProcesses
+
+SIZES = {
+    "small": {"block_size": 512, "n_layer": 4, "n_head": 4, "n_embd": 128},
+    "ci": {"block_size": 256, "n_layer": 2, "n_head": 2, "n_embd": 32},
+}
+PROMPT = "def parse(text):\n    "
+STREAMS = 8
+Run = Callable[[], Awaitable[tuple[float, float, int]]]  # -> (ttft_s, total_s, tokens)
+
+
+def in_process(model: GPT, tokens: int) -> tuple[float, float, int]:
+    params = SamplingParams(max_tokens=tokens, temperature=0)
+    started = time.perf_counter()
+    first = 0.0
+    count = 0
+    for _ in generate(model, PROMPT, params):
+        count += 1
+        if count == 1:
+            first = time.perf_counter() - started
+    return first, time.perf_counter() - started, count
+
+
+def grpc_stream(stub: Any, name: str, tokens: int) -> Run:
+    async def run() -> tuple[float, float, int]:
+        request = pb.ModelInferRequest(model_name=name, id=uuid.uuid4().hex)
+        request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(
+            wire.encode_raw(np.array([PROMPT.encode()], dtype=object))
+        )
+        request.parameters["max_tokens"].int64_param = tokens
+        request.parameters["temperature"].string_param = "0"
+        started = time.perf_counter()
+        first, count = 0.0, 0
+        async for reply in stub.ModelStreamInfer(iter([request])):
+            if reply.error_message:
+                raise RuntimeError(reply.error_message)
+            count += 1
+            if count == 1:
+                first = time.perf_counter() - started
+            if reply.infer_response.parameters["triton_final_response"].bool_param:
+                break
+        return first, time.perf_counter() - started, count
+
+    return run
+
+
+def http_stream(session: aiohttp.ClientSession, url: str, name: str, tokens: int) -> Run:
+    body = {"model": name, "prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "stream": True}
+
+    async def run() -> tuple[float, float, int]:
+        started = time.perf_counter()
+        first, count = 0.0, 0
+        async with session.post(f"{url}/completions", json=body) as reply:
+            reply.raise_for_status()
+            async for line in reply.content:
+                if not line.startswith(b"data: {"):
+                    continue
+                count += 1
+                if count == 1:
+                    first = time.perf_counter() - started
+        return first, time.perf_counter() - started, count
+
+    return run
+
+
+async def measure(run: Run, streams: int, rounds: int) -> dict[str, float]:
+    """Median TTFT and per-token time per stream, aggregate tokens/s over ``streams`` at once."""
+    await run()  # warm-up: the first request loads the model and starts its engine
+    ttfts, per_token, rates = [], [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        results = await asyncio.gather(*(run() for _ in range(streams)))
+        wall = time.perf_counter() - started
+        rates.append(sum(n for _, _, n in results) / wall)
+        ttfts += [first for first, _, _ in results]
+        per_token += [(total - first) / max(1, n - 1) for first, total, n in results]
+    return {
+        "ttft_ms": 1e3 * statistics.median(ttfts),
+        "per_token_ms": 1e3 * statistics.median(per_token),
+        "tokens_per_s": statistics.median(rates),
+    }
+
+
+def limit(model: GPT, tokens: int, rounds: int) -> dict[str, float]:
+    in_process(model, tokens)
+    runs = [in_process(model, tokens) for _ in range(rounds)]
+    return {
+        "ttft_ms": 1e3 * statistics.median(r[0] for r in runs),
+        "per_token_ms": 1e3 * statistics.median((r[1] - r[0]) / max(1, r[2] - 1) for r in runs),
+        "tokens_per_s": statistics.median(r[2] / r[1] for r in runs),
+        "tokens": runs[0][2],
+    }
+
+
+async def served(grpc_addr: str, http_url: str, name: str, args: argparse.Namespace) -> Any:
+    out: dict[str, Any] = {}
+    async with grpc.aio.insecure_channel(grpc_addr) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        run = grpc_stream(stub, name, args.tokens)
+        out["oip_grpc"] = {f"{n}_streams": await measure(run, n, args.rounds) for n in (1, STREAMS)}
+    async with aiohttp.ClientSession() as session:
+        run = http_stream(session, http_url, name, args.tokens)
+        out["openai_http"] = {
+            f"{n}_streams": await measure(run, n, args.rounds) for n in (1, STREAMS)
+        }
+    return out
+
+
+def checks(inproc: dict[str, float], results: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for door, figures in results.items():
+        one, many = figures["1_streams"], figures[f"{STREAMS}_streams"]
+        overhead = one["per_token_ms"] / inproc["per_token_ms"] - 1
+        out[door] = {
+            "scaling_8_vs_1": round(many["tokens_per_s"] / one["tokens_per_s"], 2),
+            "scaling_ok (>= 4)": many["tokens_per_s"] >= 4 * one["tokens_per_s"],
+            "ttft_over_inprocess_ms": round(one["ttft_ms"] - inproc["ttft_ms"], 3),
+            "ttft_ok (<= +2 ms)": one["ttft_ms"] <= inproc["ttft_ms"] + 2,
+            "per_token_overhead_pct": round(100 * overhead, 1),
+            "overhead_ok (<= 15 %)": overhead <= 0.15,
+        }
+    return out
+
+
+async def register(settings: Any, registry_addr: str, model: GPT, config: dict[str, int]) -> None:
+    async with RegistryClient(
+        settings.replace(registry_addr=registry_addr), actor="bench-generate"
+    ) as registry:
+        await registry.register(model, "bench-gpt", "gpt", config, alias="production")
+
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+    config = SIZES[args.size]
+    torch.set_num_threads(1)
+    model = zoo.build("gpt", config, seed=1).eval()
+    assert isinstance(model, GPT)
+    report: dict[str, Any] = {
+        "model": {"config": config, "parameters": zoo.count_parameters(model)}
+    }
+    report["in_process"] = limit(model, args.tokens, args.rounds)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="maas-bench-gen-")))
+        settings = stack.enter_context(bench_settings(tmp))
+        processes = stack.enter_context(ServiceProcesses(tmp))
+        registry_addr = processes.start_registry()
+        asyncio.run(register(settings, registry_addr, model, config))
+        port = free_port()
+        grpc_addr = processes.start_inference(
+            "inference-generate",
+            registry_addr,
+            MAAS_AUTH="off",
+            MAAS_INFERENCE_HTTP_LISTEN=f"127.0.0.1:{port}",
+            MAAS_INFERENCE_GENERATION_SLOTS=str(STREAMS),
+            MAAS_INFERENCE_TORCH_THREADS="1",
+        )
+        http_url = f"http://127.0.0.1:{port}/v1"
+        report["served"] = asyncio.run(served(grpc_addr, http_url, "bench-gpt", args))
+    report["checks"] = checks(report["in_process"], report["served"])
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    print(json.dumps(run_bench(parser.parse_args()), indent=2))
+
+
+if __name__ == "__main__":
+    main()

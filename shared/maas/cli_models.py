@@ -18,6 +18,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
+from maas.cli_import import add_import_action
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.registry.types import ModelRef, ModelVersion
@@ -211,6 +212,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+    add_import_action(actions)  # maas models import (maas.cli_import)
 
     def action(name: str, fn: Action, help: str, example: str) -> argparse.ArgumentParser:
         p = actions.add_parser(

@@ -119,12 +119,18 @@ def read_record(
     """Decode and validate; every failure, whatever its type, is a SchemaViolation (poison)."""
     try:
         return to_record(raw, decode_value(raw, max_depth=max_depth), expected_schemas)
-    except SchemaViolation:
-        raise
-    except Exception as exc:  # a reader bug on odd bytes is still this record's problem
-        raise SchemaViolation(
-            events.clip(f"record could not be read: {type(exc).__name__}: {exc}")
-        ) from exc
+    except Exception as exc:
+        raise unreadable(exc) from exc
+
+
+def unreadable(error: Exception) -> SchemaViolation:
+    """A failure to read a record as the SchemaViolation it is: retrying cannot change the bytes
+    (a reader bug on odd bytes included)."""
+    if isinstance(error, SchemaViolation):
+        return error
+    return SchemaViolation(
+        events.clip(f"record could not be read: {type(error).__name__}: {error}")
+    )
 
 
 def dead_letter_for(
@@ -425,10 +431,12 @@ class EventConsumer:
 
     async def _process_one(self, raw: ConsumerRecord[bytes, bytes]) -> bool:
         """Handle one record; True when it may be committed (handled or dead-lettered)."""
+        event: dict[str, Any] | None = None
         try:
-            record = read_record(raw, self._expected, max_depth=self._settings.event_max_depth)
-        except SchemaViolation as exc:
-            return await self._reject(raw, exc, None)
+            event = decode_value(raw, max_depth=self._settings.event_max_depth)
+            record = to_record(raw, event, self._expected)
+        except Exception as exc:  # the bytes cannot be read, now or ever: no retries
+            return await self._reject(raw, unreadable(exc), event)
         where = (raw.topic, raw.partition, raw.offset)
         try:
             await self._handler(record)

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import uuid
 
 import msgpack
 import pytest
+from kafka_offsets import start_group_at_end
 
 from maas import events, topics
-from maas.bus import EventConsumer, EventProducer, Record
+from maas.bus import ConsumerDied, EventConsumer, EventProducer, Record
+from maas.errors import InvalidArgument
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def status_event(job_id: str, step: int = 0) -> dict:
@@ -204,3 +207,141 @@ async def test_idempotent_producer_writes_each_event_exactly_once(stack, produce
     )
     await asyncio.sleep(0.5)
     assert seen == list(range(300))  # one partition per key: in order, no duplicates
+
+
+async def test_a_handler_that_keeps_failing_is_dead_lettered_after_max_attempts(stack, producer):
+    key = marker()
+    await producer.send(topics.JOB_STATUS, status_event(key), key=key)
+    calls: list[int] = []
+    letters = []
+    done = asyncio.Event()
+
+    async def always_fails(record: Record) -> None:
+        if record.key == key:
+            calls.append(record.offset)
+            raise RuntimeError("still broken")
+
+    async def on_dead_letter(letter) -> None:
+        if letter.key == key:
+            letters.append(letter)
+            done.set()
+
+    await consume(
+        stack,
+        producer,
+        topics.JOB_STATUS,
+        f"g-{key}",
+        always_fails,
+        done,
+        on_dead_letter=on_dead_letter,
+        max_attempts=3,
+        retry_backoff_ms=10,
+    )
+    assert len(calls) == 3 and len(set(calls)) == 1
+    (letter,) = letters
+    assert letter.code == "handler_failed" and "still broken" in letter.message
+
+
+async def test_a_record_stays_uncommitted_while_the_dlq_is_unreachable(stack, producer):
+    """Every dead-letter write fails (the DLQ producer is gone) while the topic stays readable:
+    the consumer retries with backoff a bounded number of times, then stops saying why; the
+    record was never committed and is read again by the next consumer of the group."""
+    key = marker()
+    await start_group_at_end(stack.settings, topics.JOB_STATUS, f"g-{key}")
+    await producer.send(topics.JOB_STATUS, status_event(key), key=key)
+    seen: list[int] = []
+
+    async def refuse(record: Record) -> None:
+        if record.key == key:
+            seen.append(record.offset)
+            raise InvalidArgument("refused: goes to the DLQ")
+
+    settings = stack.settings.replace(dlq_max_attempts=3)
+    gone = EventProducer(settings, client_id="dlq-gone")  # never started: every send fails
+    consumer = EventConsumer(
+        settings,
+        topics=[topics.JOB_STATUS],
+        group_id=f"g-{key}",
+        handler=refuse,
+        producer=gone,
+        retry_backoff_ms=10,
+    )
+    await consumer.start()
+    try:
+        with pytest.raises(ConsumerDied, match=r"3 times in a row.*stays uncommitted"):
+            await asyncio.wait_for(consumer.run(), 120)
+    finally:
+        await consumer.stop()
+    assert len(seen) == 3 and len(set(seen)) == 1 and consumer.dead_lettered == 0
+
+    again = asyncio.Event()
+
+    async def handle(record: Record) -> None:
+        if record.key == key:
+            seen.append(record.offset)
+            again.set()
+
+    await consume(stack, producer, topics.JOB_STATUS, f"g-{key}", handle, again)
+    assert seen[-1] == seen[0]  # the same offset, delivered again: nothing was lost
+
+
+async def test_idempotent_sends_are_written_once_with_the_broker_stopped_mid_batch(stack):
+    """Acks lost while the broker goes down make the producer retry; idempotence keeps every
+    retried batch from being written twice."""
+    key = marker()
+    count = 20_000  # about a second of sending: the broker goes down in the middle
+    sent = [status_event(key, step=i) for i in range(count)]
+    async with EventProducer(
+        stack.settings, client_id="mid-batch", request_timeout_ms=120_000
+    ) as p:
+        sending = asyncio.create_task(p.send_many(topics.JOB_STATUS, [(key, e) for e in sent]))
+        await asyncio.sleep(0.2)  # some batches acknowledged, some in flight
+        await asyncio.to_thread(stack.stop_broker)
+        await asyncio.to_thread(stack.start_broker)
+        await asyncio.wait_for(sending, 180)
+        seen: list[int] = []
+        done = asyncio.Event()
+
+        async def handle(record: Record) -> None:
+            if record.key == key:
+                seen.append(record.event["step"])
+                if len(seen) >= count:
+                    done.set()
+
+        await consume(stack, p, topics.JOB_STATUS, f"g-{key}", handle, done, max_poll_records=500)
+        await asyncio.sleep(1.0)  # a duplicate would arrive right behind
+    assert seen == list(range(count))
+
+
+async def test_a_record_just_under_the_size_limit_is_dead_lettered_cut_to_fit(stack, producer):
+    """Its envelope would be bigger than the record: it is cut, keeping size and sha256, and
+    the partition moves on (before, that DLQ write was retried forever)."""
+    key = marker()
+    limit = stack.settings.kafka_max_message_bytes
+    value = msgpack.packb({"schema": 7, "pad": "x" * (limit - 1024)})
+    await producer.send_raw(topics.JOB_STATUS, value, key=key)
+    await producer.send(topics.JOB_STATUS, status_event(key, step=1), key=key)
+    handled: list[int] = []
+    done = asyncio.Event()
+
+    async def handle(record: Record) -> None:
+        if record.key == key:
+            handled.append(record.event["step"])
+            done.set()
+
+    await consume(stack, producer, topics.JOB_STATUS, f"g-{key}", handle, done)
+    assert handled == [1]
+
+    letters: list[dict] = []
+    found = asyncio.Event()
+
+    async def read_dlq(record: Record) -> None:
+        if record.key == key:
+            letters.append(record.event)
+            found.set()
+
+    await consume(stack, producer, topics.DLQ, f"dlq-{key}", read_dlq, found)
+    (letter,) = letters
+    assert letter["original_truncated"] is True and value.startswith(letter["original"])
+    assert letter["original_size"] == len(value)
+    assert letter["original_sha256"] == hashlib.sha256(value).hexdigest()

@@ -4,10 +4,13 @@ training processes, registered, then served over OIP gRPC with exactly the answe
 in-process forward of the registered weights gives.
 
 CI size: 100 steps (the file's 300 reach ~97% accuracy; 100 already ~75%, chance is 10%).
+The same net also trains on the digits put into the datasets bucket by a plain S3 client (no
+sha256 metadata): the services hash it on first use instead of refusing it.
 """
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,9 +20,10 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
-from maas import jobs, zoo
+from maas import datasets, jobs, zoo
 from maas.datasets import load_builtin
 from maas.registry import RegistryClient
+from maas.store import DATASETS_BUCKET, ObjectStore
 from services.aggregator.harness import TrainingProcesses
 from services.inference.harness import ServiceProcesses
 
@@ -27,6 +31,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "jobs" / "seed-convnet-mse.yaml"
 CI_STEPS = 100
+
+
+async def train(settings, doc, steps: int) -> jobs.JobSummary:
+    """Submit the job the way `maas jobs submit` does and follow it to the end."""
+    doc["training"]["steps"] = steps
+    job = jobs.check_job(jobs.prepare_job(doc, f"seed-{uuid.uuid4().hex[:8]}"), settings)
+    await jobs.publish_job(settings, job)
+    async for summary in jobs.watch(settings, job["job_id"], timeout_s=420):
+        final = summary
+    return final
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +59,7 @@ def servers(stack, tmp_path_factory) -> Iterator[tuple[str, str]]:
 async def test_the_seed_convnet_trains_with_mse_and_is_served_as_computed(stack, servers):
     registry_addr, inference_addr = servers
     doc = jobs.load_job_file(EXAMPLE)
-    doc["training"]["steps"] = CI_STEPS
-    job = jobs.check_job(jobs.prepare_job(doc, f"seed-{uuid.uuid4().hex[:8]}"), stack.settings)
-    await jobs.publish_job(stack.settings, job)
-    async for summary in jobs.watch(stack.settings, job["job_id"], timeout_s=420):
-        final = summary
+    final = await train(stack.settings, doc, CI_STEPS)
     assert final.state == "succeeded", final.error
     assert final.metrics["accuracy"] > 0.5
     name, number = final.model["name"], final.model["version"]
@@ -78,3 +88,17 @@ async def test_the_seed_convnet_trains_with_mse_and_is_served_as_computed(stack,
     finally:
         client.close()
     np.testing.assert_allclose(served, expected, rtol=1e-5, atol=1e-6)
+
+
+async def test_it_trains_on_digits_uploaded_by_a_plain_s3_client(stack, servers):
+    digits = load_builtin("digits")
+    buffer = io.BytesIO()
+    np.savez(buffer, X=digits.x_train, y=digits.y_train)
+    data, key = buffer.getvalue(), f"plain/{uuid.uuid4().hex[:8]}.npz"
+    store = ObjectStore(stack.settings)
+    store.client.put_object(DATASETS_BUCKET, key, io.BytesIO(data), len(data))  # no metadata
+    doc = jobs.load_job_file(EXAMPLE)
+    doc["dataset"] = {"uri": f"s3://{DATASETS_BUCKET}/{key}", "task": "classification"}
+    final = await train(stack.settings, doc, 20)
+    assert final.state == "succeeded", final.error
+    assert store.exists(DATASETS_BUCKET, key + datasets.SIDECAR_SUFFIX)

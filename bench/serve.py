@@ -6,17 +6,22 @@ Prints one JSON document. Every server is a separate process driven by the same 
                      own cost: no server can do less per request),
   - maas_batching:   services.inference with dynamic batching (max_batch_size 64, delay 0),
   - maas_unbatched:  services.inference with batching off,
-  - kserve:          KServe's ModelServer on the same weights, when ~/.cache/maas/venv-kserve
-                     holds kserve (it runs from that venv: its protos clash with tritonclient's),
+  - kserve:          KServe's ModelServer on the same weights, from its own venv (built on first
+                     use into ~/.cache/maas/venv-kserve-<version>; its protos clash with
+                     tritonclient's); reported as not run, with the reason, when it cannot run,
 and the in-process forward pass of the same model (batch of 1), the limit.
-For each: p50/p99 latency at concurrency 1, throughput at concurrency 16 and 64 (req/s).
-Then a 10 M-parameter MLP at concurrency 64, dynamic batching vs unbatched.
+For each: p50/p99 latency at concurrency 1, throughput at concurrency 16 and 64 (req/s), and
+the CPU time per request of the server process and of this client (a client-bound ceiling
+shows as client CPU near 1 s per second). Then a 10 M-parameter MLP at concurrency 64, dynamic
+batching vs unbatched. The batching server is profiled (py-spy, sampling, when installed) while
+it serves 16 clients; the top entries are printed beside the figures.
 
     python -m bench.serve [--seconds 1.5] [--rounds 3] [--no-kserve]
 
 Models are registered in a real registry on a private Kafka + S3 stack
 (MAAS_BENCH_USE_RUNNING_STACK=1 uses the stack MAAS_* points at). Figures are compared with the
-targets of issue 6 at the end ("checks").
+targets of issue 17 at the end ("checks"). The batching settings printed are read back from the
+servers (ModelConfig).
 
 This file also runs *as* the peer servers (``--peer floor|kserve``), the KServe one inside the
 KServe venv where neither tritonclient nor this repository's packages are installed: imports
@@ -28,149 +33,114 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.profile import sampling_profile
+from bench.serve_peers import MODEL, SMALL, floor_peer, kserve_peer
 from infra.ephemeral import bench_settings
 
-ROOT = Path(__file__).resolve().parents[1]
-KSERVE_VENV = Path.home() / ".cache" / "maas" / "venv-kserve"
-SMALL = {"in_features": 64, "hidden": [128, 64], "num_classes": 10}
 TEN_M = {"in_features": 1024, "hidden": [2048, 2048, 2048], "num_classes": 10}
-MODEL = "bench-mlp"
 MODEL_10M = "bench-mlp-10m"
 OURS = ("maas_batching", "maas_unbatched")
-TARGET_EXTRA_US = 100.0
+TARGET_EXTRA_US = 150.0
+INLINE_FORWARD_US = "500"
 
 
-# --- peer servers (run in their own processes) -----------------------------------------------
-
-
-def serve_floor(port: int) -> None:
-    """A do-nothing OIP server: every ModelInfer gets the same prebuilt 1x10 FP32 answer."""
-    import grpc
-
-    from maas.oip import grpc_predict_v2_pb2 as pb
-    from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
-
-    answer = pb.ModelInferResponse(model_name=MODEL, model_version="1")
-    answer.outputs.add(name="output", datatype="FP32", shape=[1, 10])
-    answer.raw_output_contents.append(bytes(40))
-
-    class Floor(pb_grpc.GRPCInferenceServiceServicer):
-        async def ServerLive(self, request: Any, context: Any) -> Any:
-            return pb.ServerLiveResponse(live=True)
-
-        async def ServerReady(self, request: Any, context: Any) -> Any:
-            return pb.ServerReadyResponse(ready=True)
-
-        async def ModelInfer(self, request: Any, context: Any) -> Any:
-            return answer
-
-    async def run() -> None:
-        server = grpc.aio.server()
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Floor(), server)
-        server.add_insecure_port(f"127.0.0.1:{port}")
-        await server.start()
-        await server.wait_for_termination()
-
-    asyncio.run(run())
-
-
-def serve_kserve(port: int, weights: str, probe_site: str) -> None:
-    """KServe's ModelServer serving the same zoo MLP (torch borrowed from the project's venv)."""
-    # kserve's own packages (protobuf, grpcio, numpy) stay first on the path; torch, safetensors
-    # and the model zoo come after them.
-    sys.path += [str(ROOT / "shared"), probe_site]
-    import kserve
-    import torch
-    from kserve import InferOutput, InferRequest, InferResponse
-    from safetensors.torch import load_file
-
-    from maas import zoo
-
-    torch.set_num_threads(1)
-    module = zoo.build("mlp", SMALL)
-    module.load_state_dict(load_file(weights))
-    module.eval()
-
-    class Mlp(kserve.Model):  # type: ignore[misc]
-        def __init__(self) -> None:
-            super().__init__(MODEL)
-            self.ready = True
-
-        def predict(self, payload: InferRequest, headers: Any = None) -> InferResponse:
-            x = payload.inputs[0].as_numpy()
-            with torch.inference_mode():
-                y = module(torch.from_numpy(x)).numpy()
-            out = InferOutput("output", list(y.shape), "FP32")
-            out.set_data_from_numpy(y, binary_data=True)
-            return InferResponse(payload.id, MODEL, [out], use_binary_outputs=True)
-
-    kserve.ModelServer(grpc_port=port, http_port=_free_port(), workers=1).start([Mlp()])
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+@dataclass
+class Target:
+    addr: str
+    model: str
+    x: Any  # one input batch
+    pid: int  # the server process, for its CPU time
 
 
 # --- measurements -------------------------------------------------------------------------------
 #
 # This machine is shared and its load drifts, so targets are never measured one after the
 # other: every figure is gathered in rounds that visit each target in turn, and pooled (latency
-# samples) or taken as the median (throughput) over the rounds.
+# samples) or taken as the median (throughput) over the rounds. CPU time per request is summed
+# over the rounds: it drifts less with load than wall time does.
 
-Target = tuple[str, str, Any]  # address, model name, one input batch
+
+class CpuMeter:
+    """CPU seconds of each server process and of this client, per request, over many spans."""
+
+    def __init__(self, targets: dict[str, Target]) -> None:
+        import psutil
+
+        self._procs = {name: psutil.Process(t.pid) for name, t in targets.items()}
+        self._used: dict[str, list[float]] = {name: [0.0, 0.0, 0] for name in targets}
+
+    def span(self, name: str, run: Callable[[], int]) -> Any:
+        proc = self._procs[name]
+        server0, client0 = sum(proc.cpu_times()[:2]), time.process_time()
+        requests = run()
+        used = self._used[name]
+        used[0] += sum(proc.cpu_times()[:2]) - server0
+        used[1] += time.process_time() - client0
+        used[2] += requests
+
+    def per_request_us(self, name: str) -> dict[str, float]:
+        server, client, requests = self._used[name]
+        n = max(requests, 1)
+        return {
+            "server_cpu_us": round(server / n * 1e6, 1),
+            "client_cpu_us": round(client / n * 1e6, 1),
+        }
 
 
 def _pct(samples: list[float], q: int) -> float:
     return round(statistics.quantiles(samples, n=100, method="inclusive")[q - 1], 1)
 
 
-def latency_us(targets: dict[str, Target], rounds: int, per_round: int) -> dict[str, Any]:
+def _triton_input(x: Any) -> Any:
+    from tritonclient.grpc import InferInput
+
+    tensor = InferInput("input", list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x)
+    return tensor
+
+
+def latency_us(
+    targets: dict[str, Target], rounds: int, per_round: int, cpu: CpuMeter
+) -> dict[str, Any]:
     """p50/p99 of sequential requests (concurrency 1) through the sync tritonclient."""
     import tritonclient.grpc as triton
 
-    calls = {}
-    for name, (addr, model, x) in targets.items():
-        client = triton.InferenceServerClient(url=addr)
-        tensor = triton.InferInput("input", list(x.shape), "FP32")
-        tensor.set_data_from_numpy(x)
-        calls[name] = (client, model, [tensor])
-        for _ in range(100):
-            client.infer(model, [tensor])
+    clients = {name: triton.InferenceServerClient(url=t.addr) for name, t in targets.items()}
     samples: dict[str, list[float]] = {name: [] for name in targets}
+
+    def sequential(name: str) -> int:
+        target, client = targets[name], clients[name]
+        inputs = [_triton_input(target.x)]
+        for _ in range(per_round):
+            start = time.perf_counter()
+            client.infer(target.model, inputs)
+            samples[name].append((time.perf_counter() - start) * 1e6)
+        return per_round
+
     for _ in range(rounds):
-        for name, (client, model, inputs) in calls.items():
-            for _ in range(per_round):
-                start = time.perf_counter()
-                client.infer(model, inputs)
-                samples[name].append((time.perf_counter() - start) * 1e6)
-    for client, _, _ in calls.values():
+        for name in targets:
+            cpu.span(name, functools.partial(sequential, name))
+    for client in clients.values():
         client.close()
     return {name: {"p50_us": _pct(s, 50), "p99_us": _pct(s, 99)} for name, s in samples.items()}
 
 
-async def _throughput(target: Target, concurrency: int, seconds: float) -> float:
+async def _throughput(target: Target, concurrency: int, seconds: float) -> tuple[float, int]:
     import tritonclient.grpc.aio as triton_aio
-    from tritonclient.grpc import InferInput
 
-    addr, model, x = target
-    client = triton_aio.InferenceServerClient(url=addr)
-    tensor = InferInput("input", list(x.shape), "FP32")
-    tensor.set_data_from_numpy(x)
+    client = triton_aio.InferenceServerClient(url=target.addr)
+    tensor = _triton_input(target.x)
     done = 0
     measuring = False
     stop = False
@@ -178,7 +148,7 @@ async def _throughput(target: Target, concurrency: int, seconds: float) -> float
     async def worker() -> None:
         nonlocal done
         while not stop:
-            await client.infer(model, [tensor])
+            await client.infer(target.model, [tensor])
             if measuring:
                 done += 1
 
@@ -190,17 +160,23 @@ async def _throughput(target: Target, concurrency: int, seconds: float) -> float
     stop = True
     await asyncio.gather(*tasks)
     await client.close()
-    return done / elapsed
+    return done / elapsed, done
 
 
 def throughput_rps(
-    targets: dict[str, Target], concurrency: int, rounds: int, seconds: float
+    targets: dict[str, Target], concurrency: int, rounds: int, seconds: float, cpu: CpuMeter
 ) -> dict[str, float]:
     """Median over rounds of completed requests/s with ``concurrency`` requests in flight."""
     rates: dict[str, list[float]] = {name: [] for name in targets}
+
+    def measure(name: str) -> int:
+        rate, done = asyncio.run(_throughput(targets[name], concurrency, seconds))
+        rates[name].append(rate)
+        return done
+
     for _ in range(rounds):
-        for name, target in targets.items():
-            rates[name].append(asyncio.run(_throughput(target, concurrency, seconds)))
+        for name in targets:
+            cpu.span(name, functools.partial(measure, name))
     return {name: round(statistics.median(r), 1) for name, r in rates.items()}
 
 
@@ -230,42 +206,98 @@ def compute_ns(addr: str, model: str) -> tuple[int, int]:
 
 
 def server_forward_us(before: tuple[int, int], after: tuple[int, int]) -> float:
-    """Mean forward time inside the server between two ``compute_ns`` snapshots.
-
-    At concurrency 1 the server sits idle between requests while the client and gRPC run, so
-    torch starts each pass with cold caches: this is what a forward really costs there, next
-    to the tight-loop figure above.
-    """
+    """Mean forward time inside the server between two ``compute_ns`` snapshots (taken after
+    the warm-up). At concurrency 1 the server sits idle between requests while the client and
+    gRPC run, so torch starts each pass with cold caches: this is what a forward really costs
+    there, next to the tight-loop figure."""
     return round((after[1] - before[1]) / max(after[0] - before[0], 1) / 1000, 1)
 
 
-# --- orchestration ------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def peer(argv: list[str], port: int, log: Path) -> Iterator[str]:
-    """A peer server process; stopped by its PID on exit."""
+def settings_read_back(addr: str, model: str) -> dict[str, Any]:
+    """The batching a server applies, from its own ModelConfig."""
     import tritonclient.grpc as triton
 
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
-    addr = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            with contextlib.suppress(Exception):
-                if triton.InferenceServerClient(url=addr).is_server_ready():
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{argv[3:]} did not become ready; see {log}")
-            time.sleep(0.2)
-        yield addr
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    config = triton.InferenceServerClient(url=addr).get_model_config(model, as_json=True)["config"]
+    delay = config.get("dynamic_batching", {}).get("max_queue_delay_microseconds", "0")
+    return {
+        "max_batch_size": int(config.get("max_batch_size", 0)),
+        "max_queue_delay_us": int(delay),
+        "workers": int(config["instance_group"][0].get("count", 1)),
+    }
+
+
+def warm_up(targets: dict[str, Target], requests: int = 200) -> None:
+    import tritonclient.grpc as triton
+
+    for target in targets.values():
+        client = triton.InferenceServerClient(url=target.addr)
+        inputs = [_triton_input(target.x)]
+        for _ in range(requests):
+            client.infer(target.model, inputs)
+        client.close()
+
+
+# --- checks -------------------------------------------------------------------------------------
+
+
+def check(name: str, value: float, limit: float | None, *, at_most: bool) -> dict[str, Any]:
+    if limit is None:
+        return {"check": name, "value": value, "met": None, "not_run": "its peer did not run"}
+    met = value <= limit if at_most else value >= limit
+    return {
+        "check": name,
+        "value": value,
+        "limit": round(limit, 1),
+        "met": met,
+        "miss": None if met else round(abs(value - limit), 1),
+    }
+
+
+def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
+    small, big = result["small_mlp"], result["mlp_10m"]
+    ours, floor, kserve = small["maas_batching"], small["grpc_floor"], small["kserve"]
+    peer = "p50_us" in kserve
+    return [
+        check(
+            "p50 c1 <= floor + in-process forward + 150us (us)",
+            ours["p50_us"],
+            floor["p50_us"] + small["in_process_forward_p50_us"] + TARGET_EXTRA_US,
+            at_most=True,
+        ),
+        check(
+            "p50 c1 <= floor + forward as measured inside the server + 150us (context)",
+            ours["p50_us"],
+            floor["p50_us"] + ours["server_forward_c1_us"] + TARGET_EXTRA_US,
+            at_most=True,
+        ),
+        check(
+            "p50 c1 <= 0.8x KServe (us)",
+            ours["p50_us"],
+            0.8 * kserve["p50_us"] if peer else None,
+            at_most=True,
+        ),
+        check(
+            "c16 throughput >= 1.5x KServe (req/s)",
+            ours["c16_rps"],
+            1.5 * kserve["c16_rps"] if peer else None,
+            at_most=False,
+        ),
+        check(
+            "c16 throughput >= 0.75x the floor (req/s)",
+            ours["c16_rps"],
+            0.75 * floor["c16_rps"],
+            at_most=False,
+        ),
+        check(
+            "10M MLP c64: batching / unbatched >= 5x",
+            big["batching_vs_unbatched"],
+            5.0,
+            at_most=False,
+        ),
+    ]
+
+
+# --- orchestration ------------------------------------------------------------------------------
 
 
 async def register(settings: Any, registry_addr: str) -> dict[str, Any]:
@@ -283,93 +315,32 @@ async def register(settings: Any, registry_addr: str) -> dict[str, Any]:
     return modules
 
 
-def kserve_python() -> Path | None:
-    python = KSERVE_VENV / "bin" / "python"
-    if not python.exists():
-        return None
-    check = subprocess.run([str(python), "-c", "import kserve"], capture_output=True)
-    return python if check.returncode == 0 else None
-
-
-@contextlib.contextmanager
-def kserve_peer(module: Any, workdir: Path) -> Iterator[str | None]:
-    """KServe's ModelServer on ``module``'s weights, or None when kserve is not installed."""
-    import site
-
-    from safetensors.torch import save_file
-
-    python = kserve_python()
-    if python is None:
-        yield None
-        return
-    weights = workdir / "bench-mlp.safetensors"
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
-    port = _free_port()
-    argv = [
-        str(python),
-        "-m",
-        "bench.serve",
-        "--peer",
-        "kserve",
-        "--peer-port",
-        str(port),
-        "--weights",
-        str(weights),
-        "--probe-site",
-        site.getsitepackages()[0],
-    ]
-    with peer(argv, port, workdir / "kserve.log") as addr:
-        yield addr
-
-
-def check(name: str, value: float, limit: float, *, at_most: bool) -> dict[str, Any]:
-    met = value <= limit if at_most else value >= limit
-    return {
-        "check": name,
-        "value": value,
-        "limit": round(limit, 1),
-        "met": met,
-        "miss": None if met else round(abs(value - limit), 1),
+def measure_small(
+    targets: dict[str, Target], rounds: int, seconds: float, workdir: Path
+) -> dict[str, Any]:
+    """Latency, throughput and CPU per request of every target; the batching server profiled."""
+    warm_up(targets)
+    before = {name: compute_ns(targets[name].addr, MODEL) for name in OURS}
+    cpu = CpuMeter(targets)
+    latency = latency_us(targets, rounds, per_round=500, cpu=cpu)
+    for name in OURS:
+        after = compute_ns(targets[name].addr, MODEL)
+        latency[name]["server_forward_c1_us"] = server_forward_us(before[name], after)
+    profiled = targets["maas_batching"]
+    with sampling_profile(profiled.pid, workdir / "profile.txt") as profile:
+        c16 = throughput_rps(targets, 16, rounds, seconds, cpu)
+    c64 = throughput_rps(targets, 64, rounds, seconds, cpu)
+    small = {
+        name: {
+            **latency[name],
+            "c16_rps": c16[name],
+            "c64_rps": c64[name],
+            **cpu.per_request_us(name),
+        }
+        for name in targets
     }
-
-
-def checks(result: dict[str, Any]) -> list[dict[str, Any]]:
-    small, big = result["small_mlp"], result["mlp_10m"]
-    ours, floor, kserve = small["maas_batching"], small["grpc_floor"], small["kserve"]
-    cold = check(
-        "p50 c1 <= floor + forward as measured inside the server + 100us (context)",
-        ours["p50_us"],
-        floor["p50_us"] + ours["server_forward_c1_us"] + TARGET_EXTRA_US,
-        at_most=True,
-    )
-    out = [
-        check(
-            "p50 c1 <= floor + forward + 100us (us)",
-            ours["p50_us"],
-            floor["p50_us"] + small["in_process_forward_p50_us"] + TARGET_EXTRA_US,
-            at_most=True,
-        ),
-        cold,
-        check(
-            "10M MLP c64: batching / unbatched >= 3x",
-            big["batching_vs_unbatched"],
-            3.0,
-            at_most=False,
-        ),
-    ]
-    if "p50_us" in kserve:
-        out += [
-            check(
-                "p50 c1 <= 0.8x KServe (us)", ours["p50_us"], 0.8 * kserve["p50_us"], at_most=True
-            ),
-            check(
-                "c16 throughput >= 1.5x KServe (req/s)",
-                ours["c16_rps"],
-                1.5 * kserve["c16_rps"],
-                at_most=False,
-            ),
-        ]
-    return out
+    small["profile_maas_batching_c16"] = profile
+    return small
 
 
 def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
@@ -387,59 +358,44 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="maas-bench-serve-procs-") as tmp,
         ServiceProcesses(Path(tmp)) as procs,
     ):
+        workdir = Path(tmp)
         registry = procs.start_registry()
         # The peers serve without auth: so do ours here, to compare like with like.
-        batching = procs.start_inference(
-            "maas-batching", registry, MAAS_AUTH="off", MAAS_INFERENCE_MAX_BATCH_SIZE="64"
-        )
-        unbatched = procs.start_inference(
-            "maas-unbatched", registry, MAAS_AUTH="off", MAAS_INFERENCE_MAX_BATCH_SIZE="1"
+        batching, unbatched = (
+            procs.start_inference(
+                name,
+                registry,
+                MAAS_AUTH="off",
+                MAAS_INFERENCE_INLINE_FORWARD_US=INLINE_FORWARD_US,
+                MAAS_INFERENCE_MAX_BATCH_SIZE=rows,
+            )
+            for name, rows in (("maas-batching", "64"), ("maas-unbatched", "1"))
         )
         modules = asyncio.run(register(settings, registry))
-        port = _free_port()
-        with (
-            peer(
-                [sys.executable, "-m", "bench.serve", "--peer", "floor", "--peer-port", str(port)],
-                port,
-                Path(tmp) / "floor.log",
-            ) as floor,
-            kserve_peer(modules[MODEL], Path(tmp))
+        peer = (
+            kserve_peer(modules[MODEL], workdir)
             if with_kserve
-            else contextlib.nullcontext() as kserve,
-        ):
-            targets = {
-                "grpc_floor": (floor, MODEL, x),
-                "maas_batching": (batching, MODEL, x),
-                "maas_unbatched": (unbatched, MODEL, x),
-            }
-            if kserve:
-                targets["kserve"] = (kserve, MODEL, x)
-            before = {name: compute_ns(targets[name][0], MODEL) for name in OURS}
-            latency = latency_us(targets, rounds, per_round=500)
-            for name in OURS:
-                latency[name]["server_forward_c1_us"] = server_forward_us(
-                    before[name], compute_ns(targets[name][0], MODEL)
-                )
-            c16 = throughput_rps(targets, 16, rounds, seconds)
-            c64 = throughput_rps(targets, 64, rounds, seconds)
-        small: dict[str, Any] = {
-            "params": zoo.count_parameters(modules[MODEL]),
-            "in_process_forward_p50_us": forward_us(modules[MODEL], x),
-        }
-        for name in targets:
-            small[name] = {**latency[name], "c16_rps": c16[name], "c64_rps": c64[name]}
-        if "kserve" not in targets:
-            small["kserve"] = {
-                "skipped": "--no-kserve"
-                if not with_kserve
-                else f"no kserve in {KSERVE_VENV} (make that venv; pip install kserve)"
-            }
-        big_rps = throughput_rps(
-            {"batching": (batching, MODEL_10M, x10), "unbatched": (unbatched, MODEL_10M, x10)},
-            64,
-            rounds,
-            2 * seconds,
+            else contextlib.nullcontext("not run: --no-kserve")
         )
+        with floor_peer(workdir) as (floor, floor_pid), peer as kserve:
+            targets = {
+                "grpc_floor": Target(floor, MODEL, x, floor_pid),
+                "maas_batching": Target(batching, MODEL, x, procs.pid("maas-batching")),
+                "maas_unbatched": Target(unbatched, MODEL, x, procs.pid("maas-unbatched")),
+            }
+            if not isinstance(kserve, str):
+                targets["kserve"] = Target(kserve[0], MODEL, x, kserve[1])
+            small = measure_small(targets, rounds, seconds, workdir)
+            if isinstance(kserve, str):
+                small["kserve"] = {"not_run": kserve}  # named in the checks, never dropped
+        small["params"] = zoo.count_parameters(modules[MODEL])
+        small["in_process_forward_p50_us"] = forward_us(modules[MODEL], x)
+        big_targets = {
+            "batching": Target(batching, MODEL_10M, x10, procs.pid("maas-batching")),
+            "unbatched": Target(unbatched, MODEL_10M, x10, procs.pid("maas-unbatched")),
+        }
+        warm_up(big_targets, requests=20)
+        big_rps = throughput_rps(big_targets, 64, rounds, 2 * seconds, CpuMeter(big_targets))
         big = {
             "params": zoo.count_parameters(modules[MODEL_10M]),
             "in_process_forward_p50_us": forward_us(modules[MODEL_10M], x10, runs=200),
@@ -447,6 +403,7 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
             "maas_unbatched_c64_rps": big_rps["unbatched"],
             "batching_vs_unbatched": round(big_rps["batching"] / big_rps["unbatched"], 2),
         }
+        read_back = {name: settings_read_back(targets[name].addr, MODEL) for name in OURS}
     result: dict[str, Any] = {
         "bench": "serve",
         "cpus": os.cpu_count(),
@@ -454,11 +411,8 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
         "client": "tritonclient.grpc (sync: latency; aio: throughput) in this process, "
         f"targets interleaved over {rounds} rounds",
         "server_settings": {
-            "workers": 2,
-            "torch_threads": 1,
-            "max_batch_size": 64,
-            "max_queue_delay_us": 0,
-            "inline_forward_us": 100,
+            name: {**read_back[name], "inline_forward_us (as set)": int(INLINE_FORWARD_US)}
+            for name in OURS
         },
         "small_mlp": small,
         "mlp_10m": big,
@@ -479,17 +433,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds per figure")
     parser.add_argument("--no-kserve", action="store_true", help="skip the KServe peer")
-    parser.add_argument("--peer", choices=["floor", "kserve"], help=argparse.SUPPRESS)
-    parser.add_argument("--peer-port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--weights", help=argparse.SUPPRESS)
-    parser.add_argument("--probe-site", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.peer == "floor":
-        serve_floor(args.peer_port)
-    elif args.peer == "kserve":
-        serve_kserve(args.peer_port, args.weights, args.probe_site)
-    else:
-        print(json.dumps(run(args.seconds, args.rounds, not args.no_kserve), indent=2))
+    print(json.dumps(run(args.seconds, args.rounds, not args.no_kserve), indent=2))
 
 
 if __name__ == "__main__":

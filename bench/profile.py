@@ -1,0 +1,72 @@
+"""A sampling profile of another process (py-spy), summarised as its top entries.
+
+``sampling_profile(pid)`` records while its block runs; ``summary`` reads py-spy's collapsed
+stacks into the functions where the samples were (self) and this project's functions they
+passed through (inclusive), in percent of the samples. Only running threads are sampled, so an
+idle thread waiting in epoll counts nothing. Without py-spy on PATH the profile says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def sampling_profile(pid: int, out: Path, rate_hz: int = 250) -> Iterator[dict[str, Any]]:
+    """Profile ``pid`` while the block runs; the yielded dict is filled in afterwards."""
+    result: dict[str, Any] = {}
+    spy = shutil.which("py-spy")
+    if spy is None:
+        result["not_run"] = "py-spy is not installed (pip install py-spy)"
+        yield result
+        return
+    argv = [spy, "record", "-p", str(pid), "-r", str(rate_hz), "-f", "raw", "-o", str(out)]
+    proc = subprocess.Popen(
+        [*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        yield result
+    finally:
+        proc.send_signal(2)  # py-spy writes its output on SIGINT
+        _, err = proc.communicate(timeout=60)
+    if out.exists():
+        result.update(summary(out.read_text()))
+    else:
+        result["not_run"] = f"py-spy wrote nothing: {err.decode(errors='replace')[-300:]}"
+
+
+def summary(collapsed: str, top: int = 12) -> dict[str, Any]:
+    own: Counter[str] = Counter()
+    through: Counter[str] = Counter()
+    total = 0
+    for line in collapsed.splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        total += n
+        frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        own[frames[-1]] += n
+        for frame in set(frames):
+            through[frame] += n
+    return {
+        "samples": total,
+        "top_self_pct": _top(own, total, top),
+        # Inclusive: this project's own functions only (the loop and thread roots hold 100%).
+        "top_inclusive_pct": _top(
+            Counter({f: n for f, n in through.items() if "(services/" in f or "(maas/" in f}),
+            total,
+            top,
+        ),
+    }
+
+
+def _top(counts: Counter[str], total: int, top: int) -> list[tuple[str, float]]:
+    return [(f, round(100 * n / max(total, 1), 1)) for f, n in counts.most_common(top)]

@@ -1,0 +1,167 @@
+"""The peer servers bench/serve.py compares with, each run as its own process:
+
+    python -m bench.serve_peers floor PORT                       # a no-op OIP servicer
+    python -m bench.serve_peers kserve PORT WEIGHTS PROBE_SITE   # KServe, inside its own venv
+
+The KServe one runs in KServe's venv, where neither tritonclient nor this repository's packages
+are installed: imports of those happen inside the functions that need them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {"in_features": 64, "hidden": [128, 64], "num_classes": 10}
+MODEL = "bench-mlp"
+
+
+def serve_floor(port: int) -> None:
+    """A do-nothing OIP server: every ModelInfer gets the same prebuilt 1x10 FP32 answer."""
+    import grpc
+
+    from maas.oip import grpc_predict_v2_pb2 as pb
+    from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    answer = pb.ModelInferResponse(model_name=MODEL, model_version="1")
+    answer.outputs.add(name="output", datatype="FP32", shape=[1, 10])
+    answer.raw_output_contents.append(bytes(40))
+
+    class Floor(pb_grpc.GRPCInferenceServiceServicer):
+        async def ServerLive(self, request: Any, context: Any) -> Any:
+            return pb.ServerLiveResponse(live=True)
+
+        async def ServerReady(self, request: Any, context: Any) -> Any:
+            return pb.ServerReadyResponse(ready=True)
+
+        async def ModelInfer(self, request: Any, context: Any) -> Any:
+            return answer
+
+    async def run() -> None:
+        server = grpc.aio.server()
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(Floor(), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
+def serve_kserve(port: int, weights: str, probe_site: str) -> None:
+    """KServe's ModelServer serving the same zoo MLP (torch borrowed from the project's venv)."""
+    # kserve's own packages (protobuf, grpcio, numpy) stay first on the path; torch, safetensors
+    # and the model zoo come after them.
+    sys.path += [str(ROOT / "shared"), probe_site]
+    import kserve
+    import torch
+    from kserve import InferOutput, InferRequest, InferResponse
+    from safetensors.torch import load_file
+
+    from maas import zoo
+
+    torch.set_num_threads(1)
+    module = zoo.build("mlp", SMALL)
+    module.load_state_dict(load_file(weights))
+    module.eval()
+
+    class Mlp(kserve.Model):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(MODEL)
+            self.ready = True
+
+        def predict(self, payload: InferRequest, headers: Any = None) -> InferResponse:
+            x = payload.inputs[0].as_numpy()
+            with torch.inference_mode():
+                y = module(torch.from_numpy(x)).numpy()
+            out = InferOutput("output", list(y.shape), "FP32")
+            out.set_data_from_numpy(y, binary_data=True)
+            return InferResponse(payload.id, MODEL, [out], use_binary_outputs=True)
+
+    kserve.ModelServer(grpc_port=port, http_port=_free_port(), workers=1).start([Mlp()])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# --- starting them from the bench -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def peer(argv: list[str], port: int, log: Path) -> Iterator[tuple[str, int]]:
+    """A peer server process (address, pid); stopped by its PID on exit."""
+    import tritonclient.grpc as triton
+
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    addr = f"127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            with contextlib.suppress(Exception):
+                if triton.InferenceServerClient(url=addr).is_server_ready():
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[2:]} did not become ready; see {log}")
+            time.sleep(0.2)
+        yield addr, proc.pid
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def floor_peer(workdir: Path) -> Iterator[tuple[str, int]]:
+    port = _free_port()
+    argv = [sys.executable, "-m", "bench.serve_peers", "floor", str(port)]
+    with peer(argv, port, workdir / "floor.log") as (addr, pid):
+        yield addr, pid
+
+
+@contextlib.contextmanager
+def kserve_peer(module: Any, workdir: Path) -> Iterator[tuple[str, int] | str]:
+    """KServe's ModelServer on ``module``'s weights ((address, pid)), or why it cannot run."""
+    import site
+
+    from safetensors.torch import save_file
+
+    from services.inference.harness import kserve_python
+
+    try:
+        python = kserve_python()
+    except Exception as exc:  # a failed venv build is reported, never silently dropped
+        yield f"not run: the KServe venv could not be built ({exc})"
+        return
+    weights = workdir / "bench-mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(weights))
+    port = _free_port()
+    argv = [str(python), "-m", "bench.serve_peers", "kserve", str(port), str(weights)]
+    argv.append(site.getsitepackages()[0])
+    with contextlib.ExitStack() as running:
+        try:
+            started = running.enter_context(peer(argv, port, workdir / "kserve.log"))
+        except RuntimeError as exc:
+            yield f"not run: {exc}"
+            return
+        yield started
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "floor":
+        serve_floor(int(sys.argv[2]))
+    else:
+        serve_kserve(int(sys.argv[2]), sys.argv[3], sys.argv[4])

@@ -31,7 +31,7 @@ from tritonclient.utils import InferenceServerException
 
 from maas import zoo
 from maas.registry import RegistryClient
-from services.inference.harness import ServiceProcesses
+from services.inference.harness import ServiceProcesses, kserve_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -391,8 +391,8 @@ def test_maas_predict_reports_a_server_error_and_exits_nonzero(servers):
 
 # --- KServe's client ------------------------------------------------------------------------
 
-KSERVE_PYTHON = Path.home() / ".cache" / "maas" / "venv-kserve" / "bin" / "python"
-# Runs in KServe's own venv: its generated protos and tritonclient's cannot share a process.
+# Runs in KServe's own venv (built once, cached): its generated protos and tritonclient's cannot
+# share a process.
 KSERVE_CLIENT = """
 import asyncio, json, sys
 import numpy as np
@@ -413,21 +413,19 @@ asyncio.run(main(*sys.argv[1:]))
 """
 
 
-@pytest.mark.skipif(
-    not KSERVE_PYTHON.exists(),
-    reason=f"KServe's client is not installed ({KSERVE_PYTHON.parent.parent})",
-)
-def test_kserves_own_grpc_client_gets_correct_answers(servers, digits):
+@pytest.fixture(scope="module")
+def kserve() -> Path:
+    return kserve_python()  # builds ~/.cache/maas/venv-kserve-<version> on first use
+
+
+async def test_kserves_own_grpc_client_finds_a_bare_name_set_only_to_staging(
+    servers, registry, kserve
+):
+    # What a training job leaves behind: one version, alias staging, no production.
+    staged = await register_versions(registry, seeds=[31], alias_first="staging")
     x = rows(3, seed=6)
     done = subprocess.run(
-        [
-            str(KSERVE_PYTHON),
-            "-c",
-            KSERVE_CLIENT,
-            servers.batched,
-            digits.name,
-            json.dumps(x.tolist()),
-        ],
+        [str(kserve), "-c", KSERVE_CLIENT, servers.batched, staged.name, json.dumps(x.tolist())],
         capture_output=True,
         text=True,
         timeout=120,
@@ -436,4 +434,4 @@ def test_kserves_own_grpc_client_gets_correct_answers(servers, digits):
     answer = json.loads(done.stdout.strip().splitlines()[-1])
     assert answer["ready"] is True
     assert (answer["id"], answer["version"]) == ("kserve-1", "1")
-    assert_same(np.array(answer["output"], np.float32), digits.forward(1, x))
+    assert_same(np.array(answer["output"], np.float32), staged.forward(1, x))

@@ -134,10 +134,14 @@ class DataPlane:
             served = await self._single_flight(
                 ("load", name, number), lambda: self._load(name, number)
             )
-        # Remembered only while still true: an event or an eviction may have come meanwhile.
-        if (key is None or self._aliases.get(key) == number) and self._cache.get(
-            name, number
-        ) is served:
+        # Remembered only while still true (an event or an eviction may have come meanwhile),
+        # and only as spelled canonically: " 1" or "01" must not grow the table without bound.
+        canonical = version == (alias if key is not None else str(number))
+        if (
+            canonical
+            and (key is None or self._aliases.get(key) == number)
+            and self._cache.get(name, number) is served
+        ):
             self._serving.setdefault(name, {})[version] = served
         return served
 

@@ -86,10 +86,12 @@ def http_client(served: Served) -> triton_http.InferenceServerClient:
     return triton_http.InferenceServerClient(url=served.http)
 
 
-def request(served: Served, method: str, path: str, body: dict | None = None, auth: bool = True):
+def request(
+    served: Served, method: str, path: str, body: dict | None = None, with_token: bool = True
+):
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(f"http://{served.http}{path}", data=data, method=method)
-    if auth:
+    if with_token:
         for key, value in auth().items():
             req.add_header(key, value)
     try:
@@ -179,8 +181,8 @@ def test_plain_json_infer_answers_and_errors_say_what_is_wrong(served):
 
 
 def test_plain_requests_need_the_token_except_health(served):
-    assert request(served, "GET", "/v2/health/ready", auth=False)[0] == 200
-    status, reply = request(served, "GET", f"/v2/models/{served.name}", auth=False)
+    assert request(served, "GET", "/v2/health/ready", with_token=False)[0] == 200
+    status, reply = request(served, "GET", f"/v2/models/{served.name}", with_token=False)
     assert status == 401 and "authorization" in reply["error"]
     status, reply = request(served, "POST", f"/v2/repository/models/{served.name}/unload")
     assert status == 403

@@ -149,6 +149,15 @@ async def test_a_served_name_is_resolved_once_and_again_only_after_an_event_for_
     assert source.resolves == 2
 
 
+async def test_odd_spellings_of_a_version_are_served_but_not_remembered(source, pool):
+    plane = make_plane(source, pool)
+    for spelling in (" 1", "01", "1 ", "001"):
+        assert (await answer(plane, spelling))[0] == 1
+    assert not plane._serving.get("digits")
+    await answer(plane, "1")
+    assert set(plane._serving["digits"]) == {"1"}
+
+
 async def test_a_version_may_be_a_number_or_an_alias(source, pool):
     plane = make_plane(source, pool)
     assert (await answer(plane, "2"))[0] == 2

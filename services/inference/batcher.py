@@ -83,17 +83,19 @@ def run_batch(forward: Forward, inputs: Sequence[np.ndarray]) -> list[np.ndarray
 
 def _timed_run_batch(
     forward: Forward, inputs: Sequence[np.ndarray]
-) -> tuple[list[np.ndarray], int]:
-    # Timed where it runs, so a worker's compute time excludes the hand-off to and from it.
-    started = time.perf_counter_ns()
+) -> tuple[list[np.ndarray], int, int]:
+    """Outputs, wall ns (what statistics report) and this thread's CPU ns (what the inline
+    decision uses: unlike wall time it does not swell when other processes load the cores).
+    Timed where it runs, so a worker's time excludes the hand-off to and from it."""
+    started, cpu_started = time.perf_counter_ns(), time.thread_time_ns()
     outputs = run_batch(forward, inputs)
-    return outputs, time.perf_counter_ns() - started
+    return outputs, time.perf_counter_ns() - started, time.thread_time_ns() - cpu_started
 
 
 class Compute:
     """Where one model's forward passes run: the worker pool, or inline when predicted cheap.
 
-    The prediction is the measured cost of a pass of about that many rows (sizes rounded up to
+    The prediction is the measured CPU time of a pass of about that many rows (sizes rounded up to
     a power of two); a size not seen yet is extrapolated linearly from the largest smaller size
     seen, which over-estimates (a pass costs less than proportionally more for more rows), so an
     unknown size goes to the pool once and is then known.
@@ -125,8 +127,8 @@ class Compute:
 
     def run_here(self, inputs: Sequence[np.ndarray], rows: int) -> tuple[list[np.ndarray], int]:
         """On the calling thread (the event loop, for a batch predicted cheap)."""
-        outputs, compute_ns = _timed_run_batch(self._forward, inputs)
-        self._learn(rows, compute_ns)
+        outputs, compute_ns, cpu_ns = _timed_run_batch(self._forward, inputs)
+        self._learn(rows, cpu_ns)
         return outputs, compute_ns
 
     async def run(self, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], int]:
@@ -135,19 +137,17 @@ class Compute:
         if self.predicted_cheap(rows):
             return self.run_here(inputs, rows)
         loop = asyncio.get_running_loop()
-        outputs, compute_ns = await loop.run_in_executor(
+        outputs, compute_ns, cpu_ns = await loop.run_in_executor(
             self._executor, _timed_run_batch, self._forward, inputs
         )
-        self._learn(rows, compute_ns)
+        self._learn(rows, cpu_ns)
         return outputs, compute_ns
 
-    def _learn(self, rows: int, compute_ns: int) -> None:
+    def _learn(self, rows: int, cpu_ns: int) -> None:
         size = _size_class(rows)
         known = self._ns_by_size.get(size)
         self._ns_by_size[size] = (
-            compute_ns
-            if known is None
-            else self._SMOOTHING * compute_ns + (1 - self._SMOOTHING) * known
+            cpu_ns if known is None else self._SMOOTHING * cpu_ns + (1 - self._SMOOTHING) * known
         )
 
 

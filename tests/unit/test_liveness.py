@@ -32,8 +32,9 @@ async def test_a_loop_that_dies_turns_the_gauge_off_and_tells_the_health_hook_wh
 
     task = asyncio.create_task(liveness.supervise("jobs-consumer", consumer()))
     await started.wait()
-    while not told:
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):
+        while not told:
+            await asyncio.sleep(0.01)
     assert up(registry, "jobs-consumer") == 0
     assert told == ["jobs-consumer: could not write to maas.dlq.v1 8 times in a row"]
     assert not liveness.healthy and not task.done()  # the process stays up, saying why
@@ -61,7 +62,8 @@ async def test_an_unexpected_exception_is_reported_with_its_type():
         raise KeyError("outbox")
 
     task = asyncio.create_task(liveness.supervise("outbox-relay", relay()))
-    while liveness.healthy:
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(10):
+        while liveness.healthy:
+            await asyncio.sleep(0.01)
     assert liveness.reason == "outbox-relay: KeyError: 'outbox'"
     task.cancel()

@@ -496,7 +496,13 @@ async def bench(args: argparse.Namespace, settings: Settings, workdir: Path) -> 
                         steps_to_95=reached[codec],
                     )
                     runs.setdefault(f"ours-{codec}-w{workers}", []).append(ours)
-                    peer = run_ddp(world, args.steps, args.batch, workdir, hook, args.sync_every)
+                    try:
+                        peer = run_ddp(
+                            world, args.steps, args.batch, workdir, hook, args.sync_every
+                        )
+                    except RuntimeError as exc:  # a peer that crashes is reported, not fatal
+                        peer = {"workers": world, "hook": hook, "error": str(exc)}
+                        peer.update(samples_per_s=None, time_to_95_s=None, final_accuracy=None)
                     runs.setdefault(f"ddp-{hook}-p{world}", []).append(peer)
             out["rss"] = {
                 s.name: peak_rss_mb(int(s.process.pid() or 0))

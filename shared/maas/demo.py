@@ -20,6 +20,7 @@ from maas import jobs
 from maas.cli_jobs import console, follow
 from maas.config import Settings
 from maas.datasets import load_builtin
+from maas.edge import call_metadata
 from maas.errors import FailedPrecondition
 from maas.registry import RegistryClient
 from maas.registry.types import ModelVersion
@@ -80,6 +81,21 @@ class Demo:
         print_table(rows, best)
         plot = plot_curves(self.training, self.settings.state_path / "demo")
         console().print(f"training curves: {plot}")
+        await self.stream_from_gpt()
+
+    async def stream_from_gpt(self) -> None:
+        """Train the small GPT as a platform job, then stream a completion token by token."""
+        from maas.text.stream import stream_completion
+
+        gpt = await self.submit("train-gpt.yaml")
+        if gpt.model is None:
+            raise FailedPrecondition("the GPT job succeeded without registering a model")
+        name, version = gpt.model["name"], str(gpt.model["version"])
+        console().rule(f"streamed completion from {name}@{version} (OIP ModelStreamInfer)")
+        prompt = "def "
+        console().print(prompt, end="")
+        await asyncio.to_thread(stream_completion, self.settings, name, prompt, version=version)
+        console().print()
 
     def query_and_time(self, rows: list[Row]) -> None:
         """One prediction through alias production, then p50 latency of every variant."""
@@ -87,37 +103,46 @@ class Demo:
 
         digits = load_builtin("digits")
         row = digits.x_test[:1].astype(np.float32)
-        client = triton.InferenceServerClient(self.settings.inference_addr)
+        client = triton.InferenceServerClient(
+            self.settings.inference_addr,
+            ssl=self.settings.grpc_tls,
+            root_certificates=self.settings.tls_ca_file or None,
+        )
+        headers = dict(call_metadata(self.settings))
         try:
             name = rows[0].version.name
-            answer = _infer(triton, client, name, "", row)
+            answer = _infer(triton, client, headers, name, "", row)
             console().print(
                 f"gRPC ModelInfer {name} (alias production): predicted {int(answer.argmax())}, "
                 f"label {int(digits.y_test[0])}"
             )
             for r in rows:
-                r.p50_ms = _p50_ms(triton, client, name, str(r.version.version), row)
+                r.p50_ms = _p50_ms(triton, client, headers, name, str(r.version.version), row)
         finally:
             client.close()
 
 
-def _infer(triton: Any, client: Any, name: str, version: str, row: np.ndarray) -> np.ndarray:
-    metadata = client.get_model_metadata(name, version)
+def _infer(
+    triton: Any, client: Any, headers: dict[str, str], name: str, version: str, row: np.ndarray
+) -> np.ndarray:
+    metadata = client.get_model_metadata(name, version, headers=headers)
     inputs = [triton.InferInput(metadata.inputs[0].name, list(row.shape), "FP32")]
     inputs[0].set_data_from_numpy(row)
-    result = client.infer(name, inputs, model_version=version)
+    result = client.infer(name, inputs, model_version=version, headers=headers)
     return np.asarray(result.as_numpy(metadata.outputs[0].name))
 
 
-def _p50_ms(triton: Any, client: Any, name: str, version: str, row: np.ndarray) -> float:
-    _infer(triton, client, name, version, row)  # loads the version and warms it up
-    metadata = client.get_model_metadata(name, version)
+def _p50_ms(
+    triton: Any, client: Any, headers: dict[str, str], name: str, version: str, row: np.ndarray
+) -> float:
+    _infer(triton, client, headers, name, version, row)  # loads the version and warms it up
+    metadata = client.get_model_metadata(name, version, headers=headers)
     inputs = [triton.InferInput(metadata.inputs[0].name, list(row.shape), "FP32")]
     inputs[0].set_data_from_numpy(row)
     times = []
     for _ in range(LATENCY_REQUESTS):
         start = time.perf_counter()
-        client.infer(name, inputs, model_version=version)
+        client.infer(name, inputs, model_version=version, headers=headers)
         times.append((time.perf_counter() - start) * 1000)
     return statistics.median(times)
 

@@ -4,7 +4,7 @@ Prints one JSON document: for 1 MB and 8 MB float32 tensors, the MB/s of
   - memcpy:          an in-memory copy of the tensor's bytes (the machine's ceiling),
   - msgpack_encode:  maas.codec.encode_tensor alone,
   - end_to_end:      encode -> idempotent acks=all produce (one process) -> broker -> consume and
-                     zero-copy decode (another process), like a worker feeding an aggregator,
+                     zero-copy decode (another process), on a scratch topic of its own,
 and end_to_end as a fraction of msgpack_encode (the issue's target is >= 0.5).
 
     python -m bench.bus_throughput [--total-mb 256]
@@ -25,11 +25,15 @@ from typing import Any
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from infra.bootstrap import TopicSpec, ensure_topics
 from infra.ephemeral import bench_settings
-from maas import codec, topics
+from maas import codec
 from maas.config import Settings
 
 MB = 1024 * 1024
+# A scratch topic of the bench's own (no service reads it): gradients no longer go through Kafka,
+# so this measures what the broker path would cost tensors of that size.
+BENCH_TOPIC = "maas.bench.tensors"
 
 
 def rate(nbytes: int, seconds: float) -> float:
@@ -66,7 +70,7 @@ async def _produce(settings: Settings, size_bytes: int, count: int, key: bytes, 
         pending = []
         for _ in range(count):
             payload = codec.encode_tensor(array)
-            pending.append(await producer.send(topics.GRADIENTS.name, payload, key=key))
+            pending.append(await producer.send(BENCH_TOPIC, payload, key=key))
         await asyncio.gather(*pending)
     finally:
         await producer.stop()
@@ -79,8 +83,10 @@ def _producer_process(settings: Settings, size_bytes: int, count: int, key: byte
 async def end_to_end_rate(settings: Settings, size_bytes: int, count: int) -> float:
     """A producer process (like a gradient worker) and this process consuming (an aggregator)."""
     key = f"bench-{uuid.uuid4().hex}".encode()
+    limit = str(settings.kafka_max_message_bytes)
+    await ensure_topics(settings, [TopicSpec(BENCH_TOPIC, 1, 1, {"max.message.bytes": limit})])
     consumer = AIOKafkaConsumer(
-        topics.GRADIENTS.name,
+        BENCH_TOPIC,
         bootstrap_servers=settings.kafka_bootstrap,
         group_id=None,
         auto_offset_reset="latest",

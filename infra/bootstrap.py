@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 from maas.config import Settings
 from maas.errors import DeadlineExceeded, FailedPrecondition
 from maas.kafka_security import kafka_client_kwargs
-from maas.topics import ALL_BUCKETS, ALL_TOPICS, GRADIENTS, PARAMS
+from maas.topics import ALL_BUCKETS, ALL_TOPICS
 
 log = logging.getLogger("infra.bootstrap")
 
 _TOPIC_ALREADY_EXISTS = 36
 # Gradients and parameter shards are only replayed from the last checkpoint; a day is plenty and
 # keeps a laptop's disk from filling during long training runs.
-_SHORT_LIVED_RETENTION_MS = 24 * 60 * 60 * 1000
 
 
 @dataclass(frozen=True)
@@ -38,20 +37,14 @@ class TopicSpec:
     configs: dict[str, str] = field(default_factory=dict)
 
 
-def topic_plan(
-    settings: Settings, *, replication_factor: int = 1, shard_partitions: int | None = None
-) -> list[TopicSpec]:
-    """The topics to ensure (pure: no I/O). `shard_partitions` overrides gradients/params."""
+def topic_plan(settings: Settings, *, replication_factor: int = 1) -> list[TopicSpec]:
+    """The topics to ensure (pure: no I/O)."""
     if replication_factor < 1:
         raise ValueError(f"replication_factor={replication_factor} must be >= 1")
     plan = []
     for topic in ALL_TOPICS:
         partitions = topic.partitions
         configs = {"max.message.bytes": str(settings.kafka_max_message_bytes)}
-        if topic in (GRADIENTS, PARAMS):
-            configs["retention.ms"] = str(_SHORT_LIVED_RETENTION_MS)
-            if shard_partitions is not None:
-                partitions = max(partitions, shard_partitions)
         if replication_factor > 1:
             configs["min.insync.replicas"] = str(min(2, replication_factor))
         plan.append(TopicSpec(topic.name, partitions, replication_factor, configs))
@@ -162,12 +155,9 @@ async def bootstrap(
     settings: Settings,
     *,
     replication_factor: int = 1,
-    shard_partitions: int | None = None,
     timeout_s: float = 60.0,
 ) -> dict[str, str]:
-    plan = topic_plan(
-        settings, replication_factor=replication_factor, shard_partitions=shard_partitions
-    )
+    plan = topic_plan(settings, replication_factor=replication_factor)
     topics = await ensure_topics(settings, plan, timeout_s=timeout_s)
     buckets = await asyncio.to_thread(ensure_buckets, settings, timeout_s=timeout_s)
     return {
@@ -181,19 +171,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m infra.bootstrap",
         description="Create the MaaS Kafka topics and S3 buckets (idempotent). Reads MAAS_* env.",
         epilog="example: MAAS_KAFKA_BOOTSTRAP=kafka:9092 python -m infra.bootstrap "
-        "--replication-factor 3 --shard-partitions 8",
+        "--replication-factor 3",
     )
     parser.add_argument(
         "--replication-factor",
         type=int,
         default=1,
         help="replicas per partition for new topics (1 locally, 3 on a cluster)",
-    )
-    parser.add_argument(
-        "--shard-partitions",
-        type=int,
-        default=None,
-        help="partitions for gradients/params (>= number of aggregator shards)",
     )
     parser.add_argument(
         "--timeout-s",
@@ -207,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         bootstrap(
             Settings.from_env(),
             replication_factor=args.replication_factor,
-            shard_partitions=args.shard_partitions,
             timeout_s=args.timeout_s,
         )
     )

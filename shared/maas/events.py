@@ -29,8 +29,6 @@ JOB = "maas.job/1"
 JOB_STATUS = "maas.job-status/1"
 MODEL = "maas.model/1"
 DLQ = "maas.dlq/1"
-GRADIENT = "maas.gradient/1"
-PARAMS = "maas.params/1"
 
 # Reasons quote offending values; a quoted 16 MiB string would make every reason that big.
 MAX_REASON_CHARS = 500

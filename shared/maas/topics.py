@@ -1,6 +1,6 @@
 """The Kafka topics of DESIGN.md (v1) and the S3 buckets. Bootstrap creates exactly these (with
 these partition counts); nothing relies on broker auto-create. Records with the same key land on
-the same partition, so per-key order (one job, one parameter shard) holds."""
+the same partition, so per-key order (one job, one model) holds."""
 
 from __future__ import annotations
 
@@ -20,13 +20,11 @@ class Topic:
 
 JOBS = Topic("maas.jobs.v1", 3, "job_id", "job event (maas.job/1)")
 JOB_STATUS = Topic("maas.job-status.v1", 3, "job_id", "job status/progress (maas.job-status/1)")
-# >= the number of aggregator shards a job may use; a job's shard s goes to partition s % 4.
-GRADIENTS = Topic("maas.gradients.v1", 4, "job_id/shard", "gradient shard messages")
-PARAMS = Topic("maas.params.v1", 4, "job_id/shard", "parameter shard updates")
 MODELS = Topic("maas.models.v1", 3, "model name", "registry events")
 DLQ = Topic("maas.dlq.v1", 1, "original key", "rejected records: reason + original bytes")
 
-ALL_TOPICS: tuple[Topic, ...] = (JOBS, JOB_STATUS, GRADIENTS, PARAMS, MODELS, DLQ)
+# Gradients and parameters are not here: they travel over the gRPC data plane (maas.training.v1).
+ALL_TOPICS: tuple[Topic, ...] = (JOBS, JOB_STATUS, MODELS, DLQ)
 
 MODELS_BUCKET = "maas-models"
 DATASETS_BUCKET = "maas-datasets"

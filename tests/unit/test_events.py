@@ -91,8 +91,6 @@ def test_every_schema_file_is_loaded():
         events.JOB_STATUS,
         events.MODEL,
         events.DLQ,
-        events.GRADIENT,
-        events.PARAMS,
     }
 
 

@@ -15,7 +15,7 @@ from infra.s3 import WeedPorts, WeedS3
 from infra.stack import LocalStack
 from maas import cli
 from maas.config import Settings
-from maas.topics import ALL_TOPICS, GRADIENTS, PARAMS
+from maas.topics import ALL_TOPICS
 
 MiB = 1024 * 1024
 
@@ -47,10 +47,9 @@ def test_topic_plan_matches_the_design_table() -> None:
     assert all(s.replication_factor == 1 for s in plan.values())
 
 
-def test_topic_plan_scales_shards_and_replicas() -> None:
-    plan = {s.name: s for s in topic_plan(Settings(), replication_factor=3, shard_partitions=12)}
-    assert plan[GRADIENTS.name].partitions == 12 and plan[PARAMS.name].partitions == 12
-    assert plan["maas.jobs.v1"].partitions == 3
+def test_topic_plan_scales_replicas() -> None:
+    plan = {s.name: s for s in topic_plan(Settings(), replication_factor=3)}
+    assert plan["maas.jobs.v1"].partitions == 3 and plan["maas.jobs.v1"].replication_factor == 3
     assert plan["maas.jobs.v1"].configs["min.insync.replicas"] == "2"
     with pytest.raises(ValueError, match="replication_factor"):
         topic_plan(Settings(), replication_factor=0)

@@ -40,25 +40,37 @@ def _object_array(items: Sequence[bytes], shape: Sequence[int], name: str) -> np
 
 def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.ndarray:
     """Length-prefixed elements -> an object array of ``bytes`` in the tensor's shape."""
+    return decode_items(raw, tensor.shape, tensor.name)
+
+
+def decode_items(raw: bytes, shape: Sequence[int], name: str) -> np.ndarray:
+    """``raw`` BYTES contents of tensor ``name`` -> an object array of ``bytes`` in ``shape``."""
     items: list[bytes] = []
     view = memoryview(raw)
     offset = 0
     while offset < len(view):
         if offset + _LENGTH.size > len(view):
             raise InvalidArgument(
-                f"input {tensor.name!r}: BYTES element {len(items)} is cut inside its 4-byte "
+                f"input {name!r}: BYTES element {len(items)} is cut inside its 4-byte "
                 "length prefix; each element is a little-endian uint32 length, then the bytes"
             )
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += _LENGTH.size
         if offset + length > len(view):
             raise InvalidArgument(
-                f"input {tensor.name!r}: BYTES element {len(items)} says {length} bytes but "
+                f"input {name!r}: BYTES element {len(items)} says {length} bytes but "
                 f"only {len(view) - offset} remain"
             )
         items.append(bytes(view[offset : offset + length]))
         offset += length
-    return _object_array(items, tensor.shape, tensor.name)
+    return _object_array(items, shape, name)
+
+
+def texts_array(texts: Sequence[str]) -> np.ndarray:
+    """UTF-8 encoded ``texts`` as a BYTES tensor [N]."""
+    array = np.empty(len(texts), dtype=object)
+    array[:] = [t.encode() for t in texts]
+    return array
 
 
 def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:

@@ -57,6 +57,27 @@ def test_int8_linear_computes_what_the_dequantized_float_layer_computes():
     assert torch.allclose(out, reference(x), atol=0.05)
 
 
+def test_linear_weights_keep_within_the_range_full_range_activations_allow():
+    model = zoo.build("cnn", {})
+    stored = quant.prepare(model, "int8")
+    assert stored["head.weight"].values.abs().max() == quant.LINEAR_MAX
+    assert stored["features.0.weight"].values.abs().max() == quant.INT8_MAX  # a conv
+
+
+@pytest.mark.parametrize("limit", [quant.LINEAR_MAX, quant.INT8_MAX])
+def test_int8_linear_is_exact_where_int16_pair_sums_would_saturate(limit):
+    # Every activation quantizes to the top of its range and every weight to its limit: the
+    # largest products the kernel adds in pairs. 127-weights (older artifacts) get 7-bit
+    # activations, LINEAR_MAX-weights full 8-bit ones; either way nothing saturates.
+    weight = torch.ones(3, 64)
+    weight[1] = -1
+    weight[2, ::2] = -1
+    x = torch.full((2, 64), 2.55)
+    x[1, 1::2] = 0.0  # 0 and the top quantize exactly in 7 and 8 bits alike
+    out = quant.Int8Linear(quant.quantize_int8(weight, limit), torch.zeros(3))(x)
+    torch.testing.assert_close(out, x @ weight.T, rtol=1e-4, atol=1e-3)
+
+
 def test_convert_swaps_only_linear_layers_for_int8_ones():
     model = zoo.build("cnn", {})
     int8 = {

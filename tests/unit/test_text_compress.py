@@ -10,7 +10,7 @@ from safetensors.torch import save as st_save
 from maas import artifacts, zoo
 from maas.compression import pipeline, quant
 from maas.compression.train import FitConfig, Tensors
-from maas.text import compress
+from maas.text import compress, corpus
 from maas.text.model import TextModel
 from maas.text.pretrained import MINILM_PACKAGE, read_package
 
@@ -49,20 +49,19 @@ def run_job(model: torch.nn.Module, config: dict[str, object], method: dict[str,
     return pipeline.run(pipeline.parse_method(method), parent, data_of(token_rows()), FitConfig(2))
 
 
-def test_int8_minilm_stays_close_to_fp32_with_every_linear_in_int8() -> None:
+def test_int8_minilm_embeds_held_out_texts_within_cosine_0_99_of_fp32() -> None:
     minilm = TextModel.from_pretrained(read_package(MINILM_PACKAGE))
     config = zoo.config_to_dict(minilm.config)
     int8 = stored(run_job(minilm.module, config, {"quantize": {"dtype": "int8"}}))
-    linears = [m for m in int8.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears == [] and any(isinstance(m, quant.Int8Linear) for m in int8.modules())
-    ids = torch.from_numpy(
-        minilm.tokenizer.encode(["A sentence to embed.", "Another one, longer."])
-    )
+    assert not any(isinstance(m, torch.nn.Linear) for m in int8.modules())
+    assert any(isinstance(m, quant.Int8Linear) for m in int8.modules())
+    texts = corpus.texts()[0]
+    picked = np.random.default_rng(0).permutation(len(texts))[-64:]  # one batch, mixed lengths
+    ids = torch.from_numpy(minilm.tokenizer.encode([texts[i] for i in picked]))
     with torch.inference_mode():
-        # Activations are quantized per batch to 7 bits (quant.Int8Linear's reduce_range, which
-        # keeps AVX2's int16 pair sums from saturating): that, not the int8 weights (cosine
-        # 0.9996 alone), costs most of the distance. bench/text.py prints the full figure.
-        assert compress.mean_cosine(minilm.module(ids), int8(ids)) > 0.9
+        # Full-range activations on 7-bit weights (quant.LINEAR_MAX); with 127-weights the AVX2
+        # kernels need 7-bit activations and the cosine drops to about 0.975.
+        assert compress.mean_cosine(minilm.module(ids), int8(ids)) >= 0.99
 
 
 def test_pruning_nothing_changes_nothing() -> None:

@@ -123,7 +123,7 @@ def steps_to_target(plan_job: dict[str, Any]) -> int | None:
     from maas.training.prepare import Limits, prepare_job
     from maas.training.replica import evaluate
 
-    prepared = prepare_job(plan_job, limits=Limits(4, SHARDS, 10_000))
+    prepared = prepare_job(plan_job, limits=Limits(10_000))
     plan, data = prepared.plan, prepared.dataset
     model = zoo.build(plan.arch, plan.config)
     reached: list[int] = []

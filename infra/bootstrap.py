@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from maas.config import Settings
 from maas.errors import DeadlineExceeded, FailedPrecondition
 from maas.kafka_security import kafka_client_kwargs
-from maas.topics import ALL_BUCKETS, ALL_TOPICS
+from maas.topics import ALL_BUCKETS, ALL_TOPICS, TRAINING_CONTROL
 
 log = logging.getLogger("infra.bootstrap")
 
@@ -45,6 +45,8 @@ def topic_plan(settings: Settings, *, replication_factor: int = 1) -> list[Topic
     for topic in ALL_TOPICS:
         partitions = topic.partitions
         configs = {"max.message.bytes": str(settings.kafka_max_message_bytes)}
+        if topic is TRAINING_CONTROL:  # heartbeats matter for seconds; keep an hour to debug
+            configs["retention.ms"] = str(3_600_000)
         if replication_factor > 1:
             configs["min.insync.replicas"] = str(min(2, replication_factor))
         plan.append(TopicSpec(topic.name, partitions, replication_factor, configs))

@@ -35,6 +35,7 @@ _PLACEMENT = {
     "MAAS_REGISTRY_ADDR": "registry_addr",
     "MAAS_INFERENCE_LISTEN": "inference_listen",
     "MAAS_INFERENCE_ADDR": "inference_addr",
+    "MAAS_AGGREGATOR_LISTEN": "aggregator_listen",
     "MAAS_METRICS_BIND": "metrics_bind",
 }
 # Who a service is: compose names its token file; `infra.stack` moves it to the stack's auth dir.
@@ -82,16 +83,32 @@ def _replicas(service: Mapping[str, Any]) -> int:
     return int(deploy.get("replicas", 1))
 
 
+def check_scale(scale: Mapping[str, int], compose: Mapping[str, Any] | None = None) -> None:
+    """``--scale NAME=N``: NAME must be a compose Python service, N >= 0."""
+    compose = compose or load_compose()
+    names = sorted(n for n, s in compose["services"].items() if python_module(s))
+    for name, count in scale.items():
+        if name not in names:
+            raise InvalidArgument(f"--scale {name}: no such service; scalable: {', '.join(names)}")
+        if count < 0:
+            raise InvalidArgument(f"--scale {name}={count}: the count must be >= 0")
+
+
+# Listeners that serve grpc.health.v1 (a shard's data plane does not: its metrics port tells).
+_HEALTH_LISTEN = ("MAAS_REGISTRY_LISTEN", "MAAS_INFERENCE_LISTEN")
+
+
 def _readiness(env: Mapping[str, str]) -> tuple[str, str, int]:
     for name, value in env.items():
-        if name.endswith("_LISTEN"):
+        if name in _HEALTH_LISTEN:
             host, _, port = value.rpartition(":")
             return "grpc", host or "127.0.0.1", int(port)
     for name, value in env.items():
         if name.endswith("METRICS_PORT") and int(value or 0) > 0:
             return "http", "127.0.0.1", int(value)
     raise InvalidArgument(
-        "a service needs a *_LISTEN address or a *METRICS_PORT for the stack to know it is ready"
+        f"a service needs one of {_HEALTH_LISTEN} or a *METRICS_PORT for the stack to know it "
+        "is ready"
     )
 
 
@@ -101,11 +118,13 @@ def local_services(
     compose: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
     fresh_port: Callable[[], int] | None = None,
+    scale: Mapping[str, int] | None = None,
 ) -> list[ServiceSpec]:
     """The compose services as local processes, in dependency order.
 
     ``fresh_port`` (tests, benchmarks) gives every metrics port a free one instead of compose's
-    fixed numbers, so a private stack runs beside a developer's."""
+    fixed numbers, so a private stack runs beside a developer's. ``scale`` overrides compose's
+    replica counts by service name (``maas stack up --scale``)."""
     compose = compose or load_compose()
     environ = os.environ if environ is None else environ
     python_services = {
@@ -131,7 +150,7 @@ def local_services(
             }
         )
         deps = tuple(d for d in (svc.get("depends_on") or {}) if d in python_services)
-        count = _replicas(svc)
+        count = (scale or {}).get(name, _replicas(svc))
         for replica in range(count):
             env = {**base, "MAAS_REPLICA_INDEX": str(replica), "MAAS_REPLICAS": str(count)}
             for var, value in base.items():

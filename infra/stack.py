@@ -138,12 +138,15 @@ class LocalStack:
         attached: bool = False,
         with_services: bool = False,
         fresh_ports: bool = False,
+        scale: Mapping[str, int] | None = None,
     ) -> LocalStack:
         """`attached=True` ties the processes' lives to this one (test fixtures).
 
         `with_services=True` adds every `python -m services.*` service of docker-compose.yml,
         with its replicas, in dependency order (what `maas stack up` runs); `fresh_ports=True`
         moves their metrics ports to free ones (private stacks beside a developer's).
+        ``scale`` (``maas stack up --scale``) overrides replica counts; it is remembered in the
+        stack dir, so `status` and `down` see the same replicas, until `down` forgets it.
         """
         stack = cls(
             settings=settings,
@@ -153,10 +156,24 @@ class LocalStack:
             s3=WeedS3.from_settings(settings, ports=s3_ports, attached=attached),
         )
         if with_services:
+            counts = stack.remember_scale(scale or {})
             stack.services = list(
-                compose_services(settings, stack.stack_dir, fresh_ports=fresh_ports)
+                compose_services(settings, stack.stack_dir, fresh_ports=fresh_ports, scale=counts)
             )
         return stack
+
+    def remember_scale(self, scale: Mapping[str, int]) -> dict[str, int]:
+        """The replica overrides in force: the remembered ones updated with ``scale``."""
+        from infra.compose import check_scale
+
+        path = self.stack_dir / "scale.json"
+        counts = json.loads(path.read_text()) if path.exists() else {}
+        if scale:
+            check_scale(scale)
+            counts.update(scale)
+            self.stack_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(counts, sort_keys=True))
+        return dict(counts)
 
     @property
     def stack_dir(self) -> Path:
@@ -192,6 +209,7 @@ class LocalStack:
             for component in reversed(self.components()):
                 if component.stop():
                     stopped.append(component.name)
+            (self.stack_dir / "scale.json").unlink(missing_ok=True)
         return stopped
 
     def status(self) -> list[ComponentStatus]:
@@ -225,13 +243,18 @@ class LocalStack:
 
 
 def compose_services(
-    settings: Settings, stack_dir: Path, *, fresh_ports: bool = False
+    settings: Settings,
+    stack_dir: Path,
+    *,
+    fresh_ports: bool = False,
+    scale: Mapping[str, int] | None = None,
 ) -> Iterator[PythonService]:
     """docker-compose.yml's Python services as local processes (see infra/compose.py)."""
     from infra.compose import is_ready, local_services
     from infra.proc import free_port
 
-    for spec in local_services(settings, fresh_port=free_port if fresh_ports else None):
+    fresh = free_port if fresh_ports else None
+    for spec in local_services(settings, fresh_port=fresh, scale=scale):
         yield PythonService(
             service_name=spec.name,
             module=spec.module,

@@ -2,14 +2,15 @@
 
 ``MAAS_AGGREGATOR_ROLE`` picks what this replica is:
 
-- ``shard`` (default): parameter-server shard ``MAAS_AGGREGATOR_SHARD`` of
-  ``MAAS_AGGREGATOR_SHARDS``. Numpy only: no torch in its memory.
+- ``shard`` (default): a parameter-server shard of the training pool (no fixed index: run as
+  many as you like; the coordinator assigns them partitions). Numpy only: no torch in its memory.
 - ``coordinator``: the single replica that accepts training jobs, plans them, and evaluates
   and registers the result.
 
-SIGTERM/SIGINT: stop consuming, let an in-flight checkpoint finish, close clients. A shard
-killed outright loses nothing durable: it resumes from its last checkpoint, and the workers,
-which keep every gradient a checkpoint does not cover yet, push those again when they reconnect.
+SIGTERM/SIGINT: say ``down``, let an in-flight checkpoint finish, close clients. A shard killed
+outright loses nothing durable: once its heartbeats stop, its partitions move to a live shard
+(or to it, restarted), which resumes each from its last checkpoint, and the workers, which keep
+every gradient a checkpoint does not cover yet, push those again when they reconnect.
 """
 
 from __future__ import annotations
@@ -48,20 +49,10 @@ def build(settings: Settings, environ: Mapping[str, str]) -> Service:
         return Coordinator(settings)
     if role != "shard":
         raise InvalidArgument(f"MAAS_AGGREGATOR_ROLE={role!r} is unknown; use one of {ROLES}")
-    raw = environ.get("MAAS_AGGREGATOR_SHARD", "0")
-    try:
-        shard = int(raw)
-    except ValueError:
-        raise InvalidArgument(f"MAAS_AGGREGATOR_SHARD={raw!r} is not an integer") from None
-    if not 0 <= shard < settings.aggregator_shards:
-        raise InvalidArgument(
-            f"MAAS_AGGREGATOR_SHARD={shard} must be in 0..{settings.aggregator_shards - 1} "
-            f"(MAAS_AGGREGATOR_SHARDS={settings.aggregator_shards})"
-        )
     # Imported here so a shard process never loads the coordinator's torch.
     from services.aggregator.shard import ShardService
 
-    return ShardService(settings, shard)
+    return ShardService(settings)
 
 
 async def serve(

@@ -4,22 +4,26 @@ It is the only consumer of training jobs (group ``maas-training``) and the only 
 ``accepted``/``succeeded``/``failed`` states. Per job:
 
 1. **Intake** (the job consumer's handler): skip types that are not ``train``/``finetune``; check
-   the job (``maas.jobs.check_job``, then ``prepare_job``: arch, data fit, deployment limits,
-   finetune base from the registry). A bad job raises, so the bus dead-letters it and
-   ``on_dead_letter`` publishes ``failed`` with the reason. A good one is written to S3 —
-   starting weights, every shard's version-0 checkpoint, the plan, then the ``active`` marker —
-   and announced with ``running`` (``service: training-coordinator``), which starts the shards.
+   the job (``maas.jobs.check_job``, then ``prepare_job``: arch, data fit, limits, finetune base
+   from the registry). A bad job raises, so the bus dead-letters it and ``on_dead_letter``
+   publishes ``failed`` with the reason. A good one is written to S3 — starting weights, every
+   partition's version-0 checkpoint, the plan, then the ``active`` marker — and handed to the pool.
    Idempotent by ``job_id``: a job whose plan or result is already in S3 is not run again.
-2. **Monitor**: poll the shards' checkpoint pointers; when every one is final, finish. A job
+2. **Pool** (``maas.training.pool``, fed by the members' heartbeats on the control topic): a job
+   is ``queued`` (with the reason) until enough gradient workers are free, then assigned ranks and
+   partitions; the assignment goes to S3 and the control topic (members act on it) and the status
+   says ``running``. Members that go silent lose their part; free ones fill vacant ranks; a
+   partition whose shard is gone moves to a live one. Every change is in the job's status.
+3. **Monitor**: poll the partitions' checkpoint pointers; when every one is final, finish. A job
    whose shards show no progress for ``MAAS_JOB_STALL_TIMEOUT_MS`` fails (no workers?).
-3. **Finish**: assemble the final parameters from the shards' final checkpoints, evaluate on the
+4. **Finish**: assemble the final parameters from the shards' final checkpoints, evaluate on the
    held-out split, register (lineage: job id, and the base for a finetune; metrics accuracy,
    loss, samples/s; alias if asked), write ``result.json``, publish ``succeeded``, clear the
-   marker. A registration that already happened (crash before the result was written) is found
-   by job id and not repeated.
+   marker, release the job's members. A registration that already happened (crash before the
+   result was written) is found by job id and not repeated.
 
-On start it resumes monitoring every job still marked active. It runs torch (planning and
-evaluation) on worker threads; shards never do.
+On start it resumes every job still marked active, with its assignment from S3. It runs torch
+(planning and evaluation) on worker threads; shards never do.
 """
 
 from __future__ import annotations
@@ -56,7 +60,8 @@ from maas.training.prepare import (
 from maas.training.replica import evaluate
 from maas.training.storage import TrainingStore
 from maas.training.transport import PartitionReader, decode, status_event
-from services.aggregator.shard import COORDINATOR_SERVICE, now_ms
+from services.aggregator.scheduler import SERVICE as COORDINATOR_SERVICE
+from services.aggregator.scheduler import PoolScheduler
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +99,7 @@ class Coordinator:
             range(topics.JOB_STATUS.partitions),
             client_id=COORDINATOR_SERVICE,
         )
+        self._pool = PoolScheduler(settings, self._producer, self._store, self._monitor)
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._progress_ms: dict[str, int] = {}
 
@@ -105,9 +111,10 @@ class Coordinator:
         await self._registry.start()
         await self._statuses.start()
         await self._statuses.from_now()
+        await self._pool.start()
         for job_id in await self._store.active_jobs():
             log.info("resuming job %s", job_id)
-            self._monitor(job_id)
+            await self._resume(job_id)
         await self._jobs.start()
 
     async def stop(self) -> None:
@@ -115,13 +122,20 @@ class Coordinator:
         for task in self._monitors.values():
             task.cancel()
         await asyncio.gather(*self._monitors.values(), return_exceptions=True)
+        await self._pool.stop()
         await self._statuses.stop()
         await self._registry.stop()
         await self._objects.stop()
         await self._producer.stop()
 
     async def run(self) -> None:
-        await asyncio.gather(self._jobs.run(), self._watch_progress())
+        await asyncio.gather(self._jobs.run(), self._pool.run(), self._watch_progress())
+
+    async def _resume(self, job_id: str) -> None:
+        if await self._store.read_result(job_id) is not None:
+            self._monitor(job_id)  # finished; only announcing it is left
+            return
+        await self._pool.submit(await self._store.read_plan(job_id))
 
     async def _send_status(self, job_id: str, state: str, **fields: Any) -> None:
         event = status_event(job_id, state, service=COORDINATOR_SERVICE, **fields)
@@ -139,17 +153,15 @@ class Coordinator:
             return
         if await self._store.has_plan(job_id):
             # Accepted before a crash: whatever step was cut short is redone (all idempotent).
-            plan = await self._store.read_plan(job_id)
-            await self._store.mark_active(job_id)
-            await self._send_status(job_id, "running", step=0, total_steps=plan.target_version)
-            self._monitor(job_id)
+            if job_id not in self._monitors and job_id not in self._pool.pool.queue:
+                await self._store.mark_active(job_id)
+                await self._resume(job_id)
             return
         jobs.check_job(job, self.settings)
         prepared = await self._prepare(job)
         plan = prepared.plan
         await self._send_status(job_id, "accepted", step=0, total_steps=plan.target_version)
         await self._write_job(prepared)
-        await self._send_status(job_id, "running", step=0, total_steps=plan.target_version)
         log.info(
             "job %s: %s %s, %d steps, %d workers x %d shards (%s, %s)",
             job_id,
@@ -161,15 +173,11 @@ class Coordinator:
             plan.training.mode,
             plan.training.gradient_codec,
         )
-        self._monitor(job_id)
+        await self._pool.submit(plan)
 
     async def _prepare(self, job: Mapping[str, Any]) -> PreparedJob:
         base = await self._load_base(job["base"]) if job["type"] == "finetune" else None
-        limits = Limits(
-            max_workers=self.settings.gradient_workers,
-            max_shards=self.settings.aggregator_shards,
-            default_deadline_ms=self.settings.step_deadline_ms,
-        )
+        limits = Limits(default_deadline_ms=self.settings.step_deadline_ms)
         return await asyncio.to_thread(
             prepare_job,
             job,
@@ -197,7 +205,7 @@ class Coordinator:
         job_id = plan.job_id
         await self._store.write_init(job_id, save_safetensors(prepared.state))
         flat = plan.layout.flatten({n: prepared.state[n].numpy() for n in plan.layout.names})
-        written = now_ms()
+        written = events.now_ms()
         for part in plan.partitions:
             data = ck.encode_snapshot(ck.initial_snapshot(part.gather(flat)))
             pointer = ck.Pointer(version=0, key="", sha256="", written_ms=written)
@@ -231,7 +239,7 @@ class Coordinator:
                 except MaasError:
                     continue
                 if event.get("service", "").startswith("aggregator-"):
-                    self._progress_ms[event["job_id"]] = now_ms()
+                    self._progress_ms[event["job_id"]] = events.now_ms()
 
     def _monitor(self, job_id: str) -> None:
         if job_id not in self._monitors or self._monitors[job_id].done():
@@ -262,21 +270,21 @@ class Coordinator:
             return
         plan = await self._store.read_plan(job_id)
         seen: tuple[int, ...] = ()
-        changed_ms = now_ms()
+        changed_ms = events.now_ms()
         while True:
             pointers = [await self._store.pointer(job_id, s) for s in range(plan.shards)]
             if all(p is not None and p.final for p in pointers):
                 await self._finish(plan, [p for p in pointers if p is not None])
                 return
             versions = tuple(p.version if p else -1 for p in pointers)
-            now = now_ms()
+            now = events.now_ms()
             if versions != seen or self._progress_ms.get(job_id, 0) > changed_ms:
                 seen, changed_ms = versions, now
             if now - changed_ms > self.settings.job_stall_timeout_ms:
                 raise DeadlineExceeded(
                     f"no progress for {self.settings.job_stall_timeout_ms} ms (shard versions "
-                    f"{list(versions)}); are {plan.workers} gradient workers and {plan.shards} "
-                    "aggregator shards running?"
+                    f"{list(versions)}); are gradient workers and aggregator shards running? "
+                    "(`maas stack status`, and the job's last `running` status names them)"
                 )
             await asyncio.sleep(POLL_S)
 
@@ -346,6 +354,7 @@ class Coordinator:
         fields = {k: v for k, v in result.items() if k != "state"}
         await self._send_status(job_id, str(result["state"]), **fields)
         await self._store.clear_active(job_id)
+        await self._pool.release(job_id)
         self._progress_ms.pop(job_id, None)
         self._outcomes.labels(str(result["state"])).inc()
         log.info(

@@ -2,8 +2,9 @@
 
 ``Exchange`` reads the stream's ``Join``, attaches the worker, then runs two things at once: a
 reader that hands every ``Push`` to the shard, and the replies the shard queues for this worker.
-A malformed message ends the stream with INVALID_ARGUMENT (naming what is wrong); an unknown job
-with UNAVAILABLE (the shard may still be loading it); a finished one with FAILED_PRECONDITION.
+A malformed message ends the stream with INVALID_ARGUMENT (naming what is wrong); a partition
+this shard does not serve (yet) with UNAVAILABLE (it may still be loading it, or it moved); a
+finished one with FAILED_PRECONDITION.
 """
 
 from __future__ import annotations
@@ -60,13 +61,7 @@ class DataPlaneServicer(pb_grpc.TrainingDataPlaneServicer):
     async def _attach(self, first: pb.WorkerMessage) -> Peer:
         if first.WhichOneof("kind") != "join":
             raise InvalidArgument("an Exchange stream starts with a join message")
-        join = first.join
-        if join.shard != self._shard.shard:
-            raise InvalidArgument(
-                f"join names shard {join.shard}, but this is shard {self._shard.shard}; "
-                "read the shard's address again"
-            )
-        return await self._shard.attach(join.job_id, join.worker)
+        return await self._shard.attach(first.join)
 
     async def _read(self, requests: AsyncIterator[pb.WorkerMessage], peer: Peer) -> None:
         try:

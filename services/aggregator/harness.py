@@ -37,8 +37,6 @@ class TrainingProcesses(contextlib.AbstractContextManager["TrainingProcesses"]):
         self.workdir = workdir
         self.env = {
             "MAAS_REGISTRY_ADDR": registry_addr,
-            "MAAS_GRADIENT_WORKERS": str(workers),
-            "MAAS_AGGREGATOR_SHARDS": str(shards),
             # One compute thread per worker, as a DDP peer would get: no oversubscription.
             "OMP_NUM_THREADS": "1",
             **env,
@@ -46,18 +44,19 @@ class TrainingProcesses(contextlib.AbstractContextManager["TrainingProcesses"]):
         self.coordinator = self._service(
             "training-coordinator", "services.aggregator", MAAS_AGGREGATOR_ROLE="coordinator"
         )
-        self.shards = [
-            self._service(f"aggregator-{s}", "services.aggregator", MAAS_AGGREGATOR_SHARD=str(s))
-            for s in range(shards)
-        ]
-        self.workers = [
-            self._service(f"gradient-worker-{w}", "services.gradient_worker", MAAS_WORKER_ID=str(w))
-            for w in range(workers)
-        ]
+        self.shards = [self._shard(s) for s in range(shards)]
+        self.workers = [self._worker(w) for w in range(workers)]
+
+    def _shard(self, index: int) -> PythonService:
+        return self._service(f"aggregator-{index}", "services.aggregator")
+
+    def _worker(self, index: int) -> PythonService:
+        return self._service(f"gradient-worker-{index}", "services.gradient_worker")
 
     def _service(self, name: str, module: str, **env: str) -> PythonService:
         port = free_port()
-        full = {**self.env, **env, "MAAS_METRICS_PORT": str(port)}
+        # The process name is its pool member id: tests find who holds a rank by it.
+        full = {**self.env, **env, "MAAS_METRICS_PORT": str(port), "MAAS_MEMBER_ID": name}
         return PythonService(name, module, "127.0.0.1", port, self.workdir, full)
 
     @property
@@ -69,10 +68,17 @@ class TrainingProcesses(contextlib.AbstractContextManager["TrainingProcesses"]):
         start_all([self.coordinator, *self.shards, *self.workers[:workers]])
 
     def use_workers(self, count: int) -> None:
-        """Exactly workers 0..count-1 running (idle ones would still read every parameter)."""
+        """Exactly ``count`` workers running (a free one would be given a job's vacant rank)."""
         for worker in self.workers[count:]:
             worker.stop()
         start_all([w for w in self.workers[:count] if not w.process.alive()])
+
+    def add_worker(self) -> PythonService:
+        """Start one more worker: it joins the pool like any other."""
+        worker = self._worker(len(self.workers))
+        self.workers.append(worker)
+        start_all([worker])
+        return worker
 
     @staticmethod
     def kill(service: PythonService) -> None:

@@ -1,68 +1,70 @@
-"""An aggregator shard (``MAAS_AGGREGATOR_ROLE=shard``, index ``MAAS_AGGREGATOR_SHARD``).
+"""An aggregator shard (``MAAS_AGGREGATOR_ROLE=shard``): a member of the training pool.
 
-It owns partition ``shard`` of every job that has that many shards and runs the pure
-``ShardCore`` behind the training data plane (``maas.training.v1``, gRPC): each worker of a job
-holds one stream to it, pushes gradient pieces in, and gets every version the shard closes back
-on the same stream. Kafka is only the control plane here: job activation and status.
+It has no fixed index. It serves the training data plane (``maas.training.v1``, gRPC), says
+``up`` with that address on the control topic every heartbeat period, and owns whatever
+partitions of whatever jobs the coordinator assigns it (``maas.assignment/1``), running the pure
+``ShardCore`` for each: every worker of a job holds one stream to it per partition, pushes
+gradient pieces in, and gets every version the shard closes back on the same stream.
 
-Lifecycle of a job here:
+Lifecycle of a (job, partition) here:
 
-1. **Activation**: the coordinator announces a job with a ``running`` status once its plan and
-   every shard's version-0 checkpoint are in S3. The shard loads its checkpoint; a worker that
-   joins gets the current parameters at once and computes from there.
+1. **Activation**: an assignment names this member for the partition. The shard loads the
+   partition's newest checkpoint (version 0 at a job's start, a later one when the partition
+   moved here from a shard that died); a worker that joins gets the current parameters at once.
 2. **Steps**: each complete gradient is offered to the core (sync quorum or async staleness;
    duplicates and stale ones are dropped there). Each new version goes to every joined worker.
-3. **Membership**: a member whose stream has been gone ``MAAS_WORKER_HEARTBEAT_TIMEOUT_MS`` is
-   removed from the job (the status says so); one that (re)joins counts again from the open step.
+3. **Membership**: the assignment's ranks are the core's members: a rank the coordinator took
+   away is removed, a rank it filled is added at the open step. A worker whose stream has been
+   gone ``MAAS_WORKER_HEARTBEAT_TIMEOUT_MS`` is removed too (the status says so); one that
+   (re)joins counts again from the open step.
 4. **Checkpoints** every ``checkpoint_every`` versions, written off the event loop: data, then the
    ``LATEST.json`` pointer. Each version sent names the newest durable one; workers keep what they
    pushed since, so a restarted shard gets those gradients again and replays exactly.
 5. **Done**: the final version goes out with ``final`` and is checkpointed with ``final`` set in
-   the pointer, which is what the coordinator waits for.
+   the pointer, which is what the coordinator waits for. A partition assigned elsewhere is dropped.
 
-On start the shard serves the data plane, writes its address to S3 for workers to find, and
-resumes every job marked active from its pointer. Shard 0 reports progress for the whole job.
+The owner of partition 0 reports progress for the whole job.
 
-No torch in this process: its memory is the partition, the optimizer state and one gradient sum.
+No torch in this process: its memory is the partitions, their optimizer state and gradient sums.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from maas import events, topics
+from maas import topics
 from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
+from maas.events import now_ms
 from maas.store import AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
+from maas.training.control import RELEASED, AssignmentReader, Heartbeat, member_name
 from maas.training.plan import JobPlan
+from maas.training.pool import SHARD, Assignment
 from maas.training.storage import TrainingStore
-from maas.training.transport import PartitionReader, decode, status_event
+from maas.training.transport import status_event
 from maas.training.v1 import training_pb2 as pb
 from services.aggregator.dataplane import serve_data_plane
 
 log = logging.getLogger(__name__)
 
-COORDINATOR_SERVICE = "training-coordinator"
 TICK_S = 0.05
-# A shard that resumed a job mid-way waits this many heartbeat timeouts for a worker to come
-# back before removing it. At a job's start nobody is removed for not having joined yet (loading
-# torch and the data can take long on a busy host): the coordinator's stall timeout covers that.
+# A shard that resumed a partition mid-way waits this many heartbeat timeouts for a worker to
+# come back before removing it. A worker that never joined is not removed here at all (loading
+# torch and the data can take long on a busy host): the coordinator removes it if it goes silent.
 RESUME_GRACE = 3
 
-
-def now_ms() -> int:
-    return time.time_ns() // 1_000_000
+Key = tuple[str, int]  # (job id, partition)
 
 
 def advertised(listen: str, port: int, advertise: str) -> str:
@@ -71,7 +73,10 @@ def advertised(listen: str, port: int, advertise: str) -> str:
         return advertise
     host = listen.rpartition(":")[0] or "127.0.0.1"
     if host in ("0.0.0.0", "[::]", "::"):
+        # This host's address as its name resolves here (a container's on a compose network).
         host = socket.gethostname()
+        with contextlib.suppress(OSError):  # else the name: workers may resolve it elsewhere
+            host = socket.gethostbyname(host)
     return f"{host}:{port}"
 
 
@@ -92,6 +97,7 @@ class Peer:
     """One worker's stream: what the shard sends it waits in ``outbox`` (None ends it)."""
 
     job_id: str
+    partition: int
     worker: int
     outbox: asyncio.Queue[pb.ShardMessage | None] = field(default_factory=asyncio.Queue)
     error: MaasError | None = None  # why the shard ended the stream, if it was the worker's fault
@@ -107,6 +113,8 @@ class Peer:
 @dataclass
 class ShardJob:
     plan: JobPlan
+    partition: int
+    assignment: Assignment
     core: ShardCore
     assembler: protocol.GradientAssembler
     started_ms: int
@@ -118,26 +126,33 @@ class ShardJob:
     reported_ms: int = 0
     writing: asyncio.Task[None] | None = None
 
+    @property
+    def job_id(self) -> str:
+        return self.plan.job_id
+
+    def close_peers(self) -> None:
+        for peer in self.peers.values():
+            peer.close()
+
 
 class ShardService:
-    def __init__(self, settings: Settings, shard: int) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.shard = shard
-        self.name = f"aggregator-{shard}"
+        self.member_id = member_name(settings)
+        self.name = f"aggregator-{self.member_id}"
         self.address = ""
         self.metrics = Metrics()
         self._producer = EventProducer(settings, client_id=self.name)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
-        self._statuses = PartitionReader(
-            settings, topics.JOB_STATUS, range(topics.JOB_STATUS.partitions), client_id=self.name
-        )
+        self._assignments = AssignmentReader(settings, self._store, client_id=self.name)
+        self._heartbeat = Heartbeat(self._producer, settings, self.member_id, SHARD)
         self._server: Any = None
-        self.jobs: dict[str, ShardJob] = {}
+        self.jobs: dict[Key, ShardJob] = {}
         # Finishing outlives the stream whose push closed the last step (its worker leaves).
-        self._finishing: dict[str, asyncio.Task[None]] = {}
-        self._done: set[str] = set()
-        self._activating: set[str] = set()  # announced twice while the first load awaits S3
+        self._finishing: dict[Key, asyncio.Task[None]] = {}
+        self._done: set[Key] = set()
+        self._activating: set[Key] = set()  # assigned twice while the first load awaits S3
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -148,81 +163,111 @@ class ShardService:
     async def start(self) -> None:
         await self._producer.start()
         await self._objects.start()
-        await self._statuses.start()
-        # Listen for new jobs before listing the active ones: none falls between the two.
-        await self._statuses.from_now()
-        for job_id in await self._store.active_jobs():
-            await self._activate(job_id)
         self._server, port = await serve_data_plane(self, self.settings)
         self.address = advertised(
             self.settings.aggregator_listen, port, self.settings.aggregator_advertise
         )
-        await self._store.advertise_shard(self.shard, self.address)
+        self._heartbeat.address = self.address
+        for assignment in await self._assignments.start():
+            await self._assigned(assignment)
         log.info("%s serves the training data plane at %s", self.name, self.address)
 
     async def stop(self) -> None:
+        await self._heartbeat.leave()
         for job in self.jobs.values():
-            for peer in job.peers.values():
-                peer.close()
+            job.close_peers()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         for task in list(self._finishing.values()):
-            task.cancel()  # a restart finishes it from the checkpoint
+            task.cancel()  # whoever owns the partition next finishes it from the checkpoint
         await asyncio.gather(*self._finishing.values(), return_exceptions=True)
         for job in self.jobs.values():
             if job.writing is not None:
                 await asyncio.gather(job.writing, return_exceptions=True)
-        await self._statuses.stop()
+        await self._assignments.stop()
         await self._objects.stop()
         await self._producer.stop()
 
     async def run(self) -> None:
-        await asyncio.gather(self._read_statuses(), self._tick())
+        await asyncio.gather(self._heartbeat.run(), self._read_assignments(), self._tick())
 
-    # --- activation -------------------------------------------------------------------------
+    # --- assignments ------------------------------------------------------------------------
 
-    async def _read_statuses(self) -> None:
+    async def _read_assignments(self) -> None:
         while True:
-            for raw in await self._statuses.next_batch(timeout_ms=200):
+            for state, assignment in await self._assignments.next_batch():
                 try:
-                    event = decode(raw, events.JOB_STATUS).event
-                except MaasError:
-                    continue  # not this reader's to judge; status readers skip what is malformed
-                if event.get("service") == COORDINATOR_SERVICE and event["state"] == "running":
-                    try:
-                        await self._activate(event["job_id"])
-                    except Exception:  # one job that cannot start must not stop the others
-                        log.exception("%s: cannot start job %s", self.name, event["job_id"])
+                    if state == RELEASED:
+                        self._released(assignment.job_id)
+                    else:
+                        await self._assigned(assignment)
+                except Exception:  # one job that cannot start must not stop the others
+                    log.exception("%s: cannot apply the assignment of %s", self.name, assignment)
 
-    async def _activate(self, job_id: str) -> None:
-        """Load the job's checkpoint for this shard (once, however often it is announced)."""
-        if job_id in self.jobs or job_id in self._done or job_id in self._activating:
+    async def _assigned(self, assignment: Assignment) -> None:
+        mine = set(assignment.partitions_of(self.member_id))
+        for key, job in list(self.jobs.items()):
+            if key[0] != assignment.job_id or assignment.epoch < job.assignment.epoch:
+                continue
+            if key[1] in mine:
+                await self._apply_ranks(job, assignment)
+            else:
+                self._drop(key, f"partition moved to {assignment.shards.get(key[1])}")
+        for partition in sorted(mine):
+            await self._activate((assignment.job_id, partition), assignment)
+
+    def _released(self, job_id: str) -> None:
+        for key in [k for k in self.jobs if k[0] == job_id and k not in self._finishing]:
+            self._drop(key, "the job is over")
+
+    def _drop(self, key: Key, why: str) -> None:
+        job = self.jobs.pop(key)
+        job.close_peers()
+        log.info("%s: dropped partition %d of job %s (%s)", self.name, key[1], key[0], why)
+
+    async def _apply_ranks(self, job: ShardJob, assignment: Assignment) -> None:
+        job.assignment = assignment
+        now, before = now_ms(), job.core.version
+        for rank in sorted(job.core.members - set(assignment.workers)):
+            job.core.remove(rank, now)
+            job.gone_ms.pop(rank, None)
+            change = f"worker {rank} removed: the coordinator took its rank away"
+            await self._report_members(job, f"{change} (epoch {assignment.epoch})")
+        for rank in sorted(set(assignment.workers) - job.core.members):
+            job.core.add(rank)
+        if job.core.version != before:
+            await self._advanced(job)  # removing a rank closed the open step
+
+    async def _activate(self, key: Key, assignment: Assignment) -> None:
+        """Load the partition's checkpoint (once, however often it is assigned)."""
+        if key in self.jobs or key in self._done or key in self._activating:
             return
-        self._activating.add(job_id)
+        self._activating.add(key)
         try:
-            await self._load(job_id)
+            await self._load(key, assignment)
         finally:
-            self._activating.discard(job_id)
+            self._activating.discard(key)
 
-    async def _load(self, job_id: str) -> None:
+    async def _load(self, key: Key, assignment: Assignment) -> None:
+        job_id, partition = key
         try:
             plan = await self._store.read_plan(job_id)
         except NotFound:
-            log.warning("job %s is marked active but has no plan; skipping it", job_id)
+            log.warning("job %s is assigned but has no plan; skipping it", job_id)
             return
-        if self.shard >= plan.shards:
-            self._done.add(job_id)
-            return
-        pointer = await self._store.pointer(job_id, self.shard)
+        pointer = await self._store.pointer(job_id, partition)
         if pointer is None:
-            log.error("job %s has no checkpoint for shard %d; skipping it", job_id, self.shard)
+            log.error("job %s has no checkpoint for partition %d; skipping it", job_id, partition)
             return
         snap = await self._store.read_checkpoint(pointer)
         now = now_ms()
-        core = ShardCore.restore(plan, self.shard, snap, now_ms=now)
+        core = ShardCore.restore(plan, partition, snap, now_ms=now)
+        core.members.intersection_update(assignment.workers)
         grace = now + (RESUME_GRACE - 1) * self.settings.worker_heartbeat_timeout_ms
         job = ShardJob(
             plan,
+            partition,
+            assignment,
             core,
             protocol.GradientAssembler(plan.training.gradient_codec, core.partition.size),
             started_ms=pointer.started_ms or now,
@@ -230,10 +275,11 @@ class ShardService:
             durable_version=pointer.version,
             gone_ms={w: grace for w in core.members} if core.version > 0 else {},
         )
-        self.jobs[job_id] = job
+        self.jobs[key] = job
         log.info(
-            "%s: job %s at version %d of %d (%d parameters)",
+            "%s: partition %d of job %s at version %d of %d (%d parameters)",
             self.name,
+            partition,
             job_id,
             core.version,
             plan.target_version,
@@ -241,43 +287,54 @@ class ShardService:
         )
         self._publish(job)
         if core.done:
-            await self._finish(job_id, job, already_final=pointer.final)
+            await self._finish(key, job, already_final=pointer.final)
 
     # --- the data plane (called by the servicer) ----------------------------------------------
 
-    async def attach(self, job_id: str, worker: int) -> Peer:
+    async def attach(self, join: pb.Join) -> Peer:
         """A worker's stream joined: it gets the current parameters at once."""
-        if job_id in self._done:
-            raise FailedPrecondition(f"job {job_id} is over on {self.name}")
-        job = self.jobs.get(job_id)
+        key = (join.job_id, join.shard)
+        if key in self._done:
+            raise FailedPrecondition(f"job {join.job_id} is over on {self.name}")
+        job = self.jobs.get(key)
         if job is None:
-            raise Unavailable(f"{self.name} has not loaded job {job_id} yet; join again shortly")
+            raise Unavailable(
+                f"{self.name} does not serve partition {join.shard} of job {join.job_id} (yet); "
+                "read the job's assignment again"
+            )
+        worker = join.worker
         if not 0 <= worker < job.plan.workers:
             raise InvalidArgument(
-                f"worker {worker} is not one of job {job_id}'s 0..{job.plan.workers - 1}"
+                f"worker {worker} is not one of job {join.job_id}'s ranks 0..{job.plan.workers - 1}"
+            )
+        holder = job.assignment.workers.get(worker)
+        if join.member and holder != join.member:
+            raise Unavailable(
+                f"rank {worker} of job {join.job_id} is assigned to {holder or 'nobody'}, "
+                f"not {join.member}, as far as {self.name} knows"
             )
         previous = job.peers.pop(worker, None)
         if previous is not None:
             previous.close()  # a reconnect: the old stream is dead to the worker already
-        peer = Peer(job_id, worker)
+        peer = Peer(join.job_id, join.shard, worker)
         job.peers[worker] = peer
         job.gone_ms.pop(worker, None)
         if job.core.add(worker):
-            log.info("%s: worker %d rejoined job %s", self.name, worker, job_id)
-            await self._report_members(job_id, job, f"worker {worker} joined")
+            log.info("%s: worker %d rejoined job %s", self.name, worker, join.job_id)
+            await self._report_members(job, f"worker {worker} joined")
         peer.send(job.current)
         return peer
 
     def detach(self, peer: Peer) -> None:
-        job = self.jobs.get(peer.job_id)
+        job = self.jobs.get((peer.job_id, peer.partition))
         if job is not None and job.peers.get(peer.worker) is peer:
             del job.peers[peer.worker]
             job.gone_ms[peer.worker] = now_ms()
 
     async def on_push(self, peer: Peer, push: pb.Push) -> None:
-        job = self.jobs.get(peer.job_id)
+        job = self.jobs.get((peer.job_id, peer.partition))
         if job is None:
-            return  # the job finished while this piece was on its way
+            return  # the job finished (or moved) while this piece was on its way
         contribution = job.assembler.add(peer.worker, push)  # InvalidArgument ends the stream
         if contribution is None:
             return
@@ -286,17 +343,18 @@ class ShardService:
         verdict = core.offer(contribution, now_ms())
         self.metrics.gradients.labels(verdict.value).inc()
         if core.version != before:
-            await self._advanced(peer.job_id, job)
+            await self._advanced(job)
 
-    async def _advanced(self, job_id: str, job: ShardJob) -> None:
+    async def _advanced(self, job: ShardJob) -> None:
+        key = (job.job_id, job.partition)
         job.assembler.drop_below(job.core.version - job.plan.training.staleness)
         self._publish(job)
         if job.core.done:
-            if job_id not in self._finishing:
-                finishing = self._finish(job_id, job, already_final=False)
-                self._finishing[job_id] = asyncio.create_task(finishing)
+            if key not in self._finishing:
+                finishing = self._finish(key, job, already_final=False)
+                self._finishing[key] = asyncio.create_task(finishing)
         elif job.core.version - job.checkpointed_version >= job.plan.training.checkpoint_every:
-            self._checkpoint(job_id, job, final=False)
+            self._checkpoint(job, final=False)
 
     def _publish(self, job: ShardJob) -> None:
         core = job.core
@@ -314,7 +372,7 @@ class ShardService:
 
     # --- checkpoints ------------------------------------------------------------------------
 
-    def _checkpoint(self, job_id: str, job: ShardJob, *, final: bool) -> asyncio.Task[None] | None:
+    def _checkpoint(self, job: ShardJob, *, final: bool) -> asyncio.Task[None] | None:
         if job.writing is not None and not job.writing.done():
             return None  # one write at a time; the next step will try again
         core = job.core
@@ -330,44 +388,56 @@ class ShardService:
             final=final,
         )
         job.checkpointed_version = core.version
-        job.writing = asyncio.create_task(self._write(job_id, job, pointer, data))
+        job.writing = asyncio.create_task(self._write(job, pointer, data))
         return job.writing
 
-    async def _write(self, job_id: str, job: ShardJob, pointer: ck.Pointer, data: bytes) -> None:
+    async def _write(self, job: ShardJob, pointer: ck.Pointer, data: bytes) -> None:
         try:
-            await self._store.write_checkpoint(job_id, self.shard, pointer.version, data, pointer)
+            await self._store.write_checkpoint(
+                job.job_id, job.partition, pointer.version, data, pointer
+            )
         except MaasError as exc:
             log.warning(
-                "checkpoint of %s at %d failed (%s); the next one will retry",
-                job_id,
+                "checkpoint of %s/%d at %d failed (%s); the next one will retry",
+                job.job_id,
+                job.partition,
                 pointer.version,
                 exc.message,
             )
             return
         job.durable_version = max(job.durable_version, pointer.version)
         self.metrics.checkpoints.inc()
-        if self.shard == 0 and not pointer.final:
-            await self._status(job_id, "checkpointed", step=pointer.version)
+        if job.partition == 0 and not pointer.final:
+            await self._status(job.job_id, "checkpointed", step=pointer.version)
 
-    async def _finish(self, job_id: str, job: ShardJob, *, already_final: bool) -> None:
+    async def _finish(self, key: Key, job: ShardJob, *, already_final: bool) -> None:
         """Write the final checkpoint (what the coordinator waits for) and forget the job."""
         if job.writing is not None:
             await asyncio.gather(job.writing, return_exceptions=True)
         if not already_final:
             while True:
-                task = self._checkpoint(job_id, job, final=True)
+                task = self._checkpoint(job, final=True)
                 if task is not None:
                     await task
-                pointer = await self._store.pointer(job_id, self.shard)
+                try:
+                    pointer = await self._store.pointer(job.job_id, job.partition)
+                except MaasError as exc:
+                    log.warning("%s: final checkpoint not confirmed (%s)", self.name, exc.message)
+                    pointer = None
                 if pointer is not None and pointer.final:
                     break
                 await asyncio.sleep(1.0)  # S3 unavailable: the final checkpoint must land
-        del self.jobs[job_id]
-        self._done.add(job_id)
-        self._finishing.pop(job_id, None)
-        for peer in job.peers.values():
-            peer.close()
-        log.info("%s: job %s done at version %d", self.name, job_id, job.core.version)
+        self.jobs.pop(key, None)
+        self._done.add(key)
+        self._finishing.pop(key, None)
+        job.close_peers()
+        log.info(
+            "%s: job %s partition %d done at version %d",
+            self.name,
+            key[0],
+            key[1],
+            job.core.version,
+        )
 
     # --- timers -----------------------------------------------------------------------------
 
@@ -375,18 +445,21 @@ class ShardService:
         while True:
             await asyncio.sleep(TICK_S)
             now = now_ms()
-            for job_id, job in list(self.jobs.items()):
+            for job in list(self.jobs.values()):
                 if job.core.done:
                     continue  # finishing
                 before = job.core.version
-                await self._expire(job_id, job, now)
+                await self._expire(job, now)
                 job.core.tick(now)
                 if job.core.version != before:
-                    await self._advanced(job_id, job)
-                if self.shard == 0 and now - job.reported_ms >= self.settings.progress_interval_ms:
-                    await self._progress(job_id, job, now)
+                    await self._advanced(job)
+                if (
+                    job.partition == 0
+                    and now - job.reported_ms >= self.settings.progress_interval_ms
+                ):
+                    await self._progress(job, now)
 
-    async def _expire(self, job_id: str, job: ShardJob, now: int) -> None:
+    async def _expire(self, job: ShardJob, now: int) -> None:
         """Remove members whose stream has been gone longer than the heartbeat timeout."""
         timeout = self.settings.worker_heartbeat_timeout_ms
         for worker, since in list(job.gone_ms.items()):
@@ -398,31 +471,31 @@ class ShardService:
                 "%s: worker %d of job %s removed: no stream for %d ms",
                 self.name,
                 worker,
-                job_id,
+                job.job_id,
                 now - since,
             )
             await self._report_members(
-                job_id, job, f"worker {worker} removed: no data-plane stream for {timeout} ms"
+                job, f"worker {worker} removed: no data-plane stream for {timeout} ms"
             )
 
-    async def _report_members(self, job_id: str, job: ShardJob, change: str) -> None:
-        members = {"active": sorted(job.core.members), "change": change, "shard": self.shard}
+    async def _report_members(self, job: ShardJob, change: str) -> None:
+        members = {"active": sorted(job.core.members), "change": change, "shard": job.partition}
         await self._status(
-            job_id,
+            job.job_id,
             "running",
             step=job.core.version,
             total_steps=job.plan.target_version,
             workers=members,
         )
 
-    async def _progress(self, job_id: str, job: ShardJob, now: int) -> None:
+    async def _progress(self, job: ShardJob, now: int) -> None:
         window = job.core.stats.take_window()
         elapsed_s = max(1e-3, (now - (job.reported_ms or job.started_ms)) / 1000)
         job.reported_ms = now
         metrics = {k: v for k, v in window.items() if k in ("loss", "accuracy")}
         metrics["samples_per_s"] = window["samples"] / elapsed_s
         await self._status(
-            job_id,
+            job.job_id,
             "running",
             step=job.core.version,
             total_steps=job.plan.target_version,

@@ -4,8 +4,9 @@ Pushes go out in the order they were made and are kept until the shard says a ch
 covers their version (``durable_version`` on every parameter piece): if the shard restarts from
 that checkpoint, the reconnected stream sends them again and the shard replays the steps it lost,
 exactly (its core drops what it already has). Parameters come in piece by piece and reach the
-job whole. The link finds the shard through the address the shard advertised in S3 and dials it
-again, with backoff, whenever the stream breaks — either side may have restarted.
+job whole. The link asks for the partition's address (the job's newest assignment) at every dial
+and dials again, with backoff, whenever the stream breaks: either side may have restarted, or the
+partition may have moved to another shard.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from maas.config import Settings
 from maas.errors import MaasError
 from maas.training.dataplane import open_channel
 from maas.training.protocol import ParamsAssembler, ShardParams
-from maas.training.storage import TrainingStore
 from maas.training.v1 import training_pb2 as pb
 from maas.training.v1 import training_pb2_grpc as pb_grpc
 
@@ -36,18 +36,20 @@ class ShardLink:
         *,
         job_id: str,
         worker: int,
+        member: str,
         shard: int,
         partition_size: int,
         settings: Settings,
-        store: TrainingStore,
+        address: Callable[[int], str],
         on_params: Callable[[int, ShardParams], None],
     ) -> None:
         self.job_id = job_id
         self.worker = worker
+        self.member = member
         self.shard = shard
         self.over = False  # the shard says the job is over, or sent its final version
         self._settings = settings
-        self._store = store
+        self._address = address
         self._on_params = on_params
         self._assembler = ParamsAssembler(partition_size)
         self._retained: list[tuple[int, pb.WorkerMessage]] = []
@@ -83,14 +85,14 @@ class ShardLink:
                     exc.code().name,
                     exc.details(),
                 )
-            except MaasError as exc:  # not advertised yet (NotFound), S3 down, bad reply
+            except MaasError as exc:  # no shard assigned yet, bad reply
                 log.info("job %s, shard %d: %s; trying again", self.job_id, self.shard, exc)
             await asyncio.sleep(delay)
             delay = min(MAX_RETRY_S, delay * 2)
 
     async def _exchange(self) -> bool:
         """One stream, until it ends; True if it got any reply."""
-        address = await self._store.shard_address(self.shard)
+        address = self._address(self.shard)
         outbox: asyncio.Queue[pb.WorkerMessage] = asyncio.Queue()
         for _, message in self._retained:
             outbox.put_nowait(message)
@@ -113,7 +115,7 @@ class ShardLink:
     async def _write(
         self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.WorkerMessage]
     ) -> None:
-        join = pb.Join(job_id=self.job_id, worker=self.worker, shard=self.shard)
+        join = pb.Join(job_id=self.job_id, worker=self.worker, shard=self.shard, member=self.member)
         await call.write(pb.WorkerMessage(join=join))
         while True:
             await call.write(await outbox.get())

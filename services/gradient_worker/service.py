@@ -1,11 +1,14 @@
-"""The edges of a gradient worker: Kafka tells it which jobs run, S3 holds their plans, data and
-the shards' addresses, and the training data plane (gRPC) carries gradients and parameters.
+"""The edges of a gradient worker: Kafka is its control plane (heartbeats out, assignments in),
+S3 holds the jobs' plans, data and starting weights, and the training data plane (gRPC) carries
+gradients and parameters.
 
-How a worker learns of a job: the coordinator's ``running`` status on ``maas.job-status.v1``
-(and, at start, the jobs S3 marks active). If its id (``MAAS_WORKER_ID``) is below the job's
-``training.workers`` it joins: loads the starting weights and its shard of the data, and opens
-one stream per shard (``ShardLink``); each shard answers with its current parameters, so a
-worker that starts (or restarts) mid-job computes from the job's current version.
+The worker is a member of the training pool with no fixed id: it says ``up`` on the control topic
+every heartbeat period. When the coordinator's assignment (``maas.assignment/1``; at start, the
+ones S3 holds for active jobs) gives it a rank in a job, it joins: loads the starting weights and
+the rank's shard of the data, and opens one stream per partition to the shard the assignment
+names (``ShardLink``); each shard answers with its current parameters, so a worker that joins
+mid-job computes from the job's current version. An assignment that no longer names it, or the
+job's release, makes it leave.
 
 One job step at a time: forward/backward runs on a worker thread while the event loop keeps
 streaming; every gradient piece is handed to the loop the moment backward produced it
@@ -23,21 +26,21 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from safetensors.torch import load as load_safetensors
 
-from maas import datasets, events, topics
+from maas import datasets
+from maas.bus import EventProducer
 from maas.config import Settings
-from maas.errors import MaasError, NotFound
+from maas.errors import MaasError, NotFound, Unavailable
 from maas.store import AsyncObjectStore
+from maas.training.control import RELEASED, AssignmentReader, Heartbeat, member_name
+from maas.training.pool import WORKER, Assignment
 from maas.training.prepare import load_dataset
 from maas.training.protocol import ShardParams
 from maas.training.storage import TrainingStore
-from maas.training.transport import PartitionReader, decode
 from maas.training.v1 import training_pb2 as pb
 from maas.training.worker import WorkerJob
 from services.gradient_worker.link import ShardLink
 
 log = logging.getLogger(__name__)
-
-COORDINATOR_SERVICE = "training-coordinator"
 
 
 class Metrics:
@@ -57,76 +60,103 @@ class Metrics:
 @dataclass
 class Running:
     job: WorkerJob
+    assignment: Assignment
     links: list[ShardLink]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    @property
+    def rank(self) -> int:
+        return self.job.worker
 
     @property
     def over(self) -> bool:
         return self.job.finished or all(link.over for link in self.links)
 
+    def address(self, partition: int) -> str:
+        """Where the newest assignment says the partition is served (read at every dial)."""
+        address = self.assignment.addresses.get(partition, "")
+        if not address:
+            raise Unavailable(f"partition {partition} of {self.assignment.job_id} has no shard yet")
+        return address
+
 
 class WorkerService:
-    def __init__(self, settings: Settings, worker_id: int) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.worker_id = worker_id
-        self.name = f"gradient-worker-{worker_id}"
+        self.member_id = member_name(settings)
+        self.name = f"gradient-worker-{self.member_id}"
         self.metrics = Metrics()
+        self._producer = EventProducer(settings, client_id=self.name)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
-        self._statuses = PartitionReader(
-            settings, topics.JOB_STATUS, range(topics.JOB_STATUS.partitions), client_id=self.name
-        )
+        self._assignments = AssignmentReader(settings, self._store, client_id=self.name)
+        self._heartbeat = Heartbeat(self._producer, settings, self.member_id, WORKER)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="maas-grad")
         self.jobs: dict[str, Running] = {}
-        self._seen: set[str] = set()
+        self._joining: dict[str, Assignment] = {}  # the newest assignment seen while loading
         self._wake = asyncio.Event()
 
     async def start(self) -> None:
+        await self._producer.start()
         await self._objects.start()
-        await self._statuses.start()
-        await self._statuses.from_now()
-        for job_id in await self._store.active_jobs():
-            await self._consider(job_id)
+        for assignment in await self._assignments.start():
+            await self._assigned(assignment)
 
     async def stop(self) -> None:
+        await self._heartbeat.leave()
         for job_id in list(self.jobs):
-            await self._leave(job_id)
-        await self._statuses.stop()
+            await self._leave(job_id, "stopping")
+        await self._assignments.stop()
         await self._objects.stop()
+        await self._producer.stop()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     async def run(self) -> None:
-        await asyncio.gather(self._read_statuses(), self._train())
+        await asyncio.gather(self._heartbeat.run(), self._read_assignments(), self._train())
 
-    # --- joining ----------------------------------------------------------------------------
+    # --- joining and leaving ------------------------------------------------------------------
 
-    async def _read_statuses(self) -> None:
+    async def _read_assignments(self) -> None:
         while True:
-            for raw in await self._statuses.next_batch(timeout_ms=200):
-                try:
-                    event = decode(raw, events.JOB_STATUS).event
-                except MaasError:
-                    continue  # status readers skip what is malformed; its producer is told
-                if event.get("service") == COORDINATOR_SERVICE and event["state"] == "running":
-                    await self._consider(event["job_id"])
+            for state, assignment in await self._assignments.next_batch():
+                if state == RELEASED:
+                    if assignment.job_id in self.jobs:
+                        await self._leave(assignment.job_id, "the job is over")
+                else:
+                    await self._assigned(assignment)
 
-    async def _consider(self, job_id: str) -> None:
-        if job_id in self._seen:
+    async def _assigned(self, assignment: Assignment) -> None:
+        job_id = assignment.job_id
+        if job_id in self._joining:
+            if assignment.epoch >= self._joining[job_id].epoch:
+                self._joining[job_id] = assignment  # applied once the load is done
             return
-        self._seen.add(job_id)
-        try:
-            await self._join(job_id)
-        except MaasError as exc:
-            log.warning("cannot join job %s (%s)", job_id, exc.message)
-            self._seen.discard(job_id)  # the next announcement tries again
+        running = self.jobs.get(job_id)
+        if running is not None and assignment.epoch < running.assignment.epoch:
+            return
+        rank = assignment.rank_of(self.member_id)
+        if running is not None:
+            if rank == running.rank:
+                running.assignment = assignment  # shards may have moved: links dial anew
+                return
+            await self._leave(job_id, "the coordinator gave this rank to another worker")
+        if rank is not None:
+            self._joining[job_id] = assignment
+            try:
+                await self._join(assignment, rank)
+            except MaasError as exc:
+                log.warning("cannot join job %s (%s); waiting for its next assignment", job_id, exc)
+            finally:
+                newest = self._joining.pop(job_id)
+            if newest is not assignment:
+                await self._assigned(newest)
 
-    async def _join(self, job_id: str) -> None:
+    async def _join(self, assignment: Assignment, rank: int) -> None:
+        job_id = assignment.job_id
         try:
             plan = await self._store.read_plan(job_id)
         except NotFound:
-            log.warning("job %s is announced but has no plan in S3; ignoring it", job_id)
-            return
-        if self.worker_id >= plan.workers:
+            log.warning("job %s is assigned but has no plan in S3; ignoring it", job_id)
             return
         state = load_safetensors(await self._store.read_init(job_id))
         dataset = await asyncio.to_thread(
@@ -136,34 +166,30 @@ class WorkerService:
             fetch=datasets.fetcher(self._objects.sync, self.settings),
         )
         job = await asyncio.to_thread(
-            WorkerJob,
-            plan,
-            self.worker_id,
-            state,
-            dataset,
-            chunk_bytes=self.settings.codec_chunk_bytes,
+            WorkerJob, plan, rank, state, dataset, chunk_bytes=self.settings.codec_chunk_bytes
         )
-        links = [
+        running = Running(job, assignment, [])
+        running.links = [
             ShardLink(
                 job_id=job_id,
-                worker=self.worker_id,
+                worker=rank,
+                member=self.member_id,
                 shard=part.shard,
                 partition_size=part.size,
                 settings=self.settings,
-                store=self._store,
+                address=running.address,
                 on_params=self._receiver(job),
             )
             for part in plan.partitions
         ]
-        running = Running(job, links)
-        running.tasks = [asyncio.create_task(link.run()) for link in links]
+        running.tasks = [asyncio.create_task(link.run()) for link in running.links]
         for task in running.tasks:  # a link that ends may end the job here: look
             task.add_done_callback(lambda _: self._wake.set())
         self.jobs[job_id] = running
         log.info(
-            "joined job %s as worker %d of %d (%d steps, codec %s)",
+            "joined job %s as rank %d of %d (%d steps, codec %s)",
             job_id,
-            self.worker_id,
+            rank,
             plan.workers,
             plan.total_steps,
             plan.training.gradient_codec,
@@ -176,12 +202,12 @@ class WorkerService:
 
         return receive
 
-    async def _leave(self, job_id: str) -> None:
+    async def _leave(self, job_id: str, why: str) -> None:
         running = self.jobs.pop(job_id)
         for task in running.tasks:
             task.cancel()
         await asyncio.gather(*running.tasks, return_exceptions=True)
-        log.info("left job %s after %d steps here", job_id, running.job.steps)
+        log.info("left job %s after %d steps here (%s)", job_id, running.job.steps, why)
 
     # --- computing --------------------------------------------------------------------------
 
@@ -192,7 +218,7 @@ class WorkerService:
             self._wake.clear()
             for job_id, running in list(self.jobs.items()):
                 if running.over:
-                    await self._leave(job_id)
+                    await self._leave(job_id, "its training is over")
                 elif running.job.ready():
                     await self._step(loop, job_id, running)
                     self._wake.set()  # look again: parameters may have arrived meanwhile
@@ -214,6 +240,6 @@ class WorkerService:
         except Exception:
             # A step that cannot be computed will not compute next time either.
             log.exception("job %s: step failed; leaving the job", job_id)
-            await self._leave(job_id)
+            await self._leave(job_id, "a step failed")
             return
         self.metrics.steps.inc(job.steps - before)  # a local-SGD round is several steps

@@ -53,7 +53,15 @@ def _parser(
 def _stack(settings: Settings, args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from infra.stack import LocalStack
 
-    return LocalStack.from_settings(settings, with_services=not args.infra_only)
+    scale = dict(getattr(args, "scale", None) or [])
+    return LocalStack.from_settings(settings, with_services=not args.infra_only, scale=scale)
+
+
+def _scale_arg(text: str) -> tuple[str, int]:
+    name, sep, count = text.partition("=")
+    if not sep or not count.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=COUNT, e.g. gradient-worker=4")
+    return name, int(count)
 
 
 def _print_status(rows: Sequence[ComponentStatus]) -> None:
@@ -117,6 +125,14 @@ def _register_stack(subparsers: argparse._SubParsersAction) -> None:
         example="MAAS_STATE_DIR=/tmp/maas-demo maas stack up",
     )
     up.add_argument("--no-bootstrap", action="store_true", help="skip creating topics and buckets")
+    up.add_argument(
+        "--scale",
+        type=_scale_arg,
+        action="append",
+        metavar="NAME=COUNT",
+        help="run COUNT replicas of a compose service instead of its deploy.replicas, e.g. "
+        "gradient-worker=4 (remembered until `stack down`; repeatable)",
+    )
     up.add_argument(
         "--timeout-s",
         type=float,

@@ -291,18 +291,19 @@ class Settings:
         ),
     )
     # --- training (gradient workers, aggregator shards) ----------------------------------
-    gradient_workers: int = field(
-        default=1,
+    member_id: str = field(
+        default="",
         metadata=_env(
-            "MAAS_GRADIENT_WORKERS",
-            doc="gradient-worker replicas deployed (ids 0..N-1); caps training.workers",
+            "MAAS_MEMBER_ID",
+            doc="this worker's or shard's name in the training pool (default: host-pid-random, "
+            "new on every start; set it only if it is unique)",
         ),
     )
-    aggregator_shards: int = field(
-        default=1,
+    member_heartbeat_ms: int = field(
+        default=1_000,
         metadata=_env(
-            "MAAS_AGGREGATOR_SHARDS",
-            doc="aggregator shard replicas deployed (0..N-1); caps training.shards",
+            "MAAS_MEMBER_HEARTBEAT_MS",
+            doc="how often a gradient worker or aggregator shard says `up` on the control topic",
         ),
     )
     step_deadline_ms: int = field(
@@ -336,7 +337,9 @@ class Settings:
         default=10_000,
         metadata=_env(
             "MAAS_WORKER_HEARTBEAT_TIMEOUT_MS",
-            doc="a worker without a data-plane stream this long is removed from its job",
+            doc="a pool member silent this long on the control topic is gone (its job goes on "
+            "without it), and a worker without a data-plane stream this long is removed from "
+            "its job",
         ),
     )
     job_stall_timeout_ms: int = field(
@@ -416,12 +419,10 @@ def known_env_names() -> set[str]:
     return {f.metadata["env"] for f in fields(Settings)} | set(EXTRA_ENV_NAMES)
 
 
-# Variables read by a single service rather than through Settings (worker id, shard index, ...).
+# Variables read by a single service rather than through Settings (the aggregator's role).
 # Each service documents its own in docs/OPERATIONS.md; they are listed here so the compose test
 # can tell a typo from a real setting.
 EXTRA_ENV_NAMES: tuple[str, ...] = (
-    "MAAS_WORKER_ID",  # gradient worker: this replica's id, 0..MAAS_GRADIENT_WORKERS-1
-    "MAAS_AGGREGATOR_SHARD",  # aggregator: this replica's shard index
     "MAAS_AGGREGATOR_ROLE",  # aggregator: "shard" (default) or "coordinator"
 )
 

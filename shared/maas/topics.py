@@ -22,9 +22,16 @@ JOBS = Topic("maas.jobs.v1", 3, "job_id", "job event (maas.job/1)")
 JOB_STATUS = Topic("maas.job-status.v1", 3, "job_id", "job status/progress (maas.job-status/1)")
 MODELS = Topic("maas.models.v1", 3, "model name", "registry events")
 DLQ = Topic("maas.dlq.v1", 1, "original key", "rejected records: reason + original bytes")
+# One partition: the coordinator sees heartbeats and its own assignments in one order.
+TRAINING_CONTROL = Topic(
+    "maas.training-control.v1",
+    1,
+    "member_id or job_id",
+    "training pool: heartbeats (maas.member/1), assignments (maas.assignment/1)",
+)
 
 # Gradients and parameters are not here: they travel over the gRPC data plane (maas.training.v1).
-ALL_TOPICS: tuple[Topic, ...] = (JOBS, JOB_STATUS, MODELS, DLQ)
+ALL_TOPICS: tuple[Topic, ...] = (JOBS, JOB_STATUS, MODELS, DLQ, TRAINING_CONTROL)
 
 MODELS_BUCKET = "maas-models"
 DATASETS_BUCKET = "maas-datasets"

@@ -172,13 +172,16 @@ async def mlp_baseline(cluster, producer, watcher) -> dict[str, Any]:
 async def test_an_invalid_job_fails_with_the_reason_and_is_dead_lettered(
     cluster, producer, watcher
 ):
-    job = train_job("bad", "mlp", {"uri": "builtin:digits"}, {"steps": 5, "workers": 7})
-    status = await run(producer, watcher, job)
+    training = {"steps": 5, "workers": 2, "min_workers": 3}
+    status = await run(
+        producer, watcher, train_job("bad", "mlp", {"uri": "builtin:digits"}, training)
+    )
+    reason = "training.min_workers=3 must be at most training.workers=2"
     assert status["state"] == "failed"
-    assert "training.workers=7" in status["error"]["message"]
+    assert reason in status["error"]["message"]
     assert status["error"]["code"] == "invalid_argument"
-    letters = await watcher.letters(job["job_id"], "maas-training")
-    assert letters and "training.workers=7" in letters[0]["reason"]["message"]
+    letters = await watcher.letters(status["job_id"], "maas-training")
+    assert letters and reason in letters[0]["reason"]["message"]
 
 
 async def test_a_job_with_an_unknown_arch_fails_naming_the_field(cluster, producer, watcher):
@@ -213,7 +216,7 @@ async def test_the_live_job_ends_with_the_weights_of_the_in_process_reference(
     run in this process by the real worker loop and shard cores (``simulate``)."""
     assert mlp_baseline["state"] == "succeeded", mlp_baseline
     job = train_job("digits-mlp", "mlp", {"uri": "builtin:digits"}, MLP_TRAINING)
-    prepared = prepare_job(job, limits=Limits(WORKERS, SHARDS, 10_000))
+    prepared = prepare_job(job, limits=Limits(10_000))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers run (OMP_NUM_THREADS=1): the same matmul blocking
     try:
@@ -357,12 +360,13 @@ async def test_a_worker_killed_mid_job_is_removed_after_the_heartbeat_timeout(
     await producer.send(topics.JOBS, job, key=job["job_id"])
     store = ObjectStore(stack.settings)
     await _wait_for_checkpoint(store, job["job_id"], shard=0, version=40)
-    cluster.kill(cluster.workers[1])
+    holder = _by_name(cluster.workers, assignment(watcher, job["job_id"])["workers"][1]["member"])
+    cluster.kill(holder)
     try:
         assert not (await _pointer(store, job["job_id"], shard=0)).final, "killed too late"
         status = await watcher.final(job["job_id"])
     finally:
-        start_all([cluster.workers[1]])
+        start_all([holder])
     assert status["state"] == "succeeded", status
     assert status["metrics"]["accuracy"] > 0.9
     changes = [s["workers"] for s in watcher.statuses[job["job_id"]] if "workers" in s]
@@ -405,3 +409,79 @@ async def _wait_for_checkpoint(
             return
         await asyncio.sleep(0.05)
     raise AssertionError(f"shard {shard} of {job_id} never checkpointed version {version}")
+
+
+def assignment(watcher: Watcher, job_id: str) -> dict[str, Any]:
+    """The job's newest assignment, as the coordinator's statuses carry it."""
+    found = [s["assignment"] for s in watcher.statuses[job_id] if "assignment" in s]
+    assert found, f"job {job_id} was never assigned: {watcher.statuses[job_id]}"
+    return max(found, key=lambda a: a["epoch"])
+
+
+def _by_name(services: list, name: str):  # type: ignore[no-untyped-def]
+    (service,) = [s for s in services if s.name == name]
+    return service
+
+
+async def _wait_for_state(watcher: Watcher, job_id: str, state: str, timeout_s: float = 60) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = [s for s in watcher.statuses[job_id] if s["state"] == state]
+        if found:
+            return found[-1]
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"job {job_id} never {state}: {watcher.statuses[job_id]}")
+
+
+# --- the elastic pool (these add workers: they run last) ---------------------------------------
+
+
+async def test_a_job_wanting_more_workers_than_the_pool_has_is_queued_until_one_joins(
+    cluster, producer, watcher
+):
+    job = train_job(
+        "pool-wait", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "workers": 3, "steps": 40}
+    )
+    await producer.send(topics.JOBS, job, key=job["job_id"])
+    queued = await _wait_for_state(watcher, job["job_id"], "queued")
+    assert "waiting for 3 free gradient workers" in queued["reason"], queued
+    assert not [s for s in watcher.statuses[job["job_id"]] if s["state"] == "running"]
+    cluster.add_worker()
+    status = await watcher.final(job["job_id"])
+    assert status["state"] == "succeeded", status
+    assert len(assignment(watcher, job["job_id"])["workers"]) == 3
+
+
+async def test_a_worker_started_mid_job_takes_the_vacant_rank_and_the_job_converges(
+    cluster, producer, watcher
+):
+    # Long enough that the newcomer (a fresh process importing torch) arrives well before the end.
+    training = {**MLP_TRAINING, "workers": 4, "min_workers": 3, "steps": 2000}
+    job = train_job("pool-join", "mlp", {"uri": "builtin:digits"}, training)
+    await producer.send(topics.JOBS, job, key=job["job_id"])
+    await _wait_for_state(watcher, job["job_id"], "running")
+    assert len(assignment(watcher, job["job_id"])["workers"]) == 3
+    newcomer = cluster.add_worker()
+    status = await watcher.final(job["job_id"], timeout_s=300)
+    assert status["state"] == "succeeded", status
+    assert status["metrics"]["accuracy"] > 0.9
+    final = assignment(watcher, job["job_id"])
+    assert {"rank": 3, "member": newcomer.name} in final["workers"], final
+    reasons = [s.get("reason", "") for s in watcher.statuses[job["job_id"]]]
+    assert any(f"{newcomer.name} joined as rank 3" in r for r in reasons), reasons
+
+
+async def test_two_concurrent_jobs_run_on_disjoint_workers(cluster, producer, watcher):
+    assert len(cluster.workers) >= 4
+    jobs = [
+        train_job(f"pool-pair-{i}", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 60})
+        for i in range(2)
+    ]
+    for job in jobs:
+        await producer.send(topics.JOBS, job, key=job["job_id"])
+    statuses = await asyncio.gather(*(watcher.final(j["job_id"]) for j in jobs))
+    assert [s["state"] for s in statuses] == ["succeeded", "succeeded"], statuses
+    first, second = (
+        {w["member"] for w in assignment(watcher, j["job_id"])["workers"]} for j in jobs
+    )
+    assert len(first) == len(second) == 2 and not first & second

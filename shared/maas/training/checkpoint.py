@@ -36,10 +36,6 @@ FORMAT = "maas.shard-checkpoint/1"
 ACTIVE_PREFIX = "active/"
 
 
-def shard_address_key(shard: int) -> str:
-    return f"cluster/shards/{shard}.json"
-
-
 def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
@@ -50,6 +46,10 @@ def plan_key(job_id: str) -> str:
 
 def init_key(job_id: str) -> str:
     return f"{job_prefix(job_id)}init.safetensors"
+
+
+def assignment_key(job_id: str) -> str:
+    return f"{job_prefix(job_id)}assignment.json"
 
 
 def result_key(job_id: str) -> str:

@@ -28,6 +28,9 @@ DEFAULT_STEPS = 100
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_CHECKPOINT_EVERY = 50
 DEFAULT_STALENESS = 2
+# The most ranks and partitions one job may ask for (the job schema says the same).
+MAX_JOB_WORKERS = 64
+MAX_JOB_SHARDS = 64
 
 
 def _choice(training: Mapping[str, Any], key: str, allowed: Sequence[str], default: str) -> str:
@@ -54,6 +57,7 @@ class TrainingSpec:
     optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
     loss: str | None = None
     workers: int = 1
+    min_workers: int | None = None  # start with this many free workers (default: all of them)
     mode: str = "sync"
     staleness: int = DEFAULT_STALENESS
     quorum: float = 1.0
@@ -87,14 +91,17 @@ class TrainingSpec:
         workers = _positive_int(t, "workers", 1)
         if workers > max_workers:
             raise InvalidArgument(
-                f"training.workers={workers} but only {max_workers} gradient-worker replicas "
-                "are deployed (MAAS_GRADIENT_WORKERS); ask for fewer or scale the workers"
+                f"training.workers={workers} is more than a job may use ({max_workers})"
+            )
+        min_workers = _positive_int(t, "min_workers", workers)
+        if min_workers > workers:
+            raise InvalidArgument(
+                f"training.min_workers={min_workers} must be at most training.workers={workers}"
             )
         shards = _positive_int(t, "shards", 1)
         if shards > max_shards:
             raise InvalidArgument(
-                f"training.shards={shards} but only {max_shards} aggregator shards are "
-                "deployed (MAAS_AGGREGATOR_SHARDS); ask for fewer or scale the aggregator"
+                f"training.shards={shards} is more than a job may use ({max_shards})"
             )
         quorum = t.get("quorum", 1.0)
         if not (isinstance(quorum, int | float) and 0 < quorum <= 1):
@@ -122,6 +129,7 @@ class TrainingSpec:
             optimizer=_optimizer(t.get("optimizer")),
             loss=_loss(t.get("loss")),
             workers=workers,
+            min_workers=min_workers if "min_workers" in t else None,
             mode=mode,
             staleness=staleness,
             quorum=float(quorum),

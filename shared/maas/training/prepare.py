@@ -18,7 +18,14 @@ from torch import nn
 
 from maas import datasets, zoo
 from maas.errors import InvalidArgument
-from maas.training.plan import JobPlan, TrainingSpec, frozen_names, make_plan
+from maas.training.plan import (
+    MAX_JOB_SHARDS,
+    MAX_JOB_WORKERS,
+    JobPlan,
+    TrainingSpec,
+    frozen_names,
+    make_plan,
+)
 from maas.training.replica import trainable_shapes
 
 HEAD_PREFIX = "head."
@@ -38,9 +45,9 @@ class BaseModel:
 
 @dataclass(frozen=True)
 class Limits:
-    max_workers: int
-    max_shards: int
     default_deadline_ms: int
+    max_workers: int = MAX_JOB_WORKERS
+    max_shards: int = MAX_JOB_SHARDS
 
 
 @dataclass(frozen=True)

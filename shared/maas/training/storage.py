@@ -16,6 +16,7 @@ from maas.store import CHECKPOINTS_BUCKET, AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training.aggregate import ShardSnapshot
 from maas.training.plan import JobPlan
+from maas.training.pool import Assignment
 
 BUCKET = CHECKPOINTS_BUCKET
 
@@ -63,16 +64,18 @@ class TrainingStore:
         except NotFound:
             return None
 
-    # --- where shards serve ---------------------------------------------------------------------
+    # --- who serves a job (the coordinator writes it; members read it when they start) ---------
 
-    async def advertise_shard(self, shard: int, address: str) -> None:
-        data = json.dumps({"address": address}).encode()
-        await self._store.put_bytes(BUCKET, ck.shard_address_key(shard), data)
+    async def write_assignment(self, assignment: Assignment) -> None:
+        data = json.dumps(assignment.to_json(), sort_keys=True).encode()
+        await self._store.put_bytes(BUCKET, ck.assignment_key(assignment.job_id), data)
 
-    async def shard_address(self, shard: int) -> str:
-        """Where shard ``shard`` serves the data plane; NotFound until it started once."""
-        data = json.loads(await self._store.get_bytes(BUCKET, ck.shard_address_key(shard)))
-        return str(data["address"])
+    async def read_assignment(self, job_id: str) -> Assignment | None:
+        try:
+            data = await self._store.get_bytes(BUCKET, ck.assignment_key(job_id))
+        except NotFound:
+            return None
+        return Assignment.from_json(json.loads(data))
 
     # --- shard checkpoints ----------------------------------------------------------------------
 

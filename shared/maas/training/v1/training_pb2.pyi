@@ -14,14 +14,16 @@ class WorkerMessage(_message.Message):
     def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., push: _Optional[_Union[Push, _Mapping]] = ...) -> None: ...
 
 class Join(_message.Message):
-    __slots__ = ("job_id", "worker", "shard")
+    __slots__ = ("job_id", "worker", "shard", "member")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     worker: int
     shard: int
-    def __init__(self, job_id: _Optional[str] = ..., worker: _Optional[int] = ..., shard: _Optional[int] = ...) -> None: ...
+    member: str
+    def __init__(self, job_id: _Optional[str] = ..., worker: _Optional[int] = ..., shard: _Optional[int] = ..., member: _Optional[str] = ...) -> None: ...
 
 class Push(_message.Message):
     __slots__ = ("version", "codec", "offset", "size", "piece", "pieces", "samples", "loss", "accuracy", "scale", "values", "indices")

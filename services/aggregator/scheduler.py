@@ -1,0 +1,146 @@
+"""The coordinator's training pool: the control topic in, assignments and job statuses out.
+
+``maas.training.pool.Pool`` decides; this adapter feeds it the members' heartbeats (the control
+topic's one consumer group, so malformed records are dead-lettered there, once), runs its
+``schedule`` every ``TICK_S``, and makes each decision durable and known, in this order: the
+assignment to S3 (members that start later read it there), then to the control topic (running
+members act on it), then the job's status (``queued`` with the reason, or ``running`` with the
+assignment and what changed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from maas import events, topics
+from maas.bus import EventConsumer, EventProducer, Record
+from maas.config import Settings
+from maas.errors import MaasError
+from maas.training.control import ASSIGNED, RELEASED, assignment_event
+from maas.training.plan import JobPlan
+from maas.training.pool import Change, Pool, Want
+from maas.training.storage import TrainingStore
+from maas.training.transport import status_event
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "maas-training-pool"
+TICK_S = 0.25
+SERVICE = "training-coordinator"
+
+
+def want_of(plan: JobPlan) -> Want:
+    t = plan.training
+    return Want(plan.job_id, t.workers, t.shards, t.min_workers or t.workers)
+
+
+class PoolScheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        producer: EventProducer,
+        store: TrainingStore,
+        on_started: Callable[[str], None],
+    ) -> None:
+        self.pool = Pool(settings.worker_heartbeat_timeout_ms)
+        self._producer = producer
+        self._store = store
+        self._on_started = on_started
+        self._control = EventConsumer(
+            settings,
+            topics=[topics.TRAINING_CONTROL],
+            group_id=GROUP_ID,
+            handler=self._heard,
+            producer=producer,
+            expected_schemas=[events.MEMBER, events.ASSIGNMENT],
+            auto_offset_reset="latest",
+        )
+
+    async def start(self) -> None:
+        await self._control.start()
+
+    async def stop(self) -> None:
+        await self._control.stop()
+
+    async def run(self) -> None:
+        await asyncio.gather(self._control.run(), self._tick())
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    async def submit(self, plan: JobPlan) -> None:
+        """A job to place, or (after a restart) one placed already: its assignment is in S3."""
+        assignment = await self._store.read_assignment(plan.job_id)
+        if assignment is None:
+            self.pool.submit(want_of(plan))
+            return
+        self.pool.resume(assignment, want_of(plan))
+        self._on_started(plan.job_id)
+
+    async def release(self, job_id: str) -> None:
+        assignment = self.pool.release(job_id)
+        if assignment is None:
+            return
+        try:
+            await self._producer.send(
+                topics.TRAINING_CONTROL, assignment_event(assignment, RELEASED), key=job_id
+            )
+        except MaasError as exc:  # members leave on the job's final parameters anyway
+            log.warning("job %s: release not published (%s)", job_id, exc.message)
+
+    # --- the control topic ----------------------------------------------------------------------
+
+    async def _heard(self, record: Record) -> None:
+        event = record.event
+        if event["schema"] != events.MEMBER:
+            return  # our own assignments
+        member = event["member_id"]
+        if event["state"] == "down":
+            self.pool.left(member)
+            log.info("pool: %s %s left", event["kind"], member)
+            return
+        # The event's time, not ours: a heartbeat read late (after a restart) is as old as it is.
+        seen = min(int(event["ts"]), events.now_ms())
+        if self.pool.heard(member, event["kind"], event.get("address", ""), seen):
+            log.info("pool: %s %s joined %s", event["kind"], member, event.get("address", ""))
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            for member in self.pool.expire(events.now_ms()):
+                log.warning("pool: %s %s is gone (no heartbeat)", member.kind, member.member_id)
+            for change in self.pool.schedule():
+                await self._apply(change)
+
+    async def _apply(self, change: Change) -> None:
+        job_id = change.job_id
+        fields: dict[str, Any] = {"reason": change.reason}
+        if change.assignment is not None:
+            # Retried until it lands: a member must never act on an assignment S3 lacks.
+            while True:
+                try:
+                    await self._store.write_assignment(change.assignment)
+                    await self._producer.send(
+                        topics.TRAINING_CONTROL,
+                        assignment_event(change.assignment, ASSIGNED),
+                        key=job_id,
+                    )
+                    break
+                except MaasError as exc:
+                    log.warning("job %s: assignment not published (%s); retrying", job_id, exc)
+                    await asyncio.sleep(1.0)
+            fields["assignment"] = change.assignment.to_json()
+        state = "queued" if change.kind == "queued" else "running"
+        log.info("job %s %s: %s", job_id, change.kind, change.reason)
+        try:
+            await self._producer.send(
+                topics.JOB_STATUS,
+                status_event(job_id, state, service=SERVICE, **fields),
+                key=job_id,
+            )
+        except MaasError as exc:
+            log.warning("job %s: status not sent (%s)", job_id, exc.message)
+        if change.kind == "started":
+            self._on_started(job_id)

@@ -1,0 +1,244 @@
+"""The elastic training pool: which gradient workers and aggregator shards are alive, and which
+job each one serves. Plain Python with time passed in; the coordinator drives it from the
+training control topic (``maas.training.control``) and publishes what it decides.
+
+Members have no fixed ids: each process names itself, says ``up`` on the control topic every
+heartbeat period and ``down`` when it stops. One silent for the timeout is gone.
+
+A job asks for ``workers`` ranks (data shards 0..W-1) and ``shards`` parameter partitions. It is
+placed when at least ``min_workers`` workers are free (not serving another job) and one shard is
+alive; until then it is queued, with the reason. Placing gives each rank a free worker (as many
+as there are, up to ``workers``) and each partition the least-loaded live shard. Then, on every
+``schedule``:
+
+- a worker that went silent loses its rank (the job goes on without it);
+- a vacant rank goes to a free worker (a worker that joins mid-job is added at the next step; its
+  data shard is the rank's, so the job's data split never changes);
+- a partition whose shard went silent moves to another live shard, which resumes it from the
+  partition's last checkpoint; one whose shard came back at another address (a restart within
+  the timeout) gets the new address.
+
+Each change bumps the job's ``epoch``; members act on the newest epoch they saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from maas.errors import InvalidArgument
+
+WORKER = "worker"
+SHARD = "shard"
+KINDS = (WORKER, SHARD)
+
+
+@dataclass
+class Member:
+    member_id: str
+    kind: str
+    address: str  # a shard's data-plane address; empty for a worker
+    seen_ms: int
+
+
+@dataclass
+class Assignment:
+    """Who serves one job: rank -> worker member, partition -> (shard member, its address)."""
+
+    job_id: str
+    epoch: int
+    workers: dict[int, str]
+    shards: dict[int, str]
+    addresses: dict[int, str]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "epoch": self.epoch,
+            "workers": [{"rank": r, "member": m} for r, m in sorted(self.workers.items())],
+            "shards": [
+                {"partition": p, "member": m, "address": self.addresses.get(p, "")}
+                for p, m in sorted(self.shards.items())
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Assignment:
+        shards = list(data["shards"])
+        return cls(
+            job_id=str(data["job_id"]),
+            epoch=int(data["epoch"]),
+            workers={int(w["rank"]): str(w["member"]) for w in data["workers"]},
+            shards={int(s["partition"]): str(s["member"]) for s in shards},
+            addresses={int(s["partition"]): str(s["address"]) for s in shards},
+        )
+
+    def rank_of(self, member_id: str) -> int | None:
+        for rank, member in self.workers.items():
+            if member == member_id:
+                return rank
+        return None
+
+    def partitions_of(self, member_id: str) -> list[int]:
+        return sorted(p for p, m in self.shards.items() if m == member_id)
+
+
+@dataclass(frozen=True)
+class Want:
+    """What a job asks of the pool."""
+
+    job_id: str
+    workers: int
+    shards: int
+    min_workers: int
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_workers <= self.workers:
+            raise InvalidArgument(
+                f"training.min_workers={self.min_workers} must be in 1..training.workers "
+                f"({self.workers})"
+            )
+
+
+@dataclass(frozen=True)
+class Change:
+    """What ``schedule`` decided for one job: it starts, its assignment moved, or it waits."""
+
+    job_id: str
+    kind: str  # "started" | "moved" | "queued"
+    reason: str
+    assignment: Assignment | None = None
+
+
+@dataclass
+class Pool:
+    timeout_ms: int
+    members: dict[str, Member] = field(default_factory=dict)
+    running: dict[str, Assignment] = field(default_factory=dict)
+    queue: dict[str, Want] = field(default_factory=dict)  # insertion order = arrival order
+    _wants: dict[str, Want] = field(default_factory=dict)
+    _queued_reason: dict[str, str] = field(default_factory=dict)
+
+    # --- membership -------------------------------------------------------------------------
+
+    def heard(self, member_id: str, kind: str, address: str, now_ms: int) -> bool:
+        """A member said ``up``; True if it is new to the pool."""
+        if kind not in KINDS:
+            raise InvalidArgument(f"member kind {kind!r} is unknown; use one of {KINDS}")
+        known = self.members.get(member_id)
+        self.members[member_id] = Member(member_id, kind, address, now_ms)
+        return known is None
+
+    def left(self, member_id: str) -> None:
+        self.members.pop(member_id, None)
+
+    def expire(self, now_ms: int) -> list[Member]:
+        """Forget members silent for the timeout; the ones forgotten."""
+        gone = [m for m in self.members.values() if now_ms - m.seen_ms > self.timeout_ms]
+        for member in gone:
+            del self.members[member.member_id]
+        return gone
+
+    def alive(self, kind: str) -> list[str]:
+        return sorted(m.member_id for m in self.members.values() if m.kind == kind)
+
+    def free_workers(self) -> list[str]:
+        busy = {m for a in self.running.values() for m in a.workers.values()}
+        return [m for m in self.alive(WORKER) if m not in busy]
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    def submit(self, want: Want) -> None:
+        if want.job_id not in self.running:
+            self.queue.setdefault(want.job_id, want)
+        self._wants[want.job_id] = want
+
+    def resume(self, assignment: Assignment, want: Want) -> None:
+        """A job that was running before the coordinator restarted."""
+        self.running[assignment.job_id] = assignment
+        self._wants[assignment.job_id] = want
+        self.queue.pop(assignment.job_id, None)
+
+    def release(self, job_id: str) -> Assignment | None:
+        self.queue.pop(job_id, None)
+        self._wants.pop(job_id, None)
+        self._queued_reason.pop(job_id, None)
+        return self.running.pop(job_id, None)
+
+    def schedule(self) -> list[Change]:
+        """Repair running jobs, then place queued ones in arrival order."""
+        changes = [c for job_id in list(self.running) if (c := self._repair(job_id))]
+        for want in list(self.queue.values()):
+            change = self._place(want)
+            if change is not None:
+                changes.append(change)
+        return changes
+
+    def _repair(self, job_id: str) -> Change | None:
+        a = self.running[job_id]
+        want = self._wants[job_id]
+        notes: list[str] = []
+        for rank, member in sorted(a.workers.items()):
+            if member not in self.members:
+                del a.workers[rank]
+                notes.append(f"worker {member} (rank {rank}) removed: no heartbeat")
+        free = self.free_workers()
+        for rank in range(want.workers):
+            if rank not in a.workers and free:
+                a.workers[rank] = free.pop(0)
+                notes.append(f"worker {a.workers[rank]} joined as rank {rank}")
+        for part, member in sorted(a.shards.items()):
+            if member in self.members:
+                address = self.members[member].address
+                if a.addresses.get(part) != address:  # restarted within the timeout
+                    a.addresses[part] = address
+                    notes.append(f"partition {part}: shard {member} now serves at {address}")
+                continue
+            target = self._least_loaded_shard()
+            if target is None:
+                continue  # no shard alive: the partition waits, workers keep their pushes
+            a.shards[part], a.addresses[part] = target.member_id, target.address
+            notes.append(f"partition {part} moved from shard {member} to {target.member_id}")
+        if not notes:
+            return None
+        a.epoch += 1
+        return Change(job_id, "moved", "; ".join(notes), a)
+
+    def _place(self, want: Want) -> Change | None:
+        free = self.free_workers()
+        shards = self.alive(SHARD)
+        reason = ""
+        if len(free) < want.min_workers:
+            reason = (
+                f"waiting for {want.min_workers} free gradient workers (training.min_workers); "
+                f"the pool has {len(self.alive(WORKER))}, {len(free)} free"
+            )
+        elif not shards:
+            reason = "waiting for an aggregator shard; none is alive"
+        if reason:
+            if self._queued_reason.get(want.job_id) == reason:
+                return None  # said already
+            self._queued_reason[want.job_id] = reason
+            return Change(want.job_id, "queued", reason)
+        workers = dict(enumerate(free[: want.workers]))
+        a = Assignment(want.job_id, 1, workers, {}, {})
+        self.running[want.job_id] = a  # before picking shards: they count its partitions
+        for part in range(want.shards):
+            target = self._least_loaded_shard()
+            assert target is not None  # shards is not empty
+            a.shards[part], a.addresses[part] = target.member_id, target.address
+        del self.queue[want.job_id]
+        self._queued_reason.pop(want.job_id, None)
+        return Change(want.job_id, "started", f"{len(workers)} of {want.workers} workers", a)
+
+    def _least_loaded_shard(self) -> Member | None:
+        load = {m: 0 for m in self.alive(SHARD)}
+        for a in self.running.values():
+            for member in a.shards.values():
+                if member in load:
+                    load[member] += 1
+        if not load:
+            return None
+        best = min(load, key=lambda m: (load[m], m))
+        return self.members[best]

@@ -1,0 +1,134 @@
+"""The training pool's placement rules (maas.training.pool), with time passed in."""
+
+from __future__ import annotations
+
+import pytest
+
+from maas.errors import InvalidArgument
+from maas.training.pool import SHARD, WORKER, Assignment, Pool, Want
+
+TIMEOUT = 1000
+
+
+def pool_with(workers: int, shards: int = 1) -> Pool:
+    pool = Pool(TIMEOUT)
+    for w in range(workers):
+        pool.heard(f"w{w}", WORKER, "", now_ms=0)
+    for s in range(shards):
+        pool.heard(f"s{s}", SHARD, f"10.0.0.{s}:7070", now_ms=0)
+    return pool
+
+
+def started(pool: Pool, job_id: str) -> Assignment:
+    (change,) = [c for c in pool.schedule() if c.job_id == job_id]
+    assert change.kind == "started" and change.assignment is not None
+    return change.assignment
+
+
+def test_two_jobs_get_disjoint_workers() -> None:
+    pool = pool_with(4, shards=2)
+    pool.submit(Want("a", workers=2, shards=2, min_workers=2))
+    pool.submit(Want("b", workers=2, shards=2, min_workers=2))
+    changes = {c.job_id: c.assignment for c in pool.schedule()}
+    a, b = changes["a"], changes["b"]
+    assert a is not None and b is not None
+    assert len(set(a.workers.values()) | set(b.workers.values())) == 4
+
+
+def test_partitions_spread_over_the_live_shards() -> None:
+    pool = pool_with(2, shards=2)
+    pool.submit(Want("a", workers=2, shards=2, min_workers=2))
+    a = started(pool, "a")
+    assert set(a.shards.values()) == {"s0", "s1"}
+    assert a.addresses == {0: "10.0.0.0:7070", 1: "10.0.0.1:7070"}
+
+
+def test_a_job_larger_than_the_free_pool_is_queued_with_the_reason_once() -> None:
+    pool = pool_with(1)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=2))
+    (change,) = pool.schedule()
+    assert change.kind == "queued"
+    assert "waiting for 2 free gradient workers" in change.reason and "1 free" in change.reason
+    assert pool.schedule() == []  # not said again while nothing changed
+
+
+def test_a_queued_job_starts_when_a_worker_joins() -> None:
+    pool = pool_with(1)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=2))
+    pool.schedule()
+    pool.heard("w9", WORKER, "", now_ms=10)
+    a = started(pool, "a")
+    assert sorted(a.workers.values()) == ["w0", "w9"]
+
+
+def test_min_workers_starts_a_job_short_and_fills_the_rank_later() -> None:
+    pool = pool_with(1)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=1))
+    a = started(pool, "a")
+    assert a.workers == {0: "w0"}
+    pool.heard("w1", WORKER, "", now_ms=10)
+    (change,) = pool.schedule()
+    assert change.kind == "moved" and change.assignment is not None
+    assert change.assignment.workers == {0: "w0", 1: "w1"}
+    assert change.assignment.epoch == 2
+    assert "w1 joined as rank 1" in change.reason
+
+
+def test_a_silent_worker_loses_its_rank_and_a_free_one_takes_it() -> None:
+    pool = pool_with(3)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=2))
+    a = started(pool, "a")
+    lost = a.workers[1]
+    for member in pool.alive(WORKER) + pool.alive(SHARD):
+        if member != lost:
+            pool.heard(member, pool.members[member].kind, pool.members[member].address, 900)
+    assert [m.member_id for m in pool.expire(now_ms=1500)] == [lost]
+    (change,) = pool.schedule()
+    assert change.assignment is not None
+    assert lost not in change.assignment.workers.values()
+    assert set(change.assignment.workers) == {0, 1}
+    assert f"worker {lost} (rank 1) removed: no heartbeat" in change.reason
+
+
+def test_a_partition_of_a_silent_shard_moves_to_a_live_one() -> None:
+    pool = pool_with(1, shards=1)
+    pool.submit(Want("a", workers=1, shards=2, min_workers=1))
+    a = started(pool, "a")
+    assert set(a.shards.values()) == {"s0"}
+    pool.left("s0")
+    pool.heard("s7", SHARD, "h:1", now_ms=5)
+    (change,) = pool.schedule()
+    assert change.assignment is not None
+    assert change.assignment.shards == {0: "s7", 1: "s7"}
+    assert change.assignment.addresses == {0: "h:1", 1: "h:1"}
+
+
+def test_released_workers_are_free_for_the_next_job() -> None:
+    pool = pool_with(2)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=2))
+    started(pool, "a")
+    pool.submit(Want("b", workers=2, shards=1, min_workers=2))
+    assert [c.kind for c in pool.schedule()] == ["queued"]
+    pool.release("a")
+    assert started(pool, "b").workers.keys() == {0, 1}
+
+
+def test_an_assignment_survives_its_json_form() -> None:
+    pool = pool_with(2, shards=2)
+    pool.submit(Want("a", workers=2, shards=2, min_workers=2))
+    a = started(pool, "a")
+    assert Assignment.from_json(a.to_json()) == a
+
+
+def test_min_workers_above_workers_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="min_workers=3 must be in 1..training.workers"):
+        Want("a", workers=2, shards=1, min_workers=3)
+
+
+def test_a_shard_back_at_a_new_address_within_the_timeout_is_dialled_there() -> None:
+    pool = pool_with(1, shards=1)
+    pool.submit(Want("a", workers=1, shards=1, min_workers=1))
+    started(pool, "a")
+    pool.heard("s0", SHARD, "10.0.0.0:9999", now_ms=5)
+    (change,) = pool.schedule()
+    assert change.assignment is not None and change.assignment.addresses == {0: "10.0.0.0:9999"}

@@ -3,7 +3,8 @@
 One run prints one JSON document. Same model (an MLP of ~1M parameters on digits), per-process
 batch, optimizer and step count for all; every round runs each of ours right before its peer:
 
-  - ours codec ``none`` (2 workers x 2 shards) / DDP 2 processes;
+  - ours codec ``none`` (2 workers x 2 shards) / DDP 2 processes; ours with the fp16 parameter
+    broadcast (``training.broadcast: float16``, codec none), reported apart;
   - ours ``fp16`` / DDP with ``fp16_compress_hook``; ours top-k / DDP with PowerSGD;
   - ours with 1 worker / DDP with 1 process (one process alone); ours with 4 workers / DDP 4.
 
@@ -12,13 +13,13 @@ seconds (training processes, Kafka broker, S3 server), the load average and the 
 ``targets`` the issue's ratios. ``aggregator``: a shard's sum of two gradients + SGD apply beside
 numpy ``a += b``. ``rss``: every process's peak RSS.
 
-How ours is timed: shard 0's progress statuses (every 200 ms) give (time, version) points;
-samples/s counts the workers' own step counters over the window from the first point to the
-final checkpoint. Time-to-95%: the first version (every 5, like DDP's evaluation) at which the
-job's in-process reference (``maas.training.local.simulate``, the same worker loop and shard
-cores, run before the rounds) reaches 95% held-out accuracy, timed on the points by linear
-interpolation. DDP: from the end of step 1, rank 0 evaluating every 5 steps with its evaluation
-time subtracted.
+How ours is timed: the progress statuses of partition 0's shard (every 200 ms) give (time,
+version) points; samples/s counts the workers' own step counters over the window from the first
+point to the final checkpoint. Time-to-95%: the first version (every 5, like DDP's evaluation)
+at which the job's in-process reference (``maas.training.local.simulate``, the same worker loop
+and shard cores, run before the rounds) reaches 95% held-out accuracy, timed on the points by
+linear interpolation. DDP: from the end of step 1, rank 0 evaluating every 5 steps with its
+evaluation time subtracted.
 
     python -m bench.train [--steps 300] [--batch 128] [--topk 0.004] [--rounds 5]
 """
@@ -144,7 +145,7 @@ def steps_to_target(plan_job: dict[str, Any]) -> int | None:
 
 
 async def follow(settings: Settings, job: dict[str, Any]) -> tuple[list[tuple[int, int]], dict]:
-    """Submit ``job``; shard 0's (ts, step) progress points and the final status."""
+    """Submit ``job``; partition 0's (ts, step) progress points and the final status."""
     from maas.bus import EventProducer
     from maas.training.transport import PartitionReader, decode
 
@@ -163,7 +164,9 @@ async def follow(settings: Settings, job: dict[str, Any]) -> tuple[list[tuple[in
                 event = decode(raw, events.JOB_STATUS).event
                 if event["job_id"] != job["job_id"]:
                     continue
-                if event.get("service") == "aggregator-0" and event.get("step"):
+                # Progress reports (partition 0's shard, whichever pool member that is).
+                progress = event.get("service") != "training-coordinator" and "metrics" in event
+                if progress and event.get("step"):
                     points.append((int(event["ts"]), int(event["step"])))
                 if event["state"] in ("succeeded", "failed"):
                     if event["state"] == "failed":
@@ -194,7 +197,7 @@ async def run_ours(
     workers, codec = training["workers"], training["gradient_codec"]
     steps, batch = training["steps"], training["batch_size"]
     job_id = f"bench-w{workers}-{uuid.uuid4().hex[:8]}"
-    ports = [w.port for w in processes.workers[:workers]]
+    ports = [w.port for w in processes.workers]  # the pool picks which: idle ones count 0
     pids = stack_pids(workdir, processes)
     cpu_before = {n: cpu_seconds(p) for n, p in pids.items()}
     before = [scrape(p) for p in ports]
@@ -300,7 +303,10 @@ def ddp_rank(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     model = zoo.build("mlp", MODEL, seed=0)
-    ddp = DistributedDataParallel(model)
+    # PowerSGD chains several collectives per bucket from completion callbacks; with more than
+    # one bucket gloo can see them in a different order on each rank ("collective mismatch").
+    # One bucket (an explicit cap also sizes the first bucket) keeps the order fixed.
+    ddp = DistributedDataParallel(model, bucket_cap_mb=64 if hook == "powersgd" else None)
     _comm_hook(ddp, hook)
     opt = _optimizer(ddp.parameters(), hook, sync_every)
     data = load_builtin("digits")
@@ -372,13 +378,13 @@ def run_ddp(
         for r in range(world)
     ]
     cpu: dict[str, float] = {}
-    for r, p in enumerate(procs):
-        # Read before reaping: a reaped child's /proc entry is gone.
-        while p.poll() is None:
+    # Read every rank before it is reaped: a reaped child's /proc entry is gone.
+    while any(p.poll() is None for p in procs):
+        for r, p in enumerate(procs):
             cpu[f"rank-{r}"] = cpu_seconds(p.pid) or cpu.get(f"rank-{r}", 0.0)
-            time.sleep(0.05)
-        if p.returncode != 0:
-            raise RuntimeError(f"DDP rank exited with {p.returncode}")
+        time.sleep(0.05)
+    if any(p.returncode != 0 for p in procs):
+        raise RuntimeError(f"DDP ranks exited with {[p.returncode for p in procs]}")
     ranks = [json.loads(o.read_text()) for o in outs]
     return {
         "workers": world,
@@ -437,10 +443,12 @@ def aggregator_bandwidth(size: int, repeats: int = 20) -> dict[str, Any]:
 # --- the run ----------------------------------------------------------------------------------
 
 
-# Each of ours beside its matching peer, run back to back in every round.
-PAIRS: tuple[tuple[str, int, str, int], ...] = (
-    # (our codec, our workers, DDP hook, DDP processes)
+# Each of ours beside its matching peer, run back to back in every round. A peer of None: ours
+# only (the fp16 parameter broadcast is a setting of its own; DDP has nothing to broadcast).
+PAIRS: tuple[tuple[str, int, str | None, int], ...] = (
+    # (our variant, our workers, DDP hook, DDP processes)
     ("none", 2, "none", 2),
+    ("broadcast16", 2, None, 2),
     ("fp16", 2, "fp16", 2),
     ("topk", 2, "powersgd", 2),
     ("none", 1, "none", 1),
@@ -462,7 +470,13 @@ def summary(values: list[float | None]) -> dict[str, float | None]:
 
 
 async def bench(args: argparse.Namespace, settings: Settings, workdir: Path) -> dict[str, Any]:
-    codec_of = {"none": "none", "fp16": "fp16", "topk": f"topk({args.topk})", "local_sgd": "none"}
+    codec_of = {
+        "none": "none",
+        "broadcast16": "none",
+        "fp16": "fp16",
+        "topk": f"topk({args.topk})",
+        "local_sgd": "none",
+    }
     out: dict[str, Any] = {
         "model_params": zoo.count_parameters(zoo.build("mlp", MODEL)),
         "steps": args.steps,
@@ -496,6 +510,8 @@ async def bench(args: argparse.Namespace, settings: Settings, workdir: Path) -> 
                         steps_to_95=reached[codec],
                     )
                     runs.setdefault(f"ours-{codec}-w{workers}", []).append(ours)
+                    if hook is None:
+                        continue
                     try:
                         peer = run_ddp(
                             world, args.steps, args.batch, workdir, hook, args.sync_every
@@ -535,6 +551,8 @@ def training_of(args: argparse.Namespace, variant: str, codec: str, workers: int
     }
     if variant == "local_sgd":
         training.update(mode="local_sgd", sync_every=args.sync_every)
+    if variant == "broadcast16":
+        training["broadcast"] = "float16"
     return training
 
 
@@ -561,6 +579,10 @@ def targets(summ: dict[str, Any]) -> dict[str, Any]:
         "time_to_95_vs_ddp": {
             "value": ratio(ttt, ddp_ttt) if ttt and ddp_ttt else None,
             "target": "<= 1.0",
+        },
+        "broadcast16_vs_ddp": {
+            "value": ratio(rate("ours-broadcast16-w2"), ddp2),
+            "target": "reported apart (a setting of its own)",
         },
         "two_vs_one_worker": {
             "value": ratio(rate("ours-none-w2"), rate("ours-none-w1")),

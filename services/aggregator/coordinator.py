@@ -238,7 +238,7 @@ class Coordinator:
                     event = decode(raw, events.JOB_STATUS).event
                 except MaasError:
                     continue
-                if event.get("service", "").startswith("aggregator-"):
+                if event.get("service") != COORDINATOR_SERVICE:  # a shard's: progress
                     self._progress_ms[event["job_id"]] = events.now_ms()
 
     def _monitor(self, job_id: str) -> None:

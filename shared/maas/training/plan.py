@@ -23,6 +23,7 @@ from maas.training.optim import OptimizerSpec
 
 MODES: tuple[str, ...] = ("sync", "async", "local_sgd")
 REDUCES: tuple[str, ...] = ("mean", "sum")
+BROADCASTS: tuple[str, ...] = ("float32", "float16")
 LOSSES: dict[str, str] = {"classification": "cross_entropy", "regression": "mse"}
 DEFAULT_STEPS = 100
 DEFAULT_BATCH_SIZE = 32
@@ -65,6 +66,7 @@ class TrainingSpec:
     split: str = "horizontal"
     reduce: str = "mean"
     gradient_codec: str = "none"
+    broadcast: str = "float32"  # dtype shards send parameters in (float16 halves the bytes)
     checkpoint_every: int = DEFAULT_CHECKPOINT_EVERY
     freeze: tuple[str, ...] = ()
     seed: int = 0
@@ -137,6 +139,7 @@ class TrainingSpec:
             split=_choice(t, "split", SPLITS, "horizontal"),
             reduce=_choice(t, "reduce", REDUCES, "mean"),
             gradient_codec=codec,
+            broadcast=_choice(t, "broadcast", BROADCASTS, "float32"),
             checkpoint_every=_positive_int(t, "checkpoint_every", DEFAULT_CHECKPOINT_EVERY),
             freeze=tuple(freeze),
             seed=seed,
@@ -250,9 +253,9 @@ class JobPlan:
 
     @property
     def broadcast_dtype(self) -> str:
-        """How shards send parameters: fp32 (exact) unless the job already trades precision
-        for bandwidth with its gradient codec, in which case fp16 halves the broadcast."""
-        return "float32" if self.training.gradient_codec == "none" else "float16"
+        """How shards send parameters (``training.broadcast``): float32 keeps workers exact,
+        float16 halves the bytes; a setting of its own, apart from the gradient codec."""
+        return self.training.broadcast
 
     @property
     def dataset(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ once backward is over (their error feedback and top-k selection are per partitio
 numpy views over the received bytes: nothing is copied before the shard adds them to its sum.
 
 **Parameters.** A shard sends its partition at a version as ``Params`` pieces in the job's
-broadcast dtype (fp32, or an fp16 copy for jobs with a compressing codec);
+broadcast dtype (``training.broadcast``: float32, or a float16 copy);
 ``ParamsAssembler`` rebuilds them (a single piece is viewed, not copied).
 """
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from infra.compose import load_compose, local_services
+from infra.compose import check_scale, load_compose, local_services
 from maas.config import Settings
 from maas.errors import InvalidArgument
 
@@ -26,6 +26,11 @@ COMPOSE = {
             "depends_on": {"model-registry": {"condition": "service_healthy"}, "kafka": {}},
             "deploy": {"replicas": 2},
         },
+        "aggregator": {
+            "command": ["python", "-m", "services.aggregator"],
+            "environment": {"MAAS_AGGREGATOR_LISTEN": "0.0.0.0:7070", "MAAS_METRICS_PORT": "9111"},
+            "deploy": {"replicas": 2},
+        },
     }
 }
 
@@ -42,7 +47,13 @@ def by_name(environ=None):
 
 def test_only_python_services_run_locally_in_dependency_order():
     specs = local_services(settings(), compose=COMPOSE, environ={})
-    assert [s.name for s in specs] == ["model-registry", "compressor", "compressor-1"]
+    assert [s.name for s in specs] == [
+        "model-registry",
+        "compressor",
+        "compressor-1",
+        "aggregator",
+        "aggregator-1",
+    ]
     assert specs[0].module == "services.model_registry"
 
 
@@ -77,6 +88,28 @@ def test_a_service_without_a_health_endpoint_is_refused():
     compose = {"services": {"x": {"command": ["python", "-m", "services.x"]}}}
     with pytest.raises(InvalidArgument, match="_LISTEN"):
         local_services(settings(), compose=compose, environ={})
+
+
+def test_scale_overrides_a_services_replica_count():
+    specs = local_services(settings(), compose=COMPOSE, environ={}, scale={"compressor": 4})
+    assert [s.name for s in specs if s.compose_name == "compressor"] == [
+        "compressor",
+        "compressor-1",
+        "compressor-2",
+        "compressor-3",
+    ]
+
+
+def test_scale_names_only_python_services():
+    with pytest.raises(InvalidArgument, match="--scale kafka: no such service; scalable: "):
+        check_scale({"kafka": 2}, COMPOSE)
+
+
+def test_a_shards_data_plane_listens_where_settings_say_and_readiness_uses_metrics():
+    # Compose's 0.0.0.0:7070 would collide between replicas on one host: locally port 0 (free).
+    shard = by_name()["aggregator-1"]
+    assert shard.env["MAAS_AGGREGATOR_LISTEN"] == "127.0.0.1:0"
+    assert (shard.health, shard.port) == ("http", 9112)
 
 
 def test_the_real_compose_file_yields_every_service():

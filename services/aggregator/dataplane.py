@@ -23,7 +23,8 @@ from maas.training.v1 import training_pb2 as pb
 from maas.training.v1 import training_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:  # the shard imports this module to serve itself
-    from services.aggregator.shard import Peer, ShardService
+    from services.aggregator.shard import ShardService
+    from services.aggregator.shard_job import Peer
 
 log = logging.getLogger(__name__)
 

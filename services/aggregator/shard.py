@@ -34,12 +34,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from maas import topics
 from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
@@ -49,12 +47,11 @@ from maas.training import checkpoint as ck
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
 from maas.training.control import RELEASED, AssignmentReader, Heartbeat, member_name
-from maas.training.plan import JobPlan
 from maas.training.pool import SHARD, Assignment
 from maas.training.storage import TrainingStore
-from maas.training.transport import status_event
 from maas.training.v1 import training_pb2 as pb
 from services.aggregator.dataplane import serve_data_plane
+from services.aggregator.shard_job import Key, Peer, ShardJob, StatusReporter
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +60,6 @@ TICK_S = 0.05
 # come back before removing it. A worker that never joined is not removed here at all (loading
 # torch and the data can take long on a busy host): the coordinator removes it if it goes silent.
 RESUME_GRACE = 3
-
-Key = tuple[str, int]  # (job id, partition)
 
 
 def advertised(listen: str, port: int, advertise: str) -> str:
@@ -92,49 +87,6 @@ class Metrics:
         )
 
 
-@dataclass(eq=False)
-class Peer:
-    """One worker's stream: what the shard sends it waits in ``outbox`` (None ends it)."""
-
-    job_id: str
-    partition: int
-    worker: int
-    outbox: asyncio.Queue[pb.ShardMessage | None] = field(default_factory=asyncio.Queue)
-    error: MaasError | None = None  # why the shard ended the stream, if it was the worker's fault
-
-    def send(self, messages: list[pb.ShardMessage]) -> None:
-        for message in messages:
-            self.outbox.put_nowait(message)
-
-    def close(self) -> None:
-        self.outbox.put_nowait(None)
-
-
-@dataclass
-class ShardJob:
-    plan: JobPlan
-    partition: int
-    assignment: Assignment
-    core: ShardCore
-    assembler: protocol.GradientAssembler
-    started_ms: int
-    checkpointed_version: int
-    durable_version: int
-    current: list[pb.ShardMessage] = field(default_factory=list)
-    peers: dict[int, Peer] = field(default_factory=dict)
-    gone_ms: dict[int, int] = field(default_factory=dict)  # member -> since when streamless
-    reported_ms: int = 0
-    writing: asyncio.Task[None] | None = None
-
-    @property
-    def job_id(self) -> str:
-        return self.plan.job_id
-
-    def close_peers(self) -> None:
-        for peer in self.peers.values():
-            peer.close()
-
-
 class ShardService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -147,6 +99,7 @@ class ShardService:
         self._store = TrainingStore(self._objects)
         self._assignments = AssignmentReader(settings, self._store, client_id=self.name)
         self._heartbeat = Heartbeat(self._producer, settings, self.member_id, SHARD)
+        self._reporter = StatusReporter(self._producer, self.name)
         self._server: Any = None
         self.jobs: dict[Key, ShardJob] = {}
         # Finishing outlives the stream whose push closed the last step (its worker leaves).
@@ -232,7 +185,7 @@ class ShardService:
             job.core.remove(rank, now)
             job.gone_ms.pop(rank, None)
             change = f"worker {rank} removed: the coordinator took its rank away"
-            await self._report_members(job, f"{change} (epoch {assignment.epoch})")
+            await self._reporter.members(job, f"{change} (epoch {assignment.epoch})")
         for rank in sorted(set(assignment.workers) - job.core.members):
             job.core.add(rank)
         if job.core.version != before:
@@ -321,7 +274,7 @@ class ShardService:
         job.gone_ms.pop(worker, None)
         if job.core.add(worker):
             log.info("%s: worker %d rejoined job %s", self.name, worker, join.job_id)
-            await self._report_members(job, f"worker {worker} joined")
+            await self._reporter.members(job, f"worker {worker} joined")
         peer.send(job.current)
         return peer
 
@@ -408,7 +361,7 @@ class ShardService:
         job.durable_version = max(job.durable_version, pointer.version)
         self.metrics.checkpoints.inc()
         if job.partition == 0 and not pointer.final:
-            await self._status(job.job_id, "checkpointed", step=pointer.version)
+            await self._reporter.status(job.job_id, "checkpointed", step=pointer.version)
 
     async def _finish(self, key: Key, job: ShardJob, *, already_final: bool) -> None:
         """Write the final checkpoint (what the coordinator waits for) and forget the job."""
@@ -457,7 +410,7 @@ class ShardService:
                     job.partition == 0
                     and now - job.reported_ms >= self.settings.progress_interval_ms
                 ):
-                    await self._progress(job, now)
+                    await self._reporter.progress(job, now)
 
     async def _expire(self, job: ShardJob, now: int) -> None:
         """Remove members whose stream has been gone longer than the heartbeat timeout."""
@@ -474,40 +427,6 @@ class ShardService:
                 job.job_id,
                 now - since,
             )
-            await self._report_members(
+            await self._reporter.members(
                 job, f"worker {worker} removed: no data-plane stream for {timeout} ms"
             )
-
-    async def _report_members(self, job: ShardJob, change: str) -> None:
-        members = {"active": sorted(job.core.members), "change": change, "shard": job.partition}
-        await self._status(
-            job.job_id,
-            "running",
-            step=job.core.version,
-            total_steps=job.plan.target_version,
-            workers=members,
-        )
-
-    async def _progress(self, job: ShardJob, now: int) -> None:
-        window = job.core.stats.take_window()
-        elapsed_s = max(1e-3, (now - (job.reported_ms or job.started_ms)) / 1000)
-        job.reported_ms = now
-        metrics = {k: v for k, v in window.items() if k in ("loss", "accuracy")}
-        metrics["samples_per_s"] = window["samples"] / elapsed_s
-        await self._status(
-            job.job_id,
-            "running",
-            step=job.core.version,
-            total_steps=job.plan.target_version,
-            metrics=metrics,
-        )
-
-    async def _status(self, job_id: str, state: str, **fields: object) -> None:
-        try:
-            await self._producer.send(
-                topics.JOB_STATUS,
-                status_event(job_id, state, service=self.name, **fields),
-                key=job_id,
-            )
-        except MaasError as exc:
-            log.warning("status for %s not sent: %s", job_id, exc.message)

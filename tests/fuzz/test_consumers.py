@@ -1,5 +1,6 @@
-"""Hypothesis-generated hostile records on the jobs, job-status and models topics, read by the
-bus's consumer loop as the services run it (each topic's schema), on the real broker.
+"""Hypothesis-generated hostile records on the jobs, job-status, models and training control
+topics, read by the bus's consumer loop as the services run it (each topic's schemas), on the
+real broker.
 
 Random bytes, mutated events (wrong-typed fields, a `schema` that is not text, fields removed),
 flipped and cut bytes, null and binary headers, nesting far past the limit and records right
@@ -49,8 +50,18 @@ TEMPLATES: dict[str, dict[str, Any]] = {
     ),
     "job-status": events.new_event(events.JOB_STATUS, job_id="fuzz-job", state="running"),
     "models": events.new_event(events.MODEL, event="registered", name="fuzz-mlp", version=1),
+    "training-control": events.new_event(
+        events.MEMBER, member_id="fuzz-worker", kind="worker", state="up", address=""
+    ),
 }
-TOPICS = {"jobs": topics.JOBS, "job-status": topics.JOB_STATUS, "models": topics.MODELS}
+TOPICS = {
+    "jobs": topics.JOBS,
+    "job-status": topics.JOB_STATUS,
+    "models": topics.MODELS,
+    "training-control": topics.TRAINING_CONTROL,
+}
+# What each topic's consuming service accepts (the coordinator's pool: heartbeats, assignments).
+EXPECTED = {"training-control": [events.MEMBER, events.ASSIGNMENT]}
 
 
 @dataclass
@@ -285,7 +296,7 @@ async def test_a_consumer_survives_every_fuzzed_record_and_still_handles_a_valid
             group_id=group_id,
             handler=handle,
             producer=producer,
-            expected_schemas=[template["schema"]],
+            expected_schemas=EXPECTED.get(name, [template["schema"]]),
             on_dead_letter=on_dead_letter,
         )
         started = time.monotonic()

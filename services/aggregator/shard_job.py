@@ -1,0 +1,108 @@
+"""What an aggregator shard holds for one (job, partition) it serves, and for each worker's stream
+to it (plain state: ``ShardService`` in shard.py acts on it), and the statuses it reports."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+from maas import topics
+from maas.bus import EventProducer
+from maas.errors import MaasError
+from maas.training import protocol
+from maas.training.aggregate import ShardCore
+from maas.training.plan import JobPlan
+from maas.training.pool import Assignment
+from maas.training.transport import status_event
+from maas.training.v1 import training_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+Key = tuple[str, int]  # (job id, partition)
+
+
+@dataclass(eq=False)
+class Peer:
+    """One worker's stream: what the shard sends it waits in ``outbox`` (None ends it)."""
+
+    job_id: str
+    partition: int
+    worker: int
+    outbox: asyncio.Queue[pb.ShardMessage | None] = field(default_factory=asyncio.Queue)
+    error: MaasError | None = None  # why the shard ended the stream, if it was the worker's fault
+
+    def send(self, messages: list[pb.ShardMessage]) -> None:
+        for message in messages:
+            self.outbox.put_nowait(message)
+
+    def close(self) -> None:
+        self.outbox.put_nowait(None)
+
+
+@dataclass
+class ShardJob:
+    plan: JobPlan
+    partition: int
+    assignment: Assignment
+    core: ShardCore
+    assembler: protocol.GradientAssembler
+    started_ms: int
+    checkpointed_version: int
+    durable_version: int
+    current: list[pb.ShardMessage] = field(default_factory=list)
+    peers: dict[int, Peer] = field(default_factory=dict)
+    gone_ms: dict[int, int] = field(default_factory=dict)  # member -> since when streamless
+    reported_ms: int = 0
+    writing: asyncio.Task[None] | None = None
+
+    @property
+    def job_id(self) -> str:
+        return self.plan.job_id
+
+    def close_peers(self) -> None:
+        for peer in self.peers.values():
+            peer.close()
+
+
+class StatusReporter:
+    """A shard's job statuses: membership changes, progress (partition 0's shard), checkpoints.
+    A status that cannot be sent is logged, never raised: training goes on without it."""
+
+    def __init__(self, producer: EventProducer, service: str) -> None:
+        self._producer = producer
+        self._service = service
+
+    async def members(self, job: ShardJob, change: str) -> None:
+        members = {"active": sorted(job.core.members), "change": change, "shard": job.partition}
+        await self.status(
+            job.job_id,
+            "running",
+            step=job.core.version,
+            total_steps=job.plan.target_version,
+            workers=members,
+        )
+
+    async def progress(self, job: ShardJob, now: int) -> None:
+        window = job.core.stats.take_window()
+        elapsed_s = max(1e-3, (now - (job.reported_ms or job.started_ms)) / 1000)
+        job.reported_ms = now
+        metrics = {k: v for k, v in window.items() if k in ("loss", "accuracy")}
+        metrics["samples_per_s"] = window["samples"] / elapsed_s
+        await self.status(
+            job.job_id,
+            "running",
+            step=job.core.version,
+            total_steps=job.plan.target_version,
+            metrics=metrics,
+        )
+
+    async def status(self, job_id: str, state: str, **fields: object) -> None:
+        try:
+            await self._producer.send(
+                topics.JOB_STATUS,
+                status_event(job_id, state, service=self._service, **fields),
+                key=job_id,
+            )
+        except MaasError as exc:
+            log.warning("status for %s not sent: %s", job_id, exc.message)

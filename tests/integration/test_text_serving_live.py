@@ -11,6 +11,7 @@ import subprocess
 import sys
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -23,7 +24,7 @@ from maas.registry import RegistryClient
 from maas.text.model import TextModel
 from maas.text.pretrained import MINILM_PACKAGE, MINILM_WEIGHTS_SHA256, read_package
 from maas.text.tokenizer import TextTokenizer
-from services.inference.harness import ServiceProcesses
+from services.inference.harness import ServiceProcesses, kserve_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -110,6 +111,55 @@ def test_tritonclient_bytes_get_the_in_process_embedding(served, minilm) -> None
     np.testing.assert_allclose(
         embed(served.inference_addr, served.name, TEXTS), minilm(TEXTS), atol=1e-5, rtol=0
     )
+
+
+# KServe's client runs in KServe's own venv (built once, cached; its protos and tritonclient's
+# cannot share a process). It sends the texts twice: as raw length-prefixed BYTES
+# (binary_data=True) and as bytes_contents (binary_data=False).
+KSERVE_TEXT_CLIENT = """
+import asyncio, json, sys
+import numpy as np
+from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+async def main(addr, name, texts):
+    texts = np.array(json.loads(texts), dtype=np.object_)
+    answers = []
+    async with InferenceGRPCClient(url=addr) as client:
+        for binary in (True, False):
+            tensor = InferInput(name="text", shape=list(texts.shape), datatype="BYTES")
+            tensor.set_data_from_numpy(texts, binary_data=binary)
+            answer = await client.infer(InferRequest(model_name=name, infer_inputs=[tensor]))
+            answers.append(answer.outputs[0].as_numpy().tolist())
+    print(json.dumps(answers))
+
+asyncio.run(main(*sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def kserve() -> Path:
+    return kserve_python()  # builds ~/.cache/maas/venv-kserve-<version> on first use
+
+
+def test_kserves_own_client_bytes_get_the_in_process_embedding(served, minilm, kserve) -> None:
+    texts = TEXTS[:3]
+    done = subprocess.run(
+        [
+            str(kserve),
+            "-c",
+            KSERVE_TEXT_CLIENT,
+            served.inference_addr,
+            served.name,
+            json.dumps(texts),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    raw, contents = json.loads(done.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(np.array(raw, np.float32), minilm(texts), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.array(contents, np.float32), minilm(texts), atol=1e-5, rtol=0)
 
 
 def test_model_metadata_advertises_bytes_in_and_embeddings_out(served) -> None:

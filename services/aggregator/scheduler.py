@@ -19,7 +19,7 @@ from maas import events, topics
 from maas.bus import EventConsumer, EventProducer, Record
 from maas.config import Settings
 from maas.errors import MaasError
-from maas.training.control import ASSIGNED, RELEASED, assignment_event
+from maas.training.control import ASSIGNED, RELEASED, Heartbeat, assignment_event, member_name
 from maas.training.plan import JobPlan
 from maas.training.pool import Change, Pool, Want
 from maas.training.storage import TrainingStore
@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 GROUP_ID = "maas-training-pool"
 TICK_S = 0.25
 SERVICE = "training-coordinator"
+COORDINATOR = "coordinator"  # the member kind of the coordinator's own heartbeat
 
 
 def want_of(plan: JobPlan) -> Want:
@@ -46,6 +47,7 @@ class PoolScheduler:
         on_started: Callable[[str], None],
     ) -> None:
         self.pool = Pool(settings.worker_heartbeat_timeout_ms)
+        self._heartbeat = Heartbeat(producer, settings, member_name(settings), COORDINATOR)
         self._producer = producer
         self._store = store
         self._on_started = on_started
@@ -66,7 +68,7 @@ class PoolScheduler:
         await self._control.stop()
 
     async def run(self) -> None:
-        await asyncio.gather(self._control.run(), self._tick())
+        await asyncio.gather(self._control.run(), self._heartbeat.run(), self._tick())
 
     # --- jobs ---------------------------------------------------------------------------------
 
@@ -94,19 +96,22 @@ class PoolScheduler:
 
     async def _heard(self, record: Record) -> None:
         event = record.event
-        if event["schema"] != events.MEMBER:
-            return  # our own assignments
+        self.pool.control_record(events.now_ms())
+        if event["schema"] != events.MEMBER or event["kind"] == COORDINATOR:
+            return  # our own assignments and heartbeats: they only say the topic flows
         member = event["member_id"]
         if event["state"] == "down":
             self.pool.left(member)
             log.info("pool: %s %s left", event["kind"], member)
             return
-        # The event's time, not ours: a heartbeat read late (after a restart) is as old as it is.
-        seen = min(int(event["ts"]), events.now_ms())
-        if self.pool.heard(member, event["kind"], event.get("address", ""), seen):
+        # Our clock, not the member's: clocks of other machines may be off by more than a timeout.
+        if self.pool.heard(member, event["kind"], event.get("address", ""), events.now_ms()):
             log.info("pool: %s %s joined %s", event["kind"], member, event.get("address", ""))
 
     async def _tick(self) -> None:
+        # A (re)started coordinator first learns the pool: until every live member had a full
+        # timeout to say up, the members of resumed assignments are not gone, only unheard.
+        await asyncio.sleep(self.pool.timeout_ms / 1000)
         while True:
             await asyncio.sleep(TICK_S)
             for member in self.pool.expire(events.now_ms()):

@@ -137,6 +137,7 @@ class ShardService:
         for job in self.jobs.values():
             if job.writing is not None:
                 await asyncio.gather(job.writing, return_exceptions=True)
+        await self._reporter.drain()
         await self._assignments.stop()
         await self._objects.stop()
         await self._producer.stop()
@@ -223,7 +224,7 @@ class ShardService:
             assignment,
             core,
             protocol.GradientAssembler(plan.training.gradient_codec, core.partition.size),
-            started_ms=pointer.started_ms or now,
+            started_ms=pointer.started_ms,  # 0 until the first gradient arrives
             checkpointed_version=pointer.version,
             durable_version=pointer.version,
             gone_ms={w: grace for w in core.members} if core.version > 0 else {},
@@ -293,6 +294,8 @@ class ShardService:
             return
         core = job.core
         before = core.version
+        if not job.started_ms:  # training time starts here, not while workers were loading
+            job.started_ms = now_ms()
         verdict = core.offer(contribution, now_ms())
         self.metrics.gradients.labels(verdict.value).inc()
         if core.version != before:
@@ -406,11 +409,13 @@ class ShardService:
                 job.core.tick(now)
                 if job.core.version != before:
                     await self._advanced(job)
-                if (
-                    job.partition == 0
-                    and now - job.reported_ms >= self.settings.progress_interval_ms
-                ):
+                if self._progress_due(job, now):
                     await self._reporter.progress(job, now)
+
+    def _progress_due(self, job: ShardJob, now: int) -> bool:
+        """Partition 0's shard reports for the job, once training started, every interval."""
+        interval = self.settings.progress_interval_ms
+        return job.partition == 0 and bool(job.started_ms) and now - job.reported_ms >= interval
 
     async def _expire(self, job: ShardJob, now: int) -> None:
         """Remove members whose stream has been gone longer than the heartbeat timeout."""

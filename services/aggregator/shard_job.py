@@ -47,7 +47,7 @@ class ShardJob:
     assignment: Assignment
     core: ShardCore
     assembler: protocol.GradientAssembler
-    started_ms: int
+    started_ms: int  # when the first gradient arrived (0: none yet)
     checkpointed_version: int
     durable_version: int
     current: list[pb.ShardMessage] = field(default_factory=list)
@@ -67,11 +67,21 @@ class ShardJob:
 
 class StatusReporter:
     """A shard's job statuses: membership changes, progress (partition 0's shard), checkpoints.
-    A status that cannot be sent is logged, never raised: training goes on without it."""
+
+    Sent in the background: with the broker away a send can take its request timeout, and the
+    shard's steps must not wait for it. One that cannot be sent is logged, never raised; past
+    ``MAX_PENDING`` unsent ones, new ones are dropped (progress is periodic anyway).
+    """
+
+    MAX_PENDING = 64
 
     def __init__(self, producer: EventProducer, service: str) -> None:
         self._producer = producer
         self._service = service
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def drain(self) -> None:
+        await asyncio.gather(*self._pending, return_exceptions=True)
 
     async def members(self, job: ShardJob, change: str) -> None:
         members = {"active": sorted(job.core.members), "change": change, "shard": job.partition}
@@ -98,6 +108,14 @@ class StatusReporter:
         )
 
     async def status(self, job_id: str, state: str, **fields: object) -> None:
+        if len(self._pending) >= self.MAX_PENDING:
+            log.warning("status for %s dropped: %d still unsent", job_id, len(self._pending))
+            return
+        task = asyncio.create_task(self._send(job_id, state, **fields))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _send(self, job_id: str, state: str, **fields: object) -> None:
         try:
             await self._producer.send(
                 topics.JOB_STATUS,

@@ -4,8 +4,11 @@ a real broker and S3 server, driven only through public surfaces — a plain Kaf
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
@@ -209,6 +212,94 @@ async def test_a_mistaken_job_published_raw_fails_naming_the_field(settings, cha
     summary = await final_status(settings, job["job_id"])
     assert summary.state == "failed"
     assert field in summary.error["message"]
+
+
+# --- a service killed mid-job (SIGKILL, no goodbye), then started again -------------------------
+
+CHAOS_MODEL = "e2e-chaos"
+
+
+def chaos_job() -> dict[str, Any]:
+    return a_job(
+        "train",
+        model={"name": CHAOS_MODEL, "arch": "mlp", "config": {"hidden": [64]}},
+        dataset={"uri": "builtin:digits"},
+        training={
+            "steps": 600,
+            "batch_size": 32,
+            "workers": 2,
+            "shards": 2,
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        },
+        register_as={"name": CHAOS_MODEL},
+    )
+
+
+async def until_running(settings: Settings, job_id: str, step: int = 0) -> jobs.JobSummary:
+    """Once the job runs (at ``step`` or later), or is over."""
+    async with contextlib.aclosing(jobs.watch(settings, job_id, timeout_s=JOB_TIMEOUT_S)) as seen:
+        async for summary in seen:
+            if (summary.state == "running" and summary.step >= step) or summary.done:
+                return summary
+    raise AssertionError(f"job {job_id} never ran")
+
+
+def kill_and_restart(platform: LocalStack, name: str) -> None:
+    (victim,) = [s for s in platform.services if s.name == name]
+    pid = victim.process.pid()
+    assert pid is not None, f"{name} is not running"
+    os.kill(pid, signal.SIGKILL)
+    psutil.wait_procs([psutil.Process(pid)], timeout=10)
+    platform.up(bootstrap=False, timeout_s=300)  # starts what is not running: the victim
+
+
+@pytest.mark.skipif(USE_RUNNING, reason="the stack under test is not ours to kill")
+@pytest.mark.parametrize(
+    "victim", ["training-coordinator", "aggregator", "gradient-worker", "model-registry"]
+)
+async def test_a_service_killed_mid_training_and_restarted_loses_and_repeats_nothing(
+    platform, settings, victim
+):
+    job = chaos_job()
+    await publish_plain_json(settings, job)
+    await until_running(settings, job["job_id"], step=20)
+    await asyncio.to_thread(kill_and_restart, platform, victim)
+    summary = await final_status(settings, job["job_id"])
+    assert summary.state in ("succeeded", "failed"), summary
+    async with RegistryClient(settings) as registry:
+        mine = [v async for v in registry.iter_versions(CHAOS_MODEL) if v.job_id == job["job_id"]]
+    if summary.state == "failed":
+        assert summary.error and summary.error["message"]
+        assert mine == []
+    else:
+        assert [v.version for v in mine] == [summary.model["version"]]  # once, never twice
+
+
+@pytest.mark.skipif(USE_RUNNING, reason="the stack under test is not ours to kill")
+async def test_the_compressor_killed_mid_job_and_restarted_registers_each_variant_once(
+    platform, settings, trained
+):
+    base = {"name": "e2e-digits", "version": trained.model["version"]}
+    methods = [{"quantize": {"dtype": "int8"}}, {"prune": {"sparsity": 0.5, "recovery_steps": 200}}]
+    job = a_job("compress", base=base, compress={"methods": methods})
+    await publish_plain_json(settings, job)
+    await until_running(settings, job["job_id"])
+    await asyncio.to_thread(kill_and_restart, platform, "compressor")
+    summary = await final_status(settings, job["job_id"])
+    assert summary.state == "succeeded", summary.error
+    async with RegistryClient(settings) as registry:
+        mine = [v async for v in registry.iter_versions("e2e-digits") if v.job_id == job["job_id"]]
+    assert sorted(v.method for v in mine) == ["prune", "quantize"]
+
+
+@pytest.mark.skipif(USE_RUNNING, reason="the stack under test is not ours to kill")
+def test_inference_killed_and_restarted_answers_again(platform, settings, trained):
+    kill_and_restart(platform, "inference")
+    client = triton.InferenceServerClient(settings.inference_addr)
+    try:
+        assert client.is_model_ready("e2e-digits", headers=dict(call_metadata(settings)))
+    finally:
+        client.close()
 
 
 @pytest.mark.skipif(USE_RUNNING, reason="the logs of a running stack are not ours to read")

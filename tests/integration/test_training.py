@@ -11,93 +11,45 @@ from __future__ import annotations
 
 import asyncio
 import io
-import time
 import uuid
-from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
-from kafka_offsets import start_group_at_end
+from training_jobs import (
+    MLP_TRAINING,
+    Watcher,
+    assert_same_weights,
+    assignment,
+    pointer,
+    run,
+    train_job,
+    training_cluster,
+    wait_for_checkpoint,
+    watching,
+    weights,
+)
 
 from maas import events, topics
-from maas.bus import EventConsumer, EventProducer, Record
+from maas.bus import EventProducer
 from maas.registry import RegistryClient
 from maas.store import DATASETS_BUCKET, ObjectStore
-from maas.training import checkpoint as ck
 from maas.training.local import simulate
 from maas.training.prepare import Limits, prepare_job
-from maas.training.storage import BUCKET
 from services.aggregator.harness import TrainingProcesses, start_all
-from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
-TERMINAL = {"succeeded", "failed"}
-HEARTBEAT_TIMEOUT_MS = 3000
-WORKERS = 2
-SHARDS = 2
-MLP_TRAINING = {
-    "steps": 100,
-    "batch_size": 32,
-    "workers": WORKERS,
-    "shards": SHARDS,
-    "optimizer": {"name": "adam", "lr": 0.01},
-    "checkpoint_every": 20,
-}
+WORKERS = MLP_TRAINING["workers"]
+SHARDS = MLP_TRAINING["shards"]
 
 
 @pytest.fixture(scope="module")
 def cluster(stack, tmp_path_factory) -> Iterator[TrainingProcesses]:
-    workdir = tmp_path_factory.mktemp("training")
-    with ServiceProcesses(workdir) as processes:
-        registry = processes.start_registry()
-        with TrainingProcesses(
-            workdir,
-            registry,
-            workers=WORKERS,
-            shards=SHARDS,
-            MAAS_PROGRESS_INTERVAL_MS="1000",
-            MAAS_WORKER_HEARTBEAT_TIMEOUT_MS=str(HEARTBEAT_TIMEOUT_MS),
-        ) as training:
-            training.start()
-            yield training
-
-
-@dataclass
-class Watcher:
-    """Job statuses and dead letters as they arrive."""
-
-    statuses: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
-    dead: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
-
-    async def handle(self, record: Record) -> None:
-        if record.topic == topics.JOB_STATUS.name:
-            self.statuses[record.event["job_id"]].append(record.event)
-        elif record.key is not None:
-            self.dead[record.key].append(record.event)
-
-    async def final(self, job_id: str, timeout_s: float = 150.0) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            done = [s for s in self.statuses[job_id] if s["state"] in TERMINAL]
-            if done:
-                return done[-1]
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"job {job_id} did not finish; statuses: {self.statuses[job_id]}")
-
-    async def letters(self, job_id: str, group: str, timeout_s: float = 60.0) -> list[dict]:
-        """Dead letters of ``job_id`` written by ``group`` (they may trail the job's status)."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            found = [d for d in self.dead[job_id] if d["consumer_group"] == group]
-            if found:
-                return found
-            await asyncio.sleep(0.2)
-        return []
+    with training_cluster(tmp_path_factory.mktemp("training"), WORKERS, SHARDS) as training:
+        yield training
 
 
 @pytest.fixture(scope="module")
@@ -108,23 +60,8 @@ async def producer(stack) -> AsyncIterator[EventProducer]:
 
 @pytest.fixture(scope="module")
 async def watcher(stack, producer) -> AsyncIterator[Watcher]:
-    watcher = Watcher()
-    group = f"test-training-{uuid.uuid4().hex[:8]}"
-    # From the end: earlier tests (the fuzzers) leave poison on these topics.
-    for topic in (topics.JOB_STATUS, topics.DLQ):
-        await start_group_at_end(stack.settings, topic, group)
-    consumer = EventConsumer(
-        stack.settings,
-        topics=[topics.JOB_STATUS, topics.DLQ],
-        group_id=group,
-        handler=watcher.handle,
-        producer=producer,
-    )
-    await consumer.start()
-    task = asyncio.create_task(consumer.run())
-    yield watcher
-    await consumer.stop()
-    await asyncio.gather(task, return_exceptions=True)
+    async with watching(stack.settings, producer) as watcher:
+        yield watcher
 
 
 @pytest.fixture(scope="module")
@@ -132,31 +69,6 @@ async def registry(stack, cluster) -> AsyncIterator[RegistryClient]:
     settings = stack.settings.replace(registry_addr=cluster.env["MAAS_REGISTRY_ADDR"])
     async with RegistryClient(settings, actor="test") as client:
         yield client
-
-
-def train_job(
-    name: str, arch: str, dataset: dict[str, Any], training: dict[str, Any], **fields: Any
-) -> dict[str, Any]:
-    return events.new_event(
-        events.JOB,
-        job_id=f"{name}-{uuid.uuid4().hex[:8]}",
-        type="train",
-        model={"name": name, "arch": arch, "config": fields.pop("config", {})},
-        dataset=dataset,
-        training=training,
-        **fields,
-    )
-
-
-async def run(producer: EventProducer, watcher: Watcher, job: dict[str, Any]) -> dict[str, Any]:
-    await producer.send(topics.JOBS, job, key=job["job_id"])
-    return await watcher.final(job["job_id"])
-
-
-async def weights(registry: RegistryClient, status: dict[str, Any]) -> dict[str, torch.Tensor]:
-    model = status["model"]
-    module = await registry.load(f"{model['name']}@{model['version']}")
-    return module.state_dict()
 
 
 @pytest.fixture(scope="module")
@@ -225,10 +137,7 @@ async def test_the_live_job_ends_with_the_weights_of_the_in_process_reference(
         )
     finally:
         torch.set_num_threads(threads)
-    live = await weights(registry, mlp_baseline)
-    assert live.keys() == reference.keys()
-    for name in live:
-        torch.testing.assert_close(live[name], reference[name], rtol=0, atol=1e-6, msg=name)
+    assert_same_weights(await weights(registry, mlp_baseline), reference)
 
 
 CNN_TRAINING = {
@@ -359,11 +268,11 @@ async def test_a_worker_killed_mid_job_is_removed_after_the_heartbeat_timeout(
     job = train_job("quorum", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 400})
     await producer.send(topics.JOBS, job, key=job["job_id"])
     store = ObjectStore(stack.settings)
-    await _wait_for_checkpoint(store, job["job_id"], shard=0, version=40)
+    await wait_for_checkpoint(store, job["job_id"], shard=0, version=40)
     holder = _by_name(cluster.workers, assignment(watcher, job["job_id"])["workers"][1]["member"])
     cluster.kill(holder)
     try:
-        assert not (await _pointer(store, job["job_id"], shard=0)).final, "killed too late"
+        assert not (await pointer(store, job["job_id"], shard=0)).final, "killed too late"
         status = await watcher.final(job["job_id"])
     finally:
         start_all([holder])
@@ -381,56 +290,20 @@ async def test_an_aggregator_shard_killed_and_restarted_ends_like_an_undisturbed
     job = train_job("digits-mlp", "mlp", {"uri": "builtin:digits"}, MLP_TRAINING)
     await producer.send(topics.JOBS, job, key=job["job_id"])
     store = ObjectStore(stack.settings)
-    await _wait_for_checkpoint(store, job["job_id"], shard=1, version=40)
+    await wait_for_checkpoint(store, job["job_id"], shard=1, version=40)
     cluster.kill(cluster.shards[1])
-    assert not (await _pointer(store, job["job_id"], shard=1)).final, "killed too late"
+    assert not (await pointer(store, job["job_id"], shard=1)).final, "killed too late"
     await asyncio.sleep(1.0)
     start_all([cluster.shards[1]])
     status = await watcher.final(job["job_id"])
     assert status["state"] == "succeeded", status
     # The workers pushed again what the checkpoint lacked: the replay is exact.
-    restarted, undisturbed = await weights(registry, status), await weights(registry, mlp_baseline)
-    for name in undisturbed:
-        torch.testing.assert_close(restarted[name], undisturbed[name], rtol=0, atol=1e-6)
-
-
-async def _pointer(store: ObjectStore, job_id: str, shard: int) -> ck.Pointer:
-    data = await asyncio.to_thread(store.get_bytes, BUCKET, ck.pointer_key(job_id, shard))
-    return ck.Pointer.from_json(data)
-
-
-async def _wait_for_checkpoint(
-    store: ObjectStore, job_id: str, shard: int, version: int, timeout_s: float = 90
-) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        exists = await asyncio.to_thread(store.exists, BUCKET, ck.pointer_key(job_id, shard))
-        if exists and (await _pointer(store, job_id, shard)).version >= version:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"shard {shard} of {job_id} never checkpointed version {version}")
-
-
-def assignment(watcher: Watcher, job_id: str) -> dict[str, Any]:
-    """The job's newest assignment, as the coordinator's statuses carry it."""
-    found = [s["assignment"] for s in watcher.statuses[job_id] if "assignment" in s]
-    assert found, f"job {job_id} was never assigned: {watcher.statuses[job_id]}"
-    return max(found, key=lambda a: a["epoch"])
+    assert_same_weights(await weights(registry, status), await weights(registry, mlp_baseline))
 
 
 def _by_name(services: list, name: str):  # type: ignore[no-untyped-def]
     (service,) = [s for s in services if s.name == name]
     return service
-
-
-async def _wait_for_state(watcher: Watcher, job_id: str, state: str, timeout_s: float = 60) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        found = [s for s in watcher.statuses[job_id] if s["state"] == state]
-        if found:
-            return found[-1]
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"job {job_id} never {state}: {watcher.statuses[job_id]}")
 
 
 # --- the elastic pool (these add workers: they run last) ---------------------------------------
@@ -443,7 +316,7 @@ async def test_a_job_wanting_more_workers_than_the_pool_has_is_queued_until_one_
         "pool-wait", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "workers": 3, "steps": 40}
     )
     await producer.send(topics.JOBS, job, key=job["job_id"])
-    queued = await _wait_for_state(watcher, job["job_id"], "queued")
+    queued = await watcher.state(job["job_id"], "queued")
     assert "waiting for 3 free gradient workers" in queued["reason"], queued
     assert not [s for s in watcher.statuses[job["job_id"]] if s["state"] == "running"]
     cluster.add_worker()
@@ -459,7 +332,7 @@ async def test_a_worker_started_mid_job_takes_the_vacant_rank_and_the_job_conver
     training = {**MLP_TRAINING, "workers": 4, "min_workers": 3, "steps": 2000}
     job = train_job("pool-join", "mlp", {"uri": "builtin:digits"}, training)
     await producer.send(topics.JOBS, job, key=job["job_id"])
-    await _wait_for_state(watcher, job["job_id"], "running")
+    await watcher.state(job["job_id"], "running")
     assert len(assignment(watcher, job["job_id"])["workers"]) == 3
     newcomer = cluster.add_worker()
     status = await watcher.final(job["job_id"], timeout_s=300)

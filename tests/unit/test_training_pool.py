@@ -82,6 +82,7 @@ def test_a_silent_worker_loses_its_rank_and_a_free_one_takes_it() -> None:
     for member in pool.alive(WORKER) + pool.alive(SHARD):
         if member != lost:
             pool.heard(member, pool.members[member].kind, pool.members[member].address, 900)
+    pool.control_record(1400)  # the topic flows: the coordinator heard its own heartbeat
     assert [m.member_id for m in pool.expire(now_ms=1500)] == [lost]
     (change,) = pool.schedule()
     assert change.assignment is not None
@@ -132,3 +133,21 @@ def test_a_shard_back_at_a_new_address_within_the_timeout_is_dialled_there() -> 
     pool.heard("s0", SHARD, "10.0.0.0:9999", now_ms=5)
     (change,) = pool.schedule()
     assert change.assignment is not None and change.assignment.addresses == {0: "10.0.0.0:9999"}
+
+
+def test_nobody_is_forgotten_while_the_control_topic_itself_is_silent() -> None:
+    pool = pool_with(2)
+    pool.control_record(0)
+    assert pool.expire(now_ms=30_000) == []  # a broker outage is not every member's death
+
+
+def test_after_a_silent_topic_every_member_gets_a_fresh_timeout() -> None:
+    pool = pool_with(2)
+    pool.control_record(0)
+    pool.control_record(30_000)  # the first record after the outage
+    assert pool.expire(now_ms=30_900) == []  # nobody said up yet, but they may be about to
+    for now in (30_300, 30_600, 30_900):  # the coordinator's own heartbeats
+        pool.control_record(now)
+    pool.heard("w0", WORKER, "", now_ms=30_900)
+    pool.control_record(31_200)
+    assert sorted(m.member_id for m in pool.expire(now_ms=31_200)) == ["s0", "w1"]

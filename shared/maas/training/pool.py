@@ -3,7 +3,9 @@ job each one serves. Plain Python with time passed in; the coordinator drives it
 training control topic (``maas.training.control``) and publishes what it decides.
 
 Members have no fixed ids: each process names itself, says ``up`` on the control topic every
-heartbeat period and ``down`` when it stops. One silent for the timeout is gone.
+heartbeat period and ``down`` when it stops. One silent for the timeout is gone — unless the
+whole topic was silent (the coordinator heartbeats to itself through it, so a broker outage is
+not mistaken for the death of every member).
 
 A job asks for ``workers`` ranks (data shards 0..W-1) and ``shards`` parameter partitions. It is
 placed when at least ``min_workers`` workers are free (not serving another job) and one shard is
@@ -117,10 +119,26 @@ class Pool:
     members: dict[str, Member] = field(default_factory=dict)
     running: dict[str, Assignment] = field(default_factory=dict)
     queue: dict[str, Want] = field(default_factory=dict)  # insertion order = arrival order
+    control_ms: int = 0  # when the last record of any kind came from the control topic
     _wants: dict[str, Want] = field(default_factory=dict)
     _queued_reason: dict[str, str] = field(default_factory=dict)
 
     # --- membership -------------------------------------------------------------------------
+
+    def control_record(self, now_ms: int) -> None:
+        """Any record read from the control topic (the coordinator's own heartbeat included).
+
+        After a silence of the whole topic (the broker, or this reader, was away) every member
+        gets a fresh timeout: nobody could be heard, so nobody is known to be gone.
+        """
+        if self.control_ms and now_ms - self.control_ms > self._quiet_ms:
+            for member in self.members.values():
+                member.seen_ms = max(member.seen_ms, now_ms)
+        self.control_ms = now_ms
+
+    @property
+    def _quiet_ms(self) -> int:
+        return self.timeout_ms // 2
 
     def heard(self, member_id: str, kind: str, address: str, now_ms: int) -> bool:
         """A member said ``up``; True if it is new to the pool."""
@@ -134,7 +152,10 @@ class Pool:
         self.members.pop(member_id, None)
 
     def expire(self, now_ms: int) -> list[Member]:
-        """Forget members silent for the timeout; the ones forgotten."""
+        """Forget members silent for the timeout; the ones forgotten. While the control topic
+        itself is silent nothing is forgotten (see ``control_record``)."""
+        if now_ms - self.control_ms > self._quiet_ms:
+            return []
         gone = [m for m in self.members.values() if now_ms - m.seen_ms > self.timeout_ms]
         for member in gone:
             del self.members[member.member_id]

@@ -1,0 +1,179 @@
+"""What the tests of live training jobs share: a status/DLQ watcher, job events, the cluster of
+real training processes, and reading a job's results, checkpoints and assignment."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from kafka_offsets import start_group_at_end
+
+from maas import events, topics
+from maas.bus import EventConsumer, EventProducer, Record
+from maas.config import Settings
+from maas.registry import RegistryClient
+from maas.store import ObjectStore
+from maas.training import checkpoint as ck
+from maas.training.storage import BUCKET
+from services.aggregator.harness import TrainingProcesses
+from services.inference.harness import ServiceProcesses
+
+TERMINAL = {"succeeded", "failed"}
+HEARTBEAT_TIMEOUT_MS = 3000
+MLP_TRAINING = {
+    "steps": 100,
+    "batch_size": 32,
+    "workers": 2,
+    "shards": 2,
+    "optimizer": {"name": "adam", "lr": 0.01},
+    "checkpoint_every": 20,
+}
+
+
+@contextlib.contextmanager
+def training_cluster(
+    workdir: Path, workers: int = 2, shards: int = 2
+) -> Iterator[TrainingProcesses]:
+    """A registry, the coordinator, ``shards`` shards and ``workers`` workers, all started."""
+    with ServiceProcesses(workdir) as processes:
+        registry = processes.start_registry()
+        with TrainingProcesses(
+            workdir,
+            registry,
+            workers=workers,
+            shards=shards,
+            MAAS_PROGRESS_INTERVAL_MS="1000",
+            MAAS_WORKER_HEARTBEAT_TIMEOUT_MS=str(HEARTBEAT_TIMEOUT_MS),
+        ) as training:
+            training.start()
+            yield training
+
+
+@dataclass
+class Watcher:
+    """Job statuses and dead letters as they arrive."""
+
+    statuses: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    dead: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+
+    async def handle(self, record: Record) -> None:
+        if record.topic == topics.JOB_STATUS.name:
+            self.statuses[record.event["job_id"]].append(record.event)
+        elif record.key is not None:
+            self.dead[record.key].append(record.event)
+
+    async def final(self, job_id: str, timeout_s: float = 150.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            done = [s for s in self.statuses[job_id] if s["state"] in TERMINAL]
+            if done:
+                return done[-1]
+            await asyncio.sleep(0.2)
+        raise AssertionError(f"job {job_id} did not finish; statuses: {self.statuses[job_id]}")
+
+    async def letters(self, job_id: str, group: str, timeout_s: float = 60.0) -> list[dict]:
+        """Dead letters of ``job_id`` written by ``group`` (they may trail the job's status)."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [d for d in self.dead[job_id] if d["consumer_group"] == group]
+            if found:
+                return found
+            await asyncio.sleep(0.2)
+        return []
+
+    async def state(self, job_id: str, state: str, timeout_s: float = 60) -> dict[str, Any]:
+        """The newest status of ``job_id`` in ``state``, once there is one."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            found = [s for s in self.statuses[job_id] if s["state"] == state]
+            if found:
+                return found[-1]
+            await asyncio.sleep(0.1)
+        raise AssertionError(f"job {job_id} never {state}: {self.statuses[job_id]}")
+
+
+def train_job(
+    name: str, arch: str, dataset: dict[str, Any], training: dict[str, Any], **fields: Any
+) -> dict[str, Any]:
+    return events.new_event(
+        events.JOB,
+        job_id=f"{name}-{uuid.uuid4().hex[:8]}",
+        type="train",
+        model={"name": name, "arch": arch, "config": fields.pop("config", {})},
+        dataset=dataset,
+        training=training,
+        **fields,
+    )
+
+
+async def run(producer: EventProducer, watcher: Watcher, job: dict[str, Any]) -> dict[str, Any]:
+    await producer.send(topics.JOBS, job, key=job["job_id"])
+    return await watcher.final(job["job_id"])
+
+
+async def weights(registry: RegistryClient, status: dict[str, Any]) -> dict[str, torch.Tensor]:
+    model = status["model"]
+    module = await registry.load(f"{model['name']}@{model['version']}")
+    return module.state_dict()
+
+
+async def pointer(store: ObjectStore, job_id: str, shard: int) -> ck.Pointer:
+    data = await asyncio.to_thread(store.get_bytes, BUCKET, ck.pointer_key(job_id, shard))
+    return ck.Pointer.from_json(data)
+
+
+async def wait_for_checkpoint(
+    store: ObjectStore, job_id: str, shard: int, version: int, timeout_s: float = 90
+) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        exists = await asyncio.to_thread(store.exists, BUCKET, ck.pointer_key(job_id, shard))
+        if exists and (await pointer(store, job_id, shard)).version >= version:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"shard {shard} of {job_id} never checkpointed version {version}")
+
+
+@contextlib.asynccontextmanager
+async def watching(settings: Settings, producer: EventProducer) -> AsyncIterator[Watcher]:
+    """A Watcher fed from the job-status and DLQ topics, from their current end (earlier tests,
+    the fuzzers among them, leave poison on them)."""
+    watcher = Watcher()
+    group = f"test-training-{uuid.uuid4().hex[:8]}"
+    for topic in (topics.JOB_STATUS, topics.DLQ):
+        await start_group_at_end(settings, topic, group)
+    consumer = EventConsumer(
+        settings,
+        topics=[topics.JOB_STATUS, topics.DLQ],
+        group_id=group,
+        handler=watcher.handle,
+        producer=producer,
+    )
+    await consumer.start()
+    task = asyncio.create_task(consumer.run())
+    try:
+        yield watcher
+    finally:
+        await consumer.stop()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def assignment(watcher: Watcher, job_id: str) -> dict[str, Any]:
+    """The job's newest assignment, as the coordinator's statuses carry it."""
+    found = [s["assignment"] for s in watcher.statuses[job_id] if "assignment" in s]
+    assert found, f"job {job_id} was never assigned: {watcher.statuses[job_id]}"
+    return max(found, key=lambda a: a["epoch"])
+
+
+def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)

@@ -140,6 +140,12 @@ def local_services(
             # A listen address belongs only to the service that declares one.
             if var in base or not var.endswith("_LISTEN"):
                 base[var] = str(getattr(settings, attr))
+        for var, value in base.items():
+            # Any other listener compose opens to its network stays on this machine here.
+            if var.endswith("_LISTEN") and value.startswith("0.0.0.0:"):
+                base[var] = "127.0.0.1:" + value.removeprefix("0.0.0.0:")
+        if settings.inference_http_listen and "MAAS_INFERENCE_HTTP_LISTEN" in base:
+            base["MAAS_INFERENCE_HTTP_LISTEN"] = settings.inference_http_listen
         # Anything the user exported explicitly wins over compose's defaults, except placement
         # and a service's identity (the user's token is the CLI's, not the services').
         base.update(

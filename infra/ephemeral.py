@@ -55,7 +55,7 @@ def private_stack(
     state_dir: Path, base: Settings | None = None, *, with_services: bool = False
 ) -> LocalStack:
     """Kafka + S3 (and with ``with_services`` the compose services) on free ports."""
-    kafka_port, controller_port, registry_port, inference_port, *weed = free_ports(12)
+    kafka_port, controller_port, registry_port, inference_port, http_port, *weed = free_ports(13)
     settings = (base or Settings.from_env()).replace(
         kafka_bootstrap=f"127.0.0.1:{kafka_port}",
         s3_endpoint=f"127.0.0.1:{weed[0]}",
@@ -75,6 +75,7 @@ def private_stack(
             registry_addr=registry,
             inference_listen=inference,
             inference_addr=inference,
+            inference_http_listen=f"127.0.0.1:{http_port}",
         )
     return LocalStack.from_settings(
         settings,

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from maas import artifacts, zoo
-from maas.compression import FitConfig, Tensors, parent_variant, parse_method, run
 from maas.compression.measure import LATENCY_BATCHES, artifact_bytes, latency_ms
-from maas.compression.train import evaluate, fit
+from maas.compression.pipeline import parent_variant, parse_method, run
+from maas.compression.train import FitConfig, Tensors, evaluate, fit
 from maas.datasets import load_builtin
 
 MLP_1M = {"in_features": 64, "hidden": [1024, 896], "num_classes": 10}

@@ -40,8 +40,9 @@ from infra.ephemeral import bench_settings
 from infra.proc import free_port
 from infra.stack import PythonService
 from maas import zoo
-from maas.artifacts import WEIGHTS_FILE, pack
+from maas.artifacts import pack
 from maas.config import Settings
+from maas.manifest import WEIGHTS_FILE
 from maas.registry import RegistryClient
 from maas.store import MODELS_BUCKET, ObjectStore
 

@@ -22,19 +22,12 @@ import torch
 from torch import nn
 
 from maas import artifacts, events, jobs, zoo
-from maas.artifacts import Manifest
-from maas.compression import (
-    FitConfig,
-    Plan,
-    Tensors,
-    artifact_metrics,
-    parent_variant,
-    parse_methods,
-    relative_metrics,
-    run,
-)
+from maas.compression.measure import artifact_metrics, relative_metrics
+from maas.compression.pipeline import Plan, parent_variant, parse_methods, run
+from maas.compression.train import FitConfig, Tensors
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
 from maas.training.prepare import FetchDataset, load_dataset
 

@@ -18,10 +18,10 @@ from maas.edge import add_port
 from maas.lifecycle import configure_logging, run_until_signalled
 from maas.liveness import Liveness
 from maas.store import MODELS_BUCKET, AsyncObjectStore
-from services.model_registry.core import RegistryCore
 from services.model_registry.outbox import OutboxRelay
 from services.model_registry.service import RegistryLimits, RegistryService
 from services.model_registry.servicer import build_server, set_serving
+from services.model_registry.sqlite_store import SqliteStore
 
 log = logging.getLogger("services.model_registry")
 SHUTDOWN_GRACE_S = 10.0
@@ -35,10 +35,10 @@ def db_path(settings: Settings) -> Path:
 async def serve(settings: Settings, stop: asyncio.Event) -> None:
     store = AsyncObjectStore(settings, threads=8)
     producer = EventProducer(settings, client_id="model-registry")
-    core = RegistryCore(db_path(settings))
-    relay = OutboxRelay(core, producer)
+    metadata = SqliteStore(db_path(settings))
+    relay = OutboxRelay(metadata, producer)
     service = RegistryService(
-        core,
+        metadata,
         store,
         bucket=MODELS_BUCKET,
         part_size_bytes=settings.s3_part_size_bytes,
@@ -62,8 +62,8 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
             "model registry listening on %s (port %d), db %s, schema v%d",
             settings.registry_listen,
             port,
-            core.path,
-            core.schema_version(),
+            metadata.path,
+            metadata.schema_version(),
         )
         await stop.wait()
         log.info("shutting down")

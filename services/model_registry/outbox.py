@@ -1,6 +1,6 @@
 """Relay of the outbox table to ``maas.models.v1``.
 
-Events are written by the core in the same transaction as the change they describe; this loop
+The metadata store writes events in the same transaction as the change they describe; this loop
 publishes them in commit order and marks them sent once Kafka acknowledged. While the broker is
 down it keeps retrying with backoff (the events wait safely in SQLite); delivery is at least once
 (an event acknowledged but not yet marked is sent again after a crash), so consumers dedupe by
@@ -15,7 +15,7 @@ import logging
 
 from maas.bus import EventProducer
 from maas.errors import Unavailable
-from services.model_registry.core import RegistryCore
+from services.model_registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 class OutboxRelay:
     def __init__(
         self,
-        core: RegistryCore,
+        metadata: RegistryStore,
         producer: EventProducer,
         *,
         batch_size: int = 100,
@@ -31,7 +31,7 @@ class OutboxRelay:
         retry_backoff_ms: int = 250,
         max_backoff_ms: int = 5000,
     ) -> None:
-        self._core = core
+        self._metadata = metadata
         self._producer = producer
         self._batch_size = batch_size
         self._poll_interval_ms = poll_interval_ms
@@ -70,7 +70,7 @@ class OutboxRelay:
 
     async def relay_once(self) -> int:
         """Publish one batch of pending events; returns how many were sent."""
-        entries = await asyncio.to_thread(self._core.pending_events, self._batch_size)
+        entries = await asyncio.to_thread(self._metadata.pending_events, self._batch_size)
         if not entries:
             return 0
         if not self._producer_started:
@@ -82,7 +82,7 @@ class OutboxRelay:
             await self._producer.send_many(
                 topic, [(e.key, e.event) for e in entries if e.topic == topic]
             )
-        await asyncio.to_thread(self._core.mark_sent, [e.id for e in entries])
+        await asyncio.to_thread(self._metadata.mark_sent, [e.id for e in entries])
         self.sent += len(entries)
         return len(entries)
 

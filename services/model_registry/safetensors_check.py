@@ -19,9 +19,6 @@ from maas.errors import InvalidArgument
 from maas.events import clip
 
 SUFFIX = ".safetensors"
-# maas.artifacts.WEIGHTS_FILE, the file manifest.tensors describes (that module imports torch,
-# which the registry does not need; a test keeps the two equal).
-WEIGHTS_FILE = "weights.safetensors"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 _LENGTH_BYTES = 8
 

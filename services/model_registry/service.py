@@ -20,16 +20,11 @@ from typing import Any, TypeVar
 
 from maas.config import Settings
 from maas.errors import MaasError
-from maas.registry.types import (
-    MANIFEST_FILE,
-    ModelVersion,
-    artifact_prefix,
-    check_alias,
-    check_name,
-)
+from maas.manifest import MANIFEST_FILE, WEIGHTS_FILE, parse_manifest
+from maas.names import check_alias, check_name
+from maas.registry.types import ModelVersion, artifact_prefix
 from maas.store import AsyncObjectStore
-from services.model_registry.core import NewVersion, RegistryCore, parse_manifest
-from services.model_registry.safetensors_check import WEIGHTS_FILE
+from services.model_registry.store import NewVersion, RegistryStore, parent_of
 from services.model_registry.uploads import ArtifactSink
 
 log = logging.getLogger(__name__)
@@ -68,7 +63,7 @@ class Registration:
 class RegistryService:
     def __init__(
         self,
-        core: RegistryCore,
+        metadata: RegistryStore,
         store: AsyncObjectStore,
         *,
         bucket: str,
@@ -77,7 +72,7 @@ class RegistryService:
         upload_threads: int = 8,
         limits: RegistryLimits = RegistryLimits(),
     ) -> None:
-        self.core = core
+        self.metadata = metadata
         self.limits = limits
         self._store = store
         self._bucket = bucket
@@ -110,15 +105,15 @@ class RegistryService:
             task.cancel()
         self._upload_threads.shutdown(wait=True, cancel_futures=True)
         self._db_thread.shutdown(wait=True)
-        self.core.close()
+        self.metadata.close()
 
     async def db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one core call on the database thread."""
+        """Run one metadata call on the database thread."""
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._db_thread, lambda: fn(*args, **kwargs))
 
     async def write(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run one core call that may add outbox events, then wake the relay."""
+        """Run one metadata call that may add outbox events, then wake the relay."""
         result = await self.db(fn, *args, **kwargs)
         self._on_commit()
         return result
@@ -141,9 +136,9 @@ class RegistryService:
             max_bytes=self.limits.max_manifest_bytes,
             max_metrics=self.limits.max_metrics,
         )
-        await self.db(self.core.check_parent, manifest.parent)
+        await self.db(self.metadata.check_parent, parent_of(manifest))
         async with self._lock_for(request.name):
-            version = await self.db(self.core.next_version, request.name)
+            version = await self.db(self.metadata.next_version, request.name)
             prefix = artifact_prefix(request.name, version)
             # Whatever a crashed or failed attempt at this number left behind goes first, so the
             # prefix ends up holding exactly this artifact.
@@ -159,7 +154,7 @@ class RegistryService:
                     content_type="application/json",
                 )
                 record = await self.db(
-                    self.core.add_version,
+                    self.metadata.add_version,
                     NewVersion(
                         name=request.name,
                         manifest_json=request.manifest_json,
@@ -185,7 +180,7 @@ class RegistryService:
         return record
 
     async def delete_version(self, name: str, version: int, actor: str) -> ModelVersion:
-        record = await self.write(self.core.delete_version, name, version, actor)
+        record = await self.write(self.metadata.delete_version, name, version, actor)
         # The version is gone from the metadata already; its bytes are garbage now, so a failed
         # removal only leaves unreachable objects behind (logged), never a broken version.
         await self._discard(record.prefix)
@@ -223,7 +218,7 @@ class RegistryService:
                 async with self._lock_for(name):
                     # A later attempt at this number may have committed meanwhile: then the
                     # prefix is that version's and must stay.
-                    if await self.db(self.core.next_version, name) == version:
+                    if await self.db(self.metadata.next_version, name) == version:
                         await self._remove_attempt(name, version)
                 log.info("cleaned up the failed registration of %s@%d", name, version)
                 return

@@ -1,4 +1,4 @@
-"""gRPC edge of the registry: decode the request, call the service/core, encode the answer.
+"""gRPC edge of the registry: decode the request, call the service/store, encode the answer.
 
 Errors and auth are not handled here: ``maas.edge`` checks the caller's token and role, turns
 every ``MaasError`` into its status code and anything else into INTERNAL (logged with the
@@ -22,12 +22,12 @@ from grpc_reflection.v1alpha import reflection
 from maas.config import Settings
 from maas.edge import current_identity, edge_interceptor, server_options
 from maas.errors import InvalidArgument, MaasError
+from maas.names import check_version
 from maas.registry import wire
-from maas.registry.types import check_version
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
-from services.model_registry.core import model_token, version_token
 from services.model_registry.service import Registration, RegistryService
+from services.model_registry.store import model_token, version_token
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
 class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
     def __init__(self, service: RegistryService) -> None:
         self._service = service
-        self._core = service.core
+        self._metadata = service.metadata
 
     async def RegisterVersion(
         self,
@@ -81,7 +81,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
     ) -> pb.ModelVersion:
         ref = wire.ref_from_proto(request.ref)
         version = await self._service.db(
-            self._core.get_version, ref, as_of_ms=request.as_of_ms or None
+            self._metadata.get_version, ref, as_of_ms=request.as_of_ms or None
         )
         return wire.version_to_proto(version)
 
@@ -89,7 +89,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
         models, token = await self._service.db(
-            self._core.list_models, page_size=request.page_size, page_token=request.page_token
+            self._metadata.list_models, page_size=request.page_size, page_token=request.page_token
         )
         protos, token = fit_page(
             [wire.summary_to_proto(m) for m in models],
@@ -103,7 +103,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.ListVersionsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListVersionsResponse:
         versions, token = await self._service.db(
-            self._core.list_versions,
+            self._metadata.list_versions,
             request.name,
             page_size=request.page_size,
             page_token=request.page_token,
@@ -120,7 +120,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.AliasChange:
         change = await self._service.write(
-            self._core.set_alias,
+            self._metadata.set_alias,
             request.name,
             request.alias,
             check_version(request.version),
@@ -132,7 +132,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.AliasChange:
         change = await self._service.write(
-            self._core.delete_alias, request.name, request.alias, current_identity().name
+            self._metadata.delete_alias, request.name, request.alias, current_identity().name
         )
         return wire.change_to_proto(change)
 
@@ -148,7 +148,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.GetLineageRequest, context: grpc.aio.ServicerContext
     ) -> pb.Lineage:
         lineage = await self._service.db(
-            self._core.lineage, request.name, check_version(request.version)
+            self._metadata.lineage, request.name, check_version(request.version)
         )
         return wire.lineage_to_proto(lineage)
 
@@ -156,7 +156,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.GetAliasHistoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.AliasHistory:
         changes = await self._service.db(
-            self._core.alias_history, request.name, request.alias or None
+            self._metadata.alias_history, request.name, request.alias or None
         )
         return pb.AliasHistory(changes=[wire.change_to_proto(c) for c in changes])
 

@@ -1,21 +1,14 @@
 """Model artifacts at rest: safetensors weights plus a JSON manifest, never pickle.
 
-An artifact is a set of files under ``maas-models/<name>/<version>/``: one or more
-``*.safetensors`` files and ``manifest.json`` (written last). The manifest records the arch and
-config to rebuild the module, the sha256 of every file, and lineage (parent, method, settings,
-job) and metrics.
-
-``format`` says how the stored tensors become a runnable module. ``dense`` is a plain state dict;
-compressed variants (int8, fp16, sparse, ...) register their own materializer with
-``register_format`` so the one shared loader can run every variant.
+``pack`` turns weights into artifact files and their manifest (``maas.manifest``);
+``materialize`` turns them back into a runnable module. ``format`` says how: ``dense`` is a
+plain state dict, the compressed variants (int8, fp16, sparse, ...) are decoded by
+``maas.compression.formats``, so the one shared loader runs every variant.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -24,41 +17,9 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from maas import zoo
-from maas.errors import IntegrityError, InvalidArgument
-
-MANIFEST_FILE = "manifest.json"
-WEIGHTS_FILE = "weights.safetensors"
-MANIFEST_VERSION = 1
-
-
-@dataclass
-class Manifest:
-    arch: str
-    config: dict[str, Any]
-    format: str = "dense"
-    tensors: dict[str, dict[str, Any]] = field(default_factory=dict)  # name -> {dtype, shape}
-    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 hex
-    parent: dict[str, Any] | None = None  # {"name", "version"}
-    method: str | None = None  # "train", "finetune", "quantize", "prune", "distill", ...
-    settings: dict[str, Any] = field(default_factory=dict)  # method settings, for lineage
-    job_id: str | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
-    manifest_version: int = MANIFEST_VERSION
-
-    def to_json(self) -> bytes:
-        return json.dumps(asdict(self), indent=2, sort_keys=True).encode()
-
-    @classmethod
-    def from_json(cls, data: bytes | str) -> Manifest:
-        try:
-            obj = json.loads(data)
-            return cls(**obj)
-        except (ValueError, TypeError) as exc:
-            raise IntegrityError(f"manifest.json is not a valid manifest: {exc}") from None
-
-
-def sha256_hex(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+from maas.compression import formats as compressed
+from maas.errors import InvalidArgument
+from maas.manifest import WEIGHTS_FILE, Manifest, sha256_hex, verify
 
 
 def state_of(module_or_state: nn.Module | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -103,27 +64,7 @@ def pack(
     return files, manifest
 
 
-def verify(manifest: Manifest, files: Mapping[str, bytes]) -> None:
-    """Raise IntegrityError unless every file the manifest lists is present with its sha256."""
-    for name, expected in manifest.files.items():
-        data = files.get(name)
-        if data is None:
-            raise IntegrityError(f"artifact file {name!r} listed in the manifest is missing")
-        actual = sha256_hex(data)
-        if actual != expected:
-            raise IntegrityError(
-                f"artifact file {name!r} has sha256 {actual[:12]}…, the manifest says "
-                f"{expected[:12]}…: refusing a tampered or truncated artifact"
-            )
-
-
 Materializer = Callable[[Manifest, dict[str, torch.Tensor], Mapping[str, bytes]], nn.Module]
-_FORMATS: dict[str, Materializer] = {}
-
-
-def register_format(name: str, materializer: Materializer) -> None:
-    """Teach the shared loader a stored format (called by the module that defines it)."""
-    _FORMATS[name] = materializer
 
 
 def _materialize_dense(
@@ -134,17 +75,10 @@ def _materialize_dense(
     return model
 
 
-register_format("dense", _materialize_dense)
-
-
-def _ensure_formats_loaded() -> None:
-    # Compressed formats register themselves on import; importing here keeps `materialize`
-    # complete for every caller without a circular import at module load.
-    try:
-        import maas.compression  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "maas.compression":
-            raise
+_FORMATS: dict[str, Materializer] = {
+    "dense": _materialize_dense,
+    **dict.fromkeys(compressed.FORMATS, compressed.materialize),
+}
 
 
 def materialize(
@@ -157,7 +91,6 @@ def materialize(
     """
     if not verified:
         verify(manifest, files)
-    _ensure_formats_loaded()
     materializer = _FORMATS.get(manifest.format)
     if materializer is None:
         raise InvalidArgument(

@@ -23,9 +23,9 @@ from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
 from maas.store import MODELS_BUCKET, AsyncObjectStore
 from services.model_registry import service as service_module
-from services.model_registry.core import RegistryCore
 from services.model_registry.service import RegistryService
 from services.model_registry.servicer import build_server, set_serving
+from services.model_registry.sqlite_store import SqliteStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -52,7 +52,7 @@ async def registry(stack, tmp_path) -> AsyncIterator[tuple[RegistryService, Regi
     store = AsyncObjectStore(stack.settings)
     await store.start()
     service = RegistryService(
-        RegistryCore(tmp_path / "registry.db"),
+        SqliteStore(tmp_path / "registry.db"),
         store,
         bucket=MODELS_BUCKET,
         part_size_bytes=PART_BYTES,

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
 from maas.store import MODELS_BUCKET, AsyncObjectStore
-from services.model_registry.core import RegistryCore
 from services.model_registry.service import RegistryLimits, RegistryService
 from services.model_registry.servicer import build_server, set_serving
+from services.model_registry.sqlite_store import SqliteStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -187,7 +187,7 @@ async def client(stack, tmp_path) -> AsyncIterator[RegistryClient]:
     store = AsyncObjectStore(stack.settings)
     await store.start()
     service = RegistryService(
-        RegistryCore(tmp_path / "registry.db"),
+        SqliteStore(tmp_path / "registry.db"),
         store,
         bucket=MODELS_BUCKET,
         part_size_bytes=stack.settings.s3_part_size_bytes,

@@ -14,8 +14,7 @@ from infra.proc import free_port
 from infra.stack import PythonService
 from maas import events, topics, zoo
 from maas.bus import EventConsumer, EventProducer, Record
-from maas.compression import FitConfig, Tensors
-from maas.compression.train import evaluate, fit
+from maas.compression.train import FitConfig, Tensors, evaluate, fit
 from maas.datasets import load_builtin
 from maas.registry import RegistryClient
 from maas.store import ObjectStore

@@ -23,9 +23,10 @@ import maas.registry
 from infra.proc import free_port
 from infra.stack import PythonService
 from maas import events, zoo
-from maas.artifacts import WEIGHTS_FILE, pack
+from maas.artifacts import pack
 from maas.config import Settings
 from maas.errors import FailedPrecondition, IntegrityError, MaasError, NotFound, Unavailable
+from maas.manifest import WEIGHTS_FILE
 from maas.registry import RegistryClient
 from maas.registry.types import ModelRef
 from maas.store import MODELS_BUCKET, ObjectStore

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from maas import zoo
-from maas.compression import FitConfig, Tensors
-from maas.compression.train import fit
+from maas.compression.train import FitConfig, Tensors, fit
 from maas.datasets import load_builtin
 
 

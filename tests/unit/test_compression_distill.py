@@ -4,10 +4,10 @@ import pytest
 import torch
 
 from maas import artifacts, zoo
-from maas.compression import FitConfig, Tensors, artifact_metrics, parse_method, run
 from maas.compression.distill import default_student, kd_loss, parse_student
-from maas.compression.pipeline import parent_variant
-from maas.compression.train import evaluate
+from maas.compression.measure import artifact_metrics
+from maas.compression.pipeline import parent_variant, parse_method, run
+from maas.compression.train import FitConfig, Tensors, evaluate
 from maas.datasets import load_builtin
 from maas.errors import InvalidArgument
 

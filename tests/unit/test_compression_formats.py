@@ -5,13 +5,13 @@ import torch
 from safetensors.torch import load as st_load
 
 from maas import artifacts, zoo
-from maas.artifacts import WEIGHTS_FILE
-from maas.compression import FitConfig, Tensors, artifact_metrics, parse_method, run
 from maas.compression.formats import decode, pack_mask, unpack_mask
-from maas.compression.pipeline import parent_variant
-from maas.compression.train import evaluate, fit
+from maas.compression.measure import artifact_metrics
+from maas.compression.pipeline import parent_variant, parse_method, run
+from maas.compression.train import FitConfig, Tensors, evaluate, fit
 from maas.datasets import load_builtin
 from maas.errors import IntegrityError
+from maas.manifest import WEIGHTS_FILE
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -4,8 +4,16 @@ import pytest
 import torch
 
 from maas import zoo
-from maas.compression import FitConfig, Tensors, parse_method, parse_methods, run
-from maas.compression.pipeline import Distill, Prune, Quantize, parent_variant
+from maas.compression.pipeline import (
+    Distill,
+    Prune,
+    Quantize,
+    parent_variant,
+    parse_method,
+    parse_methods,
+    run,
+)
+from maas.compression.train import FitConfig, Tensors
 from maas.datasets import load_builtin
 from maas.errors import InvalidArgument
 

@@ -4,9 +4,11 @@ import pytest
 import torch
 
 from maas import artifacts, zoo
-from maas.compression import FitConfig, artifact_metrics, parse_method, prune, run
+from maas.compression import prune
 from maas.compression.formats import MASK, VALUES
-from maas.compression.pipeline import parent_variant
+from maas.compression.measure import artifact_metrics
+from maas.compression.pipeline import parent_variant, parse_method, run
+from maas.compression.train import FitConfig
 from maas.errors import InvalidArgument
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -5,8 +5,10 @@ import torch
 from torch import nn
 
 from maas import artifacts, zoo
-from maas.compression import FitConfig, artifact_metrics, parse_method, quant, run
-from maas.compression.pipeline import parent_variant
+from maas.compression import quant
+from maas.compression.measure import artifact_metrics
+from maas.compression.pipeline import parent_variant, parse_method, run
+from maas.compression.train import FitConfig
 from maas.errors import InvalidArgument
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

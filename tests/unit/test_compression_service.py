@@ -7,11 +7,10 @@ import pytest
 import torch
 
 from maas import artifacts, events, zoo
-from maas.artifacts import Manifest
-from maas.compression import FitConfig, Tensors
-from maas.compression.train import fit
+from maas.compression.train import FitConfig, Tensors, fit
 from maas.datasets import load_builtin
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
 from services.compressor.core import Compressor, parse_job
 

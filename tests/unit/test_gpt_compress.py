@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 
 from maas import artifacts, zoo
-from maas.compression import FitConfig, Tensors, parse_method, run
 from maas.compression.measure import artifact_metrics
-from maas.compression.pipeline import parent_variant
-from maas.compression.train import fit
+from maas.compression.pipeline import parent_variant, parse_method, run
+from maas.compression.train import FitConfig, Tensors, fit
 from maas.datasets import load_builtin
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, generate

@@ -12,13 +12,11 @@ import pytest
 
 from maas import events
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.manifest import parse_manifest
 from maas.registry.types import ModelRef
-from services.model_registry.core import (
-    MIGRATIONS,
-    NewVersion,
-    RegistryCore,
-    parse_manifest,
-)
+from services.model_registry.migrations import MIGRATIONS
+from services.model_registry.sqlite_store import SqliteStore
+from services.model_registry.store import NewVersion
 
 
 class Clock:
@@ -61,7 +59,7 @@ def new_version(name: str = "digits", *, alias: str | None = None, **manifest_ar
     )
 
 
-def register(core: RegistryCore, name: str = "digits", **kwargs) -> int:
+def register(core: SqliteStore, name: str = "digits", **kwargs) -> int:
     version = core.next_version(name)
     return core.add_version(new_version(name, **kwargs), version=version).version
 
@@ -72,13 +70,13 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def core(tmp_path: Path, clock: Clock) -> RegistryCore:
-    core = RegistryCore(tmp_path / "registry.db", clock=clock)
+def core(tmp_path: Path, clock: Clock) -> SqliteStore:
+    core = SqliteStore(tmp_path / "registry.db", clock=clock)
     yield core
     core.close()
 
 
-def event_kinds(core: RegistryCore) -> list[tuple[str, str, int | None]]:
+def event_kinds(core: SqliteStore) -> list[tuple[str, str, int | None]]:
     return [
         (e.event["event"], e.event.get("alias", ""), e.event.get("version"))
         for e in core.pending_events()
@@ -88,12 +86,12 @@ def event_kinds(core: RegistryCore) -> list[tuple[str, str, int | None]]:
 # --- numbering -----------------------------------------------------------------------------------
 
 
-def test_versions_of_a_model_are_numbered_from_one(core: RegistryCore) -> None:
+def test_versions_of_a_model_are_numbered_from_one(core: SqliteStore) -> None:
     assert [register(core) for _ in range(3)] == [1, 2, 3]
     assert register(core, "other") == 1
 
 
-def test_a_version_number_other_than_the_next_is_refused(core: RegistryCore) -> None:
+def test_a_version_number_other_than_the_next_is_refused(core: SqliteStore) -> None:
     register(core)
     with pytest.raises(FailedPrecondition, match="not the next number"):
         core.add_version(new_version(), version=1)
@@ -102,7 +100,7 @@ def test_a_version_number_other_than_the_next_is_refused(core: RegistryCore) -> 
     assert core.next_version("digits") == 2
 
 
-def test_racing_writers_of_one_number_never_duplicate_it(core: RegistryCore) -> None:
+def test_racing_writers_of_one_number_never_duplicate_it(core: SqliteStore) -> None:
     results: list[object] = []
 
     def attempt() -> None:
@@ -120,7 +118,7 @@ def test_racing_writers_of_one_number_never_duplicate_it(core: RegistryCore) -> 
     assert sum(isinstance(r, FailedPrecondition) for r in results) == 19
 
 
-def test_deleted_numbers_are_not_reused(core: RegistryCore) -> None:
+def test_deleted_numbers_are_not_reused(core: SqliteStore) -> None:
     register(core)
     register(core)
     core.delete_version("digits", 2, "bob")
@@ -130,7 +128,7 @@ def test_deleted_numbers_are_not_reused(core: RegistryCore) -> None:
 # --- reading -------------------------------------------------------------------------------------
 
 
-def test_a_version_records_its_manifest_files_and_lineage(core: RegistryCore) -> None:
+def test_a_version_records_its_manifest_files_and_lineage(core: SqliteStore) -> None:
     register(core, job_id="job-1")
     v = core.get_version(ModelRef("digits", version=1))
     assert (v.name, v.version, v.arch, v.format, v.method, v.job_id) == (
@@ -148,7 +146,7 @@ def test_a_version_records_its_manifest_files_and_lineage(core: RegistryCore) ->
     assert v.created_by == "alice"
 
 
-def test_no_selector_means_the_latest_live_version(core: RegistryCore) -> None:
+def test_no_selector_means_the_latest_live_version(core: SqliteStore) -> None:
     register(core)
     register(core)
     assert core.get_version(ModelRef("digits")).version == 2
@@ -166,14 +164,14 @@ def test_no_selector_means_the_latest_live_version(core: RegistryCore) -> None:
     ],
 )
 def test_unknown_things_are_not_found_by_name(
-    core: RegistryCore, ref: ModelRef, message: str
+    core: SqliteStore, ref: ModelRef, message: str
 ) -> None:
     register(core)
     with pytest.raises(NotFound, match=message):
         core.get_version(ref)
 
 
-def test_a_deleted_version_is_not_found(core: RegistryCore) -> None:
+def test_a_deleted_version_is_not_found(core: SqliteStore) -> None:
     register(core)
     register(core)
     core.delete_version("digits", 1, "bob")
@@ -181,7 +179,7 @@ def test_a_deleted_version_is_not_found(core: RegistryCore) -> None:
         core.get_version(ModelRef("digits", version=1))
 
 
-def test_versions_are_listed_newest_first_in_pages(core: RegistryCore) -> None:
+def test_versions_are_listed_newest_first_in_pages(core: SqliteStore) -> None:
     for _ in range(5):
         register(core)
     core.delete_version("digits", 4, "bob")
@@ -191,13 +189,13 @@ def test_versions_are_listed_newest_first_in_pages(core: RegistryCore) -> None:
     assert [v.version for v in page] == [2, 1] and token == ""
 
 
-def test_a_foreign_page_token_is_invalid(core: RegistryCore) -> None:
+def test_a_foreign_page_token_is_invalid(core: SqliteStore) -> None:
     register(core)
     with pytest.raises(InvalidArgument, match="page_token"):
         core.list_versions("digits", page_token="abc")
 
 
-def test_models_are_summarised_by_name_in_pages(core: RegistryCore) -> None:
+def test_models_are_summarised_by_name_in_pages(core: SqliteStore) -> None:
     for name in ("b", "a", "c"):
         register(core, name)
     register(core, "a", alias="production")
@@ -211,7 +209,7 @@ def test_models_are_summarised_by_name_in_pages(core: RegistryCore) -> None:
 # --- aliases -------------------------------------------------------------------------------------
 
 
-def test_an_alias_resolves_to_its_version(core: RegistryCore) -> None:
+def test_an_alias_resolves_to_its_version(core: SqliteStore) -> None:
     register(core)
     register(core)
     core.set_alias("digits", "production", 1, "bob")
@@ -220,7 +218,7 @@ def test_an_alias_resolves_to_its_version(core: RegistryCore) -> None:
 
 
 def test_every_alias_move_is_kept_with_who_when_from_and_to(
-    core: RegistryCore, clock: Clock
+    core: SqliteStore, clock: Clock
 ) -> None:
     register(core)
     register(core, alias="production")  # set at registration: created, from nothing
@@ -235,7 +233,7 @@ def test_every_alias_move_is_kept_with_who_when_from_and_to(
     assert [c.ts_ms for c in history] == sorted(c.ts_ms for c in history)
 
 
-def test_an_alias_resolves_as_it_was_at_a_past_time(core: RegistryCore) -> None:
+def test_an_alias_resolves_as_it_was_at_a_past_time(core: SqliteStore) -> None:
     register(core)
     register(core)
     core.set_alias("digits", "production", 1, "bob")
@@ -247,20 +245,20 @@ def test_an_alias_resolves_as_it_was_at_a_past_time(core: RegistryCore) -> None:
         core.get_version(ModelRef("digits", alias="production"), as_of_ms=tuesday - 1)
 
 
-def test_an_alias_cannot_point_at_a_missing_version(core: RegistryCore) -> None:
+def test_an_alias_cannot_point_at_a_missing_version(core: SqliteStore) -> None:
     register(core)
     with pytest.raises(NotFound, match="no version 5"):
         core.set_alias("digits", "production", 5, "bob")
 
 
 @pytest.mark.parametrize("alias", ["Prod", "3", "", "a b", "x" * 65])
-def test_malformed_aliases_are_invalid(core: RegistryCore, alias: str) -> None:
+def test_malformed_aliases_are_invalid(core: SqliteStore, alias: str) -> None:
     register(core)
     with pytest.raises(InvalidArgument, match="alias"):
         core.set_alias("digits", alias, 1, "bob")
 
 
-def test_an_aliased_version_cannot_be_deleted(core: RegistryCore) -> None:
+def test_an_aliased_version_cannot_be_deleted(core: SqliteStore) -> None:
     register(core, alias="production")
     with pytest.raises(FailedPrecondition, match="production"):
         core.delete_version("digits", 1, "bob")
@@ -269,7 +267,7 @@ def test_an_aliased_version_cannot_be_deleted(core: RegistryCore) -> None:
 # --- lineage -------------------------------------------------------------------------------------
 
 
-def test_lineage_walks_parents_to_the_root_and_lists_children(core: RegistryCore) -> None:
+def test_lineage_walks_parents_to_the_root_and_lists_children(core: SqliteStore) -> None:
     register(core, "base")
     register(core, "tuned", parent={"name": "base", "version": 1})
     register(core, "small", parent={"name": "tuned", "version": 1})
@@ -282,7 +280,7 @@ def test_lineage_walks_parents_to_the_root_and_lists_children(core: RegistryCore
     ]
 
 
-def test_a_parent_must_be_registered(core: RegistryCore) -> None:
+def test_a_parent_must_be_registered(core: SqliteStore) -> None:
     with pytest.raises(NotFound, match="'base' is not registered"):
         register(core, "tuned", parent={"name": "base", "version": 1})
     assert core.list_models()[0] == []
@@ -291,7 +289,7 @@ def test_a_parent_must_be_registered(core: RegistryCore) -> None:
 # --- outbox --------------------------------------------------------------------------------------
 
 
-def test_each_change_writes_its_event_to_the_outbox_in_order(core: RegistryCore) -> None:
+def test_each_change_writes_its_event_to_the_outbox_in_order(core: SqliteStore) -> None:
     register(core, alias="production")
     register(core)
     core.set_alias("digits", "production", 2, "bob")
@@ -310,7 +308,7 @@ def test_each_change_writes_its_event_to_the_outbox_in_order(core: RegistryCore)
         events.validate(entry.event, events.MODEL)
 
 
-def test_alias_events_say_where_the_alias_was_before(core: RegistryCore) -> None:
+def test_alias_events_say_where_the_alias_was_before(core: SqliteStore) -> None:
     register(core, alias="production")
     register(core)
     core.set_alias("digits", "production", 2, "bob")
@@ -318,7 +316,7 @@ def test_alias_events_say_where_the_alias_was_before(core: RegistryCore) -> None
     assert (moved["version"], moved["previous_version"], moved["actor"]) == (2, 1, "bob")
 
 
-def test_a_change_that_fails_leaves_no_event(core: RegistryCore) -> None:
+def test_a_change_that_fails_leaves_no_event(core: SqliteStore) -> None:
     with pytest.raises(NotFound):
         register(core, "tuned", parent={"name": "base", "version": 1})
     with pytest.raises(NotFound):
@@ -326,7 +324,7 @@ def test_a_change_that_fails_leaves_no_event(core: RegistryCore) -> None:
     assert core.pending_events() == []
 
 
-def test_sent_events_leave_the_pending_list(core: RegistryCore) -> None:
+def test_sent_events_leave_the_pending_list(core: SqliteStore) -> None:
     register(core)
     register(core)
     first, second = core.pending_events()
@@ -338,17 +336,17 @@ def test_sent_events_leave_the_pending_list(core: RegistryCore) -> None:
 
 
 def test_a_reopened_database_keeps_everything(tmp_path: Path) -> None:
-    core = RegistryCore(tmp_path / "r.db")
+    core = SqliteStore(tmp_path / "r.db")
     register(core, alias="production")
     core.close()
-    again = RegistryCore(tmp_path / "r.db")
+    again = SqliteStore(tmp_path / "r.db")
     assert again.get_version(ModelRef("digits", alias="production")).version == 1
     assert again.next_version("digits") == 2
     assert len(again.pending_events()) == 2
     again.close()
 
 
-def test_the_database_is_in_wal_mode_with_migrations_recorded(core: RegistryCore) -> None:
+def test_the_database_is_in_wal_mode_with_migrations_recorded(core: SqliteStore) -> None:
     db = sqlite3.connect(core.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     recorded = [r[0] for r in db.execute("SELECT version FROM schema_migrations")]
@@ -358,13 +356,13 @@ def test_the_database_is_in_wal_mode_with_migrations_recorded(core: RegistryCore
 
 
 def test_a_database_from_a_newer_registry_is_refused(tmp_path: Path) -> None:
-    RegistryCore(tmp_path / "r.db").close()
+    SqliteStore(tmp_path / "r.db").close()
     db = sqlite3.connect(tmp_path / "r.db")
     db.execute("INSERT INTO schema_migrations VALUES (99, 0)")
     db.commit()
     db.close()
     with pytest.raises(FailedPrecondition, match="schema version 99"):
-        RegistryCore(tmp_path / "r.db")
+        SqliteStore(tmp_path / "r.db")
 
 
 # --- manifests -----------------------------------------------------------------------------------

@@ -7,10 +7,12 @@ import json
 import pytest
 
 from maas.errors import InvalidArgument, ResourceExhausted
-from maas.registry.types import MAX_VERSION, ModelRef, check_version
+from maas.manifest import parse_manifest
+from maas.names import MAX_VERSION, check_version
+from maas.registry.types import ModelRef
 from maas.registry.v1 import registry_pb2 as pb
-from services.model_registry.core import RegistryCore, parse_manifest
 from services.model_registry.servicer import fit_page
+from services.model_registry.sqlite_store import SqliteStore
 
 SHA = "0" * 64
 
@@ -73,7 +75,7 @@ def test_versions_outside_int64_or_not_integers_are_invalid(version):
 
 @pytest.mark.parametrize("token", ["99999999999999999999999", "١٢", "-1", "x"])
 def test_a_page_token_this_server_never_issued_is_invalid(tmp_path, token):
-    core = RegistryCore(tmp_path / "r.db")
+    core = SqliteStore(tmp_path / "r.db")
     with pytest.raises(InvalidArgument, match="page_token"):
         core.list_versions("digits", page_token=token)
 

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 
 from maas.errors import NotFound
+from maas.manifest import parse_manifest
 from maas.registry.types import DEFAULT_ALIAS, ModelRef
-from services.model_registry.core import NewVersion, RegistryCore, parse_manifest
+from services.model_registry.sqlite_store import SqliteStore
+from services.model_registry.store import NewVersion
 
 
-def register(core: RegistryCore, method: str | None, name: str = "digits") -> int:
+def register(core: SqliteStore, method: str | None, name: str = "digits") -> int:
     data = json.dumps(
         {
             "arch": "mlp",
@@ -39,12 +41,12 @@ def register(core: RegistryCore, method: str | None, name: str = "digits") -> in
 
 @pytest.fixture
 def core(tmp_path: Path):
-    core = RegistryCore(tmp_path / "registry.db")
+    core = SqliteStore(tmp_path / "registry.db")
     yield core
     core.close()
 
 
-def resolve(core: RegistryCore, name: str = "digits") -> int:
+def resolve(core: SqliteStore, name: str = "digits") -> int:
     return core.get_version(ModelRef(name)).version
 
 

@@ -7,13 +7,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save
 
-from maas.artifacts import WEIGHTS_FILE as ARTIFACTS_WEIGHTS_FILE
 from maas.errors import InvalidArgument
-from services.model_registry.safetensors_check import (
-    WEIGHTS_FILE,
-    HeadCapture,
-    check_safetensors,
-)
+from maas.manifest import WEIGHTS_FILE
+from services.model_registry.safetensors_check import HeadCapture, check_safetensors
 
 DECLARED = {"w": {"dtype": "float32", "shape": [3, 4]}, "b": {"dtype": "int8", "shape": [4]}}
 
@@ -33,10 +29,6 @@ def head_of(data: bytes, piece: int = 5) -> bytes:
 def forged(header: dict, data: bytes = b"") -> bytes:
     text = json.dumps(header).encode()
     return struct.pack("<Q", len(text)) + text + data
-
-
-def test_the_weights_file_name_is_the_artifacts_one():
-    assert WEIGHTS_FILE == ARTIFACTS_WEIGHTS_FILE
 
 
 def test_a_real_file_matching_its_manifest_passes_and_only_its_head_is_kept():

@@ -35,9 +35,9 @@ from maas.errors import (
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
 from maas.store import SHA256_META
-from services.model_registry.core import RegistryCore
 from services.model_registry.service import RegistryService
 from services.model_registry.servicer import SERVICE_NAME, build_server, set_serving
+from services.model_registry.sqlite_store import SqliteStore
 
 # ~10 MB of real safetensors: several chunks and several parts
 WEIGHTS = safetensors_numpy.save({"w": np.arange(2_560_000, dtype=np.float32)})
@@ -124,7 +124,7 @@ async def server(
 ) -> AsyncIterator[tuple[RegistryService, FakeStore, str]]:
     store = FakeStore()
     service = RegistryService(
-        RegistryCore(tmp_path / "r.db"),
+        SqliteStore(tmp_path / "r.db"),
         store,  # type: ignore[arg-type]
         bucket="maas-models",
         part_size_bytes=4 * 1024 * 1024,
@@ -190,7 +190,7 @@ async def test_an_unexpected_exception_becomes_internal_over_the_wire(
     def broken(*args: Any, **kwargs: Any) -> None:
         raise ZeroDivisionError("boom")
 
-    monkeypatch.setattr(server[0].core, "get_version", broken)
+    monkeypatch.setattr(server[0].metadata, "get_version", broken)
     with pytest.raises(MaasError, match=r"internal error \(request id [0-9a-f]+; see the server"):
         await client.get("digits@1")
 
@@ -312,8 +312,8 @@ async def test_s3_down_is_unavailable_and_leaves_no_version(
     with pytest.raises(Unavailable):
         await client.register_files("digits", {"w": WEIGHTS}, manifest_for({"w": WEIGHTS}))
     server[1].client.down = False
-    assert server[0].core.next_version("digits") == 1
-    assert server[0].core.pending_events() == []
+    assert server[0].metadata.next_version("digits") == 1
+    assert server[0].metadata.pending_events() == []
 
 
 async def test_leftovers_of_an_earlier_attempt_at_a_number_are_cleared(

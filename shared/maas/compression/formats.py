@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from maas import zoo
-from maas.artifacts import Manifest
 from maas.compression import quant
 from maas.compression.quant import Int8Weight
 from maas.errors import IntegrityError
+from maas.manifest import Manifest
 
 INT8, SCALE, MASK, VALUES = ".int8", ".scale", ".mask", ".values"
 FORMATS = ("fp16", "int8", "sparse", "sparse-fp16", "sparse-int8")

@@ -15,9 +15,9 @@ from safetensors.torch import load as st_load
 from torch import nn
 
 from maas import artifacts, zoo
-from maas.artifacts import MANIFEST_FILE, WEIGHTS_FILE, Manifest
 from maas.compression.formats import decode
 from maas.compression.train import Tensors, evaluate
+from maas.manifest import MANIFEST_FILE, WEIGHTS_FILE, Manifest
 
 LATENCY_BATCHES = (1, 32)
 

@@ -29,6 +29,8 @@ from maas import errors
 from maas.config import Settings
 from maas.edge import open_channel
 from maas.errors import MaasError, Unavailable
+from maas.manifest import Manifest
+from maas.names import check_version
 from maas.registry import wire
 from maas.registry.types import (
     AliasChange,
@@ -36,7 +38,6 @@ from maas.registry.types import (
     ModelRef,
     ModelSummary,
     ModelVersion,
-    check_version,
 )
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
@@ -45,8 +46,6 @@ from maas.store import AsyncObjectStore
 if TYPE_CHECKING:  # torch is imported by the calls that need it: `maas models list` needs none
     import torch
     from torch import nn
-
-    from maas.artifacts import Manifest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -314,8 +313,6 @@ class RegistryClient:
 
     async def fetch(self, ref: RefLike) -> tuple[ModelVersion, Manifest, dict[str, bytes]]:
         """Resolve ``ref`` and read its files from S3, each verified against its sha256."""
-        from maas.artifacts import Manifest
-
         version = await self.get(ref)
         contents = await asyncio.gather(
             *(

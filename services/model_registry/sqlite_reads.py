@@ -1,0 +1,154 @@
+"""Reads over the registry's SQLite connection, shared by ``SqliteStore``'s operations.
+
+Each function takes the connection the caller holds (inside the store's lock or one of its
+write transactions), so a read inside a write sees that write's own changes.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from typing import Any
+
+from maas.errors import NotFound
+from maas.names import check_name
+from maas.registry.types import (
+    DEFAULT_ALIAS,
+    PRIMARY_METHODS,
+    ArtifactFile,
+    LineageNode,
+    ModelRef,
+    ModelVersion,
+)
+
+
+def next_version(db: sqlite3.Connection, name: str) -> int:
+    row = db.execute("SELECT MAX(version) FROM versions WHERE name = ?", (name,)).fetchone()
+    return int(row[0] or 0) + 1
+
+
+def require_model(db: sqlite3.Connection, name: str) -> None:
+    check_name(name)
+    if db.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is None:
+        raise NotFound(f"model {name!r} is not registered")
+
+
+def live_row(
+    db: sqlite3.Connection, name: str, version: int, *, what: str = "model"
+) -> sqlite3.Row:
+    check_name(name)
+    row = db.execute(
+        "SELECT * FROM versions WHERE name = ? AND version = ?", (name, version)
+    ).fetchone()
+    if row is None:
+        require_model(db, name)
+        raise NotFound(f"{what} {name!r} has no version {version}")
+    if row["deleted_ms"] is not None:
+        raise NotFound(f"{what} {name}@{version} was deleted")
+    return row  # type: ignore[no-any-return]
+
+
+def current_alias(db: sqlite3.Connection, name: str, alias: str) -> int | None:
+    row = db.execute(
+        "SELECT version FROM aliases WHERE name = ? AND alias = ?", (name, alias)
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def resolve_alias(db: sqlite3.Connection, name: str, alias: str, as_of_ms: int | None) -> int:
+    if as_of_ms is None:
+        version = current_alias(db, name, alias)
+        if version is None:
+            require_model(db, name)
+            raise NotFound(f"model {name!r} has no alias {alias!r}")
+        return version
+    row = db.execute(
+        "SELECT to_version FROM alias_history WHERE name = ? AND alias = ? AND ts_ms <= ? "
+        "ORDER BY id DESC LIMIT 1",
+        (name, alias, as_of_ms),
+    ).fetchone()
+    if row is None or row[0] is None:
+        require_model(db, name)
+        raise NotFound(f"alias {name}@{alias} did not point anywhere at {as_of_ms} ms")
+    return int(row[0])
+
+
+def default_version(db: sqlite3.Connection, name: str) -> int:
+    """A bare name: the ``production`` alias, else the newest primary (unpromoted compressed
+    variants are never picked; see ``PRIMARY_METHODS``)."""
+    promoted = current_alias(db, name, DEFAULT_ALIAS)
+    if promoted is not None:
+        return promoted
+    require_model(db, name)
+    marks = ",".join("?" * len(PRIMARY_METHODS))
+    row = db.execute(
+        "SELECT MAX(version) FROM versions WHERE name = ? AND deleted_ms IS NULL "
+        f"AND (method IS NULL OR method IN ({marks}))",
+        (name, *PRIMARY_METHODS),
+    ).fetchone()
+    if row[0] is not None:
+        return int(row[0])
+    variants = db.execute(
+        "SELECT COUNT(*) FROM versions WHERE name = ? AND deleted_ms IS NULL", (name,)
+    ).fetchone()[0]
+    if not variants:
+        raise NotFound(f"model {name!r} has no versions left (all were deleted)")
+    raise NotFound(
+        f"model {name!r} has only compressed variants and no {DEFAULT_ALIAS!r} alias; name "
+        f"one ({name}@VERSION) or promote it: maas models alias {name} VERSION "
+        f"{DEFAULT_ALIAS}"
+    )
+
+
+def aliases_of(db: sqlite3.Connection, name: str, version: int) -> tuple[str, ...]:
+    return tuple(
+        r[0]
+        for r in db.execute(
+            "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias",
+            (name, version),
+        )
+    )
+
+
+def last_alias_ms(db: sqlite3.Connection, name: str) -> int:
+    row = db.execute("SELECT MAX(ts_ms) FROM alias_history WHERE name = ?", (name,)).fetchone()
+    return int(row[0] or 0)
+
+
+def version_from_row(db: sqlite3.Connection, row: Any) -> ModelVersion:
+    parent = (
+        ModelRef(row["parent_name"], version=row["parent_version"])
+        if row["parent_name"] is not None
+        else None
+    )
+    return ModelVersion(
+        name=row["name"],
+        version=row["version"],
+        arch=row["arch"],
+        format=row["format"],
+        manifest_json=bytes(row["manifest_json"]),
+        manifest_sha256=row["manifest_sha256"],
+        files=tuple(ArtifactFile(**f) for f in json.loads(row["files_json"])),
+        bucket=row["bucket"],
+        prefix=row["prefix"],
+        parent=parent,
+        method=row["method"],
+        job_id=row["job_id"],
+        metrics=json.loads(row["metrics_json"]),
+        aliases=aliases_of(db, row["name"], row["version"]),
+        created_ms=row["created_ms"],
+        created_by=row["created_by"],
+        size_bytes=row["size_bytes"],
+        deleted_ms=row["deleted_ms"],
+    )
+
+
+def lineage_node(row: sqlite3.Row) -> LineageNode:
+    return LineageNode(
+        row["name"],
+        row["version"],
+        row["method"],
+        row["job_id"],
+        row["created_ms"],
+        row["deleted_ms"] is not None,
+    )

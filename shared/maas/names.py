@@ -1,0 +1,53 @@
+"""The spelling rules of what the platform names: models, aliases, versions, artifact files.
+
+Plain Python, imported by the registry's values (``maas.registry.types``) and by the manifest
+parser (``maas.manifest``), so both refuse a malformed name with the same message.
+"""
+
+from __future__ import annotations
+
+import re
+
+from maas.errors import InvalidArgument
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# An alias starts with a letter so `name@3` (version) and `name@prod` (alias) never read alike.
+ALIAS_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+
+
+def _shown(value: object) -> str:
+    """A bounded rendering of a refused value (it may be huge, or not text at all)."""
+    return repr(value[:80]) if isinstance(value, str) else f"of type {type(value).__name__}"
+
+
+def check_name(name: str, *, what: str = "model name") -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name) or ".." in name:
+        raise InvalidArgument(
+            f"{what} {_shown(name)} is malformed: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (e.g. 'digits-mlp')"
+        )
+    return name
+
+
+def check_alias(alias: str) -> str:
+    if not isinstance(alias, str) or not ALIAS_PATTERN.fullmatch(alias):
+        raise InvalidArgument(
+            f"alias {_shown(alias)} is malformed: use 1-64 lowercase letters, digits, '_' or '-', "
+            "starting with a letter (e.g. 'production')"
+        )
+    return alias
+
+
+MAX_VERSION = 2**63 - 1  # int64, as on the wire and in SQLite
+
+
+def check_version(version: int) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
+        if not isinstance(version, int) or isinstance(version, bool):
+            shown = f"of type {type(version).__name__}"
+        else:
+            shown = str(version) if abs(version) <= MAX_VERSION else "beyond int64"
+        raise InvalidArgument(
+            f"version {shown} is malformed: versions are integers from 1 to {MAX_VERSION}"
+        )
+    return version

@@ -213,6 +213,7 @@ async def run_ours(
         return [a[metric] - b[metric] for a, b in zip(after, before, strict=True)]
 
     computed = delta("maas_worker_steps_total")
+    compute_s = delta("maas_worker_compute_seconds_sum")
     from maas.store import AsyncObjectStore
 
     async with AsyncObjectStore(settings) as objects:
@@ -222,6 +223,11 @@ async def run_ours(
     seconds = (pointer.written_ms - first_ms) / 1000
     # Samples from the workers' own step counters, over the window the progress points span.
     samples = sum(computed) * batch * (pointer.version - first_step) / max(1, pointer.version)
+    # Where a step's time goes: the busiest worker's forward+backward+encode per step; the rest
+    # of the step is the data plane (push, the shard's reduce and optimizer, the broadcast back).
+    busiest = max(range(len(computed)), key=lambda i: computed[i])
+    compute_ms = 1000 * compute_s[busiest] / max(1.0, computed[busiest])
+    step_ms = 1000 * (pointer.written_ms - first_ms) / max(1, pointer.version - first_step)
     return {
         "workers": workers,
         "codec": codec,
@@ -232,6 +238,9 @@ async def run_ours(
         "time_to_95_s": time_at(points, steps_to_95) if steps_to_95 else None,
         "final_accuracy": round(final["metrics"]["accuracy"], 4),
         "gradient_bytes_per_step": round(sum(delta("maas_worker_gradient_bytes_total")) / steps),
+        "step_ms": round(step_ms, 2),
+        "worker_compute_ms_per_step": round(compute_ms, 2),
+        "data_plane_ms_per_step": round(step_ms - compute_ms, 2),
         "cpu_s": cpu,
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from maas.config import Settings
 from maas.errors import DeadlineExceeded, FailedPrecondition
 from maas.kafka_security import kafka_client_kwargs
-from maas.topics import ALL_BUCKETS, ALL_TOPICS, TRAINING_CONTROL
+from maas.topics import ALL_TOPICS, TRAINING_CONTROL
 
 log = logging.getLogger("infra.bootstrap")
 
@@ -113,6 +113,8 @@ def _topic_errors(response: object) -> list[tuple[str, int, str]]:
 def ensure_buckets(settings: Settings, *, timeout_s: float = 60.0) -> dict[str, str]:
     """Create the platform buckets if missing. Returns {bucket: created|exists}."""
     from minio import Minio
+
+    from maas.store import ALL_BUCKETS
 
     client = Minio(
         settings.s3_endpoint,

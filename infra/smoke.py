@@ -20,7 +20,6 @@ import uuid
 from maas.config import Settings
 from maas.errors import FailedPrecondition
 from maas.kafka_security import kafka_client_kwargs
-from maas.topics import DATASETS_BUCKET
 
 SMOKE_TOPIC = "maas.smoke"
 
@@ -72,6 +71,8 @@ async def kafka_round_trip(settings: Settings) -> str:
 
 def s3_round_trip(settings: Settings) -> str:
     from minio import Minio
+
+    from maas.store import DATASETS_BUCKET
 
     client = Minio(
         settings.s3_endpoint,

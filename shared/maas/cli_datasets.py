@@ -12,7 +12,6 @@ from pathlib import Path
 
 from maas.config import Settings
 from maas.errors import InvalidArgument
-from maas.topics import DATASETS_BUCKET
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +45,7 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
 
     from maas import datasets
-    from maas.store import ObjectStore
+    from maas.store import DATASETS_BUCKET, ObjectStore
 
     path = Path(args.file)
     if not path.is_file():
@@ -68,7 +67,7 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from maas.store import ObjectStore
+    from maas.store import DATASETS_BUCKET, ObjectStore
 
     table = Table("URI", "BYTES")
     for obj in ObjectStore(settings).list(DATASETS_BUCKET):

@@ -34,6 +34,7 @@ from maas.errors import IntegrityError, InvalidArgument, MaasError, NotFound, Un
 
 log = logging.getLogger(__name__)
 
+# The platform's buckets (bootstrap creates exactly these).
 MODELS_BUCKET = "maas-models"
 DATASETS_BUCKET = "maas-datasets"
 CHECKPOINTS_BUCKET = "maas-checkpoints"
@@ -148,19 +149,6 @@ class ObjectStore:
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
-
-    # --- buckets -------------------------------------------------------------------------------
-
-    def ensure_bucket(self, bucket: str) -> None:
-        def make() -> None:
-            if not self._client.bucket_exists(bucket):
-                try:
-                    self._client.make_bucket(bucket)
-                except S3Error as exc:
-                    if exc.code not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
-                        raise
-
-        self._call(f"ensure bucket {bucket}", make)
 
     def bucket_exists(self, bucket: str) -> bool:
         return self._call(f"check bucket {bucket}", lambda: self._client.bucket_exists(bucket))
@@ -415,9 +403,6 @@ class AsyncObjectStore:
             raise RuntimeError("AsyncObjectStore used before start() or after stop()")
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
-
-    async def ensure_bucket(self, bucket: str) -> None:
-        await self._run(self.sync.ensure_bucket, bucket)
 
     async def put_bytes(self, bucket: str, key: str, data: bytes, **kw: Any) -> ObjectInfo:
         return await self._run(self.sync.put_bytes, bucket, key, data, **kw)

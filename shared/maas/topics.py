@@ -1,6 +1,6 @@
-"""The Kafka topics of DESIGN.md (v1) and the S3 buckets. Bootstrap creates exactly these (with
-these partition counts); nothing relies on broker auto-create. Records with the same key land on
-the same partition, so per-key order (one job, one model) holds."""
+"""The Kafka topics of DESIGN.md (v1); the S3 buckets are in ``maas.store``. Bootstrap creates
+exactly these (with these partition counts); nothing relies on broker auto-create. Records with
+the same key land on the same partition, so per-key order (one job, one model) holds."""
 
 from __future__ import annotations
 
@@ -32,11 +32,6 @@ TRAINING_CONTROL = Topic(
 
 # Gradients and parameters are not here: they travel over the gRPC data plane (maas.training.v1).
 ALL_TOPICS: tuple[Topic, ...] = (JOBS, JOB_STATUS, MODELS, DLQ, TRAINING_CONTROL)
-
-MODELS_BUCKET = "maas-models"
-DATASETS_BUCKET = "maas-datasets"
-CHECKPOINTS_BUCKET = "maas-checkpoints"
-ALL_BUCKETS: tuple[str, ...] = (MODELS_BUCKET, DATASETS_BUCKET, CHECKPOINTS_BUCKET)
 
 
 def by_name(name: str) -> Topic:

@@ -14,7 +14,8 @@ import pytest
 
 from infra.smoke import run as smoke
 from maas.config import Settings
-from maas.topics import ALL_BUCKETS, ALL_TOPICS, MODELS_BUCKET
+from maas.store import ALL_BUCKETS, MODELS_BUCKET
+from maas.topics import ALL_TOPICS
 
 pytestmark = pytest.mark.integration
 

@@ -16,12 +16,18 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from infra.bootstrap import bootstrap
 from infra.ephemeral import ephemeral_stack, exported
 from infra.stack import LocalStack
 from maas.config import Settings
 from maas.edge.auth import token_file, tokens_file
+
+# Tests never assert wall-clock times, hypothesis's per-example deadline included: on a loaded
+# 2-core machine an example can take seconds and still be right.
+hypothesis_settings.register_profile("maas", deadline=None)
+hypothesis_settings.load_profile("maas")
 
 
 @dataclass

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -80,9 +83,26 @@ def test_a_missing_key_is_a_clear_not_found(store):
     assert not store.exists(DATASETS_BUCKET, "no-such-key")
 
 
-async def test_the_async_store_runs_off_the_event_loop(stack):
+def on_thread(fn: Callable[..., Any], name: str, threads: dict[str, int]) -> Callable[..., Any]:
+    """``fn``, noting which thread ran it under ``name``."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        threads[name] = threading.get_ident()
+        return fn(*args, **kwargs)
+
+    return call
+
+
+async def test_the_async_store_runs_off_the_event_loop(stack, monkeypatch):
     key = a_key()
+    threads: dict[str, int] = {}
     async with AsyncObjectStore(stack.settings) as store:
+        for name in ("put_bytes", "get_bytes", "delete_prefix"):
+            monkeypatch.setattr(
+                store.sync, name, on_thread(getattr(store.sync, name), name, threads)
+            )
         await store.put_bytes(DATASETS_BUCKET, key, b"async")
         assert await store.get_bytes(DATASETS_BUCKET, key) == b"async"
         assert await store.delete_prefix(DATASETS_BUCKET, key) == 1
+    assert set(threads) == {"put_bytes", "get_bytes", "delete_prefix"}
+    assert threading.get_ident() not in threads.values()  # the loop's thread made no S3 call

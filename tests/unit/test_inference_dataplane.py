@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -26,6 +27,7 @@ class CountingSource(MemorySource):
         self.resolves = 0
         self.fetches: list[int] = []
         self.gates: dict[int, asyncio.Event] = {}
+        self.held: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
         self.answer_sent = asyncio.Event()
         self.answer_sent.set()
 
@@ -40,6 +42,7 @@ class CountingSource(MemorySource):
     async def fetch(self, name, version):
         self.fetches.append(version)
         if version in self.gates:
+            self.held[version].set()
             await self.gates[version].wait()
         return await super().fetch(name, version)
 
@@ -273,6 +276,13 @@ async def promote(source, plane, version):
     await plane.on_model_event(alias_set(version))
 
 
+async def until_served(plane, version, timeout_s=60.0):
+    """Wait until requests are answered by ``version`` (the signal, not a guessed delay)."""
+    async with asyncio.timeout(timeout_s):
+        while (await answer(plane))[0] != version:
+            await asyncio.sleep(0.01)
+
+
 async def test_an_alias_move_swaps_the_served_version_in_the_background(source, pool):
     plane = make_plane(source, pool)
     assert (await answer(plane))[0] == 1
@@ -318,8 +328,9 @@ async def test_the_latest_alias_move_wins_even_if_an_older_load_finishes_last(so
     await answer(plane)
     source.gates[2] = asyncio.Event()
     await promote(source, plane, 2)
+    await asyncio.wait_for(source.held[2].wait(), 60)  # version 2 is loading, held at its gate
     await promote(source, plane, 3)
-    await asyncio.sleep(0.05)  # version 3 loads and is swapped in while 2 is still held
+    await until_served(plane, 3)  # version 3 loads and is swapped in while 2 is still held
     source.gates[2].set()
     await plane.wait_background()
     assert (await answer(plane))[0] == 3

@@ -1,5 +1,6 @@
 """Model zoo determinism, the sequential arch, and the builtin datasets."""
 
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,17 @@ from maas.errors import InvalidArgument
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_same_arch_config_and_seed_build_identical_weights(arch):
-    a, b = zoo.build(arch, {}), zoo.build(arch, {})
+    a, b = zoo.build(arch, {}, seed=3), zoo.build(arch, {}, seed=3)
     for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(pa, pb), name
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_another_seed_builds_other_weights(arch):
+    a, b = zoo.build(arch, {}, seed=3), zoo.build(arch, {}, seed=4)
+    weights = [name for name, _ in a.named_parameters() if name.endswith("weight")]
+    differ = [n for n in weights if not torch.equal(a.state_dict()[n], b.state_dict()[n])]
+    assert differ == weights
 
 
 def test_building_does_not_disturb_the_callers_rng():
@@ -50,16 +59,31 @@ def test_unknown_config_key_is_named():
         zoo.build("mlp", {"widht": 3})
 
 
+def rows(x: np.ndarray, y: np.ndarray) -> Counter:
+    """The (features, label) rows of a dataset, counted (digits holds some identical images)."""
+    return Counter(zip((r.tobytes() for r in x), y.tolist(), strict=True))
+
+
+def all_digits() -> tuple[np.ndarray, np.ndarray]:
+    _task, make = datasets.BUILTINS["digits"]
+    return make()
+
+
 def test_digits_split_is_fixed_and_disjoint():
     a, b = datasets.load_builtin("digits"), datasets.load_builtin("digits")
     assert np.array_equal(a.x_test, b.x_test)
     assert len(a.x_train) + len(a.x_test) == 1797
     assert a.num_classes == 10
+    # Every row of the data set is on exactly one side: none shared, none lost.
+    assert rows(a.x_train, a.y_train) + rows(a.x_test, a.y_test) == rows(*all_digits())
 
 
 def test_digit_halves_are_relabelled_to_five_classes():
     upper = datasets.load_builtin("digits-5-9")
     assert set(np.unique(upper.y_train)) == {0, 1, 2, 3, 4}
+    x, y = all_digits()
+    five_to_nine = rows(x[y >= 5], y[y >= 5] - 5)  # image of a 7 -> class 2
+    assert rows(upper.x_train, upper.y_train) + rows(upper.x_test, upper.y_test) == five_to_nine
 
 
 def test_worker_shards_partition_the_training_rows():

@@ -1,4 +1,4 @@
-"""The registry's SQLite core: numbering, aliases and their history, lineage, outbox, restarts."""
+"""The registry's SQLite store: numbering, aliases and their history, lineage, outbox, restarts."""
 
 from __future__ import annotations
 

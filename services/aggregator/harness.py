@@ -47,6 +47,12 @@ class TrainingProcesses(contextlib.AbstractContextManager["TrainingProcesses"]):
         self.shards = [self._shard(s) for s in range(shards)]
         self.workers = [self._worker(w) for w in range(workers)]
 
+    def spawn(self, name: str, module: str, **env: str) -> PythonService:
+        """Start one more process of ``module`` without waiting for it (it may exit at once)."""
+        service = self._service(name, module, **env)
+        service.start(wait=False)
+        return service
+
     def _shard(self, index: int) -> PythonService:
         return self._service(f"aggregator-{index}", "services.aggregator")
 
@@ -56,7 +62,7 @@ class TrainingProcesses(contextlib.AbstractContextManager["TrainingProcesses"]):
     def _service(self, name: str, module: str, **env: str) -> PythonService:
         port = free_port()
         # The process name is its pool member id: tests find who holds a rank by it.
-        full = {**self.env, **env, "MAAS_METRICS_PORT": str(port), "MAAS_MEMBER_ID": name}
+        full = {**self.env, "MAAS_MEMBER_ID": name, **env, "MAAS_METRICS_PORT": str(port)}
         return PythonService(name, module, "127.0.0.1", port, self.workdir, full)
 
     @property

@@ -19,7 +19,14 @@ from maas import events, topics
 from maas.bus import EventConsumer, EventProducer, Record
 from maas.config import Settings
 from maas.errors import MaasError
-from maas.training.control import ASSIGNED, RELEASED, Heartbeat, assignment_event, member_name
+from maas.training.control import (
+    ASSIGNED,
+    RELEASED,
+    Heartbeat,
+    Identity,
+    assignment_event,
+    member_name,
+)
 from maas.training.plan import JobPlan
 from maas.training.pool import Change, Pool, Want
 from maas.training.storage import TrainingStore
@@ -47,7 +54,9 @@ class PoolScheduler:
         on_started: Callable[[str], None],
     ) -> None:
         self.pool = Pool(settings.worker_heartbeat_timeout_ms)
-        self._heartbeat = Heartbeat(producer, settings, member_name(settings), COORDINATOR)
+        self._heartbeat = Heartbeat(
+            producer, settings, Identity(member_name(settings), COORDINATOR)
+        )
         self._producer = producer
         self._store = store
         self._on_started = on_started

@@ -46,7 +46,7 @@ from maas.store import AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
-from maas.training.control import RELEASED, AssignmentReader, Heartbeat, member_name
+from maas.training.control import RELEASED, AssignmentReader, Heartbeat, Identity, member_name
 from maas.training.pool import SHARD, Assignment
 from maas.training.storage import TrainingStore
 from maas.training.v1 import training_pb2 as pb
@@ -97,8 +97,9 @@ class ShardService:
         self._producer = EventProducer(settings, client_id=self.name)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
-        self._assignments = AssignmentReader(settings, self._store, client_id=self.name)
-        self._heartbeat = Heartbeat(self._producer, settings, self.member_id, SHARD)
+        identity = Identity(self.member_id, SHARD)
+        self._assignments = AssignmentReader(settings, self._store, self.name, identity)
+        self._heartbeat = Heartbeat(self._producer, settings, identity)
         self._reporter = StatusReporter(self._producer, self.name)
         self._server: Any = None
         self.jobs: dict[Key, ShardJob] = {}

@@ -31,7 +31,7 @@ from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import MaasError, NotFound, Unavailable
 from maas.store import AsyncObjectStore
-from maas.training.control import RELEASED, AssignmentReader, Heartbeat, member_name
+from maas.training.control import RELEASED, AssignmentReader, Heartbeat, Identity, member_name
 from maas.training.pool import WORKER, Assignment
 from maas.training.prepare import load_dataset
 from maas.training.protocol import ShardParams
@@ -89,8 +89,9 @@ class WorkerService:
         self._producer = EventProducer(settings, client_id=self.name)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
-        self._assignments = AssignmentReader(settings, self._store, client_id=self.name)
-        self._heartbeat = Heartbeat(self._producer, settings, self.member_id, WORKER)
+        identity = Identity(self.member_id, WORKER)
+        self._assignments = AssignmentReader(settings, self._store, self.name, identity)
+        self._heartbeat = Heartbeat(self._producer, settings, identity)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="maas-grad")
         self.jobs: dict[str, Running] = {}
         self._joining: dict[str, Assignment] = {}  # the newest assignment seen while loading

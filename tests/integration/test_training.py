@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -304,6 +305,23 @@ async def test_an_aggregator_shard_killed_and_restarted_ends_like_an_undisturbed
 def _by_name(services: list, name: str):  # type: ignore[no-untyped-def]
     (service,) = [s for s in services if s.name == name]
     return service
+
+
+async def test_a_second_process_under_a_held_member_id_stops_naming_the_holder(cluster):
+    holder = cluster.workers[0]
+    twin = cluster.spawn(
+        "gradient-worker-twin", "services.gradient_worker", MAAS_MEMBER_ID=holder.name
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while twin.process.alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert not twin.process.alive(), "the twin kept running under a held id"
+    finally:
+        twin.stop()
+    log = twin.process.log_file.read_text(errors="replace")
+    assert f"member id {holder.name!r} is held by another process" in log
+    assert holder.process.alive()
 
 
 # --- the elastic pool (these add workers: they run last) ---------------------------------------

@@ -15,12 +15,14 @@ import logging
 import os
 import socket
 import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from maas import events, topics
 from maas.bus import EventProducer
 from maas.config import Settings
-from maas.errors import MaasError
+from maas.errors import FailedPrecondition, MaasError
 from maas.training.pool import Assignment
 from maas.training.storage import TrainingStore
 from maas.training.transport import PartitionReader, decode
@@ -38,9 +40,49 @@ def member_name(settings: Settings) -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
 
 
-def member_event(member_id: str, kind: str, state: str, address: str = "") -> dict[str, Any]:
+class IdentityTaken(FailedPrecondition):
+    """Another process holds this member id (it started earlier): this one must stop."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who this process is in the pool: the name, and which start of a process under it.
+
+    A member id is leased by heartbeats: of two processes saying ``up`` under one id, the one
+    that started first keeps it and the other stops (``fenced_by``), naming the holder.
+    """
+
+    member_id: str
+    kind: str
+    incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    since: int = field(default_factory=events.now_ms)
+
+    def fenced_by(self, event: Mapping[str, Any]) -> str | None:
+        """Why this process must stop, if ``event`` shows an older holder of its id."""
+        if event.get("member_id") != self.member_id or event.get("state") != "up":
+            return None
+        theirs = str(event.get("incarnation", ""))
+        if not theirs or theirs == self.incarnation:
+            return None
+        their_since = int(event.get("since", 0))
+        if (their_since, theirs) < (self.since, self.incarnation):
+            return (
+                f"member id {self.member_id!r} is held by another process (started "
+                f"{their_since}, incarnation {theirs}); this one (started {self.since}) stops. "
+                "Give each process its own MAAS_MEMBER_ID, or leave it unset"
+            )
+        return None
+
+
+def member_event(identity: Identity, state: str, address: str = "") -> dict[str, Any]:
     return events.new_event(
-        events.MEMBER, member_id=member_id, kind=kind, state=state, address=address
+        events.MEMBER,
+        member_id=identity.member_id,
+        kind=identity.kind,
+        state=state,
+        address=address,
+        incarnation=identity.incarnation,
+        since=identity.since,
     )
 
 
@@ -55,13 +97,11 @@ class Heartbeat:
     for it, and the coordinator counts it gone only after the timeout.
     """
 
-    def __init__(
-        self, producer: EventProducer, settings: Settings, member_id: str, kind: str
-    ) -> None:
+    def __init__(self, producer: EventProducer, settings: Settings, identity: Identity) -> None:
         self._producer = producer
         self._period_s = settings.member_heartbeat_ms / 1000
-        self.member_id = member_id
-        self.kind = kind
+        self.identity = identity
+        self.member_id = identity.member_id
         self.address = ""
         self._failing = False
 
@@ -74,7 +114,7 @@ class Heartbeat:
         await self._say("down")
 
     async def _say(self, state: str) -> None:
-        event = member_event(self.member_id, self.kind, state, self.address)
+        event = member_event(self.identity, state, self.address)
         try:
             await self._producer.send(topics.TRAINING_CONTROL, event, key=self.member_id)
         except MaasError as exc:
@@ -90,8 +130,11 @@ class Heartbeat:
 class AssignmentReader:
     """The newest assignment of every job, as the coordinator publishes them."""
 
-    def __init__(self, settings: Settings, store: TrainingStore, client_id: str) -> None:
+    def __init__(
+        self, settings: Settings, store: TrainingStore, client_id: str, identity: Identity
+    ) -> None:
         self._store = store
+        self._identity = identity
         self._reader = PartitionReader(
             settings,
             topics.TRAINING_CONTROL,
@@ -120,13 +163,19 @@ class AssignmentReader:
 
     async def next_batch(self, timeout_ms: int = 200) -> list[tuple[str, Assignment]]:
         """(state, assignment) pairs in the order published; what is malformed is skipped here
-        (the coordinator's consumer dead-letters it)."""
+        (the coordinator's consumer dead-letters it). Raises IdentityTaken when another process
+        holds this member's id."""
         out = []
         for raw in await self._reader.next_batch(timeout_ms=timeout_ms):
             try:
-                event = decode(raw, events.ASSIGNMENT).event
+                event = decode(raw, [events.ASSIGNMENT, events.MEMBER]).event
             except MaasError:
-                continue  # heartbeats, and anything malformed
+                continue  # anything malformed
+            if event["schema"] == events.MEMBER:
+                if reason := self._identity.fenced_by(event):
+                    log.error("%s", reason)
+                    raise IdentityTaken(reason)
+                continue
             try:
                 out.append((str(event["state"]), Assignment.from_json(event)))
             except (KeyError, TypeError, ValueError):

@@ -91,9 +91,10 @@ class PartitionReader:
         return [r for records in batches.values() for r in records]
 
 
-def decode(raw: RawRecord, schema: str) -> Record:
-    """Decode and validate with the bus's own steps; SchemaViolation names what is wrong."""
-    return to_record(raw, decode_value(raw), [schema])
+def decode(raw: RawRecord, schema: str | list[str]) -> Record:
+    """Decode and validate (against ``schema``, or one of several) with the bus's own steps;
+    SchemaViolation names what is wrong."""
+    return to_record(raw, decode_value(raw), [schema] if isinstance(schema, str) else schema)
 
 
 def status_event(job_id: str, state: str, *, service: str, **fields: Any) -> dict[str, Any]:

@@ -7,7 +7,11 @@
 4. query it over gRPC with tritonclient (the Open Inference Protocol, unmodified peer client);
 5. transfer learning: a digits 0-4 base, fine-tuned on a tenth of digits 5-9;
 6. print a table per variant (accuracy, size, p50 gRPC latency, lineage) and save a PNG of the
-   training curves under the state dir.
+   training curves under the state dir;
+7. text: import all-MiniLM-L6-v2 from its package, fine-tune it on builtin:stdlib-docs, compress
+   it (int8, head/FFN pruning, a 3-layer student), serve the int8 variant and classify one
+   docstring sent as a BYTES string over gRPC;
+8. train a small GPT on the standard library's sources and stream a completion from it.
 
 Job definitions are the files in examples/jobs, so what the demo runs is what users copy.
 """

@@ -81,6 +81,9 @@ class Demo:
         print_table(rows, best)
         plot = plot_curves(self.training, self.settings.state_path / "demo")
         console().print(f"training curves: {plot}")
+        from maas.demo_text import text_chapter  # its own module; it uses this one's helpers
+
+        await text_chapter(self)
         await self.stream_from_gpt()
 
     async def stream_from_gpt(self) -> None:
@@ -117,7 +120,7 @@ class Demo:
                 f"label {int(digits.y_test[0])}"
             )
             for r in rows:
-                r.p50_ms = _p50_ms(triton, client, headers, name, str(r.version.version), row)
+                r.p50_ms = p50_ms(triton, client, headers, name, str(r.version.version), row)
         finally:
             client.close()
 
@@ -126,19 +129,24 @@ def _infer(
     triton: Any, client: Any, headers: dict[str, str], name: str, version: str, row: np.ndarray
 ) -> np.ndarray:
     metadata = client.get_model_metadata(name, version, headers=headers)
-    inputs = [triton.InferInput(metadata.inputs[0].name, list(row.shape), "FP32")]
-    inputs[0].set_data_from_numpy(row)
-    result = client.infer(name, inputs, model_version=version, headers=headers)
+    result = client.infer(
+        name, _inputs(triton, metadata, row), model_version=version, headers=headers
+    )
     return np.asarray(result.as_numpy(metadata.outputs[0].name))
 
 
-def _p50_ms(
+def _inputs(triton: Any, metadata: Any, row: np.ndarray) -> list[Any]:
+    first = metadata.inputs[0]  # FP32 rows for the digits models, BYTES texts for MiniLM
+    tensor = triton.InferInput(first.name, list(row.shape), first.datatype)
+    tensor.set_data_from_numpy(row)
+    return [tensor]
+
+
+def p50_ms(
     triton: Any, client: Any, headers: dict[str, str], name: str, version: str, row: np.ndarray
 ) -> float:
     _infer(triton, client, headers, name, version, row)  # loads the version and warms it up
-    metadata = client.get_model_metadata(name, version, headers=headers)
-    inputs = [triton.InferInput(metadata.inputs[0].name, list(row.shape), "FP32")]
-    inputs[0].set_data_from_numpy(row)
+    inputs = _inputs(triton, client.get_model_metadata(name, version, headers=headers), row)
     times = []
     for _ in range(LATENCY_REQUESTS):
         start = time.perf_counter()
@@ -154,8 +162,10 @@ def promote(parent: ModelVersion, variants: list[ModelVersion]) -> ModelVersion:
     return min([parent, *eligible], key=lambda v: v.size_bytes)
 
 
-def print_table(rows: list[Row], production: ModelVersion) -> None:
-    table = Table(title="digits-mlp and its variants")
+def print_table(
+    rows: list[Row], production: ModelVersion, title: str = "digits-mlp and its variants"
+) -> None:
+    table = Table(title=title)
     for column in ("VERSION", "METHOD", "ACCURACY", "SIZE (KB)", "P50 gRPC (ms)", "LINEAGE"):
         table.add_column(column)
     for r in rows:

@@ -1,6 +1,7 @@
-"""The Kafka topics of DESIGN.md (v1); the S3 buckets are in ``maas.store``. Bootstrap creates
-exactly these (with these partition counts); nothing relies on broker auto-create. Records with
-the same key land on the same partition, so per-key order (one job, one model) holds."""
+"""The Kafka topics (v1), as docs/ARCHITECTURE.md ("The contract") lists them; the S3 buckets
+are in ``maas.store``. Bootstrap creates exactly these (with these partition counts); nothing
+relies on broker auto-create. Records with the same key land on the same partition, so per-key
+order (one job, one model) holds."""
 
 from __future__ import annotations
 

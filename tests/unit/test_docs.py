@@ -203,6 +203,16 @@ def test_every_builtin_dataset_a_doc_names_exists(doc: Path) -> None:
     assert sorted(named - set(BUILTINS)) == []
 
 
+@pytest.mark.parametrize("doc", DOCS, ids=_ids)
+def test_every_job_file_a_doc_shows_passes_the_job_checks(doc: Path) -> None:
+    from maas.jobs import check_job, prepare_job
+
+    for lang, body in _FENCE.findall(_text(doc)):
+        job = yaml.safe_load(body) if lang == "yaml" else None
+        if isinstance(job, dict) and "type" in job:
+            check_job(prepare_job(job), Settings.from_env({}))  # raises naming the field
+
+
 # --- ports -----------------------------------------------------------------------------------
 
 

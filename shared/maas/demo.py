@@ -6,20 +6,17 @@ Kept apart from the command so that building the CLI parser imports none of this
 from __future__ import annotations
 
 import asyncio
-import statistics
-import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from rich.table import Table
 
 from maas import jobs
 from maas.cli_jobs import console, follow
 from maas.config import Settings
 from maas.datasets import load_builtin
+from maas.demo_report import Row, infer, p50_ms, print_table
 from maas.edge import call_metadata
 from maas.errors import FailedPrecondition
 from maas.registry import RegistryClient
@@ -27,13 +24,6 @@ from maas.registry.types import ModelVersion
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
 ACCURACY_TOLERANCE = 0.01  # the promotion policy: within 1 point of the parent
-LATENCY_REQUESTS = 50
-
-
-@dataclass
-class Row:
-    version: ModelVersion
-    p50_ms: float | None = None
 
 
 class Demo:
@@ -114,7 +104,7 @@ class Demo:
         headers = dict(call_metadata(self.settings))
         try:
             name = rows[0].version.name
-            answer = _infer(triton, client, headers, name, "", row)
+            answer = infer(triton, client, headers, name, "", row)
             console().print(
                 f"gRPC ModelInfer {name} (alias production): predicted {int(answer.argmax())}, "
                 f"label {int(digits.y_test[0])}"
@@ -125,61 +115,11 @@ class Demo:
             client.close()
 
 
-def _infer(
-    triton: Any, client: Any, headers: dict[str, str], name: str, version: str, row: np.ndarray
-) -> np.ndarray:
-    metadata = client.get_model_metadata(name, version, headers=headers)
-    result = client.infer(
-        name, _inputs(triton, metadata, row), model_version=version, headers=headers
-    )
-    return np.asarray(result.as_numpy(metadata.outputs[0].name))
-
-
-def _inputs(triton: Any, metadata: Any, row: np.ndarray) -> list[Any]:
-    first = metadata.inputs[0]  # FP32 rows for the digits models, BYTES texts for MiniLM
-    tensor = triton.InferInput(first.name, list(row.shape), first.datatype)
-    tensor.set_data_from_numpy(row)
-    return [tensor]
-
-
-def p50_ms(
-    triton: Any, client: Any, headers: dict[str, str], name: str, version: str, row: np.ndarray
-) -> float:
-    _infer(triton, client, headers, name, version, row)  # loads the version and warms it up
-    inputs = _inputs(triton, client.get_model_metadata(name, version, headers=headers), row)
-    times = []
-    for _ in range(LATENCY_REQUESTS):
-        start = time.perf_counter()
-        client.infer(name, inputs, model_version=version, headers=headers)
-        times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def promote(parent: ModelVersion, variants: list[ModelVersion]) -> ModelVersion:
     """Smallest artifact whose accuracy is within the tolerance of the parent's (or the parent)."""
     floor = parent.metrics.get("accuracy", 0.0) - ACCURACY_TOLERANCE
     eligible = [v for v in variants if v.metrics.get("accuracy", -1.0) >= floor]
     return min([parent, *eligible], key=lambda v: v.size_bytes)
-
-
-def print_table(
-    rows: list[Row], production: ModelVersion, title: str = "digits-mlp and its variants"
-) -> None:
-    table = Table(title=title)
-    for column in ("VERSION", "METHOD", "ACCURACY", "SIZE (KB)", "P50 gRPC (ms)", "LINEAGE"):
-        table.add_column(column)
-    for r in rows:
-        v = r.version
-        star = " *production" if v.version == production.version else ""
-        table.add_row(
-            f"{v.name}@{v.version}{star}",
-            v.method or "",
-            f"{v.metrics.get('accuracy', float('nan')):.4f}",
-            f"{v.size_bytes / 1024:.1f}",
-            "" if r.p50_ms is None else f"{r.p50_ms:.2f}",
-            f"<- {v.parent}" if v.parent else f"job {v.job_id}",
-        )
-    console().print(table)
 
 
 def plot_curves(summaries: list[jobs.JobSummary], out_dir: Path) -> Path:

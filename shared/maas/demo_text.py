@@ -12,16 +12,20 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from maas.cli_import import import_pretrained
 from maas.cli_jobs import console
-from maas.demo import Demo, Row, p50_ms, print_table
+from maas.demo_report import Row, p50_ms, print_table
 from maas.edge import call_metadata
 from maas.errors import FailedPrecondition
 from maas.registry import RegistryClient
 from maas.text.pretrained import MINILM_PACKAGE
+
+if TYPE_CHECKING:  # the demo imports this module lazily; no cycle at run time
+    from maas.demo import Demo
 
 BASE = "minilm"
 QUESTION = "Return a new socket connected to the given address, with a timeout in seconds."

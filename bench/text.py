@@ -15,7 +15,8 @@ Prints one JSON document:
 
     python -m bench.text [--seconds 2] [--train-steps 150] [--distill-steps 300] [--no-serve]
 
-Timings on a shared machine are only comparable within one run.
+Timings on a shared machine are only comparable within one run; the models of one section are
+timed in turns (round by round), so a passing load weighs on each of them alike.
 """
 
 from __future__ import annotations
@@ -59,6 +60,27 @@ def p50_ms(call: Callable[[], object], rounds: int = ROUNDS) -> float:
         call()
         times.append(time.perf_counter() - started)
     return statistics.median(times) * 1000
+
+
+def p50s_interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median ms of each call, timed in turns (one round runs every call once), so a load
+    that comes and goes on a shared machine weighs on every call alike and ratios stay fair."""
+    for call in calls.values():
+        call()  # warm-up
+    times: dict[str, list[float]] = {label: [] for label in calls}
+    for _ in range(rounds):
+        for label, call in calls.items():
+            started = time.perf_counter()
+            call()
+            times[label].append(time.perf_counter() - started)
+    return {label: statistics.median(t) * 1000 for label, t in times.items()}
+
+
+def timed(models: dict[str, nn.Module], one: torch.Tensor, batch: torch.Tensor) -> dict[str, Any]:
+    """p50 of one input and of a batch of 32 for each model, the models timed in turns."""
+    singles = p50s_interleaved({k: run(m, one) for k, m in models.items()}, ROUNDS)
+    batches = p50s_interleaved({k: run(m, batch) for k, m in models.items()}, 5)
+    return {k: {"p50_ms_one": singles[k], "batch32_ms": batches[k]} for k in models}
 
 
 def run(module: nn.Module, ids: torch.Tensor) -> Callable[[], object]:
@@ -189,23 +211,13 @@ def variants(
     held_out = torch.from_numpy(minilm.tokenizer.encode(texts[-64:]))
     one = torch.from_numpy(minilm.tokenizer.encode([SENTENCE]))
     batch = torch.from_numpy(minilm.tokenizer.encode(texts[:32]))
+    models = {"fp32": minilm.module, "int8": int8, "pruned25": pruned, "student3": student}
+    out = timed(models, one, batch)
     with torch.inference_mode():
         reference = minilm.module(held_out)
-    out: dict[str, Any] = {}
-    for label, module in (
-        ("fp32", minilm.module),
-        ("int8", int8),
-        ("pruned25", pruned),
-        ("student3", student),
-    ):
-        with torch.inference_mode():
-            cosine = compress.mean_cosine(reference, module(held_out))
-        out[label] = {
-            "linear_weight_bytes": linear_bytes(module),
-            "p50_ms_one_sentence": p50_ms(run(module, one)),
-            "batch32_ms": p50_ms(run(module, batch), rounds=5),
-            "cosine_to_fp32": cosine,
-        }
+        for label, module in models.items():
+            out[label]["linear_weight_bytes"] = linear_bytes(module)
+            out[label]["cosine_to_fp32"] = compress.mean_cosine(reference, module(held_out))
     return out
 
 
@@ -237,20 +249,17 @@ def transfer(minilm: TextModel, data: Tensors, steps: int, distill_steps: int) -
         FitConfig(distill_steps, 32, 5e-5),
         kd_loss(teacher_logits, data.y_train, temperature=2.0, alpha=0.5),
     )
-    one = data.x_test[:1]
-    batch = data.x_test[:32]
-    out: dict[str, Any] = {"dataset": {"train": len(data.x_train), "test": len(data.x_test)}}
-    for label, model in (
-        ("frozen_encoder", frozen),
-        ("full_finetune", full),
-        ("from_scratch", scratch),
-        ("student3_of_full", student),
-    ):
-        out[label] = {
-            "accuracy": evaluate(model, data)["accuracy"],
-            "p50_ms_one_text": p50_ms(run(model, one)),
-            "batch32_ms": p50_ms(run(model, batch), rounds=5),
-        }
+    models = {
+        "frozen_encoder": frozen,
+        "full_finetune": full,
+        "from_scratch": scratch,
+        "student3_of_full": student,
+    }
+    accuracy = {label: evaluate(model, data)["accuracy"] for label, model in models.items()}
+    out: dict[str, Any] = timed(models, data.x_test[:1], data.x_test[:32])  # in eval mode now
+    for label in models:
+        out[label]["accuracy"] = accuracy[label]
+    out["dataset"] = {"train": len(data.x_train), "test": len(data.x_test)}
     return out
 
 

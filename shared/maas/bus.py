@@ -11,7 +11,10 @@ schema: any failure before the handler, whatever its type) or that the handler r
 never blocks a partition. Other failures are retried with backoff by seeking back, and
 dead-lettered after ``max_attempts``. A dead-letter write that keeps failing is retried with
 backoff ``dlq_max_attempts`` times, the record uncommitted; then the loop stops with
-``ConsumerDied`` saying why, and ``maas.liveness`` turns that into health and metrics.
+``ConsumerDied`` saying why, and ``maas.liveness`` turns that into health and metrics. Each try
+waits at most ``dlq_timeout_s`` for the broker's ack (an idempotent send to an unreachable broker
+never fails by itself); an unacknowledged send stays queued and the next try waits for it rather
+than queueing a copy.
 
 The per-record decisions (decode, classify a failure) are plain functions; only ``run`` does I/O.
 """
@@ -44,6 +47,7 @@ __all__ = ["DeadLetter", "Headers"]  # re-exported: consumers' hooks receive Dea
 
 MAX_DLQ_BACKOFF_S = 5.0
 MAX_POLL_BACKOFF_S = 5.0
+DLQ_TIMEOUT_S = 10.0
 
 
 class ConsumerDied(Unavailable):
@@ -308,6 +312,7 @@ class EventConsumer:
         retry_backoff_ms: int = 200,
         auto_offset_reset: str = "earliest",
         max_poll_records: int = 100,
+        dlq_timeout_s: float = DLQ_TIMEOUT_S,
     ) -> None:
         self._settings = settings
         self._topics = [_topic_name(t) for t in topics]
@@ -320,9 +325,11 @@ class EventConsumer:
         self._retry_backoff_ms = retry_backoff_ms
         self._auto_offset_reset = auto_offset_reset
         self._max_poll_records = max_poll_records
+        self._dlq_timeout_s = dlq_timeout_s
         self._consumer: AIOKafkaConsumer | None = None
         self._attempts: dict[tuple[str, int, int], int] = {}
         self._dlq_failures = 0
+        self._dlq_sends: dict[tuple[str, int, int], asyncio.Future[Any]] = {}
         self._stopping = asyncio.Event()
         self.handled = 0
         self.dead_lettered = 0
@@ -353,6 +360,8 @@ class EventConsumer:
 
     async def stop(self) -> None:
         self._stopping.set()
+        for send in self._dlq_sends.values():
+            send.cancel()  # our wait only: the producer still holds the queued letter
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()
@@ -503,14 +512,32 @@ class EventConsumer:
         )
         # The DLQ write must succeed before the commit, or the record would be lost: this
         # raises (the loop keeps the record uncommitted) when Kafka is down.
-        dlq_event = letter.to_event(self.group_id, self._settings.kafka_max_message_bytes)
-        await self._producer.send(DLQ, dlq_event, key=letter.dlq_key)
+        await self._write_letter(letter)
         self.dead_lettered += 1
         if self._on_dead_letter is not None:
             try:
                 await self._on_dead_letter(letter)
             except Exception:
                 log.exception("on_dead_letter hook failed for %s@%d", letter.topic, letter.offset)
+
+    async def _write_letter(self, letter: DeadLetter) -> None:
+        """Send ``letter`` (or wait again for its earlier, unacknowledged send), at most
+        ``dlq_timeout_s``; raises Unavailable when no ack came in time."""
+        where = (letter.topic, letter.partition, letter.offset)
+        send = self._dlq_sends.get(where)
+        if send is None:
+            dlq_event = letter.to_event(self.group_id, self._settings.kafka_max_message_bytes)
+            send = asyncio.ensure_future(self._producer.send(DLQ, dlq_event, key=letter.dlq_key))
+            self._dlq_sends[where] = send
+        try:
+            await asyncio.wait_for(asyncio.shield(send), self._dlq_timeout_s)
+        except TimeoutError:
+            raise Unavailable(
+                f"{DLQ.name} acknowledged no write within {self._dlq_timeout_s:g} s"
+            ) from None
+        finally:
+            if send.done():
+                del self._dlq_sends[where]
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         try:

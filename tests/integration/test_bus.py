@@ -287,34 +287,6 @@ async def test_a_record_stays_uncommitted_while_the_dlq_is_unreachable(stack, pr
     assert seen[-1] == seen[0]  # the same offset, delivered again: nothing was lost
 
 
-async def test_idempotent_sends_are_written_once_with_the_broker_stopped_mid_batch(stack):
-    """Acks lost while the broker goes down make the producer retry; idempotence keeps every
-    retried batch from being written twice."""
-    key = marker()
-    count = 20_000  # about a second of sending: the broker goes down in the middle
-    sent = [status_event(key, step=i) for i in range(count)]
-    async with EventProducer(
-        stack.settings, client_id="mid-batch", request_timeout_ms=120_000
-    ) as p:
-        sending = asyncio.create_task(p.send_many(topics.JOB_STATUS, [(key, e) for e in sent]))
-        await asyncio.sleep(0.2)  # some batches acknowledged, some in flight
-        await asyncio.to_thread(stack.stop_broker)
-        await asyncio.to_thread(stack.start_broker)
-        await asyncio.wait_for(sending, 180)
-        seen: list[int] = []
-        done = asyncio.Event()
-
-        async def handle(record: Record) -> None:
-            if record.key == key:
-                seen.append(record.event["step"])
-                if len(seen) >= count:
-                    done.set()
-
-        await consume(stack, p, topics.JOB_STATUS, f"g-{key}", handle, done, max_poll_records=500)
-        await asyncio.sleep(1.0)  # a duplicate would arrive right behind
-    assert seen == list(range(count))
-
-
 async def test_a_record_just_under_the_size_limit_is_dead_lettered_cut_to_fit(stack, producer):
     """Its envelope would be bigger than the record: it is cut, keeping size and sha256, and
     the partition moves on (before, that DLQ write was retried forever)."""

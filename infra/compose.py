@@ -238,4 +238,7 @@ def http_ok(host: str, port: int, *, path: str = "/metrics", timeout_s: float = 
 def is_ready(spec: ServiceSpec, *, settings: Settings | None = None) -> bool:
     if spec.health == "grpc":
         return grpc_serving(spec.host, spec.port, settings=settings)
-    return http_ok(spec.host, spec.port)
+    from maas.liveness import HEALTH_PATH
+
+    # 503 once a loop stopped (maas.liveness.serve_metrics); plain metrics servers answer it too.
+    return http_ok(spec.host, spec.port, path=HEALTH_PATH)

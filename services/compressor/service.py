@@ -8,16 +8,18 @@ tampered parent) goes to the DLQ via the bus, and ``on_dead_letter`` tells the c
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter
 
 from maas import datasets, events
 from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
 from maas.config import Settings
 from maas.errors import SchemaViolation
-from maas.liveness import Liveness
+from maas.liveness import Liveness, serve_metrics
 from maas.registry.client import RegistryClient
 from maas.store import ObjectStore
 from maas.topics import JOB_STATUS, JOBS
@@ -67,17 +69,20 @@ class CompressorService:
             retry_backoff_ms=1000,
         )
         self.liveness = Liveness(self.metrics.registry)
+        self._http: WSGIServer | None = None
 
     async def start(self) -> None:
         await self._producer.start()
         await self._registry.start()
         await self._consumer.start()
         if self._settings.metrics_port:
-            # Opened once consuming: the port answering means the service is up (stack waits).
-            start_http_server(
+            # Opened once consuming: the port answering means the service is up (stack waits);
+            # /healthz says whether it still consumes (NOT_SERVING with the reason once not).
+            self._http = serve_metrics(
                 self._settings.metrics_port,
-                addr=self._settings.metrics_bind,
-                registry=self.metrics.registry,
+                self._settings.metrics_bind,
+                self.metrics.registry,
+                self.liveness,
             )
 
     async def run(self) -> None:
@@ -86,6 +91,9 @@ class CompressorService:
         await self.liveness.supervise("jobs-consumer", self._consumer.run())
 
     async def stop(self) -> None:
+        if self._http is not None:
+            await asyncio.to_thread(self._http.shutdown)
+            self._http.server_close()
         await self._consumer.stop()
         await self._registry.stop()
         await self._producer.stop()

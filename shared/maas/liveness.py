@@ -3,15 +3,22 @@
 Every service runs loops beside its request handling (the bus's consumers, the registry's outbox
 relay). A loop that dies must not leave the service answering SERVING while it does no work,
 nor kill the process into a restart loop on the same record: ``Liveness.supervise`` reports it.
+Services without a gRPC health service (the Kafka consumers) serve it over HTTP beside their
+metrics: ``serve_metrics`` answers ``/healthz`` with 200 ``SERVING`` or 503 ``NOT_SERVING: why``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 
 from maas import events
 from maas.errors import MaasError
@@ -19,6 +26,7 @@ from maas.errors import MaasError
 log = logging.getLogger(__name__)
 
 HealthHook = Callable[[str | None], Awaitable[None]]
+HEALTH_PATH = "/healthz"
 
 
 class Liveness:
@@ -67,3 +75,39 @@ class Liveness:
         if self._on_change is not None:
             await self._on_change(self.reason)
         await asyncio.Event().wait()
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes and probes: not news
+        pass
+
+
+def serve_metrics(
+    port: int, addr: str, registry: CollectorRegistry, liveness: Liveness
+) -> WSGIServer:
+    """Prometheus text at every path but ``/healthz``, which says whether every supervised loop
+    runs (200 ``SERVING``) or not (503 ``NOT_SERVING: <reason>``). Serves from a daemon
+    thread; ``shutdown()`` the returned server to stop it."""
+    metrics = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != HEALTH_PATH:
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+        healthy, reason = liveness.healthy, liveness.reason
+        body = ("SERVING" if healthy else f"NOT_SERVING: {reason}").encode()
+        status = "200 OK" if healthy else "503 Service Unavailable"
+        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+        return [body]
+
+    server_class = _Server6 if ":" in addr else _Server
+    server = make_server(addr, port, app, server_class, _Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
+    return server

@@ -27,7 +27,12 @@ from maas.registry import wire
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
 from services.model_registry.service import Registration, RegistryService
-from services.model_registry.store import model_token, version_token
+from services.model_registry.store import (
+    history_start,
+    history_token,
+    model_token,
+    version_token,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,10 +160,21 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
     async def GetAliasHistory(
         self, request: pb.GetAliasHistoryRequest, context: grpc.aio.ServicerContext
     ) -> pb.AliasHistory:
-        changes = await self._service.db(
-            self._metadata.alias_history, request.name, request.alias or None
+        start = history_start(request.page_token)
+        changes, token = await self._service.db(
+            self._metadata.alias_history,
+            request.name,
+            request.alias or None,
+            page_size=request.page_size,
+            page_token=request.page_token,
         )
-        return pb.AliasHistory(changes=[wire.change_to_proto(c) for c in changes])
+        protos, token = fit_page(
+            [wire.change_to_proto(c) for c in changes],
+            token,
+            lambda kept: history_token(start + kept),
+            self._service.limits.max_reply_bytes,
+        )
+        return pb.AliasHistory(changes=protos, next_page_token=token)
 
 
 M = TypeVar("M", bound=ProtoMessage)

@@ -33,6 +33,8 @@ from services.model_registry import sqlite_reads as reads
 from services.model_registry.store import (
     NewVersion,
     OutboxEntry,
+    history_start,
+    history_token,
     int_token,
     model_token,
     page_size_of,
@@ -267,21 +269,28 @@ class SqliteStore:
             )
             return change
 
-    def alias_history(self, name: str, alias: str | None = None) -> list[AliasChange]:
+    def alias_history(
+        self, name: str, alias: str | None = None, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[AliasChange], str]:
+        """Oldest first; the token counts the moves before the next page (rows are never
+        removed, so it stays valid)."""
+        size = page_size_of(page_size)
+        start = history_start(page_token)
         with self._lock:
             db = self._db
             reads.require_model(db, name)
             rows = db.execute(
                 "SELECT * FROM alias_history WHERE name = ? AND (? IS NULL OR alias = ?) "
-                "ORDER BY id",
-                (name, alias, alias),
+                "ORDER BY id LIMIT ? OFFSET ?",
+                (name, alias, alias, size + 1, start),
             ).fetchall()
-        return [
+        page = [
             AliasChange(
                 r["name"], r["alias"], r["from_version"], r["to_version"], r["actor"], r["ts_ms"]
             )
-            for r in rows
+            for r in rows[:size]
         ]
+        return page, (history_token(start + size) if len(rows) > size else "")
 
     def _move_alias(
         self, db: sqlite3.Connection, name: str, alias: str, version: int, actor: str, now: int

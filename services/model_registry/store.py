@@ -11,7 +11,8 @@ refuses any other, so a version can never be duplicated or skipped even if two c
 service serializes registrations of one model so that race does not happen in practice.
 
 Page tokens are what the last item of a page says about where the next starts (a version
-number, a model name); the servicer trims pages to its reply size with the same functions.
+number, a model name; for the alias history, which only grows, how many moves came before);
+the servicer trims pages to its reply size with the same functions.
 """
 
 from __future__ import annotations
@@ -89,8 +90,11 @@ class RegistryStore(Protocol):
 
     def delete_alias(self, name: str, alias: str, actor: str) -> AliasChange: ...
 
-    def alias_history(self, name: str, alias: str | None = None) -> list[AliasChange]:
-        """Every move of ``name``'s aliases (or one alias), oldest first."""
+    def alias_history(
+        self, name: str, alias: str | None = None, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[AliasChange], str]:
+        """Moves of ``name``'s aliases (or one alias), oldest first, and the token of the next
+        page ("" after the last)."""
         ...
 
     # lineage
@@ -122,6 +126,16 @@ def version_token(last: ModelVersion) -> str:
 def model_token(last: ModelSummary) -> str:
     """The page token that continues a model listing after ``last``."""
     return last.name
+
+
+def history_token(position: int) -> str:
+    """The page token that continues an alias history after its first ``position`` moves."""
+    return str(position)
+
+
+def history_start(token: str) -> int:
+    """How many moves a history page token skips (0 for none)."""
+    return int_token(token) if token else 0
 
 
 def int_token(token: str) -> int:

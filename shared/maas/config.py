@@ -85,7 +85,8 @@ class Settings:
         default=8,
         metadata=_env(
             "MAAS_DLQ_MAX_ATTEMPTS",
-            doc="dead-letter writes tried (backoff doubling up to 5 s) before a consumer stops, "
+            doc="dead-letter writes tried (each waits at most 10 s for the broker's ack; backoff "
+            "doubling up to 5 s) before a consumer stops, "
             "keeping the record uncommitted, and its service reports NOT_SERVING",
         ),
     )
@@ -152,7 +153,8 @@ class Settings:
         default=3 * MiB,
         metadata=_env(
             "MAAS_REGISTRY_MAX_REPLY_BYTES",
-            doc="largest registry reply; list pages stop short of it, so clients on gRPC's "
+            doc="largest registry reply; list pages (models, versions, alias history) stop short "
+            "of it, so clients on gRPC's "
             "default 4 MiB limit always fit",
         ),
     )

@@ -224,7 +224,7 @@ def test_every_alias_move_is_kept_with_who_when_from_and_to(
     register(core, alias="production")  # set at registration: created, from nothing
     core.set_alias("digits", "production", 1, "bob")
     core.delete_alias("digits", "production", "carol")
-    history = core.alias_history("digits", "production")
+    history, _ = core.alias_history("digits", "production")
     assert [(c.from_version, c.to_version, c.actor) for c in history] == [
         (None, 2, "alice"),
         (2, 1, "bob"),
@@ -237,7 +237,7 @@ def test_an_alias_resolves_as_it_was_at_a_past_time(core: SqliteStore) -> None:
     register(core)
     register(core)
     core.set_alias("digits", "production", 1, "bob")
-    tuesday = core.alias_history("digits")[-1].ts_ms
+    tuesday = core.alias_history("digits")[0][-1].ts_ms
     core.set_alias("digits", "production", 2, "bob")
     assert core.get_version(ModelRef("digits", alias="production"), as_of_ms=tuesday).version == 1
     assert core.get_version(ModelRef("digits", alias="production")).version == 2

@@ -284,9 +284,24 @@ class RegistryClient:
         return wire.lineage_from_proto(reply)
 
     async def alias_history(self, name: str, alias: str | None = None) -> list[AliasChange]:
-        request = pb.GetAliasHistoryRequest(name=name, alias=alias or "")
+        """Every move, oldest first (all pages)."""
+        changes: list[AliasChange] = []
+        token = ""
+        while True:
+            page, token = await self.alias_history_page(name, alias, page_token=token)
+            changes += page
+            if not token:
+                return changes
+
+    async def alias_history_page(
+        self, name: str, alias: str | None = None, *, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[AliasChange], str]:
+        """One page of moves, oldest first, and the token of the next ("" after the last)."""
+        request = pb.GetAliasHistoryRequest(
+            name=name, alias=alias or "", page_size=page_size, page_token=page_token
+        )
         reply = await self._call(f"alias history of {name}", self.stub.GetAliasHistory(request))
-        return [wire.change_from_proto(c) for c in reply.changes]
+        return [wire.change_from_proto(c) for c in reply.changes], reply.next_page_token
 
     # --- changes -----------------------------------------------------------------------------
 

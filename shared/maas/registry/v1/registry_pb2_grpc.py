@@ -140,7 +140,7 @@ class ModelRegistryServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetAliasHistory(self, request, context):
-        """Every alias move of a model, oldest first.
+        """Every alias move of a model, oldest first, a page at a time (like ListVersions).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -362,6 +362,7 @@ class EventConsumer:
         self._stopping.set()
         for send in self._dlq_sends.values():
             send.cancel()  # our wait only: the producer still holds the queued letter
+        self._dlq_sends.clear()
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()

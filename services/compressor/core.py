@@ -160,6 +160,21 @@ class Built:
     metrics: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a job made: the parent as measured in this run, and every variant, in plan order."""
+
+    parent_metrics: dict[str, float]
+    versions: list[ModelVersion]
+
+
+def plan_job(job_id: str, base: ModelRef, methods: Sequence[Mapping[str, Any]]) -> CompressJob:
+    """The compress job a policy's plan stands for: the job defaults, the parent's dataset."""
+    fit = FitConfig(steps=0, batch_size=DEFAULT_BATCH_SIZE, lr=DEFAULT_LR, seed=0)
+    plans = tuple(parse_methods(methods))
+    return CompressJob(job_id, base, plans, None, fit, None, None)
+
+
 class Compressor:
     def __init__(
         self,
@@ -185,11 +200,12 @@ class Compressor:
         if job.job_id in self._finished:
             log.info("job %s already done here; ignoring the redelivery", job.job_id)
             return []
-        versions = await self._run(job)
+        outcome = await self.run(job)
         self._finished.add(job.job_id)
-        return versions
+        return outcome.versions
 
-    async def _run(self, job: CompressJob) -> list[ModelVersion]:
+    async def run(self, job: CompressJob) -> Outcome:
+        """Run a job's plans, registering each variant not yet registered for its id."""
         total = len(job.plans)
         await self._publish(status(job.job_id, "accepted", step=0, total_steps=total))
         parent = await self._load_parent(job)
@@ -201,7 +217,7 @@ class Compressor:
             versions.append(version)
             await self._publish(_progress(job.job_id, "running", index + 1, total, versions))
         await self._publish(_progress(job.job_id, "succeeded", total, total, versions))
-        return versions
+        return Outcome(parent.metrics, versions)
 
     async def _load_parent(self, job: CompressJob) -> Parent:
         # fetch verifies every file against the sha256 the registry recorded: a tampered

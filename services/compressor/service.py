@@ -1,4 +1,5 @@
-"""Kafka edge of the compressor: jobs from ``maas.jobs.v1`` into the core, statuses out.
+"""Kafka edge of the compressor: jobs from ``maas.jobs.v1`` into the core, statuses out; and
+``registered`` events from ``maas.models.v1`` into the promoter (model policies).
 
 The compressor has its own consumer group, so it sees every job alongside the trainer and
 ignores the types that are not ``compress``. A job the core refuses (bad methods, missing or
@@ -20,14 +21,17 @@ from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
 from maas.config import Settings
 from maas.errors import SchemaViolation
 from maas.liveness import Liveness, serve_metrics
+from maas.policy import policy_job_id
 from maas.registry.client import RegistryClient
 from maas.store import ObjectStore
-from maas.topics import JOB_STATUS, JOBS
+from maas.topics import JOB_STATUS, JOBS, MODELS
 from services.compressor.core import JOB_TYPE, Compressor, failed_status
+from services.compressor.promoter import Promoter
 
 log = logging.getLogger(__name__)
 
 GROUP_ID = "maas-compressor"
+POLICY_GROUP_ID = "maas-compressor-policies"
 
 
 class Metrics:
@@ -42,6 +46,13 @@ class Metrics:
             "maas_compress_variants",
             "variants registered by method",
             ["method", "format"],
+            registry=self.registry,
+        )
+        self.promotions = Counter(
+            "maas_policy_promotions",
+            "policy evaluations by outcome (moved: an alias moved or stayed on the pick; none: "
+            "no candidate qualified)",
+            ["outcome"],
             registry=self.registry,
         )
 
@@ -68,6 +79,17 @@ class CompressorService:
             # S3 or the registry away: ~15 s of retries, then the job fails with the reason.
             retry_backoff_ms=1000,
         )
+        self.promoter = Promoter(self._registry, self.core)
+        self._policies = EventConsumer(
+            settings,
+            topics=[MODELS],
+            group_id=POLICY_GROUP_ID,
+            handler=self._on_model_event,
+            producer=self._producer,
+            expected_schemas=[events.MODEL],
+            on_dead_letter=self._policy_failed,
+            retry_backoff_ms=1000,
+        )
         self.liveness = Liveness(self.metrics.registry)
         self._http: WSGIServer | None = None
 
@@ -75,6 +97,7 @@ class CompressorService:
         await self._producer.start()
         await self._registry.start()
         await self._consumer.start()
+        await self._policies.start()
         if self._settings.metrics_port:
             # Opened once consuming: the port answering means the service is up (stack waits);
             # /healthz says whether it still consumes (NOT_SERVING with the reason once not).
@@ -88,12 +111,16 @@ class CompressorService:
     async def run(self) -> None:
         # A consumer that dies (the DLQ unwritable for long) leaves the process up with
         # maas_loop_up{loop="jobs-consumer"} 0 and the reason logged, not in a restart loop.
-        await self.liveness.supervise("jobs-consumer", self._consumer.run())
+        await asyncio.gather(
+            self.liveness.supervise("jobs-consumer", self._consumer.run()),
+            self.liveness.supervise("policies-consumer", self._policies.run()),
+        )
 
     async def stop(self) -> None:
         if self._http is not None:
             await asyncio.to_thread(self._http.shutdown)
             self._http.server_close()
+        await self._policies.stop()
         await self._consumer.stop()
         await self._registry.stop()
         await self._producer.stop()
@@ -107,6 +134,18 @@ class CompressorService:
             self.metrics.variants.labels(version.method or "", version.format).inc()
         if versions:
             self.metrics.jobs.labels("succeeded").inc()
+
+    async def _on_model_event(self, record: Record) -> None:
+        decision = await self.promoter.handle(record.event)
+        if decision is not None:
+            self.metrics.promotions.labels("moved" if decision.version else "none").inc()
+
+    async def _policy_failed(self, letter: DeadLetter) -> None:
+        """A policy's plan that cannot run fails its job id, so a watcher learns why."""
+        event = letter.event or {}
+        if event.get("event") == "registered" and "version" in event:
+            job_id = policy_job_id(str(event["name"]), int(event["version"]))
+            await self._publish(failed_status(job_id, letter.code, letter.message))
 
     async def _failed(self, letter: DeadLetter) -> None:
         job = _job_of(letter)

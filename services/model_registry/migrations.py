@@ -71,6 +71,23 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX outbox_pending ON outbox(id) WHERE sent_ms IS NULL",
         ),
     ),
+    (
+        2,
+        (
+            # Why an alias moved (the promoter's rule, an operator's note); "" before this.
+            "ALTER TABLE alias_history ADD COLUMN reason TEXT NOT NULL DEFAULT ''",
+            # A model's policies, every version kept; a name may get one before its first
+            # version, so no reference to models.
+            """CREATE TABLE policies (
+            name TEXT NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            document_json TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            PRIMARY KEY (name, version)
+        )""",
+        ),
+    ),
 )
 
 

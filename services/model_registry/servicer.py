@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
@@ -22,7 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from maas.config import Settings
 from maas.edge import current_identity, edge_interceptor, server_options
 from maas.errors import InvalidArgument, MaasError
+from maas.events import clip
 from maas.names import check_version
+from maas.policy import parse_policy
 from maas.registry import wire
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
@@ -130,6 +133,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
             request.alias,
             check_version(request.version),
             current_identity().name,
+            request.reason,
         )
         return wire.change_to_proto(change)
 
@@ -175,6 +179,32 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
             self._service.limits.max_reply_bytes,
         )
         return pb.AliasHistory(changes=protos, next_page_token=token)
+
+    async def SetPolicy(
+        self, request: pb.SetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Policy:
+        policy = parse_policy(_document(request.document_json))
+        stored = await self._service.db(
+            self._metadata.set_policy, request.name, policy.to_doc(), current_identity().name
+        )
+        return wire.policy_to_proto(stored)
+
+    async def GetPolicy(
+        self, request: pb.GetPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Policy:
+        if request.version < 0:
+            raise InvalidArgument(f"version {request.version} is negative; 0 means the current")
+        policy = await self._service.db(
+            self._metadata.get_policy, request.name, request.version or None
+        )
+        return wire.policy_to_proto(policy)
+
+
+def _document(text: str) -> object:
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"document_json is not JSON: {clip(str(exc), 200)}") from None
 
 
 M = TypeVar("M", bound=ProtoMessage)

@@ -110,6 +110,12 @@ def aliases_of(db: sqlite3.Connection, name: str, version: int) -> tuple[str, ..
     )
 
 
+def policy_version(db: sqlite3.Connection, name: str) -> int:
+    """The newest policy version of ``name`` (0: none yet)."""
+    row = db.execute("SELECT MAX(version) FROM policies WHERE name = ?", (name,)).fetchone()
+    return int(row[0] or 0)
+
+
 def last_alias_ms(db: sqlite3.Connection, name: str) -> int:
     row = db.execute("SELECT MAX(ts_ms) FROM alias_history WHERE name = ?", (name,)).fetchone()
     return int(row[0] or 0)

@@ -25,6 +25,7 @@ from maas.registry.types import (
     ModelRef,
     ModelSummary,
     ModelVersion,
+    PolicyVersion,
     artifact_prefix,
 )
 from maas.topics import MODELS
@@ -33,6 +34,7 @@ from services.model_registry import sqlite_reads as reads
 from services.model_registry.store import (
     NewVersion,
     OutboxEntry,
+    check_reason,
     history_start,
     history_token,
     int_token,
@@ -248,11 +250,14 @@ class SqliteStore:
 
     # --- aliases -----------------------------------------------------------------------------
 
-    def set_alias(self, name: str, alias: str, version: int, actor: str) -> AliasChange:
+    def set_alias(
+        self, name: str, alias: str, version: int, actor: str, reason: str = ""
+    ) -> AliasChange:
         check_alias(alias)
+        reason = check_reason(reason)
         with self._write() as db:
             reads.live_row(db, name, version)
-            return self._move_alias(db, name, alias, version, actor, self._clock())
+            return self._move_alias(db, name, alias, version, actor, self._clock(), reason)
 
     def delete_alias(self, name: str, alias: str, actor: str) -> AliasChange:
         check_alias(alias)
@@ -286,14 +291,27 @@ class SqliteStore:
             ).fetchall()
         page = [
             AliasChange(
-                r["name"], r["alias"], r["from_version"], r["to_version"], r["actor"], r["ts_ms"]
+                r["name"],
+                r["alias"],
+                r["from_version"],
+                r["to_version"],
+                r["actor"],
+                r["ts_ms"],
+                r["reason"],
             )
             for r in rows[:size]
         ]
         return page, (history_token(start + size) if len(rows) > size else "")
 
     def _move_alias(
-        self, db: sqlite3.Connection, name: str, alias: str, version: int, actor: str, now: int
+        self,
+        db: sqlite3.Connection,
+        name: str,
+        alias: str,
+        version: int,
+        actor: str,
+        now: int,
+        reason: str = "",
     ) -> AliasChange:
         previous = reads.current_alias(db, name, alias)
         db.execute(
@@ -301,7 +319,7 @@ class SqliteStore:
             "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version",
             (name, alias, version),
         )
-        change = self._record_move(db, name, alias, previous, version, actor, now)
+        change = self._record_move(db, name, alias, previous, version, actor, now, reason)
         self._emit(
             db,
             name,
@@ -310,6 +328,7 @@ class SqliteStore:
             version=version,
             previous_version=previous,
             actor=actor,
+            reason=reason or None,
         )
         return change
 
@@ -322,13 +341,47 @@ class SqliteStore:
         to_version: int | None,
         actor: str,
         now: int,
+        reason: str = "",
     ) -> AliasChange:
         db.execute(
-            "INSERT INTO alias_history (name, alias, from_version, to_version, actor, ts_ms) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (name, alias, from_version, to_version, actor, now),
+            "INSERT INTO alias_history "
+            "(name, alias, from_version, to_version, actor, ts_ms, reason) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (name, alias, from_version, to_version, actor, now, reason),
         )
-        return AliasChange(name, alias, from_version, to_version, actor, now)
+        return AliasChange(name, alias, from_version, to_version, actor, now, reason)
+
+    # --- policies ----------------------------------------------------------------------------
+
+    def set_policy(self, name: str, document: dict[str, Any], actor: str) -> PolicyVersion:
+        check_name(name)
+        now = self._clock()
+        with self._write() as db:
+            version = reads.policy_version(db, name) + 1
+            db.execute(
+                "INSERT INTO policies (name, version, document_json, actor, created_ms) "
+                "VALUES (?, ?, ?, ?, ?)",
+                (name, version, json.dumps(document, sort_keys=True), actor, now),
+            )
+        return PolicyVersion(name, version, document, actor, now)
+
+    def get_policy(self, name: str, version: int | None = None) -> PolicyVersion:
+        check_name(name)
+        with self._lock:
+            db = self._db
+            number = version or reads.policy_version(db, name)
+            row = db.execute(
+                "SELECT * FROM policies WHERE name = ? AND version = ?", (name, number)
+            ).fetchone()
+        if row is None:
+            if version:
+                raise NotFound(f"model {name!r} has no policy version {version}")
+            raise NotFound(
+                f"model {name!r} has no policy; set one: maas models policy set {name} FILE.yaml"
+            )
+        return PolicyVersion(
+            name, row["version"], json.loads(row["document_json"]), row["actor"], row["created_ms"]
+        )
 
     # --- lineage -----------------------------------------------------------------------------
 

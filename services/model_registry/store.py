@@ -23,9 +23,17 @@ from typing import Any, Protocol
 from maas.errors import InvalidArgument
 from maas.events import clip
 from maas.manifest import Manifest
-from maas.registry.types import AliasChange, Lineage, ModelRef, ModelSummary, ModelVersion
+from maas.registry.types import (
+    AliasChange,
+    Lineage,
+    ModelRef,
+    ModelSummary,
+    ModelVersion,
+    PolicyVersion,
+)
 
 DEFAULT_PAGE_SIZE = 100
+MAX_REASON_CHARS = 500
 MAX_PAGE_SIZE = 1000
 
 
@@ -86,7 +94,9 @@ class RegistryStore(Protocol):
         ...
 
     # aliases
-    def set_alias(self, name: str, alias: str, version: int, actor: str) -> AliasChange: ...
+    def set_alias(
+        self, name: str, alias: str, version: int, actor: str, reason: str = ""
+    ) -> AliasChange: ...
 
     def delete_alias(self, name: str, alias: str, actor: str) -> AliasChange: ...
 
@@ -95,6 +105,15 @@ class RegistryStore(Protocol):
     ) -> tuple[list[AliasChange], str]:
         """Moves of ``name``'s aliases (or one alias), oldest first, and the token of the next
         page ("" after the last)."""
+        ...
+
+    # policies
+    def set_policy(self, name: str, document: dict[str, Any], actor: str) -> PolicyVersion:
+        """Store an already checked policy document as ``name``'s next policy version."""
+        ...
+
+    def get_policy(self, name: str, version: int | None = None) -> PolicyVersion:
+        """The current policy of ``name`` (or an earlier ``version``); NotFound if none."""
         ...
 
     # lineage
@@ -110,6 +129,15 @@ def parent_of(manifest: Manifest) -> ModelRef | None:
     """The version a manifest names as its parent, as a reference."""
     parent = manifest.parent
     return None if parent is None else ModelRef(parent["name"], version=parent["version"])
+
+
+def check_reason(reason: str) -> str:
+    """An alias move's reason as stored: at most MAX_REASON_CHARS characters of text."""
+    if len(reason) > MAX_REASON_CHARS:
+        raise InvalidArgument(
+            f"reason has {len(reason)} characters; at most {MAX_REASON_CHARS} are kept"
+        )
+    return reason
 
 
 def page_size_of(requested: int) -> int:

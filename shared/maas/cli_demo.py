@@ -1,9 +1,11 @@
 """`maas demo`: the whole platform end to end on the running local stack.
 
-1. train the digits MLP with 2 workers x 2 aggregator shards (sync) and register it;
-2. compress it (int8, 80% pruning, pruning+int8, a distilled student), one version each;
-3. promote under a stated policy: the smallest variant within 1 point of the parent's accuracy
-   becomes alias `production`;
+1. set the digits MLP's policy (examples/policies/digits-mlp.yaml), then train it with 2 workers
+   x 2 aggregator shards (sync) and register it;
+2. the compressor reacts to the registered version by compressing it (int8, 80% pruning,
+   pruning+int8, a distilled student), one version each — no compress command;
+3. its promoter moves alias `production` to the smallest variant within 1 point of the parent's
+   accuracy, the reason in the alias history — no promote command;
 4. query it over gRPC with tritonclient (the Open Inference Protocol, unmodified peer client);
 5. transfer learning: a digits 0-4 base, fine-tuned on a tenth of digits 5-9;
 6. print a table per variant (accuracy, size, p50 gRPC latency, lineage) and save a PNG of the

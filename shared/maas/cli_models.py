@@ -5,8 +5,10 @@ maas models show NAME[@VERSION|@ALIAS]   one version: files, sha256, lineage, me
 maas models alias NAME VERSION ALIAS     point ALIAS at VERSION (kept in the history)
 maas models unalias NAME ALIAS
 maas models lineage NAME[@VERSION|@ALIAS]
-maas models history NAME [--alias A] [--at TIME]
+maas models history NAME [--alias A] [--at TIME]   alias moves with who and why
 maas models delete NAME VERSION
+maas models policy set NAME FILE.yaml    what happens to new versions (maas.policy)
+maas models policy show NAME [--version N]
 """
 
 from __future__ import annotations
@@ -16,11 +18,14 @@ import asyncio
 import json
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from maas.cli_import import add_import_action
 from maas.config import Settings
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, NotFound
 from maas.registry.types import ModelRef, ModelVersion
 
 Action = Callable[[Any, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -120,12 +125,46 @@ def _selected(version: ModelVersion, args: argparse.Namespace) -> bool:
 
 
 async def _show(client: Any, args: argparse.Namespace) -> int:
-    print(json.dumps(_describe(await client.get(args.ref)), indent=2))
+    described = _describe(await client.get(args.ref))
+    try:
+        policy = await client.get_policy(args.ref.name)
+        described["policy"] = {"version": policy.version, **policy.document}
+    except NotFound:
+        described["policy"] = None
+    print(json.dumps(described, indent=2))
     return 0
 
 
+async def _policy_set(client: Any, args: argparse.Namespace) -> int:
+    document = _policy_file(args.file)
+    stored = await client.set_policy(args.name, document)
+    print(f"{stored.name}: policy version {stored.version} set")
+    return 0
+
+
+async def _policy_show(client: Any, args: argparse.Namespace) -> int:
+    policy = await client.get_policy(args.name, args.version)
+    print(
+        f"# {policy.name} policy version {policy.version}, set by {policy.actor} "
+        f"at {_when(policy.created_ms)}"
+    )
+    print(yaml.safe_dump(policy.document, sort_keys=False).rstrip())
+    return 0
+
+
+def _policy_file(path: str) -> Any:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read policy file {path}: {exc.strerror}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"{path} is not YAML: {exc}") from None
+
+
 async def _alias(client: Any, args: argparse.Namespace) -> int:
-    change = await client.set_alias(args.name, args.alias, args.version)
+    change = await client.set_alias(args.name, args.alias, args.version, reason=args.reason)
     before = f" (was {change.from_version})" if change.from_version else ""
     print(f"{change.name}@{change.alias} -> {change.to_version}{before}")
     return 0
@@ -172,9 +211,16 @@ async def _history(client: Any, args: argparse.Namespace) -> int:
         rows: list[list[object]] = [["ALIAS", f"AT {_when(at_ms)}"]]
         rows += [[a, v if v is not None else "(unset)"] for a, v in sorted(pointed.items())]
     else:
-        rows = [["WHEN", "ALIAS", "FROM", "TO", "BY"]]
+        rows = [["WHEN", "ALIAS", "FROM", "TO", "BY", "REASON"]]
         rows += [
-            [_when(c.ts_ms), c.alias, c.from_version or "-", c.to_version or "(deleted)", c.actor]
+            [
+                _when(c.ts_ms),
+                c.alias,
+                c.from_version or "-",
+                c.to_version or "(deleted)",
+                c.actor,
+                c.reason or "-",
+            ]
             for c in changes
         ]
     _table(rows)
@@ -243,6 +289,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name")
     p.add_argument("version", type=int)
     p.add_argument("alias")
+    p.add_argument("--reason", default="", help="why it moves, kept in the alias history")
     p = action("unalias", _unalias, "delete an alias", "maas models unalias digits-mlp staging")
     p.add_argument("name")
     p.add_argument("alias")
@@ -270,3 +317,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("name")
     p.add_argument("version", type=int)
+    _add_policy_actions(actions)
+
+
+def _add_policy_actions(actions: argparse._SubParsersAction) -> None:
+    policy = actions.add_parser(
+        "policy",
+        help="set or show a model's policy (compress new versions, promote by a rule)",
+        description="A model's policy, versioned in the registry: on_registered.compress runs "
+        "a compress plan on every new train/finetune/import version, promote moves an alias "
+        "by a rule (smallest_within, best_accuracy, lowest_p50).",
+        epilog="example:\n  maas models policy set digits-mlp examples/policies/digits-mlp.yaml",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
+    p = verbs.add_parser("set", help="store FILE.yaml as the model's next policy version")
+    p.set_defaults(func=_runner(_policy_set))
+    p.add_argument("name")
+    p.add_argument("file", help="a YAML policy document")
+    p = verbs.add_parser("show", help="print the current (or an earlier) policy")
+    p.set_defaults(func=_runner(_policy_show))
+    p.add_argument("name")
+    p.add_argument("--version", type=int, help="an earlier policy version")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from maas import jobs
 from maas.cli_jobs import console, follow
@@ -19,11 +20,13 @@ from maas.datasets import load_builtin
 from maas.demo_report import Row, infer, p50_ms, print_table
 from maas.edge import call_metadata
 from maas.errors import FailedPrecondition
+from maas.policy import ACTOR, policy_job_id
 from maas.registry import RegistryClient
-from maas.registry.types import ModelVersion
+from maas.registry.types import DEFAULT_ALIAS, AliasChange, ModelVersion, PolicyVersion
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
-ACCURACY_TOLERANCE = 0.01  # the promotion policy: within 1 point of the parent
+POLICIES = EXAMPLES.parent / "policies"
+PROMOTION_POLL_S = 0.5
 
 
 class Demo:
@@ -48,22 +51,28 @@ class Demo:
         return summary
 
     async def run(self) -> None:
+        policy = await self.set_policy("digits-mlp", "digits-mlp.yaml")
         trained = await self.submit("train-digits-mlp.yaml")
         assert trained.model is not None
-        parent_ref = {"name": trained.model["name"], "version": trained.model["version"]}
-        compressed = await self.submit("compress-digits-mlp.yaml", base=parent_ref)
+        parent_ref = f"{trained.model['name']}@{trained.model['version']}"
+        # No compress or promote step here: the compressor reacts to the registered version.
+        console().print(f"policy v{policy.version}: the compressor runs its plan on {parent_ref}")
+        plan_id = policy_job_id(trained.model["name"], trained.model["version"])
+        compressed = await follow(self.settings, plan_id, self.timeout_s)
+        if compressed.state != "succeeded":
+            raise FailedPrecondition(f"the policy's plan for {parent_ref} ended {compressed.state}")
         async with RegistryClient(self.settings) as registry:
-            parent = await registry.get(f"{parent_ref['name']}@{parent_ref['version']}")
-            # The compress job's final status names every variant it registered.
+            parent = await registry.get(parent_ref)
+            # The plan's final status names every variant it registered.
             variants = [
                 await registry.get(f"{m['name']}@{m['version']}") for m in compressed.models
             ]
-            best = promote(parent, variants)
-            await registry.set_alias(best.name, "production", best.version)
-            console().print(
-                f"policy: the smallest variant within {ACCURACY_TOLERANCE:.0%} accuracy of the "
-                f"parent -> [bold]{best.name}@{best.version}[/bold] ({best.method}) is production"
-            )
+            move = await self.promotion(registry, parent)
+            best = await registry.get(f"{parent.name}@{move.to_version}")
+        console().print(
+            f"{parent.name}@{move.alias} -> [bold]{best.version}[/bold] by {move.actor}: "
+            f"{move.reason}"
+        )
         rows = [Row(v) for v in sorted([parent, *variants], key=lambda v: v.version)]
         await asyncio.to_thread(self.query_and_time, rows)
         await self.submit("train-digits-0-4.yaml")
@@ -75,6 +84,24 @@ class Demo:
 
         await text_chapter(self)
         await self.stream_from_gpt()
+
+    async def set_policy(self, name: str, file: str) -> PolicyVersion:
+        document = yaml.safe_load((POLICIES / file).read_text())
+        async with RegistryClient(self.settings) as registry:
+            stored = await registry.set_policy(name, document)
+        console().rule(f"[bold]policy[/bold] {name} v{stored.version} (examples/policies/{file})")
+        return stored
+
+    async def promotion(self, registry: RegistryClient, parent: ModelVersion) -> AliasChange:
+        """The promoter's move made for ``parent``'s plan (it follows the plan's last status)."""
+        alias = DEFAULT_ALIAS
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
+        while asyncio.get_running_loop().time() < deadline:
+            for change in reversed(await registry.alias_history(parent.name, alias)):
+                if change.ts_ms >= parent.created_ms and change.reason.startswith(ACTOR):
+                    return change
+            await asyncio.sleep(PROMOTION_POLL_S)
+        raise FailedPrecondition(f"no promotion of {parent.name}@{alias} within the timeout")
 
     async def stream_from_gpt(self) -> None:
         """Train the small GPT as a platform job, then stream a completion token by token."""
@@ -113,13 +140,6 @@ class Demo:
                 r.p50_ms = p50_ms(triton, client, headers, name, str(r.version.version), row)
         finally:
             client.close()
-
-
-def promote(parent: ModelVersion, variants: list[ModelVersion]) -> ModelVersion:
-    """Smallest artifact whose accuracy is within the tolerance of the parent's (or the parent)."""
-    floor = parent.metrics.get("accuracy", 0.0) - ACCURACY_TOLERANCE
-    eligible = [v for v in variants if v.metrics.get("accuracy", -1.0) >= floor]
-    return min([parent, *eligible], key=lambda v: v.size_bytes)
 
 
 def plot_curves(summaries: list[jobs.JobSummary], out_dir: Path) -> Path:

@@ -23,6 +23,7 @@ from maas.registry.types import (
     ModelRef,
     ModelSummary,
     ModelVersion,
+    PolicyVersion,
 )
 
 if TYPE_CHECKING:
@@ -39,6 +40,7 @@ __all__ = [
     "ModelRef",
     "ModelSummary",
     "ModelVersion",
+    "PolicyVersion",
     "RegistryClient",
     "load",
     "register",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import getpass
+import json
 import logging
 import socket
 import warnings
@@ -38,6 +39,7 @@ from maas.registry.types import (
     ModelRef,
     ModelSummary,
     ModelVersion,
+    PolicyVersion,
 )
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
@@ -305,12 +307,27 @@ class RegistryClient:
 
     # --- changes -----------------------------------------------------------------------------
 
-    async def set_alias(self, name: str, alias: str, version: int) -> AliasChange:
+    async def set_alias(
+        self, name: str, alias: str, version: int, *, reason: str = ""
+    ) -> AliasChange:
+        """Point ``alias`` at ``version``; ``reason`` is kept in the alias history."""
         request = pb.SetAliasRequest(
-            name=name, alias=alias, version=check_version(version), actor=self.actor
+            name=name, alias=alias, version=check_version(version), actor=self.actor, reason=reason
         )
         reply = await self._call(f"set {name}@{alias} -> {version}", self.stub.SetAlias(request))
         return wire.change_from_proto(reply)
+
+    async def set_policy(self, name: str, document: Mapping[str, Any]) -> PolicyVersion:
+        """Store ``document`` (``maas.policy``) as ``name``'s next policy version."""
+        request = pb.SetPolicyRequest(name=name, document_json=json.dumps(document))
+        reply = await self._call(f"set the policy of {name}", self.stub.SetPolicy(request))
+        return wire.policy_from_proto(reply)
+
+    async def get_policy(self, name: str, version: int | None = None) -> PolicyVersion:
+        """The current policy of ``name`` (or an earlier version); NotFound when it has none."""
+        request = pb.GetPolicyRequest(name=name, version=version or 0)
+        reply = await self._call(f"policy of {name}", self.stub.GetPolicy(request))
+        return wire.policy_from_proto(reply)
 
     async def delete_alias(self, name: str, alias: str) -> AliasChange:
         request = pb.DeleteAliasRequest(name=name, alias=alias, actor=self.actor)

@@ -127,6 +127,18 @@ class AliasChange:
     to_version: int | None
     actor: str
     ts_ms: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class PolicyVersion:
+    """One stored version of a model's policy (``maas.policy``), as its checked document."""
+
+    name: str
+    version: int
+    document: dict[str, Any]
+    actor: str
+    created_ms: int
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ proto3 has no null for scalars: 0 / "" stand for "none" on the wire and become `
 
 from __future__ import annotations
 
+import json
+
 from maas.registry.types import (
     AliasChange,
     ArtifactFile,
@@ -13,6 +15,7 @@ from maas.registry.types import (
     ModelRef,
     ModelSummary,
     ModelVersion,
+    PolicyVersion,
 )
 from maas.registry.v1 import registry_pb2 as pb
 
@@ -114,12 +117,35 @@ def change_to_proto(c: AliasChange) -> pb.AliasChange:
         to_version=c.to_version or 0,
         actor=c.actor,
         ts_ms=c.ts_ms,
+        reason=c.reason,
     )
 
 
 def change_from_proto(msg: pb.AliasChange) -> AliasChange:
     return AliasChange(
-        msg.name, msg.alias, msg.from_version or None, msg.to_version or None, msg.actor, msg.ts_ms
+        msg.name,
+        msg.alias,
+        msg.from_version or None,
+        msg.to_version or None,
+        msg.actor,
+        msg.ts_ms,
+        msg.reason,
+    )
+
+
+def policy_to_proto(p: PolicyVersion) -> pb.Policy:
+    return pb.Policy(
+        name=p.name,
+        version=p.version,
+        document_json=json.dumps(p.document, sort_keys=True),
+        actor=p.actor,
+        created_ms=p.created_ms,
+    )
+
+
+def policy_from_proto(msg: pb.Policy) -> PolicyVersion:
+    return PolicyVersion(
+        msg.name, msg.version, json.loads(msg.document_json), msg.actor, msg.created_ms
     )
 
 

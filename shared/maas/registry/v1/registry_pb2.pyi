@@ -167,16 +167,18 @@ class ListVersionsResponse(_message.Message):
     def __init__(self, versions: _Optional[_Iterable[_Union[ModelVersion, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class SetAliasRequest(_message.Message):
-    __slots__ = ("name", "alias", "version", "actor")
+    __slots__ = ("name", "alias", "version", "actor", "reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     alias: str
     version: int
     actor: str
-    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., actor: _Optional[str] = ...) -> None: ...
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., version: _Optional[int] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DeleteAliasRequest(_message.Message):
     __slots__ = ("name", "alias", "actor")
@@ -189,20 +191,22 @@ class DeleteAliasRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., actor: _Optional[str] = ...) -> None: ...
 
 class AliasChange(_message.Message):
-    __slots__ = ("name", "alias", "from_version", "to_version", "actor", "ts_ms")
+    __slots__ = ("name", "alias", "from_version", "to_version", "actor", "ts_ms", "reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     ALIAS_FIELD_NUMBER: _ClassVar[int]
     FROM_VERSION_FIELD_NUMBER: _ClassVar[int]
     TO_VERSION_FIELD_NUMBER: _ClassVar[int]
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     TS_MS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     alias: str
     from_version: int
     to_version: int
     actor: str
     ts_ms: int
-    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., actor: _Optional[str] = ..., ts_ms: _Optional[int] = ...) -> None: ...
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., alias: _Optional[str] = ..., from_version: _Optional[int] = ..., to_version: _Optional[int] = ..., actor: _Optional[str] = ..., ts_ms: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DeleteVersionRequest(_message.Message):
     __slots__ = ("name", "version", "actor")
@@ -265,3 +269,33 @@ class AliasHistory(_message.Message):
     changes: _containers.RepeatedCompositeFieldContainer[AliasChange]
     next_page_token: str
     def __init__(self, changes: _Optional[_Iterable[_Union[AliasChange, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class SetPolicyRequest(_message.Message):
+    __slots__ = ("name", "document_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    document_json: str
+    def __init__(self, name: _Optional[str] = ..., document_json: _Optional[str] = ...) -> None: ...
+
+class GetPolicyRequest(_message.Message):
+    __slots__ = ("name", "version")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
+
+class Policy(_message.Message):
+    __slots__ = ("name", "version", "document_json", "actor", "created_ms")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DOCUMENT_JSON_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: int
+    document_json: str
+    actor: str
+    created_ms: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., document_json: _Optional[str] = ..., actor: _Optional[str] = ..., created_ms: _Optional[int] = ...) -> None: ...

@@ -79,6 +79,16 @@ class ModelRegistryStub:
                 request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryRequest.SerializeToString,
                 response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.AliasHistory.FromString,
                 _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/maas.registry.v1.ModelRegistry/SetPolicy',
+                request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.Policy.FromString,
+                _registered_method=True)
+        self.GetPolicy = channel.unary_unary(
+                '/maas.registry.v1.ModelRegistry/GetPolicy',
+                request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetPolicyRequest.SerializeToString,
+                response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.Policy.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -146,6 +156,21 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPolicy(self, request, context):
+        """Store a model's policy (maas.policy; the model need not exist yet) as its next policy
+        version; an invalid document is INVALID_ARGUMENT naming the field.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicy(self, request, context):
+        """The current policy (version 0) or an earlier one; NOT_FOUND when the model has none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -193,6 +218,16 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.GetAliasHistory,
                     request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryRequest.FromString,
                     response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.AliasHistory.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.SetPolicyRequest.FromString,
+                    response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.Policy.SerializeToString,
+            ),
+            'GetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicy,
+                    request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetPolicyRequest.FromString,
+                    response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.Policy.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -438,6 +473,60 @@ class ModelRegistry:
             '/maas.registry.v1.ModelRegistry/GetAliasHistory',
             maas_dot_registry_dot_v1_dot_registry__pb2.GetAliasHistoryRequest.SerializeToString,
             maas_dot_registry_dot_v1_dot_registry__pb2.AliasHistory.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.registry.v1.ModelRegistry/SetPolicy',
+            maas_dot_registry_dot_v1_dot_registry__pb2.SetPolicyRequest.SerializeToString,
+            maas_dot_registry_dot_v1_dot_registry__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.registry.v1.ModelRegistry/GetPolicy',
+            maas_dot_registry_dot_v1_dot_registry__pb2.GetPolicyRequest.SerializeToString,
+            maas_dot_registry_dot_v1_dot_registry__pb2.Policy.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,132 @@
+"""The policy role of the compressor: ``registered`` events in, a compressed and promoted model out.
+
+For a version made by train, finetune or import whose model has a policy (``maas.policy``) set
+before the version was registered:
+1. ``on_registered.compress``: the plan runs exactly as a compress job would (``Compressor.run``)
+   under the job id ``policy-<name>-<version>``, so its statuses can be watched like any job's and
+   a redelivered or repeated event registers nothing twice (the core skips the variants already
+   registered for that job id).
+2. ``promote``: the rule picks among the version and its variants (accuracy and latency as the
+   compressor measured them in this run) and the alias moves with the reason in its history.
+   A repeated event finds the alias already there and moves nothing.
+
+Variants' own ``registered`` events are ignored, so a policy never feeds itself. Transport-neutral
+like the core: the Kafka consumer lives in ``service.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from maas.errors import NotFound
+from maas.policy import ACTOR, Candidate, Decision, Policy, choose, parse_policy, policy_job_id
+from maas.registry.types import (
+    PRIMARY_METHODS,
+    AliasChange,
+    ModelRef,
+    ModelVersion,
+    PolicyVersion,
+)
+from services.compressor.core import CompressJob, Outcome, plan_job
+
+log = logging.getLogger(__name__)
+
+
+class PolicyRegistry(Protocol):
+    """What the promoter needs of ``maas.registry.RegistryClient``."""
+
+    async def get(self, ref: ModelRef | str) -> ModelVersion: ...
+
+    async def get_policy(self, name: str, version: int | None = None) -> PolicyVersion: ...
+
+    async def set_alias(
+        self, name: str, alias: str, version: int, *, reason: str = ""
+    ) -> AliasChange: ...
+
+
+def candidate(version: ModelVersion, measured: Mapping[str, float] | None = None) -> Candidate:
+    """A version as a rule sees it; ``measured`` (this run's figures) wins over the recorded."""
+    label = version.format if version.format != "dense" else (version.method or "train")
+    return Candidate(
+        version.version, label, version.size_bytes, {**version.metrics, **(measured or {})}
+    )
+
+
+class Plans(Protocol):
+    """What the promoter needs of ``Compressor``: run a plan, registering each variant once."""
+
+    async def run(self, job: CompressJob) -> Outcome: ...
+
+
+class Promoter:
+    def __init__(self, registry: PolicyRegistry, compressor: Plans) -> None:
+        self._registry = registry
+        self._compressor = compressor
+
+    async def handle(self, event: Mapping[str, Any]) -> Decision | None:
+        """One ``maas.model/1`` event; None when it asks nothing of a policy."""
+        if event.get("event") != "registered":
+            return None
+        found = await self._subject(str(event["name"]), int(event["version"]))
+        if found is None:
+            return None
+        version, stored = found
+        policy = parse_policy(stored.document)
+        outcome = Outcome(version.metrics, [])
+        if policy.compress_methods:
+            job = plan_job(
+                policy_job_id(version.name, version.version),
+                version.ref,
+                policy.compress_methods,
+            )
+            outcome = await self._compressor.run(job)
+        return await self._promote(policy, stored.version, version, outcome)
+
+    async def _subject(self, name: str, number: int) -> tuple[ModelVersion, PolicyVersion] | None:
+        """The version and the policy that applies to it, if one does."""
+        try:
+            version = await self._registry.get(ModelRef(name, version=number))
+        except NotFound:
+            return None  # deleted since: nothing to do
+        if (version.method or "train") not in PRIMARY_METHODS:
+            return None  # a variant (maybe one a policy made)
+        try:
+            policy = await self._registry.get_policy(name)
+        except NotFound:
+            return None
+        if policy.created_ms > version.created_ms:
+            return None  # a policy applies to the versions registered after it was set
+        return version, policy
+
+    async def _promote(
+        self, policy: Policy, policy_version: int, parent: ModelVersion, outcome: Outcome
+    ) -> Decision | None:
+        if policy.promote is None:
+            return None
+        decision = choose(
+            policy.promote,
+            candidate(parent, outcome.parent_metrics),
+            [candidate(v) for v in outcome.versions],
+        )
+        where = f"{parent.name}@{policy.promote.alias}"
+        if decision.version is None:
+            log.info("%s stays: %s", where, decision.reason)
+            return decision
+        current = await self._current(parent.name, policy.promote.alias)
+        if current == decision.version:
+            log.info("%s already points at %s", where, decision.version)
+            return decision
+        reason = f"{ACTOR} (policy v{policy_version}): {decision.reason}"
+        await self._registry.set_alias(
+            parent.name, policy.promote.alias, decision.version, reason=reason
+        )
+        log.info("%s -> %s: %s", where, decision.version, reason)
+        return decision
+
+    async def _current(self, name: str, alias: str) -> int | None:
+        try:
+            return (await self._registry.get(ModelRef(name, alias=alias))).version
+        except NotFound:
+            return None

@@ -1,0 +1,156 @@
+"""The compressor's policy role against an in-memory registry and plan runner: which registered
+events it acts on, what it registers and how it moves the alias."""
+
+from dataclasses import replace
+
+import pytest
+
+from maas.errors import NotFound
+from maas.policy import parse_policy
+from maas.registry.types import AliasChange, ModelRef, ModelVersion, PolicyVersion
+from services.compressor.core import CompressJob, Outcome
+from services.compressor.promoter import Promoter
+
+POLICY = {
+    "on_registered": {"compress": {"methods": [{"quantize": {"dtype": "int8"}}]}},
+    "promote": {"alias": "production", "rule": "smallest_within", "within": 0.01},
+}
+
+
+def version(number: int, method: str, size: int, accuracy: float, fmt="dense") -> ModelVersion:
+    return ModelVersion(
+        name="m",
+        version=number,
+        arch="mlp",
+        format=fmt,
+        manifest_json=b"{}",
+        manifest_sha256="",
+        files=(),
+        bucket="maas-models",
+        prefix=f"m/{number}/",
+        method=method,
+        metrics={"accuracy": accuracy},
+        created_ms=1000 + number,
+        size_bytes=size,
+    )
+
+
+class FakeRegistry:
+    def __init__(self) -> None:
+        self.versions = {1: version(1, "train", 1000, 0.96)}
+        self.policy: PolicyVersion | None = PolicyVersion("m", 2, POLICY, "admin", 500)
+        self.aliases: dict[str, int] = {}
+        self.moves: list[AliasChange] = []
+
+    async def get(self, ref: ModelRef | str) -> ModelVersion:
+        ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
+        number = self.aliases.get(ref.alias) if ref.alias else ref.version
+        if number not in self.versions:
+            raise NotFound(f"{ref} is not registered")
+        return self.versions[number]
+
+    async def get_policy(self, name: str, version: int | None = None) -> PolicyVersion:
+        if self.policy is None:
+            raise NotFound(f"model {name!r} has no policy")
+        return self.policy
+
+    async def set_alias(self, name: str, alias: str, number: int, *, reason: str = ""):
+        change = AliasChange(name, alias, self.aliases.get(alias), number, "services", 0, reason)
+        self.aliases[alias] = number
+        self.moves.append(change)
+        return change
+
+
+class FakePlans:
+    """Registers an int8 variant per plan job id, once, like the compressor core."""
+
+    def __init__(self, registry: FakeRegistry) -> None:
+        self.registry = registry
+        self.jobs: list[CompressJob] = []
+        self.made: dict[str, ModelVersion] = {}
+
+    async def run(self, job: CompressJob) -> Outcome:
+        self.jobs.append(job)
+        if job.job_id not in self.made:
+            number = max(self.registry.versions) + 1
+            variant = version(number, "quantize", 300, 0.955, fmt="int8")
+            self.registry.versions[number] = variant
+            self.made[job.job_id] = variant
+        return Outcome({"accuracy": 0.96}, [self.made[job.job_id]])
+
+
+@pytest.fixture
+def registry() -> FakeRegistry:
+    return FakeRegistry()
+
+
+@pytest.fixture
+def plans(registry) -> FakePlans:
+    return FakePlans(registry)
+
+
+def registered(number: int) -> dict:
+    return {"event": "registered", "name": "m", "version": number}
+
+
+async def test_a_trained_version_is_compressed_by_the_policy_plan_and_the_pick_promoted(
+    registry, plans
+):
+    decision = await Promoter(registry, plans).handle(registered(1))
+    (job,) = plans.jobs
+    assert job.job_id == "policy-m-1" and job.base == ModelRef("m", version=1)
+    assert [p.method for p in job.plans] == ["quantize"]
+    assert decision.version == 2 and registry.aliases == {"production": 2}
+    (move,) = registry.moves
+    assert move.reason == (
+        "promoter (policy v2): smallest within 1.0 point of v1's 0.960: v2 int8 0.955"
+    )
+
+
+async def test_a_repeated_event_registers_nothing_and_moves_nothing_twice(registry, plans):
+    promoter = Promoter(registry, plans)
+    await promoter.handle(registered(1))
+    await promoter.handle(registered(1))
+    assert len(registry.versions) == 2
+    assert len(registry.moves) == 1
+
+
+async def test_a_variants_own_registered_event_starts_no_plan(registry, plans):
+    registry.versions[2] = version(2, "quantize", 300, 0.955, fmt="int8")
+    assert await Promoter(registry, plans).handle(registered(2)) is None
+    assert plans.jobs == [] and registry.moves == []
+
+
+async def test_a_model_without_a_policy_is_left_alone(registry, plans):
+    registry.policy = None
+    assert await Promoter(registry, plans).handle(registered(1)) is None
+    assert plans.jobs == []
+
+
+async def test_a_policy_set_after_the_version_was_registered_does_not_apply_to_it(registry, plans):
+    registry.policy = replace(registry.policy, created_ms=5000)
+    assert await Promoter(registry, plans).handle(registered(1)) is None
+    assert plans.jobs == []
+
+
+async def test_alias_events_and_deleted_versions_are_ignored(registry, plans):
+    promoter = Promoter(registry, plans)
+    assert await promoter.handle({"event": "alias-set", "name": "m", "alias": "x"}) is None
+    assert await promoter.handle(registered(9)) is None
+    assert plans.jobs == []
+
+
+async def test_a_policy_without_a_plan_promotes_the_registered_version_itself(registry, plans):
+    registry.policy = replace(
+        registry.policy, document={"promote": {"alias": "staging", "rule": "best_accuracy"}}
+    )
+    decision = await Promoter(registry, plans).handle(registered(1))
+    assert plans.jobs == []
+    assert decision.version == 1 and registry.aliases == {"staging": 1}
+
+
+async def test_nothing_moves_when_no_candidate_meets_the_requirement(registry, plans):
+    strict = {**POLICY, "promote": {**POLICY["promote"], "require": {"accuracy": 0.99}}}
+    registry.policy = replace(registry.policy, document=parse_policy(strict).to_doc())
+    decision = await Promoter(registry, plans).handle(registered(1))
+    assert decision.version is None and registry.moves == []

@@ -117,14 +117,17 @@ def local_services(
     *,
     compose: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
-    fresh_port: Callable[[], int] | None = None,
+    choose_port: PortChooser | None = None,
     scale: Mapping[str, int] | None = None,
 ) -> list[ServiceSpec]:
     """The compose services as local processes, in dependency order.
 
-    ``fresh_port`` (tests, benchmarks) gives every metrics port a free one instead of compose's
-    fixed numbers, so a private stack runs beside a developer's. ``scale`` overrides compose's
-    replica counts by service name (``maas stack up --scale``)."""
+    Replicas share this host, so each needs its own ports: a metrics port is compose's plus the
+    replica index, and a listener of a replica after the first (inference's gRPC and HTTP) gets
+    a free port. ``choose_port`` has the last word on every one (the local stack remembers what
+    it chose, and private stacks move every metrics port to a free one). ``scale`` overrides
+    compose's replica counts by service name (``maas stack up --scale``)."""
+    choose = choose_port or _default_port
     compose = compose or load_compose()
     environ = os.environ if environ is None else environ
     python_services = {
@@ -158,15 +161,12 @@ def local_services(
         deps = tuple(d for d in (svc.get("depends_on") or {}) if d in python_services)
         count = (scale or {}).get(name, _replicas(svc))
         for replica in range(count):
-            env = {**base, "MAAS_REPLICA_INDEX": str(replica), "MAAS_REPLICAS": str(count)}
-            for var, value in base.items():
-                if var.endswith("METRICS_PORT") and int(value or 0) > 0:
-                    # Replicas share a host here, so each needs its own port.
-                    env[var] = str(fresh_port() if fresh_port else int(value) + replica)
+            replica_name = name if replica == 0 else f"{name}-{replica}"
+            env = _place_replica(base, replica_name, replica, choose)
             health, host, port = _readiness(env)
             specs.append(
                 ServiceSpec(
-                    name=name if replica == 0 else f"{name}-{replica}",
+                    name=replica_name,
                     compose_name=name,
                     module=str(python_module(svc)),
                     replica=replica,
@@ -178,6 +178,42 @@ def local_services(
                 )
             )
     return specs
+
+
+PortChooser = Callable[[str, str, int], int]
+"""(replica name, variable, the port compose would give it; 0: it needs a free one) -> port."""
+
+
+def _default_port(name: str, var: str, port: int) -> int:
+    from infra.proc import free_port
+
+    return port or free_port()
+
+
+def _place_replica(
+    base: Mapping[str, str], name: str, replica: int, choose: PortChooser
+) -> dict[str, str]:
+    """One replica's environment: ports of its own for what it listens on."""
+    env = dict(base)
+    for var, value in base.items():
+        if var.endswith("METRICS_PORT") and int(value or 0) > 0:
+            env[var] = str(choose(name, var, int(value) + replica))
+        elif var.endswith("_LISTEN") and value:
+            host, _, port = value.rpartition(":")
+            if int(port) > 0:  # port 0 already binds a free one and advertises it
+                env[var] = f"{host}:{choose(name, var, int(port) if replica == 0 else 0)}"
+    return env
+
+
+def listen_ports(spec: ServiceSpec) -> dict[str, int]:
+    """Every port a replica serves, by variable: its listeners and its metrics port."""
+    ports = {}
+    for var, value in spec.env.items():
+        if var.endswith("_LISTEN") and value:
+            ports[var] = int(value.rpartition(":")[2])
+        elif var.endswith("METRICS_PORT") and int(value or 0) > 0:
+            ports[var] = int(value)
+    return ports
 
 
 def _dependency_order(services: Mapping[str, Mapping[str, Any]]) -> list[str]:

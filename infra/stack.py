@@ -56,6 +56,8 @@ class ComponentStatus:
     host: str
     port: int
     healthy: bool = False  # answering its health check, not just a live PID
+    ports: Mapping[str, int] = field(default_factory=dict)  # every port it serves, by variable
+    why_down: str = ""  # for a component that is not running: the last error its log names
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,7 @@ class PythonService:
     env: dict[str, str] = field(default_factory=dict)
     # Readiness beyond an open port (gRPC health SERVING, /metrics answering); default: TCP.
     health: Callable[[], bool] | None = None
+    served_ports: Mapping[str, int] = field(default_factory=dict)  # every port, by variable
 
     @property
     def name(self) -> str:
@@ -210,17 +213,23 @@ class LocalStack:
                 if component.stop():
                     stopped.append(component.name)
             (self.stack_dir / "scale.json").unlink(missing_ok=True)
+            (self.stack_dir / "ports.json").unlink(missing_ok=True)
         return stopped
 
     def status(self) -> list[ComponentStatus]:
         recorded = self._recorded()
         rows = []
         for component in self.components():
-            pid = component.process.pid()
+            process = component.process
+            pid = process.pid()
             host, port = recorded.get(component.name, (self._host(component), component.port))
             alive = pid is not None
             healthy = alive and component.ready()
-            rows.append(ComponentStatus(component.name, pid, alive, host, port, healthy))
+            why = "" if alive else last_error(process.log_file)
+            ports = component.served_ports if isinstance(component, PythonService) else {}
+            rows.append(
+                ComponentStatus(component.name, pid, alive, host, port, healthy, ports, why)
+            )
         return rows
 
     def is_up(self) -> bool:
@@ -242,6 +251,48 @@ class LocalStack:
         return {name: (v["host"], int(v["port"])) for name, v in data.items()}
 
 
+@dataclass
+class PortBook:
+    """The ports the stack's replicas got, kept in ``ports.json`` of the stack dir until `down`,
+    so `status` checks the ports `up` chose. ``fresh`` moves every metrics port to a free one."""
+
+    path: Path
+    fresh: bool = False
+
+    def __call__(self, name: str, var: str, port: int) -> int:
+        from infra.proc import free_port
+
+        book = self._read()
+        if var in book.get(name, {}):
+            return int(book[name][var])
+        if self.fresh and var.endswith("METRICS_PORT"):
+            port = 0
+        chosen = port or free_port()
+        book.setdefault(name, {})[var] = chosen
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(book, indent=2, sort_keys=True) + "\n")
+        return chosen
+
+    def _read(self) -> dict[str, dict[str, int]]:
+        try:
+            return dict(json.loads(self.path.read_text()))
+        except (FileNotFoundError, ValueError):
+            return {}
+
+
+def last_error(log_file: Path, *, tail_bytes: int = 64 * 1024) -> str:
+    """The message of the last ERROR line of a log (``maas.lifecycle.LOG_FORMAT``), if any: why
+    a service that stopped on its own stopped (e.g. its member id is held by another process)."""
+    try:
+        with log_file.open("rb") as log:
+            log.seek(max(0, log.seek(0, os.SEEK_END) - tail_bytes))
+            text = log.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    errors = [line for line in text.splitlines() if " ERROR " in line]
+    return errors[-1].split(": ", 1)[-1].strip() if errors else ""
+
+
 def compose_services(
     settings: Settings,
     stack_dir: Path,
@@ -250,11 +301,10 @@ def compose_services(
     scale: Mapping[str, int] | None = None,
 ) -> Iterator[PythonService]:
     """docker-compose.yml's Python services as local processes (see infra/compose.py)."""
-    from infra.compose import is_ready, local_services
-    from infra.proc import free_port
+    from infra.compose import is_ready, listen_ports, local_services
 
-    fresh = free_port if fresh_ports else None
-    for spec in local_services(settings, fresh_port=fresh, scale=scale):
+    book = PortBook(stack_dir / "ports.json", fresh=fresh_ports)
+    for spec in local_services(settings, choose_port=book, scale=scale):
         yield PythonService(
             service_name=spec.name,
             module=spec.module,
@@ -263,6 +313,7 @@ def compose_services(
             stack_dir=stack_dir,
             env={**spec.env, **auth_env(settings, spec.env)},
             health=partial(is_ready, spec, settings=settings),
+            served_ports=listen_ports(spec),
         )
 
 

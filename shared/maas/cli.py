@@ -65,7 +65,7 @@ def _scale_arg(text: str) -> tuple[str, int]:
 
 
 def _print_status(rows: Sequence[ComponentStatus]) -> None:
-    table = [("COMPONENT", "PID", "HEALTH", "ADDRESS")]
+    table = [("COMPONENT", "PID", "HEALTH", "ADDRESS", "PORTS")]
     for row in rows:
         health = "healthy" if row.healthy else ("starting" if row.alive else "down")
         table.append(
@@ -74,11 +74,15 @@ def _print_status(rows: Sequence[ComponentStatus]) -> None:
                 str(row.pid or "-"),
                 health,
                 f"{row.host}:{row.port}",
+                " ".join(f"{var}={port}" for var, port in sorted(row.ports.items())),
             )
         )
-    widths = [max(len(r[i]) for r in table) for i in range(4)]
+    widths = [max(len(r[i]) for r in table) for i in range(5)]
     for r in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    for row in rows:
+        if row.why_down:
+            print(f"{row.name} is down: {row.why_down}")
 
 
 def _stack_up(args: argparse.Namespace, settings: Settings) -> int:

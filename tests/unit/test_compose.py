@@ -16,8 +16,12 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
 _INTERPOLATED = re.compile(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)")
 PORT_VAR = "MAAS_PORT_"
-# Loopback only, host port from a MAAS_PORT_* variable with a numeric default.
-_PUBLISHED = re.compile(r"^127\.0\.0\.1:\$\{(MAAS_PORT_[A-Z0-9_]+):-\d+\}:\S+$")
+COMPOSE_VAR = "MAAS_COMPOSE_"  # this file's own knobs (endpoints, published/advertised host)
+# Loopback by default, host port from a MAAS_PORT_* variable with a numeric default.
+_PUBLISHED = re.compile(
+    r"^(?:127\.0\.0\.1|\$\{MAAS_COMPOSE_PUBLISH_HOST:-127\.0\.0\.1\}):"
+    r"\$\{(MAAS_PORT_[A-Z0-9_]+):-\d+\}:\S+$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +68,10 @@ def test_every_maas_env_name_is_known() -> None:
             names |= {item.split("=", 1)[0] for item in env}
         else:
             names |= set(env)
-    # MAAS_PORT_* are compose's own host-port knobs (test below), not platform settings.
-    maas_names = {n for n in names if n.startswith("MAAS_") and not n.startswith(PORT_VAR)}
+    # MAAS_PORT_* and MAAS_COMPOSE_* are compose's own knobs (tests below), not settings.
+    maas_names = {
+        n for n in names if n.startswith("MAAS_") and not n.startswith((PORT_VAR, COMPOSE_VAR))
+    }
     assert maas_names, "compose sets no MAAS_* variables at all"
     unknown = sorted(maas_names - known_env_names())
     assert not unknown, f"compose uses env names maas.config does not know: {unknown}"
@@ -127,3 +133,57 @@ def test_every_service_is_authenticated_by_default_and_inference_only_reads(
     assert services["inference"]["environment"]["MAAS_AUTH_TOKEN_FILE"].endswith("inference.token")
     init = compose["services"]["auth-init"]
     assert _python_m_modules(init["command"]) == ["maas.edge"]
+
+
+def test_only_the_broker_and_s3_may_be_opened_beyond_loopback(compose: dict[str, Any]) -> None:
+    opened = sorted(
+        name
+        for name, svc in compose["services"].items()
+        for entry in svc.get("ports") or ()
+        if str(entry).startswith("${" + COMPOSE_VAR)
+    )
+    assert opened == ["kafka", "minio"]
+
+
+def test_the_brokers_host_listener_advertises_the_host_members_dial(
+    compose: dict[str, Any],
+) -> None:
+    advertised = compose["services"]["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
+    assert "PLAINTEXT://kafka:9092" in advertised.split(",")
+    assert "HOST://${MAAS_COMPOSE_ADVERTISED_HOST:-127.0.0.1}:${MAAS_PORT_KAFKA:-9094}" in (
+        advertised.split(",")
+    )
+
+
+def test_the_services_endpoints_default_to_compose_and_follow_the_knobs(
+    compose: dict[str, Any],
+) -> None:
+    from infra.compose import _substitute
+
+    env = compose["x-maas-env"]
+    defaults = {k: _substitute(v, {}) for k, v in env.items()}
+    assert (defaults["MAAS_KAFKA_BOOTSTRAP"], defaults["MAAS_S3_ENDPOINT"]) == (
+        "kafka:9092",
+        "minio:9000",
+    )
+    assert defaults["MAAS_S3_SECURE"] == "false"
+    external = {
+        "MAAS_COMPOSE_KAFKA_BOOTSTRAP": "k0.prod:9092,k1.prod:9092",
+        "MAAS_COMPOSE_S3_ENDPOINT": "minio.prod:443",
+        "MAAS_S3_SECURE": "true",
+    }
+    moved = {k: _substitute(v, external) for k, v in env.items()}
+    assert (moved["MAAS_KAFKA_BOOTSTRAP"], moved["MAAS_S3_ENDPOINT"], moved["MAAS_S3_SECURE"]) == (
+        "k0.prod:9092,k1.prod:9092",
+        "minio.prod:443",
+        "true",
+    )
+
+
+def test_inference_publishes_no_port_a_second_replica_would_collide_on(
+    compose: dict[str, Any],
+) -> None:
+    # Each published port is one MAAS_PORT_* knob a range can replace; none is the container
+    # side of an environment value (a range there would reach the service as its port).
+    for entry in compose["services"]["inference"]["ports"]:
+        assert str(entry).rsplit(":", 1)[1].isdigit(), entry

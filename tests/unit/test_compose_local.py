@@ -2,7 +2,7 @@
 
 import pytest
 
-from infra.compose import check_scale, load_compose, local_services
+from infra.compose import check_scale, listen_ports, load_compose, local_services
 from maas.config import Settings
 from maas.errors import InvalidArgument
 
@@ -70,10 +70,9 @@ def test_a_listen_address_belongs_only_to_the_service_that_declares_it():
     assert (specs["model-registry"].health, specs["model-registry"].port) == ("grpc", 50051)
 
 
-def test_replicas_get_their_index_and_distinct_metrics_ports():
+def test_replicas_get_distinct_metrics_ports():
     specs = by_name()
     first, second = specs["compressor"], specs["compressor-1"]
-    assert (first.env["MAAS_REPLICA_INDEX"], second.env["MAAS_REPLICA_INDEX"]) == ("0", "1")
     assert (first.port, second.port) == (9102, 9103)
     assert first.health == "http"
 
@@ -134,3 +133,70 @@ def test_a_listener_compose_opens_to_its_network_stays_on_this_machine():
     private = settings().replace(inference_http_listen="127.0.0.1:18000")
     (spec,) = local_services(private, compose=compose, environ={})
     assert spec.env["MAAS_INFERENCE_HTTP_LISTEN"] == "127.0.0.1:18000"
+
+
+INFERENCE = {
+    "services": {
+        "inference": {
+            "command": ["python", "-m", "services.inference"],
+            "environment": {
+                "MAAS_INFERENCE_LISTEN": "0.0.0.0:8001",
+                "MAAS_INFERENCE_HTTP_LISTEN": "0.0.0.0:8000",
+                "MAAS_INFERENCE_METRICS_PORT": "8002",
+            },
+        }
+    }
+}
+
+
+def test_inference_scaled_on_one_host_gives_each_replica_its_own_ports():
+    chosen = iter(range(30000, 30010))
+    asked = []
+
+    def choose(name: str, var: str, port: int) -> int:
+        asked.append((name, var, port))
+        return port or next(chosen)
+
+    first, second = local_services(
+        settings(), compose=INFERENCE, environ={}, scale={"inference": 2}, choose_port=choose
+    )
+    assert first.env["MAAS_INFERENCE_LISTEN"] == "127.0.0.1:8001"
+    assert first.env["MAAS_INFERENCE_HTTP_LISTEN"] == "127.0.0.1:8000"
+    assert second.env["MAAS_INFERENCE_LISTEN"] == "127.0.0.1:30000"
+    assert second.env["MAAS_INFERENCE_HTTP_LISTEN"] == "127.0.0.1:30001"
+    assert (second.env["MAAS_INFERENCE_METRICS_PORT"], second.health, second.port) == (
+        "8003",
+        "grpc",
+        30000,
+    )
+    # A replica after the first asks for free listeners (0); its metrics port is compose's + 1.
+    assert ("inference-1", "MAAS_INFERENCE_LISTEN", 0) in asked
+    assert ("inference-1", "MAAS_INFERENCE_METRICS_PORT", 8003) in asked
+
+
+def test_without_a_chooser_replica_listeners_still_get_free_ports():
+    first, second = local_services(
+        settings(), compose=INFERENCE, environ={}, scale={"inference": 2}
+    )
+    ports = {s.env["MAAS_INFERENCE_LISTEN"] for s in (first, second)}
+    assert len(ports) == 2
+    assert second.env["MAAS_INFERENCE_HTTP_LISTEN"] != first.env["MAAS_INFERENCE_HTTP_LISTEN"]
+
+
+def test_a_listener_on_port_zero_stays_zero_for_every_replica():
+    # A shard binds a free port itself and advertises the one it got.
+    assert by_name()["aggregator-1"].env["MAAS_AGGREGATOR_LISTEN"].endswith(":0")
+
+
+def test_listen_ports_names_every_port_a_replica_serves():
+    (spec,) = local_services(settings(), compose=INFERENCE, environ={})
+    assert listen_ports(spec) == {
+        "MAAS_INFERENCE_LISTEN": 8001,
+        "MAAS_INFERENCE_HTTP_LISTEN": 8000,
+        "MAAS_INFERENCE_METRICS_PORT": 8002,
+    }
+
+
+def test_no_replica_index_is_handed_to_services():
+    # Pool members name themselves; no service reads an index, so none is set.
+    assert all("MAAS_REPLICA_INDEX" not in s.env for s in by_name().values())

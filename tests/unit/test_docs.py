@@ -28,8 +28,6 @@ NOT_SETTINGS = {
     "MAAS_E2E_USE_RUNNING_STACK": ROOT / "tests" / "e2e" / "test_platform.py",
     "MAAS_PYTHON": ROOT / "infra" / "dev.sh",
     "MAAS_TORCH": ROOT / "infra" / "dev.sh",
-    "MAAS_REPLICA_INDEX": ROOT / "infra" / "compose.py",
-    "MAAS_REPLICAS": ROOT / "infra" / "compose.py",
 }
 _ENV = re.compile(r"\bMAAS_[A-Z0-9_]*")
 _VERSIONED = re.compile(r"\bmaas\.[a-z][a-z-]*\.v[0-9]+\b")
@@ -56,8 +54,13 @@ def compose() -> dict[str, Any]:
 
 
 def _known(name: str) -> bool:
-    # MAAS_PORT_* are Compose's host-port knobs: known where docker-compose.yml reads them.
-    knobs = {n for n in _ENV.findall(COMPOSE_FILE.read_text()) if n.startswith("MAAS_PORT_")}
+    # MAAS_PORT_* (host ports) and MAAS_COMPOSE_* (endpoints, published and advertised host)
+    # are Compose's own knobs: known where docker-compose.yml reads them.
+    knobs = {
+        n
+        for n in _ENV.findall(COMPOSE_FILE.read_text())
+        if n.startswith(("MAAS_PORT_", "MAAS_COMPOSE_"))
+    }
     known = known_env_names() | set(NOT_SETTINGS) | knobs
     if name.endswith("_"):  # a wildcard such as MAAS_*_LISTEN, written MAAS_
         return any(k.startswith(name) for k in known)

@@ -1,0 +1,84 @@
+"""`maas stack status` on replicas: each one listed with its own ports, the ports `up` chose kept
+for later calls, and a replica that stopped on its own named with the reason its log gives."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from infra.stack import LocalStack, last_error
+from maas.cli import main
+from maas.config import Settings
+from maas.lifecycle import LOG_FORMAT
+from maas.training.control import Identity, member_event
+
+
+def local(state_dir: Path, **scale: int) -> LocalStack:
+    settings = Settings.from_env({}).replace(state_dir=str(state_dir))
+    return LocalStack.from_settings(settings, with_services=True, scale=scale)
+
+
+def test_two_inference_replicas_listen_on_distinct_ports(tmp_path: Path) -> None:
+    rows = {row.name: row for row in local(tmp_path, inference=2).status()}
+    first, second = rows["inference"].ports, rows["inference-1"].ports
+    assert set(first) == set(second) >= {"MAAS_INFERENCE_LISTEN", "MAAS_INFERENCE_HTTP_LISTEN"}
+    assert set(first.values()).isdisjoint(second.values())
+
+
+def test_status_reports_the_ports_up_chose(tmp_path: Path) -> None:
+    chosen = {row.name: row.ports for row in local(tmp_path, inference=2).status()}
+    again = {row.name: row.ports for row in local(tmp_path).status()}  # scale remembered too
+    assert again == chosen
+    assert "inference-1" in again
+
+
+def test_down_forgets_the_chosen_ports(tmp_path: Path) -> None:
+    stack = local(tmp_path, inference=2)
+    stack.down()
+    assert not (stack.stack_dir / "ports.json").exists()
+    assert "inference-1" not in {row.name for row in local(tmp_path).status()}
+
+
+def refused_log(path: Path) -> str:
+    """What a second process under a held member id writes, through the services' log format."""
+    holder = Identity("w-1", "worker", incarnation="aaa", since=1000)
+    twin = Identity("w-1", "worker", incarnation="bbb", since=2000)
+    reason = twin.fenced_by(member_event(holder, "up"))
+    assert reason
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger = logging.getLogger("maas.training.control.test")
+    logger.addHandler(handler)
+    try:
+        logger.info("gradient-worker-w-1 waiting for training jobs")
+        logger.error("%s", reason)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    with path.open("a") as log:
+        log.write("Traceback (most recent call last):\n  ...\nIdentityTaken: " + reason + "\n")
+    return reason
+
+
+def test_last_error_is_the_message_of_the_last_error_line(tmp_path: Path) -> None:
+    reason = refused_log(tmp_path / "x.log")
+    assert last_error(tmp_path / "x.log") == reason
+    assert last_error(tmp_path / "missing.log") == ""
+
+
+def test_status_names_a_replica_refused_for_a_held_member_id(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stack = local(tmp_path)
+    stack.stack_dir.mkdir(parents=True, exist_ok=True)
+    reason = refused_log(stack.stack_dir / "gradient-worker-1.log")
+    rows = {row.name: row for row in stack.status()}
+    assert rows["gradient-worker-1"].why_down == reason
+    assert rows["gradient-worker"].why_down == ""
+
+    monkeypatch.setenv("MAAS_STATE_DIR", str(tmp_path))
+    assert main(["stack", "status"]) == 3
+    out = capsys.readouterr().out
+    assert "gradient-worker-1 is down: member id 'w-1' is held by another process" in out

@@ -227,7 +227,7 @@ async def run_ours(
     # of the step is the data plane (push, the shard's reduce and optimizer, the broadcast back).
     busiest = max(range(len(computed)), key=lambda i: computed[i])
     compute_ms = 1000 * compute_s[busiest] / max(1.0, computed[busiest])
-    step_ms = 1000 * (pointer.written_ms - first_ms) / max(1, pointer.version - first_step)
+    step_ms = (pointer.written_ms - first_ms) / max(1, pointer.version - first_step)
     return {
         "workers": workers,
         "codec": codec,

@@ -25,7 +25,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from maas.config import Settings
 from maas.errors import InvalidArgument
-from maas.lifecycle import configure_logging, run_until_signalled, run_until_stopped
+from maas.lifecycle import (
+    configure_logging,
+    limit_compute_threads,
+    run_until_signalled,
+    run_until_stopped,
+)
 
 log = logging.getLogger("services.aggregator")
 
@@ -75,6 +80,7 @@ def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings)
     service = build(settings, os.environ)
+    limit_compute_threads(settings.training_compute_threads)
     run_until_signalled(
         lambda stop: serve(service, stop, settings.metrics_port, settings.metrics_bind)
     )

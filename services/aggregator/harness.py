@@ -37,8 +37,6 @@ class TrainingProcesses(contextlib.AbstractContextManager["TrainingProcesses"]):
         self.workdir = workdir
         self.env = {
             "MAAS_REGISTRY_ADDR": registry_addr,
-            # One compute thread per worker, as a DDP peer would get: no oversubscription.
-            "OMP_NUM_THREADS": "1",
             **env,
         }
         self.coordinator = self._service(

@@ -15,7 +15,12 @@ import logging
 from prometheus_client import start_http_server
 
 from maas.config import Settings
-from maas.lifecycle import configure_logging, run_until_signalled, run_until_stopped
+from maas.lifecycle import (
+    configure_logging,
+    limit_compute_threads,
+    run_until_signalled,
+    run_until_stopped,
+)
 from services.gradient_worker.service import WorkerService
 
 log = logging.getLogger("services.gradient_worker")
@@ -40,6 +45,7 @@ async def serve(settings: Settings, stop: asyncio.Event) -> None:
 def main() -> None:
     settings = Settings.from_env()
     configure_logging(settings)
+    limit_compute_threads(settings.training_compute_threads)
     run_until_signalled(lambda stop: serve(settings, stop))
 
 

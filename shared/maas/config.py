@@ -293,6 +293,14 @@ class Settings:
         ),
     )
     # --- training (gradient workers, aggregator shards) ----------------------------------
+    training_compute_threads: int = field(
+        default=1,
+        metadata=_env(
+            "MAAS_TRAINING_COMPUTE_THREADS",
+            doc="threads a gradient worker's torch and a shard's BLAS use (workers x this ~ "
+            "cores: on a busy host extra threads spin instead of computing)",
+        ),
+    )
     member_id: str = field(
         default="",
         metadata=_env(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+
 import msgpack
 import numpy as np
 import pytest
@@ -9,14 +12,18 @@ import pytest
 from maas.codec import tensor_to_map
 from maas.errors import InvalidArgument
 from maas.training.codecs import (
+    FP16_MAX,
+    DenseGradient,
     ErrorFeedback,
     Int8Codec,
     NoneCodec,
     SparseGradient,
     TopKCodec,
     axpy,
+    half_precision,
     parse_codec,
     top_indices,
+    widen,
 )
 
 
@@ -177,3 +184,45 @@ def test_axpy_accepts_read_only_and_low_precision_inputs() -> None:
     x = np.frombuffer(np.full(200_000, 2, dtype=np.int8).tobytes(), dtype=np.int8)
     axpy(target, x, 0.5)
     np.testing.assert_array_equal(target, np.full(200_000, 2.0, dtype=np.float32))
+
+
+def _every_magnitude(seed: int = 0) -> np.ndarray:
+    """fp32 values from 1e-12 to 1e6 (fp16 subnormals, normals, overflow), and the specials."""
+    rng = np.random.default_rng(seed)
+    scale = np.float32(10.0) ** rng.integers(-12, 7, 20_000).astype(np.float32)
+    values = (rng.standard_normal(20_000).astype(np.float32) * scale).astype(np.float32)
+    specials = [0.0, -0.0, np.inf, -np.inf, np.nan, 65504, 65519, 65520, -7e4, 6e-8, 2.9e-8]
+    return np.concatenate([values, np.array(specials, dtype=np.float32)])
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return bool(np.all((a.view(np.uint16) == b.view(np.uint16)) | (np.isnan(a) & np.isnan(b))))
+
+
+@pytest.mark.parametrize("torch_loaded", [True, False])
+def test_half_precision_rounds_and_clips_like_numpy(
+    torch_loaded: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if torch_loaded:
+        importlib.import_module("torch")  # the worker's case
+    else:
+        monkeypatch.setitem(sys.modules, "torch", None)  # the shard's case: numpy only
+    values = _every_magnitude()
+    with np.errstate(invalid="ignore"):
+        expected = np.clip(values, -FP16_MAX, FP16_MAX).astype(np.float16)
+    assert _same_bits(half_precision(values), expected)
+
+
+def test_widen_is_numpys_exact_cast() -> None:
+    half = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # every fp16 value
+    out = np.empty(len(half), dtype=np.float32)
+    widen(half, out)
+    assert np.array_equal(out, half.astype(np.float32), equal_nan=True)
+
+
+def test_an_fp16_gradient_adds_its_exact_fp32_values() -> None:
+    finite = _every_magnitude(1)[:20_000]
+    half = np.clip(finite, -FP16_MAX, FP16_MAX).astype(np.float16)
+    target = np.ones(len(half), dtype=np.float32)
+    DenseGradient(half).add_to(target, 0.5)
+    assert np.array_equal(target, np.float32(1.0) + np.float32(0.5) * half.astype(np.float32))

@@ -26,13 +26,13 @@ from maas.codec import map_to_tensor
 from maas.errors import InvalidArgument
 from maas.training.aggregate import Contribution
 from maas.training.codecs import (
-    FP16_MAX,
     Decoded,
     DenseGradient,
     GradientCodecType,
     PiecewiseGradient,
     SparseGradient,
     TopKCodec,
+    half_precision,
     parse_codec,
 )
 from maas.training.layout import FlatLayout, ParamPartition
@@ -49,9 +49,7 @@ def broadcast_values(values: np.ndarray, dtype: str) -> np.ndarray:
     """What workers receive of a shard's fp32 parameters: the same, or an fp16 copy."""
     if dtype == "float32":
         return np.asarray(values, dtype=np.float32)
-    half = np.empty(values.shape, dtype=np.float16)
-    np.clip(values, -FP16_MAX, FP16_MAX, out=half, casting="same_kind")
-    return half
+    return half_precision(values)
 
 
 def overlaps(codec: GradientCodecType, mode: str) -> bool:

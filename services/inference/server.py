@@ -31,6 +31,7 @@ from services.inference.dataplane import DataPlane, ModelSource
 from services.inference.generation import Generators
 from services.inference.http_app import HttpServer
 from services.inference.interceptors import ErrorMappingInterceptor
+from services.inference.kafka_stream import InferenceStream
 from services.inference.metrics import Metrics
 from services.inference.openai_http import OpenAIRoutes, bearer_auth
 from services.inference.rest import OipRestRoutes
@@ -119,6 +120,13 @@ class InferenceServer:
             auto_offset_reset="latest",
         )
         self._consume_task: asyncio.Task[None] | None = None
+        # Requests from maas.infer.v1 (MAAS_INFERENCE_STREAM), on the same data plane.
+        self.stream = (
+            InferenceStream(settings, self.plane, self.metrics)
+            if settings.inference_stream
+            else None
+        )
+        self._stream_task: asyncio.Task[None] | None = None
         # Without the models consumer alias moves stop arriving: then say NOT_SERVING, and why.
         self._liveness = Liveness(self.metrics.registry, on_change=self._not_serving)
         self.port = 0
@@ -159,6 +167,11 @@ class InferenceServer:
             self._liveness.supervise("models-consumer", self._consumer.run())
         )
         self.plane.ready = True
+        if self.stream is not None:
+            await self.stream.start()
+            self._stream_task = asyncio.get_running_loop().create_task(
+                self._liveness.supervise("infer-stream", self.stream.run())
+            )
         for service in ("", OIP_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("inference serving on %s (port %d)", self._settings.inference_listen, self.port)
@@ -170,6 +183,11 @@ class InferenceServer:
         if self.http is not None:
             await self.http.stop()
         self.generators.close()
+        if self.stream is not None:
+            await self.stream.stop()  # the transaction in progress commits or aborts first
+        if self._stream_task is not None:
+            self._stream_task.cancel()
+            await asyncio.gather(self._stream_task, return_exceptions=True)
         await self._consumer.stop()
         if self._consume_task is not None:
             self._consume_task.cancel()

@@ -273,6 +273,14 @@ class Settings:
             "more wait for a free slot",
         ),
     )
+    inference_stream: bool = field(
+        default=True,
+        metadata=_env(
+            "MAAS_INFERENCE_STREAM",
+            doc="answer requests from maas.infer.v1 on maas.predictions.v1 (or the request's "
+            "reply_to), exactly once per request id",
+        ),
+    )
     inference_metrics_port: int = field(
         default=8002,
         metadata=_env(

@@ -31,6 +31,8 @@ MODEL = "maas.model/1"
 DLQ = "maas.dlq/1"
 MEMBER = "maas.member/1"
 ASSIGNMENT = "maas.assignment/1"
+INFER = "maas.infer/1"
+PREDICTION = "maas.prediction/1"
 
 # Reasons quote offending values; a quoted 16 MiB string would make every reason that big.
 MAX_REASON_CHARS = 500

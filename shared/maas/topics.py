@@ -31,8 +31,20 @@ TRAINING_CONTROL = Topic(
     "training pool: heartbeats (maas.member/1), assignments (maas.assignment/1)",
 )
 
+# Stream inference: requests in, predictions out, each keyed by request id (transactional).
+INFER = Topic("maas.infer.v1", 3, "request id", "inference requests (maas.infer/1)")
+PREDICTIONS = Topic("maas.predictions.v1", 3, "request id", "predictions (maas.prediction/1)")
+
 # Gradients and parameters are not here: they travel over the gRPC data plane (maas.training.v1).
-ALL_TOPICS: tuple[Topic, ...] = (JOBS, JOB_STATUS, MODELS, DLQ, TRAINING_CONTROL)
+ALL_TOPICS: tuple[Topic, ...] = (
+    JOBS,
+    JOB_STATUS,
+    MODELS,
+    DLQ,
+    TRAINING_CONTROL,
+    INFER,
+    PREDICTIONS,
+)
 
 
 def by_name(name: str) -> Topic:

@@ -1,0 +1,406 @@
+"""Exactly-once consume-transform-produce on Kafka: each record's outputs and its offset commit
+land in one transaction, so a crash at any point leaves either both or neither.
+
+Records are read with ``isolation_level=read_committed`` and decoded like every bus record
+(``maas.bus``); ``transform`` turns one record into the records to write. Per partition batch,
+the outputs of the records handled, the dead letters of the refused ones (``maas.dlq.v1``, the
+bus's ``DeadLetter``) and the offset after the last of them go into one transaction of that
+partition's producer. The producer's ``transactional_id`` is ``<group>.<topic>.<partition>``:
+whichever process owns a partition writes under the same id, so a new owner fences the old one
+(a process killed mid-transaction included; its open transaction is aborted) before it reads
+the committed offset — and a reader with ``read_committed`` sees each output once.
+
+A record ``transform`` refuses for good (a non-retriable ``MaasError``), an undecodable one, or
+one whose output names a topic the broker lacks is dead-lettered with the reason; another
+failure is retried with backoff (the partition is read again from that record; the records
+before it commit) and dead-lettered after ``max_attempts``. A transaction that fails (broker
+lost, fenced) is aborted with its producer, and the batch is read again. Nothing ends the loop
+but ``stop()`` or a fetch error Kafka calls fatal.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import ConsumerStoppedError, KafkaError, ProducerFenced
+
+from maas import events
+from maas.bus import (
+    MAX_POLL_BACKOFF_S,
+    ConsumerDied,
+    Record,
+    dead_letter_for,
+    decode_value,
+    is_poison,
+    to_record,
+    unreadable,
+)
+from maas.config import Settings
+from maas.deadletter import DeadLetter, Headers
+from maas.errors import NotFound, Unavailable
+from maas.kafka_security import kafka_client_kwargs
+from maas.topics import DLQ
+
+log = logging.getLogger(__name__)
+
+TOPICS_REFRESH_S = 1.0  # an unknown output topic is looked up again at most this often
+PRODUCER_STOP_S = 10.0
+
+
+@dataclass(frozen=True)
+class Output:
+    """One record to write, in the same transaction as the offset of the record it answers."""
+
+    topic: str
+    value: bytes
+    key: str | None = None
+    headers: Headers = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What one transaction wrote: records consumed, outputs produced, records dead-lettered."""
+
+    records: int
+    produced: int
+    dead_lettered: int
+
+
+@dataclass(frozen=True)
+class Retry:
+    error: BaseException
+
+
+Transform = Callable[[Record], Awaitable[Sequence[Output]]]
+CommitHook = Callable[[Committed], None]
+_Outcome = Sequence[Output] | DeadLetter | Retry
+
+
+def transactional_id(group_id: str, tp: TopicPartition) -> str:
+    """The id every owner of ``tp`` writes under, so the newest owner fences the others."""
+    return f"{group_id}.{tp.topic}.{tp.partition}"
+
+
+def committable(outcomes: Sequence[_Outcome]) -> int:
+    """How many outcomes, from the first, can commit: those before the first retry."""
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, Retry):
+            return i
+    return len(outcomes)
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, pipe: TransactionalPipe) -> None:
+        self._pipe = pipe
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        await self._pipe._release(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self._pipe._unsynced |= set(assigned)
+
+
+class TransactionalPipe:
+    """Consume ``topics`` in ``group_id``, ``transform`` each record, write exactly once."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        topics: Sequence[str],
+        group_id: str,
+        transform: Transform,
+        expected_schemas: Iterable[str] | None = None,
+        on_commit: CommitHook | None = None,
+        max_attempts: int = 8,
+        retry_backoff_ms: int = 200,
+        max_poll_records: int = 256,
+    ) -> None:
+        self._settings = settings
+        self._topics = list(topics)
+        self.group_id = group_id
+        self._transform = transform
+        self._expected = list(expected_schemas) if expected_schemas is not None else None
+        self._on_commit = on_commit
+        self._max_attempts = max_attempts
+        self._retry_backoff_ms = retry_backoff_ms
+        self._max_poll_records = max_poll_records
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producers: dict[TopicPartition, AIOKafkaProducer] = {}
+        # Assigned partitions whose position must be read again once their producer fenced
+        # every earlier owner (only then is the committed offset final).
+        self._unsynced: set[TopicPartition] = set()
+        self._attempts: dict[tuple[str, int, int], int] = {}
+        self._known_topics: set[str] = set()
+        self._topics_checked_at = float("-inf")
+        self._topics_lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # a round of transactions, or a revocation
+        self._stopping = asyncio.Event()
+
+    async def start(self) -> None:
+        if self._consumer is not None:
+            return
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._settings.kafka_bootstrap,
+            **kafka_client_kwargs(self._settings),
+            group_id=self.group_id,
+            client_id=self.group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=self._settings.kafka_max_message_bytes,
+            fetch_max_bytes=max(52_428_800, self._settings.kafka_max_message_bytes),
+            max_poll_records=self._max_poll_records,
+        )
+        consumer.subscribe(self._topics, listener=_Rebalance(self))
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise Unavailable(
+                f"cannot reach Kafka at {self._settings.kafka_bootstrap}: {exc}"
+            ) from exc
+        self._consumer = consumer
+
+    async def stop(self) -> None:
+        """Finish the transaction in progress, then leave the group."""
+        self._stopping.set()
+        await self._release(set(self._producers))
+        # Not under the lock: leaving the group may wait for a revocation, which takes it.
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+
+    def _require(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("TransactionalPipe used before start() or after stop()")
+        return self._consumer
+
+    async def wait_assigned(self, timeout_s: float = 30.0) -> None:
+        consumer = self._require()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not consumer.assignment():
+            if loop.time() > deadline:
+                raise Unavailable(f"consumer group {self.group_id} got no partitions in time")
+            await asyncio.sleep(0.05)
+
+    async def run(self) -> None:
+        """Consume until ``stop()``; ConsumerDied when Kafka refuses the fetch for good."""
+        consumer = self._require()
+        lost = 0
+        while not self._stopping.is_set():
+            try:
+                batches = await consumer.getmany(timeout_ms=200)
+            except ConsumerStoppedError:
+                return  # stop() left the group
+            except KafkaError as exc:
+                if not exc.retriable:
+                    raise ConsumerDied(f"consumer {self.group_id} cannot fetch: {exc!r}") from exc
+                lost += 1
+                log.warning("consumer %s lost the broker (%s); retrying", self.group_id, exc)
+                await self._pause(min(0.5 * lost, MAX_POLL_BACKOFF_S))
+                continue
+            lost = 0
+            async with self._lock:
+                if self._stopping.is_set():
+                    return
+                await self._sync(consumer)
+                rounds = [
+                    self._process(consumer, tp, raws)
+                    for tp, raws in batches.items()
+                    if tp in consumer.assignment() and tp not in self._unsynced
+                ]
+                await asyncio.gather(*rounds)
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    # --- partitions and their producers -----------------------------------------------------
+
+    async def _sync(self, consumer: AIOKafkaConsumer) -> None:
+        """Newly assigned partitions: fence earlier owners, then seek to the committed offset
+        (records fetched before that are dropped: they may start at a stale position)."""
+        for tp in sorted(self._unsynced & consumer.assignment()):
+            try:
+                await self._producer(tp)
+                committed = await consumer.committed(tp)
+            except KafkaError as exc:
+                log.warning("cannot take over %s yet (%s); retrying", tp, exc)
+                continue
+            if committed is None:
+                await consumer.seek_to_beginning(tp)
+            else:
+                consumer.seek(tp, committed)
+            self._unsynced.discard(tp)
+        self._unsynced &= consumer.assignment()
+
+    async def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        producer = self._producers.get(tp)
+        if producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._settings.kafka_bootstrap,
+                **kafka_client_kwargs(self._settings),
+                client_id=transactional_id(self.group_id, tp),
+                transactional_id=transactional_id(self.group_id, tp),
+                enable_idempotence=True,
+                acks="all",
+                max_request_size=self._settings.kafka_max_message_bytes,
+                linger_ms=2,
+            )
+            try:
+                await producer.start()  # fences earlier owners and aborts what they left open
+            except BaseException:
+                await producer.stop()
+                raise
+            self._producers[tp] = producer
+        return producer
+
+    async def _release(self, partitions: set[TopicPartition]) -> None:
+        """Once the round in progress is done, stop the producers of ``partitions`` (revoked:
+        the next owner takes over)."""
+        async with self._lock:
+            self._unsynced -= partitions
+            for tp in partitions:
+                await self._drop_producer(tp)
+
+    async def _drop_producer(self, tp: TopicPartition) -> None:
+        producer = self._producers.pop(tp, None)
+        if producer is None:
+            return
+        try:
+            await asyncio.wait_for(producer.stop(), PRODUCER_STOP_S)
+        except Exception as exc:  # its open transaction is aborted by the next owner's start
+            log.warning("stopping the producer of %s failed: %s", tp, exc)
+
+    # --- one partition batch ----------------------------------------------------------------
+
+    async def _process(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        raws: list[ConsumerRecord[bytes, bytes]],
+    ) -> None:
+        outcomes = await asyncio.gather(*(self._outcome(raw) for raw in raws))
+        done = committable(outcomes)
+        if done and not await self._commit(tp, raws[:done], outcomes[:done]):
+            consumer.seek(tp, raws[0].offset)
+            await self._pause(self._retry_backoff_ms / 1000)
+            return
+        if done < len(raws):
+            retry = outcomes[done]
+            assert isinstance(retry, Retry)
+            raw = raws[done]
+            attempts = self._attempts[(raw.topic, raw.partition, raw.offset)]
+            log.warning(
+                "%s[%d]@%d failed (attempt %d/%d), will read it again: %s",
+                raw.topic,
+                raw.partition,
+                raw.offset,
+                attempts,
+                self._max_attempts,
+                events.clip(repr(retry.error)),
+            )
+            consumer.seek(tp, raw.offset)
+            backoff_s = self._retry_backoff_ms / 1000 * 2 ** (attempts - 1)
+            await self._pause(min(backoff_s, MAX_POLL_BACKOFF_S))
+
+    async def _outcome(self, raw: ConsumerRecord[bytes, bytes]) -> _Outcome:
+        event: dict[str, Any] | None = None
+        try:
+            event = decode_value(raw, max_depth=self._settings.event_max_depth)
+            record = to_record(raw, event, self._expected)
+        except Exception as exc:  # the bytes cannot be read, now or ever
+            return dead_letter_for(raw, unreadable(exc), event)
+        try:
+            outputs = await self._transform(record)
+            await self._check_topics(outputs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure is classified, none escapes the loop
+            where = (raw.topic, raw.partition, raw.offset)
+            attempts = self._attempts.get(where, 0) + 1
+            if is_poison(exc) or attempts >= self._max_attempts:
+                self._attempts.pop(where, None)
+                return dead_letter_for(raw, exc, event)
+            self._attempts[where] = attempts
+            return Retry(exc)
+        return outputs
+
+    async def _check_topics(self, outputs: Sequence[Output]) -> None:
+        """NotFound for an output topic the broker lacks (a send would wait for it in vain)."""
+        loop = asyncio.get_running_loop()
+        for output in outputs:
+            if output.topic in self._known_topics:
+                continue
+            async with self._topics_lock:  # one look-up at a time; the others then see it
+                if loop.time() - self._topics_checked_at >= TOPICS_REFRESH_S:
+                    self._known_topics = set(await self._require().topics())
+                    self._topics_checked_at = loop.time()
+            if output.topic not in self._known_topics:
+                raise NotFound(
+                    f"topic {events.clip(output.topic, 250)!r} does not exist on the broker; "
+                    "name an existing topic (they are never created on first write)"
+                )
+
+    async def _commit(
+        self,
+        tp: TopicPartition,
+        raws: Sequence[ConsumerRecord[bytes, bytes]],
+        outcomes: Sequence[_Outcome],
+    ) -> bool:
+        """Write ``outcomes`` and the offset after ``raws`` in one transaction; False (the
+        producer dropped, the transaction aborted) when it failed."""
+        letters = [o for o in outcomes if isinstance(o, DeadLetter)]
+        outputs = [x for o in outcomes if not isinstance(o, DeadLetter | Retry) for x in o]
+        max_bytes = self._settings.kafka_max_message_bytes
+        try:
+            producer = await self._producer(tp)
+            async with producer.transaction():
+                sends = [
+                    await producer.send(
+                        o.topic,
+                        o.value,
+                        key=None if o.key is None else o.key.encode(),
+                        headers=o.headers or None,
+                    )
+                    for o in outputs
+                ]
+                for letter in letters:
+                    value = events.encode(
+                        events.validate(letter.to_event(self.group_id, max_bytes))
+                    )
+                    key = None if letter.dlq_key is None else letter.dlq_key.encode()
+                    sends.append(await producer.send(DLQ.name, value, key=key))
+                await asyncio.gather(*sends)
+                offsets = {tp: raws[-1].offset + 1}
+                await producer.send_offsets_to_transaction(offsets, self.group_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            how = "fenced by a newer owner" if isinstance(exc, ProducerFenced) else repr(exc)
+            log.warning("transaction on %s failed (%s); reading it again", tp, events.clip(how))
+            await self._drop_producer(tp)
+            return False
+        for raw in raws:
+            self._attempts.pop((raw.topic, raw.partition, raw.offset), None)
+        for letter in letters:
+            log.error(
+                "dead-lettered %s[%d]@%d: %s: %s",
+                letter.topic,
+                letter.partition,
+                letter.offset,
+                letter.code,
+                letter.message,
+            )
+        if self._on_commit is not None:
+            self._on_commit(Committed(len(raws), len(outputs), len(letters)))
+        return True

@@ -1,0 +1,151 @@
+"""Stream inference's pure parts: reading a maas.infer/1 request, where its prediction goes, how
+the prediction is encoded, and which outcomes of a partition batch may commit."""
+
+from __future__ import annotations
+
+import json
+
+import msgpack
+import numpy as np
+import pytest
+from aiokafka import TopicPartition
+
+from maas import events
+from maas.bus_transactions import Output, Retry, committable, transactional_id
+from maas.deadletter import DeadLetter
+from maas.errors import InvalidArgument, SchemaViolation
+from services.inference.kafka_stream import (
+    StreamRequest,
+    parse_request,
+    prediction_output,
+    reply_topic,
+)
+
+
+def request(**changes: object) -> dict:
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1.0, 2.0, 3.0]}
+    event = events.new_event(events.INFER, id="r-1", model="digits", inputs=[tensor])
+    event.update(changes)
+    return events.validate(event, events.INFER)
+
+
+def tensor(**changes: object) -> dict:
+    return {
+        "name": "input",
+        "datatype": "FP32",
+        "shape": [1, 3],
+        "data": [1.0, 2.0, 3.0],
+        **changes,
+    }
+
+
+def test_list_data_becomes_an_array_of_the_datatype_and_shape() -> None:
+    parsed = parse_request(request())
+    assert parsed.inputs["input"].dtype == np.float32
+    np.testing.assert_array_equal(parsed.inputs["input"], [[1.0, 2.0, 3.0]])
+    assert (parsed.id, parsed.model, parsed.version) == ("r-1", "digits", "")
+
+
+def test_raw_bytes_are_read_as_little_endian_values() -> None:
+    raw = np.array([[1, 2, 3]], dtype="<i8").tobytes()
+    parsed = parse_request(request(inputs=[tensor(datatype="INT64", data=raw)]))
+    np.testing.assert_array_equal(parsed.inputs["input"], [[1, 2, 3]])
+
+
+def test_a_numbered_version_is_read_as_its_digits() -> None:
+    assert parse_request(request(version=3)).version == "3"
+    assert parse_request(request(version="staging")).version == "staging"
+
+
+def test_requested_outputs_are_kept_in_order() -> None:
+    parsed = parse_request(request(outputs=[{"name": "output"}, {"name": "probs"}]))
+    assert parsed.requested == ["output", "probs"]
+
+
+def test_raw_bytes_of_the_wrong_length_name_the_field_and_the_size_needed() -> None:
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\]\.data has 8 bytes.*needs 12"):
+        parse_request(request(inputs=[tensor(data=b"\0" * 8)]))
+
+
+def test_an_unknown_datatype_names_the_field_and_the_accepted_ones() -> None:
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\]\.datatype is 'FP8'.*FP32"):
+        parse_request(request(inputs=[tensor(datatype="FP8", data=b"\0" * 3)]))
+
+
+def test_too_few_values_name_the_field_and_the_count_needed() -> None:
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\]\.data has 2 values.*needs 3"):
+        parse_request(request(inputs=[tensor(data=[1.0, 2.0])]))
+
+
+def test_floats_for_an_integer_datatype_are_refused() -> None:
+    with pytest.raises(InvalidArgument, match=r"inputs\[0\]\.data must hold only integers"):
+        parse_request(request(inputs=[tensor(datatype="INT32")]))
+
+
+def test_a_request_without_a_model_fails_its_schema_naming_the_field() -> None:
+    event = request()
+    del event["model"]
+    with pytest.raises(SchemaViolation, match="model"):
+        events.validate(event, events.INFER)
+
+
+def test_an_unknown_request_key_is_refused_by_name() -> None:
+    with pytest.raises(SchemaViolation, match="modle"):
+        request(modle="digits")
+
+
+def test_predictions_go_to_the_predictions_topic_unless_the_request_names_another() -> None:
+    assert reply_topic("") == "maas.predictions.v1"
+    assert reply_topic("my-replies") == "my-replies"
+    assert reply_topic("maas.predictions.v1") == "maas.predictions.v1"
+
+
+def test_a_reply_to_another_platform_topic_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="reply_to is 'maas.jobs.v1', a platform topic"):
+        reply_topic("maas.jobs.v1")
+
+
+def prediction() -> dict:
+    return events.new_event(
+        events.PREDICTION,
+        request_id="r-1",
+        model="digits",
+        version=2,
+        outputs=[{"name": "output", "datatype": "FP32", "shape": [1, 2], "data": [0.5, 0.25]}],
+    )
+
+
+def parsed_request() -> StreamRequest:
+    return StreamRequest("r-1", "digits", "", {}, [], "replies")
+
+
+def test_a_json_request_gets_a_json_prediction_keyed_by_its_id() -> None:
+    out = prediction_output(prediction(), parsed_request(), as_json=True)
+    assert (out.topic, out.key) == ("replies", "r-1")
+    assert out.headers == [("content-type", b"application/json")]
+    assert json.loads(out.value)["outputs"][0]["data"] == [0.5, 0.25]
+
+
+def test_a_msgpack_request_gets_a_msgpack_prediction() -> None:
+    out = prediction_output(prediction(), parsed_request(), as_json=False)
+    assert out.headers == []
+    assert msgpack.unpackb(out.value)["request_id"] == "r-1"
+
+
+def test_a_prediction_is_checked_against_its_schema_before_it_is_written() -> None:
+    bad = {**prediction(), "version": 0}
+    with pytest.raises(SchemaViolation, match="version"):
+        prediction_output(bad, parsed_request(), as_json=False)
+
+
+def test_every_owner_of_a_partition_writes_under_one_transactional_id() -> None:
+    tp = TopicPartition("maas.infer.v1", 2)
+    assert transactional_id("maas-inference-stream", tp) == "maas-inference-stream.maas.infer.v1.2"
+
+
+def test_outcomes_commit_up_to_the_first_one_to_retry() -> None:
+    letter = DeadLetter("t", 0, 1, None, b"", [], "bad", "why")
+    outputs = [Output("t", b"x")]
+    assert committable([outputs, letter, Retry(OSError()), outputs]) == 2
+    assert committable([outputs, letter]) == 2
+    assert committable([Retry(OSError())]) == 0

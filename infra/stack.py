@@ -1,5 +1,5 @@
-"""The local stack: the real Kafka broker and S3 server (later the five services) as native
-processes, with PIDs and logs under `<state_dir>/stack/`.
+"""The local stack: the real Kafka broker, the S3 server and docker-compose.yml's services as
+native processes, with PIDs and logs under `<state_dir>/stack/`.
 
     stack = LocalStack.from_settings(Settings.from_env())
     stack.up()        # no-op for what already runs; bootstraps topics and buckets, tokens
@@ -21,7 +21,7 @@ import asyncio
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -73,6 +73,8 @@ class PythonService:
     # Readiness beyond an open port (gRPC health SERVING, /metrics answering); default: TCP.
     health: Callable[[], bool] | None = None
     served_ports: Mapping[str, int] = field(default_factory=dict)  # every port, by variable
+    compose_name: str = ""  # the compose service it is a replica of (default: its name)
+    depends_on: tuple[str, ...] = ()  # compose services that must be ready before it starts
 
     @property
     def name(self) -> str:
@@ -129,7 +131,7 @@ class LocalStack:
     settings: Settings
     kafka: KafkaBroker
     s3: WeedS3
-    services: list[Component] = field(default_factory=list)
+    services: list[PythonService] = field(default_factory=list)
 
     @classmethod
     def from_settings(
@@ -200,8 +202,12 @@ class LocalStack:
                 from infra.bootstrap import bootstrap as run_bootstrap
 
                 asyncio.run(run_bootstrap(self.settings, timeout_s=timeout_s))
-            for component in self.services:
-                component.start(timeout_s=timeout_s)
+            for wave in start_waves(self.services):
+                # What depends on nothing still waiting starts together; each wave waits.
+                for component in wave:
+                    component.start(wait=False)
+                for component in wave:
+                    component.wait_ready(timeout_s=timeout_s)
             self._record()
         return self.status()
 
@@ -280,6 +286,19 @@ class PortBook:
             return {}
 
 
+def start_waves(services: Sequence[PythonService]) -> list[list[PythonService]]:
+    """The services in waves, in order: each one's compose dependencies (every replica of them)
+    are in earlier waves, so a wave can start at once and be waited for together."""
+    waves: list[list[PythonService]] = []
+    pending = list(services)
+    while pending:
+        waiting = {c.compose_name or c.name for c in pending}
+        wave = [c for c in pending if not waiting & set(c.depends_on)] or pending[:1]
+        waves.append(wave)
+        pending = [c for c in pending if c not in wave]
+    return waves
+
+
 def last_error(log_file: Path, *, tail_bytes: int = 64 * 1024) -> str:
     """The message of the last ERROR line of a log (``maas.lifecycle.LOG_FORMAT``), if any: why
     a service that stopped on its own stopped (e.g. its member id is held by another process)."""
@@ -314,6 +333,8 @@ def compose_services(
             env={**spec.env, **auth_env(settings, spec.env)},
             health=partial(is_ready, spec, settings=settings),
             served_ports=listen_ports(spec),
+            compose_name=spec.compose_name,
+            depends_on=spec.depends_on,
         )
 
 

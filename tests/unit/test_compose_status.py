@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import LocalStack, last_error
+from infra.stack import LocalStack, last_error, start_waves
 from maas.cli import main
 from maas.config import Settings
 from maas.lifecycle import LOG_FORMAT
@@ -82,3 +82,14 @@ def test_status_names_a_replica_refused_for_a_held_member_id(
     assert main(["stack", "status"]) == 3
     out = capsys.readouterr().out
     assert "gradient-worker-1 is down: member id 'w-1' is held by another process" in out
+
+
+def test_services_start_in_waves_after_what_they_depend_on(tmp_path: Path) -> None:
+    services = local(tmp_path).services
+    wave_of = {s.name: i for i, wave in enumerate(start_waves(services)) for s in wave}
+    assert wave_of["model-registry"] == 0
+    for service in services:
+        assert all(wave_of[dep] < wave_of[service.name] for dep in service.depends_on)
+    # Shards and workers depend on no other service: they start with the registry.
+    assert wave_of["aggregator-1"] == wave_of["gradient-worker-1"] == 0
+    assert wave_of["inference"] == 1

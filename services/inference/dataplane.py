@@ -31,7 +31,9 @@ import numpy as np
 
 from maas import artifacts
 from maas.errors import InvalidArgument, NotFound
+from maas.registry.types import DEFAULT_ALIAS, AliasTargets
 from services.inference.batcher import BatchingConfig, make_runner
+from services.inference.canary import Splits, split_of, targets_of
 from services.inference.metrics import Metrics, ModelStats
 from services.inference.served import ModelCache, ServedModel, torch_forward, weights_nbytes
 from services.inference.signature import Signature
@@ -110,12 +112,14 @@ class DataPlane:
         self._serving: dict[str, dict[str, ServedModel]] = {}
         self._inflight: dict[tuple[Any, ...], asyncio.Task[Any]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self.splits = Splits()  # weighted aliases (services.inference.canary)
         self.ready = False
 
     # --- resolving and loading --------------------------------------------------------------
 
-    async def model(self, name: str, version: str = "") -> ServedModel:
-        """The served version for a request's ``model_name`` and ``model_version``."""
+    async def model(self, name: str, version: str = "", routing_key: str = "") -> ServedModel:
+        """The served version for a request's ``model_name`` and ``model_version`` (a split
+        alias: drawn by weight, sticky by ``routing_key``)."""
         refs = self._serving.get(name)
         if refs is not None:
             served = refs.get(version)
@@ -129,6 +133,7 @@ class DataPlane:
         if number is None:
             key = (name, alias)
             number = self._aliases.get(key) or await self._resolve(key)
+            number = self.splits.pick(key, number, routing_key)
         served = self._cache.get(name, number)
         if served is None:
             served = await self._single_flight(
@@ -139,7 +144,9 @@ class DataPlane:
         canonical = version == (alias if key is not None else str(number))
         if (
             canonical
-            and (key is None or self._aliases.get(key) == number)
+            and (
+                key is None or (self._aliases.get(key) == number and not self.splits.weighted(key))
+            )
             and self._cache.get(name, number) is served
         ):
             self._serving.setdefault(name, {})[version] = served
@@ -153,7 +160,9 @@ class DataPlane:
         number = await self._single_flight(
             ("resolve", name, alias, gen), lambda: self._source.resolve(name, alias)
         )
+        split = await split_of(self._source, name, alias)
         if self._alias_gen.get(key, 0) == gen:
+            self.splits.set(key, split)
             self._point(key, number)
         return number
 
@@ -236,8 +245,9 @@ class DataPlane:
         version: str,
         inputs: Mapping[str, np.ndarray],
         requested: Sequence[str] = (),
+        routing_key: str = "",
     ) -> InferResult:
-        model = await self.model(name, version)
+        model = await self.model(name, version, routing_key)
         rows = model.signature.check_inputs(inputs, model=model.label)
         model.signature.check_outputs(requested, model=model.label)
         started = time.perf_counter_ns()
@@ -279,6 +289,8 @@ class DataPlane:
     async def on_model_event(self, event: Mapping[str, Any]) -> None:
         """Apply one ``maas.model/1`` event; slow work (loading) happens in the background."""
         kind, name = event["event"], event["name"]
+        if kind in ("alias-set", "alias-deleted"):
+            self._resplit(name, event["alias"], targets_of(event))
         if kind == "alias-set":
             self._alias_set((name, event["alias"]), int(event["version"]))
         elif kind == "alias-deleted":
@@ -295,6 +307,12 @@ class DataPlane:
             )
         # Any event may change what the bare name resolves to (the registry decides).
         self._alias_set((name, DEFAULT), None)
+
+    def _resplit(self, name: str, alias: str, targets: AliasTargets) -> None:
+        """A moved alias's split (``()``: one version); a bare name follows production's."""
+        for key in [(name, alias)] + ([(name, DEFAULT)] if alias == DEFAULT_ALIAS else []):
+            self.splits.set(key, targets)
+        self._serving.pop(name, None)
 
     def _bump(self, key: AliasKey) -> int:
         self._alias_gen[key] = self._alias_gen.get(key, 0) + 1

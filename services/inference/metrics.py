@@ -69,6 +69,20 @@ class Metrics:
         self.loaded_bytes = Gauge(
             "maas_inference_loaded_bytes", "bytes of weights in the cache", registry=r
         )
+        # Per served version, so a canary's versions compare side by side (a split alias).
+        self.version_requests = Counter(
+            "maas_inference_version_requests",
+            "inference requests by model, version and outcome (ok, error)",
+            ["model", "version", "outcome"],
+            registry=r,
+        )
+        self.version_latency = Histogram(
+            "maas_inference_version_request_seconds",
+            "inference request latency (queue and forward pass) by model and version",
+            ["model", "version"],
+            buckets=_LATENCY_BUCKETS_S,
+            registry=r,
+        )
         self.swaps = Counter(
             "maas_inference_swaps",
             "alias moves applied (ok) or refused (failed)",
@@ -111,6 +125,9 @@ class ModelStats:
         labels = (self.name, str(self.version))
         self._queue_gauge = self.metrics.queue_rows.labels(*labels)
         self._batch_rows = self.metrics.batch_rows.labels(*labels)
+        self._ok = self.metrics.version_requests.labels(*labels, "ok")
+        self._errors = self.metrics.version_requests.labels(*labels, "error")
+        self._latency = self.metrics.version_latency.labels(*labels)
 
     def queue_depth(self, rows: int) -> None:
         self._queue_gauge.set(rows)
@@ -123,6 +140,8 @@ class ModelStats:
         self._batch_rows.observe(report.rows)
 
     def request_done(self, *, ok: bool, rows: int, ns: int) -> None:
+        (self._ok if ok else self._errors).inc()
+        self._latency.observe(ns / 1e9)
         if ok:
             self.success.add(ns)
             self.inference_count += rows
@@ -133,5 +152,11 @@ class ModelStats:
     def forget(self) -> None:
         """Drop this version's labelled series once it leaves the cache."""
         labels = (self.name, str(self.version))
-        for metric in (self.metrics.queue_rows, self.metrics.batch_rows):
+        for metric in (
+            self.metrics.queue_rows,
+            self.metrics.batch_rows,
+            self.metrics.version_latency,
+        ):
             metric.remove(*labels)
+        for outcome in ("ok", "error"):
+            self.metrics.version_requests.remove(*labels, outcome)

@@ -15,6 +15,7 @@ from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.inference import oip_stream
+from services.inference.canary import routing_key
 from services.inference.dataplane import DataPlane
 from services.inference.describe import (
     model_config,
@@ -66,7 +67,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         requested = [o.name for o in request.outputs] if request.outputs else ()
         result = await self._plane.infer(
-            request.model_name, request.model_version, decode_inputs(request), requested
+            request.model_name,
+            request.model_version,
+            decode_inputs(request),
+            requested,
+            routing_key(request.parameters, context.invocation_metadata()),
         )
         outputs = result.outputs
         model = result.model

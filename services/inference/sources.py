@@ -17,7 +17,7 @@ from torch import nn
 from maas import artifacts
 from maas.errors import NotFound
 from maas.registry import ModelRef, RegistryClient
-from maas.registry.types import DEFAULT_ALIAS, PRIMARY_METHODS
+from maas.registry.types import DEFAULT_ALIAS, PRIMARY_METHODS, AliasTargets
 
 
 class RegistrySource:
@@ -28,6 +28,13 @@ class RegistrySource:
         # No alias: the registry's own order for a bare name (production, else the newest
         # trained, fine-tuned or imported version), never a rule of ours.
         return (await self._client.get(ModelRef(name, alias=alias or None))).version
+
+    async def split(self, name: str, alias: str) -> AliasTargets:
+        """``alias``'s weighted targets (a bare name: production's); () when it has none."""
+        try:
+            return await self._client.alias_targets(name, alias or DEFAULT_ALIAS)
+        except NotFound:
+            return ()
 
     async def fetch(self, name: str, version: int) -> tuple[artifacts.Manifest, dict[str, bytes]]:
         _, manifest, files = await self._client.fetch(ModelRef(name, version=version))
@@ -47,6 +54,7 @@ class MemorySource:
     def __init__(self) -> None:
         self._versions: dict[tuple[str, int], tuple[artifacts.Manifest, dict[str, bytes]]] = {}
         self._aliases: dict[tuple[str, str], int] = {}
+        self._splits: dict[tuple[str, str], AliasTargets] = {}
 
     def add(
         self,
@@ -77,6 +85,15 @@ class MemorySource:
 
     def set_alias(self, name: str, alias: str, version: int) -> None:
         self._aliases[(name, alias)] = version
+        self._splits.pop((name, alias), None)
+
+    def set_split(self, name: str, alias: str, targets: AliasTargets) -> None:
+        """Split ``alias`` by weight (heaviest first); it resolves to the heaviest."""
+        self._aliases[(name, alias)] = targets[0][0]
+        self._splits[(name, alias)] = targets
+
+    async def split(self, name: str, alias: str) -> AliasTargets:
+        return self._splits.get((name, alias or DEFAULT_ALIAS), ())
 
     def delete_alias(self, name: str, alias: str) -> None:
         self._aliases.pop((name, alias), None)

@@ -88,6 +88,24 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
         )""",
         ),
     ),
+    (
+        3,
+        (
+            # A weighted alias (canary, A/B): every target with its percent; aliases.version
+            # stays the heaviest. No rows: the alias sends everything to aliases.version.
+            """CREATE TABLE alias_targets (
+            name TEXT NOT NULL,
+            alias TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            weight INTEGER NOT NULL CHECK (weight BETWEEN 1 AND 100),
+            PRIMARY KEY (name, alias, version),
+            FOREIGN KEY (name, version) REFERENCES versions(name, version)
+        )""",
+            "CREATE INDEX alias_targets_by_version ON alias_targets(name, version)",
+            # The split a move made, as [[version, weight], ...]; "" for a single version.
+            "ALTER TABLE alias_history ADD COLUMN targets_json TEXT NOT NULL DEFAULT ''",
+        ),
+    ),
 )
 
 

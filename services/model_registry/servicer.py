@@ -127,15 +127,27 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
     async def SetAlias(
         self, request: pb.SetAliasRequest, context: grpc.aio.ServicerContext
     ) -> pb.AliasChange:
+        targets = wire.targets_from_proto(request.targets)
+        if targets and request.version:
+            raise InvalidArgument("give version or targets, not both (targets: leave version 0)")
         change = await self._service.write(
             self._metadata.set_alias,
             request.name,
             request.alias,
-            check_version(request.version),
+            targets[0][0] if targets else check_version(request.version),
             current_identity().name,
             request.reason,
+            targets=targets,
         )
         return wire.change_to_proto(change)
+
+    async def GetAliasTargets(
+        self, request: pb.GetAliasTargetsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.AliasTargets:
+        targets = await self._service.db(self._metadata.alias_targets, request.name, request.alias)
+        return pb.AliasTargets(
+            name=request.name, alias=request.alias, targets=wire.targets_to_proto(targets)
+        )
 
     async def DeleteAlias(
         self, request: pb.DeleteAliasRequest, context: grpc.aio.ServicerContext

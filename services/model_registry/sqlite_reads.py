@@ -15,6 +15,8 @@ from maas.names import check_name
 from maas.registry.types import (
     DEFAULT_ALIAS,
     PRIMARY_METHODS,
+    WEIGHT_TOTAL,
+    AliasTargets,
     ArtifactFile,
     LineageNode,
     ModelRef,
@@ -101,13 +103,32 @@ def default_version(db: sqlite3.Connection, name: str) -> int:
 
 
 def aliases_of(db: sqlite3.Connection, name: str, version: int) -> tuple[str, ...]:
+    """Every alias sending traffic to ``name@version``, wholly or as one target of a split."""
     return tuple(
         r[0]
         for r in db.execute(
-            "SELECT alias FROM aliases WHERE name = ? AND version = ? ORDER BY alias",
-            (name, version),
+            "SELECT alias FROM aliases WHERE name = ? AND version = ? UNION "
+            "SELECT alias FROM alias_targets WHERE name = ? AND version = ? ORDER BY alias",
+            (name, version, name, version),
         )
     )
+
+
+def alias_targets(db: sqlite3.Connection, name: str, alias: str) -> AliasTargets:
+    """Where ``alias`` sends traffic: its split, or its one version at weight 100."""
+    split = tuple(
+        (int(r[0]), int(r[1]))
+        for r in db.execute(
+            "SELECT version, weight FROM alias_targets WHERE name = ? AND alias = ? "
+            "ORDER BY weight DESC, version",
+            (name, alias),
+        )
+    )
+    return split or ((resolve_alias(db, name, alias, None), WEIGHT_TOTAL),)
+
+
+def targets_from_json(text: str) -> AliasTargets:
+    return tuple((int(v), int(w)) for v, w in json.loads(text)) if text else ()
 
 
 def policy_version(db: sqlite3.Connection, name: str) -> int:

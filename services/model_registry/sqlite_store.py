@@ -20,6 +20,7 @@ from maas.errors import FailedPrecondition, NotFound
 from maas.names import check_alias, check_name
 from maas.registry.types import (
     AliasChange,
+    AliasTargets,
     Lineage,
     LineageNode,
     ModelRef,
@@ -27,6 +28,7 @@ from maas.registry.types import (
     ModelVersion,
     PolicyVersion,
     artifact_prefix,
+    check_targets,
 )
 from maas.topics import MODELS
 from services.model_registry import migrations
@@ -251,13 +253,32 @@ class SqliteStore:
     # --- aliases -----------------------------------------------------------------------------
 
     def set_alias(
-        self, name: str, alias: str, version: int, actor: str, reason: str = ""
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        actor: str,
+        reason: str = "",
+        *,
+        targets: AliasTargets = (),
     ) -> AliasChange:
+        """Point ``alias`` at ``version``, or split it over ``targets`` (checked; the heaviest
+        becomes ``version``)."""
         check_alias(alias)
         reason = check_reason(reason)
+        if targets:
+            targets = check_targets(targets)
+            version = targets[0][0]
+            targets = () if len(targets) == 1 else targets
         with self._write() as db:
-            reads.live_row(db, name, version)
-            return self._move_alias(db, name, alias, version, actor, self._clock(), reason)
+            for number in {version, *(v for v, _ in targets)}:
+                reads.live_row(db, name, number)
+            return self._move_alias(db, name, alias, version, actor, self._clock(), reason, targets)
+
+    def alias_targets(self, name: str, alias: str) -> AliasTargets:
+        check_alias(alias)
+        with self._lock:
+            return reads.alias_targets(self._db, name, alias)
 
     def delete_alias(self, name: str, alias: str, actor: str) -> AliasChange:
         check_alias(alias)
@@ -268,6 +289,7 @@ class SqliteStore:
                 raise NotFound(f"model {name!r} has no alias {alias!r}")
             now = self._clock()
             db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
+            db.execute("DELETE FROM alias_targets WHERE name = ? AND alias = ?", (name, alias))
             change = self._record_move(db, name, alias, current, None, actor, now)
             self._emit(
                 db, name, "alias-deleted", alias=alias, previous_version=current, actor=actor
@@ -298,6 +320,7 @@ class SqliteStore:
                 r["actor"],
                 r["ts_ms"],
                 r["reason"],
+                reads.targets_from_json(r["targets_json"]),
             )
             for r in rows[:size]
         ]
@@ -312,6 +335,7 @@ class SqliteStore:
         actor: str,
         now: int,
         reason: str = "",
+        targets: AliasTargets = (),
     ) -> AliasChange:
         previous = reads.current_alias(db, name, alias)
         db.execute(
@@ -319,7 +343,12 @@ class SqliteStore:
             "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version",
             (name, alias, version),
         )
-        change = self._record_move(db, name, alias, previous, version, actor, now, reason)
+        db.execute("DELETE FROM alias_targets WHERE name = ? AND alias = ?", (name, alias))
+        db.executemany(
+            "INSERT INTO alias_targets (name, alias, version, weight) VALUES (?, ?, ?, ?)",
+            [(name, alias, v, w) for v, w in targets],
+        )
+        change = self._record_move(db, name, alias, previous, version, actor, now, reason, targets)
         self._emit(
             db,
             name,
@@ -329,6 +358,7 @@ class SqliteStore:
             previous_version=previous,
             actor=actor,
             reason=reason or None,
+            targets=[{"version": v, "weight": w} for v, w in targets] or None,
         )
         return change
 
@@ -342,14 +372,24 @@ class SqliteStore:
         actor: str,
         now: int,
         reason: str = "",
+        targets: AliasTargets = (),
     ) -> AliasChange:
         db.execute(
             "INSERT INTO alias_history "
-            "(name, alias, from_version, to_version, actor, ts_ms, reason) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (name, alias, from_version, to_version, actor, now, reason),
+            "(name, alias, from_version, to_version, actor, ts_ms, reason, targets_json) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                name,
+                alias,
+                from_version,
+                to_version,
+                actor,
+                now,
+                reason,
+                json.dumps(targets) if targets else "",
+            ),
         )
-        return AliasChange(name, alias, from_version, to_version, actor, now, reason)
+        return AliasChange(name, alias, from_version, to_version, actor, now, reason, targets)
 
     # --- policies ----------------------------------------------------------------------------
 

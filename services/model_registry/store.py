@@ -25,6 +25,7 @@ from maas.events import clip
 from maas.manifest import Manifest
 from maas.registry.types import (
     AliasChange,
+    AliasTargets,
     Lineage,
     ModelRef,
     ModelSummary,
@@ -95,8 +96,21 @@ class RegistryStore(Protocol):
 
     # aliases
     def set_alias(
-        self, name: str, alias: str, version: int, actor: str, reason: str = ""
-    ) -> AliasChange: ...
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        actor: str,
+        reason: str = "",
+        *,
+        targets: AliasTargets = (),
+    ) -> AliasChange:
+        """Point ``alias`` at ``version``, or split it by weight over ``targets``."""
+        ...
+
+    def alias_targets(self, name: str, alias: str) -> AliasTargets:
+        """Where ``alias`` sends traffic, heaviest first (one target of 100 when not split)."""
+        ...
 
     def delete_alias(self, name: str, alias: str, actor: str) -> AliasChange: ...
 

@@ -3,6 +3,7 @@
 maas models list [NAME [--method M] [--parent NAME@V]]   models, or the versions of one model
 maas models show NAME[@VERSION|@ALIAS]   one version: files, sha256, lineage, metrics
 maas models alias NAME VERSION ALIAS     point ALIAS at VERSION (kept in the history)
+maas models alias NAME ALIAS V=W V=W...  split ALIAS's traffic by weight (canary, A/B)
 maas models unalias NAME ALIAS
 maas models lineage NAME[@VERSION|@ALIAS]
 maas models history NAME [--alias A] [--at TIME]   alias moves with who and why
@@ -164,10 +165,39 @@ def _policy_file(path: str) -> Any:
 
 
 async def _alias(client: Any, args: argparse.Namespace) -> int:
-    change = await client.set_alias(args.name, args.alias, args.version, reason=args.reason)
+    alias, version, targets = _alias_args(args.target)
+    if targets:
+        change = await client.set_split(args.name, alias, targets, reason=args.reason)
+    else:
+        change = await client.set_alias(args.name, alias, version, reason=args.reason)
     before = f" (was {change.from_version})" if change.from_version else ""
-    print(f"{change.name}@{change.alias} -> {change.to_version}{before}")
+    print(f"{change.name}@{change.alias} -> {_split(change)}{before}")
     return 0
+
+
+def _alias_args(words: Sequence[str]) -> tuple[str, int, list[tuple[int, int]]]:
+    """``VERSION ALIAS`` or ``ALIAS VERSION=WEIGHT...`` -> (alias, version, targets)."""
+    if len(words) == 2 and words[0].isdigit():
+        return words[1], int(words[0]), []
+    alias, *pairs = words
+    targets = []
+    for pair in pairs:
+        version, sep, weight = pair.partition("=")
+        if not (sep and version.isdigit() and weight.isdigit()):
+            raise InvalidArgument(
+                f"{pair!r} is not VERSION=WEIGHT; use e.g. maas models alias NAME {alias} 4=90 5=10"
+            )
+        targets.append((int(version), int(weight)))
+    if not targets:
+        raise InvalidArgument("give VERSION ALIAS, or ALIAS VERSION=WEIGHT... for a split")
+    return alias, 0, targets
+
+
+def _split(change: Any) -> str:
+    """Where a move sent the alias: a version, or its weighted targets."""
+    if change.targets:
+        return ", ".join(f"{v}={w}" for v, w in change.targets)
+    return str(change.to_version or "(deleted)")
 
 
 async def _unalias(client: Any, args: argparse.Namespace) -> int:
@@ -217,7 +247,7 @@ async def _history(client: Any, args: argparse.Namespace) -> int:
                 _when(c.ts_ms),
                 c.alias,
                 c.from_version or "-",
-                c.to_version or "(deleted)",
+                _split(c),
                 c.actor,
                 c.reason or "-",
             ]
@@ -284,11 +314,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = action("show", _show, "show one version as JSON", "maas models show digits-mlp@production")
     p.add_argument("ref", type=_ref, help=ref_help)
     p = action(
-        "alias", _alias, "point an alias at a version", "maas models alias digits-mlp 3 production"
+        "alias",
+        _alias,
+        "point an alias at a version, or split it by weight",
+        "maas models alias digits-mlp 3 production\n"
+        "  maas models alias digits-mlp production 4=90 5=10",
     )
     p.add_argument("name")
-    p.add_argument("version", type=int)
-    p.add_argument("alias")
+    p.add_argument(
+        "target", nargs="+", metavar="VERSION ALIAS | ALIAS VERSION=WEIGHT", help="where it points"
+    )
     p.add_argument("--reason", default="", help="why it moves, kept in the alias history")
     p = action("unalias", _unalias, "delete an alias", "maas models unalias digits-mlp staging")
     p.add_argument("name")

@@ -147,7 +147,15 @@ async def refused(addr: str, method: str, request: Any = b"x", token: str | None
     [
         (
             registry_pb.DESCRIPTOR.services_by_name["ModelRegistry"],
-            {"GetVersion", "ListModels", "ListVersions", "GetLineage", "GetAliasHistory"},
+            {
+                "GetVersion",
+                "ListModels",
+                "ListVersions",
+                "GetLineage",
+                "GetAliasHistory",
+                "GetPolicy",
+                "GetAliasTargets",
+            },
         ),
         (
             oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"],

@@ -21,7 +21,7 @@ import json
 import logging
 import socket
 import warnings
-from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -35,11 +35,13 @@ from maas.names import check_version
 from maas.registry import wire
 from maas.registry.types import (
     AliasChange,
+    AliasTargets,
     Lineage,
     ModelRef,
     ModelSummary,
     ModelVersion,
     PolicyVersion,
+    check_targets,
 )
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
@@ -316,6 +318,27 @@ class RegistryClient:
         )
         reply = await self._call(f"set {name}@{alias} -> {version}", self.stub.SetAlias(request))
         return wire.change_from_proto(reply)
+
+    async def set_split(
+        self, name: str, alias: str, targets: Sequence[tuple[int, int]], *, reason: str = ""
+    ) -> AliasChange:
+        """Split ``alias``'s traffic over ``(version, percent)`` targets (a canary, an A/B)."""
+        request = pb.SetAliasRequest(
+            name=name,
+            alias=alias,
+            targets=wire.targets_to_proto(check_targets(targets)),
+            actor=self.actor,
+            reason=reason,
+        )
+        shown = ", ".join(f"{v}={w}" for v, w in targets)
+        reply = await self._call(f"set {name}@{alias} -> {shown}", self.stub.SetAlias(request))
+        return wire.change_from_proto(reply)
+
+    async def alias_targets(self, name: str, alias: str) -> AliasTargets:
+        """Where ``alias`` sends traffic, heaviest first ((version, 100) when it is not split)."""
+        request = pb.GetAliasTargetsRequest(name=name, alias=alias)
+        reply = await self._call(f"targets of {name}@{alias}", self.stub.GetAliasTargets(request))
+        return wire.targets_from_proto(reply.targets)
 
     async def set_policy(self, name: str, document: Mapping[str, Any]) -> PolicyVersion:
         """Store ``document`` (``maas.policy``) as ``name``'s next policy version."""

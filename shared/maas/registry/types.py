@@ -7,6 +7,7 @@ out of the SQLite core, the client and ``maas models``.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -117,9 +118,36 @@ class ModelSummary:
     updated_ms: int
 
 
+# A weighted alias: (version, percent of the traffic), heaviest first; weights sum to 100.
+AliasTargets = tuple[tuple[int, int], ...]
+WEIGHT_TOTAL = 100
+
+
+def check_targets(targets: Sequence[tuple[int, int]]) -> AliasTargets:
+    """A split as stored: distinct versions, whole-percent weights summing to 100, heaviest
+    first (ties: the lower version first). InvalidArgument names what is wrong."""
+    if not targets:
+        raise InvalidArgument("targets: give at least one VERSION=WEIGHT")
+    versions = [check_version(v) for v, _ in targets]
+    if len(set(versions)) != len(versions):
+        raise InvalidArgument(f"targets name a version twice: {sorted(versions)}")
+    for version, weight in targets:
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 100:
+            raise InvalidArgument(
+                f"targets: weight {weight!r} of version {version} is not accepted; "
+                "use a whole percentage from 1 to 100"
+            )
+    total = sum(w for _, w in targets)
+    if total != WEIGHT_TOTAL:
+        shown = ", ".join(f"{v}={w}" for v, w in targets)
+        raise InvalidArgument(f"targets {shown} weigh {total} in all; weights must sum to 100")
+    return tuple(sorted(((v, w) for v, w in targets), key=lambda t: (-t[1], t[0])))
+
+
 @dataclass(frozen=True)
 class AliasChange:
-    """One alias move: ``from_version`` None = created, ``to_version`` None = deleted."""
+    """One alias move: ``from_version`` None = created, ``to_version`` None = deleted. A split
+    moves ``to_version`` to its heaviest target and lists every one in ``targets``."""
 
     name: str
     alias: str
@@ -128,6 +156,7 @@ class AliasChange:
     actor: str
     ts_ms: int
     reason: str = ""
+    targets: AliasTargets = ()
 
 
 @dataclass(frozen=True)

@@ -6,9 +6,11 @@ proto3 has no null for scalars: 0 / "" stand for "none" on the wire and become `
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 
 from maas.registry.types import (
     AliasChange,
+    AliasTargets,
     ArtifactFile,
     Lineage,
     LineageNode,
@@ -118,7 +120,16 @@ def change_to_proto(c: AliasChange) -> pb.AliasChange:
         actor=c.actor,
         ts_ms=c.ts_ms,
         reason=c.reason,
+        targets=targets_to_proto(c.targets),
     )
+
+
+def targets_to_proto(targets: AliasTargets) -> list[pb.AliasTarget]:
+    return [pb.AliasTarget(version=v, weight=w) for v, w in targets]
+
+
+def targets_from_proto(messages: Iterable[pb.AliasTarget]) -> AliasTargets:
+    return tuple((t.version, t.weight) for t in messages)
 
 
 def change_from_proto(msg: pb.AliasChange) -> AliasChange:
@@ -130,6 +141,7 @@ def change_from_proto(msg: pb.AliasChange) -> AliasChange:
         msg.actor,
         msg.ts_ms,
         msg.reason,
+        targets_from_proto(msg.targets),
     )
 
 

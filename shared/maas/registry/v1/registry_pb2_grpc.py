@@ -89,6 +89,11 @@ class ModelRegistryStub:
                 request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetPolicyRequest.SerializeToString,
                 response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.Policy.FromString,
                 _registered_method=True)
+        self.GetAliasTargets = channel.unary_unary(
+                '/maas.registry.v1.ModelRegistry/GetAliasTargets',
+                request_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetAliasTargetsRequest.SerializeToString,
+                response_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.AliasTargets.FromString,
+                _registered_method=True)
 
 
 class ModelRegistryServicer:
@@ -171,6 +176,14 @@ class ModelRegistryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAliasTargets(self, request, context):
+        """Every version an alias points at with its weight (one target of weight 100 when it is not
+        split); inference splits a weighted alias's traffic by these.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRegistryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -228,6 +241,11 @@ def add_ModelRegistryServicer_to_server(servicer, server):
                     servicer.GetPolicy,
                     request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetPolicyRequest.FromString,
                     response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.Policy.SerializeToString,
+            ),
+            'GetAliasTargets': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAliasTargets,
+                    request_deserializer=maas_dot_registry_dot_v1_dot_registry__pb2.GetAliasTargetsRequest.FromString,
+                    response_serializer=maas_dot_registry_dot_v1_dot_registry__pb2.AliasTargets.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -527,6 +545,33 @@ class ModelRegistry:
             '/maas.registry.v1.ModelRegistry/GetPolicy',
             maas_dot_registry_dot_v1_dot_registry__pb2.GetPolicyRequest.SerializeToString,
             maas_dot_registry_dot_v1_dot_registry__pb2.Policy.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAliasTargets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/maas.registry.v1.ModelRegistry/GetAliasTargets',
+            maas_dot_registry_dot_v1_dot_registry__pb2.GetAliasTargetsRequest.SerializeToString,
+            maas_dot_registry_dot_v1_dot_registry__pb2.AliasTargets.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -202,22 +203,23 @@ class LocalStack:
                 from infra.bootstrap import bootstrap as run_bootstrap
 
                 asyncio.run(run_bootstrap(self.settings, timeout_s=timeout_s))
-            for wave in start_waves(self.services):
-                # What depends on nothing still waiting starts together; each wave waits.
-                for component in wave:
+            for start, wait in start_plan(self.services):
+                for component in start:
                     component.start(wait=False)
-                for component in wave:
+                for component in wait:
                     component.wait_ready(timeout_s=timeout_s)
             self._record()
         return self.status()
 
     def down(self) -> list[str]:
         """Stop every component this state dir started, services first. Returns what stopped."""
-        stopped = []
         with file_lock(self.stack_dir / "stack.lock"):
-            for component in reversed(self.components()):
-                if component.stop():
-                    stopped.append(component.name)
+            # The services stop together (each says `down` and drains on its own), then S3
+            # and the broker they were talking to.
+            with ThreadPoolExecutor(max(1, len(self.services))) as pool:
+                done = list(pool.map(lambda c: c.stop(), reversed(self.services)))
+            stopped = [c.name for c, ok in zip(reversed(self.services), done, strict=True) if ok]
+            stopped += [c.name for c in (self.s3, self.kafka) if c.stop()]
             (self.stack_dir / "scale.json").unlink(missing_ok=True)
             (self.stack_dir / "ports.json").unlink(missing_ok=True)
         return stopped
@@ -286,17 +288,30 @@ class PortBook:
             return {}
 
 
-def start_waves(services: Sequence[PythonService]) -> list[list[PythonService]]:
-    """The services in waves, in order: each one's compose dependencies (every replica of them)
-    are in earlier waves, so a wave can start at once and be waited for together."""
-    waves: list[list[PythonService]] = []
+Step = tuple[list[PythonService], list[PythonService]]
+
+
+def start_plan(services: Sequence[PythonService]) -> list[Step]:
+    """(start these, then wait until these are ready) steps: a service starts as soon as every
+    replica of each compose service it depends on is ready, and the stack waits only for what
+    a later start needs, then for everything."""
+    steps: list[Step] = []
     pending = list(services)
+    running: list[PythonService] = []
     while pending:
-        waiting = {c.compose_name or c.name for c in pending}
-        wave = [c for c in pending if not waiting & set(c.depends_on)] or pending[:1]
-        waves.append(wave)
-        pending = [c for c in pending if c not in wave]
-    return waves
+        present = {_group(c) for c in pending}
+        start = [c for c in pending if not present & set(c.depends_on)] or pending[:1]
+        pending = [c for c in pending if c not in start]
+        running += start
+        needed = {d for c in pending for d in c.depends_on}
+        wait = [c for c in running if _group(c) in needed] if pending else running
+        steps.append((start, wait))
+        running = [c for c in running if c not in wait]
+    return steps
+
+
+def _group(service: PythonService) -> str:
+    return service.compose_name or service.name
 
 
 def last_error(log_file: Path, *, tail_bytes: int = 64 * 1024) -> str:

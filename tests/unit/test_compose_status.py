@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from infra.stack import LocalStack, last_error, start_waves
+from infra.stack import LocalStack, last_error, start_plan
 from maas.cli import main
 from maas.config import Settings
 from maas.lifecycle import LOG_FORMAT
@@ -84,12 +84,23 @@ def test_status_names_a_replica_refused_for_a_held_member_id(
     assert "gradient-worker-1 is down: member id 'w-1' is held by another process" in out
 
 
-def test_services_start_in_waves_after_what_they_depend_on(tmp_path: Path) -> None:
+def test_a_service_starts_once_what_it_depends_on_is_ready(tmp_path: Path) -> None:
     services = local(tmp_path).services
-    wave_of = {s.name: i for i, wave in enumerate(start_waves(services)) for s in wave}
-    assert wave_of["model-registry"] == 0
-    for service in services:
-        assert all(wave_of[dep] < wave_of[service.name] for dep in service.depends_on)
-    # Shards and workers depend on no other service: they start with the registry.
-    assert wave_of["aggregator-1"] == wave_of["gradient-worker-1"] == 0
-    assert wave_of["inference"] == 1
+    steps = [
+        ([s.name for s in start], [s.name for s in wait]) for start, wait in start_plan(services)
+    ]
+    (first_start, first_wait), (second_start, second_wait) = steps
+    # Everything that needs no other service starts at once; only the registry is waited for
+    # before the services that need it start; then the stack waits for all the rest.
+    assert {"model-registry", "aggregator-1", "gradient-worker-1"} <= set(first_start)
+    assert first_wait == ["model-registry"]
+    assert {"inference", "compressor", "training-coordinator"} <= set(second_start)
+    assert sorted(first_start + second_start) == sorted(s.name for s in services)
+    assert sorted(first_wait + second_wait) == sorted(s.name for s in services)
+
+
+def test_a_dependency_scaled_to_zero_does_not_hold_its_dependents(tmp_path: Path) -> None:
+    services = local(tmp_path, **{"model-registry": 0}).services
+    ((start, wait),) = start_plan(services)
+    assert sorted(s.name for s in start) == sorted(s.name for s in wait)
+    assert "inference" in {s.name for s in start}

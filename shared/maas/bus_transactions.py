@@ -7,15 +7,17 @@ the outputs of the records handled, the dead letters of the refused ones (``maas
 bus's ``DeadLetter``) and the offset after the last of them go into one transaction of that
 partition's producer. The producer's ``transactional_id`` is ``<group>.<topic>.<partition>``:
 whichever process owns a partition writes under the same id, so a new owner fences the old one
-(a process killed mid-transaction included; its open transaction is aborted) before it reads
-the committed offset — and a reader with ``read_committed`` sees each output once.
+(a process killed mid-transaction included: what it left open is aborted, or completed if it was
+committing) before it reads the committed offset — and a reader with ``read_committed`` sees
+each output once.
 
 A record ``transform`` refuses for good (a non-retriable ``MaasError``), an undecodable one, or
 one whose output names a topic the broker lacks is dead-lettered with the reason; another
 failure is retried with backoff (the partition is read again from that record; the records
 before it commit) and dead-lettered after ``max_attempts``. A transaction that fails (broker
-lost, fenced) is aborted with its producer, and the batch is read again. Nothing ends the loop
-but ``stop()`` or a fetch error Kafka calls fatal.
+lost, fenced, an ack lost) drops its producer; the partition is then taken over afresh, fenced
+and read from its committed offset. Nothing ends the loop but ``stop()`` or a fetch error Kafka
+calls fatal.
 """
 
 from __future__ import annotations
@@ -183,15 +185,6 @@ class TransactionalPipe:
             raise RuntimeError("TransactionalPipe used before start() or after stop()")
         return self._consumer
 
-    async def wait_assigned(self, timeout_s: float = 30.0) -> None:
-        consumer = self._require()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while not consumer.assignment():
-            if loop.time() > deadline:
-                raise Unavailable(f"consumer group {self.group_id} got no partitions in time")
-            await asyncio.sleep(0.05)
-
     async def run(self) -> None:
         """Consume until ``stop()``; ConsumerDied when Kafka refuses the fetch for good."""
         consumer = self._require()
@@ -212,11 +205,12 @@ class TransactionalPipe:
             async with self._lock:
                 if self._stopping.is_set():
                     return
+                stale = set(self._unsynced)  # fetched from a position not yet read again
                 await self._sync(consumer)
                 rounds = [
                     self._process(consumer, tp, raws)
                     for tp, raws in batches.items()
-                    if tp in consumer.assignment() and tp not in self._unsynced
+                    if tp in consumer.assignment() and tp not in stale
                 ]
                 await asyncio.gather(*rounds)
 
@@ -257,7 +251,12 @@ class TransactionalPipe:
                 linger_ms=2,
             )
             try:
-                await producer.start()  # fences earlier owners and aborts what they left open
+                await producer.start()
+                # The producer id comes with the first transaction: only then are earlier owners
+                # fenced and what they left open finished (committed or aborted). An empty
+                # transaction asks for it and ends without a round trip.
+                await producer.begin_transaction()
+                await producer.abort_transaction()
             except BaseException:
                 await producer.stop()
                 raise
@@ -292,7 +291,9 @@ class TransactionalPipe:
         outcomes = await asyncio.gather(*(self._outcome(raw) for raw in raws))
         done = committable(outcomes)
         if done and not await self._commit(tp, raws[:done], outcomes[:done]):
-            consumer.seek(tp, raws[0].offset)
+            # Whether it committed (an ack lost after the commit) is the broker's to say: fence
+            # again, then read the partition from its committed offset.
+            self._unsynced.add(tp)
             await self._pause(self._retry_backoff_ms / 1000)
             return
         if done < len(raws):

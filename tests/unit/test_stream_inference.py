@@ -3,6 +3,7 @@ the prediction is encoded, and which outcomes of a partition batch may commit.""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import msgpack
@@ -11,9 +12,16 @@ import pytest
 from aiokafka import TopicPartition
 
 from maas import events
-from maas.bus_transactions import Output, Retry, committable, transactional_id
+from maas.bus_transactions import (
+    Output,
+    Retry,
+    TransactionalPipe,
+    committable,
+    transactional_id,
+)
+from maas.config import Settings
 from maas.deadletter import DeadLetter
-from maas.errors import InvalidArgument, SchemaViolation
+from maas.errors import InvalidArgument, NotFound, SchemaViolation
 from services.inference.kafka_stream import (
     StreamRequest,
     parse_request,
@@ -149,3 +157,30 @@ def test_outcomes_commit_up_to_the_first_one_to_retry() -> None:
     assert committable([outputs, letter, Retry(OSError()), outputs]) == 2
     assert committable([outputs, letter]) == 2
     assert committable([Retry(OSError())]) == 0
+
+
+class SlowTopics:
+    """A consumer whose metadata look-up takes a while (as a broker's does)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    async def topics(self) -> set[str]:
+        self.calls += 1
+        await asyncio.sleep(0.01)
+        return {"maas.predictions.v1"}
+
+
+async def test_outputs_checked_while_the_topics_are_looked_up_wait_for_the_answer() -> None:
+    pipe = TransactionalPipe(Settings(), topics=["maas.infer.v1"], group_id="g", transform=None)  # type: ignore[arg-type]
+    pipe._consumer = SlowTopics()  # type: ignore[assignment]
+    outputs = [Output("maas.predictions.v1", b"x")]
+    await asyncio.gather(*(pipe._check_topics(outputs) for _ in range(3)))
+    assert pipe._consumer.calls == 1
+
+
+async def test_an_output_to_a_missing_topic_is_refused_naming_it() -> None:
+    pipe = TransactionalPipe(Settings(), topics=["maas.infer.v1"], group_id="g", transform=None)  # type: ignore[arg-type]
+    pipe._consumer = SlowTopics()  # type: ignore[assignment]
+    with pytest.raises(NotFound, match="topic 'nowhere' does not exist"):
+        await pipe._check_topics([Output("nowhere", b"x")])

@@ -215,11 +215,9 @@ class LocalStack:
         """Stop every component this state dir started, services first. Returns what stopped."""
         with file_lock(self.stack_dir / "stack.lock"):
             # The services stop together (each says `down` and drains on its own), then S3
-            # and the broker they were talking to.
-            with ThreadPoolExecutor(max(1, len(self.services))) as pool:
-                done = list(pool.map(lambda c: c.stop(), reversed(self.services)))
-            stopped = [c.name for c, ok in zip(reversed(self.services), done, strict=True) if ok]
-            stopped += [c.name for c in (self.s3, self.kafka) if c.stop()]
+            # and the broker they were talking to, together too.
+            services: list[Component] = list(reversed(self.services))
+            stopped = _stop_together(services) + _stop_together([self.s3, self.kafka])
             (self.stack_dir / "scale.json").unlink(missing_ok=True)
             (self.stack_dir / "ports.json").unlink(missing_ok=True)
         return stopped
@@ -286,6 +284,15 @@ class PortBook:
             return dict(json.loads(self.path.read_text()))
         except (FileNotFoundError, ValueError):
             return {}
+
+
+def _stop_together(components: Sequence[Component]) -> list[str]:
+    """Stop each at once; the names of those that were running, in the order given."""
+    if not components:
+        return []
+    with ThreadPoolExecutor(len(components)) as pool:
+        done = list(pool.map(lambda c: c.stop(), components))
+    return [c.name for c, ok in zip(components, done, strict=True) if ok]
 
 
 Step = tuple[list[PythonService], list[PythonService]]

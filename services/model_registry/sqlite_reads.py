@@ -21,6 +21,7 @@ from maas.registry.types import (
     LineageNode,
     ModelRef,
     ModelVersion,
+    PolicyVersion,
 )
 
 
@@ -127,8 +128,21 @@ def alias_targets(db: sqlite3.Connection, name: str, alias: str) -> AliasTargets
     return split or ((resolve_alias(db, name, alias, None), WEIGHT_TOTAL),)
 
 
-def targets_from_json(text: str) -> AliasTargets:
-    return tuple((int(v), int(w)) for v, w in json.loads(text)) if text else ()
+def policy(db: sqlite3.Connection, name: str, version: int | None) -> PolicyVersion:
+    """``name``'s current policy, or its policy ``version``; NotFound when there is none."""
+    number = version or policy_version(db, name)
+    row = db.execute(
+        "SELECT * FROM policies WHERE name = ? AND version = ?", (name, number)
+    ).fetchone()
+    if row is None:
+        if version:
+            raise NotFound(f"model {name!r} has no policy version {version}")
+        raise NotFound(
+            f"model {name!r} has no policy; set one: maas models policy set {name} FILE.yaml"
+        )
+    return PolicyVersion(
+        name, row["version"], json.loads(row["document_json"]), row["actor"], row["created_ms"]
+    )
 
 
 def policy_version(db: sqlite3.Connection, name: str) -> int:

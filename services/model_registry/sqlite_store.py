@@ -32,6 +32,7 @@ from maas.registry.types import (
 )
 from maas.topics import MODELS
 from services.model_registry import migrations
+from services.model_registry import sqlite_aliases as aliases
 from services.model_registry import sqlite_reads as reads
 from services.model_registry.store import (
     NewVersion,
@@ -290,7 +291,7 @@ class SqliteStore:
             now = self._clock()
             db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
             db.execute("DELETE FROM alias_targets WHERE name = ? AND alias = ?", (name, alias))
-            change = self._record_move(db, name, alias, current, None, actor, now)
+            change = aliases.record(db, AliasChange(name, alias, current, None, actor, now))
             self._emit(
                 db, name, "alias-deleted", alias=alias, previous_version=current, actor=actor
             )
@@ -311,19 +312,7 @@ class SqliteStore:
                 "ORDER BY id LIMIT ? OFFSET ?",
                 (name, alias, alias, size + 1, start),
             ).fetchall()
-        page = [
-            AliasChange(
-                r["name"],
-                r["alias"],
-                r["from_version"],
-                r["to_version"],
-                r["actor"],
-                r["ts_ms"],
-                r["reason"],
-                reads.targets_from_json(r["targets_json"]),
-            )
-            for r in rows[:size]
-        ]
+        page = [aliases.change_from_row(r) for r in rows[:size]]
         return page, (history_token(start + size) if len(rows) > size else "")
 
     def _move_alias(
@@ -338,17 +327,8 @@ class SqliteStore:
         targets: AliasTargets = (),
     ) -> AliasChange:
         previous = reads.current_alias(db, name, alias)
-        db.execute(
-            "INSERT INTO aliases (name, alias, version) VALUES (?, ?, ?) "
-            "ON CONFLICT (name, alias) DO UPDATE SET version = excluded.version",
-            (name, alias, version),
-        )
-        db.execute("DELETE FROM alias_targets WHERE name = ? AND alias = ?", (name, alias))
-        db.executemany(
-            "INSERT INTO alias_targets (name, alias, version, weight) VALUES (?, ?, ?, ?)",
-            [(name, alias, v, w) for v, w in targets],
-        )
-        change = self._record_move(db, name, alias, previous, version, actor, now, reason, targets)
+        aliases.point(db, name, alias, version, targets)
+        change = AliasChange(name, alias, previous, version, actor, now, reason, targets)
         self._emit(
             db,
             name,
@@ -360,36 +340,7 @@ class SqliteStore:
             reason=reason or None,
             targets=[{"version": v, "weight": w} for v, w in targets] or None,
         )
-        return change
-
-    @staticmethod
-    def _record_move(
-        db: sqlite3.Connection,
-        name: str,
-        alias: str,
-        from_version: int | None,
-        to_version: int | None,
-        actor: str,
-        now: int,
-        reason: str = "",
-        targets: AliasTargets = (),
-    ) -> AliasChange:
-        db.execute(
-            "INSERT INTO alias_history "
-            "(name, alias, from_version, to_version, actor, ts_ms, reason, targets_json) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                name,
-                alias,
-                from_version,
-                to_version,
-                actor,
-                now,
-                reason,
-                json.dumps(targets) if targets else "",
-            ),
-        )
-        return AliasChange(name, alias, from_version, to_version, actor, now, reason, targets)
+        return aliases.record(db, change)
 
     # --- policies ----------------------------------------------------------------------------
 
@@ -408,20 +359,7 @@ class SqliteStore:
     def get_policy(self, name: str, version: int | None = None) -> PolicyVersion:
         check_name(name)
         with self._lock:
-            db = self._db
-            number = version or reads.policy_version(db, name)
-            row = db.execute(
-                "SELECT * FROM policies WHERE name = ? AND version = ?", (name, number)
-            ).fetchone()
-        if row is None:
-            if version:
-                raise NotFound(f"model {name!r} has no policy version {version}")
-            raise NotFound(
-                f"model {name!r} has no policy; set one: maas models policy set {name} FILE.yaml"
-            )
-        return PolicyVersion(
-            name, row["version"], json.loads(row["document_json"]), row["actor"], row["created_ms"]
-        )
+            return reads.policy(self._db, name, version)
 
     # --- lineage -----------------------------------------------------------------------------
 

@@ -496,9 +496,10 @@ async def bench(args: argparse.Namespace, settings: Settings, workdir: Path) -> 
         "cpu_count": os.cpu_count(),
         "note": "figures are only comparable within one run on an otherwise idle machine",
     }
+    pairs = [p for p in PAIRS if not args.only or f"{p[0]}-w{p[1]}" in args.only]
     reached = {
         c: steps_to_target(train_event("ref", MODEL, training_of(args, c, codec_of[c], 2)))
-        for c in codec_of
+        for c in {p[0] for p in pairs}
     }
     out["steps_to_95"] = reached
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -509,7 +510,7 @@ async def bench(args: argparse.Namespace, settings: Settings, workdir: Path) -> 
         ) as processes:
             processes.start(workers=4)
             for _ in range(args.rounds):
-                for codec, workers, hook, world in PAIRS:
+                for codec, workers, hook, world in pairs:
                     ours = await run_ours(
                         settings,
                         processes,
@@ -544,7 +545,7 @@ async def bench(args: argparse.Namespace, settings: Settings, workdir: Path) -> 
         for name, rs in runs.items()
     }
     out["aggregator"] = aggregator_bandwidth(out["model_params"] // SHARDS)
-    out["targets"] = targets(out["summary"])
+    out["targets"] = targets(out["summary"]) if len(pairs) == len(PAIRS) else "run every pair"
     return out
 
 
@@ -626,6 +627,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--topk", type=float, default=0.004, help="top-k ratio")
     parser.add_argument("--rounds", type=int, default=5, help="ours/peer alternations")
     parser.add_argument("--sync-every", type=int, default=8, help="local SGD period H")
+    parser.add_argument(
+        "--only",
+        nargs="+",
+        choices=[f"{p[0]}-w{p[1]}" for p in PAIRS],
+        help="run these pairs only (e.g. to profile one); the targets need them all",
+    )
     parser.add_argument("--ddp-hook", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--ddp-rank", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--ddp-world", type=int, help=argparse.SUPPRESS)

@@ -39,7 +39,7 @@ class DataPlaneServicer(pb_grpc.TrainingDataPlaneServicer):
 
     async def Exchange(
         self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.ShardMessage]:
+    ) -> AsyncIterator[bytes]:
         requests = aiter(request_iterator)
         try:
             first = await anext(requests)

@@ -15,7 +15,6 @@ from maas.training.aggregate import ShardCore
 from maas.training.plan import JobPlan
 from maas.training.pool import Assignment
 from maas.training.transport import status_event
-from maas.training.v1 import training_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +23,16 @@ Key = tuple[str, int]  # (job id, partition)
 
 @dataclass(eq=False)
 class Peer:
-    """One worker's stream: what the shard sends it waits in ``outbox`` (None ends it)."""
+    """One worker's stream: what the shard sends it (serialized ``ShardMessage``s) waits in
+    ``outbox`` (None ends it)."""
 
     job_id: str
     partition: int
     worker: int
-    outbox: asyncio.Queue[pb.ShardMessage | None] = field(default_factory=asyncio.Queue)
+    outbox: asyncio.Queue[bytes | None] = field(default_factory=asyncio.Queue)
     error: MaasError | None = None  # why the shard ended the stream, if it was the worker's fault
 
-    def send(self, messages: list[pb.ShardMessage]) -> None:
+    def send(self, messages: list[bytes]) -> None:
         for message in messages:
             self.outbox.put_nowait(message)
 
@@ -50,7 +50,7 @@ class ShardJob:
     started_ms: int  # when the first gradient arrived (0: none yet)
     checkpointed_version: int
     durable_version: int
-    current: list[pb.ShardMessage] = field(default_factory=list)
+    current: list[bytes] = field(default_factory=list)  # the newest version's frames
     peers: dict[int, Peer] = field(default_factory=dict)
     gone_ms: dict[int, int] = field(default_factory=dict)  # member -> since when streamless
     reported_ms: int = 0

@@ -106,7 +106,7 @@ def _params(values: np.ndarray, dtype: str, chunk_bytes: int) -> list[pb.Params]
     messages = protocol.params_pieces(
         values, version=4, final=False, durable_version=2, dtype=dtype, chunk_bytes=chunk_bytes
     )
-    return [pb.ShardMessage.FromString(m.SerializeToString()).params for m in messages]
+    return [pb.ShardMessage.FromString(frame).params for frame in messages]
 
 
 def test_params_pieces_rebuild_the_partition_and_are_a_snapshot() -> None:

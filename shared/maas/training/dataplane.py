@@ -13,6 +13,7 @@ import grpc
 from maas.config import Settings
 from maas.edge.client import open_channel as open_edge_channel
 from maas.edge.server import add_port, edge_interceptor, server_options
+from maas.training.v1 import training_pb2 as pb
 from maas.training.v1 import training_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "maas.training.v1.TrainingDataPlane"
@@ -35,9 +36,20 @@ def build_server(
         interceptors=[edge_interceptor(settings)],
         options=[*server_options(settings), *_KEEPALIVE],
     )
-    pb_grpc.add_TrainingDataPlaneServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_handlers(servicer),))
     port = add_port(server, listen, settings, "MAAS_AGGREGATOR_LISTEN")
     return server, port
+
+
+def _handlers(servicer: pb_grpc.TrainingDataPlaneServicer) -> grpc.GenericRpcHandler:
+    """``Exchange`` as the generated code registers it, except that replies go out as the bytes
+    the servicer yields: a shard serializes each parameter version once for all its workers."""
+    exchange = grpc.stream_stream_rpc_method_handler(
+        servicer.Exchange,
+        request_deserializer=pb.WorkerMessage.FromString,
+        response_serializer=bytes,
+    )
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Exchange": exchange})
 
 
 def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:

@@ -113,8 +113,8 @@ def simulate(
             chunk_bytes=chunk_bytes,
         )
         for worker, job in enumerate(workers):
-            for message in pieces:
-                params = receivers[worker][core.shard].add(_wire(message).params)
+            for frame in pieces:
+                params = receivers[worker][core.shard].add(pb.ShardMessage.FromString(frame).params)
                 if params is not None:
                     job.receive(core.shard, params)
 

@@ -282,6 +282,24 @@ def _whole(parts: Sequence[tuple[int, Piece]], size: int) -> Decoded:
     return PiecewiseGradient(tuple(parts), size)
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append(n & 0x7F | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _length_delimited(field: int, length: int) -> bytes:
+    """The key and length of a protobuf length-delimited field (wire type 2)."""
+    return _varint(field << 3 | 2) + _varint(length)
+
+
+_PARAMS_FIELD = pb.ShardMessage.DESCRIPTOR.fields_by_name["params"].number
+_VALUES_FIELD = pb.Params.DESCRIPTOR.fields_by_name["values"].number
+
+
 def params_pieces(
     values: np.ndarray,
     *,
@@ -290,27 +308,31 @@ def params_pieces(
     durable_version: int,
     dtype: str,
     chunk_bytes: int,
-) -> list[pb.ShardMessage]:
-    """A partition's values as ``dtype`` pieces; their bytes are a snapshot (the shard's
-    parameters move on while they are in flight)."""
+) -> list[bytes]:
+    """A partition's values as ``dtype`` pieces, each a serialized ``ShardMessage``: made once
+    and sent as is to every worker (the data plane's server sends bytes, not messages). The
+    values are copied once, straight into the frame — a snapshot, as the shard's parameters move
+    on while the pieces are in flight. (Protobuf fields may come in any order: the small ones
+    are serialized by protobuf, ``values`` is appended by hand.)"""
     sent = broadcast_values(values, dtype)
     step = max(1, chunk_bytes // sent.itemsize)
     cuts = list(_cut(0, len(sent), step)) or [(0, 0)]
-    return [
-        pb.ShardMessage(
-            params=pb.Params(
-                version=version,
-                final=final,
-                durable_version=durable_version,
-                dtype=dtype,
-                offset=a,
-                piece=i,
-                pieces=len(cuts),
-                values=sent[a:b].tobytes(),
-            )
-        )
-        for i, (a, b) in enumerate(cuts)
-    ]
+    frames = []
+    for i, (a, b) in enumerate(cuts):
+        header = pb.Params(
+            version=version,
+            final=final,
+            durable_version=durable_version,
+            dtype=dtype,
+            offset=a,
+            piece=i,
+            pieces=len(cuts),
+        ).SerializeToString()
+        data = np.ascontiguousarray(sent[a:b]).data.cast("B")
+        key = _length_delimited(_VALUES_FIELD, data.nbytes)
+        outer = _length_delimited(_PARAMS_FIELD, len(header) + len(key) + data.nbytes)
+        frames.append(b"".join((outer, header, key, data)))
+    return frames
 
 
 @dataclass(frozen=True)

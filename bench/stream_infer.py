@@ -7,8 +7,8 @@ shared machine weighs on both alike:
   - stream:  ``--requests`` one-row requests sent to maas.infer.v1 by a plain aiokafka producer,
              timed from the first send until a read_committed reader has every prediction
              (records/s, end to end: produce, consume, infer, transactional produce, read);
-  - grpc:    tritonclient.grpc.aio at the stream's own concurrency — its partitions times the
-             records one fetch hands a partition, the requests it can have in flight — for
+  - grpc:    tritonclient.grpc.aio at the stream's own concurrency — the requests one fetch
+             takes, so the most it has in flight (``kafka_stream.fetch_size``) — for
              ``--seconds`` (requests/s; bench/serve.py's load generator).
 The figures are medians over ``--rounds``. The full size of issue 15's exactly-once check (10 000
 requests with the server SIGKILLed mid-stream) is the chaos test run with
@@ -56,11 +56,11 @@ async def stream_rate(settings: Any, requests: int, x: Any) -> float:
 def run(requests: int, seconds: float, rounds: int) -> dict[str, Any]:
     import numpy as np
 
-    from maas.topics import INFER
     from services.inference.harness import ServiceProcesses
+    from services.inference.kafka_stream import fetch_size
 
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)
-    concurrency = INFER.partitions * MAX_BATCH
+    concurrency = fetch_size(MAX_BATCH)
     with (
         bench_settings() as settings,
         tempfile.TemporaryDirectory(prefix="maas-bench-stream-") as tmp,

@@ -48,6 +48,12 @@ class StreamRequest:
     reply_to: str
 
 
+def fetch_size(max_batch_size: int) -> int:
+    """Requests one fetch takes, and so at most in flight at once: several forward passes'
+    worth, so one transaction round carries many requests."""
+    return max(8 * max_batch_size, 512)
+
+
 def reply_topic(reply_to: str) -> str:
     """Where the prediction goes: ``reply_to``, or ``maas.predictions.v1`` when empty; no other
     platform topic (a request must not write jobs or registry events)."""
@@ -173,7 +179,7 @@ class InferenceStream:
             transform=self.answer,
             expected_schemas=[events.INFER],
             on_commit=self.metrics.committed,
-            max_poll_records=max(8 * settings.inference_max_batch_size, 512),
+            max_poll_records=fetch_size(settings.inference_max_batch_size),
         )
 
     async def answer(self, record: Record) -> list[Output]:

@@ -32,7 +32,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import (
+    InvalidProducerEpoch,
+    KafkaError,
+    OutOfOrderSequenceNumber,
+    UnknownProducerId,
+)
 
 from maas import events
 from maas.config import Settings
@@ -170,6 +175,13 @@ def dlq_backoff_s(failures: int, base_ms: int) -> float:
 # --- producer -----------------------------------------------------------------------------------
 
 
+# The broker no longer takes this producer id's sequence: batches that expired while it was away
+# left a gap, or it lost the id's state. aiokafka never recovers from these (every later send
+# fails the same way), so the producer is replaced: a new one gets a new id.
+STALE_PRODUCER_ERRORS = (OutOfOrderSequenceNumber, UnknownProducerId, InvalidProducerEpoch)
+_STOP_STALE_S = 5.0
+
+
 class EventProducer:
     """Idempotent, acks=all producer of validated events (msgpack on the wire)."""
 
@@ -180,10 +192,14 @@ class EventProducer:
         self._client_id = client_id
         self._request_timeout_ms = request_timeout_ms
         self._producer: AIOKafkaProducer | None = None
+        self._replacing = asyncio.Lock()
 
     async def start(self) -> None:
         if self._producer is not None:
             return
+        self._producer = await self._started()
+
+    async def _started(self) -> AIOKafkaProducer:
         producer = AIOKafkaProducer(
             bootstrap_servers=self._settings.kafka_bootstrap,
             **kafka_client_kwargs(self._settings),
@@ -202,7 +218,29 @@ class EventProducer:
                 f"cannot reach Kafka at {self._settings.kafka_bootstrap}: {exc}; is the broker "
                 "up (`maas stack status`)?"
             ) from exc
-        self._producer = producer
+        return producer
+
+    async def _failed(self, producer: AIOKafkaProducer, topic: str, exc: KafkaError) -> Unavailable:
+        """What a failed send raises; a producer the broker no longer takes is replaced first."""
+        if isinstance(exc, STALE_PRODUCER_ERRORS):
+            log.warning("%s: Kafka refused the producer (%r); starting a new one", topic, exc)
+            await self._replace(producer)
+        return Unavailable(f"sending to {topic} failed: {exc}")
+
+    async def _replace(self, stale: AIOKafkaProducer) -> None:
+        """Once, however many sends saw ``stale`` fail; if Kafka cannot be reached now, the
+        next failure tries again."""
+        close_stale = stale.stop
+        async with self._replacing:
+            if stale is not self._producer:
+                return  # replaced already (or stopped)
+            try:
+                fresh = await self._started()
+            except Unavailable:
+                return
+            self._producer = fresh
+        with contextlib.suppress(Exception):  # its pending sends fail anyway
+            await asyncio.wait_for(close_stale(), _STOP_STALE_S)
 
     async def stop(self) -> None:
         if self._producer is not None:
@@ -266,7 +304,7 @@ class EventProducer:
                 partition=partition,
             )
         except KafkaError as exc:
-            raise Unavailable(f"sending to {_topic_name(topic)} failed: {exc}") from exc
+            raise await self._failed(producer, _topic_name(topic), exc) from exc
 
     async def send_many(
         self, topic: str | Topic, items: Sequence[tuple[str | None, dict[str, Any]]]
@@ -286,7 +324,7 @@ class EventProducer:
         try:
             await asyncio.gather(*futures)
         except KafkaError as exc:
-            raise Unavailable(f"sending to {_topic_name(topic)} failed: {exc}") from exc
+            raise await self._failed(producer, _topic_name(topic), exc) from exc
 
 
 # --- consumer -----------------------------------------------------------------------------------

@@ -53,6 +53,7 @@ from maas.topics import DLQ
 log = logging.getLogger(__name__)
 
 TOPICS_REFRESH_S = 1.0  # an unknown output topic is looked up again at most this often
+TOPIC_APPEARS_S = 3.0  # how long a just-created topic may take to reach the broker's metadata
 PRODUCER_STOP_S = 10.0
 
 
@@ -344,13 +345,24 @@ class TransactionalPipe:
                 continue
             async with self._topics_lock:  # one look-up at a time; the others then see it
                 if loop.time() - self._topics_checked_at >= TOPICS_REFRESH_S:
-                    self._known_topics = set(await self._require().topics())
-                    self._topics_checked_at = loop.time()
+                    await self._look_up(output.topic)
             if output.topic not in self._known_topics:
                 raise NotFound(
                     f"topic {events.clip(output.topic, 250)!r} does not exist on the broker; "
                     "name an existing topic (they are never created on first write)"
                 )
+
+    async def _look_up(self, topic: str) -> None:
+        """Refresh the known topics; a topic created a moment ago may take a while to show in
+        the broker's metadata, so a miss looks again for up to ``TOPIC_APPEARS_S``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TOPIC_APPEARS_S
+        while True:
+            self._known_topics = set(await self._require().topics())
+            self._topics_checked_at = loop.time()
+            if topic in self._known_topics or loop.time() >= deadline:
+                return
+            await asyncio.sleep(TOPIC_APPEARS_S / 10)
 
     async def _commit(
         self,

@@ -52,8 +52,9 @@ from maas.topics import DLQ
 
 log = logging.getLogger(__name__)
 
-TOPICS_REFRESH_S = 1.0  # an unknown output topic is looked up again at most this often
+TOPICS_REFRESH_S = 1.0  # a topic found missing is looked up again at most this often
 TOPIC_APPEARS_S = 3.0  # how long a just-created topic may take to reach the broker's metadata
+MISSING_TOPICS_KEPT = 1024
 PRODUCER_STOP_S = 10.0
 
 
@@ -142,7 +143,9 @@ class TransactionalPipe:
         self._unsynced: set[TopicPartition] = set()
         self._attempts: dict[tuple[str, int, int], int] = {}
         self._known_topics: set[str] = set()
-        self._topics_checked_at = float("-inf")
+        # When each topic was last found missing: a flood of requests naming one missing topic
+        # costs one look-up a second, while a topic nobody asked about is looked up at once.
+        self._missing_since: dict[str, float] = {}
         self._topics_lock = asyncio.Lock()
         self._lock = asyncio.Lock()  # a round of transactions, or a revocation
         self._stopping = asyncio.Event()
@@ -344,7 +347,10 @@ class TransactionalPipe:
             if output.topic in self._known_topics:
                 continue
             async with self._topics_lock:  # one look-up at a time; the others then see it
-                if loop.time() - self._topics_checked_at >= TOPICS_REFRESH_S:
+                missed_at = self._missing_since.get(output.topic, float("-inf"))
+                if output.topic not in self._known_topics and (
+                    loop.time() - missed_at >= TOPICS_REFRESH_S
+                ):
                     await self._look_up(output.topic)
             if output.topic not in self._known_topics:
                 raise NotFound(
@@ -359,8 +365,13 @@ class TransactionalPipe:
         deadline = loop.time() + TOPIC_APPEARS_S
         while True:
             self._known_topics = set(await self._require().topics())
-            self._topics_checked_at = loop.time()
-            if topic in self._known_topics or loop.time() >= deadline:
+            if topic in self._known_topics:
+                self._missing_since.pop(topic, None)
+                return
+            if loop.time() >= deadline:
+                if len(self._missing_since) >= MISSING_TOPICS_KEPT:
+                    self._missing_since.clear()  # bounded: names come from requests
+                self._missing_since[topic] = loop.time()
                 return
             await asyncio.sleep(TOPIC_APPEARS_S / 10)
 

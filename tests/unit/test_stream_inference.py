@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
-from maas import events
+from maas import bus_transactions, events
 from maas.bus_transactions import (
     Output,
     Retry,
@@ -169,25 +169,53 @@ def test_outcomes_commit_up_to_the_first_one_to_retry() -> None:
 class SlowTopics:
     """A consumer whose metadata look-up takes a while (as a broker's does)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *names: str) -> None:
+        self.names = {"maas.predictions.v1", *names}
         self.calls = 0
 
     async def topics(self) -> set[str]:
         self.calls += 1
         await asyncio.sleep(0.01)
-        return {"maas.predictions.v1"}
+        return set(self.names)
+
+
+def pipe_over(consumer: SlowTopics) -> TransactionalPipe:
+    pipe = TransactionalPipe(Settings(), topics=["maas.infer.v1"], group_id="g", transform=None)  # type: ignore[arg-type]
+    pipe._consumer = consumer  # type: ignore[assignment]
+    return pipe
+
+
+@pytest.fixture(autouse=True)
+def quick_look_ups(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bus_transactions, "TOPIC_APPEARS_S", 0.05)
 
 
 async def test_outputs_checked_while_the_topics_are_looked_up_wait_for_the_answer() -> None:
-    pipe = TransactionalPipe(Settings(), topics=["maas.infer.v1"], group_id="g", transform=None)  # type: ignore[arg-type]
-    pipe._consumer = SlowTopics()  # type: ignore[assignment]
+    pipe = pipe_over(consumer := SlowTopics())
     outputs = [Output("maas.predictions.v1", b"x")]
     await asyncio.gather(*(pipe._check_topics(outputs) for _ in range(3)))
-    assert pipe._consumer.calls == 1
+    assert consumer.calls == 1
 
 
 async def test_an_output_to_a_missing_topic_is_refused_naming_it() -> None:
-    pipe = TransactionalPipe(Settings(), topics=["maas.infer.v1"], group_id="g", transform=None)  # type: ignore[arg-type]
-    pipe._consumer = SlowTopics()  # type: ignore[assignment]
+    pipe = pipe_over(SlowTopics())
     with pytest.raises(NotFound, match="topic 'nowhere' does not exist"):
         await pipe._check_topics([Output("nowhere", b"x")])
+
+
+async def test_a_topic_created_just_after_another_look_up_is_found() -> None:
+    pipe = pipe_over(consumer := SlowTopics())
+    await pipe._check_topics([Output("maas.predictions.v1", b"x")])
+    consumer.names.add("replies")
+    await pipe._check_topics([Output("replies", b"x")])
+
+
+async def test_requests_naming_one_missing_topic_cost_one_look_up_a_window() -> None:
+    pipe = pipe_over(consumer := SlowTopics())
+    with pytest.raises(NotFound):
+        await pipe._check_topics([Output("nowhere", b"x")])
+    calls = consumer.calls
+    for _ in range(20):
+        with pytest.raises(NotFound):
+            await pipe._check_topics([Output("nowhere", b"x")])
+    assert consumer.calls == calls

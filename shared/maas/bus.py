@@ -368,6 +368,9 @@ class EventConsumer:
         self._attempts: dict[tuple[str, int, int], int] = {}
         self._dlq_failures = 0
         self._dlq_sends: dict[tuple[str, int, int], asyncio.Future[Any]] = {}
+        # Offsets whose commit failed (a coordinator moving, a timeout): committed again before
+        # the next batch, so a restart does not redeliver what was done long ago.
+        self._uncommitted: dict[TopicPartition, int] = {}
         self._stopping = asyncio.Event()
         self.handled = 0
         self.dead_lettered = 0
@@ -445,6 +448,7 @@ class EventConsumer:
                 await self._pause(min(0.5 * lost, MAX_POLL_BACKOFF_S))
                 continue
             lost = 0
+            await self._commit_again(consumer)
             for tp, raws in batches.items():
                 await self._process_partition(consumer, tp, raws)
 
@@ -583,4 +587,16 @@ class EventConsumer:
             await consumer.commit({tp: offset})
         except KafkaError as exc:
             # A lost commit only means a redelivery, which handlers are idempotent against.
-            log.warning("commit of %s@%d failed (%s); record may be redelivered", tp, offset, exc)
+            log.warning("commit of %s@%d failed (%s); will commit it again", tp, offset, exc)
+            self._uncommitted[tp] = offset
+        else:
+            self._uncommitted.pop(tp, None)
+
+    async def _commit_again(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit the offsets whose commit failed, for partitions this member still owns."""
+        owned = consumer.assignment()
+        for tp, offset in list(self._uncommitted.items()):
+            if tp in owned:
+                await self._commit(consumer, tp, offset)
+            else:
+                del self._uncommitted[tp]  # its new owner commits from where it reads

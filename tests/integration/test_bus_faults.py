@@ -315,8 +315,9 @@ class Refusing:
 
 @contextlib.asynccontextmanager
 async def refusing(kafka: FaultyKafka, *, dlq_max_attempts: int) -> AsyncIterator[Refusing]:
-    """A running ``Refusing`` whose DLQ writer has dead-lettered one record already (it knows
-    where the DLQ is, as a producer of a running service does)."""
+    """A running ``Refusing`` whose DLQ writer has dead-lettered one record already, and whose
+    consumer committed past it (it knows where the DLQ is, as a producer of a running service
+    does)."""
     key = f"refused-{uuid.uuid4().hex[:8]}"
     await start_group_at_end(kafka.direct, topics.JOB_STATUS, f"g-{key}")
 
@@ -343,6 +344,11 @@ async def refusing(kafka: FaultyKafka, *, dlq_max_attempts: int) -> AsyncIterato
         try:
             first = await case.send_bad()
             await eventually(lambda: case.letters(*first), "the first dead letter")
+
+            async def committed_past_first() -> bool:
+                return await case.committed(first[0]) == first[1] + 1
+
+            await eventually(committed_past_first, "the commit past the first record")
             yield case
         finally:
             await consumer.stop()

@@ -37,7 +37,11 @@ def consumer() -> bus.EventConsumer:
         pass
 
     return bus.EventConsumer(
-        Settings(), topics=["maas.jobs.v1"], group_id="g", handler=handler, producer=None  # type: ignore[arg-type]
+        Settings(),
+        topics=["maas.jobs.v1"],
+        group_id="g",
+        handler=handler,
+        producer=None,  # type: ignore[arg-type]
     )
 
 

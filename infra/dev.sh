@@ -97,7 +97,8 @@ main() {
       ruff format --check . || lint_rc=$?
       mypy shared/ || lint_rc=$?
       log "pytest"
-      python -m pytest -q -p no:cacheprovider "$@" || test_rc=$?
+      # the slowest 25 tests close the report: where CI time goes, run by run
+      python -m pytest -q -p no:cacheprovider --durations=25 "$@" || test_rc=$?
       log "ruff rc=$lint_rc pytest rc=$test_rc"
       [[ $lint_rc -eq 0 && $test_rc -eq 0 ]]
       ;;

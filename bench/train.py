@@ -147,7 +147,7 @@ def steps_to_target(plan_job: dict[str, Any]) -> int | None:
 async def follow(settings: Settings, job: dict[str, Any]) -> tuple[list[tuple[int, int]], dict]:
     """Submit ``job``; partition 0's (ts, step) progress points and the final status."""
     from maas.bus import EventProducer
-    from maas.training.transport import PartitionReader, decode
+    from maas.bus_reader import PartitionReader
 
     reader = PartitionReader(
         settings, topics.JOB_STATUS, range(topics.JOB_STATUS.partitions), client_id="bench"
@@ -160,8 +160,8 @@ async def follow(settings: Settings, job: dict[str, Any]) -> tuple[list[tuple[in
             await producer.send(topics.JOBS, job, key=job["job_id"])
         deadline = time.monotonic() + 1800
         while time.monotonic() < deadline:
-            for raw in await reader.next_batch(timeout_ms=500):
-                event = decode(raw, events.JOB_STATUS).event
+            for record in await reader.next_records([events.JOB_STATUS], timeout_ms=500):
+                event = record.event
                 if event["job_id"] != job["job_id"]:
                     continue
                 # Progress reports (partition 0's shard, whichever pool member that is).

@@ -17,7 +17,8 @@ import torch
 from kafka_offsets import start_group_at_end
 
 from maas import events, topics
-from maas.bus import EventConsumer, EventProducer, Record
+from maas.bus import EventProducer, Record
+from maas.bus_consumer import EventConsumer
 from maas.config import Settings
 from maas.registry import RegistryClient
 from maas.store import ObjectStore

@@ -41,7 +41,9 @@ from safetensors.torch import save as save_safetensors
 
 from maas import datasets, events, jobs, topics, zoo
 from maas.artifacts import materialize
-from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
+from maas.bus import DeadLetter, EventProducer, Record
+from maas.bus_consumer import EventConsumer
+from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import DeadlineExceeded, InvalidArgument, MaasError, NotFound, SchemaViolation
 from maas.registry.client import RegistryClient
@@ -59,7 +61,6 @@ from maas.training.prepare import (
 )
 from maas.training.replica import evaluate
 from maas.training.storage import TrainingStore
-from maas.training.transport import PartitionReader, decode, status_event
 from services.aggregator.scheduler import SERVICE as COORDINATOR_SERVICE
 from services.aggregator.scheduler import PoolScheduler
 
@@ -138,7 +139,7 @@ class Coordinator:
         await self._pool.submit(await self._store.read_plan(job_id))
 
     async def _send_status(self, job_id: str, state: str, **fields: Any) -> None:
-        event = status_event(job_id, state, service=COORDINATOR_SERVICE, **fields)
+        event = jobs.status_event(job_id, state, service=COORDINATOR_SERVICE, **fields)
         await self._producer.send(topics.JOB_STATUS, event, key=job_id)
 
     # --- intake -----------------------------------------------------------------------------
@@ -233,11 +234,8 @@ class Coordinator:
 
     async def _watch_progress(self) -> None:
         while True:
-            for raw in await self._statuses.next_batch(timeout_ms=500):
-                try:
-                    event = decode(raw, events.JOB_STATUS).event
-                except MaasError:
-                    continue
+            for record in await self._statuses.next_records([events.JOB_STATUS], 500):
+                event = record.event
                 if event.get("service") != COORDINATOR_SERVICE:  # a shard's: progress
                     self._progress_ms[event["job_id"]] = events.now_ms()
 

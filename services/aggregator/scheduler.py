@@ -16,9 +16,11 @@ from collections.abc import Callable
 from typing import Any
 
 from maas import events, topics
-from maas.bus import EventConsumer, EventProducer, Record
+from maas.bus import EventProducer, Record
+from maas.bus_consumer import EventConsumer
 from maas.config import Settings
 from maas.errors import MaasError
+from maas.jobs import status_event
 from maas.training.control import (
     ASSIGNED,
     RELEASED,
@@ -30,7 +32,6 @@ from maas.training.control import (
 from maas.training.plan import JobPlan
 from maas.training.pool import Change, Pool, Want
 from maas.training.storage import TrainingStore
-from maas.training.transport import status_event
 
 log = logging.getLogger(__name__)
 

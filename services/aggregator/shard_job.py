@@ -10,11 +10,11 @@ from dataclasses import dataclass, field
 from maas import topics
 from maas.bus import EventProducer
 from maas.errors import MaasError
+from maas.jobs import status_event
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
 from maas.training.plan import JobPlan
 from maas.training.pool import Assignment
-from maas.training.transport import status_event
 
 log = logging.getLogger(__name__)
 

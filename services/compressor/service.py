@@ -17,7 +17,8 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter
 
 from maas import datasets, events
-from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
+from maas.bus import DeadLetter, EventProducer, Record
+from maas.bus_consumer import EventConsumer
 from maas.config import Settings
 from maas.errors import SchemaViolation
 from maas.liveness import Liveness, serve_metrics
@@ -78,6 +79,8 @@ class CompressorService:
             on_dead_letter=self._failed,
             # S3 or the registry away: ~15 s of retries, then the job fails with the reason.
             retry_backoff_ms=1000,
+            # A job runs between two fetches: past this the group gives its partition away.
+            max_poll_interval_ms=settings.compressor_max_poll_interval_ms,
         )
         self.promoter = Promoter(self._registry, self.core)
         self._policies = EventConsumer(

@@ -20,7 +20,8 @@ import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from maas import events, topics
-from maas.bus import EventConsumer, EventProducer, Record
+from maas.bus import EventProducer, Record
+from maas.bus_consumer import EventConsumer
 from maas.config import Settings
 from maas.edge import Authorizer, add_port, server_options
 from maas.errors import InvalidArgument

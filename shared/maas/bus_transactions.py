@@ -31,23 +31,24 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import ConsumerStoppedError, KafkaError, ProducerFenced
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from maas import events
 from maas.bus import (
     MAX_POLL_BACKOFF_S,
-    ConsumerDied,
+    Fetcher,
     Record,
     dead_letter_for,
     decode_value,
     is_poison,
+    open_consumer,
+    producer_options,
     to_record,
     unreadable,
 )
 from maas.config import Settings
 from maas.deadletter import DeadLetter, Headers
-from maas.errors import NotFound, Unavailable
-from maas.kafka_security import kafka_client_kwargs
+from maas.errors import NotFound
 from maas.topics import DLQ
 
 log = logging.getLogger(__name__)
@@ -153,26 +154,15 @@ class TransactionalPipe:
     async def start(self) -> None:
         if self._consumer is not None:
             return
-        consumer = AIOKafkaConsumer(
-            bootstrap_servers=self._settings.kafka_bootstrap,
-            **kafka_client_kwargs(self._settings),
+        consumer = await open_consumer(
+            self._settings,
+            topics=self._topics,
+            listener=_Rebalance(self),
             group_id=self.group_id,
             client_id=self.group_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
             isolation_level="read_committed",
-            max_partition_fetch_bytes=self._settings.kafka_max_message_bytes,
-            fetch_max_bytes=max(52_428_800, self._settings.kafka_max_message_bytes),
             max_poll_records=self._max_poll_records,
         )
-        consumer.subscribe(self._topics, listener=_Rebalance(self))
-        try:
-            await consumer.start()
-        except KafkaError as exc:
-            await consumer.stop()
-            raise Unavailable(
-                f"cannot reach Kafka at {self._settings.kafka_bootstrap}: {exc}"
-            ) from exc
         self._consumer = consumer
 
     async def stop(self) -> None:
@@ -192,20 +182,11 @@ class TransactionalPipe:
     async def run(self) -> None:
         """Consume until ``stop()``; ConsumerDied when Kafka refuses the fetch for good."""
         consumer = self._require()
-        lost = 0
+        fetcher = Fetcher(consumer, self.group_id, self._pause)
         while not self._stopping.is_set():
-            try:
-                batches = await consumer.getmany(timeout_ms=200)
-            except ConsumerStoppedError:
-                return  # stop() left the group
-            except KafkaError as exc:
-                if not exc.retriable:
-                    raise ConsumerDied(f"consumer {self.group_id} cannot fetch: {exc!r}") from exc
-                lost += 1
-                log.warning("consumer %s lost the broker (%s); retrying", self.group_id, exc)
-                await self._pause(min(0.5 * lost, MAX_POLL_BACKOFF_S))
-                continue
-            lost = 0
+            batches = await fetcher.next()
+            if batches is None:
+                continue  # stopped, or the broker lost (waited out)
             async with self._lock:
                 if self._stopping.is_set():
                     return
@@ -244,15 +225,9 @@ class TransactionalPipe:
     async def _producer(self, tp: TopicPartition) -> AIOKafkaProducer:
         producer = self._producers.get(tp)
         if producer is None:
+            name = transactional_id(self.group_id, tp)
             producer = AIOKafkaProducer(
-                bootstrap_servers=self._settings.kafka_bootstrap,
-                **kafka_client_kwargs(self._settings),
-                client_id=transactional_id(self.group_id, tp),
-                transactional_id=transactional_id(self.group_id, tp),
-                enable_idempotence=True,
-                acks="all",
-                max_request_size=self._settings.kafka_max_message_bytes,
-                linger_ms=2,
+                **producer_options(self._settings, name), transactional_id=name
             )
             try:
                 await producer.start()

@@ -300,6 +300,15 @@ class Settings:
             "gain nothing from more, and stall on a loaded host)",
         ),
     )
+    compressor_max_poll_interval_ms: int = field(
+        default=3_600_000,
+        metadata=_env(
+            "MAAS_COMPRESSOR_MAX_POLL_INTERVAL_MS",
+            doc="longest one compress job may run: a jobs consumer busy longer loses its "
+            "partitions to another compressor (Kafka's default, 5 min, is shorter than a "
+            "distillation)",
+        ),
+    )
     # --- training (gradient workers, aggregator shards) ----------------------------------
     training_compute_threads: int = field(
         default=1,

@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from maas import datasets, events, topics, zoo
 from maas.bus import EventProducer
+from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import InvalidArgument, SchemaViolation
-from maas.kafka_security import kafka_client_kwargs
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 _REQUIRED_SECTIONS = {
@@ -150,51 +149,28 @@ class JobSummary:
         return self.state in TERMINAL_STATES
 
 
-async def _status_consumer(settings: Settings) -> AIOKafkaConsumer:
-    # No consumer group: a reader of history, it must not steal partitions from anyone.
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        **kafka_client_kwargs(settings),
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
+def status_event(job_id: str, state: str, *, service: str, **fields: Any) -> dict[str, Any]:
+    """A ``maas.job-status/1`` event, as the services that run a job publish it."""
+    return events.new_event(
+        events.JOB_STATUS, job_id=job_id, state=state, service=service, **fields
     )
-    await consumer.start()
-    partitions = [
-        TopicPartition(topics.JOB_STATUS.name, p) for p in range(topics.JOB_STATUS.partitions)
-    ]
-    consumer.assign(partitions)
-    await consumer.seek_to_beginning(*partitions)
-    return consumer
 
 
 async def status_events(
     settings: Settings, *, follow: bool, idle_timeout_s: float = 2.0
 ) -> AsyncIterator[dict[str, Any]]:
-    """Every valid status event from the beginning; with ``follow``, keep waiting for more."""
-    consumer = await _status_consumer(settings)
-    try:
-        end = await consumer.end_offsets(list(consumer.assignment()))
+    """Every valid status event from the beginning; with ``follow``, keep waiting for more.
+    What is not a valid status is skipped: not ours to judge here (the services dead-letter
+    it). Read without a consumer group, so it steals partitions from no one."""
+    async with PartitionReader(settings, topics.JOB_STATUS, client_id="maas-jobs") as reader:
+        await reader.from_beginning()
+        end = await reader.end_offsets()
+        timeout_ms = int(idle_timeout_s * 1000)
         while True:
-            batches = await consumer.getmany(timeout_ms=int(idle_timeout_s * 1000))
-            for records in batches.values():
-                for record in records:
-                    try:
-                        event = events.validate(events.decode(record.value), events.JOB_STATUS)
-                    except SchemaViolation:
-                        continue  # not ours to judge here; the services dead-letter it
-                    yield event
-            if not follow and await _caught_up(consumer, end):
+            for record in await reader.next_records([events.JOB_STATUS], timeout_ms):
+                yield record.event
+            if not follow and await reader.reached(end):
                 return
-    finally:
-        await consumer.stop()
-
-
-async def _caught_up(consumer: AIOKafkaConsumer, end: dict[TopicPartition, int]) -> bool:
-    for tp, offset in end.items():
-        if await consumer.position(tp) < offset:
-            return False
-    return True
 
 
 async def summaries(settings: Settings) -> dict[str, JobSummary]:

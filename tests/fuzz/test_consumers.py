@@ -31,7 +31,8 @@ from hypothesis import strategies as st
 from kafka_offsets import end_offsets, start_group_at_end
 
 from maas import events, topics
-from maas.bus import DeadLetter, EventConsumer, EventProducer, Record
+from maas.bus import DeadLetter, EventProducer, Record
+from maas.bus_consumer import EventConsumer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

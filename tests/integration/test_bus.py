@@ -11,7 +11,8 @@ import pytest
 from kafka_offsets import start_group_at_end
 
 from maas import events, topics
-from maas.bus import ConsumerDied, EventConsumer, EventProducer, Record
+from maas.bus import ConsumerDied, EventProducer, Record
+from maas.bus_consumer import EventConsumer
 from maas.errors import InvalidArgument
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

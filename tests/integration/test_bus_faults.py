@@ -26,7 +26,8 @@ from infra.bootstrap import ensure_topics, topic_plan
 from infra.ephemeral import free_ports
 from infra.kafka import KafkaBroker
 from maas import events, topics
-from maas.bus import ConsumerDied, EventConsumer, EventProducer, Record
+from maas.bus import ConsumerDied, EventProducer, Record
+from maas.bus_consumer import EventConsumer
 from maas.config import Settings
 from maas.errors import InvalidArgument
 

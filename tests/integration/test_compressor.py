@@ -13,7 +13,8 @@ import pytest
 from infra.proc import free_port
 from infra.stack import PythonService
 from maas import events, topics, zoo
-from maas.bus import EventConsumer, EventProducer, Record
+from maas.bus import EventProducer, Record
+from maas.bus_consumer import EventConsumer
 from maas.compression.train import FitConfig, Tensors, evaluate, fit
 from maas.datasets import load_builtin
 from maas.registry import RegistryClient

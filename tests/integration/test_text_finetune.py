@@ -20,7 +20,8 @@ import pytest
 import tritonclient.grpc as triton
 
 from maas import events, topics
-from maas.bus import EventConsumer, EventProducer, Record
+from maas.bus import EventProducer, Record
+from maas.bus_consumer import EventConsumer
 from maas.cli_import import import_pretrained
 from maas.registry import RegistryClient
 from maas.text import corpus

@@ -8,7 +8,7 @@ from typing import Any
 from aiokafka import TopicPartition
 from aiokafka.errors import KafkaTimeoutError
 
-from maas import bus
+from maas import bus_consumer
 from maas.config import Settings
 
 OWNED = TopicPartition("maas.jobs.v1", 0)
@@ -32,11 +32,11 @@ class FlakyCommits:
         self.committed.append(offsets)
 
 
-def consumer() -> bus.EventConsumer:
+def consumer() -> bus_consumer.EventConsumer:
     async def handler(_record: Any) -> None:
         pass
 
-    return bus.EventConsumer(
+    return bus_consumer.EventConsumer(
         Settings(),
         topics=["maas.jobs.v1"],
         group_id="g",

@@ -21,11 +21,11 @@ from typing import Any
 
 from maas import events, topics
 from maas.bus import EventProducer
+from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import FailedPrecondition, MaasError
 from maas.training.pool import Assignment
 from maas.training.storage import TrainingStore
-from maas.training.transport import PartitionReader, decode
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +166,9 @@ class AssignmentReader:
         (the coordinator's consumer dead-letters it). Raises IdentityTaken when another process
         holds this member's id."""
         out = []
-        for raw in await self._reader.next_batch(timeout_ms=timeout_ms):
-            try:
-                event = decode(raw, [events.ASSIGNMENT, events.MEMBER]).event
-            except MaasError:
-                continue  # anything malformed
+        schemas = [events.ASSIGNMENT, events.MEMBER]
+        for record in await self._reader.next_records(schemas, timeout_ms=timeout_ms):
+            event = record.event
             if event["schema"] == events.MEMBER:
                 if reason := self._identity.fenced_by(event):
                     log.error("%s", reason)

@@ -1,0 +1,311 @@
+"""A consumer group's loop on the bus that never loses or loops.
+
+Offsets are committed only after the handler returned (its effect is durable), so a crash
+redelivers instead of dropping. A record that cannot be read (headers, bytes, nesting, schema:
+any failure before the handler, whatever its type) or that the handler refuses for good (a
+non-retriable ``MaasError``) goes to ``maas.dlq.v1`` with the reason and the original bytes (cut
+to fit, size and sha256 kept; ``maas.deadletter``) and is then committed: one poison record never
+blocks a partition. Other failures are retried with backoff by seeking back, and dead-lettered
+after ``max_attempts``. A dead-letter write that keeps failing is retried with backoff
+``dlq_max_attempts`` times, the record uncommitted; then the loop stops with ``ConsumerDied``
+saying why, and ``maas.liveness`` turns that into health and metrics. Each try waits at most
+``dlq_timeout_s`` for the broker's ack (an idempotent send to an unreachable broker never fails
+by itself); an unacknowledged send stays queued and the next try waits for it rather than
+queueing a copy.
+
+A handler that may run long (a compress job) needs a ``max_poll_interval_ms`` longer than it:
+the group gives away the partitions of a member that fetched nothing for that long.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaError
+
+from maas import events
+from maas.bus import (
+    ConsumerDied,
+    EventProducer,
+    Fetcher,
+    Record,
+    dead_letter_for,
+    decode_value,
+    dlq_backoff_s,
+    is_poison,
+    open_consumer,
+    to_record,
+    topic_name,
+    unreadable,
+)
+from maas.config import Settings
+from maas.deadletter import DeadLetter
+from maas.errors import Unavailable
+from maas.topics import DLQ, Topic
+
+log = logging.getLogger(__name__)
+
+DLQ_TIMEOUT_S = 10.0
+
+Handler = Callable[[Record], Awaitable[None]]
+DeadLetterHook = Callable[[DeadLetter], Awaitable[None]]
+
+
+class EventConsumer:
+    """Consume, validate, handle, then commit; poison goes to the DLQ, never a crash loop."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        topics: Sequence[str | Topic],
+        group_id: str,
+        handler: Handler,
+        producer: EventProducer,
+        expected_schemas: Iterable[str] | None = None,
+        on_dead_letter: DeadLetterHook | None = None,
+        max_attempts: int = 5,
+        retry_backoff_ms: int = 200,
+        auto_offset_reset: str = "earliest",
+        max_poll_records: int = 100,
+        dlq_timeout_s: float = DLQ_TIMEOUT_S,
+        max_poll_interval_ms: int | None = None,
+    ) -> None:
+        self._settings = settings
+        self._topics = [topic_name(t) for t in topics]
+        self.group_id = group_id
+        self._handler = handler
+        self._producer = producer
+        self._expected = list(expected_schemas) if expected_schemas is not None else None
+        self._on_dead_letter = on_dead_letter
+        self._max_attempts = max_attempts
+        self._retry_backoff_ms = retry_backoff_ms
+        self._auto_offset_reset = auto_offset_reset
+        self._max_poll_records = max_poll_records
+        self._dlq_timeout_s = dlq_timeout_s
+        self._max_poll_interval_ms = max_poll_interval_ms
+        self._consumer: AIOKafkaConsumer | None = None
+        self._attempts: dict[tuple[str, int, int], int] = {}
+        self._dlq_failures = 0
+        self._dlq_sends: dict[tuple[str, int, int], asyncio.Future[Any]] = {}
+        # Offsets whose commit failed (a coordinator moving, a timeout): committed again before
+        # the next batch, so a restart does not redeliver what was done long ago.
+        self._uncommitted: dict[TopicPartition, int] = {}
+        self._stopping = asyncio.Event()
+        self.handled = 0
+        self.dead_lettered = 0
+
+    async def start(self) -> None:
+        if self._consumer is not None:
+            return
+        self._consumer = await open_consumer(
+            self._settings,
+            topics=self._topics,
+            group_id=self.group_id,
+            client_id=f"{self.group_id}-{uuid.uuid4().hex[:6]}",
+            auto_offset_reset=self._auto_offset_reset,
+            max_poll_records=self._max_poll_records,
+            max_poll_interval_ms=self._max_poll_interval_ms,
+        )
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        for send in self._dlq_sends.values():
+            send.cancel()  # our wait only: the producer still holds the queued letter
+        self._dlq_sends.clear()
+        if self._consumer is not None:
+            consumer, self._consumer = self._consumer, None
+            await consumer.stop()
+
+    async def __aenter__(self) -> EventConsumer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def wait_assigned(self, timeout_s: float = 30.0) -> None:
+        """Wait until the group has given this consumer partitions (it is live)."""
+        consumer = self._require()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not consumer.assignment():
+            if loop.time() > deadline:
+                raise Unavailable(f"consumer group {self.group_id} got no partitions in time")
+            await asyncio.sleep(0.05)
+
+    def _require(self) -> AIOKafkaConsumer:
+        if self._consumer is None:
+            raise RuntimeError("EventConsumer used before start() or after stop()")
+        return self._consumer
+
+    async def run(self) -> None:
+        """Process records until ``stop()``; transient broker errors are waited out.
+
+        Raises ConsumerDied when the DLQ stayed unwritable (the record is left uncommitted).
+        """
+        consumer = self._require()
+        fetcher = Fetcher(consumer, self.group_id, self._pause)
+        while not self._stopping.is_set():
+            batches = await fetcher.next()
+            if batches is None:
+                continue
+            await self._commit_again(consumer)
+            for tp, raws in batches.items():
+                await self._process_partition(consumer, tp, raws)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once on ``stop()``."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), seconds)
+
+    async def _process_partition(
+        self,
+        consumer: AIOKafkaConsumer,
+        tp: TopicPartition,
+        raws: list[ConsumerRecord[bytes, bytes]],
+    ) -> None:
+        next_offset: int | None = None
+        try:
+            for raw in raws:
+                if self._stopping.is_set():
+                    break
+                if not await self._process_one(raw):
+                    # Redeliver from this record; later records of the partition wait their turn.
+                    consumer.seek(tp, raw.offset)
+                    break
+                next_offset = raw.offset + 1
+        except ConsumerDied:
+            if next_offset is not None:
+                await self._commit(consumer, tp, next_offset)  # what was done stays done
+            raise
+        if next_offset is not None:
+            # One commit per partition batch: every record before next_offset is done.
+            await self._commit(consumer, tp, next_offset)
+
+    async def _process_one(self, raw: ConsumerRecord[bytes, bytes]) -> bool:
+        """Handle one record; True when it may be committed (handled or dead-lettered)."""
+        event: dict[str, Any] | None = None
+        try:
+            event = decode_value(raw, max_depth=self._settings.event_max_depth)
+            record = to_record(raw, event, self._expected)
+        except Exception as exc:  # the bytes cannot be read, now or ever: no retries
+            return await self._reject(raw, unreadable(exc), event)
+        where = (raw.topic, raw.partition, raw.offset)
+        try:
+            await self._handler(record)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # every failure is classified, none escapes the loop
+            attempts = self._attempts.get(where, 0) + 1
+            if is_poison(exc) or attempts >= self._max_attempts:
+                return await self._reject(raw, exc, record.event)
+            self._attempts[where] = attempts
+            log.warning(
+                "handler failed on %s[%d]@%d (attempt %d/%d), will redeliver: %s",
+                raw.topic,
+                raw.partition,
+                raw.offset,
+                attempts,
+                self._max_attempts,
+                events.clip("".join(traceback.format_exception_only(exc)).strip()),
+            )
+            await self._pause(self._retry_backoff_ms / 1000 * 2 ** (attempts - 1))
+            return False
+        self._attempts.pop(where, None)
+        self.handled += 1
+        return True
+
+    async def _reject(
+        self, raw: ConsumerRecord[bytes, bytes], error: BaseException, event: dict[str, Any] | None
+    ) -> bool:
+        """Dead-letter ``raw``; True once written, False (after a backoff) to try again."""
+        try:
+            await self._dead_letter(dead_letter_for(raw, error, event))
+        except Exception as exc:  # a DLQ write failing for any reason keeps the record
+            self._dlq_failures += 1
+            where = f"{raw.topic}[{raw.partition}]@{raw.offset}"
+            if self._dlq_failures >= self._settings.dlq_max_attempts:
+                raise ConsumerDied(
+                    f"consumer {self.group_id} could not write to {DLQ.name} "
+                    f"{self._dlq_failures} times in a row ({events.clip(repr(exc), 300)}); "
+                    f"{where} stays uncommitted and is read again after a restart"
+                ) from exc
+            delay = dlq_backoff_s(self._dlq_failures, self._retry_backoff_ms)
+            log.warning(
+                "DLQ write failed (%s); keeping %s, retry %d/%d in %.1f s",
+                events.clip(repr(exc), 300),
+                where,
+                self._dlq_failures,
+                self._settings.dlq_max_attempts,
+                delay,
+            )
+            await self._pause(delay)
+            return False
+        self._dlq_failures = 0
+        self._attempts.pop((raw.topic, raw.partition, raw.offset), None)
+        return True
+
+    async def _dead_letter(self, letter: DeadLetter) -> None:
+        log.error(
+            "dead-lettering %s[%d]@%d: %s: %s",
+            letter.topic,
+            letter.partition,
+            letter.offset,
+            letter.code,
+            letter.message,
+        )
+        # The DLQ write must succeed before the commit, or the record would be lost: this
+        # raises (the loop keeps the record uncommitted) when Kafka is down.
+        await self._write_letter(letter)
+        self.dead_lettered += 1
+        if self._on_dead_letter is not None:
+            try:
+                await self._on_dead_letter(letter)
+            except Exception:
+                log.exception("on_dead_letter hook failed for %s@%d", letter.topic, letter.offset)
+
+    async def _write_letter(self, letter: DeadLetter) -> None:
+        """Send ``letter`` (or wait again for its earlier, unacknowledged send), at most
+        ``dlq_timeout_s``; raises Unavailable when no ack came in time."""
+        where = (letter.topic, letter.partition, letter.offset)
+        send = self._dlq_sends.get(where)
+        if send is None:
+            dlq_event = letter.to_event(self.group_id, self._settings.kafka_max_message_bytes)
+            send = asyncio.ensure_future(self._producer.send(DLQ, dlq_event, key=letter.dlq_key))
+            self._dlq_sends[where] = send
+        try:
+            await asyncio.wait_for(asyncio.shield(send), self._dlq_timeout_s)
+        except TimeoutError:
+            raise Unavailable(
+                f"{DLQ.name} acknowledged no write within {self._dlq_timeout_s:g} s"
+            ) from None
+        finally:
+            if send.done():
+                del self._dlq_sends[where]
+
+    async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
+        try:
+            await consumer.commit({tp: offset})
+        except KafkaError as exc:
+            # A lost commit only means a redelivery, which handlers are idempotent against.
+            log.warning("commit of %s@%d failed (%s); will commit it again", tp, offset, exc)
+            self._uncommitted[tp] = offset
+        else:
+            self._uncommitted.pop(tp, None)
+
+    async def _commit_again(self, consumer: AIOKafkaConsumer) -> None:
+        """Commit the offsets whose commit failed, for partitions this member still owns."""
+        owned = consumer.assignment()
+        for tp, offset in list(self._uncommitted.items()):
+            if tp in owned:
+                await self._commit(consumer, tp, offset)
+            else:
+                del self._uncommitted[tp]  # its new owner commits from where it reads

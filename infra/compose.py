@@ -21,7 +21,8 @@ import yaml
 from maas.config import Settings
 from maas.errors import InvalidArgument
 
-COMPOSE_FILE = Path(__file__).resolve().parents[1] / "docker-compose.yml"
+# infra/docker-compose.yml links to the repository's (a wheel holds a copy)
+COMPOSE_FILE = Path(__file__).resolve().parent / "docker-compose.yml"
 
 # Where-things-are variables: locally they follow Settings, never compose's container names.
 _PLACEMENT = {

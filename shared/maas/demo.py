@@ -24,7 +24,8 @@ from maas.policy import ACTOR, policy_job_id
 from maas.registry import RegistryClient
 from maas.registry.types import DEFAULT_ALIAS, AliasChange, ModelVersion, PolicyVersion
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
+# shared/maas/examples links to the repository's examples/ (a wheel holds a copy)
+EXAMPLES = Path(__file__).resolve().parent / "examples" / "jobs"
 POLICIES = EXAMPLES.parent / "policies"
 PROMOTION_POLL_S = 0.5
 

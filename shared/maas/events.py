@@ -46,8 +46,8 @@ def schemas_dir() -> Path:
     override = os.environ.get("MAAS_SCHEMAS_DIR")
     if override:
         return Path(override)
-    # shared/maas/events.py -> repository root / schemas
-    return Path(__file__).resolve().parents[2] / "schemas"
+    # In a checkout shared/maas/schemas links to the repository's schemas/; a wheel holds a copy.
+    return Path(__file__).resolve().parent / "schemas"
 
 
 def now_ms() -> int:

@@ -46,6 +46,7 @@ from maas.bus_consumer import EventConsumer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import DeadlineExceeded, InvalidArgument, MaasError, NotFound, SchemaViolation
+from maas.liveness import Liveness
 from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
 from maas.store import AsyncObjectStore
@@ -81,6 +82,7 @@ class Coordinator:
             ["outcome"],
             registry=self.metrics_registry,
         )
+        self.liveness = Liveness(self.metrics_registry)  # its loops' crash ends the process
         self._producer = EventProducer(settings, client_id=COORDINATOR_SERVICE)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)

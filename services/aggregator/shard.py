@@ -42,6 +42,7 @@ from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
 from maas.events import now_ms
+from maas.liveness import Liveness
 from maas.store import AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training import protocol
@@ -94,6 +95,7 @@ class ShardService:
         self.name = f"aggregator-{self.member_id}"
         self.address = ""
         self.metrics = Metrics()
+        self.liveness = Liveness(self.metrics.registry)  # its loops' crash ends the process
         self._producer = EventProducer(settings, client_id=self.name)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)

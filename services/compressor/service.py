@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter
 
@@ -21,7 +20,7 @@ from maas.bus import DeadLetter, EventProducer, Record
 from maas.bus_consumer import EventConsumer
 from maas.config import Settings
 from maas.errors import SchemaViolation
-from maas.liveness import Liveness, serve_metrics
+from maas.liveness import Liveness
 from maas.policy import policy_job_id
 from maas.registry.client import RegistryClient
 from maas.store import ObjectStore
@@ -94,22 +93,16 @@ class CompressorService:
             retry_backoff_ms=1000,
         )
         self.liveness = Liveness(self.metrics.registry)
-        self._http: WSGIServer | None = None
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics.registry
 
     async def start(self) -> None:
         await self._producer.start()
         await self._registry.start()
         await self._consumer.start()
         await self._policies.start()
-        if self._settings.metrics_port:
-            # Opened once consuming: the port answering means the service is up (stack waits);
-            # /healthz says whether it still consumes (NOT_SERVING with the reason once not).
-            self._http = serve_metrics(
-                self._settings.metrics_port,
-                self._settings.metrics_bind,
-                self.metrics.registry,
-                self.liveness,
-            )
 
     async def run(self) -> None:
         # A consumer that dies (the DLQ unwritable for long) leaves the process up with
@@ -120,9 +113,6 @@ class CompressorService:
         )
 
     async def stop(self) -> None:
-        if self._http is not None:
-            await asyncio.to_thread(self._http.shutdown)
-            self._http.server_close()
         await self._policies.stop()
         await self._consumer.stop()
         await self._registry.stop()

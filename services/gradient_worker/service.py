@@ -30,6 +30,7 @@ from maas import datasets
 from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import MaasError, NotFound, Unavailable
+from maas.liveness import Liveness
 from maas.store import AsyncObjectStore
 from maas.training.control import RELEASED, AssignmentReader, Heartbeat, Identity, member_name
 from maas.training.pool import WORKER, Assignment
@@ -86,6 +87,7 @@ class WorkerService:
         self.member_id = member_name(settings)
         self.name = f"gradient-worker-{self.member_id}"
         self.metrics = Metrics()
+        self.liveness = Liveness(self.metrics.registry)  # its loops' crash ends the process
         self._producer = EventProducer(settings, client_id=self.name)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
@@ -96,6 +98,10 @@ class WorkerService:
         self.jobs: dict[str, Running] = {}
         self._joining: dict[str, Assignment] = {}  # the newest assignment seen while loading
         self._wake = asyncio.Event()
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry:
+        return self.metrics.registry
 
     async def start(self) -> None:
         await self._producer.start()

@@ -10,7 +10,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.inference.batcher import BatchReport
 
@@ -89,10 +89,6 @@ class Metrics:
             ["model", "outcome"],
             registry=r,
         )
-
-    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
-        """Expose /metrics over HTTP (a daemon thread; lives as long as the process)."""
-        start_http_server(port, addr=addr, registry=self.registry)
 
 
 @dataclass

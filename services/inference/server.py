@@ -129,7 +129,7 @@ class InferenceServer:
         )
         self._stream_task: asyncio.Task[None] | None = None
         # Without the models consumer alias moves stop arriving: then say NOT_SERVING, and why.
-        self._liveness = Liveness(self.metrics.registry, on_change=self._not_serving)
+        self.liveness = Liveness(self.metrics.registry, on_change=self._not_serving)
         self.port = 0
 
     def _http_server(self, settings: Settings) -> HttpServer | None:
@@ -157,21 +157,17 @@ class InferenceServer:
         await self._server.start()
         if self.http is not None:
             await self.http.start()
-        if self._settings.inference_metrics_port:
-            self.metrics.serve(
-                self._settings.inference_metrics_port, addr=self._settings.metrics_bind
-            )
         await self._producer.start()
         await self._consumer.start()
         await self._consumer.wait_assigned()
         self._consume_task = asyncio.get_running_loop().create_task(
-            self._liveness.supervise("models-consumer", self._consumer.run())
+            self.liveness.supervise("models-consumer", self._consumer.run())
         )
         self.plane.ready = True
         if self.stream is not None:
             await self.stream.start()
             self._stream_task = asyncio.get_running_loop().create_task(
-                self._liveness.supervise("infer-stream", self.stream.run())
+                self.liveness.supervise("infer-stream", self.stream.run())
             )
         for service in ("", OIP_SERVICE):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)

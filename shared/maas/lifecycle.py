@@ -1,8 +1,11 @@
-"""How every service process lives and dies: logging from settings, SIGTERM/SIGINT turned into
-a stop event, and a main loop that ends either on that event or on its own crash.
+"""How every service process lives and dies: ``serve(build, settings)``.
 
-A service's ``__main__`` stays three lines: settings from env, build, ``run_until_signalled``.
-Shutdown (stop accepting, drain, close) belongs in the service's own ``finally``.
+A service's ``__main__`` is settings from env, then ``serve`` with how to build the service.
+``serve`` configures logging, builds the service on its event loop, caps compute threads,
+starts it, opens ``/metrics`` and ``/healthz`` (``maas.liveness``) once it started (the port
+answering means the service is up), runs it until SIGTERM/SIGINT or until ``run`` crashes (the
+process then exits with that error instead of idling), and always stops it. Shutdown (stop
+accepting, drain, close) belongs in the service's ``stop``.
 """
 
 from __future__ import annotations
@@ -12,9 +15,14 @@ import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, Protocol
+
+from prometheus_client import CollectorRegistry
 
 from maas.config import Settings
+from maas.liveness import Liveness, serve_metrics
+
+log = logging.getLogger(__name__)
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -62,3 +70,75 @@ async def run_until_stopped(work: Coroutine[Any, Any, None], stop: asyncio.Event
         stopping.cancel()
         running.cancel()
         await asyncio.gather(running, stopping, return_exceptions=True)
+
+
+class Service(Protocol):
+    """What ``serve`` runs. ``start`` opens what the service needs (an error ends the process
+    with the reason), ``run`` works until cancelled (returning means it crashed), ``stop``
+    closes whatever ``start`` opened. ``liveness`` says which background loops stopped, and why:
+    ``/healthz`` answers from it."""
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry: ...
+
+    @property
+    def liveness(self) -> Liveness: ...
+
+    async def start(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+def serve(
+    build: Callable[[], Service],
+    settings: Settings,
+    *,
+    metrics_port: int | None = None,
+    compute_threads: int | None = None,
+) -> None:
+    """The whole life of a service process (see the module doc). ``metrics_port`` defaults to
+    MAAS_METRICS_PORT (0: no HTTP); ``compute_threads`` caps torch and BLAS once built."""
+    configure_logging(settings)
+    port = settings.metrics_port if metrics_port is None else metrics_port
+
+    async def main(stop: asyncio.Event) -> None:
+        service = build()
+        if compute_threads is not None:
+            limit_compute_threads(compute_threads)
+        await run_service(service, stop, metrics_port=port, metrics_bind=settings.metrics_bind)
+
+    run_until_signalled(main)
+
+
+async def run_service(
+    service: Service, stop: asyncio.Event, *, metrics_port: int = 0, metrics_bind: str = "127.0.0.1"
+) -> None:
+    """Start ``service``, open its HTTP port (if any) once started, run it until ``stop`` is set
+    or ``run`` crashes (the error propagates), and always stop it."""
+    name = type(service).__name__
+    http = None
+    failed = True
+    try:
+        await service.start()
+        if metrics_port:
+            http = serve_metrics(
+                metrics_port, metrics_bind, service.metrics_registry, service.liveness
+            )
+        log.info("%s running", name)
+        await run_until_stopped(service.run(), stop)
+        failed = False
+        log.info("%s shutting down", name)
+    finally:
+        if http is not None:
+            await asyncio.to_thread(http.shutdown)
+            http.server_close()
+        try:
+            await service.stop()
+        except Exception:
+            if not failed:
+                raise
+            # The failure that ended it is the news (it propagates); this one is logged.
+            log.exception("%s: stopping after a failure failed too", name)
+        log.info("%s stopped", name)

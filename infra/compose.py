@@ -54,7 +54,7 @@ class ServiceSpec:
     replica: int
     env: dict[str, str]
     depends_on: tuple[str, ...]
-    health: str  # "grpc" (grpc.health.v1 on the listen address) or "http" (GET /metrics)
+    health: str  # "grpc" (grpc.health.v1 on the listen address) or "http" (GET /healthz)
     host: str
     port: int
 

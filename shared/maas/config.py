@@ -284,12 +284,15 @@ class Settings:
     inference_metrics_port: int = field(
         default=8002,
         metadata=_env(
-            "MAAS_INFERENCE_METRICS_PORT", doc="inference Prometheus /metrics HTTP port (0 = off)"
+            "MAAS_INFERENCE_METRICS_PORT", doc="inference /metrics and /healthz HTTP port (0 = off)"
         ),
     )
     metrics_port: int = field(
         default=0,
-        metadata=_env("MAAS_METRICS_PORT", doc="Prometheus /metrics HTTP port (0 = off)"),
+        metadata=_env(
+            "MAAS_METRICS_PORT",
+            doc="/metrics (Prometheus) and /healthz HTTP port of the other services (0 = off)",
+        ),
     )
     # --- compressor ----------------------------------------------------------------------------
     compressor_torch_threads: int = field(

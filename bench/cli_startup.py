@@ -60,9 +60,9 @@ def best_wall_s(code: str, repeats: int) -> tuple[float, str]:
 def models_list(repeats: int) -> tuple[float, str]:
     """``maas models list`` wall time against a fresh registry that holds one model."""
     from infra.ephemeral import bench_settings
+    from infra.harness.serving import ServiceProcesses
     from maas import zoo
     from maas.registry import RegistryClient
-    from services.inference.harness import ServiceProcesses
 
     with tempfile.TemporaryDirectory(prefix="maas-bench-cli-") as tmp:
         workdir = Path(tmp)

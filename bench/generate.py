@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from infra.ephemeral import bench_settings
+from infra.harness.serving import ServiceProcesses
 from infra.proc import free_port
 from maas import zoo
 from maas.oip import grpc_predict_v2_pb2 as pb
@@ -42,7 +43,6 @@ from maas.registry import RegistryClient
 from maas.text import wire
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, generate
-from services.inference.harness import ServiceProcesses
 
 SIZES = {
     "small": {"block_size": 512, "n_layer": 4, "n_head": 4, "n_embd": 128},

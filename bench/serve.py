@@ -347,8 +347,8 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
     import numpy as np
     import torch
 
+    from infra.harness.serving import ServiceProcesses
     from maas import zoo
-    from services.inference.harness import ServiceProcesses
 
     torch.set_num_threads(1)  # as the servers run it
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)

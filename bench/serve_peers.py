@@ -139,7 +139,7 @@ def kserve_peer(module: Any, workdir: Path) -> Iterator[tuple[str, int] | str]:
 
     from safetensors.torch import save_file
 
-    from services.inference.harness import kserve_python
+    from infra.harness.serving import kserve_python
 
     try:
         python = kserve_python()

@@ -41,7 +41,7 @@ MAX_BATCH = 64
 
 async def stream_rate(settings: Any, requests: int, x: Any) -> float:
     """Records/s: ``requests`` one-row requests sent, until every prediction was read."""
-    from services.inference.stream_harness import TopicReader, request_event, send_requests
+    from infra.harness.stream import TopicReader, request_event, send_requests
 
     run = uuid.uuid4().hex[:8]
     ids = [f"bench-{run}-{i}" for i in range(requests)]
@@ -56,7 +56,7 @@ async def stream_rate(settings: Any, requests: int, x: Any) -> float:
 def run(requests: int, seconds: float, rounds: int) -> dict[str, Any]:
     import numpy as np
 
-    from services.inference.harness import ServiceProcesses
+    from infra.harness.serving import ServiceProcesses
     from services.inference.kafka_stream import fetch_size
 
     x = np.random.default_rng(0).standard_normal((1, 64)).astype(np.float32)

@@ -138,9 +138,9 @@ def inprocess(minilm: TextModel, texts: list[str]) -> dict[str, Any]:
 def served_minilm() -> Iterator[tuple[str, str]]:
     import asyncio
 
+    from infra.harness.serving import ServiceProcesses
     from maas.cli_import import import_pretrained
     from maas.registry import RegistryClient
-    from services.inference.harness import ServiceProcesses
 
     with (
         bench_settings() as settings,

@@ -45,6 +45,8 @@ from typing import Any
 import numpy as np
 
 from infra.ephemeral import bench_settings
+from infra.harness.serving import ServiceProcesses
+from infra.harness.training import TrainingProcesses
 from infra.proc import free_port
 from maas import events, topics, zoo
 from maas.config import Settings
@@ -53,8 +55,6 @@ from maas.training.aggregate import GradientSum
 from maas.training.codecs import DenseGradient
 from maas.training.optim import OptimizerSpec, Sgd
 from maas.training.storage import TrainingStore
-from services.aggregator.harness import TrainingProcesses
-from services.inference.harness import ServiceProcesses
 
 MB = 1024 * 1024
 MODEL = {"hidden": [1024, 896]}  # 993,930 parameters on 64 digit features

@@ -16,6 +16,8 @@ from typing import Any
 import torch
 from kafka_offsets import start_group_at_end
 
+from infra.harness.serving import ServiceProcesses
+from infra.harness.training import TrainingProcesses
 from maas import events, topics
 from maas.bus import EventProducer, Record
 from maas.bus_consumer import EventConsumer
@@ -24,8 +26,6 @@ from maas.registry import RegistryClient
 from maas.store import ObjectStore
 from maas.training import checkpoint as ck
 from maas.training.storage import BUCKET
-from services.aggregator.harness import TrainingProcesses
-from services.inference.harness import ServiceProcesses
 
 TERMINAL = {"succeeded", "failed"}
 HEARTBEAT_TIMEOUT_MS = 3000

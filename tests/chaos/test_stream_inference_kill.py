@@ -16,15 +16,15 @@ import uuid
 import numpy as np
 import pytest
 
-from maas import zoo
-from maas.registry import RegistryClient
-from services.inference.harness import ServiceProcesses
-from services.inference.stream_harness import (
+from infra.harness.serving import ServiceProcesses
+from infra.harness.stream import (
     TopicReader,
     request_event,
     send_requests,
     wait_committed,
 )
+from maas import zoo
+from maas.registry import RegistryClient
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

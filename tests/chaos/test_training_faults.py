@@ -28,11 +28,11 @@ from training_jobs import (
     weights,
 )
 
+from infra.harness.training import TrainingProcesses
 from maas import topics
 from maas.bus import EventProducer
 from maas.registry import RegistryClient
 from maas.store import ObjectStore
-from services.aggregator.harness import TrainingProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from infra.harness.serving import ServiceProcesses
 from maas import zoo
 from maas.cli_predict import predict
 from maas.config import Settings
@@ -25,7 +26,6 @@ from maas.oip import grpc_predict_v2_pb2 as oip_pb
 from maas.registry import RegistryClient
 from maas.registry.types import ModelRef
 from maas.registry.v1 import registry_pb2 as registry_pb
-from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

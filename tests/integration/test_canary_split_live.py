@@ -19,10 +19,10 @@ import tritonclient.grpc as triton
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
+from infra.harness.serving import ServiceProcesses
 from infra.proc import free_port
 from maas import zoo
 from maas.registry import RegistryClient
-from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

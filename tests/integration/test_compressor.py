@@ -10,6 +10,7 @@ from collections import defaultdict
 
 import pytest
 
+from infra.harness.serving import ServiceProcesses
 from infra.proc import free_port
 from infra.stack import PythonService
 from maas import events, topics, zoo
@@ -19,7 +20,6 @@ from maas.compression.train import FitConfig, Tensors, evaluate, fit
 from maas.datasets import load_builtin
 from maas.registry import RegistryClient
 from maas.store import ObjectStore
-from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

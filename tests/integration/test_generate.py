@@ -19,12 +19,12 @@ import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
+from infra.harness.serving import ServiceProcesses
 from infra.proc import free_port
 from maas import zoo
 from maas.registry import RegistryClient
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, Token, generate
-from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

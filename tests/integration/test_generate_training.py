@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from infra.harness.serving import ServiceProcesses
+from infra.harness.training import TrainingProcesses
 from maas import jobs
 from maas.cli_jobs import follow
 from maas.config import Settings
@@ -20,8 +22,6 @@ from maas.registry import RegistryClient
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, generate
 from maas.text.stream import stream_completion
-from services.aggregator.harness import TrainingProcesses
-from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

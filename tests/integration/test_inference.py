@@ -29,9 +29,9 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from infra.harness.serving import ServiceProcesses, kserve_python
 from maas import zoo
 from maas.registry import RegistryClient
-from services.inference.harness import ServiceProcesses, kserve_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -22,9 +22,9 @@ import tritonclient.grpc as triton_grpc
 import tritonclient.http as triton_http
 from tritonclient.utils import InferenceServerException
 
+from infra.harness.serving import ServiceProcesses
 from maas import zoo
 from maas.registry import RegistryClient
-from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -20,12 +20,12 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 
+from infra.harness.serving import ServiceProcesses
+from infra.harness.training import TrainingProcesses
 from maas import datasets, jobs, zoo
 from maas.datasets import load_builtin
 from maas.registry import RegistryClient
 from maas.store import DATASETS_BUCKET, ObjectStore
-from services.aggregator.harness import TrainingProcesses
-from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

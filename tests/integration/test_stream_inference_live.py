@@ -14,16 +14,16 @@ import pytest
 import torch
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
-from maas import events, zoo
-from maas.registry import RegistryClient
-from maas.topics import DLQ, Topic
-from services.inference.harness import ServiceProcesses
-from services.inference.stream_harness import (
+from infra.harness.serving import ServiceProcesses
+from infra.harness.stream import (
     TopicReader,
     request_event,
     send_raw,
     send_requests,
 )
+from maas import events, zoo
+from maas.registry import RegistryClient
+from maas.topics import DLQ, Topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as triton
 
+from infra.harness.serving import ServiceProcesses
+from infra.harness.training import TrainingProcesses
 from maas import events, topics
 from maas.bus import EventProducer, Record
 from maas.bus_consumer import EventConsumer
@@ -26,8 +28,6 @@ from maas.cli_import import import_pretrained
 from maas.registry import RegistryClient
 from maas.text import corpus
 from maas.text.pretrained import MINILM_PACKAGE
-from services.aggregator.harness import TrainingProcesses
-from services.inference.harness import ServiceProcesses
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 

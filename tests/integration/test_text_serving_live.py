@@ -20,11 +20,11 @@ import tritonclient.grpc as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
+from infra.harness.serving import ServiceProcesses, kserve_python
 from maas.registry import RegistryClient
 from maas.text.model import TextModel
 from maas.text.pretrained import MINILM_PACKAGE, MINILM_WEIGHTS_SHA256, read_package
 from maas.text.tokenizer import TextTokenizer
-from services.inference.harness import ServiceProcesses, kserve_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -33,13 +33,13 @@ from training_jobs import (
     weights,
 )
 
+from infra.harness.training import TrainingProcesses, start_all
 from maas import events, topics
 from maas.bus import EventProducer
 from maas.registry import RegistryClient
 from maas.store import DATASETS_BUCKET, ObjectStore
 from maas.training.local import simulate
 from maas.training.prepare import Limits, prepare_job
-from services.aggregator.harness import TrainingProcesses, start_all
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -8,8 +8,9 @@
   reached is ``Unavailable`` saying what to check.
 - The per-record steps every reader shares (here, plain functions): read headers, decode,
   validate, build a dead letter, classify a failure.
-- ``maas.bus_consumer.EventConsumer``: a consumer group's loop that never loses or loops
-  (commit after the handler, poison to ``maas.dlq.v1``).
+- ``maas.bus_consumer``: ``Fetcher`` (every consumer loop's fetch: a lost broker waited out)
+  and ``EventConsumer``, a consumer group's loop that never loses or loops (commit after the
+  handler, poison to ``maas.dlq.v1``).
 - ``maas.bus_reader.PartitionReader``: chosen partitions without a group (every reader sees
   every record: job statuses, training control).
 - ``maas.bus_transactions.TransactionalPipe``: consume, transform and produce exactly once.
@@ -21,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import warnings
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,6 @@ from aiokafka import (
     TopicPartition,
 )
 from aiokafka.errors import (
-    ConsumerStoppedError,
     InvalidProducerEpoch,
     KafkaError,
     OutOfOrderSequenceNumber,
@@ -387,35 +387,3 @@ async def open_consumer(
     if partitions:
         consumer.assign(list(partitions))
     return consumer
-
-
-Batches = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-
-
-class Fetcher:
-    """Fetches for a consumer loop. ``next`` is None when nothing was fetched: the consumer was
-    stopped under the loop, or the broker was lost (waited out with a growing backoff through
-    ``pause``, which wakes early on stop). An error Kafka calls fatal is ConsumerDied."""
-
-    def __init__(
-        self, consumer: AIOKafkaConsumer, name: str, pause: Callable[[float], Awaitable[None]]
-    ) -> None:
-        self._consumer = consumer
-        self._name = name
-        self._pause = pause
-        self._lost = 0
-
-    async def next(self, timeout_ms: int = 200) -> Batches | None:
-        try:
-            batches = await self._consumer.getmany(timeout_ms=timeout_ms)
-        except ConsumerStoppedError:
-            return None
-        except KafkaError as exc:
-            if not exc.retriable:
-                raise ConsumerDied(f"consumer {self._name} cannot fetch: {exc!r}") from exc
-            self._lost += 1
-            log.warning("consumer %s lost the broker (%s); retrying", self._name, exc)
-            await self._pause(min(0.5 * self._lost, MAX_POLL_BACKOFF_S))
-            return None
-        self._lost = 0
-        return batches

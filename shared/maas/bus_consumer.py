@@ -28,13 +28,13 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from maas import events
 from maas.bus import (
+    MAX_POLL_BACKOFF_S,
     ConsumerDied,
     EventProducer,
-    Fetcher,
     Record,
     dead_letter_for,
     decode_value,
@@ -53,6 +53,38 @@ from maas.topics import DLQ, Topic
 log = logging.getLogger(__name__)
 
 DLQ_TIMEOUT_S = 10.0
+
+Batches = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
+
+
+class Fetcher:
+    """Fetches for a consumer loop. ``next`` is None when nothing was fetched: the consumer was
+    stopped under the loop, or the broker was lost (waited out with a growing backoff through
+    ``pause``, which wakes early on stop). An error Kafka calls fatal is ConsumerDied."""
+
+    def __init__(
+        self, consumer: AIOKafkaConsumer, name: str, pause: Callable[[float], Awaitable[None]]
+    ) -> None:
+        self._consumer = consumer
+        self._name = name
+        self._pause = pause
+        self._lost = 0
+
+    async def next(self, timeout_ms: int = 200) -> Batches | None:
+        try:
+            batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+        except ConsumerStoppedError:
+            return None
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise ConsumerDied(f"consumer {self._name} cannot fetch: {exc!r}") from exc
+            self._lost += 1
+            log.warning("consumer %s lost the broker (%s); retrying", self._name, exc)
+            await self._pause(min(0.5 * self._lost, MAX_POLL_BACKOFF_S))
+            return None
+        self._lost = 0
+        return batches
+
 
 Handler = Callable[[Record], Awaitable[None]]
 DeadLetterHook = Callable[[DeadLetter], Awaitable[None]]

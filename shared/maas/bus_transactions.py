@@ -36,7 +36,6 @@ from aiokafka.errors import KafkaError, ProducerFenced
 from maas import events
 from maas.bus import (
     MAX_POLL_BACKOFF_S,
-    Fetcher,
     Record,
     dead_letter_for,
     decode_value,
@@ -46,6 +45,7 @@ from maas.bus import (
     to_record,
     unreadable,
 )
+from maas.bus_consumer import Fetcher
 from maas.config import Settings
 from maas.deadletter import DeadLetter, Headers
 from maas.errors import NotFound

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import urllib.error
-import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from infra.harness.http import http_get
 from infra.proc import free_port
 from maas.errors import Unavailable
 from maas.lifecycle import run_service
@@ -45,32 +45,24 @@ class Recorded:
         self.calls.append("stop")
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 async def test_healthz_says_serving_then_why_a_supervised_loop_stopped() -> None:
     service, stop, port = Recorded(), asyncio.Event(), free_port()
     task = asyncio.create_task(run_service(service, stop, metrics_port=port))
     await asyncio.wait_for(service.running.wait(), 10)
 
-    assert await asyncio.to_thread(get, port, "/healthz") == (200, "SERVING")
+    assert await asyncio.to_thread(http_get, port, "/healthz") == (200, "SERVING")
     service.kill_loop.set()
     while service.liveness.healthy:
         await asyncio.sleep(0.01)
-    status, body = await asyncio.to_thread(get, port, "/healthz")
+    status, body = await asyncio.to_thread(http_get, port, "/healthz")
     assert status == 503 and body == "NOT_SERVING: loop: the broker is gone"
-    assert "maas_loop_up" in (await asyncio.to_thread(get, port, "/metrics"))[1]
+    assert "maas_loop_up" in (await asyncio.to_thread(http_get, port, "/metrics"))[1]
 
     stop.set()
     await asyncio.wait_for(task, 10)
     assert service.calls == ["start", "run", "stop"]
     with pytest.raises(urllib.error.URLError):  # the port closed with the service
-        await asyncio.to_thread(get, port, "/healthz")
+        await asyncio.to_thread(http_get, port, "/healthz")
 
 
 async def test_a_run_that_crashes_ends_the_shell_with_its_error_and_still_stops() -> None:

@@ -88,14 +88,14 @@ class ManagedProcess:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             _reap(pid)
-            if not _is_ours(pid, self.marker):
+            if _gone(pid, self.marker):
                 break
             time.sleep(0.1)
         else:
             _signal(pid, signal.SIGKILL)
             for _ in range(50):
                 _reap(pid)
-                if not _is_ours(pid, self.marker):
+                if _gone(pid, self.marker):
                     break
                 time.sleep(0.1)
         self.pid_file.unlink(missing_ok=True)
@@ -126,15 +126,30 @@ def _reap(pid: int) -> None:
         os.waitpid(pid, os.WNOHANG)
 
 
-def _is_ours(pid: int, marker: str) -> bool:
+def _process(pid: int) -> tuple[str, str] | None:
+    """The state letter and command line of ``pid``; None when there is no such process."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return False
-    if "\nState:\tZ" in status:
-        return False
-    return marker in cmdline
+        return None
+    state = status.partition("\nState:\t")[2][:1]
+    return state, cmdline
+
+
+def _is_ours(pid: int, marker: str) -> bool:
+    found = _process(pid)
+    return found is not None and found[0] != "Z" and marker in found[1]
+
+
+def _gone(pid: int, marker: str) -> bool:
+    """Whether a process we signalled has finished exiting. While it frees its memory its
+    command line already reads empty, though it still runs: that is not gone yet."""
+    found = _process(pid)
+    if found is None or found[0] == "Z":
+        return True
+    cmdline = found[1]
+    return bool(cmdline) and marker not in cmdline
 
 
 def port_open(host: str, port: int, *, timeout_s: float = 0.5) -> bool:

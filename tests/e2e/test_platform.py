@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
-import uuid
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,20 +19,18 @@ import numpy as np
 import psutil
 import pytest
 import tritonclient.grpc as triton
-from aiokafka import AIOKafkaProducer
+from platform_jobs import JOB_TIMEOUT_S, a_job, cli_env, final_status, publish_plain_json
 
 from infra.ephemeral import private_stack
 from infra.stack import LocalStack
-from maas import events, jobs, topics
+from maas import jobs
 from maas.config import Settings
 from maas.datasets import load_builtin
 from maas.edge import call_metadata
-from maas.registry import RegistryClient
+from maas.policy import ACTOR, policy_job_id
+from maas.registry import AliasChange, RegistryClient
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
-
-JOB_TIMEOUT_S = 400.0
-
 
 # With MAAS_E2E_USE_RUNNING_STACK=1 the same tests run against whatever MAAS_* points at, e.g.
 # `docker compose up` with infra/docker/e2e.env (see docs/OPERATIONS.md).
@@ -56,51 +53,6 @@ def platform(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack | 
 @pytest.fixture(scope="module")
 def settings(platform: LocalStack | None) -> Settings:
     return Settings.from_env() if platform is None else platform.settings
-
-
-def cli_env(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "MAAS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "MAAS_S3_ENDPOINT": settings.s3_endpoint,
-        "MAAS_STATE_DIR": settings.state_dir,
-        "MAAS_REGISTRY_ADDR": settings.registry_addr,
-        "MAAS_INFERENCE_ADDR": settings.inference_addr,
-    }
-
-
-async def publish_plain_json(settings: Settings, job: dict[str, Any]) -> None:
-    """What any team's producer does: JSON bytes and a content-type header, no MaaS code."""
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
-    await producer.start()
-    try:
-        await producer.send_and_wait(
-            topics.JOBS.name,
-            json.dumps(job).encode(),
-            key=job["job_id"].encode(),
-            headers=[("content-type", b"application/json")],
-        )
-    finally:
-        await producer.stop()
-
-
-async def final_status(settings: Settings, job_id: str) -> jobs.JobSummary:
-    final = jobs.JobSummary(job_id)
-    async for summary in jobs.watch(settings, job_id, timeout_s=JOB_TIMEOUT_S):
-        final = summary
-    return final
-
-
-def a_job(kind: str, **fields: Any) -> dict[str, Any]:
-    job_id = f"e2e-{kind}-{uuid.uuid4().hex[:8]}"
-    return {
-        "schema": events.JOB,
-        "id": uuid.uuid4().hex,
-        "ts": events.now_ms(),
-        "job_id": job_id,
-        "type": kind,
-        **fields,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -212,6 +164,86 @@ async def test_a_mistaken_job_published_raw_fails_naming_the_field(settings, cha
     summary = await final_status(settings, job["job_id"])
     assert summary.state == "failed"
     assert field in summary.error["message"]
+
+
+# --- the closed loop: a model with a policy is compressed, promoted and served by events alone ---
+
+POLICY_MODEL = "e2e-policy-digits"
+POLICY = {
+    "on_registered": {"compress": {"methods": [{"quantize": {"dtype": "int8"}}]}},
+    "promote": {
+        "alias": "production",
+        "rule": "smallest_within",
+        "within": 0.05,
+        "require": {"accuracy": 0.8},
+    },
+}
+
+
+async def promotion(registry: RegistryClient) -> AliasChange:
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while time.monotonic() < deadline:
+        moves = await registry.alias_history(POLICY_MODEL, "production")
+        if moves:
+            return moves[-1]
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"{POLICY_MODEL}@production never moved")
+
+
+def served_version(settings: Settings, rows: np.ndarray, want: str) -> str:
+    """The version the bare name answers with, once it is ``want`` (the swap is asynchronous)."""
+    client = triton.InferenceServerClient(settings.inference_addr)
+    headers = dict(call_metadata(settings))
+    deadline, seen = time.monotonic() + 60, ""
+    try:
+        while time.monotonic() < deadline and seen != want:
+            metadata = client.get_model_metadata(POLICY_MODEL, headers=headers)
+            inputs = [triton.InferInput(metadata.inputs[0].name, list(rows.shape), "FP32")]
+            inputs[0].set_data_from_numpy(rows)
+            answer = client.infer(POLICY_MODEL, inputs, headers=headers)
+            assert answer.as_numpy(metadata.outputs[0].name).shape[0] == len(rows)
+            seen = answer.get_response().model_version
+            time.sleep(0.5)
+    finally:
+        client.close()
+    return seen
+
+
+async def test_a_train_job_on_a_model_with_a_policy_ends_with_a_variant_promoted_and_served(
+    settings,
+):
+    async with RegistryClient(settings) as registry:
+        await registry.set_policy(POLICY_MODEL, POLICY)
+    job = a_job(
+        "train",
+        model={"name": POLICY_MODEL, "arch": "mlp", "config": {"hidden": [32]}},
+        dataset={"uri": "builtin:digits"},
+        training={
+            "steps": 60,
+            "batch_size": 32,
+            "workers": 1,
+            "shards": 1,
+            "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        },
+        register_as={"name": POLICY_MODEL},
+    )
+    await publish_plain_json(settings, job)
+    trained = await final_status(settings, job["job_id"])
+    assert trained.state == "succeeded", trained.error
+    parent = trained.model["version"]
+    plan = await final_status(settings, policy_job_id(POLICY_MODEL, parent))
+    assert plan.state == "succeeded", plan.error
+    (variant,) = plan.models
+    async with RegistryClient(settings) as registry:
+        move = await promotion(registry)
+        promoted = await registry.get(f"{POLICY_MODEL}@production")
+    assert (move.from_version, move.to_version) == (None, variant["version"])
+    assert promoted.method == "quantize" and str(promoted.parent) == f"{POLICY_MODEL}@{parent}"
+    assert move.reason.startswith(f"{ACTOR} (policy v1): smallest within 5.0 points of v{parent}")
+    assert move.actor  # the compressor's token identity
+    rows = load_builtin("digits").x_test[:4].astype(np.float32)
+    seen = await asyncio.to_thread(served_version, settings, rows, str(variant["version"]))
+    assert seen == str(variant["version"])
 
 
 # --- a service killed mid-job (SIGKILL, no goodbye), then started again -------------------------

@@ -15,15 +15,16 @@ import uuid
 from collections.abc import Iterable, Mapping
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
-from jsonschema import Draft202012Validator
-from referencing import Registry, Resource
 
 from maas.config import Settings
 from maas.errors import SchemaViolation
 from maas.suggest import unknown_key
+
+if TYPE_CHECKING:  # jsonschema loads with the first validation: `maas models list` needs none
+    from jsonschema import Draft202012Validator
 
 JOB = "maas.job/1"
 JOB_STATUS = "maas.job-status/1"
@@ -63,6 +64,9 @@ def new_event(schema: str, **fields: Any) -> dict[str, Any]:
 
 @cache
 def _validators() -> dict[str, Draft202012Validator]:
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+
     documents = []
     for path in sorted((schemas_dir() / "events").glob("*.json")):
         documents.append(json.loads(path.read_text()))

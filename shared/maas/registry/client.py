@@ -45,11 +45,12 @@ from maas.registry.types import (
 )
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
-from maas.store import AsyncObjectStore
 
-if TYPE_CHECKING:  # torch is imported by the calls that need it: `maas models list` needs none
+if TYPE_CHECKING:  # torch and the S3 client come with the calls that need them: listing needs none
     import torch
     from torch import nn
+
+    from maas.store import AsyncObjectStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -123,20 +124,21 @@ class RegistryClient:
         self._chunk_bytes = chunk_bytes
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.ModelRegistryStub | None = None
-        self._store = AsyncObjectStore(settings)
+        self._store: AsyncObjectStore | None = None
 
     async def start(self) -> None:
         if self._channel is not None:
             return
         self._channel = open_channel(self._settings, self.addr)
         self._stub = pb_grpc.ModelRegistryStub(self._channel)
-        await self._store.start()
 
     async def stop(self) -> None:
         if self._channel is not None:
             channel, self._channel, self._stub = self._channel, None, None
             await channel.close()
-            await self._store.stop()
+        if self._store is not None:
+            store, self._store = self._store, None
+            await store.stop()
 
     async def __aenter__(self) -> RegistryClient:
         await self.start()
@@ -366,12 +368,22 @@ class RegistryClient:
 
     # --- loading -----------------------------------------------------------------------------
 
+    async def _objects(self) -> AsyncObjectStore:
+        """The S3 side, made by the first load: listing and aliases never import the S3 client."""
+        if self._store is None:
+            from maas.store import AsyncObjectStore
+
+            self._store = AsyncObjectStore(self._settings)
+            await self._store.start()
+        return self._store
+
     async def fetch(self, ref: RefLike) -> tuple[ModelVersion, Manifest, dict[str, bytes]]:
         """Resolve ``ref`` and read its files from S3, each verified against its sha256."""
         version = await self.get(ref)
+        store = await self._objects()
         contents = await asyncio.gather(
             *(
-                self._store.get_bytes(version.bucket, version.key(f.name), expected_sha256=f.sha256)
+                store.get_bytes(version.bucket, version.key(f.name), expected_sha256=f.sha256)
                 for f in version.files
             )
         )

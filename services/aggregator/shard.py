@@ -44,7 +44,6 @@ from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound
 from maas.events import now_ms
 from maas.liveness import Liveness
 from maas.store import AsyncObjectStore
-from maas.training import checkpoint as ck
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
 from maas.training.control import RELEASED, AssignmentReader, Heartbeat, Identity, member_name
@@ -52,7 +51,7 @@ from maas.training.pool import SHARD, Assignment
 from maas.training.storage import TrainingStore
 from maas.training.v1 import training_pb2 as pb
 from services.aggregator.dataplane import serve_data_plane
-from services.aggregator.shard_job import Key, Peer, ShardJob, StatusReporter
+from services.aggregator.shard_job import CheckpointWriter, Key, Peer, ShardJob, StatusReporter
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +102,7 @@ class ShardService:
         self._assignments = AssignmentReader(settings, self._store, self.name, identity)
         self._heartbeat = Heartbeat(self._producer, settings, identity)
         self._reporter = StatusReporter(self._producer, self.name)
+        self._checkpoints = CheckpointWriter(self._store, self._reporter, self.metrics.checkpoints)
         self._server: Any = None
         self.jobs: dict[Key, ShardJob] = {}
         # Finishing outlives the stream whose push closed the last step (its worker leaves).
@@ -313,7 +313,7 @@ class ShardService:
                 finishing = self._finish(key, job, already_final=False)
                 self._finishing[key] = asyncio.create_task(finishing)
         elif job.core.version - job.checkpointed_version >= job.plan.training.checkpoint_every:
-            self._checkpoint(job, final=False)
+            self._checkpoints.start(job, final=False)
 
     def _publish(self, job: ShardJob) -> None:
         core = job.core
@@ -331,51 +331,13 @@ class ShardService:
 
     # --- checkpoints ------------------------------------------------------------------------
 
-    def _checkpoint(self, job: ShardJob, *, final: bool) -> asyncio.Task[None] | None:
-        if job.writing is not None and not job.writing.done():
-            return None  # one write at a time; the next step will try again
-        core = job.core
-        # Encoded now, synchronously: the bytes are this version's even while the core moves on.
-        data = ck.encode_snapshot(core.snapshot())
-        pointer = ck.Pointer(
-            version=core.version,
-            key="",
-            sha256="",
-            samples=core.stats.samples,
-            started_ms=job.started_ms,
-            written_ms=now_ms(),
-            final=final,
-        )
-        job.checkpointed_version = core.version
-        job.writing = asyncio.create_task(self._write(job, pointer, data))
-        return job.writing
-
-    async def _write(self, job: ShardJob, pointer: ck.Pointer, data: bytes) -> None:
-        try:
-            await self._store.write_checkpoint(
-                job.job_id, job.partition, pointer.version, data, pointer
-            )
-        except MaasError as exc:
-            log.warning(
-                "checkpoint of %s/%d at %d failed (%s); the next one will retry",
-                job.job_id,
-                job.partition,
-                pointer.version,
-                exc.message,
-            )
-            return
-        job.durable_version = max(job.durable_version, pointer.version)
-        self.metrics.checkpoints.inc()
-        if job.partition == 0 and not pointer.final:
-            await self._reporter.status(job.job_id, "checkpointed", step=pointer.version)
-
     async def _finish(self, key: Key, job: ShardJob, *, already_final: bool) -> None:
         """Write the final checkpoint (what the coordinator waits for) and forget the job."""
         if job.writing is not None:
             await asyncio.gather(job.writing, return_exceptions=True)
         if not already_final:
             while True:
-                task = self._checkpoint(job, final=True)
+                task = self._checkpoints.start(job, final=True)
                 if task is not None:
                     await task
                 try:

@@ -1,5 +1,6 @@
 """What an aggregator shard holds for one (job, partition) it serves, and for each worker's stream
-to it (plain state: ``ShardService`` in shard.py acts on it), and the statuses it reports."""
+to it (plain state: ``ShardService`` in shard.py acts on it); the statuses it reports and the
+checkpoints it writes."""
 
 from __future__ import annotations
 
@@ -7,14 +8,19 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
+from prometheus_client import Counter
+
 from maas import topics
 from maas.bus import EventProducer
 from maas.errors import MaasError
+from maas.events import now_ms
 from maas.jobs import status_event
+from maas.training import checkpoint as ck
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
 from maas.training.plan import JobPlan
 from maas.training.pool import Assignment
+from maas.training.storage import TrainingStore
 
 log = logging.getLogger(__name__)
 
@@ -124,3 +130,52 @@ class StatusReporter:
             )
         except MaasError as exc:
             log.warning("status for %s not sent: %s", job_id, exc.message)
+
+
+class CheckpointWriter:
+    """A shard's checkpoints of its jobs in S3: one write per job at a time, the snapshot encoded
+    when asked (its bytes are that version's while the core moves on). A failed write is logged;
+    the next one retries. Partition 0's shard reports each durable one as ``checkpointed``."""
+
+    def __init__(self, store: TrainingStore, reporter: StatusReporter, written: Counter) -> None:
+        self._store = store
+        self._reporter = reporter
+        self._written = written
+
+    def start(self, job: ShardJob, *, final: bool) -> asyncio.Task[None] | None:
+        if job.writing is not None and not job.writing.done():
+            return None  # one write at a time; the next step will try again
+        core = job.core
+        # Encoded now, synchronously: the bytes are this version's even while the core moves on.
+        data = ck.encode_snapshot(core.snapshot())
+        pointer = ck.Pointer(
+            version=core.version,
+            key="",
+            sha256="",
+            samples=core.stats.samples,
+            started_ms=job.started_ms,
+            written_ms=now_ms(),
+            final=final,
+        )
+        job.checkpointed_version = core.version
+        job.writing = asyncio.create_task(self._write(job, pointer, data))
+        return job.writing
+
+    async def _write(self, job: ShardJob, pointer: ck.Pointer, data: bytes) -> None:
+        try:
+            await self._store.write_checkpoint(
+                job.job_id, job.partition, pointer.version, data, pointer
+            )
+        except MaasError as exc:
+            log.warning(
+                "checkpoint of %s/%d at %d failed (%s); the next one will retry",
+                job.job_id,
+                job.partition,
+                pointer.version,
+                exc.message,
+            )
+            return
+        job.durable_version = max(job.durable_version, pointer.version)
+        self._written.inc()
+        if job.partition == 0 and not pointer.final:
+            await self._reporter.status(job.job_id, "checkpointed", step=pointer.version)

@@ -4,17 +4,16 @@ the real registry and S3, statuses and dead letters read back from Kafka."""
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections import defaultdict
 
 import pytest
+from training_jobs import Watcher
 
 from infra.harness.serving import ServiceProcesses
 from infra.proc import free_port
 from infra.stack import PythonService
 from maas import events, topics, zoo
-from maas.bus import EventProducer, Record
+from maas.bus import EventProducer
 from maas.bus_consumer import EventConsumer
 from maas.compression.train import FitConfig, Tensors, evaluate, fit
 from maas.datasets import load_builtin
@@ -24,7 +23,6 @@ from maas.store import ObjectStore
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 DIGITS = {"uri": "builtin:digits"}
-TERMINAL = {"succeeded", "failed"}
 
 
 @pytest.fixture(scope="module")
@@ -54,29 +52,6 @@ async def registry(stack, services):
         stack.settings.replace(registry_addr=services[0]), actor="test"
     ) as client:
         yield client
-
-
-class Watcher:
-    """Job statuses and dead letters as they arrive, by job id."""
-
-    def __init__(self) -> None:
-        self.statuses: dict[str, list[dict]] = defaultdict(list)
-        self.dead: dict[str, list[dict]] = defaultdict(list)
-
-    async def handle(self, record: Record) -> None:
-        if record.topic == topics.JOB_STATUS.name:
-            self.statuses[record.event["job_id"]].append(record.event)
-        elif record.key is not None:
-            self.dead[record.key].append(record.event)
-
-    async def final(self, job_id: str, timeout_s: float = 150.0) -> dict:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            done = [s for s in self.statuses[job_id] if s["state"] in TERMINAL]
-            if done:
-                return done[-1]
-            await asyncio.sleep(0.2)
-        raise AssertionError(f"job {job_id} did not finish; statuses: {self.statuses[job_id]}")
 
 
 @pytest.fixture(scope="module")

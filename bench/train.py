@@ -214,7 +214,7 @@ async def run_ours(
 
     computed = delta("maas_worker_steps_total")
     compute_s = delta("maas_worker_compute_seconds_sum")
-    from maas.store import AsyncObjectStore
+    from maas.store_async import AsyncObjectStore
 
     async with AsyncObjectStore(settings) as objects:
         pointer = await TrainingStore(objects).pointer(job_id, 0)

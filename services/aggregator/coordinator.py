@@ -49,7 +49,7 @@ from maas.errors import DeadlineExceeded, InvalidArgument, MaasError, NotFound, 
 from maas.liveness import Liveness
 from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
-from maas.store import AsyncObjectStore
+from maas.store_async import AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training.plan import JobPlan
 from maas.training.prepare import (

@@ -43,7 +43,7 @@ from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
 from maas.events import now_ms
 from maas.liveness import Liveness
-from maas.store import AsyncObjectStore
+from maas.store_async import AsyncObjectStore
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
 from maas.training.control import RELEASED, AssignmentReader, Heartbeat, Identity, member_name

@@ -31,7 +31,7 @@ from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import MaasError, NotFound, Unavailable
 from maas.liveness import Liveness
-from maas.store import AsyncObjectStore
+from maas.store_async import AsyncObjectStore
 from maas.training.control import RELEASED, AssignmentReader, Heartbeat, Identity, member_name
 from maas.training.pool import WORKER, Assignment
 from maas.training.prepare import load_dataset

@@ -19,7 +19,8 @@ from maas.bus import EventProducer
 from maas.config import Settings
 from maas.edge import add_port
 from maas.liveness import Liveness
-from maas.store import MODELS_BUCKET, AsyncObjectStore
+from maas.store import MODELS_BUCKET
+from maas.store_async import AsyncObjectStore
 from services.model_registry.outbox import OutboxRelay
 from services.model_registry.service import RegistryLimits, RegistryService
 from services.model_registry.servicer import build_server, set_serving

@@ -23,7 +23,7 @@ from maas.errors import MaasError
 from maas.manifest import MANIFEST_FILE, WEIGHTS_FILE, parse_manifest
 from maas.names import check_alias, check_name
 from maas.registry.types import ModelVersion, artifact_prefix
-from maas.store import AsyncObjectStore
+from maas.store_async import AsyncObjectStore
 from services.model_registry.store import NewVersion, RegistryStore, parent_of
 from services.model_registry.uploads import ArtifactSink
 

@@ -28,7 +28,8 @@ from infra.stack import PythonService
 from maas.config import Settings
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
-from maas.store import MODELS_BUCKET, AsyncObjectStore
+from maas.store import MODELS_BUCKET
+from maas.store_async import AsyncObjectStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -21,7 +21,8 @@ import safetensors.numpy as safetensors_numpy
 from maas.errors import NotFound
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
-from maas.store import MODELS_BUCKET, AsyncObjectStore
+from maas.store import MODELS_BUCKET
+from maas.store_async import AsyncObjectStore
 from services.model_registry import service as service_module
 from services.model_registry.service import RegistryService
 from services.model_registry.servicer import build_server, set_serving

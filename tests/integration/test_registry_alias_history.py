@@ -15,7 +15,8 @@ from maas.errors import InvalidArgument
 from maas.registry.client import RegistryClient
 from maas.registry.types import AliasChange
 from maas.registry.v1 import registry_pb2 as pb
-from maas.store import MODELS_BUCKET, AsyncObjectStore
+from maas.store import MODELS_BUCKET
+from maas.store_async import AsyncObjectStore
 from services.model_registry.service import RegistryLimits, RegistryService
 from services.model_registry.servicer import build_server, set_serving
 from services.model_registry.sqlite_store import SqliteStore

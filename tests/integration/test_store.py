@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from maas.errors import IntegrityError, NotFound
-from maas.store import DATASETS_BUCKET, AsyncObjectStore, ObjectStore, file_sha256
+from maas.store import DATASETS_BUCKET, ObjectStore, file_sha256
+from maas.store_async import AsyncObjectStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

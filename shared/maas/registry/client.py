@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # torch and the S3 client come with the calls that need them:
     import torch
     from torch import nn
 
-    from maas.store import AsyncObjectStore
+    from maas.store_async import AsyncObjectStore
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -371,7 +371,7 @@ class RegistryClient:
     async def _objects(self) -> AsyncObjectStore:
         """The S3 side, made by the first load: listing and aliases never import the S3 client."""
         if self._store is None:
-            from maas.store import AsyncObjectStore
+            from maas.store_async import AsyncObjectStore
 
             self._store = AsyncObjectStore(self._settings)
             await self._store.start()

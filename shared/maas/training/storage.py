@@ -12,7 +12,8 @@ from dataclasses import replace
 from typing import Any
 
 from maas.errors import NotFound
-from maas.store import CHECKPOINTS_BUCKET, AsyncObjectStore
+from maas.store import CHECKPOINTS_BUCKET
+from maas.store_async import AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training.aggregate import ShardSnapshot
 from maas.training.plan import JobPlan

@@ -1,7 +1,8 @@
 """Infrastructure faults in the middle of a training job, on the real stack: the Kafka broker
 stopped, then the S3 server stopped, each while a 2-worker x 2-shard job trains (codec none,
 quorum 1.0). Each job must end succeeded with exactly the weights of an undisturbed run of the
-same job: no step lost or applied twice, however the outage fell.
+same job: no step lost or applied twice, however the outage fell. Last, malformed records on the
+control topic: the pool's consumer dead-letters each, and the next job trains.
 
 Outages last MAAS_CHAOS_BROKER_OUTAGE_S and MAAS_CHAOS_S3_OUTAGE_S seconds (CI: 10 each; the
 issue's figures: 30 and 60).
@@ -11,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
+import msgpack
 import pytest
 from training_jobs import (
     MLP_TRAINING,
@@ -29,10 +32,11 @@ from training_jobs import (
 )
 
 from infra.harness.training import TrainingProcesses
-from maas import topics
+from maas import events, topics
 from maas.bus import EventProducer
 from maas.registry import RegistryClient
 from maas.store import ObjectStore
+from services.aggregator.scheduler import GROUP_ID as POOL_GROUP
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -118,3 +122,45 @@ async def test_a_job_survives_s3_stopping_mid_job_and_ends_exactly(
     status = await train_through(stack, producer, watcher, s3.stop, s3.start, S3_OUTAGE_S)
     assert status["state"] == "succeeded", status
     assert_same_weights(await weights(registry, status), undisturbed)
+
+
+def control_poison() -> dict[str, tuple[bytes, list[tuple[str, bytes | None]]]]:
+    """Malformed records for the control topic, by case: (value, headers)."""
+    member = events.new_event(
+        events.MEMBER, member_id="poison-worker", kind="worker", state="up", address=""
+    )
+    assignment = events.new_event(
+        events.ASSIGNMENT, job_id="poison-job", state="assigned", epoch=1, workers=[], shards=[]
+    )
+    json_header = ("content-type", b"application/json")
+    return {
+        "random-bytes": (b"\x93\xff\x00 not an event", []),
+        "json-header-on-msgpack": (events.encode(member), [json_header, ("trace", None)]),
+        "schema-not-text": (events.encode(dict(member, schema=7)), [("x", None)]),
+        "member-without-id": (
+            events.encode({k: v for k, v in member.items() if k != "member_id"}),
+            [],
+        ),
+        "assignment-epoch-text": (events.encode(dict(assignment, epoch="one")), []),
+        "nested-too-deep": (b'{"a":' + b"[" * 40 + b"]" * 40 + b"}", [json_header]),
+        "not-a-map": (msgpack.packb([1, 2, 3]), []),
+    }
+
+
+async def test_malformed_control_records_are_dead_lettered_by_the_pool_and_training_goes_on(
+    stack, cluster, producer, watcher
+):
+    run_id = uuid.uuid4().hex[:8]
+    cases = control_poison()
+    for case, (value, headers) in cases.items():
+        await producer.send_raw(
+            topics.TRAINING_CONTROL, value, key=f"poison-{case}-{run_id}", headers=headers
+        )
+    for case in cases:
+        letters = await watcher.letters(f"poison-{case}-{run_id}", POOL_GROUP)
+        assert len(letters) == 1, f"{case}: {letters}"
+        assert letters[0]["reason"]["code"] and letters[0]["reason"]["message"], letters[0]
+    job = train_job("faults", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 20})
+    status = await run(producer, watcher, job)
+    assert status["state"] == "succeeded", status
+    assert all(p.process.alive() for p in cluster.everything)

@@ -1,0 +1,127 @@
+"""A record whose header *key* is not UTF-8, on the real broker. Kafka's protocol says a header
+key is a string, but the broker stores whatever bytes a producer sent; aiokafka decodes the key
+as strict UTF-8 while it parses the fetched batch, so the error is raised inside ``getmany``,
+before the bus sees the record (``read_headers`` never runs).
+
+The rule is the same as for any other hostile record: it is dead-lettered with a reason (its
+bytes may be out of reach) and the reader goes on to the next record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import pytest
+from aiokafka import AIOKafkaProducer
+from aiokafka.producer import message_accumulator
+from aiokafka.producer import producer as producer_module
+from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from kafka_offsets import start_group_at_end
+
+from maas import events, topics
+from maas.bus import DeadLetter, EventProducer, Record
+from maas.bus_consumer import EventConsumer
+from maas.bus_reader import PartitionReader
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+WAIT_S = 60.0
+DEFECT = (
+    "aiokafka raises UnicodeDecodeError from getmany on a non-UTF-8 header key; neither "
+    "Fetcher.next (EventConsumer.run) nor PartitionReader.next_records catches it: the "
+    "reader's loop ends, and a group consumer meets the same record after every restart"
+)
+
+
+class RawKey(str):
+    """A header key that encodes to bytes that are not UTF-8 (what a non-Python producer can
+    send); aiokafka's pure-Python batch builder writes what ``encode`` returns."""
+
+    def encode(self, *args: Any, **kwargs: Any) -> bytes:
+        return b"\xff\xfe-not-utf8"
+
+
+async def send_with_raw_header_key(settings, topic: str, key: bytes, monkeypatch) -> None:
+    for module in (message_accumulator, producer_module):
+        monkeypatch.setattr(module, "DefaultRecordBatchBuilder", _DefaultRecordBatchBuilderPy)
+    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all")
+    await producer.start()
+    try:
+        value = events.encode(events.new_event(events.JOB_STATUS, job_id="x", state="running"))
+        await producer.send_and_wait(topic, value, key=key, headers=[(RawKey("k"), b"v")])
+    finally:
+        await producer.stop()
+        monkeypatch.undo()
+
+
+def status(job_id: str) -> dict[str, Any]:
+    return events.new_event(events.JOB_STATUS, job_id=job_id, state="running")
+
+
+@pytest.mark.xfail(strict=True, raises=(AssertionError, UnicodeDecodeError), reason=DEFECT)
+async def test_a_group_consumer_dead_letters_a_non_utf8_header_key_and_goes_on(stack, monkeypatch):
+    settings = stack.settings
+    group_id = f"header-key-{uuid.uuid4().hex[:8]}"
+    await start_group_at_end(settings, topics.JOB_STATUS, group_id)
+    key = group_id  # both records on one partition, the bad one first
+    await send_with_raw_header_key(settings, topics.JOB_STATUS.name, key.encode(), monkeypatch)
+    handled: list[Record] = []
+    letters: list[DeadLetter] = []
+
+    async def handle(record: Record) -> None:
+        handled.append(record)
+
+    async def on_dead_letter(letter: DeadLetter) -> None:
+        letters.append(letter)
+
+    async with EventProducer(settings, client_id=group_id) as producer:
+        await producer.send(topics.JOB_STATUS, status(key), key=key)
+        consumer = EventConsumer(
+            settings,
+            topics=[topics.JOB_STATUS],
+            group_id=group_id,
+            handler=handle,
+            producer=producer,
+            expected_schemas=[events.JOB_STATUS],
+            on_dead_letter=on_dead_letter,
+        )
+        await consumer.start()
+        running = asyncio.create_task(consumer.run())
+        try:
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + WAIT_S
+            while not handled and not running.done() and loop.time() < deadline:
+                await asyncio.sleep(0.2)
+            assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
+        finally:
+            await consumer.stop()
+            await asyncio.gather(running, return_exceptions=True)
+    assert [r.event["job_id"] for r in handled] == [key]
+    assert len(letters) == 1 and letters[0].message
+
+
+@pytest.mark.xfail(strict=True, raises=(AssertionError, UnicodeDecodeError), reason=DEFECT)
+async def test_a_group_less_reader_skips_a_non_utf8_header_key_and_goes_on(stack, monkeypatch):
+    settings = stack.settings
+    reader = PartitionReader(settings, topics.TRAINING_CONTROL, [0], client_id="header-key")
+    await reader.start()
+    await reader.from_now()
+    try:
+        key = f"header-key-{uuid.uuid4().hex[:8]}"
+        await send_with_raw_header_key(settings, topics.TRAINING_CONTROL.name, b"k", monkeypatch)
+        async with EventProducer(settings, client_id=key) as producer:
+            member = events.new_event(
+                events.MEMBER, member_id=key, kind="worker", state="up", address=""
+            )
+            await producer.send(topics.TRAINING_CONTROL, member, key=key)
+        read: list[str] = []
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while key not in read and loop.time() < deadline:
+            records = await reader.next_records([events.MEMBER])
+            read += [record.event["member_id"] for record in records]
+        assert key in read
+    finally:
+        await reader.stop()

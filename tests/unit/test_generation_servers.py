@@ -200,6 +200,21 @@ def _wait_for(condition: Any, timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+@pytest.fixture
+def slow_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each decode step takes 20 ms or more: a 1 000-token stream cannot end by itself before
+    its client leaves (on an idle machine the tiny model once wrote all 1 000 tokens first).
+    The class is patched: the server decodes with its own copy of the model."""
+    step = GPT.step
+
+    def slowed(self: GPT, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.02)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "step", slowed)
+
+
+@pytest.mark.usefixtures("slow_decoding")
 def test_a_client_leaving_an_http_stream_frees_its_slot(served: Served) -> None:
     before = _ended(served, "cancelled")
     stream = _openai(served).completions.create(
@@ -210,6 +225,7 @@ def test_a_client_leaving_an_http_stream_frees_its_slot(served: Served) -> None:
     _wait_for(lambda: _ended(served, "cancelled") == before + 1)
 
 
+@pytest.mark.usefixtures("slow_decoding")
 def test_cancelling_a_triton_stream_frees_its_slot(served: Served) -> None:
     before = _ended(served, "cancelled")
     first: queue.Queue[Any] = queue.Queue()

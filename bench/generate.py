@@ -6,7 +6,10 @@ Prints one JSON document and checks the targets of issue 13: 8 streams >= 4x the
 tokens/s of 1 stream; TTFT <= in-process + 2 ms; per-token overhead <= 15 % over the in-process
 loop at 1 stream.
 
-    python -m bench.generate [--tokens 128] [--rounds 3] [--size small|ci]
+    python -m bench.generate [--tokens 128] [--rounds 5] [--size small|ci]
+
+Rounds interleave the in-process loop and every served case, and the medians are reported; the
+server is then profiled (py-spy, when installed) while it serves 8 OIP streams.
 
 The model is registered in a real registry on a private Kafka + S3 stack
 (MAAS_BENCH_USE_RUNNING_STACK=1 uses the stack MAAS_* points at). Greedy decoding with a
@@ -33,6 +36,7 @@ import grpc
 import numpy as np
 import torch
 
+from bench.profile import sampling_profile
 from infra.ephemeral import bench_settings
 from infra.harness.serving import ServiceProcesses
 from infra.proc import free_port
@@ -108,47 +112,67 @@ def http_stream(session: aiohttp.ClientSession, url: str, name: str, tokens: int
     return run
 
 
-async def measure(run: Run, streams: int, rounds: int) -> dict[str, float]:
-    """Median TTFT and per-token time per stream, aggregate tokens/s over ``streams`` at once."""
-    await run()  # warm-up: the first request loads the model and starts its engine
-    ttfts, per_token, rates = [], [], []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        results = await asyncio.gather(*(run() for _ in range(streams)))
-        wall = time.perf_counter() - started
-        rates.append(sum(n for _, _, n in results) / wall)
-        ttfts += [first for first, _, _ in results]
-        per_token += [(total - first) / max(1, n - 1) for first, total, n in results]
-    return {
-        "ttft_ms": 1e3 * statistics.median(ttfts),
-        "per_token_ms": 1e3 * statistics.median(per_token),
-        "tokens_per_s": statistics.median(rates),
-    }
+class Figures:
+    """Per-stream TTFT and per-token times and aggregate rates, gathered over rounds."""
 
+    def __init__(self) -> None:
+        self.ttfts: list[float] = []
+        self.per_token: list[float] = []
+        self.rates: list[float] = []
 
-def limit(model: GPT, tokens: int, rounds: int) -> dict[str, float]:
-    in_process(model, tokens)
-    runs = [in_process(model, tokens) for _ in range(rounds)]
-    return {
-        "ttft_ms": 1e3 * statistics.median(r[0] for r in runs),
-        "per_token_ms": 1e3 * statistics.median((r[1] - r[0]) / max(1, r[2] - 1) for r in runs),
-        "tokens_per_s": statistics.median(r[2] / r[1] for r in runs),
-        "tokens": runs[0][2],
-    }
+    def add(self, results: list[tuple[float, float, int]], wall: float) -> None:
+        self.rates.append(sum(n for _, _, n in results) / wall)
+        self.ttfts += [first for first, _, _ in results]
+        self.per_token += [(total - first) / max(1, n - 1) for first, total, n in results]
 
-
-async def served(grpc_addr: str, http_url: str, name: str, args: argparse.Namespace) -> Any:
-    out: dict[str, Any] = {}
-    async with grpc.aio.insecure_channel(grpc_addr) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        run = grpc_stream(stub, name, args.tokens)
-        out["oip_grpc"] = {f"{n}_streams": await measure(run, n, args.rounds) for n in (1, STREAMS)}
-    async with aiohttp.ClientSession() as session:
-        run = http_stream(session, http_url, name, args.tokens)
-        out["openai_http"] = {
-            f"{n}_streams": await measure(run, n, args.rounds) for n in (1, STREAMS)
+    def medians(self) -> dict[str, float]:
+        return {
+            "ttft_ms": 1e3 * statistics.median(self.ttfts),
+            "per_token_ms": 1e3 * statistics.median(self.per_token),
+            "tokens_per_s": statistics.median(self.rates),
         }
-    return out
+
+
+async def one_round(run: Run, streams: int, figures: Figures) -> None:
+    started = time.perf_counter()
+    results = list(await asyncio.gather(*(run() for _ in range(streams))))
+    figures.add(results, time.perf_counter() - started)
+
+
+def limit_round(model: GPT, tokens: int, figures: Figures) -> None:
+    first, total, count = in_process(model, tokens)
+    figures.add([(first, total, count)], total)
+
+
+async def interleaved(
+    model: GPT, grpc_addr: str, http_url: str, name: str, args: argparse.Namespace, pid: int
+) -> dict[str, Any]:
+    """Every round measures the in-process limit and each door at 1 and 8 streams in turn, so a
+    slow spell of this shared machine lands on all of them alike rather than on one."""
+    async with (
+        grpc.aio.insecure_channel(grpc_addr) as channel,
+        aiohttp.ClientSession() as session,
+    ):
+        doors = {
+            "oip_grpc": grpc_stream(pb_grpc.GRPCInferenceServiceStub(channel), name, args.tokens),
+            "openai_http": http_stream(session, http_url, name, args.tokens),
+        }
+        figures = {(door, n): Figures() for door in doors for n in (1, STREAMS)}
+        limit = Figures()
+        for run in doors.values():
+            await run()  # warm-up: the first request loads the model and starts its engine
+        in_process(model, args.tokens)
+        for _ in range(args.rounds):
+            limit_round(model, args.tokens, limit)
+            for (door, n), fig in figures.items():
+                await one_round(doors[door], n, fig)
+        with sampling_profile(pid, Path(args.workdir) / "profile.txt") as profile:
+            await one_round(doors["oip_grpc"], STREAMS, Figures())
+    served: dict[str, Any] = {door: {} for door in doors}
+    for (door, n), fig in figures.items():
+        served[door][f"{n}_streams"] = fig.medians()
+    inproc = {**limit.medians(), "tokens": args.tokens}
+    return {"in_process": inproc, "served": served, "profile_oip_grpc_8_streams": profile}
 
 
 def checks(inproc: dict[str, float], results: dict[str, Any]) -> dict[str, Any]:
@@ -182,9 +206,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {
         "model": {"config": config, "parameters": zoo.count_parameters(model)}
     }
-    report["in_process"] = limit(model, args.tokens, args.rounds)
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="maas-bench-gen-")))
+        args.workdir = str(tmp)
         settings = stack.enter_context(bench_settings(tmp))
         processes = stack.enter_context(ServiceProcesses(tmp))
         registry_addr = processes.start_registry()
@@ -199,7 +223,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             MAAS_INFERENCE_TORCH_THREADS="1",
         )
         http_url = f"http://127.0.0.1:{port}/v1"
-        report["served"] = asyncio.run(served(grpc_addr, http_url, "bench-gpt", args))
+        pid = processes.pid("inference-generate")
+        report.update(asyncio.run(interleaved(model, grpc_addr, http_url, "bench-gpt", args, pid)))
     report["checks"] = checks(report["in_process"], report["served"])
     return report
 
@@ -207,7 +232,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     print(json.dumps(run_bench(parser.parse_args()), indent=2))
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import logging
 import threading
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
@@ -44,6 +45,7 @@ DEFAULT_SLOTS = 8
 CANCELLED = "cancelled"
 FAILED = "failed"
 Emit = Callable[[Token | BaseException], None]  # called on the decode thread
+Delivery = tuple["asyncio.Queue[Token | BaseException]", Token | BaseException]
 
 
 class GenerationMetrics:
@@ -93,7 +95,9 @@ class DecodeBatch:
             raise InvalidArgument(f"generation slots={slots} must be at least 1")
         self.model = model
         self.cache = KVCache(model.config, slots)
-        self.free = list(range(slots - 1, -1, -1))
+        # A heap: the lowest free slot is taken first, so busy slots stay a consecutive run and
+        # the decode step reads the cache as a view instead of gathering rows.
+        self.free = list(range(slots))
         self.active: dict[int, Request] = {}
         metrics = metrics or GenerationMetrics()
         self._tokens = metrics.tokens.labels(label)
@@ -106,7 +110,7 @@ class DecodeBatch:
     @torch.inference_mode()
     def admit(self, request: Request) -> None:
         """Prefill ``request``'s prompt into a free slot and emit its first token."""
-        request.slot = self.free.pop()
+        request.slot = heapq.heappop(self.free)
         self.active[request.slot] = request
         self._active.set(len(self.active))
         ids = torch.tensor([request.ids])
@@ -114,23 +118,29 @@ class DecodeBatch:
             ids, self.cache, torch.tensor([request.slot]), torch.zeros(1, dtype=torch.long)
         )
         request.position = len(request.ids)
-        self._advance(request, logits[0])
+        self._first(request, logits[0])
 
     @torch.inference_mode()
     def step(self) -> None:
         """One decode step for every active request, then one token to each."""
-        requests = list(self.active.values())
+        requests = [self.active[slot] for slot in sorted(self.active)]
         last = torch.tensor([[r.last] for r in requests])
         slots = torch.tensor([r.slot for r in requests])
         positions = torch.tensor([r.position for r in requests])
         logits = self.model.step(last, self.cache, slots, positions)
+        # Greedy rows take one argmax over the whole batch instead of one call per row.
+        greedy = logits.argmax(dim=-1).tolist()
+        self._tokens.inc(len(requests))
         for row, request in enumerate(requests):
             request.position += 1
-            self._advance(request, logits[row])
+            is_greedy = request.params.temperature == 0
+            self._advance(request, greedy[row] if is_greedy else request.sampler.pick(logits[row]))
 
-    def _advance(self, request: Request, logits: torch.Tensor) -> None:
-        token = request.sampler.pick(logits)
+    def _first(self, request: Request, logits: torch.Tensor) -> None:
         self._tokens.inc()
+        self._advance(request, request.sampler.pick(logits))
+
+    def _advance(self, request: Request, token: int) -> None:
         request.generated += 1
         request.last = token
         text = request.text.feed(token)
@@ -153,7 +163,7 @@ class DecodeBatch:
         """Give ``request``'s slot back (idempotent)."""
         if self.active.get(request.slot) is request:
             del self.active[request.slot]
-            self.free.append(request.slot)
+            heapq.heappush(self.free, request.slot)
             self._ended[reason].inc()
             self._active.set(len(self.active))
 
@@ -180,6 +190,7 @@ class GenerationEngine:
         self.block_size = model.config.block_size
         self._waiting: deque[Request] = deque()
         self._cancelled: list[Request] = []
+        self._outbox: list[tuple[asyncio.AbstractEventLoop, Delivery]] = []  # decode thread only
         self._wake = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"maas-decode-{name}", daemon=True)
@@ -232,9 +243,22 @@ class GenerationEngine:
             except Exception as exc:  # a failed step fails its streams, never the thread
                 log.exception("decode step failed")
                 self.batch.fail_all(Unavailable(f"generation failed ({type(exc).__name__})"))
+            self._deliver()
         self.batch.fail_all(Unavailable("the generation engine stopped"))
         for request in self._waiting:
             request.emit(Unavailable("the generation engine stopped"))
+        self._deliver()
+
+    def _deliver(self) -> None:
+        """Hand a step's tokens to their streams' loops: one wake-up per loop, not per token."""
+        by_loop: defaultdict[asyncio.AbstractEventLoop, list[Delivery]] = defaultdict(list)
+        for loop, delivery in self._outbox:
+            by_loop[loop].append(delivery)
+        self._outbox.clear()
+        for loop, deliveries in by_loop.items():
+            # The caller's loop may be gone (server shut down mid-stream): nothing to tell.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_put_all, deliveries)
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Token, None]:
         """Tokens for ``prompt`` as they are decoded; leaving early frees the slot at once."""
@@ -242,9 +266,7 @@ class GenerationEngine:
         queue: asyncio.Queue[Token | BaseException] = asyncio.Queue()
 
         def emit(item: Token | BaseException) -> None:
-            # The caller's loop may be gone (server shut down mid-stream): nothing to tell.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, item)
+            self._outbox.append((loop, (queue, item)))
 
         request = Request(prompt_ids(prompt, self.block_size), params, emit)
         self.submit(request)
@@ -259,6 +281,11 @@ class GenerationEngine:
         finally:
             if not finished:
                 self.cancel(request)
+
+
+def _put_all(deliveries: list[Delivery]) -> None:
+    for queue, item in deliveries:
+        queue.put_nowait(item)
 
 
 class Generators:

@@ -20,9 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import struct
 from collections.abc import AsyncIterator, Callable
-
-import numpy as np
 
 from maas.errors import InvalidArgument, MaasError
 from maas.oip import grpc_predict_v2_pb2 as pb
@@ -35,6 +34,8 @@ TEXT_OUTPUT = "text_output"
 TOKEN_ID = "token_id"
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
+_LENGTH = struct.Struct("<I")
+_INT64 = struct.Struct("<q")
 Send = Callable[[pb.ModelStreamInferResponse], None]
 NUMBERS: dict[str, type[int] | type[float]] = {
     "max_tokens": int,
@@ -110,11 +111,12 @@ def token_response(
     )
     response.parameters[FINAL].bool_param = final
     if token is not None:
-        text = np.array([token.text.encode()], dtype=object)
+        text = token.text.encode()
         response.outputs.add(name=TEXT_OUTPUT, datatype=wire.BYTES, shape=[1])
-        response.raw_output_contents.append(wire.encode_raw(text))
+        # One BYTES element: its 4-byte little-endian length, then the bytes (OIP raw form).
+        response.raw_output_contents.append(_LENGTH.pack(len(text)) + text)
         response.outputs.add(name=TOKEN_ID, datatype="INT64", shape=[1])
-        response.raw_output_contents.append(np.array([token.id], dtype="<i8").tobytes())
+        response.raw_output_contents.append(_INT64.pack(token.id))
         if token.finish is not None:
             response.parameters["finish_reason"].string_param = token.finish
     return pb.ModelStreamInferResponse(infer_response=response)

@@ -89,6 +89,18 @@ def test_a_finished_request_gives_its_slot_back(model: GPT) -> None:
     assert sorted(batch.free) == [0, 1]
 
 
+def test_the_lowest_free_slot_is_taken_so_busy_slots_stay_consecutive(model: GPT) -> None:
+    batch = DecodeBatch(model, slots=4)
+    params = SamplingParams(max_tokens=20, temperature=0)
+    requests = [_request(model, p, params, []) for p in PROMPTS[:3]]
+    for request in requests:
+        batch.admit(request)
+    batch.release(requests[1])
+    late = _request(model, PROMPTS[3], params, [])
+    batch.admit(late)
+    assert [r.slot for r in requests] == [0, 1, 2] and late.slot == 1
+
+
 async def _collect(engine: GenerationEngine, prompt: str, params: SamplingParams) -> list[Token]:
     return [token async for token in engine.stream(prompt, params)]
 

@@ -72,21 +72,22 @@ class CausalSelfAttention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         where: tuple[torch.Tensor, torch.Tensor],
+        read: slice | torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """Attend new positions ``x`` (B, T, C) over their cached past and themselves.
 
         ``where`` = (slot, position) index grids (B, T) saying where the new keys are stored;
-        ``mask`` (B, 1, T, L) lets each row see only positions up to its own.
+        ``read`` names the rows' slots (a slice when they are consecutive); ``mask`` (B, 1, T, L)
+        lets each row see only positions up to its own.
         """
         q, k, v = self._qkv(x)
         rows, cols = where
         k_cache[rows, cols] = k
         v_cache[rows, cols] = v
         span = mask.shape[-1]
-        slots = rows[:, 0]
-        keys = k_cache[slots, :span].transpose(1, 2)
-        values = v_cache[slots, :span].transpose(1, 2)
+        keys = k_cache[read, :span].transpose(1, 2)
+        values = v_cache[read, :span].transpose(1, 2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self._out(y)
 
@@ -120,9 +121,10 @@ class Block(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         where: tuple[torch.Tensor, torch.Tensor],
+        read: slice | torch.Tensor,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        x = x + self.attn.cached(self.ln_1(x), k_cache, v_cache, where, mask)
+        x = x + self.attn.cached(self.ln_1(x), k_cache, v_cache, where, read, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -185,6 +187,22 @@ class GPT(nn.Module):
         span = int(cols.max()) + 1
         mask = (torch.arange(span)[None, None, :] <= cols[:, :, None]).unsqueeze(1)
         x = self.wte(idx) + self.wpe(cols)
+        read = _slot_run(slots)
         for layer, block in enumerate(self.h):
-            x = cast(Block, block).cached(x, cache.k[layer], cache.v[layer], (rows, cols), mask)
+            x = cast(Block, block).cached(
+                x, cache.k[layer], cache.v[layer], (rows, cols), read, mask
+            )
         return self._logits(x[:, -1])
+
+
+def _slot_run(slots: torch.Tensor) -> slice | torch.Tensor:
+    """``slots`` as a slice when they are consecutive and ascending, else as they are.
+
+    A slice reads the cache as a view; an index tensor copies every row it reads (for eight
+    streams that gather was half of a decode step).
+    """
+    values = slots.tolist()
+    first = values[0]
+    if values == list(range(first, first + len(values))):
+        return slice(first, first + len(values))
+    return slots

@@ -12,12 +12,12 @@ committing) before it reads the committed offset — and a reader with ``read_co
 each output once.
 
 A record ``transform`` refuses for good (a non-retriable ``MaasError``), an undecodable one, or
-one whose output names a topic the broker lacks is dead-lettered with the reason; another
-failure is retried with backoff (the partition is read again from that record; the records
-before it commit) and dead-lettered after ``max_attempts``. A transaction that fails (broker
-lost, fenced, an ack lost) drops its producer; the partition is then taken over afresh, fenced
-and read from its committed offset. Nothing ends the loop but ``stop()`` or a fetch error Kafka
-calls fatal.
+one whose output names a topic the broker lacks (``maas.known_topics``) is dead-lettered with the
+reason; another failure is retried with backoff (the partition is read again from that record; the
+records before it commit) and dead-lettered after ``max_attempts``. A transaction that fails
+(broker lost, fenced, an ack lost) drops its producer; the partition is then taken over afresh,
+fenced and read from its committed offset. Nothing ends the loop but ``stop()`` or a fetch error
+Kafka calls fatal.
 """
 
 from __future__ import annotations
@@ -48,14 +48,11 @@ from maas.bus import (
 from maas.bus_consumer import Fetcher
 from maas.config import Settings
 from maas.deadletter import DeadLetter, Headers
-from maas.errors import NotFound
+from maas.known_topics import KnownTopics
 from maas.topics import DLQ
 
 log = logging.getLogger(__name__)
 
-TOPICS_REFRESH_S = 1.0  # a topic found missing is looked up again at most this often
-TOPIC_APPEARS_S = 3.0  # how long a just-created topic may take to reach the broker's metadata
-MISSING_TOPICS_KEPT = 1024
 PRODUCER_STOP_S = 10.0
 
 
@@ -143,11 +140,7 @@ class TransactionalPipe:
         # every earlier owner (only then is the committed offset final).
         self._unsynced: set[TopicPartition] = set()
         self._attempts: dict[tuple[str, int, int], int] = {}
-        self._known_topics: set[str] = set()
-        # When each topic was last found missing: a flood of requests naming one missing topic
-        # costs one look-up a second, while a topic nobody asked about is looked up at once.
-        self._missing_since: dict[str, float] = {}
-        self._topics_lock = asyncio.Lock()
+        self._known_topics = KnownTopics(lambda: self._require().topics())
         self._lock = asyncio.Lock()  # a round of transactions, or a revocation
         self._stopping = asyncio.Event()
 
@@ -317,38 +310,7 @@ class TransactionalPipe:
 
     async def _check_topics(self, outputs: Sequence[Output]) -> None:
         """NotFound for an output topic the broker lacks (a send would wait for it in vain)."""
-        loop = asyncio.get_running_loop()
-        for output in outputs:
-            if output.topic in self._known_topics:
-                continue
-            async with self._topics_lock:  # one look-up at a time; the others then see it
-                missed_at = self._missing_since.get(output.topic, float("-inf"))
-                if output.topic not in self._known_topics and (
-                    loop.time() - missed_at >= TOPICS_REFRESH_S
-                ):
-                    await self._look_up(output.topic)
-            if output.topic not in self._known_topics:
-                raise NotFound(
-                    f"topic {events.clip(output.topic, 250)!r} does not exist on the broker; "
-                    "name an existing topic (they are never created on first write)"
-                )
-
-    async def _look_up(self, topic: str) -> None:
-        """Refresh the known topics; a topic created a moment ago may take a while to show in
-        the broker's metadata, so a miss looks again for up to ``TOPIC_APPEARS_S``."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + TOPIC_APPEARS_S
-        while True:
-            self._known_topics = set(await self._require().topics())
-            if topic in self._known_topics:
-                self._missing_since.pop(topic, None)
-                return
-            if loop.time() >= deadline:
-                if len(self._missing_since) >= MISSING_TOPICS_KEPT:
-                    self._missing_since.clear()  # bounded: names come from requests
-                self._missing_since[topic] = loop.time()
-                return
-            await asyncio.sleep(TOPIC_APPEARS_S / 10)
+        await self._known_topics.require(output.topic for output in outputs)
 
     async def _commit(
         self,

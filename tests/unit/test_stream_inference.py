@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from aiokafka import TopicPartition
 
-from maas import bus_transactions, events
+from maas import events, known_topics
 from maas.bus_transactions import (
     Output,
     Retry,
@@ -187,7 +187,7 @@ def pipe_over(consumer: SlowTopics) -> TransactionalPipe:
 
 @pytest.fixture(autouse=True)
 def quick_look_ups(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bus_transactions, "TOPIC_APPEARS_S", 0.05)
+    monkeypatch.setattr(known_topics, "TOPIC_APPEARS_S", 0.05)
 
 
 async def test_outputs_checked_while_the_topics_are_looked_up_wait_for_the_answer() -> None:

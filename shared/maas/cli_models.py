@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from maas.cli_import import add_import_action
+from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
 from maas.registry.types import ModelRef, ModelVersion
@@ -280,24 +281,18 @@ def _runner(action: Action) -> Callable[[argparse.Namespace, Settings], int]:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    models = subparsers.add_parser(
+    models = command(
+        subparsers,
         "models",
         help="list, inspect and alias registered models",
         description="Talk to the model registry at MAAS_REGISTRY_ADDR.",
-        epilog="example:\n  maas models show digits-mlp@production",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="maas models show digits-mlp@production",
     )
     actions = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
     add_import_action(actions)  # maas models import (maas.cli_import)
 
     def action(name: str, fn: Action, help: str, example: str) -> argparse.ArgumentParser:
-        p = actions.add_parser(
-            name,
-            help=help,
-            description=help,
-            epilog=f"example:\n  {example}",
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
+        p = command(actions, name, help=help, example=example)
         p.set_defaults(func=_runner(fn))
         return p
 
@@ -356,14 +351,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _add_policy_actions(actions: argparse._SubParsersAction) -> None:
-    policy = actions.add_parser(
+    policy = command(
+        actions,
         "policy",
         help="set or show a model's policy (compress new versions, promote by a rule)",
         description="A model's policy, versioned in the registry: on_registered.compress runs "
         "a compress plan on every new train/finetune/import version, promote moves an alias "
         "by a rule (smallest_within, best_accuracy, lowest_p50).",
-        epilog="example:\n  maas models policy set digits-mlp examples/policies/digits-mlp.yaml",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        example="maas models policy set digits-mlp examples/policies/digits-mlp.yaml",
     )
     verbs = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
     p = verbs.add_parser("set", help="store FILE.yaml as the model's next policy version")

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.registry.types import ModelRef
@@ -147,15 +148,17 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser(
+    p = command(
+        subparsers,
         "predict",
         help="run one inference on a served model",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  maas predict digits-mlp --input row.npy\n"
-        "  maas predict digits-mlp@3 --input '[[0.1, 0.2, ...]]'\n"
-        "  maas predict digits-mlp@staging --input batch.json --output out.npy\n"
-        '  maas predict minilm --text "a sentence to embed"',
+        example=[
+            "maas predict digits-mlp --input row.npy",
+            "maas predict digits-mlp@3 --input '[[0.1, 0.2, ...]]'",
+            "maas predict digits-mlp@staging --input batch.json --output out.npy",
+            'maas predict minilm --text "a sentence to embed"',
+        ],
     )
     p.add_argument(
         "ref",

@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import grpc
 import numpy as np
+import psutil
 import torch
 
 from bench.profile import sampling_profile
@@ -113,12 +114,13 @@ def http_stream(session: aiohttp.ClientSession, url: str, name: str, tokens: int
 
 
 class Figures:
-    """Per-stream TTFT and per-token times and aggregate rates, gathered over rounds."""
+    """Per-stream TTFT and per-token times, aggregate rates and CPU per token, over rounds."""
 
     def __init__(self) -> None:
         self.ttfts: list[float] = []
         self.per_token: list[float] = []
         self.rates: list[float] = []
+        self.cpu = [0.0, 0.0, 0]  # server CPU s, client CPU s, tokens
 
     def add(self, results: list[tuple[float, float, int]], wall: float) -> None:
         self.rates.append(sum(n for _, _, n in results) / wall)
@@ -126,17 +128,27 @@ class Figures:
         self.per_token += [(total - first) / max(1, n - 1) for first, total, n in results]
 
     def medians(self) -> dict[str, float]:
-        return {
+        out = {
             "ttft_ms": 1e3 * statistics.median(self.ttfts),
             "per_token_ms": 1e3 * statistics.median(self.per_token),
             "tokens_per_s": statistics.median(self.rates),
         }
+        if self.cpu[2]:
+            # Client and server share this machine's cores: a client near one core's worth of
+            # CPU per second of wall time is the ceiling, not the server.
+            out["server_cpu_us_per_token"] = round(1e6 * self.cpu[0] / self.cpu[2], 1)
+            out["client_cpu_us_per_token"] = round(1e6 * self.cpu[1] / self.cpu[2], 1)
+        return out
 
 
-async def one_round(run: Run, streams: int, figures: Figures) -> None:
+async def one_round(run: Run, streams: int, figures: Figures, server: psutil.Process) -> None:
+    server0, client0 = sum(server.cpu_times()[:2]), time.process_time()
     started = time.perf_counter()
     results = list(await asyncio.gather(*(run() for _ in range(streams))))
     figures.add(results, time.perf_counter() - started)
+    figures.cpu[0] += sum(server.cpu_times()[:2]) - server0
+    figures.cpu[1] += time.process_time() - client0
+    figures.cpu[2] += sum(n for _, _, n in results)
 
 
 def limit_round(model: GPT, tokens: int, figures: Figures) -> None:
@@ -158,6 +170,7 @@ async def interleaved(
             "openai_http": http_stream(session, http_url, name, args.tokens),
         }
         figures = {(door, n): Figures() for door in doors for n in (1, STREAMS)}
+        server = psutil.Process(pid)
         limit = Figures()
         for run in doors.values():
             await run()  # warm-up: the first request loads the model and starts its engine
@@ -165,9 +178,9 @@ async def interleaved(
         for _ in range(args.rounds):
             limit_round(model, args.tokens, limit)
             for (door, n), fig in figures.items():
-                await one_round(doors[door], n, fig)
+                await one_round(doors[door], n, fig, server)
         with sampling_profile(pid, Path(args.workdir) / "profile.txt") as profile:
-            await one_round(doors["oip_grpc"], STREAMS, Figures())
+            await one_round(doors["oip_grpc"], STREAMS, Figures(), server)
     served: dict[str, Any] = {door: {} for door in doors}
     for (door, n), fig in figures.items():
         served[door][f"{n}_streams"] = fig.medians()

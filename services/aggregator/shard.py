@@ -38,17 +38,14 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
 from maas.events import now_ms
 from maas.liveness import Liveness
-from maas.store_async import AsyncObjectStore
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
-from maas.training.control import RELEASED, AssignmentReader, Heartbeat, Identity, member_name
+from maas.training.control import RELEASED, PoolMember
 from maas.training.pool import SHARD, Assignment
-from maas.training.storage import TrainingStore
 from maas.training.v1 import training_pb2 as pb
 from services.aggregator.dataplane import serve_data_plane
 from services.aggregator.shard_job import CheckpointWriter, Key, Peer, ShardJob, StatusReporter
@@ -90,19 +87,15 @@ class Metrics:
 class ShardService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.member_id = member_name(settings)
-        self.name = f"aggregator-{self.member_id}"
+        self._pool = PoolMember(settings, SHARD, "aggregator")
+        self.member_id, self.name = self._pool.member_id, self._pool.name
         self.address = ""
         self.metrics = Metrics()
         self.liveness = Liveness(self.metrics.registry)  # its loops' crash ends the process
-        self._producer = EventProducer(settings, client_id=self.name)
-        self._objects = AsyncObjectStore(settings)
-        self._store = TrainingStore(self._objects)
-        identity = Identity(self.member_id, SHARD)
-        self._assignments = AssignmentReader(settings, self._store, self.name, identity)
-        self._heartbeat = Heartbeat(self._producer, settings, identity)
-        self._reporter = StatusReporter(self._producer, self.name)
-        self._checkpoints = CheckpointWriter(self._store, self._reporter, self.metrics.checkpoints)
+        self._reporter = StatusReporter(self._pool.producer, self.name)
+        self._checkpoints = CheckpointWriter(
+            self._pool.store, self._reporter, self.metrics.checkpoints
+        )
         self._server: Any = None
         self.jobs: dict[Key, ShardJob] = {}
         # Finishing outlives the stream whose push closed the last step (its worker leaves).
@@ -117,19 +110,18 @@ class ShardService:
         return self.metrics.registry
 
     async def start(self) -> None:
-        await self._producer.start()
-        await self._objects.start()
+        running = await self._pool.start()
         self._server, port = await serve_data_plane(self, self.settings)
         self.address = advertised(
             self.settings.aggregator_listen, port, self.settings.aggregator_advertise
         )
-        self._heartbeat.address = self.address
-        for assignment in await self._assignments.start():
+        self._pool.heartbeat.address = self.address
+        for assignment in running:
             await self._assigned(assignment)
         log.info("%s serves the training data plane at %s", self.name, self.address)
 
     async def stop(self) -> None:
-        await self._heartbeat.leave()
+        await self._pool.heartbeat.leave()
         for job in self.jobs.values():
             job.close_peers()
         if self._server is not None:
@@ -141,18 +133,16 @@ class ShardService:
             if job.writing is not None:
                 await asyncio.gather(job.writing, return_exceptions=True)
         await self._reporter.drain()
-        await self._assignments.stop()
-        await self._objects.stop()
-        await self._producer.stop()
+        await self._pool.stop()
 
     async def run(self) -> None:
-        await asyncio.gather(self._heartbeat.run(), self._read_assignments(), self._tick())
+        await asyncio.gather(self._pool.heartbeat.run(), self._read_assignments(), self._tick())
 
     # --- assignments ------------------------------------------------------------------------
 
     async def _read_assignments(self) -> None:
         while True:
-            for state, assignment in await self._assignments.next_batch():
+            for state, assignment in await self._pool.assignments.next_batch():
                 try:
                     if state == RELEASED:
                         self._released(assignment.job_id)
@@ -208,15 +198,15 @@ class ShardService:
     async def _load(self, key: Key, assignment: Assignment) -> None:
         job_id, partition = key
         try:
-            plan = await self._store.read_plan(job_id)
+            plan = await self._pool.store.read_plan(job_id)
         except NotFound:
             log.warning("job %s is assigned but has no plan; skipping it", job_id)
             return
-        pointer = await self._store.pointer(job_id, partition)
+        pointer = await self._pool.store.pointer(job_id, partition)
         if pointer is None:
             log.error("job %s has no checkpoint for partition %d; skipping it", job_id, partition)
             return
-        snap = await self._store.read_checkpoint(pointer)
+        snap = await self._pool.store.read_checkpoint(pointer)
         now = now_ms()
         core = ShardCore.restore(plan, partition, snap, now_ms=now)
         core.members.intersection_update(assignment.workers)
@@ -341,7 +331,7 @@ class ShardService:
                 if task is not None:
                     await task
                 try:
-                    pointer = await self._store.pointer(job.job_id, job.partition)
+                    pointer = await self._pool.store.pointer(job.job_id, job.partition)
                 except MaasError as exc:
                     log.warning("%s: final checkpoint not confirmed (%s)", self.name, exc.message)
                     pointer = None

@@ -27,16 +27,13 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from safetensors.torch import load as load_safetensors
 
 from maas import datasets
-from maas.bus import EventProducer
 from maas.config import Settings
 from maas.errors import MaasError, NotFound, Unavailable
 from maas.liveness import Liveness
-from maas.store_async import AsyncObjectStore
-from maas.training.control import RELEASED, AssignmentReader, Heartbeat, Identity, member_name
+from maas.training.control import RELEASED, PoolMember
 from maas.training.pool import WORKER, Assignment
 from maas.training.prepare import load_dataset
 from maas.training.protocol import ShardParams
-from maas.training.storage import TrainingStore
 from maas.training.v1 import training_pb2 as pb
 from maas.training.worker import WorkerJob
 from services.gradient_worker.link import ShardLink
@@ -84,16 +81,10 @@ class Running:
 class WorkerService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.member_id = member_name(settings)
-        self.name = f"gradient-worker-{self.member_id}"
+        self._pool = PoolMember(settings, WORKER, "gradient-worker")
+        self.member_id, self.name = self._pool.member_id, self._pool.name
         self.metrics = Metrics()
         self.liveness = Liveness(self.metrics.registry)  # its loops' crash ends the process
-        self._producer = EventProducer(settings, client_id=self.name)
-        self._objects = AsyncObjectStore(settings)
-        self._store = TrainingStore(self._objects)
-        identity = Identity(self.member_id, WORKER)
-        self._assignments = AssignmentReader(settings, self._store, self.name, identity)
-        self._heartbeat = Heartbeat(self._producer, settings, identity)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="maas-grad")
         self.jobs: dict[str, Running] = {}
         self._joining: dict[str, Assignment] = {}  # the newest assignment seen while loading
@@ -104,28 +95,24 @@ class WorkerService:
         return self.metrics.registry
 
     async def start(self) -> None:
-        await self._producer.start()
-        await self._objects.start()
-        for assignment in await self._assignments.start():
+        for assignment in await self._pool.start():
             await self._assigned(assignment)
 
     async def stop(self) -> None:
-        await self._heartbeat.leave()
+        await self._pool.heartbeat.leave()
         for job_id in list(self.jobs):
             await self._leave(job_id, "stopping")
-        await self._assignments.stop()
-        await self._objects.stop()
-        await self._producer.stop()
+        await self._pool.stop()
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     async def run(self) -> None:
-        await asyncio.gather(self._heartbeat.run(), self._read_assignments(), self._train())
+        await asyncio.gather(self._pool.heartbeat.run(), self._read_assignments(), self._train())
 
     # --- joining and leaving ------------------------------------------------------------------
 
     async def _read_assignments(self) -> None:
         while True:
-            for state, assignment in await self._assignments.next_batch():
+            for state, assignment in await self._pool.assignments.next_batch():
                 if state == RELEASED:
                     if assignment.job_id in self.jobs:
                         await self._leave(assignment.job_id, "the job is over")
@@ -161,16 +148,16 @@ class WorkerService:
     async def _join(self, assignment: Assignment, rank: int) -> None:
         job_id = assignment.job_id
         try:
-            plan = await self._store.read_plan(job_id)
+            plan = await self._pool.store.read_plan(job_id)
         except NotFound:
             log.warning("job %s is assigned but has no plan in S3; ignoring it", job_id)
             return
-        state = load_safetensors(await self._store.read_init(job_id))
+        state = load_safetensors(await self._pool.store.read_init(job_id))
         dataset = await asyncio.to_thread(
             load_dataset,
             plan.dataset,
             seed=plan.training.seed,
-            fetch=datasets.fetcher(self._objects.sync, self.settings),
+            fetch=datasets.fetcher(self._pool.objects.sync, self.settings),
         )
         job = await asyncio.to_thread(
             WorkerJob, plan, rank, state, dataset, chunk_bytes=self.settings.codec_chunk_bytes

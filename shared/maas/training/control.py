@@ -5,7 +5,7 @@ says ``up`` every ``MAAS_MEMBER_HEARTBEAT_MS`` (``Heartbeat``) and ``down`` when
 coordinator (the topic's one consumer group, which dead-letters what is malformed) turns that
 into assignments (``maas.training.pool``) and publishes each one here and in S3. Members read
 the newest assignment per job with ``AssignmentReader``: from the topic while they run, from S3
-for jobs that were running before they started.
+for jobs that were running before they started. ``PoolMember`` bundles what every member holds.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from maas.bus import EventProducer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import FailedPrecondition, MaasError
+from maas.store_async import AsyncObjectStore
 from maas.training.pool import Assignment
 from maas.training.storage import TrainingStore
 
@@ -179,3 +180,29 @@ class AssignmentReader:
             except (KeyError, TypeError, ValueError):
                 continue
         return out
+
+
+class PoolMember:
+    """What a gradient worker and an aggregator shard hold alike as members of the pool: their
+    name, a producer, the training store, the assignment reader and the heartbeat."""
+
+    def __init__(self, settings: Settings, kind: str, service: str) -> None:
+        self.member_id = member_name(settings)
+        self.name = f"{service}-{self.member_id}"
+        self.producer = EventProducer(settings, client_id=self.name)
+        self.objects = AsyncObjectStore(settings)
+        self.store = TrainingStore(self.objects)
+        identity = Identity(self.member_id, kind)
+        self.assignments = AssignmentReader(settings, self.store, self.name, identity)
+        self.heartbeat = Heartbeat(self.producer, settings, identity)
+
+    async def start(self) -> list[Assignment]:
+        """Connect, then the assignments of the jobs already running (see AssignmentReader)."""
+        await self.producer.start()
+        await self.objects.start()
+        return await self.assignments.start()
+
+    async def stop(self) -> None:
+        await self.assignments.stop()
+        await self.objects.stop()
+        await self.producer.stop()

@@ -14,13 +14,12 @@ from typing import Any
 
 import numpy as np
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from aiokafka.admin import AIOKafkaAdminClient
 
 from maas import events
 from maas.config import Settings
 from maas.errors import DeadlineExceeded
 from maas.topics import INFER, PREDICTIONS, Topic
-from services.inference.kafka_stream import GROUP_ID, JSON_HEADERS
+from services.inference.kafka_stream import JSON_HEADERS
 from services.inference.signature import datatype_of
 
 
@@ -141,32 +140,3 @@ class TopicReader:
         for tp, end in ends.items():
             while await self._consumer.position(tp) < end:
                 await self.poll()
-
-
-async def wait_committed(settings: Settings, timeout_s: float, group_id: str = GROUP_ID) -> None:
-    """Wait until ``group_id`` committed every request on ``maas.infer.v1``: then nothing it read
-    can produce again."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(INFER.name, p) for p in range(INFER.partitions)]
-        ends = await consumer.end_offsets(partitions)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout_s
-        while True:
-            offsets = await admin.list_consumer_group_offsets(group_id, partitions=partitions)
-            behind = {
-                tp: end
-                for tp, end in ends.items()
-                if offsets.get(tp) is None or offsets[tp].offset < end
-            }
-            if not behind:
-                return
-            if loop.time() > deadline:
-                raise DeadlineExceeded(f"group {group_id} has not committed {behind} in time")
-            await asyncio.sleep(0.2)
-    finally:
-        await consumer.stop()
-        await admin.close()

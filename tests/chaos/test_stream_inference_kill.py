@@ -16,15 +16,13 @@ import uuid
 import numpy as np
 import pytest
 
+from infra.harness.offsets import wait_committed
 from infra.harness.serving import ServiceProcesses
-from infra.harness.stream import (
-    TopicReader,
-    request_event,
-    send_requests,
-    wait_committed,
-)
+from infra.harness.stream import TopicReader, request_event, send_requests
 from maas import zoo
 from maas.registry import RegistryClient
+from maas.topics import INFER
+from services.inference.kafka_stream import GROUP_ID
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -63,7 +61,7 @@ async def test_every_request_is_answered_exactly_once_across_a_sigkill_mid_strea
             answered_at_kill = len(reader.counts(request_ids))
             processes.start_inference("inference", registry_addr, **ENV)
             await reader.wait_for(request_ids, WAIT_S)
-            await wait_committed(stack.settings, WAIT_S)
+            await wait_committed(stack.settings, GROUP_ID, INFER, WAIT_S)
             await reader.drain()  # anything written twice would be here by now
         counts = reader.counts(request_ids)
     assert answered_at_kill < REQUESTS  # the kill came mid-stream

@@ -33,6 +33,7 @@ from training_jobs import (
     weights,
 )
 
+from infra.harness.offsets import wait_committed
 from infra.harness.training import TrainingProcesses, start_all
 from maas import events, topics
 from maas.bus import EventProducer
@@ -40,6 +41,7 @@ from maas.registry import RegistryClient
 from maas.store import DATASETS_BUCKET, ObjectStore
 from maas.training.local import simulate
 from maas.training.prepare import Limits, prepare_job
+from services.aggregator.coordinator import GROUP_ID as COORDINATOR_GROUP
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -207,13 +209,13 @@ async def test_finetune_on_ten_percent_beats_training_from_scratch(
     assert tuned_weights["head.weight"].shape == (5, 64 * 4 * 4)
 
 
-async def test_a_redelivered_job_runs_once(cluster, producer, watcher, registry):
+async def test_a_redelivered_job_runs_once(stack, cluster, producer, watcher, registry):
     job = train_job("once", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 20})
     await producer.send(topics.JOBS, job, key=job["job_id"])
     await producer.send(topics.JOBS, job, key=job["job_id"])  # redelivered while it runs
     status = await watcher.final(job["job_id"])
     await producer.send(topics.JOBS, job, key=job["job_id"])  # and once it is over
-    await asyncio.sleep(3.0)
+    await wait_committed(stack.settings, COORDINATOR_GROUP, topics.JOBS, 60)  # all 3 handled
     states = [
         s["state"]
         for s in watcher.statuses[job["job_id"]]

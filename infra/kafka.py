@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from infra.proc import ManagedProcess, NativeServer, port_open, split_host_port
+from infra.proc import ManagedProcess, NativeServer, ensure_command, port_open, split_host_port
 from maas.config import Settings
 from maas.errors import FailedPrecondition
 
@@ -260,36 +260,30 @@ class KafkaBroker(NativeServer):
                 f"{result.stdout}{result.stderr}"
             )
 
-    def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int:
-        """Start the broker (no-op if running) and wait until it answers Kafka requests."""
-        proc = self.process
-        pid = proc.pid()
-        if pid is None:
-            if port_open(self.host, self.port):
-                raise FailedPrecondition(
-                    f"{self.host}:{self.port} is taken by another process; stop it or set "
-                    "MAAS_KAFKA_BOOTSTRAP to another port"
-                )
-            libs = ensure_jars(self.cache_dir)
-            self._write_config()
-            self._format_once(libs)
-            argv = [
-                *self._java_base(libs)[:1],
-                "-Xms256m",
-                f"-Xmx{self.heap}",
-                "-XX:+UseG1GC",
-                "-XX:MaxGCPauseMillis=50",
-                "-Djava.awt.headless=true",
-                *self._java_base(libs)[1:],
-                "kafka.Kafka",
-                str(self.properties_file),
-            ]
-            pid = proc.start(argv, cwd=self.home)
-        if wait:
-            self.wait_ready(timeout_s=timeout_s)
-        return pid
+    def prepare(self) -> list[str]:
+        """The broker's command line, its jars resolved and its storage formatted."""
+        if port_open(self.host, self.port):
+            raise FailedPrecondition(
+                f"{self.host}:{self.port} is taken by another process; stop it or set "
+                "MAAS_KAFKA_BOOTSTRAP to another port"
+            )
+        libs = ensure_jars(self.cache_dir)
+        self._write_config()
+        self._format_once(libs)
+        return [
+            *self._java_base(libs)[:1],
+            "-Xms256m",
+            f"-Xmx{self.heap}",
+            "-XX:+UseG1GC",
+            "-XX:MaxGCPauseMillis=50",
+            "-Djava.awt.headless=true",
+            *self._java_base(libs)[1:],
+            "kafka.Kafka",
+            str(self.properties_file),
+        ]
 
     def ready(self) -> bool:
+        """The broker answers Kafka requests."""
         return api_versions_ok(self.host, self.port)
 
 
@@ -322,13 +316,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["ensure"]:
-        print("usage: python -m infra.kafka ensure   # resolve the Kafka jars into the cache")
-        return 2
-    libs = ensure_jars(Settings.from_env().cache_path)
-    print(f"kafka {KAFKA_VERSION} jars: {libs}")
-    return 0
+    return ensure_command(
+        argv,
+        module="infra.kafka",
+        does="resolve the Kafka jars into the cache",
+        ensure=ensure_jars,
+        what=f"kafka {KAFKA_VERSION} jars",
+    )
 
 
 if __name__ == "__main__":

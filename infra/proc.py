@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -211,15 +212,30 @@ class _Server(Protocol):
     @property
     def port(self) -> int: ...
     @property
+    def home(self) -> Path: ...
+    @property
     def process(self) -> ManagedProcess: ...
+    def prepare(self) -> list[str]: ...
     def ready(self) -> bool: ...
+    def wait_ready(self, *, timeout_s: float = 90.0) -> None: ...
 
 
 class NativeServer:
-    """Readiness wait and stop shared by the native servers (the broker, the S3 server), which
-    provide ``name``, ``host``, ``port``, ``process`` and ``ready()``."""
+    """Start, readiness wait and stop shared by the native servers (the broker, the S3 server),
+    which provide ``name``, ``host``, ``port``, ``home``, ``process``, ``prepare()`` (check the
+    ports, fetch the binaries, write the config; return the command line) and ``ready()``."""
 
     stop_timeout_s: ClassVar[float] = 20.0
+
+    def start(self: _Server, *, wait: bool = True, timeout_s: float = 90.0) -> int:
+        """Start the server (no-op if running) and wait until it answers."""
+        proc = self.process
+        pid = proc.pid()
+        if pid is None:
+            pid = proc.start(self.prepare(), cwd=self.home)
+        if wait:
+            self.wait_ready(timeout_s=timeout_s)
+        return pid
 
     def wait_ready(self: _Server, *, timeout_s: float = 90.0) -> None:
         wait_until(
@@ -231,3 +247,18 @@ class NativeServer:
 
     def stop(self: _Server) -> bool:
         return self.process.stop(timeout_s=self.stop_timeout_s)
+
+
+def ensure_command(
+    argv: list[str] | None, *, module: str, does: str, ensure: Callable[[Path], Path], what: str
+) -> int:
+    """``python -m <module> ensure``: put what a native server runs into the cache (``ensure``
+    does, and returns where), then print ``what`` and that path."""
+    from maas.config import Settings
+
+    args = sys.argv[1:] if argv is None else argv
+    if args != ["ensure"]:
+        print(f"usage: python -m {module} ensure   # {does}")
+        return 2
+    print(f"{what}: {ensure(Settings.from_env().cache_path)}")
+    return 0

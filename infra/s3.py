@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from infra.kafka import file_lock
-from infra.proc import ManagedProcess, NativeServer, port_open, split_host_port
+from infra.proc import ManagedProcess, NativeServer, ensure_command, port_open, split_host_port
 from maas.config import Settings
 from maas.errors import FailedPrecondition
 
@@ -209,26 +209,20 @@ class WeedS3(NativeServer):
             f"-s3.config={self.home / 's3-identities.json'}",
         ]
 
-    def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int:
-        """Start weed (no-op if running) and wait until its S3 port answers."""
-        proc = self.process
-        pid = proc.pid()
-        if pid is None:
-            busy = [port for port in self.ports.all() if port_open(self.host, port)]
-            if busy:
-                raise FailedPrecondition(
-                    f"ports {busy} on {self.host} are taken; the S3 server needs "
-                    f"{self.ports.all()} (set MAAS_S3_ENDPOINT to move them)"
-                )
-            binary = ensure_weed(self.cache_dir)
-            self.data_dir.mkdir(parents=True, exist_ok=True)
-            config = self.home / "s3-identities.json"
-            config.write_text(json.dumps(self.identities(), indent=2))
-            config.chmod(0o600)
-            pid = proc.start(self.argv(binary), cwd=self.home)
-        if wait:
-            self.wait_ready(timeout_s=timeout_s)
-        return pid
+    def prepare(self) -> list[str]:
+        """weed's command line, its binary built and its identities written."""
+        busy = [port for port in self.ports.all() if port_open(self.host, port)]
+        if busy:
+            raise FailedPrecondition(
+                f"ports {busy} on {self.host} are taken; the S3 server needs "
+                f"{self.ports.all()} (set MAAS_S3_ENDPOINT to move them)"
+            )
+        binary = ensure_weed(self.cache_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        config = self.home / "s3-identities.json"
+        config.write_text(json.dumps(self.identities(), indent=2))
+        config.chmod(0o600)
+        return self.argv(binary)
 
     def ready(self) -> bool:
         """The S3 gateway answers an authenticated ListBuckets."""
@@ -250,13 +244,13 @@ class WeedS3(NativeServer):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if args != ["ensure"]:
-        print("usage: python -m infra.s3 ensure   # build the SeaweedFS weed binary into the cache")
-        return 2
-    binary = ensure_weed(Settings.from_env().cache_path)
-    print(f"weed {WEED_VERSION}: {binary}")
-    return 0
+    return ensure_command(
+        argv,
+        module="infra.s3",
+        does="build the SeaweedFS weed binary into the cache",
+        ensure=ensure_weed,
+        what=f"weed {WEED_VERSION}",
+    )
 
 
 if __name__ == "__main__":

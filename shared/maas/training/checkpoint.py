@@ -40,20 +40,15 @@ def job_prefix(job_id: str) -> str:
     return f"jobs/{job_id}/"
 
 
-def plan_key(job_id: str) -> str:
-    return f"{job_prefix(job_id)}plan.json"
+PLAN_FILE = "plan.json"
+INIT_FILE = "init.safetensors"
+ASSIGNMENT_FILE = "assignment.json"
+RESULT_FILE = "result.json"
 
 
-def init_key(job_id: str) -> str:
-    return f"{job_prefix(job_id)}init.safetensors"
-
-
-def assignment_key(job_id: str) -> str:
-    return f"{job_prefix(job_id)}assignment.json"
-
-
-def result_key(job_id: str) -> str:
-    return f"{job_prefix(job_id)}result.json"
+def job_key(job_id: str, name: str) -> str:
+    """The key of one of a job's files (``PLAN_FILE``, ``INIT_FILE``, ...)."""
+    return f"{job_prefix(job_id)}{name}"
 
 
 def active_key(job_id: str) -> str:

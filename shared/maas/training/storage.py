@@ -29,21 +29,21 @@ class TrainingStore:
     # --- job ----------------------------------------------------------------------------------
 
     async def read_plan(self, job_id: str) -> JobPlan:
-        data = await self._store.get_bytes(BUCKET, ck.plan_key(job_id))
+        data = await self._store.get_bytes(BUCKET, ck.job_key(job_id, ck.PLAN_FILE))
         return JobPlan.from_json(json.loads(data))
 
     async def has_plan(self, job_id: str) -> bool:
-        return await self._store.exists(BUCKET, ck.plan_key(job_id))
+        return await self._store.exists(BUCKET, ck.job_key(job_id, ck.PLAN_FILE))
 
     async def write_plan(self, plan: JobPlan) -> None:
         data = json.dumps(plan.to_json(), sort_keys=True).encode()
-        await self._store.put_bytes(BUCKET, ck.plan_key(plan.job_id), data)
+        await self._store.put_bytes(BUCKET, ck.job_key(plan.job_id, ck.PLAN_FILE), data)
 
     async def write_init(self, job_id: str, safetensors: bytes) -> None:
-        await self._store.put_bytes(BUCKET, ck.init_key(job_id), safetensors)
+        await self._store.put_bytes(BUCKET, ck.job_key(job_id, ck.INIT_FILE), safetensors)
 
     async def read_init(self, job_id: str) -> bytes:
-        return await self._store.get_bytes(BUCKET, ck.init_key(job_id))
+        return await self._store.get_bytes(BUCKET, ck.job_key(job_id, ck.INIT_FILE))
 
     async def mark_active(self, job_id: str) -> None:
         await self._store.put_bytes(BUCKET, ck.active_key(job_id), job_id.encode())
@@ -57,11 +57,13 @@ class TrainingStore:
 
     async def write_result(self, job_id: str, result: Mapping[str, Any]) -> None:
         data = json.dumps(dict(result), sort_keys=True).encode()
-        await self._store.put_bytes(BUCKET, ck.result_key(job_id), data)
+        await self._store.put_bytes(BUCKET, ck.job_key(job_id, ck.RESULT_FILE), data)
 
     async def read_result(self, job_id: str) -> dict[str, Any] | None:
         try:
-            return dict(json.loads(await self._store.get_bytes(BUCKET, ck.result_key(job_id))))
+            return dict(
+                json.loads(await self._store.get_bytes(BUCKET, ck.job_key(job_id, ck.RESULT_FILE)))
+            )
         except NotFound:
             return None
 
@@ -69,11 +71,11 @@ class TrainingStore:
 
     async def write_assignment(self, assignment: Assignment) -> None:
         data = json.dumps(assignment.to_json(), sort_keys=True).encode()
-        await self._store.put_bytes(BUCKET, ck.assignment_key(assignment.job_id), data)
+        await self._store.put_bytes(BUCKET, ck.job_key(assignment.job_id, ck.ASSIGNMENT_FILE), data)
 
     async def read_assignment(self, job_id: str) -> Assignment | None:
         try:
-            data = await self._store.get_bytes(BUCKET, ck.assignment_key(job_id))
+            data = await self._store.get_bytes(BUCKET, ck.job_key(job_id, ck.ASSIGNMENT_FILE))
         except NotFound:
             return None
         return Assignment.from_json(json.loads(data))

@@ -41,6 +41,7 @@ from aiokafka.errors import (
 )
 
 from maas import events
+from maas.bus_fetch import unreadable_reason
 from maas.config import Settings
 from maas.deadletter import DeadLetter, Headers
 from maas.errors import MaasError, SchemaViolation, Unavailable
@@ -97,7 +98,11 @@ def read_headers(raw: ConsumerRecord[bytes, bytes]) -> Headers:
 def decode_value(
     raw: ConsumerRecord[bytes, bytes], *, max_depth: int = Settings.event_max_depth
 ) -> dict[str, Any]:
-    """Raw Kafka record -> event map; raises SchemaViolation when it cannot be decoded."""
+    """Raw Kafka record -> event map; raises SchemaViolation when it cannot be decoded (a
+    stand-in for a record the client could not parse, ``maas.bus_fetch``, says why)."""
+    reason = unreadable_reason(raw)
+    if reason is not None:
+        raise SchemaViolation(events.clip(reason))
     return events.decode(raw.value, read_headers(raw), max_depth=max_depth)
 
 

@@ -45,6 +45,7 @@ from maas.bus import (
     topic_name,
     unreadable,
 )
+from maas.bus_fetch import Batches, fetch
 from maas.config import Settings
 from maas.deadletter import DeadLetter
 from maas.errors import Unavailable
@@ -54,25 +55,30 @@ log = logging.getLogger(__name__)
 
 DLQ_TIMEOUT_S = 10.0
 
-Batches = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
-
 
 class Fetcher:
     """Fetches for a consumer loop. ``next`` is None when nothing was fetched: the consumer was
     stopped under the loop, or the broker was lost (waited out with a growing backoff through
-    ``pause``, which wakes early on stop). An error Kafka calls fatal is ConsumerDied."""
+    ``pause``, which wakes early on stop). An error Kafka calls fatal is ConsumerDied. A record
+    the client cannot parse comes as a stand-in that reads as unreadable (``maas.bus_fetch``);
+    ``reset`` is the consumer's ``auto_offset_reset``."""
 
     def __init__(
-        self, consumer: AIOKafkaConsumer, name: str, pause: Callable[[float], Awaitable[None]]
+        self,
+        consumer: AIOKafkaConsumer,
+        name: str,
+        pause: Callable[[float], Awaitable[None]],
+        reset: str = "earliest",
     ) -> None:
         self._consumer = consumer
         self._name = name
         self._pause = pause
+        self._reset = reset
         self._lost = 0
 
     async def next(self, timeout_ms: int = 200) -> Batches | None:
         try:
-            batches = await self._consumer.getmany(timeout_ms=timeout_ms)
+            batches = await fetch(self._consumer, timeout_ms, reset=self._reset)
         except ConsumerStoppedError:
             return None
         except KafkaError as exc:
@@ -184,7 +190,7 @@ class EventConsumer:
         Raises ConsumerDied when the DLQ stayed unwritable (the record is left uncommitted).
         """
         consumer = self._require()
-        fetcher = Fetcher(consumer, self.group_id, self._pause)
+        fetcher = Fetcher(consumer, self.group_id, self._pause, self._auto_offset_reset)
         while not self._stopping.is_set():
             batches = await fetcher.next()
             if batches is None:

@@ -5,7 +5,8 @@ instead: each aggregator shard and gradient worker reads every training assignme
 coordinator every job status, ``maas jobs watch`` a job's whole history. ``PartitionReader``
 reads from now (``from_now``) or from the beginning (``from_beginning``), decodes and validates
 each record with the bus's own step, and skips what cannot be read: a reader without a group
-commits nothing and dead-letters nothing (the topic's group consumers do).
+commits nothing and dead-letters nothing (the topic's group consumers do). A record the Kafka
+client cannot parse at all (``maas.bus_fetch``) is skipped with a log line naming it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
 from maas.bus import Record, open_consumer, read_record
+from maas.bus_fetch import fetch, unreadable_reason
 from maas.config import Settings
 from maas.errors import SchemaViolation
 from maas.topics import Topic
@@ -83,7 +85,11 @@ class PartitionReader:
             await consumer.position(tp)
 
     async def from_beginning(self) -> None:
-        await self._require().seek_to_beginning(*self.partitions)
+        """Read every record still on the partitions (positions resolved before returning)."""
+        consumer = self._require()
+        await consumer.seek_to_beginning(*self.partitions)
+        for tp in self.partitions:
+            await consumer.position(tp)
 
     async def end_offsets(self) -> dict[TopicPartition, int]:
         """Where each partition ends now: pass it to ``reached`` to know when it was read."""
@@ -102,7 +108,7 @@ class PartitionReader:
         """The next records that read as one of ``expected_schemas``, waiting up to
         ``timeout_ms`` for some; a lost broker is retried (an empty list meanwhile)."""
         try:
-            batches = await self._require().getmany(timeout_ms=timeout_ms)
+            batches = await fetch(self._require(), timeout_ms)
         except KafkaConnectionError as exc:
             log.warning("%s: lost the broker (%s); retrying", self._client_id, exc)
             await asyncio.sleep(LOST_BROKER_WAIT_S)
@@ -114,6 +120,15 @@ class PartitionReader:
             for raw in raws:
                 try:
                     records.append(read_record(raw, expected, max_depth=depth))
-                except SchemaViolation:
-                    continue  # not ours to judge: the topic's group consumers dead-letter it
+                except SchemaViolation as exc:
+                    # Not ours to judge: the topic's group consumers dead-letter it.
+                    if unreadable_reason(raw) is not None:
+                        log.warning(
+                            "%s: skipping %s[%d]@%d: %s",
+                            self._client_id,
+                            raw.topic,
+                            raw.partition,
+                            raw.offset,
+                            exc.message,
+                        )
         return records

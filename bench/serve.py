@@ -13,8 +13,9 @@ and the in-process forward pass of the same model (batch of 1), the limit.
 For each: p50/p99 latency at concurrency 1, throughput at concurrency 16 and 64 (req/s), and
 the CPU time per request of the server process and of this client (a client-bound ceiling
 shows as client CPU near 1 s per second). Then a 10 M-parameter MLP at concurrency 64, dynamic
-batching vs unbatched. The batching server is profiled (py-spy, sampling, when installed) while
-it serves 16 clients; the top entries are printed beside the figures.
+batching vs unbatched. After the figures, the floor and the batching server are each profiled
+(py-spy, sampling, when installed) while they alone serve 16 clients; the top entries are
+printed beside the figures, the floor's showing what Python gRPC itself costs.
 
     python -m bench.serve [--seconds 1.5] [--rounds 3] [--no-kserve]
 
@@ -51,6 +52,7 @@ from infra.ephemeral import bench_settings
 TEN_M = {"in_features": 1024, "hidden": [2048, 2048, 2048], "num_classes": 10}
 MODEL_10M = "bench-mlp-10m"
 OURS = ("maas_batching", "maas_unbatched")
+PROFILED = ("grpc_floor", "maas_batching")  # profiled apart, each alone at 16 clients
 TARGET_EXTRA_US = 150.0
 INLINE_FORWARD_US = "500"
 
@@ -326,9 +328,7 @@ def measure_small(
     for name in OURS:
         after = compute_ns(targets[name].addr, MODEL)
         latency[name]["server_forward_c1_us"] = server_forward_us(before[name], after)
-    profiled = targets["maas_batching"]
-    with sampling_profile(profiled.pid, workdir / "profile.txt") as profile:
-        c16 = throughput_rps(targets, 16, rounds, seconds, cpu)
+    c16 = throughput_rps(targets, 16, rounds, seconds, cpu)
     c64 = throughput_rps(targets, 64, rounds, seconds, cpu)
     small = {
         name: {
@@ -339,8 +339,21 @@ def measure_small(
         }
         for name in targets
     }
-    small["profile_maas_batching_c16"] = profile
+    for name in PROFILED:
+        small[f"profile_{name}_c16"] = profile_c16(targets[name], seconds, workdir / name)
     return small
+
+
+def profile_c16(target: Target, seconds: float, out: Path) -> dict[str, Any]:
+    """A sampling profile of one server alone at 16 clients, after (not during) the figures:
+    the floor's beside ours shows what our server does per request beyond Python gRPC's own."""
+    with sampling_profile(target.pid, out) as profile:
+        rate, done = asyncio.run(_throughput(target, 16, seconds))
+    if profile.get("samples"):
+        # Samples per request compare the two servers' CPU per request, thread by thread.
+        profile["rps_while_profiled"] = round(rate, 1)
+        profile["samples_per_request"] = round(profile["samples"] / max(done, 1), 3)
+    return profile
 
 
 def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from maas.registry.types import (
     WEIGHT_TOTAL,
     AliasTargets,
     ArtifactFile,
+    Lineage,
     LineageNode,
     ModelRef,
     ModelVersion,
@@ -193,3 +194,24 @@ def lineage_node(row: sqlite3.Row) -> LineageNode:
         row["created_ms"],
         row["deleted_ms"] is not None,
     )
+
+
+def lineage(db: sqlite3.Connection, name: str, version: int) -> Lineage:
+    """``name@version`` and its ancestors, newest first, and its children (NotFound unless
+    it is live)."""
+    row: sqlite3.Row | None = live_row(db, name, version)
+    ancestors: list[LineageNode] = []
+    seen: set[tuple[str, int]] = set()
+    while row is not None and (row["name"], row["version"]) not in seen:
+        seen.add((row["name"], row["version"]))
+        ancestors.append(lineage_node(row))
+        row = db.execute(
+            "SELECT * FROM versions WHERE name = ? AND version = ?",
+            (row["parent_name"], row["parent_version"]),
+        ).fetchone()
+    children = db.execute(
+        "SELECT * FROM versions WHERE parent_name = ? AND parent_version = ? "
+        "ORDER BY name, version",
+        (name, version),
+    ).fetchall()
+    return Lineage(tuple(ancestors), tuple(lineage_node(r) for r in children))

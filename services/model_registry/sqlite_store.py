@@ -22,7 +22,6 @@ from maas.registry.types import (
     AliasChange,
     AliasTargets,
     Lineage,
-    LineageNode,
     ModelRef,
     ModelSummary,
     ModelVersion,
@@ -365,23 +364,7 @@ class SqliteStore:
 
     def lineage(self, name: str, version: int) -> Lineage:
         with self._lock:
-            db = self._db
-            row: sqlite3.Row | None = reads.live_row(db, name, version)
-            ancestors: list[LineageNode] = []
-            seen: set[tuple[str, int]] = set()
-            while row is not None and (row["name"], row["version"]) not in seen:
-                seen.add((row["name"], row["version"]))
-                ancestors.append(reads.lineage_node(row))
-                row = db.execute(
-                    "SELECT * FROM versions WHERE name = ? AND version = ?",
-                    (row["parent_name"], row["parent_version"]),
-                ).fetchone()
-            children = db.execute(
-                "SELECT * FROM versions WHERE parent_name = ? AND parent_version = ? "
-                "ORDER BY name, version",
-                (name, version),
-            ).fetchall()
-        return Lineage(tuple(ancestors), tuple(reads.lineage_node(r) for r in children))
+            return reads.lineage(self._db, name, version)
 
     # --- outbox ------------------------------------------------------------------------------
 

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import urllib.error
-import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import pytest
 
 from infra.bootstrap import ensure_topics, topic_plan
 from infra.ephemeral import free_ports
+from infra.harness.http import http_get
 from infra.kafka import KafkaBroker
 from infra.proc import free_port
 from infra.stack import PythonService
@@ -80,30 +79,22 @@ def compressor(kafka: Settings, tmp_path: Path) -> Iterator[PythonService]:
         service.stop()
 
 
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as error:
-        return error.code, error.read().decode()
-
-
 async def test_healthz_turns_not_serving_with_the_reason_when_the_jobs_consumer_stops(
     kafka, compressor
 ):
     port = compressor.port
-    assert await asyncio.to_thread(get, port, HEALTH_PATH) == (200, "SERVING")
+    assert await asyncio.to_thread(http_get, port, HEALTH_PATH) == (200, "SERVING")
     async with EventProducer(kafka, client_id="poisoner") as producer:
         await producer.send_raw(JOBS, b"\xc1" * (2 * DLQ_LIMIT_BYTES), key="poison")
 
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 90
-    while (health := await asyncio.to_thread(get, port, HEALTH_PATH))[0] == 200:
+    while (health := await asyncio.to_thread(http_get, port, HEALTH_PATH))[0] == 200:
         assert loop.time() < deadline, "the compressor never reported its consumer stopped"
         await asyncio.sleep(0.5)
     status, body = health
     assert status == 503
     assert body.startswith("NOT_SERVING: jobs-consumer: ") and DLQ.name in body
-    _, metrics = await asyncio.to_thread(get, port, "/metrics")
+    _, metrics = await asyncio.to_thread(http_get, port, "/metrics")
     assert 'maas_loop_up{loop="jobs-consumer"} 0.0' in metrics
     assert compressor.process.alive()  # up, saying why it does no work

@@ -30,12 +30,14 @@ class CountingSource(MemorySource):
         self.held: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
         self.answer_sent = asyncio.Event()
         self.answer_sent.set()
+        self.waiting = 0  # resolutions that read their answer and wait for answer_sent
 
     async def resolve(self, name, alias):
         self.resolves += 1
         version = await super().resolve(name, alias)
         # The answer is on its way back: concurrent callers pile up, events may overtake it.
         await asyncio.sleep(0)
+        self.waiting += 1
         await self.answer_sent.wait()
         return version
 
@@ -356,11 +358,18 @@ async def test_a_move_of_an_alias_not_served_here_loads_nothing(source, pool):
     assert source.fetches == [1]
 
 
+async def until_waiting(source, count, timeout_s=60.0):
+    """Wait until ``count`` resolutions read their answer and wait to send it back."""
+    async with asyncio.timeout(timeout_s):
+        while source.waiting < count:
+            await asyncio.sleep(0.001)
+
+
 async def test_a_resolution_racing_an_alias_move_is_not_cached(source, pool):
     plane = make_plane(source, pool)
     source.answer_sent.clear()
     pending = asyncio.ensure_future(answer(plane))  # the registry answers production -> 1 ...
-    await asyncio.sleep(0.05)
+    await until_waiting(source, 1)
     await promote(source, plane, 2)  # ... and the alias moves before that arrives
     source.answer_sent.set()
     assert (await pending)[0] == 1
@@ -390,10 +399,10 @@ async def test_a_request_after_an_alias_move_does_not_join_a_lookup_from_before_
     plane = make_plane(source, pool)
     source.answer_sent.clear()
     early = asyncio.ensure_future(answer(plane))  # its lookup reads production -> 1 ...
-    await asyncio.sleep(0.05)
+    await until_waiting(source, 1)
     await promote(source, plane, 2)  # ... the alias moves ...
     late = asyncio.ensure_future(answer(plane))  # ... and a new request arrives
-    await asyncio.sleep(0.05)
+    await until_waiting(source, 2)  # with a lookup of its own
     source.answer_sent.set()
     assert (await early)[0] == 1
     assert (await late)[0] == 2

@@ -42,7 +42,7 @@ from safetensors.torch import save as save_safetensors
 from maas import datasets, events, jobs, topics, zoo
 from maas.artifacts import materialize
 from maas.bus import DeadLetter, EventProducer, Record
-from maas.bus_consumer import EventConsumer
+from maas.bus_consumer import EventConsumer, dead_letter_group
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import DeadlineExceeded, InvalidArgument, MaasError, NotFound, SchemaViolation
@@ -68,6 +68,7 @@ from services.aggregator.scheduler import PoolScheduler
 log = logging.getLogger(__name__)
 
 GROUP_ID = "maas-training"
+STATUS_GROUP_ID = "maas-job-status"  # dead-letters the statuses no reader can read
 POLL_S = 0.5
 RETRY_S = 2.0
 
@@ -102,6 +103,13 @@ class Coordinator:
             range(topics.JOB_STATUS.partitions),
             client_id=COORDINATOR_SERVICE,
         )
+        self._status_letters = dead_letter_group(
+            settings,
+            topics.JOB_STATUS,
+            group_id=STATUS_GROUP_ID,
+            producer=self._producer,
+            expected_schemas=[events.JOB_STATUS],
+        )
         self._pool = PoolScheduler(settings, self._producer, self._store, self._monitor)
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._progress_ms: dict[str, int] = {}
@@ -119,8 +127,10 @@ class Coordinator:
             log.info("resuming job %s", job_id)
             await self._resume(job_id)
         await self._jobs.start()
+        await self._status_letters.start()
 
     async def stop(self) -> None:
+        await self._status_letters.stop()
         await self._jobs.stop()
         for task in self._monitors.values():
             task.cancel()
@@ -132,7 +142,12 @@ class Coordinator:
         await self._producer.stop()
 
     async def run(self) -> None:
-        await asyncio.gather(self._jobs.run(), self._pool.run(), self._watch_progress())
+        await asyncio.gather(
+            self._jobs.run(),
+            self._status_letters.run(),
+            self._pool.run(),
+            self._watch_progress(),
+        )
 
     async def _resume(self, job_id: str) -> None:
         if await self._store.read_result(job_id) is not None:

@@ -347,3 +347,29 @@ class EventConsumer:
                 await self._commit(consumer, tp, offset)
             else:
                 del self._uncommitted[tp]  # its new owner commits from where it reads
+
+
+def dead_letter_group(
+    settings: Settings,
+    topic: Topic,
+    *,
+    group_id: str,
+    producer: EventProducer,
+    expected_schemas: Iterable[str],
+) -> EventConsumer:
+    """The consumer group of a topic that only group-less readers act on (job statuses): it
+    handles nothing and dead-letters what cannot be read, so that no bad record is dropped
+    without a trace (the readers skip it). It starts at the end the first time it runs."""
+
+    async def read(record: Record) -> None:
+        """A record that reads is the readers' business."""
+
+    return EventConsumer(
+        settings,
+        topics=[topic],
+        group_id=group_id,
+        handler=read,
+        producer=producer,
+        expected_schemas=expected_schemas,
+        auto_offset_reset="latest",
+    )

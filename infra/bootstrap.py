@@ -112,17 +112,9 @@ def _topic_errors(response: object) -> list[tuple[str, int, str]]:
 
 def ensure_buckets(settings: Settings, *, timeout_s: float = 60.0) -> dict[str, str]:
     """Create the platform buckets if missing. Returns {bucket: created|exists}."""
-    from minio import Minio
+    from maas.store import ALL_BUCKETS, minio_client
 
-    from maas.store import ALL_BUCKETS
-
-    client = Minio(
-        settings.s3_endpoint,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key,
-        secure=settings.s3_secure,
-        region=settings.s3_region,
-    )
+    client = minio_client(settings)
     result: dict[str, str] = {}
     deadline = time.monotonic() + timeout_s
     for bucket in ALL_BUCKETS:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from infra.proc import ManagedProcess, NativeServer, ensure_command, port_open, split_host_port
+from infra.proc import NativeServer, ensure_command, port_open, split_host_port
 from maas.config import Settings
 from maas.errors import FailedPrecondition
 
@@ -131,18 +131,14 @@ def size_limits(max_message_bytes: int) -> dict[str, int]:
     }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class KafkaBroker(NativeServer):
     stop_timeout_s: ClassVar[float] = 30.0
-    home: Path  # <state_dir>/kafka
-    stack_dir: Path  # <state_dir>/stack
-    cache_dir: Path
-    host: str
+    name: ClassVar[str] = "kafka"
     port: int
     controller_port: int
     max_message_bytes: int
     heap: str = "768m"
-    attached: bool = False  # die with the starting process (test fixtures)
 
     @classmethod
     def from_settings(
@@ -150,9 +146,7 @@ class KafkaBroker(NativeServer):
     ) -> KafkaBroker:
         host, port = split_host_port(settings.kafka_bootstrap, default_port=9092)
         return cls(
-            home=settings.state_path / "kafka",
-            stack_dir=settings.state_path / "stack",
-            cache_dir=settings.cache_path,
+            **cls.places(settings),
             host=host,
             port=port,
             controller_port=controller_port if controller_port is not None else port + 1,
@@ -161,26 +155,12 @@ class KafkaBroker(NativeServer):
         )
 
     @property
-    def name(self) -> str:
-        return "kafka"
-
-    @property
     def properties_file(self) -> Path:
         return self.home / "server.properties"
 
     @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def process(self) -> ManagedProcess:
-        return ManagedProcess(
-            name=self.name,
-            pid_file=self.stack_dir / "kafka.pid",
-            log_file=self.stack_dir / "kafka.log",
-            marker=str(self.properties_file),
-            die_with_parent=self.attached,
-        )
+    def marker(self) -> str:
+        return str(self.properties_file)
 
     def server_properties(self) -> dict[str, str | int]:
         listen = (

@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypedDict
 
+from maas.config import Settings
 from maas.errors import DeadlineExceeded, FailedPrecondition
 
 
@@ -202,30 +203,80 @@ def split_host_port(address: str, *, default_port: int) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-class _Server(Protocol):
-    stop_timeout_s: ClassVar[float]
+class Component(Protocol):
+    """A process the stack runs: the broker, the S3 server, a platform service."""
 
     @property
     def name(self) -> str: ...
     @property
-    def host(self) -> str: ...
-    @property
     def port(self) -> int: ...
     @property
-    def home(self) -> Path: ...
-    @property
     def process(self) -> ManagedProcess: ...
-    def prepare(self) -> list[str]: ...
-    def ready(self) -> bool: ...
+    def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int: ...
     def wait_ready(self, *, timeout_s: float = 90.0) -> None: ...
+    def ready(self) -> bool: ...
+    def stop(self) -> bool: ...
 
 
+class _Server(Component, Protocol):
+    """A native server, as NativeServer's methods see it."""
+
+    stop_timeout_s: ClassVar[float]
+    host: str
+
+    @property
+    def home(self) -> Path: ...
+    def prepare(self) -> list[str]: ...
+
+
+class Places(TypedDict):
+    home: Path
+    stack_dir: Path
+    cache_dir: Path
+
+
+@dataclass(frozen=True, kw_only=True)
 class NativeServer:
-    """Start, readiness wait and stop shared by the native servers (the broker, the S3 server),
-    which provide ``name``, ``host``, ``port``, ``home``, ``process``, ``prepare()`` (check the
-    ports, fetch the binaries, write the config; return the command line) and ``ready()``."""
+    """What the native servers (the broker, the S3 server) share: where their state, PID file
+    and log live, and how they start, wait until ready and stop. Each provides ``name``,
+    ``port``, ``marker``, ``prepare()`` (check the ports, fetch the binaries, write the config;
+    return the command line) and ``ready()``."""
 
     stop_timeout_s: ClassVar[float] = 20.0
+    name: ClassVar[str]  # its folder in the state dir, and its PID and log files' name
+    home: Path  # <state_dir>/<name>
+    stack_dir: Path  # <state_dir>/stack
+    cache_dir: Path
+    host: str
+    attached: bool = False  # die with the starting process (test fixtures)
+
+    @classmethod
+    def places(cls, settings: Settings) -> Places:
+        """``home``, ``stack_dir`` and ``cache_dir`` under ``settings``' state and cache dirs."""
+        return {
+            "home": settings.state_path / cls.name,
+            "stack_dir": settings.state_path / "stack",
+            "cache_dir": settings.cache_path,
+        }
+
+    @property
+    def data_dir(self) -> Path:
+        return self.home / "data"
+
+    @property
+    def marker(self) -> str:
+        """A command-line argument only this server's process has (it proves a PID is ours)."""
+        raise NotImplementedError
+
+    @property
+    def process(self) -> ManagedProcess:
+        return ManagedProcess(
+            name=self.name,
+            pid_file=self.stack_dir / f"{self.name}.pid",
+            log_file=self.stack_dir / f"{self.name}.log",
+            marker=self.marker,
+            die_with_parent=self.attached,
+        )
 
     def start(self: _Server, *, wait: bool = True, timeout_s: float = 90.0) -> int:
         """Start the server (no-op if running) and wait until it answers."""
@@ -254,8 +305,6 @@ def ensure_command(
 ) -> int:
     """``python -m <module> ensure``: put what a native server runs into the cache (``ensure``
     does, and returns where), then print ``what`` and that path."""
-    from maas.config import Settings
-
     args = sys.argv[1:] if argv is None else argv
     if args != ["ensure"]:
         print(f"usage: python -m {module} ensure   # {does}")

@@ -19,9 +19,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from infra.kafka import file_lock
-from infra.proc import ManagedProcess, NativeServer, ensure_command, port_open, split_host_port
+from infra.proc import NativeServer, ensure_command, port_open, split_host_port
 from maas.config import Settings
 from maas.errors import FailedPrecondition
 
@@ -121,16 +122,12 @@ class WeedPorts:
         ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class WeedS3(NativeServer):
-    home: Path  # <state_dir>/s3
-    stack_dir: Path  # <state_dir>/stack
-    cache_dir: Path
-    host: str
+    name: ClassVar[str] = "s3"
     ports: WeedPorts
     access_key: str
     secret_key: str
-    attached: bool = False  # die with the starting process (test fixtures)
 
     @classmethod
     def from_settings(
@@ -138,9 +135,7 @@ class WeedS3(NativeServer):
     ) -> WeedS3:
         host, port = split_host_port(settings.s3_endpoint, default_port=9000)
         return cls(
-            home=settings.state_path / "s3",
-            stack_dir=settings.state_path / "stack",
-            cache_dir=settings.cache_path,
+            **cls.places(settings),
             host=host,
             ports=ports or WeedPorts.after(port),
             access_key=settings.s3_access_key,
@@ -149,26 +144,12 @@ class WeedS3(NativeServer):
         )
 
     @property
-    def name(self) -> str:
-        return "s3"
-
-    @property
     def port(self) -> int:
         return self.ports.s3
 
     @property
-    def data_dir(self) -> Path:
-        return self.home / "data"
-
-    @property
-    def process(self) -> ManagedProcess:
-        return ManagedProcess(
-            name=self.name,
-            pid_file=self.stack_dir / "s3.pid",
-            log_file=self.stack_dir / "s3.log",
-            marker=f"-dir={self.data_dir}",
-            die_with_parent=self.attached,
-        )
+    def marker(self) -> str:
+        return f"-dir={self.data_dir}"
 
     def identities(self) -> dict[str, object]:
         return {

@@ -70,17 +70,9 @@ async def kafka_round_trip(settings: Settings) -> str:
 
 
 def s3_round_trip(settings: Settings) -> str:
-    from minio import Minio
+    from maas.store import DATASETS_BUCKET, minio_client
 
-    from maas.store import DATASETS_BUCKET
-
-    client = Minio(
-        settings.s3_endpoint,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key,
-        secure=settings.s3_secure,
-        region=settings.s3_region,
-    )
+    client = minio_client(settings)
     if not client.bucket_exists(DATASETS_BUCKET):
         raise FailedPrecondition(
             f"bucket {DATASETS_BUCKET} is missing; run python -m infra.bootstrap"

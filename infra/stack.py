@@ -26,27 +26,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 from infra.kafka import KafkaBroker, file_lock
-from infra.proc import ManagedProcess, port_open, wait_until
+from infra.proc import Component, ManagedProcess, port_open, wait_until
 from infra.s3 import WeedPorts, WeedS3
 from maas.config import Settings
 from maas.edge import STACK_IDENTITIES, ensure_tokens
 from maas.edge.auth import tokens_file
-
-
-class Component(Protocol):
-    @property
-    def name(self) -> str: ...
-    @property
-    def port(self) -> int: ...
-    @property
-    def process(self) -> ManagedProcess: ...
-    def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int: ...
-    def wait_ready(self, *, timeout_s: float = 90.0) -> None: ...
-    def ready(self) -> bool: ...
-    def stop(self) -> bool: ...
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,18 @@ class _HashingReader(io.RawIOBase):
         return data
 
 
+def minio_client(settings: Settings, http: urllib3.PoolManager | None = None) -> Minio:
+    """A raw client of the configured S3 endpoint (``http``: minio's default pool if None)."""
+    return Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_access_key,
+        secret_key=settings.s3_secret_key,
+        secure=settings.s3_secure,
+        region=settings.s3_region,
+        http_client=http,
+    )
+
+
 class ObjectStore:
     """Bytes and files in S3, each verified by sha256 on the way back."""
 
@@ -104,14 +116,7 @@ class ObjectStore:
             maxsize=16,
             retries=False,
         )
-        self._client = Minio(
-            settings.s3_endpoint,
-            access_key=settings.s3_access_key,
-            secret_key=settings.s3_secret_key,
-            secure=settings.s3_secure,
-            region=settings.s3_region,
-            http_client=http,
-        )
+        self._client = minio_client(settings, http)
 
     @property
     def client(self) -> Minio:

@@ -14,24 +14,12 @@ import pytest
 
 from infra.smoke import run as smoke
 from maas.config import Settings
-from maas.store import ALL_BUCKETS, MODELS_BUCKET
+from maas.store import ALL_BUCKETS, MODELS_BUCKET, minio_client
 from maas.topics import ALL_TOPICS
 
 pytestmark = pytest.mark.integration
 
 PROBE_TOPIC = "maas.test-probe"
-
-
-def _minio(settings: Settings):  # type: ignore[no-untyped-def]
-    from minio import Minio
-
-    return Minio(
-        settings.s3_endpoint,
-        access_key=settings.s3_access_key,
-        secret_key=settings.s3_secret_key,
-        secure=False,
-        region=settings.s3_region,
-    )
 
 
 async def _produce(settings: Settings, value: bytes) -> tuple[int, int]:
@@ -88,7 +76,7 @@ def test_bootstrap_created_topics_and_buckets(stack) -> None:  # type: ignore[no
     topics = asyncio.run(_topics(stack.settings))
     for topic in ALL_TOPICS:
         assert topics.get(topic.name) == topic.partitions, topic.name
-    client = _minio(stack.settings)
+    client = minio_client(stack.settings)
     assert {b.name for b in client.list_buckets()} >= set(ALL_BUCKETS)
 
 
@@ -133,7 +121,7 @@ def test_down_then_up_keeps_records_and_objects(stack) -> None:  # type: ignore[
     value = f"survives {uuid.uuid4()}".encode()
     partition, offset = asyncio.run(_produce(settings, value))
     key = f"test/{uuid.uuid4()}"
-    _minio(settings).put_object(MODELS_BUCKET, key, io.BytesIO(value), len(value))
+    minio_client(settings).put_object(MODELS_BUCKET, key, io.BytesIO(value), len(value))
 
     stopped = stack.local.down()
     assert set(stopped) >= {"kafka", "s3"}
@@ -143,7 +131,7 @@ def test_down_then_up_keeps_records_and_objects(stack) -> None:  # type: ignore[
     assert all(row.alive for row in stack.local.status())
     assert stack.local.up() is not None  # already up: a no-op, not an error
     assert asyncio.run(_read(settings, partition, offset)) == value
-    response = _minio(settings).get_object(MODELS_BUCKET, key)
+    response = minio_client(settings).get_object(MODELS_BUCKET, key)
     try:
         assert response.read() == value
     finally:

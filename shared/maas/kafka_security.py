@@ -18,14 +18,17 @@ PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
 
 
+def _one_of(env: str, value: str, accepted: tuple[str, ...]) -> str:
+    """``value`` upper-cased if it is one of ``accepted``; else InvalidArgument naming ``env``."""
+    upper = value.upper()
+    if upper not in accepted:
+        raise InvalidArgument(f"{env}={value!r}; use one of {', '.join(accepted)}")
+    return upper
+
+
 def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
     """security_protocol, sasl_* and ssl_context keywords for an aiokafka client."""
-    protocol = settings.kafka_security_protocol.upper()
-    if protocol not in PROTOCOLS:
-        raise InvalidArgument(
-            f"MAAS_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol!r}; "
-            f"use one of {', '.join(PROTOCOLS)}"
-        )
+    protocol = _one_of("MAAS_KAFKA_SECURITY_PROTOCOL", settings.kafka_security_protocol, PROTOCOLS)
     kwargs: dict[str, Any] = {"security_protocol": protocol}
     if protocol.startswith("SASL_"):
         kwargs |= _sasl(settings)
@@ -37,12 +40,7 @@ def kafka_client_kwargs(settings: Settings) -> dict[str, Any]:
 
 
 def _sasl(settings: Settings) -> dict[str, Any]:
-    mechanism = settings.kafka_sasl_mechanism.upper()
-    if mechanism not in MECHANISMS:
-        raise InvalidArgument(
-            f"MAAS_KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism!r}; "
-            f"use one of {', '.join(MECHANISMS)}"
-        )
+    mechanism = _one_of("MAAS_KAFKA_SASL_MECHANISM", settings.kafka_sasl_mechanism, MECHANISMS)
     if not settings.kafka_sasl_username or not settings.kafka_sasl_password:
         raise InvalidArgument(
             f"MAAS_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol} needs "

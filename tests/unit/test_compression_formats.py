@@ -8,19 +8,11 @@ from maas import artifacts, zoo
 from maas.compression.formats import decode, pack_mask, unpack_mask
 from maas.compression.measure import artifact_metrics
 from maas.compression.pipeline import parent_variant, parse_method, run
-from maas.compression.train import FitConfig, Tensors, evaluate, fit
-from maas.datasets import load_builtin
+from maas.compression.train import FitConfig, evaluate, fit
 from maas.errors import IntegrityError
 from maas.manifest import WEIGHTS_FILE
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 METHODS = {
@@ -35,11 +27,6 @@ METHODS = {
         "chain": [{"prune": {"sparsity": 0.5, "structured": True}}, {"quantize": {}}]
     },
 }
-
-
-@pytest.fixture(scope="module")
-def digits() -> Tensors:
-    return Tensors.of(load_builtin("digits"))
 
 
 @pytest.fixture(scope="module", params=["mlp", "cnn"])

@@ -17,14 +17,7 @@ from maas.compression.train import FitConfig, Tensors
 from maas.datasets import load_builtin
 from maas.errors import InvalidArgument
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_a_single_method_is_named_by_itself_with_its_settings():

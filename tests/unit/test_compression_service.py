@@ -4,7 +4,6 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import pytest
-import torch
 
 from maas import artifacts, events, zoo
 from maas.compression.train import FitConfig, Tensors, fit
@@ -14,14 +13,7 @@ from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
 from services.compressor.core import Compressor, parse_job
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # These models are tiny: a second OpenMP thread adds nothing but stalls on a loaded host.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DIGITS = {"uri": "builtin:digits"}

@@ -26,9 +26,11 @@ def setting(
 ) -> Any:
     """One row of the settings table: its env name, default (or a factory of it) and meaning."""
     metadata = {"env": env, "secret": secret, "doc": doc}
+    # A secret stays out of repr(settings): a log line or error message that shows the settings
+    # would otherwise carry it.
     if factory is not None:
-        return field(default_factory=factory, metadata=metadata)
-    return field(default=default, metadata=metadata)
+        return field(default_factory=factory, metadata=metadata, repr=not secret)
+    return field(default=default, metadata=metadata, repr=not secret)
 
 
 def default_state_dir() -> str:

@@ -105,6 +105,31 @@ async def test_records_before_a_committed_offset_are_not_read_again() -> None:
     assert await read_all(kafka) == {A: [2], B: [0, 1]}
 
 
+class Joining(Kafka):
+    """A fresh group whose partitions are given while its first fetch waits (no position of
+    them could be noted before it)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.joined = False
+
+    def assignment(self) -> set[TopicPartition]:
+        return super().assignment() if self.joined else set()
+
+    async def seek_to_end(self, *tps: TopicPartition) -> None:
+        for tp in tps:
+            self.positions[tp] = len(self.logs[tp])
+
+    async def getmany(self, *tps: TopicPartition, timeout_ms: int, max_records=None):
+        self.joined = True
+        return await super().getmany(*tps, timeout_ms=timeout_ms, max_records=max_records)
+
+
+async def test_a_partition_given_during_the_failed_fetch_starts_over_where_the_group_left_it():
+    kafka = Joining({A: ["ok", "ok", "ok"], B: ["ok"], C: ["ok", BAD]}, committed={A: 1})
+    assert await read_all(kafka) == {A: [1, 2], B: [0], C: [0, 1]}
+
+
 async def test_every_unparsable_record_gets_its_own_stand_in() -> None:
     kafka = Kafka({A: [BAD, BAD, "ok"], B: ["ok", BAD]})
     seen = await read_all(kafka)

@@ -13,6 +13,8 @@
   handler, poison to ``maas.dlq.v1``).
 - ``maas.bus_reader.PartitionReader``: chosen partitions without a group (every reader sees
   every record: job statuses, training control).
+- ``maas.bus_fetch.fetch``: every reader's fetch; a record the Kafka client cannot parse (a
+  header key that is not UTF-8) comes as a stand-in that reads as unreadable, nothing lost.
 - ``maas.bus_transactions.TransactionalPipe``: consume, transform and produce exactly once.
 """
 

@@ -336,13 +336,15 @@ def test_inference_killed_and_restarted_answers_again(platform, settings, traine
 
 @pytest.mark.skipif(USE_RUNNING, reason="the logs of a running stack are not ours to read")
 def test_no_log_of_the_run_holds_a_secret(platform: LocalStack, settings: Settings):
-    """After training, compressing and serving: no token and no S3 secret in a service log."""
+    """After training, compressing and serving: no token and no S3 secret in any log of the
+    stack (every service's, the broker's and the S3 server's)."""
     auth_dir = Path(settings.state_dir) / "auth"
     secrets = [p.read_text().strip() for p in auth_dir.glob("*.token")]
     assert len(secrets) >= 4
     secrets.append(settings.s3_secret_key)
     logs = [service.process.log_file for service in platform.services]
     assert logs and all(p.stat().st_size for p in logs)
+    logs += [platform.stack_dir / "kafka.log", platform.stack_dir / "s3.log"]
     leaks = [(p.name, s[:8]) for p in logs for s in secrets if s in p.read_text(errors="replace")]
     assert leaks == []
 

@@ -10,21 +10,15 @@ The S3 outage lasts MAAS_CHAOS_S3_OUTAGE_S seconds (CI: 10; the issue's figure: 
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
-from pathlib import Path
 
 import grpc
 import pytest
 from test_registry_s3_outage import CHUNK_BYTES, OUTAGE_S, PART_BYTES, artifact, eventually
 
-from infra.compose import grpc_serving
-from infra.proc import free_port
-from infra.stack import PythonService
+from infra.harness.registry import RegistryProcess
 from maas.config import Settings
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
@@ -37,51 +31,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 CLEANUP_WAIT_S = OUTAGE_S + 120
 
 
-class RegistryProcess:
-    """The registry server on a free port with a state dir (its SQLite file) of its own."""
-
-    def __init__(self, settings: Settings, workdir: Path) -> None:
-        port = free_port()
-        self.settings = settings.replace(registry_addr=f"127.0.0.1:{port}")
-        self.service = PythonService(
-            "model-registry",
-            "services.model_registry",
-            "127.0.0.1",
-            port,
-            workdir,
-            {
-                "MAAS_REGISTRY_LISTEN": f"127.0.0.1:{port}",
-                "MAAS_STATE_DIR": str(workdir / "state"),
-                "MAAS_S3_PART_SIZE_BYTES": str(PART_BYTES),  # a few parts per artifact
-            },
-            health=partial(grpc_serving, "127.0.0.1", port, settings=settings),
-        )
-
-    @property
-    def pid(self) -> int | None:
-        return self.service.process.pid()
-
-    def start(self) -> None:
-        self.service.start(wait=False)
-        # Until the child has exec'd, its /proc cmdline lacks the marker and it reads as dead.
-        deadline = time.monotonic() + 10
-        while self.pid is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self.service.wait_ready(timeout_s=90)
-
-    def kill(self) -> None:
-        pid = self.pid
-        assert pid is not None, "the registry is not running"
-        os.kill(pid, signal.SIGKILL)
-        self.service.stop()  # reaps it, removes the PID file
-
-    def serving(self) -> bool:
-        return self.service.ready()
-
-
 @pytest.fixture
 def registry(stack, tmp_path) -> Iterator[RegistryProcess]:
-    process = RegistryProcess(stack.settings, tmp_path)
+    # a few parts per artifact
+    process = RegistryProcess(stack.settings, tmp_path, MAAS_S3_PART_SIZE_BYTES=str(PART_BYTES))
     process.start()
     try:
         yield process

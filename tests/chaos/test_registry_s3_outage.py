@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import safetensors.numpy as safetensors_numpy
 
+from infra.harness.registry import registry_in_process
 from maas.errors import NotFound
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
@@ -25,8 +26,6 @@ from maas.store import MODELS_BUCKET
 from maas.store_async import AsyncObjectStore
 from services.model_registry import service as service_module
 from services.model_registry.service import RegistryService
-from services.model_registry.servicer import build_server, set_serving
-from services.model_registry.sqlite_store import SqliteStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -50,23 +49,11 @@ def artifact() -> tuple[bytes, bytes]:
 
 @pytest.fixture
 async def registry(stack, tmp_path) -> AsyncIterator[tuple[RegistryService, RegistryClient]]:
-    store = AsyncObjectStore(stack.settings)
-    await store.start()
-    service = RegistryService(
-        SqliteStore(tmp_path / "registry.db"),
-        store,
-        bucket=MODELS_BUCKET,
-        part_size_bytes=PART_BYTES,
-    )
-    server, health = build_server(service, stack.settings)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    await set_serving(health, True)
-    async with RegistryClient(stack.settings, addr=f"127.0.0.1:{port}") as client:
+    async with registry_in_process(stack.settings, tmp_path, part_size_bytes=PART_BYTES) as (
+        service,
+        client,
+    ):
         yield service, client
-    await server.stop(None)
-    await store.stop()
-    service.close()
 
 
 async def incomplete_uploads(store: AsyncObjectStore, prefix: str) -> list[str]:

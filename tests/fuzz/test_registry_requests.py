@@ -21,13 +21,10 @@ import safetensors.numpy as safetensors_numpy
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from infra.harness.registry import registry_in_process
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
-from maas.store import MODELS_BUCKET
-from maas.store_async import AsyncObjectStore
-from services.model_registry.service import RegistryLimits, RegistryService
-from services.model_registry.servicer import build_server, set_serving
-from services.model_registry.sqlite_store import SqliteStore
+from services.model_registry.service import RegistryLimits
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -187,24 +184,13 @@ def generate(count: int) -> list[tuple[str, Any]]:
 
 @pytest.fixture
 async def client(stack, tmp_path) -> AsyncIterator[RegistryClient]:
-    store = AsyncObjectStore(stack.settings)
-    await store.start()
-    service = RegistryService(
-        SqliteStore(tmp_path / "registry.db"),
-        store,
-        bucket=MODELS_BUCKET,
+    async with registry_in_process(
+        stack.settings,
+        tmp_path,
         part_size_bytes=stack.settings.s3_part_size_bytes,
         limits=LIMITS,
-    )
-    server, health = build_server(service, stack.settings)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    await set_serving(health, True)
-    async with RegistryClient(stack.settings, addr=f"127.0.0.1:{port}") as c:
+    ) as (_service, c):
         yield c
-    await server.stop(None)
-    await store.stop()
-    service.close()
 
 
 async def send(client: RegistryClient, method: str, request: Any) -> grpc.StatusCode:

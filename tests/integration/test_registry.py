@@ -12,7 +12,6 @@ import io
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,8 +19,8 @@ import torch
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 import maas.registry
+from infra.harness.registry import RegistryProcess
 from infra.proc import free_port
-from infra.stack import PythonService
 from maas import events, zoo
 from maas.artifacts import pack
 from maas.config import Settings
@@ -36,35 +35,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 CNN: dict[str, Any] = {}
 MLP = {"in_features": 64, "hidden": [32], "num_classes": 10}
-
-
-class RegistryProcess:
-    """`python -m services.model_registry` on a free port with its own state dir (its SQLite
-    file), stopped by its PID; ``env`` overrides MAAS_* of the stack."""
-
-    def __init__(self, settings: Settings, workdir: Path, **env: str) -> None:
-        port = free_port()
-        state_dir = workdir / "state"
-        self.settings = settings.replace(registry_addr=f"127.0.0.1:{port}")
-        self.service = PythonService(
-            "model-registry",
-            "services.model_registry",
-            "127.0.0.1",
-            port,
-            workdir,
-            {"MAAS_REGISTRY_LISTEN": f"127.0.0.1:{port}", "MAAS_STATE_DIR": str(state_dir), **env},
-        )
-
-    def start(self) -> None:
-        self.service.start(wait=False)
-        # Until the child has exec'd, its /proc cmdline lacks the marker and it reads as dead.
-        deadline = time.monotonic() + 10
-        while not self.service.process.alive() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        self.service.wait_ready(timeout_s=60)
-
-    def stop(self) -> bool:
-        return self.service.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,16 +10,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from infra.harness.registry import registry_in_process
 from maas import zoo
 from maas.errors import InvalidArgument
 from maas.registry.client import RegistryClient
 from maas.registry.types import AliasChange
 from maas.registry.v1 import registry_pb2 as pb
-from maas.store import MODELS_BUCKET
-from maas.store_async import AsyncObjectStore
-from services.model_registry.service import RegistryLimits, RegistryService
-from services.model_registry.servicer import build_server, set_serving
-from services.model_registry.sqlite_store import SqliteStore
+from services.model_registry.service import RegistryLimits
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -30,26 +27,13 @@ MOVES = 40
 
 @pytest.fixture(scope="module")
 async def client(stack, tmp_path_factory) -> AsyncIterator[RegistryClient]:
-    store = AsyncObjectStore(stack.settings)
-    await store.start()
-    service = RegistryService(
-        SqliteStore(tmp_path_factory.mktemp("alias-history") / "registry.db"),
-        store,
-        bucket=MODELS_BUCKET,
+    async with registry_in_process(
+        stack.settings,
+        tmp_path_factory.mktemp("alias-history"),
         part_size_bytes=stack.settings.s3_part_size_bytes,
         limits=RegistryLimits(max_reply_bytes=MAX_REPLY_BYTES),
-    )
-    server, health = build_server(service, stack.settings)
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    await set_serving(health, True)
-    try:
-        async with RegistryClient(stack.settings, addr=f"127.0.0.1:{port}") as registry:
-            yield registry
-    finally:
-        await server.stop(None)
-        await store.stop()
-        service.close()
+    ) as (_service, registry):
+        yield registry
 
 
 @pytest.fixture(scope="module")

@@ -10,15 +10,12 @@ from collections.abc import AsyncIterator
 import grpc
 import pytest
 
+from infra.harness.registry import registry_in_process
 from maas import zoo
 from maas.errors import InvalidArgument, NotFound
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
-from maas.store import MODELS_BUCKET
-from maas.store_async import AsyncObjectStore
 from services.model_registry.service import RegistryService
-from services.model_registry.servicer import build_server, set_serving
-from services.model_registry.sqlite_store import SqliteStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -28,31 +25,18 @@ PROMOTE = {"alias": "production", "rule": "best_accuracy"}
 
 
 @pytest.fixture(scope="module")
-async def server(stack, tmp_path_factory) -> AsyncIterator[tuple[str, RegistryService]]:
-    store = AsyncObjectStore(stack.settings)
-    await store.start()
-    service = RegistryService(
-        SqliteStore(tmp_path_factory.mktemp("policies") / "registry.db"),
-        store,
-        bucket=MODELS_BUCKET,
+async def server(stack, tmp_path_factory) -> AsyncIterator[tuple[RegistryService, RegistryClient]]:
+    async with registry_in_process(
+        stack.settings,
+        tmp_path_factory.mktemp("policies"),
         part_size_bytes=stack.settings.s3_part_size_bytes,
-    )
-    grpc_server, health = build_server(service, stack.settings)
-    port = grpc_server.add_insecure_port("127.0.0.1:0")
-    await grpc_server.start()
-    await set_serving(health, True)
-    try:
-        yield f"127.0.0.1:{port}", service
-    finally:
-        await grpc_server.stop(None)
-        await store.stop()
-        service.close()
+    ) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
-async def client(stack, server) -> AsyncIterator[RegistryClient]:
-    async with RegistryClient(stack.settings, addr=server[0]) as registry:
-        yield registry
+def client(server: tuple[RegistryService, RegistryClient]) -> RegistryClient:
+    return server[1]
 
 
 def a_name() -> str:
@@ -100,6 +84,6 @@ async def test_an_alias_move_keeps_its_reason_and_actor_in_the_history(client, s
     history = await client.alias_history(name, "production")
     assert [(c.to_version, c.reason) for c in history] == [(1, ""), (2, "canary looked fine")]
     assert all(c.actor for c in history)
-    pending = server[1].metadata.pending_events(limit=1000)
+    pending = server[0].metadata.pending_events(limit=1000)
     moved = [e.event for e in pending if e.key == name and e.event["event"] == "alias-set"]
     assert moved[-1]["reason"] == "canary looked fine"

@@ -26,7 +26,8 @@ import msgpack
 import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from hypothesis import HealthCheck, Phase, given, settings
+from fuzzing import drawing
+from hypothesis import given
 from hypothesis import strategies as st
 from kafka_offsets import end_offsets, start_group_at_end
 
@@ -208,13 +209,7 @@ def records(template: dict[str, Any], limit: int) -> st.SearchStrategy[Fuzzed]:
 def generate(template: dict[str, Any], limit: int, count: int) -> list[Fuzzed]:
     out: list[Fuzzed] = []
 
-    @settings(
-        max_examples=count,
-        database=None,
-        deadline=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
+    @drawing(count)
     @given(records(template, limit))
     def collect(record: Fuzzed) -> None:
         # Only MAX_HUGE of the ~1 in 7 near-limit records are kept, as they come: holding them

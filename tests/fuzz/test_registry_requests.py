@@ -18,7 +18,8 @@ import grpc
 import numpy as np
 import pytest
 import safetensors.numpy as safetensors_numpy
-from hypothesis import HealthCheck, Phase, given, settings
+from fuzzing import drawing
+from hypothesis import given
 from hypothesis import strategies as st
 
 from infra.harness.registry import registry_in_process
@@ -163,13 +164,7 @@ def requests(draw: st.DrawFn) -> tuple[str, Any]:
 def generate(count: int) -> list[tuple[str, Any]]:
     out: list[tuple[str, Any]] = []
 
-    @settings(
-        max_examples=count,
-        database=None,
-        deadline=None,
-        phases=[Phase.generate],
-        suppress_health_check=list(HealthCheck),
-    )
+    @drawing(count)
     @given(requests())
     def collect(request: tuple[str, Any]) -> None:
         out.append(request)

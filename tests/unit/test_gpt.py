@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy as copy_module
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ import torch
 from maas import artifacts, zoo
 from maas.errors import InvalidArgument
 from maas.text import byte_tokenizer, gpt_corpus
+from maas.text import gpt as gpt_module
 from maas.text.gpt import GPT, KVCache
 from maas.text.gpt_config import GPTConfig, parameter_count
 from maas.text.sampling import (
@@ -62,6 +65,35 @@ def test_rows_at_different_lengths_decode_as_if_alone(model: GPT) -> None:
         )
         torch.testing.assert_close(both[0], model(a)[0, -1], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(both[1], model(b)[0, -1], atol=1e-5, rtol=1e-5)
+
+
+def test_the_decode_step_runs_as_torchscript_and_equals_the_eager_pass(model: GPT) -> None:
+    ids = torch.arange(40, 52)[None]
+    with torch.inference_mode():
+        scripted = model.step(ids, KVCache(model.config, 2), torch.tensor([1]), torch.tensor([0]))
+        eager = gpt_module._Decode(model)(
+            ids, *_cache_tensors(model, 2), torch.tensor([1]), torch.tensor([0]), (1, 1, None)
+        )
+    assert isinstance(gpt_module._decoders[model], torch.jit.ScriptModule)
+    torch.testing.assert_close(scripted, eager, atol=1e-6, rtol=1e-6)
+
+
+def test_a_copy_of_the_model_decodes_with_its_own_weights(model: GPT) -> None:
+    ids = torch.arange(10, 20)[None]
+    with torch.inference_mode():  # the original's decoder exists before the copy is made
+        mine = model.step(ids, KVCache(model.config, 1), torch.tensor([0]), torch.tensor([0]))
+    copy = copy_module.deepcopy(model)
+    with torch.no_grad():
+        copy.ln_f.bias.add_(1.0)
+    with torch.inference_mode():
+        theirs = copy.step(ids, KVCache(model.config, 1), torch.tensor([0]), torch.tensor([0]))
+    torch.testing.assert_close(theirs, copy(ids)[:, -1])
+    assert not torch.allclose(mine, theirs)
+
+
+def _cache_tensors(model: GPT, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    cache = KVCache(model.config, slots)
+    return cache.k, cache.v
 
 
 def test_output_projection_is_the_token_embedding(model: GPT) -> None:

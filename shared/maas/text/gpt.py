@@ -12,14 +12,18 @@ call). Every projection is an ``nn.Linear``, so int8 compression swaps them with
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import cast
+import warnings
+import weakref
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from maas.text.gpt_config import GPTConfig
+
+log = logging.getLogger(__name__)
 
 
 class KVCache:
@@ -71,23 +75,23 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        where: tuple[torch.Tensor, torch.Tensor],
-        read: slice | torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        read: Rows,
         mask: torch.Tensor,
     ) -> torch.Tensor:
         """Attend new positions ``x`` (B, T, C) over their cached past and themselves.
 
-        ``where`` = (slot, position) index grids (B, T) saying where the new keys are stored;
-        ``read`` names the rows' slots (a slice when they are consecutive); ``mask`` (B, 1, T, L)
-        lets each row see only positions up to its own.
+        ``rows``, ``cols`` = (slot, position) index grids (B, T) saying where the new keys are
+        stored; ``read`` names the rows' slots; ``mask`` (B, 1, T, L) lets each row see only
+        positions up to its own.
         """
         q, k, v = self._qkv(x)
-        rows, cols = where
         k_cache[rows, cols] = k
         v_cache[rows, cols] = v
         span = mask.shape[-1]
-        keys = k_cache[read, :span].transpose(1, 2)
-        values = v_cache[read, :span].transpose(1, 2)
+        keys = _read(k_cache, read, span).transpose(1, 2)
+        values = _read(v_cache, read, span).transpose(1, 2)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), keys, values, attn_mask=mask)
         return self._out(y)
 
@@ -120,11 +124,12 @@ class Block(nn.Module):
         x: torch.Tensor,
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
-        where: tuple[torch.Tensor, torch.Tensor],
-        read: slice | torch.Tensor,
+        rows: torch.Tensor,
+        cols: torch.Tensor,
+        read: Rows,
         mask: torch.Tensor,
     ) -> torch.Tensor:
-        x = x + self.attn.cached(self.ln_1(x), k_cache, v_cache, where, read, mask)
+        x = x + self.attn.cached(self.ln_1(x), k_cache, v_cache, rows, cols, read, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -180,29 +185,78 @@ class GPT(nn.Module):
         ``positions[b]``; rows may be at different lengths. Positions past a row's own are
         masked, so what other slots hold never reaches it.
         """
-        b, t = idx.shape
-        offsets = torch.arange(t)
-        cols = positions[:, None] + offsets[None, :]
+        # Plain interpretation: the optimising executor specialises on the shapes it has seen,
+        # and a decode step's span grows by one every step.
+        with torch.jit.optimized_execution(False):  # type: ignore[no-untyped-call]
+            return _decoder(self)(idx, cache.k, cache.v, slots, positions, _slot_run(slots))
+
+
+Rows = tuple[int, int, torch.Tensor | None]  # (first slot, count, index or None: a run)
+
+
+def _read(cache: torch.Tensor, read: Rows, span: int) -> torch.Tensor:
+    """The first ``span`` positions of the rows' slots: a view when they are a run of slots (an
+    index copies every row it reads; for eight streams that gather was half of a step)."""
+    first, count, index = read
+    if index is None:
+        return cache[first : first + count, :span]
+    return cache[index, :span]
+
+
+def _slot_run(slots: torch.Tensor) -> Rows:
+    values = slots.tolist()
+    first = values[0]
+    consecutive = values == list(range(first, first + len(values)))
+    return first, len(values), None if consecutive else slots
+
+
+class _Decode(nn.Module):
+    """``GPT.step``'s pass over the model's own modules (shared, not copied).
+
+    Run as TorchScript, the whole pass is one call that does not come back to Python between
+    operations, so the decode thread releases the GIL for nearly all of a step and the event
+    loop that streams the tokens runs beside it instead of in turn; it also skips Python's
+    per-operation dispatch. Eager (the same code) where scripting is unavailable.
+    """
+
+    def __init__(self, model: GPT) -> None:
+        super().__init__()
+        self.wte, self.wpe, self.h, self.ln_f = model.wte, model.wpe, model.h, model.ln_f
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        read: Rows,
+    ) -> torch.Tensor:
+        b, t = idx.shape[0], idx.shape[1]
+        cols = positions[:, None] + torch.arange(t)[None, :]
         rows = slots[:, None].expand(b, t)
         span = int(cols.max()) + 1
         mask = (torch.arange(span)[None, None, :] <= cols[:, :, None]).unsqueeze(1)
         x = self.wte(idx) + self.wpe(cols)
-        read = _slot_run(slots)
-        for layer, block in enumerate(self.h):
-            x = cast(Block, block).cached(
-                x, cache.k[layer], cache.v[layer], (rows, cols), read, mask
-            )
-        return self._logits(x[:, -1])
+        for layer, block in enumerate(self.h):  # Blocks (TorchScript has no typing.cast)
+            x = block.cached(x, k_cache[layer], v_cache[layer], rows, cols, read, mask)  # type: ignore[operator]
+        # The output projection is the token embedding itself (weight tying).
+        return F.linear(self.ln_f(x[:, -1]), self.wte.weight)
 
 
-def _slot_run(slots: torch.Tensor) -> slice | torch.Tensor:
-    """``slots`` as a slice when they are consecutive and ascending, else as they are.
+_decoders: weakref.WeakKeyDictionary[GPT, nn.Module] = weakref.WeakKeyDictionary()
 
-    A slice reads the cache as a view; an index tensor copies every row it reads (for eight
-    streams that gather was half of a decode step).
-    """
-    values = slots.tolist()
-    first = values[0]
-    if values == list(range(first, first + len(values))):
-        return slice(first, first + len(values))
-    return slots
+
+def _decoder(model: GPT) -> nn.Module:
+    """The model's decode pass, scripted on first use (a copy of the model gets its own)."""
+    decoder = _decoders.get(model)
+    if decoder is None:
+        decoder = _Decode(model).eval()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+                decoder = torch.jit.script(decoder)
+        except Exception as exc:  # a module TorchScript cannot compile: the same code, eager
+            log.warning("GPT decode runs eager (TorchScript refused it: %s)", exc)
+        _decoders[model] = decoder
+    return decoder

@@ -117,21 +117,10 @@ def test_the_real_compose_file_yields_every_service():
 
 
 def test_a_listener_compose_opens_to_its_network_stays_on_this_machine():
-    compose = {
-        "services": {
-            "inference": {
-                "command": ["python", "-m", "services.inference"],
-                "environment": {
-                    "MAAS_INFERENCE_LISTEN": "0.0.0.0:8001",
-                    "MAAS_INFERENCE_HTTP_LISTEN": "0.0.0.0:8000",
-                },
-            }
-        }
-    }
-    (spec,) = local_services(settings(), compose=compose, environ={})
+    (spec,) = local_services(settings(), compose=INFERENCE, environ={})
     assert spec.env["MAAS_INFERENCE_HTTP_LISTEN"] == "127.0.0.1:8000"
     private = settings().replace(inference_http_listen="127.0.0.1:18000")
-    (spec,) = local_services(private, compose=compose, environ={})
+    (spec,) = local_services(private, compose=INFERENCE, environ={})
     assert spec.env["MAAS_INFERENCE_HTTP_LISTEN"] == "127.0.0.1:18000"
 
 

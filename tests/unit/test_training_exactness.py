@@ -36,31 +36,28 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
 
 
-def test_one_worker_one_shard_sync_sum_equals_local_sgd() -> None:
-    job = _prepare(workers=1, shards=1, reduce="sum")
+def _assert_simulation_is_the_reference(job: PreparedJob, atol: float = 1e-6) -> None:
+    """The simulated distributed run ends with the weights of the plain local training."""
     _assert_same(
         simulate(job.plan, job.state, job.dataset),
         train_reference(job.plan, job.state, job.dataset),
-        atol=1e-6,
+        atol=atol,
     )
+
+
+def test_one_worker_one_shard_sync_sum_equals_local_sgd() -> None:
+    job = _prepare(workers=1, shards=1, reduce="sum")
+    _assert_simulation_is_the_reference(job)
 
 
 def test_two_workers_mean_equals_local_sgd_on_the_concatenated_batch() -> None:
     job = _prepare(workers=2, shards=2, reduce="mean")
-    _assert_same(
-        simulate(job.plan, job.state, job.dataset),
-        train_reference(job.plan, job.state, job.dataset),
-        atol=1e-6,
-    )
+    _assert_simulation_is_the_reference(job)
 
 
 def test_two_workers_sum_equals_local_sgd_with_the_summed_gradient() -> None:
     job = _prepare(workers=2, shards=1, reduce="sum", optimizer={"lr": 0.05})
-    _assert_same(
-        simulate(job.plan, job.state, job.dataset),
-        train_reference(job.plan, job.state, job.dataset),
-        atol=1e-6,
-    )
+    _assert_simulation_is_the_reference(job)
 
 
 def test_cutting_the_messages_into_small_pieces_changes_no_bit() -> None:
@@ -99,20 +96,12 @@ def test_local_sgd_on_one_worker_equals_local_training() -> None:
         optimizer={"lr": 0.05, "momentum": 0.9},
     )
     assert job.plan.target_version == 4  # 15 steps in rounds of 4: the last one has 3
-    _assert_same(
-        simulate(job.plan, job.state, job.dataset),
-        train_reference(job.plan, job.state, job.dataset),
-        atol=1e-6,
-    )
+    _assert_simulation_is_the_reference(job)
 
 
 def test_local_sgd_averaging_after_every_step_equals_synchronous_sgd() -> None:
     job = _prepare(workers=2, shards=2, mode="local_sgd", sync_every=1)
-    _assert_same(
-        simulate(job.plan, job.state, job.dataset),
-        train_reference(job.plan, job.state, job.dataset),
-        atol=1e-6,
-    )
+    _assert_simulation_is_the_reference(job)
 
 
 def test_local_sgd_rounds_of_several_steps_still_learn() -> None:
@@ -135,20 +124,12 @@ def test_momentum_and_weight_decay_match_torch_sgd() -> None:
     job = _prepare(
         workers=2, shards=2, optimizer={"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
     )
-    _assert_same(
-        simulate(job.plan, job.state, job.dataset),
-        train_reference(job.plan, job.state, job.dataset),
-        atol=1e-5,
-    )
+    _assert_simulation_is_the_reference(job, atol=1e-5)
 
 
 def test_adam_matches_torch_adam() -> None:
     job = _prepare(workers=2, shards=2, optimizer={"name": "adam", "lr": 0.01})
-    _assert_same(
-        simulate(job.plan, job.state, job.dataset),
-        train_reference(job.plan, job.state, job.dataset),
-        atol=1e-5,
-    )
+    _assert_simulation_is_the_reference(job, atol=1e-5)
 
 
 def test_frozen_parameters_do_not_move() -> None:
@@ -194,8 +175,4 @@ def test_regression_with_mse_matches_local_training() -> None:
         limits=LIMITS,
     )
     assert job.plan.loss == "mse"
-    _assert_same(
-        simulate(job.plan, job.state, job.dataset),
-        train_reference(job.plan, job.state, job.dataset),
-        atol=1e-6,
-    )
+    _assert_simulation_is_the_reference(job)

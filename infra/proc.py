@@ -32,6 +32,15 @@ class ManagedProcess:
     # `maas stack up` must outlive its terminal, so it leaves this off.
     die_with_parent: bool = False
 
+    @classmethod
+    def in_stack(
+        cls, stack_dir: Path, name: str, marker: str, *, die_with_parent: bool = False
+    ) -> ManagedProcess:
+        """``name``'s process, with its PID file and log in ``stack_dir``."""
+        return cls(
+            name, stack_dir / f"{name}.pid", stack_dir / f"{name}.log", marker, die_with_parent
+        )
+
     def pid(self) -> int | None:
         """The PID if the process is running and still ours, else None."""
         try:
@@ -270,12 +279,8 @@ class NativeServer:
 
     @property
     def process(self) -> ManagedProcess:
-        return ManagedProcess(
-            name=self.name,
-            pid_file=self.stack_dir / f"{self.name}.pid",
-            log_file=self.stack_dir / f"{self.name}.log",
-            marker=self.marker,
-            die_with_parent=self.attached,
+        return ManagedProcess.in_stack(
+            self.stack_dir, self.name, self.marker, die_with_parent=self.attached
         )
 
     def start(self: _Server, *, wait: bool = True, timeout_s: float = 90.0) -> int:

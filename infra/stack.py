@@ -73,13 +73,10 @@ class PythonService:
 
     @property
     def process(self) -> ManagedProcess:
-        return ManagedProcess(
-            name=self.name,
-            pid_file=self.stack_dir / f"{self.name}.pid",
-            log_file=self.stack_dir / f"{self.name}.log",
-            # `-X pycache_prefix=<stack_dir>/...` is a harmless interpreter option that makes the
-            # command line recognisably ours (see ManagedProcess.marker).
-            marker=f"pycache_prefix={self.stack_dir}",
+        # `-X pycache_prefix=<stack_dir>/...` is a harmless interpreter option that makes the
+        # command line recognisably ours (see ManagedProcess.marker).
+        return ManagedProcess.in_stack(
+            self.stack_dir, self.name, f"pycache_prefix={self.stack_dir}"
         )
 
     def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int:

@@ -91,13 +91,7 @@ class StatusReporter:
 
     async def members(self, job: ShardJob, change: str) -> None:
         members = {"active": sorted(job.core.members), "change": change, "shard": job.partition}
-        await self.status(
-            job.job_id,
-            "running",
-            step=job.core.version,
-            total_steps=job.plan.target_version,
-            workers=members,
-        )
+        await self._running(job, workers=members)
 
     async def progress(self, job: ShardJob, now: int) -> None:
         window = job.core.stats.take_window()
@@ -105,12 +99,16 @@ class StatusReporter:
         job.reported_ms = now
         metrics = {k: v for k, v in window.items() if k in ("loss", "accuracy")}
         metrics["samples_per_s"] = window["samples"] / elapsed_s
+        await self._running(job, metrics=metrics)
+
+    async def _running(self, job: ShardJob, **fields: object) -> None:
+        """A ``running`` status at the job's current step, with ``fields``."""
         await self.status(
             job.job_id,
             "running",
             step=job.core.version,
             total_steps=job.plan.target_version,
-            metrics=metrics,
+            **fields,
         )
 
     async def status(self, job_id: str, state: str, **fields: object) -> None:

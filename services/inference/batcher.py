@@ -202,11 +202,20 @@ class DynamicBatcher:
             if self._queued_rows >= self._max_rows:
                 self._full.set()
         elif not self._kick_scheduled:
-            # At the end of this loop turn, when every request that arrived with this one has
-            # queued too: they share one forward pass.
-            self._kick_scheduled = True
-            loop.call_soon(self._kick)
-        return await item.future
+            await self._lead_the_turn()
+        return await item.future  # answered already when the turn's batch ran inline
+
+    async def _lead_the_turn(self) -> None:
+        """Wait one loop turn, so every request arriving with this one queues too, then batch
+        them here. Running the batch on the first request's own task answers it without a
+        further wake-up: one loop turn less at concurrency 1, where the batch is this request."""
+        self._kick_scheduled = True
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            asyncio.get_running_loop().call_soon(self._kick)  # the others still need their batch
+            raise
+        self._kick()
 
     def _kick(self) -> None:
         self._kick_scheduled = False

@@ -261,6 +261,36 @@ async def test_requests_queued_in_one_loop_turn_share_one_forward_on_the_loop(po
         np.testing.assert_array_equal(out, rowwise(x))
 
 
+async def _cheap_batcher(pool, recorder: Recorder) -> DynamicBatcher:
+    compute = Compute(rowwise, pool, inline_max_ns=10**9)
+    await compute.run([np.ones((1, 8), np.float32)])  # the cost is known now: cheap
+    return DynamicBatcher(compute, BatchingConfig(64, 0), recorder)
+
+
+async def test_an_idle_batcher_answers_a_cheap_request_after_one_loop_turn_not_two(pool):
+    batcher = await _cheap_batcher(pool, Recorder())
+    answer = asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32)))
+    turns = 0
+    while not answer.done():
+        await asyncio.sleep(0)
+        turns += 1
+    assert turns == 2  # the request's own first step, then the turn it waited for company
+
+
+async def test_a_request_cancelled_while_it_waits_for_company_leaves_the_others_answered(pool):
+    recorder = Recorder()
+    batcher = await _cheap_batcher(pool, recorder)
+    leader = asyncio.ensure_future(batcher.submit(np.ones((1, 8), np.float32)))
+    await asyncio.sleep(0)  # the leader now waits one turn for company
+    follower = asyncio.ensure_future(batcher.submit(np.full((2, 8), 2, np.float32)))
+    leader.cancel()
+    out = await asyncio.wait_for(follower, 5)
+    np.testing.assert_array_equal(out, rowwise(np.full((2, 8), 2, np.float32)))
+    later = await asyncio.wait_for(batcher.submit(np.full((1, 8), 3, np.float32)), 5)
+    np.testing.assert_array_equal(later, rowwise(np.full((1, 8), 3, np.float32)))
+    assert leader.cancelled()
+
+
 async def test_inline_and_pooled_forwards_give_identical_answers(pool):
     x = requests(1)[0]
     inline = Compute(rowwise, pool, inline_max_ns=10**9)

@@ -393,24 +393,7 @@ def test_maas_predict_reports_a_server_error_and_exits_nonzero(servers):
 
 # Runs in KServe's own venv (built once, cached): its generated protos and tritonclient's cannot
 # share a process.
-KSERVE_CLIENT = """
-import asyncio, json, sys
-import numpy as np
-from kserve import InferenceGRPCClient, InferInput, InferRequest
-
-async def main(addr, name, rows):
-    x = np.array(json.loads(rows), dtype=np.float32)
-    async with InferenceGRPCClient(url=addr) as client:
-        ready = await client.is_server_ready() and await client.is_model_ready(name)
-        tensor = InferInput(name="input", shape=list(x.shape), datatype="FP32")
-        tensor.set_data_from_numpy(x)
-        answer = await client.infer(InferRequest(model_name=name, infer_inputs=[tensor],
-                                                 request_id="kserve-1"))
-    print(json.dumps({"ready": ready, "id": answer.id, "version": answer.model_version,
-                      "output": answer.outputs[0].as_numpy().tolist()}))
-
-asyncio.run(main(*sys.argv[1:]))
-"""
+KSERVE_CLIENT = Path(__file__).with_name("kserve_client_probe.py")
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +408,7 @@ async def test_kserves_own_grpc_client_finds_a_bare_name_set_only_to_staging(
     staged = await register_versions(registry, seeds=[31], alias_first="staging")
     x = rows(3, seed=6)
     done = subprocess.run(
-        [str(kserve), "-c", KSERVE_CLIENT, servers.batched, staged.name, json.dumps(x.tolist())],
+        [str(kserve), str(KSERVE_CLIENT), servers.batched, staged.name, json.dumps(x.tolist())],
         capture_output=True,
         text=True,
         timeout=120,

@@ -1,11 +1,14 @@
-"""Fixtures shared by the compression unit tests: the digits tensors and one trained MLP."""
+"""Fixtures shared by unit tests: the digits tensors and one trained MLP (compression), a worker
+pool and a counting registry (the inference data plane)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from dataplane_kit import CountingSource, digits_source
 from torch import nn
 
 from maas import zoo
@@ -32,3 +35,16 @@ def trained_mlp(digits: Tensors) -> nn.Module:
     """The default digits MLP after 1000 seeded steps: the parent/teacher of the variants.
     Shared across modules, so tests must not modify it (the compression pipeline copies)."""
     return fit(zoo.build("mlp", {}, seed=0), digits, FitConfig(steps=1000, seed=0))
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    """Two worker threads, as the inference server runs its forwards."""
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        yield executor
+
+
+@pytest.fixture
+def source() -> CountingSource:
+    """The data-plane tests' registry: versions 1 (production) and 2 (staging) of ``digits``."""
+    return digits_source()

@@ -31,14 +31,11 @@ from maas.edge import (
     ensure_tokens,
     open_channel,
     required_role,
-    status_for,
 )
 from maas.errors import (
     FailedPrecondition,
     InvalidArgument,
-    MaasError,
     NotFound,
-    PermissionDenied,
     Unauthenticated,
 )
 from maas.oip import grpc_predict_v2_pb2 as oip_pb
@@ -387,31 +384,3 @@ async def test_open_channel_sends_this_process_token_on_every_kind_of_call(serve
         streamed = channel.unary_stream(f"/{SERVICE}/ListThings")(b"")
         assert [r async for r in streamed] == [b"0", b"1", b"2"]
     assert things.callers == ["admin", "admin", "admin"]
-
-
-# --- status mapping -----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("exc", "code"),
-    [
-        (NotFound("gone"), grpc.StatusCode.NOT_FOUND),
-        (Unauthenticated("who"), grpc.StatusCode.UNAUTHENTICATED),
-        (PermissionDenied("no"), grpc.StatusCode.PERMISSION_DENIED),
-    ],
-)
-def test_platform_errors_map_to_their_code_and_message(exc: MaasError, code):
-    assert status_for(exc) == (code, exc.message)
-
-
-def test_lookalikes_and_internal_platform_errors_are_internal_without_text():
-    class Lookalike(Exception):
-        grpc_code = "NOT_FOUND"
-
-    class Bogus(MaasError):
-        grpc_code = "NOT_A_STATUS"
-
-    for exc in (Lookalike("leak1"), Bogus("leak2"), MaasError("leak3"), KeyError("leak4")):
-        code, message = status_for(exc, "abc")
-        assert code is grpc.StatusCode.INTERNAL
-        assert message == "internal error (request id abc; see the server log)"

@@ -1,97 +1,18 @@
-"""The inference core: resolving names and aliases, checking requests, caching, hot swaps."""
+"""The inference core: resolving names and aliases, checking requests, caching.
+
+Hot swaps (alias moves while serving): test_inference_hot_swap.py."""
 
 import asyncio
-import threading
-from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-import torch
+from dataplane_kit import MLP, X, answer, assert_from, expected, make_plane, model
 
-from maas import artifacts, zoo
+from maas import artifacts
 from maas.errors import IntegrityError, InvalidArgument, NotFound
-from services.inference.batcher import BatchingConfig
-from services.inference.dataplane import DataPlane, parse_ref
+from services.inference.dataplane import parse_ref
 from services.inference.metrics import Metrics
 from services.inference.sources import MemorySource
-
-MLP = {"in_features": 64, "hidden": [32], "num_classes": 10}
-
-
-class CountingSource(MemorySource):
-    """Counts registry hits and can hold a version's fetch until released."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.resolves = 0
-        self.fetches: list[int] = []
-        self.gates: dict[int, asyncio.Event] = {}
-        self.held: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
-        self.answer_sent = asyncio.Event()
-        self.answer_sent.set()
-        self.waiting = 0  # resolutions that read their answer and wait for answer_sent
-
-    async def resolve(self, name, alias):
-        self.resolves += 1
-        version = await super().resolve(name, alias)
-        # The answer is on its way back: concurrent callers pile up, events may overtake it.
-        await asyncio.sleep(0)
-        self.waiting += 1
-        await self.answer_sent.wait()
-        return version
-
-    async def fetch(self, name, version):
-        self.fetches.append(version)
-        if version in self.gates:
-            self.held[version].set()
-            await self.gates[version].wait()
-        return await super().fetch(name, version)
-
-
-def model(seed: int) -> torch.nn.Module:
-    return zoo.build("mlp", MLP, seed=seed).eval()
-
-
-def expected(module: torch.nn.Module, x: np.ndarray) -> np.ndarray:
-    with torch.inference_mode():
-        return module(torch.from_numpy(x)).numpy()
-
-
-X = np.random.default_rng(7).standard_normal((3, 64)).astype(np.float32)
-
-
-@pytest.fixture
-def pool():
-    with ThreadPoolExecutor(max_workers=2) as executor:
-        yield executor
-
-
-@pytest.fixture
-def source():
-    src = CountingSource()
-    src.add("digits", model(1), "mlp", MLP, aliases=["production"])
-    src.add("digits", model(2), "mlp", MLP, aliases=["staging"])
-    return src
-
-
-def make_plane(source, pool, *, cache_bytes=1 << 30, metrics=None, batching=None):
-    return DataPlane(
-        source,
-        pool,
-        batching=batching or BatchingConfig(8, 0),
-        cache_bytes=cache_bytes,
-        metrics=metrics,
-    )
-
-
-async def answer(plane, version="", x=X):
-    result = await plane.infer("digits", version, {"input": x})
-    return result.model.version, result.outputs["output"]
-
-
-def assert_from(output, module):
-    np.testing.assert_allclose(output, expected(module, X), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -263,150 +184,6 @@ async def test_unload_forgets_every_version_and_alias_of_a_model(source, pool):
     assert plane.loaded() == []
     await answer(plane)
     assert source.resolves == 2
-
-
-# --- hot swap -------------------------------------------------------------------------------
-
-
-def alias_set(version, alias="production"):
-    return {"event": "alias-set", "name": "digits", "alias": alias, "version": version}
-
-
-async def promote(source, plane, version):
-    """What the registry does: move production, then announce it."""
-    source.set_alias("digits", "production", version)
-    await plane.on_model_event(alias_set(version))
-
-
-async def until_served(plane, version, timeout_s=60.0):
-    """Wait until requests are answered by ``version`` (the signal, not a guessed delay)."""
-    async with asyncio.timeout(timeout_s):
-        while (await answer(plane))[0] != version:
-            await asyncio.sleep(0.01)
-
-
-async def test_an_alias_move_swaps_the_served_version_in_the_background(source, pool):
-    plane = make_plane(source, pool)
-    assert (await answer(plane))[0] == 1
-    await promote(source, plane, 2)
-    await plane.wait_background()
-    version, out = await answer(plane)
-    assert version == 2
-    assert_from(out, model(2))
-
-
-async def test_requests_keep_the_old_version_while_the_new_one_loads(source, pool):
-    plane = make_plane(source, pool)
-    await answer(plane)
-    source.gates[2] = asyncio.Event()
-    await promote(source, plane, 2)
-    during = await asyncio.gather(*(answer(plane) for _ in range(5)))
-    assert {v for v, _ in during} == {1}
-    source.gates[2].set()
-    await plane.wait_background()
-    assert (await answer(plane))[0] == 2
-
-
-async def test_a_request_in_flight_during_the_swap_finishes_on_the_old_version(source):
-    with ThreadPoolExecutor(max_workers=1) as one_worker:
-        plane = make_plane(source, one_worker)
-        await answer(plane)
-        release = threading.Event()
-        one_worker.submit(release.wait, 10)  # the only worker is busy: forwards queue behind it
-        in_flight = asyncio.ensure_future(answer(plane))
-        await asyncio.sleep(0.05)
-        await promote(source, plane, 2)
-        release.set()
-        version, out = await in_flight
-        await plane.wait_background()
-        assert version == 1
-        assert_from(out, model(1))
-        assert (await answer(plane))[0] == 2
-
-
-async def test_the_latest_alias_move_wins_even_if_an_older_load_finishes_last(source, pool):
-    source.add("digits", model(3), "mlp", MLP)
-    plane = make_plane(source, pool)
-    await answer(plane)
-    source.gates[2] = asyncio.Event()
-    await promote(source, plane, 2)
-    await asyncio.wait_for(source.held[2].wait(), 60)  # version 2 is loading, held at its gate
-    await promote(source, plane, 3)
-    await until_served(plane, 3)  # version 3 loads and is swapped in while 2 is still held
-    source.gates[2].set()
-    await plane.wait_background()
-    assert (await answer(plane))[0] == 3
-
-
-async def test_a_version_that_fails_to_load_is_not_swapped_in(source, pool):
-    metrics = Metrics()
-    plane = make_plane(source, pool, metrics=metrics)
-    await answer(plane)
-    files = source.files("digits", 2)
-    files["weights.safetensors"] = b"tampered"
-    await promote(source, plane, 2)
-    await plane.wait_background()
-    assert (await answer(plane))[0] == 1
-    assert metrics.swaps.labels("digits", "failed")._value.get() == 1
-
-
-async def test_a_move_of_an_alias_not_served_here_loads_nothing(source, pool):
-    plane = make_plane(source, pool)
-    await answer(plane)
-    await plane.on_model_event(alias_set(1, alias="staging"))
-    await plane.wait_background()
-    assert source.fetches == [1]
-
-
-async def until_waiting(source, count, timeout_s=60.0):
-    """Wait until ``count`` resolutions read their answer and wait to send it back."""
-    async with asyncio.timeout(timeout_s):
-        while source.waiting < count:
-            await asyncio.sleep(0.001)
-
-
-async def test_a_resolution_racing_an_alias_move_is_not_cached(source, pool):
-    plane = make_plane(source, pool)
-    source.answer_sent.clear()
-    pending = asyncio.ensure_future(answer(plane))  # the registry answers production -> 1 ...
-    await until_waiting(source, 1)
-    await promote(source, plane, 2)  # ... and the alias moves before that arrives
-    source.answer_sent.set()
-    assert (await pending)[0] == 1
-    assert (await answer(plane))[0] == 2
-
-
-async def test_deleting_a_version_drops_it_and_the_aliases_on_it(source, pool):
-    plane = make_plane(source, pool)
-    await answer(plane)
-    await answer(plane, "2")
-    await plane.on_model_event({"event": "deleted", "name": "digits", "version": 1})
-    assert [m.version for m in plane.loaded()] == [2]
-    source.set_alias("digits", "production", 2)
-    assert (await answer(plane))[0] == 2
-
-
-async def test_a_deleted_alias_is_resolved_afresh(source, pool):
-    plane = make_plane(source, pool)
-    await answer(plane, "staging")
-    await plane.on_model_event({"event": "alias-deleted", "name": "digits", "alias": "staging"})
-    source.delete_alias("digits", "staging")
-    with pytest.raises(NotFound):
-        await answer(plane, "staging")
-
-
-async def test_a_request_after_an_alias_move_does_not_join_a_lookup_from_before_it(source, pool):
-    plane = make_plane(source, pool)
-    source.answer_sent.clear()
-    early = asyncio.ensure_future(answer(plane))  # its lookup reads production -> 1 ...
-    await until_waiting(source, 1)
-    await promote(source, plane, 2)  # ... the alias moves ...
-    late = asyncio.ensure_future(answer(plane))  # ... and a new request arrives
-    await until_waiting(source, 2)  # with a lookup of its own
-    source.answer_sent.set()
-    assert (await early)[0] == 1
-    assert (await late)[0] == 2
-    assert (await answer(plane))[0] == 2
 
 
 @pytest.mark.parametrize(("codec", "tolerance"), [("int8", 0.05), ("fp16", 1e-3)])

@@ -37,8 +37,7 @@ from typing import Any
 import psutil
 
 from infra.ephemeral import bench_settings
-from infra.proc import free_port
-from infra.stack import PythonService
+from infra.harness.registry import RegistryProcess
 from maas import zoo
 from maas.artifacts import pack
 from maas.config import Settings
@@ -93,29 +92,19 @@ class PeakRss:
 @contextlib.contextmanager
 def registry_server(settings: Settings, workdir: Path) -> Iterator[tuple[Settings, int]]:
     """A registry process of its own; yields client settings and its PID."""
-    port = free_port()
-    service = PythonService(
-        "model-registry",
-        "services.model_registry",
-        "127.0.0.1",
-        port,
+    registry = RegistryProcess(
+        settings,
         workdir,
-        {
-            "MAAS_REGISTRY_LISTEN": f"127.0.0.1:{port}",
-            "MAAS_STATE_DIR": str(workdir / "state"),
-            "MAAS_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-            "MAAS_S3_ENDPOINT": settings.s3_endpoint,
-        },
+        MAAS_KAFKA_BOOTSTRAP=settings.kafka_bootstrap,
+        MAAS_S3_ENDPOINT=settings.s3_endpoint,
     )
-    pid = service.start(wait=False)
-    deadline = time.monotonic() + 10
-    while not service.process.alive() and time.monotonic() < deadline:
-        time.sleep(0.02)  # until exec, the child's cmdline lacks the marker alive() looks for
+    registry.start(timeout_s=120)
     try:
-        service.wait_ready(timeout_s=120)
-        yield settings.replace(registry_addr=f"127.0.0.1:{port}"), pid
+        pid = registry.pid
+        assert pid is not None, "the registry exited at start"
+        yield registry.settings, pid
     finally:
-        service.stop()
+        registry.stop()
 
 
 async def measure(settings: Settings, size_mb: float, repeats: int, pid: int) -> dict[str, Any]:

@@ -12,14 +12,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from dataplane_kit import make_plane
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from maas import zoo
 from maas.config import Settings
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
-from services.inference.batcher import BatchingConfig
-from services.inference.dataplane import DataPlane
 from services.inference.metrics import Metrics
 from services.inference.server import build_grpc_server
 from services.inference.sources import MemorySource
@@ -48,13 +47,7 @@ class Edge:
         source.add("digits", self.module, "mlp", MLP, aliases=["production"])
         self.metrics = Metrics()
         self.pool = ThreadPoolExecutor(max_workers=2)
-        self.plane = DataPlane(
-            source,
-            self.pool,
-            batching=BatchingConfig(8, 0),
-            cache_bytes=1 << 30,
-            metrics=self.metrics,
-        )
+        self.plane = make_plane(source, self.pool, metrics=self.metrics)
         self.plane.ready = True
         settings = Settings().replace(
             grpc_max_message_bytes=LIMIT, auth=bool(tokens_file), auth_tokens_file=tokens_file

@@ -9,13 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import aiohttp
 import numpy as np
 import pytest
-import torch
+from dataplane_kit import expected, make_plane
 
 from maas import zoo
 from maas.config import Settings
 from maas.edge import Authorizer
-from services.inference.batcher import BatchingConfig
-from services.inference.dataplane import DataPlane
 from services.inference.http_app import HttpServer
 from services.inference.metrics import Metrics
 from services.inference.rest import OipRestRoutes
@@ -27,11 +25,6 @@ X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
 TOKEN = "rest-token"
 
 
-def expected(module, x):
-    with torch.inference_mode():
-        return module(torch.from_numpy(x)).numpy()
-
-
 class Rest:
     def __init__(self, authorizer: Authorizer, max_body_bytes: int = 1 << 20) -> None:
         self.module = zoo.build("mlp", MLP, seed=2).eval()
@@ -39,13 +32,7 @@ class Rest:
         source.add("digits", self.module, "mlp", MLP, aliases=["production"])
         self.metrics = Metrics()
         self.pool = ThreadPoolExecutor(max_workers=1)
-        self.plane = DataPlane(
-            source,
-            self.pool,
-            batching=BatchingConfig(8, 0),
-            cache_bytes=1 << 30,
-            metrics=self.metrics,
-        )
+        self.plane = make_plane(source, self.pool, metrics=self.metrics)
         self.plane.ready = True
         self.http = HttpServer("127.0.0.1:0", max_body_bytes=max_body_bytes)
         self.http.add(OipRestRoutes(self.plane, authorizer, self.metrics))

@@ -26,14 +26,13 @@ import msgpack
 import psutil
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
-from fuzzing import drawing
+from fuzzing import consuming, drawing
 from hypothesis import given
 from hypothesis import strategies as st
 from kafka_offsets import end_offsets, start_group_at_end
 
 from maas import events, topics
 from maas.bus import DeadLetter, EventProducer, Record
-from maas.bus_consumer import EventConsumer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -323,32 +322,24 @@ async def test_a_consumer_survives_every_fuzzed_record_and_still_handles_a_valid
             await asyncio.sleep(0.2)
 
     async with EventProducer(settings_, client_id=group_id) as producer:
-        consumer = EventConsumer(
-            settings_,
-            topics=[topic],
-            group_id=group_id,
-            handler=handle,
-            producer=producer,
-            expected_schemas=EXPECTED.get(name, [template["schema"]]),
-            on_dead_letter=on_dead_letter,
-        )
+        schemas = EXPECTED.get(name, [template["schema"]])
         started = time.monotonic()
-        await consumer.start()
-        running = asyncio.create_task(consumer.run())
-        accounted = asyncio.create_task(everything_accounted_for())
-        try:
-            await producer.send(topic, valid, key=valid_key)
-            # A loop that ends fails the test at once, not after the whole wait.
-            await asyncio.wait(
-                {accounted, running}, timeout=600, return_when=asyncio.FIRST_COMPLETED
-            )
-            consumed_s = time.monotonic() - started
-            assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
-            assert accounted.done(), "the records were not all handled or dead-lettered in time"
-        finally:
-            accounted.cancel()
-            await consumer.stop()
-            await asyncio.gather(running, accounted, return_exceptions=True)
+        async with consuming(
+            settings_, producer, topic, group_id, handle, on_dead_letter, schemas
+        ) as running:
+            accounted = asyncio.create_task(everything_accounted_for())
+            try:
+                await producer.send(topic, valid, key=valid_key)
+                # A loop that ends fails the test at once, not after the whole wait.
+                await asyncio.wait(
+                    {accounted, running}, timeout=600, return_when=asyncio.FIRST_COMPLETED
+                )
+                consumed_s = time.monotonic() - started
+                assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
+                assert accounted.done(), "the records were not all handled or dead-lettered"
+            finally:
+                accounted.cancel()
+                await asyncio.gather(accounted, return_exceptions=True)
     rss_growth = psutil.Process().memory_info().rss - rss_before
 
     letters = await dead_letters(settings_, dlq_start, group_id)

@@ -21,10 +21,10 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.producer import message_accumulator
 from aiokafka.producer import producer as producer_module
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
+from fuzzing import consuming
 
 from maas import events
 from maas.bus import DeadLetter, EventProducer, Record
-from maas.bus_consumer import EventConsumer
 from maas.bus_reader import PartitionReader
 from maas.topics import Topic
 
@@ -92,26 +92,15 @@ async def test_a_group_consumer_dead_letters_a_non_utf8_header_key_and_goes_on(s
 
     async with EventProducer(settings, client_id=group_id) as producer:
         await producer.send(topic, status(key), key=key)
-        consumer = EventConsumer(
-            settings,
-            topics=[topic],
-            group_id=group_id,
-            handler=handle,
-            producer=producer,
-            expected_schemas=[events.JOB_STATUS],
-            on_dead_letter=on_dead_letter,
-        )
-        await consumer.start()
-        running = asyncio.create_task(consumer.run())
-        try:
+        schemas = [events.JOB_STATUS]
+        async with consuming(
+            settings, producer, topic, group_id, handle, on_dead_letter, schemas
+        ) as running:
             loop = asyncio.get_running_loop()
             deadline = loop.time() + WAIT_S
             while not handled and not running.done() and loop.time() < deadline:
                 await asyncio.sleep(0.2)
             assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
-        finally:
-            await consumer.stop()
-            await asyncio.gather(running, return_exceptions=True)
     assert [r.event["job_id"] for r in handled] == [key]
     assert len(letters) == 1 and letters[0].message
 
@@ -182,30 +171,20 @@ async def test_a_fresh_group_reads_every_other_record_of_the_topic_exactly_once(
     async def on_dead_letter(letter: DeadLetter) -> None:
         letters.append(letter)
 
-    async with EventProducer(settings, client_id=group_id) as producer:
-        consumer = EventConsumer(
-            settings,
-            topics=[topic],
-            group_id=group_id,
-            handler=handle,
-            producer=producer,
-            expected_schemas=[events.JOB_STATUS],
-            on_dead_letter=on_dead_letter,
-        )
-        await consumer.start()
-        running = asyncio.create_task(consumer.run())
-        try:
-            loop = asyncio.get_running_loop()
-            deadline = loop.time() + WAIT_S
-            expected = len(planned_ids()) + len(planned_bad())
-            while len(handled) + len(letters) < expected and loop.time() < deadline:
-                assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
-                await asyncio.sleep(0.2)
-            await asyncio.sleep(2.0)  # a duplicate, if any, has time to show
+    async with (
+        EventProducer(settings, client_id=group_id) as producer,
+        consuming(
+            settings, producer, topic, group_id, handle, on_dead_letter, [events.JOB_STATUS]
+        ) as running,
+    ):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        expected = len(planned_ids()) + len(planned_bad())
+        while len(handled) + len(letters) < expected and loop.time() < deadline:
             assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
-        finally:
-            await consumer.stop()
-            await asyncio.gather(running, return_exceptions=True)
+            await asyncio.sleep(0.2)
+        await asyncio.sleep(2.0)  # a duplicate, if any, has time to show
+        assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
     assert sorted(handled) == planned_ids()
     assert sorted((letter.partition, letter.offset) for letter in letters) == planned_bad()
     assert all("cannot parse this record" in letter.message for letter in letters)

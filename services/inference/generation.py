@@ -238,6 +238,7 @@ class GenerationEngine:
             try:
                 for request in admitted:
                     self.batch.admit(request)
+                self._deliver()  # first tokens leave now, not one decode step later
                 if self.batch.active:
                     self.batch.step()
             except Exception as exc:  # a failed step fails its streams, never the thread
@@ -251,6 +252,8 @@ class GenerationEngine:
 
     def _deliver(self) -> None:
         """Hand a step's tokens to their streams' loops: one wake-up per loop, not per token."""
+        if not self._outbox:
+            return
         by_loop: defaultdict[asyncio.AbstractEventLoop, list[Delivery]] = defaultdict(list)
         for loop, delivery in self._outbox:
             by_loop[loop].append(delivery)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import torch
 
 from maas.errors import Unavailable
 from maas.text.gpt import GPT
@@ -146,6 +149,31 @@ async def test_a_closed_engine_refuses_new_streams(model: GPT) -> None:
     with pytest.raises(Unavailable, match="closed"):
         async with contextlib.aclosing(engine.stream("a", GREEDY)) as stream:
             await anext(stream)
+
+
+async def test_a_new_stream_gets_its_first_token_before_the_next_decode_step(model: GPT) -> None:
+    gate = threading.Event()
+    engine = GenerationEngine(_GatedDecode(model, gate), slots=1)  # type: ignore[arg-type]
+    stream = engine.stream("def main():", GREEDY)
+    try:
+        first = await asyncio.wait_for(anext(stream), timeout=30)  # the step after it is held
+        assert first == _solo(model, "def main():", GREEDY)[0]
+    finally:
+        gate.set()
+        await stream.aclose()
+        engine.close()
+
+
+class _GatedDecode:
+    """The model, with every one-token decode step held until ``gate`` opens (prefills pass)."""
+
+    def __init__(self, model: GPT, gate: threading.Event) -> None:
+        self.config, self._model, self._gate = model.config, model, gate
+
+    def step(self, idx: torch.Tensor, *args: Any) -> torch.Tensor:
+        if idx.shape[1] == 1:
+            self._gate.wait(30)
+        return self._model.step(idx, *args)
 
 
 class _Broken:

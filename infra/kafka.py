@@ -256,6 +256,9 @@ class KafkaBroker(NativeServer):
             f"-Xmx{self.heap}",
             "-XX:+UseG1GC",
             "-XX:MaxGCPauseMillis=50",
+            # C1 only: a local broker carries control traffic, and C2's compiler thread took
+            # more CPU for its first minutes than the requests it would speed up.
+            "-XX:TieredStopAtLevel=1",
             "-Djava.awt.headless=true",
             *self._java_base(libs)[1:],
             "kafka.Kafka",

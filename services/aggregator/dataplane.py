@@ -19,6 +19,7 @@ import grpc
 from maas.config import Settings
 from maas.errors import InvalidArgument, MaasError
 from maas.training.dataplane import build_server
+from maas.training.protocol import read_push, read_worker_message
 from maas.training.v1 import training_pb2 as pb
 from maas.training.v1 import training_pb2_grpc as pb_grpc
 
@@ -38,7 +39,7 @@ class DataPlaneServicer(pb_grpc.TrainingDataPlaneServicer):
         self._shard = shard
 
     async def Exchange(
-        self, request_iterator: AsyncIterator[pb.WorkerMessage], context: grpc.aio.ServicerContext
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[bytes]:
         requests = aiter(request_iterator)
         try:
@@ -59,17 +60,16 @@ class DataPlaneServicer(pb_grpc.TrainingDataPlaneServicer):
             reader.cancel()
             self._shard.detach(peer)
 
-    async def _attach(self, first: pb.WorkerMessage) -> Peer:
-        if first.WhichOneof("kind") != "join":
+    async def _attach(self, first: bytes) -> Peer:
+        join = read_worker_message(first)
+        if not isinstance(join, pb.Join):
             raise InvalidArgument("an Exchange stream starts with a join message")
-        return await self._shard.attach(first.join)
+        return await self._shard.attach(join)
 
-    async def _read(self, requests: AsyncIterator[pb.WorkerMessage], peer: Peer) -> None:
+    async def _read(self, requests: AsyncIterator[bytes], peer: Peer) -> None:
         try:
             async for message in requests:
-                if message.WhichOneof("kind") != "push":
-                    raise InvalidArgument("after the join an Exchange stream carries only pushes")
-                await self._shard.on_push(peer, message.push)
+                await self._shard.on_push(peer, read_push(message))
         except MaasError as exc:
             peer.error = exc
             peer.close()

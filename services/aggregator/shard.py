@@ -278,7 +278,7 @@ class ShardService:
             del job.peers[peer.worker]
             job.gone_ms[peer.worker] = now_ms()
 
-    async def on_push(self, peer: Peer, push: pb.Push) -> None:
+    async def on_push(self, peer: Peer, push: protocol.PushFrame) -> None:
         job = self.jobs.get((peer.job_id, peer.partition))
         if job is None:
             return  # the job finished (or moved) while this piece was on its way

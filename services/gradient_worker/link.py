@@ -19,10 +19,14 @@ import grpc
 
 from maas.config import Settings
 from maas.errors import MaasError
-from maas.training.dataplane import open_channel
-from maas.training.protocol import ParamsAssembler, ShardParams
+from maas.training.dataplane import exchange, open_channel
+from maas.training.protocol import (
+    OutgoingPush,
+    ParamsAssembler,
+    ShardParams,
+    read_shard_message,
+)
 from maas.training.v1 import training_pb2 as pb
-from maas.training.v1 import training_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +56,15 @@ class ShardLink:
         self._address = address
         self._on_params = on_params
         self._assembler = ParamsAssembler(partition_size)
-        self._retained: list[tuple[int, pb.WorkerMessage]] = []
+        self._retained: list[OutgoingPush] = []
         self._durable = -1
-        self._outbox: asyncio.Queue[pb.WorkerMessage] | None = None
+        self._outbox: asyncio.Queue[bytes] | None = None
 
-    def push(self, push: pb.Push) -> None:
+    def push(self, push: OutgoingPush) -> None:
         """Send ``push`` now if connected, and keep it until a checkpoint covers its version."""
-        message = pb.WorkerMessage(push=push)
-        self._retained.append((push.version, message))
+        self._retained.append(push)
         if self._outbox is not None:
-            self._outbox.put_nowait(message)
+            self._outbox.put_nowait(push.frame)
 
     @property
     def retained(self) -> int:
@@ -93,18 +96,18 @@ class ShardLink:
     async def _exchange(self) -> bool:
         """One stream, until it ends; True if it got any reply."""
         address = self._address(self.shard)
-        outbox: asyncio.Queue[pb.WorkerMessage] = asyncio.Queue()
-        for _, message in self._retained:
-            outbox.put_nowait(message)
+        outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        for push in self._retained:
+            outbox.put_nowait(push.frame)
         got = False
         async with open_channel(address, self._settings) as channel:
-            call = pb_grpc.TrainingDataPlaneStub(channel).Exchange()
+            call = exchange(channel)
             self._outbox = outbox
             writer = asyncio.create_task(self._write(call, outbox))
             try:
                 while (reply := await call.read()) is not grpc.aio.EOF:
                     got = True
-                    self.receive(reply.params)
+                    self.receive(reply)
             finally:
                 self._outbox = None
                 writer.cancel()
@@ -112,21 +115,21 @@ class ShardLink:
                 call.cancel()
         return got
 
-    async def _write(
-        self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[pb.WorkerMessage]
-    ) -> None:
+    async def _write(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[bytes]) -> None:
         join = pb.Join(job_id=self.job_id, worker=self.worker, shard=self.shard, member=self.member)
-        await call.write(pb.WorkerMessage(join=join))
+        await call.write(pb.WorkerMessage(join=join).SerializeToString())
         while True:
             await call.write(await outbox.get())
 
-    def receive(self, params: pb.Params) -> None:
+    def receive(self, frame: bytes) -> None:
         """A parameter piece from the shard: trims what its checkpoint covers, and hands a
         complete version to the job."""
-        if params.durable_version > self._durable:
-            self._durable = params.durable_version
-            self._retained = [(v, m) for v, m in self._retained if v >= self._durable]
-        whole = self._assembler.add(params)
+        piece = read_shard_message(frame)
+        durable = piece.params.durable_version
+        if durable > self._durable:
+            self._durable = durable
+            self._retained = [p for p in self._retained if p.version >= durable]
+        whole = self._assembler.add(piece)
         if whole is None:
             return
         if whole.final:

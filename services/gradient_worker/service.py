@@ -33,8 +33,7 @@ from maas.liveness import Liveness
 from maas.training.control import RELEASED, PoolMember
 from maas.training.pool import WORKER, Assignment
 from maas.training.prepare import load_dataset
-from maas.training.protocol import ShardParams
-from maas.training.v1 import training_pb2 as pb
+from maas.training.protocol import OutgoingPush, ShardParams
 from maas.training.worker import WorkerJob
 from services.gradient_worker.link import ShardLink
 
@@ -46,7 +45,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.steps = Counter("maas_worker_steps", "gradient steps computed", registry=self.registry)
         self.bytes_sent = Counter(
-            "maas_worker_gradient_bytes", "gradient payload bytes sent", registry=self.registry
+            "maas_worker_gradient_bytes", "gradient frame bytes sent", registry=self.registry
         )
         self.step_seconds = Histogram(
             "maas_worker_compute_seconds",
@@ -220,11 +219,11 @@ class WorkerService:
     async def _step(self, loop: asyncio.AbstractEventLoop, job_id: str, running: Running) -> None:
         job, links = running.job, running.links
 
-        def send(shard: int, push: pb.Push) -> None:
+        def send(shard: int, push: OutgoingPush) -> None:
             links[shard].push(push)
-            self.metrics.bytes_sent.inc(len(push.values) + len(push.indices))
+            self.metrics.bytes_sent.inc(len(push.frame))
 
-        def emit(shard: int, push: pb.Push) -> None:  # on the compute thread
+        def emit(shard: int, push: OutgoingPush) -> None:  # on the compute thread
             loop.call_soon_threadsafe(send, shard, push)
 
         view, before = job.take(), job.steps

@@ -15,13 +15,9 @@ LAYOUT = FlatLayout.from_shapes([("a.weight", [30, 10]), ("a.bias", [30]), ("b.w
 INFO = protocol.StepInfo(version=3, samples=32, loss=0.5, accuracy=0.75)
 
 
-def _wire(push: pb.Push) -> pb.Push:
-    return pb.Push.FromString(push.SerializeToString())
-
-
-def _assemble(pushes: list[pb.Push], codec: str, size: int) -> np.ndarray:
+def _assemble(pushes: list[protocol.OutgoingPush], codec: str, size: int) -> np.ndarray:
     assembler = protocol.GradientAssembler(codec, size)
-    done = [assembler.add(0, _wire(p)) for p in pushes]
+    done = [assembler.add(0, protocol.read_push(p.frame)) for p in pushes]
     assert all(d is None for d in done[:-1])
     contribution = done[-1]
     assert contribution is not None
@@ -41,7 +37,7 @@ def test_per_tensor_pieces_rebuild_each_shards_gradient_exactly(split) -> None:
             p for n in LAYOUT.names for p in protocol.tensor_pushes(plan, n, grad, codec, INFO)
         ]
         assert len(pushes) == plan.pieces > len(LAYOUT.names)
-        assert max(len(p.values) for p in pushes) <= 64
+        assert max(protocol.read_push(p.frame).values.nbytes for p in pushes) <= 64
         np.testing.assert_array_equal(_assemble(pushes, "none", part.size), part.gather(grad))
 
 
@@ -93,27 +89,33 @@ def test_a_malformed_push_is_refused_naming_the_problem(change: dict, message: s
     fields["values"] = np.zeros(10, dtype=np.float32).tobytes()
     fields.update(change)
     with pytest.raises(InvalidArgument, match=message):
-        protocol.GradientAssembler("none", 100).add(0, pb.Push(**fields))
+        protocol.GradientAssembler("none", 100).add(0, _foreign_push(**fields))
+
+
+def _foreign_push(**fields: object) -> protocol.PushFrame:
+    """A push as any protobuf client would write it, read as a shard reads it."""
+    frame = pb.WorkerMessage(push=pb.Push(**fields)).SerializeToString()  # type: ignore[arg-type]
+    return protocol.read_push(frame)
 
 
 def test_int8_pieces_need_a_positive_scale() -> None:
-    push = pb.Push(codec="int8", size=4, pieces=1, values=b"\x01" * 4, scale=0.0)
+    push = _foreign_push(codec="int8", size=4, pieces=1, values=b"\x01" * 4, scale=0.0)
     with pytest.raises(InvalidArgument, match="positive finite scale"):
         protocol.GradientAssembler(Int8Codec().name, 4).add(0, push)
 
 
-def _params(values: np.ndarray, dtype: str, chunk_bytes: int) -> list[pb.Params]:
+def _params(values: np.ndarray, dtype: str, chunk_bytes: int) -> list[protocol.ParamsFrame]:
     messages = protocol.params_pieces(
         values, version=4, final=False, durable_version=2, dtype=dtype, chunk_bytes=chunk_bytes
     )
-    return [pb.ShardMessage.FromString(frame).params for frame in messages]
+    return [protocol.read_shard_message(frame) for frame in messages]
 
 
 def test_params_pieces_rebuild_the_partition_and_are_a_snapshot() -> None:
     theta = np.arange(1000, dtype=np.float32)
     pieces = _params(theta, "float32", chunk_bytes=512)
     theta += 1  # the shard moves on while the pieces are in flight
-    assert len(pieces) == 8 and {p.durable_version for p in pieces} == {2}
+    assert len(pieces) == 8 and {p.params.durable_version for p in pieces} == {2}
     assembler = protocol.ParamsAssembler(1000)
     got = [assembler.add(p) for p in reversed(pieces)]
     assert all(g is None for g in got[:-1])
@@ -131,7 +133,7 @@ def test_a_single_params_piece_is_viewed_not_copied() -> None:
 def test_fp16_broadcast_halves_the_bytes_and_clips_to_the_fp16_range() -> None:
     theta = np.array([1.5, -2.25, 1e6], dtype=np.float32)
     (piece,) = _params(theta, "float16", chunk_bytes=1 << 20)
-    assert len(piece.values) == 6
+    assert piece.values.nbytes == 6
     whole = protocol.ParamsAssembler(3).add(piece)
     assert whole is not None
     np.testing.assert_array_equal(whole.values.astype(np.float32), [1.5, -2.25, 65504.0])

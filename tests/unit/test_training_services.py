@@ -13,7 +13,7 @@ import pytest
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.training.prepare import Limits, PreparedJob, prepare_job
-from maas.training.protocol import ShardParams
+from maas.training.protocol import OutgoingPush, ShardParams, read_push
 from maas.training.v1 import training_pb2 as pb
 from maas.training.worker import WorkerJob
 from services.aggregator.__main__ import build
@@ -43,9 +43,10 @@ def job(prepared: PreparedJob) -> WorkerJob:
     return WorkerJob(prepared.plan, 1, prepared.state, prepared.dataset, chunk_bytes=1 << 20)
 
 
-def _collect() -> tuple[list[tuple[int, pb.Push]], Callable[[int, pb.Push], None]]:
+def _collect() -> tuple[list[tuple[int, pb.Push]], Callable[[int, OutgoingPush], None]]:
+    """What a worker emits, read back as a shard reads it."""
     sent: list[tuple[int, pb.Push]] = []
-    return sent, lambda shard, push: sent.append((shard, push))
+    return sent, lambda shard, push: sent.append((shard, read_push(push.frame).push))
 
 
 def _params(job: WorkerJob, shard: int, version: int, final: bool = False) -> ShardParams:
@@ -76,7 +77,10 @@ def test_lossless_codecs_send_each_tensor_from_inside_backward_last_layer_first(
         job.receive(shard, _params(job, shard, 0))
     events: list[str] = []
     job.replica.backward = _spy(job.replica.backward, events)  # type: ignore[method-assign]
-    job.compute(job.take(), lambda shard, push: events.append(f"push {shard}@{push.offset}"))
+    job.compute(
+        job.take(),
+        lambda shard, push: events.append(f"push {shard}@{read_push(push.frame).push.offset}"),
+    )
     assert events[0] == "backward starts" and events[-1] == "backward ends"
     pushes = events[1:-1]
     assert len(pushes) == job.pieces[0].pieces + job.pieces[1].pieces
@@ -136,14 +140,15 @@ def test_a_link_keeps_its_pushes_until_a_checkpoint_covers_their_version() -> No
         on_params=lambda shard, params: got.append((shard, params)),
     )
     for version in (4, 5, 6):
-        link.push(pb.Push(version=version, codec="none", size=3, pieces=1))
+        link.push(OutgoingPush(version, b"frame"))
     assert link.retained == 3
 
-    def params(version: int, durable: int) -> pb.Params:
+    def params(version: int, durable: int) -> bytes:
         values = np.ones(3, dtype=np.float32).tobytes()
-        return pb.Params(
+        piece = pb.Params(
             version=version, durable_version=durable, dtype="float32", pieces=1, values=values
         )
+        return pb.ShardMessage(params=piece).SerializeToString()
 
     link.receive(params(6, durable=5))
     assert link.retained == 2  # version 4 can never be asked for again

@@ -318,11 +318,15 @@ class ErrorFeedback:
     def encode(self, grad: np.ndarray) -> dict[str, Any]:
         if not self.codec.lossy:
             return self.codec.encode(grad)
-        corrected = grad.astype(np.float32, copy=True)
-        if self._residual is not None:
-            corrected += self._residual
+        if self._residual is None or len(self._residual) != len(grad):
+            self._residual = np.zeros(len(grad), dtype=np.float32)
+        corrected = self._residual  # corrected in place: one buffer for the job's whole run
+        corrected += grad
         payload = self.codec.encode(corrected)
-        # What was sent is subtracted in place: `corrected` becomes exactly what was dropped.
-        self.codec.decode(payload, len(corrected)).add_to(corrected, -1.0)
-        self._residual = corrected
+        # What was sent is taken out in place: `corrected` becomes exactly what was dropped.
+        if isinstance(self.codec, TopKCodec):
+            # The values sent are the corrected ones at those indices: what is left there is 0.
+            corrected[map_to_tensor(payload["indices"])] = 0.0
+        else:
+            self.codec.decode(payload, len(corrected)).add_to(corrected, -1.0)
         return payload

@@ -13,7 +13,6 @@ import grpc
 from maas.config import Settings
 from maas.edge.client import open_channel as open_edge_channel
 from maas.edge.server import add_port, edge_interceptor, server_options
-from maas.training.v1 import training_pb2 as pb
 from maas.training.v1 import training_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "maas.training.v1.TrainingDataPlane"
@@ -42,16 +41,19 @@ def build_server(
 
 
 def _handlers(servicer: pb_grpc.TrainingDataPlaneServicer) -> grpc.GenericRpcHandler:
-    """``Exchange`` as the generated code registers it, except that replies go out as the bytes
-    the servicer yields: a shard serializes each parameter version once for all its workers."""
-    exchange = grpc.stream_stream_rpc_method_handler(
-        servicer.Exchange,
-        request_deserializer=pb.WorkerMessage.FromString,
-        response_serializer=bytes,
-    )
-    return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Exchange": exchange})
+    """``Exchange`` as the generated code registers it, except that messages stay the frames
+    they are on the wire, both ways (``maas.training.protocol`` reads and writes them): a shard
+    views received tensors in place and serializes each parameter version once for all its
+    workers."""
+    handler = grpc.stream_stream_rpc_method_handler(servicer.Exchange)
+    return grpc.method_handlers_generic_handler(SERVICE_NAME, {"Exchange": handler})
 
 
 def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
     """A channel to a shard: TLS as configured, this process's token on the stream."""
     return open_edge_channel(settings, address, options=_KEEPALIVE)
+
+
+def exchange(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
+    """An ``Exchange`` stream that writes and reads frames (bytes), not messages."""
+    return channel.stream_stream(f"/{SERVICE_NAME}/Exchange")()

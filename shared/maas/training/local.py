@@ -5,32 +5,35 @@
   of the per-worker mean losses for ``reduce=sum`` (the seed rule's summed gradient).
 - ``simulate``: the distributed job without a network: ``W`` real worker loops
   (``maas.training.worker.WorkerJob``: batches, hooks, codecs, error feedback) and one
-  ``ShardCore`` per shard, every gradient piece and parameter piece serialized as the
-  ``maas.training.v1`` messages the streams carry and parsed again, parameters broadcast as the
-  shards send them (fp16 for jobs with a compressing codec): the reference of the live service.
+  ``ShardCore`` per shard, every gradient piece and parameter piece the frame the streams
+  carry (``maas.training.v1`` messages), read as the other side reads it, parameters broadcast
+  as the shards send them (fp16 for jobs with a compressing codec): the reference of the live
+  service.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from functools import partial
-from typing import TypeVar
 
 import numpy as np
 import torch
-from google.protobuf.message import Message
 
 from maas import zoo
 from maas.datasets import Dataset
 from maas.training.aggregate import ShardCore
 from maas.training.plan import JobPlan
-from maas.training.protocol import GradientAssembler, ParamsAssembler, params_pieces
+from maas.training.protocol import (
+    GradientAssembler,
+    OutgoingPush,
+    ParamsAssembler,
+    params_pieces,
+    read_push,
+    read_shard_message,
+)
 from maas.training.replica import compute_loss, torch_optimizer
 from maas.training.sampler import batch_indices
-from maas.training.v1 import training_pb2 as pb
 from maas.training.worker import WorkerJob
-
-_Message = TypeVar("_Message", bound=Message)
 
 
 def worker_batch(
@@ -75,11 +78,6 @@ def train_reference(
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _wire(message: _Message) -> _Message:
-    """What the other side reads after ``message`` crossed a gRPC stream."""
-    return type(message).FromString(message.SerializeToString())
-
-
 def simulate(
     plan: JobPlan,
     state: Mapping[str, torch.Tensor],
@@ -114,12 +112,12 @@ def simulate(
         )
         for worker, job in enumerate(workers):
             for frame in pieces:
-                params = receivers[worker][core.shard].add(pb.ShardMessage.FromString(frame).params)
+                params = receivers[worker][core.shard].add(read_shard_message(frame))
                 if params is not None:
                     job.receive(core.shard, params)
 
-    def deliver(worker: int, shard: int, push: pb.Push) -> None:
-        contribution = gradients[shard].add(worker, _wire(push))
+    def deliver(worker: int, shard: int, push: OutgoingPush) -> None:
+        contribution = gradients[shard].add(worker, read_push(push.frame))
         core = cores[shard]
         if contribution is not None:
             before = core.version

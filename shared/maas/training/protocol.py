@@ -24,6 +24,7 @@ import numpy as np
 
 from maas.codec import map_to_tensor
 from maas.errors import InvalidArgument
+from maas.training import frames
 from maas.training.aggregate import Contribution
 from maas.training.codecs import (
     Decoded,
@@ -123,8 +124,32 @@ class StepInfo:
     accuracy: float | None = None
 
 
-def _push(info: StepInfo, codec: str, piece: int, pieces: int, **fields: object) -> pb.Push:
-    push = pb.Push(
+_PUSH = pb.WorkerMessage.DESCRIPTOR.fields_by_name["push"].number
+_JOIN = pb.WorkerMessage.DESCRIPTOR.fields_by_name["join"].number
+_PUSH_VALUES = pb.Push.DESCRIPTOR.fields_by_name["values"].number
+_PUSH_INDICES = pb.Push.DESCRIPTOR.fields_by_name["indices"].number
+
+
+@dataclass(frozen=True)
+class OutgoingPush:
+    """A push as it leaves a worker: its version (kept until a checkpoint covers it) and its
+    frame (a serialized ``WorkerMessage``)."""
+
+    version: int
+    frame: bytes
+
+
+def _push(
+    info: StepInfo,
+    codec: str,
+    piece: int,
+    pieces: int,
+    *,
+    values: np.ndarray,
+    indices: np.ndarray | None = None,
+    **fields: object,
+) -> OutgoingPush:
+    header = pb.Push(
         version=info.version,
         codec=codec,
         piece=piece,
@@ -133,20 +158,22 @@ def _push(info: StepInfo, codec: str, piece: int, pieces: int, **fields: object)
         **fields,  # type: ignore[arg-type]
     )
     if info.loss is not None:
-        push.loss = info.loss
+        header.loss = info.loss
     if info.accuracy is not None:
-        push.accuracy = info.accuracy
-    return push
+        header.accuracy = info.accuracy
+    tensors = [(_PUSH_VALUES, np.ascontiguousarray(values).data)]
+    if indices is not None:
+        tensors.append((_PUSH_INDICES, np.ascontiguousarray(indices).data))
+    return OutgoingPush(info.version, frames.write(_PUSH, header, tensors))
 
 
 def tensor_pushes(
     plan: PiecePlan, name: str, grad: np.ndarray, codec: GradientCodecType, info: StepInfo
-) -> list[pb.Push]:
+) -> list[OutgoingPush]:
     """The pieces of tensor ``name`` for this shard (``grad`` is the whole flat gradient)."""
     out = []
     for piece, seg in plan.by_tensor.get(name, ()):
         payload = codec.encode(grad[seg.flat : seg.flat + seg.size])
-        values = bytes(map_to_tensor(payload["values"]).data)
         out.append(
             _push(
                 info,
@@ -155,7 +182,7 @@ def tensor_pushes(
                 plan.pieces,
                 offset=seg.offset,
                 size=seg.size,
-                values=values,
+                values=map_to_tensor(payload["values"]),
             )
         )
     return out
@@ -163,7 +190,7 @@ def tensor_pushes(
 
 def whole_pushes(
     plan: PiecePlan, payload: dict[str, object], codec: GradientCodecType, info: StepInfo
-) -> list[pb.Push]:
+) -> list[OutgoingPush]:
     """The pieces of a whole-partition codec payload (lossy codecs, after backward)."""
     size = plan.partition.size
     values = map_to_tensor(payload["values"])
@@ -177,8 +204,8 @@ def whole_pushes(
                 plan.pieces,
                 offset=0,
                 size=size,
-                indices=indices[a:b].tobytes(),
-                values=values[a:b].tobytes(),
+                indices=indices[a:b],
+                values=values[a:b],
             )
             for i, (a, b) in enumerate(_cut(0, len(indices), plan.step))
         ]
@@ -192,25 +219,60 @@ def whole_pushes(
             offset=a,
             size=b - a,
             scale=scale,
-            values=values[a:b].tobytes(),
+            values=values[a:b],
         )
         for i, (a, b) in enumerate(_cut(0, size, plan.step))
     ]
 
 
-def _array(data: bytes, dtype: str, count: int, what: str) -> np.ndarray:
+@dataclass(frozen=True)
+class PushFrame:
+    """A push as a shard reads it: every small field in ``push``, the tensors as views over
+    the received frame."""
+
+    push: pb.Push
+    values: memoryview
+    indices: memoryview
+
+
+def read_worker_message(data: frames.Buffer) -> pb.Join | PushFrame:
+    """A received ``WorkerMessage``: its join, or its push with views for the tensors."""
+    field, message, tensors = frames.read(
+        data,
+        pb.WorkerMessage,
+        {_JOIN: pb.Join, _PUSH: pb.Push},
+        frozenset((_PUSH_VALUES, _PUSH_INDICES)),
+    )
+    if isinstance(message, pb.Join):
+        return message
+    if not isinstance(message, pb.Push):
+        raise InvalidArgument(f"a WorkerMessage holds a join or a push, not field {field}")
+    empty = memoryview(b"")
+    return PushFrame(message, tensors.get(_PUSH_VALUES, empty), tensors.get(_PUSH_INDICES, empty))
+
+
+def read_push(data: frames.Buffer) -> PushFrame:
+    """A received ``WorkerMessage`` that must be a push (every one after the join)."""
+    message = read_worker_message(data)
+    if not isinstance(message, PushFrame):
+        raise InvalidArgument("after the join an Exchange stream carries only pushes")
+    return message
+
+
+def _array(data: memoryview, dtype: str, count: int, what: str) -> np.ndarray:
     itemsize = np.dtype(dtype).itemsize
-    if len(data) != count * itemsize:
+    if data.nbytes != count * itemsize:
         raise InvalidArgument(
-            f"push {what} has {len(data)} bytes; {count} {dtype} values need {count * itemsize}"
+            f"push {what} has {data.nbytes} bytes; {count} {dtype} values need {count * itemsize}"
         )
     return np.frombuffer(data, dtype=np.dtype(dtype).newbyteorder("<"))
 
 
 def decode_piece(
-    push: pb.Push, codec: GradientCodecType, partition_size: int
+    frame: PushFrame, codec: GradientCodecType, partition_size: int
 ) -> DenseGradient | SparseGradient:
     """One piece as a view over its bytes; names what is malformed."""
+    push = frame.push
     if push.codec != codec.name:
         raise InvalidArgument(f"push codec {push.codec!r}; the job's is {codec.name!r}")
     if push.offset < 0 or push.size < 1 or push.offset + push.size > partition_size:
@@ -219,12 +281,12 @@ def decode_piece(
             f"of {partition_size}"
         )
     if isinstance(codec, TopKCodec):
-        indices = _array(push.indices, "uint32", len(push.indices) // 4, "indices")
-        values = _array(push.values, "float32", len(indices), "values")
+        indices = _array(frame.indices, "uint32", frame.indices.nbytes // 4, "indices")
+        values = _array(frame.values, "float32", len(indices), "values")
         if len(indices) and int(indices.max()) >= push.size:
             raise InvalidArgument(f"top-k index {int(indices.max())} is outside [0, {push.size})")
         return SparseGradient(indices, values, push.size)
-    values = _array(push.values, _VALUE_DTYPES[codec.name], push.size, "values")
+    values = _array(frame.values, _VALUE_DTYPES[codec.name], push.size, "values")
     if not (math.isfinite(push.scale) and (push.scale > 0 or codec.name != "int8")):
         raise InvalidArgument(f"int8 push needs a positive finite scale, got {push.scale}")
     return DenseGradient(values, push.scale if codec.name == "int8" else 1.0)
@@ -244,11 +306,12 @@ class GradientAssembler:
         self._limit = limit
         self._pending: dict[tuple[int, int], _Pending] = {}
 
-    def add(self, worker: int, push: pb.Push) -> Contribution | None:
+    def add(self, worker: int, frame: PushFrame) -> Contribution | None:
         """The contribution once its last piece arrived; a repeated piece is ignored."""
+        push = frame.push
         if push.pieces < 1 or push.piece >= push.pieces:
             raise InvalidArgument(f"push piece {push.piece} of {push.pieces} is not a piece")
-        decoded = decode_piece(push, self.codec, self.size)
+        decoded = decode_piece(frame, self.codec, self.size)
         key = (worker, int(push.version))
         pending = self._pending.get(key)
         if pending is None:
@@ -282,22 +345,8 @@ def _whole(parts: Sequence[tuple[int, Piece]], size: int) -> Decoded:
     return PiecewiseGradient(tuple(parts), size)
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append(n & 0x7F | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _length_delimited(field: int, length: int) -> bytes:
-    """The key and length of a protobuf length-delimited field (wire type 2)."""
-    return _varint(field << 3 | 2) + _varint(length)
-
-
-_PARAMS_FIELD = pb.ShardMessage.DESCRIPTOR.fields_by_name["params"].number
-_VALUES_FIELD = pb.Params.DESCRIPTOR.fields_by_name["values"].number
+_PARAMS = pb.ShardMessage.DESCRIPTOR.fields_by_name["params"].number
+_PARAMS_VALUES = pb.Params.DESCRIPTOR.fields_by_name["values"].number
 
 
 def params_pieces(
@@ -317,7 +366,7 @@ def params_pieces(
     sent = broadcast_values(values, dtype)
     step = max(1, chunk_bytes // sent.itemsize)
     cuts = list(_cut(0, len(sent), step)) or [(0, 0)]
-    frames = []
+    out = []
     for i, (a, b) in enumerate(cuts):
         header = pb.Params(
             version=version,
@@ -327,12 +376,27 @@ def params_pieces(
             offset=a,
             piece=i,
             pieces=len(cuts),
-        ).SerializeToString()
-        data = np.ascontiguousarray(sent[a:b]).data.cast("B")
-        key = _length_delimited(_VALUES_FIELD, data.nbytes)
-        outer = _length_delimited(_PARAMS_FIELD, len(header) + len(key) + data.nbytes)
-        frames.append(b"".join((outer, header, key, data)))
-    return frames
+        )
+        out.append(frames.write(_PARAMS, header, [(_PARAMS_VALUES, sent[a:b].data)]))
+    return out
+
+
+@dataclass(frozen=True)
+class ParamsFrame:
+    """A parameter piece as a worker reads it: the small fields, and the values as a view."""
+
+    params: pb.Params
+    values: memoryview
+
+
+def read_shard_message(data: frames.Buffer) -> ParamsFrame:
+    """A received ``ShardMessage``: its parameter piece, values viewed over ``data``."""
+    field, message, tensors = frames.read(
+        data, pb.ShardMessage, {_PARAMS: pb.Params}, frozenset((_PARAMS_VALUES,))
+    )
+    if not isinstance(message, pb.Params):
+        raise InvalidArgument(f"a ShardMessage holds params, not field {field}")
+    return ParamsFrame(message, tensors.get(_PARAMS_VALUES, memoryview(b"")))
 
 
 @dataclass(frozen=True)
@@ -351,17 +415,18 @@ class ParamsAssembler:
         self._buffer: np.ndarray | None = None
         self._seen: set[int] = set()
 
-    def add(self, params: pb.Params) -> ShardParams | None:
+    def add(self, frame: ParamsFrame) -> ShardParams | None:
+        params = frame.params
         if params.dtype not in BROADCAST_DTYPES:
             raise InvalidArgument(f"params dtype {params.dtype!r}; use one of {BROADCAST_DTYPES}")
         itemsize = np.dtype(params.dtype).itemsize
-        count = len(params.values) // itemsize
+        count = frame.values.nbytes // itemsize
         if params.offset < 0 or params.offset + count > self.size or params.piece >= params.pieces:
             raise InvalidArgument(
                 f"params piece {params.piece}/{params.pieces} at {params.offset}+{count} does not "
                 f"fit a partition of {self.size}"
             )
-        values = np.frombuffer(params.values, dtype=np.dtype(params.dtype).newbyteorder("<"))
+        values = np.frombuffer(frame.values, dtype=np.dtype(params.dtype).newbyteorder("<"))
         if params.pieces == 1:
             if count != self.size:
                 raise InvalidArgument(f"params carry {count} values; the partition has {self.size}")
@@ -377,4 +442,4 @@ class ParamsAssembler:
         return ShardParams(int(params.version), done, params.final)
 
 
-Emit = Callable[[int, pb.Push], None]
+Emit = Callable[[int, OutgoingPush], None]

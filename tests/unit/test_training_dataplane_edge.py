@@ -1,0 +1,94 @@
+"""The data plane's gRPC edge on a real server (127.0.0.1): whatever bytes a client streams, a
+malformed message ends its stream with INVALID_ARGUMENT naming the problem, and a well-formed
+push reaches the shard with its tensor viewed in place. (The shard itself is a stand-in that
+records what it is handed: the streams, not the shard's logic, are under test.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+import pytest
+
+from maas.config import Settings
+from maas.training import dataplane
+from maas.training.protocol import PushFrame
+from maas.training.v1 import training_pb2 as pb
+from services.aggregator.dataplane import DataPlaneServicer
+from services.aggregator.shard_job import Peer
+
+SETTINGS = Settings(auth=False)
+
+
+@dataclass
+class RecordingShard:
+    pushes: list[PushFrame] = field(default_factory=list)
+
+    async def attach(self, join: pb.Join) -> Peer:
+        return Peer(join.job_id, join.shard, join.worker)
+
+    def detach(self, peer: Peer) -> None:
+        pass
+
+    async def on_push(self, peer: Peer, push: PushFrame) -> None:
+        self.pushes.append(push)
+        peer.close()  # ends the stream once the push is in
+
+
+@pytest.fixture
+async def shard() -> AsyncIterator[tuple[RecordingShard, str]]:
+    recording = RecordingShard()
+    server, port = dataplane.build_server(
+        DataPlaneServicer(recording),  # type: ignore[arg-type]
+        SETTINGS,
+        "127.0.0.1:0",
+    )
+    await server.start()
+    try:
+        yield recording, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+async def _stream(address: str, *frames: bytes) -> grpc.StatusCode:
+    async with dataplane.open_channel(address, SETTINGS) as channel:
+        call = dataplane.exchange(channel)
+        for frame in frames:
+            await call.write(frame)
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+        return await asyncio.wait_for(call.code(), 10)
+
+
+def _join() -> bytes:
+    return pb.WorkerMessage(join=pb.Join(job_id="j", worker=0, shard=0)).SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        ([b"\xff\xff"], "malformed maas.training.v1.WorkerMessage"),
+        ([_join(), b"\x12\x05\x08"], "malformed maas.training.v1.WorkerMessage"),
+        ([_join(), _join()], "only pushes"),
+        ([pb.WorkerMessage(push=pb.Push()).SerializeToString()], "starts with a join"),
+    ],
+)
+async def test_a_malformed_stream_ends_with_invalid_argument_naming_it(
+    shard: tuple[RecordingShard, str], frames: list[bytes], message: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await _stream(shard[1], *frames)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in (caught.value.details() or "")
+
+
+async def test_a_push_reaches_the_shard_with_its_values_intact(
+    shard: tuple[RecordingShard, str],
+) -> None:
+    push = pb.WorkerMessage(push=pb.Push(version=3, values=b"\x00\x00\x80\x3f"))
+    assert await _stream(shard[1], _join(), push.SerializeToString()) == grpc.StatusCode.OK
+    (got,) = shard[0].pushes
+    assert got.push.version == 3 and bytes(got.values) == b"\x00\x00\x80\x3f"

@@ -9,9 +9,10 @@ batch, optimizer and step count for all; every round runs each of ours right bef
   - ours with 1 worker / DDP with 1 process (one process alone); ours with 4 workers / DDP 4.
 
 ``summary`` gives the median and min-max over the rounds; every run records its per-process CPU
-seconds (training processes, Kafka broker, S3 server), the load average and the CPU count;
-``targets`` the issue's ratios. ``aggregator``: a shard's sum of two gradients + SGD apply beside
-numpy ``a += b``. ``rss``: every process's peak RSS.
+seconds (training processes, Kafka broker, S3 server), the load average and the CPU count, and
+ours their sum over the cores' capacity for the job's time (``cpu_busy_fraction``: near 1, the
+run was CPU-bound on this machine); ``targets`` the issue's ratios. ``aggregator``: a shard's
+sum of two gradients + SGD apply beside numpy ``a += b``. ``rss``: every process's peak RSS.
 
 How ours is timed: the progress statuses of partition 0's shard (every 200 ms) give (time,
 version) points; samples/s counts the workers' own step counters over the window from the first
@@ -201,7 +202,9 @@ async def run_ours(
     pids = stack_pids(workdir, processes)
     cpu_before = {n: cpu_seconds(p) for n, p in pids.items()}
     before = [scrape(p) for p in ports]
+    submitted = time.monotonic()
     points, final = await follow(settings, train_event(job_id, config, training))
+    wall_s = time.monotonic() - submitted
     after = [scrape(p) for p in ports]
     cpu = {
         n: round((cpu_seconds(p) or 0) - (cpu_before[n] or 0), 2)
@@ -242,6 +245,9 @@ async def run_ours(
         "worker_compute_ms_per_step": round(compute_ms, 2),
         "data_plane_ms_per_step": round(step_ms - compute_ms, 2),
         "cpu_s": cpu,
+        # Every process's CPU over the job (submit to final status) against what the machine's
+        # cores could give in that time: near 1.0, the job is CPU-bound, not waiting.
+        "cpu_busy_fraction": round(sum(cpu.values()) / ((os.cpu_count() or 1) * wall_s), 3),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 

@@ -10,9 +10,10 @@ batch, optimizer and step count for all; every round runs each of ours right bef
 
 ``summary`` gives the median and min-max over the rounds; every run records its per-process CPU
 seconds (training processes, Kafka broker, S3 server), the load average and the CPU count, and
-ours their sum over the cores' capacity for the job's time (``cpu_busy_fraction``: near 1, the
-run was CPU-bound on this machine); ``targets`` the issue's ratios. ``aggregator``: a shard's
-sum of two gradients + SGD apply beside numpy ``a += b``. ``rss``: every process's peak RSS.
+ours their sum from the first progress point to the final status over the cores' capacity in
+that time (``cpu_busy_fraction``: near 1, training was CPU-bound on this machine); ``targets``
+the issue's ratios. ``aggregator``: a shard's sum of two gradients + SGD apply beside numpy
+``a += b``. ``rss``: every process's peak RSS.
 
 How ours is timed: the progress statuses of partition 0's shard (every 200 ms) give (time,
 version) points; samples/s counts the workers' own step counters over the window from the first
@@ -40,6 +41,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,8 +147,11 @@ def steps_to_target(plan_job: dict[str, Any]) -> int | None:
     return reached[0] if reached else None
 
 
-async def follow(settings: Settings, job: dict[str, Any]) -> tuple[list[tuple[int, int]], dict]:
-    """Submit ``job``; partition 0's (ts, step) progress points and the final status."""
+async def follow(
+    settings: Settings, job: dict[str, Any], on_first_point: Callable[[], None] = lambda: None
+) -> tuple[list[tuple[int, int]], dict]:
+    """Submit ``job``; partition 0's (ts, step) progress points and the final status.
+    ``on_first_point`` runs when the first progress point arrives (training has started)."""
     from maas.bus import EventProducer
     from maas.bus_reader import PartitionReader
 
@@ -169,6 +174,8 @@ async def follow(settings: Settings, job: dict[str, Any]) -> tuple[list[tuple[in
                 progress = event.get("service") != "training-coordinator" and "metrics" in event
                 if progress and event.get("step"):
                     points.append((int(event["ts"]), int(event["step"])))
+                    if len(points) == 1:
+                        on_first_point()
                 if event["state"] in ("succeeded", "failed"):
                     if event["state"] == "failed":
                         raise RuntimeError(f"job {job['job_id']} failed: {event.get('error')}")
@@ -202,9 +209,16 @@ async def run_ours(
     pids = stack_pids(workdir, processes)
     cpu_before = {n: cpu_seconds(p) for n, p in pids.items()}
     before = [scrape(p) for p in ports]
-    submitted = time.monotonic()
-    points, final = await follow(settings, train_event(job_id, config, training))
-    wall_s = time.monotonic() - submitted
+    training_cpu: dict[str, float | None] = {}
+    started: list[float] = []
+
+    def training_started() -> None:
+        started.append(time.monotonic())
+        training_cpu.update({n: cpu_seconds(p) for n, p in pids.items()})
+
+    points, final = await follow(settings, train_event(job_id, config, training), training_started)
+    steady_s = time.monotonic() - started[0]
+    busy = sum((cpu_seconds(p) or 0) - (training_cpu.get(n) or 0) for n, p in pids.items())
     after = [scrape(p) for p in ports]
     cpu = {
         n: round((cpu_seconds(p) or 0) - (cpu_before[n] or 0), 2)
@@ -245,9 +259,9 @@ async def run_ours(
         "worker_compute_ms_per_step": round(compute_ms, 2),
         "data_plane_ms_per_step": round(step_ms - compute_ms, 2),
         "cpu_s": cpu,
-        # Every process's CPU over the job (submit to final status) against what the machine's
-        # cores could give in that time: near 1.0, the job is CPU-bound, not waiting.
-        "cpu_busy_fraction": round(sum(cpu.values()) / ((os.cpu_count() or 1) * wall_s), 3),
+        # Every process's CPU from the first progress point to the final status against what
+        # the machine's cores could give in that time: near 1.0, training is CPU-bound here.
+        "cpu_busy_fraction": round(busy / ((os.cpu_count() or 1) * steady_s), 3),
         "load_avg_1m": round(os.getloadavg()[0], 2),
     }
 

@@ -186,6 +186,17 @@ def test_axpy_accepts_read_only_and_low_precision_inputs() -> None:
     np.testing.assert_array_equal(target, np.full(200_000, 2.0, dtype=np.float32))
 
 
+def test_axpy_of_an_unaligned_fp32_view_equals_the_aligned_result() -> None:
+    values = np.random.default_rng(2).normal(size=150_000).astype(np.float32)
+    frame = b"k" + values.tobytes()  # values at offset 1, as in a received frame
+    unaligned = np.frombuffer(frame, dtype="<f4", offset=1)
+    assert not unaligned.flags.aligned
+    expected, got = np.ones_like(values), np.ones_like(values)
+    axpy(expected, values, 0.25)
+    axpy(got, unaligned, 0.25)
+    np.testing.assert_array_equal(got, expected)
+
+
 def _every_magnitude(seed: int = 0) -> np.ndarray:
     """fp32 values from 1e-12 to 1e6 (fp16 subnormals, normals, overflow), and the specials."""
     rng = np.random.default_rng(seed)

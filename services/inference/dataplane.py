@@ -37,7 +37,7 @@ from services.inference.canary import Splits, split_of, targets_of
 from services.inference.metrics import Metrics, ModelStats
 from services.inference.served import ModelCache, ServedModel, torch_forward, weights_nbytes
 from services.inference.signature import Signature
-from services.inference.text import is_text, text_parts
+from services.inference.text import is_text, text_signature
 
 log = logging.getLogger(__name__)
 
@@ -197,19 +197,17 @@ class DataPlane:
         # Verifying sha256 and building the module is CPU work: keep it off the event loop.
         module = await loop.run_in_executor(self._executor, artifacts.materialize, manifest, files)
         stats = ModelStats(name, version, self._metrics)
-        signature, forward = (
-            Signature.for_zoo(manifest.arch, manifest.config),
-            torch_forward(module),
-        )
         if is_text(manifest):  # strings in, tokenized here (services.inference.text)
-            signature, forward = await text_parts(manifest, files, module, self._source)
+            signature: Signature = await text_signature(manifest, files, self._source)
+        else:
+            signature = Signature.for_zoo(manifest.arch, manifest.config)
         model = ServedModel(
             name=name,
             version=version,
             signature=signature,
             nbytes=weights_nbytes(module),
             runner=make_runner(
-                forward,
+                torch_forward(module),
                 self._executor,
                 self.batching,
                 stats,

@@ -12,9 +12,9 @@ most probable class name). Documented behaviour of edge cases:
 - more than ``MAX_TEXTS`` texts, or one over ``MAX_TEXT_BYTES`` bytes -> INVALID_ARGUMENT.
 
 Each request is tokenized on arrival into rows of ``max_seq_length`` token ids (zero-padded), so
-the dynamic batcher joins requests as it joins any rows. The forward pass then sorts the batch's
-rows by length and runs each group of similar lengths on its own, and the module cuts the
-columns a group leaves padded: a batch pays for its longest sequence per group, not for 256.
+the dynamic batcher joins requests as it joins any rows. The module itself (``maas.text.bert``)
+runs a batch's rows in groups of similar length and cuts the columns a group leaves padded: a
+batch pays for its longest sequence per group, not for 256.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from maas import artifacts
 from maas.errors import InvalidArgument
@@ -34,7 +32,6 @@ from maas.text.bert_config import BertConfig
 from maas.text.model import ARCH, text_config
 from maas.text.tokenizer import TOKENIZER_FILE, TextTokenizer
 from maas.text.wire import BYTES
-from services.inference.batcher import Forward
 from services.inference.signature import BATCH_DIM, Signature, TensorSpec
 
 if TYPE_CHECKING:
@@ -47,10 +44,6 @@ PROBABILITIES = "probabilities"
 LABEL = "label"
 MAX_TEXTS = 256
 MAX_TEXT_BYTES = 64 * 1024
-# A group of rows closes when the next is more than GROUP_RATIO times longer than its shortest
-# (and longer than GROUP_MIN_TOKENS: below that, one more forward pass costs more than padding).
-GROUP_RATIO = 2
-GROUP_MIN_TOKENS = 32
 MAX_LINEAGE_DEPTH = 16
 
 
@@ -130,39 +123,6 @@ def decode_texts(items: Sequence[object]) -> list[str]:
     return texts
 
 
-def length_groups(lengths: Sequence[int]) -> list[slice]:
-    """Consecutive groups of ascending ``lengths`` whose longest is at most GROUP_RATIO times
-    the shortest (or at most GROUP_MIN_TOKENS)."""
-    groups: list[slice] = []
-    start = 0
-    for i, length in enumerate(lengths):
-        if length > max(GROUP_RATIO * lengths[start], GROUP_MIN_TOKENS):
-            groups.append(slice(start, i))
-            start = i
-    if len(lengths):
-        groups.append(slice(start, len(lengths)))
-    return groups
-
-
-def grouped_forward(module: nn.Module, pad_id: int) -> Forward:
-    """A batch forward that runs rows of similar length together (results in input order)."""
-
-    def forward(rows: np.ndarray) -> np.ndarray:
-        order = np.argsort((rows != pad_id).sum(axis=1), kind="stable")
-        lengths = (rows[order] != pad_id).sum(axis=1).tolist()
-        with torch.inference_mode():
-            parts = [
-                module(torch.from_numpy(rows[order[group]])).float().numpy()
-                for group in length_groups(lengths)
-            ]
-        joined = np.concatenate(parts)
-        out = np.empty_like(joined)
-        out[order] = joined
-        return out
-
-    return forward
-
-
 def labels_for(config: BertConfig, dataset_uri: str | None) -> tuple[str, ...]:
     if dataset_uri == f"builtin:{corpus.NAME}" and config.num_classes == len(corpus.LABELS):
         return corpus.LABELS
@@ -201,18 +161,13 @@ async def lineage_extras(
     return tokenizer, dataset
 
 
-async def text_parts(
-    manifest: artifacts.Manifest,
-    files: Mapping[str, bytes],
-    module: nn.Module,
-    source: ModelSource,
-) -> tuple[TextSignature, Forward]:
-    """What the server needs to serve a text version: its signature (with the tokenizer and
-    the label names) and its batch forward."""
+async def text_signature(
+    manifest: artifacts.Manifest, files: Mapping[str, bytes], source: ModelSource
+) -> TextSignature:
+    """A text version's signature, with its tokenizer and its label names."""
     config = text_config(manifest)
     tokenizer_files, dataset = await lineage_extras(manifest, files, source)
     tokenizer = TextTokenizer.from_files(
         tokenizer_files, max_length=config.max_seq_length, pad_id=config.pad_token_id
     )
-    signature = TextSignature.for_text(config, tokenizer, labels_for(config, dataset))
-    return signature, grouped_forward(module, config.pad_token_id)
+    return TextSignature.for_text(config, tokenizer, labels_for(config, dataset))

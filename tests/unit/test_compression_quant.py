@@ -59,6 +59,18 @@ def test_int8_linear_computes_what_the_dequantized_float_layer_computes():
     assert torch.allclose(out, reference(x), atol=0.05)
 
 
+def test_int8_layers_side_by_side_compute_exactly_what_each_computes_alone():
+    torch.manual_seed(0)
+    shapes_and_bias = [(8, torch.randn(8)), (16, None), (4, torch.randn(4))]
+    layers = [
+        quant.Int8Linear(quant.quantize_int8(torch.randn(n, 64), quant.LINEAR_MAX), bias)
+        for n, bias in shapes_and_bias
+    ]
+    x = torch.randn(5, 7, 64)
+    joined = quant.Int8Linear.side_by_side(layers)(x)
+    assert torch.equal(joined, torch.cat([layer(x) for layer in layers], dim=-1))
+
+
 def test_linear_weights_keep_within_the_range_full_range_activations_allow():
     model = zoo.build("cnn", {})
     stored = quant.prepare(model, "int8")

@@ -64,6 +64,19 @@ def test_int8_minilm_embeds_held_out_texts_within_cosine_0_99_of_fp32() -> None:
         assert compress.mean_cosine(minilm.module(ids), int8(ids)) >= 0.99
 
 
+def test_an_int8_berts_query_key_and_value_run_as_one_layer_with_the_same_results() -> None:
+    model = small()
+    int8 = stored(run_job(model, SMALL, {"quantize": {}}))
+    attention = int8.encoder.layer[0].attention.self
+    x = torch.randn(3, 5, SMALL["hidden"])
+    with torch.inference_mode():
+        together = attention._projections(x)
+        apart = (attention.query(x), attention.key(x), attention.value(x))
+    assert attention._int8_qkv is not None  # the joined layer was built and used
+    for joined, alone in zip(together, apart, strict=True):
+        assert torch.equal(joined, alone)
+
+
 def test_pruning_nothing_changes_nothing() -> None:
     model = small()
     pruned, config = compress.prune_structured(model, 0.0)

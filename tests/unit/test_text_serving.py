@@ -20,7 +20,7 @@ from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane
 from services.inference.sources import MemorySource
 from services.inference.tensors import decode_inputs, encode_output
-from services.inference.text import MAX_TEXTS, length_groups
+from services.inference.text import MAX_TEXTS
 
 TEXTS = [
     "Hello world",
@@ -100,11 +100,6 @@ def test_a_cut_bytes_tensor_is_refused(raw: bytes, message: str) -> None:
     tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])
     with pytest.raises(InvalidArgument, match=message):
         bytes_tensors.decode_raw(tensor, raw)
-
-
-def test_length_groups_keep_similar_lengths_together() -> None:
-    assert length_groups([3, 5, 30, 40, 70, 200]) == [slice(0, 3), slice(3, 5), slice(5, 6)]
-    assert length_groups([7]) == [slice(0, 1)]
 
 
 async def test_served_embeddings_equal_the_in_process_model(

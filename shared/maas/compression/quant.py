@@ -18,6 +18,7 @@ Why these choices (measured in bench/compress.py on this CPU):
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -127,6 +128,26 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+
+    def stored(self) -> tuple[Int8Weight, torch.Tensor | None]:
+        """The int8 weight and the fp32 bias this layer computes with."""
+        bias = self.bias
+        weight = Int8Weight(self.get_buffer("values"), self.get_buffer("scale"))
+        return weight, bias if isinstance(bias, torch.Tensor) else None
+
+    @classmethod
+    def side_by_side(cls, layers: Sequence[Int8Linear]) -> Int8Linear:
+        """One layer whose output is ``layers``' outputs concatenated, for layers that read the
+        same input: that input is then quantized once, not once per layer. The result is
+        bit-identical (the activation scale is per tensor, so every layer saw the same one)."""
+        parts = [layer.stored() for layer in layers]
+        weight = Int8Weight(
+            torch.cat([w.values for w, _ in parts]), torch.cat([w.scale for w, _ in parts])
+        )
+        if all(b is None for _, b in parts):
+            return cls(weight, None)
+        bias = [torch.zeros(w.values.shape[0]) if b is None else b for w, b in parts]
+        return cls(weight, torch.cat(bias))
 
 
 def convert(model: nn.Module, int8: dict[str, Int8Weight]) -> nn.Module:

@@ -69,7 +69,7 @@ class SelfAttention(nn.Module):
         n, length, _ = x.shape
         return x.view(n, length, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         n, length, _ = x.shape
         q, k, v = self._projections(x)
         context = F.scaled_dot_product_attention(
@@ -113,7 +113,7 @@ class Attention(nn.Module):
         self.self = SelfAttention(c, heads)  # the checkpoints' name: attention.self.query, ...
         self.output = DenseNorm(c, heads * c.head_dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         if self.self.heads:
             return self.output(self.self(x, mask), x)  # type: ignore[no-any-return]
         # Every head pruned: the block adds only its output bias.
@@ -136,7 +136,7 @@ class EncoderLayer(nn.Module):
         self.intermediate = Intermediate(c, intermediate)
         self.output = DenseNorm(c, intermediate)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.attention(x, mask)
         return self.output(self.intermediate(x), x)  # type: ignore[no-any-return]
 
@@ -148,7 +148,8 @@ class Encoder(nn.Module):
             EncoderLayer(c, c.heads_of(i), c.intermediate_of(i)) for i in range(c.layers)
         )
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """``mask``: [N, 1, 1, L], added to the attention scores (None: no row is padded)."""
         for layer in self.layer:
             x = layer(x, mask)
         return x
@@ -166,6 +167,19 @@ def length_groups(lengths: Sequence[int]) -> list[slice]:
     if len(lengths):
         groups.append(slice(start, len(lengths)))
     return groups
+
+
+def key_mask(real: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The additive attention mask of token rows ``real`` ([N, L], True = token), or None when
+    no row is padded.
+
+    Made once for every layer (attention would convert a boolean mask on each call). Padding
+    gets the dtype's lowest value, not -inf, so a row without tokens stays finite.
+    """
+    if bool(real.all()):
+        return None
+    mask = torch.zeros(real.shape, dtype=dtype).masked_fill_(~real, torch.finfo(dtype).min)
+    return mask[:, None, None, :]
 
 
 def mean_pool(states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -211,8 +225,8 @@ class Bert(nn.Module):
         # Columns no row uses are cut: padding costs nothing beyond the longest row.
         used = int(real.any(0).nonzero().max()) + 1 if bool(real.any()) else 1
         ids, real = ids[:, :used], real[:, :used]
-        mask = real[:, None, None, :]  # [N, 1, 1, L]: True = attend to that key
-        states = self.encoder(self.embeddings(ids), mask)
+        x = self.embeddings(ids)
+        states = self.encoder(x, key_mask(real, x.dtype))
         return mean_pool(states, real)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:

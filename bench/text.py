@@ -50,6 +50,18 @@ from maas.text.pretrained import MINILM_PACKAGE, read_package
 
 SENTENCE = "The quick brown fox jumps over the lazy dog."
 ROUNDS = 20
+# Batch-32 timings move by +-10 % between blocks of 5 rounds on this 2-vCPU machine: 15 rounds
+# keep the int8/fp32 ratio within a few percent from run to run.
+BATCH_ROUNDS = 15
+# The served encoder runs one forward at a time with as many torch threads as the in-process
+# forward it is compared with (the server's default, 2 workers x 1 thread, suits small models).
+SERVER_SETTINGS = {
+    "MAAS_AUTH": "off",
+    "MAAS_INFERENCE_MAX_BATCH_SIZE": "64",
+    "MAAS_INFERENCE_MAX_QUEUE_DELAY_US": "0",
+    "MAAS_INFERENCE_WORKERS": "1",
+    "MAAS_INFERENCE_TORCH_THREADS": str(torch.get_num_threads()),
+}
 
 
 def p50_ms(call: Callable[[], object], rounds: int = ROUNDS) -> float:
@@ -79,7 +91,7 @@ def p50s_interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dic
 def timed(models: dict[str, nn.Module], one: torch.Tensor, batch: torch.Tensor) -> dict[str, Any]:
     """p50 of one input and of a batch of 32 for each model, the models timed in turns."""
     singles = p50s_interleaved({k: run(m, one) for k, m in models.items()}, ROUNDS)
-    batches = p50s_interleaved({k: run(m, batch) for k, m in models.items()}, 5)
+    batches = p50s_interleaved({k: run(m, batch) for k, m in models.items()}, BATCH_ROUNDS)
     return {k: {"p50_ms_one": singles[k], "batch32_ms": batches[k]} for k in models}
 
 
@@ -125,9 +137,11 @@ def inprocess(minilm: TextModel, texts: list[str]) -> dict[str, Any]:
     return {
         "ours_forward_p50_ms": p50_ms(run(minilm.module, one)),
         "ours_tokenize_and_forward_p50_ms": p50_ms(lambda: minilm([SENTENCE])),
-        "ours_batch32_ms": p50_ms(run(minilm.module, batch), rounds=5),
+        "ours_batch32_ms": p50_ms(run(minilm.module, batch), rounds=BATCH_ROUNDS),
         "sentence_transformers_p50_ms": p50_ms(lambda: peer.encode([SENTENCE])),
-        "sentence_transformers_batch32_ms": p50_ms(lambda: peer.encode(texts[:32]), rounds=5),
+        "sentence_transformers_batch32_ms": p50_ms(
+            lambda: peer.encode(texts[:32]), rounds=BATCH_ROUNDS
+        ),
     }
 
 
@@ -148,13 +162,7 @@ def served_minilm() -> Iterator[tuple[str, str]]:
         ServiceProcesses(Path(tmp)) as processes,
     ):
         registry = processes.start_registry()
-        inference = processes.start_inference(
-            "inference-text",
-            registry,
-            MAAS_AUTH="off",
-            MAAS_INFERENCE_MAX_BATCH_SIZE="64",
-            MAAS_INFERENCE_MAX_QUEUE_DELAY_US="0",
-        )
+        inference = processes.start_inference("inference-text", registry, **SERVER_SETTINGS)
         name = f"bench-minilm-{uuid.uuid4().hex[:6]}"
 
         async def register() -> None:
@@ -188,7 +196,11 @@ def serving(seconds: float) -> dict[str, Any]:
 
         with ThreadPoolExecutor(max_workers=16) as pool:
             total = sum(pool.map(worker, clients))
-        return {"served_p50_ms_c1": latency, "served_req_per_s_c16": total / seconds}
+        return {
+            "served_p50_ms_c1": latency,
+            "served_req_per_s_c16": total / seconds,
+            "server_settings": SERVER_SETTINGS,
+        }
 
 
 # --- variants -----------------------------------------------------------------------------------

@@ -200,6 +200,10 @@ class WorkerService:
         for task in running.tasks:
             task.cancel()
         await asyncio.gather(*running.tasks, return_exceptions=True)
+        # The links (their tasks, their finished coroutines' frames) refer back to `running`:
+        # cut that cycle so the job's memory is returned now, not at some later full collection.
+        running.links.clear()
+        running.tasks.clear()
         log.info("left job %s after %d steps here (%s)", job_id, running.job.steps, why)
 
     # --- computing --------------------------------------------------------------------------

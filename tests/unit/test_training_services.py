@@ -3,8 +3,10 @@ leave, role and id parsing, and the shard process staying free of torch."""
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
+import weakref
 from collections.abc import Callable
 
 import numpy as np
@@ -68,6 +70,21 @@ def test_a_worker_computes_once_per_new_version_of_every_shard(job: WorkerJob) -
     assert not job.ready()  # shard 1 still at the version already used
     job.receive(1, _params(job, 1, 1))
     assert job.ready() and job.take()[1].version == 1
+
+
+def test_a_finished_jobs_model_is_freed_at_once_without_the_cycle_collector() -> None:
+    prepared = _prepare("none")
+    job = WorkerJob(prepared.plan, 0, prepared.state, prepared.dataset, chunk_bytes=1 << 20)
+    for shard in range(2):
+        job.receive(shard, _params(job, shard, 0))
+    job.compute(job.take(), lambda shard, push: None)  # the gradient hooks have run
+    gone = weakref.ref(job.replica)  # the model, its flat parameters and gradients
+    gc.disable()
+    try:
+        del job
+        assert gone() is None  # a long-lived worker keeps no finished job's model
+    finally:
+        gc.enable()
 
 
 def test_lossless_codecs_send_each_tensor_from_inside_backward_last_layer_first() -> None:

@@ -65,6 +65,10 @@ def test_a_batch_of_mixed_lengths_equals_each_text_alone(minilm: TextModel) -> N
     np.testing.assert_allclose(together, alone, atol=1e-5, rtol=0)
 
 
+def test_a_batch_of_no_rows_gives_no_embeddings(minilm: TextModel) -> None:
+    assert minilm.run_ids(np.zeros((0, 8), dtype=np.int64)).shape == (0, 384)
+
+
 def test_the_tokenizer_truncates_to_max_seq_length_and_pads_to_the_longest(
     minilm: TextModel,
 ) -> None:

@@ -215,7 +215,7 @@ class Bert(nn.Module):
         lengths = (ids != self.config.pad_token_id).sum(1)
         order = torch.argsort(lengths, stable=True)
         groups = length_groups(lengths[order].tolist())
-        if len(groups) == 1:
+        if len(groups) <= 1:  # one group, or no rows at all
             return self._pooled_group(ids)
         parts = [self._pooled_group(ids[order[group]]) for group in groups]
         return torch.cat(parts)[torch.argsort(order)]

@@ -4,7 +4,8 @@ Prints one JSON document:
   - inprocess:    our encoder's forward for one sentence (p50) and a batch of 32, beside
                   sentence-transformers' ``encode`` of the same texts (the peer);
   - served:       the real inference server (registry + Kafka + S3, private stack), driven by
-                  tritonclient with BYTES: p50 at concurrency 1, throughput at concurrency 16;
+                  tritonclient with BYTES: p50 at concurrency 1 beside the server's own mean
+                  forward time over those requests, throughput at concurrency 16;
   - variants:     fp32, int8 (the compressor's stored format), 25 % structured head/FFN pruning
                   and a 3-layer student distilled on embeddings: Linear weight bytes, p50 for
                   one sentence, batch-32 time, mean cosine to fp32 on held-out texts;
@@ -184,7 +185,11 @@ def serving(seconds: float) -> dict[str, Any]:
             client.infer(name, [tensor]).as_numpy("embedding")
 
         single = triton.InferenceServerClient(url=addr)
+        ask(single)  # warm-up, outside the server's counts below
+        count, ns = forward_counts(single, name)
         latency = p50_ms(lambda: ask(single), rounds=100)
+        count_after, ns_after = forward_counts(single, name)
+        forward_ms = (ns_after - ns) / max(count_after - count, 1) / 1e6
         clients = [triton.InferenceServerClient(url=addr) for _ in range(16)]
 
         def worker(client: triton.InferenceServerClient) -> int:
@@ -198,9 +203,19 @@ def serving(seconds: float) -> dict[str, Any]:
             total = sum(pool.map(worker, clients))
         return {
             "served_p50_ms_c1": latency,
+            # Mean wall time of the forward inside the server over those c=1 requests (its
+            # statistics' compute_infer): how much of the gap is the forward itself.
+            "server_forward_ms_c1": forward_ms,
             "served_req_per_s_c16": total / seconds,
             "server_settings": SERVER_SETTINGS,
         }
+
+
+def forward_counts(client: Any, name: str) -> tuple[int, int]:
+    """(forwards, their total ns) from the server's statistics (compute_infer)."""
+    stats = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
+    infer = stats["inference_stats"]["compute_infer"]
+    return int(infer.get("count", 0)), int(infer.get("ns", 0))
 
 
 # --- variants -----------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 from maas import zoo
 from maas.config import Settings
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
+from maas.text import byte_tokenizer
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, Token, generate
 from maas.text.stream import stream_completion
@@ -202,14 +203,17 @@ def _wait_for(condition: Any, timeout_s: float = 30.0) -> None:
 
 @pytest.fixture
 def slow_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each decode step takes 20 ms or more: a 1 000-token stream cannot end by itself before
-    its client leaves (on an idle machine the tiny model once wrote all 1 000 tokens first).
-    The class is patched: the server decodes with its own copy of the model."""
+    """Each decode step takes 20 ms or more and never picks end-of-text: a 1 000-token stream
+    cannot end by itself before its client leaves. (On an idle machine the tiny model once wrote
+    all 1 000 tokens first; under load a sampled end-of-text once ended the stream before the
+    server saw the client go.) The class is patched: the server decodes with its own copy."""
     step = GPT.step
 
     def slowed(self: GPT, *args: Any, **kwargs: Any) -> Any:
         time.sleep(0.02)
-        return step(self, *args, **kwargs)
+        logits = step(self, *args, **kwargs)
+        logits[..., byte_tokenizer.EOT] = float("-inf")
+        return logits
 
     monkeypatch.setattr(GPT, "step", slowed)
 

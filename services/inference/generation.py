@@ -133,7 +133,7 @@ class DecodeBatch:
         self._tokens.inc(len(requests))
         for row, request in enumerate(requests):
             request.position += 1
-            is_greedy = request.params.temperature == 0
+            is_greedy = request.params.temperature == 0 and not request.params.logit_bias
             self._advance(request, greedy[row] if is_greedy else request.sampler.pick(logits[row]))
 
     def _first(self, request: Request, logits: torch.Tensor) -> None:

@@ -3,7 +3,8 @@
 A request names a GPT version and carries the prompt as a ``BYTES`` input ``text_input`` (shape
 [1]); sampling settings are request parameters (``max_tokens``, ``temperature``, ``top_p``,
 ``top_k``, ``seed`` — numbers may be sent as text, since tritonclient's parameters carry only
-str, int and bool — and ``stop`` as a string or a JSON list of strings). Each token comes back as
+str, int and bool —, ``stop`` as a string or a JSON list of strings, and ``logit_bias`` as a JSON
+object of token id -> bias, as in the OpenAI API). Each token comes back as
 a ``ModelInferResponse`` with outputs ``text_output`` (BYTES [1], the text it released) and
 ``token_id`` (INT64 [1]) and the parameter ``triton_final_response`` (true on the last one, which
 also carries ``finish_reason``), as Triton's decoupled models answer. With the request parameter
@@ -91,15 +92,21 @@ def sampling_of(request: pb.ModelInferRequest) -> tuple[SamplingParams, bool]:
             fields[key] = _number(key, params[key], kind)
     stop = params.get("stop")
     if isinstance(stop, str) and stop.startswith("["):
-        try:
-            stop = json.loads(stop)
-        except ValueError:
-            raise InvalidArgument(
-                f"parameter stop={stop!r} is not a JSON list of strings"
-            ) from None
+        stop = _json(stop, "stop", "a JSON list of strings")
     if stop is not None:
         fields["stop"] = stop
+    if params.get("logit_bias") is not None:
+        bias = params["logit_bias"]
+        shape = 'a JSON object of token id -> bias, e.g. {"256": -100}'
+        fields["logit_bias"] = _json(bias, "logit_bias", shape) if isinstance(bias, str) else bias
     return SamplingParams.from_request(fields), empty_final
+
+
+def _json(text: str, key: str, shape: str) -> object:
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise InvalidArgument(f"parameter {key}={text!r} is not {shape}") from None
 
 
 def token_response(

@@ -50,10 +50,10 @@ CHAT_DEFAULTS = {"max_tokens": 64, "temperature": 1.0}
 # OpenAI fields we accept but that change nothing here (one choice, no logprobs, no penalties).
 IGNORED = frozenset(
     {"user", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-     "stream_options", "echo", "best_of", "logit_bias", "suffix", "response_format"}
+     "stream_options", "echo", "best_of", "suffix", "response_format"}
 )  # fmt: skip
 SAMPLING = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-                      "seed", "stop"})  # fmt: skip
+                      "seed", "stop", "logit_bias"})  # fmt: skip
 
 
 def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:

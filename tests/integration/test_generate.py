@@ -23,6 +23,7 @@ from infra.harness.serving import ServiceProcesses
 from infra.proc import free_port
 from maas import zoo
 from maas.registry import RegistryClient
+from maas.text.byte_tokenizer import EOT
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, Token, generate
 
@@ -146,8 +147,14 @@ def test_openai_client_streams_a_chat_completion_and_a_completion(servers, gpt):
 
 def test_a_cancelled_stream_frees_the_only_slot_for_the_next_request(servers, gpt):
     before = ended(servers, gpt.name).get("cancelled", 0.0)
+    # End-of-text banned: the stream cannot finish by itself before the server sees it go.
     long = client(servers).completions.create(
-        model=gpt.name, prompt="a", max_tokens=1000, temperature=1.0, stream=True
+        model=gpt.name,
+        prompt="a",
+        max_tokens=1000,
+        temperature=1.0,
+        stream=True,
+        logit_bias={str(EOT): -100},
     )
     next(iter(long))
     long.close()

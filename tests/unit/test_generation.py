@@ -82,6 +82,20 @@ def test_requests_joining_between_steps_decode_as_if_alone(model: GPT) -> None:
     assert late == _solo(model, PROMPTS[2], GREEDY)
 
 
+def test_a_biased_greedy_row_decodes_as_if_alone(model: GPT) -> None:
+    batch = DecodeBatch(model, slots=2)
+    first = _solo(model, PROMPTS[0], GREEDY)[0].id
+    biased = SamplingParams(max_tokens=8, temperature=0, logit_bias=((first, -100.0),))
+    plain: list[Token] = []
+    banned: list[Token] = []
+    batch.admit(_request(model, PROMPTS[0], GREEDY, plain))
+    batch.admit(_request(model, PROMPTS[0], biased, banned))
+    _drain(batch)
+    assert plain == _solo(model, PROMPTS[0], GREEDY)
+    assert banned == _solo(model, PROMPTS[0], biased)
+    assert all(t.id != first for t in banned)
+
+
 def test_a_finished_request_gives_its_slot_back(model: GPT) -> None:
     batch = DecodeBatch(model, slots=2)
     out: list[Token] = []

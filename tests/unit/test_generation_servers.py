@@ -5,6 +5,7 @@ client, unmodified, get the in-process model's tokens."""
 from __future__ import annotations
 
 import asyncio
+import json
 import queue
 import threading
 import time
@@ -175,6 +176,18 @@ def test_openai_client_gets_a_whole_completion_with_usage(served: Served) -> Non
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (2, 5)
 
 
+def test_logit_bias_reaches_the_sampler_through_both_doors(served: Served) -> None:
+    forced = {str(ord("z")): 100}
+    reply = _openai(served).completions.create(
+        model=NAME, prompt="x", max_tokens=4, temperature=0, logit_bias=forced
+    )
+    assert reply.choices[0].text == "zzzz"
+    results = _triton_stream(
+        served.grpc_addr, "x", max_tokens=3, temperature="0", logit_bias=json.dumps(forced)
+    )
+    assert [int(r.as_numpy("token_id")[0]) for r in results] == [ord("z")] * 3
+
+
 def test_openai_models_lists_the_loaded_generative_models(served: Served) -> None:
     _openai(served).completions.create(model=NAME, prompt="a", max_tokens=1)
     assert NAME in [m.id for m in _openai(served).models.list()]
@@ -201,19 +214,21 @@ def _wait_for(condition: Any, timeout_s: float = 30.0) -> None:
         time.sleep(0.01)
 
 
+NO_END_OF_TEXT = {str(byte_tokenizer.EOT): -100}
+
+
 @pytest.fixture
 def slow_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each decode step takes 20 ms or more and never picks end-of-text: a 1 000-token stream
-    cannot end by itself before its client leaves. (On an idle machine the tiny model once wrote
-    all 1 000 tokens first; under load a sampled end-of-text once ended the stream before the
-    server saw the client go.) The class is patched: the server decodes with its own copy."""
+    """Each decode step takes 20 ms or more, so a 1 000-token stream that may not pick
+    end-of-text (``NO_END_OF_TEXT``) cannot end by itself before its client leaves. (On an idle
+    machine the tiny model once wrote all 1 000 tokens first; under load a sampled end-of-text
+    once ended the stream before the server saw the client go.) The class is patched: the server
+    decodes with its own copy."""
     step = GPT.step
 
     def slowed(self: GPT, *args: Any, **kwargs: Any) -> Any:
         time.sleep(0.02)
-        logits = step(self, *args, **kwargs)
-        logits[..., byte_tokenizer.EOT] = float("-inf")
-        return logits
+        return step(self, *args, **kwargs)
 
     monkeypatch.setattr(GPT, "step", slowed)
 
@@ -222,7 +237,12 @@ def slow_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_client_leaving_an_http_stream_frees_its_slot(served: Served) -> None:
     before = _ended(served, "cancelled")
     stream = _openai(served).completions.create(
-        model=NAME, prompt="a", max_tokens=1000, temperature=1.0, stream=True
+        model=NAME,
+        prompt="a",
+        max_tokens=1000,
+        temperature=1.0,
+        stream=True,
+        logit_bias=NO_END_OF_TEXT,
     )
     next(iter(stream))
     stream.close()
@@ -237,7 +257,8 @@ def test_cancelling_a_triton_stream_frees_its_slot(served: Served) -> None:
     client.start_stream(callback=lambda result, error: first.put(error or result))
     text = triton.InferInput("text_input", [1], "BYTES")
     text.set_data_from_numpy(np.array([b"a"], dtype=object))
-    client.async_stream_infer(NAME, [text], parameters={"max_tokens": 1000})
+    parameters = {"max_tokens": 1000, "logit_bias": json.dumps(NO_END_OF_TEXT)}
+    client.async_stream_infer(NAME, [text], parameters=parameters)
     assert not isinstance(first.get(timeout=60), InferenceServerException)
     client.stop_stream(cancel_requests=True)
     client.close()

@@ -127,6 +127,26 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model: GPT) -> None:
     assert _text(model, "class A:", max_tokens=10, top_p=1e-6, seed=1) == greedy
 
 
+def test_logit_bias_bans_one_token_and_forces_another(model: GPT) -> None:
+    (greedy,) = generate(model, "def", SamplingParams(max_tokens=1, temperature=0))
+    banned = SamplingParams(max_tokens=1, temperature=0, logit_bias=((greedy.id, -100.0),))
+    (other,) = generate(model, "def", banned)
+    assert other.id != greedy.id
+    forced = SamplingParams(max_tokens=6, temperature=1.0, seed=5, logit_bias=((ord("q"), 100.0),))
+    assert _text(model, "def", **forced.__dict__) == ("qqqqqq", FINISH_LENGTH)
+
+
+def test_logit_bias_from_a_request_takes_openai_string_keys() -> None:
+    params = SamplingParams.from_request({"logit_bias": {"256": -100, "10": 2.5}})
+    assert params.logit_bias == ((10, 2.5), (256, -100))
+
+
+@pytest.mark.parametrize("bias", [{"x": 1}, {"257": 1}, {"-1": 1}, {"5": 101}, {"5": "a"}, [5]])
+def test_a_bad_logit_bias_names_the_field_and_the_accepted_range(bias: object) -> None:
+    with pytest.raises(InvalidArgument, match=r"logit_bias.*0\.\.256.*\[-100, 100\]"):
+        SamplingParams.from_request({"logit_bias": bias})
+
+
 def test_max_tokens_and_context_bound_the_length(model: GPT) -> None:
     tokens = list(generate(model, "x", SamplingParams(max_tokens=5, temperature=0)))
     assert len(tokens) <= 5 and tokens[-1].finish is not None

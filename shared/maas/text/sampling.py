@@ -18,6 +18,7 @@ from maas.text import byte_tokenizer
 from maas.text.gpt import GPT, KVCache
 
 MAX_STOP_SEQUENCES = 4
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range: -100 bans a token, +100 all but forces it
 FINISH_STOP = "stop"  # end-of-text token or a stop sequence
 FINISH_LENGTH = "length"  # max_tokens reached or the context is full
 
@@ -32,6 +33,8 @@ class SamplingParams:
     top_k: int = 0  # 0 = no top-k cut
     seed: int | None = None
     stop: tuple[str, ...] = field(default=())
+    # (token id, added to its logit) pairs; OpenAI's ``logit_bias`` map, sorted by token id.
+    logit_bias: tuple[tuple[int, float], ...] = field(default=())
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -54,6 +57,8 @@ class SamplingParams:
             raise InvalidArgument(
                 f"stop={list(self.stop)!r} must be at most {MAX_STOP_SEQUENCES} non-empty strings"
             )
+        for token, bias in self.logit_bias:
+            _check_bias(token, bias)
 
     @classmethod
     def from_request(cls, body: dict[str, Any], **defaults: Any) -> SamplingParams:
@@ -61,10 +66,46 @@ class SamplingParams:
         values = {**defaults, **{k: body[k] for k in _FIELDS if body.get(k) is not None}}
         stop = values.get("stop", ())
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        if "logit_bias" in values:
+            values["logit_bias"] = _bias_pairs(values["logit_bias"])
         return cls(**values)
 
 
-_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop")
+_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logit_bias")
+_BIAS_RULE = (
+    f"logit_bias maps token ids (0..{byte_tokenizer.VOCAB_SIZE - 1}; bytes are 0..255, "
+    f"end-of-text is {byte_tokenizer.EOT}) to numbers in "
+    f"[-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]"
+)
+
+
+def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``{"256": -100}`` (JSON keys are strings) -> sorted (token, bias) pairs."""
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"logit_bias={value!r}: {_BIAS_RULE}")
+    pairs = []
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"logit_bias key {key!r}: {_BIAS_RULE}") from None
+        pairs.append((token, bias))
+    return tuple(sorted(pairs))
+
+
+def _check_bias(token: object, bias: object) -> None:
+    if (
+        isinstance(token, bool)
+        or not isinstance(token, int)
+        or not 0 <= token < byte_tokenizer.VOCAB_SIZE
+    ):
+        raise InvalidArgument(f"logit_bias token {token!r}: {_BIAS_RULE}")
+    if (
+        isinstance(bias, bool)
+        or not isinstance(bias, int | float)
+        or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS
+    ):
+        raise InvalidArgument(f"logit_bias[{token}]={bias!r}: {_BIAS_RULE}")
 
 
 class Sampler:
@@ -77,10 +118,15 @@ class Sampler:
             self._generator.manual_seed(params.seed)
         else:
             self._generator.seed()
+        tokens, biases = zip(*params.logit_bias, strict=True) if params.logit_bias else ((), ())
+        self._biased = torch.tensor(tokens, dtype=torch.long)
+        self._bias = torch.tensor(biases, dtype=torch.float32)
 
     def pick(self, logits: torch.Tensor) -> int:
         """The next token for one row of logits (vocab,)."""
         p = self.params
+        if self.params.logit_bias:
+            logits = logits.float().index_add(0, self._biased, self._bias)
         if p.temperature == 0:
             return int(torch.argmax(logits))
         logits = logits.float() / p.temperature

@@ -44,7 +44,7 @@ HTTP_STATUS = {
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant")
 COMPLETION_DEFAULTS = {"max_tokens": 16, "temperature": 1.0}
 CHAT_DEFAULTS = {"max_tokens": 64, "temperature": 1.0}
 # OpenAI fields we accept but that change nothing here (one choice, no logprobs, no penalties).
@@ -123,13 +123,25 @@ def chat_prompt(body: Mapping[str, Any]) -> str:
     lines = []
     for i, message in enumerate(messages):
         role = message.get("role") if isinstance(message, dict) else None
-        content = message.get("content") if isinstance(message, dict) else None
-        if role not in ROLES or not isinstance(content, str):
-            raise InvalidArgument(
-                f"messages[{i}] must have role in {list(ROLES)} and string content"
-            )
-        lines.append(f"{role}: {content}")
+        if role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role={role!r}: accepted roles are {list(ROLES)}")
+        lines.append(f"{role}: {_content(message.get('content'), i)}")
     return "\n".join(lines) + "\nassistant:"
+
+
+def _content(content: object, i: int) -> str:
+    """A string, or OpenAI's list of content parts of which only ``text`` parts fit a text model."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(
+        isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+        for part in content
+    ):
+        return "".join(part["text"] for part in content)
+    raise InvalidArgument(
+        f"messages[{i}].content must be a string or a list of "
+        '{"type": "text", "text": "..."} parts (a text model takes no other kind)'
+    )
 
 
 def _sse(payload: Mapping[str, Any] | str) -> bytes:

@@ -9,6 +9,8 @@ import json
 import queue
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -201,6 +203,43 @@ def test_openai_errors_name_the_problem_with_the_right_status(served: Served) ->
         client.completions.create(model=NAME, prompt="a", top_p=0)
     with pytest.raises(openai.BadRequestError, match="not a text-generation model"):
         client.completions.create(model="not-a-gpt", prompt="a")
+
+
+def test_chat_content_given_as_text_parts_reads_as_one_string(served: Served) -> None:
+    def chat(content: Any) -> str | None:
+        reply = _openai(served).chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": content}], max_tokens=6, temperature=0
+        )
+        return reply.choices[0].message.content
+
+    parts = [{"type": "text", "text": "write "}, {"type": "text", "text": "a loop"}]
+    assert chat(parts) == chat("write a loop")
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"prompt": "a", "stop": 5}, "stop"),
+        ({"prompt": "a", "seed": 2**70}, "seed"),
+        ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "role"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "content"),
+        ({"messages": [{"role": "user"}]}, "content"),
+    ],
+)
+def test_a_malformed_body_gets_400_naming_the_field(
+    served: Served, body: dict[str, Any], named: str
+) -> None:
+    path = "/chat/completions" if "messages" in body else "/completions"
+    request = urllib.request.Request(
+        served.http_url + path,
+        data=json.dumps({"model": NAME, **body}).encode(),
+        headers={"content-type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=30)
+    assert caught.value.code == 400
+    assert named in json.loads(caught.value.read())["error"]["message"]
 
 
 def _ended(served: Served, reason: str) -> float:

@@ -189,6 +189,15 @@ def test_bad_sampling_parameters_name_the_field(field: str, value: object) -> No
         SamplingParams(**{field: value})  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [({"stop": 5}, "stop"), ({"stop": {"a": 1}}, "stop"), ({"seed": 2**70}, "seed")],
+)
+def test_a_request_of_the_wrong_shape_names_the_field(body: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidArgument, match=field):
+        SamplingParams.from_request(body)
+
+
 def test_sampler_without_seed_still_samples_valid_tokens() -> None:
     sampler = Sampler(SamplingParams(temperature=1.0))
     assert 0 <= sampler.pick(torch.zeros(byte_tokenizer.VOCAB_SIZE)) < byte_tokenizer.VOCAB_SIZE

@@ -48,9 +48,11 @@ class SamplingParams:
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidArgument(f"top_k={self.top_k!r} must be an integer >= 0 (0 = off)")
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int)
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not -(2**63) <= self.seed < 2**64
         ):
-            raise InvalidArgument(f"seed={self.seed!r} must be an integer")
+            raise InvalidArgument(f"seed={self.seed!r} must be an integer in [-2**63, 2**64)")
         if len(self.stop) > MAX_STOP_SEQUENCES or not all(
             isinstance(s, str) and s for s in self.stop
         ):
@@ -65,6 +67,8 @@ class SamplingParams:
         """Build from a request map (OpenAI field names); unknown keys are the caller's concern."""
         values = {**defaults, **{k: body[k] for k in _FIELDS if body.get(k) is not None}}
         stop = values.get("stop", ())
+        if not isinstance(stop, str | list | tuple):
+            raise InvalidArgument(f"stop={stop!r} must be a string or a list of strings")
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         if "logit_bias" in values:
             values["logit_bias"] = _bias_pairs(values["logit_bias"])

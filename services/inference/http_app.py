@@ -1,14 +1,18 @@
 """The inference service's HTTP listener: one aiohttp application that route modules add to.
 
 A module that serves HTTP (the OpenAI-compatible API, the OIP REST endpoints) exposes an object
-with ``add_to(app)``; the server calls it for each before ``start`` and owns the listener's
-lifetime. Handlers run on the server's event loop, beside the gRPC server.
+with ``add_to(app)``, the path ``prefix`` it serves and its ``error_body`` shape; the server calls
+``add`` for each before ``start`` and owns the listener's lifetime. Handlers run on the server's
+event loop, beside the gRPC server. What aiohttp itself refuses (no such route, a method the route
+does not take, a body over the limit) is answered in the error shape of the module whose prefix
+the path has, so every client gets JSON it can parse.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -18,7 +22,14 @@ log = logging.getLogger(__name__)
 
 
 class Routes(Protocol):
+    prefix: str  # e.g. "/v1": the paths whose refusals take this module's error shape
+
     def add_to(self, app: web.Application) -> None: ...
+
+    def error_body(self, message: str, status: int) -> dict[str, Any]: ...
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class HttpServer:
@@ -33,12 +44,33 @@ class HttpServer:
         if not sep or not port.isdigit():
             raise InvalidArgument(f"{setting}={listen!r} must be host:port, e.g. 127.0.0.1:8000")
         self._host, self._port, self._setting = host.strip("[]") or "0.0.0.0", int(port), setting
-        self.app = web.Application(client_max_size=max_body_bytes)
+        self._routes: list[Routes] = []
+        self.app = web.Application(
+            client_max_size=max_body_bytes, middlewares=[self._json_refusals]
+        )
         self._runner: web.AppRunner | None = None
         self.port = 0
 
     def add(self, routes: Routes) -> None:
         routes.add_to(self.app)
+        self._routes.append(routes)
+
+    @web.middleware
+    async def _json_refusals(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            body = self._error_body(request.path, _refusal(request, exc), exc.status)
+            headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+            return web.json_response(body, status=exc.status, headers=headers)
+
+    def _error_body(self, path: str, message: str, status: int) -> dict[str, Any]:
+        for routes in self._routes:
+            if path == routes.prefix or path.startswith(routes.prefix + "/"):
+                return routes.error_body(message, status)
+        return {"error": message}
 
     async def start(self) -> None:
         self._runner = web.AppRunner(self.app, access_log=None)
@@ -57,3 +89,20 @@ class HttpServer:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+
+def _refusal(request: web.Request, exc: web.HTTPException) -> str:
+    if exc.status == 404:
+        return f"no endpoint {request.path!r}; the API's paths start with /v2 (OIP) or /v1 (OpenAI)"
+    if exc.status == 405:
+        return f"{request.path} does not take {request.method}; it takes {exc.headers.get('Allow')}"
+    if exc.status == 413:
+        return too_large(exc)
+    return exc.text or exc.reason
+
+
+def too_large(exc: web.HTTPException) -> str:
+    return (
+        f"the request body is over the server's limit ({exc.text}); send smaller requests or "
+        "raise MAAS_GRPC_MAX_MESSAGE_BYTES"
+    )

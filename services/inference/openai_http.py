@@ -152,9 +152,14 @@ def _sse(payload: Mapping[str, Any] | str) -> bytes:
 class OpenAIRoutes:
     """The handlers; ``add_to(app)`` registers them on the server's aiohttp application."""
 
+    prefix = "/v1"
+
     def __init__(self, generators: Generators, authorize: Authorize | None = None) -> None:
         self._generators = generators
         self._authorize = authorize
+
+    def error_body(self, message: str, status: int) -> dict[str, Any]:
+        return error_body(message, status)
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", openai_errors(self.models))

@@ -41,6 +41,7 @@ from services.inference.describe import (
     repository_index,
     server_metadata,
 )
+from services.inference.http_app import too_large
 from services.inference.interceptors import metrics_observer
 from services.inference.metrics import Metrics
 from services.inference.openai_http import HTTP_STATUS
@@ -63,10 +64,15 @@ def _json(doc: Any, status: int = 200) -> web.Response:
 class OipRestRoutes:
     """The handlers; ``add_to(app)`` registers them on the server's aiohttp application."""
 
+    prefix = "/v2"
+
     def __init__(self, plane: DataPlane, authorizer: Authorizer, metrics: Metrics) -> None:
         self._plane = plane
         self._authorizer = authorizer
         self._observe = metrics_observer(metrics)
+
+    def error_body(self, message: str, status: int) -> dict[str, Any]:
+        return {"error": message}
 
     def add_to(self, app: web.Application) -> None:
         router = app.router
@@ -103,7 +109,7 @@ class OipRestRoutes:
                 return await handler(request)
             except web.HTTPRequestEntityTooLarge as exc:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED
-                return _json({"error": _too_large(exc)}, 413)
+                return _json({"error": too_large(exc)}, 413)
             except Exception as exc:
                 request_id = new_request_id()
                 code, message = status_for(exc, request_id)
@@ -197,10 +203,3 @@ async def _optional_json(request: web.Request) -> dict[str, Any]:
         return {}
     doc, _ = rest_codec.split_body(body, None)
     return doc
-
-
-def _too_large(exc: web.HTTPRequestEntityTooLarge) -> str:
-    return (
-        f"the request body is over the server's limit ({exc.text}); send smaller requests or "
-        "raise MAAS_GRPC_MAX_MESSAGE_BYTES"
-    )

@@ -242,6 +242,11 @@ def test_a_malformed_body_gets_400_naming_the_field(
     assert named in json.loads(caught.value.read())["error"]["message"]
 
 
+def test_an_unknown_openai_path_answers_in_the_openai_error_shape(served: Served) -> None:
+    with pytest.raises(openai.NotFoundError, match="/v1/embeddings"):
+        _openai(served).embeddings.create(model=NAME, input="a")
+
+
 def _ended(served: Served, reason: str) -> float:
     return float(served.generators.metrics.streams.labels(NAME, reason)._value.get())
 

@@ -178,6 +178,18 @@ async def test_a_body_over_the_limit_is_413_naming_the_setting():
     assert code == 413 and "MAAS_GRPC_MAX_MESSAGE_BYTES" in reply["error"]
 
 
+async def test_a_path_no_route_serves_is_404_with_a_json_error_naming_it(rest):
+    status, doc, _ = await rest.call("POST", "/v2/models//infer", json=infer_doc())
+    assert status == 404 and "'/v2/models//infer'" in doc["error"]
+
+
+async def test_a_method_the_route_does_not_take_is_405_saying_which_it_takes(rest):
+    async with rest.session.request("DELETE", "/v2/models/digits/infer") as response:
+        doc = await response.json()
+        assert response.status == 405 and response.headers["Allow"] == "POST"
+    assert "DELETE" in doc["error"] and "POST" in doc["error"]
+
+
 async def test_metadata_config_and_statistics_describe_the_model(rest):
     code, meta, _ = await rest.call("GET", "/v2/models/digits")
     assert code == 200 and meta["inputs"][0] == {

@@ -21,14 +21,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import struct
 from collections.abc import AsyncIterator, Callable
 
-from maas.errors import InvalidArgument, MaasError
+import grpc
+
+from maas.edge.server import new_request_id, status_for
+from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text import wire
 from maas.text.sampling import SamplingParams, Token
 from services.inference.generation import GenerationEngine, Generators
+from services.inference.tensors import decode_inputs
 
 TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"
@@ -37,6 +42,7 @@ FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
 _LENGTH = struct.Struct("<I")
 _INT64 = struct.Struct("<q")
+log = logging.getLogger(__name__)
 Send = Callable[[pb.ModelStreamInferResponse], None]
 NUMBERS: dict[str, type[int] | type[float]] = {
     "max_tokens": int,
@@ -54,17 +60,11 @@ def _parameter(param: pb.InferParameter) -> object:
 
 def prompt_of(request: pb.ModelInferRequest) -> str:
     """The single ``text_input`` BYTES element, decoded as UTF-8."""
-    for i, tensor in enumerate(request.inputs):
-        if tensor.name != TEXT_INPUT:
-            continue
-        if tensor.datatype != wire.BYTES:
-            break
-        if request.raw_input_contents:
-            array = wire.decode_raw(tensor, request.raw_input_contents[i])
-        else:
-            array = wire.decode_typed(tensor)
-        if array.size == 1:
-            return bytes(array.reshape(-1)[0]).decode("utf-8", errors="replace")
+    arrays = decode_inputs(request)
+    datatypes = {tensor.name: tensor.datatype for tensor in request.inputs}
+    array = arrays.get(TEXT_INPUT)
+    if array is not None and datatypes[TEXT_INPUT] == wire.BYTES and array.size == 1:
+        return bytes(array.reshape(-1)[0]).decode("utf-8", errors="replace")
     sent = [(t.name, t.datatype, list(t.shape)) for t in request.inputs]
     raise InvalidArgument(
         f"a generation request needs one input {TEXT_INPUT!r} of datatype BYTES and shape [1] "
@@ -140,8 +140,12 @@ async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send
                 send(token_response(request, engine, token, last and not empty_final))
         if empty_final:
             send(token_response(request, engine, None, True))
-    except MaasError as exc:
-        send(pb.ModelStreamInferResponse(error_message=exc.message))
+    except Exception as exc:  # one request's failure is answered on the stream, which goes on
+        request_id = new_request_id()
+        code, message = status_for(exc, request_id)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("stream request failed (request id %s)", request_id, exc_info=exc)
+        send(pb.ModelStreamInferResponse(error_message=message))
 
 
 async def serve(

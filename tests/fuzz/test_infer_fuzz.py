@@ -1,9 +1,12 @@
 """Hypothesis-generated ModelInfer requests against the real inference gRPC server (the edge with
 auth on, the dataplane, the batcher; versions from an in-memory source): every answer is OK or
 a status that names the caller's mistake — never INTERNAL or UNKNOWN — and a valid request is
-still answered correctly afterwards.
+still answered correctly afterwards. Generation requests on ModelStreamInfer (to a GPT) get the
+same treatment: each request on a stream ends in tokens or an ``error_message`` naming the
+mistake, and the stream itself is never aborted.
 
-MAAS_FUZZ_INFER_REQUESTS sets the count (CI: 500; the issue's figure: 2000).
+MAAS_FUZZ_INFER_REQUESTS sets the count (CI: 500; the issue's figure: 2000); the stream fuzz
+draws a fifth as many.
 """
 
 from __future__ import annotations
@@ -30,14 +33,17 @@ from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane
+from services.inference.generation import Generators
 from services.inference.metrics import Metrics
 from services.inference.server import build_grpc_server
 from services.inference.sources import MemorySource
+from tests.fuzz.fuzzing import drawing
 
 pytestmark = pytest.mark.timeout(900)
 
 REQUESTS = int(os.environ.get("MAAS_FUZZ_INFER_REQUESTS", "500"))
 MLP = {"in_features": 4, "hidden": [8], "num_classes": 3}
+GPT_CONFIG = {"block_size": 48, "n_layer": 1, "n_head": 2, "n_embd": 16}
 TOKEN = "fuzz-read-token"
 LIMIT = 256 * 1024
 ALLOWED = {
@@ -66,6 +72,7 @@ class Server:
         source = MemorySource()
         source.add("digits", self.module, "mlp", MLP, aliases=["production"])
         source.add("digits", zoo.build("mlp", MLP, seed=5).eval(), "mlp", MLP, aliases=["staging"])
+        source.add("pygpt", zoo.build("gpt", GPT_CONFIG, seed=6).eval(), "gpt", GPT_CONFIG)
         self._pool = ThreadPoolExecutor(max_workers=2)
         metrics = Metrics()
         self.plane = DataPlane(
@@ -80,7 +87,10 @@ class Server:
         options = Settings().replace(
             auth=True, auth_tokens_file=tokens_file, grpc_max_message_bytes=LIMIT
         )
-        self._server = build_grpc_server(options, self.plane, metrics, health.aio.HealthServicer())
+        self.generators = Generators(self.plane, slots=2)
+        self._server = build_grpc_server(
+            options, self.plane, metrics, health.aio.HealthServicer(), self.generators
+        )
         port = self._server.add_insecure_port("127.0.0.1:0")
         await self._server.start()
         return port
@@ -89,6 +99,7 @@ class Server:
         asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        self.generators.close()
         self._pool.shutdown()
 
 
@@ -206,3 +217,77 @@ def test_fuzzed_requests_get_only_the_callers_mistakes_and_valid_ones_still_work
     out = np.frombuffer(reply.raw_output_contents[0], np.float32).reshape(2, 3)
     with torch.inference_mode():
         np.testing.assert_allclose(out, server.module(torch.from_numpy(x)).numpy(), rtol=1e-5)
+
+
+# --- generation on ModelStreamInfer ---------------------------------------------------------------
+
+parameter_values = (
+    st.integers(-(2**63), 2**63 - 1).map(lambda v: pb.InferParameter(int64_param=v))
+    | st.booleans().map(lambda v: pb.InferParameter(bool_param=v))
+    | st.floats(allow_nan=True).map(lambda v: pb.InferParameter(double_param=v))
+    | (
+        st.sampled_from(["0", "1.5", "-3", "1e400", "[]", '["a"]', "[1]", "{}", '{"256": -100}',
+                         '{"x": 1}', '{"1": 1000}', "nan", "99999999999999999999999"])
+        | texts
+    ).map(lambda v: pb.InferParameter(string_param=v))
+)  # fmt: skip
+PARAMETER_NAMES = ["max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logit_bias",
+                   "triton_enable_empty_final_response"]  # fmt: skip
+
+
+@st.composite
+def stream_requests(draw: st.DrawFn) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(
+        model_name=draw(st.sampled_from(["pygpt", "pygpt", "digits", "nope", ""])),
+        model_version=draw(st.sampled_from(["", "1", "2", "latest"]) | texts),
+        id=draw(texts),
+    )
+    for _ in range(draw(st.integers(0, 2))):
+        tensor = request.inputs.add(
+            name=draw(st.sampled_from(["text_input", "text_input", "input"]) | texts),
+            datatype=draw(st.sampled_from(["BYTES", "BYTES", "FP32", ""])),
+            shape=draw(st.sampled_from([[1], [2], [1, 1], []]) | st.lists(dims, max_size=2)),
+        )
+        if draw(st.booleans()):
+            tensor.contents.bytes_contents.extend(
+                draw(st.lists(st.binary(max_size=12), max_size=3))
+            )
+        else:
+            prompt = draw(st.binary(max_size=12))
+            length = draw(st.sampled_from([len(prompt), len(prompt) + 9, 2**32 - 1]))
+            request.raw_input_contents.append(length.to_bytes(4, "little") + prompt)
+    for name in draw(st.lists(st.sampled_from(PARAMETER_NAMES) | texts, max_size=4)):
+        request.parameters[name].CopyFrom(draw(parameter_values))
+    return request
+
+
+def stream_answers(stub, requests: list[pb.ModelInferRequest]) -> list[pb.ModelStreamInferResponse]:
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    return list(stub.ModelStreamInfer(iter(requests), metadata=metadata, timeout=60))
+
+
+def test_fuzzed_stream_requests_each_end_in_tokens_or_a_named_error(stub):
+    errors: list[str] = []
+
+    @drawing(max(REQUESTS // 5, 20))
+    @given(st.lists(stream_requests(), min_size=1, max_size=3))
+    def one(requests: list[pb.ModelInferRequest]) -> None:
+        answers = stream_answers(stub, requests)  # an aborted stream raises RpcError here
+        ended = [a for a in answers if a.error_message or _final(a)]
+        assert len(ended) == len(requests), answers
+        for answer in answers:
+            assert "internal error" not in answer.error_message, answer.error_message
+            errors.extend([answer.error_message] if answer.error_message else [])
+
+    one()
+    assert errors
+    prompt = pb.ModelInferRequest(model_name="pygpt")
+    prompt.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    prompt.inputs[0].contents.bytes_contents.append(b"def")
+    prompt.parameters["max_tokens"].int64_param = 3
+    answers = stream_answers(stub, [prompt])
+    assert len(answers) == 3 and _final(answers[-1]) and not answers[0].error_message
+
+
+def _final(answer: pb.ModelStreamInferResponse) -> bool:
+    return answer.infer_response.parameters["triton_final_response"].bool_param

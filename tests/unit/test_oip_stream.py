@@ -1,0 +1,61 @@
+"""Reading a generation request on ModelStreamInfer: the prompt and the sampling parameters, as
+tritonclient sends them (numbers as text, lists and maps as JSON strings)."""
+
+from __future__ import annotations
+
+import pytest
+
+from maas.errors import InvalidArgument
+from maas.oip import grpc_predict_v2_pb2 as pb
+from services.inference.oip_stream import prompt_of, sampling_of
+
+
+def request(*, raw: list[bytes] | None = None, typed: bytes | None = None) -> pb.ModelInferRequest:
+    message = pb.ModelInferRequest(model_name="gpt")
+    tensor = message.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    if typed is not None:
+        tensor.contents.bytes_contents.append(typed)
+    message.raw_input_contents.extend(raw or [])
+    return message
+
+
+def test_the_prompt_is_read_from_raw_length_prefixed_bytes_or_typed_contents() -> None:
+    assert prompt_of(request(raw=[b"\x03\x00\x00\x00def"])) == "def"
+    assert prompt_of(request(typed="héllo".encode())) == "héllo"
+
+
+def test_a_raw_entry_count_unlike_the_input_count_is_refused_by_name() -> None:
+    two_raw = request(raw=[b"\x01\x00\x00\x00a", b"\x01\x00\x00\x00b"])
+    with pytest.raises(InvalidArgument, match="2 raw_input_contents"):
+        prompt_of(two_raw)
+
+
+def test_a_prompt_that_is_not_one_bytes_element_says_what_is_expected() -> None:
+    message = request(typed=b"a")
+    message.inputs[0].datatype = "FP32"
+    message.inputs[0].ClearField("contents")
+    message.inputs[0].contents.fp32_contents.append(1.0)
+    with pytest.raises(InvalidArgument, match="'text_input' of datatype BYTES and shape"):
+        prompt_of(message)
+
+
+def test_sampling_parameters_may_come_as_text_and_json() -> None:
+    message = request(typed=b"a")
+    message.parameters["max_tokens"].string_param = "7"
+    message.parameters["temperature"].int64_param = 0
+    message.parameters["stop"].string_param = '["\\n", "END"]'
+    message.parameters["logit_bias"].string_param = '{"256": -100}'
+    params, empty_final = sampling_of(message)
+    assert (params.max_tokens, params.temperature) == (7, 0.0)
+    assert params.stop == ("\n", "END") and params.logit_bias == ((256, -100),)
+    assert not empty_final
+
+
+@pytest.mark.parametrize(
+    ("key", "value"), [("logit_bias", "{256: -100}"), ("stop", "[unclosed"), ("top_k", "three")]
+)
+def test_a_parameter_that_does_not_parse_is_named(key: str, value: str) -> None:
+    message = request(typed=b"a")
+    message.parameters[key].string_param = value
+    with pytest.raises(InvalidArgument, match=key):
+        sampling_of(message)

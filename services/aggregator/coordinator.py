@@ -45,7 +45,14 @@ from maas.bus import DeadLetter, EventProducer, Record
 from maas.bus_consumer import EventConsumer, dead_letter_group
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
-from maas.errors import DeadlineExceeded, InvalidArgument, MaasError, NotFound, SchemaViolation
+from maas.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    SchemaViolation,
+)
 from maas.liveness import Liveness
 from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
@@ -110,9 +117,12 @@ class Coordinator:
             producer=self._producer,
             expected_schemas=[events.JOB_STATUS],
         )
-        self._pool = PoolScheduler(settings, self._producer, self._store, self._monitor)
+        self._pool = PoolScheduler(
+            settings, self._producer, self._store, self._monitor, self._member_failed
+        )
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._progress_ms: dict[str, int] = {}
+        self._member_failures: dict[str, str] = {}  # job -> why a member could not go on
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -256,6 +266,11 @@ class Coordinator:
                 if event.get("service") != COORDINATOR_SERVICE:  # a shard's: progress
                     self._progress_ms[event["job_id"]] = events.now_ms()
 
+    def _member_failed(self, job_id: str, why: str) -> None:
+        """Failed by its monitor (the one place a running job ends) at its next poll."""
+        log.warning("job %s: %s", job_id, why)
+        self._member_failures.setdefault(job_id, why)
+
     def _monitor(self, job_id: str) -> None:
         if job_id not in self._monitors or self._monitors[job_id].done():
             self._monitors[job_id] = asyncio.create_task(self._follow(job_id), name=job_id)
@@ -291,6 +306,8 @@ class Coordinator:
             if all(p is not None and p.final for p in pointers):
                 await self._finish(plan, [p for p in pointers if p is not None])
                 return
+            if job_id in self._member_failures:
+                raise FailedPrecondition(self._member_failures[job_id])
             versions = tuple(p.version if p else -1 for p in pointers)
             now = events.now_ms()
             if versions != seen or self._progress_ms.get(job_id, 0) > changed_ms:
@@ -371,6 +388,7 @@ class Coordinator:
         await self._store.clear_active(job_id)
         await self._pool.release(job_id)
         self._progress_ms.pop(job_id, None)
+        self._member_failures.pop(job_id, None)
         self._outcomes.labels(str(result["state"])).inc()
         log.info(
             "job %s %s: %s", job_id, result["state"], result.get("metrics") or result.get("error")

@@ -53,6 +53,7 @@ class PoolScheduler:
         producer: EventProducer,
         store: TrainingStore,
         on_started: Callable[[str], None],
+        on_member_failed: Callable[[str, str], None],
     ) -> None:
         self.pool = Pool(settings.worker_heartbeat_timeout_ms)
         self._heartbeat = Heartbeat(
@@ -61,6 +62,7 @@ class PoolScheduler:
         self._producer = producer
         self._store = store
         self._on_started = on_started
+        self._on_member_failed = on_member_failed  # (job_id, why)
         self._control = EventConsumer(
             settings,
             topics=[topics.TRAINING_CONTROL],
@@ -117,6 +119,19 @@ class PoolScheduler:
         # Our clock, not the member's: clocks of other machines may be off by more than a timeout.
         if self.pool.heard(member, event["kind"], event.get("address", ""), events.now_ms()):
             log.info("pool: %s %s joined %s", event["kind"], member, event.get("address", ""))
+        if "failed_job" in event:
+            self._member_failed(member, event["failed_job"])
+
+    def _member_failed(self, member: str, failed: dict[str, str]) -> None:
+        job_id = failed["job_id"]
+        assignment = self.pool.running.get(job_id)
+        if assignment is None or assignment.rank_of(member) is None:
+            return  # a job already over, or one this member no longer works on
+        rank = assignment.rank_of(member)
+        self._on_member_failed(
+            job_id,
+            f"gradient worker {member} (rank {rank}) could not compute a step: {failed['message']}",
+        )
 
     async def _tick(self) -> None:
         # A (re)started coordinator first learns the pool: until every live member had a full

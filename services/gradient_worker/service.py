@@ -234,9 +234,11 @@ class WorkerService:
         try:
             with self.metrics.step_seconds.time():
                 await loop.run_in_executor(self._compute, job.compute, view, emit)
-        except Exception:
-            # A step that cannot be computed will not compute next time either.
+        except Exception as exc:
+            # A step that cannot be computed will not compute next time either: say why, so the
+            # coordinator fails the job with the reason instead of waiting for it to stall.
             log.exception("job %s: step failed; leaving the job", job_id)
+            await self._pool.heartbeat.report_failure(job_id, f"{type(exc).__name__}: {exc}")
             await self._leave(job_id, "a step failed")
             return
         self.metrics.steps.inc(job.steps - before)  # a local-SGD round is several steps

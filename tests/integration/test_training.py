@@ -106,6 +106,20 @@ async def test_a_job_with_an_unknown_arch_fails_naming_the_field(cluster, produc
     assert "arch" in status["error"]["message"] and "transformer" in status["error"]["message"]
 
 
+async def test_a_job_whose_step_cannot_be_computed_fails_at_once_with_the_workers_reason(
+    cluster, producer, watcher
+):
+    # Passes intake (a batch is any positive size) but no worker can hold 10^12 rows' indices.
+    training = {"steps": 5, "workers": 1, "batch_size": 10**12}
+    status = await run(
+        producer, watcher, train_job("oom", "mlp", {"uri": "builtin:digits"}, training)
+    )
+    assert status["state"] == "failed", status
+    assert status["error"]["code"] == "failed_precondition"
+    message = status["error"]["message"]
+    assert "could not compute a step" in message and "MemoryError" in message
+
+
 # --- learning ---------------------------------------------------------------------------------
 
 

@@ -28,6 +28,8 @@ NOT_SETTINGS = {
     "MAAS_E2E_USE_RUNNING_STACK": ROOT / "tests" / "e2e" / "test_platform.py",
     "MAAS_PYTHON": ROOT / "infra" / "dev.sh",
     "MAAS_TORCH": ROOT / "infra" / "dev.sh",
+    "MAAS_FUZZ_INFER_REQUESTS": ROOT / "tests" / "fuzz" / "test_infer_fuzz.py",
+    "MAAS_FUZZ_HTTP_REQUESTS": ROOT / "tests" / "fuzz" / "test_http_fuzz.py",
 }
 _ENV = re.compile(r"\bMAAS_[A-Z0-9_]*")
 _VERSIONED = re.compile(r"\bmaas\.[a-z][a-z-]*\.v[0-9]+\b")

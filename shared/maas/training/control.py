@@ -75,7 +75,13 @@ class Identity:
         return None
 
 
-def member_event(identity: Identity, state: str, address: str = "") -> dict[str, Any]:
+FAILURE_MESSAGE_CHARS = 2000
+
+
+def member_event(
+    identity: Identity, state: str, address: str = "", failed_job: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    extra = {"failed_job": dict(failed_job)} if failed_job else {}
     return events.new_event(
         events.MEMBER,
         member_id=identity.member_id,
@@ -84,6 +90,7 @@ def member_event(identity: Identity, state: str, address: str = "") -> dict[str,
         address=address,
         incarnation=identity.incarnation,
         since=identity.since,
+        **extra,
     )
 
 
@@ -114,8 +121,14 @@ class Heartbeat:
     async def leave(self) -> None:
         await self._say("down")
 
-    async def _say(self, state: str) -> None:
-        event = member_event(self.identity, state, self.address)
+    async def report_failure(self, job_id: str, message: str) -> None:
+        """Tell the coordinator this member cannot go on with the job, and why (once; were it
+        lost, the job still fails when its stall timeout runs out)."""
+        failed = {"job_id": job_id, "message": message[:FAILURE_MESSAGE_CHARS]}
+        await self._say("up", failed)
+
+    async def _say(self, state: str, failed_job: Mapping[str, str] | None = None) -> None:
+        event = member_event(self.identity, state, self.address, failed_job)
         try:
             await self._producer.send(topics.TRAINING_CONTROL, event, key=self.member_id)
         except MaasError as exc:

@@ -59,3 +59,10 @@ def test_listing_models_needs_no_torch_s3_client_or_schema_validator():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_python_dash_m_maas_is_the_maas_command():
+    out = subprocess.run(
+        [sys.executable, "-m", "maas", "--help"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("usage: maas ")

@@ -27,7 +27,7 @@ from maas.store import ObjectStore
 from maas.training import checkpoint as ck
 from maas.training.storage import BUCKET
 
-TERMINAL = {"succeeded", "failed"}
+TERMINAL = {"succeeded", "failed", "cancelled"}
 HEARTBEAT_TIMEOUT_MS = 3000
 MLP_TRAINING = {
     "steps": 100,

@@ -1,7 +1,7 @@
 """The training coordinator (``MAAS_AGGREGATOR_ROLE=coordinator``, one replica).
 
 It is the only consumer of training jobs (group ``maas-training``) and the only writer of their
-``accepted``/``succeeded``/``failed`` states. Per job:
+``accepted``/``succeeded``/``failed``/``cancelled`` states. Per job:
 
 1. **Intake** (the job consumer's handler): skip types that are not ``train``/``finetune``; check
    the job (``maas.jobs.check_job``, then ``prepare_job``: arch, data fit, limits, finetune base
@@ -15,7 +15,9 @@ It is the only consumer of training jobs (group ``maas-training``) and the only 
    says ``running``. Members that go silent lose their part; free ones fill vacant ranks; a
    partition whose shard is gone moves to a live one. Every change is in the job's status.
 3. **Monitor**: poll the partitions' checkpoint pointers; when every one is final, finish. A job
-   whose shards show no progress for ``MAAS_JOB_STALL_TIMEOUT_MS`` fails (no workers?).
+   whose shards show no progress for ``MAAS_JOB_STALL_TIMEOUT_MS`` fails (no workers?). A job
+   ends early, at the next poll, when a worker reports a step it cannot compute (``failed`` with
+   its error) or a ``cancel`` job event names it (``cancelled``; a queued job at once).
 4. **Finish**: assemble the final parameters from the shards' final checkpoints, evaluate on the
    held-out split, register (lineage: job id, and the base for a finetune; metrics accuracy,
    loss, samples/s; alias if asked), write ``result.json``, publish ``succeeded``, clear the
@@ -122,7 +124,9 @@ class Coordinator:
         )
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._progress_ms: dict[str, int] = {}
-        self._member_failures: dict[str, str] = {}  # job -> why a member could not go on
+        # Jobs to end at their monitor's next poll (the one place a running job ends): a member
+        # could not go on, or a cancel event came. The first reason wins.
+        self._endings: dict[str, dict[str, Any]] = {}
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -173,6 +177,9 @@ class Coordinator:
 
     async def _handle(self, record: Record) -> None:
         job = record.event
+        if job["type"] == jobs.CANCEL:
+            await self._cancel(job["job_id"])
+            return
         if job["type"] not in TRAINING_TYPES:
             return  # compress jobs are the compressor's
         job_id = job["job_id"]
@@ -249,8 +256,9 @@ class Coordinator:
                 job = events.decode(letter.value, letter.headers)
             except SchemaViolation:
                 return  # not even a map: there is no job id to report on
-        # Every job consumer sees every job: report on ours, and on ones of no valid type.
-        if job.get("type") == "compress" or not isinstance(job.get("job_id"), str):
+        # Every job consumer sees every job: report on ours, and on ones of no valid type. A bad
+        # cancel event is no reason to call the job it names failed: its reason is in the DLQ.
+        if job.get("type") in ("compress", jobs.CANCEL) or not isinstance(job.get("job_id"), str):
             return
         await self._send_status(
             job["job_id"], "failed", error={"code": letter.code, "message": letter.message}
@@ -267,9 +275,24 @@ class Coordinator:
                     self._progress_ms[event["job_id"]] = events.now_ms()
 
     def _member_failed(self, job_id: str, why: str) -> None:
-        """Failed by its monitor (the one place a running job ends) at its next poll."""
         log.warning("job %s: %s", job_id, why)
-        self._member_failures.setdefault(job_id, why)
+        error = FailedPrecondition(why)
+        failed = {"state": "failed", "error": {"code": error.reason_code, "message": why}}
+        self._endings.setdefault(job_id, failed)
+
+    async def _cancel(self, job_id: str) -> None:
+        if not await self._store.has_plan(job_id) or await self._store.read_result(job_id):
+            log.info(
+                "job %s: cancel ignored (no training job of that id is queued or running)", job_id
+            )
+            return
+        cancelled = {"state": "cancelled", "reason": "a cancel event asked for it"}
+        monitor = self._monitors.get(job_id)
+        if monitor is not None and not monitor.done():
+            self._endings.setdefault(job_id, cancelled)
+            return
+        await self._store.write_result(job_id, cancelled)  # queued: nothing runs it yet
+        await self._announce(job_id, cancelled)
 
     def _monitor(self, job_id: str) -> None:
         if job_id not in self._monitors or self._monitors[job_id].done():
@@ -306,8 +329,11 @@ class Coordinator:
             if all(p is not None and p.final for p in pointers):
                 await self._finish(plan, [p for p in pointers if p is not None])
                 return
-            if job_id in self._member_failures:
-                raise FailedPrecondition(self._member_failures[job_id])
+            if job_id in self._endings:
+                ending = self._endings[job_id]
+                await self._store.write_result(job_id, ending)
+                await self._announce(job_id, ending)
+                return
             versions = tuple(p.version if p else -1 for p in pointers)
             now = events.now_ms()
             if versions != seen or self._progress_ms.get(job_id, 0) > changed_ms:
@@ -388,7 +414,7 @@ class Coordinator:
         await self._store.clear_active(job_id)
         await self._pool.release(job_id)
         self._progress_ms.pop(job_id, None)
-        self._member_failures.pop(job_id, None)
+        self._endings.pop(job_id, None)
         self._outcomes.labels(str(result["state"])).inc()
         log.info(
             "job %s %s: %s", job_id, result["state"], result.get("metrics") or result.get("error")

@@ -1,4 +1,4 @@
-"""`maas jobs submit | watch | list`: publish job events and follow their progress."""
+"""`maas jobs submit | watch | cancel | list`: publish job events and follow their progress."""
 
 from __future__ import annotations
 
@@ -62,6 +62,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     watch.add_argument("--timeout-s", type=float, default=None, help="give up after this long")
     watch.set_defaults(func=_watch)
 
+    cancel = command(
+        actions,
+        "cancel",
+        help="stop a queued or running train/finetune job",
+        description="Publishes a cancel event for JOB_ID; the coordinator ends the job at its "
+        "next poll and its status becomes cancelled (a job already finishing ends as it would "
+        "have; compress jobs run to the end). Exit code 0 once the job is cancelled.",
+        example="maas jobs cancel train-3f2a9c01de",
+    )
+    cancel.add_argument("job_id")
+    cancel.add_argument("--no-wait", action="store_true", help="publish only, do not follow")
+    cancel.add_argument("--timeout-s", type=float, default=60.0, help="give up after this long")
+    cancel.set_defaults(func=_cancel)
+
     listing = command(
         actions,
         "list",
@@ -84,6 +98,17 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     if args.watch:
         return _exit_code(asyncio.run(follow(settings, job["job_id"], None)))
     return 0
+
+
+def _cancel(args: argparse.Namespace, settings: Settings) -> int:
+    from maas import events, jobs
+
+    event = events.new_event(events.JOB, job_id=args.job_id, type=jobs.CANCEL)
+    asyncio.run(jobs.publish_job(settings, jobs.check_job(event, settings)))
+    if args.no_wait:
+        return 0
+    summary = asyncio.run(follow(settings, args.job_id, args.timeout_s))
+    return 0 if summary.state == "cancelled" else 1
 
 
 def _watch(args: argparse.Namespace, settings: Settings) -> int:
@@ -131,6 +156,9 @@ async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jo
             final = summary
     if final.state == "succeeded":
         console().print(f"[green]succeeded[/green]{_registered(final)} {_describe(final)}")
+        return final
+    if final.state == "cancelled":
+        console().print(f"[yellow]cancelled[/yellow] at step {final.step}")
         return final
     error = final.error or {"code": final.state, "message": "no details"}
     console().print(f"[red]{final.state}[/red]: {error['code']}: {error['message']}")

@@ -27,6 +27,7 @@ from maas.config import Settings
 from maas.errors import InvalidArgument, SchemaViolation
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+CANCEL = "cancel"  # the job type that stops the train/finetune job of the same job_id
 _REQUIRED_SECTIONS = {
     "train": ("model", "dataset"),
     "finetune": ("base", "dataset"),
@@ -75,6 +76,8 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """
     events.validate(job, events.JOB)
     kind = job["type"]
+    if kind == CANCEL:
+        return job  # the schema allowed nothing beside the id of the job to stop
     missing = [s for s in _REQUIRED_SECTIONS[kind] if s not in job]
     if missing:
         raise SchemaViolation(f"a {kind} job needs {', '.join(missing)}; add the section(s)")

@@ -340,6 +340,39 @@ async def test_a_second_process_under_a_held_member_id_stops_naming_the_holder(c
     assert holder.process.alive()
 
 
+# --- cancelling -------------------------------------------------------------------------------
+
+
+def cancel_event(job: dict[str, Any]) -> dict[str, Any]:
+    return events.new_event(events.JOB, job_id=job["job_id"], type="cancel")
+
+
+async def test_a_running_job_is_cancelled_and_its_workers_are_free_again(
+    cluster, producer, watcher
+):
+    long = train_job(
+        "cancel-run", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 5000}
+    )
+    await producer.send(topics.JOBS, long, key=long["job_id"])
+    await watcher.state(long["job_id"], "running")
+    await producer.send(topics.JOBS, cancel_event(long), key=long["job_id"])
+    status = await watcher.final(long["job_id"])
+    assert status["state"] == "cancelled", status
+    short = train_job("after-cancel", "mlp", {"uri": "builtin:digits"}, MLP_TRAINING)
+    assert (await run(producer, watcher, short))["state"] == "succeeded"
+
+
+async def test_a_queued_job_is_cancelled_before_it_runs(cluster, producer, watcher):
+    training = {**MLP_TRAINING, "workers": len(cluster.workers) + 3}
+    job = train_job("cancel-queued", "mlp", {"uri": "builtin:digits"}, training)
+    await producer.send(topics.JOBS, job, key=job["job_id"])
+    await watcher.state(job["job_id"], "queued")
+    await producer.send(topics.JOBS, cancel_event(job), key=job["job_id"])
+    status = await watcher.final(job["job_id"])
+    assert status["state"] == "cancelled", status
+    assert not [s for s in watcher.statuses[job["job_id"]] if s["state"] == "running"]
+
+
 # --- the elastic pool (these add workers: they run last) ---------------------------------------
 
 

@@ -62,6 +62,15 @@ def test_a_train_job_without_a_dataset_is_refused():
         check(doc)
 
 
+def test_a_cancel_event_names_only_the_job_to_stop():
+    assert check({"type": "cancel", "job_id": "train-1"})["type"] == "cancel"
+
+
+def test_a_cancel_event_carrying_a_job_section_is_refused_naming_it():
+    with pytest.raises(InvalidArgument, match="model"):
+        check({"type": "cancel", "job_id": "train-1", "model": {"name": "x"}})
+
+
 def test_a_compress_job_needs_a_base_model():
     with pytest.raises(InvalidArgument, match="needs base"):
         check({"type": "compress", "compress": {"methods": [{"quantize": {}}]}})

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -362,12 +365,21 @@ async def test_a_running_job_is_cancelled_and_its_workers_are_free_again(
     assert (await run(producer, watcher, short))["state"] == "succeeded"
 
 
-async def test_a_queued_job_is_cancelled_before_it_runs(cluster, producer, watcher):
+async def test_maas_jobs_cancel_stops_a_queued_job_before_it_runs(
+    stack, cluster, producer, watcher
+):
     training = {**MLP_TRAINING, "workers": len(cluster.workers) + 3}
     job = train_job("cancel-queued", "mlp", {"uri": "builtin:digits"}, training)
     await producer.send(topics.JOBS, job, key=job["job_id"])
     await watcher.state(job["job_id"], "queued")
-    await producer.send(topics.JOBS, cancel_event(job), key=job["job_id"])
+    s = stack.settings
+    env = {**os.environ, "MAAS_KAFKA_BOOTSTRAP": s.kafka_bootstrap, "MAAS_STATE_DIR": s.state_dir}
+    command = [sys.executable, "-m", "maas", "jobs", "cancel", job["job_id"], "--timeout-s", "90"]
+    cli = await asyncio.to_thread(
+        subprocess.run, command, env=env, capture_output=True, text=True, timeout=180
+    )
+    assert cli.returncode == 0, cli.stdout + cli.stderr
+    assert "cancelled" in cli.stdout
     status = await watcher.final(job["job_id"])
     assert status["state"] == "cancelled", status
     assert not [s for s in watcher.statuses[job["job_id"]] if s["state"] == "running"]

@@ -276,8 +276,10 @@ class Coordinator:
 
     def _member_failed(self, job_id: str, why: str) -> None:
         log.warning("job %s: %s", job_id, why)
-        error = FailedPrecondition(why)
-        failed = {"state": "failed", "error": {"code": error.reason_code, "message": why}}
+        failed = {
+            "state": "failed",
+            "error": {"code": FailedPrecondition.reason_code, "message": why},
+        }
         self._endings.setdefault(job_id, failed)
 
     async def _cancel(self, job_id: str) -> None:
@@ -287,12 +289,13 @@ class Coordinator:
             )
             return
         cancelled = {"state": "cancelled", "reason": "a cancel event asked for it"}
+        # Written first, so a restart before the announcement still ends the job as cancelled.
+        await self._store.write_result(job_id, cancelled)
         monitor = self._monitors.get(job_id)
         if monitor is not None and not monitor.done():
             self._endings.setdefault(job_id, cancelled)
-            return
-        await self._store.write_result(job_id, cancelled)  # queued: nothing runs it yet
-        await self._announce(job_id, cancelled)
+        else:
+            await self._announce(job_id, cancelled)  # queued: nothing runs it yet
 
     def _monitor(self, job_id: str) -> None:
         if job_id not in self._monitors or self._monitors[job_id].done():

@@ -125,9 +125,9 @@ class PoolScheduler:
     def _member_failed(self, member: str, failed: dict[str, str]) -> None:
         job_id = failed["job_id"]
         assignment = self.pool.running.get(job_id)
-        if assignment is None or assignment.rank_of(member) is None:
+        rank = None if assignment is None else assignment.rank_of(member)
+        if rank is None:
             return  # a job already over, or one this member no longer works on
-        rank = assignment.rank_of(member)
         self._on_member_failed(
             job_id,
             f"gradient worker {member} (rank {rank}) could not compute a step: {failed['message']}",

@@ -141,7 +141,10 @@ def test_logit_bias_from_a_request_takes_openai_string_keys() -> None:
     assert params.logit_bias == ((10, 2.5), (256, -100))
 
 
-@pytest.mark.parametrize("bias", [{"x": 1}, {"257": 1}, {"-1": 1}, {"5": 101}, {"5": "a"}, [5]])
+@pytest.mark.parametrize(
+    "bias",
+    [{"x": 1}, {"257": 1}, {"-1": 1}, {"5": 101}, {"5": "a"}, [5], {"5": 1, " 5": "a"}],
+)
 def test_a_bad_logit_bias_names_the_field_and_the_accepted_range(bias: object) -> None:
     with pytest.raises(InvalidArgument, match=r"logit_bias.*0\.\.256.*\[-100, 100\]"):
         SamplingParams.from_request({"logit_bias": bias})

@@ -87,14 +87,17 @@ def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
     """OpenAI's ``{"256": -100}`` (JSON keys are strings) -> sorted (token, bias) pairs."""
     if not isinstance(value, dict):
         raise InvalidArgument(f"logit_bias={value!r}: {_BIAS_RULE}")
-    pairs = []
+    biases: dict[int, object] = {}
     for key, bias in value.items():
         try:
             token = int(key)
         except (TypeError, ValueError):
             raise InvalidArgument(f"logit_bias key {key!r}: {_BIAS_RULE}") from None
-        pairs.append((token, bias))
-    return tuple(sorted(pairs))
+        if token in biases:  # "5" and " 5": one token named twice
+            raise InvalidArgument(f"logit_bias names token {token} twice: {_BIAS_RULE}")
+        biases[token] = bias
+    # Sorted by token alone: the values are not checked yet and may not compare.
+    return tuple(sorted(biases.items(), key=lambda pair: pair[0]))  # type: ignore[arg-type]
 
 
 def _check_bias(token: object, bias: object) -> None:

@@ -141,12 +141,21 @@ class Figures:
         return out
 
 
+def server_cpu_s(server: psutil.Process) -> float:
+    """User + system CPU of the server and its decode processes (one per generative version)."""
+    total = 0.0
+    for process in (server, *server.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += sum(process.cpu_times()[:2])
+    return total
+
+
 async def one_round(run: Run, streams: int, figures: Figures, server: psutil.Process) -> None:
-    server0, client0 = sum(server.cpu_times()[:2]), time.process_time()
+    server0, client0 = server_cpu_s(server), time.process_time()
     started = time.perf_counter()
     results = list(await asyncio.gather(*(run() for _ in range(streams))))
     figures.add(results, time.perf_counter() - started)
-    figures.cpu[0] += sum(server.cpu_times()[:2]) - server0
+    figures.cpu[0] += server_cpu_s(server) - server0
     figures.cpu[1] += time.process_time() - client0
     figures.cpu[2] += sum(n for _, _, n in results)
 

@@ -27,7 +27,8 @@ def sampling_profile(pid: int, out: Path, rate_hz: int = 250) -> Iterator[dict[s
         result["not_run"] = "py-spy is not installed (pip install py-spy)"
         yield result
         return
-    argv = [spy, "record", "-p", str(pid), "-r", str(rate_hz), "-f", "raw", "-o", str(out)]
+    argv = [spy, "record", "-p", str(pid), "--subprocesses", "-r", str(rate_hz), "-f", "raw"]
+    argv += ["-o", str(out)]
     proc = subprocess.Popen(
         [*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )

@@ -1,42 +1,30 @@
-"""Token generation with continuous batching: every active stream advances in one decode step.
+"""Token generation as a service: each generative model version's decode loop, as async streams.
 
-``DecodeBatch`` is the plain-Python core: a model, a KV cache with ``slots`` rows, and the
-requests occupying them. ``admit`` prefills a new request's prompt into a free slot and picks its
-first token; ``step`` runs one batched decode over every active slot (each at its own length) and
-picks one token per request. A finished or cancelled request gives its slot back at once.
-
-``GenerationEngine`` drives a batch from one decode thread: between two steps it drops cancelled
-requests and admits waiting ones, so a new request joins the running batch after at most one step
-instead of waiting for the others to finish. Tokens reach asyncio callers through ``stream``.
-The decode thread owns the cache; every other thread only queues requests and cancellations.
+``decoding.DecodeBatch`` is the core (continuous batching over one KV cache); ``decode_worker``
+runs it in a child process per model version, behind two pipes, so the server's event loop and
+the decode step never wait on each other's interpreter lock. ``GenerationEngine`` is the
+server's side of those pipes: it submits requests while slots are free, hands each token to its
+stream, and turns a cancelled or departed stream into a cancel the loop applies before its next
+step. ``Generators`` keeps one engine per served version for every front door.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
+import itertools
 import logging
-import threading
-from collections import defaultdict, deque
-from collections.abc import AsyncGenerator, Callable
+import os
+from collections import deque
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from maas.errors import InvalidArgument, Unavailable
-from maas.text.gpt import GPT, KVCache
-from maas.text.sampling import (
-    FINISH_LENGTH,
-    FINISH_STOP,
-    Sampler,
-    SamplingParams,
-    TextStream,
-    Token,
-    finish_of,
-    prompt_ids,
-)
+from maas.text.gpt import GPT
+from maas.text.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams, Token, prompt_ids
+from services.inference import decode_worker
 from services.inference.dataplane import DataPlane
 
 log = logging.getLogger(__name__)
@@ -44,8 +32,6 @@ log = logging.getLogger(__name__)
 DEFAULT_SLOTS = 8
 CANCELLED = "cancelled"
 FAILED = "failed"
-Emit = Callable[[Token | BaseException], None]  # called on the decode thread
-Delivery = tuple["asyncio.Queue[Token | BaseException]", Token | BaseException]
 
 
 class GenerationMetrics:
@@ -66,236 +52,192 @@ class GenerationMetrics:
 
 
 @dataclass(eq=False)
-class Request:
-    """One stream's prompt, parameters and progress; ``emit`` receives each token, then stops."""
-
+class _Stream:
+    id: int
     ids: list[int]
     params: SamplingParams
-    emit: Emit
-    sampler: Sampler = field(init=False)
-    text: TextStream = field(init=False)
-    slot: int = -1
-    position: int = 0  # cache positions filled
-    generated: int = 0
-    last: int = 0  # the token the next step feeds
-    cancelled: bool = False
-
-    def __post_init__(self) -> None:
-        self.sampler = Sampler(self.params)
-        self.text = TextStream(self.params.stop)
-
-
-class DecodeBatch:
-    """The slots of one model's KV cache and the requests in them (single-threaded)."""
-
-    def __init__(
-        self, model: GPT, slots: int, metrics: GenerationMetrics | None = None, label: str = ""
-    ) -> None:
-        if slots < 1:
-            raise InvalidArgument(f"generation slots={slots} must be at least 1")
-        self.model = model
-        self.cache = KVCache(model.config, slots)
-        # A heap: the lowest free slot is taken first, so busy slots stay a consecutive run and
-        # the decode step reads the cache as a view instead of gathering rows.
-        self.free = list(range(slots))
-        self.active: dict[int, Request] = {}
-        metrics = metrics or GenerationMetrics()
-        self._tokens = metrics.tokens.labels(label)
-        self._active = metrics.active.labels(label)
-        self._ended = {
-            reason: metrics.streams.labels(label, reason)
-            for reason in (FINISH_STOP, FINISH_LENGTH, CANCELLED, FAILED)
-        }
-
-    @torch.inference_mode()
-    def admit(self, request: Request) -> None:
-        """Prefill ``request``'s prompt into a free slot and emit its first token."""
-        request.slot = heapq.heappop(self.free)
-        self.active[request.slot] = request
-        self._active.set(len(self.active))
-        ids = torch.tensor([request.ids])
-        logits = self.model.step(
-            ids, self.cache, torch.tensor([request.slot]), torch.zeros(1, dtype=torch.long)
-        )
-        request.position = len(request.ids)
-        self._first(request, logits[0])
-
-    @torch.inference_mode()
-    def step(self) -> None:
-        """One decode step for every active request, then one token to each."""
-        requests = [self.active[slot] for slot in sorted(self.active)]
-        last = torch.tensor([[r.last] for r in requests])
-        slots = torch.tensor([r.slot for r in requests])
-        positions = torch.tensor([r.position for r in requests])
-        logits = self.model.step(last, self.cache, slots, positions)
-        # Greedy rows take one argmax over the whole batch instead of one call per row.
-        greedy = logits.argmax(dim=-1).tolist()
-        self._tokens.inc(len(requests))
-        for row, request in enumerate(requests):
-            request.position += 1
-            is_greedy = request.params.temperature == 0 and not request.params.logit_bias
-            self._advance(request, greedy[row] if is_greedy else request.sampler.pick(logits[row]))
-
-    def _first(self, request: Request, logits: torch.Tensor) -> None:
-        self._tokens.inc()
-        self._advance(request, request.sampler.pick(logits))
-
-    def _advance(self, request: Request, token: int) -> None:
-        request.generated += 1
-        request.last = token
-        text = request.text.feed(token)
-        finish = finish_of(
-            request.text,
-            request.generated,
-            request.position + 1,
-            request.params,
-            self.model.config.block_size,
-        )
-        if finish is None:
-            request.emit(Token(token, text))
-            return
-        if not request.text.finished:
-            text += request.text.flush()
-        self.release(request, finish)
-        request.emit(Token(token, text, finish))
-
-    def release(self, request: Request, reason: str = CANCELLED) -> None:
-        """Give ``request``'s slot back (idempotent)."""
-        if self.active.get(request.slot) is request:
-            del self.active[request.slot]
-            heapq.heappush(self.free, request.slot)
-            self._ended[reason].inc()
-            self._active.set(len(self.active))
-
-    def fail_all(self, error: BaseException) -> None:
-        for request in list(self.active.values()):
-            self.release(request, FAILED)
-            request.emit(error)
+    tokens: asyncio.Queue[Token | BaseException] = field(default_factory=asyncio.Queue)
 
 
 class GenerationEngine:
-    """One model's decode thread, fed by ``submit`` and ``cancel`` from any thread."""
+    """One model version's decode loop (``decode_worker``), read as async token streams.
+
+    ``start`` launches the loop and binds its pipes to the running event loop, which then owns
+    the engine. Streams beyond the slots wait here in arrival order and are submitted as slots
+    free, so the decode loop never holds more requests than it has slots.
+    """
 
     def __init__(
         self,
+        worker: decode_worker.Worker,
+        *,
+        slots: int,
+        name: str,
+        version: int,
+        block_size: int,
+        metrics: GenerationMetrics,
+    ) -> None:
+        self.model_name, self.model_version = name, version
+        self.block_size, self.slots = block_size, slots
+        self.closed = False
+        self.pid = worker.pid  # the decode process; None when it is a thread of this one
+        self._worker = worker
+        self._ids = itertools.count()
+        self._waiting: deque[_Stream] = deque()
+        self._running: dict[int, _Stream] = {}
+        self._commands: asyncio.WriteTransport | None = None
+        self._events: asyncio.ReadTransport | None = None
+        self._tokens = metrics.tokens.labels(name)
+        self._active = metrics.active.labels(name)
+        self._ended = {
+            reason: metrics.streams.labels(name, reason)
+            for reason in (FINISH_STOP, FINISH_LENGTH, CANCELLED, FAILED)
+        }
+
+    @classmethod
+    async def start(
+        cls,
         model: GPT,
         *,
         slots: int = DEFAULT_SLOTS,
         name: str = "gpt",
         version: int = 0,
         metrics: GenerationMetrics | None = None,
-    ) -> None:
-        self.batch = DecodeBatch(model, slots, metrics, label=name)
-        self.model_name, self.model_version = name, version
-        self.block_size = model.config.block_size
-        self._waiting: deque[Request] = deque()
-        self._cancelled: list[Request] = []
-        self._outbox: list[tuple[asyncio.AbstractEventLoop, Delivery]] = []  # decode thread only
-        self._wake = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name=f"maas-decode-{name}", daemon=True)
-        self._thread.start()
-
-    def submit(self, request: Request) -> None:
-        with self._wake:
-            if self._closed:
-                raise Unavailable("the generation engine is closed")
-            self._waiting.append(request)
-            self._wake.notify()
-
-    def cancel(self, request: Request) -> None:
-        """Stop generating for ``request``; its slot is free before the next step runs."""
-        with self._wake:
-            request.cancelled = True
-            self._cancelled.append(request)
-            self._wake.notify()
-
-    def close(self) -> None:
-        with self._wake:
-            self._closed = True
-            self._wake.notify()
-        self._thread.join()
-
-    def _next_round(self) -> list[Request] | None:
-        """Under the lock: apply cancellations, then take waiting requests that fit."""
-        with self._wake:
-            while not (self._closed or self._waiting or self._cancelled or self.batch.active):
-                self._wake.wait()
-            if self._closed:
-                return None
-            for request in self._cancelled:
-                self.batch.release(request)
-            self._cancelled.clear()
-            admitted: list[Request] = []
-            while self._waiting and len(admitted) < len(self.batch.free):
-                request = self._waiting.popleft()
-                if not request.cancelled:
-                    admitted.append(request)
-            return admitted
-
-    def _run(self) -> None:
-        while (admitted := self._next_round()) is not None:
-            try:
-                for request in admitted:
-                    self.batch.admit(request)
-                self._deliver()  # first tokens leave now, not one decode step later
-                if self.batch.active:
-                    self.batch.step()
-            except Exception as exc:  # a failed step fails its streams, never the thread
-                log.exception("decode step failed")
-                self.batch.fail_all(Unavailable(f"generation failed ({type(exc).__name__})"))
-            self._deliver()
-        self.batch.fail_all(Unavailable("the generation engine stopped"))
-        for request in self._waiting:
-            request.emit(Unavailable("the generation engine stopped"))
-        self._deliver()
-
-    def _deliver(self) -> None:
-        """Hand a step's tokens to their streams' loops: one wake-up per loop, not per token."""
-        if not self._outbox:
-            return
-        by_loop: defaultdict[asyncio.AbstractEventLoop, list[Delivery]] = defaultdict(list)
-        for loop, delivery in self._outbox:
-            by_loop[loop].append(delivery)
-        self._outbox.clear()
-        for loop, deliveries in by_loop.items():
-            # The caller's loop may be gone (server shut down mid-stream): nothing to tell.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_put_all, deliveries)
+        isolated: bool = True,
+    ) -> GenerationEngine:
+        """Decode ``model`` in a child process (``isolated``) or a thread of this one."""
+        if slots < 1:
+            raise InvalidArgument(f"generation slots={slots} must be at least 1")
+        launch = decode_worker.start_process if isolated else decode_worker.start_thread
+        worker = await asyncio.to_thread(launch, model, slots, name)
+        engine = cls(
+            worker,
+            slots=slots,
+            name=name,
+            version=version,
+            block_size=model.config.block_size,
+            metrics=metrics or GenerationMetrics(),
+        )
+        loop = asyncio.get_running_loop()
+        engine._commands, _ = await loop.connect_write_pipe(
+            lambda: _Gone(engine), os.fdopen(worker.commands, "wb", buffering=0)
+        )
+        engine._events, _ = await loop.connect_read_pipe(
+            lambda: _Events(engine), os.fdopen(worker.events, "rb", buffering=0)
+        )
+        return engine
 
     async def stream(self, prompt: str, params: SamplingParams) -> AsyncGenerator[Token, None]:
         """Tokens for ``prompt`` as they are decoded; leaving early frees the slot at once."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Token | BaseException] = asyncio.Queue()
-
-        def emit(item: Token | BaseException) -> None:
-            self._outbox.append((loop, (queue, item)))
-
-        request = Request(prompt_ids(prompt, self.block_size), params, emit)
-        self.submit(request)
+        if self.closed:
+            raise Unavailable("the generation engine is closed")
+        stream = _Stream(next(self._ids), prompt_ids(prompt, self.block_size), params)
+        self._waiting.append(stream)
+        self._admit()
         finished = False
         try:
             while not finished:
-                item = await queue.get()
+                item = await stream.tokens.get()
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finish is not None
                 yield item
         finally:
             if not finished:
-                self.cancel(request)
+                self._cancel(stream)
+
+    async def close(self) -> None:
+        """End the decode loop and fail the streams still open."""
+        if self._commands is not None and not self.closed:
+            self.closed = True
+            self._commands.close()  # the loop sees end-of-file and returns
+            await asyncio.to_thread(self._worker.join, 5.0)
+        self._stopped("the generation engine stopped")
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.slots and self._commands is not None:
+            stream = self._waiting.popleft()
+            self._running[stream.id] = stream
+            self._commands.write(decode_worker.submit(stream.id, stream.ids, stream.params))
+        self._active.set(len(self._running))
+
+    def _cancel(self, stream: _Stream) -> None:
+        if self._running.pop(stream.id, None) is None:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(stream)
+            return
+        self._ended[CANCELLED].inc()
+        if not self.closed and self._commands is not None:
+            self._commands.write(decode_worker.cancel(stream.id))
+            self._admit()
+
+    def _on_events(self, events: list[decode_worker.Event]) -> None:
+        for event in events:
+            stream = self._running.get(event[0])
+            if stream is None:  # cancelled while this step ran
+                continue
+            item = decode_worker.token_of(event)
+            if isinstance(item, Token):
+                self._tokens.inc()
+                if item.finish is not None:
+                    self._end(stream, item.finish)
+            else:
+                self._end(stream, FAILED)
+            stream.tokens.put_nowait(item)
+        self._admit()
+
+    def _end(self, stream: _Stream, reason: str) -> None:
+        del self._running[stream.id]
+        self._ended[reason].inc()
+
+    def _stopped(self, why: str) -> None:
+        """The decode loop is gone: every open stream fails and the engine takes no more."""
+        if not self.closed:
+            log.error("%s v%s: %s", self.model_name, self.model_version, why)
+        self.closed = True
+        for stream in list(self._running.values()):
+            self._end(stream, FAILED)
+            stream.tokens.put_nowait(Unavailable(why))
+        for stream in self._waiting:
+            stream.tokens.put_nowait(Unavailable(why))
+        self._waiting.clear()
+        self._active.set(0)
+        for transport in (self._commands, self._events):
+            if transport is not None:
+                transport.close()
 
 
-def _put_all(deliveries: list[Delivery]) -> None:
-    for queue, item in deliveries:
-        queue.put_nowait(item)
+class _Events(asyncio.Protocol):
+    """The decode loop's events pipe: whole frames go to the engine; its end, the loop's."""
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self._engine = engine
+        self._frames = decode_worker.Frames()
+
+    def data_received(self, data: bytes) -> None:
+        for events in self._frames.feed(data):
+            self._engine._on_events(events)  # type: ignore[arg-type]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._engine._stopped("its decode loop ended (a crash, or the process was killed)")
+
+
+class _Gone(asyncio.BaseProtocol):
+    """The command pipe: the reader's end closing means the decode loop is gone."""
+
+    def __init__(self, engine: GenerationEngine) -> None:
+        self._engine = engine
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._engine._stopped("its decode loop ended (a crash, or the process was killed)")
 
 
 class Generators:
     """One engine per served GPT version, shared by every front door (OIP stream, OpenAI HTTP).
 
     Versions resolve through the data plane (aliases, hot swap, the LRU cache); an engine whose
-    version left the cache is closed when the next engine starts.
+    version left the cache is closed when the next engine starts, and one whose decode loop died
+    is replaced by the next request for its version.
     """
 
     def __init__(
@@ -304,43 +246,56 @@ class Generators:
         *,
         slots: int = DEFAULT_SLOTS,
         registry: CollectorRegistry | None = None,
+        isolated: bool = True,
     ) -> None:
         self._plane = plane
         self._slots = slots
+        self._isolated = isolated
         self.metrics = GenerationMetrics(registry)
         self._engines: dict[tuple[str, int], GenerationEngine] = {}
+        self._starting: dict[tuple[str, int], asyncio.Future[GenerationEngine]] = {}
 
     async def engine(self, name: str, version: str = "") -> GenerationEngine:
         model = await self._plane.model(name, version)
         key = (model.name, model.version)
         engine = self._engines.get(key)
-        if engine is None:
-            if not isinstance(model.module, GPT):
-                raise InvalidArgument(
-                    f"{model.label} is not a text-generation model (arch 'gpt'); it serves "
-                    "ModelInfer only"
-                )
-            self._close_unloaded()
-            engine = GenerationEngine(
-                model.module,
-                slots=self._slots,
-                name=model.name,
-                version=model.version,
-                metrics=self.metrics,
+        if engine is not None and not engine.closed:
+            return engine
+        if not isinstance(model.module, GPT):
+            raise InvalidArgument(
+                f"{model.label} is not a text-generation model (arch 'gpt'); it serves "
+                "ModelInfer only"
             )
-            self._engines[key] = engine
+        starting = self._starting.get(key)
+        if starting is None:  # the first request starts it; the ones arriving meanwhile wait
+            starting = asyncio.ensure_future(self._start(key, model.module))
+            self._starting[key] = starting
+            starting.add_done_callback(lambda _: self._starting.pop(key, None))
+        return await asyncio.shield(starting)
+
+    async def _start(self, key: tuple[str, int], model: GPT) -> GenerationEngine:
+        await self._close_unloaded()
+        engine = await GenerationEngine.start(
+            model,
+            slots=self._slots,
+            name=key[0],
+            version=key[1],
+            metrics=self.metrics,
+            isolated=self._isolated,
+        )
+        self._engines[key] = engine
         return engine
 
     def names(self) -> list[str]:
         """The generative models loaded now (what ``/v1/models`` lists)."""
         return sorted({m.name for m in self._plane.loaded() if isinstance(m.module, GPT)})
 
-    def _close_unloaded(self) -> None:
+    async def _close_unloaded(self) -> None:
         loaded = {(m.name, m.version) for m in self._plane.loaded()}
         for key in [k for k in self._engines if k not in loaded]:
-            self._engines.pop(key).close()
+            await self._engines.pop(key).close()
 
-    def close(self) -> None:
-        for engine in self._engines.values():
-            engine.close()
-        self._engines.clear()
+    async def close(self) -> None:
+        engines, self._engines = list(self._engines.values()), {}
+        for engine in engines:
+            await engine.close()

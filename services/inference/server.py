@@ -105,6 +105,7 @@ class InferenceServer:
             self.plane,
             slots=settings.inference_generation_slots,
             registry=self.metrics.registry,
+            isolated=settings.inference_decode_process,
         )
         self._server = build_grpc_server(
             settings, self.plane, self.metrics, self._health, self.generators
@@ -179,7 +180,7 @@ class InferenceServer:
         await self._server.stop(grace_s)
         if self.http is not None:
             await self.http.stop()
-        self.generators.close()
+        await self.generators.close()
         if self.stream is not None:
             await self.stream.stop()  # the transaction in progress commits or aborts first
         if self._stream_task is not None:

@@ -203,6 +203,14 @@ class Settings:
             "for a free slot"
         ),
     )
+    inference_decode_process: bool = setting(
+        "MAAS_INFERENCE_DECODE_PROCESS",
+        True,
+        (
+            "decode each generative model version in a child process of its own (the event loop "
+            "and the decode step then never wait on one interpreter lock); false = a thread"
+        ),
+    )
     inference_stream: bool = setting(
         "MAAS_INFERENCE_STREAM",
         True,

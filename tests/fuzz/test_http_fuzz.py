@@ -83,7 +83,7 @@ def _serve(ready: Any, stop: threading.Event, tokens_file: str) -> None:
             while not stop.is_set():
                 await asyncio.sleep(0.05)
             await http.stop()
-            generators.close()
+            await generators.close()
 
     asyncio.run(main())
 

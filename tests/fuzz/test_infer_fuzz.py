@@ -97,9 +97,9 @@ class Server:
 
     def stop(self) -> None:
         asyncio.run_coroutine_threadsafe(self._server.stop(0), self._loop).result()
+        asyncio.run_coroutine_threadsafe(self.generators.close(), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
-        self.generators.close()
         self._pool.shutdown()
 
 

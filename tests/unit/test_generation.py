@@ -1,21 +1,27 @@
-"""The continuous-batching decode engine: batched equals alone, slots come back at once."""
+"""The continuous-batching decode engine: batched equals alone, slots come back at once, and a
+decode process that dies fails its streams, not the server."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
+import os
+import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 import torch
 
+from maas.compression import quant
 from maas.errors import Unavailable
 from maas.text.gpt import GPT
 from maas.text.gpt_config import GPTConfig
 from maas.text.sampling import FINISH_LENGTH, SamplingParams, Token, generate
-from services.inference.generation import DecodeBatch, GenerationEngine, Request
+from services.inference.decoding import DecodeBatch, Request
+from services.inference.generation import GenerationEngine
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -33,10 +39,11 @@ def model() -> GPT:
 
 
 @pytest.fixture
-def engine(model: GPT) -> Iterator[GenerationEngine]:
-    running = GenerationEngine(model, slots=2)
+async def engine(model: GPT) -> AsyncIterator[GenerationEngine]:
+    """The server's kind: decoding in a child process of its own."""
+    running = await GenerationEngine.start(model, slots=2)
     yield running
-    running.close()
+    await running.close()
 
 
 def _solo(model: GPT, prompt: str, params: SamplingParams) -> list[Token]:
@@ -142,32 +149,67 @@ async def test_a_cancelled_stream_frees_its_slot_at_once(engine: GenerationEngin
     await streams[1].aclose()
 
 
-async def test_a_failing_model_fails_its_streams_not_the_engine(model: GPT) -> None:
-    engine = GenerationEngine(model, slots=1)
+async def test_a_failing_step_fails_its_streams_not_the_engine(model: GPT) -> None:
+    engine = await GenerationEngine.start(_FailsOnce(model), slots=1, isolated=False)  # type: ignore[arg-type]
     try:
-        real_step = engine.batch.model.step
-        engine.batch.model = _Broken(model)  # type: ignore[assignment]
         with pytest.raises(Unavailable, match="generation failed"):
             await asyncio.wait_for(_collect(engine, "a", GREEDY), timeout=30)
-        engine.batch.model = model
-        assert engine.batch.model.step == real_step
         tokens = await asyncio.wait_for(_collect(engine, "a", GREEDY), timeout=30)
         assert tokens == _solo(model, "a", GREEDY)
     finally:
-        engine.close()
+        await engine.close()
+
+
+async def test_a_killed_decode_process_fails_its_streams_and_closes_the_engine(
+    engine: GenerationEngine,
+) -> None:
+    endless = SamplingParams(max_tokens=10_000, temperature=1.0, seed=1)
+    stream = engine.stream("a", endless)
+    await asyncio.wait_for(anext(stream), timeout=30)
+    assert engine.pid is not None
+    os.kill(engine.pid, signal.SIGKILL)
+    with pytest.raises(Unavailable, match="decode loop ended"):
+        await asyncio.wait_for(_collect_rest(stream), timeout=30)
+    assert engine.closed
+    with pytest.raises(Unavailable, match="closed"):
+        await anext(engine.stream("b", GREEDY))
+
+
+async def test_an_int8_gpt_decodes_in_its_own_process_as_in_this_one(model: GPT) -> None:
+    stored = quant.prepare(model, "int8")
+    weights = {k: v for k, v in stored.items() if isinstance(v, quant.Int8Weight)}
+    int8 = quant.convert(copy.deepcopy(model), weights)
+    engine = await GenerationEngine.start(int8, slots=1)
+    try:
+        tokens = await asyncio.wait_for(_collect(engine, "def main():", GREEDY), timeout=60)
+    finally:
+        await engine.close()
+    assert tokens == _solo(int8, "def main():", GREEDY)
 
 
 async def test_a_closed_engine_refuses_new_streams(model: GPT) -> None:
-    engine = GenerationEngine(model, slots=1)
-    engine.close()
+    engine = await GenerationEngine.start(model, slots=1)
+    await engine.close()
     with pytest.raises(Unavailable, match="closed"):
         async with contextlib.aclosing(engine.stream("a", GREEDY)) as stream:
             await anext(stream)
 
 
+async def test_streams_beyond_the_slots_wait_and_then_decode_as_if_alone(model: GPT) -> None:
+    engine = await GenerationEngine.start(model, slots=1)
+    try:
+        results = await asyncio.wait_for(
+            asyncio.gather(*(_collect(engine, p, GREEDY) for p in PROMPTS)), timeout=60
+        )
+    finally:
+        await engine.close()
+    assert results == [_solo(model, p, GREEDY) for p in PROMPTS]
+
+
 async def test_a_new_stream_gets_its_first_token_before_the_next_decode_step(model: GPT) -> None:
     gate = threading.Event()
-    engine = GenerationEngine(_GatedDecode(model, gate), slots=1)  # type: ignore[arg-type]
+    held = _GatedDecode(model, gate)  # patched in this process: a decode thread, not a process
+    engine = await GenerationEngine.start(held, slots=1, isolated=False)  # type: ignore[arg-type]
     stream = engine.stream("def main():", GREEDY)
     try:
         first = await asyncio.wait_for(anext(stream), timeout=30)  # the step after it is held
@@ -175,7 +217,11 @@ async def test_a_new_stream_gets_its_first_token_before_the_next_decode_step(mod
     finally:
         gate.set()
         await stream.aclose()
-        engine.close()
+        await engine.close()
+
+
+async def _collect_rest(stream: AsyncIterator[Token]) -> list[Token]:
+    return [token async for token in stream]
 
 
 class _GatedDecode:
@@ -190,9 +236,14 @@ class _GatedDecode:
         return self._model.step(idx, *args)
 
 
-class _Broken:
-    def __init__(self, model: GPT) -> None:
-        self.config = model.config
+class _FailsOnce:
+    """The model, whose first step raises."""
 
-    def step(self, *args: object) -> None:
-        raise RuntimeError("boom")
+    def __init__(self, model: GPT) -> None:
+        self.config, self._model, self._failed = model.config, model, False
+
+    def step(self, *args: Any) -> torch.Tensor:
+        if not self._failed:
+            self._failed = True
+            raise RuntimeError("boom")
+        return self._model.step(*args)

@@ -61,7 +61,8 @@ def _serve(ready: queue.Queue[Any], stop: threading.Event, model: GPT) -> None:
         with ThreadPoolExecutor(2) as pool:
             plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
             plane.ready = True
-            generators = Generators(plane, slots=2)
+            # A decode thread, not a process: ``slow_decoding`` patches GPT in this process.
+            generators = Generators(plane, slots=2, isolated=False)
             server = grpc.aio.server()
             pb_grpc.add_GRPCInferenceServiceServicer_to_server(
                 InferenceServicer(plane, generators), server
@@ -78,7 +79,7 @@ def _serve(ready: queue.Queue[Any], stop: threading.Event, model: GPT) -> None:
                 await asyncio.sleep(0.05)
             await server.stop(1)
             await http.stop()
-            generators.close()
+            await generators.close()
 
     asyncio.run(main())
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -20,8 +22,11 @@ from maas.errors import Unavailable
 from maas.text.gpt import GPT
 from maas.text.gpt_config import GPTConfig
 from maas.text.sampling import FINISH_LENGTH, SamplingParams, Token, generate
+from services.inference.batcher import BatchingConfig
+from services.inference.dataplane import DataPlane
 from services.inference.decoding import DecodeBatch, Request
-from services.inference.generation import GenerationEngine
+from services.inference.generation import GenerationEngine, Generators
+from services.inference.sources import MemorySource
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -247,3 +252,28 @@ class _FailsOnce:
             self._failed = True
             raise RuntimeError("boom")
         return self._model.step(*args)
+
+
+async def test_the_next_request_after_a_decode_process_died_gets_a_new_one(model: GPT) -> None:
+    source = MemorySource()
+    source.add("gpt", model, "gpt", dataclasses.asdict(CONFIG), aliases=["production"])
+    with ThreadPoolExecutor(1) as pool:
+        plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
+        generators = Generators(plane, slots=1)
+        try:
+            dead = await generators.engine("gpt")
+            assert dead.pid is not None
+            os.kill(dead.pid, signal.SIGKILL)
+            await asyncio.wait_for(_until(lambda: dead.closed), timeout=30)
+            engine = await generators.engine("gpt")
+            tokens = await asyncio.wait_for(_collect(engine, "a", GREEDY), timeout=30)
+        finally:
+            await generators.close()
+            await plane.close()
+    assert engine is not dead and engine.pid != dead.pid
+    assert tokens == _solo(model, "a", GREEDY)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.01)

@@ -124,27 +124,36 @@ def decode_loop(model: GPT, commands: int, events: int, slots: int) -> None:
         assert isinstance(params, SamplingParams)
         request = Request(array("i", ids).tolist(), params, emitter(request_id))
         requests[request_id] = request
-        batch.admit(request)
+        try:
+            batch.admit(request)
+        except Exception as exc:  # a failed prefill fails its own stream, and the loop goes on
+            log.exception("prefill failed")
+            batch.release(request)
+            request.emit(_failure(exc))
 
     try:
         while (received := _read(commands, block=not batch.active)) is not None:
-            try:
-                for command in inbox.feed(received):
-                    assert isinstance(command, tuple)
-                    if command[0] != CANCEL or command[1] in requests:
-                        apply(command)
-                _write(events, outbox)  # first tokens leave now, not one decode step later
-                if batch.active:
+            for command in inbox.feed(received):
+                assert isinstance(command, tuple)
+                if command[0] != CANCEL or command[1] in requests:
+                    apply(command)
+            _write(events, outbox)  # first tokens leave now, not one decode step later
+            if batch.active:
+                try:
                     batch.step()
-            except Exception as exc:  # a failed step fails its streams, never the loop
-                log.exception("decode step failed")
-                batch.fail_all(Unavailable(f"generation failed ({type(exc).__name__})"))
+                except Exception as exc:  # a failed step fails its streams, never the loop
+                    log.exception("decode step failed")
+                    batch.fail_all(_failure(exc))
             _write(events, outbox)
     except BrokenPipeError:  # the server is gone: nobody to answer
         pass
     finally:
         os.close(events)
         os.close(commands)
+
+
+def _failure(exc: Exception) -> Unavailable:
+    return Unavailable(f"generation failed ({type(exc).__name__})")
 
 
 def _read(fd: int, *, block: bool) -> bytes | None:

@@ -154,11 +154,28 @@ async def test_a_cancelled_stream_frees_its_slot_at_once(engine: GenerationEngin
     await streams[1].aclose()
 
 
-async def test_a_failing_step_fails_its_streams_not_the_engine(model: GPT) -> None:
-    engine = await GenerationEngine.start(_FailsOnce(model), slots=1, isolated=False)  # type: ignore[arg-type]
+async def test_a_failing_prefill_fails_its_own_stream_only(model: GPT) -> None:
+    failing = _Failing(model, (1, len("poison")))  # patched here: a decode thread
+    engine = await GenerationEngine.start(failing, slots=2, isolated=False)  # type: ignore[arg-type]
     try:
+        running = engine.stream("a", SamplingParams(max_tokens=40, temperature=0))
+        await asyncio.wait_for(anext(running), timeout=30)
         with pytest.raises(Unavailable, match="generation failed"):
-            await asyncio.wait_for(_collect(engine, "a", GREEDY), timeout=30)
+            await asyncio.wait_for(_collect(engine, "poison", GREEDY), timeout=30)
+        rest = await asyncio.wait_for(_collect_rest(running), timeout=30)
+        assert rest[-1].finish == FINISH_LENGTH
+    finally:
+        await engine.close()
+
+
+async def test_a_failing_decode_step_fails_its_streams_not_the_engine(model: GPT) -> None:
+    failing = _Failing(model, (2, 1))  # the first step decoding both rows
+    engine = await GenerationEngine.start(failing, slots=2, isolated=False)  # type: ignore[arg-type]
+    try:
+        results = await asyncio.gather(
+            *(_collect(engine, p, GREEDY) for p in PROMPTS[:2]), return_exceptions=True
+        )
+        assert all(isinstance(r, Unavailable) for r in results)
         tokens = await asyncio.wait_for(_collect(engine, "a", GREEDY), timeout=30)
         assert tokens == _solo(model, "a", GREEDY)
     finally:
@@ -241,17 +258,17 @@ class _GatedDecode:
         return self._model.step(idx, *args)
 
 
-class _FailsOnce:
-    """The model, whose first step raises."""
+class _Failing:
+    """The model, whose first step over ids of ``shape`` (rows, new tokens) raises."""
 
-    def __init__(self, model: GPT) -> None:
-        self.config, self._model, self._failed = model.config, model, False
+    def __init__(self, model: GPT, shape: tuple[int, int]) -> None:
+        self.config, self._model, self._shape, self._failed = model.config, model, shape, False
 
-    def step(self, *args: Any) -> torch.Tensor:
-        if not self._failed:
+    def step(self, idx: torch.Tensor, *args: Any) -> torch.Tensor:
+        if tuple(idx.shape) == self._shape and not self._failed:
             self._failed = True
             raise RuntimeError("boom")
-        return self._model.step(*args)
+        return self._model.step(idx, *args)
 
 
 async def test_the_next_request_after_a_decode_process_died_gets_a_new_one(model: GPT) -> None:

@@ -6,7 +6,7 @@ Prints one JSON document and checks the targets of issue 13: 8 streams >= 4x the
 tokens/s of 1 stream; TTFT <= in-process + 2 ms; per-token overhead <= 15 % over the in-process
 loop at 1 stream.
 
-    python -m bench.generate [--tokens 128] [--rounds 5] [--size small|ci]
+    python -m bench.generate [--tokens 128] [--rounds 5] [--size small|ci] [--decode process|thread]
 
 Rounds interleave the in-process loop and every served case, and the medians are reported; the
 server is then profiled (py-spy, when installed) while it serves 8 OIP streams.
@@ -226,7 +226,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     model = zoo.build("gpt", config, seed=1).eval()
     assert isinstance(model, GPT)
     report: dict[str, Any] = {
-        "model": {"config": config, "parameters": zoo.count_parameters(model)}
+        "model": {"config": config, "parameters": zoo.count_parameters(model)},
+        "decode": args.decode,
     }
     with contextlib.ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="maas-bench-gen-")))
@@ -243,6 +244,7 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             MAAS_INFERENCE_HTTP_LISTEN=f"127.0.0.1:{port}",
             MAAS_INFERENCE_GENERATION_SLOTS=str(STREAMS),
             MAAS_INFERENCE_TORCH_THREADS="1",
+            MAAS_INFERENCE_DECODE_PROCESS=str(args.decode == "process").lower(),
         )
         http_url = f"http://127.0.0.1:{port}/v1"
         pid = processes.pid("inference-generate")
@@ -256,6 +258,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
+    parser.add_argument(
+        "--decode",
+        choices=["process", "thread"],
+        default="process",
+        help="where the server decodes (MAAS_INFERENCE_DECODE_PROCESS): its default, a child "
+        "process, or a thread of the server (the A/B of that choice)",
+    )
     print(json.dumps(run_bench(parser.parse_args()), indent=2))
 
 

@@ -190,6 +190,13 @@ class GenerationEngine:
         del self._running[stream.id]
         self._ended[reason].inc()
 
+    def _lost(self) -> None:
+        """A pipe closed: after ``close``, as asked; before it, the decode loop died."""
+        if self.closed:
+            self._stopped("the generation engine stopped")
+        else:
+            self._stopped("its decode loop ended (a crash, or the process was killed)")
+
     def _stopped(self, why: str) -> None:
         """The decode loop is gone: every open stream fails and the engine takes no more."""
         if not self.closed:
@@ -219,7 +226,7 @@ class _Events(asyncio.Protocol):
             self._engine._on_events(events)  # type: ignore[arg-type]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._engine._stopped("its decode loop ended (a crash, or the process was killed)")
+        self._engine._lost()
 
 
 class _Gone(asyncio.BaseProtocol):
@@ -229,7 +236,7 @@ class _Gone(asyncio.BaseProtocol):
         self._engine = engine
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._engine._stopped("its decode loop ended (a crash, or the process was killed)")
+        self._engine._lost()
 
 
 class Generators:

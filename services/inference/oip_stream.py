@@ -23,7 +23,7 @@ import contextlib
 import json
 import logging
 import struct
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 
@@ -43,7 +43,7 @@ EMPTY_FINAL = "triton_enable_empty_final_response"
 _LENGTH = struct.Struct("<I")
 _INT64 = struct.Struct("<q")
 log = logging.getLogger(__name__)
-Send = Callable[[pb.ModelStreamInferResponse], None]
+Send = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
 NUMBERS: dict[str, type[int] | type[float]] = {
     "max_tokens": int,
     "temperature": float,
@@ -137,40 +137,49 @@ async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send
         async with contextlib.aclosing(engine.stream(prompt, params)) as tokens:
             async for token in tokens:
                 last = token.finish is not None
-                send(token_response(request, engine, token, last and not empty_final))
+                await send(token_response(request, engine, token, last and not empty_final))
         if empty_final:
-            send(token_response(request, engine, None, True))
+            await send(token_response(request, engine, None, True))
+    except _StreamGone:
+        raise
     except Exception as exc:  # one request's failure is answered on the stream, which goes on
         request_id = new_request_id()
         code, message = status_for(exc, request_id)
         if code is grpc.StatusCode.INTERNAL:
             log.error("stream request failed (request id %s)", request_id, exc_info=exc)
-        send(pb.ModelStreamInferResponse(error_message=message))
+        await send(pb.ModelStreamInferResponse(error_message=message))
+
+
+class _StreamGone(Exception):
+    """The call can take no more writes (the client left or it ended): stop, nothing to tell."""
 
 
 async def serve(
-    generators: Generators, requests: AsyncIterator[pb.ModelInferRequest]
-) -> AsyncIterator[pb.ModelStreamInferResponse]:
-    """The responses for every request arriving on one stream, as they are produced."""
-    out: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    generators: Generators,
+    requests: AsyncIterator[pb.ModelInferRequest],
+    write: Callable[[pb.ModelStreamInferResponse], Awaitable[None]],
+) -> None:
+    """Answer every request arriving on one stream through ``write`` (the call's
+    ``context.write``), each token as it is produced; returns once all are answered."""
     running: set[asyncio.Task[None]] = set()
+    one_writer = asyncio.Lock()  # requests on one stream decode concurrently; writes take turns
 
-    async def read() -> None:
-        try:
-            async for request in requests:
-                task = asyncio.create_task(_one(generators, request, out.put_nowait))
-                running.add(task)
-                task.add_done_callback(running.discard)
-            await asyncio.gather(*running)
-        finally:
-            out.put_nowait(None)
+    async def send(response: pb.ModelStreamInferResponse) -> None:
+        async with one_writer:
+            try:
+                await write(response)
+            except Exception as exc:  # grpc's error for a call that is over varies by cause
+                raise _StreamGone(f"{type(exc).__name__}: {exc}") from exc
 
-    reader = asyncio.create_task(read())
     try:
-        while (item := await out.get()) is not None:
-            yield item
-        await reader  # the client's half-close ended it; surface a broken request stream
+        async for request in requests:
+            task = asyncio.create_task(_one(generators, request, send))
+            running.add(task)
+            task.add_done_callback(running.discard)
+        await asyncio.gather(*running)  # the client's half-close: finish what it asked
+    except _StreamGone as gone:
+        log.info("stream ended before its answers were written (%s)", gone)
     finally:
-        for task in (reader, *running):
+        for task in running:
             task.cancel()
-        await asyncio.gather(reader, *running, return_exceptions=True)
+        await asyncio.gather(*running, return_exceptions=True)

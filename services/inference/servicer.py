@@ -93,9 +93,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- token streaming for generative models: services/inference/oip_stream.py ------------
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Context
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for response in oip_stream.serve(self._generators, request_iterator):
-            yield response
+    ) -> None:
+        # Written through the context, not yielded: each token goes from its request's task
+        # straight to the call, without a queue and two generators in between.
+        await oip_stream.serve(self._generators, request_iterator, context.write)
 
     # --- end of token streaming -------------------------------------------------------------
 

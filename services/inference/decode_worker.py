@@ -12,30 +12,34 @@ the other core beside the step instead of between steps. The thread keeps the sa
 pipes, for embedding and for tests that patch the model in this process.
 
 Children are forked from a forkserver that imports torch and this module once, so a new model
-version's process starts in tens of milliseconds, not seconds; the model reaches it as
-``torch.save`` bytes (the child holds its own copy of the weights). A child exits when its
+version's process starts in tens of milliseconds, not seconds; the model reaches it as an
+artifact would — safetensors bytes and a JSON config, rebuilt by the shared loader — and frames
+on the pipes are JSON: nothing crossing a pipe is unpickled. The child holds its own copy of the
+weights. A child exits when its
 command pipe closes — also when the server dies — and its end of the event pipe closing tells
 the server that it is gone, whatever the reason.
 """
 
 from __future__ import annotations
 
-import io
+import dataclasses
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
 import os
-import pickle
 import select
 import signal
 import struct
 import threading
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import safetensors.torch
 import torch
 
+from maas.compression import formats
 from maas.errors import Unavailable
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, Token
@@ -54,8 +58,8 @@ FAILED_TOKEN = -1
 
 
 def frame(message: object) -> bytes:
-    """One message on a pipe: its pickle's length (4 bytes, little-endian), then the pickle."""
-    body = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    """One message on a pipe: its JSON's length (4 bytes, little-endian), then the JSON."""
+    body = json.dumps(message, separators=(",", ":")).encode()
     return _LENGTH.pack(len(body)) + body
 
 
@@ -74,14 +78,14 @@ class Frames:
             end = start + _LENGTH.size + size
             if end > len(self._buffer):
                 break
-            messages.append(pickle.loads(self._buffer[start + _LENGTH.size : end]))
+            messages.append(json.loads(self._buffer[start + _LENGTH.size : end]))
             start = end
         del self._buffer[:start]
         return messages
 
 
 def submit(request_id: int, ids: list[int], params: SamplingParams) -> bytes:
-    return frame((SUBMIT, request_id, array("i", ids).tobytes(), params))
+    return frame((SUBMIT, request_id, ids, dataclasses.asdict(params)))
 
 
 def cancel(request_id: int) -> bytes:
@@ -114,15 +118,14 @@ def decode_loop(model: GPT, commands: int, events: int, slots: int) -> None:
 
         return emit
 
-    def apply(command: tuple[object, ...]) -> None:
+    def apply(command: list[Any]) -> None:
         if command[0] == CANCEL:
-            request = requests.pop(int(command[1]))  # type: ignore[call-overload]
+            request = requests.pop(command[1])
             batch.release(request)
             return
-        _, request_id, ids, params = command
-        assert isinstance(request_id, int) and isinstance(ids, bytes)
-        assert isinstance(params, SamplingParams)
-        request = Request(array("i", ids).tolist(), params, emitter(request_id))
+        _, request_id, ids, fields = command
+        assert isinstance(request_id, int) and isinstance(ids, list) and isinstance(fields, dict)
+        request = Request(ids, _params(fields), emitter(request_id))
         requests[request_id] = request
         try:
             batch.admit(request)
@@ -134,7 +137,7 @@ def decode_loop(model: GPT, commands: int, events: int, slots: int) -> None:
     try:
         while (received := _read(commands, block=not batch.active)) is not None:
             for command in inbox.feed(received):
-                assert isinstance(command, tuple)
+                assert isinstance(command, list)
                 if command[0] != CANCEL or command[1] in requests:
                     apply(command)
             _write(events, outbox)  # first tokens leave now, not one decode step later
@@ -150,6 +153,13 @@ def decode_loop(model: GPT, commands: int, events: int, slots: int) -> None:
     finally:
         os.close(events)
         os.close(commands)
+
+
+def _params(fields: dict[str, Any]) -> SamplingParams:
+    """``SamplingParams`` back from its JSON form (lists where it holds tuples)."""
+    bias = tuple((int(token), float(value)) for token, value in fields.pop("logit_bias"))
+    stop = tuple(fields.pop("stop"))
+    return SamplingParams(**fields, stop=stop, logit_bias=bias)
 
 
 def _failure(exc: Exception) -> Unavailable:
@@ -214,13 +224,13 @@ def start_process(model: GPT, slots: int, name: str) -> Worker:
     """A child process decoding ``model``; blocks while it starts (call it off the loop)."""
     commands_r, commands_w = _CONTEXT.Pipe(duplex=False)
     events_r, events_w = _CONTEXT.Pipe(duplex=False)
-    # torch.save, not torch's shared-memory pickling: that drops the temporary tensors a
-    # quantized layer's state is made of before the forkserver can take their descriptors.
-    weights = io.BytesIO()
-    torch.save(model, weights)
+    # As an artifact travels: safetensors bytes and a JSON config, rebuilt by the shared loader
+    # (int8 layers included); nothing is unpickled on the other side.
+    weights = safetensors.torch.save(formats.running_state(model))
+    config = json.dumps(dataclasses.asdict(model.config))
     process = _CONTEXT.Process(
         target=_child,
-        args=(weights.getvalue(), commands_r, events_w, slots, torch.get_num_threads()),
+        args=(weights, config, commands_r, events_w, slots, torch.get_num_threads()),
         name=f"maas-decode-{name}",
         daemon=True,  # ended with the server even if it never closes the engine
     )
@@ -248,7 +258,8 @@ def _take_fd(connection: multiprocessing.connection.Connection) -> int:
 
 
 def _child(
-    saved_model: bytes,
+    weights: bytes,
+    config: str,
     commands: multiprocessing.connection.Connection,
     events: multiprocessing.connection.Connection,
     slots: int,
@@ -256,6 +267,6 @@ def _child(
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops it by closing the pipe
     torch.set_num_threads(torch_threads)
-    # Our own process's bytes, written just now by torch.save: not an artifact from outside.
-    model = torch.load(io.BytesIO(saved_model), weights_only=False)
+    model = formats.rebuild("gpt", json.loads(config), safetensors.torch.load(weights)).eval()
+    assert isinstance(model, GPT)
     decode_loop(model, _take_fd(commands), _take_fd(events), slots)

@@ -143,6 +143,22 @@ async def test_concurrent_streams_each_get_their_own_tokens(
     assert results == [_solo(model, p, GREEDY) for p in PROMPTS]
 
 
+async def test_every_sampling_setting_reaches_the_decode_process(
+    model: GPT, engine: GenerationEngine
+) -> None:
+    params = SamplingParams(
+        max_tokens=20,
+        temperature=0.9,
+        top_p=0.9,
+        top_k=50,
+        seed=2**63,
+        stop=("e",),
+        logit_bias=((256, -100.0), (101, 5.0)),
+    )
+    tokens = await asyncio.wait_for(_collect(engine, "def main():", params), timeout=30)
+    assert tokens == _solo(model, "def main():", params)
+
+
 async def test_a_cancelled_stream_frees_its_slot_at_once(engine: GenerationEngine) -> None:
     endless = SamplingParams(max_tokens=10_000, temperature=1.0, seed=1)
     streams = [engine.stream("a", endless), engine.stream("b", endless)]

@@ -134,7 +134,27 @@ def materialize(
     manifest: Manifest, stored: dict[str, torch.Tensor], files: Mapping[str, bytes]
 ) -> nn.Module:
     """The shared loader's entry for every compressed format (see ``maas.artifacts``)."""
-    model = zoo.build(manifest.arch, manifest.config)
+    return rebuild(manifest.arch, manifest.config, stored)
+
+
+def rebuild(
+    arch: str, config: Mapping[str, object], stored: Mapping[str, torch.Tensor]
+) -> nn.Module:
+    """A runnable module from stored tensors (any format above, dense included)."""
+    model = zoo.build(arch, dict(config))
     dense, int8 = decode(model.state_dict(), stored)
     model.load_state_dict(dense, strict=True)
     return quant.convert(model, int8)
+
+
+def running_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The stored tensors of ``model`` as it runs — its int8 layers as ``.int8`` + ``.scale`` —
+    which ``rebuild`` turns back into the same module (no pickle on the way)."""
+    int8_layers = {name for name, m in model.named_modules() if isinstance(m, quant.Int8Linear)}
+    stored: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        layer, _, leaf = key.rpartition(".")
+        if layer in int8_layers and leaf in ("values", "scale"):
+            key = f"{layer}.weight{INT8 if leaf == 'values' else SCALE}"
+        stored[key] = tensor.detach().contiguous()
+    return stored

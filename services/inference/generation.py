@@ -261,9 +261,12 @@ class Generators:
         self.metrics = GenerationMetrics(registry)
         self._engines: dict[tuple[str, int], GenerationEngine] = {}
         self._starting: dict[tuple[str, int], asyncio.Future[GenerationEngine]] = {}
+        self._closed = False
 
     async def engine(self, name: str, version: str = "") -> GenerationEngine:
         model = await self._plane.model(name, version)
+        if self._closed:  # a process started now would outlive the server
+            raise Unavailable("the server is stopping; it starts no more generation engines")
         key = (model.name, model.version)
         engine = self._engines.get(key)
         if engine is not None and not engine.closed:
@@ -303,6 +306,9 @@ class Generators:
             await self._engines.pop(key).close()
 
     async def close(self) -> None:
+        """Close every engine, those still starting included: their processes end with us."""
+        self._closed = True
+        await asyncio.gather(*self._starting.values(), return_exceptions=True)
         engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
             await engine.close()

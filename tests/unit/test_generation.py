@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import copy
 import dataclasses
+import multiprocessing
 import os
 import signal
 import threading
@@ -310,3 +311,20 @@ async def test_the_next_request_after_a_decode_process_died_gets_a_new_one(model
 async def _until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.01)
+
+
+async def test_closing_while_an_engine_starts_leaves_no_decode_process(model: GPT) -> None:
+    source = MemorySource()
+    source.add("gpt", model, "gpt", dataclasses.asdict(CONFIG), aliases=["production"])
+    with ThreadPoolExecutor(1) as pool:
+        plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
+        generators = Generators(plane, slots=1)
+        starting = asyncio.create_task(generators.engine("gpt"))
+        await asyncio.wait_for(_until(lambda: bool(generators._starting)), timeout=30)
+        await generators.close()
+        engine = await starting
+        with pytest.raises(Unavailable, match="stopping"):
+            await generators.engine("gpt")
+        await plane.close()
+    assert engine.closed
+    assert not [p for p in multiprocessing.active_children() if p.name.startswith("maas-decode")]

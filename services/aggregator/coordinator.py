@@ -18,11 +18,11 @@ It is the only consumer of training jobs (group ``maas-training``) and the only 
    whose shards show no progress for ``MAAS_JOB_STALL_TIMEOUT_MS`` fails (no workers?). A job
    ends early, at the next poll, when a worker reports a step it cannot compute (``failed`` with
    its error) or a ``cancel`` job event names it (``cancelled``; a queued job at once).
-4. **Finish**: assemble the final parameters from the shards' final checkpoints, evaluate on the
-   held-out split, register (lineage: job id, and the base for a finetune; metrics accuracy,
-   loss, samples/s; alias if asked), write ``result.json``, publish ``succeeded``, clear the
-   marker, release the job's members. A registration that already happened (crash before the
-   result was written) is found by job id and not repeated.
+4. **Finish** (``finish.JobFinisher``): assemble the final parameters from the shards' final
+   checkpoints, evaluate on the held-out split, register (lineage: job id, and the base for a
+   finetune; metrics accuracy, loss, samples/s; alias if asked); then write ``result.json``,
+   publish ``succeeded``, clear the marker, release the job's members. A registration that
+   already happened (crash before the result was written) is found by job id and not repeated.
 
 On start it resumes every job still marked active, with its assignment from S3. It runs torch
 (planning and evaluation) on worker threads; shards never do.
@@ -35,13 +35,10 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-import torch
 from prometheus_client import CollectorRegistry, Counter
-from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from maas import datasets, events, jobs, topics, zoo
+from maas import datasets, events, jobs, topics
 from maas.artifacts import materialize
 from maas.bus import DeadLetter, EventProducer, Record
 from maas.bus_consumer import EventConsumer, dead_letter_group
@@ -52,12 +49,10 @@ from maas.errors import (
     FailedPrecondition,
     InvalidArgument,
     MaasError,
-    NotFound,
     SchemaViolation,
 )
 from maas.liveness import Liveness
 from maas.registry.client import RegistryClient
-from maas.registry.types import ModelVersion
 from maas.store_async import AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training.plan import JobPlan
@@ -66,11 +61,10 @@ from maas.training.prepare import (
     BaseModel,
     Limits,
     PreparedJob,
-    load_dataset,
     prepare_job,
 )
-from maas.training.replica import evaluate
 from maas.training.storage import TrainingStore
+from services.aggregator.finish import JobFinisher
 from services.aggregator.scheduler import SERVICE as COORDINATOR_SERVICE
 from services.aggregator.scheduler import PoolScheduler
 
@@ -97,6 +91,7 @@ class Coordinator:
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
         self._registry = RegistryClient(settings, actor=COORDINATOR_SERVICE)
+        self._finisher = JobFinisher(settings, self._objects, self._store, self._registry)
         self._jobs = EventConsumer(
             settings,
             topics=[topics.JOBS],
@@ -352,64 +347,9 @@ class Coordinator:
     # --- finish -----------------------------------------------------------------------------
 
     async def _finish(self, plan: JobPlan, pointers: list[ck.Pointer]) -> None:
-        state = load_safetensors(await self._store.read_init(plan.job_id))
-        flat = np.empty(plan.layout.size, dtype=np.float32)
-        for part, pointer in zip(plan.partitions, pointers, strict=True):
-            snap = await self._store.read_checkpoint(pointer)
-            part.scatter(snap.theta, flat)
-        for name, value in plan.layout.unflatten(flat).items():
-            state[name] = torch.from_numpy(value.copy())
-        metrics = await asyncio.to_thread(self._evaluate, plan, state)
-        lead = pointers[0]
-        seconds = max(1e-3, (lead.written_ms - lead.started_ms) / 1000)
-        metrics["samples_per_s"] = lead.samples / seconds
-        version = await self._register(plan, state, metrics)
-        result = {
-            "state": "succeeded",
-            "step": plan.target_version,
-            "total_steps": plan.target_version,
-            "metrics": metrics,
-            "model": {"name": version.name, "version": version.version},
-        }
+        result = await self._finisher.result(plan, pointers)
         await self._store.write_result(plan.job_id, result)
         await self._announce(plan.job_id, result)
-
-    def _evaluate(self, plan: JobPlan, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        model = zoo.build(plan.arch, plan.config)
-        model.load_state_dict(state)
-        fetch = datasets.fetcher(self._objects.sync, self.settings)
-        data = load_dataset(plan.dataset, seed=plan.training.seed, fetch=fetch)
-        return evaluate(model, data.x_test, data.y_test, plan.loss)
-
-    async def _register(
-        self, plan: JobPlan, state: dict[str, torch.Tensor], metrics: dict[str, float]
-    ) -> ModelVersion:
-        existing = await self._registered_by(plan.register_name, plan.job_id)
-        if existing is not None:
-            return existing
-        parent = f"{plan.parent['name']}@{plan.parent['version']}" if plan.parent else None
-        return await self._registry.register(
-            state,
-            plan.register_name,
-            plan.arch,
-            plan.config,
-            parent=parent,
-            method=plan.kind,
-            job_id=plan.job_id,
-            metrics=metrics,
-            # The dataset in lineage lets a later compress job find its evaluation data.
-            settings={**plan.training.to_json(), "dataset": plan.dataset},
-            alias=plan.register_alias,
-        )
-
-    async def _registered_by(self, name: str, job_id: str) -> ModelVersion | None:
-        try:
-            async for version in self._registry.iter_versions(name):
-                if version.job_id == job_id:
-                    return version
-        except NotFound:
-            return None
-        return None
 
     async def _announce(self, job_id: str, result: Mapping[str, Any]) -> None:
         fields = {k: v for k, v in result.items() if k != "state"}

@@ -1,0 +1,111 @@
+"""A training job's last step: its model from the shards' final checkpoints, evaluated, registered.
+
+``JobFinisher.result`` assembles the final parameters (each partition's slice into the plan's
+layout, over the job's starting weights), evaluates them on the held-out split on a worker
+thread, and registers the version with lineage (job id, the base of a finetune, the training
+settings and dataset) and metrics. A registration that already happened — the coordinator
+crashed before writing the result — is found by job id and not repeated. What it returns is the
+job's ``succeeded`` result; writing and announcing it is the coordinator's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load as load_safetensors
+
+from maas import datasets, zoo
+from maas.config import Settings
+from maas.errors import NotFound
+from maas.registry.client import RegistryClient
+from maas.registry.types import ModelVersion
+from maas.store_async import AsyncObjectStore
+from maas.training import checkpoint as ck
+from maas.training.plan import JobPlan
+from maas.training.prepare import load_dataset
+from maas.training.replica import evaluate
+from maas.training.storage import TrainingStore
+
+
+class JobFinisher:
+    def __init__(
+        self,
+        settings: Settings,
+        objects: AsyncObjectStore,
+        store: TrainingStore,
+        registry: RegistryClient,
+    ) -> None:
+        self._settings = settings
+        self._objects = objects
+        self._store = store
+        self._registry = registry
+
+    async def result(self, plan: JobPlan, pointers: list[ck.Pointer]) -> dict[str, Any]:
+        """The ``succeeded`` result of ``plan`` whose partitions' final checkpoints are
+        ``pointers`` (one per shard, in order), with its model registered."""
+        state = await self._final_state(plan, pointers)
+        metrics = await asyncio.to_thread(self._evaluate, plan, state)
+        lead = pointers[0]
+        seconds = max(1e-3, (lead.written_ms - lead.started_ms) / 1000)
+        metrics["samples_per_s"] = lead.samples / seconds
+        version = await self._register(plan, state, metrics)
+        return {
+            "state": "succeeded",
+            "step": plan.target_version,
+            "total_steps": plan.target_version,
+            "metrics": metrics,
+            "model": {"name": version.name, "version": version.version},
+        }
+
+    async def _final_state(
+        self, plan: JobPlan, pointers: list[ck.Pointer]
+    ) -> dict[str, torch.Tensor]:
+        # The starting weights hold what no partition trains (buffers such as norm statistics).
+        state = load_safetensors(await self._store.read_init(plan.job_id))
+        flat = np.empty(plan.layout.size, dtype=np.float32)
+        for part, pointer in zip(plan.partitions, pointers, strict=True):
+            snap = await self._store.read_checkpoint(pointer)
+            part.scatter(snap.theta, flat)
+        for name, value in plan.layout.unflatten(flat).items():
+            state[name] = torch.from_numpy(value.copy())
+        return state
+
+    def _evaluate(self, plan: JobPlan, state: dict[str, torch.Tensor]) -> dict[str, float]:
+        model = zoo.build(plan.arch, plan.config)
+        model.load_state_dict(state)
+        fetch = datasets.fetcher(self._objects.sync, self._settings)
+        data = load_dataset(plan.dataset, seed=plan.training.seed, fetch=fetch)
+        return evaluate(model, data.x_test, data.y_test, plan.loss)
+
+    async def _register(
+        self, plan: JobPlan, state: dict[str, torch.Tensor], metrics: dict[str, float]
+    ) -> ModelVersion:
+        existing = await self._registered_by(plan.register_name, plan.job_id)
+        if existing is not None:
+            return existing
+        parent = f"{plan.parent['name']}@{plan.parent['version']}" if plan.parent else None
+        return await self._registry.register(
+            state,
+            plan.register_name,
+            plan.arch,
+            plan.config,
+            parent=parent,
+            method=plan.kind,
+            job_id=plan.job_id,
+            metrics=metrics,
+            # The dataset in lineage lets a later compress job find its evaluation data.
+            settings={**plan.training.to_json(), "dataset": plan.dataset},
+            alias=plan.register_alias,
+        )
+
+    async def _registered_by(self, name: str, job_id: str) -> ModelVersion | None:
+        try:
+            async for version in self._registry.iter_versions(name):
+                if version.job_id == job_id:
+                    return version
+        except NotFound:
+            return None
+        return None

@@ -8,6 +8,7 @@ from typing import Any
 from maas import events, topics
 from maas.bus import EventProducer, Record
 from maas.config import Settings
+from maas.errors import Unavailable
 from maas.training.control import FAILURE_MESSAGE_CHARS, Heartbeat, Identity, member_event
 from maas.training.pool import Assignment
 from services.aggregator.scheduler import PoolScheduler
@@ -67,3 +68,29 @@ async def test_a_failure_for_a_job_the_worker_has_no_rank_in_is_ignored() -> Non
         other = Identity("w-9", "worker") if job_id == "job-1" else WORKER
         await pool._heard(heard(member_event(other, "up", failed_job=failed)))
     assert failures == []
+
+
+class BrokerAwayOnce(SentEvents):
+    """The first send fails as a producer's does when the broker is away; the rest arrive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = 0
+
+    async def send(self, topic: object, event: dict[str, Any], key: str) -> None:
+        if not self.refused:
+            self.refused += 1
+            raise Unavailable("broker away")
+        await super().send(topic, event, key)
+
+
+async def test_a_failure_report_lost_to_a_broker_outage_rides_the_next_heartbeat_once() -> None:
+    producer = BrokerAwayOnce()
+    heartbeat = Heartbeat(producer, Settings(), WORKER)  # type: ignore[arg-type]
+    await heartbeat.report_failure("job-1", "MemoryError")
+    assert producer.refused == 1 and producer.sent == []
+    await heartbeat._say("up")  # the next heartbeat
+    await heartbeat._say("up")  # and the one after: the report was delivered, it stops
+    first, second = producer.sent
+    assert first["failed_job"] == {"job_id": "job-1", "message": "MemoryError"}
+    assert "failed_job" not in second

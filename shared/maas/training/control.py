@@ -102,7 +102,8 @@ class Heartbeat:
     """Says ``up`` every period until cancelled; ``down`` once, on ``leave``.
 
     A send that fails (broker away) is logged and tried again next period: a member never stops
-    for it, and the coordinator counts it gone only after the timeout.
+    for it, and the coordinator counts it gone only after the timeout. A failure report rides
+    on the heartbeats until one of them reaches the broker.
     """
 
     def __init__(self, producer: EventProducer, settings: Settings, identity: Identity) -> None:
@@ -112,6 +113,7 @@ class Heartbeat:
         self.member_id = identity.member_id
         self.address = ""
         self._failing = False
+        self._reports: dict[str, dict[str, str]] = {}  # by job id: failures not yet delivered
 
     async def run(self) -> None:
         while True:
@@ -122,13 +124,14 @@ class Heartbeat:
         await self._say("down")
 
     async def report_failure(self, job_id: str, message: str) -> None:
-        """Tell the coordinator this member cannot go on with the job, and why (once; were it
-        lost, the job still fails when its stall timeout runs out)."""
-        failed = {"job_id": job_id, "message": message[:FAILURE_MESSAGE_CHARS]}
-        await self._say("up", failed)
+        """Tell the coordinator this member cannot go on with the job, and why: now, and with
+        each next heartbeat until one is delivered (the coordinator acts on the first)."""
+        self._reports[job_id] = {"job_id": job_id, "message": message[:FAILURE_MESSAGE_CHARS]}
+        await self._say("up")
 
-    async def _say(self, state: str, failed_job: Mapping[str, str] | None = None) -> None:
-        event = member_event(self.identity, state, self.address, failed_job)
+    async def _say(self, state: str) -> None:
+        report = next(iter(self._reports.values()), None)
+        event = member_event(self.identity, state, self.address, report)
         try:
             await self._producer.send(topics.TRAINING_CONTROL, event, key=self.member_id)
         except MaasError as exc:
@@ -136,6 +139,8 @@ class Heartbeat:
                 log.warning("%s: heartbeat not sent (%s); retrying", self.member_id, exc.message)
             self._failing = True
             return
+        if report is not None:
+            self._reports.pop(report["job_id"], None)
         if self._failing:
             log.info("%s: heartbeats reach the broker again", self.member_id)
         self._failing = False

@@ -7,6 +7,11 @@ unit tests against fakes. Torch work runs on a worker thread, never on the event
 Idempotency: a job id seen here is not run twice, and after a crash a redelivered job skips
 every variant already registered for it (found by ``job_id`` + method index in the registry),
 so it finishes where it stopped instead of registering duplicates.
+
+Cancel: ``cancel(job_id)`` (the service calls it for every ``cancel`` job event, read beside
+the job consumer) ends that job before its next variant is registered — a method under way
+finishes its torch work, and its variant is dropped — or, if the job has not started, before it
+starts. Variants registered before the cancel stay. The job's status becomes ``cancelled``.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +44,9 @@ JOB_TYPE = "compress"
 MAX_LINEAGE_DEPTH = 32
 DEFAULT_BATCH_SIZE = 64
 DEFAULT_LR = 1e-3
+# Every cancel event is remembered, whichever job type it names (the event does not say): the
+# oldest are forgotten past this many.
+REMEMBERED_CANCELS = 10_000
 
 
 class Registry(Protocol):
@@ -166,6 +175,7 @@ class Outcome:
 
     parent_metrics: dict[str, float]
     versions: list[ModelVersion]
+    cancelled: bool = False
 
 
 def plan_job(job_id: str, base: ModelRef, methods: Sequence[Mapping[str, Any]]) -> CompressJob:
@@ -191,6 +201,13 @@ class Compressor:
         self._fetch_dataset = fetch_dataset
         self._latency_repeats = latency_repeats
         self._finished: set[str] = set()
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+
+    def cancel(self, job_id: str) -> None:
+        """End ``job_id`` before its next variant is registered, or before it starts."""
+        self._cancelled[job_id] = None
+        while len(self._cancelled) > REMEMBERED_CANCELS:
+            self._cancelled.popitem(last=False)
 
     async def handle(self, event: Mapping[str, Any]) -> list[ModelVersion]:
         """Run one job event; other job types are not ours and are ignored."""
@@ -204,15 +221,38 @@ class Compressor:
         self._finished.add(job.job_id)
         return outcome.versions
 
+    def _stop_if_cancelled(self, job_id: str, done: int) -> None:
+        if job_id in self._cancelled:
+            raise _Cancelled(done)
+
     async def run(self, job: CompressJob) -> Outcome:
-        """Run a job's plans, registering each variant not yet registered for its id."""
+        """Run a job's plans, registering each variant not yet registered for its id; a
+        cancelled job ends ``cancelled`` with the variants registered before the cancel."""
+        try:
+            return await self._run(job)
+        except _Cancelled as cancelled:
+            log.info("job %s cancelled after %d of its variants", job.job_id, cancelled.done)
+            await self._publish(
+                status(
+                    job.job_id,
+                    "cancelled",
+                    step=cancelled.done,
+                    total_steps=len(job.plans),
+                    reason="a cancel event asked for it",
+                )
+            )
+            return Outcome({}, [], cancelled=True)
+
+    async def _run(self, job: CompressJob) -> Outcome:
         total = len(job.plans)
+        self._stop_if_cancelled(job.job_id, 0)
         await self._publish(status(job.job_id, "accepted", step=0, total_steps=total))
         parent = await self._load_parent(job)
         name = job.register_name or parent.version.name
         done = await self._registered(name, job.job_id)
         versions: list[ModelVersion] = []
         for index, plan in enumerate(job.plans):
+            self._stop_if_cancelled(job.job_id, index)
             version = done.get(index) or await self._compress_one(job, index, plan, parent, name)
             versions.append(version)
             await self._publish(_progress(job.job_id, "running", index + 1, total, versions))
@@ -279,6 +319,7 @@ class Compressor:
         self, job: CompressJob, index: int, plan: Plan, parent: Parent, name: str
     ) -> ModelVersion:
         built = await asyncio.to_thread(self._build, plan, parent, job.fit)
+        self._stop_if_cancelled(job.job_id, index)
         version = await self._registry.register(
             built.tensors,
             name,
@@ -318,6 +359,14 @@ class Compressor:
         )
         metrics |= relative_metrics(metrics, parent.metrics)
         return Built(variant.arch, variant.config, fmt, tensors, metrics)
+
+
+class _Cancelled(Exception):
+    """The job was cancelled with ``done`` of its variants registered."""
+
+    def __init__(self, done: int) -> None:
+        super().__init__(done)
+        self.done = done
 
 
 def _progress(

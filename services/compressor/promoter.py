@@ -82,6 +82,8 @@ class Promoter:
                 policy.compress_methods,
             )
             outcome = await self._compressor.run(job)
+            if outcome.cancelled:
+                return None  # the plan was cancelled: nothing is promoted
         return await self._promote(policy, stored.version, version, outcome)
 
     async def _subject(self, name: str, number: int) -> tuple[ModelVersion, PolicyVersion] | None:

@@ -5,6 +5,10 @@ The compressor has its own consumer group, so it sees every job alongside the tr
 ignores the types that are not ``compress``. A job the core refuses (bad methods, missing or
 tampered parent) goes to the DLQ via the bus, and ``on_dead_letter`` tells the client with a
 ``failed`` status naming the reason.
+
+``cancel`` job events are also read by a group-less reader of the jobs topic, from the time the
+service starts: the job consumer handles one job at a time, so a cancel queued behind the job
+it names would arrive only once that job is over.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
-from maas import datasets, events
+from maas import datasets, events, jobs
 from maas.bus import DeadLetter, EventProducer, Record
 from maas.bus_consumer import EventConsumer
+from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import SchemaViolation
 from maas.liveness import Liveness
@@ -92,6 +97,9 @@ class CompressorService:
             on_dead_letter=self._policy_failed,
             retry_backoff_ms=1000,
         )
+        self._cancels = PartitionReader(
+            settings, JOBS, range(JOBS.partitions), client_id="compressor-cancels"
+        )
         self.liveness = Liveness(self.metrics.registry)
 
     @property
@@ -101,6 +109,8 @@ class CompressorService:
     async def start(self) -> None:
         await self._producer.start()
         await self._registry.start()
+        await self._cancels.start()
+        await self._cancels.from_now()
         await self._consumer.start()
         await self._policies.start()
 
@@ -110,11 +120,13 @@ class CompressorService:
         await asyncio.gather(
             self.liveness.supervise("jobs-consumer", self._consumer.run()),
             self.liveness.supervise("policies-consumer", self._policies.run()),
+            self.liveness.supervise("cancel-reader", self._read_cancels()),
         )
 
     async def stop(self) -> None:
         await self._policies.stop()
         await self._consumer.stop()
+        await self._cancels.stop()
         await self._registry.stop()
         await self._producer.stop()
 
@@ -127,6 +139,12 @@ class CompressorService:
             self.metrics.variants.labels(version.method or "", version.format).inc()
         if versions:
             self.metrics.jobs.labels("succeeded").inc()
+
+    async def _read_cancels(self) -> None:
+        while True:
+            for record in await self._cancels.next_records([events.JOB], 500):
+                if record.event["type"] == jobs.CANCEL:
+                    self.core.cancel(str(record.event["job_id"]))
 
     async def _on_model_event(self, record: Record) -> None:
         decision = await self.promoter.handle(record.event)

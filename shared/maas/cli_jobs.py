@@ -65,10 +65,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cancel = command(
         actions,
         "cancel",
-        help="stop a queued or running train/finetune job",
-        description="Publishes a cancel event for JOB_ID; the coordinator ends the job at its "
-        "next poll and its status becomes cancelled (a job already finishing ends as it would "
-        "have; compress jobs run to the end). Exit code 0 once the job is cancelled.",
+        help="stop a queued or running job",
+        description="Publishes a cancel event for JOB_ID and its status becomes cancelled. A "
+        "train/finetune job ends at the coordinator's next poll (one already finishing ends as "
+        "it would have); a compress job ends before its next variant is registered, keeping the "
+        "variants registered so far (the one being built is dropped). Exit code 0 once the job "
+        "is cancelled.",
         example="maas jobs cancel train-3f2a9c01de",
     )
     cancel.add_argument("job_id")

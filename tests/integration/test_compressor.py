@@ -12,7 +12,7 @@ from training_jobs import Watcher
 from infra.harness.serving import ServiceProcesses
 from infra.proc import free_port
 from infra.stack import PythonService
-from maas import events, topics, zoo
+from maas import events, jobs, topics, zoo
 from maas.bus import EventProducer
 from maas.bus_consumer import EventConsumer
 from maas.compression.train import FitConfig, Tensors, evaluate, fit
@@ -188,3 +188,19 @@ async def test_a_tampered_parent_artifact_is_refused(stack, registry, producer, 
     final = await watcher.final(job_id)
     assert (final["state"], final["error"]["code"]) == ("failed", "integrity")
     assert "sha256" in final["error"]["message"]
+
+
+async def test_a_cancel_event_ends_a_running_compress_job_keeping_its_registered_variants(
+    registry, producer, watcher, parent
+):
+    base = {"name": parent.name, "version": parent.version}
+    methods = [{"quantize": {"dtype": "int8"}}] * 30  # long enough to be cancelled part-way
+    job_id = await submit(producer, base, methods)
+    await watcher.state(job_id, "running", timeout_s=120)
+    cancel = events.new_event(events.JOB, job_id=job_id, type=jobs.CANCEL)
+    await producer.send(topics.JOBS, cancel, key=job_id)
+    final = await watcher.final(job_id)
+    assert final["state"] == "cancelled", final
+    assert 1 <= final["step"] < len(methods)
+    registered = [v async for v in registry.iter_versions(parent.name) if v.job_id == job_id]
+    assert len(registered) == final["step"]

@@ -270,3 +270,47 @@ def test_a_bad_compress_job_is_refused_naming_the_field(fields, message):
 async def test_a_dataset_that_does_not_fit_the_parent_is_refused(core):
     with pytest.raises(InvalidArgument, match="16 features"):
         await core.handle(job(dataset={"uri": "builtin:regression"}))
+
+
+async def test_a_job_cancelled_before_it_starts_ends_cancelled_and_registers_nothing(
+    core, registry, statuses
+):
+    core.cancel("job-1")
+    assert await core.handle(job()) == []
+    assert [(s["state"], s["step"], s["total_steps"]) for s in statuses] == [("cancelled", 0, 2)]
+    assert len(registry.models["digits"]) == 1
+
+
+async def test_a_cancel_during_a_variants_build_drops_it_and_ends_the_job(
+    core, registry, statuses, monkeypatch
+):
+    build = core._build
+
+    def build_then_cancel(*args):
+        built = build(*args)
+        core.cancel("job-1")  # arrives while this variant is being built
+        return built
+
+    monkeypatch.setattr(core, "_build", build_then_cancel)
+    assert await core.handle(job()) == []
+    assert [s["state"] for s in statuses] == ["accepted", "cancelled"]
+    assert statuses[-1]["reason"] == "a cancel event asked for it"
+    assert len(registry.models["digits"]) == 1
+
+
+async def test_a_cancel_between_variants_keeps_the_registered_ones(core, registry, statuses):
+    register = registry.register
+
+    async def register_then_cancel(*args, **kwargs):
+        version = await register(*args, **kwargs)
+        core.cancel("job-1")
+        return version
+
+    registry.register = register_then_cancel
+    await core.handle(job())
+    assert [(s["state"], s["step"]) for s in statuses] == [
+        ("accepted", 0),
+        ("running", 1),
+        ("cancelled", 1),
+    ]
+    assert [v.method for v, _ in registry.models["digits"]] == ["train", "quantize"]

@@ -154,3 +154,12 @@ async def test_nothing_moves_when_no_candidate_meets_the_requirement(registry, p
     registry.policy = replace(registry.policy, document=parse_policy(strict).to_doc())
     decision = await Promoter(registry, plans).handle(registered(1))
     assert decision.version is None and registry.moves == []
+
+
+async def test_a_cancelled_policy_plan_promotes_nothing(registry, plans):
+    async def cancelled(job: CompressJob) -> Outcome:
+        return Outcome({}, [], cancelled=True)
+
+    plans.run = cancelled
+    assert await Promoter(registry, plans).handle(registered(1)) is None
+    assert registry.aliases == {} and registry.moves == []

@@ -288,22 +288,30 @@ class _Failing:
         return self._model.step(idx, *args)
 
 
-async def test_the_next_request_after_a_decode_process_died_gets_a_new_one(model: GPT) -> None:
+@pytest.fixture
+async def generators(model: GPT) -> AsyncIterator[Generators]:
+    """The server's engines over a data plane serving ``model`` as "gpt"."""
     source = MemorySource()
     source.add("gpt", model, "gpt", dataclasses.asdict(CONFIG), aliases=["production"])
     with ThreadPoolExecutor(1) as pool:
         plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
-        generators = Generators(plane, slots=1)
+        engines = Generators(plane, slots=1)
         try:
-            dead = await generators.engine("gpt")
-            assert dead.pid is not None
-            os.kill(dead.pid, signal.SIGKILL)
-            await asyncio.wait_for(_until(lambda: dead.closed), timeout=30)
-            engine = await generators.engine("gpt")
-            tokens = await asyncio.wait_for(_collect(engine, "a", GREEDY), timeout=30)
+            yield engines
         finally:
-            await generators.close()
+            await engines.close()
             await plane.close()
+
+
+async def test_the_next_request_after_a_decode_process_died_gets_a_new_one(
+    model: GPT, generators: Generators
+) -> None:
+    dead = await generators.engine("gpt")
+    assert dead.pid is not None
+    os.kill(dead.pid, signal.SIGKILL)
+    await asyncio.wait_for(_until(lambda: dead.closed), timeout=30)
+    engine = await generators.engine("gpt")
+    tokens = await asyncio.wait_for(_collect(engine, "a", GREEDY), timeout=30)
     assert engine is not dead and engine.pid != dead.pid
     assert tokens == _solo(model, "a", GREEDY)
 
@@ -313,18 +321,14 @@ async def _until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.01)
 
 
-async def test_closing_while_an_engine_starts_leaves_no_decode_process(model: GPT) -> None:
-    source = MemorySource()
-    source.add("gpt", model, "gpt", dataclasses.asdict(CONFIG), aliases=["production"])
-    with ThreadPoolExecutor(1) as pool:
-        plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
-        generators = Generators(plane, slots=1)
-        starting = asyncio.create_task(generators.engine("gpt"))
-        await asyncio.wait_for(_until(lambda: bool(generators._starting)), timeout=30)
-        await generators.close()
-        engine = await starting
-        with pytest.raises(Unavailable, match="stopping"):
-            await generators.engine("gpt")
-        await plane.close()
+async def test_closing_while_an_engine_starts_leaves_no_decode_process(
+    generators: Generators,
+) -> None:
+    starting = asyncio.create_task(generators.engine("gpt"))
+    await asyncio.wait_for(_until(lambda: bool(generators._starting)), timeout=30)
+    await generators.close()
+    engine = await starting
+    with pytest.raises(Unavailable, match="stopping"):
+        await generators.engine("gpt")
     assert engine.closed
     assert not [p for p in multiprocessing.active_children() if p.name.startswith("maas-decode")]

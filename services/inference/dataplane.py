@@ -114,6 +114,8 @@ class DataPlane:
         self._background: set[asyncio.Task[None]] = set()
         self.splits = Splits()  # weighted aliases (services.inference.canary)
         self.ready = False
+        # Called with each version as it is loaded (a first request, or an alias moving to it).
+        self.on_loaded: list[Callable[[ServedModel], None]] = []
 
     # --- resolving and loading --------------------------------------------------------------
 
@@ -218,6 +220,8 @@ class DataPlane:
         )
         self._forget(self._cache.put(model))
         log.info("loaded %s (%d bytes of weights)", model.label, model.nbytes)
+        for loaded in self.on_loaded:
+            loaded(model)
         return model
 
     def _forget(self, evicted: Sequence[ServedModel]) -> None:

@@ -26,6 +26,7 @@ from maas.text.gpt import GPT
 from maas.text.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams, Token, prompt_ids
 from services.inference import decode_worker
 from services.inference.dataplane import DataPlane
+from services.inference.served import ServedModel
 
 log = logging.getLogger(__name__)
 
@@ -242,9 +243,10 @@ class _Gone(asyncio.BaseProtocol):
 class Generators:
     """One engine per served GPT version, shared by every front door (OIP stream, OpenAI HTTP).
 
-    Versions resolve through the data plane (aliases, hot swap, the LRU cache); an engine whose
-    version left the cache is closed when the next engine starts, and one whose decode loop died
-    is replaced by the next request for its version.
+    Versions resolve through the data plane (aliases, hot swap, the LRU cache). A GPT version's
+    engine starts as soon as the plane loads it; one whose version left the cache is closed when
+    the next engine starts, and one whose decode loop died is replaced by the next request for
+    its version.
     """
 
     def __init__(
@@ -262,6 +264,7 @@ class Generators:
         self._engines: dict[tuple[str, int], GenerationEngine] = {}
         self._starting: dict[tuple[str, int], asyncio.Future[GenerationEngine]] = {}
         self._closed = False
+        plane.on_loaded.append(self._loaded)
 
     async def engine(self, name: str, version: str = "") -> GenerationEngine:
         model = await self._plane.model(name, version)
@@ -276,12 +279,28 @@ class Generators:
                 f"{model.label} is not a text-generation model (arch 'gpt'); it serves "
                 "ModelInfer only"
             )
+        return await asyncio.shield(self._starting_for(key, model.module))
+
+    def _loaded(self, model: ServedModel) -> None:
+        """A version just loaded: a GPT's decode loop starts now, so that its first stream (or
+        the first after an alias moved to it) does not wait for a process to start."""
+        engine = self._engines.get((model.name, model.version))
+        if isinstance(model.module, GPT) and not self._closed and (engine is None or engine.closed):
+            self._starting_for((model.name, model.version), model.module)
+
+    def _starting_for(self, key: tuple[str, int], model: GPT) -> asyncio.Future[GenerationEngine]:
+        """The start of ``key``'s engine: the one under way, or a new one."""
         starting = self._starting.get(key)
-        if starting is None:  # the first request starts it; the ones arriving meanwhile wait
-            starting = asyncio.ensure_future(self._start(key, model.module))
+        if starting is None:
+            starting = asyncio.ensure_future(self._start(key, model))
             self._starting[key] = starting
-            starting.add_done_callback(lambda _: self._starting.pop(key, None))
-        return await asyncio.shield(starting)
+            starting.add_done_callback(lambda done: self._started(key, done))
+        return starting
+
+    def _started(self, key: tuple[str, int], done: asyncio.Future[GenerationEngine]) -> None:
+        self._starting.pop(key, None)
+        if not done.cancelled() and done.exception() is not None:  # retrieved: maybe no waiter
+            log.error("%s v%s: its decode loop did not start", *key, exc_info=done.exception())
 
     async def _start(self, key: tuple[str, int], model: GPT) -> GenerationEngine:
         await self._close_unloaded()

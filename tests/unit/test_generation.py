@@ -289,18 +289,22 @@ class _Failing:
 
 
 @pytest.fixture
-async def generators(model: GPT) -> AsyncIterator[Generators]:
-    """The server's engines over a data plane serving ``model`` as "gpt"."""
+async def plane(model: GPT) -> AsyncIterator[DataPlane]:
+    """A data plane serving ``model`` as "gpt"."""
     source = MemorySource()
     source.add("gpt", model, "gpt", dataclasses.asdict(CONFIG), aliases=["production"])
     with ThreadPoolExecutor(1) as pool:
-        plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
-        engines = Generators(plane, slots=1)
-        try:
-            yield engines
-        finally:
-            await engines.close()
-            await plane.close()
+        serving = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
+        yield serving
+        await serving.close()
+
+
+@pytest.fixture
+async def generators(plane: DataPlane) -> AsyncIterator[Generators]:
+    """The server's engines over ``plane``."""
+    engines = Generators(plane, slots=1)
+    yield engines
+    await engines.close()
 
 
 async def test_the_next_request_after_a_decode_process_died_gets_a_new_one(
@@ -331,4 +335,18 @@ async def test_closing_while_an_engine_starts_leaves_no_decode_process(
     with pytest.raises(Unavailable, match="stopping"):
         await generators.engine("gpt")
     assert engine.closed
-    assert not [p for p in multiprocessing.active_children() if p.name.startswith("maas-decode")]
+    assert not _decode_processes()
+
+
+def _decode_processes() -> list[multiprocessing.process.BaseProcess]:
+    return [p for p in multiprocessing.active_children() if p.name.startswith("maas-decode")]
+
+
+async def test_a_gpt_versions_decode_process_starts_when_the_version_loads(
+    plane: DataPlane, generators: Generators
+) -> None:
+    await plane.model("gpt")  # loaded as any request would load it, no stream yet
+    await asyncio.wait_for(_until(lambda: bool(_decode_processes())), timeout=30)
+    (started,) = _decode_processes()
+    engine = await generators.engine("gpt")
+    assert engine.pid == started.pid

@@ -279,9 +279,11 @@ def build_skeleton(arch: str, config: Mapping[str, Any] | None = None) -> nn.Mod
     initialisation that would be overwritten anyway."""
     import torch
 
+    from maas import zoo_nets
+
     spec = get_arch(arch)
     parsed = parse_config(arch, config)
-    with torch.device("meta"):
+    with torch.device("meta"), zoo_nets.SkipInitialisers():
         return _build(spec, parsed)
 
 

@@ -6,10 +6,11 @@ Every model names its final layer ``head`` so fine-tuning can replace it by pref
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from maas.text.bert import Bert  # noqa: F401  (arch "bert", built by name like the rest)
 from maas.text.gpt import GPT  # noqa: F401  (arch "gpt")
@@ -17,6 +18,39 @@ from maas.zoo_layers import Layer, Shape, infer
 
 if TYPE_CHECKING:
     from maas.zoo import CNNConfig, MLPConfig, SequentialConfig
+
+# What modules call to initialise their weights: ``nn.init``'s functions and the tensor methods.
+_INITIALISERS = frozenset(
+    {
+        "normal_",
+        "uniform_",
+        "trunc_normal_",
+        "zero_",
+        "zeros_",
+        "ones_",
+        "fill_",
+        "constant_",
+        "kaiming_uniform_",
+        "kaiming_normal_",
+        "xavier_uniform_",
+        "xavier_normal_",
+        "orthogonal_",
+    }
+)
+
+
+class SkipInitialisers(TorchFunctionMode):
+    """Initialisers leave meta tensors as they are (``zoo.build_skeleton``). A meta tensor has
+    no values to set, yet torch still runs an initialiser's checks, and the first such check in
+    a process imports sympy: 2-6 s added to the first GPT a server loaded (its embeddings'
+    ``normal_``)."""
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        target = args[0] if args else next(iter(kwargs.values()), None)
+        if getattr(func, "__name__", "") in _INITIALISERS and getattr(target, "is_meta", False):
+            return target
+        return func(*args, **kwargs)
 
 
 class MLP(nn.Module):

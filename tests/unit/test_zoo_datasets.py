@@ -1,5 +1,7 @@
 """Model zoo determinism, the sequential arch, and the builtin datasets."""
 
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -237,6 +239,29 @@ def test_judging_a_config_imports_no_torch():
     code = (
         f"import sys; from maas import zoo; zoo.check_size('sequential', {SEED_NET!r}, 10**8); "
         "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("arch", ["gpt", "bert", "mlp", "cnn"])
+def test_a_skeleton_loads_a_built_models_weights_and_computes_the_same(arch):
+    built = zoo.build(arch, {}, seed=2).eval()
+    skeleton = zoo.build_skeleton(arch, {})
+    assert {p.device.type for p in skeleton.parameters()} == {"meta"}
+    skeleton.load_state_dict(built.state_dict(), assign=True)
+    if arch in ("gpt", "bert"):
+        x = torch.randint(0, 200, (1, 6))
+    else:
+        x = torch.randn(2, *zoo.input_shape(arch, {}))
+    with torch.no_grad():
+        assert torch.equal(skeleton.eval()(x), built(x))
+
+
+def test_building_a_skeleton_imports_no_sympy():
+    # torch's checks inside an initialiser on a meta tensor import sympy: seconds on a first load.
+    code = (
+        "import sys; from maas import zoo; zoo.build_skeleton('gpt'); print('sympy' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -99,9 +99,15 @@ def token_of(event: Event) -> Token | Unavailable:
     return Token(token_id, text, finish)
 
 
-def decode_loop(model: GPT, commands: int, events: int, slots: int) -> None:
-    """Serve ``commands`` (a pipe's read end) until it closes, writing to ``events``."""
+def decode_loop(model: GPT, commands: int, events: int, slots: int, *, warm: bool = False) -> None:
+    """Serve ``commands`` (a pipe's read end) until it closes, writing to ``events``;
+    ``warm``: compile the decode step before the first request comes."""
     batch = DecodeBatch(model, slots)
+    if warm:
+        try:
+            batch.warm()
+        except Exception:  # the first request meets the same fault and fails with it
+            log.exception("warming the decode step failed")
     requests: dict[int, Request] = {}
     outbox: list[Event] = []
     inbox = Frames()
@@ -269,4 +275,4 @@ def _child(
     torch.set_num_threads(torch_threads)
     model = formats.rebuild("gpt", json.loads(config), safetensors.torch.load(weights)).eval()
     assert isinstance(model, GPT)
-    decode_loop(model, _take_fd(commands), _take_fd(events), slots)
+    decode_loop(model, _take_fd(commands), _take_fd(events), slots, warm=True)

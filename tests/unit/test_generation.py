@@ -109,6 +109,16 @@ def test_a_biased_greedy_row_decodes_as_if_alone(model: GPT) -> None:
     assert all(t.id != first for t in banned)
 
 
+def test_a_warmed_batch_decodes_as_a_fresh_one(model: GPT) -> None:
+    batch = DecodeBatch(model, slots=2)
+    batch.warm()
+    assert sorted(batch.free) == [0, 1] and not batch.active
+    out: list[Token] = []
+    batch.admit(_request(model, "x", GREEDY, out))  # into slot 0, the one warmed
+    _drain(batch)
+    assert out == _solo(model, "x", GREEDY)
+
+
 def test_a_finished_request_gives_its_slot_back(model: GPT) -> None:
     batch = DecodeBatch(model, slots=2)
     out: list[Token] = []

@@ -114,8 +114,10 @@ class DataPlane:
         self._background: set[asyncio.Task[None]] = set()
         self.splits = Splits()  # weighted aliases (services.inference.canary)
         self.ready = False
-        # Called with each version as it is loaded (a first request, or an alias moving to it).
+        # Called with each version as it is loaded (a first request, or an alias moving to it),
+        # and as it leaves (evicted from the cache, or unloaded by request).
         self.on_loaded: list[Callable[[ServedModel], None]] = []
+        self.on_unloaded: list[Callable[[ServedModel], None]] = []
 
     # --- resolving and loading --------------------------------------------------------------
 
@@ -229,6 +231,8 @@ class DataPlane:
             self._serving.pop(gone.name, None)
             gone.stats.forget()
             log.info("evicted %s", gone.label)
+            for unloaded in self.on_unloaded:
+                unloaded(gone)
         self._metrics.loaded_models.set(len(self._cache))
         self._metrics.loaded_bytes.set(self._cache.total_bytes)
 

@@ -244,9 +244,9 @@ class Generators:
     """One engine per served GPT version, shared by every front door (OIP stream, OpenAI HTTP).
 
     Versions resolve through the data plane (aliases, hot swap, the LRU cache). A GPT version's
-    engine starts as soon as the plane loads it; one whose version left the cache is closed when
-    the next engine starts, and one whose decode loop died is replaced by the next request for
-    its version.
+    engine starts as soon as the plane loads it and closes as soon as the version leaves it
+    (evicted or unloaded); one whose decode loop died is replaced by the next request for its
+    version.
     """
 
     def __init__(
@@ -263,8 +263,10 @@ class Generators:
         self.metrics = GenerationMetrics(registry)
         self._engines: dict[tuple[str, int], GenerationEngine] = {}
         self._starting: dict[tuple[str, int], asyncio.Future[GenerationEngine]] = {}
+        self._closing: set[asyncio.Future[None]] = set()
         self._closed = False
         plane.on_loaded.append(self._loaded)
+        plane.on_unloaded.append(self._unloaded)
 
     async def engine(self, name: str, version: str = "") -> GenerationEngine:
         model = await self._plane.model(name, version)
@@ -287,6 +289,14 @@ class Generators:
         engine = self._engines.get((model.name, model.version))
         if isinstance(model.module, GPT) and not self._closed and (engine is None or engine.closed):
             self._starting_for((model.name, model.version), model.module)
+
+    def _unloaded(self, model: ServedModel) -> None:
+        """A version left the plane (evicted, or unloaded by request): its decode loop ends."""
+        engine = self._engines.pop((model.name, model.version), None)
+        if engine is not None:
+            closing = asyncio.ensure_future(engine.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     def _starting_for(self, key: tuple[str, int], model: GPT) -> asyncio.Future[GenerationEngine]:
         """The start of ``key``'s engine: the one under way, or a new one."""
@@ -320,6 +330,7 @@ class Generators:
         return sorted({m.name for m in self._plane.loaded() if isinstance(m.module, GPT)})
 
     async def _close_unloaded(self) -> None:
+        # An engine whose version was unloaded while it was starting.
         loaded = {(m.name, m.version) for m in self._plane.loaded()}
         for key in [k for k in self._engines if k not in loaded]:
             await self._engines.pop(key).close()
@@ -327,7 +338,7 @@ class Generators:
     async def close(self) -> None:
         """Close every engine, those still starting included: their processes end with us."""
         self._closed = True
-        await asyncio.gather(*self._starting.values(), return_exceptions=True)
+        await asyncio.gather(*self._starting.values(), *self._closing, return_exceptions=True)
         engines, self._engines = list(self._engines.values()), {}
         for engine in engines:
             await engine.close()

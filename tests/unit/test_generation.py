@@ -360,3 +360,13 @@ async def test_a_gpt_versions_decode_process_starts_when_the_version_loads(
     (started,) = _decode_processes()
     engine = await generators.engine("gpt")
     assert engine.pid == started.pid
+
+
+async def test_unloading_a_gpt_version_ends_its_decode_process(
+    plane: DataPlane, generators: Generators
+) -> None:
+    engine = await generators.engine("gpt")
+    assert _decode_processes()
+    plane.unload("gpt")
+    await asyncio.wait_for(_until(lambda: not _decode_processes()), timeout=30)
+    assert engine.closed

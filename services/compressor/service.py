@@ -6,9 +6,11 @@ ignores the types that are not ``compress``. A job the core refuses (bad methods
 tampered parent) goes to the DLQ via the bus, and ``on_dead_letter`` tells the client with a
 ``failed`` status naming the reason.
 
-``cancel`` job events are also read by a group-less reader of the jobs topic, from the time the
-service starts: the job consumer handles one job at a time, so a cancel queued behind the job
-it names would arrive only once that job is over.
+``cancel`` job events are also read by a group-less reader of the jobs topic: the job consumer
+handles one job at a time, so a cancel queued behind the job it names would arrive only once
+that job is over. The reader starts at the beginning of what the topic retains and has read to
+its end before the job consumer starts, so a cancel sent while no compressor ran still stops
+the job it names.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import asyncio
 import logging
 from typing import Any
 
+from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter
 
 from maas import datasets, events, jobs
@@ -110,7 +113,8 @@ class CompressorService:
         await self._producer.start()
         await self._registry.start()
         await self._cancels.start()
-        await self._cancels.from_now()
+        await self._cancels.from_beginning()
+        await self._read_cancels_until(await self._cancels.end_offsets())
         await self._consumer.start()
         await self._policies.start()
 
@@ -142,9 +146,17 @@ class CompressorService:
 
     async def _read_cancels(self) -> None:
         while True:
-            for record in await self._cancels.next_records([events.JOB], 500):
-                if record.event["type"] == jobs.CANCEL:
-                    self.core.cancel(str(record.event["job_id"]))
+            await self._next_cancels()
+
+    async def _read_cancels_until(self, end: dict[TopicPartition, int]) -> None:
+        while not await self._cancels.reached(end):
+            await self._next_cancels()
+        log.info("cancels read up to %s", {tp.partition: offset for tp, offset in end.items()})
+
+    async def _next_cancels(self) -> None:
+        for record in await self._cancels.next_records([events.JOB], 500):
+            if record.event["type"] == jobs.CANCEL:
+                self.core.cancel(str(record.event["job_id"]))
 
     async def _on_model_event(self, record: Record) -> None:
         decision = await self.promoter.handle(record.event)

@@ -204,3 +204,20 @@ async def test_a_cancel_event_ends_a_running_compress_job_keeping_its_registered
     assert 1 <= final["step"] < len(methods)
     registered = [v async for v in registry.iter_versions(parent.name) if v.job_id == job_id]
     assert len(registered) == final["step"]
+
+
+async def test_a_job_cancelled_while_no_compressor_runs_never_starts(
+    services, producer, watcher, parent
+):
+    _, compressor = services
+    compressor.stop()
+    try:
+        base = {"name": parent.name, "version": parent.version}
+        job_id = await submit(producer, base, [{"quantize": {"dtype": "int8"}}])
+        cancel = events.new_event(events.JOB, job_id=job_id, type=jobs.CANCEL)
+        await producer.send(topics.JOBS, cancel, key=job_id)
+    finally:
+        compressor.start(timeout_s=120)
+    final = await watcher.final(job_id)
+    assert (final["state"], final["step"]) == ("cancelled", 0), final
+    assert [s["state"] for s in watcher.statuses[job_id]] == ["cancelled"]

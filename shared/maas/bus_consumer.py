@@ -54,6 +54,10 @@ from maas.topics import DLQ, Topic
 log = logging.getLogger(__name__)
 
 DLQ_TIMEOUT_S = 10.0
+# aiokafka retries a commit while the coordinator is unknown, with no end: after the client
+# closed (stop() racing a commit) that would be for ever. A commit is given this long, or until
+# the client closed, and then counts as failed (committed again later, or redelivered).
+COMMIT_TIMEOUT_S = 30.0
 
 
 class Fetcher:
@@ -137,6 +141,7 @@ class EventConsumer:
         # the next batch, so a restart does not redeliver what was done long ago.
         self._uncommitted: dict[TopicPartition, int] = {}
         self._stopping = asyncio.Event()
+        self._closed = asyncio.Event()  # the client is closed: no commit can succeed any more
         self.handled = 0
         self.dead_lettered = 0
 
@@ -161,6 +166,7 @@ class EventConsumer:
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
             await consumer.stop()
+        self._closed.set()
 
     async def __aenter__(self) -> EventConsumer:
         await self.start()
@@ -331,13 +337,31 @@ class EventConsumer:
 
     async def _commit(self, consumer: AIOKafkaConsumer, tp: TopicPartition, offset: int) -> None:
         try:
-            await consumer.commit({tp: offset})
-        except KafkaError as exc:
+            await self._until_closed(consumer.commit({tp: offset}), COMMIT_TIMEOUT_S)
+        except (KafkaError, TimeoutError) as exc:
             # A lost commit only means a redelivery, which handlers are idempotent against.
             log.warning("commit of %s@%d failed (%s); will commit it again", tp, offset, exc)
             self._uncommitted[tp] = offset
         else:
             self._uncommitted.pop(tp, None)
+
+    async def _until_closed(self, work: Awaitable[Any], timeout_s: float) -> None:
+        """Await ``work``; cancel it and raise TimeoutError after ``timeout_s`` or once the
+        client is closed."""
+        task = asyncio.ensure_future(work)
+        closed = asyncio.ensure_future(self._closed.wait())
+        try:
+            await asyncio.wait(
+                {task, closed}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            closed.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            reason = "the client closed" if self._closed.is_set() else f"{timeout_s:g} s passed"
+            raise TimeoutError(f"{reason} before the broker acknowledged it")
+        task.result()
 
     async def _commit_again(self, consumer: AIOKafkaConsumer) -> None:
         """Commit the offsets whose commit failed, for partitions this member still owns."""

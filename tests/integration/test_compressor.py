@@ -210,14 +210,15 @@ async def test_a_job_cancelled_while_no_compressor_runs_never_starts(
     services, producer, watcher, parent
 ):
     _, compressor = services
-    compressor.stop()
+    # In threads: the watcher's consumer must keep heartbeating while a compressor starts.
+    await asyncio.to_thread(compressor.stop)
     try:
         base = {"name": parent.name, "version": parent.version}
         job_id = await submit(producer, base, [{"quantize": {"dtype": "int8"}}])
         cancel = events.new_event(events.JOB, job_id=job_id, type=jobs.CANCEL)
         await producer.send(topics.JOBS, cancel, key=job_id)
     finally:
-        compressor.start(timeout_s=120)
+        await asyncio.to_thread(compressor.start, timeout_s=120)
     final = await watcher.final(job_id)
     assert (final["state"], final["step"]) == ("cancelled", 0), final
     assert [s["state"] for s in watcher.statuses[job_id]] == ["cancelled"]

@@ -3,6 +3,7 @@ here: what is under test is what the bus does with a failed commit)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -60,3 +61,26 @@ async def test_a_partition_given_away_is_not_committed_again() -> None:
     await events._commit(kafka, GIVEN_AWAY, 3)  # type: ignore[arg-type]
     await events._commit_again(kafka)  # type: ignore[arg-type]
     assert kafka.committed == []
+
+
+class EndlessCommits(FlakyCommits):
+    """A commit that never ends, like aiokafka's retrying one once its client is closed."""
+
+    def __init__(self) -> None:
+        super().__init__(fail=0)
+
+    async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+        await asyncio.Event().wait()
+
+    async def stop(self) -> None:
+        pass
+
+
+async def test_a_commit_hanging_when_the_consumer_stops_ends_and_stays_owed() -> None:
+    kafka, events = EndlessCommits(), consumer()
+    events._consumer = kafka  # type: ignore[assignment]
+    commit = asyncio.create_task(events._commit(kafka, OWNED, 5))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    await events.stop()
+    await asyncio.wait_for(commit, 5)
+    assert events._uncommitted == {OWNED: 5}

@@ -15,9 +15,8 @@ Children are forked from a forkserver that imports torch and this module once, s
 version's process starts in tens of milliseconds, not seconds; the model reaches it as an
 artifact would — safetensors bytes and a JSON config, rebuilt by the shared loader — and frames
 on the pipes are JSON: nothing crossing a pipe is unpickled. The child holds its own copy of the
-weights. A child exits when its
-command pipe closes — also when the server dies — and its end of the event pipe closing tells
-the server that it is gone, whatever the reason.
+weights. A child exits when its command pipe closes — also when the server dies — and its end of
+the event pipe closing tells the server that it is gone, whatever the reason.
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
 from maas.events import now_ms
 from maas.liveness import Liveness
-from maas.training import protocol
+from maas.training import broadcast, protocol
 from maas.training.aggregate import ShardCore
 from maas.training.control import RELEASED, PoolMember
 from maas.training.pool import SHARD, Assignment
@@ -307,7 +307,7 @@ class ShardService:
 
     def _publish(self, job: ShardJob) -> None:
         core = job.core
-        job.current = protocol.params_pieces(
+        job.current = broadcast.params_pieces(
             core.theta,
             version=core.version,
             final=core.done,

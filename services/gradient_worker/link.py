@@ -19,13 +19,9 @@ import grpc
 
 from maas.config import Settings
 from maas.errors import MaasError
+from maas.training.broadcast import ParamsAssembler, ShardParams, read_shard_message
 from maas.training.dataplane import exchange, open_channel
-from maas.training.protocol import (
-    OutgoingPush,
-    ParamsAssembler,
-    ShardParams,
-    read_shard_message,
-)
+from maas.training.protocol import OutgoingPush
 from maas.training.v1 import training_pb2 as pb
 
 log = logging.getLogger(__name__)

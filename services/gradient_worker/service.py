@@ -30,10 +30,11 @@ from maas import datasets
 from maas.config import Settings
 from maas.errors import MaasError, NotFound, Unavailable
 from maas.liveness import Liveness
+from maas.training.broadcast import ShardParams
 from maas.training.control import RELEASED, PoolMember
 from maas.training.pool import WORKER, Assignment
 from maas.training.prepare import load_dataset
-from maas.training.protocol import OutgoingPush, ShardParams
+from maas.training.protocol import OutgoingPush
 from maas.training.worker import WorkerJob
 from services.gradient_worker.link import ShardLink
 

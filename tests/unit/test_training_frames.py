@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from maas.errors import InvalidArgument
-from maas.training import protocol
+from maas.training import broadcast, protocol
 from maas.training.codecs import NoneCodec
 from maas.training.layout import FlatLayout, horizontal
 from maas.training.protocol import StepInfo
@@ -81,7 +81,7 @@ def test_a_malformed_frame_is_refused_naming_the_problem(frame: bytes, message: 
 
 
 def test_params_pieces_read_back_as_views_over_their_frame() -> None:
-    (frame,) = protocol.params_pieces(
+    (frame,) = broadcast.params_pieces(
         np.ones(4, dtype=np.float32),
         version=1,
         final=True,
@@ -89,6 +89,6 @@ def test_params_pieces_read_back_as_views_over_their_frame() -> None:
         dtype="float32",
         chunk_bytes=1024,
     )
-    piece = protocol.read_shard_message(frame)
+    piece = broadcast.read_shard_message(frame)
     assert piece.values.obj is frame and piece.params.final
     assert pb.ShardMessage.FromString(frame).params.values == bytes(piece.values)

@@ -14,8 +14,9 @@ import pytest
 
 from maas.config import Settings
 from maas.errors import InvalidArgument
+from maas.training.broadcast import ShardParams
 from maas.training.prepare import Limits, PreparedJob, prepare_job
-from maas.training.protocol import OutgoingPush, ShardParams, read_push
+from maas.training.protocol import OutgoingPush, read_push
 from maas.training.v1 import training_pb2 as pb
 from maas.training.worker import WorkerJob
 from services.aggregator.__main__ import build

@@ -13,7 +13,7 @@ never wrong.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from google.protobuf.message import DecodeError, Message
 
@@ -26,6 +26,12 @@ _VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
 
 class _Unusual(Exception):
     """A valid encoding this reader leaves to protobuf (groups)."""
+
+
+def cuts(start: int, stop: int, step: int) -> Iterator[tuple[int, int]]:
+    """``[start, stop)`` cut into consecutive ranges of at most ``step`` elements."""
+    for a in range(start, stop, step):
+        yield a, min(stop, a + step)
 
 
 def varint(n: int) -> bytes:

@@ -22,15 +22,9 @@ import torch
 from maas import zoo
 from maas.datasets import Dataset
 from maas.training.aggregate import ShardCore
+from maas.training.broadcast import ParamsAssembler, params_pieces, read_shard_message
 from maas.training.plan import JobPlan
-from maas.training.protocol import (
-    GradientAssembler,
-    OutgoingPush,
-    ParamsAssembler,
-    params_pieces,
-    read_push,
-    read_shard_message,
-)
+from maas.training.protocol import GradientAssembler, OutgoingPush, read_push
 from maas.training.replica import compute_loss, torch_optimizer
 from maas.training.sampler import batch_indices
 from maas.training.worker import WorkerJob

@@ -1,6 +1,6 @@
-"""The training data plane's messages (``maas.training.v1``) as pure functions: no I/O here.
+"""The training data plane's gradient messages (``maas.training.v1``) as pure functions: no I/O.
 
-**Gradients.** A worker's gradient for one shard and one step is a fixed set of ``Push`` pieces,
+A worker's gradient for one shard and one step is a fixed set of ``Push`` pieces,
 known before backward starts (``PiecePlan``): every piece covers elements ``[offset, offset +
 size)`` of the shard's partition and holds at most ``chunk_bytes`` of raw little-endian values.
 Elementwise lossless codecs (``none``, ``fp16``) cut the gradient per tensor, so a tensor's pieces
@@ -9,15 +9,13 @@ once backward is over (their error feedback and top-k selection are per partitio
 ``GradientAssembler`` turns the pieces back into one ``Contribution`` whose decoded pieces are
 numpy views over the received bytes: nothing is copied before the shard adds them to its sum.
 
-**Parameters.** A shard sends its partition at a version as ``Params`` pieces in the job's
-broadcast dtype (``training.broadcast``: float32, or a float16 copy);
-``ParamsAssembler`` rebuilds them (a single piece is viewed, not copied).
+Parameters go the other way in ``maas.training.broadcast``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -33,35 +31,21 @@ from maas.training.codecs import (
     PiecewiseGradient,
     SparseGradient,
     TopKCodec,
-    half_precision,
     parse_codec,
 )
 from maas.training.layout import FlatLayout, ParamPartition
 from maas.training.v1 import training_pb2 as pb
 
-BROADCAST_DTYPES: tuple[str, ...] = ("float32", "float16")
 Piece = DenseGradient | SparseGradient
 _VALUE_DTYPES = {"none": "float32", "fp16": "float16", "int8": "int8"}
 _ENTRY_BYTES = 8  # a top-k entry: uint32 index + fp32 value
 _DENSE_BYTES = 4  # pieces are cut by fp32 size whatever the codec: the plan is codec-neutral
 
 
-def broadcast_values(values: np.ndarray, dtype: str) -> np.ndarray:
-    """What workers receive of a shard's fp32 parameters: the same, or an fp16 copy."""
-    if dtype == "float32":
-        return np.asarray(values, dtype=np.float32)
-    return half_precision(values)
-
-
 def overlaps(codec: GradientCodecType, mode: str) -> bool:
     """Whether gradient pieces can leave per tensor while backward continues: elementwise
     lossless codecs in the modes that send a gradient (local SGD sends a parameter delta)."""
     return not codec.lossy and mode != "local_sgd"
-
-
-def _cut(start: int, stop: int, step: int) -> Iterator[tuple[int, int]]:
-    for a in range(start, stop, step):
-        yield a, min(stop, a + step)
 
 
 @dataclass(frozen=True)
@@ -108,7 +92,7 @@ class PiecePlan:
                 if a >= b:
                     continue
                 cut = []
-                for x, y in _cut(a, b, step):
+                for x, y in frames.cuts(a, b, step):
                     cut.append((index, Segment(local + x - start, y - x, x)))
                     index += 1
                 by_tensor[spec.name] = by_tensor.get(spec.name, ()) + tuple(cut)
@@ -207,7 +191,7 @@ def whole_pushes(
                 indices=indices[a:b],
                 values=values[a:b],
             )
-            for i, (a, b) in enumerate(_cut(0, len(indices), plan.step))
+            for i, (a, b) in enumerate(frames.cuts(0, len(indices), plan.step))
         ]
     scale = float(payload.get("scale", 1.0))  # type: ignore[arg-type]
     return [
@@ -221,7 +205,7 @@ def whole_pushes(
             scale=scale,
             values=values[a:b],
         )
-        for i, (a, b) in enumerate(_cut(0, size, plan.step))
+        for i, (a, b) in enumerate(frames.cuts(0, size, plan.step))
     ]
 
 
@@ -343,103 +327,6 @@ def _whole(parts: Sequence[tuple[int, Piece]], size: int) -> Decoded:
     if len(parts) == 1 and parts[0][0] == 0 and parts[0][1].size == size:
         return parts[0][1]  # the common small case: the piece itself, no wrapper
     return PiecewiseGradient(tuple(parts), size)
-
-
-_PARAMS = pb.ShardMessage.DESCRIPTOR.fields_by_name["params"].number
-_PARAMS_VALUES = pb.Params.DESCRIPTOR.fields_by_name["values"].number
-
-
-def params_pieces(
-    values: np.ndarray,
-    *,
-    version: int,
-    final: bool,
-    durable_version: int,
-    dtype: str,
-    chunk_bytes: int,
-) -> list[bytes]:
-    """A partition's values as ``dtype`` pieces, each a serialized ``ShardMessage``: made once
-    and sent as is to every worker (the data plane's server sends bytes, not messages). The
-    values are copied once, straight into the frame — a snapshot, as the shard's parameters move
-    on while the pieces are in flight. (Protobuf fields may come in any order: the small ones
-    are serialized by protobuf, ``values`` is appended by hand.)"""
-    sent = broadcast_values(values, dtype)
-    step = max(1, chunk_bytes // sent.itemsize)
-    cuts = list(_cut(0, len(sent), step)) or [(0, 0)]
-    out = []
-    for i, (a, b) in enumerate(cuts):
-        header = pb.Params(
-            version=version,
-            final=final,
-            durable_version=durable_version,
-            dtype=dtype,
-            offset=a,
-            piece=i,
-            pieces=len(cuts),
-        )
-        out.append(frames.write(_PARAMS, header, [(_PARAMS_VALUES, sent[a:b].data)]))
-    return out
-
-
-@dataclass(frozen=True)
-class ParamsFrame:
-    """A parameter piece as a worker reads it: the small fields, and the values as a view."""
-
-    params: pb.Params
-    values: memoryview
-
-
-def read_shard_message(data: frames.Buffer) -> ParamsFrame:
-    """A received ``ShardMessage``: its parameter piece, values viewed over ``data``."""
-    field, message, tensors = frames.read(
-        data, pb.ShardMessage, {_PARAMS: pb.Params}, frozenset((_PARAMS_VALUES,))
-    )
-    if not isinstance(message, pb.Params):
-        raise InvalidArgument(f"a ShardMessage holds params, not field {field}")
-    return ParamsFrame(message, tensors.get(_PARAMS_VALUES, memoryview(b"")))
-
-
-@dataclass(frozen=True)
-class ShardParams:
-    version: int
-    values: np.ndarray  # float32, or float16 as broadcast (widened when installed)
-    final: bool
-
-
-class ParamsAssembler:
-    """``Params`` pieces of one shard -> its partition at a version."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._version = -1
-        self._buffer: np.ndarray | None = None
-        self._seen: set[int] = set()
-
-    def add(self, frame: ParamsFrame) -> ShardParams | None:
-        params = frame.params
-        if params.dtype not in BROADCAST_DTYPES:
-            raise InvalidArgument(f"params dtype {params.dtype!r}; use one of {BROADCAST_DTYPES}")
-        itemsize = np.dtype(params.dtype).itemsize
-        count = frame.values.nbytes // itemsize
-        if params.offset < 0 or params.offset + count > self.size or params.piece >= params.pieces:
-            raise InvalidArgument(
-                f"params piece {params.piece}/{params.pieces} at {params.offset}+{count} does not "
-                f"fit a partition of {self.size}"
-            )
-        values = np.frombuffer(frame.values, dtype=np.dtype(params.dtype).newbyteorder("<"))
-        if params.pieces == 1:
-            if count != self.size:
-                raise InvalidArgument(f"params carry {count} values; the partition has {self.size}")
-            return ShardParams(int(params.version), values, params.final)
-        if params.version != self._version or self._buffer is None:
-            self._version, self._seen = int(params.version), set()
-            self._buffer = np.empty(self.size, dtype=params.dtype)
-        self._buffer[params.offset : params.offset + count] = values
-        self._seen.add(params.piece)
-        if len(self._seen) < params.pieces:
-            return None
-        done, self._buffer, self._version = self._buffer, None, -1
-        return ShardParams(int(params.version), done, params.final)
 
 
 Emit = Callable[[int, OutgoingPush], None]

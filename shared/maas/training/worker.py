@@ -22,12 +22,12 @@ import numpy as np
 import torch
 
 from maas.datasets import Dataset
+from maas.training.broadcast import ShardParams
 from maas.training.codecs import ErrorFeedback, parse_codec
 from maas.training.plan import JobPlan
 from maas.training.protocol import (
     Emit,
     PiecePlan,
-    ShardParams,
     StepInfo,
     overlaps,
     tensor_pushes,

@@ -17,6 +17,8 @@ starts. Variants registered before the cancel stay. The job's status becomes ``c
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import logging
 import math
 from collections import OrderedDict
@@ -30,7 +32,7 @@ from torch import nn
 from maas import artifacts, events, jobs, zoo
 from maas.compression.measure import artifact_metrics, relative_metrics
 from maas.compression.pipeline import Plan, parent_variant, parse_methods, run
-from maas.compression.train import FitConfig, Tensors
+from maas.compression.train import FitConfig, Stopped, Tensors
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.manifest import Manifest
@@ -221,8 +223,11 @@ class Compressor:
         self._finished.add(job.job_id)
         return outcome.versions
 
+    def _is_cancelled(self, job_id: str) -> bool:
+        return job_id in self._cancelled
+
     def _stop_if_cancelled(self, job_id: str, done: int) -> None:
-        if job_id in self._cancelled:
+        if self._is_cancelled(job_id):
             raise _Cancelled(done)
 
     async def run(self, job: CompressJob) -> Outcome:
@@ -318,7 +323,13 @@ class Compressor:
     async def _compress_one(
         self, job: CompressJob, index: int, plan: Plan, parent: Parent, name: str
     ) -> ModelVersion:
-        built = await asyncio.to_thread(self._build, plan, parent, job.fit)
+        # The build runs in a thread; its training asks between steps whether the job was
+        # cancelled (a dict lookup: the event loop adds to it, the thread only reads).
+        fit = dataclasses.replace(job.fit, stop=functools.partial(self._is_cancelled, job.job_id))
+        try:
+            built = await asyncio.to_thread(self._build, plan, parent, fit)
+        except Stopped:
+            raise _Cancelled(index) from None
         self._stop_if_cancelled(job.job_id, index)
         version = await self._registry.register(
             built.tensors,

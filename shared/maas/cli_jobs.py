@@ -69,7 +69,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Publishes a cancel event for JOB_ID and its status becomes cancelled. A "
         "train/finetune job ends at the coordinator's next poll (one already finishing ends as "
         "it would have); a compress job ends before its next variant is registered, keeping the "
-        "variants registered so far (the one being built is dropped). Exit code 0 once the job "
+        "variants registered so far (the one being built is dropped, its training stopped at "
+        "its next step). Exit code 0 once the job "
         "is cancelled.",
         example="maas jobs cancel train-3f2a9c01de",
     )

@@ -13,7 +13,7 @@ from maas.compression.pipeline import (
     parse_methods,
     run,
 )
-from maas.compression.train import FitConfig, Tensors
+from maas.compression.train import FitConfig, Stopped, Tensors
 from maas.datasets import load_builtin
 from maas.errors import InvalidArgument
 
@@ -72,3 +72,23 @@ def test_running_a_plan_leaves_the_parent_untouched():
         FitConfig(0),
     )
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "method",
+    [{"distill": {"steps": 10_000}}, {"prune": {"sparsity": 0.5, "recovery_steps": 10_000}}],
+)
+def test_a_methods_training_stops_at_the_step_its_stop_check_says(method):
+    asked = []
+
+    def stop() -> bool:
+        asked.append(True)
+        return len(asked) > 3
+
+    with pytest.raises(Stopped, match="after 3 of 10000 steps"):
+        run(
+            parse_method(method),
+            parent_variant(zoo.build("mlp", {}), "mlp", {}),
+            Tensors.of(load_builtin("digits")),
+            FitConfig(0, stop=stop),
+        )

@@ -1,5 +1,6 @@
 """The compressor core against an in-memory registry: jobs in, measured variants registered."""
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
@@ -314,3 +315,18 @@ async def test_a_cancel_between_variants_keeps_the_registered_ones(core, registr
         ("cancelled", 1),
     ]
     assert [v.method for v, _ in registry.models["digits"]] == ["train", "quantize"]
+
+
+async def test_a_cancel_while_a_method_trains_stops_its_training_and_ends_the_job(
+    core, registry, statuses
+):
+    running = asyncio.create_task(
+        core.handle(job(compress={"methods": [{"distill": {"steps": 10**6}}]}))
+    )
+    while not statuses:  # accepted: the parent is loading or the student training
+        await asyncio.sleep(0.01)
+    core.cancel("job-1")
+    # A million distillation steps would take hours: the job ends because training stopped.
+    assert await asyncio.wait_for(running, 120) == []
+    assert [(s["state"], s["step"]) for s in statuses] == [("accepted", 0), ("cancelled", 0)]
+    assert len(registry.models["digits"]) == 1

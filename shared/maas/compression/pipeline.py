@@ -8,6 +8,7 @@ before any work starts, so a bad item fails the job with a message instead of ha
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -173,7 +174,7 @@ def _prune(step: Prune, variant: Variant, data: Tensors, fit_config: FitConfig) 
         fit(
             model,
             data,
-            FitConfig(step.recovery_steps, fit_config.batch_size, fit_config.lr, fit_config.seed),
+            dataclasses.replace(fit_config, steps=step.recovery_steps),
             after_step=(lambda m: prune.apply_masks(m, masks)) if masks else None,
         )
     return Variant(variant.arch, config, model, masks)
@@ -181,7 +182,7 @@ def _prune(step: Prune, variant: Variant, data: Tensors, fit_config: FitConfig) 
 
 def _distill(step: Distill, variant: Variant, data: Tensors, fit_config: FitConfig) -> Variant:
     student = kd.parse_student(step.student, variant.arch, variant.config)
-    config = FitConfig(step.steps, fit_config.batch_size, fit_config.lr, fit_config.seed)
+    config = dataclasses.replace(fit_config, steps=step.steps)
     model = kd.distill(variant.model, student, data, config, step.temperature, step.alpha)
     return Variant(student.arch, student.config, model)
 

@@ -8,7 +8,7 @@ would cost more than the work. The same seed gives the same batches and the same
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,12 +23,19 @@ LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 AfterStep = Callable[[nn.Module], None]
 
 
+class Stopped(Exception):
+    """``FitConfig.stop`` asked for it: training ended before its last step."""
+
+
 @dataclass(frozen=True)
 class FitConfig:
     steps: int
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
+    # Asked before each step: True ends training with Stopped (a cancelled job's method stops
+    # within a step rather than running its thousands of steps to the end).
+    stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -79,14 +86,16 @@ def fit(
     """Train ``model`` in place with Adam for ``config.steps`` seeded mini-batches.
 
     ``after_step`` runs after every optimizer step (pruning re-applies its masks there, so
-    pruned weights stay exactly zero).
+    pruned weights stay exactly zero). Raises Stopped when ``config.stop`` says so.
     """
     loss = loss or hard_label_loss(data)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     n = len(data.x_train)
     model.train()
-    for _ in range(config.steps):
+    for step in range(config.steps):
+        if config.stop is not None and config.stop():
+            raise Stopped(f"training stopped after {step} of {config.steps} steps")
         rows = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
         optimizer.zero_grad(set_to_none=True)
         loss(model(data.x_train[rows]), rows).backward()

@@ -7,6 +7,7 @@ tokens/s of 1 stream; TTFT <= in-process + 2 ms; per-token overhead <= 15 % over
 loop at 1 stream.
 
     python -m bench.generate [--tokens 128] [--rounds 5] [--size small|ci] [--decode process|thread]
+        [--decode-cpus auto|none|LIST]
 
 Rounds interleave the in-process loop and every served case, and the medians are reported; the
 server is then profiled (py-spy, when installed) while it serves 8 OIP streams.
@@ -14,7 +15,9 @@ server is then profiled (py-spy, when installed) while it serves 8 OIP streams.
 The model is registered in a real registry on a private Kafka + S3 stack
 (MAAS_BENCH_USE_RUNNING_STACK=1 uses the stack MAAS_* points at). Greedy decoding with a
 randomly initialised GPT: what is measured is the serving path, not the text. Server and client
-share this machine's cores: on a busy machine the figures mean little.
+share this machine's cores: on a busy machine the figures mean little. By default the server
+reserves its last CPU for decode processes (MAAS_INFERENCE_DECODE_CPUS) and the client runs on the
+others; ``cpus`` in the JSON says where each process was allowed to run, read back from it.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from bench.profile import sampling_profile
 from infra.ephemeral import bench_settings
 from infra.harness.serving import ServiceProcesses
 from infra.proc import free_port
-from maas import zoo
+from maas import cpus, zoo
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from maas.registry import RegistryClient
@@ -183,6 +186,7 @@ async def interleaved(
         limit = Figures()
         for run in doors.values():
             await run()  # warm-up: the first request loads the model and starts its engine
+        placement = cpu_placement(server)
         in_process(model, args.tokens)
         for _ in range(args.rounds):
             limit_round(model, args.tokens, limit)
@@ -194,7 +198,23 @@ async def interleaved(
     for (door, n), fig in figures.items():
         served[door][f"{n}_streams"] = fig.medians()
     inproc = {**limit.medians(), "tokens": args.tokens}
-    return {"in_process": inproc, "served": served, "profile_oip_grpc_8_streams": profile}
+    return {
+        "cpus": placement,
+        "in_process": inproc,
+        "served": served,
+        "profile_oip_grpc_8_streams": profile,
+    }
+
+
+def cpu_placement(server: psutil.Process) -> dict[str, str]:
+    """Where each process may run, read back from the processes themselves."""
+    # Decode processes are forked by the server's forkserver: its children, not the server's.
+    decoders = [p for p in server.children(recursive=True) if p.ppid() != server.pid]
+    return {
+        "server": cpus.render(server.cpu_affinity()),
+        "decode_processes": " ".join(sorted({cpus.render(p.cpu_affinity()) for p in decoders})),
+        "bench_client_and_in_process_loop": cpus.render(psutil.Process().cpu_affinity()),
+    }
 
 
 def checks(inproc: dict[str, float], results: dict[str, Any]) -> dict[str, Any]:
@@ -220,9 +240,19 @@ async def register(settings: Any, registry_addr: str, model: GPT, config: dict[s
         await registry.register(model, "bench-gpt", "gpt", config, alias="production")
 
 
+def decode_cpus(choice: str, decode: str) -> cpus.Reservation | None:
+    """``auto``: the last CPU for decode processes (with two or more, decoding in processes);
+    ``none``; or a CPU list."""
+    if choice == "none" or (choice == "auto" and (decode != "process" or len(cpus.usable()) < 2)):
+        return None
+    text = cpus.render([max(cpus.usable())]) if choice == "auto" else choice
+    return cpus.reserve(text, "--decode-cpus")
+
+
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     config = SIZES[args.size]
     torch.set_num_threads(1)
+    reservation = decode_cpus(args.decode_cpus, args.decode)
     model = zoo.build("gpt", config, seed=1).eval()
     assert isinstance(model, GPT)
     report: dict[str, Any] = {
@@ -245,9 +275,14 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             MAAS_INFERENCE_GENERATION_SLOTS=str(STREAMS),
             MAAS_INFERENCE_TORCH_THREADS="1",
             MAAS_INFERENCE_DECODE_PROCESS=str(args.decode == "process").lower(),
+            MAAS_INFERENCE_DECODE_CPUS=cpus.render(reservation.reserved) if reservation else "",
         )
         http_url = f"http://127.0.0.1:{port}/v1"
         pid = processes.pid("inference-generate")
+        if reservation is not None:
+            # The client stays off the decode CPUs, as a client elsewhere would; so does the
+            # in-process loop (the stack and the servers were started before, unpinned).
+            cpus.pin_process(reservation.rest)
         report.update(asyncio.run(interleaved(model, grpc_addr, http_url, "bench-gpt", args, pid)))
     report["checks"] = checks(report["in_process"], report["served"])
     return report
@@ -264,6 +299,13 @@ def main() -> None:
         default="process",
         help="where the server decodes (MAAS_INFERENCE_DECODE_PROCESS): its default, a child "
         "process, or a thread of the server (the A/B of that choice)",
+    )
+    parser.add_argument(
+        "--decode-cpus",
+        default="auto",
+        help="MAAS_INFERENCE_DECODE_CPUS of the server: 'auto' (the last CPU, when there are two "
+        "or more and decoding is in processes; the bench client then runs on the others), "
+        "'none', or a CPU list such as 3 or 2-3",
     )
     print(json.dumps(run_bench(parser.parse_args()), indent=2))
 

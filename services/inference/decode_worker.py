@@ -39,6 +39,7 @@ import safetensors.torch
 import torch
 
 from maas.compression import formats
+from maas.cpus import pin_process
 from maas.errors import Unavailable
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, Token
@@ -225,8 +226,9 @@ def _forkserver() -> multiprocessing.context.ForkServerContext:
 _CONTEXT = _forkserver()
 
 
-def start_process(model: GPT, slots: int, name: str) -> Worker:
-    """A child process decoding ``model``; blocks while it starts (call it off the loop)."""
+def start_process(model: GPT, slots: int, name: str, cpus: frozenset[int] = frozenset()) -> Worker:
+    """A child process decoding ``model``, on ``cpus`` only if any are named; blocks while it
+    starts (call it off the loop)."""
     commands_r, commands_w = _CONTEXT.Pipe(duplex=False)
     events_r, events_w = _CONTEXT.Pipe(duplex=False)
     # As an artifact travels: safetensors bytes and a JSON config, rebuilt by the shared loader
@@ -235,7 +237,7 @@ def start_process(model: GPT, slots: int, name: str) -> Worker:
     config = json.dumps(dataclasses.asdict(model.config))
     process = _CONTEXT.Process(
         target=_child,
-        args=(weights, config, commands_r, events_w, slots, torch.get_num_threads()),
+        args=(weights, config, commands_r, events_w, slots, torch.get_num_threads(), sorted(cpus)),
         name=f"maas-decode-{name}",
         daemon=True,  # ended with the server even if it never closes the engine
     )
@@ -269,8 +271,11 @@ def _child(
     events: multiprocessing.connection.Connection,
     slots: int,
     torch_threads: int,
+    cpus: list[int],
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops it by closing the pipe
+    if cpus:
+        pin_process(cpus)
     torch.set_num_threads(torch_threads)
     model = formats.rebuild("gpt", json.loads(config), safetensors.torch.load(weights)).eval()
     assert isinstance(model, GPT)

@@ -105,12 +105,16 @@ class GenerationEngine:
         version: int = 0,
         metrics: GenerationMetrics | None = None,
         isolated: bool = True,
+        cpus: frozenset[int] = frozenset(),
     ) -> GenerationEngine:
-        """Decode ``model`` in a child process (``isolated``) or a thread of this one."""
+        """Decode ``model`` in a child process (``isolated``; on ``cpus`` only, if any are
+        named) or a thread of this one."""
         if slots < 1:
             raise InvalidArgument(f"generation slots={slots} must be at least 1")
-        launch = decode_worker.start_process if isolated else decode_worker.start_thread
-        worker = await asyncio.to_thread(launch, model, slots, name)
+        if isolated:
+            worker = await asyncio.to_thread(decode_worker.start_process, model, slots, name, cpus)
+        else:
+            worker = await asyncio.to_thread(decode_worker.start_thread, model, slots, name)
         engine = cls(
             worker,
             slots=slots,
@@ -256,10 +260,12 @@ class Generators:
         slots: int = DEFAULT_SLOTS,
         registry: CollectorRegistry | None = None,
         isolated: bool = True,
+        cpus: frozenset[int] = frozenset(),
     ) -> None:
         self._plane = plane
         self._slots = slots
         self._isolated = isolated
+        self._cpus = cpus
         self.metrics = GenerationMetrics(registry)
         self._engines: dict[tuple[str, int], GenerationEngine] = {}
         self._starting: dict[tuple[str, int], asyncio.Future[GenerationEngine]] = {}
@@ -321,6 +327,7 @@ class Generators:
             version=key[1],
             metrics=self.metrics,
             isolated=self._isolated,
+            cpus=self._cpus,
         )
         self._engines[key] = engine
         return engine

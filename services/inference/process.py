@@ -8,9 +8,11 @@ then stops consuming registry events and closes the registry client.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from prometheus_client import CollectorRegistry
 
+from maas import cpus
 from maas.config import Settings
 from maas.liveness import Liveness
 from maas.registry import RegistryClient
@@ -18,12 +20,21 @@ from services.inference.server import InferenceServer
 from services.inference.sources import RegistrySource
 
 SHUTDOWN_GRACE_S = 10.0
+log = logging.getLogger(__name__)
 
 
 class InferenceProcess:
     def __init__(self, settings: Settings) -> None:
         self._registry = RegistryClient(settings, actor="maas-inference")
         self.server = InferenceServer(settings, RegistrySource(self._registry))
+        if self.server.cpu_reservation is not None:
+            # The whole server, its threads included, stays off the decode processes' CPUs.
+            cpus.pin_process(self.server.cpu_reservation.rest)
+            log.info(
+                "decode processes on CPUs %s; the rest of the server on %s",
+                cpus.render(self.server.cpu_reservation.reserved),
+                cpus.render(self.server.cpu_reservation.rest),
+            )
 
     @property
     def metrics_registry(self) -> CollectorRegistry:

@@ -19,7 +19,7 @@ import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from maas import events, topics
+from maas import cpus, events, topics
 from maas.bus import EventProducer, Record
 from maas.bus_consumer import EventConsumer
 from maas.config import Settings
@@ -71,6 +71,17 @@ def build_grpc_server(
     return server
 
 
+def decode_cpus(settings: Settings) -> cpus.Reservation | None:
+    """The CPUs MAAS_INFERENCE_DECODE_CPUS reserves for decode processes, checked."""
+    reservation = cpus.reserve(settings.inference_decode_cpus, "MAAS_INFERENCE_DECODE_CPUS")
+    if reservation is not None and not settings.inference_decode_process:
+        raise InvalidArgument(
+            "MAAS_INFERENCE_DECODE_CPUS reserves CPUs for decode processes, but "
+            "MAAS_INFERENCE_DECODE_PROCESS=false decodes in threads of the server: set one of them"
+        )
+    return reservation
+
+
 class InferenceServer:
     def __init__(self, settings: Settings, source: ModelSource) -> None:
         if settings.inference_workers < 1 or settings.inference_torch_threads < 1:
@@ -100,12 +111,14 @@ class InferenceServer:
             instances=settings.inference_workers,
         )
         self._health = health.aio.HealthServicer()
+        self.cpu_reservation = decode_cpus(settings)
         # Generative models: one decode engine per version, shared by gRPC and HTTP.
         self.generators = Generators(
             self.plane,
             slots=settings.inference_generation_slots,
             registry=self.metrics.registry,
             isolated=settings.inference_decode_process,
+            cpus=self.cpu_reservation.reserved if self.cpu_reservation is not None else frozenset(),
         )
         self._server = build_grpc_server(
             settings, self.plane, self.metrics, self._health, self.generators

@@ -211,6 +211,14 @@ class Settings:
             "and the decode step then never wait on one interpreter lock); false = a thread"
         ),
     )
+    inference_decode_cpus: str = setting(
+        "MAAS_INFERENCE_DECODE_CPUS",
+        "",
+        (
+            "CPUs reserved for the decode processes (e.g. 3, or 2-3,6): they run only there and "
+            "the rest of the server never does; empty = the OS places both"
+        ),
+    )
     inference_stream: bool = setting(
         "MAAS_INFERENCE_STREAM",
         True,

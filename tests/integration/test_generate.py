@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import re
 import urllib.request
@@ -15,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import openai
+import psutil
 import pytest
 import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
@@ -30,6 +32,9 @@ from maas.text.sampling import SamplingParams, Token, generate
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 CONFIG = {"block_size": 1024, "n_layer": 2, "n_head": 2, "n_embd": 48}
+USABLE = sorted(os.sched_getaffinity(0))
+# With two CPUs or more, the server reserves the last one for its decode processes.
+DECODE_CPUS = {USABLE[-1]} if len(USABLE) > 1 else set()
 TOKEN = "generate-read-token"
 AUTH = {"authorization": f"Bearer {TOKEN}"}
 
@@ -58,6 +63,7 @@ def servers(stack, tmp_path_factory):
             MAAS_INFERENCE_HTTP_LISTEN=f"127.0.0.1:{http_port}",
             # One slot: a request can only start once the previous stream gave its slot back.
             MAAS_INFERENCE_GENERATION_SLOTS="1",
+            MAAS_INFERENCE_DECODE_CPUS=",".join(map(str, DECODE_CPUS)),
         )
         yield Servers(processes, registry, grpc_addr, f"http://127.0.0.1:{http_port}/v1")
 
@@ -176,3 +182,15 @@ def test_http_needs_the_same_bearer_token_as_grpc(servers, gpt):
     with pytest.raises(openai.AuthenticationError, match="authorization"):
         client(servers, key="wrong").completions.create(model=gpt.name, prompt="a", max_tokens=1)
     assert client(servers).models.list().data is not None
+
+
+@pytest.mark.skipif(not DECODE_CPUS, reason="reserving a CPU needs two")
+def test_the_decode_process_runs_on_the_reserved_cpu_and_the_server_off_it(servers, gpt):
+    list(client(servers).completions.create(model=gpt.name, prompt="a", max_tokens=2))
+    server = psutil.Process(servers.processes.pid("inference-generate"))
+    # Decode processes come from the server's forkserver: its children, not the server's.
+    decoders = [p for p in server.children(recursive=True) if p.ppid() != server.pid]
+    assert decoders
+    assert {cpu for p in decoders for cpu in p.cpu_affinity()} == DECODE_CPUS
+    threads = [psutil.Process(t.id) for t in server.threads()]
+    assert {cpu for t in threads for cpu in t.cpu_affinity()} == set(USABLE) - DECODE_CPUS

@@ -243,10 +243,10 @@ async def register(settings: Any, registry_addr: str, model: GPT, config: dict[s
 def decode_cpus(choice: str, decode: str) -> cpus.Reservation | None:
     """``auto``: the last CPU for decode processes (with two or more, decoding in processes);
     ``none``; or a CPU list."""
-    if choice == "none" or (choice == "auto" and (decode != "process" or len(cpus.usable()) < 2)):
+    usable = cpus.usable()
+    if choice == "none" or (choice == "auto" and (decode != "process" or len(usable) < 2)):
         return None
-    text = cpus.render([max(cpus.usable())]) if choice == "auto" else choice
-    return cpus.reserve(text, "--decode-cpus")
+    return cpus.reserve(str(max(usable)) if choice == "auto" else choice, "--decode-cpus")
 
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:

@@ -58,6 +58,7 @@ SIZES = {
 }
 PROMPT = "def parse(text):\n    "
 STREAMS = 8
+WARM_TOKENS = 4  # the untimed request before each measurement
 Run = Callable[[], Awaitable[tuple[float, float, int]]]  # -> (ttft_s, total_s, tokens)
 
 
@@ -172,28 +173,40 @@ async def interleaved(
     model: GPT, grpc_addr: str, http_url: str, name: str, args: argparse.Namespace, pid: int
 ) -> dict[str, Any]:
     """Every round measures the in-process limit and each door at 1 and 8 streams in turn, so a
-    slow spell of this shared machine lands on all of them alike rather than on one."""
+    slow spell of this shared machine lands on all of them alike rather than on one.
+
+    Each measurement follows a short untimed request of its own kind (``WARM_TOKENS``): without
+    it, a case measured its first token cold, after whatever ran before it in the round — the
+    OIP stream always after the in-process loop had filled the caches of the client's CPU with
+    its own work, while the HTTP stream followed the OIP round, which had just warmed the
+    server's shared path. The limit gets the same short warm-up.
+    """
     async with (
         grpc.aio.insecure_channel(grpc_addr) as channel,
         aiohttp.ClientSession() as session,
     ):
-        doors = {
-            "oip_grpc": grpc_stream(pb_grpc.GRPCInferenceServiceStub(channel), name, args.tokens),
-            "openai_http": http_stream(session, http_url, name, args.tokens),
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        doors: dict[str, Callable[[int], Run]] = {
+            "oip_grpc": lambda tokens: grpc_stream(stub, name, tokens),
+            "openai_http": lambda tokens: http_stream(session, http_url, name, tokens),
         }
+        measured = {door: door_for(args.tokens) for door, door_for in doors.items()}
+        warm = {door: door_for(WARM_TOKENS) for door, door_for in doors.items()}
         figures = {(door, n): Figures() for door in doors for n in (1, STREAMS)}
         server = psutil.Process(pid)
         limit = Figures()
-        for run in doors.values():
-            await run()  # warm-up: the first request loads the model and starts its engine
+        for run in measured.values():
+            await run()  # the first request loads the model and starts its engine
         placement = cpu_placement(server)
         in_process(model, args.tokens)
         for _ in range(args.rounds):
+            in_process(model, WARM_TOKENS)
             limit_round(model, args.tokens, limit)
             for (door, n), fig in figures.items():
-                await one_round(doors[door], n, fig, server)
+                await warm[door]()
+                await one_round(measured[door], n, fig, server)
         with sampling_profile(pid, Path(args.workdir) / "profile.txt") as profile:
-            await one_round(doors["oip_grpc"], STREAMS, Figures(), server)
+            await one_round(measured["oip_grpc"], STREAMS, Figures(), server)
     served: dict[str, Any] = {door: {} for door in doors}
     for (door, n), fig in figures.items():
         served[door][f"{n}_streams"] = fig.medians()

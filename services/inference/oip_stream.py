@@ -24,6 +24,7 @@ import json
 import logging
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeAlias
 
 import grpc
 
@@ -32,6 +33,7 @@ from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text import wire
 from maas.text.sampling import SamplingParams, Token
+from maas.training.frames import length_delimited
 from services.inference.generation import GenerationEngine, Generators
 from services.inference.tensors import decode_inputs
 
@@ -43,7 +45,8 @@ EMPTY_FINAL = "triton_enable_empty_final_response"
 _LENGTH = struct.Struct("<I")
 _INT64 = struct.Struct("<q")
 log = logging.getLogger(__name__)
-Send = Callable[[pb.ModelStreamInferResponse], Awaitable[None]]
+Response: TypeAlias = pb.ModelStreamInferResponse | bytes  # bytes: serialized (TokenResponses)
+Send = Callable[[Response], Awaitable[None]]
 NUMBERS: dict[str, type[int] | type[float]] = {
     "max_tokens": int,
     "temperature": float,
@@ -109,24 +112,74 @@ def _json(text: str, key: str, shape: str) -> object:
         raise InvalidArgument(f"parameter {key}={text!r} is not {shape}") from None
 
 
-def token_response(
-    request: pb.ModelInferRequest, engine: GenerationEngine, token: Token | None, final: bool
+def empty_final_response(
+    request: pb.ModelInferRequest, engine: GenerationEngine
 ) -> pb.ModelStreamInferResponse:
-    """One stream message; ``token=None`` is the empty final response."""
+    """The response that closes a request asking ``triton_enable_empty_final_response``."""
     response = pb.ModelInferResponse(
         model_name=engine.model_name, model_version=str(engine.model_version), id=request.id
     )
-    response.parameters[FINAL].bool_param = final
-    if token is not None:
-        text = token.text.encode()
-        response.outputs.add(name=TEXT_OUTPUT, datatype=wire.BYTES, shape=[1])
-        # One BYTES element: its 4-byte little-endian length, then the bytes (OIP raw form).
-        response.raw_output_contents.append(_LENGTH.pack(len(text)) + text)
-        response.outputs.add(name=TOKEN_ID, datatype="INT64", shape=[1])
-        response.raw_output_contents.append(_INT64.pack(token.id))
-        if token.finish is not None:
-            response.parameters["finish_reason"].string_param = token.finish
+    response.parameters[FINAL].bool_param = True
     return pb.ModelStreamInferResponse(infer_response=response)
+
+
+def _parameter_entry(key: str, value: bool | str) -> bytes:
+    """One entry of ``ModelInferResponse.parameters``, serialized."""
+    response = pb.ModelInferResponse()
+    if isinstance(value, bool):
+        response.parameters[key].bool_param = value
+    else:
+        response.parameters[key].string_param = value
+    return response.SerializeToString()
+
+
+# Field numbers of grpc_predict_v2.proto. Serialized messages written one after the other parse
+# as one message (repeated fields append, map entries add): a response is its parts joined.
+_RAW_OUTPUT_CONTENTS = 6  # ModelInferResponse.raw_output_contents
+_INFER_RESPONSE = 2  # ModelStreamInferResponse.infer_response
+_FINAL_PARAMETER = {final: _parameter_entry(FINAL, final) for final in (False, True)}
+
+
+def _raw_output(content: bytes) -> bytes:
+    return length_delimited(_RAW_OUTPUT_CONTENTS, len(content)) + content
+
+
+class TokenResponses:
+    """One request's token responses, serialized without building a message per token.
+
+    What every response of the request shares (model, version, id, the two output tensors) is
+    serialized once; a token appends its final flag, its two raw outputs (the text as one OIP
+    BYTES element: 4-byte little-endian length, then the bytes; the id as INT64) and, on the
+    last one, its finish reason. Measured on a bare grpc.aio server writing 8 streams of 128
+    tokens on the CPU its client shares: 63-72 us of server CPU per token with a message built
+    and serialized per token, 37-54 us with these bytes (grpc's write path included).
+    """
+
+    def __init__(self, request: pb.ModelInferRequest, engine: GenerationEngine) -> None:
+        shared = pb.ModelInferResponse(
+            model_name=engine.model_name, model_version=str(engine.model_version), id=request.id
+        )
+        shared.outputs.add(name=TEXT_OUTPUT, datatype=wire.BYTES, shape=[1])
+        shared.outputs.add(name=TOKEN_ID, datatype="INT64", shape=[1])
+        self._shared = shared.SerializeToString()
+
+    def encode(self, token: Token, final: bool) -> bytes:
+        text = token.text.encode()
+        body = b"".join(
+            (
+                self._shared,
+                _FINAL_PARAMETER[final],
+                _raw_output(_LENGTH.pack(len(text)) + text),
+                _raw_output(_INT64.pack(token.id)),
+                b"" if token.finish is None else _parameter_entry("finish_reason", token.finish),
+            )
+        )
+        return length_delimited(_INFER_RESPONSE, len(body)) + body
+
+
+def message_or_bytes(response: pb.ModelStreamInferResponse | bytes) -> bytes:
+    """``ModelStreamInfer``'s response serializer: a message, or what ``TokenResponses`` wrote."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
 
 
 async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send) -> None:
@@ -134,12 +187,13 @@ async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send
         prompt = prompt_of(request)
         params, empty_final = sampling_of(request)
         engine = await generators.engine(request.model_name, request.model_version)
+        responses = TokenResponses(request, engine)
         async with contextlib.aclosing(engine.stream(prompt, params)) as tokens:
             async for token in tokens:
                 last = token.finish is not None
-                await send(token_response(request, engine, token, last and not empty_final))
+                await send(responses.encode(token, last and not empty_final))
         if empty_final:
-            await send(token_response(request, engine, None, True))
+            await send(empty_final_response(request, engine))
     except _StreamGone:
         raise
     except Exception as exc:  # one request's failure is answered on the stream, which goes on
@@ -157,14 +211,14 @@ class _StreamGone(Exception):
 async def serve(
     generators: Generators,
     requests: AsyncIterator[pb.ModelInferRequest],
-    write: Callable[[pb.ModelStreamInferResponse], Awaitable[None]],
+    write: Callable[[Response], Awaitable[None]],
 ) -> None:
     """Answer every request arriving on one stream through ``write`` (the call's
     ``context.write``), each token as it is produced; returns once all are answered."""
     running: set[asyncio.Task[None]] = set()
     one_writer = asyncio.Lock()  # requests on one stream decode concurrently; writes take turns
 
-    async def send(response: pb.ModelStreamInferResponse) -> None:
+    async def send(response: Response) -> None:
         async with one_writer:
             try:
                 await write(response)

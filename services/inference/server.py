@@ -26,7 +26,6 @@ from maas.config import Settings
 from maas.edge import Authorizer, add_port, server_options
 from maas.errors import InvalidArgument
 from maas.liveness import Liveness
-from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane, ModelSource
 from services.inference.generation import Generators
@@ -36,7 +35,7 @@ from services.inference.kafka_stream import InferenceStream
 from services.inference.metrics import Metrics
 from services.inference.openai_http import OpenAIRoutes, bearer_auth
 from services.inference.rest import OipRestRoutes
-from services.inference.servicer import InferenceServicer
+from services.inference.servicer import InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ def build_grpc_server(
     """The OIP + health server behind the edge (auth unless MAAS_AUTH=off, status mapping)."""
     edge = ErrorMappingInterceptor(metrics, Authorizer.from_settings(settings))
     server = grpc.aio.server(interceptors=[edge], options=server_options(settings))
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane, generators), server)
+    add_to_server(InferenceServicer(plane, generators), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server
 

@@ -140,3 +140,35 @@ def _version_parameter(request: pb.RepositoryModelLoadRequest) -> str:
     if choice == "int64_param":
         return str(param.int64_param)
     raise InvalidArgument("parameter 'version' must be a string (a number or an alias) or an int64")
+
+
+SERVICE = "inference.GRPCInferenceService"
+
+
+class _Registration:
+    """Stands in for a server while the generated code registers the service: keeps its table."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        pass  # the same table arrives below, by method name
+
+    def add_registered_method_handlers(
+        self, service: str, handlers: dict[str, grpc.RpcMethodHandler]
+    ) -> None:
+        self.handlers.update(handlers)
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register ``servicer`` as the generated code does, except that ``ModelStreamInfer`` may
+    write responses as bytes already serialized (``oip_stream.TokenResponses``)."""
+    table = _Registration()
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, table)  # type: ignore[arg-type]
+    handlers = dict(table.handlers)
+    stream = handlers["ModelStreamInfer"]
+    handlers["ModelStreamInfer"] = stream._replace(  # type: ignore[attr-defined]
+        response_serializer=oip_stream.message_or_bytes
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)

@@ -26,7 +26,6 @@ from tritonclient.utils import InferenceServerException
 
 from maas import zoo
 from maas.config import Settings
-from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from maas.text import byte_tokenizer
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, Token, generate
@@ -36,7 +35,7 @@ from services.inference.dataplane import DataPlane
 from services.inference.generation import Generators
 from services.inference.http_app import HttpServer
 from services.inference.openai_http import OpenAIRoutes
-from services.inference.servicer import InferenceServicer
+from services.inference.servicer import InferenceServicer, add_to_server
 from services.inference.sources import MemorySource
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -64,9 +63,7 @@ def _serve(ready: queue.Queue[Any], stop: threading.Event, model: GPT) -> None:
             # A decode thread, not a process: ``slow_decoding`` patches GPT in this process.
             generators = Generators(plane, slots=2, isolated=False)
             server = grpc.aio.server()
-            pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-                InferenceServicer(plane, generators), server
-            )
+            add_to_server(InferenceServicer(plane, generators), server)
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
             http = HttpServer("127.0.0.1:0")

@@ -1,13 +1,19 @@
 """Reading a generation request on ModelStreamInfer: the prompt and the sampling parameters, as
-tritonclient sends them (numbers as text, lists and maps as JSON strings)."""
+tritonclient sends them (numbers as text, lists and maps as JSON strings); and writing each
+token's response."""
 
 from __future__ import annotations
+
+import struct
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
-from services.inference.oip_stream import prompt_of, sampling_of
+from maas.text.sampling import Token
+from services.inference.oip_stream import TokenResponses, prompt_of, sampling_of
 
 
 def request(*, raw: list[bytes] | None = None, typed: bytes | None = None) -> pb.ModelInferRequest:
@@ -59,3 +65,36 @@ def test_a_parameter_that_does_not_parse_is_named(key: str, value: str) -> None:
     message.parameters[key].string_param = value
     with pytest.raises(InvalidArgument, match=key):
         sampling_of(message)
+
+
+def token_message(token: Token, final: bool) -> pb.ModelStreamInferResponse:
+    """A token's response as OIP spells it, built field by field."""
+    response = pb.ModelInferResponse(model_name="gpt", model_version="3", id="request-1")
+    response.parameters["triton_final_response"].bool_param = final
+    text = token.text.encode()
+    response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+    response.raw_output_contents.append(struct.pack("<I", len(text)) + text)
+    response.outputs.add(name="token_id", datatype="INT64", shape=[1])
+    response.raw_output_contents.append(struct.pack("<q", token.id))
+    if token.finish is not None:
+        response.parameters["finish_reason"].string_param = token.finish
+    return pb.ModelStreamInferResponse(infer_response=response)
+
+
+@pytest.mark.parametrize(
+    ("token", "final"),
+    [
+        (Token(104, "h"), False),
+        (Token(195, ""), False),  # half of a UTF-8 character: no text yet
+        (Token(200, "é" * 100), False),  # lengths past one varint byte
+        (Token(10, "\n", "length"), True),
+        (Token(10, "x", "stop"), False),  # the last token when an empty final follows
+    ],
+)
+def test_a_token_response_written_as_bytes_parses_as_the_oip_message(
+    token: Token, final: bool
+) -> None:
+    engine: Any = SimpleNamespace(model_name="gpt", model_version=3)
+    responses = TokenResponses(pb.ModelInferRequest(id="request-1"), engine)
+    written = pb.ModelStreamInferResponse.FromString(responses.encode(token, final))
+    assert written == token_message(token, final)

@@ -35,7 +35,7 @@ from maas.text import wire
 from maas.text.sampling import SamplingParams, Token
 from maas.training.frames import length_delimited
 from services.inference.generation import GenerationEngine, Generators
-from services.inference.tensors import decode_inputs
+from services.inference.tensors import RAW_OUTPUT_CONTENTS, decode_inputs
 
 TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"
@@ -135,13 +135,12 @@ def _parameter_entry(key: str, value: bool | str) -> bytes:
 
 # Field numbers of grpc_predict_v2.proto. Serialized messages written one after the other parse
 # as one message (repeated fields append, map entries add): a response is its parts joined.
-_RAW_OUTPUT_CONTENTS = 6  # ModelInferResponse.raw_output_contents
 _INFER_RESPONSE = 2  # ModelStreamInferResponse.infer_response
 _FINAL_PARAMETER = {final: _parameter_entry(FINAL, final) for final in (False, True)}
 
 
 def _raw_output(content: bytes) -> bytes:
-    return length_delimited(_RAW_OUTPUT_CONTENTS, len(content)) + content
+    return length_delimited(RAW_OUTPUT_CONTENTS, len(content)) + content
 
 
 class TokenResponses:
@@ -175,11 +174,6 @@ class TokenResponses:
             )
         )
         return length_delimited(_INFER_RESPONSE, len(body)) + body
-
-
-def message_or_bytes(response: pb.ModelStreamInferResponse | bytes) -> bytes:
-    """``ModelStreamInfer``'s response serializer: a message, or what ``TokenResponses`` wrote."""
-    return response if isinstance(response, bytes) else response.SerializeToString()
 
 
 async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send) -> None:

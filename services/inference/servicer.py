@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
+from google.protobuf.message import Message
 
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
@@ -62,9 +63,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelMetadataResponse:
         return model_metadata(await self._plane.model(request.name, request.version))
 
-    async def ModelInfer(
-        self, request: pb.ModelInferRequest, context: Context
-    ) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> bytes:
+        # Bytes, already serialized (``infer_response``): see ``add_to_server``.
         requested = [o.name for o in request.outputs] if request.outputs else ()
         result = await self._plane.infer(
             request.model_name,
@@ -160,15 +160,21 @@ class _Registration:
         self.handlers.update(handlers)
 
 
+def message_or_bytes(response: Message | bytes) -> bytes:
+    """The response serializer of the methods that may answer serialized bytes."""
+    return response if isinstance(response, bytes) else response.SerializeToString()
+
+
 def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
-    """Register ``servicer`` as the generated code does, except that ``ModelStreamInfer`` may
-    write responses as bytes already serialized (``oip_stream.TokenResponses``)."""
+    """Register ``servicer`` as the generated code does, except that ``ModelInfer`` and
+    ``ModelStreamInfer`` may answer bytes already serialized: ``tensors.infer_response`` copies
+    the output tensors once, ``oip_stream.TokenResponses`` builds no message per token."""
     table = _Registration()
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, table)  # type: ignore[arg-type]
     handlers = dict(table.handlers)
-    stream = handlers["ModelStreamInfer"]
-    handlers["ModelStreamInfer"] = stream._replace(  # type: ignore[attr-defined]
-        response_serializer=oip_stream.message_or_bytes
-    )
+    for method in ("ModelInfer", "ModelStreamInfer"):
+        handlers[method] = handlers[method]._replace(  # type: ignore[attr-defined]
+            response_serializer=message_or_bytes
+        )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

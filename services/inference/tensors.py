@@ -17,8 +17,10 @@ import numpy as np
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text import wire as bytes_tensors
+from maas.training import frames
 from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
 
+RAW_OUTPUT_CONTENTS = 6  # ModelInferResponse.raw_output_contents (grpc_predict_v2.proto)
 # Which InferTensorContents field carries each datatype when sent typed (FP16 has none).
 _TYPED_FIELD: dict[str, str] = {
     "BOOL": "bool_contents",
@@ -135,38 +137,34 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
 
 def raw_output(
     name: str, array: np.ndarray
-) -> tuple[pb.ModelInferResponse.InferOutputTensor, bytes]:
-    """``array`` as an output tensor's metadata and its raw bytes (little-endian, row-major)."""
+) -> tuple[pb.ModelInferResponse.InferOutputTensor, memoryview]:
+    """``array`` as an output tensor's metadata and its raw contents (little-endian, row-major):
+    the array itself when it already is that, so its bytes are copied only into the response."""
     if bytes_tensors.is_bytes_array(array):  # label strings of text classifiers
-        datatype, raw = bytes_tensors.BYTES, bytes_tensors.encode_raw(array)
+        datatype, raw = bytes_tensors.BYTES, memoryview(bytes_tensors.encode_raw(array))
     else:
         datatype = datatype_of(array)
         # Native order is little-endian on every platform this runs on; convert what is not.
         if array.dtype.byteorder == ">" or not array.flags.c_contiguous:
             array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-        raw = array.tobytes()
+        raw = array.data
     tensor = pb.ModelInferResponse.InferOutputTensor(
         name=name, datatype=datatype, shape=array.shape
     )
     return tensor, raw
 
 
-def encode_output(response: pb.ModelInferResponse, name: str, array: np.ndarray) -> None:
-    """Append ``array`` to ``response`` as a raw output."""
-    tensor, raw = raw_output(name, array)
-    response.outputs.append(tensor)
-    response.raw_output_contents.append(raw)
-
-
 def infer_response(
     model_name: str, model_version: str, request_id: str, outputs: Sequence[tuple[str, np.ndarray]]
-) -> pb.ModelInferResponse:
-    """The whole response in one constructor call (cheaper than filling it field by field)."""
+) -> bytes:
+    """The serialized ``ModelInferResponse``: protobuf writes the small fields, each output's
+    bytes follow as ``raw_output_contents``, copied once (message-then-serialize copied them
+    three times: ``tobytes``, into the message, out of it)."""
     encoded = [raw_output(name, array) for name, array in outputs]
-    return pb.ModelInferResponse(
+    head = pb.ModelInferResponse(
         model_name=model_name,
         model_version=model_version,
         id=request_id,
         outputs=[tensor for tensor, _ in encoded],
-        raw_output_contents=[raw for _, raw in encoded],
     )
+    return frames.write_message(head, [(RAW_OUTPUT_CONTENTS, raw) for _, raw in encoded])

@@ -5,7 +5,7 @@ import pytest
 
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
-from services.inference.tensors import decode_inputs, decode_raw, decode_typed, encode_output
+from services.inference.tensors import decode_inputs, decode_raw, decode_typed, infer_response
 
 Input = pb.ModelInferRequest.InferInputTensor
 
@@ -123,11 +123,28 @@ def test_duplicate_input_names_are_refused():
 
 
 def test_outputs_are_encoded_as_little_endian_raw_contents():
-    response = pb.ModelInferResponse()
     y = np.arange(6, dtype=">f4").reshape(2, 3)  # big-endian on purpose
-    encode_output(response, "output", y)
+    response = pb.ModelInferResponse.FromString(infer_response("m", "1", "r", [("output", y)]))
     (out,) = response.outputs
     assert (out.name, out.datatype, list(out.shape)) == ("output", "FP32", [2, 3])
     assert not out.HasField("contents")
     restored = np.frombuffer(response.raw_output_contents[0], dtype="<f4").reshape(2, 3)
     np.testing.assert_array_equal(restored, y)
+
+
+def test_every_output_is_written_in_its_order_whatever_its_shape_or_layout():
+    outputs = [
+        ("scalar", np.array(1.5, np.float32)),
+        ("empty", np.zeros((0, 10), np.float32)),
+        ("transposed", np.arange(6, dtype=np.int64).reshape(3, 2).T),  # not C-contiguous
+        ("half", np.arange(4, dtype=np.float16)),
+        ("labels", np.array(["a", "bé"], dtype=object)),
+    ]
+    response = pb.ModelInferResponse.FromString(infer_response("m", "3", "r-1", outputs))
+    assert (response.model_name, response.model_version, response.id) == ("m", "3", "r-1")
+    assert [o.name for o in response.outputs] == [name for name, _ in outputs]
+    assert [list(o.shape) for o in response.outputs] == [list(a.shape) for _, a in outputs]
+    for (_, array), raw in zip(outputs[:4], response.raw_output_contents, strict=False):
+        restored = np.frombuffer(raw, dtype=array.dtype.newbyteorder("<")).reshape(array.shape)
+        np.testing.assert_array_equal(restored, array)
+    assert response.raw_output_contents[4] == b"\x01\x00\x00\x00a\x03\x00\x00\x00b\xc3\xa9"

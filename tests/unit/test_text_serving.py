@@ -19,7 +19,7 @@ from maas.text.pretrained import MINILM_PACKAGE, read_package
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane
 from services.inference.sources import MemorySource
-from services.inference.tensors import decode_inputs, encode_output
+from services.inference.tensors import decode_inputs, infer_response
 from services.inference.text import MAX_TEXTS
 
 TEXTS = [
@@ -78,8 +78,8 @@ def test_raw_bytes_tensors_read_what_tritonclient_writes_and_back() -> None:
     tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[4])
     decoded = bytes_tensors.decode_raw(tensor, serialize_byte_tensor(items).item())
     assert decoded.tolist() == items.tolist()
-    response = pb.ModelInferResponse()
-    encode_output(response, "label", np.array(["files", "text"], dtype=object))
+    labels = np.array(["files", "text"], dtype=object)
+    response = pb.ModelInferResponse.FromString(infer_response("m", "1", "r", [("label", labels)]))
     assert response.outputs[0].datatype == "BYTES"
     back = deserialize_bytes_tensor(response.raw_output_contents[0])
     assert back.tolist() == [b"files", b"text"]

@@ -1,6 +1,7 @@
 """The data plane's tensor-carrying messages as wire frames, written and read by hand around
 protobuf so a tensor's bytes are copied once on the way out (straight into the frame) and never
-on the way in (numpy views over the received frame).
+on the way in (numpy views over the received frame). ``write_message`` writes a top-level
+message so (the inference server's OIP responses).
 
 A frame is an ordinary serialized ``WorkerMessage`` or ``ShardMessage``: any protobuf client may
 write or read it. Writing: protobuf serializes the small fields, the tensor fields are appended
@@ -51,14 +52,34 @@ def length_delimited(field: int, length: int) -> bytes:
 def write(outer_field: int, inner: Message, tensors: Sequence[tuple[int, Buffer]]) -> bytes:
     """A message whose field ``outer_field`` is ``inner`` plus the ``(field, bytes)`` tensors,
     each tensor copied once, into the frame."""
-    header = inner.SerializeToString()
-    views = [(field, memoryview(data).cast("B")) for field, data in tensors]
+    parts, size = _with_tensors(inner, tensors)
+    return b"".join([length_delimited(outer_field, size), *parts])
+
+
+def write_message(message: Message, tensors: Sequence[tuple[int, Buffer]]) -> bytes:
+    """``message`` serialized with the ``(field, bytes)`` tensors as fields of its own, each
+    tensor copied once, into the result."""
+    return b"".join(_with_tensors(message, tensors)[0])
+
+
+def _with_tensors(
+    message: Message, tensors: Sequence[tuple[int, Buffer]]
+) -> tuple[list[Buffer], int]:
+    """The pieces of ``message`` plus ``tensors`` (not joined) and their total size."""
+    header = message.SerializeToString()
+    views = [(field, _bytes_view(data)) for field, data in tensors]
     keys = [length_delimited(field, view.nbytes) for field, view in views]
     size = len(header) + sum(len(k) + v.nbytes for k, (_, v) in zip(keys, views, strict=True))
-    parts: list[Buffer] = [length_delimited(outer_field, size), header]
+    parts: list[Buffer] = [header]
     for key, (_, view) in zip(keys, views, strict=True):
         parts += (key, view)
-    return b"".join(parts)
+    return parts, size
+
+
+def _bytes_view(data: Buffer) -> memoryview:
+    view = memoryview(data)
+    # An empty tensor's view may have a zero in its shape, which cast() refuses.
+    return view.cast("B") if view.nbytes else memoryview(b"")
 
 
 def _read_varint(data: memoryview, pos: int) -> tuple[int, int]:

@@ -149,9 +149,11 @@ class TokenResponses:
     What every response of the request shares (model, version, id, the two output tensors) is
     serialized once; a token appends its final flag, its two raw outputs (the text as one OIP
     BYTES element: 4-byte little-endian length, then the bytes; the id as INT64) and, on the
-    last one, its finish reason. Measured on a bare grpc.aio server writing 8 streams of 128
-    tokens on the CPU its client shares: 63-72 us of server CPU per token with a message built
-    and serialized per token, 37-54 us with these bytes (grpc's write path included).
+    last one, its finish reason: 1.8-2.6 us a token, against 5.3-6.8 us to build the message
+    and serialize it. (A bare grpc.aio server spends 40-70 us of CPU per streamed message on
+    this 2-vCPU VM, most of it in grpc's write path, which this does not change.) The fields
+    are joined here with ``frames.length_delimited`` rather than through ``frames.write``'s
+    generic tensor views, which measured 3 us more a token.
     """
 
     def __init__(self, request: pb.ModelInferRequest, engine: GenerationEngine) -> None:

@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -196,7 +197,10 @@ async def test_a_failing_prefill_fails_its_own_stream_only(model: GPT) -> None:
 
 
 async def test_a_failing_decode_step_fails_its_streams_not_the_engine(model: GPT) -> None:
-    failing = _Failing(model, (2, 1))  # the first step decoding both rows
+    # The first step decoding both rows fails. Both prompts are submitted at once, but on a
+    # loaded machine the decode thread could finish the first stream alone before the second
+    # one's submit arrived (then no step ever held both rows): a lone stream's steps are slowed.
+    failing = _Failing(model, (2, 1), lone_step_s=0.05)
     engine = await GenerationEngine.start(failing, slots=2, isolated=False)  # type: ignore[arg-type]
     try:
         results = await asyncio.gather(
@@ -286,15 +290,19 @@ class _GatedDecode:
 
 
 class _Failing:
-    """The model, whose first step over ids of ``shape`` (rows, new tokens) raises."""
+    """The model, whose first step over ids of ``shape`` (rows, new tokens) raises; a one-row,
+    one-token step takes at least ``lone_step_s`` (time for a second stream to join)."""
 
-    def __init__(self, model: GPT, shape: tuple[int, int]) -> None:
+    def __init__(self, model: GPT, shape: tuple[int, int], lone_step_s: float = 0.0) -> None:
         self.config, self._model, self._shape, self._failed = model.config, model, shape, False
+        self._lone_step_s = lone_step_s
 
     def step(self, idx: torch.Tensor, *args: Any) -> torch.Tensor:
         if tuple(idx.shape) == self._shape and not self._failed:
             self._failed = True
             raise RuntimeError("boom")
+        if tuple(idx.shape) == (1, 1):
+            time.sleep(self._lone_step_s)  # the decode thread's own time, off the event loop
         return self._model.step(idx, *args)
 
 

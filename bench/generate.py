@@ -65,6 +65,7 @@ SIZES = {
 PROMPT = "def parse(text):\n    "
 STREAMS = 8
 WARM_TOKENS = 4  # the untimed request before each measurement
+PROFILE_S = 4.0  # how long the server is profiled serving 8 OIP streams
 Run = Callable[[], Awaitable[tuple[float, float, int]]]  # -> (ttft_s, total_s, tokens)
 
 
@@ -257,7 +258,10 @@ async def interleaved(
                 await warm[door]()
                 await one_round(measured[door], n, fig, server)
         with sampling_profile(pid, Path(args.workdir) / "profile.txt") as profile:
-            await one_round(measured["oip_grpc"], STREAMS, Figures(), server)
+            # Rounds for a few seconds: one round (~0.2 s) is over before py-spy has attached.
+            until = time.perf_counter() + PROFILE_S
+            while time.perf_counter() < until:
+                await one_round(measured["oip_grpc"], STREAMS, Figures(), server)
     served: dict[str, Any] = {door: {} for door in doors}
     for (door, n), fig in figures.items():
         served[door][f"{n}_streams"] = fig.medians()

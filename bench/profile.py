@@ -46,6 +46,7 @@ def sampling_profile(pid: int, out: Path, rate_hz: int = 250) -> Iterator[dict[s
 def summary(collapsed: str, top: int = 12) -> dict[str, Any]:
     own: Counter[str] = Counter()
     through: Counter[str] = Counter()
+    processes: Counter[str] = Counter()
     total = 0
     for line in collapsed.splitlines():
         stack, _, count = line.rpartition(" ")
@@ -54,11 +55,16 @@ def summary(collapsed: str, top: int = 12) -> dict[str, Any]:
         n = int(count)
         total += n
         frames = [re.sub(r":\d+\)$", ")", f) for f in stack.split(";")]
+        # --subprocesses: "process PID:CMD" frames nest a child under its parent; the last names it
+        named = [f for f in frames if f.startswith("process ")]
+        if named:
+            processes[_process_label(named[-1])] += n
         own[frames[-1]] += n
         for frame in set(frames):
             through[frame] += n
     return {
         "samples": total,
+        "samples_by_process": dict(processes.most_common()),
         "top_self_pct": _top(own, total, top),
         # Inclusive: this project's own functions only (the loop and thread roots hold 100%).
         "top_inclusive_pct": _top(
@@ -67,6 +73,16 @@ def summary(collapsed: str, top: int = 12) -> dict[str, Any]:
             top,
         ),
     }
+
+
+def _process_label(frame: str) -> str:
+    """``process 123:"python -m services.inference"`` -> ``123 services.inference``; a child
+    started by multiprocessing's fork server shows the fork server's command line."""
+    pid, _, command = frame.removeprefix("process ").partition(":")
+    if "multiprocessing.forkserver" in command:
+        return f"{pid} forkserver child"
+    module = re.search(r"-m ([\w.]+)", command)
+    return f"{pid} {module.group(1)}" if module else pid
 
 
 def _top(counts: Counter[str], total: int, top: int) -> list[tuple[str, float]]:

@@ -36,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from bench.procstats import peak_rss_bytes
 from infra.ephemeral import bench_settings
 from infra.harness.registry import RegistryProcess
 from maas import zoo
@@ -81,12 +82,7 @@ class PeakRss:
         self._thread.join()
 
     def peak_bytes(self) -> int:
-        status = Path(f"/proc/{self._process.pid}/status")
-        with contextlib.suppress(OSError):
-            for line in status.read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return max(self.sampled, int(line.split()[1]) * 1024)
-        return self.sampled
+        return max(self.sampled, peak_rss_bytes(self._process.pid) or 0)
 
 
 @contextlib.contextmanager

@@ -35,8 +35,6 @@ import itertools
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -47,36 +45,16 @@ from typing import Any
 
 import numpy as np
 
+from bench.procstats import cpu_seconds, peak_rss_mb
+from bench.train_ddp import run_ddp
+from bench.train_report import aggregator_bandwidth, targets
+from bench.train_workload import EVAL_EVERY, MODEL, SHARDS, TARGET_ACCURACY, optimizer
 from infra.ephemeral import bench_settings
 from infra.harness.serving import ServiceProcesses
 from infra.harness.training import TrainingProcesses
-from infra.proc import free_port
 from maas import events, topics, zoo
 from maas.config import Settings
-from maas.datasets import load_builtin
-from maas.training.aggregate import GradientSum
-from maas.training.codecs import DenseGradient
-from maas.training.optim import OptimizerSpec, Sgd
 from maas.training.storage import TrainingStore
-
-MB = 1024 * 1024
-MODEL = {"hidden": [1024, 896]}  # 993,930 parameters on 64 digit features
-TARGET_ACCURACY = 0.95
-EVAL_EVERY = 5
-SHARDS = 2
-
-
-def optimizer() -> dict[str, Any]:
-    return {"name": "sgd", "lr": 0.05, "momentum": 0.9}
-
-
-def peak_rss_mb(pid: int) -> float | None:
-    with contextlib.suppress(OSError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return None
-
 
 # --- ours -------------------------------------------------------------------------------------
 
@@ -101,14 +79,6 @@ def scrape(port: int) -> dict[str, float]:
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
     return out
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds a process has used so far."""
-    with contextlib.suppress(OSError, IndexError, ValueError):
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return None
 
 
 def stack_pids(workdir: Path, processes: TrainingProcesses) -> dict[str, int]:
@@ -266,209 +236,6 @@ async def run_ours(
     }
 
 
-# --- DDP --------------------------------------------------------------------------------------
-
-
-def _comm_hook(ddp: Any, hook: str) -> None:
-    """The peers: DDP's own fp16, PowerSGD and post-local-SGD communication hooks."""
-    import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks import (
-        default_hooks,
-        post_localSGD_hook,
-        powerSGD_hook,
-    )
-
-    if hook == "fp16":
-        ddp.register_comm_hook(None, default_hooks.fp16_compress_hook)
-    elif hook == "powersgd":
-        state = powerSGD_hook.PowerSGDState(
-            process_group=None, matrix_approximation_rank=4, start_powerSGD_iter=10
-        )
-        ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
-    elif hook == "post_local_sgd":
-        # On CPU the subgroup must be given (see /work/shared/PEERS.md).
-        subgroup, _ = dist.new_subgroups(group_size=1)
-        local = post_localSGD_hook.PostLocalSGDState(
-            process_group=None, subgroup=subgroup, start_localSGD_iter=LOCAL_SGD_WARMUP
-        )
-        ddp.register_comm_hook(local, post_localSGD_hook.post_localSGD_hook)
-
-
-def _optimizer(params: Any, hook: str, sync_every: int) -> Any:
-    import torch
-
-    spec = optimizer()
-    opt = torch.optim.SGD(params, lr=spec["lr"], momentum=spec["momentum"])
-    if hook != "post_local_sgd":
-        return opt
-    from torch.distributed.algorithms.model_averaging.averagers import PeriodicModelAverager
-    from torch.distributed.optim import PostLocalSGDOptimizer
-
-    averager = PeriodicModelAverager(period=sync_every, warmup_steps=LOCAL_SGD_WARMUP)
-    return PostLocalSGDOptimizer(optim=opt, averager=averager)
-
-
-def ddp_rank(
-    rank: int,
-    world: int,
-    port: int,
-    steps: int,
-    batch: int,
-    out: Path,
-    hook: str = "none",
-    sync_every: int = 1,
-) -> None:
-    """One DDP process (run as ``python -m bench.train --ddp-rank ...``)."""
-    import torch
-    import torch.distributed as dist
-    import torch.nn.functional as F
-    from torch.nn.parallel import DistributedDataParallel
-
-    from maas.training.replica import evaluate
-    from maas.training.sampler import batch_indices
-
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    model = zoo.build("mlp", MODEL, seed=0)
-    # PowerSGD chains several collectives per bucket from completion callbacks; with more than
-    # one bucket gloo can see them in a different order on each rank ("collective mismatch").
-    # One bucket (an explicit cap also sizes the first bucket) keeps the order fixed.
-    ddp = DistributedDataParallel(model, bucket_cap_mb=64 if hook == "powersgd" else None)
-    _comm_hook(ddp, hook)
-    opt = _optimizer(ddp.parameters(), hook, sync_every)
-    data = load_builtin("digits")
-    x, y = data.shard(rank, world)
-    first = eval_s = 0.0
-    reached: tuple[int, float] | None = None
-    for step in range(steps):
-        rows = batch_indices(len(x), batch, step, seed=0, worker=rank)
-        loss = F.cross_entropy(ddp(torch.from_numpy(x[rows])), torch.from_numpy(y[rows]))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step == 0:
-            first = time.perf_counter()
-        if rank == 0 and reached is None and (step + 1) % EVAL_EVERY == 0:
-            t = time.perf_counter()
-            accuracy = evaluate(model, data.x_test, data.y_test, "cross_entropy")["accuracy"]
-            eval_s += time.perf_counter() - t
-            if accuracy >= TARGET_ACCURACY:
-                reached = (step + 1, time.perf_counter() - first - eval_s)
-    dist.barrier()
-    seconds = time.perf_counter() - first - eval_s
-    result: dict[str, Any] = {"rank": rank, "peak_rss_mb": peak_rss_mb(os.getpid())}
-    if rank == 0:
-        result.update(
-            samples_per_s=round((steps - 1) * world * batch / seconds, 1),
-            time_to_95_s=round(reached[1], 2) if reached else None,
-            steps_to_95=reached[0] if reached else None,
-            final_accuracy=round(
-                evaluate(model, data.x_test, data.y_test, "cross_entropy")["accuracy"], 4
-            ),
-            gradient_bytes_per_step=sum(p.numel() for p in model.parameters()) * 4 * world,
-        )
-    out.write_text(json.dumps(result))
-    dist.destroy_process_group()
-
-
-def run_ddp(
-    world: int, steps: int, batch: int, workdir: Path, hook: str = "none", sync_every: int = 1
-) -> dict[str, Any]:
-    port = free_port()
-    outs = [workdir / f"ddp-{world}-{r}.json" for r in range(world)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.train",
-                "--ddp-rank",
-                str(r),
-                "--ddp-world",
-                str(world),
-                "--ddp-port",
-                str(port),
-                "--steps",
-                str(steps),
-                "--batch",
-                str(batch),
-                "--ddp-out",
-                str(outs[r]),
-                "--ddp-hook",
-                hook,
-                "--sync-every",
-                str(sync_every),
-            ],
-            env=env,
-        )
-        for r in range(world)
-    ]
-    cpu: dict[str, float] = {}
-    # Read every rank before it is reaped: a reaped child's /proc entry is gone.
-    while any(p.poll() is None for p in procs):
-        for r, p in enumerate(procs):
-            cpu[f"rank-{r}"] = cpu_seconds(p.pid) or cpu.get(f"rank-{r}", 0.0)
-        time.sleep(0.05)
-    if any(p.returncode != 0 for p in procs):
-        raise RuntimeError(f"DDP ranks exited with {[p.returncode for p in procs]}")
-    ranks = [json.loads(o.read_text()) for o in outs]
-    return {
-        "workers": world,
-        "hook": hook,
-        **{k: v for k, v in ranks[0].items() if k not in ("rank",)},
-        "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
-        "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-    }
-
-
-# --- aggregator bandwidth ---------------------------------------------------------------------
-
-
-def aggregator_bandwidth(size: int, repeats: int = 20) -> dict[str, Any]:
-    """Bytes of gradient consumed per second: a shard's sum of two + SGD apply vs a += b."""
-    rng = np.random.default_rng(0)
-    a, b = (rng.normal(size=size).astype(np.float32) for _ in range(2))
-    grads = [
-        np.frombuffer(rng.normal(size=size).astype(np.float32).tobytes(), dtype=np.float32)
-        for _ in range(2)
-    ]  # read-only, as they arrive in messages
-    theta = rng.normal(size=size).astype(np.float32)
-    total = GradientSum(size)
-    sgd = Sgd(OptimizerSpec("sgd", lr=0.01), size)
-
-    def ours() -> None:
-        for g in grads:
-            total.add(DenseGradient(g))
-        sgd.step(theta, total, 0.5)
-        total.reset()
-
-    def numpy_add() -> None:
-        np.add(a, b, out=a)
-
-    def best(fn: Any) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return min(times)
-
-    t_ours, t_add = best(ours), best(numpy_add)
-    ours_gbps = 2 * size * 4 / t_ours / 1e9
-    add_gbps = size * 4 / t_add / 1e9
-    return {
-        "partition_params": size,
-        "sum2_apply_gb_per_s": round(ours_gbps, 2),
-        "numpy_add_gb_per_s": round(add_gbps, 2),
-        "ratio": round(ours_gbps / add_gbps, 3),
-    }
-
-
 # --- the run ----------------------------------------------------------------------------------
 
 
@@ -484,7 +251,6 @@ PAIRS: tuple[tuple[str, int, str | None, int], ...] = (
     ("none", 4, "none", 4),
     ("local_sgd", 2, "post_local_sgd", 2),
 )
-LOCAL_SGD_WARMUP = 1  # torch's post-local-SGD needs at least one globally synced step
 
 
 def summary(values: list[float | None]) -> dict[str, float | None]:
@@ -586,60 +352,6 @@ def training_of(args: argparse.Namespace, variant: str, codec: str, workers: int
     return training
 
 
-def targets(summ: dict[str, Any]) -> dict[str, Any]:
-    def rate(name: str) -> float:
-        return float(summ[name]["samples_per_s"]["median"] or 0.0)
-
-    def ratio(a: float, b: float) -> float | None:
-        return round(a / b, 3) if b else None
-
-    ddp2, ddp1 = rate("ddp-none-p2"), rate("ddp-none-p1")
-    ttt = summ["ours-none-w2"]["time_to_95_s"]["median"]
-    ddp_ttt = summ["ddp-none-p2"]["time_to_95_s"]["median"]
-    return {
-        "none_vs_ddp": {"value": ratio(rate("ours-none-w2"), ddp2), "target": ">= 1.0"},
-        "fp16_vs_ddp_fp16_hook": {
-            "value": ratio(rate("ours-fp16-w2"), rate("ddp-fp16-p2")),
-            "target": ">= 1.3",
-        },
-        "topk_vs_ddp_powersgd": {
-            "value": ratio(rate("ours-topk-w2"), rate("ddp-powersgd-p2")),
-            "target": ">= 1.3",
-        },
-        "time_to_95_vs_ddp": {
-            "value": ratio(ttt, ddp_ttt) if ttt and ddp_ttt else None,
-            "target": "<= 1.0",
-        },
-        "broadcast16_vs_ddp": {
-            "value": ratio(rate("ours-broadcast16-w2"), ddp2),
-            "target": "reported apart (a setting of its own)",
-        },
-        "two_vs_one_worker": {
-            "value": ratio(rate("ours-none-w2"), rate("ours-none-w1")),
-            "target": ">= 1.6",
-        },
-        "two_workers_vs_one_process": {
-            "value": ratio(rate("ours-none-w2"), ddp1),
-            "target": ">= 1.3",
-        },
-        "local_sgd_vs_post_local_sgd": {
-            "value": ratio(rate("ours-local_sgd-w2"), rate("ddp-post_local_sgd-p2")),
-            "target": ">= 0.9",
-        },
-        "local_sgd_accuracy_gap_points": {
-            "value": round(
-                100
-                * (
-                    (summ["ddp-post_local_sgd-p2"]["final_accuracy"]["median"] or 0)
-                    - (summ["ours-local_sgd-w2"]["final_accuracy"]["median"] or 0)
-                ),
-                2,
-            ),
-            "target": "<= 0.5",
-        },
-    }
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=300)
@@ -653,24 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=[f"{p[0]}-w{p[1]}" for p in PAIRS],
         help="run these pairs only (e.g. to profile one); the targets need them all",
     )
-    parser.add_argument("--ddp-hook", default="none", help=argparse.SUPPRESS)
-    parser.add_argument("--ddp-rank", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--ddp-world", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--ddp-port", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--ddp-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.ddp_rank is not None:
-        ddp_rank(
-            args.ddp_rank,
-            args.ddp_world,
-            args.ddp_port,
-            args.steps,
-            args.batch,
-            args.ddp_out,
-            args.ddp_hook,
-            args.sync_every,
-        )
-        return
     with (
         tempfile.TemporaryDirectory(prefix="maas-bench-train-") as tmp,
         bench_settings(Path(tmp)) as settings,

@@ -13,7 +13,9 @@ and the in-process forward pass of the same model (batch of 1), the limit.
 For each: p50/p99 latency at concurrency 1, throughput at concurrency 16 and 64 (req/s), and
 the CPU time per request of the server process and of this client (a client-bound ceiling
 shows as client CPU near 1 s per second). Then a 10 M-parameter MLP at concurrency 64, dynamic
-batching vs unbatched. After the figures, the floor and the batching server are each profiled
+batching vs unbatched, beside its in-process forward of 1 and of 64 rows and the rate at which
+each server's CPU per request (with the client's) would keep every core busy. After the
+figures, the floor and the batching server are each profiled
 (py-spy, sampling, when installed) while they alone serve 16 clients; the top entries are
 printed beside the figures, the floor's showing what Python gRPC itself costs.
 
@@ -179,6 +181,20 @@ def profile_c16(target: Target, seconds: float, out: Path) -> dict[str, Any]:
     return profile
 
 
+def cpu_ceiling(cpu: CpuMeter, targets: dict[str, Target]) -> dict[str, Any]:
+    """CPU per request (server, forward included, and this client) and the rate at which it
+    would keep every core of this machine busy: a measured rate near it is machine-bound."""
+    per_request = {name: cpu.per_request_us(name) for name in targets}
+    cores = os.cpu_count() or 1
+    return {
+        "cpu_per_request_us": per_request,
+        "all_cores_busy_at_rps": {
+            name: round(cores * 1e6 / (us["server_cpu_us"] + us["client_cpu_us"]), 1)
+            for name, us in per_request.items()
+        },
+    }
+
+
 def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
     import numpy as np
     import torch
@@ -231,13 +247,18 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
             "unbatched": Target(unbatched, MODEL_10M, x10, procs.pid("maas-unbatched")),
         }
         warm_up(big_targets, requests=20)
-        big_rps = throughput_rps(big_targets, 64, rounds, 2 * seconds, CpuMeter(big_targets))
+        big_cpu = CpuMeter(big_targets)
+        big_rps = throughput_rps(big_targets, 64, rounds, 2 * seconds, big_cpu)
         big = {
             "params": zoo.count_parameters(modules[MODEL_10M]),
             "in_process_forward_p50_us": forward_us(modules[MODEL_10M], x10, runs=200),
+            "in_process_forward_64_rows_p50_us": forward_us(
+                modules[MODEL_10M], np.repeat(x10, 64, axis=0), runs=50
+            ),
             "maas_batching_c64_rps": big_rps["batching"],
             "maas_unbatched_c64_rps": big_rps["unbatched"],
             "batching_vs_unbatched": round(big_rps["batching"] / big_rps["unbatched"], 2),
+            **cpu_ceiling(big_cpu, big_targets),
         }
         read_back = {name: settings_read_back(targets[name].addr, MODEL) for name in OURS}
     result: dict[str, Any] = {

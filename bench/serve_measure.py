@@ -138,8 +138,11 @@ def throughput_rps(
     return {name: round(statistics.median(r), 1) for name, r in rates.items()}
 
 
-def forward_us(module: Any, x: Any, runs: int = 2000) -> float:
-    """p50 of the in-process forward pass (the same torch call the server makes), in a loop."""
+def forward_us(module: Any, x: Any, runs: int = 2000, idle_us: float = 0.0) -> float:
+    """p50 of the in-process forward pass (the same torch call the server makes), in a loop;
+    with ``idle_us``, each pass follows a sleep that long, as a server's passes follow the
+    round trip at concurrency 1 (a core that idled runs the next pass slower: measured here
+    56-106 us after 0.8 ms asleep against 28-50 back to back, 240-300 after 5 ms)."""
     import torch
 
     rows = torch.from_numpy(x)
@@ -148,6 +151,8 @@ def forward_us(module: Any, x: Any, runs: int = 2000) -> float:
         for _ in range(min(100, runs)):
             module(rows)
         for _ in range(runs):
+            if idle_us:
+                time.sleep(idle_us / 1e6)
             start = time.perf_counter()
             module(rows).numpy()
             samples.append((time.perf_counter() - start) * 1e6)

@@ -41,6 +41,7 @@ import torch
 from maas.compression import formats
 from maas.cpus import pin_process
 from maas.errors import Unavailable
+from maas.lifecycle import log_to_stderr
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, Token
 from services.inference.decoding import DecodeBatch, Request
@@ -238,6 +239,7 @@ def start_process(model: GPT, slots: int, name: str, cpus: frozenset[int] = froz
     process = _CONTEXT.Process(
         target=_child,
         args=(weights, config, commands_r, events_w, slots, torch.get_num_threads(), sorted(cpus)),
+        kwargs={"log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())},
         name=f"maas-decode-{name}",
         daemon=True,  # ended with the server even if it never closes the engine
     )
@@ -272,11 +274,21 @@ def _child(
     slots: int,
     torch_threads: int,
     cpus: list[int],
+    log_level: str = "INFO",
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops it by closing the pipe
+    log_to_stderr(log_level)
     if cpus:
         pin_process(cpus)
     torch.set_num_threads(torch_threads)
     model = formats.rebuild("gpt", json.loads(config), safetensors.torch.load(weights)).eval()
     assert isinstance(model, GPT)
+    log.info(
+        "%s (pid %d) holds the model: %d slots, %d torch threads, cpus %s",
+        multiprocessing.current_process().name,
+        os.getpid(),
+        slots,
+        torch_threads,
+        cpus or "any",
+    )
     decode_loop(model, _take_fd(commands), _take_fd(events), slots, warm=True)

@@ -28,7 +28,13 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    log_to_stderr(settings.log_level)
+
+
+def log_to_stderr(level: str) -> None:
+    """This process's log lines to stderr, as every service writes them (a child process a
+    service starts calls it too: without it, only warnings reach stderr, bare)."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
 
 
 def limit_compute_threads(threads: int) -> None:

@@ -236,10 +236,11 @@ def start_process(model: GPT, slots: int, name: str, cpus: frozenset[int] = froz
     # (int8 layers included); nothing is unpickled on the other side.
     weights = safetensors.torch.save(formats.running_state(model))
     config = json.dumps(dataclasses.asdict(model.config))
+    log_level = logging.getLevelName(logging.getLogger().getEffectiveLevel())  # the server's
+    threads = torch.get_num_threads()
     process = _CONTEXT.Process(
         target=_child,
-        args=(weights, config, commands_r, events_w, slots, torch.get_num_threads(), sorted(cpus)),
-        kwargs={"log_level": logging.getLevelName(logging.getLogger().getEffectiveLevel())},
+        args=(weights, config, commands_r, events_w, slots, threads, sorted(cpus), log_level),
         name=f"maas-decode-{name}",
         daemon=True,  # ended with the server even if it never closes the engine
     )
@@ -274,7 +275,7 @@ def _child(
     slots: int,
     torch_threads: int,
     cpus: list[int],
-    log_level: str = "INFO",
+    log_level: str,
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server stops it by closing the pipe
     log_to_stderr(log_level)

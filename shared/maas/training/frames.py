@@ -1,7 +1,7 @@
 """The data plane's tensor-carrying messages as wire frames, written and read by hand around
 protobuf so a tensor's bytes are copied once on the way out (straight into the frame) and never
 on the way in (numpy views over the received frame). ``write_message`` writes a top-level
-message so (the inference server's OIP responses).
+message the same way: the inference server's OIP responses.
 
 A frame is an ordinary serialized ``WorkerMessage`` or ``ShardMessage``: any protobuf client may
 write or read it. Writing: protobuf serializes the small fields, the tensor fields are appended

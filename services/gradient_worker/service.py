@@ -160,7 +160,13 @@ class WorkerService:
             fetch=datasets.fetcher(self._pool.objects.sync, self.settings),
         )
         job = await asyncio.to_thread(
-            WorkerJob, plan, rank, state, dataset, chunk_bytes=self.settings.codec_chunk_bytes
+            WorkerJob,
+            plan,
+            rank,
+            state,
+            dataset,
+            chunk_bytes=self.settings.codec_chunk_bytes,
+            overlap_min_bytes=self.settings.training_overlap_min_bytes,
         )
         running = Running(job, assignment, [])
         running.links = [

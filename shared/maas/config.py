@@ -18,6 +18,9 @@ from typing import Any
 from maas.config_env import default_cache_dir, default_state_dir, parse, setting, shown
 
 MiB = 1024 * 1024
+# torch DDP's default bucket (``bucket_cap_mb=25``): a model whose gradient fits one is reduced
+# there in one go after backward, and a worker sends it whole after backward too.
+TRAINING_OVERLAP_MIN_BYTES = 25 * MiB
 
 
 @dataclass(frozen=True)
@@ -259,6 +262,15 @@ class Settings:
         (
             "threads a gradient worker's torch and a shard's BLAS use (workers x this ~ cores: on "
             "a busy host extra threads spin instead of computing)"
+        ),
+    )
+    training_overlap_min_bytes: int = setting(
+        "MAAS_TRAINING_OVERLAP_MIN_BYTES",
+        TRAINING_OVERLAP_MIN_BYTES,
+        (
+            "a worker pushes gradients tensor by tensor during backward for models whose fp32 "
+            "gradient is at least this many bytes (torch DDP's bucket size); smaller ones leave "
+            "whole after backward, which costs less CPU per step"
         ),
     )
     member_id: str = setting(

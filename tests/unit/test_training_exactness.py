@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from maas import zoo
+from maas.config import TRAINING_OVERLAP_MIN_BYTES
 from maas.training.local import simulate, train_reference
 from maas.training.prepare import Limits, PreparedJob, prepare_job
 from maas.training.replica import evaluate
@@ -37,12 +38,12 @@ def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], atol: f
 
 
 def _assert_simulation_is_the_reference(job: PreparedJob, atol: float = 1e-6) -> None:
-    """The simulated distributed run ends with the weights of the plain local training."""
-    _assert_same(
-        simulate(job.plan, job.state, job.dataset),
-        train_reference(job.plan, job.state, job.dataset),
-        atol=atol,
-    )
+    """The simulated distributed run ends with the weights of the plain local training, whether
+    the workers push tensor by tensor during backward or each partition whole after it."""
+    reference = train_reference(job.plan, job.state, job.dataset)
+    for overlap_min_bytes in (0, TRAINING_OVERLAP_MIN_BYTES):
+        simulated = simulate(job.plan, job.state, job.dataset, overlap_min_bytes=overlap_min_bytes)
+        _assert_same(simulated, reference, atol=atol)
 
 
 def test_one_worker_one_shard_sync_sum_equals_local_sgd() -> None:
@@ -65,6 +66,13 @@ def test_cutting_the_messages_into_small_pieces_changes_no_bit() -> None:
     whole = simulate(job.plan, job.state, job.dataset)
     pieces = simulate(job.plan, job.state, job.dataset, chunk_bytes=96)
     _assert_same(whole, pieces, atol=0.0)
+
+
+def test_pushing_tensor_by_tensor_during_backward_changes_no_bit() -> None:
+    job = _prepare(workers=2, shards=2, reduce="mean")
+    whole = simulate(job.plan, job.state, job.dataset)  # a small model: partitions whole
+    by_tensor = simulate(job.plan, job.state, job.dataset, overlap_min_bytes=0)
+    _assert_same(whole, by_tensor, atol=0.0)
 
 
 def test_horizontal_and_vertical_splits_give_identical_parameters() -> None:

@@ -41,9 +41,20 @@ def prepared() -> PreparedJob:
     return _prepare("int8")
 
 
+def _worker(prepared: PreparedJob, rank: int, overlap_min_bytes: int = 0) -> WorkerJob:
+    return WorkerJob(
+        prepared.plan,
+        rank,
+        prepared.state,
+        prepared.dataset,
+        chunk_bytes=1 << 20,
+        overlap_min_bytes=overlap_min_bytes,
+    )
+
+
 @pytest.fixture
 def job(prepared: PreparedJob) -> WorkerJob:
-    return WorkerJob(prepared.plan, 1, prepared.state, prepared.dataset, chunk_bytes=1 << 20)
+    return _worker(prepared, 1)
 
 
 def _collect() -> tuple[list[tuple[int, pb.Push]], Callable[[int, OutgoingPush], None]]:
@@ -75,7 +86,7 @@ def test_a_worker_computes_once_per_new_version_of_every_shard(job: WorkerJob) -
 
 def test_a_finished_jobs_model_is_freed_at_once_without_the_cycle_collector() -> None:
     prepared = _prepare("none")
-    job = WorkerJob(prepared.plan, 0, prepared.state, prepared.dataset, chunk_bytes=1 << 20)
+    job = _worker(prepared, 0)
     for shard in range(2):
         job.receive(shard, _params(job, shard, 0))
     job.compute(job.take(), lambda shard, push: None)  # the gradient hooks have run
@@ -88,9 +99,8 @@ def test_a_finished_jobs_model_is_freed_at_once_without_the_cycle_collector() ->
         gc.enable()
 
 
-def test_lossless_codecs_send_each_tensor_from_inside_backward_last_layer_first() -> None:
-    prepared = _prepare("none")
-    job = WorkerJob(prepared.plan, 0, prepared.state, prepared.dataset, chunk_bytes=1 << 20)
+def _events_of_a_step(job: WorkerJob) -> list[str]:
+    """Backward's start and end and every push, in the order they happened."""
     for shard in range(2):
         job.receive(shard, _params(job, shard, 0))
     events: list[str] = []
@@ -99,11 +109,27 @@ def test_lossless_codecs_send_each_tensor_from_inside_backward_last_layer_first(
         job.take(),
         lambda shard, push: events.append(f"push {shard}@{read_push(push.frame).push.offset}"),
     )
+    return events
+
+
+def test_lossless_codecs_send_each_tensor_from_inside_backward_last_layer_first() -> None:
+    size = _prepare("none").plan.layout.size * 4
+    job = _worker(_prepare("none"), 0, overlap_min_bytes=size)  # the model is just big enough
+    events = _events_of_a_step(job)
     assert events[0] == "backward starts" and events[-1] == "backward ends"
     pushes = events[1:-1]
     assert len(pushes) == job.pieces[0].pieces + job.pieces[1].pieces
     # The head (last layer, shard 1 under a horizontal split) is the first gradient out.
     assert pushes[0].startswith("push 1@")
+
+
+def test_a_model_under_the_overlap_size_sends_each_partition_whole_after_backward() -> None:
+    size = _prepare("none").plan.layout.size * 4
+    job = _worker(_prepare("none"), 0, overlap_min_bytes=size + 1)
+    events = _events_of_a_step(job)
+    assert events[:2] == ["backward starts", "backward ends"]
+    # One piece per shard: the partition cut by chunk size (1 MiB), not by tensor.
+    assert events[2:] == ["push 0@0", "push 1@0"]
 
 
 def _spy(backward: Callable[..., None], events: list[str]) -> Callable[..., None]:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from maas import zoo
+from maas.config import TRAINING_OVERLAP_MIN_BYTES
 from maas.datasets import Dataset
 from maas.training.aggregate import ShardCore
 from maas.training.broadcast import ParamsAssembler, params_pieces, read_shard_message
@@ -78,6 +79,7 @@ def simulate(
     dataset: Dataset,
     *,
     chunk_bytes: int = 4 << 20,
+    overlap_min_bytes: int = TRAINING_OVERLAP_MIN_BYTES,
     on_version: Callable[[int, np.ndarray], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Run the job in-process with the services' own worker and shard cores; every worker
@@ -88,7 +90,10 @@ def simulate(
     new common version (benches evaluate there).
     """
     workers = [
-        WorkerJob(plan, w, state, dataset, chunk_bytes=chunk_bytes) for w in range(plan.workers)
+        WorkerJob(
+            plan, w, state, dataset, chunk_bytes=chunk_bytes, overlap_min_bytes=overlap_min_bytes
+        )
+        for w in range(plan.workers)
     ]
     init = workers[0].replica.flat_numpy
     cores = [ShardCore(plan, p.shard, p.gather(init), now_ms=0) for p in plan.partitions]

@@ -5,8 +5,8 @@ The worker keeps the newest parameters each shard sent. It may compute when ever
 not finished has a version newer than the one it last computed on; it then installs all of them
 into its replica, runs forward and backward on its own batch for that step, and hands each
 shard's gradient pieces to ``emit`` — per tensor, from inside backward, for codecs that allow it
-(``none``, ``fp16``), or per partition once backward is over (``int8``, ``topk``, whose error
-feedback stays here).
+(``none``, ``fp16``) on models whose gradient is at least ``overlap_min_bytes``, or per partition
+once backward is over (smaller models; ``int8``, ``topk``, whose error feedback stays here).
 
 The batch for a sync step is a function of the parameter version, so a restarted worker trains
 on exactly the rows the job expects; in async mode the worker counts its own steps. In
@@ -46,15 +46,17 @@ class WorkerJob:
         dataset: Dataset,
         *,
         chunk_bytes: int,
+        overlap_min_bytes: int,
     ) -> None:
         self.plan = plan
         self.worker = worker
         self.replica = Replica(plan.arch, plan.config, state, plan.layout, plan.loss)
         self.x, self.y = dataset.shard(worker, plan.workers)
         self.codec = parse_codec(plan.training.gradient_codec)
-        per_tensor = overlaps(self.codec, plan.training.mode)
+        gradient_bytes = plan.layout.size * 4
+        self._overlap = overlaps(self.codec, plan.training.mode, gradient_bytes, overlap_min_bytes)
         self.pieces = [
-            PiecePlan.build(plan.layout, p, self.codec, chunk_bytes, per_tensor=per_tensor)
+            PiecePlan.build(plan.layout, p, self.codec, chunk_bytes, per_tensor=self._overlap)
             for p in plan.partitions
         ]
         self._sync = plan.training.mode != "async"
@@ -108,7 +110,7 @@ class WorkerJob:
         loss, batch = self.replica.forward(*self._batch(step))
         infos = self._infos(view, batch)
         grad = self.replica.grad_numpy
-        if overlaps(self.codec, self.plan.training.mode):
+        if self._overlap:
             pending = set(self.plan.layout.names)
 
             def tensor_done(name: str) -> None:

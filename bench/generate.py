@@ -326,7 +326,8 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
         args.step_cpus = reservation.reserved if reservation is not None else None
         if reservation is not None:
             # The client stays off the decode CPUs, as a client elsewhere would; so does the
-            # in-process loop (the stack and the servers were started before, unpinned).
+            # in-process loop (the stack and the servers were started before, unpinned). Only
+            # the step-scaling limit moves to the decode CPUs, between served cases.
             cpus.pin_process(reservation.rest)
         report.update(asyncio.run(interleaved(model, grpc_addr, http_url, "bench-gpt", args, pid)))
     return report

@@ -97,7 +97,7 @@ def aggregator_bandwidth(size: int, repeats: int = 20) -> dict[str, Any]:
 
     # With the BLAS pool the shards run with (MAAS_TRAINING_COMPUTE_THREADS): left at the
     # machine's width, saxpy waits on a second thread the other core's work holds, and an apply
-    # of ~30 us took 1-20 ms here (the ratio read 0.11-0.16 instead of ~0.5).
+    # of ~30 us took 1-20 ms here (the ratio read 0.11-0.16 instead of 0.70-0.78).
     with threadpool_limits(limits=Settings().training_compute_threads):
         t_ours, t_add = best(ours), best(numpy_add)
     ours_gbps = 2 * size * 4 / t_ours / 1e9

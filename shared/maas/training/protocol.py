@@ -42,14 +42,14 @@ _ENTRY_BYTES = 8  # a top-k entry: uint32 index + fp32 value
 _DENSE_BYTES = 4  # pieces are cut by fp32 size whatever the codec: the plan is codec-neutral
 
 
-def overlaps(codec: GradientCodecType, mode: str, gradient_bytes: int, min_bytes: int) -> bool:
+def overlaps(codec: GradientCodecType, mode: str, params: int, min_bytes: int) -> bool:
     """Whether gradient pieces leave per tensor while backward continues: elementwise lossless
-    codecs in the modes that send a gradient (local SGD sends a parameter delta), for a model
-    whose fp32 gradient is at least ``min_bytes``. A smaller one leaves whole once backward is
-    over: per-tensor pieces cost CPU per piece on both sides of the stream, and a small model
-    has little backward left to hide the sending behind (a 4 MB MLP, 2 workers x 2 shards on
-    2 cores: 16-23 % more samples/s whole)."""
-    return not codec.lossy and mode != "local_sgd" and gradient_bytes >= min_bytes
+    codecs in the modes that send a gradient (local SGD sends a parameter delta), for a model of
+    ``params`` parameters whose fp32 gradient is at least ``min_bytes``. A smaller one leaves
+    whole once backward is over: per-tensor pieces cost CPU per piece on both sides of the
+    stream, and a small model has little backward left to hide the sending behind (a 4 MB
+    MLP, 2 workers x 2 shards on 2 cores: 16-23 % more samples/s whole)."""
+    return not codec.lossy and mode != "local_sgd" and params * _DENSE_BYTES >= min_bytes
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,9 @@ class WorkerJob:
         self.replica = Replica(plan.arch, plan.config, state, plan.layout, plan.loss)
         self.x, self.y = dataset.shard(worker, plan.workers)
         self.codec = parse_codec(plan.training.gradient_codec)
-        gradient_bytes = plan.layout.size * 4
-        self._overlap = overlaps(self.codec, plan.training.mode, gradient_bytes, overlap_min_bytes)
+        self._overlap = overlaps(
+            self.codec, plan.training.mode, plan.layout.size, overlap_min_bytes
+        )
         self.pieces = [
             PiecePlan.build(plan.layout, p, self.codec, chunk_bytes, per_tensor=self._overlap)
             for p in plan.partitions

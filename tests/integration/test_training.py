@@ -407,8 +407,9 @@ async def test_a_job_wanting_more_workers_than_the_pool_has_is_queued_until_one_
 async def test_a_worker_started_mid_job_takes_the_vacant_rank_and_the_job_converges(
     cluster, producer, watcher
 ):
-    # Long enough that the newcomer (a fresh process importing torch) arrives well before the end.
-    training = {**MLP_TRAINING, "workers": 4, "min_workers": 3, "steps": 2000}
+    # Long enough that the newcomer (a fresh process importing torch: 3-5 s) arrives well before
+    # the end: 2 000 steps once ran out first on a fast machine (the job took ~5 s).
+    training = {**MLP_TRAINING, "workers": 4, "min_workers": 3, "steps": 6000}
     job = train_job("pool-join", "mlp", {"uri": "builtin:digits"}, training)
     await producer.send(topics.JOBS, job, key=job["job_id"])
     await watcher.state(job["job_id"], "running")
@@ -418,6 +419,7 @@ async def test_a_worker_started_mid_job_takes_the_vacant_rank_and_the_job_conver
     assert status["state"] == "succeeded", status
     assert status["metrics"]["accuracy"] > 0.9
     final = assignment(watcher, job["job_id"])
+    assert final["epoch"] > 1, f"the job ended before {newcomer.name} registered: raise its steps"
     assert {"rank": 3, "member": newcomer.name} in final["workers"], final
     reasons = [s.get("reason", "") for s in watcher.statuses[job["job_id"]]]
     assert any(f"{newcomer.name} joined as rank 3" in r for r in reasons), reasons

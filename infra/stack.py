@@ -34,6 +34,9 @@ from maas.config import Settings
 from maas.edge import STACK_IDENTITIES, ensure_tokens
 from maas.edge.auth import tokens_file
 
+# The interpreter option that names a service's stack on its command line.
+MARKER_OPTION = "maas_stack"
+
 
 @dataclass(frozen=True)
 class ComponentStatus:
@@ -73,11 +76,16 @@ class PythonService:
 
     @property
     def process(self) -> ManagedProcess:
-        # `-X pycache_prefix=<stack_dir>/...` is a harmless interpreter option that makes the
-        # command line recognisably ours (see ManagedProcess.marker).
-        return ManagedProcess.in_stack(
-            self.stack_dir, self.name, f"pycache_prefix={self.stack_dir}"
-        )
+        # `-X maas_stack=<stack_dir>` makes the command line recognisably ours (see
+        # ManagedProcess.marker); CPython keeps unknown -X options in sys._xoptions and nothing
+        # more. (It was `-X pycache_prefix=`, which also moved the bytecode cache there: every
+        # service in a new stack, or under PYTHONDONTWRITEBYTECODE every start, compiled torch's
+        # sources again instead of reading the venv's .pyc files: 4.8 s of CPU instead of 2.2.)
+        return ManagedProcess.in_stack(self.stack_dir, self.name, self.marker)
+
+    @property
+    def marker(self) -> str:
+        return f"{MARKER_OPTION}={self.stack_dir}"
 
     def start(self, *, wait: bool = True, timeout_s: float = 90.0) -> int:
         proc = self.process
@@ -86,7 +94,7 @@ class PythonService:
             argv = [
                 sys.executable,
                 "-X",
-                f"pycache_prefix={self.stack_dir}/pycache",
+                self.marker,
                 "-m",
                 self.module,
             ]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from maas.allocator import keep_freed_memory
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.lifecycle import Service, serve
@@ -41,6 +42,7 @@ def build(settings: Settings, environ: Mapping[str, str]) -> Service:
 
 
 def main() -> None:
+    keep_freed_memory()  # before the first step's allocations (see maas.allocator)
     settings = Settings.from_env()
     serve(
         lambda: build(settings, os.environ),

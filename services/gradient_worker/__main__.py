@@ -9,12 +9,14 @@ at the job's current version. ``/metrics`` and ``/healthz`` on MAAS_METRICS_PORT
 
 from __future__ import annotations
 
+from maas.allocator import keep_freed_memory
 from maas.config import Settings
 from maas.lifecycle import serve
 from services.gradient_worker.service import WorkerService
 
 
 def main() -> None:
+    keep_freed_memory()  # before the first step's allocations (see maas.allocator)
     settings = Settings.from_env()
     serve(
         lambda: WorkerService(settings),

@@ -77,10 +77,9 @@ class PythonService:
     @property
     def process(self) -> ManagedProcess:
         # `-X maas_stack=<stack_dir>` makes the command line recognisably ours (see
-        # ManagedProcess.marker); CPython keeps unknown -X options in sys._xoptions and nothing
-        # more. (It was `-X pycache_prefix=`, which also moved the bytecode cache there: every
-        # service in a new stack, or under PYTHONDONTWRITEBYTECODE every start, compiled torch's
-        # sources again instead of reading the venv's .pyc files: 4.8 s of CPU instead of 2.2.)
+        # ManagedProcess.marker): CPython only keeps unknown -X options in sys._xoptions. An
+        # option with an effect (pycache_prefix) would cost: it hides the venv's .pyc files, and
+        # every start compiled torch again (4.8 s of CPU instead of 2.2).
         return ManagedProcess.in_stack(self.stack_dir, self.name, self.marker)
 
     @property

@@ -4,8 +4,7 @@ glibc's malloc adapts two thresholds as a process runs: blocks above the mmap th
 pages of their own, and free memory above the trim threshold at the top of a heap goes back to
 the kernel. A gradient worker keeps every push until a checkpoint covers it, so its heaps grow
 step after step, and the step's own temporaries (activations, gradients, frames) land at their
-top: each free trimmed them and the next step faulted the same megabytes in again, on the
-thread that computes, with a TLB shootdown across the process's threads for each trim. Measured
+top: each free trimmed them and the next step faulted the same megabytes in again. Measured
 on bench.train's MLP (2 workers x 2 shards, 2 cores): the steps before the first checkpoint ran
 at 13 a second instead of 35 (12 000-25 000 page faults a second in each worker), then at full
 speed once the checkpoint let the pushes go. Fixed thresholds keep freed memory in the process

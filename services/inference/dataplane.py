@@ -20,6 +20,7 @@ manifest's sha256 before they are turned into a module, on the worker pool.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -35,7 +36,13 @@ from maas.registry.types import DEFAULT_ALIAS, AliasTargets
 from services.inference.batcher import BatchingConfig, make_runner
 from services.inference.canary import Splits, split_of, targets_of
 from services.inference.metrics import Metrics, ModelStats
-from services.inference.served import ModelCache, ServedModel, torch_forward, weights_nbytes
+from services.inference.served import (
+    TRACEABLE_ARCHS,
+    ModelCache,
+    ServedModel,
+    torch_forward,
+    weights_nbytes,
+)
 from services.inference.signature import Signature
 from services.inference.text import is_text, text_signature
 
@@ -205,13 +212,17 @@ class DataPlane:
             signature: Signature = await text_signature(manifest, files, self._source)
         else:
             signature = Signature.for_zoo(manifest.arch, manifest.config)
+        row = signature.inputs[0].shape[1:] if manifest.arch in TRACEABLE_ARCHS else None
+        forward = await loop.run_in_executor(  # tracing runs the module: off the loop too
+            self._executor, functools.partial(torch_forward, module, trace_row=row)
+        )
         model = ServedModel(
             name=name,
             version=version,
             signature=signature,
             nbytes=weights_nbytes(module),
             runner=make_runner(
-                torch_forward(module),
+                forward,
                 self._executor,
                 self.batching,
                 stats,

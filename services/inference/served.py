@@ -8,6 +8,8 @@ kinds (text encoders, generative models) bring their own signature and forward.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -19,6 +21,14 @@ from torch import nn
 from services.inference.batcher import Forward, Runner
 from services.inference.metrics import ModelStats
 from services.inference.signature import Signature
+
+log = logging.getLogger(__name__)
+
+# Archs whose forward is a fixed sequence of tensor operations for any number of rows: a trace
+# taken on one row replays for every batch (their reshapes read the row count from the input).
+TRACEABLE_ARCHS = frozenset({"mlp", "cnn", "sequential"})
+# Row counts a trace is checked on, against the module itself, before it is used.
+TRACE_CHECK_ROWS = (1, 3, 64)
 
 
 @dataclass
@@ -43,13 +53,38 @@ def weights_nbytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def torch_forward(module: nn.Module) -> Forward:
+def torch_forward(module: nn.Module, *, trace_row: tuple[int, ...] | None = None) -> Forward:
+    """Rows in, rows out. With ``trace_row`` (the shape of one input row) the pass runs as a
+    TorchScript trace of the module when that trace gives the module's own outputs bit for bit
+    (``traced``): one call into C++ instead of Python for every layer, which was a third of a
+    small MLP's forward (32 -> 20 us for a row)."""
+    runnable = module if trace_row is None else traced(module, trace_row)
+
     def forward(rows: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            out: np.ndarray = module(torch.from_numpy(rows)).float().numpy()
+            out: np.ndarray = runnable(torch.from_numpy(rows)).float().numpy()
         return out
 
     return forward
+
+
+def traced(module: nn.Module, row: tuple[int, ...]) -> nn.Module:
+    """``module`` traced on one row of shape ``row``, or ``module`` itself where the trace
+    fails or differs from it on any of ``TRACE_CHECK_ROWS`` rows (control flow the trace froze,
+    an operation it cannot record)."""
+    generator = torch.Generator().manual_seed(0)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer notices
+            trace = torch.jit.trace(module, torch.randn(1, *row, generator=generator))
+            for rows in TRACE_CHECK_ROWS:
+                x = torch.randn(rows, *row, generator=generator)
+                if not torch.equal(trace(x), module(x)):
+                    raise ValueError(f"its output for {rows} rows differs from the module's")
+    except Exception as exc:  # any failure: the module itself serves, as it always can
+        log.warning("serving %s without a trace (%s)", type(module).__name__, exc)
+        return module
+    return trace  # type: ignore[no-any-return]
 
 
 class ModelCache:

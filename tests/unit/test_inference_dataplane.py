@@ -200,3 +200,12 @@ async def test_compressed_variants_are_served_with_the_same_signature(pool, code
     out = result.outputs["output"]
     assert out.dtype == np.float32 and out.shape == (3, 10)
     np.testing.assert_allclose(out, expected(module, X), atol=tolerance)
+
+
+async def test_a_zoo_model_is_served_by_its_trace_with_the_modules_own_answers(
+    source, pool, caplog
+):
+    with caplog.at_level("WARNING", logger="services.inference.served"):
+        _, out = await answer(make_plane(source, pool))
+    assert not [r.getMessage() for r in caplog.records if "without a trace" in r.getMessage()]
+    assert_from(out, model(1))

@@ -1,0 +1,108 @@
+"""The forward a loaded zoo model serves with: a trace of the module, only where it is exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from maas import zoo
+from maas.compression import quant
+from services.inference.served import torch_forward, traced
+
+SEQUENTIAL = {
+    "input_shape": [1, 8, 8],
+    "layers": [
+        {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "stride": 1},
+        "relu",
+        {"type": "maxpool2d", "kernel_size": 2},
+        {"type": "dropout", "p": 0.5},
+        "flatten",
+        {"type": "linear", "out_features": 16},
+        "relu",
+    ],
+    "num_classes": 10,
+}
+
+
+def int8_mlp() -> nn.Module:
+    model = zoo.build("mlp", {}, seed=3).eval()
+    int8 = {
+        name: quant.quantize_int8(model.state_dict()[name])
+        for name in quant.quantizable_weights(model)
+    }
+    return quant.convert(model, int8)
+
+
+def rows(count: int, width: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((count, width)).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        zoo.build("mlp", {}, seed=1).eval(),
+        zoo.build("cnn", {}, seed=1).eval(),
+        zoo.build("sequential", SEQUENTIAL, seed=1).eval(),
+        int8_mlp(),
+    ],
+    ids=["mlp", "cnn", "sequential", "int8-mlp"],
+)
+def test_a_zoo_models_traced_forward_gives_the_modules_outputs_bit_for_bit(model):
+    assert isinstance(traced(model, (64,)), torch.jit.ScriptModule)
+    forward = torch_forward(model, trace_row=(64,))
+    for seed, count in enumerate((1, 7, 64, 2)):
+        x = rows(count, 64, seed)
+        with torch.inference_mode():
+            expected = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_array_equal(forward(x), expected)
+
+
+class CountingMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 2)
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1  # Python: runs while tracing, never in a trace's replay
+        return self.linear(x)
+
+
+def test_a_traced_forward_does_not_run_the_modules_python_per_call():
+    model = CountingMLP().eval()
+    forward = torch_forward(model, trace_row=(4,))
+    calls_after_tracing = model.calls
+    for _ in range(3):
+        forward(np.ones((2, 4), np.float32))
+    assert model.calls == calls_after_tracing
+
+
+def test_without_a_row_shape_the_module_itself_runs():
+    model = CountingMLP().eval()
+    torch_forward(model)(np.ones((2, 4), np.float32))
+    assert model.calls == 1
+
+
+class RowCountBranch(nn.Module):
+    """Control flow a trace freezes: a trace taken on one row doubles every batch."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.shape[0] == 1 else x * 3
+
+
+def test_a_module_whose_trace_differs_from_it_is_served_as_itself():
+    model = RowCountBranch()
+    assert traced(model, (4,)) is model
+    out = torch_forward(model, trace_row=(4,))(np.ones((3, 4), np.float32))
+    np.testing.assert_array_equal(out, np.full((3, 4), 3.0, np.float32))
+
+
+def test_a_module_that_cannot_be_traced_is_served_as_itself():
+    class NotATensor(nn.Module):
+        def forward(self, x: torch.Tensor) -> dict[str, object]:
+            return {"rows": x, "note": "a trace cannot return this"}
+
+    model = NotATensor()
+    assert traced(model, (4,)) is model

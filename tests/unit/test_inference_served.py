@@ -13,15 +13,7 @@ from services.inference.served import torch_forward, traced
 
 SEQUENTIAL = {
     "input_shape": [1, 8, 8],
-    "layers": [
-        {"type": "conv2d", "out_channels": 4, "kernel_size": 3, "stride": 1},
-        "relu",
-        {"type": "maxpool2d", "kernel_size": 2},
-        {"type": "dropout", "p": 0.5},
-        "flatten",
-        {"type": "linear", "out_features": 16},
-        "relu",
-    ],
+    "layers": [{"type": "conv2d", "out_channels": 4, "kernel_size": 3}, "relu", "flatten"],
     "num_classes": 10,
 }
 

@@ -20,23 +20,17 @@ Prints one JSON document:
     python -m bench.text [--seconds 2] [--train-steps 150] [--distill-steps 300] [--no-serve]
 
 Timings on a shared machine are only comparable within one run; the models of one section are
-timed in turns (round by round), so a passing load weighs on each of them alike.
+timed in turns (round by round), so a passing load weighs on each of them alike. The served
+section and the timing helpers live in bench/text_measure.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
-import statistics
-import tempfile
-import time
-import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -44,7 +38,7 @@ import torch
 from safetensors.torch import save as st_save
 from torch import nn
 
-from infra.ephemeral import bench_settings
+from bench.text_measure import ROUNDS, SENTENCE, p50_ms, p50s_interleaved, serving
 from maas import artifacts, datasets, zoo
 from maas.compression import pipeline, quant
 from maas.compression.distill import kd_loss
@@ -53,9 +47,6 @@ from maas.text import compress, corpus
 from maas.text.model import TextModel
 from maas.text.pretrained import MINILM_PACKAGE, read_package
 
-SENTENCE = "The quick brown fox jumps over the lazy dog."
-ROUNDS = 20
-C1_ROUNDS, C1_BLOCK = 12, 10  # served vs in-process at c=1: 108 timed calls of each
 # Batch-32 timings move by +-10 % between blocks of 5 rounds on this 2-vCPU machine: 15 rounds
 # keep the int8/fp32 ratio within a few percent from run to run.
 BATCH_ROUNDS = 15
@@ -67,46 +58,6 @@ VALIDATION_ROWS = 200
 FROZEN_LRS = (1e-3, 3e-3)
 FINETUNE_LRS = (2.5e-5, 5e-5, 1e-4)
 SCRATCH_LRS = (2.5e-4, 5e-4, 1e-3)
-# The served encoder runs one forward at a time with as many torch threads as the in-process
-# forward it is compared with (the server's default, 2 workers x 1 thread, suits small models).
-SERVER_SETTINGS = {
-    "MAAS_AUTH": "off",
-    "MAAS_INFERENCE_MAX_BATCH_SIZE": "64",
-    "MAAS_INFERENCE_MAX_QUEUE_DELAY_US": "0",
-    "MAAS_INFERENCE_WORKERS": "1",
-    "MAAS_INFERENCE_TORCH_THREADS": str(torch.get_num_threads()),
-}
-
-
-def p50_ms(call: Callable[[], object], rounds: int = ROUNDS) -> float:
-    call()  # warm-up
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
-
-
-def p50s_interleaved(
-    calls: dict[str, Callable[[], object]], rounds: int, block: int = 1
-) -> dict[str, float]:
-    """Median ms of each call, timed in turns (one round runs every call ``block`` times in a
-    row), so a load that comes and goes on a shared machine weighs on every call alike and
-    ratios stay fair. With ``block`` > 1 the first call of each block is not timed: it pays for
-    the switch from the call before it (another process's threads still spinning on the cores
-    after its own pass), which is not its own cost."""
-    for call in calls.values():
-        call()  # warm-up
-    times: dict[str, list[float]] = {label: [] for label in calls}
-    for _ in range(rounds):
-        for label, call in calls.items():
-            for i in range(block):
-                started = time.perf_counter()
-                call()
-                if block == 1 or i > 0:
-                    times[label].append(time.perf_counter() - started)
-    return {label: statistics.median(t) * 1000 for label, t in times.items()}
 
 
 def timed(models: dict[str, nn.Module], one: torch.Tensor, batch: torch.Tensor) -> dict[str, Any]:
@@ -164,92 +115,6 @@ def inprocess(minilm: TextModel, texts: list[str]) -> dict[str, Any]:
             lambda: peer.encode(texts[:32]), rounds=BATCH_ROUNDS
         ),
     }
-
-
-# --- served -------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def served_minilm() -> Iterator[tuple[str, str]]:
-    import asyncio
-
-    from infra.harness.serving import ServiceProcesses
-    from maas.cli_import import import_pretrained
-    from maas.registry import RegistryClient
-
-    with (
-        bench_settings() as settings,
-        tempfile.TemporaryDirectory() as tmp,
-        ServiceProcesses(Path(tmp)) as processes,
-    ):
-        registry = processes.start_registry()
-        inference = processes.start_inference("inference-text", registry, **SERVER_SETTINGS)
-        name = f"bench-minilm-{uuid.uuid4().hex[:6]}"
-
-        async def register() -> None:
-            async with RegistryClient(settings.replace(registry_addr=registry)) as client:
-                await import_pretrained(client, MINILM_PACKAGE, name, alias="production")
-
-        asyncio.run(register())
-        yield inference, name
-
-
-def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
-    import tritonclient.grpc as triton
-
-    with served_minilm() as (addr, name):
-
-        def ask(client: triton.InferenceServerClient) -> None:
-            tensor = triton.InferInput("text", [1], "BYTES")
-            tensor.set_data_from_numpy(np.array([SENTENCE], dtype=np.object_))
-            client.infer(name, [tensor]).as_numpy("embedding")
-
-        single = triton.InferenceServerClient(url=addr)
-        ask(single)  # warm-up, outside the server's counts below
-        count, ns = forward_counts(single, name)
-        # The limit is timed in the same rounds as the served requests, with the stack up: on
-        # this machine the forward's own speed drifts by up to 2x between minutes, so a limit
-        # from another section would measure the drift, not the server. In blocks, not one
-        # call each: a call right after the other process's pass ran 5-6 ms slower, the server
-        # and this process each paying for the other's spinning threads (measured: 13.5 ms
-        # in process and 14.6 served one by one, 7.3 and 9.5 alone).
-        c1 = p50s_interleaved(
-            {
-                "inprocess_tokenize_and_forward": lambda: minilm([SENTENCE]),
-                "served": lambda: ask(single),
-            },
-            rounds=C1_ROUNDS,
-            block=C1_BLOCK,
-        )
-        count_after, ns_after = forward_counts(single, name)
-        forward_ms = (ns_after - ns) / max(count_after - count, 1) / 1e6
-        clients = [triton.InferenceServerClient(url=addr) for _ in range(16)]
-
-        def worker(client: triton.InferenceServerClient) -> int:
-            done, deadline = 0, time.perf_counter() + seconds
-            while time.perf_counter() < deadline:
-                ask(client)
-                done += 1
-            return done
-
-        with ThreadPoolExecutor(max_workers=16) as pool:
-            total = sum(pool.map(worker, clients))
-        return {
-            "served_p50_ms_c1": c1["served"],
-            "inprocess_tokenize_and_forward_p50_ms": c1["inprocess_tokenize_and_forward"],
-            # Mean wall time of the forward inside the server over those c=1 requests (its
-            # statistics' compute_infer): how much of the gap is the forward itself.
-            "server_forward_ms_c1": forward_ms,
-            "served_req_per_s_c16": total / seconds,
-            "server_settings": SERVER_SETTINGS,
-        }
-
-
-def forward_counts(client: Any, name: str) -> tuple[int, int]:
-    """(forwards, their total ns) from the server's statistics (compute_infer)."""
-    stats = client.get_inference_statistics(name, as_json=True)["model_stats"][0]
-    infer = stats["inference_stats"]["compute_infer"]
-    return int(infer.get("count", 0)), int(infer.get("ns", 0))
 
 
 # --- variants -----------------------------------------------------------------------------------

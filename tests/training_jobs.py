@@ -177,4 +177,10 @@ def assignment(watcher: Watcher, job_id: str) -> dict[str, Any]:
 def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert got.keys() == expected.keys()
     for name in expected:
-        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(
+            got[name],
+            expected[name],
+            rtol=0,
+            atol=1e-6,
+            msg=lambda why, name=name: f"{name}: {why}",
+        )

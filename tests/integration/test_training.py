@@ -142,7 +142,7 @@ async def test_digits_mlp_on_two_workers_and_two_shards_reaches_95_percent(
 
 
 async def test_the_live_job_ends_with_the_weights_of_the_in_process_reference(
-    mlp_baseline, registry
+    mlp_baseline, registry, watcher
 ):
     """2 workers x 2 shards, codec none, quorum 1.0: the services' result equals the same job
     run in this process by the real worker loop and shard cores (``simulate``)."""
@@ -157,7 +157,13 @@ async def test_the_live_job_ends_with_the_weights_of_the_in_process_reference(
         )
     finally:
         torch.set_num_threads(threads)
-    assert_same_weights(await weights(registry, mlp_baseline), reference)
+    # A failure names the tensor and how far it is off; the job's membership changes say
+    # whether the run itself was disturbed (a worker removed or joined) or the numbers differ.
+    changes = [s["workers"] for s in watcher.statuses[mlp_baseline["job_id"]] if "workers" in s]
+    try:
+        assert_same_weights(await weights(registry, mlp_baseline), reference)
+    except AssertionError as mismatch:
+        raise AssertionError(f"{mismatch}\nmembership changes in the job: {changes}") from None
 
 
 CNN_TRAINING = {

@@ -9,7 +9,6 @@ kinds (text encoders, generative models) bring their own signature and forward.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from maas import jit
 from services.inference.batcher import Forward, Runner
 from services.inference.metrics import ModelStats
 from services.inference.signature import Signature
@@ -74,9 +74,8 @@ def traced(module: nn.Module, row: tuple[int, ...]) -> nn.Module:
     an operation it cannot record)."""
     generator = torch.Generator().manual_seed(0)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch.jit's deprecation and tracer notices
-            trace = torch.jit.trace(module, torch.randn(1, *row, generator=generator))
+        with torch.no_grad():
+            trace = jit.trace(module, torch.randn(1, *row, generator=generator))
             for rows in TRACE_CHECK_ROWS:
                 x = torch.randn(rows, *row, generator=generator)
                 if not torch.equal(trace(x), module(x)):
@@ -84,7 +83,7 @@ def traced(module: nn.Module, row: tuple[int, ...]) -> nn.Module:
     except Exception as exc:  # any failure: the module itself serves, as it always can
         log.warning("serving %s without a trace (%s)", type(module).__name__, exc)
         return module
-    return trace  # type: ignore[no-any-return]
+    return trace
 
 
 class ModelCache:

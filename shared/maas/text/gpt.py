@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import logging
 import math
-import warnings
 import weakref
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from maas import jit
 from maas.text.gpt_config import GPTConfig
 
 log = logging.getLogger(__name__)
@@ -253,9 +253,7 @@ def _decoder(model: GPT) -> nn.Module:
     if decoder is None:
         decoder = _Decode(model).eval()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
-                decoder = torch.jit.script(decoder)
+            decoder = jit.script(decoder)
         except Exception as exc:  # a module TorchScript cannot compile: the same code, eager
             log.warning("GPT decode runs eager (TorchScript refused it: %s)", exc)
         _decoders[model] = decoder

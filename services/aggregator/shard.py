@@ -48,7 +48,14 @@ from maas.training.control import RELEASED, PoolMember
 from maas.training.pool import SHARD, Assignment
 from maas.training.v1 import training_pb2 as pb
 from services.aggregator.dataplane import serve_data_plane
-from services.aggregator.shard_job import CheckpointWriter, Key, Peer, ShardJob, StatusReporter
+from services.aggregator.shard_job import (
+    CheckpointWriter,
+    Key,
+    Peer,
+    ShardJob,
+    StatusReporter,
+    progress_due,
+)
 
 log = logging.getLogger(__name__)
 
@@ -368,9 +375,19 @@ class ShardService:
                     await self._reporter.progress(job, now)
 
     def _progress_due(self, job: ShardJob, now: int) -> bool:
-        """Partition 0's shard reports for the job, once training started, every interval."""
-        interval = self.settings.progress_interval_ms
-        return job.partition == 0 and bool(job.started_ms) and now - job.reported_ms >= interval
+        """Partition 0's shard reports for the job once training started (``progress_due``)."""
+        return (
+            job.partition == 0
+            and bool(job.started_ms)
+            and progress_due(
+                now_ms=now,
+                reported_ms=job.reported_ms,
+                interval_ms=self.settings.progress_interval_ms,
+                version=job.core.version,
+                reported=job.reported_version,
+                total=job.plan.target_version,
+            )
+        )
 
     async def _expire(self, job: ShardJob, now: int) -> None:
         """Remove members whose stream has been gone longer than the heartbeat timeout."""

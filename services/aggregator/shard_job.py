@@ -46,6 +46,20 @@ class Peer:
         self.outbox.put_nowait(None)
 
 
+# A job reports its progress at least this many times, however short it is.
+PROGRESS_POINTS = 20
+
+
+def progress_due(
+    *, now_ms: int, reported_ms: int, interval_ms: int, version: int, reported: int, total: int
+) -> bool:
+    """Whether a progress status is due: every ``interval_ms`` and every 1/PROGRESS_POINTS of
+    the ``total`` steps since the last one (at step ``reported``), whichever comes first — a
+    job of a few seconds reports a curve too (the demo's digits jobs run 300 steps in ~2 s)."""
+    every = max(1, total // PROGRESS_POINTS)
+    return now_ms - reported_ms >= interval_ms or version - reported >= every
+
+
 @dataclass
 class ShardJob:
     plan: JobPlan
@@ -60,6 +74,7 @@ class ShardJob:
     peers: dict[int, Peer] = field(default_factory=dict)
     gone_ms: dict[int, int] = field(default_factory=dict)  # member -> since when streamless
     reported_ms: int = 0
+    reported_version: int = 0
     writing: asyncio.Task[None] | None = None
 
     @property
@@ -96,7 +111,7 @@ class StatusReporter:
     async def progress(self, job: ShardJob, now: int) -> None:
         window = job.core.stats.take_window()
         elapsed_s = max(1e-3, (now - (job.reported_ms or job.started_ms)) / 1000)
-        job.reported_ms = now
+        job.reported_ms, job.reported_version = now, job.core.version
         metrics = {k: v for k, v in window.items() if k in ("loss", "accuracy")}
         metrics["samples_per_s"] = window["samples"] / elapsed_s
         await self._running(job, metrics=metrics)

@@ -292,7 +292,12 @@ class Settings:
         "sync step closes after this with whoever reported (job may override)",
     )
     progress_interval_ms: int = setting(
-        "MAAS_PROGRESS_INTERVAL_MS", 2_000, "job progress status event period"
+        "MAAS_PROGRESS_INTERVAL_MS",
+        2_000,
+        (
+            "longest time between a running job's progress status events (one also comes "
+            "every 1/20 of the job's steps, whichever is sooner)"
+        ),
     )
     aggregator_listen: str = setting(
         "MAAS_AGGREGATOR_LISTEN",

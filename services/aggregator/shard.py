@@ -19,7 +19,9 @@ Lifecycle of a (job, partition) here:
    (re)joins counts again from the open step.
 4. **Checkpoints** every ``checkpoint_every`` versions, written off the event loop: data, then the
    ``LATEST.json`` pointer. Each version sent names the newest durable one; workers keep what they
-   pushed since, so a restarted shard gets those gradients again and replays exactly.
+   pushed since, so a restarted shard gets those gradients again and replays exactly. A version
+   more than two intervals past the newest durable one is held back until a checkpoint lands
+   (``held_back``): that bounds what the workers keep while S3 is slow or away.
 5. **Done**: the final version goes out with ``final`` and is checkpointed with ``final`` set in
    the pointer, which is what the coordinator waits for. A partition assigned elsewhere is dropped.
 
@@ -54,6 +56,7 @@ from services.aggregator.shard_job import (
     Peer,
     ShardJob,
     StatusReporter,
+    held_back,
     progress_due,
 )
 
@@ -64,6 +67,7 @@ TICK_S = 0.05
 # come back before removing it. A worker that never joined is not removed here at all (loading
 # torch and the data can take long on a busy host): the coordinator removes it if it goes silent.
 RESUME_GRACE = 3
+WRITE_RETRY_MS = 1_000  # a held job's checkpoint write is tried again this often
 
 
 def advertised(listen: str, port: int, advertise: str) -> str:
@@ -88,6 +92,11 @@ class Metrics:
         self.versions = Counter("maas_shard_versions", "versions published", registry=self.registry)
         self.checkpoints = Counter(
             "maas_shard_checkpoints", "checkpoints written", registry=self.registry
+        )
+        self.holds = Counter(
+            "maas_shard_holds",
+            "times a job's newest version was held back until a checkpoint landed",
+            registry=self.registry,
         )
 
 
@@ -303,13 +312,41 @@ class ShardService:
 
     async def _advanced(self, job: ShardJob) -> None:
         key = (job.job_id, job.partition)
-        job.assembler.drop_below(job.core.version - job.plan.training.staleness)
-        self._publish(job)
-        if job.core.done:
+        core, every = job.core, job.plan.training.checkpoint_every
+        job.assembler.drop_below(core.version - job.plan.training.staleness)
+        if core.done:
+            self._publish(job)
             if key not in self._finishing:
                 finishing = self._finish(key, job, already_final=False)
                 self._finishing[key] = asyncio.create_task(finishing)
-        elif job.core.version - job.checkpointed_version >= job.plan.training.checkpoint_every:
+            return
+        held = held_back(core.version, job.durable_version, every)
+        if held and not job.held:
+            self.metrics.holds.inc()
+            log.warning(
+                "%s: job %s partition %d holds version %d until a checkpoint lands (newest "
+                "durable: %d); is S3 slow or unreachable?",
+                self.name,
+                job.job_id,
+                job.partition,
+                core.version,
+                job.durable_version,
+            )
+        job.held = held
+        if not held:
+            self._publish(job)
+        if core.version - job.checkpointed_version >= every:
+            self._checkpoints.start(job, final=False)
+
+    def _release(self, job: ShardJob, now: int) -> None:
+        """A held version goes out once a checkpoint has landed; until then a write of the
+        current version is tried every ``WRITE_RETRY_MS`` (the one that failed is not retried
+        by itself)."""
+        if not held_back(job.core.version, job.durable_version, job.plan.training.checkpoint_every):
+            job.held = False
+            log.info("%s: job %s partition %d goes on", self.name, job.job_id, job.partition)
+            self._publish(job)
+        elif now - job.write_started_ms >= WRITE_RETRY_MS:
             self._checkpoints.start(job, final=False)
 
     def _publish(self, job: ShardJob) -> None:
@@ -366,6 +403,8 @@ class ShardService:
             for job in list(self.jobs.values()):
                 if job.core.done:
                     continue  # finishing
+                if job.held:
+                    self._release(job, now)
                 before = job.core.version
                 await self._expire(job, now)
                 job.core.tick(now)

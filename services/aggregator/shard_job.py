@@ -60,6 +60,16 @@ def progress_due(
     return now_ms - reported_ms >= interval_ms or version - reported >= every
 
 
+def held_back(version: int, durable: int, checkpoint_every: int) -> bool:
+    """Whether a shard keeps ``version`` from the workers for now: it is more than two
+    checkpoint intervals past the newest durable checkpoint (one interval to the next
+    checkpoint, one for its write to land). Workers keep every push since that checkpoint, to
+    replay them to a restarted shard, so this bounds their memory at about
+    ``2 * checkpoint_every + 1`` steps of gradients (plus ``staleness`` in async mode): a slow
+    or absent S3 pauses the job instead of growing the workers without end."""
+    return version - durable > 2 * checkpoint_every
+
+
 @dataclass
 class ShardJob:
     plan: JobPlan
@@ -76,6 +86,8 @@ class ShardJob:
     reported_ms: int = 0
     reported_version: int = 0
     writing: asyncio.Task[None] | None = None
+    write_started_ms: int = 0
+    held: bool = False  # the newest version is not sent yet (``held_back``)
 
     @property
     def job_id(self) -> str:
@@ -114,7 +126,14 @@ class StatusReporter:
         job.reported_ms, job.reported_version = now, job.core.version
         metrics = {k: v for k, v in window.items() if k in ("loss", "accuracy")}
         metrics["samples_per_s"] = window["samples"] / elapsed_s
-        await self._running(job, metrics=metrics)
+        if not job.held:
+            await self._running(job, metrics=metrics)
+            return
+        waiting = (
+            f"waiting for a checkpoint to land in S3 (newest durable: version "
+            f"{job.durable_version}) before sending version {job.core.version}"
+        )
+        await self._running(job, metrics=metrics, reason=waiting)
 
     async def _running(self, job: ShardJob, **fields: object) -> None:
         """A ``running`` status at the job's current step, with ``fields``."""
@@ -171,6 +190,7 @@ class CheckpointWriter:
             final=final,
         )
         job.checkpointed_version = core.version
+        job.write_started_ms = now_ms()
         job.writing = asyncio.create_task(self._write(job, pointer, data))
         return job.writing
 

@@ -14,6 +14,7 @@ import asyncio
 import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -80,6 +81,12 @@ async def undisturbed(cluster, producer, watcher, registry) -> dict[str, Any]:
     return await weights(registry, status)
 
 
+@dataclass
+class Outage:
+    durable: int  # partition 0's newest checkpoint when the part was cut off
+    statuses: list[dict[str, Any]]  # the job's statuses that arrived while it was away
+
+
 async def train_through(
     stack,
     producer: EventProducer,
@@ -87,27 +94,33 @@ async def train_through(
     stop: Callable[[], Any],
     start: Callable[[], Any],
     outage_s: float,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Outage]:
     """Submit the job, cut a part off once partition 0 checkpointed version 20, bring it back
-    after ``outage_s``; the job's final status."""
+    after ``outage_s``; the job's final status, and what happened meanwhile."""
     job = train_job("faults", "mlp", {"uri": "builtin:digits"}, TRAINING)
-    await producer.send(topics.JOBS, job, key=job["job_id"])
+    job_id = job["job_id"]
+    await producer.send(topics.JOBS, job, key=job_id)
     store = ObjectStore(stack.settings)
-    await wait_for_checkpoint(store, job["job_id"], shard=0, version=20)
-    assert not (await pointer(store, job["job_id"], shard=0)).final, "the fault came too late"
+    await wait_for_checkpoint(store, job_id, shard=0, version=20)
+    durable = await pointer(store, job_id, shard=0)
+    assert not durable.final, "the fault came too late"
     await asyncio.to_thread(stop)
+    seen = len(watcher.statuses[job_id])
     try:
         await asyncio.sleep(outage_s)
     finally:
+        during = watcher.statuses[job_id][seen:]
         await asyncio.to_thread(start)
-    return await watcher.final(job["job_id"], timeout_s=300)
+    return await watcher.final(job_id, timeout_s=300), Outage(durable.version, during)
 
 
 async def test_a_job_survives_the_broker_stopping_mid_job_and_ends_exactly(
     stack, producer, watcher, registry, undisturbed
 ):
     kafka = stack.local.kafka
-    status = await train_through(stack, producer, watcher, kafka.stop, kafka.start, BROKER_OUTAGE_S)
+    status, _ = await train_through(
+        stack, producer, watcher, kafka.stop, kafka.start, BROKER_OUTAGE_S
+    )
     assert status["state"] == "succeeded", status
     assert_same_weights(await weights(registry, status), undisturbed)
     # Nobody could be heard, so nobody was declared gone: a silent broker is not dead members.
@@ -119,9 +132,30 @@ async def test_a_job_survives_s3_stopping_mid_job_and_ends_exactly(
     stack, producer, watcher, registry, undisturbed
 ):
     s3 = stack.local.s3
-    status = await train_through(stack, producer, watcher, s3.stop, s3.start, S3_OUTAGE_S)
+    status, _ = await train_through(stack, producer, watcher, s3.stop, s3.start, S3_OUTAGE_S)
     assert status["state"] == "succeeded", status
     assert_same_weights(await weights(registry, status), undisturbed)
+
+
+async def test_while_s3_is_away_a_job_goes_at_most_two_checkpoint_intervals_further(
+    stack, producer, watcher
+):
+    """Workers keep every push since the newest durable checkpoint (to replay them to a
+    restarted shard): with no checkpoint landing, the shards hold the job there instead of
+    letting that backlog grow for the whole outage, and say why in its status."""
+    s3 = stack.local.s3
+    status, outage = await train_through(stack, producer, watcher, s3.stop, s3.start, S3_OUTAGE_S)
+    assert status["state"] == "succeeded", status
+    every = TRAINING["checkpoint_every"]
+    # Two intervals and the step that found the hold, plus one interval for a checkpoint whose
+    # write may have landed between reading the pointer and stopping S3. Without the hold the
+    # job runs on to its end (its 400 steps take a second or two) and reports no progress.
+    bound = outage.durable + 3 * every + 1
+    steps = [s["step"] for s in outage.statuses if s["state"] == "running"]
+    assert steps and max(steps) <= bound, (bound, outage.statuses)
+    if steps.count(max(steps)) > 1:  # it stood still there, held: its status says why
+        reasons = [s.get("reason", "") for s in outage.statuses if s.get("step") == max(steps)]
+        assert any("waiting for a checkpoint to land in S3" in r for r in reasons), reasons
 
 
 def control_poison() -> dict[str, tuple[bytes, list[tuple[str, bytes | None]]]]:

@@ -88,11 +88,23 @@ class DecodeBatch:
         greedy = logits.argmax(dim=-1).tolist()
         for row, request in enumerate(requests):
             request.position += 1
-            is_greedy = request.params.temperature == 0 and not request.params.logit_bias
-            self._advance(request, greedy[row] if is_greedy else request.sampler.pick(logits[row]))
+            if request.params.temperature == 0 and not request.params.logit_bias:
+                self._advance(request, greedy[row])
+            else:
+                self._sample(request, logits[row])
 
     def _first(self, request: Request, logits: torch.Tensor) -> None:
-        self._advance(request, request.sampler.pick(logits))
+        self._sample(request, logits)
+
+    def _sample(self, request: Request, logits: torch.Tensor) -> None:
+        """A draw that fails ends its own request only: the other rows of the step go on."""
+        try:
+            token = request.sampler.pick(logits)
+        except RuntimeError as exc:
+            self.release(request)
+            request.emit(exc)
+            return
+        self._advance(request, token)
 
     def _advance(self, request: Request, token: int) -> None:
         request.generated += 1

@@ -130,6 +130,24 @@ def test_a_finished_request_gives_its_slot_back(model: GPT) -> None:
     assert sorted(batch.free) == [0, 1]
 
 
+def test_a_draw_that_fails_ends_its_own_stream_and_the_others_decode_on(model: GPT) -> None:
+    batch = DecodeBatch(model, slots=2)
+    out: list[Token] = []
+    batch.admit(_request(model, "x", GREEDY, out))
+    errors: list[Token | BaseException] = []
+    failing = Request([1, 2, 3], SamplingParams(max_tokens=20, seed=1), errors.append)
+    batch.admit(failing)
+
+    def fail(logits: object) -> int:
+        raise RuntimeError("probability tensor contains either inf, nan or element < 0")
+
+    failing.sampler.pick = fail  # type: ignore[method-assign]
+    _drain(batch)
+    assert [type(e) for e in errors] == [Token, RuntimeError]  # its first token, then the end
+    assert out == _solo(model, "x", GREEDY)
+    assert sorted(batch.free) == [0, 1]
+
+
 def test_the_lowest_free_slot_is_taken_so_busy_slots_stay_consecutive(model: GPT) -> None:
     batch = DecodeBatch(model, slots=4)
     params = SamplingParams(max_tokens=20, temperature=0)

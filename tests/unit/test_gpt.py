@@ -127,6 +127,16 @@ def test_top_k_one_and_tiny_top_p_are_greedy(model: GPT) -> None:
     assert _text(model, "class A:", max_tokens=10, top_p=1e-6, seed=1) == greedy
 
 
+@pytest.mark.parametrize(
+    "params", [{"temperature": 1.3e-38}, {"temperature": 1e-45}, {"top_p": 1e-300}]
+)
+def test_values_too_small_for_float32_sample_greedily(model: GPT, params: dict) -> None:
+    """A temperature a logit divided by leaves float32's range, and a top_p that rounds to 0,
+    are in the accepted ranges: they decode as greedy instead of failing the draw."""
+    greedy = _text(model, "class A:", max_tokens=10, temperature=0)
+    assert _text(model, "class A:", max_tokens=10, seed=1, **params) == greedy
+
+
 def test_logit_bias_bans_one_token_and_forces_another(model: GPT) -> None:
     (greedy,) = generate(model, "def", SamplingParams(max_tokens=1, temperature=0))
     banned = SamplingParams(max_tokens=1, temperature=0, logit_bias=((greedy.id, -100.0),))

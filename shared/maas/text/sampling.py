@@ -115,6 +115,9 @@ def _check_bias(token: object, bias: object) -> None:
         raise InvalidArgument(f"logit_bias[{token}]={bias!r}: {_BIAS_RULE}")
 
 
+MIN_TEMPERATURE = 1e-6
+
+
 class Sampler:
     """Chooses one sequence's next tokens; seeded, it repeats itself whatever else runs."""
 
@@ -136,7 +139,9 @@ class Sampler:
             logits = logits.float().index_add(0, self._biased, self._bias)
         if p.temperature == 0:
             return int(torch.argmax(logits))
-        logits = logits.float() / p.temperature
+        # Below MIN_TEMPERATURE a logit divided by the temperature can leave float32's range
+        # (inf - inf is NaN, and the draw fails); that close to 0 the draw is greedy anyway.
+        logits = logits.float() / max(p.temperature, MIN_TEMPERATURE)
         if 0 < p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -145,6 +150,7 @@ class Sampler:
             probs = torch.softmax(ordered, dim=-1)
             # Drop a token once the ones before it already reach top_p (the first always stays).
             drop = torch.cumsum(probs, dim=-1) - probs >= p.top_p
+            drop[0] = False  # a top_p below float32's smallest value compares as 0
             logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -torch.inf)
         probs = torch.softmax(logits, dim=-1)
         return int(torch.multinomial(probs, 1, generator=self._generator))

@@ -20,8 +20,9 @@ same turn joins one batch. When that batch is cheap it runs right there in the c
 task, no thread); otherwise a draining task takes it to the pool and keeps serving the queue
 until it is empty.
 
-Whatever happens to the batching task, no caller is left waiting: a failed batch fails its
-requests, and a cancelled task fails everything still queued.
+Whatever happens to the batching task, no caller is left waiting: a batch that fails runs
+again request by request, so a request whose input the model cannot compute fails alone, and a
+cancelled task fails everything still queued.
 """
 
 from __future__ import annotations
@@ -289,7 +290,11 @@ class DynamicBatcher:
         try:
             outputs, compute_ns = self._compute.run_here([item.rows for item in batch], rows)
         except Exception as exc:
-            _fail(batch, exc)
+            if len(batch) == 1:
+                _fail(batch, exc)
+                return
+            for item in batch:  # one request's input may be what failed: the others go on
+                self._run_here([item], len(item.rows))
             return
         self._answer(batch, outputs, started, compute_ns)
 
@@ -301,7 +306,11 @@ class DynamicBatcher:
             _fail(batch, _stopped())
             raise
         except Exception as exc:
-            _fail(batch, exc)
+            if len(batch) == 1:
+                _fail(batch, exc)
+                return
+            for item in batch:  # one request's input may be what failed: the others go on
+                await self._run([item])
             return
         self._answer(batch, outputs, started, compute_ns)
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from maas import artifacts
-from maas.errors import InvalidArgument, NotFound
+from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.registry.types import DEFAULT_ALIAS, AliasTargets
 from services.inference.batcher import BatchingConfig, make_runner
 from services.inference.canary import Splits, split_of, targets_of
@@ -40,6 +40,7 @@ from services.inference.served import (
     TRACEABLE_ARCHS,
     ModelCache,
     ServedModel,
+    rows_independent,
     torch_forward,
     weights_nbytes,
 )
@@ -48,6 +49,8 @@ from services.inference.text import is_text, text_signature
 
 log = logging.getLogger(__name__)
 
+# Models whose rows are not independent (``rows_independent``) run each request on its own.
+UNBATCHED = BatchingConfig(max_batch_size=1)
 DEFAULT = ""  # the alias-table key of a bare name: the registry's unversioned resolution
 T = TypeVar("T")
 AliasKey = tuple[str, str]  # (name, alias or DEFAULT)
@@ -206,7 +209,18 @@ class DataPlane:
         manifest, files = await self._source.fetch(name, version)
         loop = asyncio.get_running_loop()
         # Verifying sha256 and building the module is CPU work: keep it off the event loop.
-        module = await loop.run_in_executor(self._executor, artifacts.materialize, manifest, files)
+        try:
+            module = await loop.run_in_executor(
+                self._executor, artifacts.materialize, manifest, files
+            )
+        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+            # The registry checked the files against the manifest, not that the config builds
+            # a model those tensors fit; the caller cannot fix that, an operator can.
+            raise FailedPrecondition(
+                f"model {name!r} version {version} cannot be built from its artifact "
+                f"({type(exc).__name__}: {str(exc)[:300]}); register a version whose config "
+                "fits its weights"
+            ) from None
         stats = ModelStats(name, version, self._metrics)
         if is_text(manifest):  # strings in, tokenized here (services.inference.text)
             signature: Signature = await text_signature(manifest, files, self._source)
@@ -224,7 +238,7 @@ class DataPlane:
             runner=make_runner(
                 forward,
                 self._executor,
-                self.batching,
+                self.batching if rows_independent(module) else UNBATCHED,
                 stats,
                 inline_max_us=self._inline_forward_us,
             ),

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 from maas import jit
+from maas.compression.quant import Int8Linear
+from maas.errors import InvalidArgument
 from services.inference.batcher import Forward, Runner
 from services.inference.metrics import ModelStats
 from services.inference.signature import Signature
@@ -61,11 +63,25 @@ def torch_forward(module: nn.Module, *, trace_row: tuple[int, ...] | None = None
     runnable = module if trace_row is None else traced(module, trace_row)
 
     def forward(rows: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            out: np.ndarray = runnable(torch.from_numpy(rows)).float().numpy()
+        try:
+            with torch.inference_mode():
+                out: np.ndarray = runnable(torch.from_numpy(rows)).float().numpy()
+        except (RuntimeError, IndexError) as exc:
+            # Shapes and datatypes were checked before queueing: what fails here is the values
+            # (int8 scaling overflowing on huge numbers, say).
+            log.info("forward pass failed on a request's input", exc_info=True)
+            reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            raise InvalidArgument(f"the model cannot compute this input: {reason}") from None
         return out
 
     return forward
+
+
+def rows_independent(module: nn.Module) -> bool:
+    """Whether each output row depends on its own input row only, so requests may share a
+    forward pass. Not under int8 dynamic quantization: it scales activations by the whole
+    pass's range, so one caller's values would change another's results."""
+    return not any(isinstance(m, Int8Linear) for m in module.modules())
 
 
 def traced(module: nn.Module, row: tuple[int, ...]) -> nn.Module:

@@ -65,6 +65,9 @@ class TensorSpec:
 class Signature:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # Models that read their input as token ids (a config with ``vocab_size``): the vocabulary's
+    # size, and each value must be a whole number below it. 0: the input is plain numbers.
+    token_vocab: int = 0
 
     @classmethod
     def for_zoo(cls, arch: str, config: dict[str, Any]) -> Signature:
@@ -73,6 +76,7 @@ class Signature:
         return cls(
             inputs=(TensorSpec(INPUT_NAME, "FP32", (BATCH_DIM, *rows_in)),),
             outputs=(TensorSpec(OUTPUT_NAME, "FP32", (BATCH_DIM, *rows_out)),),
+            token_vocab=int(getattr(zoo.parse_config(arch, config), "vocab_size", 0) or 0),
         )
 
     def check_inputs(self, inputs: Mapping[str, np.ndarray], *, model: str) -> np.ndarray:
@@ -87,7 +91,7 @@ class Signature:
                 and array.shape[0] > 0
                 and DTYPE_TO_DATATYPE.get(array.dtype) == spec.datatype
             ):
-                return array
+                return self._check_values(array, spec, model)
         if set(inputs) != {spec.name}:
             raise InvalidArgument(
                 f"{model} expects exactly one input {spec.describe()}; the request has "
@@ -104,6 +108,22 @@ class Signature:
             )
         if array.shape[0] == 0:
             raise InvalidArgument(f"input {spec.name!r} has no rows; send at least one")
+        return self._check_values(array, spec, model)
+
+    def _check_values(self, array: np.ndarray, spec: TensorSpec, model: str) -> np.ndarray:
+        """Values a forward pass cannot take are refused per request, before any batching: in
+        a batch they would fail (or, under int8 scaling, skew) other callers' rows too."""
+        if not np.isfinite(array).all():
+            raise InvalidArgument(
+                f"input {spec.name!r} holds NaN or infinite values; {model} takes finite numbers"
+            )
+        if self.token_vocab and not (
+            (array >= 0).all() and (array < self.token_vocab).all() and (array % 1 == 0).all()
+        ):
+            raise InvalidArgument(
+                f"input {spec.name!r} holds values that are not token ids; {model} takes whole "
+                f"numbers from 0 to {self.token_vocab - 1}"
+            )
         return array
 
     def outputs_of(self, rows: np.ndarray) -> dict[str, np.ndarray]:

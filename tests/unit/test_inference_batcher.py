@@ -160,6 +160,31 @@ async def test_a_failing_forward_fails_only_its_batch(pool):
     np.testing.assert_array_equal(good, rowwise(np.ones((1, 8), np.float32)))
 
 
+async def test_a_request_the_model_cannot_compute_fails_alone_and_its_batch_mates_are_answered(
+    pool,
+):
+    passes: list[int] = []
+
+    def fragile(x: np.ndarray) -> np.ndarray:
+        passes.append(len(x))
+        if (x < 0).any():
+            raise ValueError("negative input")
+        return rowwise(x)
+
+    batcher = DynamicBatcher(pooled(fragile, pool), BatchingConfig(8, 0), Recorder())
+    good = [np.full((1, 8), v, np.float32) for v in (1, 2)]
+    answers = await asyncio.gather(
+        batcher.submit(good[0]),
+        batcher.submit(-np.ones((1, 8), np.float32)),
+        batcher.submit(good[1]),
+        return_exceptions=True,
+    )
+    assert passes == [3, 1, 1, 1]  # the shared pass failed; then each request on its own
+    assert isinstance(answers[1], ValueError)
+    np.testing.assert_array_equal(answers[0], rowwise(good[0]))
+    np.testing.assert_array_equal(answers[2], rowwise(good[1]))
+
+
 async def test_stopping_the_batching_task_fails_every_waiting_request(pool):
     gate = threading.Event()
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from dataplane_kit import MLP, X, answer, assert_from, expected, make_plane, model
 
-from maas import artifacts
-from maas.errors import IntegrityError, InvalidArgument, NotFound
+from maas import artifacts, zoo
+from maas.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
 from services.inference.dataplane import parse_ref
 from services.inference.metrics import Metrics
 from services.inference.sources import MemorySource
@@ -200,6 +200,60 @@ async def test_compressed_variants_are_served_with_the_same_signature(pool, code
     out = result.outputs["output"]
     assert out.dtype == np.float32 and out.shape == (3, 10)
     np.testing.assert_allclose(out, expected(module, X), atol=tolerance)
+
+
+async def test_an_int8_models_answer_does_not_depend_on_who_else_is_asking(pool):
+    """int8 dynamic quantization scales by the whole pass's range: such a model's requests
+    never share a pass, so one caller's large values cannot change another's answer."""
+    from maas.compression import formats
+
+    fmt, stored = formats.encode(model(4), {}, "int8")
+    files, manifest = artifacts.pack(stored, "mlp", MLP, format=fmt)
+    src = MemorySource()
+    src.add_artifact("small", files, manifest)
+    plane = make_plane(src, pool)
+    alone = (await plane.infer("small", "1", {"input": X})).outputs["output"]
+    loud = np.full((1, 64), 1e6, np.float32)
+    together, _ = await asyncio.gather(
+        plane.infer("small", "1", {"input": X}), plane.infer("small", "1", {"input": loud})
+    )
+    np.testing.assert_array_equal(together.outputs["output"], alone)
+
+
+@pytest.mark.parametrize(
+    "value", [np.nan, np.inf, -np.inf], ids=["nan", "infinity", "minus-infinity"]
+)
+async def test_non_finite_inputs_are_invalid_and_say_so(source, pool, value):
+    x = X.copy()
+    x[1, 5] = value
+    with pytest.raises(InvalidArgument, match="'input' holds NaN or infinite values"):
+        await make_plane(source, pool).infer("digits", "1", {"input": x})
+
+
+@pytest.mark.parametrize("token", [-1.0, 257.0, 2.5, 1e9])
+async def test_a_token_model_takes_whole_numbers_below_its_vocabulary_only(pool, token):
+    from maas.text.gpt_config import GPTConfig
+
+    config = {"block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 16}
+    gpt = zoo.build("gpt", config, seed=0).eval()
+    files, manifest = artifacts.pack(gpt.state_dict(), "gpt", config)
+    src = MemorySource()
+    src.add_artifact("tiny-gpt", files, manifest)
+    plane = make_plane(src, pool)
+    ids = np.zeros((1, 8), np.float32)
+    ok = await plane.infer("tiny-gpt", "1", {"input": ids})
+    assert ok.outputs["output"].shape == (1, 8, GPTConfig().vocab_size)
+    ids[0, 3] = token
+    with pytest.raises(InvalidArgument, match="not token ids.*whole numbers from 0 to 256"):
+        await plane.infer("tiny-gpt", "1", {"input": ids})
+
+
+async def test_a_version_whose_config_does_not_fit_its_weights_is_a_failed_precondition(pool):
+    files, manifest = artifacts.pack(model(4).state_dict(), "mlp", {**MLP, "hidden": [48]})
+    src = MemorySource()
+    src.add_artifact("misfit", files, manifest)
+    with pytest.raises(FailedPrecondition, match="cannot be built from its artifact"):
+        await make_plane(src, pool).infer("misfit", "1", {"input": X})
 
 
 async def test_a_zoo_model_is_served_by_its_trace_with_the_modules_own_answers(

@@ -9,7 +9,8 @@ from torch import nn
 
 from maas import zoo
 from maas.compression import quant
-from services.inference.served import torch_forward, traced
+from maas.errors import InvalidArgument
+from services.inference.served import rows_independent, torch_forward, traced
 
 SEQUENTIAL = {
     "input_shape": [1, 8, 8],
@@ -98,3 +99,15 @@ def test_a_module_that_cannot_be_traced_is_served_as_itself():
 
     model = NotATensor()
     assert traced(model, (4,)) is model
+
+
+def test_values_an_int8_pass_cannot_scale_are_an_invalid_argument() -> None:
+    forward = torch_forward(int8_mlp())
+    huge = np.full((1, 64), 3e38, np.float32)  # finite, but its range overflows the scaling
+    with pytest.raises(InvalidArgument, match="the model cannot compute this input"):
+        forward(huge)
+
+
+def test_int8_models_run_each_request_alone_and_dense_ones_share_passes() -> None:
+    assert not rows_independent(int8_mlp())
+    assert rows_independent(zoo.build("mlp", {"in_features": 64, "hidden": [32]}, seed=0))

@@ -10,6 +10,8 @@ the path has, so every client gets JSON it can parse.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -19,6 +21,10 @@ from aiohttp import web
 from maas.errors import InvalidArgument
 
 log = logging.getLogger(__name__)
+
+# Bodies above this are parsed on a worker thread: a JSON document of tens of megabytes takes
+# seconds, during which the event loop (HTTP and gRPC alike) would answer nothing.
+THREADED_PARSE_BYTES = 256 * 1024
 
 
 class Routes(Protocol):
@@ -103,6 +109,40 @@ def _refusal(request: web.Request, exc: web.HTTPException) -> str:
 
 def too_large(exc: web.HTTPException) -> str:
     return (
-        f"the request body is over the server's limit ({exc.text}); send smaller requests or "
-        "raise MAAS_GRPC_MAX_MESSAGE_BYTES"
+        f"the request body is over the server's limit ({exc.text}); send smaller requests, "
+        "use gRPC, or raise MAAS_INFERENCE_HTTP_MAX_BODY_BYTES"
     )
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The request's body; one aiohttp cannot decode is InvalidArgument."""
+    try:
+        return await request.read()
+    except web.RequestPayloadError as exc:  # an unknown content-encoding, a broken chunk
+        raise InvalidArgument(
+            f"the request body cannot be read ({exc}); send it plain or gzip/deflate-encoded"
+        ) from None
+
+
+def parse_json(data: bytes | memoryview) -> Any:
+    """A JSON document, or InvalidArgument saying why not."""
+    try:
+        return json.loads(bytes(data))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(
+            "the request body nests JSON arrays or objects deeper than the server reads"
+        ) from None
+
+
+async def off_loop_if_large(size: int, work: Callable[[], Any]) -> Any:
+    """``work()`` here for a small body, on a worker thread for a large one."""
+    if size > THREADED_PARSE_BYTES:
+        return await asyncio.to_thread(work)
+    return work()
+
+
+async def read_json(request: web.Request) -> Any:
+    data = await read_body(request)
+    return await off_loop_if_large(len(data), lambda: parse_json(data))

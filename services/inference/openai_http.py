@@ -25,6 +25,7 @@ from aiohttp import web
 from maas.errors import InvalidArgument, MaasError
 from maas.text.sampling import SamplingParams, Token, prompt_ids
 from services.inference.generation import Generators
+from services.inference.http_app import read_json
 
 if TYPE_CHECKING:
     from maas.edge import Authorizer
@@ -171,10 +172,7 @@ class OpenAIRoutes:
             self._authorize(request)
         if request.method != "POST":
             return {}
-        try:
-            body = await request.json()
-        except ValueError as exc:
-            raise InvalidArgument(f"the request body is not JSON: {exc}") from None
+        body = await read_json(request)
         if not isinstance(body, dict):
             raise InvalidArgument("the request body must be a JSON object")
         return body
@@ -227,14 +225,17 @@ class OpenAIRoutes:
         async with contextlib.aclosing(tokens):
             first = await anext(tokens)  # errors before the first token still get a status
             await response.prepare(request)
-            if shape.chat:
-                await response.write(_sse(shape.chunk({"role": "assistant", "content": ""})))
-            token: Token | None = first
-            while token is not None:
-                await response.write(_sse(shape.piece(token)))
-                token = await anext(tokens, None)
-        await response.write(_sse("[DONE]"))
-        await response.write_eof()
+            try:
+                if shape.chat:
+                    await response.write(_sse(shape.chunk({"role": "assistant", "content": ""})))
+                token: Token | None = first
+                while token is not None:
+                    await response.write(_sse(shape.piece(token)))
+                    token = await anext(tokens, None)
+                await response.write(_sse("[DONE]"))
+                await response.write_eof()
+            except ConnectionResetError:  # the client left: ordinary, and its slot is freed
+                log.debug("a %s stream's client left before its end", shape.model)
         return response
 
 

@@ -41,7 +41,7 @@ from services.inference.describe import (
     repository_index,
     server_metadata,
 )
-from services.inference.http_app import too_large
+from services.inference.http_app import off_loop_if_large, read_body, too_large
 from services.inference.interceptors import metrics_observer
 from services.inference.metrics import Metrics
 from services.inference.openai_http import HTTP_STATUS
@@ -178,9 +178,13 @@ class OipRestRoutes:
 
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _ref(request)
-        body = await request.read()
-        doc, binary = rest_codec.split_body(body, request.headers.get(rest_codec.HEADER_LENGTH))
-        parsed = rest_codec.decode_request(doc, binary)
+        body = await read_body(request)
+        header_length = request.headers.get(rest_codec.HEADER_LENGTH)
+
+        def decode() -> rest_codec.InferRequest:
+            return rest_codec.decode_request(*rest_codec.split_body(body, header_length))
+
+        parsed = await off_loop_if_large(len(body), decode)
         result = await self._plane.infer(name, version, parsed.inputs, parsed.requested)
         outputs = result.outputs
         binary_names = set(outputs) if parsed.binary_all and not parsed.requested else parsed.binary
@@ -198,7 +202,7 @@ def _ref(request: web.Request) -> tuple[str, str]:
 
 
 async def _optional_json(request: web.Request) -> dict[str, Any]:
-    body = await request.read()
+    body = await read_body(request)
     if not body.strip():
         return {}
     doc, _ = rest_codec.split_body(body, None)

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from maas.errors import InvalidArgument
+from services.inference.http_app import parse_json
 from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -46,10 +47,7 @@ class Body:
 
 
 def _json(part: bytes | memoryview) -> dict[str, Any]:
-    try:
-        doc = json.loads(bytes(part))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
+    doc = parse_json(part)
     if not isinstance(doc, dict):
         raise InvalidArgument("the request body must be a JSON object with an 'inputs' list")
     return doc

@@ -198,6 +198,14 @@ class Settings:
             "empty = off"
         ),
     )
+    inference_http_max_body_bytes: int = setting(
+        "MAAS_INFERENCE_HTTP_MAX_BODY_BYTES",
+        32 * MiB,
+        (
+            "largest HTTP request body (JSON costs ~10x its size in memory while parsed; big "
+            "tensors travel better over gRPC, up to MAAS_GRPC_MAX_MESSAGE_BYTES)"
+        ),
+    )
     inference_generation_slots: int = setting(
         "MAAS_INFERENCE_GENERATION_SLOTS",
         8,

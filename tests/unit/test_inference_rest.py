@@ -14,7 +14,7 @@ from dataplane_kit import expected, make_plane
 from maas import zoo
 from maas.config import Settings
 from maas.edge import Authorizer
-from services.inference.http_app import HttpServer
+from services.inference.http_app import THREADED_PARSE_BYTES, HttpServer
 from services.inference.metrics import Metrics
 from services.inference.rest import OipRestRoutes
 from services.inference.rest_codec import HEADER_LENGTH
@@ -175,7 +175,29 @@ async def test_an_unknown_model_is_404_and_not_ready(rest):
 async def test_a_body_over_the_limit_is_413_naming_the_setting():
     async with Rest(Authorizer(None), max_body_bytes=1024) as small:
         code, reply, _ = await small.call("POST", "/v2/models/digits/infer", data=b"x" * 4096)
-    assert code == 413 and "MAAS_GRPC_MAX_MESSAGE_BYTES" in reply["error"]
+    assert code == 413 and "MAAS_INFERENCE_HTTP_MAX_BODY_BYTES" in reply["error"]
+
+
+async def test_json_nested_deeper_than_the_server_reads_is_400(rest):
+    deep = b"[" * 100_000 + b"]" * 100_000
+    code, reply, _ = await rest.call("POST", "/v2/models/digits/infer", data=deep)
+    assert code == 400 and "nests JSON" in reply["error"]
+
+
+async def test_a_body_in_an_encoding_the_server_cannot_decode_is_400(rest):
+    headers = {"Content-Encoding": "br"}
+    code, reply, _ = await rest.call(
+        "POST", "/v2/models/digits/infer", data=json.dumps(infer_doc()).encode(), headers=headers
+    )
+    assert code == 400 and "cannot be read" in reply["error"]
+
+
+async def test_a_large_json_request_is_parsed_off_the_loop_and_answered(rest):
+    x = np.random.default_rng(3).standard_normal((5_000, 4)).astype(np.float32)
+    body = json.dumps(infer_doc(x)).encode()
+    assert len(body) > THREADED_PARSE_BYTES
+    code, reply, _ = await rest.call("POST", "/v2/models/digits/infer", data=body)
+    assert code == 200 and reply["outputs"][0]["shape"][0] == 5_000
 
 
 async def test_a_path_no_route_serves_is_404_with_a_json_error_naming_it(rest):

@@ -102,6 +102,14 @@ def test_a_cut_bytes_tensor_is_refused(raw: bytes, message: str) -> None:
         bytes_tensors.decode_raw(tensor, raw)
 
 
+def test_an_empty_bytes_tensor_with_dimensions_numpy_cannot_index_is_refused() -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name="text", datatype="BYTES", shape=[2**40, 2**40, 0]
+    )
+    with pytest.raises(InvalidArgument, match="'text' has shape .* too big"):
+        bytes_tensors.decode_raw(tensor, b"")
+
+
 async def test_served_embeddings_equal_the_in_process_model(
     plane: DataPlane, minilm: TextModel
 ) -> None:

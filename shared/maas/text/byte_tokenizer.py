@@ -10,12 +10,21 @@ from __future__ import annotations
 import codecs
 from collections.abc import Iterable
 
+from maas.errors import InvalidArgument
+
 EOT = 256  # end of text: separates corpus documents, ends a generation
 VOCAB_SIZE = 257
 
 
 def encode(text: str) -> list[int]:
-    return list(text.encode("utf-8"))
+    """The UTF-8 bytes of ``text``; a lone surrogate (JSON's ``"\\ud800"``, say) has none."""
+    try:
+        return list(text.encode("utf-8"))
+    except UnicodeEncodeError as exc:
+        raise InvalidArgument(
+            f"the text has a character UTF-8 cannot encode at index {exc.start} (a lone "
+            "surrogate?); send valid Unicode"
+        ) from None
 
 
 def decode(ids: Iterable[int]) -> str:

@@ -35,7 +35,12 @@ def _object_array(items: Sequence[bytes], shape: Sequence[int], name: str) -> np
         )
     array = np.empty(len(items), dtype=object)
     array[:] = items
-    return array.reshape(tuple(shape))
+    try:
+        return array.reshape(tuple(shape))
+    except ValueError:  # a zero dimension beside sizes numpy cannot index ([2**40, 2**40, 0])
+        raise InvalidArgument(
+            f"input {name!r} has shape {list(shape)}: array is too big; send a smaller shape"
+        ) from None
 
 
 def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.ndarray:

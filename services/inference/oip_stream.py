@@ -85,10 +85,19 @@ def _number(key: str, value: object, kind: type[int] | type[float]) -> object:
     return value
 
 
+def _flag(key: str, value: object) -> bool:
+    """A bool parameter, also as the text ``true``/``false`` (``bool("false")`` is true)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise InvalidArgument(f"parameter {key}={value!r} must be a bool (true or false)")
+
+
 def sampling_of(request: pb.ModelInferRequest) -> tuple[SamplingParams, bool]:
     """Sampling settings from the request parameters, and whether an empty final is wanted."""
     params = {k: _parameter(v) for k, v in request.parameters.items()}
-    empty_final = bool(params.pop(EMPTY_FINAL, False))
+    empty_final = _flag(EMPTY_FINAL, params.pop(EMPTY_FINAL, False))
     fields: dict[str, object] = {}
     for key, kind in NUMBERS.items():
         if params.get(key) is not None:
@@ -197,7 +206,11 @@ async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send
         code, message = status_for(exc, request_id)
         if code is grpc.StatusCode.INTERNAL:
             log.error("stream request failed (request id %s)", request_id, exc_info=exc)
-        await send(pb.ModelStreamInferResponse(error_message=message))
+        # Named like the request, so a client with several on the stream knows which failed.
+        named = pb.ModelInferResponse(
+            id=request.id, model_name=request.model_name, model_version=request.model_version
+        )
+        await send(pb.ModelStreamInferResponse(error_message=message, infer_response=named))
 
 
 class _StreamGone(Exception):

@@ -357,6 +357,50 @@ async def test_a_refused_call_is_never_parsed(settings, auth_dir):
         await srv.stop(None)
 
 
+@pytest.fixture
+async def typed_server(settings: Settings) -> AsyncIterator[str]:
+    """One unary and one client-streaming method that parse GetVersionRequest messages."""
+
+    async def one(request: Any, context: Any) -> bytes:
+        return str(request.as_of_ms).encode()
+
+    async def many(requests: AsyncIterator[Any], context: Any) -> bytes:
+        return b",".join([str(r.as_of_ms).encode() async for r in requests])
+
+    parse = registry_pb.GetVersionRequest.FromString
+    srv = grpc.aio.server(interceptors=[edge_interceptor(settings.replace(auth=False))])
+    srv.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                SERVICE,
+                {
+                    "GetThing": grpc.unary_unary_rpc_method_handler(one, parse),
+                    "RegisterThing": grpc.stream_unary_rpc_method_handler(many, parse),
+                },
+            ),
+        )
+    )
+    port = srv.add_insecure_port("127.0.0.1:0")
+    await srv.start()
+    yield f"127.0.0.1:{port}"
+    await srv.stop(None)
+
+
+CORRUPT = b"\xff\xff\xff\xff\x0f"  # a varint that never ends
+
+
+@pytest.mark.parametrize("method", ["GetThing", "RegisterThing"])
+async def test_a_message_that_does_not_parse_is_invalid_argument_naming_its_type(
+    typed_server, method
+):
+    good = registry_pb.GetVersionRequest(as_of_ms=5).SerializeToString()
+    request = [good, CORRUPT] if method == "RegisterThing" else CORRUPT
+    error = await refused(typed_server, method, request)
+    assert error.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid maas.registry.v1.GetVersionRequest message" in (error.details() or "")
+    assert await call(typed_server, method, [good, good] if method == "RegisterThing" else good)
+
+
 async def test_with_auth_off_calls_run_as_anonymous(settings):
     things = Things()
     srv = grpc.aio.server(interceptors=[edge_interceptor(settings.replace(auth=False))])

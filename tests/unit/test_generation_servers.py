@@ -27,6 +27,8 @@ from tritonclient.utils import InferenceServerException
 
 from maas import zoo
 from maas.config import Settings
+from maas.oip import grpc_predict_v2_pb2 as pb
+from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from maas.text import byte_tokenizer
 from maas.text.gpt import GPT
 from maas.text.sampling import SamplingParams, Token, generate
@@ -137,6 +139,24 @@ def test_a_bad_request_on_the_stream_answers_an_error_naming_the_field(served: S
     (error,) = _triton_stream(served.grpc_addr, "x", temperature="5")
     assert isinstance(error, InferenceServerException)
     assert "temperature" in str(error)
+
+
+def test_an_error_on_a_shared_stream_names_the_request_that_failed(served: Served) -> None:
+    def generation(request_id: str, max_tokens: int) -> pb.ModelInferRequest:
+        request = pb.ModelInferRequest(model_name=NAME, id=request_id)
+        request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+        request.raw_input_contents.append(b"\x01\x00\x00\x00a")
+        request.parameters["max_tokens"].int64_param = max_tokens
+        request.parameters["temperature"].int64_param = 0
+        return request
+
+    with grpc.insecure_channel(served.grpc_addr) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        replies = list(stub.ModelStreamInfer(iter([generation("A", 0), generation("B", 1)])))
+    errors = [r for r in replies if r.error_message]
+    assert [(r.infer_response.id, r.infer_response.model_name) for r in errors] == [("A", NAME)]
+    assert "max_tokens" in errors[0].error_message
+    assert [r.infer_response.id for r in replies if not r.error_message] == ["B"]
 
 
 def _openai(served: Served) -> openai.OpenAI:

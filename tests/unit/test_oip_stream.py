@@ -67,6 +67,15 @@ def test_a_parameter_that_does_not_parse_is_named(key: str, value: str) -> None:
         sampling_of(message)
 
 
+def test_a_flag_parameter_sent_as_the_text_false_is_false() -> None:
+    message = request(typed=b"a")
+    message.parameters["triton_enable_empty_final_response"].string_param = "false"
+    assert sampling_of(message)[1] is False
+    message.parameters["triton_enable_empty_final_response"].string_param = "maybe"
+    with pytest.raises(InvalidArgument, match="must be a bool"):
+        sampling_of(message)
+
+
 def token_message(token: Token, final: bool) -> pb.ModelStreamInferResponse:
     """A token's response as OIP spells it, built field by field."""
     response = pb.ModelInferResponse(model_name="gpt", model_version="3", id="request-1")

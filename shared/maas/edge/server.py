@@ -9,6 +9,9 @@
   (and a MaasError whose code is INTERNAL or not a status) becomes INTERNAL whose message holds
   only a request id, the same id the log line with the traceback carries.
 * **observation**: an optional ``observe(method, code, seconds)`` per call (metrics).
+
+A request message that does not parse is INVALID_ARGUMENT naming its type (grpc's own answer
+would be UNKNOWN with a Python class name).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -105,6 +109,19 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         short = method_name(method)
         kind = next(k for k in KINDS if getattr(handler, k) is not None)
         behavior = getattr(handler, kind)
+        streamed_in = kind.startswith("stream_")
+        if handler.request_deserializer is not None:
+            handler = handler._replace(  # type: ignore[attr-defined]
+                request_deserializer=_tolerant(handler.request_deserializer)
+            )
+
+        def checked(request: Any) -> Any:
+            """The request, or what reads its messages, with malformed ones raised here."""
+            if streamed_in:
+                return _checked_stream(request)
+            if isinstance(request, Malformed):
+                raise InvalidArgument(request.message)
+            return request
 
         def finished(context: grpc.aio.ServicerContext, started: float, ok: bool) -> None:
             code = grpc.StatusCode.OK if ok else (context.code() or grpc.StatusCode.UNKNOWN)  # type: ignore[attr-defined]
@@ -117,7 +134,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
             ) -> AsyncIterator[Any]:
                 started = time.perf_counter()
                 try:
-                    async for item in behavior(request, context):
+                    async for item in behavior(checked(request), context):
                         yield item
                 except grpc.aio.AbortError:
                     finished(context, started, ok=False)
@@ -132,7 +149,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         async def mapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             try:
-                result = behavior(request, context)
+                result = behavior(checked(request), context)
                 if inspect.isawaitable(result):
                     result = await result
             except grpc.aio.AbortError:
@@ -163,6 +180,37 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
         # No deserializer: the request stays bytes, a refused call is never parsed.
         return factory(refuse, response_serializer=handler.response_serializer)  # type: ignore[no-any-return]
+
+
+@dataclass(frozen=True)
+class Malformed:
+    """What a request message that does not parse becomes: grpc answers a deserializer that
+    raises with UNKNOWN and the exception's class; the handler answers INVALID_ARGUMENT."""
+
+    message: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    described = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    kind = getattr(described, "full_name", "request")
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except Exception as exc:  # a parser's own error, whatever the bytes were
+            return Malformed(
+                f"the request is not a valid {kind} message ({exc}); send it as the "
+                "service's .proto defines it"
+            )
+
+    return parse
+
+
+async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    async for request in requests:
+        if isinstance(request, Malformed):
+            raise InvalidArgument(request.message)
+        yield request
 
 
 async def _drain(requests: AsyncIterator[bytes], limit_s: float = REFUSAL_DRAIN_S) -> None:

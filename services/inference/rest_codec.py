@@ -4,7 +4,9 @@ A request body is a JSON document, optionally followed by raw tensor bytes (Trit
 tensor extension, which ``tritonclient.http`` uses): the header ``Inference-Header-Content-Length``
 gives the JSON part's length, and every input whose ``parameters.binary_data_size`` is set takes
 that many bytes of the rest, in input order, as little-endian row-major data. Other inputs carry
-``data``: a row-major list, flat or nested.
+``data``: a row-major list, flat or nested. ``BYTES`` tensors travel as in the KServe v2 REST
+protocol: JSON ``data`` holds strings (UTF-8), binary data holds each element as a 4-byte
+little-endian length and its bytes (what ``tritonclient.http`` sends for ``np.object_`` arrays).
 
 A response carries an output as JSON ``data`` unless the request asked for binary (an output's
 ``parameters.binary_data`` or the request's ``parameters.binary_data_output``): then the output's
@@ -22,10 +24,13 @@ from typing import Any
 import numpy as np
 
 from maas.errors import InvalidArgument
+from maas.text import wire
 from services.inference.http_app import parse_json
 from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+BYTES_DTYPE = np.dtype(object)  # BYTES tensors are object arrays of ``bytes``, as over gRPC
+_END = object()
 JSON_TYPE = "application/json"
 BINARY_TYPE = "application/octet-stream"
 
@@ -76,12 +81,42 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _dtype(datatype: Any, where: str) -> np.dtype[Any]:
+    if datatype == wire.BYTES:
+        return BYTES_DTYPE
     dtype = DATATYPE_TO_DTYPE.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise InvalidArgument(
-            f"{where}.datatype is {datatype!r}; use one of {', '.join(DATATYPE_TO_DTYPE)}"
+            f"{where}.datatype is {datatype!r}; use one of {', '.join(DATATYPE_TO_DTYPE)} or "
+            f"{wire.BYTES}"
         )
     return dtype
+
+
+def _strings(data: Any, where: str) -> list[bytes]:
+    """A BYTES tensor's JSON ``data``: strings, flat or nested, row-major, as UTF-8 bytes."""
+    if not isinstance(data, list):
+        raise InvalidArgument(f"{where}.data must be a list of strings (row-major, flat or nested)")
+    flat: list[bytes] = []
+    pending = [iter(data)]
+    while pending:
+        item = next(pending[-1], _END)
+        if item is _END:
+            pending.pop()
+        elif isinstance(item, list):
+            pending.append(iter(item))
+        elif isinstance(item, str):
+            try:
+                flat.append(item.encode())
+            except UnicodeEncodeError:
+                raise InvalidArgument(
+                    f"{where}.data element {len(flat)} is not valid Unicode (a lone surrogate?)"
+                ) from None
+        else:
+            raise InvalidArgument(
+                f"{where}.data element {len(flat)} is {type(item).__name__}; datatype BYTES "
+                "takes strings"
+            )
+    return flat
 
 
 def _shape(shape: Any, where: str) -> tuple[int, ...]:
@@ -113,6 +148,20 @@ def _from_bytes(
         )
     # A read-only view of the body: no copy until the forward pass batches it.
     return np.frombuffer(binary, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+
+
+def _bytes_from_bytes(
+    binary: memoryview, offset: int, size: Any, shape: tuple[int, ...], name: str, where: str
+) -> np.ndarray:
+    """A BYTES input in the binary part: length-prefixed elements, as over gRPC."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise InvalidArgument(f"{where}.parameters.binary_data_size must be a size >= 0")
+    if offset + size > len(binary):
+        raise InvalidArgument(
+            f"{where} needs {size} binary bytes at offset {offset}, but only {len(binary)} "
+            "follow the JSON part"
+        )
+    return wire.decode_items(bytes(binary[offset : offset + size]), shape, name)
 
 
 # Which numpy kinds (as parsed from JSON) each datatype kind accepts without losing meaning.
@@ -161,7 +210,12 @@ def decode_request(doc: Mapping[str, Any], binary: memoryview) -> InferRequest:
             raise InvalidArgument(f"input {name!r} appears twice in the request")
         dtype, shape = _dtype(tensor.get("datatype"), where), _shape(tensor.get("shape"), where)
         size = _object(tensor.get("parameters"), f"{where}.parameters").get("binary_data_size")
-        if size is not None:
+        if dtype is BYTES_DTYPE and size is not None:
+            arrays[name] = _bytes_from_bytes(binary, offset, size, shape, name, where)
+            offset += size
+        elif dtype is BYTES_DTYPE:
+            arrays[name] = wire.bytes_array(_strings(tensor.get("data"), where), shape, name)
+        elif size is not None:
             arrays[name] = _from_bytes(binary, offset, size, dtype, shape, where)
             offset += size
         else:
@@ -214,15 +268,22 @@ def encode_response(
     described: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     for name, array in outputs:
+        strings = wire.is_bytes_array(array)
         entry: dict[str, Any] = {
             "name": name,
-            "datatype": datatype_of(array),
+            "datatype": wire.BYTES if strings else datatype_of(array),
             "shape": list(array.shape),
         }
         if name in binary:
-            data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            data = (
+                wire.encode_raw(array)
+                if strings
+                else np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+            )
             entry["parameters"] = {"binary_data_size": len(data)}
             chunks.append(data)
+        elif strings:
+            entry["data"] = [_text(item) for item in array.reshape(-1)]
         else:
             entry["data"] = array.ravel().tolist()
         described.append(entry)
@@ -230,3 +291,7 @@ def encode_response(
     if not chunks:
         return Body(text, JSON_TYPE)
     return Body(b"".join([text, *chunks]), BINARY_TYPE, {HEADER_LENGTH: str(len(text))})
+
+
+def _text(item: Any) -> str:
+    return item if isinstance(item, str) else bytes(item).decode("utf-8", errors="replace")

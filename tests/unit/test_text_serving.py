@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 
+import aiohttp
 import numpy as np
 import pytest
 from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from maas import artifacts, zoo
+from maas.edge import Authorizer
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text import corpus
@@ -18,6 +21,9 @@ from maas.text.model import TextModel
 from maas.text.pretrained import MINILM_PACKAGE, read_package
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane
+from services.inference.http_app import HttpServer
+from services.inference.metrics import Metrics
+from services.inference.rest import OipRestRoutes
 from services.inference.sources import MemorySource
 from services.inference.tensors import decode_inputs, infer_response
 from services.inference.text import MAX_TEXTS
@@ -150,3 +156,63 @@ async def test_a_classifier_answers_probabilities_and_label_names(
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
     expected = [corpus.LABELS[i].encode() for i in probabilities.argmax(axis=1)]
     assert labels.tolist() == expected
+
+
+# --- over HTTP (KServe v2 REST) ----------------------------------------------------------------
+
+
+@pytest.fixture
+async def rest_url(plane: DataPlane) -> AsyncIterator[str]:
+    plane.ready = True
+    http = HttpServer("127.0.0.1:0")
+    http.add(OipRestRoutes(plane, Authorizer(None), Metrics()))
+    await http.start()
+    yield f"127.0.0.1:{http.port}"
+    await http.stop()
+
+
+async def test_texts_sent_as_json_strings_over_rest_get_the_in_process_embeddings(
+    rest_url: str, minilm: TextModel
+) -> None:
+    doc = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": TEXTS[:2]}]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://{rest_url}/v2/models/minilm/infer", json=doc) as response,
+    ):
+        reply = await response.json()
+    assert response.status == 200, reply
+    (output,) = reply["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == ("embedding", "FP32", [2, 384])
+    served = np.array(output["data"], dtype=np.float32).reshape(2, 384)
+    np.testing.assert_allclose(served, minilm(TEXTS[:2]), atol=1e-5, rtol=0)
+
+
+async def test_tritonclient_http_sends_an_object_array_and_reads_the_labels_back(
+    rest_url: str,
+) -> None:
+    import tritonclient.http as triton_http
+
+    def ask() -> np.ndarray:
+        client = triton_http.InferenceServerClient(rest_url)
+        text = triton_http.InferInput("text", [2], "BYTES")
+        text.set_data_from_numpy(np.array(TEXTS[:2], dtype=np.object_), binary_data=True)
+        wanted = [triton_http.InferRequestedOutput(name, binary_data=True) for name in ("label",)]
+        try:
+            return client.infer("docs-classifier", [text], outputs=wanted).as_numpy("label")
+        finally:
+            client.close()
+
+    labels = await asyncio.to_thread(ask)
+    assert labels.shape == (2,) and all(label.decode() in corpus.LABELS for label in labels)
+
+
+async def test_a_bytes_input_over_rest_that_is_not_strings_is_400_naming_the_element(
+    rest_url: str,
+) -> None:
+    doc = {"inputs": [{"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a", 5]}]}
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://{rest_url}/v2/models/minilm/infer", json=doc) as response,
+    ):
+        reply = await response.json()
+    assert response.status == 400 and "element 1 is int" in reply["error"]

@@ -22,7 +22,9 @@ BYTES = "BYTES"
 _LENGTH = struct.Struct("<I")
 
 
-def _object_array(items: Sequence[bytes], shape: Sequence[int], name: str) -> np.ndarray:
+def bytes_array(items: Sequence[bytes], shape: Sequence[int], name: str) -> np.ndarray:
+    """``items`` as an object array in ``shape``; InvalidArgument naming ``name`` if they do not
+    fill it."""
     if any(d < 0 for d in shape):
         raise InvalidArgument(
             f"input {name!r} has shape {list(shape)}; every dimension of a request tensor "
@@ -68,7 +70,7 @@ def decode_items(raw: bytes, shape: Sequence[int], name: str) -> np.ndarray:
             )
         items.append(bytes(view[offset : offset + length]))
         offset += length
-    return _object_array(items, shape, name)
+    return bytes_array(items, shape, name)
 
 
 def texts_array(texts: Sequence[str]) -> np.ndarray:
@@ -79,7 +81,7 @@ def texts_array(texts: Sequence[str]) -> np.ndarray:
 
 
 def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
-    return _object_array(list(tensor.contents.bytes_contents), tensor.shape, tensor.name)
+    return bytes_array(list(tensor.contents.bytes_contents), tensor.shape, tensor.name)
 
 
 def encode_raw(array: np.ndarray) -> bytes:

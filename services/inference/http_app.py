@@ -114,6 +114,12 @@ def too_large(exc: web.HTTPException) -> str:
     )
 
 
+def authorization_entries(request: web.Request) -> list[tuple[str, str]]:
+    """The request's ``Authorization`` headers as the gRPC edge's metadata (all of them: the
+    edge refuses a call with more than one)."""
+    return [("authorization", value) for value in request.headers.getall("Authorization", [])]
+
+
 async def read_body(request: web.Request) -> bytes:
     """The request's body; one aiohttp cannot decode is InvalidArgument."""
     try:

@@ -25,7 +25,7 @@ from aiohttp import web
 from maas.errors import InvalidArgument, MaasError
 from maas.text.sampling import SamplingParams, Token, prompt_ids
 from services.inference.generation import Generators
-from services.inference.http_app import read_json
+from services.inference.http_app import authorization_entries, read_json
 
 if TYPE_CHECKING:
     from maas.edge import Authorizer
@@ -82,8 +82,7 @@ def bearer_auth(authorizer: Authorizer) -> Authorize:
     """The gRPC edge's token check on the ``Authorization`` header (same tokens, same roles)."""
 
     def authorize(request: web.Request) -> object:
-        header = request.headers.get("Authorization", "")
-        return authorizer.authorize(GENERATE_METHOD, [("authorization", header)])
+        return authorizer.authorize(GENERATE_METHOD, authorization_entries(request))
 
     return authorize
 
@@ -101,10 +100,20 @@ def _sampling(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> SamplingP
         raise InvalidArgument(f"unknown request fields {unknown}")
     if body.get("n", 1) != 1:
         raise InvalidArgument(f"n={body['n']!r}: only one choice per request is supported")
+    if not isinstance(body.get("stream", False), bool):
+        raise InvalidArgument(f"stream={body['stream']!r} must be true or false")
     fields = dict(body)
-    if fields.get("max_completion_tokens") is not None:
-        fields["max_tokens"] = fields["max_completion_tokens"]
-    return SamplingParams.from_request(fields, **defaults)
+    if fields.get("max_completion_tokens") is None:
+        return SamplingParams.from_request(fields, **defaults)
+    fields["max_tokens"] = fields["max_completion_tokens"]
+    try:
+        return SamplingParams.from_request(fields, **defaults)
+    except InvalidArgument as exc:  # the field the client sent, not the one it maps to
+        raise InvalidArgument(exc.message.replace("max_tokens", "max_completion_tokens")) from None
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "maas"}
 
 
 def completion_prompt(body: Mapping[str, Any]) -> str:
@@ -123,7 +132,9 @@ def chat_prompt(body: Mapping[str, Any]) -> str:
         raise InvalidArgument("messages must be a non-empty list of {role, content}")
     lines = []
     for i, message in enumerate(messages):
-        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            raise InvalidArgument(f"messages[{i}] must be an object {{role, content}}")
+        role = message.get("role")
         if role not in ROLES:
             raise InvalidArgument(f"messages[{i}].role={role!r}: accepted roles are {list(ROLES)}")
         lines.append(f"{role}: {_content(message.get('content'), i)}")
@@ -164,6 +175,7 @@ class OpenAIRoutes:
 
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", openai_errors(self.models))
+        app.router.add_get("/v1/models/{model}", openai_errors(self.model))
         app.router.add_post("/v1/completions", openai_errors(self.completions))
         app.router.add_post("/v1/chat/completions", openai_errors(self.chat_completions))
 
@@ -179,11 +191,17 @@ class OpenAIRoutes:
 
     async def models(self, request: web.Request) -> web.Response:
         await self._check(request)
-        data = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "maas"}
-            for name in self._generators.names()
-        ]
+        data = [_model_object(name) for name in self._generators.names()]
         return web.json_response({"object": "list", "data": data})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """One model (``client.models.retrieve``): one the server can generate with now or
+        load for a request (a gpt version in the registry)."""
+        await self._check(request)
+        model = request.match_info["model"]
+        name, ref = _split_model(model)
+        await self._generators.engine(name, ref)  # NotFound (404) or not generative (400)
+        return web.json_response(_model_object(model))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._check(request)

@@ -41,7 +41,12 @@ from services.inference.describe import (
     repository_index,
     server_metadata,
 )
-from services.inference.http_app import off_loop_if_large, read_body, too_large
+from services.inference.http_app import (
+    authorization_entries,
+    off_loop_if_large,
+    read_body,
+    too_large,
+)
 from services.inference.interceptors import metrics_observer
 from services.inference.metrics import Metrics
 from services.inference.openai_http import HTTP_STATUS
@@ -104,8 +109,7 @@ class OipRestRoutes:
             started = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
-                header = request.headers.get("Authorization", "")
-                self._authorizer.authorize(full, [("authorization", header)])
+                self._authorizer.authorize(full, authorization_entries(request))
                 return await handler(request)
             except web.HTTPRequestEntityTooLarge as exc:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -27,6 +27,7 @@ from maas.errors import InvalidArgument
 from maas.text import wire
 from services.inference.http_app import parse_json
 from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
+from services.inference.tensors import check_requested
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BYTES_DTYPE = np.dtype(object)  # BYTES tensors are object arrays of ``bytes``, as over gRPC
@@ -250,7 +251,9 @@ def _requested(doc: Mapping[str, Any]) -> tuple[list[str], set[str], bool]:
         name = output.get("name")
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"outputs[{i}].name must be a non-empty string")
-        wants = _object(output.get("parameters"), f"outputs[{i}].parameters").get("binary_data")
+        parameters = _object(output.get("parameters"), f"outputs[{i}].parameters")
+        check_requested(name, parameters, names)
+        wants = parameters.get("binary_data")
         if wants is None:
             wants = binary_all
         if not isinstance(wants, bool):
@@ -284,6 +287,11 @@ def encode_response(
             chunks.append(data)
         elif strings:
             entry["data"] = [_text(item) for item in array.reshape(-1)]
+        elif array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise InvalidArgument(
+                f"output {name!r} holds NaN or infinite values, which JSON cannot carry; ask "
+                "for it as binary data (parameters.binary_data) or call over gRPC"
+            )
         else:
             entry["data"] = array.ravel().tolist()
         described.append(entry)

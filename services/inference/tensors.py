@@ -9,7 +9,7 @@ zero-copy, read-only view.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -168,3 +168,26 @@ def infer_response(
         outputs=[tensor for tensor, _ in encoded],
     )
     return frames.write_message(head, [(RAW_OUTPUT_CONTENTS, raw) for _, raw in encoded])
+
+
+# Triton's classification extension (an output's ``classification`` parameter), not offered here.
+CLASSIFICATION = "classification"
+
+
+def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
+    """The outputs a request names, in order: each once, and none in a form not offered."""
+    names: list[str] = []
+    for output in request.outputs:
+        check_requested(output.name, output.parameters, names)
+        names.append(output.name)
+    return names
+
+
+def check_requested(name: str, parameters: Mapping[str, object], before: Sequence[str]) -> None:
+    if CLASSIFICATION in parameters:
+        raise InvalidArgument(
+            f"output {name!r} asks for the classification extension, which this server does "
+            "not offer; ask for the output itself (its class scores)"
+        )
+    if name in before:
+        raise InvalidArgument(f"output {name!r} is requested twice; name each output once")

@@ -276,6 +276,17 @@ async def test_an_unknown_token_is_unauthenticated_and_not_echoed(server):
     assert "not-a-real-token" not in (error.details() or "")
 
 
+async def test_two_authorization_entries_are_unauthenticated_whatever_their_order(server, auth_dir):
+    tokens = tokens_of(auth_dir)
+    for first, second in (("reader", "admin"), ("admin", "reader")):
+        metadata = meta(tokens[first]) + meta(tokens[second])
+        async with grpc.aio.insecure_channel(server[0]) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await channel.unary_unary(f"/{SERVICE}/DeleteThing")(b"x", metadata=metadata)
+        assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert "2 'authorization' entries" in (info.value.details() or "")
+
+
 async def test_health_needs_no_token(server):
     async with grpc.aio.insecure_channel(server[0]) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())

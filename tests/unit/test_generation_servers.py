@@ -245,6 +245,9 @@ def test_chat_content_given_as_text_parts_reads_as_one_string(served: Served) ->
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "content"),
         ({"messages": [{"role": "user"}]}, "content"),
         ({"prompt": "a\ud800"}, "lone surrogate"),
+        ({"prompt": "a", "stream": "yes"}, "stream='yes' must be true or false"),
+        ({"prompt": "a", "max_completion_tokens": -3}, "max_completion_tokens=-3"),
+        ({"messages": ["hi"]}, "messages[0] must be an object"),
         ({"messages": [{"role": "user", "content": "\ud800"}]}, "lone surrogate"),
     ],
 )
@@ -261,6 +264,13 @@ def test_a_malformed_body_gets_400_naming_the_field(
         urllib.request.urlopen(request, timeout=30)
     assert caught.value.code == 400
     assert named in json.loads(caught.value.read())["error"]["message"]
+
+
+def test_openai_client_retrieves_a_model_and_gets_404_for_an_unknown_one(served: Served) -> None:
+    client = _openai(served)
+    assert client.models.retrieve(NAME).id == NAME
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
 
 
 def test_an_unknown_openai_path_answers_in_the_openai_error_shape(served: Served) -> None:

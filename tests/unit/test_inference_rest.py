@@ -10,14 +10,16 @@ import aiohttp
 import numpy as np
 import pytest
 from dataplane_kit import expected, make_plane
+from multidict import CIMultiDict
 
 from maas import zoo
 from maas.config import Settings
 from maas.edge import Authorizer
+from maas.errors import InvalidArgument
 from services.inference.http_app import THREADED_PARSE_BYTES, HttpServer
 from services.inference.metrics import Metrics
 from services.inference.rest import OipRestRoutes
-from services.inference.rest_codec import HEADER_LENGTH
+from services.inference.rest_codec import HEADER_LENGTH, encode_response
 from services.inference.sources import MemorySource
 
 MLP = {"in_features": 4, "hidden": [8], "num_classes": 3}
@@ -125,6 +127,28 @@ async def test_binary_inputs_and_outputs_follow_the_json_header(rest):
     assert meta["outputs"][0]["parameters"]["binary_data_size"] == 2 * 3 * 4
     out = np.frombuffer(body[length:], np.float32).reshape(2, 3)
     np.testing.assert_allclose(out, expected(rest.module, X), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "complaint"),
+    [
+        ([{"name": "output", "parameters": {"classification": 3}}], "classification extension"),
+        ([{"name": "output"}, {"name": "output"}], "requested twice"),
+    ],
+)
+async def test_outputs_asked_for_in_a_form_not_offered_are_400(rest, outputs, complaint):
+    status, reply, _ = await rest.call(
+        "POST", "/v2/models/digits/infer", json=infer_doc(outputs=outputs)
+    )
+    assert status == 400 and complaint in reply["error"]
+
+
+def test_an_output_json_cannot_carry_is_refused_saying_to_ask_for_binary():
+    output = [("output", np.array([[1.0, np.inf, np.nan]], np.float32))]
+    with pytest.raises(InvalidArgument, match="binary_data"):
+        encode_response({}, output, binary=set())
+    body = encode_response({}, output, binary={"output"})
+    assert body.content_type == "application/octet-stream"
 
 
 @pytest.mark.parametrize(
@@ -263,3 +287,8 @@ async def test_with_auth_on_the_token_is_checked_and_health_stays_open(tmp_path)
             "POST", "/v2/repository/models/digits/unload", headers=auth
         )
         assert code == 403 and "write" in reply["error"]
+        twice = CIMultiDict([("Authorization", f"Bearer {TOKEN}")] * 2)
+        code, reply, _ = await secured.call(
+            "POST", "/v2/models/digits/infer", json=infer_doc(), headers=twice
+        )
+        assert code == 401 and "2 'authorization' entries" in reply["error"]

@@ -5,7 +5,13 @@ import pytest
 
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
-from services.inference.tensors import decode_inputs, decode_raw, decode_typed, infer_response
+from services.inference.tensors import (
+    decode_inputs,
+    decode_raw,
+    decode_typed,
+    infer_response,
+    requested_outputs,
+)
 
 Input = pb.ModelInferRequest.InferInputTensor
 
@@ -148,3 +154,20 @@ def test_every_output_is_written_in_its_order_whatever_its_shape_or_layout():
         restored = np.frombuffer(raw, dtype=array.dtype.newbyteorder("<")).reshape(array.shape)
         np.testing.assert_array_equal(restored, array)
     assert response.raw_output_contents[4] == b"\x01\x00\x00\x00a\x03\x00\x00\x00b\xc3\xa9"
+
+
+def test_requested_outputs_come_in_order_each_once() -> None:
+    request = pb.ModelInferRequest(model_name="m")
+    request.outputs.add(name="b")
+    request.outputs.add(name="a")
+    assert requested_outputs(request) == ["b", "a"]
+    request.outputs.add(name="b")
+    with pytest.raises(InvalidArgument, match="'b' is requested twice"):
+        requested_outputs(request)
+
+
+def test_the_classification_extension_is_refused_not_ignored() -> None:
+    request = pb.ModelInferRequest(model_name="m")
+    request.outputs.add(name="output").parameters["classification"].int64_param = 3
+    with pytest.raises(InvalidArgument, match="classification extension"):
+        requested_outputs(request)

@@ -85,10 +85,16 @@ def digest(token: str) -> str:
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
-    """The token of an ``authorization: Bearer <token>`` entry, if there is one."""
-    for key, value in metadata or ():
-        if key != "authorization":
-            continue
+    """The token of the ``authorization: Bearer <token>`` entry, if there is one. A call with
+    several ``authorization`` entries is refused: which one counts would depend on their order
+    (a proxy's added entry could be overridden by the client's)."""
+    values = [value for key, value in metadata or () if key.lower() == "authorization"]
+    if len(values) > 1:
+        raise Unauthenticated(
+            f"the call has {len(values)} 'authorization' entries; send exactly one "
+            "'authorization: Bearer <token>'"
+        )
+    for value in values:
         text = value.decode(errors="replace") if isinstance(value, bytes) else str(value)
         scheme, _, token = text.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():

@@ -98,7 +98,9 @@ class Signature:
                 f"{sorted(inputs) or 'no inputs'}"
             )
         array = inputs[spec.name]
-        datatype = DTYPE_TO_DATATYPE.get(array.dtype) or array.dtype.name
+        datatype = DTYPE_TO_DATATYPE.get(array.dtype) or (
+            "BYTES" if array.dtype == np.object_ else array.dtype.name
+        )
         rows = spec.shape[1:]
         if datatype != spec.datatype or array.ndim != len(spec.shape) or array.shape[1:] != rows:
             raise InvalidArgument(

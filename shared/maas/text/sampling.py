@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, shown
 from maas.text import byte_tokenizer
 from maas.text.gpt import GPT, KVCache
 
@@ -38,26 +38,29 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
-            raise InvalidArgument(f"max_tokens={self.max_tokens!r} must be an integer >= 1")
+            raise InvalidArgument(f"max_tokens={shown(self.max_tokens)} must be an integer >= 1")
         if self.max_tokens < 1:
             raise InvalidArgument(f"max_tokens={self.max_tokens} must be at least 1")
         if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 2:
-            raise InvalidArgument(f"temperature={self.temperature!r} must be a number in [0, 2]")
+            raise InvalidArgument(
+                f"temperature={shown(self.temperature)} must be a number in [0, 2]"
+            )
         if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
-            raise InvalidArgument(f"top_p={self.top_p!r} must be a number in (0, 1]")
+            raise InvalidArgument(f"top_p={shown(self.top_p)} must be a number in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise InvalidArgument(f"top_k={self.top_k!r} must be an integer >= 0 (0 = off)")
+            raise InvalidArgument(f"top_k={shown(self.top_k)} must be an integer >= 0 (0 = off)")
         if self.seed is not None and (
             isinstance(self.seed, bool)
             or not isinstance(self.seed, int)
             or not -(2**63) <= self.seed < 2**64
         ):
-            raise InvalidArgument(f"seed={self.seed!r} must be an integer in [-2**63, 2**64)")
+            raise InvalidArgument(f"seed={shown(self.seed)} must be an integer in [-2**63, 2**64)")
         if len(self.stop) > MAX_STOP_SEQUENCES or not all(
             isinstance(s, str) and s for s in self.stop
         ):
             raise InvalidArgument(
-                f"stop={list(self.stop)!r} must be at most {MAX_STOP_SEQUENCES} non-empty strings"
+                f"stop={shown(list(self.stop))} must be at most {MAX_STOP_SEQUENCES} "
+                "non-empty strings"
             )
         for token, bias in self.logit_bias:
             _check_bias(token, bias)
@@ -68,7 +71,7 @@ class SamplingParams:
         values = {**defaults, **{k: body[k] for k in _FIELDS if body.get(k) is not None}}
         stop = values.get("stop", ())
         if not isinstance(stop, str | list | tuple):
-            raise InvalidArgument(f"stop={stop!r} must be a string or a list of strings")
+            raise InvalidArgument(f"stop={shown(stop)} must be a string or a list of strings")
         values["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
         if "logit_bias" in values:
             values["logit_bias"] = _bias_pairs(values["logit_bias"])
@@ -86,13 +89,13 @@ _BIAS_RULE = (
 def _bias_pairs(value: object) -> tuple[tuple[int, float], ...]:
     """OpenAI's ``{"256": -100}`` (JSON keys are strings) -> sorted (token, bias) pairs."""
     if not isinstance(value, dict):
-        raise InvalidArgument(f"logit_bias={value!r}: {_BIAS_RULE}")
+        raise InvalidArgument(f"logit_bias={shown(value)}: {_BIAS_RULE}")
     biases: dict[int, object] = {}
     for key, bias in value.items():
         try:
             token = int(key)
         except (TypeError, ValueError):
-            raise InvalidArgument(f"logit_bias key {key!r}: {_BIAS_RULE}") from None
+            raise InvalidArgument(f"logit_bias key {shown(key)}: {_BIAS_RULE}") from None
         if token in biases:  # "5" and " 5": one token named twice
             raise InvalidArgument(f"logit_bias names token {token} twice: {_BIAS_RULE}")
         biases[token] = bias
@@ -106,13 +109,13 @@ def _check_bias(token: object, bias: object) -> None:
         or not isinstance(token, int)
         or not 0 <= token < byte_tokenizer.VOCAB_SIZE
     ):
-        raise InvalidArgument(f"logit_bias token {token!r}: {_BIAS_RULE}")
+        raise InvalidArgument(f"logit_bias token {shown(token)}: {_BIAS_RULE}")
     if (
         isinstance(bias, bool)
         or not isinstance(bias, int | float)
         or not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS
     ):
-        raise InvalidArgument(f"logit_bias[{token}]={bias!r}: {_BIAS_RULE}")
+        raise InvalidArgument(f"logit_bias[{token}]={shown(bias)}: {_BIAS_RULE}")
 
 
 MIN_TEMPERATURE = 1e-6

@@ -1,0 +1,19 @@
+"""How errors show the caller's values."""
+
+from maas.errors import InvalidArgument, shown
+from maas.text.sampling import SamplingParams
+
+
+def test_a_value_shown_in_a_message_is_cut_to_its_limit_saying_how_long_it_was() -> None:
+    assert shown("short") == "'short'"
+    long = shown("7" * 5000)
+    assert len(long) <= 60 and long.endswith("(5002 chars)")
+
+
+def test_a_huge_logit_bias_key_is_not_echoed_whole() -> None:
+    try:
+        SamplingParams.from_request({"logit_bias": {"9" * 5000: 1}})
+    except InvalidArgument as exc:
+        assert "logit_bias key" in exc.message and len(exc.message) < 400
+    else:
+        raise AssertionError("a 5000-digit token id was accepted")

@@ -230,20 +230,18 @@ class DataPlane:
         forward = await loop.run_in_executor(  # tracing runs the module: off the loop too
             self._executor, functools.partial(torch_forward, module, trace_row=row)
         )
+        batching = self.batching if rows_independent(module) else UNBATCHED
         model = ServedModel(
             name=name,
             version=version,
             signature=signature,
             nbytes=weights_nbytes(module),
             runner=make_runner(
-                forward,
-                self._executor,
-                self.batching if rows_independent(module) else UNBATCHED,
-                stats,
-                inline_max_us=self._inline_forward_us,
+                forward, self._executor, batching, stats, inline_max_us=self._inline_forward_us
             ),
             stats=stats,
             module=module,
+            batching=batching,
         )
         self._forget(self._cache.put(model))
         log.info("loaded %s (%d bytes of weights)", model.label, model.nbytes)

@@ -147,7 +147,7 @@ class OipRestRoutes:
 
     async def config(self, request: web.Request) -> web.Response:
         model = await self._model(request)
-        return _json(message_json(model_config(model, self._plane.batching, self._plane.instances)))
+        return _json(message_json(model_config(model, model.batching, self._plane.instances)))
 
     async def stats(self, request: web.Request) -> web.Response:
         if "name" in request.match_info:

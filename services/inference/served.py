@@ -20,7 +20,7 @@ from torch import nn
 from maas import jit
 from maas.compression.quant import Int8Linear
 from maas.errors import InvalidArgument
-from services.inference.batcher import Forward, Runner
+from services.inference.batcher import BatchingConfig, Forward, Runner
 from services.inference.metrics import ModelStats
 from services.inference.signature import Signature
 
@@ -43,6 +43,7 @@ class ServedModel:
     stats: ModelStats
     platform: str = "pytorch"
     module: nn.Module | None = None  # the loaded module itself (generation decodes with it)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)  # what its runner does
     version_text: str = field(init=False)  # as responses carry it
     label: str = field(init=False)  # as messages name it
 

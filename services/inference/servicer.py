@@ -87,7 +87,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelConfigResponse:
         model = await self._plane.model(request.name, request.version)
         return pb.ModelConfigResponse(
-            config=model_config(model, self._plane.batching, self._plane.instances)
+            config=model_config(model, model.batching, self._plane.instances)
         )
 
     # --- token streaming for generative models: services/inference/oip_stream.py ------------

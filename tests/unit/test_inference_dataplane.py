@@ -220,6 +220,21 @@ async def test_an_int8_models_answer_does_not_depend_on_who_else_is_asking(pool)
     np.testing.assert_array_equal(together.outputs["output"], alone)
 
 
+async def test_an_int8_models_config_says_it_is_not_batched(pool):
+    from maas.compression import formats
+    from services.inference.describe import model_config
+
+    fmt, stored = formats.encode(model(4), {}, "int8")
+    files, manifest = artifacts.pack(stored, "mlp", MLP, format=fmt)
+    src = MemorySource()
+    src.add_artifact("small", files, manifest)
+    src.add("dense", model(4), "mlp", MLP)
+    plane = make_plane(src, pool)
+    int8, dense = await plane.model("small", "1"), await plane.model("dense", "1")
+    assert model_config(int8, int8.batching, 1).max_batch_size == 0
+    assert model_config(dense, dense.batching, 1).max_batch_size == 8
+
+
 @pytest.mark.parametrize(
     "value", [np.nan, np.inf, -np.inf], ids=["nan", "infinity", "minus-infinity"]
 )

@@ -10,7 +10,9 @@ finished one with FAILED_PRECONDITION.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
@@ -83,3 +85,16 @@ async def serve_data_plane(shard: ShardService, settings: Settings) -> tuple[grp
     server, port = build_server(DataPlaneServicer(shard), settings, settings.aggregator_listen)
     await server.start()
     return server, port
+
+
+def advertised(listen: str, port: int, advertise: str) -> str:
+    """The address workers dial: as configured, else the listen host with the bound port."""
+    if advertise:
+        return advertise
+    host = listen.rpartition(":")[0] or "127.0.0.1"
+    if host in ("0.0.0.0", "[::]", "::"):
+        # This host's address as its name resolves here (a container's on a compose network).
+        host = socket.gethostname()
+        with contextlib.suppress(OSError):  # else the name: workers may resolve it elsewhere
+            host = socket.gethostbyname(host)
+    return f"{host}:{port}"

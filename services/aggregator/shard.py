@@ -33,12 +33,10 @@ No torch in this process: its memory is the partitions, their optimizer state an
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter
+from prometheus_client import CollectorRegistry
 
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
@@ -49,12 +47,13 @@ from maas.training.aggregate import ShardCore
 from maas.training.control import RELEASED, PoolMember
 from maas.training.pool import SHARD, Assignment
 from maas.training.v1 import training_pb2 as pb
-from services.aggregator.dataplane import serve_data_plane
+from services.aggregator.dataplane import advertised, serve_data_plane
 from services.aggregator.shard_job import (
     CheckpointWriter,
     Key,
     Peer,
     ShardJob,
+    ShardMetrics,
     StatusReporter,
     held_back,
     progress_due,
@@ -70,43 +69,13 @@ RESUME_GRACE = 3
 WRITE_RETRY_MS = 1_000  # a held job's checkpoint write is tried again this often
 
 
-def advertised(listen: str, port: int, advertise: str) -> str:
-    """The address workers dial: as configured, else the listen host with the bound port."""
-    if advertise:
-        return advertise
-    host = listen.rpartition(":")[0] or "127.0.0.1"
-    if host in ("0.0.0.0", "[::]", "::"):
-        # This host's address as its name resolves here (a container's on a compose network).
-        host = socket.gethostname()
-        with contextlib.suppress(OSError):  # else the name: workers may resolve it elsewhere
-            host = socket.gethostbyname(host)
-    return f"{host}:{port}"
-
-
-class Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.gradients = Counter(
-            "maas_shard_gradients", "gradients by verdict", ["verdict"], registry=self.registry
-        )
-        self.versions = Counter("maas_shard_versions", "versions published", registry=self.registry)
-        self.checkpoints = Counter(
-            "maas_shard_checkpoints", "checkpoints written", registry=self.registry
-        )
-        self.holds = Counter(
-            "maas_shard_holds",
-            "times a job's newest version was held back until a checkpoint landed",
-            registry=self.registry,
-        )
-
-
 class ShardService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._pool = PoolMember(settings, SHARD, "aggregator")
         self.member_id, self.name = self._pool.member_id, self._pool.name
         self.address = ""
-        self.metrics = Metrics()
+        self.metrics = ShardMetrics()
         self.liveness = Liveness(self.metrics.registry)  # its loops' crash ends the process
         self._reporter = StatusReporter(self._pool.producer, self.name)
         self._checkpoints = CheckpointWriter(

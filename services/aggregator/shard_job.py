@@ -8,7 +8,7 @@ import asyncio
 import logging
 from dataclasses import dataclass, field
 
-from prometheus_client import Counter
+from prometheus_client import CollectorRegistry, Counter
 
 from maas import topics
 from maas.bus import EventProducer
@@ -212,3 +212,20 @@ class CheckpointWriter:
         self._written.inc()
         if job.partition == 0 and not pointer.final:
             await self._reporter.status(job.job_id, "checkpointed", step=pointer.version)
+
+
+class ShardMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.gradients = Counter(
+            "maas_shard_gradients", "gradients by verdict", ["verdict"], registry=self.registry
+        )
+        self.versions = Counter("maas_shard_versions", "versions published", registry=self.registry)
+        self.checkpoints = Counter(
+            "maas_shard_checkpoints", "checkpoints written", registry=self.registry
+        )
+        self.holds = Counter(
+            "maas_shard_holds",
+            "times a job's newest version was held back until a checkpoint landed",
+            registry=self.registry,
+        )

@@ -18,7 +18,7 @@ from maas.jobs import status_event
 from maas.training import checkpoint as ck
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
-from maas.training.plan import JobPlan
+from maas.training.plan import HOLD_INTERVALS, JobPlan
 from maas.training.pool import Assignment
 from maas.training.storage import TrainingStore
 
@@ -67,7 +67,7 @@ def held_back(version: int, durable: int, checkpoint_every: int) -> bool:
     replay them to a restarted shard, so this bounds their memory at about
     ``2 * checkpoint_every + 1`` steps of gradients (plus ``staleness`` in async mode): a slow
     or absent S3 pauses the job instead of growing the workers without end."""
-    return version - durable > 2 * checkpoint_every
+    return version - durable > HOLD_INTERVALS * checkpoint_every
 
 
 @dataclass

@@ -323,6 +323,15 @@ class Settings:
             "when listening on 0.0.0.0, with the bound port)"
         ),
     )
+    worker_max_kept_bytes: int = setting(
+        "MAAS_WORKER_MAX_KEPT_BYTES",
+        4 << 30,
+        (
+            "most gradient bytes a gradient worker keeps to replay to a restarted shard; the "
+            "coordinator fits each job's checkpoint_every so that 2 x checkpoint_every + 1 steps "
+            "fit (the default comes down; a value the job gave that does not fit is refused)"
+        ),
+    )
     worker_heartbeat_timeout_ms: int = setting(
         "MAAS_WORKER_HEARTBEAT_TIMEOUT_MS",
         10_000,

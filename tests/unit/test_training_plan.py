@@ -149,3 +149,35 @@ def test_finetune_of_a_missing_base_reports_what_the_registry_said() -> None:
     job = _job(type="finetune", base={"name": "ghost", "alias": "production"})
     with pytest.raises(NotFound, match="ghost"):
         prepare_job(job, limits=LIMITS, load_base=missing)
+
+
+MLP_STEP_BYTES = 4 * (64 * 16 + 16 + 16 * 10 + 10)  # the _job MLP's fp32 gradient a step
+
+
+def test_a_default_checkpoint_interval_comes_down_until_the_replay_backlog_fits() -> None:
+    limits = Limits(default_deadline_ms=5000, max_kept_bytes=21 * MLP_STEP_BYTES)
+    plan = prepare_job(_training(), limits=limits).plan
+    assert plan.training.checkpoint_every == 10  # 2 x 10 + 1 steps kept
+
+
+def test_a_checkpoint_interval_that_fits_is_kept() -> None:
+    plan = prepare_job(_training(checkpoint_every=7), limits=LIMITS).plan
+    assert plan.training.checkpoint_every == 7
+
+
+def test_a_given_interval_whose_backlog_does_not_fit_is_refused_saying_what_fits() -> None:
+    limits = Limits(default_deadline_ms=5000, max_kept_bytes=21 * MLP_STEP_BYTES)
+    with pytest.raises(InvalidArgument, match=r"checkpoint_every=11 .* at most 10 fits"):
+        prepare_job(_training(checkpoint_every=11), limits=limits)
+
+
+def test_a_compressing_codec_leaves_room_for_a_longer_interval() -> None:
+    limits = Limits(default_deadline_ms=5000, max_kept_bytes=21 * MLP_STEP_BYTES)
+    plan = prepare_job(_training(gradient_codec="int8"), limits=limits).plan
+    assert plan.training.checkpoint_every == 41  # a quarter of the bytes: 2 x 41 + 1 <= 84 steps
+
+
+def test_gradients_too_large_to_keep_even_one_interval_are_refused_naming_the_way_out() -> None:
+    limits = Limits(default_deadline_ms=5000, max_kept_bytes=2 * MLP_STEP_BYTES)
+    with pytest.raises(InvalidArgument, match="compressing training.gradient_codec"):
+        prepare_job(_training(), limits=limits)

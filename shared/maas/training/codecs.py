@@ -166,6 +166,10 @@ class GradientCodec(Protocol):
 
     def decode(self, payload: Mapping[str, Any], size: int) -> Decoded: ...
 
+    def wire_bytes(self, size: int) -> int:
+        """About how many bytes ``size`` gradient values take once encoded."""
+        ...
+
 
 def _tensor(payload: Mapping[str, Any], key: str, dtype: str, size: int | None) -> np.ndarray:
     if not isinstance(payload, Mapping) or key not in payload:
@@ -194,6 +198,9 @@ class NoneCodec:
     def decode(self, payload: Mapping[str, Any], size: int) -> Decoded:
         return DenseGradient(_tensor(payload, "values", "float32", size))
 
+    def wire_bytes(self, size: int) -> int:
+        return 4 * size
+
 
 @dataclass(frozen=True)
 class Fp16Codec:
@@ -205,6 +212,9 @@ class Fp16Codec:
 
     def decode(self, payload: Mapping[str, Any], size: int) -> Decoded:
         return DenseGradient(_tensor(payload, "values", "float16", size))
+
+    def wire_bytes(self, size: int) -> int:
+        return 2 * size
 
 
 @dataclass(frozen=True)
@@ -224,6 +234,9 @@ class Int8Codec:
         if not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
             raise InvalidArgument(f"int8 gradient needs a positive finite 'scale', got {scale!r}")
         return DenseGradient(_tensor(payload, "values", "int8", size), float(scale))
+
+    def wire_bytes(self, size: int) -> int:
+        return size
 
 
 def top_indices(magnitudes: np.ndarray, k: int) -> np.ndarray:
@@ -258,6 +271,9 @@ class TopKCodec:
 
     def keep(self, size: int) -> int:
         return min(size, max(1, math.ceil(self.ratio * size)))
+
+    def wire_bytes(self, size: int) -> int:
+        return 8 * self.keep(size)  # a uint32 index and an fp32 value each
 
     def encode(self, grad: np.ndarray) -> dict[str, Any]:
         k = self.keep(len(grad))

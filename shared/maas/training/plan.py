@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from maas.errors import InvalidArgument
@@ -30,6 +30,7 @@ DEFAULT_BATCH_SIZE = 32
 DEFAULT_CHECKPOINT_EVERY = 50
 DEFAULT_STALENESS = 2
 # The most ranks and partitions one job may ask for (the job schema says the same).
+DEFAULT_MAX_KEPT_BYTES = 4 << 30  # MAAS_WORKER_MAX_KEPT_BYTES
 MAX_JOB_WORKERS = 64
 MAX_JOB_SHARDS = 64
 
@@ -205,6 +206,46 @@ def _optimizer(raw: Any) -> OptimizerSpec:
             raise InvalidArgument(f"training.optimizer.{key}={value!r} must be a number")
     numbers = {k: float(v) for k, v in raw.items() if k != "name"}
     return OptimizerSpec(name=str(raw.get("name", "sgd")), **numbers)
+
+
+# A shard sends no version more than this many checkpoint intervals past its newest durable
+# checkpoint (services.aggregator.shard_job.held_back), and workers keep every push since that
+# checkpoint to replay it to a restarted shard: this bounds what they keep.
+HOLD_INTERVALS = 2
+
+
+def kept_steps(checkpoint_every: int, ahead: int) -> int:
+    """The most steps of pushes a worker keeps for a replay (``ahead``: how many versions an
+    async worker may run past the shard's newest)."""
+    return HOLD_INTERVALS * checkpoint_every + 1 + ahead
+
+
+def fit_checkpoints(
+    spec: TrainingSpec, *, given: bool, step_bytes: int, budget: int
+) -> TrainingSpec:
+    """``spec`` with a ``checkpoint_every`` whose replay backlog (``kept_steps`` pushes of
+    ``step_bytes``) fits ``budget``: the default comes down to fit; a value the job gave that
+    does not fit is refused, saying what does."""
+    ahead = spec.staleness if spec.mode == "async" else 0
+    if kept_steps(spec.checkpoint_every, ahead) * step_bytes <= budget:
+        return spec
+    fits = (budget // max(1, step_bytes) - 1 - ahead) // HOLD_INTERVALS
+    setting = f"MAAS_WORKER_MAX_KEPT_BYTES={budget}"
+    if fits < 1:
+        raise InvalidArgument(
+            f"each step's gradients take {step_bytes} bytes (codec {spec.gradient_codec}); a "
+            f"worker keeps {kept_steps(1, ahead)} steps of them for a replay even with "
+            f"training.checkpoint_every=1, over {setting}; use a compressing "
+            "training.gradient_codec (fp16, int8, topk) or freeze layers"
+        )
+    if given:
+        kept = kept_steps(spec.checkpoint_every, ahead) * step_bytes
+        raise InvalidArgument(
+            f"training.checkpoint_every={spec.checkpoint_every} lets a worker keep up to {kept} "
+            f"bytes of gradients for a replay ({HOLD_INTERVALS} x checkpoint_every + 1 steps of "
+            f"{step_bytes}, + staleness in async mode); at most {fits} fits {setting}"
+        )
+    return replace(spec, checkpoint_every=min(spec.checkpoint_every, fits))
 
 
 def frozen_names(names: Sequence[str], prefixes: Sequence[str]) -> set[str]:

@@ -18,11 +18,14 @@ from torch import nn
 
 from maas import datasets, zoo
 from maas.errors import InvalidArgument
+from maas.training.codecs import parse_codec
 from maas.training.plan import (
+    DEFAULT_MAX_KEPT_BYTES,
     MAX_JOB_SHARDS,
     MAX_JOB_WORKERS,
     JobPlan,
     TrainingSpec,
+    fit_checkpoints,
     frozen_names,
     make_plan,
 )
@@ -48,6 +51,7 @@ class Limits:
     default_deadline_ms: int
     max_workers: int = MAX_JOB_WORKERS
     max_shards: int = MAX_JOB_SHARDS
+    max_kept_bytes: int = DEFAULT_MAX_KEPT_BYTES  # gradients a worker keeps for a replay
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,16 @@ def prepare_job(
     _check_fit(arch, config, data, field)
     model = zoo.build(arch, config)
     frozen = frozen_names([n for n, _ in model.named_parameters()], training.freeze)
+    trainable = trainable_shapes(model, frozen)
+    given = event.get("training")
+    training = fit_checkpoints(
+        training,
+        given=isinstance(given, Mapping) and "checkpoint_every" in given,
+        step_bytes=parse_codec(training.gradient_codec).wire_bytes(
+            sum(math.prod(shape) for _, shape in trainable)
+        ),
+        budget=limits.max_kept_bytes,
+    )
     register = event.get("register_as") or {}
     name = (
         register.get("name")
@@ -169,7 +183,7 @@ def prepare_job(
         dataset_task=data.task,
         train_rows=len(data.x_train),
         training=training,
-        trainable=trainable_shapes(model, frozen),
+        trainable=trainable,
         register_name=str(name),
         register_alias=register.get("alias"),
         parent=parent,

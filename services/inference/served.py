@@ -19,7 +19,7 @@ from torch import nn
 
 from maas import jit
 from maas.compression.quant import Int8Linear
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, ResourceExhausted
 from services.inference.batcher import BatchingConfig, Forward, Runner
 from services.inference.metrics import ModelStats
 from services.inference.signature import Signature
@@ -69,9 +69,13 @@ def torch_forward(module: nn.Module, *, trace_row: tuple[int, ...] | None = None
                 out: np.ndarray = runnable(torch.from_numpy(rows)).float().numpy()
         except (RuntimeError, IndexError) as exc:
             # Shapes and datatypes were checked before queueing: what fails here is the values
-            # (int8 scaling overflowing on huge numbers, say).
+            # (int8 scaling overflowing on huge numbers, say), or memory for this many rows.
             log.info("forward pass failed on a request's input", exc_info=True)
             reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            if "allocate" in reason:
+                raise ResourceExhausted(
+                    f"no memory for this forward pass ({reason}); send fewer rows a request"
+                ) from None
             raise InvalidArgument(f"the model cannot compute this input: {reason}") from None
         return out
 

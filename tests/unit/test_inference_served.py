@@ -9,7 +9,7 @@ from torch import nn
 
 from maas import zoo
 from maas.compression import quant
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, ResourceExhausted
 from services.inference.served import rows_independent, torch_forward, traced
 
 SEQUENTIAL = {
@@ -111,3 +111,12 @@ def test_values_an_int8_pass_cannot_scale_are_an_invalid_argument() -> None:
 def test_int8_models_run_each_request_alone_and_dense_ones_share_passes() -> None:
     assert not rows_independent(int8_mlp())
     assert rows_independent(zoo.build("mlp", {"in_features": 64, "hidden": [32]}, seed=0))
+
+
+def test_a_pass_without_memory_for_its_rows_is_resource_exhausted() -> None:
+    class Greedy(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise RuntimeError("[enforce fail] DefaultCPUAllocator: can't allocate memory")
+
+    with pytest.raises(ResourceExhausted, match="send fewer rows"):
+        torch_forward(Greedy())(np.zeros((1, 4), np.float32))

@@ -144,9 +144,10 @@ class TokenTable:
         identity = self._by_digest.get(digest(token)) if token else None
         if identity is None:
             raise Unauthenticated(
-                "this API needs metadata 'authorization: Bearer <token>'; the call had "
-                + ("an unknown token" if token else "none")
-                + " (the CLI sends MAAS_AUTH_TOKEN or the file MAAS_AUTH_TOKEN_FILE)"
+                "this API needs 'authorization: Bearer <token>' (gRPC metadata or HTTP header); "
+                "the call had "
+                + ("an unknown token" if token else "no bearer token")
+                + " (the maas CLI sends MAAS_AUTH_TOKEN or the file MAAS_AUTH_TOKEN_FILE)"
             )
         return identity
 

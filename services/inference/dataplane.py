@@ -213,13 +213,16 @@ class DataPlane:
             module = await loop.run_in_executor(
                 self._executor, artifacts.materialize, manifest, files
             )
-        except (RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        except (InvalidArgument, RuntimeError, TypeError, ValueError, OverflowError) as exc:
             # The registry checked the files against the manifest, not that the config builds
             # a model those tensors fit; the caller cannot fix that, an operator can.
+            reason = (
+                exc.message if isinstance(exc, InvalidArgument) else f"{type(exc).__name__}: {exc}"
+            )
             raise FailedPrecondition(
                 f"model {name!r} version {version} cannot be built from its artifact "
-                f"({type(exc).__name__}: {str(exc)[:300]}); register a version whose config "
-                "fits its weights"
+                f"({reason[:300]}); register a version whose arch and config build a model "
+                "its weights fit"
             ) from None
         stats = ModelStats(name, version, self._metrics)
         if is_text(manifest):  # strings in, tokenized here (services.inference.text)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from maas.errors import InvalidArgument, MaasError
+from maas.errors import InvalidArgument, MaasError, shown
 from maas.text.sampling import SamplingParams, Token, prompt_ids
 from services.inference.generation import Generators
 from services.inference.http_app import authorization_entries, read_json
@@ -41,7 +41,7 @@ HTTP_STATUS = {
     "PERMISSION_DENIED": 403,
     "NOT_FOUND": 404,
     "FAILED_PRECONDITION": 400,
-    "RESOURCE_EXHAUSTED": 429,
+    "RESOURCE_EXHAUSTED": 413,  # what the inference edges run out of is room for a request
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
@@ -97,7 +97,7 @@ def _split_model(model: Any) -> tuple[str, str]:
 def _sampling(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> SamplingParams:
     unknown = sorted(set(body) - SAMPLING - IGNORED - {"model", "prompt", "messages", "stream"})
     if unknown:
-        raise InvalidArgument(f"unknown request fields {unknown}")
+        raise InvalidArgument(f"unknown request fields {shown(unknown, 200)}")
     if body.get("n", 1) != 1:
         raise InvalidArgument(f"n={body['n']!r}: only one choice per request is supported")
     if not isinstance(body.get("stream", False), bool):
@@ -242,8 +242,8 @@ class OpenAIRoutes:
         )
         async with contextlib.aclosing(tokens):
             first = await anext(tokens)  # errors before the first token still get a status
-            await response.prepare(request)
             try:
+                await response.prepare(request)
                 if shape.chat:
                     await response.write(_sse(shape.chunk({"role": "assistant", "content": ""})))
                 token: Token | None = first

@@ -43,6 +43,7 @@ from services.inference.describe import (
 )
 from services.inference.http_app import (
     authorization_entries,
+    check_json_size,
     off_loop_if_large,
     read_body,
     too_large,
@@ -183,10 +184,11 @@ class OipRestRoutes:
     async def infer(self, request: web.Request) -> web.Response:
         name, version = _ref(request)
         body = await read_body(request)
-        header_length = request.headers.get(rest_codec.HEADER_LENGTH)
+        json_bytes = rest_codec.json_length(body, request.headers.get(rest_codec.HEADER_LENGTH))
+        check_json_size(request, json_bytes)
 
         def decode() -> rest_codec.InferRequest:
-            return rest_codec.decode_request(*rest_codec.split_body(body, header_length))
+            return rest_codec.decode_request(*rest_codec.split_body(body, json_bytes))
 
         parsed = await off_loop_if_large(len(body), decode)
         result = await self._plane.infer(name, version, parsed.inputs, parsed.requested)
@@ -209,5 +211,6 @@ async def _optional_json(request: web.Request) -> dict[str, Any]:
     body = await read_body(request)
     if not body.strip():
         return {}
-    doc, _ = rest_codec.split_body(body, None)
+    check_json_size(request, len(body))
+    doc, _ = rest_codec.split_body(body, len(body))
     return doc

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, shown
 from maas.text import wire
 from services.inference.http_app import parse_json
 from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
@@ -59,18 +59,22 @@ def _json(part: bytes | memoryview) -> dict[str, Any]:
     return doc
 
 
-def split_body(body: bytes, header_length: str | None) -> tuple[dict[str, Any], memoryview]:
-    """The JSON document and the binary bytes after it."""
-    view = memoryview(body)
+def json_length(body: bytes, header_length: str | None) -> int:
+    """How many of the body's bytes are the JSON part."""
     if header_length is None:
-        return _json(view), view[:0]
+        return len(body)
     if not header_length.strip().isdigit() or int(header_length) > len(body):
         raise InvalidArgument(
-            f"header {HEADER_LENGTH} is {header_length!r}; it must be the JSON part's length in "
-            f"bytes, between 0 and the body's {len(body)}"
+            f"header {HEADER_LENGTH} is {shown(header_length)}; it must be the JSON part's "
+            f"length in bytes, between 0 and the body's {len(body)}"
         )
-    n = int(header_length)
-    return _json(view[:n]), view[n:]
+    return int(header_length)
+
+
+def split_body(body: bytes, json_bytes: int) -> tuple[dict[str, Any], memoryview]:
+    """The JSON document (the first ``json_bytes``) and the binary bytes after it."""
+    view = memoryview(body)
+    return _json(view[:json_bytes]), view[json_bytes:]
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -87,7 +91,7 @@ def _dtype(datatype: Any, where: str) -> np.dtype[Any]:
     dtype = DATATYPE_TO_DTYPE.get(datatype) if isinstance(datatype, str) else None
     if dtype is None:
         raise InvalidArgument(
-            f"{where}.datatype is {datatype!r}; use one of {', '.join(DATATYPE_TO_DTYPE)} or "
+            f"{where}.datatype is {shown(datatype)}; use one of {', '.join(DATATYPE_TO_DTYPE)} or "
             f"{wire.BYTES}"
         )
     return dtype
@@ -208,7 +212,7 @@ def decode_request(doc: Mapping[str, Any], binary: memoryview) -> InferRequest:
         if not isinstance(name, str) or not name:
             raise InvalidArgument(f"{where}.name must be a non-empty string")
         if name in arrays:
-            raise InvalidArgument(f"input {name!r} appears twice in the request")
+            raise InvalidArgument(f"input {shown(name)} appears twice in the request")
         dtype, shape = _dtype(tensor.get("datatype"), where), _shape(tensor.get("shape"), where)
         size = _object(tensor.get("parameters"), f"{where}.parameters").get("binary_data_size")
         if dtype is BYTES_DTYPE and size is not None:

@@ -149,7 +149,9 @@ class InferenceServer:
         if not settings.inference_http_listen:
             return None
         http = HttpServer(
-            settings.inference_http_listen, max_body_bytes=settings.inference_http_max_body_bytes
+            settings.inference_http_listen,
+            max_body_bytes=settings.inference_http_max_body_bytes,
+            max_json_bytes=settings.inference_http_max_json_bytes,
         )
         authorizer = Authorizer.from_settings(settings)
         http.add(OipRestRoutes(self.plane, authorizer, self.metrics))

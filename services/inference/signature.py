@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from maas import zoo
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, shown
 
 # The protocol's datatype names and the numpy dtype each one travels as on the wire.
 DATATYPE_TO_DTYPE: dict[str, np.dtype[Any]] = {
@@ -95,7 +95,7 @@ class Signature:
         if set(inputs) != {spec.name}:
             raise InvalidArgument(
                 f"{model} expects exactly one input {spec.describe()}; the request has "
-                f"{sorted(inputs) or 'no inputs'}"
+                f"{shown(sorted(inputs), 200) if inputs else 'no inputs'}"
             )
         array = inputs[spec.name]
         datatype = DTYPE_TO_DATATYPE.get(array.dtype) or (
@@ -139,6 +139,6 @@ class Signature:
         unknown = sorted(set(requested) - known)
         if unknown:
             raise InvalidArgument(
-                f"{model} has no output {', '.join(map(repr, unknown))}; its outputs are "
+                f"{model} has no output {shown(unknown, 200)}; its outputs are "
                 f"{', '.join(spec.describe() for spec in self.outputs)}"
             )

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from maas import artifacts
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, shown
 from maas.text import corpus
 from maas.text.bert_config import BertConfig
 from maas.text.model import ARCH, text_config
@@ -76,7 +76,7 @@ class TextSignature(Signature):
         if set(inputs) != {TEXT_INPUT} or self.tokenizer is None:
             raise InvalidArgument(
                 f"{model} expects exactly one input {self.inputs[0].describe()} of UTF-8 "
-                f"texts; the request has {sorted(inputs) or 'no inputs'}"
+                f"texts; the request has {shown(sorted(inputs), 200) if inputs else 'no inputs'}"
             )
         array = inputs[TEXT_INPUT]
         if array.dtype != np.object_ or not (

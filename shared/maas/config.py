@@ -198,6 +198,14 @@ class Settings:
             "empty = off"
         ),
     )
+    inference_http_max_json_bytes: int = setting(
+        "MAAS_INFERENCE_HTTP_MAX_JSON_BYTES",
+        4 * MiB,
+        (
+            "largest JSON document in an HTTP request (the server answers nothing else while it "
+            "parses one, ~0.1 s a MiB); tensors sent as binary data do not count"
+        ),
+    )
     inference_http_max_body_bytes: int = setting(
         "MAAS_INFERENCE_HTTP_MAX_BODY_BYTES",
         32 * MiB,

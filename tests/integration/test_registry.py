@@ -214,6 +214,16 @@ async def test_bytes_changed_in_s3_after_registration_are_refused_on_load(
         await client.load(version.ref)
 
 
+async def test_a_version_whose_object_was_deleted_in_s3_is_a_failed_precondition(
+    client: RegistryClient, stack
+) -> None:
+    name = a_name("deleted")
+    version = await client.register(zoo.build("mlp", MLP), name, "mlp", MLP)
+    ObjectStore(stack.settings).client.remove_object(MODELS_BUCKET, version.key(WEIGHTS_FILE))
+    with pytest.raises(FailedPrecondition, match="registered but its artifact is missing"):
+        await client.load(version.ref)
+
+
 async def test_s3_down_is_unavailable_and_registers_nothing(stack, tmp_path) -> None:
     process = RegistryProcess(stack.settings, tmp_path, MAAS_S3_ENDPOINT=f"127.0.0.1:{free_port()}")
     process.start()

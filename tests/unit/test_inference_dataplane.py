@@ -3,6 +3,7 @@
 Hot swaps (alias moves while serving): test_inference_hot_swap.py."""
 
 import asyncio
+import dataclasses
 
 import numpy as np
 import pytest
@@ -129,7 +130,7 @@ async def test_wrong_inputs_are_invalid_and_the_message_names_what_is_expected(
 
 
 async def test_asking_for_an_output_the_model_lacks_is_invalid(source, pool):
-    with pytest.raises(InvalidArgument, match=r"no output 'probs'.*'output' \(FP32"):
+    with pytest.raises(InvalidArgument, match=r"no output \['probs'\].*'output' \(FP32"):
         await make_plane(source, pool).infer("digits", "", {"input": X}, ["probs"])
 
 
@@ -263,11 +264,18 @@ async def test_a_token_model_takes_whole_numbers_below_its_vocabulary_only(pool,
         await plane.infer("tiny-gpt", "1", {"input": ids})
 
 
-async def test_a_version_whose_config_does_not_fit_its_weights_is_a_failed_precondition(pool):
-    files, manifest = artifacts.pack(model(4).state_dict(), "mlp", {**MLP, "hidden": [48]})
+@pytest.mark.parametrize(
+    "change",
+    [{"config": {**MLP, "hidden": [48]}}, {"config": {**MLP, "bogus": 1}}, {"arch": "nosuch"}],
+    ids=["shapes", "unknown-key", "unknown-arch"],
+)
+async def test_a_version_that_does_not_build_is_a_failed_precondition_naming_it(pool, change):
+    """The artifact's fault, not the request's: FAILED_PRECONDITION, naming the version."""
+    _, manifest = artifacts.pack(model(4).state_dict(), "mlp", MLP)
+    files, _ = artifacts.pack(model(4).state_dict(), "mlp", MLP)
     src = MemorySource()
-    src.add_artifact("misfit", files, manifest)
-    with pytest.raises(FailedPrecondition, match="cannot be built from its artifact"):
+    src.add_artifact("misfit", files, dataclasses.replace(manifest, **change))
+    with pytest.raises(FailedPrecondition, match="'misfit' version 1 cannot be built"):
         await make_plane(src, pool).infer("misfit", "1", {"input": X})
 
 

@@ -28,7 +28,9 @@ TOKEN = "rest-token"
 
 
 class Rest:
-    def __init__(self, authorizer: Authorizer, max_body_bytes: int = 1 << 20) -> None:
+    def __init__(
+        self, authorizer: Authorizer, max_body_bytes: int = 1 << 20, max_json_bytes: int = 1 << 20
+    ) -> None:
         self.module = zoo.build("mlp", MLP, seed=2).eval()
         source = MemorySource()
         source.add("digits", self.module, "mlp", MLP, aliases=["production"])
@@ -36,7 +38,9 @@ class Rest:
         self.pool = ThreadPoolExecutor(max_workers=1)
         self.plane = make_plane(source, self.pool, metrics=self.metrics)
         self.plane.ready = True
-        self.http = HttpServer("127.0.0.1:0", max_body_bytes=max_body_bytes)
+        self.http = HttpServer(
+            "127.0.0.1:0", max_body_bytes=max_body_bytes, max_json_bytes=max_json_bytes
+        )
         self.http.add(OipRestRoutes(self.plane, authorizer, self.metrics))
 
     async def __aenter__(self) -> "Rest":
@@ -155,7 +159,7 @@ def test_an_output_json_cannot_carry_is_refused_saying_to_ask_for_binary():
     ("doc", "status", "complaint"),
     [
         ({"inputs": []}, 400, "non-empty list"),
-        (infer_doc() | {"outputs": [{"name": "probs"}]}, 400, "no output 'probs'"),
+        (infer_doc() | {"outputs": [{"name": "probs"}]}, 400, "no output ['probs']"),
         (
             {"inputs": [{"name": "input", "datatype": "FP99", "shape": [1], "data": [1]}]},
             400,
@@ -200,6 +204,24 @@ async def test_a_body_over_the_limit_is_413_naming_the_setting():
     async with Rest(Authorizer(None), max_body_bytes=1024) as small:
         code, reply, _ = await small.call("POST", "/v2/models/digits/infer", data=b"x" * 4096)
     assert code == 413 and "MAAS_INFERENCE_HTTP_MAX_BODY_BYTES" in reply["error"]
+
+
+async def test_json_over_its_own_limit_is_413_while_binary_data_of_that_size_passes():
+    x = np.random.default_rng(4).standard_normal((400, 4)).astype(np.float32)
+    async with Rest(Authorizer(None), max_json_bytes=4096) as small:
+        code, reply, _ = await small.call("POST", "/v2/models/digits/infer", json=infer_doc(x))
+        assert code == 413 and "MAAS_INFERENCE_HTTP_MAX_JSON_BYTES=4096" in reply["error"]
+        header = json.dumps(
+            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [400, 4],
+                         "parameters": {"binary_data_size": x.nbytes}}]}
+        ).encode()  # fmt: skip
+        code, _, _ = await small.call(
+            "POST",
+            "/v2/models/digits/infer",
+            data=header + x.tobytes(),
+            headers={HEADER_LENGTH: str(len(header))},
+        )
+        assert code == 200 and x.nbytes > 4096
 
 
 async def test_json_nested_deeper_than_the_server_reads_is_400(rest):

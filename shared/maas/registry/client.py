@@ -29,7 +29,7 @@ import grpc
 from maas import errors
 from maas.config import Settings
 from maas.edge import open_channel
-from maas.errors import MaasError, Unavailable
+from maas.errors import FailedPrecondition, MaasError, NotFound, Unavailable
 from maas.manifest import Manifest
 from maas.names import check_version
 from maas.registry import wire
@@ -381,12 +381,18 @@ class RegistryClient:
         """Resolve ``ref`` and read its files from S3, each verified against its sha256."""
         version = await self.get(ref)
         store = await self._objects()
-        contents = await asyncio.gather(
-            *(
-                store.get_bytes(version.bucket, version.key(f.name), expected_sha256=f.sha256)
-                for f in version.files
+        try:
+            contents = await asyncio.gather(
+                *(
+                    store.get_bytes(version.bucket, version.key(f.name), expected_sha256=f.sha256)
+                    for f in version.files
+                )
             )
-        )
+        except NotFound as exc:  # the version exists: its artifact is what is gone
+            raise FailedPrecondition(
+                f"{version.name}@{version.version} is registered but its artifact is missing "
+                f"from S3 ({exc.message}); register the model again"
+            ) from None
         files = {f.name: data for f, data in zip(version.files, contents, strict=True)}
         return version, Manifest.from_json(version.manifest_json), files
 

@@ -95,7 +95,15 @@ def s3_round_trip(settings: Settings) -> str:
 
 
 def run(settings: Settings) -> list[str]:
-    return [asyncio.run(kafka_round_trip(settings)), s3_round_trip(settings)]
+    from aiokafka.errors import KafkaError
+
+    from maas.bus import unreachable
+
+    try:
+        kafka = asyncio.run(kafka_round_trip(settings))
+    except KafkaError as exc:
+        raise unreachable(settings, exc) from None
+    return [kafka, s3_round_trip(settings)]
 
 
 def main() -> int:

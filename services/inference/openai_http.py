@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from maas.errors import InvalidArgument, MaasError, shown
+from maas.errors import InvalidArgument, MaasError
+from maas.events import shown
 from maas.text.sampling import SamplingParams, Token, prompt_ids
 from services.inference.generation import Generators
 from services.inference.http_app import authorization_entries, read_json

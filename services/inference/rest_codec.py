@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from maas.errors import InvalidArgument, shown
+from maas.errors import InvalidArgument
+from maas.events import shown
 from maas.text import wire
 from services.inference.http_app import parse_json
 from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of

@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from maas import zoo
-from maas.errors import InvalidArgument, shown
+from maas.errors import InvalidArgument
+from maas.events import shown
 
 # The protocol's datatype names and the numpy dtype each one travels as on the wire.
 DATATYPE_TO_DTYPE: dict[str, np.dtype[Any]] = {

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from maas import artifacts
-from maas.errors import InvalidArgument, shown
+from maas.errors import InvalidArgument
+from maas.events import shown
 from maas.text import corpus
 from maas.text.bert_config import BertConfig
 from maas.text.model import ARCH, text_config

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from maas.config import Settings
 from maas.errors import MaasError
-from maas.manifest import MANIFEST_FILE, WEIGHTS_FILE, parse_manifest
+from maas.manifest import MANIFEST_FILE, WEIGHTS_FILE, check_finite_metrics, parse_manifest
 from maas.names import check_alias, check_name
 from maas.registry.types import ModelVersion, artifact_prefix
 from maas.store_async import AsyncObjectStore
@@ -136,6 +136,7 @@ class RegistryService:
             max_bytes=self.limits.max_manifest_bytes,
             max_metrics=self.limits.max_metrics,
         )
+        check_finite_metrics(manifest)
         await self.db(self.metadata.check_parent, parent_of(manifest))
         async with self._lock_for(request.name):
             version = await self.db(self.metadata.next_version, request.name)

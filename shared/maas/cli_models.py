@@ -19,7 +19,6 @@ import asyncio
 import json
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -29,6 +28,7 @@ from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
 from maas.registry.types import ModelRef, ModelVersion
+from maas.textfile import read_text_file
 
 Action = Callable[[Any, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -155,10 +155,7 @@ async def _policy_show(client: Any, args: argparse.Namespace) -> int:
 
 
 def _policy_file(path: str) -> Any:
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read policy file {path}: {exc.strerror}") from None
+    text = read_text_file(path, "policy file")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:

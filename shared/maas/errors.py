@@ -87,13 +87,3 @@ class DeadlineExceeded(MaasError):
 
 def is_retriable(exc: BaseException) -> bool:
     return isinstance(exc, MaasError) and exc.retriable
-
-
-def shown(value: object, limit: int = 60) -> str:
-    """``repr(value)`` for a message, cut to ``limit`` characters: a caller's value is echoed
-    so they can find it, not copied back whole (a 5 000-digit key, a megabyte string)."""
-    text = repr(value)
-    if len(text) <= limit:
-        return text
-    tail = f"... ({len(text)} chars)"
-    return text[: max(0, limit - len(tail))] + tail

@@ -129,6 +129,12 @@ def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
     return f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
+def shown(value: object, limit: int = 60) -> str:
+    """``repr(value)`` for a message, clipped: a caller's value is echoed so they can find it,
+    not copied back whole (a 5 000-digit key, a megabyte string)."""
+    return clip(repr(value), limit)
+
+
 def encode(event: Mapping[str, Any]) -> bytes:
     return msgpack.packb(event, use_bin_type=True)
 

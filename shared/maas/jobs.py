@@ -25,6 +25,7 @@ from maas.bus import EventProducer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import InvalidArgument, SchemaViolation
+from maas.textfile import read_text_file
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 CANCEL = "cancel"  # the job type that stops the train/finetune job of the same job_id
@@ -38,10 +39,7 @@ _REQUIRED_SECTIONS = {
 def load_job_file(path: str | Path) -> dict[str, Any]:
     """Read a job from YAML or JSON; the error names the file and what is wrong."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise InvalidArgument(f"cannot read job file {path}: {exc.strerror}") from None
+    text = read_text_file(path, "job file")
     try:
         doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except (ValueError, yaml.YAMLError) as exc:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -179,4 +180,14 @@ def verify(manifest: Manifest, files: Mapping[str, bytes]) -> None:
             raise IntegrityError(
                 f"artifact file {name!r} has sha256 {actual[:12]}…, the manifest says "
                 f"{expected[:12]}…: refusing a tampered or truncated artifact"
+            )
+
+
+def check_finite_metrics(manifest: Manifest) -> None:
+    """InvalidArgument naming the first metric that is NaN or infinite: a registered number
+    must compare (promotion policies rank by them) and print as JSON."""
+    for name, value in manifest.metrics.items():
+        if not math.isfinite(value):
+            raise InvalidArgument(
+                f"manifest.metrics.{clip(name, 60)} is {value}; metrics must be finite numbers"
             )

@@ -225,6 +225,16 @@ async def test_a_malformed_manifest_is_an_invalid_argument(client: RegistryClien
         await client.register_files("digits", {"w": WEIGHTS}, b'{"files": {}}')
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "infinity"])
+async def test_a_metric_that_is_not_finite_is_refused_naming_it(
+    client: RegistryClient, value: float
+) -> None:
+    files = {"weights.safetensors": WEIGHTS}
+    manifest = manifest_for(files, metrics={"accuracy": value})
+    with pytest.raises(InvalidArgument, match="manifest.metrics.accuracy is .*finite numbers"):
+        await client.register_files("digits", files, manifest)
+
+
 # --- registration --------------------------------------------------------------------------------
 
 

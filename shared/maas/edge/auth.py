@@ -29,6 +29,7 @@ from typing import Any
 
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, PermissionDenied, Unauthenticated
+from maas.textfile import read_text_file
 
 log = logging.getLogger(__name__)
 
@@ -218,15 +219,14 @@ def client_token(settings: Settings) -> str | None:
     if settings.auth_token:
         return settings.auth_token
     path = token_file(settings)
-    try:
-        return path.read_text().strip() or None
-    except FileNotFoundError:
+    if not path.exists():
         if settings.auth_token_file:
             raise FailedPrecondition(
                 f"MAAS_AUTH_TOKEN_FILE={path} does not exist; `maas stack up` writes tokens "
                 f"to {auth_dir(settings)}"
-            ) from None
+            )
         return None
+    return read_text_file(path, "token file").strip() or None
 
 
 def ensure_tokens(directory: Path, identities: Mapping[str, Role]) -> Path:

@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from maas.errors import InvalidArgument, shown
+from maas.errors import InvalidArgument
+from maas.events import shown
 from maas.text import byte_tokenizer
 from maas.text.gpt import GPT, KVCache
 

@@ -1,0 +1,42 @@
+"""What `maas` prints when a command cannot go on: one line naming the problem, no traceback."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from maas import cli
+from maas.errors import InvalidArgument
+from maas.textfile import read_text_file
+
+
+def test_a_binary_file_given_as_text_is_named_with_what_it_was_for(tmp_path: Path) -> None:
+    binary = tmp_path / "weights.bin"
+    binary.write_bytes(b"\x00\x01\xcb\xff" * 8)
+    with pytest.raises(InvalidArgument, match=r"job file .*weights.bin is not UTF-8 text"):
+        read_text_file(binary, "job file")
+
+
+def test_a_missing_file_is_named_with_the_reason(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"cannot read policy file .*nope.yaml"):
+        read_text_file(tmp_path / "nope.yaml", "policy file")
+
+
+def test_a_reader_that_leaves_the_pipe_ends_the_command_quietly(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def writes_into_a_closed_pipe(args: argparse.Namespace, settings: object) -> int:
+        raise BrokenPipeError
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser(writes_into_a_closed_pipe))
+    assert cli.main(["go"]) == 141
+    assert capsys.readouterr().err == ""
+
+
+def _parser(handler: object) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("command")
+    parser.set_defaults(func=handler)
+    return parser

@@ -41,6 +41,7 @@ from services.model_registry.store import (
     history_token,
     int_token,
     model_token,
+    models_after,
     page_size_of,
     parent_of,
     version_token,
@@ -229,7 +230,7 @@ class SqliteStore:
                 "MAX(v.created_ms) AS updated FROM models m "
                 "LEFT JOIN versions v ON v.name = m.name WHERE m.name > ? "
                 "GROUP BY m.name ORDER BY m.name LIMIT ?",
-                (page_token, size + 1),
+                (models_after(page_token), size + 1),
             ).fetchall()
             page = [
                 ModelSummary(
@@ -301,6 +302,8 @@ class SqliteStore:
     ) -> tuple[list[AliasChange], str]:
         """Oldest first; the token counts the moves before the next page (rows are never
         removed, so it stays valid)."""
+        if alias:
+            check_alias(alias)
         size = page_size_of(page_size)
         start = history_start(page_token)
         with self._lock:

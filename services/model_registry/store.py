@@ -17,12 +17,14 @@ the servicer trims pages to its reply size with the same functions.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from maas.errors import InvalidArgument
 from maas.events import clip
 from maas.manifest import Manifest
+from maas.names import check_name
 from maas.registry.types import (
     AliasChange,
     AliasTargets,
@@ -165,9 +167,25 @@ def version_token(last: ModelVersion) -> str:
     return str(last.version)
 
 
+MODEL_TOKEN_PREFIX = "after:"
+
+
 def model_token(last: ModelSummary) -> str:
     """The page token that continues a model listing after ``last``."""
-    return last.name
+    return MODEL_TOKEN_PREFIX + last.name
+
+
+def models_after(token: str) -> str:
+    """The name a model page token continues after ("" for none); InvalidArgument for a token
+    this server did not issue (a bare name would silently skip every model before it)."""
+    if not token:
+        return ""
+    name = token[len(MODEL_TOKEN_PREFIX) :]
+    with contextlib.suppress(InvalidArgument):
+        if token.startswith(MODEL_TOKEN_PREFIX):
+            check_name(name)
+            return name
+    raise InvalidArgument(f"page_token {clip(repr(token), 40)} is not one this server issued")
 
 
 def history_token(position: int) -> str:

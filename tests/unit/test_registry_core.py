@@ -195,6 +195,24 @@ def test_a_foreign_page_token_is_invalid(core: SqliteStore) -> None:
         core.list_versions("digits", page_token="abc")
 
 
+@pytest.mark.parametrize("token", ["garbage", "b", "after:Not A Name", "!!!!"])
+def test_a_model_page_token_the_server_did_not_issue_is_invalid(
+    core: SqliteStore, token: str
+) -> None:
+    register(core, "a")
+    with pytest.raises(InvalidArgument, match="not one this server issued"):
+        core.list_models(page_token=token)
+
+
+@pytest.mark.parametrize("alias", ["Production", "a b", "../../x"])
+def test_the_history_of_a_malformed_alias_is_invalid_not_empty(
+    core: SqliteStore, alias: str
+) -> None:
+    register(core)
+    with pytest.raises(InvalidArgument, match="malformed"):
+        core.alias_history("digits", alias)
+
+
 def test_models_are_summarised_by_name_in_pages(core: SqliteStore) -> None:
     for name in ("b", "a", "c"):
         register(core, name)

@@ -73,6 +73,19 @@ log = logging.getLogger(__name__)
 GROUP_ID = "maas-training"
 STATUS_GROUP_ID = "maas-job-status"  # dead-letters the statuses no reader can read
 POLL_S = 0.5
+
+
+class JobStalled(DeadlineExceeded):
+    """A running job whose shards made no progress for MAAS_JOB_STALL_TIMEOUT_MS: it fails (a
+    deadline is retriable elsewhere, but retrying here only restarts the wait)."""
+
+
+def ends_the_job(error: MaasError) -> bool:
+    """Whether following a job gives up on ``error`` and fails the job: anything retrying cannot
+    mend, and a stall (retrying would only start the wait again, forever)."""
+    return not error.retriable or isinstance(error, JobStalled)
+
+
 RETRY_S = 2.0
 
 
@@ -307,7 +320,7 @@ class Coordinator:
             except asyncio.CancelledError:
                 raise
             except MaasError as exc:
-                if not exc.retriable:
+                if ends_the_job(exc):
                     await self._fail(job_id, exc)
                     return
                 log.warning("job %s: %s; retrying", job_id, exc.message)
@@ -340,7 +353,7 @@ class Coordinator:
             if versions != seen or self._progress_ms.get(job_id, 0) > changed_ms:
                 seen, changed_ms = versions, now
             if now - changed_ms > self.settings.job_stall_timeout_ms:
-                raise DeadlineExceeded(
+                raise JobStalled(
                     f"no progress for {self.settings.job_stall_timeout_ms} ms (shard versions "
                     f"{list(versions)}); are gradient workers and aggregator shards running? "
                     "(`maas stack status`, and the job's last `running` status names them)"

@@ -11,6 +11,7 @@ job's ``succeeded`` result; writing and announcing it is the coordinator's.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 
 from maas import datasets, zoo
 from maas.config import Settings
-from maas.errors import NotFound
+from maas.errors import FailedPrecondition, NotFound
 from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
 from maas.store_async import AsyncObjectStore
@@ -28,6 +29,18 @@ from maas.training.plan import JobPlan
 from maas.training.prepare import load_dataset
 from maas.training.replica import evaluate
 from maas.training.storage import TrainingStore
+
+
+def check_diverged(plan: JobPlan, metrics: dict[str, float]) -> None:
+    """FailedPrecondition when the trained model's held-out metrics are not numbers: training
+    diverged (a learning rate too high, say), and such a model is not registered."""
+    broken = sorted(name for name, value in metrics.items() if not math.isfinite(value))
+    if broken:
+        raise FailedPrecondition(
+            f"training diverged: held-out {', '.join(broken)} is not a number after "
+            f"{plan.target_version} steps; lower training.optimizer.lr "
+            f"(it was {plan.training.optimizer.lr:g}) or check the dataset's values"
+        )
 
 
 class JobFinisher:
@@ -48,6 +61,7 @@ class JobFinisher:
         ``pointers`` (one per shard, in order), with its model registered."""
         state = await self._final_state(plan, pointers)
         metrics = await asyncio.to_thread(self._evaluate, plan, state)
+        check_diverged(plan, metrics)
         lead = pointers[0]
         seconds = max(1e-3, (lead.written_ms - lead.started_ms) / 1000)
         metrics["samples_per_s"] = lead.samples / seconds

@@ -184,15 +184,17 @@ def _registered(summary: jobs.JobSummary) -> str:
 
 def _list(args: argparse.Namespace, settings: Settings) -> int:
     from rich.table import Table
+    from rich.text import Text
 
     from maas import jobs
+    from maas.events import printable
 
     summaries = asyncio.run(jobs.summaries(settings))
     table = Table("JOB", "STATE", "STEP", "LOSS", "ACCURACY", "MODEL", "UPDATED")
     for summary in sorted(summaries.values(), key=lambda s: s.updated_ms):
         model = summary.model or {}
         table.add_row(
-            summary.job_id,
+            Text(printable(summary.job_id)),  # as data: neither markup nor control codes
             summary.state,
             f"{summary.step}/{summary.total_steps}" if summary.total_steps else str(summary.step),
             _fmt(summary.metrics.get("loss")),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 SIDECAR_SUFFIX = ".sha256"
 
+MIN_ROWS = 10  # so the held-out fifth has rows to evaluate on
+MAX_CLASSES = 1 << 20
 TEST_FRACTION = 0.2
 SPLIT_SEED = 1234
 
@@ -142,23 +145,44 @@ def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             arrays: dict[str, Any] = {k: npz[k] for k in npz.files}
-    except ValueError as exc:
-        raise InvalidArgument(f"{name} is not a readable .npz without pickles: {exc}") from None
+    except (ValueError, OSError, EOFError, MemoryError, zipfile.BadZipFile):
+        # numpy's own words would suggest allow_pickle=True: never, for a file from outside.
+        raise InvalidArgument(
+            f"{name} is not a readable .npz of numeric arrays (np.savez(path, X=..., y=...); "
+            "object arrays are refused)"
+        ) from None
     if "X" not in arrays or "y" not in arrays:
         raise InvalidArgument(f"{name} must hold arrays 'X' and 'y'; it has {sorted(arrays)}")
     x, y = np.asarray(arrays["X"]), np.asarray(arrays["y"])
-    if x.ndim != 2 or len(x) != len(y) or len(x) < 2:
+    if x.ndim != 2 or len(x) != len(y) or len(x) < MIN_ROWS:
         raise InvalidArgument(
-            f"{name}: X must be 2-D with one row per label; got X{x.shape} and y{y.shape}"
+            f"{name}: X must be 2-D with one row per label and at least {MIN_ROWS} rows (a "
+            f"fifth are held out for evaluation); got X{x.shape} and y{y.shape}"
         )
+    for label, array in (("X", x), ("y", y)):
+        if array.dtype.kind not in "biuf":
+            raise InvalidArgument(
+                f"{name}: {label} has dtype {array.dtype}; use integers or floats (real numbers)"
+            )
+    if not np.isfinite(x).all():
+        raise InvalidArgument(f"{name}: X holds NaN or infinite values; features must be finite")
     if task is None:
         task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
     if task == "classification":
-        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0:
-            raise InvalidArgument(f"{name}: classification labels y must be integers >= 0")
+        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.min() < 0:
+            raise InvalidArgument(
+                f"{name}: classification labels y must be one integer >= 0 per row; got "
+                f"y{y.shape} of {y.dtype}"
+            )
+        if y.max() >= MAX_CLASSES:
+            raise InvalidArgument(
+                f"{name}: a label is {y.max()}; labels must be below {MAX_CLASSES}"
+            )
         y = y.astype(np.int64)
     else:
         y = y.astype(np.float32).reshape(len(y), -1)
+        if not np.isfinite(y).all():
+            raise InvalidArgument(f"{name}: y holds NaN or infinite values; targets must be finite")
     return _split(name, task, x.astype(np.float32), y)
 
 

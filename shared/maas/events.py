@@ -129,6 +129,12 @@ def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
     return f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
+def printable(text: str, limit: int = 80) -> str:
+    """``text`` for a terminal: control characters escaped (a job id holding a screen-clear
+    prints as ``\\x1b[2J``), clipped."""
+    return clip("".join(c if c.isprintable() else repr(c)[1:-1] for c in text), limit)
+
+
 def shown(value: object, limit: int = 60) -> str:
     """``repr(value)`` for a message, clipped: a caller's value is echoed so they can find it,
     not copied back whole (a 5 000-digit key, a megabyte string)."""

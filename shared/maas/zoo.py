@@ -112,6 +112,12 @@ def _dataclass_config(config_type: type[Any]) -> Callable[[dict[str, Any], str],
                 raise InvalidArgument(f"{where}.{f.name}={value!r} must be {what}")
             if any(v < 0 for v in items):
                 raise InvalidArgument(f"{where}.{f.name}={value!r} must not be negative")
+            if not all(math.isfinite(v) for v in items):
+                raise InvalidArgument(f"{where}.{f.name}={value!r} must be a finite number")
+            if f.name == "dropout" and not all(v < 1 for v in items):
+                raise InvalidArgument(
+                    f"{where}.dropout={value!r} is a probability of dropping: use 0 <= p < 1"
+                )
         return parsed
 
     return parse

@@ -112,15 +112,16 @@ async def test_a_job_with_an_unknown_arch_fails_naming_the_field(cluster, produc
 async def test_a_job_whose_step_cannot_be_computed_fails_at_once_with_the_workers_reason(
     cluster, producer, watcher
 ):
-    # Passes intake (a batch is any positive size) but no worker can hold 10^12 rows' indices.
-    training = {"steps": 5, "workers": 1, "batch_size": 10**12}
-    status = await run(
-        producer, watcher, train_job("oom", "mlp", {"uri": "builtin:digits"}, training)
-    )
+    # Passes intake (the digits' 64 features fit a GPT's block), but their values 0..16 are not
+    # token ids of a 4-token vocabulary: the worker's embedding fails on the first step.
+    training = {"steps": 5, "workers": 1, "batch_size": 8}
+    config = {"vocab_size": 4, "block_size": 64, "n_layer": 1, "n_head": 1, "n_embd": 8}
+    job = train_job("tokens", "gpt", {"uri": "builtin:digits"}, training, config=config)
+    status = await run(producer, watcher, job)
     assert status["state"] == "failed", status
     assert status["error"]["code"] == "failed_precondition"
     message = status["error"]["message"]
-    assert "could not compute a step" in message and "MemoryError" in message
+    assert "could not compute a step" in message and "IndexError" in message
 
 
 # --- learning ---------------------------------------------------------------------------------

@@ -49,6 +49,10 @@ def test_defaults_fill_what_the_job_leaves_out():
         ({"chain": [{"quantize": {}}, {"prune": {}}]}, "last"),
         ({"distill": {"steps": 0}}, "steps"),
         ({"prune": {"recovery_steps": -1}}, "recovery_steps"),
+        ({"prune": {"recovery_steps": 10**30}}, "recovery_steps=.* to 100000000"),
+        ({"distill": {"temperature": float("inf")}}, "distill.temperature=inf"),
+        ({"distill": {"temperature": 0}}, "distill.temperature=0"),
+        ({"distill": {"alpha": 1.5}}, "distill.alpha=1.5"),
     ],
 )
 def test_a_bad_method_is_refused_with_a_message_naming_the_problem(item, message):

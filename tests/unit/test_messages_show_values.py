@@ -1,7 +1,7 @@
 """How messages show the caller's values."""
 
 from maas.errors import InvalidArgument
-from maas.events import shown
+from maas.events import printable, shown
 from maas.text.sampling import SamplingParams
 
 
@@ -18,3 +18,8 @@ def test_a_huge_logit_bias_key_is_not_echoed_whole() -> None:
         assert "logit_bias key" in exc.message and len(exc.message) < 400
     else:
         raise AssertionError("a 5000-digit token id was accepted")
+
+
+def test_text_for_a_terminal_has_its_control_characters_escaped() -> None:
+    assert printable("job-\x1b[2J-1") == "job-\\x1b[2J-1"
+    assert printable("ok-name") == "ok-name"

@@ -181,3 +181,30 @@ def test_gradients_too_large_to_keep_even_one_interval_are_refused_naming_the_wa
     limits = Limits(default_deadline_ms=5000, max_kept_bytes=2 * MLP_STEP_BYTES)
     with pytest.raises(InvalidArgument, match="compressing training.gradient_codec"):
         prepare_job(_training(), limits=limits)
+
+
+@pytest.mark.parametrize(
+    ("training", "named"),
+    [
+        ({"epochs": float("inf"), "steps": None}, "training.epochs=inf"),
+        ({"steps": 10**30}, "training.steps=.* from 1 to 100000000"),
+        ({"seed": 2**64}, r"training.seed=.* \[0, 2\*\*63\)"),
+        ({"batch_size": 150_000_000}, "training.batch_size=150000000 must be an integer"),
+        ({"batch_size": 5000}, "training.batch_size=5000 is more than the"),
+        ({"epochs": 10**8, "steps": None}, "makes .* steps; at most"),
+    ],
+    ids=["epochs-inf", "steps-1e30", "seed-2**64", "batch-huge", "batch-over-rows", "epochs-many"],
+)
+def test_training_values_no_worker_could_honour_are_refused_naming_the_field(
+    training: dict[str, Any], named: str
+) -> None:
+    fields = {k: v for k, v in {"steps": 5, **training}.items() if v is not None}
+    with pytest.raises(InvalidArgument, match=named):
+        prepare_job(_job(training=fields), limits=LIMITS)
+
+
+@pytest.mark.parametrize("dropout", [1.5, float("nan")])
+def test_a_dropout_that_is_not_a_probability_is_refused(dropout: float) -> None:
+    model = {"name": "m", "arch": "mlp", "config": {"hidden": [16], "dropout": dropout}}
+    with pytest.raises(InvalidArgument, match="model.config.dropout"):
+        prepare_job(_job(model=model), limits=LIMITS)

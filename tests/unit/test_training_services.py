@@ -199,3 +199,31 @@ def test_a_link_keeps_its_pushes_until_a_checkpoint_covers_their_version() -> No
     assert [(shard, p.version) for shard, p in got] == [(1, 6)] and not link.over
     link.receive(params(7, durable=7))
     assert link.retained == 0
+
+
+def test_a_stalled_job_fails_while_an_outage_is_waited_out() -> None:
+    from maas.errors import InvalidArgument, Unavailable
+    from services.aggregator.coordinator import JobStalled, ends_the_job
+
+    assert ends_the_job(JobStalled("no progress for 600000 ms"))
+    assert ends_the_job(InvalidArgument("training.steps=0 must be at least 1"))
+    assert not ends_the_job(Unavailable("S3 is unreachable"))
+
+
+def test_a_model_whose_held_out_loss_is_not_a_number_fails_the_job_saying_it_diverged() -> None:
+    from maas.errors import FailedPrecondition
+    from maas.training.prepare import Limits, prepare_job
+    from services.aggregator.finish import check_diverged
+
+    job = {
+        "job_id": "j",
+        "type": "train",
+        "model": {"name": "m", "arch": "mlp", "config": {"hidden": [8]}},
+        "dataset": {"uri": "builtin:digits"},
+        "training": {"steps": 3, "optimizer": {"name": "sgd", "lr": 1e30}},
+    }
+    plan = prepare_job(job, limits=Limits(1000)).plan
+    check_diverged(plan, {"loss": 0.3, "accuracy": 0.9})
+    diverged = r"diverged: held-out loss .*optimizer\.lr \(it was 1e\+30\)"
+    with pytest.raises(FailedPrecondition, match=diverged):
+        check_diverged(plan, {"loss": float("nan"), "accuracy": 0.1})

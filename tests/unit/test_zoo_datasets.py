@@ -104,6 +104,42 @@ def test_npz_without_labels_is_refused_with_what_it_has():
         datasets.from_npz("s3://b/k.npz", buf.getvalue())
 
 
+def _npz(**arrays: np.ndarray) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+X20 = np.zeros((20, 3), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "complaint"),
+    [
+        ({"X": np.full((20, 3), np.nan), "y": np.zeros(20, int)}, "X holds NaN or infinite"),
+        ({"X": X20, "y": np.full(20, np.inf)}, "y holds NaN or infinite"),
+        ({"X": X20.astype(complex), "y": np.zeros(20, int)}, "X has dtype complex128"),
+        ({"X": np.array([["a"] * 3] * 20), "y": np.zeros(20, int)}, "X has dtype <U1"),
+        ({"X": X20, "y": np.full(20, 2**64 - 1, np.uint64)}, "labels must be below"),
+        ({"X": X20, "y": np.zeros((20, 2), int)}, "one integer >= 0 per row"),
+        ({"X": X20[:2], "y": np.zeros(2, int)}, "at least 10 rows"),
+    ],
+    ids=["nan-x", "inf-y", "complex", "text", "uint64-label", "2d-labels", "two-rows"],
+)
+def test_a_dataset_that_cannot_train_soundly_is_refused_saying_why(arrays, complaint):
+    with pytest.raises(InvalidArgument, match=complaint):
+        datasets.from_npz("s3://b/k.npz", _npz(**arrays))
+
+
+@pytest.mark.parametrize("data", [b"\x80\x04 random bytes", b"PK\x03\x04 truncated zip"])
+def test_a_file_that_is_not_an_npz_is_refused_without_numpys_pickle_advice(data: bytes):
+    with pytest.raises(InvalidArgument, match="not a readable .npz") as caught:
+        datasets.from_npz("s3://b/k.npz", data)
+    assert "allow_pickle" not in caught.value.message
+
+
 # --- the sequential arch --------------------------------------------------------------------
 
 SEED_NET = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -21,6 +22,8 @@ from maas.compression import distill as kd
 from maas.compression import formats, prune, quant
 from maas.compression.train import FitConfig, Tensors, fit
 from maas.errors import InvalidArgument
+from maas.events import shown
+from maas.training.plan import MAX_STEPS
 
 
 @dataclass(frozen=True)
@@ -39,8 +42,7 @@ class Prune:
 
     def __post_init__(self) -> None:
         prune.check_sparsity(self.sparsity)
-        if self.recovery_steps < 0:
-            raise InvalidArgument(f"prune.recovery_steps={self.recovery_steps} must be >= 0")
+        _check_count("prune.recovery_steps", self.recovery_steps, least=0)
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,28 @@ class Distill:
     alpha: float = 0.9
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise InvalidArgument(f"distill.steps={self.steps} must be >= 1")
+        _check_count("distill.steps", self.steps, least=1)
+        if not _is_number(self.temperature) or not 0 < self.temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument(
+                f"distill.temperature={shown(self.temperature)} must be a number in "
+                f"(0, {MAX_TEMPERATURE}]"
+            )
+        if not _is_number(self.alpha) or not 0 <= self.alpha <= 1:
+            raise InvalidArgument(f"distill.alpha={shown(self.alpha)} must be a number in [0, 1]")
+
+
+MAX_TEMPERATURE = 100.0  # softmax at T=100 is flat to float32 for any sane logits
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_count(field: str, value: object, *, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not least <= value <= MAX_STEPS:
+        raise InvalidArgument(
+            f"{field}={shown(value)} must be an integer from {least} to {MAX_STEPS}"
+        )
 
 
 Step = Quantize | Prune | Distill

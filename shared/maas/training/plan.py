@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from maas.errors import InvalidArgument
+from maas.events import shown
 from maas.training.codecs import parse_codec
 from maas.training.layout import SPLITS, FlatLayout, ParamPartition, partition
 from maas.training.optim import OptimizerSpec
@@ -31,6 +32,7 @@ DEFAULT_CHECKPOINT_EVERY = 50
 DEFAULT_STALENESS = 2
 # The most ranks and partitions one job may ask for (the job schema says the same).
 DEFAULT_MAX_KEPT_BYTES = 4 << 30  # MAAS_WORKER_MAX_KEPT_BYTES
+MAX_STEPS = 100_000_000  # steps (and other counts) a job may ask for: weeks of training
 MAX_JOB_WORKERS = 64
 MAX_JOB_SHARDS = 64
 
@@ -42,10 +44,12 @@ def _choice(training: Mapping[str, Any], key: str, allowed: Sequence[str], defau
     return str(value)
 
 
-def _positive_int(training: Mapping[str, Any], key: str, default: int) -> int:
+def _positive_int(
+    training: Mapping[str, Any], key: str, default: int, most: int = MAX_STEPS
+) -> int:
     value = training.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"training.{key}={value!r} must be an integer >= 1")
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= most:
+        raise InvalidArgument(f"training.{key}={shown(value)} must be an integer from 1 to {most}")
     return value
 
 
@@ -89,8 +93,14 @@ class TrainingSpec:
             raise InvalidArgument("training.steps and training.epochs are exclusive; give one")
         if steps is not None:
             steps = _positive_int(t, "steps", DEFAULT_STEPS)
-        if epochs is not None and not (isinstance(epochs, int | float) and epochs > 0):
-            raise InvalidArgument(f"training.epochs={epochs!r} must be a positive number")
+        if epochs is not None and not (
+            isinstance(epochs, int | float)
+            and not isinstance(epochs, bool)
+            and 0 < epochs <= MAX_STEPS
+        ):
+            raise InvalidArgument(
+                f"training.epochs={shown(epochs)} must be a number above 0, at most {MAX_STEPS}"
+            )
         workers = _positive_int(t, "workers", 1)
         if workers > max_workers:
             raise InvalidArgument(
@@ -123,8 +133,8 @@ class TrainingSpec:
                 f"training.sync_every applies to mode 'local_sgd' only, not {mode!r}"
             )
         seed = t.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise InvalidArgument(f"training.seed={seed!r} must be an integer")
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+            raise InvalidArgument(f"training.seed={shown(seed)} must be an integer in [0, 2**63)")
         return cls(
             steps=steps,
             epochs=float(epochs) if epochs is not None else None,
@@ -357,6 +367,18 @@ def make_plan(
         raise InvalidArgument(
             f"dataset {dataset['uri']} has {train_rows} training rows, fewer than "
             f"training.workers={training.workers}"
+        )
+    rows_per_worker = train_rows // training.workers
+    if training.batch_size > rows_per_worker:
+        raise InvalidArgument(
+            f"training.batch_size={training.batch_size} is more than the {rows_per_worker} "
+            f"training rows each of the {training.workers} workers holds; use at most "
+            f"{rows_per_worker}"
+        )
+    if training.total_steps(train_rows) > MAX_STEPS:
+        raise InvalidArgument(
+            f"training.epochs={training.epochs} makes {training.total_steps(train_rows)} steps; "
+            f"at most {MAX_STEPS}"
         )
     return JobPlan(
         job_id=job_id,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from maas.errors import IntegrityError, InvalidArgument, NotFound
+from maas.events import shown
 
 if TYPE_CHECKING:
     from maas.config import Settings
@@ -200,7 +201,12 @@ def check_uri(uri: str, settings: Settings) -> None:
         return
     if not (uri.startswith("s3://") and uri.endswith(".npz")):
         raise InvalidArgument(f"dataset.uri {uri!r} must be builtin:<name> or s3://bucket/key.npz")
-    bucket = uri[5:].split("/", 1)[0]
+    bucket, _, key = uri[5:].partition("/")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise InvalidArgument(
+            f"dataset.uri {shown(uri)} has an empty, '.' or '..' path segment; name the object's "
+            "key as stored, e.g. s3://maas-datasets/mine/train.npz"
+        )
     allowed = allowed_buckets(settings)
     if bucket not in allowed:
         raise InvalidArgument(

@@ -301,3 +301,18 @@ def test_building_a_skeleton_imports_no_sympy():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://maas-datasets/../other/x.npz",
+        "s3://maas-datasets//x.npz",
+        "s3://maas-datasets/./x.npz",
+    ],
+)
+def test_a_dataset_uri_with_a_dot_or_empty_segment_is_refused(uri: str) -> None:
+    from maas.config import Settings
+
+    with pytest.raises(InvalidArgument, match="'.' or '..' path segment"):
+        datasets.check_uri(uri, Settings())

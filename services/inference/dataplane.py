@@ -32,6 +32,7 @@ import numpy as np
 
 from maas import artifacts
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.events import clip
 from maas.registry.types import DEFAULT_ALIAS, AliasTargets
 from services.inference.batcher import BatchingConfig, make_runner
 from services.inference.canary import Splits, split_of, targets_of
@@ -221,7 +222,7 @@ class DataPlane:
             )
             raise FailedPrecondition(
                 f"model {name!r} version {version} cannot be built from its artifact "
-                f"({reason[:300]}); register a version whose arch and config build a model "
+                f"({clip(reason, 300)}); register a version whose arch and config build a model "
                 "its weights fit"
             ) from None
         stats = ModelStats(name, version, self._metrics)

@@ -167,7 +167,7 @@ def _bytes_from_bytes(
             f"{where} needs {size} binary bytes at offset {offset}, but only {len(binary)} "
             "follow the JSON part"
         )
-    return wire.decode_items(bytes(binary[offset : offset + size]), shape, name)
+    return wire.decode_items(binary[offset : offset + size], shape, name)  # a view: no copy
 
 
 # Which numpy kinds (as parsed from JSON) each datatype kind accepts without losing meaning.

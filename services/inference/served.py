@@ -20,6 +20,7 @@ from torch import nn
 from maas import jit
 from maas.compression.quant import Int8Linear
 from maas.errors import InvalidArgument, ResourceExhausted
+from maas.events import clip
 from services.inference.batcher import BatchingConfig, Forward, Runner
 from services.inference.metrics import ModelStats
 from services.inference.signature import Signature
@@ -71,7 +72,7 @@ def torch_forward(module: nn.Module, *, trace_row: tuple[int, ...] | None = None
             # Shapes and datatypes were checked before queueing: what fails here is the values
             # (int8 scaling overflowing on huge numbers, say), or memory for this many rows.
             log.info("forward pass failed on a request's input", exc_info=True)
-            reason = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            reason = clip(str(exc).splitlines()[0], 300) if str(exc) else type(exc).__name__
             if "allocate" in reason:
                 raise ResourceExhausted(
                     f"no memory for this forward pass ({reason}); send fewer rows a request"

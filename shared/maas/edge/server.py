@@ -110,13 +110,16 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         kind = next(k for k in KINDS if getattr(handler, k) is not None)
         behavior = getattr(handler, kind)
         streamed_in = kind.startswith("stream_")
-        if handler.request_deserializer is not None:
+        parsed = handler.request_deserializer is not None  # raw-bytes handlers: nothing to check
+        if parsed:
             handler = handler._replace(  # type: ignore[attr-defined]
                 request_deserializer=_tolerant(handler.request_deserializer)
             )
 
         def checked(request: Any) -> Any:
             """The request, or what reads its messages, with malformed ones raised here."""
+            if not parsed:
+                return request  # the training data plane: its frames pass untouched
             if streamed_in:
                 return _checked_stream(request)
             if isinstance(request, Malformed):

@@ -50,7 +50,7 @@ def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.
     return decode_items(raw, tensor.shape, tensor.name)
 
 
-def decode_items(raw: bytes, shape: Sequence[int], name: str) -> np.ndarray:
+def decode_items(raw: bytes | memoryview, shape: Sequence[int], name: str) -> np.ndarray:
     """``raw`` BYTES contents of tensor ``name`` -> an object array of ``bytes`` in ``shape``."""
     items: list[bytes] = []
     view = memoryview(raw)

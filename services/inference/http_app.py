@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 THREADED_PARSE_BYTES = 256 * 1024
 DEFAULT_MAX_JSON_BYTES = 4 * 1024 * 1024
 MAX_JSON_BYTES = web.AppKey("max_json_bytes", int)
+# A client that opens a request and sends its body slowly, or never, holds a connection and a
+# handler; these bound how long (nginx's defaults are 60 s for a body and 75 s idle).
+DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_IDLE_TIMEOUT_S = 75.0
+BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 
 
 class Routes(Protocol):
@@ -49,7 +54,12 @@ class HttpServer:
         setting: str = "MAAS_INFERENCE_HTTP_LISTEN",
         max_body_bytes: int = 1024 * 1024,
         max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
+        body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
+        for name, seconds in (("BODY", body_timeout_s), ("IDLE", idle_timeout_s)):
+            if not seconds > 0:
+                raise InvalidArgument(f"MAAS_INFERENCE_HTTP_{name}_TIMEOUT_S={seconds} must be > 0")
         host, sep, port = listen.rpartition(":")
         if not sep or not port.isdigit():
             raise InvalidArgument(f"{setting}={listen!r} must be host:port, e.g. 127.0.0.1:8000")
@@ -59,6 +69,8 @@ class HttpServer:
             client_max_size=max_body_bytes, middlewares=[self._json_refusals]
         )
         self.app[MAX_JSON_BYTES] = max_json_bytes
+        self.app[BODY_TIMEOUT_S] = body_timeout_s
+        self._idle_timeout_s = idle_timeout_s
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -75,7 +87,10 @@ class HttpServer:
                 raise
             body = self._error_body(request.path, _refusal(request, exc), exc.status)
             headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
-            return web.json_response(body, status=exc.status, headers=headers)
+            response = web.json_response(body, status=exc.status, headers=headers)
+            if exc.headers.get("Connection", "").lower() == "close":
+                response.force_close()
+            return response
 
     def _error_body(self, path: str, message: str, status: int) -> dict[str, Any]:
         for routes in self._routes:
@@ -84,7 +99,11 @@ class HttpServer:
         return {"error": message}
 
     async def start(self) -> None:
-        self._runner = web.AppRunner(self.app, access_log=None)
+        # aiohttp's keep-alive timer also runs while a request's headers are still arriving, so
+        # it closes a connection that never completes them.
+        self._runner = web.AppRunner(
+            self.app, access_log=None, keepalive_timeout=self._idle_timeout_s
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
         try:
@@ -126,9 +145,20 @@ def authorization_entries(request: web.Request) -> list[tuple[str, str]]:
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The request's body; one aiohttp cannot decode is InvalidArgument."""
+    """The request's body; one aiohttp cannot decode is InvalidArgument, one that does not arrive
+    within the server's body timeout is a 408 that closes the connection."""
+    timeout = request.app.get(BODY_TIMEOUT_S, DEFAULT_BODY_TIMEOUT_S)
     try:
-        return await request.read()
+        async with asyncio.timeout(timeout):
+            return await request.read()
+    except TimeoutError:
+        raise web.HTTPRequestTimeout(
+            text=(
+                f"the request body did not arrive within {timeout:g} s "
+                f"(MAAS_INFERENCE_HTTP_BODY_TIMEOUT_S); send it in one go, or raise the setting"
+            ),
+            headers={"Connection": "close"},
+        ) from None
     except web.RequestPayloadError as exc:  # an unknown content-encoding, a broken chunk
         raise InvalidArgument(
             f"the request body cannot be read ({exc}); send it plain or gzip/deflate-encoded"

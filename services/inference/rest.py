@@ -115,6 +115,9 @@ class OipRestRoutes:
             except web.HTTPRequestEntityTooLarge as exc:
                 code = grpc.StatusCode.RESOURCE_EXHAUSTED
                 return _json({"error": too_large(exc)}, 413)
+            except web.HTTPRequestTimeout:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                raise  # the listener answers it, and closes the connection
             except Exception as exc:
                 request_id = new_request_id()
                 code, message = status_for(exc, request_id)

@@ -152,6 +152,8 @@ class InferenceServer:
             settings.inference_http_listen,
             max_body_bytes=settings.inference_http_max_body_bytes,
             max_json_bytes=settings.inference_http_max_json_bytes,
+            body_timeout_s=settings.inference_http_body_timeout_s,
+            idle_timeout_s=settings.inference_http_idle_timeout_s,
         )
         authorizer = Authorizer.from_settings(settings)
         http.add(OipRestRoutes(self.plane, authorizer, self.metrics))

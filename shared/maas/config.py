@@ -214,6 +214,19 @@ class Settings:
             "tensors travel better over gRPC, up to MAAS_GRPC_MAX_MESSAGE_BYTES)"
         ),
     )
+    inference_http_body_timeout_s: int = setting(
+        "MAAS_INFERENCE_HTTP_BODY_TIMEOUT_S",
+        60,
+        "seconds an HTTP request's body may take to arrive; slower: 408 and a closed connection",
+    )
+    inference_http_idle_timeout_s: int = setting(
+        "MAAS_INFERENCE_HTTP_IDLE_TIMEOUT_S",
+        75,
+        (
+            "seconds an HTTP connection may sit idle, or with a request's headers half sent, "
+            "before the server closes it"
+        ),
+    )
     inference_generation_slots: int = setting(
         "MAAS_INFERENCE_GENERATION_SLOTS",
         8,

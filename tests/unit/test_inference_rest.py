@@ -2,6 +2,7 @@
 repository, status codes with messages, the token check. tritonclient.http drives the real
 server process in tests/integration/test_oip_http.py."""
 
+import asyncio
 import hashlib
 import json
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,11 @@ TOKEN = "rest-token"
 
 class Rest:
     def __init__(
-        self, authorizer: Authorizer, max_body_bytes: int = 1 << 20, max_json_bytes: int = 1 << 20
+        self,
+        authorizer: Authorizer,
+        max_body_bytes: int = 1 << 20,
+        max_json_bytes: int = 1 << 20,
+        **timeouts: float,
     ) -> None:
         self.module = zoo.build("mlp", MLP, seed=2).eval()
         source = MemorySource()
@@ -39,7 +44,7 @@ class Rest:
         self.plane = make_plane(source, self.pool, metrics=self.metrics)
         self.plane.ready = True
         self.http = HttpServer(
-            "127.0.0.1:0", max_body_bytes=max_body_bytes, max_json_bytes=max_json_bytes
+            "127.0.0.1:0", max_body_bytes=max_body_bytes, max_json_bytes=max_json_bytes, **timeouts
         )
         self.http.add(OipRestRoutes(self.plane, authorizer, self.metrics))
 
@@ -204,6 +209,36 @@ async def test_a_body_over_the_limit_is_413_naming_the_setting():
     async with Rest(Authorizer(None), max_body_bytes=1024) as small:
         code, reply, _ = await small.call("POST", "/v2/models/digits/infer", data=b"x" * 4096)
     assert code == 413 and "MAAS_INFERENCE_HTTP_MAX_BODY_BYTES" in reply["error"]
+
+
+async def test_a_body_that_stops_arriving_is_408_and_the_connection_is_closed():
+    async with Rest(Authorizer(None), body_timeout_s=0.3) as slow:
+        reader, writer = await asyncio.open_connection("127.0.0.1", slow.http.port)
+        writer.write(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"inputs"'
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=30)  # read() ends at the close
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408")
+    assert "MAAS_INFERENCE_HTTP_BODY_TIMEOUT_S" in json.loads(body)["error"]
+
+
+async def test_a_connection_whose_headers_never_complete_is_closed_after_the_idle_timeout():
+    async with Rest(Authorizer(None), idle_timeout_s=0.3) as slow:
+        reader, writer = await asyncio.open_connection("127.0.0.1", slow.http.port)
+        writer.write(b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-")
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=30)
+        writer.close()
+    assert answer == b""  # closed, nothing said: there was no request to answer
+
+
+def test_a_timeout_that_is_not_positive_is_refused_naming_its_setting():
+    with pytest.raises(InvalidArgument, match="MAAS_INFERENCE_HTTP_BODY_TIMEOUT_S=0"):
+        HttpServer("127.0.0.1:0", body_timeout_s=0)
 
 
 async def test_json_over_its_own_limit_is_413_while_binary_data_of_that_size_passes():

@@ -51,7 +51,10 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidArgument(f"{path} does not exist or is not a file")
     if not args.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise InvalidArgument(f"dataset name {args.name!r} may hold only letters, digits, - _ .")
-    data = datasets.from_npz(str(path), path.read_bytes(), args.task)  # refuse bad files early
+    datasets.check_stored_size(str(path), path.stat().st_size, settings.max_dataset_bytes)
+    raw = path.read_bytes()
+    datasets.check_size(str(path), raw, settings.max_dataset_bytes)
+    data = datasets.from_npz(str(path), raw, args.task)  # refuse bad files early
     key = f"{args.name}.npz"
     info = ObjectStore(settings).put_file(DATASETS_BUCKET, key, path)
     Console().print(

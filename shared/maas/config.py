@@ -372,6 +372,11 @@ class Settings:
         100_000_000,
         "largest model (parameters, counted from arch + config) a job may build",
     )
+    max_dataset_bytes: int = setting(
+        "MAAS_MAX_DATASET_BYTES",
+        4 << 30,
+        "largest s3:// dataset a job may name, as stored and as unpacked (every worker loads it)",
+    )
     dataset_buckets: str = setting(
         "MAAS_DATASET_BUCKETS",
         "maas-datasets",

@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+import numpy.lib.format as npy_format
 
 from maas.errors import IntegrityError, InvalidArgument, NotFound
 from maas.events import shown
@@ -144,17 +146,15 @@ def load_builtin(name: str) -> Dataset:
 def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
     """Parse a user dataset: an .npz with ``X`` (n, features) and ``y`` (n,) or (n, k)."""
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-            arrays: dict[str, Any] = {k: npz[k] for k in npz.files}
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            arrays = {label: _read_array(name, archive, label) for label in ("X", "y")}
     except (ValueError, OSError, EOFError, MemoryError, zipfile.BadZipFile):
         # numpy's own words would suggest allow_pickle=True: never, for a file from outside.
         raise InvalidArgument(
             f"{name} is not a readable .npz of numeric arrays (np.savez(path, X=..., y=...); "
             "object arrays are refused)"
         ) from None
-    if "X" not in arrays or "y" not in arrays:
-        raise InvalidArgument(f"{name} must hold arrays 'X' and 'y'; it has {sorted(arrays)}")
-    x, y = np.asarray(arrays["X"]), np.asarray(arrays["y"])
+    x, y = arrays["X"], arrays["y"]
     if x.ndim != 2 or len(x) != len(y) or len(x) < MIN_ROWS:
         raise InvalidArgument(
             f"{name}: X must be 2-D with one row per label and at least {MIN_ROWS} rows (a "
@@ -185,6 +185,46 @@ def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
         if not np.isfinite(y).all():
             raise InvalidArgument(f"{name}: y holds NaN or infinite values; targets must be finite")
     return _split(name, task, x.astype(np.float32), y)
+
+
+def _read_array(name: str, archive: zipfile.ZipFile, label: str) -> np.ndarray:
+    """Array ``label`` of an .npz, read only after its header's shape is seen to fit the bytes the
+    archive holds for it (numpy allocates the declared shape first: a 1 KiB file could ask for
+    terabytes)."""
+    member = f"{label}.npy"
+    if member not in archive.namelist():
+        held = sorted(n.removesuffix(".npy") for n in archive.namelist())
+        raise InvalidArgument(f"{name} must hold arrays 'X' and 'y'; it has {held}")
+    info = archive.getinfo(member)
+    with archive.open(info) as stream:
+        version = npy_format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(stream)
+        else:
+            raise ValueError(f"npy format {version}")
+    if dtype.hasobject:
+        raise ValueError("object array")
+    declared = math.prod(shape) * dtype.itemsize
+    if declared > info.file_size:
+        raise InvalidArgument(
+            f"{name}: {member}'s header says shape {shape} of {dtype} ({declared} bytes) but the "
+            f"archive holds {info.file_size} bytes for it; write the file with np.savez"
+        )
+    with archive.open(info) as stream:
+        return np.asarray(npy_format.read_array(stream, allow_pickle=False))
+
+
+def check_size(name: str, data: bytes, limit: int) -> None:
+    """Refuse a dataset over ``limit`` bytes as stored or unpacked, before any array is read: a
+    1 MB archive can unpack to gigabytes in every worker that loads it."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            unpacked = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, ValueError, OSError):
+        return  # from_npz says what is wrong with it
+    check_stored_size(name, max(len(data), unpacked), limit)
 
 
 def allowed_buckets(settings: Settings) -> tuple[str, ...]:
@@ -221,7 +261,26 @@ def fetch_bytes(store: ObjectStore, uri: str, settings: Settings) -> bytes:
 
     check_uri(uri, settings)
     bucket, key = parse_uri(uri)
-    if store.stat(bucket, key).sha256 is not None:
+    stored = store.stat(bucket, key)
+    check_stored_size(uri, stored.size, settings.max_dataset_bytes)
+    data = _verified_bytes(store, bucket, key, recorded=stored.sha256)
+    check_size(uri, data, settings.max_dataset_bytes)
+    return data
+
+
+def check_stored_size(name: str, size: int, limit: int) -> None:
+    """Refuse a dataset of ``size`` bytes (as stored, or unpacked) over ``limit``."""
+    if size > limit:
+        raise InvalidArgument(
+            f"{name} holds {size} bytes (stored or unpacked), over MAAS_MAX_DATASET_BYTES={limit}"
+            "; every worker loads all of it: sample it down to a file that fits, or raise the "
+            "setting"
+        )
+
+
+def _verified_bytes(store: ObjectStore, bucket: str, key: str, *, recorded: str | None) -> bytes:
+    uri = f"s3://{bucket}/{key}"
+    if recorded is not None:
         return store.get_bytes(bucket, key)  # uploaded through maas.store: sha256 in metadata
     sidecar = key + SIDECAR_SUFFIX
     try:

@@ -140,6 +140,34 @@ def test_a_file_that_is_not_an_npz_is_refused_without_numpys_pickle_advice(data:
     assert "allow_pickle" not in caught.value.message
 
 
+def test_a_dataset_that_unpacks_past_the_limit_is_refused_before_it_is_read():
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, X=np.zeros((1 << 20, 8), np.float32), y=np.zeros(1 << 20, int))
+    packed = buf.getvalue()
+    assert len(packed) < 100_000  # 40 MB of zeros packs to tens of kilobytes
+    datasets.check_size("bomb.npz", packed, limit=64 << 20)
+    with pytest.raises(InvalidArgument, match=r"holds 41943\d+ bytes .*MAAS_MAX_DATASET_BYTES"):
+        datasets.check_size("bomb.npz", packed, limit=1 << 20)
+
+
+def test_an_array_whose_header_promises_more_than_its_bytes_is_refused_unallocated():
+    import io
+    import zipfile
+
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "<f4", "fortran_order": False, "shape": (10**12, 8)}
+    )
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as archive:
+        archive.writestr("X.npy", header.getvalue() + b"\0" * 64)  # 8 TB declared, 64 B held
+        archive.writestr("y.npy", header.getvalue())
+    with pytest.raises(InvalidArgument, match=r"X.npy's header says shape \(1000000000000, 8\)"):
+        datasets.from_npz("s3://b/k.npz", buf.getvalue())
+
+
 # --- the sequential arch --------------------------------------------------------------------
 
 SEED_NET = {

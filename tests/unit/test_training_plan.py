@@ -15,6 +15,7 @@ from maas.training.prepare import BaseModel, Limits, prepare_job
 from maas.training.replica import compute_loss
 
 LIMITS = Limits(max_workers=4, max_shards=2, default_deadline_ms=5000)
+TINY_GPT = {"vocab_size": 257, "block_size": 128, "n_layer": 1, "n_head": 1, "n_embd": 8}
 
 
 def _job(**changes: Any) -> dict[str, Any]:
@@ -89,7 +90,30 @@ def test_epochs_become_steps_per_worker() -> None:
         (_training(quorum=0), r"training\.quorum=0"),
         (_job(dataset={"uri": "builtin:imagenet"}), r"unknown builtin dataset 'imagenet'"),
         (_job(model={"arch": "mlp", "config": {"in_features": 10}}), r"takes 10 input features"),
-        (_job(model={"arch": "mlp", "config": {"num_classes": 3}}), r"has 3 outputs"),
+        (
+            _job(model={"arch": "mlp", "config": {"num_classes": 3}}),
+            r"model\.config\.num_classes=3 gives the model 3 classes but builtin:digits's labels "
+            r"need 10",
+        ),
+        (
+            _job(model={"arch": "gpt", "config": {**TINY_GPT, "block_size": 64}}),
+            r"arch 'gpt' predicts a class at each of \(64,\) positions but builtin:digits has "
+            r"one label a row",
+        ),
+        (
+            _job(
+                model={"arch": "mlp", "config": {"in_features": 128, "num_classes": 300}},
+                dataset={"uri": "builtin:python-stdlib"},
+            ),
+            r"arch 'mlp' predicts one class a row but builtin:python-stdlib has \(128,\) labels",
+        ),
+        (
+            _job(
+                model={"arch": "gpt", "config": {**TINY_GPT, "vocab_size": 100}},
+                dataset={"uri": "builtin:python-stdlib"},
+            ),
+            r"model\.config\.vocab_size=100 gives the model 100 classes but .* need 257",
+        ),
         (_job(type="finetune"), r"base is required"),
         (_job(type="compress"), r"type='compress' is not a training job"),
     ],

@@ -91,15 +91,42 @@ def _check_fit(arch: str, config: Mapping[str, Any], data: datasets.Dataset, fie
             f"{field}: arch {arch!r} takes {features} input features but {data.name} rows have "
             f"{data.num_features}"
         )
-    outputs = math.prod(zoo.output_shape(arch, dict(config)))
-    needed = data.num_classes if data.task == "classification" else int(data.y_train.shape[1])
-    if (data.task == "classification" and outputs < needed) or (
-        data.task == "regression" and outputs != needed
-    ):
+    outputs = zoo.output_shape(arch, dict(config))
+    if data.task == "classification":
+        _check_labels_fit(arch, outputs, data, f"{field}.{_classes_key(config)}")
+        return
+    needed = int(data.y_train.shape[1])
+    if math.prod(outputs) != needed:
         raise InvalidArgument(
-            f"{field}: the model has {outputs} outputs but {data.name} needs {needed}; set "
-            "model.config.num_classes accordingly"
+            f"{field}: the model has {math.prod(outputs)} outputs but {data.name} needs {needed}; "
+            "set model.config.num_classes accordingly"
         )
+
+
+def _check_labels_fit(
+    arch: str, outputs: tuple[int, ...], data: datasets.Dataset, field: str
+) -> None:
+    """A classifier's output is a class per row (C,) or per position (T, C); the labels must be
+    one per row (n,) or (n, T) alike, and every class must have an output."""
+    positions, labels = outputs[:-1], tuple(data.y_train.shape[1:])
+    if positions != labels:
+        field = field.rpartition(".")[0]
+        predicts = f"a class at each of {positions} positions" if positions else "one class a row"
+        has = f"{labels} labels a row" if labels else "one label a row"
+        raise InvalidArgument(
+            f"{field}: arch {arch!r} predicts {predicts} but {data.name} has {has}; pair a "
+            "sequence model with a sequence dataset (e.g. gpt with builtin:python-stdlib) and a "
+            "classifier with one label a row"
+        )
+    if outputs[-1] < data.num_classes:
+        raise InvalidArgument(
+            f"{field}={outputs[-1]} gives the model {outputs[-1]} classes but {data.name}'s "
+            f"labels need {data.num_classes}; set it to {data.num_classes} or more"
+        )
+
+
+def _classes_key(config: Mapping[str, Any]) -> str:
+    return "vocab_size" if "vocab_size" in config and "num_classes" not in config else "num_classes"
 
 
 def _from_base(

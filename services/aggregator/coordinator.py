@@ -8,7 +8,9 @@ It is the only consumer of training jobs (group ``maas-training``) and the only 
    from the registry). A bad job raises, so the bus dead-letters it and ``on_dead_letter``
    publishes ``failed`` with the reason. A good one is written to S3 — starting weights, every
    partition's version-0 checkpoint, the plan, then the ``active`` marker — and handed to the pool.
-   Idempotent by ``job_id``: a job whose plan or result is already in S3 is not run again.
+   Idempotent by ``job_id``: a job whose plan or result is already in S3 is not run again; a
+   different job under a used ``job_id`` is dead-lettered (``already_exists``) with no status,
+   since the status stream under that id is the first job's.
 2. **Pool** (``maas.training.pool``, fed by the members' heartbeats on the control topic): a job
    is ``queued`` (with the reason) until enough gradient workers are free, then assigned ranks and
    partitions; the assignment goes to S3 and the control topic (members act on it) and the status
@@ -45,6 +47,7 @@ from maas.bus_consumer import EventConsumer, dead_letter_group
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import (
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
@@ -191,20 +194,24 @@ class Coordinator:
         if job["type"] not in TRAINING_TYPES:
             return  # compress jobs are the compressor's
         job_id = job["job_id"]
+        planned = await self._store.has_plan(job_id)
+        if planned:
+            await self._check_same_job(job)
         if await self._store.read_result(job_id) is not None:
             log.info("job %s already ran; ignoring the redelivery", job_id)
             return
-        if await self._store.has_plan(job_id):
+        if planned:
             # Accepted before a crash: whatever step was cut short is redone (all idempotent).
             if job_id not in self._monitors and job_id not in self._pool.pool.queue:
                 await self._store.mark_active(job_id)
                 await self._resume(job_id)
             return
+        content = jobs.job_content(job)  # before checking, which may fill in defaults
         jobs.check_job(job, self.settings)
         prepared = await self._prepare(job)
         plan = prepared.plan
         await self._send_status(job_id, "accepted", step=0, total_steps=plan.target_version)
-        await self._write_job(prepared)
+        await self._write_job(content, prepared)
         log.info(
             "job %s: %s %s, %d steps, %d workers x %d shards (%s, %s)",
             job_id,
@@ -217,6 +224,16 @@ class Coordinator:
             plan.training.gradient_codec,
         )
         await self._pool.submit(plan)
+
+    async def _check_same_job(self, job: Mapping[str, Any]) -> None:
+        """A redelivery (or a client's retry) of an accepted job is a no-op; another job under
+        the same id is refused: its status would mix with the first one's."""
+        kept = await self._store.read_job_content(job["job_id"])
+        if kept is not None and kept != jobs.job_content(job):
+            raise AlreadyExists(
+                f"job_id={job['job_id']!r} belongs to another job, accepted earlier with other "
+                "content; send this one under a new job_id"
+            )
 
     async def _prepare(self, job: Mapping[str, Any]) -> PreparedJob:
         base = await self._load_base(job["base"]) if job["type"] == "finetune" else None
@@ -246,9 +263,10 @@ class Coordinator:
             module, manifest.arch, dict(manifest.config), version.name, version.version
         )
 
-    async def _write_job(self, prepared: PreparedJob) -> None:
+    async def _write_job(self, content: Mapping[str, Any], prepared: PreparedJob) -> None:
         plan = prepared.plan
         job_id = plan.job_id
+        await self._store.write_job_content(job_id, content)
         await self._store.write_init(job_id, save_safetensors(prepared.state))
         flat = plan.layout.flatten({n: prepared.state[n].numpy() for n in plan.layout.names})
         written = events.now_ms()
@@ -271,6 +289,8 @@ class Coordinator:
         # cancel event is no reason to call the job it names failed: its reason is in the DLQ.
         if job.get("type") in ("compress", jobs.CANCEL) or not isinstance(job.get("job_id"), str):
             return
+        if letter.code == AlreadyExists.reason_code:
+            return  # the id is another job's: its status stream is not this event's to write
         await self._send_status(
             job["job_id"], "failed", error={"code": letter.code, "message": letter.message}
         )

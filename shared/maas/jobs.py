@@ -150,6 +150,12 @@ class JobSummary:
         return self.state in TERMINAL_STATES
 
 
+def job_content(job: Mapping[str, Any]) -> dict[str, Any]:
+    """What a job asks for: the event without its envelope (``id``, ``ts``), which a client's
+    retry or a redelivery may change."""
+    return {k: v for k, v in job.items() if k not in ("id", "ts")}
+
+
 def status_event(job_id: str, state: str, *, service: str, **fields: Any) -> dict[str, Any]:
     """A ``maas.job-status/1`` event, as the services that run a job publish it."""
     return events.new_event(

@@ -255,6 +255,23 @@ async def test_a_redelivered_job_runs_once(stack, cluster, producer, watcher, re
     assert [v.version for v in registered] == [status["model"]["version"]]
 
 
+async def test_another_job_under_a_used_job_id_is_dead_lettered_and_the_first_keeps_its_status(
+    stack, cluster, producer, watcher
+):
+    job = train_job("taken", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 5})
+    first = await run(producer, watcher, job)
+    other = {**job, "training": {**job["training"], "steps": 7}}
+    await producer.send(topics.JOBS, other, key=job["job_id"])
+    letters = await watcher.letters(job["job_id"], COORDINATOR_GROUP)
+    assert letters[0]["reason"]["code"] == "already_exists"
+    assert "send this one under a new job_id" in letters[0]["reason"]["message"]
+    await wait_committed(stack.settings, COORDINATOR_GROUP, topics.JOBS, 60)
+    coordinator = [
+        s for s in watcher.statuses[job["job_id"]] if s["service"] == "training-coordinator"
+    ]
+    assert coordinator[-1]["state"] == first["state"] == "succeeded"
+
+
 async def test_an_async_job_trains(cluster, producer, watcher):
     training = {**MLP_TRAINING, "steps": 80, "mode": "async", "staleness": 2}
     status = await run(

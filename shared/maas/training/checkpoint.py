@@ -41,6 +41,7 @@ def job_prefix(job_id: str) -> str:
 
 
 PLAN_FILE = "plan.json"
+JOB_FILE = "job.json"  # what the plan was made from: a redelivery matches it, a reused id not
 INIT_FILE = "init.safetensors"
 ASSIGNMENT_FILE = "assignment.json"
 RESULT_FILE = "result.json"

@@ -39,6 +39,19 @@ class TrainingStore:
         data = json.dumps(plan.to_json(), sort_keys=True).encode()
         await self._store.put_bytes(BUCKET, ck.job_key(plan.job_id, ck.PLAN_FILE), data)
 
+    async def write_job_content(self, job_id: str, content: Mapping[str, Any]) -> None:
+        data = json.dumps(content, sort_keys=True).encode()
+        await self._store.put_bytes(BUCKET, ck.job_key(job_id, ck.JOB_FILE), data)
+
+    async def read_job_content(self, job_id: str) -> dict[str, Any] | None:
+        """The job a plan was made from; None for jobs planned before it was kept."""
+        try:
+            data = await self._store.get_bytes(BUCKET, ck.job_key(job_id, ck.JOB_FILE))
+        except NotFound:
+            return None
+        content: dict[str, Any] = json.loads(data)
+        return content
+
     async def write_init(self, job_id: str, safetensors: bytes) -> None:
         await self._store.put_bytes(BUCKET, ck.job_key(job_id, ck.INIT_FILE), safetensors)
 

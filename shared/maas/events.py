@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import time
 import uuid
@@ -108,6 +109,23 @@ def validate(event: Any, expected: str | Iterable[str] | None = None) -> dict[st
     if errors:
         raise SchemaViolation(clip("; ".join(_describe(e) for e in errors[:5])))
     return event
+
+
+def check_finite(event: dict[str, Any]) -> None:
+    """Refuse NaN or infinity anywhere in ``event``, naming where. JSON has neither, but Python's
+    parser, msgpack and YAML's ``.nan`` make them, and a schema's ``number`` takes them: a NaN
+    learning rate or threshold in a job would poison whatever reads it."""
+    stack: list[tuple[str, Any]] = [("", event)]
+    while stack:
+        where, value = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SchemaViolation(f"{where}={value} is not a finite number; give a real value")
+        children = (
+            value.items()
+            if isinstance(value, dict)
+            else (enumerate(value) if isinstance(value, list) else ())
+        )
+        stack.extend((f"{where}.{key}" if where else str(key), child) for key, child in children)
 
 
 def _describe(error: Any) -> str:

@@ -73,6 +73,7 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
     Raises InvalidArgument naming the field and what is accepted.
     """
     events.validate(job, events.JOB)
+    events.check_finite(job)
     kind = job["type"]
     if kind == CANCEL:
         return job  # the schema allowed nothing beside the id of the job to stop

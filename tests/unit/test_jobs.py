@@ -6,7 +6,7 @@ import pytest
 
 from maas import events, jobs
 from maas.config import Settings
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, SchemaViolation
 
 SETTINGS = Settings()
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
@@ -34,6 +34,17 @@ def test_a_yaml_job_file_becomes_a_complete_job_event(tmp_path):
     assert job["schema"] == events.JOB
     assert job["job_id"].startswith("train-")
     assert job["id"] and job["ts"] > 0
+
+
+def test_a_yaml_nan_anywhere_in_a_job_is_refused_naming_where(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(
+        "type: compress\nbase: {name: m}\ncompress: {methods: [{prune: {sparsity: .nan}}]}\n"
+    )
+    with pytest.raises(
+        SchemaViolation, match=r"compress\.methods\.0\.prune\.sparsity=nan is not a finite"
+    ):
+        check(jobs.load_job_file(path))
 
 
 def test_an_explicit_job_id_is_kept_as_the_idempotency_key():

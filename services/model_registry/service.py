@@ -20,7 +20,13 @@ from typing import Any, TypeVar
 
 from maas.config import Settings
 from maas.errors import MaasError
-from maas.manifest import MANIFEST_FILE, WEIGHTS_FILE, check_finite_metrics, parse_manifest
+from maas.manifest import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    check_buildable,
+    check_finite_metrics,
+    parse_manifest,
+)
 from maas.names import check_alias, check_name
 from maas.registry.types import ModelVersion, artifact_prefix
 from maas.store_async import AsyncObjectStore
@@ -42,6 +48,7 @@ class RegistryLimits:
     max_manifest_bytes: int = Settings.registry_max_manifest_bytes
     max_metrics: int = Settings.registry_max_metrics
     max_reply_bytes: int = Settings.registry_max_reply_bytes
+    max_model_params: int = Settings.max_model_params
 
     @classmethod
     def of(cls, settings: Settings) -> RegistryLimits:
@@ -49,6 +56,7 @@ class RegistryLimits:
             settings.registry_max_manifest_bytes,
             settings.registry_max_metrics,
             settings.registry_max_reply_bytes,
+            settings.max_model_params,
         )
 
 
@@ -137,6 +145,7 @@ class RegistryService:
             max_metrics=self.limits.max_metrics,
         )
         check_finite_metrics(manifest)
+        check_buildable(manifest, self.limits.max_model_params)
         await self.db(self.metadata.check_parent, parent_of(manifest))
         async with self._lock_for(request.name):
             version = await self.db(self.metadata.next_version, request.name)

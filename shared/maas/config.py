@@ -370,7 +370,10 @@ class Settings:
     max_model_params: int = setting(
         "MAAS_MAX_MODEL_PARAMS",
         100_000_000,
-        "largest model (parameters, counted from arch + config) a job may build",
+        (
+            "largest model (parameters, counted from arch + config) a job may build or the "
+            "registry accept"
+        ),
     )
     max_dataset_bytes: int = setting(
         "MAAS_MAX_DATASET_BYTES",

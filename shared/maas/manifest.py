@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from maas import zoo
 from maas.errors import IntegrityError, InvalidArgument, ResourceExhausted
 from maas.events import clip
 from maas.names import check_name, check_version
@@ -181,6 +182,18 @@ def verify(manifest: Manifest, files: Mapping[str, bytes]) -> None:
                 f"artifact file {name!r} has sha256 {actual[:12]}…, the manifest says "
                 f"{expected[:12]}…: refusing a tampered or truncated artifact"
             )
+
+
+def check_buildable(manifest: Manifest, max_params: int) -> None:
+    """InvalidArgument unless the zoo can build ``arch`` + ``config`` within ``max_params``
+    (plain Python, nothing allocated): a version no server could load is refused at the door, not
+    found out by its first request."""
+    try:
+        zoo.check_size(manifest.arch, manifest.config, max_params, where="manifest.config")
+    except InvalidArgument as exc:
+        if exc.message.startswith("manifest."):
+            raise
+        raise InvalidArgument(f"manifest.arch: {exc.message}") from None
 
 
 def check_finite_metrics(manifest: Manifest) -> None:

@@ -235,6 +235,28 @@ async def test_a_metric_that_is_not_finite_is_refused_naming_it(
         await client.register_files("digits", files, manifest)
 
 
+@pytest.mark.parametrize(
+    ("arch", "config", "complaint"),
+    [
+        ("resnet", {}, r"manifest\.arch: unknown arch 'resnet'; accepted: bert, cnn"),
+        (
+            "mlp",
+            {"in_features": 10**30},
+            r"manifest\.config\.hidden\[0\]: .* MAAS_MAX_MODEL_PARAMS",
+        ),
+        ("gpt", {"in_features": 64}, r"manifest\.config\.in_features: unknown key"),
+    ],
+    ids=["unknown-arch", "too-large", "foreign-config"],
+)
+async def test_a_version_no_server_could_build_is_refused_naming_the_field(
+    client: RegistryClient, arch: str, config: dict[str, Any], complaint: str
+) -> None:
+    files = {"weights.safetensors": WEIGHTS}
+    manifest = manifest_for(files, arch=arch, config=config)
+    with pytest.raises(InvalidArgument, match=complaint):
+        await client.register_files("digits", files, manifest)
+
+
 # --- registration --------------------------------------------------------------------------------
 
 

@@ -210,6 +210,17 @@ async def test_unknown_model_version_and_alias_are_not_found_by_name(
         await client.get("digits@production")
 
 
+async def test_the_registry_address_is_named_only_when_the_registry_could_not_be_reached(
+    client: RegistryClient, settings: Settings
+) -> None:
+    with pytest.raises(NotFound) as answered:
+        await client.get("nope")
+    assert client.addr not in answered.value.message  # a server's caller learns no address
+    async with RegistryClient(settings, addr="127.0.0.1:1", actor="tester") as unreachable:
+        with pytest.raises(Unavailable, match=r"registry at 127\.0\.0\.1:1"):
+            await unreachable.get("nope")
+
+
 async def test_malformed_names_are_invalid_arguments(client: RegistryClient) -> None:
     with pytest.raises(InvalidArgument, match="model name 'bad/name'"):
         await client.register_files("bad/name", {"w": WEIGHTS}, manifest_for({"w": WEIGHTS}))

@@ -165,7 +165,14 @@ class RegistryClient:
         try:
             return await call
         except grpc.aio.AioRpcError as exc:
-            raise error_from_rpc(exc, f"{what} (registry at {self.addr})") from None
+            # Where the registry is helps when it could not be reached; in an answer it gave
+            # (not found, invalid) it would only tell a server's callers about its network.
+            reached = exc.code() not in (
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+            )
+            where = "" if reached else f" (registry at {self.addr})"
+            raise error_from_rpc(exc, f"{what}{where}") from None
 
     # --- registration ------------------------------------------------------------------------
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
@@ -58,9 +59,20 @@ SAMPLING = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top
                       "seed", "stop", "logit_bias"})  # fmt: skip
 
 
-def error_body(message: str, status: int, param: str | None = None) -> dict[str, Any]:
+def error_body(message: str, status: int) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
+    param = _param_of(message) if status == 400 else None
     return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+# A refusal starts with the request field it is about ("temperature=3 must be ...",
+# "messages[1].role='x': ..."), which OpenAI's error shape carries as ``param``.
+_PARAM = re.compile(r"([A-Za-z_]\w*(?:\[\d+\])?(?:\.\w+)*)(?:=|\s+must\b|:)")
+
+
+def _param_of(message: str) -> str | None:
+    found = _PARAM.match(message)
+    return found.group(1) if found else None
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]

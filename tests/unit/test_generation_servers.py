@@ -266,6 +266,13 @@ def test_a_malformed_body_gets_400_naming_the_field(
     assert named in json.loads(caught.value.read())["error"]["message"]
 
 
+def test_the_openai_client_reads_which_field_was_refused_from_the_error(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        _openai(served).completions.create(model=NAME, prompt="a", temperature=5)
+    assert caught.value.param == "temperature"
+    assert "temperature=5 must be a number in [0, 2]" in caught.value.message
+
+
 def test_openai_client_retrieves_a_model_and_gets_404_for_an_unknown_one(served: Served) -> None:
     client = _openai(served)
     assert client.models.retrieve(NAME).id == NAME

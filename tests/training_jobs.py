@@ -44,9 +44,10 @@ MLP_TRAINING = {
 
 @contextlib.contextmanager
 def training_cluster(
-    workdir: Path, workers: int = 2, shards: int = 2
+    workdir: Path, workers: int = 2, shards: int = 2, **env: str
 ) -> Iterator[TrainingProcesses]:
-    """A registry, the coordinator, ``shards`` shards and ``workers`` workers, all started."""
+    """A registry, the coordinator, ``shards`` shards and ``workers`` workers, all started;
+    ``env`` adds settings to every one of them."""
     with ServiceProcesses(workdir) as processes:
         registry = processes.start_registry()
         with TrainingProcesses(
@@ -56,6 +57,7 @@ def training_cluster(
             shards=shards,
             MAAS_PROGRESS_INTERVAL_MS="1000",
             MAAS_WORKER_HEARTBEAT_TIMEOUT_MS=str(HEARTBEAT_TIMEOUT_MS),
+            **env,
         ) as training:
             training.start()
             yield training

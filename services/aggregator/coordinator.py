@@ -135,6 +135,7 @@ class Coordinator:
         )
         self._monitors: dict[str, asyncio.Task[None]] = {}
         self._progress_ms: dict[str, int] = {}
+        self._shard_steps: dict[str, dict[str, int]] = {}  # job -> shard service -> its step
         # Jobs to end at their monitor's next poll (the one place a running job ends): a member
         # could not go on, or a cancel event came. The first reason wins.
         self._endings: dict[str, dict[str, Any]] = {}
@@ -302,8 +303,19 @@ class Coordinator:
         while True:
             for record in await self._statuses.next_records([events.JOB_STATUS], 500):
                 event = record.event
-                if event.get("service") != COORDINATOR_SERVICE:  # a shard's: progress
-                    self._progress_ms[event["job_id"]] = events.now_ms()
+                if event.get("service") != COORDINATOR_SERVICE:
+                    self._shard_reported(event)
+
+    def _shard_reported(self, event: Mapping[str, Any]) -> None:
+        """A shard's status is progress when its step moved on: a shard whose job has lost
+        every worker still reports, at the same step, every interval."""
+        job_id, step = event["job_id"], event.get("step")
+        if job_id not in self._monitors or not isinstance(step, int):
+            return
+        steps = self._shard_steps.setdefault(job_id, {})
+        if step > steps.get(event["service"], -1):
+            steps[event["service"]] = step
+            self._progress_ms[job_id] = events.now_ms()
 
     def _member_failed(self, job_id: str, why: str) -> None:
         log.warning("job %s: %s", job_id, why)
@@ -393,6 +405,7 @@ class Coordinator:
         await self._store.clear_active(job_id)
         await self._pool.release(job_id)
         self._progress_ms.pop(job_id, None)
+        self._shard_steps.pop(job_id, None)
         self._endings.pop(job_id, None)
         self._outcomes.labels(str(result["state"])).inc()
         log.info(

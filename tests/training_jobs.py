@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from kafka_offsets import start_group_at_end
 
@@ -61,6 +62,24 @@ def training_cluster(
         ) as training:
             training.start()
             yield training
+
+
+def job_plane_fixtures(client_id: str) -> tuple[Any, Any]:
+    """A test module's ``producer`` and ``watcher`` fixtures (module scope): a producer of job
+    events named ``client_id``, and a Watcher of every status and dead letter from then on.
+    Bind them at module level: ``producer, watcher = job_plane_fixtures("test-x")``."""
+
+    @pytest.fixture(scope="module")
+    async def producer(stack: Any) -> AsyncIterator[EventProducer]:
+        async with EventProducer(stack.settings, client_id=client_id) as p:
+            yield p
+
+    @pytest.fixture(scope="module")
+    async def watcher(stack: Any, producer: EventProducer) -> AsyncIterator[Watcher]:
+        async with watching(stack.settings, producer) as w:
+            yield w
+
+    return producer, watcher
 
 
 @dataclass

@@ -6,22 +6,20 @@ started afterwards trains the next job."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 from training_jobs import (
     MLP_TRAINING,
-    Watcher,
+    job_plane_fixtures,
     run,
     train_job,
     training_cluster,
     wait_for_checkpoint,
-    watching,
 )
 
 from infra.harness.training import TrainingProcesses
 from maas import topics
-from maas.bus import EventProducer
 from maas.store import ObjectStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -40,16 +38,7 @@ def cluster(stack, tmp_path_factory) -> Iterator[TrainingProcesses]:
         yield training
 
 
-@pytest.fixture(scope="module")
-async def producer(stack) -> AsyncIterator[EventProducer]:
-    async with EventProducer(stack.settings, client_id="test-job-stall") as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-async def watcher(stack, producer) -> AsyncIterator[Watcher]:
-    async with watching(stack.settings, producer) as watcher:
-        yield watcher
+producer, watcher = job_plane_fixtures("test-job-stall")
 
 
 async def test_a_job_left_without_workers_fails_naming_the_stall(stack, cluster, producer, watcher):

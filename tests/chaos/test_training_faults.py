@@ -23,12 +23,12 @@ from training_jobs import (
     MLP_TRAINING,
     Watcher,
     assert_same_weights,
+    job_plane_fixtures,
     pointer,
     run,
     train_job,
     training_cluster,
     wait_for_checkpoint,
-    watching,
     weights,
 )
 
@@ -53,16 +53,7 @@ def cluster(stack, tmp_path_factory) -> Iterator[TrainingProcesses]:
         yield training
 
 
-@pytest.fixture(scope="module")
-async def producer(stack) -> AsyncIterator[EventProducer]:
-    async with EventProducer(stack.settings, client_id="test-training-faults") as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-async def watcher(stack, producer) -> AsyncIterator[Watcher]:
-    async with watching(stack.settings, producer) as watcher:
-        yield watcher
+producer, watcher = job_plane_fixtures("test-training-faults")
 
 
 @pytest.fixture(scope="module")

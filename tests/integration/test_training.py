@@ -25,22 +25,20 @@ import pytest
 import torch
 from training_jobs import (
     MLP_TRAINING,
-    Watcher,
     assert_same_weights,
     assignment,
+    job_plane_fixtures,
     pointer,
     run,
     train_job,
     training_cluster,
     wait_for_checkpoint,
-    watching,
     weights,
 )
 
 from infra.harness.offsets import wait_committed
 from infra.harness.training import TrainingProcesses, start_all
 from maas import events, topics
-from maas.bus import EventProducer
 from maas.registry import RegistryClient
 from maas.store import DATASETS_BUCKET, ObjectStore
 from maas.training.local import simulate
@@ -59,16 +57,7 @@ def cluster(stack, tmp_path_factory) -> Iterator[TrainingProcesses]:
         yield training
 
 
-@pytest.fixture(scope="module")
-async def producer(stack) -> AsyncIterator[EventProducer]:
-    async with EventProducer(stack.settings, client_id="test-training") as p:
-        yield p
-
-
-@pytest.fixture(scope="module")
-async def watcher(stack, producer) -> AsyncIterator[Watcher]:
-    async with watching(stack.settings, producer) as watcher:
-        yield watcher
+producer, watcher = job_plane_fixtures("test-training")
 
 
 @pytest.fixture(scope="module")

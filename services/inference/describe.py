@@ -14,9 +14,11 @@ from google.protobuf.message import Message
 
 import maas
 from maas.oip import grpc_predict_v2_pb2 as pb
+from maas.text.gpt import GPT
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import CatalogueEntry
 from services.inference.metrics import Duration
+from services.inference.oip_stream import streaming_interface
 from services.inference.served import ServedModel
 from services.inference.signature import TensorSpec
 
@@ -67,7 +69,8 @@ def model_metadata(model: ServedModel) -> pb.ModelMetadataResponse:
 
 def model_config(model: ServedModel, batching: BatchingConfig, instances: int) -> pb.ModelConfig:
     """Triton's view: with batching on, ``dims`` leave out the batch dimension and
-    ``max_batch_size`` is the most rows one forward pass takes; off, it is 0."""
+    ``max_batch_size`` is the most rows one forward pass takes; off, it is 0. A generative
+    model's ``parameters`` describe its ModelStreamInfer interface besides."""
     first = 1 if batching.enabled else 0
     config = pb.ModelConfig(
         name=model.name,
@@ -90,6 +93,9 @@ def model_config(model: ServedModel, batching: BatchingConfig, instances: int) -
     )
     if batching.enabled:
         config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
+    if isinstance(model.module, GPT):
+        for key, text in streaming_interface().items():
+            config.parameters[key].string_value = text
     return config
 
 

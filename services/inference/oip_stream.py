@@ -56,6 +56,21 @@ NUMBERS: dict[str, type[int] | type[float]] = {
 }
 
 
+def streaming_interface() -> dict[str, str]:
+    """What a client needs to call ModelStreamInfer, as ModelConfig's parameters say it."""
+    return {
+        "stream_inputs": f"{TEXT_INPUT} BYTES [1]: the prompt, UTF-8",
+        "stream_outputs": (
+            f"{TEXT_OUTPUT} BYTES [1] and {TOKEN_ID} INT64 [1], one response per token; "
+            f"the last has {FINAL}=true and finish_reason"
+        ),
+        "stream_parameters": (
+            ", ".join([*NUMBERS, "stop", "logit_bias", EMPTY_FINAL])
+            + " (request parameters; numbers may be sent as text)"
+        ),
+    }
+
+
 def _parameter(param: pb.InferParameter) -> object:
     choice = param.WhichOneof("parameter_choice")
     return None if choice is None else getattr(param, choice)

@@ -135,6 +135,17 @@ def test_tritonclient_streams_one_response_per_token_the_last_final(served: Serv
     assert results[-1].get_response().parameters["finish_reason"].string_param == "length"
 
 
+def test_tritonclient_reads_the_streaming_interface_from_the_model_config(served: Served) -> None:
+    client = triton.InferenceServerClient(url=served.grpc_addr)
+    try:
+        parameters = client.get_model_config(NAME).config.parameters  # Triton's own message
+    finally:
+        client.close()
+    assert parameters["stream_inputs"].string_value.startswith("text_input BYTES [1]")
+    assert "text_output BYTES [1]" in parameters["stream_outputs"].string_value
+    assert "max_tokens, temperature, top_p" in parameters["stream_parameters"].string_value
+
+
 def test_a_bad_request_on_the_stream_answers_an_error_naming_the_field(served: Served) -> None:
     (error,) = _triton_stream(served.grpc_addr, "x", temperature="5")
     assert isinstance(error, InferenceServerException)

@@ -61,7 +61,7 @@ class ManagedProcess:
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
-            log.write(f"\n--- {time.strftime('%F %T')} starting {self.name}\n".encode())
+            log.write(run_marker(RUN_STARTED, self.name))
             log.flush()
             # A new session: Ctrl-C in the terminal that ran `maas stack up` does not kill it.
             proc = subprocess.Popen(
@@ -110,6 +110,8 @@ class ManagedProcess:
                     break
                 time.sleep(0.1)
         self.pid_file.unlink(missing_ok=True)
+        with open(self.log_file, "ab") as log:  # what came before is not why it is down now
+            log.write(run_marker(RUN_STOPPED, self.name))
         return True
 
     def log_tail(self, lines: int = 30) -> str:
@@ -161,6 +163,15 @@ def _gone(pid: int, marker: str) -> bool:
         return True
     cmdline = found[1]
     return bool(cmdline) and marker not in cmdline
+
+
+RUN_MARKER = "--- "  # a line of the log's own: where a run starts, or where it was stopped
+RUN_STARTED = "starting"
+RUN_STOPPED = "stopped on request"
+
+
+def run_marker(event: str, name: str) -> bytes:
+    return f"\n{RUN_MARKER}{time.strftime('%F %T')} {event} {name}\n".encode()
 
 
 def port_open(host: str, port: int, *, timeout_s: float = 0.5) -> bool:

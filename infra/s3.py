@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import ClassVar
 
@@ -28,6 +28,8 @@ from maas.errors import FailedPrecondition
 
 WEED_MODULE = "github.com/seaweedfs/seaweedfs"
 WEED_VERSION = "v0.0.0-20261109003541-7506e5f91cd6"
+LOOPBACK = "127.0.0.1"
+PROBE_TIMEOUT_S = 2.0
 
 
 def weed_binary(cache_dir: Path) -> Path:
@@ -110,16 +112,42 @@ class WeedPorts:
         return cls(s3_port, *(s3_port + i for i in range(1, 8)))
 
     def all(self) -> list[int]:
+        return sorted([*self.gateway(), *self.internal()])
+
+    def gateway(self) -> list[int]:
+        """The S3 gateway's ports: the only ones served beyond this machine."""
+        return [self.s3, self.s3_grpc]
+
+    def internal(self) -> list[int]:
+        """The master's, volume server's and filer's: they answer without credentials (every
+        bucket, read and write), so they listen on the loopback interface only."""
         return [
-            self.s3,
             self.master,
             self.volume,
             self.filer,
-            self.s3_grpc,
             self.master_grpc,
             self.volume_grpc,
             self.filer_grpc,
         ]
+
+
+def public_default_keys(settings: Settings) -> str:
+    """A warning when the S3 endpoint is reachable beyond this machine with the well-known
+    default keys (empty otherwise): anyone who can reach it can then read and write every
+    model, dataset and checkpoint."""
+    host, _ = split_host_port(settings.s3_endpoint, default_port=9000)
+    defaults = {f.name: f.default for f in fields(Settings)}
+    if host == "localhost" or host.startswith("127.") or host == "::1":
+        return ""
+    if (settings.s3_access_key, settings.s3_secret_key) != (
+        defaults["s3_access_key"],
+        defaults["s3_secret_key"],
+    ):
+        return ""
+    return (
+        f"the S3 endpoint {settings.s3_endpoint} is reachable from other machines and uses the "
+        "default keys everyone knows; set MAAS_S3_ACCESS_KEY and MAAS_S3_SECRET_KEY"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -168,8 +196,9 @@ class WeedS3(NativeServer):
             str(binary),
             "server",
             f"-dir={self.data_dir}",
-            f"-ip={self.host}",
-            f"-ip.bind={self.host}",
+            f"-ip={LOOPBACK}",
+            f"-ip.bind={LOOPBACK}",
+            f"-s3.ip.bind={self.host}",
             f"-master.port={p.master}",
             f"-master.port.grpc={p.master_grpc}",
             "-master.telemetry=false",
@@ -192,11 +221,13 @@ class WeedS3(NativeServer):
 
     def prepare(self) -> list[str]:
         """weed's command line, its binary built and its identities written."""
-        busy = [port for port in self.ports.all() if port_open(self.host, port)]
+        busy = [port for port in self.ports.gateway() if port_open(self.host, port)]
+        busy += [port for port in self.ports.internal() if port_open(LOOPBACK, port)]
         if busy:
             raise FailedPrecondition(
-                f"ports {busy} on {self.host} are taken; the S3 server needs "
-                f"{self.ports.all()} (set MAAS_S3_ENDPOINT to move them)"
+                f"ports {busy} are taken; the S3 server needs {self.ports.gateway()} on "
+                f"{self.host} and {self.ports.internal()} on {LOOPBACK} (set MAAS_S3_ENDPOINT "
+                "to move them)"
             )
         binary = ensure_weed(self.cache_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -209,18 +240,27 @@ class WeedS3(NativeServer):
         """The S3 gateway answers an authenticated ListBuckets."""
         if not port_open(self.host, self.port):
             return False
+        import urllib3
         from minio import Minio
 
+        # One short try: a probe that waited out the client's default retries and 5-minute
+        # read timeout would hang `maas stack status` on a frozen S3 server.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=PROBE_TIMEOUT_S, read=PROBE_TIMEOUT_S), retries=False
+        )
         client = Minio(
             f"{self.host}:{self.port}",
             access_key=self.access_key,
             secret_key=self.secret_key,
             secure=False,
+            http_client=http,
         )
         try:
             client.list_buckets()
-        except Exception:  # still starting: the filer is not up behind the gateway yet
+        except Exception:  # still starting (the filer is not up behind the gateway), or frozen
             return False
+        finally:
+            http.clear()
         return True
 
 

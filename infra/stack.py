@@ -28,11 +28,12 @@ from functools import partial
 from pathlib import Path
 
 from infra.kafka import KafkaBroker, file_lock
-from infra.proc import Component, ManagedProcess, port_open, wait_until
+from infra.proc import RUN_MARKER, RUN_STOPPED, Component, ManagedProcess, port_open, wait_until
 from infra.s3 import WeedPorts, WeedS3
 from maas.config import Settings
 from maas.edge import STACK_IDENTITIES, ensure_tokens
 from maas.edge.auth import tokens_file
+from maas.events import clip
 
 # The interpreter option that names a service's stack on its command line.
 MARKER_OPTION = "maas_stack"
@@ -312,16 +313,22 @@ def _group(service: PythonService) -> str:
 
 
 def last_error(log_file: Path, *, tail_bytes: int = 64 * 1024) -> str:
-    """The message of the last ERROR line of a log (``maas.lifecycle.LOG_FORMAT``), if any: why
-    a service that stopped on its own stopped (e.g. its member id is held by another process)."""
+    """The message of the last ERROR line of the log's latest run (``maas.lifecycle.LOG_FORMAT``),
+    if any: why a service that stopped on its own stopped (e.g. its member id is held by another
+    process). Nothing for one stopped on request, nor from runs before the latest."""
     try:
         with log_file.open("rb") as log:
             log.seek(max(0, log.seek(0, os.SEEK_END) - tail_bytes))
             text = log.read().decode(errors="replace")
     except FileNotFoundError:
         return ""
-    errors = [line for line in text.splitlines() if " ERROR " in line]
-    return errors[-1].split(": ", 1)[-1].strip() if errors else ""
+    lines = text.splitlines()
+    markers = [i for i, line in enumerate(lines) if line.startswith(RUN_MARKER)]
+    if markers and RUN_STOPPED in lines[markers[-1]]:
+        return ""
+    run = lines[markers[-1] + 1 :] if markers else lines
+    errors = [line for line in run if " ERROR " in line]
+    return clip(errors[-1].split(": ", 1)[-1].strip(), 300) if errors else ""
 
 
 def compose_services(

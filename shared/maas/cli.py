@@ -53,7 +53,8 @@ def _scale_arg(text: str) -> tuple[str, int]:
 def _print_status(rows: Sequence[ComponentStatus]) -> None:
     table = [("COMPONENT", "PID", "HEALTH", "ADDRESS", "PORTS")]
     for row in rows:
-        health = "healthy" if row.healthy else ("starting" if row.alive else "down")
+        # Alive but not answering its health check: starting, or hung; the log tells which.
+        health = "healthy" if row.healthy else ("not ready" if row.alive else "down")
         table.append(
             (
                 row.name,
@@ -72,9 +73,14 @@ def _print_status(rows: Sequence[ComponentStatus]) -> None:
 
 
 def _stack_up(args: argparse.Namespace, settings: Settings) -> int:
+    from infra.s3 import public_default_keys
+
     stack = _stack(settings, args)
     rows = stack.up(bootstrap=not args.no_bootstrap, timeout_s=args.timeout_s)
     _print_status(rows)
+    exposed = public_default_keys(settings)
+    if exposed:
+        print(f"warning: {exposed}", file=sys.stderr)
     print(f"state: {settings.state_dir}   logs: {stack.stack_dir}")
     return 0
 
@@ -88,7 +94,7 @@ def _stack_down(args: argparse.Namespace, settings: Settings) -> int:
 def _stack_status(args: argparse.Namespace, settings: Settings) -> int:
     rows = _stack(settings, args).status()
     _print_status(rows)
-    return 0 if all(r.alive for r in rows) else 3
+    return 0 if all(r.healthy for r in rows) else 3
 
 
 def _register_stack(subparsers: argparse._SubParsersAction) -> None:
@@ -137,7 +143,7 @@ def _register_stack(subparsers: argparse._SubParsersAction) -> None:
     status = command(
         actions,
         "status",
-        help="show component, pid, health, address (exit 3 if something is down)",
+        help="show component, pid, health, address (exit 3 unless every one is healthy)",
         example="maas stack status",
     )
     status.set_defaults(func=_stack_status)

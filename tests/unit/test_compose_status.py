@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from infra.proc import RUN_STARTED, RUN_STOPPED, run_marker
 from infra.stack import LocalStack, last_error, start_plan
 from maas.cli import main
 from maas.config import Settings
@@ -66,6 +67,20 @@ def test_last_error_is_the_message_of_the_last_error_line(tmp_path: Path) -> Non
     reason = refused_log(tmp_path / "x.log")
     assert last_error(tmp_path / "x.log") == reason
     assert last_error(tmp_path / "missing.log") == ""
+
+
+def test_errors_of_an_earlier_run_or_before_a_requested_stop_are_no_reason(
+    tmp_path: Path,
+) -> None:
+    log = tmp_path / "x.log"
+    refused_log(log)
+    with log.open("ab") as out:
+        out.write(run_marker(RUN_STARTED, "x") + b"... INFO all is well\n")
+    assert last_error(log) == ""  # the error belongs to the run before
+    refused_log(log)
+    with log.open("ab") as out:
+        out.write(run_marker(RUN_STOPPED, "x"))
+    assert last_error(log) == ""  # it was stopped, it did not fail
 
 
 def test_status_names_a_replica_refused_for_a_held_member_id(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from infra.bootstrap import topic_plan
 from infra.kafka import KafkaBroker, size_limits
 from infra.proc import ManagedProcess, split_host_port
-from infra.s3 import WeedPorts, WeedS3
+from infra.s3 import WeedPorts, WeedS3, public_default_keys
 from infra.stack import LocalStack
 from maas import cli
 from maas.config import Settings
@@ -63,6 +64,39 @@ def test_weed_ports_are_all_configurable(tmp_path: Path) -> None:
         assert f"={port}" in argv
     assert "-s3.port.iceberg=0" in argv and "-s3.port.lance=0" in argv
     assert WeedPorts.after(9000).all() == list(range(9000, 9008))
+
+
+def test_only_the_s3_gateway_listens_beyond_loopback(tmp_path: Path) -> None:
+    # The master, volume server and filer answer without credentials: loopback only, even when
+    # the gateway serves a network address.
+    settings = Settings(state_dir=str(tmp_path), s3_endpoint="10.1.2.3:9000")
+    argv = WeedS3.from_settings(settings).argv(Path("/bin/weed"))
+    assert "-ip.bind=127.0.0.1" in argv and "-ip=127.0.0.1" in argv
+    assert "-s3.ip.bind=10.1.2.3" in argv
+    assert not [a for a in argv if "10.1.2.3" in a and not a.startswith("-s3.")]
+
+
+@pytest.mark.timeout(60)  # without its own timeout the probe waited out minio's retries
+def test_a_frozen_s3_server_is_not_ready_rather_than_a_hang(tmp_path: Path) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as frozen:  # accepts, never answers
+        port = frozen.getsockname()[1]
+        settings = Settings(state_dir=str(tmp_path), s3_endpoint=f"127.0.0.1:{port}")
+        assert WeedS3.from_settings(settings).ready() is False
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "secret", "warned"),
+    [
+        ("127.0.0.1:9000", "maas-secret-key", False),
+        ("10.1.2.3:9000", "maas-secret-key", True),
+        ("10.1.2.3:9000", "a-secret-of-ours", False),
+    ],
+)
+def test_a_networked_s3_endpoint_with_the_default_keys_is_warned_about(
+    endpoint: str, secret: str, warned: bool
+) -> None:
+    settings = Settings(s3_endpoint=endpoint, s3_secret_key=secret)
+    assert bool(public_default_keys(settings)) is warned
 
 
 def test_s3_identities_carry_the_configured_keys(tmp_path: Path) -> None:

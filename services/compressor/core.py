@@ -34,7 +34,7 @@ from maas.compression.measure import artifact_metrics, relative_metrics
 from maas.compression.pipeline import Plan, parent_variant, parse_methods, run
 from maas.compression.train import FitConfig, Stopped, Tensors
 from maas.config import Settings
-from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
 from maas.training.prepare import FetchDataset, load_dataset
@@ -91,6 +91,7 @@ class CompressJob:
     fit: FitConfig  # batch size, lr and seed for recovery fine-tuning and distillation
     register_name: str | None  # None: register under the parent's name
     alias: str | None
+    fingerprint: str = ""  # jobs.content_sha256: tells a redelivery from another job's reuse
 
 
 def _base_ref(base: Mapping[str, Any] | None) -> ModelRef:
@@ -128,6 +129,7 @@ def parse_job(event: Mapping[str, Any]) -> CompressJob:
         dataset=dict(event["dataset"]) if event.get("dataset") else None,
         fit=fit,
         register_name=register_as.get("name"),
+        fingerprint=jobs.content_sha256(event),
         alias=alias,
     )
 
@@ -180,6 +182,14 @@ class Outcome:
     cancelled: bool = False
 
 
+def _check_same_job(job: CompressJob, fingerprint: str) -> None:
+    if fingerprint != job.fingerprint:
+        raise AlreadyExists(
+            f"job_id={job.job_id!r} belongs to another compress job, run earlier with other "
+            "content; send this one under a new job_id"
+        )
+
+
 def plan_job(job_id: str, base: ModelRef, methods: Sequence[Mapping[str, Any]]) -> CompressJob:
     """The compress job a policy's plan stands for: the job defaults, the parent's dataset."""
     fit = FitConfig(steps=0, batch_size=DEFAULT_BATCH_SIZE, lr=DEFAULT_LR, seed=0)
@@ -202,7 +212,7 @@ class Compressor:
         self._publish = publish
         self._fetch_dataset = fetch_dataset
         self._latency_repeats = latency_repeats
-        self._finished: set[str] = set()
+        self._finished: dict[str, str] = {}  # job id -> the fingerprint of the job run under it
         self._cancelled: OrderedDict[str, None] = OrderedDict()
 
     def cancel(self, job_id: str) -> None:
@@ -217,10 +227,11 @@ class Compressor:
             return []
         job = parse_job(jobs.check_job(dict(event), self._settings))
         if job.job_id in self._finished:
+            _check_same_job(job, self._finished[job.job_id])
             log.info("job %s already done here; ignoring the redelivery", job.job_id)
             return []
         outcome = await self.run(job)
-        self._finished.add(job.job_id)
+        self._finished[job.job_id] = job.fingerprint
         return outcome.versions
 
     def _is_cancelled(self, job_id: str) -> bool:
@@ -254,7 +265,7 @@ class Compressor:
         await self._publish(status(job.job_id, "accepted", step=0, total_steps=total))
         parent = await self._load_parent(job)
         name = job.register_name or parent.version.name
-        done = await self._registered(name, job.job_id)
+        done = await self._registered(name, job)
         versions: list[ModelVersion] = []
         for index, plan in enumerate(job.plans):
             self._stop_if_cancelled(job.job_id, index)
@@ -307,13 +318,16 @@ class Compressor:
             "dataset: {uri: builtin:<name> | s3://bucket/key.npz}"
         )
 
-    async def _registered(self, name: str, job_id: str) -> dict[int, ModelVersion]:
-        """Variants this job already registered (a redelivery after a crash), by method index."""
+    async def _registered(self, name: str, job: CompressJob) -> dict[int, ModelVersion]:
+        """Variants this job already registered (a redelivery after a crash), by method index;
+        AlreadyExists if variants under its id came from another job."""
         found: dict[int, ModelVersion] = {}
         try:
             async for version in self._registry.iter_versions(name):
-                if version.job_id == job_id:
-                    index = Manifest.from_json(version.manifest_json).settings.get("job_item")
+                if version.job_id == job.job_id:
+                    settings = Manifest.from_json(version.manifest_json).settings
+                    _check_same_job(job, settings.get("job_sha256", job.fingerprint))
+                    index = settings.get("job_item")
                     if isinstance(index, int):
                         found[index] = version
         except NotFound:
@@ -344,6 +358,7 @@ class Compressor:
                 "dataset": parent.dataset,
                 "seed": job.fit.seed,
                 "job_item": index,
+                "job_sha256": job.fingerprint,
             },
             job_id=job.job_id,
             metrics=built.metrics,

@@ -27,7 +27,7 @@ from maas.bus import DeadLetter, EventProducer, Record
 from maas.bus_consumer import EventConsumer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
-from maas.errors import SchemaViolation
+from maas.errors import AlreadyExists, SchemaViolation
 from maas.liveness import Liveness
 from maas.policy import policy_job_id
 from maas.registry.client import RegistryClient
@@ -175,6 +175,8 @@ class CompressorService:
         # Every job consumer sees every job; only the one whose type it is reports on it.
         if job.get("type") != JOB_TYPE:
             return
+        if letter.code == AlreadyExists.reason_code:
+            return  # the id is another job's: its status stream is not this event's to write
         self.metrics.jobs.labels("failed").inc()
         job_id = job.get("job_id") or letter.key
         if job_id:

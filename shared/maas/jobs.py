@@ -10,6 +10,7 @@ services call it on every job they consume, so a mistake is reported the same wa
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import re
 import uuid
@@ -155,6 +156,12 @@ def job_content(job: Mapping[str, Any]) -> dict[str, Any]:
     """What a job asks for: the event without its envelope (``id``, ``ts``), which a client's
     retry or a redelivery may change."""
     return {k: v for k, v in job.items() if k not in ("id", "ts")}
+
+
+def content_sha256(job: Mapping[str, Any]) -> str:
+    """A fingerprint of ``job_content``: equal for a redelivery or a retry, not for another job."""
+    canonical = json.dumps(job_content(job), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def status_event(job_id: str, state: str, *, service: str, **fields: Any) -> dict[str, Any]:

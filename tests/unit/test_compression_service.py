@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from maas import artifacts, events, zoo
+from maas import artifacts, events, jobs, zoo
 from maas.compression.train import FitConfig, Tensors, fit
 from maas.datasets import load_builtin
-from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
 from services.compressor.core import Compressor, parse_job
@@ -141,7 +141,13 @@ async def test_each_method_registers_one_variant_with_lineage_and_metrics(core, 
     manifest = Manifest.from_json(int8.manifest_json)
     assert manifest.parent == {"name": "digits", "version": 1}
     assert manifest.job_id == "job-1"
-    assert manifest.settings == {"dtype": "int8", "dataset": DIGITS, "seed": 0, "job_item": 0}
+    assert manifest.settings == {
+        "dtype": "int8",
+        "dataset": DIGITS,
+        "seed": 0,
+        "job_item": 0,
+        "job_sha256": jobs.content_sha256(job()),  # the same for a redelivery of the job
+    }
     assert manifest.format == "int8"
     expected = {
         "accuracy",
@@ -202,11 +208,34 @@ async def test_a_redelivered_job_registers_nothing_new(core, registry):
 
 
 async def test_a_restarted_compressor_resumes_a_job_where_it_stopped(core, registry, publish):
-    # As if the process died after registering the job's first variant, before committing.
-    (first,) = await core.handle(job(compress={"methods": [{"quantize": {"dtype": "int8"}}]}))
+    # As if the process died after registering the job's first variant, before committing: the
+    # first variant's registration is the last thing this compressor does.
+    register = registry.register
+
+    async def register_then_die(*args, **kwargs):
+        version = await register(*args, **kwargs)
+        core.cancel("job-1")
+        return version
+
+    registry.register = register_then_die
+    await core.handle(job())
+    registry.register = register
+    first = registry.models["digits"][1][0]
     fresh = Compressor(registry, publish, latency_repeats=1)
     resumed = await fresh.handle(job())
     assert [v.version for v in resumed] == [first.version, 3]
+    assert len(registry.models["digits"]) == 3
+
+
+async def test_another_job_under_a_used_job_id_is_refused_not_answered_with_old_variants(
+    core, registry, publish
+):
+    await core.handle(job())
+    other = job(compress={"methods": [{"prune": {"sparsity": 0.3}}]})
+    with pytest.raises(AlreadyExists, match="job_id='job-1' belongs to another compress job"):
+        await core.handle(other)
+    with pytest.raises(AlreadyExists):  # a restarted compressor knows it from the registry
+        await Compressor(registry, publish, latency_repeats=1).handle(other)
     assert len(registry.models["digits"]) == 3
 
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from maas import artifacts
-from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from maas.events import clip
 from maas.registry.types import DEFAULT_ALIAS, AliasTargets
 from services.inference.batcher import BatchingConfig, make_runner
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 
 # Models whose rows are not independent (``rows_independent``) run each request on its own.
 UNBATCHED = BatchingConfig(max_batch_size=1)
+DEFAULT_WAIT_S = 60.0  # MAAS_INFERENCE_LOAD_WAIT_S
 DEFAULT = ""  # the alias-table key of a bare name: the registry's unversioned resolution
 T = TypeVar("T")
 AliasKey = tuple[str, str]  # (name, alias or DEFAULT)
@@ -107,8 +108,10 @@ class DataPlane:
         metrics: Metrics | None = None,
         inline_forward_us: int = 0,
         instances: int = 1,
+        wait_s: float = DEFAULT_WAIT_S,
     ) -> None:
         self._source = source
+        self._wait_s = wait_s  # longest a request waits on a registry lookup or a load
         self._executor = executor
         self.batching = batching
         self.instances = instances  # forward passes that can run at once (worker threads)
@@ -152,7 +155,9 @@ class DataPlane:
         served = self._cache.get(name, number)
         if served is None:
             served = await self._single_flight(
-                ("load", name, number), lambda: self._load(name, number)
+                ("load", name, number),
+                lambda: self._load(name, number),
+                f"loading model {name!r} version {number}",
             )
         # Remembered only while still true (an event or an eviction may have come meanwhile),
         # and only as spelled canonically: " 1" or "01" must not grow the table without bound.
@@ -173,7 +178,9 @@ class DataPlane:
         # The generation is part of the key: a caller arriving after an alias event must not
         # join (and then cache) a lookup that started before it.
         number = await self._single_flight(
-            ("resolve", name, alias, gen), lambda: self._source.resolve(name, alias)
+            ("resolve", name, alias, gen),
+            lambda: self._source.resolve(name, alias),
+            f"looking up model {name!r}" + (f" alias {alias!r}" if alias else ""),
         )
         split = await split_of(self._source, name, alias)
         if self._alias_gen.get(key, 0) == gen:
@@ -187,7 +194,7 @@ class DataPlane:
             self._serving.pop(key[0], None)
 
     async def _single_flight(
-        self, key: tuple[Any, ...], make: Callable[[], Coroutine[Any, Any, T]]
+        self, key: tuple[Any, ...], make: Callable[[], Coroutine[Any, Any, T]], what: str
     ) -> T:
         """Concurrent callers with the same key share one call (one registry hit, one load).
 
@@ -199,7 +206,16 @@ class DataPlane:
             task = asyncio.get_running_loop().create_task(make())
             self._inflight[key] = task
             task.add_done_callback(lambda done: self._settled(key, done))
-        return await asyncio.shield(task)  # type: ignore[no-any-return]
+        try:
+            async with asyncio.timeout(self._wait_s):
+                return await asyncio.shield(task)  # type: ignore[no-any-return]
+        except TimeoutError:
+            # A frozen S3 server or registry would hold the request as long as the store's own
+            # retries last (minutes); the call goes on for whoever asks next.
+            raise Unavailable(
+                f"{what} took over {self._wait_s:g} s (MAAS_INFERENCE_LOAD_WAIT_S): the registry "
+                "or S3 is slow or unreachable; it goes on in the background, try again shortly"
+            ) from None
 
     def _settled(self, key: tuple[Any, ...], task: asyncio.Task[Any]) -> None:
         del self._inflight[key]

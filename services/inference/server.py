@@ -108,6 +108,7 @@ class InferenceServer:
             metrics=self.metrics,
             inline_forward_us=settings.inference_inline_forward_us,
             instances=settings.inference_workers,
+            wait_s=settings.inference_load_wait_s,
         )
         self._health = health.aio.HealthServicer()
         self.cpu_reservation = decode_cpus(settings)

@@ -187,6 +187,14 @@ class Settings:
             "pool)"
         ),
     )
+    inference_load_wait_s: int = setting(
+        "MAAS_INFERENCE_LOAD_WAIT_S",
+        60,
+        (
+            "longest a request waits for a model version to load (or its alias to resolve); "
+            "then UNAVAILABLE / 503 while the load goes on"
+        ),
+    )
     inference_cache_bytes: int = setting(
         "MAAS_INFERENCE_CACHE_BYTES", 1024 * MiB, "weights kept loaded (LRU)"
     )

@@ -64,13 +64,14 @@ def digits_source() -> CountingSource:
     return src
 
 
-def make_plane(source, pool, *, cache_bytes=1 << 30, metrics=None, batching=None):
+def make_plane(source, pool, *, cache_bytes=1 << 30, metrics=None, batching=None, **options):
     return DataPlane(
         source,
         pool,
         batching=batching or BatchingConfig(8, 0),
         cache_bytes=cache_bytes,
         metrics=metrics,
+        **options,
     )
 
 

@@ -7,10 +7,19 @@ import dataclasses
 
 import numpy as np
 import pytest
-from dataplane_kit import MLP, X, answer, assert_from, expected, make_plane, model
+from dataplane_kit import (
+    MLP,
+    X,
+    answer,
+    assert_from,
+    digits_source,
+    expected,
+    make_plane,
+    model,
+)
 
 from maas import artifacts, zoo
-from maas.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound
+from maas.errors import FailedPrecondition, IntegrityError, InvalidArgument, NotFound, Unavailable
 from services.inference.dataplane import parse_ref
 from services.inference.metrics import Metrics
 from services.inference.sources import MemorySource
@@ -286,3 +295,15 @@ async def test_a_zoo_model_is_served_by_its_trace_with_the_modules_own_answers(
         _, out = await answer(make_plane(source, pool))
     assert not [r.getMessage() for r in caplog.records if "without a trace" in r.getMessage()]
     assert_from(out, model(1))
+
+
+async def test_a_load_that_outlasts_the_wait_is_unavailable_and_goes_on_for_the_next_request(pool):
+    source = digits_source()
+    source.gates[2] = asyncio.Event()  # S3 frozen: version 2's files do not come
+    plane = make_plane(source, pool, wait_s=0.2)
+    with pytest.raises(Unavailable, match=r"loading model 'digits' version 2 took over 0\.2 s"):
+        await answer(plane, "2")
+    source.gates[2].set()  # S3 is back: the load that went on finishes
+    version, out = await answer(plane, "2")
+    assert version == 2 and source.fetches == [2]  # the first load, not a second one
+    assert_from(out, model(2))

@@ -31,7 +31,7 @@ from torch import nn
 
 from maas import artifacts, events, jobs, zoo
 from maas.compression.measure import artifact_metrics, relative_metrics
-from maas.compression.pipeline import Plan, parent_variant, parse_methods, run
+from maas.compression.pipeline import Plan, check_fits, parent_variant, parse_methods, run
 from maas.compression.train import FitConfig, Stopped, Tensors
 from maas.config import Settings
 from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -266,6 +266,9 @@ class Compressor:
         parent = await self._load_parent(job)
         name = job.register_name or parent.version.name
         done = await self._registered(name, job)
+        for index, plan in enumerate(job.plans):
+            if index not in done:
+                check_fits(plan, parent.manifest.arch, parent.manifest.config)
         versions: list[ModelVersion] = []
         for index, plan in enumerate(job.plans):
             self._stop_if_cancelled(job.job_id, index)

@@ -88,6 +88,12 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
         if "arch" in student:
             limit = settings.max_model_params
             zoo.check_size(student["arch"], student.get("config"), limit, where)
+    if kind == "compress":
+        # What the compressor checks before it starts, said here too (--dry-run included);
+        # torch loads for compress jobs only.
+        from maas.compression.pipeline import parse_methods
+
+        parse_methods(job["compress"].get("methods") or [])
     if "dataset" in job:
         datasets.check_uri(job["dataset"]["uri"], settings)
     if kind == "train" and "name" not in model and "name" not in job.get("register_as", {}):

@@ -239,6 +239,16 @@ async def test_another_job_under_a_used_job_id_is_refused_not_answered_with_old_
     assert len(registry.models["digits"]) == 3
 
 
+async def test_a_method_that_cannot_run_on_the_parent_fails_the_job_before_any_variant(
+    core, registry
+):
+    student = {"arch": "mlp", "config": {"in_features": 64, "num_classes": 3}}
+    methods = [{"quantize": {"dtype": "int8"}}, {"distill": {"student": student, "steps": 5}}]
+    with pytest.raises(InvalidArgument, match="distill.student takes 3 outputs but the teacher"):
+        await core.handle(job(compress={"methods": methods}))
+    assert [v.method for v, _ in registry.models["digits"]] == ["train"]  # no int8 left behind
+
+
 async def test_variants_can_go_under_another_name_with_an_alias(core, registry):
     (variant,) = await core.handle(
         job(

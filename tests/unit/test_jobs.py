@@ -47,6 +47,21 @@ def test_a_yaml_nan_anywhere_in_a_job_is_refused_naming_where(tmp_path):
         check(jobs.load_job_file(path))
 
 
+@pytest.mark.parametrize(
+    ("methods", "complaint"),
+    [
+        ([{"chain": [{"quantize": {}}, {"prune": {}}]}], "quantize must be the last method"),
+        ([{"distill": {"steps": 10**9}}], r"distill\.steps=1000000000 must be an integer"),
+    ],
+)
+def test_a_compress_job_the_compressor_would_refuse_is_refused_before_it_is_sent(
+    methods, complaint
+):
+    doc = {"type": "compress", "base": {"name": "m"}, "compress": {"methods": methods}}
+    with pytest.raises(InvalidArgument, match=complaint):
+        check(doc)
+
+
 def test_an_explicit_job_id_is_kept_as_the_idempotency_key():
     assert jobs.prepare_job(train_doc(job_id="mine"))["job_id"] == "mine"
     assert jobs.prepare_job(train_doc(), job_id="override")["job_id"] == "override"

@@ -162,6 +162,20 @@ def _check_order(steps: tuple[Step, ...]) -> None:
             )
 
 
+def check_fits(plan: Plan, arch: str, config: Mapping[str, Any]) -> None:
+    """What the plan's steps need of the model they start from, checked before any variant of
+    the job is built (a job whose third method cannot run must not register its first two): a
+    distill's student fits the teacher's inputs and outputs (or the arch has a default student),
+    a structured prune knows the arch."""
+    config = dict(config)
+    for step in plan.steps:
+        if isinstance(step, Prune) and step.structured:
+            prune.check_structured(arch)
+        elif isinstance(step, Distill):
+            student = kd.parse_student(step.student, arch, config)
+            arch, config = student.arch, student.config
+
+
 def parse_methods(items: Sequence[Mapping[str, Any]]) -> list[Plan]:
     if not items:
         raise InvalidArgument("compress.methods must name at least one method")

@@ -80,21 +80,26 @@ def _slice_inputs(weight: torch.Tensor, keep: torch.Tensor, previous_units: int)
     return blocks[:, keep].reshape(weight.shape[0], -1)
 
 
+def check_structured(arch: str) -> None:
+    """InvalidArgument unless structured pruning knows how to narrow ``arch``."""
+    if arch != "bert" and arch not in WIDTH_FIELDS:
+        raise InvalidArgument(
+            f"structured pruning knows archs {sorted([*WIDTH_FIELDS, 'bert'])}, not {arch!r}"
+        )
+
+
 @torch.no_grad()
 def structured(
     model: nn.Module, arch: str, config: dict[str, Any], fraction: float
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Remove ``fraction`` of every hidden layer's units; returns (smaller model, its config)."""
     check_sparsity(fraction)
+    check_structured(arch)
     if arch == "bert":  # attention heads and FFN channels, per layer (maas.text.compress)
         from maas.text.compress import prune_structured
 
         return prune_structured(model, fraction)
-    field = WIDTH_FIELDS.get(arch)
-    if field is None:
-        raise InvalidArgument(
-            f"structured pruning knows archs {sorted(WIDTH_FIELDS)}, not {arch!r}"
-        )
+    field = WIDTH_FIELDS[arch]
     layers = _layers(model)
     keeps = [_keep_units(layer, fraction) for layer in layers[:-1]]
     parsed = zoo.config_to_dict(zoo.parse_config(arch, config))

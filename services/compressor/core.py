@@ -384,7 +384,7 @@ class Compressor:
         fmt, tensors = variant.encode()
         files, manifest = artifacts.pack(tensors, variant.arch, variant.config, format=fmt)
         metrics = artifact_metrics(
-            manifest, files, parent.data, latency_repeats=self._latency_repeats
+            manifest, files, parent.data, latency_repeats=self._latency_repeats, parent=parent.model
         )
         metrics |= relative_metrics(metrics, parent.metrics)
         return Built(variant.arch, variant.config, fmt, tensors, metrics)

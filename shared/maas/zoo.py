@@ -302,5 +302,13 @@ def output_shape(arch: str, config: Mapping[str, Any] | None = None) -> tuple[in
     return tuple(get_arch(arch).output_shape(parse_config(arch, config)))
 
 
+def outputs_embeddings(arch: str, config: Mapping[str, Any] | None = None) -> bool:
+    """Whether the model's outputs are embeddings (a text encoder without a classification
+    head), not scores of a dataset's classes or targets: accuracy and loss mean nothing there."""
+    if arch != "bert":
+        return False
+    return not getattr(parse_config(arch, config), "num_classes", 0)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from maas import artifacts, zoo
-from maas.compression import pipeline, quant
+from maas.compression import measure, pipeline, quant
 from maas.compression.train import FitConfig, Tensors
 from maas.text import compress, corpus
 from maas.text.model import TextModel
@@ -147,3 +147,16 @@ def test_distilling_embeddings_brings_a_student_closer_to_the_teacher() -> None:
 def test_a_student_keeps_between_one_and_all_layers(keep: int) -> None:
     with pytest.raises(Exception, match="keeps 1..4"):
         compress.layer_student(small(), keep)
+
+
+def test_an_encoders_variant_is_measured_by_its_cosine_to_the_parent_not_by_accuracy():
+    # Scoring embedding dimensions as class logits gave a headless MiniLM "accuracy 0.003".
+    parent = small()
+    variant = run_job(parent, SMALL, {"quantize": {"dtype": "int8"}})
+    fmt, tensors = variant.encode()
+    files, manifest = artifacts.pack(tensors, variant.arch, variant.config, format=fmt)
+    metrics = measure.artifact_metrics(
+        manifest, files, data_of(token_rows()), latency_repeats=0, parent=parent
+    )
+    assert "accuracy" not in metrics and "loss" not in metrics
+    assert 0.9 < metrics["cosine_to_parent"] <= 1.0 + 1e-6

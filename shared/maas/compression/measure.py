@@ -54,11 +54,23 @@ def latency_ms(model: nn.Module, sample: torch.Tensor, batch: int, repeats: int)
 
 
 def artifact_metrics(
-    manifest: Manifest, files: Mapping[str, bytes], data: Tensors, *, latency_repeats: int = 50
+    manifest: Manifest,
+    files: Mapping[str, bytes],
+    data: Tensors,
+    *,
+    latency_repeats: int = 50,
+    parent: nn.Module | None = None,
 ) -> dict[str, float]:
-    """Materialize the artifact through the shared loader and measure it."""
+    """Materialize the artifact through the shared loader and measure it: task metrics for a
+    model that scores the data, the mean cosine of its embeddings to ``parent``'s for an
+    encoder (a compressed one)."""
     model = artifacts.materialize(manifest, files)
-    metrics = evaluate(model, data)
+    if not zoo.outputs_embeddings(manifest.arch, manifest.config):
+        metrics = evaluate(model, data)
+    elif parent is not None:
+        metrics = {"cosine_to_parent": embedding_cosine(model, parent, data.x_test)}
+    else:
+        metrics = {}
     total, nonzero = parameter_counts(manifest, files)
     metrics |= {
         "artifact_bytes": float(artifact_bytes(files)),
@@ -69,6 +81,13 @@ def artifact_metrics(
         for batch in LATENCY_BATCHES:
             metrics[f"latency_b{batch}_ms"] = latency_ms(model, data.x_test, batch, latency_repeats)
     return metrics
+
+
+@torch.inference_mode()
+def embedding_cosine(model: nn.Module, reference: nn.Module, rows: torch.Tensor) -> float:
+    """Mean cosine similarity of the two models' embeddings of ``rows``."""
+    ours, theirs = model.eval()(rows).float(), reference.eval()(rows).float()
+    return float(torch.nn.functional.cosine_similarity(ours, theirs, dim=1).mean())
 
 
 def relative_metrics(variant: Mapping[str, float], parent: Mapping[str, float]) -> dict[str, float]:

@@ -59,7 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         example="maas jobs watch train-3f2a9c01de",
     )
     watch.add_argument("job_id")
-    watch.add_argument("--timeout-s", type=float, default=None, help="give up after this long")
+    watch.add_argument("--timeout-s", type=_seconds, default=None, help="give up after this long")
     watch.set_defaults(func=_watch)
 
     cancel = command(
@@ -76,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     cancel.add_argument("job_id")
     cancel.add_argument("--no-wait", action="store_true", help="publish only, do not follow")
-    cancel.add_argument("--timeout-s", type=float, default=60.0, help="give up after this long")
+    cancel.add_argument("--timeout-s", type=_seconds, default=60.0, help="give up after this long")
     cancel.set_defaults(func=_cancel)
 
     listing = command(
@@ -103,6 +103,16 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a number of seconds > 0")
+    return value
+
+
 def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     from maas import events, jobs
 
@@ -110,11 +120,24 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     asyncio.run(jobs.publish_job(settings, jobs.check_job(event, settings)))
     if args.no_wait:
         return 0
+    if not asyncio.run(jobs.has_status(settings, args.job_id)):
+        console().print(
+            f"[yellow]no service has reported on job {args.job_id}[/yellow] (`maas jobs list` "
+            "shows the known jobs): the cancel is sent, but there is nothing to wait for"
+        )
+        return 0
     summary = asyncio.run(follow(settings, args.job_id, args.timeout_s))
     return 0 if summary.state == "cancelled" else 1
 
 
 def _watch(args: argparse.Namespace, settings: Settings) -> int:
+    from maas import jobs
+
+    if not asyncio.run(jobs.has_status(settings, args.job_id)):
+        console().print(
+            f"[yellow]no status for job {args.job_id} yet[/yellow] (`maas jobs list` shows the "
+            "known ones); waiting for its first — Ctrl-C stops watching, not the job"
+        )
     return _exit_code(asyncio.run(follow(settings, args.job_id, args.timeout_s)))
 
 

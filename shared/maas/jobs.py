@@ -201,6 +201,14 @@ async def summaries(settings: Settings) -> dict[str, JobSummary]:
     return jobs
 
 
+async def has_status(settings: Settings, job_id: str) -> bool:
+    """Whether any service has published a status for ``job_id`` (the topic read to its end)."""
+    async for event in status_events(settings, follow=False):
+        if event["job_id"] == job_id:
+            return True
+    return False
+
+
 async def watch(
     settings: Settings, job_id: str, *, timeout_s: float | None = None
 ) -> AsyncIterator[JobSummary]:

@@ -44,3 +44,10 @@ async def test_watch_yields_each_status_until_the_job_is_terminal(stack, produce
     seen = [s.state async for s in jobs.watch(stack.settings, job_id, timeout_s=60)]
 
     assert seen == ["running", "failed"]
+
+
+async def test_a_job_is_known_once_a_service_reported_on_it(stack, producer):
+    job_id = f"job-{uuid.uuid4().hex[:10]}"
+    assert not await jobs.has_status(stack.settings, job_id)  # cancel/watch say so at once
+    await publish(producer, job_id, "accepted")
+    assert await jobs.has_status(stack.settings, job_id)

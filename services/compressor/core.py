@@ -206,8 +206,11 @@ class Compressor:
         *,
         settings: Settings | None = None,
         latency_repeats: int = 50,
+        on_registered: Callable[[ModelVersion], None] | None = None,
     ) -> None:
         self._settings = settings or Settings()
+        # Told of each variant as it is registered (not of those a redelivery finds done).
+        self._on_registered = on_registered
         self._registry = registry
         self._publish = publish
         self._fetch_dataset = fetch_dataset
@@ -368,6 +371,8 @@ class Compressor:
             format=built.format,
             alias=job.alias,
         )
+        if self._on_registered is not None:
+            self._on_registered(version)
         log.info(
             "job %s: %s -> %s (%s, %.1fx smaller)",
             job.job_id,

@@ -31,6 +31,7 @@ from maas.errors import AlreadyExists, SchemaViolation
 from maas.liveness import Liveness
 from maas.policy import policy_job_id
 from maas.registry.client import RegistryClient
+from maas.registry.types import ModelVersion
 from maas.store import ObjectStore
 from maas.topics import JOB_STATUS, JOBS, MODELS
 from services.compressor.core import JOB_TYPE, Compressor, failed_status
@@ -74,7 +75,11 @@ class CompressorService:
         store = ObjectStore(settings)
         # The core reads datasets on its worker thread, where the blocking store is right.
         self.core = Compressor(
-            self._registry, self._publish, datasets.fetcher(store, settings), settings=settings
+            self._registry,
+            self._publish,
+            datasets.fetcher(store, settings),
+            settings=settings,
+            on_registered=self._registered,
         )
         self._consumer = EventConsumer(
             settings,
@@ -139,10 +144,11 @@ class CompressorService:
 
     async def _handle(self, record: Record) -> None:
         versions = await self.core.handle(record.event)
-        for version in versions:
-            self.metrics.variants.labels(version.method or "", version.format).inc()
         if versions:
             self.metrics.jobs.labels("succeeded").inc()
+
+    def _registered(self, version: ModelVersion) -> None:
+        self.metrics.variants.labels(version.method or "", version.format).inc()
 
     async def _read_cancels(self) -> None:
         while True:

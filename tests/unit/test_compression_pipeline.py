@@ -96,3 +96,11 @@ def test_a_methods_training_stops_at_the_step_its_stop_check_says(method):
             Tensors.of(load_builtin("digits")),
             FitConfig(0, stop=stop),
         )
+
+
+def test_the_same_variant_twice_in_one_job_is_refused_naming_both():
+    methods = [{"quantize": {"dtype": "int8"}}, {"prune": {}}, {"quantize": {}}]
+    with pytest.raises(
+        InvalidArgument, match=r"compress\.methods\[2\] repeats compress\.methods\[0\]"
+    ):
+        parse_methods(methods)

@@ -221,10 +221,14 @@ async def test_a_restarted_compressor_resumes_a_job_where_it_stopped(core, regis
     await core.handle(job())
     registry.register = register
     first = registry.models["digits"][1][0]
-    fresh = Compressor(registry, publish, latency_repeats=1)
+    told: list[int] = []
+    fresh = Compressor(
+        registry, publish, latency_repeats=1, on_registered=lambda v: told.append(v.version)
+    )
     resumed = await fresh.handle(job())
     assert [v.version for v in resumed] == [first.version, 3]
     assert len(registry.models["digits"]) == 3
+    assert told == [3]  # the variant found done is not counted as registered again
 
 
 async def test_another_job_under_a_used_job_id_is_refused_not_answered_with_old_variants(

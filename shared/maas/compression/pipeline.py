@@ -179,7 +179,14 @@ def check_fits(plan: Plan, arch: str, config: Mapping[str, Any]) -> None:
 def parse_methods(items: Sequence[Mapping[str, Any]]) -> list[Plan]:
     if not items:
         raise InvalidArgument("compress.methods must name at least one method")
-    return [parse_method(item) for item in items]
+    plans = [parse_method(item) for item in items]
+    for i, plan in enumerate(plans):
+        if plan in plans[:i]:  # the same variant twice: twice the work, two equal versions
+            raise InvalidArgument(
+                f"compress.methods[{i}] repeats compress.methods[{plans.index(plan)}] "
+                f"({plan.method} with the same settings); list each variant once"
+            )
+    return plans
 
 
 @dataclass

@@ -99,7 +99,11 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     asyncio.run(jobs.publish_job(settings, job))
     print(job["job_id"])
     if args.watch:
-        return _exit_code(asyncio.run(follow(settings, job["job_id"], None)))
+        try:
+            return _exit_code(asyncio.run(follow(settings, job["job_id"], None)))
+        except KeyboardInterrupt:
+            print(f"stopped watching; the job goes on: maas jobs watch {job['job_id']}")
+            raise
     return 0
 
 

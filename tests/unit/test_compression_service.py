@@ -130,6 +130,19 @@ def job(**fields):
     return events.validate(events.new_event(events.JOB, **present))
 
 
+def cancel_after_registering(core, registry):
+    """Make ``core`` cancel job-1 right after each registration; returns the plain register."""
+    register = registry.register
+
+    async def register_then_cancel(*args, **kwargs):
+        version = await register(*args, **kwargs)
+        core.cancel("job-1")
+        return version
+
+    registry.register = register_then_cancel
+    return register
+
+
 async def test_each_method_registers_one_variant_with_lineage_and_metrics(core, registry):
     int8, pruned = await core.handle(job())
     assert (int8.name, int8.version, int8.method, pruned.method) == (
@@ -210,14 +223,7 @@ async def test_a_redelivered_job_registers_nothing_new(core, registry):
 async def test_a_restarted_compressor_resumes_a_job_where_it_stopped(core, registry, publish):
     # As if the process died after registering the job's first variant, before committing: the
     # first variant's registration is the last thing this compressor does.
-    register = registry.register
-
-    async def register_then_die(*args, **kwargs):
-        version = await register(*args, **kwargs)
-        core.cancel("job-1")
-        return version
-
-    registry.register = register_then_die
+    register = cancel_after_registering(core, registry)
     await core.handle(job())
     registry.register = register
     first = registry.models["digits"][1][0]
@@ -343,14 +349,7 @@ async def test_a_cancel_during_a_variants_build_drops_it_and_ends_the_job(
 
 
 async def test_a_cancel_between_variants_keeps_the_registered_ones(core, registry, statuses):
-    register = registry.register
-
-    async def register_then_cancel(*args, **kwargs):
-        version = await register(*args, **kwargs)
-        core.cancel("job-1")
-        return version
-
-    registry.register = register_then_cancel
+    cancel_after_registering(core, registry)
     await core.handle(job())
     assert [(s["state"], s["step"]) for s in statuses] == [
         ("accepted", 0),

@@ -97,7 +97,7 @@ class ShardLink:
             outbox.put_nowait(push.frame)
         got = False
         async with open_channel(address, self._settings) as channel:
-            call = exchange(channel)
+            call = exchange(channel, self._settings)
             self._outbox = outbox
             writer = asyncio.create_task(self._write(call, outbox))
             try:

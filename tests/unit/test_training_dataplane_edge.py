@@ -54,7 +54,7 @@ async def shard() -> AsyncIterator[tuple[RecordingShard, str]]:
 
 async def _stream(address: str, *frames: bytes) -> grpc.StatusCode:
     async with dataplane.open_channel(address, SETTINGS) as channel:
-        call = dataplane.exchange(channel)
+        call = dataplane.exchange(channel, SETTINGS)
         for frame in frames:
             await call.write(frame)
         await call.done_writing()

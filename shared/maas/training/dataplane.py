@@ -11,6 +11,7 @@ from __future__ import annotations
 import grpc
 
 from maas.config import Settings
+from maas.edge.client import call_metadata
 from maas.edge.client import open_channel as open_edge_channel
 from maas.edge.server import add_port, edge_interceptor, server_options
 from maas.training.v1 import training_pb2_grpc as pb_grpc
@@ -50,10 +51,13 @@ def _handlers(servicer: pb_grpc.TrainingDataPlaneServicer) -> grpc.GenericRpcHan
 
 
 def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
-    """A channel to a shard: TLS as configured, this process's token on the stream."""
-    return open_edge_channel(settings, address, options=_KEEPALIVE)
+    """A channel to a shard, TLS as configured. Without the token interceptor: an intercepted
+    stream passes every written frame through a queue and a generator of grpc's (and, ended by
+    the server, leaves that generator's task pending); ``exchange`` sends the token itself."""
+    return open_edge_channel(settings, address, options=_KEEPALIVE, with_token=False)
 
 
-def exchange(channel: grpc.aio.Channel) -> grpc.aio.StreamStreamCall:
-    """An ``Exchange`` stream that writes and reads frames (bytes), not messages."""
-    return channel.stream_stream(f"/{SERVICE_NAME}/Exchange")()
+def exchange(channel: grpc.aio.Channel, settings: Settings) -> grpc.aio.StreamStreamCall:
+    """An ``Exchange`` stream that writes and reads frames (bytes), not messages, with this
+    process's bearer token in its metadata."""
+    return channel.stream_stream(f"/{SERVICE_NAME}/Exchange")(metadata=call_metadata(settings))

@@ -196,7 +196,8 @@ async def test_a_cancel_event_ends_a_running_compress_job_keeping_its_registered
     registry, producer, watcher, parent
 ):
     base = {"name": parent.name, "version": parent.version}
-    methods = [{"quantize": {"dtype": "int8"}}] * 30  # long enough to be cancelled part-way
+    # 30 variants (each its own: a job lists a variant once): long enough to cancel part-way.
+    methods = [{"prune": {"sparsity": round(0.02 * (i + 1), 2)}} for i in range(30)]
     job_id = await submit(producer, base, methods)
     await watcher.state(job_id, "running", timeout_s=120)
     cancel = events.new_event(events.JOB, job_id=job_id, type=jobs.CANCEL)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -56,6 +57,7 @@ class HttpServer:
         max_json_bytes: int = DEFAULT_MAX_JSON_BYTES,
         body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         for name, seconds in (("BODY", body_timeout_s), ("IDLE", idle_timeout_s)):
             if not seconds > 0:
@@ -71,6 +73,7 @@ class HttpServer:
         self.app[MAX_JSON_BYTES] = max_json_bytes
         self.app[BODY_TIMEOUT_S] = body_timeout_s
         self._idle_timeout_s = idle_timeout_s
+        self._ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         self.port = 0
 
@@ -105,7 +108,7 @@ class HttpServer:
             self.app, access_log=None, keepalive_timeout=self._idle_timeout_s
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
+        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         try:
             await site.start()
         except OSError as exc:
@@ -113,7 +116,8 @@ class HttpServer:
             raise InvalidArgument(f"cannot bind {self._setting}: {exc}") from None
         # Port 0 binds a free port: read back the one the listener got.
         self.port = int(self._runner.addresses[0][1])
-        log.info("inference HTTP on %s:%d", self._host, self.port)
+        scheme = "HTTPS" if self._ssl_context else "HTTP"
+        log.info("inference %s on %s:%d", scheme, self._host, self.port)
 
     async def stop(self) -> None:
         if self._runner is not None:

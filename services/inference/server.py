@@ -24,6 +24,7 @@ from maas.bus import EventProducer, Record
 from maas.bus_consumer import EventConsumer
 from maas.config import Settings
 from maas.edge import Authorizer, add_port, server_options
+from maas.edge.tls import server_ssl_context
 from maas.errors import InvalidArgument
 from maas.liveness import Liveness
 from services.inference.batcher import BatchingConfig
@@ -155,6 +156,8 @@ class InferenceServer:
             max_json_bytes=settings.inference_http_max_json_bytes,
             body_timeout_s=settings.inference_http_body_timeout_s,
             idle_timeout_s=settings.inference_http_idle_timeout_s,
+            # The same bearer tokens arrive here as over gRPC: with TLS on, no plaintext door.
+            ssl_context=server_ssl_context(settings) if settings.grpc_tls else None,
         )
         authorizer = Authorizer.from_settings(settings)
         http.add(OipRestRoutes(self.plane, authorizer, self.metrics))

@@ -147,7 +147,11 @@ class Settings:
             "$MAAS_STATE_DIR/auth/admin.token"
         ),
     )
-    grpc_tls: bool = setting("MAAS_GRPC_TLS", False, "gRPC servers and clients use TLS")
+    grpc_tls: bool = setting(
+        "MAAS_GRPC_TLS",
+        False,
+        "gRPC servers and clients use TLS; the inference HTTP API serves HTTPS (same certificate)",
+    )
     tls_cert_file: str = setting(
         "MAAS_TLS_CERT_FILE", "", "servers: PEM certificate chain (with TLS)"
     )

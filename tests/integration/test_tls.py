@@ -1,15 +1,19 @@
 """TLS on the gRPC APIs from config, with a CA and a server certificate this test generates
 (openssl CLI): the real registry and inference processes serve TLS only, the registry client,
 inference's own registry client and `maas predict` connect over it, and a client that does not
-trust the CA (or speaks plaintext) gets nowhere."""
+trust the CA (or speaks plaintext) gets nowhere. The inference HTTP API serves HTTPS only, with
+the same certificate: the openai client and urllib reach it, plain HTTP does not."""
 
 from __future__ import annotations
 
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from infra.proc import free_port
 from infra.stack import PythonService
 from maas import zoo
 from maas.config import Settings
-from maas.edge import open_sync_channel
+from maas.edge import client_token, open_sync_channel
 from maas.errors import Unavailable
 from maas.registry import RegistryClient
 
@@ -62,6 +66,7 @@ def make_server_cert(directory: Path, ca: str) -> None:
 class TlsPlatform:
     settings: Settings  # a client trusting the test CA
     certs: Path
+    http: str  # host:port of inference's HTTP API
 
 
 def tls_serving(settings: Settings, addr: str) -> bool:
@@ -81,7 +86,7 @@ def tls(stack, tmp_path_factory) -> Iterator[TlsPlatform]:
     make_ca(workdir, "ca")
     make_ca(workdir, "other-ca")
     make_server_cert(workdir, "ca")
-    registry_port, inference_port = free_port(), free_port()
+    registry_port, inference_port, http_port = free_port(), free_port(), free_port()
     registry, inference = f"127.0.0.1:{registry_port}", f"127.0.0.1:{inference_port}"
     tls_env = {
         "MAAS_GRPC_TLS": "true",
@@ -112,7 +117,12 @@ def tls(stack, tmp_path_factory) -> Iterator[TlsPlatform]:
             "127.0.0.1",
             inference_port,
             workdir,
-            {**tls_env, "MAAS_INFERENCE_LISTEN": inference, "MAAS_INFERENCE_METRICS_PORT": "0"},
+            {
+                **tls_env,
+                "MAAS_INFERENCE_LISTEN": inference,
+                "MAAS_INFERENCE_HTTP_LISTEN": f"127.0.0.1:{http_port}",
+                "MAAS_INFERENCE_METRICS_PORT": "0",
+            },
             health=lambda: tls_serving(settings, inference),
         ),
     ]
@@ -123,7 +133,7 @@ def tls(stack, tmp_path_factory) -> Iterator[TlsPlatform]:
             while not service.process.alive() and time.monotonic() < deadline:
                 time.sleep(0.02)
             service.wait_ready(timeout_s=120)
-        yield TlsPlatform(settings, workdir)
+        yield TlsPlatform(settings, workdir, f"127.0.0.1:{http_port}")
     finally:
         for service in reversed(started):
             service.stop()
@@ -189,3 +199,38 @@ def test_maas_predict_reaches_inference_over_tls_and_inference_its_registry(tls)
     )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["outputs"]["output"]["shape"] == [1, 3]
+
+
+def https_get(url: str, ca_file: Path) -> int:
+    context = ssl.create_default_context(cafile=str(ca_file))
+    with urllib.request.urlopen(url, context=context, timeout=10) as reply:
+        return int(reply.status)
+
+
+def test_the_http_api_serves_https_with_the_same_certificate(tls):
+    assert https_get(f"https://{tls.http}/v2/health/ready", tls.certs / "ca.pem") == 200
+
+
+def test_the_http_api_has_no_plaintext_door_and_a_stranger_ca_fails(tls):
+    with pytest.raises((urllib.error.URLError, ConnectionError)):  # no HTTP answer at all
+        urllib.request.urlopen(f"http://{tls.http}/v2/health/ready", timeout=10)
+    with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+        https_get(f"https://{tls.http}/v2/health/ready", tls.certs / "other-ca.pem")
+
+
+def test_the_openai_client_lists_models_over_https_with_a_bearer_token(tls):
+    import openai
+
+    token = client_token(tls.settings)
+    assert token, "the stack writes the operator's token"
+    client = openai.OpenAI(
+        base_url=f"https://{tls.http}/v1",
+        api_key=token,
+        max_retries=0,
+        timeout=30,
+        http_client=openai.DefaultHttpxClient(
+            verify=ssl.create_default_context(cafile=str(tls.certs / "ca.pem"))
+        ),
+    )
+    with client:
+        assert client.models.list().object == "list"

@@ -15,6 +15,13 @@ record that fails. That record is handed on as a stand-in with no value, marked
 reason, so group consumers dead-letter it and group-less readers skip it like any other record
 that cannot be read. The position moves past it; its bytes stay out of reach.
 
+Two of the client's own errors are about a record's bytes too, not about the client: a batch
+compressed with a codec whose library is missing (``UnsupportedCodecError``; the platform ships
+cramjam, so gzip, snappy, lz4 and zstd are all read) and a batch whose CRC does not match
+(``CorruptRecordException``). They take the same path: each record of such a batch gets a
+stand-in, one at a time, and the reader goes on after the batch. Any other error of the client
+is raised as it is.
+
 The stand-in's offset is the reader's position when the parser failed: the unreadable record's
 own offset, unless transaction markers (which no reader sees) lie just before it, in which case
 each marker's offset also gets a stand-in. Nothing is skipped either way.
@@ -26,7 +33,14 @@ import asyncio
 import logging
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import ConsumerStoppedError, IllegalOperation, IllegalStateError, KafkaError
+from aiokafka.errors import (
+    ConsumerStoppedError,
+    CorruptRecordException,
+    IllegalOperation,
+    IllegalStateError,
+    KafkaError,
+    UnsupportedCodecError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +51,14 @@ UNREADABLE_HEADER = "maas-unreadable"  # a stand-in's one header: why the record
 PROBE_TIMEOUT_MS = 500  # per partition and turn, while a fetch is read a record at a time
 PROBE_LIMIT = 100  # records read a record at a time before the fetch returns what it has
 
-CLIENT_ERRORS = (KafkaError, ConsumerStoppedError)  # the client's own: raised as they are
+RECORD_ERRORS = (UnsupportedCodecError, CorruptRecordException)  # the client's, about the bytes
+
+
+def client_error(exc: Exception) -> bool:
+    """An error of the client itself (raised as it is), not one about a record's bytes."""
+    return isinstance(exc, KafkaError | ConsumerStoppedError) and not isinstance(
+        exc, RECORD_ERRORS
+    )
 
 
 async def fetch(
@@ -54,9 +75,10 @@ async def fetch(
     before = await positions(consumer, timeout_ms)
     try:
         return await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-    except CLIENT_ERRORS:
-        raise
-    except Exception as exc:  # the client's parser failed on a record's bytes
+    except Exception as exc:
+        if client_error(exc):
+            raise
+        # The client's parser failed on a record's bytes.
         log.warning("a fetch could not be parsed (%r); reading it a record at a time", exc)
         await rewind(consumer, before, reset)
         return await one_at_a_time(consumer, max_records or PROBE_LIMIT)
@@ -116,9 +138,9 @@ async def one_at_a_time(consumer: AIOKafkaConsumer, limit: int) -> Batches:
             except IllegalStateError:
                 pending.remove(tp)  # given away meanwhile
                 continue
-            except CLIENT_ERRORS:
-                raise
             except Exception as exc:
+                if client_error(exc):
+                    raise
                 consumer.seek(tp, start + 1)
                 got.setdefault(tp, []).append(stand_in(tp, start, exc))
                 return got

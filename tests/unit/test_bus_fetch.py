@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import pytest
 from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import (
+    CorruptRecordException,
+    KafkaConnectionError,
+    UnsupportedCodecError,
+)
 
 from maas import events
 from maas.bus import decode_value
@@ -32,8 +37,10 @@ class Kafka:
         self,
         logs: dict[TopicPartition, list[str]],
         committed: dict[TopicPartition, int] | None = None,
+        failure: Exception = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
     ) -> None:
         self.logs = logs
+        self.failure = failure
         self.committed_offsets = dict(committed or {})
         self.positions: dict[TopicPartition, int] = {}
 
@@ -59,7 +66,7 @@ class Kafka:
             start = await self.position(tp)
             for i, entry in enumerate(self.logs[tp][start:][:max_records]):
                 if entry == BAD:
-                    raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+                    raise self.failure
                 got.setdefault(tp, []).append(record(tp, start + i))
                 self.positions[tp] = start + i + 1
         return got
@@ -139,3 +146,25 @@ async def test_every_unparsable_record_gets_its_own_stand_in() -> None:
 async def test_a_fetched_record_cannot_pass_itself_off_as_a_stand_in() -> None:
     forged = record(A, 0, headers=[(UNREADABLE_HEADER, b"nothing wrong")])
     assert decode_value(forged)["job_id"] == "j"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        UnsupportedCodecError("Libraries for zstd compression codec not found"),
+        CorruptRecordException("Invalid CRC - maas.jobs.v1-1"),
+    ],
+)
+async def test_a_batch_the_client_cannot_decompress_or_check_gets_stand_ins(failure) -> None:
+    kafka = Kafka({A: ["ok"], B: ["ok", BAD, "ok"]}, failure=failure)
+    got = await fetch(kafka, timeout_ms=0)  # type: ignore[arg-type]
+    assert offsets(got) == {A: [0], B: [0, 1]}
+    with pytest.raises(SchemaViolation, match=type(failure).__name__):
+        decode_value(got[B][1])
+    assert offsets(await fetch(kafka, timeout_ms=0)) == {B: [2]}  # type: ignore[arg-type]
+
+
+async def test_an_error_of_the_client_itself_is_raised_as_it_is() -> None:
+    kafka = Kafka({A: ["ok", BAD]}, failure=KafkaConnectionError("broker gone"))
+    with pytest.raises(KafkaConnectionError):
+        await fetch(kafka, timeout_ms=0)  # type: ignore[arg-type]

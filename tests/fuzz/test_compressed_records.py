@@ -1,0 +1,94 @@
+"""Records another client compressed, on the real broker. Kafka clients compress batches with
+gzip, snappy, lz4 or zstd (``compression.type``; librdkafka's, as kcat and confluent-kafka use
+it, among them); the broker stores a batch as the producer compressed it, so a consumer must
+decode every codec. Here confluent-kafka (librdkafka) produces: every codec's records are read
+and handled, and a batch whose codec the client cannot decode is dead-lettered record by record
+while the consumer goes on (before, one zstd record stopped the training coordinator and left
+inference and the compressor not ready).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from aiokafka.record._crecords import default_records
+from confluent_kafka import Producer
+from fuzzing import consuming
+from test_header_keys import own_topic
+
+from maas import events
+from maas.bus import DeadLetter, EventProducer, Record
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+CODECS = ["gzip", "snappy", "lz4", "zstd"]
+PER_CODEC = 3  # records in one batch
+WAIT_S = 60.0
+
+
+def produce_compressed(bootstrap: str, topic: str, codec: str, ids: list[str]) -> None:
+    """One batch of job statuses, compressed with ``codec`` by librdkafka (it sends a batch
+    uncompressed when that is smaller: the reasons repeat, so compressing always wins)."""
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "compression.type": codec, "linger.ms": 200}
+    )
+    for job_id in ids:
+        status = events.new_event(
+            events.JOB_STATUS, job_id=job_id, state="queued", reason="waiting for workers " * 50
+        )
+        producer.produce(topic, value=events.encode(status), key=job_id.encode(), partition=0)
+    assert producer.flush(30) == 0, "librdkafka did not deliver every record"
+
+
+async def consume(settings, topic: str, expected: int) -> tuple[list[str], list[DeadLetter]]:
+    """Run a fresh group over ``topic`` until ``expected`` records were handled or
+    dead-lettered; the consumer loop must still run at the end."""
+    group_id = f"compressed-{uuid.uuid4().hex[:8]}"
+    handled: list[str] = []
+    letters: list[DeadLetter] = []
+
+    async def handle(record: Record) -> None:
+        handled.append(record.event["job_id"])
+
+    async def on_dead_letter(letter: DeadLetter) -> None:
+        letters.append(letter)
+
+    async with (
+        EventProducer(settings, client_id=group_id) as producer,
+        consuming(
+            settings, producer, topic, group_id, handle, on_dead_letter, [events.JOB_STATUS]
+        ) as running,
+    ):
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + WAIT_S
+        while len(handled) + len(letters) < expected and loop.time() < deadline:
+            assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
+            await asyncio.sleep(0.2)
+        assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
+    return handled, letters
+
+
+async def test_every_codec_a_librdkafka_producer_uses_is_read(stack):
+    topic = await own_topic(stack.settings)
+    ids = {codec: [f"{codec}-{i}" for i in range(PER_CODEC)] for codec in CODECS}
+    for codec in CODECS:
+        produce_compressed(stack.settings.kafka_bootstrap, topic.name, codec, ids[codec])
+    handled, letters = await consume(stack.settings, topic.name, PER_CODEC * len(CODECS))
+    assert letters == []
+    assert handled == [job_id for codec in CODECS for job_id in ids[codec]]
+
+
+async def test_a_batch_whose_codec_cannot_be_decoded_is_dead_lettered_and_reading_goes_on(
+    stack, monkeypatch
+):
+    topic = await own_topic(stack.settings)
+    produce_compressed(stack.settings.kafka_bootstrap, topic.name, "zstd", ["z-0", "z-1"])
+    produce_compressed(stack.settings.kafka_bootstrap, topic.name, "gzip", ["g-0"])
+    # As a client without the zstd library reads it: aiokafka's batch reader checks this.
+    monkeypatch.setattr(default_records.codecs, "has_zstd", lambda: False)
+    handled, letters = await consume(stack.settings, topic.name, 3)
+    assert handled == ["g-0"]
+    assert [letter.offset for letter in letters] == [0, 1]
+    assert all("UnsupportedCodecError" in letter.message for letter in letters)

@@ -20,6 +20,7 @@ from maas.errors import SchemaViolation
 
 A, B, C = (TopicPartition("maas.jobs.v1", p) for p in range(3))
 BAD = "bad"
+NOT_UTF8 = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")  # a header key's
 VALUE = events.encode(events.new_event(events.JOB_STATUS, job_id="j", state="running"))
 
 
@@ -37,7 +38,7 @@ class Kafka:
         self,
         logs: dict[TopicPartition, list[str]],
         committed: dict[TopicPartition, int] | None = None,
-        failure: Exception = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+        failure: Exception = NOT_UTF8,
     ) -> None:
         self.logs = logs
         self.failure = failure

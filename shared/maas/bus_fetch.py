@@ -56,9 +56,7 @@ RECORD_ERRORS = (UnsupportedCodecError, CorruptRecordException)  # the client's,
 
 def client_error(exc: Exception) -> bool:
     """An error of the client itself (raised as it is), not one about a record's bytes."""
-    return isinstance(exc, KafkaError | ConsumerStoppedError) and not isinstance(
-        exc, RECORD_ERRORS
-    )
+    return isinstance(exc, KafkaError | ConsumerStoppedError) and not isinstance(exc, RECORD_ERRORS)
 
 
 async def fetch(

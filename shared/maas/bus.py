@@ -359,16 +359,19 @@ async def open_consumer(
     listener: ConsumerRebalanceListener | None = None,
     partitions: Sequence[TopicPartition] = (),
     auto_offset_reset: str = "earliest",
-    isolation_level: str = "read_uncommitted",
+    isolation_level: str = "read_committed",
     max_poll_records: int | None = None,
     max_poll_interval_ms: int | None = None,
     fetch_max_wait_ms: int = 500,
 ) -> AIOKafkaConsumer:
     """A started consumer: subscribed to ``topics`` in ``group_id`` (with ``listener``), or
     assigned ``partitions`` without a group. Offsets are committed by the caller, never
-    automatically. ``max_poll_interval_ms`` is how long a group member may spend between two
-    fetches before the group gives its partitions away (Kafka's default: 5 min). Raises
-    Unavailable, saying what to check, when the broker cannot be reached."""
+    automatically. Records of transactions their producer aborted are never read (a job a
+    transactional producer took back must not run); a transaction still open holds its
+    partition's later records back until it ends or the broker times it out.
+    ``max_poll_interval_ms`` is how long a group member may spend between two fetches before
+    the group gives its partitions away (Kafka's default: 5 min). Raises Unavailable, saying
+    what to check, when the broker cannot be reached."""
     limit = settings.kafka_max_message_bytes
     consumer = AIOKafkaConsumer(
         bootstrap_servers=settings.kafka_bootstrap,

@@ -15,23 +15,19 @@ transaction was taken back never runs.
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 
 import pytest
 from aiokafka.record._crecords import default_records
 from confluent_kafka import Producer
-from fuzzing import consuming
-from test_header_keys import own_topic
+from fuzzing import own_topic, read_job_statuses
 
 from maas import events
-from maas.bus import DeadLetter, EventProducer, Record
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 CODECS = ["gzip", "snappy", "lz4", "zstd"]
 PER_CODEC = 3  # records in one batch
-WAIT_S = 60.0
 
 
 def produce_compressed(bootstrap: str, topic: str, codec: str, ids: list[str]) -> None:
@@ -51,40 +47,12 @@ def produce_compressed(bootstrap: str, topic: str, codec: str, ids: list[str]) -
         producer.close()
 
 
-async def consume(settings, topic: str, expected: int) -> tuple[list[str], list[DeadLetter]]:
-    """Run a fresh group over ``topic`` until ``expected`` records were handled or
-    dead-lettered; the consumer loop must still run at the end."""
-    group_id = f"compressed-{uuid.uuid4().hex[:8]}"
-    handled: list[str] = []
-    letters: list[DeadLetter] = []
-
-    async def handle(record: Record) -> None:
-        handled.append(record.event["job_id"])
-
-    async def on_dead_letter(letter: DeadLetter) -> None:
-        letters.append(letter)
-
-    async with (
-        EventProducer(settings, client_id=group_id) as producer,
-        consuming(
-            settings, producer, topic, group_id, handle, on_dead_letter, [events.JOB_STATUS]
-        ) as running,
-    ):
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_S
-        while len(handled) + len(letters) < expected and loop.time() < deadline:
-            assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
-            await asyncio.sleep(0.2)
-        assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
-    return handled, letters
-
-
 async def test_every_codec_a_librdkafka_producer_uses_is_read(stack):
     topic = await own_topic(stack.settings)
     ids = {codec: [f"{codec}-{i}" for i in range(PER_CODEC)] for codec in CODECS}
     for codec in CODECS:
         produce_compressed(stack.settings.kafka_bootstrap, topic.name, codec, ids[codec])
-    handled, letters = await consume(stack.settings, topic.name, PER_CODEC * len(CODECS))
+    handled, letters = await read_job_statuses(stack.settings, topic, PER_CODEC * len(CODECS))
     assert letters == []
     assert handled == [job_id for codec in CODECS for job_id in ids[codec]]
 
@@ -97,7 +65,7 @@ async def test_a_batch_whose_codec_cannot_be_decoded_is_dead_lettered_and_readin
     produce_compressed(stack.settings.kafka_bootstrap, topic.name, "gzip", ["g-0"])
     # As a client without the zstd library reads it: aiokafka's batch reader checks this.
     monkeypatch.setattr(default_records.codecs, "has_zstd", lambda: False)
-    handled, letters = await consume(stack.settings, topic.name, 3)
+    handled, letters = await read_job_statuses(stack.settings, topic, 3)
     assert handled == ["g-0"]
     assert [letter.offset for letter in letters] == [0, 1]
     assert all("UnsupportedCodecError" in letter.message for letter in letters)
@@ -126,5 +94,5 @@ async def test_records_of_an_aborted_transaction_are_never_read(stack):
         producer.close()
     # Offsets: the aborted record, its abort marker, the kept one: read in order, were the
     # aborted one read it would be handled first.
-    handled, letters = await consume(stack.settings, topic.name, 1)
+    handled, letters = await read_job_statuses(stack.settings, topic, 1)
     assert (handled, letters) == (["kept"], [])

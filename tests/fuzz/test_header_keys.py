@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaProducer
-from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.producer import message_accumulator
 from aiokafka.producer import producer as producer_module
 from aiokafka.record.default_records import _DefaultRecordBatchBuilderPy
-from fuzzing import consuming
+from fuzzing import WAIT_S, consuming, own_topic, read_job_statuses
 
 from maas import events
 from maas.bus import DeadLetter, EventProducer, Record
@@ -29,8 +28,6 @@ from maas.bus_reader import PartitionReader
 from maas.topics import Topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
-
-WAIT_S = 60.0
 
 
 class RawKey(str):
@@ -56,19 +53,6 @@ async def send_with_raw_header_key(
     finally:
         await producer.stop()
         monkeypatch.undo()
-
-
-async def own_topic(settings, partitions: int = 1) -> Topic:
-    """A topic of this test's own: a reader of a shared topic from its start would meet the
-    record it plants (each such reader would have to expect it)."""
-    topic = Topic(f"header-keys-{uuid.uuid4().hex[:8]}", partitions, "any")
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
-    await admin.start()
-    try:
-        await admin.create_topics([NewTopic(topic.name, partitions, 1)])
-    finally:
-        await admin.close()
-    return topic
 
 
 def status(job_id: str) -> dict[str, Any]:
@@ -161,30 +145,8 @@ async def test_a_fresh_group_reads_every_other_record_of_the_topic_exactly_once(
     settings = stack.settings
     topic = await own_topic(settings, partitions=len(PLAN))
     await plant(settings, topic, monkeypatch)  # before the group exists: its first fetch meets it
-    group_id = f"header-keys-all-{uuid.uuid4().hex[:8]}"
-    handled: list[str] = []
-    letters: list[DeadLetter] = []
-
-    async def handle(record: Record) -> None:
-        handled.append(record.event["job_id"])
-
-    async def on_dead_letter(letter: DeadLetter) -> None:
-        letters.append(letter)
-
-    async with (
-        EventProducer(settings, client_id=group_id) as producer,
-        consuming(
-            settings, producer, topic, group_id, handle, on_dead_letter, [events.JOB_STATUS]
-        ) as running,
-    ):
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + WAIT_S
-        expected = len(planned_ids()) + len(planned_bad())
-        while len(handled) + len(letters) < expected and loop.time() < deadline:
-            assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
-            await asyncio.sleep(0.2)
-        await asyncio.sleep(2.0)  # a duplicate, if any, has time to show
-        assert not running.done(), f"the consumer loop ended: {running.exception()!r}"
+    expected = len(planned_ids()) + len(planned_bad())
+    handled, letters = await read_job_statuses(settings, topic, expected, linger_s=2.0)
     assert sorted(handled) == planned_ids()
     assert sorted((letter.partition, letter.offset) for letter in letters) == planned_bad()
     assert all("cannot parse this record" in letter.message for letter in letters)

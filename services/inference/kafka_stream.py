@@ -1,5 +1,6 @@
 """Stream inference: requests from ``maas.infer.v1``, predictions to ``maas.predictions.v1`` (or the
-request's ``reply_to``), each exactly once per request id (``maas.bus_transactions``).
+request's ``reply_to``), exactly once per request record (``maas.bus_transactions``); the id
+correlates, it does not deduplicate (a request sent twice is answered twice).
 
 A request (``maas.infer/1``) is Open Inference Protocol-shaped: the model, an optional version,
 input tensors as name/datatype/shape/data, where data is a row-major list or, in msgpack, the
@@ -7,7 +8,8 @@ raw little-endian bytes. It runs through the same ``DataPlane`` as gRPC, so the 
 fetch share forward passes in the model's dynamic batcher exactly as concurrent gRPC calls do.
 The prediction (``maas.prediction/1``) is keyed by the request id and written in the encoding
 of the request (JSON in, JSON out). A bad request (unknown model, wrong shape or datatype,
-undecodable bytes) goes to the DLQ with the reason; a registry outage is retried with backoff
+undecodable bytes, a prediction the broker refuses for good) goes to the DLQ with the reason;
+a registry outage is retried with backoff
 (about 15 s) before its requests are dead-lettered too.
 """
 

@@ -15,9 +15,15 @@ A record ``transform`` refuses for good (a non-retriable ``MaasError``), an unde
 one whose output names a topic the broker lacks (``maas.known_topics``) is dead-lettered with the
 reason; another failure is retried with backoff (the partition is read again from that record; the
 records before it commit) and dead-lettered after ``max_attempts``. A transaction that fails
-(broker lost, fenced, an ack lost) drops its producer; the partition is then taken over afresh,
-fenced and read from its committed offset. Nothing ends the loop but ``stop()`` or a fetch error
-Kafka calls fatal.
+(broker lost, fenced, an ack lost, or not done within ``TRANSACTION_TIMEOUT_S``) drops its
+producer without waiting for an abort; the partition is then taken over afresh (the new producer
+fences the old one and aborts what it left open) and read from its committed offset. When the
+broker refused one of a record's outputs for good (over the topic's ``max.message.bytes``, a
+topic the service may not write), that record is dead-lettered on the next round with the
+broker's reason, and the output topics of a failed transaction are looked up again (one deleted
+since it was written once is then missing, and its records are dead-lettered). So no record
+holds its partition for ever. Nothing ends the loop but ``stop()`` or a fetch error Kafka calls
+fatal.
 """
 
 from __future__ import annotations
@@ -31,7 +37,14 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
-from aiokafka.errors import KafkaError, ProducerFenced
+from aiokafka.errors import (
+    InvalidTopicError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    ProducerFenced,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+)
 
 from maas import events
 from maas.bus import (
@@ -48,12 +61,24 @@ from maas.bus import (
 from maas.bus_consumer import Fetcher
 from maas.config import Settings
 from maas.deadletter import DeadLetter, Headers
+from maas.errors import FailedPrecondition
 from maas.known_topics import KnownTopics
 from maas.topics import DLQ
 
 log = logging.getLogger(__name__)
 
 PRODUCER_STOP_S = 10.0
+# A transaction takes milliseconds; one still open after this waits on something that will not
+# come (a send to a topic deleted under the producer's cached metadata is retried without end).
+TRANSACTION_TIMEOUT_S = 15.0
+# What the broker answers about one record's bytes or topic, never about the producer: the
+# record whose output it is can never be written.
+REFUSED_OUTPUT = (
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
+    TopicAuthorizationFailedError,
+    InvalidTopicError,
+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +103,18 @@ class Committed:
 @dataclass(frozen=True)
 class Retry:
     error: BaseException
+
+
+class Refused(Exception):
+    """The broker refused an output of the record at ``offset`` for good."""
+
+    def __init__(self, offset: int, topic: str, error: BaseException) -> None:
+        super().__init__(f"{topic}: {error!r}")
+        self.offset = offset
+        self.error = FailedPrecondition(
+            f"the broker refused this record's output to {events.clip(topic, 250)!r} "
+            f"({type(error).__name__}: {error}); the record cannot be answered there"
+        )
 
 
 Transform = Callable[[Record], Awaitable[Sequence[Output]]]
@@ -140,6 +177,7 @@ class TransactionalPipe:
         # every earlier owner (only then is the committed offset final).
         self._unsynced: set[TopicPartition] = set()
         self._attempts: dict[tuple[str, int, int], int] = {}
+        self._refused: dict[tuple[str, int, int], FailedPrecondition] = {}
         self._known_topics = KnownTopics(lambda: self._require().topics())
         self._lock = asyncio.Lock()  # a round of transactions, or a revocation
         self._stopping = asyncio.Event()
@@ -240,6 +278,8 @@ class TransactionalPipe:
         the next owner takes over)."""
         async with self._lock:
             self._unsynced -= partitions
+            for where in [w for w in self._refused if TopicPartition(w[0], w[1]) in partitions]:
+                del self._refused[where]  # the next owner finds out for itself
             for tp in partitions:
                 await self._drop_producer(tp)
 
@@ -293,6 +333,9 @@ class TransactionalPipe:
             record = to_record(raw, event, self._expected)
         except Exception as exc:  # the bytes cannot be read, now or ever
             return dead_letter_for(raw, unreadable(exc), event)
+        refused = self._refused.pop((raw.topic, raw.partition, raw.offset), None)
+        if refused is not None:
+            return dead_letter_for(raw, refused, event)
         try:
             outputs = await self._transform(record)
             await self._check_topics(outputs)
@@ -319,36 +362,25 @@ class TransactionalPipe:
         outcomes: Sequence[_Outcome],
     ) -> bool:
         """Write ``outcomes`` and the offset after ``raws`` in one transaction; False (the
-        producer dropped, the transaction aborted) when it failed."""
+        producer dropped, the transaction left for the next owner to abort) when it failed."""
         letters = [o for o in outcomes if isinstance(o, DeadLetter)]
-        outputs = [x for o in outcomes if not isinstance(o, DeadLetter | Retry) for x in o]
-        max_bytes = self._settings.kafka_max_message_bytes
+        answered = [
+            (raw.offset, output)
+            for raw, o in zip(raws, outcomes, strict=True)
+            if not isinstance(o, DeadLetter | Retry)
+            for output in o
+        ]
         try:
-            producer = await self._producer(tp)
-            async with producer.transaction():
-                sends = [
-                    await producer.send(
-                        o.topic,
-                        o.value,
-                        key=None if o.key is None else o.key.encode(),
-                        headers=o.headers or None,
-                    )
-                    for o in outputs
-                ]
-                for letter in letters:
-                    value = events.encode(
-                        events.validate(letter.to_event(self.group_id, max_bytes))
-                    )
-                    key = None if letter.dlq_key is None else letter.dlq_key.encode()
-                    sends.append(await producer.send(DLQ.name, value, key=key))
-                await asyncio.gather(*sends)
-                offsets = {tp: raws[-1].offset + 1}
-                await producer.send_offsets_to_transaction(offsets, self.group_id)
+            async with asyncio.timeout(TRANSACTION_TIMEOUT_S):
+                producer = await self._producer(tp)
+                await producer.begin_transaction()
+                await self._write(producer, answered, letters)
+                await producer.send_offsets_to_transaction({tp: raws[-1].offset + 1}, self.group_id)
+                await producer.commit_transaction()
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            how = "fenced by a newer owner" if isinstance(exc, ProducerFenced) else repr(exc)
-            log.warning("transaction on %s failed (%s); reading it again", tp, events.clip(how))
+            self._failed(tp, exc, {output.topic for _, output in answered})
             await self._drop_producer(tp)
             return False
         for raw in raws:
@@ -363,5 +395,48 @@ class TransactionalPipe:
                 letter.message,
             )
         if self._on_commit is not None:
-            self._on_commit(Committed(len(raws), len(outputs), len(letters)))
+            self._on_commit(Committed(len(raws), len(answered), len(letters)))
         return True
+
+    async def _write(
+        self,
+        producer: AIOKafkaProducer,
+        answered: Sequence[tuple[int, Output]],
+        letters: Sequence[DeadLetter],
+    ) -> None:
+        """Send the outputs (each with the offset of the record it answers) and the dead
+        letters; Refused names the record whose output the broker refused for good."""
+        sends: list[tuple[int | None, str, Any]] = []
+        for offset, o in answered:
+            key = None if o.key is None else o.key.encode()
+            try:
+                sent = await producer.send(o.topic, o.value, key=key, headers=o.headers or None)
+            except REFUSED_OUTPUT as exc:  # refused before it left: over the producer's limit
+                raise Refused(offset, o.topic, exc) from exc
+            sends.append((offset, o.topic, sent))
+        max_bytes = self._settings.kafka_max_message_bytes
+        for letter in letters:
+            value = events.encode(events.validate(letter.to_event(self.group_id, max_bytes)))
+            key = None if letter.dlq_key is None else letter.dlq_key.encode()
+            sends.append((None, DLQ.name, await producer.send(DLQ.name, value, key=key)))
+        results = await asyncio.gather(*(sent for _, _, sent in sends), return_exceptions=True)
+        for (owner, topic, _), result in zip(sends, results, strict=True):
+            if isinstance(result, REFUSED_OUTPUT) and owner is not None:
+                raise Refused(owner, topic, result) from result
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _failed(self, tp: TopicPartition, exc: Exception, topics: set[str]) -> None:
+        """Note what a failed transaction says for the next round."""
+        if isinstance(exc, Refused):
+            self._refused[(tp.topic, tp.partition, exc.offset)] = exc.error
+        # A topic deleted since it was last listed: the next round finds it missing.
+        self._known_topics.forget(topics)
+        if isinstance(exc, ProducerFenced):
+            how = "fenced by a newer owner"
+        elif isinstance(exc, TimeoutError):
+            how = f"not done within {TRANSACTION_TIMEOUT_S:g} s"
+        else:
+            how = repr(exc)
+        log.warning("transaction on %s failed (%s); reading it again", tp, events.clip(how))

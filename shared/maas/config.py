@@ -268,7 +268,7 @@ class Settings:
         True,
         (
             "answer requests from maas.infer.v1 on maas.predictions.v1 (or the request's "
-            "reply_to), exactly once per request id"
+            "reply_to), exactly once per request record"
         ),
     )
     inference_metrics_port: int = setting(

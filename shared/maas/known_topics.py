@@ -46,6 +46,11 @@ class KnownTopics:
                     "name an existing topic (they are never created on first write)"
                 )
 
+    def forget(self, topics: Iterable[str]) -> None:
+        """Look ``topics`` up again at their next ``require``: a write to one failed, and a
+        topic deleted since it was listed is still in the known set."""
+        self._known.difference_update(topics)
+
     async def _look_up(self, topic: str) -> None:
         """Refresh the known topics; a topic created a moment ago may take a while to show in
         the broker's metadata, so a miss looks again for up to ``TOPIC_APPEARS_S``."""

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.partitioner import DefaultPartitioner
 
 from infra.harness.serving import ServiceProcesses
 from infra.harness.stream import (
@@ -23,7 +24,7 @@ from infra.harness.stream import (
 )
 from maas import events, zoo
 from maas.registry import RegistryClient
-from maas.topics import DLQ, Topic
+from maas.topics import DLQ, INFER, Topic
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -116,16 +117,43 @@ async def test_json_requests_get_json_predictions_and_raw_msgpack_bytes_are_acce
     np.testing.assert_allclose(output_of(got[raw_id]), expected(module, x[1:]), rtol=1e-5)
 
 
-async def test_a_prediction_goes_to_the_topic_the_request_names(stack, model):
-    name, _ = model
-    (rid,) = ids(1)
+async def reply_topic(stack, **configs: str) -> Topic:
+    """A topic of the test's own for predictions (``configs``: its Kafka topic configs)."""
     replies = Topic(f"replies-{uuid.uuid4().hex[:8]}", 1, "request id")
     admin = AIOKafkaAdminClient(bootstrap_servers=stack.settings.kafka_bootstrap)
     await admin.start()
     try:
-        await admin.create_topics([NewTopic(replies.name, 1, 1)])
+        await admin.create_topics([NewTopic(replies.name, 1, 1, topic_configs=configs)])
     finally:
         await admin.close()
+    return replies
+
+
+async def delete_topic(stack, topic: Topic) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=stack.settings.kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.delete_topics([topic.name])
+    finally:
+        await admin.close()
+
+
+def same_partition_ids(first: str, n: int) -> list[str]:
+    """``n`` request ids that land on ``first``'s partition of maas.infer.v1 (keyed by id)."""
+    partitions = list(range(INFER.partitions))
+    home = DefaultPartitioner()(first.encode(), partitions, partitions)
+    candidates = (f"{first}-after-{i}" for i in range(10_000))
+    return [
+        rid
+        for rid in candidates
+        if DefaultPartitioner()(rid.encode(), partitions, partitions) == home
+    ][:n]
+
+
+async def test_a_prediction_goes_to_the_topic_the_request_names(stack, model):
+    name, _ = model
+    (rid,) = ids(1)
+    replies = await reply_topic(stack)
     async with TopicReader(stack.settings, replies) as reader:
         await send_requests(
             stack.settings, [request_event(rid, name, rows(1, seed=4), reply_to=replies.name)]
@@ -159,6 +187,56 @@ async def test_bad_requests_go_to_the_dlq_with_a_reason_naming_the_field(stack, 
     assert "msgpack" in reasons[garbage]["message"]
     assert all(letter["source_topic"] == "maas.infer.v1" for letter in letters.values())
     assert msgpack.unpackb(letters[shape]["original"])["id"] == shape
+
+
+async def test_a_prediction_the_broker_refuses_is_dead_lettered_and_its_partition_goes_on(
+    stack, model
+):
+    """A reply topic whose max.message.bytes is under the prediction: the broker refuses the
+    write for good. Before, the transaction was retried without end and every later request
+    of that partition waited behind it."""
+    name, _ = model
+    (refused,) = ids(1)
+    after = same_partition_ids(refused, 2)
+    small = await reply_topic(stack, **{"max.message.bytes": "2000"})
+    x = rows(200, seed=6)  # 200 rows of 10 outputs: ~16 kB of prediction
+    async with TopicReader(stack.settings) as reader:
+        await send_requests(
+            stack.settings,
+            [request_event(refused, name, x, reply_to=small.name)]
+            + [request_event(rid, name, x[:1]) for rid in after],
+        )
+        counts = await reader.wait_for(after, WAIT_S)
+    assert counts == {rid: 1 for rid in after}
+    reason = (await dead_letters(stack, {refused}))[refused]["reason"]
+    assert reason["code"] == "failed_precondition"
+    assert "MessageSizeTooLarge" in reason["message"] and small.name in reason["message"]
+
+
+async def test_a_reply_topic_deleted_after_use_is_dead_lettered_and_its_partition_goes_on(
+    stack, model
+):
+    """The topic was written once (known, and in the producer's metadata), then deleted: the
+    send waited for it without end, holding the partition (and the process's stop)."""
+    name, _ = model
+    (first,) = ids(1)
+    gone, *after = same_partition_ids(first, 3)
+    replies = await reply_topic(stack)
+    x = rows(1, seed=7)
+    async with TopicReader(stack.settings, replies) as reader:
+        await send_requests(stack.settings, [request_event(first, name, x, reply_to=replies.name)])
+        await reader.wait_for([first], WAIT_S)
+    await delete_topic(stack, replies)
+    async with TopicReader(stack.settings) as reader:
+        await send_requests(
+            stack.settings,
+            [request_event(gone, name, x, reply_to=replies.name)]
+            + [request_event(rid, name, x) for rid in after],
+        )
+        counts = await reader.wait_for(after, WAIT_S)
+    assert counts == {rid: 1 for rid in after}
+    reason = (await dead_letters(stack, {gone}))[gone]["reason"]
+    assert reason["code"] == "not_found" and replies.name in reason["message"]
 
 
 async def test_the_stream_counts_records_on_the_metrics_endpoint(stack, servers, model):

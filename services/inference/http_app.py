@@ -18,8 +18,9 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from maas.errors import InvalidArgument, ResourceExhausted
+from maas.errors import Cancelled, InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,34 @@ MAX_JSON_BYTES = web.AppKey("max_json_bytes", int)
 DEFAULT_BODY_TIMEOUT_S = 60.0
 DEFAULT_IDLE_TIMEOUT_S = 75.0
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
+
+
+# What aiohttp logs at ERROR with a traceback although the client caused it: a request line or
+# header over its limits, a body it cannot decode (raised again while it drains the rest of the
+# body after the answer), a connection lost mid-request.
+CLIENT_FAULTS = (HttpProcessingError, web.RequestPayloadError, ConnectionResetError)
+
+
+class ClientFaultsAsInfo(logging.Filter):
+    """Turns aiohttp's ERROR records about a client's own faults into one INFO line (no
+    traceback): a client cannot fill the server's log with tracebacks by sending garbage."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, CLIENT_FAULTS):
+            said = " ".join(str(exc).split())  # aiohttp's texts span lines
+            record.msg = f"{record.getMessage()}: {type(exc).__name__}: {said}"
+            record.args = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+def quiet_client_faults() -> None:
+    """Install ``ClientFaultsAsInfo`` on aiohttp's server logger, once per process."""
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, ClientFaultsAsInfo) for f in server_log.filters):
+        server_log.addFilter(ClientFaultsAsInfo())
 
 
 class Routes(Protocol):
@@ -102,6 +131,7 @@ class HttpServer:
         return {"error": message}
 
     async def start(self) -> None:
+        quiet_client_faults()
         # aiohttp's keep-alive timer also runs while a request's headers are still arriving, so
         # it closes a connection that never completes them.
         self._runner = web.AppRunner(
@@ -167,6 +197,8 @@ async def read_body(request: web.Request) -> bytes:
         raise InvalidArgument(
             f"the request body cannot be read ({exc}); send it plain or gzip/deflate-encoded"
         ) from None
+    except ConnectionResetError:
+        raise Cancelled("the client closed the connection before its body arrived") from None
 
 
 def parse_json(data: bytes | memoryview) -> Any:

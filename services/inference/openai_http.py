@@ -46,6 +46,7 @@ HTTP_STATUS = {
     "RESOURCE_EXHAUSTED": 413,  # what the inference edges run out of is room for a request
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
+    "CANCELLED": 499,  # the client closed the connection (nginx's code): no one reads it
 }
 ROLES = ("system", "developer", "user", "assistant")
 COMPLETION_DEFAULTS = {"max_tokens": 16, "temperature": 1.0}

@@ -85,5 +85,12 @@ class DeadlineExceeded(MaasError):
     reason_code = "deadline_exceeded"
 
 
+class Cancelled(MaasError):
+    """The caller went away before its request was done: nobody is left to answer."""
+
+    grpc_code = "CANCELLED"
+    reason_code = "cancelled"
+
+
 def is_retriable(exc: BaseException) -> bool:
     return isinstance(exc, MaasError) and exc.retriable

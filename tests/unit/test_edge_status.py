@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from maas.edge import status_for
-from maas.errors import MaasError, NotFound, PermissionDenied, Unauthenticated
+from maas.errors import Cancelled, MaasError, NotFound, PermissionDenied, Unauthenticated
 
 
 @pytest.mark.parametrize(
@@ -16,6 +16,7 @@ from maas.errors import MaasError, NotFound, PermissionDenied, Unauthenticated
         (NotFound("gone"), grpc.StatusCode.NOT_FOUND),
         (Unauthenticated("who"), grpc.StatusCode.UNAUTHENTICATED),
         (PermissionDenied("no"), grpc.StatusCode.PERMISSION_DENIED),
+        (Cancelled("left"), grpc.StatusCode.CANCELLED),
     ],
 )
 def test_platform_errors_map_to_their_code_and_message(exc: MaasError, code):

@@ -5,6 +5,7 @@ server process in tests/integration/test_oip_http.py."""
 import asyncio
 import hashlib
 import json
+import logging
 from concurrent.futures import ThreadPoolExecutor
 
 import aiohttp
@@ -224,6 +225,51 @@ async def test_a_body_that_stops_arriving_is_408_and_the_connection_is_closed():
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 408")
     assert "MAAS_INFERENCE_HTTP_BODY_TIMEOUT_S" in json.loads(body)["error"]
+
+
+async def test_a_client_that_leaves_mid_body_is_counted_cancelled_and_logs_no_traceback(
+    rest, caplog
+):
+    _, writer = await asyncio.open_connection("127.0.0.1", rest.http.port)
+    writer.write(
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+        b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"inputs"'
+    )
+    await writer.drain()
+    writer.close()
+    requests = rest.metrics.requests
+    for _ in range(200):  # the handler sees the close within a few loop turns
+        if requests.labels("http ModelInfer", "CANCELLED")._value.get():
+            break
+        await asyncio.sleep(0.01)
+    assert requests.labels("http ModelInfer", "CANCELLED")._value.get() == 1
+    assert requests.labels("http ModelInfer", "INTERNAL")._value.get() == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",  # a line over aiohttp's limit
+        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 9000 + b"\r\n\r\n",
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: 12\r\n\r\nnot gzipped!",  # refused, then raised again while drained
+    ],
+    ids=["long-url", "long-header", "bad-gzip"],
+)
+async def test_a_clients_protocol_garbage_is_answered_and_logged_in_one_info_line(
+    rest, caplog, request_bytes
+):
+    caplog.set_level(logging.INFO)
+    reader, writer = await asyncio.open_connection("127.0.0.1", rest.http.port)
+    writer.write(request_bytes)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(4096), timeout=30)
+    writer.close()
+    await asyncio.sleep(0.2)  # aiohttp logs after it answered
+    assert answer.split(b"\r\n")[0].split()[1] == b"400"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+    assert all("\n" not in r.getMessage() for r in caplog.records if r.name == "aiohttp.server")
 
 
 async def test_a_connection_whose_headers_never_complete_is_closed_after_the_idle_timeout():

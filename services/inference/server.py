@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
 
 from maas import cpus, events, topics
 from maas.bus import EventProducer, Record
@@ -27,6 +28,7 @@ from maas.edge import Authorizer, add_port, server_options
 from maas.edge.tls import server_ssl_context
 from maas.errors import InvalidArgument
 from maas.liveness import Liveness
+from maas.oip import grpc_predict_v2_pb2 as pb
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane, ModelSource
 from services.inference.generation import Generators
@@ -36,7 +38,7 @@ from services.inference.kafka_stream import InferenceStream
 from services.inference.metrics import Metrics
 from services.inference.openai_http import OpenAIRoutes, bearer_auth
 from services.inference.rest import OipRestRoutes
-from services.inference.servicer import InferenceServicer, add_to_server
+from services.inference.servicer import SERVICE, InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,17 @@ def build_grpc_server(
     health_servicer: health_pb2_grpc.HealthServicer,
     generators: Generators | None = None,
 ) -> grpc.aio.Server:
-    """The OIP + health server behind the edge (auth unless MAAS_AUTH=off, status mapping)."""
+    """The OIP, health and reflection server behind the edge (auth unless MAAS_AUTH=off, status
+    mapping; health and reflection open, so grpcurl-style clients can discover the API)."""
     edge = ErrorMappingInterceptor(metrics, Authorizer.from_settings(settings))
     server = grpc.aio.server(interceptors=[edge], options=server_options(settings))
     add_to_server(InferenceServicer(plane, generators), server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    # The OIP messages live in a descriptor pool of their own (maas.protogen: tritonclient's
+    # copies of the same files may share the process); reflection describes from that pool.
+    reflection.enable_server_reflection(
+        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=pb.DESCRIPTOR.pool
+    )
     return server
 
 

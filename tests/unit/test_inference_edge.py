@@ -14,6 +14,7 @@ import pytest
 import torch
 from dataplane_kit import make_plane
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from maas import zoo
 from maas.config import Settings
@@ -103,6 +104,21 @@ async def code_and_message(call) -> tuple[grpc.StatusCode, str]:
 
 
 # --- the protocol ---------------------------------------------------------------------------
+
+
+async def test_reflection_lists_the_api_and_describes_it_without_a_token(tokens_file):
+    async with Edge(tokens_file) as edge:  # auth on, no token sent
+        reflect = reflection_pb2_grpc.ServerReflectionStub(edge.channel)
+        asked = [
+            reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(
+                file_containing_symbol="inference.GRPCInferenceService"
+            ),
+        ]
+        answers = [a async for a in reflect.ServerReflectionInfo(iter(asked))]
+    listed = {s.name for s in answers[0].list_services_response.service}
+    assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= listed
+    assert answers[1].file_descriptor_response.file_descriptor_proto  # the proto, for grpcurl
 
 
 async def test_the_server_is_live_and_ready(edge):

@@ -181,7 +181,8 @@ def decode(
         obj = json.loads(value) if is_json else msgpack.unpackb(value, raw=False)
     except (ValueError, RecursionError, msgpack.UnpackException) as exc:
         kind = "JSON" if is_json else "msgpack"
-        raise SchemaViolation(clip(f"record value is not valid {kind}: {exc}")) from None
+        why = str(exc) or type(exc).__name__  # msgpack's FormatError says nothing of itself
+        raise SchemaViolation(clip(f"record value is not valid {kind}: {why}")) from None
     if not isinstance(obj, dict):
         raise SchemaViolation(f"record value must decode to a map, got {type(obj).__name__}")
     check_shape(obj, max_depth)
@@ -189,11 +190,22 @@ def decode(
 
 
 def content_type(headers: Iterable[tuple[str, bytes | None]]) -> str:
-    """The record's content-type header, lower case ('' when absent, null or not text)."""
-    for key, value in headers:
-        if key.lower() == CONTENT_TYPE_HEADER and value:
-            return value.decode("latin-1").strip().lower()
-    return ""
+    """The record's content-type header, lower case ('' when absent, null or not text); a
+    record with two that differ is a SchemaViolation (which one was meant is not knowable, and
+    a dead letter would show only one of them)."""
+    found = {
+        value.decode("latin-1").strip().lower()
+        for key, value in headers
+        if key.lower() == CONTENT_TYPE_HEADER and value
+    }
+    if len(found) > 1:
+        raise SchemaViolation(
+            clip(
+                f"the record has {len(found)} different content-type headers "
+                f"({', '.join(sorted(found))}); send one: {JSON_CONTENT_TYPE} or none (msgpack)"
+            )
+        )
+    return found.pop() if found else ""
 
 
 def check_shape(obj: Any, max_depth: int) -> None:

@@ -133,6 +133,23 @@ def test_a_null_content_type_header_means_msgpack():
     assert events.decode(events.encode(event), [("content-type", None)]) == event
 
 
+def test_two_different_content_type_headers_are_a_violation_naming_both():
+    headers = [("content-type", b"application/msgpack"), ("Content-Type", b"application/json")]
+    with pytest.raises(SchemaViolation, match="2 different content-type headers.*send one"):
+        events.decode(json.dumps(a_job()).encode(), headers)
+
+
+def test_a_repeated_identical_content_type_header_is_read():
+    headers = [("content-type", b"application/json")] * 2
+    job = a_job()
+    assert events.decode(json.dumps(job).encode(), headers) == job
+
+
+def test_an_undecodable_msgpack_value_says_why_even_when_msgpack_does_not():
+    with pytest.raises(SchemaViolation, match=r"not valid msgpack: \w"):
+        events.decode(b"\xc1" * 8)
+
+
 def test_a_huge_offending_value_is_clipped_in_the_reason():
     job = a_job(job_id="x" * 1_000_000)
     with pytest.raises(SchemaViolation) as caught:

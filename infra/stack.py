@@ -33,10 +33,14 @@ from infra.s3 import WeedPorts, WeedS3
 from maas.config import Settings
 from maas.edge import STACK_IDENTITIES, ensure_tokens
 from maas.edge.auth import tokens_file
+from maas.errors import FailedPrecondition
 from maas.events import clip
 
 # The interpreter option that names a service's stack on its command line.
 MARKER_OPTION = "maas_stack"
+
+
+TLS_FILE = "tls.json"  # whether the running services were started with MAAS_GRPC_TLS
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,9 @@ class LocalStack:
         """Start whatever is not running, wait for all, then create topics and buckets."""
         self.stack_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(self.stack_dir / "stack.lock"):
+            mismatch = self.tls_mismatch()
+            if mismatch is not None:
+                raise FailedPrecondition(f"{mismatch}, or `maas stack down` first")
             infra: list[Component] = [self.kafka, self.s3]
             # Kafka and S3 boot in parallel; services need both, so they come after.
             for component in infra:
@@ -209,8 +216,8 @@ class LocalStack:
             # and the broker they were talking to, together too.
             services: list[Component] = list(reversed(self.services))
             stopped = _stop_together(services) + _stop_together([self.s3, self.kafka])
-            (self.stack_dir / "scale.json").unlink(missing_ok=True)
-            (self.stack_dir / "ports.json").unlink(missing_ok=True)
+            for remembered in ("scale.json", "ports.json", TLS_FILE):
+                (self.stack_dir / remembered).unlink(missing_ok=True)
         return stopped
 
     def status(self) -> list[ComponentStatus]:
@@ -239,6 +246,29 @@ class LocalStack:
         # What `up` used, so `status` run with another environment still reports the real ports.
         data = {c.name: {"host": self._host(c), "port": c.port} for c in self.components()}
         (self.stack_dir / "stack.json").write_text(json.dumps(data, indent=2) + "\n")
+        (self.stack_dir / TLS_FILE).write_text(json.dumps({"grpc_tls": self.settings.grpc_tls}))
+
+    def tls_mismatch(self) -> str | None:
+        """What to do when the running services speak TLS and this environment does not (or
+        the other way round): their health checks from here fail, which reads as 'not ready'."""
+        try:
+            started_tls = bool(json.loads((self.stack_dir / TLS_FILE).read_text())["grpc_tls"])
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+        if started_tls == self.settings.grpc_tls:
+            return None
+        if not any(s.process.pid() is not None for s in self.services):
+            return None
+        if started_tls:
+            return (
+                "the running stack's services speak TLS (MAAS_GRPC_TLS=true when it started) "
+                "and this environment has it off: set MAAS_GRPC_TLS=true and MAAS_TLS_CA_FILE "
+                "(the CA of their certificate)"
+            )
+        return (
+            "the running stack's services speak plaintext (MAAS_GRPC_TLS off when it started) "
+            "and this environment has MAAS_GRPC_TLS=true: unset it"
+        )
 
     def _recorded(self) -> dict[str, tuple[str, int]]:
         try:

@@ -92,8 +92,12 @@ def _stack_down(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _stack_status(args: argparse.Namespace, settings: Settings) -> int:
-    rows = _stack(settings, args).status()
+    stack = _stack(settings, args)
+    rows = stack.status()
     _print_status(rows)
+    mismatch = stack.tls_mismatch()
+    if mismatch is not None:
+        print(f"not ready from here: {mismatch}")
     return 0 if all(r.healthy for r in rows) else 3
 
 

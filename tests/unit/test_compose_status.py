@@ -12,6 +12,7 @@ from infra.proc import RUN_STARTED, RUN_STOPPED, run_marker
 from infra.stack import LocalStack, last_error, start_plan
 from maas.cli import main
 from maas.config import Settings
+from maas.errors import FailedPrecondition
 from maas.lifecycle import LOG_FORMAT
 from maas.training.control import Identity, member_event
 
@@ -119,3 +120,34 @@ def test_a_dependency_scaled_to_zero_does_not_hold_its_dependents(tmp_path: Path
     ((start, wait),) = start_plan(services)
     assert sorted(s.name for s in start) == sorted(s.name for s in wait)
     assert "inference" in {s.name for s in start}
+
+
+def started_with_tls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> LocalStack:
+    """A stack whose services run (as far as their PIDs say) and were started with TLS on;
+    this environment has it off."""
+    stack = local(tmp_path)
+    stack.stack_dir.mkdir(parents=True, exist_ok=True)
+    (stack.stack_dir / "tls.json").write_text('{"grpc_tls": true}')
+    monkeypatch.setattr(type(stack.services[0].process), "pid", lambda self: 4242)
+    return stack
+
+
+def test_a_shell_without_tls_is_told_the_running_services_speak_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mismatch = started_with_tls(tmp_path, monkeypatch).tls_mismatch()
+    assert mismatch is not None and "MAAS_GRPC_TLS=true and MAAS_TLS_CA_FILE" in mismatch
+
+
+def test_up_from_such_a_shell_refuses_at_once_instead_of_waiting_for_readiness(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(FailedPrecondition, match="speak TLS.*or `maas stack down` first"):
+        started_with_tls(tmp_path, monkeypatch).up()
+
+
+def test_no_tls_hint_once_the_services_are_gone(tmp_path: Path) -> None:
+    stack = local(tmp_path)
+    stack.stack_dir.mkdir(parents=True, exist_ok=True)
+    (stack.stack_dir / "tls.json").write_text('{"grpc_tls": true}')
+    assert stack.tls_mismatch() is None

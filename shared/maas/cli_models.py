@@ -154,12 +154,20 @@ async def _policy_show(client: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy_version(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 2**63:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: a policy version is 1, 2, ...")
+    return int(text)
+
+
 def _policy_file(path: str) -> Any:
     text = read_text_file(path, "policy file")
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise InvalidArgument(f"{path} is not YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{path} nests lists or mappings deeper than a policy can") from None
 
 
 async def _alias(client: Any, args: argparse.Namespace) -> int:
@@ -358,11 +366,21 @@ def _add_policy_actions(actions: argparse._SubParsersAction) -> None:
         example="maas models policy set digits-mlp examples/policies/digits-mlp.yaml",
     )
     verbs = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    p = verbs.add_parser("set", help="store FILE.yaml as the model's next policy version")
+    p = command(
+        verbs,
+        "set",
+        help="store FILE.yaml as the model's next policy version",
+        example="maas models policy set digits-mlp examples/policies/digits-mlp.yaml",
+    )
     p.set_defaults(func=_runner(_policy_set))
-    p.add_argument("name")
+    p.add_argument("name", help="the model the policy is for")
     p.add_argument("file", help="a YAML policy document")
-    p = verbs.add_parser("show", help="print the current (or an earlier) policy")
+    p = command(
+        verbs,
+        "show",
+        help="print the current (or an earlier) policy",
+        example="maas models policy show digits-mlp --version 2",
+    )
     p.set_defaults(func=_runner(_policy_show))
-    p.add_argument("name")
-    p.add_argument("--version", type=int, help="an earlier policy version")
+    p.add_argument("name", help="the model whose policy to print")
+    p.add_argument("--version", type=_policy_version, help="an earlier policy version (1, 2, ...)")

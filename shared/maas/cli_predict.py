@@ -19,6 +19,7 @@ from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.registry.types import ModelRef
+from maas.textfile import check_regular_file, read_text_file
 
 if TYPE_CHECKING:  # numpy and grpc load when a prediction runs, so `maas --help` stays fast
     import numpy as np
@@ -40,15 +41,16 @@ def read_input(spec: str) -> np.ndarray:
 
     path = Path(spec)
     if spec.endswith(".npy"):
+        check_regular_file(path, "--input")
         try:
             array: np.ndarray = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InvalidArgument(f"--input {spec}: not a readable .npy array: {exc}") from None
     else:
+        text = read_text_file(path, "--input") if spec.endswith(".json") else spec
         try:
-            text = path.read_text() if spec.endswith(".json") else spec
             array = np.asarray(json.loads(text), dtype=np.float32)
-        except (OSError, ValueError, TypeError) as exc:
+        except (ValueError, TypeError, RecursionError) as exc:
             raise InvalidArgument(
                 f"--input {spec[:60]!r}: not a .npy file, a .json file or a JSON array of "
                 f"numbers ({exc})"

@@ -111,15 +111,22 @@ def validate(event: Any, expected: str | Iterable[str] | None = None) -> dict[st
     return event
 
 
-def check_finite(event: dict[str, Any]) -> None:
-    """Refuse NaN or infinity anywhere in ``event``, naming where. JSON has neither, but Python's
-    parser, msgpack and YAML's ``.nan`` make them, and a schema's ``number`` takes them: a NaN
-    learning rate or threshold in a job would poison whatever reads it."""
+def check_numbers(event: dict[str, Any]) -> None:
+    """Refuse NaN or infinity anywhere in ``event``, and integers msgpack cannot carry, naming
+    where. JSON has no NaN, but Python's parser, msgpack and YAML's ``.nan`` make them, and a
+    schema's ``number`` takes them: a NaN learning rate or threshold in a job would poison
+    whatever reads it. An integer beyond 64 bits passes a schema's ``minimum`` but cannot be
+    published."""
     stack: list[tuple[str, Any]] = [("", event)]
     while stack:
         where, value = stack.pop()
         if isinstance(value, float) and not math.isfinite(value):
             raise SchemaViolation(f"{where}={value} is not a finite number; give a real value")
+        if isinstance(value, int) and not -(2**63) <= value < 2**64:
+            raise SchemaViolation(
+                f"{where} is a {value.bit_length()}-bit integer, beyond 64 bits; give a smaller "
+                "value"
+            )
         children = (
             value.items()
             if isinstance(value, dict)
@@ -128,15 +135,22 @@ def check_finite(event: dict[str, Any]) -> None:
         stack.extend((f"{where}.{key}" if where else str(key), child) for key, child in children)
 
 
+UNKNOWN_KEYS_NAMED = 5  # unknown keys of one mapping named in a refusal, each with a suggestion
+
+
 def _describe(error: Any) -> str:
     where = ".".join(str(p) for p in error.absolute_path)
     if error.validator == "additionalProperties" and isinstance(error.instance, dict):
         known = error.schema.get("properties", {})
-        return "; ".join(
+        unknown = [key for key in error.instance if key not in known]
+        # A suggestion costs an edit distance to every known key: name the first few only.
+        named = "; ".join(
             unknown_key(f"{where}.{key}" if where else str(key), known)
-            for key in error.instance
-            if key not in known
+            for key in unknown[:UNKNOWN_KEYS_NAMED]
         )
+        if len(unknown) > UNKNOWN_KEYS_NAMED:
+            return f"{len(unknown)} unknown keys, the first {UNKNOWN_KEYS_NAMED}: {named}"
+        return named
     return f"{where or '(event)'}: {clip(error.message, 200)}"
 
 

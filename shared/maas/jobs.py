@@ -25,7 +25,7 @@ from maas import datasets, events, topics, zoo
 from maas.bus import EventProducer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
-from maas.errors import InvalidArgument, SchemaViolation
+from maas.errors import DeadlineExceeded, InvalidArgument, SchemaViolation
 from maas.textfile import read_text_file
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -46,6 +46,8 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
     except (ValueError, yaml.YAMLError) as exc:
         kind = path.suffix.lstrip(".") or "YAML"
         raise InvalidArgument(f"{path} is not valid {kind}: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{path} nests lists or mappings deeper than a job can") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{path} must hold a mapping (a job), not {type(doc).__name__}")
     return doc
@@ -74,7 +76,7 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
     Raises InvalidArgument naming the field and what is accepted.
     """
     events.validate(job, events.JOB)
-    events.check_finite(job)
+    events.check_numbers(job)
     kind = job["type"]
     if kind == CANCEL:
         return job  # the schema allowed nothing beside the id of the job to stop
@@ -228,12 +230,16 @@ async def watch(
     deadline = None if timeout_s is None else loop.time() + timeout_s
     while True:
         remaining = None if deadline is None else deadline - loop.time()
-        if remaining is not None and remaining <= 0:
-            raise TimeoutError(f"job {job_id} did not finish within {timeout_s:.0f} s")
         try:
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError
             yield await asyncio.wait_for(anext(stream), remaining)
         except StopAsyncIteration:
             return
         except TimeoutError:
             await stream.aclose()
-            raise TimeoutError(f"job {job_id} did not finish within {timeout_s:.0f} s") from None
+            raise DeadlineExceeded(
+                f"job {job_id} did not finish within {timeout_s or 0:.0f} s (--timeout-s; last "
+                f"seen: {summary.state}); it goes on: "
+                f"`maas jobs watch {job_id}` follows it again"
+            ) from None

@@ -150,6 +150,12 @@ def test_an_undecodable_msgpack_value_says_why_even_when_msgpack_does_not():
         events.decode(b"\xc1" * 8)
 
 
+def test_a_job_with_many_unknown_keys_names_the_first_few_and_counts_the_rest():
+    job = a_job(**{f"bogus{i}": 1 for i in range(10_000)})
+    with pytest.raises(SchemaViolation, match="10000 unknown keys, the first 5: bogus0: unknown"):
+        events.validate(job, events.JOB)
+
+
 def test_a_huge_offending_value_is_clipped_in_the_reason():
     job = a_job(job_id="x" * 1_000_000)
     with pytest.raises(SchemaViolation) as caught:

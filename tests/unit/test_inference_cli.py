@@ -1,6 +1,7 @@
 """`maas predict` input handling: .npy keeps its dtype, JSON becomes FP32 rows."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -51,3 +52,14 @@ def test_numpy_dtypes_map_to_protocol_datatypes_and_back(dtype, datatype):
 def test_dtypes_without_a_protocol_datatype_are_refused():
     with pytest.raises(InvalidArgument, match="complex64"):
         datatype_of(np.dtype("complex64"))
+
+
+@pytest.mark.parametrize("name", ["x.json", "x.npy"])
+def test_an_input_that_is_a_device_or_a_pipe_is_refused_without_reading_it(tmp_path, name):
+    (tmp_path / "zero").symlink_to("/dev/zero")  # reading it would fill memory
+    os.mkfifo(tmp_path / "pipe")  # opening it would wait for a writer for ever
+    for target in ("zero", "pipe"):
+        path = tmp_path / f"{target}-{name}"
+        path.symlink_to(tmp_path / target)
+        with pytest.raises(InvalidArgument, match="--input .* is not a regular file"):
+            read_input(str(path))

@@ -47,6 +47,42 @@ def test_a_yaml_nan_anywhere_in_a_job_is_refused_naming_where(tmp_path):
         check(jobs.load_job_file(path))
 
 
+def test_an_integer_beyond_64_bits_is_refused_naming_where_before_publishing():
+    doc = train_doc(training={"steps": 10**20, "optimizer": {"name": "sgd", "lr": 0.1}})
+    with pytest.raises(SchemaViolation, match=r"training\.steps is a 67-bit integer, beyond 64"):
+        check(doc)
+
+
+def test_a_job_file_nested_past_the_parsers_depth_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("a: " + "[" * 50_000 + "]" * 50_000 + "\n")
+    with pytest.raises(InvalidArgument, match="deep.yaml nests lists or mappings deeper"):
+        jobs.load_job_file(path)
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_a_job_file_that_is_a_device_or_a_pipe_is_refused_without_reading_it(tmp_path, target):
+    import os
+
+    path = tmp_path / "job.yaml"
+    if target == "fifo":
+        os.mkfifo(path)  # opening it would wait for a writer for ever
+    else:
+        path.symlink_to(target)  # reading it would fill memory
+    with pytest.raises(InvalidArgument, match="is not a regular file"):
+        jobs.load_job_file(path)
+
+
+def test_a_job_file_over_the_size_limit_is_refused(tmp_path, monkeypatch):
+    from maas import textfile
+
+    monkeypatch.setattr(textfile, "MAX_FILE_BYTES", 1000)
+    path = tmp_path / "job.yaml"
+    path.write_text("# " + "x" * 2000 + "\n")
+    with pytest.raises(InvalidArgument, match="is over 1000 bytes"):
+        jobs.load_job_file(path)
+
+
 @pytest.mark.parametrize(
     ("methods", "complaint"),
     [

@@ -82,9 +82,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     listing = command(
         actions,
         "list",
-        help="every job the status topic knows, with its latest state",
-        description="Reads maas.job-status.v1 from the beginning (no consumer group).",
-        example="maas jobs list",
+        help="the jobs the status topic knows, with their latest state",
+        description="Reads maas.job-status.v1 from the beginning (no consumer group); the most "
+        "recently updated job is listed last.",
+        example=["maas jobs list", "maas jobs list --state running --state queued --last 20"],
+    )
+    listing.add_argument(
+        "--state",
+        action="append",
+        default=[],
+        metavar="STATE",
+        help="only jobs in this state (queued, accepted, running, checkpointed, succeeded, "
+        "failed, cancelled; repeat for several)",
+    )
+    listing.add_argument(
+        "--last", type=_count, metavar="N", help="only the N most recently updated jobs"
     )
     listing.set_defaults(func=_list)
 
@@ -216,9 +228,10 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
     from maas import jobs
     from maas.events import printable
 
-    summaries = asyncio.run(jobs.summaries(settings))
+    jobs.check_states(args.state)  # before the topic is read, which takes seconds
+    summaries = asyncio.run(jobs.summaries(settings)).values()
     table = Table("JOB", "STATE", "STEP", "LOSS", "ACCURACY", "MODEL", "UPDATED")
-    for summary in sorted(summaries.values(), key=lambda s: s.updated_ms):
+    for summary in jobs.latest(summaries, states=args.state, last=args.last):
         model = summary.model or {}
         table.add_row(
             Text(printable(summary.job_id)),  # as data: neither markup nor control codes
@@ -231,6 +244,12 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
         )
     console().print(table)
     return 0
+
+
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text[:40]!r}: give a whole number of jobs, 1 or more")
+    return int(text)
 
 
 def _fmt(value: float | None) -> str:

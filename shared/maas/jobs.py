@@ -14,7 +14,7 @@ import hashlib
 import json
 import re
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from maas.errors import DeadlineExceeded, InvalidArgument, SchemaViolation
 from maas.textfile import read_text_file
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+JOB_STATES = TERMINAL_STATES | {"queued", "accepted", "running", "checkpointed"}  # job-status
 CANCEL = "cancel"  # the job type that stops the train/finetune job of the same job_id
 _REQUIRED_SECTIONS = {
     "train": ("model", "dataset"),
@@ -201,6 +202,28 @@ async def summaries(settings: Settings) -> dict[str, JobSummary]:
     async for event in status_events(settings, follow=False):
         jobs.setdefault(event["job_id"], JobSummary(event["job_id"])).apply(event)
     return jobs
+
+
+def check_states(states: Iterable[str]) -> set[str]:
+    """``states`` as a set, each a job state; InvalidArgument naming the first that is not."""
+    wanted = set(states)
+    unknown = sorted(wanted - JOB_STATES)
+    if unknown:
+        raise InvalidArgument(
+            f"--state {unknown[0]!r} is no job state; accepted: {', '.join(sorted(JOB_STATES))}"
+        )
+    return wanted
+
+
+def latest(
+    summaries: Iterable[JobSummary], *, states: Iterable[str] = (), last: int | None = None
+) -> list[JobSummary]:
+    """The jobs in any of ``states`` (all when none named), oldest update first, only the
+    ``last`` most recently updated when given."""
+    wanted = check_states(states)
+    chosen = [s for s in summaries if not wanted or s.state in wanted]
+    chosen.sort(key=lambda s: s.updated_ms)
+    return chosen[-last:] if last else chosen
 
 
 async def has_status(settings: Settings, job_id: str) -> bool:

@@ -1,5 +1,6 @@
 """Job files: loading, completing the envelope, and mistakes named by field before publishing."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,26 @@ def test_a_late_running_event_does_not_undo_a_terminal_state():
     summary.apply(status("failed", error={"code": "x", "message": "boom"}))
     summary.apply(status("running", step=3))
     assert summary.state == "failed" and summary.error["message"] == "boom"
+
+
+def summary(job_id, state, updated_ms):
+    found = jobs.JobSummary(job_id)
+    found.state, found.updated_ms = state, updated_ms
+    return found
+
+
+def test_a_listing_keeps_the_states_asked_for_and_the_most_recent_last():
+    known = [summary("a", "running", 3), summary("b", "succeeded", 1), summary("c", "queued", 2)]
+    picked = jobs.latest(known, states=["running", "queued"], last=1)
+    assert [s.job_id for s in picked] == ["a"]
+    assert [s.job_id for s in jobs.latest(known)] == ["b", "c", "a"]
+
+
+def test_a_listing_for_a_state_no_job_has_names_the_accepted_ones():
+    with pytest.raises(InvalidArgument, match="'runing' is no job state; accepted: accepted"):
+        jobs.latest([], states=["runing"])
+
+
+def test_the_job_states_are_the_status_schemas():
+    schema = json.loads((events.schemas_dir() / "events" / "job-status.json").read_text())
+    assert set(schema["properties"]["state"]["enum"]) == jobs.JOB_STATES

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import logging
 import os
 import pkgutil
 import sys
@@ -233,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # The CLI says what failed itself (Unavailable naming the address and what to check); the
+    # Kafka client's own connection errors, printed bare before that, only repeat it.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     try:
         settings = Settings.from_env()
         handler: Handler = args.func

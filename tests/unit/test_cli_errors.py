@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,3 +43,17 @@ def _parser(handler: object) -> argparse.ArgumentParser:
     parser.add_argument("command")
     parser.set_defaults(func=handler)
     return parser
+
+
+def test_an_unreachable_broker_is_one_line_without_the_kafka_clients_own(tmp_path: Path) -> None:
+    env = {**os.environ, "MAAS_KAFKA_BOOTSTRAP": "127.0.0.1:1", "MAAS_STATE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-m", "maas", "jobs", "list"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [done.stderr.strip()]  # one line
+    assert done.stderr.startswith("maas: Unavailable: cannot reach Kafka at 127.0.0.1:1")

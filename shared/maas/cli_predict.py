@@ -19,7 +19,7 @@ from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.registry.types import ModelRef
-from maas.textfile import check_regular_file, read_text_file
+from maas.textfile import read_text_file
 
 if TYPE_CHECKING:  # numpy and grpc load when a prediction runs, so `maas --help` stays fast
     import numpy as np
@@ -41,7 +41,6 @@ def read_input(spec: str) -> np.ndarray:
 
     path = Path(spec)
     if spec.endswith(".npy"):
-        check_regular_file(path, "--input")
         try:
             array: np.ndarray = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:

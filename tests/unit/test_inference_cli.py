@@ -1,7 +1,6 @@
 """`maas predict` input handling: .npy keeps its dtype, JSON becomes FP32 rows."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -54,12 +53,13 @@ def test_dtypes_without_a_protocol_datatype_are_refused():
         datatype_of(np.dtype("complex64"))
 
 
-@pytest.mark.parametrize("name", ["x.json", "x.npy"])
-def test_an_input_that_is_a_device_or_a_pipe_is_refused_without_reading_it(tmp_path, name):
-    (tmp_path / "zero").symlink_to("/dev/zero")  # reading it would fill memory
-    os.mkfifo(tmp_path / "pipe")  # opening it would wait for a writer for ever
-    for target in ("zero", "pipe"):
-        path = tmp_path / f"{target}-{name}"
-        path.symlink_to(tmp_path / target)
-        with pytest.raises(InvalidArgument, match="--input .* is not a regular file"):
-            read_input(str(path))
+@pytest.mark.parametrize(
+    ("name", "complaint"), [("x.json", "holds over"), ("x.npy", "not a readable .npy")]
+)
+def test_an_input_linked_to_an_endless_device_is_refused_without_filling_memory(
+    tmp_path, name, complaint
+):
+    path = tmp_path / name
+    path.symlink_to("/dev/zero")
+    with pytest.raises(InvalidArgument, match=f"--input .*{complaint}"):
+        read_input(str(path))

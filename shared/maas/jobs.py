@@ -218,9 +218,9 @@ def check_states(states: Iterable[str]) -> set[str]:
 def latest(
     summaries: Iterable[JobSummary], *, states: Iterable[str] = (), last: int | None = None
 ) -> list[JobSummary]:
-    """The jobs in any of ``states`` (all when none named), oldest update first, only the
-    ``last`` most recently updated when given."""
-    wanted = check_states(states)
+    """The jobs in any of ``states`` (all when none named; ``check_states`` says which are
+    states), oldest update first, only the ``last`` most recently updated when given."""
+    wanted = set(states)
     chosen = [s for s in summaries if not wanted or s.state in wanted]
     chosen.sort(key=lambda s: s.updated_ms)
     return chosen[-last:] if last else chosen

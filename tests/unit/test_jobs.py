@@ -282,7 +282,7 @@ def test_a_listing_keeps_the_states_asked_for_and_the_most_recent_last():
 
 def test_a_listing_for_a_state_no_job_has_names_the_accepted_ones():
     with pytest.raises(InvalidArgument, match="'runing' is no job state; accepted: accepted"):
-        jobs.latest([], states=["runing"])
+        jobs.check_states(["runing"])
 
 
 def test_the_job_states_are_the_status_schemas():

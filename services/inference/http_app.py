@@ -17,10 +17,10 @@ import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from maas.errors import Cancelled, InvalidArgument, ResourceExhausted
+from maas.errors import Cancelled, InvalidArgument, MaasError, ResourceExhausted
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,18 @@ class Routes(Protocol):
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+ExpectHandler = Callable[[web.Request], Awaitable[web.StreamResponse | None]]
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "UNAUTHENTICATED": 401,
+    "PERMISSION_DENIED": 403,
+    "NOT_FOUND": 404,
+    "FAILED_PRECONDITION": 400,
+    "RESOURCE_EXHAUSTED": 413,  # what the inference edges run out of is room for a request
+    "UNAVAILABLE": 503,
+    "DEADLINE_EXCEEDED": 504,
+    "CANCELLED": 499,  # the client closed the connection (nginx's code): no one reads it
+}
 
 
 class HttpServer:
@@ -235,3 +247,32 @@ async def read_json(request: web.Request) -> Any:
     data = await read_body(request)
     check_json_size(request, len(data))
     return await off_loop_if_large(len(data), lambda: parse_json(data))
+
+
+def checked_expect(
+    check: Callable[[web.Request], object], error_body: Callable[[str, int], dict[str, Any]]
+) -> ExpectHandler:
+    """An ``Expect: 100-continue`` handler that runs the route's token ``check`` before it
+    invites the body (aiohttp's own says 100 Continue to anyone): a client without a valid token
+    is refused before it uploads megabytes, in the route's error shape."""
+
+    def refuse(message: str, status: int) -> web.StreamResponse:
+        response = web.json_response(error_body(message, status), status=status)
+        response.force_close()  # the body the client held back is never read
+        return response
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.version != HttpVersion11:
+            return None  # HTTP/1.0 has no interim responses: the body simply follows
+        value = request.headers.get("Expect", "")
+        if value.lower() != "100-continue":
+            return refuse(f"Expect: {value!r} is not supported; send 100-continue or none", 417)
+        try:
+            check(request)
+        except MaasError as exc:
+            return refuse(exc.message, HTTP_STATUS.get(exc.grpc_code, 500))
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the interim line is not part of the response's size
+        return None
+
+    return expect

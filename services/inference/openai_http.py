@@ -27,7 +27,12 @@ from maas.errors import InvalidArgument, MaasError
 from maas.events import shown
 from maas.text.sampling import SamplingParams, Token, prompt_ids
 from services.inference.generation import Generators
-from services.inference.http_app import authorization_entries, read_json
+from services.inference.http_app import (
+    HTTP_STATUS,
+    authorization_entries,
+    checked_expect,
+    read_json,
+)
 
 if TYPE_CHECKING:
     from maas.edge import Authorizer
@@ -37,17 +42,6 @@ log = logging.getLogger(__name__)
 Authorize = Callable[[web.Request], object]  # raises Unauthenticated / PermissionDenied
 # The gRPC method whose role the HTTP routes need: generating is what ModelStreamInfer does.
 GENERATE_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
-HTTP_STATUS = {
-    "INVALID_ARGUMENT": 400,
-    "UNAUTHENTICATED": 401,
-    "PERMISSION_DENIED": 403,
-    "NOT_FOUND": 404,
-    "FAILED_PRECONDITION": 400,
-    "RESOURCE_EXHAUSTED": 413,  # what the inference edges run out of is room for a request
-    "UNAVAILABLE": 503,
-    "DEADLINE_EXCEEDED": 504,
-    "CANCELLED": 499,  # the client closed the connection (nginx's code): no one reads it
-}
 ROLES = ("system", "developer", "user", "assistant")
 COMPLETION_DEFAULTS = {"max_tokens": 16, "temperature": 1.0}
 CHAT_DEFAULTS = {"max_tokens": 64, "temperature": 1.0}
@@ -190,12 +184,18 @@ class OpenAIRoutes:
     def add_to(self, app: web.Application) -> None:
         app.router.add_get("/v1/models", openai_errors(self.models))
         app.router.add_get("/v1/models/{model}", openai_errors(self.model))
-        app.router.add_post("/v1/completions", openai_errors(self.completions))
-        app.router.add_post("/v1/chat/completions", openai_errors(self.chat_completions))
+        expect = checked_expect(self._authorized, error_body)
+        for path, handler in (
+            ("/v1/completions", self.completions),
+            ("/v1/chat/completions", self.chat_completions),
+        ):
+            app.router.add_post(path, openai_errors(handler), expect_handler=expect)
+
+    def _authorized(self, request: web.Request) -> object:
+        return self._authorize(request) if self._authorize is not None else None
 
     async def _check(self, request: web.Request) -> dict[str, Any]:
-        if self._authorize is not None:
-            self._authorize(request)
+        self._authorized(request)
         if request.method != "POST":
             return {}
         body = await read_json(request)

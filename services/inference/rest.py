@@ -42,15 +42,16 @@ from services.inference.describe import (
     server_metadata,
 )
 from services.inference.http_app import (
+    HTTP_STATUS,
     authorization_entries,
     check_json_size,
+    checked_expect,
     off_loop_if_large,
     read_body,
     too_large,
 )
 from services.inference.interceptors import metrics_observer
 from services.inference.metrics import Metrics
-from services.inference.openai_http import HTTP_STATUS
 from services.inference.served import ServedModel
 
 log = logging.getLogger(__name__)
@@ -87,20 +88,27 @@ class OipRestRoutes:
         router.add_get("/v2", self._guard(self.server_metadata, "ServerMetadata"))
         # Before /v2/models/{name}: "stats" is not a model name here.
         router.add_get("/v2/models/stats", self._guard(self.stats, "ModelStatistics"))
-        router.add_post("/v2/repository/index", self._guard(self.index, "RepositoryIndex"))
+        self._add_post(router, "/v2/repository/index", self.index, "RepositoryIndex")
         for action, verb in (("load", "RepositoryModelLoad"), ("unload", "RepositoryModelUnload")):
-            router.add_post(
-                f"/v2/repository/models/{{name}}/{action}",
-                self._guard(getattr(self, action), verb),
-            )
+            path = f"/v2/repository/models/{{name}}/{action}"
+            self._add_post(router, path, getattr(self, action), verb)
         for model in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
             router.add_get(model, self._guard(self.metadata, "ModelMetadata"))
             router.add_get(f"{model}/ready", self._guard(self.model_ready, "ModelReady"))
-            router.add_post(f"{model}/infer", self._guard(self.infer, "ModelInfer"))
+            self._add_post(router, f"{model}/infer", self.infer, "ModelInfer")
             router.add_get(f"{model}/config", self._guard(self.config, "ModelConfig"))
             router.add_get(f"{model}/stats", self._guard(self.stats, "ModelStatistics"))
 
     # --- the edge: auth, errors, metrics ----------------------------------------------------
+
+    def _add_post(
+        self, router: web.UrlDispatcher, path: str, handler: Handler, method: str
+    ) -> None:
+        def check(request: web.Request) -> object:
+            return self._authorizer.authorize(SERVICE + method, authorization_entries(request))
+
+        expect = checked_expect(check, lambda message, _status: {"error": message})
+        router.add_post(path, self._guard(handler, method), expect_handler=expect)
 
     def _guard(self, handler: Handler, method: str) -> Handler:
         full = SERVICE + method

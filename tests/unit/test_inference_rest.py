@@ -1,5 +1,6 @@
 """The OIP HTTP/REST routes, in process: JSON and binary tensors, metadata, config, statistics,
-repository, status codes with messages, the token check. tritonclient.http drives the real
+repository, status codes with messages, the token check (also before an ``Expect: 100-continue``
+body, on the OpenAI routes too). tritonclient.http drives the real
 server process in tests/integration/test_oip_http.py."""
 
 import asyncio
@@ -20,6 +21,7 @@ from maas.edge import Authorizer
 from maas.errors import InvalidArgument
 from services.inference.http_app import THREADED_PARSE_BYTES, HttpServer
 from services.inference.metrics import Metrics
+from services.inference.openai_http import OpenAIRoutes, bearer_auth
 from services.inference.rest import OipRestRoutes
 from services.inference.rest_codec import HEADER_LENGTH, encode_response
 from services.inference.sources import MemorySource
@@ -372,12 +374,15 @@ async def test_requests_are_counted_by_route_and_code(rest):
     assert requests.labels("http ModelInfer", "NOT_FOUND")._value.get() == 1
 
 
-async def test_with_auth_on_the_token_is_checked_and_health_stays_open(tmp_path):
+def token_checker(tmp_path) -> Authorizer:
     table = tmp_path / "tokens.json"
     entry = {"identity": "t", "role": "read", "sha256": hashlib.sha256(TOKEN.encode()).hexdigest()}
     table.write_text(json.dumps({"format": "maas.tokens/1", "tokens": [entry]}))
-    settings = Settings().replace(auth=True, auth_tokens_file=str(table))
-    async with Rest(Authorizer.from_settings(settings)) as secured:
+    return Authorizer.from_settings(Settings().replace(auth=True, auth_tokens_file=str(table)))
+
+
+async def test_with_auth_on_the_token_is_checked_and_health_stays_open(tmp_path):
+    async with Rest(token_checker(tmp_path)) as secured:
         assert (await secured.call("GET", "/v2/health/ready"))[0] == 200
         code, reply, _ = await secured.call("POST", "/v2/models/digits/infer", json=infer_doc())
         assert code == 401 and "authorization" in reply["error"]
@@ -395,3 +400,60 @@ async def test_with_auth_on_the_token_is_checked_and_health_stays_open(tmp_path)
             "POST", "/v2/models/digits/infer", json=infer_doc(), headers=twice
         )
         assert code == 401 and "2 'authorization' entries" in reply["error"]
+
+
+async def expect_continue(port: int, path: bytes, headers: bytes) -> bytes:
+    """Sends a POST's head with ``headers`` (an ``Expect``) and returns the server's answer: an
+    interim ``100 Continue`` invites the body (held back until then, as curl does for a large
+    upload), and the final answer's head follows it."""
+    body = json.dumps(infer_doc()).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST "
+        + path
+        + b" HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + headers
+        + b"Content-Length: %d\r\n\r\n" % len(body)
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
+    if answer.startswith(b"HTTP/1.1 100"):
+        writer.write(body)
+        await writer.drain()
+        answer += await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout=30)
+    writer.close()
+    return answer
+
+
+INFER = b"/v2/models/digits/infer"
+EXPECT = b"Expect: 100-continue\r\n"
+
+
+async def test_expect_100_continue_is_refused_without_a_token_before_the_body_is_sent(tmp_path):
+    async with Rest(token_checker(tmp_path)) as secured:
+        answer = await expect_continue(secured.http.port, INFER, EXPECT)
+    assert answer.startswith(b"HTTP/1.1 401")
+
+
+async def test_expect_100_continue_with_a_token_invites_the_body_and_answers_it(tmp_path):
+    auth = b"Authorization: Bearer %s\r\n" % TOKEN.encode()
+    async with Rest(token_checker(tmp_path)) as secured:
+        answer = await expect_continue(secured.http.port, INFER, auth + EXPECT)
+    assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
+
+
+async def test_an_expectation_other_than_100_continue_is_417(rest):
+    answer = await expect_continue(rest.http.port, INFER, b"Expect: 200-ok\r\n")
+    assert answer.startswith(b"HTTP/1.1 417")
+
+
+async def test_the_openai_routes_refuse_expect_100_continue_without_a_token(tmp_path):
+    http = HttpServer("127.0.0.1:0")
+    # The refusal comes before any handler, so no generator is needed behind the routes.
+    http.add(OpenAIRoutes(generators=None, authorize=bearer_auth(token_checker(tmp_path))))
+    await http.start()
+    try:
+        answer = await expect_continue(http.port, b"/v1/completions", EXPECT)
+    finally:
+        await http.stop()
+    assert answer.startswith(b"HTTP/1.1 401")

@@ -24,7 +24,7 @@ from maas.config import Settings
 from maas.edge import current_identity, edge_interceptor, server_options
 from maas.errors import InvalidArgument, MaasError
 from maas.events import clip
-from maas.names import check_version
+from maas.names import check_name, check_version
 from maas.policy import parse_policy
 from maas.registry import wire
 from maas.registry.v1 import registry_pb2 as pb
@@ -195,6 +195,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
     async def SetPolicy(
         self, request: pb.SetPolicyRequest, context: grpc.aio.ServicerContext
     ) -> pb.Policy:
+        check_name(request.name)  # the name is the first thing a refusal should be about
         policy = parse_policy(_document(request.document_json))
         stored = await self._service.db(
             self._metadata.set_policy, request.name, policy.to_doc(), current_identity().name

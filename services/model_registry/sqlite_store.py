@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from maas import events
-from maas.errors import FailedPrecondition, NotFound
+from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.names import check_alias, check_name
 from maas.registry.types import (
     AliasChange,
@@ -170,6 +170,11 @@ class SqliteStore:
             return reads.version_from_row(db, reads.live_row(db, name, version))
 
     def get_version(self, ref: ModelRef, *, as_of_ms: int | None = None) -> ModelVersion:
+        if as_of_ms is not None and ref.alias is None:
+            raise InvalidArgument(
+                f"as_of_ms={as_of_ms} applies only to an alias ref (name@alias), not to "
+                f"'{ref}': leave it at 0"
+            )
         with self._lock:
             db = self._db
             if ref.alias is not None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -75,15 +76,10 @@ def parse_manifest(
         raise InvalidArgument(f"manifest_json is not JSON: {clip(str(exc), 200)}") from None
     if not isinstance(obj, dict):
         raise InvalidArgument("manifest_json must be a JSON object (maas.manifest.Manifest)")
-    arch, fmt = obj.get("arch"), obj.get("format", "dense")
-    if not isinstance(arch, str) or not arch:
-        raise InvalidArgument("manifest.arch must be a zoo architecture name, e.g. 'mlp'")
-    if not isinstance(fmt, str) or not fmt:
-        raise InvalidArgument("manifest.format must be a non-empty string, e.g. 'dense'")
     return Manifest(
-        arch=arch,
+        arch=_token(obj.get("arch"), "arch", "a zoo architecture name, e.g. 'mlp'"),
         config=_object(obj.get("config", {}), "config"),
-        format=fmt,
+        format=_token(obj.get("format", "dense"), "format", "'dense' or a compressed format"),
         tensors=_tensors(obj.get("tensors") or {}),
         files=_files(obj.get("files")),
         parent=_parent(obj.get("parent")),
@@ -93,6 +89,20 @@ def parse_manifest(
         metrics=_metrics(obj.get("metrics") or {}, max_metrics),
         manifest_version=_manifest_version(obj.get("manifest_version", MANIFEST_VERSION)),
     )
+
+
+# The spelling of ``arch`` and ``format``. Which names exist is the reader's question (an
+# unknown one is refused when the artifact is built, naming the known ones), so a registry
+# accepts a newer writer's format; it refuses what no format could be called.
+TOKEN_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def _token(value: Any, key: str, meaning: str) -> str:
+    if not isinstance(value, str) or not TOKEN_PATTERN.fullmatch(value):
+        raise InvalidArgument(
+            f"manifest.{key} must be {meaning}: 1-64 lowercase letters, digits, '_' or '-'"
+        )
+    return value
 
 
 def _object(value: Any, key: str) -> dict[str, Any]:

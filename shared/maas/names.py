@@ -13,6 +13,9 @@ from maas.errors import InvalidArgument
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # An alias starts with a letter so `name@3` (version) and `name@prod` (alias) never read alike.
 ALIAS_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,63}")
+# A ref with neither version nor alias means the latest version: an alias of that name would
+# make `name@latest` mean something else than it reads.
+RESERVED_ALIASES = frozenset({"latest"})
 
 
 def _shown(value: object) -> str:
@@ -34,6 +37,11 @@ def check_alias(alias: str) -> str:
         raise InvalidArgument(
             f"alias {_shown(alias)} is malformed: use 1-64 lowercase letters, digits, '_' or '-', "
             "starting with a letter (e.g. 'production')"
+        )
+    if alias in RESERVED_ALIASES:
+        raise InvalidArgument(
+            f"alias {alias!r} is reserved: a ref with no version or alias already means the "
+            "latest version (write 'digits-mlp', not 'digits-mlp@latest')"
         )
     return alias
 

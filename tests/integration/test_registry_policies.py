@@ -74,6 +74,13 @@ async def test_a_document_that_is_not_json_is_invalid_argument(client):
     assert "document_json" in refused.value.details()
 
 
+async def test_a_malformed_name_is_refused_before_the_document_is_read(client):
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.stub.SetPolicy(pb.SetPolicyRequest(name="../x", document_json="{}"))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "model name '../x' is malformed" in refused.value.details()
+
+
 async def test_an_alias_move_keeps_its_reason_and_actor_in_the_history(client, server):
     name = a_name()
     model = zoo.build("mlp", MLP)

@@ -263,13 +263,22 @@ def test_an_alias_resolves_as_it_was_at_a_past_time(core: SqliteStore) -> None:
         core.get_version(ModelRef("digits", alias="production"), as_of_ms=tuesday - 1)
 
 
+@pytest.mark.parametrize("ref", [ModelRef("digits", version=1), ModelRef("digits")])
+def test_a_past_time_is_refused_for_a_ref_that_is_not_an_alias(
+    core: SqliteStore, ref: ModelRef
+) -> None:
+    register(core)
+    with pytest.raises(InvalidArgument, match="as_of_ms=5 applies only to an alias"):
+        core.get_version(ref, as_of_ms=5)
+
+
 def test_an_alias_cannot_point_at_a_missing_version(core: SqliteStore) -> None:
     register(core)
     with pytest.raises(NotFound, match="no version 5"):
         core.set_alias("digits", "production", 5, "bob")
 
 
-@pytest.mark.parametrize("alias", ["Prod", "3", "", "a b", "x" * 65])
+@pytest.mark.parametrize("alias", ["Prod", "3", "", "a b", "x" * 65, "latest"])
 def test_malformed_aliases_are_invalid(core: SqliteStore, alias: str) -> None:
     register(core)
     with pytest.raises(InvalidArgument, match="alias"):
@@ -393,6 +402,9 @@ def test_a_database_from_a_newer_registry_is_refused(tmp_path: Path) -> None:
         (b"[]", "JSON object"),
         (b'{"files": {"w": "' + b"0" * 64 + b'"}}', "manifest.arch"),
         (b'{"arch": "mlp", "files": {}}', "manifest.files"),
+        (b'{"arch": "' + b"m" * 65 + b'", "files": {}}', "manifest.arch"),
+        (b'{"arch": "mlp", "format": "' + b"x" * 100_000 + b'"}', "manifest.format"),
+        (b'{"arch": "mlp", "format": "Int8 please"}', "manifest.format"),
         (b'{"arch": "mlp", "files": {"w": "abc"}}', "sha256"),
         (b'{"arch": "mlp", "files": {"../x": "' + b"0" * 64 + b'"}}', "file name"),
         (

@@ -109,6 +109,7 @@ class ModelRegistryServicer:
 
     def GetVersion(self, request, context):
         """By number, by alias (optionally as it was at `as_of_ms`), or the latest version.
+        `as_of_ms` with a ref that is not an alias is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

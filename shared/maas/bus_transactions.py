@@ -14,7 +14,8 @@ each output once.
 A record ``transform`` refuses for good (a non-retriable ``MaasError``), an undecodable one, or
 one whose output names a topic the broker lacks (``maas.known_topics``) is dead-lettered with the
 reason; another failure is retried with backoff (the partition is read again from that record; the
-records before it commit) and dead-lettered after ``max_attempts``. A transaction that fails
+records before it commit) and dead-lettered after ``max_attempts`` (a look-up of the output topics
+the broker failed is the broker's fault, not the record's, and is not counted). A transaction that fails
 (broker lost, fenced, an ack lost, or not done within ``TRANSACTION_TIMEOUT_S``) drops its
 producer without waiting for an abort; the partition is then taken over afresh (the new producer
 fences the old one and aborts what it left open) and read from its committed offset. When the
@@ -312,9 +313,9 @@ class TransactionalPipe:
             retry = outcomes[done]
             assert isinstance(retry, Retry)
             raw = raws[done]
-            attempts = self._attempts[(raw.topic, raw.partition, raw.offset)]
+            attempts = self._attempts.get((raw.topic, raw.partition, raw.offset), 0)
             log.warning(
-                "%s[%d]@%d failed (attempt %d/%d), will read it again: %s",
+                "%s[%d]@%d failed (attempt %d/%d; 0 when the broker failed), reading it again: %s",
                 raw.topic,
                 raw.partition,
                 raw.offset,
@@ -323,7 +324,7 @@ class TransactionalPipe:
                 events.clip(repr(retry.error)),
             )
             consumer.seek(tp, raw.offset)
-            backoff_s = self._retry_backoff_ms / 1000 * 2 ** (attempts - 1)
+            backoff_s = self._retry_backoff_ms / 1000 * 2 ** max(attempts - 1, 0)
             await self._pause(min(backoff_s, MAX_POLL_BACKOFF_S))
 
     async def _outcome(self, raw: ConsumerRecord[bytes, bytes]) -> _Outcome:
@@ -338,18 +339,30 @@ class TransactionalPipe:
             return dead_letter_for(raw, refused, event)
         try:
             outputs = await self._transform(record)
-            await self._check_topics(outputs)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # every failure is classified, none escapes the loop
-            where = (raw.topic, raw.partition, raw.offset)
-            attempts = self._attempts.get(where, 0) + 1
-            if is_poison(exc) or attempts >= self._max_attempts:
-                self._attempts.pop(where, None)
-                return dead_letter_for(raw, exc, event)
-            self._attempts[where] = attempts
+            return self._counted_failure(raw, exc, event)
+        try:
+            await self._check_topics(outputs)
+        except KafkaError as exc:
+            # The broker could not be asked, which says nothing about the record: read it
+            # again without counting an attempt, or a flaky broker would dead-letter it.
             return Retry(exc)
+        except Exception as exc:  # a missing topic (NotFound, for good)
+            return self._counted_failure(raw, exc, event)
         return outputs
+
+    def _counted_failure(
+        self, raw: ConsumerRecord[bytes, bytes], exc: Exception, event: dict[str, Any] | None
+    ) -> _Outcome:
+        where = (raw.topic, raw.partition, raw.offset)
+        attempts = self._attempts.get(where, 0) + 1
+        if is_poison(exc) or attempts >= self._max_attempts:
+            self._attempts.pop(where, None)
+            return dead_letter_for(raw, exc, event)
+        self._attempts[where] = attempts
+        return Retry(exc)
 
     async def _check_topics(self, outputs: Sequence[Output]) -> None:
         """NotFound for an output topic the broker lacks (a send would wait for it in vain)."""

@@ -10,7 +10,8 @@ from types import SimpleNamespace
 import msgpack
 import numpy as np
 import pytest
-from aiokafka import TopicPartition
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import KafkaConnectionError
 
 from maas import events, known_topics
 from maas.bus_transactions import (
@@ -219,3 +220,32 @@ async def test_requests_naming_one_missing_topic_cost_one_look_up_a_window() -> 
         with pytest.raises(NotFound):
             await pipe._check_topics([Output("nowhere", b"x")])
     assert consumer.calls == calls
+
+
+class FlakyBroker(SlowTopics):
+    """A broker whose metadata look-ups fail ``failures`` times, then answer."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def topics(self) -> set[str]:
+        if self.failures:
+            self.failures -= 1
+            raise KafkaConnectionError("the broker went away")
+        return await super().topics()
+
+
+async def test_a_broker_that_cannot_list_topics_never_costs_a_request_its_attempts() -> None:
+    async def answer(record: object) -> list[Output]:
+        return [Output("maas.predictions.v1", b"x")]
+
+    pipe = TransactionalPipe(
+        Settings(), topics=["maas.infer.v1"], group_id="g", transform=answer, max_attempts=2
+    )
+    pipe._consumer = FlakyBroker(failures=5)  # type: ignore[assignment]
+    value = events.encode(request())
+    raw = ConsumerRecord("maas.infer.v1", 0, 7, 0, 0, None, value, None, -1, len(value), [])
+    outcomes = [await pipe._outcome(raw) for _ in range(6)]
+    assert all(isinstance(o, Retry) for o in outcomes[:5])  # 5 failed look-ups, none counted
+    assert outcomes[5] == [Output("maas.predictions.v1", b"x")]

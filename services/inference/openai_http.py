@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from maas.errors import InvalidArgument, MaasError
-from maas.events import shown
+from maas.events import clip, shown
 from maas.text.sampling import SamplingParams, Token, prompt_ids
 from services.inference.generation import Generators
 from services.inference.http_app import (
@@ -45,11 +45,22 @@ GENERATE_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 ROLES = ("system", "developer", "user", "assistant")
 COMPLETION_DEFAULTS = {"max_tokens": 16, "temperature": 1.0}
 CHAT_DEFAULTS = {"max_tokens": 64, "temperature": 1.0}
-# OpenAI fields we accept but that change nothing here (one choice, no logprobs, no penalties).
-IGNORED = frozenset(
-    {"user", "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty",
-     "stream_options", "echo", "best_of", "suffix", "response_format"}
-)  # fmt: skip
+# OpenAI fields that change nothing here at their default values, and those values: one
+# choice, no log-probabilities, no penalties, no suffix, free text. Any other value is refused
+# by name rather than ignored, since a client that asked for it would read an answer without it.
+DEFAULTS_ONLY: dict[str, tuple[object, ...]] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "suffix": (None, ""),
+    "response_format": (None, {"type": "text"}),
+}
+OTHER_FIELDS = frozenset(
+    {"model", "prompt", "messages", "stream", "stream_options", "echo", "user"}
+)
 SAMPLING = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
                       "seed", "stop", "logit_bias"})  # fmt: skip
 
@@ -103,13 +114,18 @@ def _split_model(model: Any) -> tuple[str, str]:
 
 
 def _sampling(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> SamplingParams:
-    unknown = sorted(set(body) - SAMPLING - IGNORED - {"model", "prompt", "messages", "stream"})
+    unknown = sorted(set(body) - SAMPLING - set(DEFAULTS_ONLY) - OTHER_FIELDS)
     if unknown:
         raise InvalidArgument(f"unknown request fields {shown(unknown, 200)}")
-    if body.get("n", 1) != 1:
-        raise InvalidArgument(f"n={body['n']!r}: only one choice per request is supported")
-    if not isinstance(body.get("stream", False), bool):
-        raise InvalidArgument(f"stream={body['stream']!r} must be true or false")
+    for field, accepted in DEFAULTS_ONLY.items():
+        if field in body and not any(_same(body[field], value) for value in accepted):
+            raise InvalidArgument(
+                f"{field}={clip(json.dumps(body[field]), 80)} is not supported by this server: "
+                f"leave {field} out or send {json.dumps(accepted[1])}"
+            )
+    for flag in ("stream", "echo"):
+        if not isinstance(body.get(flag, False), bool):
+            raise InvalidArgument(f"{flag}={shown(body[flag], 80)} must be true or false")
     fields = dict(body)
     if fields.get("max_completion_tokens") is None:
         return SamplingParams.from_request(fields, **defaults)
@@ -118,6 +134,30 @@ def _sampling(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> SamplingP
         return SamplingParams.from_request(fields, **defaults)
     except InvalidArgument as exc:  # the field the client sent, not the one it maps to
         raise InvalidArgument(exc.message.replace("max_tokens", "max_completion_tokens")) from None
+
+
+def _same(value: object, default: object) -> bool:
+    """Equal and of the same kind: ``true`` is not the count 1, nor ``1.0`` the flag true."""
+    if isinstance(value, bool) or isinstance(default, bool):
+        return value is default
+    return value == default
+
+
+def include_usage(body: Mapping[str, Any]) -> bool:
+    """``stream_options: {"include_usage": true}``: a last chunk carries the token counts."""
+    options = body.get("stream_options")
+    if options is None:
+        return False
+    if not body.get("stream"):
+        raise InvalidArgument("stream_options is only read with stream: true")
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+        raise InvalidArgument(
+            f"stream_options={shown(options, 80)} must be an object with include_usage only"
+        )
+    flag = options.get("include_usage", False)
+    if not isinstance(flag, bool):
+        raise InvalidArgument(f"stream_options.include_usage={shown(flag, 80)} must be a boolean")
+    return flag
 
 
 def _model_object(name: str) -> dict[str, Any]:
@@ -238,18 +278,25 @@ class OpenAIRoutes:
         *,
         chat: bool,
     ) -> web.StreamResponse:
+        usage = include_usage(body)
+        echo = body.get("echo") is True and not chat  # chat has no echo: OpenAI's is completions'
         name, ref = _split_model(body.get("model"))
         engine = await self._generators.engine(name, ref)
         shape = _Shape(str(body["model"]), chat, len(prompt_ids(prompt, engine.block_size)))
         tokens = engine.stream(prompt, params)
         if body.get("stream"):
-            return await self._stream(request, shape, tokens)
+            return await self._stream(request, shape, tokens, prompt if echo else "", usage)
         async with contextlib.aclosing(tokens):
             pieces = [token async for token in tokens]
-        return web.json_response(shape.whole(pieces))
+        return web.json_response(shape.whole(pieces, prompt if echo else ""))
 
     async def _stream(
-        self, request: web.Request, shape: _Shape, tokens: AsyncGenerator[Token, None]
+        self,
+        request: web.Request,
+        shape: _Shape,
+        tokens: AsyncGenerator[Token, None],
+        echoed: str,
+        usage: bool,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -260,10 +307,16 @@ class OpenAIRoutes:
                 await response.prepare(request)
                 if shape.chat:
                     await response.write(_sse(shape.chunk({"role": "assistant", "content": ""})))
+                if echoed:
+                    await response.write(_sse(shape.piece(Token(-1, echoed))))
                 token: Token | None = first
+                count = 0
                 while token is not None:
                     await response.write(_sse(shape.piece(token)))
+                    count += 1
                     token = await anext(tokens, None)
+                if usage:
+                    await response.write(_sse(shape.usage_chunk(count)))
                 await response.write(_sse("[DONE]"))
                 await response.write_eof()
             except ConnectionResetError:  # the client left: ordinary, and its slot is freed
@@ -301,17 +354,28 @@ class _Shape:
             "text_completion", {"text": token.text, "logprobs": None, "finish_reason": token.finish}
         )
 
-    def whole(self, tokens: list[Token]) -> dict[str, Any]:
-        text = "".join(t.text for t in tokens)
+    def usage_chunk(self, completion_tokens: int) -> dict[str, Any]:
+        """The last chunk of a stream with ``include_usage``: no choices, the counts."""
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        chunk = self._envelope(obj, {})
+        chunk["choices"] = []
+        chunk["usage"] = self._usage(completion_tokens)
+        return chunk
+
+    def _usage(self, completion_tokens: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": self.prompt_tokens + completion_tokens,
+        }
+
+    def whole(self, tokens: list[Token], echoed: str = "") -> dict[str, Any]:
+        text = echoed + "".join(t.text for t in tokens)
         finish = tokens[-1].finish if tokens else None
         if self.chat:
             choice: dict[str, Any] = {"message": {"role": "assistant", "content": text}}
         else:
             choice = {"text": text, "logprobs": None}
         reply = self._envelope(self.object, {**choice, "finish_reason": finish})
-        reply["usage"] = {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": len(tokens),
-            "total_tokens": self.prompt_tokens + len(tokens),
-        }
+        reply["usage"] = self._usage(len(tokens))
         return reply

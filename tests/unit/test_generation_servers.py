@@ -208,6 +208,45 @@ def test_openai_client_gets_a_whole_completion_with_usage(served: Served) -> Non
     assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (2, 5)
 
 
+def test_the_defaults_of_fields_this_server_cannot_vary_are_accepted(served: Served) -> None:
+    reply = _openai(served).completions.create(
+        model=NAME, prompt="ab", max_tokens=3, temperature=0, n=1, best_of=1, logprobs=0,
+        presence_penalty=0, frequency_penalty=0.0, suffix="", user="u",
+    )  # fmt: skip
+    assert reply.choices[0].text == "".join(
+        t.text for t in _solo(served.model, "ab", max_tokens=3, temperature=0)
+    )
+
+
+def test_echo_puts_the_prompt_before_the_completion(served: Served) -> None:
+    client, completion = (
+        _openai(served),
+        "".join(t.text for t in _solo(served.model, "ab", max_tokens=4, temperature=0)),
+    )
+    whole = client.completions.create(
+        model=NAME, prompt="ab", max_tokens=4, temperature=0, echo=True
+    )
+    assert whole.choices[0].text == "ab" + completion
+    stream = client.completions.create(
+        model=NAME, prompt="ab", max_tokens=4, temperature=0, echo=True, stream=True
+    )
+    assert "".join(c.choices[0].text for c in stream) == "ab" + completion
+
+
+def test_include_usage_ends_a_stream_with_the_token_counts(served: Served) -> None:
+    messages: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
+    chunks = list(
+        _openai(served).chat.completions.create(
+            model=NAME, messages=messages, max_tokens=5, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == 5
+    assert chunks[-1].usage.prompt_tokens == len("user: hi\nassistant:")
+    assert all(c.usage is None for c in chunks[:-1])
+
+
 def test_logit_bias_reaches_the_sampler_through_both_doors(served: Served) -> None:
     forced = {str(ord("z")): 100}
     reply = _openai(served).completions.create(
@@ -260,6 +299,15 @@ def test_chat_content_given_as_text_parts_reads_as_one_string(served: Served) ->
         ({"prompt": "a", "max_completion_tokens": -3}, "max_completion_tokens=-3"),
         ({"messages": ["hi"]}, "messages[0] must be an object"),
         ({"messages": [{"role": "user", "content": "\ud800"}]}, "lone surrogate"),
+        ({"prompt": "a", "n": 2}, "n=2 is not supported by this server: leave n out or send 1"),
+        ({"prompt": "a", "logprobs": 5}, "logprobs=5 is not supported"),
+        ({"prompt": "a", "best_of": 3}, "best_of=3"),
+        ({"prompt": "a", "suffix": "}"}, "suffix"),
+        ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}, "presence_pen"),
+        ({"prompt": "a", "response_format": {"type": "json_object"}}, '{"type": "text"}'),
+        ({"prompt": "a", "echo": 1}, "echo=1 must be true or false"),
+        ({"prompt": "a", "stream_options": {"include_usage": True}}, "only read with stream"),
+        ({"prompt": "a", "stream": True, "stream_options": {"x": 1}}, "include_usage only"),
     ],
 )
 def test_a_malformed_body_gets_400_naming_the_field(

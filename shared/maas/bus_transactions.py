@@ -15,7 +15,7 @@ A record ``transform`` refuses for good (a non-retriable ``MaasError``), an unde
 one whose output names a topic the broker lacks (``maas.known_topics``) is dead-lettered with the
 reason; another failure is retried with backoff (the partition is read again from that record; the
 records before it commit) and dead-lettered after ``max_attempts`` (a look-up of the output topics
-the broker failed is the broker's fault, not the record's, and is not counted). A transaction that fails
+that the broker failed is not the record's fault, and is not counted). A transaction that fails
 (broker lost, fenced, an ack lost, or not done within ``TRANSACTION_TIMEOUT_S``) drops its
 producer without waiting for an abort; the partition is then taken over afresh (the new producer
 fences the old one and aborts what it left open) and read from its committed offset. When the

@@ -240,10 +240,18 @@ def _list(args: argparse.Namespace, settings: Settings) -> int:
             _fmt(summary.metrics.get("loss")),
             _fmt(summary.metrics.get("accuracy")),
             f"{model['name']}@{model['version']}" if model else "",
-            dt.datetime.fromtimestamp(summary.updated_ms / 1000).strftime("%H:%M:%S"),
+            when(summary.updated_ms),
         )
     console().print(table)
     return 0
+
+
+def when(ms: int, now: dt.datetime | None = None) -> str:
+    """A status's time as the table shows it: the time of day for today's, the date as well
+    for older ones (a job last heard of yesterday must not read as running now)."""
+    at = dt.datetime.fromtimestamp(ms / 1000)
+    today = (now or dt.datetime.now()).date()
+    return at.strftime("%H:%M:%S" if at.date() == today else "%Y-%m-%d %H:%M")
 
 
 def _count(text: str) -> int:

@@ -1,11 +1,12 @@
 """Job files: loading, completing the envelope, and mistakes named by field before publishing."""
 
+import datetime as dt
 import json
 from pathlib import Path
 
 import pytest
 
-from maas import events, jobs
+from maas import cli_jobs, events, jobs
 from maas.config import Settings
 from maas.errors import InvalidArgument, SchemaViolation
 
@@ -288,3 +289,10 @@ def test_a_listing_for_a_state_no_job_has_names_the_accepted_ones():
 def test_the_job_states_are_the_status_schemas():
     schema = json.loads((events.schemas_dir() / "events" / "job-status.json").read_text())
     assert set(schema["properties"]["state"]["enum"]) == jobs.JOB_STATES
+
+
+def test_a_listing_shows_the_date_of_an_update_from_another_day():
+    now = dt.datetime(2026, 12, 5, 21, 0, 0)
+    today = int(dt.datetime(2026, 12, 5, 9, 30, 5).timestamp() * 1000)
+    assert cli_jobs.when(today, now) == "09:30:05"
+    assert cli_jobs.when(0, now) == dt.datetime.fromtimestamp(0).strftime("%Y-%m-%d %H:%M")

@@ -2,7 +2,8 @@
 
 ``Exchange`` reads the stream's ``Join``, attaches the worker, then runs two things at once: a
 reader that hands every ``Push`` to the shard, and the replies the shard queues for this worker.
-A malformed message ends the stream with INVALID_ARGUMENT (naming what is wrong); a partition
+A malformed message ends the stream with INVALID_ARGUMENT (naming what is wrong), and so does a
+stream without a join for ``JOIN_TIMEOUT_S``; a partition
 this shard does not serve (yet) with UNAVAILABLE (it may still be loading it, or it moved); a
 finished one with FAILED_PRECONDITION.
 """
@@ -31,6 +32,11 @@ if TYPE_CHECKING:  # the shard imports this module to serve itself
 
 log = logging.getLogger(__name__)
 
+# A worker sends its join first thing; a stream that says nothing is a stranger's, and would
+# hold a connection and a handler for as long as its client liked.
+JOIN_TIMEOUT_S = 30.0
+NO_JOIN = f"no join message within {JOIN_TIMEOUT_S:g} s: an Exchange stream starts with one"
+
 
 async def _abort(context: grpc.aio.ServicerContext, error: MaasError) -> None:
     await context.abort(grpc.StatusCode[error.grpc_code], error.message)
@@ -45,9 +51,13 @@ class DataPlaneServicer(pb_grpc.TrainingDataPlaneServicer):
     ) -> AsyncIterator[bytes]:
         requests = aiter(request_iterator)
         try:
-            first = await anext(requests)
+            async with asyncio.timeout(JOIN_TIMEOUT_S):
+                first = await anext(requests)
             peer = await self._attach(first)
         except StopAsyncIteration:
+            return
+        except TimeoutError:
+            await _abort(context, InvalidArgument(NO_JOIN))
             return
         except MaasError as exc:
             await _abort(context, exc)

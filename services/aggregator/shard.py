@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry
 
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
-from maas.events import now_ms
+from maas.events import clip, now_ms
 from maas.liveness import Liveness
 from maas.training import broadcast, protocol
 from maas.training.aggregate import ShardCore
@@ -55,6 +55,7 @@ from services.aggregator.shard_job import (
     ShardJob,
     ShardMetrics,
     StatusReporter,
+    check_ahead,
     held_back,
     progress_due,
 )
@@ -225,25 +226,27 @@ class ShardService:
 
     async def attach(self, join: pb.Join) -> Peer:
         """A worker's stream joined: it gets the current parameters at once."""
-        key = (join.job_id, join.shard)
+        key, job_id = (join.job_id, join.shard), clip(join.job_id, 100)  # the id is the client's
         if key in self._done:
-            raise FailedPrecondition(f"job {join.job_id} is over on {self.name}")
+            raise FailedPrecondition(f"job {job_id} is over on {self.name}")
         job = self.jobs.get(key)
         if job is None:
             raise Unavailable(
-                f"{self.name} does not serve partition {join.shard} of job {join.job_id} (yet); "
+                f"{self.name} does not serve partition {join.shard} of job {job_id} (yet); "
                 "read the job's assignment again"
             )
         worker = join.worker
         if not 0 <= worker < job.plan.workers:
             raise InvalidArgument(
-                f"worker {worker} is not one of job {join.job_id}'s ranks 0..{job.plan.workers - 1}"
+                f"worker {worker} is not one of job {job_id}'s ranks 0..{job.plan.workers - 1}"
             )
+        if not join.member:
+            raise InvalidArgument("join.member is empty: a worker names its pool member id")
         holder = job.assignment.workers.get(worker)
-        if join.member and holder != join.member:
+        if holder != join.member:  # a stream for a rank takes over that rank's current one
             raise Unavailable(
-                f"rank {worker} of job {join.job_id} is assigned to {holder or 'nobody'}, "
-                f"not {join.member}, as far as {self.name} knows"
+                f"rank {worker} of job {job_id} is assigned to {holder or 'nobody'}, "
+                f"not {clip(join.member, 100)}, as far as {self.name} knows"
             )
         previous = job.peers.pop(worker, None)
         if previous is not None:
@@ -267,6 +270,7 @@ class ShardService:
         job = self.jobs.get((peer.job_id, peer.partition))
         if job is None:
             return  # the job finished (or moved) while this piece was on its way
+        check_ahead(push.push.version, job)
         contribution = job.assembler.add(peer.worker, push)  # InvalidArgument ends the stream
         if contribution is None:
             return

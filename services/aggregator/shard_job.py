@@ -12,13 +12,13 @@ from prometheus_client import CollectorRegistry, Counter
 
 from maas import topics
 from maas.bus import EventProducer
-from maas.errors import MaasError
+from maas.errors import InvalidArgument, MaasError
 from maas.events import now_ms
 from maas.jobs import status_event
 from maas.training import checkpoint as ck
 from maas.training import protocol
 from maas.training.aggregate import ShardCore
-from maas.training.plan import HOLD_INTERVALS, JobPlan
+from maas.training.plan import HOLD_INTERVALS, JobPlan, kept_steps
 from maas.training.pool import Assignment
 from maas.training.storage import TrainingStore
 
@@ -68,6 +68,20 @@ def held_back(version: int, durable: int, checkpoint_every: int) -> bool:
     ``2 * checkpoint_every + 1`` steps of gradients (plus ``staleness`` in async mode): a slow
     or absent S3 pauses the job instead of growing the workers without end."""
     return version - durable > HOLD_INTERVALS * checkpoint_every
+
+
+def check_ahead(version: int, job: ShardJob) -> None:
+    """A push for a version the shard has not reached is held until it does (a worker replays
+    what it kept to a restarted shard), but a worker only ever computes on versions a shard
+    sent, at most ``kept_steps`` past the newest durable one: one further ahead comes from a
+    faulty or foreign client, and holding it would grow the shard without bound."""
+    training = job.plan.training
+    window = kept_steps(training.checkpoint_every, training.staleness)
+    if version - job.core.version > window:
+        raise InvalidArgument(
+            f"push version {version} is {version - job.core.version} past the shard's "
+            f"{job.core.version}; a worker's may be at most {window} ahead (a replay)"
+        )
 
 
 @dataclass

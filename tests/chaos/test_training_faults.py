@@ -1,8 +1,10 @@
 """Infrastructure faults in the middle of a training job, on the real stack: the Kafka broker
 stopped, then the S3 server stopped, each while a 2-worker x 2-shard job trains (codec none,
 quorum 1.0). Each job must end succeeded with exactly the weights of an undisturbed run of the
-same job: no step lost or applied twice, however the outage fell. Last, malformed records on the
-control topic: the pool's consumer dead-letters each, and the next job trains.
+same job: no step lost or applied twice, however the outage fell. Then a stranger on a shard's
+data plane (a join naming no member, NaN values, a version far ahead): each stream is refused
+naming the problem, and the job still ends with the undisturbed weights. Last, malformed records
+on the control topic: the pool's consumer dead-letters each, and the next job trains.
 
 Outages last MAAS_CHAOS_BROKER_OUTAGE_S and MAAS_CHAOS_S3_OUTAGE_S seconds (CI: 10 each; the
 issue's figures: 30 and 60).
@@ -17,12 +19,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 import msgpack
+import numpy as np
 import pytest
 from training_jobs import (
     MLP_TRAINING,
     Watcher,
     assert_same_weights,
+    assignment,
     job_plane_fixtures,
     pointer,
     run,
@@ -37,6 +42,8 @@ from maas import events, topics
 from maas.bus import EventProducer
 from maas.registry import RegistryClient
 from maas.store import ObjectStore
+from maas.training import dataplane
+from maas.training.v1 import training_pb2 as pb
 from services.aggregator.scheduler import GROUP_ID as POOL_GROUP
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -170,6 +177,56 @@ def control_poison() -> dict[str, tuple[bytes, list[tuple[str, bytes | None]]]]:
         "nested-too-deep": (b'{"a":' + b"[" * 40 + b"]" * 40 + b"}", [json_header]),
         "not-a-map": (msgpack.packb([1, 2, 3]), []),
     }
+
+
+def _stranger_frames(member: str, **push: object) -> list[bytes]:
+    join = pb.WorkerMessage(
+        join=pb.Join(job_id=push.pop("job_id"), worker=0, shard=0, member=member)
+    )
+    frames = [join.SerializeToString()]
+    if push:
+        fields = {"codec": "none", "offset": 0, "size": 4, "piece": 0, "pieces": 1, "samples": 1}
+        frames.append(pb.WorkerMessage(push=pb.Push(**{**fields, **push})).SerializeToString())
+    return frames
+
+
+async def _refusal(address: str, settings, frames: list[bytes]) -> tuple[grpc.StatusCode, str]:
+    async with dataplane.open_channel(address, settings) as channel:
+        call = dataplane.exchange(channel, settings)
+        try:
+            for frame in frames:
+                await call.write(frame)
+            while await asyncio.wait_for(call.read(), 30) is not grpc.aio.EOF:
+                pass  # the parameters a join is answered with
+        except grpc.aio.AioRpcError as ended:
+            return ended.code(), ended.details() or ""
+        return await call.code(), await call.details()
+
+
+async def test_a_strangers_streams_are_refused_and_the_job_ends_exactly(
+    stack, cluster, producer, watcher, registry, undisturbed
+):
+    job = train_job("faults", "mlp", {"uri": "builtin:digits"}, TRAINING)
+    job_id = job["job_id"]
+    await producer.send(topics.JOBS, job, key=job_id)
+    await wait_for_checkpoint(ObjectStore(stack.settings), job_id, shard=0, version=20)
+    placed = assignment(watcher, job_id)
+    address = next(s["address"] for s in placed["shards"] if s["partition"] == 0)
+    holder = next(w["member"] for w in placed["workers"] if w["rank"] == 0)
+    nan = np.full(4, np.nan, dtype=np.float32).tobytes()
+    cases = {
+        "join.member is empty": _stranger_frames("", job_id=job_id),
+        "hold NaN or inf": _stranger_frames(holder, job_id=job_id, version=20, values=nan),
+        "past the shard's": _stranger_frames(
+            holder, job_id=job_id, version=10**12, values=bytes(16)
+        ),
+    }
+    for named, frames in cases.items():
+        code, details = await _refusal(address, stack.settings, frames)
+        assert (code, named in details) == (grpc.StatusCode.INVALID_ARGUMENT, True), details
+    final = await watcher.final(job_id, timeout_s=300)
+    assert final["state"] == "succeeded", final
+    assert_same_weights(await weights(registry, final), undisturbed)
 
 
 async def test_malformed_control_records_are_dead_lettered_by_the_pool_and_training_goes_on(

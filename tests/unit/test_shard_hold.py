@@ -1,7 +1,13 @@
 """A shard holds a version back while its newest durable checkpoint is too far behind: the
-bound on what workers keep for a replay (``held_back``)."""
+bound on what workers keep for a replay (``held_back``), and so a push further ahead than a
+replay can be is refused (``check_ahead``)."""
 
-from services.aggregator.shard_job import held_back
+from types import SimpleNamespace
+
+import pytest
+
+from maas.errors import InvalidArgument
+from services.aggregator.shard_job import ShardJob, check_ahead, held_back
 
 
 def test_versions_within_two_checkpoint_intervals_of_the_durable_one_go_out() -> None:
@@ -21,3 +27,20 @@ def test_a_landed_checkpoint_releases_the_held_version() -> None:
 def test_checkpointing_every_step_holds_a_version_two_past_the_durable_one() -> None:
     assert not held_back(version=2, durable=0, checkpoint_every=1)
     assert held_back(version=3, durable=0, checkpoint_every=1)
+
+
+def _job(version: int, checkpoint_every: int, staleness: int = 0) -> ShardJob:
+    training = SimpleNamespace(checkpoint_every=checkpoint_every, staleness=staleness)
+    return SimpleNamespace(
+        plan=SimpleNamespace(training=training), core=SimpleNamespace(version=version)
+    )  # type: ignore[return-value]
+
+
+def test_a_push_as_far_ahead_as_a_replay_can_be_is_taken() -> None:
+    check_ahead(100 + 2 * 20 + 1, _job(100, checkpoint_every=20))
+    check_ahead(100 + 2 * 20 + 1 + 3, _job(100, checkpoint_every=20, staleness=3))
+
+
+def test_a_push_further_ahead_than_any_replay_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="push version 142 is 42 past the shard's 100"):
+        check_ahead(142, _job(100, checkpoint_every=20))

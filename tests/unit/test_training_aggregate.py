@@ -147,6 +147,17 @@ def test_an_early_gradient_is_held_until_its_version_comes_up() -> None:
     np.testing.assert_array_equal(core.theta, np.full(SIZE, -6.0))
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_an_early_gradient_sent_again_is_held_once_and_the_first_counts(mode: str) -> None:
+    core = _core(workers=1, mode=mode)
+    for value in (5.0, 7.0, 7.0):
+        assert core.offer(_grad(0, 1, value=value), now_ms=1) is Verdict.EARLY
+    assert core.held_count == 1
+    core.offer(_grad(0, 0), now_ms=1)
+    assert core.version == 2 and core.held_count == 0
+    np.testing.assert_array_equal(core.theta, np.full(SIZE, -6.0))
+
+
 def test_async_applies_on_arrival() -> None:
     core = _core(workers=2, mode="async", staleness=1)
     core.offer(_grad(0, 0), now_ms=1)

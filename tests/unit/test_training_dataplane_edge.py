@@ -16,6 +16,7 @@ from maas.config import Settings
 from maas.training import dataplane
 from maas.training.protocol import PushFrame
 from maas.training.v1 import training_pb2 as pb
+from services.aggregator import dataplane as aggregator_dataplane
 from services.aggregator.dataplane import DataPlaneServicer
 from services.aggregator.shard_job import Peer
 
@@ -92,3 +93,15 @@ async def test_a_push_reaches_the_shard_with_its_values_intact(
     assert await _stream(shard[1], _join(), push.SerializeToString()) == grpc.StatusCode.OK
     (got,) = shard[0].pushes
     assert got.push.version == 3 and bytes(got.values) == b"\x00\x00\x80\x3f"
+
+
+async def test_a_stream_that_never_joins_is_ended_naming_the_join_it_lacks(
+    shard: tuple[RecordingShard, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(aggregator_dataplane, "JOIN_TIMEOUT_S", 0.2)
+    async with dataplane.open_channel(shard[1], SETTINGS) as channel:
+        call = dataplane.exchange(channel, SETTINGS)  # opened, then silent
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(call.read(), 30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no join message" in (caught.value.details() or "")

@@ -82,6 +82,15 @@ def test_a_topk_plan_knows_its_piece_count_before_encoding() -> None:
         ({"offset": 95}, r"push covers \[95, 105\), outside the partition of 100"),
         ({"values": b"\x00" * 7}, "push values has 7 bytes; 10 float32 values need 40"),
         ({"piece": 2, "pieces": 2}, "push piece 2 of 2 is not a piece"),
+        ({"version": -1}, "push version -1 is negative"),
+        ({"samples": 0}, "push samples=0: a gradient comes from 1 or more rows"),
+        ({"samples": -1}, "push samples=-1"),
+        (
+            {"pieces": 2**32 - 1},
+            f"push piece 0 of {2**32 - 1} is not a piece of a partition of 100",
+        ),
+        ({"values": np.full(10, np.nan, np.float32).tobytes()}, "hold NaN or inf"),
+        ({"values": np.full(10, -np.inf, np.float32).tobytes()}, "hold NaN or inf"),
     ],
 )
 def test_a_malformed_push_is_refused_naming_the_problem(change: dict, message: str) -> None:
@@ -99,6 +108,38 @@ def _foreign_push(**fields: object) -> protocol.PushFrame:
 
 
 def test_int8_pieces_need_a_positive_scale() -> None:
-    push = _foreign_push(codec="int8", size=4, pieces=1, values=b"\x01" * 4, scale=0.0)
+    push = _foreign_push(codec="int8", size=4, pieces=1, samples=1, values=b"\x01" * 4, scale=0.0)
     with pytest.raises(InvalidArgument, match="positive finite scale"):
         protocol.GradientAssembler(Int8Codec().name, 4).add(0, push)
+
+
+def _dense_piece(piece: int, pieces: int, offset: int = 0) -> protocol.PushFrame:
+    values = np.ones(10, dtype=np.float32).tobytes()
+    return _foreign_push(
+        version=0, codec="none", offset=offset, size=10, piece=piece, pieces=pieces, samples=1,
+        values=values,
+    )  # fmt: skip
+
+
+def test_the_pieces_of_one_gradient_must_agree_on_their_count() -> None:
+    assembler = protocol.GradientAssembler("none", 100)
+    assert assembler.add(0, _dense_piece(0, 3)) is None
+    with pytest.raises(InvalidArgument, match="has 4 pieces; its first piece said 3"):
+        assembler.add(0, _dense_piece(1, 4))
+
+
+def test_pieces_carrying_more_than_a_partition_holds_are_refused() -> None:
+    assembler = protocol.GradientAssembler("none", 20)  # 20 elements: at most 160 bytes
+    for piece in range(4):  # 4 x 40 bytes fit, overlapping or not
+        assert assembler.add(0, _dense_piece(piece, 10, offset=10)) is None
+    assert assembler.add(0, _dense_piece(3, 10, offset=10)) is None  # a repeat replaces itself
+    with pytest.raises(InvalidArgument, match="carry 200 bytes, more than a gradient"):
+        assembler.add(0, _dense_piece(4, 10, offset=10))
+
+
+def test_int8_values_are_not_checked_for_finiteness_they_cannot_lack() -> None:
+    push = _foreign_push(
+        codec="int8", version=0, size=4, pieces=1, samples=1, values=b"\x7f" * 4, scale=0.5
+    )
+    contribution = protocol.GradientAssembler(Int8Codec().name, 4).add(0, push)
+    assert contribution is not None

@@ -204,7 +204,8 @@ class ShardCore:
         self._scale_mean = t.reduce == "mean"
         self._sum = GradientSum(self.partition.size)
         self._round: dict[int, Contribution] = {}
-        self._held: dict[int, list[Contribution]] = {}
+        # version -> worker -> its early gradient (one per worker and version: the first counts)
+        self._held: dict[int, dict[int, Contribution]] = {}
         self._last_version: dict[int, int] = {}
 
     # --- state ----------------------------------------------------------------------------------
@@ -216,6 +217,11 @@ class ShardCore:
     @property
     def round_size(self) -> int:
         return len(self._round)
+
+    @property
+    def held_count(self) -> int:
+        """Early gradients waiting for their version."""
+        return sum(len(by_worker) for by_worker in self._held.values())
 
     def snapshot(self) -> ShardSnapshot:
         """The durable state as *views*: encode it before the core changes (no await between).
@@ -281,7 +287,7 @@ class ShardCore:
         if c.version < self.version:
             return Verdict.STALE
         if c.version > self.version:
-            self._held.setdefault(c.version, []).append(c)
+            self._held.setdefault(c.version, {}).setdefault(c.worker, c)
             return Verdict.EARLY
         if c.worker in self._round:
             return Verdict.DUPLICATE
@@ -296,7 +302,7 @@ class ShardCore:
         if c.version <= self._last_version.get(c.worker, -1):
             return Verdict.DUPLICATE
         if c.version > self.version:
-            self._held.setdefault(c.version, []).append(c)
+            self._held.setdefault(c.version, {}).setdefault(c.worker, c)
             return Verdict.EARLY
         self._last_version[c.worker] = c.version
         if not accepts_staleness(c.version, self.version, self.plan.training.staleness):
@@ -318,5 +324,5 @@ class ShardCore:
         self._round.clear()
         self.version += 1
         self.opened_ms = now_ms
-        for c in self._held.pop(self.version, []):
+        for c in self._held.pop(self.version, {}).values():
             self.offer(c, now_ms)

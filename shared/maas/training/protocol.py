@@ -270,19 +270,54 @@ def decode_piece(
         )
     if isinstance(codec, TopKCodec):
         indices = _array(frame.indices, "uint32", frame.indices.nbytes // 4, "indices")
-        values = _array(frame.values, "float32", len(indices), "values")
+        values = _check_finite(_array(frame.values, "float32", len(indices), "values"), push)
         if len(indices) and int(indices.max()) >= push.size:
             raise InvalidArgument(f"top-k index {int(indices.max())} is outside [0, {push.size})")
         return SparseGradient(indices, values, push.size)
     values = _array(frame.values, _VALUE_DTYPES[codec.name], push.size, "values")
     if not (math.isfinite(push.scale) and (push.scale > 0 or codec.name != "int8")):
         raise InvalidArgument(f"int8 push needs a positive finite scale, got {push.scale}")
-    return DenseGradient(values, push.scale if codec.name == "int8" else 1.0)
+    if codec.name == "int8":  # integers times a finite scale: finite
+        return DenseGradient(values, push.scale)
+    return DenseGradient(_check_finite(values, push), 1.0)
+
+
+def _check_finite(values: np.ndarray, push: pb.Push) -> np.ndarray:
+    """A NaN or inf summed into the step would make every parameter NaN from then on. A worker
+    fails its job when its loss stops being a number (``WorkerJob.compute``), so only a faulty
+    or foreign client sends one (~80 us a million values, a fraction of a step's work)."""
+    if not np.isfinite(values).all():
+        raise InvalidArgument(
+            f"push values of piece {push.piece} (version {push.version}) hold NaN or inf; "
+            "a gradient must be finite"
+        )
+    return values
+
+
+def _check_header(push: pb.Push, partition_size: int) -> None:
+    """What a push says about itself, before its bytes are looked at."""
+    if push.version < 0:
+        raise InvalidArgument(f"push version {push.version} is negative")
+    if push.samples < 1:
+        raise InvalidArgument(f"push samples={push.samples}: a gradient comes from 1 or more rows")
+    # Every piece covers at least one element (or one top-k entry) of the partition.
+    if not 1 <= push.pieces <= max(1, partition_size) or push.piece >= push.pieces:
+        raise InvalidArgument(
+            f"push piece {push.piece} of {push.pieces} is not a piece of a partition of "
+            f"{partition_size}"
+        )
 
 
 @dataclass
 class _Pending:
+    count: int  # how many pieces the gradient has, as its first piece said
     pieces: dict[int, tuple[int, Piece]] = field(default_factory=dict)
+    nbytes: int = 0  # the received pieces' payload
+
+
+# The most payload one gradient's pieces may carry, per partition element: a top-k entry (a
+# uint32 index and an fp32 value) is the largest. Beyond it the pieces overlap: a faulty client.
+_MAX_BYTES_PER_ELEMENT = 8
 
 
 class GradientAssembler:
@@ -297,16 +332,15 @@ class GradientAssembler:
     def add(self, worker: int, frame: PushFrame) -> Contribution | None:
         """The contribution once its last piece arrived; a repeated piece is ignored."""
         push = frame.push
-        if push.pieces < 1 or push.piece >= push.pieces:
-            raise InvalidArgument(f"push piece {push.piece} of {push.pieces} is not a piece")
+        _check_header(push, self.size)
         decoded = decode_piece(frame, self.codec, self.size)
         key = (worker, int(push.version))
         pending = self._pending.get(key)
         if pending is None:
             if len(self._pending) >= self._limit:  # an abandoned step (its worker died)
                 del self._pending[min(self._pending, key=lambda k: k[1])]
-            pending = self._pending[key] = _Pending()
-        pending.pieces[push.piece] = (int(push.offset), decoded)
+            pending = self._pending[key] = _Pending(push.pieces)
+        self._keep(pending, key, push, (int(push.offset), decoded), frame)
         if len(pending.pieces) < push.pieces:
             return None
         del self._pending[key]
@@ -321,10 +355,45 @@ class GradientAssembler:
             accuracy=push.accuracy if push.HasField("accuracy") else None,
         )
 
+    def _keep(
+        self,
+        pending: _Pending,
+        key: tuple[int, int],
+        push: pb.Push,
+        piece: tuple[int, Piece],
+        frame: PushFrame,
+    ) -> None:
+        """Add ``piece`` to ``pending``: the pieces of one gradient agree on their count and
+        together carry no more than the partition could hold."""
+        if push.pieces != pending.count:
+            del self._pending[key]
+            raise InvalidArgument(
+                f"push piece {push.piece} says version {push.version} has {push.pieces} pieces; "
+                f"its first piece said {pending.count}"
+            )
+        nbytes = frame.values.nbytes + frame.indices.nbytes
+        repeated = pending.pieces.get(push.piece)
+        if repeated is not None:  # a piece sent again replaces itself
+            pending.nbytes -= _payload_bytes(repeated[1])
+        pending.nbytes += nbytes
+        if pending.nbytes > _MAX_BYTES_PER_ELEMENT * self.size:
+            del self._pending[key]
+            raise InvalidArgument(
+                f"the pieces of version {push.version} carry {pending.nbytes} bytes, more than "
+                f"a gradient of a partition of {self.size} can"
+            )
+        pending.pieces[push.piece] = piece
+
     def drop_below(self, version: int) -> None:
         """Forget incomplete gradients for versions no step can use any more."""
         for key in [k for k in self._pending if k[1] < version]:
             del self._pending[key]
+
+
+def _payload_bytes(piece: Piece) -> int:
+    if isinstance(piece, SparseGradient):
+        return int(piece.indices.nbytes + piece.values.nbytes)
+    return int(piece.values.nbytes)
 
 
 def _whole(parts: Sequence[tuple[int, Piece]], size: int) -> Decoded:

@@ -16,12 +16,14 @@ optimizer (its state stays here) and sends the parameter delta, which the shards
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
 from maas.datasets import Dataset
+from maas.errors import FailedPrecondition
 from maas.training.broadcast import ShardParams
 from maas.training.codecs import ErrorFeedback, parse_codec
 from maas.training.plan import JobPlan
@@ -109,6 +111,7 @@ class WorkerJob:
             return self._round(view, emit, self._local)
         step = min(p.version for p in view.values()) if self._sync else self.steps
         loss, batch = self.replica.forward(*self._batch(step))
+        self._check_loss(batch.loss, step)
         infos = self._infos(view, batch)
         grad = self.replica.grad_numpy
         if self._overlap:
@@ -139,6 +142,7 @@ class WorkerJob:
         samples, batch = 0, BatchResult(0.0, None, 0)
         for step in range(first, first + count):
             loss, batch = self.replica.forward(*self._batch(step))
+            self._check_loss(batch.loss, step)
             self.replica.backward(loss)
             local.step()  # in place on the replica's flat parameters
             samples += batch.samples
@@ -146,6 +150,16 @@ class WorkerJob:
         self._emit_whole(self.replica.flat_numpy - start, self._infos(view, result), emit)
         self.steps += count
         return result
+
+    def _check_loss(self, loss: float, step: int) -> None:
+        """A loss that is not a number makes a gradient that is not either: the step fails (and
+        with it the job, saying why) before anything is pushed — shards refuse such pushes."""
+        if not math.isfinite(loss):
+            lr = self.plan.training.optimizer.lr
+            raise FailedPrecondition(
+                f"training diverged: the training loss at step {step} is {loss}; lower "
+                f"training.optimizer.lr (it is {lr:g}) or check the dataset's values"
+            )
 
     def _batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
         rows = batch_indices(

@@ -59,13 +59,14 @@ class ManagedProcess:
         if running is not None:
             return running
         self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        self.pid_file.unlink(missing_ok=True)  # a stale PID must not pass for the new one
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
             log.write(run_marker(RUN_STARTED, self.name))
             log.flush()
             # A new session: Ctrl-C in the terminal that ran `maas stack up` does not kill it.
             proc = subprocess.Popen(
-                list(argv),
+                self._command(argv),
                 cwd=cwd,
                 env=dict(env) if env is not None else None,
                 stdin=subprocess.DEVNULL,
@@ -74,20 +75,31 @@ class ManagedProcess:
                 start_new_session=True,
                 preexec_fn=_die_with_parent if self.die_with_parent else None,
             )
-        self.pid_file.write_text(f"{proc.pid}\n")
-        # Until exec happens the child still shows our command line; waiting here keeps
-        # `alive()` from calling a process that is merely starting dead.
+        if self.die_with_parent:
+            self.pid_file.write_text(f"{proc.pid}\n")
+        # Until exec happens the child still shows our command line, and the exit recorder
+        # writes the PID file only once it forked; waiting here keeps `alive()` from calling
+        # a process that is merely starting dead.
         deadline = time.monotonic() + 10.0
-        while not _is_ours(proc.pid, self.marker):
+        while (pid := self.pid()) is None:
             if proc.poll() is not None:
                 raise FailedPrecondition(
                     f"{self.name} exited at once (rc {proc.returncode}); log {self.log_file}:\n"
                     f"{self.log_tail()}"
                 )
             if time.monotonic() > deadline:
-                break
+                raise FailedPrecondition(
+                    f"{self.name} did not start in 10 s; log {self.log_file}:\n{self.log_tail()}"
+                )
             time.sleep(0.01)
-        return proc.pid
+        return pid
+
+    def _command(self, argv: Sequence[str]) -> list[str]:
+        """``argv``, under the exit recorder unless it dies with its parent: a fixture's
+        process ends with the test run, and that parent's death signal would reach only sh."""
+        if self.die_with_parent:
+            return list(argv)
+        return ["/bin/sh", "-c", _RECORD_EXIT, self.name, str(self.pid_file), *argv]
 
     def stop(self, *, timeout_s: float = 20.0) -> bool:
         """SIGTERM, then SIGKILL after `timeout_s`. True if something was stopped."""
@@ -168,6 +180,16 @@ def _gone(pid: int, marker: str) -> bool:
 RUN_MARKER = "--- "  # a line of the log's own: where a run starts, or where it was stopped
 RUN_STARTED = "starting"
 RUN_STOPPED = "stopped on request"
+RUN_EXITED = "exited with status"  # then the status: 128 + the signal's number when killed
+
+# sh stays the process's parent and writes its exit status into its log when it ends: nobody
+# else can learn it once `maas stack up`, which started it, has exited. A process killed with
+# SIGKILL says nothing itself. $0 is the name, $1 the PID file, the rest the command line;
+# wait's own "Killed" note is dropped, the marker says it.
+_RECORD_EXIT = (
+    'pid_file=$1; shift; "$@" & echo $! > "$pid_file"; wait $! 2>/dev/null; status=$?; '
+    f'printf "\\n{RUN_MARKER}%s {RUN_EXITED} %s %s\\n" "$(date "+%F %T")" "$status" "$0"'
+)
 
 
 def run_marker(event: str, name: str) -> bytes:

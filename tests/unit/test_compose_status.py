@@ -1,15 +1,20 @@
 """`maas stack status` on replicas: each one listed with its own ports, the ports `up` chose kept
-for later calls, and a replica that stopped on its own named with the reason its log gives."""
+for later calls, and a replica that stopped on its own named with how it ended: its exit status
+or the signal that killed it, and the fatal line of its last moments, never an old one."""
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from infra.proc import RUN_STARTED, RUN_STOPPED, run_marker
-from infra.stack import LocalStack, last_error, start_plan
+from infra.proc import RUN_EXITED, RUN_STARTED, RUN_STOPPED, ManagedProcess, run_marker
+from infra.stack import LAST_LINES, LocalStack, start_plan, why_down
 from maas.cli import main
 from maas.config import Settings
 from maas.errors import FailedPrecondition
@@ -64,10 +69,10 @@ def refused_log(path: Path) -> str:
     return reason
 
 
-def test_last_error_is_the_message_of_the_last_error_line(tmp_path: Path) -> None:
+def test_the_reason_is_the_exception_that_ended_the_run(tmp_path: Path) -> None:
     reason = refused_log(tmp_path / "x.log")
-    assert last_error(tmp_path / "x.log") == reason
-    assert last_error(tmp_path / "missing.log") == ""
+    assert why_down(tmp_path / "x.log") == f"IdentityTaken: {reason}"
+    assert why_down(tmp_path / "missing.log") == ""
 
 
 def test_errors_of_an_earlier_run_or_before_a_requested_stop_are_no_reason(
@@ -77,11 +82,11 @@ def test_errors_of_an_earlier_run_or_before_a_requested_stop_are_no_reason(
     refused_log(log)
     with log.open("ab") as out:
         out.write(run_marker(RUN_STARTED, "x") + b"... INFO all is well\n")
-    assert last_error(log) == ""  # the error belongs to the run before
+    assert why_down(log) == ""  # the error belongs to the run before
     refused_log(log)
     with log.open("ab") as out:
-        out.write(run_marker(RUN_STOPPED, "x"))
-    assert last_error(log) == ""  # it was stopped, it did not fail
+        out.write(run_marker(RUN_STOPPED, "x") + exited(143))  # sh may write after `stop`
+    assert why_down(log) == ""  # it was stopped, it did not fail
 
 
 def test_status_names_a_replica_refused_for_a_held_member_id(
@@ -91,13 +96,76 @@ def test_status_names_a_replica_refused_for_a_held_member_id(
     stack.stack_dir.mkdir(parents=True, exist_ok=True)
     reason = refused_log(stack.stack_dir / "gradient-worker-1.log")
     rows = {row.name: row for row in stack.status()}
-    assert rows["gradient-worker-1"].why_down == reason
+    assert rows["gradient-worker-1"].why_down == f"IdentityTaken: {reason}"
     assert rows["gradient-worker"].why_down == ""
 
     monkeypatch.setenv("MAAS_STATE_DIR", str(tmp_path))
     assert main(["stack", "status"]) == 3
     out = capsys.readouterr().out
-    assert "gradient-worker-1 is down: member id 'w-1' is held by another process" in out
+    assert "gradient-worker-1 is down: IdentityTaken: member id 'w-1' is held by another" in out
+
+
+def exited(status: int) -> bytes:
+    """The line the exit recorder (infra.proc) writes when the process ends."""
+    return f"\n--- 2026-12-05 21:13:21 {RUN_EXITED} {status} x\n".encode()
+
+
+# What the registry's log held when `maas stack status` blamed a Kafka outage for its SIGKILL.
+KAFKA_OUTAGE = """\
+2026-12-05 21:00:29,976 ERROR aiokafka: Unable connect to node with id 1: [Errno 111] refused
+2026-12-05 21:00:29,976 ERROR aiokafka: Unable to update metadata from [1]
+2026-12-05 21:00:30,095 WARNING aiokafka.producer.sender: Got error produce response, retrying
+"""
+LATER = "2026-12-05 21:06:47,856 INFO services.model_registry.service: registered p7-long@11\n"
+
+
+def run_log(path: Path, output: str, *tail: bytes) -> Path:
+    path.write_bytes(run_marker(RUN_STARTED, "x") + output.encode() + b"".join(tail))
+    return path
+
+
+def test_a_process_killed_by_a_signal_is_said_to_be(tmp_path: Path) -> None:
+    marker = str(tmp_path / "marker")
+    proc = ManagedProcess("sleeper", tmp_path / "s.pid", tmp_path / "s.log", marker=marker)
+    pid = proc.start([sys.executable, "-c", "import time; time.sleep(60)", marker], cwd=tmp_path)
+    try:
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):  # until the exit recorder has written its line
+            if RUN_EXITED in proc.log_file.read_text():
+                break
+            time.sleep(0.05)
+        assert why_down(proc.log_file) == "killed by SIGKILL"
+    finally:
+        proc.stop(timeout_s=5)
+
+
+def test_an_old_kafka_outage_is_not_why_a_killed_process_is_down(tmp_path: Path) -> None:
+    log = run_log(tmp_path / "x.log", KAFKA_OUTAGE + LATER, exited(137))
+    assert why_down(log) == "killed by SIGKILL"
+
+
+def test_a_kafka_clients_lines_are_never_the_reason(tmp_path: Path) -> None:
+    assert why_down(run_log(tmp_path / "x.log", KAFKA_OUTAGE)) == ""
+
+
+def test_an_error_line_is_the_reason_only_from_the_last_moments(tmp_path: Path) -> None:
+    error = "2026-12-05 21:06:40,000 ERROR maas.bus: S3 unreachable\n"
+    assert why_down(run_log(tmp_path / "x.log", error + LATER, exited(1))) == (
+        "exited with status 1"  # 7 s before its last line: it lived on after it
+    )
+    late = error.replace("21:06:40", "21:06:45")
+    assert why_down(run_log(tmp_path / "x.log", late + LATER, exited(1))) == (
+        "exited with status 1: S3 unreachable"
+    )
+
+
+def test_a_traceback_is_the_reason_only_among_the_last_lines(tmp_path: Path) -> None:
+    crash = "Traceback (most recent call last):\n  File 'x.py'\n    f()\nValueError: bad\n"
+    assert why_down(run_log(tmp_path / "x.log", crash, exited(1))) == (
+        "exited with status 1: ValueError: bad"
+    )
+    lived_on = crash + LATER * LAST_LINES
+    assert why_down(run_log(tmp_path / "x.log", lived_on, exited(1))) == "exited with status 1"
 
 
 def test_a_service_starts_once_what_it_depends_on_is_ready(tmp_path: Path) -> None:

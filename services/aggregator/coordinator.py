@@ -17,9 +17,12 @@ It is the only consumer of training jobs (group ``maas-training``) and the only 
    says ``running``. Members that go silent lose their part; free ones fill vacant ranks; a
    partition whose shard is gone moves to a live one. Every change is in the job's status.
 3. **Monitor**: poll the partitions' checkpoint pointers; when every one is final, finish. A job
-   whose shards show no progress for ``MAAS_JOB_STALL_TIMEOUT_MS`` fails (no workers?). A job
+   whose shards show no progress for ``MAAS_JOB_STALL_TIMEOUT_MS`` fails (no workers?): the wait
+   is counted from the last progress seen, through any S3 or registry outage the monitor waits
+   out meanwhile (``StallClock``). While it waits one out, the job's status says so. A job
    ends early, at the next poll, when a worker reports a step it cannot compute (``failed`` with
-   its error) or a ``cancel`` job event names it (``cancelled``; a queued job at once).
+   its error), an assignment this coordinator did not write takes its members (``failed``,
+   naming it), or a ``cancel`` job event names it (``cancelled``; a queued job at once).
 4. **Finish** (``finish.JobFinisher``): assemble the final parameters from the shards' final
    checkpoints, evaluate on the held-out split, register (lineage: job id, and the base for a
    finetune; metrics accuracy, loss, samples/s; alias if asked); then write ``result.json``,
@@ -35,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -90,6 +94,25 @@ def ends_the_job(error: MaasError) -> bool:
 
 
 RETRY_S = 2.0
+WAITING_NOTE_MS = 30_000  # at most one "waiting for ..." status per job this often
+
+
+@dataclass
+class StallClock:
+    """When a running job last made progress. It lives as long as the job's monitor, not one
+    attempt of its poll loop: an S3 or registry error restarts the poll after RETRY_S, and a
+    clock started again with each attempt never reached the stall timeout when anything
+    failed now and then (a job orphaned before a 15 s S3 outage stayed running for good)."""
+
+    changed_ms: int
+    seen: tuple[int, ...] | None = None
+
+    def stalled_for(self, versions: tuple[int, ...], progress_ms: int, now_ms: int) -> int:
+        """How long (ms) the job has made no progress, given the partitions' checkpoint
+        versions and when a shard's status last showed its step move on."""
+        if versions != self.seen or progress_ms > self.changed_ms:
+            self.seen, self.changed_ms = versions, now_ms
+        return now_ms - self.changed_ms
 
 
 class Coordinator:
@@ -305,6 +328,7 @@ class Coordinator:
                 event = record.event
                 if event.get("service") != COORDINATOR_SERVICE:
                     self._shard_reported(event)
+                    self._pool.worker_report(event)
 
     def _shard_reported(self, event: Mapping[str, Any]) -> None:
         """A shard's status is progress when its step moved on: a shard whose job has lost
@@ -324,6 +348,8 @@ class Coordinator:
             "error": {"code": FailedPrecondition.reason_code, "message": why},
         }
         self._endings.setdefault(job_id, failed)
+        if job_id in self._pool.pool.queue:
+            self._monitor(job_id)  # a queued job has no monitor yet to take the ending
 
     async def _cancel(self, job_id: str) -> None:
         if not await self._store.has_plan(job_id) or await self._store.read_result(job_id):
@@ -345,9 +371,11 @@ class Coordinator:
             self._monitors[job_id] = asyncio.create_task(self._follow(job_id), name=job_id)
 
     async def _follow(self, job_id: str) -> None:
+        clock = StallClock(events.now_ms())
+        noted_ms: int | None = None
         while True:
             try:
-                await self._follow_until_done(job_id)
+                await self._follow_until_done(job_id, clock)
                 return
             except asyncio.CancelledError:
                 raise
@@ -356,20 +384,31 @@ class Coordinator:
                     await self._fail(job_id, exc)
                     return
                 log.warning("job %s: %s; retrying", job_id, exc.message)
+                now = events.now_ms()
+                if noted_ms is None or now - noted_ms >= WAITING_NOTE_MS:
+                    noted_ms = now
+                    await self._note_waiting(job_id, exc)
                 await asyncio.sleep(RETRY_S)
             except Exception as exc:
                 log.exception("job %s: finishing failed", job_id)
                 await self._fail(job_id, MaasError(f"{type(exc).__name__}: {exc}"))
                 return
 
-    async def _follow_until_done(self, job_id: str) -> None:
+    async def _note_waiting(self, job_id: str, exc: MaasError) -> None:
+        """Say in the job's status what it waits for (S3, the model registry), rather than sit
+        silently at its last step; it is only news, so one that cannot be sent is dropped."""
+        reason = f"waiting: {exc.message}; retrying"
+        try:
+            await self._send_status(job_id, "running", reason=reason)
+        except MaasError as error:
+            log.warning("job %s: status not sent (%s)", job_id, error.message)
+
+    async def _follow_until_done(self, job_id: str, clock: StallClock) -> None:
         result = await self._store.read_result(job_id)
         if result is not None:  # finished before a restart; only the last steps are left
             await self._announce(job_id, result)
             return
         plan = await self._store.read_plan(job_id)
-        seen: tuple[int, ...] = ()
-        changed_ms = events.now_ms()
         while True:
             pointers = [await self._store.pointer(job_id, s) for s in range(plan.shards)]
             if all(p is not None and p.final for p in pointers):
@@ -381,10 +420,10 @@ class Coordinator:
                 await self._announce(job_id, ending)
                 return
             versions = tuple(p.version if p else -1 for p in pointers)
-            now = events.now_ms()
-            if versions != seen or self._progress_ms.get(job_id, 0) > changed_ms:
-                seen, changed_ms = versions, now
-            if now - changed_ms > self.settings.job_stall_timeout_ms:
+            progress_ms = self._progress_ms.get(job_id, 0)
+            if clock.stalled_for(versions, progress_ms, events.now_ms()) > (
+                self.settings.job_stall_timeout_ms
+            ):
                 raise JobStalled(
                     f"no progress for {self.settings.job_stall_timeout_ms} ms (shard versions "
                     f"{list(versions)}); are gradient workers and aggregator shards running? "
@@ -413,14 +452,27 @@ class Coordinator:
         )
 
     async def _fail(self, job_id: str, error: MaasError) -> None:
+        """Record and announce the failure, retrying while S3 or Kafka is away: a failure not
+        recorded would leave the job running for good, its workers counted busy."""
         result = {"state": "failed", "error": {"code": error.reason_code, "message": error.message}}
-        try:
-            await self._store.write_result(job_id, result)
-            await self._announce(job_id, result)
-        except MaasError as exc:
-            log.error(
-                "job %s failed (%s) and even that could not be recorded: %s",
-                job_id,
-                error.message,
-                exc.message,
-            )
+        while True:
+            try:
+                await self._store.write_result(job_id, result)
+                await self._announce(job_id, result)
+                return
+            except MaasError as exc:
+                if not exc.retriable:
+                    log.error(
+                        "job %s failed (%s) and even that could not be recorded: %s",
+                        job_id,
+                        error.message,
+                        exc.message,
+                    )
+                    return
+                log.warning(
+                    "job %s failed (%s); recording it: %s; retrying",
+                    job_id,
+                    error.message,
+                    exc.message,
+                )
+                await asyncio.sleep(RETRY_S)

@@ -6,13 +6,17 @@ topic's one consumer group, so malformed records are dead-lettered there, once),
 assignment to S3 (members that start later read it there), then to the control topic (running
 members act on it), then the job's status (``queued`` with the reason, or ``running`` with the
 assignment and what changed).
+
+It also listens for what only it may write: an assignment or release of one of its jobs that it
+did not publish ends that job (``foreign_assignment``), and workers' reports of a shard they
+cannot reach (``worker_report``) let the pool move that shard's partitions.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from maas import events, topics
@@ -30,7 +34,7 @@ from maas.training.control import (
     member_name,
 )
 from maas.training.plan import JobPlan
-from maas.training.pool import Change, Pool, Want
+from maas.training.pool import Assignment, Change, Pool, Want
 from maas.training.storage import TrainingStore
 
 log = logging.getLogger(__name__)
@@ -44,6 +48,21 @@ COORDINATOR = "coordinator"  # the member kind of the coordinator's own heartbea
 def want_of(plan: JobPlan) -> Want:
     t = plan.training
     return Want(plan.job_id, t.workers, t.shards, t.min_workers or t.workers)
+
+
+def foreign_assignment(state: str, heard: Assignment) -> str:
+    """Why a job ends when a record of it on the control topic was not this coordinator's."""
+    workers = ", ".join(m for _, m in sorted(heard.workers.items())) or "none"
+    shards = ", ".join(
+        f"{m} at {heard.addresses.get(p, '')}" for p, m in sorted(heard.shards.items())
+    )
+    what = "a release" if state == RELEASED else "an assignment"
+    return (
+        f"{what} this coordinator did not write (epoch {heard.epoch}; workers {workers}; shards "
+        f"{shards or 'none'}) took the job's members; is another process writing "
+        f"{topics.TRAINING_CONTROL.name}? Only the training coordinator may write assignments "
+        "there (Kafka ACLs: docs/OPERATIONS.md, 'Who may write the control topic')"
+    )
 
 
 class PoolScheduler:
@@ -62,7 +81,7 @@ class PoolScheduler:
         self._producer = producer
         self._store = store
         self._on_started = on_started
-        self._on_member_failed = on_member_failed  # (job_id, why)
+        self._on_member_failed = on_member_failed  # (job_id, why): the job ends failed
         self._control = EventConsumer(
             settings,
             topics=[topics.TRAINING_CONTROL],
@@ -106,11 +125,33 @@ class PoolScheduler:
 
     # --- the control topic ----------------------------------------------------------------------
 
+    def worker_report(self, event: Mapping[str, Any]) -> None:
+        """A job status from a gradient worker: one with ``unreachable`` says it has had nothing
+        from a partition's shard for a heartbeat timeout (the pool moves the partition once
+        every rank says so). A report that is not well formed is ignored: it is advice."""
+        report = event.get("unreachable")
+        if not isinstance(report, Mapping):
+            return
+        try:
+            self.pool.unreached(
+                str(event["job_id"]),
+                int(report["partition"]),
+                str(report["member"]),
+                str(report["address"]),
+                int(report["rank"]),
+                events.now_ms(),
+            )
+        except (KeyError, TypeError, ValueError):
+            return
+
     async def _heard(self, record: Record) -> None:
         event = record.event
         self.pool.control_record(events.now_ms())
-        if event["schema"] != events.MEMBER or event["kind"] == COORDINATOR:
-            return  # our own assignments and heartbeats: they only say the topic flows
+        if event["schema"] == events.ASSIGNMENT:
+            self._assignment_heard(event)
+            return
+        if event["kind"] == COORDINATOR:
+            return  # our own heartbeats: they only say the topic flows
         member = event["member_id"]
         if event["state"] == "down":
             self.pool.left(member)
@@ -121,6 +162,32 @@ class PoolScheduler:
             log.info("pool: %s %s joined %s", event["kind"], member, event.get("address", ""))
         if "failed_job" in event:
             self._member_failed(member, event["failed_job"])
+
+    def _assignment_heard(self, event: Mapping[str, Any]) -> None:
+        """This coordinator is the only writer of assignments, and members obey the newest epoch
+        they see: one of our jobs' records that is not ours took (or ended) the job on its
+        members. Ours read back are the job's current assignment or an older epoch of it (one
+        published before a later change, or before a restart); a release of a job still
+        running, or anything for a queued job, is never ours.
+
+        The job then fails, naming the record, and its members are released. Re-publishing our
+        assignment above the foreign epoch would win one forged record back, but with a second
+        coordinator (the likely writer) the two would outbid each other for ever, the members
+        would keep dropping and reloading the job meanwhile, and a forged epoch near the top
+        of the range cannot be outbid at all. Failing is bounded and says what happened."""
+        job_id = str(event["job_id"])
+        ours = self.pool.running.get(job_id)
+        if ours is None and job_id not in self.pool.queue:
+            return  # a job that is not (or no longer) ours to run: our own late records
+        heard = Assignment.from_json(event)
+        read_back = (
+            ours is not None
+            and event["state"] == ASSIGNED
+            and (heard.epoch < ours.epoch or heard.to_json() == ours.to_json())
+        )
+        if read_back:
+            return
+        self._on_member_failed(job_id, foreign_assignment(str(event["state"]), heard))
 
     def _member_failed(self, member: str, failed: dict[str, str]) -> None:
         job_id = failed["job_id"]

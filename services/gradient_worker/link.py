@@ -7,16 +7,23 @@ exactly (its core drops what it already has). Parameters come in piece by piece 
 job whole. The link asks for the partition's address (the job's newest assignment) at every dial
 and dials again, with backoff, whenever the stream breaks: either side may have restarted, or the
 partition may have moved to another shard.
+
+A shard the link gets nothing from for ``MAAS_WORKER_HEARTBEAT_TIMEOUT_MS`` (every dial refused or
+ended before a reply, at one address) is reported through ``on_unreachable``, then again every
+timeout while it lasts: a member that heartbeats ``up`` with an address nobody can dial would
+otherwise hold the job at its step, silently, until the stall timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import grpc
 
+from maas import events
 from maas.config import Settings
 from maas.errors import MaasError
 from maas.training.broadcast import ParamsAssembler, ShardParams, read_shard_message
@@ -28,6 +35,19 @@ log = logging.getLogger(__name__)
 
 RETRY_S = 0.2
 MAX_RETRY_S = 2.0
+ERROR_CHARS = 500  # of a stream's error, in a report
+
+# (partition, address, what failed): the shard at that address sent nothing for a timeout
+Unreachable = Callable[[int, str, str], Awaitable[None]]
+
+
+@dataclass
+class Failing:
+    """Since when every dial of one address failed, and when that was last reported."""
+
+    address: str
+    since_ms: int
+    reported_ms: int | None = None
 
 
 class ShardLink:
@@ -42,6 +62,7 @@ class ShardLink:
         settings: Settings,
         address: Callable[[int], str],
         on_params: Callable[[int, ShardParams], None],
+        on_unreachable: Unreachable | None = None,
     ) -> None:
         self.job_id = job_id
         self.worker = worker
@@ -55,6 +76,9 @@ class ShardLink:
         self._retained: list[OutgoingPush] = []
         self._durable = -1
         self._outbox: asyncio.Queue[bytes] | None = None
+        self._on_unreachable = on_unreachable
+        self._dialled = ""  # the address of the newest dial
+        self._failing: Failing | None = None
 
     def push(self, push: OutgoingPush) -> None:
         """Send ``push`` now if connected, and keep it until a checkpoint covers its version."""
@@ -69,9 +93,12 @@ class ShardLink:
     async def run(self) -> None:
         delay = RETRY_S
         while not self.over:
+            failure = ""
             try:
                 if await self._exchange():
                     delay = RETRY_S
+                else:
+                    failure = "the stream ended before the shard sent anything"
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.info("job %s is over on shard %d", self.job_id, self.shard)
@@ -84,14 +111,40 @@ class ShardLink:
                     exc.code().name,
                     exc.details(),
                 )
+                failure = f"{exc.code().name}: {exc.details()}"
             except MaasError as exc:  # no shard assigned yet, bad reply
                 log.info("job %s, shard %d: %s; trying again", self.job_id, self.shard, exc)
+            if failure and self._failing is not None:
+                await self._failed(self._failing, failure)
             await asyncio.sleep(delay)
             delay = min(MAX_RETRY_S, delay * 2)
+
+    async def _failed(self, failing: Failing, failure: str) -> None:
+        """A dial of ``failing.address`` got nothing: report it once it has lasted a timeout,
+        and then once more per timeout."""
+        now, every = events.now_ms(), self._settings.worker_heartbeat_timeout_ms
+        if now - failing.since_ms < every:
+            return
+        if failing.reported_ms is not None and now - failing.reported_ms < every:
+            return
+        failing.reported_ms = now
+        what = f"nothing from it for {now - failing.since_ms} ms; last: {failure[:ERROR_CHARS]}"
+        log.warning(
+            "job %s: the shard of partition %d at %s is unreachable (%s)",
+            self.job_id,
+            self.shard,
+            failing.address,
+            what,
+        )
+        if self._on_unreachable is not None:
+            await self._on_unreachable(self.shard, failing.address, what)
 
     async def _exchange(self) -> bool:
         """One stream, until it ends; True if it got any reply."""
         address = self._address(self.shard)
+        if self._failing is None or self._failing.address != address:
+            # Failures count per address: a partition that moved starts with a clean slate.
+            self._failing = Failing(address, events.now_ms())
         outbox: asyncio.Queue[bytes] = asyncio.Queue()
         for push in self._retained:
             outbox.put_nowait(push.frame)
@@ -102,7 +155,9 @@ class ShardLink:
             writer = asyncio.create_task(self._write(call, outbox))
             try:
                 while (reply := await call.read()) is not grpc.aio.EOF:
-                    got = True
+                    if not got:
+                        got = True
+                        self._failing = None  # it answers: whatever failed before is over
                     self.receive(reply)
             finally:
                 self._outbox = None

@@ -8,7 +8,9 @@ ones S3 holds for active jobs) gives it a rank in a job, it joins: loads the sta
 the rank's shard of the data, and opens one stream per partition to the shard the assignment
 names (``ShardLink``); each shard answers with its current parameters, so a worker that joins
 mid-job computes from the job's current version. An assignment that no longer names it, or the
-job's release, makes it leave.
+job's release, makes it leave. A shard it gets nothing from for a heartbeat timeout is reported
+in the job's status (``unreachable``: the reason for people, the partition, shard and address
+for the coordinator, which moves the partition once every rank of the job reported it).
 
 One job step at a time: forward/backward runs on a worker thread while the event loop keeps
 streaming; every gradient piece is handed to the loop the moment backward produced it
@@ -26,9 +28,10 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from safetensors.torch import load as load_safetensors
 
-from maas import datasets
+from maas import datasets, topics
 from maas.config import Settings
 from maas.errors import MaasError, NotFound, Unavailable
+from maas.jobs import status_event
 from maas.liveness import Liveness
 from maas.training.broadcast import ShardParams
 from maas.training.control import RELEASED, PoolMember
@@ -36,7 +39,7 @@ from maas.training.pool import WORKER, Assignment
 from maas.training.prepare import load_dataset
 from maas.training.protocol import OutgoingPush
 from maas.training.worker import WorkerJob
-from services.gradient_worker.link import ShardLink
+from services.gradient_worker.link import ShardLink, Unreachable
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +182,7 @@ class WorkerService:
                 settings=self.settings,
                 address=running.address,
                 on_params=self._receiver(job),
+                on_unreachable=self._unreachable_reporter(job_id, rank),
             )
             for part in plan.partitions
         ]
@@ -201,6 +205,31 @@ class WorkerService:
                 self._wake.set()
 
         return receive
+
+    def _unreachable_reporter(self, job_id: str, rank: int) -> Unreachable:
+        async def report(partition: int, address: str, what: str) -> None:
+            running = self.jobs.get(job_id)
+            if running is None or running.rank != rank:
+                return  # left the job (or the rank) meanwhile
+            shard = running.assignment.shards.get(partition, "")
+            reason = (
+                f"gradient worker {self.member_id} (rank {rank}) cannot reach the shard of "
+                f"partition {partition} ({shard or 'unassigned'}) at {address}: {what}"
+            )
+            unreachable = {"partition": partition, "member": shard, "address": address}
+            event = status_event(
+                job_id,
+                "running",
+                service=self.name,
+                reason=reason,
+                unreachable={**unreachable, "rank": rank},
+            )
+            try:
+                await self._pool.producer.send(topics.JOB_STATUS, event, key=job_id)
+            except MaasError as exc:  # the link reports again after another timeout
+                log.warning("job %s: status not sent (%s)", job_id, exc.message)
+
+        return report
 
     async def _leave(self, job_id: str, why: str) -> None:
         running = self.jobs.pop(job_id)

@@ -1,5 +1,7 @@
 """A worker that cannot compute a step says why in a heartbeat; the coordinator's pool scheduler
-hands the reason on for the job that worker has a rank in, and ignores it otherwise."""
+hands the reason on for the job that worker has a rank in, and ignores it otherwise. The same
+way it ends a job that a control-topic record it did not write took over, and hands workers'
+reports of a shard they cannot reach to the pool."""
 
 from __future__ import annotations
 
@@ -9,8 +11,16 @@ from maas import events, topics
 from maas.bus import EventProducer, Record
 from maas.config import Settings
 from maas.errors import Unavailable
-from maas.training.control import FAILURE_MESSAGE_CHARS, Heartbeat, Identity, member_event
-from maas.training.pool import Assignment
+from maas.training.control import (
+    ASSIGNED,
+    FAILURE_MESSAGE_CHARS,
+    RELEASED,
+    Heartbeat,
+    Identity,
+    assignment_event,
+    member_event,
+)
+from maas.training.pool import Assignment, Want
 from services.aggregator.scheduler import PoolScheduler
 
 WORKER = Identity("w-7", "worker")
@@ -94,3 +104,64 @@ async def test_a_failure_report_lost_to_a_broker_outage_rides_the_next_heartbeat
     first, second = producer.sent
     assert first["failed_job"] == {"job_id": "job-1", "message": "MemoryError"}
     assert "failed_job" not in second
+
+
+def assignment_record(assignment: Assignment, state: str = ASSIGNED) -> Record:
+    return Record(
+        topics.TRAINING_CONTROL.name, 0, 0, assignment.job_id, assignment_event(assignment, state)
+    )
+
+
+async def test_an_assignment_the_coordinator_did_not_write_fails_the_job_naming_it() -> None:
+    failures: list[tuple[str, str]] = []
+    pool = scheduler(failures)
+    forged = Assignment("job-1", 999, {0: "ghost-w"}, {0: "ghost-s"}, {0: "127.0.0.1:1"})
+    await pool._heard(assignment_record(forged))
+    ((job_id, why),) = failures
+    assert job_id == "job-1"
+    assert "an assignment this coordinator did not write (epoch 999; workers ghost-w" in why
+    assert "ghost-s at 127.0.0.1:1" in why
+    assert "is another process writing maas.training-control.v1?" in why
+
+
+async def test_the_coordinators_own_assignments_read_back_are_not_foreign() -> None:
+    failures: list[tuple[str, str]] = []
+    pool = scheduler(failures)
+    current = pool.pool.running["job-1"]
+    older = Assignment("job-1", 0, {0: "w-1"}, {0: "s-0"}, {0: "h:1"})  # before a later change
+    over = Assignment("job-over", 5, {}, {}, {})  # a job no longer running: a late record
+    for record in (current, older, over):
+        await pool._heard(assignment_record(record))
+    await pool._heard(assignment_record(over, RELEASED))
+    assert failures == []
+
+
+async def test_a_foreign_release_same_epoch_twin_or_record_of_a_queued_job_ends_it() -> None:
+    failures: list[tuple[str, str]] = []
+    pool = scheduler(failures)
+    current = pool.pool.running["job-1"]
+    twin = Assignment("job-1", current.epoch, {0: "w-3"}, {0: "s-1"}, {0: "elsewhere:1"})
+    await pool._heard(assignment_record(twin))
+    await pool._heard(assignment_record(current, RELEASED))
+    pool.pool.submit(Want("job-q", workers=1, shards=1, min_workers=1))
+    await pool._heard(assignment_record(Assignment("job-q", 1, {0: "w-3"}, {}, {})))
+    assert [job_id for job_id, _ in failures] == ["job-1", "job-1", "job-q"]
+    assert failures[1][1].startswith("a release this coordinator did not write (epoch 1;")
+
+
+def test_a_workers_unreachable_report_is_handed_to_the_pool_and_bad_ones_are_ignored() -> None:
+    pool = scheduler([])
+    pool.pool.resume(pool.pool.running["job-1"], Want("job-1", workers=2, shards=1, min_workers=1))
+    pool.pool.running["job-1"].addresses[0] = "127.0.0.1:1"
+    report = {"partition": 0, "member": "s-1", "address": "127.0.0.1:1"}
+    for rank in (0, 1):
+        pool.worker_report({"job_id": "job-1", "unreachable": {**report, "rank": rank}})
+    pool.worker_report({"job_id": "job-1", "unreachable": {"partition": "x"}})
+    pool.worker_report({"job_id": "job-1", "unreachable": "s-1"})
+    pool.pool.heard("s-1", "shard", "127.0.0.1:1", now_ms=events.now_ms())
+    pool.pool.heard("s-2", "shard", "10.0.0.2:7070", now_ms=events.now_ms())
+    for member in ("w-3", "w-7"):
+        pool.pool.heard(member, "worker", "", now_ms=events.now_ms())
+    (change,) = pool.pool.schedule()
+    assert change.assignment is not None and change.assignment.shards == {0: "s-2"}
+    assert "no worker of the job could reach it at 127.0.0.1:1" in change.reason

@@ -151,3 +151,53 @@ def test_after_a_silent_topic_every_member_gets_a_fresh_timeout() -> None:
     pool.heard("w0", WORKER, "", now_ms=30_900)
     pool.control_record(31_200)
     assert sorted(m.member_id for m in pool.expire(now_ms=31_200)) == ["s0", "w1"]
+
+
+def ghost_and_real_shard() -> tuple[Pool, Assignment]:
+    """A job whose one partition went to ``s0`` (a member that says up but serves nothing)."""
+    pool = pool_with(2, shards=2)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=2))
+    a = started(pool, "a")
+    assert a.shards == {0: "s0"}
+    return pool, a
+
+
+def test_a_partition_that_no_worker_can_reach_moves_and_its_shard_gets_no_more() -> None:
+    pool, _ = ghost_and_real_shard()
+    pool.unreached("a", 0, "s0", "10.0.0.0:7070", rank=0, now_ms=100)
+    assert pool.schedule() == []  # one worker alone may be the one with the problem
+    pool.unreached("a", 0, "s0", "10.0.0.0:7070", rank=1, now_ms=200)
+    (change,) = pool.schedule()
+    assert change.assignment is not None and change.assignment.shards == {0: "s1"}
+    assert "partition 0 moved from shard s0 to s1" in change.reason
+    assert "no worker of the job could reach it at 10.0.0.0:7070" in change.reason
+    pool.submit(Want("b", workers=1, shards=1, min_workers=1))
+    pool.heard("w5", WORKER, "", now_ms=300)
+    assert started(pool, "b").shards == {0: "s1"}  # s1 carries two, s0 still none
+    pool.heard("s0", SHARD, "10.0.0.9:7070", now_ms=400)  # back somewhere workers may reach
+    assert "s0" in pool.usable_shards()
+
+
+def test_reports_far_apart_or_about_an_older_assignment_move_nothing() -> None:
+    pool, a = ghost_and_real_shard()
+    pool.unreached("a", 0, "s0", "10.0.0.0:7070", rank=0, now_ms=0)
+    pool.unreached("a", 0, "s0", "10.0.0.0:7070", rank=1, now_ms=2 * TIMEOUT + 1)
+    assert pool.schedule() == []  # rank 0 said it long ago: it may reach s0 by now
+    pool.unreached("a", 0, "s0", "10.0.0.8:7070", rank=0, now_ms=2 * TIMEOUT + 2)
+    pool.unreached("a", 0, "s9", "10.0.0.0:7070", rank=0, now_ms=2 * TIMEOUT + 3)
+    assert pool.schedule() == []  # neither is the partition's current shard and address
+    assert a.shards == {0: "s0"}
+
+
+def test_with_no_other_shard_an_unreachable_one_keeps_its_partition_and_says_so() -> None:
+    pool = pool_with(2, shards=1)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=2))
+    started(pool, "a")
+    for rank in (0, 1):
+        pool.unreached("a", 0, "s0", "10.0.0.0:7070", rank=rank, now_ms=10)
+    assert pool.schedule() == []  # nowhere to move it: it waits
+    pool.heard("w7", WORKER, "", now_ms=20)
+    pool.submit(Want("b", workers=1, shards=1, min_workers=1))
+    (change,) = pool.schedule()
+    assert change.kind == "queued"
+    assert "unreachable: s0 at 10.0.0.0:7070" in change.reason

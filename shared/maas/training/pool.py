@@ -18,7 +18,11 @@ as there are, up to ``workers``) and each partition the least-loaded live shard.
   data shard is the rank's, so the job's data split never changes);
 - a partition whose shard went silent moves to another live shard, which resumes it from the
   partition's last checkpoint; one whose shard came back at another address (a restart within
-  the timeout) gets the new address.
+  the timeout) gets the new address;
+- a partition whose shard still says ``up`` but that no worker of the job can reach (every rank
+  reported it, ``unreached``) moves too, and that shard gets no partition while it keeps that
+  address: a heartbeat alone does not prove a data plane (a ghost member, a wrong advertised
+  address).
 
 Each change bumps the job's ``epoch``; members act on the newest epoch they saw.
 """
@@ -120,8 +124,12 @@ class Pool:
     running: dict[str, Assignment] = field(default_factory=dict)
     queue: dict[str, Want] = field(default_factory=dict)  # insertion order = arrival order
     control_ms: int = 0  # when the last record of any kind came from the control topic
+    # Shards no worker could reach, with the address they could not be reached at.
+    unreachable: dict[str, str] = field(default_factory=dict)
     _wants: dict[str, Want] = field(default_factory=dict)
     _queued_reason: dict[str, str] = field(default_factory=dict)
+    # (job, partition) -> rank -> when that rank's worker last said it cannot reach the shard
+    _unreached: dict[tuple[str, int], dict[int, int]] = field(default_factory=dict)
 
     # --- membership -------------------------------------------------------------------------
 
@@ -146,10 +154,13 @@ class Pool:
             raise InvalidArgument(f"member kind {kind!r} is unknown; use one of {KINDS}")
         known = self.members.get(member_id)
         self.members[member_id] = Member(member_id, kind, address, now_ms)
+        if self.unreachable.get(member_id, address) != address:
+            del self.unreachable[member_id]  # a new address may be reachable: try it again
         return known is None
 
     def left(self, member_id: str) -> None:
         self.members.pop(member_id, None)
+        self.unreachable.pop(member_id, None)
 
     def expire(self, now_ms: int) -> list[Member]:
         """Forget members silent for the timeout; the ones forgotten. While the control topic
@@ -159,10 +170,39 @@ class Pool:
         gone = [m for m in self.members.values() if now_ms - m.seen_ms > self.timeout_ms]
         for member in gone:
             del self.members[member.member_id]
+            self.unreachable.pop(member.member_id, None)
         return gone
 
     def alive(self, kind: str) -> list[str]:
         return sorted(m.member_id for m in self.members.values() if m.kind == kind)
+
+    def usable_shards(self) -> list[str]:
+        """Live shards, less those no worker could reach at the address they still give."""
+        return [m for m in self.alive(SHARD) if self.unreachable.get(m) != self.members[m].address]
+
+    def unreached(
+        self, job_id: str, partition: int, shard: str, address: str, rank: int, now_ms: int
+    ) -> None:
+        """The worker of ``rank`` cannot reach ``shard`` at ``address`` for ``partition``. Only
+        a report about the job's current assignment counts (one about a partition that has
+        moved since is late, not news)."""
+        a = self.running.get(job_id)
+        if a is None or rank not in a.workers:
+            return
+        if a.shards.get(partition) != shard or a.addresses.get(partition) != address:
+            return
+        self._unreached.setdefault((job_id, partition), {})[rank] = now_ms
+
+    def _nobody_reaches(self, a: Assignment, partition: int) -> bool:
+        """Whether every rank of the job reported the partition's shard unreachable, within
+        two timeouts of each other (workers repeat the report every timeout while it lasts; one
+        worker's old report does not add up with another's new one). One worker that cannot
+        reach a shard others reach is that worker's problem, not the shard's."""
+        reports = self._unreached.get((a.job_id, partition), {})
+        if not a.workers or not set(a.workers) <= reports.keys():
+            return False
+        times = [reports[rank] for rank in a.workers]
+        return max(times) - min(times) <= 2 * self.timeout_ms
 
     def free_workers(self) -> list[str]:
         busy = {m for a in self.running.values() for m in a.workers.values()}
@@ -185,6 +225,8 @@ class Pool:
         self.queue.pop(job_id, None)
         self._wants.pop(job_id, None)
         self._queued_reason.pop(job_id, None)
+        for key in [k for k in self._unreached if k[0] == job_id]:
+            del self._unreached[key]
         return self.running.pop(job_id, None)
 
     def schedule(self) -> list[Change]:
@@ -209,26 +251,38 @@ class Pool:
             if rank not in a.workers and free:
                 a.workers[rank] = free.pop(0)
                 notes.append(f"worker {a.workers[rank]} joined as rank {rank}")
-        for part, member in sorted(a.shards.items()):
-            if member in self.members:
-                address = self.members[member].address
-                if a.addresses.get(part) != address:  # restarted within the timeout
-                    a.addresses[part] = address
-                    notes.append(f"partition {part}: shard {member} now serves at {address}")
-                continue
-            target = self._least_loaded_shard()
-            if target is None:
-                continue  # no shard alive: the partition waits, workers keep their pushes
-            a.shards[part], a.addresses[part] = target.member_id, target.address
-            notes.append(f"partition {part} moved from shard {member} to {target.member_id}")
+        for part in sorted(a.shards):
+            if note := self._repair_partition(a, part):
+                notes.append(note)
         if not notes:
             return None
         a.epoch += 1
         return Change(job_id, "moved", "; ".join(notes), a)
 
+    def _repair_partition(self, a: Assignment, part: int) -> str | None:
+        member = a.shards[part]
+        why = ""
+        if member in self.members:
+            address = self.members[member].address
+            if self._nobody_reaches(a, part):
+                self.unreachable[member] = a.addresses.get(part, "")
+                why = f" (no worker of the job could reach it at {self.unreachable[member]})"
+            elif a.addresses.get(part) != address:  # restarted within the timeout
+                a.addresses[part] = address
+                self._unreached.pop((a.job_id, part), None)
+                return f"partition {part}: shard {member} now serves at {address}"
+            else:
+                return None
+        target = self._least_loaded_shard()
+        if target is None:
+            return None  # no shard to move to: the partition waits, workers keep their pushes
+        a.shards[part], a.addresses[part] = target.member_id, target.address
+        self._unreached.pop((a.job_id, part), None)
+        return f"partition {part} moved from shard {member} to {target.member_id}{why}"
+
     def _place(self, want: Want) -> Change | None:
         free = self.free_workers()
-        shards = self.alive(SHARD)
+        shards = self.usable_shards()
         reason = ""
         if len(free) < want.min_workers:
             reason = (
@@ -237,6 +291,8 @@ class Pool:
             )
         elif not shards:
             reason = "waiting for an aggregator shard; none is alive"
+            if self.unreachable:
+                reason += f" that workers can reach (unreachable: {self._unreachable_list()})"
         if reason:
             if self._queued_reason.get(want.job_id) == reason:
                 return None  # said already
@@ -253,8 +309,11 @@ class Pool:
         self._queued_reason.pop(want.job_id, None)
         return Change(want.job_id, "started", f"{len(workers)} of {want.workers} workers", a)
 
+    def _unreachable_list(self) -> str:
+        return ", ".join(f"{m} at {addr}" for m, addr in sorted(self.unreachable.items()))
+
     def _least_loaded_shard(self) -> Member | None:
-        load = {m: 0 for m in self.alive(SHARD)}
+        load = {m: 0 for m in self.usable_shards()}
         for a in self.running.values():
             for member in a.shards.values():
                 if member in load:

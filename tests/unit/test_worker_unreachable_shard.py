@@ -1,0 +1,103 @@
+"""A shard that says ``up`` but that its job's workers cannot reach (a ghost member, a wrong
+address): each worker's link reports it once it has lasted a heartbeat timeout, and again every
+timeout (time passed in); the worker puts it in the job's status, which the coordinator's pool
+scheduler reads to move the partition once every rank reported it."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from maas import events
+from maas.config import Settings
+from maas.training.pool import SHARD, WORKER, Assignment, Want
+from services.aggregator.scheduler import PoolScheduler
+from services.gradient_worker import link as link_module
+from services.gradient_worker.link import ShardLink
+from services.gradient_worker.service import WorkerService
+
+TIMEOUT_MS = 10_000
+TICK_MS = 4_000  # how far the fake clock moves each time it is read
+NOBODY = "127.0.0.1:1"  # nothing listens there: every dial is refused
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0]
+
+    def tick() -> int:
+        now[0] += TICK_MS
+        return now[0]
+
+    monkeypatch.setattr(events, "now_ms", tick)
+    monkeypatch.setattr(link_module, "RETRY_S", 0.001)
+    monkeypatch.setattr(link_module, "MAX_RETRY_S", 0.001)
+
+
+async def test_a_link_reports_a_shard_it_never_reached_once_per_timeout(clock: None) -> None:
+    reports: list[tuple[int, str, str]] = []
+    link: ShardLink
+
+    async def unreachable(partition: int, address: str, what: str) -> None:
+        reports.append((partition, address, what))
+        link.over = len(reports) == 2  # enough seen: stop dialling
+
+    link = ShardLink(
+        job_id="j",
+        worker=1,
+        member="w-1",
+        shard=0,
+        partition_size=4,
+        settings=Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS),
+        address=lambda partition: NOBODY,
+        on_params=lambda shard, params: None,
+        on_unreachable=unreachable,
+    )
+    await link.run()
+    (p1, a1, first), (p2, a2, second) = reports
+    assert (p1, a1, p2, a2) == (0, NOBODY, 0, NOBODY)
+    # The first dial is at 4 s and each refusal 4 s after the one before: the first refused a
+    # timeout or more after that dial (at 16 s) is reported, then the first a timeout later.
+    assert first.startswith("nothing from it for 12000 ms; last: UNAVAILABLE")
+    assert second.startswith("nothing from it for 24000 ms")  # one timeout later, not sooner
+
+
+class SentEvents:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, topic: object, event: dict[str, Any], key: str) -> None:
+        self.sent.append(event)
+
+
+async def test_every_ranks_report_in_the_status_moves_the_partition() -> None:
+    assignment = Assignment("j", 3, {0: "w-0", 1: "w-1"}, {0: "ghost"}, {0: NOBODY})
+    statuses = SentEvents()
+    for rank in (0, 1):
+        worker = WorkerService(Settings(member_id=f"w-{rank}"))
+        worker._pool.producer = statuses  # type: ignore[assignment]
+        worker.jobs["j"] = SimpleNamespace(rank=rank, assignment=assignment)  # type: ignore[assignment]
+        await worker._unreachable_reporter("j", rank)(0, NOBODY, "nothing from it for 10000 ms")
+    for status in statuses.sent:
+        events.validate(status, events.JOB_STATUS)
+    reason = statuses.sent[1]["reason"]
+    assert reason.startswith("gradient worker w-1 (rank 1) cannot reach the shard of partition 0")
+    assert f"(ghost) at {NOBODY}: nothing from it for 10000 ms" in reason
+
+    settings = Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS)
+    scheduler = PoolScheduler(settings, statuses, None, print, print)  # type: ignore[arg-type]
+    pool = scheduler.pool
+    for member, kind, address in [
+        ("w-0", WORKER, ""),
+        ("w-1", WORKER, ""),
+        ("ghost", SHARD, NOBODY),
+        ("s-1", SHARD, "10.0.0.1:7070"),
+    ]:
+        pool.heard(member, kind, address, events.now_ms())
+    pool.resume(assignment, Want("j", workers=2, shards=1, min_workers=2))
+    for status in statuses.sent:
+        scheduler.worker_report(status)
+    (change,) = pool.schedule()
+    assert change.assignment is not None and change.assignment.shards == {0: "s-1"}

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pool_kit import SentEvents, ticking_clock
 
 from maas import events
 from maas.config import Settings
@@ -51,23 +52,9 @@ class FlakyStore:
         pass
 
 
-class SentEvents:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    async def send(self, topic: object, event: dict[str, Any], key: str) -> None:
-        self.sent.append(event)
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    now = [0]
-
-    def tick() -> int:
-        now[0] += TICK_MS
-        return now[0]
-
-    monkeypatch.setattr(events, "now_ms", tick)
+    now = ticking_clock(monkeypatch, TICK_MS)
     monkeypatch.setattr(coordinator_module, "POLL_S", 0)
     monkeypatch.setattr(coordinator_module, "RETRY_S", 0)
     yield now

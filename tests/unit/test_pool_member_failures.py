@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pool_kit import SentEvents
+
 from maas import events, topics
 from maas.bus import EventProducer, Record
 from maas.config import Settings
@@ -41,14 +43,6 @@ def scheduler(failures: list[tuple[str, str]]) -> PoolScheduler:
 
 def heard(event: dict[str, object]) -> Record:
     return Record(topics.TRAINING_CONTROL.name, 0, 0, "w-7", event)
-
-
-class SentEvents:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    async def send(self, topic: object, event: dict[str, Any], key: str) -> None:
-        self.sent.append(event)
 
 
 async def test_a_reported_failure_is_one_valid_up_heartbeat_with_its_message_bounded() -> None:

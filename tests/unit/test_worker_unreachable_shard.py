@@ -6,9 +6,9 @@ scheduler reads to move the partition once every rank reported it."""
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
+from pool_kit import SentEvents, ticking_clock
 
 from maas import events
 from maas.config import Settings
@@ -25,13 +25,7 @@ NOBODY = "127.0.0.1:1"  # nothing listens there: every dial is refused
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [0]
-
-    def tick() -> int:
-        now[0] += TICK_MS
-        return now[0]
-
-    monkeypatch.setattr(events, "now_ms", tick)
+    ticking_clock(monkeypatch, TICK_MS)
     monkeypatch.setattr(link_module, "RETRY_S", 0.001)
     monkeypatch.setattr(link_module, "MAX_RETRY_S", 0.001)
 
@@ -62,14 +56,6 @@ async def test_a_link_reports_a_shard_it_never_reached_once_per_timeout(clock: N
     # timeout or more after that dial (at 16 s) is reported, then the first a timeout later.
     assert first.startswith("nothing from it for 12000 ms; last: UNAVAILABLE")
     assert second.startswith("nothing from it for 24000 ms")  # one timeout later, not sooner
-
-
-class SentEvents:
-    def __init__(self) -> None:
-        self.sent: list[dict[str, Any]] = []
-
-    async def send(self, topic: object, event: dict[str, Any], key: str) -> None:
-        self.sent.append(event)
 
 
 async def test_every_ranks_report_in_the_status_moves_the_partition() -> None:

@@ -1,0 +1,32 @@
+"""Stand-ins shared by the training pool's unit tests: a producer that keeps what it is given,
+and a clock that moves on each time it is read."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from maas import events
+
+
+class SentEvents:
+    """An ``EventProducer`` stand-in: every event sent, in order."""
+
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    async def send(self, topic: object, event: dict[str, Any], key: str) -> None:
+        self.sent.append(event)
+
+
+def ticking_clock(monkeypatch: pytest.MonkeyPatch, tick_ms: int) -> list[int]:
+    """``events.now_ms`` moves ``tick_ms`` on at each read; the list holds the time now."""
+    now = [0]
+
+    def tick() -> int:
+        now[0] += tick_ms
+        return now[0]
+
+    monkeypatch.setattr(events, "now_ms", tick)
+    return now

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from infra.exits import LAST_LINES, why_down
 from infra.proc import RUN_EXITED, RUN_STARTED, RUN_STOPPED, ManagedProcess, run_marker
-from infra.stack import LAST_LINES, LocalStack, start_plan, why_down
+from infra.stack import LocalStack, start_plan
 from maas.cli import main
 from maas.config import Settings
 from maas.errors import FailedPrecondition

@@ -285,7 +285,8 @@ def kill_and_restart(platform: LocalStack, name: str) -> None:
     pid = victim.process.pid()
     assert pid is not None, f"{name} is not running"
     os.kill(pid, signal.SIGKILL)
-    psutil.wait_procs([psutil.Process(pid)], timeout=10)
+    with contextlib.suppress(psutil.NoSuchProcess):  # its parent, the exit recorder, reaps it
+        psutil.wait_procs([psutil.Process(pid)], timeout=10)
     platform.up(bootstrap=False, timeout_s=300)  # starts what is not running: the victim
 
 

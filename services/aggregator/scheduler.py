@@ -82,6 +82,7 @@ class PoolScheduler:
         self._store = store
         self._on_started = on_started
         self._on_member_failed = on_member_failed  # (job_id, why): the job ends failed
+        self._foreign: dict[str, Assignment] = {}  # queued jobs' assignments we did not write
         self._control = EventConsumer(
             settings,
             topics=[topics.TRAINING_CONTROL],
@@ -113,7 +114,9 @@ class PoolScheduler:
         self._on_started(plan.job_id)
 
     async def release(self, job_id: str) -> None:
-        assignment = self.pool.release(job_id)
+        # A queued job has no assignment of ours; one a foreign record gave it is released, so
+        # members that obeyed that record drop the job instead of training it for nobody.
+        assignment = self.pool.release(job_id) or self._foreign.pop(job_id, None)
         if assignment is None:
             return
         try:
@@ -187,6 +190,8 @@ class PoolScheduler:
         )
         if read_back:
             return
+        if ours is None and event["state"] == ASSIGNED:
+            self._foreign[job_id] = heard  # released when the job ends (it has none of ours)
         self._on_member_failed(job_id, foreign_assignment(str(event["state"]), heard))
 
     def _member_failed(self, member: str, failed: dict[str, str]) -> None:

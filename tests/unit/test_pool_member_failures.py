@@ -143,6 +143,20 @@ async def test_a_foreign_release_same_epoch_twin_or_record_of_a_queued_job_ends_
     assert failures[1][1].startswith("a release this coordinator did not write (epoch 1;")
 
 
+async def test_a_queued_job_a_foreign_assignment_took_is_released_when_it_ends() -> None:
+    failures: list[tuple[str, str]] = []
+    pool = scheduler(failures)
+    pool._producer = sent = SentEvents()  # type: ignore[assignment]
+    pool.pool.submit(Want("job-q", workers=1, shards=1, min_workers=1))
+    forged = Assignment("job-q", 7, {0: "w-3"}, {0: "s-1"}, {0: "h:1"})
+    await pool._heard(assignment_record(forged))
+    await pool.release("job-q")  # the job ended failed: the coordinator's monitor releases it
+    (released,) = sent.sent
+    assert (released["state"], released["job_id"], released["epoch"]) == (RELEASED, "job-q", 7)
+    await pool.release("job-q")  # once
+    assert len(sent.sent) == 1
+
+
 def test_a_workers_unreachable_report_is_handed_to_the_pool_and_bad_ones_are_ignored() -> None:
     pool = scheduler([])
     pool.pool.resume(pool.pool.running["job-1"], Want("job-1", workers=2, shards=1, min_workers=1))

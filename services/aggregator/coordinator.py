@@ -16,13 +16,12 @@ It is the only consumer of training jobs (group ``maas-training``) and the only 
    partitions; the assignment goes to S3 and the control topic (members act on it) and the status
    says ``running``. Members that go silent lose their part; free ones fill vacant ranks; a
    partition whose shard is gone moves to a live one. Every change is in the job's status.
-3. **Monitor**: poll the partitions' checkpoint pointers; when every one is final, finish. A job
-   whose shards show no progress for ``MAAS_JOB_STALL_TIMEOUT_MS`` fails (no workers?): the wait
-   is counted from the last progress seen, through any S3 or registry outage the monitor waits
-   out meanwhile (``StallClock``). While it waits one out, the job's status says so. A job
-   ends early, at the next poll, when a worker reports a step it cannot compute (``failed`` with
-   its error), an assignment this coordinator did not write takes its members (``failed``,
-   naming it), or a ``cancel`` job event names it (``cancelled``; a queued job at once).
+3. **Monitor** (``monitor.JobMonitor``): poll the partitions' checkpoint pointers; when every
+   one is final, finish. A job whose shards show no progress for ``MAAS_JOB_STALL_TIMEOUT_MS``
+   fails (no workers?). A job ends early, at the next poll, when a worker reports a step it
+   cannot compute (``failed`` with its error), an assignment this coordinator did not write
+   takes its members (``failed``, naming it), or a ``cancel`` job event names it
+   (``cancelled``; a queued job at once).
 4. **Finish** (``finish.JobFinisher``): assemble the final parameters from the shards' final
    checkpoints, evaluate on the held-out split, register (lineage: job id, and the base for a
    finetune; metrics accuracy, loss, samples/s; alias if asked); then write ``result.json``,
@@ -38,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -50,14 +48,7 @@ from maas.bus import DeadLetter, EventProducer, Record
 from maas.bus_consumer import EventConsumer, dead_letter_group
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
-from maas.errors import (
-    AlreadyExists,
-    DeadlineExceeded,
-    FailedPrecondition,
-    InvalidArgument,
-    MaasError,
-    SchemaViolation,
-)
+from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SchemaViolation
 from maas.liveness import Liveness
 from maas.registry.client import RegistryClient
 from maas.store_async import AsyncObjectStore
@@ -72,6 +63,7 @@ from maas.training.prepare import (
 )
 from maas.training.storage import TrainingStore
 from services.aggregator.finish import JobFinisher
+from services.aggregator.monitor import JobMonitor
 from services.aggregator.scheduler import SERVICE as COORDINATOR_SERVICE
 from services.aggregator.scheduler import PoolScheduler
 
@@ -79,40 +71,6 @@ log = logging.getLogger(__name__)
 
 GROUP_ID = "maas-training"
 STATUS_GROUP_ID = "maas-job-status"  # dead-letters the statuses no reader can read
-POLL_S = 0.5
-
-
-class JobStalled(DeadlineExceeded):
-    """A running job whose shards made no progress for MAAS_JOB_STALL_TIMEOUT_MS: it fails (a
-    deadline is retriable elsewhere, but retrying here only restarts the wait)."""
-
-
-def ends_the_job(error: MaasError) -> bool:
-    """Whether following a job gives up on ``error`` and fails the job: anything retrying cannot
-    mend, and a stall (retrying would only start the wait again, forever)."""
-    return not error.retriable or isinstance(error, JobStalled)
-
-
-RETRY_S = 2.0
-WAITING_NOTE_MS = 30_000  # at most one "waiting for ..." status per job this often
-
-
-@dataclass
-class StallClock:
-    """When a running job last made progress. It lives as long as the job's monitor, not one
-    attempt of its poll loop: an S3 or registry error restarts the poll after RETRY_S, and a
-    clock started again with each attempt never reached the stall timeout when anything
-    failed now and then (a job orphaned before a 15 s S3 outage stayed running for good)."""
-
-    changed_ms: int
-    seen: tuple[int, ...] | None = None
-
-    def stalled_for(self, versions: tuple[int, ...], progress_ms: int, now_ms: int) -> int:
-        """How long (ms) the job has made no progress, given the partitions' checkpoint
-        versions and when a shard's status last showed its step move on."""
-        if versions != self.seen or progress_ms > self.changed_ms:
-            self.seen, self.changed_ms = versions, now_ms
-        return now_ms - self.changed_ms
 
 
 class Coordinator:
@@ -153,15 +111,16 @@ class Coordinator:
             producer=self._producer,
             expected_schemas=[events.JOB_STATUS],
         )
-        self._pool = PoolScheduler(
-            settings, self._producer, self._store, self._monitor, self._member_failed
+        self._monitor = JobMonitor(
+            settings,
+            self._store,
+            finish=self._finish,
+            announce=self._announce,
+            send_status=self._send_status,
         )
-        self._monitors: dict[str, asyncio.Task[None]] = {}
-        self._progress_ms: dict[str, int] = {}
-        self._shard_steps: dict[str, dict[str, int]] = {}  # job -> shard service -> its step
-        # Jobs to end at their monitor's next poll (the one place a running job ends): a member
-        # could not go on, or a cancel event came. The first reason wins.
-        self._endings: dict[str, dict[str, Any]] = {}
+        self._pool = PoolScheduler(
+            settings, self._producer, self._store, self._monitor.follow, self._member_failed
+        )
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -181,9 +140,7 @@ class Coordinator:
     async def stop(self) -> None:
         await self._status_letters.stop()
         await self._jobs.stop()
-        for task in self._monitors.values():
-            task.cancel()
-        await asyncio.gather(*self._monitors.values(), return_exceptions=True)
+        await self._monitor.stop()
         await self._pool.stop()
         await self._statuses.stop()
         await self._registry.stop()
@@ -200,7 +157,7 @@ class Coordinator:
 
     async def _resume(self, job_id: str) -> None:
         if await self._store.read_result(job_id) is not None:
-            self._monitor(job_id)  # finished; only announcing it is left
+            self._monitor.follow(job_id)  # finished; only announcing it is left
             return
         await self._pool.submit(await self._store.read_plan(job_id))
 
@@ -226,7 +183,7 @@ class Coordinator:
             return
         if planned:
             # Accepted before a crash: whatever step was cut short is redone (all idempotent).
-            if job_id not in self._monitors and job_id not in self._pool.pool.queue:
+            if not self._monitor.following(job_id) and job_id not in self._pool.pool.queue:
                 await self._store.mark_active(job_id)
                 await self._resume(job_id)
             return
@@ -327,19 +284,8 @@ class Coordinator:
             for record in await self._statuses.next_records([events.JOB_STATUS], 500):
                 event = record.event
                 if event.get("service") != COORDINATOR_SERVICE:
-                    self._shard_reported(event)
+                    self._monitor.shard_reported(event)
                     self._pool.worker_report(event)
-
-    def _shard_reported(self, event: Mapping[str, Any]) -> None:
-        """A shard's status is progress when its step moved on: a shard whose job has lost
-        every worker still reports, at the same step, every interval."""
-        job_id, step = event["job_id"], event.get("step")
-        if job_id not in self._monitors or not isinstance(step, int):
-            return
-        steps = self._shard_steps.setdefault(job_id, {})
-        if step > steps.get(event["service"], -1):
-            steps[event["service"]] = step
-            self._progress_ms[job_id] = events.now_ms()
 
     def _member_failed(self, job_id: str, why: str) -> None:
         log.warning("job %s: %s", job_id, why)
@@ -347,9 +293,9 @@ class Coordinator:
             "state": "failed",
             "error": {"code": FailedPrecondition.reason_code, "message": why},
         }
-        self._endings.setdefault(job_id, failed)
+        self._monitor.end(job_id, failed)
         if job_id in self._pool.pool.queue:
-            self._monitor(job_id)  # a queued job has no monitor yet to take the ending
+            self._monitor.follow(job_id)  # a queued job has no monitor yet to take the ending
 
     async def _cancel(self, job_id: str) -> None:
         if not await self._store.has_plan(job_id) or await self._store.read_result(job_id):
@@ -360,76 +306,10 @@ class Coordinator:
         cancelled = {"state": "cancelled", "reason": "a cancel event asked for it"}
         # Written first, so a restart before the announcement still ends the job as cancelled.
         await self._store.write_result(job_id, cancelled)
-        monitor = self._monitors.get(job_id)
-        if monitor is not None and not monitor.done():
-            self._endings.setdefault(job_id, cancelled)
+        if self._monitor.following(job_id):
+            self._monitor.end(job_id, cancelled)
         else:
             await self._announce(job_id, cancelled)  # queued: nothing runs it yet
-
-    def _monitor(self, job_id: str) -> None:
-        if job_id not in self._monitors or self._monitors[job_id].done():
-            self._monitors[job_id] = asyncio.create_task(self._follow(job_id), name=job_id)
-
-    async def _follow(self, job_id: str) -> None:
-        clock = StallClock(events.now_ms())
-        noted_ms: int | None = None
-        while True:
-            try:
-                await self._follow_until_done(job_id, clock)
-                return
-            except asyncio.CancelledError:
-                raise
-            except MaasError as exc:
-                if ends_the_job(exc):
-                    await self._fail(job_id, exc)
-                    return
-                log.warning("job %s: %s; retrying", job_id, exc.message)
-                now = events.now_ms()
-                if noted_ms is None or now - noted_ms >= WAITING_NOTE_MS:
-                    noted_ms = now
-                    await self._note_waiting(job_id, exc)
-                await asyncio.sleep(RETRY_S)
-            except Exception as exc:
-                log.exception("job %s: finishing failed", job_id)
-                await self._fail(job_id, MaasError(f"{type(exc).__name__}: {exc}"))
-                return
-
-    async def _note_waiting(self, job_id: str, exc: MaasError) -> None:
-        """Say in the job's status what it waits for (S3, the model registry), rather than sit
-        silently at its last step; it is only news, so one that cannot be sent is dropped."""
-        reason = f"waiting: {exc.message}; retrying"
-        try:
-            await self._send_status(job_id, "running", reason=reason)
-        except MaasError as error:
-            log.warning("job %s: status not sent (%s)", job_id, error.message)
-
-    async def _follow_until_done(self, job_id: str, clock: StallClock) -> None:
-        result = await self._store.read_result(job_id)
-        if result is not None:  # finished before a restart; only the last steps are left
-            await self._announce(job_id, result)
-            return
-        plan = await self._store.read_plan(job_id)
-        while True:
-            pointers = [await self._store.pointer(job_id, s) for s in range(plan.shards)]
-            if all(p is not None and p.final for p in pointers):
-                await self._finish(plan, [p for p in pointers if p is not None])
-                return
-            if job_id in self._endings:
-                ending = self._endings[job_id]
-                await self._store.write_result(job_id, ending)
-                await self._announce(job_id, ending)
-                return
-            versions = tuple(p.version if p else -1 for p in pointers)
-            progress_ms = self._progress_ms.get(job_id, 0)
-            if clock.stalled_for(versions, progress_ms, events.now_ms()) > (
-                self.settings.job_stall_timeout_ms
-            ):
-                raise JobStalled(
-                    f"no progress for {self.settings.job_stall_timeout_ms} ms (shard versions "
-                    f"{list(versions)}); are gradient workers and aggregator shards running? "
-                    "(`maas stack status`, and the job's last `running` status names them)"
-                )
-            await asyncio.sleep(POLL_S)
 
     # --- finish -----------------------------------------------------------------------------
 
@@ -443,36 +323,8 @@ class Coordinator:
         await self._send_status(job_id, str(result["state"]), **fields)
         await self._store.clear_active(job_id)
         await self._pool.release(job_id)
-        self._progress_ms.pop(job_id, None)
-        self._shard_steps.pop(job_id, None)
-        self._endings.pop(job_id, None)
+        self._monitor.forget(job_id)
         self._outcomes.labels(str(result["state"])).inc()
         log.info(
             "job %s %s: %s", job_id, result["state"], result.get("metrics") or result.get("error")
         )
-
-    async def _fail(self, job_id: str, error: MaasError) -> None:
-        """Record and announce the failure, retrying while S3 or Kafka is away: a failure not
-        recorded would leave the job running for good, its workers counted busy."""
-        result = {"state": "failed", "error": {"code": error.reason_code, "message": error.message}}
-        while True:
-            try:
-                await self._store.write_result(job_id, result)
-                await self._announce(job_id, result)
-                return
-            except MaasError as exc:
-                if not exc.retriable:
-                    log.error(
-                        "job %s failed (%s) and even that could not be recorded: %s",
-                        job_id,
-                        error.message,
-                        exc.message,
-                    )
-                    return
-                log.warning(
-                    "job %s failed (%s); recording it: %s; retrying",
-                    job_id,
-                    error.message,
-                    exc.message,
-                )
-                await asyncio.sleep(RETRY_S)

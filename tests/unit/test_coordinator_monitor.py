@@ -16,7 +16,7 @@ from maas.config import Settings
 from maas.errors import InvalidArgument, Unavailable
 from maas.training import checkpoint as ck
 from maas.training.pool import Want
-from services.aggregator import coordinator as coordinator_module
+from services.aggregator import monitor as monitor_module
 from services.aggregator.coordinator import Coordinator
 
 STALL_MS = 10_000
@@ -55,22 +55,22 @@ class FlakyStore:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
     now = ticking_clock(monkeypatch, TICK_MS)
-    monkeypatch.setattr(coordinator_module, "POLL_S", 0)
-    monkeypatch.setattr(coordinator_module, "RETRY_S", 0)
+    monkeypatch.setattr(monitor_module, "POLL_S", 0)
+    monkeypatch.setattr(monitor_module, "RETRY_S", 0)
     yield now
 
 
 def coordinator() -> tuple[Coordinator, FlakyStore, SentEvents]:
     c = Coordinator(Settings(job_stall_timeout_ms=STALL_MS))
     store, producer = FlakyStore(), SentEvents()
-    c._store = store  # type: ignore[assignment]
+    c._store = c._monitor._store = store  # type: ignore[assignment]
     c._producer = producer  # type: ignore[assignment]
     return c, store, producer
 
 
 async def test_a_flaky_s3_does_not_restart_the_stall_timeout(clock: list[int]) -> None:
     c, store, producer = coordinator()
-    await c._follow("job-1")
+    await c._monitor._follow("job-1")
     error = store.results["job-1"]["error"]
     assert error["code"] == "deadline_exceeded", error
     assert f"no progress for {STALL_MS} ms (shard versions [5])" in error["message"]
@@ -82,7 +82,7 @@ async def test_an_outage_the_monitor_waits_out_is_in_the_status_rate_limited(
     clock: list[int],
 ) -> None:
     c, store, producer = coordinator()
-    await c._follow("job-1")
+    await c._monitor._follow("job-1")
     waiting = [e for e in producer.sent if e["state"] == "running"]
     retries = store.reads // 3
     assert retries >= 3 and len(waiting) == 1  # said once, not at each of the retries
@@ -96,7 +96,7 @@ async def test_a_queued_job_taken_by_a_foreign_assignment_fails_and_leaves_the_q
     c, store, producer = coordinator()
     c._pool.pool.submit(Want("job-q", workers=1, shards=1, min_workers=1))
     c._member_failed("job-q", "an assignment this coordinator did not write (epoch 999)")
-    await c._monitors["job-q"]
+    await c._monitor._tasks["job-q"]
     assert store.results["job-q"]["state"] == "failed"
     assert "did not write (epoch 999)" in store.results["job-q"]["error"]["message"]
     assert [e["state"] for e in producer.sent] == ["failed"]

@@ -203,7 +203,7 @@ def test_a_link_keeps_its_pushes_until_a_checkpoint_covers_their_version() -> No
 
 def test_a_stalled_job_fails_while_an_outage_is_waited_out() -> None:
     from maas.errors import InvalidArgument, Unavailable
-    from services.aggregator.coordinator import JobStalled, ends_the_job
+    from services.aggregator.monitor import JobStalled, ends_the_job
 
     assert ends_the_job(JobStalled("no progress for 600000 ms"))
     assert ends_the_job(InvalidArgument("training.steps=0 must be at least 1"))

@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from infra.proc import free_port
-from infra.stack import PythonService
+from infra.stack import PythonService, auth_env
+from maas.config import Settings
 
 
 def start_all(services: list[PythonService], timeout_s: float = 180.0) -> None:
@@ -35,8 +36,12 @@ class TrainingProcesses(contextlib.AbstractContextManager["TrainingProcesses"]):
         self, workdir: Path, registry_addr: str, *, workers: int, shards: int, **env: str
     ) -> None:
         self.workdir = workdir
+        settings = Settings.from_env()
         self.env = {
             "MAAS_REGISTRY_ADDR": registry_addr,
+            # The stack's services token, as `maas stack up` gives them: the training data
+            # plane takes no operator's token.
+            **(auth_env(settings, {}) if settings.auth else {}),
             **env,
         }
         self.coordinator = self._service(

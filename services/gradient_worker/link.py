@@ -8,10 +8,14 @@ job whole. The link asks for the partition's address (the job's newest assignmen
 and dials again, with backoff, whenever the stream breaks: either side may have restarted, or the
 partition may have moved to another shard.
 
-A shard the link gets nothing from for ``MAAS_WORKER_HEARTBEAT_TIMEOUT_MS`` (every dial refused or
-ended before a reply, at one address) is reported through ``on_unreachable``, then again every
-timeout while it lasts: a member that heartbeats ``up`` with an address nobody can dial would
-otherwise hold the job at its step, silently, until the stall timeout.
+A shard the link gets nothing from for ``MAAS_WORKER_HEARTBEAT_TIMEOUT_MS`` (every dial refused,
+ended before a reply or left unanswered, at one address) is reported through ``on_unreachable``,
+then again every timeout while it lasts: a member that heartbeats ``up`` with an address nobody
+can dial would otherwise hold the job at its step, silently, until the stall timeout.
+
+A shard that refuses the worker's token (UNAUTHENTICATED, PERMISSION_DENIED) ends the link with
+``refused`` set: dialling again with the same token cannot help, and the worker fails the job
+saying which token it needs, rather than report the shard unreachable until the stall timeout.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ log = logging.getLogger(__name__)
 RETRY_S = 0.2
 MAX_RETRY_S = 2.0
 ERROR_CHARS = 500  # of a stream's error, in a report
+AUTH_REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 # (partition, address, what failed): the shard at that address sent nothing for a timeout
 Unreachable = Callable[[int, str, str], Awaitable[None]]
@@ -69,6 +74,7 @@ class ShardLink:
         self.member = member
         self.shard = shard
         self.over = False  # the shard says the job is over, or sent its final version
+        self.refused: str | None = None  # why the shard refused this worker's token
         self._settings = settings
         self._address = address
         self._on_params = on_params
@@ -95,14 +101,17 @@ class ShardLink:
         while not self.over:
             failure = ""
             try:
-                if await self._exchange():
+                failure = await self._exchange()
+                if not failure:
                     delay = RETRY_S
-                else:
-                    failure = "the stream ended before the shard sent anything"
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     log.info("job %s is over on shard %d", self.job_id, self.shard)
                     self.over = True
+                    return
+                if exc.code() in AUTH_REFUSALS:
+                    self.refused = self._refusal(exc)
+                    log.error("job %s: %s", self.job_id, self.refused)
                     return
                 log.info(
                     "job %s, shard %d: stream ended (%s: %s); joining again",
@@ -118,6 +127,15 @@ class ShardLink:
                 await self._failed(self._failing, failure)
             await asyncio.sleep(delay)
             delay = min(MAX_RETRY_S, delay * 2)
+
+    def _refusal(self, exc: grpc.aio.AioRpcError) -> str:
+        details = (exc.details() or "")[:ERROR_CHARS]
+        return (
+            f"the shard of partition {self.shard} at {self._dialled} refused this gradient "
+            f"worker's token ({exc.code().name}: {details}); gradient workers need a token "
+            "with the service role, as `maas stack up` gives them (MAAS_AUTH_TOKEN_FILE="
+            "<state dir>/auth/services.token)"
+        )
 
     async def _failed(self, failing: Failing, failure: str) -> None:
         """A dial of ``failing.address`` got nothing: report it once it has lasted a timeout,
@@ -139,32 +157,39 @@ class ShardLink:
         if self._on_unreachable is not None:
             await self._on_unreachable(self.shard, failing.address, what)
 
-    async def _exchange(self) -> bool:
-        """One stream, until it ends; True if it got any reply."""
-        address = self._address(self.shard)
+    async def _exchange(self) -> str:
+        """One stream, until it ends: "" if the shard replied, else what failed. A shard
+        answers a join at once (with its parameters); one that sends nothing for a heartbeat
+        timeout (its process hung, a stranger's port) counts as unreachable, like a refusal."""
+        address = self._dialled = self._address(self.shard)
         if self._failing is None or self._failing.address != address:
             # Failures count per address: a partition that moved starts with a clean slate.
             self._failing = Failing(address, events.now_ms())
         outbox: asyncio.Queue[bytes] = asyncio.Queue()
         for push in self._retained:
             outbox.put_nowait(push.frame)
-        got = False
+        silence_ms = self._settings.worker_heartbeat_timeout_ms
         async with open_channel(address, self._settings) as channel:
             call = exchange(channel, self._settings)
             self._outbox = outbox
             writer = asyncio.create_task(self._write(call, outbox))
             try:
-                while (reply := await call.read()) is not grpc.aio.EOF:
-                    if not got:
-                        got = True
-                        self._failing = None  # it answers: whatever failed before is over
+                try:
+                    reply = await asyncio.wait_for(call.read(), silence_ms / 1000)
+                except TimeoutError:
+                    return f"the shard accepted the stream but sent nothing in {silence_ms} ms"
+                if reply is grpc.aio.EOF:
+                    return "the stream ended before the shard sent anything"
+                self._failing = None  # it answers: whatever failed before is over
+                while reply is not grpc.aio.EOF:
                     self.receive(reply)
+                    reply = await call.read()
             finally:
                 self._outbox = None
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
                 call.cancel()
-        return got
+        return ""
 
     async def _write(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[bytes]) -> None:
         join = pb.Join(job_id=self.job_id, worker=self.worker, shard=self.shard, member=self.member)

@@ -73,6 +73,11 @@ class Running:
     def over(self) -> bool:
         return self.job.finished or all(link.over for link in self.links)
 
+    @property
+    def refused(self) -> str | None:
+        """Why a shard refused this worker's token, if one did."""
+        return next((link.refused for link in self.links if link.refused), None)
+
     def address(self, partition: int) -> str:
         """Where the newest assignment says the partition is served (read at every dial)."""
         address = self.assignment.addresses.get(partition, "")
@@ -242,6 +247,12 @@ class WorkerService:
         running.tasks.clear()
         log.info("left job %s after %d steps here (%s)", job_id, running.job.steps, why)
 
+    async def _give_up(self, job_id: str, why: str) -> None:
+        """Leave a job this worker cannot go on with, saying why: the coordinator fails the job
+        with the reason instead of waiting for it to stall."""
+        await self._pool.heartbeat.report_failure(job_id, why)
+        await self._leave(job_id, why)
+
     # --- computing --------------------------------------------------------------------------
 
     async def _train(self) -> None:
@@ -252,6 +263,8 @@ class WorkerService:
             for job_id, running in list(self.jobs.items()):
                 if running.over:
                     await self._leave(job_id, "its training is over")
+                elif running.refused is not None:
+                    await self._give_up(job_id, running.refused)
                 elif running.job.ready():
                     await self._step(loop, job_id, running)
                     self._wake.set()  # look again: parameters may have arrived meanwhile
@@ -274,7 +287,6 @@ class WorkerService:
             # A step that cannot be computed will not compute next time either: say why, so the
             # coordinator fails the job with the reason instead of waiting for it to stall.
             log.exception("job %s: step failed; leaving the job", job_id)
-            await self._pool.heartbeat.report_failure(job_id, f"{type(exc).__name__}: {exc}")
-            await self._leave(job_id, "a step failed")
+            await self._give_up(job_id, f"{type(exc).__name__}: {exc}")
             return
         self.metrics.steps.inc(job.steps - before)  # a local-SGD round is several steps

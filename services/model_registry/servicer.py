@@ -8,12 +8,10 @@ the caller's token identity, never a name the request carries.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 from google.protobuf.message import Message as ProtoMessage
@@ -21,7 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from maas.config import Settings
-from maas.edge import current_identity, edge_interceptor, server_options
+from maas.edge import current_identity, drain_unread, edge_interceptor, server_options
 from maas.errors import InvalidArgument, MaasError
 from maas.events import clip
 from maas.names import check_name, check_version
@@ -39,7 +37,6 @@ from services.model_registry.store import (
 
 log = logging.getLogger(__name__)
 
-DRAIN_LIMIT_S = 10.0  # how long a refused registration's remaining upload is read and dropped
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
 
 
@@ -58,7 +55,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         except MaasError:
             # Read what the client is still sending before answering: if the call ends while
             # the client writes, grpc reports INTERNAL to it and our status is lost.
-            await _drain(request_iterator)
+            await drain_unread(request_iterator)
             raise
 
     async def _register(
@@ -242,13 +239,6 @@ async def _chunks(
         if message.WhichOneof("part") != "chunk":
             raise InvalidArgument("RegisterVersion takes one header, then only file chunks")
         yield message.chunk.file, message.chunk.data
-
-
-async def _drain(requests: AsyncIterator[Any], limit_s: float = DRAIN_LIMIT_S) -> None:
-    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError, StopAsyncIteration):
-        async with asyncio.timeout(limit_s):
-            async for _ in requests:
-                pass
 
 
 def build_server(

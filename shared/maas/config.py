@@ -126,7 +126,10 @@ class Settings:
     auth: bool = setting(
         "MAAS_AUTH",
         True,
-        ("gRPC APIs require a bearer token with a role (read/write); off only if set explicitly"),
+        (
+            "gRPC APIs require a bearer token with a role (read/write/service); off only if set "
+            "explicitly"
+        ),
     )
     auth_tokens_file: str = setting(
         "MAAS_AUTH_TOKENS_FILE",

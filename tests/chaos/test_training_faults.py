@@ -15,10 +15,13 @@ issue's figures: 30 and 60).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -40,6 +43,7 @@ from training_jobs import (
 )
 
 from infra.harness.training import TrainingProcesses
+from infra.stack import PythonService
 from maas import events, topics
 from maas.bus import EventProducer
 from maas.registry import RegistryClient
@@ -184,6 +188,20 @@ def control_poison() -> dict[str, tuple[bytes, list[tuple[str, bytes | None]]]]:
     }
 
 
+@contextlib.contextmanager
+def frozen(services: list[PythonService]) -> Iterator[None]:
+    """The services stopped (SIGSTOP) for a moment shorter than a heartbeat timeout."""
+    pids = [service.process.pid() for service in services]
+    assert None not in pids, "a service to freeze is not running"
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+
+
 def _stranger_frames(member: str, **push: object) -> list[bytes]:
     join = pb.WorkerMessage(
         join=pb.Join(job_id=push.pop("job_id"), worker=0, shard=0, member=member)
@@ -218,6 +236,11 @@ async def test_a_strangers_streams_are_refused_and_the_job_ends_exactly(
     placed = assignment(watcher, job_id)
     address = next(s["address"] for s in placed["shards"] if s["partition"] == 0)
     holder = next(w["member"] for w in placed["workers"] if w["rank"] == 0)
+    # Besides the operator's token, they come with the services' own: a faulty worker, or a
+    # stolen token.
+    services = stack.settings.replace(
+        auth_token_file=str(Path(stack.settings.auth_token_file).with_name("services.token"))
+    )
     nan = np.full(4, np.nan, dtype=np.float32).tobytes()
     cases = {
         "join.member is empty": _stranger_frames("", job_id=job_id),
@@ -226,9 +249,15 @@ async def test_a_strangers_streams_are_refused_and_the_job_ends_exactly(
             holder, job_id=job_id, version=10**12, values=bytes(16)
         ),
     }
-    for named, frames in cases.items():
-        code, details = await _refusal(address, stack.settings, frames)
-        assert (code, named in details) == (grpc.StatusCode.INVALID_ARGUMENT, True), details
+    with frozen(cluster.workers):  # the job could end meanwhile: it trains 400 steps in ~3 s
+        operator = await _refusal(address, stack.settings, cases["join.member is empty"])
+        assert operator == (
+            grpc.StatusCode.PERMISSION_DENIED,
+            "'admin' has role write; Exchange needs service",
+        )
+        for named, frames in cases.items():
+            code, details = await _refusal(address, services, frames)
+            assert (code, named in details) == (grpc.StatusCode.INVALID_ARGUMENT, True), details
     final = await watcher.final(job_id, timeout_s=300)
     assert final["state"] == "succeeded", final
     assert_same_weights(await weights(registry, final), undisturbed)

@@ -6,6 +6,7 @@ call what, what a refused or failed call answers, and who the handler sees as th
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -32,6 +33,7 @@ from maas.edge import (
     open_channel,
     required_role,
 )
+from maas.edge import server as edge_server
 from maas.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -40,6 +42,7 @@ from maas.errors import (
 )
 from maas.oip import grpc_predict_v2_pb2 as oip_pb
 from maas.registry.v1 import registry_pb2 as registry_pb
+from maas.training.v1 import training_pb2 as training_pb
 
 SERVICE = "test.Things"
 
@@ -69,6 +72,11 @@ class Things:
     async def register(self, requests: AsyncIterator[bytes], context: Any) -> bytes:
         self.callers.append(current_identity().name)
         return b"".join([r async for r in requests])
+
+    async def chat(self, requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        self.callers.append(current_identity().name)
+        async for request in requests:
+            yield b"re:" + request
 
     async def list(self, request: bytes, context: Any) -> AsyncIterator[bytes]:
         self.callers.append(current_identity().name)
@@ -102,6 +110,7 @@ async def server(settings: Settings) -> AsyncIterator[tuple[str, Things]]:
                     "DeleteThing": grpc.unary_unary_rpc_method_handler(things.delete),
                     "RegisterThing": grpc.stream_unary_rpc_method_handler(things.register),
                     "ListThings": grpc.unary_stream_rpc_method_handler(things.list),
+                    "ChatThings": grpc.stream_stream_rpc_method_handler(things.chat),
                 },
             ),
         )
@@ -187,6 +196,16 @@ def test_write_implies_read_but_not_the_reverse():
     assert Role.READ.allows(Role.READ) and not Role.READ.allows(Role.WRITE)
 
 
+def test_the_training_data_plane_needs_the_service_role_which_no_operator_token_has():
+    plane = training_pb.DESCRIPTOR.services_by_name["TrainingDataPlane"]
+    for method in plane.methods:
+        assert required_role(f"/{plane.full_name}/{method.name}") is Role.SERVICE
+    assert Role.SERVICE.allows(Role.WRITE) and Role.SERVICE.allows(Role.READ)
+    assert not Role.WRITE.allows(Role.SERVICE)
+    assert STACK_IDENTITIES["services"] is Role.SERVICE
+    assert [n for n, r in STACK_IDENTITIES.items() if r is Role.SERVICE] == ["services"]
+
+
 # --- the token table ------------------------------------------------------------------------------
 
 
@@ -210,6 +229,20 @@ def test_ensuring_tokens_again_keeps_the_existing_ones_and_adds_new_identities(a
     assert table.identify(meta(ci)).name == "ci"
 
 
+def test_a_table_from_an_older_version_gets_the_stack_roles_and_keeps_its_tokens(auth_dir: Path):
+    table = auth_dir / "tokens.json"
+    doc = json.loads(table.read_text())
+    for entry in doc["tokens"]:
+        if entry["identity"] == "services":
+            entry["role"] = "write"
+    table.write_text(json.dumps(doc))
+    before = tokens_of(auth_dir)
+    ensure_tokens(auth_dir, STACK_IDENTITIES)
+    assert tokens_of(auth_dir) == before
+    services = TokenTable.load(table).identify(meta(before["services"]))
+    assert services.role is Role.SERVICE
+
+
 def test_an_identity_comes_only_from_a_known_bearer_token(auth_dir: Path):
     table = TokenTable.load(auth_dir / "tokens.json")
     tokens = tokens_of(auth_dir)
@@ -224,7 +257,10 @@ def test_a_malformed_table_is_refused_naming_the_entry(tmp_path: Path):
     path = tmp_path / "tokens.json"
     entry = {"identity": "x", "role": "admin", "sha256": "0" * 64}
     path.write_text(json.dumps({"format": "maas.tokens/1", "tokens": [entry]}))
-    with pytest.raises(InvalidArgument, match=r"tokens\[0\]\.role is 'admin'; use 'read' or"):
+    with pytest.raises(
+        InvalidArgument,
+        match=r"tokens\[0\]\.role is 'admin'; use one of 'read', 'write', 'service'",
+    ):
         TokenTable.load(path)
 
 
@@ -310,6 +346,21 @@ async def test_a_refused_upload_still_gets_its_refusal_not_internal(server, auth
     reader = tokens_of(auth_dir)["reader"]
     error = await refused(server[0], "RegisterThing", [b"x" * (1 << 20)] * 40, reader)
     assert error.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert server[1].callers == []
+
+
+async def test_a_refused_stream_that_waits_for_its_first_answer_is_answered_once_quiet(
+    server, monkeypatch: pytest.MonkeyPatch
+):
+    """A bidirectional client that sent its first message and waits (a training link,
+    tritonclient's stream) is not kept until the drain's limit: an hour, here."""
+    monkeypatch.setattr(edge_server, "REFUSAL_DRAIN_S", 3600.0)
+    async with grpc.aio.insecure_channel(server[0]) as channel:
+        call = channel.stream_stream(f"/{SERVICE}/ChatThings")()
+        await call.write(b"hello")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await asyncio.wait_for(call.read(), 60)
+    assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert server[1].callers == []
 
 

@@ -8,17 +8,20 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 import pytest
 
 from maas.config import Settings
+from maas.edge import STACK_IDENTITIES, ensure_tokens
 from maas.training import dataplane
 from maas.training.protocol import PushFrame
 from maas.training.v1 import training_pb2 as pb
 from services.aggregator import dataplane as aggregator_dataplane
 from services.aggregator.dataplane import DataPlaneServicer
 from services.aggregator.shard_job import Peer
+from services.gradient_worker.link import ShardLink
 
 SETTINGS = Settings(auth=False)
 
@@ -105,3 +108,40 @@ async def test_a_stream_that_never_joins_is_ended_naming_the_join_it_lacks(
             await asyncio.wait_for(call.read(), 30)
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "no join message" in (caught.value.details() or "")
+
+
+async def test_a_worker_whose_token_the_shard_refuses_stops_dialling_and_says_which_it_needs(
+    tmp_path: Path,
+) -> None:
+    ensure_tokens(tmp_path / "auth", STACK_IDENTITIES)
+    settings = Settings(state_dir=str(tmp_path), auth_token="")  # sends the admin token
+    server, port = dataplane.build_server(
+        DataPlaneServicer(RecordingShard()),  # type: ignore[arg-type]
+        settings,
+        "127.0.0.1:0",
+    )
+    await server.start()
+    unreachable: list[str] = []
+
+    async def report(partition: int, address: str, what: str) -> None:
+        unreachable.append(what)
+
+    link = ShardLink(
+        job_id="j",
+        worker=0,
+        member="w-0",
+        shard=0,
+        partition_size=4,
+        settings=settings,
+        address=lambda partition: f"127.0.0.1:{port}",
+        on_params=lambda shard, params: None,
+        on_unreachable=report,
+    )
+    try:
+        await asyncio.wait_for(link.run(), 30)
+    finally:
+        await server.stop(grace=None)
+    assert link.refused is not None and not unreachable and not link.over
+    assert f"partition 0 at 127.0.0.1:{port} refused" in link.refused
+    assert "PERMISSION_DENIED: 'admin' has role write; Exchange needs service" in link.refused
+    assert "services.token" in link.refused

@@ -5,8 +5,11 @@ scheduler reads to move the partition once every rank reported it."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
+import grpc
 import pytest
 from pool_kit import SentEvents, ticking_clock
 
@@ -87,3 +90,47 @@ async def test_every_ranks_report_in_the_status_moves_the_partition() -> None:
         scheduler.worker_report(status)
     (change,) = pool.schedule()
     assert change.assignment is not None and change.assignment.shards == {0: "s-1"}
+
+
+async def test_a_shard_that_takes_the_stream_but_never_answers_is_reported() -> None:
+    async def silent(requests: AsyncIterator[bytes], context: object) -> AsyncIterator[bytes]:
+        async for _ in requests:
+            pass  # a hung shard: it reads the join and never answers it
+        if False:
+            yield b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "maas.training.v1.TrainingDataPlane",
+                {"Exchange": grpc.stream_stream_rpc_method_handler(silent)},
+            ),
+        )
+    )
+    address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    await server.start()
+    reports: list[str] = []
+    link: ShardLink
+
+    async def unreachable(partition: int, at: str, what: str) -> None:
+        reports.append(what)
+        link.over = True
+
+    link = ShardLink(
+        job_id="j",
+        worker=0,
+        member="w-0",
+        shard=0,
+        partition_size=4,
+        settings=Settings(auth=False, worker_heartbeat_timeout_ms=300),
+        address=lambda partition: address,
+        on_params=lambda shard, params: None,
+        on_unreachable=unreachable,
+    )
+    try:
+        await asyncio.wait_for(link.run(), 30)
+    finally:
+        await server.stop(grace=None)
+    (what,) = reports
+    assert "last: the shard accepted the stream but sent nothing in 300 ms" in what

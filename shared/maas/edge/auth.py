@@ -5,10 +5,12 @@ A token is an opaque random string; servers keep only its sha256 in a token tabl
     {"format": "maas.tokens/1",
      "tokens": [{"identity": "admin", "role": "write", "sha256": "<hex>"}, ...]}
 
-Roles: ``read`` (infer, get, list, metadata) and ``write`` (register, alias, delete, policies;
-write implies read). Which role a method needs follows from its name (``required_role``); a
-method the rule does not know as a read needs write, so a new RPC is never open by accident.
-Health and reflection stay open: probes and tools carry no token.
+Roles: ``read`` (infer, get, list, metadata), ``write`` (register, alias, delete, policies;
+write implies read) and ``service`` (the platform's own processes: write, plus the training data
+plane, whose gradient pushes only a gradient worker has any business sending). Which role a
+method needs follows from its name (``required_role``); a method the rule does not know as a read
+needs write, so a new RPC is never open by accident. Health and reflection stay open: probes and
+tools carry no token.
 
 ``ensure_tokens`` writes the table plus one ``<identity>.token`` file per identity (mode 0600)
 into a directory; ``maas stack up`` and the test stacks call it, compose's ``auth-init`` too.
@@ -45,14 +47,24 @@ OPEN_SERVICES = frozenset(
 )
 # Method-name prefixes that only read: OIP's Server*/Model* calls, RepositoryIndex, Get*, List*.
 READ_PREFIXES = ("Get", "List", "Server", "Model", "RepositoryIndex")
+# Services between the platform's own processes: an operator's token has no use for them.
+SERVICE_ONLY = frozenset({"maas.training.v1.TrainingDataPlane"})
 
 
 class Role(enum.Enum):
     READ = "read"
     WRITE = "write"
+    SERVICE = "service"
+
+    @property
+    def rank(self) -> int:
+        return _RANKS[self]
 
     def allows(self, needed: Role) -> bool:
-        return self is Role.WRITE or needed is Role.READ
+        return self.rank >= needed.rank
+
+
+_RANKS = {Role.READ: 0, Role.WRITE: 1, Role.SERVICE: 2}
 
 
 @dataclass(frozen=True)
@@ -68,7 +80,7 @@ ANONYMOUS = Identity("anonymous", Role.WRITE)
 STACK_IDENTITIES: Mapping[str, Role] = {
     "admin": Role.WRITE,
     "reader": Role.READ,
-    "services": Role.WRITE,
+    "services": Role.SERVICE,
     "inference": Role.READ,
 }
 
@@ -78,6 +90,8 @@ def required_role(method: str) -> Role | None:
     service, _, name = method.lstrip("/").partition("/")
     if service in OPEN_SERVICES:
         return None
+    if service in SERVICE_ONLY:
+        return Role.SERVICE
     return Role.READ if name.startswith(READ_PREFIXES) else Role.WRITE
 
 
@@ -160,7 +174,9 @@ def _entry(entry: Any, where: str) -> Identity:
     if not isinstance(name, str) or not name:
         raise InvalidArgument(f"{where}.identity must be a non-empty string")
     if role not in {r.value for r in Role}:
-        raise InvalidArgument(f"{where}.role is {role!r}; use 'read' or 'write'")
+        raise InvalidArgument(
+            f"{where}.role is {role!r}; use one of " + ", ".join(repr(r.value) for r in Role)
+        )
     if not isinstance(sha, str) or len(sha) != 64:
         raise InvalidArgument(f"{where}.sha256 must be 64 hex digits")
     return Identity(name, Role(role))
@@ -232,8 +248,10 @@ def client_token(settings: Settings) -> str | None:
 def ensure_tokens(directory: Path, identities: Mapping[str, Role]) -> Path:
     """The token table in ``directory`` with a token for each identity (kept if present).
 
-    New tokens go to ``<identity>.token`` (0600) and their sha256 into ``tokens.json``.
-    Returns the table's path."""
+    New tokens go to ``<identity>.token`` (0600) and their sha256 into ``tokens.json``. An
+    identity already there keeps its token and takes the role asked for here: a table written
+    by an older version (where ``services`` had ``write``) is brought up to date. Returns the
+    table's path."""
     directory.mkdir(parents=True, exist_ok=True)
     directory.chmod(0o700)
     table = directory / TABLE_FILE
@@ -241,15 +259,28 @@ def ensure_tokens(directory: Path, identities: Mapping[str, Role]) -> Path:
         json.loads(table.read_text()) if table.exists() else {"format": TABLE_FORMAT, "tokens": []}
     )
     TokenTable.parse(doc, str(table))  # refuse to extend a broken table
-    known = {entry["identity"] for entry in doc["tokens"]}
+    known = {entry["identity"]: entry for entry in doc["tokens"]}
     for name, role in identities.items():
         if name in known:
+            _settle_role(known[name], role, table)
             continue
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
         _write_private(directory / f"{name}.token", token + "\n")
         doc["tokens"].append({"identity": name, "role": role.value, "sha256": digest(token)})
     _write_private(table, json.dumps(doc, indent=2) + "\n")
     return table
+
+
+def _settle_role(entry: dict[str, Any], role: Role, table: Path) -> None:
+    if entry["role"] != role.value:
+        log.info(
+            "%s: identity %r had role %s; it now has %s (its token is kept)",
+            table,
+            entry["identity"],
+            entry["role"],
+            role.value,
+        )
+        entry["role"] = role.value
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 Observer = Callable[[str, grpc.StatusCode, float], None]
 OK, INTERNAL = grpc.StatusCode.OK, grpc.StatusCode.INTERNAL
-REFUSAL_DRAIN_S = 10.0  # how long a refused upload is read and dropped before the answer
+REFUSAL_DRAIN_S = 10.0  # how long a refused upload is read and dropped before the answer, at most
+REFUSAL_QUIET_S = 0.5  # a refused client that sends nothing for this long is answered then
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 _identity: contextvars.ContextVar[Identity] = contextvars.ContextVar(
@@ -177,7 +178,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
 
         async def refuse(request: Any, context: grpc.aio.ServicerContext) -> Any:
             if streamed_in:
-                await _drain(request)
+                await drain_unread(request)
             await context.abort(code, message)
 
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
@@ -216,13 +217,17 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
         yield request
 
 
-async def _drain(requests: AsyncIterator[bytes], limit_s: float = REFUSAL_DRAIN_S) -> None:
-    """Read (and drop) what a refused client still streams: a call ended while the client
-    writes reaches it as INTERNAL, and the refusal's status would be lost."""
-    with contextlib.suppress(TimeoutError, grpc.aio.AioRpcError):
-        async with asyncio.timeout(limit_s):
-            async for _ in requests:
-                pass
+async def drain_unread(requests: AsyncIterator[Any]) -> None:
+    """Read (and drop) what a refused client still streams (before answering a call refused
+    early, by the edge or by a handler): a call ended while the client
+    writes reaches it as INTERNAL, and the refusal's status would be lost. A client that has
+    gone quiet without closing its side (a bidirectional stream waiting for its first answer:
+    a training link, tritonclient's stream) is answered then, not after REFUSAL_DRAIN_S."""
+    pending = aiter(requests)
+    with contextlib.suppress(TimeoutError, StopAsyncIteration, grpc.aio.AioRpcError):
+        async with asyncio.timeout(REFUSAL_DRAIN_S):
+            while True:
+                await asyncio.wait_for(anext(pending), REFUSAL_QUIET_S)
 
 
 def _replace(handler: grpc.RpcMethodHandler, kind: str, behavior: Any) -> grpc.RpcMethodHandler:

@@ -34,6 +34,7 @@ from maas import artifacts
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from maas.events import clip
 from maas.registry.types import DEFAULT_ALIAS, AliasTargets
+from services.inference.admission import InflightBytes
 from services.inference.batcher import BatchingConfig, make_runner
 from services.inference.canary import Splits, split_of, targets_of
 from services.inference.metrics import Metrics, ModelStats
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 # Models whose rows are not independent (``rows_independent``) run each request on its own.
 UNBATCHED = BatchingConfig(max_batch_size=1)
 DEFAULT_WAIT_S = 60.0  # MAAS_INFERENCE_LOAD_WAIT_S
+DEFAULT_INFLIGHT_BYTES = 1 << 30  # MAAS_INFERENCE_MAX_INFLIGHT_BYTES
+FORWARD_PASS_ROWS = 1024  # a request of more rows is computed in passes of this many
 DEFAULT = ""  # the alias-table key of a bare name: the registry's unversioned resolution
 T = TypeVar("T")
 AliasKey = tuple[str, str]  # (name, alias or DEFAULT)
@@ -109,8 +112,10 @@ class DataPlane:
         inline_forward_us: int = 0,
         instances: int = 1,
         wait_s: float = DEFAULT_WAIT_S,
+        inflight: InflightBytes | None = None,
     ) -> None:
         self._source = source
+        self._inflight_bytes = inflight or InflightBytes(DEFAULT_INFLIGHT_BYTES)
         self._wait_s = wait_s  # longest a request waits on a registry lookup or a load
         self._executor = executor
         self.batching = batching
@@ -247,10 +252,17 @@ class DataPlane:
         else:
             signature = Signature.for_zoo(manifest.arch, manifest.config)
         row = signature.inputs[0].shape[1:] if manifest.arch in TRACEABLE_ARCHS else None
+        independent = rows_independent(module)
         forward = await loop.run_in_executor(  # tracing runs the module: off the loop too
-            self._executor, functools.partial(torch_forward, module, trace_row=row)
+            self._executor,
+            functools.partial(
+                torch_forward,
+                module,
+                trace_row=row,
+                pass_rows=FORWARD_PASS_ROWS if independent else None,
+            ),
         )
-        batching = self.batching if rows_independent(module) else UNBATCHED
+        batching = self.batching if independent else UNBATCHED
         model = ServedModel(
             name=name,
             version=version,
@@ -300,11 +312,15 @@ class DataPlane:
         rows = model.signature.check_inputs(inputs, model=model.label)
         model.signature.check_outputs(requested, model=model.label)
         started = time.perf_counter_ns()
+        held = rows.nbytes
+        self._inflight_bytes.take(held)
         try:
             output = await model.runner.submit(rows)
         except BaseException:
             model.stats.request_done(ok=False, rows=len(rows), ns=time.perf_counter_ns() - started)
             raise
+        finally:
+            self._inflight_bytes.give(held)
         model.stats.request_done(ok=True, rows=len(rows), ns=time.perf_counter_ns() - started)
         return InferResult(model, model.signature.outputs_of(output))
 

@@ -35,6 +35,7 @@ MAX_JSON_BYTES = web.AppKey("max_json_bytes", int)
 DEFAULT_BODY_TIMEOUT_S = 60.0
 DEFAULT_IDLE_TIMEOUT_S = 75.0
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
+MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
 
 # What aiohttp logs at ERROR with a traceback although the client caused it: a request line or
@@ -112,6 +113,7 @@ class HttpServer:
             client_max_size=max_body_bytes, middlewares=[self._json_refusals]
         )
         self.app[MAX_JSON_BYTES] = max_json_bytes
+        self.app[MAX_BODY_BYTES] = max_body_bytes
         self.app[BODY_TIMEOUT_S] = body_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._ssl_context = ssl_context
@@ -193,6 +195,7 @@ def authorization_entries(request: web.Request) -> list[tuple[str, str]]:
 async def read_body(request: web.Request) -> bytes:
     """The request's body; one aiohttp cannot decode is InvalidArgument, one that does not arrive
     within the server's body timeout is a 408 that closes the connection."""
+    check_declared_length(request)
     timeout = request.app.get(BODY_TIMEOUT_S, DEFAULT_BODY_TIMEOUT_S)
     try:
         async with asyncio.timeout(timeout):
@@ -243,6 +246,18 @@ def check_json_size(request: web.Request, size: int) -> None:
         )
 
 
+def check_declared_length(request: web.Request) -> None:
+    """A 413 at once for a body whose Content-Length is over the limit: aiohttp would read up
+    to the limit first, and wait for the rest of a length no client will ever send."""
+    limit, declared = request.app.get(MAX_BODY_BYTES), request.content_length
+    if limit is not None and declared is not None and declared > limit:
+        raise web.HTTPRequestEntityTooLarge(
+            max_size=limit,
+            text=f"Content-Length {declared} is over {limit} bytes",
+            headers={"Connection": "close"},
+        )
+
+
 async def read_json(request: web.Request) -> Any:
     data = await read_body(request)
     check_json_size(request, len(data))
@@ -269,8 +284,11 @@ def checked_expect(
             return refuse(f"Expect: {value!r} is not supported; send 100-continue or none", 417)
         try:
             check(request)
+            check_declared_length(request)
         except MaasError as exc:
             return refuse(exc.message, HTTP_STATUS.get(exc.grpc_code, 500))
+        except web.HTTPRequestEntityTooLarge as exc:
+            return refuse(too_large(exc), exc.status)
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the interim line is not part of the response's size
         return None

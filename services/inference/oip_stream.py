@@ -30,6 +30,7 @@ import grpc
 
 from maas.edge.server import new_request_id, status_for
 from maas.errors import InvalidArgument
+from maas.events import clip
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text import wire
 from maas.text.sampling import SamplingParams, Token
@@ -132,8 +133,8 @@ def sampling_of(request: pb.ModelInferRequest) -> tuple[SamplingParams, bool]:
 def _json(text: str, key: str, shape: str) -> object:
     try:
         return json.loads(text)
-    except ValueError:
-        raise InvalidArgument(f"parameter {key}={text!r} is not {shape}") from None
+    except (ValueError, RecursionError):  # RecursionError: arrays nested thousands deep
+        raise InvalidArgument(f"parameter {key}={clip(repr(text), 200)} is not {shape}") from None
 
 
 def empty_final_response(

@@ -29,6 +29,7 @@ from maas.edge.tls import server_ssl_context
 from maas.errors import InvalidArgument
 from maas.liveness import Liveness
 from maas.oip import grpc_predict_v2_pb2 as pb
+from services.inference.admission import InflightBytes
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane, ModelSource
 from services.inference.generation import Generators
@@ -118,6 +119,7 @@ class InferenceServer:
             inline_forward_us=settings.inference_inline_forward_us,
             instances=settings.inference_workers,
             wait_s=settings.inference_load_wait_s,
+            inflight=InflightBytes(settings.inference_max_inflight_bytes),
         )
         self._health = health.aio.HealthServicer()
         self.cpu_reservation = decode_cpus(settings)

@@ -178,6 +178,14 @@ class Settings:
             "make anything under 1000 act like ~1000)"
         ),
     )
+    inference_max_inflight_bytes: int = setting(
+        "MAAS_INFERENCE_MAX_INFLIGHT_BYTES",
+        1 << 30,
+        (
+            "input bytes of requests computed at once; more are answered UNAVAILABLE (retry), "
+            "one request is always admitted"
+        ),
+    )
     inference_workers: int = setting("MAAS_INFERENCE_WORKERS", 2, "threads running forward passes")
     inference_torch_threads: int = setting(
         "MAAS_INFERENCE_TORCH_THREADS",

@@ -214,6 +214,21 @@ async def test_a_body_over_the_limit_is_413_naming_the_setting():
     assert code == 413 and "MAAS_INFERENCE_HTTP_MAX_BODY_BYTES" in reply["error"]
 
 
+async def test_a_declared_length_over_the_limit_is_413_before_any_body_is_read():
+    async with Rest(Authorizer(None), max_body_bytes=1024) as small:
+        reader, writer = await asyncio.open_connection("127.0.0.1", small.http.port)
+        writer.write(
+            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n{}"
+        )
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), timeout=30)  # read() ends at the close
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413")
+    assert "Content-Length 1000000000000 is over 1024 bytes" in json.loads(body)["error"]
+
+
 async def test_a_body_that_stops_arriving_is_408_and_the_connection_is_closed():
     async with Rest(Authorizer(None), body_timeout_s=0.3) as slow:
         reader, writer = await asyncio.open_connection("127.0.0.1", slow.http.port)
@@ -440,6 +455,12 @@ async def test_expect_100_continue_with_a_token_invites_the_body_and_answers_it(
     async with Rest(token_checker(tmp_path)) as secured:
         answer = await expect_continue(secured.http.port, INFER, auth + EXPECT)
     assert answer.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200")
+
+
+async def test_expect_100_continue_with_a_length_over_the_limit_is_413_uninvited():
+    async with Rest(Authorizer(None), max_body_bytes=64) as small:
+        answer = await expect_continue(small.http.port, INFER, EXPECT)
+    assert answer.startswith(b"HTTP/1.1 413")
 
 
 async def test_an_expectation_other_than_100_continue_is_417(rest):

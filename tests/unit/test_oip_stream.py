@@ -58,7 +58,14 @@ def test_sampling_parameters_may_come_as_text_and_json() -> None:
 
 
 @pytest.mark.parametrize(
-    ("key", "value"), [("logit_bias", "{256: -100}"), ("stop", "[unclosed"), ("top_k", "three")]
+    ("key", "value"),
+    [
+        ("logit_bias", "{256: -100}"),
+        ("stop", "[unclosed"),
+        ("top_k", "three"),
+        ("stop", "[" * 100_000 + "]" * 100_000),  # deeper than json recurses
+        ("logit_bias", '{"1":' * 100_000 + "0" + "}" * 100_000),
+    ],
 )
 def test_a_parameter_that_does_not_parse_is_named(key: str, value: str) -> None:
     message = request(typed=b"a")

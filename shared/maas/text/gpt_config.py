@@ -7,6 +7,18 @@ from dataclasses import dataclass
 from maas.errors import InvalidArgument
 from maas.text.byte_tokenizer import VOCAB_SIZE
 
+# The accepted range of each size field: far above any model this byte-level GPT trains, low
+# enough that a typo such as ``n_layer: 10**9`` is refused by name before anything is sized or
+# allocated (the key/value cache grows with n_layer * block_size * n_embd, beyond the parameters
+# MAAS_MAX_MODEL_PARAMS counts).
+FIELD_RANGES: dict[str, tuple[int, int]] = {
+    "vocab_size": (1, 1 << 22),
+    "block_size": (1, 1 << 16),
+    "n_layer": (1, 1024),
+    "n_head": (1, 1024),
+    "n_embd": (1, 1 << 16),
+}
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -18,10 +30,11 @@ class GPTConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+        # Values of the wrong type pass here: the zoo's parser names them once this returns.
+        for key, (low, high) in FIELD_RANGES.items():
             value = getattr(self, key)
-            if isinstance(value, int) and value < 1:
-                raise InvalidArgument(f"model.config.{key}={value} must be at least 1")
+            if isinstance(value, int) and not low <= value <= high:
+                raise InvalidArgument(f"model.config.{key}={value} must be in {low}..{high}")
         if (
             isinstance(self.n_embd, int)
             and isinstance(self.n_head, int)

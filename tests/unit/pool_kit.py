@@ -1,5 +1,5 @@
 """Stand-ins shared by the training pool's unit tests: a producer that keeps what it is given,
-and a clock that moves on each time it is read."""
+a clock that moves on each time it is read, and a worker's link to one shard address."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 import pytest
 
 from maas import events
+from maas.config import Settings
+from services.gradient_worker.link import ShardLink, Unreachable
 
 
 class SentEvents:
@@ -30,3 +32,18 @@ def ticking_clock(monkeypatch: pytest.MonkeyPatch, tick_ms: int) -> list[int]:
 
     monkeypatch.setattr(events, "now_ms", tick)
     return now
+
+
+def link_to(address: str, settings: Settings, on_unreachable: Unreachable) -> ShardLink:
+    """Rank 0's link to partition 0 (4 values) of job ``j``, served at ``address``."""
+    return ShardLink(
+        job_id="j",
+        worker=0,
+        member="w-0",
+        shard=0,
+        partition_size=4,
+        settings=settings,
+        address=lambda partition: address,
+        on_params=lambda shard, params: None,
+        on_unreachable=on_unreachable,
+    )

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import aiohttp
 import numpy as np
@@ -214,34 +215,33 @@ async def test_a_body_over_the_limit_is_413_naming_the_setting():
     assert code == 413 and "MAAS_INFERENCE_HTTP_MAX_BODY_BYTES" in reply["error"]
 
 
+async def post_until_closed(port: int, length: int, sent: bytes) -> tuple[bytes, dict[str, Any]]:
+    """A POST declaring ``length`` bytes of which it sends ``sent``; the answer's head and JSON
+    body, read until the server closes the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (length, sent)
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), timeout=30)  # read() ends at the close
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return head, json.loads(body)
+
+
 async def test_a_declared_length_over_the_limit_is_413_before_any_body_is_read():
     async with Rest(Authorizer(None), max_body_bytes=1024) as small:
-        reader, writer = await asyncio.open_connection("127.0.0.1", small.http.port)
-        writer.write(
-            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 1000000000000\r\n\r\n{}"
-        )
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), timeout=30)  # read() ends at the close
-        writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
+        head, reply = await post_until_closed(small.http.port, 10**12, b"{}")
     assert head.startswith(b"HTTP/1.1 413")
-    assert "Content-Length 1000000000000 is over 1024 bytes" in json.loads(body)["error"]
+    assert "Content-Length 1000000000000 is over 1024 bytes" in reply["error"]
 
 
 async def test_a_body_that_stops_arriving_is_408_and_the_connection_is_closed():
     async with Rest(Authorizer(None), body_timeout_s=0.3) as slow:
-        reader, writer = await asyncio.open_connection("127.0.0.1", slow.http.port)
-        writer.write(
-            b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
-            b'Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"inputs"'
-        )
-        await writer.drain()
-        answer = await asyncio.wait_for(reader.read(), timeout=30)  # read() ends at the close
-        writer.close()
-    head, _, body = answer.partition(b"\r\n\r\n")
+        head, reply = await post_until_closed(slow.http.port, 100, b'{"inputs"')
     assert head.startswith(b"HTTP/1.1 408")
-    assert "MAAS_INFERENCE_HTTP_BODY_TIMEOUT_S" in json.loads(body)["error"]
+    assert "MAAS_INFERENCE_HTTP_BODY_TIMEOUT_S" in reply["error"]
 
 
 async def test_a_client_that_leaves_mid_body_is_counted_cancelled_and_logs_no_traceback(

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from pool_kit import link_to
 
 from maas.config import Settings
 from maas.edge import STACK_IDENTITIES, ensure_tokens
@@ -21,7 +22,6 @@ from maas.training.v1 import training_pb2 as pb
 from services.aggregator import dataplane as aggregator_dataplane
 from services.aggregator.dataplane import DataPlaneServicer
 from services.aggregator.shard_job import Peer
-from services.gradient_worker.link import ShardLink
 
 SETTINGS = Settings(auth=False)
 
@@ -126,17 +126,7 @@ async def test_a_worker_whose_token_the_shard_refuses_stops_dialling_and_says_wh
     async def report(partition: int, address: str, what: str) -> None:
         unreachable.append(what)
 
-    link = ShardLink(
-        job_id="j",
-        worker=0,
-        member="w-0",
-        shard=0,
-        partition_size=4,
-        settings=settings,
-        address=lambda partition: f"127.0.0.1:{port}",
-        on_params=lambda shard, params: None,
-        on_unreachable=report,
-    )
+    link = link_to(f"127.0.0.1:{port}", settings, report)
     try:
         await asyncio.wait_for(link.run(), 30)
     finally:

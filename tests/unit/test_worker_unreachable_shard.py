@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
-from pool_kit import SentEvents, ticking_clock
+from pool_kit import SentEvents, link_to, ticking_clock
 
 from maas import events
 from maas.config import Settings
@@ -41,17 +41,7 @@ async def test_a_link_reports_a_shard_it_never_reached_once_per_timeout(clock: N
         reports.append((partition, address, what))
         link.over = len(reports) == 2  # enough seen: stop dialling
 
-    link = ShardLink(
-        job_id="j",
-        worker=1,
-        member="w-1",
-        shard=0,
-        partition_size=4,
-        settings=Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS),
-        address=lambda partition: NOBODY,
-        on_params=lambda shard, params: None,
-        on_unreachable=unreachable,
-    )
+    link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS), unreachable)
     await link.run()
     (p1, a1, first), (p2, a2, second) = reports
     assert (p1, a1, p2, a2) == (0, NOBODY, 0, NOBODY)
@@ -117,17 +107,7 @@ async def test_a_shard_that_takes_the_stream_but_never_answers_is_reported() -> 
         reports.append(what)
         link.over = True
 
-    link = ShardLink(
-        job_id="j",
-        worker=0,
-        member="w-0",
-        shard=0,
-        partition_size=4,
-        settings=Settings(auth=False, worker_heartbeat_timeout_ms=300),
-        address=lambda partition: address,
-        on_params=lambda shard, params: None,
-        on_unreachable=unreachable,
-    )
+    link = link_to(address, Settings(auth=False, worker_heartbeat_timeout_ms=300), unreachable)
     try:
         await asyncio.wait_for(link.run(), 30)
     finally:

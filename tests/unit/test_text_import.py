@@ -208,6 +208,15 @@ def test_other_float_weights_are_accepted(tmp_path: Path, dtype: torch.dtype) ->
     )
 
 
+def test_weights_holding_nan_or_infinity_are_refused_naming_the_tensor() -> None:
+    state = tiny_state()
+    state["embeddings.LayerNorm.bias"][0] = float("nan")
+    state["embeddings.LayerNorm.weight"][1] = float("inf")
+    named = r"NaN or infinite values: embeddings\.LayerNorm\.bias, embeddings\.LayerNorm\.weight$"
+    with pytest.raises(InvalidArgument, match=named):
+        check_weights(BertConfig(**TINY), state, "weights")
+
+
 def test_check_weights_needs_no_files() -> None:
     config = BertConfig(**TINY)
     check_weights(config, tiny_state(), "weights")

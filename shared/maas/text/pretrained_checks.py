@@ -94,11 +94,19 @@ def _check_shapes(
         )
 
 
+def _check_finite(state: Mapping[str, torch.Tensor], where: str) -> None:
+    """NaN or infinite weights load and serve, answering NaN for every input."""
+    wrong = [name for name, t in sorted(state.items()) if not bool(torch.isfinite(t).all())]
+    if wrong:
+        raise InvalidArgument(f"{where}: weights hold NaN or infinite values: {listed(wrong)}")
+
+
 def check_weights(config: BertConfig, state: Mapping[str, torch.Tensor], where: str) -> None:
     """Refuse weights that cannot build the model: the module comes from the zoo's builder as
     inference builds it (on the meta device: nothing allocated) and the state must load into
     it strictly. ``where`` names the weights in errors."""
     _check_dtypes(state, where)
+    _check_finite(state, where)
     module = zoo.build_skeleton(ARCH, zoo.config_to_dict(config))
     expected = {name: list(t.shape) for name, t in module.state_dict().items()}
     _check_names(expected, state, where)

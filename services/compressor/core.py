@@ -183,18 +183,17 @@ class Outcome:
     cancelled: bool = False
 
 
-def dataset_mismatch(uri: str, row: int, version: ModelVersion, manifest: Manifest) -> str:
-    """Why the dataset's rows do not fit the model: a text model's rows are token ids, as many
-    as its max_seq_length, not features."""
-    features = math.prod(zoo.input_shape(manifest.arch, manifest.config))
-    if manifest.arch == TEXT_ARCH:
+def dataset_mismatch(uri: str, row: int, features: int, ref: str, arch: str) -> str:
+    """Why the dataset's rows (``row`` values) do not fit the model that reads ``features``: a
+    text model's rows are token ids, as many as its max_seq_length, not features."""
+    if arch == TEXT_ARCH:
         return (
-            f"dataset {uri} has rows of {row} tokens but {version.ref} reads rows of {features} "
+            f"dataset {uri} has rows of {row} tokens but {ref} reads rows of {features} "
             "tokens (its max_seq_length); name a text dataset tokenized to that length, such as "
             "the one it was fine-tuned on"
         )
     return (
-        f"dataset {uri} has {row} features per row but {version.ref} takes {features}; "
+        f"dataset {uri} has {row} features per row but {ref} takes {features}; "
         "name the dataset it was trained on"
     )
 
@@ -314,7 +313,9 @@ class Compressor:
             features = math.prod(zoo.input_shape(manifest.arch, manifest.config))
             if raw.num_features != features:
                 raise InvalidArgument(
-                    dataset_mismatch(dataset["uri"], raw.num_features, version, manifest)
+                    dataset_mismatch(
+                        dataset["uri"], raw.num_features, features, version.ref, manifest.arch
+                    )
                 )
             data = Tensors.of(raw)
             model = artifacts.materialize(manifest, files)

@@ -375,14 +375,9 @@ async def test_a_cancel_while_a_method_trains_stops_its_training_and_ends_the_jo
 
 
 def test_a_text_model_and_a_dataset_of_other_rows_are_told_apart_in_tokens() -> None:
-    from types import SimpleNamespace
-
     from services.compressor.core import dataset_mismatch
 
-    version = SimpleNamespace(ref="imp@1")
-    text = Manifest("bert", {"max_seq_length": 64, "max_positions": 512})
-    said = dataset_mismatch("builtin:stdlib-docs", 256, version, text)  # type: ignore[arg-type]
+    said = dataset_mismatch("builtin:stdlib-docs", 256, 64, "imp@1", "bert")
     assert "has rows of 256 tokens but imp@1 reads rows of 64 tokens (its max_seq_length)" in said
-    digits = Manifest("mlp", {"in_features": 64, "hidden": [8], "num_classes": 10})
-    said = dataset_mismatch("builtin:x", 32, version, digits)  # type: ignore[arg-type]
+    said = dataset_mismatch("builtin:x", 32, 64, "imp@1", "mlp")
     assert "has 32 features per row but imp@1 takes 64" in said

@@ -56,15 +56,11 @@ class Role(enum.Enum):
     WRITE = "write"
     SERVICE = "service"
 
-    @property
-    def rank(self) -> int:
-        return _RANKS[self]
-
     def allows(self, needed: Role) -> bool:
-        return self.rank >= needed.rank
+        return _RANKS[self] >= _RANKS[needed]
 
 
-_RANKS = {Role.READ: 0, Role.WRITE: 1, Role.SERVICE: 2}
+_RANKS = {Role.READ: 0, Role.WRITE: 1, Role.SERVICE: 2}  # each role allows what those below do
 
 
 @dataclass(frozen=True)

@@ -218,11 +218,11 @@ async def _checked_stream(requests: AsyncIterator[Any]) -> AsyncIterator[Any]:
 
 
 async def drain_unread(requests: AsyncIterator[Any]) -> None:
-    """Read (and drop) what a refused client still streams (before answering a call refused
-    early, by the edge or by a handler): a call ended while the client
-    writes reaches it as INTERNAL, and the refusal's status would be lost. A client that has
-    gone quiet without closing its side (a bidirectional stream waiting for its first answer:
-    a training link, tritonclient's stream) is answered then, not after REFUSAL_DRAIN_S."""
+    """Read (and drop) what a refused client still streams, before the refusal is answered (by
+    the edge or by a handler): a call ended while the client writes reaches it as INTERNAL, and
+    the refusal's status would be lost. A client that has gone quiet without closing its side
+    (a bidirectional stream waiting for its first answer: a training link, tritonclient's
+    stream) is answered then, not after REFUSAL_DRAIN_S."""
     pending = aiter(requests)
     with contextlib.suppress(TimeoutError, StopAsyncIteration, grpc.aio.AioRpcError):
         async with asyncio.timeout(REFUSAL_DRAIN_S):

@@ -41,6 +41,7 @@ from maas.text.bert import BertConfig
 from maas.text.bert_config import MAX_LAYERS
 from maas.text.pretrained_checks import ARCH, check_tokenizer, check_weights, listed
 from maas.text.tokenizer import TOKENIZER_FILE, TOKENIZER_MAX_BYTES
+from maas.textfile import read_file
 
 WEIGHTS = "model.safetensors"
 TOKENIZER_FILES = (
@@ -109,16 +110,6 @@ def _check_size(path: Path, size: int, limit: int) -> None:
         )
 
 
-def _read_capped(path: Path, limit: int) -> bytes:
-    try:
-        with path.open("rb") as f:
-            data = f.read(limit + 1)  # the file may have grown since it was measured
-    except OSError as exc:
-        raise InvalidArgument(f"{path} cannot be read: {exc.strerror}") from None
-    _check_size(path, len(data), limit)
-    return data
-
-
 def _check_inside(path: Path, root: Path) -> None:
     """A symlink may point anywhere: reading through it would upload that file as the model's."""
     resolved = path.resolve()
@@ -137,7 +128,8 @@ def _read_files(directory: Path) -> dict[str, bytes]:
     for name, path in paths.items():
         _check_inside(path, root)
         _check_size(path, path.stat().st_size, MAX_BYTES[name])
-    return {name: _read_capped(path, MAX_BYTES[name]) for name, path in paths.items()}
+    # Capped again as read: a file may grow between its measuring and its reading.
+    return {name: read_file(path, "model file", MAX_BYTES[name]) for name, path in paths.items()}
 
 
 def _json(read: Mapping[str, bytes], directory: Path, name: str) -> dict[str, Any] | None:

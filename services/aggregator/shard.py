@@ -305,6 +305,7 @@ class ShardService:
                 core.version,
                 job.durable_version,
             )
+            await self._reporter.hold(job)
         job.held = held
         if not held:
             self._publish(job)

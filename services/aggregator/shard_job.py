@@ -112,8 +112,16 @@ class ShardJob:
             peer.close()
 
 
+def waiting_reason(job: ShardJob) -> str:
+    return (
+        f"partition {job.partition} is waiting for a checkpoint to land in S3 (newest "
+        f"durable: version {job.durable_version}) before sending version {job.core.version}"
+    )
+
+
 class StatusReporter:
-    """A shard's job statuses: membership changes, progress (partition 0's shard), checkpoints.
+    """A shard's job statuses: membership changes, progress (partition 0's shard), holds,
+    checkpoints.
 
     Sent in the background: with the broker away a send can take its request timeout, and the
     shard's steps must not wait for it. One that cannot be sent is logged, never raised; past
@@ -143,11 +151,13 @@ class StatusReporter:
         if not job.held:
             await self._running(job, metrics=metrics)
             return
-        waiting = (
-            f"waiting for a checkpoint to land in S3 (newest durable: version "
-            f"{job.durable_version}) before sending version {job.core.version}"
-        )
-        await self._running(job, metrics=metrics, reason=waiting)
+        await self._running(job, metrics=metrics, reason=waiting_reason(job))
+
+    async def hold(self, job: ShardJob) -> None:
+        """The job stands still until this partition's checkpoint lands: said by the shard that
+        holds it, whichever partition it serves (only partition 0's reports progress, and the
+        others' holds stop the job just the same)."""
+        await self._running(job, reason=waiting_reason(job))
 
     async def _running(self, job: ShardJob, **fields: object) -> None:
         """A ``running`` status at the job's current step, with ``fields``."""

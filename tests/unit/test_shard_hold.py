@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 from maas.errors import InvalidArgument
-from services.aggregator.shard_job import ShardJob, check_ahead, held_back
+from services.aggregator.shard_job import ShardJob, StatusReporter, check_ahead, held_back
+from tests.unit.pool_kit import SentEvents
 
 
 def test_versions_within_two_checkpoint_intervals_of_the_durable_one_go_out() -> None:
@@ -44,3 +45,25 @@ def test_a_push_as_far_ahead_as_a_replay_can_be_is_taken() -> None:
 def test_a_push_further_ahead_than_any_replay_is_refused() -> None:
     with pytest.raises(InvalidArgument, match="push version 142 is 42 past the shard's 100"):
         check_ahead(142, _job(100, checkpoint_every=20))
+
+
+async def test_the_shard_of_any_partition_that_holds_the_job_says_why_in_its_status() -> None:
+    # Only partition 0's shard reports progress; a hold on another partition stops the job
+    # just the same, so that shard reports it itself.
+    sent = SentEvents()
+    reporter = StatusReporter(sent, "aggregator-1")  # type: ignore[arg-type]
+    job = SimpleNamespace(
+        job_id="j",
+        plan=SimpleNamespace(target_version=400),
+        partition=1,
+        durable_version=20,
+        core=SimpleNamespace(version=61),
+    )
+    await reporter.hold(job)  # type: ignore[arg-type]
+    await reporter.drain()
+    [status] = sent.sent
+    assert (status["state"], status["step"]) == ("running", 61)
+    assert status["reason"] == (
+        "partition 1 is waiting for a checkpoint to land in S3 (newest durable: version 20) "
+        "before sending version 61"
+    )

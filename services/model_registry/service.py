@@ -31,7 +31,7 @@ from maas.names import check_alias, check_name
 from maas.registry.types import ModelVersion, artifact_prefix
 from maas.store_async import AsyncObjectStore
 from services.model_registry.store import NewVersion, RegistryStore, parent_of
-from services.model_registry.uploads import ArtifactSink
+from services.model_registry.uploads import ArtifactSink, FileCaps, weights_max_bytes
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -49,6 +49,7 @@ class RegistryLimits:
     max_metrics: int = Settings.registry_max_metrics
     max_reply_bytes: int = Settings.registry_max_reply_bytes
     max_model_params: int = Settings.max_model_params
+    max_side_file_bytes: int = Settings.registry_max_side_file_bytes
 
     @classmethod
     def of(cls, settings: Settings) -> RegistryLimits:
@@ -57,6 +58,12 @@ class RegistryLimits:
             settings.registry_max_metrics,
             settings.registry_max_reply_bytes,
             settings.max_model_params,
+            settings.registry_max_side_file_bytes,
+        )
+
+    def file_caps(self) -> FileCaps:
+        return FileCaps(
+            weights=weights_max_bytes(self.max_model_params), side=self.max_side_file_bytes
         )
 
 
@@ -95,6 +102,7 @@ class RegistryService:
             bucket,
             part_size_bytes=part_size_bytes,
             executor=self._upload_threads,
+            caps=limits.file_caps(),
         )
         self._model_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = (
             weakref.WeakValueDictionary()

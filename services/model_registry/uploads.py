@@ -24,11 +24,45 @@ from minio.error import S3Error
 from maas.errors import FailedPrecondition, IntegrityError, InvalidArgument, Unavailable
 from maas.events import clip
 from maas.store import SHA256_META
-from services.model_registry.safetensors_check import SUFFIX, HeadCapture, check_safetensors
+from services.model_registry.safetensors_check import (
+    MAX_HEADER_BYTES,
+    SUFFIX,
+    HeadCapture,
+    check_safetensors,
+)
 
 _PIPE_CHUNKS = 16  # chunks buffered per file before the client is slowed down
 _END = object()  # end of one file
 _ABORT = object()  # the stream feeding the pipe was abandoned
+
+
+def weights_max_bytes(max_model_params: int) -> int:
+    """The largest safetensors file a model within the parameter limit can need: 8 bytes (the
+    widest dtype) per parameter, plus its length prefix and largest header."""
+    return 8 * max_model_params + 8 + MAX_HEADER_BYTES
+
+
+@dataclass(frozen=True)
+class FileCaps:
+    """The most bytes one file of a registration may have: weights (``*.safetensors``), and
+    every other file (tokenizer, vocabulary, configs)."""
+
+    weights: int
+    side: int
+
+    def check(self, name: str, received: int) -> None:
+        weights = name.endswith(SUFFIX)
+        cap = self.weights if weights else self.side
+        if received <= cap:
+            return
+        why = (
+            "a model within MAAS_MAX_MODEL_PARAMS needs no more"
+            if weights
+            else "that is MAAS_REGISTRY_MAX_SIDE_FILE_BYTES, the cap on files besides the weights"
+        )
+        raise InvalidArgument(
+            f"file {clip(repr(name), 100)} is over {cap:,} bytes; {why}; nothing was registered"
+        )
 
 
 class UploadAborted(Exception):
@@ -99,6 +133,7 @@ class _FileUpload:
     expected_sha256: str
     pipe: _Pipe
     done: asyncio.Future[Any]
+    received: int = 0  # bytes taken from the client so far
     declared: dict[str, dict[str, Any]] | None = None  # the tensors a safetensors file must hold
 
 
@@ -112,12 +147,14 @@ class ArtifactSink:
         *,
         part_size_bytes: int,
         executor: Executor,
+        caps: FileCaps,
         chunk_timeout_s: float = 60.0,
     ) -> None:
         self._client = client
         self._bucket = bucket
         self._part_size = part_size_bytes
         self._executor = executor
+        self._caps = caps
         self._chunk_timeout_s = chunk_timeout_s
 
     async def receive(
@@ -133,9 +170,9 @@ class ArtifactSink:
         tensors it must hold, name -> {dtype, shape}) is checked against its header.
 
         Raises IntegrityError when a file's bytes do not match, FailedPrecondition when a listed
-        file never came, InvalidArgument for files out of order, not listed or not the declared
-        safetensors, Unavailable when S3 cannot be written. Files already written stay; the
-        caller removes the prefix.
+        file never came, InvalidArgument for files out of order, not listed, over their cap
+        (``FileCaps``) or not the declared safetensors, Unavailable when S3 cannot be written.
+        Files already written stay; the caller removes the prefix.
         """
         sizes: dict[str, int] = {}
         current: _FileUpload | None = None
@@ -151,6 +188,8 @@ class ArtifactSink:
                     current = self._open(prefix, name, expected, sizes)
                     current.declared = (tensors or {}).get(name)
                 if data:
+                    current.received += len(data)
+                    self._caps.check(name, current.received)
                     await current.pipe.put(data)
                 if current.done.done():
                     await current.done  # S3 failed mid-file: say so now, not at the file's end

@@ -108,6 +108,14 @@ class Settings:
     registry_max_metrics: int = setting(
         "MAAS_REGISTRY_MAX_METRICS", 1000, "most metrics one manifest may carry"
     )
+    registry_max_side_file_bytes: int = setting(
+        "MAAS_REGISTRY_MAX_SIDE_FILE_BYTES",
+        64 * MiB,
+        (
+            "largest file besides the weights (tokenizer, vocabulary, configs) a version may "
+            "hold; the weights are bounded by MAAS_MAX_MODEL_PARAMS"
+        ),
+    )
     registry_max_reply_bytes: int = setting(
         "MAAS_REGISTRY_MAX_REPLY_BYTES",
         3 * MiB,

@@ -35,9 +35,10 @@ from maas.errors import (
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
 from maas.store import SHA256_META
-from services.model_registry.service import RegistryService
+from services.model_registry.service import RegistryLimits, RegistryService
 from services.model_registry.servicer import SERVICE_NAME, build_server, set_serving
 from services.model_registry.sqlite_store import SqliteStore
+from services.model_registry.uploads import weights_max_bytes
 
 # ~10 MB of real safetensors: several chunks and several parts
 WEIGHTS = safetensors_numpy.save({"w": np.arange(2_560_000, dtype=np.float32)})
@@ -120,14 +121,16 @@ def settings(tmp_path: Path) -> Settings:
 
 @pytest.fixture
 async def server(
-    tmp_path: Path, settings: Settings
+    request: pytest.FixtureRequest, tmp_path: Path, settings: Settings
 ) -> AsyncIterator[tuple[RegistryService, FakeStore, str]]:
+    """The default limits, or those a test passes (``parametrize(..., indirect=True)``)."""
     store = FakeStore()
     service = RegistryService(
         SqliteStore(tmp_path / "r.db"),
         store,  # type: ignore[arg-type]
         bucket="maas-models",
         part_size_bytes=4 * 1024 * 1024,
+        limits=getattr(request, "param", RegistryLimits()),
     )
     grpc_server, health = build_server(service, settings)
     port = grpc_server.add_insecure_port("127.0.0.1:0")
@@ -345,6 +348,31 @@ async def test_a_file_the_manifest_does_not_list_is_invalid(client: RegistryClie
         await client.register_files(
             "digits", {"w": WEIGHTS, "other": b"x"}, manifest_for({"w": WEIGHTS})
         )
+
+
+@pytest.mark.parametrize("server", [RegistryLimits(max_side_file_bytes=1024)], indirect=True)
+async def test_a_side_file_over_its_cap_is_refused_while_it_streams_and_registers_nothing(
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
+) -> None:
+    files = {"weights.safetensors": WEIGHTS, "vocab.txt": b"x" * 1025}
+    with pytest.raises(
+        InvalidArgument,
+        match=r"file 'vocab.txt' is over 1,024 bytes; that is MAAS_REGISTRY_MAX_SIDE_FILE_BYTES",
+    ):
+        await client.register_files("digits", files, manifest_for(files))
+    with pytest.raises(NotFound):
+        await client.get("digits")
+    files["vocab.txt"] = b"x" * 1024
+    assert (await client.register_files("digits", files, manifest_for(files))).version == 1
+
+
+def test_a_weights_file_is_capped_by_the_largest_model_the_registry_accepts() -> None:
+    caps = RegistryLimits(max_model_params=1000).file_caps()
+    caps.check("model.safetensors", caps.weights)
+    with pytest.raises(InvalidArgument, match="a model within MAAS_MAX_MODEL_PARAMS needs no"):
+        caps.check("model.safetensors", caps.weights + 1)
+    assert caps.weights == weights_max_bytes(1000) == 8 * 1000 + 8 + 16 * 1024 * 1024
 
 
 async def test_s3_down_is_unavailable_and_leaves_no_version(

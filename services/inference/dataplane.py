@@ -13,69 +13,39 @@ Per request the work is one lookup: the served version for each (name, version s
 used is remembered until an event for that name, an eviction or an unload forgets it.
 
 Loaded versions live in an LRU cache bounded in bytes of weights. Artifacts are fetched by a
-``ModelSource`` (registry + S3 in production, a fake in unit tests) and verified against their
-manifest's sha256 before they are turned into a module, on the worker pool.
+``ModelSource`` (registry + S3 in production, a fake in unit tests), verified against their
+manifest's sha256 and built into a served model on the worker pool
+(``services.inference.loading``).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
-from maas import artifacts
-from maas.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from maas.events import clip
+from maas.errors import InvalidArgument, NotFound, Unavailable
 from maas.registry.types import DEFAULT_ALIAS, AliasTargets
 from services.inference.admission import InflightBytes
-from services.inference.batcher import BatchingConfig, make_runner
+from services.inference.batcher import BatchingConfig
 from services.inference.canary import Splits, split_of, targets_of
-from services.inference.metrics import Metrics, ModelStats
-from services.inference.served import (
-    TRACEABLE_ARCHS,
-    ModelCache,
-    ServedModel,
-    rows_independent,
-    torch_forward,
-    weights_nbytes,
-)
-from services.inference.signature import Signature
-from services.inference.text import is_text, text_signature
+from services.inference.loading import ModelLoader, ModelSource
+from services.inference.metrics import Metrics
+from services.inference.served import ModelCache, ServedModel
 
 log = logging.getLogger(__name__)
 
-# Models whose rows are not independent (``rows_independent``) run each request on its own.
-UNBATCHED = BatchingConfig(max_batch_size=1)
 DEFAULT_WAIT_S = 60.0  # MAAS_INFERENCE_LOAD_WAIT_S
 DEFAULT_INFLIGHT_BYTES = 1 << 30  # MAAS_INFERENCE_MAX_INFLIGHT_BYTES
-FORWARD_PASS_ROWS = 1024  # a request of more rows is computed in passes of this many
 DEFAULT = ""  # the alias-table key of a bare name: the registry's unversioned resolution
 T = TypeVar("T")
 AliasKey = tuple[str, str]  # (name, alias or DEFAULT)
-
-
-class ModelSource(Protocol):
-    """Where versions come from: resolution and verified-on-arrival artifact bytes."""
-
-    async def resolve(self, name: str, alias: str) -> int:
-        """The version ``alias`` points at (DEFAULT: what the bare name resolves to);
-        NotFound when the model or alias is unknown."""
-        ...
-
-    async def fetch(self, name: str, version: int) -> tuple[artifacts.Manifest, dict[str, bytes]]:
-        """The manifest and files of one version; NotFound when it does not exist."""
-        ...
-
-    async def catalogue(self) -> list[tuple[str, int]]:
-        """Every model the source holds, with its latest version."""
-        ...
 
 
 @dataclass(frozen=True)
@@ -117,11 +87,15 @@ class DataPlane:
         self._source = source
         self._inflight_bytes = inflight or InflightBytes(DEFAULT_INFLIGHT_BYTES)
         self._wait_s = wait_s  # longest a request waits on a registry lookup or a load
-        self._executor = executor
-        self.batching = batching
         self.instances = instances  # forward passes that can run at once (worker threads)
-        self._inline_forward_us = inline_forward_us
         self._metrics = metrics or Metrics()
+        self._loader = ModelLoader(
+            source,
+            executor,
+            batching=batching,
+            metrics=self._metrics,
+            inline_forward_us=inline_forward_us,
+        )
         self._cache = ModelCache(cache_bytes)
         self._aliases: dict[AliasKey, int] = {}
         # Bumped on every registry event for an alias; a resolution or background load that
@@ -228,53 +202,7 @@ class DataPlane:
             task.exception()  # retrieved here: every waiter may have given up already
 
     async def _load(self, name: str, version: int) -> ServedModel:
-        manifest, files = await self._source.fetch(name, version)
-        loop = asyncio.get_running_loop()
-        # Verifying sha256 and building the module is CPU work: keep it off the event loop.
-        try:
-            module = await loop.run_in_executor(
-                self._executor, artifacts.materialize, manifest, files
-            )
-        except (InvalidArgument, RuntimeError, TypeError, ValueError, OverflowError) as exc:
-            # The registry checked the files against the manifest, not that the config builds
-            # a model those tensors fit; the caller cannot fix that, an operator can.
-            reason = (
-                exc.message if isinstance(exc, InvalidArgument) else f"{type(exc).__name__}: {exc}"
-            )
-            raise FailedPrecondition(
-                f"model {name!r} version {version} cannot be built from its artifact "
-                f"({clip(reason, 300)}); register a version whose arch and config build a model "
-                "its weights fit"
-            ) from None
-        stats = ModelStats(name, version, self._metrics)
-        if is_text(manifest):  # strings in, tokenized here (services.inference.text)
-            signature: Signature = await text_signature(manifest, files, self._source)
-        else:
-            signature = Signature.for_zoo(manifest.arch, manifest.config)
-        row = signature.inputs[0].shape[1:] if manifest.arch in TRACEABLE_ARCHS else None
-        independent = rows_independent(module)
-        forward = await loop.run_in_executor(  # tracing runs the module: off the loop too
-            self._executor,
-            functools.partial(
-                torch_forward,
-                module,
-                trace_row=row,
-                pass_rows=FORWARD_PASS_ROWS if independent else None,
-            ),
-        )
-        batching = self.batching if independent else UNBATCHED
-        model = ServedModel(
-            name=name,
-            version=version,
-            signature=signature,
-            nbytes=weights_nbytes(module),
-            runner=make_runner(
-                forward, self._executor, batching, stats, inline_max_us=self._inline_forward_us
-            ),
-            stats=stats,
-            module=module,
-            batching=batching,
-        )
+        model = await self._loader.load(name, version)
         self._forget(self._cache.put(model))
         log.info("loaded %s (%d bytes of weights)", model.label, model.nbytes)
         for loaded in self.on_loaded:

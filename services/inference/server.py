@@ -31,11 +31,12 @@ from maas.liveness import Liveness
 from maas.oip import grpc_predict_v2_pb2 as pb
 from services.inference.admission import InflightBytes
 from services.inference.batcher import BatchingConfig
-from services.inference.dataplane import DataPlane, ModelSource
+from services.inference.dataplane import DataPlane
 from services.inference.generation import Generators
 from services.inference.http_app import HttpServer
 from services.inference.interceptors import ErrorMappingInterceptor
 from services.inference.kafka_stream import InferenceStream
+from services.inference.loading import ModelSource
 from services.inference.metrics import Metrics
 from services.inference.openai_http import OpenAIRoutes, bearer_auth
 from services.inference.rest import OipRestRoutes

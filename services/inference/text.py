@@ -36,7 +36,7 @@ from maas.text.wire import BYTES
 from services.inference.signature import BATCH_DIM, Signature, TensorSpec
 
 if TYPE_CHECKING:
-    from services.inference.dataplane import ModelSource
+    from services.inference.loading import ModelSource
 
 
 TEXT_INPUT = "text"

@@ -1,5 +1,6 @@
-"""The compressor's job flow, transport-neutral: parse a ``compress`` job, fetch the parent from
-the registry, run each method, measure every variant as it will be served, register it.
+"""The compressor's job flow, transport-neutral: take a ``compress`` job (parsed, and its
+statuses built, in ``services.compressor.job``), fetch the parent from the registry, run each
+method, measure every variant as it will be served, register it.
 
 Kafka stays in ``service.py``; the registry and the dataset fetch are passed in, so this runs in
 unit tests against fakes. Torch work runs on a worker thread, never on the event loop.
@@ -22,31 +23,35 @@ import functools
 import logging
 import math
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from maas import artifacts, events, jobs, zoo
+from maas import artifacts, jobs, zoo
 from maas.compression.measure import artifact_metrics, relative_metrics
-from maas.compression.pipeline import Plan, check_fits, parent_variant, parse_methods, run
+from maas.compression.pipeline import Plan, check_fits, parent_variant, run
 from maas.compression.train import FitConfig, Stopped, Tensors
 from maas.config import Settings
-from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
 from maas.text.model import ARCH as TEXT_ARCH
 from maas.training.prepare import FetchDataset, load_dataset
+from services.compressor.job import (
+    JOB_TYPE,
+    CompressJob,
+    check_same_job,
+    parse_job,
+    progress_status,
+    status,
+)
 
 log = logging.getLogger(__name__)
 
-SERVICE = "compressor"
-JOB_TYPE = "compress"
 MAX_LINEAGE_DEPTH = 32
-DEFAULT_BATCH_SIZE = 64
-DEFAULT_LR = 1e-3
 # Every cancel event is remembered, whichever job type it names (the event does not say): the
 # oldest are forgotten past this many.
 REMEMBERED_CANCELS = 10_000
@@ -81,64 +86,6 @@ class Registry(Protocol):
 
 
 Publish = Callable[[dict[str, Any]], Awaitable[None]]
-
-
-@dataclass(frozen=True)
-class CompressJob:
-    job_id: str
-    base: ModelRef
-    plans: tuple[Plan, ...]
-    dataset: dict[str, Any] | None  # None: use the dataset of the parent's lineage
-    fit: FitConfig  # batch size, lr and seed for recovery fine-tuning and distillation
-    register_name: str | None  # None: register under the parent's name
-    alias: str | None
-    fingerprint: str = ""  # jobs.content_sha256: tells a redelivery from another job's reuse
-
-
-def _base_ref(base: Mapping[str, Any] | None) -> ModelRef:
-    if not base or "name" not in base:
-        raise InvalidArgument("base is required for a compress job: {name, version | alias}")
-    if "version" in base and "alias" in base:
-        raise InvalidArgument("base: give version or alias, not both")
-    selector = base.get("version", base.get("alias"))
-    return ModelRef.parse(f"{base['name']}@{selector}" if selector is not None else base["name"])
-
-
-def parse_job(event: Mapping[str, Any]) -> CompressJob:
-    """A validated ``maas.job/1`` event of type compress -> a checked job, or InvalidArgument."""
-    compress = event.get("compress")
-    if not compress:
-        raise InvalidArgument("compress is required: {methods: [{quantize: {dtype: int8}}, ...]}")
-    plans = tuple(parse_methods(compress.get("methods") or []))
-    training = event.get("training") or {}
-    fit = FitConfig(
-        steps=0,  # each method says how long it trains
-        batch_size=int(training.get("batch_size", DEFAULT_BATCH_SIZE)),
-        lr=float((training.get("optimizer") or {}).get("lr", DEFAULT_LR)),
-        seed=int(training.get("seed", 0)),
-    )
-    register_as = event.get("register_as") or {}
-    alias = register_as.get("alias")
-    if alias is not None and len(plans) != 1:
-        raise InvalidArgument(
-            f"register_as.alias needs exactly one method (it names one version); got {len(plans)}"
-        )
-    return CompressJob(
-        job_id=str(event["job_id"]),
-        base=_base_ref(event.get("base")),
-        plans=plans,
-        dataset=dict(event["dataset"]) if event.get("dataset") else None,
-        fit=fit,
-        register_name=register_as.get("name"),
-        fingerprint=jobs.content_sha256(event),
-        alias=alias,
-    )
-
-
-def status(job_id: str, state: str, **fields: Any) -> dict[str, Any]:
-    return events.new_event(
-        events.JOB_STATUS, job_id=job_id, state=state, service=SERVICE, **fields
-    )
 
 
 def dataset_of(manifest: Manifest) -> dict[str, Any] | None:
@@ -198,21 +145,6 @@ def dataset_mismatch(uri: str, row: int, features: int, ref: str, arch: str) -> 
     )
 
 
-def _check_same_job(job: CompressJob, fingerprint: str) -> None:
-    if fingerprint != job.fingerprint:
-        raise AlreadyExists(
-            f"job_id={job.job_id!r} belongs to another compress job, run earlier with other "
-            "content; send this one under a new job_id"
-        )
-
-
-def plan_job(job_id: str, base: ModelRef, methods: Sequence[Mapping[str, Any]]) -> CompressJob:
-    """The compress job a policy's plan stands for: the job defaults, the parent's dataset."""
-    fit = FitConfig(steps=0, batch_size=DEFAULT_BATCH_SIZE, lr=DEFAULT_LR, seed=0)
-    plans = tuple(parse_methods(methods))
-    return CompressJob(job_id, base, plans, None, fit, None, None)
-
-
 class Compressor:
     def __init__(
         self,
@@ -246,7 +178,7 @@ class Compressor:
             return []
         job = parse_job(jobs.check_job(dict(event), self._settings))
         if job.job_id in self._finished:
-            _check_same_job(job, self._finished[job.job_id])
+            check_same_job(job, self._finished[job.job_id])
             log.info("job %s already done here; ignoring the redelivery", job.job_id)
             return []
         outcome = await self.run(job)
@@ -293,8 +225,8 @@ class Compressor:
             self._stop_if_cancelled(job.job_id, index)
             version = done.get(index) or await self._compress_one(job, index, plan, parent, name)
             versions.append(version)
-            await self._publish(_progress(job.job_id, "running", index + 1, total, versions))
-        await self._publish(_progress(job.job_id, "succeeded", total, total, versions))
+            await self._publish(progress_status(job.job_id, "running", index + 1, total, versions))
+        await self._publish(progress_status(job.job_id, "succeeded", total, total, versions))
         return Outcome(parent.metrics, versions)
 
     async def _load_parent(self, job: CompressJob) -> Parent:
@@ -349,7 +281,7 @@ class Compressor:
             async for version in self._registry.iter_versions(name):
                 if version.job_id == job.job_id:
                     settings = Manifest.from_json(version.manifest_json).settings
-                    _check_same_job(job, settings.get("job_sha256", job.fingerprint))
+                    check_same_job(job, settings.get("job_sha256", job.fingerprint))
                     index = settings.get("job_item")
                     if isinstance(index, int):
                         found[index] = version
@@ -418,30 +350,3 @@ class _Cancelled(Exception):
     def __init__(self, done: int) -> None:
         super().__init__(done)
         self.done = done
-
-
-def _progress(
-    job_id: str, state: str, step: int, total: int, versions: Sequence[ModelVersion]
-) -> dict[str, Any]:
-    """Progress naming the latest variant as ``model`` and every one so far as ``models``."""
-    latest = versions[-1]
-    return status(
-        job_id,
-        state,
-        step=step,
-        total_steps=total,
-        model={"name": latest.name, "version": latest.version},
-        models=[
-            {"name": v.name, "version": v.version, "method": v.method or "", "format": v.format}
-            for v in versions
-        ],
-        metrics=_status_metrics(latest.metrics),
-    )
-
-
-def _status_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
-    return {k: float(metrics[k]) for k in ("loss", "accuracy") if k in metrics}
-
-
-def failed_status(job_id: str, code: str, message: str) -> dict[str, Any]:
-    return status(job_id, "failed", error={"code": code, "message": message})

@@ -29,7 +29,8 @@ from maas.registry.types import (
     ModelVersion,
     PolicyVersion,
 )
-from services.compressor.core import CompressJob, Outcome, plan_job
+from services.compressor.core import Outcome
+from services.compressor.job import CompressJob, plan_job
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,8 @@ from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
 from maas.store import ObjectStore
 from maas.topics import JOB_STATUS, JOBS, MODELS
-from services.compressor.core import JOB_TYPE, Compressor, failed_status
+from services.compressor.core import Compressor
+from services.compressor.job import JOB_TYPE, failed_status
 from services.compressor.promoter import Promoter
 
 log = logging.getLogger(__name__)

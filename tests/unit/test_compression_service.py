@@ -12,7 +12,8 @@ from maas.datasets import load_builtin
 from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
-from services.compressor.core import Compressor, parse_job
+from services.compressor.core import Compressor
+from services.compressor.job import parse_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -195,9 +195,69 @@ def test_with_no_other_shard_an_unreachable_one_keeps_its_partition_and_says_so(
     started(pool, "a")
     for rank in (0, 1):
         pool.unreached("a", 0, "s0", "10.0.0.0:7070", rank=rank, now_ms=10)
-    assert pool.schedule() == []  # nowhere to move it: it waits
+    (waiting,) = pool.schedule()  # nowhere to move it: it waits, and says so once
+    assert (waiting.kind, waiting.assignment) == ("waiting", None)
+    assert waiting.reason.startswith("partition 0 waits for an aggregator shard: s0 is unreachable")
+    assert pool.schedule() == []
     pool.heard("w7", WORKER, "", now_ms=20)
     pool.submit(Want("b", workers=1, shards=1, min_workers=1))
     (change,) = pool.schedule()
     assert change.kind == "queued"
     assert "unreachable: s0 at 10.0.0.0:7070" in change.reason
+
+
+def test_a_partition_whose_shard_is_gone_with_no_other_alive_waits_and_says_so_once() -> None:
+    pool = pool_with(1, shards=1)
+    pool.submit(Want("a", workers=1, shards=1, min_workers=1))
+    started(pool, "a")
+    pool.left("s0")
+    (change,) = pool.schedule()
+    assert (change.kind, change.assignment) == ("waiting", None)
+    assert change.reason == (
+        "partition 0 waits for an aggregator shard: s0 is gone (no heartbeat) and no live shard "
+        "can take it (`maas stack status` shows the shards)"
+    )
+    assert pool.schedule() == []
+    pool.heard("s1", SHARD, "h:1", now_ms=5)
+    (moved,) = pool.schedule()
+    assert moved.assignment is not None and moved.assignment.shards == {0: "s1"}
+
+
+def test_a_partition_does_not_move_to_a_shard_about_to_time_out_too() -> None:
+    # Two shards die together: s0's timeout runs out first, while s1's has a tick to go.
+    pool = pool_with(1, shards=2)
+    pool.submit(Want("a", workers=1, shards=1, min_workers=1))
+    a = started(pool, "a")
+    assert a.shards == {0: "s0"}
+    pool.heard("s1", SHARD, "10.0.0.1:7070", now_ms=100)
+    pool.heard("w0", WORKER, "", now_ms=1000)
+    pool.control_record(1050)
+    assert [m.member_id for m in pool.expire(now_ms=1050)] == ["s0"]
+    (change,) = pool.schedule()
+    assert change.kind == "waiting"  # not moved to s1, silent for 950 of its 1000 ms
+    pool.heard("s1", SHARD, "10.0.0.1:7070", now_ms=1060)  # it was only late
+    pool.expire(now_ms=1070)
+    (moved,) = pool.schedule()
+    assert moved.assignment is not None and moved.assignment.shards == {0: "s1"}
+
+
+def test_a_job_started_short_names_its_vacant_ranks_and_their_untrained_rows() -> None:
+    pool = pool_with(1)
+    pool.submit(Want("a", workers=3, shards=1, min_workers=1))
+    (change,) = pool.schedule()
+    assert change.reason == (
+        "1 of 3 workers; ranks 1, 2 vacant: 2/3 of the training rows are not trained on until "
+        "a gradient worker takes them"
+    )
+
+
+def test_a_rank_left_vacant_by_a_lost_worker_is_named() -> None:
+    pool = pool_with(2)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=1))
+    started(pool, "a")
+    pool.left("w1")
+    (change,) = pool.schedule()
+    assert change.reason.endswith(
+        "rank 1 vacant: 1/2 of the training rows are not trained on until a gradient worker "
+        "takes it"
+    )

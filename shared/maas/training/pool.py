@@ -15,10 +15,13 @@ as there are, up to ``workers``) and each partition the least-loaded live shard.
 
 - a worker that went silent loses its rank (the job goes on without it);
 - a vacant rank goes to a free worker (a worker that joins mid-job is added at the next step; its
-  data shard is the rank's, so the job's data split never changes);
-- a partition whose shard went silent moves to another live shard, which resumes it from the
-  partition's last checkpoint; one whose shard came back at another address (a restart within
-  the timeout) gets the new address;
+  data shard is the rank's, so the job's data split never changes). While a rank is vacant its
+  data shard is not trained on, and the job's status says so;
+- a partition whose shard went silent moves to another live shard heard from within half a
+  timeout (one about to time out too is no place to go), which resumes it from the partition's
+  last checkpoint; with no such shard the partition waits, and the job's status says so once;
+  one whose shard came back at another address (a restart within the timeout) gets the new
+  address;
 - a partition whose shard still says ``up`` but that no worker of the job can reach (every rank
   reported it, ``unreached``) moves too, and that shard gets no partition while it keeps that
   address: a heartbeat alone does not prove a data plane (a ghost member, a wrong advertised
@@ -112,7 +115,7 @@ class Change:
     """What ``schedule`` decided for one job: it starts, its assignment moved, or it waits."""
 
     job_id: str
-    kind: str  # "started" | "moved" | "queued"
+    kind: str  # "started" | "moved" | "queued" | "waiting" (a partition has no shard to go to)
     reason: str
     assignment: Assignment | None = None
 
@@ -126,8 +129,10 @@ class Pool:
     control_ms: int = 0  # when the last record of any kind came from the control topic
     # Shards no worker could reach, with the address they could not be reached at.
     unreachable: dict[str, str] = field(default_factory=dict)
+    now_ms: int = 0  # when members were last expired: "heard recently" is measured from it
     _wants: dict[str, Want] = field(default_factory=dict)
     _queued_reason: dict[str, str] = field(default_factory=dict)
+    _stranded: set[tuple[str, int]] = field(default_factory=set)  # (job, partition) said to wait
     # (job, partition) -> rank -> when that rank's worker last said it cannot reach the shard
     _unreached: dict[tuple[str, int], dict[int, int]] = field(default_factory=dict)
 
@@ -165,6 +170,7 @@ class Pool:
     def expire(self, now_ms: int) -> list[Member]:
         """Forget members silent for the timeout; the ones forgotten. While the control topic
         itself is silent nothing is forgotten (see ``control_record``)."""
+        self.now_ms = now_ms
         if now_ms - self.control_ms > self._quiet_ms:
             return []
         gone = [m for m in self.members.values() if now_ms - m.seen_ms > self.timeout_ms]
@@ -225,6 +231,7 @@ class Pool:
         self.queue.pop(job_id, None)
         self._wants.pop(job_id, None)
         self._queued_reason.pop(job_id, None)
+        self._stranded = {k for k in self._stranded if k[0] != job_id}
         for key in [k for k in self._unreached if k[0] == job_id]:
             del self._unreached[key]
         return self.running.pop(job_id, None)
@@ -251,15 +258,20 @@ class Pool:
             if rank not in a.workers and free:
                 a.workers[rank] = free.pop(0)
                 notes.append(f"worker {a.workers[rank]} joined as rank {rank}")
+        waits: list[str] = []
         for part in sorted(a.shards):
-            if note := self._repair_partition(a, part):
+            if note := self._repair_partition(a, part, waits):
                 notes.append(note)
-        if not notes:
-            return None
-        a.epoch += 1
-        return Change(job_id, "moved", "; ".join(notes), a)
+        if notes:
+            a.epoch += 1
+            return Change(job_id, "moved", "; ".join(notes + waits + vacancies(a, want)), a)
+        if waits:
+            return Change(job_id, "waiting", "; ".join(waits))
+        return None
 
-    def _repair_partition(self, a: Assignment, part: int) -> str | None:
+    def _repair_partition(self, a: Assignment, part: int, waits: list[str]) -> str | None:
+        """A note on how the partition moved, if it did; one that cannot move says why in
+        ``waits``, once."""
         member = a.shards[part]
         why = ""
         if member in self.members:
@@ -274,15 +286,24 @@ class Pool:
             else:
                 return None
         target = self._least_loaded_shard()
-        if target is None:
-            return None  # no shard to move to: the partition waits, workers keep their pushes
+        key = (a.job_id, part)
+        if target is None:  # the partition waits; workers keep their pushes for its next shard
+            if key not in self._stranded:
+                self._stranded.add(key)
+                lost = f"is unreachable{why}" if why else "is gone (no heartbeat)"
+                waits.append(
+                    f"partition {part} waits for an aggregator shard: {member} {lost} and no "
+                    "live shard can take it (`maas stack status` shows the shards)"
+                )
+            return None
+        self._stranded.discard(key)
         a.shards[part], a.addresses[part] = target.member_id, target.address
-        self._unreached.pop((a.job_id, part), None)
+        self._unreached.pop(key, None)
         return f"partition {part} moved from shard {member} to {target.member_id}{why}"
 
     def _place(self, want: Want) -> Change | None:
         free = self.free_workers()
-        shards = self.usable_shards()
+        shards = self._targets()
         reason = ""
         if len(free) < want.min_workers:
             reason = (
@@ -307,13 +328,24 @@ class Pool:
             a.shards[part], a.addresses[part] = target.member_id, target.address
         del self.queue[want.job_id]
         self._queued_reason.pop(want.job_id, None)
-        return Change(want.job_id, "started", f"{len(workers)} of {want.workers} workers", a)
+        started = "; ".join([f"{len(workers)} of {want.workers} workers", *vacancies(a, want)])
+        return Change(want.job_id, "started", started, a)
 
     def _unreachable_list(self) -> str:
         return ", ".join(f"{m} at {addr}" for m, addr in sorted(self.unreachable.items()))
 
+    def _targets(self) -> list[str]:
+        """Shards a partition may go to: usable, and heard from within half a timeout (when
+        several shards die together their timeouts run out one tick apart, and the first
+        partition to move must not go to the next one to be declared gone)."""
+        return [
+            m
+            for m in self.usable_shards()
+            if self.now_ms - self.members[m].seen_ms <= self._quiet_ms
+        ]
+
     def _least_loaded_shard(self) -> Member | None:
-        load = {m: 0 for m in self.usable_shards()}
+        load = {m: 0 for m in self._targets()}
         for a in self.running.values():
             for member in a.shards.values():
                 if member in load:
@@ -322,3 +354,17 @@ class Pool:
             return None
         best = min(load, key=lambda m: (load[m], m))
         return self.members[best]
+
+
+def vacancies(a: Assignment, want: Want) -> list[str]:
+    """A note naming the job's vacant ranks, whose data shards go untrained while they are
+    vacant (the split is by rank; see the module's docstring); none when every rank is held."""
+    vacant = [rank for rank in range(want.workers) if rank not in a.workers]
+    if not vacant:
+        return []
+    ranks = ", ".join(map(str, vacant))
+    return [
+        f"rank{'s' if len(vacant) > 1 else ''} {ranks} vacant: {len(vacant)}/{want.workers} of "
+        "the training rows are not trained on until a gradient worker takes "
+        f"{'them' if len(vacant) > 1 else 'it'}"
+    ]

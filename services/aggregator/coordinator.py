@@ -117,6 +117,7 @@ class Coordinator:
             finish=self._finish,
             announce=self._announce,
             send_status=self._send_status,
+            check_base=self._finisher.check_base,
         )
         self._pool = PoolScheduler(
             settings, self._producer, self._store, self._monitor.follow, self._member_failed
@@ -191,7 +192,13 @@ class Coordinator:
         jobs.check_job(job, self.settings)
         prepared = await self._prepare(job)
         plan = prepared.plan
-        await self._send_status(job_id, "accepted", step=0, total_steps=plan.target_version)
+        await self._send_status(
+            job_id,
+            "accepted",
+            step=0,
+            total_steps=plan.target_version,
+            content_sha256=jobs.content_sha256(content),
+        )
         await self._write_job(content, prepared)
         log.info(
             "job %s: %s %s, %d steps, %d workers x %d shards (%s, %s)",

@@ -20,7 +20,7 @@ from safetensors.torch import load as load_safetensors
 
 from maas import datasets, zoo
 from maas.config import Settings
-from maas.errors import FailedPrecondition, NotFound
+from maas.errors import FailedPrecondition, MaasError, NotFound
 from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
 from maas.store_async import AsyncObjectStore
@@ -55,6 +55,25 @@ class JobFinisher:
         self._objects = objects
         self._store = store
         self._registry = registry
+
+    async def check_base(self, plan: JobPlan) -> None:
+        """FailedPrecondition when the version a fine-tune started from was deleted while the
+        job ran: its result could never be registered with that parent, so the job ends now
+        rather than after its last step. A registry out of reach says nothing here (the
+        finish waits such outages out)."""
+        if not plan.parent:
+            return
+        base = f"{plan.parent['name']}@{plan.parent['version']}"
+        try:
+            await self._registry.get(base)
+        except NotFound as exc:
+            raise FailedPrecondition(
+                f"the job's base {base} is gone ({exc.message}); a model fine-tuned from it "
+                "cannot be registered with it as parent: submit the job again on a version that "
+                "exists (and delete a base only once the jobs using it ended)"
+            ) from None
+        except MaasError:
+            return
 
     async def result(self, plan: JobPlan, pointers: list[ck.Pointer]) -> dict[str, Any]:
         """The ``succeeded`` result of ``plan`` whose partitions' final checkpoints are

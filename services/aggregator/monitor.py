@@ -2,13 +2,14 @@
 
 Per job, one task polls the partitions' checkpoint pointers. When every one is final the job is
 finished (``finish``); when a shard reports no progress for ``MAAS_JOB_STALL_TIMEOUT_MS`` it
-fails. The stall wait is counted from the last progress seen, through any S3 or registry outage
-the monitor waits out meanwhile (``StallClock``), and while it waits one out the job's status
-says so. A job also ends, at the next poll, with an ending someone else asked for (``end``): a
-worker that reports a step it cannot compute, an assignment the coordinator did not write, a
-``cancel`` event. However a job ends, its result is written to S3 first and then announced
-(``announce``), retrying through outages: an ending not recorded would leave the job running for
-good, its workers counted busy.
+fails; when the base version a fine-tune started from is deleted meanwhile, it fails at once
+(its result could not be registered with that parent). The stall wait is counted from the last
+progress seen, through any S3 or registry outage the monitor waits out meanwhile
+(``StallClock``), and while it waits one out the job's status says so. A job also ends, at the
+next poll, with an ending someone else asked for (``end``): a worker that reports a step it
+cannot compute, an assignment the coordinator did not write, a ``cancel`` event. However a job
+ends, its result is written to S3 first and then announced (``announce``), retrying through
+outages: an ending not recorded would leave the job running for good, its workers counted busy.
 """
 
 from __future__ import annotations
@@ -31,10 +32,12 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5
 RETRY_S = 2.0
 WAITING_NOTE_MS = 30_000  # at most one "waiting for ..." status per job this often
+BASE_CHECK_MS = 10_000  # how often a running job's base version is looked up
 
 Finish = Callable[[JobPlan, list[ck.Pointer]], Awaitable[None]]
 Announce = Callable[[str, Mapping[str, Any]], Awaitable[None]]
 SendStatus = Callable[..., Awaitable[None]]  # (job_id, state, **fields)
+CheckBase = Callable[[JobPlan], Awaitable[None]]  # raises when the job's base is gone
 
 
 class JobStalled(DeadlineExceeded):
@@ -75,8 +78,10 @@ class JobMonitor:
         finish: Finish,
         announce: Announce,
         send_status: SendStatus,
+        check_base: CheckBase,
     ) -> None:
         self._stall_timeout_ms = settings.job_stall_timeout_ms
+        self._check_base = check_base
         self._store = store
         self._finish = finish
         self._announce = announce
@@ -162,6 +167,7 @@ class JobMonitor:
             await self._announce(job_id, result)
             return
         plan = await self._store.read_plan(job_id)
+        base_checked_ms: int | None = None
         while True:
             pointers = [await self._store.pointer(job_id, s) for s in range(plan.shards)]
             if all(p is not None and p.final for p in pointers):
@@ -172,9 +178,13 @@ class JobMonitor:
                 await self._store.write_result(job_id, ending)
                 await self._announce(job_id, ending)
                 return
+            now = events.now_ms()
+            if base_checked_ms is None or now - base_checked_ms >= BASE_CHECK_MS:
+                base_checked_ms = now
+                await self._check_base(plan)  # a deleted base ends the job now, not at its end
             versions = tuple(p.version if p else -1 for p in pointers)
             progress_ms = self._progress_ms.get(job_id, 0)
-            if clock.stalled_for(versions, progress_ms, events.now_ms()) > self._stall_timeout_ms:
+            if clock.stalled_for(versions, progress_ms, now) > self._stall_timeout_ms:
                 raise JobStalled(
                     f"no progress for {self._stall_timeout_ms} ms (shard versions "
                     f"{list(versions)}); are gradient workers and aggregator shards running? "

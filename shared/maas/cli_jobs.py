@@ -104,10 +104,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _submit(args: argparse.Namespace, settings: Settings) -> int:
     from maas import jobs
 
-    job = jobs.check_job(jobs.prepare_job(jobs.load_job_file(args.file), args.job_id), settings)
+    doc = jobs.load_job_file(args.file)
+    job = jobs.check_job(jobs.prepare_job(doc, args.job_id), settings)
     if args.dry_run:
         console().print(f"[green]ok[/green] {args.file}: a valid {job['type']} job")
         return 0
+    if args.job_id or doc.get("job_id"):  # an id someone chose may be taken already
+        jobs.check_id_free(job, asyncio.run(jobs.accepted_content(settings, job["job_id"])))
     asyncio.run(jobs.publish_job(settings, job))
     print(job["job_id"])
     if args.watch:

@@ -25,7 +25,7 @@ from maas import datasets, events, topics, zoo
 from maas.bus import EventProducer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
-from maas.errors import DeadlineExceeded, InvalidArgument, SchemaViolation
+from maas.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, SchemaViolation
 from maas.textfile import read_text_file
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -195,6 +195,26 @@ async def status_events(
                 yield record.event
             if not follow and await reader.reached(end):
                 return
+
+
+async def accepted_content(settings: Settings, job_id: str) -> str | None:
+    """The ``content_sha256`` the service that accepted ``job_id`` recorded (its ``accepted``
+    status); None when no status for the id says one (unknown id, or an older service)."""
+    async for event in status_events(settings, follow=False):
+        if event["job_id"] == job_id and isinstance(event.get("content_sha256"), str):
+            return str(event["content_sha256"])
+    return None
+
+
+def check_id_free(job: Mapping[str, Any], accepted: str | None) -> None:
+    """AlreadyExists when ``job``'s id was accepted for other content (``accepted``): the
+    services would dead-letter this job, and watching the id would show the other job."""
+    if accepted is not None and accepted != content_sha256(job):
+        raise AlreadyExists(
+            f"job_id {job['job_id']!r} belongs to another job, accepted earlier with other "
+            "content (`maas jobs watch` shows it); the services would refuse this one. Submit "
+            "it under a new --job-id, or leave job_id out for a fresh one"
+        )
 
 
 async def summaries(settings: Settings) -> dict[str, JobSummary]:

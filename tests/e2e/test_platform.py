@@ -148,6 +148,27 @@ def test_a_mistaken_job_file_is_refused_by_the_cli_before_publishing(settings, t
     assert "training.optimizer.lr" in result.stderr
 
 
+def test_the_cli_refuses_a_job_under_an_id_accepted_for_other_content(
+    settings, trained, tmp_path: Path
+):
+    # Published, it would be dead-lettered (already_exists), and watching the id would show
+    # the first job's result as if it were this one's.
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        f"job_id: {trained.job_id}\ntype: train\nmodel: {{name: x, arch: mlp}}\n"
+        "dataset: {uri: 'builtin:digits'}\ntraining: {steps: 5}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "maas.cli", "jobs", "submit", str(other), "--watch"],
+        env=cli_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stdout
+    assert f"job_id '{trained.job_id}' belongs to another job" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("change", "field"),
     [

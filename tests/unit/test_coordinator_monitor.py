@@ -13,7 +13,7 @@ from pool_kit import SentEvents, ticking_clock
 
 from maas import events
 from maas.config import Settings
-from maas.errors import InvalidArgument, Unavailable
+from maas.errors import InvalidArgument, NotFound, Unavailable
 from maas.training import checkpoint as ck
 from maas.training.pool import Want
 from services.aggregator import monitor as monitor_module
@@ -30,12 +30,13 @@ class FlakyStore:
     def __init__(self) -> None:
         self.reads = 0
         self.results: dict[str, dict[str, Any]] = {}
+        self.parent: dict[str, Any] | None = None  # a fine-tune's base
 
     async def read_result(self, job_id: str) -> dict[str, Any] | None:
         return self.results.get(job_id)
 
     async def read_plan(self, job_id: str) -> Any:
-        return SimpleNamespace(shards=1, job_id=job_id)
+        return SimpleNamespace(shards=1, job_id=job_id, parent=self.parent)
 
     async def pointer(self, job_id: str, shard: int) -> ck.Pointer:
         self.reads += 1
@@ -101,3 +102,24 @@ async def test_a_queued_job_taken_by_a_foreign_assignment_fails_and_leaves_the_q
     assert "did not write (epoch 999)" in store.results["job-q"]["error"]["message"]
     assert [e["state"] for e in producer.sent] == ["failed"]
     assert "job-q" not in c._pool.pool.queue
+
+
+class DeletedVersions:
+    """A registry that knows every version as deleted."""
+
+    async def get(self, ref: str) -> Any:
+        raise NotFound(f"model {ref} was deleted")
+
+
+async def test_a_finetune_whose_base_is_deleted_fails_at_once_naming_it(clock: list[int]) -> None:
+    c, store, _ = coordinator()
+    store.parent = {"name": "digits", "version": 5}
+    c._finisher._registry = DeletedVersions()  # type: ignore[assignment]
+    await c._monitor._follow("job-1")
+    error = store.results["job-1"]["error"]
+    assert error["code"] == "failed_precondition"
+    assert error["message"].startswith(
+        "the job's base digits@5 is gone (model digits@5 was deleted); a model fine-tuned from it "
+        "cannot be registered"
+    )
+    assert store.reads <= 2  # at the first poll, not after its stall timeout

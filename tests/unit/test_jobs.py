@@ -8,7 +8,7 @@ import pytest
 
 from maas import cli_jobs, events, jobs
 from maas.config import Settings
-from maas.errors import InvalidArgument, SchemaViolation
+from maas.errors import AlreadyExists, InvalidArgument, SchemaViolation
 
 SETTINGS = Settings()
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "jobs"
@@ -296,3 +296,17 @@ def test_a_listing_shows_the_date_of_an_update_from_another_day():
     today = int(dt.datetime(2026, 12, 5, 9, 30, 5).timestamp() * 1000)
     assert cli_jobs.when(today, now) == "09:30:05"
     assert cli_jobs.when(0, now) == dt.datetime.fromtimestamp(0).strftime("%Y-%m-%d %H:%M")
+
+
+def test_an_id_accepted_for_the_same_content_is_free_for_a_resubmission() -> None:
+    job = check(train_doc(job_id="mine"))
+    again = dict(job, id="another-envelope", ts=job["ts"] + 1)  # a retry: new envelope
+    jobs.check_id_free(again, accepted=jobs.content_sha256(job))
+    jobs.check_id_free(job, accepted=None)  # no service has said what it accepted
+
+
+def test_an_id_accepted_for_other_content_is_refused_naming_it() -> None:
+    first = check(train_doc(job_id="mine"))
+    edited = check(train_doc(job_id="mine", training={"steps": 11}))
+    with pytest.raises(AlreadyExists, match="job_id 'mine' belongs to another job"):
+        jobs.check_id_free(edited, accepted=jobs.content_sha256(first))

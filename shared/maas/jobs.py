@@ -73,8 +73,10 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
 
     The schema rejects unknown keys at every level (naming the path and the nearest known key);
     then the model zoo judges each {arch, config} and its size (counted, never allocated) against
-    MAAS_MAX_MODEL_PARAMS, and the dataset uri against the builtins and MAAS_DATASET_BUCKETS.
-    Raises InvalidArgument naming the field and what is accepted.
+    MAAS_MAX_MODEL_PARAMS, a compress job's methods and a training job's ``training`` section
+    as the services read them, and the dataset uri against the builtins and MAAS_DATASET_BUCKETS.
+    What needs the dataset's rows, the base model or the pool is judged by the service that runs
+    the job. Raises InvalidArgument naming the field and what is accepted.
     """
     events.validate(job, events.JOB)
     events.check_numbers(job)
@@ -97,6 +99,17 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
         from maas.compression.pipeline import parse_methods
 
         parse_methods(job["compress"].get("methods") or [])
+    else:
+        # The training section as the coordinator reads it (its ranges beyond the schema's);
+        # what needs the dataset or the pool is judged there.
+        from maas.training.plan import MAX_JOB_SHARDS, MAX_JOB_WORKERS, TrainingSpec
+
+        TrainingSpec.from_job(
+            job.get("training"),
+            max_workers=MAX_JOB_WORKERS,
+            max_shards=MAX_JOB_SHARDS,
+            default_deadline_ms=settings.step_deadline_ms,
+        )
     if "dataset" in job:
         datasets.check_uri(job["dataset"]["uri"], settings)
     if kind == "train" and "name" not in model and "name" not in job.get("register_as", {}):

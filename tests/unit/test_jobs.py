@@ -2,6 +2,7 @@
 
 import datetime as dt
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,8 @@ def test_a_yaml_nan_anywhere_in_a_job_is_refused_naming_where(tmp_path):
 
 
 def test_an_integer_beyond_64_bits_is_refused_naming_where_before_publishing():
-    doc = train_doc(training={"steps": 10**20, "optimizer": {"name": "sgd", "lr": 0.1}})
-    with pytest.raises(SchemaViolation, match=r"training\.steps is a 67-bit integer, beyond 64"):
+    doc = train_doc(training={"staleness": 10**20, "optimizer": {"name": "sgd", "lr": 0.1}})
+    with pytest.raises(SchemaViolation, match=r"training\.staleness is a 67-bit integer, beyond"):
         check(doc)
 
 
@@ -310,3 +311,19 @@ def test_an_id_accepted_for_other_content_is_refused_naming_it() -> None:
     edited = check(train_doc(job_id="mine", training={"steps": 11}))
     with pytest.raises(AlreadyExists, match="job_id 'mine' belongs to another job"):
         jobs.check_id_free(edited, accepted=jobs.content_sha256(first))
+
+
+@pytest.mark.parametrize(
+    ("training", "refused"),
+    [
+        ({"freeze": [""]}, "training.freeze=[''] must be a list of non-empty parameter-name"),
+        ({"mode": "sync", "sync_every": 4}, "sync_every applies to mode 'local_sgd' only"),
+        ({"steps": 5, "epochs": 1}, "training.steps and training.epochs are exclusive"),
+        ({"workers": 2, "min_workers": 3}, "min_workers=3 must be at most training.workers=2"),
+    ],
+)
+def test_the_cli_judges_the_training_section_as_the_coordinator_does(training, refused) -> None:
+    # --dry-run said "a valid train job" for these; the coordinator then refused them.
+    training = {"optimizer": {"name": "sgd", "lr": 0.1}, **training}
+    with pytest.raises(InvalidArgument, match=re.escape(refused)):
+        check(train_doc(training=training))

@@ -126,7 +126,10 @@ class TrainingSpec:
         parse_codec(codec)
         freeze = t.get("freeze", [])
         if not isinstance(freeze, list) or not all(isinstance(p, str) and p for p in freeze):
-            raise InvalidArgument("training.freeze must be a list of parameter-name prefixes")
+            raise InvalidArgument(
+                f"training.freeze={shown(freeze)} must be a list of non-empty parameter-name "
+                "prefixes, e.g. ['embeddings.', 'encoder.layer.0.']"
+            )
         mode = _choice(t, "mode", MODES, "sync")
         if "sync_every" in t and mode != "local_sgd":
             raise InvalidArgument(

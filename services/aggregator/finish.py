@@ -38,8 +38,7 @@ def check_diverged(plan: JobPlan, metrics: dict[str, float]) -> None:
     if broken:
         raise FailedPrecondition(
             f"training diverged: held-out {', '.join(broken)} is not a number after "
-            f"{plan.target_version} steps; lower training.optimizer.lr "
-            f"(it was {plan.training.optimizer.lr:g}) or check the dataset's values"
+            f"{plan.target_version} steps; {plan.training.optimizer.divergence_advice()}"
         )
 
 

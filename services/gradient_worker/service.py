@@ -285,8 +285,12 @@ class WorkerService:
                 await loop.run_in_executor(self._compute, job.compute, view, emit)
         except Exception as exc:
             # A step that cannot be computed will not compute next time either: say why, so the
-            # coordinator fails the job with the reason instead of waiting for it to stall.
-            log.exception("job %s: step failed; leaving the job", job_id)
+            # coordinator fails the job with the reason instead of waiting for it to stall. One
+            # the job itself caused (it diverged) needs no traceback; anything else does.
+            if isinstance(exc, MaasError):
+                log.warning("job %s: step failed (%s); leaving the job", job_id, exc.message)
+            else:
+                log.exception("job %s: step failed; leaving the job", job_id)
             await self._give_up(job_id, f"{type(exc).__name__}: {exc}")
             return
         self.metrics.steps.inc(job.steps - before)  # a local-SGD round is several steps

@@ -48,6 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     submit.add_argument("--job-id", help="idempotency key (default: the file's, or a new one)")
     submit.add_argument("--dry-run", action="store_true", help="check only, publish nothing")
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
+    submit.add_argument(
+        "--timeout-s",
+        type=_seconds,
+        default=None,
+        help="with --watch: stop watching after this long (the job goes on)",
+    )
     submit.set_defaults(func=_submit)
 
     watch = command(
@@ -71,7 +77,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "it would have); a compress job ends before its next variant is registered, keeping the "
         "variants registered so far (the one being built is dropped, its training stopped at "
         "its next step). Exit code 0 once the job "
-        "is cancelled.",
+        "is cancelled, 1 if it ended otherwise or no service knows the job.",
         example="maas jobs cancel train-3f2a9c01de",
     )
     cancel.add_argument("job_id")
@@ -115,7 +121,7 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     print(job["job_id"])
     if args.watch:
         try:
-            return _exit_code(asyncio.run(follow(settings, job["job_id"], None)))
+            return _exit_code(asyncio.run(follow(settings, job["job_id"], args.timeout_s)))
         except KeyboardInterrupt:
             print(f"stopped watching; the job goes on: maas jobs watch {job['job_id']}")
             raise
@@ -144,7 +150,7 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
             f"[yellow]no service has reported on job {args.job_id}[/yellow] (`maas jobs list` "
             "shows the known jobs): the cancel is sent, but there is nothing to wait for"
         )
-        return 0
+        return 1  # nothing was cancelled
     summary = asyncio.run(follow(settings, args.job_id, args.timeout_s))
     return 0 if summary.state == "cancelled" else 1
 

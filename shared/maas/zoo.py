@@ -91,7 +91,12 @@ def _sequential_parameters(c: SequentialConfig) -> Breakdown:
     return [*layers, ("num_classes", features * c.num_classes + c.num_classes)]
 
 
-def _dataclass_config(config_type: type[Any]) -> Callable[[dict[str, Any], str], Any]:
+def _dataclass_config(
+    config_type: type[Any], *, sizes: bool = False
+) -> Callable[[dict[str, Any], str], Any]:
+    """A parser for ``config_type``'s maps; with ``sizes`` every integer is a layer's size, so
+    0 is refused too (a layer of width 0 trains into a constant model)."""
+
     def parse(config: dict[str, Any], where: str) -> Any:
         known = [f.name for f in fields(config_type)]
         for key in config:
@@ -110,6 +115,8 @@ def _dataclass_config(config_type: type[Any]) -> Callable[[dict[str, Any], str],
                 if "tuple" in str(f.type):
                     what = f"a list of {what.split()[-1]}s"
                 raise InvalidArgument(f"{where}.{f.name}={value!r} must be {what}")
+            if sizes and kind is int and any(v < 1 for v in items):
+                raise InvalidArgument(f"{where}.{f.name}={value!r}: sizes must be at least 1")
             if any(v < 0 for v in items):
                 raise InvalidArgument(f"{where}.{f.name}={value!r} must not be negative")
             if not all(math.isfinite(v) for v in items):
@@ -179,7 +186,7 @@ ARCHS: dict[str, Arch] = {
         "mlp",
         MLPConfig,
         "MLP",
-        _dataclass_config(MLPConfig),
+        _dataclass_config(MLPConfig, sizes=True),
         lambda c: (c.in_features,),
         _mlp_parameters,
     ),
@@ -187,7 +194,7 @@ ARCHS: dict[str, Arch] = {
         "cnn",
         CNNConfig,
         "CNN",
-        _dataclass_config(CNNConfig),
+        _dataclass_config(CNNConfig, sizes=True),
         lambda c: (c.in_channels * c.image_size**2,),
         _cnn_parameters,
     ),

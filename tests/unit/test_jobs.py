@@ -320,6 +320,7 @@ def test_an_id_accepted_for_other_content_is_refused_naming_it() -> None:
         ({"mode": "sync", "sync_every": 4}, "sync_every applies to mode 'local_sgd' only"),
         ({"steps": 5, "epochs": 1}, "training.steps and training.epochs are exclusive"),
         ({"workers": 2, "min_workers": 3}, "min_workers=3 must be at most training.workers=2"),
+        ({"mode": "async", "quorum": 0.5}, "training.quorum applies to modes 'sync' and"),
     ],
 )
 def test_the_cli_judges_the_training_section_as_the_coordinator_does(training, refused) -> None:
@@ -327,3 +328,10 @@ def test_the_cli_judges_the_training_section_as_the_coordinator_does(training, r
     training = {"optimizer": {"name": "sgd", "lr": 0.1}, **training}
     with pytest.raises(InvalidArgument, match=re.escape(refused)):
         check(train_doc(training=training))
+
+
+def test_submit_with_watch_takes_a_timeout_as_watch_does() -> None:
+    from maas.cli import build_parser
+
+    args = build_parser().parse_args(["jobs", "submit", "job.yaml", "--watch", "--timeout-s", "5"])
+    assert (args.watch, args.timeout_s) == (True, 5.0)

@@ -180,7 +180,7 @@ MLP_STEP_BYTES = 4 * (64 * 16 + 16 + 16 * 10 + 10)  # the _job MLP's fp32 gradie
 
 def test_a_default_checkpoint_interval_comes_down_until_the_replay_backlog_fits() -> None:
     limits = Limits(default_deadline_ms=5000, max_kept_bytes=21 * MLP_STEP_BYTES)
-    plan = prepare_job(_training(), limits=limits).plan
+    plan = prepare_job(_training(steps=100), limits=limits).plan
     assert plan.training.checkpoint_every == 10  # 2 x 10 + 1 steps kept
 
 
@@ -192,13 +192,26 @@ def test_a_checkpoint_interval_that_fits_is_kept() -> None:
 def test_a_given_interval_whose_backlog_does_not_fit_is_refused_saying_what_fits() -> None:
     limits = Limits(default_deadline_ms=5000, max_kept_bytes=21 * MLP_STEP_BYTES)
     with pytest.raises(InvalidArgument, match=r"checkpoint_every=11 .* at most 10 fits"):
-        prepare_job(_training(checkpoint_every=11), limits=limits)
+        prepare_job(_training(steps=100, checkpoint_every=11), limits=limits)
 
 
 def test_a_compressing_codec_leaves_room_for_a_longer_interval() -> None:
     limits = Limits(default_deadline_ms=5000, max_kept_bytes=21 * MLP_STEP_BYTES)
-    plan = prepare_job(_training(gradient_codec="int8"), limits=limits).plan
+    plan = prepare_job(_training(steps=100, gradient_codec="int8"), limits=limits).plan
     assert plan.training.checkpoint_every == 41  # a quarter of the bytes: 2 x 41 + 1 <= 84 steps
+
+
+def test_an_interval_longer_than_the_job_is_judged_as_checkpointing_at_its_end() -> None:
+    # 5 steps keep at most 2 x 5 + 1 pushes, whatever interval the job gave.
+    limits = Limits(default_deadline_ms=5000, max_kept_bytes=21 * MLP_STEP_BYTES)
+    plan = prepare_job(_training(steps=5, checkpoint_every=1_000_000), limits=limits).plan
+    assert plan.training.checkpoint_every == 1_000_000
+
+
+def test_an_async_staleness_too_large_to_keep_is_refused_naming_staleness() -> None:
+    limits = Limits(default_deadline_ms=5000, max_kept_bytes=21 * MLP_STEP_BYTES)
+    with pytest.raises(InvalidArgument, match=r"lower training.staleness \(it is 30\)"):
+        prepare_job(_training(mode="async", staleness=30), limits=limits)
 
 
 def test_gradients_too_large_to_keep_even_one_interval_are_refused_naming_the_way_out() -> None:

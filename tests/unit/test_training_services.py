@@ -224,6 +224,6 @@ def test_a_model_whose_held_out_loss_is_not_a_number_fails_the_job_saying_it_div
     }
     plan = prepare_job(job, limits=Limits(1000)).plan
     check_diverged(plan, {"loss": 0.3, "accuracy": 0.9})
-    diverged = r"diverged: held-out loss .*optimizer\.lr \(it was 1e\+30\)"
+    diverged = r"diverged: held-out loss .*optimizer\.lr \(it is 1e\+30\)"
     with pytest.raises(FailedPrecondition, match=diverged):
         check_diverged(plan, {"loss": float("nan"), "accuracy": 0.1})

@@ -9,6 +9,7 @@ import pytest
 
 from maas.errors import FailedPrecondition
 from maas.training.broadcast import ShardParams
+from maas.training.optim import OptimizerSpec
 from maas.training.prepare import Limits, prepare_job
 from maas.training.worker import WorkerJob
 
@@ -44,3 +45,11 @@ def test_a_loss_that_is_not_a_number_fails_the_step_and_pushes_nothing(mode: str
     with pytest.raises(FailedPrecondition, match=said + r" \(it is 0.5\)"):
         job.compute(job.take(), lambda shard, push: pushed.append(shard))
     assert pushed == []
+
+
+def test_the_advice_names_every_optimizer_setting_moved_from_its_default() -> None:
+    spec = OptimizerSpec("adam", lr=0.05, weight_decay=1e30, beta2=0.0)
+    assert spec.divergence_advice() == (
+        "lower training.optimizer.lr (it is 0.05), check training.optimizer.weight_decay "
+        "(it is 1e+30), check training.optimizer.beta2 (it is 0) or check the dataset's values"
+    )

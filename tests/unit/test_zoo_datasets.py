@@ -61,6 +61,20 @@ def test_unknown_config_key_is_named():
         zoo.build("mlp", {"widht": 3})
 
 
+@pytest.mark.parametrize(
+    ("arch", "config", "named"),
+    [
+        ("mlp", {"hidden": [0]}, r"model.config.hidden=\(0,\): sizes must be at least 1"),
+        ("mlp", {"num_classes": 0}, "model.config.num_classes=0: sizes must be at least 1"),
+        ("cnn", {"channels": [8, 0]}, r"model.config.channels=\(8, 0\): sizes must be"),
+    ],
+)
+def test_a_layer_of_size_zero_is_refused_naming_it(arch, config, named):
+    # hidden: [0] trained into a model that answers the same for every input
+    with pytest.raises(InvalidArgument, match=named):
+        zoo.parse_config(arch, config)
+
+
 def rows(x: np.ndarray, y: np.ndarray) -> Counter:
     """The (features, label) rows of a dataset, counted (digits holds some identical images)."""
     return Counter(zip((r.tobytes() for r in x), y.tolist(), strict=True))

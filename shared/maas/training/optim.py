@@ -51,6 +51,21 @@ class OptimizerSpec:
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
+    def divergence_advice(self) -> str:
+        """What to change when training with these settings diverged: the learning rate, each
+        setting moved from its default (weight decay of 1e30 or Adam's beta2 of 0 blow the
+        updates up as surely as a high rate), and the data."""
+        default = OptimizerSpec(self.name)
+        moved = [
+            f"training.optimizer.{name} (it is {getattr(self, name):g})"
+            for name in ("weight_decay", "momentum", "beta1", "beta2", "eps")
+            if getattr(self, name) != getattr(default, name)
+        ]
+        check = "".join(f", check {setting}" for setting in moved)
+        return (
+            f"lower training.optimizer.lr (it is {self.lr:g}){check} or check the dataset's values"
+        )
+
     @classmethod
     def from_json(cls, obj: Mapping[str, Any]) -> OptimizerSpec:
         return cls(**{k: obj[k] for k in asdict(cls()) if k in obj})

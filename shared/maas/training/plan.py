@@ -135,6 +135,11 @@ class TrainingSpec:
             raise InvalidArgument(
                 f"training.sync_every applies to mode 'local_sgd' only, not {mode!r}"
             )
+        if "quorum" in t and mode == "async":
+            raise InvalidArgument(
+                "training.quorum applies to modes 'sync' and 'local_sgd', not 'async' (an async "
+                "step closes on each push, bounded by training.staleness); leave it out"
+            )
         seed = t.get("seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
             raise InvalidArgument(f"training.seed={shown(seed)} must be an integer in [0, 2**63)")
@@ -234,22 +239,26 @@ def kept_steps(checkpoint_every: int, ahead: int) -> int:
 
 
 def fit_checkpoints(
-    spec: TrainingSpec, *, given: bool, step_bytes: int, budget: int
+    spec: TrainingSpec, *, given: bool, step_bytes: int, budget: int, job_steps: int
 ) -> TrainingSpec:
     """``spec`` with a ``checkpoint_every`` whose replay backlog (``kept_steps`` pushes of
     ``step_bytes``) fits ``budget``: the default comes down to fit; a value the job gave that
-    does not fit is refused, saying what does."""
+    does not fit is refused, saying what does. An interval longer than the job's ``job_steps``
+    checkpoints only at its end, and is judged as that."""
     ahead = spec.staleness if spec.mode == "async" else 0
-    if kept_steps(spec.checkpoint_every, ahead) * step_bytes <= budget:
+    if kept_steps(min(spec.checkpoint_every, job_steps), ahead) * step_bytes <= budget:
         return spec
     fits = (budget // max(1, step_bytes) - 1 - ahead) // HOLD_INTERVALS
     setting = f"MAAS_WORKER_MAX_KEPT_BYTES={budget}"
     if fits < 1:
+        lower = f"lower training.staleness (it is {ahead}), " if ahead else ""
         raise InvalidArgument(
             f"each step's gradients take {step_bytes} bytes (codec {spec.gradient_codec}); a "
             f"worker keeps {kept_steps(1, ahead)} steps of them for a replay even with "
-            f"training.checkpoint_every=1, over {setting}; use a compressing "
-            "training.gradient_codec (fp16, int8, topk) or freeze layers"
+            f"training.checkpoint_every=1"
+            f"{f' (3 + staleness {ahead} in async mode)' if ahead else ''}, over {setting}; "
+            f"{lower}use a compressing training.gradient_codec (fp16, int8, topk) or freeze "
+            "layers"
         )
     if given:
         kept = kept_steps(spec.checkpoint_every, ahead) * step_bytes

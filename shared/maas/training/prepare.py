@@ -194,6 +194,7 @@ def prepare_job(
             sum(math.prod(shape) for _, shape in trainable)
         ),
         budget=limits.max_kept_bytes,
+        job_steps=training.total_steps(len(data.x_train)),
     )
     register = event.get("register_as") or {}
     name = (

@@ -155,10 +155,9 @@ class WorkerJob:
         """A loss that is not a number makes a gradient that is not either: the step fails (and
         with it the job, saying why) before anything is pushed — shards refuse such pushes."""
         if not math.isfinite(loss):
-            lr = self.plan.training.optimizer.lr
             raise FailedPrecondition(
-                f"training diverged: the training loss at step {step} is {loss}; lower "
-                f"training.optimizer.lr (it is {lr:g}) or check the dataset's values"
+                f"training diverged: the training loss at step {step} is {loss}; "
+                f"{self.plan.training.optimizer.divergence_advice()}"
             )
 
     def _batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:

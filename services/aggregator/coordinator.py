@@ -120,7 +120,12 @@ class Coordinator:
             check_base=self._finisher.check_base,
         )
         self._pool = PoolScheduler(
-            settings, self._producer, self._store, self._monitor.follow, self._member_failed
+            settings,
+            self._producer,
+            self._store,
+            self._monitor.follow,
+            self._member_failed,
+            self.metrics_registry,
         )
 
     # --- lifecycle --------------------------------------------------------------------------

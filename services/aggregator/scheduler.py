@@ -19,6 +19,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Gauge
+
 from maas import events, topics
 from maas.bus import EventProducer, Record
 from maas.bus_consumer import EventConsumer
@@ -34,7 +36,7 @@ from maas.training.control import (
     member_name,
 )
 from maas.training.plan import JobPlan
-from maas.training.pool import Assignment, Change, Pool, Want
+from maas.training.pool import KINDS, Assignment, Change, Pool, Want
 from maas.training.storage import TrainingStore
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,34 @@ def foreign_assignment(state: str, heard: Assignment) -> str:
     )
 
 
+class PoolGauges:
+    """What the pool holds, for Prometheus: set on the event loop after each ``schedule`` (a
+    scrape runs on another thread and must not walk the pool's dicts while they change)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.jobs = Gauge(
+            "maas_training_pool_jobs", "training jobs by state", ["state"], registry=registry
+        )
+        self.members = Gauge(
+            "maas_training_pool_members",
+            "live pool members by kind (worker, shard)",
+            ["kind"],
+            registry=registry,
+        )
+        self.free_workers = Gauge(
+            "maas_training_pool_free_workers",
+            "live gradient workers serving no job",
+            registry=registry,
+        )
+
+    def observe(self, pool: Pool) -> None:
+        self.jobs.labels("running").set(len(pool.running))
+        self.jobs.labels("queued").set(len(pool.queue))
+        for kind in KINDS:
+            self.members.labels(kind).set(len(pool.alive(kind)))
+        self.free_workers.set(len(pool.free_workers()))
+
+
 class PoolScheduler:
     def __init__(
         self,
@@ -73,8 +103,10 @@ class PoolScheduler:
         store: TrainingStore,
         on_started: Callable[[str], None],
         on_member_failed: Callable[[str, str], None],
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         self.pool = Pool(settings.worker_heartbeat_timeout_ms)
+        self._gauges = PoolGauges(metrics or CollectorRegistry())
         self._heartbeat = Heartbeat(
             producer, settings, Identity(member_name(settings), COORDINATOR)
         )
@@ -215,6 +247,7 @@ class PoolScheduler:
                 log.warning("pool: %s %s is gone (no heartbeat)", member.kind, member.member_id)
             for change in self.pool.schedule():
                 await self._apply(change)
+            self._gauges.observe(self.pool)
 
     async def _apply(self, change: Change) -> None:
         job_id = change.job_id

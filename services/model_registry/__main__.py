@@ -3,7 +3,7 @@
 Config from MAAS_* (registry_listen, S3, Kafka, state_dir, auth, TLS); metadata in
 ``$MAAS_STATE_DIR/registry/registry.db``. SIGTERM/SIGINT: stop accepting, let running calls
 finish (grace period), stop the outbox relay, then close S3, Kafka and SQLite. ``/metrics`` and
-``/healthz`` on MAAS_METRICS_PORT (0, the default: gRPC health only).
+``/healthz`` on MAAS_METRICS_PORT (the stack and Compose give it 9101; 0: gRPC health only).
 """
 
 from __future__ import annotations

@@ -261,3 +261,25 @@ def test_a_rank_left_vacant_by_a_lost_worker_is_named() -> None:
         "rank 1 vacant: 1/2 of the training rows are not trained on until a gradient worker "
         "takes it"
     )
+
+
+def test_the_coordinators_gauges_show_the_pool_jobs_and_free_workers() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from services.aggregator.scheduler import PoolGauges
+
+    registry = CollectorRegistry()
+    pool = pool_with(3, shards=2)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=2))
+    pool.submit(Want("b", workers=2, shards=1, min_workers=2))
+    pool.schedule()
+    PoolGauges(registry).observe(pool)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("maas_training_pool_jobs", state="running") == 1
+    assert value("maas_training_pool_jobs", state="queued") == 1
+    assert value("maas_training_pool_members", kind="worker") == 3
+    assert value("maas_training_pool_members", kind="shard") == 2
+    assert value("maas_training_pool_free_workers") == 1

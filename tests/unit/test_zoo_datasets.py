@@ -1,5 +1,6 @@
 """Model zoo determinism, the sequential arch, and the builtin datasets."""
 
+import io
 import subprocess
 import sys
 from collections import Counter
@@ -358,3 +359,18 @@ def test_a_dataset_uri_with_a_dot_or_empty_segment_is_refused(uri: str) -> None:
 
     with pytest.raises(InvalidArgument, match="'.' or '..' path segment"):
         datasets.check_uri(uri, Settings())
+
+
+def test_an_npz_is_split_into_views_of_one_shuffled_copy_holding_every_row_once():
+    # A dataset costs two copies of itself while it loads (the file's, the shuffled one), not
+    # three: the splits share the shuffled array.
+    x = np.arange(200 * 3, dtype=np.float32).reshape(200, 3)
+    y = np.arange(200) % 4
+    packed = io.BytesIO()
+    np.savez(packed, X=x, y=y)
+    data = datasets.from_npz("t", packed.getvalue())
+    assert data.x_train.base is not None and data.x_train.base is data.x_test.base
+    rows = np.concatenate([data.x_test, data.x_train])
+    assert sorted(rows[:, 0].tolist()) == x[:, 0].tolist()
+    assert len(data.x_test) == round(200 * datasets.TEST_FRACTION)
+    assert np.array_equal(data.y_train, (data.x_train[:, 0] // 3).astype(np.int64) % 4)

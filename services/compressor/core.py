@@ -213,10 +213,9 @@ class Compressor:
     async def _run(self, job: CompressJob) -> Outcome:
         total = len(job.plans)
         self._stop_if_cancelled(job.job_id, 0)
-        accepted = status(
-            job.job_id, "accepted", step=0, total_steps=total, content_sha256=job.fingerprint
-        )
-        await self._publish(accepted)
+        # A policy's plan has no job event, so no fingerprint to say.
+        said = {"content_sha256": job.fingerprint} if job.fingerprint else {}
+        await self._publish(status(job.job_id, "accepted", step=0, total_steps=total, **said))
         parent = await self._load_parent(job)
         name = job.register_name or parent.version.name
         done = await self._registered(name, job)

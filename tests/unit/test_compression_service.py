@@ -13,7 +13,7 @@ from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotF
 from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
 from services.compressor.core import Compressor
-from services.compressor.job import parse_job
+from services.compressor.job import parse_job, plan_job
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -187,6 +187,18 @@ async def test_progress_runs_from_accepted_through_each_variant_to_succeeded(cor
         ("succeeded", 2, 2),
     ]
     assert statuses[-1]["model"] == {"name": "digits", "version": 3}
+
+
+async def test_the_accepted_status_carries_the_jobs_fingerprint(core, statuses):
+    await core.handle(job())
+    assert statuses[0]["content_sha256"] == jobs.content_sha256(job())
+
+
+async def test_a_policy_plan_has_no_job_event_and_its_statuses_no_fingerprint(core, statuses):
+    plan = plan_job("policy-digits-1", ModelRef("digits", version=1), [{"quantize": {}}])
+    await core.run(plan)  # the publish fixture validates every status against the schema
+    assert [s["state"] for s in statuses] == ["accepted", "running", "succeeded"]
+    assert "content_sha256" not in statuses[0]
 
 
 async def test_the_final_status_lists_every_variant_the_job_registered(core, statuses):

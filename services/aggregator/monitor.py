@@ -188,7 +188,10 @@ class JobMonitor:
                 raise JobStalled(
                     f"no progress for {self._stall_timeout_ms} ms (shard versions "
                     f"{list(versions)}); are gradient workers and aggregator shards running? "
-                    "(`maas stack status`, and the job's last `running` status names them)"
+                    "(`maas stack status`, and the job's last `running` status names them) If "
+                    "they are, a shard restarted from a checkpoint older than a gradient "
+                    "worker's replacement waits for pushes that died with the replaced worker: "
+                    "submit the job again"
                 )
             await asyncio.sleep(POLL_S)
 

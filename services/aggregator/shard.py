@@ -257,6 +257,8 @@ class ShardService:
         if job.core.add(worker):
             log.info("%s: worker %d rejoined job %s", self.name, worker, join.job_id)
             await self._reporter.members(job, f"worker {worker} joined")
+        if job.joined_by(worker, join.member):
+            self._checkpoints.start(job, final=False)
         peer.send(job.current)
         return peer
 
@@ -379,6 +381,10 @@ class ShardService:
                     continue  # finishing
                 if job.held:
                     self._release(job, now)
+                elif job.durable_version < job.checkpoint_due and (
+                    now - job.write_started_ms >= WRITE_RETRY_MS
+                ):
+                    self._checkpoints.start(job, final=False)  # the one at a rank's handover
                 before = job.core.version
                 await self._expire(job, now)
                 job.core.tick(now)

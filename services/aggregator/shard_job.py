@@ -102,10 +102,24 @@ class ShardJob:
     writing: asyncio.Task[None] | None = None
     write_started_ms: int = 0
     held: bool = False  # the newest version is not sent yet (``held_back``)
+    rank_members: dict[int, str] = field(default_factory=dict)  # rank -> member that attached
+    checkpoint_due: int = 0  # a version a durable checkpoint must reach soon (``joined_by``)
 
     @property
     def job_id(self) -> str:
         return self.plan.job_id
+
+    def joined_by(self, rank: int, member: str) -> bool:
+        """``member`` attached for ``rank``. True when it is a process new to the rank after
+        the newest durable checkpoint: it keeps pushes from here on only (those since that
+        checkpoint died with the process it replaced), so were this shard to restart from that
+        checkpoint it would wait for them for good. A checkpoint at this version is then due."""
+        fresh = self.rank_members.get(rank) != member
+        self.rank_members[rank] = member
+        if not fresh or self.core.version <= self.durable_version:
+            return False
+        self.checkpoint_due = max(self.checkpoint_due, self.core.version)
+        return True
 
     def close_peers(self) -> None:
         for peer in self.peers.values():

@@ -203,17 +203,23 @@ class DataPlane:
 
     async def _load(self, name: str, version: int) -> ServedModel:
         model = await self._loader.load(name, version)
-        self._forget(self._cache.put(model))
+        self._metrics.loads.labels(name).inc()
+        self._forget(self._cache.put(model), evicted=True)
         log.info("loaded %s (%d bytes of weights)", model.label, model.nbytes)
         for loaded in self.on_loaded:
             loaded(model)
         return model
 
-    def _forget(self, evicted: Sequence[ServedModel]) -> None:
-        for gone in evicted:
+    def _forget(self, dropped: Sequence[ServedModel], *, evicted: bool = False) -> None:
+        """Versions out of the cache. One evicted for room keeps its request counters (it
+        still serves, it is only loaded again: a canary's counts must not restart with each
+        reload); one unloaded or deleted forgets them."""
+        for gone in dropped:
             self._serving.pop(gone.name, None)
-            gone.stats.forget()
-            log.info("evicted %s", gone.label)
+            gone.stats.forget(counters=not evicted)
+            if evicted:
+                self._metrics.evictions.labels(gone.name).inc()
+            log.info("%s %s", "evicted" if evicted else "unloaded", gone.label)
             for unloaded in self.on_unloaded:
                 unloaded(gone)
         self._metrics.loaded_models.set(len(self._cache))

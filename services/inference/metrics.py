@@ -83,6 +83,18 @@ class Metrics:
             buckets=_LATENCY_BUCKETS_S,
             registry=r,
         )
+        self.loads = Counter(
+            "maas_inference_model_loads",
+            "model versions loaded (a first request, an alias moving, a reload after eviction)",
+            ["model"],
+            registry=r,
+        )
+        self.evictions = Counter(
+            "maas_inference_model_evictions",
+            "model versions evicted from the cache to make room (MAAS_INFERENCE_CACHE_BYTES)",
+            ["model"],
+            registry=r,
+        )
         self.swaps = Counter(
             "maas_inference_swaps",
             "alias moves applied (ok) or refused (failed)",
@@ -145,14 +157,15 @@ class ModelStats:
         else:
             self.fail.add(ns)
 
-    def forget(self) -> None:
-        """Drop this version's labelled series once it leaves the cache."""
+    def forget(self, *, counters: bool) -> None:
+        """Drop this version's labelled series once it leaves the cache: its queue gauge
+        always, its counters and histograms too when ``counters`` (unloaded or deleted, not
+        evicted for room: a version loaded again counts on where it was)."""
         labels = (self.name, str(self.version))
-        for metric in (
-            self.metrics.queue_rows,
-            self.metrics.batch_rows,
-            self.metrics.version_latency,
-        ):
+        self.metrics.queue_rows.remove(*labels)
+        if not counters:
+            return
+        for metric in (self.metrics.batch_rows, self.metrics.version_latency):
             metric.remove(*labels)
         for outcome in ("ok", "error"):
             self.metrics.version_requests.remove(*labels, outcome)

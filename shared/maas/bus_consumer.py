@@ -6,12 +6,13 @@ any failure before the handler, whatever its type) or that the handler refuses f
 non-retriable ``MaasError``) goes to ``maas.dlq.v1`` with the reason and the original bytes (cut
 to fit, size and sha256 kept; ``maas.deadletter``) and is then committed: one poison record never
 blocks a partition. Other failures are retried with backoff by seeking back, and dead-lettered
-after ``max_attempts``. A dead-letter write that keeps failing is retried with backoff
-``dlq_max_attempts`` times, the record uncommitted; then the loop stops with ``ConsumerDied``
-saying why, and ``maas.liveness`` turns that into health and metrics. Each try waits at most
-``dlq_timeout_s`` for the broker's ack (an idempotent send to an unreachable broker never fails
-by itself); an unacknowledged send stays queued and the next try waits for it rather than
-queueing a copy.
+after ``max_attempts`` — and, for a retriable ``MaasError`` (a registry or S3 restarting), not
+before ``retry_outage_s`` either: an outage of a few seconds must not fail the job it hit. A
+dead-letter write that keeps failing is retried with backoff ``dlq_max_attempts`` times, the
+record uncommitted; then the loop stops with ``ConsumerDied`` saying why, and ``maas.liveness``
+turns that into health and metrics. Each try waits at most ``dlq_timeout_s`` for the broker's
+ack (an idempotent send to an unreachable broker never fails by itself); an unacknowledged send
+stays queued and the next try waits for it rather than queueing a copy.
 
 A handler that may run long (a compress job) needs a ``max_poll_interval_ms`` longer than it:
 the group gives away the partitions of a member that fetched nothing for that long.
@@ -48,12 +49,16 @@ from maas.bus import (
 from maas.bus_fetch import Batches, fetch
 from maas.config import Settings
 from maas.deadletter import DeadLetter
-from maas.errors import Unavailable
+from maas.errors import MaasError, Unavailable
 from maas.topics import DLQ, Topic
 
 log = logging.getLogger(__name__)
 
 DLQ_TIMEOUT_S = 10.0
+# A record whose handler meets an outage (a retriable MaasError) is retried this long at least,
+# its backoff growing to MAX_RETRY_BACKOFF_S, before it is dead-lettered.
+RETRY_OUTAGE_S = 120.0
+MAX_RETRY_BACKOFF_S = 10.0
 # aiokafka retries a commit while the coordinator is unknown, with no end: after the client
 # closed (stop() racing a commit) that would be for ever. A commit is given this long, or until
 # the client closed, and then counts as failed (committed again later, or redelivered).
@@ -115,6 +120,7 @@ class EventConsumer:
         on_dead_letter: DeadLetterHook | None = None,
         max_attempts: int = 5,
         retry_backoff_ms: int = 200,
+        retry_outage_s: float = RETRY_OUTAGE_S,
         auto_offset_reset: str = "earliest",
         max_poll_records: int = 100,
         dlq_timeout_s: float = DLQ_TIMEOUT_S,
@@ -128,6 +134,9 @@ class EventConsumer:
         self._expected = list(expected_schemas) if expected_schemas is not None else None
         self._on_dead_letter = on_dead_letter
         self._max_attempts = max_attempts
+        self._retry_outage_s = retry_outage_s
+        # record -> when its handler first failed with a retriable MaasError (loop time)
+        self._outage_since: dict[tuple[str, int, int], float] = {}
         self._retry_backoff_ms = retry_backoff_ms
         self._auto_offset_reset = auto_offset_reset
         self._max_poll_records = max_poll_records
@@ -249,7 +258,10 @@ class EventConsumer:
             raise
         except Exception as exc:  # every failure is classified, none escapes the loop
             attempts = self._attempts.get(where, 0) + 1
-            if is_poison(exc) or attempts >= self._max_attempts:
+            if isinstance(exc, MaasError):  # a retriable one: what is away may come back
+                self._outage_since.setdefault(where, asyncio.get_running_loop().time())
+            if is_poison(exc) or (attempts >= self._max_attempts and self._retries_spent(where)):
+                self._outage_since.pop(where, None)
                 return await self._reject(raw, exc, record.event)
             self._attempts[where] = attempts
             log.warning(
@@ -261,11 +273,19 @@ class EventConsumer:
                 self._max_attempts,
                 events.clip("".join(traceback.format_exception_only(exc)).strip()),
             )
-            await self._pause(self._retry_backoff_ms / 1000 * 2 ** (attempts - 1))
+            backoff_s = self._retry_backoff_ms / 1000 * 2 ** min(attempts - 1, 16)
+            await self._pause(min(backoff_s, MAX_RETRY_BACKOFF_S))
             return False
         self._attempts.pop(where, None)
+        self._outage_since.pop(where, None)
         self.handled += 1
         return True
+
+    def _retries_spent(self, where: tuple[str, int, int]) -> bool:
+        """Whether a record failing for ``max_attempts`` has been retried long enough: yes for
+        a bug; for an outage, once ``retry_outage_s`` passed since its first failure."""
+        since = self._outage_since.get(where)
+        return since is None or asyncio.get_running_loop().time() - since >= self._retry_outage_s
 
     async def _reject(
         self, raw: ConsumerRecord[bytes, bytes], error: BaseException, event: dict[str, Any] | None

@@ -13,7 +13,7 @@ from kafka_offsets import start_group_at_end
 from maas import events, topics
 from maas.bus import ConsumerDied, EventProducer, Record
 from maas.bus_consumer import EventConsumer
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, Unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -243,6 +243,43 @@ async def test_a_handler_that_keeps_failing_is_dead_lettered_after_max_attempts(
     assert len(calls) == 3 and len(set(calls)) == 1
     (letter,) = letters
     assert letter.code == "handler_failed" and "still broken" in letter.message
+
+
+async def test_a_handler_meeting_an_outage_is_retried_past_max_attempts_until_it_passes(
+    stack, producer
+):
+    # A registry restarting for 20 s failed a compress job: five tries took 15 s.
+    key = marker()
+    await producer.send(topics.JOB_STATUS, status_event(key), key=key)
+    calls: list[int] = []
+    letters = []
+    done = asyncio.Event()
+
+    async def fails_four_times(record: Record) -> None:
+        if record.key != key:
+            return
+        calls.append(record.offset)
+        if len(calls) <= 4:
+            raise Unavailable("the registry at 127.0.0.1:1 is restarting")
+        done.set()
+
+    async def on_dead_letter(letter) -> None:
+        letters.append(letter)
+
+    await consume(
+        stack,
+        producer,
+        topics.JOB_STATUS,
+        f"g-{key}",
+        fails_four_times,
+        done,
+        on_dead_letter=on_dead_letter,
+        max_attempts=2,
+        retry_backoff_ms=10,
+        retry_outage_s=30.0,
+    )
+    assert len(calls) == 5 and len(set(calls)) == 1
+    assert [letter for letter in letters if letter.key == key] == []
 
 
 async def test_a_record_stays_uncommitted_while_the_dlq_is_unreachable(stack, producer):

@@ -179,6 +179,25 @@ async def test_the_cache_evicts_the_least_recently_used_version_beyond_its_byte_
     assert metrics.loaded_models._value.get() == 2
 
 
+async def test_a_version_evicted_and_loaded_again_counts_on_and_the_churn_is_counted(source, pool):
+    # Under cache pressure a canary's per-version counts restarted with every reload.
+    metrics = Metrics()
+    plane = make_plane(source, pool, cache_bytes=1, metrics=metrics)  # one version at a time
+    for version in ("1", "2", "1"):
+        await answer(plane, version)
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.registry.get_sample_value(name, labels)
+
+    ok = {"model": "digits", "outcome": "ok"}
+    assert sample("maas_inference_version_requests_total", version="1", **ok) == 2
+    assert sample("maas_inference_version_requests_total", version="2", **ok) == 1
+    assert sample("maas_inference_model_loads_total", model="digits") == 3
+    assert sample("maas_inference_model_evictions_total", model="digits") == 2
+    plane.unload("digits")  # by request: its series go
+    assert sample("maas_inference_version_requests_total", version="1", **ok) is None
+
+
 async def test_a_model_bigger_than_the_cache_is_still_served(source, pool):
     plane = make_plane(source, pool, cache_bytes=1)
     assert (await answer(plane, "1"))[0] == 1

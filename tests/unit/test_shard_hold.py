@@ -67,3 +67,34 @@ async def test_the_shard_of_any_partition_that_holds_the_job_says_why_in_its_sta
         "partition 1 is waiting for a checkpoint to land in S3 (newest durable: version 20) "
         "before sending version 61"
     )
+
+
+def _joinable(version: int, durable: int) -> ShardJob:
+    return ShardJob(
+        plan=None,  # type: ignore[arg-type]
+        partition=0,
+        assignment=None,  # type: ignore[arg-type]
+        core=SimpleNamespace(version=version),  # type: ignore[arg-type]
+        assembler=None,  # type: ignore[arg-type]
+        started_ms=1,
+        checkpointed_version=durable,
+        durable_version=durable,
+    )
+
+
+def test_a_new_process_taking_a_rank_past_the_durable_checkpoint_makes_one_due_now() -> None:
+    # The worker it replaced kept the pushes since version 40; they died with it, so a shard
+    # restarted from 40 would wait for them for good: a checkpoint at 57 is due.
+    job = _joinable(version=57, durable=40)
+    job.rank_members[0] = "worker-a"
+    assert job.joined_by(0, "worker-b")
+    assert job.checkpoint_due == 57
+
+
+def test_the_same_process_reconnecting_or_a_join_at_the_durable_version_needs_none() -> None:
+    job = _joinable(version=57, durable=40)
+    job.rank_members[0] = "worker-a"
+    assert not job.joined_by(0, "worker-a")  # its stream broke; it keeps its pushes
+    at_checkpoint = _joinable(version=40, durable=40)
+    assert not at_checkpoint.joined_by(1, "worker-c")  # nothing since the checkpoint to lose
+    assert job.checkpoint_due == at_checkpoint.checkpoint_due == 0

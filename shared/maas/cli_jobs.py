@@ -116,7 +116,14 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         console().print(f"[green]ok[/green] {args.file}: a valid {job['type']} job")
         return 0
     if args.job_id or doc.get("job_id"):  # an id someone chose may be taken already
-        jobs.check_id_free(job, asyncio.run(jobs.accepted_content(settings, job["job_id"])))
+        known = asyncio.run(jobs.summary_of(settings, job["job_id"]))
+        jobs.check_id_free(job, known)
+        if known.done:  # the same job, over: a job id runs once, and watching shows that run
+            console().print(
+                f"job {job['job_id']} already ran: {_describe(known)}; a job id runs once "
+                "(submit under a new --job-id to run it again)"
+            )
+            return _exit_code(known)
     asyncio.run(jobs.publish_job(settings, job))
     print(job["job_id"])
     if args.watch:

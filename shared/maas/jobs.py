@@ -173,6 +173,15 @@ class JobSummary:
     def done(self) -> bool:
         return self.state in TERMINAL_STATES
 
+    @property
+    def accepted_content(self) -> str | None:
+        """The ``content_sha256`` its ``accepted`` status recorded; None when none says one
+        (an unknown id, or a service older than the field)."""
+        for event in self.history:
+            if isinstance(event.get("content_sha256"), str):
+                return str(event["content_sha256"])
+        return None
+
 
 def job_content(job: Mapping[str, Any]) -> dict[str, Any]:
     """What a job asks for: the event without its envelope (``id``, ``ts``), which a client's
@@ -210,18 +219,20 @@ async def status_events(
                 return
 
 
-async def accepted_content(settings: Settings, job_id: str) -> str | None:
-    """The ``content_sha256`` the service that accepted ``job_id`` recorded (its ``accepted``
-    status); None when no status for the id says one (unknown id, or an older service)."""
+async def summary_of(settings: Settings, job_id: str) -> JobSummary:
+    """Every status of ``job_id`` so far, folded (state ``unknown`` when there is none)."""
+    summary = JobSummary(job_id)
     async for event in status_events(settings, follow=False):
-        if event["job_id"] == job_id and isinstance(event.get("content_sha256"), str):
-            return str(event["content_sha256"])
-    return None
+        if event["job_id"] == job_id:
+            summary.apply(event)
+    return summary
 
 
-def check_id_free(job: Mapping[str, Any], accepted: str | None) -> None:
-    """AlreadyExists when ``job``'s id was accepted for other content (``accepted``): the
-    services would dead-letter this job, and watching the id would show the other job."""
+def check_id_free(job: Mapping[str, Any], known: JobSummary) -> None:
+    """AlreadyExists when ``job``'s id was accepted for other content (``known``'s accepted
+    status says): the services would dead-letter this job, and watching the id would show the
+    other job."""
+    accepted = known.accepted_content
     if accepted is not None and accepted != content_sha256(job):
         raise AlreadyExists(
             f"job_id {job['job_id']!r} belongs to another job, accepted earlier with other "

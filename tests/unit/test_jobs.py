@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from maas import cli_jobs, events, jobs
+from maas.cli import build_parser
 from maas.config import Settings
 from maas.errors import AlreadyExists, InvalidArgument, SchemaViolation
 
@@ -299,18 +300,27 @@ def test_a_listing_shows_the_date_of_an_update_from_another_day():
     assert cli_jobs.when(0, now) == dt.datetime.fromtimestamp(0).strftime("%Y-%m-%d %H:%M")
 
 
+def accepted(job) -> jobs.JobSummary:
+    """What the status topic knows of ``job``'s id once a service accepted it."""
+    known = jobs.JobSummary(job["job_id"])
+    known.apply(
+        {"job_id": job["job_id"], "state": "accepted", "content_sha256": jobs.content_sha256(job)}
+    )
+    return known
+
+
 def test_an_id_accepted_for_the_same_content_is_free_for_a_resubmission() -> None:
     job = check(train_doc(job_id="mine"))
     again = dict(job, id="another-envelope", ts=job["ts"] + 1)  # a retry: new envelope
-    jobs.check_id_free(again, accepted=jobs.content_sha256(job))
-    jobs.check_id_free(job, accepted=None)  # no service has said what it accepted
+    jobs.check_id_free(again, accepted(job))
+    jobs.check_id_free(job, jobs.JobSummary("mine"))  # no service has said what it accepted
 
 
 def test_an_id_accepted_for_other_content_is_refused_naming_it() -> None:
     first = check(train_doc(job_id="mine"))
     edited = check(train_doc(job_id="mine", training={"steps": 11}))
     with pytest.raises(AlreadyExists, match="job_id 'mine' belongs to another job"):
-        jobs.check_id_free(edited, accepted=jobs.content_sha256(first))
+        jobs.check_id_free(edited, accepted(first))
 
 
 @pytest.mark.parametrize(
@@ -331,7 +341,27 @@ def test_the_cli_judges_the_training_section_as_the_coordinator_does(training, r
 
 
 def test_submit_with_watch_takes_a_timeout_as_watch_does() -> None:
-    from maas.cli import build_parser
-
     args = build_parser().parse_args(["jobs", "submit", "job.yaml", "--watch", "--timeout-s", "5"])
     assert (args.watch, args.timeout_s) == (True, 5.0)
+
+
+def test_submitting_a_job_that_already_ran_publishes_nothing_and_reports_that_run(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    # Published again, a failed compress job re-ran while --watch showed the old failure.
+    path = tmp_path / "job.yaml"
+    path.write_text(json.dumps(train_doc(job_id="mine")))
+    ran = accepted(check(train_doc(job_id="mine")))
+    ran.apply({"job_id": "mine", "state": "failed", "error": {"code": "x", "message": "y"}})
+
+    async def known(settings, job_id):
+        return ran
+
+    async def publish(settings, job):
+        raise AssertionError("published a job whose id already ran")
+
+    monkeypatch.setattr(jobs, "summary_of", known)
+    monkeypatch.setattr(jobs, "publish_job", publish)
+    args = build_parser().parse_args(["jobs", "submit", str(path), "--watch"])
+    assert args.func(args, SETTINGS) == 1
+    assert "job mine already ran: failed" in capsys.readouterr().out

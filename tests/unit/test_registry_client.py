@@ -58,6 +58,30 @@ def test_status_codes_come_back_as_the_matching_error(code: grpc.StatusCode, cls
     assert error.message == "get x: model 'x' is not registered"
 
 
+@pytest.mark.parametrize(
+    ("details", "hint"),
+    [
+        (
+            "failed to connect to all addresses; last error: UNAVAILABLE: x: Socket closed",
+            "set MAAS_GRPC_TLS the same on both",
+        ),
+        (
+            "... CERTIFICATE_VERIFY_FAILED: unable to get local issuer certificate",
+            "set MAAS_TLS_CA_FILE to the CA",
+        ),
+    ],
+)
+def test_a_connection_failing_as_a_tls_mismatch_does_names_the_setting(details, hint) -> None:
+    # gRPC's own words named no setting; only `maas stack status` explained the mismatch.
+    error = error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, details), "list models")
+    assert error.message.startswith(f"list models: {details}; ") and hint in error.message
+
+
+def test_other_failures_get_no_tls_hint() -> None:
+    error = error_from_rpc(FakeRpcError(grpc.StatusCode.UNAVAILABLE, "connection refused"), "get")
+    assert error.message == "get: connection refused"
+
+
 def test_registration_sends_the_header_then_each_file_in_chunks() -> None:
     header = pb.RegisterHeader(name="digits")
     files = {"a": b"x" * 10, "b": b"y" * 3}

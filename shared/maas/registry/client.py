@@ -79,9 +79,27 @@ ParentLike = ModelRef | ModelVersion | str
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, what: str) -> MaasError:
-    """The MaasError a failed call stands for (its class from the status code)."""
+    """The MaasError a failed call stands for (its class from the status code), with what to
+    set when the connection failed the way a TLS mismatch makes it fail."""
     cls = _ERRORS_BY_CODE.get(exc.code().name, MaasError)
-    return cls(f"{what}: {exc.details() or exc.code().name}")
+    details = exc.details() or exc.code().name
+    return cls(f"{what}: {details}{tls_hint(details) if cls is errors.Unavailable else ''}")
+
+
+def tls_hint(details: str) -> str:
+    """A hint for a connection that failed as a TLS mismatch does (gRPC's own words name no
+    setting); empty for any other failure."""
+    if "CERTIFICATE_VERIFY_FAILED" in details:
+        return (
+            "; this client does not trust the server's certificate: set MAAS_TLS_CA_FILE to the "
+            "CA that signed it"
+        )
+    if any(sign in details for sign in ("Socket closed", "andshake", "WRONG_VERSION_NUMBER")):
+        return (
+            "; if the server speaks TLS and this client not (or the other way round), set "
+            "MAAS_GRPC_TLS the same on both (`maas stack status` compares them)"
+        )
+    return ""
 
 
 def default_actor() -> str:

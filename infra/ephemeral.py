@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from infra.proc import free_port
 from infra.s3 import WeedPorts
 from infra.stack import LocalStack
 from maas.config import Settings
@@ -38,17 +38,7 @@ EXPORTED_ENV = (
 
 
 def free_ports(n: int) -> list[int]:
-    # Hold every socket until all are chosen so the OS hands out n distinct ports.
-    socks = []
-    try:
-        for _ in range(n):
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.bind(("127.0.0.1", 0))
-            socks.append(sock)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for sock in socks:
-            sock.close()
+    return [free_port() for _ in range(n)]
 
 
 def private_stack(

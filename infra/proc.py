@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -228,9 +229,39 @@ def wait_until(
         time.sleep(interval_s)
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (the OS picks it)."""
+# Test and bench servers take ports from here up to the kernel's ephemeral range.
+FIRST_CHOSEN_PORT = 20000
+_chosen_ports: set[int] = set()
+
+
+def _ephemeral_ports_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
+def _bindable(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on now, and never one this process chose before. It lies below
+    the kernel's ephemeral range: a server that binds it seconds later (after importing torch)
+    still finds it free, where a port from that range may by then be the local end of some
+    outgoing connection (a Kafka client's; it happened in CI)."""
+    end = _ephemeral_ports_start()
+    for _ in range(100 if end - FIRST_CHOSEN_PORT > 1000 else 0):
+        port = random.randrange(FIRST_CHOSEN_PORT, end)
+        if port not in _chosen_ports and _bindable(host, port):
+            _chosen_ports.add(port)
+            return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:  # an odd port range
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
 

@@ -26,6 +26,8 @@ from maas.config import Settings
 from maas.registry import RegistryClient
 from maas.store import ObjectStore
 from maas.training import checkpoint as ck
+from maas.training.local import simulate
+from maas.training.prepare import Limits, prepare_job
 from maas.training.storage import BUCKET
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -196,6 +198,25 @@ def assignment(watcher: Watcher, job_id: str) -> dict[str, Any]:
     found = [s["assignment"] for s in watcher.statuses[job_id] if "assignment" in s]
     assert found, f"job {job_id} was never assigned: {watcher.statuses[job_id]}"
     return max(found, key=lambda a: a["epoch"])
+
+
+async def reference_weights(job: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The job run in this process by the real worker loop and shard cores (``simulate``), on
+    one torch thread as the workers run it (OMP_NUM_THREADS=1: the same matmul blocking; two
+    threads move a weight by ~1e-6 after 100 Adam steps). The thread count is set in the
+    thread that computes: it is per thread, and an executor thread that already ran torch
+    keeps the count it had then, whatever the event loop's thread sets."""
+    prepared = prepare_job(job, limits=Limits(10_000))
+
+    def run() -> dict[str, torch.Tensor]:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return simulate(prepared.plan, prepared.state, prepared.dataset)
+        finally:
+            torch.set_num_threads(threads)
+
+    return await asyncio.to_thread(run)
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:

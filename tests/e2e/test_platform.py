@@ -21,7 +21,7 @@ import pytest
 import torch
 import tritonclient.grpc as triton
 from platform_jobs import JOB_TIMEOUT_S, a_job, cli_env, final_status, publish_plain_json
-from training_jobs import assert_same_weights
+from training_jobs import assert_same_weights, reference_weights
 
 from infra.ephemeral import private_stack
 from infra.stack import LocalStack
@@ -31,8 +31,6 @@ from maas.datasets import load_builtin
 from maas.edge import call_metadata
 from maas.policy import ACTOR, policy_job_id
 from maas.registry import AliasChange, RegistryClient
-from maas.training.local import simulate
-from maas.training.prepare import Limits, prepare_job
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
 
@@ -101,7 +99,6 @@ async def test_the_model_answers_over_grpc_like_an_in_process_forward_pass(setti
         client.close()
     async with RegistryClient(settings) as registry:
         model = await registry.load(f"e2e-digits@{trained.model['version']}")
-    import torch
 
     with torch.no_grad():
         local = model(torch.from_numpy(rows)).numpy()
@@ -329,7 +326,7 @@ async def test_a_service_killed_mid_training_and_restarted_loses_and_repeats_not
         if summary.state == "succeeded" and victim in EXACT_AFTER_A_RESTART:
             stored = await registry.load(f"{CHAOS_MODEL}@{summary.model['version']}")
             # Nothing lost and nothing applied twice: the weights of an undisturbed run.
-            assert_same_weights(stored.state_dict(), await undisturbed_weights(job))
+            assert_same_weights(stored.state_dict(), await reference_weights(job))
     if summary.state == "failed":
         assert summary.error and summary.error["message"]
         assert mine == []
@@ -340,18 +337,6 @@ async def test_a_service_killed_mid_training_and_restarted_loses_and_repeats_not
 # A killed worker may be removed from its job once its heartbeat times out (then the rest go on
 # without its gradients, by design); these restarts must not change a single update.
 EXACT_AFTER_A_RESTART = ("training-coordinator", "aggregator", "model-registry")
-
-
-async def undisturbed_weights(job: dict[str, Any]) -> dict[str, Any]:
-    """The job run in this process by the real worker loop and shard cores (codec none,
-    quorum 1.0: the chaos job's defaults), one torch thread as the workers run."""
-    prepared = prepare_job(job, limits=Limits(10_000))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return await asyncio.to_thread(simulate, prepared.plan, prepared.state, prepared.dataset)
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.mark.skipif(USE_RUNNING, reason="the stack under test is not ours to kill")

@@ -29,6 +29,7 @@ from training_jobs import (
     assignment,
     job_plane_fixtures,
     pointer,
+    reference_weights,
     run,
     train_job,
     training_cluster,
@@ -41,8 +42,6 @@ from infra.harness.training import TrainingProcesses, start_all
 from maas import events, topics
 from maas.registry import RegistryClient
 from maas.store import DATASETS_BUCKET, ObjectStore
-from maas.training.local import simulate
-from maas.training.prepare import Limits, prepare_job
 from services.aggregator.coordinator import GROUP_ID as COORDINATOR_GROUP
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -142,15 +141,7 @@ async def test_the_live_job_ends_with_the_weights_of_the_in_process_reference(
     run in this process by the real worker loop and shard cores (``simulate``)."""
     assert mlp_baseline["state"] == "succeeded", mlp_baseline
     job = train_job("digits-mlp", "mlp", {"uri": "builtin:digits"}, MLP_TRAINING)
-    prepared = prepare_job(job, limits=Limits(10_000))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers run (OMP_NUM_THREADS=1): the same matmul blocking
-    try:
-        reference = await asyncio.to_thread(
-            simulate, prepared.plan, prepared.state, prepared.dataset
-        )
-    finally:
-        torch.set_num_threads(threads)
+    reference = await reference_weights(job)
     # A failure names the tensor and how far it is off; the job's membership changes say
     # whether the run itself was disturbed (a worker removed or joined) or the numbers differ.
     changes = [s["workers"] for s in watcher.statuses[mlp_baseline["job_id"]] if "workers" in s]

@@ -1,7 +1,8 @@
 """The shard's servicer for ``maas.training.v1``: a thin edge over ``ShardService``.
 
 ``Exchange`` reads the stream's ``Join``, attaches the worker, then runs two things at once: a
-reader that hands every ``Push`` to the shard, and the replies the shard queues for this worker.
+reader that hands every ``Push`` (and ``PushesFrom``) to the shard, and the replies the shard
+queues for this worker.
 A malformed message ends the stream with INVALID_ARGUMENT (naming what is wrong), and so does a
 stream without a join for ``JOIN_TIMEOUT_S``; a partition
 this shard does not serve (yet) with UNAVAILABLE (it may still be loading it, or it moved); a
@@ -22,7 +23,7 @@ import grpc
 from maas.config import Settings
 from maas.errors import InvalidArgument, MaasError
 from maas.training.dataplane import build_server
-from maas.training.protocol import read_push, read_worker_message
+from maas.training.protocol import PushFrame, read_stream_message, read_worker_message
 from maas.training.v1 import training_pb2 as pb
 from maas.training.v1 import training_pb2_grpc as pb_grpc
 
@@ -80,8 +81,12 @@ class DataPlaneServicer(pb_grpc.TrainingDataPlaneServicer):
 
     async def _read(self, requests: AsyncIterator[bytes], peer: Peer) -> None:
         try:
-            async for message in requests:
-                await self._shard.on_push(peer, read_push(message))
+            async for data in requests:
+                message = read_stream_message(data)
+                if isinstance(message, PushFrame):
+                    await self._shard.on_push(peer, message)
+                else:
+                    await self._shard.on_pushes_from(peer, message.version)
         except MaasError as exc:
             peer.error = exc
             peer.close()

@@ -56,8 +56,8 @@ from services.aggregator.shard_job import (
     ShardMetrics,
     StatusReporter,
     check_ahead,
+    deferral,
     held_back,
-    progress_due,
 )
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,22 @@ class ShardService:
         if core.version != before:
             await self._advanced(job)
 
+    async def on_pushes_from(self, peer: Peer, version: int) -> None:
+        """The worker can push from ``version`` on only: not waited for before it."""
+        job = self.jobs.get((peer.job_id, peer.partition))
+        if job is None:
+            return
+        check_ahead(version, job, "pushes_from.version")
+        core, before = job.core, job.core.version
+        if core.defer(peer.worker, version, now_ms()):
+            change = deferral(job.partition, peer.worker, before, version)
+            log.warning("%s: job %s: %s", self.name, job.job_id, change)
+            await self._reporter.members(job, change)
+        else:
+            core.add(peer.worker)
+        if core.version != before:
+            await self._advanced(job)
+
     async def _advanced(self, job: ShardJob) -> None:
         key = (job.job_id, job.partition)
         core, every = job.core, job.plan.training.checkpoint_every
@@ -390,31 +406,13 @@ class ShardService:
                 job.core.tick(now)
                 if job.core.version != before:
                     await self._advanced(job)
-                if self._progress_due(job, now):
+                if job.progress_due(now, self.settings.progress_interval_ms):
                     await self._reporter.progress(job, now)
-
-    def _progress_due(self, job: ShardJob, now: int) -> bool:
-        """Partition 0's shard reports for the job once training started (``progress_due``)."""
-        return (
-            job.partition == 0
-            and bool(job.started_ms)
-            and progress_due(
-                now_ms=now,
-                reported_ms=job.reported_ms,
-                interval_ms=self.settings.progress_interval_ms,
-                version=job.core.version,
-                reported=job.reported_version,
-                total=job.plan.target_version,
-            )
-        )
 
     async def _expire(self, job: ShardJob, now: int) -> None:
         """Remove members whose stream has been gone longer than the heartbeat timeout."""
         timeout = self.settings.worker_heartbeat_timeout_ms
-        for worker, since in list(job.gone_ms.items()):
-            if now - since < timeout or worker not in job.core.members:
-                continue
-            del job.gone_ms[worker]
+        for worker, since in job.silent_members(now, timeout):
             job.core.remove(worker, now)
             log.warning(
                 "%s: worker %d of job %s removed: no stream for %d ms",

@@ -70,7 +70,7 @@ def held_back(version: int, durable: int, checkpoint_every: int) -> bool:
     return version - durable > HOLD_INTERVALS * checkpoint_every
 
 
-def check_ahead(version: int, job: ShardJob) -> None:
+def check_ahead(version: int, job: ShardJob, what: str = "push version") -> None:
     """A push for a version the shard has not reached is held until it does (a worker replays
     what it kept to a restarted shard), but a worker only ever computes on versions a shard
     sent, at most ``kept_steps`` past the newest durable one: one further ahead comes from a
@@ -79,9 +79,20 @@ def check_ahead(version: int, job: ShardJob) -> None:
     window = kept_steps(training.checkpoint_every, training.staleness)
     if version - job.core.version > window:
         raise InvalidArgument(
-            f"push version {version} is {version - job.core.version} past the shard's "
+            f"{what} {version} is {version - job.core.version} past the shard's "
             f"{job.core.version}; a worker's may be at most {window} ahead (a replay)"
         )
+
+
+def deferral(partition: int, worker: int, version: int, pushes_from: int) -> str:
+    """Why a shard at ``version`` goes on without ``worker`` up to ``pushes_from``."""
+    return (
+        f"worker {worker} can push partition {partition} from version {pushes_from} on only "
+        f"(the shard is at {version}: it resumed from a checkpoint older than the process now "
+        f"holding the rank, whose predecessor's pushes died with it, or the worker's other "
+        f"partitions are past it); versions {version}..{pushes_from - 1} go on without that "
+        "rank (closed empty if no worker can push them)"
+    )
 
 
 @dataclass
@@ -120,6 +131,33 @@ class ShardJob:
             return False
         self.checkpoint_due = max(self.checkpoint_due, self.core.version)
         return True
+
+    def progress_due(self, now: int, interval_ms: int) -> bool:
+        """Partition 0's shard reports for the job once training started (``progress_due``)."""
+        return (
+            self.partition == 0
+            and bool(self.started_ms)
+            and progress_due(
+                now_ms=now,
+                reported_ms=self.reported_ms,
+                interval_ms=interval_ms,
+                version=self.core.version,
+                reported=self.reported_version,
+                total=self.plan.target_version,
+            )
+        )
+
+    def silent_members(self, now: int, timeout_ms: int) -> list[tuple[int, int]]:
+        """(worker, streamless since) of members without a stream for ``timeout_ms``; they
+        are forgotten here (the caller removes them)."""
+        silent = [
+            (worker, since)
+            for worker, since in self.gone_ms.items()
+            if now - since >= timeout_ms and worker in self.core.members
+        ]
+        for worker, _ in silent:
+            del self.gone_ms[worker]
+        return silent
 
     def close_peers(self) -> None:
         for peer in self.peers.values():

@@ -3,10 +3,13 @@
 Pushes go out in the order they were made and are kept until the shard says a checkpoint
 covers their version (``durable_version`` on every parameter piece): if the shard restarts from
 that checkpoint, the reconnected stream sends them again and the shard replays the steps it lost,
-exactly (its core drops what it already has). Parameters come in piece by piece and reach the
-job whole. The link asks for the partition's address (the job's newest assignment) at every dial
-and dials again, with backoff, whenever the stream breaks: either side may have restarted, or the
-partition may have moved to another shard.
+exactly (its core drops what it already has). A worker that cannot push the versions the shard
+is at (it took its rank over after that checkpoint, or its other partitions are past them) says
+from which version it can (``declare``), and the shard goes on without it until then.
+
+Parameters come in piece by piece and reach the job whole. The link asks for the partition's
+address (the job's newest assignment) at every dial and dials again, with backoff, whenever the
+stream breaks: either side may have restarted, or the partition may have moved to another shard.
 
 A shard the link gets nothing from for ``MAAS_WORKER_HEARTBEAT_TIMEOUT_MS`` (every dial refused,
 ended before a reply or left unanswered, at one address) is reported through ``on_unreachable``,
@@ -32,7 +35,7 @@ from maas.config import Settings
 from maas.errors import MaasError
 from maas.training.broadcast import ParamsAssembler, ShardParams, read_shard_message
 from maas.training.dataplane import exchange, open_channel
-from maas.training.protocol import OutgoingPush
+from maas.training.protocol import OutgoingPush, pushes_from_frame
 from maas.training.v1 import training_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,8 @@ class ShardLink:
         self._on_unreachable = on_unreachable
         self._dialled = ""  # the address of the newest dial
         self._failing: Failing | None = None
+        self.shard_version = -1  # of the newest whole parameters on this stream (-1: none yet)
+        self._declared: int | None = None  # the PushesFrom version sent on this stream
 
     def push(self, push: OutgoingPush) -> None:
         """Send ``push`` now if connected, and keep it until a checkpoint covers its version."""
@@ -95,6 +100,30 @@ class ShardLink:
     @property
     def retained(self) -> int:
         return len(self._retained)
+
+    @property
+    def streaming(self) -> bool:
+        """A stream to the shard is open."""
+        return self._outbox is not None
+
+    @property
+    def oldest_kept(self) -> int | None:
+        return self._retained[0].version if self._retained else None
+
+    def declare(self, version: int | None) -> None:
+        """Tell the shard this worker can push from ``version`` on only (once per stream and
+        version; None: nothing to tell)."""
+        if version is None or version == self._declared or self._outbox is None:
+            return
+        self._declared = version
+        log.info(
+            "job %s: shard %d is at version %d; this worker can push it from %d on",
+            self.job_id,
+            self.shard,
+            self.shard_version,
+            version,
+        )
+        self._outbox.put_nowait(pushes_from_frame(version))
 
     async def run(self) -> None:
         delay = RETRY_S
@@ -166,6 +195,7 @@ class ShardLink:
             # Failures count per address: a partition that moved starts with a clean slate.
             self._failing = Failing(address, events.now_ms())
         outbox: asyncio.Queue[bytes] = asyncio.Queue()
+        self.shard_version, self._declared = -1, None  # a new stream: maybe a restarted shard
         for push in self._retained:
             outbox.put_nowait(push.frame)
         silence_ms = self._settings.worker_heartbeat_timeout_ms
@@ -210,4 +240,5 @@ class ShardLink:
             return
         if whole.final:
             self.over = True
+        self.shard_version = whole.version
         self._on_params(self.shard, whole)

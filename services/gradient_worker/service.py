@@ -78,6 +78,13 @@ class Running:
         """Why a shard refused this worker's token, if one did."""
         return next((link.refused for link in self.links if link.refused), None)
 
+    def declare_pushes_from(self) -> None:
+        """Tell each shard at a version this worker cannot push from which one it can."""
+        for link in self.links:
+            if link.shard_version >= 0:
+                version = self.job.pushes_from(link.shard, link.shard_version, link.oldest_kept)
+                link.declare(version)
+
     def address(self, partition: int) -> str:
         """Where the newest assignment says the partition is served (read at every dial)."""
         address = self.assignment.addresses.get(partition, "")
@@ -186,7 +193,7 @@ class WorkerService:
                 partition_size=part.size,
                 settings=self.settings,
                 address=running.address,
-                on_params=self._receiver(job),
+                on_params=self._receiver(running),
                 on_unreachable=self._unreachable_reporter(job_id, rank),
             )
             for part in plan.partitions
@@ -204,10 +211,11 @@ class WorkerService:
             plan.training.gradient_codec,
         )
 
-    def _receiver(self, job: WorkerJob) -> Callable[[int, ShardParams], None]:
+    def _receiver(self, running: Running) -> Callable[[int, ShardParams], None]:
         def receive(shard: int, params: ShardParams) -> None:
-            if job.receive(shard, params):
+            if running.job.receive(shard, params):
                 self._wake.set()
+            running.declare_pushes_from()
 
         return receive
 

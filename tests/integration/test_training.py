@@ -329,6 +329,28 @@ async def test_an_aggregator_shard_killed_and_restarted_ends_like_an_undisturbed
     assert_same_weights(await weights(registry, status), await weights(registry, mlp_baseline))
 
 
+async def test_a_worker_and_then_its_shard_restarted_mid_job_do_not_stall_it(
+    stack, cluster, producer, watcher
+):
+    # The restarted worker keeps nothing its predecessor pushed, and the shard resumes from a
+    # checkpoint older than that: the worker says from which version it can push, and the
+    # shard goes on without it until then (computing on mixed versions stalled the job).
+    job = train_job(
+        "restart-both", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 400}
+    )
+    await producer.send(topics.JOBS, job, key=job["job_id"])
+    store = ObjectStore(stack.settings)
+    await wait_for_checkpoint(store, job["job_id"], shard=1, version=50)
+    holder = _by_name(cluster.workers, assignment(watcher, job["job_id"])["workers"][1]["member"])
+    cluster.kill(holder)
+    cluster.kill(cluster.shards[1])
+    assert not (await pointer(store, job["job_id"], shard=1)).final, "killed too late"
+    await asyncio.to_thread(start_all, [cluster.shards[1], holder])
+    status = await watcher.final(job["job_id"])
+    assert status["state"] == "succeeded", status
+    assert status["metrics"]["accuracy"] > 0.9
+
+
 def _by_name(services: list, name: str):  # type: ignore[no-untyped-def]
     (service,) = [s for s in services if s.name == name]
     return service

@@ -233,3 +233,76 @@ def test_gradient_sum_of_one_gradient_reads_it_without_copying() -> None:
     target = np.zeros(10, dtype=np.float32)
     total.add_to(target, -1.0)
     np.testing.assert_array_equal(target, -g)
+
+
+# A shard restarted from a checkpoint older than the process now holding a rank: that rank can
+# push from a later version on only (``defer``), so the shard goes on without it until then.
+
+
+def test_a_deferred_worker_is_not_waited_for_before_its_version() -> None:
+    core = _core(workers=2)
+    assert core.defer(1, 2, now_ms=0)
+    core.offer(_grad(0, 0), now_ms=1)
+    core.offer(_grad(0, 1), now_ms=2)
+    assert core.version == 2
+    np.testing.assert_array_equal(core.theta, np.full(SIZE, -2.0))  # worker 0's alone, twice
+
+
+def test_a_deferred_worker_is_waited_for_again_from_its_version() -> None:
+    core = _core(workers=2)
+    core.defer(1, 1, now_ms=0)
+    core.offer(_grad(0, 0), now_ms=1)
+    assert core.offer(_grad(0, 1), now_ms=2) is Verdict.ACCEPTED
+    assert core.version == 1
+    core.offer(_grad(1, 1, value=3.0), now_ms=3)
+    assert core.version == 2
+
+
+def test_a_deferred_workers_replayed_push_counts_when_its_version_comes_up() -> None:
+    core = _core(workers=2)
+    core.defer(1, 1, now_ms=0)
+    assert core.offer(_grad(1, 1, value=3.0), now_ms=1) is Verdict.EARLY
+    core.offer(_grad(0, 0), now_ms=2)
+    core.offer(_grad(0, 1), now_ms=3)
+    assert core.version == 2
+    np.testing.assert_array_equal(core.theta, np.full(SIZE, -3.0))  # -1, then -(1 + 3) / 2
+
+
+def test_with_every_rank_deferred_the_versions_before_the_nearest_close_empty() -> None:
+    core = _core(workers=2)
+    core.defer(0, 3, now_ms=0)
+    core.defer(1, 2, now_ms=0)
+    assert core.version == 2
+    np.testing.assert_array_equal(core.theta, np.zeros(SIZE))
+    core.offer(_grad(1, 2), now_ms=1)
+    assert core.version == 3
+
+
+def test_a_worker_that_can_push_the_open_version_is_not_deferred() -> None:
+    core = _core(workers=2)
+    core.remove(1, now_ms=0)
+    assert not core.defer(1, 0, now_ms=0)
+    assert core.add(1)
+    core.offer(_grad(0, 0), now_ms=1)
+    assert core.version == 0
+
+
+def test_a_deferred_worker_is_a_member_only_from_its_version_whoever_adds_it() -> None:
+    core = _core(workers=2)
+    core.defer(1, 2, now_ms=0)
+    assert not core.add(1)  # the coordinator's assignment still lists the rank
+    core.offer(_grad(0, 0), now_ms=1)
+    assert core.version == 1
+
+
+def test_a_removed_deferred_worker_is_not_waited_for_at_its_version() -> None:
+    core = _core(workers=2)
+    core.defer(1, 1, now_ms=0)
+    core.remove(1, now_ms=0)
+    core.offer(_grad(0, 0), now_ms=1)
+    core.offer(_grad(0, 1), now_ms=2)
+    assert core.version == 2
+
+
+def test_async_defers_nobody() -> None:
+    assert not _core(workers=2, mode="async", staleness=1).defer(1, 2, now_ms=0)

@@ -29,6 +29,7 @@ SETTINGS = Settings(auth=False)
 @dataclass
 class RecordingShard:
     pushes: list[PushFrame] = field(default_factory=list)
+    pushes_from: list[int] = field(default_factory=list)
 
     async def attach(self, join: pb.Join) -> Peer:
         return Peer(join.job_id, join.shard, join.worker)
@@ -39,6 +40,9 @@ class RecordingShard:
     async def on_push(self, peer: Peer, push: PushFrame) -> None:
         self.pushes.append(push)
         peer.close()  # ends the stream once the push is in
+
+    async def on_pushes_from(self, peer: Peer, version: int) -> None:
+        self.pushes_from.append(version)
 
 
 @pytest.fixture
@@ -76,7 +80,7 @@ def _join() -> bytes:
     [
         ([b"\xff\xff"], "malformed maas.training.v1.WorkerMessage"),
         ([_join(), b"\x12\x05\x08"], "malformed maas.training.v1.WorkerMessage"),
-        ([_join(), _join()], "only pushes"),
+        ([_join(), _join()], "carries pushes, not joins"),
         ([pb.WorkerMessage(push=pb.Push()).SerializeToString()], "starts with a join"),
     ],
 )
@@ -135,3 +139,33 @@ async def test_a_worker_whose_token_the_shard_refuses_stops_dialling_and_says_wh
     assert f"partition 0 at 127.0.0.1:{port} refused" in link.refused
     assert "PERMISSION_DENIED: 'admin' has role write; Exchange needs service" in link.refused
     assert "services.token" in link.refused
+
+
+async def test_a_link_says_once_per_stream_from_which_version_it_pushes(
+    shard: tuple[RecordingShard, str],
+) -> None:
+    # What a shard that resumed from an older checkpoint needs to hear from a worker that
+    # cannot push the versions it is at (tests/unit/test_training_pushes_from.py).
+    recording, address = shard
+
+    async def report(partition: int, address: str, what: str) -> None:
+        pass
+
+    link = link_to(address, SETTINGS, report)
+    running = asyncio.create_task(link.run())
+    try:
+        for _ in range(200):  # until the stream is open
+            if link.streaming:
+                break
+            await asyncio.sleep(0.05)
+        link.declare(47)
+        link.declare(47)
+        for _ in range(200):
+            if recording.pushes_from:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # room for a second one, were it sent
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+    assert recording.pushes_from == [47]

@@ -72,12 +72,17 @@ def test_a_join_reads_as_a_join() -> None:
         (b"\x12\x09\x08", "malformed maas.training.v1.WorkerMessage"),  # truncated
         (b"\x12\x02\x0a\xff", "malformed maas.training.v1.WorkerMessage"),  # length past the end
         (b"", "holds 0 known fields"),
-        (pb.WorkerMessage(join=pb.Join()).SerializeToString(), "only pushes"),
+        (pb.WorkerMessage(join=pb.Join()).SerializeToString(), "carries pushes, not joins"),
     ],
 )
 def test_a_malformed_frame_is_refused_naming_the_problem(frame: bytes, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        protocol.read_push(frame)
+        protocol.read_stream_message(frame)
+
+
+def test_a_pushes_from_reads_as_the_version_it_names() -> None:
+    message = protocol.read_stream_message(protocol.pushes_from_frame(41))
+    assert isinstance(message, pb.PushesFrom) and message.version == 41
 
 
 def test_params_pieces_read_back_as_views_over_their_frame() -> None:

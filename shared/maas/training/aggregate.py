@@ -16,6 +16,10 @@
   one is a duplicate.
 - A gradient for a *newer* version than the shard holds arrives when a restarted shard is sent
   again what workers kept since its checkpoint: it is held until its version comes up.
+- A worker that can only push from a later version on (``defer``: it took its rank over after
+  the checkpoint this shard restarted from, and its predecessor's pushes died with it) is not
+  waited for until the shard reaches that version; when no member is left to wait for, the
+  versions up to the nearest such one close empty.
 """
 
 from __future__ import annotations
@@ -206,6 +210,7 @@ class ShardCore:
         self._round: dict[int, Contribution] = {}
         # version -> worker -> its early gradient (one per worker and version: the first counts)
         self._held: dict[int, dict[int, Contribution]] = {}
+        self._deferred: dict[int, int] = {}  # worker -> the version it is a member again from
         self._last_version: dict[int, int] = {}
 
     # --- state ----------------------------------------------------------------------------------
@@ -268,8 +273,9 @@ class ShardCore:
         return False
 
     def add(self, worker: int) -> bool:
-        """Make ``worker`` a member from the open step on; True if it was not one."""
-        if worker in self.members:
+        """Make ``worker`` a member from the open step on (a deferred one from its version);
+        True if it was not one."""
+        if worker in self.members or worker in self._deferred:
             return False
         self.members.add(worker)
         return True
@@ -277,11 +283,47 @@ class ShardCore:
     def remove(self, worker: int, now_ms: int) -> bool:
         """Stop waiting for ``worker``; True if it was a member. A gradient it already sent for
         the open step still counts; the step closes now if the others are all in."""
+        self._deferred.pop(worker, None)
         if worker not in self.members:
             return False
         self.members.discard(worker)
         self.tick(now_ms)
+        self._skip_unpushable(now_ms)
         return True
+
+    def defer(self, worker: int, version: int, now_ms: int) -> bool:
+        """``worker`` can push from ``version`` on only: not waited for (nor heard) before it,
+        a member again from it. True if that leaves this shard's versions up to it without the
+        worker (sync and local SGD; async waits for nobody)."""
+        if version <= self.version or self.plan.training.mode == "async":
+            self._deferred.pop(worker, None)
+            return False
+        self._deferred[worker] = version
+        self.members.discard(worker)
+        self.tick(now_ms)
+        self._skip_unpushable(now_ms)
+        return True
+
+    def _skip_unpushable(self, now_ms: int) -> None:
+        """No member is left to push the open step and every rank waits for a later version:
+        the versions before the nearest one close empty (nothing to apply)."""
+        if self.members or self._round or not self._deferred or self.done:
+            return
+        self.version = min(min(self._deferred.values()), self.plan.target_version)
+        self.opened_ms = now_ms
+        for version in [v for v in self._held if v < self.version]:
+            del self._held[version]
+        self._reached(now_ms)
+
+    def _reached(self, now_ms: int) -> None:
+        """The version moved: deferred workers due are members again, early gradients for it
+        are offered."""
+        for worker, version in list(self._deferred.items()):
+            if version <= self.version:
+                del self._deferred[worker]
+                self.members.add(worker)
+        for c in self._held.pop(self.version, {}).values():
+            self.offer(c, now_ms)
 
     def _offer_sync(self, c: Contribution, now_ms: int) -> Verdict:
         if c.version < self.version:
@@ -291,6 +333,8 @@ class ShardCore:
             return Verdict.EARLY
         if c.worker in self._round:
             return Verdict.DUPLICATE
+        if c.worker in self._deferred:
+            return Verdict.STALE  # before the version it said it pushes from
         self.members.add(c.worker)  # a removed worker that is back counts again
         self._sum.add(c.decode())
         self._round[c.worker] = c
@@ -324,5 +368,4 @@ class ShardCore:
         self._round.clear()
         self.version += 1
         self.opened_ms = now_ms
-        for c in self._held.pop(self.version, {}).values():
-            self.offer(c, now_ms)
+        self._reached(now_ms)

@@ -114,6 +114,7 @@ class StepInfo:
 
 _PUSH = pb.WorkerMessage.DESCRIPTOR.fields_by_name["push"].number
 _JOIN = pb.WorkerMessage.DESCRIPTOR.fields_by_name["join"].number
+_PUSHES_FROM = pb.WorkerMessage.DESCRIPTOR.fields_by_name["pushes_from"].number
 _PUSH_VALUES = pb.Push.DESCRIPTOR.fields_by_name["values"].number
 _PUSH_INDICES = pb.Push.DESCRIPTOR.fields_by_name["indices"].number
 
@@ -223,28 +224,45 @@ class PushFrame:
     indices: memoryview
 
 
-def read_worker_message(data: frames.Buffer) -> pb.Join | PushFrame:
-    """A received ``WorkerMessage``: its join, or its push with views for the tensors."""
+def read_worker_message(data: frames.Buffer) -> pb.Join | PushFrame | pb.PushesFrom:
+    """A received ``WorkerMessage``: its join, its push (views for the tensors), or the version
+    the worker pushes from."""
     field, message, tensors = frames.read(
         data,
         pb.WorkerMessage,
-        {_JOIN: pb.Join, _PUSH: pb.Push},
+        {_JOIN: pb.Join, _PUSH: pb.Push, _PUSHES_FROM: pb.PushesFrom},
         frozenset((_PUSH_VALUES, _PUSH_INDICES)),
     )
-    if isinstance(message, pb.Join):
+    if isinstance(message, pb.Join | pb.PushesFrom):
         return message
     if not isinstance(message, pb.Push):
-        raise InvalidArgument(f"a WorkerMessage holds a join or a push, not field {field}")
+        raise InvalidArgument(
+            f"a WorkerMessage holds a join, a push or pushes_from, not field {field}"
+        )
     empty = memoryview(b"")
     return PushFrame(message, tensors.get(_PUSH_VALUES, empty), tensors.get(_PUSH_INDICES, empty))
 
 
+def read_stream_message(data: frames.Buffer) -> PushFrame | pb.PushesFrom:
+    """A received ``WorkerMessage`` after the join: a push or the version the worker pushes
+    from."""
+    message = read_worker_message(data)
+    if isinstance(message, pb.Join):
+        raise InvalidArgument("after the join an Exchange stream carries pushes, not joins")
+    return message
+
+
 def read_push(data: frames.Buffer) -> PushFrame:
-    """A received ``WorkerMessage`` that must be a push (every one after the join)."""
+    """A received ``WorkerMessage`` that must be a push."""
     message = read_worker_message(data)
     if not isinstance(message, PushFrame):
-        raise InvalidArgument("after the join an Exchange stream carries only pushes")
+        raise InvalidArgument("expected a push")
     return message
+
+
+def pushes_from_frame(version: int) -> bytes:
+    """The ``WorkerMessage`` saying this worker can push from ``version`` on only."""
+    return pb.WorkerMessage(pushes_from=pb.PushesFrom(version=version)).SerializeToString()
 
 
 def _array(data: memoryview, dtype: str, count: int, what: str) -> np.ndarray:

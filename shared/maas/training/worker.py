@@ -92,7 +92,25 @@ class WorkerJob:
     def ready(self) -> bool:
         if len(self._latest) < self.plan.shards or self.finished:
             return False
+        if self._sync and len({p.version for p in self._latest.values() if not p.final}) > 1:
+            return False  # a step computes on one version of every partition (see pushes_from)
         return all(p.final or p.version > self._used.get(s, -1) for s, p in self._latest.items())
+
+    def pushes_from(self, shard: int, shard_version: int, oldest_kept: int | None) -> int | None:
+        """The version from which the shard, at ``shard_version``, should wait for this worker,
+        if later than its own (None: this worker can push every version from there on).
+        ``oldest_kept`` is the oldest push its link keeps for the shard (None: none)."""
+        versions = [p.version for p in self._latest.values() if not p.final]
+        if not self._sync or not versions:
+            return None
+        taken = self._used.get(shard)
+        return first_pushable(
+            shard_version=shard_version,
+            # Nothing kept but a version taken: its pushes are on their way (or trimmed by a
+            # checkpoint past them, and then behind the shard).
+            kept=None if taken is None else (taken if oldest_kept is None else oldest_kept, taken),
+            next_version=max(versions),
+        )
 
     def take(self) -> dict[int, ShardParams]:
         """The parameters to compute on next; marks them used so they are taken once."""
@@ -183,3 +201,20 @@ class WorkerJob:
             payload = self._feedback[shard].encode(plan.partition.gather(vector))
             for push in whole_pushes(plan, payload, self.codec, info):
                 emit(shard, push)
+
+
+def first_pushable(
+    *, shard_version: int, kept: tuple[int, int] | None, next_version: int
+) -> int | None:
+    """The first version from which a worker pushes every one, when a shard at
+    ``shard_version`` would otherwise wait for versions it cannot push (None: it can push them
+    all). It can push again what it kept (``kept``: the oldest and newest version, contiguous)
+    and compute from ``next_version`` on (the newest version any partition sent it: a step
+    computes on one version of every partition, and a partition never sends an older one again
+    unless its shard restarts)."""
+    if next_version <= shard_version:
+        return None
+    if kept is None or kept[1] + 1 < next_version:
+        return next_version  # a hole before the versions it will compute
+    oldest = kept[0]
+    return oldest if oldest > shard_version else None

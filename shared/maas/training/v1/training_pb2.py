@@ -24,23 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmaas/training/v1/training.proto\x12\x10maas.training.v1\"g\n\rWorkerMessage\x12&\n\x04join\x18\x01 \x01(\x0b\x32\x16.maas.training.v1.JoinH\x00\x12&\n\x04push\x18\x02 \x01(\x0b\x32\x16.maas.training.v1.PushH\x00\x42\x06\n\x04kind\"E\n\x04Join\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x0e\n\x06member\x18\x04 \x01(\t\"\xe4\x01\n\x04Push\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\r\n\x05piece\x18\x05 \x01(\r\x12\x0e\n\x06pieces\x18\x06 \x01(\r\x12\x0f\n\x07samples\x18\x07 \x01(\x05\x12\x11\n\x04loss\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\t \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05scale\x18\n \x01(\x01\x12\x0e\n\x06values\x18\x0b \x01(\x0c\x12\x0f\n\x07indices\x18\x0c \x01(\x0c\x42\x07\n\x05_lossB\x0b\n\t_accuracy\"B\n\x0cShardMessage\x12*\n\x06params\x18\x01 \x01(\x0b\x32\x18.maas.training.v1.ParamsH\x00\x42\x06\n\x04kind\"\x8f\x01\n\x06Params\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x17\n\x0f\x64urable_version\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\r\n\x05piece\x18\x06 \x01(\r\x12\x0e\n\x06pieces\x18\x07 \x01(\r\x12\x0e\n\x06values\x18\x08 \x01(\x0c\x32\x64\n\x11TrainingDataPlane\x12O\n\x08\x45xchange\x12\x1f.maas.training.v1.WorkerMessage\x1a\x1e.maas.training.v1.ShardMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1fmaas/training/v1/training.proto\x12\x10maas.training.v1\"\x9c\x01\n\rWorkerMessage\x12&\n\x04join\x18\x01 \x01(\x0b\x32\x16.maas.training.v1.JoinH\x00\x12&\n\x04push\x18\x02 \x01(\x0b\x32\x16.maas.training.v1.PushH\x00\x12\x33\n\x0bpushes_from\x18\x03 \x01(\x0b\x32\x1c.maas.training.v1.PushesFromH\x00\x42\x06\n\x04kind\"E\n\x04Join\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06worker\x18\x02 \x01(\x05\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x0e\n\x06member\x18\x04 \x01(\t\"\x1d\n\nPushesFrom\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\xe4\x01\n\x04Push\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\r\n\x05piece\x18\x05 \x01(\r\x12\x0e\n\x06pieces\x18\x06 \x01(\r\x12\x0f\n\x07samples\x18\x07 \x01(\x05\x12\x11\n\x04loss\x18\x08 \x01(\x02H\x00\x88\x01\x01\x12\x15\n\x08\x61\x63\x63uracy\x18\t \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05scale\x18\n \x01(\x01\x12\x0e\n\x06values\x18\x0b \x01(\x0c\x12\x0f\n\x07indices\x18\x0c \x01(\x0c\x42\x07\n\x05_lossB\x0b\n\t_accuracy\"B\n\x0cShardMessage\x12*\n\x06params\x18\x01 \x01(\x0b\x32\x18.maas.training.v1.ParamsH\x00\x42\x06\n\x04kind\"\x8f\x01\n\x06Params\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\r\n\x05\x66inal\x18\x02 \x01(\x08\x12\x17\n\x0f\x64urable_version\x18\x03 \x01(\x03\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x12\r\n\x05piece\x18\x06 \x01(\r\x12\x0e\n\x06pieces\x18\x07 \x01(\r\x12\x0e\n\x06values\x18\x08 \x01(\x0c\x32\x64\n\x11TrainingDataPlane\x12O\n\x08\x45xchange\x12\x1f.maas.training.v1.WorkerMessage\x1a\x1e.maas.training.v1.ShardMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'maas.training.v1.training_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERMESSAGE']._serialized_start=53
-  _globals['_WORKERMESSAGE']._serialized_end=156
-  _globals['_JOIN']._serialized_start=158
-  _globals['_JOIN']._serialized_end=227
-  _globals['_PUSH']._serialized_start=230
-  _globals['_PUSH']._serialized_end=458
-  _globals['_SHARDMESSAGE']._serialized_start=460
-  _globals['_SHARDMESSAGE']._serialized_end=526
-  _globals['_PARAMS']._serialized_start=529
-  _globals['_PARAMS']._serialized_end=672
-  _globals['_TRAININGDATAPLANE']._serialized_start=674
-  _globals['_TRAININGDATAPLANE']._serialized_end=774
+  _globals['_WORKERMESSAGE']._serialized_start=54
+  _globals['_WORKERMESSAGE']._serialized_end=210
+  _globals['_JOIN']._serialized_start=212
+  _globals['_JOIN']._serialized_end=281
+  _globals['_PUSHESFROM']._serialized_start=283
+  _globals['_PUSHESFROM']._serialized_end=312
+  _globals['_PUSH']._serialized_start=315
+  _globals['_PUSH']._serialized_end=543
+  _globals['_SHARDMESSAGE']._serialized_start=545
+  _globals['_SHARDMESSAGE']._serialized_end=611
+  _globals['_PARAMS']._serialized_start=614
+  _globals['_PARAMS']._serialized_end=757
+  _globals['_TRAININGDATAPLANE']._serialized_start=759
+  _globals['_TRAININGDATAPLANE']._serialized_end=859
 # @@protoc_insertion_point(module_scope)

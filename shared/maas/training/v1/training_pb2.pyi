@@ -6,12 +6,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("join", "push")
+    __slots__ = ("join", "push", "pushes_from")
     JOIN_FIELD_NUMBER: _ClassVar[int]
     PUSH_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FROM_FIELD_NUMBER: _ClassVar[int]
     join: Join
     push: Push
-    def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., push: _Optional[_Union[Push, _Mapping]] = ...) -> None: ...
+    pushes_from: PushesFrom
+    def __init__(self, join: _Optional[_Union[Join, _Mapping]] = ..., push: _Optional[_Union[Push, _Mapping]] = ..., pushes_from: _Optional[_Union[PushesFrom, _Mapping]] = ...) -> None: ...
 
 class Join(_message.Message):
     __slots__ = ("job_id", "worker", "shard", "member")
@@ -24,6 +26,12 @@ class Join(_message.Message):
     shard: int
     member: str
     def __init__(self, job_id: _Optional[str] = ..., worker: _Optional[int] = ..., shard: _Optional[int] = ..., member: _Optional[str] = ...) -> None: ...
+
+class PushesFrom(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class Push(_message.Message):
     __slots__ = ("version", "codec", "offset", "size", "piece", "pieces", "samples", "loss", "accuracy", "scale", "values", "indices")

@@ -141,11 +141,15 @@ class JobMonitor:
                 if ends_the_job(exc):
                     await self._fail(job_id, exc)
                     return
-                log.warning("job %s: %s; retrying", job_id, exc.message)
                 now = events.now_ms()
                 if noted_ms is None or now - noted_ms >= WAITING_NOTE_MS:
+                    # Once per note, not per retry: an S3 outage of minutes is one line a
+                    # WAITING_NOTE_MS per job, not one every RETRY_S.
                     noted_ms = now
+                    log.warning("job %s: %s; retrying every %g s", job_id, exc.message, RETRY_S)
                     await self._note_waiting(job_id, exc)
+                else:
+                    log.debug("job %s: %s; retrying", job_id, exc.message)
                 await asyncio.sleep(RETRY_S)
             except Exception as exc:
                 log.exception("job %s: finishing failed", job_id)
@@ -189,9 +193,8 @@ class JobMonitor:
                     f"no progress for {self._stall_timeout_ms} ms (shard versions "
                     f"{list(versions)}); are gradient workers and aggregator shards running? "
                     "(`maas stack status`, and the job's last `running` status names them) If "
-                    "they are, a shard restarted from a checkpoint older than a gradient "
-                    "worker's replacement waits for pushes that died with the replaced worker: "
-                    "submit the job again"
+                    "they are, their logs say why they do not step (a shard holding a version "
+                    "until S3 takes its checkpoint, a worker that cannot reach its shard)"
                 )
             await asyncio.sleep(POLL_S)
 

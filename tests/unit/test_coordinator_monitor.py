@@ -4,6 +4,7 @@ is in the job's status, and a queued job that a foreign assignment took ends too
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -89,6 +90,17 @@ async def test_an_outage_the_monitor_waits_out_is_in_the_status_rate_limited(
     assert retries >= 3 and len(waiting) == 1  # said once, not at each of the retries
     assert waiting[0]["reason"] == "waiting: get LATEST.json: S3 at test:1 is unreachable; retrying"
     events.validate(waiting[0], events.JOB_STATUS)
+
+
+async def test_an_outage_the_monitor_waits_out_is_logged_rate_limited_too(
+    clock: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
+    c, store, _ = coordinator()
+    with caplog.at_level(logging.DEBUG, logger=monitor_module.__name__):
+        await c._monitor._follow("job-1")
+    retrying = [r for r in caplog.records if "retrying" in r.getMessage()]
+    warned = [r for r in retrying if r.levelno == logging.WARNING]
+    assert store.reads // 3 >= 3 and len(retrying) >= 3 and len(warned) == 1
 
 
 async def test_a_queued_job_taken_by_a_foreign_assignment_fails_and_leaves_the_queue(

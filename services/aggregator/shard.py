@@ -288,8 +288,10 @@ class ShardService:
     async def on_pushes_from(self, peer: Peer, version: int) -> None:
         """The worker can push from ``version`` on only: not waited for before it."""
         job = self.jobs.get((peer.job_id, peer.partition))
-        if job is None:
-            return
+        if job is None or job.peers.get(peer.worker) is not peer:
+            return  # the job is over here, or a newer stream took the rank over
+        if peer.worker not in job.assignment.workers:
+            return  # the coordinator took the rank away meanwhile: nothing to wait for
         check_ahead(version, job, "pushes_from.version")
         core, before = job.core, job.core.version
         if core.defer(peer.worker, version, now_ms()):

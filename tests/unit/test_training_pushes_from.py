@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from pool_kit import SentEvents
 
 from maas.config import Settings
-from maas.training.aggregate import Verdict
+from maas.training.aggregate import ShardCore, Verdict
 from maas.training.broadcast import ShardParams
+from maas.training.pool import Assignment
 from maas.training.prepare import Limits, PreparedJob, prepare_job
+from maas.training.protocol import GradientAssembler
 from maas.training.worker import WorkerJob, first_pushable
+from services.aggregator.shard import ShardService
+from services.aggregator.shard_job import Peer, ShardJob, StatusReporter
 from tests.unit.test_training_aggregate import _core, _grad
-
-SETTINGS = Settings(auth=False)
 
 
 def test_a_worker_that_kept_everything_since_the_shards_version_pushes_all_of_it() -> None:
@@ -94,3 +97,50 @@ def test_a_deferred_workers_push_below_its_version_is_dropped() -> None:
     core.offer(_grad(0, 0), now_ms=2)
     assert core.version == 1
     np.testing.assert_array_equal(core.theta, np.full(core.partition.size, -1.0))
+
+
+def _shard_serving(
+    prepared: PreparedJob, version: int
+) -> tuple[ShardService, ShardJob, SentEvents]:
+    """A shard serving partition 1 at ``version``, both ranks joined (no network: the
+    statuses it sends are recorded)."""
+    service, sent = ShardService(Settings(auth=False)), SentEvents()
+    service._reporter = StatusReporter(sent, "aggregator-t")  # type: ignore[arg-type]
+    plan = prepared.plan
+    size = plan.partitions[1].size
+    job = ShardJob(
+        plan,
+        1,
+        Assignment("w", 1, {0: "w-0", 1: "w-1"}, {0: "s-0", 1: "s-1"}, {}),
+        ShardCore(plan, 1, np.zeros(size, dtype=np.float32), now_ms=0, version=version),
+        GradientAssembler(plan.training.gradient_codec, size),
+        started_ms=0,
+        checkpointed_version=version,
+        durable_version=version,
+    )
+    job.peers = {rank: Peer("w", 1, rank) for rank in (0, 1)}
+    service.jobs[("w", 1)] = job
+    return service, job, sent
+
+
+async def test_a_shard_told_a_rank_pushes_later_goes_on_without_it_and_says_so(
+    prepared: PreparedJob,
+) -> None:
+    service, job, sent = _shard_serving(prepared, version=40)
+    await service.on_pushes_from(job.peers[1], 43)
+    await service._reporter.drain()  # statuses go out in the background
+    assert job.core.members == {0}
+    (status,) = sent.sent
+    assert "worker 1 can push partition 1 from version 43 on only" in status["workers"]["change"]
+    assert "versions 40..42 go on without that rank" in status["workers"]["change"]
+
+
+async def test_a_shard_ignores_pushes_from_of_a_stream_no_longer_holding_the_rank(
+    prepared: PreparedJob,
+) -> None:
+    service, job, sent = _shard_serving(prepared, version=40)
+    await service.on_pushes_from(Peer("w", 1, 1), 43)  # an older stream of rank 1
+    job.assignment.workers.pop(0)  # the coordinator took rank 0 away
+    await service.on_pushes_from(job.peers[0], 43)
+    await service._reporter.drain()
+    assert job.core.members == {0, 1} and not sent.sent

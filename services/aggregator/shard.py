@@ -218,9 +218,10 @@ class ShardService:
             plan.target_version,
             core.partition.size,
         )
-        self._publish(job)
         if core.done:
             await self._finish(key, job, already_final=pointer.final)
+        else:
+            self._publish(job)
 
     # --- the data plane (called by the servicer) ----------------------------------------------
 
@@ -254,6 +255,7 @@ class ShardService:
         peer = Peer(join.job_id, join.shard, worker)
         job.peers[worker] = peer
         job.gone_ms.pop(worker, None)
+        job.core.undefer(worker)  # said on the old stream: the new one says it again if need be
         if job.core.add(worker):
             log.info("%s: worker %d rejoined job %s", self.name, worker, join.job_id)
             await self._reporter.members(job, f"worker {worker} joined")
@@ -294,6 +296,10 @@ class ShardService:
             return  # the coordinator took the rank away meanwhile: nothing to wait for
         check_ahead(version, job, "pushes_from.version")
         core, before = job.core, job.core.version
+        if version < 0:
+            raise InvalidArgument(f"pushes_from.version is {version}; it must be >= 0")
+        if core.deferred(peer.worker) == version:
+            return  # said before: a repeat changes nothing (and must not flood the statuses)
         if core.defer(peer.worker, version, now_ms()):
             change = deferral(job.partition, peer.worker, before, version)
             log.warning("%s: job %s: %s", self.name, job.job_id, change)
@@ -307,8 +313,7 @@ class ShardService:
         key = (job.job_id, job.partition)
         core, every = job.core, job.plan.training.checkpoint_every
         job.assembler.drop_below(core.version - job.plan.training.staleness)
-        if core.done:
-            self._publish(job)
+        if core.done:  # the final version goes out once its checkpoint is durable (_finish)
             if key not in self._finishing:
                 finishing = self._finish(key, job, already_final=False)
                 self._finishing[key] = asyncio.create_task(finishing)
@@ -360,7 +365,10 @@ class ShardService:
     # --- checkpoints ------------------------------------------------------------------------
 
     async def _finish(self, key: Key, job: ShardJob, *, already_final: bool) -> None:
-        """Write the final checkpoint (what the coordinator waits for) and forget the job."""
+        """Write the final checkpoint (what the coordinator waits for), then send the final
+        version, and forget the job. Not before: workers leave a job once every partition is
+        final, dropping the pushes they kept, so a shard that died between sending it and the
+        checkpoint landing would resume from an older one with nobody left to replay it."""
         if job.writing is not None:
             await asyncio.gather(job.writing, return_exceptions=True)
         if not already_final:
@@ -376,6 +384,7 @@ class ShardService:
                 if pointer is not None and pointer.final:
                     break
                 await asyncio.sleep(1.0)  # S3 unavailable: the final checkpoint must land
+        self._publish(job)
         self.jobs.pop(key, None)
         self._done.add(key)
         self._finishing.pop(key, None)

@@ -4,16 +4,22 @@ which version it can push (``PushesFrom``), and neither waits for the other unti
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 from pool_kit import SentEvents
 
 from maas.config import Settings
-from maas.training.aggregate import ShardCore, Verdict
-from maas.training.broadcast import ShardParams
+from maas.errors import InvalidArgument
+from maas.training.aggregate import Contribution, ShardCore, Verdict
+from maas.training.broadcast import ShardParams, read_shard_message
+from maas.training.codecs import DenseGradient
 from maas.training.pool import Assignment
 from maas.training.prepare import Limits, PreparedJob, prepare_job
 from maas.training.protocol import GradientAssembler
+from maas.training.v1 import training_pb2 as pb
 from maas.training.worker import WorkerJob, first_pushable
 from services.aggregator.shard import ShardService
 from services.aggregator.shard_job import Peer, ShardJob, StatusReporter
@@ -144,3 +150,72 @@ async def test_a_shard_ignores_pushes_from_of_a_stream_no_longer_holding_the_ran
     await service.on_pushes_from(job.peers[0], 43)
     await service._reporter.drain()
     assert job.core.members == {0, 1} and not sent.sent
+
+
+async def test_a_repeated_pushes_from_is_one_status_and_a_negative_one_is_refused(
+    prepared: PreparedJob,
+) -> None:
+    service, job, sent = _shard_serving(prepared, version=40)
+    for _ in range(3):
+        await service.on_pushes_from(job.peers[1], 43)
+    with pytest.raises(InvalidArgument, match="pushes_from.version is -1; it must be >= 0"):
+        await service.on_pushes_from(job.peers[1], -1)
+    await service._reporter.drain()
+    assert len(sent.sent) == 1
+
+
+async def test_a_rank_that_joins_again_is_waited_for_until_its_new_stream_defers_it(
+    prepared: PreparedJob,
+) -> None:
+    service, job, _ = _shard_serving(prepared, version=40)
+    await service.on_pushes_from(job.peers[1], 43)
+    await service.attach(pb.Join(job_id="w", worker=1, shard=1, member="w-1"))
+    assert job.core.members == {0, 1} and job.core.deferred(1) is None
+
+
+class LandingOnCue:
+    """Checkpoint writes that land when the test says (the shard's S3 side, no network)."""
+
+    def __init__(self, job: ShardJob) -> None:
+        self.job, self.land = job, asyncio.Event()
+        self.pointer = SimpleNamespace(final=False)
+
+    def start(self, job: ShardJob, *, final: bool) -> asyncio.Task[None]:
+        async def write() -> None:
+            await self.land.wait()
+            job.durable_version, self.pointer.final = job.core.version, final
+
+        return asyncio.create_task(write())
+
+    async def read_pointer(self, job_id: str, partition: int) -> SimpleNamespace:
+        return self.pointer
+
+
+async def test_the_final_version_goes_out_only_once_its_checkpoint_landed(
+    prepared: PreparedJob,
+) -> None:
+    # Workers leave a job once every partition is final and drop what they kept: a shard dying
+    # between sending it and the checkpoint landing would leave nobody to replay its steps.
+    target = prepared.plan.target_version
+    service, job, _ = _shard_serving(prepared, version=target - 1)
+    writes = LandingOnCue(job)
+    service._checkpoints = writes  # type: ignore[assignment]
+    service._pool = SimpleNamespace(store=SimpleNamespace(pointer=writes.read_pointer))  # type: ignore[assignment]
+    job.core.remove(0, now_ms=0)
+    job.core.remove(1, now_ms=0)
+    job.core.add(0)
+    size = job.core.partition.size
+    job.core.offer(
+        Contribution(0, target - 1, 4, lambda: DenseGradient(np.zeros(size, np.float32))), 0
+    )
+    assert job.core.done
+    await service._advanced(job)
+    await asyncio.sleep(0.05)
+    assert job.peers[0].outbox.empty()  # nothing final sent while the write is on its way
+    writes.land.set()
+    await asyncio.wait_for(service._finishing.get(("w", 1)) or asyncio.sleep(0), 5)
+    frames = []
+    while not job.peers[0].outbox.empty():
+        frames.append(job.peers[0].outbox.get_nowait())
+    assert frames[-1] is None  # the stream ends after the final version
+    assert read_shard_message(frames[0]).params.final

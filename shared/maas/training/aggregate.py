@@ -304,6 +304,14 @@ class ShardCore:
         self._skip_unpushable(now_ms)
         return True
 
+    def deferred(self, worker: int) -> int | None:
+        """The version ``worker`` is waited for again from, if it is deferred."""
+        return self._deferred.get(worker)
+
+    def undefer(self, worker: int) -> None:
+        """Forget ``worker``'s deferral (``add`` makes it a member again)."""
+        self._deferred.pop(worker, None)
+
     def _skip_unpushable(self, now_ms: int) -> None:
         """No member is left to push the open step and every rank waits for a later version:
         the versions before the nearest one close empty (nothing to apply)."""

@@ -79,9 +79,16 @@ class Running:
         return next((link.refused for link in self.links if link.refused), None)
 
     def declare_pushes_from(self) -> None:
-        """Tell each shard at a version this worker cannot push from which one it can."""
+        """Tell each shard at a version this worker cannot push from which one it can. A
+        worker cut off from a partition it never got (its shard said the job is over there:
+        this process joined after that partition finished) can push nothing more at all."""
+        cut_off = any(link.over and not self.job.has(link.shard) for link in self.links)
         for link in self.links:
-            if link.shard_version >= 0:
+            if link.shard_version < 0 or link.over:
+                continue
+            if cut_off:
+                link.declare(self.job.nothing_to_push(link.shard_version))
+            else:
                 version = self.job.pushes_from(link.shard, link.shard_version, link.oldest_kept)
                 link.declare(version)
 
@@ -269,6 +276,7 @@ class WorkerService:
             await self._wake.wait()
             self._wake.clear()
             for job_id, running in list(self.jobs.items()):
+                running.declare_pushes_from()  # a link may have ended: nothing to push there
                 if running.over:
                     await self._leave(job_id, "its training is over")
                 elif running.refused is not None:

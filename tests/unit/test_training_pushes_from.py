@@ -23,6 +23,8 @@ from maas.training.v1 import training_pb2 as pb
 from maas.training.worker import WorkerJob, first_pushable
 from services.aggregator.shard import ShardService
 from services.aggregator.shard_job import Peer, ShardJob, StatusReporter
+from services.gradient_worker.link import ShardLink
+from services.gradient_worker.service import Running
 from tests.unit.test_training_aggregate import _core, _grad
 
 
@@ -219,3 +221,33 @@ async def test_the_final_version_goes_out_only_once_its_checkpoint_landed(
         frames.append(job.peers[0].outbox.get_nowait())
     assert frames[-1] is None  # the stream ends after the final version
     assert read_shard_message(frames[0]).params.final
+
+
+def _link(shard: int) -> ShardLink:
+    return ShardLink(
+        job_id="w",
+        worker=1,
+        member="w-1",
+        shard=shard,
+        partition_size=4,
+        settings=Settings(auth=False),
+        address=lambda partition: "127.0.0.1:1",
+        on_params=lambda shard, params: None,
+    )
+
+
+def test_a_worker_cut_off_from_a_finished_partition_says_it_pushes_nothing_more(
+    prepared: PreparedJob,
+) -> None:
+    # This process joined after partition 0 finished (its shard answers "over" without
+    # parameters): it can never compute again, so partition 1 must not wait for it.
+    fresh = WorkerJob(
+        prepared.plan, 1, prepared.state, prepared.dataset, chunk_bytes=1 << 20, overlap_min_bytes=0
+    )
+    fresh.receive(1, _params(prepared, 1, 49))
+    finished, running = _link(0), _link(1)
+    finished.over, running.shard_version = True, 49
+    said: list[int | None] = []
+    running.declare = said.append  # type: ignore[method-assign]
+    Running(fresh, SimpleNamespace(), [finished, running]).declare_pushes_from()  # type: ignore[arg-type]
+    assert said == [prepared.plan.target_version]

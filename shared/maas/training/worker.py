@@ -26,7 +26,7 @@ from maas.datasets import Dataset
 from maas.errors import FailedPrecondition
 from maas.training.broadcast import ShardParams
 from maas.training.codecs import ErrorFeedback, parse_codec
-from maas.training.plan import JobPlan
+from maas.training.plan import JobPlan, kept_steps
 from maas.training.protocol import (
     Emit,
     PiecePlan,
@@ -95,6 +95,17 @@ class WorkerJob:
         if self._sync and len({p.version for p in self._latest.values() if not p.final}) > 1:
             return False  # a step computes on one version of every partition (see pushes_from)
         return all(p.final or p.version > self._used.get(s, -1) for s, p in self._latest.items())
+
+    def has(self, shard: int) -> bool:
+        """Whether the shard sent this worker its parameters."""
+        return shard in self._latest
+
+    def nothing_to_push(self, shard_version: int) -> int:
+        """What a worker that can push nothing more says to a shard at ``shard_version``: as
+        far ahead as a push may be (the shard refuses more), up to the job's end."""
+        training = self.plan.training
+        ahead = kept_steps(training.checkpoint_every, training.staleness)
+        return min(self.plan.target_version, shard_version + ahead)
 
     def pushes_from(self, shard: int, shard_version: int, oldest_kept: int | None) -> int | None:
         """The version from which the shard, at ``shard_version``, should wait for this worker,

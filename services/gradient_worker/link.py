@@ -111,9 +111,14 @@ class ShardLink:
         return self._retained[0].version if self._retained else None
 
     def declare(self, version: int | None) -> None:
-        """Tell the shard this worker can push from ``version`` on only (once per stream and
-        version; None: nothing to tell)."""
-        if version is None or version == self._declared or self._outbox is None:
+        """Tell the shard this worker can push from ``version`` on only (None: nothing to
+        tell). Said once per stream until the shard reaches it: it goes on without this worker
+        up to there anyway, and a declaration per version would be a status per step."""
+        if version is None or self._outbox is None:
+            return
+        if self._declared is not None and (
+            version == self._declared or self.shard_version < self._declared
+        ):
             return
         self._declared = version
         log.info(

@@ -6,6 +6,7 @@ records what it is handed: the streams, not the shard's logic, are under test.)"
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from maas.training.v1 import training_pb2 as pb
 from services.aggregator import dataplane as aggregator_dataplane
 from services.aggregator.dataplane import DataPlaneServicer
 from services.aggregator.shard_job import Peer
+from services.gradient_worker.link import ShardLink
 
 SETTINGS = Settings(auth=False)
 
@@ -141,12 +143,9 @@ async def test_a_worker_whose_token_the_shard_refuses_stops_dialling_and_says_wh
     assert "services.token" in link.refused
 
 
-async def test_a_link_says_once_per_stream_from_which_version_it_pushes(
-    shard: tuple[RecordingShard, str],
-) -> None:
-    # What a shard that resumed from an older checkpoint needs to hear from a worker that
-    # cannot push the versions it is at (tests/unit/test_training_pushes_from.py).
-    recording, address = shard
+@contextlib.asynccontextmanager
+async def streaming_link(address: str) -> AsyncIterator[ShardLink]:
+    """Rank 0's link to the shard at ``address``, its stream open."""
 
     async def report(partition: int, address: str, what: str) -> None:
         pass
@@ -154,18 +153,46 @@ async def test_a_link_says_once_per_stream_from_which_version_it_pushes(
     link = link_to(address, SETTINGS, report)
     running = asyncio.create_task(link.run())
     try:
-        for _ in range(200):  # until the stream is open
+        for _ in range(200):
             if link.streaming:
                 break
             await asyncio.sleep(0.05)
-        link.declare(47)
-        link.declare(47)
-        for _ in range(200):
-            if recording.pushes_from:
-                break
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # room for a second one, were it sent
+        yield link
     finally:
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
-    assert recording.pushes_from == [47]
+
+
+async def _heard(recording: RecordingShard, count: int) -> list[int]:
+    """What the shard was told it pushes from, once ``count`` arrived (and a moment more, for
+    one too many)."""
+    for _ in range(200):
+        if len(recording.pushes_from) >= count:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.2)
+    return recording.pushes_from
+
+
+async def test_a_link_says_once_per_stream_from_which_version_it_pushes(
+    shard: tuple[RecordingShard, str],
+) -> None:
+    # What a shard that resumed from an older checkpoint needs to hear from a worker that
+    # cannot push the versions it is at (tests/unit/test_training_pushes_from.py).
+    async with streaming_link(shard[1]) as link:
+        link.declare(47)
+        link.declare(47)
+        assert await _heard(shard[0], 1) == [47]
+
+
+async def test_a_link_says_it_again_only_once_the_shard_reached_what_it_said(
+    shard: tuple[RecordingShard, str],
+) -> None:
+    async with streaming_link(shard[1]) as link:
+        link.shard_version = 10
+        link.declare(20)
+        link.shard_version = 11
+        link.declare(21)  # the shard goes on without this worker up to 20 already
+        link.shard_version = 20
+        link.declare(30)
+        assert await _heard(shard[0], 2) == [20, 30]

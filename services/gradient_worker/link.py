@@ -107,8 +107,9 @@ class ShardLink:
         return self._outbox is not None
 
     @property
-    def oldest_kept(self) -> int | None:
-        return self._retained[0].version if self._retained else None
+    def kept_versions(self) -> list[int]:
+        """The versions of the pushes kept for a restarted shard (see ``push``)."""
+        return [push.version for push in self._retained]
 
     def declare(self, version: int | None) -> None:
         """Tell the shard this worker can push from ``version`` on only (None: nothing to

@@ -12,6 +12,11 @@ job's release, makes it leave. A shard it gets nothing from for a heartbeat time
 in the job's status (``unreachable``: the reason for people, the partition, shard and address
 for the coordinator, which moves the partition once every rank of the job reported it).
 
+A worker whose token the shards refuse fails the job it was given (saying which token it
+needs) and leaves the pool for a while (``REJOIN_AFTER_S``, doubling up to
+``MAX_REJOIN_AFTER_S`` while refusals go on), its ``/healthz`` saying why: one misconfigured
+worker must not fail every job the coordinator would give it.
+
 One job step at a time: forward/backward runs on a worker thread while the event loop keeps
 streaming; every gradient piece is handed to the loop the moment backward produced it
 (``call_soon_threadsafe``) and leaves while backward continues.
@@ -42,6 +47,10 @@ from maas.training.worker import WorkerJob
 from services.gradient_worker.link import ShardLink, Unreachable
 
 log = logging.getLogger(__name__)
+
+REJOIN_AFTER_S = 60.0  # out of the pool after the shards refused this worker's token
+MAX_REJOIN_AFTER_S = 1800.0
+OUT_OF_POOL = "training pool"  # the health condition while out of it
 
 
 class Metrics:
@@ -89,7 +98,7 @@ class Running:
             if cut_off:
                 link.declare(self.job.nothing_to_push(link.shard_version))
             else:
-                version = self.job.pushes_from(link.shard, link.shard_version, link.oldest_kept)
+                version = self.job.pushes_from(link.shard, link.shard_version, link.kept_versions)
                 link.declare(version)
 
     def address(self, partition: int) -> str:
@@ -111,6 +120,8 @@ class WorkerService:
         self.jobs: dict[str, Running] = {}
         self._joining: dict[str, Assignment] = {}  # the newest assignment seen while loading
         self._wake = asyncio.Event()
+        self._refusals = 0  # in a row: each doubles the time out of the pool
+        self._out_of_pool: asyncio.Task[None] | None = None
 
     @property
     def metrics_registry(self) -> CollectorRegistry:
@@ -121,6 +132,8 @@ class WorkerService:
             await self._assigned(assignment)
 
     async def stop(self) -> None:
+        if self._out_of_pool is not None:
+            self._out_of_pool.cancel()
         await self._pool.heartbeat.leave()
         for job_id in list(self.jobs):
             await self._leave(job_id, "stopping")
@@ -156,7 +169,10 @@ class WorkerService:
                 running.assignment = assignment  # shards may have moved: links dial anew
                 return
             await self._leave(job_id, "the coordinator gave this rank to another worker")
-        if rank is not None:
+        if rank is not None and self.out_of_pool:
+            # Given before the coordinator heard this worker leave: it takes the rank back.
+            log.info("not joining job %s: this worker is out of the training pool", job_id)
+        elif rank is not None:
             self._joining[job_id] = assignment
             try:
                 await self._join(assignment, rank)
@@ -220,9 +236,10 @@ class WorkerService:
 
     def _receiver(self, running: Running) -> Callable[[int, ShardParams], None]:
         def receive(shard: int, params: ShardParams) -> None:
-            if running.job.receive(shard, params):
-                self._wake.set()
-            running.declare_pushes_from()
+            running.job.receive(shard, params)
+            # Also when not kept (a restarted shard's older version): the loop looks whether
+            # that shard needs a PushesFrom.
+            self._wake.set()
 
         return receive
 
@@ -268,6 +285,27 @@ class WorkerService:
         await self._pool.heartbeat.report_failure(job_id, why)
         await self._leave(job_id, why)
 
+    @property
+    def out_of_pool(self) -> bool:
+        return self._out_of_pool is not None and not self._out_of_pool.done()
+
+    def _withdraw(self, why: str) -> None:
+        """Leave the pool for a while after a refusal (see the module doc); once at a time."""
+        if not self.out_of_pool:
+            seconds = min(MAX_REJOIN_AFTER_S, REJOIN_AFTER_S * 2**self._refusals)
+            self._refusals += 1
+            self._out_of_pool = asyncio.create_task(self._stay_out(seconds, why))
+
+    async def _stay_out(self, seconds: float, why: str) -> None:
+        note = f"out of the training pool for {seconds:.0f} s, then it offers itself again: {why}"
+        log.error("%s", note)
+        self.liveness.set_condition(OUT_OF_POOL, note)
+        await self._pool.heartbeat.withdraw()
+        await asyncio.sleep(seconds)
+        self.liveness.set_condition(OUT_OF_POOL, None)
+        await self._pool.heartbeat.rejoin()
+        log.info("back in the training pool")
+
     # --- computing --------------------------------------------------------------------------
 
     async def _train(self) -> None:
@@ -276,11 +314,12 @@ class WorkerService:
             await self._wake.wait()
             self._wake.clear()
             for job_id, running in list(self.jobs.items()):
-                running.declare_pushes_from()  # a link may have ended: nothing to push there
+                running.declare_pushes_from()  # new parameters, or a link that ended
                 if running.over:
                     await self._leave(job_id, "its training is over")
                 elif running.refused is not None:
                     await self._give_up(job_id, running.refused)
+                    self._withdraw(running.refused)
                 elif running.job.ready():
                     await self._step(loop, job_id, running)
                     self._wake.set()  # look again: parameters may have arrived meanwhile
@@ -310,3 +349,4 @@ class WorkerService:
             await self._give_up(job_id, f"{type(exc).__name__}: {exc}")
             return
         self.metrics.steps.inc(job.steps - before)  # a local-SGD round is several steps
+        self._refusals = 0

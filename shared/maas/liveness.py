@@ -59,6 +59,15 @@ class Liveness:
         """Why the service is unhealthy, or None."""
         return "; ".join(f"{name}: {why}" for name, why in self.failures.items()) or None
 
+    def set_condition(self, name: str, why: str | None) -> None:
+        """A condition, not a loop, that keeps the service from its work while it lasts
+        (``why``; None: it ended): health says so as it says a stopped loop. ``on_change``
+        is not called: it hears of loops, which do not come back."""
+        if why is None:
+            self.failures.pop(name, None)
+        else:
+            self.failures[name] = events.clip(why)
+
     async def supervise(self, name: str, loop: Awaitable[None]) -> None:
         """Await ``loop``; if it fails, report it and wait (until cancelled) instead of raising."""
         self._up.labels(name).set(1)

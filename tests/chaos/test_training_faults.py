@@ -42,10 +42,12 @@ from training_jobs import (
     weights,
 )
 
+from infra.harness.http import http_get
 from infra.harness.training import TrainingProcesses
 from infra.stack import PythonService
 from maas import events, topics
 from maas.bus import EventProducer
+from maas.liveness import HEALTH_PATH
 from maas.registry import RegistryClient
 from maas.store import ObjectStore
 from maas.training import dataplane
@@ -280,6 +282,33 @@ async def test_a_forged_assignment_fails_the_job_naming_it_and_frees_its_workers
     assert "did not write (epoch 999" in final["error"]["message"], final
     after = train_job("faults", "mlp", {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 20})
     assert (await run(producer, watcher, after))["state"] == "succeeded"  # the pool is free
+
+
+async def test_a_worker_with_a_wrong_token_fails_one_job_and_leaves_the_pool_saying_why(
+    cluster, producer, watcher, tmp_path
+):
+    token = tmp_path / "wrong.token"
+    token.write_text("a token of some other stack\n")
+    cluster.use_workers(1)
+    impostor = cluster.spawn(
+        "gradient-worker-wrong-token", "services.gradient_worker", MAAS_AUTH_TOKEN_FILE=str(token)
+    )
+    digits, short = {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 20}
+    try:
+        await asyncio.to_thread(impostor.wait_ready, timeout_s=120)
+        failed = await run(producer, watcher, train_job("faults", "mlp", digits, short))
+        assert failed["state"] == "failed", failed
+        assert "refused this gradient worker's token" in failed["error"]["message"], failed
+        status, body = await asyncio.to_thread(http_get, impostor.port, HEALTH_PATH)
+        assert (status, "out of the training pool" in body) == (503, True), body
+        # Two workers wanted, one enough: the pool gives it only the worker that can train.
+        enough = {**short, "min_workers": 1}
+        after = await run(producer, watcher, train_job("faults", "mlp", digits, enough))
+        assert after["state"] == "succeeded", after
+        assert impostor.process.alive()
+    finally:
+        impostor.stop()
+        cluster.use_workers(2)
 
 
 async def test_malformed_control_records_are_dead_lettered_by_the_pool_and_training_goes_on(

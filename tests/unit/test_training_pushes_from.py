@@ -29,27 +29,32 @@ from tests.unit.test_training_aggregate import _core, _grad
 
 
 def test_a_worker_that_kept_everything_since_the_shards_version_pushes_all_of_it() -> None:
-    assert first_pushable(shard_version=40, kept=(40, 46), next_version=47) is None
+    assert first_pushable(shard_version=40, kept=range(40, 47), next_version=47) is None
 
 
 def test_a_push_still_on_its_way_counts_as_kept() -> None:
-    assert first_pushable(shard_version=46, kept=(46, 46), next_version=47) is None
+    assert first_pushable(shard_version=46, kept={46}, next_version=47) is None
 
 
 def test_a_process_that_took_the_rank_after_the_checkpoint_pushes_from_its_first_kept() -> None:
-    assert first_pushable(shard_version=40, kept=(43, 46), next_version=47) == 43
+    assert first_pushable(shard_version=40, kept=range(43, 47), next_version=47) == 43
 
 
 def test_a_fresh_process_pushes_from_the_newest_version_it_was_sent() -> None:
-    assert first_pushable(shard_version=40, kept=None, next_version=47) == 47
+    assert first_pushable(shard_version=40, kept=(), next_version=47) == 47
 
 
 def test_a_worker_whose_kept_pushes_end_early_pushes_from_the_newest_version() -> None:
-    assert first_pushable(shard_version=40, kept=(38, 44), next_version=47) == 47
+    assert first_pushable(shard_version=40, kept=range(38, 45), next_version=47) == 47
+
+
+def test_a_worker_with_a_gap_in_its_kept_pushes_pushes_from_after_the_gap() -> None:
+    # 43 closed without it (a deadline, a deferral): the shard must not wait for its 43
+    assert first_pushable(shard_version=40, kept={40, 41, 42, 44, 45, 46}, next_version=47) == 44
 
 
 def test_a_shard_at_the_newest_version_waits_for_nothing_missing() -> None:
-    assert first_pushable(shard_version=47, kept=None, next_version=47) is None
+    assert first_pushable(shard_version=47, kept=(), next_version=47) is None
 
 
 @pytest.fixture(scope="module")
@@ -94,8 +99,8 @@ def test_a_worker_computes_only_on_one_version_of_every_partition(
 def test_a_fresh_worker_tells_the_shard_behind_to_expect_it_from_the_newest_version(
     skewed: WorkerJob,
 ) -> None:
-    assert skewed.pushes_from(1, 40, oldest_kept=None) == 47
-    assert skewed.pushes_from(0, 47, oldest_kept=None) is None
+    assert skewed.pushes_from(1, 40, kept=()) == 47
+    assert skewed.pushes_from(0, 47, kept=()) is None
 
 
 def test_a_deferred_workers_push_below_its_version_is_dropped() -> None:

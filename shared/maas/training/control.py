@@ -99,7 +99,9 @@ def assignment_event(assignment: Assignment, state: str) -> dict[str, Any]:
 
 
 class Heartbeat:
-    """Says ``up`` every period until cancelled; ``down`` once, on ``leave``.
+    """Says ``up`` every period until cancelled; ``down`` once, on ``leave`` (for good) or on
+    ``withdraw`` (until ``rejoin``: the coordinator takes the member out of its jobs and gives
+    it none meanwhile).
 
     A send that fails (broker away) is logged and tried again next period: a member never stops
     for it, and the coordinator counts it gone only after the timeout. A failure report rides
@@ -113,15 +115,25 @@ class Heartbeat:
         self.member_id = identity.member_id
         self.address = ""
         self._failing = False
+        self._withdrawn = False
         self._reports: dict[str, dict[str, str]] = {}  # by job id: failures not yet delivered
 
     async def run(self) -> None:
         while True:
-            await self._say("up")
+            if not self._withdrawn:
+                await self._say("up")
             await asyncio.sleep(self._period_s)
 
     async def leave(self) -> None:
         await self._say("down")
+
+    async def withdraw(self) -> None:
+        self._withdrawn = True
+        await self._say("down")
+
+    async def rejoin(self) -> None:
+        self._withdrawn = False
+        await self._say("up")
 
     async def report_failure(self, job_id: str, message: str) -> None:
         """Tell the coordinator this member cannot go on with the job, and why: now, and with

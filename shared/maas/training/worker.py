@@ -17,7 +17,7 @@ optimizer (its state stays here) and sends the parameter delta, which the shards
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -107,20 +107,19 @@ class WorkerJob:
         ahead = kept_steps(training.checkpoint_every, training.staleness)
         return min(self.plan.target_version, shard_version + ahead)
 
-    def pushes_from(self, shard: int, shard_version: int, oldest_kept: int | None) -> int | None:
+    def pushes_from(self, shard: int, shard_version: int, kept: Iterable[int]) -> int | None:
         """The version from which the shard, at ``shard_version``, should wait for this worker,
         if later than its own (None: this worker can push every version from there on).
-        ``oldest_kept`` is the oldest push its link keeps for the shard (None: none)."""
+        ``kept`` are the versions of the pushes its link keeps for the shard."""
         versions = [p.version for p in self._latest.values() if not p.final]
         if not self._sync or not versions:
             return None
         taken = self._used.get(shard)
+        # The version taken last counts as kept: its push is on its way (or trimmed by a
+        # checkpoint past it, and then behind the shard).
+        kept_versions = {*kept, *(() if taken is None else (taken,))}
         return first_pushable(
-            shard_version=shard_version,
-            # Nothing kept but a version taken: its pushes are on their way (or trimmed by a
-            # checkpoint past them, and then behind the shard).
-            kept=None if taken is None else (taken if oldest_kept is None else oldest_kept, taken),
-            next_version=max(versions),
+            shard_version=shard_version, kept=kept_versions, next_version=max(versions)
         )
 
     def take(self) -> dict[int, ShardParams]:
@@ -214,18 +213,15 @@ class WorkerJob:
                 emit(shard, push)
 
 
-def first_pushable(
-    *, shard_version: int, kept: tuple[int, int] | None, next_version: int
-) -> int | None:
+def first_pushable(*, shard_version: int, kept: Collection[int], next_version: int) -> int | None:
     """The first version from which a worker pushes every one, when a shard at
     ``shard_version`` would otherwise wait for versions it cannot push (None: it can push them
-    all). It can push again what it kept (``kept``: the oldest and newest version, contiguous)
-    and compute from ``next_version`` on (the newest version any partition sent it: a step
-    computes on one version of every partition, and a partition never sends an older one again
-    unless its shard restarts)."""
-    if next_version <= shard_version:
-        return None
-    if kept is None or kept[1] + 1 < next_version:
-        return next_version  # a hole before the versions it will compute
-    oldest = kept[0]
-    return oldest if oldest > shard_version else None
+    all). It can push again the versions it kept (``kept``, a gap wherever a step closed
+    without it) and compute from ``next_version`` on (the newest version any partition sent
+    it: a step computes on one version of every partition, and a partition never sends an
+    older one again unless its shard restarts). A shard waits for every version from the one
+    declared on, so that is where the kept run reaching ``next_version`` starts."""
+    first = next_version
+    while first > shard_version and first - 1 in kept:
+        first -= 1
+    return first if first > shard_version else None

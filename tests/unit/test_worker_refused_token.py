@@ -1,0 +1,99 @@
+"""A gradient worker whose token the shards refuse fails the job it was given and then leaves
+the training pool for a while, its health saying why, instead of failing every job the
+coordinator would give it next; it offers itself again afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pool_kit import SentEvents
+
+from maas.config import Settings
+from maas.training.control import Heartbeat, Identity
+from maas.training.pool import Assignment
+from services.gradient_worker import service as worker_service
+from services.gradient_worker.service import WorkerService
+
+REFUSED = "the shard of partition 0 at 127.0.0.1:9 refused this gradient worker's token"
+
+
+def states(producer: SentEvents) -> list[str]:
+    return [event["state"] for event in producer.sent]
+
+
+async def test_a_withdrawn_member_says_down_and_then_nothing_until_it_rejoins() -> None:
+    producer = SentEvents()
+    heartbeat = Heartbeat(producer, Settings(member_heartbeat_ms=10), Identity("w-1", "worker"))  # type: ignore[arg-type]
+    beating = asyncio.create_task(heartbeat.run())
+    await asyncio.sleep(0.03)
+    await heartbeat.withdraw()
+    said_before = len(producer.sent)
+    await asyncio.sleep(0.05)
+    assert states(producer)[said_before - 1 :] == ["down"]
+    await heartbeat.rejoin()
+    await asyncio.sleep(0.03)
+    beating.cancel()
+    assert states(producer)[said_before] == "up" and len(producer.sent) > said_before + 1
+
+
+@pytest.fixture
+def worker(monkeypatch: pytest.MonkeyPatch) -> WorkerService:
+    monkeypatch.setattr(worker_service, "REJOIN_AFTER_S", 0.05)
+    service = WorkerService(Settings())
+    service._pool.heartbeat._producer = SentEvents()  # type: ignore[assignment]
+    return service
+
+
+def sent(worker: WorkerService) -> SentEvents:
+    return worker._pool.heartbeat._producer  # type: ignore[return-value]
+
+
+async def test_a_refused_worker_is_out_of_the_pool_and_unhealthy_saying_why(
+    worker: WorkerService,
+) -> None:
+    worker._withdraw(REFUSED)
+    await asyncio.sleep(0.01)
+    assert states(sent(worker)) == ["down"]
+    assert worker.liveness.reason is not None and REFUSED in worker.liveness.reason
+    assert "out of the training pool for 0 s" in worker.liveness.reason
+
+
+async def test_a_refused_worker_offers_itself_again_after_the_wait(worker: WorkerService) -> None:
+    worker._withdraw(REFUSED)
+    await asyncio.sleep(0.1)
+    assert states(sent(worker)) == ["down", "up"]
+    assert worker.liveness.healthy
+
+
+async def test_each_refusal_in_a_row_doubles_the_time_out_of_the_pool(
+    worker: WorkerService,
+) -> None:
+    waits = []
+    for _ in range(3):
+        worker._withdraw(REFUSED)
+        assert worker._out_of_pool is not None
+        started = asyncio.get_running_loop().time()
+        await worker._out_of_pool
+        waits.append(asyncio.get_running_loop().time() - started)
+    assert waits[1] >= 2 * 0.05 and waits[2] >= 4 * 0.05
+
+
+async def test_a_second_refusal_while_out_of_the_pool_changes_nothing(
+    worker: WorkerService,
+) -> None:
+    worker._withdraw(REFUSED)
+    first = worker._out_of_pool
+    worker._withdraw("another job's refusal")
+    assert worker._out_of_pool is first and worker._refusals == 1
+    await asyncio.sleep(0.01)
+    assert states(sent(worker)) == ["down"]
+    await worker.stop()
+
+
+async def test_a_rank_given_while_out_of_the_pool_is_not_taken(worker: WorkerService) -> None:
+    worker._withdraw(REFUSED)
+    given = Assignment("j", 1, {0: worker.member_id}, {0: "s-1"}, {0: "127.0.0.1:1"})
+    await worker._assigned(given)  # no plan is read: S3 is not even there
+    assert worker.jobs == {} and worker.out_of_pool
+    await worker.stop()

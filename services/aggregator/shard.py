@@ -39,11 +39,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry
 
 from maas.config import Settings
-from maas.errors import FailedPrecondition, InvalidArgument, MaasError, NotFound, Unavailable
+from maas.errors import FailedPrecondition, InvalidArgument, Unavailable
 from maas.events import clip, now_ms
 from maas.liveness import Liveness
 from maas.training import broadcast, protocol
-from maas.training.aggregate import ShardCore
 from maas.training.control import RELEASED, PoolMember
 from maas.training.pool import SHARD, Assignment
 from maas.training.v1 import training_pb2 as pb
@@ -58,6 +57,7 @@ from services.aggregator.shard_job import (
     check_ahead,
     deferral,
     held_back,
+    resume,
 )
 
 log = logging.getLogger(__name__)
@@ -182,44 +182,24 @@ class ShardService:
             self._activating.discard(key)
 
     async def _load(self, key: Key, assignment: Assignment) -> None:
-        job_id, partition = key
-        try:
-            plan = await self._pool.store.read_plan(job_id)
-        except NotFound:
-            log.warning("job %s is assigned but has no plan; skipping it", job_id)
+        grace_ms = (RESUME_GRACE - 1) * self.settings.worker_heartbeat_timeout_ms
+        resumed = await resume(self._pool.store, key, assignment, grace_ms)
+        if resumed is None:
             return
-        pointer = await self._pool.store.pointer(job_id, partition)
-        if pointer is None:
-            log.error("job %s has no checkpoint for partition %d; skipping it", job_id, partition)
-            return
-        snap = await self._pool.store.read_checkpoint(pointer)
-        now = now_ms()
-        core = ShardCore.restore(plan, partition, snap, now_ms=now)
-        core.members.intersection_update(assignment.workers)
-        grace = now + (RESUME_GRACE - 1) * self.settings.worker_heartbeat_timeout_ms
-        job = ShardJob(
-            plan,
-            partition,
-            assignment,
-            core,
-            protocol.GradientAssembler(plan.training.gradient_codec, core.partition.size),
-            started_ms=pointer.started_ms,  # 0 until the first gradient arrives
-            checkpointed_version=pointer.version,
-            durable_version=pointer.version,
-            gone_ms={w: grace for w in core.members} if core.version > 0 else {},
-        )
+        job, already_final = resumed
+        core = job.core
         self.jobs[key] = job
         log.info(
             "%s: partition %d of job %s at version %d of %d (%d parameters)",
             self.name,
-            partition,
-            job_id,
+            key[1],
+            key[0],
             core.version,
-            plan.target_version,
+            job.plan.target_version,
             core.partition.size,
         )
         if core.done:
-            await self._finish(key, job, already_final=pointer.final)
+            await self._finish(key, job, already_final=already_final)
         else:
             self._publish(job)
 
@@ -369,21 +349,8 @@ class ShardService:
         version, and forget the job. Not before: workers leave a job once every partition is
         final, dropping the pushes they kept, so a shard that died between sending it and the
         checkpoint landing would resume from an older one with nobody left to replay it."""
-        if job.writing is not None:
-            await asyncio.gather(job.writing, return_exceptions=True)
         if not already_final:
-            while True:
-                task = self._checkpoints.start(job, final=True)
-                if task is not None:
-                    await task
-                try:
-                    pointer = await self._pool.store.pointer(job.job_id, job.partition)
-                except MaasError as exc:
-                    log.warning("%s: final checkpoint not confirmed (%s)", self.name, exc.message)
-                    pointer = None
-                if pointer is not None and pointer.final:
-                    break
-                await asyncio.sleep(1.0)  # S3 unavailable: the final checkpoint must land
+            await self._checkpoints.land_final(job)
         self._publish(job)
         self.jobs.pop(key, None)
         self._done.add(key)

@@ -12,7 +12,7 @@ from prometheus_client import CollectorRegistry, Counter
 
 from maas import topics
 from maas.bus import EventProducer
-from maas.errors import InvalidArgument, MaasError
+from maas.errors import InvalidArgument, MaasError, NotFound
 from maas.events import now_ms
 from maas.jobs import status_event
 from maas.training import checkpoint as ck
@@ -25,6 +25,7 @@ from maas.training.storage import TrainingStore
 log = logging.getLogger(__name__)
 
 Key = tuple[str, int]  # (job id, partition)
+FINAL_RETRY_S = 1.0  # the final checkpoint is written again this often until S3 holds it
 
 
 @dataclass(eq=False)
@@ -117,6 +118,10 @@ class ShardJob:
     checkpoint_due: int = 0  # a version a durable checkpoint must reach soon (``joined_by``)
 
     @property
+    def key(self) -> Key:
+        return self.plan.job_id, self.partition
+
+    @property
     def job_id(self) -> str:
         return self.plan.job_id
 
@@ -162,6 +167,40 @@ class ShardJob:
     def close_peers(self) -> None:
         for peer in self.peers.values():
             peer.close()
+
+
+async def resume(
+    store: TrainingStore, key: Key, assignment: Assignment, grace_ms: int
+) -> tuple[ShardJob, bool] | None:
+    """The partition's job from its newest checkpoint, and whether that one is final (None: the
+    job has no plan or no checkpoint, logged). When resumed mid-way, its members have
+    ``grace_ms`` to come back before they count as gone."""
+    job_id, partition = key
+    try:
+        plan = await store.read_plan(job_id)
+    except NotFound:
+        log.warning("job %s is assigned but has no plan; skipping it", job_id)
+        return None
+    pointer = await store.pointer(job_id, partition)
+    if pointer is None:
+        log.error("job %s has no checkpoint for partition %d; skipping it", job_id, partition)
+        return None
+    snap = await store.read_checkpoint(pointer)
+    now = now_ms()
+    core = ShardCore.restore(plan, partition, snap, now_ms=now)
+    core.members.intersection_update(assignment.workers)
+    job = ShardJob(
+        plan,
+        partition,
+        assignment,
+        core,
+        protocol.GradientAssembler(plan.training.gradient_codec, core.partition.size),
+        started_ms=pointer.started_ms,  # 0 until the first gradient arrives
+        checkpointed_version=pointer.version,
+        durable_version=pointer.version,
+        gone_ms={w: now + grace_ms for w in core.members} if core.version > 0 else {},
+    )
+    return job, pointer.final
 
 
 def waiting_reason(job: ShardJob) -> str:
@@ -269,6 +308,24 @@ class CheckpointWriter:
         job.write_started_ms = now_ms()
         job.writing = asyncio.create_task(self._write(job, pointer, data))
         return job.writing
+
+    async def land_final(self, job: ShardJob) -> None:
+        """Write the final checkpoint (what the coordinator waits for) and return once S3 holds
+        it, however long S3 is away."""
+        if job.writing is not None:
+            await asyncio.gather(job.writing, return_exceptions=True)
+        while True:
+            task = self.start(job, final=True)
+            if task is not None:
+                await task
+            try:
+                pointer = await self._store.pointer(job.job_id, job.partition)
+            except MaasError as exc:
+                log.warning("final checkpoint of %s/%d not confirmed (%s)", *job.key, exc.message)
+                pointer = None
+            if pointer is not None and pointer.final:
+                return
+            await asyncio.sleep(FINAL_RETRY_S)
 
     async def _write(self, job: ShardJob, pointer: ck.Pointer, data: bytes) -> None:
         try:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import uuid
+from collections.abc import Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -212,17 +214,24 @@ async def test_idempotent_producer_writes_each_event_exactly_once(stack, produce
     assert seen == list(range(300))  # one partition per key: in order, no duplicates
 
 
-async def test_a_handler_that_keeps_failing_is_dead_lettered_after_max_attempts(stack, producer):
+async def retried(
+    stack, producer, failure: Callable[[int], Exception | None], **options
+) -> tuple[list[int], list[Any]]:
+    """Consume one new record with a handler whose n-th call raises ``failure(n)`` (None: it
+    passes), until it passed or was dead-lettered: the offsets of the calls, and its letters."""
     key = marker()
     await producer.send(topics.JOB_STATUS, status_event(key), key=key)
     calls: list[int] = []
-    letters = []
+    letters: list[Any] = []
     done = asyncio.Event()
 
-    async def always_fails(record: Record) -> None:
-        if record.key == key:
-            calls.append(record.offset)
-            raise RuntimeError("still broken")
+    async def handler(record: Record) -> None:
+        if record.key != key:
+            return
+        calls.append(record.offset)
+        if (error := failure(len(calls))) is not None:
+            raise error
+        done.set()
 
     async def on_dead_letter(letter) -> None:
         if letter.key == key:
@@ -234,11 +243,18 @@ async def test_a_handler_that_keeps_failing_is_dead_lettered_after_max_attempts(
         producer,
         topics.JOB_STATUS,
         f"g-{key}",
-        always_fails,
+        handler,
         done,
         on_dead_letter=on_dead_letter,
-        max_attempts=3,
         retry_backoff_ms=10,
+        **options,
+    )
+    return calls, letters
+
+
+async def test_a_handler_that_keeps_failing_is_dead_lettered_after_max_attempts(stack, producer):
+    calls, letters = await retried(
+        stack, producer, lambda n: RuntimeError("still broken"), max_attempts=3
     )
     assert len(calls) == 3 and len(set(calls)) == 1
     (letter,) = letters
@@ -249,37 +265,12 @@ async def test_a_handler_meeting_an_outage_is_retried_past_max_attempts_until_it
     stack, producer
 ):
     # A registry restarting for 20 s failed a compress job: five tries took 15 s.
-    key = marker()
-    await producer.send(topics.JOB_STATUS, status_event(key), key=key)
-    calls: list[int] = []
-    letters = []
-    done = asyncio.Event()
+    def restarting(call: int) -> Exception | None:
+        return Unavailable("the registry at 127.0.0.1:1 is restarting") if call <= 4 else None
 
-    async def fails_four_times(record: Record) -> None:
-        if record.key != key:
-            return
-        calls.append(record.offset)
-        if len(calls) <= 4:
-            raise Unavailable("the registry at 127.0.0.1:1 is restarting")
-        done.set()
-
-    async def on_dead_letter(letter) -> None:
-        letters.append(letter)
-
-    await consume(
-        stack,
-        producer,
-        topics.JOB_STATUS,
-        f"g-{key}",
-        fails_four_times,
-        done,
-        on_dead_letter=on_dead_letter,
-        max_attempts=2,
-        retry_backoff_ms=10,
-        retry_outage_s=30.0,
-    )
+    calls, letters = await retried(stack, producer, restarting, max_attempts=2, retry_outage_s=30.0)
     assert len(calls) == 5 and len(set(calls)) == 1
-    assert [letter for letter in letters if letter.key == key] == []
+    assert letters == []
 
 
 async def test_a_record_stays_uncommitted_while_the_dlq_is_unreachable(stack, producer):

@@ -13,6 +13,7 @@ from pool_kit import SentEvents
 
 from maas.config import Settings
 from maas.errors import InvalidArgument
+from maas.training import checkpoint as ck
 from maas.training.aggregate import Contribution, ShardCore, Verdict
 from maas.training.broadcast import ShardParams, read_shard_message
 from maas.training.codecs import DenseGradient
@@ -22,7 +23,7 @@ from maas.training.protocol import GradientAssembler
 from maas.training.v1 import training_pb2 as pb
 from maas.training.worker import WorkerJob, first_pushable
 from services.aggregator.shard import ShardService
-from services.aggregator.shard_job import Peer, ShardJob, StatusReporter
+from services.aggregator.shard_job import CheckpointWriter, Peer, ShardJob, StatusReporter
 from services.gradient_worker.link import ShardLink
 from services.gradient_worker.service import Running
 from tests.unit.test_training_aggregate import _core, _grad
@@ -181,21 +182,20 @@ async def test_a_rank_that_joins_again_is_waited_for_until_its_new_stream_defers
 
 
 class LandingOnCue:
-    """Checkpoint writes that land when the test says (the shard's S3 side, no network)."""
+    """A shard's training store whose checkpoint writes land when the test says (no network)."""
 
-    def __init__(self, job: ShardJob) -> None:
-        self.job, self.land = job, asyncio.Event()
-        self.pointer = SimpleNamespace(final=False)
+    def __init__(self) -> None:
+        self.land = asyncio.Event()
+        self.landed: ck.Pointer | None = None
 
-    def start(self, job: ShardJob, *, final: bool) -> asyncio.Task[None]:
-        async def write() -> None:
-            await self.land.wait()
-            job.durable_version, self.pointer.final = job.core.version, final
+    async def write_checkpoint(
+        self, job_id: str, partition: int, version: int, data: bytes, pointer: ck.Pointer
+    ) -> None:
+        await self.land.wait()
+        self.landed = pointer
 
-        return asyncio.create_task(write())
-
-    async def read_pointer(self, job_id: str, partition: int) -> SimpleNamespace:
-        return self.pointer
+    async def pointer(self, job_id: str, partition: int) -> ck.Pointer | None:
+        return self.landed
 
 
 async def test_the_final_version_goes_out_only_once_its_checkpoint_landed(
@@ -205,9 +205,8 @@ async def test_the_final_version_goes_out_only_once_its_checkpoint_landed(
     # between sending it and the checkpoint landing would leave nobody to replay its steps.
     target = prepared.plan.target_version
     service, job, _ = _shard_serving(prepared, version=target - 1)
-    writes = LandingOnCue(job)
-    service._checkpoints = writes  # type: ignore[assignment]
-    service._pool = SimpleNamespace(store=SimpleNamespace(pointer=writes.read_pointer))  # type: ignore[assignment]
+    writes = LandingOnCue()
+    service._checkpoints = CheckpointWriter(writes, service._reporter, service.metrics.checkpoints)  # type: ignore[arg-type]
     job.core.remove(0, now_ms=0)
     job.core.remove(1, now_ms=0)
     job.core.add(0)
@@ -253,6 +252,6 @@ def test_a_worker_cut_off_from_a_finished_partition_says_it_pushes_nothing_more(
     finished, running = _link(0), _link(1)
     finished.over, running.shard_version = True, 49
     said: list[int | None] = []
-    running.declare = said.append  # type: ignore[method-assign]
+    running.declare = said.append  # type: ignore[method-assign,assignment]
     Running(fresh, SimpleNamespace(), [finished, running]).declare_pushes_from()  # type: ignore[arg-type]
     assert said == [prepared.plan.target_version]

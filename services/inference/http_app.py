@@ -21,6 +21,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from maas.errors import Cancelled, InvalidArgument, MaasError, ResourceExhausted
+from services.inference.http_tls import TlsListener
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,7 @@ class HttpServer:
         self._idle_timeout_s = idle_timeout_s
         self._ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
+        self._tls: TlsListener | None = None  # with TLS: the listener (see http_tls)
         self.port = 0
 
     def add(self, routes: Routes) -> None:
@@ -152,18 +154,36 @@ class HttpServer:
             self.app, access_log=None, keepalive_timeout=self._idle_timeout_s
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl_context)
         try:
-            await site.start()
+            self.port = await self._listen(self._runner)
         except OSError as exc:
             await self._runner.cleanup()
             raise InvalidArgument(f"cannot bind {self._setting}: {exc}") from None
-        # Port 0 binds a free port: read back the one the listener got.
-        self.port = int(self._runner.addresses[0][1])
         scheme = "HTTPS" if self._ssl_context else "HTTP"
         log.info("inference %s on %s:%d", scheme, self._host, self.port)
 
+    async def _listen(self, runner: web.AppRunner) -> int:
+        """Start accepting; the port (port 0 binds a free one: the one the listener got)."""
+        if self._ssl_context is None:
+            await web.TCPSite(runner, self._host, self._port).start()
+            return int(runner.addresses[0][1])
+        server = runner.server
+        assert server is not None  # set up
+        self._tls = TlsListener(
+            self._host,
+            self._port,
+            server,
+            self._ssl_context,
+            self._idle_timeout_s,
+            error_body=self._error_body,
+        )
+        self._tls.start()
+        return self._tls.port
+
     async def stop(self) -> None:
+        if self._tls is not None:
+            await self._tls.stop()
+            self._tls = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None

@@ -212,8 +212,11 @@ def test_the_http_api_serves_https_with_the_same_certificate(tls):
 
 
 def test_the_http_api_has_no_plaintext_door_and_a_stranger_ca_fails(tls):
-    with pytest.raises((urllib.error.URLError, ConnectionError)):  # no HTTP answer at all
+    # Plain HTTP gets one answer, in plain HTTP: a refusal saying to use https.
+    with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"http://{tls.http}/v2/health/ready", timeout=10)
+    assert refused.value.code == 400
+    assert "use an https:// URL" in json.loads(refused.value.read())["error"]
     with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
         https_get(f"https://{tls.http}/v2/health/ready", tls.certs / "other-ca.pem")
 
@@ -234,3 +237,14 @@ def test_the_openai_client_lists_models_over_https_with_a_bearer_token(tls):
     )
     with client:
         assert client.models.list().object == "list"
+
+
+def test_the_openai_client_given_an_http_url_is_told_to_use_https(tls):
+    import openai
+
+    client = openai.OpenAI(
+        base_url=f"http://{tls.http}/v1", api_key="any", max_retries=0, timeout=30
+    )
+    with client, pytest.raises(openai.BadRequestError) as refused:
+        client.models.list()
+    assert "use an https:// URL" in refused.value.message

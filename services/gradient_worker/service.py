@@ -317,6 +317,10 @@ class WorkerService:
                 running.declare_pushes_from()  # new parameters, or a link that ended
                 if running.over:
                     await self._leave(job_id, "its training is over")
+                elif running.refused is not None and self.out_of_pool:
+                    # Said `down` already: the coordinator takes this worker out of the job. A
+                    # report now would ride on an `up` and put it back in the pool.
+                    await self._leave(job_id, running.refused)
                 elif running.refused is not None:
                     await self._give_up(job_id, running.refused)
                     self._withdraw(running.refused)

@@ -5,6 +5,7 @@ coordinator would give it next; it offers itself again afterwards."""
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 from pool_kit import SentEvents
@@ -13,7 +14,7 @@ from maas.config import Settings
 from maas.training.control import Heartbeat, Identity
 from maas.training.pool import Assignment
 from services.gradient_worker import service as worker_service
-from services.gradient_worker.service import WorkerService
+from services.gradient_worker.service import Running, WorkerService
 
 REFUSED = "the shard of partition 0 at 127.0.0.1:9 refused this gradient worker's token"
 
@@ -96,4 +97,21 @@ async def test_a_rank_given_while_out_of_the_pool_is_not_taken(worker: WorkerSer
     given = Assignment("j", 1, {0: worker.member_id}, {0: "s-1"}, {0: "127.0.0.1:1"})
     await worker._assigned(given)  # no plan is read: S3 is not even there
     assert worker.jobs == {} and worker.out_of_pool
+    await worker.stop()
+
+
+async def test_a_job_refused_while_out_of_the_pool_is_left_without_saying_up(
+    worker: WorkerService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_service, "REJOIN_AFTER_S", 30.0)
+    worker._withdraw(REFUSED)
+    refused = SimpleNamespace(refused=REFUSED, over=False, shard=0, shard_version=-1)
+    job = SimpleNamespace(finished=False, steps=0, has=lambda shard: True)
+    worker.jobs["j"] = Running(job, SimpleNamespace(), [refused])  # type: ignore[arg-type,list-item]
+    training = asyncio.create_task(worker._train())
+    worker._wake.set()
+    await asyncio.sleep(0.05)
+    training.cancel()
+    assert worker.jobs == {}
+    assert states(sent(worker)) == ["down"]  # a failure report would have said `up`
     await worker.stop()

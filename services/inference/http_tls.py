@@ -118,6 +118,8 @@ class TlsListener:
                 await self._refuse(loop, conn)
         except (OSError, TimeoutError):
             pass  # a handshake that failed, a client gone or silent: nothing to answer
+        except Exception:  # one connection's surprise must not go unseen, nor stop the others
+            log.exception("HTTPS connection from %s failed", _peer(conn))
         conn.close()
 
     async def _refuse(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
@@ -156,3 +158,10 @@ async def _peek(loop: asyncio.AbstractEventLoop, conn: socket.socket) -> bytes:
     finally:
         loop.remove_reader(fd)
     return conn.recv(1, socket.MSG_PEEK)
+
+
+def _peer(conn: socket.socket) -> str:
+    try:
+        return str(conn.getpeername())
+    except OSError:
+        return "a client gone"

@@ -23,12 +23,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 TLS_HANDSHAKE = 0x16  # the content type of a TLS record that opens a handshake
+REQUEST_LINE_BYTES = 8192  # read for the path of a plain-HTTP request, at most
 DRAIN_BYTES = 64 * 1024  # read (and dropped) after the refusal, so the close is no reset
-DRAIN_S = 1.0
-
+DRAIN_S = 1.0  # each of those two reads waits this long at most
 
 ErrorBody = Callable[[str, str, int], dict[str, Any]]  # (path, message, status) -> JSON body
-REQUEST_LINE_BYTES = 8192  # read for the path of a plain-HTTP request, at most
 
 
 def plain_error(path: str, message: str, status: int) -> dict[str, Any]:

@@ -272,6 +272,26 @@ def http_ok(host: str, port: int, *, path: str = "/metrics", timeout_s: float = 
         return False
 
 
+def health_reason(spec: ServiceSpec, *, timeout_s: float = 2.0) -> str:
+    """Why an HTTP-checked service says it is not serving (its ``/healthz`` 503 body); "" when
+    it serves, does not answer, or is checked over gRPC (whose health carries no reason)."""
+    import urllib.error
+    import urllib.request
+
+    from maas.liveness import HEALTH_PATH
+
+    if spec.health != "http":
+        return ""
+    url = f"http://{spec.host}:{spec.port}{HEALTH_PATH}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s):
+            return ""
+    except urllib.error.HTTPError as refused:
+        return refused.read(2000).decode(errors="replace").strip()
+    except (urllib.error.URLError, OSError):
+        return ""
+
+
 def is_ready(spec: ServiceSpec, *, settings: Settings | None = None) -> bool:
     if spec.health == "grpc":
         return grpc_serving(spec.host, spec.port, settings=settings)

@@ -71,6 +71,8 @@ def _print_status(rows: Sequence[ComponentStatus]) -> None:
     for row in rows:
         if row.why_down:
             print(f"{row.name} is down: {row.why_down}")
+        elif row.why_not_ready:
+            print(f"{row.name} is not ready: {row.why_not_ready}")
 
 
 def _stack_up(args: argparse.Namespace, settings: Settings) -> int:

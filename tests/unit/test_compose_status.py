@@ -1,6 +1,7 @@
 """`maas stack status` on replicas: each one listed with its own ports, the ports `up` chose kept
 for later calls, and a replica that stopped on its own named with how it ended: its exit status
-or the signal that killed it, and the fatal line of its last moments, never an old one."""
+or the signal that killed it, and the fatal line of its last moments, never an old one; one
+running but not ready named with what its health check says."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client import CollectorRegistry
 
+from infra.compose import ServiceSpec, health_reason
 from infra.exits import LAST_LINES, why_down
 from infra.proc import RUN_EXITED, RUN_STARTED, RUN_STOPPED, ManagedProcess, run_marker
-from infra.stack import LocalStack, start_plan
-from maas.cli import main
+from infra.stack import ComponentStatus, LocalStack, start_plan
+from maas.cli import _print_status, main
 from maas.config import Settings
 from maas.errors import FailedPrecondition
 from maas.lifecycle import LOG_FORMAT
+from maas.liveness import Liveness, serve_metrics
 from maas.training.control import Identity, member_event
 
 
@@ -220,3 +225,38 @@ def test_no_tls_hint_once_the_services_are_gone(tmp_path: Path) -> None:
     stack.stack_dir.mkdir(parents=True, exist_ok=True)
     (stack.stack_dir / "tls.json").write_text('{"grpc_tls": true}')
     assert stack.tls_mismatch() is None
+
+
+@pytest.fixture
+def worker_health() -> Iterator[tuple[ServiceSpec, Liveness]]:
+    """A worker's /healthz, served as the worker serves it, and the spec that checks it."""
+    liveness = Liveness(CollectorRegistry())
+    server = serve_metrics(0, "127.0.0.1", CollectorRegistry(), liveness)
+    spec = ServiceSpec(
+        "gradient-worker", "gradient-worker", "services.gradient_worker", 0, {}, (), "http",
+        "127.0.0.1", server.server_port,
+    )  # fmt: skip
+    try:
+        yield spec, liveness
+    finally:
+        server.shutdown()
+
+
+def test_a_service_not_ready_says_why_in_its_status(worker_health) -> None:
+    spec, liveness = worker_health
+    assert health_reason(spec) == ""  # serving
+    liveness.set_condition("training pool", "out of the training pool for 60 s: refused")
+    assert (
+        health_reason(spec)
+        == "NOT_SERVING: training pool: out of the training pool for 60 s: refused"
+    )
+
+
+def test_status_prints_why_a_running_component_is_not_ready(capsys) -> None:
+    row = ComponentStatus(
+        "gradient-worker", 42, True, "127.0.0.1", 9000, healthy=False,
+        why_not_ready="NOT_SERVING: training pool: refused",
+    )  # fmt: skip
+    _print_status([row])
+    out = capsys.readouterr().out
+    assert "gradient-worker is not ready: NOT_SERVING: training pool: refused" in out

@@ -284,23 +284,35 @@ async def test_a_forged_assignment_fails_the_job_naming_it_and_frees_its_workers
     assert (await run(producer, watcher, after))["state"] == "succeeded"  # the pool is free
 
 
+async def workers_in_pool(cluster: TrainingProcesses, count: int) -> None:
+    """Wait until the coordinator counts ``count`` live gradient workers in its pool."""
+    gauge = f'maas_training_pool_members{{kind="worker"}} {float(count)}'
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while gauge not in (await asyncio.to_thread(http_get, cluster.coordinator.port, "/metrics"))[1]:
+        assert loop.time() < deadline, f"the pool never counted {count} workers"
+        await asyncio.sleep(0.2)
+
+
 async def test_a_worker_with_a_wrong_token_fails_one_job_and_leaves_the_pool_saying_why(
     cluster, producer, watcher, tmp_path
 ):
     token = tmp_path / "wrong.token"
     token.write_text("a token of some other stack\n")
     cluster.use_workers(1)
+    await workers_in_pool(cluster, 1)
     impostor = cluster.spawn(
         "gradient-worker-wrong-token", "services.gradient_worker", MAAS_AUTH_TOKEN_FILE=str(token)
     )
     digits, short = {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 20}
     try:
-        await asyncio.to_thread(impostor.wait_ready, timeout_s=120)
+        await workers_in_pool(cluster, 2)  # the good one and the impostor: a job takes both
         failed = await run(producer, watcher, train_job("faults", "mlp", digits, short))
         assert failed["state"] == "failed", failed
         assert "refused this gradient worker's token" in failed["error"]["message"], failed
         status, body = await asyncio.to_thread(http_get, impostor.port, HEALTH_PATH)
         assert (status, "out of the training pool" in body) == (503, True), body
+        await workers_in_pool(cluster, 1)  # the coordinator heard it leave
         # Two workers wanted, one enough: the pool gives it only the worker that can train.
         enough = {**short, "min_workers": 1}
         after = await run(producer, watcher, train_job("faults", "mlp", digits, enough))

@@ -261,35 +261,38 @@ def grpc_serving(
     return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
 
-def http_ok(host: str, port: int, *, path: str = "/metrics", timeout_s: float = 2.0) -> bool:
+REASON_BYTES = 2000  # of a health check's answer, kept as the reason
+
+
+def _http_status(host: str, port: int, path: str, timeout_s: float) -> tuple[int, str] | None:
+    """(status, the start of the body when it is not 200) of ``GET path``; None when nothing
+    answers."""
     import urllib.error
     import urllib.request
 
     try:
         with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=timeout_s) as reply:
-            return bool(reply.status == 200)
+            return int(reply.status), ""
+    except urllib.error.HTTPError as refused:
+        return refused.code, refused.read(REASON_BYTES).decode(errors="replace").strip()
     except (urllib.error.URLError, OSError):
-        return False
+        return None
+
+
+def http_ok(host: str, port: int, *, path: str = "/metrics", timeout_s: float = 2.0) -> bool:
+    answer = _http_status(host, port, path, timeout_s)
+    return answer is not None and answer[0] == 200
 
 
 def health_reason(spec: ServiceSpec, *, timeout_s: float = 2.0) -> str:
     """Why an HTTP-checked service says it is not serving (its ``/healthz`` 503 body); "" when
     it serves, does not answer, or is checked over gRPC (whose health carries no reason)."""
-    import urllib.error
-    import urllib.request
-
     from maas.liveness import HEALTH_PATH
 
     if spec.health != "http":
         return ""
-    url = f"http://{spec.host}:{spec.port}{HEALTH_PATH}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s):
-            return ""
-    except urllib.error.HTTPError as refused:
-        return refused.read(2000).decode(errors="replace").strip()
-    except (urllib.error.URLError, OSError):
-        return ""
+    answer = _http_status(spec.host, spec.port, HEALTH_PATH, timeout_s)
+    return "" if answer is None else answer[1]
 
 
 def is_ready(spec: ServiceSpec, *, settings: Settings | None = None) -> bool:

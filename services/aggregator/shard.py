@@ -290,7 +290,7 @@ class ShardService:
             await self._advanced(job)
 
     async def _advanced(self, job: ShardJob) -> None:
-        key = (job.job_id, job.partition)
+        key = job.key
         core, every = job.core, job.plan.training.checkpoint_every
         job.assembler.drop_below(core.version - job.plan.training.staleness)
         if core.done:  # the final version goes out once its checkpoint is durable (_finish)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -106,10 +106,10 @@ class ShardLink:
         """A stream to the shard is open."""
         return self._outbox is not None
 
-    @property
-    def kept_versions(self) -> list[int]:
-        """The versions of the pushes kept for a restarted shard (see ``push``)."""
-        return [push.version for push in self._retained]
+    def kept_versions(self) -> Iterator[int]:
+        """The versions of the pushes kept for a restarted shard (see ``push``), read lazily:
+        most steps never need them."""
+        return (push.version for push in self._retained)
 
     def declare(self, version: int | None) -> None:
         """Tell the shard this worker can push from ``version`` on only (None: nothing to

@@ -98,7 +98,7 @@ class Running:
             if cut_off:
                 link.declare(self.job.nothing_to_push(link.shard_version))
             else:
-                version = self.job.pushes_from(link.shard, link.shard_version, link.kept_versions)
+                version = self.job.pushes_from(link.shard, link.shard_version, link.kept_versions())
                 link.declare(version)
 
     def address(self, partition: int) -> str:

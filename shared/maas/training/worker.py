@@ -112,8 +112,8 @@ class WorkerJob:
         if later than its own (None: this worker can push every version from there on).
         ``kept`` are the versions of the pushes its link keeps for the shard."""
         versions = [p.version for p in self._latest.values() if not p.final]
-        if not self._sync or not versions:
-            return None
+        if not self._sync or not versions or max(versions) <= shard_version:
+            return None  # the shard is not behind: every step's case, ``kept`` left unread
         taken = self._used.get(shard)
         # The version taken last counts as kept: its push is on its way (or trimmed by a
         # checkpoint past it, and then behind the shard).

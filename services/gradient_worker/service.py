@@ -317,13 +317,13 @@ class WorkerService:
                 running.declare_pushes_from()  # new parameters, or a link that ended
                 if running.over:
                     await self._leave(job_id, "its training is over")
-                elif running.refused is not None and self.out_of_pool:
+                elif (refused := running.refused) is not None and self.out_of_pool:
                     # Said `down` already: the coordinator takes this worker out of the job. A
                     # report now would ride on an `up` and put it back in the pool.
-                    await self._leave(job_id, running.refused)
-                elif running.refused is not None:
-                    await self._give_up(job_id, running.refused)
-                    self._withdraw(running.refused)
+                    await self._leave(job_id, refused)
+                elif refused is not None:
+                    await self._give_up(job_id, refused)  # leaving drops the links that say why
+                    self._withdraw(refused)
                 elif running.job.ready():
                     await self._step(loop, job_id, running)
                     self._wake.set()  # look again: parameters may have arrived meanwhile

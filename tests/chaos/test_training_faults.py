@@ -307,11 +307,16 @@ async def test_a_worker_with_a_wrong_token_fails_one_job_and_leaves_the_pool_say
     digits, short = {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 20}
     try:
         await workers_in_pool(cluster, 2)  # the good one and the impostor: a job takes both
-        failed = await run(producer, watcher, train_job("faults", "mlp", digits, short))
+        # Long enough that the good worker cannot finish it alone before the failure lands.
+        failed = await run(producer, watcher, train_job("faults", "mlp", digits, TRAINING))
         assert failed["state"] == "failed", failed
         assert "refused this gradient worker's token" in failed["error"]["message"], failed
         status, body = await asyncio.to_thread(http_get, impostor.port, HEALTH_PATH)
-        assert (status, "out of the training pool" in body) == (503, True), body
+        assert (status, "out of the training pool" in body, "refused" in body) == (
+            503,
+            True,
+            True,
+        ), body
         await workers_in_pool(cluster, 1)  # the coordinator heard it leave
         # Two workers wanted, one enough: the pool gives it only the worker that can train.
         enough = {**short, "min_workers": 1}

@@ -78,11 +78,12 @@ class ManagedProcess:
             )
         if self.die_with_parent:
             self.pid_file.write_text(f"{proc.pid}\n")
-        # Until exec happens the child still shows our command line, and the exit recorder
-        # writes the PID file only once it forked; waiting here keeps `alive()` from calling
-        # a process that is merely starting dead.
+        # The exit recorder writes the PID file only once it forked, and until the child's exec
+        # is done it shows the recorder's command line, then for a moment (on a loaded machine,
+        # milliseconds) an empty one, which `alive()` calls dead. Waiting until it shows its own
+        # keeps a process that is merely starting from passing for one that has ended.
         deadline = time.monotonic() + 10.0
-        while (pid := self.pid()) is None:
+        while (pid := self._running(argv)) is None:
             if proc.poll() is not None:
                 raise FailedPrecondition(
                     f"{self.name} exited at once (rc {proc.returncode}); log {self.log_file}:\n"
@@ -94,6 +95,12 @@ class ManagedProcess:
                 )
             time.sleep(0.01)
         return pid
+
+    def _running(self, argv: Sequence[str]) -> int | None:
+        """The PID once the process runs ``argv`` itself, else None."""
+        pid = self.pid()
+        found = None if pid is None else _process(pid)
+        return pid if found is not None and found[1].startswith(" ".join(argv)) else None
 
     def _command(self, argv: Sequence[str]) -> list[str]:
         """``argv``, under the exit recorder unless it dies with its parent: a fixture's

@@ -349,6 +349,25 @@ async def test_a_refused_upload_still_gets_its_refusal_not_internal(server, auth
     assert server[1].callers == []
 
 
+async def test_a_refused_upload_that_pauses_mid_stream_still_gets_its_refusal(server, auth_dir):
+    """A client-streaming caller cannot be waiting for an answer before it closes its side:
+    its pauses (a slow disk, a slow link) are not taken for the quiet of a waiting stream."""
+    reader = tokens_of(auth_dir)["reader"]
+
+    async def slow_upload() -> AsyncIterator[bytes]:
+        yield b"x" * (1 << 20)
+        await asyncio.sleep(4 * edge_server.REFUSAL_QUIET_S)
+        for _ in range(8):
+            yield b"x" * (1 << 20)
+
+    async with grpc.aio.insecure_channel(server[0]) as channel:
+        upload = channel.stream_unary(f"/{SERVICE}/RegisterThing")
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await upload(slow_upload(), metadata=meta(reader))
+    assert info.value.code() is grpc.StatusCode.PERMISSION_DENIED
+    assert server[1].callers == []
+
+
 async def test_a_refused_stream_that_waits_for_its_first_answer_is_answered_once_quiet(
     server, monkeypatch: pytest.MonkeyPatch
 ):

@@ -281,6 +281,7 @@ class DataPlane:
             self._drop_alias(key)
         gone = self._cache.remove(lambda m: m.name != name)
         self._forget(gone)
+        self._metrics.forget_model(name)
         return len(gone)
 
     # --- registry events (hot swap) ---------------------------------------------------------
@@ -304,6 +305,7 @@ class DataPlane:
                     lambda m: m.name != name or (version is not None and m.version != version)
                 )
             )
+            self._metrics.forget_model(name, version)
         # Any event may change what the bare name resolves to (the registry decides).
         self._alias_set((name, DEFAULT), None)
 

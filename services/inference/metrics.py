@@ -102,6 +102,30 @@ class Metrics:
             registry=r,
         )
 
+    def forget_version(self, name: str, version: int, *, counters: bool) -> None:
+        """Drop one version's labelled series: its queue gauge, and its counters and
+        histograms too when ``counters``."""
+        labels = (name, str(version))
+        self.queue_rows.remove(*labels)
+        if not counters:
+            return
+        for metric in (self.batch_rows, self.version_latency):
+            metric.remove(*labels)
+        for outcome in ("ok", "error"):
+            self.version_requests.remove(*labels, outcome)
+
+    def forget_model(self, name: str, version: int | None = None) -> None:
+        """Drop the series of ``name``'s ``version`` (or of every version), loaded or not: one
+        evicted for room kept its counters, and unloading or deleting it must not leave them."""
+        counted = {
+            int(sample.labels["version"])
+            for family in self.version_requests.collect()
+            for sample in family.samples
+            if sample.labels["model"] == name
+        }
+        for number in counted if version is None else counted & {version}:
+            self.forget_version(name, number, counters=True)
+
 
 @dataclass
 class Duration:
@@ -161,11 +185,4 @@ class ModelStats:
         """Drop this version's labelled series once it leaves the cache: its queue gauge
         always, its counters and histograms too when ``counters`` (unloaded or deleted, not
         evicted for room: a version loaded again counts on where it was)."""
-        labels = (self.name, str(self.version))
-        self.metrics.queue_rows.remove(*labels)
-        if not counters:
-            return
-        for metric in (self.metrics.batch_rows, self.metrics.version_latency):
-            metric.remove(*labels)
-        for outcome in ("ok", "error"):
-            self.metrics.version_requests.remove(*labels, outcome)
+        self.metrics.forget_version(self.name, self.version, counters=counters)

@@ -198,6 +198,23 @@ async def test_a_version_evicted_and_loaded_again_counts_on_and_the_churn_is_cou
     assert sample("maas_inference_version_requests_total", version="1", **ok) is None
 
 
+@pytest.mark.parametrize("how", ["deleted", "unloaded"])
+async def test_a_version_evicted_for_room_then_deleted_or_unloaded_leaves_no_series(
+    source, pool, how
+):
+    metrics = Metrics()
+    plane = make_plane(source, pool, cache_bytes=1, metrics=metrics)  # one version at a time
+    for version in ("1", "2"):  # 1 is evicted: its counters stay while it may come back
+        await answer(plane, version)
+    if how == "deleted":
+        await plane.on_model_event({"event": "deleted", "name": "digits", "version": 1})
+    else:
+        plane.unload("digits")
+    series = {s.labels.get("version") for f in metrics.registry.collect() for s in f.samples}
+    assert "1" not in series
+    assert ("2" in series) is (how == "deleted")
+
+
 async def test_a_model_bigger_than_the_cache_is_still_served(source, pool):
     plane = make_plane(source, pool, cache_bytes=1)
     assert (await answer(plane, "1"))[0] == 1

@@ -8,13 +8,13 @@
   reached is ``Unavailable`` saying what to check.
 - The per-record steps every reader shares (here, plain functions): read headers, decode,
   validate, build a dead letter, classify a failure.
-- ``maas.bus_consumer``: ``Fetcher`` (every consumer loop's fetch: a lost broker waited out)
-  and ``EventConsumer``, a consumer group's loop that never loses or loops (commit after the
-  handler, poison to ``maas.dlq.v1``).
+- ``maas.bus_consumer``: ``EventConsumer``, a consumer group's loop that never loses or loops
+  (commit after the handler, poison to ``maas.dlq.v1``).
 - ``maas.bus_reader.PartitionReader``: chosen partitions without a group (every reader sees
   every record: job statuses, training control).
-- ``maas.bus_fetch.fetch``: every reader's fetch; a record the Kafka client cannot parse (a
-  header key that is not UTF-8) comes as a stand-in that reads as unreadable, nothing lost.
+- ``maas.bus_fetch``: ``fetch``, every reader's fetch (a record the Kafka client cannot parse,
+  a header key that is not UTF-8, comes as a stand-in that reads as unreadable, nothing lost),
+  and ``Fetcher``, every consumer loop's fetch (a lost broker waited out).
 - ``maas.bus_transactions.TransactionalPipe``: consume, transform and produce exactly once.
 """
 
@@ -46,22 +46,16 @@ from maas import events
 from maas.bus_fetch import unreadable_reason
 from maas.config import Settings
 from maas.deadletter import DeadLetter, Headers
-from maas.errors import MaasError, SchemaViolation, Unavailable
+from maas.errors import ConsumerDied, MaasError, SchemaViolation, Unavailable
 from maas.kafka_security import kafka_client_kwargs
 from maas.topics import Topic
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DeadLetter", "Headers"]  # re-exported: consumers' hooks receive DeadLetter
+# Re-exported: consumers' hooks receive DeadLetter, and their loops end with ConsumerDied.
+__all__ = ["ConsumerDied", "DeadLetter", "Headers"]
 
 MAX_DLQ_BACKOFF_S = 5.0
-MAX_POLL_BACKOFF_S = 5.0
-
-
-class ConsumerDied(Unavailable):
-    """A consumer loop stopped for good; the message says why and what stays uncommitted."""
-
-    reason_code = "consumer_died"
 
 
 @dataclass(frozen=True)

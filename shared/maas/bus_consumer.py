@@ -29,11 +29,10 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from aiokafka.errors import ConsumerStoppedError, KafkaError
+from aiokafka.errors import KafkaError
 
 from maas import events
 from maas.bus import (
-    MAX_POLL_BACKOFF_S,
     ConsumerDied,
     EventProducer,
     Record,
@@ -46,7 +45,7 @@ from maas.bus import (
     topic_name,
     unreadable,
 )
-from maas.bus_fetch import Batches, fetch
+from maas.bus_fetch import Fetcher
 from maas.config import Settings
 from maas.deadletter import DeadLetter
 from maas.errors import MaasError, Unavailable
@@ -63,42 +62,6 @@ MAX_RETRY_BACKOFF_S = 10.0
 # closed (stop() racing a commit) that would be for ever. A commit is given this long, or until
 # the client closed, and then counts as failed (committed again later, or redelivered).
 COMMIT_TIMEOUT_S = 30.0
-
-
-class Fetcher:
-    """Fetches for a consumer loop. ``next`` is None when nothing was fetched: the consumer was
-    stopped under the loop, or the broker was lost (waited out with a growing backoff through
-    ``pause``, which wakes early on stop). An error Kafka calls fatal is ConsumerDied. A record
-    the client cannot parse comes as a stand-in that reads as unreadable (``maas.bus_fetch``);
-    ``reset`` is the consumer's ``auto_offset_reset``."""
-
-    def __init__(
-        self,
-        consumer: AIOKafkaConsumer,
-        name: str,
-        pause: Callable[[float], Awaitable[None]],
-        reset: str = "earliest",
-    ) -> None:
-        self._consumer = consumer
-        self._name = name
-        self._pause = pause
-        self._reset = reset
-        self._lost = 0
-
-    async def next(self, timeout_ms: int = 200) -> Batches | None:
-        try:
-            batches = await fetch(self._consumer, timeout_ms, reset=self._reset)
-        except ConsumerStoppedError:
-            return None
-        except KafkaError as exc:
-            if not exc.retriable:
-                raise ConsumerDied(f"consumer {self._name} cannot fetch: {exc!r}") from exc
-            self._lost += 1
-            log.warning("consumer %s lost the broker (%s); retrying", self._name, exc)
-            await self._pause(min(0.5 * self._lost, MAX_POLL_BACKOFF_S))
-            return None
-        self._lost = 0
-        return batches
 
 
 Handler = Callable[[Record], Awaitable[None]]

@@ -25,12 +25,17 @@ is raised as it is.
 The stand-in's offset is the reader's position when the parser failed: the unreadable record's
 own offset, unless transaction markers (which no reader sees) lie just before it, in which case
 each marker's offset also gets a stand-in. Nothing is skipped either way.
+
+``Fetcher`` wraps ``fetch`` for the consumer loops (``maas.bus_consumer``,
+``maas.bus_transactions``): a lost broker is waited out with a growing backoff, a fatal error of
+the client ends the loop as ``ConsumerDied``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import (
@@ -42,7 +47,11 @@ from aiokafka.errors import (
     UnsupportedCodecError,
 )
 
+from maas.errors import ConsumerDied
+
 log = logging.getLogger(__name__)
+
+MAX_POLL_BACKOFF_S = 5.0
 
 Batches = dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]
 
@@ -175,3 +184,39 @@ def unreadable_reason(raw: ConsumerRecord[bytes, bytes]) -> str | None:
     if raw.serialized_value_size != UNREADABLE_SIZE:
         return None
     return dict(raw.headers).get(UNREADABLE_HEADER, b"").decode(errors="replace")
+
+
+class Fetcher:
+    """Fetches for a consumer loop. ``next`` is None when nothing was fetched: the consumer was
+    stopped under the loop, or the broker was lost (waited out with a growing backoff through
+    ``pause``, which wakes early on stop). An error Kafka calls fatal is ConsumerDied. A record
+    the client cannot parse comes as a stand-in that reads as unreadable (``fetch``, above);
+    ``reset`` is the consumer's ``auto_offset_reset``."""
+
+    def __init__(
+        self,
+        consumer: AIOKafkaConsumer,
+        name: str,
+        pause: Callable[[float], Awaitable[None]],
+        reset: str = "earliest",
+    ) -> None:
+        self._consumer = consumer
+        self._name = name
+        self._pause = pause
+        self._reset = reset
+        self._lost = 0
+
+    async def next(self, timeout_ms: int = 200) -> Batches | None:
+        try:
+            batches = await fetch(self._consumer, timeout_ms, reset=self._reset)
+        except ConsumerStoppedError:
+            return None
+        except KafkaError as exc:
+            if not exc.retriable:
+                raise ConsumerDied(f"consumer {self._name} cannot fetch: {exc!r}") from exc
+            self._lost += 1
+            log.warning("consumer %s lost the broker (%s); retrying", self._name, exc)
+            await self._pause(min(0.5 * self._lost, MAX_POLL_BACKOFF_S))
+            return None
+        self._lost = 0
+        return batches

@@ -49,7 +49,6 @@ from aiokafka.errors import (
 
 from maas import events
 from maas.bus import (
-    MAX_POLL_BACKOFF_S,
     Record,
     dead_letter_for,
     decode_value,
@@ -59,7 +58,7 @@ from maas.bus import (
     to_record,
     unreadable,
 )
-from maas.bus_consumer import Fetcher
+from maas.bus_fetch import MAX_POLL_BACKOFF_S, Fetcher
 from maas.config import Settings
 from maas.deadletter import DeadLetter, Headers
 from maas.errors import FailedPrecondition

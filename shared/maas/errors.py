@@ -79,6 +79,12 @@ class Unavailable(MaasError):
     reason_code = "unavailable"
 
 
+class ConsumerDied(Unavailable):
+    """A consumer loop stopped for good; the message says why and what stays uncommitted."""
+
+    reason_code = "consumer_died"
+
+
 class DeadlineExceeded(MaasError):
     retriable = True
     grpc_code = "DEADLINE_EXCEEDED"

@@ -112,8 +112,10 @@ async def train_through(
     await wait_for_checkpoint(store, job_id, shard=0, version=20)
     durable = await pointer(store, job_id, shard=0)
     assert not durable.final, "the fault came too late"
-    await asyncio.to_thread(stop)
+    # The outage starts as the part is being stopped: a shard may meet it, and hold the job
+    # saying why, before stop() returns (CI saw that status land before a count taken after).
     seen = len(watcher.statuses[job_id])
+    await asyncio.to_thread(stop)
     try:
         await asyncio.sleep(outage_s)
     finally:

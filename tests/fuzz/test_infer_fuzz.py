@@ -286,7 +286,10 @@ def test_fuzzed_stream_requests_each_end_in_tokens_or_a_named_error(stub):
     prompt.inputs[0].contents.bytes_contents.append(b"def")
     prompt.parameters["max_tokens"].int64_param = 3
     answers = stream_answers(stub, [prompt])
-    assert len(answers) == 3 and _final(answers[-1]) and not answers[0].error_message
+    # One answer a token, the last one final: 3, or fewer when the model samples its end of text
+    # first (CI saw it end at the second token).
+    assert 1 <= len(answers) <= 3 and not [a.error_message for a in answers if a.error_message]
+    assert [_final(a) for a in answers] == [False] * (len(answers) - 1) + [True]
 
 
 def _final(answer: pb.ModelStreamInferResponse) -> bool:

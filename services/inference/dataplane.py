@@ -211,12 +211,10 @@ class DataPlane:
         return model
 
     def _forget(self, dropped: Sequence[ServedModel], *, evicted: bool = False) -> None:
-        """Versions out of the cache. One evicted for room keeps its request counters (it
-        still serves, it is only loaded again: a canary's counts must not restart with each
-        reload); one unloaded or deleted forgets them."""
+        """Versions out of the cache (their counters are the callers' to keep or drop)."""
         for gone in dropped:
             self._serving.pop(gone.name, None)
-            gone.stats.forget(counters=not evicted)
+            gone.stats.forget_queue()
             if evicted:
                 self._metrics.evictions.labels(gone.name).inc()
             log.info("%s %s", "evicted" if evicted else "unloaded", gone.label)

@@ -102,21 +102,10 @@ class Metrics:
             registry=r,
         )
 
-    def forget_version(self, name: str, version: int, *, counters: bool) -> None:
-        """Drop one version's labelled series: its queue gauge, and its counters and
-        histograms too when ``counters``."""
-        labels = (name, str(version))
-        self.queue_rows.remove(*labels)
-        if not counters:
-            return
-        for metric in (self.batch_rows, self.version_latency):
-            metric.remove(*labels)
-        for outcome in ("ok", "error"):
-            self.version_requests.remove(*labels, outcome)
-
     def forget_model(self, name: str, version: int | None = None) -> None:
-        """Drop the series of ``name``'s ``version`` (or of every version), loaded or not: one
-        evicted for room kept its counters, and unloading or deleting it must not leave them."""
+        """Drop every series of ``name``'s ``version`` (or of every version), loaded or not:
+        one evicted for room kept its counters, and unloading or deleting it must not leave
+        them."""
         counted = {
             int(sample.labels["version"])
             for family in self.version_requests.collect()
@@ -124,7 +113,11 @@ class Metrics:
             if sample.labels["model"] == name
         }
         for number in counted if version is None else counted & {version}:
-            self.forget_version(name, number, counters=True)
+            labels = (name, str(number))
+            for metric in (self.queue_rows, self.batch_rows, self.version_latency):
+                metric.remove(*labels)
+            for outcome in ("ok", "error"):
+                self.version_requests.remove(*labels, outcome)
 
 
 @dataclass
@@ -181,8 +174,8 @@ class ModelStats:
         else:
             self.fail.add(ns)
 
-    def forget(self, *, counters: bool) -> None:
-        """Drop this version's labelled series once it leaves the cache: its queue gauge
-        always, its counters and histograms too when ``counters`` (unloaded or deleted, not
-        evicted for room: a version loaded again counts on where it was)."""
-        self.metrics.forget_version(self.name, self.version, counters=counters)
+    def forget_queue(self) -> None:
+        """Drop the queue gauge once this version leaves the cache. Its counters stay: one
+        evicted for room counts on where it was when loaded again (a canary's counts must not
+        restart with each reload); ``Metrics.forget_model`` drops them on unload or delete."""
+        self.metrics.queue_rows.remove(self.name, str(self.version))

@@ -1,9 +1,15 @@
-"""A sampling profile of another process (py-spy), summarised as its top entries.
+"""Sampling profiles of another process, summarised as their top entries.
 
-``sampling_profile(pid)`` records while its block runs; ``summary`` reads py-spy's collapsed
-stacks into the functions where the samples were (self) and this project's functions they
-passed through (inclusive), in percent of the samples. Only running threads are sampled, so an
-idle thread waiting in epoll counts nothing. Without py-spy on PATH the profile says so.
+``sampling_profile(pid)`` (py-spy) records while its block runs; ``summary`` reads py-spy's
+collapsed stacks into the functions where the samples were (self) and this project's functions
+they passed through (inclusive), in percent of the samples. Only running threads are sampled,
+so an idle thread waiting in epoll counts nothing. Without py-spy on PATH the profile says so.
+
+py-spy sees Python frames only: time spent in compiled code called from the event loop (grpc's
+Cython coroutines, torch, the interpreter itself) lands on whichever Python frame is nearest,
+``Handle._run`` mostly. ``native_profile(pid)`` (Linux ``perf``, when installed and permitted)
+samples every thread's CPU and says which shared object each sample was in: the interpreter,
+grpc, torch, numpy, protobuf, libc or the kernel (system calls, thread switches).
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterator
@@ -87,3 +94,64 @@ def _process_label(frame: str) -> str:
 
 def _top(counts: Counter[str], total: int, top: int) -> list[tuple[str, float]]:
     return [(f, round(100 * n / max(total, 1), 1)) for f, n in counts.most_common(top)]
+
+
+# Shared objects grouped by what they are; the first matching prefix names a sample's group.
+LIBRARY_GROUPS = (
+    ("libpython", "python interpreter"),
+    ("cygrpc", "grpc"),
+    ("libgrpc", "grpc"),
+    ("libtorch", "torch"),
+    ("libc10", "torch"),
+    ("_C.", "torch"),
+    ("libgomp", "torch"),
+    ("_multiarray", "numpy"),
+    ("_message", "protobuf"),
+    ("[kernel", "kernel"),
+    ("libc.so", "libc"),
+    ("libm.so", "libc"),
+    ("ld-linux", "libc"),
+)
+
+
+@contextlib.contextmanager
+def native_profile(pid: int, out: Path, rate_hz: int = 499) -> Iterator[dict[str, Any]]:
+    """CPU samples of every thread of ``pid`` while the block runs, by shared object (perf)."""
+    result: dict[str, Any] = {}
+    perf = shutil.which("perf")
+    if perf is None:
+        result["not_run"] = "perf is not installed (Debian: apt install linux-perf)"
+        yield result
+        return
+    argv = [perf, "record", "-q", "-F", str(rate_hz), "-p", str(pid), "-o", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield result
+    finally:
+        proc.send_signal(signal.SIGINT)  # perf writes its header on SIGINT
+        _, err = proc.communicate(timeout=60)
+    report = subprocess.run(
+        [perf, "report", "-i", str(out), "--no-children", "--sort", "dso", "--stdio"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    shares = by_library(report.stdout)
+    if not shares:  # not permitted (perf_event_paranoid), or the process had gone
+        why = (err.decode(errors="replace") + report.stderr).strip()[-300:]
+        result["not_run"] = f"perf recorded nothing: {why}"
+        return
+    result["by_library_pct"] = shares
+
+
+def by_library(report: str) -> dict[str, float]:
+    """``perf report --sort dso`` text -> percent of the samples per library group."""
+    shares: dict[str, float] = {}
+    for line in report.splitlines():
+        found = re.match(r"\s*([\d.]+)%\s+(\S+)", line)
+        if found is None:
+            continue
+        dso = found.group(2)
+        group = next((name for prefix, name in LIBRARY_GROUPS if dso.startswith(prefix)), "other")
+        shares[group] = shares.get(group, 0.0) + float(found.group(1))
+    return {name: round(pct, 1) for name, pct in sorted(shares.items(), key=lambda s: -s[1])}

@@ -15,9 +15,11 @@ the CPU time per request of the server process and of this client (a client-boun
 shows as client CPU near 1 s per second). Then a 10 M-parameter MLP at concurrency 64, dynamic
 batching vs unbatched, beside its in-process forward of 1 and of 64 rows and the rate at which
 each server's CPU per request (with the client's) would keep every core busy. After the
-figures, the floor and the batching server are each profiled
-(py-spy, sampling, when installed) while they alone serve 16 clients; the top entries are
-printed beside the figures, the floor's showing what Python gRPC itself costs.
+figures, the floor and the batching server are each profiled while they alone serve 16
+clients: py-spy's top Python frames, and perf's CPU by library (interpreter, grpc, torch,
+kernel...; perf must be installed and allowed to attach) in microseconds per request, with
+ours minus the floor's ("native_us_per_request_over_floor"): what our server does per request
+beyond Python gRPC's own, and where.
 
     python -m bench.serve [--seconds 1.5] [--rounds 3] [--no-kserve]
 
@@ -40,7 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.profile import sampling_profile
+from bench.profile import native_profile, sampling_profile
 from bench.serve_measure import (
     CpuMeter,
     Target,
@@ -171,20 +173,43 @@ def measure_small(
         for name in targets
     }
     for name in PROFILED:
-        small[f"profile_{name}_c16"] = profile_c16(targets[name], seconds, workdir / name)
+        small[f"profile_{name}_c16"] = profile_c16(
+            targets[name], seconds, workdir / name, small[name]["server_cpu_us"]
+        )
+    small["native_us_per_request_over_floor"] = native_gap(
+        *(small[f"profile_{name}_c16"]["native"] for name in PROFILED)
+    )
     return small
 
 
-def profile_c16(target: Target, seconds: float, out: Path) -> dict[str, Any]:
-    """A sampling profile of one server alone at 16 clients, after (not during) the figures:
-    the floor's beside ours shows what our server does per request beyond Python gRPC's own."""
+def profile_c16(target: Target, seconds: float, out: Path, cpu_us: float) -> dict[str, Any]:
+    """Sampling profiles of one server alone at 16 clients, after (not during) the figures:
+    py-spy's Python frames, then perf's shared objects, those turned into microseconds of the
+    server's CPU per request (``cpu_us``, measured unprofiled above). Beside each other, the
+    floor's and ours show what our server does per request beyond Python gRPC's own."""
     with sampling_profile(target.pid, out) as profile:
         rate, done = asyncio.run(throughput(target, 16, seconds))
     if profile.get("samples"):
         # Samples per request compare the two servers' CPU per request, thread by thread.
         profile["rps_while_profiled"] = round(rate, 1)
         profile["samples_per_request"] = round(profile["samples"] / max(done, 1), 3)
+    with native_profile(target.pid, out.with_suffix(".perf")) as native:
+        asyncio.run(throughput(target, 16, seconds))
+    if "by_library_pct" in native:
+        native["us_per_request"] = {
+            group: round(pct / 100 * cpu_us, 1) for group, pct in native["by_library_pct"].items()
+        }
+    profile["native"] = native
     return profile
+
+
+def native_gap(floor: dict[str, Any], ours: dict[str, Any]) -> dict[str, Any]:
+    """Where our server's CPU per request goes beyond the floor's, by library (perf)."""
+    if "us_per_request" not in floor or "us_per_request" not in ours:
+        return {"not_run": ours.get("not_run") or floor.get("not_run")}
+    theirs, mine = floor["us_per_request"], ours["us_per_request"]
+    gap = {group: round(mine.get(group, 0) - theirs.get(group, 0), 1) for group in {*theirs, *mine}}
+    return dict(sorted(gap.items(), key=lambda item: -item[1]))
 
 
 def cpu_ceiling(cpu: CpuMeter, targets: dict[str, Target]) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """How every service process lives and dies: ``serve(build, settings)``.
 
 A service's ``__main__`` is settings from env, then ``serve`` with how to build the service.
-``serve`` configures logging, builds the service on its event loop, caps compute threads,
+``serve`` configures logging, lifts the open-files limit, builds the service on its event loop,
+caps compute threads,
 starts it, opens ``/metrics`` and ``/healthz`` (``maas.liveness``) once it started (the port
 answering means the service is up), runs it until SIGTERM/SIGINT or until ``run`` crashes (the
 process then exits with that error instead of idling), and always stops it. Shutdown (stop
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import signal
 import sys
 import threading
@@ -127,6 +129,24 @@ def limit_compute_threads(threads: int) -> None:
         torch.set_num_threads(threads)
 
 
+# Where the hard limit is "unlimited", the kernel still refuses more than nr_open (2^20 by default).
+OPEN_FILES_CEILING = 1 << 20
+
+
+def raise_open_files_limit() -> None:
+    """Lift this process's soft limit on open files to its hard limit. Each connection a server
+    holds is a file: under the common soft limit of 1024, a thousand idle clients (each held up
+    to the idle timeout) leave none for S3, Kafka or the next caller. Go's runtime does the same
+    for every program; the hard limit stays the operator's."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_CEILING if hard == resource.RLIM_INFINITY else hard
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, target, exc)
+
+
 def run_until_signalled(serve: Callable[[asyncio.Event], Awaitable[None]]) -> None:
     """Run ``serve(stop)`` on a fresh event loop; SIGTERM and SIGINT set ``stop``."""
 
@@ -184,6 +204,7 @@ def serve(
     """The whole life of a service process (see the module doc). ``metrics_port`` defaults to
     MAAS_METRICS_PORT (0: no HTTP); ``compute_threads`` caps torch and BLAS once built."""
     configure_logging(settings)
+    raise_open_files_limit()
     port = settings.metrics_port if metrics_port is None else metrics_port
 
     async def main(stop: asyncio.Event) -> None:

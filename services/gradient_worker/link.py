@@ -34,7 +34,7 @@ from maas import events
 from maas.config import Settings
 from maas.errors import MaasError
 from maas.training.broadcast import ParamsAssembler, ShardParams, read_shard_message
-from maas.training.dataplane import exchange, open_channel
+from maas.training.dataplane import AUTH_REFUSALS, exchange, open_channel
 from maas.training.protocol import OutgoingPush, pushes_from_frame
 from maas.training.v1 import training_pb2 as pb
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 RETRY_S = 0.2
 MAX_RETRY_S = 2.0
 ERROR_CHARS = 500  # of a stream's error, in a report
-AUTH_REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 
 # (partition, address, what failed): the shard at that address sent nothing for a timeout
 Unreachable = Callable[[int, str, str], Awaitable[None]]
@@ -78,6 +77,7 @@ class ShardLink:
         self.shard = shard
         self.over = False  # the shard says the job is over, or sent its final version
         self.refused: str | None = None  # why the shard refused this worker's token
+        self.refused_at = ""  # the address of the shard that refused it
         self._settings = settings
         self._address = address
         self._on_params = on_params
@@ -145,7 +145,7 @@ class ShardLink:
                     self.over = True
                     return
                 if exc.code() in AUTH_REFUSALS:
-                    self.refused = self._refusal(exc)
+                    self.refused, self.refused_at = self._refusal(exc), self._dialled
                     log.error("job %s: %s", self.job_id, self.refused)
                     return
                 log.info(

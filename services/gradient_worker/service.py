@@ -13,9 +13,12 @@ in the job's status (``unreachable``: the reason for people, the partition, shar
 for the coordinator, which moves the partition once every rank of the job reported it).
 
 A worker whose token the shards refuse fails the job it was given (saying which token it
-needs) and leaves the pool for a while (``REJOIN_AFTER_S``, doubling up to
+needs) and leaves the pool for a while (MAAS_WORKER_REJOIN_AFTER_MS, doubling up to
 ``MAX_REJOIN_AFTER_S`` while refusals go on), its ``/healthz`` saying why: one misconfigured
-worker must not fail every job the coordinator would give it.
+worker must not fail every job the coordinator would give it. Before it offers itself again it
+asks the shard that refused it whether it takes the token now (``token_accepted``, which joins
+no job), and stays out, the wait doubled, while the answer is no: a token table that was fixed
+brings it back, one that was not costs no further job.
 
 One job step at a time: forward/backward runs on a worker thread while the event loop keeps
 streaming; every gradient piece is handed to the loop the moment backward produced it
@@ -35,11 +38,12 @@ from safetensors.torch import load as load_safetensors
 
 from maas import datasets, topics
 from maas.config import Settings
-from maas.errors import MaasError, NotFound, Unavailable
+from maas.errors import InvalidArgument, MaasError, NotFound, Unavailable
 from maas.jobs import status_event
 from maas.liveness import Liveness
 from maas.training.broadcast import ShardParams
 from maas.training.control import RELEASED, PoolMember
+from maas.training.dataplane import token_accepted
 from maas.training.pool import WORKER, Assignment
 from maas.training.prepare import load_dataset
 from maas.training.protocol import OutgoingPush
@@ -48,7 +52,6 @@ from services.gradient_worker.link import ShardLink, Unreachable
 
 log = logging.getLogger(__name__)
 
-REJOIN_AFTER_S = 60.0  # out of the pool after the shards refused this worker's token
 MAX_REJOIN_AFTER_S = 1800.0
 OUT_OF_POOL = "training pool"  # the health condition while out of it
 
@@ -87,6 +90,11 @@ class Running:
         """Why a shard refused this worker's token, if one did."""
         return next((link.refused for link in self.links if link.refused), None)
 
+    @property
+    def refused_at(self) -> str:
+        """The address of the shard that refused this worker's token ("" if none did)."""
+        return next((link.refused_at for link in self.links if link.refused), "")
+
     def declare_pushes_from(self) -> None:
         """Tell each shard at a version this worker cannot push from which one it can. A
         worker cut off from a partition it never got (its shard said the job is over there:
@@ -111,6 +119,11 @@ class Running:
 
 class WorkerService:
     def __init__(self, settings: Settings) -> None:
+        if settings.worker_rejoin_after_ms <= 0:
+            raise InvalidArgument(
+                f"MAAS_WORKER_REJOIN_AFTER_MS={settings.worker_rejoin_after_ms}: give the "
+                "milliseconds a refused worker waits before it asks the shard again, more than 0"
+            )
         self.settings = settings
         self._pool = PoolMember(settings, WORKER, "gradient-worker")
         self.member_id, self.name = self._pool.member_id, self._pool.name
@@ -289,19 +302,33 @@ class WorkerService:
     def out_of_pool(self) -> bool:
         return self._out_of_pool is not None and not self._out_of_pool.done()
 
-    def _withdraw(self, why: str) -> None:
-        """Leave the pool for a while after a refusal (see the module doc); once at a time."""
+    def _withdraw(self, why: str, shard: str = "") -> None:
+        """Leave the pool for a while after the shard at ``shard`` refused this worker's token
+        (see the module doc); once at a time."""
         if not self.out_of_pool:
-            seconds = min(MAX_REJOIN_AFTER_S, REJOIN_AFTER_S * 2**self._refusals)
-            self._refusals += 1
-            self._out_of_pool = asyncio.create_task(self._stay_out(seconds, why))
+            self._out_of_pool = asyncio.create_task(self._stay_out(self._next_wait(), why, shard))
 
-    async def _stay_out(self, seconds: float, why: str) -> None:
-        note = f"out of the training pool for {seconds:.0f} s, then it offers itself again: {why}"
-        log.error("%s", note)
-        self.liveness.set_condition(OUT_OF_POOL, note)
+    def _next_wait(self) -> float:
+        """Seconds out of the pool: doubled by each refusal in a row."""
+        base = self.settings.worker_rejoin_after_ms / 1000
+        seconds = min(MAX_REJOIN_AFTER_S, base * 2**self._refusals)
+        self._refusals += 1
+        return seconds
+
+    async def _stay_out(self, seconds: float, why: str, shard: str) -> None:
         await self._pool.heartbeat.withdraw()
-        await asyncio.sleep(seconds)
+        reason = why
+        while True:
+            note = f"out of the training pool for {seconds:.0f} s, then it offers itself again"
+            if shard:
+                note += f" if the shard at {shard} takes its token"
+            log.error("%s: %s", note, reason)
+            self.liveness.set_condition(OUT_OF_POOL, f"{note}: {reason}")
+            await asyncio.sleep(seconds)
+            if not shard or await token_accepted(shard, self.settings) is not False:
+                break  # taken, or the shard cannot say (gone, moved): the pool will tell
+            reason = f"asked again, the shard still refuses this worker's token; at first: {why}"
+            seconds = self._next_wait()
         self.liveness.set_condition(OUT_OF_POOL, None)
         await self._pool.heartbeat.rejoin()
         log.info("back in the training pool")
@@ -322,8 +349,9 @@ class WorkerService:
                     # report now would ride on an `up` and put it back in the pool.
                     await self._leave(job_id, refused)
                 elif refused is not None:
-                    await self._give_up(job_id, refused)  # leaving drops the links that say why
-                    self._withdraw(refused)
+                    shard = running.refused_at  # read first: leaving drops the links
+                    await self._give_up(job_id, refused)
+                    self._withdraw(refused, shard)
                 elif running.job.ready():
                     await self._step(loop, job_id, running)
                     self._wake.set()  # look again: parameters may have arrived meanwhile

@@ -392,6 +392,15 @@ class Settings:
             "it), and a worker without a data-plane stream this long is removed from its job"
         ),
     )
+    worker_rejoin_after_ms: int = setting(
+        "MAAS_WORKER_REJOIN_AFTER_MS",
+        60_000,
+        (
+            "how long a gradient worker whose token the shards refused stays out of the training "
+            "pool before it asks the shard that refused it again (it rejoins once that shard "
+            "takes the token); doubled with each refusal in a row, up to 30 minutes"
+        ),
+    )
     job_stall_timeout_ms: int = setting(
         "MAAS_JOB_STALL_TIMEOUT_MS",
         600_000,

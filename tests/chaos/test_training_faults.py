@@ -296,6 +296,18 @@ async def workers_in_pool(cluster: TrainingProcesses, count: int) -> None:
         await asyncio.sleep(0.2)
 
 
+async def health_saying(port: int, words: str) -> str:
+    """The ``/healthz`` body of the process on ``port`` once it contains ``words``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 60
+    while True:
+        _, body = await asyncio.to_thread(http_get, port, HEALTH_PATH)
+        if words in body:
+            return body
+        assert loop.time() < deadline, f"/healthz never said {words!r}: {body}"
+        await asyncio.sleep(0.2)
+
+
 async def test_a_worker_with_a_wrong_token_fails_one_job_and_leaves_the_pool_saying_why(
     cluster, producer, watcher, tmp_path
 ):
@@ -304,7 +316,10 @@ async def test_a_worker_with_a_wrong_token_fails_one_job_and_leaves_the_pool_say
     cluster.use_workers(1)
     await workers_in_pool(cluster, 1)
     impostor = cluster.spawn(
-        "gradient-worker-wrong-token", "services.gradient_worker", MAAS_AUTH_TOKEN_FILE=str(token)
+        "gradient-worker-wrong-token",
+        "services.gradient_worker",
+        MAAS_AUTH_TOKEN_FILE=str(token),
+        MAAS_WORKER_REJOIN_AFTER_MS="1000",
     )
     digits, short = {"uri": "builtin:digits"}, {**MLP_TRAINING, "steps": 20}
     try:
@@ -320,6 +335,10 @@ async def test_a_worker_with_a_wrong_token_fails_one_job_and_leaves_the_pool_say
             True,
         ), body
         await workers_in_pool(cluster, 1)  # the coordinator heard it leave
+        # After its wait it asks the shard again, is refused again, and stays out.
+        body = await health_saying(impostor.port, "still refuses")
+        assert "then it offers itself again if the shard at 127.0.0.1:" in body, body
+        await workers_in_pool(cluster, 1)
         # Two workers wanted, one enough: the pool gives it only the worker that can train.
         enough = {**short, "min_workers": 1}
         after = await run(producer, watcher, train_job("faults", "mlp", digits, enough))

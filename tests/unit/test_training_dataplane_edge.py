@@ -143,6 +143,45 @@ async def test_a_worker_whose_token_the_shard_refuses_stops_dialling_and_says_wh
     assert "services.token" in link.refused
 
 
+@pytest.fixture
+async def guarded(tmp_path: Path) -> AsyncIterator[tuple[Settings, str]]:
+    """A shard that checks tokens (its stack's), and that stack's settings."""
+    ensure_tokens(tmp_path / "auth", STACK_IDENTITIES)
+    settings = Settings(state_dir=str(tmp_path))
+    server, port = dataplane.build_server(
+        DataPlaneServicer(RecordingShard()),  # type: ignore[arg-type]
+        settings,
+        "127.0.0.1:0",
+    )
+    await server.start()
+    try:
+        yield settings, f"127.0.0.1:{port}"
+    finally:
+        await server.stop(grace=None)
+
+
+@pytest.mark.parametrize(
+    ("token", "accepted"),
+    [("services.token", True), ("admin.token", False), ("no such token", False)],
+)
+async def test_a_shard_says_whether_it_takes_a_token_without_a_join(
+    guarded: tuple[Settings, str], token: str, accepted: bool, tmp_path: Path
+) -> None:
+    settings, address = guarded
+    token_file = tmp_path / "auth" / token
+    if not token_file.exists():
+        token_file.write_text("a token of some other stack\n")
+    caller = settings.replace(auth_token_file=str(token_file))
+    assert await dataplane.token_accepted(address, caller) is accepted
+
+
+async def test_a_shard_that_cannot_be_reached_cannot_say(
+    guarded: tuple[Settings, str], unused_tcp_port: int
+) -> None:
+    settings, _ = guarded
+    assert await dataplane.token_accepted(f"127.0.0.1:{unused_tcp_port}", settings) is None
+
+
 @contextlib.asynccontextmanager
 async def streaming_link(address: str) -> AsyncIterator[ShardLink]:
     """Rank 0's link to the shard at ``address``, its stream open."""

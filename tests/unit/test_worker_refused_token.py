@@ -11,6 +11,7 @@ import pytest
 from pool_kit import SentEvents
 
 from maas.config import Settings
+from maas.errors import InvalidArgument
 from maas.training.control import Heartbeat, Identity
 from maas.training.pool import Assignment
 from services.gradient_worker import service as worker_service
@@ -38,12 +39,15 @@ async def test_a_withdrawn_member_says_down_and_then_nothing_until_it_rejoins() 
     assert states(producer)[said_before] == "up" and len(producer.sent) > said_before + 1
 
 
-@pytest.fixture
-def worker(monkeypatch: pytest.MonkeyPatch) -> WorkerService:
-    monkeypatch.setattr(worker_service, "REJOIN_AFTER_S", 0.05)
-    service = WorkerService(Settings())
+def refused_worker(rejoin_after_ms: int) -> WorkerService:
+    service = WorkerService(Settings(worker_rejoin_after_ms=rejoin_after_ms))
     service._pool.heartbeat._producer = SentEvents()  # type: ignore[assignment]
     return service
+
+
+@pytest.fixture
+def worker() -> WorkerService:
+    return refused_worker(50)
 
 
 def sent(worker: WorkerService) -> SentEvents:
@@ -100,10 +104,8 @@ async def test_a_rank_given_while_out_of_the_pool_is_not_taken(worker: WorkerSer
     await worker.stop()
 
 
-async def test_a_job_refused_while_out_of_the_pool_is_left_without_saying_up(
-    worker: WorkerService, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(worker_service, "REJOIN_AFTER_S", 30.0)
+async def test_a_job_refused_while_out_of_the_pool_is_left_without_saying_up() -> None:
+    worker = refused_worker(30_000)
     worker._withdraw(REFUSED)
     refused = SimpleNamespace(refused=REFUSED, over=False, shard=0, shard_version=-1)
     job = SimpleNamespace(finished=False, steps=0, has=lambda shard: True)
@@ -115,3 +117,34 @@ async def test_a_job_refused_while_out_of_the_pool_is_left_without_saying_up(
     assert worker.jobs == {}
     assert states(sent(worker)) == ["down"]  # a failure report would have said `up`
     await worker.stop()
+
+
+async def test_it_stays_out_while_the_shard_that_refused_it_still_refuses_its_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    worker = refused_worker(200)
+    answers = [False, False, True]  # what the shard says each time it is asked
+    asked: list[str] = []
+
+    async def token_accepted(address: str, settings: Settings) -> bool | None:
+        asked.append(address)
+        return answers[len(asked) - 1]
+
+    monkeypatch.setattr(worker_service, "token_accepted", token_accepted)
+    worker._withdraw(REFUSED, "127.0.0.1:9")
+    for _ in range(100):  # the first wait, then the first question
+        if asked:
+            break
+        await asyncio.sleep(0.02)
+    assert asked == ["127.0.0.1:9"] and states(sent(worker)) == ["down"]  # refused again
+    assert worker.liveness.reason is not None and "still refuses" in worker.liveness.reason
+    assert worker._out_of_pool is not None
+    await worker._out_of_pool  # 0.4 s more, then 0.8 s: taken at the third question
+    assert len(asked) == 3 and states(sent(worker)) == ["down", "up"]
+    assert worker.liveness.healthy and worker._refusals == 3
+
+
+@pytest.mark.parametrize("milliseconds", [0, -1])
+def test_a_wait_of_no_time_is_refused_at_start_naming_the_setting(milliseconds: int) -> None:
+    with pytest.raises(InvalidArgument, match="MAAS_WORKER_REJOIN_AFTER_MS"):
+        WorkerService(Settings(worker_rejoin_after_ms=milliseconds))

@@ -4,9 +4,15 @@ one method needs a write token, which workers hold), TLS when configured, one er
 
 Keepalive pings on both sides make a peer that vanished without closing its connection (a
 powered-off host) look like a closed stream within seconds; a killed process is seen at once.
+
+``token_accepted`` asks a shard whether it takes this process's token without joining anything:
+a worker the shards refused looks before it offers itself to the pool again.
 """
 
 from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
 
 import grpc
 
@@ -17,6 +23,8 @@ from maas.edge.server import add_port, edge_interceptor, server_options
 from maas.training.v1 import training_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "maas.training.v1.TrainingDataPlane"
+AUTH_REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+PROBE_TIMEOUT_S = 10.0
 _KEEPALIVE_MS = 2_000
 _KEEPALIVE: tuple[tuple[str, int], ...] = (
     ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
@@ -57,7 +65,28 @@ def open_channel(address: str, settings: Settings) -> grpc.aio.Channel:
     return open_edge_channel(settings, address, options=_KEEPALIVE, with_token=False)
 
 
-def exchange(channel: grpc.aio.Channel, settings: Settings) -> grpc.aio.StreamStreamCall:
+def exchange(
+    channel: grpc.aio.Channel, settings: Settings, frames: Iterable[bytes] | None = None
+) -> grpc.aio.StreamStreamCall:
     """An ``Exchange`` stream that writes and reads frames (bytes), not messages, with this
-    process's bearer token in its metadata."""
-    return channel.stream_stream(f"/{SERVICE_NAME}/Exchange")(metadata=call_metadata(settings))
+    process's bearer token in its metadata: the caller writes them, or grpc sends ``frames``
+    and then closes the caller's side."""
+    call = channel.stream_stream(f"/{SERVICE_NAME}/Exchange")
+    return call(frames, metadata=call_metadata(settings))
+
+
+async def token_accepted(address: str, settings: Settings) -> bool | None:
+    """Whether the shard at ``address`` takes this process's token, asked with an ``Exchange``
+    closed before its first message (a shard ends such a stream at once, OK, with nothing):
+    False when it refuses the token, None when it cannot say (unreachable, silent for
+    PROBE_TIMEOUT_S, any other status)."""
+    async with open_channel(address, settings) as channel:
+        call = exchange(channel, settings, frames=())
+        try:
+            code = await asyncio.wait_for(call.code(), PROBE_TIMEOUT_S)
+        except TimeoutError:
+            call.cancel()
+            return None
+    if code in AUTH_REFUSALS:
+        return False
+    return True if code == grpc.StatusCode.OK else None

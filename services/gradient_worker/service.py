@@ -325,13 +325,25 @@ class WorkerService:
             log.error("%s: %s", note, reason)
             self.liveness.set_condition(OUT_OF_POOL, f"{note}: {reason}")
             await asyncio.sleep(seconds)
-            if not shard or await token_accepted(shard, self.settings) is not False:
-                break  # taken, or the shard cannot say (gone, moved): the pool will tell
+            if not await self._still_refused_by(shard):
+                break
             reason = f"asked again, the shard still refuses this worker's token; at first: {why}"
             seconds = self._next_wait()
         self.liveness.set_condition(OUT_OF_POOL, None)
         await self._pool.heartbeat.rejoin()
         log.info("back in the training pool")
+
+    async def _still_refused_by(self, shard: str) -> bool:
+        """Whether the shard at ``shard`` refuses this worker's token when asked again. One
+        that cannot say (gone, moved, no address) does not keep the worker out: the next job
+        will tell."""
+        if not shard:
+            return False
+        try:
+            return await token_accepted(shard, self.settings) is False
+        except Exception:  # a fault in asking must not leave the worker out for good
+            log.warning("could not ask the shard at %s about this token", shard, exc_info=True)
+            return False
 
     # --- computing --------------------------------------------------------------------------
 

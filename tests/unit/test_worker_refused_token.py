@@ -148,3 +148,17 @@ async def test_it_stays_out_while_the_shard_that_refused_it_still_refuses_its_to
 def test_a_wait_of_no_time_is_refused_at_start_naming_the_setting(milliseconds: int) -> None:
     with pytest.raises(InvalidArgument, match="MAAS_WORKER_REJOIN_AFTER_MS"):
         WorkerService(Settings(worker_rejoin_after_ms=milliseconds))
+
+
+async def test_a_fault_in_asking_the_shard_does_not_keep_it_out(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def token_accepted(address: str, settings: Settings) -> bool | None:
+        raise RuntimeError("no route to the shard's host")
+
+    monkeypatch.setattr(worker_service, "token_accepted", token_accepted)
+    worker = refused_worker(50)
+    worker._withdraw(REFUSED, "127.0.0.1:9")
+    assert worker._out_of_pool is not None
+    await asyncio.wait_for(worker._out_of_pool, 10)
+    assert states(sent(worker)) == ["down", "up"] and worker.liveness.healthy

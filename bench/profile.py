@@ -35,19 +35,25 @@ def sampling_profile(pid: int, out: Path, rate_hz: int = 250) -> Iterator[dict[s
         yield result
         return
     argv = [spy, "record", "-p", str(pid), "--subprocesses", "-r", str(rate_hz), "-f", "raw"]
-    argv += ["-o", str(out)]
-    proc = subprocess.Popen(
-        [*argv, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    try:
+    with _recording([*argv, "-o", str(out), "--nonblocking"]) as err:
         yield result
-    finally:
-        proc.send_signal(2)  # py-spy writes its output on SIGINT
-        _, err = proc.communicate(timeout=60)
     if out.exists():
         result.update(summary(out.read_text()))
     else:
-        result["not_run"] = f"py-spy wrote nothing: {err.decode(errors='replace')[-300:]}"
+        result["not_run"] = f"py-spy wrote nothing: {err[0][-300:]}"
+
+
+@contextlib.contextmanager
+def _recording(argv: list[str]) -> Iterator[list[str]]:
+    """Run the profiler ``argv`` while the block runs, then stop it with SIGINT (on which py-spy
+    and perf write what they recorded); the yielded list then holds its stderr."""
+    err: list[str] = []
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield err
+    finally:
+        proc.send_signal(signal.SIGINT)
+        err.append(proc.communicate(timeout=60)[1].decode(errors="replace"))
 
 
 def summary(collapsed: str, top: int = 12) -> dict[str, Any]:
@@ -123,13 +129,10 @@ def native_profile(pid: int, out: Path, rate_hz: int = 499) -> Iterator[dict[str
         result["not_run"] = "perf is not installed (Debian: apt install linux-perf)"
         yield result
         return
-    argv = [perf, "record", "-q", "-F", str(rate_hz), "-p", str(pid), "-o", str(out)]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    with _recording(
+        [perf, "record", "-q", "-F", str(rate_hz), "-p", str(pid), "-o", str(out)]
+    ) as err:
         yield result
-    finally:
-        proc.send_signal(signal.SIGINT)  # perf writes its header on SIGINT
-        _, err = proc.communicate(timeout=60)
     report = subprocess.run(
         [perf, "report", "-i", str(out), "--no-children", "--sort", "dso", "--stdio"],
         capture_output=True,
@@ -138,7 +141,7 @@ def native_profile(pid: int, out: Path, rate_hz: int = 499) -> Iterator[dict[str
     )
     shares = by_library(report.stdout)
     if not shares:  # not permitted (perf_event_paranoid), or the process had gone
-        why = (err.decode(errors="replace") + report.stderr).strip()[-300:]
+        why = (err[0] + report.stderr).strip()[-300:]
         result["not_run"] = f"perf recorded nothing: {why}"
         return
     result["by_library_pct"] = shares

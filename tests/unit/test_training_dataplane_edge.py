@@ -47,19 +47,26 @@ class RecordingShard:
         self.pushes_from.append(version)
 
 
-@pytest.fixture
-async def shard() -> AsyncIterator[tuple[RecordingShard, str]]:
-    recording = RecordingShard()
+@contextlib.asynccontextmanager
+async def serving(shard: RecordingShard, settings: Settings) -> AsyncIterator[str]:
+    """The data-plane server of ``shard`` on 127.0.0.1, started; its address."""
     server, port = dataplane.build_server(
-        DataPlaneServicer(recording),  # type: ignore[arg-type]
-        SETTINGS,
+        DataPlaneServicer(shard),  # type: ignore[arg-type]
+        settings,
         "127.0.0.1:0",
     )
     await server.start()
     try:
-        yield recording, f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}"
     finally:
         await server.stop(grace=None)
+
+
+@pytest.fixture
+async def shard() -> AsyncIterator[tuple[RecordingShard, str]]:
+    recording = RecordingShard()
+    async with serving(recording, SETTINGS) as address:
+        yield recording, address
 
 
 async def _stream(address: str, *frames: bytes) -> grpc.StatusCode:
@@ -121,24 +128,17 @@ async def test_a_worker_whose_token_the_shard_refuses_stops_dialling_and_says_wh
 ) -> None:
     ensure_tokens(tmp_path / "auth", STACK_IDENTITIES)
     settings = Settings(state_dir=str(tmp_path), auth_token="")  # sends the admin token
-    server, port = dataplane.build_server(
-        DataPlaneServicer(RecordingShard()),  # type: ignore[arg-type]
-        settings,
-        "127.0.0.1:0",
-    )
-    await server.start()
     unreachable: list[str] = []
 
     async def report(partition: int, address: str, what: str) -> None:
         unreachable.append(what)
 
-    link = link_to(f"127.0.0.1:{port}", settings, report)
-    try:
+    async with serving(RecordingShard(), settings) as address:
+        link = link_to(address, settings, report)
         await asyncio.wait_for(link.run(), 30)
-    finally:
-        await server.stop(grace=None)
     assert link.refused is not None and not unreachable and not link.over
-    assert f"partition 0 at 127.0.0.1:{port} refused" in link.refused
+    assert f"partition 0 at {address} refused" in link.refused
+    assert link.refused_at == address
     assert "PERMISSION_DENIED: 'admin' has role write; Exchange needs service" in link.refused
     assert "services.token" in link.refused
 
@@ -148,16 +148,8 @@ async def guarded(tmp_path: Path) -> AsyncIterator[tuple[Settings, str]]:
     """A shard that checks tokens (its stack's), and that stack's settings."""
     ensure_tokens(tmp_path / "auth", STACK_IDENTITIES)
     settings = Settings(state_dir=str(tmp_path))
-    server, port = dataplane.build_server(
-        DataPlaneServicer(RecordingShard()),  # type: ignore[arg-type]
-        settings,
-        "127.0.0.1:0",
-    )
-    await server.start()
-    try:
-        yield settings, f"127.0.0.1:{port}"
-    finally:
-        await server.stop(grace=None)
+    async with serving(RecordingShard(), settings) as address:
+        yield settings, address
 
 
 @pytest.mark.parametrize(

@@ -2,11 +2,10 @@
 
 A service's ``__main__`` is settings from env, then ``serve`` with how to build the service.
 ``serve`` configures logging, lifts the open-files limit, builds the service on its event loop,
-caps compute threads,
-starts it, opens ``/metrics`` and ``/healthz`` (``maas.liveness``) once it started (the port
-answering means the service is up), runs it until SIGTERM/SIGINT or until ``run`` crashes (the
-process then exits with that error instead of idling), and always stops it. Shutdown (stop
-accepting, drain, close) belongs in the service's ``stop``.
+caps compute threads, starts it, opens ``/metrics`` and ``/healthz`` (``maas.liveness``) once it
+started (the port answering means the service is up), runs it until SIGTERM/SIGINT or until
+``run`` crashes (the process then exits with that error instead of idling), and always stops it.
+Shutdown (stop accepting, drain, close) belongs in the service's ``stop``.
 """
 
 from __future__ import annotations

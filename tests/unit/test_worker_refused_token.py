@@ -122,7 +122,7 @@ async def test_a_job_refused_while_out_of_the_pool_is_left_without_saying_up() -
 async def test_it_stays_out_while_the_shard_that_refused_it_still_refuses_its_token(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    worker = refused_worker(200)
+    worker = refused_worker(500)  # asked at 0.5 s, 1.5 s and 3.5 s: room between questions
     answers = [False, False, True]  # what the shard says each time it is asked
     asked: list[str] = []
 
@@ -132,14 +132,14 @@ async def test_it_stays_out_while_the_shard_that_refused_it_still_refuses_its_to
 
     monkeypatch.setattr(worker_service, "token_accepted", token_accepted)
     worker._withdraw(REFUSED, "127.0.0.1:9")
-    for _ in range(100):  # the first wait, then the first question
+    for _ in range(250):  # the first wait, then the first question
         if asked:
             break
         await asyncio.sleep(0.02)
     assert asked == ["127.0.0.1:9"] and states(sent(worker)) == ["down"]  # refused again
     assert worker.liveness.reason is not None and "still refuses" in worker.liveness.reason
     assert worker._out_of_pool is not None
-    await worker._out_of_pool  # 0.4 s more, then 0.8 s: taken at the third question
+    await worker._out_of_pool  # 1 s more, then 2 s: taken at the third question
     assert len(asked) == 3 and states(sent(worker)) == ["down", "up"]
     assert worker.liveness.healthy and worker._refusals == 3
 

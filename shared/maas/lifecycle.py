@@ -38,11 +38,11 @@ def configure_logging(settings: Settings) -> None:
 def log_to_stderr(level: str) -> None:
     """This process's log lines to stderr, as every service writes them (a child process a
     service starts calls it too: without it, only warnings reach stderr, bare), with the Kafka
-    client's repeated lines thinned out (``KafkaClientThrottle``)."""
+    clients' and asyncio's repeated lines thinned out (``RepeatedLineThrottle``)."""
     logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
     for handler in logging.getLogger().handlers:
-        if not any(isinstance(f, KafkaClientThrottle) for f in handler.filters):
-            handler.addFilter(KafkaClientThrottle())
+        if not any(isinstance(f, RepeatedLineThrottle) for f in handler.filters):
+            handler.addFilter(RepeatedLineThrottle())
 
 
 # The Kafka client libraries' logger names (and their children's): while the broker is away they
@@ -50,16 +50,26 @@ def log_to_stderr(level: str) -> None:
 KAFKA_CLIENT_LOGGERS = ("aiokafka", "kafka")
 
 
+# Out of file descriptors, asyncio's accept loop logs "socket.accept() out of system resource"
+# with a traceback up to its listen backlog's count of times (aiohttp's: 128) in every
+# second the process stays out: about 900 lines a second from one HTTP port.
+THROTTLED_LOGGERS = (*KAFKA_CLIENT_LOGGERS, "asyncio")
+
+
 def is_kafka_client(logger_name: str) -> bool:
-    return any(
-        logger_name == name or logger_name.startswith(f"{name}.") for name in KAFKA_CLIENT_LOGGERS
-    )
+    return _is_under(logger_name, KAFKA_CLIENT_LOGGERS)
 
 
-class KafkaClientThrottle(logging.Filter):
-    """Lets a Kafka client's line through at most once per ``period_s`` for each logger and
-    message template (``record.msg``: the node id or address a reconnect names does not make it
-    news); the next one let through counts those held back. Other loggers pass untouched.
+def _is_under(logger_name: str, names: tuple[str, ...]) -> bool:
+    return any(logger_name == name or logger_name.startswith(f"{name}.") for name in names)
+
+
+class RepeatedLineThrottle(logging.Filter):
+    """Lets a line of a Kafka client or of asyncio through at most once per ``period_s`` for
+    each logger and message template (``record.msg``: the node id or address a reconnect names
+    does not make it news); the next one let through counts those held back. Other loggers pass
+    untouched, and an asyncio line whose message is its own (a task's failure names the task)
+    passes the first time it is logged.
 
     A 20-s broker outage wrote about 15,600 lines across the stack's services, 280 a second
     from one process; one line per template and period says the same. It sits on a handler,
@@ -82,7 +92,7 @@ class KafkaClientThrottle(logging.Filter):
         self._lock = threading.Lock()  # handlers filter on whichever thread logs
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not is_kafka_client(record.name):
+        if not _is_under(record.name, THROTTLED_LOGGERS):
             return True
         key = (record.name, str(record.msg))
         now = self._clock()

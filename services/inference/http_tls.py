@@ -92,13 +92,19 @@ class TlsListener:
 
     async def _accept(self) -> None:
         loop = asyncio.get_running_loop()
+        failed = 0  # accepts failed in a row: the first is logged, the rest counted
         while True:
             try:
                 conn, _ = await loop.sock_accept(self._socket)
             except OSError as exc:  # out of file descriptors, say: not the listener's end
-                log.warning("HTTPS accept failed (%s); accepting again", exc)
+                if not failed:
+                    log.warning("HTTPS accept failed (%s); trying again every 0.1 s", exc)
+                failed += 1
                 await asyncio.sleep(0.1)
                 continue
+            if failed:
+                log.warning("HTTPS accepting again, after %d failed tries", failed)
+                failed = 0
             task = asyncio.create_task(self._route(conn))
             self._routing.add(task)
             task.add_done_callback(self._routing.discard)

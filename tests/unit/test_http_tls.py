@@ -5,11 +5,15 @@ connection is closed without holding the listener."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import logging
+import socket
 import ssl
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -66,6 +70,32 @@ async def test_a_tls_client_reaches_the_application(
     listener: TlsListener, certificate: Path
 ) -> None:
     assert await https_get(listener.port, certificate) == (200, "hello")
+
+
+async def test_accepts_failing_in_a_row_log_once_and_once_more_when_they_work_again(
+    listener: TlsListener,
+    certificate: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    loop = asyncio.get_running_loop()
+    accept, failures = loop.sock_accept, 5
+
+    async def out_of_files_at_first(sock: socket.socket) -> tuple[socket.socket, Any]:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await accept(sock)
+
+    caplog.set_level(logging.WARNING, "services.inference.http_tls")
+    monkeypatch.setattr(loop, "sock_accept", out_of_files_at_first)
+    for _ in range(2):  # the first may be taken by an accept that started before the patch
+        assert await https_get(listener.port, certificate) == (200, "hello")
+    assert [r.getMessage() for r in caplog.records] == [
+        "HTTPS accept failed ([Errno 24] Too many open files); trying again every 0.1 s",
+        "HTTPS accepting again, after 5 failed tries",
+    ]
 
 
 async def test_plain_http_gets_a_400_saying_to_use_https(listener: TlsListener) -> None:

@@ -86,14 +86,9 @@ class Running:
         return self.job.finished or all(link.over for link in self.links)
 
     @property
-    def refused(self) -> str | None:
-        """Why a shard refused this worker's token, if one did."""
-        return next((link.refused for link in self.links if link.refused), None)
-
-    @property
-    def refused_at(self) -> str:
-        """The address of the shard that refused this worker's token ("" if none did)."""
-        return next((link.refused_at for link in self.links if link.refused), "")
+    def refusal(self) -> tuple[str, str] | None:
+        """Why a shard refused this worker's token, and that shard's address, if one did."""
+        return next(((link.refused, link.refused_at) for link in self.links if link.refused), None)
 
     def declare_pushes_from(self) -> None:
         """Tell each shard at a version this worker cannot push from which one it can. A
@@ -356,14 +351,15 @@ class WorkerService:
                 running.declare_pushes_from()  # new parameters, or a link that ended
                 if running.over:
                     await self._leave(job_id, "its training is over")
-                elif (refused := running.refused) is not None and self.out_of_pool:
-                    # Said `down` already: the coordinator takes this worker out of the job. A
-                    # report now would ride on an `up` and put it back in the pool.
-                    await self._leave(job_id, refused)
-                elif refused is not None:
-                    shard = running.refused_at  # read first: leaving drops the links
-                    await self._give_up(job_id, refused)
-                    self._withdraw(refused, shard)
+                elif (refusal := running.refusal) is not None:
+                    why, shard = refusal  # taken now: leaving drops the links
+                    if self.out_of_pool:
+                        # Said `down` already: the coordinator takes this worker out of the
+                        # job. A report now would ride on an `up` and put it back in the pool.
+                        await self._leave(job_id, why)
+                    else:
+                        await self._give_up(job_id, why)
+                        self._withdraw(why, shard)
                 elif running.job.ready():
                     await self._step(loop, job_id, running)
                     self._wake.set()  # look again: parameters may have arrived meanwhile

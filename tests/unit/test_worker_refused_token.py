@@ -107,7 +107,9 @@ async def test_a_rank_given_while_out_of_the_pool_is_not_taken(worker: WorkerSer
 async def test_a_job_refused_while_out_of_the_pool_is_left_without_saying_up() -> None:
     worker = refused_worker(30_000)
     worker._withdraw(REFUSED)
-    refused = SimpleNamespace(refused=REFUSED, over=False, shard=0, shard_version=-1)
+    refused = SimpleNamespace(
+        refused=REFUSED, refused_at="127.0.0.1:9", over=False, shard=0, shard_version=-1
+    )
     job = SimpleNamespace(finished=False, steps=0, has=lambda shard: True)
     worker.jobs["j"] = Running(job, SimpleNamespace(), [refused])  # type: ignore[arg-type,list-item]
     training = asyncio.create_task(worker._train())

@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from maas.errors import InvalidArgument, NotFound, Unavailable
+from maas.names import MAX_VERSION
 from maas.registry.types import DEFAULT_ALIAS, AliasTargets
 from services.inference.admission import InflightBytes
 from services.inference.batcher import BatchingConfig
@@ -57,9 +58,16 @@ class CatalogueEntry:
 
 
 def parse_ref(version: str) -> tuple[int | None, str]:
-    """``model_version`` -> (version number, "") or (None, alias); ("", DEFAULT) when empty."""
+    """``model_version`` -> (version number, "") or (None, alias); ("", DEFAULT) when empty.
+    Only ASCII digits are a number (``"²".isdigit()`` is true too, and ``int`` refuses it), and
+    at most as many as int64 has (``int`` refuses more than 4300 digits)."""
     version = version.strip()
-    if version.isdigit():
+    if version.isascii() and version.isdigit():
+        if len(version.lstrip("0")) > len(str(MAX_VERSION)):
+            raise InvalidArgument(
+                f"model_version {version[:24]}... ({len(version)} digits) is malformed: "
+                f"versions are integers from 1 to {MAX_VERSION}"
+            )
         return int(version), ""
     return None, version
 

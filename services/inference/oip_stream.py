@@ -26,9 +26,7 @@ import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeAlias
 
-import grpc
-
-from maas.edge.server import new_request_id, status_for
+from maas.edge import failure
 from maas.errors import InvalidArgument
 from maas.events import clip
 from maas.oip import grpc_predict_v2_pb2 as pb
@@ -218,10 +216,7 @@ async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send
     except _StreamGone:
         raise
     except Exception as exc:  # one request's failure is answered on the stream, which goes on
-        request_id = new_request_id()
-        code, message = status_for(exc, request_id)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("stream request failed (request id %s)", request_id, exc_info=exc)
+        _, message = failure(exc, "stream request")
         # Named like the request, so a client with several on the stream knows which failed.
         named = pb.ModelInferResponse(
             id=request.id, model_name=request.model_name, model_version=request.model_version

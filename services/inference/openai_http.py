@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
-from maas.errors import InvalidArgument, MaasError
+from maas.edge import failure
+from maas.errors import InvalidArgument
 from maas.events import clip, shown
 from maas.text.sampling import SamplingParams, Token, prompt_ids
 from services.inference.generation import Generators
@@ -85,14 +86,19 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def openai_errors(handler: Handler) -> Handler:
-    """MaasError -> OpenAI's error shape with the matching HTTP status."""
+    """A failure -> OpenAI's error shape: a MaasError with its message and the matching HTTP
+    status, anything else 500 carrying only a request id (``maas.edge.failure``), as over gRPC.
+    aiohttp's own refusals (``HTTPException``) go on to the listener's JSON refusals."""
 
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
-        except MaasError as exc:
-            status = HTTP_STATUS.get(exc.grpc_code, 500)
-            return web.json_response(error_body(exc.message, status), status=status)
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            code, message = failure(exc, f"http {request.method} {request.path}")
+            status = HTTP_STATUS.get(code.name, 500)
+            return web.json_response(error_body(message, status), status=status)
 
     return handle
 

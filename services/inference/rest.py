@@ -19,7 +19,6 @@ of the ``MaasError``; anything unexpected is 500 carrying only a request id, as 
 from __future__ import annotations
 
 import json
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -27,8 +26,7 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from maas.edge import Authorizer, status_for
-from maas.edge.server import new_request_id
+from maas.edge import Authorizer, failure
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from services.inference import rest_codec
@@ -53,8 +51,6 @@ from services.inference.http_app import (
 from services.inference.interceptors import metrics_observer
 from services.inference.metrics import Metrics
 from services.inference.served import ServedModel
-
-log = logging.getLogger(__name__)
 
 SERVICE = "/inference.GRPCInferenceService/"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -127,10 +123,7 @@ class OipRestRoutes:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 raise  # the listener answers it, and closes the connection
             except Exception as exc:
-                request_id = new_request_id()
-                code, message = status_for(exc, request_id)
-                if code is grpc.StatusCode.INTERNAL:
-                    log.error("%s failed (request id %s)", label, request_id, exc_info=exc)
+                code, message = failure(exc, label)
                 return _json({"error": message}, HTTP_STATUS.get(code.name, 500))
             finally:
                 self._observe(label, code, time.perf_counter() - started)

@@ -27,7 +27,7 @@ from maas.errors import InvalidArgument
 from maas.events import shown
 from maas.text import wire
 from services.inference.http_app import parse_json
-from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
+from services.inference.signature import DATATYPE_TO_DTYPE, MAX_DIMS, datatype_of
 from services.inference.tensors import check_requested
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -129,7 +129,11 @@ def _shape(shape: Any, where: str) -> tuple[int, ...]:
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
-        raise InvalidArgument(f"{where}.shape is {shape!r}; it must be a list of sizes >= 0")
+        raise InvalidArgument(f"{where}.shape is {shown(shape)}; it must be a list of sizes >= 0")
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(
+            f"{where}.shape has {len(shape)} dimensions; at most {MAX_DIMS} are accepted"
+        )
     return tuple(shape)
 
 

@@ -41,6 +41,7 @@ DTYPE_TO_DATATYPE: dict[np.dtype[Any], str] = {dt: name for name, dt in DATATYPE
 INPUT_NAME = "input"
 OUTPUT_NAME = "output"
 BATCH_DIM = -1
+MAX_DIMS = 64  # dimensions a request tensor may have: numpy's limit on an array's
 
 
 def datatype_of(array: np.ndarray) -> str:

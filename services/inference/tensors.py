@@ -18,7 +18,7 @@ from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text import wire as bytes_tensors
 from maas.training import frames
-from services.inference.signature import DATATYPE_TO_DTYPE, datatype_of
+from services.inference.signature import DATATYPE_TO_DTYPE, MAX_DIMS, datatype_of
 
 RAW_OUTPUT_CONTENTS = 6  # ModelInferResponse.raw_output_contents (grpc_predict_v2.proto)
 # Which InferTensorContents field carries each datatype when sent typed (FP16 has none).
@@ -48,6 +48,10 @@ def dtype_of(datatype: str, *, tensor: str) -> np.dtype[Any]:
 
 
 def _shape_of(shape: Sequence[int], *, tensor: str) -> tuple[int, ...]:
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(
+            f"input {tensor!r} has {len(shape)} dimensions; at most {MAX_DIMS} are accepted"
+        )
     if any(d < 0 for d in shape):
         raise InvalidArgument(
             f"input {tensor!r} has shape {list(shape)}; every dimension of a request tensor "

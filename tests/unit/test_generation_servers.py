@@ -8,6 +8,7 @@ import asyncio
 import json
 import logging
 import queue
+import re
 import threading
 import time
 import urllib.error
@@ -272,6 +273,27 @@ def test_openai_errors_name_the_problem_with_the_right_status(served: Served) ->
         client.completions.create(model=NAME, prompt="a", top_p=0)
     with pytest.raises(openai.BadRequestError, match="not a text-generation model"):
         client.completions.create(model="not-a-gpt", prompt="a")
+
+
+def test_a_version_of_more_digits_than_int64_has_is_a_bad_request(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError, match=r"\(5000 digits\) is malformed"):
+        _openai(served).completions.create(model=f"{NAME}@{'9' * 5000}", prompt="a")
+
+
+def test_an_unexpected_failure_is_a_500_in_the_openai_shape_carrying_only_a_request_id(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def broken(name: str, ref: str) -> None:
+        raise RuntimeError("a secret detail")
+
+    monkeypatch.setattr(served.generators, "engine", broken)
+    with pytest.raises(openai.InternalServerError) as caught:
+        _openai(served).completions.create(model=NAME, prompt="a")
+    assert re.fullmatch(
+        r"internal error \(request id [0-9a-f]{16}; see the server log\)",
+        caught.value.body["message"],  # type: ignore[index]
+    )
+    assert caught.value.body["type"] == "server_error"  # type: ignore[index]
 
 
 def test_chat_content_given_as_text_parts_reads_as_one_string(served: Served) -> None:

@@ -32,10 +32,18 @@ from services.inference.sources import MemorySource
         ("3", (3, "")),
         ("staging", (None, "staging")),
         (" 12 ", (12, "")),
+        ("0009", (9, "")),
+        ("\u00b2", (None, "\u00b2")),  # a digit to isdigit(), not to int(): the alias check says no
     ],
 )
 def test_model_version_is_a_number_an_alias_or_empty_for_the_bare_name(ref, parsed):
     assert parse_ref(ref) == parsed
+
+
+@pytest.mark.parametrize("digits", [20, 5000])
+def test_a_version_of_more_digits_than_int64_has_is_malformed(digits):
+    with pytest.raises(InvalidArgument, match=rf"model_version 9+\.\.\. \({digits} digits\)"):
+        parse_ref("9" * digits)
 
 
 async def test_a_name_alone_is_served_by_the_production_alias(source, pool):

@@ -189,6 +189,11 @@ def test_an_output_json_cannot_carry_is_refused_saying_to_ask_for_binary():
             400,
             "expects FP32",
         ),
+        (
+            {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1] * 65, "data": [1]}]},
+            400,
+            "shape has 65 dimensions; at most 64 are accepted",
+        ),
     ],
 )
 async def test_bad_requests_are_400_and_say_what_is_wrong(rest, doc, status, complaint):

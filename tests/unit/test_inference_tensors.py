@@ -106,6 +106,13 @@ def test_negative_dimensions_are_refused_in_requests():
         decode_raw(Input(name="x", datatype="FP32", shape=[-1, 4]), b"")
 
 
+def test_more_dimensions_than_an_array_can_have_are_refused_in_requests():
+    tensor = Input(name="x", datatype="FP32", shape=[1] * 65)
+    tensor.contents.fp32_contents.append(1.0)
+    with pytest.raises(InvalidArgument, match="'x' has 65 dimensions; at most 64 are accepted"):
+        decode_typed(tensor)
+
+
 def test_mixing_raw_and_typed_contents_is_refused():
     request = raw_request(input=np.zeros((1, 2), np.float32))
     request.inputs[0].contents.fp32_contents.extend([0.0, 0.0])

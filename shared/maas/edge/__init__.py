@@ -34,6 +34,7 @@ from maas.edge.server import (
     current_identity,
     drain_unread,
     edge_interceptor,
+    failure,
     server_options,
     status_for,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "drain_unread",
     "edge_interceptor",
     "ensure_tokens",
+    "failure",
     "open_channel",
     "open_sync_channel",
     "required_role",

@@ -66,6 +66,16 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
     return INTERNAL, f"internal error ({where}see the server log)"
 
 
+def failure(exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:
+    """``status_for`` a failed ``what`` (a method, a route), under a new request id; an
+    INTERNAL one is logged with its traceback and that id, which its message carries."""
+    request_id = new_request_id()
+    code, message = status_for(exc, request_id)
+    if code is INTERNAL:
+        log.error("%s failed (request id %s)", what, request_id, exc_info=exc)
+    return code, message
+
+
 def method_name(full: str) -> str:
     return full.rsplit("/", 1)[-1]
 
@@ -99,10 +109,7 @@ class EdgeInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
     def _fail(self, method: str, exc: Exception, started: float) -> tuple[grpc.StatusCode, str]:
-        request_id = new_request_id()
-        code, message = status_for(exc, request_id)
-        if code is grpc.StatusCode.INTERNAL:
-            log.error("%s failed (request id %s)", method, request_id, exc_info=exc)
+        code, message = failure(exc, method)
         self._observe(method_name(method), code, time.perf_counter() - started)
         return code, message
 

@@ -102,7 +102,7 @@ async def predict(settings: Settings, ref: ModelRef, x: np.ndarray) -> dict[str,
     outputs = {}
     for out, raw in zip(reply.outputs, reply.raw_output_contents, strict=True):
         if out.datatype == wire.BYTES:
-            outputs[out.name] = wire.decode_items(raw, out.shape, out.name)
+            outputs[out.name] = wire.decode_items(raw, out.shape, out.name, limit=None)
         else:
             outputs[out.name] = np.frombuffer(raw, dtype_of(out.datatype)).reshape(tuple(out.shape))
     return {"model": reply.model_name, "version": int(reply.model_version), "outputs": outputs}

@@ -108,6 +108,28 @@ def test_a_cut_bytes_tensor_is_refused(raw: bytes, message: str) -> None:
         bytes_tensors.decode_raw(tensor, raw)
 
 
+def test_a_bytes_shape_over_the_element_limit_is_refused_before_any_element_is_read() -> None:
+    too_many = bytes_tensors.MAX_REQUEST_ELEMENTS + 1
+    tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[too_many])
+    with pytest.raises(InvalidArgument, match=rf"{too_many} BYTES elements; .* at most 4096"):
+        bytes_tensors.decode_raw(tensor, b"\x01\x00")  # cut: reading it would say so instead
+
+
+def test_bytes_contents_over_the_element_limit_are_refused() -> None:
+    request = pb.ModelInferRequest()
+    tensor = request.inputs.add(name="text", datatype="BYTES", shape=[5000])
+    tensor.contents.bytes_contents.extend([b"x"] * 5000)
+    with pytest.raises(InvalidArgument, match="5000 BYTES elements; .* at most 4096"):
+        decode_inputs(request)
+
+
+def test_raw_bytes_past_the_elements_the_shape_holds_are_not_read() -> None:
+    tensor = pb.ModelInferRequest.InferInputTensor(name="text", datatype="BYTES", shape=[1])
+    raw = b"\x01\x00\x00\x00a" + b"\x01\x00"  # then a cut element: never reached
+    with pytest.raises(InvalidArgument, match=r"more BYTES elements than shape \[1\] holds"):
+        bytes_tensors.decode_raw(tensor, raw)
+
+
 def test_an_empty_bytes_tensor_with_dimensions_numpy_cannot_index_is_refused() -> None:
     tensor = pb.ModelInferRequest.InferInputTensor(
         name="text", datatype="BYTES", shape=[2**40, 2**40, 0]

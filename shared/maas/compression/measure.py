@@ -18,6 +18,7 @@ from maas import artifacts, zoo
 from maas.compression.formats import decode
 from maas.compression.train import Tensors, evaluate
 from maas.manifest import MANIFEST_FILE, WEIGHTS_FILE, Manifest
+from maas.training.replica import predict
 
 LATENCY_BATCHES = (1, 32)
 
@@ -86,7 +87,7 @@ def artifact_metrics(
 @torch.inference_mode()
 def embedding_cosine(model: nn.Module, reference: nn.Module, rows: torch.Tensor) -> float:
     """Mean cosine similarity of the two models' embeddings of ``rows``."""
-    ours, theirs = model.eval()(rows).float(), reference.eval()(rows).float()
+    ours, theirs = predict(model.eval(), rows).float(), predict(reference.eval(), rows).float()
     return float(torch.nn.functional.cosine_similarity(ours, theirs, dim=1).mean())
 
 

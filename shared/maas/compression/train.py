@@ -17,6 +17,7 @@ from torch import nn
 
 from maas.datasets import Dataset
 from maas.errors import InvalidArgument
+from maas.training.replica import predict
 
 # (model outputs for a batch, the batch's row indices into the training set) -> scalar loss
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -109,7 +110,7 @@ def fit(
 def evaluate(model: nn.Module, data: Tensors) -> dict[str, float]:
     """Loss (and accuracy for classification) on the held-out split."""
     model.eval()
-    outputs = model(data.x_test)
+    outputs = predict(model, data.x_test)
     metrics = {"loss": float(task_loss(data, outputs, data.y_test))}
     if data.task == "classification":
         metrics["accuracy"] = float((outputs.argmax(dim=-1) == data.y_test).float().mean())

@@ -50,13 +50,27 @@ def _accuracy(output: torch.Tensor, target: torch.Tensor, loss: str) -> float | 
     return float((output.argmax(dim=-1) == target).float().mean())
 
 
+# Rows a held-out split is scored in at a time. In one pass, every layer's activations for all
+# of its rows were held together: 359 rows of a 16-parameter conv padded by 100 took 560 MB of
+# the coordinator, and a 28x28 image set of 14 000 test rows would take gigabytes.
+PREDICT_ROWS = 256
+
+
+@torch.inference_mode()
+def predict(model: nn.Module, rows: torch.Tensor, batch_rows: int = PREDICT_ROWS) -> torch.Tensor:
+    """``model``'s outputs on ``rows``, ``batch_rows`` at a time, without autograd."""
+    if len(rows) <= batch_rows:
+        return model(rows)  # type: ignore[no-any-return]
+    return torch.cat([model(rows[i : i + batch_rows]) for i in range(0, len(rows), batch_rows)])
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, loss: str) -> dict[str, float]:
     """Loss (and accuracy for classification) of ``model`` on held-out rows."""
     was_training = model.training
     model.eval()
     try:
-        output = model(torch.from_numpy(np.ascontiguousarray(x)))
+        output = predict(model, torch.from_numpy(np.ascontiguousarray(x)))
         target = torch.from_numpy(np.ascontiguousarray(y))
         metrics = {"loss": float(compute_loss(loss, output, target))}
         accuracy = _accuracy(output, target, loss)

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import math
+import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +34,10 @@ if TYPE_CHECKING:
 SIDECAR_SUFFIX = ".sha256"
 
 MIN_ROWS = 10  # so the held-out fifth has rows to evaluate on
+# What reading a hostile .npz raises besides BadZipFile: RuntimeError covers an encrypted member
+# and (NotImplementedError) an unknown compression method; OverflowError a header's dimension
+# past int64.
+UNREADABLE = (ValueError, OSError, EOFError, MemoryError, RuntimeError, OverflowError)
 MAX_CLASSES = 1 << 20
 TEST_FRACTION = 0.2
 SPLIT_SEED = 1234
@@ -151,14 +156,14 @@ def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             arrays = {label: _read_array(name, archive, label) for label in ("X", "y")}
-    except (ValueError, OSError, EOFError, MemoryError, zipfile.BadZipFile):
+    except (*UNREADABLE, zipfile.BadZipFile):
         # numpy's own words would suggest allow_pickle=True: never, for a file from outside.
         raise InvalidArgument(
-            f"{name} is not a readable .npz of numeric arrays (np.savez(path, X=..., y=...); "
-            "object arrays are refused)"
+            f"{name} is not a readable .npz of numeric arrays (np.savez(path, X=..., y=...) or "
+            "np.savez_compressed, unencrypted; object arrays are refused)"
         ) from None
     x, y = arrays["X"], arrays["y"]
-    if x.ndim != 2 or len(x) != len(y) or len(x) < MIN_ROWS:
+    if x.ndim != 2 or y.ndim == 0 or len(x) != len(y) or len(x) < MIN_ROWS:
         raise InvalidArgument(
             f"{name}: X must be 2-D with one row per label and at least {MIN_ROWS} rows (a "
             f"fifth are held out for evaluation); got X{x.shape} and y{y.shape}"
@@ -168,12 +173,17 @@ def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
             raise InvalidArgument(
                 f"{name}: {label} has dtype {array.dtype}; use integers or floats (real numbers)"
             )
+    with np.errstate(over="ignore"):  # 1e300 is finite in float64, what training never reads
+        x = x.astype(np.float32, copy=False)
     if not _all_finite(x):
-        raise InvalidArgument(f"{name}: X holds NaN or infinite values; features must be finite")
-    if task is None:
-        task = "classification" if np.issubdtype(y.dtype, np.integer) else "regression"
+        raise InvalidArgument(
+            f"{name}: X holds NaN or infinite values, or values beyond float32's range "
+            "(+-3.4e38); features must be finite float32 numbers"
+        )
+    if task is None:  # true/false labels are the classes 0 and 1
+        task = "classification" if y.dtype.kind in "biu" else "regression"
     if task == "classification":
-        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.min() < 0:
+        if y.dtype.kind not in "biu" or y.ndim != 1 or y.min() < 0:
             raise InvalidArgument(
                 f"{name}: classification labels y must be one integer >= 0 per row; got "
                 f"y{y.shape} of {y.dtype}"
@@ -187,7 +197,7 @@ def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
         y = y.astype(np.float32).reshape(len(y), -1)
         if not np.isfinite(y).all():
             raise InvalidArgument(f"{name}: y holds NaN or infinite values; targets must be finite")
-    return _split(name, task, x.astype(np.float32, copy=False), y)
+    return _split(name, task, x, y)
 
 
 def _all_finite(x: np.ndarray, rows_at_once: int = 65_536) -> bool:
@@ -293,9 +303,14 @@ def _verified_bytes(store: ObjectStore, bucket: str, key: str, *, recorded: str 
         return store.get_bytes(bucket, key)  # uploaded through maas.store: sha256 in metadata
     sidecar = key + SIDECAR_SUFFIX
     try:
-        recorded = json.loads(store.get_bytes(bucket, sidecar))["sha256"]
+        recorded = _recorded_sha256(store.get_bytes(bucket, sidecar))
     except NotFound:
         return _first_use(store, bucket, key)
+    if recorded is None:
+        raise IntegrityError(
+            f"s3://{bucket}/{sidecar}, the sha256 recorded for {uri} on first use, is not "
+            '{"sha256": "<64 hex digits>", ...}: delete it to record the dataset\'s bytes again'
+        )
     try:
         return store.get_bytes(bucket, key, expected_sha256=recorded)
     except IntegrityError:
@@ -303,6 +318,18 @@ def _verified_bytes(store: ObjectStore, bucket: str, key: str, *, recorded: str 
             f"{uri} changed since its sha256 was recorded on first use (s3://{bucket}/{sidecar}):"
             " upload it with `maas datasets upload`, or delete the sidecar to accept the new bytes"
         ) from None
+
+
+def _recorded_sha256(sidecar: bytes) -> str | None:
+    """The sha256 a sidecar records, or None if it is not one ``_first_use`` could have written."""
+    try:
+        record = json.loads(sidecar)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    digest = record.get("sha256") if isinstance(record, dict) else None
+    if isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest):
+        return digest
+    return None
 
 
 def _first_use(store: ObjectStore, bucket: str, key: str) -> bytes:

@@ -70,3 +70,12 @@ def test_a_maas_upload_is_verified_by_its_metadata_and_needs_no_sidecar(store, s
 def test_a_dataset_outside_the_allowed_buckets_is_refused_before_any_read(store, stack):
     with pytest.raises(InvalidArgument, match="MAAS_DATASET_BUCKETS"):
         datasets.fetch_bytes(store, "s3://maas-models/anything.npz", stack.settings)
+
+
+@pytest.mark.parametrize("sidecar", [b"not json", b'["a"]', b'{"sha256": 12}', b'{"sha256": "ab"}'])
+def test_a_sidecar_that_records_no_sha256_is_refused_saying_how_to_reset_it(store, stack, sidecar):
+    key = a_key()
+    plain_upload(store, key, npz_bytes())
+    store.put_bytes(DATASETS_BUCKET, key + datasets.SIDECAR_SUFFIX, sidecar)  # verified itself
+    with pytest.raises(IntegrityError, match=r"\.sha256, the sha256 recorded .* delete it"):
+        datasets.fetch_bytes(store, f"s3://{DATASETS_BUCKET}/{key}", stack.settings)

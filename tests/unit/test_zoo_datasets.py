@@ -140,8 +140,20 @@ X20 = np.zeros((20, 3), np.float32)
         ({"X": X20, "y": np.full(20, 2**64 - 1, np.uint64)}, "labels must be below"),
         ({"X": X20, "y": np.zeros((20, 2), int)}, "one integer >= 0 per row"),
         ({"X": X20[:2], "y": np.zeros(2, int)}, "at least 10 rows"),
+        ({"X": X20, "y": np.array(3)}, r"one row per label .* y\(\)"),
+        ({"X": np.full((20, 3), 1e300), "y": np.zeros(20, int)}, "beyond float32's range"),
     ],
-    ids=["nan-x", "inf-y", "complex", "text", "uint64-label", "2d-labels", "two-rows"],
+    ids=[
+        "nan-x",
+        "inf-y",
+        "complex",
+        "text",
+        "uint64-label",
+        "2d-labels",
+        "two-rows",
+        "0d-labels",
+        "past-float32",
+    ],
 )
 def test_a_dataset_that_cannot_train_soundly_is_refused_saying_why(arrays, complaint):
     with pytest.raises(InvalidArgument, match=complaint):
@@ -153,6 +165,41 @@ def test_a_file_that_is_not_an_npz_is_refused_without_numpys_pickle_advice(data:
     with pytest.raises(InvalidArgument, match="not a readable .npz") as caught:
         datasets.from_npz("s3://b/k.npz", data)
     assert "allow_pickle" not in caught.value.message
+
+
+def _flagged_encrypted(npz: bytes) -> bytes:
+    """``npz`` with each member's "encrypted" flag bit set (in its local and central headers)."""
+    data = bytearray(npz)
+    for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = data.find(signature)
+        while start != -1:
+            data[start + flags_at] |= 0x01
+            start = data.find(signature, start + 4)
+    return bytes(data)
+
+
+def _compression_method(npz: bytes, method: int) -> bytes:
+    """``npz`` with each member's compression method set to ``method`` (99: AES, unknown here)."""
+    data = bytearray(npz)
+    for signature, method_at in ((b"PK\x03\x04", 8), (b"PK\x01\x02", 10)):
+        start = data.find(signature)
+        while start != -1:
+            data[start + method_at : start + method_at + 2] = method.to_bytes(2, "little")
+            start = data.find(signature, start + 4)
+    return bytes(data)
+
+
+@pytest.mark.parametrize("damage", [_flagged_encrypted, lambda d: _compression_method(d, 99)])
+def test_an_npz_zipfile_cannot_open_is_refused_as_unreadable(damage):
+    npz = _npz(X=X20, y=np.zeros(20, int))
+    with pytest.raises(InvalidArgument, match="not a readable .npz .* unencrypted"):
+        datasets.from_npz("s3://b/k.npz", damage(npz))
+
+
+def test_true_false_labels_are_the_classes_0_and_1():
+    y = np.arange(20) % 2 == 1
+    dataset = datasets.from_npz("s3://b/k.npz", _npz(X=X20, y=y))
+    assert dataset.task == "classification" and dataset.num_classes == 2
 
 
 def test_a_dataset_that_unpacks_past_the_limit_is_refused_before_it_is_read():

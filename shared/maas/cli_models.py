@@ -28,7 +28,7 @@ from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
 from maas.registry.types import ModelRef, ModelVersion
-from maas.textfile import read_text_file
+from maas.textfile import parse_yaml, read_text_file
 
 Action = Callable[[Any, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -161,13 +161,7 @@ def _policy_version(text: str) -> int:
 
 
 def _policy_file(path: str) -> Any:
-    text = read_text_file(path, "policy file")
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise InvalidArgument(f"{path} is not YAML: {exc}") from None
-    except RecursionError:
-        raise InvalidArgument(f"{path} nests lists or mappings deeper than a policy can") from None
+    return parse_yaml(read_text_file(path, "policy file"), path, "policy")
 
 
 async def _alias(client: Any, args: argparse.Namespace) -> int:

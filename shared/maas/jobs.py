@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from maas import datasets, events, topics, zoo
 from maas.bus import EventProducer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, SchemaViolation
-from maas.textfile import read_text_file
+from maas.textfile import parse_yaml, read_text_file
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 JOB_STATES = TERMINAL_STATES | {"queued", "accepted", "running", "checkpointed"}  # job-status
@@ -42,13 +40,15 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
     """Read a job from YAML or JSON; the error names the file and what is wrong."""
     path = Path(path)
     text = read_text_file(path, "job file")
-    try:
-        doc = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        kind = path.suffix.lstrip(".") or "YAML"
-        raise InvalidArgument(f"{path} is not valid {kind}: {exc}") from None
-    except RecursionError:
-        raise InvalidArgument(f"{path} nests lists or mappings deeper than a job can") from None
+    if path.suffix != ".json":
+        doc = parse_yaml(text, path, "job")
+    else:
+        try:
+            doc = json.loads(text)
+        except ValueError as exc:
+            raise InvalidArgument(f"{path} is not valid json: {exc}") from None
+        except RecursionError:
+            raise InvalidArgument(f"{path} nests lists or mappings deeper than a job can") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{path} must hold a mapping (a job), not {type(doc).__name__}")
     return doc

@@ -5,7 +5,11 @@ substitution works (``maas jobs submit <(make-job)``, a token from ``<(vault rea
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 from maas.errors import InvalidArgument
 
@@ -38,3 +42,27 @@ def read_text_file(path: str | Path, what: str, max_bytes: int | None = None) ->
             f"{what} {path} is not UTF-8 text (byte {exc.start} is {exc.object[exc.start]:#04x}); "
             "give the text file itself"
         ) from None
+
+
+class UserYamlLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, reading a number with an exponent as YAML 1.2 and JSON do:
+    PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent, so ``lr: 1e-3`` was
+    the string '1e-3' and the job was refused as "not of type 'number'"."""
+
+
+UserYamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text: str, path: str | Path, what: str) -> Any:
+    """The YAML document in ``text`` (read from ``path``, a ``what``); InvalidArgument naming
+    the file when it does not parse."""
+    try:
+        return yaml.load(text, Loader=UserYamlLoader)
+    except yaml.YAMLError as exc:
+        raise InvalidArgument(f"{path} is not valid YAML: {exc}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{path} nests lists or mappings deeper than a {what} can") from None

@@ -244,6 +244,21 @@ def test_an_unreadable_file_names_the_file(tmp_path):
         jobs.load_job_file(path)
 
 
+def test_a_yaml_number_with_an_exponent_is_a_number_as_in_json(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text("training:\n  optimizer: {lr: 1e-3, eps: 1.0e8, decay: .5E-2}\n  note: 1e\n")
+    training = jobs.load_job_file(path)["training"]
+    assert training["optimizer"] == {"lr": 0.001, "eps": 1e8, "decay": 0.005}
+    assert training["note"] == "1e"  # not a number: stays text
+
+
+def test_a_file_that_is_not_yaml_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("a: [1, 2")
+    with pytest.raises(InvalidArgument, match="broken.yaml is not valid YAML"):
+        jobs.load_job_file(path)
+
+
 def status(state, **fields):
     return events.new_event(events.JOB_STATUS, job_id="j", state=state, **fields)
 

@@ -31,6 +31,9 @@ from services.inference.served import ServedModel
 log = logging.getLogger(__name__)
 
 DEFAULT_SLOTS = 8
+# Streams that may wait for a slot, per slot; more are refused UNAVAILABLE (retriable) rather
+# than queued: one client that sent 3 000 requests made another's 8-token completion wait 43 s.
+WAITING_PER_SLOT = 32
 CANCELLED = "cancelled"
 FAILED = "failed"
 
@@ -136,6 +139,12 @@ class GenerationEngine:
         """Tokens for ``prompt`` as they are decoded; leaving early frees the slot at once."""
         if self.closed:
             raise Unavailable("the generation engine is closed")
+        if len(self._waiting) >= WAITING_PER_SLOT * self.slots:
+            raise Unavailable(
+                f"{len(self._waiting)} requests are waiting for one of the {self.slots} "
+                f"generation slots of {self.model_name!r} version {self.model_version}, the "
+                "most that may wait; retry shortly"
+            )
         stream = _Stream(next(self._ids), prompt_ids(prompt, self.block_size), params)
         self._waiting.append(stream)
         self._admit()

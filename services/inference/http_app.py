@@ -160,6 +160,10 @@ class HttpServer:
             access_log=None,
             keepalive_timeout=self._idle_timeout_s,
             lingering_time=LINGER_S,
+            # A client that leaves cancels its handler, so what it asked stops with it: a
+            # non-streaming completion went on generating every token for nobody (1 500 departed
+            # clients cost 185 607 tokens and the next caller 16 s).
+            handler_cancellation=True,
         )
         await self._runner.setup()
         try:

@@ -43,6 +43,9 @@ FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
 _LENGTH = struct.Struct("<I")
 _INT64 = struct.Struct("<q")
+# Requests one stream may have being answered at once; more are refused on the stream. Their
+# tokens are decoded whether or not the client reads them.
+MAX_REQUESTS_PER_STREAM = 64
 log = logging.getLogger(__name__)
 Response: TypeAlias = pb.ModelStreamInferResponse | bytes  # bytes: serialized (TokenResponses)
 Send = Callable[[Response], Awaitable[None]]
@@ -217,11 +220,23 @@ async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send
         raise
     except Exception as exc:  # one request's failure is answered on the stream, which goes on
         _, message = failure(exc, "stream request")
-        # Named like the request, so a client with several on the stream knows which failed.
-        named = pb.ModelInferResponse(
-            id=request.id, model_name=request.model_name, model_version=request.model_version
-        )
-        await send(pb.ModelStreamInferResponse(error_message=message, infer_response=named))
+        await send(_error_response(request, message))
+
+
+def _error_response(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A failed request's answer on the stream, named like the request, so a client with
+    several on the stream knows which failed."""
+    named = pb.ModelInferResponse(
+        id=request.id, model_name=request.model_name, model_version=request.model_version
+    )
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=named)
+
+
+def _too_many(running: int) -> str:
+    return (
+        f"this stream has {running} requests being answered, the most one "
+        "stream may; send more as their final responses arrive"
+    )
 
 
 class _StreamGone(Exception):
@@ -247,6 +262,9 @@ async def serve(
 
     try:
         async for request in requests:
+            if len(running) >= MAX_REQUESTS_PER_STREAM:
+                await send(_error_response(request, _too_many(len(running))))
+                continue
             task = asyncio.create_task(_one(generators, request, send))
             running.add(task)
             task.add_done_callback(running.discard)

@@ -18,6 +18,7 @@ of the ``MaasError``; anything unexpected is 500 carrying only a request id, as 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -122,6 +123,9 @@ class OipRestRoutes:
             except web.HTTPRequestTimeout:
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 raise  # the listener answers it, and closes the connection
+            except asyncio.CancelledError:  # the client left (``handler_cancellation``)
+                code = grpc.StatusCode.CANCELLED
+                raise
             except Exception as exc:
                 code, message = failure(exc, label)
                 return _json({"error": message}, HTTP_STATUS.get(code.name, 500))

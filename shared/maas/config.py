@@ -263,7 +263,7 @@ class Settings:
         8,
         (
             "streams one generative model version decodes together (its KV-cache rows); more wait "
-            "for a free slot"
+            "for a free slot, up to 32 per slot (more are refused UNAVAILABLE, retriable)"
         ),
     )
     inference_decode_process: bool = setting(

@@ -27,7 +27,7 @@ from maas.text.sampling import FINISH_LENGTH, SamplingParams, Token, generate
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane
 from services.inference.decoding import DecodeBatch, Request
-from services.inference.generation import GenerationEngine, Generators
+from services.inference.generation import WAITING_PER_SLOT, GenerationEngine, Generators
 from services.inference.sources import MemorySource
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -264,6 +264,32 @@ async def test_a_closed_engine_refuses_new_streams(model: GPT) -> None:
     with pytest.raises(Unavailable, match="closed"):
         async with contextlib.aclosing(engine.stream("a", GREEDY)) as stream:
             await anext(stream)
+
+
+async def test_streams_past_those_that_may_wait_for_a_slot_are_refused_retriable(
+    model: GPT,
+) -> None:
+    gate = threading.Event()
+    held = _GatedDecode(model, gate)  # the one slot stays taken while the gate is shut
+    engine = await GenerationEngine.start(held, slots=1, isolated=False)  # type: ignore[arg-type]
+    running = engine.stream("def main():", GREEDY)  # a one-byte prompt's prefill is gated too
+    waiting = [engine.stream("b", GREEDY) for _ in range(WAITING_PER_SLOT)]
+    queued: list[asyncio.Task[Token]] = []
+    try:
+        await asyncio.wait_for(anext(running), timeout=30)
+        queued += [asyncio.create_task(anext(stream)) for stream in waiting]
+        await asyncio.sleep(0.1)  # each waiting stream appended itself to the queue
+        with pytest.raises(Unavailable, match=r"32 requests are waiting for one of the 1 gen"):
+            await anext(engine.stream("c", GREEDY))
+        assert not any(task.done() for task in queued)
+    finally:
+        for task in queued:
+            task.cancel()
+        await asyncio.gather(*queued, return_exceptions=True)
+        gate.set()
+        for stream in [running, *waiting]:
+            await stream.aclose()
+        await engine.close()
 
 
 async def test_streams_beyond_the_slots_wait_and_then_decode_as_if_alone(model: GPT) -> None:

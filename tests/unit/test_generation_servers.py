@@ -9,6 +9,7 @@ import json
 import logging
 import queue
 import re
+import socket
 import threading
 import time
 import urllib.error
@@ -38,6 +39,7 @@ from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane
 from services.inference.generation import Generators
 from services.inference.http_app import HttpServer
+from services.inference.oip_stream import MAX_REQUESTS_PER_STREAM
 from services.inference.openai_http import OpenAIRoutes
 from services.inference.servicer import InferenceServicer, add_to_server
 from services.inference.sources import MemorySource
@@ -418,6 +420,24 @@ def test_a_client_leaving_an_http_stream_frees_its_slot_quietly(
 
 
 @pytest.mark.usefixtures("slow_decoding")
+def test_a_client_leaving_before_its_whole_completion_frees_its_slot(served: Served) -> None:
+    before, tokens = _ended(served, "cancelled"), served.generators.metrics.tokens.labels(NAME)
+    decoded = tokens._value.get()
+    body = json.dumps(
+        {"model": NAME, "prompt": "a", "max_tokens": 1000, "logit_bias": NO_END_OF_TEXT}
+    ).encode()
+    host, port = served.http_url.removeprefix("http://").removesuffix("/v1").split(":")
+    with socket.create_connection((host, int(port)), timeout=30) as client:
+        client.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        _wait_for(lambda: tokens._value.get() > decoded)  # its generation started
+    _wait_for(lambda: _ended(served, "cancelled") == before + 1)
+
+
+@pytest.mark.usefixtures("slow_decoding")
 def test_cancelling_a_triton_stream_frees_its_slot(served: Served) -> None:
     before = _ended(served, "cancelled")
     first: queue.Queue[Any] = queue.Queue()
@@ -431,6 +451,27 @@ def test_cancelling_a_triton_stream_frees_its_slot(served: Served) -> None:
     client.stop_stream(cancel_requests=True)
     client.close()
     _wait_for(lambda: _ended(served, "cancelled") == before + 1)
+
+
+@pytest.mark.usefixtures("slow_decoding")
+def test_requests_past_the_most_one_stream_may_have_are_refused_on_it(served: Served) -> None:
+    answers: queue.Queue[Any] = queue.Queue()
+    client = triton.InferenceServerClient(url=served.grpc_addr)
+    client.start_stream(callback=lambda result, error: answers.put(error))
+    text = triton.InferInput("text_input", [1], "BYTES")
+    text.set_data_from_numpy(np.array([b"a"], dtype=object))
+    parameters = {"max_tokens": 1000, "logit_bias": json.dumps(NO_END_OF_TEXT)}
+    try:
+        for i in range(MAX_REQUESTS_PER_STREAM + 1):  # each takes 20 s or more
+            client.async_stream_infer(NAME, [text], request_id=str(i), parameters=parameters)
+        refused = answers.get(timeout=60)
+        while refused is None:  # a token of one of the first requests
+            refused = answers.get(timeout=60)
+        assert f"this stream has {MAX_REQUESTS_PER_STREAM} requests being answered" in str(refused)
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+    _wait_for(lambda: served.generators.metrics.active.labels(NAME)._value.get() == 0)
 
 
 def test_stream_completion_shows_every_token_as_it_arrives(served: Served) -> None:

@@ -166,6 +166,15 @@ def test_finetune_keeps_a_head_that_already_fits() -> None:
     assert torch.equal(prepared.state["head.weight"], base.module.state_dict()["head.weight"])
 
 
+def test_finetune_of_a_gpt_keeps_its_vocabulary_and_tied_head() -> None:
+    module = zoo.build("gpt", TINY_GPT, seed=3)
+    base = BaseModel(module, "gpt", dict(TINY_GPT), "pygpt", 2)
+    job = _job(type="finetune", base={"name": "pygpt"}, dataset={"uri": "builtin:python-stdlib"})
+    prepared = prepare_job(job, limits=LIMITS, load_base=lambda _: base)
+    assert prepared.plan.config == TINY_GPT
+    assert all(torch.equal(prepared.state[k], v) for k, v in module.state_dict().items())
+
+
 def test_finetune_of_a_missing_base_reports_what_the_registry_said() -> None:
     def missing(_: Any) -> BaseModel:
         raise NotFound("model 'ghost' has no alias 'production'")

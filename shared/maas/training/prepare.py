@@ -134,7 +134,11 @@ def _from_base(
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     config = dict(base.config)
     state = {k: v.detach().clone() for k, v in base.module.state_dict().items()}
-    if data.task == "classification" and config.get("num_classes") != data.num_classes:
+    # A head of its own for a new label space; an arch without num_classes (gpt: its classes are
+    # its vocabulary, its head tied to the embedding) keeps its own, and the checks of the job's
+    # shapes say whether the dataset fits it.
+    has_head = hasattr(zoo.parse_config(base.arch, config), "num_classes")
+    if has_head and data.task == "classification" and config.get("num_classes") != data.num_classes:
         # New task, new label space: keep the features, start a fresh head for it.
         config["num_classes"] = data.num_classes
         fresh = zoo.build(base.arch, config, seed=seed).state_dict()

@@ -87,3 +87,9 @@ def test_a_student_that_does_not_fit_the_teachers_data_is_refused():
 def test_a_student_of_another_arch_is_accepted_when_it_fits():
     student = parse_student({"arch": "cnn", "config": {"channels": [8, 8]}}, "mlp", {})
     assert (student.arch, student.config["channels"]) == ("cnn", [8, 8])
+
+
+def test_a_student_larger_than_its_teacher_is_refused_naming_both_sizes():
+    teacher = {"hidden": [16], "num_classes": 10}
+    with pytest.raises(InvalidArgument, match=r"student has 4\d{6} parameters, more than .* 1210"):
+        parse_student({"config": {"hidden": [2048, 2048]}}, "mlp", teacher)

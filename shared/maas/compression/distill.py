@@ -58,6 +58,13 @@ def parse_student(spec: dict[str, Any] | None, arch: str, config: dict[str, Any]
                 f"distill.student takes {theirs} {what} but the teacher has {ours}; "
                 "set its config (in_features / num_classes) to match"
             )
+    theirs, ours = zoo.parameter_count(student_arch, parsed), zoo.parameter_count(arch, config)
+    if theirs > ours:
+        raise InvalidArgument(
+            f"distill.student has {theirs} parameters, more than the teacher's {ours}: a "
+            "distilled variant is a smaller model; narrow or shorten its config (or leave "
+            "student out for the teacher 4x narrower)"
+        )
     return Student(student_arch, parsed)
 
 

@@ -233,6 +233,7 @@ async def run_service(
     name = type(service).__name__
     http = None
     failed = True
+    watch = asyncio.create_task(service.liveness.watch_loop())
     try:
         await service.start()
         if metrics_port:
@@ -244,6 +245,7 @@ async def run_service(
         failed = False
         log.info("%s shutting down", name)
     finally:
+        watch.cancel()
         if http is not None:
             await asyncio.to_thread(http.shutdown)
             http.server_close()
@@ -254,4 +256,5 @@ async def run_service(
                 raise
             # The failure that ended it is the news (it propagates); this one is logged.
             log.exception("%s: stopping after a failure failed too", name)
+        await asyncio.wait([watch])
         log.info("%s stopped", name)

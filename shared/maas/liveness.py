@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from socketserver import ThreadingMixIn
 from typing import Any
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 
 HealthHook = Callable[[str | None], Awaitable[None]]
 HEALTH_PATH = "/healthz"
+# An event loop that has not run for this long is stalled: health says so until it runs again.
+# /healthz answers from a thread of its own, so without this it said SERVING while a request
+# held the loop for 12 s and every client, and the Kafka heartbeats, waited.
+LOOP_STALL_S = 10.0
 
 
 class Liveness:
@@ -39,10 +44,16 @@ class Liveness:
     """
 
     def __init__(
-        self, registry: CollectorRegistry | None = None, *, on_change: HealthHook | None = None
+        self,
+        registry: CollectorRegistry | None = None,
+        *,
+        on_change: HealthHook | None = None,
+        stall_after_s: float = LOOP_STALL_S,
     ) -> None:
         self.failures: dict[str, str] = {}
         self._on_change = on_change
+        self._stall_after_s = stall_after_s
+        self._loop_seen: float | None = None  # when ``watch_loop`` last ran (monotonic)
         self._up = Gauge(
             "maas_loop_up",
             "1 while the named background loop runs, 0 once it stopped on an error",
@@ -52,12 +63,29 @@ class Liveness:
 
     @property
     def healthy(self) -> bool:
-        return not self.failures
+        return not self.failures and self._stalled() is None
 
     @property
     def reason(self) -> str | None:
         """Why the service is unhealthy, or None."""
-        return "; ".join(f"{name}: {why}" for name, why in self.failures.items()) or None
+        reasons = [f"{name}: {why}" for name, why in self.failures.items()]
+        stalled = self._stalled()
+        return "; ".join([*reasons, stalled] if stalled else reasons) or None
+
+    async def watch_loop(self, period_s: float = 1.0) -> None:
+        """Note every ``period_s`` that the event loop runs (until cancelled), so health read
+        from another thread can say when it has stopped running."""
+        while True:
+            self._loop_seen = time.monotonic()
+            await asyncio.sleep(period_s)
+
+    def _stalled(self) -> str | None:
+        if self._loop_seen is None:
+            return None
+        silent = time.monotonic() - self._loop_seen
+        if silent < self._stall_after_s:
+            return None
+        return f"the event loop has not run for {silent:.0f} s (a request or job is holding it)"
 
     def set_condition(self, name: str, why: str | None) -> None:
         """A condition, not a loop, that keeps the service from its work while it lasts

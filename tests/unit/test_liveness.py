@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
+import time
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -67,3 +70,24 @@ async def test_an_unexpected_exception_is_reported_with_its_type():
             await asyncio.sleep(0.01)
     assert liveness.reason == "outbox-relay: KeyError: 'outbox'"
     task.cancel()
+
+
+async def test_a_stalled_event_loop_is_unhealthy_until_it_runs_again():
+    liveness = Liveness(stall_after_s=0.3)
+    watch = asyncio.create_task(liveness.watch_loop(period_s=0.05))
+    await asyncio.sleep(0.1)
+    seen: list[tuple[bool, str | None]] = []
+
+    def look_from_another_thread() -> None:  # as /healthz does
+        time.sleep(0.5)
+        seen.append((liveness.healthy, liveness.reason))
+
+    looking = threading.Thread(target=look_from_another_thread)
+    looking.start()
+    time.sleep(0.8)  # the loop held, as a long request on it holds it
+    looking.join()
+    await asyncio.sleep(0.1)
+    assert not seen[0][0]
+    assert re.fullmatch(r"the event loop has not run for \d+ s \(a request .*\)", str(seen[0][1]))
+    assert liveness.healthy and liveness.reason is None
+    watch.cancel()

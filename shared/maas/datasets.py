@@ -53,6 +53,7 @@ class Dataset:
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    sha256: str | None = None  # of the file it was read from (an S3 dataset)
 
     @property
     def num_features(self) -> int:
@@ -84,6 +85,7 @@ class Dataset:
             self.y_train[rows],
             self.x_test,
             self.y_test,
+            self.sha256,
         )
 
 

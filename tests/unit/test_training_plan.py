@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from maas import zoo
-from maas.errors import InvalidArgument, NotFound
+from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.training.plan import JobPlan
-from maas.training.prepare import BaseModel, Limits, prepare_job
+from maas.training.prepare import BaseModel, Limits, load_dataset, prepare_job
 from maas.training.replica import compute_loss
 
 LIMITS = Limits(max_workers=4, max_shards=2, default_deadline_ms=5000)
@@ -254,3 +257,28 @@ def test_a_dropout_that_is_not_a_probability_is_refused(dropout: float) -> None:
     model = {"name": "m", "arch": "mlp", "config": {"hidden": [16], "dropout": dropout}}
     with pytest.raises(InvalidArgument, match="model.config.dropout"):
         prepare_job(_job(model=model), limits=LIMITS)
+
+
+def _npz(rows: int, seed: int) -> bytes:
+    buffer = io.BytesIO()
+    x = np.random.default_rng(seed).standard_normal((rows, 64), dtype=np.float32)
+    np.savez(buffer, X=x, y=np.arange(rows) % 10)
+    return buffer.getvalue()
+
+
+def test_an_s3_dataset_is_pinned_by_its_sha256_at_intake_and_checked_at_every_load() -> None:
+    accepted = _npz(200, seed=1)
+    job = _job(dataset={"uri": "s3://maas-datasets/d.npz"})
+    plan = prepare_job(job, limits=LIMITS, fetch_dataset=lambda _: accepted).plan
+    assert plan.dataset["sha256"] == hashlib.sha256(accepted).hexdigest()
+    assert JobPlan.from_json(plan.to_json()).dataset == plan.dataset
+    assert len(load_dataset(plan.dataset, seed=0, fetch=lambda _: accepted).x_train) == 160
+    with pytest.raises(FailedPrecondition, match=r"d\.npz changed since this job was accepted"):
+        load_dataset(plan.dataset, seed=0, fetch=lambda _: _npz(200, seed=2))
+
+
+def test_a_plan_written_before_datasets_were_pinned_still_loads() -> None:
+    plan = prepare_job(_job(), limits=LIMITS).plan
+    written = plan.to_json()
+    del written["dataset_sha256"]
+    assert JobPlan.from_json(written) == plan and "sha256" not in plan.dataset

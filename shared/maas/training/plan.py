@@ -305,6 +305,7 @@ class JobPlan:
     register_name: str
     register_alias: str | None = None
     parent: dict[str, Any] | None = None  # {name, version} of the finetune base
+    dataset_sha256: str | None = None  # an S3 dataset's bytes at intake: every load checks them
 
     @property
     def workers(self) -> int:
@@ -326,6 +327,8 @@ class JobPlan:
         spec: dict[str, Any] = {"uri": self.dataset_uri, "task": self.dataset_task}
         if self.dataset_fraction is not None:
             spec["fraction"] = self.dataset_fraction
+        if self.dataset_sha256 is not None:
+            spec["sha256"] = self.dataset_sha256
         return spec
 
     @property
@@ -408,4 +411,5 @@ def make_plan(
         register_name=register_name,
         register_alias=register_alias,
         parent=dict(parent) if parent else None,
+        dataset_sha256=dataset.get("sha256"),
     )

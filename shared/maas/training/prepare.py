@@ -8,16 +8,17 @@ a different class count the ``head`` is rebuilt (seeded) and everything else is 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from maas import datasets, zoo
-from maas.errors import InvalidArgument
+from maas.errors import FailedPrecondition, InvalidArgument
 from maas.training.codecs import parse_codec
 from maas.training.plan import (
     DEFAULT_MAX_KEPT_BYTES,
@@ -72,7 +73,10 @@ def load_dataset(
     if uri.startswith("builtin:"):
         data = datasets.load_builtin(uri.removeprefix("builtin:"))
     elif uri.startswith("s3://") and fetch is not None:
-        data = datasets.from_npz(uri, fetch(uri), task=spec.get("task"))
+        raw = fetch(uri)
+        digest = hashlib.sha256(raw).hexdigest()
+        _check_pinned(uri, spec.get("sha256"), digest)
+        data = replace(datasets.from_npz(uri, raw, task=spec.get("task")), sha256=digest)
     else:
         raise InvalidArgument(
             f"dataset.uri={uri!r} is not readable; use builtin:<name> or s3://bucket/key.npz"
@@ -82,6 +86,17 @@ def load_dataset(
         raise InvalidArgument(f"dataset.task={task!r} but {uri} is a {data.task} dataset")
     fraction = spec.get("fraction")
     return data.subset(float(fraction), seed=seed) if fraction is not None else data
+
+
+def _check_pinned(uri: str, pinned: object, digest: str) -> None:
+    """FailedPrecondition when a job's dataset (``pinned`` by its plan at intake) changed since:
+    a worker joining later, or the evaluation at the end, would read other rows."""
+    if pinned is not None and pinned != digest:
+        raise FailedPrecondition(
+            f"{uri} changed since this job was accepted (sha256 {str(pinned)[:12]}... then, "
+            f"{digest[:12]}... now): a job trains and is evaluated on the bytes it was accepted "
+            "with; upload new data under another key and submit a new job"
+        )
 
 
 def _check_fit(arch: str, config: Mapping[str, Any], data: datasets.Dataset, field: str) -> None:
@@ -211,7 +226,7 @@ def prepare_job(
         kind=str(kind),
         arch=arch,
         config=config,
-        dataset=event["dataset"],
+        dataset={**event["dataset"], "sha256": data.sha256},
         dataset_task=data.task,
         train_rows=len(data.x_train),
         training=training,

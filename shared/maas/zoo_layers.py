@@ -203,6 +203,13 @@ def parse_input_shape(raw: Any, where: str) -> Shape:
     return tuple(raw)
 
 
+# The most values one layer may output for one row. Parameters are counted and capped
+# (MAAS_MAX_MODEL_PARAMS), but a conv of 16 parameters padded by 1000 outputs 32 M values a row:
+# 129 MB a row, 4 GB for a step of 32 rows. 8 M values (32 MiB a row) holds a 224x224 image at
+# 160 channels.
+MAX_ROW_ACTIVATION = 8 * 2**20
+
+
 def infer(input_shape: Shape, layers: Sequence[Layer], where: str) -> list[Shape]:
     """The input shape of every layer, then the output shape of the last one."""
     shapes = [input_shape]
@@ -211,6 +218,12 @@ def infer(input_shape: Shape, layers: Sequence[Layer], where: str) -> list[Shape
             shapes.append(LAYERS[layer.type].output(shapes[-1], layer.options))
         except _ShapeError as exc:
             raise InvalidArgument(f"{where}.layers[{index}] ({layer.type}) {exc}") from None
+        if math.prod(shapes[-1]) > MAX_ROW_ACTIVATION:
+            raise InvalidArgument(
+                f"{where}.layers[{index}] ({layer.type}) outputs shape {shapes[-1]}, "
+                f"{math.prod(shapes[-1])} values a row; at most {MAX_ROW_ACTIVATION} are "
+                "accepted (each row of a step holds them): lower its padding, channels or input"
+            )
     return shapes
 
 

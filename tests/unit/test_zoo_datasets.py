@@ -341,6 +341,10 @@ def test_a_config_survives_its_round_trip_through_a_manifest():
         ([{"type": "dropout", "p": 1.5}, "flatten"], r"layers\[0\]\.p=1\.5 must be < 1"),
         ([{"type": "conv2d", "kernel_size": 3}], r"layers\[0\] \(conv2d\) needs out_channels"),
         ([{"type": "maxpool2d", "kernel_size": 2, "padding": 2}, "flatten"], "at most half"),
+        (
+            [{"type": "conv2d", "out_channels": 8, "kernel_size": 1, "padding": 1000}, "flatten"],
+            r"layers\[0\] \(conv2d\) outputs shape \(8, 2008, 2008\), 32256512 values a row",
+        ),
     ],
 )
 def test_a_bad_layer_is_refused_naming_its_index_and_field(layers, message):

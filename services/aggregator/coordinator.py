@@ -42,7 +42,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 from safetensors.torch import save as save_safetensors
 
-from maas import datasets, events, jobs, topics
+from maas import datasets, events, job_ids, jobs, topics
 from maas.artifacts import materialize
 from maas.bus import DeadLetter, EventProducer, Record
 from maas.bus_consumer import EventConsumer, dead_letter_group
@@ -197,6 +197,7 @@ class Coordinator:
         jobs.check_job(job, self.settings)
         prepared = await self._prepare(job)
         plan = prepared.plan
+        await job_ids.claim(self._objects, job_id, job["type"], jobs.content_sha256(content))
         await self._send_status(
             job_id,
             "accepted",

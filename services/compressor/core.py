@@ -86,6 +86,7 @@ class Registry(Protocol):
 
 
 Publish = Callable[[dict[str, Any]], Awaitable[None]]
+ClaimId = Callable[[str, str, str], Awaitable[None]]  # (job id, type, content sha256)
 
 
 def dataset_of(manifest: Manifest) -> dict[str, Any] | None:
@@ -155,8 +156,10 @@ class Compressor:
         settings: Settings | None = None,
         latency_repeats: int = 50,
         on_registered: Callable[[ModelVersion], None] | None = None,
+        claim: ClaimId | None = None,
     ) -> None:
         self._settings = settings or Settings()
+        self._claim = claim  # holds a job's id across the services that run jobs (job_ids)
         # Told of each variant as it is registered (not of those a redelivery finds done).
         self._on_registered = on_registered
         self._registry = registry
@@ -177,6 +180,8 @@ class Compressor:
         if event.get("type") != JOB_TYPE:
             return []
         job = parse_job(jobs.check_job(dict(event), self._settings))
+        if self._claim is not None:
+            await self._claim(job.job_id, JOB_TYPE, job.fingerprint)
         if job.job_id in self._finished:
             check_same_job(job, self._finished[job.job_id])
             log.info("job %s already done here; ignoring the redelivery", job.job_id)

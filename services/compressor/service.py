@@ -16,13 +16,14 @@ the job it names.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
 from aiokafka import TopicPartition
 from prometheus_client import CollectorRegistry, Counter
 
-from maas import datasets, events, jobs
+from maas import datasets, events, job_ids, jobs
 from maas.bus import DeadLetter, EventProducer, Record
 from maas.bus_consumer import EventConsumer
 from maas.bus_reader import PartitionReader
@@ -33,6 +34,7 @@ from maas.policy import policy_job_id
 from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
 from maas.store import ObjectStore
+from maas.store_async import AsyncObjectStore
 from maas.topics import JOB_STATUS, JOBS, MODELS
 from services.compressor.core import Compressor
 from services.compressor.job import JOB_TYPE, failed_status
@@ -74,6 +76,7 @@ class CompressorService:
         self._producer = EventProducer(settings, client_id="compressor")
         self._registry = RegistryClient(settings, actor="compressor")
         store = ObjectStore(settings)
+        self._objects = AsyncObjectStore(settings, threads=1)  # job id claims (job_ids)
         # The core reads datasets on its worker thread, where the blocking store is right.
         self.core = Compressor(
             self._registry,
@@ -81,6 +84,7 @@ class CompressorService:
             datasets.fetcher(store, settings),
             settings=settings,
             on_registered=self._registered,
+            claim=functools.partial(job_ids.claim, self._objects),
         )
         self._consumer = EventConsumer(
             settings,
@@ -116,6 +120,7 @@ class CompressorService:
         return self.metrics.registry
 
     async def start(self) -> None:
+        await self._objects.start()
         await self._producer.start()
         await self._registry.start()
         await self._cancels.start()
@@ -139,6 +144,7 @@ class CompressorService:
         await self._cancels.stop()
         await self._registry.stop()
         await self._producer.stop()
+        await self._objects.stop()
 
     async def _publish(self, event: dict[str, object]) -> None:
         await self._producer.send(JOB_STATUS, event, key=str(event["job_id"]))

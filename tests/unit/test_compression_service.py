@@ -262,6 +262,22 @@ async def test_another_job_under_a_used_job_id_is_refused_not_answered_with_old_
     assert len(registry.models["digits"]) == 3
 
 
+async def test_a_job_id_held_by_another_job_of_any_type_is_refused_before_any_variant(
+    registry, publish
+):
+    claims: list[tuple[str, str, str]] = []
+
+    async def held_by_a_train_job(job_id: str, kind: str, content_sha256: str) -> None:
+        claims.append((job_id, kind, content_sha256))
+        raise AlreadyExists(f"job_id={job_id!r} belongs to another job (a train job ...)")
+
+    core = Compressor(registry, publish, latency_repeats=1, claim=held_by_a_train_job)
+    with pytest.raises(AlreadyExists, match="a train job"):
+        await core.handle(job())
+    assert claims == [("job-1", "compress", jobs.content_sha256(job()))]
+    assert len(registry.models["digits"]) == 1  # the parent alone
+
+
 async def test_a_method_that_cannot_run_on_the_parent_fails_the_job_before_any_variant(
     core, registry
 ):

@@ -190,6 +190,10 @@ class Compressor:
         self._finished[job.job_id] = job.fingerprint
         return outcome.versions
 
+    def done(self, job_id: str) -> bool:
+        """Whether a job under ``job_id`` ran here (since this process started)."""
+        return job_id in self._finished
+
     def _is_cancelled(self, job_id: str) -> bool:
         return job_id in self._cancelled
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from collections import OrderedDict
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -37,13 +38,14 @@ from maas.store import ObjectStore
 from maas.store_async import AsyncObjectStore
 from maas.topics import JOB_STATUS, JOBS, MODELS
 from services.compressor.core import Compressor
-from services.compressor.job import JOB_TYPE, failed_status
+from services.compressor.job import JOB_TYPE, failed_status, status
 from services.compressor.promoter import Promoter
 
 log = logging.getLogger(__name__)
 
 GROUP_ID = "maas-compressor"
 POLICY_GROUP_ID = "maas-compressor-policies"
+REMEMBERED_QUEUED = 10_000  # job ids told `queued`, kept so a redelivery is not told twice
 
 
 class Metrics:
@@ -114,6 +116,8 @@ class CompressorService:
             settings, JOBS, range(JOBS.partitions), client_id="compressor-cancels"
         )
         self.liveness = Liveness(self.metrics.registry)
+        self._running = ""  # the id of the job the jobs consumer is running, if any
+        self._announced: OrderedDict[str, None] = OrderedDict()  # told `queued` already
 
     @property
     def metrics_registry(self) -> CollectorRegistry:
@@ -150,7 +154,11 @@ class CompressorService:
         await self._producer.send(JOB_STATUS, event, key=str(event["job_id"]))
 
     async def _handle(self, record: Record) -> None:
-        versions = await self.core.handle(record.event)
+        self._running = str(record.event.get("job_id", ""))
+        try:
+            versions = await self.core.handle(record.event)
+        finally:
+            self._running = ""
         if versions:
             self.metrics.jobs.labels("succeeded").inc()
 
@@ -159,17 +167,43 @@ class CompressorService:
 
     async def _read_cancels(self) -> None:
         while True:
-            await self._next_cancels()
+            await self._next_cancels(announce_queued=True)
 
     async def _read_cancels_until(self, end: dict[TopicPartition, int]) -> None:
         while not await self._cancels.reached(end):
-            await self._next_cancels()
+            await self._next_cancels(announce_queued=False)
         log.info("cancels read up to %s", {tp.partition: offset for tp, offset in end.items()})
 
-    async def _next_cancels(self) -> None:
+    async def _next_cancels(self, *, announce_queued: bool) -> None:
+        """Cancels, read off every job event as it is published; with ``announce_queued``, a
+        compress job arriving while another runs is told ``queued`` behind it (the jobs
+        consumer reads it only once the running one is over: it had no status till then)."""
         for record in await self._cancels.next_records([events.JOB], 500):
-            if record.event["type"] == jobs.CANCEL:
-                self.core.cancel(str(record.event["job_id"]))
+            job_id, kind = str(record.event["job_id"]), record.event["type"]
+            if kind == jobs.CANCEL:
+                self.core.cancel(job_id)
+            elif kind == JOB_TYPE and announce_queued and self._waits(job_id):
+                self._announced[job_id] = None
+                while len(self._announced) > REMEMBERED_QUEUED:
+                    self._announced.popitem(last=False)
+                await self._publish(
+                    status(
+                        job_id,
+                        "queued",
+                        reason=f"waiting for compress job {self._running} to finish: the "
+                        "compressor runs one job at a time",
+                    )
+                )
+
+    def _waits(self, job_id: str) -> bool:
+        """Whether ``job_id`` waits behind another job (not run, not running, not told yet)."""
+        running = self._running
+        return (
+            bool(running)
+            and job_id != running
+            and job_id not in self._announced
+            and (not self.core.done(job_id))
+        )
 
     async def _on_model_event(self, record: Record) -> None:
         decision = await self.promoter.handle(record.event)

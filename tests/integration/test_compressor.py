@@ -209,6 +209,23 @@ async def test_a_cancel_event_ends_a_running_compress_job_keeping_its_registered
     assert len(registered) == final["step"]
 
 
+async def test_a_job_arriving_while_another_runs_is_told_queued_behind_it(
+    producer, watcher, parent
+):
+    base = {"name": parent.name, "version": parent.version}
+    methods = [{"prune": {"sparsity": round(0.02 * (i + 1), 2)}} for i in range(30)]
+    running = await submit(producer, base, methods)
+    await watcher.state(running, "running", timeout_s=120)
+    waiting = await submit(producer, base, [{"quantize": {"dtype": "fp16"}}])
+    queued = await watcher.state(waiting, "queued", timeout_s=60)
+    assert f"waiting for compress job {running} to finish" in queued["reason"]
+    cancel = events.new_event(events.JOB, job_id=running, type=jobs.CANCEL)
+    await producer.send(topics.JOBS, cancel, key=running)
+    assert (await watcher.final(running))["state"] == "cancelled"
+    assert (await watcher.final(waiting))["state"] == "succeeded"
+    assert [s["state"] for s in watcher.statuses[waiting]][:2] == ["queued", "accepted"]
+
+
 async def test_a_job_cancelled_while_no_compressor_runs_never_starts(
     services, producer, watcher, parent
 ):

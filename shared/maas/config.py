@@ -417,8 +417,11 @@ class Settings:
     )
     max_dataset_bytes: int = setting(
         "MAAS_MAX_DATASET_BYTES",
-        4 << 30,
-        "largest s3:// dataset a job may name, as stored and as unpacked (every worker loads it)",
+        1 << 30,
+        (
+            "largest s3:// dataset a job may name, as stored and as unpacked (every worker, and "
+            "the coordinator, loads it: about 3x this at the peak)"
+        ),
     )
     dataset_buckets: str = setting(
         "MAAS_DATASET_BUCKETS",

@@ -282,3 +282,41 @@ def test_a_plan_written_before_datasets_were_pinned_still_loads() -> None:
     written = plan.to_json()
     del written["dataset_sha256"]
     assert JobPlan.from_json(written) == plan and "sha256" not in plan.dataset
+
+
+TINY_BERT = {
+    "vocab_size": 100,
+    "hidden": 8,
+    "layers": 1,
+    "heads": 2,
+    "intermediate": 16,
+    "max_positions": 16,
+    "max_seq_length": 16,
+    "num_classes": 3,
+}
+
+
+def _token_rows(x: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, X=x, y=np.arange(len(x)) % 3)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("x", "complaint"),
+    [
+        (np.full((200, 16), 100), r"X holds values from 100 to 100:"),
+        (np.full((200, 16), 0.5), r"X holds values from 0\.5 to 0\.5, some not whole"),
+    ],
+    ids=["past-the-vocabulary", "fractions"],
+)
+def test_a_text_model_refuses_features_that_are_not_its_token_ids(x, complaint) -> None:
+    job = _job(model={"arch": "bert", "config": TINY_BERT}, dataset={"uri": "s3://b/ids.npz"})
+    with pytest.raises(InvalidArgument, match=rf"'bert' reads X as token ids, .* {complaint}"):
+        prepare_job(job, limits=LIMITS, fetch_dataset=lambda _: _token_rows(x))
+
+
+def test_a_text_model_takes_token_ids_within_its_vocabulary() -> None:
+    x = np.random.default_rng(0).integers(0, 100, (200, 16))
+    job = _job(model={"arch": "bert", "config": TINY_BERT}, dataset={"uri": "s3://b/ids.npz"})
+    assert prepare_job(job, limits=LIMITS, fetch_dataset=lambda _: _token_rows(x)).plan

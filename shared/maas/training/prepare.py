@@ -88,6 +88,20 @@ def load_dataset(
     return data.subset(float(fraction), seed=seed) if fraction is not None else data
 
 
+def _check_token_ids(data: datasets.Dataset, vocab: int, arch: str) -> None:
+    """A text arch reads each feature as a token id: X must hold whole numbers in 0..vocab-1.
+    An id past the table failed a worker's step with a bare IndexError; fractions in [0, 1)
+    were all read as the pad token, and a model of nothing trained and registered."""
+    for split in (data.x_train, data.x_test):
+        if split.size and (split.min() < 0 or split.max() >= vocab or (split % 1).any()):
+            raise InvalidArgument(
+                f"dataset {data.name}: arch {arch!r} reads X as token ids, whole numbers from 0 "
+                f"to {vocab - 1} (its vocab_size); X holds values from {split.min():g} to "
+                f"{split.max():g}{', some not whole' if (split % 1).any() else ''}: tokenize "
+                "the text with the model's tokenizer"
+            )
+
+
 def _check_pinned(uri: str, pinned: object, digest: str) -> None:
     """FailedPrecondition when a job's dataset (``pinned`` by its plan at intake) changed since:
     a worker joining later, or the evaluation at the end, would read other rows."""
@@ -109,13 +123,14 @@ def _check_fit(arch: str, config: Mapping[str, Any], data: datasets.Dataset, fie
     outputs = zoo.output_shape(arch, dict(config))
     if data.task == "classification":
         _check_labels_fit(arch, outputs, data, f"{field}.{_classes_key(config)}")
-        return
-    needed = int(data.y_train.shape[1])
-    if math.prod(outputs) != needed:
+    elif math.prod(outputs) != (needed := int(data.y_train.shape[1])):
         raise InvalidArgument(
             f"{field}: the model has {math.prod(outputs)} outputs but {data.name} needs {needed}; "
             "set model.config.num_classes accordingly"
         )
+    vocab = getattr(zoo.parse_config(arch, dict(config)), "vocab_size", None)
+    if vocab is not None:  # checked last: a wrong shape is the likelier mistake, said first
+        _check_token_ids(data, int(vocab), arch)
 
 
 def _check_labels_fit(

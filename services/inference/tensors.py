@@ -47,11 +47,15 @@ def dtype_of(datatype: str, *, tensor: str) -> np.dtype[Any]:
         ) from None
 
 
-def _shape_of(shape: Sequence[int], *, tensor: str) -> tuple[int, ...]:
+def _check_dims(shape: Sequence[int], tensor: str) -> None:
     if len(shape) > MAX_DIMS:
         raise InvalidArgument(
             f"input {tensor!r} has {len(shape)} dimensions; at most {MAX_DIMS} are accepted"
         )
+
+
+def _shape_of(shape: Sequence[int], *, tensor: str) -> tuple[int, ...]:
+    _check_dims(shape, tensor)
     if any(d < 0 for d in shape):
         raise InvalidArgument(
             f"input {tensor!r} has shape {list(shape)}; every dimension of a request tensor "
@@ -66,11 +70,12 @@ def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.
     dtype = DATATYPE_TO_DTYPE.get(datatype)
     if dtype is None:
         if datatype == bytes_tensors.BYTES:  # length-prefixed strings (text models)
+            _check_dims(tensor.shape, tensor.name)
             return bytes_tensors.decode_raw(tensor, raw)
         dtype = dtype_of(datatype, tensor=tensor.name)
     shape = tensor.shape[:]  # a list: much cheaper than iterating the repeated field
     expected = math.prod(shape) * dtype.itemsize
-    if len(raw) != expected or min(shape, default=0) < 0:
+    if len(raw) != expected or min(shape, default=0) < 0 or len(shape) > MAX_DIMS:
         _shape_of(shape, tensor=tensor.name)
         raise InvalidArgument(
             f"input {tensor.name!r} has {len(raw)} raw bytes, but datatype {datatype} "
@@ -85,6 +90,7 @@ def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.
 def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     """An array from the typed ``contents`` field that matches the tensor's datatype."""
     if tensor.datatype == bytes_tensors.BYTES:
+        _check_dims(tensor.shape, tensor.name)
         return bytes_tensors.decode_typed(tensor)
     dtype = dtype_of(tensor.datatype, tensor=tensor.name)
     shape = _shape_of(tensor.shape, tensor=tensor.name)

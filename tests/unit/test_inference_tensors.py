@@ -106,11 +106,19 @@ def test_negative_dimensions_are_refused_in_requests():
         decode_raw(Input(name="x", datatype="FP32", shape=[-1, 4]), b"")
 
 
-def test_more_dimensions_than_an_array_can_have_are_refused_in_requests():
-    tensor = Input(name="x", datatype="FP32", shape=[1] * 65)
-    tensor.contents.fp32_contents.append(1.0)
-    with pytest.raises(InvalidArgument, match="'x' has 65 dimensions; at most 64 are accepted"):
-        decode_typed(tensor)
+@pytest.mark.parametrize(
+    ("datatype", "raw"),
+    [("FP32", None), ("FP32", b"\0" * 4), ("BYTES", None), ("BYTES", b"\1\0\0\0a")],
+    ids=["fp32-typed", "fp32-raw", "bytes-typed", "bytes-raw"],
+)
+def test_more_dimensions_than_an_array_can_have_are_refused_in_requests(datatype, raw):
+    tensor = Input(name="x", datatype=datatype, shape=[1] * 65)
+    if datatype == "FP32":
+        tensor.contents.fp32_contents.append(1.0)
+    else:
+        tensor.contents.bytes_contents.append(b"a")
+    with pytest.raises(InvalidArgument, match=r"^input 'x' has 65 dimensions; at most 64 are"):
+        decode_typed(tensor) if raw is None else decode_raw(tensor, raw)
 
 
 def test_mixing_raw_and_typed_contents_is_refused():

@@ -101,14 +101,13 @@ async def test_a_job_with_an_unknown_arch_fails_naming_the_field(cluster, produc
 async def test_a_job_whose_step_cannot_be_computed_fails_at_once_with_the_workers_reason(
     cluster, producer, watcher
 ):
-    # Passes intake (a BERT with one output fits one target a row, and intake does not read
-    # every feature's value), but the regression set's features are normal draws, not token ids
-    # (-1.3 is no row of an embedding): the worker's first step fails, and the job with it,
-    # naming the worker's error.
-    training = {"steps": 5, "workers": 1, "batch_size": 8}
-    config = {"vocab_size": 8, "max_seq_length": 16, "hidden": 8, "heads": 1, "layers": 1,
-              "intermediate": 8, "num_classes": 1}  # fmt: skip
-    job = train_job("tokens", "bert", {"uri": "builtin:regression"}, training, config=config)
+    # Passes intake (every shape fits, and intake computes no step), but batch norm in training
+    # mode cannot normalise a batch of one row: the worker's first step fails, and the job
+    # with it, naming the worker's error.
+    training = {"steps": 5, "workers": 1, "batch_size": 1}
+    layers = [{"type": "linear", "out_features": 8}, {"type": "batchnorm"}]
+    config = {"input_shape": [64], "layers": layers, "num_classes": 10}
+    job = train_job("one-row", "sequential", {"uri": "builtin:digits"}, training, config=config)
     status = await run(producer, watcher, job)
     assert status["state"] == "failed", status
     assert status["error"]["code"] == "failed_precondition"

@@ -199,7 +199,10 @@ class TransactionalPipe:
     async def stop(self) -> None:
         """Finish the transaction in progress, then leave the group."""
         self._stopping.set()
-        await self._release(set(self._producers))
+        # The round in progress may open a producer while a release waits for it to end: one
+        # started just before a stop was left open ("Unclosed AIOKafkaProducer" at exit).
+        while self._producers:
+            await self._release(set(self._producers))
         # Not under the lock: leaving the group may wait for a revocation, which takes it.
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None

@@ -186,14 +186,17 @@ class CompressorService:
                 self._announced[job_id] = None
                 while len(self._announced) > REMEMBERED_QUEUED:
                     self._announced.popitem(last=False)
-                await self._publish(
-                    status(
-                        job_id,
-                        "queued",
-                        reason=f"waiting for compress job {self._running} to finish: the "
-                        "compressor runs one job at a time",
-                    )
-                )
+                await self._announce_queued(job_id)
+
+    async def _announce_queued(self, job_id: str) -> None:
+        reason = (
+            f"waiting for compress job {self._running} to finish: the compressor runs one job "
+            "at a time"
+        )
+        try:
+            await self._publish(status(job_id, "queued", reason=reason))
+        except Exception as exc:  # advisory: a Kafka outage must not end the cancel reader
+            log.warning("could not tell job %s it is queued: %s", job_id, exc)
 
     def _waits(self, job_id: str) -> bool:
         """Whether ``job_id`` waits behind another job (not run, not running, not told yet)."""

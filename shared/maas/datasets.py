@@ -35,8 +35,8 @@ SIDECAR_SUFFIX = ".sha256"
 
 MIN_ROWS = 10  # so the held-out fifth has rows to evaluate on
 # What reading a hostile .npz raises besides BadZipFile: RuntimeError covers an encrypted member
-# and (NotImplementedError) an unknown compression method; OverflowError a header's dimension
-# past int64.
+# and an unknown compression method (zipfile's error for it subclasses RuntimeError);
+# OverflowError a header's dimension past int64.
 UNREADABLE = (ValueError, OSError, EOFError, MemoryError, RuntimeError, OverflowError)
 MAX_CLASSES = 1 << 20
 TEST_FRACTION = 0.2

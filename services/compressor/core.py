@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import logging
 import math
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -37,6 +36,7 @@ from maas.compression.train import FitConfig, Stopped, Tensors
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.manifest import Manifest
+from maas.recent import RecentKeys
 from maas.registry.types import ModelRef, ModelVersion
 from maas.text.model import ARCH as TEXT_ARCH
 from maas.training.prepare import FetchDataset, load_dataset
@@ -167,13 +167,11 @@ class Compressor:
         self._fetch_dataset = fetch_dataset
         self._latency_repeats = latency_repeats
         self._finished: dict[str, str] = {}  # job id -> the fingerprint of the job run under it
-        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._cancelled = RecentKeys(REMEMBERED_CANCELS)
 
     def cancel(self, job_id: str) -> None:
         """End ``job_id`` before its next variant is registered, or before it starts."""
-        self._cancelled[job_id] = None
-        while len(self._cancelled) > REMEMBERED_CANCELS:
-            self._cancelled.popitem(last=False)
+        self._cancelled.add(job_id)
 
     async def handle(self, event: Mapping[str, Any]) -> list[ModelVersion]:
         """Run one job event; other job types are not ours and are ignored."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-from collections import OrderedDict
 from typing import Any
 
 from aiokafka import TopicPartition
@@ -32,9 +31,9 @@ from maas.config import Settings
 from maas.errors import AlreadyExists, SchemaViolation
 from maas.liveness import Liveness
 from maas.policy import policy_job_id
+from maas.recent import RecentKeys
 from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
-from maas.store import ObjectStore
 from maas.store_async import AsyncObjectStore
 from maas.topics import JOB_STATUS, JOBS, MODELS
 from services.compressor.core import Compressor
@@ -77,13 +76,12 @@ class CompressorService:
         self.metrics = Metrics()
         self._producer = EventProducer(settings, client_id="compressor")
         self._registry = RegistryClient(settings, actor="compressor")
-        store = ObjectStore(settings)
-        self._objects = AsyncObjectStore(settings, threads=1)  # job id claims (job_ids)
+        self._objects = AsyncObjectStore(settings, threads=1)  # job id claims, and datasets
         # The core reads datasets on its worker thread, where the blocking store is right.
         self.core = Compressor(
             self._registry,
             self._publish,
-            datasets.fetcher(store, settings),
+            datasets.fetcher(self._objects.sync, settings),
             settings=settings,
             on_registered=self._registered,
             claim=functools.partial(job_ids.claim, self._objects),
@@ -117,7 +115,7 @@ class CompressorService:
         )
         self.liveness = Liveness(self.metrics.registry)
         self._running = ""  # the id of the job the jobs consumer is running, if any
-        self._announced: OrderedDict[str, None] = OrderedDict()  # told `queued` already
+        self._announced = RecentKeys(REMEMBERED_QUEUED)  # told `queued` already
 
     @property
     def metrics_registry(self) -> CollectorRegistry:
@@ -183,9 +181,7 @@ class CompressorService:
             if kind == jobs.CANCEL:
                 self.core.cancel(job_id)
             elif kind == JOB_TYPE and announce_queued and self._waits(job_id):
-                self._announced[job_id] = None
-                while len(self._announced) > REMEMBERED_QUEUED:
-                    self._announced.popitem(last=False)
+                self._announced.add(job_id)
                 await self._announce_queued(job_id)
 
     async def _announce_queued(self, job_id: str) -> None:

@@ -19,7 +19,7 @@ import re
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import numpy.lib.format as npy_format
@@ -202,10 +202,17 @@ def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
     return _split(name, task, x, y)
 
 
-def _all_finite(x: np.ndarray, rows_at_once: int = 65_536) -> bool:
-    """``np.isfinite(x).all()`` a block of rows at a time: its mask would be a quarter of a
-    float32 dataset's size again."""
-    return all(np.isfinite(x[i : i + rows_at_once]).all() for i in range(0, len(x), rows_at_once))
+def every_block(
+    x: np.ndarray, holds: Callable[[np.ndarray], bool], rows_at_once: int = 65_536
+) -> bool:
+    """Whether ``holds`` is true of every block of ``rows_at_once`` rows of ``x``: for checks
+    whose elementwise temporary (a mask, a remainder) would be a fraction of the dataset again,
+    or all of it."""
+    return all(holds(x[i : i + rows_at_once]) for i in range(0, len(x), rows_at_once))
+
+
+def _all_finite(x: np.ndarray) -> bool:
+    return every_block(x, lambda rows: bool(np.isfinite(rows).all()))
 
 
 def _read_array(name: str, archive: zipfile.ZipFile, label: str) -> np.ndarray:
@@ -276,7 +283,12 @@ def check_uri(uri: str, settings: Settings) -> None:
         )
 
 
-def fetch_bytes(store: ObjectStore, uri: str, settings: Settings) -> bytes:
+class FetchedBytes(NamedTuple):
+    data: bytes
+    sha256: str  # of ``data``, computed once as it was verified
+
+
+def fetch_bytes(store: ObjectStore, uri: str, settings: Settings) -> FetchedBytes:
     """The bytes of an S3 dataset, verified by sha256: recorded at upload, or on first use."""
     from maas.store import parse_uri
 
@@ -284,9 +296,9 @@ def fetch_bytes(store: ObjectStore, uri: str, settings: Settings) -> bytes:
     bucket, key = parse_uri(uri)
     stored = store.stat(bucket, key)
     check_stored_size(uri, stored.size, settings.max_dataset_bytes)
-    data = _verified_bytes(store, bucket, key, recorded=stored.sha256)
-    check_size(uri, data, settings.max_dataset_bytes)
-    return data
+    fetched = _verified_bytes(store, bucket, key, recorded=stored.sha256)
+    check_size(uri, fetched.data, settings.max_dataset_bytes)
+    return fetched
 
 
 def check_stored_size(name: str, size: int, limit: int) -> None:
@@ -299,10 +311,12 @@ def check_stored_size(name: str, size: int, limit: int) -> None:
         )
 
 
-def _verified_bytes(store: ObjectStore, bucket: str, key: str, *, recorded: str | None) -> bytes:
+def _verified_bytes(
+    store: ObjectStore, bucket: str, key: str, *, recorded: str | None
+) -> FetchedBytes:
     uri = f"s3://{bucket}/{key}"
-    if recorded is not None:
-        return store.get_bytes(bucket, key)  # uploaded through maas.store: sha256 in metadata
+    if recorded is not None:  # uploaded through maas.store: sha256 in metadata
+        return FetchedBytes(*store.get_bytes_and_sha256(bucket, key))
     sidecar = key + SIDECAR_SUFFIX
     try:
         recorded = _recorded_sha256(store.get_bytes(bucket, sidecar))
@@ -314,7 +328,7 @@ def _verified_bytes(store: ObjectStore, bucket: str, key: str, *, recorded: str 
             '{"sha256": "<64 hex digits>", ...}: delete it to record the dataset\'s bytes again'
         )
     try:
-        return store.get_bytes(bucket, key, expected_sha256=recorded)
+        return FetchedBytes(*store.get_bytes_and_sha256(bucket, key, expected_sha256=recorded))
     except IntegrityError:
         raise IntegrityError(
             f"{uri} changed since its sha256 was recorded on first use (s3://{bucket}/{sidecar}):"
@@ -334,16 +348,17 @@ def _recorded_sha256(sidecar: bytes) -> str | None:
     return None
 
 
-def _first_use(store: ObjectStore, bucket: str, key: str) -> bytes:
+def _first_use(store: ObjectStore, bucket: str, key: str) -> FetchedBytes:
     """Read an object no sha256 vouches for yet, and record its sha256 for every later read."""
     data = b"".join(store.iter_chunks(bucket, key))
-    record = {"sha256": hashlib.sha256(data).hexdigest(), "size_bytes": len(data)}
+    digest = hashlib.sha256(data).hexdigest()
+    record = {"sha256": digest, "size_bytes": len(data)}
     store.put_bytes(
         bucket, key + SIDECAR_SUFFIX, json.dumps(record).encode(), content_type="application/json"
     )
-    return data
+    return FetchedBytes(data, digest)
 
 
-def fetcher(store: ObjectStore, settings: Settings) -> Callable[[str], bytes]:
-    """``uri -> bytes`` for the services' dataset loading (see ``fetch_bytes``)."""
+def fetcher(store: ObjectStore, settings: Settings) -> Callable[[str], FetchedBytes]:
+    """``uri -> verified bytes`` for the services' dataset loading (see ``fetch_bytes``)."""
     return lambda uri: fetch_bytes(store, uri, settings)

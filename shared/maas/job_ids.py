@@ -9,8 +9,10 @@ the job: ``job-ids/<id>.json`` in the checkpoints bucket holds the job's type an
 sha256. A claim with other content is AlreadyExists, which the services dead-letter as they do
 a reuse of their own kind; the same content again (a redelivery, a retry) passes.
 
-Checked, then written: S3 offers no create-if-absent here, so two services handed one id in
-the same instant could both go on.
+A claim is read first, then written only where no object holds its key (S3's conditional
+``If-None-Match: *``), so of two services handed one id in the same instant one wins and the
+other reads the winner's claim. An S3 server that ignores the condition still gets the read
+first: only a race in the same instant slips past it there.
 """
 
 from __future__ import annotations
@@ -35,13 +37,16 @@ async def claim(store: AsyncObjectStore, job_id: str, kind: str, content_sha256:
     """Hold ``job_id`` for the job of ``kind`` whose content hashes to ``content_sha256``;
     AlreadyExists naming the holder when another job holds it."""
     key = claim_key(job_id)
-    try:
-        held = _held(await store.get_bytes(CHECKPOINTS_BUCKET, key))
-    except NotFound:
-        held = None
+    record = json.dumps({"type": kind, "content_sha256": content_sha256}).encode()
+    held = await _read(store, key)
     if held is None:
-        record = {"type": kind, "content_sha256": content_sha256}
-        await store.put_bytes(CHECKPOINTS_BUCKET, key, json.dumps(record).encode())
+        try:
+            await store.create_bytes(CHECKPOINTS_BUCKET, key, record)
+            return
+        except AlreadyExists:  # another service claimed it since the read
+            held = await _read(store, key)
+    if held is None:  # an object this module did not write: claimed over
+        await store.put_bytes(CHECKPOINTS_BUCKET, key, record)
     elif held.get("content_sha256") != content_sha256:
         raise AlreadyExists(
             f"job_id={job_id!r} belongs to another job (a {held.get('type', 'job')} job accepted "
@@ -49,9 +54,16 @@ async def claim(store: AsyncObjectStore, job_id: str, kind: str, content_sha256:
         )
 
 
+async def _read(store: AsyncObjectStore, key: str) -> dict[str, Any] | None:
+    try:
+        return _held(await store.get_bytes(CHECKPOINTS_BUCKET, key))
+    except NotFound:
+        return None
+
+
 def _held(data: bytes) -> dict[str, Any] | None:
     try:
         record = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        return None  # not a claim this module wrote: claimed again below
+        return None  # not a claim this module wrote
     return record if isinstance(record, dict) else None

@@ -28,7 +28,14 @@ from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
 from maas.config import Settings
-from maas.errors import IntegrityError, InvalidArgument, MaasError, NotFound, Unavailable
+from maas.errors import (
+    AlreadyExists,
+    IntegrityError,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +140,8 @@ class ObjectStore:
             except S3Error as exc:
                 if exc.code in _NOT_FOUND_CODES:
                     raise NotFound(f"{what}: {exc.code} ({exc.message})") from None
+                if exc.code == "PreconditionFailed":  # only conditional writes ask for one
+                    raise AlreadyExists(f"{what}: the object exists already") from None
                 if exc.code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
                     raise MaasError(
                         f"{what}: S3 refused the credentials ({exc.code}); check "
@@ -185,6 +194,26 @@ class ObjectStore:
         result = self._call(f"put s3://{bucket}/{key}", put)
         return ObjectInfo(bucket, key, size, digest, result.etag)
 
+    def create_bytes(
+        self, bucket: str, key: str, data: bytes, *, content_type: str = "application/json"
+    ) -> ObjectInfo:
+        """Write ``key`` only where no object holds it yet (S3's ``If-None-Match: *``):
+        AlreadyExists where one does, so of writers racing for one key only one succeeds.
+        One request, so ``data`` is small (a record, not a model)."""
+        digest = hashlib.sha256(data).hexdigest()
+        headers: dict[str, str | list[str] | tuple[str]] = {
+            "Content-Type": content_type,
+            "If-None-Match": "*",
+            f"x-amz-meta-{SHA256_META}": digest,
+        }
+        # minio's put_object files unknown headers under x-amz-meta-; its single-request PUT
+        # (what put_object calls for a small object) sends them as given.
+        result = self._call(
+            f"create s3://{bucket}/{key}",
+            lambda: self._client._put_object(bucket, key, data, headers),
+        )
+        return ObjectInfo(bucket, key, len(data), digest, result.etag)
+
     def put_file(
         self,
         bucket: str,
@@ -234,6 +263,13 @@ class ObjectStore:
         return True
 
     def get_bytes(self, bucket: str, key: str, *, expected_sha256: str | None = None) -> bytes:
+        return self.get_bytes_and_sha256(bucket, key, expected_sha256=expected_sha256)[0]
+
+    def get_bytes_and_sha256(
+        self, bucket: str, key: str, *, expected_sha256: str | None = None
+    ) -> tuple[bytes, str]:
+        """``get_bytes``, with the sha256 the bytes were verified by (hashed once, here)."""
+
         def get() -> tuple[bytes, str | None]:
             response = self._client.get_object(bucket, key)
             try:
@@ -243,8 +279,9 @@ class ObjectStore:
                 response.release_conn()
 
         data, recorded = self._call(f"get s3://{bucket}/{key}", get)
-        _check(f"s3://{bucket}/{key}", hashlib.sha256(data).hexdigest(), recorded, expected_sha256)
-        return data
+        digest = hashlib.sha256(data).hexdigest()
+        _check(f"s3://{bucket}/{key}", digest, recorded, expected_sha256)
+        return data, digest
 
     def iter_chunks(self, bucket: str, key: str) -> Iterator[bytes]:
         """Stream an object without verifying (callers hash as they go; see ``get_file``)."""

@@ -48,6 +48,9 @@ class AsyncObjectStore:
     async def put_bytes(self, bucket: str, key: str, data: bytes, **kw: Any) -> ObjectInfo:
         return await self._run(self.sync.put_bytes, bucket, key, data, **kw)
 
+    async def create_bytes(self, bucket: str, key: str, data: bytes, **kw: Any) -> ObjectInfo:
+        return await self._run(self.sync.create_bytes, bucket, key, data, **kw)
+
     async def put_file(self, bucket: str, key: str, path: str | Path, **kw: Any) -> ObjectInfo:
         return await self._run(self.sync.put_file, bucket, key, path, **kw)
 

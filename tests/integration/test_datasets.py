@@ -42,10 +42,11 @@ def test_a_plain_s3_upload_is_hashed_on_first_use_and_recorded(store, stack):
     key, data = a_key(), npz_bytes()
     plain_upload(store, key, data)
     uri = f"s3://{DATASETS_BUCKET}/{key}"
-    assert datasets.fetch_bytes(store, uri, stack.settings) == data
+    fetched = datasets.FetchedBytes(data, hashlib.sha256(data).hexdigest())
+    assert datasets.fetch_bytes(store, uri, stack.settings) == fetched
     recorded = json.loads(store.get_bytes(DATASETS_BUCKET, key + datasets.SIDECAR_SUFFIX))
-    assert recorded["sha256"] == hashlib.sha256(data).hexdigest()
-    assert datasets.fetch_bytes(store, uri, stack.settings) == data  # verified this time
+    assert recorded["sha256"] == fetched.sha256
+    assert datasets.fetch_bytes(store, uri, stack.settings) == fetched  # verified this time
     parsed = datasets.from_npz(uri, data)
     assert parsed.task == "classification" and parsed.num_features == 4
 
@@ -63,7 +64,8 @@ def test_bytes_changed_after_first_use_are_refused(store, stack):
 def test_a_maas_upload_is_verified_by_its_metadata_and_needs_no_sidecar(store, stack):
     key, data = a_key(), npz_bytes()
     store.put_bytes(DATASETS_BUCKET, key, data)
-    assert datasets.fetch_bytes(store, f"s3://{DATASETS_BUCKET}/{key}", stack.settings) == data
+    fetched = datasets.fetch_bytes(store, f"s3://{DATASETS_BUCKET}/{key}", stack.settings)
+    assert fetched == (data, hashlib.sha256(data).hexdigest())
     assert not store.exists(DATASETS_BUCKET, key + datasets.SIDECAR_SUFFIX)
 
 

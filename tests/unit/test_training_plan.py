@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from maas import zoo
+from maas.datasets import FetchedBytes
 from maas.errors import FailedPrecondition, InvalidArgument, NotFound
 from maas.training.plan import JobPlan
 from maas.training.prepare import BaseModel, Limits, load_dataset, prepare_job
@@ -266,15 +267,19 @@ def _npz(rows: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def _fetched(data: bytes) -> FetchedBytes:
+    return FetchedBytes(data, hashlib.sha256(data).hexdigest())
+
+
 def test_an_s3_dataset_is_pinned_by_its_sha256_at_intake_and_checked_at_every_load() -> None:
-    accepted = _npz(200, seed=1)
+    accepted, changed = _fetched(_npz(200, seed=1)), _fetched(_npz(200, seed=2))
     job = _job(dataset={"uri": "s3://maas-datasets/d.npz"})
     plan = prepare_job(job, limits=LIMITS, fetch_dataset=lambda _: accepted).plan
-    assert plan.dataset["sha256"] == hashlib.sha256(accepted).hexdigest()
+    assert plan.dataset["sha256"] == accepted.sha256
     assert JobPlan.from_json(plan.to_json()).dataset == plan.dataset
     assert len(load_dataset(plan.dataset, seed=0, fetch=lambda _: accepted).x_train) == 160
     with pytest.raises(FailedPrecondition, match=r"d\.npz changed since this job was accepted"):
-        load_dataset(plan.dataset, seed=0, fetch=lambda _: _npz(200, seed=2))
+        load_dataset(plan.dataset, seed=0, fetch=lambda _: changed)
 
 
 def test_a_plan_written_before_datasets_were_pinned_still_loads() -> None:
@@ -296,10 +301,10 @@ TINY_BERT = {
 }
 
 
-def _token_rows(x: np.ndarray) -> bytes:
+def _token_rows(x: np.ndarray) -> FetchedBytes:
     buffer = io.BytesIO()
     np.savez(buffer, X=x, y=np.arange(len(x)) % 3)
-    return buffer.getvalue()
+    return _fetched(buffer.getvalue())
 
 
 @pytest.mark.parametrize(

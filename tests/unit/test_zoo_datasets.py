@@ -425,3 +425,10 @@ def test_an_npz_is_split_into_views_of_one_shuffled_copy_holding_every_row_once(
     assert sorted(rows[:, 0].tolist()) == x[:, 0].tolist()
     assert len(data.x_test) == round(200 * datasets.TEST_FRACTION)
     assert np.array_equal(data.y_train, (data.x_train[:, 0] // 3).astype(np.int64) % 4)
+
+
+def test_a_blockwise_check_reaches_the_rows_of_the_last_partial_block() -> None:
+    x = np.zeros((10, 3), dtype=np.float32)
+    assert datasets.every_block(x, lambda rows: not rows.any(), rows_at_once=4)
+    x[9, 2] = 1.0
+    assert not datasets.every_block(x, lambda rows: not rows.any(), rows_at_once=4)

@@ -8,7 +8,6 @@ a different class count the ``head`` is rebuilt (seeded) and everything else is 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -62,7 +61,7 @@ class PreparedJob:
     dataset: datasets.Dataset
 
 
-FetchDataset = Callable[[str], bytes]  # s3://bucket/key.npz -> bytes
+FetchDataset = Callable[[str], datasets.FetchedBytes]  # s3://bucket/key.npz -> its bytes
 LoadBase = Callable[[Mapping[str, Any]], BaseModel]  # the job's `base` map -> model
 
 
@@ -73,10 +72,11 @@ def load_dataset(
     if uri.startswith("builtin:"):
         data = datasets.load_builtin(uri.removeprefix("builtin:"))
     elif uri.startswith("s3://") and fetch is not None:
-        raw = fetch(uri)
-        digest = hashlib.sha256(raw).hexdigest()
-        _check_pinned(uri, spec.get("sha256"), digest)
-        data = replace(datasets.from_npz(uri, raw, task=spec.get("task")), sha256=digest)
+        fetched = fetch(uri)
+        _check_pinned(uri, spec.get("sha256"), fetched.sha256)
+        data = replace(
+            datasets.from_npz(uri, fetched.data, task=spec.get("task")), sha256=fetched.sha256
+        )
     else:
         raise InvalidArgument(
             f"dataset.uri={uri!r} is not readable; use builtin:<name> or s3://bucket/key.npz"
@@ -93,11 +93,12 @@ def _check_token_ids(data: datasets.Dataset, vocab: int, arch: str) -> None:
     An id past the table failed a worker's step with a bare IndexError; fractions in [0, 1)
     were all read as the pad token, and a model of nothing trained and registered."""
     for split in (data.x_train, data.x_test):
-        if split.size and (split.min() < 0 or split.max() >= vocab or (split % 1).any()):
+        whole = datasets.every_block(split, lambda rows: not (rows % 1).any())
+        if split.size and (split.min() < 0 or split.max() >= vocab or not whole):
             raise InvalidArgument(
                 f"dataset {data.name}: arch {arch!r} reads X as token ids, whole numbers from 0 "
                 f"to {vocab - 1} (its vocab_size); X holds values from {split.min():g} to "
-                f"{split.max():g}{', some not whole' if (split % 1).any() else ''}: tokenize "
+                f"{split.max():g}{'' if whole else ', some not whole'}: tokenize "
                 "the text with the model's tokenizer"
             )
 

@@ -6,8 +6,9 @@ The registry may point an alias at several versions with whole-percent weights (
 always lands on the same version while the split stays the same: the key's sha256 picks the
 point on the 100-wide wheel, so the same key is sticky across requests and across servers.
 
-Splits are learned from the registry when an alias is first resolved and kept current by the
-alias-set events of ``maas.models.v1``; a rollback is an alias move like any other.
+Splits are learned from the registry when an alias is first resolved, and learned from it
+again on each alias-set event of ``maas.models.v1`` (the event says which alias moved; the
+registry says where); a rollback is an alias move like any other.
 """
 
 from __future__ import annotations
@@ -49,12 +50,6 @@ async def split_of(source: object, name: str, alias: str) -> AliasTargets:
         return ()
     targets: AliasTargets = await source.split(name, alias)
     return targets if len(targets) > 1 else ()
-
-
-def targets_of(event: Mapping[str, Any]) -> AliasTargets:
-    """The split an alias-set event carries; () when the alias points at one version."""
-    listed: Iterable[Mapping[str, Any]] = event.get("targets") or ()
-    return tuple((int(t["version"]), int(t["weight"])) for t in listed)
 
 
 class Splits:

@@ -32,10 +32,9 @@ import numpy as np
 
 from maas.errors import InvalidArgument, NotFound, Unavailable
 from maas.names import MAX_VERSION
-from maas.registry.types import DEFAULT_ALIAS, AliasTargets
 from services.inference.admission import InflightBytes
 from services.inference.batcher import BatchingConfig
-from services.inference.canary import Splits, split_of, targets_of
+from services.inference.canary import Splits, split_of
 from services.inference.loading import ModelLoader, ModelSource
 from services.inference.metrics import Metrics
 from services.inference.served import ModelCache, ServedModel
@@ -293,12 +292,15 @@ class DataPlane:
     # --- registry events (hot swap) ---------------------------------------------------------
 
     async def on_model_event(self, event: Mapping[str, Any]) -> None:
-        """Apply one ``maas.model/1`` event; slow work (loading) happens in the background."""
+        """Apply one ``maas.model/1`` event; slow work (loading) happens in the background.
+
+        An event says what changed, never what to serve: a moved alias is looked up in the
+        registry again, and what a deletion names is forgotten here for the next request to
+        resolve afresh. A record on the topic proves nothing (whoever may write the topic can
+        forge a well-formed one), and the registry is the one record of where aliases point."""
         kind, name = event["event"], event["name"]
-        if kind in ("alias-set", "alias-deleted"):
-            self._resplit(name, event["alias"], targets_of(event))
         if kind == "alias-set":
-            self._alias_set((name, event["alias"]), int(event["version"]))
+            self._alias_moved((name, event["alias"]))
         elif kind == "alias-deleted":
             self._drop_alias((name, event["alias"]))
         elif kind == "deleted":
@@ -313,13 +315,7 @@ class DataPlane:
             )
             self._metrics.forget_model(name, version)
         # Any event may change what the bare name resolves to (the registry decides).
-        self._alias_set((name, DEFAULT), None)
-
-    def _resplit(self, name: str, alias: str, targets: AliasTargets) -> None:
-        """A moved alias's split (``()``: one version); a bare name follows production's."""
-        for key in [(name, alias)] + ([(name, DEFAULT)] if alias == DEFAULT_ALIAS else []):
-            self.splits.set(key, targets)
-        self._serving.pop(name, None)
+        self._alias_moved((name, DEFAULT))
 
     def _bump(self, key: AliasKey) -> int:
         self._alias_gen[key] = self._alias_gen.get(key, 0) + 1
@@ -327,25 +323,26 @@ class DataPlane:
 
     def _drop_alias(self, key: AliasKey) -> None:
         self._bump(key)
+        self.splits.set(key, ())
         if self._aliases.pop(key, None) is not None:
             self._serving.pop(key[0], None)
 
-    def _alias_set(self, key: AliasKey, version: int | None) -> None:
-        """``key`` now points at ``version`` (None: ask the source) — swap in the background."""
+    def _alias_moved(self, key: AliasKey) -> None:
+        """``key`` may point elsewhere now: ask the registry, and swap in the background."""
         gen = self._bump(key)
-        current = self._aliases.get(key)
-        if current is None or current == version:
-            return  # not served here (the next request resolves afresh) or already there
-        task = asyncio.get_running_loop().create_task(self._swap(key, version, gen))
+        if key not in self._aliases:
+            self.splits.set(key, ())
+            return  # not served here: the next request resolves afresh
+        task = asyncio.get_running_loop().create_task(self._swap(key, gen))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _swap(self, key: AliasKey, version: int | None, gen: int) -> None:
+    async def _swap(self, key: AliasKey, gen: int) -> None:
         name, alias = key
         shown = f"{name}@{alias}" if alias else name
         try:
-            if version is None:
-                version = await self._source.resolve(name, alias)
+            version = await self._source.resolve(name, alias)
+            split = await split_of(self._source, name, alias)
             await self.model(name, str(version))
         except NotFound as exc:
             log.warning("%s no longer resolves (%s); the next request resolves afresh", shown, exc)
@@ -353,12 +350,16 @@ class DataPlane:
                 self._drop_alias(key)
             return
         except Exception as exc:
-            # Keep answering with the version that works; the failed one is logged and counted.
-            log.error("not swapping %s to version %s: %s", shown, version, exc)
+            # Keep answering with the version that works; the failure is logged and counted.
+            log.error("not swapping %s to where the registry points it: %s", shown, exc)
             self._metrics.swaps.labels(name, "failed").inc()
             return
-        if self._alias_gen.get(key) == gen and self._aliases.get(key) != version:
-            previous = self._aliases.get(key)
+        if self._alias_gen.get(key) != gen:
+            return  # a later event asked again; its answer counts
+        self.splits.set(key, split)
+        self._serving.pop(name, None)
+        previous = self._aliases.get(key)
+        if previous != version:
             self._point(key, version)
             self._metrics.swaps.labels(name, "ok").inc()
             log.info("swapped %s: version %s -> %d", shown, previous, version)

@@ -96,12 +96,30 @@ class Promoter:
         if (version.method or "train") not in PRIMARY_METHODS:
             return None  # a variant (maybe one a policy made)
         try:
-            policy = await self._registry.get_policy(name)
+            policy = await self._in_force(name, version.created_ms)
         except NotFound:
             return None
-        if policy.created_ms > version.created_ms:
-            return None  # a policy applies to the versions registered after it was set
+        if policy is None:
+            log.info("%s was registered before %s had a policy: none applies", version.ref, name)
+            return None
         return version, policy
+
+    async def _in_force(self, name: str, at_ms: int) -> PolicyVersion | None:
+        """The policy version of ``name`` in force at ``at_ms`` (the newest set by then), None
+        if it had none yet. The current one may have been set since: a version registered
+        under the one before, and read late (a plan ahead of it, a restart), was left out."""
+        current = await self._registry.get_policy(name)
+        if current.created_ms <= at_ms:
+            return current
+        found, low, high = None, 1, current.version - 1  # versions grow with created_ms
+        while low <= high:
+            middle = (low + high) // 2
+            policy = await self._registry.get_policy(name, middle)
+            if policy.created_ms <= at_ms:
+                found, low = policy, middle + 1
+            else:
+                high = middle - 1
+        return found
 
     async def _promote(
         self, policy: Policy, policy_version: int, parent: ModelVersion, outcome: Outcome

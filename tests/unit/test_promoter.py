@@ -40,6 +40,7 @@ class FakeRegistry:
     def __init__(self) -> None:
         self.versions = {1: version(1, "train", 1000, 0.96)}
         self.policy: PolicyVersion | None = PolicyVersion("m", 2, POLICY, "admin", 500)
+        self.earlier = {1: PolicyVersion("m", 1, POLICY, "admin", 400)}  # policy versions
         self.aliases: dict[str, int] = {}
         self.moves: list[AliasChange] = []
 
@@ -53,7 +54,7 @@ class FakeRegistry:
     async def get_policy(self, name: str, version: int | None = None) -> PolicyVersion:
         if self.policy is None:
             raise NotFound(f"model {name!r} has no policy")
-        return self.policy
+        return self.policy if version in (None, self.policy.version) else self.earlier[version]
 
     async def set_alias(self, name: str, alias: str, number: int, *, reason: str = ""):
         change = AliasChange(name, alias, self.aliases.get(alias), number, "services", 0, reason)
@@ -130,8 +131,21 @@ async def test_a_model_without_a_policy_is_left_alone(registry, plans):
 
 async def test_a_policy_set_after_the_version_was_registered_does_not_apply_to_it(registry, plans):
     registry.policy = replace(registry.policy, created_ms=5000)
+    registry.earlier[1] = replace(registry.earlier[1], created_ms=4000)
     assert await Promoter(registry, plans).handle(registered(1)) is None
     assert plans.jobs == []
+
+
+async def test_a_version_read_after_its_policy_changed_gets_the_policy_it_was_registered_under(
+    registry, plans
+):
+    staging = {"promote": {"alias": "staging", "rule": "best_accuracy"}}
+    registry.policy = replace(registry.policy, version=3, document=staging, created_ms=5000)
+    registry.earlier[2] = PolicyVersion("m", 2, POLICY, "admin", 900)  # in force at 1001
+    decision = await Promoter(registry, plans).handle(registered(1))
+    assert [job.job_id for job in plans.jobs] == ["policy-m-1"]
+    assert decision.version == 2 and registry.aliases == {"production": 2}
+    assert registry.moves[0].reason.startswith("promoter (policy v2)")
 
 
 async def test_alias_events_and_deleted_versions_are_ignored(registry, plans):

@@ -161,3 +161,25 @@ def test_a_huge_offending_value_is_clipped_in_the_reason():
     with pytest.raises(SchemaViolation) as caught:
         events.validate(job, events.JOB)
     assert len(caught.value.message) <= events.MAX_REASON_CHARS + 40
+
+
+@pytest.mark.parametrize(
+    ("event", "fields", "missing"),
+    [
+        ("registered", {}, "version"),
+        ("alias-set", {"alias": "production"}, "version"),
+        ("alias-set", {"version": 2}, "alias"),
+        ("alias-deleted", {}, "alias"),
+    ],
+)
+def test_a_model_event_without_the_field_its_kind_needs_is_refused_naming_it(
+    event, fields, missing
+):
+    record = events.new_event(events.MODEL, event=event, name="m", **fields)
+    with pytest.raises(SchemaViolation, match=rf"'{missing}' is a required property"):
+        events.validate(record, events.MODEL)
+
+
+def test_a_model_deleted_event_without_a_version_deletes_the_whole_model_and_is_valid():
+    record = events.new_event(events.MODEL, event="deleted", name="m")
+    assert events.validate(record, events.MODEL)["name"] == "m"

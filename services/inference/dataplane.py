@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from maas.errors import InvalidArgument, NotFound, Unavailable
+from maas.errors import InvalidArgument, NotFound, Unavailable, is_retriable
 from maas.names import MAX_VERSION
 from services.inference.admission import InflightBytes
 from services.inference.batcher import BatchingConfig
@@ -43,6 +43,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WAIT_S = 60.0  # MAAS_INFERENCE_LOAD_WAIT_S
 DEFAULT_INFLIGHT_BYTES = 1 << 30  # MAAS_INFERENCE_MAX_INFLIGHT_BYTES
+# A swap that failed for a reason that can pass is tried again after 1, 2, 4 ... 30 s.
+SWAP_RETRY_FIRST_S = 1.0
+SWAP_RETRY_MAX_S = 30.0
 DEFAULT = ""  # the alias-table key of a bare name: the registry's unversioned resolution
 T = TypeVar("T")
 AliasKey = tuple[str, str]  # (name, alias or DEFAULT)
@@ -338,22 +341,34 @@ class DataPlane:
         task.add_done_callback(self._background.discard)
 
     async def _swap(self, key: AliasKey, gen: int) -> None:
+        """Point ``key`` where the registry says, once that version is loaded. Meanwhile, and
+        for good where loading it fails for a reason of its own (a corrupt artifact), requests
+        keep the version that works; a failure that can pass (the registry or S3 away, a slow
+        load) is tried again, with backoff, until it succeeds or a later event asks again."""
         name, alias = key
         shown = f"{name}@{alias}" if alias else name
-        try:
-            version = await self._source.resolve(name, alias)
-            split = await split_of(self._source, name, alias)
-            await self.model(name, str(version))
-        except NotFound as exc:
-            log.warning("%s no longer resolves (%s); the next request resolves afresh", shown, exc)
-            if self._alias_gen.get(key) == gen:
-                self._drop_alias(key)
-            return
-        except Exception as exc:
-            # Keep answering with the version that works; the failure is logged and counted.
-            log.error("not swapping %s to where the registry points it: %s", shown, exc)
-            self._metrics.swaps.labels(name, "failed").inc()
-            return
+        delay = SWAP_RETRY_FIRST_S
+        while True:
+            try:
+                version = await self._source.resolve(name, alias)
+                split = await split_of(self._source, name, alias)
+                await self.model(name, str(version))
+                break
+            except NotFound as exc:
+                log.warning("%s no longer resolves (%s); the next request resolves it", shown, exc)
+                if self._alias_gen.get(key) == gen:
+                    self._drop_alias(key)
+                return
+            except Exception as exc:
+                self._metrics.swaps.labels(name, "failed").inc()
+                if not is_retriable(exc):
+                    log.error("not swapping %s to where the registry points it: %s", shown, exc)
+                    return
+                log.warning("swapping %s failed, trying again in %g s: %s", shown, delay, exc)
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, SWAP_RETRY_MAX_S)
+            if self._alias_gen.get(key) != gen:
+                return  # a later event asked again: its swap goes on instead
         if self._alias_gen.get(key) != gen:
             return  # a later event asked again; its answer counts
         self.splits.set(key, split)

@@ -8,7 +8,8 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from dataplane_kit import MLP, answer, assert_from, make_plane, model
 
-from maas.errors import NotFound
+from maas.errors import NotFound, Unavailable
+from services.inference import dataplane
 from services.inference.metrics import Metrics
 
 
@@ -151,3 +152,24 @@ async def test_a_request_after_an_alias_move_does_not_join_a_lookup_from_before_
     assert (await early)[0] == 1
     assert (await late)[0] == 2
     assert (await answer(plane))[0] == 2
+
+
+async def test_a_swap_that_fails_while_the_registry_is_away_is_tried_again(
+    source, pool, monkeypatch
+):
+    monkeypatch.setattr(dataplane, "SWAP_RETRY_FIRST_S", 0.01)
+    metrics = Metrics()
+    plane = make_plane(source, pool, metrics=metrics)
+    await answer(plane)
+    resolve, outage = source.resolve, [Unavailable("registry away"), Unavailable("still away")]
+
+    async def away_then_back(name, alias):
+        if outage:
+            raise outage.pop(0)
+        return await resolve(name, alias)
+
+    monkeypatch.setattr(source, "resolve", away_then_back)
+    await promote(source, plane, 2)
+    await plane.wait_background()
+    assert (await answer(plane))[0] == 2
+    assert metrics.swaps.labels("digits", "failed")._value.get() == 2

@@ -8,7 +8,9 @@ before the version was registered:
    registered for that job id).
 2. ``promote``: the rule picks among the version and its variants (accuracy and latency as the
    compressor measured them in this run) and the alias moves with the reason in its history.
-   A repeated event finds the alias already there and moves nothing.
+   A repeated event finds the alias already there and moves nothing; an old version's event
+   read again (a redelivery, a replay) never moves an alias that points into a newer version's
+   family, and a variant deleted while the plan ran is no candidate.
 
 Variants' own ``registered`` events are ignored, so a policy never feeds itself. Transport-neutral
 like the core: the Kafka consumer lives in ``service.py``.
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 
 from maas.errors import NotFound
 from maas.policy import ACTOR, Candidate, Decision, Policy, choose, parse_policy, policy_job_id
+from maas.recent import RecentKeys
 from maas.registry.types import (
     PRIMARY_METHODS,
     AliasChange,
@@ -29,10 +32,12 @@ from maas.registry.types import (
     ModelVersion,
     PolicyVersion,
 )
-from services.compressor.core import Outcome
+from services.compressor.core import MAX_LINEAGE_DEPTH, Outcome
 from services.compressor.job import CompressJob, plan_job
 
 log = logging.getLogger(__name__)
+
+REMEMBERED_PLANS = 10_000
 
 
 class PolicyRegistry(Protocol):
@@ -65,6 +70,8 @@ class Promoter:
     def __init__(self, registry: PolicyRegistry, compressor: Plans) -> None:
         self._registry = registry
         self._compressor = compressor
+        # Plans whose job said `succeeded`: a promotion failing after that is no job failure.
+        self.planned = RecentKeys(REMEMBERED_PLANS)
 
     async def handle(self, event: Mapping[str, Any]) -> Decision | None:
         """One ``maas.model/1`` event; None when it asks nothing of a policy."""
@@ -85,6 +92,7 @@ class Promoter:
             outcome = await self._compressor.run(job)
             if outcome.cancelled:
                 return None  # the plan was cancelled: nothing is promoted
+            self.planned.add(job.job_id)
         return await self._promote(policy, stored.version, version, outcome)
 
     async def _subject(self, name: str, number: int) -> tuple[ModelVersion, PolicyVersion] | None:
@@ -126,28 +134,72 @@ class Promoter:
     ) -> Decision | None:
         if policy.promote is None:
             return None
+        alias = policy.promote.alias
+        where = f"{parent.name}@{alias}"
+        current = await self._current(parent.name, alias)
+        newer = await self._newer_family(parent, current)
+        if newer:
+            log.info("%s stays: %s", where, newer)
+            return Decision(alias, None, newer)
+        live = [v for v in outcome.versions if await self._exists(v.ref)]
         decision = choose(
             policy.promote,
             candidate(parent, outcome.parent_metrics),
-            [candidate(v) for v in outcome.versions],
+            [candidate(v) for v in live],
         )
-        where = f"{parent.name}@{policy.promote.alias}"
         if decision.version is None:
             log.info("%s stays: %s", where, decision.reason)
             return decision
-        current = await self._current(parent.name, policy.promote.alias)
-        if current == decision.version:
+        if current is not None and current.version == decision.version:
             log.info("%s already points at %s", where, decision.version)
             return decision
         reason = f"{ACTOR} (policy v{policy_version}): {decision.reason}"
-        await self._registry.set_alias(
-            parent.name, policy.promote.alias, decision.version, reason=reason
-        )
+        try:
+            await self._registry.set_alias(parent.name, alias, decision.version, reason=reason)
+        except NotFound as exc:  # the pick was deleted since it was seen
+            log.warning("%s stays: its pick v%s is gone (%s)", where, decision.version, exc)
+            return Decision(alias, None, f"v{decision.version} was deleted")
         log.info("%s -> %s: %s", where, decision.version, reason)
         return decision
 
-    async def _current(self, name: str, alias: str) -> int | None:
+    async def _newer_family(self, subject: ModelVersion, current: ModelVersion | None) -> str:
+        """Why the alias must stay where it is, if it points into the family (the version or
+        its variants) of a version registered after ``subject``: an old ``registered`` event
+        read again (a redelivery, a replay) rolled a newer promotion back. "" otherwise."""
+        if current is None:
+            return ""
+        root = current
+        for _ in range(MAX_LINEAGE_DEPTH):
+            made_by = root.method or "train"
+            if made_by in PRIMARY_METHODS or root.parent is None or root.parent.version is None:
+                break
+            if root.parent.name != root.name:
+                break
+            try:
+                root = await self._registry.get(root.parent)
+            except NotFound:
+                return _newer(subject, current, root.parent.version)
+        return _newer(subject, current, root.version)
+
+    async def _exists(self, ref: ModelRef) -> bool:
+        """Whether a variant is still registered (one may be deleted while its plan runs)."""
         try:
-            return (await self._registry.get(ModelRef(name, alias=alias))).version
+            await self._registry.get(ref)
+        except NotFound:
+            return False
+        return True
+
+    async def _current(self, name: str, alias: str) -> ModelVersion | None:
+        try:
+            return await self._registry.get(ModelRef(name, alias=alias))
         except NotFound:
             return None
+
+
+def _newer(subject: ModelVersion, current: ModelVersion, root: int) -> str:
+    if root <= subject.version:
+        return ""
+    return (
+        f"it points at v{current.version}, from v{root}, registered after v{subject.version}: "
+        "an older version's event does not move it back"
+    )

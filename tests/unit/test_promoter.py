@@ -75,7 +75,7 @@ class FakePlans:
         self.jobs.append(job)
         if job.job_id not in self.made:
             number = max(self.registry.versions) + 1
-            variant = version(number, "quantize", 300, 0.955, fmt="int8")
+            variant = replace(version(number, "quantize", 300, 0.955, "int8"), parent=job.base)
             self.registry.versions[number] = variant
             self.made[job.job_id] = variant
         return Outcome({"accuracy": 0.96}, [self.made[job.job_id]])
@@ -178,3 +178,28 @@ async def test_a_cancelled_policy_plan_promotes_nothing(registry, plans):
     plans.run = cancelled
     assert await Promoter(registry, plans).handle(registered(1)) is None
     assert registry.aliases == {} and registry.moves == []
+
+
+async def test_an_old_versions_event_read_again_does_not_roll_a_newer_promotion_back(
+    registry, plans
+):
+    promoter = Promoter(registry, plans)
+    await promoter.handle(registered(1))  # v2: int8 of v1, promoted
+    registry.versions[3] = version(3, "train", 1000, 0.97)
+    await promoter.handle(registered(3))  # v4: int8 of v3, promoted
+    assert registry.aliases == {"production": 4}
+    decision = await promoter.handle(registered(1))
+    assert registry.aliases == {"production": 4} and len(registry.moves) == 2
+    assert decision.version is None and "from v3, registered after v1" in decision.reason
+
+
+async def test_a_variant_deleted_while_its_plan_ran_is_no_candidate(registry, plans):
+    class DeletingPlans(FakePlans):
+        async def run(self, job: CompressJob) -> Outcome:
+            outcome = await super().run(job)
+            for variant in outcome.versions:
+                del self.registry.versions[variant.version]  # deleted by hand meanwhile
+            return outcome
+
+    decision = await Promoter(registry, DeletingPlans(registry)).handle(registered(1))
+    assert decision.version == 1 and registry.aliases == {"production": 1}

@@ -9,6 +9,7 @@ maas models lineage NAME[@VERSION|@ALIAS]
 maas models history NAME [--alias A] [--at TIME]   alias moves with who and why
 maas models delete NAME VERSION
 maas models policy set NAME FILE.yaml    what happens to new versions (maas.policy)
+maas models policy clear NAME            stop it (new versions are left alone)
 maas models policy show NAME [--version N]
 """
 
@@ -27,6 +28,7 @@ from maas.cli_import import add_import_action
 from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
+from maas.policy import parse_policy
 from maas.registry.types import ModelRef, ModelVersion
 from maas.textfile import parse_yaml, read_text_file
 
@@ -139,8 +141,22 @@ async def _show(client: Any, args: argparse.Namespace) -> int:
 
 async def _policy_set(client: Any, args: argparse.Namespace) -> int:
     document = _policy_file(args.file)
+    if parse_policy(document).cleared:
+        raise InvalidArgument(
+            f"{args.file} sets nothing (a policy needs on_registered, promote, or both); to stop "
+            f"{args.name}'s policy, run: maas models policy clear {args.name}"
+        )
     stored = await client.set_policy(args.name, document)
     print(f"{stored.name}: policy version {stored.version} set")
+    return 0
+
+
+async def _policy_clear(client: Any, args: argparse.Namespace) -> int:
+    stored = await client.set_policy(args.name, {})
+    print(
+        f"{stored.name}: policy version {stored.version} set: none (versions registered from "
+        "now on are left alone)"
+    )
     return 0
 
 
@@ -150,6 +166,8 @@ async def _policy_show(client: Any, args: argparse.Namespace) -> int:
         f"# {policy.name} policy version {policy.version}, set by {policy.actor} "
         f"at {_when(policy.created_ms)}"
     )
+    if parse_policy(policy.document).cleared:
+        print("# none: cleared (versions registered under it are left alone)")
     print(yaml.safe_dump(policy.document, sort_keys=False).rstrip())
     return 0
 
@@ -369,6 +387,14 @@ def _add_policy_actions(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_runner(_policy_set))
     p.add_argument("name", help="the model the policy is for")
     p.add_argument("file", help="a YAML policy document")
+    p = command(
+        verbs,
+        "clear",
+        help="stop the policy: versions registered from now on are left alone",
+        example="maas models policy clear digits-mlp",
+    )
+    p.set_defaults(func=_runner(_policy_clear))
+    p.add_argument("name", help="the model whose policy to clear")
     p = command(
         verbs,
         "show",

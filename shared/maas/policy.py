@@ -11,6 +11,9 @@ A policy is stored per model in the registry (each set makes a new policy versio
       within: 0.01                  # smallest_within: accuracy it may lose (0.01 = 1 point)
       require: {accuracy: 0.9}      # no candidate below this is ever promoted
 
+An empty document (``{}``, what ``maas models policy clear`` stores) is no policy: versions
+registered after it are left alone, and the earlier versions stay in the history.
+
 The candidates of a promotion are the registered version and the variants its plan made. Plain
 Python: the registry validates policies with ``parse_policy`` (no torch) and the compressor's
 promoter decides with ``choose``.
@@ -53,6 +56,11 @@ class Promote:
 class Policy:
     compress_methods: tuple[dict[str, Any], ...] = ()  # empty: nothing to compress
     promote: Promote | None = None
+
+    @property
+    def cleared(self) -> bool:
+        """Whether this policy does nothing (``maas models policy clear``)."""
+        return not self.compress_methods and self.promote is None
 
     def to_doc(self) -> dict[str, Any]:
         """The document ``parse_policy`` reads back to an equal policy."""
@@ -129,10 +137,9 @@ def _promote(section: Any) -> Promote:
 
 
 def parse_policy(doc: Any) -> Policy:
-    """A policy document -> a checked Policy, or InvalidArgument naming the field."""
+    """A policy document -> a checked Policy, or InvalidArgument naming the field; ``{}`` is
+    the cleared policy (nothing to compress, nothing to promote)."""
     doc = _keys(doc, "policy", _TOP_KEYS)
-    if not doc:
-        raise InvalidArgument("a policy needs on_registered, promote, or both")
     methods = _compress_methods(doc["on_registered"]) if "on_registered" in doc else ()
     promote = _promote(doc["promote"]) if "promote" in doc else None
     return Policy(methods, promote)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from maas.cli import build_parser
-from maas.cli_models import _alias, _policy_set, _policy_show, _show
+from maas.cli_models import _alias, _policy_clear, _policy_set, _policy_show, _show
 from maas.errors import InvalidArgument, NotFound
 from maas.registry.types import AliasChange, ModelVersion, PolicyVersion
 
@@ -43,7 +43,7 @@ def parse(*words: str) -> argparse.Namespace:
     return build_parser().parse_args(["models", *words])
 
 
-ACTIONS = {"alias": _alias, "set": _policy_set, "show": _policy_show}
+ACTIONS = {"alias": _alias, "set": _policy_set, "clear": _policy_clear, "show": _policy_show}
 
 
 async def run(args: argparse.Namespace, client: Client) -> None:
@@ -83,6 +83,22 @@ async def test_policy_set_reads_the_yaml_file(tmp_path: Path, capsys):
 async def test_policy_set_of_a_missing_file_says_which(tmp_path: Path):
     with pytest.raises(InvalidArgument, match="cannot read policy file"):
         await run(parse("policy", "set", "digits", str(tmp_path / "none.yaml")), Client())
+
+
+async def test_policy_set_of_a_file_that_sets_nothing_points_at_clear(tmp_path: Path):
+    file = tmp_path / "empty.yaml"
+    file.write_text("{}\n")
+    client = Client()
+    with pytest.raises(InvalidArgument, match="run: maas models policy clear digits"):
+        await run(parse("policy", "set", "digits", str(file)), client)
+    assert client.calls == []
+
+
+async def test_policy_clear_stores_the_empty_policy(capsys):
+    client = Client()
+    await run(parse("policy", "clear", "digits"), client)
+    assert client.calls == [("set_policy", "digits", {})]
+    assert "none (versions registered from now on are left alone)" in capsys.readouterr().out
 
 
 async def test_policy_show_prints_the_document_as_yaml(capsys):

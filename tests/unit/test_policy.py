@@ -35,7 +35,6 @@ def test_a_full_policy_reads_back_from_its_document_unchanged():
 @pytest.mark.parametrize(
     ("doc", "names"),
     [
-        ({}, "on_registered, promote"),
         ({"promot": {}}, "policy.promot"),
         ({"on_registered": {"compress": {"methods": [{"quantize": {"dtype": "int9"}}]}}},
          "on_registered.compress.methods.0.quantize.dtype"),
@@ -100,3 +99,9 @@ def test_nothing_is_promoted_when_no_candidate_meets_the_requirement():
 def test_a_candidate_without_a_measured_accuracy_is_never_smallest_within():
     unmeasured = Candidate(9, "int8", 10, {})
     assert choose(promote("smallest_within"), PARENT, [unmeasured]).version == 3
+
+
+def test_the_empty_document_is_the_cleared_policy_that_does_nothing():
+    policy = parse_policy({})
+    assert policy.cleared and policy.to_doc() == {}
+    assert not parse_policy({"promote": {"alias": "production", "rule": "best_accuracy"}}).cleared

@@ -203,3 +203,9 @@ async def test_a_variant_deleted_while_its_plan_ran_is_no_candidate(registry, pl
 
     decision = await Promoter(registry, DeletingPlans(registry)).handle(registered(1))
     assert decision.version == 1 and registry.aliases == {"production": 1}
+
+
+async def test_a_cleared_policy_leaves_new_versions_alone(registry, plans):
+    registry.policy = replace(registry.policy, document={})
+    assert await Promoter(registry, plans).handle(registered(1)) is None
+    assert plans.jobs == [] and registry.moves == []

@@ -131,6 +131,10 @@ class Outcome:
     cancelled: bool = False
 
 
+# Acts on a finished job's outcome before it says succeeded; returns the reason it carries.
+Conclude = Callable[[Outcome], Awaitable[str]]
+
+
 def dataset_mismatch(uri: str, row: int, features: int, ref: str, arch: str) -> str:
     """Why the dataset's rows (``row`` values) do not fit the model that reads ``features``: a
     text model's rows are token ids, as many as its max_seq_length, not features."""
@@ -168,6 +172,8 @@ class Compressor:
         self._latency_repeats = latency_repeats
         self._finished: dict[str, str] = {}  # job id -> the fingerprint of the job run under it
         self._cancelled = RecentKeys(REMEMBERED_CANCELS)
+        self._one_job = asyncio.Lock()
+        self._current = ""  # the id of the job (or plan) running
 
     def cancel(self, job_id: str) -> None:
         """End ``job_id`` before its next variant is registered, or before it starts."""
@@ -199,11 +205,30 @@ class Compressor:
         if self._is_cancelled(job_id):
             raise _Cancelled(done)
 
-    async def run(self, job: CompressJob) -> Outcome:
+    async def run(self, job: CompressJob, *, conclude: Conclude | None = None) -> Outcome:
         """Run a job's plans, registering each variant not yet registered for its id; a
-        cancelled job ends ``cancelled`` with the variants registered before the cancel."""
+        cancelled job ends ``cancelled`` with the variants registered before the cancel.
+        ``conclude`` (a policy's promotion) acts on the outcome before the job says
+        ``succeeded``, which carries what it returns as the reason: a job ends once.
+
+        One job at a time, compress jobs and policy plans alike (they share the cores): one
+        that arrives while another runs is told ``queued``, naming that one."""
+        if self._one_job.locked():
+            reason = (
+                f"waiting for job {self._current} to finish: the compressor runs one job at a "
+                "time, compress jobs and policy plans alike"
+            )
+            await self._publish(status(job.job_id, "queued", reason=reason))
+        async with self._one_job:
+            self._current = job.job_id
+            try:
+                return await self._run_cancellable(job, conclude)
+            finally:
+                self._current = ""
+
+    async def _run_cancellable(self, job: CompressJob, conclude: Conclude | None) -> Outcome:
         try:
-            return await self._run(job)
+            return await self._run(job, conclude)
         except _Cancelled as cancelled:
             log.info("job %s cancelled after %d of its variants", job.job_id, cancelled.done)
             await self._publish(
@@ -217,7 +242,7 @@ class Compressor:
             )
             return Outcome({}, [], cancelled=True)
 
-    async def _run(self, job: CompressJob) -> Outcome:
+    async def _run(self, job: CompressJob, conclude: Conclude | None) -> Outcome:
         total = len(job.plans)
         self._stop_if_cancelled(job.job_id, 0)
         # A policy's plan has no job event, so no fingerprint to say.
@@ -235,8 +260,11 @@ class Compressor:
             version = done.get(index) or await self._compress_one(job, index, plan, parent, name)
             versions.append(version)
             await self._publish(progress_status(job.job_id, "running", index + 1, total, versions))
-        await self._publish(progress_status(job.job_id, "succeeded", total, total, versions))
-        return Outcome(parent.metrics, versions)
+        outcome = Outcome(parent.metrics, versions)
+        said = await conclude(outcome) if conclude is not None else ""
+        ending = progress_status(job.job_id, "succeeded", total, total, versions)
+        await self._publish({**ending, "reason": said} if said else ending)
+        return outcome
 
     async def _load_parent(self, job: CompressJob) -> Parent:
         # fetch verifies every file against the sha256 the registry recorded: a tampered

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 from maas.errors import NotFound
 from maas.policy import ACTOR, Candidate, Decision, Policy, choose, parse_policy, policy_job_id
-from maas.recent import RecentKeys
 from maas.registry.types import (
     PRIMARY_METHODS,
     AliasChange,
@@ -32,12 +31,10 @@ from maas.registry.types import (
     ModelVersion,
     PolicyVersion,
 )
-from services.compressor.core import MAX_LINEAGE_DEPTH, Outcome
+from services.compressor.core import MAX_LINEAGE_DEPTH, Conclude, Outcome
 from services.compressor.job import CompressJob, plan_job
 
 log = logging.getLogger(__name__)
-
-REMEMBERED_PLANS = 10_000
 
 
 class PolicyRegistry(Protocol):
@@ -61,17 +58,16 @@ def candidate(version: ModelVersion, measured: Mapping[str, float] | None = None
 
 
 class Plans(Protocol):
-    """What the promoter needs of ``Compressor``: run a plan, registering each variant once."""
+    """What the promoter needs of ``Compressor``: run a plan, registering each variant once,
+    and conclude it (the promotion) before its job says succeeded."""
 
-    async def run(self, job: CompressJob) -> Outcome: ...
+    async def run(self, job: CompressJob, *, conclude: Conclude | None = None) -> Outcome: ...
 
 
 class Promoter:
     def __init__(self, registry: PolicyRegistry, compressor: Plans) -> None:
         self._registry = registry
         self._compressor = compressor
-        # Plans whose job said `succeeded`: a promotion failing after that is no job failure.
-        self.planned = RecentKeys(REMEMBERED_PLANS)
 
     async def handle(self, event: Mapping[str, Any]) -> Decision | None:
         """One ``maas.model/1`` event; None when it asks nothing of a policy."""
@@ -82,18 +78,23 @@ class Promoter:
             return None
         version, stored = found
         policy = parse_policy(stored.document)
-        outcome = Outcome(version.metrics, [])
-        if policy.compress_methods:
-            job = plan_job(
-                policy_job_id(version.name, version.version),
-                version.ref,
-                policy.compress_methods,
+        if not policy.compress_methods:
+            return await self._promote(
+                policy, stored.version, version, Outcome(version.metrics, [])
             )
-            outcome = await self._compressor.run(job)
-            if outcome.cancelled:
-                return None  # the plan was cancelled: nothing is promoted
-            self.planned.add(job.job_id)
-        return await self._promote(policy, stored.version, version, outcome)
+        decided: list[Decision | None] = []
+
+        async def promote(outcome: Outcome) -> str:
+            decision = await self._promote(policy, stored.version, version, outcome)
+            decided.append(decision)
+            return "" if decision is None else _said(version.name, decision)
+
+        job = plan_job(
+            policy_job_id(version.name, version.version), version.ref, policy.compress_methods
+        )
+        outcome = await self._compressor.run(job, conclude=promote)
+        # Cancelled: the plan stopped before its promotion, and nothing is promoted.
+        return None if outcome.cancelled else decided[0]
 
     async def _subject(self, name: str, number: int) -> tuple[ModelVersion, PolicyVersion] | None:
         """The version and the policy that applies to it, if one does."""
@@ -194,6 +195,14 @@ class Promoter:
             return await self._registry.get(ModelRef(name, alias=alias))
         except NotFound:
             return None
+
+
+def _said(name: str, decision: Decision) -> str:
+    """A promotion decision as the plan's job status says it."""
+    where = f"{name}@{decision.alias}"
+    if decision.version is None:
+        return f"promotion: {where} stays: {decision.reason}"
+    return f"promotion: {where} -> {decision.version}: {decision.reason}"
 
 
 def _newer(subject: ModelVersion, current: ModelVersion, root: int) -> str:

@@ -210,16 +210,12 @@ class CompressorService:
             self.metrics.promotions.labels("moved" if decision.version else "none").inc()
 
     async def _policy_failed(self, letter: DeadLetter) -> None:
-        """A policy's plan that cannot run fails its job id, so a watcher learns why; once the
-        plan's job said `succeeded`, a promotion that cannot be made is logged and counted
-        (a job ends once)."""
+        """A policy's plan (or its promotion, which comes before its job says succeeded) that
+        cannot be made fails its job id, so a watcher learns why."""
         event = letter.event or {}
         if event.get("event") == "registered" and "version" in event:
             job_id = policy_job_id(str(event["name"]), int(event["version"]))
-            if job_id in self.promoter.planned:
-                log.error("job %s succeeded, but its promotion failed: %s", job_id, letter.message)
-                self.metrics.promotions.labels("failed").inc()
-                return
+            self.metrics.promotions.labels("failed").inc()
             await self._publish(failed_status(job_id, letter.code, letter.message))
 
     async def _failed(self, letter: DeadLetter) -> None:

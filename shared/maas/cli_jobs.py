@@ -214,6 +214,8 @@ async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jo
             final = summary
     if final.state == "succeeded":
         console().print(f"[green]succeeded[/green]{_registered(final)} {_describe(final)}")
+        if final.reason:
+            console().print(f"  {final.reason}")
         return final
     if final.state == "cancelled":
         console().print(f"[yellow]cancelled[/yellow] at step {final.step}")

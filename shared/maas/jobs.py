@@ -152,6 +152,7 @@ class JobSummary:
     model: dict[str, Any] | None = None
     models: list[dict[str, Any]] = field(default_factory=list)  # every version registered
     error: dict[str, str] | None = None
+    reason: str = ""  # the latest status's (queued: what it waits for; succeeded: a promotion)
     updated_ms: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
 
@@ -168,6 +169,7 @@ class JobSummary:
         self.model = event.get("model") or self.model
         self.models = event.get("models") or self.models or ([self.model] if self.model else [])
         self.error = event.get("error") or self.error
+        self.reason = str(event.get("reason") or "")
 
     @property
     def done(self) -> bool:

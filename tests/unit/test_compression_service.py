@@ -410,3 +410,39 @@ def test_a_text_model_and_a_dataset_of_other_rows_are_told_apart_in_tokens() -> 
     assert "has rows of 256 tokens but imp@1 reads rows of 64 tokens (its max_seq_length)" in said
     said = dataset_mismatch("builtin:x", 32, 64, "imp@1", "mlp")
     assert "has 32 features per row but imp@1 takes 64" in said
+
+
+async def test_a_plan_arriving_while_a_job_runs_is_queued_naming_it_and_runs_after(
+    core, registry, statuses
+):
+    register, reached, release = registry.register, asyncio.Event(), asyncio.Event()
+
+    async def held_register(*args, **kwargs):
+        reached.set()
+        await release.wait()
+        return await register(*args, **kwargs)
+
+    registry.register = held_register
+    first = asyncio.create_task(core.handle(job()))
+    await reached.wait()
+    plan = plan_job("policy-digits-1", ModelRef("digits", version=1), [{"quantize": {}}])
+    second = asyncio.create_task(core.run(plan))
+    while not any(s["job_id"] == "policy-digits-1" for s in statuses):
+        await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.gather(first, second)
+    order = [(s["job_id"], s["state"]) for s in statuses]
+    queued = next(s for s in statuses if s["job_id"] == "policy-digits-1")
+    assert queued["state"] == "queued" and "waiting for job job-1" in queued["reason"]
+    assert order.index(("job-1", "succeeded")) < order.index(("policy-digits-1", "accepted"))
+
+
+async def test_a_conclusion_acts_before_the_job_says_succeeded_and_is_its_reason(core, statuses):
+    async def conclude(outcome) -> str:
+        assert statuses[-1]["state"] == "running"  # not succeeded yet
+        return f"promotion: digits@production -> {outcome.versions[-1].version}"
+
+    plan = plan_job("policy-digits-1", ModelRef("digits", version=1), [{"quantize": {}}])
+    await core.run(plan, conclude=conclude)
+    assert statuses[-1]["state"] == "succeeded"
+    assert statuses[-1]["reason"] == "promotion: digits@production -> 2"

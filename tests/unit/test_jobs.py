@@ -271,6 +271,16 @@ def test_a_summary_follows_progress_to_the_registered_model():
     assert summary.model == {"name": "m", "version": 3}
 
 
+def test_a_summary_keeps_the_reason_of_its_latest_status_only():
+    summary = jobs.JobSummary("j")
+    summary.apply(status("queued", reason="waiting for job a to finish"))
+    assert summary.reason == "waiting for job a to finish"
+    summary.apply(status("running", step=1, total_steps=2))
+    assert summary.reason == ""
+    summary.apply(status("succeeded", step=2, reason="promotion: m@production -> 3"))
+    assert summary.reason == "promotion: m@production -> 3"
+
+
 def test_a_summary_lists_every_model_a_compress_job_registered():
     summary = jobs.JobSummary("j")
     variants = [{"name": "m", "version": 2, "method": "quantize"}, {"name": "m", "version": 3}]

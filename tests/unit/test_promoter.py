@@ -71,14 +71,16 @@ class FakePlans:
         self.jobs: list[CompressJob] = []
         self.made: dict[str, ModelVersion] = {}
 
-    async def run(self, job: CompressJob) -> Outcome:
+    async def run(self, job: CompressJob, *, conclude=None) -> Outcome:
         self.jobs.append(job)
         if job.job_id not in self.made:
             number = max(self.registry.versions) + 1
             variant = replace(version(number, "quantize", 300, 0.955, "int8"), parent=job.base)
             self.registry.versions[number] = variant
             self.made[job.job_id] = variant
-        return Outcome({"accuracy": 0.96}, [self.made[job.job_id]])
+        outcome = Outcome({"accuracy": 0.96}, [self.made[job.job_id]])
+        self.said = await conclude(outcome) if conclude else ""  # what `succeeded` would carry
+        return outcome
 
 
 @pytest.fixture
@@ -169,10 +171,18 @@ async def test_nothing_moves_when_no_candidate_meets_the_requirement(registry, p
     registry.policy = replace(registry.policy, document=parse_policy(strict).to_doc())
     decision = await Promoter(registry, plans).handle(registered(1))
     assert decision.version is None and registry.moves == []
+    assert plans.said == (
+        "promotion: m@production stays: no candidate meets require.accuracy >= 0.990"
+    )
+
+
+async def test_the_plans_job_ends_saying_where_the_alias_moved(registry, plans):
+    await Promoter(registry, plans).handle(registered(1))
+    assert plans.said.startswith("promotion: m@production -> 2: smallest within 1.0 point")
 
 
 async def test_a_cancelled_policy_plan_promotes_nothing(registry, plans):
-    async def cancelled(job: CompressJob) -> Outcome:
+    async def cancelled(job: CompressJob, *, conclude=None) -> Outcome:
         return Outcome({}, [], cancelled=True)
 
     plans.run = cancelled
@@ -195,11 +205,13 @@ async def test_an_old_versions_event_read_again_does_not_roll_a_newer_promotion_
 
 async def test_a_variant_deleted_while_its_plan_ran_is_no_candidate(registry, plans):
     class DeletingPlans(FakePlans):
-        async def run(self, job: CompressJob) -> Outcome:
-            outcome = await super().run(job)
-            for variant in outcome.versions:
-                del self.registry.versions[variant.version]  # deleted by hand meanwhile
-            return outcome
+        async def run(self, job: CompressJob, *, conclude=None) -> Outcome:
+            async def deleted_then_concluded(outcome: Outcome) -> str:
+                for variant in outcome.versions:
+                    del self.registry.versions[variant.version]  # deleted by hand meanwhile
+                return await conclude(outcome)
+
+            return await super().run(job, conclude=deleted_then_concluded)
 
     decision = await Promoter(registry, DeletingPlans(registry)).handle(registered(1))
     assert decision.version == 1 and registry.aliases == {"production": 1}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from maas.errors import NotFound
@@ -78,14 +79,15 @@ class Promoter:
             return None
         version, stored = found
         policy = parse_policy(stored.document)
+        alias = policy.promote.alias if policy.promote else None
+        before = await self._current(version.name, alias) if alias else None
+        subject = _Subject(version, stored.version, policy, before)
         if not policy.compress_methods:
-            return await self._promote(
-                policy, stored.version, version, Outcome(version.metrics, [])
-            )
+            return await self._promote(subject, Outcome(version.metrics, []))
         decided: list[Decision | None] = []
 
         async def promote(outcome: Outcome) -> str:
-            decision = await self._promote(policy, stored.version, version, outcome)
+            decision = await self._promote(subject, outcome)
             decided.append(decision)
             return "" if decision is None else _said(version.name, decision)
 
@@ -105,48 +107,49 @@ class Promoter:
         if (version.method or "train") not in PRIMARY_METHODS:
             return None  # a variant (maybe one a policy made)
         try:
-            policy = await self._in_force(name, version.created_ms)
+            current = await self._registry.get_policy(name)
         except NotFound:
             return None
+        if _cleared(current):
+            log.info(
+                "%s: %s's policy is cleared (v%d): none applies", version.ref, name, current.version
+            )
+            return None
+        policy = await self._in_force(current, version.created_ms)
         if policy is None:
             log.info("%s was registered before %s had a policy: none applies", version.ref, name)
             return None
         return version, policy
 
-    async def _in_force(self, name: str, at_ms: int) -> PolicyVersion | None:
-        """The policy version of ``name`` in force at ``at_ms`` (the newest set by then), None
-        if it had none yet. The current one may have been set since: a version registered
-        under the one before, and read late (a plan ahead of it, a restart), was left out."""
-        current = await self._registry.get_policy(name)
+    async def _in_force(self, current: PolicyVersion, at_ms: int) -> PolicyVersion | None:
+        """The policy version in force at ``at_ms`` (the newest set by then), None if there was
+        none yet. ``current`` may have been set since: a version registered under the one
+        before, and read late (a plan ahead of it, a restart), was left out."""
         if current.created_ms <= at_ms:
             return current
         found, low, high = None, 1, current.version - 1  # versions grow with created_ms
         while low <= high:
             middle = (low + high) // 2
-            policy = await self._registry.get_policy(name, middle)
+            policy = await self._registry.get_policy(current.name, middle)
             if policy.created_ms <= at_ms:
                 found, low = policy, middle + 1
             else:
                 high = middle - 1
         return found
 
-    async def _promote(
-        self, policy: Policy, policy_version: int, parent: ModelVersion, outcome: Outcome
-    ) -> Decision | None:
-        if policy.promote is None:
+    async def _promote(self, subject: _Subject, outcome: Outcome) -> Decision | None:
+        promote, parent = subject.policy.promote, subject.version
+        if promote is None:
             return None
-        alias = policy.promote.alias
-        where = f"{parent.name}@{alias}"
-        current = await self._current(parent.name, alias)
-        newer = await self._newer_family(parent, current)
-        if newer:
-            log.info("%s stays: %s", where, newer)
-            return Decision(alias, None, newer)
+        where = f"{parent.name}@{promote.alias}"
+        current = await self._current(parent.name, promote.alias)
+        why_not = await self._stands_down(subject, current)
+        if why_not:
+            log.info("%s stays: %s", where, why_not)
+            return Decision(promote.alias, None, why_not)
         live = [v for v in outcome.versions if await self._exists(v.ref)]
         decision = choose(
-            policy.promote,
-            candidate(parent, outcome.parent_metrics),
-            [candidate(v) for v in live],
+            promote, candidate(parent, outcome.parent_metrics), [candidate(v) for v in live]
         )
         if decision.version is None:
             log.info("%s stays: %s", where, decision.reason)
@@ -154,14 +157,32 @@ class Promoter:
         if current is not None and current.version == decision.version:
             log.info("%s already points at %s", where, decision.version)
             return decision
-        reason = f"{ACTOR} (policy v{policy_version}): {decision.reason}"
+        reason = f"{ACTOR} (policy v{subject.policy_version}): {decision.reason}"
         try:
-            await self._registry.set_alias(parent.name, alias, decision.version, reason=reason)
+            await self._registry.set_alias(
+                parent.name, promote.alias, decision.version, reason=reason
+            )
         except NotFound as exc:  # the pick was deleted since it was seen
             log.warning("%s stays: its pick v%s is gone (%s)", where, decision.version, exc)
-            return Decision(alias, None, f"v{decision.version} was deleted")
+            return Decision(promote.alias, None, f"v{decision.version} was deleted")
         log.info("%s -> %s: %s", where, decision.version, reason)
         return decision
+
+    async def _stands_down(self, subject: _Subject, current: ModelVersion | None) -> str:
+        (
+            """Why the alias must stay where it is ("""
+            + '""'
+            + """ when it may move): a person moved it, or cleared
+        the policy, while the plan ran; or it points into a newer version's family."""
+        )
+        if _number(current) != _number(subject.before):
+            return (
+                f"it moved (v{_number(subject.before)} -> v{_number(current)}) while the plan ran:"
+                " a move made meanwhile stands"
+            )
+        if _cleared(await self._registry.get_policy(subject.version.name)):
+            return "the policy was cleared while the plan ran"
+        return await self._newer_family(subject.version, current)
 
     async def _newer_family(self, subject: ModelVersion, current: ModelVersion | None) -> str:
         """Why the alias must stay where it is, if it points into the family (the version or
@@ -195,6 +216,25 @@ class Promoter:
             return await self._registry.get(ModelRef(name, alias=alias))
         except NotFound:
             return None
+
+
+@dataclass(frozen=True)
+class _Subject:
+    """A registered version, the policy that applies to it, and where its alias pointed when
+    the promoter took it up."""
+
+    version: ModelVersion
+    policy_version: int
+    policy: Policy
+    before: ModelVersion | None
+
+
+def _number(version: ModelVersion | None) -> int | None:
+    return None if version is None else version.version
+
+
+def _cleared(policy: PolicyVersion) -> bool:
+    return parse_policy(policy.document).cleared
 
 
 def _said(name: str, decision: Decision) -> str:

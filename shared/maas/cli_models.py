@@ -9,7 +9,7 @@ maas models lineage NAME[@VERSION|@ALIAS]
 maas models history NAME [--alias A] [--at TIME]   alias moves with who and why
 maas models delete NAME VERSION
 maas models policy set NAME FILE.yaml    what happens to new versions (maas.policy)
-maas models policy clear NAME            stop it (new versions are left alone)
+maas models policy clear NAME            stop it: no plan or promotion from now on
 maas models policy show NAME [--version N]
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
@@ -148,14 +149,22 @@ async def _policy_set(client: Any, args: argparse.Namespace) -> int:
         )
     stored = await client.set_policy(args.name, document)
     print(f"{stored.name}: policy version {stored.version} set")
+    try:
+        await client.get(ModelRef(args.name))
+    except NotFound:  # allowed (a policy may come first), but a misspelt name looks the same
+        print(
+            f"note: no model {args.name!r} is registered yet; the policy applies to its first "
+            "version (maas models list shows the names there are)",
+            file=sys.stderr,
+        )
     return 0
 
 
 async def _policy_clear(client: Any, args: argparse.Namespace) -> int:
     stored = await client.set_policy(args.name, {})
     print(
-        f"{stored.name}: policy version {stored.version} set: none (versions registered from "
-        "now on are left alone)"
+        f"{stored.name}: policy version {stored.version} set: none (no plan or promotion from "
+        "now on, pending ones included)"
     )
     return 0
 
@@ -167,7 +176,7 @@ async def _policy_show(client: Any, args: argparse.Namespace) -> int:
         f"at {_when(policy.created_ms)}"
     )
     if parse_policy(policy.document).cleared:
-        print("# none: cleared (versions registered under it are left alone)")
+        print("# none: cleared (no plan or promotion while it is the current policy)")
     print(yaml.safe_dump(policy.document, sort_keys=False).rstrip())
     return 0
 
@@ -390,7 +399,7 @@ def _add_policy_actions(actions: argparse._SubParsersAction) -> None:
     p = command(
         verbs,
         "clear",
-        help="stop the policy: versions registered from now on are left alone",
+        help="stop the policy: no plan or promotion from now on, pending ones included",
         example="maas models policy clear digits-mlp",
     )
     p.set_defaults(func=_runner(_policy_clear))

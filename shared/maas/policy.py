@@ -11,8 +11,9 @@ A policy is stored per model in the registry (each set makes a new policy versio
       within: 0.01                  # smallest_within: accuracy it may lose (0.01 = 1 point)
       require: {accuracy: 0.9}      # no candidate below this is ever promoted
 
-An empty document (``{}``, what ``maas models policy clear`` stores) is no policy: versions
-registered after it are left alone, and the earlier versions stay in the history.
+An empty document (``{}``, what ``maas models policy clear`` stores) is no policy: while it is
+the current one no plan starts and no promotion is made (plans pending or running included);
+the earlier policy versions stay in the history.
 
 The candidates of a promotion are the registered version and the variants its plan made. Plain
 Python: the registry validates policies with ``parse_policy`` (no torch) and the compressor's
@@ -39,9 +40,12 @@ _PROMOTE_KEYS = ("alias", "rule", "within", "require")
 _REQUIRE_KEYS = ("accuracy",)
 
 
+POLICY_JOB_PREFIX = "policy-"  # reserved: a job event may not take an id that starts so
+
+
 def policy_job_id(name: str, version: int) -> str:
     """The job id under which a policy's plan for ``name@version`` runs (and can be watched)."""
-    return f"policy-{name}-{version}"
+    return f"{POLICY_JOB_PREFIX}{name}-{version}"
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,11 @@ class Client:
         self.calls.append(("set_policy", name, document))
         return PolicyVersion(name, 2, document, "admin", 0)
 
+    async def get(self, ref):
+        if ref.name != "digits":
+            raise NotFound(f"model {ref.name!r} is not registered")
+        return ModelVersion(ref.name, 3, "mlp", "dense", b"{}", "", (), "maas-models", "x/3/")
+
     async def get_policy(self, name, version=None):
         if name != "digits":
             raise NotFound(f"model {name!r} has no policy")
@@ -80,6 +85,13 @@ async def test_policy_set_reads_the_yaml_file(tmp_path: Path, capsys):
     assert "policy version 2" in capsys.readouterr().out
 
 
+async def test_policy_set_for_a_model_not_registered_yet_says_so(tmp_path: Path, capsys):
+    file = tmp_path / "policy.yaml"
+    file.write_text("promote:\n  alias: production\n  rule: best_accuracy\n")
+    await run(parse("policy", "set", "digts", str(file)), Client())
+    assert "no model 'digts' is registered yet" in capsys.readouterr().err
+
+
 async def test_policy_set_of_a_missing_file_says_which(tmp_path: Path):
     with pytest.raises(InvalidArgument, match="cannot read policy file"):
         await run(parse("policy", "set", "digits", str(tmp_path / "none.yaml")), Client())
@@ -98,7 +110,7 @@ async def test_policy_clear_stores_the_empty_policy(capsys):
     client = Client()
     await run(parse("policy", "clear", "digits"), client)
     assert client.calls == [("set_policy", "digits", {})]
-    assert "none (versions registered from now on are left alone)" in capsys.readouterr().out
+    assert "none (no plan or promotion from now on" in capsys.readouterr().out
 
 
 async def test_policy_show_prints_the_document_as_yaml(capsys):

@@ -390,3 +390,14 @@ def test_submitting_a_job_that_already_ran_publishes_nothing_and_reports_that_ru
     args = build_parser().parse_args(["jobs", "submit", str(path), "--watch"])
     assert args.func(args, SETTINGS) == 1
     assert "job mine already ran: failed" in capsys.readouterr().out
+
+
+def test_a_job_id_of_the_policy_plans_form_is_refused_before_it_is_sent():
+    doc = train_doc(job_id="policy-digits-mlp-3")
+    with pytest.raises(InvalidArgument, match=r"'policy-' are the policy plans' own"):
+        check(doc)
+
+
+def test_a_cancel_may_name_a_policy_plan():
+    cancel = events.new_event(events.JOB, job_id="policy-digits-mlp-3", type="cancel")
+    assert jobs.check_job(cancel, SETTINGS)["job_id"] == "policy-digits-mlp-3"

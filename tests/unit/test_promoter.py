@@ -221,3 +221,45 @@ async def test_a_cleared_policy_leaves_new_versions_alone(registry, plans):
     registry.policy = replace(registry.policy, document={})
     assert await Promoter(registry, plans).handle(registered(1)) is None
     assert plans.jobs == [] and registry.moves == []
+
+
+class MeanwhilePlans(FakePlans):
+    """Runs ``meanwhile`` while the plan runs, as a person acting during a long plan would."""
+
+    def __init__(self, registry: FakeRegistry, meanwhile) -> None:
+        super().__init__(registry)
+        self.meanwhile = meanwhile
+
+    async def run(self, job: CompressJob, *, conclude=None) -> Outcome:
+        async def after_meanwhile(outcome: Outcome) -> str:
+            self.meanwhile(self.registry)
+            return await conclude(outcome)
+
+        return await super().run(job, conclude=after_meanwhile)
+
+
+async def test_an_alias_moved_by_hand_while_the_plan_ran_stays_where_it_was_put(registry):
+    def pin(registry):
+        registry.aliases["production"] = 1
+
+    plans = MeanwhilePlans(registry, pin)
+    decision = await Promoter(registry, plans).handle(registered(1))
+    assert registry.aliases == {"production": 1} and registry.moves == []
+    assert "while the plan ran: a move made meanwhile stands" in decision.reason
+
+
+async def test_a_policy_cleared_while_the_plan_ran_promotes_nothing(registry):
+    def clear(registry):
+        registry.policy = PolicyVersion("m", 3, {}, "admin", 5000)
+
+    plans = MeanwhilePlans(registry, clear)
+    decision = await Promoter(registry, plans).handle(registered(1))
+    assert registry.moves == [] and decision.reason == "the policy was cleared while the plan ran"
+    assert plans.said == "promotion: m@production stays: the policy was cleared while the plan ran"
+
+
+async def test_a_version_not_yet_reached_when_its_policy_was_cleared_gets_no_plan(registry, plans):
+    registry.earlier[2] = registry.policy  # in force when v1 was registered
+    registry.policy = PolicyVersion("m", 3, {}, "admin", 5000)
+    assert await Promoter(registry, plans).handle(registered(1)) is None
+    assert plans.jobs == []

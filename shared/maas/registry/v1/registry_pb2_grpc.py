@@ -165,7 +165,7 @@ class ModelRegistryServicer:
     def SetPolicy(self, request, context):
         """Store a model's policy (maas.policy; the model need not exist yet) as its next policy
         version; an invalid document is INVALID_ARGUMENT naming the field. The empty document {}
-        clears the policy: versions registered under it are left alone.
+        clears the policy: while current, no plan starts and no promotion is made.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -8,9 +8,7 @@ maas models unalias NAME ALIAS
 maas models lineage NAME[@VERSION|@ALIAS]
 maas models history NAME [--alias A] [--at TIME]   alias moves with who and why
 maas models delete NAME VERSION
-maas models policy set NAME FILE.yaml    what happens to new versions (maas.policy)
-maas models policy clear NAME            stop it: no plan or promotion from now on
-maas models policy show NAME [--version N]
+maas models policy set|clear|show ...    what happens to new versions (maas.cli_policy)
 """
 
 from __future__ import annotations
@@ -18,26 +16,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import sys
 from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
-import yaml
-
 from maas.cli_import import add_import_action
-from maas.command_line import command
+from maas.cli_policy import add_policy_actions
+from maas.command_line import command, local_time
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
-from maas.policy import parse_policy
 from maas.registry.types import ModelRef, ModelVersion
-from maas.textfile import parse_yaml, read_text_file
 
 Action = Callable[[Any, argparse.Namespace], Coroutine[Any, Any, int]]
-
-
-def _when(ms: int | None) -> str:
-    return "-" if not ms else datetime.fromtimestamp(ms / 1000).isoformat(timespec="seconds")
 
 
 def _parse_time(text: str) -> int:
@@ -74,7 +64,7 @@ def _describe(v: ModelVersion) -> dict[str, Any]:
         "method": v.method,
         "job_id": v.job_id,
         "metrics": v.metrics,
-        "created": _when(v.created_ms),
+        "created": local_time(v.created_ms),
         "created_by": v.created_by,
         "location": f"s3://{v.bucket}/{v.prefix}",
         "size_bytes": v.size_bytes,
@@ -98,7 +88,7 @@ async def _list(client: Any, args: argparse.Namespace) -> int:
                 m.latest_version or "-",
                 m.version_count,
                 ", ".join(f"{a}={v}" for a, v in m.aliases.items()) or "-",
-                _when(m.updated_ms),
+                local_time(m.updated_ms),
             ]
             for m in models
         ]
@@ -112,7 +102,7 @@ async def _list(client: Any, args: argparse.Namespace) -> int:
                 v.format,
                 v.method or "-",
                 v.parent or "-",
-                _when(v.created_ms),
+                local_time(v.created_ms),
                 v.created_by,
             ]
             async for v in client.iter_versions(args.name)
@@ -138,57 +128,6 @@ async def _show(client: Any, args: argparse.Namespace) -> int:
         described["policy"] = None
     print(json.dumps(described, indent=2))
     return 0
-
-
-async def _policy_set(client: Any, args: argparse.Namespace) -> int:
-    document = _policy_file(args.file)
-    if parse_policy(document).cleared:
-        raise InvalidArgument(
-            f"{args.file} sets nothing (a policy needs on_registered, promote, or both); to stop "
-            f"{args.name}'s policy, run: maas models policy clear {args.name}"
-        )
-    stored = await client.set_policy(args.name, document)
-    print(f"{stored.name}: policy version {stored.version} set")
-    try:
-        await client.get(ModelRef(args.name))
-    except NotFound:  # allowed (a policy may come first), but a misspelt name looks the same
-        print(
-            f"note: no model {args.name!r} is registered yet; the policy applies to its first "
-            "version (maas models list shows the names there are)",
-            file=sys.stderr,
-        )
-    return 0
-
-
-async def _policy_clear(client: Any, args: argparse.Namespace) -> int:
-    stored = await client.set_policy(args.name, {})
-    print(
-        f"{stored.name}: policy version {stored.version} set: none (no plan or promotion from "
-        "now on, pending ones included)"
-    )
-    return 0
-
-
-async def _policy_show(client: Any, args: argparse.Namespace) -> int:
-    policy = await client.get_policy(args.name, args.version)
-    print(
-        f"# {policy.name} policy version {policy.version}, set by {policy.actor} "
-        f"at {_when(policy.created_ms)}"
-    )
-    if parse_policy(policy.document).cleared:
-        print("# none: cleared (no plan or promotion while it is the current policy)")
-    print(yaml.safe_dump(policy.document, sort_keys=False).rstrip())
-    return 0
-
-
-def _policy_version(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 2**63:
-        raise argparse.ArgumentTypeError(f"{text[:40]!r}: a policy version is 1, 2, ...")
-    return int(text)
-
-
-def _policy_file(path: str) -> Any:
-    return parse_yaml(read_text_file(path, "policy file"), path, "policy")
 
 
 async def _alias(client: Any, args: argparse.Namespace) -> int:
@@ -245,11 +184,17 @@ async def _lineage(client: Any, args: argparse.Namespace) -> int:
                 f"{node.name}@{node.version}{gone}",
                 node.method or "-",
                 node.job_id or "-",
-                _when(node.created_ms),
+                local_time(node.created_ms),
             ]
         )
     rows += [
-        ["child", f"{n.name}@{n.version}", n.method or "-", n.job_id or "-", _when(n.created_ms)]
+        [
+            "child",
+            f"{n.name}@{n.version}",
+            n.method or "-",
+            n.job_id or "-",
+            local_time(n.created_ms),
+        ]
         for n in lineage.children
     ]
     _table(rows)
@@ -265,13 +210,13 @@ async def _history(client: Any, args: argparse.Namespace) -> int:
         for change in changes:
             if change.ts_ms <= at_ms:
                 pointed[change.alias] = change.to_version
-        rows: list[list[object]] = [["ALIAS", f"AT {_when(at_ms)}"]]
+        rows: list[list[object]] = [["ALIAS", f"AT {local_time(at_ms)}"]]
         rows += [[a, v if v is not None else "(unset)"] for a, v in sorted(pointed.items())]
     else:
         rows = [["WHEN", "ALIAS", "FROM", "TO", "BY", "REASON"]]
         rows += [
             [
-                _when(c.ts_ms),
+                local_time(c.ts_ms),
                 c.alias,
                 c.from_version or "-",
                 _split(c),
@@ -373,43 +318,4 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("name")
     p.add_argument("version", type=int)
-    _add_policy_actions(actions)
-
-
-def _add_policy_actions(actions: argparse._SubParsersAction) -> None:
-    policy = command(
-        actions,
-        "policy",
-        help="set or show a model's policy (compress new versions, promote by a rule)",
-        description="A model's policy, versioned in the registry: on_registered.compress runs "
-        "a compress plan on every new train/finetune/import version, promote moves an alias "
-        "by a rule (smallest_within, best_accuracy, lowest_p50).",
-        example="maas models policy set digits-mlp examples/policies/digits-mlp.yaml",
-    )
-    verbs = policy.add_subparsers(dest="policy_command", required=True, metavar="ACTION")
-    p = command(
-        verbs,
-        "set",
-        help="store FILE.yaml as the model's next policy version",
-        example="maas models policy set digits-mlp examples/policies/digits-mlp.yaml",
-    )
-    p.set_defaults(func=_runner(_policy_set))
-    p.add_argument("name", help="the model the policy is for")
-    p.add_argument("file", help="a YAML policy document")
-    p = command(
-        verbs,
-        "clear",
-        help="stop the policy: no plan or promotion from now on, pending ones included",
-        example="maas models policy clear digits-mlp",
-    )
-    p.set_defaults(func=_runner(_policy_clear))
-    p.add_argument("name", help="the model whose policy to clear")
-    p = command(
-        verbs,
-        "show",
-        help="print the current (or an earlier) policy",
-        example="maas models policy show digits-mlp --version 2",
-    )
-    p.set_defaults(func=_runner(_policy_show))
-    p.add_argument("name", help="the model whose policy to print")
-    p.add_argument("--version", type=_policy_version, help="an earlier policy version (1, 2, ...)")
+    add_policy_actions(actions, _runner)  # maas models policy (maas.cli_policy)

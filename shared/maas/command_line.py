@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from datetime import datetime
 
 
 def command(
@@ -25,3 +26,8 @@ def command(
         epilog=f"{label}:\n" + "\n".join(f"  {line}" for line in examples),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def local_time(ms: int | None) -> str:
+    """Milliseconds since the epoch as local ISO 8601 to the second; "-" for none."""
+    return "-" if not ms else datetime.fromtimestamp(ms / 1000).isoformat(timespec="seconds")

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from maas.cli import build_parser
-from maas.cli_models import _alias, _policy_clear, _policy_set, _policy_show, _show
+from maas.cli_models import _alias, _show
+from maas.cli_policy import _policy_clear, _policy_set, _policy_show
 from maas.errors import InvalidArgument, NotFound
 from maas.registry.types import AliasChange, ModelVersion, PolicyVersion
 

@@ -50,6 +50,7 @@ from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, SchemaViolation
 from maas.liveness import Liveness
+from maas.policy import is_plan_id
 from maas.registry.client import RegistryClient
 from maas.store_async import AsyncObjectStore
 from maas.training import checkpoint as ck
@@ -283,7 +284,7 @@ class Coordinator:
         # cancel event is no reason to call the job it names failed: its reason is in the DLQ.
         if job.get("type") in ("compress", jobs.CANCEL) or not isinstance(job.get("job_id"), str):
             return
-        if letter.code == AlreadyExists.reason_code:
+        if letter.code == AlreadyExists.reason_code or is_plan_id(job["job_id"]):
             return  # the id is another job's: its status stream is not this event's to write
         await self._send_status(
             job["job_id"], "failed", error={"code": letter.code, "message": letter.message}

@@ -30,7 +30,7 @@ from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import AlreadyExists, SchemaViolation
 from maas.liveness import Liveness
-from maas.policy import policy_job_id
+from maas.policy import is_plan_id, policy_job_id
 from maas.recent import RecentKeys
 from maas.registry.client import RegistryClient
 from maas.registry.types import ModelVersion
@@ -223,10 +223,10 @@ class CompressorService:
         # Every job consumer sees every job; only the one whose type it is reports on it.
         if job.get("type") != JOB_TYPE:
             return
-        if letter.code == AlreadyExists.reason_code:
+        job_id = job.get("job_id") or letter.key
+        if letter.code == AlreadyExists.reason_code or is_plan_id(job_id):
             return  # the id is another job's: its status stream is not this event's to write
         self.metrics.jobs.labels("failed").inc()
-        job_id = job.get("job_id") or letter.key
         if job_id:
             await self._publish(failed_status(str(job_id), letter.code, letter.message))
 

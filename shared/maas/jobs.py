@@ -25,7 +25,7 @@ from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, SchemaViolation
 from maas.events import shown
-from maas.policy import POLICY_JOB_PREFIX
+from maas.policy import POLICY_JOB_PREFIX, is_plan_id
 from maas.textfile import parse_yaml, read_text_file
 
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
@@ -85,11 +85,11 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
     kind = job["type"]
     if kind == CANCEL:
         return job  # the schema allowed nothing beside the id of the job to stop
-    job_id = str(job.get("job_id", ""))
-    if job_id.startswith(POLICY_JOB_PREFIX):
+    if is_plan_id(job.get("job_id")):
         raise InvalidArgument(
-            f"job_id={shown(job_id)}: ids starting {POLICY_JOB_PREFIX!r} are the policy plans' "
-            "own (policy-NAME-VERSION, watched and cancelled under that id); pick another job_id"
+            f"job_id={shown(job['job_id'])}: ids starting {POLICY_JOB_PREFIX!r} are the policy "
+            "plans' own (policy-NAME-VERSION, watched and cancelled under that id); pick another "
+            "job_id"
         )
     missing = [s for s in _REQUIRED_SECTIONS[kind] if s not in job]
     if missing:

@@ -43,6 +43,11 @@ _REQUIRE_KEYS = ("accuracy",)
 POLICY_JOB_PREFIX = "policy-"  # reserved: a job event may not take an id that starts so
 
 
+def is_plan_id(job_id: object) -> bool:
+    """Whether ``job_id`` has the form of a policy plan's id (reserved for the plans)."""
+    return isinstance(job_id, str) and job_id.startswith(POLICY_JOB_PREFIX)
+
+
 def policy_job_id(name: str, version: int) -> str:
     """The job id under which a policy's plan for ``name@version`` runs (and can be watched)."""
     return f"{POLICY_JOB_PREFIX}{name}-{version}"

@@ -1,5 +1,6 @@
-"""What the compressor says when a policy's event is dead-lettered: a failed status for the
-plan, whose promotion comes before its job says succeeded (a job ends once)."""
+"""What the compressor says when a record is dead-lettered: a failed status for a policy's plan
+(whose promotion comes before its job says succeeded: a job ends once) or for a refused compress
+job, but nothing on a plan's status stream for a job refused for taking a plan's id."""
 
 from __future__ import annotations
 
@@ -32,3 +33,18 @@ async def test_a_plan_that_could_not_run_fails_its_job(service):
     (status,) = service.published
     assert status["job_id"] == "policy-m-1" and status["state"] == "failed"
     assert service.metrics.promotions.labels("failed")._value.get() == 1
+
+
+async def test_a_refused_job_under_a_plans_id_writes_nothing_on_the_plans_status_stream(service):
+    job = {"type": "compress", "job_id": "policy-m-3"}
+    refused = DeadLetter("maas.jobs.v1", 0, 9, "policy-m-3", b"", [], "invalid_argument", "", job)
+    await service._failed(refused)
+    assert service.published == []
+
+
+async def test_a_refused_compress_job_fails_under_its_own_id(service):
+    job = {"type": "compress", "job_id": "mine-1"}
+    refused = DeadLetter("maas.jobs.v1", 0, 9, "mine-1", b"", [], "invalid_argument", "no", job)
+    await service._failed(refused)
+    (status,) = service.published
+    assert status["job_id"] == "mine-1" and status["state"] == "failed"

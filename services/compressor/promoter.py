@@ -10,7 +10,8 @@ before the version was registered:
    compressor measured them in this run) and the alias moves with the reason in its history.
    A repeated event finds the alias already there and moves nothing; an old version's event
    read again (a redelivery, a replay) never moves an alias that points into a newer version's
-   family, and a variant deleted while the plan ran is no candidate.
+   family; a move by hand after the version was registered stands; a variant deleted while the
+   plan ran is no candidate.
 
 Variants' own ``registered`` events are ignored, so a policy never feeds itself. Transport-neutral
 like the core: the Kafka consumer lives in ``service.py``.
@@ -49,6 +50,8 @@ class PolicyRegistry(Protocol):
         self, name: str, alias: str, version: int, *, reason: str = ""
     ) -> AliasChange: ...
 
+    async def alias_history(self, name: str, alias: str | None = None) -> list[AliasChange]: ...
+
 
 def candidate(version: ModelVersion, measured: Mapping[str, float] | None = None) -> Candidate:
     """A version as a rule sees it; ``measured`` (this run's figures) wins over the recorded."""
@@ -79,9 +82,7 @@ class Promoter:
             return None
         version, stored = found
         policy = parse_policy(stored.document)
-        alias = policy.promote.alias if policy.promote else None
-        before = await self._current(version.name, alias) if alias else None
-        subject = _Subject(version, stored.version, policy, before)
+        subject = _Subject(version, stored.version, policy)
         if not policy.compress_methods:
             return await self._promote(subject, Outcome(version.metrics, []))
         decided: list[Decision | None] = []
@@ -169,20 +170,22 @@ class Promoter:
         return decision
 
     async def _stands_down(self, subject: _Subject, current: ModelVersion | None) -> str:
-        (
-            """Why the alias must stay where it is ("""
-            + '""'
-            + """ when it may move): a person moved it, or cleared
-        the policy, while the plan ran; or it points into a newer version's family."""
-        )
-        if _number(current) != _number(subject.before):
+        """Why the alias must stay where it is, "" when it may move: someone other than the
+        promoter moved or split it after the version was registered (while its plan ran, or
+        after it ran and its event is read again), or cleared the policy; or it points into a
+        newer version's family."""
+        version = subject.version
+        changes = await self._registry.alias_history(version.name, subject.alias)
+        by_hand = [c for c in changes if c.ts_ms > version.created_ms and not _promoters(c)]
+        if by_hand:
+            last = by_hand[-1]
             return (
-                f"it moved (v{_number(subject.before)} -> v{_number(current)}) while the plan ran:"
-                " a move made meanwhile stands"
+                f"{last.actor} moved it after v{version.version} was registered "
+                f"({last.reason or 'no reason given'}): a move by hand stands"
             )
-        if _cleared(await self._registry.get_policy(subject.version.name)):
+        if _cleared(await self._registry.get_policy(version.name)):
             return "the policy was cleared while the plan ran"
-        return await self._newer_family(subject.version, current)
+        return await self._newer_family(version, current)
 
     async def _newer_family(self, subject: ModelVersion, current: ModelVersion | None) -> str:
         """Why the alias must stay where it is, if it points into the family (the version or
@@ -220,17 +223,20 @@ class Promoter:
 
 @dataclass(frozen=True)
 class _Subject:
-    """A registered version, the policy that applies to it, and where its alias pointed when
-    the promoter took it up."""
+    """A registered version and the policy that applies to it."""
 
     version: ModelVersion
     policy_version: int
     policy: Policy
-    before: ModelVersion | None
+
+    @property
+    def alias(self) -> str:
+        return self.policy.promote.alias if self.policy.promote else ""
 
 
-def _number(version: ModelVersion | None) -> int | None:
-    return None if version is None else version.version
+def _promoters(change: AliasChange) -> bool:
+    """Whether the promoter made ``change`` (its reasons start so; any other is by hand)."""
+    return change.reason.startswith(f"{ACTOR} (policy v")
 
 
 def _cleared(policy: PolicyVersion) -> bool:

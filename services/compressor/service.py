@@ -199,6 +199,7 @@ class CompressorService:
         running = self._running
         return (
             bool(running)
+            and not is_plan_id(job_id)  # a plan's id: refused at intake, its stream not ours
             and job_id != running
             and job_id not in self._announced
             and (not self.core.done(job_id))

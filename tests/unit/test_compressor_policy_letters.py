@@ -1,6 +1,6 @@
 """What the compressor says when a record is dead-lettered: a failed status for a policy's plan
 (whose promotion comes before its job says succeeded: a job ends once) or for a refused compress
-job, but nothing on a plan's status stream for a job refused for taking a plan's id."""
+job, but nothing (failed or queued) on a plan's status stream for a job taking a plan's id."""
 
 from __future__ import annotations
 
@@ -48,3 +48,9 @@ async def test_a_refused_compress_job_fails_under_its_own_id(service):
     await service._failed(refused)
     (status,) = service.published
     assert status["job_id"] == "mine-1" and status["state"] == "failed"
+
+
+def test_a_job_event_under_a_plans_id_is_not_told_it_is_queued(service):
+    service._running = "long-job"
+    assert service._waits("mine-2")
+    assert not service._waits("policy-m-3")

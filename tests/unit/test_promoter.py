@@ -43,6 +43,7 @@ class FakeRegistry:
         self.earlier = {1: PolicyVersion("m", 1, POLICY, "admin", 400)}  # policy versions
         self.aliases: dict[str, int] = {}
         self.moves: list[AliasChange] = []
+        self.clock = 10_000  # the registry's ms: after every version's created_ms here
 
     async def get(self, ref: ModelRef | str) -> ModelVersion:
         ref = ModelRef.parse(ref) if isinstance(ref, str) else ref
@@ -57,10 +58,21 @@ class FakeRegistry:
         return self.policy if version in (None, self.policy.version) else self.earlier[version]
 
     async def set_alias(self, name: str, alias: str, number: int, *, reason: str = ""):
-        change = AliasChange(name, alias, self.aliases.get(alias), number, "services", 0, reason)
+        return self._move(alias, number, "services", reason)
+
+    def by_hand(self, alias: str, number: int, reason: str = "pinned by hand") -> None:
+        """A person's move (after every version here was registered)."""
+        self._move(alias, number, "admin", reason)
+
+    def _move(self, alias: str, number: int, actor: str, reason: str) -> AliasChange:
+        self.clock += 1
+        change = AliasChange("m", alias, self.aliases.get(alias), number, actor, self.clock, reason)
         self.aliases[alias] = number
         self.moves.append(change)
         return change
+
+    async def alias_history(self, name: str, alias: str | None = None) -> list[AliasChange]:
+        return [m for m in self.moves if alias in (None, m.alias)]
 
 
 class FakePlans:
@@ -239,13 +251,30 @@ class MeanwhilePlans(FakePlans):
 
 
 async def test_an_alias_moved_by_hand_while_the_plan_ran_stays_where_it_was_put(registry):
-    def pin(registry):
-        registry.aliases["production"] = 1
-
-    plans = MeanwhilePlans(registry, pin)
+    plans = MeanwhilePlans(registry, lambda registry: registry.by_hand("production", 1))
     decision = await Promoter(registry, plans).handle(registered(1))
-    assert registry.aliases == {"production": 1} and registry.moves == []
-    assert "while the plan ran: a move made meanwhile stands" in decision.reason
+    assert registry.aliases == {"production": 1} and len(registry.moves) == 1
+    assert decision.reason == (
+        "admin moved it after v1 was registered (pinned by hand): a move by hand stands"
+    )
+
+
+async def test_a_hand_rollback_is_not_undone_when_the_versions_event_is_read_again(registry, plans):
+    promoter = Promoter(registry, plans)
+    await promoter.handle(registered(1))  # production -> 2, int8 of v1
+    registry.by_hand("production", 1, "rollback: v2 is bad")
+    decision = await promoter.handle(registered(1))  # a redelivery, a replay
+    assert registry.aliases == {"production": 1} and decision.version is None
+    assert "(rollback: v2 is bad): a move by hand stands" in decision.reason
+
+
+async def test_a_move_by_hand_before_the_version_was_registered_does_not_hold_it_back(
+    registry, plans
+):
+    registry.by_hand("production", 1)
+    registry.versions[3] = replace(version(3, "train", 1000, 0.97), created_ms=registry.clock + 1)
+    decision = await Promoter(registry, plans).handle(registered(3))
+    assert decision.version == 4 and registry.aliases == {"production": 4}
 
 
 async def test_a_policy_cleared_while_the_plan_ran_promotes_nothing(registry):

@@ -34,15 +34,19 @@ async def _policy_set(client: Any, args: argparse.Namespace) -> int:
         )
     stored = await client.set_policy(args.name, document)
     print(f"{stored.name}: policy version {stored.version} set")
+    await _note_if_unregistered(client, args.name)
+    return 0
+
+
+async def _note_if_unregistered(client: Any, name: str) -> None:
     try:
-        await client.get(ModelRef(args.name))
+        await client.get(ModelRef(name))
     except NotFound:  # allowed (a policy may come first), but a misspelt name looks the same
         print(
-            f"note: no model {args.name!r} is registered yet; the policy applies to its first "
+            f"note: no model {name!r} is registered yet; the policy applies to its first "
             "version (maas models list shows the names there are)",
             file=sys.stderr,
         )
-    return 0
 
 
 async def _policy_clear(client: Any, args: argparse.Namespace) -> int:
@@ -51,6 +55,7 @@ async def _policy_clear(client: Any, args: argparse.Namespace) -> int:
         f"{stored.name}: policy version {stored.version} set: none (no plan or promotion from "
         "now on, pending ones included)"
     )
+    await _note_if_unregistered(client, args.name)
     return 0
 
 

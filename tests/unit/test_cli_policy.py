@@ -93,6 +93,11 @@ async def test_policy_set_for_a_model_not_registered_yet_says_so(tmp_path: Path,
     assert "no model 'digts' is registered yet" in capsys.readouterr().err
 
 
+async def test_policy_clear_for_a_model_not_registered_yet_says_so(capsys):
+    await run(parse("policy", "clear", "digts"), Client())
+    assert "no model 'digts' is registered yet" in capsys.readouterr().err
+
+
 async def test_policy_set_of_a_missing_file_says_which(tmp_path: Path):
     with pytest.raises(InvalidArgument, match="cannot read policy file"):
         await run(parse("policy", "set", "digits", str(tmp_path / "none.yaml")), Client())

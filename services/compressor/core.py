@@ -133,6 +133,8 @@ class Outcome:
 
 # Acts on a finished job's outcome before it says succeeded; returns the reason it carries.
 Conclude = Callable[[Outcome], Awaitable[str]]
+# Asked before each variant: "" to go on, or why the job is no longer wanted.
+Wanted = Callable[[], Awaitable[str]]
 
 
 def dataset_mismatch(uri: str, row: int, features: int, ref: str, arch: str) -> str:
@@ -174,10 +176,15 @@ class Compressor:
         self._cancelled = RecentKeys(REMEMBERED_CANCELS)
         self._one_job = asyncio.Lock()
         self._current = ""  # the id of the job (or plan) running
+        self._waiting: dict[str, asyncio.Event] = {}  # jobs waiting for their turn: cancel sets
 
     def cancel(self, job_id: str) -> None:
-        """End ``job_id`` before its next variant is registered, or before it starts."""
+        """End ``job_id`` before its next variant is registered, or before it starts (at once
+        when it waits for its turn)."""
         self._cancelled.add(job_id)
+        waiting = self._waiting.get(job_id)
+        if waiting is not None:
+            waiting.set()
 
     async def handle(self, event: Mapping[str, Any]) -> list[ModelVersion]:
         """Run one job event; other job types are not ours and are ignored."""
@@ -205,46 +212,78 @@ class Compressor:
         if self._is_cancelled(job_id):
             raise _Cancelled(done)
 
-    async def run(self, job: CompressJob, *, conclude: Conclude | None = None) -> Outcome:
+    async def _stop_if_unwanted(self, job_id: str, done: int, wanted: Wanted | None) -> None:
+        self._stop_if_cancelled(job_id, done)
+        why = await wanted() if wanted is not None else ""
+        if why:
+            raise _Cancelled(done, why)
+
+    async def run(
+        self, job: CompressJob, *, conclude: Conclude | None = None, wanted: Wanted | None = None
+    ) -> Outcome:
         """Run a job's plans, registering each variant not yet registered for its id; a
         cancelled job ends ``cancelled`` with the variants registered before the cancel.
         ``conclude`` (a policy's promotion) acts on the outcome before the job says
         ``succeeded``, which carries what it returns as the reason: a job ends once.
+        ``wanted`` (a policy's plan: is the policy still on?) is asked before each variant; a
+        reason it returns ends the job ``cancelled`` with that reason.
 
         One job at a time, compress jobs and policy plans alike (they share the cores): one
-        that arrives while another runs is told ``queued``, naming that one."""
+        that arrives while another runs is told ``queued``, naming that one, and a cancel
+        ends it while it waits."""
         if self._one_job.locked():
             reason = (
                 f"waiting for job {self._current} to finish: the compressor runs one job at a "
                 "time, compress jobs and policy plans alike"
             )
             await self._publish(status(job.job_id, "queued", reason=reason))
-        async with self._one_job:
-            self._current = job.job_id
-            try:
-                return await self._run_cancellable(job, conclude)
-            finally:
-                self._current = ""
-
-    async def _run_cancellable(self, job: CompressJob, conclude: Conclude | None) -> Outcome:
+        if not await self._turn(job.job_id):
+            return await self._ended(job, _Cancelled(0))
         try:
-            return await self._run(job, conclude)
+            self._current = job.job_id
+            return await self._run(job, conclude, wanted)
         except _Cancelled as cancelled:
-            log.info("job %s cancelled after %d of its variants", job.job_id, cancelled.done)
-            await self._publish(
-                status(
-                    job.job_id,
-                    "cancelled",
-                    step=cancelled.done,
-                    total_steps=len(job.plans),
-                    reason="a cancel event asked for it",
-                )
-            )
-            return Outcome({}, [], cancelled=True)
+            return await self._ended(job, cancelled)
+        finally:
+            self._current = ""
+            self._one_job.release()
 
-    async def _run(self, job: CompressJob, conclude: Conclude | None) -> Outcome:
+    async def _turn(self, job_id: str) -> bool:
+        """Take the one-job lock (True), unless ``job_id`` is cancelled while it waits."""
+        if not self._one_job.locked():
+            await self._one_job.acquire()
+            return True
+        cancelled = self._waiting.setdefault(job_id, asyncio.Event())
+        taken = asyncio.ensure_future(self._one_job.acquire())
+        heard = asyncio.ensure_future(cancelled.wait())
+        try:
+            await asyncio.wait({taken, heard}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            heard.cancel()
+            self._waiting.pop(job_id, None)
+        if taken.done():
+            return True
+        taken.cancel()  # asyncio.Lock hands a grant cancelled before it resumed to the next
+        return False
+
+    async def _ended(self, job: CompressJob, cancelled: _Cancelled) -> Outcome:
+        log.info("job %s cancelled after %d of its variants", job.job_id, cancelled.done)
+        await self._publish(
+            status(
+                job.job_id,
+                "cancelled",
+                step=cancelled.done,
+                total_steps=len(job.plans),
+                reason=cancelled.reason,
+            )
+        )
+        return Outcome({}, [], cancelled=True)
+
+    async def _run(
+        self, job: CompressJob, conclude: Conclude | None, wanted: Wanted | None
+    ) -> Outcome:
         total = len(job.plans)
-        self._stop_if_cancelled(job.job_id, 0)
+        await self._stop_if_unwanted(job.job_id, 0, wanted)
         # A policy's plan has no job event, so no fingerprint to say.
         said = {"content_sha256": job.fingerprint} if job.fingerprint else {}
         await self._publish(status(job.job_id, "accepted", step=0, total_steps=total, **said))
@@ -256,7 +295,7 @@ class Compressor:
                 check_fits(plan, parent.manifest.arch, parent.manifest.config)
         versions: list[ModelVersion] = []
         for index, plan in enumerate(job.plans):
-            self._stop_if_cancelled(job.job_id, index)
+            await self._stop_if_unwanted(job.job_id, index, wanted)
             version = done.get(index) or await self._compress_one(job, index, plan, parent, name)
             versions.append(version)
             await self._publish(progress_status(job.job_id, "running", index + 1, total, versions))
@@ -382,8 +421,9 @@ class Compressor:
 
 
 class _Cancelled(Exception):
-    """The job was cancelled with ``done`` of its variants registered."""
+    """The job was cancelled with ``done`` of its variants registered, for ``reason``."""
 
-    def __init__(self, done: int) -> None:
-        super().__init__(done)
+    def __init__(self, done: int, reason: str = "a cancel event asked for it") -> None:
+        super().__init__(done, reason)
         self.done = done
+        self.reason = reason

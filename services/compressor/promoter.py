@@ -33,7 +33,7 @@ from maas.registry.types import (
     ModelVersion,
     PolicyVersion,
 )
-from services.compressor.core import MAX_LINEAGE_DEPTH, Conclude, Outcome
+from services.compressor.core import MAX_LINEAGE_DEPTH, Conclude, Outcome, Wanted
 from services.compressor.job import CompressJob, plan_job
 
 log = logging.getLogger(__name__)
@@ -65,7 +65,9 @@ class Plans(Protocol):
     """What the promoter needs of ``Compressor``: run a plan, registering each variant once,
     and conclude it (the promotion) before its job says succeeded."""
 
-    async def run(self, job: CompressJob, *, conclude: Conclude | None = None) -> Outcome: ...
+    async def run(
+        self, job: CompressJob, *, conclude: Conclude | None = None, wanted: Wanted | None = None
+    ) -> Outcome: ...
 
 
 class Promoter:
@@ -95,9 +97,20 @@ class Promoter:
         job = plan_job(
             policy_job_id(version.name, version.version), version.ref, policy.compress_methods
         )
-        outcome = await self._compressor.run(job, conclude=promote)
+        outcome = await self._compressor.run(job, conclude=promote, wanted=self._policy_on(version))
         # Cancelled: the plan stopped before its promotion, and nothing is promoted.
         return None if outcome.cancelled else decided[0]
+
+    def _policy_on(self, version: ModelVersion) -> Wanted:
+        """Asked before each of a plan's variants (and once its turn comes): a cleared policy
+        ends the plan, so clearing stops plans queued or running too."""
+
+        async def on() -> str:
+            if _cleared(await self._registry.get_policy(version.name)):
+                return f"the policy of {version.name} was cleared"
+            return ""
+
+        return on
 
     async def _subject(self, name: str, number: int) -> tuple[ModelVersion, PolicyVersion] | None:
         """The version and the policy that applies to it, if one does."""

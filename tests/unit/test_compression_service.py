@@ -446,3 +446,51 @@ async def test_a_conclusion_acts_before_the_job_says_succeeded_and_is_its_reason
     await core.run(plan, conclude=conclude)
     assert statuses[-1]["state"] == "succeeded"
     assert statuses[-1]["reason"] == "promotion: digits@production -> 2"
+
+
+async def test_a_job_cancelled_while_it_waits_for_its_turn_ends_at_once(core, registry, statuses):
+    register, reached, release = registry.register, asyncio.Event(), asyncio.Event()
+
+    async def held_register(*args, **kwargs):
+        reached.set()
+        await release.wait()
+        return await register(*args, **kwargs)
+
+    registry.register = held_register
+    first = asyncio.create_task(core.handle(job()))
+    await reached.wait()
+    plan = plan_job("policy-digits-1", ModelRef("digits", version=1), [{"quantize": {}}])
+    second = asyncio.create_task(core.run(plan))
+    while not any(s["job_id"] == "policy-digits-1" for s in statuses):
+        await asyncio.sleep(0.01)
+    core.cancel("policy-digits-1")
+    outcome = await second  # while the first job still holds its turn
+    assert outcome.cancelled and not first.done()
+    assert [s["state"] for s in statuses if s["job_id"] == "policy-digits-1"] == [
+        "queued",
+        "cancelled",
+    ]
+    release.set()
+    await first
+    assert statuses[-1]["job_id"] == "job-1" and statuses[-1]["state"] == "succeeded"
+
+
+async def test_a_job_no_longer_wanted_ends_cancelled_before_its_next_variant(core, statuses):
+    asked = []
+
+    async def wanted() -> str:
+        asked.append(1)
+        return "" if len(asked) < 3 else "the policy of digits was cleared"
+
+    outcome = await core.run(job_of_two_methods(), wanted=wanted)
+    assert outcome.cancelled and len(outcome.versions) == 0
+    assert statuses[-1]["state"] == "cancelled" and statuses[-1]["step"] == 1
+    assert statuses[-1]["reason"] == "the policy of digits was cleared"
+
+
+def job_of_two_methods():
+    return plan_job(
+        "policy-digits-1",
+        ModelRef("digits", version=1),
+        [{"quantize": {"dtype": "int8"}}, {"prune": {"sparsity": 0.5}}],
+    )

@@ -83,8 +83,11 @@ class FakePlans:
         self.jobs: list[CompressJob] = []
         self.made: dict[str, ModelVersion] = {}
 
-    async def run(self, job: CompressJob, *, conclude=None) -> Outcome:
+    async def run(self, job: CompressJob, *, conclude=None, wanted=None) -> Outcome:
         self.jobs.append(job)
+        self.said = await wanted() if wanted else ""  # what `cancelled` would carry
+        if self.said:
+            return Outcome({}, [], cancelled=True)
         if job.job_id not in self.made:
             number = max(self.registry.versions) + 1
             variant = replace(version(number, "quantize", 300, 0.955, "int8"), parent=job.base)
@@ -194,7 +197,7 @@ async def test_the_plans_job_ends_saying_where_the_alias_moved(registry, plans):
 
 
 async def test_a_cancelled_policy_plan_promotes_nothing(registry, plans):
-    async def cancelled(job: CompressJob, *, conclude=None) -> Outcome:
+    async def cancelled(job: CompressJob, *, conclude=None, wanted=None) -> Outcome:
         return Outcome({}, [], cancelled=True)
 
     plans.run = cancelled
@@ -217,13 +220,13 @@ async def test_an_old_versions_event_read_again_does_not_roll_a_newer_promotion_
 
 async def test_a_variant_deleted_while_its_plan_ran_is_no_candidate(registry, plans):
     class DeletingPlans(FakePlans):
-        async def run(self, job: CompressJob, *, conclude=None) -> Outcome:
+        async def run(self, job: CompressJob, *, conclude=None, wanted=None) -> Outcome:
             async def deleted_then_concluded(outcome: Outcome) -> str:
                 for variant in outcome.versions:
                     del self.registry.versions[variant.version]  # deleted by hand meanwhile
                 return await conclude(outcome)
 
-            return await super().run(job, conclude=deleted_then_concluded)
+            return await super().run(job, conclude=deleted_then_concluded, wanted=wanted)
 
     decision = await Promoter(registry, DeletingPlans(registry)).handle(registered(1))
     assert decision.version == 1 and registry.aliases == {"production": 1}
@@ -242,12 +245,12 @@ class MeanwhilePlans(FakePlans):
         super().__init__(registry)
         self.meanwhile = meanwhile
 
-    async def run(self, job: CompressJob, *, conclude=None) -> Outcome:
+    async def run(self, job: CompressJob, *, conclude=None, wanted=None) -> Outcome:
         async def after_meanwhile(outcome: Outcome) -> str:
             self.meanwhile(self.registry)
             return await conclude(outcome)
 
-        return await super().run(job, conclude=after_meanwhile)
+        return await super().run(job, conclude=after_meanwhile, wanted=wanted)
 
 
 async def test_an_alias_moved_by_hand_while_the_plan_ran_stays_where_it_was_put(registry):
@@ -292,3 +295,16 @@ async def test_a_version_not_yet_reached_when_its_policy_was_cleared_gets_no_pla
     registry.policy = PolicyVersion("m", 3, {}, "admin", 5000)
     assert await Promoter(registry, plans).handle(registered(1)) is None
     assert plans.jobs == []
+
+
+async def test_a_plan_whose_policy_is_cleared_before_its_turn_ends_cancelled_saying_so(
+    registry, plans
+):
+    class ClearedWhileQueued(FakePlans):
+        async def run(self, job: CompressJob, *, conclude=None, wanted=None) -> Outcome:
+            self.registry.policy = PolicyVersion("m", 3, {}, "admin", 5000)  # while it waited
+            return await super().run(job, conclude=conclude, wanted=wanted)
+
+    plans = ClearedWhileQueued(registry)
+    assert await Promoter(registry, plans).handle(registered(1)) is None
+    assert plans.said == "the policy of m was cleared" and plans.made == {}

@@ -124,11 +124,8 @@ class Promoter:
             current = await self._registry.get_policy(name)
         except NotFound:
             return None
-        if _cleared(current):
-            log.info(
-                "%s: %s's policy is cleared (v%d): none applies", version.ref, name, current.version
-            )
-            return None
+        # Cleared since? Its plan still starts, to end at once `cancelled` saying so (``wanted``):
+        # whoever watches policy-NAME-VERSION learns why nothing came.
         policy = await self._in_force(current, version.created_ms)
         if policy is None:
             log.info("%s was registered before %s had a policy: none applies", version.ref, name)

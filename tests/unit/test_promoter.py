@@ -290,11 +290,14 @@ async def test_a_policy_cleared_while_the_plan_ran_promotes_nothing(registry):
     assert plans.said == "promotion: m@production stays: the policy was cleared while the plan ran"
 
 
-async def test_a_version_not_yet_reached_when_its_policy_was_cleared_gets_no_plan(registry, plans):
+async def test_a_version_not_yet_reached_when_its_policy_was_cleared_has_its_plan_cancelled(
+    registry, plans
+):
     registry.earlier[2] = registry.policy  # in force when v1 was registered
     registry.policy = PolicyVersion("m", 3, {}, "admin", 5000)
     assert await Promoter(registry, plans).handle(registered(1)) is None
-    assert plans.jobs == []
+    assert plans.said == "the policy of m was cleared" and plans.made == {}
+    assert registry.moves == []
 
 
 async def test_a_plan_whose_policy_is_cleared_before_its_turn_ends_cancelled_saying_so(

@@ -412,9 +412,9 @@ def test_a_text_model_and_a_dataset_of_other_rows_are_told_apart_in_tokens() -> 
     assert "has 32 features per row but imp@1 takes 64" in said
 
 
-async def test_a_plan_arriving_while_a_job_runs_is_queued_naming_it_and_runs_after(
-    core, registry, statuses
-):
+async def plan_queued_behind_a_job(core, registry, statuses):
+    """job-1 running (held at its first registration) and a policy plan told it is queued
+    behind it; returns both tasks and the event that lets job-1 go on."""
     register, reached, release = registry.register, asyncio.Event(), asyncio.Event()
 
     async def held_register(*args, **kwargs):
@@ -427,8 +427,16 @@ async def test_a_plan_arriving_while_a_job_runs_is_queued_naming_it_and_runs_aft
     await reached.wait()
     plan = plan_job("policy-digits-1", ModelRef("digits", version=1), [{"quantize": {}}])
     second = asyncio.create_task(core.run(plan))
-    while not any(s["job_id"] == "policy-digits-1" for s in statuses):
-        await asyncio.sleep(0.01)
+    async with asyncio.timeout(30):
+        while not any(s["job_id"] == "policy-digits-1" for s in statuses):
+            await asyncio.sleep(0.01)
+    return first, second, release
+
+
+async def test_a_plan_arriving_while_a_job_runs_is_queued_naming_it_and_runs_after(
+    core, registry, statuses
+):
+    first, second, release = await plan_queued_behind_a_job(core, registry, statuses)
     release.set()
     await asyncio.gather(first, second)
     order = [(s["job_id"], s["state"]) for s in statuses]
@@ -449,20 +457,7 @@ async def test_a_conclusion_acts_before_the_job_says_succeeded_and_is_its_reason
 
 
 async def test_a_job_cancelled_while_it_waits_for_its_turn_ends_at_once(core, registry, statuses):
-    register, reached, release = registry.register, asyncio.Event(), asyncio.Event()
-
-    async def held_register(*args, **kwargs):
-        reached.set()
-        await release.wait()
-        return await register(*args, **kwargs)
-
-    registry.register = held_register
-    first = asyncio.create_task(core.handle(job()))
-    await reached.wait()
-    plan = plan_job("policy-digits-1", ModelRef("digits", version=1), [{"quantize": {}}])
-    second = asyncio.create_task(core.run(plan))
-    while not any(s["job_id"] == "policy-digits-1" for s in statuses):
-        await asyncio.sleep(0.01)
+    first, second, release = await plan_queued_behind_a_job(core, registry, statuses)
     core.cancel("policy-digits-1")
     outcome = await second  # while the first job still holds its turn
     assert outcome.cancelled and not first.done()

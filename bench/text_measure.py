@@ -3,8 +3,9 @@ helpers bench/text.py's sections share (its served section lives here).
 
 The served section starts a private stack (registry + Kafka + S3) and an inference process, imports
 all-MiniLM-L6-v2 from its package, then times a one-sentence BYTES request from tritonclient at
-concurrency 1 (in blocks, in turns with the in-process tokenize + forward) and counts requests
-at concurrency 16.
+concurrency 1 (in blocks, in turns with the in-process tokenize + forward and with the same
+request to a no-op OIP server, the machine's floor for a round trip) and counts requests at
+concurrency 16.
 """
 
 from __future__ import annotations
@@ -102,14 +103,24 @@ def served_minilm() -> Iterator[tuple[str, str]]:
 def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
     import tritonclient.grpc as triton
 
-    with served_minilm() as (addr, name):
+    from bench.serve_peers import floor_peer
 
-        def ask(client: triton.InferenceServerClient) -> None:
+    with (
+        served_minilm() as (addr, name),
+        tempfile.TemporaryDirectory() as tmp,
+        floor_peer(Path(tmp)) as (floor_addr, _),
+    ):
+
+        def request(client: triton.InferenceServerClient) -> Any:
             tensor = triton.InferInput("text", [1], "BYTES")
             tensor.set_data_from_numpy(np.array([SENTENCE], dtype=np.object_))
-            client.infer(name, [tensor]).as_numpy("embedding")
+            return client.infer(name, [tensor])
+
+        def ask(client: triton.InferenceServerClient) -> None:
+            request(client).as_numpy("embedding")
 
         single = triton.InferenceServerClient(url=addr)
+        noop = triton.InferenceServerClient(url=floor_addr)
         ask(single)  # warm-up, outside the server's counts below
         count, ns = forward_counts(single, name)
         # The limit is timed in the same rounds as the served requests, with the stack up: on
@@ -122,6 +133,7 @@ def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
             {
                 "inprocess_tokenize_and_forward": lambda: minilm([SENTENCE]),
                 "served": lambda: ask(single),
+                "noop_roundtrip": lambda: request(noop),
             },
             rounds=C1_ROUNDS,
             block=C1_BLOCK,
@@ -145,6 +157,10 @@ def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
             # Mean wall time of the forward inside the server over those c=1 requests (its
             # statistics' compute_infer): how much of the gap is the forward itself.
             "server_forward_ms_c1": forward_ms,
+            # The same request answered by a server that does nothing (bench.serve's floor):
+            # what a round trip alone costs here, so no served figure can be below
+            # in-process + this.
+            "noop_roundtrip_p50_ms_c1": c1["noop_roundtrip"],
             "served_req_per_s_c16": total / seconds,
             "server_settings": SERVER_SETTINGS,
         }

@@ -168,9 +168,24 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
     if not asyncio.run(jobs.has_status(settings, args.job_id)):
         console().print(
             f"[yellow]no status for job {args.job_id} yet[/yellow] (`maas jobs list` shows the "
-            "known ones); waiting for its first — Ctrl-C stops watching, not the job"
+            f"known ones){_plan_hint(args.job_id)}; waiting for its first — Ctrl-C stops "
+            "watching, not the job"
         )
     return _exit_code(asyncio.run(follow(settings, args.job_id, args.timeout_s)))
+
+
+def _plan_hint(job_id: str) -> str:
+    """For a plan's id: a plan runs only for a version registered under a policy, so one that
+    never had a policy is watched in vain (the compressor's log alone said so)."""
+    from maas.policy import is_plan_id
+
+    if not is_plan_id(job_id):
+        return ""
+    return (
+        "; a policy plan runs only for a version registered while its model had a policy "
+        "(`maas models policy show NAME` shows it): a version registered before any policy "
+        "gets no plan"
+    )
 
 
 def _exit_code(summary: jobs.JobSummary) -> int:

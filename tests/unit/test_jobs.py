@@ -334,6 +334,11 @@ def accepted(job) -> jobs.JobSummary:
     return known
 
 
+def test_watching_a_plan_id_without_status_says_which_versions_get_a_plan() -> None:
+    assert "registered before any policy gets no plan" in cli_jobs._plan_hint("policy-m-3")
+    assert cli_jobs._plan_hint("train-3f2a9c01de") == ""
+
+
 def test_an_id_accepted_for_the_same_content_is_free_for_a_resubmission() -> None:
     job = check(train_doc(job_id="mine"))
     again = dict(job, id="another-envelope", ts=job["ts"] + 1)  # a retry: new envelope

@@ -270,7 +270,7 @@ def transfer(
     and its fine-tune is the student's teacher."""
     tuning = validation_split(data)
     models, chosen = arms(minilm, tuning, steps, seed=0)
-    by_seed = [{label: evaluate(model, data)["accuracy"] for label, model in models.items()}]
+    by_seed = [test_accuracies(models, data)]
     full = models["full_finetune"]
     with torch.no_grad():
         teacher_logits = full.eval()(data.x_train)
@@ -282,10 +282,7 @@ def transfer(
     )
     for seed in range(1, seeds):
         print(f"bench.text: transfer arms, seed {seed + 1} of {seeds}", file=sys.stderr)
-        others, _ = arms(minilm, tuning, steps, seed)
-        by_seed.append(
-            {label: evaluate(model, data)["accuracy"] for label, model in others.items()}
-        )
+        by_seed.append(test_accuracies(arms(minilm, tuning, steps, seed)[0], data))
     out: dict[str, Any] = timed(models, data.x_test[:1], data.x_test[:32])  # in eval mode now
     out["student3_of_full"]["accuracy"] = evaluate(models["student3_of_full"], data)["accuracy"]
     for label in chosen:
@@ -301,6 +298,10 @@ def transfer(
         "test": len(data.x_test),
     }
     return out
+
+
+def test_accuracies(models: dict[str, nn.Module], data: Tensors) -> dict[str, float]:
+    return {label: evaluate(model, data)["accuracy"] for label, model in models.items()}
 
 
 def points_standard_error(a: float, b: float, rows: int) -> float:

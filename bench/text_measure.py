@@ -4,13 +4,14 @@ helpers bench/text.py's sections share (its served section lives here).
 The served section starts a private stack (registry + Kafka + S3) and an inference process, imports
 all-MiniLM-L6-v2 from its package, then times a one-sentence BYTES request from tritonclient at
 concurrency 1 (in blocks, in turns with the in-process tokenize + forward and with the same
-request to a no-op OIP server, the machine's floor for a round trip) and counts requests at
-concurrency 16.
+request to two no-op OIP servers, one in Python (grpc.aio) and one in Go: the floors of a round
+trip with and without a Python server) and counts requests at concurrency 16.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import tempfile
 import time
@@ -103,12 +104,14 @@ def served_minilm() -> Iterator[tuple[str, str]]:
 def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
     import tritonclient.grpc as triton
 
-    from bench.serve_peers import floor_peer
+    from bench.serve_peers import floor_peer, go_floor_peer
+    from maas.config import Settings
 
     with (
         served_minilm() as (addr, name),
         tempfile.TemporaryDirectory() as tmp,
         floor_peer(Path(tmp)) as (floor_addr, _),
+        go_floor_peer(Path(tmp), Settings.from_env().cache_path) as go_floor,
     ):
 
         def request(client: triton.InferenceServerClient) -> Any:
@@ -120,7 +123,9 @@ def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
             request(client).as_numpy("embedding")
 
         single = triton.InferenceServerClient(url=addr)
-        noop = triton.InferenceServerClient(url=floor_addr)
+        noops = {"noop_roundtrip": triton.InferenceServerClient(url=floor_addr)}
+        if not isinstance(go_floor, str):
+            noops["noop_go_roundtrip"] = triton.InferenceServerClient(url=go_floor[0])
         ask(single)  # warm-up, outside the server's counts below
         count, ns = forward_counts(single, name)
         # The limit is timed in the same rounds as the served requests, with the stack up: on
@@ -133,7 +138,7 @@ def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
             {
                 "inprocess_tokenize_and_forward": lambda: minilm([SENTENCE]),
                 "served": lambda: ask(single),
-                "noop_roundtrip": lambda: request(noop),
+                **{label: functools.partial(request, noop) for label, noop in noops.items()},
             },
             rounds=C1_ROUNDS,
             block=C1_BLOCK,
@@ -157,10 +162,12 @@ def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
             # Mean wall time of the forward inside the server over those c=1 requests (its
             # statistics' compute_infer): how much of the gap is the forward itself.
             "server_forward_ms_c1": forward_ms,
-            # The same request answered by a server that does nothing (bench.serve's floor):
-            # what a round trip alone costs here, so no served figure can be below
-            # in-process + this.
+            # The same request answered by servers that do nothing: bench.serve's grpc.aio
+            # floor (what a Python server's round trip alone costs here) and the Go one (what
+            # the client and the kernel alone cost: no served figure can be below in-process +
+            # this, whatever the server is written in).
             "noop_roundtrip_p50_ms_c1": c1["noop_roundtrip"],
+            "noop_go_roundtrip_p50_ms_c1": c1.get("noop_go_roundtrip", go_floor),
             "served_req_per_s_c16": total / seconds,
             "server_settings": SERVER_SETTINGS,
         }

@@ -3,7 +3,11 @@
 Prints one JSON document. Every server is a separate process driven by the same tritonclient
 (sync client for latency, asyncio client for throughput) from this process:
   - grpc_floor:      a no-op OIP servicer on grpc.aio returning a fixed tensor (Python gRPC's
-                     own cost: no server can do less per request),
+                     own cost: no Python server can do less per request),
+  - go_floor:        the same no-op server in Go (bench/noop_go, built on first use into the
+                     cache; reported as not run, with the reason, when it cannot be built):
+                     what the client and the kernel alone cost, the ceiling this client and
+                     machine put on any server,
   - maas_batching:   services.inference with dynamic batching (max_batch_size 64, delay 0),
   - maas_unbatched:  services.inference with batching off,
   - kserve:          KServe's ModelServer on the same weights, from its own venv (built on first
@@ -55,7 +59,7 @@ from bench.serve_measure import (
     throughput_rps,
     warm_up,
 )
-from bench.serve_peers import MODEL, SMALL, floor_peer, kserve_peer
+from bench.serve_peers import MODEL, SMALL, floor_peer, go_floor_peer, kserve_peer
 from infra.ephemeral import bench_settings
 
 TEN_M = {"in_features": 1024, "hidden": [2048, 2048, 2048], "num_classes": 10}
@@ -260,17 +264,24 @@ def run(seconds: float, rounds: int, with_kserve: bool) -> dict[str, Any]:
             if with_kserve
             else contextlib.nullcontext("not run: --no-kserve")
         )
-        with floor_peer(workdir) as (floor, floor_pid), peer as kserve:
+        with (
+            floor_peer(workdir) as (floor, floor_pid),
+            go_floor_peer(workdir, settings.cache_path) as go_floor,
+            peer as kserve,
+        ):
             targets = {
                 "grpc_floor": Target(floor, MODEL, x, floor_pid),
                 "maas_batching": Target(batching, MODEL, x, procs.pid("maas-batching")),
                 "maas_unbatched": Target(unbatched, MODEL, x, procs.pid("maas-unbatched")),
             }
-            if not isinstance(kserve, str):
-                targets["kserve"] = Target(kserve[0], MODEL, x, kserve[1])
+            peers = {"kserve": kserve, "go_floor": go_floor}
+            for label, started in peers.items():
+                if not isinstance(started, str):
+                    targets[label] = Target(started[0], MODEL, x, started[1])
             small = measure_small(targets, rounds, seconds, workdir)
-            if isinstance(kserve, str):
-                small["kserve"] = {"not_run": kserve}  # named in the checks, never dropped
+            for label, started in peers.items():
+                if isinstance(started, str):
+                    small[label] = {"not_run": started}  # named in the output, never dropped
         small["params"] = zoo.count_parameters(modules[MODEL])
         small["in_process_forward_p50_us"] = forward_us(modules[MODEL], x)
         # The same pass after sleeping the floor's round trip: what a c=1 server's idle core

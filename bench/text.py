@@ -4,7 +4,8 @@ Prints one JSON document:
   - inprocess:    our encoder's forward for one sentence (p50) and a batch of 32, beside
                   sentence-transformers' ``encode`` of the same texts (the peer);
   - served:       the real inference server (registry + Kafka + S3, private stack), driven by
-                  tritonclient with BYTES: p50 at concurrency 1, timed in turns with the
+                  tritonclient with BYTES: p50 at concurrency 1 over gRPC (and over OIP
+                  REST, beside it), timed in turns with the
                   in-process tokenize + forward (the limit) and with the round trips of
                   no-op OIP servers in Python and in Go (the floors for the gap between the
                   two), beside the server's own mean forward time over those requests;
@@ -353,6 +354,10 @@ def checks(result: dict[str, Any]) -> dict[str, Any]:
         # The machine's limit for that figure: a round trip to a server that does nothing,
         # timed in the same rounds. A target below it cannot be met on this machine by any
         # server; the Go one (where it ran) leaves no Python server cost in it.
+        # Context, not a target: the same request through the REST door.
+        out["served_rest_extra_ms_over_forward"] = (
+            served["served_rest_p50_ms_c1"] - served["inprocess_tokenize_and_forward_p50_ms"]
+        )
         floors = [served["noop_roundtrip_p50_ms_c1"], served["noop_go_roundtrip_p50_ms_c1"]]
         out["served_extra_limit_ms"] = min(f for f in floors if isinstance(f, float))
     targets = {

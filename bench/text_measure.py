@@ -3,9 +3,10 @@ helpers bench/text.py's sections share (its served section lives here).
 
 The served section starts a private stack (registry + Kafka + S3) and an inference process, imports
 all-MiniLM-L6-v2 from its package, then times a one-sentence BYTES request from tritonclient at
-concurrency 1 (in blocks, in turns with the in-process tokenize + forward and with the same
-request to two no-op OIP servers, one in Python (grpc.aio) and one in Go: the floors of a round
-trip with and without a Python server) and counts requests at concurrency 16.
+concurrency 1 over gRPC and over REST (in blocks, in turns with the in-process tokenize + forward
+and with the same gRPC request to two no-op OIP servers, one in Python (grpc.aio) and one in Go:
+the floors of a round trip with and without a Python server) and counts requests at concurrency
+16.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def p50s_interleaved(
 
 
 @contextlib.contextmanager
-def served_minilm() -> Iterator[tuple[str, str]]:
+def served_minilm() -> Iterator[tuple[str, str, str]]:
+    """(gRPC address, HTTP address, model name) of an inference server serving MiniLM."""
     import asyncio
 
     from infra.harness.serving import ServiceProcesses
@@ -98,17 +100,18 @@ def served_minilm() -> Iterator[tuple[str, str]]:
                 await import_pretrained(client, MINILM_PACKAGE, name, alias="production")
 
         asyncio.run(register())
-        yield inference, name
+        yield inference, processes.http_addr("inference-text"), name
 
 
 def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
     import tritonclient.grpc as triton
+    import tritonclient.http as triton_http
 
     from bench.serve_peers import floor_peer, go_floor_peer
     from maas.config import Settings
 
     with (
-        served_minilm() as (addr, name),
+        served_minilm() as (addr, http_addr, name),
         tempfile.TemporaryDirectory() as tmp,
         floor_peer(Path(tmp)) as (floor_addr, _),
         go_floor_peer(Path(tmp), Settings.from_env().cache_path) as go_floor,
@@ -123,6 +126,14 @@ def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
             request(client).as_numpy("embedding")
 
         single = triton.InferenceServerClient(url=addr)
+        rest = triton_http.InferenceServerClient(url=http_addr)
+
+        def ask_rest() -> None:  # the same request through the OIP REST door
+            tensor = triton_http.InferInput("text", [1], "BYTES")
+            tensor.set_data_from_numpy(np.array([SENTENCE], dtype=np.object_), binary_data=True)
+            wanted = [triton_http.InferRequestedOutput("embedding", binary_data=True)]
+            rest.infer(name, [tensor], outputs=wanted).as_numpy("embedding")
+
         noops = {"noop_roundtrip": triton.InferenceServerClient(url=floor_addr)}
         if not isinstance(go_floor, str):
             noops["noop_go_roundtrip"] = triton.InferenceServerClient(url=go_floor[0])
@@ -138,6 +149,7 @@ def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
             {
                 "inprocess_tokenize_and_forward": lambda: minilm([SENTENCE]),
                 "served": lambda: ask(single),
+                "served_rest": ask_rest,
                 **{label: functools.partial(request, noop) for label, noop in noops.items()},
             },
             rounds=C1_ROUNDS,
@@ -159,6 +171,8 @@ def serving(minilm: TextModel, seconds: float) -> dict[str, Any]:
         return {
             "served_p50_ms_c1": c1["served"],
             "inprocess_tokenize_and_forward_p50_ms": c1["inprocess_tokenize_and_forward"],
+            # The same request over OIP REST (tritonclient.http, binary tensor data).
+            "served_rest_p50_ms_c1": c1["served_rest"],
             # Mean wall time of the forward inside the server over those c=1 requests (its
             # statistics' compute_infer): how much of the gap is the forward itself.
             "server_forward_ms_c1": forward_ms,

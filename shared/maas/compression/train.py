@@ -28,12 +28,19 @@ class Stopped(Exception):
     """``FitConfig.stop`` asked for it: training ended before its last step."""
 
 
+SCHEDULES = ("constant", "warmup_linear")
+WARMUP_FRACTION = 0.1  # of the steps, for "warmup_linear" (BERT's fine-tuning recipe)
+
+
 @dataclass(frozen=True)
 class FitConfig:
     steps: int
     batch_size: int = 64
     lr: float = 1e-3
     seed: int = 0
+    # "constant": ``lr`` throughout. "warmup_linear": from lr/warmup up to ``lr`` over the first
+    # WARMUP_FRACTION of the steps, then linearly down to zero at the last step.
+    schedule: str = "constant"
     # Asked before each step: True ends training with Stopped (a cancelled job's method stops
     # within a step rather than running its thousands of steps to the end).
     stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
@@ -43,6 +50,19 @@ class FitConfig:
             raise InvalidArgument(
                 f"training needs steps >= 0, batch_size >= 1 and lr > 0; got {self}"
             )
+        if self.schedule not in SCHEDULES:
+            raise InvalidArgument(
+                f"schedule={self.schedule!r} is unknown; use one of {list(SCHEDULES)}"
+            )
+
+    def lr_factor(self, step: int) -> float:
+        """The multiple of ``lr`` that step ``step`` (0-based) trains with."""
+        if self.schedule == "constant":
+            return 1.0
+        warmup = max(1, round(WARMUP_FRACTION * self.steps))
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (self.steps - step) / max(1, self.steps - warmup))
 
 
 @dataclass(frozen=True)
@@ -84,7 +104,8 @@ def fit(
     loss: LossFn | None = None,
     after_step: AfterStep | None = None,
 ) -> nn.Module:
-    """Train ``model`` in place with Adam for ``config.steps`` seeded mini-batches.
+    """Train ``model`` in place with Adam for ``config.steps`` seeded mini-batches, the learning
+    rate following ``config.schedule``.
 
     ``after_step`` runs after every optimizer step (pruning re-applies its masks there, so
     pruned weights stay exactly zero). Raises Stopped when ``config.stop`` says so.
@@ -92,6 +113,7 @@ def fit(
     loss = loss or hard_label_loss(data)
     generator = torch.Generator().manual_seed(config.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
     n = len(data.x_train)
     model.train()
     for step in range(config.steps):
@@ -101,6 +123,7 @@ def fit(
         optimizer.zero_grad(set_to_none=True)
         loss(model(data.x_train[rows]), rows).backward()
         optimizer.step()
+        schedule.step()
         if after_step is not None:
             after_step(model)
     return model.eval()

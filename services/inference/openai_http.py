@@ -115,7 +115,11 @@ def bearer_auth(authorizer: Authorizer) -> Authorize:
 def _split_model(model: Any) -> tuple[str, str]:
     if not isinstance(model, str) or not model:
         raise InvalidArgument("model must be a model name, e.g. 'gpt' or 'gpt@production'")
-    name, _, ref = model.partition("@")
+    name, at, ref = model.partition("@")
+    if at and not ref:  # "gpt@" is a typo, not the bare name
+        raise InvalidArgument(
+            f"model={clip(model, 140)!r}: nothing after '@'; use NAME, NAME@VERSION or NAME@ALIAS"
+        )
     return name, ref
 
 

@@ -313,6 +313,7 @@ def test_chat_content_given_as_text_parts_reads_as_one_string(served: Served) ->
     ("body", "named"),
     [
         ({"prompt": "a", "stop": 5}, "stop"),
+        ({"model": f"{NAME}@", "prompt": "a"}, "nothing after '@'"),
         ({"prompt": "a", "seed": 2**70}, "seed"),
         ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "role"),

@@ -215,6 +215,9 @@ def best_on_validation(
     best: tuple[float, float, int, nn.Module] | None = None
     for lr in lrs:
         model, seen = make(), Checkpoints(tuning, config.steps)
+        # Dropout draws from torch's global generator: seeded here, a run is the same whatever
+        # ran before it in the process (the sections before, the other arms, another recipe).
+        torch.manual_seed(config.seed)
         fit(model, tuning, dataclasses.replace(config, lr=lr), after_step=seen)
         by_lr[f"{lr:g}"] = seen.curve
         if seen.best is not None and (best is None or seen.best[0] > best[0]):

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from maas.errors import InvalidArgument, NotFound, Unavailable, is_retriable
-from maas.names import MAX_VERSION
+from maas.names import version_number
 from services.inference.admission import InflightBytes
 from services.inference.batcher import BatchingConfig
 from services.inference.canary import Splits, split_of
@@ -60,18 +60,10 @@ class CatalogueEntry:
 
 
 def parse_ref(version: str) -> tuple[int | None, str]:
-    """``model_version`` -> (version number, "") or (None, alias); ("", DEFAULT) when empty.
-    Only ASCII digits are a number (``"²".isdigit()`` is true too, and ``int`` refuses it), and
-    at most as many as int64 has (``int`` refuses more than 4300 digits)."""
+    """``model_version`` -> (version number, "") or (None, alias); ("", DEFAULT) when empty."""
     version = version.strip()
-    if version.isascii() and version.isdigit():
-        if len(version.lstrip("0")) > len(str(MAX_VERSION)):
-            raise InvalidArgument(
-                f"model_version {version[:24]}... ({len(version)} digits) is malformed: "
-                f"versions are integers from 1 to {MAX_VERSION}"
-            )
-        return int(version), ""
-    return None, version
+    number = version_number(version, what="model_version")
+    return (number, "") if number is not None else (None, version)
 
 
 @dataclass

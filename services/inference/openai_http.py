@@ -26,6 +26,7 @@ from aiohttp import web
 from maas.edge import failure
 from maas.errors import InvalidArgument
 from maas.events import clip, shown
+from maas.registry import ModelRef
 from maas.text.sampling import SamplingParams, Token, prompt_ids
 from services.inference.generation import Generators
 from services.inference.http_app import (
@@ -113,14 +114,15 @@ def bearer_auth(authorizer: Authorizer) -> Authorize:
 
 
 def _split_model(model: Any) -> tuple[str, str]:
+    """The body's ``model`` read as ``ModelRef.parse`` reads a ref everywhere else -> (name,
+    the version or alias the data plane resolves: "" for the name's default)."""
     if not isinstance(model, str) or not model:
         raise InvalidArgument("model must be a model name, e.g. 'gpt' or 'gpt@production'")
-    name, at, ref = model.partition("@")
-    if at and not ref:  # "gpt@" is a typo, not the bare name
-        raise InvalidArgument(
-            f"model={clip(model, 140)!r}: nothing after '@'; use NAME, NAME@VERSION or NAME@ALIAS"
-        )
-    return name, ref
+    try:
+        ref = ModelRef.parse(model)
+    except InvalidArgument as refused:
+        raise InvalidArgument(f"model: {refused}") from None
+    return ref.name, str(ref.version) if ref.version is not None else ref.alias or ""
 
 
 def _sampling(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> SamplingParams:

@@ -49,6 +49,21 @@ def check_alias(alias: str) -> str:
 MAX_VERSION = 2**63 - 1  # int64, as on the wire and in SQLite
 
 
+def version_number(text: str, *, what: str = "version") -> int | None:
+    """``text`` read as a version number if it is spelled as one, else None (an alias, or
+    nothing). Only ASCII digits are a number (``"²".isdigit()`` is true too, and ``int`` refuses
+    it); more digits than int64 has are refused here, before ``int`` (which raises a ValueError
+    past 4300). The number's range is ``check_version``'s."""
+    if not (text.isascii() and text.isdigit()):
+        return None
+    if len(text.lstrip("0")) > len(str(MAX_VERSION)):
+        raise InvalidArgument(
+            f"{what} {text[:24]}... ({len(text)} digits) is malformed: "
+            f"versions are integers from 1 to {MAX_VERSION}"
+        )
+    return int(text)
+
+
 def check_version(version: int) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= MAX_VERSION:
         if not isinstance(version, int) or isinstance(version, bool):

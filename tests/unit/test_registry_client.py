@@ -25,10 +25,29 @@ def test_references_parse_and_print_back(text: str, ref: ModelRef) -> None:
     assert str(ref) == text.strip()
 
 
-@pytest.mark.parametrize("text", ["", "@3", "digits@", "digits@0", "digits@Prod", "a/b", "a@b@c"])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "@3",
+        "digits@",
+        "digits@0",
+        "digits@Prod",
+        "a/b",
+        "a@b@c",
+        "digits@²",
+        "digits@" + "9" * 5000,
+    ],
+)
 def test_malformed_references_are_invalid(text: str) -> None:
     with pytest.raises(InvalidArgument):
         ModelRef.parse(text)
+
+
+def test_a_refused_reference_quotes_at_most_a_bounded_part_of_itself() -> None:
+    with pytest.raises(InvalidArgument) as caught:
+        ModelRef.parse("x" * 100_000 + "@")
+    assert len(str(caught.value)) < 400
 
 
 def test_a_reference_takes_a_version_or_an_alias_not_both() -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maas.errors import InvalidArgument
-from maas.names import check_alias, check_name, check_version
+from maas.names import check_alias, check_name, check_version, version_number
 
 
 def artifact_prefix(name: str, version: int) -> str:
@@ -49,10 +49,13 @@ class ModelRef:
         name, sep, selector = text.strip().partition("@")
         if not sep:
             return cls(name)
-        if selector.isdigit():
-            return cls(name, version=int(selector))
-        if not selector:
-            raise InvalidArgument(f"{text!r}: nothing after '@'; use NAME@VERSION or NAME@ALIAS")
+        number = version_number(selector)
+        if number is not None:
+            return cls(name, version=number)
+        if not selector:  # the name checked first: the message quotes it, and it may be huge
+            raise InvalidArgument(
+                f"'{check_name(name)}@': nothing after '@'; use NAME@VERSION or NAME@ALIAS"
+            )
         return cls(name, alias=selector)
 
     def __str__(self) -> str:

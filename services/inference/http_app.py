@@ -21,6 +21,7 @@ from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from maas.errors import Cancelled, InvalidArgument, MaasError, ResourceExhausted
+from maas.names import small_number
 from services.inference.http_tls import TlsListener
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ class HttpServer:
             if not seconds > 0:
                 raise InvalidArgument(f"MAAS_INFERENCE_HTTP_{name}_TIMEOUT_S={seconds} must be > 0")
         host, sep, port = listen.rpartition(":")
-        if not sep or not port.isdigit():
+        if not sep or small_number(port, max_digits=5) is None:
             raise InvalidArgument(f"{setting}={listen!r} must be host:port, e.g. 127.0.0.1:8000")
         self._host, self._port, self._setting = host.strip("[]") or "0.0.0.0", int(port), setting
         self._routes: list[Routes] = []

@@ -25,6 +25,7 @@ import numpy as np
 
 from maas.errors import InvalidArgument
 from maas.events import shown
+from maas.names import small_number
 from maas.text import wire
 from services.inference.http_app import parse_json
 from services.inference.signature import DATATYPE_TO_DTYPE, MAX_DIMS, datatype_of
@@ -64,12 +65,13 @@ def json_length(body: bytes, header_length: str | None) -> int:
     """How many of the body's bytes are the JSON part."""
     if header_length is None:
         return len(body)
-    if not header_length.strip().isdigit() or int(header_length) > len(body):
+    length = small_number(header_length.strip())
+    if length is None or length > len(body):
         raise InvalidArgument(
             f"header {HEADER_LENGTH} is {shown(header_length)}; it must be the JSON part's "
             f"length in bytes, between 0 and the body's {len(body)}"
         )
-    return int(header_length)
+    return length
 
 
 def split_body(body: bytes, json_bytes: int) -> tuple[dict[str, Any], memoryview]:

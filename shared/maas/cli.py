@@ -27,6 +27,7 @@ import maas
 from maas.command_line import command
 from maas.config import Settings, env_doc
 from maas.errors import MaasError
+from maas.names import small_number
 
 if TYPE_CHECKING:
     from infra.stack import ComponentStatus
@@ -46,9 +47,10 @@ def _stack(settings: Settings, args: argparse.Namespace):  # type: ignore[no-unt
 
 def _scale_arg(text: str) -> tuple[str, int]:
     name, sep, count = text.partition("=")
-    if not sep or not count.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: use NAME=COUNT, e.g. gradient-worker=4")
-    return name, int(count)
+    replicas = small_number(count, max_digits=4)
+    if not sep or replicas is None:
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: use NAME=COUNT, e.g. gradient-worker=4")
+    return name, replicas
 
 
 def _print_status(rows: Sequence[ComponentStatus]) -> None:

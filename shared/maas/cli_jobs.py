@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from maas.command_line import command
 from maas.config import Settings
+from maas.names import small_number
 
 if TYPE_CHECKING:  # imported when a command runs, so `maas --help` stays fast
     from rich.console import Console
@@ -288,9 +289,10 @@ def when(ms: int, now: dt.datetime | None = None) -> str:
 
 
 def _count(text: str) -> int:
-    if not text.isdigit() or int(text) < 1:
+    count = small_number(text)
+    if count is None or count < 1:
         raise argparse.ArgumentTypeError(f"{text[:40]!r}: give a whole number of jobs, 1 or more")
-    return int(text)
+    return count
 
 
 def _fmt(value: float | None) -> str:

@@ -25,6 +25,7 @@ from maas.cli_policy import add_policy_actions
 from maas.command_line import command, local_time
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
+from maas.names import small_number, version_number
 from maas.registry.types import ModelRef, ModelVersion
 
 Action = Callable[[Any, argparse.Namespace], Coroutine[Any, Any, int]]
@@ -143,17 +144,20 @@ async def _alias(client: Any, args: argparse.Namespace) -> int:
 
 def _alias_args(words: Sequence[str]) -> tuple[str, int, list[tuple[int, int]]]:
     """``VERSION ALIAS`` or ``ALIAS VERSION=WEIGHT...`` -> (alias, version, targets)."""
-    if len(words) == 2 and words[0].isdigit():
-        return words[1], int(words[0]), []
+    moved_to = version_number(words[0]) if len(words) == 2 else None
+    if moved_to is not None:
+        return words[1], moved_to, []
     alias, *pairs = words
     targets = []
     for pair in pairs:
         version, sep, weight = pair.partition("=")
-        if not (sep and version.isdigit() and weight.isdigit()):
+        number, share = small_number(version), small_number(weight)
+        if not sep or number is None or share is None:
             raise InvalidArgument(
-                f"{pair!r} is not VERSION=WEIGHT; use e.g. maas models alias NAME {alias} 4=90 5=10"
+                f"{pair[:80]!r} is not VERSION=WEIGHT; use e.g. maas models alias NAME {alias} "
+                "4=90 5=10"
             )
-        targets.append((int(version), int(weight)))
+        targets.append((number, share))
     if not targets:
         raise InvalidArgument("give VERSION ALIAS, or ALIAS VERSION=WEIGHT... for a split")
     return alias, 0, targets

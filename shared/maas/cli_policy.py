@@ -17,6 +17,7 @@ import yaml
 from maas.command_line import command, local_time
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
+from maas.names import small_number
 from maas.policy import parse_policy
 from maas.registry.types import ModelRef
 from maas.textfile import parse_yaml, read_text_file
@@ -72,9 +73,10 @@ async def _policy_show(client: Any, args: argparse.Namespace) -> int:
 
 
 def _policy_version(text: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 2**63:
+    version = small_number(text)
+    if version is None or not 0 < version < 2**63:
         raise argparse.ArgumentTypeError(f"{text[:40]!r}: a policy version is 1, 2, ...")
-    return int(text)
+    return version
 
 
 def _policy_file(path: str) -> Any:

@@ -49,12 +49,26 @@ def check_alias(alias: str) -> str:
 MAX_VERSION = 2**63 - 1  # int64, as on the wire and in SQLite
 
 
+def is_digits(text: str) -> bool:
+    """Whether ``text`` is spelled in ASCII digits only, as ``int`` can read it: ``"²".isdigit()``
+    is true too (``int`` refuses it), and so is ``"٣".isdigit()`` (``int`` reads it as 3)."""
+    return text.isascii() and text.isdigit()
+
+
+def small_number(text: str, max_digits: int = len(str(MAX_VERSION))) -> int | None:
+    """``text`` as a whole number if it is ASCII digits, at most ``max_digits`` of them besides
+    leading zeros, else None: ``int`` raises a ValueError past 4300 digits, where a refusal
+    naming the field is wanted."""
+    if not is_digits(text) or len(text.lstrip("0")) > max_digits:
+        return None
+    return int(text)
+
+
 def version_number(text: str, *, what: str = "version") -> int | None:
     """``text`` read as a version number if it is spelled as one, else None (an alias, or
-    nothing). Only ASCII digits are a number (``"²".isdigit()`` is true too, and ``int`` refuses
-    it); more digits than int64 has are refused here, before ``int`` (which raises a ValueError
-    past 4300). The number's range is ``check_version``'s."""
-    if not (text.isascii() and text.isdigit()):
+    nothing). More digits than int64 has are refused here, before ``int`` (which raises a
+    ValueError past 4300). The number's range is ``check_version``'s."""
+    if not is_digits(text):
         return None
     if len(text.lstrip("0")) > len(str(MAX_VERSION)):
         raise InvalidArgument(

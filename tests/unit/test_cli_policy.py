@@ -72,9 +72,15 @@ async def test_alias_with_weights_splits_it(capsys):
     assert "digits@production -> 4=90, 5=10" in capsys.readouterr().out
 
 
-async def test_a_malformed_weight_names_the_form_to_use():
+@pytest.mark.parametrize("pair", ["4:90", "²=90", "4=" + "9" * 5000])
+async def test_a_malformed_weight_names_the_form_to_use(pair):
     with pytest.raises(InvalidArgument, match="VERSION=WEIGHT"):
-        await run(parse("alias", "digits", "production", "4:90"), Client())
+        await run(parse("alias", "digits", "production", pair), Client())
+
+
+async def test_a_version_of_more_digits_than_int64_has_is_refused_naming_it():
+    with pytest.raises(InvalidArgument, match="versions are integers from 1"):
+        await run(parse("alias", "digits", "9" * 5000, "production"), Client())
 
 
 async def test_policy_set_reads_the_yaml_file(tmp_path: Path, capsys):

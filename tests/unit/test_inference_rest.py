@@ -327,6 +327,14 @@ async def test_json_over_its_own_limit_is_413_while_binary_data_of_that_size_pas
         assert code == 200 and x.nbytes > 4096
 
 
+@pytest.mark.parametrize("length", ["²", "9" * 5000, "-1", "10"])
+async def test_a_json_length_header_that_is_not_a_length_within_the_body_is_400(rest, length):
+    code, reply, _ = await rest.call(
+        "POST", "/v2/models/digits/infer", data=b"{}", headers={HEADER_LENGTH: length}
+    )
+    assert code == 400 and HEADER_LENGTH in reply["error"]
+
+
 async def test_json_nested_deeper_than_the_server_reads_is_400(rest):
     deep = b"[" * 100_000 + b"]" * 100_000
     code, reply, _ = await rest.call("POST", "/v2/models/digits/infer", data=deep)

@@ -8,7 +8,7 @@ import pytest
 
 from maas.errors import InvalidArgument, ResourceExhausted
 from maas.manifest import parse_manifest
-from maas.names import MAX_VERSION, check_version
+from maas.names import MAX_VERSION, check_version, small_number
 from maas.registry.types import ModelRef
 from maas.registry.v1 import registry_pb2 as pb
 from services.model_registry.servicer import fit_page
@@ -71,6 +71,23 @@ def test_versions_outside_int64_or_not_integers_are_invalid(version):
     with pytest.raises(InvalidArgument, match="versions are integers from 1"):
         check_version(version)
     assert check_version(MAX_VERSION) == MAX_VERSION
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("42", 42),
+        ("007", 7),
+        ("²", None),
+        ("٣", None),
+        ("-1", None),
+        ("", None),
+        ("9" * 5000, None),
+    ],
+    ids=["digits", "leading-zeros", "superscript", "arabic-indic", "sign", "empty", "huge"],
+)
+def test_only_ascii_digits_within_their_bound_read_as_a_number(text, number):
+    assert small_number(text) == number
 
 
 @pytest.mark.parametrize("token", ["99999999999999999999999", "١٢", "-1", "x"])

@@ -92,7 +92,9 @@ def required_role(method: str) -> Role | None:
 
 
 def digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # surrogateescape: an HTTP header's bytes that are not UTF-8 reach us as lone surrogates
+    # (aiohttp decodes that way); they hash as the bytes sent, never raise.
+    return hashlib.sha256(token.encode(errors="surrogateescape")).hexdigest()
 
 
 def bearer_token(metadata: Iterable[tuple[str, Any]] | None) -> str | None:

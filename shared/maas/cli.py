@@ -27,6 +27,7 @@ import maas
 from maas.command_line import command
 from maas.config import Settings, env_doc
 from maas.errors import MaasError
+from maas.events import printable
 from maas.names import small_number
 
 if TYPE_CHECKING:
@@ -246,7 +247,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         handler: Handler = args.func
         return handler(args, settings)
     except MaasError as exc:
-        print(f"maas: {type(exc).__name__}: {exc.message}", file=sys.stderr)
+        # Messages echo what was typed or received: as text, never as terminal control codes.
+        message = printable(exc.message, limit=20_000, keep="\n")
+        print(f"maas: {type(exc).__name__}: {message}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -155,8 +155,8 @@ def _cancel(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if not asyncio.run(jobs.has_status(settings, args.job_id)):
         console().print(
-            f"[yellow]no service has reported on job {args.job_id}[/yellow] (`maas jobs list` "
-            "shows the known jobs): the cancel is sent, but there is nothing to wait for"
+            f"[yellow]no service has reported on job {_job_markup(args.job_id)}[/yellow] (`maas "
+            "jobs list` shows the known jobs): the cancel is sent, but there is nothing to wait for"
         )
         return 1  # nothing was cancelled
     summary = asyncio.run(follow(settings, args.job_id, args.timeout_s))
@@ -168,11 +168,21 @@ def _watch(args: argparse.Namespace, settings: Settings) -> int:
 
     if not asyncio.run(jobs.has_status(settings, args.job_id)):
         console().print(
-            f"[yellow]no status for job {args.job_id} yet[/yellow] (`maas jobs list` shows the "
-            f"known ones){_plan_hint(args.job_id)}; waiting for its first — Ctrl-C stops "
-            "watching, not the job"
+            f"[yellow]no status for job {_job_markup(args.job_id)} yet[/yellow] (`maas jobs "
+            f"list` shows the known ones){_plan_hint(args.job_id)}; waiting for its first — "
+            "Ctrl-C stops watching, not the job"
         )
     return _exit_code(asyncio.run(follow(settings, args.job_id, args.timeout_s)))
+
+
+def _job_markup(job_id: str) -> str:
+    """A job id as typed, inside console markup: as data, neither markup nor control codes
+    (``maas jobs watch $'\\x1b[2J'`` must not clear the screen)."""
+    from rich.markup import escape
+
+    from maas.events import printable
+
+    return escape(printable(job_id))
 
 
 def _plan_hint(job_id: str) -> str:

@@ -22,11 +22,11 @@ from typing import Any
 
 from maas.cli_import import add_import_action
 from maas.cli_policy import add_policy_actions
-from maas.command_line import command, local_time
+from maas.command_line import alias_name, command, local_time, model_name, model_ref
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
 from maas.names import small_number, version_number
-from maas.registry.types import ModelRef, ModelVersion
+from maas.registry.types import ModelVersion
 
 Action = Callable[[Any, argparse.Namespace], Coroutine[Any, Any, int]]
 
@@ -37,13 +37,6 @@ def _parse_time(text: str) -> int:
         return int(datetime.fromisoformat(text).timestamp() * 1000)
     except ValueError:
         raise InvalidArgument(f"--at {text!r} is not a time; use e.g. 2026-11-24T15:00") from None
-
-
-def _ref(text: str) -> ModelRef:
-    try:
-        return ModelRef.parse(text)
-    except InvalidArgument as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
 
 
 def _table(rows: Sequence[Sequence[object]]) -> None:
@@ -278,11 +271,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "list models, or the versions of one model",
         "maas models list digits-mlp --parent digits-mlp@1 --method quantize",
     )
-    p.add_argument("name", nargs="?", help="a model name: list its versions")
+    p.add_argument("name", nargs="?", type=model_name, help="a model name: list its versions")
     p.add_argument("--method", help="only versions made by this method (train, quantize, ...)")
     p.add_argument("--parent", metavar="NAME@VERSION", help="only versions made from this one")
     p = action("show", _show, "show one version as JSON", "maas models show digits-mlp@production")
-    p.add_argument("ref", type=_ref, help=ref_help)
+    p.add_argument("ref", type=model_ref, help=ref_help)
     p = action(
         "alias",
         _alias,
@@ -290,29 +283,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "maas models alias digits-mlp 3 production\n"
         "  maas models alias digits-mlp production 4=90 5=10",
     )
-    p.add_argument("name")
+    p.add_argument("name", type=model_name)
     p.add_argument(
         "target", nargs="+", metavar="VERSION ALIAS | ALIAS VERSION=WEIGHT", help="where it points"
     )
     p.add_argument("--reason", default="", help="why it moves, kept in the alias history")
     p = action("unalias", _unalias, "delete an alias", "maas models unalias digits-mlp staging")
-    p.add_argument("name")
-    p.add_argument("alias")
+    p.add_argument("name", type=model_name)
+    p.add_argument("alias", type=alias_name)
     p = action(
         "lineage",
         _lineage,
         "parents up to the root, and children",
         "maas models lineage digits-mlp-int8@1",
     )
-    p.add_argument("ref", type=_ref, help=ref_help)
+    p.add_argument("ref", type=model_ref, help=ref_help)
     p = action(
         "history",
         _history,
         "every alias move, or where aliases pointed at a time",
         "maas models history digits-mlp --alias production --at 2026-11-24T15:00",
     )
-    p.add_argument("name")
-    p.add_argument("--alias", help="only this alias")
+    p.add_argument("name", type=model_name)
+    p.add_argument("--alias", type=alias_name, help="only this alias")
     p.add_argument("--at", help="ISO time: show where each alias pointed then")
     p = action(
         "delete",
@@ -320,6 +313,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "delete a version (refused while an alias points at it)",
         "maas models delete digits-mlp 2",
     )
-    p.add_argument("name")
+    p.add_argument("name", type=model_name)
     p.add_argument("version", type=int)
     add_policy_actions(actions, _runner)  # maas models policy (maas.cli_policy)

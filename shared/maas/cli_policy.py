@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from maas.command_line import command, local_time
+from maas.command_line import command, local_time, model_name
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
 from maas.names import small_number
@@ -104,7 +104,7 @@ def add_policy_actions(
         example="maas models policy set digits-mlp examples/policies/digits-mlp.yaml",
     )
     p.set_defaults(func=runner(_policy_set))
-    p.add_argument("name", help="the model the policy is for")
+    p.add_argument("name", type=model_name, help="the model the policy is for")
     p.add_argument("file", help="a YAML policy document")
     p = command(
         verbs,
@@ -113,7 +113,7 @@ def add_policy_actions(
         example="maas models policy clear digits-mlp",
     )
     p.set_defaults(func=runner(_policy_clear))
-    p.add_argument("name", help="the model whose policy to clear")
+    p.add_argument("name", type=model_name, help="the model whose policy to clear")
     p = command(
         verbs,
         "show",
@@ -121,5 +121,5 @@ def add_policy_actions(
         example="maas models policy show digits-mlp --version 2",
     )
     p.set_defaults(func=runner(_policy_show))
-    p.add_argument("name", help="the model whose policy to print")
+    p.add_argument("name", type=model_name, help="the model whose policy to print")
     p.add_argument("--version", type=_policy_version, help="an earlier policy version (1, 2, ...)")

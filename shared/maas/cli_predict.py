@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from maas.command_line import command
+from maas.command_line import command, model_ref
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.registry.types import ModelRef
@@ -28,11 +28,17 @@ INPUT_NAME = "input"
 TEXT_INPUT_NAME = "text"
 
 
-def _ref(text: str) -> ModelRef:
+def _utf8_text(text: str) -> str:
+    """A --text as sent: UTF-8. Python hands on argument bytes that do not decode as lone
+    surrogates, which no request can carry."""
     try:
-        return ModelRef.parse(text)
-    except InvalidArgument as exc:
-        raise argparse.ArgumentTypeError(exc.message) from None
+        text.encode()
+    except UnicodeEncodeError as exc:
+        raise argparse.ArgumentTypeError(
+            f"{text[: exc.start]!r} is followed by bytes that are not UTF-8; give the text in "
+            "UTF-8 (is the terminal's encoding UTF-8?)"
+        ) from None
+    return text
 
 
 def read_input(spec: str) -> np.ndarray:
@@ -163,7 +169,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "ref",
-        type=_ref,
+        type=model_ref,
         metavar="NAME[@VERSION|@ALIAS]",
         help="model (alias production when no version is given)",
     )
@@ -174,7 +180,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="the input tensor: rows of features",
     )
     given.add_argument(
-        "--text", action="append", help="a text for a text model (repeat for a batch)"
+        "--text",
+        action="append",
+        type=_utf8_text,
+        help="a text for a text model (repeat for a batch)",
     )
     p.add_argument("--output", metavar="FILE.npy", help="save the output here instead of printing")
     p.set_defaults(func=_run)

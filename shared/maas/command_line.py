@@ -1,10 +1,18 @@
-"""How every `maas` command and action is declared: its help, description and examples."""
+"""How every `maas` command and action is declared: its help, description and examples; and
+the argument types that check what the registry's names look like before anything is sent."""
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime
+from typing import TypeVar
+
+from maas.errors import InvalidArgument
+from maas.names import check_alias, check_name
+from maas.registry.types import ModelRef
+
+Parsed = TypeVar("Parsed")
 
 
 def command(
@@ -31,3 +39,23 @@ def command(
 def local_time(ms: int | None) -> str:
     """Milliseconds since the epoch as local ISO 8601 to the second; "-" for none."""
     return "-" if not ms else datetime.fromtimestamp(ms / 1000).isoformat(timespec="seconds")
+
+
+def _argument(check: Callable[[str], Parsed]) -> Callable[[str], Parsed]:
+    """``check`` as an argparse type: its refusal becomes argparse's usage error, naming the
+    argument (and a name that is not text, e.g. undecodable bytes, is refused here, before it
+    reaches a request it could not be encoded into)."""
+
+    def parse(text: str) -> Parsed:
+        try:
+            return check(text)
+        except InvalidArgument as exc:
+            raise argparse.ArgumentTypeError(exc.message) from None
+
+    parse.__name__ = check.__name__  # argparse names the type in some of its messages
+    return parse
+
+
+model_ref = _argument(ModelRef.parse)  # NAME, NAME@VERSION or NAME@ALIAS
+model_name = _argument(check_name)
+alias_name = _argument(check_alias)

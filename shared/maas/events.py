@@ -161,10 +161,11 @@ def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
     return f"{text[:limit]}… ({len(text) - limit} more characters)"
 
 
-def printable(text: str, limit: int = 80) -> str:
+def printable(text: str, limit: int = 80, *, keep: str = "") -> str:
     """``text`` for a terminal: control characters escaped (a job id holding a screen-clear
-    prints as ``\\x1b[2J``), clipped."""
-    return clip("".join(c if c.isprintable() else repr(c)[1:-1] for c in text), limit)
+    prints as ``\\x1b[2J``), but those in ``keep``, clipped."""
+    shown = (c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
+    return clip("".join(shown), limit)
 
 
 def shown(value: object, limit: int = 60) -> str:

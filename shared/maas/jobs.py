@@ -24,7 +24,7 @@ from maas.bus import EventProducer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, SchemaViolation
-from maas.events import shown
+from maas.events import printable, shown
 from maas.policy import POLICY_JOB_PREFIX, is_plan_id
 from maas.textfile import parse_yaml, read_text_file
 
@@ -316,7 +316,7 @@ async def watch(
         except TimeoutError:
             await stream.aclose()
             raise DeadlineExceeded(
-                f"job {job_id} did not finish within {timeout_s or 0:.0f} s (--timeout-s; last "
-                f"seen: {summary.state}); it goes on: "
-                f"`maas jobs watch {job_id}` follows it again"
+                f"job {printable(job_id)} did not finish within {timeout_s or 0:.0f} s "
+                f"(--timeout-s; last seen: {summary.state}); it goes on: "
+                f"`maas jobs watch {printable(job_id)}` follows it again"
             ) from None

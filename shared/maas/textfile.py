@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from maas.errors import InvalidArgument
+from maas.events import clip
 
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a job, policy or token is kilobytes; a JSON input, megabytes
 
@@ -64,5 +65,10 @@ def parse_yaml(text: str, path: str | Path, what: str) -> Any:
         return yaml.load(text, Loader=UserYamlLoader)
     except yaml.YAMLError as exc:
         raise InvalidArgument(f"{path} is not valid YAML: {exc}") from None
+    except ValueError as exc:  # a scalar PyYAML's constructors refuse outside YAMLError:
+        # a date of month 13, an integer of over 4300 digits, `!!int x`
+        raise InvalidArgument(
+            f"{path} holds a value YAML cannot read: {clip(str(exc), 200)}"
+        ) from None
     except RecursionError:
         raise InvalidArgument(f"{path} nests lists or mappings deeper than a {what} can") from None

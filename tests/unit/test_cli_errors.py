@@ -57,3 +57,35 @@ def test_an_unreachable_broker_is_one_line_without_the_kafka_clients_own(tmp_pat
     assert done.returncode == 1
     assert done.stderr.splitlines() == [done.stderr.strip()]  # one line
     assert done.stderr.startswith("maas: Unavailable: cannot reach Kafka at 127.0.0.1:1")
+
+
+def test_an_error_message_prints_control_characters_as_text(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def refuses(args: argparse.Namespace, settings: object) -> int:
+        raise InvalidArgument("job x\x1b[2Jy is unknown\nsecond line")
+
+    monkeypatch.setattr(cli, "build_parser", lambda: _parser(refuses))
+    assert cli.main(["go"]) == 1
+    assert capsys.readouterr().err == (
+        "maas: InvalidArgument: job x\\x1b[2Jy is unknown\nsecond line\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["models", "list", "\udcff"],  # how Python hands on argument bytes that are not UTF-8
+        ["models", "history", "digits", "--alias", "\udcff"],
+        ["models", "show", "digits@\udcff"],
+        ["models", "policy", "show", "\udcff"],
+        ["predict", "minilm", "--text", "a\udcff"],
+    ],
+)
+def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_it(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(argv)
+    assert exited.value.code == 2
+    assert "error: argument" in capsys.readouterr().err

@@ -259,6 +259,16 @@ def test_a_file_that_is_not_yaml_names_the_file(tmp_path):
         jobs.load_job_file(path)
 
 
+@pytest.mark.parametrize(
+    "value", ["2020-13-45", "9" * 5000, "!!int x", "2001-12-14t21:59:43.10-99:99"]
+)
+def test_a_value_yaml_cannot_construct_names_the_file(tmp_path, value):
+    path = tmp_path / "odd.yaml"
+    path.write_text(f"type: train\nnote: {value}\n")
+    with pytest.raises(InvalidArgument, match="odd.yaml holds a value YAML cannot read"):
+        jobs.load_job_file(path)
+
+
 def status(state, **fields):
     return events.new_event(events.JOB_STATUS, job_id="j", state=state, **fields)
 

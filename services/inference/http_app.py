@@ -111,10 +111,14 @@ class HttpServer:
         for name, seconds in (("BODY", body_timeout_s), ("IDLE", idle_timeout_s)):
             if not seconds > 0:
                 raise InvalidArgument(f"MAAS_INFERENCE_HTTP_{name}_TIMEOUT_S={seconds} must be > 0")
-        host, sep, port = listen.rpartition(":")
-        if not sep or small_number(port, max_digits=5) is None:
-            raise InvalidArgument(f"{setting}={listen!r} must be host:port, e.g. 127.0.0.1:8000")
-        self._host, self._port, self._setting = host.strip("[]") or "0.0.0.0", int(port), setting
+        host, sep, port_text = listen.rpartition(":")
+        port = small_number(port_text, max_digits=5)
+        if not sep or port is None or port > 65535:
+            raise InvalidArgument(
+                f"{setting}={listen!r} must be host:port with a port from 0 to 65535, e.g. "
+                "127.0.0.1:8000"
+            )
+        self._host, self._port, self._setting = host.strip("[]") or "0.0.0.0", port, setting
         self._routes: list[Routes] = []
         self.app = web.Application(
             client_max_size=max_body_bytes, middlewares=[self._json_refusals]

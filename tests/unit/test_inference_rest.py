@@ -309,6 +309,14 @@ def test_a_timeout_that_is_not_positive_is_refused_naming_its_setting():
         HttpServer("127.0.0.1:0", body_timeout_s=0)
 
 
+@pytest.mark.parametrize(
+    "listen", ["127.0.0.1", "127.0.0.1:99999", "127.0.0.1:²", ":" + "9" * 5000]
+)
+def test_a_listen_address_without_a_port_in_range_is_refused_naming_its_setting(listen):
+    with pytest.raises(InvalidArgument, match="MAAS_INFERENCE_HTTP_LISTEN=.* from 0 to 65535"):
+        HttpServer(listen)
+
+
 async def test_json_over_its_own_limit_is_413_while_binary_data_of_that_size_passes():
     x = np.random.default_rng(4).standard_normal((400, 4)).astype(np.float32)
     async with Rest(Authorizer(None), max_json_bytes=4096) as small:

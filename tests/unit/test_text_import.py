@@ -117,6 +117,44 @@ def test_a_config_json_that_cannot_work_is_refused_naming_the_key(
         read_directory(model_dir(tmp_path, config=config))
 
 
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"model_type": "roberta"}, r"model_type='roberta' is not what the platform's encoder"),
+        ({"hidden_act": "gelu_new"}, r"hidden_act='gelu_new' .* \(hidden_act 'gelu'\)"),
+        ({"position_embedding_type": "relative_key"}, r"position_embedding_type='relative_key'"),
+    ],
+)
+def test_a_config_asking_for_another_computation_is_refused(
+    tmp_path: Path, config: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        read_directory(model_dir(tmp_path, config=config))
+
+
+def test_a_config_whose_sizes_are_not_the_weights_is_refused_naming_both(tmp_path: Path) -> None:
+    config = {"hidden_size": 8, "num_hidden_layers": 12}  # the weights: 8 wide, 2 layers
+    with pytest.raises(InvalidArgument, match=r"num_hidden_layers=12 \(the weights have 2\)"):
+        read_directory(model_dir(tmp_path, config=config))
+
+
+def test_the_config_of_bert_itself_imports(tmp_path: Path) -> None:
+    config = {"model_type": "bert", "hidden_act": "gelu", "position_embedding_type": "absolute"}
+    config |= {"hidden_size": 8, "num_hidden_layers": 2, "vocab_size": TINY["vocab_size"]}
+    assert read_directory(model_dir(tmp_path, config=config)).config.layers == 2
+
+
+def test_a_sentence_transformers_stage_the_encoder_lacks_is_refused(tmp_path: Path) -> None:
+    model_dir(tmp_path)
+    stages = ["Transformer", "Pooling", "Dense", "Normalize"]
+    modules = [{"type": f"sentence_transformers.models.{kind}"} for kind in stages]
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    with pytest.raises(
+        InvalidArgument, match=r"modules\.json lists 'sentence_transformers.models.Dense'"
+    ):
+        read_directory(tmp_path)
+
+
 @pytest.mark.parametrize("name", ["config.json", "sentence_bert_config.json", POOLING])
 def test_deeply_nested_json_is_invalid_json_not_a_crash(tmp_path: Path, name: str) -> None:
     model_dir(tmp_path)

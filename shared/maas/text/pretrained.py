@@ -39,7 +39,15 @@ from maas.config import MiB
 from maas.errors import IntegrityError, InvalidArgument, NotFound
 from maas.text.bert import BertConfig
 from maas.text.bert_config import MAX_LAYERS
-from maas.text.pretrained_checks import ARCH, check_tokenizer, check_weights, listed
+from maas.text.pretrained_checks import (
+    ARCH,
+    check_computation,
+    check_modules,
+    check_sizes,
+    check_tokenizer,
+    check_weights,
+    listed,
+)
 from maas.text.tokenizer import TOKENIZER_FILE, TOKENIZER_MAX_BYTES
 from maas.textfile import read_file
 
@@ -51,7 +59,8 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
 )
 POOLING = "1_Pooling/config.json"
-CONFIG_FILES = ("config.json", "sentence_bert_config.json", POOLING)
+MODULES = "modules.json"  # sentence-transformers' pipeline after the encoder
+CONFIG_FILES = ("config.json", "sentence_bert_config.json", POOLING, MODULES)
 
 # The import's size caps, per file; checked before a byte is read, and the read stops at the cap.
 # Weights: a billion float32 parameters, ten times MAAS_MAX_MODEL_PARAMS's default (the registry
@@ -132,7 +141,8 @@ def _read_files(directory: Path) -> dict[str, bytes]:
     return {name: read_file(path, "model file", MAX_BYTES[name]) for name, path in paths.items()}
 
 
-def _json(read: Mapping[str, bytes], directory: Path, name: str) -> dict[str, Any] | None:
+def _json(read: Mapping[str, bytes], directory: Path, name: str, shape: type = dict) -> Any | None:
+    """The JSON document ``name`` holds (a ``shape``: dict or list), None when it is absent."""
     if name not in read:
         return None
     path = directory / name
@@ -141,8 +151,8 @@ def _json(read: Mapping[str, bytes], directory: Path, name: str) -> dict[str, An
     # RecursionError: arrays or objects nested deeper than Python's stack (``[[[[...``).
     except (ValueError, RecursionError) as exc:
         raise InvalidArgument(f"{path} is not valid JSON: {_SHOWN.repr(str(exc))}") from None
-    if not isinstance(loaded, dict):
-        raise InvalidArgument(f"{path} must hold a JSON object")
+    if not isinstance(loaded, shape):
+        raise InvalidArgument(f"{path} must hold a JSON {'object' if shape is dict else 'array'}")
     return loaded
 
 
@@ -231,6 +241,16 @@ def _config(
     layers = _layer_count(state, weights)
     bert_path, sbert_path = directory / "config.json", directory / "sentence_bert_config.json"
     bert = _json(read, directory, "config.json") or {}
+    check_computation(bert, str(bert_path))
+    from_shapes = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": layers,
+        "intermediate_size": intermediate,
+        "max_position_embeddings": positions,
+        "type_vocab_size": types,
+    }
+    check_sizes(bert, from_shapes, str(bert_path))
     sbert = _json(read, directory, "sentence_bert_config.json") or {}
     # Without config.json the head count is the one thing shapes cannot tell: BERT uses 64-wide.
     heads = _integer(bert, "num_attention_heads", max(1, hidden // 64), bert_path)
@@ -289,6 +309,7 @@ def read_directory(
                 "modified or corrupted model file"
             )
     _check_pooling(read, directory)
+    check_modules(_json(read, directory, MODULES, list), str(directory / MODULES))
     full = _load_weights(read[WEIGHTS], directory / WEIGHTS)
     dropped = sorted(k for k in full if k.startswith(DROPPED_PREFIXES))
     state = {k: v for k, v in full.items() if k not in dropped}

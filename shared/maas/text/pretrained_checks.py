@@ -1,5 +1,6 @@
-"""Whether an imported encoder can serve, judged before it is registered: its tokenizer parses
-as inference will parse it and fits the model's vocabulary, and its weights are floats that load
+"""Whether an imported encoder can serve, judged before it is registered: it computes what our
+encoder computes (BERT's layers, then mean pooling and normalisation), its tokenizer parses as
+inference will parse it and fits the model's vocabulary, and its weights are floats that load
 strictly into the module its config describes (built by the zoo, as inference builds it).
 Errors name what is wrong, a few items at a time (a hostile file may hold thousands).
 """
@@ -7,6 +8,7 @@ Errors name what is wrong, a few items at a time (a hostile file may hold thousa
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -28,6 +30,57 @@ def listed(items: Iterable[str], most: int = 5) -> str:
     items = list(items)
     shown = ", ".join(_short(item) for item in items[:most])
     return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+# The config.json values our encoder computes with. A checkpoint of the same tensor names that
+# says otherwise (RoBERTa counts positions from 2, some encoders use the tanh GELU or relative
+# positions) would import and serve, embedding differently from its own library: refused.
+COMPUTED_AS = {
+    "model_type": ("bert",),
+    "hidden_act": ("gelu",),  # erf GELU, as torch's F.gelu
+    "position_embedding_type": ("absolute",),
+}
+# The sentence-transformers modules our encoder reproduces; a Dense or any other stage after
+# pooling would be silently dropped.
+MODULE_TYPES = tuple(
+    f"sentence_transformers.models.{kind}" for kind in ("Transformer", "Pooling", "Normalize")
+)
+
+
+def check_computation(config: Mapping[str, Any], where: str) -> None:
+    """``config`` (config.json's object) asks for nothing our encoder computes differently."""
+    for key, accepted in COMPUTED_AS.items():
+        if key in config and config[key] not in accepted:
+            raise InvalidArgument(
+                f"{where}: {key}={_short(repr(config[key]))} is not what the platform's encoder "
+                f"computes ({key} {' or '.join(map(repr, accepted))}); importing it would serve "
+                "different embeddings than its own library"
+            )
+
+
+def check_sizes(config: Mapping[str, Any], from_shapes: Mapping[str, int], where: str) -> None:
+    """The sizes ``config`` states agree with the weights' shapes (which the model is built
+    from): a config.json of another checkpoint beside these weights is refused, not ignored."""
+    differ = [
+        f"{key}={_short(repr(config[key]))} (the weights have {size})"
+        for key, size in from_shapes.items()
+        if key in config and not (type(config[key]) is int and config[key] == size)
+    ]
+    if differ:
+        raise InvalidArgument(f"{where} says {listed(differ)}: is it the config of these weights?")
+
+
+def check_modules(modules: list[Any] | None, where: str) -> None:
+    """``modules`` (modules.json's array) holds only stages our encoder reproduces."""
+    if modules is None:
+        return
+    kinds = [m.get("type") if isinstance(m, dict) else m for m in modules]
+    others = [repr(kind) for kind in kinds if kind not in MODULE_TYPES]
+    if others:
+        raise InvalidArgument(
+            f"{where} lists {listed(others)}; the platform's encoder reproduces "
+            f"{', '.join(MODULE_TYPES)} only, and would leave the others out"
+        )
 
 
 def check_tokenizer(files: Mapping[str, bytes], config: BertConfig, where: str) -> None:

@@ -108,24 +108,13 @@ def test_layer_numbers_must_be_numbers_without_gaps(tmp_path: Path, name: str, m
         ({"num_attention_heads": "many"}, r"config\.json: num_attention_heads='many' must be an"),
         ({"num_attention_heads": [2]}, r"config\.json: num_attention_heads=\[2\] must be an int"),
         ({"layer_norm_eps": "small"}, r"config\.json: layer_norm_eps='small' must be a number"),
-    ],
-)
-def test_a_config_json_that_cannot_work_is_refused_naming_the_key(
-    tmp_path: Path, config: dict[str, Any], match: str
-) -> None:
-    with pytest.raises(InvalidArgument, match=match):
-        read_directory(model_dir(tmp_path, config=config))
-
-
-@pytest.mark.parametrize(
-    ("config", "match"),
-    [
+        # a computation other than the encoder's
         ({"model_type": "roberta"}, r"model_type='roberta' is not what the platform's encoder"),
         ({"hidden_act": "gelu_new"}, r"hidden_act='gelu_new' .* \(hidden_act 'gelu'\)"),
         ({"position_embedding_type": "relative_key"}, r"position_embedding_type='relative_key'"),
     ],
 )
-def test_a_config_asking_for_another_computation_is_refused(
+def test_a_config_json_that_cannot_work_is_refused_naming_the_key(
     tmp_path: Path, config: dict[str, Any], match: str
 ) -> None:
     with pytest.raises(InvalidArgument, match=match):

@@ -84,15 +84,24 @@ def _replicas(service: Mapping[str, Any]) -> int:
     return int(deploy.get("replicas", 1))
 
 
+# Replicas of one service on this machine: each is a Python process of a few hundred MB (torch),
+# so a typo (500 for 5) would start processes until memory ran out.
+MAX_LOCAL_REPLICAS = 32
+
+
 def check_scale(scale: Mapping[str, int], compose: Mapping[str, Any] | None = None) -> None:
-    """``--scale NAME=N``: NAME must be a compose Python service, N >= 0."""
+    """``--scale NAME=N``: NAME must be a compose Python service, 0 <= N <= MAX_LOCAL_REPLICAS."""
     compose = compose or load_compose()
     names = sorted(n for n, s in compose["services"].items() if python_module(s))
     for name, count in scale.items():
         if name not in names:
             raise InvalidArgument(f"--scale {name}: no such service; scalable: {', '.join(names)}")
-        if count < 0:
-            raise InvalidArgument(f"--scale {name}={count}: the count must be >= 0")
+        if not 0 <= count <= MAX_LOCAL_REPLICAS:
+            raise InvalidArgument(
+                f"--scale {name}={count}: the local stack runs 0 to {MAX_LOCAL_REPLICAS} replicas "
+                "of a service on this machine; more belong on a cluster (docs/OPERATIONS.md, "
+                "scaling out)"
+            )
 
 
 # Listeners that serve grpc.health.v1 (a shard's data plane does not: its metrics port tells).

@@ -48,7 +48,7 @@ def _stack(settings: Settings, args: argparse.Namespace):  # type: ignore[no-unt
 
 def _scale_arg(text: str) -> tuple[str, int]:
     name, sep, count = text.partition("=")
-    replicas = small_number(count, max_digits=4)
+    replicas = small_number(count)
     if not sep or replicas is None:
         raise argparse.ArgumentTypeError(f"{text[:80]!r}: use NAME=COUNT, e.g. gradient-worker=4")
     return name, replicas

@@ -2,7 +2,13 @@
 
 import pytest
 
-from infra.compose import check_scale, listen_ports, load_compose, local_services
+from infra.compose import (
+    MAX_LOCAL_REPLICAS,
+    check_scale,
+    listen_ports,
+    load_compose,
+    local_services,
+)
 from maas.config import Settings
 from maas.errors import InvalidArgument
 
@@ -102,6 +108,12 @@ def test_scale_overrides_a_services_replica_count():
 def test_scale_names_only_python_services():
     with pytest.raises(InvalidArgument, match="--scale kafka: no such service; scalable: "):
         check_scale({"kafka": 2}, COMPOSE)
+
+
+@pytest.mark.parametrize("count", [-1, MAX_LOCAL_REPLICAS + 1, 10**6])
+def test_a_replica_count_beyond_what_one_machine_runs_is_refused(count):
+    with pytest.raises(InvalidArgument, match=f"runs 0 to {MAX_LOCAL_REPLICAS} replicas"):
+        check_scale({"compressor": count}, COMPOSE)
 
 
 def test_a_shards_data_plane_listens_where_settings_say_and_readiness_uses_metrics():

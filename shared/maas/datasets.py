@@ -165,10 +165,17 @@ def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
             "np.savez_compressed, unencrypted; object arrays are refused)"
         ) from None
     x, y = arrays["X"], arrays["y"]
-    if x.ndim != 2 or y.ndim == 0 or len(x) != len(y) or len(x) < MIN_ROWS:
+    if (
+        x.ndim != 2
+        or y.ndim == 0
+        or len(x) != len(y)
+        or len(x) < MIN_ROWS
+        or 0 in x.shape[1:] + y.shape[1:]
+    ):
         raise InvalidArgument(
-            f"{name}: X must be 2-D with one row per label and at least {MIN_ROWS} rows (a "
-            f"fifth are held out for evaluation); got X{x.shape} and y{y.shape}"
+            f"{name}: X must be 2-D with one row per label, at least one feature and at least "
+            f"{MIN_ROWS} rows (a fifth are held out for evaluation); got X{x.shape} and "
+            f"y{y.shape}"
         )
     for label, array in (("X", x), ("y", y)):
         if array.dtype.kind not in "biuf":

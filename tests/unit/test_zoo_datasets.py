@@ -140,8 +140,10 @@ X20 = np.zeros((20, 3), np.float32)
         ({"X": X20, "y": np.full(20, 2**64 - 1, np.uint64)}, "labels must be below"),
         ({"X": X20, "y": np.zeros((20, 2), int)}, "one integer >= 0 per row"),
         ({"X": X20[:2], "y": np.zeros(2, int)}, "at least 10 rows"),
-        ({"X": X20, "y": np.array(3)}, r"one row per label .* y\(\)"),
+        ({"X": X20, "y": np.array(3)}, r"one row per label.* y\(\)"),
         ({"X": np.full((20, 3), 1e300), "y": np.zeros(20, int)}, "beyond float32's range"),
+        ({"X": np.zeros((20, 0)), "y": np.zeros(20, int)}, r"at least one feature .* X\(20, 0\)"),
+        ({"X": X20, "y": np.zeros((20, 0))}, r"at least one feature .* y\(20, 0\)"),
     ],
     ids=[
         "nan-x",
@@ -153,6 +155,8 @@ X20 = np.zeros((20, 3), np.float32)
         "two-rows",
         "0d-labels",
         "past-float32",
+        "no-features",
+        "no-targets",
     ],
 )
 def test_a_dataset_that_cannot_train_soundly_is_refused_saying_why(arrays, complaint):

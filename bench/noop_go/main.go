@@ -1,6 +1,6 @@
 // A do-nothing OIP (KServe v2) gRPC server in Go, the bench's floor for a round trip that no
 // Python server's own costs are part of: ServerLive and ServerReady answer true, ModelInfer
-// answers the prebuilt response bytes read from a file, any other method an empty message.
+// answers the prebuilt response bytes read from a file, any other method UNIMPLEMENTED.
 // Requests are never parsed (a raw codec hands their bytes over as they arrived).
 //
 //	noop_go PORT ANSWER_FILE
@@ -13,6 +13,8 @@ import (
 	"strings"
 
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // frame is a message's bytes as they are on the wire.
@@ -53,7 +55,11 @@ func main() {
 			return err
 		}
 		method, _ := grpc.MethodFromServerStream(stream)
-		return stream.SendMsg(&frame{data: reply(method)})
+		body := reply(method)
+		if body == nil {
+			return status.Errorf(codes.Unimplemented, "the no-op server answers ModelInfer, ServerLive and ServerReady only, not %s", method)
+		}
+		return stream.SendMsg(&frame{data: body})
 	}
 	server := grpc.NewServer(grpc.UnknownServiceHandler(handler), grpc.ForceServerCodec(rawCodec{}))
 	log.Fatal(server.Serve(listener))

@@ -158,7 +158,7 @@ def dead_letter_for(
         value=None if raw.value is None else bytes(raw.value),
         headers=read_headers(raw),
         code=code,
-        message=events.clip(message),
+        message=events.clip(events.utf8_text(message)),  # whatever the reason quotes
         event=event,
     )
 

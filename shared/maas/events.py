@@ -224,10 +224,13 @@ def content_type(headers: Iterable[tuple[str, bytes | None]]) -> str:
 
 
 def check_shape(obj: Any, max_depth: int) -> None:
-    """SchemaViolation unless every map has string keys and nothing nests over ``max_depth``.
+    """SchemaViolation unless every map has string keys, every string is Unicode that UTF-8 can
+    carry and nothing nests over ``max_depth``.
 
     Iterative, so a hostile record cannot exhaust the interpreter's recursion limit here or in
-    the schema validator that runs next.
+    the schema validator that runs next. JSON may spell a lone UTF-16 surrogate (``"\\udc80"``);
+    such a string could never be written back out (a dead letter naming it, a status echoing
+    it), so it is refused here, where the record is read.
     """
     stack: list[tuple[Any, tuple[Any, ...]]] = [(obj, ())]
     while stack:
@@ -242,10 +245,33 @@ def check_shape(obj: Any, max_depth: int) -> None:
                 raise SchemaViolation(
                     f"{_path_text(path)} has a {type(key).__name__} key; event keys must be strings"
                 )
+            for text in (key, child):
+                if isinstance(text, str) and not is_utf8(text):
+                    raise SchemaViolation(
+                        f"{_path_text((*path, key))} holds a lone UTF-16 surrogate "
+                        f"({clip(utf8_text(text), 40)}); text must be valid Unicode (JSON "
+                        "\\uD800-\\uDFFF escapes only as pairs)"
+                    )
             if isinstance(child, dict | list):
                 stack.append((child, (*path, key)))
 
 
+def is_utf8(text: str) -> bool:
+    """Whether UTF-8 can carry ``text``: false for one holding a lone surrogate (JSON's unpaired
+    escapes, bytes Python decoded with surrogateescape)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def utf8_text(text: str) -> str:
+    """``text`` with its lone surrogates written as backslash escapes, so a message quoting it
+    can always be sent."""
+    return text if is_utf8(text) else text.encode("utf-8", "backslashreplace").decode()
+
+
 def _path_text(path: tuple[Any, ...]) -> str:
-    shown = ".".join(clip(str(p), 40) for p in path[:8])
+    shown = ".".join(clip(utf8_text(str(p)), 40) for p in path[:8])
     return (shown + ("…" if len(path) > 8 else "")) or "(event)"

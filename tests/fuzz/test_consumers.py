@@ -2,7 +2,8 @@
 topics, read by the bus's consumer loop as the services run it (each topic's schemas), on the
 real broker.
 
-Random bytes, mutated events (wrong-typed fields, a `schema` that is not text, fields removed),
+Random bytes, mutated events (wrong-typed fields, a `schema` that is not text, fields removed,
+JSON text holding lone surrogates),
 flipped and cut bytes, null and binary headers, nesting far past the limit and records right
 under the broker's size limit; then one valid event. Every fuzzed record must be handled or be
 in the DLQ with a reason (never both, never neither), the valid event is handled, the loop is
@@ -90,7 +91,8 @@ class Fuzzed:
 
 # --- strategies ---------------------------------------------------------------------------------
 
-texts = st.text(max_size=30)
+# Lone surrogates included: JSON spells them (an unpaired "\\udc80" escape), msgpack cannot.
+texts = st.text(st.characters(exclude_categories=()), max_size=30)
 leaves = (
     st.none()
     | st.booleans()
@@ -118,12 +120,16 @@ keys = st.none() | st.binary(max_size=64)
 
 
 def encode_somehow(event: dict[str, Any], as_json: bool) -> tuple[bytes, list]:
-    if as_json:
+    """JSON or msgpack as asked; else the other (JSON has no bytes, msgpack no lone surrogate);
+    else msgpack holding the surrogate's bytes, which are not UTF-8."""
+    for json_first in (as_json, not as_json):
         try:
-            return json.dumps(event).encode(), [("content-type", b"application/json")]
+            if json_first:
+                return json.dumps(event).encode(), [("content-type", b"application/json")]
+            return msgpack.packb(event, use_bin_type=True), []
         except (TypeError, ValueError):
-            pass
-    return msgpack.packb(event, use_bin_type=True), []
+            continue
+    return msgpack.packb(event, use_bin_type=True, unicode_errors="surrogatepass"), []
 
 
 @st.composite
@@ -136,6 +142,19 @@ def mutated_event(draw: st.DrawFn, template: dict[str, Any]) -> tuple[str, bytes
         event[field] = draw(values)
     value, extra = encode_somehow(event, draw(st.booleans()))
     return "mutated", value, extra
+
+
+@st.composite
+def lone_surrogate(draw: st.DrawFn, template: dict[str, Any]) -> tuple[str, bytes, list]:
+    """Valid JSON that is not valid Unicode: an unpaired "\\udXXX" escape in a key or a value
+    (a reason quoting it could not be written to the DLQ: the consumer stopped)."""
+    event = json.loads(json.dumps(template))
+    surrogate = chr(draw(st.integers(0xD800, 0xDFFF)))
+    if draw(st.booleans()):
+        event[f"key{surrogate}"] = 1
+    else:
+        event[draw(st.sampled_from(sorted(template)))] = f"value{surrogate}"
+    return "surrogate", json.dumps(event).encode(), [("content-type", b"application/json")]
 
 
 @st.composite
@@ -189,6 +208,7 @@ def records(template: dict[str, Any], limit: int) -> st.SearchStrategy[Fuzzed]:
         st.tuples(st.just("random"), st.binary(max_size=600), st.just([])),
         mutated_event(template),
         mutated_event(template),
+        lone_surrogate(template),
         damaged_bytes(template),
         deeply_nested(),
         st.tuples(st.just("tombstone"), st.none(), st.just([])),

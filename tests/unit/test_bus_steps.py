@@ -88,6 +88,12 @@ def test_a_dead_letter_keeps_the_original_bytes_key_and_reason():
     assert letter.key == "job-1"
 
 
+def test_a_reason_quoting_a_lone_surrogate_is_written_with_it_escaped():
+    letter = dead_letter_for(raw(b"{}"), InvalidArgument("model.config.\udc80: unknown key"), None)
+    assert letter.message == "model.config.\\udc80: unknown key"
+    events.encode(letter.to_event("maas-aggregator"))  # msgpack cannot carry a lone surrogate
+
+
 def test_an_unexpected_exception_is_described_by_its_type():
     letter = dead_letter_for(raw(b""), KeyError("x"), None)
     assert letter.code == "handler_failed" and "KeyError" in letter.message

@@ -120,6 +120,25 @@ def test_json_nested_past_the_interpreters_recursion_limit_is_a_violation():
         events.decode(value, [("content-type", b"application/json")])
 
 
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        (b'{"job_id": "a\\udc80"}', "job_id"),
+        (b'{"model": {"\\ud83d": 1}}', r"model\.\\ud83d"),
+        (b'{"tags": ["x", "\\udfff"]}', r"tags\.1"),
+    ],
+)
+def test_json_text_holding_a_lone_surrogate_is_refused_naming_where(text, where):
+    with pytest.raises(SchemaViolation, match=f"{where} holds a lone UTF-16 surrogate") as caught:
+        events.decode(text, [("content-type", b"application/json")])
+    caught.value.message.encode()  # the reason itself can be sent on
+
+
+def test_json_text_holding_a_surrogate_pair_is_the_character_it_spells():
+    value = b'{"note": "\\ud83d\\ude00"}'
+    assert events.decode(value, [("content-type", b"application/json")])["note"] == "\U0001f600"
+
+
 def test_map_keys_must_be_text():
     import msgpack
 

@@ -19,6 +19,7 @@ from torch import nn
 from maas import zoo
 from maas.compression import formats as compressed
 from maas.errors import InvalidArgument
+from maas.events import clip
 from maas.manifest import WEIGHTS_FILE, Manifest, sha256_hex, verify
 
 
@@ -71,8 +72,40 @@ def _materialize_dense(
     manifest: Manifest, state: dict[str, torch.Tensor], files: Mapping[str, bytes]
 ) -> nn.Module:
     model = zoo.build_skeleton(manifest.arch, manifest.config)
-    model.load_state_dict(state, strict=True, assign=True)
+    model.load_state_dict(_as_built(model, state, manifest.arch), strict=True, assign=True)
     return model
+
+
+def _as_built(
+    model: nn.Module, state: dict[str, torch.Tensor], arch: str
+) -> dict[str, torch.Tensor]:
+    """``state`` in the dtypes ``model`` is built with. ``assign=True`` keeps a stored tensor's
+    own dtype, so a float64 or float16 checkpoint would load and then fail every float32
+    request; floats of another width are cast, as a copying load would, and a tensor of
+    another kind (bool or integer weights) is refused. Names are the strict load's to judge."""
+    built = model.state_dict()
+    out = {}
+    for name, tensor in state.items():
+        want = built.get(name)
+        if want is not None and tensor.dtype != want.dtype:
+            if not (tensor.is_floating_point() and want.is_floating_point()):
+                raise InvalidArgument(
+                    f"weights tensor {clip(name, 80)!r} is {tensor.dtype}; a {arch} model holds "
+                    f"{want.dtype} there"
+                )
+            tensor = tensor.to(want.dtype)
+        out[name] = tensor
+    return out
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Weights holding NaN or infinity answer every request with NaN: refused when loaded."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise InvalidArgument(
+                f"weights tensor {clip(name, 80)!r} holds NaN or infinite values; a model "
+                "must have finite weights"
+            )
 
 
 _FORMATS: dict[str, Materializer] = {
@@ -98,4 +131,5 @@ def materialize(
         )
     state = st_load(bytes(files[WEIGHTS_FILE])) if WEIGHTS_FILE in files else {}
     model = materializer(manifest, state, files)
+    _check_finite(model)
     return model.eval()

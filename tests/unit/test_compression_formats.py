@@ -9,7 +9,7 @@ from maas.compression.formats import decode, pack_mask, unpack_mask
 from maas.compression.measure import artifact_metrics
 from maas.compression.pipeline import parent_variant, parse_method, run
 from maas.compression.train import FitConfig, evaluate, fit
-from maas.errors import IntegrityError
+from maas.errors import IntegrityError, InvalidArgument
 from maas.manifest import WEIGHTS_FILE
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -116,3 +116,38 @@ def test_masks_pack_to_one_bit_per_element_and_back():
     packed_mask = pack_mask(mask)
     assert packed_mask.numel() == 5
     assert torch.equal(unpack_mask(packed_mask, 37, "m"), mask)
+
+
+def dense(change):
+    """A small MLP packed dense after ``change`` to its state (a writer other than ours)."""
+    state = dict(zoo.build("mlp", {}, seed=0).state_dict())
+    change(state)
+    files, manifest = artifacts.pack(state, "mlp", {})
+    return manifest, files
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_dense_weights_of_another_float_width_load_as_float32_and_serve_float32_input(dtype):
+    def widen(state):
+        state.update({k: v.to(dtype) for k, v in state.items()})
+
+    model = artifacts.materialize(*dense(widen))
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert model(torch.zeros(2, 64)).shape == (2, 10)
+
+
+def test_dense_weights_of_another_kind_are_refused_naming_the_tensor():
+    def as_bool(state):
+        state["head.weight"] = state["head.weight"] > 0
+
+    with pytest.raises(InvalidArgument, match=r"'head.weight' is torch.bool; a mlp model holds"):
+        artifacts.materialize(*dense(as_bool))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_infinity_are_refused_when_loaded(value):
+    def spoil(state):
+        state["head.bias"][0] = value
+
+    with pytest.raises(InvalidArgument, match=r"'head.bias' holds NaN or infinite values"):
+        artifacts.materialize(*dense(spoil))

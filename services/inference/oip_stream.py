@@ -56,6 +56,7 @@ NUMBERS: dict[str, type[int] | type[float]] = {
     "top_k": int,
     "seed": int,
 }
+STREAM_PARAMETERS = (*NUMBERS, "stop", "logit_bias", EMPTY_FINAL)
 
 
 def streaming_interface() -> dict[str, str]:
@@ -67,8 +68,7 @@ def streaming_interface() -> dict[str, str]:
             f"the last has {FINAL}=true and finish_reason"
         ),
         "stream_parameters": (
-            ", ".join([*NUMBERS, "stop", "logit_bias", EMPTY_FINAL])
-            + " (request parameters; numbers may be sent as text)"
+            ", ".join(STREAM_PARAMETERS) + " (request parameters; numbers may be sent as text)"
         ),
     }
 
@@ -79,22 +79,48 @@ def _parameter(param: pb.InferParameter) -> object:
 
 
 def prompt_of(request: pb.ModelInferRequest) -> str:
-    """The single ``text_input`` BYTES element, decoded as UTF-8."""
+    """The single ``text_input`` BYTES element, decoded as UTF-8; the request asks for no
+    output but the stream's own."""
+    _check_outputs(request)
     arrays = decode_inputs(request)
     datatypes = {tensor.name: tensor.datatype for tensor in request.inputs}
     array = arrays.get(TEXT_INPUT)
-    if array is not None and datatypes[TEXT_INPUT] == wire.BYTES and array.size == 1:
-        return bytes(array.reshape(-1)[0]).decode("utf-8", errors="replace")
-    sent = [(t.name, t.datatype, list(t.shape)) for t in request.inputs]
-    raise InvalidArgument(
-        f"a generation request needs one input {TEXT_INPUT!r} of datatype BYTES and shape [1] "
-        f"holding the prompt; it has {sent}"
-    )
+    if len(arrays) != 1 or array is None or datatypes[TEXT_INPUT] != wire.BYTES or array.size != 1:
+        sent = [(clip(t.name, 40), clip(t.datatype, 20), list(t.shape)) for t in request.inputs]
+        raise InvalidArgument(
+            f"a generation request needs one input {TEXT_INPUT!r} of datatype BYTES and shape "
+            f"[1] holding the prompt, and no other; it has {clip(str(sent), 300)}"
+        )
+    try:
+        return bytes(array.reshape(-1)[0]).decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(
+            f"input {TEXT_INPUT!r} is not valid UTF-8 ({exc.reason} at byte {exc.start}); send "
+            "the prompt UTF-8 encoded"
+        ) from None
+
+
+def _check_outputs(request: pb.ModelInferRequest) -> None:
+    """Every response carries ``text_output`` and ``token_id``; asking for another output, or
+    for a transformation of them (``classification``), is refused rather than ignored."""
+    for output in request.outputs:
+        if output.name not in (TEXT_OUTPUT, TOKEN_ID):
+            raise InvalidArgument(
+                f"requested output {clip(output.name, 80)!r} does not exist; a generation "
+                f"stream answers {TEXT_OUTPUT!r} and {TOKEN_ID!r}"
+            )
+        if output.parameters:
+            names = ", ".join(sorted(clip(k, 40) for k in output.parameters))
+            raise InvalidArgument(
+                f"output {output.name!r} has parameters ({names}); a generation stream takes "
+                "none on its outputs"
+            )
 
 
 def _number(key: str, value: object, kind: type[int] | type[float]) -> object:
-    """tritonclient sends parameters as str, int or bool only: numbers may come as text."""
-    if isinstance(value, str) or (kind is float and isinstance(value, int)):
+    """tritonclient sends parameters as str, int or bool only: numbers may come as text. A
+    bool is no number here (``temperature=True`` is not 1.0); the sampling check says so."""
+    if isinstance(value, str) or (kind is float and type(value) is int):
         try:
             return kind(value)
         except ValueError:
@@ -114,6 +140,12 @@ def _flag(key: str, value: object) -> bool:
 def sampling_of(request: pb.ModelInferRequest) -> tuple[SamplingParams, bool]:
     """Sampling settings from the request parameters, and whether an empty final is wanted."""
     params = {k: _parameter(v) for k, v in request.parameters.items()}
+    unknown = sorted(set(params) - set(STREAM_PARAMETERS))
+    if unknown:
+        raise InvalidArgument(
+            f"unknown request parameter(s) {clip(', '.join(unknown), 200)}; a generation "
+            f"stream takes {', '.join(STREAM_PARAMETERS)}"
+        )
     empty_final = _flag(EMPTY_FINAL, params.pop(EMPTY_FINAL, False))
     fields: dict[str, object] = {}
     for key, kind in NUMBERS.items():

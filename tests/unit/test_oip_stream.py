@@ -45,6 +45,53 @@ def test_a_prompt_that_is_not_one_bytes_element_says_what_is_expected() -> None:
         prompt_of(message)
 
 
+def test_a_second_input_is_refused_not_ignored() -> None:
+    message = request(typed=b"a")
+    message.inputs.add(name="extra", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+        b"b"
+    )
+    with pytest.raises(InvalidArgument, match="and no other; it has"):
+        prompt_of(message)
+
+
+def test_a_prompt_that_is_not_utf8_is_refused_naming_the_byte() -> None:
+    with pytest.raises(InvalidArgument, match=r"'text_input' is not valid UTF-8 .* at byte 0"):
+        prompt_of(request(typed=b"\xff\xfe hi"))
+
+
+@pytest.mark.parametrize(
+    ("output", "parameter", "match"),
+    [
+        ("nope", None, "requested output 'nope' does not exist"),
+        ("text_output", "classification", "has parameters \\(classification\\)"),
+    ],
+)
+def test_an_output_the_stream_does_not_answer_is_refused(output, parameter, match) -> None:
+    message = request(typed=b"a")
+    requested = message.outputs.add(name=output)
+    if parameter:
+        requested.parameters[parameter].int64_param = 2
+    with pytest.raises(InvalidArgument, match=match):
+        prompt_of(message)
+
+
+@pytest.mark.parametrize("key", ["max_token", "sequence_id", "priority"])
+def test_an_unknown_parameter_is_refused_listing_the_accepted_ones(key: str) -> None:
+    message = request(typed=b"a")
+    message.parameters[key].int64_param = 2
+    with pytest.raises(
+        InvalidArgument, match=f"unknown request parameter.*{key}.*takes max_tokens"
+    ):
+        sampling_of(message)
+
+
+def test_a_bool_is_no_temperature() -> None:
+    message = request(typed=b"a")
+    message.parameters["temperature"].bool_param = True
+    with pytest.raises(InvalidArgument, match="temperature=True must be a number"):
+        sampling_of(message)
+
+
 def test_sampling_parameters_may_come_as_text_and_json() -> None:
     message = request(typed=b"a")
     message.parameters["max_tokens"].string_param = "7"

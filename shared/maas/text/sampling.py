@@ -42,11 +42,11 @@ class SamplingParams:
             raise InvalidArgument(f"max_tokens={shown(self.max_tokens)} must be an integer >= 1")
         if self.max_tokens < 1:
             raise InvalidArgument(f"max_tokens={self.max_tokens} must be at least 1")
-        if not isinstance(self.temperature, int | float) or not 0 <= self.temperature <= 2:
+        if not _is_number(self.temperature) or not 0 <= self.temperature <= 2:
             raise InvalidArgument(
                 f"temperature={shown(self.temperature)} must be a number in [0, 2]"
             )
-        if not isinstance(self.top_p, int | float) or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise InvalidArgument(f"top_p={shown(self.top_p)} must be a number in (0, 1]")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise InvalidArgument(f"top_k={shown(self.top_k)} must be an integer >= 0 (0 = off)")
@@ -80,6 +80,13 @@ class SamplingParams:
 
 
 _FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "logit_bias")
+
+
+def _is_number(value: object) -> bool:
+    """An int or a float, not a bool (``True`` is an int to Python, not a temperature)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 _BIAS_RULE = (
     f"logit_bias maps token ids (0..{byte_tokenizer.VOCAB_SIZE - 1}; bytes are 0..255, "
     f"end-of-text is {byte_tokenizer.EOT}) to numbers in "

@@ -8,7 +8,7 @@ import pytest
 
 from maas.datasets import Dataset
 from maas.errors import InvalidArgument
-from maas.training.sampler import batch_indices
+from maas.training.sampler import Permutations, batch_indices
 
 ROWS = 103  # not a multiple of the worker count or the batch size
 
@@ -73,3 +73,20 @@ def test_the_batch_for_a_step_is_the_same_every_time() -> None:
 def test_a_bad_request_is_named() -> None:
     with pytest.raises(InvalidArgument, match="rows=0, batch_size=4, step=0"):
         batch_indices(0, 4, 0, seed=0, worker=0)
+
+
+def test_the_permutations_kept_stay_within_their_byte_budget() -> None:
+    rows = 10_000  # 80 kB a permutation
+    kept = Permutations(budget=200_000)
+    for step in range(20):  # 20 epochs: each batch is the whole shard
+        batch_indices(rows, rows, step, seed=1, worker=0, permutations=kept)
+    assert kept.held_bytes <= 200_000
+
+
+def test_a_permutation_dropped_from_the_cache_is_the_same_when_made_again() -> None:
+    tiny = Permutations(budget=1)  # only the newest is kept
+    first = batch_indices(100, 10, 0, seed=3, worker=1, permutations=tiny).copy()
+    batch_indices(100, 100, 5, seed=3, worker=1, permutations=tiny)  # another epoch evicts it
+    np.testing.assert_array_equal(
+        batch_indices(100, 10, 0, seed=3, worker=1, permutations=tiny), first
+    )

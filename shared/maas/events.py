@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import os
+import re
 import time
 import uuid
 from collections.abc import Iterable, Mapping
@@ -63,10 +64,31 @@ def new_event(schema: str, **fields: Any) -> dict[str, Any]:
     return event
 
 
+def _ecma_pattern(pattern: str) -> re.Pattern[str]:
+    """A schema's ``pattern`` as JSON Schema (ECMA-262) reads it: a final ``$`` is the end of
+    the text. Python's ``$`` also matches before a final newline, so ``"job-1\\n"`` passed
+    ``^[A-Za-z0-9._-]+$`` and failed later, where names are matched whole."""
+    if pattern.endswith("$") and not pattern.endswith("\\$"):
+        pattern = pattern[:-1] + "\\Z"
+    return _compiled(pattern)
+
+
+_compiled = cache(re.compile)
+
+
+def _pattern_keyword(validator: Any, pattern: str, instance: Any, schema: Any) -> Any:
+    from jsonschema import ValidationError
+
+    if validator.is_type(instance, "string") and not _ecma_pattern(pattern).search(instance):
+        yield ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
 @cache
 def _validators() -> dict[str, Draft202012Validator]:
-    from jsonschema import Draft202012Validator
+    from jsonschema import Draft202012Validator, validators
     from referencing import Registry, Resource
+
+    checker = validators.extend(Draft202012Validator, {"pattern": _pattern_keyword})
 
     documents = []
     for path in sorted((schemas_dir() / "events").glob("*.json")):
@@ -74,11 +96,7 @@ def _validators() -> dict[str, Draft202012Validator]:
     registry: Registry[Any] = Registry().with_resources(
         (doc["$id"], Resource.from_contents(doc)) for doc in documents
     )
-    return {
-        doc["$id"]: Draft202012Validator(doc, registry=registry)
-        for doc in documents
-        if "/" in doc["$id"]
-    }
+    return {doc["$id"]: checker(doc, registry=registry) for doc in documents if "/" in doc["$id"]}
 
 
 def known_schemas() -> list[str]:

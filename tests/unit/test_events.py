@@ -139,6 +139,21 @@ def test_json_text_holding_a_surrogate_pair_is_the_character_it_spells():
     assert events.decode(value, [("content-type", b"application/json")])["note"] == "\U0001f600"
 
 
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"job_id": "job-1\n"},
+        {"model": {"name": "digits-mlp\n", "arch": "mlp"}},
+        {"dataset": {"uri": "builtin:digits\n"}},
+    ],
+    ids=["job_id", "model.name", "dataset.uri"],
+)
+def test_a_final_newline_does_not_pass_a_pattern(overrides):
+    # JSON Schema's "$" is the end of the text; Python's also matches before a final newline.
+    with pytest.raises(SchemaViolation, match=r"\\n' does not match"):
+        events.validate(a_job(**overrides))
+
+
 def test_map_keys_must_be_text():
     import msgpack
 

@@ -36,6 +36,13 @@ _REQUIRED_SECTIONS = {
     "finetune": ("base", "dataset"),
     "compress": ("base", "compress"),
 }
+# Sections a job type never reads: sent, they would be ignored (a train job's base, a compress
+# job's model), so they are refused.
+_FOREIGN_SECTIONS = {
+    "train": ("base", "compress"),
+    "finetune": ("compress",),
+    "compress": ("model",),
+}
 
 
 def load_job_file(path: str | Path) -> dict[str, Any]:
@@ -94,6 +101,14 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
     missing = [s for s in _REQUIRED_SECTIONS[kind] if s not in job]
     if missing:
         raise SchemaViolation(f"a {kind} job needs {', '.join(missing)}; add the section(s)")
+    foreign = [s for s in _FOREIGN_SECTIONS[kind] if s in job]
+    if foreign:
+        raise SchemaViolation(
+            f"a {kind} job does not read {', '.join(foreign)}; remove the section(s) (or set "
+            "type to the job that uses them)"
+        )
+    if {"version", "alias"} <= set(job.get("base", {})):
+        raise SchemaViolation("base: give version or alias, not both")
     model = job.get("model", {})
     if "arch" in model:
         zoo.check_size(model["arch"], model.get("config"), settings.max_model_params)

@@ -152,6 +152,29 @@ def test_a_compress_job_needs_a_base_model():
 
 
 @pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        (train_doc(base={"name": "m"}), "a train job does not read base"),
+        (train_doc(compress={"methods": [{"quantize": {}}]}), "does not read compress"),
+        (
+            {"type": "compress", "base": {"name": "m"}, "model": {"name": "x"},
+             "compress": {"methods": [{"quantize": {}}]}},
+            "a compress job does not read model",
+        ),
+        (
+            {"type": "finetune", "base": {"name": "m", "version": 1, "alias": "production"},
+             "dataset": {"uri": "builtin:digits"}},
+            "base: give version or alias, not both",
+        ),
+    ],
+    ids=["train-base", "train-compress", "compress-model", "base-version-and-alias"],
+)  # fmt: skip
+def test_a_section_the_job_would_ignore_is_refused(doc, message):
+    with pytest.raises(InvalidArgument, match=message):
+        check(doc)
+
+
+@pytest.mark.parametrize(
     ("change", "message"),
     [
         ({"trainig": {"steps": 5}}, "trainig: unknown key; did you mean 'training'?"),

@@ -235,6 +235,7 @@ class Coordinator:
         limits = Limits(
             default_deadline_ms=self.settings.step_deadline_ms,
             max_kept_bytes=self.settings.worker_max_kept_bytes,
+            max_manifest_bytes=self.settings.registry_max_manifest_bytes,
         )
         return await asyncio.to_thread(
             prepare_job,

@@ -129,7 +129,7 @@ class JobFinisher:
             job_id=plan.job_id,
             metrics=metrics,
             # The dataset in lineage lets a later compress job find its evaluation data.
-            settings={**plan.training.to_json(), "dataset": plan.dataset},
+            settings=plan.lineage_settings,
             alias=plan.register_alias,
         )
 

@@ -55,14 +55,19 @@ def pack(
         arch=arch,
         config=dict(config),
         format=format,
-        tensors={
-            k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
-            for k, v in state.items()
-        },
+        tensors=tensor_entries(state),
         files={name: sha256_hex(data) for name, data in files.items()},
         **lineage,
     )
     return files, manifest
+
+
+def tensor_entries(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    """The manifest's ``tensors``: each tensor's dtype and shape, by name."""
+    return {
+        k: {"dtype": str(v.dtype).removeprefix("torch."), "shape": list(v.shape)}
+        for k, v in state.items()
+    }
 
 
 Materializer = Callable[[Manifest, dict[str, torch.Tensor], Mapping[str, bytes]], nn.Module]

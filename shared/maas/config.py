@@ -103,7 +103,10 @@ class Settings:
         "MAAS_REGISTRY_ADDR", "127.0.0.1:50051", "address clients use to reach the registry"
     )
     registry_max_manifest_bytes: int = setting(
-        "MAAS_REGISTRY_MAX_MANIFEST_BYTES", 1 * MiB, "largest manifest.json registered"
+        "MAAS_REGISTRY_MAX_MANIFEST_BYTES",
+        1 * MiB,
+        "largest manifest.json registered (the training coordinator refuses, before training, "
+        "a job whose version would have a larger one: set it alike on both)",
     )
     registry_max_metrics: int = setting(
         "MAAS_REGISTRY_MAX_METRICS", 1000, "most metrics one manifest may carry"

@@ -221,6 +221,23 @@ def test_an_interval_longer_than_the_job_is_judged_as_checkpointing_at_its_end()
     assert plan.training.checkpoint_every == 1_000_000
 
 
+def test_a_job_whose_version_the_registry_could_not_take_is_refused_before_it_trains() -> None:
+    deep = _job(model={"name": "deep", "arch": "mlp", "config": {"hidden": [1] * 6000}})
+    with pytest.raises(InvalidArgument, match=r"12,002 tensors.*MAAS_REGISTRY_MAX_MANIFEST_BYTES"):
+        prepare_job(deep, limits=LIMITS)
+
+
+def test_a_freeze_list_too_long_for_the_manifest_is_refused_naming_it() -> None:
+    limits = Limits(default_deadline_ms=5000, max_manifest_bytes=64 * 1024)
+    with pytest.raises(InvalidArgument, match="training.freeze of 10,000 entries"):
+        prepare_job(_training(freeze=["body.0."] * 10_000), limits=limits)
+
+
+def test_an_ordinary_job_fits_the_manifest_limit_with_room_to_spare() -> None:
+    limits = Limits(default_deadline_ms=5000, max_manifest_bytes=16 * 1024)
+    assert prepare_job(_job(), limits=limits).plan.register_name == "digits-mlp"
+
+
 def test_an_async_staleness_too_large_to_keep_is_refused_naming_staleness() -> None:
     limits = Limits(default_deadline_ms=5000, max_kept_bytes=21 * MLP_STEP_BYTES)
     with pytest.raises(InvalidArgument, match=r"lower training.staleness \(it is 30\)"):

@@ -332,6 +332,12 @@ class JobPlan:
         return spec
 
     @property
+    def lineage_settings(self) -> dict[str, Any]:
+        """The manifest's ``settings`` of the version the job registers: its training section,
+        and the dataset a later compress job evaluates on."""
+        return {**self.training.to_json(), "dataset": self.dataset}
+
+    @property
     def target_version(self) -> int:
         """Parameter versions a shard applies before it is done.
 

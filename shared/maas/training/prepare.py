@@ -16,8 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from maas import datasets, zoo
+from maas import artifacts, datasets, zoo
+from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument
+from maas.manifest import WEIGHTS_FILE, Manifest
 from maas.training.codecs import parse_codec
 from maas.training.plan import (
     DEFAULT_MAX_KEPT_BYTES,
@@ -52,6 +54,9 @@ class Limits:
     max_workers: int = MAX_JOB_WORKERS
     max_shards: int = MAX_JOB_SHARDS
     max_kept_bytes: int = DEFAULT_MAX_KEPT_BYTES  # gradients a worker keeps for a replay
+    # The registry's limit on the manifest the job's version will have (its tensors, training
+    # section and lineage): judged before the job trains, not when its result is registered.
+    max_manifest_bytes: int = Settings.registry_max_manifest_bytes
 
 
 @dataclass(frozen=True)
@@ -251,4 +256,32 @@ def prepare_job(
         register_alias=register.get("alias"),
         parent=parent,
     )
+    _check_manifest_size(plan, state, limits.max_manifest_bytes)
     return PreparedJob(plan, state, data)
+
+
+# Room for what only the finished job adds to its manifest: its metrics and parent.
+MANIFEST_MARGIN_BYTES = 4096
+
+
+def _check_manifest_size(plan: JobPlan, state: Mapping[str, torch.Tensor], limit: int) -> None:
+    """InvalidArgument unless the version this job would register has a manifest the registry
+    takes: a model of 20 000 tensors or a training.freeze of a million entries would train to
+    the end and then be refused."""
+    manifest = Manifest(
+        plan.arch,
+        plan.config,
+        tensors=artifacts.tensor_entries(state),
+        files={WEIGHTS_FILE: "0" * 64},
+        method=plan.kind,
+        settings=plan.lineage_settings,
+        job_id=plan.job_id,
+    )
+    size = len(manifest.to_json()) + MANIFEST_MARGIN_BYTES
+    if size > limit:
+        raise InvalidArgument(
+            f"the version this job would register has a manifest of about {size:,} bytes "
+            f"({len(state):,} tensors, training.freeze of {len(plan.training.freeze):,} "
+            f"entries); the registry takes at most {limit:,} (MAAS_REGISTRY_MAX_MANIFEST_BYTES): "
+            "use fewer layers or freeze patterns"
+        )

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from maas.errors import InvalidArgument, NotFound, Unavailable, is_retriable
-from maas.names import version_number
+from maas.names import check_name, version_number
 from services.inference.admission import InflightBytes
 from services.inference.batcher import BatchingConfig
 from services.inference.canary import Splits, split_of
@@ -276,7 +276,10 @@ class DataPlane:
         return sorted(entries, key=lambda e: (e.name, e.version))
 
     def unload(self, name: str) -> int:
-        """Drop every cached version and alias of ``name``; the next request loads afresh."""
+        """Drop every cached version and alias of ``name``; the next request loads afresh. A
+        name that is not loaded is nothing to do; one no model could have is refused, as load
+        refuses it."""
+        check_name(name, what="model_name")
         for key in [k for k in self._aliases if k[0] == name]:
             self._drop_alias(key)
         gone = self._cache.remove(lambda m: m.name != name)

@@ -29,7 +29,7 @@ from maas.names import small_number
 from maas.text import wire
 from services.inference.http_app import parse_json
 from services.inference.signature import DATATYPE_TO_DTYPE, MAX_DIMS, datatype_of
-from services.inference.tensors import check_requested
+from services.inference.tensors import check_request_parameters, check_requested
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BYTES_DTYPE = np.dtype(object)  # BYTES tensors are object arrays of ``bytes``, as over gRPC
@@ -249,6 +249,7 @@ def _id(doc: Mapping[str, Any]) -> str:
 
 def _requested(doc: Mapping[str, Any]) -> tuple[list[str], set[str], bool]:
     params = _object(doc.get("parameters"), "parameters")
+    check_request_parameters(params)
     binary_all = params.get("binary_data_output", False)
     if not isinstance(binary_all, bool):
         raise InvalidArgument("parameters.binary_data_output must be true or false")

@@ -26,7 +26,12 @@ from services.inference.describe import (
     server_metadata,
 )
 from services.inference.generation import Generators
-from services.inference.tensors import decode_inputs, infer_response, requested_outputs
+from services.inference.tensors import (
+    check_request_parameters,
+    decode_inputs,
+    infer_response,
+    requested_outputs,
+)
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -65,6 +70,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Context) -> bytes:
         # Bytes, already serialized (``infer_response``): see ``add_to_server``.
+        check_request_parameters(request.parameters)
         requested = requested_outputs(request)
         result = await self._plane.infer(
             request.model_name,

@@ -9,7 +9,7 @@ zero-copy, read-only view.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -89,6 +89,7 @@ def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.
 
 def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     """An array from the typed ``contents`` field that matches the tensor's datatype."""
+    _check_one_contents_field(tensor)
     if tensor.datatype == bytes_tensors.BYTES:
         _check_dims(tensor.shape, tensor.name)
         return bytes_tensors.decode_typed(tensor)
@@ -118,6 +119,34 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
                 f"{tensor.datatype} [{info.min}, {info.max}]"
             )
     return wide.astype(dtype).reshape(shape)
+
+
+def _check_one_contents_field(tensor: pb.ModelInferRequest.InferInputTensor) -> None:
+    """Values in a contents field other than the datatype's would be ignored: refused."""
+    own = _TYPED_FIELD.get(tensor.datatype)
+    if tensor.datatype == bytes_tensors.BYTES:
+        own = "bytes_contents"
+    others = sorted(f.name for f, _ in tensor.contents.ListFields() if f.name != own)
+    if own is not None and others:  # no field of its own: decoding refuses it, saying why
+        raise InvalidArgument(
+            f"input {tensor.name!r} has datatype {tensor.datatype} but values in "
+            f"contents.{', contents.'.join(others)}; send them in contents.{own} only"
+        )
+
+
+# Triton request parameters of features this server does not have (sequence batching, priority
+# levels, request timeouts): refused, so a client relying on one is told rather than served
+# as if it had not asked.
+UNSUPPORTED_PARAMETERS = ("sequence_id", "sequence_start", "sequence_end", "priority", "timeout")
+
+
+def check_request_parameters(names: Iterable[str]) -> None:
+    unsupported = sorted(set(names) & set(UNSUPPORTED_PARAMETERS))
+    if unsupported:
+        raise InvalidArgument(
+            f"request parameter(s) {', '.join(unsupported)}: this server has no sequence "
+            "batching, priority levels or request timeouts; leave them out"
+        )
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:

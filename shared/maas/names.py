@@ -68,6 +68,10 @@ def version_number(text: str, *, what: str = "version") -> int | None:
     """``text`` read as a version number if it is spelled as one, else None (an alias, or
     nothing). More digits than int64 has are refused here, before ``int`` (which raises a
     ValueError past 4300). The number's range is ``check_version``'s."""
+    if text[:1] in ("-", "+") and is_digits(text[1:]):  # a number, of a sign no version has
+        raise InvalidArgument(
+            f"{what} {text[:24]!r} is malformed: versions are integers from 1 to {MAX_VERSION}"
+        )
     if not is_digits(text):
         return None
     if len(text.lstrip("0")) > len(str(MAX_VERSION)):

@@ -46,6 +46,22 @@ def test_a_version_of_more_digits_than_int64_has_is_malformed(digits):
         parse_ref("9" * digits)
 
 
+@pytest.mark.parametrize("version", ["-1", "+3"])
+def test_a_signed_version_is_malformed_not_an_alias(version):
+    with pytest.raises(InvalidArgument, match=r"versions are integers from 1"):
+        parse_ref(version)
+
+
+@pytest.mark.parametrize("name", ["../x", "x" * 5000, ""])
+async def test_unloading_a_name_no_model_could_have_is_refused(source, pool, name):
+    with pytest.raises(InvalidArgument, match="model_name"):
+        make_plane(source, pool).unload(name)
+
+
+async def test_unloading_a_model_that_is_not_loaded_is_nothing_to_do(source, pool):
+    assert make_plane(source, pool).unload("never-loaded") == 0
+
+
 async def test_a_name_alone_is_served_by_the_production_alias(source, pool):
     version, out = await answer(make_plane(source, pool))
     assert version == 1

@@ -335,6 +335,13 @@ async def test_json_over_its_own_limit_is_413_while_binary_data_of_that_size_pas
         assert code == 200 and x.nbytes > 4096
 
 
+async def test_a_request_parameter_of_a_triton_feature_this_server_lacks_is_400(rest):
+    doc = infer_doc()
+    doc["parameters"] = {"sequence_id": 7}
+    code, reply, _ = await rest.call("POST", "/v2/models/digits/infer", json=doc)
+    assert code == 400 and "sequence_id" in reply["error"]
+
+
 @pytest.mark.parametrize("length", ["²", "9" * 5000, "-1", "10"])
 async def test_a_json_length_header_that_is_not_a_length_within_the_body_is_400(rest, length):
     code, reply, _ = await rest.call(

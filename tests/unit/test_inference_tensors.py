@@ -6,6 +6,7 @@ import pytest
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from services.inference.tensors import (
+    check_request_parameters,
     decode_inputs,
     decode_raw,
     decode_typed,
@@ -186,3 +187,17 @@ def test_the_classification_extension_is_refused_not_ignored() -> None:
     request.outputs.add(name="output").parameters["classification"].int64_param = 3
     with pytest.raises(InvalidArgument, match="classification extension"):
         requested_outputs(request)
+
+
+def test_values_in_a_contents_field_other_than_the_datatypes_are_refused():
+    tensor = Input(name="x", datatype="FP32", shape=[2])
+    tensor.contents.fp32_contents.extend([1.0, 2.0])
+    tensor.contents.int_contents.extend([3, 4])
+    with pytest.raises(InvalidArgument, match=r"values in contents.int_contents; send them in"):
+        decode_typed(tensor)
+
+
+@pytest.mark.parametrize("name", ["sequence_id", "priority", "timeout"])
+def test_a_triton_feature_this_server_lacks_is_refused_naming_it(name):
+    with pytest.raises(InvalidArgument, match=f"request parameter\\(s\\) {name}: this server"):
+        check_request_parameters({name: 1, "maas-routing-key": "u1"})

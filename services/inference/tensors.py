@@ -43,7 +43,7 @@ def dtype_of(datatype: str, *, tensor: str) -> np.dtype[Any]:
     except KeyError:
         raise InvalidArgument(
             f"input {tensor!r} has datatype {datatype!r}, which this server does not accept; "
-            f"use one of {', '.join(DATATYPE_TO_DTYPE)}"
+            f"use one of {', '.join(DATATYPE_TO_DTYPE)} or {bytes_tensors.BYTES}"
         ) from None
 
 

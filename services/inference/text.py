@@ -33,7 +33,7 @@ from maas.text.bert_config import BertConfig
 from maas.text.model import ARCH, text_config
 from maas.text.tokenizer import TOKENIZER_FILE, TextTokenizer
 from maas.text.wire import BYTES
-from services.inference.signature import BATCH_DIM, Signature, TensorSpec
+from services.inference.signature import BATCH_DIM, Signature, TensorSpec, datatype_of
 
 if TYPE_CHECKING:
     from services.inference.loading import ModelSource
@@ -83,9 +83,10 @@ class TextSignature(Signature):
         if array.dtype != np.object_ or not (
             array.ndim == 1 or (array.ndim == 2 and array.shape[1] == 1)
         ):
+            sent = BYTES if array.dtype == np.object_ else datatype_of(array)
             raise InvalidArgument(
-                f"input {TEXT_INPUT!r} has dtype {array.dtype.name} and shape "
-                f"{list(array.shape)}; {model} expects BYTES with shape [N] or [N, 1]"
+                f"input {TEXT_INPUT!r} has datatype {sent} and shape {list(array.shape)}; "
+                f"{model} expects BYTES with shape [N] or [N, 1]"
             )
         texts = decode_texts(array.reshape(-1).tolist())
         return self.tokenizer.encode(texts, width=self.tokenizer.max_length)

@@ -201,3 +201,8 @@ def test_values_in_a_contents_field_other_than_the_datatypes_are_refused():
 def test_a_triton_feature_this_server_lacks_is_refused_naming_it(name):
     with pytest.raises(InvalidArgument, match=f"request parameter\\(s\\) {name}: this server"):
         check_request_parameters({name: 1, "maas-routing-key": "u1"})
+
+
+def test_an_unknown_datatype_is_refused_listing_bytes_among_the_accepted():
+    with pytest.raises(InvalidArgument, match=r"use one of BOOL, .* FP64 or BYTES"):
+        decode_typed(Input(name="text", datatype="STRING", shape=[1]))

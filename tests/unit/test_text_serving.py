@@ -164,8 +164,10 @@ async def test_too_many_texts_in_one_request_are_refused(plane: DataPlane) -> No
         await embed(plane, ["x"] * (MAX_TEXTS + 1))
 
 
-async def test_numbers_sent_to_a_text_model_are_refused(plane: DataPlane) -> None:
-    with pytest.raises(InvalidArgument, match="BYTES"):
+async def test_numbers_sent_to_a_text_model_are_refused_in_the_protocols_words(
+    plane: DataPlane,
+) -> None:
+    with pytest.raises(InvalidArgument, match=r"has datatype FP32 .* expects BYTES"):
         await plane.infer("minilm", "", {"text": np.zeros((1, 3), dtype=np.float32)})
 
 

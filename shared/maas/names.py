@@ -1,7 +1,10 @@
-"""The spelling rules of what the platform names: models, aliases, versions, artifact files.
+"""The spelling rules of what the platform names: models, aliases, versions, artifact files;
+and of the whole numbers typed or sent as text beside them (a version, a weight, a count, a
+length header), read as ASCII digits within a bound.
 
-Plain Python, imported by the registry's values (``maas.registry.types``) and by the manifest
-parser (``maas.manifest``), so both refuse a malformed name with the same message.
+Plain Python, imported by the registry's values (``maas.registry.types``), the manifest parser
+(``maas.manifest``), the CLI and the inference doors, so all refuse a malformed name or number
+with the same message.
 """
 
 from __future__ import annotations

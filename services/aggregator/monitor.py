@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from maas import events
+from maas import events, jobs
 from maas.config import Settings
 from maas.errors import DeadlineExceeded, MaasError
 from maas.training import checkpoint as ck
@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.5
 RETRY_S = 2.0
-WAITING_NOTE_MS = 30_000  # at most one "waiting for ..." status per job this often
 BASE_CHECK_MS = 10_000  # how often a running job's base version is looked up
 
 Finish = Callable[[JobPlan, list[ck.Pointer]], Awaitable[None]]
@@ -142,9 +141,9 @@ class JobMonitor:
                     await self._fail(job_id, exc)
                     return
                 now = events.now_ms()
-                if noted_ms is None or now - noted_ms >= WAITING_NOTE_MS:
+                if noted_ms is None or now - noted_ms >= jobs.WAITING_NOTE_MS:
                     # Once per note, not per retry: an S3 outage of minutes is one line a
-                    # WAITING_NOTE_MS per job, not one every RETRY_S.
+                    # jobs.WAITING_NOTE_MS per job, not one every RETRY_S.
                     noted_ms = now
                     log.warning("job %s: %s; retrying every %g s", job_id, exc.message, RETRY_S)
                     await self._note_waiting(job_id, exc)
@@ -159,7 +158,7 @@ class JobMonitor:
     async def _note_waiting(self, job_id: str, exc: MaasError) -> None:
         """Say in the job's status what it waits for (S3, the model registry), rather than sit
         silently at its last step; it is only news, so one that cannot be sent is dropped."""
-        reason = f"waiting: {exc.message}; retrying"
+        reason = jobs.waiting_reason(exc)
         try:
             await self._send_status(job_id, "running", reason=reason)
         except MaasError as error:

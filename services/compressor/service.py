@@ -28,7 +28,7 @@ from maas.bus import DeadLetter, EventProducer, Record
 from maas.bus_consumer import EventConsumer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
-from maas.errors import AlreadyExists, SchemaViolation
+from maas.errors import AlreadyExists, MaasError, SchemaViolation
 from maas.liveness import Liveness
 from maas.policy import is_plan_id, policy_job_id
 from maas.recent import RecentKeys
@@ -115,6 +115,7 @@ class CompressorService:
         )
         self.liveness = Liveness(self.metrics.registry)
         self._running = ""  # the id of the job the jobs consumer is running, if any
+        self._waiting_noted: tuple[str, int] | None = None  # (job id, when) of the last note
         self._announced = RecentKeys(REMEMBERED_QUEUED)  # told `queued` already
 
     @property
@@ -155,10 +156,28 @@ class CompressorService:
         self._running = str(record.event.get("job_id", ""))
         try:
             versions = await self.core.handle(record.event)
+        except MaasError as exc:
+            if exc.retriable and record.event.get("type") == JOB_TYPE:
+                await self._note_waiting(self._running, exc)
+            raise  # the consumer redelivers it; the job resumes after its registered variants
         finally:
             self._running = ""
         if versions:
             self.metrics.jobs.labels("succeeded").inc()
+
+    async def _note_waiting(self, job_id: str, exc: MaasError) -> None:
+        """Say in the job's status what it waits for (S3, the registry) while its event is
+        retried, once per ``jobs.WAITING_NOTE_MS``: only the log said so. Only news: one that
+        cannot be sent (Kafka away too) is dropped."""
+        now = events.now_ms()
+        noted = self._waiting_noted
+        if noted is not None and noted[0] == job_id and now - noted[1] < jobs.WAITING_NOTE_MS:
+            return
+        self._waiting_noted = (job_id, now)
+        try:
+            await self._publish(status(job_id, "running", reason=jobs.waiting_reason(exc)))
+        except MaasError as error:
+            log.warning("job %s: status not sent (%s)", job_id, error.message)
 
     def _registered(self, version: ModelVersion) -> None:
         self.metrics.variants.labels(version.method or "", version.format).inc()

@@ -228,12 +228,16 @@ class EventConsumer:
                 return await self._reject(raw, exc, record.event)
             self._attempts[where] = attempts
             log.warning(
-                "handler failed on %s[%d]@%d (attempt %d/%d), will redeliver: %s",
+                # An outage is retried past max_attempts, until retry_outage_s: "attempt 9/5"
+                # read as a miscount.
+                "handler failed on %s[%d]@%d (attempt %d; dead-lettered after %d, or %g s of an "
+                "outage), will redeliver: %s",
                 raw.topic,
                 raw.partition,
                 raw.offset,
                 attempts,
                 self._max_attempts,
+                self._retry_outage_s,
                 events.clip("".join(traceback.format_exception_only(exc)).strip()),
             )
             backoff_s = self._retry_backoff_ms / 1000 * 2 ** min(attempts - 1, 16)

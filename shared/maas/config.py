@@ -76,6 +76,13 @@ class Settings:
     s3_part_size_bytes: int = setting(
         "MAAS_S3_PART_SIZE_BYTES", 16 * MiB, "multipart upload part size"
     )
+    s3_read_timeout_s: int = setting(
+        "MAAS_S3_READ_TIMEOUT_S",
+        30,
+        "longest wait for S3 to send the next bytes of an answer before the call is retried (an "
+        "S3 that accepts connections but answers nothing is then reported within this, x5 "
+        "attempts)",
+    )
     # --- codec -------------------------------------------------------------------------------
     codec_chunk_bytes: int = setting(
         "MAAS_CODEC_CHUNK_BYTES", 4 * MiB, "tensors larger than this are split into chunks"

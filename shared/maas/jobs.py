@@ -23,7 +23,13 @@ from maas import datasets, events, topics, zoo
 from maas.bus import EventProducer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
-from maas.errors import AlreadyExists, DeadlineExceeded, InvalidArgument, SchemaViolation
+from maas.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    InvalidArgument,
+    MaasError,
+    SchemaViolation,
+)
 from maas.events import printable, shown
 from maas.policy import POLICY_JOB_PREFIX, is_plan_id
 from maas.textfile import parse_yaml, read_text_file
@@ -31,6 +37,16 @@ from maas.textfile import parse_yaml, read_text_file
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 JOB_STATES = TERMINAL_STATES | {"queued", "accepted", "running", "checkpointed"}  # job-status
 CANCEL = "cancel"  # the job type that stops the train/finetune job of the same job_id
+# A job held up by an outage (S3, the model registry) says so in its status, at most this often:
+# an outage of minutes is one line per job per note, not one per retry.
+WAITING_NOTE_MS = 30_000
+
+
+def waiting_reason(error: MaasError) -> str:
+    """The ``reason`` of a status saying what a job waits for."""
+    return f"waiting: {error.message}; retrying"
+
+
 _REQUIRED_SECTIONS = {
     "train": ("model", "dataset"),
     "finetune": ("base", "dataset"),

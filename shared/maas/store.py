@@ -116,10 +116,16 @@ class ObjectStore:
         self._settings = settings
         self._max_attempts = max_attempts
         self._retry_backoff_ms = retry_backoff_ms
+        if settings.s3_read_timeout_s < 1:
+            raise InvalidArgument(
+                f"MAAS_S3_READ_TIMEOUT_S={settings.s3_read_timeout_s} must be at least 1 (seconds)"
+            )
         # A short connect timeout and no urllib3-level retries: retrying is ours (on our error
-        # types), so "S3 down" becomes Unavailable in seconds, not minutes.
+        # types), so "S3 down" becomes Unavailable in seconds, not minutes. The read timeout is
+        # between two reads, not for a whole object: a frozen S3 (connections accepted, nothing
+        # answered) waited 120 s a try, two minutes before a job's first status.
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3.0, read=120.0),
+            timeout=urllib3.Timeout(connect=3.0, read=settings.s3_read_timeout_s),
             maxsize=16,
             retries=False,
         )

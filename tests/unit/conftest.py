@@ -1,10 +1,12 @@
 """Fixtures shared by unit tests: the digits tensors and one trained MLP (compression), a worker
-pool and a counting registry (the inference data plane)."""
+pool and a counting registry (the inference data plane), a compressor service that records its
+statuses."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import torch
@@ -48,3 +50,19 @@ def pool() -> Iterator[ThreadPoolExecutor]:
 def source() -> CountingSource:
     """The data-plane tests' registry: versions 1 (production) and 2 (staging) of ``digits``."""
     return digits_source()
+
+
+@pytest.fixture
+async def compressor_service() -> Any:
+    """A compressor service, never started, whose statuses land in ``.published``."""
+    from maas.config import Settings
+    from services.compressor.service import CompressorService
+
+    made: Any = CompressorService(Settings.from_env())
+    made.published = []
+
+    async def publish(event: dict[str, object]) -> None:
+        made.published.append(event)
+
+    made._publish = publish
+    return made

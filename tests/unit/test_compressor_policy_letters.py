@@ -6,21 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from maas.config import Settings
 from maas.deadletter import DeadLetter
-from services.compressor.service import CompressorService
 
 
 @pytest.fixture
-async def service():
-    made = CompressorService(Settings.from_env())
-    made.published = []
-
-    async def publish(event):
-        made.published.append(event)
-
-    made._publish = publish
-    return made
+def service(compressor_service):
+    return compressor_service
 
 
 def letter_for(version: int) -> DeadLetter:

@@ -77,12 +77,13 @@ def version_number(text: str, *, what: str = "version") -> int | None:
         )
     if not is_digits(text):
         return None
-    if len(text.lstrip("0")) > len(str(MAX_VERSION)):
+    number = small_number(text)
+    if number is None:  # more digits than int64 has
         raise InvalidArgument(
             f"{what} {text[:24]}... ({len(text)} digits) is malformed: "
             f"versions are integers from 1 to {MAX_VERSION}"
         )
-    return int(text)
+    return number
 
 
 def check_version(version: int) -> int:

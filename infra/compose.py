@@ -304,6 +304,20 @@ def health_reason(spec: ServiceSpec, *, timeout_s: float = 2.0) -> str:
     return "" if answer is None else answer[1]
 
 
+def dependency_reason(spec: ServiceSpec, *, timeout_s: float = 2.0) -> str:
+    """What a service's ``/readyz`` says while something it works through (Kafka, S3) does not
+    answer it (the 503 body); "" while it is ready, or has no metrics port to ask."""
+    from maas.liveness import READY_PATH
+
+    ports = [port for var, port in listen_ports(spec).items() if var.endswith("METRICS_PORT")]
+    if spec.health == "http":
+        ports = [spec.port]  # checked on its metrics port
+    if not ports:
+        return ""
+    answer = _http_status(spec.host, ports[0], READY_PATH, timeout_s)
+    return "" if answer is None or answer[0] != 503 else answer[1]
+
+
 def is_ready(spec: ServiceSpec, *, settings: Settings | None = None) -> bool:
     if spec.health == "grpc":
         return grpc_serving(spec.host, spec.port, settings=settings)

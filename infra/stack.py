@@ -59,6 +59,8 @@ class ComponentStatus:
     ports: Mapping[str, int] = field(default_factory=dict)  # every port it serves, by variable
     why_down: str = ""  # for a component that is not running: how it ended (see `why_down`)
     why_not_ready: str = ""  # for one running but not healthy: what its health check says
+    # For one healthy: what its /readyz says while Kafka or S3 does not answer it.
+    why_degraded: str = ""
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class PythonService:
     # Readiness beyond an open port (gRPC health SERVING, /metrics answering); default: TCP.
     health: Callable[[], bool] | None = None
     health_reason: Callable[[], str] | None = None  # why it is not ready, when it says so
+    dependency_reason: Callable[[], str] | None = None  # who does not answer it, when it says so
     served_ports: Mapping[str, int] = field(default_factory=dict)  # every port, by variable
     compose_name: str = ""  # the compose service it is a replica of (default: its name)
     depends_on: tuple[str, ...] = ()  # compose services that must be ready before it starts
@@ -238,14 +241,16 @@ class LocalStack:
             healthy = alive and component.ready()
             why = "" if alive else why_down(process.log_file)
             ports: Mapping[str, int] = {}
-            unready = ""
+            unready = degraded = ""
             if isinstance(component, PythonService):
                 ports = component.served_ports
                 if alive and not healthy and component.health_reason is not None:
                     unready = component.health_reason()
+                if healthy and component.dependency_reason is not None:
+                    degraded = component.dependency_reason()
             rows.append(
                 ComponentStatus(
-                    component.name, pid, alive, host, port, healthy, ports, why, unready
+                    component.name, pid, alive, host, port, healthy, ports, why, unready, degraded
                 )
             )
         return rows
@@ -364,7 +369,13 @@ def compose_services(
     scale: Mapping[str, int] | None = None,
 ) -> Iterator[PythonService]:
     """docker-compose.yml's Python services as local processes (see infra/compose.py)."""
-    from infra.compose import health_reason, is_ready, listen_ports, local_services
+    from infra.compose import (
+        dependency_reason,
+        health_reason,
+        is_ready,
+        listen_ports,
+        local_services,
+    )
 
     book = PortBook(stack_dir / "ports.json", fresh=fresh_ports)
     for spec in local_services(settings, choose_port=book, scale=scale):
@@ -377,6 +388,7 @@ def compose_services(
             env={**spec.env, **auth_env(settings, spec.env)},
             health=partial(is_ready, spec, settings=settings),
             health_reason=partial(health_reason, spec),
+            dependency_reason=partial(dependency_reason, spec),
             served_ports=listen_ports(spec),
             compose_name=spec.compose_name,
             depends_on=spec.depends_on,

@@ -86,6 +86,7 @@ class Coordinator:
         )
         self.liveness = Liveness(self.metrics_registry)  # its loops' crash ends the process
         self._producer = EventProducer(settings, client_id=COORDINATOR_SERVICE)
+        self.liveness.dependencies.add_kafka_and_s3(self._producer, settings)
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
         self._registry = RegistryClient(settings, actor=COORDINATOR_SERVICE)

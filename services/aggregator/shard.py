@@ -78,6 +78,7 @@ class ShardService:
         self.address = ""
         self.metrics = ShardMetrics()
         self.liveness = Liveness(self.metrics.registry)  # its loops' crash ends the process
+        self.liveness.dependencies.add_kafka_and_s3(self._pool.producer, settings)
         self._reporter = StatusReporter(self._pool.producer, self.name)
         self._checkpoints = CheckpointWriter(
             self._pool.store, self._reporter, self.metrics.checkpoints

@@ -124,6 +124,7 @@ class WorkerService:
         self.member_id, self.name = self._pool.member_id, self._pool.name
         self.metrics = Metrics()
         self.liveness = Liveness(self.metrics.registry)  # its loops' crash ends the process
+        self.liveness.dependencies.add_kafka_and_s3(self._pool.producer, settings)
         self._compute = ThreadPoolExecutor(1, thread_name_prefix="maas-grad")
         self.jobs: dict[str, Running] = {}
         self._joining: dict[str, Assignment] = {}  # the newest assignment seen while loading

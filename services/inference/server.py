@@ -156,6 +156,7 @@ class InferenceServer:
         self._stream_task: asyncio.Task[None] | None = None
         # Without the models consumer alias moves stop arriving: then say NOT_SERVING, and why.
         self.liveness = Liveness(self.metrics.registry, on_change=self._not_serving)
+        self.liveness.dependencies.add_kafka_and_s3(self._producer, settings)
         self.port = 0
 
     def _http_server(self, settings: Settings) -> HttpServer | None:

@@ -40,6 +40,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self._producer_started = False
+        self._starting = asyncio.Lock()  # the relay and the readiness check both start it
         self.sent = 0
 
     def wake(self) -> None:
@@ -73,9 +74,7 @@ class OutboxRelay:
         entries = await asyncio.to_thread(self._metadata.pending_events, self._batch_size)
         if not entries:
             return 0
-        if not self._producer_started:
-            await self._producer.start()
-            self._producer_started = True
+        await self._start_producer()
         for topic in dict.fromkeys(e.topic for e in entries):
             # Sent together, acknowledged together: per-key (model) order is kept by the
             # idempotent producer, and the batch is marked only once every ack is in.
@@ -85,6 +84,18 @@ class OutboxRelay:
         await asyncio.to_thread(self._metadata.mark_sent, [e.id for e in entries])
         self.sent += len(entries)
         return len(entries)
+
+    async def check_kafka(self) -> None:
+        """A readiness check: the broker the events go to answers. The producer is started
+        lazily (the registry serves without Kafka), so the first check may start it."""
+        await self._start_producer()
+        await self._producer.ping()
+
+    async def _start_producer(self) -> None:
+        async with self._starting:
+            if not self._producer_started:
+                await self._producer.start()
+                self._producer_started = True
 
     async def _sleep(self, ms: int) -> None:
         with contextlib.suppress(TimeoutError):

@@ -19,6 +19,7 @@ from maas.bus import EventProducer
 from maas.config import Settings
 from maas.edge import add_port
 from maas.liveness import Liveness
+from maas.readiness import s3_check
 from maas.store import MODELS_BUCKET
 from maas.store_async import AsyncObjectStore
 from services.model_registry.outbox import OutboxRelay
@@ -55,6 +56,8 @@ class RegistryProcess:
         self.metrics_registry = CollectorRegistry()
         # A relay that died would leave events unpublished: the health says so and why.
         self.liveness = Liveness(self.metrics_registry, on_change=self._not_serving)
+        self.liveness.dependencies.add("kafka", self._relay.check_kafka)
+        self.liveness.dependencies.add("s3", s3_check(settings))
         self._relay_task: asyncio.Task[None] | None = None
 
     async def _not_serving(self, _why: str | None) -> None:

@@ -276,6 +276,14 @@ class EventProducer:
                 stacklevel=1,
             )
 
+    async def ping(self) -> None:
+        """Return once a broker answered a metadata request (a readiness check: a fresh
+        request on this producer's connections; what the producer has cached does not count)."""
+        try:
+            await self._require().client.fetch_all_metadata()
+        except KafkaError as exc:
+            raise Unavailable(f"Kafka at {self._settings.kafka_bootstrap}: {exc}") from exc
+
     def _require(self) -> AIOKafkaProducer:
         if self._producer is None:
             raise RuntimeError("EventProducer used before start() or after stop()")

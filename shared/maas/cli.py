@@ -59,6 +59,8 @@ def _print_status(rows: Sequence[ComponentStatus]) -> None:
     for row in rows:
         # Alive but not answering its health check: starting, or hung; the log tells which.
         health = "healthy" if row.healthy else ("not ready" if row.alive else "down")
+        if row.why_degraded:
+            health = "degraded"  # serving what it can; Kafka or S3 does not answer it
         table.append(
             (
                 row.name,
@@ -76,6 +78,8 @@ def _print_status(rows: Sequence[ComponentStatus]) -> None:
             print(f"{row.name} is down: {row.why_down}")
         elif row.why_not_ready:
             print(f"{row.name} is not ready: {row.why_not_ready}")
+        elif row.why_degraded:
+            print(f"{row.name} is degraded: {row.why_degraded}")
 
 
 def _stack_up(args: argparse.Namespace, settings: Settings) -> int:

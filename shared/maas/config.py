@@ -301,12 +301,14 @@ class Settings:
         ),
     )
     inference_metrics_port: int = setting(
-        "MAAS_INFERENCE_METRICS_PORT", 8002, "inference /metrics and /healthz HTTP port (0 = off)"
+        "MAAS_INFERENCE_METRICS_PORT",
+        8002,
+        "inference /metrics, /healthz and /readyz HTTP port (0 = off)",
     )
     metrics_port: int = setting(
         "MAAS_METRICS_PORT",
         0,
-        "/metrics (Prometheus) and /healthz HTTP port of the other services (0 = off)",
+        "/metrics (Prometheus), /healthz and /readyz HTTP port of the other services (0 = off)",
     )
     # --- compressor ----------------------------------------------------------------------------
     compressor_torch_threads: int = setting(

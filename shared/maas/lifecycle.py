@@ -2,9 +2,10 @@
 
 A service's ``__main__`` is settings from env, then ``serve`` with how to build the service.
 ``serve`` configures logging, lifts the open-files limit, builds the service on its event loop,
-caps compute threads, starts it, opens ``/metrics`` and ``/healthz`` (``maas.liveness``) once it
-started (the port answering means the service is up), runs it until SIGTERM/SIGINT or until
-``run`` crashes (the process then exits with that error instead of idling), and always stops it.
+caps compute threads, starts it, opens ``/metrics``, ``/healthz`` and ``/readyz``
+(``maas.liveness``, ``maas.readiness``) once it started (the port answering means the service
+is up), runs it until SIGTERM/SIGINT or until ``run`` crashes (the process then exits with
+that error instead of idling), and always stops it.
 Shutdown (stop accepting, drain, close) belongs in the service's ``stop``.
 """
 
@@ -234,8 +235,11 @@ async def run_service(
     http = None
     failed = True
     watch = asyncio.create_task(service.liveness.watch_loop())
+    checks: asyncio.Task[None] | None = None
     try:
         await service.start()
+        # Checked once started: before, its clients are not open yet.
+        checks = asyncio.create_task(service.liveness.dependencies.watch())
         if metrics_port:
             http = serve_metrics(
                 metrics_port, metrics_bind, service.metrics_registry, service.liveness
@@ -246,6 +250,8 @@ async def run_service(
         log.info("%s shutting down", name)
     finally:
         watch.cancel()
+        if checks is not None:
+            checks.cancel()
         if http is not None:
             await asyncio.to_thread(http.shutdown)
             http.server_close()
@@ -256,5 +262,5 @@ async def run_service(
                 raise
             # The failure that ended it is the news (it propagates); this one is logged.
             log.exception("%s: stopping after a failure failed too", name)
-        await asyncio.wait([watch])
+        await asyncio.wait([watch] if checks is None else [watch, checks])
         log.info("%s stopped", name)

@@ -4,7 +4,9 @@ Every service runs loops beside its request handling (the bus's consumers, the r
 relay). A loop that dies must not leave the service answering SERVING while it does no work,
 nor kill the process into a restart loop on the same record: ``Liveness.supervise`` reports it.
 Services without a gRPC health service (the Kafka consumers) serve it over HTTP beside their
-metrics: ``serve_metrics`` answers ``/healthz`` with 200 ``SERVING`` or 503 ``NOT_SERVING: why``.
+metrics: ``serve_metrics`` answers ``/healthz`` with 200 ``SERVING`` or 503 ``NOT_SERVING: why``,
+and ``/readyz`` (``maas.readiness``: Kafka and S3 answer too) with 200 ``READY`` or 503
+``NOT_READY: why``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,13 @@ from prometheus_client import CollectorRegistry, Gauge, make_wsgi_app
 
 from maas import events
 from maas.errors import MaasError
+from maas.readiness import Dependencies
 
 log = logging.getLogger(__name__)
 
 HealthHook = Callable[[str | None], Awaitable[None]]
 HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
 # An event loop that has not run for this long is stalled: health says so until it runs again.
 # /healthz answers from a thread of its own, so without this it said SERVING while a request
 # held the loop for 12 s and every client, and the Kafka heartbeats, waited.
@@ -40,7 +44,8 @@ class Liveness:
     ``supervise`` runs a loop (a consumer's ``run``, a relay): when it ends on an error, the
     gauge ``maas_loop_up{loop}`` drops to 0, the reason is logged and kept in ``failures``, and
     ``on_change`` gets the reasons (the service turns its health NOT_SERVING). The process stays
-    up, saying why it does no work, instead of dying in a restart loop.
+    up, saying why it does no work, instead of dying in a restart loop. ``dependencies`` are
+    what it works through (the service adds them): readiness, not liveness.
     """
 
     def __init__(
@@ -54,12 +59,14 @@ class Liveness:
         self._on_change = on_change
         self._stall_after_s = stall_after_s
         self._loop_seen: float | None = None  # when ``watch_loop`` last ran (monotonic)
+        registry = CollectorRegistry() if registry is None else registry
         self._up = Gauge(
             "maas_loop_up",
             "1 while the named background loop runs, 0 once it stopped on an error",
             ["loop"],
-            registry=CollectorRegistry() if registry is None else registry,
+            registry=registry,
         )
+        self.dependencies = Dependencies(registry)
 
     @property
     def healthy(self) -> bool:
@@ -71,6 +78,12 @@ class Liveness:
         reasons = [f"{name}: {why}" for name, why in self.failures.items()]
         stalled = self._stalled()
         return "; ".join([*reasons, stalled] if stalled else reasons) or None
+
+    @property
+    def ready_reason(self) -> str | None:
+        """Why the service cannot do all its work now (not live, or a dependency away), or None."""
+        reasons = [why for why in (self.reason, self.dependencies.reason) if why]
+        return "; ".join(reasons) or None
 
     async def watch_loop(self, period_s: float = 1.0) -> None:
         """Note every ``period_s`` that the event loop runs (until cancelled), so health read
@@ -130,21 +143,30 @@ class _Quiet(WSGIRequestHandler):
 def serve_metrics(
     port: int, addr: str, registry: CollectorRegistry, liveness: Liveness
 ) -> WSGIServer:
-    """Prometheus text at every path but ``/healthz``, which says whether every supervised loop
-    runs (200 ``SERVING``) or not (503 ``NOT_SERVING: <reason>``). Serves from a daemon
-    thread; ``shutdown()`` the returned server to stop it."""
+    """Prometheus text at every path but two. ``/healthz`` says whether every supervised loop
+    runs (200 ``SERVING``) or not (503 ``NOT_SERVING: <reason>``); ``/readyz`` says whether,
+    besides, every dependency answers (200 ``READY`` or 503 ``NOT_READY: <reason>``). Serves
+    from a daemon thread; ``shutdown()`` the returned server to stop it."""
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != HEALTH_PATH:
-            return metrics(environ, start_response)  # type: ignore[no-any-return]
-        healthy, reason = liveness.healthy, liveness.reason
-        body = ("SERVING" if healthy else f"NOT_SERVING: {reason}").encode()
-        status = "200 OK" if healthy else "503 Service Unavailable"
-        start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
-        return [body]
+        path = environ.get("PATH_INFO")
+        if path == HEALTH_PATH:
+            return _answer(start_response, "SERVING", "NOT_SERVING", liveness.reason)
+        if path == READY_PATH:
+            return _answer(start_response, "READY", "NOT_READY", liveness.ready_reason)
+        return metrics(environ, start_response)  # type: ignore[no-any-return]
 
     server_class = _Server6 if ":" in addr else _Server
     server = make_server(addr, port, app, server_class, _Quiet)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+def _answer(
+    start_response: Callable[..., Any], good: str, bad: str, reason: str | None
+) -> Iterable[bytes]:
+    body = good if reason is None else f"{bad}: {reason}"
+    status = "200 OK" if reason is None else "503 Service Unavailable"
+    start_response(status, [("Content-Type", "text/plain; charset=utf-8")])
+    return [body.encode(errors="backslashreplace")]

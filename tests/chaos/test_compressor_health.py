@@ -1,7 +1,8 @@
 """The compressor's health, seen from outside its process: ``/healthz`` on its metrics port says
 SERVING while its jobs consumer runs; once the consumer stops for good (here the DLQ refuses
 every write, so a poison job can be neither handled nor set aside) it says NOT_SERVING and
-why, ``maas_loop_up`` drops to 0, and the process stays up.
+why, ``maas_loop_up`` drops to 0, and the process stays up. While its broker is away,
+``/readyz`` says so and why, and ``/healthz`` stays SERVING.
 
 A private broker of its own, whose DLQ topic takes records of at most 1 KiB: the shared
 session's DLQ stays writable for everyone else.
@@ -24,7 +25,7 @@ from infra.proc import free_port
 from infra.stack import PythonService
 from maas.bus import EventProducer
 from maas.config import Settings
-from maas.liveness import HEALTH_PATH
+from maas.liveness import HEALTH_PATH, READY_PATH
 from maas.topics import DLQ, JOBS
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -33,7 +34,9 @@ DLQ_LIMIT_BYTES = 1024
 
 
 @pytest.fixture(scope="module")
-async def kafka(stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Settings]:
+async def private_broker(
+    stack, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[tuple[Settings, KafkaBroker]]:
     """A broker whose DLQ refuses every dead letter of a record over ~1 KiB."""
     port, controller_port = free_ports(2)
     settings = stack.settings.replace(
@@ -51,9 +54,14 @@ async def kafka(stack, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterato
             for t in topic_plan(settings)
         ]
         await ensure_topics(settings, plan)
-        yield settings
+        yield settings, broker
     finally:
         broker.stop()
+
+
+@pytest.fixture(scope="module")
+def kafka(private_broker: tuple[Settings, KafkaBroker]) -> Settings:
+    return private_broker[0]
 
 
 @pytest.fixture
@@ -79,6 +87,37 @@ def compressor(kafka: Settings, tmp_path: Path) -> Iterator[PythonService]:
         service.stop()
 
 
+async def test_readyz_says_kafka_is_away_while_it_is_and_healthz_stays_serving(
+    private_broker, compressor
+):
+    _, broker = private_broker
+    port = compressor.port
+    await until_ready(port, "READY")
+    await asyncio.to_thread(broker.stop)
+    try:
+        status, _ = await until_ready(port, "NOT_READY: kafka: ")
+        assert status == 503
+        assert await asyncio.to_thread(http_get, port, HEALTH_PATH) == (200, "SERVING")
+        _, metrics = await asyncio.to_thread(http_get, port, "/metrics")
+        assert 'maas_dependency_up{dependency="kafka"} 0.0' in metrics
+    finally:
+        broker.start(wait=False)  # in this thread: the broker dies with its parent thread
+        await asyncio.to_thread(broker.wait_ready, timeout_s=120)
+    assert await until_ready(port, "READY") == (200, "READY")
+    assert compressor.process.alive()
+
+
+async def until_ready(port: int, says: str, timeout_s: float = 120) -> tuple[int, str]:
+    """The first answer of ``/readyz`` that starts with ``says`` (polled every 0.5 s)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not (answer := await asyncio.to_thread(http_get, port, READY_PATH))[1].startswith(says):
+        assert loop.time() < deadline, f"/readyz still says {answer} after {timeout_s} s"
+        await asyncio.sleep(0.5)
+    return answer
+
+
+# Runs last: the poison record it leaves on the jobs topic would stop every later compressor.
 async def test_healthz_turns_not_serving_with_the_reason_when_the_jobs_consumer_stops(
     kafka, compressor
 ):

@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 from prometheus_client import CollectorRegistry
 
-from infra.compose import ServiceSpec, health_reason
+from infra.compose import ServiceSpec, dependency_reason, health_reason
 from infra.exits import LAST_LINES, why_down
 from infra.proc import RUN_EXITED, RUN_STARTED, RUN_STOPPED, ManagedProcess, run_marker
 from infra.stack import ComponentStatus, LocalStack, start_plan
 from maas.cli import _print_status, main
 from maas.config import Settings
-from maas.errors import FailedPrecondition
+from maas.errors import FailedPrecondition, Unavailable
 from maas.lifecycle import LOG_FORMAT
 from maas.liveness import Liveness, serve_metrics
+from maas.readiness import FAILURES_TO_DOWN
 from maas.training.control import Identity, member_event
 
 
@@ -250,6 +251,33 @@ def test_a_service_not_ready_says_why_in_its_status(worker_health) -> None:
         health_reason(spec)
         == "NOT_SERVING: training pool: out of the training pool for 60 s: refused"
     )
+
+
+async def test_a_serving_service_cut_off_from_kafka_says_so_in_its_status(worker_health) -> None:
+    spec, liveness = worker_health
+    assert dependency_reason(spec) == ""  # ready
+
+    async def refused() -> None:
+        raise Unavailable("Kafka at 127.0.0.1:9092: connection refused")
+
+    liveness.dependencies.add("kafka", refused)
+    for _ in range(FAILURES_TO_DOWN):
+        await liveness.dependencies.check_all()
+    assert health_reason(spec) == ""  # still serving: an outage elsewhere is no reason to restart
+    assert dependency_reason(spec).startswith(
+        "NOT_READY: kafka: Kafka at 127.0.0.1:9092: connection refused (for "
+    )
+
+
+def test_status_prints_a_degraded_component_and_why(capsys) -> None:
+    row = ComponentStatus(
+        "compressor", 42, True, "127.0.0.1", 9102, healthy=True,
+        why_degraded="NOT_READY: s3: S3 at 127.0.0.1:9000: connection refused (for 12 s)",
+    )  # fmt: skip
+    _print_status([row])
+    out = capsys.readouterr().out
+    assert "degraded" in out.splitlines()[1]
+    assert "compressor is degraded: NOT_READY: s3: S3 at 127.0.0.1:9000" in out
 
 
 def test_status_prints_why_a_running_component_is_not_ready(capsys) -> None:

@@ -43,13 +43,31 @@ async def _abort(context: grpc.aio.ServicerContext, error: MaasError) -> None:
     await context.abort(grpc.StatusCode[error.grpc_code], error.message)
 
 
+async def _written(context: grpc.aio.ServicerContext, message: bytes, peer: Peer) -> bool:
+    """Write one reply; False once the stream can take no more. A worker that froze reads
+    nothing, so the write waits on flow control until the worker is removed and its stream
+    cancelled. Written by this handler, not yielded to grpc (which logged that end as an
+    ERROR with a traceback), it is what it is: the worker left."""
+    try:
+        await context.write(message)
+    except Exception as exc:  # grpc's error for a call that is over varies by cause
+        log.info(
+            "worker %d of job %s: its stream ended before a reply could be written (%s)",
+            peer.worker,
+            peer.job_id,
+            type(exc).__name__,
+        )
+        return False
+    return True
+
+
 class DataPlaneServicer(pb_grpc.TrainingDataPlaneServicer):
     def __init__(self, shard: ShardService) -> None:
         self._shard = shard
 
     async def Exchange(
         self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[bytes]:
+    ) -> None:
         requests = aiter(request_iterator)
         try:
             async with asyncio.timeout(JOIN_TIMEOUT_S):
@@ -66,7 +84,8 @@ class DataPlaneServicer(pb_grpc.TrainingDataPlaneServicer):
         reader = asyncio.create_task(self._read(requests, peer))
         try:
             while (message := await peer.outbox.get()) is not None:
-                yield message
+                if not await _written(context, message, peer):
+                    return
             if peer.error is not None:
                 await _abort(context, peer.error)
         finally:

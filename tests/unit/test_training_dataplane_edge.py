@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -227,3 +228,38 @@ async def test_a_link_says_it_again_only_once_the_shard_reached_what_it_said(
         link.shard_version = 20
         link.declare(30)
         assert await _heard(shard[0], 2) == [20, 30]
+
+
+@dataclass
+class FloodingShard(RecordingShard):
+    """Queues more replies than a stream's flow-control window holds as a worker joins, and
+    says when the stream's handler let go of the worker."""
+
+    detached: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def attach(self, join: pb.Join) -> Peer:
+        peer = await super().attach(join)
+        peer.send([bytes(1 << 20)] * 64)
+        return peer
+
+    def detach(self, peer: Peer) -> None:
+        self.detached.set()
+
+
+async def test_a_worker_gone_while_replies_wait_on_its_stream_ends_it_without_an_error_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A frozen worker reads nothing: the shard's write waits on flow control until the stream
+    # is cancelled. That is a worker leaving, not the shard failing: no traceback at ERROR.
+    flooding = FloodingShard()
+    async with serving(flooding, SETTINGS) as address:
+        async with dataplane.open_channel(address, SETTINGS) as channel:
+            call = dataplane.exchange(channel, SETTINGS)
+            await call.write(_join())
+            await call.read()  # a reply arrived: the others wait on the window
+            await asyncio.sleep(0.2)
+            call.cancel()
+        await asyncio.wait_for(flooding.detached.wait(), 10)
+        await asyncio.sleep(0.2)  # the server's own handling of the handler's end
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []

@@ -21,6 +21,7 @@ import os
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import maas
@@ -171,8 +172,11 @@ def _config(args: argparse.Namespace, settings: Settings) -> int:
     width = max(len(name) for name in current)
     if args.markdown:
         print("| variable | default | meaning |\n|---|---|---|")
+        home = str(Path.home())
         for name, default, doc in env_doc():
-            print(f"| `{name}` | `{default}` | {doc} |")
+            # As a reader's shell spells it: the state and cache dirs are under their home.
+            shown = "~" + default[len(home) :] if default.startswith(home + "/") else default
+            print(f"| `{name}` | `{shown}` | {doc} |")
     elif args.doc:
         for name, default, doc in env_doc():
             print(f"{name.ljust(width)}  {current[name]!s:<28}  {doc} (default {default})")

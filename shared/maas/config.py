@@ -15,12 +15,22 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from maas.config_env import default_cache_dir, default_state_dir, parse, setting, shown
+from maas.config_env import (
+    default_cache_dir,
+    default_state_dir,
+    host_port,
+    parse,
+    setting,
+    shown,
+)
 
 MiB = 1024 * 1024
 # torch DDP's default bucket (``bucket_cap_mb=25``): a model whose gradient fits one is reduced
 # there in one go after backward, and a worker sends it whole after backward too.
 TRAINING_OVERLAP_MIN_BYTES = 25 * MiB
+KAFKA_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+KAFKA_SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 
 @dataclass(frozen=True)
@@ -30,12 +40,16 @@ class Settings:
         "MAAS_KAFKA_BOOTSTRAP", "127.0.0.1:9092", "Kafka bootstrap servers, comma separated"
     )
     kafka_security_protocol: str = setting(
-        "MAAS_KAFKA_SECURITY_PROTOCOL", "PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL"
+        "MAAS_KAFKA_SECURITY_PROTOCOL",
+        "PLAINTEXT",
+        "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+        choices=KAFKA_PROTOCOLS,
     )
     kafka_sasl_mechanism: str = setting(
         "MAAS_KAFKA_SASL_MECHANISM",
         "SCRAM-SHA-512",
         "with SASL_*: SCRAM-SHA-512, SCRAM-SHA-256 or PLAIN",
+        choices=KAFKA_SASL_MECHANISMS,
     )
     kafka_sasl_username: str = setting("MAAS_KAFKA_SASL_USERNAME", "", "with SASL_*: the user")
     kafka_sasl_password: str = setting(
@@ -66,7 +80,9 @@ class Settings:
         ),
     )
     # --- S3 ----------------------------------------------------------------------------------
-    s3_endpoint: str = setting("MAAS_S3_ENDPOINT", "127.0.0.1:9000", "S3 host:port")
+    s3_endpoint: str = setting(
+        "MAAS_S3_ENDPOINT", "127.0.0.1:9000", "S3 host:port", check=host_port
+    )
     s3_access_key: str = setting("MAAS_S3_ACCESS_KEY", "maas", "S3 access key", secret=True)
     s3_secret_key: str = setting(
         "MAAS_S3_SECRET_KEY", "maas-secret-key", "S3 secret key", secret=True
@@ -96,7 +112,12 @@ class Settings:
     cache_dir: str = setting(
         "MAAS_CACHE_DIR", doc="venv, Kafka jars, S3 server binary", factory=default_cache_dir
     )
-    log_level: str = setting("MAAS_LOG_LEVEL", "INFO", "logging level")
+    log_level: str = setting(
+        "MAAS_LOG_LEVEL",
+        "INFO",
+        "logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL",
+        choices=LOG_LEVELS,
+    )
     # --- gRPC endpoints ----------------------------------------------------------------------
     grpc_max_message_bytes: int = setting(
         "MAAS_GRPC_MAX_MESSAGE_BYTES",

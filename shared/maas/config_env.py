@@ -23,9 +23,13 @@ def setting(
     *,
     factory: Callable[[], Any] | None = None,
     secret: bool = False,
+    choices: tuple[str, ...] = (),
+    check: Callable[[str, str], str] | None = None,
 ) -> Any:
-    """One row of the settings table: its env name, default (or a factory of it) and meaning."""
-    metadata = {"env": env, "secret": secret, "doc": doc}
+    """One row of the settings table: its env name, default (or a factory of it) and meaning.
+    ``choices``: the values accepted (read case-insensitively, kept as spelt here); ``check``:
+    ``(env name, text) -> value``, raising InvalidArgument for text it refuses."""
+    metadata = {"env": env, "secret": secret, "doc": doc, "choices": choices, "check": check}
     # A secret stays out of repr(settings): a log line or error message that shows the settings
     # would otherwise carry it.
     if factory is not None:
@@ -53,13 +57,43 @@ def parse(f: dataclasses.Field[Any], raw: str) -> Any:
             return True
         if lowered in {"0", "false", "no", "off"}:
             return False
-        raise InvalidArgument(f"{name}={raw!r} is not a boolean; use true or false")
+        raise InvalidArgument(
+            f"{name}={raw!r} is not a boolean; use true or false (or on/off, yes/no, 1/0)"
+        )
     if kind == "int":
         try:
             return int(raw)
         except ValueError:
             raise InvalidArgument(f"{name}={raw!r} is not an integer") from None
+    if f.metadata["choices"]:
+        return _one_of(name, raw, f.metadata["choices"])
+    if f.metadata["check"] is not None:
+        return f.metadata["check"](name, raw)
     return raw
+
+
+def _one_of(name: str, raw: str, choices: tuple[str, ...]) -> str:
+    by_case = {choice.casefold(): choice for choice in choices}
+    chosen = by_case.get(raw.strip().casefold())
+    if chosen is None:
+        raise InvalidArgument(f"{name}={raw!r}; use one of {', '.join(choices)}")
+    return chosen
+
+
+def host_port(name: str, raw: str) -> str:
+    """``host[:port]`` as written, or InvalidArgument saying how to write it: a URL's scheme or
+    path is refused (the S3 client takes neither; TLS has a setting of its own)."""
+    text = raw.strip()
+    scheme, sep, rest = text.partition("://")
+    address = (rest if sep else text).partition("/")[0]
+    host, colon, port = address.rpartition(":") if ":" in address else (address, "", "")
+    if sep or address != (rest if sep else text) or not host or (colon and not port.isdecimal()):
+        example = f"{host or 'HOST'}:{port if port.isdecimal() else 'PORT'}"
+        hint = "; for https set MAAS_S3_SECURE=true" if scheme.lower() == "https" else ""
+        raise InvalidArgument(
+            f"{name}={raw!r}: give host:port, e.g. {example}, without a scheme or path{hint}"
+        )
+    return text
 
 
 def shown(f: dataclasses.Field[Any], value: Any) -> str:

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from maas.config import KAFKA_PROTOCOLS as PROTOCOLS
+from maas.config import KAFKA_SASL_MECHANISMS as MECHANISMS
 from maas.config import Settings
 from maas.errors import InvalidArgument
-
-PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
-MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
 
 
 def _one_of(env: str, value: str, accepted: tuple[str, ...]) -> str:

@@ -202,14 +202,16 @@ def decode(
     *,
     max_depth: int = Settings.event_max_depth,
 ) -> dict[str, Any]:
-    """Decode a record value (msgpack, or JSON when its header says so) into an event map.
+    """Decode a record value (msgpack, or JSON when its header says so, or when it has no
+    content-type and starts as a JSON object does) into an event map.
 
     Anything that is not a map of string keys nested at most ``max_depth`` deep is a
     SchemaViolation: retrying cannot change the bytes.
     """
     if value is None:
         raise SchemaViolation("record has no value")
-    is_json = content_type(headers).startswith(JSON_CONTENT_TYPE)
+    declared = content_type(headers)
+    is_json = declared.startswith(JSON_CONTENT_TYPE) or (not declared and _json_object(value))
     try:
         obj = json.loads(value) if is_json else msgpack.unpackb(value, raw=False)
     except (ValueError, RecursionError, msgpack.UnpackException) as exc:
@@ -220,6 +222,14 @@ def decode(
         raise SchemaViolation(f"record value must decode to a map, got {type(obj).__name__}")
     check_shape(obj, max_depth)
     return obj
+
+
+def _json_object(value: bytes) -> bool:
+    """Whether an undeclared value is a JSON object's text. kcat and most Kafka producers send
+    no headers; such a job was dead-lettered as 'not valid msgpack'. No msgpack map starts so:
+    ``{`` and JSON's whitespace are msgpack integers, so a value starting with one of them is
+    a number followed by bytes no msgpack reader takes."""
+    return value.lstrip(b" \t\r\n")[:1] == b"{"
 
 
 def content_type(headers: Iterable[tuple[str, bytes | None]]) -> str:

@@ -346,8 +346,18 @@ async def watch(
             return
         except TimeoutError:
             await stream.aclose()
-            raise DeadlineExceeded(
-                f"job {printable(job_id)} did not finish within {timeout_s or 0:.0f} s "
-                f"(--timeout-s; last seen: {summary.state}); it goes on: "
-                f"`maas jobs watch {printable(job_id)}` follows it again"
-            ) from None
+            raise DeadlineExceeded(_not_finished(job_id, summary, timeout_s)) from None
+
+
+def _not_finished(job_id: str, summary: JobSummary, timeout_s: float | None) -> str:
+    name = printable(job_id)
+    waited = f"within {timeout_s or 0:.0f} s (--timeout-s)"
+    if summary.state == "unknown":  # nothing ever said it runs: do not say it goes on
+        return (
+            f"no service reported on job {name} {waited}: check the id (`maas jobs list`); "
+            f"a job event no service could read is in {topics.DLQ.name} with the reason"
+        )
+    return (
+        f"job {name} did not finish {waited}; last seen: {summary.state}; it goes on: "
+        f"`maas jobs watch {name}` follows it again"
+    )

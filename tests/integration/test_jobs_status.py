@@ -9,6 +9,7 @@ import pytest
 
 from maas import jobs, topics
 from maas.bus import EventProducer
+from maas.errors import DeadlineExceeded
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -51,3 +52,20 @@ async def test_a_job_is_known_once_a_service_reported_on_it(stack, producer):
     assert not await jobs.has_status(stack.settings, job_id)  # cancel/watch say so at once
     await publish(producer, job_id, "accepted")
     assert await jobs.has_status(stack.settings, job_id)
+
+
+async def test_watching_a_job_no_service_reported_on_says_where_to_look_not_that_it_goes_on(stack):
+    job_id = f"job-{uuid.uuid4().hex[:10]}"
+    with pytest.raises(DeadlineExceeded) as waited:
+        async for _ in jobs.watch(stack.settings, job_id, timeout_s=2):
+            pass
+    assert "no service reported on job" in waited.value.message
+    assert topics.DLQ.name in waited.value.message and "goes on" not in waited.value.message
+
+
+async def test_watching_a_running_job_past_its_timeout_says_it_goes_on(stack, producer):
+    job_id = f"job-{uuid.uuid4().hex[:10]}"
+    await publish(producer, job_id, "running")
+    with pytest.raises(DeadlineExceeded, match="last seen: running; it goes on"):
+        async for _ in jobs.watch(stack.settings, job_id, timeout_s=2):
+            pass

@@ -75,6 +75,26 @@ def test_json_is_accepted_when_the_header_says_so():
     assert decoded == job
 
 
+def test_json_without_a_content_type_is_read_as_json():
+    # kcat and most producers send no headers; an object's text is no msgpack map anyway.
+    job = a_job()
+    assert events.decode(json.dumps(job).encode()) == job
+
+
+def test_json_led_by_whitespace_without_a_content_type_is_read_as_json():
+    assert events.decode(b' \n\t{"a": 1}') == {"a": 1}
+
+
+def test_a_declared_msgpack_value_is_not_read_as_json():
+    with pytest.raises(SchemaViolation, match="not valid msgpack"):
+        events.decode(b'{"a": 1}', [("content-type", b"application/msgpack")])
+
+
+def test_undeclared_json_that_is_not_valid_says_so_as_json():
+    with pytest.raises(SchemaViolation, match="not valid JSON"):
+        events.decode(b'{"a": ')
+
+
 def test_undecodable_bytes_are_a_schema_violation():
     with pytest.raises(SchemaViolation, match="not valid msgpack"):
         events.decode(b"\xc1\xc1\xc1")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ from typing import Any, Protocol
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from maas.edge.auth import redact_credentials
 from maas.errors import Cancelled, InvalidArgument, MaasError, ResourceExhausted
 from maas.names import small_number
 from services.inference.http_tls import TlsListener
@@ -41,6 +43,8 @@ DEFAULT_IDLE_TIMEOUT_S = 75.0
 # than a reset; a gzip/deflate remainder is inflated as it is read, on the event loop. aiohttp's
 # 10 s let one 16 MiB gzip upload stall every other request for 10 s after its 413.
 LINGER_S = 1.0
+# Every connection's handler: no access log (the service's metrics count requests).
+HANDLER_OPTIONS: dict[str, Any] = {"access_log": None, "lingering_time": LINGER_S}
 BODY_TIMEOUT_S = web.AppKey("body_timeout_s", float)
 MAX_BODY_BYTES = web.AppKey("max_body_bytes", int)
 
@@ -58,7 +62,7 @@ class ClientFaultsAsInfo(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, CLIENT_FAULTS):
-            said = " ".join(str(exc).split())  # aiohttp's texts span lines
+            said = parser_reason(" ".join(str(exc).split()))  # aiohttp's texts span lines
             record.msg = f"{record.getMessage()}: {type(exc).__name__}: {said}"
             record.args = None
             record.levelno, record.levelname = logging.INFO, "INFO"
@@ -71,6 +75,38 @@ def quiet_client_faults() -> None:
     server_log = logging.getLogger("aiohttp.server")
     if not any(isinstance(f, ClientFaultsAsInfo) for f in server_log.filters):
         server_log.addFilter(ClientFaultsAsInfo())
+
+
+def parser_reason(message: str) -> str:
+    """An HTTP parser's refusal without the request's bytes it quotes (from the first quote
+    on): a folded ``Authorization`` header is quoted as its continuation line alone, the token
+    and nothing that names it. What is left says what was wrong."""
+    reason = re.split(r"""b?['"]""", message, maxsplit=1)[0].rstrip(" :\n\t")
+    cut = "" if reason == message else " (the request's bytes are withheld)"
+    return redact_credentials(reason) + cut
+
+
+class _Connection(web.RequestHandler):
+    """aiohttp's handler of one connection, but what it refuses before any route runs (a
+    request it cannot parse) is answered as JSON and quotes no credential: the parser's message
+    holds the raw header bytes, the bearer token among them (a request with LF-only line ends
+    had its token echoed in the 400 and written to the log)."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status == 500 or message is None:
+            return super().handle_error(request, status, exc, message)
+        withheld = parser_reason(message)
+        response = super().handle_error(request, status, exc, withheld)
+        if isinstance(response, web.Response):
+            response.text = json.dumps({"error": withheld})
+            response.content_type = "application/json"
+        return response
 
 
 class Routes(Protocol):
@@ -130,6 +166,7 @@ class HttpServer:
         self._ssl_context = ssl_context
         self._runner: web.AppRunner | None = None
         self._tls: TlsListener | None = None  # with TLS: the listener (see http_tls)
+        self._plain: asyncio.Server | None = None  # without TLS: the listener
         self.port = 0
 
     def add(self, routes: Routes) -> None:
@@ -158,18 +195,10 @@ class HttpServer:
 
     async def start(self) -> None:
         quiet_client_faults()
-        # aiohttp's keep-alive timer also runs while a request's headers are still arriving, so
-        # it closes a connection that never completes them.
-        self._runner = web.AppRunner(
-            self.app,
-            access_log=None,
-            keepalive_timeout=self._idle_timeout_s,
-            lingering_time=LINGER_S,
-            # A client that leaves cancels its handler, so what it asked stops with it: a
-            # non-streaming completion went on generating every token for nobody (1 500 departed
-            # clients cost 185 607 tokens and the next caller 16 s).
-            handler_cancellation=True,
-        )
+        # A client that leaves cancels its handler, so what it asked stops with it: a
+        # non-streaming completion went on generating every token for nobody (1 500 departed
+        # clients cost 185 607 tokens and the next caller 16 s).
+        self._runner = web.AppRunner(self.app, handler_cancellation=True)
         await self._runner.setup()
         try:
             self.port = await self._listen(self._runner)
@@ -181,15 +210,23 @@ class HttpServer:
 
     async def _listen(self, runner: web.AppRunner) -> int:
         """Start accepting; the port (port 0 binds a free one: the one the listener got)."""
-        if self._ssl_context is None:
-            await web.TCPSite(runner, self._host, self._port).start()
-            return int(runner.addresses[0][1])
         server = runner.server
         assert server is not None  # set up
+        loop = asyncio.get_running_loop()
+
+        def connection() -> _Connection:
+            # aiohttp's keep-alive timer also runs while a request's headers are still
+            # arriving, so it closes a connection that never completes them.
+            idle = self._idle_timeout_s
+            return _Connection(server, loop=loop, keepalive_timeout=idle, **HANDLER_OPTIONS)
+
+        if self._ssl_context is None:
+            self._plain = await loop.create_server(connection, self._host, self._port, backlog=512)
+            return int(self._plain.sockets[0].getsockname()[1])
         self._tls = TlsListener(
             self._host,
             self._port,
-            server,
+            connection,
             self._ssl_context,
             self._idle_timeout_s,
             error_body=self._error_body,
@@ -198,6 +235,9 @@ class HttpServer:
         return self._tls.port
 
     async def stop(self) -> None:
+        if self._plain is not None:
+            self._plain.close()
+            self._plain = None
         if self._tls is not None:
             await self._tls.stop()
             self._tls = None

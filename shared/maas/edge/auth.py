@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 TABLE_FORMAT = "maas.tokens/1"
 TABLE_FILE = "tokens.json"
 TOKEN_PREFIX = "maas_"  # makes a leaked token recognisable to secret scanners
+_QUOTED_CREDENTIAL = re.compile(r"(?is)(authorization|bearer\s).*")
 OPEN_SERVICES = frozenset(
     {
         "grpc.health.v1.Health",
@@ -287,3 +289,11 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as out:
         out.write(text)
     os.replace(tmp, path)
+
+
+def redact_credentials(text: str) -> str:
+    """``text`` cut where it starts quoting a credential (an ``Authorization`` header, a
+    ``Bearer`` token). An HTTP parser's refusal quotes the raw header bytes it choked on, and
+    where the header spans lines, or its bytes are escaped, the token is no longer the word
+    after ``Bearer``: everything from there on is withheld."""
+    return _QUOTED_CREDENTIAL.sub(r"\1 [withheld]", text)

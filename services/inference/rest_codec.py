@@ -159,7 +159,15 @@ def _from_bytes(
             "follow the JSON part"
         )
     # A read-only view of the body: no copy until the forward pass batches it.
-    return np.frombuffer(binary, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape)
+    flat = np.frombuffer(binary, dtype=dtype, count=math.prod(shape), offset=offset)
+    return _reshaped(flat, shape, where)
+
+
+def _reshaped(flat: np.ndarray, shape: tuple[int, ...], where: str) -> np.ndarray:
+    try:
+        return flat.reshape(shape)
+    except ValueError as exc:  # sizes whose product numpy cannot index, beside a zero
+        raise InvalidArgument(f"{where}.shape is {list(shape)}: {exc}") from None
 
 
 def _bytes_from_bytes(
@@ -202,7 +210,7 @@ def _from_json(data: Any, dtype: np.dtype[Any], shape: tuple[int, ...], where: s
         info = np.iinfo(dtype)
         if parsed.min() < info.min or parsed.max() > info.max:
             raise InvalidArgument(f"{where}.data has values outside [{info.min}, {info.max}]")
-    return parsed.astype(dtype).reshape(shape)
+    return _reshaped(parsed.astype(dtype), shape, where)
 
 
 def decode_request(doc: Mapping[str, Any], binary: memoryview) -> InferRequest:

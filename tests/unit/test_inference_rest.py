@@ -30,6 +30,7 @@ from services.inference.sources import MemorySource
 MLP = {"in_features": 4, "hidden": [8], "num_classes": 3}
 X = np.arange(8, dtype=np.float32).reshape(2, 4) / 8
 TOKEN = "rest-token"
+HUGE = 2**62  # beside a zero: no values, but sizes numpy cannot index
 
 
 class Rest:
@@ -142,6 +143,19 @@ async def test_binary_inputs_and_outputs_follow_the_json_header(rest):
     np.testing.assert_allclose(out, expected(rest.module, X), rtol=1e-6)
 
 
+async def test_a_binary_input_of_a_shape_numpy_cannot_index_is_400_naming_it(rest):
+    tensor = {"name": "input", "datatype": "FP32", "shape": [0, 2**62, 2**62]}
+    header = json.dumps({"inputs": [tensor | {"parameters": {"binary_data_size": 0}}]}).encode()
+    code, reply, _ = await rest.call(
+        "POST",
+        "/v2/models/digits/infer",
+        data=header,
+        headers={HEADER_LENGTH: str(len(header))},
+    )
+    assert code == 400
+    assert "inputs[0].shape is [0, 4611686018427387904, 4611686018427387904]" in reply["error"]
+
+
 @pytest.mark.parametrize(
     ("outputs", "complaint"),
     [
@@ -193,6 +207,15 @@ def test_an_output_json_cannot_carry_is_refused_saying_to_ask_for_binary():
             {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1] * 65, "data": [1]}]},
             400,
             "shape has 65 dimensions; at most 64 are accepted",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "input", "datatype": "FP32", "shape": [0, 2**62, 2**62], "data": []}
+                ]
+            },
+            400,
+            "inputs[0].shape is [0, 4611686018427387904, 4611686018427387904]: array is too big",
         ),
     ],
 )

@@ -93,15 +93,33 @@ def torch_forward(
         except (RuntimeError, IndexError) as exc:
             # Shapes and datatypes were checked before queueing: what fails here is the values
             # (int8 scaling overflowing on huge numbers, say), or memory for this many rows.
-            log.info("forward pass failed on a request's input", exc_info=True)
-            reason = clip(str(exc).splitlines()[0], 300) if str(exc) else type(exc).__name__
+            # One line, not a traceback: any caller can send such input, as often as it likes.
+            reason = failure_reason(exc)
+            log.info("forward pass failed on a request's input: %s", reason)
+            log.debug("the failed forward pass", exc_info=True)
             if "allocate" in reason:
                 raise ResourceExhausted(
                     f"no memory for this forward pass ({reason}); send fewer rows a request"
                 ) from None
+            if "Quantiz" in reason:
+                reason += (
+                    "; this model computes in int8 and cannot scale values this large: send "
+                    "values in the range it was trained on, or call an fp32 version"
+                )
             raise InvalidArgument(f"the model cannot compute this input: {reason}") from None
 
     return forward
+
+
+def failure_reason(exc: BaseException) -> str:
+    """What failed, in a line. A TorchScript error's first line only says the interpreter
+    failed ("The following operation failed in the TorchScript interpreter."); the error it
+    carries is its last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    last = lines[-1] if "TorchScript interpreter" in lines[0] else lines[0]
+    return clip(last.removeprefix("RuntimeError: "), 300)
 
 
 def rows_independent(module: nn.Module) -> bool:

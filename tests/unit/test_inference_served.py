@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -101,11 +103,20 @@ def test_a_module_that_cannot_be_traced_is_served_as_itself():
     assert traced(model, (4,)) is model
 
 
-def test_values_an_int8_pass_cannot_scale_are_an_invalid_argument() -> None:
-    forward = torch_forward(int8_mlp())
+@pytest.mark.parametrize("trace_row", [None, (64,)], ids=["eager", "traced"])
+def test_values_an_int8_pass_cannot_scale_are_an_invalid_argument_saying_why(
+    trace_row: tuple[int, ...] | None, caplog: pytest.LogCaptureFixture
+) -> None:
+    forward = torch_forward(int8_mlp(), trace_row=trace_row)
     huge = np.full((1, 64), 3e38, np.float32)  # finite, but its range overflows the scaling
-    with pytest.raises(InvalidArgument, match="the model cannot compute this input"):
+    with caplog.at_level(logging.INFO), pytest.raises(InvalidArgument) as refused:
         forward(huge)
+    message = refused.value.message
+    assert message.startswith("the model cannot compute this input: In ChooseQuantizationParams")
+    assert "computes in int8 and cannot scale values this large" in message
+    assert "TorchScript" not in message
+    # One line a request: any caller can send this as often as it likes.
+    assert [r.exc_info for r in caplog.records if r.levelno >= logging.INFO] == [None]
 
 
 def test_int8_models_run_each_request_alone_and_dense_ones_share_passes() -> None:

@@ -7,6 +7,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -20,10 +21,11 @@ from maas import zoo
 from maas.config import Settings
 from maas.edge import Authorizer
 from maas.errors import InvalidArgument
+from services.inference import rest_codec
 from services.inference.http_app import THREADED_PARSE_BYTES, HttpServer
 from services.inference.metrics import Metrics
 from services.inference.openai_http import OpenAIRoutes, bearer_auth
-from services.inference.rest import OipRestRoutes
+from services.inference.rest import JSON_CHARS_A_VALUE, OipRestRoutes
 from services.inference.rest_codec import HEADER_LENGTH, encode_response
 from services.inference.sources import MemorySource
 
@@ -393,6 +395,23 @@ async def test_a_large_json_request_is_parsed_off_the_loop_and_answered(rest):
     assert len(body) > THREADED_PARSE_BYTES
     code, reply, _ = await rest.call("POST", "/v2/models/digits/infer", data=body)
     assert code == 200 and reply["outputs"][0]["shape"][0] == 5_000
+
+
+async def test_a_large_json_answer_is_encoded_off_the_loop(rest, monkeypatch):
+    encoded_on: list[str] = []
+    encode = rest_codec.encode_response
+
+    def recording(*args, **kwargs):
+        encoded_on.append(threading.current_thread().name)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(rest_codec, "encode_response", recording)
+    small = await rest.call("POST", "/v2/models/digits/infer", json=infer_doc())
+    rows = THREADED_PARSE_BYTES // (MLP["num_classes"] * JSON_CHARS_A_VALUE) + 1
+    x = np.zeros((rows, 4), np.float32)
+    large = await rest.call("POST", "/v2/models/digits/infer", json=infer_doc(x))
+    assert small[0] == large[0] == 200
+    assert encoded_on[0] == threading.main_thread().name != encoded_on[1]
 
 
 async def test_a_path_no_route_serves_is_404_with_a_json_error_naming_it(rest):

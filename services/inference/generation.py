@@ -36,6 +36,10 @@ DEFAULT_SLOTS = 8
 WAITING_PER_SLOT = 32
 CANCELLED = "cancelled"
 FAILED = "failed"
+# An unloaded version's decode loop runs on this long at most for the streams it has (a whole
+# block of tokens takes about a second here); then they fail, as at a crash.
+UNLOAD_DRAIN_S = 30.0
+DRAIN_POLL_S = 0.05
 
 
 class GenerationMetrics:
@@ -84,6 +88,7 @@ class GenerationEngine:
         self.model_name, self.model_version = name, version
         self.block_size, self.slots = block_size, slots
         self.closed = False
+        self.draining = False  # unloaded: takes no new streams, finishes those it has
         self.pid = worker.pid  # the decode process; None when it is a thread of this one
         self._worker = worker
         self._ids = itertools.count()
@@ -139,6 +144,11 @@ class GenerationEngine:
         """Tokens for ``prompt`` as they are decoded; leaving early frees the slot at once."""
         if self.closed:
             raise Unavailable("the generation engine is closed")
+        if self.draining:
+            raise Unavailable(
+                f"version {self.model_version} of {self.model_name!r} is being unloaded; retry: "
+                "the next request loads the model again"
+            )
         if len(self._waiting) >= WAITING_PER_SLOT * self.slots:
             raise Unavailable(
                 f"{len(self._waiting)} requests are waiting for one of the {self.slots} "
@@ -159,6 +169,21 @@ class GenerationEngine:
         finally:
             if not finished:
                 self._cancel(stream)
+
+    def drain(self, within_s: float) -> asyncio.Future[None]:
+        """Take no new streams from now on, let the running and waiting ones finish (for at
+        most ``within_s``), then close; the future is done once closed. Unloading a version this
+        way ends no stream it started: streams cut mid-answer got no end and no error (Triton
+        lets in-flight requests finish, too)."""
+        self.draining = True
+        return asyncio.ensure_future(self._close_when_idle(within_s))
+
+    async def _close_when_idle(self, within_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within_s
+        while (self._running or self._waiting) and not self.closed and loop.time() < deadline:
+            await asyncio.sleep(DRAIN_POLL_S)
+        await self.close()
 
     async def close(self) -> None:
         """End the decode loop and fail the streams still open."""
@@ -279,6 +304,7 @@ class Generators:
         self._engines: dict[tuple[str, int], GenerationEngine] = {}
         self._starting: dict[tuple[str, int], asyncio.Future[GenerationEngine]] = {}
         self._closing: set[asyncio.Future[None]] = set()
+        self._draining: set[GenerationEngine] = set()  # unloaded, finishing their streams
         self._closed = False
         plane.on_loaded.append(self._loaded)
         plane.on_unloaded.append(self._unloaded)
@@ -306,10 +332,13 @@ class Generators:
             self._starting_for((model.name, model.version), model.module)
 
     def _unloaded(self, model: ServedModel) -> None:
-        """A version left the plane (evicted, or unloaded by request): its decode loop ends."""
+        """A version left the plane (evicted, or unloaded by request): its decode loop ends
+        once the streams it has finished."""
         engine = self._engines.pop((model.name, model.version), None)
         if engine is not None:
-            closing = asyncio.ensure_future(engine.close())
+            self._draining.add(engine)
+            closing = engine.drain(UNLOAD_DRAIN_S)
+            closing.add_done_callback(lambda _: self._draining.discard(engine))
             self._closing.add(closing)
             closing.add_done_callback(self._closing.discard)
 
@@ -354,6 +383,8 @@ class Generators:
     async def close(self) -> None:
         """Close every engine, those still starting included: their processes end with us."""
         self._closed = True
+        for engine in list(self._draining):  # the server is stopping: no more waiting
+            await engine.close()
         await asyncio.gather(*self._starting.values(), *self._closing, return_exceptions=True)
         engines, self._engines = list(self._engines.values()), {}
         for engine in engines:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from maas.edge import failure
-from maas.errors import InvalidArgument
+from maas.errors import InvalidArgument, MaasError
 from maas.events import clip, shown
 from maas.registry import ModelRef
 from maas.text.sampling import SamplingParams, Token, prompt_ids
@@ -333,7 +333,20 @@ class OpenAIRoutes:
                 await response.write_eof()
             except ConnectionResetError:  # the client left: ordinary, and its slot is freed
                 log.debug("a %s stream's client left before its end", shape.model)
+            except MaasError as exc:  # past the status line: the stream itself says it failed
+                await _end_with_error(response, exc, request)
         return response
+
+
+async def _end_with_error(
+    response: web.StreamResponse, exc: MaasError, request: web.Request
+) -> None:
+    """End a started stream with an error event, as OpenAI does (its client raises it): the
+    decode loop died mid-answer, and the stream was cut without an end or a reason."""
+    code, message = failure(exc, f"http {request.method} {request.path}")
+    with contextlib.suppress(ConnectionResetError):
+        await response.write(_sse(error_body(message, HTTP_STATUS.get(code.name, 500))))
+        await response.write_eof()
 
 
 class _Shape:

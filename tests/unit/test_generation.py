@@ -422,3 +422,20 @@ async def test_unloading_a_gpt_version_ends_its_decode_process(
     plane.unload("gpt")
     await asyncio.wait_for(_until(lambda: not _decode_processes()), timeout=30)
     assert engine.closed
+
+
+async def test_unloading_a_version_mid_stream_lets_its_streams_finish_and_takes_no_new_ones(
+    model: GPT, plane: DataPlane, generators: Generators
+) -> None:
+    engine = await generators.engine("gpt")  # one slot: the second stream waits for it
+    running, waiting = engine.stream("a", GREEDY), engine.stream("b", GREEDY)
+    first = await asyncio.wait_for(anext(running), timeout=30)
+    queued = asyncio.ensure_future(_collect_rest(waiting))
+    await asyncio.sleep(0)  # the waiting stream has asked for its slot
+    plane.unload("gpt")
+    with pytest.raises(Unavailable, match="being unloaded; retry"):
+        await anext(engine.stream("c", GREEDY))
+    rest = await asyncio.wait_for(_collect_rest(running), timeout=30)
+    assert [first, *rest] == _solo(model, "a", GREEDY)
+    assert await asyncio.wait_for(queued, timeout=30) == _solo(model, "b", GREEDY)
+    await asyncio.wait_for(_until(lambda: engine.closed and not _decode_processes()), timeout=30)

@@ -5,6 +5,7 @@ client, unmodified, get the in-process model's tokens."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import queue
@@ -483,3 +484,29 @@ def test_stream_completion_shows_every_token_as_it_arrives(served: Served) -> No
     )
     expected = _solo(served.model, "for i in", max_tokens=10, temperature=0)
     assert shown == [t.text for t in expected] and text == "".join(shown)
+
+
+@pytest.fixture
+def decoding_fails_after_a_few_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every decode step after the fifth of this test fails (the prefill passes)."""
+    step, taken = GPT.step, itertools.count()
+
+    def failing(self: GPT, *args: Any, **kwargs: Any) -> Any:
+        if next(taken) >= 5:
+            raise RuntimeError("the decode step failed")
+        time.sleep(0.02)
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(GPT, "step", failing)
+
+
+@pytest.mark.usefixtures("decoding_fails_after_a_few_steps")
+def test_a_stream_failing_after_its_first_token_ends_with_an_error_event(served: Served) -> None:
+    stream = _openai(served).completions.create(
+        model=NAME, prompt="a", max_tokens=100, stream=True, logit_bias=NO_END_OF_TEXT
+    )
+    pieces = []
+    with pytest.raises(openai.APIError, match="generation failed"):
+        for chunk in stream:  # the openai client raises the error event it reads
+            pieces.append(chunk.choices[0].text)
+    assert pieces  # it had started: the failure came on the stream, not as a status

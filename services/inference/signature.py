@@ -81,6 +81,15 @@ class Signature:
             token_vocab=int(getattr(zoo.parse_config(arch, config), "vocab_size", 0) or 0),
         )
 
+    def _generator_note(self) -> str:
+        """For a model of token ids (a text generator) asked as if it took text."""
+        if not self.token_vocab:
+            return ""
+        return (
+            f" (token ids below {self.token_vocab}, a full context a row). To generate text "
+            "from it, call the OpenAI API (POST /v1/completions) or ModelStreamInfer"
+        )
+
     def check_inputs(self, inputs: Mapping[str, np.ndarray], *, model: str) -> np.ndarray:
         """The model's single input, after checking name, datatype and shape."""
         (spec,) = self.inputs
@@ -97,7 +106,7 @@ class Signature:
         if set(inputs) != {spec.name}:
             raise InvalidArgument(
                 f"{model} expects exactly one input {spec.describe()}; the request has "
-                f"{shown(sorted(inputs), 200) if inputs else 'no inputs'}"
+                f"{shown(sorted(inputs), 200) if inputs else 'no inputs'}{self._generator_note()}"
             )
         array = inputs[spec.name]
         datatype = DTYPE_TO_DATATYPE.get(array.dtype) or (

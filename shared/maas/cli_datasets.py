@@ -14,6 +14,12 @@ from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument
 
+# Spelt out rather than read from maas.datasets: that would import numpy for every command.
+BUILTINS_TEXT = (
+    "builtin:digits, builtin:digits-0-4, builtin:digits-5-9, builtin:python-stdlib, "
+    "builtin:regression, builtin:stdlib-docs"
+)
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     group = command(
@@ -21,8 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "datasets",
         help="upload and list user datasets (.npz with arrays X and y)",
         description="Datasets are .npz files in the maas-datasets bucket; a job names one as "
-        "dataset.uri: s3://maas-datasets/NAME.npz (builtins need no upload: builtin:digits, "
-        "builtin:digits-0-4, builtin:digits-5-9, builtin:regression).",
+        "dataset.uri: s3://maas-datasets/NAME.npz (builtins need no upload: "
+        f"{BUILTINS_TEXT}).",
         example="maas datasets upload my-data.npz my-data",
     )
     actions = group.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
@@ -33,7 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         example="maas datasets upload my-data.npz my-data",
     )
     upload.add_argument("file", help="an .npz holding X (rows x features) and y (labels/targets)")
-    upload.add_argument("name", help="dataset name: letters, digits, '-', '_' and '.'")
+    upload.add_argument(
+        "name", help="dataset name (stored as NAME.npz): letters, digits, '-', '_' and '.'"
+    )
     upload.add_argument("--task", choices=["classification", "regression"], default=None)
     upload.set_defaults(func=_upload)
     listing = command(actions, "list", help="datasets in the bucket", example="maas datasets list")
@@ -51,6 +59,11 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidArgument(f"{path} does not exist or is not a file")
     if not args.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise InvalidArgument(f"dataset name {args.name!r} may hold only letters, digits, - _ .")
+    if args.name.endswith(".npz"):
+        raise InvalidArgument(
+            f"dataset name {args.name!r}: give it without .npz (it is stored as NAME.npz): "
+            f"maas datasets upload {args.file} {args.name.removesuffix('.npz')}"
+        )
     datasets.check_stored_size(str(path), path.stat().st_size, settings.max_dataset_bytes)
     raw = path.read_bytes()
     datasets.check_size(str(path), raw, settings.max_dataset_bytes)

@@ -22,7 +22,14 @@ from typing import Any
 
 from maas.cli_import import add_import_action
 from maas.cli_policy import add_policy_actions
-from maas.command_line import alias_name, command, local_time, model_name, model_ref
+from maas.command_line import (
+    BARE_NAME,
+    alias_name,
+    command,
+    local_time,
+    model_name,
+    model_ref,
+)
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
 from maas.names import small_number, version_number
@@ -264,7 +271,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_runner(fn))
         return p
 
-    ref_help = "NAME (latest), NAME@VERSION or NAME@ALIAS"
+    ref_help = f"NAME@VERSION, NAME@ALIAS or NAME ({BARE_NAME})"
     p = action(
         "list",
         _list,

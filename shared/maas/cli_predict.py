@@ -3,7 +3,8 @@
 Talks the Open Inference Protocol to the inference server at MAAS_INFERENCE_ADDR (with the
 bearer token of MAAS_AUTH_TOKEN or MAAS_AUTH_TOKEN_FILE, which `maas stack up` writes into the
 state dir, and TLS when MAAS_GRPC_TLS is on) and prints the outputs as JSON, or saves them
-with ``--output FILE.npy``. A ``.npy`` input is sent with its own dtype; JSON (a file or inline)
+with ``--output FILE.npy``. A ``.npy`` input of floats is sent as FP32 (the models' datatype:
+numpy saves float64 by default), any other ``.npy`` with its own dtype; JSON (a file or inline)
 becomes FP32. A single row may be given without the batch dimension.
 """
 
@@ -15,7 +16,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from maas.command_line import command, model_ref
+from maas.command_line import BARE_NAME, command, model_ref
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.registry.types import ModelRef
@@ -51,6 +52,10 @@ def read_input(spec: str) -> np.ndarray:
             array: np.ndarray = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise InvalidArgument(f"--input {spec}: not a readable .npy array: {exc}") from None
+        if array.dtype.kind == "f" and array.dtype != np.float32:
+            # numpy saves float64 unless told otherwise; every float model here takes FP32,
+            # and an FP64 request was refused without saying how to send the file.
+            array = array.astype(np.float32)
     else:
         text = read_text_file(path, "--input") if spec.endswith(".json") else spec
         try:
@@ -171,7 +176,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "ref",
         type=model_ref,
         metavar="NAME[@VERSION|@ALIAS]",
-        help="model (alias production when no version is given)",
+        help=f"the model; NAME alone: {BARE_NAME}",
     )
     given = p.add_mutually_exclusive_group(required=True)
     given.add_argument(

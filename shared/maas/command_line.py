@@ -57,5 +57,7 @@ def _argument(check: Callable[[str], Parsed]) -> Callable[[str], Parsed]:
 
 
 model_ref = _argument(ModelRef.parse)  # NAME, NAME@VERSION or NAME@ALIAS
+# What a bare model NAME resolves to, in every command's help (maas.registry's rule).
+BARE_NAME = "its production alias, else its newest train, finetune or import version"
 model_name = _argument(check_name)
 alias_name = _argument(check_alias)

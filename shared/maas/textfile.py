@@ -1,11 +1,13 @@
 """Reading a file a user named (a job, a policy, a token, an input): failures name the file and
 why. At most ``MAX_FILE_BYTES`` are read: a path linked to /dev/zero or /dev/urandom is refused
 once that much arrived, instead of filling memory. A pipe is read like a file, so process
-substitution works (``maas jobs submit <(make-job)``, a token from ``<(vault read ...)``)."""
+substitution works (``maas jobs submit <(make-job)``, a token from ``<(vault read ...)``), and
+``-`` is standard input (``make-job | maas jobs submit -``)."""
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ import yaml
 from maas.errors import InvalidArgument
 from maas.events import clip
 
+STDIN = "-"
 MAX_FILE_BYTES = 16 * 1024 * 1024  # a job, policy or token is kilobytes; a JSON input, megabytes
 
 
@@ -22,8 +25,9 @@ def read_file(path: str | Path, what: str, max_bytes: int | None = None) -> byte
     ``what`` and the file when it cannot be read or holds more."""
     if max_bytes is None:
         max_bytes = MAX_FILE_BYTES
+    source = sys.stdin.fileno() if str(path) == STDIN else path
     try:
-        with open(path, "rb") as file:
+        with open(source, "rb", closefd=source is path) as file:
             data = file.read(max_bytes + 1)
     except OSError as exc:
         raise InvalidArgument(f"cannot read {what} {path}: {exc.strerror}") from None

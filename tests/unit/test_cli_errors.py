@@ -89,3 +89,30 @@ def test_an_argument_that_is_not_utf8_is_a_usage_error_naming_it(
         cli.main(argv)
     assert exited.value.code == 2
     assert "error: argument" in capsys.readouterr().err
+
+
+def test_a_file_named_dash_is_standard_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    read, write = os.pipe()
+    os.write(write, b"type: train\n")
+    os.close(write)
+    monkeypatch.setattr(sys, "stdin", os.fdopen(read))
+    assert read_text_file("-", "job file") == "type: train\n"
+
+
+def test_datasets_help_names_every_builtin(capsys: pytest.CaptureFixture[str]) -> None:
+    from maas.datasets import BUILTINS
+
+    with pytest.raises(SystemExit):
+        cli.main(["datasets", "--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert [n for n in BUILTINS if f"builtin:{n}" not in shown] == []
+
+
+def test_a_dataset_name_ending_in_npz_is_refused_naming_the_name_to_give(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "my-data.npz"
+    data.write_bytes(b"")
+    assert cli.main(["datasets", "upload", str(data), "my-data.npz"]) == 1
+    err = capsys.readouterr().err
+    assert "give it without .npz" in err and f"upload {data} my-data" in err

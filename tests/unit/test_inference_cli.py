@@ -1,4 +1,5 @@
-"""`maas predict` input handling: .npy keeps its dtype, JSON becomes FP32 rows."""
+"""`maas predict` input handling: .npy floats and JSON become FP32 rows, other .npy keep their
+dtype."""
 
 import json
 
@@ -9,11 +10,19 @@ from maas.cli_predict import datatype_of, dtype_of, read_input
 from maas.errors import InvalidArgument
 
 
-def test_an_npy_file_keeps_its_dtype_and_shape(tmp_path):
-    x = np.arange(6, dtype=np.float64).reshape(2, 3)
+def test_an_npy_file_of_whole_numbers_keeps_its_dtype_and_shape(tmp_path):
+    np.save(tmp_path / "x.npy", np.arange(6, dtype=np.int64).reshape(2, 3))
+    got = read_input(str(tmp_path / "x.npy"))
+    assert got.dtype == np.int64 and got.shape == (2, 3)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float16])
+def test_an_npy_file_of_floats_is_sent_as_fp32_the_models_datatype(tmp_path, dtype):
+    x = np.arange(6, dtype=dtype).reshape(2, 3) / 4  # numpy saves float64 unless told
     np.save(tmp_path / "x.npy", x)
     got = read_input(str(tmp_path / "x.npy"))
-    assert got.dtype == np.float64 and got.shape == (2, 3)
+    assert got.dtype == np.float32 and got.shape == (2, 3)
+    np.testing.assert_array_equal(got, x.astype(np.float32))
 
 
 def test_json_inline_or_in_a_file_becomes_fp32_rows(tmp_path):

@@ -24,6 +24,7 @@ from maas.registry.types import (
     ModelVersion,
     PolicyVersion,
 )
+from maas.suggest import closest
 
 
 def next_version(db: sqlite3.Connection, name: str) -> int:
@@ -34,7 +35,35 @@ def next_version(db: sqlite3.Connection, name: str) -> int:
 def require_model(db: sqlite3.Connection, name: str) -> None:
     check_name(name)
     if db.execute("SELECT 1 FROM models WHERE name = ?", (name,)).fetchone() is None:
-        raise NotFound(f"model {name!r} is not registered")
+        raise NotFound(f"model {name!r} is not registered{_model_hint(db, name)}")
+
+
+# Names compared for a "did you mean": of a similar length, and not all of a large registry
+# (an edit distance a name; a caller may ask for unknown names as often as it likes).
+SUGGEST_AMONG = 200
+
+
+def _model_hint(db: sqlite3.Connection, name: str) -> str:
+    rows = db.execute(
+        "SELECT name FROM models WHERE length(name) BETWEEN ? AND ? LIMIT ?",
+        (len(name) - 2, len(name) + 2, SUGGEST_AMONG),
+    ).fetchall()
+    guess = closest(name, [row[0] for row in rows])
+    return f"; did you mean {guess!r}?" if guess else "; `maas models list` shows the models"
+
+
+def missing_alias(db: sqlite3.Connection, name: str, alias: str) -> NotFound:
+    """NotFound for an alias ``name`` does not have (the model's own NotFound if it has no
+    model), naming the aliases it has or the one meant."""
+    require_model(db, name)
+    rows = db.execute("SELECT alias FROM aliases WHERE name = ? ORDER BY alias", (name,))
+    aliases = [row[0] for row in rows.fetchall()]
+    guess = closest(alias, aliases)
+    if guess is not None:
+        hint = f"did you mean {guess!r}?"
+    else:
+        hint = f"its aliases: {', '.join(aliases)}" if aliases else "it has no aliases"
+    return NotFound(f"model {name!r} has no alias {alias!r}; {hint}")
 
 
 def live_row(
@@ -63,8 +92,7 @@ def resolve_alias(db: sqlite3.Connection, name: str, alias: str, as_of_ms: int |
     if as_of_ms is None:
         version = current_alias(db, name, alias)
         if version is None:
-            require_model(db, name)
-            raise NotFound(f"model {name!r} has no alias {alias!r}")
+            raise missing_alias(db, name, alias)
         return version
     row = db.execute(
         "SELECT to_version FROM alias_history WHERE name = ? AND alias = ? AND ts_ms <= ? "

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from maas import events
-from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.errors import FailedPrecondition, InvalidArgument
 from maas.names import check_alias, check_name
 from maas.registry.types import (
     AliasChange,
@@ -291,8 +291,7 @@ class SqliteStore:
         with self._write() as db:
             current = reads.current_alias(db, name, alias)
             if current is None:
-                reads.require_model(db, name)
-                raise NotFound(f"model {name!r} has no alias {alias!r}")
+                raise reads.missing_alias(db, name, alias)
             now = self._clock()
             db.execute("DELETE FROM aliases WHERE name = ? AND alias = ?", (name, alias))
             db.execute("DELETE FROM alias_targets WHERE name = ? AND alias = ?", (name, alias))

@@ -32,6 +32,7 @@ from maas.command_line import (
 )
 from maas.config import Settings
 from maas.errors import InvalidArgument, NotFound
+from maas.events import printable
 from maas.names import small_number, version_number
 from maas.registry.types import ModelVersion
 
@@ -94,6 +95,7 @@ async def _list(client: Any, args: argparse.Namespace) -> int:
             for m in models
         ]
     else:
+        versions = [v async for v in client.iter_versions(args.name)]
         rows = [["VERSION", "ALIASES", "ARCH", "FORMAT", "METHOD", "PARENT", "CREATED", "BY"]]
         rows += [
             [
@@ -106,11 +108,28 @@ async def _list(client: Any, args: argparse.Namespace) -> int:
                 local_time(v.created_ms),
                 v.created_by,
             ]
-            async for v in client.iter_versions(args.name)
+            for v in versions
             if _selected(v, args)
         ]
+        if len(rows) == 1 and versions and (args.method or args.parent):
+            raise NotFound(_nothing_selected(args, versions))
     _table(rows)
     return 0
+
+
+def _nothing_selected(args: argparse.Namespace, versions: list[ModelVersion]) -> str:
+    """Why the filters left no version, with what they could have been (a typo is likely)."""
+    methods = sorted({v.method for v in versions if v.method})
+    parents = sorted({str(v.parent) for v in versions if v.parent})
+    said = " and ".join(
+        f"{flag} {printable(value)}"
+        for flag, value in (("--method", args.method), ("--parent", args.parent))
+        if value
+    )
+    return (
+        f"no version of {args.name} has {said}; its methods: {', '.join(methods) or 'none'}; "
+        f"its parents: {', '.join(parents) or 'none'}"
+    )
 
 
 def _selected(version: ModelVersion, args: argparse.Namespace) -> bool:
@@ -207,6 +226,12 @@ async def _lineage(client: Any, args: argparse.Namespace) -> int:
 
 async def _history(client: Any, args: argparse.Namespace) -> int:
     changes = await client.alias_history(args.name, args.alias)
+    if args.alias and not changes:
+        known = sorted({c.alias for c in await client.alias_history(args.name, None)})
+        raise NotFound(
+            f"{args.name} has never had an alias {printable(args.alias)}; the aliases it has "
+            f"had: {', '.join(known) or 'none'}"
+        )
     if args.at is not None:
         at_ms = _parse_time(args.at)
         # Where each alias pointed at that moment: its last move at or before it.

@@ -1,4 +1,5 @@
-"""`maas models list NAME --method M --parent NAME@V`: a compress job's variants, found."""
+"""`maas models list NAME --method M --parent NAME@V`: a compress job's variants, found; filters
+that match nothing say what would have matched."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from maas.cli_models import _list
-from maas.errors import InvalidArgument
+from maas.cli_models import _history, _list
+from maas.errors import InvalidArgument, NotFound
 from maas.registry.types import ModelRef
 
 
@@ -69,3 +70,33 @@ def test_filters_without_a_model_name_are_refused():
     args = argparse.Namespace(name=None, method="quantize", parent=None)
     with pytest.raises(InvalidArgument, match="give NAME"):
         asyncio.run(_list(Registry([]), args))
+
+
+def test_filters_that_match_nothing_say_so_listing_what_would_match():
+    args = argparse.Namespace(name="digits", method="trian", parent=None)
+    with pytest.raises(NotFound) as refused:
+        asyncio.run(_list(Registry(VERSIONS), args))
+    assert refused.value.message == (
+        "no version of digits has --method trian; its methods: finetune, prune, quantize, "
+        "train; its parents: digits@1, digits@4"
+    )
+
+
+@dataclass
+class Change:
+    alias: str
+
+
+class History:
+    async def alias_history(self, name: str, alias: str | None):
+        changes = [Change("production"), Change("staging"), Change("production")]
+        return [c for c in changes if alias is None or c.alias == alias]
+
+
+def test_the_history_of_an_alias_the_model_never_had_says_which_it_had():
+    args = argparse.Namespace(name="digits", alias="prodution", at=None)
+    with pytest.raises(NotFound) as refused:
+        asyncio.run(_history(History(), args))
+    assert refused.value.message == (
+        "digits has never had an alias prodution; the aliases it has had: production, staging"
+    )

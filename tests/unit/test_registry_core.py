@@ -171,6 +171,27 @@ def test_unknown_things_are_not_found_by_name(
         core.get_version(ref)
 
 
+def test_a_mistyped_model_name_is_told_the_name_it_nearly_is(core: SqliteStore) -> None:
+    register(core)
+    with pytest.raises(NotFound, match="model 'digts' is not registered; did you mean 'digits'"):
+        core.get_version(ModelRef("digts"))
+
+
+def test_a_name_like_no_model_is_told_where_the_models_are_listed(core: SqliteStore) -> None:
+    register(core)
+    with pytest.raises(NotFound, match="`maas models list` shows the models"):
+        core.get_version(ModelRef("something-else-entirely"))
+
+
+def test_a_mistyped_alias_is_told_the_alias_it_nearly_is(core: SqliteStore) -> None:
+    register(core)
+    core.set_alias("digits", "production", 1, "alice")
+    with pytest.raises(NotFound, match="no alias 'prodution'; did you mean 'production'"):
+        core.get_version(ModelRef("digits", alias="prodution"))
+    with pytest.raises(NotFound, match="no alias 'canary'; its aliases: production"):
+        core.delete_alias("digits", "canary", "alice")
+
+
 def test_a_deleted_version_is_not_found(core: SqliteStore) -> None:
     register(core)
     register(core)

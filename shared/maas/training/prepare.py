@@ -119,7 +119,7 @@ def _check_pinned(uri: str, pinned: object, digest: str) -> None:
         )
 
 
-def _check_fit(arch: str, config: Mapping[str, Any], data: datasets.Dataset, field: str) -> None:
+def check_fit(arch: str, config: Mapping[str, Any], data: datasets.Dataset, field: str) -> None:
     features = math.prod(zoo.input_shape(arch, dict(config)))
     if features != data.num_features:
         raise InvalidArgument(
@@ -222,7 +222,7 @@ def prepare_job(
             raise InvalidArgument(f"model: {exc.message}") from None
         state = dict(zoo.build(arch, config, seed=training.seed).state_dict())
         field = "model.config"
-    _check_fit(arch, config, data, field)
+    check_fit(arch, config, data, field)
     model = zoo.build(arch, config)
     frozen = frozen_names([n for n, _ in model.named_parameters()], training.freeze)
     trainable = trainable_shapes(model, frozen)

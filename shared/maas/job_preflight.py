@@ -1,0 +1,63 @@
+"""What `maas jobs submit --dry-run` checks beyond the file (``maas.jobs.check_job``): that what
+the job reads is there. A builtin dataset's rows must fit a train job's model, an ``s3://``
+dataset must exist, a base model (finetune, compress) must resolve. Each of these passed a dry
+run and failed the job seconds after it was published, its id used up.
+
+Nothing is downloaded: an ``s3://`` dataset's rows are judged by the service that runs the job.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from maas.config import Settings
+from maas.errors import InvalidArgument, NotFound
+from maas.registry.types import ModelRef
+
+BUILTIN_PREFIX = "builtin:"
+
+
+async def preflight(job: dict[str, Any], settings: Settings) -> None:
+    """InvalidArgument or NotFound naming the field whose target is missing or does not fit;
+    Unavailable when S3 or the registry cannot be asked."""
+    uri = (job.get("dataset") or {}).get("uri")
+    if isinstance(uri, str) and uri.startswith(BUILTIN_PREFIX):
+        if job["type"] == "train":
+            _check_builtin_fit(job["model"], uri.removeprefix(BUILTIN_PREFIX))
+    elif isinstance(uri, str):
+        await _check_object(uri, settings)
+    if "base" in job:
+        await _check_base(job["base"], settings)
+
+
+def _check_builtin_fit(model: dict[str, Any], name: str) -> None:
+    from maas import datasets
+    from maas.training.prepare import check_fit
+
+    check_fit(model["arch"], model.get("config") or {}, datasets.load_builtin(name), "model.config")
+
+
+async def _check_object(uri: str, settings: Settings) -> None:
+    from maas.store import parse_uri
+    from maas.store_async import AsyncObjectStore
+
+    bucket, key = parse_uri(uri)
+    async with AsyncObjectStore(settings, threads=1) as store:
+        if not await store.exists(bucket, key):
+            raise NotFound(
+                f"dataset.uri {uri}: no such object; `maas datasets list` shows the datasets, "
+                "`maas datasets upload FILE NAME` adds one"
+            )
+
+
+async def _check_base(base: dict[str, Any], settings: Settings) -> None:
+    from maas.registry.client import RegistryClient
+
+    ref = ModelRef(base["name"], version=base.get("version"), alias=base.get("alias"))
+    async with RegistryClient(settings, actor="maas-cli") as client:
+        try:
+            await client.get(ref)
+        except NotFound as exc:
+            raise NotFound(f"base: {exc.message}") from None
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"base: {exc.message}") from None

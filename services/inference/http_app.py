@@ -248,7 +248,8 @@ class HttpServer:
 
 def _refusal(request: web.Request, exc: web.HTTPException) -> str:
     if exc.status == 404:
-        return f"no endpoint {request.path!r}; the API's paths start with /v2 (OIP) or /v1 (OpenAI)"
+        paths = sorted({r.canonical for r in request.app.router.resources()})
+        return f"no endpoint {request.path!r}; the endpoints are {', '.join(paths)}"
     if exc.status == 405:
         return f"{request.path} does not take {request.method}; it takes {exc.headers.get('Allow')}"
     if exc.status == 413:

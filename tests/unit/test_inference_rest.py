@@ -419,6 +419,12 @@ async def test_a_path_no_route_serves_is_404_with_a_json_error_naming_it(rest):
     assert status == 404 and "'/v2/models//infer'" in doc["error"]
 
 
+async def test_a_404_lists_the_endpoints_the_server_has(rest):
+    _, doc, _ = await rest.call("GET", "/v2/modelz")
+    assert "the endpoints are " in doc["error"]
+    assert "/v2/health/ready" in doc["error"] and "/v2/models/{name}/infer" in doc["error"]
+
+
 async def test_a_method_the_route_does_not_take_is_405_saying_which_it_takes(rest):
     async with rest.session.request("DELETE", "/v2/models/digits/infer") as response:
         doc = await response.json()

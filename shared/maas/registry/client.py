@@ -189,7 +189,12 @@ class RegistryClient:
                 grpc.StatusCode.UNAVAILABLE,
                 grpc.StatusCode.DEADLINE_EXCEEDED,
             )
-            where = "" if reached else f" (registry at {self.addr})"
+            where = (
+                ""
+                if reached
+                else f" (registry at {self.addr}; check that it is up, `maas stack status`, "
+                "and MAAS_REGISTRY_ADDR)"
+            )
             raise error_from_rpc(exc, f"{what}{where}") from None
 
     # --- registration ------------------------------------------------------------------------

@@ -216,10 +216,12 @@ def _place_replica(
 
 
 def listen_ports(spec: ServiceSpec) -> dict[str, int]:
-    """Every port a replica serves, by variable: its listeners and its metrics port."""
+    """Every port a replica serves, by variable: its listeners and its metrics port. A listener
+    on port 0 (a shard's data plane: it binds a free port and advertises the one it got) has
+    no port to show here."""
     ports = {}
     for var, value in spec.env.items():
-        if var.endswith("_LISTEN") and value:
+        if var.endswith("_LISTEN") and value and int(value.rpartition(":")[2]):
             ports[var] = int(value.rpartition(":")[2])
         elif var.endswith("METRICS_PORT") and int(value or 0) > 0:
             ports[var] = int(value)

@@ -198,6 +198,12 @@ def test_listen_ports_names_every_port_a_replica_serves():
     }
 
 
+def test_a_listener_on_a_free_port_shows_no_port_zero():
+    shard = by_name()["aggregator-1"]
+    assert "MAAS_AGGREGATOR_LISTEN" not in listen_ports(shard)
+    assert listen_ports(shard)["MAAS_METRICS_PORT"] > 0
+
+
 def test_no_replica_index_is_handed_to_services():
     # Pool members name themselves; no service reads an index, so none is set.
     assert all("MAAS_REPLICA_INDEX" not in s.env for s in by_name().values())

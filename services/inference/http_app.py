@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import ssl
+import sys
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -299,6 +300,12 @@ def parse_json(data: bytes | memoryview) -> Any:
     try:
         return json.loads(bytes(data))
     except (ValueError, UnicodeDecodeError) as exc:
+        if "integer string conversion" in str(exc):  # Python's own advice is for the server
+            digits = sys.get_int_max_str_digits()
+            raise InvalidArgument(
+                f"the request body holds a whole number of more than {digits} digits; no field "
+                "takes one"
+            ) from None
         raise InvalidArgument(f"the request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise InvalidArgument(

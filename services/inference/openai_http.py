@@ -45,6 +45,8 @@ Authorize = Callable[[web.Request], object]  # raises Unauthenticated / Permissi
 # The gRPC method whose role the HTTP routes need: generating is what ModelStreamInfer does.
 GENERATE_METHOD = "/inference.GRPCInferenceService/ModelStreamInfer"
 ROLES = ("system", "developer", "user", "assistant")
+MESSAGE_KEYS = frozenset({"role", "content", "name"})
+NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 COMPLETION_DEFAULTS = {"max_tokens": 16, "temperature": 1.0}
 CHAT_DEFAULTS = {"max_tokens": 64, "temperature": 1.0}
 # OpenAI fields that change nothing here at their default values, and those values: one
@@ -53,18 +55,26 @@ CHAT_DEFAULTS = {"max_tokens": 64, "temperature": 1.0}
 DEFAULTS_ONLY: dict[str, tuple[object, ...]] = {
     "n": (None, 1),
     "best_of": (None, 1),
-    "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
     "presence_penalty": (None, 0),
     "frequency_penalty": (None, 0),
     "suffix": (None, ""),
     "response_format": (None, {"type": "text"}),
 }
-OTHER_FIELDS = frozenset(
-    {"model", "prompt", "messages", "stream", "stream_options", "echo", "user"}
-)
-SAMPLING = frozenset({"max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-                      "seed", "stop", "logit_bias"})  # fmt: skip
+# logprobs is a count in completions (0 still asks for the sampled tokens' log-probabilities)
+# and a flag in chat.
+LOGPROBS_OFF = {False: (None,), True: (None, False)}  # by chat
+SAMPLING = frozenset({"max_tokens", "temperature", "top_p", "top_k", "seed", "stop",
+                      "logit_bias"})  # fmt: skip
+COMMON = SAMPLING | {"model", "stream", "stream_options", "user", "n", "presence_penalty",
+                     "frequency_penalty", "logprobs"}  # fmt: skip
+# Each endpoint's own fields: one sent to the other endpoint is refused, not ignored (a chat
+# body's ``prompt`` or a completion's ``messages`` was dropped without a word).
+FIELDS = {
+    False: COMMON | {"prompt", "echo", "suffix", "best_of"},
+    True: COMMON | {"messages", "max_completion_tokens", "top_logprobs", "response_format"},
+}
+PATHS = {False: "/v1/completions", True: "/v1/chat/completions"}
 
 
 def error_body(message: str, status: int) -> dict[str, Any]:
@@ -125,27 +135,48 @@ def _split_model(model: Any) -> tuple[str, str]:
     return ref.name, str(ref.version) if ref.version is not None else ref.alias or ""
 
 
-def _sampling(body: Mapping[str, Any], defaults: Mapping[str, Any]) -> SamplingParams:
-    unknown = sorted(set(body) - SAMPLING - set(DEFAULTS_ONLY) - OTHER_FIELDS)
-    if unknown:
-        raise InvalidArgument(f"unknown request fields {shown(unknown, 200)}")
-    for field, accepted in DEFAULTS_ONLY.items():
-        if field in body and not any(_same(body[field], value) for value in accepted):
-            raise InvalidArgument(
-                f"{field}={clip(json.dumps(body[field]), 80)} is not supported by this server: "
-                f"leave {field} out or send {json.dumps(accepted[1])}"
-            )
+def _sampling(body: Mapping[str, Any], *, chat: bool) -> SamplingParams:
+    _check_fields(body, chat)
     for flag in ("stream", "echo"):
-        if not isinstance(body.get(flag, False), bool):
-            raise InvalidArgument(f"{flag}={shown(body[flag], 80)} must be true or false")
+        if body.get(flag) is not None and not isinstance(body[flag], bool):
+            raise InvalidArgument(f"{flag}={_json(body[flag])} must be true or false")
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise InvalidArgument(f"user={_json(body['user'])} must be a string")
+    defaults = CHAT_DEFAULTS if chat else COMPLETION_DEFAULTS
     fields = dict(body)
     if fields.get("max_completion_tokens") is None:
         return SamplingParams.from_request(fields, **defaults)
+    if fields.get("max_tokens") is not None:
+        raise InvalidArgument(
+            "max_completion_tokens and max_tokens are the same limit: send one of them"
+        )
     fields["max_tokens"] = fields["max_completion_tokens"]
     try:
         return SamplingParams.from_request(fields, **defaults)
     except InvalidArgument as exc:  # the field the client sent, not the one it maps to
         raise InvalidArgument(exc.message.replace("max_tokens", "max_completion_tokens")) from None
+
+
+def _check_fields(body: Mapping[str, Any], chat: bool) -> None:
+    unknown = sorted(set(body) - FIELDS[chat])
+    if unknown:
+        elsewhere = [f for f in unknown if f in FIELDS[not chat]]
+        where = f" (they belong to {PATHS[not chat]})" if elsewhere == unknown else ""
+        raise InvalidArgument(
+            f"unknown request fields {shown(unknown, 200)} for {PATHS[chat]}{where}"
+        )
+    limits = {**DEFAULTS_ONLY, "logprobs": LOGPROBS_OFF[chat]}
+    for field, accepted in limits.items():
+        if field in body and not any(_same(body[field], value) for value in accepted):
+            send = f" or send {json.dumps(accepted[1])}" if len(accepted) > 1 else ""
+            raise InvalidArgument(
+                f"{field}={_json(body[field])} is not supported by this server: leave {field} "
+                f"out{send}"
+            )
+
+
+def _json(value: object) -> str:
+    return clip(json.dumps(value), 80)
 
 
 def _same(value: object, default: object) -> bool:
@@ -178,11 +209,17 @@ def _model_object(name: str) -> dict[str, Any]:
 
 def completion_prompt(body: Mapping[str, Any]) -> str:
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidArgument("prompt must be one string (lists of prompts are not supported)")
-    return prompt
+    if isinstance(prompt, str):
+        return prompt
+    if prompt is None:
+        raise InvalidArgument("prompt is required: the text to continue, one string")
+    if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+        raise InvalidArgument("prompt must be text: token ids are not taken; send the string")
+    raise InvalidArgument(
+        f"prompt={_json(prompt)} must be one string (lists of prompts are not supported)"
+    )
 
 
 def chat_prompt(body: Mapping[str, Any]) -> str:
@@ -194,11 +231,28 @@ def chat_prompt(body: Mapping[str, Any]) -> str:
     for i, message in enumerate(messages):
         if not isinstance(message, dict):
             raise InvalidArgument(f"messages[{i}] must be an object {{role, content}}")
+        unknown = sorted(set(message) - MESSAGE_KEYS)
+        if unknown:
+            raise InvalidArgument(
+                f"messages[{i}] has unknown keys {shown(unknown, 120)}; a message takes "
+                f"{sorted(MESSAGE_KEYS)}"
+            )
         role = message.get("role")
         if role not in ROLES:
             raise InvalidArgument(f"messages[{i}].role={role!r}: accepted roles are {list(ROLES)}")
-        lines.append(f"{role}: {_content(message.get('content'), i)}")
+        speaker = role if message.get("name") is None else f"{role} {_name(message['name'], i)}"
+        lines.append(f"{speaker}: {_content(message.get('content'), i)}")
     return "\n".join(lines) + "\nassistant:"
+
+
+def _name(name: object, i: int) -> str:
+    """A participant's name, which the text says beside the role (OpenAI: 1-64 letters,
+    digits, '_' or '-')."""
+    if not isinstance(name, str) or not NAME.fullmatch(name):
+        raise InvalidArgument(
+            f"messages[{i}].name={_json(name)} must be 1 to 64 letters, digits, '_' or '-'"
+        )
+    return name
 
 
 def _content(content: object, i: int) -> str:
@@ -271,15 +325,13 @@ class OpenAIRoutes:
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._check(request)
-        return await self._answer(
-            request, body, completion_prompt(body), _sampling(body, COMPLETION_DEFAULTS), chat=False
-        )
+        params = _sampling(body, chat=False)
+        return await self._answer(request, body, completion_prompt(body), params, chat=False)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await self._check(request)
-        return await self._answer(
-            request, body, chat_prompt(body), _sampling(body, CHAT_DEFAULTS), chat=True
-        )
+        params = _sampling(body, chat=True)
+        return await self._answer(request, body, chat_prompt(body), params, chat=True)
 
     async def _answer(
         self,

@@ -214,8 +214,8 @@ def test_openai_client_gets_a_whole_completion_with_usage(served: Served) -> Non
 
 def test_the_defaults_of_fields_this_server_cannot_vary_are_accepted(served: Served) -> None:
     reply = _openai(served).completions.create(
-        model=NAME, prompt="ab", max_tokens=3, temperature=0, n=1, best_of=1, logprobs=0,
-        presence_penalty=0, frequency_penalty=0.0, suffix="", user="u",
+        model=NAME, prompt="ab", max_tokens=3, temperature=0, n=1, best_of=1,
+        presence_penalty=0, frequency_penalty=0.0, suffix="", user="u", stream=None, echo=None,
     )  # fmt: skip
     assert reply.choices[0].text == "".join(
         t.text for t in _solo(served.model, "ab", max_tokens=3, temperature=0)
@@ -321,8 +321,38 @@ def test_chat_content_given_as_text_parts_reads_as_one_string(served: Served) ->
         ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "content"),
         ({"messages": [{"role": "user"}]}, "content"),
         ({"prompt": "a\ud800"}, "lone surrogate"),
-        ({"prompt": "a", "stream": "yes"}, "stream='yes' must be true or false"),
-        ({"prompt": "a", "max_completion_tokens": -3}, "max_completion_tokens=-3"),
+        ({"prompt": "a", "stream": "yes"}, 'stream="yes" must be true or false'),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3},
+            "max_completion_tokens=-3",
+        ),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "max_completion_tokens": 3,
+                "max_tokens": 9,
+            },
+            "send one of them",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "prompt": "a", "echo": True},
+            "unknown request fields ['echo', 'prompt'] for /v1/chat/completions (they belong to "
+            "/v1/completions)",
+        ),
+        ({"prompt": "a", "max_completion_tokens": 3}, "for /v1/completions (they belong to"),
+        (
+            {"prompt": "a", "logprobs": 0},
+            "logprobs=0 is not supported by this server: leave logprobs out",
+        ),
+        ({"prompt": "a", "user": 12}, "user=12 must be a string"),
+        ({"prompt": [100, 101]}, "token ids are not taken"),
+        ({"max_tokens": 3}, "prompt is required"),
+        ({"prompt": "a", "stop": "\ud800"}, "a lone surrogate can never be generated"),
+        (
+            {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+            "messages[0] has unknown keys ['tool_calls']",
+        ),
+        ({"messages": [{"role": "user", "content": "x", "name": "a b"}]}, "messages[0].name"),
         ({"messages": ["hi"]}, "messages[0] must be an object"),
         ({"messages": [{"role": "user", "content": "\ud800"}]}, "lone surrogate"),
         ({"prompt": "a", "n": 2}, "n=2 is not supported by this server: leave n out or send 1"),
@@ -330,7 +360,13 @@ def test_chat_content_given_as_text_parts_reads_as_one_string(served: Served) ->
         ({"prompt": "a", "best_of": 3}, "best_of=3"),
         ({"prompt": "a", "suffix": "}"}, "suffix"),
         ({"messages": [{"role": "user", "content": "x"}], "presence_penalty": 1}, "presence_pen"),
-        ({"prompt": "a", "response_format": {"type": "json_object"}}, '{"type": "text"}'),
+        (
+            {
+                "messages": [{"role": "user", "content": "x"}],
+                "response_format": {"type": "json_object"},
+            },
+            '{"type": "text"}',
+        ),
         ({"prompt": "a", "echo": 1}, "echo=1 must be true or false"),
         ({"prompt": "a", "stream_options": {"include_usage": True}}, "only read with stream"),
         ({"prompt": "a", "stream": True, "stream_options": {"x": 1}}, "include_usage only"),

@@ -419,6 +419,14 @@ async def test_a_path_no_route_serves_is_404_with_a_json_error_naming_it(rest):
     assert status == 404 and "'/v2/models//infer'" in doc["error"]
 
 
+async def test_a_number_of_more_digits_than_python_reads_is_400_without_pythons_advice(rest):
+    body = b'{"inputs": ' + b"9" * 5000 + b"}"
+    status, doc, _ = await rest.call("POST", "/v2/models/digits/infer", data=body)
+    assert status == 400
+    assert "a whole number of more than 4300 digits" in doc["error"]
+    assert "sys.set_int_max_str_digits" not in doc["error"]
+
+
 async def test_a_404_lists_the_endpoints_the_server_has(rest):
     _, doc, _ = await rest.call("GET", "/v2/modelz")
     assert "the endpoints are " in doc["error"]

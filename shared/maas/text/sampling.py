@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from maas.errors import InvalidArgument
-from maas.events import shown
+from maas.events import is_utf8, shown
 from maas.text import byte_tokenizer
 from maas.text.gpt import GPT, KVCache
 
@@ -57,11 +57,11 @@ class SamplingParams:
         ):
             raise InvalidArgument(f"seed={shown(self.seed)} must be an integer in [-2**63, 2**64)")
         if len(self.stop) > MAX_STOP_SEQUENCES or not all(
-            isinstance(s, str) and s for s in self.stop
+            isinstance(s, str) and s and is_utf8(s) for s in self.stop
         ):
             raise InvalidArgument(
                 f"stop={shown(list(self.stop))} must be at most {MAX_STOP_SEQUENCES} "
-                "non-empty strings"
+                "non-empty strings of text (a lone surrogate can never be generated)"
             )
         for token, bias in self.logit_bias:
             _check_bias(token, bias)

@@ -29,7 +29,11 @@ from maas.names import small_number
 from maas.text import wire
 from services.inference.http_app import parse_json
 from services.inference.signature import DATATYPE_TO_DTYPE, MAX_DIMS, datatype_of
-from services.inference.tensors import check_request_parameters, check_requested
+from services.inference.tensors import (
+    check_request_parameters,
+    check_requested,
+    check_tensor_parameters,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BYTES_DTYPE = np.dtype(object)  # BYTES tensors are object arrays of ``bytes``, as over gRPC
@@ -106,11 +110,21 @@ def _strings(data: Any, where: str) -> list[bytes]:
         raise InvalidArgument(f"{where}.data must be a list of strings (row-major, flat or nested)")
     flat: list[bytes] = []
     pending = [iter(data)]
+    # Each depth's list length and element kind: nested rows must all be alike, as numbers'
+    # are (a ragged [["x"], ["y", "z"]] filled a shape [3] as if it were flat).
+    lengths: dict[int, int] = {}
+    kinds: dict[int, bool] = {}  # at each depth: lists (True) or strings (False)
     while pending:
         item = next(pending[-1], _END)
         if item is _END:
             pending.pop()
-        elif isinstance(item, list):
+            continue
+        depth = len(pending)
+        if kinds.setdefault(depth, isinstance(item, list)) != isinstance(item, list):
+            raise InvalidArgument(f"{where}.data is a ragged nested list; rows must be equal")
+        if isinstance(item, list):
+            if lengths.setdefault(depth, len(item)) != len(item):
+                raise InvalidArgument(f"{where}.data is a ragged nested list; rows must be equal")
             pending.append(iter(item))
         elif isinstance(item, str):
             try:
@@ -148,7 +162,7 @@ def _from_bytes(
     where: str,
 ) -> np.ndarray:
     expected = math.prod(shape) * dtype.itemsize
-    if size != expected:
+    if isinstance(size, bool) or not isinstance(size, int) or size != expected:
         raise InvalidArgument(
             f"{where}.parameters.binary_data_size is {size!r}, but shape {list(shape)} of "
             f"{dtype.name} needs {expected} bytes"
@@ -229,7 +243,13 @@ def decode_request(doc: Mapping[str, Any], binary: memoryview) -> InferRequest:
         if name in arrays:
             raise InvalidArgument(f"input {shown(name)} appears twice in the request")
         dtype, shape = _dtype(tensor.get("datatype"), where), _shape(tensor.get("shape"), where)
-        size = _object(tensor.get("parameters"), f"{where}.parameters").get("binary_data_size")
+        parameters = _object(tensor.get("parameters"), f"{where}.parameters")
+        check_tensor_parameters("input", name, parameters)
+        size = parameters.get("binary_data_size")
+        if size is not None and "data" in tensor:
+            raise InvalidArgument(
+                f"{where} has both parameters.binary_data_size and data; send its values one way"
+            )
         if dtype is BYTES_DTYPE and size is not None:
             arrays[name] = _bytes_from_bytes(binary, offset, size, shape, name, where)
             offset += size

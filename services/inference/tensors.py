@@ -149,6 +149,23 @@ def check_request_parameters(names: Iterable[str]) -> None:
         )
 
 
+# Triton's shared-memory extension's tensor parameters: this server has none, and a tensor
+# asking for it would otherwise be read from (or answered in) the body as if it had not.
+SHARED_MEMORY = frozenset(
+    {"shared_memory_region", "shared_memory_byte_size", "shared_memory_offset"}
+)
+
+
+def check_tensor_parameters(kind: str, name: str, parameters: Iterable[str]) -> None:
+    """InvalidArgument for an input's or output's parameter of an extension not offered."""
+    asked = sorted(SHARED_MEMORY.intersection(parameters))
+    if asked:
+        raise InvalidArgument(
+            f"{kind} {name!r} has {', '.join(asked)}: this server has no shared-memory "
+            "extension; send the tensor in the request and read it from the response"
+        )
+
+
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """Every input of a request by name, whichever way it was sent."""
     inputs, raws = request.inputs, request.raw_input_contents
@@ -162,6 +179,8 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         name = tensor.name
         if name in arrays:
             raise InvalidArgument(f"input {name!r} appears twice in the request")
+        if tensor.parameters:
+            check_tensor_parameters("input", name, tensor.parameters)
         if raws:
             if tensor.HasField("contents"):
                 raise InvalidArgument(
@@ -226,7 +245,8 @@ def check_requested(name: str, parameters: Mapping[str, object], before: Sequenc
     if CLASSIFICATION in parameters:
         raise InvalidArgument(
             f"output {name!r} asks for the classification extension, which this server does "
-            "not offer; ask for the output itself (its class scores)"
+            "not offer; ask for the output itself"
         )
+    check_tensor_parameters("output", name, parameters)
     if name in before:
         raise InvalidArgument(f"output {name!r} is requested twice; name each output once")

@@ -113,8 +113,12 @@ header_values = (
         [b"application/json", b"application/msgpack", b"APPLICATION/JSON; charset=latin-1", b""]
     )
 )
+# A header key is text a producer encodes as UTF-8: a lone surrogate is no key a client can send
+# (aiokafka refuses to encode it), so keys are drawn without them.
+header_keys = st.text(st.characters(exclude_categories=("Cs",)), max_size=30)
 headers = st.lists(
-    st.tuples(st.sampled_from(["content-type", "trace", ""]) | texts, header_values), max_size=4
+    st.tuples(st.sampled_from(["content-type", "trace", ""]) | header_keys, header_values),
+    max_size=4,
 )
 keys = st.none() | st.binary(max_size=64)
 

@@ -145,6 +145,26 @@ async def test_binary_inputs_and_outputs_follow_the_json_header(rest):
     np.testing.assert_allclose(out, expected(rest.module, X), rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("parameters", "extra", "complaint"),
+    [
+        ({"binary_data_size": 32}, {"data": [0] * 8}, "both parameters.binary_data_size and data"),
+        ({"binary_data_size": 32.0}, {}, "binary_data_size is 32.0"),
+    ],
+)
+async def test_a_binary_input_said_ambiguously_is_400(rest, parameters, extra, complaint):
+    tensor = {"name": "input", "datatype": "FP32", "shape": [2, 4], "parameters": parameters}
+    header = json.dumps({"inputs": [tensor | extra]}).encode()
+    code, reply, _ = await rest.call(
+        "POST",
+        "/v2/models/digits/infer",
+        data=header + X.tobytes(),
+        headers={HEADER_LENGTH: str(len(header))},
+    )
+    assert code == 400
+    assert complaint in reply["error"]
+
+
 async def test_a_binary_input_of_a_shape_numpy_cannot_index_is_400_naming_it(rest):
     tensor = {"name": "input", "datatype": "FP32", "shape": [0, 2**62, 2**62]}
     header = json.dumps({"inputs": [tensor | {"parameters": {"binary_data_size": 0}}]}).encode()
@@ -209,6 +229,36 @@ def test_an_output_json_cannot_carry_is_refused_saying_to_ask_for_binary():
             {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1] * 65, "data": [1]}]},
             400,
             "shape has 65 dimensions; at most 64 are accepted",
+        ),
+        (
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "FP32",
+                        "shape": [1, 4],
+                        "data": [1] * 4,
+                        "parameters": {"shared_memory_region": "r"},
+                    }
+                ]
+            },
+            400,
+            "input 'input' has shared_memory_region: this server has no shared-memory extension",
+        ),
+        (
+            infer_doc()
+            | {"outputs": [{"name": "output", "parameters": {"shared_memory_byte_size": 12}}]},
+            400,
+            "output 'output' has shared_memory_byte_size",
+        ),
+        (
+            {
+                "inputs": [
+                    {"name": "text", "datatype": "BYTES", "shape": [3], "data": [["x"], ["y", "z"]]}
+                ]
+            },
+            400,
+            "inputs[0].data is a ragged nested list",
         ),
         (
             {

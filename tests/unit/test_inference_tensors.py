@@ -136,6 +136,13 @@ def test_raw_entries_must_match_the_number_of_inputs():
         decode_inputs(request)
 
 
+def test_an_input_asking_for_shared_memory_is_refused():
+    request = raw_request(input=np.zeros((1, 2), np.float32))
+    request.inputs[0].parameters["shared_memory_region"].string_param = "region-0"
+    with pytest.raises(InvalidArgument, match="no shared-memory extension"):
+        decode_inputs(request)
+
+
 def test_duplicate_input_names_are_refused():
     request = raw_request(input=np.zeros(1, np.float32))
     request.inputs.add(name="input", datatype="FP32", shape=[1])

@@ -173,10 +173,41 @@ def test_finetune_keeps_a_head_that_already_fits() -> None:
 def test_finetune_of_a_gpt_keeps_its_vocabulary_and_tied_head() -> None:
     module = zoo.build("gpt", TINY_GPT, seed=3)
     base = BaseModel(module, "gpt", dict(TINY_GPT), "pygpt", 2)
-    job = _job(type="finetune", base={"name": "pygpt"}, dataset={"uri": "builtin:python-stdlib"})
+    job = _job(
+        type="finetune",
+        base={"name": "pygpt"},
+        model={"name": "pygpt-tuned"},
+        dataset={"uri": "builtin:python-stdlib"},
+    )
     prepared = prepare_job(job, limits=LIMITS, load_base=lambda _: base)
     assert prepared.plan.config == TINY_GPT
     assert all(torch.equal(prepared.state[k], v) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    ("model", "refused"),
+    [
+        ({"name": "m", "arch": "cnn"}, r"model.arch='cnn': a finetune trains its base's arch"),
+        (
+            {"name": "m", "arch": "mlp", "config": {"hidden": [64, 64]}},
+            r"model.config.hidden=\[64, 64\]: a finetune keeps its base's architecture",
+        ),
+        (
+            {"name": "m", "config": {"num_classes": 3}},
+            r"model.config.num_classes=3: the head is sized to the dataset's classes "
+            r"\(num_classes=5 here",
+        ),
+    ],
+)
+def test_finetune_refuses_a_model_section_that_is_not_what_it_trains(model, refused) -> None:
+    job = _job(
+        type="finetune",
+        base={"name": "digits-base"},
+        model=model,
+        dataset={"uri": "builtin:digits-5-9"},
+    )
+    with pytest.raises(InvalidArgument, match=refused):
+        prepare_job(job, limits=LIMITS, load_base=lambda _: _base(10))
 
 
 def test_finetune_of_a_missing_base_reports_what_the_registry_said() -> None:

@@ -183,6 +183,30 @@ def _from_base(
     return config, state
 
 
+def check_same_architecture(
+    model: Mapping[str, Any], arch: str, config: Mapping[str, Any], base: str
+) -> None:
+    """A finetune's ``model.arch`` and ``model.config``, where given, must be what it trains:
+    its base's architecture, the head sized to the dataset's classes (``config``). They were
+    dropped without a word: a job asking for a cnn trained and registered its base's mlp."""
+    if model.get("arch", arch) != arch:
+        raise InvalidArgument(
+            f"model.arch={model['arch']!r}: a finetune trains its base's architecture "
+            f"({base} is {arch!r}); leave model.arch out, or train a new model (type: train)"
+        )
+    for key, value in (model.get("config") or {}).items():
+        if config.get(key) != value:
+            why = (
+                "the head is sized to the dataset's classes"
+                if key == "num_classes"
+                else "a finetune keeps its base's architecture"
+            )
+            raise InvalidArgument(
+                f"model.config.{key}={value!r}: {why} ({key}={config.get(key)!r} here, from "
+                f"{base} and the dataset); leave it out"
+            )
+
+
 def prepare_job(
     event: Mapping[str, Any],
     *,
@@ -210,6 +234,7 @@ def prepare_job(
         base = load_base(event["base"])
         arch = base.arch
         config, state = _from_base(base, data, training.seed)
+        check_same_architecture(model_spec, base.arch, config, f"{base.name}@{base.version}")
         parent = {"name": base.name, "version": base.version}
         field = "base"
     else:

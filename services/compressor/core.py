@@ -34,7 +34,14 @@ from maas.compression.measure import artifact_metrics, relative_metrics
 from maas.compression.pipeline import Plan, check_fits, parent_variant, run
 from maas.compression.train import FitConfig, Stopped, Tensors
 from maas.config import Settings
-from maas.errors import FailedPrecondition, InvalidArgument, NotFound
+from maas.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    MaasError,
+    NotFound,
+    ResourceExhausted,
+)
+from maas.events import clip
 from maas.manifest import Manifest
 from maas.recent import RecentKeys
 from maas.registry.types import ModelRef, ModelVersion
@@ -296,7 +303,15 @@ class Compressor:
         versions: list[ModelVersion] = []
         for index, plan in enumerate(job.plans):
             await self._stop_if_unwanted(job.job_id, index, wanted)
-            version = done.get(index) or await self._compress_one(job, index, plan, parent, name)
+            try:
+                version = done.get(index) or await self._compress_one(
+                    job, index, plan, parent, name
+                )
+            except FailedPrecondition as exc:
+                if not versions:
+                    raise
+                made = ", ".join(str(v.ref) for v in versions)
+                raise FailedPrecondition(f"{exc.message}; registered before it: {made}") from None
             versions.append(version)
             await self._publish(progress_status(job.job_id, "running", index + 1, total, versions))
         outcome = Outcome(parent.metrics, versions)
@@ -375,6 +390,10 @@ class Compressor:
             built = await asyncio.to_thread(self._build, plan, parent, fit)
         except Stopped:
             raise _Cancelled(index) from None
+        except (ValueError, RuntimeError) as exc:
+            # torch refusing these settings fails the same way on every redelivery: retried,
+            # it held the compressor for five attempts and ended as handler_failed.
+            raise _uncomputable(index, plan.method, exc) from None
         self._stop_if_cancelled(job.job_id, index)
         version = await self._registry.register(
             built.tensors,
@@ -418,6 +437,16 @@ class Compressor:
         )
         metrics |= relative_metrics(metrics, parent.metrics)
         return Built(variant.arch, variant.config, fmt, tensors, metrics)
+
+
+def _uncomputable(index: int, method: str, exc: Exception) -> MaasError:
+    said = str(exc).splitlines()[0] if str(exc) else ""
+    if "allocate" in said:
+        return ResourceExhausted(f"compress.methods[{index}] ({method}): no memory: {said}")
+    return FailedPrecondition(
+        f"compress.methods[{index}] ({method}) could not be computed with these settings: "
+        f"{type(exc).__name__}: {clip(said, 300)}"
+    )
 
 
 class _Cancelled(Exception):

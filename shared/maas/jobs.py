@@ -138,17 +138,28 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
         from maas.compression.pipeline import parse_methods
 
         parse_methods(job["compress"].get("methods") or [])
+        batch = (job.get("training") or {}).get("batch_size")  # absent: the default, 64
+        for where, student in _students(job["compress"]):
+            if "arch" in student and batch is not None:
+                zoo.check_batch_rows(
+                    student["arch"], student.get("config"), batch, where, "training.batch_size"
+                )
     else:
         # The training section as the coordinator reads it (its ranges beyond the schema's);
         # what needs the dataset or the pool is judged there.
         from maas.training.plan import MAX_JOB_SHARDS, MAX_JOB_WORKERS, TrainingSpec
 
-        TrainingSpec.from_job(
+        spec = TrainingSpec.from_job(
             job.get("training"),
             max_workers=MAX_JOB_WORKERS,
             max_shards=MAX_JOB_SHARDS,
             default_deadline_ms=settings.step_deadline_ms,
         )
+        if "arch" in model:
+            zoo.check_batch_rows(
+                model["arch"], model.get("config"), spec.batch_size, "model.config",
+                "training.batch_size",
+            )  # fmt: skip
     if "dataset" in job:
         datasets.check_uri(job["dataset"]["uri"], settings)
     if kind == "train" and "name" not in model and "name" not in job.get("register_as", {}):

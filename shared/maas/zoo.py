@@ -252,6 +252,27 @@ def parameter_count(arch: str, config: Mapping[str, Any] | None = None) -> int:
     return sum(n for _, n in parameter_breakdown(arch, config))
 
 
+# Layers that normalize over the rows of a batch: in training they need two rows or more.
+BATCH_STATISTICS_LAYERS = frozenset({"batchnorm"})
+
+
+def check_batch_rows(
+    arch: str, config: Mapping[str, Any] | None, batch_size: int, where: str, batch_field: str
+) -> None:
+    """InvalidArgument when ``batch_size`` rows cannot train the model: a batchnorm layer's
+    statistics need two rows (torch raised mid-job, as a traceback, naming neither field)."""
+    if batch_size >= 2:
+        return
+    parsed = parse_config(arch, config, where)
+    for i, layer in enumerate(getattr(parsed, "layers", ())):
+        if isinstance(layer, zoo_layers.Layer) and layer.type in BATCH_STATISTICS_LAYERS:
+            raise InvalidArgument(
+                f"{batch_field}={batch_size}: {where}.layers[{i}] ({layer.type}) normalizes "
+                "over a batch's rows and needs at least 2 in training; raise the batch size or "
+                "drop the layer"
+            )
+
+
 def check_size(
     arch: str, config: Mapping[str, Any] | None, limit: int, where: str = "model.config"
 ) -> int:

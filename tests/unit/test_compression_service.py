@@ -12,6 +12,7 @@ from maas.datasets import load_builtin
 from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
+from services.compressor import core as core_module
 from services.compressor.core import Compressor
 from services.compressor.job import parse_job, plan_job
 
@@ -286,6 +287,26 @@ async def test_a_method_that_cannot_run_on_the_parent_fails_the_job_before_any_v
     with pytest.raises(InvalidArgument, match="distill.student takes 3 outputs but the teacher"):
         await core.handle(job(compress={"methods": methods}))
     assert [v.method for v, _ in registry.models["digits"]] == ["train"]  # no int8 left behind
+
+
+async def test_a_variant_torch_cannot_compute_fails_the_job_at_once_naming_the_method(
+    core, registry, monkeypatch
+):
+    # Retried as if transient, such a job held the compressor for five attempts.
+    run = core_module.run
+
+    def prune_refused(plan, *args, **kwargs):
+        if plan.method == "prune":
+            raise ValueError("Expected more than 1 value per channel when training")
+        return run(plan, *args, **kwargs)
+
+    monkeypatch.setattr(core_module, "run", prune_refused)
+    with pytest.raises(FailedPrecondition) as failed:
+        await core.handle(job())
+    assert failed.value.message == (
+        "compress.methods[1] (prune) could not be computed with these settings: ValueError: "
+        "Expected more than 1 value per channel when training; registered before it: digits@2"
+    )
 
 
 async def test_variants_can_go_under_another_name_with_an_alias(core, registry):

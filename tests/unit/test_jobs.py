@@ -439,3 +439,34 @@ def test_a_job_id_of_the_policy_plans_form_is_refused_before_it_is_sent():
 def test_a_cancel_may_name_a_policy_plan():
     cancel = events.new_event(events.JOB, job_id="policy-digits-mlp-3", type="cancel")
     assert jobs.check_job(cancel, SETTINGS)["job_id"] == "policy-digits-mlp-3"
+
+
+BATCHNORM_NET = {
+    "arch": "sequential",
+    "config": {"input_shape": [64], "layers": [{"type": "linear", "out_features": 8}, "batchnorm"]},
+}
+
+
+def test_a_batchnorm_model_trained_on_batches_of_one_row_is_refused_naming_the_layer():
+    doc = train_doc(
+        model={"name": "bn", **BATCHNORM_NET},
+        training={"steps": 10, "batch_size": 1, "optimizer": {"name": "sgd", "lr": 0.1}},
+    )
+    with pytest.raises(InvalidArgument, match=r"training.batch_size=1: model.config.layers\[1\]"):
+        check(doc)
+
+
+def test_a_batchnorm_student_distilled_on_batches_of_one_row_is_refused():
+    doc = {
+        "type": "compress",
+        "base": {"name": "digits-mlp", "version": 1},
+        "compress": {"methods": [{"distill": {"student": BATCHNORM_NET, "steps": 5}}]},
+        "training": {"batch_size": 1},
+    }
+    with pytest.raises(InvalidArgument, match=r"distill.student.config.layers\[1\] \(batchnorm\)"):
+        check(doc)
+
+
+def test_a_batchnorm_model_on_batches_of_two_rows_passes():
+    training = {"steps": 10, "batch_size": 2, "optimizer": {"name": "sgd", "lr": 0.1}}
+    check(train_doc(model={"name": "bn", **BATCHNORM_NET}, training=training))

@@ -235,6 +235,10 @@ def prepare_job(
         arch = base.arch
         config, state = _from_base(base, data, training.seed)
         check_same_architecture(model_spec, base.arch, config, f"{base.name}@{base.version}")
+        zoo.check_batch_rows(
+            arch, config, training.batch_size, f"{base.name}@{base.version}'s config",
+            "training.batch_size",
+        )  # fmt: skip
         parent = {"name": base.name, "version": base.version}
         field = "base"
     else:

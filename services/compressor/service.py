@@ -202,16 +202,20 @@ class CompressorService:
                 self.core.cancel(job_id)
             elif kind == JOB_TYPE and announce_queued and self._waits(job_id):
                 self._announced.add(job_id)
-                await self._announce_queued(job_id)
+                await self._announce_queued(job_id, record.event)
 
-    async def _announce_queued(self, job_id: str) -> None:
+    async def _announce_queued(self, job_id: str, event: dict[str, Any]) -> None:
         reason = (
             f"waiting for compress job {self._running} to finish: the compressor runs one job "
             "at a time"
         )
         try:
+            # Under an id another job holds, its status stream is that job's: this one is
+            # refused when its turn comes (already_exists, to the DLQ), and says nothing there.
+            if await job_ids.held_by_another(self._objects, job_id, jobs.content_sha256(event)):
+                return
             await self._publish(status(job_id, "queued", reason=reason))
-        except Exception as exc:  # advisory: a Kafka outage must not end the cancel reader
+        except Exception as exc:  # advisory: a Kafka or S3 outage must not end the cancel reader
             log.warning("could not tell job %s it is queued: %s", job_id, exc)
 
     def _waits(self, job_id: str) -> bool:

@@ -54,6 +54,12 @@ async def claim(store: AsyncObjectStore, job_id: str, kind: str, content_sha256:
         )
 
 
+async def held_by_another(store: AsyncObjectStore, job_id: str, content_sha256: str) -> bool:
+    """Whether another job (other content) holds ``job_id``: reads the claim, writes nothing."""
+    held = await _read(store, claim_key(job_id))
+    return held is not None and held.get("content_sha256") != content_sha256
+
+
 async def _read(store: AsyncObjectStore, key: str) -> dict[str, Any] | None:
     try:
         return _held(await store.get_bytes(CHECKPOINTS_BUCKET, key))

@@ -51,3 +51,12 @@ async def test_a_conditional_create_leaves_an_existing_object_as_it_was(stack):
         with pytest.raises(AlreadyExists, match="exists already"):
             await store.create_bytes(CHECKPOINTS_BUCKET, key, b'{"second": true}')
         assert await store.get_bytes(CHECKPOINTS_BUCKET, key) == b'{"first": true}'
+
+
+async def test_whether_another_job_holds_an_id_is_read_without_claiming_it(stack):
+    job_id = f"peeked-{uuid.uuid4().hex[:8]}"
+    async with AsyncObjectStore(stack.settings) as store:
+        assert not await job_ids.held_by_another(store, job_id, "e" * 64)  # free
+        await job_ids.claim(store, job_id, "train", "a" * 64)  # so the peek claimed nothing
+        assert not await job_ids.held_by_another(store, job_id, "a" * 64)  # the same job
+        assert await job_ids.held_by_another(store, job_id, "b" * 64)

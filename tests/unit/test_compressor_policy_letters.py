@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from maas import job_ids
 from maas.deadletter import DeadLetter
 
 
@@ -45,3 +46,25 @@ def test_a_job_event_under_a_plans_id_is_not_told_it_is_queued(service):
     service._running = "long-job"
     assert service._waits("mine-2")
     assert not service._waits("policy-m-3")
+
+
+async def test_a_job_under_an_id_another_job_holds_is_not_told_it_is_queued(service, monkeypatch):
+    # Its status stream is the other job's: a `queued` there followed that job's `succeeded`.
+    async def held(store, job_id, content_sha256):
+        return True
+
+    monkeypatch.setattr(job_ids, "held_by_another", held)
+    service._running = "long-job"
+    await service._announce_queued("taken-1", {"job_id": "taken-1", "type": "compress"})
+    assert service.published == []
+
+
+async def test_a_job_waiting_behind_another_is_told_it_is_queued(service, monkeypatch):
+    async def free(store, job_id, content_sha256):
+        return False
+
+    monkeypatch.setattr(job_ids, "held_by_another", free)
+    service._running = "long-job"
+    await service._announce_queued("mine-3", {"job_id": "mine-3", "type": "compress"})
+    (status,) = service.published
+    assert status["state"] == "queued" and "long-job" in status["reason"]

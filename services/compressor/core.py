@@ -22,17 +22,13 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
-
-import torch
-from torch import nn
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from maas import artifacts, jobs, zoo
 from maas.compression.measure import artifact_metrics, relative_metrics
 from maas.compression.pipeline import Plan, check_fits, parent_variant, run
-from maas.compression.train import FitConfig, Stopped, Tensors
+from maas.compression.train import FitConfig, Progress, Stopped, Tensors
 from maas.config import Settings
 from maas.errors import (
     FailedPrecondition,
@@ -45,8 +41,19 @@ from maas.events import clip
 from maas.manifest import Manifest
 from maas.recent import RecentKeys
 from maas.registry.types import ModelRef, ModelVersion
-from maas.text.model import ARCH as TEXT_ARCH
 from maas.training.prepare import FetchDataset, load_dataset
+from services.compressor.core_types import (
+    Built,
+    ClaimId,
+    Conclude,
+    Outcome,
+    Parent,
+    Publish,
+    Registry,
+    Wanted,
+    dataset_mismatch,
+    dataset_of,
+)
 from services.compressor.job import (
     JOB_TYPE,
     CompressJob,
@@ -62,101 +69,6 @@ MAX_LINEAGE_DEPTH = 32
 # Every cancel event is remembered, whichever job type it names (the event does not say): the
 # oldest are forgotten past this many.
 REMEMBERED_CANCELS = 10_000
-
-
-class Registry(Protocol):
-    """What the compressor needs of ``maas.registry.RegistryClient``."""
-
-    async def get(self, ref: ModelRef | str) -> ModelVersion: ...
-
-    async def fetch(
-        self, ref: ModelRef | str
-    ) -> tuple[ModelVersion, Manifest, dict[str, bytes]]: ...
-
-    def iter_versions(self, name: str) -> AsyncIterator[ModelVersion]: ...
-
-    async def register(
-        self,
-        module_or_state: Mapping[str, torch.Tensor],
-        name: str,
-        arch: str,
-        config: Mapping[str, Any],
-        *,
-        parent: ModelVersion | None = None,
-        method: str | None = None,
-        settings: Mapping[str, Any] | None = None,
-        job_id: str | None = None,
-        metrics: Mapping[str, float] | None = None,
-        format: str = "dense",
-        alias: str | None = None,
-    ) -> ModelVersion: ...
-
-
-Publish = Callable[[dict[str, Any]], Awaitable[None]]
-ClaimId = Callable[[str, str, str], Awaitable[None]]  # (job id, type, content sha256)
-
-
-def dataset_of(manifest: Manifest) -> dict[str, Any] | None:
-    """The dataset a version was trained/compressed on, as recorded in its lineage settings."""
-    recorded = manifest.settings.get("dataset")
-    if isinstance(recorded, str):
-        return {"uri": recorded}
-    if isinstance(recorded, Mapping) and "uri" in recorded:
-        return dict(recorded)
-    return None
-
-
-@dataclass(frozen=True)
-class Parent:
-    """The version being compressed, loaded and measured once per job."""
-
-    version: ModelVersion
-    manifest: Manifest
-    model: nn.Module
-    data: Tensors
-    dataset: dict[str, Any]
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Built:
-    """One measured variant, ready to register."""
-
-    arch: str
-    config: dict[str, Any]
-    format: str
-    tensors: dict[str, torch.Tensor]
-    metrics: dict[str, float]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What a job made: the parent as measured in this run, and every variant, in plan order."""
-
-    parent_metrics: dict[str, float]
-    versions: list[ModelVersion]
-    cancelled: bool = False
-
-
-# Acts on a finished job's outcome before it says succeeded; returns the reason it carries.
-Conclude = Callable[[Outcome], Awaitable[str]]
-# Asked before each variant: "" to go on, or why the job is no longer wanted.
-Wanted = Callable[[], Awaitable[str]]
-
-
-def dataset_mismatch(uri: str, row: int, features: int, ref: str, arch: str) -> str:
-    """Why the dataset's rows (``row`` values) do not fit the model that reads ``features``: a
-    text model's rows are token ids, as many as its max_seq_length, not features."""
-    if arch == TEXT_ARCH:
-        return (
-            f"dataset {uri} has rows of {row} tokens but {ref} reads rows of {features} "
-            "tokens (its max_seq_length); name a text dataset tokenized to that length, such as "
-            "the one it was fine-tuned on"
-        )
-    return (
-        f"dataset {uri} has {row} features per row but {ref} takes {features}; "
-        "name the dataset it was trained on"
-    )
 
 
 class Compressor:
@@ -385,7 +297,11 @@ class Compressor:
     ) -> ModelVersion:
         # The build runs in a thread; its training asks between steps whether the job was
         # cancelled (a dict lookup: the event loop adds to it, the thread only reads).
-        fit = dataclasses.replace(job.fit, stop=functools.partial(self._is_cancelled, job.job_id))
+        fit = dataclasses.replace(
+            job.fit,
+            stop=functools.partial(self._is_cancelled, job.job_id),
+            progress=self._progress(job, index, plan.method),
+        )
         try:
             built = await asyncio.to_thread(self._build, plan, parent, fit)
         except Stopped:
@@ -427,6 +343,20 @@ class Compressor:
         )
         return version
 
+    def _progress(self, job: CompressJob, index: int, method: str) -> Progress:
+        """What the training thread calls with its progress: a `running` status, sent from the
+        event loop (the thread only schedules it; one that cannot be sent is only news lost)."""
+        loop = asyncio.get_running_loop()
+        total = len(job.plans)
+
+        def report(step: int, steps: int, loss: float) -> None:
+            said = f"compress.methods[{index}] ({method}): step {step} of {steps}, loss {loss:.4g}"
+            update = status(job.job_id, "running", step=index, total_steps=total, reason=said)
+            sent = asyncio.run_coroutine_threadsafe(self._publish(update), loop)
+            sent.add_done_callback(_log_unsent)
+
+        return report
+
     def _build(self, plan: Plan, parent: Parent, fit: FitConfig) -> Built:
         start = parent_variant(parent.model, parent.manifest.arch, parent.manifest.config)
         variant = run(plan, start, parent.data, fit)
@@ -437,6 +367,11 @@ class Compressor:
         )
         metrics |= relative_metrics(metrics, parent.metrics)
         return Built(variant.arch, variant.config, fmt, tensors, metrics)
+
+
+def _log_unsent(sent: Any) -> None:
+    if not sent.cancelled() and sent.exception() is not None:
+        log.info("a progress status was not sent: %s", sent.exception())
 
 
 def _uncomputable(index: int, method: str, exc: Exception) -> MaasError:

@@ -33,7 +33,8 @@ from maas.registry.types import (
     ModelVersion,
     PolicyVersion,
 )
-from services.compressor.core import MAX_LINEAGE_DEPTH, Conclude, Outcome, Wanted
+from services.compressor.core import MAX_LINEAGE_DEPTH
+from services.compressor.core_types import Conclude, Outcome, Wanted
 from services.compressor.job import CompressJob, plan_job
 
 log = logging.getLogger(__name__)

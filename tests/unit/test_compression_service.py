@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from maas import artifacts, events, jobs, zoo
+from maas.compression import train as train_module
 from maas.compression.train import FitConfig, Tensors, fit
 from maas.datasets import load_builtin
 from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -289,6 +290,18 @@ async def test_a_method_that_cannot_run_on_the_parent_fails_the_job_before_any_v
     assert [v.method for v, _ in registry.models["digits"]] == ["train"]  # no int8 left behind
 
 
+async def test_a_variant_in_training_says_its_step_and_loss_in_running_statuses(
+    core, statuses, monkeypatch
+):
+    monkeypatch.setattr(train_module, "PROGRESS_EVERY_S", 0.0)  # every step says so
+    student = {"arch": "mlp", "config": {"in_features": 64, "hidden": [8], "num_classes": 10}}
+    await core.handle(job(compress={"methods": [{"distill": {"student": student, "steps": 3}}]}))
+    said = [s["reason"] for s in statuses if s["state"] == "running" and "reason" in s]
+    assert len(said) == 3 and said[-1].startswith(
+        "compress.methods[0] (distill): step 3 of 3, loss"
+    )
+
+
 async def test_a_variant_torch_cannot_compute_fails_the_job_at_once_naming_the_method(
     core, registry, monkeypatch
 ):
@@ -425,7 +438,7 @@ async def test_a_cancel_while_a_method_trains_stops_its_training_and_ends_the_jo
 
 
 def test_a_text_model_and_a_dataset_of_other_rows_are_told_apart_in_tokens() -> None:
-    from services.compressor.core import dataset_mismatch
+    from services.compressor.core_types import dataset_mismatch
 
     said = dataset_mismatch("builtin:stdlib-docs", 256, 64, "imp@1", "bert")
     assert "has rows of 256 tokens but imp@1 reads rows of 64 tokens (its max_seq_length)" in said

@@ -8,7 +8,7 @@ import pytest
 from maas.errors import NotFound
 from maas.policy import parse_policy
 from maas.registry.types import AliasChange, ModelRef, ModelVersion, PolicyVersion
-from services.compressor.core import Outcome
+from services.compressor.core_types import Outcome
 from services.compressor.job import CompressJob
 from services.compressor.promoter import Promoter
 

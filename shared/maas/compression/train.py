@@ -7,6 +7,7 @@ would cost more than the work. The same seed gives the same batches and the same
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +30,8 @@ class Stopped(Exception):
 
 
 SCHEDULES = ("constant", "warmup_linear")
+PROGRESS_EVERY_S = 5.0
+Progress = Callable[[int, int, float], None]
 WARMUP_FRACTION = 0.1  # of the steps, for "warmup_linear" (BERT's fine-tuning recipe)
 
 
@@ -44,6 +47,9 @@ class FitConfig:
     # Asked before each step: True ends training with Stopped (a cancelled job's method stops
     # within a step rather than running its thousands of steps to the end).
     stop: Callable[[], bool] | None = field(default=None, compare=False, repr=False)
+    # Told (steps done, steps, the last batch's loss) at most every PROGRESS_EVERY_S: a job
+    # training a variant for minutes said nothing past 'accepted'.
+    progress: Progress | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0:
@@ -116,16 +122,21 @@ def fit(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, config.lr_factor)
     n = len(data.x_train)
     model.train()
+    reported = time.monotonic()
     for step in range(config.steps):
         if config.stop is not None and config.stop():
             raise Stopped(f"training stopped after {step} of {config.steps} steps")
         rows = torch.randint(0, n, (min(config.batch_size, n),), generator=generator)
         optimizer.zero_grad(set_to_none=True)
-        loss(model(data.x_train[rows]), rows).backward()
+        value = loss(model(data.x_train[rows]), rows)
+        value.backward()
         optimizer.step()
         schedule.step()
         if after_step is not None:
             after_step(model)
+        if config.progress is not None and time.monotonic() - reported >= PROGRESS_EVERY_S:
+            reported = time.monotonic()
+            config.progress(step + 1, config.steps, float(value))
     return model.eval()
 
 

@@ -30,15 +30,27 @@ from maas.training.prepare import load_dataset
 from maas.training.replica import evaluate
 from maas.training.storage import TrainingStore
 
+# A trained model whose held-out loss is this many times its starting weights' diverged: it
+# learned nothing usable (an lr of 1e6 ended at 1.5e6 times; over-fitting stays within ~5 times).
+DIVERGED_LOSS_FACTOR = 100.0
 
-def check_diverged(plan: JobPlan, metrics: dict[str, float]) -> None:
-    """FailedPrecondition when the trained model's held-out metrics are not numbers: training
-    diverged (a learning rate too high, say), and such a model is not registered."""
+
+def check_diverged(plan: JobPlan, metrics: dict[str, float], initial_loss: float) -> None:
+    """FailedPrecondition when the trained model's held-out metrics are not numbers, or its
+    loss is DIVERGED_LOSS_FACTOR times that of the weights it started from: training diverged
+    (a learning rate too high, say), and such a model is not registered."""
     broken = sorted(name for name, value in metrics.items() if not math.isfinite(value))
     if broken:
         raise FailedPrecondition(
             f"training diverged: held-out {', '.join(broken)} is not a number after "
             f"{plan.target_version} steps; {plan.training.optimizer.divergence_advice()}"
+        )
+    loss = metrics.get("loss")
+    if loss is not None and initial_loss > 0 and loss > DIVERGED_LOSS_FACTOR * initial_loss:
+        raise FailedPrecondition(
+            f"training diverged: the held-out loss rose from {initial_loss:.4g} (the starting "
+            f"weights) to {loss:.4g} after {plan.target_version} steps; "
+            f"{plan.training.optimizer.divergence_advice()}"
         )
 
 
@@ -77,9 +89,11 @@ class JobFinisher:
     async def result(self, plan: JobPlan, pointers: list[ck.Pointer]) -> dict[str, Any]:
         """The ``succeeded`` result of ``plan`` whose partitions' final checkpoints are
         ``pointers`` (one per shard, in order), with its model registered."""
-        state = await self._final_state(plan, pointers)
-        metrics = await asyncio.to_thread(self._evaluate, plan, state)
-        check_diverged(plan, metrics)
+        # The starting weights hold what no partition trains (buffers such as norm statistics).
+        initial = load_safetensors(await self._store.read_init(plan.job_id))
+        state = await self._final_state(plan, pointers, dict(initial))
+        metrics, initial_metrics = await asyncio.to_thread(self._evaluate, plan, state, initial)
+        check_diverged(plan, metrics, initial_metrics.get("loss", math.inf))
         lead = pointers[0]
         seconds = max(1e-3, (lead.written_ms - lead.started_ms) / 1000)
         metrics["samples_per_s"] = lead.samples / seconds
@@ -93,10 +107,9 @@ class JobFinisher:
         }
 
     async def _final_state(
-        self, plan: JobPlan, pointers: list[ck.Pointer]
+        self, plan: JobPlan, pointers: list[ck.Pointer], state: dict[str, torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        # The starting weights hold what no partition trains (buffers such as norm statistics).
-        state = load_safetensors(await self._store.read_init(plan.job_id))
+        """``state`` (the starting weights) with every partition's trained values in it."""
         flat = np.empty(plan.layout.size, dtype=np.float32)
         for part, pointer in zip(plan.partitions, pointers, strict=True):
             snap = await self._store.read_checkpoint(pointer)
@@ -105,12 +118,18 @@ class JobFinisher:
             state[name] = torch.from_numpy(value.copy())
         return state
 
-    def _evaluate(self, plan: JobPlan, state: dict[str, torch.Tensor]) -> dict[str, float]:
-        model = zoo.build(plan.arch, plan.config)
-        model.load_state_dict(state)
+    def _evaluate(
+        self, plan: JobPlan, *states: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, float], ...]:
+        """Held-out metrics of each of ``states`` (the trained weights, the starting ones)."""
         fetch = datasets.fetcher(self._objects.sync, self._settings)
         data = load_dataset(plan.dataset, seed=plan.training.seed, fetch=fetch)
-        return evaluate(model, data.x_test, data.y_test, plan.loss)
+        found = []
+        for state in states:
+            model = zoo.build(plan.arch, plan.config)
+            model.load_state_dict(state)
+            found.append(evaluate(model, data.x_test, data.y_test, plan.loss))
+        return tuple(found)
 
     async def _register(
         self, plan: JobPlan, state: dict[str, torch.Tensor], metrics: dict[str, float]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import io
 import os
-import re
 import subprocess
 import sys
 import time
@@ -98,21 +97,20 @@ async def test_a_job_with_an_unknown_arch_fails_naming_the_field(cluster, produc
     assert "arch" in status["error"]["message"] and "transformer" in status["error"]["message"]
 
 
-async def test_a_job_whose_step_cannot_be_computed_fails_at_once_with_the_workers_reason(
+async def test_a_job_whose_step_cannot_be_computed_is_refused_at_intake_naming_both_fields(
     cluster, producer, watcher
 ):
-    # Passes intake (every shape fits, and intake computes no step), but batch norm in training
-    # mode cannot normalise a batch of one row: the worker's first step fails, and the job
-    # with it, naming the worker's error.
+    # Batch norm in training mode cannot normalise a batch of one row: the worker's first step
+    # failed (a traceback in its log); intake now refuses it, naming the batch size and layer.
     training = {"steps": 5, "workers": 1, "batch_size": 1}
     layers = [{"type": "linear", "out_features": 8}, {"type": "batchnorm"}]
     config = {"input_shape": [64], "layers": layers, "num_classes": 10}
     job = train_job("one-row", "sequential", {"uri": "builtin:digits"}, training, config=config)
     status = await run(producer, watcher, job)
     assert status["state"] == "failed", status
-    assert status["error"]["code"] == "failed_precondition"
+    assert status["error"]["code"] == "invalid_argument"
     message = status["error"]["message"]
-    assert re.search(r"could not compute a step: \w+Error: .+", message), message
+    assert "training.batch_size=1: model.config.layers[1] (batchnorm)" in message, message
 
 
 # --- learning ---------------------------------------------------------------------------------

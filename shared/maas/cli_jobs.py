@@ -157,11 +157,20 @@ def _seconds(text: str) -> float:
 def _cancel(args: argparse.Namespace, settings: Settings) -> int:
     from maas import events, jobs
 
-    event = events.new_event(events.JOB, job_id=args.job_id, type=jobs.CANCEL)
-    asyncio.run(jobs.publish_job(settings, jobs.check_job(event, settings)))
+    event = jobs.check_job(
+        events.new_event(events.JOB, job_id=args.job_id, type=jobs.CANCEL), settings
+    )
+    known = asyncio.run(jobs.summary_of(settings, args.job_id))
+    if known.done:
+        console().print(
+            f"job {_job_markup(args.job_id)} already ended: {_describe(known)}; there is nothing "
+            "to cancel"
+        )
+        return 0 if known.state == "cancelled" else 1
+    asyncio.run(jobs.publish_job(settings, event))
     if args.no_wait:
         return 0
-    if not asyncio.run(jobs.has_status(settings, args.job_id)):
+    if known.state == "unknown":
         console().print(
             f"[yellow]no service has reported on job {_job_markup(args.job_id)}[/yellow] (`maas "
             "jobs list` shows the known jobs): the cancel is sent, but there is nothing to wait for"

@@ -430,6 +430,27 @@ def test_submitting_a_job_that_already_ran_publishes_nothing_and_reports_that_ru
     assert "job mine already ran: failed" in capsys.readouterr().out
 
 
+def test_cancelling_a_job_that_already_ended_publishes_nothing_and_says_so(
+    monkeypatch, capsys
+) -> None:
+    ran = accepted(check(train_doc(job_id="mine")))
+    ran.apply({"job_id": "mine", "state": "succeeded"})
+
+    async def known(settings, job_id):
+        return ran
+
+    async def publish(settings, job):
+        raise AssertionError("published a cancel for a job that is over")
+
+    monkeypatch.setattr(jobs, "summary_of", known)
+    monkeypatch.setattr(jobs, "publish_job", publish)
+    args = build_parser().parse_args(["jobs", "cancel", "mine"])
+    assert args.func(args, SETTINGS) == 1
+    assert (
+        "job mine already ended: succeeded; there is nothing to cancel" in capsys.readouterr().out
+    )
+
+
 def test_a_job_id_of_the_policy_plans_form_is_refused_before_it_is_sent():
     doc = train_doc(job_id="policy-digits-mlp-3")
     with pytest.raises(InvalidArgument, match=r"'policy-' are the policy plans' own"):

@@ -104,3 +104,10 @@ def test_an_optimizer_starts_from_an_empty_state(name: str) -> None:
 def test_bad_optimizer_settings_name_the_field(changes: dict, field: str) -> None:
     with pytest.raises(InvalidArgument, match=rf"training\.optimizer\.{field}"):
         OptimizerSpec(**changes)
+
+
+def test_an_eps_float32_cannot_hold_is_refused_saying_the_least_it_takes() -> None:
+    # 1e-300 passed the schema (> 0), was 0 in the shards' float32 and failed the job mid-way.
+    with pytest.raises(InvalidArgument, match=r"eps=1e-300 is below float32's smallest normal"):
+        OptimizerSpec("adam", lr=0.01, eps=1e-300)
+    OptimizerSpec("adam", lr=0.01, eps=1e-30)

@@ -163,6 +163,17 @@ def test_finetune_keeps_the_body_and_replaces_a_head_of_another_size() -> None:
     assert prepared.plan.register_name == "digits-mlp"
 
 
+def test_finetune_refuses_to_freeze_a_head_it_starts_anew() -> None:
+    job = _job(
+        type="finetune",
+        base={"name": "digits-base"},
+        dataset={"uri": "builtin:digits-5-9"},
+        training={"steps": 3, "freeze": ["head."]},
+    )
+    with pytest.raises(InvalidArgument, match=r"freezes the head, which this finetune starts"):
+        prepare_job(job, limits=LIMITS, load_base=lambda _: _base(10))
+
+
 def test_finetune_keeps_a_head_that_already_fits() -> None:
     base = _base(5)
     job = _job(type="finetune", base={"name": "digits-base"}, dataset={"uri": "builtin:digits-0-4"})

@@ -22,6 +22,9 @@ from maas.training.codecs import axpy
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam")
 
 
+FLOAT32_TINY = float(np.finfo(np.float32).tiny)  # the smallest normal float32
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     name: str = "sgd"
@@ -46,6 +49,12 @@ class OptimizerSpec:
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise InvalidArgument(
                 f"training.optimizer.weight_decay={self.weight_decay!r} must be >= 0"
+            )
+        if self.eps < FLOAT32_TINY:  # the shards add it to float32 arrays: 1e-300 became 0
+            raise InvalidArgument(
+                f"training.optimizer.eps={self.eps!r} is below float32's smallest normal number, "
+                f"the precision it is added in; use at least {FLOAT32_TINY:.3g} (the default is "
+                "1e-08)"
             )
 
     def to_json(self) -> dict[str, Any]:

@@ -167,7 +167,9 @@ def _classes_key(config: Mapping[str, Any]) -> str:
 
 def _from_base(
     base: BaseModel, data: datasets.Dataset, seed: int
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+) -> tuple[dict[str, Any], dict[str, torch.Tensor], bool]:
+    """The config and starting weights of a finetune of ``base``, and whether its head is new
+    (randomly initialised for the dataset's label space)."""
     config = dict(base.config)
     state = {k: v.detach().clone() for k, v in base.module.state_dict().items()}
     # A head of its own for a new label space; an arch without num_classes (gpt: its classes are
@@ -180,7 +182,8 @@ def _from_base(
         fresh = zoo.build(base.arch, config, seed=seed).state_dict()
         # Iterating the fresh model's keys adds a head to a base that had none (an encoder).
         state = {k: (v if k.startswith(HEAD_PREFIX) else state[k]) for k, v in fresh.items()}
-    return config, state
+        return config, state, True
+    return config, state, False
 
 
 def check_same_architecture(
@@ -228,12 +231,13 @@ def prepare_job(
     data = load_dataset(event["dataset"], seed=training.seed, fetch=fetch_dataset)
     model_spec = event.get("model") or {}
     parent: dict[str, Any] | None = None
+    new_head = False
     if kind == "finetune":
         if "base" not in event or load_base is None:
             raise InvalidArgument("base is required for a finetune job: {name, version | alias}")
         base = load_base(event["base"])
         arch = base.arch
-        config, state = _from_base(base, data, training.seed)
+        config, state, new_head = _from_base(base, data, training.seed)
         check_same_architecture(model_spec, base.arch, config, f"{base.name}@{base.version}")
         zoo.check_batch_rows(
             arch, config, training.batch_size, f"{base.name}@{base.version}'s config",
@@ -254,6 +258,12 @@ def prepare_job(
     check_fit(arch, config, data, field)
     model = zoo.build(arch, config)
     frozen = frozen_names([n for n, _ in model.named_parameters()], training.freeze)
+    if new_head and any(n.startswith(HEAD_PREFIX) for n in frozen):
+        raise InvalidArgument(
+            f"training.freeze {list(training.freeze)} freezes the head, which this finetune "
+            f"starts anew, at random, for the dataset's {data.num_classes} classes: it would "
+            f"never learn them; freeze only the body"
+        )
     trainable = trainable_shapes(model, frozen)
     given = event.get("training")
     training = fit_checkpoints(

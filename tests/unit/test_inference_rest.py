@@ -464,6 +464,18 @@ async def test_a_large_json_answer_is_encoded_off_the_loop(rest, monkeypatch):
     assert encoded_on[0] == threading.main_thread().name != encoded_on[1]
 
 
+def test_numbers_written_slice_by_slice_read_back_as_one_json_document(monkeypatch):
+    monkeypatch.setattr(rest_codec, "JSON_SLICE_VALUES", 3)  # many slices, a ragged last one
+    x = np.arange(20, dtype=np.float32).reshape(4, 5) / 7
+    body = encode_response({"model_name": "m", "id": "r"}, [("y", x), ("n", x[:0])], set())
+    doc = json.loads(body.data)
+    assert doc["model_name"] == "m" and doc["id"] == "r"
+    assert doc["outputs"][0] == {
+        "name": "y", "datatype": "FP32", "shape": [4, 5], "data": x.ravel().tolist()
+    }  # fmt: skip
+    assert doc["outputs"][1]["data"] == []
+
+
 async def test_a_path_no_route_serves_is_404_with_a_json_error_naming_it(rest):
     status, doc, _ = await rest.call("POST", "/v2/models//infer", json=infer_doc())
     assert status == 404 and "'/v2/models//infer'" in doc["error"]

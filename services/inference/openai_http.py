@@ -80,7 +80,8 @@ PATHS = {False: "/v1/completions", True: "/v1/chat/completions"}
 def error_body(message: str, status: int) -> dict[str, Any]:
     kind = "invalid_request_error" if status < 500 else "server_error"
     param = _param_of(message) if status == 400 else None
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    code = "model_not_found" if status == 404 else None  # OpenAI's, for an unknown model
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 # A refusal starts with the request field it is about ("temperature=3 must be ...",
@@ -162,8 +163,8 @@ def _check_fields(body: Mapping[str, Any], chat: bool) -> None:
     if unknown:
         elsewhere = [f for f in unknown if f in FIELDS[not chat]]
         where = f" (they belong to {PATHS[not chat]})" if elsewhere == unknown else ""
-        raise InvalidArgument(
-            f"unknown request fields {shown(unknown, 200)} for {PATHS[chat]}{where}"
+        raise InvalidArgument(  # led by a field's name: OpenAI's error names it as ``param``
+            f"{unknown[0]}: unknown request fields {shown(unknown, 200)} for {PATHS[chat]}{where}"
         )
     limits = {**DEFAULTS_ONLY, "logprobs": LOGPROBS_OFF[chat]}
     for field, accepted in limits.items():

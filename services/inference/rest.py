@@ -52,6 +52,7 @@ from services.inference.http_app import (
 from services.inference.interceptors import metrics_observer
 from services.inference.metrics import Metrics
 from services.inference.served import ServedModel
+from services.inference.tensors import check_load_parameters
 
 SERVICE = "/inference.GRPCInferenceService/"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -180,7 +181,17 @@ class OipRestRoutes:
         return _json([message_json(m) for m in entries.models])
 
     async def load(self, request: web.Request) -> web.Response:
-        await self._plane.model(request.match_info["name"])
+        body = await _optional_json(request)
+        if set(body) - {"parameters"}:
+            raise InvalidArgument("a load request's body holds only 'parameters'")
+        parameters = body.get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidArgument("'parameters' must be an object")
+        check_load_parameters(parameters)
+        version = parameters.get("version", "")
+        if isinstance(version, bool) or not isinstance(version, str | int):
+            raise InvalidArgument("parameter 'version' must be a string or a whole number")
+        await self._plane.model(request.match_info["name"], str(version))
         return _json({})
 
     async def unload(self, request: web.Request) -> web.Response:

@@ -27,6 +27,7 @@ from services.inference.describe import (
 )
 from services.inference.generation import Generators
 from services.inference.tensors import (
+    check_load_parameters,
     check_request_parameters,
     decode_inputs,
     infer_response,
@@ -123,6 +124,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Context
     ) -> pb.RepositoryModelLoadResponse:
+        check_load_parameters(request.parameters)
         await self._plane.model(request.model_name, _version_parameter(request))
         return pb.RepositoryModelLoadResponse()
 

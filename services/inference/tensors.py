@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from maas.errors import InvalidArgument
+from maas.events import clip
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text import wire as bytes_tensors
 from maas.training import frames
@@ -163,6 +164,20 @@ def check_tensor_parameters(kind: str, name: str, parameters: Iterable[str]) -> 
         raise InvalidArgument(
             f"{kind} {name!r} has {', '.join(asked)}: this server has no shared-memory "
             "extension; send the tensor in the request and read it from the response"
+        )
+
+
+LOAD_PARAMETERS = ("version",)
+
+
+def check_load_parameters(names: Iterable[str]) -> None:
+    """InvalidArgument for a repository load's parameters other than ``version``: Triton's
+    ``config`` and ``file:`` overrides were ignored, the model loaded as registered."""
+    other = sorted(set(names) - set(LOAD_PARAMETERS))
+    if other:
+        raise InvalidArgument(
+            f"load parameter(s) {', '.join(clip(n, 40) for n in other)}: this server loads a "
+            "model as it was registered (no config or file overrides); it takes only 'version'"
         )
 
 

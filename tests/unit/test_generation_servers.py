@@ -397,8 +397,15 @@ def test_the_openai_client_reads_which_field_was_refused_from_the_error(served: 
 def test_openai_client_retrieves_a_model_and_gets_404_for_an_unknown_one(served: Served) -> None:
     client = _openai(served)
     assert client.models.retrieve(NAME).id == NAME
-    with pytest.raises(openai.NotFoundError):
+    with pytest.raises(openai.NotFoundError) as caught:
         client.models.retrieve("no-such-model")
+    assert caught.value.code == "model_not_found"
+
+
+def test_the_openai_client_reads_which_unknown_field_was_refused(served: Served) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        _openai(served).completions.create(model=NAME, prompt="a", extra_body={"tools": []})
+    assert caught.value.param == "tools"
 
 
 def test_an_unknown_openai_path_answers_in_the_openai_error_shape(served: Served) -> None:

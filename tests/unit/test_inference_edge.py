@@ -240,6 +240,15 @@ async def test_statistics_and_the_repository_describe_loaded_versions(edge):
     assert len((await edge.stub.RepositoryIndex(pb.RepositoryIndexRequest())).models) == 1
 
 
+async def test_a_grpc_load_asking_to_override_a_file_is_refused(edge) -> None:
+    load = pb.RepositoryModelLoadRequest(model_name="digits")
+    load.parameters["file:1/model.pt"].bytes_param = b"weights"
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await edge.stub.RepositoryModelLoad(load)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "no config or file overrides" in (refused.value.details() or "")
+
+
 # --- auth -----------------------------------------------------------------------------------
 
 

@@ -527,6 +527,16 @@ async def test_the_repository_index_lists_loaded_and_known_models(rest):
     assert [(m["name"], m["version"], m["state"]) for m in index] == [("digits", "1", "READY")]
 
 
+async def test_a_load_asking_to_override_the_config_is_refused_and_a_version_is_loaded(rest):
+    override = {"parameters": {"config": '{"max_batch_size": 1}'}}
+    code, reply, _ = await rest.call("POST", "/v2/repository/models/digits/load", json=override)
+    assert code == 400 and "no config or file overrides" in reply["error"]
+    asked = {"parameters": {"version": "1"}}
+    assert (await rest.call("POST", "/v2/repository/models/digits/load", json=asked))[0] == 200
+    code, index, _ = await rest.call("POST", "/v2/repository/index", json={"ready": True})
+    assert [(m["name"], m["version"]) for m in index] == [("digits", "1")]
+
+
 async def test_requests_are_counted_by_route_and_code(rest):
     await rest.call("POST", "/v2/models/digits/infer", json=infer_doc())
     await rest.call("POST", "/v2/models/nope/infer", json=infer_doc())

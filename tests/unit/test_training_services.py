@@ -15,6 +15,7 @@ import pytest
 from maas.config import Settings
 from maas.errors import InvalidArgument
 from maas.training.broadcast import ShardParams
+from maas.training.plan import JobPlan
 from maas.training.prepare import Limits, PreparedJob, prepare_job
 from maas.training.protocol import OutgoingPush, read_push
 from maas.training.v1 import training_pb2 as pb
@@ -210,19 +211,24 @@ def test_a_stalled_job_fails_while_an_outage_is_waited_out() -> None:
     assert not ends_the_job(Unavailable("S3 is unreachable"))
 
 
-def test_a_model_whose_held_out_loss_is_not_a_number_fails_the_job_saying_it_diverged() -> None:
-    from maas.errors import FailedPrecondition
+def _plan_with_lr(lr: float) -> JobPlan:
     from maas.training.prepare import Limits, prepare_job
-    from services.aggregator.finish import check_diverged
 
     job = {
         "job_id": "j",
         "type": "train",
         "model": {"name": "m", "arch": "mlp", "config": {"hidden": [8]}},
         "dataset": {"uri": "builtin:digits"},
-        "training": {"steps": 3, "optimizer": {"name": "sgd", "lr": 1e30}},
+        "training": {"steps": 3, "optimizer": {"name": "sgd", "lr": lr}},
     }
-    plan = prepare_job(job, limits=Limits(1000)).plan
+    return prepare_job(job, limits=Limits(1000)).plan
+
+
+def test_a_model_whose_held_out_loss_is_not_a_number_fails_the_job_saying_it_diverged() -> None:
+    from maas.errors import FailedPrecondition
+    from services.aggregator.finish import check_diverged
+
+    plan = _plan_with_lr(1e30)
     check_diverged(plan, {"loss": 0.3, "accuracy": 0.9}, initial_loss=2.3)
     diverged = r"diverged: held-out loss .*optimizer\.lr \(it is 1e\+30\)"
     with pytest.raises(FailedPrecondition, match=diverged):
@@ -232,17 +238,9 @@ def test_a_model_whose_held_out_loss_is_not_a_number_fails_the_job_saying_it_div
 def test_a_model_whose_loss_blew_up_but_stayed_finite_fails_the_job_saying_it_diverged() -> None:
     # lr 1e6 trained to a held-out loss of 3.4e6, at chance, and was registered as succeeded.
     from maas.errors import FailedPrecondition
-    from maas.training.prepare import Limits, prepare_job
     from services.aggregator.finish import check_diverged
 
-    job = {
-        "job_id": "j",
-        "type": "train",
-        "model": {"name": "m", "arch": "mlp", "config": {"hidden": [8]}},
-        "dataset": {"uri": "builtin:digits"},
-        "training": {"steps": 3, "optimizer": {"name": "sgd", "lr": 1e6}},
-    }
-    plan = prepare_job(job, limits=Limits(1000)).plan
+    plan = _plan_with_lr(1e6)
     check_diverged(plan, {"loss": 8.0, "accuracy": 0.5}, initial_loss=2.3)  # over-fit, not lost
     rose = r"the held-out loss rose from 2\.3 \(the starting weights\) to 3\.4e\+06 after 3 steps"
     with pytest.raises(FailedPrecondition, match=rose):

@@ -31,6 +31,7 @@ from maas.errors import (
     SchemaViolation,
 )
 from maas.events import printable, shown
+from maas.names import check_version
 from maas.policy import POLICY_JOB_PREFIX, is_plan_id
 from maas.textfile import parse_yaml, read_text_file
 
@@ -125,6 +126,11 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
         )
     if {"version", "alias"} <= set(job.get("base", {})):
         raise SchemaViolation("base: give version or alias, not both")
+    if isinstance(job.get("base", {}).get("version"), int):
+        try:
+            check_version(job["base"]["version"])
+        except InvalidArgument as exc:  # "version 0 is malformed" named no field
+            raise InvalidArgument(f"base.{exc.message}") from None
     model = job.get("model", {})
     if "arch" in model:
         zoo.check_size(model["arch"], model.get("config"), settings.max_model_params)

@@ -451,6 +451,14 @@ def test_cancelling_a_job_that_already_ended_publishes_nothing_and_says_so(
     )
 
 
+@pytest.mark.parametrize("version", [0, -3])
+def test_a_base_version_out_of_range_is_refused_naming_base_version(version):
+    doc = {"type": "compress", "base": {"name": "digits-mlp", "version": version},
+           "compress": {"methods": [{"quantize": {"dtype": "int8"}}]}}  # fmt: skip
+    with pytest.raises(InvalidArgument, match=f"base.version {version} is malformed"):
+        check(doc)
+
+
 def test_a_job_id_of_the_policy_plans_form_is_refused_before_it_is_sent():
     doc = train_doc(job_id="policy-digits-mlp-3")
     with pytest.raises(InvalidArgument, match=r"'policy-' are the policy plans' own"):

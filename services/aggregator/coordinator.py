@@ -90,6 +90,7 @@ class Coordinator:
         self._objects = AsyncObjectStore(settings)
         self._store = TrainingStore(self._objects)
         self._registry = RegistryClient(settings, actor=COORDINATOR_SERVICE)
+        self.liveness.dependencies.add("registry", self._registry.ping)
         self._finisher = JobFinisher(settings, self._objects, self._store, self._registry)
         self._jobs = EventConsumer(
             settings,

@@ -115,6 +115,7 @@ class CompressorService:
         )
         self.liveness = Liveness(self.metrics.registry)
         self.liveness.dependencies.add_kafka_and_s3(self._producer, settings)
+        self.liveness.dependencies.add("registry", self._registry.ping)
         self._running = ""  # the id of the job the jobs consumer is running, if any
         self._waiting_noted: tuple[str, int] | None = None  # (job id, when) of the last note
         self._announced = RecentKeys(REMEMBERED_QUEUED)  # told `queued` already

@@ -27,6 +27,7 @@ class InferenceProcess:
     def __init__(self, settings: Settings) -> None:
         self._registry = RegistryClient(settings, actor="maas-inference")
         self.server = InferenceServer(settings, RegistrySource(self._registry))
+        self.server.liveness.dependencies.add("registry", self._registry.ping)
         if self.server.cpu_reservation is not None:
             # The whole server, its threads included, stays off the decode processes' CPUs.
             cpus.pin_process(self.server.cpu_reservation.rest)

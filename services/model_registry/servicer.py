@@ -25,6 +25,7 @@ from maas.events import clip
 from maas.names import check_name, check_version
 from maas.policy import parse_policy
 from maas.registry import wire
+from maas.registry.client import REGISTRY_SERVICE
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
 from services.model_registry.service import Registration, RegistryService
@@ -37,7 +38,7 @@ from services.model_registry.store import (
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
+SERVICE_NAME = REGISTRY_SERVICE
 
 
 class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):

@@ -1,4 +1,4 @@
-"""Readiness: whether the parts a service works through (Kafka, S3) answer it now.
+"""Readiness: whether the parts a service works through (Kafka, S3, the registry) answer it now.
 
 ``/healthz`` says whether the process works (``maas.liveness``): an orchestrator restarts it
 when not. A broker or S3 outage is no reason to restart anything (the services retry and carry
@@ -68,7 +68,8 @@ class Dependencies:
         self._clock = clock
         self._up = Gauge(
             "maas_dependency_up",
-            "1 while the named dependency (kafka, s3) answers the service's checks, 0 while not",
+            "1 while the named dependency (kafka, s3, registry) answers the service's checks, 0 "
+            "while not",
             ["dependency"],
             registry=CollectorRegistry() if registry is None else registry,
         )

@@ -224,6 +224,15 @@ async def test_the_registry_address_is_named_only_when_the_registry_could_not_be
             await unreachable.get("nope")
 
 
+async def test_a_readiness_ping_passes_a_serving_registry_and_names_an_unreachable_one(
+    client: RegistryClient, settings: Settings
+) -> None:
+    await client.ping()
+    async with RegistryClient(settings, addr="127.0.0.1:1", actor="tester") as unreachable:
+        with pytest.raises(Unavailable, match=r"health check \(registry at 127\.0\.0\.1:1"):
+            await unreachable.ping()
+
+
 async def test_malformed_names_are_invalid_arguments(client: RegistryClient) -> None:
     with pytest.raises(InvalidArgument, match="model name 'bad/name'"):
         await client.register_files("bad/name", {"w": WEIGHTS}, manifest_for({"w": WEIGHTS}))

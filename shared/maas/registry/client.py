@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping, Sequenc
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from maas import errors
 from maas.config import Settings
@@ -45,6 +46,9 @@ from maas.registry.types import (
 )
 from maas.registry.v1 import registry_pb2 as pb
 from maas.registry.v1 import registry_pb2_grpc as pb_grpc
+
+# The name the registry's gRPC service and its health entry go by.
+REGISTRY_SERVICE: str = pb.DESCRIPTOR.services_by_name["ModelRegistry"].full_name
 
 if TYPE_CHECKING:  # torch and the S3 client come with the calls that need them: listing needs none
     import torch
@@ -178,6 +182,17 @@ class RegistryClient:
         if self._stub is None:
             raise RuntimeError("RegistryClient used before start() or after stop()")
         return self._stub
+
+    async def ping(self) -> None:
+        """Return once the registry says it serves (grpc.health.v1; a readiness check)."""
+        if self._channel is None:
+            raise RuntimeError("RegistryClient used before start() or after stop()")
+        check = health_pb2.HealthCheckRequest(service=REGISTRY_SERVICE)
+        reply = await self._call(
+            "health check", health_pb2_grpc.HealthStub(self._channel).Check(check)
+        )
+        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+            raise Unavailable(f"the registry at {self.addr} says it is not serving")
 
     async def _call(self, what: str, call: Awaitable[T]) -> T:
         try:

@@ -499,3 +499,11 @@ def test_a_batchnorm_student_distilled_on_batches_of_one_row_is_refused():
 def test_a_batchnorm_model_on_batches_of_two_rows_passes():
     training = {"steps": 10, "batch_size": 2, "optimizer": {"name": "sgd", "lr": 0.1}}
     check(train_doc(model={"name": "bn", **BATCHNORM_NET}, training=training))
+
+
+def test_a_prune_of_sparsity_zero_is_refused():
+    # It registered an identical copy of its parent as a "pruned" variant.
+    doc = {"type": "compress", "base": {"name": "digits-mlp", "version": 1},
+           "compress": {"methods": [{"prune": {"sparsity": 0}}]}}  # fmt: skip
+    with pytest.raises(InvalidArgument, match=r"compress.methods.0.prune.sparsity: 0 is less"):
+        check(doc)

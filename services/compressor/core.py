@@ -25,6 +25,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch
+
 from maas import artifacts, jobs, zoo
 from maas.compression.measure import artifact_metrics, relative_metrics
 from maas.compression.pipeline import Plan, check_fits, parent_variant, run
@@ -360,6 +362,18 @@ class Compressor:
     def _build(self, plan: Plan, parent: Parent, fit: FitConfig) -> Built:
         start = parent_variant(parent.model, parent.manifest.arch, parent.manifest.config)
         variant = run(plan, start, parent.data, fit)
+        diverged = [
+            name
+            for name, value in variant.model.state_dict().items()
+            if isinstance(value, torch.Tensor)
+            and value.is_floating_point()
+            and not bool(torch.isfinite(value).all())
+        ]
+        if diverged:  # said as the artifact's refusal, it named a tensor, not what to change
+            raise FailedPrecondition(
+                f"{plan.method} diverged: its weights ({clip(diverged[0], 60)}, ...) hold NaN or "
+                f"infinite values after training; lower training.optimizer.lr (it is {fit.lr:g})"
+            )
         fmt, tensors = variant.encode()
         files, manifest = artifacts.pack(tensors, variant.arch, variant.config, format=fmt)
         metrics = artifact_metrics(

@@ -302,6 +302,20 @@ async def test_a_variant_in_training_says_its_step_and_loss_in_running_statuses(
     )
 
 
+async def test_a_variant_whose_training_diverged_fails_naming_the_learning_rate(core, registry):
+    student = {"arch": "mlp", "config": {"in_features": 64, "hidden": [8], "num_classes": 10}}
+    diverging = job(
+        compress={"methods": [{"distill": {"student": student, "steps": 5}}]},
+        training={"optimizer": {"name": "adam", "lr": 1e30}},
+    )
+    with pytest.raises(
+        FailedPrecondition,
+        match=r"distill diverged: .*lower training.optimizer.lr \(it is 1e\+30\)",
+    ):
+        await core.handle(diverging)
+    assert [v.method for v, _ in registry.models["digits"]] == ["train"]  # nothing registered
+
+
 async def test_a_variant_torch_cannot_compute_fails_the_job_at_once_naming_the_method(
     core, registry, monkeypatch
 ):

@@ -62,7 +62,9 @@ class BertConfig:
         if not 2 <= self.max_seq_length <= self.max_positions:
             raise InvalidArgument(
                 f"bert config: max_seq_length={self.max_seq_length} must be in "
-                f"2..max_positions ({self.max_positions})"
+                f"2..max_positions ({self.max_positions}); max_seq_length (default "
+                f"{BertConfig.max_seq_length}) is the longest input row in tokens: set it with "
+                "max_positions"
             )
         if not 0 <= self.pad_token_id < self.vocab_size:
             raise InvalidArgument(

@@ -281,6 +281,12 @@ def check_size(
     total = sum(n for _, n in parts)
     if total > limit:
         field_name, largest = max(parts, key=lambda part: part[1])
+        if largest * 10 < total:  # no layer is the cause: their number is (a 1.5 M-entry list)
+            raise InvalidArgument(
+                f"{where}: the model would have {total:,} parameters in {len(parts):,} layers "
+                f"(the largest {largest:,}), more than MAAS_MAX_MODEL_PARAMS={limit:,}; use "
+                "fewer or smaller layers"
+            )
         raise InvalidArgument(
             f"{where}.{field_name}: the model would have {total:,} parameters ({largest:,} in "
             f"this layer), more than MAAS_MAX_MODEL_PARAMS={limit:,}; make it smaller"

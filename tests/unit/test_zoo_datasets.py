@@ -366,6 +366,14 @@ def test_a_model_too_large_is_refused_by_counting_not_allocating():
         zoo.check_size("mlp", {"hidden": [10**11]}, limit=10**8)
 
 
+def test_a_model_too_large_by_its_many_small_layers_is_told_so_not_blamed_on_one():
+    with pytest.raises(InvalidArgument) as refused:
+        zoo.check_size("mlp", {"hidden": [8] * 200_000}, limit=10**6)
+    message = refused.value.message
+    assert message.startswith("model.config: the model would have ")
+    assert "in 200,001 layers" in message and "fewer or smaller layers" in message
+
+
 def test_judging_a_config_imports_no_torch():
     import subprocess
     import sys

@@ -5,7 +5,7 @@ relay). A loop that dies must not leave the service answering SERVING while it d
 nor kill the process into a restart loop on the same record: ``Liveness.supervise`` reports it.
 Services without a gRPC health service (the Kafka consumers) serve it over HTTP beside their
 metrics: ``serve_metrics`` answers ``/healthz`` with 200 ``SERVING`` or 503 ``NOT_SERVING: why``,
-and ``/readyz`` (``maas.readiness``: Kafka and S3 answer too) with 200 ``READY`` or 503
+and ``/readyz`` (``maas.readiness``: what it works through answers too) with 200 ``READY`` or 503
 ``NOT_READY: why``.
 """
 

@@ -81,7 +81,10 @@ class ShardService:
         self.liveness.dependencies.add_kafka_and_s3(self._pool.producer, settings)
         self._reporter = StatusReporter(self._pool.producer, self.name)
         self._checkpoints = CheckpointWriter(
-            self._pool.store, self._reporter, self.metrics.checkpoints
+            self._pool.store,
+            self._reporter,
+            self.metrics.checkpoints,
+            report_every_ms=settings.progress_interval_ms,
         )
         self._server: Any = None
         self.jobs: dict[Key, ShardJob] = {}
@@ -302,31 +305,36 @@ class ShardService:
         held = held_back(core.version, job.durable_version, every)
         if held and not job.held:
             self.metrics.holds.inc()
-            log.warning(
-                "%s: job %s partition %d holds version %d until a checkpoint lands (newest "
-                "durable: %d); is S3 slow or unreachable?",
-                self.name,
-                job.job_id,
-                job.partition,
-                core.version,
-                job.durable_version,
-            )
-            await self._reporter.hold(job)
+            job.hold_from(now_ms())
         job.held = held
         if not held:
             self._publish(job)
         if core.version - job.checkpointed_version >= every:
             self._checkpoints.start(job, final=False)
 
-    def _release(self, job: ShardJob, now: int) -> None:
+    async def _release(self, job: ShardJob, now: int) -> None:
         """A held version goes out once a checkpoint has landed; until then a write of the
         current version is tried every ``WRITE_RETRY_MS`` (the one that failed is not retried
-        by itself)."""
+        by itself), and a long hold is logged and reported once."""
         if not held_back(job.core.version, job.durable_version, job.plan.training.checkpoint_every):
             job.held = False
-            log.info("%s: job %s partition %d goes on", self.name, job.job_id, job.partition)
+            if job.hold_told:
+                log.info("%s: job %s partition %d goes on", self.name, job.job_id, job.partition)
             self._publish(job)
-        elif now - job.write_started_ms >= WRITE_RETRY_MS:
+            return
+        if job.hold_to_tell(now):
+            log.warning(
+                "%s: job %s partition %d has held version %d for %.1f s until a checkpoint "
+                "lands (newest durable: %d); is S3 slow or unreachable?",
+                self.name,
+                job.job_id,
+                job.partition,
+                job.core.version,
+                (now - job.held_since_ms) / 1000,
+                job.durable_version,
+            )
+            await self._reporter.hold(job)
+        if now - job.write_started_ms >= WRITE_RETRY_MS:
             self._checkpoints.start(job, final=False)
 
     def _publish(self, job: ShardJob) -> None:
@@ -375,7 +383,7 @@ class ShardService:
                 if job.core.done:
                     continue  # finishing
                 if job.held:
-                    self._release(job, now)
+                    await self._release(job, now)
                 elif job.durable_version < job.checkpoint_due and (
                     now - job.write_started_ms >= WRITE_RETRY_MS
                 ):

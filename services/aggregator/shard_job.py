@@ -61,6 +61,11 @@ def progress_due(
     return now_ms - reported_ms >= interval_ms or version - reported >= every
 
 
+# A hold this short is a job stepping faster than S3 writes (checkpointing every few steps),
+# not a slow S3: only a longer one is logged as a warning and reported in the job's status.
+SLOW_HOLD_MS = 2_000
+
+
 def held_back(version: int, durable: int, checkpoint_every: int) -> bool:
     """Whether a shard keeps ``version`` from the workers for now: it is more than two
     checkpoint intervals past the newest durable checkpoint (one interval to the next
@@ -114,12 +119,25 @@ class ShardJob:
     writing: asyncio.Task[None] | None = None
     write_started_ms: int = 0
     held: bool = False  # the newest version is not sent yet (``held_back``)
+    held_since_ms: int = 0
+    hold_told: bool = False  # the hold has lasted long enough to be logged and reported
+    checkpoint_told_ms: int = 0  # when the last ``checkpointed`` status went out
     rank_members: dict[int, str] = field(default_factory=dict)  # rank -> member that attached
     checkpoint_due: int = 0  # a version a durable checkpoint must reach soon (``joined_by``)
 
     @property
     def key(self) -> Key:
         return self.plan.job_id, self.partition
+
+    def hold_from(self, now: int) -> None:
+        self.held_since_ms, self.hold_told = now, False
+
+    def hold_to_tell(self, now: int) -> bool:
+        """Whether the current hold has just lasted ``SLOW_HOLD_MS``: told once per hold."""
+        if self.hold_told or now - self.held_since_ms < SLOW_HOLD_MS:
+            return False
+        self.hold_told = True
+        return True
 
     @property
     def job_id(self) -> str:
@@ -282,12 +300,17 @@ class StatusReporter:
 class CheckpointWriter:
     """A shard's checkpoints of its jobs in S3: one write per job at a time, the snapshot encoded
     when asked (its bytes are that version's while the core moves on). A failed write is logged;
-    the next one retries. Partition 0's shard reports each durable one as ``checkpointed``."""
+    the next one retries. Partition 0's shard reports durable ones as ``checkpointed``, at most
+    one every ``report_every_ms``: a small job checkpointing every few milliseconds would
+    otherwise write hundreds of statuses a minute."""
 
-    def __init__(self, store: TrainingStore, reporter: StatusReporter, written: Counter) -> None:
+    def __init__(
+        self, store: TrainingStore, reporter: StatusReporter, written: Counter, report_every_ms: int
+    ) -> None:
         self._store = store
         self._reporter = reporter
         self._written = written
+        self._report_every_ms = report_every_ms
 
     def start(self, job: ShardJob, *, final: bool) -> asyncio.Task[None] | None:
         if job.writing is not None and not job.writing.done():
@@ -344,7 +367,10 @@ class CheckpointWriter:
         job.durable_version = max(job.durable_version, pointer.version)
         self._written.inc()
         if job.partition == 0 and not pointer.final:
-            await self._reporter.status(job.job_id, "checkpointed", step=pointer.version)
+            now = now_ms()
+            if now - job.checkpoint_told_ms >= self._report_every_ms:
+                job.checkpoint_told_ms = now
+                await self._reporter.status(job.job_id, "checkpointed", step=pointer.version)
 
 
 class ShardMetrics:

@@ -5,9 +5,18 @@ replay can be is refused (``check_ahead``)."""
 from types import SimpleNamespace
 
 import pytest
+from prometheus_client import CollectorRegistry, Counter
 
 from maas.errors import InvalidArgument
-from services.aggregator.shard_job import ShardJob, StatusReporter, check_ahead, held_back
+from services.aggregator import shard_job
+from services.aggregator.shard_job import (
+    SLOW_HOLD_MS,
+    CheckpointWriter,
+    ShardJob,
+    StatusReporter,
+    check_ahead,
+    held_back,
+)
 from tests.unit.pool_kit import SentEvents
 
 
@@ -98,3 +107,63 @@ def test_the_same_process_reconnecting_or_a_join_at_the_durable_version_needs_no
     at_checkpoint = _joinable(version=40, durable=40)
     assert not at_checkpoint.joined_by(1, "worker-c")  # nothing since the checkpoint to lose
     assert job.checkpoint_due == at_checkpoint.checkpoint_due == 0
+
+
+def test_a_hold_is_told_once_and_only_once_it_has_lasted_long() -> None:
+    # A small job checkpointing every few steps is held for a few milliseconds at each
+    # checkpoint: that is not a slow S3, and warning of it every time flooded the log.
+    job = _joinable(version=57, durable=40)
+    job.hold_from(1_000)
+    assert not job.hold_to_tell(1_000 + SLOW_HOLD_MS - 1)
+    assert job.hold_to_tell(1_000 + SLOW_HOLD_MS)
+    assert not job.hold_to_tell(1_000 + 10 * SLOW_HOLD_MS)
+    job.hold_from(50_000)  # the next hold is told again once it is long
+    assert job.hold_to_tell(50_000 + SLOW_HOLD_MS)
+
+
+class _Checkpoints:
+    async def write_checkpoint(self, *args: object) -> None:
+        return None
+
+
+def _writer(reporter: StatusReporter, report_every_ms: int) -> CheckpointWriter:
+    written = Counter("written", "checkpoints", registry=CollectorRegistry())
+    return CheckpointWriter(_Checkpoints(), reporter, written, report_every_ms)  # type: ignore[arg-type]
+
+
+def _checkpointing(version: int) -> ShardJob:
+    job = _joinable(version=version, durable=0)
+    job.plan = SimpleNamespace(job_id="j")  # type: ignore[assignment]
+    job.core = SimpleNamespace(  # type: ignore[assignment]
+        version=version, snapshot=lambda: None, stats=SimpleNamespace(samples=0)
+    )
+    return job
+
+
+async def _checkpoint(writer: CheckpointWriter, job: ShardJob, version: int) -> None:
+    job.core.version = version
+    task = writer.start(job, final=False)
+    assert task is not None
+    await task
+
+
+async def test_checkpoints_closer_than_the_progress_interval_are_reported_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shard_job.ck, "encode_snapshot", lambda snapshot: b"")
+    clock = [10_000]
+    monkeypatch.setattr(shard_job, "now_ms", lambda: clock[0])
+    sent = SentEvents()
+    reporter = StatusReporter(sent, "aggregator-0")  # type: ignore[arg-type]
+    writer, job = _writer(reporter, report_every_ms=2_000), _checkpointing(1)
+    for version in (1, 2, 3):  # every few milliseconds: the first only
+        await _checkpoint(writer, job, version)
+        clock[0] += 5
+    clock[0] += 2_000
+    await _checkpoint(writer, job, 4)
+    await reporter.drain()
+    assert [(s["state"], s["step"]) for s in sent.sent] == [
+        ("checkpointed", 1),
+        ("checkpointed", 4),
+    ]
+    assert job.durable_version == 4

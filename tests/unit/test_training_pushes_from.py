@@ -206,7 +206,9 @@ async def test_the_final_version_goes_out_only_once_its_checkpoint_landed(
     target = prepared.plan.target_version
     service, job, _ = _shard_serving(prepared, version=target - 1)
     writes = LandingOnCue()
-    service._checkpoints = CheckpointWriter(writes, service._reporter, service.metrics.checkpoints)  # type: ignore[arg-type]
+    service._checkpoints = CheckpointWriter(
+        writes, service._reporter, service.metrics.checkpoints, 0
+    )  # type: ignore[arg-type]
     job.core.remove(0, now_ms=0)
     job.core.remove(1, now_ms=0)
     job.core.add(0)

@@ -364,6 +364,13 @@ async def test_a_load_that_outlasts_the_wait_is_unavailable_and_goes_on_for_the_
     with pytest.raises(Unavailable, match=r"loading model 'digits' version 2 took over 0\.2 s"):
         await answer(plane, "2")
     source.gates[2].set()  # S3 is back: the load that went on finishes
-    version, out = await answer(plane, "2")
+    for _ in range(100):  # its build can outlast 0.2 s on a busy machine: ask again, bounded
+        try:
+            version, out = await answer(plane, "2")
+            break
+        except Unavailable:
+            continue
+    else:
+        pytest.fail("the load that went on never finished")
     assert version == 2 and source.fetches == [2]  # the first load, not a second one
     assert_from(out, model(2))

@@ -30,9 +30,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from maas.errors import InvalidArgument, NotFound, Unavailable, is_retriable
+from maas.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable, is_retriable
 from maas.names import check_name, version_number
-from services.inference.admission import InflightBytes
+from services.inference.admission import InflightBytes, MiB
 from services.inference.batcher import BatchingConfig
 from services.inference.canary import Splits, split_of
 from services.inference.loading import ModelLoader, ModelSource
@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_WAIT_S = 60.0  # MAAS_INFERENCE_LOAD_WAIT_S
 DEFAULT_INFLIGHT_BYTES = 1 << 30  # MAAS_INFERENCE_MAX_INFLIGHT_BYTES
+DEFAULT_MAX_ANSWER_BYTES = 256 << 20  # MAAS_GRPC_MAX_MESSAGE_BYTES
 # A swap that failed for a reason that can pass is tried again after 1, 2, 4 ... 30 s.
 SWAP_RETRY_FIRST_S = 1.0
 SWAP_RETRY_MAX_S = 30.0
@@ -85,8 +86,10 @@ class DataPlane:
         instances: int = 1,
         wait_s: float = DEFAULT_WAIT_S,
         inflight: InflightBytes | None = None,
+        max_answer_bytes: int = DEFAULT_MAX_ANSWER_BYTES,
     ) -> None:
         self._source = source
+        self._max_answer_bytes = max_answer_bytes
         self._inflight_bytes = inflight or InflightBytes(DEFAULT_INFLIGHT_BYTES)
         self._wait_s = wait_s  # longest a request waits on a registry lookup or a load
         self.instances = instances  # forward passes that can run at once (worker threads)
@@ -228,9 +231,12 @@ class DataPlane:
     # --- requests ---------------------------------------------------------------------------
 
     async def model_ready(self, name: str, version: str = "") -> bool:
+        """Whether a request for it would be served: not for a model that does not exist or
+        whose artifact no server can build (as Triton answers for a model that failed to load;
+        ModelInfer and ModelMetadata say why)."""
         try:
             await self.model(name, version)
-        except NotFound:
+        except (NotFound, FailedPrecondition):
             return False
         return True
 
@@ -245,8 +251,9 @@ class DataPlane:
         model = await self.model(name, version, routing_key)
         rows = model.signature.check_inputs(inputs, model=model.label)
         model.signature.check_outputs(requested, model=model.label)
+        answer = self._check_answer(model, len(rows))
         started = time.perf_counter_ns()
-        held = rows.nbytes
+        held = rows.nbytes + answer
         self._inflight_bytes.take(held)
         try:
             output = await model.runner.submit(rows)
@@ -257,6 +264,21 @@ class DataPlane:
             self._inflight_bytes.give(held)
         model.stats.request_done(ok=True, rows=len(rows), ns=time.perf_counter_ns() - started)
         return InferResult(model, model.signature.outputs_of(output))
+
+    def _check_answer(self, model: ServedModel, rows: int) -> int:
+        """The answer's bytes, refused before any computing when they could not be sent: a
+        model's output can be hundreds of times its input (a GPT's logits are 257 floats per
+        input token), so a small request could otherwise hold gigabytes, then fail to send."""
+        answer = model.signature.answer_bytes(rows)
+        if answer > self._max_answer_bytes:
+            per_row = max(1, answer // rows)
+            raise InvalidArgument(
+                f"{rows} rows make an answer of {answer / MiB:.1f} MiB from {model.label} "
+                f"({per_row} bytes a row), over the {self._max_answer_bytes / MiB:.0f} MiB a "
+                f"message may carry (MAAS_GRPC_MAX_MESSAGE_BYTES): send at most "
+                f"{self._max_answer_bytes // per_row} rows a request"
+            )
+        return answer
 
     # --- repository -------------------------------------------------------------------------
 

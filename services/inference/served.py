@@ -90,6 +90,10 @@ def torch_forward(
                 if pass_rows is not None and len(rows) > pass_rows:
                     return in_passes(rows, pass_rows)
                 return one_pass(rows)
+        except MemoryError:
+            raise ResourceExhausted(
+                f"no memory for a forward pass of {len(rows)} rows; send fewer rows a request"
+            ) from None
         except (RuntimeError, IndexError) as exc:
             # Shapes and datatypes were checked before queueing: what fails here is the values
             # (int8 scaling overflowing on huge numbers, say), or memory for this many rows.

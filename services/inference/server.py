@@ -121,6 +121,7 @@ class InferenceServer:
             instances=settings.inference_workers,
             wait_s=settings.inference_load_wait_s,
             inflight=InflightBytes(settings.inference_max_inflight_bytes),
+            max_answer_bytes=settings.grpc_max_message_bytes,
         )
         self._health = health.aio.HealthServicer()
         self.cpu_reservation = decode_cpus(settings)

@@ -348,6 +348,15 @@ async def test_a_version_that_does_not_build_is_a_failed_precondition_naming_it(
         await make_plane(src, pool).infer("misfit", "1", {"input": X})
 
 
+async def test_a_version_that_does_not_build_is_not_ready(pool):
+    # As Triton answers for a model that failed to load; ModelInfer says why.
+    _, manifest = artifacts.pack(model(4).state_dict(), "mlp", MLP)
+    files, _ = artifacts.pack(model(4).state_dict(), "mlp", MLP)
+    src = MemorySource()
+    src.add_artifact("misfit", files, dataclasses.replace(manifest, config={**MLP, "hidden": [8]}))
+    assert not await make_plane(src, pool).model_ready("misfit", "1")
+
+
 async def test_a_zoo_model_is_served_by_its_trace_with_the_modules_own_answers(
     source, pool, caplog
 ):
@@ -374,3 +383,17 @@ async def test_a_load_that_outlasts_the_wait_is_unavailable_and_goes_on_for_the_
         pytest.fail("the load that went on never finished")
     assert version == 2 and source.fetches == [2]  # the first load, not a second one
     assert_from(out, model(2))
+
+
+async def test_a_request_whose_answer_could_not_be_sent_is_refused_before_computing(pool):
+    # A GPT's answer is 257 floats per input token: a 1 MiB request made a 257 MiB answer,
+    # computed in full (seconds of CPU, gigabytes held) before gRPC refused to send it.
+    source = digits_source()
+    plane = make_plane(source, pool, max_answer_bytes=10 * 10 * 4)  # ten rows of 10 FP32s
+    rows = np.zeros((11, 64), np.float32)
+    with pytest.raises(InvalidArgument, match=r"11 rows make an answer of .* send at most 10 rows"):
+        await answer(plane, "1", x=rows)
+    [served] = plane.loaded()
+    assert served.stats.inference_count == served.stats.fail.count == 0  # not even queued
+    _, out = await answer(plane, "1", x=rows[:10])
+    assert out.shape == (10, 10)

@@ -131,3 +131,13 @@ def test_a_pass_without_memory_for_its_rows_is_resource_exhausted() -> None:
 
     with pytest.raises(ResourceExhausted, match="send fewer rows"):
         torch_forward(Greedy())(np.zeros((1, 4), np.float32))
+
+
+def test_numpy_without_memory_for_the_answer_is_resource_exhausted_not_internal() -> None:
+    # numpy raises MemoryError (its _ArrayMemoryError), not torch's RuntimeError.
+    class Huge(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            raise MemoryError("Unable to allocate 36.8 GiB for an array")
+
+    with pytest.raises(ResourceExhausted, match="a forward pass of 3 rows; send fewer rows"):
+        torch_forward(Huge())(np.zeros((3, 4), np.float32))

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from maas.errors import InvalidArgument
-from maas.events import clip
+from maas.events import clip, shown
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text import wire as bytes_tensors
 from maas.training import frames
@@ -43,15 +43,15 @@ def dtype_of(datatype: str, *, tensor: str) -> np.dtype[Any]:
         return DATATYPE_TO_DTYPE[datatype]
     except KeyError:
         raise InvalidArgument(
-            f"input {tensor!r} has datatype {datatype!r}, which this server does not accept; "
-            f"use one of {', '.join(DATATYPE_TO_DTYPE)} or {bytes_tensors.BYTES}"
+            f"input {shown(tensor)} has datatype {shown(datatype)}, which this server does not "
+            f"accept; use one of {', '.join(DATATYPE_TO_DTYPE)} or {bytes_tensors.BYTES}"
         ) from None
 
 
 def _check_dims(shape: Sequence[int], tensor: str) -> None:
     if len(shape) > MAX_DIMS:
         raise InvalidArgument(
-            f"input {tensor!r} has {len(shape)} dimensions; at most {MAX_DIMS} are accepted"
+            f"input {shown(tensor)} has {len(shape)} dimensions; at most {MAX_DIMS} are accepted"
         )
 
 
@@ -59,7 +59,7 @@ def _shape_of(shape: Sequence[int], *, tensor: str) -> tuple[int, ...]:
     _check_dims(shape, tensor)
     if any(d < 0 for d in shape):
         raise InvalidArgument(
-            f"input {tensor!r} has shape {list(shape)}; every dimension of a request tensor "
+            f"input {shown(tensor)} has shape {list(shape)}; every dimension of a request tensor "
             "must be a concrete size >= 0"
         )
     return tuple(int(d) for d in shape)
@@ -79,13 +79,13 @@ def decode_raw(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes) -> np.
     if len(raw) != expected or min(shape, default=0) < 0 or len(shape) > MAX_DIMS:
         _shape_of(shape, tensor=tensor.name)
         raise InvalidArgument(
-            f"input {tensor.name!r} has {len(raw)} raw bytes, but datatype {datatype} "
+            f"input {shown(tensor.name)} has {len(raw)} raw bytes, but datatype {datatype} "
             f"with shape {shape} needs {expected}"
         )
     try:
         return np.ndarray(shape, dtype, raw)
     except ValueError as exc:  # e.g. dimensions whose product overflows, beside a zero
-        raise InvalidArgument(f"input {tensor.name!r} has shape {shape}: {exc}") from None
+        raise InvalidArgument(f"input {shown(tensor.name)} has shape {shape}: {exc}") from None
 
 
 def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
@@ -99,14 +99,14 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     field = _TYPED_FIELD.get(tensor.datatype)
     if field is None:
         raise InvalidArgument(
-            f"input {tensor.name!r} has datatype {tensor.datatype}, which has no typed contents "
-            "field in the protocol; send it as raw_input_contents"
+            f"input {shown(tensor.name)} has datatype {shown(tensor.datatype)}, which has no "
+            "typed contents field in the protocol; send it as raw_input_contents"
         )
     values = getattr(tensor.contents, field)
     count = math.prod(shape)
     if len(values) != count:
         raise InvalidArgument(
-            f"input {tensor.name!r} has {len(values)} values in contents.{field}, but shape "
+            f"input {shown(tensor.name)} has {len(values)} values in contents.{field}, but shape "
             f"{list(shape)} needs {count}"
         )
     wide = np.asarray(values)
@@ -116,10 +116,15 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
         info = np.iinfo(dtype)
         if wide.min() < info.min or wide.max() > info.max:
             raise InvalidArgument(
-                f"input {tensor.name!r} has contents.{field} values outside the range of "
+                f"input {shown(tensor.name)} has contents.{field} values outside the range of "
                 f"{tensor.datatype} [{info.min}, {info.max}]"
             )
-    return wide.astype(dtype).reshape(shape)
+    try:
+        return wide.astype(dtype).reshape(shape)
+    except ValueError as exc:  # dimensions whose product overflows, beside a zero
+        raise InvalidArgument(
+            f"input {shown(tensor.name)} has shape {list(shape)}: {exc}; send a smaller shape"
+        ) from None
 
 
 def _check_one_contents_field(tensor: pb.ModelInferRequest.InferInputTensor) -> None:
@@ -130,7 +135,7 @@ def _check_one_contents_field(tensor: pb.ModelInferRequest.InferInputTensor) -> 
     others = sorted(f.name for f, _ in tensor.contents.ListFields() if f.name != own)
     if own is not None and others:  # no field of its own: decoding refuses it, saying why
         raise InvalidArgument(
-            f"input {tensor.name!r} has datatype {tensor.datatype} but values in "
+            f"input {shown(tensor.name)} has datatype {tensor.datatype} but values in "
             f"contents.{', contents.'.join(others)}; send them in contents.{own} only"
         )
 
@@ -162,7 +167,7 @@ def check_tensor_parameters(kind: str, name: str, parameters: Iterable[str]) -> 
     asked = sorted(SHARED_MEMORY.intersection(parameters))
     if asked:
         raise InvalidArgument(
-            f"{kind} {name!r} has {', '.join(asked)}: this server has no shared-memory "
+            f"{kind} {shown(name)} has {', '.join(asked)}: this server has no shared-memory "
             "extension; send the tensor in the request and read it from the response"
         )
 
@@ -193,13 +198,13 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     for i, tensor in enumerate(inputs):
         name = tensor.name
         if name in arrays:
-            raise InvalidArgument(f"input {name!r} appears twice in the request")
+            raise InvalidArgument(f"input {shown(name)} appears twice in the request")
         if tensor.parameters:
             check_tensor_parameters("input", name, tensor.parameters)
         if raws:
             if tensor.HasField("contents"):
                 raise InvalidArgument(
-                    f"input {name!r} has typed contents while the request also uses "
+                    f"input {shown(name)} has typed contents while the request also uses "
                     "raw_input_contents; use one form for every input"
                 )
             arrays[name] = decode_raw(tensor, raws[i])
@@ -259,9 +264,9 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[str]:
 def check_requested(name: str, parameters: Mapping[str, object], before: Sequence[str]) -> None:
     if CLASSIFICATION in parameters:
         raise InvalidArgument(
-            f"output {name!r} asks for the classification extension, which this server does "
+            f"output {shown(name)} asks for the classification extension, which this server does "
             "not offer; ask for the output itself"
         )
     check_tensor_parameters("output", name, parameters)
     if name in before:
-        raise InvalidArgument(f"output {name!r} is requested twice; name each output once")
+        raise InvalidArgument(f"output {shown(name)} is requested twice; name each output once")

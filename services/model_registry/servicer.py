@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from maas.config import Settings
 from maas.edge import current_identity, drain_unread, edge_interceptor, server_options
 from maas.errors import InvalidArgument, MaasError
-from maas.events import clip
+from maas.events import json_failure
 from maas.names import check_name, check_version
 from maas.policy import parse_policy
 from maas.registry import wire
@@ -215,7 +215,7 @@ def _document(text: str) -> object:
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
-        raise InvalidArgument(f"document_json is not JSON: {clip(str(exc), 200)}") from None
+        raise InvalidArgument(f"document_json is not JSON: {json_failure(exc)}") from None
 
 
 M = TypeVar("M", bound=ProtoMessage)

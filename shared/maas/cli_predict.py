@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from maas.command_line import BARE_NAME, command, model_ref
 from maas.config import Settings
 from maas.errors import InvalidArgument
+from maas.events import json_failure
 from maas.registry.types import ModelRef
 from maas.textfile import read_text_file
 
@@ -63,7 +64,7 @@ def read_input(spec: str) -> np.ndarray:
         except (ValueError, TypeError, RecursionError) as exc:
             raise InvalidArgument(
                 f"--input {spec[:60]!r}: not a .npy file, a .json file or a JSON array of "
-                f"numbers ({exc})"
+                f"numbers ({json_failure(exc)})"
             ) from None
     if array.ndim == 0:
         raise InvalidArgument("--input is a single number; give at least one row of features")

@@ -172,6 +172,17 @@ def _describe(error: Any) -> str:
     return f"{where or '(event)'}: {clip(error.message, 200)}"
 
 
+def json_failure(exc: BaseException) -> str:
+    """Why ``json.loads`` refused a text, in words a sender can act on: Python's own wording
+    for two of its limits tells of ``sys.set_int_max_str_digits`` and the recursion depth."""
+    if isinstance(exc, RecursionError):
+        return "arrays or objects nest too deeply"
+    text = str(exc)
+    if "integer string conversion" in text:
+        return "it holds a whole number of more than 4 300 digits"
+    return clip(text or type(exc).__name__, 200)
+
+
 def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
     """``text`` cut to ``limit`` characters, saying how much was left out."""
     if len(text) <= limit:
@@ -216,7 +227,7 @@ def decode(
         obj = json.loads(value) if is_json else msgpack.unpackb(value, raw=False)
     except (ValueError, RecursionError, msgpack.UnpackException) as exc:
         kind = "JSON" if is_json else "msgpack"
-        why = str(exc) or type(exc).__name__  # msgpack's FormatError says nothing of itself
+        why = json_failure(exc)  # msgpack's FormatError says nothing of itself: its type then
         raise SchemaViolation(clip(f"record value is not valid {kind}: {why}")) from None
     if not isinstance(obj, dict):
         raise SchemaViolation(f"record value must decode to a map, got {type(obj).__name__}")

@@ -30,7 +30,7 @@ from maas.errors import (
     MaasError,
     SchemaViolation,
 )
-from maas.events import printable, shown
+from maas.events import json_failure, printable, shown
 from maas.names import check_version
 from maas.policy import POLICY_JOB_PREFIX, is_plan_id
 from maas.textfile import parse_yaml, read_text_file
@@ -71,10 +71,8 @@ def load_job_file(path: str | Path) -> dict[str, Any]:
     else:
         try:
             doc = json.loads(text)
-        except ValueError as exc:
-            raise InvalidArgument(f"{path} is not valid json: {exc}") from None
-        except RecursionError:
-            raise InvalidArgument(f"{path} nests lists or mappings deeper than a job can") from None
+        except (ValueError, RecursionError) as exc:
+            raise InvalidArgument(f"{path} is not valid json: {json_failure(exc)}") from None
     if not isinstance(doc, dict):
         raise InvalidArgument(f"{path} must hold a mapping (a job), not {type(doc).__name__}")
     return doc

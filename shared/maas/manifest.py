@@ -22,7 +22,7 @@ from typing import Any
 
 from maas import zoo
 from maas.errors import IntegrityError, InvalidArgument, ResourceExhausted
-from maas.events import clip
+from maas.events import clip, json_failure
 from maas.names import check_name, check_version
 
 MANIFEST_FILE = "manifest.json"
@@ -73,7 +73,7 @@ def parse_manifest(
     try:
         obj = json.loads(data)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
-        raise InvalidArgument(f"manifest_json is not JSON: {clip(str(exc), 200)}") from None
+        raise InvalidArgument(f"manifest_json is not JSON: {json_failure(exc)}") from None
     if not isinstance(obj, dict):
         raise InvalidArgument("manifest_json must be a JSON object (maas.manifest.Manifest)")
     return Manifest(

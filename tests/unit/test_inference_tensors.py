@@ -107,6 +107,23 @@ def test_negative_dimensions_are_refused_in_requests():
         decode_raw(Input(name="x", datatype="FP32", shape=[-1, 4]), b"")
 
 
+@pytest.mark.parametrize("typed", [True, False], ids=["typed", "raw"])
+def test_an_empty_shape_whose_product_overflows_is_an_invalid_argument(typed):
+    # [2**40, 2**40, 0] holds no values, so the counts agree; numpy cannot shape it. Typed, it
+    # was an INTERNAL with a traceback in the log, per request.
+    tensor = Input(name="x", datatype="FP32", shape=[2**40, 2**40, 0])
+    with pytest.raises(InvalidArgument, match=r"^input 'x' has shape \[1099511627776, "):
+        decode_typed(tensor) if typed else decode_raw(tensor, b"")
+
+
+def test_a_huge_tensor_name_is_clipped_in_refusals():
+    # Echoed whole, a 20 000-character name overflowed the client's 16 KiB limit on the
+    # status header: it saw RESOURCE_EXHAUSTED "Stream removed", not the refusal.
+    with pytest.raises(InvalidArgument) as refused:
+        decode_raw(Input(name="n" * 20_000, datatype="FP32", shape=[2]), b"")
+    assert len(refused.value.message) < 300 and "more characters" in refused.value.message
+
+
 @pytest.mark.parametrize(
     ("datatype", "raw"),
     [("FP32", None), ("FP32", b"\0" * 4), ("BYTES", None), ("BYTES", b"\1\0\0\0a")],

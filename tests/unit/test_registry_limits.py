@@ -63,6 +63,24 @@ def test_hostile_manifests_are_invalid_arguments(data):
 
 
 @pytest.mark.parametrize(
+    ("data", "says"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "arrays or objects nest too deeply"),
+        (
+            b'{"arch": "mlp", "metrics": {"x": ' + b"9" * 5000 + b"}}",
+            "it holds a whole number of more than 4 300 digits",
+        ),
+    ],
+    ids=["deep", "5000-digits"],
+)
+def test_json_past_the_parsers_limits_is_refused_in_the_senders_words(data, says):
+    # Python's own wording advised sys.set_int_max_str_digits(), which a caller cannot call.
+    with pytest.raises(InvalidArgument) as refused:
+        parse_manifest(data)
+    assert refused.value.message == f"manifest_json is not JSON: {says}"
+
+
+@pytest.mark.parametrize(
     "version",
     [0, -1, MAX_VERSION + 1, 10**5000, True, "3", 2.0],
     ids=["zero", "negative", "past-int64", "huge", "bool", "text", "float"],

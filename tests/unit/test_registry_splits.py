@@ -70,7 +70,8 @@ def test_a_split_naming_a_missing_version_changes_nothing(core):
     ("targets", "says"),
     [
         ((), "at least one"),
-        (((2, 90), (2, 10)), "twice"),
+        (((2, 90), (2, 10)), r"version\(s\) \[2\] more than once"),
+        (tuple((v, 1) for v in range(1, 1002)), "1001 given; a split takes at most 100"),
         (((2, 90), (3, 20)), "weigh 110"),
         (((2, 100), (3, 0)), "weight 0 of version 3"),
         (((0, 100),), "version 0"),

@@ -33,6 +33,7 @@ from maas.config import Settings
 from maas.edge.auth import ANONYMOUS, Authorizer, Identity
 from maas.edge.tls import server_credentials
 from maas.errors import InvalidArgument, MaasError
+from maas.events import clip
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ Observer = Callable[[str, grpc.StatusCode, float], None]
 OK, INTERNAL = grpc.StatusCode.OK, grpc.StatusCode.INTERNAL
 REFUSAL_DRAIN_S = 10.0  # how long a refused upload is read and dropped before the answer, at most
 REFUSAL_QUIET_S = 0.5  # a refused client that sends nothing for this long is answered then
+MAX_STATUS_BYTES = 4096  # of a status message as sent (``fitted_message``)
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 
 _identity: contextvars.ContextVar[Identity] = contextvars.ContextVar(
@@ -61,9 +63,27 @@ def status_for(exc: BaseException, request_id: str = "") -> tuple[grpc.StatusCod
     """The status code and message a failed call returns; INTERNAL tells nothing but an id."""
     code = grpc.StatusCode.__members__.get(str(getattr(exc, "grpc_code", "")))
     if isinstance(exc, MaasError) and code not in (None, OK, INTERNAL):
-        return code, exc.message
+        return code, fitted_message(exc.message)
     where = f"request id {request_id}; " if request_id else ""
     return INTERNAL, f"internal error ({where}see the server log)"
+
+
+def _header_bytes(message: str) -> int:
+    """The bytes of ``message`` as grpc-message sends it: UTF-8, percent-encoding every byte
+    outside printable ASCII (and ``%``) as three."""
+    return sum(1 if 0x20 <= b <= 0x7E and b != 0x25 else 3 for b in message.encode())
+
+
+def fitted_message(message: str) -> str:
+    """``message`` clipped to fit a client's limit on response headers (grpc's soft limit is
+    8 KiB for them all, its hard one 16 KiB): past it the client sees RESOURCE_EXHAUSTED
+    "Stream removed" instead of the refusal (a message echoing a 20 000-character value)."""
+    fitted, size, limit = message, _header_bytes(message), len(message)
+    while size > MAX_STATUS_BYTES:
+        limit = max(1, limit * MAX_STATUS_BYTES // size - 40)  # room for clip's own note
+        fitted = clip(message, limit)
+        size = _header_bytes(fitted)
+    return fitted
 
 
 def failure(exc: BaseException, what: str) -> tuple[grpc.StatusCode, str]:

@@ -131,9 +131,15 @@ def check_targets(targets: Sequence[tuple[int, int]]) -> AliasTargets:
     first (ties: the lower version first). InvalidArgument names what is wrong."""
     if not targets:
         raise InvalidArgument("targets: give at least one VERSION=WEIGHT")
+    if len(targets) > WEIGHT_TOTAL:
+        raise InvalidArgument(
+            f"targets: {len(targets)} given; a split takes at most {WEIGHT_TOTAL} versions "
+            "(each weighs at least 1 percent)"
+        )
     versions = [check_version(v) for v, _ in targets]
-    if len(set(versions)) != len(versions):
-        raise InvalidArgument(f"targets name a version twice: {sorted(versions)}")
+    twice = sorted({v for v in versions if versions.count(v) > 1})
+    if twice:
+        raise InvalidArgument(f"targets name version(s) {twice} more than once; name each once")
     for version, weight in targets:
         if isinstance(weight, bool) or not isinstance(weight, int) or not 1 <= weight <= 100:
             raise InvalidArgument(

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from maas.errors import InvalidArgument
+from maas.events import shown
 from maas.oip import grpc_predict_v2_pb2 as pb
 
 BYTES = "BYTES"
@@ -31,13 +32,13 @@ def element_count(shape: Sequence[int], name: str, limit: int | None) -> int:
     dimension or more than ``limit`` (None: no limit) elements."""
     if any(d < 0 for d in shape):
         raise InvalidArgument(
-            f"input {name!r} has shape {list(shape)}; every dimension of a request tensor "
+            f"input {shown(name)} has shape {list(shape)}; every dimension of a request tensor "
             "must be a concrete size >= 0"
         )
     count = math.prod(shape)
     if limit is not None and count > limit:
         raise InvalidArgument(
-            f"input {name!r} has shape {list(shape)}, {count} BYTES elements; a request "
+            f"input {shown(name)} has shape {list(shape)}, {count} BYTES elements; a request "
             f"tensor of BYTES holds at most {limit}"
         )
     return count
@@ -46,7 +47,7 @@ def element_count(shape: Sequence[int], name: str, limit: int | None) -> int:
 def _check_filled(elements: int, shape: Sequence[int], name: str, limit: int | None) -> None:
     if elements != element_count(shape, name, limit):
         raise InvalidArgument(
-            f"input {name!r} has {elements} BYTES elements, but shape {list(shape)} needs "
+            f"input {shown(name)} has {elements} BYTES elements, but shape {list(shape)} needs "
             f"{math.prod(shape)}"
         )
 
@@ -66,7 +67,7 @@ def bytes_array(
         return array.reshape(tuple(shape))
     except ValueError:  # a zero dimension beside sizes numpy cannot index ([2**40, 2**40, 0])
         raise InvalidArgument(
-            f"input {name!r} has shape {list(shape)}: array is too big; send a smaller shape"
+            f"input {shown(name)} has shape {list(shape)}: array is too big; send a smaller shape"
         ) from None
 
 
@@ -91,19 +92,19 @@ def decode_items(
     while offset < len(view):
         if len(items) == count:
             raise InvalidArgument(
-                f"input {name!r} has more BYTES elements than shape {list(shape)} holds "
+                f"input {shown(name)} has more BYTES elements than shape {list(shape)} holds "
                 f"({count}); {len(view) - offset} bytes are left after the last"
             )
         if offset + _LENGTH.size > len(view):
             raise InvalidArgument(
-                f"input {name!r}: BYTES element {len(items)} is cut inside its 4-byte "
+                f"input {shown(name)}: BYTES element {len(items)} is cut inside its 4-byte "
                 "length prefix; each element is a little-endian uint32 length, then the bytes"
             )
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += _LENGTH.size
         if offset + length > len(view):
             raise InvalidArgument(
-                f"input {name!r}: BYTES element {len(items)} says {length} bytes but "
+                f"input {shown(name)}: BYTES element {len(items)} says {length} bytes but "
                 f"only {len(view) - offset} remain"
             )
         items.append(bytes(view[offset : offset + length]))

@@ -18,6 +18,7 @@ import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Protocol
 
+from maas.errors import InvalidArgument
 from maas.registry.types import AliasTargets
 
 ROUTING_KEY = "maas-routing-key"
@@ -78,11 +79,19 @@ class Splits:
 
 
 def routing_key(parameters: Mapping[str, Any], metadata: Iterable[tuple[str, Any]] | None) -> str:
-    """A request's routing key: the OIP parameter ``maas-routing-key`` (a string parameter), else
-    the gRPC metadata entry of that name; "" when it has neither."""
+    """A request's routing key: the OIP parameter ``maas-routing-key`` (a string, or a whole
+    number as its decimal text: tritonclient sends Python ints as int64), else the gRPC metadata
+    entry of that name; "" when it has neither."""
     param = parameters.get(ROUTING_KEY)
-    if param is not None and param.WhichOneof("parameter_choice") == "string_param":
-        return str(param.string_param)
+    if param is not None:
+        kind = param.WhichOneof("parameter_choice")
+        if kind == "string_param":
+            return str(param.string_param)
+        if kind in ("int64_param", "uint64_param"):
+            return str(getattr(param, kind))
+        raise InvalidArgument(
+            f"parameter {ROUTING_KEY} is a {kind}; send it as a string or a whole number"
+        )
     for key, value in metadata or ():
         if key == ROUTING_KEY:
             return value.decode(errors="replace") if isinstance(value, bytes) else str(value)

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from maas import zoo
+from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as oip
 from services.inference.batcher import BatchingConfig
 from services.inference.canary import Splits, pick, routing_key
@@ -54,6 +55,20 @@ def test_the_routing_key_comes_from_the_oip_parameter_before_the_metadata():
     assert routing_key(request.parameters, [("maas-routing-key", "bob")]) == "alice"
     assert routing_key(oip.ModelInferRequest().parameters, [("maas-routing-key", "bob")]) == "bob"
     assert routing_key(oip.ModelInferRequest().parameters, None) == ""
+
+
+def test_a_whole_number_routing_key_is_its_decimal_text():
+    # tritonclient sends a Python int as int64_param: it was ignored, the request unsticky.
+    request = oip.ModelInferRequest()
+    request.parameters["maas-routing-key"].int64_param = 12345
+    assert routing_key(request.parameters, None) == "12345"
+
+
+def test_a_routing_key_of_another_kind_is_refused_naming_it():
+    request = oip.ModelInferRequest()
+    request.parameters["maas-routing-key"].double_param = 1.5
+    with pytest.raises(InvalidArgument, match="maas-routing-key is a double_param; send it as"):
+        routing_key(request.parameters, None)
 
 
 @pytest.fixture

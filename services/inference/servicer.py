@@ -13,6 +13,7 @@ import grpc
 from google.protobuf.message import Message
 
 from maas.errors import InvalidArgument
+from maas.events import shown
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.oip import grpc_predict_v2_pb2_grpc as pb_grpc
 from services.inference import oip_stream
@@ -112,6 +113,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelStatisticsResponse:
         if request.name:
             models = [await self._plane.model(request.name, request.version)]
+        elif request.version:
+            raise InvalidArgument(
+                f"version={shown(request.version)} without a name: name the model too, or send "
+                "neither for every loaded version's statistics"
+            )
         else:
             models = self._plane.loaded()
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])

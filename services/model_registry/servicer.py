@@ -86,6 +86,11 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         self, request: pb.GetVersionRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelVersion:
         ref = wire.ref_from_proto(request.ref)
+        if request.as_of_ms < 0:
+            raise InvalidArgument(
+                f"as_of_ms={request.as_of_ms} is before 1970: send milliseconds since the epoch, "
+                "or 0 for now"
+            )
         version = await self._service.db(
             self._metadata.get_version, ref, as_of_ms=request.as_of_ms or None
         )

@@ -91,7 +91,7 @@ def check_version(version: int) -> int:
         if not isinstance(version, int) or isinstance(version, bool):
             shown = f"of type {type(version).__name__}"
         else:
-            shown = str(version) if abs(version) <= MAX_VERSION else "beyond int64"
+            shown = str(version) if -MAX_VERSION - 1 <= version <= MAX_VERSION else "beyond int64"
         raise InvalidArgument(
             f"version {shown} is malformed: versions are integers from 1 to {MAX_VERSION}"
         )

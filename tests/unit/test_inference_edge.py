@@ -222,6 +222,14 @@ async def test_model_config_of_an_unknown_model_is_not_found(edge):
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_statistics_of_a_version_without_a_name_are_refused(edge):
+    # The version was ignored, and every model's statistics answered.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await edge.stub.ModelStatistics(pb.ModelStatisticsRequest(version="../x"))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "without a name" in (info.value.details() or "")
+
+
 async def test_statistics_and_the_repository_describe_loaded_versions(edge):
     await edge.stub.ModelInfer(raw_request())
     (stats,) = (

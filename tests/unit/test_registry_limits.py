@@ -91,6 +91,11 @@ def test_versions_outside_int64_or_not_integers_are_invalid(version):
     assert check_version(MAX_VERSION) == MAX_VERSION
 
 
+def test_the_lowest_int64_is_named_as_itself_not_beyond_int64():
+    with pytest.raises(InvalidArgument, match=f"version {-(2**63)} is malformed"):
+        check_version(-(2**63))
+
+
 @pytest.mark.parametrize(
     ("text", "number"),
     [

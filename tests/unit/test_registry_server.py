@@ -243,6 +243,16 @@ async def test_malformed_names_are_invalid_arguments(client: RegistryClient) -> 
     assert "model name 'a b' is malformed" in (caught.value.details() or "")
 
 
+async def test_a_time_before_1970_is_an_invalid_argument_not_a_miss(client: RegistryClient) -> None:
+    request = pb.GetVersionRequest(
+        ref=pb.VersionRef(name="digits", alias="production"), as_of_ms=-1
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.stub.GetVersion(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "as_of_ms=-1 is before 1970" in (caught.value.details() or "")
+
+
 async def test_a_malformed_manifest_is_an_invalid_argument(client: RegistryClient) -> None:
     with pytest.raises(InvalidArgument, match="manifest.arch"):
         await client.register_files("digits", {"w": WEIGHTS}, b'{"files": {}}')

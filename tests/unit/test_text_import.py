@@ -20,7 +20,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 from maas import zoo
 from maas.cli_import import import_pretrained
-from maas.errors import InvalidArgument
+from maas.errors import FailedPrecondition, InvalidArgument
 from maas.text.bert_config import BertConfig
 from maas.text.pretrained import (
     CONFIG_MAX_BYTES,
@@ -44,8 +44,8 @@ TINY = {
 VOCAB = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, "hello": 4, "world": 5}
 
 
-def tokenizer_json() -> str:
-    tok = Tokenizer(models.WordLevel(VOCAB, unk_token="[UNK]"))
+def tokenizer_json(vocab: dict[str, int] = VOCAB) -> str:
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # type: ignore[assignment]
     tok.post_processor = processors.TemplateProcessing(  # type: ignore[assignment]
         single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
@@ -259,6 +259,25 @@ def test_a_tokenizer_of_random_bytes_is_refused_at_import(tmp_path: Path) -> Non
     (tmp_path / "tokenizer.json").write_bytes(b"\xb6" + os.urandom(4999))
     with pytest.raises(InvalidArgument, match=r"tokenizer\.json is not a tokenizers file: 'utf-8"):
         read_directory(tmp_path)
+
+
+def without_unknown_token() -> str:
+    return tokenizer_json({k: v for k, v in VOCAB.items() if k != "[UNK]"})
+
+
+def test_a_tokenizer_without_its_unknown_token_is_refused_at_import(tmp_path: Path) -> None:
+    # It imported, then every request with a word outside the vocabulary was an INTERNAL.
+    model_dir(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(without_unknown_token())
+    with pytest.raises(InvalidArgument, match=r"tokenizer\.json cannot encode the text \("):
+        read_directory(tmp_path)
+
+
+def test_a_text_the_tokenizer_cannot_encode_is_the_models_failed_precondition() -> None:
+    tokenizer = TextTokenizer(without_unknown_token(), max_length=16)
+    assert tokenizer.ids(["hello world"]) == [[2, 4, 5, 3]]
+    with pytest.raises(FailedPrecondition, match="Missing \\[UNK\\] token"):
+        tokenizer.ids(["goodbye"])
 
 
 def test_a_vocabulary_smaller_than_the_tokenizers_is_refused(tmp_path: Path) -> None:

@@ -13,12 +13,14 @@ from typing import Any
 import torch
 
 from maas import zoo
-from maas.errors import InvalidArgument
+from maas.errors import FailedPrecondition, InvalidArgument
 from maas.text.bert_config import BertConfig
 from maas.text.tokenizer import TOKENIZER_FILE, TextTokenizer
 
 ARCH = "bert"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Encoded once at import: words and scripts no English vocabulary holds whole.
+UNSEEN_TEXT = "zqxjvw \u2603 \U0001d518\U0001d51e \u0e01\u0e02 qqqqzzzz"
 
 
 def _short(text: str, most: int = 100) -> str:
@@ -92,6 +94,10 @@ def check_tokenizer(files: Mapping[str, bytes], config: BertConfig, where: str) 
         )
     except InvalidArgument as exc:
         raise InvalidArgument(f"{where}: {exc}") from None
+    try:  # words it has never seen: a vocabulary without its unknown token fails on them
+        tokenizer.ids([UNSEEN_TEXT])
+    except FailedPrecondition as exc:
+        raise InvalidArgument(f"{where}: {exc.message}") from None
     if tokenizer.max_id >= config.vocab_size:
         raise InvalidArgument(
             f"{where}: {TOKENIZER_FILE} emits token ids up to {tokenizer.max_id} but the model's "

@@ -14,7 +14,8 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from maas.config import MiB
-from maas.errors import InvalidArgument
+from maas.errors import FailedPrecondition, InvalidArgument
+from maas.events import clip
 
 TOKENIZER_FILE = "tokenizer.json"
 # The largest tokenizer file parsed. Parsing costs about five times the file's size in memory,
@@ -53,8 +54,18 @@ class TextTokenizer:
         return max(self._tok.get_vocab(with_added_tokens=True).values(), default=0)
 
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, special tokens included, truncated to ``max_length``."""
-        return [e.ids for e in self._tok.encode_batch(list(texts))]
+        """Token ids of each text, special tokens included, truncated to ``max_length``.
+
+        FailedPrecondition when the tokenizer cannot encode them: the text is not at fault (any
+        string is text), the file is — a WordPiece vocabulary without its unknown token fails on
+        every word outside it."""
+        try:
+            return [e.ids for e in self._tok.encode_batch(list(texts))]
+        except Exception as exc:  # the library raises plain Exceptions
+            raise FailedPrecondition(
+                f"this model's {TOKENIZER_FILE} cannot encode the text ({clip(str(exc), 200)}); "
+                "import the model again with a tokenizer whose vocabulary has its unknown token"
+            ) from None
 
     def pad(self, rows: Sequence[Sequence[int]], width: int | None = None) -> np.ndarray:
         """int64 [N, width] (default: the longest row), right-padded with the pad id."""

@@ -8,11 +8,15 @@ records the sha256 as it uploads, so nothing needs hashing later.
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
 
 from maas.command_line import command
 from maas.config import Settings
 from maas.errors import InvalidArgument
+from maas.events import shown
+
+MAX_DATASET_NAME = 200  # SeaweedFS refuses a file name of over 255 bytes, .npz.sha256 included
 
 # Spelt out rather than read from maas.datasets: that would import numpy for every command.
 BUILTINS_TEXT = (
@@ -59,6 +63,11 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
         raise InvalidArgument(f"{path} does not exist or is not a file")
     if not args.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
         raise InvalidArgument(f"dataset name {args.name!r} may hold only letters, digits, - _ .")
+    if len(args.name) > MAX_DATASET_NAME:
+        raise InvalidArgument(
+            f"dataset name {shown(args.name)} has {len(args.name)} characters; at most "
+            f"{MAX_DATASET_NAME} are accepted (S3 servers refuse longer object names)"
+        )
     if args.name.endswith(".npz"):
         raise InvalidArgument(
             f"dataset name {args.name!r}: give it without .npz (it is stored as NAME.npz): "
@@ -69,10 +78,12 @@ def _upload(args: argparse.Namespace, settings: Settings) -> int:
     datasets.check_size(str(path), raw, settings.max_dataset_bytes)
     data = datasets.from_npz(str(path), raw, args.task)  # refuse bad files early
     key = f"{args.name}.npz"
-    info = ObjectStore(settings).put_file(DATASETS_BUCKET, key, path)
+    store, sha256 = ObjectStore(settings), hashlib.sha256(raw).hexdigest()
+    info = store.put_file(DATASETS_BUCKET, key, path, sha256=sha256)  # refused if it changed
+    datasets.record_sha256(store, DATASETS_BUCKET, key, sha256, len(raw))
     Console().print(
         f"uploaded {data.task} dataset: {len(data.x_train)} train / {len(data.x_test)} test rows, "
-        f"{data.num_features} features, sha256 {info.sha256[:12]}…"  # type: ignore[index]
+        f"{data.num_features} features, sha256 {sha256[:12]}…"
     )
     print(info.uri)
     return 0

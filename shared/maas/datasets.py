@@ -4,9 +4,10 @@
 Splits are fixed (seeded), so every worker, the evaluator and the tests see the same rows.
 
 S3 datasets come only from the buckets ``MAAS_DATASET_BUCKETS`` names (the datasets bucket by
-default), uploaded by any S3 tool. ``maas datasets upload`` records the object's sha256 in its
-metadata (the fast path); an object without it is hashed on first use and its sha256 kept in a
-sidecar object ``<key>.sha256``, against which every later read is verified.
+default), uploaded by any S3 tool. Every read is verified against the sha256 kept in a sidecar
+object ``<key>.sha256``: ``maas datasets upload`` writes it (and the sha256 in the object's
+metadata); an object without one is hashed on first use and its sha256 recorded then. So bytes
+replaced since by any other means are refused, however they were first put.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import io
 import json
 import math
 import re
+import struct
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -39,6 +41,10 @@ MIN_ROWS = 10  # so the held-out fifth has rows to evaluate on
 # OverflowError a header's dimension past int64.
 UNREADABLE = (ValueError, OSError, EOFError, MemoryError, RuntimeError, OverflowError)
 MAX_CLASSES = 1 << 20
+MAX_NPZ_MEMBERS = 64  # np.savez writes two: X and y
+MAX_NPZ_DIRECTORY_BYTES = 1 << 20  # its table of them: about 100 bytes a member
+_EOCD, _ZIP64_LOCATOR, _ZIP64_EOCD = b"PK\x05\x06", b"PK\x06\x07", b"PK\x06\x06"
+_EOCD_SEARCH_BYTES = 22 + 0xFFFF  # the record, and a comment of at most 64 KiB after it
 TEST_FRACTION = 0.2
 SPLIT_SEED = 1234
 
@@ -155,6 +161,7 @@ def load_builtin(name: str) -> Dataset:
 
 def from_npz(name: str, data: bytes, task: str | None = None) -> Dataset:
     """Parse a user dataset: an .npz with ``X`` (n, features) and ``y`` (n,) or (n, k)."""
+    check_members(name, data)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             arrays = {label: _read_array(name, archive, label) for label in ("X", "y")}
@@ -251,9 +258,44 @@ def _read_array(name: str, archive: zipfile.ZipFile, label: str) -> np.ndarray:
         return np.asarray(npy_format.read_array(stream, allow_pickle=False))
 
 
+def _central_directory(data: bytes) -> tuple[int, int] | None:
+    """(members, bytes) of a zip's central directory as its end record declares them (the zip64
+    record's where the short fields are full), read before ``zipfile`` parses the table; None
+    when there is no such record (``from_npz`` says what is wrong with the file)."""
+    at = data.rfind(_EOCD, max(0, len(data) - _EOCD_SEARCH_BYTES))
+    if at < 0 or at + 16 > len(data):
+        return None
+    count, size = struct.unpack_from("<HI", data, at + 10)
+    locator = at - 20  # a zip64 end-of-central-directory locator sits right before the record
+    if locator < 0 or data[locator : locator + 4] != _ZIP64_LOCATOR:
+        return int(count), int(size)
+    (record,) = struct.unpack_from("<Q", data, locator + 8)
+    if record + 48 > len(data) or data[record : record + 4] != _ZIP64_EOCD:
+        return None
+    count64, size64 = struct.unpack_from("<QQ", data, record + 32)
+    return int(count64), int(size64)
+
+
+def check_members(name: str, data: bytes) -> None:
+    """Refuse an archive whose table of members is larger than a dataset has any use for:
+    reading it costs time and memory by the member, not by the byte (a million empty members,
+    86 MB: 52 s and +570 MB in every process that loads it)."""
+    directory = _central_directory(data)
+    if directory is None:
+        return
+    count, size = directory
+    if count > MAX_NPZ_MEMBERS or size > MAX_NPZ_DIRECTORY_BYTES:
+        raise InvalidArgument(
+            f"{name} is an archive of {count:,} members ({size:,} bytes of member table); a "
+            f"dataset is X and y (np.savez(path, X=..., y=...)): at most {MAX_NPZ_MEMBERS} "
+            f"members and {MAX_NPZ_DIRECTORY_BYTES:,} bytes of table are read"
+        )
+
+
 def check_size(name: str, data: bytes, limit: int) -> None:
     """Refuse a dataset over ``limit`` bytes as stored or unpacked, before any array is read: a
     1 MB archive can unpack to gigabytes in every worker that loads it."""
+    check_members(name, data)
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             unpacked = sum(info.file_size for info in archive.infolist())
@@ -322,24 +364,30 @@ def _verified_bytes(
     store: ObjectStore, bucket: str, key: str, *, recorded: str | None
 ) -> FetchedBytes:
     uri = f"s3://{bucket}/{key}"
-    if recorded is not None:  # uploaded through maas.store: sha256 in metadata
-        return FetchedBytes(*store.get_bytes_and_sha256(bucket, key))
     sidecar = key + SIDECAR_SUFFIX
     try:
-        recorded = _recorded_sha256(store.get_bytes(bucket, sidecar))
+        kept = store.get_bytes(bucket, sidecar)
     except NotFound:
-        return _first_use(store, bucket, key)
+        if recorded is None:
+            return _first_use(store, bucket, key)
+        # Uploaded through maas.store (its sha256 in the metadata, checked as it is read) before
+        # uploads wrote the sidecar too: recorded now, for every later read.
+        fetched = FetchedBytes(*store.get_bytes_and_sha256(bucket, key))
+        record_sha256(store, bucket, key, fetched.sha256, len(fetched.data))
+        return fetched
+    recorded = _recorded_sha256(kept)
     if recorded is None:
         raise IntegrityError(
-            f"s3://{bucket}/{sidecar}, the sha256 recorded for {uri} on first use, is not "
+            f"s3://{bucket}/{sidecar}, the sha256 recorded for {uri}, is not "
             '{"sha256": "<64 hex digits>", ...}: delete it to record the dataset\'s bytes again'
         )
     try:
         return FetchedBytes(*store.get_bytes_and_sha256(bucket, key, expected_sha256=recorded))
     except IntegrityError:
         raise IntegrityError(
-            f"{uri} changed since its sha256 was recorded on first use (s3://{bucket}/{sidecar}):"
-            " upload it with `maas datasets upload`, or delete the sidecar to accept the new bytes"
+            f"{uri} changed since its sha256 was recorded at upload or first use "
+            f"(s3://{bucket}/{sidecar}): upload it with `maas datasets upload`, or delete the "
+            "sidecar to accept the new bytes"
         ) from None
 
 
@@ -359,11 +407,16 @@ def _first_use(store: ObjectStore, bucket: str, key: str) -> FetchedBytes:
     """Read an object no sha256 vouches for yet, and record its sha256 for every later read."""
     data = b"".join(store.iter_chunks(bucket, key))
     digest = hashlib.sha256(data).hexdigest()
-    record = {"sha256": digest, "size_bytes": len(data)}
+    record_sha256(store, bucket, key, digest, len(data))
+    return FetchedBytes(data, digest)
+
+
+def record_sha256(store: ObjectStore, bucket: str, key: str, sha256: str, size: int) -> None:
+    """Keep ``sha256`` as what every later read of ``key`` must hash to (its sidecar)."""
+    record = {"sha256": sha256, "size_bytes": size}
     store.put_bytes(
         bucket, key + SIDECAR_SUFFIX, json.dumps(record).encode(), content_type="application/json"
     )
-    return FetchedBytes(data, digest)
 
 
 def fetcher(store: ObjectStore, settings: Settings) -> Callable[[str], FetchedBytes]:

@@ -48,6 +48,15 @@ ALL_BUCKETS: tuple[str, ...] = (MODELS_BUCKET, DATASETS_BUCKET, CHECKPOINTS_BUCK
 SHA256_META = "sha256"  # stored as the x-amz-meta-sha256 header
 _READ_BLOCK_BYTES = 1024 * 1024
 _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
+# S3's refusals of the request itself (a key too long, a name S3 does not take): retrying them
+# only delays the same answer, reported then as S3 being unavailable.
+_REQUEST_REFUSED_CODES = {
+    "KeyTooLongError",
+    "InvalidObjectName",
+    "InvalidBucketName",
+    "EntityTooLarge",
+    "MetadataTooLarge",
+}
 
 T = TypeVar("T")
 
@@ -148,6 +157,10 @@ class ObjectStore:
                     raise NotFound(f"{what}: {exc.code} ({exc.message})") from None
                 if exc.code == "PreconditionFailed":  # only conditional writes ask for one
                     raise AlreadyExists(f"{what}: the object exists already") from None
+                if exc.code in _REQUEST_REFUSED_CODES:  # the same request is refused again
+                    raise InvalidArgument(
+                        f"{what}: S3 refused it: {exc.code} ({exc.message})"
+                    ) from None
                 if exc.code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"}:
                     raise MaasError(
                         f"{what}: S3 refused the credentials ({exc.code}); check "

@@ -1,4 +1,5 @@
-"""Datasets uploaded by any S3 tool: hashed on first use, verified on every use after."""
+"""Datasets uploaded by any S3 tool: hashed at upload or on first use, verified on every use
+after."""
 
 from __future__ import annotations
 
@@ -57,16 +58,30 @@ def test_bytes_changed_after_first_use_are_refused(store, stack):
     uri = f"s3://{DATASETS_BUCKET}/{key}"
     datasets.fetch_bytes(store, uri, stack.settings)
     plain_upload(store, key, npz_bytes(30))
-    with pytest.raises(IntegrityError, match="changed since its sha256 was recorded on first use"):
+    with pytest.raises(IntegrityError, match="changed since its sha256 was recorded at upload"):
         datasets.fetch_bytes(store, uri, stack.settings)
 
 
-def test_a_maas_upload_is_verified_by_its_metadata_and_needs_no_sidecar(store, stack):
+def test_an_upload_with_its_sha256_in_metadata_is_verified_by_it_and_recorded(store, stack):
     key, data = a_key(), npz_bytes()
-    store.put_bytes(DATASETS_BUCKET, key, data)
+    store.put_bytes(DATASETS_BUCKET, key, data)  # what uploads wrote before they kept a sidecar
     fetched = datasets.fetch_bytes(store, f"s3://{DATASETS_BUCKET}/{key}", stack.settings)
     assert fetched == (data, hashlib.sha256(data).hexdigest())
-    assert not store.exists(DATASETS_BUCKET, key + datasets.SIDECAR_SUFFIX)
+    recorded = json.loads(store.get_bytes(DATASETS_BUCKET, key + datasets.SIDECAR_SUFFIX))
+    assert recorded["sha256"] == fetched.sha256
+
+
+def test_bytes_replaced_by_another_tool_after_a_maas_upload_are_refused(store, stack):
+    # The sha256 lived only in the object's metadata, which a plain overwrite drops: the next
+    # job took the new bytes as never seen and trained on them.
+    key = a_key()
+    store.put_bytes(DATASETS_BUCKET, key, npz_bytes(20))
+    datasets.record_sha256(
+        store, DATASETS_BUCKET, key, hashlib.sha256(npz_bytes(20)).hexdigest(), 1
+    )
+    plain_upload(store, key, npz_bytes(30))
+    with pytest.raises(IntegrityError, match="changed since its sha256 was recorded at upload"):
+        datasets.fetch_bytes(store, f"s3://{DATASETS_BUCKET}/{key}", stack.settings)
 
 
 def test_a_dataset_outside_the_allowed_buckets_is_refused_before_any_read(store, stack):

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from maas.errors import IntegrityError, NotFound
+from maas.errors import IntegrityError, InvalidArgument, NotFound
 from maas.store import DATASETS_BUCKET, ObjectStore, file_sha256
 from maas.store_async import AsyncObjectStore
 
@@ -82,6 +82,13 @@ def test_a_missing_key_is_a_clear_not_found(store):
     with pytest.raises(NotFound, match="no-such-key"):
         store.get_bytes(DATASETS_BUCKET, "no-such-key")
     assert not store.exists(DATASETS_BUCKET, "no-such-key")
+
+
+def test_a_key_s3_refuses_is_an_invalid_argument_at_once_not_unavailable(store, caplog):
+    # Retried five times as if S3 were away, it ended as Unavailable.
+    with pytest.raises(InvalidArgument, match="S3 refused it: KeyTooLongError"):
+        store.put_bytes(DATASETS_BUCKET, "k" * 300, b"x")
+    assert "attempt" not in caplog.text
 
 
 def on_thread(fn: Callable[..., Any], name: str, threads: dict[str, int]) -> Callable[..., Any]:

@@ -116,3 +116,13 @@ def test_a_dataset_name_ending_in_npz_is_refused_naming_the_name_to_give(
     assert cli.main(["datasets", "upload", str(data), "my-data.npz"]) == 1
     err = capsys.readouterr().err
     assert "give it without .npz" in err and f"upload {data} my-data" in err
+
+
+def test_a_dataset_name_longer_than_s3_takes_is_refused_before_uploading(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # SeaweedFS refused the key as too long; retried as if S3 were away, it ended Unavailable.
+    data = tmp_path / "my-data.npz"
+    data.write_bytes(b"")
+    assert cli.main(["datasets", "upload", str(data), "b" * 201]) == 1
+    assert "has 201 characters; at most 200 are accepted" in capsys.readouterr().err

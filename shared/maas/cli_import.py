@@ -19,6 +19,7 @@ from typing import Any
 
 from maas.command_line import command
 from maas.config import Settings
+from maas.names import check_alias, check_name
 from maas.registry.types import ModelVersion
 
 METHOD = "import"
@@ -37,10 +38,14 @@ async def import_pretrained(
     from maas.text.model import ARCH
     from maas.text.pretrained import read_source
 
+    name = name or default_name(source)
+    check_name(name)  # before reading: a directory's name may be none a model can take
+    if alias is not None:
+        check_alias(alias)
     pretrained = await asyncio.to_thread(read_source, source)
     version: ModelVersion = await client.register(
         pretrained.state,
-        name or default_name(source),
+        name,
         ARCH,
         zoo.config_to_dict(pretrained.config),
         method=METHOD,

@@ -331,6 +331,18 @@ def test_the_import_registers_nothing_it_refuses(tmp_path: Path) -> None:
         asyncio.run(import_pretrained(Registry(), str(tmp_path), "tiny"))
 
 
+def test_a_name_no_model_can_take_is_refused_before_the_directory_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was refused by the registry after seconds of reading and checking the weights.
+    def read_source(source: str) -> None:
+        raise AssertionError("the directory must not be read")
+
+    monkeypatch.setattr("maas.text.pretrained.read_source", read_source)
+    with pytest.raises(InvalidArgument, match="model name 'bad name'"):
+        asyncio.run(import_pretrained(None, str(tmp_path), "bad name"))
+
+
 # --- the tokenizer loader itself: artifacts registered by older versions or other tools -----
 
 

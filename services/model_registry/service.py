@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from maas.config import Settings
-from maas.errors import MaasError
+from maas.errors import FailedPrecondition, MaasError
 from maas.manifest import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
@@ -28,7 +28,7 @@ from maas.manifest import (
     parse_manifest,
 )
 from maas.names import check_alias, check_name
-from maas.registry.types import ModelVersion, artifact_prefix
+from maas.registry.types import AliasChange, AliasTargets, ModelRef, ModelVersion, artifact_prefix
 from maas.store_async import AsyncObjectStore
 from services.model_registry.store import NewVersion, RegistryStore, parent_of
 from services.model_registry.uploads import ArtifactSink, FileCaps, weights_max_bytes
@@ -196,6 +196,35 @@ class RegistryService:
             record.created_by,
         )
         return record
+
+    async def set_alias(
+        self,
+        name: str,
+        alias: str,
+        version: int,
+        actor: str,
+        reason: str = "",
+        *,
+        targets: AliasTargets = (),
+    ) -> AliasChange:
+        """Move ``alias`` (or split it over ``targets``) once every version it would name still
+        has its files in S3: an alias is what clients call, and one on a version whose artifact
+        is gone fails every request sent to it."""
+        for target in [v for v, _ in targets] or [version]:
+            await self._check_stored(name, target)
+        return await self.write(
+            self.metadata.set_alias, name, alias, version, actor, reason, targets=targets
+        )
+
+    async def _check_stored(self, name: str, version: int) -> None:
+        record = await self.db(self.metadata.get_version, ModelRef(name, version=version))
+        for file in record.files:
+            if not await self._store.exists(record.bucket, record.prefix + file.name):
+                raise FailedPrecondition(
+                    f"{name}@{version}'s {file.name} is missing from s3://{record.bucket}/"
+                    f"{record.prefix}: an alias on it would fail every request; register the "
+                    "version again, or point the alias at another"
+                )
 
     async def delete_version(self, name: str, version: int, actor: str) -> ModelVersion:
         record = await self.write(self.metadata.delete_version, name, version, actor)

@@ -133,8 +133,7 @@ class ModelRegistryServicer(pb_grpc.ModelRegistryServicer):
         targets = wire.targets_from_proto(request.targets)
         if targets and request.version:
             raise InvalidArgument("give version or targets, not both (targets: leave version 0)")
-        change = await self._service.write(
-            self._metadata.set_alias,
+        change = await self._service.set_alias(
             request.name,
             request.alias,
             targets[0][0] if targets else check_version(request.version),

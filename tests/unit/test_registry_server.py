@@ -82,6 +82,11 @@ class FakeStore:
             raise Unavailable("S3 is down")
         self.client.objects[f"{bucket}/{key}"] = (data, {})
 
+    async def exists(self, bucket: str, key: str) -> bool:
+        if self.client.down:
+            raise Unavailable("S3 is down")
+        return f"{bucket}/{key}" in self.client.objects
+
     async def abort_incomplete_uploads(self, bucket: str, prefix: str = "") -> int:
         if self.client.down:
             raise Unavailable("S3 is down")
@@ -310,6 +315,21 @@ async def test_registered_files_are_stored_under_name_and_version_with_their_sha
         "weights.safetensors": len(WEIGHTS),
         "extra.json": 2,
     }
+
+
+async def test_an_alias_is_not_moved_onto_a_version_whose_files_are_gone_from_s3(
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
+) -> None:
+    # It moved, and every request for the alias then failed: "registered but its artifact is
+    # missing from S3".
+    files = {"weights.safetensors": WEIGHTS}
+    await client.register_files("digits", files, manifest_for(files), alias="production")
+    await client.register_files("digits", files, manifest_for(files))
+    del server[1].client.objects["maas-models/digits/2/weights.safetensors"]
+    with pytest.raises(FailedPrecondition, match="digits@2's weights.safetensors is missing"):
+        await client.set_alias("digits", "production", 2)
+    assert (await client.get("digits@production")).version == 1
 
 
 async def test_a_file_that_does_not_match_its_sha256_registers_nothing(

@@ -10,6 +10,8 @@ from which version it can (``declare``), and the shard goes on without it until 
 Parameters come in piece by piece and reach the job whole. The link asks for the partition's
 address (the job's newest assignment) at every dial and dials again, with backoff, whenever the
 stream breaks: either side may have restarted, or the partition may have moved to another shard.
+A move ends the stream at once (``follow``): the shard that lost the partition may be hung,
+its connection open and silent, and nothing else would end a stream to it.
 
 A shard the link gets nothing from for ``MAAS_WORKER_HEARTBEAT_TIMEOUT_MS`` (every dial refused,
 ended before a reply or left unanswered, at one address) is reported through ``on_unreachable``,
@@ -90,6 +92,7 @@ class ShardLink:
         self._failing: Failing | None = None
         self.shard_version = -1  # of the newest whole parameters on this stream (-1: none yet)
         self._declared: int | None = None  # the PushesFrom version sent on this stream
+        self._moved = asyncio.Event()  # the partition's address is not the streamed one's
 
     def push(self, push: OutgoingPush) -> None:
         """Send ``push`` now if connected, and keep it until a checkpoint covers its version."""
@@ -110,6 +113,12 @@ class ShardLink:
         """The versions of the pushes kept for a restarted shard (see ``push``), read lazily:
         most steps never need them."""
         return (push.version for push in self._retained)
+
+    def follow(self) -> None:
+        """The job's assignment changed: end a stream to an address the partition has left,
+        so the next dial reaches its new shard."""
+        if self._outbox is not None and self._address(self.shard) != self._dialled:
+            self._moved.set()
 
     def declare(self, version: int | None) -> None:
         """Tell the shard this worker can push from ``version`` on only (None: nothing to
@@ -217,15 +226,44 @@ class ShardLink:
                 if reply is grpc.aio.EOF:
                     return "the stream ended before the shard sent anything"
                 self._failing = None  # it answers: whatever failed before is over
-                while reply is not grpc.aio.EOF:
-                    self.receive(reply)
-                    reply = await call.read()
+                self.receive(reply)
+                await self._read_until_moved(call)
             finally:
                 self._outbox = None
                 writer.cancel()
                 await asyncio.gather(writer, return_exceptions=True)
                 call.cancel()
         return ""
+
+    async def _read_until_moved(self, call: grpc.aio.StreamStreamCall) -> None:
+        """Read the stream until it ends (its error raised) or the partition moves away."""
+        self._moved.clear()
+        self.follow()  # a move while the stream opened
+        reading = asyncio.create_task(self._read_all(call))
+        moved = asyncio.create_task(self._moved.wait())
+        try:
+            await asyncio.wait({reading, moved}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            moved.cancel()
+            if not reading.done():
+                reading.cancel()
+            await asyncio.gather(reading, moved, return_exceptions=True)
+        if not reading.cancelled():
+            reading.result()  # the stream's own end: its error, if any, is the caller's
+            return
+        log.info(
+            "job %s: partition %d moved from %s to %s; dialling it",
+            self.job_id,
+            self.shard,
+            self._dialled,
+            self._address(self.shard),
+        )
+
+    async def _read_all(self, call: grpc.aio.StreamStreamCall) -> None:
+        reply = await call.read()
+        while reply is not grpc.aio.EOF:
+            self.receive(reply)
+            reply = await call.read()
 
     async def _write(self, call: grpc.aio.StreamStreamCall, outbox: asyncio.Queue[bytes]) -> None:
         join = pb.Join(job_id=self.job_id, worker=self.worker, shard=self.shard, member=self.member)

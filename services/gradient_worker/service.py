@@ -176,6 +176,8 @@ class WorkerService:
         if running is not None:
             if rank == running.rank:
                 running.assignment = assignment  # shards may have moved: links dial anew
+                for link in running.links:
+                    link.follow()
                 return
             await self._leave(job_id, "the coordinator gave this rank to another worker")
         if rank is not None and self.out_of_pool:

@@ -10,11 +10,13 @@ from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
 import grpc
+import numpy as np
 import pytest
 from pool_kit import SentEvents, link_to, ticking_clock
 
 from maas import events
 from maas.config import Settings
+from maas.training.broadcast import params_pieces
 from maas.training.pool import SHARD, WORKER, Assignment, Want
 from services.aggregator.scheduler import PoolScheduler
 from services.gradient_worker import link as link_module
@@ -114,3 +116,73 @@ async def test_a_shard_that_takes_the_stream_but_never_answers_is_reported() -> 
         await server.stop(grace=None)
     (what,) = reports
     assert "last: the shard accepted the stream but sent nothing in 300 ms" in what
+
+
+def _serve(handler) -> tuple[grpc.aio.Server, str]:  # type: ignore[no-untyped-def]
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "maas.training.v1.TrainingDataPlane",
+                {"Exchange": grpc.stream_stream_rpc_method_handler(handler)},
+            ),
+        )
+    )
+    return server, f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+
+
+async def test_a_partition_that_moves_ends_the_stream_to_its_old_shard_at_once() -> None:
+    # A shard frozen mid-job (SIGSTOP, a paused VM) keeps its connection open and silent: the
+    # coordinator moved its partition after ~10 s, but the workers read the old stream until
+    # the process woke, and the job stood still all that time.
+    piece = params_pieces(
+        np.zeros(4, np.float32),
+        version=0,
+        final=False,
+        durable_version=0,
+        dtype="float32",
+        chunk_bytes=1 << 20,
+    )
+
+    async def answers_once_then_hangs(requests, context):  # type: ignore[no-untyped-def]
+        await requests.__anext__()  # the join
+        for frame in piece:
+            yield frame
+        await asyncio.Event().wait()
+
+    joined = asyncio.Event()
+
+    async def new_owner(requests, context):  # type: ignore[no-untyped-def]
+        await requests.__anext__()
+        joined.set()
+        await asyncio.Event().wait()
+        yield b""
+
+    old, old_address = _serve(answers_once_then_hangs)
+    new, new_address = _serve(new_owner)
+    await old.start()
+    await new.start()
+    address = [old_address]
+    received = asyncio.Event()
+    link = ShardLink(
+        job_id="j",
+        worker=0,
+        member="w-0",
+        shard=0,
+        partition_size=4,
+        settings=Settings(auth=False),
+        address=lambda partition: address[0],
+        on_params=lambda shard, params: received.set(),
+    )
+    running = asyncio.create_task(link.run())
+    try:
+        await asyncio.wait_for(received.wait(), 30)
+        address[0] = new_address  # the job's newest assignment names another shard
+        link.follow()
+        await asyncio.wait_for(joined.wait(), 30)
+    finally:
+        link.over = True
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await old.stop(grace=None)
+        await new.stop(grace=None)

@@ -371,6 +371,8 @@ class WorkerService:
         job, links = running.job, running.links
 
         def send(shard: int, push: OutgoingPush) -> None:
+            if not links:  # the job was left while this step computed: nowhere to send it
+                return
             links[shard].push(push)
             self.metrics.bytes_sent.inc(len(push.frame))
 

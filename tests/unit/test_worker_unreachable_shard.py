@@ -186,3 +186,27 @@ async def test_a_partition_that_moves_ends_the_stream_to_its_old_shard_at_once()
         await asyncio.gather(running, return_exceptions=True)
         await old.stop(grace=None)
         await new.stop(grace=None)
+
+
+async def test_a_push_made_after_its_job_was_left_is_dropped() -> None:
+    # A cancel lands while a step computes: the job is left (its links cleared), then the
+    # step's pushes arrive on the loop. They raised IndexError in an asyncio callback.
+    worker = WorkerService(Settings(member_id="w-0"))
+    running = SimpleNamespace(links=[])
+
+    class Job:
+        steps = 0
+
+        def take(self) -> None:
+            return None
+
+        def compute(self, view: None, emit) -> None:  # type: ignore[no-untyped-def]
+            emit(0, SimpleNamespace(frame=b"x", version=0))
+
+    running.job = Job()
+    loop = asyncio.get_running_loop()
+    errors: list[dict[str, object]] = []
+    loop.set_exception_handler(lambda _, context: errors.append(context))
+    await worker._step(loop, "j", running)  # type: ignore[arg-type]
+    await asyncio.sleep(0)  # the push's callback runs
+    assert errors == []

@@ -32,3 +32,11 @@ def test_a_tie_in_start_time_is_broken_by_incarnation() -> None:
     second = Identity("w-1", "worker", incarnation="bbb", since=1000)
     assert second.fenced_by(member_event(first, "up")) is not None
     assert first.fenced_by(member_event(second, "up")) is None
+
+
+def test_a_generated_id_is_not_fenced_by_a_record_claiming_it() -> None:
+    # Generated ids hold the pid and a random part: no other process holds one. A forged `up`
+    # with an older `since` stopped such a worker for good (nothing restarts it).
+    mine = Identity("host-123-ab12", "worker", incarnation="bbb", since=2000, chosen=False)
+    forged = Identity("host-123-ab12", "worker", incarnation="forged", since=0)
+    assert mine.fenced_by(member_event(forged, "up")) is None

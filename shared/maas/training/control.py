@@ -24,6 +24,7 @@ from maas.bus import EventProducer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import FailedPrecondition, MaasError
+from maas.events import shown
 from maas.store_async import AsyncObjectStore
 from maas.training.pool import Assignment
 from maas.training.storage import TrainingStore
@@ -49,18 +50,31 @@ class IdentityTaken(FailedPrecondition):
 class Identity:
     """Who this process is in the pool: the name, and which start of a process under it.
 
-    A member id is leased by heartbeats: of two processes saying ``up`` under one id, the one
-    that started first keeps it and the other stops (``fenced_by``), naming the holder.
+    A member id set by hand (``MAAS_MEMBER_ID``) is leased by heartbeats: of two processes
+    saying ``up`` under it, the one that started first keeps it and the other stops
+    (``fenced_by``), naming the holder. A generated id (``chosen`` False) holds this process's
+    pid and a random part, so no other process can hold it: a record claiming it is forged
+    or a stray, and stops nothing.
     """
 
     member_id: str
     kind: str
     incarnation: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     since: int = field(default_factory=events.now_ms)
+    chosen: bool = True
 
     def fenced_by(self, event: Mapping[str, Any]) -> str | None:
         """Why this process must stop, if ``event`` shows an older holder of its id."""
         if event.get("member_id") != self.member_id or event.get("state") != "up":
+            return None
+        if not self.chosen:
+            if event.get("incarnation") != self.incarnation:
+                log.warning(
+                    "a control record claims this process's generated member id %r for another "
+                    "incarnation (%s): ignored; is something forging maas.training-control.v1?",
+                    self.member_id,
+                    shown(event.get("incarnation"), 40),
+                )
             return None
         theirs = str(event.get("incarnation", ""))
         if not theirs or theirs == self.incarnation:
@@ -222,7 +236,7 @@ class PoolMember:
         self.producer = EventProducer(settings, client_id=self.name)
         self.objects = AsyncObjectStore(settings)
         self.store = TrainingStore(self.objects)
-        identity = Identity(self.member_id, kind)
+        identity = Identity(self.member_id, kind, chosen=bool(settings.member_id))
         self.assignments = AssignmentReader(settings, self.store, self.name, identity)
         self.heartbeat = Heartbeat(self.producer, settings, identity)
 

@@ -16,6 +16,14 @@ from infra.proc import RUN_EXITED, RUN_MARKER, RUN_STARTED, RUN_STOPPED
 from maas.events import clip
 from maas.lifecycle import is_kafka_client
 
+# Signals another process sends (an operator, an OOM killer, a supervisor): a line the process
+# logged before one is no reason it ended, however late (a job it refused a second before a
+# SIGKILL was given as why it was killed).
+SENT_BY_OTHERS = frozenset(
+    f"killed by {sig.name}"
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+)
+
 
 def why_down(log_file: Path, *, tail_bytes: int = 64 * 1024) -> str:
     """Why the log's latest run ended, for one that was not stopped on request: how it exited
@@ -31,6 +39,8 @@ def why_down(log_file: Path, *, tail_bytes: int = 64 * 1024) -> str:
     if any(_marks(line, RUN_STOPPED) for line in run):
         return ""
     how = exit_of(run)
+    if how in SENT_BY_OTHERS:  # whatever it logged last did not end it: the signal did
+        return how
     cause = last_words([line for line in run if not line.startswith(RUN_MARKER)])
     return clip(": ".join(part for part in (how, cause) if part), 300)
 

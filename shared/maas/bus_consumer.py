@@ -285,7 +285,7 @@ class EventConsumer:
         return True
 
     async def _dead_letter(self, letter: DeadLetter) -> None:
-        log.error(
+        log.warning(  # the record's fault, not the service's: it goes on
             "dead-lettering %s[%d]@%d: %s: %s",
             letter.topic,
             letter.partition,

@@ -401,7 +401,7 @@ class TransactionalPipe:
         for raw in raws:
             self._attempts.pop((raw.topic, raw.partition, raw.offset), None)
         for letter in letters:
-            log.error(
+            log.warning(  # the record's fault, not the service's: it goes on
                 "dead-lettered %s[%d]@%d: %s: %s",
                 letter.topic,
                 letter.partition,

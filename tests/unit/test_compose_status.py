@@ -151,6 +151,14 @@ def test_an_old_kafka_outage_is_not_why_a_killed_process_is_down(tmp_path: Path)
     assert why_down(log) == "killed by SIGKILL"
 
 
+def test_a_late_error_line_is_not_why_a_process_was_killed_by_a_signal(tmp_path: Path) -> None:
+    # The coordinator's refusal of a user's job, a second before an operator's SIGKILL, was
+    # given as why it was killed.
+    refusal = "2026-12-05 21:06:47,000 ERROR maas.bus_consumer: dead-lettering jobs[2]@34: bad\n"
+    assert why_down(run_log(tmp_path / "x.log", refusal, exited(137))) == "killed by SIGKILL"
+    assert why_down(run_log(tmp_path / "y.log", refusal, exited(143))) == "killed by SIGTERM"
+
+
 def test_a_kafka_clients_lines_are_never_the_reason(tmp_path: Path) -> None:
     assert why_down(run_log(tmp_path / "x.log", KAFKA_OUTAGE)) == ""
 

@@ -230,9 +230,11 @@ def _describe(summary: jobs.JobSummary) -> str:
 
 async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jobs.JobSummary:
     """A live progress bar for one job; returns its final summary (printed too)."""
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
 
     from maas import jobs
+    from maas.events import printable
 
     final = jobs.JobSummary(job_id)
     with Progress(
@@ -246,7 +248,12 @@ async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jo
         task = progress.add_task(
             "job", total=None, job=job_id, steps="", detail="waiting for the job…"
         )
+        told = ""
         async for summary in jobs.watch(settings, job_id, timeout_s=timeout_s):
+            if summary.reason and summary.reason != told and not summary.done:
+                # What it waits for, who left or joined: kept above the bar, in the scrollback.
+                told = summary.reason
+                progress.console.print(f"  {escape(printable(told, 500))}")
             progress.update(
                 task,
                 completed=summary.step,

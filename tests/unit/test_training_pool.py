@@ -91,6 +91,15 @@ def test_a_silent_worker_loses_its_rank_and_a_free_one_takes_it() -> None:
     assert f"worker {lost} (rank 1) removed: no heartbeat" in change.reason
 
 
+def test_a_worker_that_said_down_is_removed_for_saying_so_not_for_silence() -> None:
+    pool = pool_with(3)
+    pool.submit(Want("a", workers=2, shards=1, min_workers=2))
+    lost = started(pool, "a").workers[1]
+    pool.left(lost)  # its `down` record
+    (change,) = pool.schedule()
+    assert f"worker {lost} (rank 1) removed: it said it is going down" in change.reason
+
+
 def test_a_partition_of_a_silent_shard_moves_to_a_live_one() -> None:
     pool = pool_with(1, shards=1)
     pool.submit(Want("a", workers=1, shards=2, min_workers=1))

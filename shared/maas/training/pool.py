@@ -135,6 +135,7 @@ class Pool:
     _stranded: set[tuple[str, int]] = field(default_factory=set)  # (job, partition) said to wait
     # (job, partition) -> rank -> when that rank's worker last said it cannot reach the shard
     _unreached: dict[tuple[str, int], dict[int, int]] = field(default_factory=dict)
+    _gone_why: dict[str, str] = field(default_factory=dict)  # member -> why it left the pool
 
     # --- membership -------------------------------------------------------------------------
 
@@ -164,7 +165,8 @@ class Pool:
         return known is None
 
     def left(self, member_id: str) -> None:
-        self.members.pop(member_id, None)
+        if self.members.pop(member_id, None) is not None:
+            self._gone_why[member_id] = "it said it is going down"
         self.unreachable.pop(member_id, None)
 
     def expire(self, now_ms: int) -> list[Member]:
@@ -177,6 +179,7 @@ class Pool:
         for member in gone:
             del self.members[member.member_id]
             self.unreachable.pop(member.member_id, None)
+            self._gone_why[member.member_id] = "no heartbeat"
         return gone
 
     def alive(self, kind: str) -> list[str]:
@@ -239,6 +242,7 @@ class Pool:
     def schedule(self) -> list[Change]:
         """Repair running jobs, then place queued ones in arrival order."""
         changes = [c for job_id in list(self.running) if (c := self._repair(job_id))]
+        self._gone_why.clear()  # told by the repairs that needed it; the rest held no rank
         for want in list(self.queue.values()):
             change = self._place(want)
             if change is not None:
@@ -252,7 +256,8 @@ class Pool:
         for rank, member in sorted(a.workers.items()):
             if member not in self.members:
                 del a.workers[rank]
-                notes.append(f"worker {member} (rank {rank}) removed: no heartbeat")
+                why = self._gone_why.pop(member, "no heartbeat")
+                notes.append(f"worker {member} (rank {rank}) removed: {why}")
         free = self.free_workers()
         for rank in range(want.workers):
             if rank not in a.workers and free:

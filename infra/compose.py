@@ -296,14 +296,20 @@ def http_ok(host: str, port: int, *, path: str = "/metrics", timeout_s: float = 
 
 
 def health_reason(spec: ServiceSpec, *, timeout_s: float = 2.0) -> str:
-    """Why an HTTP-checked service says it is not serving (its ``/healthz`` 503 body); "" when
-    it serves, does not answer, or is checked over gRPC (whose health carries no reason)."""
+    """Why an HTTP-checked service says it is not serving (its ``/healthz`` 503 body), or that
+    it does not answer at all; "" when it serves or is checked over gRPC (whose health carries
+    no reason)."""
     from maas.liveness import HEALTH_PATH
 
     if spec.health != "http":
         return ""
     answer = _http_status(spec.host, spec.port, HEALTH_PATH, timeout_s)
-    return "" if answer is None else answer[1]
+    if answer is None:
+        return (
+            f"its {HEALTH_PATH} on port {spec.port} did not answer within {timeout_s:g} s: the "
+            "process is hung or stopped (SIGSTOP?), or starting"
+        )
+    return answer[1]
 
 
 def dependency_reason(spec: ServiceSpec, *, timeout_s: float = 2.0) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -249,6 +250,19 @@ def worker_health() -> Iterator[tuple[ServiceSpec, Liveness]]:
         yield spec, liveness
     finally:
         server.shutdown()
+
+
+def test_a_service_that_does_not_answer_its_health_check_is_said_to_be_hung() -> None:
+    with socket.socket() as listener:  # accepts connections, answers nothing: a frozen process
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        spec = ServiceSpec(
+            "gradient-worker", "gradient-worker", "services.gradient_worker", 0, {}, (), "http",
+            "127.0.0.1", listener.getsockname()[1],
+        )  # fmt: skip
+        assert "did not answer within 0.2 s: the process is hung or stopped" in health_reason(
+            spec, timeout_s=0.2
+        )
 
 
 def test_a_service_not_ready_says_why_in_its_status(worker_health) -> None:

@@ -343,5 +343,8 @@ class Coordinator:
         self._monitor.forget(job_id)
         self._outcomes.labels(str(result["state"])).inc()
         log.info(
-            "job %s %s: %s", job_id, result["state"], result.get("metrics") or result.get("error")
+            "job %s %s: %s",
+            job_id,
+            result["state"],
+            result.get("metrics") or result.get("error") or result.get("reason", ""),
         )

@@ -45,6 +45,14 @@ def test_missing_envelope_field_is_refused():
         events.validate(job)
 
 
+def test_each_reason_is_given_once():
+    # The envelope's checks came twice over (its schema and the event's), crowding out the rest.
+    with pytest.raises(SchemaViolation) as refused:
+        events.validate({"schema": "maas.member/1"}, events.MEMBER)
+    reasons = str(refused.value).split("; ")
+    assert len(reasons) == len(set(reasons)) and "(event): 'id' is a required property" in reasons
+
+
 def test_unknown_schema_is_refused_with_the_known_ones():
     with pytest.raises(SchemaViolation, match="maas.job/1"):
         events.validate({"schema": "maas.nope/1", "id": "x", "ts": 1})

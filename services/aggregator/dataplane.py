@@ -23,6 +23,7 @@ import grpc
 from maas.config import Settings
 from maas.errors import InvalidArgument, MaasError
 from maas.training.dataplane import build_server
+from maas.training.pool import check_shard_address
 from maas.training.protocol import PushFrame, read_stream_message, read_worker_message
 from maas.training.v1 import training_pb2 as pb
 from maas.training.v1 import training_pb2_grpc as pb_grpc
@@ -124,7 +125,7 @@ async def serve_data_plane(shard: ShardService, settings: Settings) -> tuple[grp
 def advertised(listen: str, port: int, advertise: str) -> str:
     """The address workers dial: as configured, else the listen host with the bound port."""
     if advertise:
-        return advertise
+        return check_shard_address(advertise, "MAAS_AGGREGATOR_ADVERTISE")
     host = listen.rpartition(":")[0] or "127.0.0.1"
     if host in ("0.0.0.0", "[::]", "::"):
         # This host's address as its name resolves here (a container's on a compose network).

@@ -292,3 +292,20 @@ def test_the_coordinators_gauges_show_the_pool_jobs_and_free_workers() -> None:
     assert value("maas_training_pool_members", kind="worker") == 3
     assert value("maas_training_pool_members", kind="shard") == 2
     assert value("maas_training_pool_free_workers") == 1
+
+
+@pytest.mark.parametrize("address", ["", "not a host:port", "host", ":7070", "h:0", "h:99999"])
+def test_a_shard_heartbeat_without_an_address_workers_can_dial_is_refused(address: str) -> None:
+    # Counted as a shard, it was given a partition that then waited ~11 s to move.
+    pool = Pool(timeout_ms=1000)
+    with pytest.raises(InvalidArgument, match="shard 'ghost'.s address is .*host:port"):
+        pool.heard("ghost", SHARD, address, 0)
+    assert pool.alive(SHARD) == []
+
+
+def test_an_advertised_address_that_is_not_host_port_stops_the_shard_at_start() -> None:
+    from services.aggregator.dataplane import advertised
+
+    assert advertised("0.0.0.0:7070", 7070, "shard-1.example:7070") == "shard-1.example:7070"
+    with pytest.raises(InvalidArgument, match="MAAS_AGGREGATOR_ADVERTISE is 'shard-1'"):
+        advertised("0.0.0.0:7070", 7070, "shard-1")

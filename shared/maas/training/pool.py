@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maas.errors import InvalidArgument
+from maas.events import shown
 
 WORKER = "worker"
 SHARD = "shard"
@@ -110,6 +111,17 @@ class Want:
             )
 
 
+def check_shard_address(address: str, what: str) -> str:
+    """``host:port`` with a port a worker can dial, or InvalidArgument naming ``what``."""
+    host, colon, port = address.rpartition(":")
+    if not (colon and host and port.isdecimal() and 0 < int(port) < 65536):
+        raise InvalidArgument(
+            f"{what} is {shown(address)}; a shard's data-plane address is host:port, e.g. "
+            "10.0.0.5:7070"
+        )
+    return address
+
+
 @dataclass(frozen=True)
 class Change:
     """What ``schedule`` decided for one job: it starts, its assignment moved, or it waits."""
@@ -158,6 +170,8 @@ class Pool:
         """A member said ``up``; True if it is new to the pool."""
         if kind not in KINDS:
             raise InvalidArgument(f"member kind {kind!r} is unknown; use one of {KINDS}")
+        if kind == SHARD:  # no worker could dial it: a partition placed there would wait
+            check_shard_address(address, f"shard {shown(member_id)}'s address")
         known = self.members.get(member_id)
         self.members[member_id] = Member(member_id, kind, address, now_ms)
         if self.unreachable.get(member_id, address) != address:

@@ -40,7 +40,7 @@ from prometheus_client import CollectorRegistry
 
 from maas.config import Settings
 from maas.errors import FailedPrecondition, InvalidArgument, Unavailable
-from maas.events import clip, now_ms
+from maas.events import now_ms, printable
 from maas.liveness import Liveness
 from maas.training import broadcast, protocol
 from maas.training.control import RELEASED, PoolMember
@@ -211,7 +211,7 @@ class ShardService:
 
     async def attach(self, join: pb.Join) -> Peer:
         """A worker's stream joined: it gets the current parameters at once."""
-        key, job_id = (join.job_id, join.shard), clip(join.job_id, 100)  # the id is the client's
+        key, job_id = (join.job_id, join.shard), printable(join.job_id, 100)  # the client's
         if key in self._done:
             raise FailedPrecondition(f"job {job_id} is over on {self.name}")
         job = self.jobs.get(key)
@@ -231,7 +231,7 @@ class ShardService:
         if holder != join.member:  # a stream for a rank takes over that rank's current one
             raise Unavailable(
                 f"rank {worker} of job {job_id} is assigned to {holder or 'nobody'}, "
-                f"not {clip(join.member, 100)}, as far as {self.name} knows"
+                f"not {printable(join.member, 100)}, as far as {self.name} knows"
             )
         previous = job.peers.pop(worker, None)
         if previous is not None:

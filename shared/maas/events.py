@@ -195,8 +195,10 @@ def clip(text: str, limit: int = MAX_REASON_CHARS) -> str:
 def printable(text: str, limit: int = 80, *, keep: str = "") -> str:
     """``text`` for a terminal: control characters escaped (a job id holding a screen-clear
     prints as ``\\x1b[2J``), but those in ``keep``, clipped."""
-    shown = (c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text)
-    return clip("".join(shown), limit)
+    # Only the head is escaped: the text may be a caller's, and megabytes long.
+    head = "".join(c if c.isprintable() or c in keep else repr(c)[1:-1] for c in text[:limit])
+    left_out = max(0, len(head) - limit) + max(0, len(text) - limit)
+    return f"{head[:limit]}… ({left_out} more characters)" if left_out else head
 
 
 def shown(value: object, limit: int = 60) -> str:

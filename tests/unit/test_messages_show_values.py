@@ -23,3 +23,10 @@ def test_a_huge_logit_bias_key_is_not_echoed_whole() -> None:
 def test_text_for_a_terminal_has_its_control_characters_escaped() -> None:
     assert printable("job-\x1b[2J-1") == "job-\\x1b[2J-1"
     assert printable("ok-name") == "ok-name"
+
+
+def test_a_long_text_for_a_terminal_is_escaped_up_to_its_limit_only() -> None:
+    # A data-plane client's job id (up to the message limit) was echoed with its escapes raw.
+    shown_id = printable("\x1b[2J" + "A" * 1_000_000, 20)
+    assert shown_id.startswith("\\x1b[2JAAAAAAAAAAAAA…")
+    assert shown_id.endswith("more characters)") and len(shown_id) < 60

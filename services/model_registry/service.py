@@ -28,7 +28,14 @@ from maas.manifest import (
     parse_manifest,
 )
 from maas.names import check_alias, check_name
-from maas.registry.types import AliasChange, AliasTargets, ModelRef, ModelVersion, artifact_prefix
+from maas.registry.types import (
+    AliasChange,
+    AliasTargets,
+    ModelRef,
+    ModelVersion,
+    artifact_prefix,
+    check_targets,
+)
 from maas.store_async import AsyncObjectStore
 from services.model_registry.store import NewVersion, RegistryStore, parent_of
 from services.model_registry.uploads import ArtifactSink, FileCaps, weights_max_bytes
@@ -210,6 +217,8 @@ class RegistryService:
         """Move ``alias`` (or split it over ``targets``) once every version it would name still
         has its files in S3: an alias is what clients call, and one on a version whose artifact
         is gone fails every request sent to it."""
+        if targets:
+            targets = check_targets(targets)  # before any S3 request: at most 100, each once
         for target in [v for v, _ in targets] or [version]:
             await self._check_stored(name, target)
         return await self.write(

@@ -332,6 +332,24 @@ async def test_an_alias_is_not_moved_onto_a_version_whose_files_are_gone_from_s3
     assert (await client.get("digits@production")).version == 1
 
 
+async def test_a_wrong_split_is_refused_before_any_version_is_looked_up_in_s3(
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
+) -> None:
+    # 5 000 targets naming one version were checked in S3 one by one (past the deadline)
+    # before the split itself was refused.
+    files = {"weights.safetensors": WEIGHTS}
+    await client.register_files("digits", files, manifest_for(files))
+    server[1].client.down = True  # any S3 request now fails
+    request = pb.SetAliasRequest(
+        name="digits", alias="production", targets=[pb.AliasTarget(version=1, weight=1)] * 5000
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.stub.SetAlias(request)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "5000 given; a split takes at most 100" in (caught.value.details() or "")
+
+
 async def test_a_file_that_does_not_match_its_sha256_registers_nothing(
     server: tuple[RegistryService, FakeStore, str],
     client: RegistryClient,

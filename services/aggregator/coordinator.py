@@ -234,11 +234,7 @@ class Coordinator:
 
     async def _prepare(self, job: Mapping[str, Any]) -> PreparedJob:
         base = await self._load_base(job["base"]) if job["type"] == "finetune" else None
-        limits = Limits(
-            default_deadline_ms=self.settings.step_deadline_ms,
-            max_kept_bytes=self.settings.worker_max_kept_bytes,
-            max_manifest_bytes=self.settings.registry_max_manifest_bytes,
-        )
+        limits = Limits.from_settings(self.settings)
         return await asyncio.to_thread(
             prepare_job,
             job,

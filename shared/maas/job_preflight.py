@@ -1,5 +1,6 @@
 """What `maas jobs submit --dry-run` checks beyond the file (``maas.jobs.check_job``): that what
-the job reads is there. A builtin dataset's rows must fit a train job's model, an ``s3://``
+the job reads is there. A train job on a builtin dataset is planned as the coordinator plans it
+(the rows fit the model, the split and the batch fit the workers and shards), an ``s3://``
 dataset must exist, a base model (finetune, compress) must resolve. Each of these passed a dry
 run and failed the job seconds after it was published, its id used up.
 
@@ -23,18 +24,17 @@ async def preflight(job: dict[str, Any], settings: Settings) -> None:
     uri = (job.get("dataset") or {}).get("uri")
     if isinstance(uri, str) and uri.startswith(BUILTIN_PREFIX):
         if job["type"] == "train":
-            _check_builtin_fit(job["model"], uri.removeprefix(BUILTIN_PREFIX))
+            _plan_builtin_train(job, settings)
     elif isinstance(uri, str):
         await _check_object(uri, settings)
     if "base" in job:
         await _check_base(job["base"], settings)
 
 
-def _check_builtin_fit(model: dict[str, Any], name: str) -> None:
-    from maas import datasets
-    from maas.training.prepare import check_fit
+def _plan_builtin_train(job: dict[str, Any], settings: Settings) -> None:
+    from maas.training.prepare import Limits, prepare_job
 
-    check_fit(model["arch"], model.get("config") or {}, datasets.load_builtin(name), "model.config")
+    prepare_job(job, limits=Limits.from_settings(settings))
 
 
 async def _check_object(uri: str, settings: Settings) -> None:

@@ -14,6 +14,7 @@ from maas.job_preflight import preflight
 
 def train(config: dict[str, object]) -> dict[str, object]:
     return {
+        "job_id": "j",
         "type": "train",
         "model": {"name": "m", "arch": "mlp", "config": config},
         "dataset": {"uri": "builtin:digits"},
@@ -34,3 +35,18 @@ def test_a_model_with_fewer_classes_than_the_labels_is_refused() -> None:
 
 def test_a_model_that_fits_the_builtin_rows_passes() -> None:
     asyncio.run(preflight(train({"in_features": 64, "hidden": [8], "num_classes": 10}), Settings()))
+
+
+@pytest.mark.parametrize(
+    ("training", "says"),
+    [
+        ({"shards": 64, "split": "vertical"}, r"split='vertical' needs at least as many layers"),
+        ({"workers": 64, "batch_size": 32}, r"batch_size=32 is more than the 22 training rows"),
+    ],
+    ids=["vertical-split", "batch-per-worker"],
+)
+def test_a_job_the_coordinator_could_not_plan_is_refused(training: dict, says: str) -> None:
+    # Both passed a dry run and failed a second after they were published.
+    job = {**train({"in_features": 64, "hidden": [8], "num_classes": 10}), "training": training}
+    with pytest.raises(InvalidArgument, match=says):
+        asyncio.run(preflight(job, Settings()))

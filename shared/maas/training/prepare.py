@@ -58,6 +58,15 @@ class Limits:
     # section and lineage): judged before the job trains, not when its result is registered.
     max_manifest_bytes: int = Settings.registry_max_manifest_bytes
 
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        """The limits a coordinator with ``settings`` judges jobs by."""
+        return cls(
+            default_deadline_ms=settings.step_deadline_ms,
+            max_kept_bytes=settings.worker_max_kept_bytes,
+            max_manifest_bytes=settings.registry_max_manifest_bytes,
+        )
+
 
 @dataclass(frozen=True)
 class PreparedJob:

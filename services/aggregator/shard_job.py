@@ -326,6 +326,7 @@ class CheckpointWriter:
             started_ms=job.started_ms,
             written_ms=now_ms(),
             final=final,
+            epoch=job.assignment.epoch,
         )
         job.checkpointed_version = core.version
         job.write_started_ms = now_ms()
@@ -347,6 +348,13 @@ class CheckpointWriter:
                 log.warning("final checkpoint of %s/%d not confirmed (%s)", *job.key, exc.message)
                 pointer = None
             if pointer is not None and pointer.final:
+                return
+            if pointer is not None and pointer.epoch > job.assignment.epoch:
+                log.warning(
+                    "final checkpoint of %s/%d left to the shard that holds it now (epoch %d)",
+                    *job.key,
+                    pointer.epoch,
+                )
                 return
             await asyncio.sleep(FINAL_RETRY_S)
 

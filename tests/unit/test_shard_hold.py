@@ -134,6 +134,7 @@ def _writer(reporter: StatusReporter, report_every_ms: int) -> CheckpointWriter:
 def _checkpointing(version: int) -> ShardJob:
     job = _joinable(version=version, durable=0)
     job.plan = SimpleNamespace(job_id="j")  # type: ignore[assignment]
+    job.assignment = SimpleNamespace(epoch=1)  # type: ignore[assignment]
     job.core = SimpleNamespace(  # type: ignore[assignment]
         version=version, snapshot=lambda: None, stats=SimpleNamespace(samples=0)
     )

@@ -79,6 +79,7 @@ class Pointer:
     started_ms: int = 0
     written_ms: int = 0
     final: bool = False
+    epoch: int = 0  # of the assignment under which its shard wrote it (0: the coordinator's)
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()

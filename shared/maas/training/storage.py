@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
 
-from maas.errors import NotFound
+from maas.errors import FailedPrecondition, NotFound
 from maas.store import CHECKPOINTS_BUCKET
 from maas.store_async import AsyncObjectStore
 from maas.training import checkpoint as ck
@@ -100,11 +100,20 @@ class TrainingStore:
     ) -> ck.Pointer:
         """Data first, pointer last; then the checkpoint before the previous one goes.
 
-        ``pointer`` gives everything but the key and sha256, which are filled in here.
+        ``pointer`` gives everything but the key and sha256, which are filled in here. A writer
+        whose assignment is older than the current pointer's is refused (FailedPrecondition):
+        the partition has moved on to another shard, and a shard frozen mid-write that wakes
+        must not roll its pointer back.
         """
         key = ck.checkpoint_key(job_id, shard, version)
-        info = await self._store.put_bytes(BUCKET, key, data)
         previous = await self.pointer(job_id, shard)
+        if previous is not None and previous.epoch > pointer.epoch:
+            raise FailedPrecondition(
+                f"partition {shard} of job {job_id} was checkpointed under assignment epoch "
+                f"{previous.epoch}, newer than this writer's {pointer.epoch}: another shard "
+                "holds it now"
+            )
+        info = await self._store.put_bytes(BUCKET, key, data)
         current = replace(pointer, key=key, sha256=str(info.sha256))
         await self._store.put_bytes(BUCKET, ck.pointer_key(job_id, shard), current.to_json())
         if previous is not None and previous.key != key:

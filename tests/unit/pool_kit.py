@@ -3,12 +3,14 @@ a clock that moves on each time it is read, and a worker's link to one shard add
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from maas import events
 from maas.config import Settings
+from maas.training.broadcast import ShardParams
 from services.gradient_worker.link import ShardLink, Unreachable
 
 
@@ -34,8 +36,14 @@ def ticking_clock(monkeypatch: pytest.MonkeyPatch, tick_ms: int) -> list[int]:
     return now
 
 
-def link_to(address: str, settings: Settings, on_unreachable: Unreachable) -> ShardLink:
-    """Rank 0's link to partition 0 (4 values) of job ``j``, served at ``address``."""
+def link_to(
+    address: str | Callable[[int], str],
+    settings: Settings,
+    on_unreachable: Unreachable | None = None,
+    on_params: Callable[[int, ShardParams], None] = lambda shard, params: None,
+) -> ShardLink:
+    """Rank 0's link to partition 0 (4 values) of job ``j``, served at ``address`` (or where
+    ``address(partition)`` says at each dial)."""
     return ShardLink(
         job_id="j",
         worker=0,
@@ -43,7 +51,7 @@ def link_to(address: str, settings: Settings, on_unreachable: Unreachable) -> Sh
         shard=0,
         partition_size=4,
         settings=settings,
-        address=lambda partition: address,
-        on_params=lambda shard, params: None,
+        address=address if callable(address) else (lambda partition: address),
+        on_params=on_params,
         on_unreachable=on_unreachable,
     )

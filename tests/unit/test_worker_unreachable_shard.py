@@ -164,14 +164,9 @@ async def test_a_partition_that_moves_ends_the_stream_to_its_old_shard_at_once()
     await new.start()
     address = [old_address]
     received = asyncio.Event()
-    link = ShardLink(
-        job_id="j",
-        worker=0,
-        member="w-0",
-        shard=0,
-        partition_size=4,
-        settings=Settings(auth=False),
-        address=lambda partition: address[0],
+    link = link_to(
+        lambda partition: address[0],
+        Settings(auth=False),
         on_params=lambda shard, params: received.set(),
     )
     running = asyncio.create_task(link.run())

@@ -11,7 +11,7 @@ Parameters come in piece by piece and reach the job whole. The link asks for the
 address (the job's newest assignment) at every dial and dials again, with backoff, whenever the
 stream breaks: either side may have restarted, or the partition may have moved to another shard.
 A move ends the stream at once (``follow``): the shard that lost the partition may be hung,
-its connection open and silent, and nothing else would end a stream to it.
+its connection open and silent, and its keepalive pings would end the stream seconds later.
 
 A shard the link gets nothing from for ``MAAS_WORKER_HEARTBEAT_TIMEOUT_MS`` (every dial refused,
 ended before a reply or left unanswered, at one address) is reported through ``on_unreachable``,

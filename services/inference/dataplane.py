@@ -269,9 +269,9 @@ class DataPlane:
         """The answer's bytes, refused before any computing when they could not be sent: a
         model's output can be hundreds of times its input (a GPT's logits are 257 floats per
         input token), so a small request could otherwise hold gigabytes, then fail to send."""
-        answer = model.signature.answer_bytes(rows)
+        per_row = model.signature.answer_row_bytes
+        answer = rows * per_row
         if answer > self._max_answer_bytes:
-            per_row = max(1, answer // rows)
             raise InvalidArgument(
                 f"{rows} rows make an answer of {answer / MiB:.1f} MiB from {model.label} "
                 f"({per_row} bytes a row), over the {self._max_answer_bytes / MiB:.0f} MiB a "

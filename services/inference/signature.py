@@ -7,6 +7,7 @@ Rejections name what was sent and what the model expects, so the caller can fix 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -140,15 +141,15 @@ class Signature:
             )
         return array
 
-    def answer_bytes(self, rows: int) -> int:
-        """The bytes of the fixed-size outputs for ``rows`` rows (BYTES outputs, and any of a
-        variable dimension, not counted)."""
-        per_row = sum(
+    @functools.cached_property
+    def answer_row_bytes(self) -> int:
+        """The bytes of one row of the fixed-size outputs (BYTES outputs, and any of a variable
+        dimension, not counted): worked out once per loaded version, read per request."""
+        return sum(
             math.prod(spec.shape[1:]) * DATATYPE_TO_DTYPE[spec.datatype].itemsize
             for spec in self.outputs
             if spec.datatype in DATATYPE_TO_DTYPE and min(spec.shape[1:], default=1) > 0
         )
-        return rows * per_row
 
     def outputs_of(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The reply's outputs by name, from the forward pass's output rows."""

@@ -225,7 +225,7 @@ class LocalStack:
             # The services stop together (each says `down` and drains on its own), then S3
             # and the broker they were talking to, together too.
             services: list[Component] = list(reversed(self.services))
-            stopped = _stop_together(services) + _stop_together([self.s3, self.kafka])
+            stopped = stop_together(services) + stop_together([self.s3, self.kafka])
             for remembered in ("scale.json", "ports.json", TLS_FILE):
                 (self.stack_dir / remembered).unlink(missing_ok=True)
         return stopped
@@ -326,7 +326,7 @@ class PortBook:
             return {}
 
 
-def _stop_together(components: Sequence[Component]) -> list[str]:
+def stop_together(components: Sequence[Component]) -> list[str]:
     """Stop each at once; the names of those that were running, in the order given."""
     if not components:
         return []

@@ -21,7 +21,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from infra.proc import free_port
-from infra.stack import PythonService
+from infra.stack import PythonService, stop_together
 from maas.errors import DeadlineExceeded
 from services.inference.server import OIP_SERVICE
 
@@ -151,8 +151,7 @@ class ServiceProcesses(contextlib.AbstractContextManager["ServiceProcesses"]):
         return self.started[name].process.log_tail(lines)
 
     def stop(self) -> None:
-        for service in reversed(list(self.started.values())):
-            service.stop()
+        stop_together(list(self.started.values()))
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

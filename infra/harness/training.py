@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from infra.proc import free_port
-from infra.stack import PythonService, auth_env
+from infra.stack import PythonService, auth_env, stop_together
 from maas.config import Settings
 
 
@@ -78,8 +78,7 @@ class TrainingProcesses(contextlib.AbstractContextManager["TrainingProcesses"]):
 
     def use_workers(self, count: int) -> None:
         """Exactly ``count`` workers running (a free one would be given a job's vacant rank)."""
-        for worker in self.workers[count:]:
-            worker.stop()
+        stop_together(self.workers[count:])
         start_all([w for w in self.workers[:count] if not w.process.alive()])
 
     def add_worker(self) -> PythonService:
@@ -101,8 +100,7 @@ class TrainingProcesses(contextlib.AbstractContextManager["TrainingProcesses"]):
             time.sleep(0.05)  # a zombie already counts as dead
 
     def stop(self) -> None:
-        for service in reversed(self.everything):
-            service.stop()
+        stop_together(self.everything)  # each drains on its own: one at a time took ~20 s
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

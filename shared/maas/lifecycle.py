@@ -5,13 +5,15 @@ A service's ``__main__`` is settings from env, then ``serve`` with how to build 
 caps compute threads, starts it, opens ``/metrics``, ``/healthz`` and ``/readyz``
 (``maas.liveness``, ``maas.readiness``) once it started (the port answering means the service
 is up), runs it until SIGTERM/SIGINT or until ``run`` crashes (the process then exits with
-that error instead of idling), and always stops it.
+that error instead of idling), and always stops it. A process whose service stopped cleanly
+ends without collecting garbage first (``exit_stopped``).
 Shutdown (stop accepting, drain, close) belongs in the service's ``stop``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import resource
 import signal
@@ -224,6 +226,17 @@ def serve(
         await run_service(service, stop, metrics_port=port, metrics_bind=settings.metrics_bind)
 
     run_until_signalled(main)
+    exit_stopped()
+
+
+def exit_stopped() -> None:
+    """Let a process whose service stopped end without the interpreter's collection passes over
+    every object it ever made: collecting torch's and grpc's module graphs took 2-5 s of CPU on
+    a 2-core machine after the service had logged ``stopped`` (0.1-0.9 s without them) — time in
+    which `maas stack down`, a rolling restart or a test's teardown waits, and which can run past
+    compose's 10 s grace period, recording a clean stop as killed (137). Frozen objects are left
+    to the process's end; atexit hooks, thread joins and daemon children's ends still run."""
+    gc.freeze()
 
 
 async def run_service(

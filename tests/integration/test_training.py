@@ -434,9 +434,12 @@ async def test_a_job_wanting_more_workers_than_the_pool_has_is_queued_until_one_
 async def test_a_worker_started_mid_job_takes_the_vacant_rank_and_the_job_converges(
     cluster, producer, watcher
 ):
-    # Long enough that the newcomer (a fresh process importing torch: 3-5 s) arrives well before
-    # the end: 2 000 steps once ran out first on a fast machine (the job took ~5 s).
-    training = {**MLP_TRAINING, "workers": 4, "min_workers": 3, "steps": 6000}
+    # Long enough that the newcomer (a fresh process importing torch: 3-5 s idle, up to ~40 s on a
+    # loaded machine) arrives well before the end: 2 000 steps once ran out first on a fast
+    # machine (the job took ~5 s); 3 000 steps take 60-100 s on a 2-core one. Checkpoints are
+    # sparse because with one every 20 steps they were a third of the job's time.
+    sizes = {"workers": 4, "min_workers": 3, "steps": 3000, "checkpoint_every": 500}
+    training = {**MLP_TRAINING, **sizes}
     job = train_job("pool-join", "mlp", {"uri": "builtin:digits"}, training)
     await producer.send(topics.JOBS, job, key=job["job_id"])
     await watcher.state(job["job_id"], "running")

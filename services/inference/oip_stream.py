@@ -38,6 +38,10 @@ from services.inference.tensors import RAW_OUTPUT_CONTENTS, decode_inputs
 
 TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"
+# A model reads only its prompt's last block_size - 1 bytes; a bigger one is refused before it
+# is decoded (copying and checking 50 MiB stalled every client for seconds). The same as the
+# HTTP door's default body limit.
+MAX_PROMPT_BYTES = 1 << 20
 TOKEN_ID = "token_id"
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
@@ -73,6 +77,20 @@ def streaming_interface() -> dict[str, str]:
     }
 
 
+def _check_prompt_size(request: pb.ModelInferRequest) -> None:
+    # A raw BYTES element is a 4-byte length, then the bytes.
+    raw = sum(max(len(contents) - 4, 0) for contents in request.raw_input_contents)
+    sent = raw + sum(
+        len(element) for tensor in request.inputs for element in tensor.contents.bytes_contents
+    )
+    if sent > MAX_PROMPT_BYTES:
+        raise InvalidArgument(
+            f"input {TEXT_INPUT!r} holds {sent} bytes; a prompt may hold at most "
+            f"{MAX_PROMPT_BYTES} (1 MiB), and the model reads only its last block_size - 1 "
+            "tokens: send the end of the text"
+        )
+
+
 def _parameter(param: pb.InferParameter) -> object:
     choice = param.WhichOneof("parameter_choice")
     return None if choice is None else getattr(param, choice)
@@ -82,6 +100,7 @@ def prompt_of(request: pb.ModelInferRequest) -> str:
     """The single ``text_input`` BYTES element, decoded as UTF-8; the request asks for no
     output but the stream's own."""
     _check_outputs(request)
+    _check_prompt_size(request)
     arrays = decode_inputs(request)
     datatypes = {tensor.name: tensor.datatype for tensor in request.inputs}
     array = arrays.get(TEXT_INPUT)

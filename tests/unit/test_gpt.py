@@ -21,6 +21,7 @@ from maas.text.sampling import (
     SamplingParams,
     TextStream,
     generate,
+    prompt_ids,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -166,6 +167,13 @@ def test_max_tokens_and_context_bound_the_length(model: GPT) -> None:
     long_prompt = "a" * 100  # longer than block_size: left-truncated to block_size - 1
     tokens = list(generate(model, long_prompt, SamplingParams(max_tokens=50, temperature=0)))
     assert len(tokens) == 1 and tokens[0].finish == FINISH_LENGTH
+
+
+def test_a_long_prompt_keeps_its_last_bytes_up_to_one_short_of_the_context() -> None:
+    assert prompt_ids("xé" * 1000, block_size=4) == list("xé".encode())
+    assert prompt_ids("abc", block_size=8) == list(b"abc")
+    assert prompt_ids("", block_size=8) == [byte_tokenizer.EOT]
+    assert prompt_ids("abc", block_size=1) == [byte_tokenizer.EOT]  # no room: the model starts
 
 
 def test_generation_ends_before_a_stop_sequence(model: GPT) -> None:

@@ -13,7 +13,7 @@ import pytest
 from maas.errors import InvalidArgument
 from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text.sampling import Token
-from services.inference.oip_stream import TokenResponses, prompt_of, sampling_of
+from services.inference.oip_stream import MAX_PROMPT_BYTES, TokenResponses, prompt_of, sampling_of
 
 
 def request(*, raw: list[bytes] | None = None, typed: bytes | None = None) -> pb.ModelInferRequest:
@@ -28,6 +28,18 @@ def request(*, raw: list[bytes] | None = None, typed: bytes | None = None) -> pb
 def test_the_prompt_is_read_from_raw_length_prefixed_bytes_or_typed_contents() -> None:
     assert prompt_of(request(raw=[b"\x03\x00\x00\x00def"])) == "def"
     assert prompt_of(request(typed="héllo".encode())) == "héllo"
+
+
+def test_a_prompt_over_a_mebibyte_is_refused_before_it_is_decoded() -> None:
+    at_limit = b"a" * MAX_PROMPT_BYTES
+    assert len(prompt_of(request(raw=[struct.pack("<I", len(at_limit)) + at_limit]))) == len(
+        at_limit
+    )
+    over = at_limit + b"a"
+    with pytest.raises(InvalidArgument, match=r"holds 1048577 bytes; a prompt may hold at most"):
+        prompt_of(request(raw=[struct.pack("<I", len(over)) + over]))
+    with pytest.raises(InvalidArgument, match=r"holds 1048577 bytes; .* send the end of the text"):
+        prompt_of(request(typed=over))
 
 
 def test_a_raw_entry_count_unlike_the_input_count_is_refused_by_name() -> None:

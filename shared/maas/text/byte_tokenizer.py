@@ -18,8 +18,18 @@ VOCAB_SIZE = 257
 
 def encode(text: str) -> list[int]:
     """The UTF-8 bytes of ``text``; a lone surrogate (JSON's ``"\\ud800"``, say) has none."""
+    return list(_utf8(text))
+
+
+def encode_tail(text: str, count: int) -> list[int]:
+    """The last ``count`` tokens of ``encode(text)``, without a Python int for every byte of a
+    long text (a 50 MiB prompt took 2.5 s that way, on the server's event loop)."""
+    return list(_utf8(text)[-count:]) if count > 0 else []
+
+
+def _utf8(text: str) -> bytes:
     try:
-        return list(text.encode("utf-8"))
+        return text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidArgument(
             f"the text has a character UTF-8 cannot encode at index {exc.start} (a lone "

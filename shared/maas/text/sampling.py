@@ -222,8 +222,7 @@ class Token:
 
 def prompt_ids(prompt: str, block_size: int) -> list[int]:
     """The prompt's tokens, left-truncated so at least one new token fits the context."""
-    ids = byte_tokenizer.encode(prompt) or [byte_tokenizer.EOT]
-    return ids[-(block_size - 1) :]
+    return byte_tokenizer.encode_tail(prompt, block_size - 1) or [byte_tokenizer.EOT]
 
 
 def finish_of(

@@ -54,8 +54,12 @@ class GenerationMetrics:
             ["model", "reason"],
             registry=r,
         )
+        # By version: two versions stream at once during a canary, each on its own slots.
         self.active = Gauge(
-            "maas_generation_active_streams", "streams holding a decode slot", ["model"], registry=r
+            "maas_generation_active_streams",
+            "streams holding a decode slot",
+            ["model", "version"],
+            registry=r,
         )
 
 
@@ -97,7 +101,7 @@ class GenerationEngine:
         self._commands: asyncio.WriteTransport | None = None
         self._events: asyncio.ReadTransport | None = None
         self._tokens = metrics.tokens.labels(name)
-        self._active = metrics.active.labels(name)
+        self._active = metrics.active.labels(name, str(version))
         self._ended = {
             reason: metrics.streams.labels(name, reason)
             for reason in (FINISH_STOP, FINISH_LENGTH, CANCELLED, FAILED)
@@ -309,8 +313,10 @@ class Generators:
         plane.on_loaded.append(self._loaded)
         plane.on_unloaded.append(self._unloaded)
 
-    async def engine(self, name: str, version: str = "") -> GenerationEngine:
-        model = await self._plane.model(name, version)
+    async def engine(self, name: str, version: str = "", routing_key: str = "") -> GenerationEngine:
+        """The decode engine of ``name``'s version ``version`` (a number, an alias, or "": the
+        default; a split alias draws one, sticky by ``routing_key``), started if need be."""
+        model = await self._plane.model(name, version, routing_key)
         if self._closed:  # a process started now would outlive the server
             raise Unavailable("the server is stopping; it starts no more generation engines")
         key = (model.name, model.version)

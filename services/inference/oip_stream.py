@@ -4,7 +4,8 @@ A request names a GPT version and carries the prompt as a ``BYTES`` input ``text
 [1]); sampling settings are request parameters (``max_tokens``, ``temperature``, ``top_p``,
 ``top_k``, ``seed`` — numbers may be sent as text, since tritonclient's parameters carry only
 str, int and bool —, ``stop`` as a string or a JSON list of strings, and ``logit_bias`` as a JSON
-object of token id -> bias, as in the OpenAI API). Each token comes back as
+object of token id -> bias, as in the OpenAI API); a split alias's ``maas-routing-key`` comes as a
+parameter or as call metadata, as on ModelInfer. Each token comes back as
 a ``ModelInferResponse`` with outputs ``text_output`` (BYTES [1], the text it released) and
 ``token_id`` (INT64 [1]) and the parameter ``triton_final_response`` (true on the last one, which
 also carries ``finish_reason``), as Triton's decoupled models answer. With the request parameter
@@ -23,7 +24,7 @@ import contextlib
 import json
 import logging
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TypeAlias
 
 from maas.edge import failure
@@ -33,6 +34,7 @@ from maas.oip import grpc_predict_v2_pb2 as pb
 from maas.text import wire
 from maas.text.sampling import SamplingParams, Token
 from maas.training.frames import length_delimited
+from services.inference.canary import ROUTING_KEY, routing_key
 from services.inference.generation import GenerationEngine, Generators
 from services.inference.tensors import RAW_OUTPUT_CONTENTS, decode_inputs
 
@@ -42,6 +44,7 @@ TEXT_OUTPUT = "text_output"
 # is decoded (copying and checking 50 MiB stalled every client for seconds). The same as the
 # HTTP door's default body limit.
 MAX_PROMPT_BYTES = 1 << 20
+MAX_NUMBER_TEXT = 100  # a sampling number sent as text: no setting needs more characters
 TOKEN_ID = "token_id"
 FINAL = "triton_final_response"
 EMPTY_FINAL = "triton_enable_empty_final_response"
@@ -53,6 +56,7 @@ MAX_REQUESTS_PER_STREAM = 64
 log = logging.getLogger(__name__)
 Response: TypeAlias = pb.ModelStreamInferResponse | bytes  # bytes: serialized (TokenResponses)
 Send = Callable[[Response], Awaitable[None]]
+Metadata: TypeAlias = Sequence[tuple[str, str | bytes]]  # the call's invocation metadata
 NUMBERS: dict[str, type[int] | type[float]] = {
     "max_tokens": int,
     "temperature": float,
@@ -60,7 +64,7 @@ NUMBERS: dict[str, type[int] | type[float]] = {
     "top_k": int,
     "seed": int,
 }
-STREAM_PARAMETERS = (*NUMBERS, "stop", "logit_bias", EMPTY_FINAL)
+STREAM_PARAMETERS = (*NUMBERS, "stop", "logit_bias", EMPTY_FINAL, ROUTING_KEY)
 
 
 def streaming_interface() -> dict[str, str]:
@@ -140,10 +144,18 @@ def _number(key: str, value: object, kind: type[int] | type[float]) -> object:
     """tritonclient sends parameters as str, int or bool only: numbers may come as text. A
     bool is no number here (``temperature=True`` is not 1.0); the sampling check says so."""
     if isinstance(value, str) or (kind is float and type(value) is int):
+        wanted = "a whole number" if kind is int else "a number"
+        if len(str(value)) > MAX_NUMBER_TEXT:  # int() refuses over 4300 digits, as "not a number"
+            raise InvalidArgument(
+                f"parameter {key} holds {len(str(value))} characters; it must be {wanted} of "
+                f"at most {MAX_NUMBER_TEXT}"
+            )
         try:
             return kind(value)
         except ValueError:
-            raise InvalidArgument(f"parameter {key}={value!r} must be a number") from None
+            raise InvalidArgument(
+                f"parameter {key}={clip(repr(value), 80)} must be {wanted}"
+            ) from None
     return value
 
 
@@ -255,11 +267,14 @@ class TokenResponses:
         return length_delimited(_INFER_RESPONSE, len(body)) + body
 
 
-async def _one(generators: Generators, request: pb.ModelInferRequest, send: Send) -> None:
+async def _one(
+    generators: Generators, request: pb.ModelInferRequest, send: Send, metadata: Metadata
+) -> None:
     try:
         prompt = prompt_of(request)
         params, empty_final = sampling_of(request)
-        engine = await generators.engine(request.model_name, request.model_version)
+        key = routing_key(request.parameters, metadata)
+        engine = await generators.engine(request.model_name, request.model_version, key)
         responses = TokenResponses(request, engine)
         async with contextlib.aclosing(engine.stream(prompt, params)) as tokens:
             async for token in tokens:
@@ -298,9 +313,11 @@ async def serve(
     generators: Generators,
     requests: AsyncIterator[pb.ModelInferRequest],
     write: Callable[[Response], Awaitable[None]],
+    metadata: Metadata = (),
 ) -> None:
     """Answer every request arriving on one stream through ``write`` (the call's
-    ``context.write``), each token as it is produced; returns once all are answered."""
+    ``context.write``), each token as it is produced; returns once all are answered. The call's
+    ``metadata`` may hold a split alias's routing key for every request on it."""
     running: set[asyncio.Task[None]] = set()
     one_writer = asyncio.Lock()  # requests on one stream decode concurrently; writes take turns
 
@@ -316,7 +333,7 @@ async def serve(
             if len(running) >= MAX_REQUESTS_PER_STREAM:
                 await send(_error_response(request, _too_many(len(running))))
                 continue
-            task = asyncio.create_task(_one(generators, request, send))
+            task = asyncio.create_task(_one(generators, request, send, metadata))
             running.add(task)
             task.add_done_callback(running.discard)
         await asyncio.gather(*running)  # the client's half-close: finish what it asked

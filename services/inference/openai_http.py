@@ -6,7 +6,9 @@ server-sent events, one ``data:`` line per token and ``data: [DONE]`` at the end
 disconnects mid-stream ends the stream, which frees its slot at once.
 
 ``model`` is a registry name, optionally ``name@version`` or ``name@alias`` (default
-``production``). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
+``production``); a split alias draws a version per request, sticky by the ``maas-routing-key``
+header, and every answer names the version that answered as ``system_fingerprint``
+(``name@version``). Errors use OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``
 with the HTTP status of the ``MaasError``.
 """
 
@@ -26,6 +28,7 @@ from aiohttp import web
 from maas.edge import failure
 from maas.errors import InvalidArgument, MaasError
 from maas.text.sampling import SamplingParams, Token, prompt_ids
+from services.inference.canary import ROUTING_KEY
 from services.inference.generation import Generators
 from services.inference.http_app import (
     HTTP_STATUS,
@@ -177,8 +180,11 @@ class OpenAIRoutes:
         usage = include_usage(body)
         echo = body.get("echo") is True and not chat  # chat has no echo: OpenAI's is completions'
         name, ref = split_model(body.get("model"))
-        engine = await self._generators.engine(name, ref)
-        shape = _Shape(str(body["model"]), chat, len(prompt_ids(prompt, engine.block_size)))
+        # A split alias draws a version per request, sticky by the header (as gRPC metadata).
+        engine = await self._generators.engine(name, ref, request.headers.get(ROUTING_KEY, ""))
+        answering = f"{engine.model_name}@{engine.model_version}"
+        read = len(prompt_ids(prompt, engine.block_size))
+        shape = _Shape(str(body["model"]), chat, read, answering)
         tokens = engine.stream(prompt, params)
         if body.get("stream"):
             return await self._stream(request, shape, tokens, prompt if echo else "", usage)
@@ -236,8 +242,9 @@ async def _end_with_error(
 class _Shape:
     """OpenAI's response objects for one request (ids, timestamps, usage)."""
 
-    def __init__(self, model: str, chat: bool, prompt_tokens: int) -> None:
+    def __init__(self, model: str, chat: bool, prompt_tokens: int, answering: str) -> None:
         self.model = model
+        self.fingerprint = answering  # the version that answers, as name@version
         self.chat = chat
         self.prompt_tokens = prompt_tokens
         self.id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -250,6 +257,7 @@ class _Shape:
             "object": obj,
             "created": self.created,
             "model": self.model,
+            "system_fingerprint": self.fingerprint,
             "choices": [{"index": 0, **choice}],
         }
 

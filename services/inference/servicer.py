@@ -104,7 +104,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> None:
         # Written through the context, not yielded: each token goes from its request's task
         # straight to the call, without a queue and two generators in between.
-        await oip_stream.serve(self._generators, request_iterator, context.write)
+        metadata = context.invocation_metadata() or ()
+        await oip_stream.serve(self._generators, request_iterator, context.write, metadata)
 
     # --- end of token streaming -------------------------------------------------------------
 

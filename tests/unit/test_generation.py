@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client import CollectorRegistry
 
 from maas.compression import quant
 from maas.errors import Unavailable
@@ -27,7 +28,12 @@ from maas.text.sampling import FINISH_LENGTH, SamplingParams, Token, generate
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane
 from services.inference.decoding import DecodeBatch, Request
-from services.inference.generation import WAITING_PER_SLOT, GenerationEngine, Generators
+from services.inference.generation import (
+    WAITING_PER_SLOT,
+    GenerationEngine,
+    GenerationMetrics,
+    Generators,
+)
 from services.inference.sources import MemorySource
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -198,6 +204,31 @@ async def test_a_cancelled_stream_frees_its_slot_at_once(engine: GenerationEngin
     tokens = await asyncio.wait_for(_collect(engine, "c", GREEDY), timeout=30)
     assert tokens[-1].finish is not None
     await streams[1].aclose()
+
+
+async def test_each_version_counts_its_own_streams_holding_a_slot(model: GPT) -> None:
+    registry = CollectorRegistry()
+    metrics = GenerationMetrics(registry)
+    engines = [
+        await GenerationEngine.start(
+            model, slots=2, name="gpt", version=v, metrics=metrics, isolated=False
+        )
+        for v in (1, 2)
+    ]
+    endless = SamplingParams(max_tokens=10_000, temperature=1.0, seed=1)
+    streams = [engine.stream("a", endless) for engine in engines for _ in range(2)][:3]
+    for stream in streams:  # two slots of version 1 busy, one of version 2
+        await asyncio.wait_for(anext(stream), timeout=30)
+
+    def active(version: int) -> float | None:
+        labels = {"model": "gpt", "version": str(version)}
+        return registry.get_sample_value("maas_generation_active_streams", labels)
+
+    assert (active(1), active(2)) == (2, 1)
+    for stream in streams:
+        await stream.aclose()
+    for engine in engines:
+        await engine.close()
 
 
 async def test_a_failing_prefill_fails_its_own_stream_only(model: GPT) -> None:

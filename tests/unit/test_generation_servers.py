@@ -63,6 +63,8 @@ def _serve(ready: queue.Queue[Any], stop: threading.Event, model: GPT) -> None:
     async def main() -> None:
         source = MemorySource()
         source.add(NAME, model, "gpt", CONFIG, aliases=["production"])
+        source.add(NAME, zoo.build("gpt", CONFIG, seed=5), "gpt", CONFIG)
+        source.set_split(NAME, "canary", ((1, 50), (2, 50)))
         source.add("not-a-gpt", zoo.build("mlp"), "mlp", {}, aliases=["production"])
         with ThreadPoolExecutor(2) as pool:
             plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
@@ -105,14 +107,26 @@ def _solo(model: GPT, prompt: str, **params: Any) -> list[Token]:
     return list(generate(model, prompt, SamplingParams(**params)))
 
 
-def _triton_stream(addr: str, prompt: str, **parameters: Any) -> list[Any]:
+def _triton_stream(
+    addr: str,
+    prompt: str,
+    *,
+    model: str = NAME,
+    headers: dict[str, str] | None = None,
+    **parameters: Any,
+) -> list[Any]:
     """Every callback of one streamed request, until the final response (or an error)."""
     results: queue.Queue[Any] = queue.Queue()
     client = triton.InferenceServerClient(url=addr)
-    client.start_stream(callback=lambda result, error: results.put(error or result))
+    client.start_stream(
+        callback=lambda result, error: results.put(error or result), headers=headers
+    )
     text = triton.InferInput("text_input", [1], "BYTES")
     text.set_data_from_numpy(np.array([prompt.encode()], dtype=object))
-    client.async_stream_infer(NAME, [text], request_id="r1", parameters=parameters)
+    name, _, version = model.partition("@")
+    client.async_stream_infer(
+        name, [text], model_version=version, request_id="r1", parameters=parameters
+    )
     seen = []
     while True:
         item = results.get(timeout=60)
@@ -172,6 +186,46 @@ def test_an_error_on_a_shared_stream_names_the_request_that_failed(served: Serve
     assert [(r.infer_response.id, r.infer_response.model_name) for r in errors] == [("A", NAME)]
     assert "max_tokens" in errors[0].error_message
     assert [r.infer_response.id for r in replies if not r.error_message] == ["B"]
+
+
+KEYS = [f"user-{i}" for i in range(12)]
+
+
+def test_a_routing_key_keeps_a_split_aliass_streams_on_one_version(served: Served) -> None:
+    def version(key: str, *, as_metadata: bool) -> str:
+        parameters = {} if as_metadata else {"maas-routing-key": key}
+        headers = {"maas-routing-key": key} if as_metadata else None
+        (first, *_) = _triton_stream(
+            served.grpc_addr,
+            "a",
+            model=f"{NAME}@canary",
+            headers=headers,
+            max_tokens=1,
+            **parameters,
+        )
+        return str(first.get_response().model_version)
+
+    by_parameter = [version(key, as_metadata=False) for key in KEYS]
+    assert by_parameter == [version(key, as_metadata=True) for key in KEYS]
+    assert by_parameter == [version(key, as_metadata=False) for key in KEYS]
+    assert set(by_parameter) == {"1", "2"}
+
+
+def test_an_openai_answer_names_its_version_sticky_by_the_routing_key_header(
+    served: Served,
+) -> None:
+    def answered(key: str) -> str | None:
+        reply = _openai(served).completions.create(
+            model=f"{NAME}@canary",
+            prompt="a",
+            max_tokens=1,
+            extra_headers={"maas-routing-key": key},
+        )
+        return reply.system_fingerprint
+
+    first = [answered(key) for key in KEYS]
+    assert first == [answered(key) for key in KEYS]
+    assert set(first) == {f"{NAME}@1", f"{NAME}@2"}
 
 
 def _openai(served: Served) -> openai.OpenAI:
@@ -516,7 +570,7 @@ def test_requests_past_the_most_one_stream_may_have_are_refused_on_it(served: Se
     finally:
         client.stop_stream(cancel_requests=True)
         client.close()
-    _wait_for(lambda: served.generators.metrics.active.labels(NAME)._value.get() == 0)
+    _wait_for(lambda: served.generators.metrics.active.labels(NAME, "1")._value.get() == 0)
 
 
 def test_stream_completion_shows_every_token_as_it_arrives(served: Served) -> None:

@@ -133,6 +133,21 @@ def test_a_parameter_that_does_not_parse_is_named(key: str, value: str) -> None:
         sampling_of(message)
 
 
+def test_a_number_sent_as_a_long_text_is_refused_by_its_length_without_quoting_it() -> None:
+    message = request(typed=b"a")
+    message.parameters["max_tokens"].string_param = "1" + "0" * 5000
+    with pytest.raises(InvalidArgument, match="max_tokens holds 5001 characters") as refused:
+        sampling_of(message)
+    assert len(str(refused.value)) < 200
+
+
+def test_a_float_text_for_a_whole_number_setting_says_a_whole_number_is_wanted() -> None:
+    message = request(typed=b"a")
+    message.parameters["max_tokens"].string_param = "1e3"
+    with pytest.raises(InvalidArgument, match="max_tokens='1e3' must be a whole number"):
+        sampling_of(message)
+
+
 def test_a_flag_parameter_sent_as_the_text_false_is_false() -> None:
     message = request(typed=b"a")
     message.parameters["triton_enable_empty_final_response"].string_param = "false"

@@ -116,6 +116,12 @@ class DataPlane:
         # and as it leaves (evicted from the cache, or unloaded by request).
         self.on_loaded: list[Callable[[ServedModel], None]] = []
         self.on_unloaded: list[Callable[[ServedModel], None]] = []
+        # What a version holds beside its weights (services.inference.loading.ModelLoader).
+        self.held_beside_weights = self._loader.held_beside_weights
+
+    @property
+    def cache_capacity_bytes(self) -> int:
+        return self._cache.capacity_bytes
 
     # --- resolving and loading --------------------------------------------------------------
 
@@ -210,7 +216,7 @@ class DataPlane:
         model = await self._loader.load(name, version)
         self._metrics.loads.labels(name).inc()
         self._forget(self._cache.put(model), evicted=True)
-        log.info("loaded %s (%d bytes of weights)", model.label, model.nbytes)
+        log.info("loaded %s (%d bytes, weights and decode cache)", model.label, model.nbytes)
         for loaded in self.on_loaded:
             loaded(model)
         return model

@@ -20,11 +20,14 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from torch import nn
 
-from maas.errors import InvalidArgument, Unavailable
+from maas.errors import FailedPrecondition, InvalidArgument, Unavailable
 from maas.text.gpt import GPT
+from maas.text.gpt_config import kv_cache_bytes
 from maas.text.sampling import FINISH_LENGTH, FINISH_STOP, SamplingParams, Token, prompt_ids
 from services.inference import decode_worker
+from services.inference.admission import MiB
 from services.inference.dataplane import DataPlane
 from services.inference.served import ServedModel
 
@@ -312,6 +315,24 @@ class Generators:
         self._closed = False
         plane.on_loaded.append(self._loaded)
         plane.on_unloaded.append(self._unloaded)
+        plane.held_beside_weights.append(self._decode_cache_bytes)
+
+    def _decode_cache_bytes(self, name: str, version: int, module: nn.Module) -> int:
+        """A GPT version's key/value cache for this server's slots, counted as the cache's; one
+        that could not fit it even alone is refused before a decode process allocates it."""
+        if not isinstance(module, GPT):
+            return 0
+        needed = kv_cache_bytes(module.config, self._slots)
+        capacity = self._plane.cache_capacity_bytes
+        if needed > capacity:
+            raise FailedPrecondition(
+                f"model {name!r} version {version} needs {needed / MiB:.0f} MiB of key/value "
+                f"cache to decode {self._slots} streams (n_layer x block_size x n_embd), over "
+                f"MAAS_INFERENCE_CACHE_BYTES={capacity / MiB:.0f} MiB; register a smaller "
+                "block_size or n_layer, or an operator raises the cache or lowers "
+                "MAAS_INFERENCE_GENERATION_SLOTS"
+            )
+        return needed
 
     async def engine(self, name: str, version: str = "", routing_key: str = "") -> GenerationEngine:
         """The decode engine of ``name``'s version ``version`` (a number, an alias, or "": the

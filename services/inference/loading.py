@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Protocol
+
+from torch import nn
 
 from maas import artifacts
 from maas.errors import FailedPrecondition, InvalidArgument
@@ -66,6 +69,9 @@ class ModelLoader:
         self._batching = batching  # for models whose rows are independent
         self._metrics = metrics
         self._inline_forward_us = inline_forward_us
+        # What a version holds beside its weights while loaded (a GPT's decode cache), by module:
+        # counted in the cache's budget. A hook may refuse a module that could never fit.
+        self.held_beside_weights: list[Callable[[str, int, nn.Module], int]] = []
 
     async def load(self, name: str, version: int) -> ServedModel:
         manifest, files = await self._source.fetch(name, version)
@@ -85,6 +91,7 @@ class ModelLoader:
                 f"({clip(reason, 300)}); register a version whose arch and config build a model "
                 "its weights fit"
             ) from None
+        beside = sum(held(name, version, module) for held in self.held_beside_weights)
         stats = ModelStats(name, version, self._metrics)
         if is_text(manifest):  # strings in, tokenized here (services.inference.text)
             signature: Signature = await text_signature(manifest, files, self._source)
@@ -106,7 +113,7 @@ class ModelLoader:
             name=name,
             version=version,
             signature=signature,
-            nbytes=weights_nbytes(module),
+            nbytes=weights_nbytes(module) + beside,
             runner=make_runner(
                 forward, self._executor, batching, stats, inline_max_us=self._inline_forward_us
             ),

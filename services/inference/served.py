@@ -152,7 +152,8 @@ def traced(module: nn.Module, row: tuple[int, ...]) -> nn.Module:
 
 
 class ModelCache:
-    """LRU of served versions bounded by their weights' bytes.
+    """LRU of served versions bounded by the bytes they hold (``ServedModel.nbytes``: weights, and
+    a GPT's decode cache).
 
     The newest entry always stays, even alone over the budget: a model bigger than the cache is
     still servable, just never kept beside another.

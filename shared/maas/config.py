@@ -250,7 +250,9 @@ class Settings:
         ),
     )
     inference_cache_bytes: int = setting(
-        "MAAS_INFERENCE_CACHE_BYTES", 1024 * MiB, "weights kept loaded (LRU)"
+        "MAAS_INFERENCE_CACHE_BYTES",
+        1024 * MiB,
+        "bytes of loaded versions kept (LRU): weights, and a GPT's key/value cache for its slots",
     )
     inference_http_listen: str = setting(
         "MAAS_INFERENCE_HTTP_LISTEN",

@@ -21,9 +21,9 @@ import torch
 from prometheus_client import CollectorRegistry
 
 from maas.compression import quant
-from maas.errors import Unavailable
+from maas.errors import FailedPrecondition, Unavailable
 from maas.text.gpt import GPT
-from maas.text.gpt_config import GPTConfig
+from maas.text.gpt_config import GPTConfig, kv_cache_bytes
 from maas.text.sampling import FINISH_LENGTH, SamplingParams, Token, generate
 from services.inference.batcher import BatchingConfig
 from services.inference.dataplane import DataPlane
@@ -433,6 +433,35 @@ async def test_closing_while_an_engine_starts_leaves_no_decode_process(
 
 def _decode_processes() -> list[multiprocessing.process.BaseProcess]:
     return [p for p in multiprocessing.active_children() if p.name.startswith("maas-decode")]
+
+
+async def test_a_gpt_version_counts_its_decode_cache_beside_its_weights(model: GPT) -> None:
+    source = MemorySource()
+    source.add("gpt", model, "gpt", dataclasses.asdict(CONFIG), aliases=["production"])
+    with ThreadPoolExecutor(1) as pool:
+        plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=1 << 30)
+        generators = Generators(plane, slots=3, isolated=False)
+        served = await plane.model("gpt")
+        await generators.close()
+        await plane.close()
+    weights = sum(t.numel() * 4 for t in model.state_dict().values())
+    assert served.nbytes == weights + kv_cache_bytes(CONFIG, 3)
+
+
+async def test_a_gpt_whose_decode_cache_could_never_fit_is_refused_naming_the_settings(
+    model: GPT,
+) -> None:
+    source = MemorySource()
+    source.add("gpt", model, "gpt", dataclasses.asdict(CONFIG), aliases=["production"])
+    budget = kv_cache_bytes(CONFIG, 8) - 1
+    with ThreadPoolExecutor(1) as pool:
+        plane = DataPlane(source, pool, batching=BatchingConfig(), cache_bytes=budget)
+        generators = Generators(plane, slots=8, isolated=False)
+        with pytest.raises(FailedPrecondition, match="MAAS_INFERENCE_GENERATION_SLOTS"):
+            await generators.engine("gpt")
+        assert not plane.loaded()
+        await generators.close()
+        await plane.close()
 
 
 async def test_a_gpt_versions_decode_process_starts_when_the_version_loads(

@@ -65,3 +65,9 @@ def parameter_breakdown(c: GPTConfig) -> list[tuple[str, int]]:
 
 def parameter_count(c: GPTConfig) -> int:
     return sum(n for _, n in parameter_breakdown(c))
+
+
+def kv_cache_bytes(config: GPTConfig, slots: int) -> int:
+    """What decoding ``slots`` streams at once holds beside the weights: float32 keys and values
+    of every layer at every position (``maas.text.gpt.KVCache``)."""
+    return 2 * config.n_layer * slots * config.block_size * config.n_embd * 4

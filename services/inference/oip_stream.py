@@ -44,6 +44,8 @@ TEXT_OUTPUT = "text_output"
 # is decoded (copying and checking 50 MiB stalled every client for seconds). The same as the
 # HTTP door's default body limit.
 MAX_PROMPT_BYTES = 1 << 20
+# Every token's response carries the request's id: a 20 MiB id came back 124 times.
+MAX_REQUEST_ID_CHARS = 1024
 MAX_NUMBER_TEXT = 100  # a sampling number sent as text: no setting needs more characters
 TOKEN_ID = "token_id"
 FINAL = "triton_final_response"
@@ -79,6 +81,14 @@ def streaming_interface() -> dict[str, str]:
             ", ".join(STREAM_PARAMETERS) + " (request parameters; numbers may be sent as text)"
         ),
     }
+
+
+def _check_id(request: pb.ModelInferRequest) -> None:
+    if len(request.id) > MAX_REQUEST_ID_CHARS:
+        raise InvalidArgument(
+            f"the request id has {len(request.id)} characters; a generation request's id (sent "
+            f"back with every token) may have at most {MAX_REQUEST_ID_CHARS}"
+        )
 
 
 def _check_prompt_size(request: pb.ModelInferRequest) -> None:
@@ -271,6 +281,7 @@ async def _one(
     generators: Generators, request: pb.ModelInferRequest, send: Send, metadata: Metadata
 ) -> None:
     try:
+        _check_id(request)
         prompt = prompt_of(request)
         params, empty_final = sampling_of(request)
         key = routing_key(request.parameters, metadata)
@@ -293,7 +304,9 @@ def _error_response(request: pb.ModelInferRequest, message: str) -> pb.ModelStre
     """A failed request's answer on the stream, named like the request, so a client with
     several on the stream knows which failed."""
     named = pb.ModelInferResponse(
-        id=request.id, model_name=request.model_name, model_version=request.model_version
+        id=request.id[:MAX_REQUEST_ID_CHARS],
+        model_name=clip(request.model_name, 200),
+        model_version=clip(request.model_version, 40),
     )
     return pb.ModelStreamInferResponse(error_message=message, infer_response=named)
 

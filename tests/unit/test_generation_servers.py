@@ -228,6 +228,17 @@ def test_an_openai_answer_names_its_version_sticky_by_the_routing_key_header(
     assert set(first) == {f"{NAME}@1", f"{NAME}@2"}
 
 
+def test_a_request_id_too_long_to_send_back_with_every_token_is_refused(served: Served) -> None:
+    request = pb.ModelInferRequest(model_name=NAME, id="x" * 5000)
+    request.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    request.raw_input_contents.append(b"\x01\x00\x00\x00a")
+    with grpc.insecure_channel(served.grpc_addr) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        (reply,) = stub.ModelStreamInfer(iter([request]))
+    assert "the request id has 5000 characters" in reply.error_message
+    assert len(reply.infer_response.id) == 1024  # named, not echoed whole
+
+
 def _openai(served: Served) -> openai.OpenAI:
     return openai.OpenAI(base_url=served.http_url, api_key="unused", max_retries=0)
 

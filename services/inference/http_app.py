@@ -82,7 +82,10 @@ def parser_reason(message: str) -> str:
     """An HTTP parser's refusal without the request's bytes it quotes (from the first quote
     on): a folded ``Authorization`` header is quoted as its continuation line alone, the token
     and nothing that names it. What is left says what was wrong."""
-    reason = re.split(r"""b?['"]""", message, maxsplit=1)[0].rstrip(" :\n\t")
+    # A quote opens a quoted literal at the start or after a space or colon; one inside a word
+    # is an apostrophe ("can't be present with Content-Length" was cut to "can").
+    reason = re.split(r"""(?:^|(?<=[\s:=(\[]))b?['"]""", message, maxsplit=1)[0]
+    reason = reason.rstrip(" :\n\t")
     cut = "" if reason == message else " (the request's bytes are withheld)"
     return redact_credentials(reason) + cut
 

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from services.inference.http_app import HttpServer
+from services.inference.http_app import HttpServer, parser_reason
 
 TOKEN = "maas_SECRETmarker0123456789"
 
@@ -62,6 +62,14 @@ async def test_a_request_the_parser_refuses_gets_json_that_quotes_no_token(
     assert "error" in json.loads(body)
     assert TOKEN.encode() not in answer
     assert TOKEN not in caplog.text and "withheld" in caplog.text
+
+
+def test_a_parsers_reason_loses_the_quoted_bytes_not_its_apostrophes() -> None:
+    whole = "Transfer-Encoding can't be present with Content-Length"
+    assert parser_reason(whole) == whole
+    quoted = f"Invalid header value char: b'Bearer {TOKEN}'"
+    assert parser_reason(quoted) == "Invalid header value char (the request's bytes are withheld)"
+    assert parser_reason(f'Bad status line "{TOKEN}"').startswith("Bad status line (")
 
 
 async def test_a_well_formed_request_is_still_served(port: int) -> None:

@@ -308,6 +308,10 @@ def allowed_buckets(settings: Settings) -> tuple[str, ...]:
     return tuple(b.strip() for b in settings.dataset_buckets.split(",") if b.strip())
 
 
+# S3 servers refuse a key holding these (SeaweedFS: BadRequest), or read "\\" as "/".
+_UNSAFE_KEY_CHARACTER = re.compile(r"[\x00-\x1f\x7f\\]")
+
+
 def check_uri(uri: str, settings: Settings) -> None:
     """A dataset uri a job may name: a builtin, or an .npz in an allowed bucket."""
     if uri.startswith("builtin:"):
@@ -319,6 +323,11 @@ def check_uri(uri: str, settings: Settings) -> None:
     if not (uri.startswith("s3://") and uri.endswith(".npz")):
         raise InvalidArgument(f"dataset.uri {uri!r} must be builtin:<name> or s3://bucket/key.npz")
     bucket, _, key = uri[5:].partition("/")
+    if _UNSAFE_KEY_CHARACTER.search(key):
+        raise InvalidArgument(
+            f"dataset.uri {shown(uri)} holds a control character or a backslash; a dataset's "
+            "key is printable text with '/' between its parts"
+        )
     if any(part in ("", ".", "..") for part in key.split("/")):
         raise InvalidArgument(
             f"dataset.uri {shown(uri)} has an empty, '.' or '..' path segment; name the object's "

@@ -51,6 +51,10 @@ _NOT_FOUND_CODES = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "NotFound"}
 # S3's refusals of the request itself (a key too long, a name S3 does not take): retrying them
 # only delays the same answer, reported then as S3 being unavailable.
 _REQUEST_REFUSED_CODES = {
+    "BadRequest",  # SeaweedFS, for a key holding a NUL or "\\..\\"
+    "InvalidRequest",
+    "InvalidArgument",
+    "InvalidURI",
     "KeyTooLongError",
     "InvalidObjectName",
     "InvalidBucketName",

@@ -91,6 +91,14 @@ def test_a_key_s3_refuses_is_an_invalid_argument_at_once_not_unavailable(store, 
     assert "attempt" not in caplog.text
 
 
+def test_a_request_s3_calls_bad_is_an_invalid_argument_at_once_not_unavailable(store, caplog):
+    # SeaweedFS answers BadRequest for a key holding "\\..\\": a job naming one held its
+    # Kafka partition for 120 s of retries, then failed as if S3 were away.
+    with pytest.raises(InvalidArgument, match="S3 refused it: BadRequest"):
+        store.stat(DATASETS_BUCKET, "a\\..\\x.npz")
+    assert "attempt" not in caplog.text
+
+
 def on_thread(fn: Callable[..., Any], name: str, threads: dict[str, int]) -> Callable[..., Any]:
     """``fn``, noting which thread ran it under ``name``."""
 

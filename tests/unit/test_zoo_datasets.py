@@ -424,6 +424,21 @@ def test_a_dataset_uri_with_a_dot_or_empty_segment_is_refused(uri: str) -> None:
         datasets.check_uri(uri, Settings())
 
 
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://maas-datasets/a\\..\\x.npz",
+        "s3://maas-datasets/a\x00.npz",
+        "s3://maas-datasets/a\nb.npz",
+    ],
+)
+def test_a_dataset_uri_with_a_control_character_or_backslash_is_refused(uri: str) -> None:
+    from maas.config import Settings
+
+    with pytest.raises(InvalidArgument, match="holds a control character or a backslash"):
+        datasets.check_uri(uri, Settings())
+
+
 def test_an_npz_is_split_into_views_of_one_shuffled_copy_holding_every_row_once():
     # A dataset costs two copies of itself while it loads (the file's, the shuffled one), not
     # three: the splits share the shuffled array.

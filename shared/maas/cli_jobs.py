@@ -262,17 +262,29 @@ async def follow(settings: Settings, job_id: str, timeout_s: float | None) -> jo
                 detail=_describe(summary),
             )
             final = summary
-    if final.state == "succeeded":
-        console().print(f"[green]succeeded[/green]{_registered(final)} {_describe(final)}")
-        if final.reason:
-            console().print(f"  {final.reason}")
-        return final
-    if final.state == "cancelled":
-        console().print(f"[yellow]cancelled[/yellow] at step {final.step}")
-        return final
-    error = final.error or {"code": final.state, "message": "no details"}
-    console().print(f"[red]{final.state}[/red]: {error['code']}: {error['message']}")
+    print_final(final)
     return final
+
+
+def print_final(final: jobs.JobSummary) -> None:
+    """How a job ended, in a line or two. Its text came in a status event, which anyone who can
+    write the topic wrote: printed without markup or escape sequences (a dataset key holding
+    "[/bold]" made this raise MarkupError, and the reason was never shown)."""
+    from rich.markup import escape
+
+    from maas.events import printable
+
+    if final.state == "succeeded":
+        registered = escape(printable(_registered(final), 500))
+        console().print(f"[green]succeeded[/green]{registered} {_describe(final)}")
+        if final.reason:
+            console().print(f"  {escape(printable(final.reason, 500))}")
+    elif final.state == "cancelled":
+        console().print(f"[yellow]cancelled[/yellow] at step {final.step}")
+    else:
+        error = final.error or {"code": final.state, "message": "no details"}
+        told = escape(printable(f"{error['code']}: {error['message']}", 2000))
+        console().print(f"[red]{final.state}[/red]: {told}")
 
 
 def _registered(summary: jobs.JobSummary) -> str:

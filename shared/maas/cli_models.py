@@ -48,7 +48,8 @@ def _parse_time(text: str) -> int:
 
 
 def _table(rows: Sequence[Sequence[object]]) -> None:
-    cells = [[str(c) for c in row] for row in rows]
+    # Printed as text, escaped: a reason holding an escape sequence could clear the screen.
+    cells = [[printable(str(c), 500) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(cells[0]))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from maas.cli_models import _history, _list
+from maas.cli_models import _history, _list, _table
 from maas.errors import InvalidArgument, NotFound
 from maas.registry.types import ModelRef
 
@@ -100,3 +100,9 @@ def test_the_history_of_an_alias_the_model_never_had_says_which_it_had():
     assert refused.value.message == (
         "digits has never had an alias prodution; the aliases it has had: production, staging"
     )
+
+
+def test_a_table_cell_holding_an_escape_sequence_prints_it_escaped(capsys):
+    _table([["REASON"], ["rollback \x1b[2J now"]])
+    out = capsys.readouterr().out
+    assert "rollback \\x1b[2J now" in out and "\x1b" not in out

@@ -507,3 +507,11 @@ def test_a_prune_of_sparsity_zero_is_refused():
            "compress": {"methods": [{"prune": {"sparsity": 0}}]}}  # fmt: skip
     with pytest.raises(InvalidArgument, match=r"compress.methods.0.prune.sparsity: 0 is less"):
         check(doc)
+
+
+def test_a_failure_whose_message_holds_markup_and_escapes_prints_as_text(capsys):
+    message = "dataset s3://maas-datasets/p[/bold].npz \x1b[2J is missing"
+    summary = jobs.JobSummary("j", state="failed", error={"code": "NOT_FOUND", "message": message})
+    cli_jobs.print_final(summary)
+    out = capsys.readouterr().out
+    assert "p[/bold].npz \\x1b[2J is missing" in out and "\x1b[2J" not in out

@@ -127,8 +127,30 @@ class Liveness:
         await asyncio.Event().wait()
 
 
+# The port takes no token (Prometheus and probes scrape it), so what one client may hold is
+# bounded: each connection is a thread, and 800 idle ones were 800 threads and fds, held forever.
+MAX_METRICS_CONNECTIONS = 32  # more at once are closed unanswered
+METRICS_IDLE_TIMEOUT_S = 10.0  # a connection silent this long, or half-sent, is closed
+
+
 class _Server(ThreadingMixIn, WSGIServer):
     daemon_threads = True
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self._connections = threading.BoundedSemaphore(MAX_METRICS_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._connections.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connections.release()
 
 
 class _Server6(_Server):
@@ -136,6 +158,10 @@ class _Server6(_Server):
 
 
 class _Quiet(WSGIRequestHandler):
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(METRICS_IDLE_TIMEOUT_S)
+
     def log_message(self, format: str, *args: Any) -> None:  # scrapes and probes: not news
         pass
 

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import asyncio
 import re
+import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from infra.harness.http import http_get
+from infra.proc import free_port
+from maas import liveness
 from maas.bus import ConsumerDied
-from maas.liveness import Liveness
+from maas.liveness import Liveness, serve_metrics
 
 
 def up(registry: CollectorRegistry, loop: str) -> float | None:
@@ -91,3 +96,42 @@ async def test_a_stalled_event_loop_is_unhealthy_until_it_runs_again():
     assert re.fullmatch(r"the event loop has not run for \d+ s \(a request .*\)", str(seen[0][1]))
     assert liveness.healthy and liveness.reason is None
     watch.cancel()
+
+
+@pytest.fixture
+def metrics_port(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    monkeypatch.setattr(liveness, "MAX_METRICS_CONNECTIONS", 2)
+    monkeypatch.setattr(liveness, "METRICS_IDLE_TIMEOUT_S", 0.5)
+    registry = CollectorRegistry()
+    port = free_port()
+    server = serve_metrics(port, "127.0.0.1", registry, Liveness(registry))
+    yield port
+    server.shutdown()
+    server.server_close()
+
+
+def closed_by_server(connection: socket.socket) -> bool:
+    connection.settimeout(5)
+    try:
+        return connection.recv(1) == b""
+    except (TimeoutError, ConnectionResetError):
+        return False
+
+
+def test_a_silent_metrics_connection_is_closed_after_the_idle_timeout(metrics_port: int) -> None:
+    with socket.create_connection(("127.0.0.1", metrics_port)) as silent:
+        silent.sendall(b"GET /healthz HTTP/1.1\r\n")  # half a request, then nothing
+        assert closed_by_server(silent)
+
+
+def test_metrics_connections_past_the_most_at_once_are_closed_unanswered(metrics_port: int) -> None:
+    held = [socket.create_connection(("127.0.0.1", metrics_port)) for _ in range(2)]
+    try:
+        with socket.create_connection(("127.0.0.1", metrics_port)) as third:
+            third.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+            assert closed_by_server(third)
+    finally:
+        for connection in held:
+            connection.close()
+    status, body = http_get(metrics_port, "/healthz")
+    assert (status, body) == (200, "SERVING")

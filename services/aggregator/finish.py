@@ -27,7 +27,7 @@ from maas.store_async import AsyncObjectStore
 from maas.training import checkpoint as ck
 from maas.training.plan import JobPlan
 from maas.training.prepare import load_dataset
-from maas.training.replica import evaluate
+from maas.training.replica import evaluate, recalibrate_norms
 from maas.training.storage import TrainingStore
 
 # A trained model whose held-out loss is this many times its starting weights' diverged: it
@@ -89,7 +89,8 @@ class JobFinisher:
     async def result(self, plan: JobPlan, pointers: list[ck.Pointer]) -> dict[str, Any]:
         """The ``succeeded`` result of ``plan`` whose partitions' final checkpoints are
         ``pointers`` (one per shard, in order), with its model registered."""
-        # The starting weights hold what no partition trains (buffers such as norm statistics).
+        # The starting weights hold what no partition trains (buffers; norm statistics are
+        # computed from the training rows in _evaluate).
         initial = load_safetensors(await self._store.read_init(plan.job_id))
         state = await self._final_state(plan, pointers, dict(initial))
         metrics, initial_metrics = await asyncio.to_thread(self._evaluate, plan, state, initial)
@@ -119,17 +120,20 @@ class JobFinisher:
         return state
 
     def _evaluate(
-        self, plan: JobPlan, *states: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, float], ...]:
-        """Held-out metrics of each of ``states`` (the trained weights, the starting ones)."""
+        self, plan: JobPlan, trained: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, float], dict[str, float]]:
+        """Held-out metrics of the trained weights and of the starting ones. The trained ones'
+        batch-norm statistics are first computed over the training rows (no shard trains them),
+        in ``trained``."""
         fetch = datasets.fetcher(self._objects.sync, self._settings)
         data = load_dataset(plan.dataset, seed=plan.training.seed, fetch=fetch)
-        found = []
-        for state in states:
-            model = zoo.build(plan.arch, plan.config)
-            model.load_state_dict(state)
-            found.append(evaluate(model, data.x_test, data.y_test, plan.loss))
-        return tuple(found)
+        model = zoo.build(plan.arch, plan.config)
+        model.load_state_dict(trained)
+        if recalibrate_norms(model, data.x_train, plan.training.batch_size):
+            trained.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+        metrics = evaluate(model, data.x_test, data.y_test, plan.loss)
+        model.load_state_dict(initial)
+        return metrics, evaluate(model, data.x_test, data.y_test, plan.loss)
 
     async def _register(
         self, plan: JobPlan, state: dict[str, torch.Tensor], metrics: dict[str, float]

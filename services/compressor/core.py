@@ -43,7 +43,7 @@ from maas.events import clip
 from maas.manifest import Manifest
 from maas.recent import RecentKeys
 from maas.registry.types import ModelRef, ModelVersion
-from maas.training.prepare import FetchDataset, load_dataset
+from maas.training.prepare import FetchDataset, check_fit, load_dataset
 from services.compressor.core_types import (
     Built,
     ClaimId,
@@ -213,7 +213,7 @@ class Compressor:
         done = await self._registered(name, job)
         for index, plan in enumerate(job.plans):
             if index not in done:
-                check_fits(plan, parent.manifest.arch, parent.manifest.config)
+                self._check_fits(index, plan, parent)
         versions: list[ModelVersion] = []
         for index, plan in enumerate(job.plans):
             await self._stop_if_unwanted(job.job_id, index, wanted)
@@ -233,6 +233,15 @@ class Compressor:
         ending = progress_status(job.job_id, "succeeded", total, total, versions)
         await self._publish({**ending, "reason": said} if said else ending)
         return outcome
+
+    @staticmethod
+    def _check_fits(index: int, plan: Plan, parent: Parent) -> None:
+        try:
+            check_fits(plan, parent.manifest.arch, parent.manifest.config, parent.data.task)
+        except InvalidArgument as exc:
+            raise InvalidArgument(
+                f"compress.methods[{index}] ({plan.method}) on {parent.version.ref}: {exc.message}"
+            ) from None
 
     async def _load_parent(self, job: CompressJob) -> Parent:
         # fetch verifies every file against the sha256 the registry recorded: a tampered
@@ -254,6 +263,13 @@ class Compressor:
                         dataset["uri"], raw.num_features, features, version.ref, manifest.arch
                     )
                 )
+            try:  # its labels: an evaluation of the parent failed in torch, retried 5 times
+                check_fit(manifest.arch, manifest.config, raw, f"base {version.ref}: model.config")
+            except InvalidArgument as exc:
+                raise InvalidArgument(
+                    f"dataset {dataset['uri']} does not fit {exc.message}; name the dataset it "
+                    "was trained on (or leave dataset out: its lineage's is used)"
+                ) from None
             data = Tensors.of(raw)
             model = artifacts.materialize(manifest, files)
             metrics = artifact_metrics(manifest, files, data, latency_repeats=self._latency_repeats)

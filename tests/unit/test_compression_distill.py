@@ -6,7 +6,7 @@ import torch
 from maas import artifacts, zoo
 from maas.compression.distill import default_student, kd_loss, parse_student
 from maas.compression.measure import artifact_metrics
-from maas.compression.pipeline import parent_variant, parse_method, run
+from maas.compression.pipeline import check_fits, parent_variant, parse_method, run
 from maas.compression.train import FitConfig, Tensors, evaluate
 from maas.datasets import load_builtin
 from maas.errors import InvalidArgument
@@ -93,3 +93,9 @@ def test_a_student_larger_than_its_teacher_is_refused_naming_both_sizes():
     teacher = {"hidden": [16], "num_classes": 10}
     with pytest.raises(InvalidArgument, match=r"student has 4\d{6} parameters, more than .* 1210"):
         parse_student({"config": {"hidden": [2048, 2048]}}, "mlp", teacher)
+
+
+def test_a_teacher_that_predicts_a_class_at_each_position_is_refused_before_any_variant():
+    gpt = {"block_size": 16, "n_layer": 1, "n_head": 1, "n_embd": 8}
+    with pytest.raises(InvalidArgument, match="gpt predicts one at each position"):
+        check_fits(parse_method({"distill": {"steps": 1}}), "gpt", gpt, "classification")

@@ -399,6 +399,37 @@ async def test_a_dataset_that_does_not_fit_the_parent_is_refused(core):
         await core.handle(job(dataset={"uri": "builtin:regression"}))
 
 
+async def test_a_dataset_whose_labels_the_parent_cannot_score_is_refused_naming_both(
+    core, registry
+):
+    # A 5-class model on the 10-class digits: the parent's evaluation failed in torch
+    # (IndexError), retried five times, and ended as handler_failed.
+    few = zoo.build("mlp", {"num_classes": 5}, seed=0)
+    await registry.register(few, "five", "mlp", {"num_classes": 5}, method="train")
+    refused = job(base={"name": "five", "version": 1}, dataset=DIGITS)
+    with pytest.raises(
+        InvalidArgument, match=r"builtin:digits does not fit base five@1: .*need 10"
+    ):
+        await core.handle(refused)
+
+
+async def test_distilling_a_regression_model_is_refused_before_any_variant(core, registry):
+    regression = zoo.build("mlp", {"in_features": 16, "num_classes": 1}, seed=0)
+    config = {"in_features": 16, "num_classes": 1}
+    await registry.register(regression, "reg", "mlp", config, method="train")
+    methods = [{"quantize": {"dtype": "int8"}}, {"distill": {"steps": 5}}]
+    refused = job(
+        base={"name": "reg", "version": 1},
+        dataset={"uri": "builtin:regression"},
+        compress={"methods": methods},
+    )
+    with pytest.raises(
+        InvalidArgument, match=r"methods\[1\] \(distill\) on reg@1: distill needs a"
+    ):
+        await core.handle(refused)
+    assert [v.method for v, _ in registry.models["reg"]] == ["train"]  # no int8 left behind
+
+
 async def test_a_job_cancelled_before_it_starts_ends_cancelled_and_registers_nothing(
     core, registry, statuses
 ):

@@ -162,18 +162,37 @@ def _check_order(steps: tuple[Step, ...]) -> None:
             )
 
 
-def check_fits(plan: Plan, arch: str, config: Mapping[str, Any]) -> None:
-    """What the plan's steps need of the model they start from, checked before any variant of
-    the job is built (a job whose third method cannot run must not register its first two): a
-    distill's student fits the teacher's inputs and outputs (or the arch has a default student),
-    a structured prune knows the arch."""
+def check_fits(plan: Plan, arch: str, config: Mapping[str, Any], task: str) -> None:
+    """What the plan's steps need of the model they start from and of the ``task`` of the
+    dataset (classification, regression), checked before any variant of the job is built (a
+    job whose third method cannot run must not register its first two): a distill's teacher
+    scores one class a row and its student fits the teacher's inputs and outputs (or the arch
+    has a default student), a structured prune knows the arch."""
     config = dict(config)
     for step in plan.steps:
         if isinstance(step, Prune) and step.structured:
             prune.check_structured(arch)
         elif isinstance(step, Distill):
+            _check_teacher(arch, config, task)
             student = kd.parse_student(step.student, arch, config)
             arch, config = student.arch, student.config
+
+
+def _check_teacher(arch: str, config: Mapping[str, Any], task: str) -> None:
+    """Distillation matches the teacher's class distribution of each row (soft targets), or a
+    headless encoder's embedding of it."""
+    if zoo.outputs_embeddings(arch, config):
+        return
+    if task != "classification":
+        raise InvalidArgument(
+            f"distill needs a classification dataset (soft class targets); this one is {task}: "
+            "compress a regression model with prune or quantize"
+        )
+    if len(zoo.output_shape(arch, config)) > 1:
+        raise InvalidArgument(
+            f"distill needs a teacher that scores one class a row; {arch} predicts one at each "
+            "position: compress it with quantize or prune"
+        )
 
 
 def parse_methods(items: Sequence[Mapping[str, Any]]) -> list[Plan]:

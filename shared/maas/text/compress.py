@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maas import zoo
+from maas.compression.distill import teacher_outputs
 from maas.compression.train import FitConfig, Tensors, fit
 from maas.errors import InvalidArgument
 from maas.text.bert_config import BertConfig
@@ -134,8 +135,7 @@ def distill_embeddings(
     teacher: nn.Module, student: nn.Module, rows: torch.Tensor, config: FitConfig
 ) -> nn.Module:
     """Train ``student`` so its embeddings of token-id ``rows`` match the teacher's (cosine)."""
-    with torch.no_grad():
-        targets = teacher.eval()(rows)
+    targets = teacher_outputs(teacher, rows)
     data = Tensors(rows, targets, rows[:0], targets[:0], "regression")
 
     def loss(outputs: torch.Tensor, picked: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import functools
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -215,17 +215,18 @@ class Compressor:
             if index not in done:
                 self._check_fits(index, plan, parent)
         versions: list[ModelVersion] = []
+        deadline = time.monotonic() + self._job_budget_s
         for index, plan in enumerate(job.plans):
             await self._stop_if_unwanted(job.job_id, index, wanted)
             try:
                 version = done.get(index) or await self._compress_one(
-                    job, index, plan, parent, name
+                    job, index, plan, parent, name, deadline
                 )
-            except FailedPrecondition as exc:
+            except (FailedPrecondition, ResourceExhausted) as exc:
                 if not versions:
                     raise
                 made = ", ".join(str(v.ref) for v in versions)
-                raise FailedPrecondition(f"{exc.message}; registered before it: {made}") from None
+                raise type(exc)(f"{exc.message}; registered before it: {made}") from None
             versions.append(version)
             await self._publish(progress_status(job.job_id, "running", index + 1, total, versions))
         outcome = Outcome(parent.metrics, versions)
@@ -233,6 +234,22 @@ class Compressor:
         ending = progress_status(job.job_id, "succeeded", total, total, versions)
         await self._publish({**ending, "reason": said} if said else ending)
         return outcome
+
+    @property
+    def _job_budget_s(self) -> float:
+        # A consumer busy past max.poll.interval.ms loses its partition: the job would be
+        # redelivered to another compressor and run again, for ever. A margin is left for the
+        # last variant's registration.
+        return 0.9 * self._settings.compressor_max_poll_interval_ms / 1000
+
+    def _out_of_time(self, index: int, plan: Plan) -> ResourceExhausted:
+        limit = self._settings.compressor_max_poll_interval_ms
+        return ResourceExhausted(
+            f"compress.methods[{index}] ({plan.method}) was stopped: the job ran past "
+            f"{self._job_budget_s:.0f} s, 90% of MAAS_COMPRESSOR_MAX_POLL_INTERVAL_MS={limit}, "
+            "the longest one compress job may run; ask for fewer steps (distill.steps, "
+            "prune.recovery_steps) or split the methods over several jobs"
+        )
 
     @staticmethod
     def _check_fits(index: int, plan: Plan, parent: Parent) -> None:
@@ -311,19 +328,25 @@ class Compressor:
         return found
 
     async def _compress_one(
-        self, job: CompressJob, index: int, plan: Plan, parent: Parent, name: str
+        self, job: CompressJob, index: int, plan: Plan, parent: Parent, name: str, deadline: float
     ) -> ModelVersion:
         # The build runs in a thread; its training asks between steps whether the job was
-        # cancelled (a dict lookup: the event loop adds to it, the thread only reads).
+        # cancelled (a dict lookup: the event loop adds to it, the thread only reads) or is out
+        # of time.
+        def stop() -> bool:
+            return self._is_cancelled(job.job_id) or time.monotonic() > deadline
+
         fit = dataclasses.replace(
-            job.fit,
-            stop=functools.partial(self._is_cancelled, job.job_id),
-            progress=self._progress(job, index, plan.method),
+            job.fit, stop=stop, progress=self._progress(job, index, plan.method)
         )
         try:
+            if time.monotonic() > deadline:
+                raise Stopped("out of time before it started")
             built = await asyncio.to_thread(self._build, plan, parent, fit)
         except Stopped:
-            raise _Cancelled(index) from None
+            if self._is_cancelled(job.job_id):
+                raise _Cancelled(index) from None
+            raise self._out_of_time(index, plan) from None
         except (ValueError, RuntimeError) as exc:
             # torch refusing these settings fails the same way on every redelivery: retried,
             # it held the compressor for five attempts and ended as handler_failed.

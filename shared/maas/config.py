@@ -346,8 +346,9 @@ class Settings:
         "MAAS_COMPRESSOR_MAX_POLL_INTERVAL_MS",
         3_600_000,
         (
-            "longest one compress job may run: a jobs consumer busy longer loses its partitions "
-            "to another compressor (Kafka's default, 5 min, is shorter than a distillation)"
+            "longest one compress job may run (it fails, resource_exhausted, at 90% of it): a jobs "
+            "consumer busy longer loses its partitions to another compressor (Kafka's default, "
+            "5 min, is shorter than a distillation)"
         ),
     )
     # --- training (gradient workers, aggregator shards) ----------------------------------

@@ -9,8 +9,15 @@ import pytest
 from maas import artifacts, events, jobs, zoo
 from maas.compression import train as train_module
 from maas.compression.train import FitConfig, Tensors, fit
+from maas.config import Settings
 from maas.datasets import load_builtin
-from maas.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from maas.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from maas.manifest import Manifest
 from maas.registry.types import ModelRef, ModelVersion
 from services.compressor import core as core_module
@@ -454,6 +461,21 @@ async def test_a_cancel_during_a_variants_build_drops_it_and_ends_the_job(
     assert [s["state"] for s in statuses] == ["accepted", "cancelled"]
     assert statuses[-1]["reason"] == "a cancel event asked for it"
     assert len(registry.models["digits"]) == 1
+
+
+async def test_a_job_past_the_time_one_may_run_fails_naming_the_limit_and_what_it_kept(
+    registry, publish
+):
+    # distill.steps 10**8 (the schema's most) would have held the one compressor for 13 days,
+    # and past max.poll.interval.ms its partition moves and the job runs again elsewhere.
+    settings = Settings(compressor_max_poll_interval_ms=3000)
+    core = Compressor(registry, publish, latency_repeats=1, settings=settings)
+    methods = [{"quantize": {"dtype": "int8"}}, {"distill": {"steps": 100_000_000}}]
+    with pytest.raises(
+        ResourceExhausted, match=r"methods\[1\] \(distill\) was stopped: the job ran past 3 s"
+    ) as ended:
+        await core.handle(job(compress={"methods": methods}))
+    assert "registered before it: digits@2" in ended.value.message
 
 
 async def test_a_cancel_between_variants_keeps_the_registered_ones(core, registry, statuses):

@@ -62,6 +62,23 @@ _FOREIGN_SECTIONS = {
 }
 
 
+def _check_compress_training(training: Mapping[str, Any]) -> None:
+    """A compress job's recovery and distillation train with Adam at ``optimizer.lr``, in
+    batches of ``batch_size``, from ``seed``: any other training field would be ignored (a job
+    asking for SGD with a frozen body got Adam on every layer), so it is refused."""
+    unread = sorted(set(training) - {"batch_size", "optimizer", "seed"})
+    optimizer = training.get("optimizer", {})
+    unread += [f"optimizer.{key}" for key in sorted(set(optimizer) - {"name", "lr"})]
+    if optimizer.get("name", "adam") != "adam":
+        unread.append(f"optimizer.name={optimizer['name']!r}")
+    if unread:
+        raise SchemaViolation(
+            f"a compress job does not read training.{', training.'.join(unread)}; it reads "
+            "training.batch_size, training.optimizer.lr and training.seed (its recovery and "
+            "distillation train with adam)"
+        )
+
+
 def load_job_file(path: str | Path) -> dict[str, Any]:
     """Read a job from YAML or JSON; the error names the file and what is wrong."""
     path = Path(path)
@@ -122,6 +139,8 @@ def check_job(job: dict[str, Any], settings: Settings) -> dict[str, Any]:
             f"a {kind} job does not read {', '.join(foreign)}; remove the section(s) (or set "
             "type to the job that uses them)"
         )
+    if kind == "compress":
+        _check_compress_training(job.get("training", {}))
     if {"version", "alias"} <= set(job.get("base", {})):
         raise SchemaViolation("base: give version or alias, not both")
     if isinstance(job.get("base", {}).get("version"), int):

@@ -111,6 +111,28 @@ def test_a_compress_job_the_compressor_would_refuse_is_refused_before_it_is_sent
         check(doc)
 
 
+@pytest.mark.parametrize(
+    ("training", "unread"),
+    [
+        ({"freeze": ["body."]}, "training.freeze"),
+        ({"optimizer": {"name": "sgd", "lr": 0.1}}, "training.optimizer.name='sgd'"),
+        ({"optimizer": {"lr": 0.1, "momentum": 0.9}}, "training.optimizer.momentum"),
+    ],
+)
+def test_a_training_field_a_compress_job_would_ignore_is_refused_naming_it(training, unread):
+    doc = {"type": "compress", "base": {"name": "m"}, "training": training,
+           "compress": {"methods": [{"prune": {"sparsity": 0.5}}]}}  # fmt: skip
+    with pytest.raises(InvalidArgument, match=re.escape(f"does not read {unread}")):
+        check(doc)
+
+
+def test_a_compress_job_takes_the_training_fields_its_recovery_reads():
+    training = {"batch_size": 8, "seed": 3, "optimizer": {"name": "adam", "lr": 0.01}}
+    doc = {"type": "compress", "base": {"name": "m"}, "training": training,
+           "compress": {"methods": [{"prune": {"sparsity": 0.5}}]}}  # fmt: skip
+    assert check(doc)["training"] == training
+
+
 def test_an_explicit_job_id_is_kept_as_the_idempotency_key():
     assert jobs.prepare_job(train_doc(job_id="mine"))["job_id"] == "mine"
     assert jobs.prepare_job(train_doc(), job_id="override")["job_id"] == "override"

@@ -219,11 +219,13 @@ class Compressor:
         for index, plan in enumerate(job.plans):
             await self._stop_if_unwanted(job.job_id, index, wanted)
             try:
+                if index and index not in done:
+                    await self._check_parent_kept(parent)
                 version = done.get(index) or await self._compress_one(
                     job, index, plan, parent, name, deadline
                 )
-            except (FailedPrecondition, ResourceExhausted) as exc:
-                if not versions:
+            except MaasError as exc:  # the job fails: say what it leaves behind
+                if not versions or exc.retriable:  # a retried job resumes after them
                     raise
                 made = ", ".join(str(v.ref) for v in versions)
                 raise type(exc)(f"{exc.message}; registered before it: {made}") from None
@@ -234,6 +236,17 @@ class Compressor:
         ending = progress_status(job.job_id, "succeeded", total, total, versions)
         await self._publish({**ending, "reason": said} if said else ending)
         return outcome
+
+    async def _check_parent_kept(self, parent: Parent) -> None:
+        """Between variants: a parent deleted while the job ran fails it now, not after the next
+        variant's training (a 15 000-step distill ran on, then failed to register)."""
+        try:
+            await self._registry.get(parent.version.ref)
+        except NotFound:
+            raise FailedPrecondition(
+                f"the base {parent.version.ref} was deleted while the job ran; its variants "
+                "cannot be registered with it as parent"
+            ) from None
 
     @property
     def _job_budget_s(self) -> float:

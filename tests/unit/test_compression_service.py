@@ -478,6 +478,23 @@ async def test_a_job_past_the_time_one_may_run_fails_naming_the_limit_and_what_i
     assert "registered before it: digits@2" in ended.value.message
 
 
+async def test_a_base_deleted_while_the_job_runs_fails_it_before_the_next_variant(
+    core, registry, monkeypatch
+):
+    register = registry.register
+
+    async def register_then_delete_the_base(*args, **kwargs):
+        version = await register(*args, **kwargs)
+        del registry.models["digits"][0]  # the base, digits@1: deleted after the first variant
+        return version
+
+    monkeypatch.setattr(registry, "register", register_then_delete_the_base)
+    with pytest.raises(FailedPrecondition, match="the base digits@1 was deleted") as ended:
+        await core.handle(job())
+    assert "registered before it: digits@2" in ended.value.message
+    assert len(registry.models["digits"]) == 1  # the int8 only: no prune variant was built
+
+
 async def test_a_cancel_between_variants_keeps_the_registered_ones(core, registry, statuses):
     cancel_after_registering(core, registry)
     await core.handle(job())

@@ -29,7 +29,7 @@ import torch
 
 from maas import artifacts, jobs, zoo
 from maas.compression.measure import artifact_metrics, relative_metrics
-from maas.compression.pipeline import Plan, check_fits, parent_variant, run
+from maas.compression.pipeline import Plan, check_dataset, check_method, parent_variant, run
 from maas.compression.train import FitConfig, Progress, Stopped, Tensors
 from maas.config import Settings
 from maas.errors import (
@@ -43,7 +43,7 @@ from maas.events import clip
 from maas.manifest import Manifest
 from maas.recent import RecentKeys
 from maas.registry.types import ModelRef, ModelVersion
-from maas.training.prepare import FetchDataset, check_fit, load_dataset
+from maas.training.prepare import FetchDataset, load_dataset
 from services.compressor.core_types import (
     Built,
     ClaimId,
@@ -213,7 +213,15 @@ class Compressor:
         done = await self._registered(name, job)
         for index, plan in enumerate(job.plans):
             if index not in done:
-                self._check_fits(index, plan, parent)
+                manifest = parent.manifest
+                check_method(
+                    index,
+                    plan,
+                    manifest.arch,
+                    manifest.config,
+                    parent.data.task,
+                    parent.version.ref,
+                )
         versions: list[ModelVersion] = []
         deadline = time.monotonic() + self._job_budget_s
         for index, plan in enumerate(job.plans):
@@ -264,15 +272,6 @@ class Compressor:
             "prune.recovery_steps) or split the methods over several jobs"
         )
 
-    @staticmethod
-    def _check_fits(index: int, plan: Plan, parent: Parent) -> None:
-        try:
-            check_fits(plan, parent.manifest.arch, parent.manifest.config, parent.data.task)
-        except InvalidArgument as exc:
-            raise InvalidArgument(
-                f"compress.methods[{index}] ({plan.method}) on {parent.version.ref}: {exc.message}"
-            ) from None
-
     async def _load_parent(self, job: CompressJob) -> Parent:
         # fetch verifies every file against the sha256 the registry recorded: a tampered
         # parent raises IntegrityError here, before anything is deserialized.
@@ -293,13 +292,7 @@ class Compressor:
                         dataset["uri"], raw.num_features, features, version.ref, manifest.arch
                     )
                 )
-            try:  # its labels: an evaluation of the parent failed in torch, retried 5 times
-                check_fit(manifest.arch, manifest.config, raw, f"base {version.ref}: model.config")
-            except InvalidArgument as exc:
-                raise InvalidArgument(
-                    f"dataset {dataset['uri']} does not fit {exc.message}; name the dataset it "
-                    "was trained on (or leave dataset out: its lineage's is used)"
-                ) from None
+            check_dataset(manifest.arch, manifest.config, raw, str(version.ref))
             data = Tensors.of(raw)
             model = artifacts.materialize(manifest, files)
             metrics = artifact_metrics(manifest, files, data, latency_repeats=self._latency_repeats)

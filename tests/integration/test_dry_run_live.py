@@ -1,6 +1,6 @@
 """`maas jobs submit --dry-run` asks the real S3 and a real registry whether what a job reads
-is there: a missing dataset object and an unknown base are refused before anything is
-published, naming the field and where to look."""
+is there: a missing dataset object, an unknown base and a compress method the base cannot take
+are refused before anything is published, naming the field and where to look."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from collections.abc import AsyncIterator
 import pytest
 
 from infra.harness.registry import registry_in_process
+from maas import zoo
 from maas.config import Settings
-from maas.errors import NotFound
+from maas.errors import InvalidArgument, NotFound
 from maas.job_preflight import preflight
+from maas.registry import RegistryClient
 from maas.store import DATASETS_BUCKET, ObjectStore
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -24,10 +26,15 @@ def finetune(uri: str, base: dict[str, object]) -> dict[str, object]:
 
 
 @pytest.fixture
-async def settings(stack, tmp_path) -> AsyncIterator[Settings]:
-    """The stack's S3, and a registry (in this process) holding no models."""
+async def registry(stack, tmp_path) -> AsyncIterator[RegistryClient]:
+    """A registry (in this process, objects in the stack's S3) holding no models."""
     async with registry_in_process(stack.settings, tmp_path, part_size_bytes=5 << 20) as (_, c):
-        yield stack.settings.replace(registry_addr=c.addr)
+        yield c
+
+
+@pytest.fixture
+def settings(stack, registry) -> Settings:
+    return stack.settings.replace(registry_addr=registry.addr)
 
 
 async def test_a_dataset_object_that_does_not_exist_is_refused_saying_how_to_add_one(settings):
@@ -42,3 +49,21 @@ async def test_a_base_the_registry_does_not_hold_is_refused_naming_the_field(set
     uri = f"s3://{DATASETS_BUCKET}/{key}"
     with pytest.raises(NotFound, match="base: .*model 'no-such-base' is not registered"):
         await preflight(finetune(uri, {"name": "no-such-base", "alias": "production"}), settings)
+
+
+async def test_a_compress_method_that_cannot_run_on_the_base_is_refused_before_publishing(
+    settings, registry
+):
+    # Distilling a regression model passed a dry run, then failed after two variants.
+    config = {"in_features": 16, "num_classes": 1}
+    model = zoo.build("mlp", config, seed=0)
+    await registry.register(
+        model, "dry-reg", "mlp", config, method="train", settings={"dataset": "builtin:regression"}
+    )
+    job = {
+        "type": "compress",
+        "base": {"name": "dry-reg", "version": 1},
+        "compress": {"methods": [{"quantize": {"dtype": "int8"}}, {"distill": {"steps": 5}}]},
+    }
+    with pytest.raises(InvalidArgument, match=r"methods\[1\] \(distill\) on dry-reg@1: distill"):
+        await preflight(job, settings)

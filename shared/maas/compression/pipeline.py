@@ -21,6 +21,7 @@ from maas import zoo
 from maas.compression import distill as kd
 from maas.compression import formats, prune, quant
 from maas.compression.train import FitConfig, Tensors, fit
+from maas.datasets import Dataset
 from maas.errors import InvalidArgument
 from maas.events import shown
 from maas.training.plan import MAX_STEPS
@@ -162,10 +163,11 @@ def _check_order(steps: tuple[Step, ...]) -> None:
             )
 
 
-def check_fits(plan: Plan, arch: str, config: Mapping[str, Any], task: str) -> None:
+def check_fits(plan: Plan, arch: str, config: Mapping[str, Any], task: str | None) -> None:
     """What the plan's steps need of the model they start from and of the ``task`` of the
     dataset (classification, regression), checked before any variant of the job is built (a
-    job whose third method cannot run must not register its first two): a distill's teacher
+    job whose third method cannot run must not register its first two; None: not known yet, as
+    in a dry run on an S3 dataset): a distill's teacher
     scores one class a row and its student fits the teacher's inputs and outputs (or the arch
     has a default student), a structured prune knows the arch."""
     config = dict(config)
@@ -178,12 +180,38 @@ def check_fits(plan: Plan, arch: str, config: Mapping[str, Any], task: str) -> N
             arch, config = student.arch, student.config
 
 
-def _check_teacher(arch: str, config: Mapping[str, Any], task: str) -> None:
+def check_method(
+    index: int, plan: Plan, arch: str, config: Mapping[str, Any], task: str | None, base: str
+) -> None:
+    """``check_fits`` for ``compress.methods[index]`` on the version ``base``, named so."""
+    try:
+        check_fits(plan, arch, config, task)
+    except InvalidArgument as exc:
+        raise InvalidArgument(
+            f"compress.methods[{index}] ({plan.method}) on {base}: {exc.message}"
+        ) from None
+
+
+def check_dataset(arch: str, config: Mapping[str, Any], data: Dataset, base: str) -> None:
+    """The dataset's rows and labels fit the version ``base`` being compressed (its outputs
+    cover the classes): a 5-class model on the 10-class digits failed in torch, retried."""
+    from maas.training.prepare import check_fit
+
+    try:
+        check_fit(arch, config, data, f"base {base}: model.config")
+    except InvalidArgument as exc:
+        raise InvalidArgument(
+            f"dataset {data.name} does not fit {exc.message}; name the dataset it was trained "
+            "on (or leave dataset out: its lineage's is used)"
+        ) from None
+
+
+def _check_teacher(arch: str, config: Mapping[str, Any], task: str | None) -> None:
     """Distillation matches the teacher's class distribution of each row (soft targets), or a
     headless encoder's embedding of it."""
     if zoo.outputs_embeddings(arch, config):
         return
-    if task != "classification":
+    if task not in (None, "classification"):
         raise InvalidArgument(
             f"distill needs a classification dataset (soft class targets); this one is {task}: "
             "compress a regression model with prune or quantize"

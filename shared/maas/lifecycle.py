@@ -5,7 +5,8 @@ A service's ``__main__`` is settings from env, then ``serve`` with how to build 
 caps compute threads, starts it, opens ``/metrics``, ``/healthz`` and ``/readyz``
 (``maas.liveness``, ``maas.readiness``) once it started (the port answering means the service
 is up), runs it until SIGTERM/SIGINT or until ``run`` crashes (the process then exits with
-that error instead of idling), and always stops it. A process whose service stopped cleanly
+that error instead of idling: a ``MaasError`` as one line naming it, anything else with its
+traceback), and always stops it. A process whose service stopped cleanly
 ends without collecting garbage first (``exit_stopped``).
 Shutdown (stop accepting, drain, close) belongs in the service's ``stop``.
 """
@@ -27,6 +28,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry
 
 from maas.config import Settings
+from maas.errors import MaasError
 from maas.liveness import Liveness, serve_metrics
 
 log = logging.getLogger(__name__)
@@ -225,7 +227,14 @@ def serve(
             limit_compute_threads(compute_threads)
         await run_service(service, stop, metrics_port=port, metrics_bind=settings.metrics_bind)
 
-    run_until_signalled(main)
+    try:
+        run_until_signalled(main)
+    except MaasError as exc:
+        # A refusal on purpose (a setting, the token table, a dependency gone for good): its
+        # message says what to fix, and a 45-line traceback around it buried that.
+        log.critical("cannot go on: %s: %s", exc.reason_code, exc.message)
+        logging.shutdown()
+        sys.exit(1)
     exit_stopped()
 
 

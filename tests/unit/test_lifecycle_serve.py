@@ -4,6 +4,8 @@ until stopped or crashed, and always stop."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import urllib.error
 
 import pytest
@@ -82,3 +84,24 @@ async def test_a_failed_start_is_the_error_even_when_stopping_fails_too() -> Non
 
     with pytest.raises(Unavailable, match="cannot reach Kafka"):
         await asyncio.wait_for(run_service(Unreachable(), asyncio.Event()), 10)
+
+
+REFUSING_SERVICE = """
+from maas.config import Settings
+from maas.errors import InvalidArgument
+from maas.lifecycle import serve
+
+def build():
+    raise InvalidArgument("MAAS_AUTH_TOKENS_FILE /nowhere does not exist; create it")
+
+serve(build, Settings(), metrics_port=0)
+"""
+
+
+def test_a_service_refusing_to_start_on_purpose_says_why_in_one_line() -> None:
+    ended = subprocess.run(
+        [sys.executable, "-c", REFUSING_SERVICE], capture_output=True, text=True, timeout=120
+    )
+    assert ended.returncode == 1
+    assert "cannot go on: invalid_argument: MAAS_AUTH_TOKENS_FILE /nowhere" in ended.stderr
+    assert "Traceback" not in ended.stderr

@@ -58,12 +58,17 @@ def fetch_size(max_batch_size: int) -> int:
 
 def reply_topic(reply_to: str) -> str:
     """Where the prediction goes: ``reply_to``, or ``maas.predictions.v1`` when empty; no other
-    platform topic (a request must not write jobs or registry events)."""
+    platform topic (a request must not write jobs or registry events), nor one of Kafka's own."""
     if not reply_to:
         return PREDICTIONS.name
     if reply_to.startswith("maas.") and reply_to != PREDICTIONS.name:
         raise InvalidArgument(
             f"reply_to is {reply_to!r}, a platform topic; name your own topic or {PREDICTIONS.name}"
+        )
+    if reply_to.startswith("__"):  # __consumer_offsets, __transaction_state: "does not exist" lied
+        raise InvalidArgument(
+            f"reply_to is {reply_to!r}, a topic internal to Kafka; name your own topic or "
+            f"{PREDICTIONS.name}"
         )
     return reply_to
 

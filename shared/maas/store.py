@@ -175,6 +175,8 @@ class ObjectStore:
                 raise
             except (urllib3.exceptions.HTTPError, OSError) as exc:
                 error = exc
+            except ValueError as exc:  # minio refusing the arguments (a '..' key) before sending
+                raise InvalidArgument(f"{what}: {exc}") from None
             if attempt == self._max_attempts:
                 raise Unavailable(
                     f"{what}: S3 at {self._settings.s3_endpoint} failed after {attempt} "

@@ -99,6 +99,11 @@ def test_a_request_s3_calls_bad_is_an_invalid_argument_at_once_not_unavailable(s
     assert "attempt" not in caplog.text
 
 
+def test_a_key_the_s3_client_refuses_to_send_is_an_invalid_argument(store):
+    with pytest.raises(InvalidArgument, match="path segment"):
+        store.stat(DATASETS_BUCKET, "a/../x.npz")
+
+
 def on_thread(fn: Callable[..., Any], name: str, threads: dict[str, int]) -> Callable[..., Any]:
     """``fn``, noting which thread ran it under ``name``."""
 

@@ -117,6 +117,11 @@ def test_a_reply_to_another_platform_topic_is_refused() -> None:
         reply_topic("maas.jobs.v1")
 
 
+def test_a_reply_to_a_topic_internal_to_kafka_is_refused_as_such() -> None:
+    with pytest.raises(InvalidArgument, match="'__consumer_offsets', a topic internal to Kafka"):
+        reply_topic("__consumer_offsets")
+
+
 def prediction() -> dict:
     return events.new_event(
         events.PREDICTION,

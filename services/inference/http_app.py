@@ -24,6 +24,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from maas.edge.auth import redact_credentials
 from maas.errors import Cancelled, InvalidArgument, MaasError, ResourceExhausted
+from maas.events import clip
 from maas.names import small_number
 from services.inference.http_tls import TlsListener
 
@@ -274,10 +275,24 @@ def authorization_entries(request: web.Request) -> list[tuple[str, str]]:
     return [("authorization", value) for value in request.headers.getall("Authorization", [])]
 
 
+# What aiohttp decodes; any other coding it hands over as is, and that was read as plain JSON.
+CONTENT_ENCODINGS = ("identity", "gzip", "deflate")
+
+
+def check_content_encoding(request: web.Request) -> None:
+    coding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if coding not in CONTENT_ENCODINGS:
+        raise InvalidArgument(
+            f"Content-Encoding {clip(coding, 40)!r} is not one this server decodes; send the "
+            f"body as one of {', '.join(CONTENT_ENCODINGS)}"
+        )
+
+
 async def read_body(request: web.Request) -> bytes:
     """The request's body; one aiohttp cannot decode is InvalidArgument, one that does not arrive
     within the server's body timeout is a 408 that closes the connection."""
     check_declared_length(request)
+    check_content_encoding(request)
     timeout = request.app.get(BODY_TIMEOUT_S, DEFAULT_BODY_TIMEOUT_S)
     try:
         async with asyncio.timeout(timeout):

@@ -18,13 +18,12 @@ from torch import nn
 
 from maas import zoo
 from maas.compression.prune import WIDTH_FIELDS
-from maas.compression.train import FitConfig, LossFn, Tensors, fit
+from maas.compression.train import FitConfig, LossFn, Tensors, fit, teacher_outputs
 from maas.errors import InvalidArgument
 
 # A student narrower by this factor in every hidden width has about 1/4 of the parameters or
 # fewer (hidden-to-hidden weights shrink by its square).
 DEFAULT_NARROWING = 4
-TEACHER_ROWS = 256  # rows a teacher's forward pass takes at once
 
 
 @dataclass(frozen=True)
@@ -116,14 +115,3 @@ def distill(
         raise InvalidArgument("distillation needs a classification dataset (soft class targets)")
     loss = kd_loss(teacher_outputs(teacher, data.x_train), data.y_train, temperature, alpha)
     return fit(model, data, config, loss)
-
-
-def teacher_outputs(teacher: nn.Module, rows: torch.Tensor) -> torch.Tensor:
-    """The teacher's outputs on ``rows``, computed a batch at a time: in one pass, a text
-    model's activations took ~0.85 MiB a row (40 GB for 50 000 rows). Not inference_mode: the
-    loss keeps these as autograd targets."""
-    teacher.eval()
-    with torch.no_grad():
-        return torch.cat(
-            [teacher(rows[i : i + TEACHER_ROWS]) for i in range(0, len(rows), TEACHER_ROWS)]
-        )

@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from maas import zoo
-from maas.compression.distill import teacher_outputs
-from maas.compression.train import FitConfig, Tensors, fit
+from maas.compression.train import FitConfig, Tensors, fit, teacher_outputs
 from maas.errors import InvalidArgument
 from maas.text.bert_config import BertConfig
 

@@ -90,6 +90,7 @@ class Watcher:
 
     statuses: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
     dead: dict[str, list[dict[str, Any]]] = field(default_factory=lambda: defaultdict(list))
+    producer: EventProducer | None = field(default=None, repr=False)  # see ``final``
 
     async def handle(self, record: Record) -> None:
         if record.topic == topics.JOB_STATUS.name:
@@ -98,13 +99,26 @@ class Watcher:
             self.dead[record.key].append(record.event)
 
     async def final(self, job_id: str, timeout_s: float = 150.0) -> dict[str, Any]:
+        """The job's terminal status. A job that does not end in ``timeout_s`` is cancelled
+        before the test fails: left running, it would hold its workers and fail every later
+        test of the module that needs them."""
+        if (done := await self._terminal(job_id, timeout_s)) is not None:
+            return done
+        seen = list(self.statuses[job_id])
+        if self.producer is not None:
+            cancel = events.new_event(events.JOB, job_id=job_id, type="cancel")
+            await self.producer.send(topics.JOBS, cancel, key=job_id)
+            await self._terminal(job_id, 60.0)
+        raise AssertionError(f"job {job_id} did not finish (cancelled); statuses: {seen}")
+
+    async def _terminal(self, job_id: str, timeout_s: float) -> dict[str, Any] | None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             done = [s for s in self.statuses[job_id] if s["state"] in TERMINAL]
             if done:
                 return done[-1]
             await asyncio.sleep(0.2)
-        raise AssertionError(f"job {job_id} did not finish; statuses: {self.statuses[job_id]}")
+        return None
 
     async def letters(self, job_id: str, group: str, timeout_s: float = 60.0) -> list[dict]:
         """Dead letters of ``job_id`` written by ``group`` (they may trail the job's status)."""
@@ -173,7 +187,7 @@ async def wait_for_checkpoint(
 async def watching(settings: Settings, producer: EventProducer) -> AsyncIterator[Watcher]:
     """A Watcher fed from the job-status and DLQ topics, from their current end (earlier tests,
     the fuzzers among them, leave poison on them)."""
-    watcher = Watcher()
+    watcher = Watcher(producer=producer)
     group = f"test-training-{uuid.uuid4().hex[:8]}"
     for topic in (topics.JOB_STATUS, topics.DLQ):
         await start_group_at_end(settings, topic, group)

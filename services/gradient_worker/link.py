@@ -167,6 +167,18 @@ class ShardLink:
                 failure = f"{exc.code().name}: {exc.details()}"
             except MaasError as exc:  # no shard assigned yet, bad reply
                 log.info("job %s, shard %d: %s; trying again", self.job_id, self.shard, exc)
+            except asyncio.CancelledError:
+                if _cancelled_here():
+                    raise  # the worker leaves the job
+                # grpc.aio raises it from a call that grpc cancelled itself (a closing channel):
+                # the stream ended, the link did not; it used to end the link without a word.
+                failure = "the stream was cancelled under the worker (by grpc)"
+                log.info("job %s, shard %d: %s; joining again", self.job_id, self.shard, failure)
+            except Exception as exc:  # a link that ends leaves its job stalled: never for this
+                failure = f"{type(exc).__name__}: {exc}"
+                log.exception(
+                    "job %s, shard %d: stream failed; joining again", self.job_id, self.shard
+                )
             if failure and self._failing is not None:
                 await self._failed(self._failing, failure)
             await asyncio.sleep(delay)
@@ -286,3 +298,9 @@ class ShardLink:
             self.over = True
         self.shard_version = whole.version
         self._on_params(self.shard, whole)
+
+
+def _cancelled_here() -> bool:
+    """Whether the running task itself is being cancelled (not a call inside it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -76,6 +76,7 @@ class Running:
     assignment: Assignment
     links: list[ShardLink]
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    on_link_end: Callable[[asyncio.Task[None]], None] = lambda _: None  # wakes the worker
 
     @property
     def rank(self) -> int:
@@ -89,6 +90,23 @@ class Running:
     def refusal(self) -> tuple[str, str] | None:
         """Why a shard refused this worker's token, and that shard's address, if one did."""
         return next(((link.refused, link.refused_at) for link in self.links if link.refused), None)
+
+    def restart_dead_links(self) -> None:
+        """Start again a link whose task ended while its job goes on. Links retry every fault
+        themselves; one that ended anyway (a bug) must not leave its rank silent for good."""
+        for index, (link, task) in enumerate(zip(self.links, self.tasks, strict=False)):
+            if not task.done() or link.over or link.refused:
+                continue
+            error = None if task.cancelled() else task.exception()
+            log.error(
+                "job %s: the link to shard %d ended (%r); starting it again",
+                self.assignment.job_id,
+                link.shard,
+                error or "cancelled",
+                exc_info=error,
+            )
+            self.tasks[index] = asyncio.create_task(link.run())
+            self.tasks[index].add_done_callback(self.on_link_end)
 
     def declare_pushes_from(self) -> None:
         """Tell each shard at a version this worker cannot push from which one it can. A
@@ -232,9 +250,10 @@ class WorkerService:
             )
             for part in plan.partitions
         ]
+        running.on_link_end = lambda _: self._wake.set()  # it may end the job here: look
         running.tasks = [asyncio.create_task(link.run()) for link in running.links]
-        for task in running.tasks:  # a link that ends may end the job here: look
-            task.add_done_callback(lambda _: self._wake.set())
+        for task in running.tasks:
+            task.add_done_callback(running.on_link_end)
         self.jobs[job_id] = running
         log.info(
             "joined job %s as rank %d of %d (%d steps, codec %s)",
@@ -351,6 +370,7 @@ class WorkerService:
             await self._wake.wait()
             self._wake.clear()
             for job_id, running in list(self.jobs.items()):
+                running.restart_dead_links()
                 running.declare_pushes_from()  # new parameters, or a link that ended
                 if running.over:
                     await self._leave(job_id, "its training is over")

@@ -21,7 +21,7 @@ from maas.training.pool import SHARD, WORKER, Assignment, Want
 from services.aggregator.scheduler import PoolScheduler
 from services.gradient_worker import link as link_module
 from services.gradient_worker.link import ShardLink
-from services.gradient_worker.service import WorkerService
+from services.gradient_worker.service import Running, WorkerService
 
 TIMEOUT_MS = 10_000
 TICK_MS = 4_000  # how far the fake clock moves each time it is read
@@ -205,3 +205,60 @@ async def test_a_push_made_after_its_job_was_left_is_dropped() -> None:
     await worker._step(loop, "j", running)  # type: ignore[arg-type]
     await asyncio.sleep(0)  # the push's callback runs
     assert errors == []
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [asyncio.CancelledError(), RuntimeError("a fault nobody foresaw")],
+    ids=["grpc-cancelled-the-call", "unexpected-error"],
+)
+async def test_a_stream_that_fails_oddly_is_dialled_again_not_the_link_ended(
+    clock: None, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    # grpc.aio raises CancelledError from a call it cancelled itself; that, or any error nobody
+    # foresaw, ended the link's task without a word, and its job waited for the rank for good.
+    link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS))
+    dials = 0
+
+    async def exchange() -> str:
+        nonlocal dials
+        dials += 1
+        if dials == 1:
+            raise failure
+        link.over = True  # the second dial got through: enough
+        return ""
+
+    monkeypatch.setattr(link, "_exchange", exchange)
+    await link.run()
+    assert dials == 2
+
+
+async def test_a_link_cancelled_by_its_worker_ends(clock: None) -> None:
+    link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS))
+    task = asyncio.create_task(link.run())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_link_task_that_died_is_started_again_while_its_job_goes_on(clock: None) -> None:
+    link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS))
+    runs = 0
+
+    async def run() -> None:
+        nonlocal runs
+        runs += 1
+        if runs == 1:
+            raise RuntimeError("a bug in the link")
+        await asyncio.sleep(3600)
+
+    link.run = run  # type: ignore[method-assign]
+    assignment = Assignment("j", 1, {0: "w-0"}, {0: "s-0"}, {0: NOBODY})
+    running = Running(None, assignment, [link])  # type: ignore[arg-type]
+    running.tasks = [asyncio.create_task(link.run())]
+    await asyncio.sleep(0)
+    running.restart_dead_links()
+    await asyncio.sleep(0)
+    assert runs == 2 and not running.tasks[0].done()
+    running.tasks[0].cancel()

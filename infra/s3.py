@@ -202,6 +202,9 @@ class WeedS3(NativeServer):
             f"-master.port={p.master}",
             f"-master.port.grpc={p.master_grpc}",
             "-master.telemetry=false",
+            # One master: it waits out this timeout (several rounds) before it leads again after
+            # a restart, and serves no object meanwhile (10 s default: ~20 s after every start).
+            "-master.electionTimeout=1s",
             "-master.volumeSizeLimitMB=1024",
             f"-volume.port={p.volume}",
             f"-volume.port.grpc={p.volume_grpc}",

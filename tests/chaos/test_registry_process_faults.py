@@ -112,7 +112,7 @@ async def test_the_registry_process_stays_up_when_s3_stops_mid_upload(stack, reg
     async with RegistryClient(registry.settings) as client:
         upload = PausedUpload(client, a_name())
         await upload.opened(store)
-        await asyncio.to_thread(stack.local.s3.stop)
+        await asyncio.to_thread(stack.local.s3.cut_off)
         try:
             upload.resume()
             failed = await upload.failure()

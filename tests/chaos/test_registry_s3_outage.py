@@ -95,7 +95,7 @@ async def test_s3_stopped_mid_upload_fails_the_registration_and_leaves_nothing(
 
     call = asyncio.ensure_future(client.stub.RegisterVersion(requests()))
     await eventually(lambda: _has_uploads(store, f"{name}/"), 60)
-    await asyncio.to_thread(stack.local.s3.stop)
+    await asyncio.to_thread(stack.local.s3.cut_off)
     try:
         s3_down.set()
         with pytest.raises(grpc.aio.AioRpcError) as failed:

@@ -142,7 +142,7 @@ async def test_a_job_survives_s3_stopping_mid_job_and_ends_exactly(
     stack, producer, watcher, registry, undisturbed
 ):
     s3 = stack.local.s3
-    status, _ = await train_through(stack, producer, watcher, s3.stop, s3.start, S3_OUTAGE_S)
+    status, _ = await train_through(stack, producer, watcher, s3.cut_off, s3.start, S3_OUTAGE_S)
     assert status["state"] == "succeeded", status
     assert_same_weights(await weights(registry, status), undisturbed)
 
@@ -154,7 +154,9 @@ async def test_while_s3_is_away_a_job_goes_at_most_two_checkpoint_intervals_furt
     restarted shard): with no checkpoint landing, the shards hold the job there instead of
     letting that backlog grow for the whole outage, and say why in its status."""
     s3 = stack.local.s3
-    status, outage = await train_through(stack, producer, watcher, s3.stop, s3.start, S3_OUTAGE_S)
+    status, outage = await train_through(
+        stack, producer, watcher, s3.cut_off, s3.start, S3_OUTAGE_S
+    )
     assert status["state"] == "succeeded", status
     every = TRAINING["checkpoint_every"]
     # Two intervals and the step that found the hold, plus one interval for a checkpoint whose

@@ -78,6 +78,7 @@ class ShardLink:
         self.member = member
         self.shard = shard
         self.over = False  # the shard says the job is over, or sent its final version
+        self._closed = False  # the worker left the job (``close``)
         self.refused: str | None = None  # why the shard refused this worker's token
         self.refused_at = ""  # the address of the shard that refused it
         self._settings = settings
@@ -114,6 +115,14 @@ class ShardLink:
         most steps never need them."""
         return (push.version for push in self._retained)
 
+    def close(self) -> None:
+        """The worker leaves the job: the link ends at its next step, its stream at once.
+        Cancelling its task alone is not enough on Python 3.11: ``asyncio.wait_for`` loses a
+        cancellation that meets the inner call's end (the stream's error then looked like any
+        other, the link dialled again, and the worker's wait for it to end never returned)."""
+        self._closed = True
+        self._moved.set()
+
     def follow(self) -> None:
         """The job's assignment changed: end a stream to an address the partition has left,
         so the next dial reaches its new shard."""
@@ -142,7 +151,7 @@ class ShardLink:
 
     async def run(self) -> None:
         delay = RETRY_S
-        while not self.over:
+        while not (self.over or self._closed):
             failure = ""
             try:
                 failure = await self._exchange()
@@ -179,6 +188,8 @@ class ShardLink:
                 log.exception(
                     "job %s, shard %d: stream failed; joining again", self.job_id, self.shard
                 )
+            if _cancelled_here():
+                raise asyncio.CancelledError  # a cancellation lost inside (see ``close``)
             if failure and self._failing is not None:
                 await self._failed(self._failing, failure)
             await asyncio.sleep(delay)
@@ -250,6 +261,8 @@ class ShardLink:
     async def _read_until_moved(self, call: grpc.aio.StreamStreamCall) -> None:
         """Read the stream until it ends (its error raised) or the partition moves away."""
         self._moved.clear()
+        if self._closed:
+            return
         self.follow()  # a move while the stream opened
         reading = asyncio.create_task(self._read_all(call))
         moved = asyncio.create_task(self._moved.wait())
@@ -260,6 +273,8 @@ class ShardLink:
             if not reading.done():
                 reading.cancel()
             await asyncio.gather(reading, moved, return_exceptions=True)
+        if self._closed:
+            return  # the worker left the job
         if not reading.cancelled():
             reading.result()  # the stream's own end: its error, if any, is the caller's
             return

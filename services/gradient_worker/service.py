@@ -300,6 +300,8 @@ class WorkerService:
 
     async def _leave(self, job_id: str, why: str) -> None:
         running = self.jobs.pop(job_id)
+        for link in running.links:
+            link.close()
         for task in running.tasks:
             task.cancel()
         await asyncio.gather(*running.tasks, return_exceptions=True)

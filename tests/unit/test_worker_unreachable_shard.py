@@ -6,6 +6,7 @@ scheduler reads to move the partition once every rank reported it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
 
@@ -16,6 +17,7 @@ from pool_kit import SentEvents, link_to, ticking_clock
 
 from maas import events
 from maas.config import Settings
+from maas.errors import MaasError
 from maas.training.broadcast import params_pieces
 from maas.training.pool import SHARD, WORKER, Assignment, Want
 from services.aggregator.scheduler import PoolScheduler
@@ -262,3 +264,43 @@ async def test_a_link_task_that_died_is_started_again_while_its_job_goes_on(cloc
     await asyncio.sleep(0)
     assert runs == 2 and not running.tasks[0].done()
     running.tasks[0].cancel()
+
+
+async def test_a_link_whose_cancellation_was_lost_inside_a_stream_still_ends(
+    clock: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Python 3.11's wait_for loses a cancellation that meets the call's own end: the stream's
+    # error came out instead, and the link dialled again for a job its worker had left.
+    link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS))
+    dials = 0
+
+    async def exchange() -> str:
+        nonlocal dials
+        dials += 1
+        link.over = dials == 3  # without the fix: bounded, and the task is not cancelled
+        task = asyncio.current_task()
+        assert task is not None
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # the cancellation is delivered here and lost
+        raise MaasError("the stream ended")
+
+    monkeypatch.setattr(link, "_exchange", exchange)
+    task = asyncio.create_task(link.run())
+    await asyncio.wait({task})
+    assert task.cancelled() and dials == 1
+
+
+async def test_a_closed_link_dials_no_more(clock: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS))
+    dials = 0
+
+    async def exchange() -> str:
+        nonlocal dials
+        dials += 1
+        link.close()  # the worker leaves the job while this stream is open
+        return ""
+
+    monkeypatch.setattr(link, "_exchange", exchange)
+    await link.run()
+    assert dials == 1

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from types import SimpleNamespace
 
 import grpc
@@ -209,6 +209,22 @@ async def test_a_push_made_after_its_job_was_left_is_dropped() -> None:
     assert errors == []
 
 
+class Dials:
+    """A link whose every dial runs ``step(link, n)`` (n counts from 1) instead of a stream."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, step: Callable[[ShardLink, int], Awaitable[str]]
+    ) -> None:
+        self.count = 0
+        self.link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS))
+
+        async def exchange() -> str:
+            self.count += 1
+            return await step(self.link, self.count)
+
+        monkeypatch.setattr(self.link, "_exchange", exchange)
+
+
 @pytest.mark.parametrize(
     "failure",
     [asyncio.CancelledError(), RuntimeError("a fault nobody foresaw")],
@@ -218,21 +234,16 @@ async def test_a_stream_that_fails_oddly_is_dialled_again_not_the_link_ended(
     clock: None, monkeypatch: pytest.MonkeyPatch, failure: BaseException
 ) -> None:
     # grpc.aio raises CancelledError from a call it cancelled itself; that, or any error nobody
-    # foresaw, ended the link's task without a word, and its job waited for the rank for good.
-    link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS))
-    dials = 0
-
-    async def exchange() -> str:
-        nonlocal dials
-        dials += 1
-        if dials == 1:
+    # foresaw, would end the link's task without a word, its job waiting for the rank for good.
+    async def step(link: ShardLink, dial: int) -> str:
+        if dial == 1:
             raise failure
         link.over = True  # the second dial got through: enough
         return ""
 
-    monkeypatch.setattr(link, "_exchange", exchange)
-    await link.run()
-    assert dials == 2
+    dials = Dials(monkeypatch, step)
+    await dials.link.run()
+    assert dials.count == 2
 
 
 async def test_a_link_cancelled_by_its_worker_ends(clock: None) -> None:
@@ -271,13 +282,8 @@ async def test_a_link_whose_cancellation_was_lost_inside_a_stream_still_ends(
 ) -> None:
     # Python 3.11's wait_for loses a cancellation that meets the call's own end: the stream's
     # error came out instead, and the link dialled again for a job its worker had left.
-    link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS))
-    dials = 0
-
-    async def exchange() -> str:
-        nonlocal dials
-        dials += 1
-        link.over = dials == 3  # without the fix: bounded, and the task is not cancelled
+    async def step(link: ShardLink, dial: int) -> str:
+        link.over = dial == 3  # without the fix: bounded, and the task is not cancelled
         task = asyncio.current_task()
         assert task is not None
         task.cancel()
@@ -285,22 +291,17 @@ async def test_a_link_whose_cancellation_was_lost_inside_a_stream_still_ends(
             await asyncio.sleep(0)  # the cancellation is delivered here and lost
         raise MaasError("the stream ended")
 
-    monkeypatch.setattr(link, "_exchange", exchange)
-    task = asyncio.create_task(link.run())
+    dials = Dials(monkeypatch, step)
+    task = asyncio.create_task(dials.link.run())
     await asyncio.wait({task})
-    assert task.cancelled() and dials == 1
+    assert task.cancelled() and dials.count == 1
 
 
 async def test_a_closed_link_dials_no_more(clock: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    link = link_to(NOBODY, Settings(worker_heartbeat_timeout_ms=TIMEOUT_MS))
-    dials = 0
-
-    async def exchange() -> str:
-        nonlocal dials
-        dials += 1
+    async def step(link: ShardLink, dial: int) -> str:
         link.close()  # the worker leaves the job while this stream is open
         return ""
 
-    monkeypatch.setattr(link, "_exchange", exchange)
-    await link.run()
-    assert dials == 1
+    dials = Dials(monkeypatch, step)
+    await dials.link.run()
+    assert dials.count == 1

@@ -179,8 +179,8 @@ class ShardLink:
             except asyncio.CancelledError:
                 if _cancelled_here():
                     raise  # the worker leaves the job
-                # grpc.aio raises it from a call that grpc cancelled itself (a closing channel):
-                # the stream ended, the link did not; it used to end the link without a word.
+                # grpc.aio raises it from a call cancelled on this side (_raise_for_status), not
+                # only when this task is cancelled: the stream ended, the link did not.
                 failure = "the stream was cancelled under the worker (by grpc)"
                 log.info("job %s, shard %d: %s; joining again", self.job_id, self.shard, failure)
             except Exception as exc:  # a link that ends leaves its job stalled: never for this

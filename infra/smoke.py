@@ -61,7 +61,8 @@ async def kafka_round_trip(settings: Settings) -> str:
         tp = TopicPartition(SMOKE_TOPIC, meta.partition)
         consumer.assign([tp])
         consumer.seek(tp, meta.offset)
-        record = await asyncio.wait_for(consumer.getone(), timeout=30)
+        async with asyncio.timeout(30):
+            record = await consumer.getone()
     finally:
         await consumer.stop()
     if record.value != value:

@@ -116,10 +116,10 @@ class ShardLink:
         return (push.version for push in self._retained)
 
     def close(self) -> None:
-        """The worker leaves the job: the link ends at its next step, its stream at once.
-        Cancelling its task alone is not enough on Python 3.11: ``asyncio.wait_for`` loses a
-        cancellation that meets the inner call's end (the stream's error then looked like any
-        other, the link dialled again, and the worker's wait for it to end never returned)."""
+        """The worker leaves the job: the link ends at its next step, its stream at once,
+        whatever becomes of the cancellation of its task (Python 3.11's ``asyncio.wait_for``
+        once lost one here: the link dialled on, and the worker's wait for it never returned;
+        see ``maas.waiting``)."""
         self._closed = True
         self._moved.set()
 
@@ -243,7 +243,8 @@ class ShardLink:
             writer = asyncio.create_task(self._write(call, outbox))
             try:
                 try:
-                    reply = await asyncio.wait_for(call.read(), silence_ms / 1000)
+                    async with asyncio.timeout(silence_ms / 1000):
+                        reply = await call.read()
                 except TimeoutError:
                     return f"the shard accepted the stream but sent nothing in {silence_ms} ms"
                 if reply is grpc.aio.EOF:

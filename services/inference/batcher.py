@@ -28,7 +28,6 @@ cancelled task fails everything still queued.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -39,6 +38,7 @@ from typing import Protocol
 import numpy as np
 
 from maas.errors import Unavailable
+from maas.waiting import set_within
 
 Forward = Callable[[np.ndarray], np.ndarray]  # rows in, rows out
 
@@ -265,8 +265,7 @@ class DynamicBatcher:
         if remaining_s <= 0:
             return
         self._full.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._full.wait(), remaining_s)
+        await set_within(self._full, remaining_s)
 
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []

@@ -10,11 +10,11 @@ event ``id``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 
 from maas.bus import EventProducer
 from maas.errors import Unavailable
+from maas.waiting import set_within
 from services.model_registry.store import RegistryStore
 
 log = logging.getLogger(__name__)
@@ -98,5 +98,4 @@ class OutboxRelay:
                 self._producer_started = True
 
     async def _sleep(self, ms: int) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), ms / 1000)
+        await set_within(self._wake, ms / 1000)

@@ -93,8 +93,10 @@ class RegistryProcess:
         if self._relay_task is not None:
             # A send stuck on an absent broker is abandoned: unmarked events go out next start.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._relay_task, RELAY_STOP_S)
+                async with asyncio.timeout(RELAY_STOP_S):
+                    await self._relay_task
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._producer.stop(), RELAY_STOP_S)
+            async with asyncio.timeout(RELAY_STOP_S):
+                await self._producer.stop()
         await self._store.stop()
         self.service.close()

@@ -210,7 +210,8 @@ class ArtifactSink:
 
     async def _next(self, chunks: AsyncIterator[tuple[str, bytes]]) -> tuple[str, bytes] | None:
         try:
-            return await asyncio.wait_for(anext(chunks), self._chunk_timeout_s)
+            async with asyncio.timeout(self._chunk_timeout_s):
+                return await anext(chunks)
         except StopAsyncIteration:
             return None
         except TimeoutError:

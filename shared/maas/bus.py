@@ -254,7 +254,8 @@ class EventProducer:
                 return
             self._producer = fresh
         with contextlib.suppress(Exception):  # its pending sends fail anyway
-            await asyncio.wait_for(close_stale(), _STOP_STALE_S)
+            async with asyncio.timeout(_STOP_STALE_S):
+                await close_stale()
 
     async def stop(self) -> None:
         if self._producer is not None:

@@ -21,7 +21,6 @@ the group gives away the partitions of a member that fetched nothing for that lo
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import traceback
 import uuid
@@ -50,6 +49,7 @@ from maas.config import Settings
 from maas.deadletter import DeadLetter
 from maas.errors import MaasError, Unavailable
 from maas.topics import DLQ, Topic
+from maas.waiting import set_within
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +179,7 @@ class EventConsumer:
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, but wake at once on ``stop()``."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await set_within(self._stopping, seconds)
 
     async def _process_partition(
         self,
@@ -313,7 +312,8 @@ class EventConsumer:
             send = asyncio.ensure_future(self._producer.send(DLQ, dlq_event, key=letter.dlq_key))
             self._dlq_sends[where] = send
         try:
-            await asyncio.wait_for(asyncio.shield(send), self._dlq_timeout_s)
+            async with asyncio.timeout(self._dlq_timeout_s):
+                await asyncio.shield(send)
         except TimeoutError:
             raise Unavailable(
                 f"{DLQ.name} acknowledged no write within {self._dlq_timeout_s:g} s"

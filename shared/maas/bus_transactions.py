@@ -30,7 +30,6 @@ fatal.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +63,7 @@ from maas.deadletter import DeadLetter, Headers
 from maas.errors import FailedPrecondition
 from maas.known_topics import KnownTopics
 from maas.topics import DLQ
+from maas.waiting import set_within
 
 log = logging.getLogger(__name__)
 
@@ -234,8 +234,7 @@ class TransactionalPipe:
                 await asyncio.gather(*rounds)
 
     async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), seconds)
+        await set_within(self._stopping, seconds)
 
     # --- partitions and their producers -----------------------------------------------------
 
@@ -291,7 +290,8 @@ class TransactionalPipe:
         if producer is None:
             return
         try:
-            await asyncio.wait_for(producer.stop(), PRODUCER_STOP_S)
+            async with asyncio.timeout(PRODUCER_STOP_S):
+                await producer.stop()
         except Exception as exc:  # its open transaction is aborted by the next owner's start
             log.warning("stopping the producer of %s failed: %s", tp, exc)
 

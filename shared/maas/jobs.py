@@ -375,12 +375,14 @@ async def watch(
         try:
             if remaining is not None and remaining <= 0:
                 raise TimeoutError
-            yield await asyncio.wait_for(anext(stream), remaining)
+            async with asyncio.timeout(remaining):
+                progress = await anext(stream)
         except StopAsyncIteration:
             return
         except TimeoutError:
             await stream.aclose()
             raise DeadlineExceeded(_not_finished(job_id, summary, timeout_s)) from None
+        yield progress  # outside the timeout: the consumer's time is not the stream's
 
 
 def _not_finished(job_id: str, summary: JobSummary, timeout_s: float | None) -> str:

@@ -114,7 +114,8 @@ class Dependencies:
 
     async def _check(self, name: str) -> str | None:
         try:
-            await asyncio.wait_for(self._checks[name](), self._timeout_s)
+            async with asyncio.timeout(self._timeout_s):
+                await self._checks[name]()
         except TimeoutError:
             return f"no answer in {self._timeout_s:.0f} s"
         except asyncio.CancelledError:

@@ -254,7 +254,8 @@ async def drain_unread(requests: AsyncIterator[Any]) -> None:
     with contextlib.suppress(TimeoutError, StopAsyncIteration, grpc.aio.AioRpcError):
         async with asyncio.timeout(REFUSAL_DRAIN_S):
             while True:
-                await asyncio.wait_for(anext(pending), REFUSAL_QUIET_S)
+                async with asyncio.timeout(REFUSAL_QUIET_S):
+                    await anext(pending)
 
 
 def _replace(handler: grpc.RpcMethodHandler, kind: str, behavior: Any) -> grpc.RpcMethodHandler:

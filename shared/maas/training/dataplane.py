@@ -86,7 +86,8 @@ async def token_accepted(address: str, settings: Settings) -> bool | None:
     async with open_channel(address, settings) as channel:
         call = exchange(channel, settings, frames=())
         try:
-            code = await asyncio.wait_for(call.code(), PROBE_TIMEOUT_S)
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                code = await call.code()
         except TimeoutError:
             call.cancel()
             return None

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from prometheus_client import CollectorRegistry, Counter
 
 from maas import topics
-from maas.bus import EventProducer
+from maas.bus import KAFKA_STOP_S, EventProducer
 from maas.errors import InvalidArgument, MaasError, NotFound
 from maas.events import now_ms
 from maas.jobs import status_event
@@ -245,7 +245,18 @@ class StatusReporter:
         self._pending: set[asyncio.Task[None]] = set()
 
     async def drain(self) -> None:
-        await asyncio.gather(*self._pending, return_exceptions=True)
+        """Wait for the statuses still being sent, at most KAFKA_STOP_S (with the broker away
+        each would wait its request timeout): the partition's next owner reports the job from
+        its checkpoint."""
+        if not self._pending:
+            return
+        _, unsent = await asyncio.wait(self._pending, timeout=KAFKA_STOP_S)
+        if unsent:
+            log.warning(
+                "%s: %d job statuses not delivered before stopping", self._service, len(unsent)
+            )
+        for send in unsent:
+            send.cancel()
 
     async def members(self, job: ShardJob, change: str) -> None:
         members = {"active": sorted(job.core.members), "change": change, "shard": job.partition}

@@ -56,6 +56,11 @@ log = logging.getLogger(__name__)
 __all__ = ["ConsumerDied", "DeadLetter", "Headers"]
 
 MAX_DLQ_BACKOFF_S = 5.0
+# The longest a stopping client waits on Kafka for one farewell (a producer's pending sends, a
+# consumer leaving its group, a member's last word): with the broker away, aiokafka waits its
+# request timeout (30 s) and more, and a process must be gone within its stop grace (compose:
+# 30 s, the test harnesses: 20 s) after a few of them.
+KAFKA_STOP_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -258,9 +263,20 @@ class EventProducer:
                 await close_stale()
 
     async def stop(self) -> None:
-        if self._producer is not None:
-            producer, self._producer = self._producer, None
-            await producer.stop()
+        """Send what is pending and close, waiting at most KAFKA_STOP_S: what Kafka has not
+        taken by then is dropped (its senders were told it failed or gave up waiting)."""
+        if self._producer is None:
+            return
+        producer, self._producer = self._producer, None
+        try:
+            async with asyncio.timeout(KAFKA_STOP_S):
+                await producer.stop()
+        except TimeoutError:
+            log.warning(
+                "%s: Kafka took no pending event within %g s; stopped without them",
+                self._client_id,
+                KAFKA_STOP_S,
+            )
 
     async def __aenter__(self) -> EventProducer:
         await self.start()
@@ -395,8 +411,25 @@ async def open_consumer(
     try:
         await consumer.start()
     except KafkaError as exc:
-        await consumer.stop()
+        await stop_consumer(consumer)
         raise unreachable(settings, exc) from exc
     if partitions:
         consumer.assign(list(partitions))
     return consumer
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer) -> None:
+    """Close ``consumer`` (leave its group), waiting at most KAFKA_STOP_S. With the broker
+    away, aiokafka 0.14's fetcher re-raises the CancelledError of a fetch it cancels on close,
+    which ended a stopping service with a traceback: that one is not a cancellation of the
+    caller's task, so it is not passed on."""
+    try:
+        async with asyncio.timeout(KAFKA_STOP_S):
+            await consumer.stop()
+    except TimeoutError:
+        log.warning("Kafka consumer not closed cleanly within %g s; left behind", KAFKA_STOP_S)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+        log.debug("Kafka consumer closed while a fetch was retrying")

@@ -40,6 +40,7 @@ from maas.bus import (
     dlq_backoff_s,
     is_poison,
     open_consumer,
+    stop_consumer,
     to_record,
     topic_name,
     unreadable,
@@ -137,7 +138,7 @@ class EventConsumer:
         self._dlq_sends.clear()
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            await consumer.stop()
+            await stop_consumer(consumer)
         self._closed.set()
 
     async def __aenter__(self) -> EventConsumer:

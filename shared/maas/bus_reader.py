@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaConnectionError
 
-from maas.bus import Record, open_consumer, read_record
+from maas.bus import Record, open_consumer, read_record, stop_consumer
 from maas.bus_fetch import fetch, unreadable_reason
 from maas.config import Settings
 from maas.errors import SchemaViolation
@@ -63,7 +63,7 @@ class PartitionReader:
     async def stop(self) -> None:
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            await consumer.stop()
+            await stop_consumer(consumer)
 
     async def __aenter__(self) -> PartitionReader:
         await self.start()

@@ -54,6 +54,7 @@ from maas.bus import (
     is_poison,
     open_consumer,
     producer_options,
+    stop_consumer,
     to_record,
     unreadable,
 )
@@ -206,7 +207,7 @@ class TransactionalPipe:
         # Not under the lock: leaving the group may wait for a revocation, which takes it.
         if self._consumer is not None:
             consumer, self._consumer = self._consumer, None
-            await consumer.stop()
+            await stop_consumer(consumer)
 
     def _require(self) -> AIOKafkaConsumer:
         if self._consumer is None:

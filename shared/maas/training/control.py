@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from maas import events, topics
-from maas.bus import EventProducer
+from maas.bus import KAFKA_STOP_S, EventProducer
 from maas.bus_reader import PartitionReader
 from maas.config import Settings
 from maas.errors import FailedPrecondition, MaasError
@@ -139,7 +139,18 @@ class Heartbeat:
             await asyncio.sleep(self._period_s)
 
     async def leave(self) -> None:
-        await self._say("down")
+        """Say ``down`` for good, waiting at most KAFKA_STOP_S: a member stopping while the
+        broker is away is counted gone after the coordinator's heartbeat timeout instead."""
+        try:
+            async with asyncio.timeout(KAFKA_STOP_S):
+                await self._say("down")
+        except TimeoutError:
+            log.info(
+                "%s: `down` not delivered within %g s; the coordinator counts this member gone "
+                "after its heartbeat timeout",
+                self.member_id,
+                KAFKA_STOP_S,
+            )
 
     async def withdraw(self) -> None:
         self._withdrawn = True

@@ -30,6 +30,7 @@ from maas.readiness import Dependencies
 log = logging.getLogger(__name__)
 
 HealthHook = Callable[[str | None], Awaitable[None]]
+METRICS_PATH = "/metrics"
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 # An event loop that has not run for this long is stalled: health says so until it runs again.
@@ -169,24 +170,33 @@ class _Quiet(WSGIRequestHandler):
 def serve_metrics(
     port: int, addr: str, registry: CollectorRegistry, liveness: Liveness
 ) -> WSGIServer:
-    """Prometheus text at every path but two. ``/healthz`` says whether every supervised loop
-    runs (200 ``SERVING``) or not (503 ``NOT_SERVING: <reason>``); ``/readyz`` says whether,
-    besides, every dependency answers (200 ``READY`` or 503 ``NOT_READY: <reason>``). Serves
-    from a daemon thread; ``shutdown()`` the returned server to stop it."""
+    """Prometheus text at ``/metrics``. ``/healthz`` says whether every supervised loop runs
+    (200 ``SERVING``) or not (503 ``NOT_SERVING: <reason>``); ``/readyz`` says whether,
+    besides, every dependency answers (200 ``READY`` or 503 ``NOT_READY: <reason>``); any other
+    path is 404 naming these three. Serves from a daemon thread; ``shutdown()`` the returned
+    server to stop it."""
     metrics = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO")
+        if path == METRICS_PATH:
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
         if path == HEALTH_PATH:
             return _answer(start_response, "SERVING", "NOT_SERVING", liveness.reason)
         if path == READY_PATH:
             return _answer(start_response, "READY", "NOT_READY", liveness.ready_reason)
-        return metrics(environ, start_response)  # type: ignore[no-any-return]
+        return _not_found(start_response)
 
     server_class = _Server6 if ":" in addr else _Server
     server = make_server(addr, port, app, server_class, _Quiet)
     threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
     return server
+
+
+def _not_found(start_response: Callable[..., Any]) -> Iterable[bytes]:
+    start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+    served = f"{METRICS_PATH}, {HEALTH_PATH} and {READY_PATH}"
+    return [f"not found: this port serves {served}\n".encode()]
 
 
 def _answer(

@@ -147,3 +147,14 @@ def answered_once_free(port: int) -> tuple[int, str]:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+
+
+def test_the_metrics_are_served_at_metrics(metrics_port: int) -> None:
+    status, body = http_get(metrics_port, "/metrics")
+    assert status == 200
+    assert "# TYPE maas_loop_up gauge" in body
+
+
+def test_any_other_path_is_not_found_naming_the_ones_served(metrics_port: int) -> None:
+    status, body = http_get(metrics_port, "/favicon.ico")
+    assert (status, body) == (404, "not found: this port serves /metrics, /healthz and /readyz\n")

@@ -207,7 +207,12 @@ class Compressor:
         await self._stop_if_unwanted(job.job_id, 0, wanted)
         # A policy's plan has no job event, so no fingerprint to say.
         said = {"content_sha256": job.fingerprint} if job.fingerprint else {}
-        await self._publish(status(job.job_id, "accepted", step=0, total_steps=total, **said))
+        # Loading and measuring a large base takes minutes (MiniLM: about 2): say so, or a
+        # watcher sees nothing move.
+        doing = f"loading the base {job.base} and measuring it (accuracy, size, latency)"
+        await self._publish(
+            status(job.job_id, "accepted", step=0, total_steps=total, reason=doing, **said)
+        )
         parent = await self._load_parent(job)
         name = job.register_name or parent.version.name
         done = await self._registered(name, job)

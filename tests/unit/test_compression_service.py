@@ -198,6 +198,14 @@ async def test_progress_runs_from_accepted_through_each_variant_to_succeeded(cor
     assert statuses[-1]["model"] == {"name": "digits", "version": 3}
 
 
+async def test_the_accepted_status_says_the_base_is_being_loaded_and_measured(core, statuses):
+    # A large base takes minutes to load and measure: a watcher is told why nothing moves.
+    await core.handle(job())
+    assert statuses[0]["reason"] == (
+        "loading the base digits@1 and measuring it (accuracy, size, latency)"
+    )
+
+
 async def test_the_accepted_status_carries_the_jobs_fingerprint(core, statuses):
     await core.handle(job())
     assert statuses[0]["content_sha256"] == jobs.content_sha256(job())

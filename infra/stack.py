@@ -195,6 +195,7 @@ class LocalStack:
 
     def up(self, *, bootstrap: bool = True, timeout_s: float = 120.0) -> list[ComponentStatus]:
         """Start whatever is not running, wait for all, then create topics and buckets."""
+        keep_private(self.settings.state_path)
         self.stack_dir.mkdir(parents=True, exist_ok=True)
         with file_lock(self.stack_dir / "stack.lock"):
             mismatch = self.tls_mismatch()
@@ -324,6 +325,16 @@ class PortBook:
             return dict(json.loads(self.path.read_text()))
         except (FileNotFoundError, ValueError):
             return {}
+
+
+def keep_private(directory: Path) -> None:
+    """The stack's state directory (tokens, the registry database, S3 objects, Kafka logs) is
+    its owner's alone: created 0700, or tightened to 0700 when this user owns it (what the
+    servers write inside it is 0644 or 0755: readable by anyone the directory lets in)."""
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = directory.stat()
+    if info.st_uid == os.getuid() and info.st_mode & 0o077:
+        directory.chmod(0o700)
 
 
 def stop_together(components: Sequence[Component]) -> list[str]:

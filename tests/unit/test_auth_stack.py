@@ -1,10 +1,11 @@
-"""The local stack's side of auth: which token table and token each service process gets."""
+"""The local stack's side of auth: which token table and token each service process gets, and
+its state directory kept from other users."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from infra.stack import compose_services
+from infra.stack import compose_services, keep_private
 from maas.config import Settings
 
 
@@ -28,3 +29,18 @@ def test_a_token_table_set_elsewhere_keeps_the_tokens_next_to_it(tmp_path: Path)
     (registry,) = [s for s in compose_services(settings, tmp_path) if s.name == "model-registry"]
     assert registry.env["MAAS_AUTH_TOKENS_FILE"] == str(table)
     assert registry.env["MAAS_AUTH_TOKEN_FILE"] == str(table.parent / "services.token")
+
+
+def test_a_new_state_directory_is_its_owners_alone(tmp_path: Path):
+    state = tmp_path / "a" / "state"
+    keep_private(state)
+    assert state.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_state_directory_others_could_read_is_closed_to_them(tmp_path: Path):
+    # Under it, the registry database and the S3 objects are 0644, Kafka's logs too.
+    state = tmp_path / "state"
+    state.mkdir(mode=0o755)
+    state.chmod(0o755)
+    keep_private(state)
+    assert state.stat().st_mode & 0o777 == 0o700

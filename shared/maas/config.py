@@ -124,6 +124,15 @@ class Settings:
         256 * MiB,
         "gRPC send/receive limit (default 4 MiB is a trap)",
     )
+    grpc_keepalive_s: int = setting(
+        "MAAS_GRPC_KEEPALIVE_S",
+        30,
+        (
+            "a gRPC server pings a client whose calls have been silent this long and closes the "
+            "connection when the ping is not answered within as long (the calls of a frozen or "
+            "vanished client end); clients may ping every 10 s"
+        ),
+    )
     registry_listen: str = setting(
         "MAAS_REGISTRY_LISTEN", "127.0.0.1:50051", "address the registry server binds"
     )

@@ -1,9 +1,11 @@
 """Stand-ins shared by the training pool's unit tests: a producer that keeps what it is given,
-a clock that moves on each time it is read, and a worker's link to one shard address."""
+a clock that moves on each time it is read, a worker's link to one shard address, and a shard's
+job held for a checkpoint."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -54,4 +56,16 @@ def link_to(
         address=address if callable(address) else (lambda partition: address),
         on_params=on_params,
         on_unreachable=on_unreachable,
+    )
+
+
+def held_job(partition: int) -> Any:
+    """A shard's job (as StatusReporter reads it) at version 61, waiting for a checkpoint past
+    the durable version 20."""
+    return SimpleNamespace(
+        job_id="j",
+        plan=SimpleNamespace(target_version=400),
+        partition=partition,
+        durable_version=20,
+        core=SimpleNamespace(version=61),
     )

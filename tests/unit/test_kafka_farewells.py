@@ -6,7 +6,6 @@ Fakes stand in for the Kafka clients, which hang or raise there."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,6 +16,7 @@ from maas.training import control
 from maas.training.control import Heartbeat, Identity
 from services.aggregator import shard_job
 from services.aggregator.shard_job import StatusReporter
+from tests.unit.pool_kit import held_job
 
 BOUND_S = 0.05
 NEVER_S = 5  # a test still waiting by then has found a farewell without a bound
@@ -99,14 +99,7 @@ async def test_a_member_leaves_without_its_down_when_kafka_cannot_take_it(
 async def test_a_shard_stops_without_the_statuses_kafka_cannot_take(short_farewells) -> None:
     producer = BrokerAway()
     reporter = StatusReporter(producer, "aggregator-0")  # type: ignore[arg-type]
-    job = SimpleNamespace(
-        job_id="j",
-        plan=SimpleNamespace(target_version=400),
-        partition=0,
-        durable_version=20,
-        core=SimpleNamespace(version=61),
-    )
-    await reporter.hold(job)  # type: ignore[arg-type]
+    await reporter.hold(held_job(partition=0))
     async with asyncio.timeout(NEVER_S):
         await reporter.drain()
     await asyncio.sleep(0)  # the abandoned send sees its cancellation

@@ -17,7 +17,7 @@ from services.aggregator.shard_job import (
     check_ahead,
     held_back,
 )
-from tests.unit.pool_kit import SentEvents
+from tests.unit.pool_kit import SentEvents, held_job
 
 
 def test_versions_within_two_checkpoint_intervals_of_the_durable_one_go_out() -> None:
@@ -61,14 +61,7 @@ async def test_the_shard_of_any_partition_that_holds_the_job_says_why_in_its_sta
     # just the same, so that shard reports it itself.
     sent = SentEvents()
     reporter = StatusReporter(sent, "aggregator-1")  # type: ignore[arg-type]
-    job = SimpleNamespace(
-        job_id="j",
-        plan=SimpleNamespace(target_version=400),
-        partition=1,
-        durable_version=20,
-        core=SimpleNamespace(version=61),
-    )
-    await reporter.hold(job)  # type: ignore[arg-type]
+    await reporter.hold(held_job(partition=1))
     await reporter.drain()
     [status] = sent.sent
     assert (status["state"], status["step"]) == ("running", 61)

@@ -267,14 +267,41 @@ def edge_interceptor(settings: Settings, observe: Observer | None = None) -> Edg
     return EdgeInterceptor(Authorizer.from_settings(settings), observe)
 
 
-def server_options(settings: Settings, limit_bytes: int | None = None) -> list[tuple[str, int]]:
+def server_options(
+    settings: Settings, limit_bytes: int | None = None, *, keepalive: bool = True
+) -> list[tuple[str, int]]:
+    """What every gRPC server of the platform is made with; ``keepalive=False`` leaves the
+    pings to the caller (the training data plane pings every 2 s, both ways)."""
     limit = limit_bytes or settings.grpc_max_message_bytes
-    return [
+    options = [
         # grpc's default receive limit is 4 MiB: set both directions explicitly.
         ("grpc.max_send_message_length", limit),
         ("grpc.max_receive_message_length", limit),
         # A second server on a taken port must fail, not silently share it.
         ("grpc.so_reuseport", 0),
+    ]
+    if not keepalive:
+        return options
+    return options + client_keepalive(max(1, settings.grpc_keepalive_s) * 1000)
+
+
+# Clients may ping this often without being told off (grpc's server default is 5 minutes, and a
+# client pinging more often than it allows is disconnected: ENHANCE_YOUR_CALM).
+CLIENT_PINGS_MS = 10_000
+
+
+def client_keepalive(silence_ms: int) -> list[tuple[str, int]]:
+    """The server pings a client whose calls were silent for ``silence_ms`` and closes the
+    connection when no answer comes within as long. A client that vanished without closing (its
+    machine gone, its process frozen: the kernel keeps the connection) otherwise held its calls,
+    and a generation stream its slot, until TCP gave up, hours later."""
+    return [
+        ("grpc.keepalive_time_ms", silence_ms),
+        ("grpc.keepalive_timeout_ms", silence_ms),
+        # What ends the transport when the ack does not come (grpc's default: a minute).
+        ("grpc.http2.ping_timeout_ms", silence_ms),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PINGS_MS),
     ]
 
 

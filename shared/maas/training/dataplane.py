@@ -45,7 +45,7 @@ def build_server(
     """The data-plane server bound to ``listen`` (not started) and the port it got."""
     server = grpc.aio.server(
         interceptors=[edge_interceptor(settings)],
-        options=[*server_options(settings), *_KEEPALIVE],
+        options=[*server_options(settings, keepalive=False), *_KEEPALIVE],
     )
     server.add_generic_rpc_handlers((_handlers(servicer),))
     port = add_port(server, listen, settings, "MAAS_AGGREGATOR_LISTEN")

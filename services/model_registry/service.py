@@ -1,21 +1,28 @@
 """The registry's flows that span SQLite and S3, transport-neutral (the servicer adapts gRPC).
 
-Registration of one model is serialized: the next number is reserved, the files stream to
-``<name>/<version>/``, ``manifest.json`` is written last, then the version row (with its outbox
-event) commits. Until that commit nothing is visible; on any failure the number is free again
-(versions never skip) and the prefix (files and incomplete multipart uploads) is cleared: at
-once, or in the background while S3 is away, at the latest by the next attempt at that number
-or the next start-up's sweep. Other models register concurrently.
+A registration streams its files to a staging prefix of its own (``.staging/<id>/``, hashed on
+the way), at the client's pace and beside any other registration. Only then is the model's
+commit serialized: the next number is taken, the files are copied on the S3 server to
+``<name>/<version>/``, ``manifest.json`` is written last, and the version row (with its outbox
+event) commits; the staging prefix is removed either way. A slow or stalled client therefore
+holds no other registration of its model (the lock covered its whole upload, so one trickling
+client stopped every job from registering a result under that name). Until the commit nothing
+is visible; on any failure the number is free again (versions never skip) and the prefix (files
+and incomplete multipart uploads) is cleared: at once, or in the background while S3 is away,
+at the latest by the next attempt at that number or the next start-up's sweep, which also
+empties the staging area.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 import weakref
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, TypeVar
 
 from maas.config import Settings
@@ -23,6 +30,7 @@ from maas.errors import FailedPrecondition, MaasError
 from maas.manifest import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
+    Manifest,
     check_buildable,
     check_finite_metrics,
     parse_manifest,
@@ -46,6 +54,8 @@ T = TypeVar("T")
 CLEANUP_FIRST_RETRY_S = 1.0
 CLEANUP_MAX_RETRY_S = 30.0
 CLEANUP_ATTEMPTS = 40  # about 18 minutes of S3 outage
+# Where uploads land before their commit: no model name starts with a dot (maas.names).
+STAGING_PREFIX = ".staging/"
 
 
 @dataclass(frozen=True)
@@ -117,9 +127,11 @@ class RegistryService:
         self._cleanups: set[asyncio.Task[None]] = set()
 
     async def sweep_incomplete_uploads(self) -> None:
-        """At start-up: abort multipart uploads a killed registry left (only it writes here)."""
+        """At start-up: abort multipart uploads a killed registry left, and empty the staging
+        area (only it writes here)."""
         try:
             await self._store.abort_incomplete_uploads(self._bucket)
+            await self._store.delete_prefix(self._bucket, STAGING_PREFIX)
         except MaasError as exc:
             log.warning("could not sweep incomplete uploads in %s: %s", self._bucket, exc)
 
@@ -162,38 +174,14 @@ class RegistryService:
         check_finite_metrics(manifest)
         check_buildable(manifest, self.limits.max_model_params)
         await self.db(self.metadata.check_parent, parent_of(manifest))
-        async with self._lock_for(request.name):
-            version = await self.db(self.metadata.next_version, request.name)
-            prefix = artifact_prefix(request.name, version)
-            # Whatever a crashed or failed attempt at this number left behind goes first, so the
-            # prefix ends up holding exactly this artifact.
-            await self._remove_attempt(request.name, version)
-            try:
-                declared = {WEIGHTS_FILE: manifest.tensors} if manifest.tensors else {}
-                sizes = await self._sink.receive(prefix, manifest.files, chunks, declared)
-                # Written last: a manifest in S3 means every file it lists is complete.
-                await self._store.put_bytes(
-                    self._bucket,
-                    prefix + MANIFEST_FILE,
-                    request.manifest_json,
-                    content_type="application/json",
-                )
-                record = await self.db(
-                    self.metadata.add_version,
-                    NewVersion(
-                        name=request.name,
-                        manifest_json=request.manifest_json,
-                        manifest=manifest,
-                        bucket=self._bucket,
-                        file_sizes=sizes,
-                        actor=request.actor,
-                        alias=request.alias,
-                    ),
-                    version=version,
-                )
-            except BaseException:
-                await self._clean_up_attempt(request.name, version)
-                raise
+        staging = f"{STAGING_PREFIX}{uuid.uuid4().hex}/"
+        try:
+            declared = {WEIGHTS_FILE: manifest.tensors} if manifest.tensors else {}
+            sizes = await self._sink.receive(staging, manifest.files, chunks, declared)
+            async with self._lock_for(request.name):
+                record = await self._commit(request, manifest, staging, sizes)
+        finally:
+            await self._clean_up_prefix(staging)
         self._on_commit()
         log.info(
             "registered %s@%d (%d bytes) by %s",
@@ -203,6 +191,46 @@ class RegistryService:
             record.created_by,
         )
         return record
+
+    async def _commit(
+        self, request: Registration, manifest: Manifest, staging: str, sizes: dict[str, int]
+    ) -> ModelVersion:
+        """Under the model's lock: the staged files become the model's next version."""
+        version = await self.db(self.metadata.next_version, request.name)
+        prefix = artifact_prefix(request.name, version)
+        # Whatever a crashed or failed attempt at this number left behind goes first, so the
+        # prefix ends up holding exactly this artifact.
+        await self._remove_attempt(request.name, version)
+        try:
+            await asyncio.gather(
+                *(
+                    self._store.copy(self._bucket, staging + file, prefix + file, sha256=digest)
+                    for file, digest in manifest.files.items()
+                )
+            )
+            # Written last: a manifest in S3 means every file it lists is complete.
+            await self._store.put_bytes(
+                self._bucket,
+                prefix + MANIFEST_FILE,
+                request.manifest_json,
+                content_type="application/json",
+            )
+            return await self.db(
+                self.metadata.add_version,
+                NewVersion(
+                    name=request.name,
+                    manifest_json=request.manifest_json,
+                    manifest=manifest,
+                    bucket=self._bucket,
+                    file_sizes=sizes,
+                    actor=request.actor,
+                    alias=request.alias,
+                ),
+                version=version,
+            )
+        except BaseException:
+            await self._clean_up_attempt(request.name, version)
+            raise
 
     async def set_alias(
         self,
@@ -238,51 +266,59 @@ class RegistryService:
     async def delete_version(self, name: str, version: int, actor: str) -> ModelVersion:
         record = await self.write(self.metadata.delete_version, name, version, actor)
         # The version is gone from the metadata already; its bytes are garbage now, so a failed
-        # removal only leaves unreachable objects behind (logged), never a broken version.
-        await self._discard(record.prefix)
+        # removal only leaves unreachable objects behind for a while, never a broken version.
+        await self._clean_up_prefix(record.prefix)
         return record
 
-    async def _discard(self, prefix: str) -> None:
-        try:
-            await asyncio.shield(self._store.delete_prefix(self._bucket, prefix))
-        except MaasError as exc:
-            log.warning("could not remove s3://%s/%s: %s", self._bucket, prefix, exc)
-
     async def _clean_up_attempt(self, name: str, version: int) -> None:
-        """Remove what a failed registration left (objects, incomplete multipart uploads); if S3
-        is away, keep retrying in the background so nothing stays behind once it is back."""
+        """Remove what a failed commit left at its number (objects, incomplete multipart
+        uploads); see ``_clean_up``."""
+
+        async def again() -> None:
+            async with self._lock_for(name):
+                # A later attempt at this number may have committed meanwhile: then the
+                # prefix is that version's and must stay.
+                if await self.db(self.metadata.next_version, name) == version:
+                    await self._remove_attempt(name, version)
+
+        await self._clean_up(f"{name}@{version}", self._remove_attempt(name, version), again)
+
+    async def _clean_up_prefix(self, prefix: str) -> None:
+        """Remove what is under ``prefix`` (a registration's staged files, a deleted version's
+        files); see ``_clean_up``."""
+        again = partial(self._remove, prefix)
+        await self._clean_up(f"s3://{self._bucket}/{prefix}", again(), again)
+
+    async def _clean_up(
+        self, what: str, removal: Awaitable[None], again: Callable[[], Awaitable[None]]
+    ) -> None:
+        """Await ``removal``; if S3 is away, call ``again`` in the background until it works,
+        so nothing stays behind once S3 is back (at the latest, the next start-up sweeps)."""
         try:
-            await asyncio.shield(self._remove_attempt(name, version))
+            await asyncio.shield(removal)
         except MaasError as exc:
-            log.warning(
-                "cleaning up %s@%d failed (%s); retrying in the background", name, version, exc
-            )
-            task = asyncio.get_running_loop().create_task(self._retry_clean_up(name, version))
+            log.warning("cleaning up %s failed (%s); retrying in the background", what, exc)
+            task = asyncio.get_running_loop().create_task(self._retry_clean_up(what, again))
             self._cleanups.add(task)
             task.add_done_callback(self._cleanups.discard)
 
     async def _remove_attempt(self, name: str, version: int) -> None:
-        prefix = artifact_prefix(name, version)
+        await self._remove(artifact_prefix(name, version))
+
+    async def _remove(self, prefix: str) -> None:
+        """Every object and incomplete multipart upload under ``prefix``."""
         await self._store.abort_incomplete_uploads(self._bucket, prefix)
         await self._store.delete_prefix(self._bucket, prefix)
 
-    async def _retry_clean_up(self, name: str, version: int) -> None:
+    async def _retry_clean_up(self, what: str, again: Callable[[], Awaitable[None]]) -> None:
         delay = CLEANUP_FIRST_RETRY_S
         for _ in range(CLEANUP_ATTEMPTS):
             await asyncio.sleep(delay)
             try:
-                async with self._lock_for(name):
-                    # A later attempt at this number may have committed meanwhile: then the
-                    # prefix is that version's and must stay.
-                    if await self.db(self.metadata.next_version, name) == version:
-                        await self._remove_attempt(name, version)
-                log.info("cleaned up the failed registration of %s@%d", name, version)
+                await again()
+                log.info("cleaned up %s", what)
                 return
             except MaasError as exc:
-                log.warning("cleaning up %s@%d failed again: %s", name, version, exc)
+                log.warning("cleaning up %s failed again: %s", what, exc)
                 delay = min(delay * 2, CLEANUP_MAX_RETRY_S)
-        log.error(
-            "gave up cleaning up %s@%d; the registry's next start-up aborts its uploads",
-            name,
-            version,
-        )
+        log.error("gave up cleaning up %s; the registry's next start-up sweeps it", what)

@@ -24,6 +24,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import urllib3
 from minio import Minio
+from minio.commonconfig import REPLACE, CopySource
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error
 
@@ -238,6 +239,22 @@ class ObjectStore:
             lambda: self._client._put_object(bucket, key, data, headers),
         )
         return ObjectInfo(bucket, key, len(data), digest, result.etag)
+
+    def copy(self, bucket: str, source_key: str, key: str, *, sha256: str) -> None:
+        """Copy ``source_key`` to ``key`` within ``bucket`` on the server (no byte passes
+        through here; past 5 GiB, part by part), recording ``sha256``, the source's, as every
+        write does."""
+        source = CopySource(bucket, source_key)
+        self._call(
+            f"copy s3://{bucket}/{source_key} to {key}",
+            lambda: self._client.copy_object(
+                bucket,
+                key,
+                source,
+                metadata={SHA256_META: sha256},
+                metadata_directive=REPLACE,
+            ),
+        )
 
     def put_file(
         self,

@@ -54,6 +54,9 @@ class AsyncObjectStore:
     async def put_file(self, bucket: str, key: str, path: str | Path, **kw: Any) -> ObjectInfo:
         return await self._run(self.sync.put_file, bucket, key, path, **kw)
 
+    async def copy(self, bucket: str, source_key: str, key: str, *, sha256: str) -> None:
+        await self._run(self.sync.copy, bucket, source_key, key, sha256=sha256)
+
     async def get_bytes(self, bucket: str, key: str, **kw: Any) -> bytes:
         return await self._run(self.sync.get_bytes, bucket, key, **kw)
 

@@ -16,14 +16,22 @@ from functools import partial
 
 import grpc
 import pytest
-from test_registry_s3_outage import CHUNK_BYTES, OUTAGE_S, PART_BYTES, artifact, eventually
+from test_registry_s3_outage import (
+    CHUNK_BYTES,
+    OUTAGE_S,
+    PART_BYTES,
+    artifact,
+    eventually,
+    incomplete_uploads,
+    none_left,
+)
 
 from infra.harness.registry import RegistryProcess
 from maas.config import Settings
 from maas.registry.client import RegistryClient
 from maas.registry.v1 import registry_pb2 as pb
-from maas.store import MODELS_BUCKET
 from maas.store_async import AsyncObjectStore
+from services.model_registry.service import STAGING_PREFIX
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -48,14 +56,6 @@ async def store(stack) -> AsyncIterator[AsyncObjectStore]:
     await store.start()
     yield store
     await store.stop()
-
-
-async def incomplete_uploads(store: AsyncObjectStore, prefix: str) -> list[str]:
-    def ls() -> list[str]:
-        page = store.sync.client._list_multipart_uploads(MODELS_BUCKET, prefix=prefix)
-        return [u.object_name for u in page.uploads]
-
-    return await asyncio.to_thread(ls)
 
 
 class PausedUpload:
@@ -83,8 +83,8 @@ class PausedUpload:
             )
 
     async def opened(self, store: AsyncObjectStore) -> None:
-        async def some() -> bool:
-            return bool(await incomplete_uploads(store, f"{self.name}/"))
+        async def some() -> bool:  # uploads are staged until their commit
+            return bool(await incomplete_uploads(store, STAGING_PREFIX))
 
         await eventually(some, 60)
 
@@ -94,8 +94,7 @@ class PausedUpload:
         return failed.value
 
     async def none_left(self, store: AsyncObjectStore) -> bool:
-        leftovers = await store.list(MODELS_BUCKET, f"{self.name}/")
-        return not leftovers and not await incomplete_uploads(store, f"{self.name}/")
+        return await none_left(store, self.name)
 
     async def register_again(self, settings: Settings) -> int:
         async with RegistryClient(settings) as client:
@@ -137,7 +136,7 @@ async def test_a_registry_killed_mid_upload_leaves_nothing_once_restarted(stack,
         # or INTERNAL from the client's own core when a send was in flight (seen in CI). The
         # call fails, never hangs; the sweep below is what this test checks.
         await upload.failure()
-    assert await incomplete_uploads(store, f"{upload.name}/")  # what the killed one left
+    assert await incomplete_uploads(store, STAGING_PREFIX)  # what the killed one left
     await asyncio.to_thread(registry.start)  # its start-up sweep aborts the upload
-    assert not await incomplete_uploads(store, f"{upload.name}/")
+    assert await upload.none_left(store)
     assert await upload.register_again(registry.settings) == 1

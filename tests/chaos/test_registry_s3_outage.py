@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 from collections.abc import AsyncIterator
+from functools import partial
 
 import grpc
 import numpy as np
@@ -25,7 +26,7 @@ from maas.registry.v1 import registry_pb2 as pb
 from maas.store import MODELS_BUCKET
 from maas.store_async import AsyncObjectStore
 from services.model_registry import service as service_module
-from services.model_registry.service import RegistryService
+from services.model_registry.service import STAGING_PREFIX, RegistryService
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -64,6 +65,14 @@ async def incomplete_uploads(store: AsyncObjectStore, prefix: str) -> list[str]:
     return await asyncio.to_thread(ls)
 
 
+async def none_left(store: AsyncObjectStore, name: str) -> bool:
+    """No object and no incomplete upload of ``name``'s, staged or at a version's prefix."""
+    for prefix in (f"{name}/", STAGING_PREFIX):
+        if await store.list(MODELS_BUCKET, prefix) or await incomplete_uploads(store, prefix):
+            return False
+    return True
+
+
 async def eventually(check, timeout_s: float) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
@@ -94,7 +103,7 @@ async def test_s3_stopped_mid_upload_fails_the_registration_and_leaves_nothing(
             yield pb.RegisterVersionRequest(chunk=chunk)
 
     call = asyncio.ensure_future(client.stub.RegisterVersion(requests()))
-    await eventually(lambda: _has_uploads(store, f"{name}/"), 60)
+    await eventually(lambda: _has_uploads(store, STAGING_PREFIX), 60)  # staged till the commit
     await asyncio.to_thread(stack.local.s3.cut_off)
     try:
         s3_down.set()
@@ -107,11 +116,7 @@ async def test_s3_stopped_mid_upload_fails_the_registration_and_leaves_nothing(
     finally:
         await asyncio.to_thread(stack.local.s3.start)
 
-    async def nothing_left() -> bool:
-        leftovers = await store.list(MODELS_BUCKET, f"{name}/")
-        return not leftovers and not await incomplete_uploads(store, f"{name}/")
-
-    await eventually(nothing_left, 90)
+    await eventually(partial(none_left, store, name), 90)
     with pytest.raises(NotFound):
         await client.get(name)
     # The number was not used up: the next registration is version 1.

@@ -128,6 +128,9 @@ async def test_the_artifact_is_safetensors_plus_manifest_under_name_and_version(
     assert keys == [f"{name}/1/manifest.json", f"{name}/1/{WEIGHTS_FILE}"]
     manifest = ObjectStore(stack.settings).get_bytes(MODELS_BUCKET, f"{name}/1/manifest.json")
     assert manifest == version.manifest_json
+    # Staged, then copied on the S3 server: the copy records its sha256 as every write does.
+    weights = ObjectStore(stack.settings).stat(MODELS_BUCKET, f"{name}/1/{WEIGHTS_FILE}")
+    assert weights.sha256 == {f.name: f.sha256 for f in version.files}[WEIGHTS_FILE]
 
 
 async def test_twenty_concurrent_registrations_get_versions_one_to_twenty(

@@ -49,6 +49,7 @@ class FakeMinio:
 
     def __init__(self) -> None:
         self.objects: dict[str, tuple[bytes, dict[str, str]]] = {}
+        self.writing: list[str] = []  # every key an upload was opened for
         self.down = False
 
     def put_object(
@@ -62,6 +63,7 @@ class FakeMinio:
         metadata: dict[str, str],
     ) -> None:
         assert length == -1
+        self.writing.append(f"{bucket}/{key}")
         body = b""
         while block := data.read(part_size + 1):
             if self.down:
@@ -91,6 +93,12 @@ class FakeStore:
         if self.client.down:
             raise Unavailable("S3 is down")
         return 0
+
+    async def copy(self, bucket: str, source_key: str, key: str, *, sha256: str) -> None:
+        if self.client.down:
+            raise Unavailable("S3 is down")
+        data, _ = self.client.objects[f"{bucket}/{source_key}"]
+        self.client.objects[f"{bucket}/{key}"] = (data, {SHA256_META: sha256})
 
     async def delete_prefix(self, bucket: str, prefix: str) -> int:
         if self.client.down:
@@ -474,6 +482,46 @@ async def test_a_client_that_goes_away_mid_upload_leaves_no_version_and_no_files
         "maas-models/digits/1/manifest.json",
         "maas-models/digits/1/w",
     ]
+
+
+async def test_a_stalled_upload_holds_up_no_other_registration_of_its_model(
+    server: tuple[RegistryService, FakeStore, str],
+    client: RegistryClient,
+) -> None:
+    """A client that sends part of its weights and then nothing (a slow link, a stuck writer):
+    the next registration of the same model commits meanwhile and takes the next number; the
+    stalled one, once it finishes, takes the number after it."""
+    manifest = manifest_for({"w": WEIGHTS})
+    stalled = client.stub.RegisterVersion()
+    await stalled.write(
+        pb.RegisterVersionRequest(header=pb.RegisterHeader(name="digits", manifest_json=manifest))
+    )
+    await stalled.write(
+        pb.RegisterVersionRequest(chunk=pb.FileChunk(file="w", data=WEIGHTS[:1000]))
+    )
+    async with asyncio.timeout(30):
+        while not server[1].client.writing:  # its upload is open: the registry is in it
+            await asyncio.sleep(0.01)
+    small = {"w": b"weights"}
+    async with asyncio.timeout(30):  # the stalled client's chunk timeout is 60 s
+        beside = await client.register_files("digits", small, manifest_for(small))
+    assert beside.version == 1
+    await stalled.write(
+        pb.RegisterVersionRequest(chunk=pb.FileChunk(file="w", data=WEIGHTS[1000:]))
+    )
+    await stalled.done_writing()
+    assert (await stalled).version == 2
+    assert not [key for key in server[1].client.objects if "/.staging/" in key]
+
+
+async def test_the_start_up_sweep_empties_the_staging_area(
+    server: tuple[RegistryService, FakeStore, str],
+) -> None:
+    stored = server[1].client.objects
+    stored["maas-models/.staging/0f3a/w"] = (b"uploaded before a crash", {})
+    stored["maas-models/digits/1/w"] = (b"a version's", {})
+    await server[0].sweep_incomplete_uploads()
+    assert sorted(stored) == ["maas-models/digits/1/w"]
 
 
 async def test_concurrent_registrations_get_consecutive_versions(

@@ -41,8 +41,8 @@ from services.inference.tensors import RAW_OUTPUT_CONTENTS, decode_inputs
 TEXT_INPUT = "text_input"
 TEXT_OUTPUT = "text_output"
 # A model reads only its prompt's last block_size - 1 bytes; a bigger one is refused before it
-# is decoded (copying and checking 50 MiB stalled every client for seconds). The same as the
-# HTTP door's default body limit.
+# is decoded (copying and checking 50 MiB stalled every client for seconds). The OpenAI door's
+# prompts are bounded by its JSON body limit instead (MAAS_INFERENCE_HTTP_MAX_JSON_BYTES).
 MAX_PROMPT_BYTES = 1 << 20
 # Every token's response carries the request's id: a 20 MiB id came back 124 times.
 MAX_REQUEST_ID_CHARS = 1024

@@ -18,13 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from maas import cpus, events, topics
 from maas.bus import EventProducer, Record
 from maas.bus_consumer import EventConsumer
 from maas.config import Settings
-from maas.edge import Authorizer, add_port, server_options
+from maas.edge import Authorizer, add_port, serve_reflection, server_options
 from maas.edge.tls import server_ssl_context
 from maas.errors import InvalidArgument
 from maas.liveness import Liveness
@@ -75,9 +74,7 @@ def build_grpc_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     # The OIP messages live in a descriptor pool of their own (maas.protogen: tritonclient's
     # copies of the same files may share the process); reflection describes from that pool.
-    reflection.enable_server_reflection(
-        (SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server, pool=pb.DESCRIPTOR.pool
-    )
+    serve_reflection(server, (SERVICE, health.SERVICE_NAME), pool=pb.DESCRIPTOR.pool)
     return server
 
 

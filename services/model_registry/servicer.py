@@ -16,10 +16,15 @@ from typing import TypeVar
 import grpc
 from google.protobuf.message import Message as ProtoMessage
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from maas.config import Settings
-from maas.edge import current_identity, drain_unread, edge_interceptor, server_options
+from maas.edge import (
+    current_identity,
+    drain_unread,
+    edge_interceptor,
+    serve_reflection,
+    server_options,
+)
 from maas.errors import InvalidArgument, MaasError
 from maas.events import json_failure
 from maas.names import check_name, check_version
@@ -256,9 +261,7 @@ def build_server(
     pb_grpc.add_ModelRegistryServicer_to_server(ModelRegistryServicer(service), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    serve_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     return server, health_servicer
 
 

@@ -559,3 +559,19 @@ async def test_the_server_reports_serving_and_describes_itself(
         answers = [a async for a in reflect.ServerReflectionInfo(iter([request]))]
     assert len(answers) == 1
     assert SERVICE_NAME in {s.name for s in answers[0].list_services_response.service}
+
+
+async def test_reflection_v1_answers_as_v1alpha_does_without_a_token(
+    server: tuple[RegistryService, FakeStore, str],
+) -> None:
+    # grpcurl and newer tools ask v1 first: the same messages under grpc.reflection.v1.
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE_NAME)
+    async with grpc.aio.insecure_channel(server[2]) as channel:
+        info = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        answers = [a async for a in info(iter([request]))]
+    [answer] = answers
+    assert answer.file_descriptor_response.file_descriptor_proto  # the registry's .proto

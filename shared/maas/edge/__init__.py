@@ -35,6 +35,7 @@ from maas.edge.server import (
     drain_unread,
     edge_interceptor,
     failure,
+    serve_reflection,
     server_options,
     status_for,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "open_channel",
     "open_sync_channel",
     "required_role",
+    "serve_reflection",
     "server_options",
     "status_for",
 ]

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from maas.config import Settings
 from maas.edge.auth import ANONYMOUS, Authorizer, Identity
@@ -303,6 +304,30 @@ def client_keepalive(silence_ms: int) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PINGS_MS),
     ]
+
+
+# grpcio-reflection serves v1alpha only; v1, which grpcurl and newer tools ask first, has the same
+# messages field for field under another package, so one servicer answers both.
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+
+
+def serve_reflection(
+    server: grpc.aio.Server, service_names: tuple[str, ...], pool: Any = None
+) -> None:
+    """Reflection (v1alpha and v1) describing ``service_names`` from ``pool`` (the default
+    descriptor pool when None)."""
+    servicer = reflection.aio.ReflectionServicer(
+        (*service_names, reflection.SERVICE_NAME), pool=pool
+    )
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    info = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": info}),)
+    )
 
 
 def add_port(server: grpc.aio.Server, address: str, settings: Settings, setting: str) -> int:

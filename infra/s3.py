@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -237,7 +238,27 @@ class WeedS3(NativeServer):
         config = self.home / "s3-identities.json"
         config.write_text(json.dumps(self.identities(), indent=2))
         config.chmod(0o600)
+        self.keep_internal_ports_signed()
         return self.argv(binary)
+
+    def keep_internal_ports_signed(self) -> None:
+        """weed's own HTTP ports (master, volume, filer) answer whoever reaches the loopback
+        unless its ``security.toml`` (read from the working directory, the S3 home) gives them
+        signing keys: then a volume or filer read or write needs a token only weed's own parts
+        get. The keys are made once per state directory and kept."""
+        path = self.home / "security.toml"
+        if path.exists():
+            return
+        sections = (
+            "jwt.signing",
+            "jwt.signing.read",
+            "jwt.filer_signing",
+            "jwt.filer_signing.read",
+        )
+        text = "".join(f'[{s}]\nkey = "{secrets.token_hex(32)}"\n\n' for s in sections)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
 
     def ready(self) -> bool:
         """The S3 gateway answers an authenticated ListBuckets."""

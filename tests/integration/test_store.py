@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import threading
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from infra.s3 import WeedS3
 from maas.errors import IntegrityError, InvalidArgument, NotFound
 from maas.store import DATASETS_BUCKET, ObjectStore, file_sha256
 from maas.store_async import AsyncObjectStore
@@ -127,3 +131,29 @@ async def test_the_async_store_runs_off_the_event_loop(stack, monkeypatch):
         assert await store.delete_prefix(DATASETS_BUCKET, key) == 1
     assert set(threads) == {"put_bytes", "get_bytes", "delete_prefix"}
     assert threading.get_ident() not in threads.values()  # the loop's thread made no S3 call
+
+
+def test_the_s3_servers_own_ports_refuse_unsigned_reads_and_writes(stack, store):
+    """Only the S3 gateway takes keys: weed's filer and volume ports on the loopback answer an
+    unsigned request 401, so a local user cannot read or write objects around SigV4."""
+    if not isinstance(stack.local.s3, WeedS3):
+        pytest.skip("the stack's S3 server is not the local weed")
+    key = f"unsigned-{uuid.uuid4().hex[:8]}.bin"
+    store.put_bytes(DATASETS_BUCKET, key, b"private")
+    ports = stack.local.s3.ports
+    filer = f"http://127.0.0.1:{ports.filer}/buckets/{DATASETS_BUCKET}/{key}"
+    assert http_status(urllib.request.Request(filer)) == 401
+    assert http_status(urllib.request.Request(filer, data=b"forged", method="PUT")) == 401
+    with urllib.request.urlopen(f"http://127.0.0.1:{ports.master}/dir/assign", timeout=5) as r:
+        assigned = json.loads(r.read())
+    volume = f"http://{assigned['url']}/{assigned['fid']}"
+    assert http_status(urllib.request.Request(volume, data=b"forged", method="PUT")) == 401
+    assert store.get_bytes(DATASETS_BUCKET, key) == b"private"
+
+
+def http_status(request: urllib.request.Request) -> int:
+    try:
+        with urllib.request.urlopen(request, timeout=5) as reply:
+            return int(reply.status)
+    except urllib.error.HTTPError as error:
+        return error.code

@@ -283,7 +283,8 @@ def server_options(
     ]
     if not keepalive:
         return options
-    return options + client_keepalive(max(1, settings.grpc_keepalive_s) * 1000)
+    silence_ms = max(1, settings.grpc_keepalive_s) * 1000
+    return options + keepalive_options(silence_ms, peer_pings_ms=CLIENT_PINGS_MS)
 
 
 # Clients may ping this often without being told off (grpc's server default is 5 minutes, and a
@@ -291,18 +292,20 @@ def server_options(
 CLIENT_PINGS_MS = 10_000
 
 
-def client_keepalive(silence_ms: int) -> list[tuple[str, int]]:
-    """The server pings a client whose calls were silent for ``silence_ms`` and closes the
-    connection when no answer comes within as long. A client that vanished without closing (its
-    machine gone, its process frozen: the kernel keeps the connection) otherwise held its calls,
-    and a generation stream its slot, until TCP gave up, hours later."""
+def keepalive_options(silence_ms: int, *, peer_pings_ms: int) -> list[tuple[str, int]]:
+    """Ping the peer once its calls were silent for ``silence_ms`` and close the connection when
+    no answer comes within as long; take the peer's own pings as often as ``peer_pings_ms``. A
+    peer that vanished without closing (its machine gone, its process frozen: the kernel keeps
+    the connection) otherwise held its calls, and a generation stream its slot, until TCP gave
+    up, hours later."""
     return [
         ("grpc.keepalive_time_ms", silence_ms),
         ("grpc.keepalive_timeout_ms", silence_ms),
-        # What ends the transport when the ack does not come (grpc's default: a minute).
+        # What ends the transport when the ack does not come: grpc's default is a minute, and
+        # keepalive_timeout_ms alone did not end a stream to a SIGSTOPped shard in 40 s.
         ("grpc.http2.ping_timeout_ms", silence_ms),
         ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.http2.min_ping_interval_without_data_ms", CLIENT_PINGS_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", peer_pings_ms),
     ]
 
 

@@ -19,23 +19,18 @@ import grpc
 from maas.config import Settings
 from maas.edge.client import call_metadata
 from maas.edge.client import open_channel as open_edge_channel
-from maas.edge.server import add_port, edge_interceptor, server_options
+from maas.edge.server import add_port, edge_interceptor, keepalive_options, server_options
 from maas.training.v1 import training_pb2_grpc as pb_grpc
 
 SERVICE_NAME = "maas.training.v1.TrainingDataPlane"
 AUTH_REFUSALS = frozenset({grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
 PROBE_TIMEOUT_S = 10.0
 _KEEPALIVE_MS = 2_000
+# Both ends of a stream ping, with or without calls: a frozen shard or worker is found in seconds.
 _KEEPALIVE: tuple[tuple[str, int], ...] = (
-    ("grpc.keepalive_time_ms", _KEEPALIVE_MS),
-    ("grpc.keepalive_timeout_ms", _KEEPALIVE_MS),
+    *keepalive_options(_KEEPALIVE_MS, peer_pings_ms=_KEEPALIVE_MS // 2),
     ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.max_pings_without_data", 0),
-    ("grpc.http2.min_ping_interval_without_data_ms", _KEEPALIVE_MS // 2),
     ("grpc.http2.min_time_between_pings_ms", _KEEPALIVE_MS // 2),
-    # What ends the transport when a ping's ack does not come: grpc's default is a minute, and
-    # keepalive_timeout_ms alone did not end a stream to a SIGSTOPped shard in 40 s.
-    ("grpc.http2.ping_timeout_ms", _KEEPALIVE_MS),
 )
 
 
